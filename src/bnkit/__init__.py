@@ -1,0 +1,26 @@
+"""bnkit: BatchNorm done right from training to deployment.
+
+The top-level package is the NumPy core (no PyTorch needed):
+:class:`BatchNorm`, the streaming statistics in :mod:`bnkit.stats`, and the
+framework conventions in :mod:`bnkit.conventions`. The PyTorch toolkit lives in
+:mod:`bnkit.torch`, the ONNX tools in :mod:`bnkit.onnx`.
+"""
+from .batchnorm import BatchNorm
+from .conventions import CONVENTIONS, Convention, convert_momentum, get_convention
+from .stats import EMA, CumulativeAverage, RunningMoments, batch_moments, ema_table, ema_update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "CONVENTIONS",
+    "Convention",
+    "convert_momentum",
+    "get_convention",
+    "EMA",
+    "CumulativeAverage",
+    "RunningMoments",
+    "batch_moments",
+    "ema_table",
+    "ema_update",
+]

@@ -1,0 +1,245 @@
+"""The reference BatchNorm layer in NumPy: forward and backward, train and eval.
+
+Training mode normalizes each channel with the statistics of the current batch,
+
+    y = gamma * (x - mean_B) / sqrt(var_B + eps) + beta,   var_B = M2 / n   (biased),
+
+and updates the running statistics by the moving average of the chosen
+convention (:mod:`bnkit.conventions`): which side ``momentum`` weighs, and whether
+the running variance is fed the unbiased ``M2/(n-1)`` (PyTorch) or the biased
+``M2/n`` (Keras, ONNX, Flax). Eval mode normalizes with ``running_mean`` and
+``running_var``, is deterministic and updates nothing. ``gamma``/``beta`` enter
+both modes identically. With ``track_running_stats=False`` there are no running
+statistics and both modes use the batch's, as in ``torch.nn.BatchNorm*d``.
+
+Statistics are reduced in float64; the output has the input's dtype.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .conventions import Convention, get_convention, new_value_weight
+from .stats import batch_moments
+
+__all__ = ["BatchNorm"]
+
+_DEFAULT = object()
+
+
+class BatchNorm:
+    """NumPy BatchNorm for ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ``(N, C, D, H, W)``.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variance before the square root (default: the convention's).
+        momentum: running-statistics momentum *in the convention's own sense*
+            (default: the convention's). ``None`` means PyTorch's cumulative
+            average and is accepted only with ``convention="torch"``.
+        affine: learnable ``weight`` (gamma) and ``bias`` (beta).
+        track_running_stats: keep running statistics and use them in eval mode.
+        axis: the channel axis; ``1`` for channels-first, ``-1`` for channels-last.
+        convention: ``"torch"``, ``"keras"``, ``"onnx"`` or ``"flax"``.
+
+    Attributes mirror PyTorch: ``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``, ``momentum``, ``eps``, ``training``.
+    After :meth:`backward`, ``grad_weight`` and ``grad_bias`` hold the parameter gradients.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float | None = None,
+        momentum=_DEFAULT,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        axis: int = 1,
+        convention: str | Convention = "torch",
+    ) -> None:
+        if int(num_features) != num_features or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        self.convention = get_convention(convention)
+        self.num_features = int(num_features)
+        self.eps = self.convention.default_eps if eps is None else float(eps)
+        if not self.eps >= 0.0 or not np.isfinite(self.eps):
+            raise ValueError(f"eps must be a finite non-negative number, got {eps}")
+        self.momentum = self.convention.default_momentum if momentum is _DEFAULT else momentum
+        if self.momentum is None:
+            if self.convention.name != "torch":
+                raise ValueError("momentum=None (cumulative average) exists only in the torch convention")
+        else:
+            new_value_weight(self.momentum, self.convention)  # validates the range
+            self.momentum = float(self.momentum)
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.axis = int(axis)
+        self.training = True
+        c = self.num_features
+        self.weight = np.ones(c) if affine else None
+        self.bias = np.zeros(c) if affine else None
+        if track_running_stats:
+            self.running_mean = np.zeros(c)
+            self.running_var = np.ones(c)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = None
+            self.num_batches_tracked = None
+        self.grad_weight = self.grad_bias = None
+        self._cache = None
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> "BatchNorm":
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "BatchNorm":
+        return self.train(False)
+
+    # ---------------------------------------------------------------- helpers
+    def _layout(self, x: np.ndarray) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+        if x.ndim < 2 or x.ndim > 5:
+            raise ValueError(f"expected a 2-D to 5-D input (N, C, ...), got shape {x.shape}")
+        ax = self.axis % x.ndim if -x.ndim <= self.axis < x.ndim else None
+        if ax is None or ax == 0:
+            raise ValueError(f"channel axis {self.axis} is invalid for input of shape {x.shape}")
+        if x.shape[ax] != self.num_features:
+            raise ValueError(
+                f"expected {self.num_features} channels on axis {self.axis}, got {x.shape[ax]} (input shape {x.shape})"
+            )
+        reduce_axes = tuple(i for i in range(x.ndim) if i != ax)
+        bshape = tuple(self.num_features if i == ax else 1 for i in range(x.ndim))
+        return ax, reduce_axes, bshape
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    def _update_running(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        self.num_batches_tracked += 1
+        if self.momentum is None:
+            w_new = 1.0 / self.num_batches_tracked
+        else:
+            w_new = new_value_weight(self.momentum, self.convention)
+        var = m2 / (n - 1) if self.convention.unbiased_running_var else m2 / n
+        self.running_mean = (1.0 - w_new) * self.running_mean + w_new * mean
+        self.running_var = (1.0 - w_new) * self.running_var + w_new * var
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if not np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float64)
+        ax, reduce_axes, bshape = self._layout(x)
+        gamma = self.weight if self.affine else np.ones(self.num_features)
+        beta = self.bias if self.affine else np.zeros(self.num_features)
+        if self._uses_batch_stats():
+            n = x.size // self.num_features
+            if n < 2:
+                raise ValueError(
+                    f"BatchNorm in training mode needs more than 1 value per channel to compute batch "
+                    f"statistics, got input of shape {x.shape} ({n} value per channel). A batch of one "
+                    "normalized by its own statistics is all zeros: call .eval() for inference, or use a larger batch."
+                )
+            if not np.all(np.isfinite(x)):
+                raise ValueError("training batch contains NaN or Inf; running statistics left untouched")
+            n, mean, m2 = batch_moments(x, channel_axis=ax)
+            var = m2 / n
+            invstd = 1.0 / np.sqrt(var + self.eps)
+            if self.training and self.track_running_stats:
+                self._update_running(n, mean, m2)
+        else:
+            n = None
+            mean, invstd = self.running_mean, 1.0 / np.sqrt(self.running_var + self.eps)
+        dt = x.dtype
+        xhat = x - mean.astype(dt).reshape(bshape)
+        xhat *= invstd.astype(dt).reshape(bshape)
+        out = xhat * gamma.astype(dt).reshape(bshape)
+        out += beta.astype(dt).reshape(bshape)
+        self._cache = (xhat, invstd, gamma, n, reduce_axes, bshape)
+        return out
+
+    __call__ = forward
+
+    # --------------------------------------------------------------- backward
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Gradient w.r.t. the input of the last forward; sets ``grad_weight``/``grad_bias``.
+
+        Batch statistics (training mode): with ``m`` values per channel,
+        ``dx = gamma*invstd/m * (m*dy - sum(dy) - xhat*sum(dy*xhat))``.
+        Running statistics (eval mode) are constants: ``dx = gamma*invstd*dy``.
+        """
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward() first")
+        xhat, invstd, gamma, n, reduce_axes, bshape = self._cache
+        dy = np.asarray(dy)
+        if dy.shape != xhat.shape:
+            raise ValueError(f"dy has shape {dy.shape}, expected the forward output's shape {xhat.shape}")
+        dt = xhat.dtype
+        sum_dy = dy.sum(axis=reduce_axes, dtype=np.float64)
+        sum_dy_xhat = np.einsum(_einsum_spec(dy.ndim, reduce_axes), dy, xhat, dtype=np.float64)
+        if self.affine:
+            self.grad_weight = sum_dy_xhat
+            self.grad_bias = sum_dy
+        scale = (gamma * invstd)
+        if n is None:
+            dx = dy * scale.astype(dt).reshape(bshape)
+        else:
+            dx = xhat * (-sum_dy_xhat / n).astype(dt).reshape(bshape)
+            dx += dy
+            dx -= (sum_dy / n).astype(dt).reshape(bshape)
+            dx *= scale.astype(dt).reshape(bshape)
+        return dx.astype(dt, copy=False)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """PyTorch's key names; ``num_batches_tracked`` as a 0-d int64 array."""
+        state: dict[str, np.ndarray] = {}
+        if self.affine:
+            state["weight"] = self.weight.copy()
+            state["bias"] = self.bias.copy()
+        if self.track_running_stats:
+            state["running_mean"] = self.running_mean.copy()
+            state["running_var"] = self.running_var.copy()
+            state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, object], strict: bool = True) -> None:
+        """Load PyTorch-named state (NumPy arrays or CPU tensors). Checks shapes before changing anything."""
+        expected = list(self.state_dict())
+        missing = [k for k in expected if k not in state and k != "num_batches_tracked"]
+        unexpected = [k for k in state if k not in expected]
+        if strict and (missing or unexpected):
+            raise KeyError(f"state_dict mismatch: missing {missing}, unexpected {unexpected}")
+        new = {}
+        for k in expected:
+            if k not in state:
+                continue
+            v = np.asarray(_to_numpy(state[k]))
+            if k == "num_batches_tracked":
+                if v.size != 1:
+                    raise ValueError("num_batches_tracked must be a scalar")
+                new[k] = int(v.reshape(()))
+                continue
+            if v.shape != (self.num_features,):
+                raise ValueError(f"{k} has shape {v.shape}, expected ({self.num_features},)")
+            new[k] = v.astype(np.float64).copy()
+        for k, v in new.items():
+            setattr(self, k, v)
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, axis={self.axis}, convention={self.convention.name!r})"
+        )
+
+
+def _to_numpy(v):
+    if hasattr(v, "detach"):  # a torch tensor; avoids importing torch here
+        return v.detach().cpu().numpy()
+    return v
+
+
+def _einsum_spec(ndim: int, reduce_axes: tuple[int, ...]) -> str:
+    letters = "abcde"[:ndim]
+    keep = "".join(letters[i] for i in range(ndim) if i not in reduce_axes)
+    return f"{letters},{letters}->{keep}"

@@ -1,0 +1,44 @@
+"""``bnkit ema``: the lesson's worked example of a running mean, computed."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..stats import ema_table
+from .app import app, console, fail
+
+
+@app.command()
+def ema(
+    values: List[float] = typer.Argument(..., help="Batch means, in order."),
+    fill: Optional[float] = typer.Option(None, help="Value for the batches after the given ones."),
+    steps: Optional[int] = typer.Option(None, help="Total number of batches (needs --fill if more than the values given)."),
+    decay: float = typer.Option(0.9, help="Weight on the OLD running value (the lesson's alpha; Keras/ONNX/Flax side)."),
+    init: float = typer.Option(0.0, help="Initial running value."),
+    show: str = typer.Option("auto", help="'all' rows, or 'auto': the given batches plus every 10th and the last."),
+) -> None:
+    """Print the running mean after each batch, with the bias-corrected mean beside it."""
+    n = steps if steps is not None else len(values)
+    if n < len(values):
+        raise fail(f"--steps {n} is fewer than the {len(values)} values given")
+    if n > len(values) and fill is None:
+        raise fail("--steps exceeds the values given: pass --fill for the remaining batches")
+    if not 0.0 <= decay <= 1.0:
+        raise fail(f"--decay must be in [0, 1], got {decay}")
+    series = list(values) + [fill] * (n - len(values))
+    rows = ema_table(series, decay, init)
+    table = Table(title=f"Running mean, running = {decay} * running + {1 - decay:.4g} * batch_mean (start {init})")
+    table.add_column("batch", justify="right")
+    table.add_column("batch mean", justify="right")
+    table.add_column("running mean", justify="right")
+    table.add_column("bias-corrected", justify="right")
+    for step, v, run, corr in rows:
+        if show == "all" or step <= len(values) or step % 10 == 0 or step == n:
+            table.add_row(str(step), f"{v:.4g}", f"{run:.6g}", f"{corr:.6g}")
+    console.print(table)
+    console.print(
+        "bias-corrected = (running - decay^t * start) / (1 - decay^t): the weighted mean of the batches seen, "
+        "free of the pull toward the starting value."
+    )

@@ -1,0 +1,218 @@
+"""Streaming statistics for BatchNorm: exact moments and moving averages.
+
+Everything here accumulates in float64.
+
+* :class:`RunningMoments` keeps the exact per-channel count, mean and sum of
+  squared deviations (``M2``) over any number of batches. Batches are reduced
+  on their own (two-pass, so a large offset does not cancel) and folded in with
+  Chan, Golub & LeVeque's parallel formula::
+
+      n = n_a + n_b,  d = mean_b - mean_a
+      mean = mean_a + d * n_b / n
+      M2   = M2_a + M2_b + d**2 * n_a * n_b / n
+
+  ``merge`` applies the same formula to two accumulators (one per worker), so
+  the result is exact whichever way the data was split. The naive
+  sum-of-squares ``E[x**2] - E[x]**2`` is never used: it loses every digit when
+  ``|mean| >> std``.
+* :func:`ema_update` / :class:`EMA` are exponential moving averages with the
+  momentum given on either side (see :mod:`bnkit.conventions`), with optional
+  Adam-style bias correction ``v_t / (1 - decay**t)``.
+* :class:`CumulativeAverage` is PyTorch's ``momentum=None``: the plain mean of
+  every value seen, i.e. an EMA whose weight on the new value is ``1/t``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = [
+    "RunningMoments",
+    "batch_moments",
+    "ema_update",
+    "EMA",
+    "CumulativeAverage",
+    "ema_table",
+]
+
+
+def _check_finite(x: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what} contains NaN or Inf; refusing to update statistics")
+
+
+def _move_channels_first(x: np.ndarray, channel_axis: int) -> np.ndarray:
+    """Return a 2-D float64 view-or-copy ``(C, M)`` with channels on axis 0."""
+    if x.ndim < 1:
+        raise ValueError("input must have at least one dimension (the channel axis)")
+    ax = channel_axis % x.ndim if -x.ndim <= channel_axis < x.ndim else None
+    if ax is None:
+        raise ValueError(f"channel_axis {channel_axis} out of range for input of shape {x.shape}")
+    moved = np.moveaxis(np.asarray(x), ax, 0)
+    return moved.reshape(moved.shape[0], -1).astype(np.float64, copy=False)
+
+
+def batch_moments(x: np.ndarray, channel_axis: int = 1) -> tuple[int, np.ndarray, np.ndarray]:
+    """Per-channel ``(count, mean, M2)`` of one batch, two-pass in float64.
+
+    ``M2`` is the sum of squared deviations from the batch mean, so the biased
+    variance is ``M2 / count`` and the unbiased one ``M2 / (count - 1)``.
+    """
+    flat = _move_channels_first(x, channel_axis)
+    count = flat.shape[1]
+    if count == 0:
+        return 0, np.zeros(flat.shape[0]), np.zeros(flat.shape[0])
+    mean = flat.mean(axis=1)
+    dev = flat - mean[:, None]
+    m2 = np.einsum("cm,cm->c", dev, dev)
+    return count, mean, m2
+
+
+class RunningMoments:
+    """Exact per-channel mean and variance over a stream of batches.
+
+    Attributes:
+        count: number of values seen per channel (the same for every channel).
+        mean: float64 ``(C,)`` mean of everything seen.
+        var: biased (population) variance, ``M2 / count``.
+        var_unbiased: sample variance, ``M2 / (count - 1)`` (NaN below 2 values).
+    """
+
+    def __init__(self, num_channels: int) -> None:
+        if int(num_channels) != num_channels or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
+        self.num_channels = int(num_channels)
+        self.count = 0
+        self.mean = np.zeros(self.num_channels, dtype=np.float64)
+        self.m2 = np.zeros(self.num_channels, dtype=np.float64)
+
+    def _combine(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        if count == 0:
+            return
+        if self.count == 0:
+            self.count, self.mean, self.m2 = count, mean.astype(np.float64).copy(), m2.astype(np.float64).copy()
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
+        self.count = total
+
+    def update(self, x: np.ndarray, channel_axis: int = 1) -> "RunningMoments":
+        """Fold a batch in; every axis except ``channel_axis`` is reduced."""
+        x = np.asarray(x)
+        ax = channel_axis % x.ndim if x.ndim else 0
+        if x.ndim == 0 or x.shape[ax] != self.num_channels:
+            raise ValueError(
+                f"expected {self.num_channels} channels on axis {channel_axis}, got input of shape {x.shape}"
+            )
+        _check_finite(x, "batch")
+        self._combine(*batch_moments(x, channel_axis))
+        return self
+
+    def update_moments(self, count: int, mean: np.ndarray, m2: np.ndarray) -> "RunningMoments":
+        """Fold in already-reduced partial statistics ``(count, mean, M2)``."""
+        mean = np.asarray(mean, dtype=np.float64)
+        m2 = np.asarray(m2, dtype=np.float64)
+        if mean.shape != (self.num_channels,) or m2.shape != (self.num_channels,):
+            raise ValueError(f"partial statistics must have shape ({self.num_channels},)")
+        if count < 0:
+            raise ValueError("count must be non-negative")
+        self._combine(int(count), mean, m2)
+        return self
+
+    def merge(self, other: "RunningMoments") -> "RunningMoments":
+        """Combine another accumulator into this one (Chan's formula), exactly."""
+        if not isinstance(other, RunningMoments) or other.num_channels != self.num_channels:
+            raise ValueError("can only merge RunningMoments with the same number of channels")
+        self._combine(other.count, other.mean, other.m2)
+        return self
+
+    @property
+    def var(self) -> np.ndarray:
+        if self.count == 0:
+            return np.full(self.num_channels, np.nan)
+        return self.m2 / self.count
+
+    @property
+    def var_unbiased(self) -> np.ndarray:
+        if self.count < 2:
+            return np.full(self.num_channels, np.nan)
+        return self.m2 / (self.count - 1)
+
+    def __repr__(self) -> str:
+        return f"RunningMoments(num_channels={self.num_channels}, count={self.count})"
+
+
+def ema_update(running: np.ndarray | float, value: np.ndarray | float, momentum: float, *, weight_on: str = "new"):
+    """One exponential-moving-average step.
+
+    ``weight_on="new"`` (PyTorch): ``running = (1 - m) * running + m * value``.
+    ``weight_on="old"`` (Keras, ONNX, Flax, the lesson's alpha):
+    ``running = m * running + (1 - m) * value``.
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if weight_on == "new":
+        w_new = momentum
+    elif weight_on == "old":
+        w_new = 1.0 - momentum
+    else:
+        raise ValueError(f"weight_on must be 'new' or 'old', got {weight_on!r}")
+    return (1.0 - w_new) * np.asarray(running, dtype=np.float64) + w_new * np.asarray(value, dtype=np.float64)
+
+
+class EMA:
+    """Exponential moving average with optional bias correction.
+
+    ``decay`` is the weight on the old value. ``value`` is the raw average
+    started at ``init``; ``corrected`` divides out the start-up bias,
+    ``(v_t - decay**t * init) / (1 - decay**t)``, which for ``init = 0`` is
+    Adam's ``v_t / (1 - decay**t)``: the weighted mean of the values seen so far.
+    """
+
+    def __init__(self, decay: float, init: float | np.ndarray = 0.0) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        self.decay = float(decay)
+        self.init = np.asarray(init, dtype=np.float64)
+        self.value = self.init.copy()
+        self.steps = 0
+
+    def update(self, x) -> np.ndarray:
+        self.value = ema_update(self.value, x, self.decay, weight_on="old")
+        self.steps += 1
+        return self.value
+
+    @property
+    def corrected(self) -> np.ndarray:
+        if self.steps == 0:
+            return self.init.copy()
+        keep = self.decay**self.steps
+        if keep == 1.0:  # decay == 1: the average never moves, nothing to correct
+            return self.value.copy()
+        return (self.value - keep * self.init) / (1.0 - keep)
+
+
+class CumulativeAverage:
+    """Plain mean of every value seen (PyTorch ``momentum=None``)."""
+
+    def __init__(self, init: float | np.ndarray = 0.0) -> None:
+        self.value = np.asarray(init, dtype=np.float64).copy()
+        self.steps = 0
+
+    def update(self, x) -> np.ndarray:
+        self.steps += 1
+        self.value = ema_update(self.value, x, 1.0 / self.steps, weight_on="new")
+        return self.value
+
+
+def ema_table(values: Iterable[float], decay: float, init: float = 0.0) -> list[tuple[int, float, float, float]]:
+    """Rows ``(step, value, running, bias_corrected)`` of an EMA over ``values``."""
+    ema = EMA(decay, init)
+    rows = []
+    for step, v in enumerate(values, start=1):
+        ema.update(v)
+        rows.append((step, float(v), float(ema.value), float(ema.corrected)))
+    return rows
