@@ -1,0 +1,35 @@
+import re
+
+from typer.testing import CliRunner
+
+from bnkit.cli import app
+
+runner = CliRunner()
+
+
+def _rows(output):
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃|]", line) if c.strip()]
+        if len(cells) == 4 and cells[0].isdigit():
+            rows[int(cells[0])] = [float(c) for c in cells[1:]]
+    return rows
+
+
+def test_ema_prints_the_lesson_table_computed():
+    result = runner.invoke(app, ["ema", "4.2", "3.8", "4.1", "--fill", "4.0", "--steps", "50", "--decay", "0.9"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    rows = _rows(result.output)
+    assert set(rows) >= {1, 2, 3, 10, 50}
+    v, t = 0.0, 0
+    for t, m in enumerate([4.2, 3.8, 4.1] + [4.0] * 47, start=1):
+        v = 0.9 * v + 0.1 * m
+        if t in rows:
+            assert abs(rows[t][1] - v) < 1e-4 * max(1, abs(v))
+            assert abs(rows[t][2] - v / (1 - 0.9**t)) < 1e-4 * max(1, abs(v))
+
+
+def test_ema_rejects_inconsistent_arguments():
+    assert runner.invoke(app, ["ema", "1", "2", "--steps", "5"]).exit_code == 2
+    assert runner.invoke(app, ["ema", "1", "2", "--steps", "1"]).exit_code == 2
+    assert runner.invoke(app, ["ema", "1", "--decay", "1.5"]).exit_code == 2

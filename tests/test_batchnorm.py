@@ -1,0 +1,257 @@
+"""The NumPy reference layer against torch.nn.BatchNorm*d and the other frameworks' real layers."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnkit import BatchNorm
+
+TORCH_BN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
+
+
+def _pair(shape, eps, momentum, affine, track, rng):
+    c = shape[1]
+    ref = BatchNorm(c, eps=eps, momentum=momentum, affine=affine, track_running_stats=track)
+    tbn = TORCH_BN[len(shape)](c, eps=eps, momentum=momentum, affine=affine, track_running_stats=track)
+    if affine:
+        ref.weight, ref.bias = rng.normal(1, 0.5, c), rng.normal(0, 0.5, c)
+        with torch.no_grad():
+            tbn.weight.copy_(torch.tensor(ref.weight))
+            tbn.bias.copy_(torch.tensor(ref.bias))
+    return ref, tbn
+
+
+def _step(ref, tbn, x, dy):
+    xt = torch.tensor(x, requires_grad=True)
+    yt = tbn(xt)
+    yt.backward(torch.tensor(dy))
+    y = ref(x)
+    dx = ref.backward(dy)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-3, atol=1e-4)
+    if ref.affine:
+        np.testing.assert_allclose(ref.grad_weight, tbn.weight.grad.numpy(), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(ref.grad_bias, tbn.bias.grad.numpy(), rtol=1e-3, atol=1e-3)
+        tbn.weight.grad = tbn.bias.grad = None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ndim=st.sampled_from([2, 3, 4, 5]),
+    n=st.integers(2, 6),
+    c=st.integers(1, 5),
+    eps=st.sampled_from([1e-5, 1e-3, 0.1]),
+    momentum=st.sampled_from([0.1, 0.5, 1.0, 0.0, None]),
+    affine=st.booleans(),
+    track=st.booleans(),
+    seed=st.integers(0, 2**31),
+)
+def test_matches_torch_train_then_eval(ndim, n, c, eps, momentum, affine, track, seed):
+    rng = np.random.default_rng(seed)
+    shape = (n, c) + tuple(rng.integers(1, 4, size=ndim - 2))
+    ref, tbn = _pair(shape, eps, momentum, affine, track, rng)
+    for _ in range(3):
+        x = rng.normal(1.5, 2.0, size=shape).astype(np.float32)
+        _step(ref, tbn, x, rng.normal(size=shape).astype(np.float32))
+    if track:
+        np.testing.assert_allclose(ref.running_mean, tbn.running_mean.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ref.running_var, tbn.running_var.numpy(), rtol=1e-5, atol=1e-5)
+        assert ref.num_batches_tracked == int(tbn.num_batches_tracked) == 3
+    ref.eval()
+    tbn.eval()
+    x = rng.normal(size=shape).astype(np.float32)
+    _step(ref, tbn, x, rng.normal(size=shape).astype(np.float32))
+
+
+def test_channels_last_axis_matches_channels_first():
+    rng = np.random.default_rng(3)
+    first, last = BatchNorm(4), BatchNorm(4, axis=-1)
+    for _ in range(2):
+        x = rng.normal(size=(5, 4, 3, 2))
+        y1 = first(x)
+        y2 = last(np.moveaxis(x, 1, -1))
+        np.testing.assert_allclose(np.moveaxis(y2, -1, 1), y1, rtol=1e-12)
+        dy = rng.normal(size=x.shape)
+        np.testing.assert_allclose(np.moveaxis(last.backward(np.moveaxis(dy, 1, -1)), -1, 1), first.backward(dy), rtol=1e-10)
+    np.testing.assert_allclose(first.running_var, last.running_var)
+
+
+def test_eval_is_deterministic_updates_nothing_and_uses_gamma_beta_identically():
+    rng = np.random.default_rng(4)
+    bn = BatchNorm(3)
+    bn.weight, bn.bias = np.array([2.0, 0.5, -1.0]), np.array([0.1, 0.2, 0.3])
+    bn(rng.normal(3, 2, size=(64, 3)))
+    bn.eval()
+    before = bn.state_dict()
+    x = rng.normal(size=(7, 3))
+    y1, y2 = bn(x), bn(x)
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_allclose(bn(x[:1])[0], y1[0])  # batch size does not matter in eval
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    xhat = (x - bn.running_mean) / np.sqrt(bn.running_var + bn.eps)
+    np.testing.assert_allclose(y1, bn.weight * xhat + bn.bias)
+    bn.train()
+    xb = rng.normal(size=(16, 3))
+    xhat_b = (xb - xb.mean(0)) / np.sqrt(xb.var(0) + bn.eps)
+    np.testing.assert_allclose(bn(xb), bn.weight * xhat_b + bn.bias)
+
+
+def test_state_dict_round_trip_with_torch():
+    rng = np.random.default_rng(5)
+    tbn = torch.nn.BatchNorm2d(3)
+    tbn(torch.randn(4, 3, 2, 2) * 3 + 1)
+    with torch.no_grad():
+        tbn.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    ref = BatchNorm(3)
+    ref.load_state_dict(tbn.state_dict())
+    assert ref.num_batches_tracked == 1
+    back = torch.nn.BatchNorm2d(3)
+    back.load_state_dict({k: torch.as_tensor(v, dtype=tbn.state_dict()[k].dtype) for k, v in ref.state_dict().items()})
+    for k, v in tbn.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    x = rng.normal(size=(2, 3, 2, 2)).astype(np.float32)
+    tbn.eval()
+    np.testing.assert_allclose(ref.eval()(x), tbn(torch.tensor(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_load_state_dict_checks_before_changing_anything():
+    ref = BatchNorm(3)
+    with pytest.raises(ValueError, match="shape"):
+        ref.load_state_dict({"weight": np.ones(4), "bias": np.zeros(3), "running_mean": np.zeros(3), "running_var": np.ones(3)})
+    np.testing.assert_array_equal(ref.weight, np.ones(3))
+    with pytest.raises(KeyError, match="missing"):
+        ref.load_state_dict({"weight": np.ones(3)})
+
+
+# ----------------------------------------------------------------- bad input
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1), (1, 3, 1, 1, 1)])
+def test_batch_of_one_value_per_channel_in_training_is_refused(shape):
+    bn = BatchNorm(3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(np.ones(shape))
+    assert bn.num_batches_tracked == 0
+    bn.eval()
+    assert bn(np.ones(shape)).shape == shape  # fine at inference
+
+
+def test_single_sample_with_spatial_extent_is_allowed_like_torch():
+    bn, tbn = BatchNorm(2), torch.nn.BatchNorm2d(2)
+    x = np.random.default_rng(0).normal(size=(1, 2, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(bn(x), tbn(torch.tensor(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_training_batch_leaves_running_stats_untouched(bad):
+    bn = BatchNorm(2)
+    bn(np.random.default_rng(0).normal(size=(8, 2)))
+    before = bn.state_dict()
+    x = np.ones((4, 2))
+    x[2, 1] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        bn(x)
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_wrong_channels_and_bad_hyperparameters():
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        BatchNorm(3)(np.ones((4, 2)))
+    with pytest.raises(ValueError, match="expected 3 channels on axis -1"):
+        BatchNorm(3, axis=-1)(np.ones((4, 3, 2)))
+    with pytest.raises(ValueError, match="2-D to 5-D"):
+        BatchNorm(3)(np.ones(3))
+    with pytest.raises(ValueError, match="eps"):
+        BatchNorm(3, eps=-1e-5)
+    for m in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            BatchNorm(3, momentum=m)
+    with pytest.raises(ValueError, match="cumulative"):
+        BatchNorm(3, momentum=None, convention="keras")
+    with pytest.raises(RuntimeError, match="forward"):
+        BatchNorm(3).backward(np.ones((2, 3)))
+
+
+# ------------------------------------------------- conventions vs real frameworks
+def _batches(rng, shape, k=3):
+    return [rng.normal(2.0, 3.0, size=shape).astype(np.float32) for _ in range(k)]
+
+
+def test_onnx_convention_matches_onnxruntime_training_mode():
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(7)
+    eps, momentum = 1e-3, 0.8
+    ref = BatchNorm(3, eps=eps, momentum=momentum, convention="onnx")
+    ref.weight, ref.bias = rng.normal(size=3), rng.normal(size=3)
+    node = helper.make_node("BatchNormalization", ["X", "s", "b", "m", "v"], ["Y", "rm", "rv"],
+                            epsilon=eps, momentum=momentum, training_mode=1)
+    shape = (4, 3, 2, 2)
+    graph = helper.make_graph(
+        [node], "bn",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
+         [("X", shape), ("s", [3]), ("b", [3]), ("m", [3]), ("v", [3])]],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Y", "rm", "rv")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    for x in _batches(rng, shape):
+        y, rm, rv = sess.run(None, dict(X=x, s=ref.weight.astype(np.float32), b=ref.bias.astype(np.float32), m=rm, v=rv))
+        np.testing.assert_allclose(ref(x), y, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ref.running_mean, rm, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ref.running_var, rv, rtol=1e-5, atol=1e-6)
+
+
+def test_keras_convention_matches_real_keras_layer():
+    keras = pytest.importorskip("keras")
+    rng = np.random.default_rng(8)
+    layer = keras.layers.BatchNormalization(axis=-1, momentum=0.9, epsilon=1e-3)
+    shape = (6, 4, 4, 3)
+    layer.build(shape)
+    gamma, beta = rng.normal(size=3).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    layer.set_weights([gamma, beta, np.zeros(3, np.float32), np.ones(3, np.float32)])
+    ref = BatchNorm(3, momentum=0.9, axis=-1, convention="keras")
+    assert ref.eps == 1e-3
+    ref.weight, ref.bias = gamma.astype(np.float64), beta.astype(np.float64)
+    for x in _batches(rng, shape):
+        y = keras.ops.convert_to_numpy(layer(x, training=True))
+        np.testing.assert_allclose(ref(x), y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ref.running_mean, keras.ops.convert_to_numpy(layer.moving_mean), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref.running_var, keras.ops.convert_to_numpy(layer.moving_variance), rtol=1e-5, atol=1e-6)
+    x = rng.normal(size=shape).astype(np.float32)
+    np.testing.assert_allclose(ref.eval()(x), keras.ops.convert_to_numpy(layer(x, training=False)), rtol=1e-4, atol=1e-4)
+
+
+def test_flax_convention_matches_real_flax_layer():
+    pytest.importorskip("flax")
+    import jax
+    import jax.numpy as jnp
+    from flax import linen
+
+    rng = np.random.default_rng(9)
+    module = linen.BatchNorm(use_running_average=False, momentum=0.8, axis=-1)
+    shape = (5, 3, 4)
+    variables = module.init(jax.random.PRNGKey(0), jnp.zeros(shape))
+    ref = BatchNorm(4, momentum=0.8, axis=-1, convention="flax")
+    for x in _batches(rng, shape):
+        y, updates = module.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+        variables = {"params": variables["params"], **updates}
+        np.testing.assert_allclose(ref(x), np.asarray(y), rtol=1e-4, atol=1e-4)
+    stats = variables["batch_stats"]
+    np.testing.assert_allclose(ref.running_mean, np.asarray(stats["mean"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ref.running_var, np.asarray(stats["var"]), rtol=1e-4, atol=1e-5)
+    x = rng.normal(size=shape).astype(np.float32)
+    y = linen.BatchNorm(use_running_average=True, axis=-1).apply(variables, jnp.asarray(x))
+    np.testing.assert_allclose(ref.eval()(x), np.asarray(y), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_feeds_unbiased_variance_others_biased():
+    x = np.array([[0.0], [2.0]])  # biased var 1, unbiased var 2
+    t, k = BatchNorm(1, momentum=1.0), BatchNorm(1, momentum=0.0, convention="keras")
+    t(x)
+    k(x)
+    assert t.running_var[0] == pytest.approx(2.0)
+    assert k.running_var[0] == pytest.approx(1.0)

@@ -1,0 +1,145 @@
+"""Streaming statistics against float64 NumPy on the full, concatenated data."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnkit.stats import EMA, CumulativeAverage, RunningMoments, batch_moments, ema_table, ema_update
+
+
+def _split(x, sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append(x[start : start + s])
+        start += s
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 17), min_size=1, max_size=8),
+    channels=st.integers(1, 5),
+    spatial=st.sampled_from([(), (3,), (2, 3)]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_running_moments_match_numpy_on_concatenation(sizes, channels, spatial, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(2.0, 3.0, size=(sum(sizes), channels, *spatial)).astype(np.float32)
+    rm = RunningMoments(channels)
+    for part in _split(x, sizes):
+        rm.update(part)
+    flat = np.moveaxis(x.astype(np.float64), 1, 0).reshape(channels, -1)
+    assert rm.count == flat.shape[1]
+    np.testing.assert_allclose(rm.mean, flat.mean(1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(rm.var, flat.var(1), rtol=1e-10, atol=1e-12)
+    if flat.shape[1] > 1:
+        np.testing.assert_allclose(rm.var_unbiased, flat.var(1, ddof=1), rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n_a=st.integers(0, 40), n_b=st.integers(0, 40), seed=st.integers(0, 2**32 - 1))
+def test_merge_of_two_workers_equals_one_pass(n_a, n_b, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(n_a, 3)), rng.normal(5.0, 0.1, size=(n_b, 3))
+    wa, wb, whole = RunningMoments(3), RunningMoments(3), RunningMoments(3)
+    if n_a:
+        wa.update(a)
+    if n_b:
+        wb.update(b)
+    if n_a + n_b:
+        whole.update(np.concatenate([a, b]))
+    wa.merge(wb)
+    assert wa.count == whole.count
+    np.testing.assert_allclose(wa.mean, whole.mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(wa.m2, whole.m2, rtol=1e-10, atol=1e-10)
+
+
+def test_large_offset_where_sum_of_squares_fails():
+    rng = np.random.default_rng(0)
+    x = (1e4 + 1e-2 * rng.standard_normal((20000, 2))).astype(np.float64)
+    exact = x.var(0)  # two-pass float64 on the whole array: the oracle
+    rm = RunningMoments(2)
+    for part in np.array_split(x, 37):
+        rm.update(part)
+    np.testing.assert_allclose(rm.var, exact, rtol=1e-9)
+    # the naive E[x^2] - E[x]^2 loses most digits here: the test data really is hard
+    naive = (x**2).mean(0) - x.mean(0) ** 2
+    assert np.max(np.abs(naive - exact) / exact) > 1e-3
+
+
+def test_channel_axis_last_and_update_moments():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 4, 5, 3))
+    rm = RunningMoments(3).update(x, channel_axis=-1)
+    np.testing.assert_allclose(rm.mean, x.reshape(-1, 3).mean(0))
+    n, mean, m2 = batch_moments(x, channel_axis=3)
+    rm2 = RunningMoments(3).update_moments(n, mean, m2)
+    np.testing.assert_allclose(rm2.var, x.reshape(-1, 3).var(0))
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.ones((4, 2)), "expected 3 channels"),
+        (np.array([[1.0, np.nan, 2.0], [1.0, 2.0, 3.0]]), "NaN or Inf"),
+        (np.array([[1.0, np.inf, 2.0], [1.0, 2.0, 3.0]]), "NaN or Inf"),
+    ],
+)
+def test_running_moments_bad_input(bad, match):
+    rm = RunningMoments(3).update(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=match):
+        rm.update(bad)
+    assert rm.count == 2  # untouched
+
+
+def test_running_moments_rejects_bad_construction_and_merge():
+    with pytest.raises(ValueError):
+        RunningMoments(0)
+    with pytest.raises(ValueError):
+        RunningMoments(2).merge(RunningMoments(3))
+    assert np.isnan(RunningMoments(2).var).all()
+    assert np.isnan(RunningMoments(2).update(np.ones((1, 2))).var_unbiased).all()
+
+
+def test_ema_sides_are_each_others_complement():
+    assert ema_update(0.0, 10.0, 0.1, weight_on="new") == pytest.approx(1.0)
+    assert ema_update(0.0, 10.0, 0.9, weight_on="old") == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        ema_update(0.0, 1.0, 1.5)
+    with pytest.raises(ValueError):
+        ema_update(0.0, 1.0, 0.5, weight_on="middle")
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=st.lists(st.floats(-100, 100), min_size=1, max_size=30), decay=st.floats(0.0, 0.999), init=st.floats(-5, 5))
+def test_bias_corrected_ema_is_the_weighted_mean_of_values(values, decay, init):
+    ema = EMA(decay, init)
+    for v in values:
+        ema.update(v)
+    t = len(values)
+    weights = np.array([decay ** (t - 1 - i) for i in range(t)])
+    expected = np.dot(weights, values) / weights.sum()
+    assert ema.corrected == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    raw = decay**t * init + (1 - decay) * np.dot(weights, values)
+    assert ema.value == pytest.approx(raw, rel=1e-9, abs=1e-9)
+
+
+def test_cumulative_average_is_the_plain_mean():
+    ca = CumulativeAverage()
+    vals = [3.0, -1.0, 7.5, 2.25]
+    for v in vals:
+        ca.update(v)
+    assert ca.value == pytest.approx(np.mean(vals))
+
+
+def test_lesson_worked_example_closed_form():
+    # v_t = 0.9 v_{t-1} + 0.1 m_t from 0 with m = 4.2, 3.8, 4.1, then 4.0 forever
+    rows = ema_table([4.2, 3.8, 4.1] + [4.0] * 47, decay=0.9)
+    v3 = 0.1 * (0.81 * 4.2 + 0.9 * 3.8 + 4.1)
+    assert rows[0][2] == pytest.approx(0.42)
+    assert rows[1][2] == pytest.approx(0.758)
+    assert rows[2][2] == pytest.approx(v3)
+    for t in (10, 50):  # after batch 3 the input is constant: v_t = 4 + (v_3 - 4) * 0.9**(t-3)
+        assert rows[t - 1][2] == pytest.approx(4.0 + (v3 - 4.0) * 0.9 ** (t - 3))
+    assert rows[9][2] == pytest.approx(2.6092, abs=1e-4)  # the lesson's "≈ 3.58" is wrong
+    assert rows[0][3] == pytest.approx(4.2)  # bias correction recovers the first batch mean exactly
