@@ -12,16 +12,20 @@ the running variance is fed the unbiased ``M2/(n-1)`` (PyTorch) or the biased
 both modes identically. With ``track_running_stats=False`` there are no running
 statistics and both modes use the batch's, as in ``torch.nn.BatchNorm*d``.
 
-Statistics are reduced in float64; the output has the input's dtype.
+Statistics are two-pass (mean, then the sum of squared deviations): contiguous
+runs are summed pairwise in the input dtype and combined across rows in float64.
+The output has the input's dtype. Large inputs are processed in row blocks on a
+thread pool (NumPy's ufuncs release the GIL); results do not depend on it.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .conventions import Convention, get_convention, new_value_weight
-from .stats import batch_moments
 
 __all__ = ["BatchNorm"]
 
@@ -97,7 +101,7 @@ class BatchNorm:
         return self.train(False)
 
     # ---------------------------------------------------------------- helpers
-    def _layout(self, x: np.ndarray) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    def _channel_axis(self, x: np.ndarray) -> int:
         if x.ndim < 2 or x.ndim > 5:
             raise ValueError(f"expected a 2-D to 5-D input (N, C, ...), got shape {x.shape}")
         ax = self.axis % x.ndim if -x.ndim <= self.axis < x.ndim else None
@@ -107,9 +111,7 @@ class BatchNorm:
             raise ValueError(
                 f"expected {self.num_features} channels on axis {self.axis}, got {x.shape[ax]} (input shape {x.shape})"
             )
-        reduce_axes = tuple(i for i in range(x.ndim) if i != ax)
-        bshape = tuple(self.num_features if i == ax else 1 for i in range(x.ndim))
-        return ax, reduce_axes, bshape
+        return ax
 
     def _uses_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
@@ -129,7 +131,9 @@ class BatchNorm:
         x = np.asarray(x)
         if not np.issubdtype(x.dtype, np.floating):
             x = x.astype(np.float64)
-        ax, reduce_axes, bshape = self._layout(x)
+        ax = self._channel_axis(x)
+        x3 = _as_acb(x, ax)
+        dt = x.dtype
         gamma = self.weight if self.affine else np.ones(self.num_features)
         beta = self.bias if self.affine else np.zeros(self.num_features)
         if self._uses_batch_stats():
@@ -140,23 +144,37 @@ class BatchNorm:
                     f"statistics, got input of shape {x.shape} ({n} value per channel). A batch of one "
                     "normalized by its own statistics is all zeros: call .eval() for inference, or use a larger batch."
                 )
-            if not np.all(np.isfinite(x)):
-                raise ValueError("training batch contains NaN or Inf; running statistics left untouched")
-            n, mean, m2 = batch_moments(x, channel_axis=ax)
-            var = m2 / n
-            invstd = 1.0 / np.sqrt(var + self.eps)
+            total = _channel_sum(x3)
+            if not np.all(np.isfinite(total)):  # NaN/Inf anywhere makes the channel sum non-finite
+                raise ValueError("training batch contains NaN or Inf (or overflows); running statistics left untouched")
+            mean = total / n
+            # second pass on deviations: d = x - mean (kept for backward), M2 = sum(d*d)
+            d = np.empty_like(x3)
+            _parallel(lambda s: np.subtract(x3[s], mean.astype(dt)[:, None], out=d[s]), x3)
+            m2 = _channel_dot(d, d)
+            invstd = 1.0 / np.sqrt(m2 / n + self.eps)
             if self.training and self.track_running_stats:
                 self._update_running(n, mean, m2)
+            scale, shift, src = gamma * invstd, beta, d
         else:
-            n = None
-            mean, invstd = self.running_mean, 1.0 / np.sqrt(self.running_var + self.eps)
-        dt = x.dtype
-        xhat = x - mean.astype(dt).reshape(bshape)
-        xhat *= invstd.astype(dt).reshape(bshape)
-        out = xhat * gamma.astype(dt).reshape(bshape)
-        out += beta.astype(dt).reshape(bshape)
-        self._cache = (xhat, invstd, gamma, n, reduce_axes, bshape)
-        return out
+            n = d = None
+            invstd = 1.0 / np.sqrt(self.running_var + self.eps)
+            scale, src = gamma * invstd, x3
+            shift = beta - self.running_mean * scale
+        out = np.empty_like(x3)
+        sc, sh = scale.astype(dt)[:, None], shift.astype(dt)[:, None]
+
+        block = max(1, (1 << 16) // max(1, x3[0].size))  # ~256 KiB of float32 per block
+
+        def affine(s):
+            for i in range(s.start, s.stop, block):  # blockwise: the add finds the product still in cache
+                b = slice(i, min(i + block, s.stop))
+                np.multiply(src[b], sc, out=out[b])
+                out[b] += sh
+
+        _parallel(affine, x3)
+        self._cache = (x3, d, invstd, gamma, n, x.shape)
+        return out.reshape(x.shape)
 
     __call__ = forward
 
@@ -164,31 +182,42 @@ class BatchNorm:
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """Gradient w.r.t. the input of the last forward; sets ``grad_weight``/``grad_bias``.
 
-        Batch statistics (training mode): with ``m`` values per channel,
-        ``dx = gamma*invstd/m * (m*dy - sum(dy) - xhat*sum(dy*xhat))``.
-        Running statistics (eval mode) are constants: ``dx = gamma*invstd*dy``.
+        With ``d = x - mean`` and ``xhat = d * invstd``: batch statistics (training mode,
+        ``m`` values per channel) give ``dx = gamma*invstd * (dy - mean(dy) - xhat*mean(dy*xhat))``;
+        running statistics (eval mode) are constants, so ``dx = gamma*invstd*dy``.
+        ``grad_weight = sum(dy * xhat)``, ``grad_bias = sum(dy)``.
         """
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
-        xhat, invstd, gamma, n, reduce_axes, bshape = self._cache
+        x3, d, invstd, gamma, n, shape = self._cache
         dy = np.asarray(dy)
-        if dy.shape != xhat.shape:
-            raise ValueError(f"dy has shape {dy.shape}, expected the forward output's shape {xhat.shape}")
-        dt = xhat.dtype
-        sum_dy = dy.sum(axis=reduce_axes, dtype=np.float64)
-        sum_dy_xhat = np.einsum(_einsum_spec(dy.ndim, reduce_axes), dy, xhat, dtype=np.float64)
+        if dy.shape != shape:
+            raise ValueError(f"dy has shape {dy.shape}, expected the forward output's shape {shape}")
+        dt = x3.dtype
+        dy3 = dy.astype(dt, copy=False).reshape(x3.shape)
+        if d is None:  # eval: deviations from the running mean, only for grad_weight
+            d = x3 - self.running_mean.astype(dt)[:, None]
+        sum_dy = _channel_sum(dy3)
+        sum_dy_d = _channel_dot(dy3, d)
         if self.affine:
-            self.grad_weight = sum_dy_xhat
+            self.grad_weight = sum_dy_d * invstd
             self.grad_bias = sum_dy
-        scale = (gamma * invstd)
+        scale = (gamma * invstd).astype(dt)[:, None]
+        dx = np.empty_like(x3)
         if n is None:
-            dx = dy * scale.astype(dt).reshape(bshape)
+            _parallel(lambda s: np.multiply(dy3[s], scale, out=dx[s]), x3)
         else:
-            dx = xhat * (-sum_dy_xhat / n).astype(dt).reshape(bshape)
-            dx += dy
-            dx -= (sum_dy / n).astype(dt).reshape(bshape)
-            dx *= scale.astype(dt).reshape(bshape)
-        return dx.astype(dt, copy=False)
+            k = (invstd * invstd * sum_dy_d / n).astype(dt)[:, None]
+            mdy = (sum_dy / n).astype(dt)[:, None]
+
+            def grad(s):
+                np.multiply(d[s], k, out=dx[s])
+                dx[s] += mdy
+                np.subtract(dy3[s], dx[s], out=dx[s])
+                dx[s] *= scale
+
+            _parallel(grad, x3)
+        return dx.reshape(shape)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -239,7 +268,38 @@ def _to_numpy(v):
     return v
 
 
-def _einsum_spec(ndim: int, reduce_axes: tuple[int, ...]) -> str:
-    letters = "abcde"[:ndim]
-    keep = "".join(letters[i] for i in range(ndim) if i not in reduce_axes)
-    return f"{letters},{letters}->{keep}"
+def _as_acb(x: np.ndarray, ax: int) -> np.ndarray:
+    """View ``x`` as ``(A, C, B)``: everything before the channel axis, channels, everything after."""
+    a = int(np.prod(x.shape[:ax], dtype=np.int64))
+    return x.reshape(a, x.shape[ax], -1)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _parallel(fn, x3: np.ndarray, min_size: int = 1 << 20) -> None:
+    """Run ``fn(slice)`` over row blocks of the leading axis, on threads for large arrays.
+
+    NumPy's ufuncs release the GIL, so the blocks run truly in parallel; each writes
+    a disjoint slice, and results do not depend on the number of threads.
+    """
+    global _POOL
+    rows = len(x3)
+    workers = min(os.cpu_count() or 1, rows)
+    if workers < 2 or x3.size < min_size:
+        fn(slice(0, rows))
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count())
+    bounds = np.linspace(0, rows, workers + 1).astype(int)
+    list(_POOL.map(fn, [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]))
+
+
+def _channel_sum(x3: np.ndarray) -> np.ndarray:
+    """Per-channel sum of an ``(A, C, B)`` array; contiguous runs summed in the input dtype, the rest in float64."""
+    return x3.sum(axis=2).sum(axis=0, dtype=np.float64)
+
+
+def _channel_dot(a3: np.ndarray, b3: np.ndarray) -> np.ndarray:
+    """Per-channel ``sum(a * b)`` of two ``(A, C, B)`` arrays, rows combined in float64."""
+    return np.einsum("acb,acb->ac", a3, b3).sum(axis=0, dtype=np.float64)

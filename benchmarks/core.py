@@ -1,0 +1,75 @@
+"""NumPy reference BatchNorm vs torch.nn.BatchNorm2d on CPU, measured side by side.
+
+Prints time(bnkit.BatchNorm) / time(torch.nn.BatchNorm2d) for a (32, 64, 56, 56)
+float32 batch: training forward+backward, and eval forward.
+Targets: eval within 2x, train within 2.5x.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from bnkit import BatchNorm
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", type=int, nargs=4, default=[32, 64, 56, 56])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    shape = tuple(args.shape)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    dy = rng.standard_normal(shape, dtype=np.float32)
+    xt, dyt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(dy)
+    ref, tbn = BatchNorm(shape[1]), torch.nn.BatchNorm2d(shape[1])
+
+    def np_train():
+        ref.train()
+        ref(x)
+        ref.backward(dy)
+
+    def torch_train():
+        tbn.train()
+        xt.grad = None
+        tbn(xt).backward(dyt)
+
+    def np_eval():
+        ref.eval()
+        ref(x)
+
+    def torch_eval():
+        tbn.eval()
+        with torch.no_grad():
+            tbn(xt)
+
+    rows = []
+    for name, f_np, f_t, target in [("train fwd+bwd", np_train, torch_train, 2.5), ("eval fwd", np_eval, torch_eval, 2.0)]:
+        # interleave so both see the same machine load
+        t_np, t_t = [], []
+        for _ in range(args.repeats):
+            t_np.append(best_of(f_np, 1))
+            t_t.append(best_of(f_t, 1))
+        a, b = min(t_np), min(t_t)
+        rows.append((name, a, b, a / b, target))
+    print(f"shape {shape} float32, torch threads {torch.get_num_threads()}")
+    print(f"{'case':<15} {'bnkit ms':>9} {'torch ms':>9} {'ratio':>6} {'target':>7}")
+    for name, a, b, r, target in rows:
+        print(f"{name:<15} {a*1e3:9.1f} {b*1e3:9.1f} {r:6.2f} {'<= ' + str(target):>7} {'ok' if r <= target else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
