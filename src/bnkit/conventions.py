@@ -23,6 +23,7 @@ new value is ``1 / num_batches_tracked``. It has no equivalent elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 
 __all__ = ["Convention", "CONVENTIONS", "get_convention", "convert_momentum", "new_value_weight"]
 
@@ -94,6 +95,7 @@ def convert_momentum(momentum: float | None, src: str | Convention, dst: str | C
 
     The update is the same; only the side the number names changes:
     PyTorch's 0.1 (weight on the new value) is Keras's 0.9 (weight on the old).
+    The complement is taken in decimal, so round trips return the same float.
     PyTorch's ``momentum=None`` (cumulative average) has no fixed equivalent and is refused.
     """
     s, d = get_convention(src), get_convention(dst)
@@ -104,5 +106,11 @@ def convert_momentum(momentum: float | None, src: str | Convention, dst: str | C
             "momentum=None (PyTorch's cumulative average, weight 1/t on the new value) has no fixed "
             f"equivalent in {d.name}; pick the momentum you want explicitly"
         )
-    w_new = new_value_weight(momentum, s)
-    return w_new if d.momentum_weighs == "new" else 1.0 - w_new
+    m = _check_momentum(momentum)
+    return m if s.momentum_weighs == d.momentum_weighs else _complement(m)
+
+
+def _complement(m: float) -> float:
+    """``1 - m`` computed on ``m``'s shortest decimal form, so ``0.9 -> 0.1`` (not 0.09999999999999998)
+    and converting back returns the very same float whenever ``1 - m`` has at most 15 significant digits."""
+    return float(Decimal(1) - Decimal(repr(m)))
