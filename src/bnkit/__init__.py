@@ -2,11 +2,13 @@
 
 The top-level package is the NumPy core (no PyTorch needed):
 :class:`BatchNorm`, the streaming statistics in :mod:`bnkit.stats`, and the
-framework conventions in :mod:`bnkit.conventions`. The PyTorch toolkit lives in
+framework conventions in :mod:`bnkit.conventions`, with
+:func:`convert_state` moving a layer between them. The PyTorch toolkit lives in
 :mod:`bnkit.torch`, the ONNX tools in :mod:`bnkit.onnx`.
 """
 from .batchnorm import BatchNorm
 from .conventions import CONVENTIONS, Convention, convert_momentum, get_convention
+from .convert import convert_state
 from .stats import EMA, CumulativeAverage, RunningMoments, batch_moments, ema_table, ema_update
 
 __version__ = "0.1.0"
@@ -16,6 +18,7 @@ __all__ = [
     "CONVENTIONS",
     "Convention",
     "convert_momentum",
+    "convert_state",
     "get_convention",
     "EMA",
     "CumulativeAverage",

@@ -1,0 +1,264 @@
+"""bnkit.convert_state: round trips, the three classic slips, bad input, and ONNX checked in onnxruntime."""
+import itertools
+
+import numpy as np
+import pytest
+
+import bnkit
+from bnkit import BatchNorm
+from bnkit.convert import FRAMEWORKS, convert_state
+
+C = 4
+RNG = np.random.default_rng(0)
+GAMMA, BETA = RNG.uniform(0.5, 2, C).astype(np.float32), RNG.normal(size=C).astype(np.float32)
+MEAN, VAR = RNG.normal(size=C).astype(np.float32), RNG.uniform(0.1, 3, C).astype(np.float32)
+
+# The same layer in each framework's own layout: eps 1e-4, new-value weight 0.2.
+SAMPLES = {
+    "torch": {"state_dict": {"weight": GAMMA, "bias": BETA, "running_mean": MEAN, "running_var": VAR,
+                             "num_batches_tracked": np.array(7)},
+              "config": {"num_features": C, "eps": 1e-4, "momentum": 0.2, "affine": True, "bias": True,
+                         "track_running_stats": True}},
+    "keras": {"weights": {"gamma": GAMMA, "beta": BETA, "moving_mean": MEAN, "moving_variance": VAR},
+              "config": {"axis": -1, "momentum": 0.8, "epsilon": 1e-4, "center": True, "scale": True}},
+    "flax": {"variables": {"params": {"scale": GAMMA, "bias": BETA}, "batch_stats": {"mean": MEAN, "var": VAR}},
+             "config": {"axis": -1, "momentum": 0.8, "epsilon": 1e-4, "use_bias": True, "use_scale": True}},
+    "onnx": {"initializers": {"scale": GAMMA, "B": BETA, "input_mean": MEAN, "input_var": VAR},
+             "attributes": {"epsilon": 1e-4, "momentum": 0.8}},
+}
+
+
+def assert_same(a, b):
+    """Equal nested structure, arrays equal bit for bit with the same dtype, scalars equal."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), (a, b)
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    elif isinstance(a, np.ndarray):
+        b = np.asarray(b)
+        assert a.dtype == b.dtype and np.array_equal(a, b), (a, b)
+    else:
+        assert a == b and type(a) is type(b), (a, b)
+
+
+@pytest.mark.parametrize("src,dst", list(itertools.product(FRAMEWORKS, FRAMEWORKS)))
+def test_every_pair_converts_to_the_same_layer(src, dst):
+    out = convert_state(SAMPLES[src], src, dst, **({"axis": -1} if dst in ("keras", "flax") else {}))
+    expected = SAMPLES[dst]
+    if dst == "torch" and src != "torch":  # num_batches_tracked exists only in torch
+        expected = {"state_dict": {k: v for k, v in expected["state_dict"].items() if k != "num_batches_tracked"},
+                    "config": expected["config"]}
+    assert_same(out, expected)
+    back = convert_state(out, dst, src, **({"axis": -1} if src in ("keras", "flax") else {}))
+    if src == "torch" and dst != "torch":
+        back["state_dict"]["num_batches_tracked"] = np.array(7)
+    assert_same(back, SAMPLES[src])
+
+
+@pytest.mark.parametrize("center,scale", [(True, False), (False, True), (False, False)])
+def test_keras_flax_flags_round_trip_and_map_to_torch(center, scale):
+    weights = {k: v for k, v, on in (("gamma", GAMMA, scale), ("beta", BETA, center),
+                                     ("moving_mean", MEAN, True), ("moving_variance", VAR, True)) if on}
+    keras = {"weights": weights, "config": {"axis": 1, "momentum": 0.95, "epsilon": 2e-3, "center": center,
+                                            "scale": scale}}
+    flax = convert_state(keras, "keras", "flax")
+    assert (flax["config"]["use_bias"], flax["config"]["use_scale"]) == (center, scale)
+    assert_same(convert_state(flax, "flax", "keras"), keras)
+    torch = convert_state(keras, "keras", "torch")
+    cfg, sd = torch["config"], torch["state_dict"]
+    assert cfg["momentum"] == 0.05 and cfg["eps"] == 2e-3
+    if scale:  # torch expresses weight-only (bias=False) and neither exactly: the round trip is exact
+        assert (cfg["affine"], cfg["bias"]) == (True, center)
+        assert_same(convert_state(torch, "torch", "keras"), keras)
+    elif center:  # bias without weight does not exist in torch: weight = 1, same function
+        assert cfg["affine"] and cfg["bias"]
+        np.testing.assert_array_equal(sd["weight"], np.ones(C, np.float32))
+        np.testing.assert_array_equal(sd["bias"], BETA)
+    else:
+        assert not cfg["affine"] and "weight" not in sd and "bias" not in sd
+        assert_same(convert_state(torch, "torch", "keras"), keras)
+
+
+def test_same_inference_and_same_running_mean_under_each_convention():
+    """Converted hyper-parameters make bnkit's reference layer behave the same in every convention."""
+    x_batches = [RNG.normal(2.0, 3.0, size=(16, C)) for _ in range(3)]
+    x_eval = RNG.normal(size=(5, C))
+    outs, means = {}, {}
+    for fw in FRAMEWORKS:
+        st = convert_state(SAMPLES["keras"], "keras", fw)
+        t = convert_state(st, fw, "torch")  # read every layout back through one reader
+        cfg = {"torch": st.get("config"), "onnx": st.get("attributes")}.get(fw, st.get("config"))
+        eps = cfg["eps" if fw == "torch" else "epsilon"]
+        bn = BatchNorm(C, eps=eps, momentum=cfg["momentum"], convention=fw)
+        bn.load_state_dict({k: v for k, v in t["state_dict"].items() if k != "num_batches_tracked"}, strict=False)
+        outs[fw] = bn.eval()(x_eval)
+        bn.train()
+        for xb in x_batches:
+            bn(xb)
+        means[fw] = bn.running_mean
+    for fw in FRAMEWORKS:
+        np.testing.assert_allclose(outs[fw], outs["keras"], rtol=1e-12)
+        np.testing.assert_allclose(means[fw], means["keras"], rtol=1e-12)
+
+
+def test_convert_state_is_exported_at_top_level():
+    assert bnkit.convert_state is convert_state and "convert_state" in bnkit.__all__
+
+
+def test_classic_slip_defaults_are_never_assumed():
+    for fw, part, key in (("torch", "config", "eps"), ("keras", "config", "epsilon"), ("flax", "config", "momentum"),
+                          ("onnx", "attributes", "epsilon")):
+        bad = {k: (dict(v) if isinstance(v, dict) else v) for k, v in SAMPLES[fw].items()}
+        del bad[part][key]
+        with pytest.raises(ValueError, match="never assumes a default"):
+            convert_state(bad, fw, "torch")
+    # torch's eps 1e-5 stays 1e-5 in Keras (whose own default is 1e-3), and is stated explicitly
+    st = {"state_dict": {"running_mean": MEAN, "running_var": VAR}, "config": {"eps": 1e-5, "momentum": 0.1}}
+    assert convert_state(st, "torch", "keras")["config"]["epsilon"] == 1e-5
+    assert convert_state(st, "torch", "onnx")["attributes"] == {"epsilon": 1e-5, "momentum": 0.9}
+
+
+@pytest.mark.parametrize("src,m,dst,expected", [
+    ("torch", 0.1, "keras", 0.9), ("keras", 0.99, "torch", 0.01), ("flax", 0.99, "onnx", 0.99),
+    ("onnx", 0.9, "torch", 0.1), ("torch", 0.003, "flax", 0.997),
+])
+def test_classic_slip_momentum_is_flipped(src, m, dst, expected):
+    st = convert_state(SAMPLES["torch"], "torch", src)
+    part = "attributes" if src == "onnx" else "config"
+    st[part]["momentum"] = m
+    out = convert_state(st, src, dst)
+    got = out["attributes" if dst == "onnx" else "config"]["momentum"]
+    assert got == expected  # exact, not approximately: 0.9 -> 0.1, never 0.09999999999999998
+    assert convert_state(out, dst, src)[part]["momentum"] == m
+
+
+@pytest.mark.parametrize("fw,names", [
+    ("keras", ["gamma", "beta", "moving_mean", "moving_variance"]),
+    ("onnx", ["scale", "B", "input_mean", "input_var"]),
+])
+def test_classic_slip_swapped_positional_list_is_rejected(fw, names):
+    sample = convert_state(SAMPLES["torch"], "torch", fw, positional=True)
+    wkey = "weights" if fw == "keras" else "initializers"
+    assert_same(sample[wkey], [GAMMA, BETA, MEAN, VAR])  # the documented order
+    assert MEAN.min() < 0
+    swapped = dict(sample, **{wkey: [GAMMA, BETA, VAR, MEAN]})
+    with pytest.raises(ValueError, match="swapped"):
+        convert_state(swapped, fw, "torch")
+    named = convert_state(sample, fw, fw)  # the list reads back as the named weights
+    assert list(named[wkey]) == names
+
+
+def test_keras_positional_list_needs_flags_when_ambiguous():
+    three = {"weights": [GAMMA, MEAN, VAR], "config": {"momentum": 0.99, "epsilon": 1e-3}}
+    with pytest.raises(ValueError, match="ambiguous"):
+        convert_state(three, "keras", "torch")
+    three["config"].update(center=False, scale=True)
+    out = convert_state(three, "keras", "torch")
+    assert (out["config"]["affine"], out["config"]["bias"]) == (True, False)
+    np.testing.assert_array_equal(out["state_dict"]["weight"], GAMMA)
+    three["config"]["center"] = True  # says 4 arrays, 3 given
+    with pytest.raises(ValueError, match="expected 4 arrays"):
+        convert_state(three, "keras", "torch")
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda s: s["state_dict"].update(running_var=np.array([1.0, np.nan, 1.0, 1.0])), "NaN"),
+    (lambda s: s["state_dict"].update(running_mean=np.zeros(3)), "disagree"),
+    (lambda s: s["state_dict"].update(gamma=GAMMA), "unexpected"),
+    (lambda s: s["state_dict"].update(weight=np.ones((2, 2))), "1-D"),
+    (lambda s: s["config"].update(affine=False), "affine"),
+    (lambda s: s["config"].update(momentum=1.5), r"\[0, 1\]"),
+    (lambda s: s["config"].update(eps=-1.0), "eps"),
+])
+def test_bad_input_is_rejected(mutate, match):
+    st = {"state_dict": dict(SAMPLES["torch"]["state_dict"]), "config": dict(SAMPLES["torch"]["config"])}
+    mutate(st)
+    with pytest.raises(ValueError, match=match):
+        convert_state(st, "torch", "keras")
+
+
+def test_layers_the_target_cannot_express_are_refused():
+    none_m = {"state_dict": {"running_mean": MEAN, "running_var": VAR}, "config": {"eps": 1e-5, "momentum": None}}
+    with pytest.raises(ValueError, match="cumulative"):
+        convert_state(none_m, "torch", "keras")
+    assert convert_state(none_m, "torch", "torch")["config"]["momentum"] is None
+    no_stats = {"state_dict": {}, "config": {"num_features": C, "eps": 1e-5, "momentum": 0.1, "affine": False}}
+    for dst in ("keras", "flax", "onnx"):
+        with pytest.raises(ValueError, match="track_running_stats=False"):
+            convert_state(no_stats, "torch", dst)
+    assert convert_state(no_stats, "torch", "torch")["config"]["track_running_stats"] is False
+    renorm = dict(SAMPLES["keras"], config=dict(SAMPLES["keras"]["config"], renorm=True))
+    with pytest.raises(ValueError, match="renorm"):
+        convert_state(renorm, "keras", "torch")
+    with pytest.raises(ValueError, match="no axis"):
+        convert_state(SAMPLES["keras"], "keras", "torch", axis=-1)
+    with pytest.raises(ValueError, match="unknown convention"):
+        convert_state(SAMPLES["keras"], "keras", "caffe")
+
+
+# ----------------------------------------------------------------- ONNX, run in onnxruntime
+def _run_onnx_node(initializers, attributes, x, training):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = ["scale", "B", "input_mean", "input_var"]
+    inits = [numpy_helper.from_array(np.asarray(initializers[n], np.float32), n) for n in names]
+    outputs = ["Y", "running_mean", "running_var"] if training else ["Y"]
+    node = helper.make_node("BatchNormalization", ["X", *names], outputs, training_mode=int(training), **attributes)
+    shape = [None, *x.shape[1:]]
+    c = x.shape[1]
+    outs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, shape)]
+    outs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [c]) for n in outputs[1:]]
+    graph = helper.make_graph([node], "bn", [helper.make_tensor_value_info("X", TensorProto.FLOAT, shape)], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"X": x.astype(np.float32)})
+
+
+def test_torch_layer_to_onnx_node_in_onnxruntime():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(C, eps=1e-3, momentum=0.3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+    for _ in range(3):
+        bn(torch.randn(8, C, 5, 5) * 2 + 1)
+    state = {"state_dict": bn.state_dict(), "config": {"eps": bn.eps, "momentum": bn.momentum}}
+    onnx_state = convert_state(state, "torch", "onnx")
+    assert onnx_state["attributes"] == {"epsilon": 1e-3, "momentum": 0.7}
+    x = torch.randn(6, C, 5, 5) * 2 + 1
+    (y,) = _run_onnx_node(onnx_state["initializers"], onnx_state["attributes"], x.numpy(), training=False)
+    np.testing.assert_allclose(y, bn.eval()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+    # One training step in onnxruntime moves the running mean exactly as torch does with the flipped momentum;
+    # the running variance differs by torch's unbiased n/(n-1) only.
+    xb = torch.randn(8, C, 5, 5) * 3 - 1
+    _, run_mean, run_var = _run_onnx_node(onnx_state["initializers"], onnx_state["attributes"], xb.numpy(), True)
+    var_before = bn.running_var.clone()
+    bn.train()(xb)
+    np.testing.assert_allclose(run_mean, bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    n = xb.numel() // C
+    torch_update = bn.running_var.numpy() - 0.7 * var_before.numpy()
+    np.testing.assert_allclose(run_var - 0.7 * var_before.numpy(), torch_update * (n - 1) / n, rtol=1e-4, atol=1e-6)
+
+
+def test_keras_state_without_center_scale_to_onnx_in_onnxruntime():
+    keras = {"weights": [MEAN, VAR], "config": {"axis": -1, "momentum": 0.99, "epsilon": 0.01,
+                                                "center": False, "scale": False}}
+    onnx_state = convert_state(keras, "keras", "onnx", positional=True)
+    scale, b, mean, var = onnx_state["initializers"]
+    np.testing.assert_array_equal(scale, np.ones(C))
+    np.testing.assert_array_equal(b, np.zeros(C))
+    x_last = RNG.normal(size=(3, 6, C)).astype(np.float32)  # channels-last, as Keras sees it
+    (y,) = _run_onnx_node(dict(zip(["scale", "B", "input_mean", "input_var"], onnx_state["initializers"])),
+                          onnx_state["attributes"], np.moveaxis(x_last, -1, 1), training=False)
+    expected = (x_last.astype(np.float64) - MEAN) / np.sqrt(VAR.astype(np.float64) + 0.01)  # Keras's formula
+    np.testing.assert_allclose(np.moveaxis(y, 1, -1), expected, rtol=1e-5, atol=1e-5)
