@@ -1,0 +1,65 @@
+"""``bnkit conventions``: the four ways frameworks write BatchNorm, side by side.
+
+One column per framework (torch, keras, flax, onnx, from :data:`bnkit.conventions.CONVENTIONS`):
+the update rule in that framework's own ``momentum``, which side ``momentum`` weighs, the
+default momentum and eps, the weight names, and which batch variance feeds the running
+variance. With ``--momentum M --from FW`` it adds the row "the same update, written in each
+framework" computed by :func:`bnkit.convert_momentum` (so ``--momentum 0.99 --from keras``
+shows ``0.01`` under torch).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..conventions import CONVENTIONS, convert_momentum, get_convention, new_value_weight
+from ..convert import FRAMEWORKS, LAYOUTS
+from .app import app, console, fail
+
+
+@app.command("conventions")
+def conventions(
+    momentum: Optional[float] = typer.Option(None, help="A momentum to translate into every framework."),
+    src: Optional[str] = typer.Option(None, "--from", help="The framework whose convention --momentum is written in."),
+) -> None:
+    """Print the BatchNorm conventions of torch, Keras, Flax and ONNX side by side."""
+    if (momentum is None) != (src is None):
+        raise fail("--momentum and --from go together: e.g. --momentum 0.99 --from keras")
+    try:
+        src_name = get_convention(src).name if src is not None else None
+        converted = {fw: convert_momentum(momentum, src_name, fw) for fw in FRAMEWORKS} if src_name else None
+        new_weight = new_value_weight(momentum, src_name) if src_name else None
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+    table = Table(title="BatchNorm conventions (r: running value, x: batch statistic)")
+    table.add_column("", style="bold", no_wrap=True)
+    for fw in FRAMEWORKS:
+        table.add_column(fw, overflow="fold")
+    convs = [CONVENTIONS[fw] for fw in FRAMEWORKS]
+    layouts = [LAYOUTS[fw] for fw in FRAMEWORKS]
+    table.add_row("update (m = momentum)", *(_short_rule(c.momentum_weighs) for c in convs))
+    table.add_row("momentum weighs", *(f"the {c.momentum_weighs} value" for c in convs))
+    table.add_row("default momentum", *(f"{c.default_momentum:g}" for c in convs))
+    table.add_row("default eps", *(f"{c.default_eps:g}" for c in convs))
+    table.add_row("gamma, beta,\nmean, var", *("\n".join(lay["names"]) for lay in layouts))
+    table.add_row("eps, momentum\nnamed", *(f"{lay['eps']},\n{lay['momentum']}" for lay in layouts))
+    table.add_row("running var fed",
+                  *("unbiased\nM2/(n-1)" if c.unbiased_running_var else "biased\nM2/n" for c in convs))
+    if converted is not None:
+        table.add_row(f"{src_name} momentum\n{momentum:g} is", *(f"{converted[fw]:g}" for fw in FRAMEWORKS),
+                      style="green")
+    console.print(table)
+    if converted is not None:
+        console.print(f"The same update in every framework: weight {new_weight:g} on the new batch statistic, "
+                      f"{convert_momentum(new_weight, 'torch', 'keras'):g} on the old running value.")
+    console.print("eps is never converted, only carried: state it explicitly in the target (bnkit.convert_state "
+                  "does), or the target's default silently replaces it. A plain torch layer trained on after a "
+                  "conversion feeds its running variance n/(n-1) times the biased value the others use.")
+
+
+def _short_rule(weighs: str) -> str:
+    """The update in a framework's own momentum ``m``, short enough for a table cell."""
+    return "r = (1-m) r + m x" if weighs == "new" else "r = m r + (1-m) x"
