@@ -1,0 +1,525 @@
+"""Exact population statistics for every BatchNorm layer, in one pass, atomically.
+
+:func:`recalibrate` runs ``data`` through the model once with only the BatchNorm
+layers normalizing by batch statistics (as in training) and sets each layer's
+``running_mean`` / ``running_var`` to the exact mean and variance of *all* the
+values its input took over the pass (per channel: every sample and every
+spatial position). Each batch is reduced on its own device in float64, two-pass
+(``mean``, then ``M2 = sum((x - mean)**2)``), and the batches, then the ranks,
+are combined with Chan's parallel formula (:class:`bnkit.stats.RunningMoments`)::
+
+    n = n_a + n_b,  d = mean_b - mean_a
+    mean = mean_a + d * n_b / n,   M2 = M2_a + M2_b + d**2 * n_a * n_b / n
+
+so the result is weighted by sample count and does not depend on how the data
+was split into batches or across processes.
+
+Why the peers are not exact (sources read from the real code):
+
+* ``torch.optim.swa_utils.update_bn`` (pytorch/pytorch, torch/optim/swa_utils.py)
+  resets the buffers and sets ``momentum=None``, i.e. PyTorch's cumulative
+  average ``running += (batch_stat - running) / num_batches_tracked``
+  (torch/nn/modules/batchnorm.py, ``_BatchNorm.forward``). That is an average
+  *per batch*, not per sample: a last batch of 3 weighs as much as a batch of
+  256. Its variance is the mean of the within-batch unbiased variances, which
+  misses the spread of the batch means, so it is biased low whenever batches are
+  not i.i.d. (data ordered by class, domain or video). It calls ``model.train()``,
+  switching on Dropout (and any other train-only behaviour) for the pass, and
+  afterwards ``model.train(was_training)`` sets *every* submodule to the top
+  module's flag, losing a mix of train/eval submodules. It is not atomic: an
+  exception mid-pass leaves reset or half-accumulated statistics.
+* fvcore's ``update_bn_stats`` (facebookresearch/fvcore, fvcore/nn/precise_bn.py)
+  reads each batch's statistics back from the buffers after forcing
+  ``momentum=1.0``. Older releases average the per-batch means and variances
+  with equal weight (the "true average of per-batch mean/variance" of its
+  docstring; ``_MeanOfBatchVarianceEstimator``), with update_bn's flaws. The
+  current release (``_PopulationVarianceEstimator``) weights by batch size but
+  forms ``var = E[x**2] - E[x]**2`` in the buffers' float32, which cancels
+  catastrophically when ``|mean| >> std``, and stores that *biased* variance in
+  ``running_var``. It only touches BN layers the caller already put in training
+  mode, asserts on a BN layer used twice per forward, requires exactly
+  ``num_iters`` batches, leaves ``num_batches_tracked`` counting its passes, and
+  restores nothing if it fails. Neither peer merges statistics across processes.
+
+Conventions written into the buffers:
+
+* ``running_var = M2 / (n - 1)``, the *unbiased* variance, because that is what
+  PyTorch defines the buffer to hold: in training ``_BatchNorm`` normalizes with
+  the biased batch variance but feeds the running average with the unbiased
+  one (torch/nn/modules/batchnorm.py docs, aten/src/ATen/native/Normalization.cpp),
+  and in eval it divides by ``sqrt(running_var + eps)`` as stored. Writing the
+  biased ``M2 / n`` would make recalibrated buffers disagree with what training
+  produces and with what folding/ONNX export read; the two differ by ``n/(n-1)``.
+* ``num_batches_tracked`` is set to the number of forward calls the layer
+  received in the pass (over all ranks, skipped batches excluded). It only
+  matters for ``momentum=None`` (cumulative average, weight ``1/num_batches_tracked``
+  on the next batch): continued cumulative averaging then treats the
+  recalibrated statistics as the average of that many batches.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..stats import RunningMoments
+from .modules import bn_layers
+
+__all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
+
+#: Batches whose statistics wait on the device before being moved to the host
+#: and folded in (one device-to-host transfer per this many batches).
+_FOLD_EVERY = 8
+
+
+@dataclass
+class LayerRecalibration:
+    """What recalibration did to one BatchNorm layer.
+
+    ``count`` is the number of values per channel (samples times spatial
+    positions); ``samples`` the number of samples (sum of the batch dimension);
+    ``calls`` the forward calls folded in (the new ``num_batches_tracked``).
+    A layer with ``count == 0`` was never reached and is left unchanged.
+    """
+
+    name: str
+    calls: int
+    samples: int
+    count: int
+    old_mean: np.ndarray
+    old_var: np.ndarray
+    new_mean: np.ndarray
+    new_var: np.ndarray
+    eps: float
+
+    @property
+    def updated(self) -> bool:
+        return self.count > 0
+
+    @property
+    def mean_shift(self) -> float:
+        """Largest ``|new_mean - old_mean| / sqrt(old_var + eps)``: the shift in old standard deviations."""
+        return float(np.max(np.abs(self.new_mean - self.old_mean) / np.sqrt(self.old_var + self.eps)))
+
+    @property
+    def var_ratio(self) -> tuple[float, float]:
+        """Smallest and largest ``(new_var + eps) / (old_var + eps)`` over channels."""
+        ratio = (self.new_var + self.eps) / (self.old_var + self.eps)
+        return float(ratio.min()), float(ratio.max())
+
+
+@dataclass
+class RecalibrationReport:
+    """Result of :func:`recalibrate`: per-layer shifts and how much data was used.
+
+    ``batches`` and ``skipped_batches`` are summed over all ranks;
+    ``world_size`` is 1 without ``torch.distributed``.
+    """
+
+    layers: list[LayerRecalibration] = field(default_factory=list)
+    batches: int = 0
+    skipped_batches: int = 0
+    world_size: int = 1
+
+    @property
+    def unused_layers(self) -> list[str]:
+        """BatchNorm layers the data never reached (their statistics are unchanged)."""
+        return [layer.name for layer in self.layers if not layer.updated]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One plain dict per layer, for tables and JSON."""
+        out = []
+        for layer in self.layers:
+            lo, hi = layer.var_ratio
+            out.append({
+                "layer": layer.name, "samples": layer.samples, "values_per_channel": layer.count,
+                "max_mean_shift_std": layer.mean_shift, "var_ratio_min": lo, "var_ratio_max": hi,
+            })
+        return out
+
+    def __str__(self) -> str:
+        lines = [
+            f"recalibrated {sum(l.updated for l in self.layers)}/{len(self.layers)} BatchNorm layers from "
+            f"{self.batches} batches ({self.skipped_batches} skipped) on {self.world_size} process(es)",
+            f"{'layer':<32} {'samples':>9} {'|dmean|/std':>12} {'var new/old':>19}",
+        ]
+        for r in self.rows():
+            ratio = f"{r['var_ratio_min']:.3g}..{r['var_ratio_max']:.3g}"
+            lines.append(f"{r['layer']:<32} {r['samples']:>9} {r['max_mean_shift_std']:>12.4g} {ratio:>19}")
+        return "\n".join(lines)
+
+
+class _NonFinite(Exception):
+    """A batch produced NaN/Inf at a BatchNorm input (internal; becomes ValueError)."""
+
+    def __init__(self, batch: int, layer: int) -> None:
+        super().__init__(batch, layer)
+        self.batch, self.layer = batch, layer
+
+
+def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel float64 ``(mean, M2)`` of a ``(N, C, *)`` tensor, two-pass, on its device."""
+    dims = [0, *range(2, x.dim())]
+    xd = x.detach().to(torch.float64)
+    mean = xd.mean(dim=dims, keepdim=True)
+    dev = xd - mean
+    m2 = dev.mul_(dev).sum(dim=dims)
+    return mean.flatten(), m2
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [_to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return model(batch[0])
+    raise TypeError(
+        f"don't know how to feed a batch of type {type(batch).__name__} to the model: batches must be tensors or "
+        "(inputs, ...) tuples, or pass forward=, e.g. forward=lambda model, batch: model(**batch)"
+    )
+
+
+def _distributed_world() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _all_gather(payload: np.ndarray) -> list[np.ndarray]:
+    """Every rank's float64 payload, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    world = dist.get_world_size()
+    local = torch.from_numpy(payload).to(device)
+    size = torch.tensor([float(local.numel())], dtype=torch.float64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    if len({float(s) for s in sizes}) != 1:
+        raise ValueError(
+            "ranks hold models with different BatchNorm layers (statistics of different sizes); "
+            "every rank must recalibrate the same architecture"
+        )
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    return [g.cpu().numpy() for g in gathered]
+
+
+class _Pass:
+    """Hooks that reduce each BN input, and the per-layer float64 accumulators."""
+
+    def __init__(self, layers: list[tuple[str, _BatchNorm]], skip_nonfinite: bool) -> None:
+        self.layers = layers
+        self.skip_nonfinite = skip_nonfinite
+        self.moments = [RunningMoments(m.num_features) for _, m in layers]
+        self.calls = [0] * len(layers)
+        self.samples = [0] * len(layers)
+        self.batches = 0
+        self.skipped = 0
+        self.current: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = []
+        self.pending: list[list[tuple[int, int, int, torch.Tensor, torch.Tensor]]] = []
+        self.batch_index = 0
+
+    def hook(self, index: int) -> Callable:
+        name = self.layers[index][0]
+
+        def pre_hook(module: _BatchNorm, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != module.num_features:
+                return  # the layer's own forward raises its usual, specific error
+            count = x.numel() // x.shape[1]
+            if count < 2:
+                raise ValueError(
+                    f"BatchNorm layer {name!r} got input of shape {tuple(x.shape)} in batch {self.batch_index}: "
+                    "one value per channel cannot be normalized in training mode; use batches of at least 2 "
+                    "(e.g. DataLoader(..., drop_last=True))"
+                )
+            mean, m2 = _batch_moments(x)
+            self.current.append((index, count, x.shape[0], mean, m2))
+
+        return pre_hook
+
+    def end_batch(self) -> None:
+        self.pending.append(self.current)
+        self.current = []
+        self.batch_index += 1
+        if len(self.pending) >= _FOLD_EVERY:
+            self.fold()
+
+    def fold(self) -> None:
+        """Move pending batch statistics to the host and merge them in batch order."""
+        pending, self.pending = self.pending, []
+        records = [r for batch in pending for r in batch]
+        if records:
+            means = torch.cat([r[3] for r in records]).cpu().numpy()
+            m2s = torch.cat([r[4] for r in records]).cpu().numpy()
+        start = 0
+        first = self.batch_index - len(pending)
+        for offset, batch in enumerate(pending):
+            parts = []
+            for index, count, samples, mean, _ in batch:
+                stop = start + mean.numel()
+                parts.append((index, count, samples, means[start:stop], m2s[start:stop]))
+                start = stop
+            bad = next((p[0] for p in parts if not (np.isfinite(p[3]).all() and np.isfinite(p[4]).all())), None)
+            if bad is not None:
+                if not self.skip_nonfinite:
+                    raise _NonFinite(first + offset, bad)
+                self.skipped += 1
+                continue
+            self.batches += 1
+            for index, count, samples, mean, m2 in parts:
+                self.moments[index].update_moments(count, mean, m2)
+                self.calls[index] += 1
+                self.samples[index] += samples
+
+    def payload(self, error: _NonFinite | None) -> np.ndarray:
+        head = [self.batches, self.skipped, -1.0, -1.0] if error is None else [
+            self.batches, self.skipped, error.batch, error.layer]
+        parts = [np.asarray(head, dtype=np.float64)]
+        for rm, calls, samples in zip(self.moments, self.calls, self.samples):
+            parts += [np.asarray([calls, samples, rm.count], dtype=np.float64), rm.mean, rm.m2]
+        return np.concatenate(parts)
+
+    def merge_ranks(self, payloads: list[np.ndarray]) -> None:
+        """Replace the local accumulators by the Chan merge of every rank's, in rank order."""
+        errors = [(rank, int(p[2]), int(p[3])) for rank, p in enumerate(payloads) if p[2] >= 0]
+        if errors:
+            rank, batch, layer = errors[0]
+            raise ValueError(_nonfinite_message(self.layers[layer][0], batch, rank))
+        merged = [RunningMoments(m.num_features) for _, m in self.layers]
+        self.calls = [0] * len(self.layers)
+        self.samples = [0] * len(self.layers)
+        self.batches = int(sum(p[0] for p in payloads))
+        self.skipped = int(sum(p[1] for p in payloads))
+        for p in payloads:
+            pos = 4
+            for i, (_, module) in enumerate(self.layers):
+                c = module.num_features
+                calls, samples, count = (int(v) for v in p[pos:pos + 3])
+                merged[i].update_moments(count, p[pos + 3:pos + 3 + c], p[pos + 3 + c:pos + 3 + 2 * c])
+                self.calls[i] += calls
+                self.samples[i] += samples
+                pos += 3 + 2 * c
+        self.moments = merged
+
+
+def _nonfinite_message(layer: str, batch: int, rank: int | None = None) -> str:
+    where = f"batch {batch}" + ("" if rank is None else f" on rank {rank}")
+    return (
+        f"non-finite (NaN/Inf) input to BatchNorm layer {layer!r} in {where}; no statistics were changed. "
+        "Fix the data or the model, or pass on_nonfinite='skip' to leave such batches out"
+    )
+
+
+def recalibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    device: str | torch.device | None = None,
+    on_nonfinite: str = "raise",
+    progress: bool = True,
+) -> RecalibrationReport:
+    """Set every BatchNorm layer's running statistics to the exact statistics of its inputs over ``data``.
+
+    One pass, all layers at once, under ``torch.no_grad()``. During the pass only
+    the BatchNorm layers normalize with batch statistics (``training=True``);
+    Dropout and every other module keep the mode they were in, so call
+    ``model.eval()`` first for eval-time activations (a warning is issued if
+    Dropout is left in training mode). Afterwards every ``training`` flag and
+    ``requires_grad`` is as before, and no buffer other than the recalibrated
+    layers' ``running_mean``, ``running_var`` and ``num_batches_tracked``
+    changes (momentum is never touched). A BN layer used several times per
+    forward gets the statistics of all its inputs, as its running average would.
+
+    Per layer, with ``n`` the number of values per channel seen (samples times
+    spatial positions): ``running_mean = mean``, ``running_var = M2 / (n - 1)``
+    (unbiased, PyTorch's definition of the buffer; see the module docstring),
+    ``num_batches_tracked`` = forward calls received. Layers the data never
+    reached keep their statistics (``report.unused_layers``).
+
+    With ``torch.distributed`` initialized, each rank passes its own shard (of
+    any size and any number of batches) and the ranks' ``(count, mean, M2)`` are
+    all-gathered and Chan-merged in rank order, so every rank ends with
+    identical buffers equal to a single pass over the union. ``SyncBatchNorm``
+    layers normalize with local batch statistics during the pass (no collective
+    per forward, so unequal batch counts cannot deadlock). A non-finite batch on
+    any rank raises on every rank; any other exception on one rank leaves the
+    others waiting in the collective until the process group's timeout.
+
+    Args:
+        model: the model; its BN layers must track running statistics
+            (layers with ``track_running_stats=False`` are left alone).
+        data: an iterable of batches (e.g. a DataLoader), not a tensor.
+        num_batches: stop after this many batches (per rank); default all.
+        forward: ``forward(model, batch)`` runs one batch. Default: ``model(batch)``
+            for a tensor, ``model(batch[0])`` for an ``(inputs, targets, ...)`` tuple.
+        device: move tensors in each batch (also inside tuples/lists/dicts) here first.
+        on_nonfinite: ``"raise"`` (default): a batch giving NaN/Inf at any BN
+            input raises ``ValueError`` naming the first such layer, changing
+            nothing. ``"skip"``: leave such batches out and count them.
+        progress: show a rich progress bar (rank 0 only).
+
+    Returns:
+        A :class:`RecalibrationReport` with per-layer old and new statistics.
+
+    Raises:
+        ValueError: no BN layer with running statistics, no (finite) batch,
+            a non-finite batch with ``on_nonfinite="raise"``, a BN input with
+            one value per channel. On any exception, KeyboardInterrupt included,
+            the model's buffers and flags are exactly as before.
+    """
+    if isinstance(data, torch.Tensor):
+        raise TypeError("data must be an iterable of batches (e.g. a DataLoader), not a tensor; wrap it: [x]")
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    if num_batches is not None and (int(num_batches) != num_batches or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
+    layers = [(n, m) for n, m in bn_layers(model) if m.track_running_stats and m.running_mean is not None]
+    if not layers:
+        raise ValueError("the model has no BatchNorm layer with running statistics: nothing to recalibrate")
+    for name, module in layers:
+        if nn.parameter.is_lazy(module.running_mean):
+            raise ValueError(f"BatchNorm layer {name!r} is lazy and not initialized yet: run one forward pass first")
+    dropout = [n for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+    if dropout:
+        warnings.warn(
+            f"Dropout layers {dropout[:3]}{'...' if len(dropout) > 3 else ''} are in training mode, so the statistics "
+            "include dropout noise; call model.eval() first for the activations seen at inference",
+            stacklevel=2,
+        )
+    forward = forward or _default_forward
+    device = torch.device(device) if device is not None else None
+    world = _distributed_world()
+
+    flags = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    buffers = {id(b): (b, b.detach().clone()) for b in model.buffers()}.values()
+    old = [(m.running_mean.detach().double().cpu().numpy(), m.running_var.detach().double().cpu().numpy())
+           for _, m in layers]
+    acc = _Pass(layers, skip_nonfinite=on_nonfinite == "skip")
+    handles = [m.register_forward_pre_hook(acc.hook(i)) for i, (_, m) in enumerate(layers)]
+    local_forward = [m for _, m in layers if isinstance(m, nn.SyncBatchNorm)]
+    for m in local_forward:
+        m.forward = _BatchNorm.forward.__get__(m)  # per-rank normalization, no collective per batch
+    for _, m in layers:
+        m.training = True
+
+    def restore_buffers() -> None:
+        with torch.no_grad():
+            for tensor, saved in buffers:
+                tensor.copy_(saved)
+
+    try:
+        batches = data if num_batches is None else itertools.islice(data, int(num_batches))
+        error = None
+        with torch.no_grad(), _progress_bar(progress and _rank() == 0, _total(data, num_batches)) as advance:
+            try:
+                for batch in batches:
+                    if device is not None:
+                        batch = _to_device(batch, device)
+                    forward(model, batch)
+                    acc.end_batch()
+                    advance()
+                acc.fold()
+            except _NonFinite as exc:
+                if world == 1:
+                    raise ValueError(_nonfinite_message(layers[exc.layer][0], exc.batch)) from None
+                error = exc  # all ranks must reach the collective before raising
+        if world > 1:
+            acc.merge_ranks(_all_gather(acc.payload(error)))
+        if acc.batches == 0:
+            raise ValueError(
+                "data yielded no batches" if acc.skipped == 0
+                else f"all {acc.skipped} batches had non-finite BatchNorm inputs; nothing to recalibrate from"
+            )
+        restore_buffers()
+        report = RecalibrationReport(batches=acc.batches, skipped_batches=acc.skipped, world_size=world)
+        with torch.no_grad():
+            for (name, m), rm, calls, samples, (old_mean, old_var) in zip(
+                layers, acc.moments, acc.calls, acc.samples, old
+            ):
+                new_mean, new_var = old_mean, old_var
+                if rm.count > 0:
+                    new_mean, new_var = rm.mean, rm.var_unbiased
+                    m.running_mean.copy_(torch.from_numpy(new_mean))
+                    m.running_var.copy_(torch.from_numpy(new_var))
+                    if m.num_batches_tracked is not None:
+                        m.num_batches_tracked.fill_(calls)
+                report.layers.append(LayerRecalibration(
+                    name, calls, samples, rm.count, old_mean, old_var, new_mean, new_var, float(m.eps)))
+        return report
+    except BaseException:
+        restore_buffers()
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+        for m in local_forward:
+            del m.forward
+        for m, was in flags:
+            m.training = was
+        for p, req in grads:
+            p.requires_grad_(req)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _total(data: Any, num_batches: int | None) -> int | None:
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return num_batches
+    return n if num_batches is None else min(n, int(num_batches))
+
+
+class _progress_bar:
+    """A transient rich progress bar; ``advance()`` moves it one batch (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int | None) -> None:
+        self.enabled, self.total = enabled, total
+        self.bar = None
+
+    def __enter__(self) -> Callable[[], None]:
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("recalibrating BatchNorm"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), transient=True)
+        self.bar.start()
+        task = self.bar.add_task("recalibrate", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()

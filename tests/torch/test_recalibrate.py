@@ -1,0 +1,349 @@
+"""bnkit.torch.recalibrate against independent oracles.
+
+The oracle for "exact population statistics" is a reference copy of the model
+run with PyTorch's own training-mode BatchNorm (only the BN layers in training
+mode), its BN inputs captured by hooks and reduced in float64 NumPy over the
+concatenation of every batch (``np.mean`` / ``np.var(ddof=1)``), independent of
+the Chan merge under test. PyTorch's own buffer update (momentum 1.0) pins the
+biased/unbiased convention.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnkit.torch import recalibrate, RecalibrationReport, bn_layers  # noqa: I001  (recalibrate first: see report)
+
+
+class Mixed(nn.Module):
+    """Conv3d/BN3d, Conv2d/BN2d, BN1d on (N, C, L), Linear/Dropout/BN1d on (N, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv3d(1, 3, 3, padding=1)
+        self.bn3 = nn.BatchNorm3d(3)
+        self.conv2 = nn.Conv2d(3, 4, 3)
+        self.bn2 = nn.BatchNorm2d(4, momentum=None)
+        self.bn1_seq = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4 * 16, 12)
+        self.drop = nn.Dropout(0.5)  # before a BN: if it were switched on, that BN's statistics would change
+        self.bn1 = nn.BatchNorm1d(12, momentum=0.3)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, 1, 4, 6, 6)
+        h = torch.relu(self.bn3(self.conv3(x))).mean(dim=2)  # (N, 3, 6, 6)
+        h = torch.relu(self.bn2(self.conv2(h)))  # (N, 4, 4, 4)
+        h = self.bn1_seq(h.flatten(2))  # (N, 4, 16)
+        return self.head(torch.relu(self.bn1(self.drop(self.fc(h.flatten(1))))))
+
+
+def make_batches(sizes=(5, 16, 2, 9), seed: int = 0, offset: float = 40.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # a large common offset: a sum-of-squares variance would lose its digits here
+    return [offset + 3.0 * torch.randn(n, 1, 4, 6, 6, generator=g) for n in sizes]
+
+
+def trained_like(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Stale running statistics and non-trivial affine parameters, then eval()."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, bn in bn_layers(model):
+            if bn.track_running_stats:
+                bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+                bn.running_var.copy_(0.5 + torch.rand(bn.num_features, generator=g))
+                bn.num_batches_tracked.fill_(123)
+            bn.weight.copy_(1 + 0.3 * torch.randn(bn.num_features, generator=g))
+            bn.bias.copy_(0.3 * torch.randn(bn.num_features, generator=g))
+    return model.eval()
+
+
+def mixed_model() -> Mixed:
+    torch.manual_seed(0)
+    return trained_like(Mixed())
+
+
+def reference_stats(model: nn.Module, batches, feed=lambda m, b: m(b)) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Per BN layer: float64 mean and unbiased variance of all its inputs, and the number of calls."""
+    ref = copy.deepcopy(model)
+    seen: dict[str, list[np.ndarray]] = {}
+    for name, bn in bn_layers(ref):
+        bn.train()
+        bn.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(
+            np.moveaxis(args[0].detach().double().numpy(), 1, 0).reshape(m.num_features, -1)))
+    with torch.no_grad():
+        for b in batches:
+            feed(ref, b)
+    out = {}
+    for name, parts in seen.items():
+        allx = np.concatenate(parts, axis=1)
+        out[name] = (allx.mean(axis=1), allx.var(axis=1, ddof=1), len(parts))
+    return out
+
+
+def buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def assert_matches_reference(model: nn.Module, ref, rtol: float = 1e-6) -> None:
+    for name, bn in bn_layers(model):
+        mean, var, calls = ref[name]
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=rtol, err_msg=name)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=rtol, err_msg=name)
+        assert int(bn.num_batches_tracked) == calls
+
+
+def test_exact_population_statistics_with_unequal_batches_and_dropout():
+    model = mixed_model()
+    batches = make_batches()
+    ref = reference_stats(model, batches)
+    model.fc.train()  # a mix of modes that must survive the call
+    flags = {n: m.training for n, m in model.named_modules()}
+    momenta = {n: bn.momentum for n, bn in bn_layers(model)}
+    model.head.weight.requires_grad_(False)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    report = recalibrate(model, batches, progress=False)
+
+    assert_matches_reference(model, ref)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert {n: bn.momentum for n, bn in bn_layers(model)} == momenta
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert all(not bn._forward_pre_hooks for _, bn in bn_layers(model))
+    assert isinstance(report, RecalibrationReport)
+    assert report.batches == 4 and report.skipped_batches == 0 and report.world_size == 1
+    rows = {r.name: r for r in report.layers}
+    assert set(rows) == {n for n, _ in bn_layers(model)}
+    assert rows["bn3"].samples == 32 and rows["bn3"].count == 32 * 4 * 6 * 6
+    assert rows["bn1"].count == 32 and rows["bn1_seq"].count == 32 * 16
+    # the report's old/new values are the buffers before and after
+    np.testing.assert_allclose(rows["bn2"].new_var, model.bn2.running_var.double().numpy(), rtol=1e-6)
+    before = mixed_model()
+    np.testing.assert_array_equal(rows["bn2"].old_mean, before.bn2.running_mean.double().numpy())
+    shift = np.abs(rows["bn2"].new_mean - rows["bn2"].old_mean) / np.sqrt(rows["bn2"].old_var + model.bn2.eps)
+    assert rows["bn2"].mean_shift == pytest.approx(shift.max())
+    assert "bn3" in str(report) and report.rows()[0]["layer"] == "bn3"
+
+
+def test_independent_of_batching():
+    """Same samples, different batch splits: same buffers (to float32 rounding)."""
+    data = torch.cat(make_batches())
+    a, b = mixed_model(), mixed_model()
+    # BN in training mode normalizes per batch, so downstream layers see different inputs for
+    # different splits; only the first BN layer's input is split-independent.
+    recalibrate(a, [data], progress=False)
+    recalibrate(b, list(data.split(3)), progress=False)
+    torch.testing.assert_close(a.bn3.running_mean, b.bn3.running_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(a.bn3.running_var, b.bn3.running_var, rtol=1e-6, atol=0)
+
+
+def test_running_var_is_pytorchs_unbiased_convention():
+    """One batch: PyTorch's own training step with momentum=1 writes exactly the same buffers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))
+    x = 2 + torch.randn(6, 2, 5, 5)
+    torch_bn = copy.deepcopy(model)
+    torch_bn[1].momentum = 1.0
+    torch_bn.train()
+    with torch.no_grad():
+        torch_bn(x)
+    recalibrate(model.eval(), [x], progress=False)
+    torch.testing.assert_close(model[1].running_mean, torch_bn[1].running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, torch_bn[1].running_var, rtol=1e-5, atol=1e-6)
+    assert not model.training
+
+
+def test_tuples_by_default_num_batches_and_no_grad():
+    model = mixed_model()
+    batches = make_batches()
+    ref = reference_stats(model, batches[:3])
+    grad_enabled = []
+    model.register_forward_pre_hook(lambda m, a: grad_enabled.append(torch.is_grad_enabled()))
+    report = recalibrate(model, [(x, torch.zeros(len(x))) for x in batches], num_batches=3, progress=False)
+    assert report.batches == 3 and grad_enabled == [False] * 3
+    assert_matches_reference(model, ref)
+
+
+def test_dict_input_model_with_forward():
+    class DictNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, image: torch.Tensor, meta: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+            return self.bn(scale * self.a(image) + self.b(meta))
+
+    torch.manual_seed(0)
+    model = DictNet().eval()
+    g = torch.Generator().manual_seed(3)
+    batches = [{"image": torch.randn(n, 3, generator=g), "meta": torch.randn(n, 2, generator=g)} for n in (4, 7)]
+    feed = lambda m, b: m(**b, scale=2.0)  # noqa: E731
+    ref = reference_stats(model, batches, feed)
+    with pytest.raises(TypeError, match="forward="):
+        recalibrate(model, batches, progress=False)
+    recalibrate(model, batches, forward=feed, progress=False)
+    assert_matches_reference(model, ref)
+
+
+def test_shared_layer_unused_layer_and_skip_of_untracked():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.shared = nn.BatchNorm1d(3)  # called twice per forward
+            self.unused = nn.BatchNorm1d(3)
+            self.untracked = nn.BatchNorm1d(3, track_running_stats=False)
+
+        def forward(self, x):
+            return self.untracked(self.shared(self.fc(self.shared(x))))
+
+    torch.manual_seed(0)
+    model = trained_like(Net())
+    batches = [torch.randn(n, 3) * 2 + 1 for n in (4, 6)]
+    ref = reference_stats(model, batches)
+    unused_before = model.unused.running_mean.clone()
+    report = recalibrate(model, batches, progress=False)
+    np.testing.assert_allclose(model.shared.running_mean.double().numpy(), ref["shared"][0], rtol=1e-6)
+    np.testing.assert_allclose(model.shared.running_var.double().numpy(), ref["shared"][1], rtol=1e-6)
+    assert int(model.shared.num_batches_tracked) == 4
+    assert torch.equal(model.unused.running_mean, unused_before)
+    assert report.unused_layers == ["unused"]
+    assert [r.name for r in report.layers] == ["shared", "unused"]
+
+
+def test_interruption_leaves_model_untouched():
+    model = mixed_model()
+    model.fc.train()
+    before = buffers(model)
+    flags = {n: m.training for n, m in model.named_modules()}
+    batches = make_batches()
+
+    def interrupted():
+        yield from batches[:3]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recalibrate(model, interrupted(), progress=False)
+    assert_same_state(model, before)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert all(not bn._forward_pre_hooks for _, bn in bn_layers(model))
+
+    class Boom(RuntimeError):
+        pass
+
+    def failing(m, b):
+        if b.shape[0] == 2:
+            raise Boom
+        m(b)
+
+    with pytest.raises(Boom):
+        recalibrate(model, batches, forward=failing, progress=False)
+    assert_same_state(model, before)
+
+
+def test_nonfinite_batch_raises_naming_the_layer_or_is_skipped():
+    model = mixed_model()
+    before = buffers(model)
+    batches = make_batches()
+    bad = batches[1].clone()
+    bad[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'bn3'.*batch 1"):
+        recalibrate(model, [batches[0], bad, *batches[2:]], progress=False)
+    assert_same_state(model, before)
+
+    # Inf appearing only after the first BN layer: the error names the first layer that saw it
+    model.fc.weight.data[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="'bn1'"):
+        recalibrate(model, batches, progress=False)
+    model.fc.weight.data[0, 0] = before["fc.weight"][0, 0]
+
+    good = [batches[0], *batches[2:]]
+    ref = reference_stats(model, good)
+    report = recalibrate(model, [batches[0], bad, *batches[2:]], on_nonfinite="skip", progress=False)
+    assert report.skipped_batches == 1 and report.batches == 3
+    assert_matches_reference(model, ref)
+
+
+def test_bad_input_is_refused_and_changes_nothing():
+    model = mixed_model()
+    before = buffers(model)
+    batches = make_batches()
+    with pytest.raises(ValueError, match="at least 2"):
+        recalibrate(model, [batches[0], batches[0][:1]], progress=False)  # bn1 would see one value per channel
+    assert_same_state(model, before)
+    with pytest.raises(TypeError, match="not a tensor"):
+        recalibrate(model, batches[0], progress=False)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        recalibrate(model, batches, on_nonfinite="ignore", progress=False)
+    with pytest.raises(ValueError, match="num_batches"):
+        recalibrate(model, batches, num_batches=0, progress=False)
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate(model, [], progress=False)
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        recalibrate(nn.Linear(2, 2), [torch.randn(3, 2)], progress=False)
+    with pytest.raises(RuntimeError):  # wrong shape: PyTorch's own error, nothing changed
+        recalibrate(model, [torch.randn(4, 2, 4, 6, 6)], progress=False)
+    assert_same_state(model, before)
+    with pytest.warns(UserWarning, match="Dropout"):
+        recalibrate(model.train(), batches, progress=False)
+    assert model.training and model.drop.training
+
+
+def test_swa_average_recovers_accuracy_on_digits():
+    """Average the weights of two trained MLPs; with stale BN statistics the average fails, recalibrated it works."""
+    from sklearn.datasets import load_digits
+
+    from bnkit.torch.zoo import MLP
+
+    digits = load_digits()
+    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    train, test = perm[:1400], perm[1400:]
+
+    def fit(model: nn.Module, seed: int, epochs: int) -> nn.Module:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        gen = torch.Generator().manual_seed(seed)
+        model.train()
+        for _ in range(epochs):
+            for idx in train[torch.randperm(len(train), generator=gen)].split(50):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+        return model.eval()
+
+    def accuracy(model: nn.Module) -> float:
+        with torch.no_grad():
+            return (model.eval()(x[test]).argmax(1) == y[test]).float().mean().item()
+
+    torch.manual_seed(0)
+    base = fit(MLP(hidden=(64, 32)), seed=0, epochs=2)
+    a, b = fit(copy.deepcopy(base), seed=1, epochs=4), fit(copy.deepcopy(base), seed=2, epochs=4)
+    avg = copy.deepcopy(base)  # AveragedModel(use_buffers=False) keeps the buffers of the module it copied
+    with torch.no_grad():
+        for pa, pb, p in zip(a.parameters(), b.parameters(), avg.parameters()):
+            p.copy_((pa + pb) / 2)
+    stale = accuracy(avg)
+    for _, bn in bn_layers(avg):
+        bn.reset_running_stats()  # the statistics of a freshly built module
+    fresh = accuracy(avg)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[train], y[train]), batch_size=64)
+    report = recalibrate(avg, loader, progress=False)
+    recovered = accuracy(avg)
+    assert report.layers[0].samples == len(train) and report.batches == len(loader)
+    assert fresh < 0.75 and recovered > 0.95
+    assert recovered >= stale and recovered >= min(accuracy(a), accuracy(b)) - 0.01
