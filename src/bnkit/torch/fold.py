@@ -1,0 +1,618 @@
+"""Fold inference-mode BatchNorm into the convolution or linear layer next to it.
+
+In eval mode a BN layer is a per-channel affine map ``y = s * x + t`` with::
+
+    s = gamma / sqrt(running_var + eps),    t = beta - running_mean * s
+
+(``running_var`` is PyTorch's unbiased running estimate, used as is; see
+``torch/nn/functional.py:batch_norm``). Folding it into its neighbour:
+
+* BN **after** a layer ``z = W x + b`` (Conv1d/2d/3d, ConvTranspose1d/2d/3d,
+  Linear): scale the weight's output channels by ``s``, bias ``b' = s * b + t``.
+  A layer built with ``bias=False`` gets a bias.
+* BN **before** a Linear, or a Conv that does not zero-pad: ``W (s x + t) + b`` is
+  ``(W s) x + (b + W t)``, exact because every input pixel the conv reads is a BN
+  output (reflect/replicate/circular padding copies BN outputs, so it is exact
+  too). With zero padding the padded zeros would become ``t`` after the BN but
+  stay 0 after the fold, so that fold is refused; so is a BN before a
+  ConvTranspose, whose border outputs sum fewer inputs than the centre.
+
+All folds into one layer are composed in float64 and cast back to the layer's
+dtype once, so fp16/bf16 weights get the correctly rounded folded value rather
+than an fp16-computed one. Compare ``torch/nn/utils/fusion.py``
+(``fuse_conv_bn_weights``, computed in the weights' dtype) and
+``torch/fx/experimental/optimization.py`` (``fuse``, which fuses a conv called
+twice once per call, silently changing the first call's output).
+
+Which layer feeds which is read from a ``torch.fx`` trace of the model in eval
+mode, with every BatchNorm subclass (SyncBatchNorm, bnkit's drop-in layers) kept
+as one node. When tracing fails the fold falls back to neighbours inside plain
+``nn.Sequential`` containers and says so in the report. Only layers with
+PyTorch's own forward are folded into: a subclass that changes the forward
+(weight standardization, QAT fake-quant), a parametrized weight, or a module
+with forward hooks is left alone, with the reason. The original model is never
+modified: the folded model is a deep copy of it, with each folded BN replaced by
+``nn.Identity`` (so it keeps its class, forward and state-dict names).
+"""
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
+
+from ..findings import Finding
+from .modules import bn_layers, is_batchnorm
+
+__all__ = ["fold_bn", "FoldReport", "FoldedBN"]
+
+_LAYER_TYPES = (_ConvNd, nn.Linear)  # _ConvTransposeNd derives from _ConvNd
+_PLAIN_FORWARDS = {
+    cls.forward: cls
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+}
+
+
+@dataclass
+class FoldedBN:
+    """One folded BN: ``bn`` folded into ``into``, which it follows (``"after"``) or precedes (``"before"``)."""
+
+    bn: str
+    into: str
+    position: str
+    bias_added: bool = False
+
+
+@dataclass
+class FoldReport:
+    """What :func:`fold_bn` did.
+
+    Attributes:
+        method: ``"fx"`` (data flow read from a torch.fx trace) or ``"sequential"``
+            (tracing failed; only neighbours inside ``nn.Sequential`` were considered).
+        folded: one :class:`FoldedBN` per folded BN layer, in folding order.
+        left: ``{bn_name: reason}`` for every BN layer that was not folded.
+        notes: assumptions made and things not checked.
+        max_abs_diff: ``max |a - b|`` over every output tensor of the original (``a``)
+            and folded (``b``) models in eval mode on ``example_inputs``; None when
+            not verified. A NaN/Inf in ``b`` where ``a`` is finite counts as ``inf``.
+        max_rel_diff: ``max_abs_diff / max |a|`` (None when not verified).
+    """
+
+    method: str = "fx"
+    folded: list[FoldedBN] = field(default_factory=list)
+    left: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    max_abs_diff: float | None = None
+    max_rel_diff: float | None = None
+
+    @property
+    def n_folded(self) -> int:
+        return len(self.folded)
+
+    @property
+    def n_left(self) -> int:
+        return len(self.left)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def findings(self) -> list[Finding]:
+        """One ``info`` :class:`~bnkit.findings.Finding` per BN layer left unfolded, with its reason."""
+        return [
+            Finding("info", name, "BatchNorm layer not folded", evidence=reason, code="fold.left")
+            for name, reason in self.left.items()
+        ]
+
+    def summary(self) -> str:
+        lines = [f"folded {self.n_folded} BatchNorm layer(s), left {self.n_left} (via {self.method})"]
+        lines += [f"  folded {f.bn} -> {f.into} ({f.position}{', bias added' if f.bias_added else ''})" for f in self.folded]
+        lines += [f"  left   {name}: {reason}" for name, reason in self.left.items()]
+        lines += [f"  note: {note}" for note in self.notes]
+        if self.max_abs_diff is not None:
+            lines.append(f"  max |original - folded| = {self.max_abs_diff:.3g} (relative {self.max_rel_diff:.3g})")
+        return "\n".join(lines)
+
+    def restructure(self, model: nn.Module) -> nn.Module:
+        """Give a freshly built instance of the original architecture the folded structure, in place.
+
+        Folded BN layers become ``nn.Identity`` and layers that received a bias get one,
+        so ``model.load_state_dict(folded.state_dict())`` (strict) restores the folded
+        model without the original file or code change. Returns ``model``.
+        """
+        for f in self.folded:
+            if f.bias_added:
+                layer = model.get_submodule(f.into)
+                w = layer.weight
+                out = w.shape[1] * layer.groups if isinstance(layer, _ConvTransposeNd) else w.shape[0]
+                layer.bias = nn.Parameter(torch.zeros(out, dtype=w.dtype, device=w.device))
+            _set_submodule(model, f.bn, nn.Identity())
+        return model
+
+
+def fold_bn(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    verify: bool = True,
+    force: bool = False,
+) -> tuple[nn.Module, FoldReport]:
+    """Fold every foldable BatchNorm layer of ``model`` into its neighbour; return ``(folded_copy, report)``.
+
+    Args:
+        model: any ``nn.Module``; it is not modified, and the copy keeps every module's
+            train/eval flag.
+        example_inputs: a tensor or a tuple of positional inputs. Used to learn the rank
+            of layer outputs (a Linear->BatchNorm1d fold is exact only on ``(N, C)``),
+            to count module calls when tracing fails, and, with ``verify``, to compare
+            the two models.
+        verify: run the original and folded models (copies, in eval mode) on
+            ``example_inputs`` and put the difference in the report.
+        force: fold BN layers in training mode or with never-updated statistics anyway
+            (their running statistics are used, as in eval mode).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: BN layers in training mode or never updated (without ``force``);
+            NaN/Inf BN statistics or affine parameters; uninitialized lazy modules;
+            NaN/Inf in ``example_inputs``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_bn needs a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model, force)
+    inputs = _as_tuple(example_inputs)
+    work = copy.deepcopy(model)
+    report = FoldReport()
+
+    reference, probe = None, {}
+    if inputs is not None:
+        reference, probe = _probe(work, inputs)
+
+    try:
+        plan = _plan_fx(work, probe, report)
+    except Exception as exc:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError, ...)
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        report.method = "sequential"
+        report.notes.append(
+            f"torch.fx could not trace the model ({type(exc).__name__}: {first_line}); "
+            "folded only neighbours inside nn.Sequential containers"
+        )
+        report.left.clear()
+        plan = _plan_sequential(work, probe, report)
+
+    _apply(work, plan, report)
+
+    if verify and inputs is not None:
+        report.max_abs_diff, report.max_rel_diff = _compare(reference, _run_eval(work, inputs))
+    elif verify:
+        report.notes.append("not verified: no example_inputs given")
+    return work, report
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _check_model(model: nn.Module, force: bool) -> None:
+    lazy = [name or type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:
+        raise ValueError(f"uninitialized lazy modules (run one forward pass first): {', '.join(lazy)}")
+    training, never, nonfinite = [], [], []
+    for name, bn in bn_layers(model):
+        tensors = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            nonfinite.append(name)
+        if bn.running_mean is None:
+            continue  # track_running_stats=False: reported as not foldable
+        if bn.training:
+            training.append(name)
+        if _never_updated(bn):
+            never.append(name)
+    if nonfinite:
+        raise ValueError(f"BatchNorm layers with NaN/Inf statistics or affine parameters cannot be folded: {', '.join(nonfinite)}")
+    problems = []
+    if training:
+        problems.append(f"in training mode (call model.eval() first): {', '.join(training)}")
+    if never:
+        problems.append(
+            f"never updated (running_mean all 0, running_var all 1, num_batches_tracked 0): {', '.join(never)}"
+        )
+    if problems and not force:
+        raise ValueError(
+            "refusing to fold BatchNorm layers " + "; and ".join(problems)
+            + ". Pass force=True to fold their running statistics anyway."
+        )
+
+
+def _never_updated(bn: _BatchNorm) -> bool:
+    tracked = bn.num_batches_tracked
+    return (
+        (tracked is None or int(tracked) == 0)
+        and bool((bn.running_mean == 0).all())
+        and bool((bn.running_var == 1).all())
+    )
+
+
+def _as_tuple(example_inputs: Any) -> tuple | None:
+    if example_inputs is None:
+        return None
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    for t in _flatten(inputs):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError("example_inputs contain NaN/Inf; verification needs finite inputs")
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+class _EvalMode:
+    """Put every module in eval mode, restoring each module's own flag on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def _clone(obj: Any) -> Any:
+    """Fresh copies of the input tensors, so a model that writes into its input cannot skew the comparison."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, Mapping):
+        return type(obj)((k, _clone(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
+
+
+def _run_eval(model: nn.Module, inputs: tuple) -> Any:
+    with _EvalMode(model), torch.no_grad():
+        return model(*_clone(inputs))
+
+
+def _probe(model: nn.Module, inputs: tuple) -> tuple[Any, dict[int, dict]]:
+    """Run ``model`` once in eval mode: its outputs, and for each module its call count and output ranks."""
+    probe: dict[int, dict] = {}
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        entry = probe.setdefault(id(module), {"calls": 0, "ndim": set()})
+        entry["calls"] += 1
+        if isinstance(output, torch.Tensor):
+            entry["ndim"].add(output.dim())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        out = _run_eval(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, probe
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten(v)]
+    return []
+
+
+def _compare(a: Any, b: Any) -> tuple[float, float]:
+    """``max|a - b|`` (a non-finite ``b`` where ``a`` differs counts as inf) and that over ``max|a|``."""
+    abs_diff, scale = 0.0, 0.0
+    for x, y in zip(_flatten(a), _flatten(b), strict=True):
+        if not x.numel():
+            continue
+        x, y = x.double(), y.double()
+        d = torch.where(x == y, 0.0, (x - y).abs()).nan_to_num(nan=float("inf"))
+        abs_diff = max(abs_diff, float(d.max()))
+        finite = x[torch.isfinite(x)]
+        scale = max(scale, float(finite.abs().max()) if finite.numel() else 0.0)
+    return abs_diff, abs_diff / scale if scale > 0 else abs_diff
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+class _Tracer(fx.Tracer):
+    """fx's default tracer, but every BatchNorm subclass (bnkit's drop-in layers too) stays one ``call_module``."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _plan_fx(work: nn.Module, probe: dict[int, dict], report: FoldReport) -> list[tuple[str, str, str]]:
+    """Pairs ``(bn, layer, position)`` to fold, read from a torch.fx trace; unfoldable BNs go to ``report.left``.
+
+    "after" folds are planned first; a BN left over is then tried against the single layer it feeds.
+    """
+    with _EvalMode(work):
+        graph = _Tracer().trace(work)
+    modules = dict(work.named_modules(remove_duplicate=False))
+    calls: Counter[int] = Counter()
+    attr_used: set[int] = set()  # modules whose parameters/buffers the forward reads directly
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[id(modules[node.target])] += 1
+        elif node.op == "get_attr" and "." in node.target:
+            owner = node.target.rsplit(".", 1)[0]
+            if owner in modules:
+                attr_used.add(id(modules[owner]))
+
+    def layer_node(node: Any) -> str | None:
+        ok = isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules[node.target], _LAYER_TYPES)
+        return node.target if ok else None
+
+    plan: list[tuple[str, str, str]] = []
+    for name, bn in bn_layers(work):
+        if calls[id(bn)] == 0:
+            report.left[name] = "not called as a module in the traced forward"
+
+    retry = []
+    for node in graph.nodes:
+        if not (node.op == "call_module" and is_batchnorm(modules[node.target])):
+            continue
+        name, bn = node.target, modules[node.target]
+        reason = _bn_reason(bn, calls, attr_used)
+        if reason is None:
+            src = node.args[0] if node.args else node.kwargs.get("input")
+            target = layer_node(src)
+            if target is None:
+                what = f"{src.op} '{getattr(src.target, '__name__', src.target)}'" if isinstance(src, fx.Node) else repr(src)
+                reason = f"its input comes from {what}, not from a Conv/ConvTranspose/Linear"
+            else:
+                layer = modules[target]
+                reason = (
+                    _layer_reason(layer, target, calls, attr_used)
+                    or (f"'{target}' already absorbs another BN" if target in {p[1] for p in plan} else None)
+                    or (f"the output of '{target}' is also used elsewhere" if len(src.users) > 1 else None)
+                    or _channel_reason(bn, layer, target, "after")
+                    or _layout_reason(layer, probe, report, target)
+                )
+            if reason is None:
+                plan.append((name, target, "after"))
+                continue
+            retry.append(node)
+        report.left[name] = reason
+
+    for node in retry:
+        name, bn = node.target, modules[node.target]
+        users = list(node.users)
+        target = layer_node(users[0]) if len(users) == 1 else None
+        if target is None:
+            continue
+        layer = modules[target]
+        reason = (
+            _padding_reason(layer, target)
+            or _layer_reason(layer, target, calls, attr_used)
+            or _channel_reason(bn, layer, target, "before")
+            or _layout_reason(layer, probe, report, target)
+        )
+        if reason is None:
+            plan.append((name, target, "before"))
+            del report.left[name]
+        else:
+            report.left[name] += f"; and it {reason}"
+    return plan
+
+
+def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport) -> list[tuple[str, str, str]]:
+    """Fallback: fold BN with its neighbour inside plain ``nn.Sequential`` containers.
+
+    A plain Sequential passes each child's output to the next child only, so adjacency is
+    data flow. A module registered under several names, or seen called more than once in
+    the probe run, is not folded.
+    """
+    calls: Counter[int] = Counter(id(m) for _, m in work.named_modules(remove_duplicate=False))
+    for key, entry in probe.items():
+        calls[key] = max(calls[key], entry["calls"])
+    if not probe:
+        report.notes.append(
+            "without example_inputs the fallback cannot see whether a folded layer is also called, "
+            "or its weights read, outside its nn.Sequential"
+        )
+    plan: list[tuple[str, str, str]] = []
+    used: set[str] = set()
+    for prefix, seq in work.named_modules():
+        if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+            continue
+        children = [(f"{prefix}.{n}" if prefix else n, m) for n, m in seq.named_children()]
+        for (a_name, a), (b_name, b) in zip(children, children[1:]):
+            if is_batchnorm(b) and isinstance(a, _LAYER_TYPES):
+                bn_name, bn, layer_name, layer, position = b_name, b, a_name, a, "after"
+            elif is_batchnorm(a) and isinstance(b, _LAYER_TYPES):
+                bn_name, bn, layer_name, layer, position = a_name, a, b_name, b, "before"
+            else:
+                continue
+            if bn_name in used or layer_name in used:
+                continue
+            reason = (
+                _bn_reason(bn, calls, set())
+                or (_padding_reason(layer, layer_name) if position == "before" else None)
+                or _layer_reason(layer, layer_name, calls, set())
+                or _channel_reason(bn, layer, layer_name, position)
+                or _layout_reason(layer, probe, report, layer_name)
+            )
+            if reason is None:
+                plan.append((bn_name, layer_name, position))
+                used.update((bn_name, layer_name))
+                report.left.pop(bn_name, None)
+            else:
+                report.left[bn_name] = reason
+    for name, _ in bn_layers(work):
+        if name not in used and name not in report.left:
+            report.left[name] = "no Conv/ConvTranspose/Linear neighbour inside a plain nn.Sequential (model not traceable)"
+    return plan
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _bn_reason(bn: _BatchNorm, calls: Counter, attr_used: set[int]) -> str | None:
+    if bn.running_mean is None:
+        return "track_running_stats=False: it normalizes with batch statistics at inference, which no fold can express"
+    if calls[id(bn)] > 1:
+        return f"the BN module is called {calls[id(bn)]} times"
+    if id(bn) in attr_used:
+        return "the forward reads the BN's tensors directly"
+    if _hooked(bn):
+        return "it has forward hooks, which removing it would drop"
+    return None
+
+
+def _layer_reason(layer: nn.Module, name: str, calls: Counter, attr_used: set[int]) -> str | None:
+    base = _PLAIN_FORWARDS.get(type(layer).forward)
+    if base is None:
+        return f"'{name}' is a {type(layer).__name__} whose forward is not PyTorch's, so its weights may not act linearly"
+    if parametrize.is_parametrized(layer) or hasattr(layer, "weight_g"):
+        return f"'{name}' has a parametrized weight (weight_norm or torch.nn.utils.parametrize)"
+    if _hooked(layer):
+        return f"'{name}' has forward hooks, which could see or change the folded values"
+    if calls[id(layer)] > 1:
+        return f"'{name}' is called {calls[id(layer)]} times; folding would change its other uses"
+    if id(layer) in attr_used:
+        return f"the forward reads the tensors of '{name}' directly"
+    return None
+
+
+def _channel_reason(bn: _BatchNorm, layer: nn.Module, name: str, position: str) -> str | None:
+    if isinstance(layer, nn.Linear):
+        n = layer.out_features if position == "after" else layer.in_features
+    else:
+        n = layer.out_channels if position == "after" else layer.in_channels
+    return None if n == bn.num_features else f"'{name}' has {n} channels on the BN's side, the BN {bn.num_features}"
+
+
+def _layout_reason(layer: nn.Module, probe: dict[int, dict], report: FoldReport, name: str) -> str | None:
+    """None if the layer's activations are (or, unprobed, are assumed) ``(N, C, *spatial)``; else why not.
+
+    BatchNorm normalizes dim 1; a Linear acts on the last dim, so only ``(N, features)`` lines them up,
+    and an unbatched conv's dim 1 is spatial.
+    """
+    want = 2 if isinstance(layer, nn.Linear) else layer.weight.dim()
+    ranks = probe.get(id(layer), {}).get("ndim")
+    if ranks is None:
+        if isinstance(layer, nn.Linear):
+            note = "Linear/BatchNorm1d folds assume (N, features) activations; pass example_inputs to check"
+            if note not in report.notes:
+                report.notes.append(note)
+        return None
+    if ranks != {want}:
+        kind = "Linear acts on the last dim" if want == 2 else f"it needs batched rank-{want} input"
+        return f"'{name}' outputs rank {sorted(ranks)} tensors; BatchNorm normalizes dim 1, {kind}"
+    return None
+
+
+def _padding_reason(layer: nn.Module, name: str) -> str | None:
+    if isinstance(layer, nn.Linear):
+        return None
+    if isinstance(layer, _ConvTransposeNd):
+        return f"precedes ConvTranspose '{name}', whose border outputs sum fewer inputs, so the shift t does not fold"
+    if layer.padding_mode != "zeros":
+        return None  # reflect/replicate/circular pad with copies of BN outputs: exact
+    padding = layer.padding
+    if padding == "same":
+        pads = any(d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size))
+    else:
+        pads = padding != "valid" and any(padding)
+    if not pads:
+        return None
+    return (
+        f"precedes '{name}', which zero-pads its input (padding={padding!r}): padded zeros would stay 0 "
+        "instead of becoming the BN shift, so the fold would be inexact"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- folding math
+
+
+def _apply(work: nn.Module, plan: list[tuple[str, str, str]], report: FoldReport) -> None:
+    """Compose every planned fold per layer in float64, then write each layer once in its own dtype."""
+    pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for bn_name, layer_name, position in plan:
+        bn, layer = work.get_submodule(bn_name), work.get_submodule(layer_name)
+        if layer_name in pending:
+            w, b = pending[layer_name]
+            bias_added = False
+        else:
+            w = layer.weight.detach().double()
+            bias_added = layer.bias is None
+            b = torch.zeros(_out_channels(layer), dtype=torch.float64, device=w.device) if bias_added else layer.bias.detach().double()
+        s, t = _scale_shift(bn)
+        fold = _fold_after if position == "after" else _fold_before
+        pending[layer_name] = fold(layer, w, b, s, t)
+        report.folded.append(FoldedBN(bn_name, layer_name, position, bias_added=bias_added))
+    for layer_name, (w, b) in pending.items():
+        _assign(work.get_submodule(layer_name), w, b)
+    for bn_name, _, _ in plan:
+        _set_submodule(work, bn_name, nn.Identity())
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _scale_shift(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``."""
+    var = bn.running_var.detach().double()
+    mean = bn.running_mean.detach().double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
+    s = gamma / torch.sqrt(var + bn.eps)
+    return s, beta - mean * s
+
+
+def _fold_after(layer: nn.Module, w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, t: torch.Tensor):
+    """``layer`` then BN: weight scaled by ``s`` per output channel, bias ``s * b + t``."""
+    if isinstance(layer, _ConvTransposeNd):
+        # weight (in, out/groups, *k); output channel g * (out/groups) + j lives at [g-th block of in, j]
+        g = layer.groups
+        view = w.reshape(g, w.shape[0] // g, w.shape[1], *w.shape[2:])
+        new_w = (view * s.reshape((g, 1, w.shape[1]) + (1,) * (w.dim() - 2))).reshape(w.shape)
+    else:
+        new_w = w * s.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+    return new_w, s * b + t
+
+
+def _fold_before(layer: nn.Module, w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, t: torch.Tensor):
+    """BN then ``layer`` (Linear, or Conv without zero padding): weight ``W * s`` per input channel, bias ``b + W t``."""
+    if isinstance(layer, nn.Linear):
+        return w * s, b + w @ t
+    out, in_pg, g = w.shape[0], w.shape[1], layer.groups
+    w_g = w.reshape(g, out // g, in_pg, -1)  # output channel o belongs to group o // (out/groups)
+    new_w = (w_g * s.reshape(g, 1, in_pg, 1)).reshape(w.shape)
+    shift = (w_g * t.reshape(g, 1, in_pg, 1)).sum(dim=(2, 3)).reshape(out)
+    return new_w, b + shift
+
+
+def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """New Parameters (cast once to the layer's dtype/device), so tied tensors elsewhere are not touched."""
+    old = layer.weight
+    dtype, device = old.dtype, old.device
+    layer.weight = nn.Parameter(weight.to(dtype=dtype, device=device), requires_grad=old.requires_grad)
+    layer.bias = nn.Parameter(bias.to(dtype=dtype, device=device), requires_grad=old.requires_grad)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)

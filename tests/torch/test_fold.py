@@ -1,0 +1,265 @@
+"""bnkit.torch.fold_bn against the unfolded model in eval mode (PyTorch's own modules are the oracle)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnkit.torch import bn_layers, fold_bn, load_state_dict_file, save_state_dict_file
+from bnkit.torch.zoo import ZOO, example_input
+
+# Which BN layers of each zoo model can be folded exactly, read off the architectures in bnkit/torch/zoo.py.
+EXPECTED_LEFT = {
+    "mlp": set(),
+    "resnet": set(),
+    "mobilenet": set(),
+    "vgg": set(),
+    "decoder": set(),
+    "shared_conv": {"bn_a", "bn_b"},  # both follow the conv that is called twice
+    "preact": {"bn1", "bn2", "bn_out"},  # each reads a sum; bn1/bn2 feed zero-padded convs, bn_out a ReLU
+}
+
+
+def calibrated(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Real running statistics from a few training-mode batches, random affine parameters, then eval()."""
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x + 0.5 * torch.randn(x.shape, generator=g))
+        for _, bn in bn_layers(model):
+            bn.weight.copy_(1 + 0.5 * torch.randn(bn.weight.shape, generator=g))
+            bn.bias.copy_(0.5 * torch.randn(bn.bias.shape, generator=g))
+    return model.eval()
+
+
+def zoo_model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    x = example_input(name, batch=16)
+    return calibrated(ZOO[name](), x), x
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / a.double().abs().max())
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_every_foldable_bn_folded_outputs_equal(name):
+    model, x = zoo_model(name)
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        expected = model(x)
+
+    folded, report = fold_bn(model, x)
+
+    all_bn = {n for n, _ in bn_layers(model)}
+    assert set(report.left) == EXPECTED_LEFT[name]
+    assert {f.bn for f in report.folded} == all_bn - EXPECTED_LEFT[name]
+    assert report.method == "fx"
+    # folded BNs are gone from the folded model, the others stay
+    assert {n for n, _ in bn_layers(folded)} == EXPECTED_LEFT[name]
+    with torch.no_grad():
+        got = folded(x)
+    assert rel_diff(expected, got) < 1e-5
+    assert report.max_rel_diff == pytest.approx(rel_diff(expected, got), abs=1e-12)
+    # the original is untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(not m.training for m in model.modules())
+
+
+def test_shared_conv_is_not_folded_and_reason_given():
+    model, x = zoo_model("shared_conv")
+    folded, report = fold_bn(model, x)
+    assert torch.equal(folded.shared.weight, model.shared.weight)
+    assert torch.equal(folded.shared.bias, model.shared.bias)
+    assert "called 2 times" in report.left["bn_a"]
+    assert "called 2 times" in report.left["bn_b"]
+    # torch.fx's own fuse folds both BNs into the shared conv and changes the output
+    from torch.fx.experimental.optimization import fuse
+
+    with torch.no_grad():
+        assert rel_diff(model(x), fuse(model)(x)) > 1e-2
+        assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+def test_preact_bn_after_addition_is_refused_with_reason():
+    model, x = zoo_model("preact")
+    _, report = fold_bn(model, x)
+    assert "'add'" in report.left["bn2"] and "'add'" in report.left["bn_out"]
+    assert "'stem' is also used" in report.left["bn1"]  # the stem output also feeds the residual sum
+
+
+def test_bn_before_zero_padded_conv_is_refused():
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1))
+    x = torch.randn(4, 3, 8, 8)
+    model = calibrated(model, x)
+    folded, report = fold_bn(model, x)
+    assert report.n_folded == 0 and "zero-pads" in report.left["1"]
+    # the refusal is right: folding anyway would differ at the border
+    bn, conv = model[1], model[2]
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    t = bn.bias - bn.running_mean * s
+    wrong = nn.Sequential(nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1))
+    with torch.no_grad():
+        wrong[1].weight.copy_(conv.weight * s[None, :, None, None])
+        wrong[1].bias.copy_(conv.bias + (conv.weight * t[None, :, None, None]).sum(dim=(1, 2, 3)))
+        assert rel_diff(model(x), wrong(x)) > 1e-3
+        assert torch.equal(model(x), folded(x))
+
+
+def test_state_dict_round_trip_with_new_biases(tmp_path):
+    model, x = zoo_model("resnet")
+    assert model.stem[0].bias is None
+    folded, report = fold_bn(model, x)
+    assert folded.stem[0].bias is not None
+    assert any(f.bias_added for f in report.folded)
+    path = save_state_dict_file(folded.state_dict(), tmp_path / "folded.safetensors")
+
+    fresh = ZOO["resnet"]()
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        fresh.load_state_dict(load_state_dict_file(path))  # the unfolded architecture has no bias to take it
+    report.restructure(fresh)
+    fresh.load_state_dict(load_state_dict_file(path), strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), folded(x))
+        assert rel_diff(model(x), fresh(x)) < 1e-5
+
+
+def test_refuses_training_mode_and_never_updated_unless_forced():
+    model, x = zoo_model("vgg")
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        fold_bn(model, x)
+    assert model.training  # flags untouched
+    folded, report = fold_bn(model, x, force=True)
+    assert folded.training  # the copy keeps the flags it was given
+    model.eval()
+    with torch.no_grad():
+        assert rel_diff(model(x), folded.eval()(x)) < 1e-5
+
+    fresh = ZOO["vgg"]().eval()
+    with pytest.raises(ValueError, match="never updated"):
+        fold_bn(fresh, x)
+    _, report = fold_bn(fresh, x, force=True)
+    assert report.n_folded == 5
+
+
+def test_nonfinite_statistics_are_rejected():
+    model, x = zoo_model("mlp")
+    model[2].running_var[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        fold_bn(model, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_fold_is_computed_in_float64(dtype):
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, bias=False), nn.BatchNorm2d(6, eps=1e-5)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-3, 3)
+        bn.running_var.copy_(torch.tensor([1e-7, 3e-6, 1e-4, 0.3, 7.0, 300.0]))  # near and far from eps
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+        bn.num_batches_tracked.fill_(1)
+    model = nn.Sequential(conv, bn).to(dtype).eval()
+    folded, report = fold_bn(model)
+    assert report.n_folded == 1
+
+    # independent float64 NumPy oracle, rounded once to the layer dtype
+    def f64(t):
+        return t.detach().float().numpy().astype(np.float64)
+
+    w, rm, rv, gamma, beta = (f64(t) for t in (model[0].weight, model[1].running_mean, model[1].running_var, model[1].weight, model[1].bias))
+    s = gamma / np.sqrt(rv + 1e-5)
+    want_w = torch.from_numpy(w * s[:, None, None, None]).to(dtype)
+    want_b = torch.from_numpy(beta - rm * s).to(dtype)
+    assert folded[0].weight.dtype == dtype
+    assert torch.equal(folded[0].weight, want_w)
+    assert torch.equal(folded[0].bias, want_b)
+
+
+def test_sync_batchnorm_in_eval_mode_is_folded():
+    model, x = zoo_model("resnet")
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in sync.modules())
+    folded, report = fold_bn(sync, x)
+    assert report.n_left == 0 and report.n_folded == 6
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in folded.modules())
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+def test_bn_before_linear_and_unpadded_grouped_conv_and_after_grouped_convtranspose():
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, groups=2),  # BN before an unpadded conv: exact
+        nn.Flatten(), nn.BatchNorm1d(4 * 15 * 15), nn.Linear(4 * 15 * 15, 5),  # BN before a Linear
+    )
+    x = torch.randn(8, 4, 8, 8)
+    model = calibrated(model, x)
+    folded, report = fold_bn(model, x)
+    assert {(f.bn, f.into, f.position) for f in report.folded} == {("1", "0", "after"), ("3", "4", "before"), ("6", "7", "before")}
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+def test_linear_on_3d_input_is_not_folded_into_bn1d():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 5)
+            self.bn = nn.BatchNorm1d(5)  # normalizes dim 1 (tokens), not the Linear's features
+
+        def forward(self, x):
+            return self.bn(self.fc(x))
+
+    x = torch.randn(4, 5, 5)
+    model = calibrated(Tokens(), x)
+    folded, report = fold_bn(model, x)
+    assert report.n_folded == 0 and "rank [3]" in report.left["bn"]
+    with torch.no_grad():
+        assert torch.equal(model(x), folded(x))
+
+
+def test_track_running_stats_false_is_left():
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, track_running_stats=False)).eval()
+    _, report = fold_bn(model, torch.randn(2, 1, 8, 8))
+    assert "track_running_stats=False" in report.left["1"]
+
+
+def test_untraceable_model_falls_back_to_sequential_neighbours():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            h = self.body(x)
+            if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                h = h * 2
+            return self.bn(h)
+
+    x = torch.rand(4, 1, 8, 8) + 1
+    model = calibrated(Branchy(), x)
+    folded, report = fold_bn(model, x)
+    assert report.method == "sequential"
+    assert any("could not trace" in n for n in report.notes)
+    assert [(f.bn, f.into) for f in report.folded] == [("body.1", "body.0")]
+    assert "bn" in report.left
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+def test_without_example_inputs_not_verified_but_folded():
+    model, x = zoo_model("mlp")
+    folded, report = fold_bn(model)
+    assert report.max_abs_diff is None and any("not verified" in n for n in report.notes)
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-5
