@@ -263,3 +263,171 @@ def test_without_example_inputs_not_verified_but_folded():
     assert report.max_abs_diff is None and any("not verified" in n for n in report.notes)
     with torch.no_grad():
         assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+def test_bnkit_drop_in_layers_are_traced_as_bn_and_folded():
+    from bnkit.torch import convert_bn
+
+    model, x = zoo_model("resnet")
+    dropin = convert_bn(copy.deepcopy(model), debias=True)
+    assert not any(type(m) is nn.BatchNorm2d for m in dropin.modules())
+    folded, report = fold_bn(dropin, x)
+    assert report.method == "fx" and report.n_left == 0 and report.n_folded == 6
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+def test_bn_before_conv_with_copying_padding_is_folded_exactly(padding_mode):
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode))
+    x = torch.randn(4, 3, 8, 8)
+    model = calibrated(model, x)
+    folded, report = fold_bn(model, x)
+    assert [(f.bn, f.into, f.position) for f in report.folded] == [("1", "2", "before")]
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+def test_bn_before_pointwise_conv_with_same_padding_is_folded():
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1, padding="same", bias=False))
+    x = torch.randn(4, 3, 8, 8)
+    model = calibrated(model, x)
+    folded, report = fold_bn(model, x)
+    assert report.n_folded == 1 and report.folded[0].bias_added
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+def test_bn_on_both_sides_of_one_linear_compose():
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(6), nn.Linear(6, 5, bias=False), nn.BatchNorm1d(5))
+    x = torch.randn(16, 6)
+    model = calibrated(model, x)
+    folded, report = fold_bn(model, x)
+    assert {(f.bn, f.position) for f in report.folded} == {("1", "before"), ("3", "after")}
+    assert [f.bias_added for f in report.folded] == [True, False]  # one bias, added by the first fold
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-5
+    # the composed fold is one affine map; check it against float64 closed form
+    bn1, lin, bn2 = (model[i] for i in (1, 2, 3))
+    with torch.no_grad():
+        s1, s2 = (b.weight.double() / torch.sqrt(b.running_var.double() + b.eps) for b in (bn1, bn2))
+        t1 = bn1.bias.double() - bn1.running_mean.double() * s1
+        t2 = bn2.bias.double() - bn2.running_mean.double() * s2
+        w = lin.weight.double()
+        want_w = s2[:, None] * w * s1[None, :]
+        want_b = s2 * (w @ t1) + t2
+    assert torch.equal(folded[2].weight, want_w.float())
+    assert torch.equal(folded[2].bias, want_b.float())
+
+
+class WSConv2d(nn.Conv2d):
+    """Weight-standardized conv: it renormalizes its weight, so a BN scale folded into it would be undone."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+def test_layers_with_their_own_forward_hooks_or_parametrizations_are_left():
+    from torch.nn.utils import parametrizations
+
+    x = torch.randn(8, 3, 8, 8)
+    seq = nn.Sequential(
+        WSConv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+    )
+    parametrizations.weight_norm(seq[3])
+    seen = []
+    seq[7].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model = calibrated(seq, x)
+    folded, report = fold_bn(model, x)
+    assert report.n_folded == 0
+    assert "call_function 'conv2d'" in report.left["1"]  # fx traces through the subclass's own forward
+    assert "parametrized" in report.left["4"]
+    assert "forward hooks" in report.left["7"]
+    with torch.no_grad():
+        assert torch.equal(model(x), folded(x))
+    # the fallback (no trace) sees the subclass as a module and refuses it by its forward
+    from bnkit.torch.fold import _plan_sequential, FoldReport
+
+    fallback = FoldReport()
+    assert _plan_sequential(model, {}, fallback) == []
+    assert "forward is not PyTorch's" in fallback.left["1"]
+
+
+def test_sequential_fallback_refuses_overridden_sequential_forward():
+    class Skip(nn.Sequential):
+        def forward(self, x):  # the BN reads the input, not the conv's output
+            return self[0](x) + self[1](x)
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Skip(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return self.block(x) if x.sum() > 0 else -x
+
+    x = torch.rand(4, 4, 6, 6) + 1
+    model = calibrated(Untraceable(), x)
+    folded, report = fold_bn(model, x)
+    assert report.method == "sequential" and report.n_folded == 0 and "block.1" in report.left
+    with torch.no_grad():
+        assert torch.equal(model(x), folded(x))
+
+
+def test_model_writing_into_its_input_is_verified_on_fresh_copies():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.fc(x.mul_(2)))
+
+    x = torch.randn(8, 4)
+    model = calibrated(InPlace(), x.clone())
+    x0 = x.clone()
+    _, report = fold_bn(model, x)
+    assert report.n_folded == 1 and report.max_rel_diff < 1e-6
+    assert torch.equal(x, x0)  # the caller's tensor was not written
+
+
+def test_bad_input_gives_specific_errors():
+    with pytest.raises(TypeError, match="nn.Module"):
+        fold_bn(torch.zeros(3))
+    model, x = zoo_model("mlp")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        fold_bn(model, torch.full_like(x, float("nan")))
+    with torch.no_grad():
+        model[2].weight[0] = float("inf")
+    with pytest.raises(ValueError, match="affine"):
+        fold_bn(model, x)
+    lazy = nn.Sequential(nn.LazyLinear(4), nn.LazyBatchNorm1d()).eval()
+    with pytest.raises(ValueError, match="lazy"):
+        fold_bn(lazy)
+
+
+def test_report_findings_and_summary_name_every_left_layer():
+    model, x = zoo_model("preact")
+    _, report = fold_bn(model, x)
+    rows = report.findings()
+    assert {r.layer for r in rows} == set(report.left)
+    assert all(r.severity == "info" and r.evidence == report.left[r.layer] for r in rows)
+    text = report.summary()
+    assert all(name in text for name in report.left)
+    assert report.to_dict()["max_rel_diff"] == report.max_rel_diff
+
+
+def test_conv1d_and_conv3d_and_convtranspose1d():
+    torch.manual_seed(2)
+    m1 = nn.Sequential(nn.Conv1d(3, 5, 3, groups=1), nn.BatchNorm1d(5), nn.ConvTranspose1d(5, 4, 3, stride=2), nn.BatchNorm1d(4))
+    m3 = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4))
+    for model, x in ((m1, torch.randn(6, 3, 10)), (m3, torch.randn(3, 2, 5, 5, 5))):
+        model = calibrated(model, x)
+        folded, report = fold_bn(model, x)
+        assert report.n_left == 0 and all(f.position == "after" for f in report.folded)
+        with torch.no_grad():
+            assert rel_diff(model(x), folded(x)) < 1e-5
