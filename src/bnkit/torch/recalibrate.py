@@ -296,27 +296,43 @@ class _Pass:
                 self.calls[index] += 1
                 self.samples[index] += samples
 
-    def payload(self, error: _NonFinite | None) -> np.ndarray:
-        head = [self.batches, self.skipped, -1.0, -1.0] if error is None else [
-            self.batches, self.skipped, error.batch, error.layer]
-        parts = [np.asarray(head, dtype=np.float64)]
+    def payload(self, error: BaseException | None) -> np.ndarray:
+        """This rank's ``(batches, skipped, failure, nonfinite batch, nonfinite layer)`` then per layer
+        ``(calls, samples, count, mean, M2)``, as one float64 vector for ``all_gather``."""
+        failure = [0.0, -1.0, -1.0]
+        if isinstance(error, _NonFinite):
+            failure = [1.0, error.batch, error.layer]
+        elif error is not None:
+            failure = [2.0, -1.0, -1.0]
+        parts = [np.asarray([self.batches, self.skipped, *failure], dtype=np.float64)]
         for rm, calls, samples in zip(self.moments, self.calls, self.samples):
             parts += [np.asarray([calls, samples, rm.count], dtype=np.float64), rm.mean, rm.m2]
         return np.concatenate(parts)
 
-    def merge_ranks(self, payloads: list[np.ndarray]) -> None:
-        """Replace the local accumulators by the Chan merge of every rank's, in rank order."""
-        errors = [(rank, int(p[2]), int(p[3])) for rank, p in enumerate(payloads) if p[2] >= 0]
-        if errors:
-            rank, batch, layer = errors[0]
+    def merge_ranks(self, payloads: list[np.ndarray], error: BaseException | None) -> None:
+        """Replace the local accumulators by the Chan merge of every rank's, in rank order.
+
+        If any rank failed, every rank raises: the failing rank its own exception, the
+        others a RuntimeError naming it (a non-finite batch is a ValueError everywhere).
+        """
+        nonfinite = [(rank, int(p[3]), int(p[4])) for rank, p in enumerate(payloads) if p[2] == 1.0]
+        if nonfinite:
+            rank, batch, layer = nonfinite[0]
             raise ValueError(_nonfinite_message(self.layers[layer][0], batch, rank))
+        if error is not None:
+            raise error
+        failed = [rank for rank, p in enumerate(payloads) if p[2] == 2.0]
+        if failed:
+            raise RuntimeError(
+                f"recalibration failed on rank(s) {failed} (see that rank's error); no statistics were changed"
+            )
         merged = [RunningMoments(m.num_features) for _, m in self.layers]
         self.calls = [0] * len(self.layers)
         self.samples = [0] * len(self.layers)
         self.batches = int(sum(p[0] for p in payloads))
         self.skipped = int(sum(p[1] for p in payloads))
         for p in payloads:
-            pos = 4
+            pos = 5
             for i, (_, module) in enumerate(self.layers):
                 c = module.num_features
                 calls, samples, count = (int(v) for v in p[pos:pos + 3])
@@ -369,8 +385,11 @@ def recalibrate(
     identical buffers equal to a single pass over the union. ``SyncBatchNorm``
     layers normalize with local batch statistics during the pass (no collective
     per forward, so unequal batch counts cannot deadlock). A non-finite batch on
-    any rank raises on every rank; any other exception on one rank leaves the
-    others waiting in the collective until the process group's timeout.
+    any rank raises ``ValueError`` on every rank; any other ``Exception`` on
+    one rank is re-raised there and raises ``RuntimeError`` on the others (all
+    ranks still meet in the one collective, so none hangs). Only a
+    ``KeyboardInterrupt`` on one rank leaves the others waiting in the
+    collective until the process group's timeout.
 
     Args:
         model: the model; its BN layers must track running statistics
@@ -437,7 +456,7 @@ def recalibrate(
 
     try:
         batches = data if num_batches is None else itertools.islice(data, int(num_batches))
-        error = None
+        error: BaseException | None = None
         with torch.no_grad(), _progress_bar(progress and _rank() == 0, _total(data, num_batches)) as advance:
             try:
                 for batch in batches:
@@ -450,9 +469,13 @@ def recalibrate(
             except _NonFinite as exc:
                 if world == 1:
                     raise ValueError(_nonfinite_message(layers[exc.layer][0], exc.batch)) from None
-                error = exc  # all ranks must reach the collective before raising
+                error = exc  # every rank must reach the collective before anyone raises
+            except Exception as exc:
+                if world == 1:
+                    raise
+                error = exc
         if world > 1:
-            acc.merge_ranks(_all_gather(acc.payload(error)))
+            acc.merge_ranks(_all_gather(acc.payload(error)), error)
         if acc.batches == 0:
             raise ValueError(
                 "data yielded no batches" if acc.skipped == 0

@@ -1,0 +1,111 @@
+"""recalibrate under torch.distributed: 2 gloo ranks on CPU, unequal shards.
+
+Each rank runs in its own Python process (this file, run as a script) and saves
+its buffers; the oracle is a single-process recalibration over the union of the
+shards, which the test has already checked against float64 NumPy in
+test_recalibrate.py.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Unequal batch sizes and unequal numbers of batches per rank.
+SHARDS = {0: (5, 9, 3), 1: (12,)}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(),
+        nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU(),  # would need a collective per batch if left as is
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 6), nn.BatchNorm1d(6),
+    )
+    return model.eval()
+
+
+def shard(rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + rank)
+    return [7.0 + 2.0 * torch.randn(n, 1, 8, 8, generator=g) for n in SHARDS[rank]]
+
+
+def _worker(rank: int, store: str, out: str) -> None:
+    """One rank: recalibrate its shard, then the two failure cases; write what happened to ``out``."""
+    import torch.distributed as dist
+
+    from bnkit.torch import recalibrate
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model = make_model()
+        report = recalibrate(model, shard(rank), progress=False)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state["report"] = torch.tensor([report.batches, report.world_size, report.layers[0].samples])
+        results = {"state": state}
+
+        batches = shard(rank)
+        if rank == 1:
+            batches[0][0, 0, 0, 0] = float("nan")
+        try:
+            recalibrate(model, batches, progress=False)
+        except ValueError as exc:
+            results["nonfinite"] = str(exc)
+
+        def forward(m: nn.Module, batch: torch.Tensor) -> None:
+            if rank == 0 and batch.shape[0] == 9:
+                raise KeyError("broken batch")
+            m(batch)
+
+        try:
+            recalibrate(model, shard(rank), forward=forward, progress=False)
+        except Exception as exc:  # noqa: BLE001 - record what each rank saw
+            results["failure"] = f"{type(exc).__name__}: {exc}"
+        results["unchanged"] = all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_with_unequal_shards_match_the_union(tmp_path: Path):
+    from bnkit.torch import recalibrate
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
+           "import test_recalibrate_distributed as t; t._worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(rank), str(tmp_path / "store"), str(tmp_path / f"{rank}.pt")],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)
+    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+    union = make_model()
+    recalibrate(union, shard(0) + shard(1), progress=False)
+    expected = union.state_dict()
+    for res in results:
+        state = res["state"]
+        assert state["report"].tolist() == [4, 2, 29]
+        for key, value in expected.items():
+            if key.endswith(("running_mean", "running_var")):
+                torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7, msg=key)
+            else:
+                assert torch.equal(state[key], value), key  # weights untouched, num_batches_tracked = 4 calls
+    for key in expected:  # every rank ends with identical buffers
+        assert torch.equal(results[0]["state"][key], results[1]["state"][key]), key
+
+    # a NaN batch on rank 1 raises on both ranks, naming the layer and the rank; nothing changes
+    for res in results:
+        assert "'1'" in res["nonfinite"] and "batch 0 on rank 1" in res["nonfinite"]
+        assert res["unchanged"]
+    # any other error on one rank: re-raised there, RuntimeError on the other, no hang
+    assert results[0]["failure"] == "KeyError: 'broken batch'"
+    assert results[1]["failure"].startswith("RuntimeError: recalibration failed on rank(s) [0]")
