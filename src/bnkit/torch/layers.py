@@ -1,0 +1,355 @@
+"""Drop-in BatchNorm layers for small batches: ``bnkit.torch.BatchNorm1d/2d/3d``.
+
+Each subclasses the matching ``torch.nn.BatchNorm*d`` (so ``is_batchnorm`` finds
+it and ``nn.BatchNorm*d`` state dicts load both ways: the extras add no buffers).
+With every extra off, training-mode forward goes straight to
+``nn.BatchNorm*d.forward`` (torch/nn/modules/batchnorm.py, ``_BatchNorm.forward``),
+so outputs, running statistics and gradients are bit-identical. Eval mode always
+is ``nn.BatchNorm*d``'s: it normalizes with the running statistics at any batch size.
+
+Running statistics follow PyTorch's convention: ``momentum`` weighs the *new*
+value, ``running = (1 - a) * running + a * batch_stat`` with ``a = momentum``
+(``1/t`` for ``momentum=None``). Opt-in extras, all training-mode only:
+
+* ``running_var_rule="biased"``: feed the running variance the biased batch
+  variance ``M2/n`` (Keras, ONNX, Flax; see :mod:`bnkit.conventions`) instead of
+  PyTorch's unbiased ``M2/(n-1)``.
+* ``debias=True``: bias-corrected running statistics. The raw EMA started at
+  ``init`` lags (``v_t = (1-m)**t * init + ...``); the corrected estimate
+  ``(v_t - (1-m)**t * init) / (1 - (1-m)**t)`` is the weighted mean of the batch
+  statistics seen so far. It is kept directly in the buffers by using the step
+  factor ``a_t = m / (1 - (1-m)**t)`` (``a_1 = 1``), so the buffers stay usable
+  by a plain ``nn.BatchNorm*d``. ``t`` is ``num_batches_tracked``; ``momentum=0``
+  takes the limit ``a_t = 1/t`` (the cumulative average).
+* ``renorm=True``: Batch Renormalization (Ioffe 2017, arXiv:1702.03275, Alg. 1):
+  ``y = gamma * ((x - mu_B) / sigma_B * r + d) + beta`` with
+  ``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu) / sigma, -dmax, dmax)``,
+  ``sigma = sqrt(running_var + eps)``, ``sigma_B = sqrt(var_B + eps)`` (biased
+  ``var_B``), and the gradient through ``r`` and ``d`` stopped. ``r`` and ``d`` use
+  the running statistics from before this batch's update. Unlike the paper,
+  which averages ``sigma`` itself, the running *variance* is averaged (as every
+  BN layer does), so the buffers stay those of ``nn.BatchNorm*d``. ``renorm_schedule``
+  ``(warmup, r_full, d_full)`` keeps ``rmax = 1, dmax = 0`` (plain BN) up to step
+  ``warmup`` and then relaxes them linearly to reach ``rmax`` at step ``r_full``
+  and ``dmax`` at step ``d_full``; the paper's is :data:`PAPER_RENORM_SCHEDULE`.
+* ``virtual_batch_size=k``: ghost batch normalization (Hoffer et al. 2017): the
+  batch is split into chunks of ``k`` along dim 0, each normalized by its own
+  statistics (a last chunk with a single value per channel joins the one before).
+  The running statistics get one update per forward: the batch mean and the
+  pooled within-chunk variance ``sum M2_g / (n - G)`` (unbiased rule) or
+  ``sum M2_g / n`` (biased rule), which for one chunk is exactly BN's.
+
+The extras compute the running-statistics update in float64.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_bn", "revert_bn", "PAPER_RENORM_SCHEDULE"]
+
+#: Ioffe (2017), section 4: rmax = 1, dmax = 0 for 5k steps, rmax = 3 reached at 40k, dmax = 5 at 25k.
+PAPER_RENORM_SCHEDULE = (5000, 40000, 25000)
+
+_RUNNING_VAR_RULES = ("unbiased", "biased")
+_EXTRA_DEFAULTS = {
+    "debias": False,
+    "renorm": False,
+    "rmax": 3.0,
+    "dmax": 5.0,
+    "renorm_schedule": None,
+    "virtual_batch_size": None,
+    "running_var_rule": "unbiased",
+    "layer_name": None,
+}
+
+
+def batch_of_one_message(layer: str, shape: tuple[int, ...]) -> str:
+    """The error for a training-mode batch with a single value per channel."""
+    return (
+        f"{layer} is in training mode and got input of shape {tuple(shape)}: only 1 value per channel, so the "
+        "batch variance is undefined and every output would equal beta. Fixes: call model.eval() (or wrap "
+        "inference in bnkit.torch.bn_guard) if this is inference; use a batch of at least 2; or freeze this "
+        "layer's statistics with bnkit.torch.freeze_bn(model, modules=[...]) / convert it with "
+        "bnkit.torch.convert_frozen so it normalizes with its running statistics."
+    )
+
+
+class _DropInBatchNorm:
+    """The shared extras of :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        debias: bool = False,
+        renorm: bool = False,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        renorm_schedule: tuple[int, int, int] | None = None,
+        virtual_batch_size: int | None = None,
+        running_var_rule: str = "unbiased",
+        layer_name: str | None = None,
+    ) -> None:
+        super().__init__(  # type: ignore[call-arg]
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+        )
+        self._set_extras(
+            debias=debias, renorm=renorm, rmax=rmax, dmax=dmax, renorm_schedule=renorm_schedule,
+            virtual_batch_size=virtual_batch_size, running_var_rule=running_var_rule, layer_name=layer_name,
+        )
+
+    # ------------------------------------------------------------ configuration
+    def _set_extras(self, **extras) -> None:
+        unknown = set(extras) - set(_EXTRA_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown drop-in BatchNorm option(s) {sorted(unknown)}; expected {sorted(_EXTRA_DEFAULTS)}")
+        cfg = {**_EXTRA_DEFAULTS, **extras}
+        if cfg["running_var_rule"] not in _RUNNING_VAR_RULES:
+            raise ValueError(f"running_var_rule must be one of {_RUNNING_VAR_RULES}, got {cfg['running_var_rule']!r}")
+        rmax, dmax = float(cfg["rmax"]), float(cfg["dmax"])
+        if not (math.isfinite(rmax) and rmax >= 1.0):
+            raise ValueError(f"rmax must be a finite number >= 1, got {cfg['rmax']}")
+        if not (math.isfinite(dmax) and dmax >= 0.0):
+            raise ValueError(f"dmax must be a finite number >= 0, got {cfg['dmax']}")
+        schedule = cfg["renorm_schedule"]
+        if schedule is not None:
+            schedule = tuple(int(s) for s in schedule)
+            if len(schedule) != 3 or schedule[0] < 0 or schedule[1] <= schedule[0] or schedule[2] <= schedule[0]:
+                raise ValueError(
+                    "renorm_schedule must be (warmup, r_full, d_full) with 0 <= warmup < r_full and warmup < d_full, "
+                    f"got {cfg['renorm_schedule']!r}"
+                )
+        vbs = cfg["virtual_batch_size"]
+        if vbs is not None and (isinstance(vbs, bool) or int(vbs) != vbs or vbs < 1):
+            raise ValueError(f"virtual_batch_size must be a positive integer or None, got {vbs!r}")
+        if (cfg["renorm"] or cfg["debias"]) and not self.track_running_stats:
+            raise ValueError("renorm and debias need running statistics; they require track_running_stats=True")
+        self.debias = bool(cfg["debias"])
+        self.renorm = bool(cfg["renorm"])
+        self.rmax, self.dmax, self.renorm_schedule = rmax, dmax, schedule
+        self.virtual_batch_size = None if vbs is None else int(vbs)
+        self.running_var_rule = cfg["running_var_rule"]
+        self.layer_name = cfg["layer_name"]
+
+    def _extras_on(self) -> bool:
+        return (
+            self.debias or self.renorm or self.virtual_batch_size is not None or self.running_var_rule != "unbiased"
+        )
+
+    def extra_repr(self) -> str:
+        parts = [super().extra_repr()]  # type: ignore[misc]
+        if self.running_var_rule != "unbiased":
+            parts.append(f"running_var_rule={self.running_var_rule!r}")
+        if self.debias:
+            parts.append("debias=True")
+        if self.renorm:
+            parts.append(f"renorm=True, rmax={self.rmax}, dmax={self.dmax}, renorm_schedule={self.renorm_schedule}")
+        if self.virtual_batch_size is not None:
+            parts.append(f"virtual_batch_size={self.virtual_batch_size}")
+        return ", ".join(parts)
+
+    def _label(self) -> str:
+        return f"BatchNorm layer {self.layer_name!r}" if self.layer_name else f"{type(self).__name__}({self.num_features})"
+
+    def renorm_clip(self, step: int | None = None) -> tuple[float, float]:
+        """``(rmax, dmax)`` in force at training step ``step`` (default: the next one)."""
+        if step is None:
+            step = int(self.num_batches_tracked) + 1
+        if self.renorm_schedule is None:
+            return self.rmax, self.dmax
+        warmup, r_full, d_full = self.renorm_schedule
+        fr = min(max((step - warmup) / (r_full - warmup), 0.0), 1.0)
+        fd = min(max((step - warmup) / (d_full - warmup), 0.0), 1.0)
+        return 1.0 + (self.rmax - 1.0) * fr, self.dmax * fd
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training or self.running_mean is None:  # normalizes with batch statistics
+            self._check_input_dim(input)
+            if input.dim() < 2 or input.size(1) != self.num_features:
+                raise ValueError(
+                    f"{self._label()} expects {self.num_features} channels on dim 1, got input of shape {tuple(input.shape)}"
+                )
+            if input.numel() // self.num_features == 1:
+                raise ValueError(batch_of_one_message(self._label(), input.shape))
+            if self.training and self._extras_on():
+                return self._forward_train_extras(input)
+        return super().forward(input)  # type: ignore[misc]
+
+    def _chunks(self, x: Tensor) -> list[Tensor]:
+        k = self.virtual_batch_size
+        if k is None or k >= x.size(0):
+            return [x]
+        per_value = x[:1].numel() // self.num_features
+        if k * per_value < 2:
+            raise ValueError(
+                f"{self._label()}: virtual_batch_size={k} gives ghost batches of {k * per_value} value per channel "
+                f"for input of shape {tuple(x.shape)}; each needs at least 2. Use a larger virtual_batch_size."
+            )
+        chunks = list(x.split(k))
+        if chunks[-1].numel() // self.num_features < 2:
+            chunks[-2:] = [torch.cat(chunks[-2:])]
+        return chunks
+
+    def _forward_train_extras(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            raise ValueError(f"{self._label()} got an empty batch {tuple(x.shape)} in training mode")
+        chunks = self._chunks(x)  # validates before any buffer changes
+        update = self.track_running_stats and self.running_mean is not None
+        if update:
+            self.num_batches_tracked.add_(1)
+        if self.renorm:
+            rmax, dmax = self.renorm_clip(int(self.num_batches_tracked))
+            outs = [self._renorm_chunk(c, rmax, dmax) for c in chunks]
+        else:
+            outs = [F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps) for c in chunks]
+        if update:
+            self._update_running(chunks)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _reduce_dims(self, x: Tensor) -> list[int]:
+        return [0, *range(2, x.dim())]
+
+    def _bshape(self, x: Tensor) -> tuple[int, ...]:
+        return (1, self.num_features) + (1,) * (x.dim() - 2)
+
+    def _renorm_chunk(self, x: Tensor, rmax: float, dmax: float) -> Tensor:
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var_b, mean_b = torch.var_mean(xf, dim=self._reduce_dims(xf), correction=0)
+        std_b = torch.sqrt(var_b + self.eps)
+        with torch.no_grad():
+            std_r = torch.sqrt(self.running_var.to(xf.dtype) + self.eps)
+            r = (std_b / std_r).clamp(1.0 / rmax, rmax)
+            d = ((mean_b - self.running_mean.to(xf.dtype)) / std_r).clamp(-dmax, dmax)
+        shape = self._bshape(xf)
+        y = (xf - mean_b.view(shape)) / std_b.view(shape) * r.view(shape) + d.view(shape)
+        if self.weight is not None:
+            y = y * self.weight.to(y.dtype).view(shape)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype).view(shape)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, chunks: list[Tensor]) -> None:
+        t = int(self.num_batches_tracked)
+        if self.momentum is None:
+            a = 1.0 / t
+        elif self.debias:
+            seen = -math.expm1(t * math.log1p(-self.momentum)) if self.momentum < 1.0 else 1.0  # 1 - (1-m)**t
+            a = 1.0 / t if seen == 0.0 else self.momentum / seen
+        else:
+            a = self.momentum
+        count, total, m2 = 0, 0.0, 0.0
+        for c in chunks:
+            c64 = c.detach().to(torch.float64)
+            var_c, mean_c = torch.var_mean(c64, dim=self._reduce_dims(c64), correction=0)
+            n_c = c64.numel() // self.num_features
+            count += n_c
+            total = total + mean_c * n_c
+            m2 = m2 + var_c * n_c
+        mean = total / count
+        dof = count - len(chunks) if self.running_var_rule == "unbiased" else count
+        var = m2 / dof
+        rm, rv = self.running_mean, self.running_var
+        rm.copy_((1.0 - a) * rm.to(torch.float64) + a * mean)
+        rv.copy_((1.0 - a) * rv.to(torch.float64) + a * var)
+
+
+class BatchNorm1d(_DropInBatchNorm, nn.BatchNorm1d):
+    """Drop-in ``nn.BatchNorm1d`` for ``(N, C)`` / ``(N, C, L)`` with opt-in small-batch extras (see module doc)."""
+
+
+class BatchNorm2d(_DropInBatchNorm, nn.BatchNorm2d):
+    """Drop-in ``nn.BatchNorm2d`` for ``(N, C, H, W)`` with opt-in small-batch extras (see module doc)."""
+
+
+class BatchNorm3d(_DropInBatchNorm, nn.BatchNorm3d):
+    """Drop-in ``nn.BatchNorm3d`` for ``(N, C, D, H, W)`` with opt-in small-batch extras (see module doc)."""
+
+
+_DROP_IN = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+_STANDARD = {v: k for k, v in _DROP_IN.items()}
+
+
+# ----------------------------------------------------------------- module swaps
+def retype_module(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A new ``cls`` instance sharing ``module``'s parameters, buffers, hooks and flags.
+
+    Parameter and buffer tensors are the same objects (an optimizer built on the
+    old module keeps working); the containers are copied, so the old module is
+    left as it was.
+    """
+    new = cls.__new__(cls)
+    new.__dict__.update(
+        {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in module.__dict__.items()}
+    )
+    return new
+
+
+def replace_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
+    """Replace every module for which ``make(name, module)`` returns a new one.
+
+    All replacements are built before any is installed, so an exception leaves
+    ``model`` untouched. A module used at several places is replaced by one new
+    module everywhere. Returns the (possibly new) root.
+    """
+    new_of: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) not in new_of:
+            new = make(name, module)
+            if new is not None:
+                new_of[id(module)] = new
+    if not new_of:
+        return model
+    for parent in list(model.modules()):
+        for child_name, child in list(parent._modules.items()):
+            if child is not None and id(child) in new_of:
+                parent._modules[child_name] = new_of[id(child)]
+    return new_of.get(id(model), model)
+
+
+def convert_bn(model: nn.Module, **extras) -> nn.Module:
+    """Swap every standard ``nn.BatchNorm1d/2d/3d`` for bnkit's drop-in layer with ``extras``.
+
+    Weights, buffers (the same tensors), hooks, ``training`` and ``requires_grad``
+    flags are kept; each new layer's ``layer_name`` is its qualified name, so its
+    errors name it. ``SyncBatchNorm`` and subclasses are left alone (revert them
+    first). Returns the model (a new object only when ``model`` itself is a BN layer).
+    """
+
+    def make(name: str, m: nn.Module) -> nn.Module | None:
+        cls = _DROP_IN.get(type(m))
+        if cls is None:
+            return None
+        new = retype_module(m, cls)
+        new._set_extras(**{"layer_name": name or type(m).__name__, **extras})
+        return new
+
+    return replace_modules(model, make)
+
+
+def revert_bn(model: nn.Module) -> nn.Module:
+    """Swap every bnkit drop-in layer back to the plain ``nn.BatchNorm*d``, keeping tensors and flags."""
+
+    def make(name: str, m: nn.Module) -> nn.Module | None:
+        cls = _STANDARD.get(type(m))
+        if cls is None:
+            return None
+        new = retype_module(m, cls)
+        for key in _EXTRA_DEFAULTS:
+            new.__dict__.pop(key, None)
+        return new
+
+    return replace_modules(model, make)

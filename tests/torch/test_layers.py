@@ -1,0 +1,328 @@
+"""bnkit's drop-in BatchNorm layers against torch.nn.BatchNorm*d and float64 closed forms."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnkit.torch import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_bn, revert_bn
+from bnkit.torch.layers import PAPER_RENORM_SCHEDULE
+from bnkit.torch.zoo import SmallResNet, example_input
+
+PAIRS = [
+    (nn.BatchNorm1d, BatchNorm1d, (6, 3)),
+    (nn.BatchNorm1d, BatchNorm1d, (4, 3, 5)),
+    (nn.BatchNorm2d, BatchNorm2d, (4, 3, 5, 2)),
+    (nn.BatchNorm3d, BatchNorm3d, (2, 3, 2, 3, 2)),
+]
+
+
+_EXTRAS = {"debias", "renorm", "rmax", "dmax", "renorm_schedule", "virtual_batch_size", "running_var_rule"}
+
+
+def _pair(ref_cls, cls, **kw):
+    torch.manual_seed(0)
+    ref = ref_cls(3, **{k: v for k, v in kw.items() if k not in _EXTRAS})
+    with torch.no_grad():
+        if ref.weight is not None:
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.uniform_(-0.5, 0.5)
+    ours = cls(3, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _batches(shape, n, shift=2.0, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) * (1 + i) + shift * i for i in range(n)]
+
+
+def _stats64(x: torch.Tensor, correction: int):
+    dims = [0, *range(2, x.dim())]
+    x64 = x.double()
+    return x64.mean(dims).numpy(), x64.var(dims, correction=correction).numpy()
+
+
+# ------------------------------------------------------------------ extras off = nn.BatchNorm*d
+@pytest.mark.parametrize("ref_cls,cls,shape", PAIRS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_extras_off_is_bit_identical_to_torch(ref_cls, cls, shape, momentum):
+    ref, ours = _pair(ref_cls, cls, momentum=momentum)
+    opt_r = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt_o = torch.optim.SGD(ours.parameters(), lr=0.1)
+    for x in _batches(shape, 4):
+        xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, yo = ref(xr), ours(xo)
+        assert torch.equal(yr, yo)
+        (yr * torch.arange(yr.numel()).view_as(yr)).sum().backward()
+        (yo * torch.arange(yo.numel()).view_as(yo)).sum().backward()
+        assert torch.equal(xr.grad, xo.grad)
+        opt_r.step(), opt_o.step(), opt_r.zero_grad(), opt_o.zero_grad()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(value, ours.state_dict()[key]), key
+    ref.eval(), ours.eval()
+    x = _batches(shape, 1, seed=5)[0]
+    assert torch.equal(ref(x), ours(x))
+
+
+def test_state_dicts_load_both_ways_and_subclass_torch():
+    ref, ours = _pair(nn.BatchNorm2d, BatchNorm2d, debias=True, renorm=True, virtual_batch_size=2)
+    assert isinstance(ours, nn.BatchNorm2d)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    plain = nn.BatchNorm2d(3)
+    plain.load_state_dict(ours.state_dict(), strict=True)
+    back = BatchNorm2d(3, renorm=True)
+    back.load_state_dict(plain.state_dict(), strict=True)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+
+
+# ------------------------------------------------------------------ running_var_rule
+@pytest.mark.parametrize("rule,correction", [("unbiased", 1), ("biased", 0)])
+def test_running_var_rule_against_float64_closed_form(rule, correction):
+    m = 0.3
+    layer = BatchNorm2d(3, momentum=m, running_var_rule=rule)
+    mean, var = np.zeros(3), np.ones(3)
+    for x in _batches((3, 3, 2, 2), 5):
+        y = layer(x)
+        bm, bv = _stats64(x, correction)
+        mean, var = (1 - m) * mean + m * bm, (1 - m) * var + m * bv
+        # the output is normalized with the biased batch variance whatever the rule
+        ref = torch.nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+        assert torch.equal(y, ref)
+    np.testing.assert_allclose(layer.running_mean.numpy(), mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layer.running_var.numpy(), var, rtol=1e-6)
+    assert int(layer.num_batches_tracked) == 5
+
+
+def test_biased_rule_with_cumulative_average():
+    layer = BatchNorm1d(3, momentum=None, running_var_rule="biased")
+    xs = _batches((4, 3), 3)
+    for x in xs:
+        layer(x)
+    np.testing.assert_allclose(layer.running_var.numpy(), np.mean([_stats64(x, 0)[1] for x in xs], axis=0), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ debias
+@pytest.mark.parametrize("m", [0.1, 0.01])
+def test_debiased_ema_matches_closed_form(m):
+    layer = BatchNorm2d(3, momentum=m, debias=True)
+    plain = nn.BatchNorm2d(3, momentum=m)
+    xs = _batches((4, 3, 2, 2), 6)
+    for x in xs:
+        layer(x), plain(x)
+    t = len(xs)
+    w = np.array([m * (1 - m) ** (t - 1 - i) for i in range(t)])  # EMA weights of each batch
+    means = np.stack([_stats64(x, 1)[0] for x in xs])
+    varis = np.stack([_stats64(x, 1)[1] for x in xs])
+    # the bias-corrected EMA: weighted mean of the batch statistics, no weight left on the initial 0 / 1
+    np.testing.assert_allclose(layer.running_mean.numpy(), w @ means / (1 - (1 - m) ** t), rtol=1e-5)
+    np.testing.assert_allclose(layer.running_var.numpy(), w @ varis / (1 - (1 - m) ** t), rtol=1e-5)
+    # the raw EMA (plain torch) still carries (1-m)**t of the init: the lag debias removes
+    np.testing.assert_allclose(plain.running_mean.numpy(), w @ means, rtol=1e-5)
+    lag = np.abs(plain.running_mean.numpy() - layer.running_mean.numpy())
+    assert np.all(lag > 0.1 * np.abs(layer.running_mean.numpy()))
+
+
+def test_debias_with_zero_momentum_is_the_cumulative_average():
+    layer = BatchNorm1d(3, momentum=0.0, debias=True)
+    xs = _batches((5, 3), 3)
+    for x in xs:
+        layer(x)
+    np.testing.assert_allclose(layer.running_mean.numpy(), np.mean([_stats64(x, 1)[0] for x in xs], axis=0), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ renorm
+def test_renorm_with_r1_d0_equals_batchnorm():
+    ref, ours = _pair(nn.BatchNorm2d, BatchNorm2d, renorm=True, rmax=1.0, dmax=0.0)
+    for x in _batches((4, 3, 3, 3), 3):
+        xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, yo = ref(xr), ours(xo)
+        torch.testing.assert_close(yo, yr, rtol=1e-5, atol=1e-5)
+        w = torch.randn_like(yr)
+        (yr * w).sum().backward(), (yo * w).sum().backward()
+        torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def test_renorm_against_float64_formula_with_stopped_gradient():
+    layer = BatchNorm2d(3, renorm=True, rmax=1.5, dmax=0.5, momentum=0.2).double()
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([0.5, -1.0, 3.0]))
+        layer.running_var.copy_(torch.tensor([0.2, 4.0, 1.0]))
+        layer.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    x = (torch.randn(4, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * 2).requires_grad_()
+    y = layer(x)
+    # Ioffe 2017, Alg. 1 with r and d treated as constants
+    xd = x.detach().clone().requires_grad_()
+    mu = xd.mean((0, 2, 3))
+    sb = torch.sqrt(xd.var((0, 2, 3), correction=0) + layer.eps)
+    s = torch.sqrt(rv + layer.eps)
+    r = (sb / s).clamp(1 / 1.5, 1.5).detach()
+    d = ((mu - rm) / s).clamp(-0.5, 0.5).detach()
+    assert (r == 1.5).any() or (r == 1 / 1.5).any()  # the clip is active somewhere
+    assert (d.abs() == 0.5).any()
+    expect = ((xd - mu[:, None, None]) / sb[:, None, None] * r[:, None, None] + d[:, None, None])
+    expect = expect * layer.weight.detach()[:, None, None] + layer.bias.detach()[:, None, None]
+    torch.testing.assert_close(y, expect)
+    g = torch.randn_like(y)
+    (y * g).sum().backward(), (expect * g).sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad)
+    # running statistics: PyTorch's update with the unbiased batch variance
+    torch.testing.assert_close(layer.running_mean, 0.8 * rm + 0.2 * mu.detach())
+    torch.testing.assert_close(layer.running_var, 0.8 * rv + 0.2 * xd.detach().var((0, 2, 3), correction=1))
+
+
+def test_renorm_schedule():
+    layer = BatchNorm1d(3, renorm=True, rmax=3.0, dmax=5.0, renorm_schedule=PAPER_RENORM_SCHEDULE)
+    assert layer.renorm_clip(1) == (1.0, 0.0)
+    assert layer.renorm_clip(5000) == (1.0, 0.0)
+    assert layer.renorm_clip(22500) == pytest.approx((2.0, 5.0 * 17500 / 20000))
+    assert layer.renorm_clip(25000) == pytest.approx((1.0 + 2.0 * 20000 / 35000, 5.0))
+    assert layer.renorm_clip(10**6) == (3.0, 5.0)
+    # during warm-up renorm is plain BN (r = 1, d = 0) even when the running stats are far off
+    with torch.no_grad():
+        layer.running_mean.fill_(100.0)
+    ref = nn.BatchNorm1d(3)
+    x = torch.randn(8, 3)
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ ghost batch norm
+def test_ghost_bn_with_k_equal_batch_is_batchnorm():
+    ref, ours = _pair(nn.BatchNorm2d, BatchNorm2d, virtual_batch_size=4)
+    for x in _batches((4, 3, 2, 2), 3):
+        assert torch.equal(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def test_ghost_bn_normalizes_each_chunk_and_pools_the_variance():
+    m = 0.5
+    layer = BatchNorm1d(3, momentum=m, virtual_batch_size=3, affine=False)
+    x = _batches((8, 3), 1, seed=7)[0] + torch.arange(8.0)[:, None]  # chunks differ in mean
+    y = layer(x)
+    # chunks of 3, 3, 2 (the last has 2 values per channel, so it stays on its own)
+    for sl in (slice(0, 3), slice(3, 6), slice(6, 8)):
+        c = x[sl].double()
+        torch.testing.assert_close(y[sl].double(), (c - c.mean(0)) / torch.sqrt(c.var(0, correction=0) + 1e-5),
+                                   rtol=1e-5, atol=1e-5)
+    x64 = x.double().numpy()
+    m2 = sum(((x64[sl] - x64[sl].mean(0)) ** 2).sum(0) for sl in (slice(0, 3), slice(3, 6), slice(6, 8)))
+    np.testing.assert_allclose(layer.running_mean.numpy(), m * x64.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(layer.running_var.numpy(), (1 - m) + m * m2 / (8 - 3), rtol=1e-6)
+    # inference uses the running statistics at any batch size, not only multiples of k
+    layer.eval()
+    ref = nn.BatchNorm1d(3, affine=False).eval()
+    ref.load_state_dict(layer.state_dict())
+    for n in (1, 5, 7):
+        z = torch.randn(n, 3)
+        assert torch.equal(layer(z), ref(z))
+
+
+def test_ghost_bn_last_single_value_chunk_joins_the_previous():
+    layer = BatchNorm1d(2, virtual_batch_size=2, affine=False)
+    x = torch.randn(5, 2)
+    y = layer(x)
+    c = x[2:]
+    torch.testing.assert_close(y[2:], (c - c.mean(0)) / torch.sqrt(c.var(0, correction=0) + 1e-5))
+
+
+# ------------------------------------------------------------------ errors
+@pytest.mark.parametrize("shape,cls", [((1, 4), nn.BatchNorm1d), ((1, 4, 1), nn.BatchNorm1d),
+                                       ((1, 4, 1, 1), nn.BatchNorm2d), ((1, 4, 1, 1, 1), nn.BatchNorm3d)])
+@pytest.mark.parametrize("extras", [{}, {"renorm": True}, {"virtual_batch_size": 1}])
+def test_batch_of_one_names_the_layer_and_fixes(shape, cls, extras):
+    model = nn.Sequential(nn.Identity(), cls(4))
+    model = convert_bn(model, **extras)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as err:
+        model(torch.randn(shape))
+    msg = str(err.value)
+    assert "'1'" in msg and str(shape) in msg and "model.eval()" in msg and "freeze_bn" in msg
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value)
+    model.eval()
+    assert model(torch.randn(shape)).shape == shape
+
+
+def test_batch_of_one_without_running_stats_in_eval():
+    layer = BatchNorm2d(4, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="only 1 value per channel"):
+        layer(torch.randn(1, 4, 1, 1))
+
+
+def test_one_value_per_ghost_batch_is_refused():
+    layer = BatchNorm1d(3, virtual_batch_size=1)
+    with pytest.raises(ValueError, match="virtual_batch_size=1"):
+        layer(torch.randn(4, 3))
+    assert int(layer.num_batches_tracked) == 0
+    assert BatchNorm2d(3, virtual_batch_size=1)(torch.randn(4, 3, 2, 1)).shape == (4, 3, 2, 1)
+
+
+@pytest.mark.parametrize("kw", [{"running_var_rule": "keras"}, {"rmax": 0.5}, {"dmax": -1.0}, {"virtual_batch_size": 0},
+                                {"renorm_schedule": (5, 2, 9)}, {"renorm": True, "track_running_stats": False}])
+def test_bad_options(kw):
+    with pytest.raises(ValueError):
+        BatchNorm2d(3, **kw)
+
+
+def test_wrong_channel_count():
+    with pytest.raises(ValueError, match="expects 3 channels"):
+        BatchNorm2d(3)(torch.randn(2, 4, 2, 2))
+
+
+# ------------------------------------------------------------------ convert_bn / revert_bn
+def test_convert_and_revert_keep_tensors_flags_and_outputs():
+    torch.manual_seed(0)
+    model = SmallResNet()
+    model.train()
+    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    bns[0][1].eval()
+    bns[1][1].weight.requires_grad_(False)
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    flags = {n: m.training for n, m in model.named_modules()}
+    x = example_input("resnet", batch=4)
+    ref = copy.deepcopy(model)
+    y_ref = ref(x)
+
+    conv = convert_bn(model, virtual_batch_size=2)
+    assert conv is model
+    new_bns = [m for _, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(type(m) is BatchNorm2d and m.virtual_batch_size == 2 for m in new_bns)
+    assert new_bns[2].layer_name == bns[2][0]
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    for k, v in model.state_dict(keep_vars=True).items():
+        assert v is tensors[k], k
+    assert not new_bns[1].weight.requires_grad
+
+    back = revert_bn(model)
+    assert all(type(m) is nn.BatchNorm2d for _, m in back.named_modules() if isinstance(m, nn.BatchNorm2d))
+    assert not hasattr(back.get_submodule(bns[0][0]), "virtual_batch_size")
+    assert torch.equal(back(x), y_ref)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+
+
+def test_convert_bn_of_a_bare_layer_and_bad_options_change_nothing():
+    bn = nn.BatchNorm1d(3)
+    new = convert_bn(bn, renorm=True)
+    assert type(new) is BatchNorm1d and new.renorm and new.running_mean is bn.running_mean
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3))
+    with pytest.raises(ValueError):
+        convert_bn(model, rmax=0.1)
+    assert all(type(m) is nn.BatchNorm1d for m in model)
+    with pytest.raises(TypeError, match="unknown"):
+        convert_bn(model, rmaxx=2.0)
+
+
+def test_shared_module_is_converted_once():
+    bn = nn.BatchNorm1d(3)
+    model = nn.Sequential(bn, nn.ReLU(), bn)
+    convert_bn(model, debias=True)
+    assert model[0] is model[2] and type(model[0]) is BatchNorm1d
