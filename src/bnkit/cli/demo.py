@@ -1,64 +1,98 @@
-"""``bnkit demo``: BatchNorm at inference, measured on scikit-learn's digits."""
+"""``bnkit demo``: the lesson on BatchNorm at inference, every chapter measured on scikit-learn's digits."""
 from __future__ import annotations
 
-import typer
-from rich.table import Table
+from pathlib import Path
 
-from .app import app, console
+import typer
+
+from .app import app, console, fail
+
+
+class _RichTracker:
+    """Feeds :mod:`bnkit.study`'s progress calls to one rich progress bar per chapter."""
+
+    def __init__(self, progress) -> None:
+        self.progress = progress
+        self.task = None
+
+    def start(self, description: str, total: int) -> None:
+        self.task = self.progress.add_task(description, total=max(total, 1))
+
+    def advance(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, n)
+
+    def finish(self) -> None:
+        if self.task is not None:
+            total = next(t.total for t in self.progress.tasks if t.id == self.task)
+            self.progress.update(self.task, completed=total)
+        self.task = None
+
+
+def _print_chapter(ch) -> None:
+    from rich.table import Table
+
+    for t in ch.tables:
+        table = Table(title=t.title, title_justify="left")
+        for i, col in enumerate(t.columns):
+            table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
+        for row in t.rows:
+            table.add_row(*row)
+        console.print(table)
+    for claim, ok in ch.checks.items():
+        console.print(f"  [{'green' if ok else 'red'}]{'holds' if ok else 'does NOT hold'}[/]: {claim}")
+    for f in ch.findings:
+        console.print(f"  - {f}", highlight=False)
+    if ch.status != "ok":
+        console.print(f"  [bold yellow]chapter {ch.status}:[/] {ch.reason}", highlight=False)
+
+
+def run_and_report(names: list[str], size: str, seed: int, out: Path, seeds: int | None = None) -> int:
+    """Run chapters with a progress bar, print their tables, write the report; return the exit code."""
+    import platform
+    import time
+
+    import numpy as np
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..study import Context, run_chapters
+    from ..study.report import write_report
+
+    start = time.perf_counter()
+    chapters = []
+    with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        tracker = _RichTracker(progress)
+        ctx = Context(size=size, seed=seed, out=out, seeds=seeds, tracker=tracker)
+        for name in names:
+            (ch,) = run_chapters([name], ctx)
+            tracker.finish()
+            chapters.append(ch)
+            _print_chapter(ch)
+    seconds = round(time.perf_counter() - start, 1)
+    meta = {"size": size, "seed": seed, "seeds": seeds, "seconds": seconds, "chapters": names,
+            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads()}
+    paths = write_report(chapters, out, meta)
+    console.print(f"report: {paths['html']} (also {paths['markdown'].name}, {paths['json'].name}) in {seconds} s")
+    failed = [ch.name for ch in chapters if ch.status == "failed"]
+    if failed:
+        console.print(f"[bold red]error:[/] chapter(s) failed: {', '.join(failed)} (see results.json)")
+        return 1
+    return 0
 
 
 @app.command()
-def demo(seed: int = typer.Option(0, help="Random seed.")) -> None:
-    """Train a small BN network on digits and compare eval mode with training mode at batch 64 and 1."""
-    import numpy as np
-    import torch
-    from sklearn.datasets import load_digits
-    from torch import nn
+def demo(
+    quick: bool = typer.Option(False, "--quick", help="Smallest size (about a minute); the size the tests run."),
+    out: Path = typer.Option(Path("bnkit-report"), help="Folder for index.html, report.md, results.json and the plots."),
+    seed: int = typer.Option(0, help="Base random seed (data split, initialisation, shuffling)."),
+) -> None:
+    """Tell the story of BatchNorm at inference on scikit-learn's digits, every number measured in this run."""
+    if out.exists() and not out.is_dir():
+        raise fail(f"--out {out} exists and is not a folder")
+    from ..study import CHAPTERS
 
-    torch.manual_seed(seed)
-    digits = load_digits()
-    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(digits.target)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    tr, te = perm[:1400], perm[1400:]
-    model = nn.Sequential(nn.Linear(64, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(20):
-        for idx in tr[torch.randperm(len(tr))].split(64):
-            if len(idx) < 2:
-                continue
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-
-    def accuracy(batch: int, train_mode: bool) -> float:
-        model.train(train_mode)
-        correct = 0
-        with torch.no_grad():
-            saved = {k: v.clone() for k, v in model.state_dict().items()}
-            for idx in te.split(batch):
-                if train_mode and batch == 1:
-                    # nn.BatchNorm1d refuses a (1, C) batch in training mode; do by hand what it would compute
-                    h = model[0](x[idx])
-                    h = (h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + model[1].eps)
-                    out = model[3](model[2](h * model[1].weight + model[1].bias))
-                else:
-                    out = model(x[idx])
-                correct += int((out.argmax(1) == y[idx]).sum())
-            model.load_state_dict(saved)
-        return correct / len(te)
-
-    table = Table(title="BatchNorm at inference on digits (test set, 397 images)")
-    table.add_column("mode")
-    table.add_column("batch size", justify="right")
-    table.add_column("accuracy", justify="right")
-    table.add_row("eval (running statistics)", "any", f"{accuracy(64, False):.3f}")
-    table.add_row("training (batch statistics)", "64", f"{accuracy(64, True):.3f}")
-    table.add_row("training (batch statistics)", "1", f"{accuracy(1, True):.3f}")
-    model.eval()
-    console.print(table)
-    console.print(
-        f"chance level is 0.1; at batch size 1 every normalized activation is (x - x) / sqrt(0 + eps) = 0, "
-        f"so the output is the same for every image. numpy {np.__version__}, torch {torch.__version__}."
-    )
+    code = run_and_report(list(CHAPTERS), "quick" if quick else "demo", seed, out)
+    raise typer.Exit(code)

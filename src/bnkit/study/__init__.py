@@ -1,0 +1,112 @@
+"""The lesson on BatchNorm at inference, checked chapter by chapter on real data.
+
+Each chapter module exposes ``NUMBER``, ``TITLE``, ``CLAIM``, ``REQUIRES`` (the
+``bnkit.torch`` names it needs), ``SIZES`` (``quick``/``demo``/``full``) and
+``run(ctx) -> Chapter``. :func:`run_chapters` runs them in order; a chapter
+whose ``bnkit.torch`` dependencies are missing is reported as not run, with
+the reason, never faked. ``bnkit demo`` runs all chapters at the ``demo`` (or
+``quick``) size; ``bnkit study NAME`` runs one at the ``full`` size.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .report import Chapter, Table, unavailable
+
+__all__ = ["CHAPTERS", "SIZES", "Tracker", "Context", "run_chapters", "missing_dependencies"]
+
+#: chapter name -> module under ``bnkit.study``, in the order they are told.
+CHAPTERS: dict[str, str] = {
+    "running-stats": "running",
+    "two-modes": "modes",
+    "batch-size": "batchsize",
+    "fine-tuning": "finetune",
+    "deployment": "deploy",
+}
+SIZES = ("quick", "demo", "full")
+
+
+class Tracker(Protocol):
+    """Progress reporting: one task per chapter, advanced in work units (epochs, passes)."""
+
+    def start(self, description: str, total: int) -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+
+class NullTracker:
+    def start(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+
+@dataclass
+class Context:
+    """What a chapter runs with: its size, base seed, seed count override, figure folder, progress."""
+
+    size: str = "demo"
+    seed: int = 0
+    out: Path = Path("bnkit-report")
+    seeds: int | None = None
+    tracker: Tracker = field(default_factory=NullTracker)
+
+    def params(self, sizes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The chapter's parameters at this size; ``seeds`` overridden when given."""
+        if self.size not in sizes:
+            raise ValueError(f"size must be one of {sorted(sizes)}, got {self.size!r}")
+        p = dict(sizes[self.size])
+        if self.seeds is not None:
+            if self.seeds < 1:
+                raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+            p["seeds"] = self.seeds
+        return p
+
+
+def missing_dependencies(names: tuple[str, ...]) -> list[str]:
+    """The ``bnkit.torch`` names among ``names`` that cannot be imported, each with the reason."""
+    import bnkit.torch as bt
+
+    missing = []
+    for name in names:
+        try:
+            getattr(bt, name)
+        except ModuleNotFoundError as exc:
+            missing.append(f"bnkit.torch.{name} (module {exc.name} does not exist yet)")
+        except (ImportError, AttributeError) as exc:
+            missing.append(f"bnkit.torch.{name} ({exc})")
+    return missing
+
+
+def chapter_module(name: str):
+    if name not in CHAPTERS:
+        raise ValueError(f"unknown chapter {name!r}; choose from {', '.join(CHAPTERS)}")
+    return importlib.import_module(f"{__name__}.{CHAPTERS[name]}")
+
+
+def run_chapters(names: list[str], ctx: Context) -> list[Chapter]:
+    """Run the named chapters in order. A chapter that raises is reported as failed, with the error."""
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    chapters = []
+    for name in names:
+        mod = chapter_module(name)
+        start = time.perf_counter()
+        missing = missing_dependencies(mod.REQUIRES)
+        if missing:
+            ch = unavailable(mod.NUMBER, name, mod.TITLE, mod.CLAIM, "needs " + "; ".join(missing))
+        else:
+            try:
+                ch = mod.run(ctx)
+            except Exception as exc:  # report it in the table and results.json; the CLI exits non-zero
+                reason = f"{type(exc).__name__}: {exc}"
+                ch = unavailable(mod.NUMBER, name, mod.TITLE, mod.CLAIM, reason, status="failed")
+                ch.data["traceback"] = traceback.format_exc()
+        ch.seconds = round(time.perf_counter() - start, 2)
+        chapters.append(ch)
+    return chapters

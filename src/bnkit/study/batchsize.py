@@ -1,0 +1,169 @@
+"""Chapter 3: batch size and the quality of the statistics.
+
+For each training batch size and seed an MLP is trained on digits (same number
+of epochs, so small batches take more steps) and scored in eval mode with:
+
+* ``EMA``: PyTorch's running statistics (momentum 0.1 on the new batch,
+  unbiased batch variance fed to ``running_var``);
+* ``recalibrated``: the same weights with the exact population statistics of
+  the training set (:func:`bnkit.torch.recalibrate`, one float64 pass);
+* ``batch renorm``: a separate model trained with bnkit's drop-in layer,
+  ``convert_bn(model, renorm=True)`` (Ioffe 2017: ``y = (x - mu_B)/sigma_B * r + d``
+  with ``r, d`` clipped at ``rmax = 3``, ``dmax = 5``), so training already
+  normalizes with the running statistics' scale and shift;
+* ``LayerNorm``: the same MLP with ``nn.LayerNorm`` in place of BatchNorm, the
+  batch-independent reference (it normalizes each image over its features).
+
+A method whose ``bnkit.torch`` function is missing in this build is reported
+as not available, never estimated.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..torch.modules import bn_layers
+from ..torch.zoo import MLP
+from . import missing_dependencies
+from .data import load_digits_split
+from .report import Chapter, Figure, Table, new_figure, save_figure
+from .train import accuracy, batches, fit
+
+NUMBER = 3
+TITLE = "Batch size and statistics quality"
+CLAIM = (
+    "The running statistics are only as good as the batch statistics feeding them: with small batches the EMA "
+    "is noisy and eval accuracy suffers; exact recalibration, batch renormalization or a batch-independent "
+    "norm close the gap."
+)
+REQUIRES: tuple[str, ...] = ()
+SIZES = {
+    "quick": {"seeds": 1, "epochs": 2, "batch_sizes": (2, 8, 32)},
+    "demo": {"seeds": 2, "epochs": 3, "batch_sizes": (2, 4, 8, 16, 32, 128)},
+    "full": {"seeds": 5, "epochs": 10, "batch_sizes": (2, 4, 8, 16, 32, 64, 128, 256)},
+}
+METHODS = {
+    "ema": ("EMA running statistics", ()),
+    "recalibrated": ("recalibrated (exact)", ("recalibrate",)),
+    "renorm": ("batch renorm (drop-in layer)", ("convert_bn",)),
+    "layernorm": ("LayerNorm (no batch statistics)", ()),
+}
+
+
+def layernorm_mlp() -> nn.Module:
+    """The chapter's MLP with every ``BatchNorm1d`` replaced by ``LayerNorm`` of the same width."""
+    model = MLP()
+    for i, m in enumerate(model):
+        if isinstance(m, nn.BatchNorm1d):
+            model[i] = nn.LayerNorm(m.num_features)
+    return model
+
+
+def _train(make, digits, bs: int, epochs: int, seed: int, tracker) -> nn.Module:
+    torch.manual_seed(seed)
+    model = make()
+    fit(model, digits.x_train, digits.y_train, epochs=epochs, batch_size=bs, seed=seed)
+    tracker.advance()
+    return model
+
+
+def _one(digits, bs: int, p: dict, seed: int, available: dict[str, bool], tracker) -> dict:
+    import bnkit.torch as bt
+
+    x, y = digits.x_test, digits.y_test
+    out: dict = {}
+    bn_model = _train(MLP, digits, bs, p["epochs"], seed, tracker)
+    bn_model.eval()
+    out["ema"] = accuracy(bn_model, x, y)
+    if available["recalibrated"]:
+        recal = copy.deepcopy(bn_model)
+        data = [digits.x_train[i] for i in batches(len(digits.x_train), 256)]
+        bt.recalibrate(recal, data, progress=False)
+        out["recalibrated"] = accuracy(recal, x, y)
+        out["running_vs_exact_mean_shift_std"] = {
+            name: float(np.mean(np.abs(a.running_mean.double().numpy() - b.running_mean.double().numpy())
+                                / np.sqrt(b.running_var.double().numpy() + b.eps)))
+            for (name, a), (_, b) in zip(bn_layers(bn_model), bn_layers(recal))
+        }
+    if available["renorm"]:
+        out["renorm"] = accuracy(
+            _train(lambda: bt.convert_bn(MLP(), renorm=True, rmax=3.0, dmax=5.0), digits, bs, p["epochs"], seed, tracker),
+            x, y)
+    out["layernorm"] = accuracy(_train(layernorm_mlp, digits, bs, p["epochs"], seed, tracker), x, y)
+    return out
+
+
+def _plot(res: dict, p: dict, methods: list[str], out) -> str:
+    fig, axes = new_figure(width=7.0, height=4.4)
+    ax = axes[0, 0]
+    bss = list(p["batch_sizes"])
+    for key, marker in zip(methods, "osD^"):
+        acc = np.array([[res[bs][s][key] for bs in bss] for s in range(p["seeds"])])
+        line = ax.plot(bss, acc.mean(0), marker=marker, label=METHODS[key][0])[0]
+        if p["seeds"] > 1:
+            ax.fill_between(bss, acc.min(0), acc.max(0), color=line.get_color(), alpha=0.18)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(bss, [str(b) for b in bss])
+    ax.set_xlabel("training batch size (images per step)")
+    ax.set_ylabel("eval-mode test accuracy (fraction correct)")
+    ax.set_title(f"Digits MLP, {p['epochs']} epochs: mean of {p['seeds']} seed(s)" + (", band = min..max" if p["seeds"] > 1 else ""))
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, out, "ch3_batch_size.png")
+
+
+def run(ctx) -> Chapter:
+    p = ctx.params(SIZES)
+    missing = {key: missing_dependencies(needs) for key, (_, needs) in METHODS.items()}
+    available = {key: not m for key, m in missing.items()}
+    methods = [k for k in METHODS if available[k]]
+    models_per_run = 2 + available["renorm"]
+    ctx.tracker.start(f"{NUMBER}. {TITLE}", len(p["batch_sizes"]) * p["seeds"] * models_per_run)
+    digits = load_digits_split(seed=ctx.seed)
+    res = {bs: [_one(digits, bs, p, ctx.seed + s, available, ctx.tracker) for s in range(p["seeds"])]
+           for bs in p["batch_sizes"]}
+    table = Table(
+        f"Eval-mode test accuracy by training batch size ({p['epochs']} epochs, mean ± spread (max - min) / 2 "
+        f"over {p['seeds']} seed(s))",
+        ["batch size"] + [METHODS[k][0] for k in METHODS],
+    )
+    summary: dict = {}
+    for bs in p["batch_sizes"]:
+        cells = []
+        for key in METHODS:
+            if not available[key]:
+                cells.append("not available in this build")
+                continue
+            acc = np.array([r[key] for r in res[bs]])
+            summary.setdefault(key, {})[bs] = {"mean": float(acc.mean()), "min": float(acc.min()), "max": float(acc.max())}
+            cells.append(f"{acc.mean():.3f} ± {(acc.max() - acc.min()) / 2:.3f}")
+        table.add(bs, *cells)
+    small, large = min(p["batch_sizes"]), max(p["batch_sizes"])
+    findings = [
+        f"With EMA statistics, eval accuracy is {summary['ema'][small]['mean']:.3f} at batch size {small} and "
+        f"{summary['ema'][large]['mean']:.3f} at {large}; LayerNorm, which needs no batch statistics, gets "
+        f"{summary['layernorm'][small]['mean']:.3f} and {summary['layernorm'][large]['mean']:.3f}.",
+    ]
+    checks: dict[str, bool] = {}
+    for key in ("recalibrated", "renorm"):
+        if not available[key]:
+            findings.append(f"{METHODS[key][0]}: not available in this build ({'; '.join(missing[key])}).")
+    if available["recalibrated"]:
+        findings.append(
+            f"Recalibrating the same weights with exact statistics gives {summary['recalibrated'][small]['mean']:.3f} "
+            f"at batch size {small} (EMA {summary['ema'][small]['mean']:.3f})."
+        )
+        checks[f"recalibration is no worse than the EMA at batch size {small} (every seed)"] = all(
+            r["recalibrated"] >= r["ema"] for r in res[small])
+    if available["renorm"]:
+        findings.append(
+            f"Batch renormalization at batch size {small}: {summary['renorm'][small]['mean']:.3f}."
+        )
+    figure = Figure(_plot(res, p, methods, ctx.out),
+                    "Eval accuracy against training batch size for each way of getting the statistics.")
+    return Chapter(NUMBER, "batch-size", TITLE, CLAIM, tables=[table], figures=[figure], findings=findings,
+                   checks=checks, data={"per_seed": res, "summary": summary, "params": p,
+                                        "not_available": {k: v for k, v in missing.items() if v}})

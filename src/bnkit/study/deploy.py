@@ -1,0 +1,178 @@
+"""Chapter 5: deployment. Fold BN into the convolutions, verify, export to ONNX, run in onnxruntime.
+
+In eval mode BN is the per-channel affine map ``y = gamma * (x - rm) / sqrt(rv + eps) + beta``,
+so it folds into the preceding convolution: ``W' = W * s``, ``b' = (b - rm) * s + beta``
+with ``s = gamma / sqrt(rv + eps)`` (:func:`bnkit.torch.fold_bn`). A small ResNet is
+trained on the digit images, folded, exported with :func:`bnkit.torch.export_onnx`,
+and run in onnxruntime; the chapter reports the largest logit difference against
+the unfolded PyTorch model in eval mode, whether any prediction changed, and the
+median latency per forward pass of each (measured here, single process).
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..torch.modules import bn_layers
+from ..torch.zoo import SmallResNet
+from . import missing_dependencies
+from .data import load_digits_split
+from .report import Chapter, Figure, Table, new_figure, save_figure
+from .train import fit, predict
+
+NUMBER = 5
+TITLE = "Deployment"
+CLAIM = (
+    "In eval mode BatchNorm is a fixed affine map, so it folds into the layer before it and exports to ONNX "
+    "with the same outputs up to float32 rounding, and without the BN cost at inference."
+)
+REQUIRES: tuple[str, ...] = ("fold_bn",)
+SIZES = {
+    "quick": {"epochs": 2, "batch_size": 32, "repeats": 20, "latency_batches": (1, 64)},
+    "demo": {"epochs": 4, "batch_size": 32, "repeats": 50, "latency_batches": (1, 64)},
+    "full": {"epochs": 10, "batch_size": 32, "repeats": 200, "latency_batches": (1, 16, 64, 256)},
+}
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def _ort_runner(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    fixed = sess.get_inputs()[0].shape[0]
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        arr = x.numpy()
+        if isinstance(fixed, int) and fixed != len(arr):  # exported with a fixed batch size: feed it that size
+            return np.concatenate([sess.run(None, {name: arr[i:i + fixed]})[0] for i in range(0, len(arr), fixed)])
+        return sess.run(None, {name: arr})[0]
+
+    return run, fixed
+
+
+def run(ctx) -> Chapter:
+    import bnkit.torch as bt
+
+    p = ctx.params(SIZES)
+    missing_export = missing_dependencies(("export_onnx",))
+    ctx.tracker.start(f"{NUMBER}. {TITLE}", p["epochs"] + 2)
+    digits = load_digits_split(seed=ctx.seed, images=True)
+    torch.manual_seed(ctx.seed)
+    model = SmallResNet()
+    fit(model, digits.x_train, digits.y_train, epochs=p["epochs"], batch_size=p["batch_size"], seed=ctx.seed,
+        on_epoch=lambda _e: ctx.tracker.advance())
+    model.eval()
+    x, y = digits.x_test, digits.y_test
+    reference = predict(model, x, batch_size=len(x))
+    n_bn = len(bn_layers(model))
+    folded, report = bt.fold_bn(model, x[:8])
+    folded.eval()
+    ctx.tracker.advance()
+    folded_logits = predict(folded, x, batch_size=len(x))
+    data: dict = {
+        "params": p, "bn_layers": n_bn, "folded": report.n_folded, "left": dict(report.left),
+        "bn_layers_after_fold": len(bn_layers(folded)),
+        "accuracy": {"pytorch_eval": float((reference.argmax(1) == y).double().mean()),
+                     "folded": float((folded_logits.argmax(1) == y).double().mean())},
+        "max_abs_diff": {"folded_vs_eval": float((folded_logits - reference).abs().max())},
+        "predictions_changed": {"folded": int((folded_logits.argmax(1) != reference.argmax(1)).sum())},
+        "latency_ms": {},
+    }
+    runners = {"PyTorch eval (with BN)": lambda t: model(t), "PyTorch folded": lambda t: folded(t)}
+    if not missing_export:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "folded.onnx"
+            bt.export_onnx(folded, x[:1], path)
+            data["onnx_bytes"] = path.stat().st_size
+            ort_run, fixed = _ort_runner(path)
+            onnx_logits = torch.from_numpy(ort_run(x))
+            data["onnx_input_batch"] = fixed if isinstance(fixed, int) else "dynamic"
+            data["accuracy"]["onnxruntime"] = float((onnx_logits.argmax(1) == y).double().mean())
+            data["max_abs_diff"]["onnxruntime_vs_eval"] = float((onnx_logits - reference).abs().max())
+            data["predictions_changed"]["onnxruntime"] = int((onnx_logits.argmax(1) != reference.argmax(1)).sum())
+            runners["onnxruntime (folded)"] = ort_run
+            data["latency_ms"] = _latencies(runners, x, p)
+    else:
+        data["latency_ms"] = _latencies(runners, x, p)
+    ctx.tracker.advance()
+
+    table = Table(
+        f"SmallResNet on digit images ({n_bn} BN layers; test set of {len(x)} images)",
+        ["model", "BN layers", "test accuracy", "max |logits - eval logits|", "predictions changed"]
+        + [f"latency batch {b} (ms, median)" for b in p["latency_batches"]],
+    )
+    rows = [("PyTorch eval (with BN)", n_bn, "pytorch_eval", None, None),
+            ("PyTorch folded", data["bn_layers_after_fold"], "folded", "folded_vs_eval", "folded")]
+    for name, layers, acc, diff, changed in rows:
+        table.add(name, layers, f"{data['accuracy'][acc]:.3f}", "0 (reference)" if diff is None else f"{data['max_abs_diff'][diff]:.2e}",
+                  0 if changed is None else data["predictions_changed"][changed],
+                  *[f"{data['latency_ms'][name][str(b)]:.3f}" for b in p["latency_batches"]])
+    if missing_export:
+        table.add("onnxruntime (folded)", "not available in this build", *["-"] * (3 + len(p["latency_batches"])))
+    else:
+        table.add("onnxruntime (folded)", data["bn_layers_after_fold"], f"{data['accuracy']['onnxruntime']:.3f}",
+                  f"{data['max_abs_diff']['onnxruntime_vs_eval']:.2e}", data["predictions_changed"]["onnxruntime"],
+                  *[f"{data['latency_ms']['onnxruntime (folded)'][str(b)]:.3f}" for b in p["latency_batches"]])
+    checks = {
+        "folding removes every BN layer of the ResNet": data["bn_layers_after_fold"] == 0,
+        "the folded model's logits match eval mode to 1e-4": data["max_abs_diff"]["folded_vs_eval"] < 1e-4,
+    }
+    findings = [
+        f"fold_bn folded {report.n_folded} of {n_bn} BN layers; the largest logit difference is "
+        f"{data['max_abs_diff']['folded_vs_eval']:.1e} and {data['predictions_changed']['folded']} of {len(x)} predictions changed.",
+    ]
+    lat = data["latency_ms"]
+    b1 = str(p["latency_batches"][0])
+    findings.append(f"Median latency at batch {b1}: {lat['PyTorch eval (with BN)'][b1]:.3f} ms with BN, "
+                    f"{lat['PyTorch folded'][b1]:.3f} ms folded (torch threads: {torch.get_num_threads()}).")
+    if missing_export:
+        findings.append(f"ONNX export and onnxruntime: not available in this build ({'; '.join(missing_export)}).")
+        data["not_available"] = {"onnx": missing_export}
+    else:
+        checks["onnxruntime's logits match PyTorch eval mode to 1e-4"] = data["max_abs_diff"]["onnxruntime_vs_eval"] < 1e-4
+        findings.append(f"onnxruntime: largest logit difference {data['max_abs_diff']['onnxruntime_vs_eval']:.1e}, "
+                        f"median latency {lat['onnxruntime (folded)'][b1]:.3f} ms at batch {b1}.")
+    figure = Figure(_plot(lat, p, ctx.out), "Median latency per forward pass, by runtime and batch size.")
+    return Chapter(NUMBER, "deployment", TITLE, CLAIM, tables=[table], figures=[figure], findings=findings,
+                   checks=checks, data=data)
+
+
+def _latencies(runners: dict, x: torch.Tensor, p: dict) -> dict:
+    out: dict = {}
+    with torch.no_grad():
+        for name, fn in runners.items():
+            out[name] = {str(b): _median_ms(lambda fn=fn, b=b: fn(x[:b]), p["repeats"]) for b in p["latency_batches"]}
+    return out
+
+
+def _plot(lat: dict, p: dict, out) -> str:
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    bss = [str(b) for b in p["latency_batches"]]
+    xs = np.arange(len(bss))
+    width = 0.8 / len(lat)
+    for i, (name, per) in enumerate(lat.items()):
+        ax.bar(xs - 0.4 + width * (i + 0.5), [per[b] for b in bss], width=width, label=name)
+    ax.set_xticks(xs, [f"batch {b}" for b in bss])
+    ax.set_ylabel("median latency per forward pass (ms)")
+    ax.set_title(f"SmallResNet inference, {torch.get_num_threads()} torch thread(s)")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    return save_figure(fig, out, "ch5_latency.png")

@@ -1,0 +1,241 @@
+"""Chapter 1: running statistics converge, checked on the lesson's table and on a trained network.
+
+The lesson's worked example keeps ``running = 0.9 * running + 0.1 * batch_mean``
+(alpha = 0.9 on the old value; PyTorch writes the same rule with
+``momentum = 0.1`` on the new value, torch/nn/modules/batchnorm.py) from 0 over
+batch means 4.2, 3.8, 4.1 and then about 4.0. The exact column comes from
+:func:`bnkit.stats.ema_table`, with the bias-corrected mean
+``running / (1 - 0.9**t)`` beside it, and is checked against a real
+``nn.BatchNorm1d`` fed batches with those means.
+
+On the network, the distance between each BN layer's running statistics and
+the exact population statistics of its input (:func:`..train.population_stats`)
+is followed through training for several momenta: the mean error in units of
+the population standard deviation, ``mean_c |rm_c - mu_c| / sqrt(var_c + eps)``,
+and the variance error ``mean_c |log(rv_c / var_c)|``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..stats import ema_table
+from ..torch.modules import bn_layers
+from ..torch.zoo import MLP
+from .data import load_digits_split
+from .report import Chapter, Figure, Table, new_figure, save_figure
+from .train import accuracy, fit, population_stats, running_stats
+
+NUMBER = 1
+TITLE = "Running statistics converge"
+CLAIM = (
+    "An exponential moving average of batch statistics converges to the population statistics, "
+    "so eval mode can normalize without a batch (the lesson's worked example and its figures)."
+)
+REQUIRES: tuple[str, ...] = ()
+SIZES = {
+    "quick": {"seeds": 1, "epochs": 2, "batch_size": 32, "every": 10, "momenta": (0.01, 0.1, 0.5)},
+    "demo": {"seeds": 1, "epochs": 6, "batch_size": 32, "every": 5, "momenta": (0.01, 0.1, 0.5)},
+    "full": {"seeds": 3, "epochs": 20, "batch_size": 32, "every": 5, "momenta": (0.01, 0.03, 0.1, 0.3, 0.5)},
+}
+
+#: The lesson's table: batch -> (batch mean it gives, running mean it states as printed).
+LESSON_DECAY = 0.9
+LESSON_MEANS = (4.2, 3.8, 4.1)
+LESSON_FILL = 4.0  # "~4.0" for every later batch
+LESSON_STATED = {1: "0.42", 2: "0.758", 3: "1.092", 10: "3.58", 50: "3.98"}
+
+
+def _decimals(text: str) -> int:
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def _torch_running_means(series: list[float], momentum: float) -> list[float]:
+    """``running_mean`` of a real ``nn.BatchNorm1d(1)`` after each batch ``[m - 1, m + 1]`` (batch mean ``m``)."""
+    bn = torch.nn.BatchNorm1d(1, momentum=momentum).double()
+    bn.train()
+    out = []
+    with torch.no_grad():
+        for m in series:
+            bn(torch.tensor([[m - 1.0], [m + 1.0]], dtype=torch.float64))
+            out.append(float(bn.running_mean[0]))
+    return out
+
+
+def worked_example() -> tuple[Table, dict, list[str], dict[str, bool]]:
+    steps = max(LESSON_STATED)
+    series = list(LESSON_MEANS) + [LESSON_FILL] * (steps - len(LESSON_MEANS))
+    rows = ema_table(series, LESSON_DECAY, 0.0)
+    torch_momentum = torch.nn.BatchNorm1d(1).momentum
+    torch_rows = _torch_running_means(series, 1.0 - LESSON_DECAY)
+    table = Table(
+        "The lesson's worked example, recomputed (alpha = 0.9 on the old value, start 0; batches 4-50 have mean 4.0)",
+        ["batch", "batch mean", "lesson says", "running mean (exact)", "nn.BatchNorm1d running_mean", "bias-corrected", "lesson"],
+    )
+    verdicts = {}
+    for t, stated in LESSON_STATED.items():
+        _, v, run, corr = rows[t - 1]
+        right = round(run, _decimals(stated)) == float(stated)
+        verdicts[t] = right
+        table.add(t, f"{v:g}", stated, f"{run:.4f}", f"{torch_rows[t - 1]:.4f}", f"{corr:.4f}", "right" if right else "WRONG")
+    reach = next((t for t, _, run, _ in rows if run >= float(LESSON_STATED[10])), None)
+    if reach is None:
+        reach_steps = next(
+            t for t, _, run, _ in ema_table(series + [LESSON_FILL] * 200, LESSON_DECAY, 0.0) if run >= float(LESSON_STATED[10])
+        )
+    else:
+        reach_steps = reach
+    findings = []
+    for t, right in verdicts.items():
+        if not right:
+            findings.append(
+                f"The lesson's running mean after {t} batches ({LESSON_STATED[t]}) is wrong: it is {rows[t - 1][2]:.3f}. "
+                f"An EMA started at 0 only reaches {LESSON_STATED[10]} after {reach_steps} batches; "
+                f"the bias-corrected mean is {rows[t - 1][3]:.3f} already."
+            )
+    findings.append(
+        f"PyTorch's default BatchNorm momentum is {torch_momentum:g}, the weight on the NEW batch "
+        f"(running = {1 - torch_momentum:g} * running + {torch_momentum:g} * batch): the lesson's "
+        f"'momentum, weight given to the current running value (default 0.9 in PyTorch notation)' "
+        f"describes alpha = {1 - torch_momentum:g}; in PyTorch notation it is momentum = {torch_momentum:g}."
+    )
+    max_torch_diff = max(abs(a - r[2]) for a, r in zip(torch_rows, rows))
+    checks = {
+        "nn.BatchNorm1d's running_mean equals the exact EMA column": max_torch_diff < 1e-12,
+        "the bias-corrected mean never strays from 4.0 more than the batch means do": all(
+            abs(r[3] - LESSON_FILL) <= max(abs(v - LESSON_FILL) for v in series) + 1e-12 for r in rows),
+    }
+    data = {
+        "decay": LESSON_DECAY,
+        "series": series,
+        "running": [r[2] for r in rows],
+        "bias_corrected": [r[3] for r in rows],
+        "torch_running_mean": torch_rows,
+        "torch_default_momentum": torch_momentum,
+        "lesson_stated": LESSON_STATED,
+        "lesson_right": {str(k): v for k, v in verdicts.items()},
+        "batches_to_reach_lesson_value_at_10": reach_steps,
+        "max_abs_diff_torch_vs_exact": max_torch_diff,
+    }
+    return table, data, findings, checks
+
+
+def _distances(pop: dict, run: dict, eps: float) -> dict[str, tuple[float, float]]:
+    out = {}
+    for name, (mu, var) in pop.items():
+        rm, rv = run[name]
+        mean_err = float(np.mean(np.abs(rm - mu) / np.sqrt(var + eps)))
+        var_err = float(np.mean(np.abs(np.log((rv + eps) / (var + eps)))))
+        out[name] = (mean_err, var_err)
+    return out
+
+
+def convergence(ctx, p: dict) -> dict:
+    """Train one MLP per momentum and seed, measuring the distance to the population every ``every`` steps."""
+    digits = load_digits_split(seed=ctx.seed)
+    results: dict = {}
+    for momentum in p["momenta"]:
+        per_seed = []
+        for s in range(p["seeds"]):
+            torch.manual_seed(ctx.seed + s)
+            model = MLP()
+            for _, bn in bn_layers(model):
+                bn.momentum = momentum
+            eps = bn_layers(model)[0][1].eps
+            trace: dict = {"step": [], "layers": {}}
+
+            def measure(step: int) -> None:
+                if step % p["every"]:
+                    return
+                with torch.no_grad():
+                    d = _distances(population_stats(model, digits.x_train), running_stats(model), eps)
+                trace["step"].append(step)
+                for name, (me, ve) in d.items():
+                    trace["layers"].setdefault(name, {"mean_error": [], "var_error": []})
+                    trace["layers"][name]["mean_error"].append(me)
+                    trace["layers"][name]["var_error"].append(ve)
+
+            fit(model, digits.x_train, digits.y_train, epochs=p["epochs"], batch_size=p["batch_size"], lr=1e-3,
+                seed=ctx.seed + s, on_step=measure, on_epoch=lambda _e: ctx.tracker.advance())
+            trace["test_accuracy_eval"] = accuracy(model, digits.x_test, digits.y_test)
+            per_seed.append(trace)
+        results[str(momentum)] = per_seed
+    return results
+
+
+def _plot_example(data: dict, out) -> str:
+    fig, axes = new_figure()
+    ax = axes[0, 0]
+    t = np.arange(1, len(data["running"]) + 1)
+    ax.plot(t, data["series"], "k:", label="batch mean")
+    ax.plot(t, data["running"], "-o", ms=3, label="running mean (EMA from 0, alpha 0.9)")
+    ax.plot(t, data["bias_corrected"], "-s", ms=3, label="bias-corrected running mean")
+    stated = {int(k): float(v) for k, v in data["lesson_stated"].items()}
+    ax.scatter(list(stated), list(stated.values()), marker="x", s=70, c="red", zorder=5, label="the lesson's figures")
+    ax.set_xlabel("batch (update step)")
+    ax.set_ylabel("feature mean (activation units)")
+    ax.set_title("The lesson's worked example, exactly")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, out, "ch1_worked_example.png")
+
+
+def _plot_convergence(conv: dict, p: dict, out) -> str:
+    layers = list(next(iter(conv.values()))[0]["layers"])
+    fig, axes = new_figure(2, len(layers), width=5.2, height=3.6)
+    for j, layer in enumerate(layers):
+        for momentum, per_seed in conv.items():
+            steps = np.array(per_seed[0]["step"])
+            for i, key in enumerate(("mean_error", "var_error")):
+                curves = np.array([tr["layers"][layer][key] for tr in per_seed])
+                line = axes[i, j].plot(steps, curves.mean(0), label=f"momentum {momentum}")[0]
+                if len(per_seed) > 1:
+                    axes[i, j].fill_between(steps, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
+        axes[0, j].set_title(f"BN layer '{layer}'")
+        axes[0, j].set_ylabel("|running mean - population mean|\n(population std units, mean over channels)")
+        axes[1, j].set_ylabel("|log(running var / population var)|\n(mean over channels)")
+        for i in range(2):
+            axes[i, j].set_yscale("log")
+            axes[i, j].set_xlabel(f"optimizer step (batch size {p['batch_size']})")
+            axes[i, j].grid(alpha=0.3, which="both")
+            axes[i, j].legend(fontsize=8)
+    return save_figure(fig, out, "ch1_running_vs_population.png")
+
+
+def run(ctx) -> Chapter:
+    p = ctx.params(SIZES)
+    ctx.tracker.start(f"{NUMBER}. {TITLE}", len(p["momenta"]) * p["seeds"] * p["epochs"])
+    table, example, findings, checks = worked_example()
+    conv = convergence(ctx, p)
+    summary = Table(
+        f"Running vs population statistics of each BN layer after {p['epochs']} epochs "
+        f"(batch size {p['batch_size']}, mean over {p['seeds']} seed(s))",
+        ["momentum", "BN layer", "mean error (std units)", "log var ratio", "test accuracy (eval)"],
+    )
+    final: dict = {}
+    for momentum, per_seed in conv.items():
+        acc = float(np.mean([tr["test_accuracy_eval"] for tr in per_seed]))
+        for layer in per_seed[0]["layers"]:
+            me = float(np.mean([tr["layers"][layer]["mean_error"][-1] for tr in per_seed]))
+            ve = float(np.mean([tr["layers"][layer]["var_error"][-1] for tr in per_seed]))
+            final.setdefault(momentum, {})[layer] = {"mean_error": me, "var_error": ve}
+            summary.add(momentum, layer, f"{me:.4f}", f"{ve:.4f}", f"{acc:.3f}")
+    layers = list(next(iter(final.values())))
+    for layer in layers:
+        best = min(final, key=lambda m: final[m][layer]["mean_error"])
+        worst = max(final, key=lambda m: final[m][layer]["mean_error"])
+        findings.append(
+            f"Layer '{layer}': at the end of training momentum {best} is closest to the population mean "
+            f"({final[best][layer]['mean_error']:.4f} std), momentum {worst} farthest ({final[worst][layer]['mean_error']:.4f} std)."
+        )
+    figures = [
+        Figure(_plot_example(example, ctx.out), "The lesson's table: the EMA from 0 (blue) lags; red crosses are the lesson's figures."),
+        Figure(
+            _plot_convergence(conv, p, ctx.out),
+            "Distance between running and exact population statistics during training, per BN layer and momentum (log scale).",
+        ),
+    ]
+    return Chapter(
+        NUMBER, "running-stats", TITLE, CLAIM, tables=[table, summary], figures=figures, findings=findings,
+        checks=checks, data={"worked_example": example, "convergence": conv, "final": final, "params": p},
+    )
