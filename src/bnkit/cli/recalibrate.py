@@ -1,0 +1,153 @@
+"""``bnkit recalibrate``: exact BatchNorm statistics for a saved model, written to a new file atomically."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app, console, fail
+
+_ARRAY_KEYS = ("x", "inputs", "data", "X", "images")
+
+
+def _load_array(path: Path, key: Optional[str]) -> Any:
+    """The input array of a ``.npy`` or ``.npz`` file, read without unpickling anything."""
+    import numpy as np
+
+    if not path.is_file():
+        raise ValueError(f"no such data file: {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable .npy/.npz array file (object arrays are refused): {exc}") from exc
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        names = list(loaded.files)
+        if key is None:
+            key = names[0] if len(names) == 1 else next((k for k in _ARRAY_KEYS if k in names), None)
+        if key not in names:
+            raise ValueError(f"{path} holds arrays {names}; choose the inputs with --data-key")
+        return loaded[key]
+
+
+def _batches_of(array: Any, batch_size: int, dtype: Any) -> list[Any]:
+    """Consecutive batches of a whole array; a last batch of one sample joins the one before it."""
+    import numpy as np
+    import torch
+
+    if np.asarray(array).ndim < 2:
+        raise ValueError(f"input array of shape {tuple(np.shape(array))} has no batch axis: expected (N, features...)")
+    x = torch.as_tensor(np.asarray(array))
+    if x.is_floating_point():
+        x = x.to(dtype)
+    if len(x) < 2:
+        raise ValueError(f"input array holds {len(x)} sample(s); BatchNorm statistics need at least 2")
+    batches = list(x.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> Any:
+    """Batches from an array file, or from ``package.module:factory`` returning a Dataset, an array or batches."""
+    import numpy as np
+    import torch
+
+    from .common import resolve_spec
+
+    if spec.endswith((".npy", ".npz")):
+        return _batches_of(_load_array(Path(spec), key), batch_size, dtype)
+    obj = resolve_spec(spec)
+    if callable(obj) and not isinstance(obj, torch.utils.data.Dataset):
+        obj = obj()
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return _batches_of(obj, batch_size, dtype)
+    if isinstance(obj, torch.utils.data.Dataset) and hasattr(obj, "__len__"):
+        return torch.utils.data.DataLoader(obj, batch_size=batch_size, shuffle=False)
+    if hasattr(obj, "__iter__"):
+        return obj  # already batches (a DataLoader, a list of tensors, ...)
+    raise ValueError(f"{spec} gave a {type(obj).__name__}: expected a Dataset, an array, or an iterable of batches")
+
+
+def _report_table(report: Any) -> Table:
+    table = Table(title=str(report).splitlines()[0])
+    for column in ("layer", "samples", "values/channel", "max |mean shift| (old std)", "new/old variance"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for row in report.rows():
+        unused = row["values_per_channel"] == 0
+        table.add_row(
+            row["layer"], str(row["samples"]), str(row["values_per_channel"]),
+            "unused" if unused else f"{row['max_mean_shift_std']:.4g}",
+            "unused" if unused else f"{row['var_ratio_min']:.3g} .. {row['var_ratio_max']:.3g}",
+        )
+    return table
+
+
+@app.command("recalibrate")
+def recalibrate_command(
+    model: str = typer.Option(..., help="package.module:factory returning the model (or the model object itself)."),
+    output: Path = typer.Option(..., help="Where to write the recalibrated state dict (.safetensors or torch format, by suffix)."),
+    data: str = typer.Option(..., help="A .npy/.npz input array, or package.module:factory returning a Dataset, an array or batches."),
+    weights: Optional[Path] = typer.Option(None, help="State dict or .safetensors to load first (loaded with weights_only=True)."),
+    batches: Optional[int] = typer.Option(None, help="Use at most this many batches (default: all the data)."),
+    batch_size: int = typer.Option(64, help="Batch size when --data is an array or a Dataset."),
+    data_key: Optional[str] = typer.Option(None, help="Array name inside an .npz (default: its only array, or x/inputs/data)."),
+    device: Optional[str] = typer.Option(None, help="Run on this device (e.g. cuda); default: where the model is."),
+    on_nonfinite: str = typer.Option("raise", help="'raise' on a NaN/Inf activation, or 'skip' such batches."),
+    trust: bool = typer.Option(False, "--trust", help="Allow a pickled checkpoint with code in it (only files you made)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Recompute every BatchNorm layer's running mean/variance exactly over the data, and save the weights.
+
+    Use after fine-tuning, weight averaging (SWA), pruning or quantization, or for a new data domain.
+    The model runs in eval mode with only its BatchNorm layers using batch statistics. The output is
+    written atomically: on any failure nothing is written and the input weights are untouched.
+    """
+    import torch
+
+    from ..torch import recalibrate
+    from ..torch.io import UnsafeCheckpointError, load_state_dict_file, save_state_dict_file
+    from .common import resolve_spec
+
+    if batches is not None and batches < 1:
+        raise fail(f"--batches must be at least 1, got {batches}")
+    if batch_size < 2:
+        raise fail(f"--batch-size must be at least 2 (BatchNorm needs 2 values per channel), got {batch_size}")
+    if on_nonfinite not in ("raise", "skip"):
+        raise fail(f"--on-nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    try:
+        obj = resolve_spec(model)
+        net = obj if isinstance(obj, torch.nn.Module) else obj()
+    except Exception as exc:  # noqa: BLE001 - any failure of user code is reported, not traced
+        raise fail(f"cannot build the model from {model!r}: {exc}")
+    if not isinstance(net, torch.nn.Module):
+        raise fail(f"{model!r} gave a {type(net).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        try:
+            state = load_state_dict_file(weights, trust=trust)
+            net.load_state_dict(state)
+        except (UnsafeCheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
+            raise fail(f"cannot load {weights}: {exc}")
+    if device is not None:
+        net.to(device)
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    try:
+        loader = _load_data(data, data_key, batch_size, dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise fail(f"cannot load data from {data!r}: {exc}")
+    try:
+        report = recalibrate(net.eval(), loader, num_batches=batches, device=device,
+                             on_nonfinite=on_nonfinite, progress=progress)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise fail(f"recalibration failed, nothing written: {exc}", code=1)
+    try:
+        save_state_dict_file(net.state_dict(), output)
+    except Exception as exc:  # noqa: BLE001
+        raise fail(f"cannot write {output}: {exc}", code=1)
+    console.print(_report_table(report))
+    if report.unused_layers:
+        console.print(f"[yellow]not reached by the data, left unchanged:[/] {', '.join(report.unused_layers)}")
+    console.print(f"wrote {output}")
