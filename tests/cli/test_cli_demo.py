@@ -1,0 +1,131 @@
+"""``bnkit demo --quick`` end to end, and ``bnkit study``: report files exist and parse, headline claims hold."""
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bnkit.cli import app
+
+runner = CliRunner()
+CHAPTER_NAMES = ["running-stats", "two-modes", "batch-size", "fine-tuning", "deployment"]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    return out, result.output, json.loads((out / "results.json").read_text())
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.tables, self.headings = [], 0, []
+        self._h2 = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        self.tables += tag == "table"
+        self._h2 = tag == "h2"
+
+    def handle_data(self, data):
+        if self._h2:
+            self.headings.append(data)
+            self._h2 = False
+
+
+def test_report_files_exist_and_parse(quick):
+    out, output, results = quick
+    assert list(results["chapters"]) == CHAPTER_NAMES
+    assert results["meta"]["size"] == "quick"
+    assert all(ch["status"] in ("ok", "unavailable") for ch in results["chapters"].values())
+    html = _Collect()
+    html.feed((out / "index.html").read_text())
+    assert len(html.headings) == 5 and html.tables >= 5
+    pngs = {fig["path"] for ch in results["chapters"].values() for fig in ch["figures"]}
+    assert len(pngs) >= 5 and set(html.images) == pngs
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert md.count("\n## ") == 5 and all(f"]({p})" in md for p in pngs)
+    assert "report:" in output and "Two modes" in output  # a table per chapter printed in the terminal
+
+
+def test_worked_example_in_report_is_the_exact_ema(quick):
+    data = quick[2]["chapters"]["running-stats"]["data"]["worked_example"]
+    v = 0.0
+    for t, m in enumerate([4.2, 3.8, 4.1] + [4.0] * 47):
+        v = 0.9 * v + 0.1 * m
+        assert data["running"][t] == pytest.approx(v, abs=1e-12)
+        assert data["bias_corrected"][t] == pytest.approx(v / (1 - 0.9 ** (t + 1)), abs=1e-12)
+    assert data["running"][9] == pytest.approx(2.6092, abs=1e-4)
+    assert data["lesson_right"] == {"1": True, "2": True, "3": True, "10": False, "50": True}
+
+
+def test_two_modes_batch_of_one_collapses_and_eval_is_batch_independent(quick):
+    ch = quick[2]["chapters"]["two-modes"]
+    assert ch["status"] == "ok" and all(ch["checks"].values()), ch["checks"]
+    for seed in ch["data"]["per_seed"]:
+        one = seed["train"]["1"]
+        assert one["distinct_outputs"] == 1 and one["output_spread"] < 1e-5 and one["accuracy"] < 0.2
+        accs = {bs: r["accuracy"] for bs, r in seed["eval"].items()}
+        assert len(set(accs.values())) == 1 and accs["1"] > 0.8
+        assert max(r["max_abs_diff_vs_full_batch"] for r in seed["eval"].values()) < 1e-5
+        assert seed["train"]["64"]["accuracy"] > 0.8
+
+
+def test_recalibration_no_worse_than_ema_at_batch_size_two(quick):
+    ch = quick[2]["chapters"]["batch-size"]
+    if "recalibrated" in ch["data"]["not_available"]:
+        pytest.skip("bnkit.torch.recalibrate is not in this build")
+    for run in ch["data"]["per_seed"]["2"]:
+        assert run["recalibrated"] >= run["ema"]
+
+
+def test_freeze_bn_keeps_statistics_bit_identical(quick):
+    ch = quick[2]["chapters"]["fine-tuning"]
+    per_seed = ch["data"]["per_seed"]
+    assert all(not s["lesson_freeze"]["stats_bit_identical"] for s in per_seed)  # undone by model.train()
+    if "freeze_bn" in ch["data"]["not_available"]:
+        pytest.skip("bnkit.torch.freeze_bn is not in this build")
+    for s in per_seed:
+        assert s["freeze_bn"]["stats_bit_identical"]
+        assert all(v["mean_shift_std"] == 0.0 for v in s["freeze_bn"]["shift"].values())
+
+
+def test_deployment_fold_matches_eval(quick):
+    ch = quick[2]["chapters"]["deployment"]
+    if ch["status"] == "unavailable":
+        pytest.skip(ch["reason"])
+    data = ch["data"]
+    assert data["bn_layers_after_fold"] == 0 and data["max_abs_diff"]["folded_vs_eval"] < 1e-4
+    assert data["accuracy"]["folded"] == data["accuracy"]["pytorch_eval"]
+    if "onnxruntime_vs_eval" in data["max_abs_diff"]:
+        assert data["max_abs_diff"]["onnxruntime_vs_eval"] < 1e-4
+    assert all(np.isfinite(v) and v > 0 for per in data["latency_ms"].values() for v in per.values())
+
+
+def test_study_runs_one_chapter(tmp_path):
+    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--seeds", "2", "--out", str(tmp_path)],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["chapters"]) == ["two-modes"]
+    assert len(results["chapters"]["two-modes"]["data"]["per_seed"]) == 2
+
+
+def test_study_and_demo_reject_bad_arguments(tmp_path):
+    res = runner.invoke(app, ["study", "nope"])
+    assert res.exit_code == 2 and "unknown study" in res.output
+    assert runner.invoke(app, ["study", "two-modes", "--seeds", "0"]).exit_code == 2
+    assert runner.invoke(app, ["study", "two-modes", "--size", "huge"]).exit_code == 2
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    res = runner.invoke(app, ["demo", "--quick", "--out", str(a_file)])
+    assert res.exit_code == 2 and "not a folder" in res.output
+    assert a_file.read_text() == "x"

@@ -1,0 +1,172 @@
+"""Units of bnkit.study checked against independent oracles: PyTorch's own BN, float64 NumPy, closed forms."""
+import copy
+import json
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnkit.study import Context, run_chapters
+from bnkit.study import running as ch_running
+from bnkit.study.batchsize import layernorm_mlp
+from bnkit.study.finetune import lesson_freeze
+from bnkit.study.modes import train_mode_logits
+from bnkit.study.report import Chapter, Table, write_report
+from bnkit.study.train import batches, fit, population_stats, predict, preserved_modes
+from bnkit.torch.modules import bn_layers
+from bnkit.torch.zoo import MLP
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    x = torch.rand(96, 64)
+    y = torch.randint(0, 10, (96,))
+    model = MLP(hidden=(16, 8))
+    fit(model, x, y, epochs=2, batch_size=16, seed=0)
+    model.eval()
+    return model, x, y
+
+
+def test_batches_cover_everything_and_merge_a_trailing_one():
+    parts = batches(17, 4)
+    assert [len(p) for p in parts] == [4, 4, 4, 5]
+    assert torch.equal(torch.cat(parts), torch.arange(17))
+    shuffled = torch.cat(batches(17, 4, generator=torch.Generator().manual_seed(1)))
+    assert sorted(shuffled.tolist()) == list(range(17))
+    assert [len(p) for p in batches(3, 1)] == [1, 1, 1]
+    with pytest.raises(ValueError, match="batch_size"):
+        batches(5, 0)
+
+
+def test_train_mode_logits_match_pytorch_and_collapse_at_one(trained):
+    model, x, _ = trained
+    state = copy.deepcopy(model.state_dict())
+    # batch 2: PyTorch's own training-mode forward is the oracle
+    ref = copy.deepcopy(model).train()
+    with torch.no_grad():
+        expected = torch.cat([ref(x[i:i + 2]) for i in range(0, len(x), 2)])
+    assert torch.allclose(train_mode_logits(model, x, 2), expected, atol=1e-6)
+    # batch 1: every BN outputs beta, so the network is the same constant for every input
+    one = train_mode_logits(model, x, 1)
+    const = copy.deepcopy(model).eval()
+    for _, bn in bn_layers(const):
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0)
+        bn.weight.data.zero_()  # gamma * 0 + beta
+    with torch.no_grad():
+        assert torch.allclose(one, const(x), atol=1e-6)
+    assert (one - one[0]).abs().max() == 0
+    # the model is left as found: eval mode, same buffers
+    assert not any(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_predict_in_train_mode_restores_buffers_and_mixed_flags(trained):
+    model, x, _ = trained
+    model.train()
+    model[0].eval()  # a mix of modes, as a user may leave it
+    flags = {n: m.training for n, m in model.named_modules()}
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    predict(model, x, batch_size=32, train_mode=True)
+    predict(model, x, batch_size=32)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert all(torch.equal(v, before[k]) for k, v in model.named_buffers())
+    with pytest.raises(RuntimeError), preserved_modes(model):
+        model.eval()
+        raise RuntimeError("boom")
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    model.eval()
+
+
+def test_population_stats_are_the_float64_moments_of_each_bn_input(trained):
+    model, x, _ = trained
+    stats = population_stats(model, x)
+    w, b = model[1].weight.detach().double().numpy(), model[1].bias.detach().double().numpy()
+    h = x.double().numpy() @ w.T + b  # input of the first BN layer, in float64
+    mean, var = stats["2"]
+    np.testing.assert_allclose(mean, h.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(var, h.var(0), rtol=1e-5, atol=1e-6)
+    # the second BN layer's input: first BN normalizes with the whole set's statistics
+    z = np.maximum((h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * model[2].weight.detach().double().numpy()
+                   + model[2].bias.detach().double().numpy(), 0)
+    h2 = z @ model[4].weight.detach().double().numpy().T + model[4].bias.detach().double().numpy()
+    np.testing.assert_allclose(stats["5"][0], h2.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["5"][1], h2.var(0), rtol=1e-4, atol=1e-5)
+
+
+def test_worked_example_matches_the_closed_form():
+    table, data, findings, checks = ch_running.worked_example()
+    r3 = 0.9 * (0.9 * 0.42 + 0.38) + 0.41
+    r10 = 0.9**7 * r3 + 4.0 * (1 - 0.9**7)
+    assert data["running"][2] == pytest.approx(r3, abs=1e-12)
+    assert data["running"][9] == pytest.approx(r10, abs=1e-12)
+    assert data["bias_corrected"][9] == pytest.approx(r10 / (1 - 0.9**10), abs=1e-12)
+    assert data["lesson_right"]["10"] is False and data["lesson_right"]["3"] is True
+    # first batch t with r_t >= 3.58: r_t = 4 + (r3 - 4) * 0.9**(t - 3)
+    expected_t = next(t for t in range(4, 200) if 4 + (r3 - 4) * 0.9 ** (t - 3) >= 3.58)
+    assert data["batches_to_reach_lesson_value_at_10"] == expected_t
+    assert all(checks.values())
+    assert any("2.609" in f for f in findings)
+
+
+def test_lesson_freeze_is_undone_by_train(trained):
+    model = copy.deepcopy(trained[0])
+    lesson_freeze(model)
+    assert all(not bn.training and not bn.weight.requires_grad for _, bn in bn_layers(model))
+    model.train()
+    assert all(bn.training for _, bn in bn_layers(model))
+
+
+def test_layernorm_reference_has_no_batch_statistics():
+    model = layernorm_mlp()
+    assert not bn_layers(model)
+    x = torch.rand(5, 64)
+    model.train()
+    with torch.no_grad():
+        full = model(x)
+        assert torch.allclose(torch.cat([model(x[i:i + 1]) for i in range(5)]), full, atol=1e-6)
+
+
+def test_context_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="size"):
+        Context(size="huge").params(ch_running.SIZES)
+    with pytest.raises(ValueError, match="seeds"):
+        Context(seeds=0).params(ch_running.SIZES)
+    with pytest.raises(ValueError, match="unknown chapter"):
+        run_chapters(["nope"], Context())
+
+
+def test_missing_api_makes_a_chapter_unavailable_and_an_error_makes_it_failed(tmp_path, monkeypatch):
+    from bnkit.study import modes
+
+    monkeypatch.setattr(modes, "REQUIRES", ("no_such_function",))
+    (ch,) = run_chapters(["two-modes"], Context(size="quick", out=tmp_path))
+    assert ch.status == "unavailable" and "no_such_function" in ch.reason and not ch.checks
+    monkeypatch.setattr(modes, "REQUIRES", ())
+
+    def boom(ctx):
+        raise RuntimeError("kaputt")
+
+    monkeypatch.setattr(modes, "run", boom)
+    (ch,) = run_chapters(["two-modes"], Context(size="quick", out=tmp_path))
+    assert ch.status == "failed" and "kaputt" in ch.reason and "traceback" in ch.data
+
+
+def test_report_is_plain_json_and_tables_check_their_width(tmp_path):
+    t = Table("t", ["a", "b"])
+    with pytest.raises(ValueError, match="2 columns"):
+        t.add(1)
+    t.add("x|y", 2)
+    ch = Chapter(1, "c", "Title <b>", "claim", tables=[t], checks={"it holds": True},
+                 data={"nan": float("nan"), "arr": np.arange(3), "n": np.float32(1.5)})
+    paths = write_report([ch], tmp_path, {"size": "quick"})
+    results = json.loads(paths["json"].read_text())
+    assert results["chapters"]["c"]["data"] == {"nan": None, "arr": [0, 1, 2], "n": 1.5}
+    assert "Title &lt;b&gt;" in paths["html"].read_text()
+    assert "x\\|y" in paths["markdown"].read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(TypeError):
+        write_report([Chapter(1, "c", "t", "c", data={"bad": object()})], tmp_path, {})
+    assert json.loads(paths["json"].read_text()) == results  # a failed write leaves the old report whole
