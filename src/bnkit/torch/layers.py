@@ -289,12 +289,16 @@ def retype_module(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
 
     Parameter and buffer tensors are the same objects (an optimizer built on the
     old module keeps working); the containers are copied, so the old module is
-    left as it was.
+    left as it was. Attributes bound to the old module (``freeze_bn``'s ``train``)
+    are re-bound to the new one, so a frozen layer stays frozen.
     """
     new = cls.__new__(cls)
-    new.__dict__.update(
-        {k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in module.__dict__.items()}
-    )
+    for k, v in module.__dict__.items():
+        if isinstance(v, (dict, set)):
+            v = v.copy()
+        elif getattr(v, "module", None) is module and callable(getattr(type(v), "rebound", None)):
+            v = v.rebound(new)
+        new.__dict__[k] = v
     return new
 
 

@@ -1,0 +1,193 @@
+"""Freezing BatchNorm layers so that it stays frozen.
+
+The usual recipe, ``bn.eval()`` plus ``requires_grad_(False)``, is undone by the
+next ``model.train()``: ``nn.Module.train`` (torch/nn/modules/module.py) sets
+``training`` on every submodule, the layer normalizes with batch statistics again
+and its running statistics drift towards the new data. bnkit freezes two parts,
+independently, because recipes differ (detectron2's ``FrozenBatchNorm2d`` freezes
+both; fine-tuning with small batches often freezes the statistics and trains
+gamma/beta; some recipes train only gamma/beta):
+
+* ``stats``: the layer normalizes with its running statistics and never updates
+  them (``y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta``,
+  ``num_batches_tracked`` unchanged). Done by giving the layer its own ``train``:
+  ``train(mode)`` remembers ``mode`` (for :func:`unfreeze_bn`) and keeps
+  ``training = False``. ``model.train()``/``eval()`` reach every layer through
+  ``train``, so freezing survives them; the override is an attribute of the
+  module object, so it survives ``deepcopy``, pickling, ``load_state_dict`` and
+  ``torch.compile`` and leaves ``type(layer)`` and the state-dict keys unchanged
+  (a frozen model's state dict loads into an unfrozen one and back). Code that
+  assigns ``layer.training`` directly (as bnkit's ``recalibrate`` does on
+  purpose) bypasses it. Needs running statistics (``track_running_stats=True``).
+* ``affine``: ``weight`` and ``bias`` get ``requires_grad=False`` and their
+  ``.grad`` is cleared, so every ``torch.optim`` optimizer skips them (weight decay
+  and momentum included). ``model.requires_grad_(True)`` undoes this part;
+  :func:`is_frozen` reports the live state.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .modules import bn_layers
+
+__all__ = ["freeze_bn", "unfreeze_bn", "is_frozen", "frozen_bn_layers", "FreezeState"]
+
+_AFFINE_KEY = "_bnkit_affine_requires_grad"
+_PARTS = ("any", "stats", "affine", "all")
+
+
+class _PinnedEval:
+    """A frozen layer's ``train``: keeps ``training`` False and remembers the mode asked for."""
+
+    def __init__(self, module: nn.Module, requested: bool) -> None:
+        self.module = module
+        self.requested = requested
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.requested = mode
+        self.module.training = False
+        for child in self.module.children():
+            child.train(mode)
+        return self.module
+
+    def rebound(self, module: nn.Module) -> "_PinnedEval":
+        """The same override for ``module`` (used when a layer is re-typed, e.g. by ``convert_bn``)."""
+        return _PinnedEval(module, self.requested)
+
+
+@dataclass(frozen=True)
+class FreezeState:
+    """Which parts of a layer are frozen; falsy when neither is."""
+
+    stats: bool
+    affine: bool
+
+    def __bool__(self) -> bool:
+        return self.stats or self.affine
+
+
+def _affine_params(module: nn.Module) -> dict[str, nn.Parameter]:
+    return {k: p for k in ("weight", "bias") if isinstance(p := getattr(module, k, None), nn.Parameter)}
+
+
+def _state(module: nn.Module) -> FreezeState:
+    if getattr(type(module), "_bnkit_frozen_layer", False):  # FrozenBatchNorm*d: buffers only
+        return FreezeState(True, True)
+    stats = isinstance(module.__dict__.get("train"), _PinnedEval) and not module.training
+    params = _affine_params(module)
+    affine = _AFFINE_KEY in module.__dict__ and bool(params) and not any(p.requires_grad for p in params.values())
+    return FreezeState(stats, affine)
+
+
+def _select(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
+    layers = bn_layers(model)
+    if modules is None:
+        return layers
+    if isinstance(modules, (str, nn.Module)):
+        modules = [modules]
+    by_name = dict(layers)
+    name_of = {id(m): n for n, m in layers}
+    chosen: dict[int, tuple[str, nn.Module]] = {}
+    for item in modules:
+        if isinstance(item, str):
+            if item not in by_name:
+                raise ValueError(f"{item!r} is not a BatchNorm layer of the model; BatchNorm layers: {list(by_name)[:8]}")
+            chosen[id(by_name[item])] = (item, by_name[item])
+        elif isinstance(item, nn.Module):
+            if id(item) not in name_of:
+                raise ValueError(f"{type(item).__name__} passed in modules= is not a BatchNorm layer of the model")
+            chosen[id(item)] = (name_of[id(item)], item)
+        else:
+            raise TypeError(f"modules= takes BatchNorm modules or their qualified names, got {type(item).__name__}")
+    return list(chosen.values())
+
+
+def freeze_bn(
+    model: nn.Module, *, stats: bool = True, affine: bool = True, modules: Iterable[nn.Module | str] | None = None
+) -> nn.Module:
+    """Freeze the running statistics and/or gamma/beta of BatchNorm layers, for good.
+
+    Args:
+        model: any module; every BatchNorm layer in it (``nn.BatchNorm1d/2d/3d``,
+            ``SyncBatchNorm``, ``LazyBatchNorm*d``, bnkit's drop-in layers) is frozen,
+            or only those in ``modules`` (modules or qualified names).
+        stats: normalize with the running statistics and never update them, whatever
+            ``model.train()`` says (see the module doc).
+        affine: stop training ``weight``/``bias`` (``requires_grad=False``).
+
+    Freezing a frozen part again is a no-op. All layers are checked before any is
+    changed: a layer without running statistics cannot have them frozen (it
+    normalizes with batch statistics even in eval mode) and raises ``ValueError``.
+    Returns ``model``.
+    """
+    layers = _select(model, modules)
+    if stats:
+        missing = [n or type(m).__name__ for n, m in layers if m.running_mean is None]
+        if missing:
+            raise ValueError(
+                f"BatchNorm layers {missing} have no running statistics (track_running_stats=False), so they "
+                "normalize with batch statistics even in eval mode and their statistics cannot be frozen; "
+                "pass stats=False, or leave them out with modules=[...]"
+            )
+        foreign = [n for n, m in layers if "train" in m.__dict__ and not isinstance(m.__dict__["train"], _PinnedEval)]
+        if foreign:
+            raise ValueError(f"BatchNorm layers {foreign} already have their own train() override; not freezing them")
+    for _, m in layers:
+        if stats and not isinstance(m.__dict__.get("train"), _PinnedEval):
+            m.__dict__["train"] = _PinnedEval(m, m.training)
+            m.training = False
+        if affine and _AFFINE_KEY not in m.__dict__:
+            params = _affine_params(m)
+            m.__dict__[_AFFINE_KEY] = {k: p.requires_grad for k, p in params.items()}
+            for p in params.values():
+                p.requires_grad = False  # (an attribute, so uninitialized lazy parameters accept it too)
+                p.grad = None
+    return model
+
+
+def unfreeze_bn(
+    model: nn.Module, *, stats: bool = True, affine: bool = True, modules: Iterable[nn.Module | str] | None = None
+) -> nn.Module:
+    """Undo :func:`freeze_bn` exactly, for the selected parts and layers.
+
+    ``training`` becomes the mode last asked for through ``train()`` while frozen
+    (so a layer frozen during training and since put through ``model.eval()`` is
+    in eval mode); ``requires_grad`` gets back the value it had when frozen.
+    Layers that are not frozen are left alone. Returns ``model``.
+    """
+    for _, m in _select(model, modules):
+        pinned = m.__dict__.get("train")
+        if stats and isinstance(pinned, _PinnedEval):
+            del m.__dict__["train"]
+            m.training = pinned.requested
+        if affine and _AFFINE_KEY in m.__dict__:
+            flags = m.__dict__.pop(_AFFINE_KEY)
+            for k, p in _affine_params(m).items():
+                p.requires_grad = flags.get(k, True)
+    return model
+
+
+def is_frozen(module: nn.Module, part: str = "any") -> bool:
+    """Whether ``module``'s ``part`` is frozen now: ``"stats"``, ``"affine"``, ``"any"`` or ``"all"`` (both).
+
+    bnkit's ``FrozenBatchNorm*d`` are frozen in every part. The answer is live: an
+    affine part whose ``requires_grad`` was switched back on is not frozen.
+    """
+    if part not in _PARTS:
+        raise ValueError(f"part must be one of {_PARTS}, got {part!r}")
+    state = _state(module)
+    return {"any": bool(state), "stats": state.stats, "affine": state.affine, "all": state.stats and state.affine}[part]
+
+
+def frozen_bn_layers(model: nn.Module) -> dict[str, FreezeState]:
+    """``{qualified_name: FreezeState}`` for every BatchNorm or FrozenBatchNorm layer with a frozen part."""
+    return {
+        name: state
+        for name, m in model.named_modules()
+        if (state := _state(m))
+    }

@@ -1,0 +1,235 @@
+"""freeze_bn: frozen statistics and gamma/beta survive model.train(), deepcopy, state dicts and torch.compile."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from bnkit.torch import (
+    BatchNorm2d, bn_layers, convert_bn, freeze_bn, frozen_bn_layers, is_frozen, load_state_dict_file,
+    save_state_dict_file, unfreeze_bn,
+)
+from bnkit.torch.freeze import FreezeState
+from bnkit.torch.zoo import SmallResNet, example_input
+
+
+def _model(seed: int = 0) -> nn.Module:
+    """A small ResNet with a Dropout head, with non-default BN statistics from a few training steps."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(SmallResNet(), nn.Dropout(0.5), nn.Linear(10, 10))
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 1, 8, 8))
+    return model
+
+
+def _bn_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v.detach().clone() for n, m in bn_layers(model) for k, v in m.state_dict().items()}
+
+
+def _other_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    bn_ids = {id(p) for _, m in bn_layers(model) for p in m.parameters()}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in bn_ids}
+
+
+def _finetune(model: nn.Module, epochs: int = 4, steps: int = 5, seed: int = 1) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()  # what every training loop does each epoch
+        for _ in range(steps):
+            x = torch.randn(8, 1, 8, 8, generator=g) * 3 + 2  # shifted data
+            y = torch.randint(0, 10, (8,), generator=g)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_finetuning_scenario_stats_and_affine_stay_bit_identical():
+    model = _model()
+    freeze_bn(model)
+    bn_before, other_before = _bn_tensors(model), _other_params(model)
+    _finetune(model)  # 20 optimizer steps, model.train() every epoch
+    _assert_same(_bn_tensors(model), bn_before)  # running stats, counters, gamma and beta
+    after = _other_params(model)
+    assert all(not torch.equal(after[k], other_before[k]) for k in after)  # every other layer learned
+    assert model[1].training and model.training  # Dropout still trains
+    assert all(not m.training for _, m in bn_layers(model))
+    assert all(state == FreezeState(True, True) for state in frozen_bn_layers(model).values())
+    assert set(frozen_bn_layers(model)) == {n for n, _ in bn_layers(model)}
+
+
+def test_without_freezing_the_same_loop_changes_bn():
+    model = _model()
+    for _, m in bn_layers(model):  # the lesson's recipe, undone by model.train()
+        m.eval()
+        m.requires_grad_(False)
+    before = _bn_tensors(model)
+    _finetune(model, epochs=1, steps=1)
+    assert any(not torch.equal(before[k], v) for k, v in _bn_tensors(model).items() if "running" in k)
+
+
+def test_stats_only_trains_gamma_beta_and_normalizes_with_running_stats():
+    model = _model()
+    freeze_bn(model, affine=False)
+    bn_before = _bn_tensors(model)
+    _finetune(model, epochs=2, steps=2)
+    after = _bn_tensors(model)
+    for k in after:
+        same = torch.equal(after[k], bn_before[k])
+        assert same == ("running" in k or "num_batches" in k), k
+    bn = model[0].stem[1]
+    x = torch.randn(4, 16, 8, 8)
+    model.train()
+    expect = (x - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+    expect = expect * bn.weight[:, None, None] + bn.bias[:, None, None]
+    torch.testing.assert_close(bn(x), expect)
+    assert is_frozen(bn, "stats") and not is_frozen(bn, "affine") and not is_frozen(bn, "all")
+
+
+def test_affine_only_keeps_gamma_beta_and_updates_stats():
+    model = _model()
+    freeze_bn(model, stats=False)
+    before = _bn_tensors(model)
+    _finetune(model, epochs=1, steps=2)
+    after = _bn_tensors(model)
+    for k in after:
+        assert torch.equal(after[k], before[k]) == (k.endswith("weight") or k.endswith("bias")), k
+    assert all(m.training for _, m in bn_layers(model))
+
+
+def test_stale_gradients_are_cleared():
+    model = _model()
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    freeze_bn(model)
+    assert all(p.grad is None for _, m in bn_layers(model) for p in m.parameters())
+
+
+def test_freezing_survives_deepcopy_pickle_and_state_dict_round_trip(tmp_path):
+    model = _model()
+    freeze_bn(model, modules=["0.stem.1", model[0].layers[1].bn2])
+    frozen_names = {"0.stem.1", "0.layers.1.bn2"}
+    assert set(frozen_bn_layers(model)) == frozen_names
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        clone.train()
+        assert set(frozen_bn_layers(clone)) == frozen_names
+        bn = clone[0].stem[1]
+        assert not bn.training and bn.train.module is bn  # the override acts on the copy
+        before = _bn_tensors(clone)
+        clone(torch.randn(4, 1, 8, 8))
+        after = _bn_tensors(clone)
+        assert torch.equal(after["0.stem.1.running_mean"], before["0.stem.1.running_mean"])
+        assert not torch.equal(after["0.layers.0.bn1.running_mean"], before["0.layers.0.bn1.running_mean"])
+    # state dict: same keys as the unfrozen model; loading keeps the freeze; loads into a plain model strictly
+    path = tmp_path / "frozen.safetensors"
+    save_state_dict_file(model.state_dict(), path)
+    plain = _model(seed=3)
+    assert plain.state_dict().keys() == model.state_dict().keys()
+    plain.load_state_dict(load_state_dict_file(path), strict=True)
+    other = _model(seed=4)
+    freeze_bn(other, modules=["0.stem.1"])
+    other.load_state_dict(load_state_dict_file(path), strict=True)
+    other.train()
+    assert is_frozen(other[0].stem[1], "all") and not other[0].stem[1].training
+    _assert_same(_bn_tensors(other), _bn_tensors(model))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_freezing_survives_torch_compile(backend):
+    torch._dynamo.reset()
+    model = _model()
+    freeze_bn(model)
+    model[1].p = 0.0  # deterministic head for the comparison
+    reference = copy.deepcopy(model).eval()
+    compiled = torch.compile(model, backend=backend)
+    before = _bn_tensors(model)
+    x = torch.randn(4, 1, 8, 8)
+    for _ in range(2):
+        compiled.train()
+        y = compiled(x)
+        y.sum().backward()
+    _assert_same(_bn_tensors(model), before)
+    torch.testing.assert_close(y, reference(x))
+    assert all(p.grad is None for _, m in bn_layers(model) for p in m.parameters())
+    assert model[0].stem[0].weight.grad is not None
+
+
+def test_unfreeze_restores_flags_exactly():
+    model = _model()
+    model.train()
+    bn = model[0].stem[1]
+    model[0].layers[0].bn1.weight.requires_grad_(False)  # already off before freezing
+    model[0].layers[0].bn2.eval()
+    freeze_bn(model)
+    assert not any(m.training for _, m in bn_layers(model))
+    unfreeze_bn(model)
+    assert frozen_bn_layers(model) == {}
+    assert bn.training and not model[0].layers[0].bn2.training  # the modes they had
+    assert not model[0].layers[0].bn1.weight.requires_grad and bn.weight.requires_grad
+    assert "train" not in bn.__dict__
+    freeze_bn(model)
+    model.eval()
+    unfreeze_bn(model, affine=False)  # the last mode asked for was eval
+    assert not bn.training and is_frozen(bn, "affine") and not is_frozen(bn, "stats")
+    unfreeze_bn(model)
+    assert bn.weight.requires_grad and not is_frozen(bn)
+
+
+def test_freeze_is_idempotent_and_requires_grad_true_unfreezes_affine_live():
+    model = _model()
+    freeze_bn(model)
+    freeze_bn(model)
+    model.requires_grad_(True)
+    bn = model[0].stem[1]
+    assert is_frozen(bn, "stats") and not is_frozen(bn, "affine")
+    unfreeze_bn(model)
+    assert bn.weight.requires_grad
+
+
+def test_bad_selection_and_layers_without_running_stats_change_nothing():
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3, track_running_stats=False), nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="no running statistics"):
+        freeze_bn(model)
+    assert frozen_bn_layers(model) == {} and model[0].training and model[0].weight.requires_grad
+    freeze_bn(model, stats=False)
+    assert is_frozen(model[1], "affine")
+    with pytest.raises(ValueError, match="not a BatchNorm layer"):
+        freeze_bn(model, modules=["2"])
+    with pytest.raises(ValueError, match="not a BatchNorm layer"):
+        freeze_bn(model, modules=[nn.BatchNorm1d(3)])
+    with pytest.raises(ValueError, match="part must be"):
+        is_frozen(model[0], "gamma")
+
+
+def test_every_bn_kind_freezes():
+    lazy = nn.LazyBatchNorm1d()
+    model = nn.Sequential(nn.Linear(4, 3), lazy, nn.SyncBatchNorm(3), BatchNorm2d(3, renorm=True).to(torch.float32))
+    model[3] = convert_bn(nn.BatchNorm1d(3), debias=True)
+    freeze_bn(model)
+    model.train()
+    x = torch.randn(6, 4)
+    out = model(x)
+    assert type(model[1]) is nn.BatchNorm1d  # the lazy layer materialized, still frozen
+    assert all(not m.training for _, m in bn_layers(model))
+    assert set(frozen_bn_layers(model)) == {"1", "2", "3"}
+    # materialized with the default statistics 0 / 1 and never updated
+    assert torch.equal(model[1].running_var, torch.ones(3)) and int(model[1].num_batches_tracked) == 0
+    assert out.shape == (6, 3)
+
+
+def test_convert_bn_keeps_a_layer_frozen():
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    freeze_bn(model)
+    convert_bn(model, virtual_batch_size=2)
+    model.train()
+    assert not model[0].training and model[0].train.module is model[0] and is_frozen(model[0], "all")
