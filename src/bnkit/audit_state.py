@@ -1,0 +1,239 @@
+"""Auditing BatchNorm statistics from arrays alone: no model code, no framework.
+
+A BatchNorm layer at inference is ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``
+per channel. This module checks the arrays of that formula and reports, as
+:class:`bnkit.findings.Finding` records, what would make the output wrong:
+
+* non-finite values, a negative variance (``sqrt`` of a negative number), shapes that disagree;
+* statistics never updated: every mean exactly 0 and every variance exactly 1 (PyTorch's
+  initial buffers, ``reset_running_stats`` in torch/nn/modules/batchnorm.py); a
+  ``num_batches_tracked == 0`` beside other values means they were set without an update;
+* few updates: with PyTorch's momentum ``m`` (the weight on the NEW batch) the initial
+  values still weigh ``(1 - m) ** num_batches_tracked`` in the running statistics;
+* variances below ``eps``: the channel's gain ``|gamma| / sqrt(var + eps)`` is set by
+  ``eps``, not by the data, and any deviation of the input is amplified by up to ``1/sqrt(eps)``;
+* ``|gamma|`` near zero: the channel outputs the constant ``beta`` whatever its input (dead channel).
+
+:func:`bn_stats_from_state` finds the layers of a flat state dict by PyTorch's buffer
+names (``<layer>.running_mean`` / ``.running_var`` / ``.weight`` / ``.bias`` /
+``.num_batches_tracked``). The ONNX audit can build :class:`BNStats` from a graph's
+initializers and call :func:`check_bn_stats` directly.
+
+:func:`ema_window` and :func:`ema_noise_factor` describe PyTorch's running average
+``running = (1 - m) * running + m * batch_stat``: how many batches it effectively
+averages, and how much of a batch statistic's noise survives in it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .findings import Finding
+
+__all__ = [
+    "BNStats",
+    "bn_stats_from_state",
+    "check_bn_stats",
+    "audit_state",
+    "ema_window",
+    "ema_noise_factor",
+    "initial_weight",
+]
+
+#: The initial values still carry more than this weight: "few updates".
+FEW_UPDATES_WEIGHT = 0.01
+#: ``|gamma|`` at or below this is a dead channel.
+GAMMA_TOL = 1e-3
+
+_BUFFERS = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
+
+
+@dataclass
+class BNStats:
+    """The arrays of one BatchNorm layer, in PyTorch's naming and convention.
+
+    ``momentum`` is PyTorch's (the weight on the new batch statistic; ``None`` is the
+    cumulative average); ``weight``/``bias`` are None for ``affine=False`` layers and
+    ``num_batches_tracked`` is None when the format does not store it (ONNX, Keras).
+    """
+
+    name: str
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    num_batches_tracked: int | None = None
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+
+
+def ema_window(momentum: float, mass: float = 0.95) -> float:
+    """How many of the latest batches carry ``mass`` of a running statistic's weight.
+
+    Batch ``k`` steps ago weighs ``m * (1 - m) ** k``; the latest ``n`` batches weigh
+    ``1 - (1 - m) ** n``, so ``n = log(1 - mass) / log(1 - m)`` (28.4 for PyTorch's 0.1).
+    """
+    if not 0.0 < momentum <= 1.0:
+        raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+    if momentum == 1.0:
+        return 1.0
+    return math.log(1.0 - mass) / math.log(1.0 - momentum)
+
+
+def ema_noise_factor(momentum: float) -> float:
+    """Standard deviation of the running average over that of one batch statistic.
+
+    For independent batch statistics of variance ``s**2`` the stationary variance of
+    ``r = (1 - m) r + m b`` is ``m**2 s**2 / (1 - (1 - m)**2) = m s**2 / (2 - m)``.
+    """
+    if not 0.0 < momentum <= 1.0:
+        raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+    return math.sqrt(momentum / (2.0 - momentum))
+
+
+def initial_weight(momentum: float | None, num_batches_tracked: int) -> float:
+    """The weight the initial buffers (0 and 1) still have after ``num_batches_tracked`` updates.
+
+    ``(1 - m) ** n`` for an exponential average; 0 after one update of the cumulative
+    average (``momentum=None``: the first batch gets weight ``1/1``).
+    """
+    if momentum is None:
+        return 0.0 if num_batches_tracked > 0 else 1.0
+    return (1.0 - momentum) ** num_batches_tracked
+
+
+def _as_array(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().double().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def bn_stats_from_state(
+    state: Mapping[str, object], *, eps: float = 1e-5, momentum: float | None = 0.1
+) -> list[BNStats]:
+    """The BatchNorm layers of a flat state dict, found by their buffer names.
+
+    A layer is a prefix that has both ``running_mean`` and ``running_var``. ``eps`` and
+    ``momentum`` are not stored in a state dict: the PyTorch defaults are assumed.
+    """
+    prefixes = []
+    for key in state:
+        if key == "running_mean" or key.endswith(".running_mean"):
+            prefix = key[: -len("running_mean")]
+            if prefix + "running_var" in state:
+                prefixes.append(prefix)
+    layers = []
+    for prefix in prefixes:
+        arrays = {b: state.get(prefix + b) for b in _BUFFERS}
+        nbt = arrays["num_batches_tracked"]
+        layers.append(
+            BNStats(
+                name=prefix[:-1] if prefix else "(root)",
+                running_mean=_as_array(arrays["running_mean"]),
+                running_var=_as_array(arrays["running_var"]),
+                weight=None if arrays["weight"] is None else _as_array(arrays["weight"]),
+                bias=None if arrays["bias"] is None else _as_array(arrays["bias"]),
+                num_batches_tracked=None if nbt is None else int(_as_array(nbt).reshape(-1)[0]),
+                eps=eps,
+                momentum=momentum,
+            )
+        )
+    return layers
+
+
+def _channels(mask: np.ndarray, limit: int = 6) -> str:
+    idx = np.flatnonzero(mask)
+    shown = ", ".join(str(i) for i in idx[:limit])
+    return f"channel{'s' if idx.size > 1 else ''} {shown}{', ...' if idx.size > limit else ''}"
+
+
+def check_bn_stats(layer: BNStats) -> list[Finding]:
+    """Every problem of one layer's arrays, most severe first."""
+    name = layer.name
+    mean, var = layer.running_mean, layer.running_var
+    arrays = {"running_mean": mean, "running_var": var}
+    if layer.weight is not None:
+        arrays["weight"] = layer.weight
+    if layer.bias is not None:
+        arrays["bias"] = layer.bias
+
+    shapes = {k: v.shape for k, v in arrays.items()}
+    if len(set(shapes.values())) > 1 or mean.ndim != 1:
+        return [Finding("error", name, "BN arrays have inconsistent shapes",
+                        ", ".join(f"{k} {tuple(s)}" for k, s in shapes.items()),
+                        "re-export the layer; every array must hold one value per channel", "bad_shape",
+                        {k: list(s) for k, s in shapes.items()})]
+
+    nonfinite = {k: int(np.count_nonzero(~np.isfinite(v))) for k, v in arrays.items()}
+    nonfinite = {k: n for k, n in nonfinite.items() if n}
+    if nonfinite:
+        return [Finding("error", name, "non-finite values in BN statistics or parameters",
+                        "; ".join(f"{k}: {n} of {mean.size} channels NaN/Inf" for k, n in nonfinite.items()),
+                        "recompute the statistics (bnkit recalibrate) from clean data, or restore an earlier checkpoint",
+                        "non_finite", {"non_finite": nonfinite})]
+
+    findings: list[Finding] = []
+    nbt = layer.num_batches_tracked
+    at_init = bool(np.all(mean == 0.0) and np.all(var == 1.0))
+    if at_init:
+        findings.append(Finding(
+            "error", name, "running statistics never updated",
+            "every running_mean is 0 and every running_var is 1 (the initial values)"
+            + (f"; num_batches_tracked = {nbt}" if nbt is not None else ""),
+            "run the layer in training mode on representative data, or compute its statistics with bnkit recalibrate",
+            "never_updated", {"num_batches_tracked": nbt}))
+    elif nbt == 0:
+        findings.append(Finding(
+            "warning", name, "num_batches_tracked is 0 but the statistics are not the initial ones",
+            "running_mean/running_var were set without a training-mode update (by hand or by a converter)",
+            "fine if they were computed on purpose; with momentum=None the first update would discard them",
+            "never_tracked", {"num_batches_tracked": nbt}))
+    elif nbt is not None and (w0 := initial_weight(layer.momentum, nbt)) > FEW_UPDATES_WEIGHT:
+        findings.append(Finding(
+            "warning", name, "running statistics updated only a few times",
+            f"num_batches_tracked = {nbt}: with momentum {layer.momentum} the initial values (0, 1) still weigh "
+            f"(1 - {layer.momentum})^{nbt} = {w0:.3g}",
+            "train longer or recalibrate (bnkit recalibrate) so the statistics are the data's",
+            "few_updates", {"num_batches_tracked": nbt, "initial_weight": w0}))
+
+    negative = var < 0
+    if negative.any():
+        findings.append(Finding(
+            "error", name, "negative running variance",
+            f"{_channels(negative)}: min running_var {var.min():.3g}"
+            + ("; var + eps < 0 gives NaN" if (var + layer.eps < 0).any() else ""),
+            "the statistics were corrupted (a variance cannot be negative): recompute them with bnkit recalibrate",
+            "negative_var", {"channels": np.flatnonzero(negative).tolist(), "min_var": float(var.min())}))
+
+    gamma = np.ones_like(var) if layer.weight is None else layer.weight
+    tiny = (var >= 0) & (var < layer.eps)
+    if tiny.any():
+        gain = np.abs(gamma[tiny]) / np.sqrt(var[tiny] + layer.eps)
+        findings.append(Finding(
+            "warning", name, "variance below eps: eps sets the channel's gain",
+            f"{_channels(tiny)}: running_var {var[tiny].min():.3g} < eps {layer.eps:g}; "
+            f"|gamma|/sqrt(var + eps) up to {gain.max():.3g}, so any input change in these channels is amplified",
+            "if these channels are dead upstream, prune them; otherwise recalibrate on representative data",
+            "tiny_var", {"channels": np.flatnonzero(tiny).tolist(), "max_gain": float(gain.max())}))
+
+    if layer.weight is not None:
+        dead = np.abs(layer.weight) <= GAMMA_TOL
+        if dead.any():
+            everywhere = bool(dead.all())
+            findings.append(Finding(
+                "warning", name, "gamma near zero: dead channels",
+                f"{_channels(dead)} of {dead.size}: |gamma| <= {GAMMA_TOL:g}, so the output is the constant beta"
+                + (" (every channel: a zero-initialised residual BN never trained?)" if everywhere else ""),
+                "check weight decay on BN parameters and the learning rate; prune the channels if intended",
+                "dead_gamma", {"channels": np.flatnonzero(dead).tolist(), "all": everywhere}))
+    return findings
+
+
+def audit_state(
+    state: Mapping[str, object], *, eps: float = 1e-5, momentum: float | None = 0.1
+) -> list[Finding]:
+    """:func:`check_bn_stats` on every layer of a flat state dict (PyTorch names)."""
+    return [f for layer in bn_stats_from_state(state, eps=eps, momentum=momentum) for f in check_bn_stats(layer)]

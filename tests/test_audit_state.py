@@ -1,0 +1,137 @@
+"""State-level BatchNorm checks (NumPy only) against PyTorch's own layers and closed forms."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnkit.audit_state import (
+    BNStats,
+    audit_state,
+    bn_stats_from_state,
+    check_bn_stats,
+    ema_noise_factor,
+    ema_window,
+    initial_weight,
+)
+
+
+def _trained_bn(channels=4, steps=50, seed=0):
+    torch.manual_seed(seed)
+    bn = nn.BatchNorm1d(channels)
+    for _ in range(steps):
+        bn(torch.randn(32, channels) * 2 + 3)
+    return bn
+
+
+def _codes(findings):
+    return {f.code for f in findings}
+
+
+def test_ema_window_is_where_the_latest_batches_reach_the_mass():
+    for m in (0.1, 0.01, 0.5):
+        n = ema_window(m)
+        weights = m * (1 - m) ** np.arange(100000)  # batch k steps ago
+        assert weights[: math.floor(n)].sum() < 0.95 <= weights[: math.ceil(n)].sum()
+    assert ema_window(1.0) == 1.0
+    with pytest.raises(ValueError):
+        ema_window(0.0)
+
+
+def test_ema_noise_factor_matches_a_simulated_running_average():
+    rng = np.random.default_rng(0)
+    m = 0.1
+    r, trace = 0.0, []
+    for t, b in enumerate(rng.standard_normal(200000)):
+        r = (1 - m) * r + m * b
+        if t > 1000:
+            trace.append(r)
+    assert np.std(trace) == pytest.approx(ema_noise_factor(m), rel=0.03)
+
+
+def test_initial_weight_is_what_pytorch_leaves_of_the_initial_buffers():
+    for momentum, n in ((0.1, 7), (0.3, 3), (None, 4)):
+        bn = nn.BatchNorm1d(1, momentum=momentum)
+        for _ in range(n):
+            bn(torch.full((8, 1), 5.0) + torch.tensor([[1.0], [-1.0]] * 4))  # batch mean exactly 5
+        left = 1 - bn.running_mean.item() / 5.0
+        assert left == pytest.approx(initial_weight(momentum, n), abs=1e-6)
+
+
+def test_state_dict_layers_found_by_buffer_names():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2, affine=False)))
+    layers = {layer.name: layer for layer in bn_stats_from_state(model.state_dict())}
+    assert set(layers) == {"1", "2.1"}
+    assert layers["1"].weight is not None and layers["2.1"].weight is None
+    assert layers["1"].num_batches_tracked == 0
+
+
+def test_trained_layer_has_no_findings():
+    bn = _trained_bn()
+    assert audit_state(bn.state_dict()) == []
+
+
+def test_never_updated_statistics_are_an_error():
+    findings = audit_state(nn.BatchNorm2d(8).state_dict())
+    assert [f.code for f in findings] == ["never_updated"] and findings[0].severity == "error"
+
+
+def test_set_by_hand_without_updates_is_a_warning():
+    state = _trained_bn().state_dict()
+    state["num_batches_tracked"] = torch.tensor(0)
+    assert _codes(audit_state(state)) == {"never_tracked"}
+
+
+def test_few_updates_reports_the_weight_left_on_the_initial_values():
+    bn = _trained_bn(steps=5)
+    (finding,) = audit_state(bn.state_dict())
+    assert finding.code == "few_updates"
+    assert finding.data["initial_weight"] == pytest.approx(0.9**5)
+
+
+def test_non_finite_values_name_the_array_and_count():
+    state = _trained_bn().state_dict()
+    state["running_var"][2] = float("nan")
+    state["weight"][0] = float("inf")
+    (finding,) = audit_state(state)
+    assert finding.code == "non_finite" and finding.severity == "error"
+    assert finding.data["non_finite"] == {"running_var": 1, "weight": 1}
+
+
+def test_negative_variance_is_an_error_and_nan_after_eps():
+    state = _trained_bn().state_dict()
+    state["running_var"][1] = -0.5
+    findings = audit_state(state)
+    neg = [f for f in findings if f.code == "negative_var"]
+    assert neg and neg[0].severity == "error" and neg[0].data["channels"] == [1]
+    bn = _trained_bn()
+    bn.load_state_dict(state)
+    out = bn.eval()(torch.randn(4, 4))
+    assert torch.isnan(out[:, 1]).all()  # what the error warns about
+
+
+def test_tiny_variance_gain_matches_the_eval_layer():
+    bn = _trained_bn()
+    bn.running_var[3] = 1e-9
+    (finding,) = audit_state(bn.state_dict())
+    assert finding.code == "tiny_var" and finding.data["channels"] == [3]
+    x = torch.zeros(2, 4, dtype=torch.float64)
+    x[1, 3] = 1e-3
+    y = bn.double().eval()(x)
+    measured_gain = (y[1, 3] - y[0, 3]).abs().item() / 1e-3
+    assert measured_gain == pytest.approx(finding.data["max_gain"], rel=1e-6)
+
+
+def test_dead_gamma_channels():
+    bn = _trained_bn()
+    with torch.no_grad():
+        bn.weight[[0, 2]] = 0.0
+    (finding,) = audit_state(bn.state_dict())
+    assert finding.code == "dead_gamma" and finding.data["channels"] == [0, 2] and not finding.data["all"]
+
+
+def test_inconsistent_shapes():
+    layer = BNStats("bn", np.zeros(3), np.ones(4), weight=np.ones(3))
+    (finding,) = check_bn_stats(layer)
+    assert finding.code == "bad_shape" and finding.severity == "error"
