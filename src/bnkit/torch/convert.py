@@ -1,0 +1,303 @@
+"""BatchNorm layers between PyTorch and Keras / Flax, and ``SyncBatchNorm`` back to ``BatchNorm*d``.
+
+The weights and hyper-parameters go through :func:`bnkit.convert_state`, so eps is carried
+(never left at the target's default), momentum is flipped to the target's side (PyTorch's
+weighs the *new* batch statistic, Keras's and Flax's the *old* running value: torch 0.01 is
+Keras 0.99), and Keras ``center``/``scale`` / Flax ``use_bias``/``use_scale`` map to torch's
+``affine``/``bias``. Sources: keras/src/layers/normalization/batch_normalization.py
+(``build``, ``call``), flax/linen/normalization.py (``BatchNorm``), torch/nn/modules/batchnorm.py
+(``_BatchNorm``, ``SyncBatchNorm``).
+
+**Running variance.** Keras and Flax update ``var_r = m * var_r + (1 - m) * M2/n`` with the
+*biased* batch variance; ``nn.BatchNorm*d`` feeds the *unbiased* ``M2/(n-1)``. Inference is
+the same, but a converted plain ``nn.BatchNorm*d`` trained on drifts from the source layer
+(each update's batch term is ``n/(n-1)`` times larger). ``exact_training=True`` returns
+bnkit's drop-in layer (:class:`bnkit.torch.BatchNorm2d` ...) with ``running_var_rule="biased"``,
+whose running statistics follow the source's rule exactly. The other way, a Keras/Flax layer
+made from a plain torch layer follows the biased rule from then on.
+
+Layout: torch layers are channels-first (channels on dim 1). A Keras/Flax layer with
+``axis=-1`` (channels-last) gives the same output as the torch layer after moving the
+channel axis to dim 1.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..convert import convert_state
+from . import layers
+
+__all__ = ["BatchNormNd", "from_keras", "to_keras", "from_flax", "to_flax", "revert_sync_bn"]
+
+_PLAIN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_EXACT = {1: layers.BatchNorm1d, 2: layers.BatchNorm2d, 3: layers.BatchNorm3d}
+
+
+class BatchNormNd(_BatchNorm):
+    """``nn.BatchNorm*d`` for input of any rank ``(N, C, *)``, as ``SyncBatchNorm`` accepts.
+
+    Same math and buffers as ``nn.BatchNorm1d/2d/3d`` (momentum weighs the new value, the
+    unbiased batch variance feeds ``running_var``); only the input-rank check is relaxed. Made
+    when the rank a layer sees is unknown; PyTorch's fusers match the exact ``BatchNorm*d``
+    types and skip it.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+# ----------------------------------------------------------------- optional frameworks
+def _import_keras():
+    try:
+        import keras
+    except ImportError as exc:
+        raise ImportError(
+            "Keras 3 is needed for this conversion: pip install \"bnkit[test]\" (or pip install keras), and set "
+            f"KERAS_BACKEND=torch to run it on PyTorch ({exc})"
+        ) from exc
+    return keras
+
+
+def _import_flax():
+    try:
+        import flax.linen as linen
+        import jax.numpy as jnp
+    except ImportError as exc:
+        raise ImportError(
+            f"Flax is needed for this conversion: pip install \"bnkit[test]\" (or pip install flax) ({exc})"
+        ) from exc
+    return linen, jnp
+
+
+# ----------------------------------------------------------------- building the torch layer
+def _rank_to_dims(ndim: int | None, what: str) -> int | None:
+    """Input rank (with batch and channel axes) -> the ``d`` of ``BatchNorm{d}d``; None stays None."""
+    if ndim is None:
+        return None
+    dims = {2: 1, 3: 1, 4: 2, 5: 3}.get(int(ndim))
+    if dims is None:
+        raise ValueError(f"{what}: input rank {ndim} has no torch BatchNorm (BatchNorm1d/2d/3d take rank 2-5)")
+    return dims
+
+
+def _build_torch(state: dict, dims: int | None, exact_training: bool) -> _BatchNorm:
+    """A torch BN layer from :func:`convert_state`'s torch layout, in the arrays' dtype."""
+    cfg, sd = state["config"], state["state_dict"]
+    kwargs = {"eps": cfg["eps"], "momentum": cfg["momentum"], "affine": cfg["affine"],
+              "track_running_stats": cfg["track_running_stats"], "bias": cfg["bias"],
+              "dtype": torch.from_numpy(np.asarray(sd["running_mean"])).dtype}
+    if exact_training:
+        if dims is None:
+            raise ValueError("exact_training=True needs the input rank (ndim=) to pick bnkit's BatchNorm1d/2d/3d")
+        bn = _EXACT[dims](cfg["num_features"], running_var_rule="biased", **kwargs)
+    else:
+        bn = (_PLAIN[dims] if dims is not None else BatchNormNd)(cfg["num_features"], **kwargs)
+    with torch.no_grad():
+        for name, value in sd.items():
+            getattr(bn, name).copy_(torch.from_numpy(np.asarray(value)))
+    return bn
+
+
+def _numpy_state(bn: _BatchNorm) -> dict:
+    """``bn`` in :func:`convert_state`'s torch layout."""
+    if not isinstance(bn, _BatchNorm):
+        raise TypeError(f"expected a torch BatchNorm layer, got {type(bn).__name__}")
+    if getattr(bn, "renorm", False) or getattr(bn, "virtual_batch_size", None) or getattr(bn, "debias", False):
+        raise ValueError(f"{type(bn).__name__} uses renorm/virtual_batch_size/debias, which Keras and Flax lack")
+    sd = {k: v.detach().cpu().numpy() for k, v in bn.state_dict().items()}
+    config = {"num_features": bn.num_features, "eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
+              "bias": bn.bias is not None or not bn.affine, "track_running_stats": bn.track_running_stats}
+    return {"state_dict": sd, "config": config}
+
+
+def _torch_rank(bn: _BatchNorm, ndim: int | None) -> int:
+    if ndim is not None:
+        return int(ndim)
+    if isinstance(bn, (nn.BatchNorm2d, nn.LazyBatchNorm2d)):
+        return 4
+    if isinstance(bn, (nn.BatchNorm3d, nn.LazyBatchNorm3d)):
+        return 5
+    if isinstance(bn, (nn.BatchNorm1d, nn.LazyBatchNorm1d)):
+        return 2
+    raise ValueError(f"{type(bn).__name__} accepts any input rank: pass ndim= (the rank of its input)")
+
+
+# ----------------------------------------------------------------- Keras
+def from_keras(layer: Any, *, exact_training: bool = False) -> _BatchNorm:
+    """A channels-first torch layer equal to a built ``keras.layers.BatchNormalization``.
+
+    ``BatchNorm1d/2d/3d`` is picked from the rank Keras built the layer for (2-3, 4, 5); eps
+    is carried and momentum flipped (Keras 0.99 -> torch 0.01), so inference output matches
+    the Keras layer's after moving its ``axis`` to dim 1, and the running mean matches after
+    the same training batches. A plain ``nn.BatchNorm*d`` feeds the *unbiased* batch variance
+    to ``running_var`` where Keras feeds the *biased* one (a factor ``n/(n-1)`` on each
+    update's batch term); ``exact_training=True`` returns bnkit's drop-in layer with
+    ``running_var_rule="biased"``, whose running variance then matches too.
+
+    A Keras BN with ``trainable=False`` normalizes with its moving statistics even in training
+    and never updates them: the torch layer is returned in eval mode with frozen parameters
+    (keep it in eval, e.g. with ``bnkit.torch.freeze_bn``). Otherwise it is in training mode,
+    as a new torch layer is. ``renorm=True`` is refused (no equivalent).
+    """
+    keras = _import_keras()
+    if not isinstance(layer, keras.layers.BatchNormalization):
+        raise TypeError(f"expected a keras.layers.BatchNormalization, got {type(layer).__name__}")
+    if not layer.built or layer.moving_mean is None:
+        raise ValueError("the Keras layer is not built: call it on an input (or layer.build(shape)) first")
+    names = ("gamma", "beta", "moving_mean", "moving_variance")
+    weights = {n: keras.ops.convert_to_numpy(getattr(layer, n)) for n in names if getattr(layer, n) is not None}
+    state = convert_state({"weights": weights, "config": layer.get_config()}, "keras", "torch")
+    ndim = layer.input_spec.ndim if layer.input_spec is not None else None
+    bn = _build_torch(state, _rank_to_dims(ndim, "keras layer"), exact_training)
+    if not layer.trainable:
+        bn.requires_grad_(False)
+        bn.eval()
+    return bn
+
+
+def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
+    """A built ``keras.layers.BatchNormalization`` equal to the torch layer ``bn``.
+
+    ``axis=1`` keeps the torch layout (channels first); ``axis=-1`` gives the channels-last
+    layer Keras models usually hold. The layer is built for the rank ``bn`` takes
+    (``BatchNorm2d``: 4, ``BatchNorm3d``: 5, ``BatchNorm1d``: 2, or ``ndim=`` for ``(N, C, L)``
+    input and for layers of any rank). eps is carried and momentum flipped (torch 0.1 ->
+    Keras 0.9). The Keras layer feeds its moving variance the *biased* batch variance from
+    now on, as bnkit's ``running_var_rule="biased"`` layers do and ``nn.BatchNorm*d`` does not.
+    ``momentum=None``, ``track_running_stats=False`` and the drop-in's renorm/ghost-batch
+    extras have no Keras equivalent and are refused.
+    """
+    keras = _import_keras()
+    torch_state = _numpy_state(bn)
+    rank = _torch_rank(bn, ndim)
+    k = convert_state(torch_state, "torch", "keras", axis=axis)
+    cfg, weights = k["config"], k["weights"]
+    if not -rank <= cfg["axis"] < rank:
+        raise ValueError(f"axis={axis} is out of range for rank-{rank} input")
+    dtype = str(next(iter(weights.values())).dtype)
+    layer = keras.layers.BatchNormalization(**cfg, dtype=dtype)
+    shape = [None] * rank
+    shape[cfg["axis"]] = bn.num_features
+    layer.build(tuple(shape))
+    for name, value in weights.items():
+        getattr(layer, name).assign(value)
+    return layer
+
+
+# ----------------------------------------------------------------- Flax
+def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
+              exact_training: bool = False) -> _BatchNorm:
+    """A channels-first torch layer equal to ``flax.linen.BatchNorm`` with its ``variables``.
+
+    ``variables`` is the layer's ``{"params": {scale, bias}, "batch_stats": {mean, var}}``.
+    Flax modules do not know their input rank: pass ``ndim`` (2-5) to get ``BatchNorm1d/2d/3d``,
+    or get :class:`BatchNormNd`, which takes any rank. Guarantees as :func:`from_keras`: eps
+    carried, momentum flipped (Flax 0.99 -> torch 0.01), the same inference output after moving
+    Flax's ``axis`` to dim 1; ``exact_training=True`` (needs ``ndim``) follows Flax's biased
+    running-variance rule exactly.
+    """
+    linen, _ = _import_flax()
+    if not isinstance(module, linen.BatchNorm):
+        raise TypeError(f"expected a flax.linen.BatchNorm, got {type(module).__name__}")
+    config = {"axis": module.axis, "momentum": module.momentum, "epsilon": module.epsilon,
+              "use_bias": module.use_bias, "use_scale": module.use_scale}
+    variables = {k: dict(v) for k, v in dict(variables).items()}
+    state = convert_state({"variables": variables, "config": config}, "flax", "torch")
+    return _build_torch(state, _rank_to_dims(ndim, "flax layer"), exact_training)
+
+
+def to_flax(bn: _BatchNorm, *, axis: int = 1) -> tuple[Any, dict]:
+    """``(flax.linen.BatchNorm, variables)`` equal to the torch layer ``bn``.
+
+    ``axis=1`` keeps the torch layout; ``axis=-1`` is Flax's usual channels-last. The module
+    leaves ``use_running_average`` to the call, as Flax models usually do:
+    ``module.apply(variables, x, use_running_average=True)`` for inference, ``False`` with
+    ``mutable=["batch_stats"]`` for training (biased running-variance rule from then on).
+    eps is carried and momentum flipped (torch 0.1 -> Flax 0.9).
+    """
+    linen, jnp = _import_flax()
+    torch_state = _numpy_state(bn)
+    f = convert_state(torch_state, "torch", "flax", axis=axis)
+    cfg = f["config"]
+    dtype = f["variables"]["batch_stats"]["mean"].dtype
+    module = linen.BatchNorm(axis=cfg["axis"], momentum=cfg["momentum"], epsilon=cfg["epsilon"],
+                             use_bias=cfg["use_bias"], use_scale=cfg["use_scale"], param_dtype=dtype)
+    variables = {col: {k: jnp.asarray(v) for k, v in d.items()} for col, d in f["variables"].items()}
+    return module, variables
+
+
+# ----------------------------------------------------------------- SyncBatchNorm
+def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
+    """A copy of ``model`` with every ``nn.SyncBatchNorm`` replaced by ``BatchNorm1d/2d/3d``.
+
+    The inverse of ``nn.SyncBatchNorm.convert_sync_batchnorm``. The rank each layer sees is
+    found by running ``example_inputs`` (a tensor, or a tuple of positional arguments) through
+    a throwaway copy in eval mode without gradients: rank 2-3 gives ``BatchNorm1d``, 4
+    ``BatchNorm2d``, 5 ``BatchNorm3d``. A layer never reached (or without ``example_inputs``),
+    or reached with several ranks, becomes :class:`BatchNormNd`, which accepts any rank, and a
+    warning names it. The new layer takes over the old one's attributes as they are: the same
+    parameters (``requires_grad`` included) and buffers, eps, momentum, affine and tracking
+    flags, ``training`` flag, hooks; only ``process_group`` is dropped. ``model`` itself is not
+    modified. The math is unchanged: ``SyncBatchNorm`` without a process group runs
+    ``F.batch_norm`` exactly as ``BatchNorm*d`` does.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    ranks = _probe_ranks(model, example_inputs) if example_inputs is not None else {}
+    out = copy.deepcopy(model)
+    unsure = []
+    for name, module in list(out.named_modules()):
+        if not isinstance(module, nn.SyncBatchNorm):
+            continue
+        seen = ranks.get(name, set())
+        dims = _rank_to_dims(next(iter(seen)), f"SyncBatchNorm {name!r}") if len(seen) == 1 else None
+        if dims is None:
+            unsure.append(f"{name or 'model'} (input ranks seen: {sorted(seen) or 'none'})")
+        new = _retype(module, _PLAIN[dims] if dims is not None else BatchNormNd)
+        if name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(out.get_submodule(parent_name), child, new)
+        else:
+            out = new
+    if unsure:
+        warnings.warn(
+            "revert_sync_bn: no single input rank for " + ", ".join(unsure) + "; these became bnkit "
+            "BatchNormNd (any rank), which torch's fusers do not match. Pass example_inputs that reach every layer.",
+            stacklevel=2,
+        )
+    return out
+
+
+def _retype(module: nn.SyncBatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
+    """A ``cls`` instance holding ``module``'s attributes (parameters, buffers, flags, hooks)."""
+    new = cls.__new__(cls)
+    new.__dict__.update({k: v for k, v in module.__dict__.items() if k != "process_group"})
+    return new
+
+
+def _probe_ranks(model: nn.Module, example_inputs: Any) -> dict[str, set[int]]:
+    """Input rank seen by each ``SyncBatchNorm`` when ``example_inputs`` run through a copy of ``model``."""
+    probe = copy.deepcopy(model).eval()
+    ranks: dict[str, set[int]] = {}
+    handles = []
+    for name, module in probe.named_modules():
+        if isinstance(module, nn.SyncBatchNorm):
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, name=name: ranks.setdefault(name, set()).add(args[0].dim())))
+    args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    try:
+        with torch.no_grad():
+            probe(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranks

@@ -1,0 +1,393 @@
+"""bnkit.torch conversions against the real Keras layer (KERAS_BACKEND=torch), the real
+flax.linen.BatchNorm, and PyTorch's own SyncBatchNorm / fx fuser."""
+import copy
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnkit.torch import (BatchNorm1d, BatchNorm2d, BatchNorm3d, fold_bn, from_flax, from_keras, revert_sync_bn, to_flax,
+                         to_keras)
+from bnkit.torch.convert import BatchNormNd
+from bnkit.torch.zoo import SmallResNet, example_input
+
+C = 3
+EXACT = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
+PLAIN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+SHAPES = {2: (16,), 3: (16, 5), 4: (16, 3, 4), 5: (4, 3, 2, 2)}  # batch and non-channel sizes per rank
+
+
+def batches(rank, channels_last, count, seed):
+    """Float32 batches with per-channel offset/scale, in the source framework's layout."""
+    rng = np.random.default_rng(seed)
+    n, *rest = SHAPES[rank]
+    shape = (n, *rest, C) if channels_last else (n, C, *rest)
+    caxis = rank - 1 if channels_last else 1
+    bshape = [1] * rank
+    bshape[caxis] = C
+    off, scl = rng.normal(0, 2, C).reshape(bshape), rng.uniform(0.5, 3, C).reshape(bshape)
+    return [(rng.normal(size=shape) * scl + off).astype(np.float32) for _ in range(count)]
+
+
+def to_first(x, channels_last):
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1) if channels_last else x))
+
+
+def torch_train(bn, xs, channels_last):
+    bn.train()
+    for x in xs:
+        bn(to_first(x, channels_last))
+
+
+def torch_infer(bn, x, channels_last):
+    was = bn.training
+    with torch.no_grad():
+        y = bn.eval()(to_first(x, channels_last)).numpy()
+    bn.train(was)
+    return np.moveaxis(y, 1, -1) if channels_last else y
+
+
+# ----------------------------------------------------------------- Keras
+keras = pytest.importorskip("keras")
+
+
+def keras_bn(rank, channels_last, seed=0, **kw):
+    kw = {"momentum": 0.9, "epsilon": 1e-2, **kw}  # non-default both
+    layer = keras.layers.BatchNormalization(axis=-1 if channels_last else 1, **kw)
+    xs = batches(rank, channels_last, 4, seed)
+    layer.build(xs[0].shape)
+    rng = np.random.default_rng(seed + 1)
+    for name in ("gamma", "beta"):
+        if getattr(layer, name) is not None:
+            getattr(layer, name).assign(rng.uniform(0.5, 2, C).astype(np.float32))
+    for x in xs[:3]:  # a few training steps in Keras itself
+        layer(x, training=True)
+    return layer, xs[3]
+
+
+def keras_stats(layer):
+    return keras.ops.convert_to_numpy(layer.moving_mean), keras.ops.convert_to_numpy(layer.moving_variance)
+
+
+@pytest.mark.parametrize("rank,channels_last", [(2, True), (3, True), (4, True), (4, False), (5, True)])
+def test_from_keras_same_inference_and_running_stats(rank, channels_last):
+    layer, x_eval = keras_bn(rank, channels_last, seed=rank)
+    plain, exact = from_keras(layer), from_keras(layer, exact_training=True)
+    assert type(plain) is PLAIN[rank] and type(exact) is EXACT[rank]
+    assert exact.running_var_rule == "biased" and plain.training and exact.training
+    assert plain.eps == pytest.approx(1e-2) and plain.momentum == pytest.approx(0.1)  # carried, flipped
+    y_keras = keras.ops.convert_to_numpy(layer(x_eval, training=False))
+    for bn in (plain, exact):
+        np.testing.assert_allclose(torch_infer(bn, x_eval, channels_last), y_keras, rtol=1e-5, atol=1e-5)
+
+    mean0, var0 = keras_stats(layer)
+    xs = batches(rank, channels_last, 3, seed=10 + rank)
+    for x in xs:
+        layer(x, training=True)
+    torch_train(plain, xs, channels_last)
+    torch_train(exact, xs, channels_last)
+    mean_k, var_k = keras_stats(layer)
+    for bn in (plain, exact):
+        np.testing.assert_allclose(bn.running_mean.numpy(), mean_k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(exact.running_var.numpy(), var_k, rtol=1e-5, atol=1e-6)
+    # The plain layer drifts as its docstring says: each update's batch term is n/(n-1) times Keras's.
+    n = xs[0].size // C
+    v_plain = var0.astype(np.float64)
+    for x in xs:
+        v_batch = np.var(np.moveaxis(x, -1 if channels_last else 1, 0).reshape(C, -1).astype(np.float64), axis=1)
+        v_plain = 0.9 * v_plain + 0.1 * v_batch * n / (n - 1)
+    np.testing.assert_allclose(plain.running_var.numpy(), v_plain, rtol=1e-5)
+    assert not np.allclose(plain.running_var.numpy(), var_k, rtol=1e-4)
+
+
+@pytest.mark.parametrize("center,scale", [(False, True), (True, False), (False, False)])
+def test_from_keras_center_scale_flags(center, scale):
+    layer, x_eval = keras_bn(4, True, seed=3, center=center, scale=scale)
+    bn = from_keras(layer)
+    assert bn.affine == (center or scale)  # torch has no bias-only layer: weight = 1 then
+    assert (bn.bias is not None) == center
+    y_keras = keras.ops.convert_to_numpy(layer(x_eval, training=False))
+    np.testing.assert_allclose(torch_infer(bn, x_eval, True), y_keras, rtol=1e-5, atol=1e-5)
+    back = to_keras(bn, axis=-1)
+    assert (back.center, back.scale) == (center, center or scale)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(back(x_eval, training=False)), y_keras, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls,rank,axis", [(BatchNorm2d, 4, -1), (nn.BatchNorm2d, 4, 1), (nn.BatchNorm1d, 2, -1),
+                                           (BatchNorm3d, 5, -1)])
+def test_to_keras_same_inference_and_running_stats(cls, rank, axis):
+    torch.manual_seed(0)
+    extra = {"running_var_rule": "biased"} if cls.__module__.startswith("bnkit") else {}
+    bn = cls(C, eps=3e-4, momentum=0.2, **extra)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.normal_()
+    channels_last = axis == -1
+    torch_train(bn, batches(rank, channels_last, 3, seed=1), channels_last)
+    layer = to_keras(bn, axis=axis)
+    assert layer.built and layer.epsilon == pytest.approx(3e-4) and layer.momentum == pytest.approx(0.8)
+    assert layer.input_spec.ndim == rank
+    x_eval = batches(rank, channels_last, 1, seed=2)[0]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x_eval, training=False)),
+                               torch_infer(bn, x_eval, channels_last), rtol=1e-5, atol=1e-5)
+    xs = batches(rank, channels_last, 3, seed=3)
+    for x in xs:
+        layer(x, training=True)
+    torch_train(bn, xs, channels_last)
+    mean_k, var_k = keras_stats(layer)
+    np.testing.assert_allclose(bn.running_mean.numpy(), mean_k, rtol=1e-5, atol=1e-5)
+    if extra:  # bnkit's biased-rule layer and Keras agree exactly; plain torch drifts (see from_keras)
+        np.testing.assert_allclose(bn.running_var.numpy(), var_k, rtol=1e-5, atol=1e-6)
+
+
+def test_keras_frozen_layer_becomes_an_eval_mode_torch_layer_with_frozen_parameters():
+    layer, x_eval = keras_bn(4, True)
+    layer.trainable = False
+    bn = from_keras(layer)
+    assert not bn.training and not any(p.requires_grad for p in bn.parameters())
+    mean0, _ = keras_stats(layer)
+    layer(x_eval, training=True)  # Keras: a frozen BN uses and keeps its moving statistics
+    np.testing.assert_array_equal(keras_stats(layer)[0], mean0)
+    np.testing.assert_allclose(bn.running_mean.numpy(), mean0)
+
+
+def test_keras_bad_input_is_refused():
+    with pytest.raises(ValueError, match="not built"):
+        from_keras(keras.layers.BatchNormalization())
+    with pytest.raises(TypeError, match="BatchNormalization"):
+        from_keras(keras.layers.Dense(3))
+    renorm = keras.layers.BatchNormalization(renorm=True)
+    renorm.build((None, C))
+    with pytest.raises(ValueError, match="renorm"):
+        from_keras(renorm)
+    with pytest.raises(ValueError, match="cumulative"):
+        to_keras(nn.BatchNorm2d(C, momentum=None))
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        to_keras(nn.BatchNorm2d(C, track_running_stats=False))
+    with pytest.raises(ValueError, match="ndim="):
+        to_keras(BatchNormNd(C))
+    with pytest.raises(ValueError, match="renorm"):
+        to_keras(BatchNorm2d(C, renorm=True))
+
+
+@pytest.mark.parametrize("name,call", [("keras", lambda: to_keras(nn.BatchNorm1d(C))),
+                                       ("flax", lambda: to_flax(nn.BatchNorm1d(C)))])
+def test_missing_framework_names_the_extra(monkeypatch, name, call):
+    monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
+    if name == "flax":
+        monkeypatch.setitem(sys.modules, "flax.linen", None)
+    with pytest.raises(ImportError, match=r'pip install "bnkit\[test\]"'):
+        call()
+
+
+# ----------------------------------------------------------------- Flax
+def flax_bn(rank, channels_last, seed=0, **kw):
+    linen = pytest.importorskip("flax.linen")
+    jnp = pytest.importorskip("jax.numpy")
+    module = linen.BatchNorm(axis=-1 if channels_last else 1, momentum=0.8, epsilon=2e-3, **kw)
+    xs = batches(rank, channels_last, 4, seed)
+    variables = module.init(__import__("jax").random.PRNGKey(0), xs[0], use_running_average=False)
+    variables = {k: dict(v) for k, v in variables.items()}
+    rng = np.random.default_rng(seed + 1)
+    for name in variables.get("params", {}):
+        variables["params"][name] = jnp.asarray(rng.uniform(0.5, 2, C).astype(np.float32))
+    for x in xs[:3]:
+        variables = flax_train(module, variables, [x])
+    return module, variables, xs[3]
+
+
+def flax_train(module, variables, xs):
+    for x in xs:
+        _, upd = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+        variables = {**variables, "batch_stats": dict(upd["batch_stats"])}
+    return variables
+
+
+def flax_infer(module, variables, x):
+    return np.asarray(module.apply(variables, x, use_running_average=True))
+
+
+@pytest.mark.parametrize("rank,channels_last", [(2, True), (4, True), (4, False), (5, True)])
+def test_from_flax_same_inference_and_running_stats(rank, channels_last):
+    module, variables, x_eval = flax_bn(rank, channels_last, seed=rank)
+    plain = from_flax(module, variables, ndim=rank)
+    exact = from_flax(module, variables, ndim=rank, exact_training=True)
+    anyrank = from_flax(module, variables)
+    assert type(plain) is PLAIN[rank] and type(exact) is EXACT[rank] and type(anyrank) is BatchNormNd
+    assert plain.eps == pytest.approx(2e-3) and plain.momentum == pytest.approx(0.2)
+    y_flax = flax_infer(module, variables, x_eval)
+    for bn in (plain, exact, anyrank):
+        np.testing.assert_allclose(torch_infer(bn, x_eval, channels_last), y_flax, rtol=1e-4, atol=1e-4)
+    xs = batches(rank, channels_last, 3, seed=20 + rank)
+    variables = flax_train(module, variables, xs)
+    torch_train(plain, xs, channels_last)
+    torch_train(exact, xs, channels_last)
+    mean_f, var_f = (np.asarray(variables["batch_stats"][k]) for k in ("mean", "var"))
+    for bn in (plain, exact):
+        np.testing.assert_allclose(bn.running_mean.numpy(), mean_f, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(exact.running_var.numpy(), var_f, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(plain.running_var.numpy(), var_f, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_bias,use_scale", [(True, True), (False, True), (True, False), (False, False)])
+def test_to_flax_round_trip_and_flags(use_bias, use_scale):
+    module, variables, x_eval = flax_bn(4, True, seed=5, use_bias=use_bias, use_scale=use_scale)
+    bn = from_flax(module, variables, ndim=4, exact_training=True)
+    module2, variables2 = to_flax(bn, axis=-1)
+    assert (module2.use_bias, module2.use_scale) == (use_bias, use_scale or use_bias)
+    assert module2.momentum == pytest.approx(0.8) and module2.epsilon == pytest.approx(2e-3)
+    np.testing.assert_allclose(flax_infer(module2, variables2, x_eval), flax_infer(module, variables, x_eval),
+                               rtol=1e-6, atol=1e-6)
+    xs = batches(4, True, 2, seed=6)
+    a, b = flax_train(module, variables, xs), flax_train(module2, variables2, xs)
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(np.asarray(b["batch_stats"][k]), np.asarray(a["batch_stats"][k]), rtol=1e-6)
+
+
+def test_flax_bad_input_is_refused():
+    linen = pytest.importorskip("flax.linen")
+    module, variables, _ = flax_bn(4, True)
+    with pytest.raises(ValueError, match="ndim="):
+        from_flax(module, variables, exact_training=True)
+    with pytest.raises(ValueError, match="rank 6"):
+        from_flax(module, variables, ndim=6)
+    swapped = {**variables, "batch_stats": {"mean": variables["batch_stats"]["var"] * 0 - 1,
+                                            "var": variables["batch_stats"]["mean"] * 0 - 1}}
+    with pytest.raises(ValueError, match="swapped"):
+        from_flax(module, swapped, ndim=4)
+    with pytest.raises(TypeError, match="flax.linen.BatchNorm"):
+        from_flax(linen.Dense(3), variables)
+    with pytest.raises(ValueError, match="single channel axis"):
+        from_flax(linen.BatchNorm(axis=(1, 2), momentum=0.9, epsilon=1e-5), variables)
+
+
+# ----------------------------------------------------------------- SyncBatchNorm
+class Mixed(nn.Module):
+    """BN after Linear (rank 2), Conv1d (rank 3), Conv2d (rank 4), Conv3d (rank 5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn_fc = nn.Linear(8, 4), nn.BatchNorm1d(4, eps=1e-3)
+        self.c1, self.bn1 = nn.Conv1d(1, 3, 3), nn.BatchNorm1d(3, momentum=0.3)
+        self.c2, self.bn2 = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3, affine=False)
+        self.c3, self.bn3 = nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2, momentum=None)
+
+    def forward(self, x):
+        a = self.bn_fc(self.fc(x.flatten(1)[:, :8]))
+        b = self.bn1(self.c1(x.flatten(1)[:, None, :16]))
+        c = self.bn2(self.c2(x[:, :, 0]))
+        d = self.bn3(self.c3(x))
+        return torch.cat([a.flatten(1), b.flatten(1), c.flatten(1), d.flatten(1)], 1)
+
+
+def trained(model, x, steps=3):
+    torch.manual_seed(1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(x + torch.randn_like(x))
+    return model
+
+
+def test_revert_sync_bn_restores_the_original_with_flags():
+    x = example_input("resnet", batch=6)
+    torch.manual_seed(0)
+    original = trained(SmallResNet(), x)
+    original.layers[0].bn1.eval()  # mixed train/eval flags
+    original.stem[1].weight.requires_grad_(False)  # frozen parameter
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(original))
+    sync_before = copy.deepcopy(sync.state_dict())
+    reverted = revert_sync_bn(sync, x)
+
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in sync.modules())  # the input is untouched
+    assert all(torch.equal(v, sync.state_dict()[k]) for k, v in sync_before.items())
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in reverted.modules())
+    orig_mods, rev_mods = dict(original.named_modules()), dict(reverted.named_modules())
+    assert orig_mods.keys() == rev_mods.keys()
+    for name, m in orig_mods.items():
+        r = rev_mods[name]
+        assert type(r) is type(m) and r.training == m.training, name
+    for (name, p), (_, q) in zip(original.named_parameters(), reverted.named_parameters()):
+        assert p.requires_grad == q.requires_grad and torch.equal(p, q), name
+    for k, v in original.state_dict().items():
+        assert torch.equal(v, reverted.state_dict()[k]), k
+    # same outputs and same running statistics after training steps (CPU: SyncBN runs F.batch_norm)
+    a, b = copy.deepcopy(original), copy.deepcopy(reverted)
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_reverted_model_fuses_with_no_bn_left():
+    from torch.fx.experimental.optimization import fuse
+
+    x = torch.randn(5, 1, 6, 6, 6)
+    torch.manual_seed(0)
+    original = trained(Mixed(), x).eval()
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(original))
+    assert len(list(fuse(sync).graph.nodes)) == len(list(torch.fx.symbolic_trace(sync).graph.nodes))  # torch skips it
+    reverted = revert_sync_bn(sync, x)
+    for name in ("bn_fc", "bn1", "bn2", "bn3"):
+        assert type(getattr(reverted, name)) is type(getattr(original, name)), name
+        o, r = getattr(original, name), getattr(reverted, name)
+        assert (r.eps, r.momentum, r.affine, r.track_running_stats) == (o.eps, o.momentum, o.affine,
+                                                                        o.track_running_stats)
+    fused = fuse(reverted)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_reverted_resnet_folds_with_fold_bn():
+    x = example_input("resnet", batch=4)
+    torch.manual_seed(0)
+    original = trained(SmallResNet(), x).eval()
+    reverted = revert_sync_bn(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(original)), x)
+    folded, report = fold_bn(reverted, x)
+    assert len(report.folded) == sum(isinstance(m, nn.BatchNorm2d) for m in original.modules())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_without_example_inputs_layers_take_any_rank_and_a_warning_says_so():
+    x = torch.randn(5, 1, 6, 6, 6)
+    torch.manual_seed(0)
+    original = trained(Mixed(), x).eval()
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(original))
+    with pytest.warns(UserWarning, match="bn_fc.*bn3"):
+        reverted = revert_sync_bn(sync)
+    assert all(type(getattr(reverted, n)) is BatchNormNd for n in ("bn_fc", "bn1", "bn2", "bn3"))
+    with torch.no_grad():
+        torch.testing.assert_close(reverted(x), original(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least 2D"):
+        reverted.bn1(torch.randn(3))
+
+
+def test_root_sync_bn_and_unreached_layers():
+    layer = nn.SyncBatchNorm(4, eps=1e-4, momentum=0.05, track_running_stats=False)
+    out = revert_sync_bn(layer, torch.randn(2, 4, 3, 3))
+    assert type(out) is nn.BatchNorm2d and out.eps == 1e-4 and out.momentum == 0.05 and out.running_mean is None
+    assert type(layer) is nn.SyncBatchNorm and not hasattr(out, "process_group")
+
+    class Unreached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.BatchNorm2d(2), nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(Unreached())
+    with pytest.warns(UserWarning, match="spare") as record:
+        out = revert_sync_bn(sync, torch.randn(2, 2, 3, 3))
+    assert "used" not in str(record[0].message).replace("seen", "")
+    assert type(out.used) is nn.BatchNorm2d and type(out.spare) is BatchNormNd
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert type(revert_sync_bn(nn.Sequential(nn.Linear(2, 2)), torch.randn(1, 2))[0]) is nn.Linear
+    with pytest.raises(TypeError, match="nn.Module"):
+        revert_sync_bn("not a model")
