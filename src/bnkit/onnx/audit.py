@@ -1,0 +1,108 @@
+"""Audit the BatchNormalization nodes of an ONNX model without running it.
+
+Flags, as :class:`bnkit.findings.Finding` rows (layer = node name):
+
+* ``training_mode=1`` (opset >= 14), or running-statistic outputs requested (opset 9-13):
+  onnxruntime then normalises each batch with its own statistics, so outputs depend on
+  the batch and not on the stored running statistics (error);
+* extra running-statistic outputs on an inference node (invalid from opset 14; warning);
+* statistics or parameters computed at run time, so they cannot be checked (warning);
+* per-channel array problems, checked by :func:`bnkit.audit_state.check_bn_stats`:
+  non-finite values, never-updated statistics (every mean 0 and variance 1),
+  negative variances, variances below ``epsilon``, near-zero scales.
+
+ONNX's ``momentum`` is the weight on the OLD running value; it is passed on in PyTorch's
+convention (``1 - momentum``). A clean inference export yields no warning or error.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import onnx
+
+from ..audit_state import BNStats, check_bn_stats
+from ..findings import Finding, worst_severity
+from .graph import BNNode, bn_nodes, load_model, opset_version
+
+__all__ = ["OnnxAuditReport", "audit"]
+
+
+@dataclass
+class OnnxAuditReport:
+    """Findings of :func:`audit`; ``ok`` is True when none is an error."""
+
+    findings: list[Finding] = field(default_factory=list)
+    #: One row per BatchNormalization node: name, channels, epsilon, momentum (ONNX side), training.
+    nodes: list[dict] = field(default_factory=list)
+    opset: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return worst_severity(self.findings) != "error"
+
+    @property
+    def worst(self) -> str | None:
+        return worst_severity(self.findings)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "opset": self.opset, "nodes": self.nodes, "findings": [f.to_dict() for f in self.findings]}
+
+
+def _node_findings(bn: BNNode) -> list[Finding]:
+    findings = []
+    if bn.training:
+        how = "training_mode=1" if bn.opset >= 14 else f"running-statistic outputs requested (opset {bn.opset})"
+        findings.append(Finding(
+            "error", bn.name, "BatchNormalization in training mode",
+            f"{how}: onnxruntime normalises with each batch's own mean and variance, so an output depends on the "
+            "other samples in its batch and a batch of one is normalised to beta",
+            "export with the model in eval mode (model.eval(); torch.onnx.export(..., training=TrainingMode.EVAL)) "
+            "or bnkit.torch.export_onnx; `bnkit fold --to-inference` switches an existing file",
+            "training_mode", {"opset": bn.opset, "extra_outputs": bn.extra_outputs}))
+    elif bn.extra_outputs:
+        findings.append(Finding(
+            "warning", bn.name, "extra running-statistic outputs on an inference node",
+            f"outputs {bn.extra_outputs} beside Y; the ONNX spec allows them only with training_mode=1",
+            "re-export in eval mode, or `bnkit fold` (removes them where unused)",
+            "extra_outputs", {"extra_outputs": bn.extra_outputs}))
+    for note in bn.notes:
+        findings.append(Finding("warning", bn.name, "unusual BatchNormalization attribute", note,
+                                "re-export with opset >= 9", "spatial"))
+    if not bn.constant:
+        missing = [k for k in ("scale", "bias", "mean", "var") if getattr(bn, k) is None]
+        findings.append(Finding(
+            "warning", bn.name, "statistics are not constants",
+            f"{', '.join(missing)} computed at run time or fed as graph inputs, so they cannot be checked or folded",
+            "export with parameters as initializers (export_params=True, keep_initializers_as_inputs=False)",
+            "not_constant", {"missing": missing}))
+        return findings
+    stats = BNStats(name=bn.name, running_mean=bn.mean, running_var=bn.var, weight=bn.scale, bias=bn.bias,
+                    eps=bn.epsilon, momentum=1.0 - bn.momentum)
+    return findings + check_bn_stats(stats)
+
+
+def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:
+    """Check every BatchNormalization node of an ONNX model (path or ModelProto; the proto is not modified)."""
+    proto = load_model(model)
+    opset = opset_version(proto)
+    report = OnnxAuditReport(opset=opset)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        report.findings.append(Finding(
+            "error", "(model)", "the model fails onnx.checker", str(exc).splitlines()[0],
+            "re-export the model; runtimes may reject or misread it", "invalid_model"))
+    nodes = bn_nodes(proto.graph, opset)
+    for bn in nodes:
+        channels = None if bn.mean is None else int(bn.mean.size)
+        report.nodes.append({"name": bn.name, "channels": channels, "epsilon": bn.epsilon,
+                             "momentum": bn.momentum, "training": bn.training})
+        report.findings.extend(_node_findings(bn))
+    if not nodes:
+        report.findings.append(Finding("info", "(model)", "no BatchNormalization nodes",
+                                       "nothing to audit: folded already, or the model has no BatchNorm",
+                                       code="no_bn"))
+    order = {s: i for i, s in enumerate(("error", "warning", "info"))}
+    report.findings.sort(key=lambda f: order[f.severity])
+    return report

@@ -1,0 +1,398 @@
+"""Fold ONNX BatchNormalization nodes into the Conv / ConvTranspose / Gemm / MatMul before them.
+
+At inference a BatchNormalization node is, per channel ``c`` on axis 1,
+``y = a_c * x + b_c`` with ``a = scale / sqrt(var + epsilon)`` and ``b = B - a * mean``.
+When ``x`` is the output of a layer that nothing else reads, the map goes into the
+layer's constants (computed in float64, then cast back to the weight's dtype):
+
+* ``Conv``: ``W[c] *= a_c``, ``bias = a * bias + b`` (a bias is added if there was none);
+* ``ConvTranspose``: weight ``(C_in, C_out / group, k...)``, output channel
+  ``g * C_out/group + j`` scales ``W[g-th block of C_in, j]``; bias as for Conv;
+* ``Gemm``: ``alpha * A B' + beta * C`` has channel ``n`` in column ``n`` of ``B'``; the
+  column is scaled, ``C := a * beta * C + b`` and ``beta := 1``;
+* ``MatMul`` of a 2-D input by a constant ``(K, N)`` matrix: columns scaled and the BN
+  node replaced by ``Add(b)``.
+
+A weight that other nodes also read (a shared conv) is copied, so only this use changes.
+Nodes are left, with the reason in the report, when folding would be inexact or
+impossible: the layer's output is read elsewhere, the statistics are not constants or
+not finite, the input is not such a layer (an addition, a graph input), a MatMul of
+rank > 2 (BN's axis 1 is then not the output feature axis), or the node is in training mode.
+
+Training-mode nodes (``training_mode=1``, or running-statistic outputs in opset 9-13) are
+switched to their running statistics only when asked (``to_inference=True``) and their
+extra outputs are unused; the verification reference is then the switched model.
+Unused extra outputs of inference nodes are removed. Peers: onnxruntime's
+``ConvBNFusion`` (onnxruntime/core/optimizer/conv_bn_fusion.cc), which fuses Conv only.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..findings import Finding
+from .graph import BNNode, GraphIndex, attribute, bn_nodes, load_model, node_label, opset_version
+from .verify import compare, default_tolerance, random_inputs, run
+
+__all__ = ["FoldedNode", "OnnxFoldReport", "FoldVerificationError", "fold_model", "fold"]
+
+
+class FoldVerificationError(RuntimeError):
+    """onnxruntime found the folded model's outputs different from the original's; nothing was written."""
+
+    def __init__(self, message: str, report: "OnnxFoldReport") -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class FoldedNode:
+    bn: str
+    into: str
+    op: str
+    #: e.g. "bias added", "weight copied: shared with another node".
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OnnxFoldReport:
+    """What :func:`fold_model` did.
+
+    ``folded``: BN nodes folded, with the node each went into; ``left``: BN node -> why it
+    was not folded; ``converted``: training-mode nodes switched to running statistics;
+    ``removed_outputs``: unused running-statistic outputs dropped; ``max_abs_diff`` /
+    ``max_rel_diff``: onnxruntime, reference vs folded, on random inputs of ``input_shapes``
+    (norm-wise relative, see :mod:`bnkit.onnx.verify`); None when not verified.
+    """
+
+    folded: list[FoldedNode] = field(default_factory=list)
+    left: dict[str, str] = field(default_factory=dict)
+    converted: list[str] = field(default_factory=list)
+    removed_outputs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    max_abs_diff: float | None = None
+    max_rel_diff: float | None = None
+    tolerance: float | None = None
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def verified(self) -> bool:
+        return self.max_rel_diff is not None and self.tolerance is not None and self.max_rel_diff <= self.tolerance
+
+    @property
+    def findings(self) -> list[Finding]:
+        """One warning per BN node left unfolded."""
+        return [Finding("warning", bn, "BatchNormalization not folded", reason, code="not_folded")
+                for bn, reason in self.left.items()]
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["verified"] = self.verified
+        return out
+
+
+def _fresh_name(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+class _Folder:
+    def __init__(self, model: onnx.ModelProto, report: OnnxFoldReport) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.report = report
+        self.opset = opset_version(model)
+        self.taken = {t.name for t in self.graph.initializer} | {n.name for n in self.graph.node}
+        for node in self.graph.node:
+            self.taken.update(node.output)
+            self.taken.update(node.input)
+        self.taken.update(i.name for i in self.graph.input)
+        self.index = GraphIndex(self.graph)
+        self._ranks: dict[str, int] | None = None
+
+    def reindex(self) -> None:
+        self.index = GraphIndex(self.graph)
+
+    # -- stage 1: training-mode nodes and extra outputs ---------------------------------------
+    def tidy_outputs(self, bn: BNNode, to_inference: bool) -> str | None:
+        """Drop unused extra outputs (switching a training node if asked); a reason to leave it, or None."""
+        read = [o for o in bn.extra_outputs if self.index.readers(o)]
+        if bn.training and not to_inference:
+            return ("training mode: it normalises with batch statistics; pass to_inference=True "
+                    "(--to-inference) to use its running statistics instead")
+        if read:
+            return f"its running-statistic outputs {read} are read by other nodes or are graph outputs"
+        node = bn.node
+        if bn.extra_outputs:
+            self.report.removed_outputs.extend(bn.extra_outputs)
+            del node.output[1:]
+        if bn.training:
+            if self.opset >= 14:
+                for attr in node.attribute:
+                    if attr.name == "training_mode":
+                        attr.i = 0
+            self.report.converted.append(bn.name)
+        return None
+
+    # -- stage 2: folding ----------------------------------------------------------------------
+    def rank(self, name: str) -> int | None:
+        if self._ranks is None:
+            inferred = onnx.shape_inference.infer_shapes(self.model)
+            self._ranks = {}
+            for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+                if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                    self._ranks[v.name] = len(v.type.tensor_type.shape.dim)
+        return self._ranks.get(name)
+
+    def set_constant(self, node: onnx.NodeProto, slot: int, value: np.ndarray, label: str, notes: list[str]) -> None:
+        """Make input ``slot`` of ``node`` the constant ``value``: in place if only it reads it, else a copy."""
+        old = node.input[slot] if slot < len(node.input) else ""
+        tensor_names = {t.name: t for t in self.graph.initializer}
+        if old and old in self.index.initializers and self.index.readers(old) == 1:
+            tensor_names[old].CopyFrom(numpy_helper.from_array(value, old))
+            return
+        if old and self.index.readers(old) > 1:
+            notes.append(f"{label} copied: {old!r} is shared with another node")
+        name = _fresh_name(f"{node_label(node)}.{label}_folded", self.taken)
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        while len(node.input) <= slot:
+            node.input.append("")
+        node.input[slot] = name
+
+    def fold(self, bn: BNNode) -> str | None:
+        """Fold ``bn`` into its producer; a reason to leave it, or None when folded."""
+        if not bn.constant:
+            return "its statistics or parameters are not constants"
+        arrays = (bn.scale, bn.bias, bn.mean, bn.var)
+        if len({a.shape for a in arrays}) != 1 or bn.mean.ndim != 1:
+            return "scale, B, mean and var are not all one value per channel"
+        if not all(np.isfinite(a).all() for a in arrays) or (bn.var + bn.epsilon <= 0).any():
+            return "non-finite statistics or var + epsilon <= 0: folding would spread NaN/Inf into the layer"
+        node = bn.node
+        x = node.input[0]
+        producer = self.index.producer.get(x)
+        if producer is None:
+            return "its input is a graph input or initializer, not a layer's output"
+        if producer.domain not in ("", "ai.onnx") or producer.op_type not in _FOLDERS:
+            return f"its input comes from {producer.op_type} {node_label(producer)!r}, not a Conv/ConvTranspose/Gemm/MatMul"
+        if self.index.readers(x) != 1:
+            return f"the output of {node_label(producer)!r} is also read elsewhere; folding would change that reader"
+        a = bn.scale / np.sqrt(bn.var + bn.epsilon)
+        b = bn.bias - a * bn.mean
+        notes: list[str] = []
+        reason = _FOLDERS[producer.op_type](self, producer, a, b, notes)
+        if reason:
+            return reason
+        if producer.op_type == "MatMul":
+            bias_name = _fresh_name(f"{bn.name}.bias_folded", self.taken)
+            dtype = self.index.constant(producer.input[1]).dtype
+            self.graph.initializer.append(numpy_helper.from_array(b.astype(dtype), bias_name))
+            add = helper.make_node("Add", [x, bias_name], [node.output[0]], name=_fresh_name(f"{bn.name}_bias", self.taken))
+            position = list(self.graph.node).index(node)
+            self.graph.node.remove(node)
+            self.graph.node.insert(position, add)
+        else:
+            producer.output[0] = node.output[0]
+            self.graph.node.remove(node)
+        self.report.folded.append(FoldedNode(bn.name, node_label(producer), producer.op_type, notes))
+        self.reindex()
+        return None
+
+
+def _weight(folder: _Folder, node: onnx.NodeProto, slot: int, what: str):
+    name = node.input[slot] if slot < len(node.input) else ""
+    value = folder.index.constant(name) if name else None
+    if value is None:
+        return None, f"the {what} of {node_label(node)!r} is not a constant"
+    if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+        return None, f"the {what} of {node_label(node)!r} is {value.dtype}, not floating point"
+    return value, None
+
+
+def _fold_conv_like(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray, notes: list[str]) -> str | None:
+    w, why = _weight(folder, node, 1, "weight")
+    if w is None:
+        return why
+    group = int(attribute(node, "group", 1))
+    if w.ndim < 3:
+        return f"the weight of {node_label(node)!r} has rank {w.ndim}"
+    w64 = w.astype(np.float64)
+    if node.op_type == "Conv":
+        if w.shape[0] != a.size:
+            return f"{node_label(node)!r} has {w.shape[0]} output channels but the BN has {a.size}"
+        w64 = w64 * a.reshape((-1,) + (1,) * (w.ndim - 1))
+    else:  # ConvTranspose: (C_in, C_out / group, k...)
+        if w.shape[0] % group or w.shape[1] * group != a.size:
+            return f"{node_label(node)!r} has {w.shape[1] * group} output channels but the BN has {a.size}"
+        blocks = w64.reshape((group, w.shape[0] // group, w.shape[1]) + w.shape[2:])
+        blocks = blocks * a.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))
+        w64 = blocks.reshape(w.shape)
+    if len(node.input) > 2 and node.input[2]:
+        bias, why = _weight(folder, node, 2, "bias")
+        if bias is None:
+            return why
+        bias64 = bias.astype(np.float64).reshape(-1)
+    else:
+        bias64 = np.zeros(a.size)
+        notes.append("bias added")
+    folder.set_constant(node, 1, w64.astype(w.dtype), "W", notes)
+    folder.set_constant(node, 2, (a * bias64 + b).astype(w.dtype), "B", notes)
+    return None
+
+
+def _fold_gemm(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray, notes: list[str]) -> str | None:
+    w, why = _weight(folder, node, 1, "B matrix")
+    if w is None:
+        return why
+    trans_b = int(attribute(node, "transB", 0))
+    n = w.shape[0] if trans_b else w.shape[1]
+    if w.ndim != 2 or n != a.size:
+        return f"{node_label(node)!r} has {n} output features but the BN has {a.size}"
+    w64 = w.astype(np.float64) * (a[:, None] if trans_b else a[None, :])
+    beta = float(attribute(node, "beta", 1.0))
+    if len(node.input) > 2 and node.input[2]:
+        c, why = _weight(folder, node, 2, "C term")
+        if c is None:
+            return why
+        c64 = a * (beta * c.astype(np.float64)) + b
+    else:
+        c64 = b
+        notes.append("bias added")
+    folder.set_constant(node, 1, w64.astype(w.dtype), "B", notes)
+    folder.set_constant(node, 2, c64.astype(w.dtype), "C", notes)
+    for attr in node.attribute:
+        if attr.name == "beta":
+            attr.f = 1.0
+    return None
+
+
+def _fold_matmul(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray, notes: list[str]) -> str | None:
+    w, why = _weight(folder, node, 1, "second operand")
+    if w is None:
+        return why
+    if w.ndim != 2 or w.shape[1] != a.size:
+        return f"the second operand of {node_label(node)!r} is not a (K, {a.size}) matrix"
+    if folder.rank(node.input[0]) != 2:
+        return (f"the first operand of {node_label(node)!r} is not known to be 2-D, so BN's channel axis 1 "
+                "may not be the MatMul's output-feature axis")
+    folder.set_constant(node, 1, (w.astype(np.float64) * a[None, :]).astype(w.dtype), "B", notes)
+    notes.append("BN replaced by Add of the folded shift")
+    return None
+
+
+_FOLDERS = {"Conv": _fold_conv_like, "ConvTranspose": _fold_conv_like, "Gemm": _fold_gemm, "MatMul": _fold_matmul}
+
+
+def _prune(model: onnx.ModelProto, read_before: set[str]) -> None:
+    """Remove the initializers and Constant/Identity nodes that folding left unread, and stale value_info."""
+    graph = model.graph
+    while True:
+        index = GraphIndex(graph)
+        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant") and n.domain in ("", "ai.onnx")
+                and n.output[0] in read_before and not index.readers(n.output[0])]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    index = GraphIndex(graph)
+    unread = [t for t in graph.initializer if t.name in read_before and not index.readers(t.name)]
+    for t in unread:
+        graph.initializer.remove(t)
+    present = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    for n in graph.node:
+        present.update(n.output)
+    for v in [v for v in graph.value_info if v.name not in present]:
+        graph.value_info.remove(v)
+
+
+def fold_model(
+    model: "str | os.PathLike | onnx.ModelProto",
+    *,
+    to_inference: bool = False,
+    verify: bool = True,
+    input_shapes: dict[str, list[int]] | None = None,
+    dynamic_size: int = 2,
+    rtol: float | None = None,
+) -> tuple[onnx.ModelProto, OnnxFoldReport]:
+    """Fold every foldable BatchNormalization node; the input (path or proto) is never modified.
+
+    ``verify`` runs the reference (the input, with training nodes switched when
+    ``to_inference``) and the folded model in onnxruntime on random inputs and raises
+    :class:`FoldVerificationError` when the norm-wise relative difference exceeds ``rtol``
+    (default 1e-4, 1e-2 for fp16/bf16 outputs).
+    """
+    work = load_model(model)
+    try:
+        onnx.checker.check_model(work)
+    except onnx.checker.ValidationError as exc:
+        raise ValueError(f"the model fails onnx.checker, not folding it: {str(exc).splitlines()[0]}") from exc
+    report = OnnxFoldReport()
+    folder = _Folder(work, report)
+    read_before = {name for name in folder.index.initializers | folder.index.producer if folder.index.readers(name)}
+
+    candidates = []
+    for bn in bn_nodes(work.graph, folder.opset, folder.index):
+        if bn.in_subgraph:
+            report.left[bn.name] = "inside a subgraph (If/Loop/Scan body): not folded"
+        elif folder.opset < 9:
+            report.left[bn.name] = f"opset {folder.opset} BatchNormalization (before opset 9) is not supported"
+        elif (why := folder.tidy_outputs(bn, to_inference)) is not None:
+            report.left[bn.name] = why
+        else:
+            candidates.append(bn.name)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(work)
+    folder.reindex()
+
+    for name in candidates:
+        bn = next(b for b in bn_nodes(work.graph, folder.opset, folder.index) if b.name == name)
+        why = folder.fold(bn)
+        if why is not None:
+            report.left[name] = why
+    _prune(work, read_before)
+    try:
+        onnx.checker.check_model(work)
+    except onnx.checker.ValidationError as exc:  # a bug in the folder, never a silent bad model
+        raise RuntimeError(f"the folded model fails onnx.checker: {exc}") from exc
+
+    if verify:
+        feeds = random_inputs(reference, input_shapes=input_shapes, dynamic_size=dynamic_size)
+        report.input_shapes = {k: list(v.shape) for k, v in feeds.items()}
+        report.tolerance = default_tolerance(reference) if rtol is None else rtol
+        report.max_abs_diff, report.max_rel_diff = compare(run(reference, feeds), run(work, feeds))
+        if not report.verified:
+            raise FoldVerificationError(
+                f"onnxruntime outputs differ after folding: max relative difference {report.max_rel_diff:.3g} > "
+                f"{report.tolerance:g} (max abs {report.max_abs_diff:.3g}); nothing was written", report)
+    return work, report
+
+
+def fold(in_path: "str | os.PathLike", out_path: "str | os.PathLike", **options) -> OnnxFoldReport:
+    """Fold ``in_path`` into ``out_path`` (see :func:`fold_model` for ``options``).
+
+    ``out_path`` is written atomically (a temporary file beside it, renamed when complete),
+    and only after verification passed: on any failure nothing is written and an existing
+    file (``in_path`` included, when ``out_path`` names it) is left as it was.
+    """
+    folded, report = fold_model(in_path, **options)
+    out_path = os.fspath(out_path)
+    directory = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out_path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        onnx.save(folded, tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return report

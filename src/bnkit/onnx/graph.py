@@ -1,0 +1,216 @@
+"""Reading an ONNX graph: loading safely, constants, producers and consumers, BatchNormalization nodes.
+
+ONNX ``BatchNormalization`` (onnx/defs/nn/defs.cc) computes, per channel ``c`` on axis 1,
+``Y = scale * (X - input_mean) / sqrt(input_var + epsilon) + B``. Its ``momentum`` is the
+weight on the OLD running value (the Keras/Flax side; PyTorch's is ``1 - momentum``).
+Training is signalled by ``training_mode=1`` from opset 14, and before that by asking
+for the optional running-statistic outputs: onnxruntime then normalises with the batch
+statistics (onnxruntime/core/providers/cpu/nn/batch_norm.h), so either marks a node
+that does not use its running statistics at inference.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["load_model", "opset_version", "GraphIndex", "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label"]
+
+
+def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
+    """A private copy of ``model`` (a path or a ModelProto), with a clear error for unreadable files.
+
+    ONNX files hold only tensors and graph structure; nothing in them is executed on load.
+    """
+    if isinstance(model, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        return copy
+    path = os.fspath(model)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        proto = onnx.load(path)
+    except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        raise ValueError(f"{path} is not a readable ONNX model: {exc}") from exc
+    if not proto.HasField("graph") or not proto.graph.node:
+        raise ValueError(f"{path} is not a readable ONNX model: it has no graph nodes")
+    return proto
+
+
+def opset_version(model: onnx.ModelProto) -> int:
+    """The default-domain (``ai.onnx``) opset the model imports."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    raise ValueError("the model imports no default-domain (ai.onnx) opset")
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs held by a node's attributes (If branches, Loop/Scan bodies)."""
+    out = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            out.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            out.extend(attr.graphs)
+    return out
+
+
+def _referenced_names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
+    """Every value name read by a node of ``graph`` or of its subgraphs (outer-scope reads included)."""
+    for node in graph.node:
+        into.update(i for i in node.input if i)
+        for sub in subgraphs(node):
+            _referenced_names(sub, into)
+            into.update(o.name for o in sub.output)
+    return into
+
+
+class GraphIndex:
+    """Who produces and who reads each value of one graph, and which values are constants.
+
+    A constant is an initializer that is not also a graph input (a graph input of the
+    same name would let the caller override it at run time), the output of a
+    ``Constant`` node, or an ``Identity`` of a constant (the PyTorch exporter shares
+    equal initializers that way).
+    """
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.inputs = {i.name for i in graph.input}
+        self.outputs = {o.name for o in graph.output}
+        self.initializers = {t.name: t for t in graph.initializer if t.name not in self.inputs}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.subgraph_reads: set[str] = set()
+        for node in graph.node:
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            for i in node.input:
+                if i:
+                    self.consumers[i].append(node)
+            for sub in subgraphs(node):
+                _referenced_names(sub, self.subgraph_reads)
+
+    def readers(self, name: str) -> int:
+        """How many places read ``name``: node inputs, graph outputs, subgraphs."""
+        return len(self.consumers.get(name, ())) + (name in self.outputs) + (name in self.subgraph_reads)
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` if it is a compile-time constant, else None."""
+        seen = set()
+        while name and name not in seen:
+            seen.add(name)
+            if name in self.initializers:
+                return numpy_helper.to_array(self.initializers[name])
+            node = self.producer.get(name)
+            if node is None or node.domain not in ("", "ai.onnx"):
+                return None
+            if node.op_type == "Identity":
+                name = node.input[0]
+                continue
+            if node.op_type == "Constant":
+                return _constant_node_value(node)
+            return None
+        return None
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None  # sparse_value / strings: not a dense numeric constant
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """The value of attribute ``name`` of ``node``, or ``default``."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+@dataclass
+class BNNode:
+    """One BatchNormalization node, its arrays (float64, None when not constant) and mode.
+
+    ``training`` is True when onnxruntime normalises with batch statistics: ``training_mode=1``
+    (opset >= 14) or running-statistic outputs requested (opset 9-13).
+    """
+
+    node: onnx.NodeProto
+    name: str
+    opset: int
+    epsilon: float
+    momentum: float
+    training: bool
+    extra_outputs: list[str]
+    scale: np.ndarray | None
+    bias: np.ndarray | None
+    mean: np.ndarray | None
+    var: np.ndarray | None
+    notes: list[str] = field(default_factory=list)
+    in_subgraph: bool = False
+
+    @property
+    def constant(self) -> bool:
+        return all(a is not None for a in (self.scale, self.bias, self.mean, self.var))
+
+
+def _as64(value: np.ndarray | None) -> np.ndarray | None:
+    return None if value is None else np.asarray(value, dtype=np.float64)
+
+
+def node_label(node: onnx.NodeProto) -> str:
+    """A node's name, or ``<op>(<first output>)`` for an unnamed node."""
+    return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
+
+
+def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None, prefix: str = "") -> list[BNNode]:
+    """Every BatchNormalization node of ``graph`` (subgraphs too, their names prefixed by the owner's)."""
+    index = index or GraphIndex(graph)
+    found = []
+    for node in graph.node:
+        for sub in subgraphs(node):
+            found.extend(bn_nodes(sub, opset, None, prefix=f"{prefix}{node_label(node)}/"))
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        extra = [o for o in node.output[1:] if o]
+        notes = []
+        if opset >= 14:
+            training = bool(attribute(node, "training_mode", 0))
+        else:
+            training = bool(extra) or (opset < 7 and not attribute(node, "is_test", 0))
+        if opset < 9 and not attribute(node, "spatial", 1):
+            notes.append("spatial=0: statistics per (channel, position), not per channel")
+        inputs = list(node.input) + [""] * (5 - len(node.input))
+        found.append(BNNode(
+            node=node,
+            name=prefix + node_label(node),
+            opset=opset,
+            epsilon=float(attribute(node, "epsilon", 1e-5)),
+            momentum=float(attribute(node, "momentum", 0.9)),
+            training=training,
+            extra_outputs=extra,
+            scale=_as64(index.constant(inputs[1])),
+            bias=_as64(index.constant(inputs[2])),
+            mean=_as64(index.constant(inputs[3])),
+            var=_as64(index.constant(inputs[4])),
+            notes=notes,
+            in_subgraph=bool(prefix),
+        ))
+    return found

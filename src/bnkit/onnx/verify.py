@@ -1,0 +1,107 @@
+"""Running ONNX models with onnxruntime on random inputs and comparing their outputs.
+
+Inputs follow the graph's declared shapes; a dynamic dimension (a ``dim_param`` or a
+missing ``dim_value``) is set to ``dynamic_size``, and ``input_shapes`` overrides whole
+shapes by input name. The difference between two runs is reported per model as the
+largest absolute difference over all outputs, and as a relative difference
+``max|a - b| / max|b|`` per output (norm-wise, so near-zero elements do not inflate it).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+__all__ = ["random_inputs", "run", "compare", "default_tolerance"]
+
+_INTS = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+         onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def random_inputs(
+    model: onnx.ModelProto,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    dynamic_size: int = 2,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Standard-normal floats (small non-negative integers, random booleans) of each input's declared shape."""
+    rng = np.random.default_rng(seed)
+    input_shapes = dict(input_shapes or {})
+    feeds = {}
+    for value in _graph_inputs(model):
+        ttype = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise ValueError(f"input {value.name!r} is not a tensor; cannot make a random value for it")
+        if value.name in input_shapes:
+            shape = tuple(int(d) for d in input_shapes.pop(value.name))
+        elif ttype.HasField("shape"):
+            shape = tuple(d.dim_value if d.HasField("dim_value") else dynamic_size for d in ttype.shape.dim)
+        else:
+            raise ValueError(f"input {value.name!r} declares no shape: pass its shape (input_shapes / --input-shape)")
+        elem = ttype.elem_type
+        if elem == onnx.TensorProto.BOOL:
+            feeds[value.name] = rng.random(shape) < 0.5
+        elif elem in _INTS:
+            feeds[value.name] = rng.integers(0, 2, size=shape).astype(helper.tensor_dtype_to_np_dtype(elem))
+        else:
+            dtype = helper.tensor_dtype_to_np_dtype(elem)
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    if input_shapes:
+        raise ValueError(f"input_shapes names no graph input: {sorted(input_shapes)}")
+    return feeds
+
+
+def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The outputs of ``model`` on ``feeds`` from onnxruntime's CPU provider, with graph optimisations off.
+
+    Optimisations are off so the comparison is between the graphs as written, not
+    between what onnxruntime's own fusions make of them.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, dict(feeds))
+
+
+def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> tuple[float, float]:
+    """``(max absolute difference, max norm-wise relative difference)`` over paired outputs, in float64."""
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(reference)} reference outputs but {len(candidate)} candidate outputs")
+    max_abs = max_rel = 0.0
+    for ref, got in zip(reference, candidate):
+        ref = np.asarray(ref, dtype=np.float64)
+        got = np.asarray(got, dtype=np.float64)
+        if ref.shape != got.shape:
+            raise ValueError(f"output shapes differ: {ref.shape} vs {got.shape}")
+        if ref.size == 0:
+            continue
+        bad = ~np.isfinite(ref)
+        if bad.any() or not np.isfinite(got).all():  # NaN/Inf must match exactly, the rest is compared
+            if not (np.array_equal(bad, ~np.isfinite(got)) and np.array_equal(ref[bad], got[bad], equal_nan=True)):
+                return float("inf"), float("inf")
+            ref, got = ref[~bad], got[~bad]
+            if ref.size == 0:
+                continue
+        diff = float(np.max(np.abs(ref - got)))
+        scale = float(np.max(np.abs(ref)))
+        max_abs = max(max_abs, diff)
+        max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return max_abs, max_rel
+
+
+def default_tolerance(model: onnx.ModelProto) -> float:
+    """Norm-wise relative tolerance for the model's least precise floating output: 1e-4 fp32/fp64, 1e-2 fp16/bf16."""
+    low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    elems = {o.type.tensor_type.elem_type for o in model.graph.output}
+    return 1e-2 if elems & low else 1e-4

@@ -1,0 +1,137 @@
+"""bnkit.onnx.audit on real exports and on hand-built BatchNormalization graphs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bnkit.onnx import audit
+from bnkit.torch.zoo import ZOO
+
+
+def _bn_model(scale, bias, mean, var, *, opset=17, outputs=("y",), training_mode=None, epsilon=1e-5, name="bn"):
+    c = len(mean)
+    attrs = {"epsilon": epsilon}
+    if training_mode is not None:
+        attrs["training_mode"] = training_mode
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], list(outputs), name=name, **attrs)
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), k) for k, a in zip("sbmv", (scale, bias, mean, var))]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 3])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [2, c, 3] if o == "y" else [c])
+                               for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+GOOD = dict(scale=[1.2, 0.8, 1.0], bias=[0.1, -0.2, 0.0], mean=[0.3, -1.0, 2.0], var=[0.5, 1.7, 0.9])
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_clean_eval_export_gets_a_clean_bill(name, zoo_onnx):
+    model, _, proto = zoo_onnx(name)
+    report = audit(proto)
+    assert report.ok and report.findings == []
+    assert len(report.nodes) == sum(1 for m in model.modules() if isinstance(m, torch_bn()))
+    assert not any(n["training"] for n in report.nodes)
+
+
+def torch_bn():
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return _BatchNorm
+
+
+@pytest.mark.parametrize("opset", [12, 15])
+def test_training_mode_export_is_an_error(opset, calibrated, export, tmp_path):
+    model, x = calibrated("resnet")
+    path = tmp_path / "train.onnx"
+    onnx.save(export(model, x, training=True, opset=opset), path)
+    report = audit(path)  # a path works as well as a proto
+    assert not report.ok
+    flagged = {f.layer for f in report.findings if f.code == "training_mode" and f.severity == "error"}
+    assert len(flagged) == 6 and all(n["training"] for n in report.nodes)
+
+
+def test_hand_built_training_mode_node_and_extra_outputs():
+    report = audit(_bn_model(**GOOD, training_mode=1, outputs=("y", "rm", "rv")))
+    assert [f.code for f in report.findings] == ["training_mode"] and report.findings[0].layer == "bn"
+    report = audit(_bn_model(**GOOD, opset=15, training_mode=0, outputs=("y", "rm", "rv")))
+    assert report.ok and [f.code for f in report.findings] == ["extra_outputs"]
+    assert report.findings[0].severity == "warning"
+
+
+def test_statistic_problems_are_flagged():
+    nan = dict(GOOD, var=[0.5, np.nan, 0.9])
+    assert [(f.severity, f.code) for f in audit(_bn_model(**nan)).findings] == [("error", "non_finite")]
+    fresh = dict(GOOD, mean=[0, 0, 0], var=[1, 1, 1])
+    assert [(f.severity, f.code) for f in audit(_bn_model(**fresh)).findings] == [("error", "never_updated")]
+    negative = dict(GOOD, var=[0.5, -0.2, 0.9])
+    assert ("error", "negative_var") in [(f.severity, f.code) for f in audit(_bn_model(**negative)).findings]
+    tiny = audit(_bn_model(**dict(GOOD, var=[0.5, 1e-9, 0.9]), epsilon=1e-3))
+    assert tiny.ok and [f.code for f in tiny.findings] == ["tiny_var"]
+    assert tiny.findings[0].data["channels"] == [1]
+    # gain 0.8 / sqrt(1e-9 + 1e-3), computed in float64 from the float32 arrays
+    expected = np.float64(np.float32(0.8)) / np.sqrt(np.float64(np.float32(1e-9)) + np.float64(np.float32(1e-3)))
+    assert tiny.findings[0].data["max_gain"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_statistics_fed_at_run_time_cannot_be_checked():
+    model = _bn_model(**GOOD)
+    var = model.graph.initializer.pop()
+    model.graph.input.append(helper.make_tensor_value_info(var.name, TensorProto.FLOAT, [3]))
+    report = audit(model)
+    assert report.ok and [f.code for f in report.findings] == ["not_constant"]
+    assert report.findings[0].data["missing"] == ["var"]
+
+
+def test_bn_inside_a_subgraph_is_found():
+    inner = _bn_model(**dict(GOOD, mean=[0, 0, 0], var=[1, 1, 1]), name="inner_bn").graph
+    inner.ClearField("input")
+    branch = helper.make_graph(list(inner.node), "then", [], list(inner.output), list(inner.initializer))
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y2"])], "else", [],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 3, 3])])
+    cond = helper.make_node("If", ["c"], ["out"], name="branch", then_branch=branch, else_branch=other)
+    graph = helper.make_graph([cond], "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    report = audit(model)
+    assert [(f.layer, f.code) for f in report.findings] == [("branch/inner_bn", "never_updated")]
+
+
+def test_model_without_bn_and_the_input_proto_untouched():
+    model = _bn_model(**GOOD)
+    before = model.SerializeToString()
+    audit(model)
+    assert model.SerializeToString() == before
+    relu = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]), opset_imports=[helper.make_opsetid("", 17)])
+    report = audit(relu)
+    assert report.ok and [f.code for f in report.findings] == ["no_bn"]
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\xff\xfe not an onnx file")
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        audit(bad)
+
+
+def test_bnkit_onnx_imports_and_audits_without_torch(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_bn_model(**dict(GOOD, var=[0.5, np.inf, 0.9])), path)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
+        "from bnkit.onnx import audit\n"
+        f"r = audit({str(path)!r}); print(r.ok, [f.code for f in r.findings])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False ['non_finite']"

@@ -1,0 +1,311 @@
+"""bnkit.onnx.fold against onnxruntime on the unfolded graph and against PyTorch eval output."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from bnkit.onnx import FoldVerificationError, fold, fold_model
+from bnkit.torch import bn_layers
+from bnkit.torch.zoo import ZOO
+
+# BN layers the ONNX fold must leave, read off bnkit/torch/zoo.py. In ONNX each call of the shared conv is
+# its own Conv node reading one weight, so SharedConvNet folds fully (the weight is copied); in PreActNet
+# bn1 reads the stem output that the residual Add also reads, bn2/bn_out read an Add.
+EXPECTED_LEFT = {"preact": {"/bn1/BatchNormalization", "/bn2/BatchNormalization", "/bn_out/BatchNormalization"}}
+
+
+def ort_run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.float64(a) - b).max() / np.abs(np.float64(b)).max())
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_export_folds_every_foldable_bn_and_keeps_outputs(name, zoo_onnx):
+    model, x, proto = zoo_onnx(name)
+    original = proto.SerializeToString()
+    folded, report = fold_model(proto)
+    assert proto.SerializeToString() == original  # the input proto is not modified
+
+    expected_left = EXPECTED_LEFT.get(name, set())
+    assert set(report.left) == expected_left
+    assert len(report.folded) == len(bn_layers(model)) - len(expected_left)
+    assert ops(folded).count("BatchNormalization") == len(expected_left)
+
+    feeds = {"input": x.numpy()}
+    before, after = ort_run(proto, feeds)[0], ort_run(folded, feeds)[0]
+    with torch.no_grad():
+        eager = model(x).double().numpy()
+    assert rel(after, before) < 1e-5
+    assert rel(after, eager) < 1e-5
+    assert report.max_rel_diff is not None and report.max_rel_diff < 1e-5
+    onnx.checker.check_model(folded, full_check=True)
+    # every Conv/ConvTranspose/Gemm that absorbed a BN carries the folded shift as a bias
+    targets = {f.into for f in report.folded}
+    for node in folded.graph.node:
+        if node.name in targets:
+            assert len(node.input) == 3 and node.input[2]
+
+
+def test_shared_conv_gets_its_own_copy_of_the_weight_per_use(zoo_onnx):
+    _, x, proto = zoo_onnx("shared_conv")
+    shared = [n for n in proto.graph.node if n.op_type == "Conv" and n.input[1] == "shared.weight"]
+    assert len(shared) == 2  # one weight, two Conv nodes
+    folded, report = fold_model(proto)
+    uses = [f for f in report.folded if f.into in {n.name for n in shared}]
+    # the first use gets a copy; the second is then the weight's only reader and is folded in place
+    assert len(uses) == 2 and [any("copied" in note for note in f.notes) for f in uses] == [True, False]
+    weights = {n.name: n.input[1] for n in folded.graph.node if n.name in {s.name for s in shared}}
+    assert len(set(weights.values())) == 2
+    tensors = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    assert not np.allclose(*(tensors[w] for w in weights.values()))
+    assert rel(ort_run(folded, {"input": x.numpy()})[0], ort_run(proto, {"input": x.numpy()})[0]) < 1e-5
+
+
+def test_fold_resolves_weights_shared_through_identity_nodes(export):
+    # Fresh BN layers have equal arrays, so the exporter emits one initializer and Identity copies of it.
+    torch.manual_seed(0)
+    model = ZOO["vgg"]().eval()
+    x = torch.randn(2, 1, 8, 8)
+    proto = export(model, x)
+    assert "Identity" in ops(proto)
+    folded, report = fold_model(proto)
+    assert not report.left and "Identity" not in ops(folded) and "BatchNormalization" not in ops(folded)
+    assert rel(ort_run(folded, {"input": x.numpy()})[0], model(x).detach().double().numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("opset", [12, 17])
+def test_training_mode_export_is_left_unless_switched_then_matches_eval(opset, calibrated, export):
+    model, x = calibrated("vgg")
+    proto = export(model, x, training=True, opset=opset)
+    _, report = fold_model(proto)
+    assert len(report.left) == 5 and all("training mode" in why for why in report.left.values())
+
+    folded, report = fold_model(proto, to_inference=True)
+    assert len(report.converted) == 5 and len(report.folded) == 5 and report.removed_outputs
+    assert "BatchNormalization" not in ops(folded)
+    with torch.no_grad():
+        eager = model.eval()(x).double().numpy()
+    assert rel(ort_run(folded, {"input": x.numpy()})[0], eager) < 1e-5
+    # the original training-mode graph really did something else: batch statistics
+    assert rel(ort_run(proto, {"input": x.numpy()})[0], eager) > 1e-2
+
+
+# -------------------------------------------------------------------------------- hand-built graphs
+
+def _bn_arrays(c: int, rng, dtype=np.float32):
+    return [rng.uniform(0.5, 1.5, c).astype(dtype), rng.normal(0, 0.3, c).astype(dtype),
+            rng.normal(0, 0.5, c).astype(dtype), rng.uniform(0.2, 2.0, c).astype(dtype)]
+
+
+def _model(nodes, inputs, outputs, inits, opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _bn_node(x: str, y: str, prefix: str = "bn", **attrs):
+    return helper.make_node("BatchNormalization", [x, f"{prefix}.s", f"{prefix}.b", f"{prefix}.m", f"{prefix}.v"], [y],
+                            name=prefix, **attrs)
+
+
+def _bn_inits(c, rng, prefix="bn", dtype=np.float32):
+    return dict(zip([f"{prefix}.{k}" for k in "sbmv"], _bn_arrays(c, rng, dtype)))
+
+
+def _feeds(model, seed=0):
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i in model.graph.input:
+        shape = [d.dim_value or 3 for d in i.type.tensor_type.shape.dim]
+        feeds[i.name] = rng.standard_normal(shape).astype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+    return feeds
+
+
+def _check_exact(model, folded, tol=1e-5):
+    feeds = _feeds(model, seed=7)
+    for got, want in zip(ort_run(folded, feeds), ort_run(model, feeds)):
+        assert rel(got, want) < tol
+
+
+@pytest.mark.parametrize("trans_b,c_shape,alpha,beta", [(1, (6,), 1.0, 1.0), (0, (1, 6), 0.5, 2.0), (1, None, 1.5, 1.0),
+                                                        (0, (4, 6), 1.0, 0.25)])
+def test_gemm_fold_handles_transpose_alpha_beta_and_c_shapes(trans_b, c_shape, alpha, beta):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 5) if trans_b else (5, 6)).astype(np.float32)
+    inits = {"W": w, **_bn_inits(6, rng)}
+    gemm_inputs = ["x", "W"]
+    if c_shape is not None:
+        inits["C"] = rng.standard_normal(c_shape).astype(np.float32)
+        gemm_inputs.append("C")
+    nodes = [helper.make_node("Gemm", gemm_inputs, ["h"], name="gemm", transB=trans_b, alpha=alpha, beta=beta),
+             _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])], inits)
+    folded, report = fold_model(model)
+    assert ops(folded) == ["Gemm"] and [f.into for f in report.folded] == ["gemm"]
+    assert folded.graph.output[0].name == "y"
+    _check_exact(model, folded)
+
+
+def test_conv_transpose_with_groups_folds_exactly():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)  # C_in=4, group=2 -> C_out = 3 * 2
+    nodes = [helper.make_node("ConvTranspose", ["x", "W"], ["h"], name="up", group=2, strides=[2, 2]), _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 5, 5])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 11, 11])], {"W": w, **_bn_inits(6, rng)})
+    folded, report = fold_model(model)
+    assert ops(folded) == ["ConvTranspose"] and report.folded[0].notes == ["bias added"]
+    _check_exact(model, folded)
+
+
+def test_matmul_2d_folds_and_rank3_is_left():
+    rng = np.random.default_rng(3)
+    inits = {"W": rng.standard_normal((5, 6)).astype(np.float32), **_bn_inits(6, rng)}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], inits)
+    folded, report = fold_model(model)
+    assert ops(folded) == ["MatMul", "Add"] and report.input_shapes == {"x": [2, 5]}
+    _check_exact(model, folded)
+
+    # (N, T, K) @ (K, C): BN's axis 1 is T, not the MatMul's output features
+    inits3 = {"W": rng.standard_normal((5, 6)).astype(np.float32), **_bn_inits(4, rng)}
+    model3 = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 5])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 6])], inits3)
+    folded3, report3 = fold_model(model3)
+    assert "BatchNormalization" in ops(folded3) and "not a (K, 4) matrix" in report3.left["bn"]
+
+
+def test_conv_output_read_elsewhere_or_runtime_stats_are_left():
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv", pads=[1, 1, 1, 1]), _bn_node("h", "y"),
+             helper.make_node("Add", ["y", "h"], ["z"], name="skip")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                   [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 4, 4])], {"W": w, **_bn_inits(3, rng)})
+    folded, report = fold_model(model)
+    assert "also read elsewhere" in report.left["bn"] and ops(folded) == ops(model)
+
+    inits = {"W": w, **_bn_inits(3, rng)}
+    var = inits.pop("bn.v")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4]),
+                           helper.make_tensor_value_info("bn.v", TensorProto.FLOAT, [3])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])], inits)
+    folded, report = fold_model(model, input_shapes={"bn.v": [3]}, verify=False)
+    assert "not constants" in report.left["bn"] and var.shape == (3,)
+
+
+def test_nan_statistics_are_never_folded():
+    rng = np.random.default_rng(5)
+    inits = {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}
+    inits["bn.v"][1] = np.nan
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], inits)
+    folded, report = fold_model(model)
+    assert "non-finite" in report.left["bn"] and "BatchNormalization" in ops(folded)
+
+
+def test_fp16_fold_is_computed_in_float64_and_rounded_once():
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float16)
+    bn = _bn_inits(8, rng, dtype=np.float16)
+    bn["bn.v"] = rng.uniform(1e-3, 1e-2, 8).astype(np.float16)  # small variances: large, precision-sensitive scales
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y", epsilon=1e-3)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 5, 5])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 8, 3, 3])], {"W": w, **bn})
+    folded, _ = fold_model(model)
+    got = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    s, b, m, v = (bn[f"bn.{k}"].astype(np.float64) for k in "sbmv")
+    a = s / np.sqrt(v + np.float64(np.float32(1e-3)))
+    assert got["W"].dtype == np.float16
+    np.testing.assert_array_equal(got["W"], (w.astype(np.float64) * a[:, None, None, None]).astype(np.float16))
+    bias = next(v for k, v in got.items() if k != "W")
+    np.testing.assert_array_equal(bias, (b - a * m).astype(np.float16))
+    _check_exact(model, folded, tol=1e-2)
+
+
+def test_unused_extra_outputs_of_an_inference_node_are_removed():
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu"),
+             helper.make_node("BatchNormalization", ["h", "bn.s", "bn.b", "bn.m", "bn.v"], ["y", "rm", "rv"], name="bn",
+                              training_mode=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])],
+                              [numpy_helper.from_array(v, k) for k, v in _bn_inits(3, rng).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    with pytest.raises(Exception, match="should be 1 when Training_mode = False"):
+        ort_run(model, _feeds(model))  # onnxruntime refuses the node as exported
+    folded, report = fold_model(model)
+    assert report.removed_outputs == ["rm", "rv"] and "Relu" in report.left["bn"]
+    assert list(folded.graph.node[1].output) == ["y"]
+    feeds = _feeds(model)
+    s, b, m, v = (numpy_helper.to_array(t).astype(np.float64)[:, None] for t in model.graph.initializer)
+    want = s * (np.maximum(feeds["x"], 0) - m) / np.sqrt(v + 1e-5) + b
+    assert rel(ort_run(folded, feeds)[0], want) < 1e-5
+
+
+# -------------------------------------------------------------------------------- files
+
+def test_fold_writes_atomically_and_the_result_reloads(tmp_path, zoo_onnx):
+    _, x, proto = zoo_onnx("resnet")
+    src = tmp_path / "model.onnx"
+    onnx.save(proto, src)
+    before = src.read_bytes()
+    out = tmp_path / "sub" / "folded.onnx"
+    report = fold(src, out)
+    assert src.read_bytes() == before
+    assert sorted(os.listdir(tmp_path / "sub")) == ["folded.onnx"]
+    reloaded = onnx.load(out)
+    assert "BatchNormalization" not in ops(reloaded) and report.verified
+    assert rel(ort_run(reloaded, {"input": x.numpy()})[0], ort_run(proto, {"input": x.numpy()})[0]) < 1e-5
+
+
+def test_failed_verification_writes_nothing(tmp_path, zoo_onnx, monkeypatch):
+    fold_module = importlib.import_module("bnkit.onnx.fold")  # the attribute bnkit.onnx.fold is the function
+
+    _, _, proto = zoo_onnx("mlp")
+    src = tmp_path / "model.onnx"
+    onnx.save(proto, src)
+    out = tmp_path / "folded.onnx"
+    out.write_bytes(b"previous")
+    monkeypatch.setattr(fold_module, "compare", lambda ref, got: (1.0, 0.5))  # pretend onnxruntime disagreed
+    with pytest.raises(FoldVerificationError, match="nothing was written") as info:
+        fold(src, out)
+    assert info.value.report.max_rel_diff == 0.5
+    assert out.read_bytes() == b"previous" and sorted(os.listdir(tmp_path)) == ["folded.onnx", "model.onnx"]
+
+
+def test_unreadable_or_invalid_files_are_refused(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage that is not a protobuf \xff\xff")
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        fold(bad, tmp_path / "out.onnx")
+    with pytest.raises(FileNotFoundError):
+        fold(tmp_path / "missing.onnx", tmp_path / "out.onnx")
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    broken = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])  # reads an undefined value
+    with pytest.raises(ValueError, match="onnx.checker"):
+        fold_model(broken)
+    assert not (tmp_path / "out.onnx").exists()
