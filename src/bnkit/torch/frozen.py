@@ -1,0 +1,181 @@
+"""Buffer-only frozen BatchNorm layers and the conversion to and from them.
+
+``FrozenBatchNorm1d/2d/3d`` compute BatchNorm's inference transform and nothing else::
+
+    y = (x - running_mean) / sqrt(running_var + eps) * weight + bias
+
+with every tensor a buffer: no parameters (an optimizer never sees them), no
+training mode (``train()`` changes nothing), no statistics updates. Like
+torchvision's ``FrozenBatchNorm2d`` (torchvision/ops/misc.py) and detectron2's
+(detectron2/layers/batch_norm.py), but ``eps`` is the converted layer's own, any
+dimensionality is covered, ``affine=False`` layers stay without weight/bias, and
+the output is ``F.batch_norm(..., training=False)``, so it is bit-identical to
+the converted layer in eval mode. The state-dict keys are ``nn.BatchNorm*d``'s,
+``num_batches_tracked`` included, so state dicts load both ways; a state dict
+without ``num_batches_tracked`` (torchvision's) loads too and keeps the counter.
+
+:func:`convert_frozen` swaps BatchNorm layers for these in place and
+:func:`revert_frozen` swaps them back to the original class (bnkit's drop-in
+options, hooks, ``training`` and ``requires_grad`` included), sharing tensors.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
+
+from .layers import replace_modules, retype_module
+from .modules import is_batchnorm
+
+__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenBatchNormNd", "convert_frozen", "revert_frozen"]
+
+_SOURCE_KEY = "_bnkit_frozen_from"  # (original class, {param name: requires_grad})
+
+
+class FrozenBatchNormNd(nn.Module):
+    """BatchNorm's eval-mode transform with buffers only, for inputs ``(N, C, *)`` of any rank >= 2."""
+
+    _bnkit_frozen_layer = True
+    _ranks: tuple[int, ...] = ()  # accepted input ranks; () means any rank >= 2
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if int(num_features) != num_features or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        kw = {"device": device, "dtype": dtype}
+        self.num_features, self.eps = int(num_features), float(eps)
+        self.register_buffer("weight", torch.ones(num_features, **kw) if affine else None)
+        self.register_buffer("bias", torch.zeros(num_features, **kw) if affine else None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def forward(self, input: Tensor) -> Tensor:
+        if (self._ranks and input.dim() not in self._ranks) or input.dim() < 2 or input.size(1) != self.num_features:
+            ranks = "/".join(f"{r}D" for r in self._ranks) or "at least 2D"
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects {ranks} input with {self.num_features} channels "
+                f"on dim 1, got shape {tuple(input.shape)}"
+            )
+        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "num_batches_tracked"
+        if key not in state_dict and self.num_batches_tracked is not None:
+            state_dict = {**state_dict, key: self.num_batches_tracked}  # torchvision's frozen layers omit it
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
+
+
+class FrozenBatchNorm1d(FrozenBatchNormNd):
+    """Frozen ``BatchNorm1d``: ``(N, C)`` or ``(N, C, L)``."""
+
+    _ranks = (2, 3)
+
+
+class FrozenBatchNorm2d(FrozenBatchNormNd):
+    """Frozen ``BatchNorm2d``: ``(N, C, H, W)``."""
+
+    _ranks = (4,)
+
+
+class FrozenBatchNorm3d(FrozenBatchNormNd):
+    """Frozen ``BatchNorm3d``: ``(N, C, D, H, W)``."""
+
+    _ranks = (5,)
+
+
+def _frozen_class(module: nn.Module) -> type[FrozenBatchNormNd]:
+    for bn_cls, frozen_cls in (
+        (nn.BatchNorm1d, FrozenBatchNorm1d), (nn.BatchNorm2d, FrozenBatchNorm2d), (nn.BatchNorm3d, FrozenBatchNorm3d)
+    ):
+        if isinstance(module, bn_cls):
+            return frozen_cls
+    return FrozenBatchNormNd  # SyncBatchNorm and other _BatchNorm subclasses accept any rank
+
+
+def convert_frozen(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> nn.Module:
+    """Replace every BatchNorm layer (or those in ``modules``) with its buffer-only frozen twin.
+
+    Tensors are shared (parameters become buffers viewing the same storage), no
+    ``training`` flag changes, hooks and other attributes are kept for
+    :func:`revert_frozen`. Layers without running statistics or with
+    uninitialized lazy ones raise ``ValueError`` before anything changes.
+    Returns the model (a new object only when ``model`` itself is a BN layer).
+    """
+    chosen = None if modules is None else {id(m) for m in modules}
+    targets = {
+        id(m): (name or type(m).__name__)
+        for name, m in model.named_modules()
+        if is_batchnorm(m) and (chosen is None or id(m) in chosen)
+    }
+    if chosen is not None and chosen - set(targets):
+        raise ValueError("modules= contains modules that are not BatchNorm layers of the model")
+    bad = [
+        targets[id(m)] for m in model.modules()
+        if id(m) in targets and (m.running_mean is None or is_lazy(m.running_mean) or is_lazy(m.weight))
+    ]
+    if bad:
+        raise ValueError(
+            f"cannot freeze BatchNorm layers {bad}: they have no running statistics (track_running_stats=False) "
+            "or uninitialized lazy ones (run one forward pass first)"
+        )
+
+    def make(name: str, m: nn.Module) -> nn.Module | None:
+        if id(m) not in targets:
+            return None
+        new = retype_module(m, _frozen_class(m))
+        params = m._parameters
+        new._parameters = {}
+        new._buffers = {k: (None if params.get(k) is None else params[k].detach()) for k in ("weight", "bias")}
+        new._buffers.update(m._buffers)
+        new.__dict__[_SOURCE_KEY] = (type(m), {k: p.requires_grad for k, p in params.items() if p is not None})
+        return new
+
+    return replace_modules(model, make)
+
+
+def revert_frozen(model: nn.Module) -> nn.Module:
+    """Swap every ``FrozenBatchNorm*d`` back to a BatchNorm layer, sharing tensors.
+
+    A layer made by :func:`convert_frozen` gets back its original class with all
+    its options, flags and ``requires_grad``; one built directly becomes the
+    matching ``nn.BatchNorm1d/2d/3d`` (default momentum, ``training`` kept).
+    Returns the model (a new object only when ``model`` itself is frozen).
+    """
+    plain = {FrozenBatchNorm1d: nn.BatchNorm1d, FrozenBatchNorm2d: nn.BatchNorm2d, FrozenBatchNorm3d: nn.BatchNorm3d}
+    direct = [
+        name or type(m).__name__ for name, m in model.named_modules()
+        if isinstance(m, FrozenBatchNormNd) and _SOURCE_KEY not in m.__dict__ and type(m) not in plain
+    ]
+    if direct:
+        raise ValueError(f"{direct}: a FrozenBatchNormNd built directly has no BatchNorm class to revert to")
+
+    def make(name: str, m: nn.Module) -> nn.Module | None:
+        if not isinstance(m, FrozenBatchNormNd):
+            return None
+        if _SOURCE_KEY not in m.__dict__:
+            affine = m.weight is not None
+            new = plain[type(m)](m.num_features, m.eps, affine=affine, device=m.running_mean.device,
+                                 dtype=m.running_mean.dtype)
+            new.load_state_dict(m.state_dict())
+            new.train(m.training)
+            return new
+        cls, requires_grad = m.__dict__[_SOURCE_KEY]
+        new = retype_module(m, cls)
+        del new.__dict__[_SOURCE_KEY]
+        new._parameters = {
+            k: None if m._buffers[k] is None else nn.Parameter(m._buffers[k], requires_grad=requires_grad[k])
+            for k in ("weight", "bias")
+        }
+        new._buffers = {k: v for k, v in m._buffers.items() if k not in ("weight", "bias")}
+        return new
+
+    return replace_modules(model, make)

@@ -1,0 +1,179 @@
+"""FrozenBatchNorm*d against nn.BatchNorm*d in eval mode; convert_frozen / revert_frozen round trips."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bnkit.torch import (
+    BatchNorm1d, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, bn_layers, convert_bn, convert_frozen,
+    freeze_bn, frozen_bn_layers, is_frozen, revert_frozen,
+)
+from bnkit.torch.frozen import FrozenBatchNormNd
+from bnkit.torch.zoo import SmallResNet, example_input
+
+
+def _trained_bn(cls, c=3, seed=0, **kw):
+    torch.manual_seed(seed)
+    bn = cls(c, **kw)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-2, 2)
+        bn.running_var.uniform_(0.1, 3)
+        bn.num_batches_tracked.fill_(7)
+        if bn.weight is not None:
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+    return bn
+
+
+@pytest.mark.parametrize("bn_cls,frozen_cls,shape", [
+    (nn.BatchNorm1d, FrozenBatchNorm1d, (4, 3)), (nn.BatchNorm1d, FrozenBatchNorm1d, (4, 3, 6)),
+    (nn.BatchNorm2d, FrozenBatchNorm2d, (2, 3, 4, 5)), (nn.BatchNorm3d, FrozenBatchNorm3d, (2, 3, 2, 2, 3)),
+])
+@pytest.mark.parametrize("affine", [True, False])
+def test_frozen_equals_batchnorm_in_eval_and_the_closed_form(bn_cls, frozen_cls, shape, affine):
+    bn = _trained_bn(bn_cls, affine=affine, eps=1e-3)
+    frozen = frozen_cls(3, eps=1e-3, affine=affine)
+    frozen.load_state_dict(bn.state_dict(), strict=True)
+    assert list(frozen.parameters()) == []
+    assert frozen.state_dict().keys() == bn.state_dict().keys()
+    x = torch.randn(shape, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    frozen.train()  # no training mode to speak of
+    y = frozen(x)
+    assert torch.equal(y, bn.eval()(x2))
+    # float64 closed form
+    view = (1, 3) + (1,) * (len(shape) - 2)
+    expect = (x.detach().double() - bn.running_mean.double().view(view)) / torch.sqrt(bn.running_var.double().view(view) + 1e-3)
+    if affine:
+        expect = expect * bn.weight.detach().double().view(view) + bn.bias.detach().double().view(view)
+    torch.testing.assert_close(y.double(), expect, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    bn(x2).mul(g).sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+    assert int(frozen.num_batches_tracked) == 7 and torch.equal(frozen.running_mean, bn.running_mean)
+
+
+def test_torchvision_style_state_dict_without_counter_loads():
+    bn = _trained_bn(nn.BatchNorm2d)
+    sd = {k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"}
+    frozen = FrozenBatchNorm2d(3)
+    frozen.load_state_dict(sd, strict=True)
+    assert torch.equal(frozen.running_var, bn.running_var) and int(frozen.num_batches_tracked) == 0
+    with pytest.raises(RuntimeError, match="running_var"):
+        FrozenBatchNorm2d(3).load_state_dict({k: v for k, v in sd.items() if k != "running_var"})
+
+
+@pytest.mark.parametrize("cls,shape", [(FrozenBatchNorm1d, (2, 3, 1, 1)), (FrozenBatchNorm2d, (2, 3)),
+                                       (FrozenBatchNorm3d, (2, 4, 1, 1, 1)), (FrozenBatchNormNd, (3,))])
+def test_wrong_shapes_are_named(cls, shape):
+    with pytest.raises(ValueError, match="expects"):
+        cls(3)(torch.randn(shape))
+
+
+def test_frozen_works_on_a_batch_of_one():
+    assert FrozenBatchNorm2d(3)(torch.randn(1, 3, 1, 1)).shape == (1, 3, 1, 1)
+
+
+def _mixed_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(SmallResNet(), nn.Dropout(0.2))
+    with torch.no_grad():
+        model(example_input("resnet", batch=8))
+    model.train()
+    model[0].stem[1].eval()
+    model[0].layers[0].bn1.weight.requires_grad_(False)
+    return model
+
+
+def test_convert_and_revert_round_trip_exactly():
+    model = _mixed_model()
+    x = example_input("resnet", batch=4, seed=1)
+    reference = copy.deepcopy(model).eval()
+    flags = {n: m.training for n, m in model.named_modules()}
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in bn_layers(model)]
+
+    convert_frozen(model)
+    assert bn_layers(model) == []
+    assert all(isinstance(model.get_submodule(n), FrozenBatchNorm2d) for n in names)
+    assert {n: m.training for n, m in model.named_modules()} == flags  # Dropout and all other flags kept
+    assert model.state_dict().keys() == state.keys()
+    for k, v in model.state_dict().items():
+        assert v.data_ptr() == tensors[k].data_ptr(), k  # same storage
+    assert set(frozen_bn_layers(model)) == set(names) and is_frozen(model[0].stem[1], "all")
+    bn_param_ids = {id(tensors[f"{n}.weight"]) for n in names}
+    assert not bn_param_ids & {id(p) for p in model.parameters()}
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    y = model[0](x)
+    assert torch.equal(y, reference[0](x))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+    for name in flags:  # restore the flags model.train() changed, then revert
+        model.get_submodule(name).training = flags[name]
+    revert_frozen(model)
+    assert [n for n, _ in bn_layers(model)] == names
+    assert all(type(m) is nn.BatchNorm2d for _, m in bn_layers(model))
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    for k, v in model.state_dict(keep_vars=True).items():
+        assert torch.equal(v, state[k]) and v.data_ptr() == tensors[k].data_ptr(), k
+        if isinstance(tensors[k], nn.Parameter):
+            assert isinstance(v, nn.Parameter) and v.requires_grad == tensors[k].requires_grad, k
+
+
+def test_revert_restores_drop_in_options_and_freeze():
+    model = convert_bn(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)), renorm=True, rmax=2.0)
+    freeze_bn(model, affine=False)
+    convert_frozen(model)
+    assert isinstance(model[1], FrozenBatchNorm1d)
+    revert_frozen(model)
+    assert type(model[1]) is BatchNorm1d and model[1].renorm and model[1].rmax == 2.0
+    model.train()
+    assert is_frozen(model[1], "stats") and not model[1].training and model[1].weight.requires_grad
+
+
+def test_deepcopy_and_sync_bn():
+    model = nn.Sequential(nn.SyncBatchNorm(3), nn.BatchNorm3d(3))
+    convert_frozen(model)
+    assert type(model[0]) is FrozenBatchNormNd and type(model[1]) is FrozenBatchNorm3d
+    clone = copy.deepcopy(model)
+    x = torch.randn(2, 3, 2, 2, 2)
+    assert torch.equal(clone(x), model(x))
+    revert_frozen(clone)
+    assert type(clone[0]) is nn.SyncBatchNorm
+
+
+def test_bare_layer_and_selection():
+    bn = _trained_bn(nn.BatchNorm1d)
+    frozen = convert_frozen(bn)
+    assert isinstance(frozen, FrozenBatchNorm1d) and frozen.running_mean is bn.running_mean
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3))
+    convert_frozen(model, modules=[model[1]])
+    assert type(model[0]) is nn.BatchNorm1d and type(model[1]) is FrozenBatchNorm1d
+    with pytest.raises(ValueError, match="not BatchNorm layers"):
+        convert_frozen(model, modules=[nn.Linear(2, 2)])
+
+
+def test_direct_frozen_reverts_to_plain_batchnorm():
+    frozen = FrozenBatchNorm2d(3, eps=1e-3)
+    with torch.no_grad():
+        frozen.running_var.fill_(4.0)
+    model = nn.Sequential(frozen).eval()
+    revert_frozen(model)
+    assert type(model[0]) is nn.BatchNorm2d and model[0].eps == 1e-3 and not model[0].training
+    assert torch.equal(model[0].running_var, torch.full((3,), 4.0))
+    with pytest.raises(ValueError, match="built directly"):
+        revert_frozen(nn.Sequential(FrozenBatchNormNd(3)))
+
+
+def test_layers_that_cannot_be_frozen_change_nothing():
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3, track_running_stats=False), nn.LazyBatchNorm1d())
+    with pytest.raises(ValueError, match=r"\['1', '2'\]"):
+        convert_frozen(model)
+    assert type(model[0]) is nn.BatchNorm1d and type(model[1]) is nn.BatchNorm1d
