@@ -1,0 +1,172 @@
+"""Export a PyTorch model to ONNX in inference mode, audited and checked by onnxruntime.
+
+A BatchNorm layer exported in training mode (``training_mode=1``) normalises every batch
+with its own statistics in onnxruntime; one built with ``track_running_stats=False``
+has no running statistics at all, so its exported graph uses batch statistics whatever
+the mode (``torch/nn/modules/batchnorm.py``: ``bn_training = running_mean is None``).
+:func:`export_onnx` refuses the latter, exports with every module in eval mode (restoring
+each module's flag afterwards), audits the graph (:func:`bnkit.onnx.audit`), optionally
+folds BatchNormalization into its neighbours (:func:`bnkit.onnx.fold_model`), and compares
+onnxruntime's outputs with PyTorch's eval outputs on the example inputs (and on their
+first sample alone when the batch axis is dynamic). The file is written atomically and
+only when every check passed.
+
+It uses the TorchScript-based exporter (``dynamo=False``), which needs no ``onnxscript``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .modules import bn_layers
+
+__all__ = ["export_onnx", "ExportReport", "ExportVerificationError"]
+
+
+class ExportVerificationError(RuntimeError):
+    """The export failed a check (audit error or onnxruntime mismatch); no file was written."""
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote and checked.
+
+    ``findings``: the audit of the written graph; ``fold``: the
+    :class:`bnkit.onnx.OnnxFoldReport` when ``fold=True``; ``max_abs_diff`` /
+    ``max_rel_diff``: onnxruntime vs PyTorch eval outputs (norm-wise relative),
+    the worst over the checked batches (``batch_sizes``).
+    """
+
+    path: str
+    opset: int
+    findings: list = field(default_factory=list)
+    fold: object | None = None
+    max_abs_diff: float = 0.0
+    max_rel_diff: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not any(f.severity == "error" for f in self.findings)
+
+
+def _flatten(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flatten(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flatten(v)]
+    raise TypeError(f"cannot export an output of type {type(value).__name__}")
+
+
+def _names(given: Sequence[str] | None, count: int, stem: str) -> list[str]:
+    if given is not None:
+        if len(given) != count:
+            raise ValueError(f"{len(given)} {stem} names given for {count} {stem}s")
+        return list(given)
+    return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: "torch.Tensor | Sequence[torch.Tensor]",
+    path: "str | os.PathLike",
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+    opset: int = 17,
+    fold: bool = False,
+    force: bool = False,
+    rtol: float = 1e-4,
+) -> ExportReport:
+    """Export ``model`` in inference mode to ``path`` and check the file; returns an :class:`ExportReport`.
+
+    ``fold=True`` folds BatchNormalization nodes into the Conv/Gemm before them.
+    ``force=True`` writes the file despite error-level audit findings (never despite an
+    onnxruntime mismatch beyond ``rtol``, norm-wise relative). Raises ValueError for
+    BatchNorm layers without running statistics or non-finite inputs, and
+    :class:`ExportVerificationError` when a check fails; then nothing is written.
+    """
+    import onnx
+
+    from ..onnx import audit, fold_model
+    from ..onnx.verify import compare, run
+
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise TypeError("example_inputs must be a tensor or a sequence of tensors")
+    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in inputs):
+        raise ValueError("example_inputs contain NaN or Inf; the onnxruntime check needs finite inputs")
+    stateless = [name for name, bn in bn_layers(model) if bn.running_mean is None or bn.running_var is None]
+    if stateless:
+        raise ValueError(
+            f"BatchNorm layers {stateless} have track_running_stats=False: their exported graph would normalise "
+            "with batch statistics at inference. Give them running statistics (bnkit recalibrate) before exporting")
+
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            expected = [_flatten(model(*inputs))]
+            batch = inputs[0].shape[0] if inputs[0].dim() else 0
+            single = dynamic_batch and batch > 1 and all(t.dim() and t.shape[0] == batch for t in inputs)
+            if single:
+                expected.append(_flatten(model(*(t[:1] for t in inputs))))
+        in_names = _names(input_names, len(inputs), "input")
+        out_names = _names(output_names, len(expected[0]), "output")
+        axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(
+                    model, inputs, tmp, dynamo=False, training=torch.onnx.TrainingMode.EVAL, opset_version=opset,
+                    do_constant_folding=False, input_names=in_names, output_names=out_names, dynamic_axes=axes)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+
+    try:
+        proto = onnx.load(tmp)
+        report = ExportReport(path=path, opset=opset)
+        if fold:
+            proto, report.fold = fold_model(proto, verify=False)
+        report.findings = audit(proto).findings
+        errors = [f for f in report.findings if f.severity == "error"]
+        if errors and not force:
+            raise ExportVerificationError(
+                "the exported graph has error-level findings; nothing written (force=True writes it anyway):\n"
+                + "\n".join(f"  {f.layer}: {f.finding} ({f.evidence})" for f in errors))
+        checks = [inputs] + ([tuple(t[:1] for t in inputs)] if len(expected) > 1 else [])
+        for feeds, want in zip(checks, expected):
+            got = run(proto, {n: t.detach().cpu().numpy() for n, t in zip(in_names, feeds)})
+            abs_diff, rel_diff = compare([w.detach().cpu().double().numpy() for w in want], [np.asarray(g) for g in got])
+            report.max_abs_diff = max(report.max_abs_diff, abs_diff)
+            report.max_rel_diff = max(report.max_rel_diff, rel_diff)
+            report.batch_sizes.append(int(feeds[0].shape[0]) if feeds[0].dim() else 0)
+        if not report.max_rel_diff <= rtol:
+            raise ExportVerificationError(
+                f"onnxruntime differs from PyTorch eval output: max relative difference {report.max_rel_diff:.3g} > "
+                f"{rtol:g} (max abs {report.max_abs_diff:.3g}); nothing written")
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return report

@@ -1,0 +1,93 @@
+"""bnkit.torch.export_onnx: onnxruntime against PyTorch eval output, refusals, flags and files left as found."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from bnkit.torch import export_onnx
+from bnkit.torch.export import ExportVerificationError
+from bnkit.torch.zoo import ZOO
+
+
+def ort_output(path, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+def rel(a, b) -> float:
+    return float(np.abs(np.float64(a) - b).max() / np.abs(np.float64(b)).max())
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("fold", [False, True])
+def test_zoo_export_matches_pytorch_eval_at_any_batch_size(name, fold, calibrated, tmp_path):
+    model, x = calibrated(name)
+    model.train()  # export_onnx must export inference behaviour and give the flag back
+    path = tmp_path / f"{name}.onnx"
+    report = export_onnx(model, x, path, fold=fold)
+    assert model.training and all(m.training for m in model.modules())
+    assert report.ok and report.batch_sizes == [4, 1] and report.max_rel_diff < 1e-5
+    proto = onnx.load(path)
+    bn_nodes = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert len(bn_nodes) == (len(report.fold.left) if fold else n_bn)
+    assert all(not any(a.name == "training_mode" and a.i for a in n.attribute) for n in bn_nodes)
+    x7 = torch.randn((7,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(3))  # an unseen batch size
+    with torch.no_grad():
+        eager = model.eval()(x7).double().numpy()
+    assert rel(ort_output(path, x7), eager) < 1e-5
+
+
+def test_track_running_stats_false_is_refused_and_nothing_written(tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"\['1'\] have track_running_stats=False"):
+        export_onnx(model, torch.randn(2, 1, 5, 5), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_error_findings_block_the_export_unless_forced(tmp_path):
+    torch.manual_seed(0)
+    model = ZOO["mlp"]()  # never trained: every running mean 0, every running var 1
+    path = tmp_path / "fresh.onnx"
+    path.write_bytes(b"old")
+    with pytest.raises(ExportVerificationError, match="never updated"):
+        export_onnx(model, torch.randn(4, 64), path)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["fresh.onnx"]
+    report = export_onnx(model, torch.randn(4, 64), path, force=True)
+    assert not report.ok and {f.code for f in report.findings} == {"never_updated"}
+    assert onnx.load(path).graph.node
+
+
+def test_nan_inputs_and_flags_restored_after_a_failure(tmp_path, calibrated):
+    model, x = calibrated("vgg")
+    model.train()
+    model.features[0].eval()  # a mixed state must come back exactly
+    flags = [m.training for m in model.modules()]
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        export_onnx(model, torch.full_like(x, float("nan")), tmp_path / "m.onnx")
+
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    model.classifier.append(Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        export_onnx(model, x, tmp_path / "m.onnx")
+    del model.classifier[-1]
+    assert [m.training for m in model.modules()] == flags and os.listdir(tmp_path) == []
+
+
+def test_verification_failure_writes_nothing(tmp_path, calibrated, monkeypatch):
+    import bnkit.onnx.verify as verify
+
+    model, x = calibrated("resnet")
+    monkeypatch.setattr(verify, "compare", lambda ref, got: (1.0, 0.5))
+    with pytest.raises(ExportVerificationError, match="differs from PyTorch"):
+        export_onnx(model, x, tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
