@@ -391,3 +391,10 @@ def test_root_sync_bn_and_unreached_layers():
         assert type(revert_sync_bn(nn.Sequential(nn.Linear(2, 2)), torch.randn(1, 2))[0]) is nn.Linear
     with pytest.raises(TypeError, match="nn.Module"):
         revert_sync_bn("not a model")
+
+
+def test_a_layer_registered_twice_stays_one_layer():
+    shared = nn.SyncBatchNorm(2)  # (torch's convert_sync_batchnorm itself converts only the first reference)
+    sync = nn.Sequential(nn.Conv2d(2, 2, 1), shared, nn.Conv2d(2, 2, 1), shared)
+    out = revert_sync_bn(sync, torch.randn(3, 2, 4, 4))
+    assert out[1] is out[3] and type(out[1]) is nn.BatchNorm2d

@@ -254,15 +254,17 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     ranks = _probe_ranks(model, example_inputs) if example_inputs is not None else {}
     out = copy.deepcopy(model)
-    unsure = []
-    for name, module in list(out.named_modules()):
+    unsure, replaced = [], {}  # replaced: id(old) -> new, so a layer registered twice stays one layer
+    for name, module in list(out.named_modules(remove_duplicate=False)):
         if not isinstance(module, nn.SyncBatchNorm):
             continue
-        seen = ranks.get(name, set())
-        dims = _rank_to_dims(next(iter(seen)), f"SyncBatchNorm {name!r}") if len(seen) == 1 else None
-        if dims is None:
-            unsure.append(f"{name or 'model'} (input ranks seen: {sorted(seen) or 'none'})")
-        new = _retype(module, _PLAIN[dims] if dims is not None else BatchNormNd)
+        if id(module) not in replaced:  # first name, as named_modules() in the probe reports it
+            seen = ranks.get(name, set())
+            dims = _rank_to_dims(next(iter(seen)), f"SyncBatchNorm {name!r}") if len(seen) == 1 else None
+            if dims is None:
+                unsure.append(f"{name or 'model'} (input ranks seen: {sorted(seen) or 'none'})")
+            replaced[id(module)] = _retype(module, _PLAIN[dims] if dims is not None else BatchNormNd)
+        new = replaced[id(module)]
         if name:
             parent_name, _, child = name.rpartition(".")
             setattr(out.get_submodule(parent_name), child, new)
