@@ -1,0 +1,135 @@
+"""``bnkit fold``: fold BatchNorm into the layers before it, in an ONNX file or a PyTorch model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app, console, fail
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        dims = [int(d) for d in text.lower().split("x")]
+    except ValueError:
+        dims = []
+    if not dims or any(d <= 0 for d in dims):
+        raise fail(f"bad shape {text!r}: expected positive sizes joined by 'x', e.g. 1x3x224x224")
+    return dims
+
+
+def _print_rows(folded: list[tuple[str, str]], left: dict[str, str], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("BatchNorm")
+    table.add_column("result")
+    for bn, into in folded:
+        table.add_row(bn, f"[green]folded into[/] {into}")
+    for bn, reason in left.items():
+        table.add_row(bn, f"[yellow]left:[/] {reason}")
+    console.print(table)
+
+
+def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool, verify: bool, as_json: bool) -> None:
+    from ..onnx import FoldVerificationError, fold
+
+    input_shapes = {}
+    for item in shapes:
+        name, sep, dims = item.rpartition("=")
+        if not sep or not name:
+            raise fail(f"--input-shape for an ONNX model is NAME=SHAPE (e.g. input=1x3x224x224), got {item!r}")
+        input_shapes[name] = _shape(dims)
+    try:
+        report = fold(source, output, to_inference=to_inference, verify=verify, input_shapes=input_shapes or None)
+    except FoldVerificationError as exc:
+        raise fail(str(exc), code=1) from None
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if as_json:
+        console.print_json(json.dumps({"output": str(output), **report.to_dict()}))
+        return
+    _print_rows([(f.bn, f"{f.into} ({f.op}{'; ' + '; '.join(f.notes) if f.notes else ''})") for f in report.folded],
+                report.left, f"{source} -> {output}")
+    for name in report.converted:
+        console.print(f"switched {name} from training mode to its running statistics")
+    if report.removed_outputs:
+        console.print(f"removed unused running-statistic outputs: {', '.join(report.removed_outputs)}")
+    if report.max_abs_diff is not None:
+        console.print(f"verified with onnxruntime on inputs {report.input_shapes}: max |before - after| = "
+                      f"{report.max_abs_diff:.3g}, relative {report.max_rel_diff:.3g} (tolerance {report.tolerance:g})")
+
+
+def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[str], trust: bool, force: bool,
+                verify: bool, as_json: bool) -> None:
+    import torch
+
+    from ..torch import fold_bn, load_state_dict_file, save_state_dict_file
+    from .common import resolve_spec
+
+    if len(shapes) > 1 or any("=" in s for s in shapes):
+        raise fail("--input-shape for a PyTorch model is one SHAPE (e.g. 1x3x224x224)")
+    try:
+        factory = resolve_spec(spec)
+        model = factory()
+        if weights is not None:
+            model.load_state_dict(load_state_dict_file(weights, trust=trust))
+    except Exception as exc:  # import errors, unsafe pickles, mismatched state dicts: all user input
+        raise fail(f"cannot build the model from {spec}{' and ' + str(weights) if weights else ''}: {exc}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise fail(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    model.eval()
+    example = torch.randn(*_shape(shapes[0]), generator=torch.Generator().manual_seed(0)) if shapes else None
+    if output.suffix == ".onnx" and example is None:
+        raise fail("exporting to .onnx needs --input-shape")
+    try:
+        folded, report = fold_bn(model, example, verify=verify and example is not None, force=force)
+    except (ValueError, RuntimeError) as exc:
+        raise fail(str(exc)) from None
+    if output.suffix == ".onnx":
+        from ..torch.export import ExportVerificationError, export_onnx
+
+        try:
+            export_onnx(folded, example, output, fold=True, force=force)
+        except (ValueError, ExportVerificationError) as exc:
+            raise fail(str(exc), code=1) from None
+    else:
+        save_state_dict_file(folded.state_dict(), output)
+    if as_json:
+        console.print_json(json.dumps({"output": str(output), **report.to_dict()}))
+        return
+    _print_rows([(f.bn, f"{f.into} ({f.position}{', bias added' if f.bias_added else ''})") for f in report.folded],
+                report.left, f"{spec} -> {output}")
+    if report.max_abs_diff is not None:
+        console.print(f"verified: max |original - folded| = {report.max_abs_diff:.3g}, relative {report.max_rel_diff:.3g}")
+    if output.suffix != ".onnx":
+        console.print("reload: build the model, FoldReport.restructure(model) (folded BN -> Identity, new biases), "
+                      "then load_state_dict")
+
+
+@app.command("fold")
+def fold_command(
+    source: Optional[Path] = typer.Argument(None, help="An .onnx model to fold (or use --model for PyTorch)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the folded model (.onnx, or a state dict .pt/.safetensors)."),
+    model: Optional[str] = typer.Option(None, "--model", help="PyTorch model factory 'package.module:callable'."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for --model (.pt/.pth/.safetensors)."),
+    input_shape: List[str] = typer.Option([], "--input-shape", help="ONNX: NAME=1x3x224x224 (repeatable; dynamic dims default to 2). PyTorch: 1x3x224x224."),
+    to_inference: bool = typer.Option(False, "--to-inference", help="ONNX: switch training-mode BatchNormalization to its running statistics."),
+    force: bool = typer.Option(False, "--force", help="PyTorch: fold layers in training mode or with never-updated statistics."),
+    trust: bool = typer.Option(False, "--trust", help="Unpickle a checkpoint outside PyTorch's safe allow-list (only files you made)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check outputs before and after folding."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Fold BatchNorm into the Conv/ConvTranspose/Gemm/Linear before it, verified on random inputs.
+
+    bnkit fold model.onnx -o folded.onnx   |   bnkit fold --model pkg.mod:make --weights w.pt --input-shape 1x3x32x32 -o folded.pt
+    """
+    if (source is None) == (model is None):
+        raise fail("give either an .onnx file or --model (not both)")
+    if source is not None:
+        if output.resolve() == source.resolve():
+            raise fail("-o names the input file; write the folded model to a new path")
+        _fold_onnx(source, output, input_shape, to_inference, verify, as_json)
+    else:
+        _fold_torch(model, weights, output, input_shape, trust, force, verify, as_json)

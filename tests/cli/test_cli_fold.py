@@ -1,0 +1,149 @@
+"""``bnkit fold`` on ONNX files and on PyTorch factories + weights."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bnkit.cli import app
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+runner = CliRunner()
+
+
+def _calibrated_vgg():
+    from bnkit.torch import bn_layers
+    from bnkit.torch.zoo import VGGBN
+
+    torch.manual_seed(0)
+    model = VGGBN()
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 1, 8, 8, generator=g))
+        for _, bn in bn_layers(model):
+            bn.weight.copy_(0.5 + torch.rand(bn.weight.shape, generator=g))
+            bn.bias.copy_(0.5 * torch.randn(bn.bias.shape, generator=g))
+    return model.eval()
+
+
+def _export(model, path, training=False):
+    buffer = io.BytesIO()
+    mode = torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 1, 8, 8),), buffer, dynamo=False, training=mode, opset_version=17,
+                          do_constant_folding=False, input_names=["input"], dynamic_axes={"input": {0: "N"}})
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def _text(result) -> str:
+    return " ".join(result.output.split())  # rich wraps long lines
+
+
+def _run(path, x):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def test_fold_onnx_file_folds_and_verifies(tmp_path):
+    model = _calibrated_vgg()
+    src = _export(model, tmp_path / "vgg.onnx")
+    out = tmp_path / "folded.onnx"
+    result = runner.invoke(app, ["fold", str(src), "-o", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert _text(result).count("folded into") == 5 and "verified with onnxruntime" in _text(result)
+    folded = onnx.load(out)
+    assert "BatchNormalization" not in [n.op_type for n in folded.graph.node]
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        eager = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_run(out, x), eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
+
+
+def test_fold_onnx_json_and_training_mode(tmp_path):
+    model = _calibrated_vgg()
+    src = _export(model, tmp_path / "train.onnx", training=True)
+    result = runner.invoke(app, ["fold", str(src), "-o", str(tmp_path / "a.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["folded"] == [] and len(report["left"]) == 5 and report["verified"]
+
+    result = runner.invoke(app, ["fold", str(src), "-o", str(tmp_path / "b.onnx"), "--to-inference", "--json",
+                                 "--input-shape", "input=5x1x8x8"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert len(report["folded"]) == 5 and len(report["converted"]) == 5 and report["input_shapes"] == {"input": [5, 1, 8, 8]}
+    x = np.random.default_rng(1).standard_normal((1, 1, 8, 8)).astype(np.float32)  # batch of one: running stats used
+    with torch.no_grad():
+        eager = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_run(tmp_path / "b.onnx", x), eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
+
+
+def test_fold_onnx_bad_input(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\xff\xff not onnx")
+    out = tmp_path / "out.onnx"
+    result = runner.invoke(app, ["fold", str(bad), "-o", str(out)])
+    assert result.exit_code == 2 and "not a readable ONNX model" in _text(result) and not out.exists()
+    result = runner.invoke(app, ["fold", str(bad), "-o", str(bad)])
+    assert result.exit_code == 2 and "names the input file" in _text(result)
+    assert runner.invoke(app, ["fold", "-o", str(out)]).exit_code == 2
+    src = _export(_calibrated_vgg(), tmp_path / "vgg.onnx")
+    result = runner.invoke(app, ["fold", str(src), "-o", str(out), "--input-shape", "1x1x8x8"])
+    assert result.exit_code == 2 and "NAME=SHAPE" in _text(result) and not out.exists()
+
+
+def test_fold_pytorch_model_saves_a_reloadable_state_dict(tmp_path):
+    from bnkit.torch import save_state_dict_file
+    from bnkit.torch.fold import FoldReport, FoldedBN
+    from bnkit.torch.zoo import VGGBN
+
+    model = _calibrated_vgg()
+    weights = save_state_dict_file(model.state_dict(), tmp_path / "w.safetensors")
+    out = tmp_path / "folded.pt"
+    result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", str(weights),
+                                 "--input-shape", "2x1x8x8", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert len(data["folded"]) == 5 and data["max_rel_diff"] < 1e-5
+    # rebuild the folded architecture from the report and load the saved weights strictly
+    report = FoldReport(folded=[FoldedBN(**f) for f in data["folded"]])
+    fresh = report.restructure(VGGBN())
+    fresh.load_state_dict(torch.load(out, weights_only=True))
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_pytorch_model_to_onnx_and_refusals(tmp_path):
+    from bnkit.torch import save_state_dict_file
+
+    model = _calibrated_vgg()
+    weights = save_state_dict_file(model.state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "folded.onnx"
+    result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", str(weights),
+                                 "--input-shape", "2x1x8x8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(out).graph.node]
+    x = np.random.default_rng(2).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        eager = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_run(out, x), eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
+
+    # never-trained weights are refused without --force; nothing written
+    fresh = tmp_path / "fresh.pt"
+    result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "-o", str(fresh)])
+    assert result.exit_code == 2 and "never updated" in _text(result) and not fresh.exists()
+    result = runner.invoke(app, ["fold", "--model", "no_such_module:f", "-o", str(fresh)])
+    assert result.exit_code == 2 and "cannot build the model" in _text(result)
+    assert sorted(os.listdir(tmp_path)) == ["folded.onnx", "w.pt"]
