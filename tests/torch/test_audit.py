@@ -1,0 +1,402 @@
+"""bnkit.torch.audit: each defect built on purpose is reported; a clean trained model reports no error."""
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+from bnkit.torch import AuditReport, audit, freeze_bn, unfreeze_bn
+from bnkit.torch.io import UnsafeCheckpointError, save_state_dict_file
+from bnkit.torch.modules import bn_layers
+from bnkit.torch.zoo import MLP, ConvTransposeDecoder, SharedConvNet, SmallResNet
+
+
+@pytest.fixture(scope="module")
+def digits():
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32)[:, None]
+    return x[:1792], torch.tensor(d.target)[:1792]  # 28 batches of 64
+
+
+def _train(model, x, y, epochs=2, lr=0.05, seed=0, inputs=lambda x: x):
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            idx = perm[i:i + 64]
+            loss = nn.functional.cross_entropy(model(inputs(x[idx])), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    x, y = digits
+    return _train(SmallResNet(), x, y).eval()
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(m.training, getattr(m, "momentum", None), getattr(m, "track_running_stats", None)) for m in model.modules()])
+
+
+def _assert_unchanged(model, snap):
+    state, flags = snap
+    now = model.state_dict()
+    assert state.keys() == now.keys()
+    for k in state:
+        assert torch.equal(state[k], now[k]) or (torch.isnan(state[k]) == torch.isnan(now[k])).all(), k
+    assert flags == _snapshot(model)[1]
+
+
+def _errors(report):
+    return [f for f in report.findings if f.severity == "error"]
+
+
+# ---------------------------------------------------------------- clean model
+
+
+def test_clean_trained_model_reports_no_error_with_data(trained, digits):
+    snap = _snapshot(trained)
+    report = audit(trained, digits[0])
+    assert isinstance(report, AuditReport) and report.depth == "data"
+    assert report.ok, [f for f in _errors(report)]
+    assert report.batches == 28
+    assert [s.layer for s in report.shifts] and all(s.z_eq < 0.5 for s in report.shifts)
+    assert report.batch_coupling is not None and report.batch_coupling < 1e-3
+    _assert_unchanged(trained, snap)
+    assert audit(trained).ok and audit(trained.state_dict()).ok
+
+
+def test_report_serializes_to_json(trained, digits):
+    report = audit(trained, digits[0][:256])
+    out = json.loads(report.to_json())
+    assert out["ok"] is True and out["depth"] == "data"
+    assert {f["severity"] for f in out["findings"]} <= {"error", "warning", "info"}
+    assert len(out["shifts"]) == len(bn_layers(trained))
+
+
+# ---------------------------------------------------------------- depth 1: checkpoints
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16))
+        self.decoder = ConvTransposeDecoder(latent=16)
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_checkpoint_with_never_updated_decoder_bn(digits, tmp_path, suffix):
+    x = torch.cat([digits[0], digits[0]])  # 56 updates: the encoder's statistics are fully the data's
+    torch.manual_seed(0)
+    model = AutoEncoder()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for i in range(0, len(x), 64):
+        model.train()
+        model.decoder.eval()  # the bug: the decoder's BN layers never see training mode
+        loss = (model(x[i:i + 64]) - x[i:i + 64]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = save_state_dict_file(model.state_dict(), tmp_path / f"ae{suffix}")
+    report = audit(path)
+    assert report.depth == "state"
+    never = {f.layer for f in report.by_code("never_updated")}
+    assert never == {"decoder.bn0", "decoder.bn1"}
+    assert all(f.severity == "error" for f in report.by_code("never_updated"))
+    assert not [f for f in report.findings if f.layer == "encoder.2" and f.severity != "info"]
+    assert not report.ok
+
+
+def test_nan_poisoned_running_var(trained, digits, tmp_path):
+    model = copy.deepcopy(trained)
+    model.layers[0].bn2.running_var[5] = float("nan")
+    path = save_state_dict_file(model.state_dict(), tmp_path / "nan.pt")
+    (finding,) = audit(path).by_code("non_finite")
+    assert finding.layer == "layers.0.bn2" and finding.severity == "error"
+    snap = _snapshot(model)
+    report = audit(model, digits[0][:128])
+    assert {f.code for f in _errors(report)} == {"non_finite", "eval_nonfinite"}
+    assert "layers.0.bn2" not in [s.layer for s in report.shifts]
+    _assert_unchanged(model, snap)
+
+
+class _Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))  # unpickling this creates the file
+
+
+def test_malicious_pickle_is_refused_and_never_run(tmp_path):
+    target = tmp_path / "pwned.txt"
+    path = tmp_path / "evil.pt"
+    torch.save({"bn.running_mean": torch.zeros(3), "payload": _Evil(str(target))}, path)
+    with pytest.raises(UnsafeCheckpointError, match="NOT loaded"):
+        audit(path)
+    assert not target.exists()
+    # the file really is dangerous: a plain unpickling creates the target
+    torch.load(path, weights_only=False)
+    assert target.exists()
+
+
+def test_state_dict_without_bn_and_data_without_model(digits):
+    report = audit(nn.Linear(3, 2).state_dict())
+    assert report.ok and report.by_code("no_bn")
+    with pytest.raises(ValueError, match="needs the model"):
+        audit(nn.BatchNorm1d(2).state_dict(), digits[0])
+    with pytest.raises(TypeError):
+        audit(42)
+
+
+# ---------------------------------------------------------------- depth 2: the model's flags
+
+
+def _fine_tune(pretrained, x, y, correct):
+    model = copy.deepcopy(pretrained)
+    if correct == "bnkit":
+        freeze_bn(model)
+    else:  # the lesson's recipe: eval() plus requires_grad=False
+        for _, bn in bn_layers(model):
+            bn.eval()
+            bn.weight.requires_grad_(False)
+            bn.bias.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    shifted = x * 0.5 + 0.3
+    for epoch in range(2):
+        model.train()  # every training loop does this
+        if correct == "manual":
+            for _, bn in bn_layers(model):
+                bn.eval()
+        for i in range(0, 256, 64):
+            loss = nn.functional.cross_entropy(model(shifted[i:i + 64]), y[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model
+
+
+def test_broken_freeze_is_an_error_correct_freezes_are_not(trained, digits):
+    x, y = digits
+    broken = _fine_tune(trained, x, y, correct=None)
+    assert not torch.equal(broken.stem[1].running_mean, trained.stem[1].running_mean)  # the drift happened
+    report = audit(broken)
+    (finding,) = report.by_code("frozen_in_train")
+    assert finding.severity == "error"
+    assert set(finding.data["layers"]) == {n for n, _ in bn_layers(broken)}
+    for how in ("manual", "bnkit"):
+        good = _fine_tune(trained, x, y, correct=how)
+        assert torch.equal(good.stem[1].running_mean, trained.stem[1].running_mean)
+        flags = [m.training for m in good.modules()]
+        report = audit(good)
+        assert report.ok, (how, _errors(report))
+        assert not report.by_code("frozen_in_train") and not report.by_code("train_mode")
+        assert [m.training for m in good.modules()] == flags
+    frozen = freeze_bn(copy.deepcopy(trained)).train()
+    audit(frozen, x[:128])
+    unfreeze_bn(frozen)  # the mode asked for while frozen (train) survived the audit's passes
+    assert all(bn.training for _, bn in bn_layers(frozen))
+
+
+def test_training_mode_at_inference(trained):
+    model = copy.deepcopy(trained)
+    model.layers[1].bn1.train()  # one submodule left in training mode
+    (finding,) = audit(model).by_code("train_mode")
+    assert finding.severity == "error" and finding.data["layers"] == ["layers.1.bn1"]
+    assert finding.data["model_training"] is False
+    assert audit(model.train()).by_code("train_mode")[0].data["model_training"] is True
+
+
+def test_track_running_stats_false_and_its_batch_coupling():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(256, 3)).eval()
+    report = audit(model, torch.randn(64, 1, 8, 8))
+    assert report.by_code("no_running_stats")[0].layer == "1"
+    (coupling,) = report.by_code("batch_coupling")
+    assert coupling.severity == "error" and coupling.data["batch_stat_layers"] == ["1"]
+    assert "without running statistics" in coupling.evidence
+
+
+def test_momentum_window_and_convention_mixup():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=0.99), nn.Linear(4, 4), nn.BatchNorm1d(4),
+                          nn.BatchNorm1d(4, momentum=None))
+    findings = {f.data["momentum"]: f for f in audit(model).by_code("momentum")}
+    assert findings[0.99].severity == "warning" and "0.01" in findings[0.99].fix
+    assert findings[0.1].severity == "info" and findings[0.1].data["window"] == pytest.approx(
+        math.log(0.05) / math.log(0.9))
+    assert findings[None].severity == "info"
+
+
+def test_sync_bn_without_process_group():
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)))
+    model.train()
+    assert not torch.distributed.is_initialized()
+    (finding,) = audit(model).by_code("sync_no_group")
+    assert finding.severity == "warning"
+    # what the warning says: it trains as a plain, local BatchNorm
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).train()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(8, 1, 6, 6)
+    assert torch.allclose(model(x), plain(x))
+    assert audit(model.eval()).by_code("sync_bn")[0].severity == "info"
+
+
+def test_foldable_layers_reported():
+    model = SharedConvNet().eval()
+    (finding,) = audit(model).by_code("foldable")
+    folded = set(finding.data["folded"])
+    assert "stem.1" in folded and not folded & {"bn_a", "bn_b"}
+
+
+# ---------------------------------------------------------------- depth 3: data
+
+
+def test_single_shifted_layer_ranks_first(trained, digits):
+    x = digits[0]
+    model = copy.deepcopy(trained)
+    bn = model.layers[0].bn1
+    with torch.no_grad():
+        bn.running_mean += 3 * torch.sqrt(bn.running_var + bn.eps)
+    report = audit(model, x)
+    assert report.shifts[0].layer == "layers.0.bn1"
+    assert report.shifts[0].z_eq > 2.5 and report.shifts[1].z_eq < 0.5
+    first = report.by_code("stat_shift")[0]
+    assert first.layer == "layers.0.bn1" and first.severity == "error"
+    assert [f.layer for f in report.by_code("stat_shift") if f.severity == "error"] == ["layers.0.bn1"]
+
+    # oracle for the worst channel's z: PyTorch's own cumulative average of the batch means
+    probe = copy.deepcopy(model)
+    for _, layer in bn_layers(probe):
+        layer.reset_running_stats()
+        layer.momentum = None
+    probe.train()
+    with torch.no_grad():
+        for i in range(0, len(x), 64):
+            probe(x[i:i + 64])
+    s = report.shifts[0]
+    mean_d = probe.layers[0].bn1.running_mean.double()
+    z = (mean_d - bn.running_mean.double()) / torch.sqrt(bn.running_var.double() + bn.eps)
+    assert s.mean_shift == pytest.approx(z[s.worst_channel].item(), abs=1e-4)
+
+
+def test_shift_math_on_one_layer_against_float64_closed_form():
+    rng = np.random.default_rng(1)
+    data = rng.normal([1.0, -2.0, 0.5], [2.0, 0.5, 1.0], size=(600, 3))
+    bn = nn.BatchNorm1d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.0, -2.0, 3.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 1.0, 1.0]))
+        bn.num_batches_tracked.fill_(1000)
+    report = audit(bn, torch.tensor(data, dtype=torch.float32), batch_size=50)
+    (s,) = report.shifts
+    x = torch.tensor(data, dtype=torch.float32).double().numpy()  # what the layer saw
+    mu, var = x.mean(0), x.var(0, ddof=1)
+    mr, vr = np.array([0.0, -2.0, 3.0]), np.array([4.0, 1.0, 1.0])
+    z = (mu - mr) / np.sqrt(vr + 1e-5)
+    lr = np.log((var + 1e-5) / (vr + 1e-5))
+    kl = 0.5 * (np.exp(lr) - 1 - lr + z**2)
+    assert s.score == pytest.approx(kl.mean(), rel=1e-5)
+    assert s.worst_channel == int(np.argmax(kl)) == 2
+    assert s.mean_shift == pytest.approx(z[2], rel=1e-5)
+    assert s.log_var_ratio == pytest.approx(lr[2], rel=1e-4)
+    assert s.count == 600
+
+
+def test_running_stat_noise_matches_pytorch_running_average():
+    torch.manual_seed(0)
+    b_train, m = 8, 0.1
+    bn = nn.BatchNorm1d(2, momentum=m)
+    trace_mean, trace_var = [], []
+    with torch.no_grad():
+        for t in range(4000):  # the running statistics PyTorch keeps while training at batch size 8
+            bn(torch.randn(b_train, 2) * 3 + 2)
+            if t > 200:
+                trace_mean.append(bn.running_mean.clone())
+                trace_var.append(bn.running_var.clone())
+    observed_mean = (torch.stack(trace_mean).std(0) / 3).pow(2).mean().sqrt().item()
+    observed_var = (torch.stack(trace_var).std(0) / 9).pow(2).mean().sqrt().item()
+    bn.eval()
+    report = audit(bn, torch.randn(256 * 64, 2) * 3 + 2, batch_size=64, train_batch_size=b_train)
+    (s,) = report.shifts
+    assert s.mean_noise == pytest.approx(observed_mean, rel=0.12)
+    assert s.var_noise == pytest.approx(observed_var, rel=0.12)
+    (noise,) = report.by_code("stat_noise")
+    assert noise.data["train_batch_size"] == b_train
+
+
+class Centered(nn.Module):
+    """Subtracts the batch mean outside any BatchNorm: couples the samples of a batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = MLP(hidden=(16,))
+
+    def forward(self, x):
+        h = x.flatten(1)
+        return self.net(h - h.mean(0, keepdim=True))
+
+
+def test_batch_coupling_not_from_bn_is_named(digits):
+    x, y = digits
+    model = _train(Centered(), x[:512], y[:512], epochs=1).eval()
+    snap = _snapshot(model)
+    report = audit(model, x[:256])
+    (finding,) = report.by_code("batch_coupling")
+    assert finding.severity == "error" and "OTHER than BatchNorm" in finding.evidence
+    assert report.batch_coupling > 1e-2
+    _assert_unchanged(model, snap)
+
+
+def test_bad_data_changes_nothing(trained, digits):
+    model = copy.deepcopy(trained)
+    model.layers[0].train()  # mixed flags must come back as they were
+    snap = _snapshot(model)
+    bad = digits[0][:128].clone()
+    bad[70, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        audit(model, bad)
+    with pytest.raises(ValueError, match="failed on data batch 0"):
+        audit(model, torch.randn(64, 3, 8, 8))
+    with pytest.raises(ValueError, match="at least 2"):
+        audit(model, digits[0][:3], batch_size=1)
+    _assert_unchanged(model, snap)
+
+
+def test_iterable_of_tuples_and_custom_forward(trained, digits):
+    x, y = digits
+    loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 640, 64)]
+    a = audit(trained, loader)
+    b = audit(trained, [{"inp": xb} for xb, _ in loader], forward=lambda model, batch: model(batch["inp"]))
+    c = audit(trained, x[:640])
+    assert a.batches == b.batches == c.batches == 10
+    assert [s.layer for s in a.shifts] == [s.layer for s in c.shifts]
+    assert a.shifts[0].score == pytest.approx(c.shifts[0].score, rel=1e-9)
+    assert b.shifts[0].score == pytest.approx(c.shifts[0].score, rel=1e-9)
+    assert audit(trained, x[:640], max_batches=3).batches == 3
+
+
+def test_onnx_path_goes_to_the_onnx_audit(trained, tmp_path):
+    pytest.importorskip("onnx")
+    from bnkit.torch import export_onnx
+
+    path = tmp_path / "m.onnx"
+    export_onnx(trained, torch.randn(2, 1, 8, 8), path)
+    report = audit(path)
+    assert report.ok and report.depth == "onnx" and len(report.layers) == len(bn_layers(trained))
+    with pytest.raises(ValueError):
+        audit(path, torch.randn(4, 1, 8, 8))
+
