@@ -114,7 +114,7 @@ def _plot(res: dict, p: dict, out) -> str:
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("batch size at inference (images per forward pass)")
     ax.set_ylabel("test accuracy (fraction correct)")
-    ax.set_title(f"Digits MLP: the two modes ({len(res)} seed(s), band = min..max)")
+    ax.set_title(f"Digits MLP: the two modes ({len(res)} seed(s)" + (", band = min..max)" if len(res) > 1 else ")"))
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     return save_figure(fig, out, "ch2_two_modes.png")
