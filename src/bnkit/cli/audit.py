@@ -1,0 +1,165 @@
+"""``bnkit audit``: BatchNorm problems of a checkpoint, a model, or a model on data, as a table or JSON.
+
+Exit status: 0 when no finding is an error, 1 when one is (for CI pipelines), 2 for
+bad usage or a file that cannot be read (a pickle with code in it included).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app, console, fail
+from .common import resolve_spec
+
+_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
+_DATA_KEYS = ("x", "inputs", "input", "data", "images", "X")
+
+
+@app.command("audit")
+def audit_command(
+    file: Path = typer.Argument(..., help="Checkpoint (.pt/.pth/.bin/.ckpt, .safetensors) or ONNX model (.onnx)."),
+    model: Optional[str] = typer.Option(None, "--model", help="package.module:factory building the model the checkpoint belongs to."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Inputs (.npy, .npz, .pt, .safetensors): audits the model on them (needs --model)."),
+    batch_size: int = typer.Option(64, help="Batch size for --data."),
+    train_batch_size: Optional[int] = typer.Option(None, help="Training batch size, for the running statistics' noise (default --batch-size)."),
+    max_batches: Optional[int] = typer.Option(None, help="Use at most this many batches of --data."),
+    trust: bool = typer.Option(False, "--trust", help="Unpickle arbitrary objects in the checkpoint. ONLY for files you made yourself."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Find BatchNorm problems and say how to fix them. Exits 1 when an error-level finding exists."""
+    if not file.is_file():
+        raise fail(f"no such file: {file}")
+    if data is not None and model is None:
+        raise fail("--data needs --model: the data is run through the model")
+    if file.suffix.lower() == ".onnx":
+        if model is not None or data is not None:
+            raise fail("--model and --data apply to PyTorch checkpoints, not to ONNX files")
+        report = _onnx_report(file)
+    else:
+        report = _torch_report(file, model, data, batch_size, train_batch_size, max_batches, trust)
+
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print(report)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def _onnx_report(file: Path) -> dict[str, Any]:
+    from ..findings import worst_severity
+    from ..onnx import audit as onnx_audit
+
+    try:
+        result = onnx_audit(file)
+    except (ValueError, OSError) as exc:
+        raise fail(f"cannot audit {file}: {exc}") from None
+    findings = sorted(result.findings, key=lambda f: ("error", "warning", "info").index(f.severity))
+    return {"target": str(file), "depth": "onnx", "ok": bool(result.ok), "worst": worst_severity(findings),
+            "findings": [f.to_dict() for f in findings], "shifts": []}
+
+
+def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max_batches, trust) -> dict[str, Any]:
+    from ..torch.audit import audit
+    from ..torch.io import UnsafeCheckpointError, load_state_dict_file
+
+    try:
+        state = load_state_dict_file(file, trust=trust)
+    except UnsafeCheckpointError as exc:
+        raise fail(str(exc)) from None
+    except (ValueError, OSError) as exc:
+        raise fail(f"cannot read {file}: {exc}") from None
+    if model_spec is None:
+        report = audit(state)
+    else:
+        net = _build_model(model_spec, state, file)
+        inputs = None if data_file is None else _load_data(data_file)
+        try:
+            report = audit(net, inputs, batch_size=batch_size, train_batch_size=train_batch_size,
+                           max_batches=max_batches)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+    out = report.to_dict()
+    out["target"] = str(file)
+    return out
+
+
+def _build_model(spec: str, state, file: Path):
+    from torch import nn
+
+    try:
+        factory = resolve_spec(spec)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    net = factory if isinstance(factory, nn.Module) else factory()
+    if not isinstance(net, nn.Module):
+        raise fail(f"{spec} built a {type(net).__name__}, not a torch.nn.Module")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise fail(f"{file} does not fit {spec}: {str(exc).strip()}") from None
+    # a checkpoint does not store train/eval flags: audit the model as it is deployed
+    return net.eval()
+
+
+def _load_data(path: Path):
+    """Inputs from ``.npy``/``.npz`` (no pickles), ``.pt`` (weights_only) or ``.safetensors``."""
+    import numpy as np
+    import torch
+
+    from ..torch.io import UnsafeCheckpointError, load_checkpoint
+
+    if not path.is_file():
+        raise fail(f"no such data file: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".npy", ".npz"):
+            obj = np.load(path, allow_pickle=False)
+            if isinstance(obj, np.lib.npyio.NpzFile):
+                obj = {k: obj[k] for k in obj.files}
+        else:
+            obj = load_checkpoint(path)
+    except UnsafeCheckpointError as exc:
+        raise fail(str(exc)) from None
+    except (ValueError, OSError) as exc:
+        raise fail(f"cannot read data file {path}: {exc}") from None
+    if isinstance(obj, dict):
+        key = next((k for k in _DATA_KEYS if k in obj), None)
+        if key is None and len(obj) == 1:
+            key = next(iter(obj))
+        if key is None:
+            raise fail(f"{path} holds {sorted(obj)}; name the inputs one of {list(_DATA_KEYS)}")
+        obj = obj[key]
+    elif isinstance(obj, (tuple, list)) and obj:
+        obj = obj[0]
+    if isinstance(obj, np.ndarray):
+        obj = torch.from_numpy(obj)
+    if not isinstance(obj, torch.Tensor):
+        raise fail(f"{path} holds a {type(obj).__name__}, not an array of inputs")
+    return obj
+
+
+def _print(report: dict[str, Any]) -> None:
+    table = Table(title=f"BatchNorm audit of {report['target']} ({report['depth']})", show_lines=True)
+    for col, width in (("severity", 8), ("layer", 24), ("finding", 30), ("evidence", 48), ("fix", 36)):
+        table.add_column(col, max_width=width if col != "severity" else None, overflow="fold")
+    for f in report["findings"]:
+        table.add_row(f"[{_STYLE[f['severity']]}]{f['severity']}[/]", f["layer"], f["finding"], f["evidence"], f["fix"])
+    console.print(table)
+    if report.get("shifts"):
+        shifts = Table(title="Data vs running statistics, ranked (KL per channel; z_eq = equivalent mean shift in std)")
+        for col in ("rank", "layer", "z_eq", "worst channel", "mean shift (std)", "variance ratio"):
+            shifts.add_column(col, justify="left" if col == "layer" else "right")
+        for rank, s in enumerate(report["shifts"][:10], start=1):
+            shifts.add_row(str(rank), s["layer"], f"{s['z_eq']:.3g}", str(s["worst_channel"]),
+                           f"{s['mean_shift']:+.3g}", f"{math.exp(s['log_var_ratio']):.3g}")
+        console.print(shifts)
+    errors = sum(f["severity"] == "error" for f in report["findings"])
+    console.print("[bold green]no error-level findings[/]" if report["ok"]
+                  else f"[bold red]{errors} error-level finding(s)[/]")
+

@@ -1,0 +1,144 @@
+"""``bnkit audit``: table and JSON output, exit status, safe loading, --model/--data, ONNX files."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from typer.testing import CliRunner
+
+from bnkit.cli import app
+from bnkit.torch.io import save_state_dict_file
+from bnkit.torch.zoo import MLP
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    return runner.invoke(app, ["audit", *map(str, args)], terminal_width=240)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An MLP trained on digits, its checkpoint and the inputs as .npy."""
+    d = load_digits()
+    x = torch.tensor(d.data / 16.0, dtype=torch.float32)[:1280]
+    y = torch.tensor(d.target)[:1280]
+    torch.manual_seed(0)
+    model = MLP(hidden=(32, 16))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        for i in range(0, len(x), 64):
+            loss = torch.nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    root = tmp_path_factory.mktemp("audit_cli")
+    ckpt = save_state_dict_file(model.state_dict(), root / "mlp.pt")
+    data = root / "x.npy"
+    np.save(data, x.numpy())
+    (root / "audit_models.py").write_text(
+        "from bnkit.torch.zoo import MLP\n\ndef mlp():\n    return MLP(hidden=(32, 16))\n")
+    sys.path.insert(0, str(root))
+    yield model.eval(), ckpt, data, root
+    sys.path.remove(str(root))
+
+
+def test_clean_checkpoint_exits_zero_and_prints_the_table(trained):
+    _, ckpt, _, _ = trained
+    result = _invoke(ckpt)
+    assert result.exit_code == 0, result.output
+    for column in ("severity", "layer", "finding", "evidence", "fix"):
+        assert column in result.output
+    assert "no error-level findings" in result.output
+
+
+def test_nan_checkpoint_exits_one_with_json(trained, tmp_path):
+    model, _, _, _ = trained
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["2.running_var"][0] = float("nan")
+    path = save_state_dict_file(state, tmp_path / "nan.safetensors")
+    result = _invoke(path, "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert report["ok"] is False
+    (finding,) = [f for f in report["findings"] if f["severity"] == "error"]
+    assert finding["layer"] == "2" and finding["code"] == "non_finite"
+
+
+def test_never_updated_checkpoint_is_an_error(tmp_path):
+    path = save_state_dict_file(MLP().state_dict(), tmp_path / "fresh.pt")
+    result = _invoke(path, "--json")
+    assert result.exit_code == 1
+    codes = {(f["layer"], f["code"]) for f in json.loads(result.output)["findings"]}
+    assert {("2", "never_updated"), ("5", "never_updated")} <= codes
+
+
+class _Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_pickle_is_refused_and_the_file_never_appears(tmp_path):
+    target = tmp_path / "pwned.txt"
+    path = tmp_path / "evil.pt"
+    torch.save({"x": torch.zeros(2), "payload": _Evil(str(target))}, path)
+    result = _invoke(path)
+    assert result.exit_code == 2
+    assert "NOT loaded" in result.output and "--trust" in result.output
+    assert not target.exists()
+
+
+def test_model_and_data(trained):
+    _, ckpt, data, _ = trained
+    result = _invoke(ckpt, "--model", "audit_models:mlp", "--data", data, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["depth"] == "data" and report["batches"] == 20
+    assert {s["layer"] for s in report["shifts"]} == {"2", "5"}
+    text = _invoke(ckpt, "--model", "audit_models:mlp", "--data", data, "--batch-size", "128")
+    assert text.exit_code == 0 and "ranked" in text.output
+
+
+def test_shifted_layer_is_named_first_and_fails(trained, tmp_path):
+    model, _, data, _ = trained
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["5.running_mean"] += 3 * torch.sqrt(state["5.running_var"] + 1e-5)
+    path = save_state_dict_file(state, tmp_path / "shifted.pt")
+    result = _invoke(path, "--model", "audit_models:mlp", "--data", data, "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    assert report["shifts"][0]["layer"] == "5"
+    assert [f["layer"] for f in report["findings"] if f["code"] == "stat_shift" and f["severity"] == "error"] == ["5"]
+
+
+def test_usage_errors(trained, tmp_path):
+    _, ckpt, data, _ = trained
+    assert _invoke(tmp_path / "missing.pt").exit_code == 2
+    assert "needs --model" in _invoke(ckpt, "--data", data).output
+    wrong = _invoke(ckpt, "--model", "bnkit.torch.zoo:SmallResNet")
+    assert wrong.exit_code == 2 and "does not fit" in wrong.output
+    bad_data = tmp_path / "bad.npy"
+    np.save(bad_data, np.full((8, 64), np.nan, dtype=np.float32))
+    nan = _invoke(ckpt, "--model", "audit_models:mlp", "--data", bad_data)
+    assert nan.exit_code == 2 and "NaN" in nan.output
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert _invoke(garbage).exit_code == 2
+
+
+def test_onnx_file(trained, tmp_path):
+    pytest.importorskip("onnx")
+    from bnkit.torch import export_onnx
+
+    model, _, _, _ = trained
+    path = tmp_path / "mlp.onnx"
+    export_onnx(model, torch.randn(2, 64), path)
+    result = _invoke(path, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["depth"] == "onnx"
+    assert _invoke(path, "--model", "audit_models:mlp").exit_code == 2
