@@ -178,6 +178,12 @@ def test_keras_bad_input_is_refused():
         to_keras(nn.BatchNorm2d(C, track_running_stats=False))
     with pytest.raises(ValueError, match="ndim="):
         to_keras(BatchNormNd(C))
+    with pytest.raises(ValueError, match="rank 6"):
+        to_keras(BatchNormNd(C), ndim=6)
+    with pytest.raises(ValueError, match="not initialized"):
+        to_keras(nn.LazyBatchNorm2d())
+    with pytest.raises(TypeError, match="BatchNorm"):
+        to_keras(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="renorm"):
         to_keras(BatchNorm2d(C, renorm=True))
 

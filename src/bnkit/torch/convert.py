@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..convert import convert_state
 from . import layers
@@ -111,6 +112,8 @@ def _numpy_state(bn: _BatchNorm) -> dict:
     """``bn`` in :func:`convert_state`'s torch layout."""
     if not isinstance(bn, _BatchNorm):
         raise TypeError(f"expected a torch BatchNorm layer, got {type(bn).__name__}")
+    if isinstance(bn, LazyModuleMixin) and bn.has_uninitialized_params():
+        raise ValueError(f"{type(bn).__name__} is not initialized yet: run one input through it first")
     if getattr(bn, "renorm", False) or getattr(bn, "virtual_batch_size", None) or getattr(bn, "debias", False):
         raise ValueError(f"{type(bn).__name__} uses renorm/virtual_batch_size/debias, which Keras and Flax lack")
     sd = {k: v.detach().cpu().numpy() for k, v in bn.state_dict().items()}
@@ -121,6 +124,7 @@ def _numpy_state(bn: _BatchNorm) -> dict:
 
 def _torch_rank(bn: _BatchNorm, ndim: int | None) -> int:
     if ndim is not None:
+        _rank_to_dims(ndim, type(bn).__name__)
         return int(ndim)
     if isinstance(bn, (nn.BatchNorm2d, nn.LazyBatchNorm2d)):
         return 4
