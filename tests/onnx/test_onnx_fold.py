@@ -309,3 +309,26 @@ def test_unreadable_or_invalid_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="onnx.checker"):
         fold_model(broken)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_bf16_fold_rounds_once_and_an_unrunnable_model_says_how_to_skip_the_check():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from bnkit.onnx import OnnxRuntimeError
+
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(ml_dtypes.bfloat16)
+    bn = _bn_inits(4, rng, dtype=ml_dtypes.bfloat16)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [1, 2, 5, 5])],
+                   [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [1, 4, 3, 3])], {"W": w, **bn})
+    with pytest.raises(OnnxRuntimeError, match="verify=False"):  # onnxruntime's CPU Conv has no bf16 kernel
+        fold_model(model)
+    folded, report = fold_model(model, verify=False)
+    assert report.max_rel_diff is None and not report.verified
+    got = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    s, b, m, v = (bn[f"bn.{k}"].astype(np.float64) for k in "sbmv")
+    a = s / np.sqrt(v + np.float64(np.float32(1e-5)))
+    np.testing.assert_array_equal(got["W"].astype(np.float64),
+                                  (w.astype(np.float64) * a[:, None, None, None]).astype(ml_dtypes.bfloat16).astype(np.float64))
+    np.testing.assert_array_equal(got["conv.B_folded"].astype(np.float64),
+                                  (b - a * m).astype(ml_dtypes.bfloat16).astype(np.float64))

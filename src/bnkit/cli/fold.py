@@ -33,7 +33,7 @@ def _print_rows(folded: list[tuple[str, str]], left: dict[str, str], title: str)
 
 
 def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool, verify: bool, as_json: bool) -> None:
-    from ..onnx import FoldVerificationError, fold
+    from ..onnx import FoldVerificationError, OnnxRuntimeError, fold
 
     input_shapes = {}
     for item in shapes:
@@ -43,7 +43,7 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
         input_shapes[name] = _shape(dims)
     try:
         report = fold(source, output, to_inference=to_inference, verify=verify, input_shapes=input_shapes or None)
-    except FoldVerificationError as exc:
+    except (FoldVerificationError, OnnxRuntimeError) as exc:
         raise fail(str(exc), code=1) from None
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None

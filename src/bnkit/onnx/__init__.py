@@ -10,5 +10,7 @@ from __future__ import annotations
 
 from .audit import OnnxAuditReport, audit
 from .fold import FoldedNode, FoldVerificationError, OnnxFoldReport, fold, fold_model
+from .verify import OnnxRuntimeError
 
-__all__ = ["audit", "OnnxAuditReport", "fold", "fold_model", "OnnxFoldReport", "FoldedNode", "FoldVerificationError"]
+__all__ = ["audit", "OnnxAuditReport", "fold", "fold_model", "OnnxFoldReport", "FoldedNode", "FoldVerificationError",
+           "OnnxRuntimeError"]

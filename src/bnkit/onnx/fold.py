@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 
 from ..findings import Finding
 from .graph import BNNode, GraphIndex, attribute, bn_nodes, load_model, node_label, opset_version
-from .verify import compare, default_tolerance, random_inputs, run
+from .verify import OnnxRuntimeError, compare, default_tolerance, random_inputs, run
 
 __all__ = ["FoldedNode", "OnnxFoldReport", "FoldVerificationError", "fold_model", "fold"]
 
@@ -327,7 +327,9 @@ def fold_model(
     ``verify`` runs the reference (the input, with training nodes switched when
     ``to_inference``) and the folded model in onnxruntime on random inputs and raises
     :class:`FoldVerificationError` when the norm-wise relative difference exceeds ``rtol``
-    (default 1e-4, 1e-2 for fp16/bf16 outputs).
+    (default 1e-4, 1e-2 for fp16/bf16 outputs), :class:`~bnkit.onnx.verify.OnnxRuntimeError`
+    when onnxruntime cannot run the model (bf16 convolutions on CPU, custom ops).
+    Raises ValueError for a file that is unreadable or fails ``onnx.checker``.
     """
     work = load_model(model)
     try:
@@ -367,7 +369,12 @@ def fold_model(
         feeds = random_inputs(reference, input_shapes=input_shapes, dynamic_size=dynamic_size)
         report.input_shapes = {k: list(v.shape) for k, v in feeds.items()}
         report.tolerance = default_tolerance(reference) if rtol is None else rtol
-        report.max_abs_diff, report.max_rel_diff = compare(run(reference, feeds), run(work, feeds))
+        try:
+            expected = run(reference, feeds)
+        except OnnxRuntimeError as exc:
+            raise OnnxRuntimeError(f"{exc}\nthe input model cannot be run for verification; pass verify=False "
+                                   "(--no-verify) to fold without the check") from None
+        report.max_abs_diff, report.max_rel_diff = compare(expected, run(work, feeds))
         if not report.verified:
             raise FoldVerificationError(
                 f"onnxruntime outputs differ after folding: max relative difference {report.max_rel_diff:.3g} > "

@@ -14,7 +14,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
-__all__ = ["random_inputs", "run", "compare", "default_tolerance"]
+__all__ = ["OnnxRuntimeError", "random_inputs", "run", "compare", "default_tolerance"]
+
+
+class OnnxRuntimeError(RuntimeError):
+    """onnxruntime could not load or run a model (unsupported op or dtype, bad input shape)."""
 
 _INTS = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
          onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
@@ -70,8 +74,12 @@ def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndar
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, dict(feeds))
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(None, dict(feeds))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
+        raise OnnxRuntimeError(f"onnxruntime cannot run the model on inputs "
+                               f"{ {k: list(np.shape(v)) for k, v in feeds.items()} }: {str(exc).strip()}") from exc
 
 
 def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> tuple[float, float]:
