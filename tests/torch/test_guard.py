@@ -1,0 +1,224 @@
+"""bn_guard fires on each bad case and stays silent on a correct model; protect_stats rolls poisoned steps back."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from bnkit.torch import BNGuardError, FrozenBatchNorm2d, bn_guard, bn_layers, freeze_bn, protect_stats
+from bnkit.torch.guard import BNGuardWarning
+from bnkit.torch.zoo import SmallResNet, example_input
+
+
+def _trained(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = SmallResNet()
+    with torch.no_grad():
+        for _ in range(2):
+            model(example_input("resnet", batch=8, seed=seed))
+    return model.eval()
+
+
+X = example_input("resnet", batch=4, seed=9)
+
+
+def _codes(err: pytest.ExceptionInfo) -> list[tuple[str, str]]:
+    return [(f.layer, f.code) for f in err.value.findings]
+
+
+def test_silent_on_a_correct_model_and_outputs_unchanged():
+    model = _trained()
+    expect = model(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with bn_guard(model):
+            y = model(X)
+        with bn_guard(model, action="warn"):
+            model(X)
+    assert torch.equal(y, expect)
+    assert not model._forward_pre_hooks and not any(m._forward_pre_hooks for _, m in bn_layers(model))
+
+
+def test_training_mode_layer_raises_before_anything_changes():
+    model = _trained()
+    model.layers[0].bn2.train()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(BNGuardError) as err:
+        with bn_guard(model):
+            model(X)
+    assert _codes(err) == [("layers.0.bn2", "training")]
+    assert "model.eval()" in str(err.value)
+    assert not model._forward_pre_hooks and not any(m._forward_pre_hooks for _, m in bn_layers(model))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_switch_to_training_inside_the_block_is_caught_at_the_next_forward():
+    model = _trained()
+    before = copy.deepcopy(model.state_dict())
+    with bn_guard(model):
+        model(X)
+        model.train()
+        with pytest.raises(BNGuardError) as err:
+            model(X)
+    assert {code for _, code in _codes(err)} == {"training"} and len(err.value.findings) == len(bn_layers(model))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_nested_guards_remove_their_own_hooks():
+    model = _trained()
+    outer = bn_guard(model)
+    with outer:
+        with outer:
+            model(X)
+        assert len(model._forward_pre_hooks) == 1
+        model(X)
+    assert not model._forward_pre_hooks
+
+
+def test_decorator_checks_every_call():
+    model = _trained()
+
+    @bn_guard(model)
+    def predict(x):
+        return model(x)
+
+    assert torch.equal(predict(X), model(X))
+    model.train()
+    with pytest.raises(BNGuardError):
+        predict(X)
+    model.eval()
+    predict(X)
+    assert not model._forward_pre_hooks
+
+
+def test_warn_mode_warns_and_runs():
+    model = _trained()
+    model.stem[1].train()
+    with pytest.warns(BNGuardWarning, match="stem.1: in training mode"):
+        with bn_guard(model, action="warn"):
+            model(X)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1, 1)])
+def test_batch_of_one_in_training_mode(shape):
+    model = nn.Sequential(nn.BatchNorm1d(3) if len(shape) == 2 else nn.BatchNorm2d(3))
+    model(torch.randn(4, *shape[1:]))  # trained once, still in training mode
+    with pytest.raises(BNGuardError) as err:
+        with bn_guard(model, ignore=["training"]):
+            model(torch.randn(shape))
+    assert _codes(err) == [("0", "batch_of_one")]
+    with pytest.warns(BNGuardWarning) as record:
+        with bn_guard(model, action="warn"):
+            model(torch.randn(2, *shape[1:]))  # two values per channel: only the mode warning
+    assert [str(r.message).split(": ")[2] for r in record] == ["in training mode during inference (training=True). Fix"]
+
+
+def test_no_running_stats_layer_is_flagged_even_in_eval():
+    model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)).eval()
+    with pytest.raises(BNGuardError) as err:
+        with bn_guard(model):
+            pass
+    assert _codes(err) == [("0", "no_running_stats")]
+    with pytest.raises(BNGuardError, match="fewer than 2 values"):
+        with bn_guard(model, ignore=["no_running_stats"]):
+            model(torch.randn(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_nonfinite_or_negative_statistics(value):
+    model = _trained()
+    model.layers[1].shortcut[1].running_var[3] = value
+    with pytest.raises(BNGuardError) as err:
+        with bn_guard(model):
+            model(X)
+    assert _codes(err) == [("layers.1.shortcut.1", "nonfinite_stats")]
+
+
+def test_never_updated_statistics_also_in_frozen_layers():
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    with pytest.raises(BNGuardError) as err:
+        with bn_guard(model):
+            pass
+    assert {c for _, c in _codes(err)} == {"never_updated"} and len(err.value.findings) == len(bn_layers(model))
+    frozen = nn.Sequential(FrozenBatchNorm2d(3))
+    with pytest.raises(BNGuardError, match="never updated"):
+        bn_guard(frozen).__enter__()
+    with torch.no_grad():
+        frozen[0].running_var.fill_(2.0)  # statistics loaded from elsewhere (num_batches_tracked stays 0)
+    with bn_guard(frozen):
+        frozen(torch.randn(1, 3, 2, 2))
+
+
+def test_statistics_written_after_a_clean_check_are_checked_again():
+    model = _trained()
+    guard = bn_guard(model)
+    with guard:
+        model(X)
+    model.stem[1].running_mean[0] = float("nan")  # an in-place write bumps the version counter
+    with pytest.raises(BNGuardError, match="non-finite"):
+        with guard:
+            pass
+
+
+def test_frozen_model_in_training_loop_passes_the_guard():
+    model = _trained()
+    freeze_bn(model)
+    model.train()
+    with bn_guard(model):
+        model(X[:1])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="action"):
+        bn_guard(nn.Linear(2, 2), action="ignore")
+    with pytest.raises(ValueError, match="unknown check"):
+        bn_guard(nn.Linear(2, 2), ignore=["nan"])
+
+
+# ------------------------------------------------------------------ protect_stats
+def test_protect_stats_rolls_back_a_poisoned_step():
+    model = _trained().train()
+    before = copy.deepcopy(model.state_dict())
+    x = X.clone()
+    x[0, 0, 0, 0] = float("inf")  # an overflowed activation
+    with pytest.warns(RuntimeWarning, match="non-finite running statistics"):
+        with protect_stats(model) as report:
+            model(x)
+    assert report and report.nonfinite and set(report.nonfinite) <= set(report.rolled_back)
+    assert set(report.rolled_back) == {n for n, _ in bn_layers(model)}  # every layer updated in the step
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert {f.code for f in report.findings} == {"stats_rolled_back"}
+
+
+def test_protect_stats_keeps_a_good_step_and_restores_on_exception():
+    model = _trained().train()
+    reference = copy.deepcopy(model)
+    with protect_stats(model) as report:
+        model(X)
+    reference(X)
+    assert not report and report.rolled_back == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference.state_dict()[k])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ZeroDivisionError), pytest.warns(RuntimeWarning):
+        with protect_stats(model):
+            model(X * float("nan"))
+            1 / 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_protect_stats_reports_layers_poisoned_before():
+    model = _trained().train()
+    model.stem[1].running_var[0] = float("nan")
+    with protect_stats(model) as report:
+        model(X)
+    assert report.already_nonfinite == ["stem.1"] and not report.rolled_back
+    assert [f.code for f in report.findings] == ["nonfinite_stats"]
