@@ -30,7 +30,7 @@ _EXPORTS = {
     "audit": "audit", "AuditReport": "audit",
     # convert.py: other frameworks and SyncBatchNorm
     "from_keras": "convert", "to_keras": "convert", "from_flax": "convert", "to_flax": "convert",
-    "revert_sync_bn": "convert",
+    "revert_sync_bn": "convert", "BatchNormNd": "convert",
 }
 
 __all__ = sorted(_EXPORTS)
