@@ -14,7 +14,10 @@ For each model and batch size (1 and 16) this times, in eval mode under
   avoid (the BN shift has to go somewhere) and which is several percent of a small
   convolution at batch 1.
 
-The four variants are run round-robin, a few milliseconds each per round, so the
+Times are the calling thread's CPU time (``time.thread_time``; with one torch
+thread every op runs on it), so time the scheduler gives other processes on a
+shared machine is not counted; ``--clock wall`` uses ``time.perf_counter``.
+The variants are run round-robin, a few milliseconds each per round, so the
 variants of one round run next to each other in time. Every ratio is the median
 over rounds of the ratio within a round (a paired comparison: load from other
 processes that drifts between rounds cancels). Printed: each variant's time over
@@ -65,7 +68,7 @@ def folded_bias_shape(layer: nn.Module) -> torch.Tensor:
     return torch.empty(n, dtype=layer.weight.dtype)
 
 
-def round_robin(fns: dict[str, Callable[[], object]], rounds: int, inner: int) -> dict[str, list[float]]:
+def round_robin(fns: dict[str, Callable[[], object]], rounds: int, inner: int, clock: Callable[[], float]) -> dict[str, list[float]]:
     """Per-call seconds of every function in every round; the functions take turns within a round."""
     for fn in fns.values():
         for _ in range(3):
@@ -73,10 +76,10 @@ def round_robin(fns: dict[str, Callable[[], object]], rounds: int, inner: int) -
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for key, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(inner):
                 fn()
-            samples[key].append((time.perf_counter() - t0) / inner)
+            samples[key].append((clock() - t0) / inner)
     return samples
 
 
@@ -97,13 +100,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=401, help="timed rounds per variant (median taken)")
     parser.add_argument("--seconds", type=float, default=6.0, help="rough time budget per model and batch size")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="thread CPU time or wall time")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from torch.fx.experimental.optimization import fuse
 
-    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), up to {args.rounds} rounds")
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), {args.clock} clock, up to {args.rounds} rounds")
     print(f"{'':<28}{'time / unfolded (median)':^31}{'bnkit/lower':^16}{'bnkit/fx fuse':^16}{'bnkit/':>8}{'lower/':>8}")
     print(
         f"{'model':<16}{'batch':>6}{'ms':>6}  {'bnkit':>9}{'fx fuse':>10}{'lower':>10}  {'median':>8}{'best':>7}  "
@@ -128,7 +133,7 @@ def main() -> None:
                 return lambda: m(x)
 
             with torch.inference_mode():
-                t = round_robin({k: call(m) for k, m in variants.items()}, rounds, inner)
+                t = round_robin({k: call(m) for k, m in variants.items()}, rounds, inner, clock)
             r = {k: paired_ratio(t, k, "unfolded") for k in ("bnkit", "fx", "lower")}
             row = {}
             for other in ("lower", "fx"):
