@@ -332,3 +332,22 @@ def test_bf16_fold_rounds_once_and_an_unrunnable_model_says_how_to_skip_the_chec
                                   (w.astype(np.float64) * a[:, None, None, None]).astype(ml_dtypes.bfloat16).astype(np.float64))
     np.testing.assert_array_equal(got["conv.B_folded"].astype(np.float64),
                                   (b - a * m).astype(ml_dtypes.bfloat16).astype(np.float64))
+
+
+@pytest.mark.parametrize("layer", ["matmul", "conv"])
+def test_layer_plus_constant_then_bn_folds_into_the_weight_and_the_constant(layer):
+    # torch's dynamo exporter writes Linear as MatMul + Add(bias); a conv bias may come as Add of (1, C, 1, 1)
+    rng = np.random.default_rng(10)
+    if layer == "matmul":
+        w, k, x_shape, y_shape = rng.standard_normal((5, 6)), rng.standard_normal(6), ["N", 5], ["N", 6]
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Add", ["K", "h"], ["z"], name="add")]
+    else:
+        w, k, x_shape, y_shape = rng.standard_normal((6, 2, 3, 3)), rng.standard_normal((1, 6, 1, 1)), [1, 2, 5, 5], [1, 6, 3, 3]
+        nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), helper.make_node("Add", ["h", "K"], ["z"], name="add")]
+    model = _model(nodes + [_bn_node("z", "y")], [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                   {"W": w.astype(np.float32), "K": k.astype(np.float32), **_bn_inits(6, rng)})
+    folded, report = fold_model(model)
+    assert ops(folded) == [n.op_type for n in nodes]  # no BN, no extra node, no bias added to the layer
+    assert len(folded.graph.node[0].input) == 2 and "shift folded into 'add'" in report.folded[0].notes
+    _check_exact(model, folded)

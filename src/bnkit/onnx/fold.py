@@ -11,7 +11,12 @@ layer's constants (computed in float64, then cast back to the weight's dtype):
 * ``Gemm``: ``alpha * A B' + beta * C`` has channel ``n`` in column ``n`` of ``B'``; the
   column is scaled, ``C := a * beta * C + b`` and ``beta := 1``;
 * ``MatMul`` of a 2-D input by a constant ``(K, N)`` matrix: columns scaled and the BN
-  node replaced by ``Add(b)``.
+  node replaced by ``Add(b)``;
+* any of these followed by ``Add`` of a constant ``k`` (how exporters write a bias):
+  the layer's weight is scaled and ``k := a * k + b`` (``a``, ``b`` along axis 1).
+
+Each folder is given ``b = None`` for the weight-only part, then checks everything
+before it changes anything, so a refusal leaves the graph as it was.
 
 A weight that other nodes also read (a shared conv) is copied, so only this use changes.
 Nodes are left, with the reason in the report, when folding would be inexact or
@@ -167,6 +172,24 @@ class _Folder:
             node.input.append("")
         node.input[slot] = name
 
+    def _through_add(self, add: onnx.NodeProto):
+        """``(layer, (constant slot, constant))`` for ``Add(layer output, constant)``, else a reason."""
+        consts = [self.index.constant(i) for i in add.input]
+        if sum(c is not None for c in consts) != 1:
+            return (f"its input comes from Add {node_label(add)!r} of two computed values (a residual sum), "
+                    "not from a Conv/ConvTranspose/Gemm/MatMul")
+        slot = 0 if consts[0] is not None else 1
+        c, other = consts[slot], add.input[1 - slot]
+        layer = self.index.producer.get(other)
+        if layer is None or layer.domain not in ("", "ai.onnx") or layer.op_type not in _FOLDERS:
+            what = "a graph input" if layer is None else f"{layer.op_type} {node_label(layer)!r}"
+            return f"its input is Add {node_label(add)!r} of a constant and {what}, not of a Conv/ConvTranspose/Gemm/MatMul"
+        if self.index.readers(other) != 1:
+            return f"the output of {node_label(layer)!r} is also read elsewhere; folding would change that reader"
+        if not (np.issubdtype(c.dtype, np.floating) or c.dtype.name == "bfloat16"):
+            return f"the constant added by {node_label(add)!r} is {c.dtype}, not floating point"
+        return layer, (slot, c)
+
     def fold(self, bn: BNNode) -> str | None:
         """Fold ``bn`` into its producer; a reason to leave it, or None when folded."""
         if not bn.constant:
@@ -181,28 +204,46 @@ class _Folder:
         producer = self.index.producer.get(x)
         if producer is None:
             return "its input is a graph input or initializer, not a layer's output"
-        if producer.domain not in ("", "ai.onnx") or producer.op_type not in _FOLDERS:
-            return f"its input comes from {producer.op_type} {node_label(producer)!r}, not a Conv/ConvTranspose/Gemm/MatMul"
         if self.index.readers(x) != 1:
             return f"the output of {node_label(producer)!r} is also read elsewhere; folding would change that reader"
+        target, shift = producer, None
+        if producer.domain in ("", "ai.onnx") and producer.op_type == "Add":
+            found = self._through_add(producer)
+            if isinstance(found, str):
+                return found
+            target, shift = found
+        elif producer.domain not in ("", "ai.onnx") or producer.op_type not in _FOLDERS:
+            return f"its input comes from {producer.op_type} {node_label(producer)!r}, not a Conv/ConvTranspose/Gemm/MatMul"
         a = bn.scale / np.sqrt(bn.var + bn.epsilon)
         b = bn.bias - a * bn.mean
         notes: list[str] = []
-        reason = _FOLDERS[producer.op_type](self, producer, a, b, notes)
+        if shift is not None:
+            slot, c = shift
+            rank = self.index.constant(target.input[1]).ndim if target.op_type in ("Conv", "ConvTranspose") else 2
+            if c.ndim > rank:
+                return f"the constant added by {node_label(producer)!r} has rank {c.ndim} > the layer output's {rank}"
+        reason = _FOLDERS[target.op_type](self, target, a, None if shift else b, notes)
         if reason:
             return reason
-        if producer.op_type == "MatMul":
+        if shift is not None:
+            channel = (-1,) + (1,) * (rank - 2)
+            shifted = a.reshape(channel) * c.astype(np.float64) + b.reshape(channel)
+            self.set_constant(producer, slot, shifted.astype(c.dtype), "shift", notes)
+            notes.append(f"shift folded into {node_label(producer)!r}")
+            producer.output[0] = node.output[0]
+            self.graph.node.remove(node)
+        elif target.op_type == "MatMul":
             bias_name = _fresh_name(f"{bn.name}.bias_folded", self.taken)
-            dtype = self.index.constant(producer.input[1]).dtype
+            dtype = self.index.constant(target.input[1]).dtype
             self.graph.initializer.append(numpy_helper.from_array(b.astype(dtype), bias_name))
             add = helper.make_node("Add", [x, bias_name], [node.output[0]], name=_fresh_name(f"{bn.name}_bias", self.taken))
             position = list(self.graph.node).index(node)
             self.graph.node.remove(node)
             self.graph.node.insert(position, add)
         else:
-            producer.output[0] = node.output[0]
+            target.output[0] = node.output[0]
             self.graph.node.remove(node)
-        self.report.folded.append(FoldedNode(bn.name, node_label(producer), producer.op_type, notes))
+        self.report.folded.append(FoldedNode(bn.name, node_label(target), target.op_type, notes))
         self.reindex()
         return None
 
@@ -217,7 +258,7 @@ def _weight(folder: _Folder, node: onnx.NodeProto, slot: int, what: str):
     return value, None
 
 
-def _fold_conv_like(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray, notes: list[str]) -> str | None:
+def _fold_conv_like(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]) -> str | None:
     w, why = _weight(folder, node, 1, "weight")
     if w is None:
         return why
@@ -235,20 +276,23 @@ def _fold_conv_like(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.
         blocks = w64.reshape((group, w.shape[0] // group, w.shape[1]) + w.shape[2:])
         blocks = blocks * a.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))
         w64 = blocks.reshape(w.shape)
-    if len(node.input) > 2 and node.input[2]:
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    if has_bias:
         bias, why = _weight(folder, node, 2, "bias")
         if bias is None:
             return why
         bias64 = bias.astype(np.float64).reshape(-1)
     else:
         bias64 = np.zeros(a.size)
-        notes.append("bias added")
     folder.set_constant(node, 1, w64.astype(w.dtype), "W", notes)
-    folder.set_constant(node, 2, (a * bias64 + b).astype(w.dtype), "B", notes)
+    if b is not None or has_bias:
+        if not has_bias:
+            notes.append("bias added")
+        folder.set_constant(node, 2, (a * bias64 + (0.0 if b is None else b)).astype(w.dtype), "B", notes)
     return None
 
 
-def _fold_gemm(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray, notes: list[str]) -> str | None:
+def _fold_gemm(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]) -> str | None:
     w, why = _weight(folder, node, 1, "B matrix")
     if w is None:
         return why
@@ -262,19 +306,22 @@ def _fold_gemm(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarr
         c, why = _weight(folder, node, 2, "C term")
         if c is None:
             return why
-        c64 = a * (beta * c.astype(np.float64)) + b
-    else:
+        c64 = a * (beta * c.astype(np.float64)) + (0.0 if b is None else b)
+    elif b is not None:
         c64 = b
         notes.append("bias added")
+    else:
+        c64 = None
     folder.set_constant(node, 1, w64.astype(w.dtype), "B", notes)
-    folder.set_constant(node, 2, c64.astype(w.dtype), "C", notes)
+    if c64 is not None:
+        folder.set_constant(node, 2, c64.astype(w.dtype), "C", notes)
     for attr in node.attribute:
         if attr.name == "beta":
             attr.f = 1.0
     return None
 
 
-def _fold_matmul(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray, notes: list[str]) -> str | None:
+def _fold_matmul(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]) -> str | None:
     w, why = _weight(folder, node, 1, "second operand")
     if w is None:
         return why
@@ -284,7 +331,8 @@ def _fold_matmul(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.nda
         return (f"the first operand of {node_label(node)!r} is not known to be 2-D, so BN's channel axis 1 "
                 "may not be the MatMul's output-feature axis")
     folder.set_constant(node, 1, (w.astype(np.float64) * a[None, :]).astype(w.dtype), "B", notes)
-    notes.append("BN replaced by Add of the folded shift")
+    if b is not None:
+        notes.append("BN replaced by Add of the folded shift")
     return None
 
 
