@@ -431,3 +431,15 @@ def test_conv1d_and_conv3d_and_convtranspose1d():
         assert report.n_left == 0 and all(f.position == "after" for f in report.folded)
         with torch.no_grad():
             assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_zoo_folded_state_dict_reloads_into_restructured_architecture(name, tmp_path):
+    model, x = zoo_model(name)
+    folded, report = fold_bn(model, x)
+    path = save_state_dict_file(folded.state_dict(), tmp_path / "folded.pt")
+    fresh = report.restructure(ZOO[name]())
+    fresh.load_state_dict(load_state_dict_file(path), strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), folded(x))
