@@ -296,9 +296,11 @@ def _fold_gemm(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarr
     w, why = _weight(folder, node, 1, "B matrix")
     if w is None:
         return why
+    if w.ndim != 2:
+        return f"the B matrix of {node_label(node)!r} has rank {w.ndim}"
     trans_b = int(attribute(node, "transB", 0))
     n = w.shape[0] if trans_b else w.shape[1]
-    if w.ndim != 2 or n != a.size:
+    if n != a.size:
         return f"{node_label(node)!r} has {n} output features but the BN has {a.size}"
     w64 = w.astype(np.float64) * (a[:, None] if trans_b else a[None, :])
     beta = float(attribute(node, "beta", 1.0))
