@@ -147,8 +147,9 @@ def run(ctx) -> Chapter:
     ]
     lat = data["latency_ms"]
     b1 = str(p["latency_batches"][0])
-    findings.append(f"Median latency at batch {b1}: {lat['PyTorch eval (with BN)'][b1]:.3f} ms with BN, "
-                    f"{lat['PyTorch folded'][b1]:.3f} ms folded (torch threads: {torch.get_num_threads()}).")
+    findings.append("PyTorch median latency, with BN / folded: " + ", ".join(
+        f"batch {b}: {lat['PyTorch eval (with BN)'][b]:.3f} / {lat['PyTorch folded'][b]:.3f} ms" for b in lat["PyTorch folded"])
+        + f" ({torch.get_num_threads()} thread(s); timings on a busy machine are noisy).")
     if missing_export:
         findings.append(f"ONNX export and onnxruntime: not available in this build ({'; '.join(missing_export)}).")
         data["not_available"] = {"onnx": missing_export}
@@ -161,8 +162,7 @@ def run(ctx) -> Chapter:
             f"folded. Median latency at batch {b1}: {lat[ONNX_BN][b1]:.3f} ms with BN nodes, "
             f"{lat[ONNX_FOLDED][b1]:.3f} ms folded, {lat[ONNX_RAW][b1]:.3f} ms with BN nodes and every graph "
             "optimization off. onnxruntime's optimizer fuses Conv + BatchNormalization by itself "
-            "(onnxruntime/core/optimizer/conv_bn_fusion.h), so there folding beforehand changes little; it pays "
-            "off in PyTorch and in runtimes that do not fuse.")
+            "(onnxruntime/core/optimizer/conv_bn_fusion.h), so there folding beforehand changes little.")
     figure = Figure(_plot(lat, p, ctx.out), "Median latency per forward pass, by runtime and batch size.")
     return Chapter(NUMBER, "deployment", TITLE, CLAIM, tables=[table], figures=[figure], findings=findings,
                    checks=checks, data=data)
