@@ -131,3 +131,5 @@ def test_study_and_demo_reject_bad_arguments(tmp_path):
     res = runner.invoke(app, ["demo", "--quick", "--out", str(a_file)])
     assert res.exit_code == 2 and "not a folder" in res.output
     assert a_file.read_text() == "x"
+    res = runner.invoke(app, ["study", "two-modes", "--out", str(a_file / "sub")])
+    assert res.exit_code == 2 and "cannot create the report folder" in res.output

@@ -49,6 +49,8 @@ def _print_chapter(ch) -> None:
 
 def run_and_report(names: list[str], size: str, seed: int, out: Path, seeds: int | None = None) -> int:
     """Run chapters with a progress bar, print their tables, write the report; return the exit code."""
+    if out.exists() and not out.is_dir():
+        raise fail(f"--out {out} exists and is not a folder")
     import platform
     import time
 
@@ -59,6 +61,10 @@ def run_and_report(names: list[str], size: str, seed: int, out: Path, seeds: int
     from ..study import Context, run_chapters
     from ..study.report import write_report
 
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"cannot create the report folder {out}: {exc.strerror or exc}") from None
     start = time.perf_counter()
     chapters = []
     with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -90,8 +96,6 @@ def demo(
     seed: int = typer.Option(0, help="Base random seed (data split, initialisation, shuffling)."),
 ) -> None:
     """Tell the story of BatchNorm at inference on scikit-learn's digits, every number measured in this run."""
-    if out.exists() and not out.is_dir():
-        raise fail(f"--out {out} exists and is not a folder")
     from ..study import CHAPTERS
 
     code = run_and_report(list(CHAPTERS), "quick" if quick else "demo", seed, out)

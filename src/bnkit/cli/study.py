@@ -28,6 +28,4 @@ def study(
     if seeds is not None and seeds < 1:
         raise fail(f"--seeds must be at least 1, got {seeds}")
     out = out if out is not None else Path("bnkit-report") / f"study-{name}"
-    if out.exists() and not out.is_dir():
-        raise fail(f"--out {out} exists and is not a folder")
     raise typer.Exit(run_and_report([name], size, seed, out, seeds=seeds))
