@@ -71,6 +71,7 @@ def test_zoo_every_foldable_bn_folded_outputs_equal(name):
     assert all(not m.training for m in model.modules())
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # importing fx fuse
 def test_shared_conv_is_not_folded_and_reason_given():
     model, x = zoo_model("shared_conv")
     folded, report = fold_bn(model, x)

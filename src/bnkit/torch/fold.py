@@ -151,7 +151,8 @@ def fold_bn(
     Args:
         model: any ``nn.Module``; it is not modified, and the copy keeps every module's
             train/eval flag.
-        example_inputs: a tensor or a tuple of positional inputs. Used to learn the rank
+        example_inputs: a tensor or a tuple of positional inputs (anything else is passed
+            as the single input). Used to learn the rank
             of layer outputs (a Linear->BatchNorm1d fold is exact only on ``(N, C)``),
             to count module calls when tracing fails, and, with ``verify``, to compare
             the two models.
