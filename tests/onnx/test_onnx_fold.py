@@ -146,7 +146,7 @@ def _check_exact(model, folded, tol=1e-5):
 
 
 @pytest.mark.parametrize("trans_b,c_shape,alpha,beta", [(1, (6,), 1.0, 1.0), (0, (1, 6), 0.5, 2.0), (1, None, 1.5, 1.0),
-                                                        (0, (4, 6), 1.0, 0.25)])
+                                                        (0, (4, 6), 1.0, 0.25), (1, (), 1.0, 3.0)])
 def test_gemm_fold_handles_transpose_alpha_beta_and_c_shapes(trans_b, c_shape, alpha, beta):
     rng = np.random.default_rng(1)
     w = rng.standard_normal((6, 5) if trans_b else (5, 6)).astype(np.float32)
@@ -351,3 +351,22 @@ def test_layer_plus_constant_then_bn_folds_into_the_weight_and_the_constant(laye
     assert ops(folded) == [n.op_type for n in nodes]  # no BN, no extra node, no bias added to the layer
     assert len(folded.graph.node[0].input) == 2 and "shift folded into 'add'" in report.folded[0].notes
     _check_exact(model, folded)
+
+
+def test_nodes_sharing_a_name_are_told_apart_by_their_outputs():
+    rng = np.random.default_rng(11)
+    nodes, inits = [], {}
+    for i in range(2):
+        nodes += [helper.make_node("Conv", [f"x{i}", f"W{i}"], [f"h{i}"], name="conv"),
+                  _bn_node(f"h{i}", f"y{i}", prefix=f"bn{i}")]
+        nodes[-1].name = "bn"  # ONNX does not require unique node names
+        inits.update({f"W{i}": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng, prefix=f"bn{i}")})
+    model = _model(nodes, [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, 2, 4, 4]) for i in range(2)],
+                   [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 3, 4, 4]) for i in range(2)], inits)
+    folded, report = fold_model(model, verify=False)  # onnxruntime itself refuses duplicate node names
+    assert ops(folded) == ["Conv", "Conv"] and len(report.folded) == 2
+    got = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in folded.graph.initializer}
+    for i, conv in enumerate(folded.graph.node):
+        s_, _, _, v = (inits[f"bn{i}.{k}"].astype(np.float64) for k in "sbmv")
+        a = s_ / np.sqrt(v + np.float64(np.float32(1e-5)))
+        np.testing.assert_allclose(got[conv.input[1]], inits[f"W{i}"] * a[:, None, None, None], rtol=1e-6)

@@ -162,6 +162,9 @@ class _Folder:
         old = node.input[slot] if slot < len(node.input) else ""
         tensor_names = {t.name: t for t in self.graph.initializer}
         if old and old in self.index.initializers and self.index.readers(old) == 1:
+            if tuple(tensor_names[old].dims) != value.shape:  # e.g. a scalar Gemm C became one value per feature
+                for stale in [v for v in self.graph.value_info if v.name == old]:
+                    self.graph.value_info.remove(stale)
             tensor_names[old].CopyFrom(numpy_helper.from_array(value, old))
             return
         if old and self.index.readers(old) > 1:
@@ -399,13 +402,13 @@ def fold_model(
         elif (why := folder.tidy_outputs(bn, to_inference)) is not None:
             report.left[bn.name] = why
         else:
-            candidates.append(bn.name)
+            candidates.append((bn.name, bn.node.output[0]))  # an output names a node uniquely; a name may not
     reference = onnx.ModelProto()
     reference.CopyFrom(work)
     folder.reindex()
 
-    for name in candidates:
-        bn = next(b for b in bn_nodes(work.graph, folder.opset, folder.index) if b.name == name)
+    for name, y in candidates:
+        bn = next(b for b in bn_nodes(work.graph, folder.opset, folder.index) if not b.in_subgraph and b.node.output[0] == y)
         why = folder.fold(bn)
         if why is not None:
             report.left[name] = why
