@@ -152,10 +152,9 @@ def fold_bn(
         model: any ``nn.Module``; it is not modified, and the copy keeps every module's
             train/eval flag.
         example_inputs: a tensor or a tuple of positional inputs (anything else is passed
-            as the single input). Used to learn the rank
-            of layer outputs (a Linear->BatchNorm1d fold is exact only on ``(N, C)``),
-            to count module calls when tracing fails, and, with ``verify``, to compare
-            the two models.
+            as the single input). Used to learn the rank of layer outputs (a
+            Linear->BatchNorm1d fold is exact only on ``(N, C)``), to count module calls
+            when tracing fails, and, with ``verify``, to compare the two models.
         verify: run the original and folded models (copies, in eval mode) on
             ``example_inputs`` and put the difference in the report.
         force: fold BN layers in training mode or with never-updated statistics anyway
@@ -179,7 +178,8 @@ def fold_bn(
         reference, probe = _probe(work, inputs)
 
     try:
-        plan = _plan_fx(work, probe, report)
+        with _EvalMode(work):
+            graph = _Tracer().trace(work)
     except Exception as exc:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError, ...)
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         report.method = "sequential"
@@ -187,8 +187,9 @@ def fold_bn(
             f"torch.fx could not trace the model ({type(exc).__name__}: {first_line}); "
             "folded only neighbours inside nn.Sequential containers"
         )
-        report.left.clear()
         plan = _plan_sequential(work, probe, report)
+    else:
+        plan = _plan_fx(work, graph, probe, report)
 
     _apply(work, plan, report)
 
@@ -341,13 +342,12 @@ class _Tracer(fx.Tracer):
         return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _plan_fx(work: nn.Module, probe: dict[int, dict], report: FoldReport) -> list[tuple[str, str, str]]:
-    """Pairs ``(bn, layer, position)`` to fold, read from a torch.fx trace; unfoldable BNs go to ``report.left``.
+def _plan_fx(work: nn.Module, graph: fx.Graph, probe: dict[int, dict], report: FoldReport) -> list[tuple[str, str, str]]:
+    """Pairs ``(bn, layer, position)`` to fold, read from the eval-mode fx ``graph`` of ``work``.
 
-    "after" folds are planned first; a BN left over is then tried against the single layer it feeds.
+    Unfoldable BNs go to ``report.left``. "after" folds are planned first; a BN left over is
+    then tried against the single layer it feeds.
     """
-    with _EvalMode(work):
-        graph = _Tracer().trace(work)
     modules = dict(work.named_modules(remove_duplicate=False))
     calls: Counter[int] = Counter()
     attr_used: set[int] = set()  # modules whose parameters/buffers the forward reads directly
