@@ -91,3 +91,31 @@ def test_verification_failure_writes_nothing(tmp_path, calibrated, monkeypatch):
     with pytest.raises(ExportVerificationError, match="differs from PyTorch"):
         export_onnx(model, x, tmp_path / "m.onnx")
     assert os.listdir(tmp_path) == []
+
+
+def test_two_inputs_named_and_a_fixed_batch(tmp_path, calibrated):
+    mlp, _ = calibrated("mlp")
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, a, b):
+            return self.mlp(a) + self.mlp(b), a.sum(dim=1)
+
+    model = TwoInputs().eval()
+    a, b = torch.randn(3, 64), torch.randn(3, 64)
+    path = tmp_path / "two.onnx"
+    report = export_onnx(model, (a, b), path, input_names=["a", "b"], output_names=["logits", "total"],
+                         dynamic_batch=False)
+    assert report.batch_sizes == [3]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["a", "b"] and session.get_inputs()[0].shape == [3, 64]
+    logits, total = session.run(None, {"a": a.numpy(), "b": b.numpy()})
+    with torch.no_grad():
+        want_logits, want_total = model(a, b)
+    assert rel(logits, want_logits.double().numpy()) < 1e-5 and rel(total, want_total.double().numpy()) < 1e-5
+    with pytest.raises(ValueError, match="1 input names given for 2 inputs"):
+        export_onnx(model, (a, b), tmp_path / "x.onnx", input_names=["a"])
+    assert sorted(os.listdir(tmp_path)) == ["two.onnx"]
