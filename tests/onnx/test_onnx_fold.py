@@ -86,6 +86,7 @@ def test_fold_resolves_weights_shared_through_identity_nodes(export):
     assert "Identity" in ops(proto)
     folded, report = fold_model(proto)
     assert not report.left and "Identity" not in ops(folded) and "BatchNormalization" not in ops(folded)
+    assert all(any("never updated" in note for note in f.notes) for f in report.folded)
     assert rel(ort_run(folded, {"input": x.numpy()})[0], model(x).detach().double().numpy()) < 1e-5
 
 
@@ -95,6 +96,7 @@ def test_training_mode_export_is_left_unless_switched_then_matches_eval(opset, c
     proto = export(model, x, training=True, opset=opset)
     _, report = fold_model(proto)
     assert len(report.left) == 5 and all("training mode" in why for why in report.left.values())
+    assert [(f.severity, f.layer) for f in report.findings] == [("info", name) for name in report.left]
 
     folded, report = fold_model(proto, to_inference=True)
     assert len(report.converted) == 5 and len(report.folded) == 5 and report.removed_outputs

@@ -91,8 +91,8 @@ class OnnxFoldReport:
 
     @property
     def findings(self) -> list[Finding]:
-        """One warning per BN node left unfolded."""
-        return [Finding("warning", bn, "BatchNormalization not folded", reason, code="not_folded")
+        """One ``info`` finding per BN node left unfolded (as :class:`bnkit.torch.FoldReport` does)."""
+        return [Finding("info", bn, "BatchNormalization not folded", reason, code="fold.left")
                 for bn, reason in self.left.items()]
 
     def to_dict(self) -> dict:
@@ -220,6 +220,8 @@ class _Folder:
         a = bn.scale / np.sqrt(bn.var + bn.epsilon)
         b = bn.bias - a * bn.mean
         notes: list[str] = []
+        if (bn.mean == 0).all() and (bn.var == 1).all():
+            notes.append("statistics look never updated (mean 0, var 1): folded as stored; see bnkit audit")
         if shift is not None:
             slot, c = shift
             rank = self.index.constant(target.input[1]).ndim if target.op_type in ("Conv", "ConvTranspose") else 2
