@@ -184,6 +184,7 @@ def test_bad_arguments():
 # ------------------------------------------------------------------ protect_stats
 def test_protect_stats_rolls_back_a_poisoned_step():
     model = _trained().train()
+    model.stem[1].num_batches_tracked.fill_(2**40 + 3)  # not representable in float32: restored exactly
     before = copy.deepcopy(model.state_dict())
     x = X.clone()
     x[0, 0, 0, 0] = float("inf")  # an overflowed activation

@@ -147,14 +147,16 @@ class bn_guard(contextlib.ContextDecorator):
         """Statistics findings; buffers unchanged (same tensor, same ``_version``) since a clean check are skipped."""
         found = []
         for name, m in self._layers:
-            bufs = tuple(b for k in _BUFFERS if (b := getattr(m, k, None)) is not None)
-            key = tuple((id(b), _version(b)) for b in bufs)
-            if None not in (v for _, v in key) and self._clean.get(id(m), (None,))[0] == key:
+            cached = self._clean.get(id(m))
+            buffers = m._buffers
+            if cached is not None and all(buffers.get(k) is t and t._version == v for k, t, v in cached):
                 continue
             problems = _stats_findings(name, m)
             found += problems
             if not problems:
-                self._clean[id(m)] = (key, bufs)  # bufs keep the tensors alive, so their ids stay theirs
+                current = [(k, t, _version(t)) for k in _BUFFERS if (t := buffers.get(k)) is not None]
+                if all(v is not None for _, _, v in current):  # inference tensors have no counter: check every time
+                    self._clean[id(m)] = current
         return found
 
     # ----------------------------------------------------------------- hooks
@@ -189,7 +191,15 @@ class bn_guard(contextlib.ContextDecorator):
             for handle in handles:
                 handle.remove()
             raise
-        handles.append(self.model.register_forward_pre_hook(lambda module, args: self._report(mode_problems(), warned)))
+        modules = [m for _, m in self._bn]
+
+        def recheck(module: nn.Module, args: tuple) -> None:
+            for m in modules:  # the per-forward cost on a correct model: one flag read per layer
+                if m.training:
+                    self._report(mode_problems(), warned)
+                    return
+
+        handles.append(self.model.register_forward_pre_hook(recheck))
         self._active.append(handles)
         return self
 
@@ -225,6 +235,38 @@ class StatsRollback:
         ) for name in self.already_nonfinite]
 
 
+class _Snapshot:
+    """Copies of many small tensors in one flat tensor per (device, dtype): a few kernel launches, not one per tensor."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tensors):
+            self.groups.setdefault((t.device, t.dtype), []).append(i)
+        self.where: dict[int, tuple[tuple, int]] = {}
+        for key, idx in self.groups.items():
+            offset = 0
+            for i in idx:
+                self.where[i] = (key, offset)
+                offset += tensors[i].numel()
+        with torch.no_grad():
+            self.flat = {key: self._cat(idx) for key, idx in self.groups.items()}
+
+    def _cat(self, idx: list[int]) -> torch.Tensor:
+        return torch.cat([self.tensors[i].detach().reshape(-1) for i in idx])
+
+    def now_finite(self) -> bool:
+        """True if every floating tensor is finite now; one sync per device."""
+        return all(bool(torch.isfinite(self._cat(idx)).all()) for (_, dtype), idx in self.groups.items()
+                   if dtype.is_floating_point)
+
+    def saved(self, i: int) -> torch.Tensor:
+        """The snapshot of tensor ``i``."""
+        key, offset = self.where[i]
+        t = self.tensors[i]
+        return self.flat[key][offset: offset + t.numel()].view(t.shape)
+
+
 @contextlib.contextmanager
 def protect_stats(model: nn.Module, *, warn: bool = True) -> Iterator[StatsRollback]:
     """Restore all BN running buffers if the block leaves any of them non-finite.
@@ -232,36 +274,45 @@ def protect_stats(model: nn.Module, *, warn: bool = True) -> Iterator[StatsRollb
     Yields a :class:`StatsRollback` that is filled in when the block ends (also
     when it raises). On a rollback every layer gets back its ``running_mean``,
     ``running_var`` and ``num_batches_tracked`` (in place) and, with ``warn``, a
-    ``RuntimeWarning`` names the non-finite layers. Costs one copy of the BN buffers
-    and one device sync per block.
+    ``RuntimeWarning`` names the non-finite layers. Costs one flat copy of the BN
+    buffers and one finiteness check with one device sync per block.
     """
     layers = [(n or type(m).__name__, m) for n, m in bn_layers(model) if m.running_mean is not None]
-    snapshot = [{k: getattr(m, k).detach().clone() for k in _BUFFERS if getattr(m, k, None) is not None}
-                for _, m in layers]
+    tensors = [t for _, m in layers for k in _BUFFERS if (t := m._buffers.get(k)) is not None]
+    owner = [(name, m) for name, m in layers for k in _BUFFERS if m._buffers.get(k) is not None]
+    snapshot = _Snapshot(tensors) if tensors else None
     report = StatsRollback()
     try:
         yield report
     finally:
-        if layers:
-            flags = []
-            for (_, m), snap in zip(layers, snapshot):
-                flags += [torch.isfinite(m.running_mean).all() & torch.isfinite(m.running_var).all(),
-                          torch.isfinite(snap["running_mean"]).all() & torch.isfinite(snap["running_var"]).all()]
-            device = flags[0].device
-            ok = torch.stack([f.to(device) for f in flags]).view(-1, 2).tolist()  # one sync
-            report.already_nonfinite = [n for (n, _), (_, before) in zip(layers, ok) if not before]
-            report.nonfinite = [n for (n, _), (after, before) in zip(layers, ok) if before and not after]
-            if report.nonfinite:
-                with torch.no_grad():
-                    for (name, m), snap in zip(layers, snapshot):
-                        changed = [k for k, v in snap.items() if not torch.equal(getattr(m, k), v)]
-                        for k in changed:
-                            getattr(m, k).copy_(snap[k])
-                        if changed:
-                            report.rolled_back.append(name)
-                if warn:
-                    warnings.warn(
-                        f"protect_stats: non-finite running statistics in {report.nonfinite}; rolled back the "
-                        f"statistics of {len(report.rolled_back)} BatchNorm layer(s) to before the step",
-                        RuntimeWarning, stacklevel=3,
-                    )
+        if snapshot is not None and not snapshot.now_finite():
+            _rollback(owner, snapshot, report)
+            if report.nonfinite and warn:
+                warnings.warn(
+                    f"protect_stats: non-finite running statistics in {report.nonfinite}; rolled back the "
+                    f"statistics of {len(report.rolled_back)} BatchNorm layer(s) to before the step",
+                    RuntimeWarning, stacklevel=3,
+                )
+
+
+def _rollback(owner: list[tuple[str, nn.Module]], snapshot: _Snapshot, report: StatsRollback) -> None:
+    """The rare path: find which layers went non-finite and, if any did, restore every changed buffer."""
+    before_ok: dict[str, bool] = {}
+    after_ok: dict[str, bool] = {}
+    for i, (name, _) in enumerate(owner):
+        t = snapshot.tensors[i]
+        if t.is_floating_point():
+            before_ok[name] = before_ok.get(name, True) and bool(torch.isfinite(snapshot.saved(i)).all())
+            after_ok[name] = after_ok.get(name, True) and bool(torch.isfinite(t).all())
+    names = list(dict.fromkeys(name for name, _ in owner))
+    report.already_nonfinite = [n for n in names if not before_ok.get(n, True)]
+    report.nonfinite = [n for n in names if before_ok.get(n, True) and not after_ok.get(n, True)]
+    if not report.nonfinite:
+        return
+    with torch.no_grad():
+        for i, (name, _) in enumerate(owner):
+            saved = snapshot.saved(i)
+            if not torch.equal(snapshot.tensors[i], saved):
+                snapshot.tensors[i].copy_(saved)
+                if name not in report.rolled_back:
+                    report.rolled_back.append(name)

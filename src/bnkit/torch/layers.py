@@ -176,17 +176,26 @@ class _DropInBatchNorm:
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
-        if self.training or self.running_mean is None:  # normalizes with batch statistics
-            self._check_input_dim(input)
-            if input.dim() < 2 or input.size(1) != self.num_features:
-                raise ValueError(
-                    f"{self._label()} expects {self.num_features} channels on dim 1, got input of shape {tuple(input.shape)}"
-                )
-            if input.numel() // self.num_features == 1:
-                raise ValueError(batch_of_one_message(self._label(), input.shape))
-            if self.training and self._extras_on():
+        if self.training:  # check before nn.BatchNorm would count the batch in num_batches_tracked
+            if input.dim() < 2 or input.size(1) != self.num_features or input.numel() == self.num_features:
+                self._check_batch(input)
+            if self._extras_on():
                 return self._forward_train_extras(input)
-        return super().forward(input)  # type: ignore[misc]
+        try:
+            return super().forward(input)  # type: ignore[misc]
+        except (ValueError, RuntimeError) as err:  # explain bad input in bnkit's words; no cost when input is fine
+            self._check_batch(input)
+            raise err
+
+    def _check_batch(self, input: Tensor) -> None:
+        """Raise a named error for the wrong rank, channel count, or one value per channel with batch statistics."""
+        self._check_input_dim(input)
+        if input.dim() < 2 or input.size(1) != self.num_features:
+            raise ValueError(
+                f"{self._label()} expects {self.num_features} channels on dim 1, got input of shape {tuple(input.shape)}"
+            )
+        if (self.training or self.running_mean is None) and input.numel() // self.num_features == 1:
+            raise ValueError(batch_of_one_message(self._label(), input.shape))
 
     def _chunks(self, x: Tensor) -> list[Tensor]:
         k = self.virtual_batch_size
