@@ -273,9 +273,27 @@ def test_bad_options(kw):
         BatchNorm2d(3, **kw)
 
 
-def test_wrong_channel_count():
+@pytest.mark.parametrize("extras", [{}, {"debias": True}])
+@pytest.mark.parametrize("training", [True, False])
+def test_wrong_channel_count_or_rank(extras, training):
+    layer = BatchNorm2d(3, **extras).train(training)
     with pytest.raises(ValueError, match="expects 3 channels"):
-        BatchNorm2d(3)(torch.randn(2, 4, 2, 2))
+        layer(torch.randn(2, 4, 2, 2))
+    with pytest.raises(ValueError, match="expected 4D input"):
+        layer(torch.randn(2, 3, 2))
+    assert int(layer.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("extras", [{}, {"renorm": True, "rmax": 1.5, "dmax": 0.5}])
+def test_torch_compile_matches_eager(extras):
+    torch._dynamo.reset()
+    eager = BatchNorm2d(3, **extras)
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, backend="eager")
+    for x in _batches((4, 3, 2, 2), 3):
+        torch.testing.assert_close(compiled(x), eager(x))
+    torch.testing.assert_close(compiled_layer.running_var, eager.running_var)
+    assert int(compiled_layer.num_batches_tracked) == 3
 
 
 # ------------------------------------------------------------------ convert_bn / revert_bn

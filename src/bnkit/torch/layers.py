@@ -180,6 +180,7 @@ class _DropInBatchNorm:
             if input.dim() < 2 or input.size(1) != self.num_features or input.numel() == self.num_features:
                 self._check_batch(input)
             if self._extras_on():
+                self._check_input_dim(input)
                 return self._forward_train_extras(input)
         try:
             return super().forward(input)  # type: ignore[misc]
