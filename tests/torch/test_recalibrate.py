@@ -4,7 +4,9 @@ The oracle for "exact population statistics" is a reference copy of the model
 run with PyTorch's own training-mode BatchNorm (only the BN layers in training
 mode), its BN inputs captured by hooks and reduced in float64 NumPy over the
 concatenation of every batch (``np.mean`` / ``np.var(ddof=1)``), independent of
-the Chan merge under test. PyTorch's own buffer update (momentum 1.0) pins the
+the shifted sums and the Chan merge under test. (recalibrate normalizes with its
+own reduction, so deeper layers see activations that differ from PyTorch's
+kernel by float32 rounding: hence means are compared relative to ``|mean| + std``.) PyTorch's own buffer update (momentum 1.0) pins the
 biased/unbiased convention.
 """
 from __future__ import annotations
@@ -41,10 +43,10 @@ class Mixed(nn.Module):
         return self.head(torch.relu(self.bn1(self.drop(self.fc(h.flatten(1))))))
 
 
-def make_batches(sizes=(5, 16, 2, 9), seed: int = 0, offset: float = 40.0) -> list[torch.Tensor]:
+def make_batches(sizes=(5, 16, 2, 9), seed: int = 0, offset: float = 40.0, dtype=torch.float64) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     # a large common offset: a sum-of-squares variance would lose its digits here
-    return [offset + 3.0 * torch.randn(n, 1, 4, 6, 6, generator=g) for n in sizes]
+    return [(offset + 3.0 * torch.randn(n, 1, 4, 6, 6, generator=g, dtype=torch.float64)).to(dtype) for n in sizes]
 
 
 def trained_like(model: nn.Module, seed: int = 1) -> nn.Module:
@@ -61,9 +63,10 @@ def trained_like(model: nn.Module, seed: int = 1) -> nn.Module:
     return model.eval()
 
 
-def mixed_model() -> Mixed:
+def mixed_model(dtype=torch.float64) -> Mixed:
+    """float64 by default: then the forward itself adds no rounding and the statistics can be checked to 1e-9."""
     torch.manual_seed(0)
-    return trained_like(Mixed())
+    return trained_like(Mixed()).to(dtype)
 
 
 def reference_stats(model: nn.Module, batches, feed=lambda m, b: m(b)) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
@@ -95,17 +98,20 @@ def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None
         assert torch.equal(after[k], v), k
 
 
-def assert_matches_reference(model: nn.Module, ref, rtol: float = 1e-6) -> None:
+def assert_matches_reference(model: nn.Module, ref, rtol: float = 1e-9) -> None:
+    """Means to ``rtol`` of ``|mean| + std`` (a channel mean near 0 has no relative digits), variances to ``rtol``."""
     for name, bn in bn_layers(model):
         mean, var, calls = ref[name]
-        np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=rtol, err_msg=name)
-        np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=rtol, err_msg=name)
+        got_mean, got_var = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
+        assert np.all(np.abs(got_mean - mean) <= rtol * (np.abs(mean) + np.sqrt(var))), (name, got_mean - mean)
+        np.testing.assert_allclose(got_var, var, rtol=rtol, err_msg=name)
         assert int(bn.num_batches_tracked) == calls
 
 
-def test_exact_population_statistics_with_unequal_batches_and_dropout():
-    model = mixed_model()
-    batches = make_batches()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_exact_population_statistics_with_unequal_batches_and_dropout(dtype):
+    model = mixed_model(dtype)
+    batches = make_batches(dtype=dtype)
     ref = reference_stats(model, batches)
     model.fc.train()  # a mix of modes that must survive the call
     flags = {n: m.training for n, m in model.named_modules()}
@@ -116,7 +122,15 @@ def test_exact_population_statistics_with_unequal_batches_and_dropout():
 
     report = recalibrate(model, batches, progress=False)
 
-    assert_matches_reference(model, ref)
+    if dtype == torch.float64:
+        assert_matches_reference(model, ref, rtol=1e-9)
+    else:
+        # bn3 reads the data itself: its float32 buffers hold the float64 statistics to 1e-6 relative.
+        np.testing.assert_allclose(model.bn3.running_mean.double().numpy(), ref["bn3"][0], rtol=1e-6)
+        np.testing.assert_allclose(model.bn3.running_var.double().numpy(), ref["bn3"][1], rtol=1e-6)
+        # Deeper layers read float32 activations that recalibrate's normalization and PyTorch's kernel
+        # round differently (~1e-7, amplified where a Linear's sum cancels), so the reference moves too.
+        assert_matches_reference(model, ref, rtol=1e-5)
     assert {n: m.training for n, m in model.named_modules()} == flags
     assert {n: bn.momentum for n, bn in bn_layers(model)} == momenta
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
@@ -130,7 +144,7 @@ def test_exact_population_statistics_with_unequal_batches_and_dropout():
     assert rows["bn1"].count == 32 and rows["bn1_seq"].count == 32 * 16
     # the report's old/new values are the buffers before and after
     np.testing.assert_allclose(rows["bn2"].new_var, model.bn2.running_var.double().numpy(), rtol=1e-6)
-    before = mixed_model()
+    before = mixed_model(dtype)
     np.testing.assert_array_equal(rows["bn2"].old_mean, before.bn2.running_mean.double().numpy())
     shift = np.abs(rows["bn2"].new_mean - rows["bn2"].old_mean) / np.sqrt(rows["bn2"].old_var + model.bn2.eps)
     assert rows["bn2"].mean_shift == pytest.approx(shift.max())
@@ -145,8 +159,8 @@ def test_independent_of_batching():
     # different splits; only the first BN layer's input is split-independent.
     recalibrate(a, [data], progress=False)
     recalibrate(b, list(data.split(3)), progress=False)
-    torch.testing.assert_close(a.bn3.running_mean, b.bn3.running_mean, rtol=1e-6, atol=0)
-    torch.testing.assert_close(a.bn3.running_var, b.bn3.running_var, rtol=1e-6, atol=0)
+    torch.testing.assert_close(a.bn3.running_mean, b.bn3.running_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(a.bn3.running_var, b.bn3.running_var, rtol=1e-12, atol=0)
 
 
 def test_running_var_is_pytorchs_unbiased_convention():
@@ -195,7 +209,7 @@ def test_dict_input_model_with_forward():
     with pytest.raises(TypeError, match="forward="):
         recalibrate(model, batches, progress=False)
     recalibrate(model, batches, forward=feed, progress=False)
-    assert_matches_reference(model, ref)
+    assert_matches_reference(model, ref, rtol=1e-6)
 
 
 def test_shared_layer_unused_layer_and_skip_of_untracked():

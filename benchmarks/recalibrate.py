@@ -1,0 +1,168 @@
+"""Recalibration: bnkit.torch.recalibrate vs torch.optim.swa_utils.update_bn vs fvcore's update_bn_stats.
+
+One run, same model and batches for every method:
+
+* time: best wall time of one pass, relative to the same number of plain
+  training-mode forward passes under ``torch.no_grad()`` (the cost floor of any
+  one-pass method); repeats are interleaved so load on the machine hits all alike.
+* error: max relative error of each method's ``running_mean`` / ``running_var``
+  against the exact population statistics, computed independently here: every
+  BN input of a float64 copy of the model (only BN in training mode) captured by
+  hooks and reduced in NumPy over all samples (``np.var(ddof=1)``, PyTorch's
+  unbiased convention for the buffer). The float32 methods all also carry the
+  rounding of the float32 forward itself, which sets the floor in ``offset``. Relative error per channel is
+  ``|got - exact| / (|exact| + std)`` for means and ``|got - exact| / exact``
+  for variances.
+
+Data sets (load_digits, 1797 images 8x8, batches of 64 and a last one of 5):
+``shuffled`` (inputs scaled to [0, 1], random order: the friendly case) and
+``sorted-raw`` (inputs on a 0..255 scale, ordered by class, as an unshuffled
+pass over a class- or domain-ordered set gives), both through a SmallResNet;
+and ``offset``: unnormalized features with a large common level (0..255 plus
+1e5, as raw counts or timestamps are) through the zoo MLP, so its first BN
+input has ``|mean| / std`` in the thousands (printed).
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/recalibrate.py [--repeats 5] [--threads 1]``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnkit.torch import recalibrate, bn_layers  # noqa: I001  (recalibrate first, see bnkit.torch lazy exports)
+from bnkit.torch.zoo import MLP, SmallResNet
+
+
+def load_batches(order: str, batch_size: int = 64) -> list[torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = d.images.astype(np.float32), d.target
+    if order == "shuffled":
+        x = x[np.random.default_rng(0).permutation(len(x))] / 16.0
+    elif order == "sorted-raw":
+        x = x[np.argsort(y, kind="stable")] * (255.0 / 16.0)
+    else:  # "offset": shuffled, with a large constant level on every pixel
+        x = x[np.random.default_rng(0).permutation(len(x))] * (255.0 / 16.0) + 1e5
+    return list(torch.from_numpy(x[:, None]).split(batch_size))
+
+
+def make_model(order: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = MLP(hidden=(128, 64)) if order == "offset" else SmallResNet(widths=(32, 64))
+    with torch.no_grad():  # a trained-looking model: non-trivial affine parameters, stale statistics
+        for _, bn in bn_layers(model):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def exact_stats(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Population statistics of every BN input of the model evaluated in float64 (no method's rounding)."""
+    ref = copy.deepcopy(model).double()
+    seen: dict[str, list[np.ndarray]] = {}
+    for name, bn in bn_layers(ref):
+        bn.train()
+        bn.register_forward_pre_hook(lambda m, a, name=name: seen.setdefault(name, []).append(
+            np.moveaxis(a[0].numpy(), 1, 0).reshape(m.num_features, -1)))
+    with torch.no_grad():
+        for b in batches:
+            ref(b.double())
+    out = {}
+    for name, parts in seen.items():
+        allx = np.concatenate(parts, axis=1)
+        out[name] = (allx.mean(axis=1), allx.var(axis=1, ddof=1))
+    return out
+
+
+def mean_to_std(exact) -> float:
+    """Largest ``|mean| / std`` over every channel of every BN input."""
+    return max(float(np.max(np.abs(m) / np.sqrt(v))) for m, v in exact.values())
+
+
+def max_errors(model: nn.Module, exact) -> tuple[float, float]:
+    em = ev = 0.0
+    for name, bn in bn_layers(model):
+        mean, var = exact[name]
+        got_m, got_v = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
+        em = max(em, float(np.max(np.abs(got_m - mean) / (np.abs(mean) + np.sqrt(var)))))
+        ev = max(ev, float(np.max(np.abs(got_v - var) / var)))
+    return em, ev
+
+
+def plain_forward(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    model.train()
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    model.eval()
+
+
+def run_bnkit(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    recalibrate(model, batches, progress=False)
+
+
+def run_update_bn(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    torch.optim.swa_utils.update_bn(batches, model)
+
+
+def run_fvcore(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    from fvcore.nn.precise_bn import update_bn_stats
+
+    model.train()  # fvcore only recalibrates BN layers the caller put in training mode
+    update_bn_stats(model, batches, num_iters=len(batches))
+    model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    methods: dict[str, Callable[[nn.Module, list[torch.Tensor]], None]] = {
+        "plain train-mode forward": plain_forward, "bnkit recalibrate": run_bnkit, "torch update_bn": run_update_bn,
+    }
+    try:
+        import fvcore  # noqa: F401
+
+        methods["fvcore update_bn_stats"] = run_fvcore
+    except ImportError:
+        print("fvcore is not installed (pip install 'bnkit[bench]'): skipping it")
+
+    print(f"torch {torch.__version__}, {args.threads} thread(s); time: best of {args.repeats} interleaved repeats "
+          "(the machine may be shared: best-of is the least disturbed)")
+    for order in ("shuffled", "sorted-raw", "offset"):
+        model = make_model(order)
+        batches = load_batches(order)
+        exact = exact_stats(model, batches)
+        times: dict[str, list[float]] = {name: [] for name in methods}
+        errors = {}
+        for _ in range(args.repeats):
+            for name, method in methods.items():
+                m = copy.deepcopy(model)
+                start = time.perf_counter()
+                method(m, batches)
+                times[name].append(time.perf_counter() - start)
+                errors[name] = max_errors(m, exact)
+        base = min(times["plain train-mode forward"])
+        print(f"\n{order}: {type(model).__name__}, {len(bn_layers(model))} BN layers, {sum(len(b) for b in batches)} "
+              f"samples in {len(batches)} batches, max |mean|/std at a BN input {mean_to_std(exact):.3g}")
+        print(f"{'method':<26} {'time (ms)':>10} {'vs plain':>9} {'max rel err mean':>17} {'max rel err var':>16}")
+        for name in methods:
+            t = min(times[name])
+            em, ev = errors[name] if name != "plain train-mode forward" else (float("nan"), float("nan"))
+            print(f"{name:<26} {1e3 * t:>10.1f} {t / base:>9.3f} {em:>17.2e} {ev:>16.2e}")
+
+
+if __name__ == "__main__":
+    main()
