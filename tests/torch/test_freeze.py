@@ -233,3 +233,20 @@ def test_convert_bn_keeps_a_layer_frozen():
     convert_bn(model, virtual_batch_size=2)
     model.train()
     assert not model[0].training and model[0].train.module is model[0] and is_frozen(model[0], "all")
+
+
+def test_freezing_an_already_compiled_model_recompiles():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(4, 1, 6, 6)
+    compiled(x)  # a graph with BN in training mode
+    freeze_bn(model)
+    compiled.train()
+    before = _bn_tensors(model)
+    y = compiled(x)
+    _assert_same(_bn_tensors(model), before)
+    torch.testing.assert_close(y, copy.deepcopy(model).eval()(x))
+    unfreeze_bn(model)
+    compiled(x)
+    assert int(model[1].num_batches_tracked) == 2
