@@ -135,7 +135,7 @@ def test_exact_population_statistics_with_unequal_batches_and_dropout(dtype):
     assert {n: bn.momentum for n, bn in bn_layers(model)} == momenta
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
-    assert all(not bn._forward_pre_hooks for _, bn in bn_layers(model))
+    assert all(not bn._forward_pre_hooks and "forward" not in bn.__dict__ for _, bn in bn_layers(model))
     assert isinstance(report, RecalibrationReport)
     assert report.batches == 4 and report.skipped_batches == 0 and report.world_size == 1
     rows = {r.name: r for r in report.layers}
@@ -161,6 +161,45 @@ def test_independent_of_batching():
     recalibrate(b, list(data.split(3)), progress=False)
     torch.testing.assert_close(a.bn3.running_mean, b.bn3.running_mean, rtol=1e-12, atol=0)
     torch.testing.assert_close(a.bn3.running_var, b.bn3.running_var, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_large_inputs_with_mean_far_above_std(dtype, rtol):
+    """Inputs above recalibrate's float64-upcast size take the shifted-sum path; |mean|/std = 1e4 must not cancel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3))
+    model = model.to(dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(1e4 + torch.randn(n, 1, 48, 48, generator=g, dtype=torch.float64)).to(dtype) for n in (40, 13)]
+    assert batches[0][:, :1].numel() * 4 > (1 << 16)
+    ref = reference_stats(model, batches)
+    recalibrate(model, batches, progress=False)
+    mean, var, _ = ref["1"]
+    assert np.max(np.abs(mean) / np.sqrt(var)) > 1e3
+    np.testing.assert_allclose(model[1].running_mean.double().numpy(), mean, rtol=rtol)
+    np.testing.assert_allclose(model[1].running_var.double().numpy(), var, rtol=rtol)
+    if dtype == torch.float64:  # in float32 the conv outputs near 1e4 carry ulp ~1e-3: the next layer's input
+        assert_matches_reference(model, ref, rtol=1e-9)  # differs by that between any two float32 pipelines
+
+
+def test_subclass_with_its_own_forward_keeps_it():
+    class Scaled(nn.BatchNorm1d):
+        calls = 0
+
+        def forward(self, x):
+            Scaled.calls += 1
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), Scaled(5), nn.Linear(5, 4), nn.BatchNorm1d(4)).double()
+    trained_like(model)
+    batches = [torch.randn(n, 3, dtype=torch.float64) + 2 for n in (6, 9)]
+    ref = reference_stats(model, batches)
+    Scaled.calls = 0
+    recalibrate(model, batches, progress=False)
+    assert Scaled.calls == 2  # its forward ran: the next layer saw its doubled output, as in the reference
+    assert_matches_reference(model, ref)
+    assert all("forward" not in m.__dict__ and not m._forward_pre_hooks for m in model.modules())
 
 
 def test_running_var_is_pytorchs_unbiased_convention():
@@ -253,7 +292,7 @@ def test_interruption_leaves_model_untouched():
         recalibrate(model, interrupted(), progress=False)
     assert_same_state(model, before)
     assert {n: m.training for n, m in model.named_modules()} == flags
-    assert all(not bn._forward_pre_hooks for _, bn in bn_layers(model))
+    assert all(not bn._forward_pre_hooks and "forward" not in bn.__dict__ for _, bn in bn_layers(model))
 
     class Boom(RuntimeError):
         pass
