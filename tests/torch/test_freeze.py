@@ -13,7 +13,7 @@ from bnkit.torch import (
     save_state_dict_file, unfreeze_bn,
 )
 from bnkit.torch.freeze import FreezeState
-from bnkit.torch.zoo import SmallResNet, example_input
+from bnkit.torch.zoo import SmallResNet
 
 
 def _model(seed: int = 0) -> nn.Module:

@@ -46,7 +46,8 @@ def test_frozen_equals_batchnorm_in_eval_and_the_closed_form(bn_cls, frozen_cls,
     assert torch.equal(y, bn.eval()(x2))
     # float64 closed form
     view = (1, 3) + (1,) * (len(shape) - 2)
-    expect = (x.detach().double() - bn.running_mean.double().view(view)) / torch.sqrt(bn.running_var.double().view(view) + 1e-3)
+    expect = x.detach().double() - bn.running_mean.double().view(view)
+    expect = expect / torch.sqrt(bn.running_var.double().view(view) + 1e-3)
     if affine:
         expect = expect * bn.weight.detach().double().view(view) + bn.bias.detach().double().view(view)
     torch.testing.assert_close(y.double(), expect, rtol=1e-6, atol=1e-6)

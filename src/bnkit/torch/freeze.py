@@ -96,7 +96,9 @@ def _select(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
     for item in modules:
         if isinstance(item, str):
             if item not in by_name:
-                raise ValueError(f"{item!r} is not a BatchNorm layer of the model; BatchNorm layers: {list(by_name)[:8]}")
+                raise ValueError(
+                    f"{item!r} is not a BatchNorm layer of the model; BatchNorm layers: {list(by_name)[:8]}"
+                )
             chosen[id(by_name[item])] = (item, by_name[item])
         elif isinstance(item, nn.Module):
             if id(item) not in name_of:

@@ -30,7 +30,10 @@ from torch.nn.parameter import is_lazy
 from .layers import replace_modules, retype_module
 from .modules import is_batchnorm
 
-__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenBatchNormNd", "convert_frozen", "revert_frozen"]
+__all__ = [
+    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenBatchNormNd",
+    "convert_frozen", "revert_frozen",
+]
 
 _SOURCE_KEY = "_bnkit_frozen_from"  # (original class, {param name: requires_grad})
 
@@ -64,11 +67,11 @@ class FrozenBatchNormNd(nn.Module):
             )
         return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
         key = prefix + "num_batches_tracked"
         if key not in state_dict and self.num_batches_tracked is not None:
             state_dict = {**state_dict, key: self.num_batches_tracked}  # torchvision's frozen layers omit it
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"

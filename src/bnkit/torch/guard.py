@@ -236,7 +236,7 @@ class StatsRollback:
 
 
 class _Snapshot:
-    """Copies of many small tensors in one flat tensor per (device, dtype): a few kernel launches, not one per tensor."""
+    """Copies of many small tensors, one flat tensor per (device, dtype): a few kernel launches, not one per tensor."""
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.tensors = tensors

@@ -114,7 +114,9 @@ class _DropInBatchNorm:
     def _set_extras(self, **extras) -> None:
         unknown = set(extras) - set(_EXTRA_DEFAULTS)
         if unknown:
-            raise TypeError(f"unknown drop-in BatchNorm option(s) {sorted(unknown)}; expected {sorted(_EXTRA_DEFAULTS)}")
+            raise TypeError(
+                f"unknown drop-in BatchNorm option(s) {sorted(unknown)}; expected {sorted(_EXTRA_DEFAULTS)}"
+            )
         cfg = {**_EXTRA_DEFAULTS, **extras}
         if cfg["running_var_rule"] not in _RUNNING_VAR_RULES:
             raise ValueError(f"running_var_rule must be one of {_RUNNING_VAR_RULES}, got {cfg['running_var_rule']!r}")
@@ -161,7 +163,9 @@ class _DropInBatchNorm:
         return ", ".join(parts)
 
     def _label(self) -> str:
-        return f"BatchNorm layer {self.layer_name!r}" if self.layer_name else f"{type(self).__name__}({self.num_features})"
+        if self.layer_name:
+            return f"BatchNorm layer {self.layer_name!r}"
+        return f"{type(self).__name__}({self.num_features})"
 
     def renorm_clip(self, step: int | None = None) -> tuple[float, float]:
         """``(rmax, dmax)`` in force at training step ``step`` (default: the next one)."""
@@ -193,7 +197,8 @@ class _DropInBatchNorm:
         self._check_input_dim(input)
         if input.dim() < 2 or input.size(1) != self.num_features:
             raise ValueError(
-                f"{self._label()} expects {self.num_features} channels on dim 1, got input of shape {tuple(input.shape)}"
+                f"{self._label()} expects {self.num_features} channels on dim 1, "
+                f"got input of shape {tuple(input.shape)}"
             )
         if (self.training or self.running_mean is None) and input.numel() // self.num_features == 1:
             raise ValueError(batch_of_one_message(self._label(), input.shape))
