@@ -14,10 +14,15 @@ For each model and batch size (1 and 16) this times, in eval mode under
   avoid (the BN shift has to go somewhere) and which is several percent of a small
   convolution at batch 1.
 
+On glibc the benchmark first fixes malloc's mmap and trim thresholds (``mallopt``)
+so freed activations are reused instead of being returned to the OS and faulted in
+again by whichever op writes the next fresh buffer: left to glibc's dynamic
+threshold, those page faults made the same model 1.5-2x slower in some processes
+than in others at batch 16 (``--keep-malloc`` turns this off).
 Times are the calling thread's CPU time (``time.thread_time``; with one torch
 thread every op runs on it), so time the scheduler gives other processes on a
 shared machine is not counted; ``--clock wall`` uses ``time.perf_counter``.
-The variants are run round-robin, a few milliseconds each per round, so the
+The variants are run round-robin in a shuffled order, a few milliseconds each per round, so the
 variants of one round run next to each other in time. Every ratio is the median
 over rounds of the ratio within a round (a paired comparison: load from other
 processes that drifts between rounds cancels). Printed: each variant's time over
@@ -30,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import random
 import statistics
 import time
 import warnings
@@ -74,8 +81,12 @@ def round_robin(fns: dict[str, Callable[[], object]], rounds: int, inner: int, c
         for _ in range(3):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for key, fn in fns.items():
+        shuffle(order)  # no variant always follows the same one (whose weights just left the cache)
+        for key in order:
+            fn = fns[key]
             t0 = clock()
             for _ in range(inner):
                 fn()
@@ -85,6 +96,16 @@ def round_robin(fns: dict[str, Callable[[], object]], rounds: int, inner: int, c
 
 def paired_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
+
+
+def steady_malloc() -> bool:
+    """glibc only: never give freed memory back to the OS (M_TRIM_THRESHOLD) nor mmap big blocks (M_MMAP_THRESHOLD)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
@@ -98,17 +119,20 @@ def models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=401, help="timed rounds per variant (median taken)")
-    parser.add_argument("--seconds", type=float, default=6.0, help="rough time budget per model and batch size")
+    parser.add_argument("--rounds", type=int, default=1001, help="most timed rounds per variant (median taken)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="rough time budget per model and batch size")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="thread CPU time or wall time")
+    parser.add_argument("--keep-malloc", action="store_true", help="leave glibc's malloc thresholds as they are")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    steady = False if args.keep_malloc else steady_malloc()
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from torch.fx.experimental.optimization import fuse
 
-    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), {args.clock} clock, up to {args.rounds} rounds")
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), {args.clock} clock, up to {args.rounds} rounds, "
+          f"malloc thresholds {'fixed' if steady else 'as glibc sets them'}")
     print(f"{'':<28}{'time / unfolded (median)':^31}{'bnkit/lower':^16}{'bnkit/fx fuse':^16}{'bnkit/':>8}{'lower/':>8}")
     print(
         f"{'model':<16}{'batch':>6}{'ms':>6}  {'bnkit':>9}{'fx fuse':>10}{'lower':>10}  {'median':>8}{'best':>7}  "
