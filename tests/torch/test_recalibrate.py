@@ -191,15 +191,20 @@ def test_subclass_with_its_own_forward_keeps_it():
             return 2 * super().forward(x)
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 5), Scaled(5), nn.Linear(5, 4), nn.BatchNorm1d(4)).double()
+    model = nn.Sequential(nn.Linear(3, 5), Scaled(5), nn.Linear(5, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)).double()
     trained_like(model)
+    patched_calls = []
+    plain_forward = model[4].forward
+    model[4].forward = lambda x: patched_calls.append(1) or plain_forward(x) - 1  # patched on the instance
+    patched = model[4].forward
     batches = [torch.randn(n, 3, dtype=torch.float64) + 2 for n in (6, 9)]
     ref = reference_stats(model, batches)
-    Scaled.calls = 0
+    Scaled.calls, patched_calls[:] = 0, []
     recalibrate(model, batches, progress=False)
     assert Scaled.calls == 2  # its forward ran: the next layer saw its doubled output, as in the reference
+    assert len(patched_calls) == 2 and model[4].forward is patched
     assert_matches_reference(model, ref)
-    assert all("forward" not in m.__dict__ and not m._forward_pre_hooks for m in model.modules())
+    assert all("forward" not in m.__dict__ for m in model[:4]) and not any(m._forward_pre_hooks for m in model)
 
 
 def test_running_var_is_pytorchs_unbiased_convention():

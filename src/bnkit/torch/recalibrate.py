@@ -92,7 +92,6 @@ _SMALL = 1 << 16
 
 #: Layers whose forward is PyTorch's own (training-mode normalization with batch statistics).
 _STANDARD_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
-_UNSET = object()
 
 
 @dataclass
@@ -433,8 +432,10 @@ def recalibrate(
     """Set every BatchNorm layer's running statistics to the exact statistics of its inputs over ``data``.
 
     One pass, all layers at once, under ``torch.no_grad()``. During the pass only
-    the BatchNorm layers normalize with batch statistics (``training=True``);
-    Dropout and every other module keep the mode they were in, so call
+    the BatchNorm layers normalize with batch statistics, as in training (standard
+    layers with the statistics reduced here, which are also the ones recorded;
+    subclasses that override ``forward`` through their own forward in training
+    mode). Dropout and every other module keep the mode they were in, so call
     ``model.eval()`` first for eval-time activations (a warning is issued if
     Dropout is left in training mode). Afterwards every ``training`` flag and
     ``requires_grad`` is as before, and no buffer other than the recalibrated
@@ -512,18 +513,8 @@ def recalibrate(
     old = [(m.running_mean.detach().double().cpu().clone().numpy(), m.running_var.detach().double().cpu().clone().numpy())
            for _, m in layers]
     acc = _Pass(layers, skip_nonfinite=on_nonfinite == "skip")
-    # Standard layers get a stand-in forward (one reduction, see _Pass.forward; SyncBatchNorm then
-    # normalizes per rank, with no collective per batch); subclasses with their own forward keep it,
-    # with a pre-hook that reduces their input.
-    patched, handles = [], []
-    for i, (_, m) in enumerate(layers):
-        if type(m).forward in _STANDARD_FORWARDS:
-            patched.append((m, m.__dict__.get("forward", _UNSET)))
-            m.forward = acc.forward(i)
-        else:
-            handles.append(m.register_forward_pre_hook(acc.hook(i)))
-    for _, m in layers:
-        m.training = True
+    patched: list[nn.Module] = []
+    handles = []
 
     def restore_buffers() -> None:
         with torch.no_grad():
@@ -531,6 +522,16 @@ def recalibrate(
                 tensor.copy_(saved)
 
     try:
+        # Standard layers get a stand-in forward (one reduction, see _Pass.forward; SyncBatchNorm then
+        # normalizes per rank, with no collective per batch); a layer with its own forward (a subclass,
+        # or one patched on the instance) keeps it, with a pre-hook that reduces its input.
+        for i, (_, m) in enumerate(layers):
+            m.training = True
+            if type(m).forward in _STANDARD_FORWARDS and "forward" not in m.__dict__:
+                patched.append(m)
+                m.forward = acc.forward(i)
+            else:
+                handles.append(m.register_forward_pre_hook(acc.hook(i)))
         batches = data if num_batches is None else itertools.islice(data, int(num_batches))
         error: BaseException | None = None
         with torch.no_grad(), _progress_bar(progress and _rank() == 0, _total(data, num_batches)) as advance:
@@ -579,11 +580,8 @@ def recalibrate(
     finally:
         for h in handles:
             h.remove()
-        for m, previous in patched:
-            if previous is _UNSET:
-                del m.forward
-            else:
-                m.forward = previous
+        for m in patched:
+            del m.forward
         for m, was in flags:
             m.training = was
         for p, req in grads:
