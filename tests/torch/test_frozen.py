@@ -75,6 +75,21 @@ def test_wrong_shapes_are_named(cls, shape):
         cls(3)(torch.randn(shape))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_frozen_model_scripts_and_exports():
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(27, 4), nn.BatchNorm1d(4))
+    for _, bn in bn_layers(model):
+        bn.running_var.fill_(2.0)
+    model = convert_frozen(model)
+    x = torch.randn(2, 1, 5, 5)
+    scripted = torch.jit.script(model)
+    assert torch.equal(scripted(x), model(x))
+    with pytest.raises(torch.jit.Error, match="expects 4D input"):
+        torch.jit.script(model[1])(torch.randn(2, 3, 5))
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
 def test_frozen_works_on_a_batch_of_one():
     assert FrozenBatchNorm2d(3)(torch.randn(1, 3, 1, 1)).shape == (1, 3, 1, 1)
 

@@ -18,7 +18,9 @@ gamma/beta; some recipes train only gamma/beta):
   ``torch.compile`` and leaves ``type(layer)`` and the state-dict keys unchanged
   (a frozen model's state dict loads into an unfrozen one and back). Code that
   assigns ``layer.training`` directly (as bnkit's ``recalibrate`` does on
-  purpose) bypasses it. Needs running statistics (``track_running_stats=True``).
+  purpose) bypasses it, and so does a TorchScript copy (``torch.jit.script``
+  does not carry Python attributes; script after :func:`~bnkit.torch.convert_frozen`
+  instead, or use ``torch.export``). Needs running statistics (``track_running_stats=True``).
 * ``affine``: ``weight`` and ``bias`` get ``requires_grad=False`` and their
   ``.grad`` is cleared, so every ``torch.optim`` optimizer skips them (weight decay
   and momentum included). ``model.requires_grad_(True)`` undoes this part;

@@ -42,7 +42,6 @@ class FrozenBatchNormNd(nn.Module):
     """BatchNorm's eval-mode transform with buffers only, for inputs ``(N, C, *)`` of any rank >= 2."""
 
     _bnkit_frozen_layer = True
-    _ranks: tuple[int, ...] = ()  # accepted input ranks; () means any rank >= 2
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__()
@@ -58,12 +57,15 @@ class FrozenBatchNormNd(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **kw))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"FrozenBatchNormNd expects at least 2D input (N, C, *), got {input.dim()}D input")
+
     def forward(self, input: Tensor) -> Tensor:
-        if (self._ranks and input.dim() not in self._ranks) or input.dim() < 2 or input.size(1) != self.num_features:
-            ranks = "/".join(f"{r}D" for r in self._ranks) or "at least 2D"
+        self._check_input_dim(input)
+        if input.size(1) != self.num_features:
             raise ValueError(
-                f"{type(self).__name__}({self.num_features}) expects {ranks} input with {self.num_features} channels "
-                f"on dim 1, got shape {tuple(input.shape)}"
+                f"frozen BatchNorm expects {self.num_features} channels on dim 1, got input of shape {input.shape}"
             )
         return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
@@ -80,19 +82,25 @@ class FrozenBatchNormNd(nn.Module):
 class FrozenBatchNorm1d(FrozenBatchNormNd):
     """Frozen ``BatchNorm1d``: ``(N, C)`` or ``(N, C, L)``."""
 
-    _ranks = (2, 3)
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"FrozenBatchNorm1d expects 2D or 3D input, got {input.dim()}D input")
 
 
 class FrozenBatchNorm2d(FrozenBatchNormNd):
     """Frozen ``BatchNorm2d``: ``(N, C, H, W)``."""
 
-    _ranks = (4,)
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"FrozenBatchNorm2d expects 4D input, got {input.dim()}D input")
 
 
 class FrozenBatchNorm3d(FrozenBatchNormNd):
     """Frozen ``BatchNorm3d``: ``(N, C, D, H, W)``."""
 
-    _ranks = (5,)
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"FrozenBatchNorm3d expects 5D input, got {input.dim()}D input")
 
 
 def _frozen_class(module: nn.Module) -> type[FrozenBatchNormNd]:

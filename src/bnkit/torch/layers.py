@@ -39,7 +39,9 @@ value, ``running = (1 - a) * running + a * batch_stat`` with ``a = momentum``
   pooled within-chunk variance ``sum M2_g / (n - G)`` (unbiased rule) or
   ``sum M2_g / n`` (biased rule), which for one chunk is exactly BN's.
 
-The extras compute the running-statistics update in float64.
+The extras compute the running-statistics update in float64. The layers work
+with ``torch.compile`` and ``torch.export``; the deprecated ``torch.jit.script``
+cannot compile them (``revert_bn`` or ``convert_frozen`` first).
 """
 from __future__ import annotations
 
