@@ -436,10 +436,16 @@ def test_conv1d_and_conv3d_and_convtranspose1d():
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_every_zoo_folded_state_dict_reloads_into_restructured_architecture(name, tmp_path):
+    import json
+
+    from bnkit.torch import FoldReport
+
     model, x = zoo_model(name)
     folded, report = fold_bn(model, x)
     path = save_state_dict_file(folded.state_dict(), tmp_path / "folded.pt")
-    fresh = report.restructure(ZOO[name]())
+    saved = FoldReport.from_dict(json.loads(json.dumps(report.to_dict())))  # as a JSON file would give it back
+    assert saved == report
+    fresh = saved.restructure(ZOO[name]())
     fresh.load_state_dict(load_state_dict_file(path), strict=True)
     fresh.eval()
     with torch.no_grad():

@@ -106,6 +106,13 @@ class FoldReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FoldReport:
+        """The report back from :meth:`to_dict` output (e.g. JSON saved beside the folded weights)."""
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        fields["folded"] = [FoldedBN(**f) for f in fields.get("folded", [])]
+        return cls(**fields)
+
     def findings(self) -> list[Finding]:
         """One ``info`` :class:`~bnkit.findings.Finding` per BN layer left unfolded, with its reason."""
         return [
