@@ -15,9 +15,18 @@ CHAPTER_NAMES = ["running-stats", "two-modes", "batch-size", "fine-tuning", "dep
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
+    import torch
+
     out = tmp_path_factory.mktemp("report")
-    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the demo runs on --threads 1 and must put the caller's setting back
+    try:
+        result = runner.invoke(app, ["demo", "--quick", "--out", str(out)], terminal_width=200)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
+    assert result.output.count("holds") >= 8 and "does NOT hold" not in result.output
     return out, result.output, json.loads((out / "results.json").read_text())
 
 
@@ -126,6 +135,7 @@ def test_study_and_demo_reject_bad_arguments(tmp_path):
     assert res.exit_code == 2 and "unknown study" in res.output
     assert runner.invoke(app, ["study", "two-modes", "--seeds", "0"]).exit_code == 2
     assert runner.invoke(app, ["study", "two-modes", "--size", "huge"]).exit_code == 2
+    assert runner.invoke(app, ["study", "two-modes", "--threads", "0"]).exit_code == 2
     a_file = tmp_path / "file"
     a_file.write_text("x")
     res = runner.invoke(app, ["demo", "--quick", "--out", str(a_file)])

@@ -17,6 +17,7 @@ def study(
     out: Optional[Path] = typer.Option(None, help="Report folder (default bnkit-report/study-NAME)."),
     size: str = typer.Option("full", help="full, demo or quick."),
     seed: int = typer.Option(0, help="Base random seed."),
+    threads: int = typer.Option(1, help="torch CPU threads."),
 ) -> None:
     """Run one chapter at full size and write its report, for the real curves."""
     from ..study import CHAPTERS, SIZES
@@ -28,4 +29,4 @@ def study(
     if seeds is not None and seeds < 1:
         raise fail(f"--seeds must be at least 1, got {seeds}")
     out = out if out is not None else Path("bnkit-report") / f"study-{name}"
-    raise typer.Exit(run_and_report([name], size, seed, out, seeds=seeds))
+    raise typer.Exit(run_and_report([name], size, seed, out, seeds=seeds, threads=threads))
