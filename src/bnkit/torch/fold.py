@@ -331,7 +331,7 @@ def _compare(a: Any, b: Any) -> tuple[float, float]:
     for x, y in zip(_flatten(a), _flatten(b), strict=True):
         if not x.numel():
             continue
-        x, y = x.double(), y.double()
+        x, y = _f64(x), _f64(y)
         d = torch.where(x == y, 0.0, (x - y).abs()).nan_to_num(nan=float("inf"))
         abs_diff = max(abs_diff, float(d.max()))
         finite = x[torch.isfinite(x)]
@@ -563,9 +563,9 @@ def _apply(work: nn.Module, plan: list[tuple[str, str, str]], report: FoldReport
             w, b = pending[layer_name]
             bias_added = False
         else:
-            w = layer.weight.detach().double()
+            w = _f64(layer.weight)
             bias_added = layer.bias is None
-            b = torch.zeros(_out_channels(layer), dtype=torch.float64, device=w.device) if bias_added else layer.bias.detach().double()
+            b = torch.zeros(_out_channels(layer), dtype=torch.float64) if bias_added else _f64(layer.bias)
         s, t = _scale_shift(bn)
         fold = _fold_after if position == "after" else _fold_before
         pending[layer_name] = fold(layer, w, b, s, t)
@@ -576,16 +576,20 @@ def _apply(work: nn.Module, plan: list[tuple[str, str, str]], report: FoldReport
         _set_submodule(work, bn_name, nn.Identity())
 
 
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    """A float64 CPU copy (some devices, e.g. MPS, have no float64)."""
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
 def _out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def _scale_shift(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``."""
-    var = bn.running_var.detach().double()
-    mean = bn.running_mean.detach().double()
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(var)
+    var, mean = _f64(bn.running_var), _f64(bn.running_mean)
+    gamma = _f64(bn.weight) if bn.weight is not None else torch.ones_like(var)
+    beta = _f64(bn.bias) if bn.bias is not None else torch.zeros_like(var)
     s = gamma / torch.sqrt(var + bn.eps)
     return s, beta - mean * s
 
