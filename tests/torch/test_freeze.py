@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bnkit.torch import (
-    BatchNorm2d, bn_layers, convert_bn, freeze_bn, frozen_bn_layers, is_frozen, load_state_dict_file,
+    BatchNorm1d, bn_layers, convert_bn, freeze_bn, frozen_bn_layers, is_frozen, load_state_dict_file,
     save_state_dict_file, unfreeze_bn,
 )
 from bnkit.torch.freeze import FreezeState
@@ -213,8 +213,7 @@ def test_bad_selection_and_layers_without_running_stats_change_nothing():
 
 def test_every_bn_kind_freezes():
     lazy = nn.LazyBatchNorm1d()
-    model = nn.Sequential(nn.Linear(4, 3), lazy, nn.SyncBatchNorm(3), BatchNorm2d(3, renorm=True).to(torch.float32))
-    model[3] = convert_bn(nn.BatchNorm1d(3), debias=True)
+    model = nn.Sequential(nn.Linear(4, 3), lazy, nn.SyncBatchNorm(3), convert_bn(nn.BatchNorm1d(3), debias=True))
     freeze_bn(model)
     model.train()
     x = torch.randn(6, 4)
@@ -224,7 +223,7 @@ def test_every_bn_kind_freezes():
     assert set(frozen_bn_layers(model)) == {"1", "2", "3"}
     # materialized with the default statistics 0 / 1 and never updated
     assert torch.equal(model[1].running_var, torch.ones(3)) and int(model[1].num_batches_tracked) == 0
-    assert out.shape == (6, 3)
+    assert out.shape == (6, 3) and type(model[3]) is BatchNorm1d
 
 
 def test_convert_bn_keeps_a_layer_frozen():
