@@ -14,12 +14,12 @@ _EXPORTS = {
     # io.py: safe checkpoint loading, atomic saving
     "UnsafeCheckpointError": "io", "load_checkpoint": "io", "load_state_dict_file": "io", "save_state_dict_file": "io",
     # freeze.py: freezing that survives model.train()
-    "freeze_bn": "freeze", "unfreeze_bn": "freeze", "is_frozen": "freeze", "frozen_bn_layers": "freeze",
+    "freeze_bn": "freeze", "FreezeState": "freeze", "unfreeze_bn": "freeze", "is_frozen": "freeze", "frozen_bn_layers": "freeze",
     # frozen.py: buffer-only frozen layers
-    "FrozenBatchNorm1d": "frozen", "FrozenBatchNorm2d": "frozen", "FrozenBatchNorm3d": "frozen",
+    "FrozenBatchNorm1d": "frozen", "FrozenBatchNorm2d": "frozen", "FrozenBatchNorm3d": "frozen", "FrozenBatchNormNd": "frozen",
     "convert_frozen": "frozen", "revert_frozen": "frozen",
     # guard.py: inference guards
-    "bn_guard": "guard", "BNGuardError": "guard", "protect_stats": "guard",
+    "bn_guard": "guard", "BNGuardError": "guard", "protect_stats": "guard", "BNGuardWarning": "guard", "StatsRollback": "guard",
     # layers.py: drop-in layers for small batches
     "BatchNorm1d": "layers", "BatchNorm2d": "layers", "BatchNorm3d": "layers", "convert_bn": "layers", "revert_bn": "layers",
     # recalibrate.py: exact population statistics
