@@ -6,6 +6,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from bnkit.torch import bn_layers, fold_bn, load_state_dict_file, save_state_dict_file
@@ -450,3 +452,58 @@ def test_every_zoo_folded_state_dict_reloads_into_restructured_architecture(name
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(fresh(x), folded(x))
+
+
+_LAYER_KINDS = {
+    "linear": (nn.Linear, nn.BatchNorm1d, 0),
+    "conv1d": (nn.Conv1d, nn.BatchNorm1d, 1),
+    "conv2d": (nn.Conv2d, nn.BatchNorm2d, 2),
+    "conv3d": (nn.Conv3d, nn.BatchNorm3d, 3),
+    "convT1d": (nn.ConvTranspose1d, nn.BatchNorm1d, 1),
+    "convT2d": (nn.ConvTranspose2d, nn.BatchNorm2d, 2),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(sorted(_LAYER_KINDS)),
+    groups=st.sampled_from([1, 2]),
+    stride=st.sampled_from([1, 2]),
+    dilation=st.sampled_from([1, 2]),
+    padding=st.sampled_from([0, 1]),
+    padding_mode=st.sampled_from(["zeros", "reflect", "circular"]),
+    bias=st.booleans(),
+    before=st.booleans(),
+    after=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_single_layer_folds_match_the_rule_and_the_output(kind, groups, stride, dilation, padding, padding_mode, bias, before, after, seed):
+    layer_cls, bn_cls, spatial = _LAYER_KINDS[kind]
+    transpose = kind.startswith("convT")
+    cin, cout = 4, 6
+    torch.manual_seed(seed)
+    if kind == "linear":
+        layer = layer_cls(cin, cout, bias=bias)
+    else:
+        mode = "zeros" if transpose else padding_mode  # ConvTranspose supports zero padding only
+        layer = layer_cls(cin, cout, 3, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+                          padding_mode=mode)
+    mods = ([nn.ReLU(), bn_cls(cin)] if before else [nn.ReLU()]) + [layer] + ([bn_cls(cout)] if after else [])
+    model = nn.Sequential(*mods)
+    x = torch.randn((8, cin) + (7,) * spatial)
+    if not (before or after):
+        model.eval()
+    else:
+        model = calibrated(model, x, seed=seed)
+    folded, report = fold_bn(model, x)
+
+    # the rule, stated independently: after-folds always; before-folds unless the layer zero-pads or is transposed
+    zero_pads = kind != "linear" and padding > 0 and (transpose or padding_mode == "zeros")
+    want = set()
+    if after:
+        want.add((str(len(mods) - 1), "after"))
+    if before and not transpose and not zero_pads:
+        want.add(("1", "before"))
+    assert {(f.bn, f.position) for f in report.folded} == want
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-5
