@@ -1,7 +1,6 @@
 """``bnkit demo --quick`` end to end, and ``bnkit study``: report files exist and parse, headline claims hold."""
 import json
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,10 +1,10 @@
 """Units of bnkit.study checked against independent oracles: PyTorch's own BN, float64 NumPy, closed forms."""
 import copy
 import json
+
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from bnkit.study import Context, run_chapters
 from bnkit.study import running as ch_running

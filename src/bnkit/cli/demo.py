@@ -47,7 +47,9 @@ def _print_chapter(ch) -> None:
         console.print(f"  [bold yellow]chapter {ch.status}:[/] {ch.reason}", highlight=False)
 
 
-def run_and_report(names: list[str], size: str, seed: int, out: Path, seeds: int | None = None, threads: int = 1) -> int:
+def run_and_report(
+    names: list[str], size: str, seed: int, out: Path, seeds: int | None = None, threads: int = 1
+) -> int:
     """Run chapters with a progress bar, print their tables, write the report; return the exit code.
 
     torch runs on ``threads`` CPU threads for the run (restored afterwards): the models are tiny, and
@@ -110,7 +112,8 @@ def _run_with_progress(names: list[str], size: str, seed: int, out: Path, seeds:
 @app.command()
 def demo(
     quick: bool = typer.Option(False, "--quick", help="Smallest size (about a minute); the size the tests run."),
-    out: Path = typer.Option(Path("bnkit-report"), help="Folder for index.html, report.md, results.json and the plots."),
+    out: Path = typer.Option(
+        Path("bnkit-report"), help="Folder for index.html, report.md, results.json and the plots."),
     seed: int = typer.Option(0, help="Base random seed (data split, initialisation, shuffling)."),
     threads: int = typer.Option(1, help="torch CPU threads (the models are tiny: one is fastest on a busy machine)."),
 ) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .report import Chapter, Table, unavailable
+from .report import Chapter, unavailable
 
 __all__ = ["CHAPTERS", "SIZES", "Tracker", "Context", "run_chapters", "missing_dependencies"]
 

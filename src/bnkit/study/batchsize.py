@@ -119,7 +119,8 @@ def _plot(res: dict, p: dict, methods: list[str], out) -> str:
     ax.set_xticks(bss, [str(b) for b in bss])
     ax.set_xlabel("training batch size (images per step)")
     ax.set_ylabel("eval-mode test accuracy (fraction correct)")
-    ax.set_title(f"Digits MLP, {p['epochs']}+ epochs: mean of {p['seeds']} seed(s)" + (", band = min..max" if p["seeds"] > 1 else ""))
+    band = ", band = min..max" if p["seeds"] > 1 else ""
+    ax.set_title(f"Digits MLP, {p['epochs']}+ epochs: mean of {p['seeds']} seed(s){band}")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     return save_figure(fig, out, "ch3_batch_size.png")
@@ -136,7 +137,8 @@ def run(ctx) -> Chapter:
     res = {bs: [_one(digits, bs, p, ctx.seed + s, available, ctx.tracker) for s in range(p["seeds"])]
            for bs in p["batch_sizes"]}
     table = Table(
-        f"Eval-mode test accuracy by training batch size ({p['epochs']} epochs, at least {p['min_steps']} steps; mean ± spread (max - min) / 2 "
+        f"Eval-mode test accuracy by training batch size ({p['epochs']} epochs, at least {p['min_steps']} steps; "
+        "mean ± spread (max - min) / 2 "
         f"over {p['seeds']} seed(s))",
         ["batch size"] + [METHODS[k][0] for k in METHODS],
     )
@@ -148,7 +150,8 @@ def run(ctx) -> Chapter:
                 cells.append("not available in this build")
                 continue
             acc = np.array([r[key] for r in res[bs]])
-            summary.setdefault(key, {})[bs] = {"mean": float(acc.mean()), "min": float(acc.min()), "max": float(acc.max())}
+            summary.setdefault(key, {})[bs] = {
+                "mean": float(acc.mean()), "min": float(acc.min()), "max": float(acc.max())}
             cells.append(f"{acc.mean():.3f} ± {(acc.max() - acc.min()) / 2:.3f}")
         table.add(bs, *cells)
     small, large = min(p["batch_sizes"]), max(p["batch_sizes"])

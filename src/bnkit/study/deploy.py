@@ -129,7 +129,8 @@ def run(ctx) -> Chapter:
     rows = [("PyTorch eval (with BN)", n_bn, "pytorch_eval", None),
             ("PyTorch folded", data["bn_layers_after_fold"], "folded", "folded")]
     if not missing_export:
-        rows += [(label, n_bn if net == "bn" else data["bn_layers_after_fold"], key, key) for key, label, net, _ in ONNX_RUNS]
+        rows += [(label, n_bn if net == "bn" else data["bn_layers_after_fold"], key, key)
+                 for key, label, net, _ in ONNX_RUNS]
     for name, layers, key, diff in rows:
         table.add(name, layers, f"{data['accuracy'][key]:.3f}",
                   "0 (reference)" if diff is None else f"{data['max_abs_diff_vs_eval'][key]:.2e}",
@@ -143,12 +144,14 @@ def run(ctx) -> Chapter:
     }
     findings = [
         f"fold_bn folded {report.n_folded} of {n_bn} BN layers; the largest logit difference is "
-        f"{data['max_abs_diff_vs_eval']['folded']:.1e} and {data['predictions_changed']['folded']} of {len(x)} predictions changed.",
+        f"{data['max_abs_diff_vs_eval']['folded']:.1e} and {data['predictions_changed']['folded']} of {len(x)} "
+        "predictions changed.",
     ]
     lat = data["latency_ms"]
     b1 = str(p["latency_batches"][0])
     findings.append("PyTorch median latency, with BN / folded: " + ", ".join(
-        f"batch {b}: {lat['PyTorch eval (with BN)'][b]:.3f} / {lat['PyTorch folded'][b]:.3f} ms" for b in lat["PyTorch folded"])
+        f"batch {b}: {lat['PyTorch eval (with BN)'][b]:.3f} / {lat['PyTorch folded'][b]:.3f} ms"
+        for b in lat["PyTorch folded"])
         + f" ({torch.get_num_threads()} thread(s); timings on a busy machine are noisy).")
     if missing_export:
         findings.append(f"ONNX export and onnxruntime: not available in this build ({'; '.join(missing_export)}).")

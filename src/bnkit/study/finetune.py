@@ -196,14 +196,17 @@ def run(ctx) -> Chapter:
     if available["freeze_bn"]:
         fb = summary["freeze_bn"]
         checks["freeze_bn keeps every BN statistic bit-identical through fine-tuning"] = fb["stats_bit_identical"]
-        findings.append(f"With freeze_bn the statistics are bit-identical; accuracy A {fb['acc_A']:.3f}, B {fb['acc_B']:.3f}.")
+        findings.append(
+            f"With freeze_bn the statistics are bit-identical; accuracy A {fb['acc_A']:.3f}, B {fb['acc_B']:.3f}.")
     if available["recal_only"]:
         ro = summary["recal_only"]
         findings.append(f"Recalibrating on B alone, with no labels and no gradient step, moves accuracy on B from "
                         f"{summary['pretrained']['acc_B']:.3f} to {ro['acc_B']:.3f} (A: {ro['acc_A']:.3f}).")
     findings += [f"{VARIANTS[k][0]}: not available in this build ({'; '.join(m)})." for k, m in missing.items() if m]
     figure = Figure(_plot(res, keys, ctx.out),
-                    "Left: accuracy on both domains for each fine-tuning variant. Right: how far each BN layer's running mean moved.")
+                    "Left: accuracy on both domains for each fine-tuning variant. "
+                    "Right: how far each BN layer's running mean moved.")
     return Chapter(NUMBER, "fine-tuning", TITLE, CLAIM, tables=[table], figures=[figure], findings=findings,
                    checks=checks, data={"per_seed": res, "summary": summary, "params": p,
-                                        "domain_b": SHIFT_DESCRIPTION, "not_available": {k: v for k, v in missing.items() if v}})
+                                        "domain_b": SHIFT_DESCRIPTION,
+                                        "not_available": {k: v for k, v in missing.items() if v}})

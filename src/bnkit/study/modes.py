@@ -103,7 +103,8 @@ def _plot(res: dict, p: dict, out) -> str:
     fig, axes = new_figure()
     ax = axes[0, 0]
     bss = list(p["batch_sizes"])
-    for mode, label, marker in (("eval", "eval mode (running statistics)", "o"), ("train", "training mode (batch statistics)", "s")):
+    modes = (("eval", "eval mode (running statistics)", "o"), ("train", "training mode (batch statistics)", "s"))
+    for mode, label, marker in modes:
         acc = np.array([[r[mode][bs]["accuracy"] for bs in bss] for r in res])
         line = ax.plot(bss, acc.mean(0), marker=marker, label=label)[0]
         if len(res) > 1:
@@ -143,7 +144,8 @@ def run(ctx) -> Chapter:
     one = [r["train"][1] for r in res]
     big = max(p["batch_sizes"])
     checks = {
-        "training mode at batch size 1 gives the same output for every image": all(o["output_spread"] < 1e-5 for o in one),
+        "training mode at batch size 1 gives the same output for every image": all(
+            o["output_spread"] < 1e-5 for o in one),
         "training mode at batch size 1 is at chance level (accuracy <= 0.2)": all(o["accuracy"] <= 0.2 for o in one),
         "eval mode gives the same predictions at every batch size": all(
             r["eval"][bs]["same_predictions"] for r in res for bs in p["batch_sizes"]),
@@ -168,6 +170,7 @@ def run(ctx) -> Chapter:
     ]
     for r in res:
         del r["flags_after"]
-    figure = Figure(_plot(res, p, ctx.out), "Eval mode is flat in batch size; training mode falls to chance at batch size 1.")
+    figure = Figure(_plot(res, p, ctx.out),
+                    "Eval mode is flat in batch size; training mode falls to chance at batch size 1.")
     return Chapter(NUMBER, "two-modes", TITLE, CLAIM, tables=[table], figures=[figure], findings=findings,
                    checks=checks, data={"per_seed": res, "params": p, "test_images": n})

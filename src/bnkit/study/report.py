@@ -107,7 +107,8 @@ def _html(chapters: list[Chapter], meta: dict[str, Any]) -> str:
         "th{background:#eee}td:first-child{text-align:left}img{max-width:100%;border:1px solid #ddd}"
         ".fail{color:#b00}.ok{color:#070}.na{color:#b60;font-weight:bold}code{background:#f4f4f4}</style></head><body>",
         "<h1>BatchNorm at inference, measured on scikit-learn's digits</h1>",
-        f"<p>Every number below was measured in this run ({e(meta.get('size', ''))} size, seed {e(str(meta.get('seed', '')))}, "
+        f"<p>Every number below was measured in this run ({e(meta.get('size', ''))} size, "
+        f"seed {e(str(meta.get('seed', '')))}, "
         f"{e(str(meta.get('seconds', '')))} s, torch {e(str(meta.get('torch', '')))}). "
         "The raw figures are in <a href='results.json'>results.json</a>.</p>",
     ]
@@ -130,7 +131,8 @@ def _html(chapters: list[Chapter], meta: dict[str, Any]) -> str:
         if ch.findings:
             parts.append("<ul>" + "".join(f"<li>{e(f)}</li>" for f in ch.findings) + "</ul>")
         for fig in ch.figures:
-            parts.append(f"<figure><img src='{e(fig.path)}' alt='{e(fig.caption)}'><figcaption>{e(fig.caption)}</figcaption></figure>")
+            parts.append(f"<figure><img src='{e(fig.path)}' alt='{e(fig.caption)}'>"
+                         f"<figcaption>{e(fig.caption)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

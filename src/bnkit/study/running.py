@@ -70,26 +70,24 @@ def worked_example() -> tuple[Table, dict, list[str], dict[str, bool]]:
     torch_rows = _torch_running_means(series, 1.0 - LESSON_DECAY)
     table = Table(
         "The lesson's worked example, recomputed (alpha = 0.9 on the old value, start 0; batches 4-50 have mean 4.0)",
-        ["batch", "batch mean", "lesson says", "running mean (exact)", "nn.BatchNorm1d running_mean", "bias-corrected", "lesson"],
+        ["batch", "batch mean", "lesson says", "running mean (exact)", "nn.BatchNorm1d running_mean",
+         "bias-corrected", "lesson"],
     )
     verdicts = {}
     for t, stated in LESSON_STATED.items():
         _, v, run, corr = rows[t - 1]
         right = round(run, _decimals(stated)) == float(stated)
         verdicts[t] = right
-        table.add(t, f"{v:g}", stated, f"{run:.4f}", f"{torch_rows[t - 1]:.4f}", f"{corr:.4f}", "right" if right else "WRONG")
-    reach = next((t for t, _, run, _ in rows if run >= float(LESSON_STATED[10])), None)
-    if reach is None:
-        reach_steps = next(
-            t for t, _, run, _ in ema_table(series + [LESSON_FILL] * 200, LESSON_DECAY, 0.0) if run >= float(LESSON_STATED[10])
-        )
-    else:
-        reach_steps = reach
+        table.add(t, f"{v:g}", stated, f"{run:.4f}", f"{torch_rows[t - 1]:.4f}", f"{corr:.4f}",
+                  "right" if right else "WRONG")
+    longer = ema_table(series + [LESSON_FILL] * 200, LESSON_DECAY, 0.0)
+    reach_steps = next(t for t, _, run, _ in longer if run >= float(LESSON_STATED[10]))
     findings = []
     for t, right in verdicts.items():
         if not right:
             findings.append(
-                f"The lesson's running mean after {t} batches ({LESSON_STATED[t]}) is wrong: it is {rows[t - 1][2]:.3f}. "
+                f"The lesson's running mean after {t} batches ({LESSON_STATED[t]}) is wrong: "
+                f"it is {rows[t - 1][2]:.3f}. "
                 f"An EMA started at 0 only reaches {LESSON_STATED[10]} after {reach_steps} batches; "
                 f"the bias-corrected mean is {rows[t - 1][3]:.3f} already."
             )
@@ -226,13 +224,16 @@ def run(ctx) -> Chapter:
         worst = max(final, key=lambda m: final[m][layer]["mean_error"])
         findings.append(
             f"Layer '{layer}': at the end of training momentum {best} is closest to the population mean "
-            f"({final[best][layer]['mean_error']:.4f} std), momentum {worst} farthest ({final[worst][layer]['mean_error']:.4f} std)."
+            f"({final[best][layer]['mean_error']:.4f} std), momentum {worst} farthest "
+            f"({final[worst][layer]['mean_error']:.4f} std)."
         )
     figures = [
-        Figure(_plot_example(example, ctx.out), "The lesson's table: the EMA from 0 (blue) lags; red crosses are the lesson's figures."),
+        Figure(_plot_example(example, ctx.out),
+               "The lesson's table: the EMA from 0 (blue) lags; red crosses are the lesson's figures."),
         Figure(
             _plot_convergence(conv, p, ctx.out),
-            "Distance between running and exact population statistics during training, per BN layer and momentum (log scale).",
+            "Distance between running and exact population statistics during training, per BN layer and momentum "
+            "(log scale).",
         ),
     ]
     return Chapter(

@@ -116,7 +116,9 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512, train_m
         return torch.cat([model(x[idx]) for idx in batches(len(x), batch_size)])
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512, train_mode: bool = False) -> float:
+def accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512, train_mode: bool = False
+) -> float:
     """Fraction of ``x`` classified correctly (see :func:`predict`)."""
     logits = predict(model, x, batch_size=batch_size, train_mode=train_mode)
     return float((logits.argmax(1) == y).double().mean())
