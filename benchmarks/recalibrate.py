@@ -5,14 +5,17 @@ One run, same model and batches for every method:
 * time: best wall time of one pass, relative to the same number of plain
   training-mode forward passes under ``torch.no_grad()`` (the cost floor of any
   one-pass method); repeats are interleaved so load on the machine hits all alike.
+  The process CPU time ratio is printed beside it: with one thread it is the
+  same measure, but it does not count time the process spent descheduled, so
+  it is the steadier figure on a shared machine.
 * error: max relative error of each method's ``running_mean`` / ``running_var``
   against the exact population statistics, computed independently here: every
   BN input of a float64 copy of the model (only BN in training mode) captured by
   hooks and reduced in NumPy over all samples (``np.var(ddof=1)``, PyTorch's
-  unbiased convention for the buffer). The float32 methods all also carry the
-  rounding of the float32 forward itself, which sets the floor in ``offset``. Relative error per channel is
+  unbiased convention for the buffer). Relative error per channel is
   ``|got - exact| / (|exact| + std)`` for means and ``|got - exact| / exact``
-  for variances.
+  for variances. The float32 methods all also carry the rounding of the float32
+  forward itself, which sets the floor in ``offset``.
 
 Data sets (load_digits, 1797 images 8x8, batches of 64 and a last one of 5):
 ``shuffled`` (inputs scaled to [0, 1], random order: the friendly case) and
@@ -22,7 +25,7 @@ and ``offset``: unnormalized features with a large common level (0..255 plus
 1e5, as raw counts or timestamps are) through the zoo MLP, so its first BN
 input has ``|mean| / std`` in the thousands (printed).
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/recalibrate.py [--repeats 5] [--threads 1]``.
+Run: ``OMP_NUM_THREADS=1 python benchmarks/recalibrate.py [--repeats 15] [--threads 1]``.
 """
 from __future__ import annotations
 
@@ -124,7 +127,7 @@ def run_fvcore(model: nn.Module, batches: list[torch.Tensor]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,29 +142,31 @@ def main() -> None:
     except ImportError:
         print("fvcore is not installed (pip install 'bnkit[bench]'): skipping it")
 
-    print(f"torch {torch.__version__}, {args.threads} thread(s); time: best of {args.repeats} interleaved repeats "
-          "(the machine may be shared: best-of is the least disturbed)")
+    print(f"torch {torch.__version__}, {args.threads} thread(s); times: best of {args.repeats} interleaved repeats")
     for order in ("shuffled", "sorted-raw", "offset"):
         model = make_model(order)
         batches = load_batches(order)
         exact = exact_stats(model, batches)
-        times: dict[str, list[float]] = {name: [] for name in methods}
+        wall: dict[str, list[float]] = {name: [] for name in methods}
+        cpu: dict[str, list[float]] = {name: [] for name in methods}
         errors = {}
         for _ in range(args.repeats):
             for name, method in methods.items():
                 m = copy.deepcopy(model)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 method(m, batches)
-                times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+                wall[name].append(time.perf_counter() - start)
                 errors[name] = max_errors(m, exact)
-        base = min(times["plain train-mode forward"])
+        base, base_cpu = min(wall["plain train-mode forward"]), min(cpu["plain train-mode forward"])
         print(f"\n{order}: {type(model).__name__}, {len(bn_layers(model))} BN layers, {sum(len(b) for b in batches)} "
               f"samples in {len(batches)} batches, max |mean|/std at a BN input {mean_to_std(exact):.3g}")
-        print(f"{'method':<26} {'time (ms)':>10} {'vs plain':>9} {'max rel err mean':>17} {'max rel err var':>16}")
+        print(f"{'method':<26} {'wall (ms)':>10} {'vs plain':>9} {'cpu vs plain':>13} {'max rel err mean':>17} "
+              f"{'max rel err var':>16}")
         for name in methods:
-            t = min(times[name])
+            t, tc = min(wall[name]), min(cpu[name])
             em, ev = errors[name] if name != "plain train-mode forward" else (float("nan"), float("nan"))
-            print(f"{name:<26} {1e3 * t:>10.1f} {t / base:>9.3f} {em:>17.2e} {ev:>16.2e}")
+            print(f"{name:<26} {1e3 * t:>10.1f} {t / base:>9.3f} {tc / base_cpu:>13.3f} {em:>17.2e} {ev:>16.2e}")
 
 
 if __name__ == "__main__":
