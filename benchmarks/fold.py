@@ -19,16 +19,19 @@ so freed activations are reused instead of being returned to the OS and faulted 
 again by whichever op writes the next fresh buffer: left to glibc's dynamic
 threshold, those page faults made the same model 1.5-2x slower in some processes
 than in others at batch 16 (``--keep-malloc`` turns this off).
-Times are the calling thread's CPU time (``time.thread_time``; with one torch
-thread every op runs on it), so time the scheduler gives other processes on a
-shared machine is not counted; ``--clock wall`` uses ``time.perf_counter``.
-The variants are run round-robin in a shuffled order, a few milliseconds each per round, so the
-variants of one round run next to each other in time. Every ratio is the median
-over rounds of the ratio within a round (a paired comparison: load from other
-processes that drifts between rounds cancels). Printed: each variant's time over
-the unfolded time, and bnkit's time over the lower bound and over fx fuse, the
-last two also as the ratio of the best (minimum) times, which on a busy machine
-is the least disturbed estimate.
+
+With one torch thread (the default) times are the calling thread's CPU time
+(``time.thread_time``; every op runs on that thread), so time the scheduler gives
+other processes on a shared machine is not counted; with ``--threads`` above 1, or
+``--clock wall``, they are wall times (``time.perf_counter``). The variants are run
+round-robin in a shuffled order, a few milliseconds each per round, so the variants
+of one round run next to each other in time. Every ratio is the median over rounds
+of the ratio within a round (a paired comparison: load from other processes that
+drifts between rounds cancels). Printed: each variant's time over the unfolded
+time, and bnkit's time over the lower bound and over fx fuse, the last two also as
+the ratio of the best (minimum) times, which on a busy machine is the least
+disturbed estimate.
+
 Targets (issue 5): bnkit within 1.02 of the lower bound, never slower than fx fuse.
 """
 from __future__ import annotations
@@ -66,13 +69,9 @@ def bn_to_identity(model: nn.Module, biases: list[str] = ()) -> nn.Module:
         setattr(lower.get_submodule(parent) if parent else lower, leaf, nn.Identity())
     for name in biases:
         layer = lower.get_submodule(name)
-        layer.bias = nn.Parameter(torch.zeros_like(folded_bias_shape(layer)))
+        n = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        layer.bias = nn.Parameter(torch.zeros(n, dtype=layer.weight.dtype))
     return lower
-
-
-def folded_bias_shape(layer: nn.Module) -> torch.Tensor:
-    n = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    return torch.empty(n, dtype=layer.weight.dtype)
 
 
 def round_robin(fns: dict[str, Callable[[], object]], rounds: int, inner: int, clock: Callable[[], float]) -> dict[str, list[float]]:
@@ -121,17 +120,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1001, help="most timed rounds per variant (median taken)")
     parser.add_argument("--seconds", type=float, default=10.0, help="rough time budget per model and batch size")
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="thread CPU time or wall time")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="thread CPU time (one thread only) or wall time")
     parser.add_argument("--keep-malloc", action="store_true", help="leave glibc's malloc thresholds as they are")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steady = False if args.keep_malloc else steady_malloc()
-    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    cpu_clock = args.clock == "cpu" and args.threads == 1
+    clock = time.thread_time if cpu_clock else time.perf_counter
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from torch.fx.experimental.optimization import fuse
 
-    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), {args.clock} clock, up to {args.rounds} rounds, "
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), {'thread CPU' if cpu_clock else 'wall'} time, up to {args.rounds} rounds, "
           f"malloc thresholds {'fixed' if steady else 'as glibc sets them'}")
     print(f"{'':<28}{'time / unfolded (median)':^31}{'bnkit/lower':^16}{'bnkit/fx fuse':^16}{'bnkit/':>8}{'lower/':>8}")
     print(
