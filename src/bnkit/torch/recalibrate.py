@@ -182,9 +182,10 @@ class _NonFinite(Exception):
 def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel float64 ``(mean, biased variance)`` of a ``(N, C, *)`` tensor, on its device.
 
-    Small inputs (at most ``_SMALL`` values) are upcast and reduced in float64,
-    two-pass (``mean``, then ``mean((x - mean)**2)``): the fewest operations,
-    where per-call overhead dominates.
+    Small inputs (at most ``_SMALL`` values), where per-call overhead dominates,
+    are upcast and reduced in one call to PyTorch's float64 BN statistics
+    kernel (``torch.batch_norm_update_stats``: two-pass, double accumulators,
+    returns the mean and the biased variance).
     Larger ones use shifted sums: with ``c`` the channel mean in the working
     precision, ``d = x - c``, ``S1 = sum(d)``, ``S2 = sum(d**2)``, finished in
     float64 as ``mean = c + S1/n`` and ``var = (S2 - S1**2/n) / n``. Only
@@ -198,10 +199,7 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims = [0, *range(2, x.dim())]
     xw = x.detach()
     if xw.numel() <= _SMALL:
-        xd = xw.double()
-        mean = xd.mean(dim=dims, keepdim=True)
-        d = xd - mean
-        return mean.flatten(), d.mul_(d).mean(dim=dims)
+        return torch.batch_norm_update_stats(xw.double(), None, None, 0.0)
     if xw.dtype not in (torch.float32, torch.float64):
         xw = xw.float()
     n = xw.numel() // xw.shape[1]
