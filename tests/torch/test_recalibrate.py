@@ -280,6 +280,9 @@ def test_shared_layer_unused_layer_and_skip_of_untracked():
     assert torch.equal(model.unused.running_mean, unused_before)
     assert report.unused_layers == ["unused"]
     assert [r.name for r in report.layers] == ["shared", "unused"]
+    findings = {f.layer: f for f in report.findings()}
+    assert findings["unused"].severity == "warning" and findings["unused"].code == "recalibrate_unused"
+    assert findings["shared"].severity == "info" and findings["shared"].data["samples"] == 20
 
 
 def test_interruption_leaves_model_untouched():

@@ -78,6 +78,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..findings import Finding
 from ..stats import RunningMoments
 from .modules import bn_layers
 
@@ -157,6 +158,25 @@ class RecalibrationReport:
                 "layer": layer.name, "samples": layer.samples, "values_per_channel": layer.count,
                 "max_mean_shift_std": layer.mean_shift, "var_ratio_min": lo, "var_ratio_max": hi,
             })
+        return out
+
+    def findings(self) -> list[Finding]:
+        """The rows as :class:`bnkit.findings.Finding`: ``info`` per recalibrated layer, ``warning`` per unused one."""
+        out = []
+        for layer, row in zip(self.layers, self.rows()):
+            if layer.updated:
+                lo, hi = layer.var_ratio
+                out.append(Finding(
+                    "info", layer.name, "running statistics recomputed exactly",
+                    evidence=f"{layer.samples} samples; mean moved {layer.mean_shift:.3g} old std; "
+                             f"variance x{lo:.3g}..x{hi:.3g}",
+                    code="recalibrated", data=row))
+            else:
+                out.append(Finding(
+                    "warning", layer.name, "not reached by the data: statistics left unchanged",
+                    evidence="0 forward calls during the pass",
+                    fix="feed data that takes this branch (or a forward= that calls it), or remove the layer",
+                    code="recalibrate_unused", data=row))
         return out
 
     def __str__(self) -> str:
@@ -270,7 +290,7 @@ def _all_gather(payload: np.ndarray) -> list[np.ndarray]:
 
 
 class _Pass:
-    """Hooks that reduce each BN input, and the per-layer float64 accumulators."""
+    """The per-layer instrumentation for one pass (stand-in forwards, pre-hooks) and its float64 accumulators."""
 
     def __init__(self, layers: list[tuple[str, _BatchNorm]], skip_nonfinite: bool) -> None:
         self.layers = layers
