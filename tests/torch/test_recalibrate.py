@@ -163,14 +163,18 @@ def test_independent_of_batching():
     torch.testing.assert_close(a.bn3.running_var, b.bn3.running_var, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
-def test_large_inputs_with_mean_far_above_std(dtype, rtol):
+@pytest.mark.parametrize("dtype,rtol,layout", [
+    (torch.float64, 1e-12, torch.contiguous_format), (torch.float32, 1e-6, torch.contiguous_format),
+    (torch.float32, 1e-6, torch.channels_last),
+])
+def test_large_inputs_with_mean_far_above_std(dtype, rtol, layout):
     """Inputs above recalibrate's float64-upcast size take the shifted-sum path; |mean|/std = 1e4 must not cancel."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3))
-    model = model.to(dtype).eval()
+    model = model.to(dtype=dtype, memory_format=layout).eval()
     g = torch.Generator().manual_seed(1)
-    batches = [(1e4 + torch.randn(n, 1, 48, 48, generator=g, dtype=torch.float64)).to(dtype) for n in (40, 13)]
+    batches = [(1e4 + torch.randn(n, 1, 48, 48, generator=g, dtype=torch.float64)).to(dtype=dtype, memory_format=layout)
+               for n in (40, 13)]
     assert batches[0][:, :1].numel() * 4 > (1 << 16)
     ref = reference_stats(model, batches)
     recalibrate(model, batches, progress=False)
@@ -239,7 +243,7 @@ def test_dict_input_model_with_forward():
         def __init__(self) -> None:
             super().__init__()
             self.a, self.b = nn.Linear(3, 4), nn.Linear(2, 4)
-            self.bn = nn.BatchNorm1d(4)
+            self.bn = nn.BatchNorm1d(4, affine=False, momentum=None)
 
         def forward(self, image: torch.Tensor, meta: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
             return self.bn(scale * self.a(image) + self.b(meta))
@@ -252,7 +256,7 @@ def test_dict_input_model_with_forward():
     ref = reference_stats(model, batches, feed)
     with pytest.raises(TypeError, match="forward="):
         recalibrate(model, batches, progress=False)
-    recalibrate(model, batches, forward=feed, progress=False)
+    recalibrate(model, batches, forward=feed, device="cpu")  # batches moved through the dict; a progress bar
     assert_matches_reference(model, ref, rtol=1e-6)
 
 
