@@ -74,7 +74,9 @@ def bn_to_identity(model: nn.Module, biases: list[str] = ()) -> nn.Module:
     return lower
 
 
-def round_robin(fns: dict[str, Callable[[], object]], rounds: int, inner: int, clock: Callable[[], float]) -> dict[str, list[float]]:
+def round_robin(
+    fns: dict[str, Callable[[], object]], rounds: int, inner: int, clock: Callable[[], float]
+) -> dict[str, list[float]]:
     """Per-call seconds of every function in every round; the functions take turns within a round."""
     for fn in fns.values():
         for _ in range(3):
@@ -120,7 +122,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1001, help="most timed rounds per variant (median taken)")
     parser.add_argument("--seconds", type=float, default=10.0, help="rough time budget per model and batch size")
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="thread CPU time (one thread only) or wall time")
+    parser.add_argument(
+        "--clock", choices=("cpu", "wall"), default="cpu", help="thread CPU time (one thread only) or wall time"
+    )
     parser.add_argument("--keep-malloc", action="store_true", help="leave glibc's malloc thresholds as they are")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     args = parser.parse_args()
@@ -131,7 +135,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from torch.fx.experimental.optimization import fuse
 
-    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), {'thread CPU' if cpu_clock else 'wall'} time, up to {args.rounds} rounds, "
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), "
+          f"{'thread CPU' if cpu_clock else 'wall'} time, up to {args.rounds} rounds, "
           f"malloc thresholds {'fixed' if steady else 'as glibc sets them'}")
     print(f"{'':<28}{'time / unfolded (median)':^31}{'bnkit/lower':^16}{'bnkit/fx fuse':^16}{'bnkit/':>8}{'lower/':>8}")
     print(
@@ -164,8 +169,9 @@ def main() -> None:
                 row[other] = (paired_ratio(t, "bnkit", other), min(t["bnkit"]) / min(t[other]))
                 worst[other] = [max(w, v) for w, v in zip(worst[other], row[other])]
             print(
-                f"{name:<16}{batch:>6}{statistics.median(t['unfolded']) * 1e3:>6.2f}  {r['bnkit']:>9.3f}{r['fx']:>10.3f}"
-                f"{r['lower']:>10.3f}  {row['lower'][0]:>8.3f}{row['lower'][1]:>7.3f}  {row['fx'][0]:>8.3f}{row['fx'][1]:>7.3f}"
+                f"{name:<16}{batch:>6}{statistics.median(t['unfolded']) * 1e3:>6.2f}  "
+                f"{r['bnkit']:>9.3f}{r['fx']:>10.3f}{r['lower']:>10.3f}  "
+                f"{row['lower'][0]:>8.3f}{row['lower'][1]:>7.3f}  {row['fx'][0]:>8.3f}{row['fx'][1]:>7.3f}"
                 f"{paired_ratio(t, 'bnkit', 'lower+bias'):>8.3f}{paired_ratio(t, 'lower', 'lower+bias'):>8.3f}"
             )
     print(

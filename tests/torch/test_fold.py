@@ -177,7 +177,8 @@ def test_low_precision_fold_is_computed_in_float64(dtype):
     def f64(t):
         return t.detach().float().numpy().astype(np.float64)
 
-    w, rm, rv, gamma, beta = (f64(t) for t in (model[0].weight, model[1].running_mean, model[1].running_var, model[1].weight, model[1].bias))
+    bn = model[1]
+    w, rm, rv, gamma, beta = (f64(t) for t in (model[0].weight, bn.running_mean, bn.running_var, bn.weight, bn.bias))
     s = gamma / np.sqrt(rv + 1e-5)
     want_w = torch.from_numpy(w * s[:, None, None, None]).to(dtype)
     want_b = torch.from_numpy(beta - rm * s).to(dtype)
@@ -207,7 +208,8 @@ def test_bn_before_linear_and_unpadded_grouped_conv_and_after_grouped_convtransp
     x = torch.randn(8, 4, 8, 8)
     model = calibrated(model, x)
     folded, report = fold_bn(model, x)
-    assert {(f.bn, f.into, f.position) for f in report.folded} == {("1", "0", "after"), ("3", "4", "before"), ("6", "7", "before")}
+    want = {("1", "0", "after"), ("3", "4", "before"), ("6", "7", "before")}
+    assert {(f.bn, f.into, f.position) for f in report.folded} == want
     with torch.no_grad():
         assert rel_diff(model(x), folded(x)) < 1e-5
 
@@ -426,7 +428,9 @@ def test_report_findings_and_summary_name_every_left_layer():
 
 def test_conv1d_and_conv3d_and_convtranspose1d():
     torch.manual_seed(2)
-    m1 = nn.Sequential(nn.Conv1d(3, 5, 3, groups=1), nn.BatchNorm1d(5), nn.ConvTranspose1d(5, 4, 3, stride=2), nn.BatchNorm1d(4))
+    m1 = nn.Sequential(
+        nn.Conv1d(3, 5, 3), nn.BatchNorm1d(5), nn.ConvTranspose1d(5, 4, 3, stride=2), nn.BatchNorm1d(4)
+    )
     m3 = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4))
     for model, x in ((m1, torch.randn(6, 3, 10)), (m3, torch.randn(3, 2, 5, 5, 5))):
         model = calibrated(model, x)
@@ -477,7 +481,9 @@ _LAYER_KINDS = {
     after=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_random_single_layer_folds_match_the_rule_and_the_output(kind, groups, stride, dilation, padding, padding_mode, bias, before, after, seed):
+def test_random_single_layer_folds_match_the_rule_and_the_output(
+    kind, groups, stride, dilation, padding, padding_mode, bias, before, after, seed
+):
     layer_cls, bn_cls, spatial = _LAYER_KINDS[kind]
     transpose = kind.startswith("convT")
     cin, cout = 4, 6

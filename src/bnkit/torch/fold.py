@@ -122,7 +122,9 @@ class FoldReport:
 
     def summary(self) -> str:
         lines = [f"folded {self.n_folded} BatchNorm layer(s), left {self.n_left} (via {self.method})"]
-        lines += [f"  folded {f.bn} -> {f.into} ({f.position}{', bias added' if f.bias_added else ''})" for f in self.folded]
+        lines += [
+            f"  folded {f.bn} -> {f.into} ({f.position}{', bias added' if f.bias_added else ''})" for f in self.folded
+        ]
         lines += [f"  left   {name}: {reason}" for name, reason in self.left.items()]
         lines += [f"  note: {note}" for note in self.notes]
         if self.max_abs_diff is not None:
@@ -227,7 +229,9 @@ def _check_model(model: nn.Module, force: bool) -> None:
         if _never_updated(bn):
             never.append(name)
     if nonfinite:
-        raise ValueError(f"BatchNorm layers with NaN/Inf statistics or affine parameters cannot be folded: {', '.join(nonfinite)}")
+        raise ValueError(
+            f"BatchNorm layers with NaN/Inf statistics or affine parameters cannot be folded: {', '.join(nonfinite)}"
+        )
     problems = []
     if training:
         problems.append(f"in training mode (call model.eval() first): {', '.join(training)}")
@@ -349,7 +353,9 @@ class _Tracer(fx.Tracer):
         return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
 
 
-def _plan_fx(work: nn.Module, graph: fx.Graph, probe: dict[int, dict], report: FoldReport) -> list[tuple[str, str, str]]:
+def _plan_fx(
+    work: nn.Module, graph: fx.Graph, probe: dict[int, dict], report: FoldReport
+) -> list[tuple[str, str, str]]:
     """Pairs ``(bn, layer, position)`` to fold, read from the eval-mode fx ``graph`` of ``work``.
 
     Unfoldable BNs go to ``report.left``. "after" folds are planned first; a BN left over is
@@ -385,7 +391,10 @@ def _plan_fx(work: nn.Module, graph: fx.Graph, probe: dict[int, dict], report: F
             src = node.args[0] if node.args else node.kwargs.get("input")
             target = layer_node(src)
             if target is None:
-                what = f"{src.op} '{getattr(src.target, '__name__', src.target)}'" if isinstance(src, fx.Node) else repr(src)
+                if isinstance(src, fx.Node):
+                    what = f"{src.op} '{getattr(src.target, '__name__', src.target)}'"
+                else:
+                    what = repr(src)
                 reason = f"its input comes from {what}, not from a Conv/ConvTranspose/Linear"
             else:
                 layer = modules[target]
@@ -468,7 +477,9 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
                 report.left[bn_name] = reason
     for name, _ in bn_layers(work):
         if name not in used and name not in report.left:
-            report.left[name] = "no Conv/ConvTranspose/Linear neighbour inside a plain nn.Sequential (model not traceable)"
+            report.left[name] = (
+                "no Conv/ConvTranspose/Linear neighbour inside a plain nn.Sequential (model not traceable)"
+            )
     return plan
 
 
@@ -491,7 +502,10 @@ def _bn_reason(bn: _BatchNorm, calls: Counter, attr_used: set[int]) -> str | Non
 def _layer_reason(layer: nn.Module, name: str, calls: Counter, attr_used: set[int]) -> str | None:
     base = _PLAIN_FORWARDS.get(type(layer).forward)
     if base is None:
-        return f"'{name}' is a {type(layer).__name__} whose forward is not PyTorch's, so its weights may not act linearly"
+        return (
+            f"'{name}' is a {type(layer).__name__} whose forward is not PyTorch's, "
+            "so its weights may not act linearly"
+        )
     if parametrize.is_parametrized(layer) or hasattr(layer, "weight_g"):
         return f"'{name}' has a parametrized weight (weight_norm or torch.nn.utils.parametrize)"
     if _hooked(layer):
@@ -607,7 +621,7 @@ def _fold_after(layer: nn.Module, w: torch.Tensor, b: torch.Tensor, s: torch.Ten
 
 
 def _fold_before(layer: nn.Module, w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, t: torch.Tensor):
-    """BN then ``layer`` (Linear, or Conv without zero padding): weight ``W * s`` per input channel, bias ``b + W t``."""
+    """BN then ``layer`` (Linear, or Conv without zero padding): ``W * s`` per input channel, bias ``b + W t``."""
     if isinstance(layer, nn.Linear):
         return w * s, b + w @ t
     out, in_pg, g = w.shape[0], w.shape[1], layer.groups
