@@ -109,12 +109,29 @@ def test_npz_key_batches_and_a_dataset_factory(tmp_path, monkeypatch):
         f"    x = torch.from_numpy(np.load({str(tmp_path / 'd.npz')!r})['images'])\n"
         "    return torch.utils.data.TensorDataset(x, torch.zeros(len(x)))\n"
     )
+    (tmp_path / "h4_cli_dicts.py").write_text(
+        "import numpy as np, torch\n"
+        "def batches():\n"
+        f"    x = torch.from_numpy(np.load({str(tmp_path / 'd.npz')!r})['images'])\n"
+        "    return [{'pixels': b, 'id': 0} for b in x.split(64)]\n"
+        "def feed(model, batch):\n"
+        "    return model(batch['pixels'])\n"
+    )
     monkeypatch.chdir(tmp_path)
     out2 = tmp_path / "o2.safetensors"
     result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_dataset:make", "--output", str(out2))
     assert result.exit_code == 0, result.output
     mean, var = first_bn_oracle(model, x)
     np.testing.assert_allclose(load_state_dict_file(out2)["2.running_var"].double().numpy(), var, rtol=1e-6)
+
+    # dict batches need --forward; without it the run fails and writes nothing
+    out3 = tmp_path / "o3.pt"
+    result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_dicts:batches", "--output", str(out3))
+    assert result.exit_code == 1 and "forward" in result.output and not out3.exists()
+    result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_dicts:batches",
+                    "--forward", "h4_cli_dicts:feed", "--output", str(out3))
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(load_state_dict_file(out3)["2.running_var"].double().numpy(), var, rtol=1e-6)
 
 
 def test_failure_writes_nothing_and_keeps_the_input(tmp_path):

@@ -95,6 +95,8 @@ def recalibrate_command(
     batches: Optional[int] = typer.Option(None, help="Use at most this many batches (default: all the data)."),
     batch_size: int = typer.Option(64, help="Batch size when --data is an array or a Dataset."),
     data_key: Optional[str] = typer.Option(None, help="Array name inside an .npz (default: its only array, or x/inputs/data)."),
+    forward: Optional[str] = typer.Option(
+        None, help="package.module:fn called as fn(model, batch), for batches that are dicts or several inputs."),
     device: Optional[str] = typer.Option(None, help="Run on this device (e.g. cuda); default: where the model is."),
     on_nonfinite: str = typer.Option("raise", help="'raise' on a NaN/Inf activation, or 'skip' such batches."),
     trust: bool = typer.Option(False, "--trust", help="Allow a pickled checkpoint with code in it (only files you made)."),
@@ -139,7 +141,13 @@ def recalibrate_command(
     except Exception as exc:  # noqa: BLE001
         raise fail(f"cannot load data from {data!r}: {exc}")
     try:
-        report = recalibrate(net.eval(), loader, num_batches=batches, device=device,
+        feed = resolve_spec(forward) if forward is not None else None
+    except ValueError as exc:
+        raise fail(f"cannot import --forward: {exc}")
+    if feed is not None and not callable(feed):
+        raise fail(f"--forward {forward!r} is a {type(feed).__name__}, not a function")
+    try:
+        report = recalibrate(net.eval(), loader, num_batches=batches, forward=feed, device=device,
                              on_nonfinite=on_nonfinite, progress=progress)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise fail(f"recalibration failed, nothing written: {exc}", code=1)
