@@ -59,7 +59,8 @@ def test_recalibrates_saved_weights_exactly(tmp_path, suffix):
     x = digits(301)  # 4 batches of 64 and a last one of 45
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / f"out{suffix}"
-    result = invoke("--model", MODEL, "--weights", str(weights), "--data", str(tmp_path / "x.npy"), "--output", str(out))
+    result = invoke("--model", MODEL, "--weights", str(weights), "--data", str(tmp_path / "x.npy"),
+                    "--output", str(out))
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output.replace("\n", "")
 
@@ -80,7 +81,8 @@ def test_recalibrates_saved_weights_exactly(tmp_path, suffix):
     # the printed table: samples used and the mean shift in old standard deviations, per layer
     rows = {c[0]: c[1:] for c in (
         [cell.strip() for cell in line.split("│")[1:-1]] for line in result.output.splitlines()) if len(c) == 5}
-    shift = np.abs(mean - model[2].running_mean.double().numpy()) / np.sqrt(model[2].running_var.double().numpy() + 1e-5)
+    old_mean, old_var = model[2].running_mean.double().numpy(), model[2].running_var.double().numpy()
+    shift = np.abs(mean - old_mean) / np.sqrt(old_var + 1e-5)
     assert rows["2"][:2] == ["301", "301"] and rows["5"][0] == "301"
     assert float(rows["2"][2]) == pytest.approx(shift.max(), rel=1e-3)
 
@@ -126,7 +128,8 @@ def test_npz_key_batches_and_a_dataset_factory(tmp_path, monkeypatch):
 
     # dict batches need --forward; without it the run fails and writes nothing
     out3 = tmp_path / "o3.pt"
-    result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_dicts:batches", "--output", str(out3))
+    result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_dicts:batches",
+                    "--output", str(out3))
     assert result.exit_code == 1 and "forward" in result.output and not out3.exists()
     result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_dicts:batches",
                     "--forward", "h4_cli_dicts:feed", "--output", str(out3))
@@ -142,7 +145,8 @@ def test_failure_writes_nothing_and_keeps_the_input(tmp_path):
     x[70, 3] = np.nan
     np.save(tmp_path / "nan.npy", x)
     # output over the input: a failed run must leave the input file as it was
-    result = invoke("--model", MODEL, "--weights", str(weights), "--data", str(tmp_path / "nan.npy"), "--output", str(weights))
+    result = invoke("--model", MODEL, "--weights", str(weights), "--data", str(tmp_path / "nan.npy"),
+                    "--output", str(weights))
     assert result.exit_code == 1
     assert "non-finite" in result.output and "batch 1" in result.output
     assert weights.read_bytes() == original

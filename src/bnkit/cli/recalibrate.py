@@ -89,17 +89,22 @@ def _report_table(report: Any) -> Table:
 @app.command("recalibrate")
 def recalibrate_command(
     model: str = typer.Option(..., help="package.module:factory returning the model (or the model object itself)."),
-    output: Path = typer.Option(..., help="Where to write the recalibrated state dict (.safetensors or torch format, by suffix)."),
-    data: str = typer.Option(..., help="A .npy/.npz input array, or package.module:factory returning a Dataset, an array or batches."),
-    weights: Optional[Path] = typer.Option(None, help="State dict or .safetensors to load first (loaded with weights_only=True)."),
+    output: Path = typer.Option(
+        ..., help="Where to write the recalibrated state dict (.safetensors or torch format, by suffix)."),
+    data: str = typer.Option(
+        ..., help="A .npy/.npz input array, or package.module:factory returning a Dataset, an array or batches."),
+    weights: Optional[Path] = typer.Option(
+        None, help="State dict or .safetensors to load first (loaded with weights_only=True)."),
     batches: Optional[int] = typer.Option(None, help="Use at most this many batches (default: all the data)."),
     batch_size: int = typer.Option(64, help="Batch size when --data is an array or a Dataset."),
-    data_key: Optional[str] = typer.Option(None, help="Array name inside an .npz (default: its only array, or x/inputs/data)."),
+    data_key: Optional[str] = typer.Option(
+        None, help="Array name inside an .npz (default: its only array, or x/inputs/data)."),
     forward: Optional[str] = typer.Option(
         None, help="package.module:fn called as fn(model, batch), for batches that are dicts or several inputs."),
     device: Optional[str] = typer.Option(None, help="Run on this device (e.g. cuda); default: where the model is."),
     on_nonfinite: str = typer.Option("raise", help="'raise' on a NaN/Inf activation, or 'skip' such batches."),
-    trust: bool = typer.Option(False, "--trust", help="Allow a pickled checkpoint with code in it (only files you made)."),
+    trust: bool = typer.Option(
+        False, "--trust", help="Allow a pickled checkpoint with code in it (only files you made)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Recompute every BatchNorm layer's running mean/variance exactly over the data, and save the weights.

@@ -199,8 +199,13 @@ class _NonFinite(Exception):
         self.batch, self.layer = batch, layer
 
 
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64: on its device, or on the CPU for MPS, which has no float64."""
+    return t.to("cpu", torch.float64) if t.device.type == "mps" else t.double()
+
+
 def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel float64 ``(mean, biased variance)`` of a ``(N, C, *)`` tensor, on its device.
+    """Per-channel float64 ``(mean, biased variance)`` of a ``(N, C, *)`` tensor, on its device (MPS: the CPU).
 
     Small inputs (at most ``_SMALL`` values), where per-call overhead dominates,
     are upcast and reduced in one call to PyTorch's float64 BN statistics
@@ -219,7 +224,7 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims = [0, *range(2, x.dim())]
     xw = x.detach()
     if xw.numel() <= _SMALL:
-        return torch.batch_norm_update_stats(xw.double(), None, None, 0.0)
+        return torch.batch_norm_update_stats(_f64(xw), None, None, 0.0)
     if xw.dtype not in (torch.float32, torch.float64):
         xw = xw.float()
     n = xw.numel() // xw.shape[1]
@@ -228,12 +233,12 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     def total(t: torch.Tensor) -> torch.Tensor:
         per_sample = t.sum(dim=dims[1:]) if len(dims) > 1 else t
-        return per_sample.double().sum(dim=0)
+        return _f64(per_sample).sum(dim=0)
 
     s1 = total(d)
     s2 = total(d.square_())
     shift = s1 / n
-    return c.flatten().double() + shift, (s2 / n - shift * shift).clamp_min_(0.0)
+    return _f64(c.flatten()) + shift, (s2 / n - shift * shift).clamp_min_(0.0)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -334,8 +339,8 @@ class _Pass:
         def forward(x: torch.Tensor) -> torch.Tensor:
             module._check_input_dim(x)
             mean, var = self.record(index, x)
-            dtype = module.running_mean.dtype
-            return F.batch_norm(x, mean.to(dtype), var.to(dtype), module.weight, module.bias, False, 0.0, module.eps)
+            like = {"device": x.device, "dtype": module.running_mean.dtype}
+            return F.batch_norm(x, mean.to(**like), var.to(**like), module.weight, module.bias, False, 0.0, module.eps)
 
         return forward
 
@@ -527,8 +532,8 @@ def recalibrate(
     flags = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     buffers = {id(b): (b, b.detach().clone()) for b in model.buffers()}.values()
-    # clone: for float64 CPU buffers .double().numpy() would alias the buffer itself
-    old = [(m.running_mean.detach().double().cpu().clone().numpy(), m.running_var.detach().double().cpu().clone().numpy())
+    # copy=True: for float64 CPU buffers a plain .to() would return the buffer itself
+    old = [tuple(b.detach().to("cpu", torch.float64, copy=True).numpy() for b in (m.running_mean, m.running_var))
            for _, m in layers]
     acc = _Pass(layers, skip_nonfinite=on_nonfinite == "skip")
     patched: list[nn.Module] = []
