@@ -400,3 +400,25 @@ def test_onnx_path_goes_to_the_onnx_audit(trained, tmp_path):
     with pytest.raises(ValueError):
         audit(path, torch.randn(4, 1, 8, 8))
 
+
+
+def test_layers_with_their_own_forward_measured_the_same(trained, digits):
+    """bnkit's drop-in layers override forward: their inputs are reduced after the call instead."""
+    from bnkit.torch import convert_bn
+
+    x = digits[0][:640]
+    model = copy.deepcopy(trained)
+    bn = model.layers[1].bn1
+    with torch.no_grad():
+        bn.running_var *= 4.0
+    stock = audit(model, x)
+    converted = convert_bn(copy.deepcopy(model))
+    assert type(converted.layers[1].bn1).forward is not nn.BatchNorm2d.forward
+    snap = _snapshot(converted)
+    other = audit(converted, x)
+    assert [s.layer for s in other.shifts] == [s.layer for s in stock.shifts]
+    assert other.shifts[0].layer == "layers.1.bn1"
+    for a, b in zip(stock.shifts, other.shifts):
+        assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-7)
+        assert a.log_var_ratio == pytest.approx(b.log_var_ratio, rel=1e-4, abs=1e-6)
+    _assert_unchanged(converted, snap)

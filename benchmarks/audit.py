@@ -1,0 +1,92 @@
+"""Cost of ``bnkit.torch.audit(model, data)`` against plain forward passes, measured side by side.
+
+For each model: the time of the whole audit with data (state and flag checks, fold
+analysis, one batch-statistics forward per batch with per-layer float64 moments, the
+eval-mode gap and the batch-size-1 check) divided by the time of the same number of
+plain eval-mode forward passes over the same batches. Target: within 1.2.
+Also printed: the model-only audit (flags and fold analysis, which costs the same
+whatever the data size) and the ratio without it, which is what each extra batch costs.
+Best of ``--repeats`` for each, interleaved, in CPU time of this process (``time.process_time``:
+other processes on a shared machine do not skew it), one thread unless ``--threads`` says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bnkit.torch import audit
+from bnkit.torch.zoo import MLP, MobileNetV2Tiny, SmallResNet, VGGBN
+
+#: name: (input shape without the batch, factory)
+MODELS = {
+    "resnet": ((3, 16, 16), lambda: SmallResNet(in_channels=3, widths=(32, 64))),
+    "mobilenet": ((3, 32, 32), lambda: MobileNetV2Tiny(in_channels=3)),
+    "vgg": ((3, 8, 8), lambda: VGGBN(in_channels=3)),
+    "mlp": ((256,), lambda: MLP(in_features=256, hidden=(512, 256))),
+}
+
+
+def best_of(fns: dict, repeats: int) -> dict[str, float]:
+    """Minimum CPU time of each function, run interleaved ``repeats`` times after a warm-up."""
+    best = {}
+    for name, fn in fns.items():
+        fn()
+        best[name] = float("inf")
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            fn()
+            best[name] = min(best[name], time.process_time() - t0)
+    return best
+
+
+def _warm(model: torch.nn.Module, shape: tuple[int, ...]) -> torch.nn.Module:
+    """Give the BN layers trained-looking running statistics."""
+    model.train()
+    with torch.no_grad():
+        for seed in range(5):
+            model(torch.randn(64, *shape, generator=torch.Generator().manual_seed(seed)))
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"{args.batches} batches of {args.batch_size}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
+    print(f"{'model':<10} {'plain fwd (s)':>14} {'audit (s)':>10} {'ratio':>7} {'model-only (s)':>15} "
+          f"{'ratio without it':>17}  target <= 1.2")
+    worst = 0.0
+    for name in args.models:
+        shape, build = MODELS[name]
+        model = _warm(build(), shape)
+        data = torch.randn(args.batches * args.batch_size, *shape)
+        batches = list(torch.split(data, args.batch_size))
+
+        def plain():
+            with torch.no_grad():
+                for b in batches:
+                    model(b)
+
+        def audited():
+            audit(model, data, batch_size=args.batch_size)
+
+        t = best_of({"plain": plain, "audit": audited, "model": lambda: audit(model)}, args.repeats)
+        t_plain, t_audit, t_model = t["plain"], t["audit"], t["model"]
+        ratio = t_audit / t_plain
+        worst = max(worst, ratio)
+        print(f"{name:<10} {t_plain:>14.3f} {t_audit:>10.3f} {ratio:>7.2f} {t_model:>15.3f} "
+              f"{(t_audit - t_model) / t_plain:>17.2f}  {'ok' if ratio <= 1.2 else 'OVER'}")
+    print(f"worst ratio {worst:.2f} ({'meets' if worst <= 1.2 else 'misses'} the 1.2 target)")
+
+
+if __name__ == "__main__":
+    main()
