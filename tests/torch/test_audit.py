@@ -374,6 +374,11 @@ def test_bad_data_changes_nothing(trained, digits):
     with pytest.raises(ValueError, match="at least 2"):
         audit(model, digits[0][:3], batch_size=1)
     _assert_unchanged(model, snap)
+    lazy = nn.Sequential(nn.Flatten(), nn.LazyLinear(8), nn.LazyBatchNorm1d())
+    assert audit(lazy).by_code("lazy")
+    with pytest.raises(ValueError, match="lazy"):
+        audit(lazy, digits[0][:64])
+    assert lazy[1].has_uninitialized_params()
 
 
 def test_iterable_of_tuples_and_custom_forward(trained, digits):

@@ -10,9 +10,11 @@ Three depths, each adding to the one before:
    ``track_running_stats``, frozen gamma/beta, SyncBatchNorm without a process group),
    the momentum's averaging window, and which layers :func:`bnkit.torch.fold_bn` could
    remove.
-3. **Model + data**: one forward per batch with every BN layer normalizing with
-   batch statistics (``F.batch_norm(training=True)`` without updating the buffers,
-   other modules in eval mode). Each layer's input then has the distribution its
+3. **Model + data**: one forward per batch with every BN layer normalizing with the
+   batch's own statistics, as in training, and other modules in eval mode; no running
+   statistic is updated (stock layers run PyTorch's eval kernel on the batch moments,
+   computed in a pre-hook; layers with their own ``forward`` run in training mode
+   without tracking). Each layer's input then has the distribution its
    running statistics estimate in training (PyTorch's update averages exactly these
    batch statistics; torch/nn/modules/batchnorm.py ``_BatchNorm.forward``), *whatever
    the upstream layers' running statistics are*, so one corrupted layer is ranked first
@@ -37,6 +39,8 @@ Three depths, each adding to the one before:
 
 Nothing is changed: every module's train/eval flag, ``momentum``,
 ``track_running_stats`` and BN buffers are restored, also when a forward fails.
+``bnkit.torch.audit`` names both this module and :func:`audit`; calling the module
+calls the function.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
 from ..audit_state import BNStats, audit_state, check_bn_stats, ema_noise_factor, ema_window
@@ -224,6 +229,11 @@ def _model_report(model, data, forward, batch_size, train_batch_size, max_batche
     findings += _sync_findings(layers)
     batches = None
     if data is not None:
+        lazy = [n or type(m).__name__ for n, m in model.named_modules()
+                if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+        if lazy:
+            raise ValueError(f"uninitialized lazy modules ({', '.join(lazy)}): a forward pass would create their "
+                             "parameters; run one yourself before auditing with data")
         batches = _Batches(data, batch_size, max_batches, model)
     findings += _fold_findings(model, layers, batches.first_input(forward) if batches is not None else None)
     if batches is not None:
