@@ -47,3 +47,10 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+# ``audit`` and ``recalibrate`` share their module's name. Imported here, the package
+# attribute ends as the function for good: a later ``import bnkit.torch.audit`` finds the
+# module in ``sys.modules`` and leaves the attribute alone (both need only torch).
+from .audit import AuditReport, audit  # noqa: E402
+from .recalibrate import RecalibrationReport, recalibrate  # noqa: E402
