@@ -108,6 +108,35 @@ def test_training_mode_export_is_left_unless_switched_then_matches_eval(opset, c
     assert rel(ort_run(proto, {"input": x.numpy()})[0], eager) > 1e-2
 
 
+@pytest.mark.parametrize("opset", [12, 17])
+def test_default_fold_keeps_training_outputs_because_removing_them_changes_the_output(opset, calibrated, export):
+    # ONNX BatchNormalization-9: the number of outputs is the mode; -14/15: training_mode=1 needs all three.
+    model, x = calibrated("vgg")
+    proto = export(model, x, training=True, opset=opset)
+    folded, report = fold_model(proto)
+    bn_outputs = [list(n.output) for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    assert [list(n.output) for n in folded.graph.node if n.op_type == "BatchNormalization"] == bn_outputs
+    assert report.removed_outputs == [] and all(len(outs) > 1 for outs in bn_outputs)
+    why = "they are what selects training mode" if opset < 14 else "training_mode=1 requires all three outputs"
+    assert all(why in reason for reason in report.left.values())
+    feeds = {"input": x.numpy()}
+    assert rel(ort_run(folded, feeds)[0], ort_run(proto, feeds)[0]) == 0.0
+
+    # the oracle for "would change Y": the same graph with the unused outputs cut by hand
+    cut = onnx.ModelProto()
+    cut.CopyFrom(proto)
+    for node in cut.graph.node:
+        if node.op_type == "BatchNormalization":
+            del node.output[1:]
+    if opset < 14:  # onnxruntime now normalises with the running statistics: PyTorch's eval output
+        with torch.no_grad():
+            eager = model.eval()(x).double().numpy()
+        assert rel(ort_run(cut, feeds)[0], eager) < 1e-5 and rel(ort_run(proto, feeds)[0], eager) > 1e-2
+    else:  # the node is no longer valid
+        with pytest.raises(Exception, match="should be 3 when Training_mode = True"):
+            ort_run(cut, feeds)
+
+
 # -------------------------------------------------------------------------------- hand-built graphs
 
 def _bn_arrays(c: int, rng, dtype=np.float32):

@@ -24,10 +24,22 @@ impossible: the layer's output is read elsewhere, the statistics are not constan
 not finite, the input is not such a layer (an addition, a graph input), a MatMul of
 rank > 2 (BN's axis 1 is then not the output feature axis), or the node is in training mode.
 
-Training-mode nodes (``training_mode=1``, or running-statistic outputs in opset 9-13) are
-switched to their running statistics only when asked (``to_inference=True``) and their
-extra outputs are unused; the verification reference is then the switched model.
-Unused extra outputs of inference nodes are removed. Peers: onnxruntime's
+Unused running-statistic outputs are removed wherever that leaves every output as it was.
+The ONNX spec (onnx/defs/nn/defs.cc, ``BatchNormalization`` 9 and 14/15) decides which:
+
+* an inference node (opset >= 14, ``training_mode=0``) with extra outputs: the spec calls
+  them invalid and onnxruntime refuses the model; ``Y`` never reads them, so they are
+  always removed when unused;
+* a training node in opset 9-13: there is no mode attribute, the number of outputs *is*
+  the mode ("Output case #1: Y, mean, var, saved_mean, saved_var (training mode); #2: Y
+  (test mode)"), so removing them switches ``Y`` from batch to running statistics;
+* a training node from opset 14 (``training_mode=1``): shape inference requires exactly
+  three outputs, so they cannot go while the node normalises with batch statistics
+  (blank output names instead crash onnxruntime 1.32).
+
+So a training node keeps its outputs and is left, unless asked (``to_inference=True``):
+its unused outputs are then removed, ``training_mode`` set to 0, and it uses its running
+statistics; the verification reference is then the switched model. Peers: onnxruntime's
 ``ConvBNFusion`` (onnxruntime/core/optimizer/conv_bn_fusion.cc), which fuses Conv only.
 """
 from __future__ import annotations
@@ -131,8 +143,11 @@ class _Folder:
         """Drop unused extra outputs (switching a training node if asked); a reason to leave it, or None."""
         read = [o for o in bn.extra_outputs if self.index.readers(o)]
         if bn.training and not to_inference:
-            return ("training mode: it normalises with batch statistics; pass to_inference=True "
-                    "(--to-inference) to use its running statistics instead")
+            kept = ("in opset 9-13 they are what selects training mode" if self.opset < 14
+                    else "training_mode=1 requires all three outputs")
+            return (f"training mode: it normalises with batch statistics, and its outputs {bn.extra_outputs} stay "
+                    f"({kept}), since removing them would change Y; pass to_inference=True (--to-inference) "
+                    "to use its running statistics instead")
         if read:
             return f"its running-statistic outputs {read} are read by other nodes or are graph outputs"
         node = bn.node
