@@ -147,3 +147,22 @@ def test_fold_pytorch_model_to_onnx_and_refusals(tmp_path):
     result = runner.invoke(app, ["fold", "--model", "no_such_module:f", "-o", str(fresh)])
     assert result.exit_code == 2 and "cannot build the model" in _text(result)
     assert sorted(os.listdir(tmp_path)) == ["folded.onnx", "w.pt"]
+
+
+def test_audit_reads_the_unfolded_export_the_folded_file_and_a_training_export(tmp_path):
+    # the two commands together: `bnkit fold model.onnx -o folded.onnx`, then `bnkit audit` on each file
+    src = _export(_calibrated_vgg(), tmp_path / "vgg.onnx")
+    out = tmp_path / "folded.onnx"
+    assert runner.invoke(app, ["fold", str(src), "-o", str(out)]).exit_code == 0
+
+    def audit(path):
+        result = runner.invoke(app, ["audit", str(path), "--json"])
+        return result.exit_code, json.loads(result.output)
+
+    code, report = audit(src)
+    assert code == 0 and report["ok"] and report["depth"] == "onnx" and report["findings"] == []
+    code, report = audit(out)
+    assert code == 0 and report["ok"] and [f["code"] for f in report["findings"]] == ["no_bn"]
+    code, report = audit(_export(_calibrated_vgg(), tmp_path / "train.onnx", training=True))
+    assert code == 1 and not report["ok"]
+    assert [f["code"] for f in report["findings"]] == ["training_mode"] * 5
