@@ -46,7 +46,8 @@ class OnnxAuditReport:
         return worst_severity(self.findings)
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "opset": self.opset, "nodes": self.nodes, "findings": [f.to_dict() for f in self.findings]}
+        return {"ok": self.ok, "opset": self.opset, "nodes": self.nodes,
+                "findings": [f.to_dict() for f in self.findings]}
 
 
 def _node_findings(bn: BNNode) -> list[Finding]:

@@ -201,7 +201,8 @@ class _Folder:
         layer = self.index.producer.get(other)
         if layer is None or layer.domain not in ("", "ai.onnx") or layer.op_type not in _FOLDERS:
             what = "a graph input" if layer is None else f"{layer.op_type} {node_label(layer)!r}"
-            return f"its input is Add {node_label(add)!r} of a constant and {what}, not of a Conv/ConvTranspose/Gemm/MatMul"
+            return (f"its input is Add {node_label(add)!r} of a constant and {what}, "
+                    "not of a Conv/ConvTranspose/Gemm/MatMul")
         if self.index.readers(other) != 1:
             return f"the output of {node_label(layer)!r} is also read elsewhere; folding would change that reader"
         if not (np.issubdtype(c.dtype, np.floating) or c.dtype.name == "bfloat16"):
@@ -231,7 +232,8 @@ class _Folder:
                 return found
             target, shift = found
         elif producer.domain not in ("", "ai.onnx") or producer.op_type not in _FOLDERS:
-            return f"its input comes from {producer.op_type} {node_label(producer)!r}, not a Conv/ConvTranspose/Gemm/MatMul"
+            return (f"its input comes from {producer.op_type} {node_label(producer)!r}, "
+                    "not a Conv/ConvTranspose/Gemm/MatMul")
         a = bn.scale / np.sqrt(bn.var + bn.epsilon)
         b = bn.bias - a * bn.mean
         notes: list[str] = []
@@ -256,7 +258,8 @@ class _Folder:
             bias_name = _fresh_name(f"{bn.name}.bias_folded", self.taken)
             dtype = self.index.constant(target.input[1]).dtype
             self.graph.initializer.append(numpy_helper.from_array(b.astype(dtype), bias_name))
-            add = helper.make_node("Add", [x, bias_name], [node.output[0]], name=_fresh_name(f"{bn.name}_bias", self.taken))
+            add = helper.make_node("Add", [x, bias_name], [node.output[0]],
+                                   name=_fresh_name(f"{bn.name}_bias", self.taken))
             position = list(self.graph.node).index(node)
             self.graph.node.remove(node)
             self.graph.node.insert(position, add)
@@ -278,7 +281,9 @@ def _weight(folder: _Folder, node: onnx.NodeProto, slot: int, what: str):
     return value, None
 
 
-def _fold_conv_like(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]) -> str | None:
+def _fold_conv_like(
+    folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]
+) -> str | None:
     w, why = _weight(folder, node, 1, "weight")
     if w is None:
         return why
@@ -312,7 +317,9 @@ def _fold_conv_like(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.
     return None
 
 
-def _fold_gemm(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]) -> str | None:
+def _fold_gemm(
+    folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]
+) -> str | None:
     w, why = _weight(folder, node, 1, "B matrix")
     if w is None:
         return why
@@ -343,7 +350,9 @@ def _fold_gemm(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarr
     return None
 
 
-def _fold_matmul(folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]) -> str | None:
+def _fold_matmul(
+    folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]
+) -> str | None:
     w, why = _weight(folder, node, 1, "second operand")
     if w is None:
         return why
@@ -425,7 +434,8 @@ def fold_model(
     folder.reindex()
 
     for name, y in candidates:
-        bn = next(b for b in bn_nodes(work.graph, folder.opset, folder.index) if not b.in_subgraph and b.node.output[0] == y)
+        bn = next(b for b in bn_nodes(work.graph, folder.opset, folder.index)
+                  if not b.in_subgraph and b.node.output[0] == y)
         why = folder.fold(bn)
         if why is not None:
             report.left[name] = why

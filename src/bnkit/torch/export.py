@@ -156,7 +156,8 @@ def export_onnx(
         checks = [inputs] + ([tuple(t[:1] for t in inputs)] if len(expected) > 1 else [])
         for feeds, want in zip(checks, expected):
             got = run(proto, {n: t.detach().cpu().numpy() for n, t in zip(in_names, feeds)})
-            abs_diff, rel_diff = compare([w.detach().cpu().double().numpy() for w in want], [np.asarray(g) for g in got])
+            abs_diff, rel_diff = compare([w.detach().cpu().double().numpy() for w in want],
+                                         [np.asarray(g) for g in got])
             report.max_abs_diff = max(report.max_abs_diff, abs_diff)
             report.max_rel_diff = max(report.max_rel_diff, rel_diff)
             report.batch_sizes.append(int(feeds[0].shape[0]) if feeds[0].dim() else 0)
