@@ -159,6 +159,18 @@ def test_nonfinite_statistics_are_rejected():
         fold_bn(model, x)
 
 
+def test_negative_variance_is_rejected_not_folded_into_nan_weights():
+    # sqrt(var + eps) of a corrupt negative variance would write NaN into the layer's weights, even with force
+    model, x = zoo_model("mlp")
+    model[2].running_var[3] = -0.5
+    for force in (False, True):
+        with pytest.raises(ValueError, match=r"running_var \+ eps <= 0.*: 2"):
+            fold_bn(model, x, force=force)
+    model[2].running_var[3] = -model[2].eps / 2  # var + eps > 0: a valid (if odd) BN, folded exactly
+    folded, report = fold_bn(model, x)
+    assert report.n_left == 0 and report.max_rel_diff < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_fold_is_computed_in_float64(dtype):
     torch.manual_seed(0)

@@ -172,8 +172,8 @@ def fold_bn(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: BN layers in training mode or never updated (without ``force``);
-            NaN/Inf BN statistics or affine parameters; uninitialized lazy modules;
-            NaN/Inf in ``example_inputs``.
+            NaN/Inf BN statistics or affine parameters, or ``running_var + eps <= 0``;
+            uninitialized lazy modules; NaN/Inf in ``example_inputs``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_bn needs a torch.nn.Module, got {type(model).__name__}")
@@ -217,13 +217,15 @@ def _check_model(model: nn.Module, force: bool) -> None:
             if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
     if lazy:
         raise ValueError(f"uninitialized lazy modules (run one forward pass first): {', '.join(lazy)}")
-    training, never, nonfinite = [], [], []
+    training, never, nonfinite, nonpositive = [], [], [], []
     for name, bn in bn_layers(model):
         tensors = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             nonfinite.append(name)
         if bn.running_mean is None:
             continue  # track_running_stats=False: reported as not foldable
+        if bool((_f64(bn.running_var) + bn.eps <= 0).any()):
+            nonpositive.append(name)
         if bn.training:
             training.append(name)
         if _never_updated(bn):
@@ -231,6 +233,11 @@ def _check_model(model: nn.Module, force: bool) -> None:
     if nonfinite:
         raise ValueError(
             f"BatchNorm layers with NaN/Inf statistics or affine parameters cannot be folded: {', '.join(nonfinite)}"
+        )
+    if nonpositive:
+        raise ValueError(
+            "BatchNorm layers with running_var + eps <= 0 somewhere (corrupt statistics; sqrt would put NaN into "
+            f"the folded weights) cannot be folded: {', '.join(nonpositive)}"
         )
     problems = []
     if training:
