@@ -384,6 +384,19 @@ def test_layer_plus_constant_then_bn_folds_into_the_weight_and_the_constant(laye
     _check_exact(model, folded)
 
 
+def test_layer_plus_constant_with_a_runtime_weight_is_left_with_the_reason():
+    rng = np.random.default_rng(12)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), helper.make_node("Add", ["h", "K"], ["z"]),
+             _bn_node("z", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5]),
+                           helper.make_tensor_value_info("W", TensorProto.FLOAT, [3, 2, 3, 3])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 3, 3])],
+                   {"K": rng.standard_normal((1, 3, 1, 1)).astype(np.float32), **_bn_inits(3, rng)})
+    folded, report = fold_model(model)
+    assert report.left == {"bn": "the weight of 'conv' is not a constant"} and ops(folded) == ops(model)
+    assert folded.SerializeToString() == model.SerializeToString()
+
+
 def test_nodes_sharing_a_name_are_told_apart_by_their_outputs():
     rng = np.random.default_rng(11)
     nodes, inits = [], {}

@@ -241,7 +241,10 @@ class _Folder:
             notes.append("statistics look never updated (mean 0, var 1): folded as stored; see bnkit audit")
         if shift is not None:
             slot, c = shift
-            rank = self.index.constant(target.input[1]).ndim if target.op_type in ("Conv", "ConvTranspose") else 2
+            weight = self.index.constant(target.input[1]) if len(target.input) > 1 else None
+            if weight is None:
+                return f"the weight of {node_label(target)!r} is not a constant"
+            rank = weight.ndim if target.op_type in ("Conv", "ConvTranspose") else 2
             if c.ndim > rank:
                 return f"the constant added by {node_label(producer)!r} has rank {c.ndim} > the layer output's {rank}"
         reason = _FOLDERS[target.op_type](self, target, a, None if shift else b, notes)
