@@ -199,6 +199,7 @@ def test_low_precision_fold_is_computed_in_float64(dtype):
     assert torch.equal(folded[0].bias, want_b)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # importing fx fuse
 def test_sync_batchnorm_in_eval_mode_is_folded():
     model, x = zoo_model("resnet")
     sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
@@ -208,6 +209,13 @@ def test_sync_batchnorm_in_eval_mode_is_folded():
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in folded.modules())
     with torch.no_grad():
         assert rel_diff(model(x), folded(x)) < 1e-5
+    # the peer: torch.fx's fuse leaves every SyncBatchNorm in place
+    from torch.fx.experimental.optimization import fuse
+
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in fuse(sync).modules()) == 6
+    sync.layers[0].bn1.train()
+    with pytest.raises(ValueError, match=r"training mode.*layers\.0\.bn1"):
+        fold_bn(sync, x)
 
 
 def test_bn_before_linear_and_unpadded_grouped_conv_and_after_grouped_convtranspose():
