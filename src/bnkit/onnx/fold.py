@@ -34,8 +34,12 @@ The ONNX spec (onnx/defs/nn/defs.cc, ``BatchNormalization`` 9 and 14/15) decides
   the mode ("Output case #1: Y, mean, var, saved_mean, saved_var (training mode); #2: Y
   (test mode)"), so removing them switches ``Y`` from batch to running statistics;
 * a training node from opset 14 (``training_mode=1``): shape inference requires exactly
-  three outputs, so they cannot go while the node normalises with batch statistics
-  (blank output names instead crash onnxruntime 1.32).
+  three outputs, so they cannot go while the node normalises with batch statistics.
+
+Blanking the names instead (``""`` marks an absent optional output) is not done: with every
+extra output blanked onnxruntime 1.32 crashes (segmentation fault) on both kinds of
+training node, and blanking only opset 9-13's ``saved_mean``/``saved_var`` would leave
+the node in training mode anyway.
 
 So a training node keeps its outputs and is left, unless asked (``to_inference=True``):
 its unused outputs are then removed, ``training_mode`` set to 0, and it uses its running
