@@ -425,7 +425,8 @@ class _Batches:
     def _prepare(self, batch: Any, index: int) -> Any:
         def move(t: torch.Tensor) -> torch.Tensor:
             if t.is_floating_point():
-                if not bool(torch.isfinite(t).all()):
+                # NaN/Inf always reach the sum; only a sum that overflows needs the element-wise check
+                if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
                     raise ValueError(f"data batch {index} contains NaN or Inf")
                 t = t.to(self.dtype)
             return t.to(self.device)
@@ -492,14 +493,26 @@ def _moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     return n, mean, d.mul_(d).sum(2).sum(0)
 
 
+#: Up to this many values per channel and sample, PyTorch's training kernel computes the batch
+#: moments faster than :func:`_moments` does (BatchNorm1d on ``(N, C)``, tiny feature maps).
+_KERNEL_STATS_MAX_VALUES = 4
+
+
 class _Collector:
     """Per-layer float64 moments of a BN layer's input: pooled with Chan's formula, and per call.
 
-    A stock layer (``forward`` not overridden) stays in eval mode and gets the batch's mean
-    and biased variance written into its running buffers just before each call (a forward
-    pre-hook), so PyTorch's fast eval kernel normalizes with the batch statistics exactly as
-    training mode does. Other layers run in training mode without tracking, and their
-    input is reduced after the call. :class:`_Restore` puts the buffers back.
+    How a stock layer (``forward`` not overridden) normalizes a call with its batch's own
+    statistics, without touching what :class:`_Restore` will put back into its buffers:
+
+    * large feature maps: the layer stays in eval mode and a forward pre-hook writes the
+      batch's mean and biased variance (what training mode normalizes with) into its
+      running buffers, so PyTorch's fast eval kernel applies them;
+    * up to :data:`_KERNEL_STATS_MAX_VALUES` values per channel and sample: the call runs in
+      training mode with ``momentum = 1``, so PyTorch's update ``r = (1 - m) r + m b``
+      leaves exactly the batch mean and unbiased variance in the buffers, read after it.
+
+    Layers with their own ``forward`` run in training mode without tracking, and their
+    input is reduced after the call.
     """
 
     def __init__(self, bn: _BatchNorm) -> None:
@@ -508,29 +521,42 @@ class _Collector:
         self.samples: list[tuple[int, int]] = []  # (batch size, values per channel)
         self.means: list[torch.Tensor] = []
         self.m2: list[torch.Tensor] = []
+        self._kernel_call = False
 
-    def attach(self, bn: _BatchNorm) -> Any:
-        """Put the layer on batch statistics for the pass; returns the hook handle."""
+    def attach(self, bn: _BatchNorm) -> list[Any]:
+        """Put the layer on batch statistics for the pass; returns the hook handles."""
         if self.stock:
-            bn.training = False
-            return bn.register_forward_pre_hook(self._before)
+            bn.momentum, bn.track_running_stats = 1.0, True
+            bn.running_mean.zero_()  # scratch space from here on; (1 - 1) * NaN would stay NaN
+            bn.running_var.fill_(1.0)
+            return [bn.register_forward_pre_hook(self._before), bn.register_forward_hook(self._after_kernel)]
         bn.training, bn.track_running_stats = True, False
-        return bn.register_forward_hook(self._after)
+        return [bn.register_forward_hook(self._after)]
 
-    def _record(self, x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-        n, mean, m2 = _moments(x)
+    def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         self.samples.append((x.shape[0], n))
         self.means.append(mean)
         self.m2.append(m2)
-        return n, mean, m2
 
     def _before(self, module: _BatchNorm, args: tuple) -> None:
-        n, mean, m2 = self._record(args[0])
-        module.running_mean.copy_(mean)
-        module.running_var.copy_(m2 / n)  # training mode normalizes with the biased variance
+        x = args[0]
+        self._kernel_call = x.numel() // (x.shape[0] * x.shape[1]) <= _KERNEL_STATS_MAX_VALUES
+        module.training = self._kernel_call
+        if not self._kernel_call:
+            n, mean, m2 = _moments(x)
+            self._record(x, n, mean, m2)
+            module.running_mean.copy_(mean)
+            module.running_var.copy_(m2 / n)  # training mode normalizes with the biased variance
+
+    def _after_kernel(self, module: _BatchNorm, args: tuple, output: Any) -> None:
+        if self._kernel_call:
+            x = args[0]
+            n = x.numel() // x.shape[1]
+            var = module.running_var.to(torch.float64, copy=True)  # unbiased; copies, the next call overwrites
+            self._record(x, n, module.running_mean.to(torch.float64, copy=True), var * (n - 1))
 
     def _after(self, module: _BatchNorm, args: tuple, output: Any) -> None:
-        self._record(args[0])
+        self._record(args[0], *_moments(args[0]))
 
     def pool(self) -> RunningMoments:
         """Merge the calls' ``(count, mean, M2)`` with Chan's formula, in float64."""
@@ -555,7 +581,7 @@ def _data_findings(model, layers, batches: _Batches, forward, train_batch_size, 
     with _Restore(model, layers) as restore, torch.no_grad():
         # pass 1: every BN on batch statistics (its buffers as scratch space); other modules in eval mode
         _set_training(model, False)  # assigned, not model.eval(): a frozen layer's own train() must not run
-        handles = [collectors[n].attach(bn) for n, bn in tracked]
+        handles = [h for n, bn in tracked for h in collectors[n].attach(bn)]
         try:
             batch_out, used = None, 0
             for i, batch in enumerate(batches):
