@@ -293,18 +293,21 @@ def test_single_shifted_layer_ranks_first(trained, digits):
     assert s.mean_shift == pytest.approx(z[s.worst_channel].item(), abs=1e-4)
 
 
-def test_shift_math_on_one_layer_against_float64_closed_form():
+@pytest.mark.parametrize("shape", [(600, 3), (60, 3, 2, 2), (40, 3, 5, 5)])  # kernel moments / _moments
+def test_shift_math_on_one_layer_against_float64_closed_form(shape):
     rng = np.random.default_rng(1)
-    data = rng.normal([1.0, -2.0, 0.5], [2.0, 0.5, 1.0], size=(600, 3))
-    bn = nn.BatchNorm1d(3).eval()
+    loc = np.array([1.0, -2.0, 0.5]).reshape((1, 3) + (1,) * (len(shape) - 2))
+    scale = np.array([2.0, 0.5, 1.0]).reshape(loc.shape)
+    data = torch.tensor(rng.normal(size=shape) * scale + loc, dtype=torch.float32)
+    bn = (nn.BatchNorm1d(3) if len(shape) == 2 else nn.BatchNorm2d(3)).eval()
     with torch.no_grad():
         bn.running_mean.copy_(torch.tensor([0.0, -2.0, 3.0]))
         bn.running_var.copy_(torch.tensor([4.0, 1.0, 1.0]))
         bn.num_batches_tracked.fill_(1000)
-    report = audit(bn, torch.tensor(data, dtype=torch.float32), batch_size=50)
+    report = audit(bn, data, batch_size=20)
     (s,) = report.shifts
-    x = torch.tensor(data, dtype=torch.float32).double().numpy()  # what the layer saw
-    mu, var = x.mean(0), x.var(0, ddof=1)
+    x = data.double().numpy().swapaxes(0, 1).reshape(3, -1)  # what the layer saw, per channel
+    mu, var = x.mean(1), x.var(1, ddof=1)
     mr, vr = np.array([0.0, -2.0, 3.0]), np.array([4.0, 1.0, 1.0])
     z = (mu - mr) / np.sqrt(vr + 1e-5)
     lr = np.log((var + 1e-5) / (vr + 1e-5))
@@ -313,7 +316,7 @@ def test_shift_math_on_one_layer_against_float64_closed_form():
     assert s.worst_channel == int(np.argmax(kl)) == 2
     assert s.mean_shift == pytest.approx(z[2], rel=1e-5)
     assert s.log_var_ratio == pytest.approx(lr[2], rel=1e-4)
-    assert s.count == 600
+    assert s.count == x.shape[1]
 
 
 def test_running_stat_noise_matches_pytorch_running_average():
@@ -427,3 +430,27 @@ def test_layers_with_their_own_forward_measured_the_same(trained, digits):
         assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-7)
         assert a.log_var_ratio == pytest.approx(b.log_var_ratio, rel=1e-4, abs=1e-6)
     _assert_unchanged(converted, snap)
+
+
+@pytest.mark.parametrize("name", ["resnet", "mlp", "vgg"])
+def test_train_eval_gap_equals_pytorch_training_mode(name, digits):
+    """The pass normalizes exactly as PyTorch's training mode does (without its updates)."""
+    from bnkit.torch.zoo import VGGBN
+
+    torch.manual_seed(0)
+    model = {"resnet": SmallResNet, "mlp": MLP, "vgg": VGGBN}[name]()
+    x = digits[0][:128] if name != "mlp" else digits[0][:128].flatten(1)
+    with torch.no_grad():
+        model.train()
+        for i in range(0, 128, 32):
+            model(x[i:i + 32] * 1.5)  # running statistics of other data: a real gap
+    model.eval()
+    report = audit(model, x, batch_size=64)
+    reference = copy.deepcopy(model)
+    for _, bn in bn_layers(reference):
+        bn.train()
+    with torch.no_grad():
+        y_train, y_eval = reference(x[:64]).double(), model(x[:64]).double()
+    expected = ((y_train - y_eval).norm() / y_train.norm()).item()
+    assert expected > 0.05
+    assert report.train_eval_gap == pytest.approx(expected, rel=1e-4)
