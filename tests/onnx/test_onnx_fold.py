@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from bnkit.onnx import FoldVerificationError, fold, fold_model
+from bnkit.onnx import FoldVerificationError, OnnxRuntimeError, audit, fold, fold_model
 from bnkit.torch import bn_layers
 from bnkit.torch.zoo import ZOO
 
@@ -296,6 +296,36 @@ def test_unused_extra_outputs_of_an_inference_node_are_removed():
     assert rel(ort_run(folded, feeds)[0], want) < 1e-5
 
 
+@pytest.mark.parametrize("opset,outputs,training", [(12, ["y", "", "", "", ""], None), (15, ["y", "", ""], 0),
+                                                    (15, ["y", "", ""], 1)])
+def test_blank_optional_outputs_are_dropped_not_run_into_an_onnxruntime_crash(opset, outputs, training):
+    # onnxruntime 1.32 segfaults on these nodes; "" names absent outputs, so dropping them is the same node
+    rng = np.random.default_rng(13)
+    attrs = {} if training is None else {"training_mode": training}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
+             helper.make_node("BatchNormalization", ["h", "bn.s", "bn.b", "bn.m", "bn.v"], outputs, name="bn", **attrs)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
+                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=opset)
+    assert [f.code for f in audit(model).findings if f.severity == "warning"] == ["blank_outputs"]
+    if training:
+        with pytest.raises(OnnxRuntimeError, match="only blank"):
+            fold_model(model)
+        folded, report = fold_model(model, to_inference=True)
+        assert report.converted == ["bn"]
+    else:
+        folded, report = fold_model(model)
+    assert ops(folded) == ["Conv"] and report.removed_outputs == [] and report.verified
+    # the oracle: the same node written with Y alone (inference), run by onnxruntime
+    single = onnx.ModelProto()
+    single.CopyFrom(model)
+    del single.graph.node[1].output[1:]
+    for attr in single.graph.node[1].attribute:
+        if attr.name == "training_mode":
+            attr.i = 0
+    _check_exact(single, folded)
+
+
 # -------------------------------------------------------------------------------- files
 
 def test_fold_writes_atomically_and_the_result_reloads(tmp_path, zoo_onnx):
@@ -344,7 +374,6 @@ def test_unreadable_or_invalid_files_are_refused(tmp_path):
 
 def test_bf16_fold_rounds_once_and_an_unrunnable_model_says_how_to_skip_the_check():
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    from bnkit.onnx import OnnxRuntimeError
 
     rng = np.random.default_rng(9)
     w = rng.standard_normal((4, 2, 3, 3)).astype(ml_dtypes.bfloat16)

@@ -6,6 +6,7 @@ Flags, as :class:`bnkit.findings.Finding` rows (layer = node name):
   onnxruntime then normalises each batch with its own statistics, so outputs depend on
   the batch and not on the stored running statistics (error);
 * extra running-statistic outputs on an inference node (invalid from opset 14; warning);
+* optional outputs that are all blank names, on which onnxruntime 1.32 crashes (warning);
 * statistics or parameters computed at run time, so they cannot be checked (warning);
 * per-channel array problems, checked by :func:`bnkit.audit_state.check_bn_stats`:
   non-finite values, never-updated statistics (every mean 0 and variance 1),
@@ -67,6 +68,13 @@ def _node_findings(bn: BNNode) -> list[Finding]:
             f"outputs {bn.extra_outputs} beside Y; the ONNX spec allows them only with training_mode=1",
             "re-export in eval mode, or `bnkit fold` (removes them where unused)",
             "extra_outputs", {"extra_outputs": bn.extra_outputs}))
+    if len(bn.node.output) > 1 and not bn.extra_outputs:
+        findings.append(Finding(
+            "warning", bn.name, "blank running-statistic outputs",
+            f"outputs {list(bn.node.output)}: every optional output is named \"\" (absent), which crashes "
+            "onnxruntime 1.32 (segmentation fault) when the model is loaded",
+            "`bnkit fold` drops them (add --to-inference for a training-mode node)",
+            "blank_outputs", {"outputs": list(bn.node.output)}))
     for note in bn.notes:
         findings.append(Finding("warning", bn.name, "unusual BatchNormalization attribute", note,
                                 "re-export with opset >= 9", "spatial"))

@@ -138,6 +138,8 @@ class _Folder:
         self.taken.update(i.name for i in self.graph.input)
         self.index = GraphIndex(self.graph)
         self._ranks: dict[str, int] | None = None
+        #: training nodes whose running-statistic outputs are all blank names: onnxruntime 1.32 crashes on them
+        self.blank_training: list[str] = []
 
     def reindex(self) -> None:
         self.index = GraphIndex(self.graph)
@@ -146,7 +148,10 @@ class _Folder:
     def tidy_outputs(self, bn: BNNode, to_inference: bool) -> str | None:
         """Drop unused extra outputs (switching a training node if asked); a reason to leave it, or None."""
         read = [o for o in bn.extra_outputs if self.index.readers(o)]
+        node = bn.node
         if bn.training and not to_inference:
+            if not bn.extra_outputs and len(node.output) > 1:
+                self.blank_training.append(bn.name)
             kept = ("in opset 9-13 they are what selects training mode" if self.opset < 14
                     else "training_mode=1 requires all three outputs")
             return (f"training mode: it normalises with batch statistics, and its outputs {bn.extra_outputs} stay "
@@ -154,8 +159,7 @@ class _Folder:
                     "to use its running statistics instead")
         if read:
             return f"its running-statistic outputs {read} are read by other nodes or are graph outputs"
-        node = bn.node
-        if bn.extra_outputs:
+        if len(node.output) > 1:  # blank ("") names too: absent outputs, which crash onnxruntime 1.32 when all blank
             self.report.removed_outputs.extend(bn.extra_outputs)
             del node.output[1:]
         if bn.training:
@@ -453,6 +457,11 @@ def fold_model(
         raise RuntimeError(f"the folded model fails onnx.checker: {exc}") from exc
 
     if verify:
+        if folder.blank_training:
+            raise OnnxRuntimeError(
+                f"BatchNormalization nodes {folder.blank_training} are in training mode with only blank (\"\") "
+                "running-statistic outputs, which crash onnxruntime (1.32, segmentation fault), so the model cannot "
+                "be verified; pass to_inference=True (--to-inference) to switch them, or verify=False (--no-verify)")
         feeds = random_inputs(reference, input_shapes=input_shapes, dynamic_size=dynamic_size)
         report.input_shapes = {k: list(v.shape) for k, v in feeds.items()}
         report.tolerance = default_tolerance(reference) if rtol is None else rtol
