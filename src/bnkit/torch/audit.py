@@ -301,7 +301,7 @@ def _mode_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]]) -> li
     if frozen_eval and model.training:
         out.append(Finding(
             "info", _names(frozen_eval), "frozen layers in eval mode inside a model in training mode",
-            f"{len(frozen_eval)} layer(s) normalize with fixed running statistics and fixed gamma/beta",
+            f"{len(frozen_eval)} layer(s) normalize with their fixed running statistics while the rest trains",
             "", "frozen", {"layers": frozen_eval}))
     if affine_only:
         out.append(Finding(
