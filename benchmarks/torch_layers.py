@@ -8,15 +8,27 @@ Prints time(bnkit) / time(plain torch) for:
 * a ResNet under ``with bn_guard(model)`` vs the same model unguarded (eval forward);
 * ``protect_stats`` around a training forward vs the bare forward.
 
+The guard and ``protect_stats`` cost a fixed few microseconds per entry, so they are
+shown twice: on a deliberately tiny ResNet (8x8 digits, a forward under 1 ms, where
+the fixed cost shows most) and on a realistically sized one (widths 64/128/256,
+batch 16 of 3x32x32), where ``protect_stats`` wraps a whole training step
+(forward, backward, SGD step).
+
 Target: every ratio within 1.05. Many short runs are interleaved (A, B, A, B,
-...) and the best of each side is kept, so bursts of load from other processes
-(which hit either side at random) drop out.
-Run with ``OMP_NUM_THREADS=1`` for stable figures.
+...); printed are the best time of each side, their ratio, and the median of the
+ratios within each pair (load that drifts between pairs cancels). With one torch
+thread (the default) times are the calling thread's CPU time (``time.thread_time``;
+every op runs on that thread), so time the scheduler gives other processes on a
+shared machine is not counted; ``--threads`` above 1 gives wall times. On glibc,
+malloc's mmap/trim thresholds are fixed first so that freed activations are reused
+rather than faulted in again (as benchmarks/fold.py does).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import statistics
 import time
 
 import torch
@@ -26,27 +38,73 @@ from bnkit.torch import BatchNorm2d, bn_guard, protect_stats
 from bnkit.torch.zoo import SmallResNet
 
 
-def paired_best(fa, fb, repeats: int, inner: int) -> tuple[float, float]:
-    """Best time per call of ``fa`` and of ``fb``, measured alternately."""
+CLOCK = time.perf_counter
+
+
+def paired(fa, fb, repeats: int, inner: int) -> tuple[float, float, float]:
+    """Best time per call of ``fa`` and of ``fb``, measured alternately, and the median ratio within pairs."""
     fa(), fb()  # warm-up
-    best_a = best_b = float("inf")
+    times_a, times_b = [], []
     for _ in range(repeats):
-        for f, is_a in ((fa, True), (fb, False)):
-            t0 = time.perf_counter()
+        for f, times in ((fa, times_a), (fb, times_b)):
+            t0 = CLOCK()
             for _ in range(inner):
                 f()
-            dt = (time.perf_counter() - t0) / inner
-            if is_a:
-                best_a = min(best_a, dt)
-            else:
-                best_b = min(best_b, dt)
-    return best_a, best_b
+            times.append((CLOCK() - t0) / inner)
+    return min(times_a), min(times_b), statistics.median(a / b for a, b in zip(times_a, times_b))
+
+
+def steady_malloc() -> bool:
+    """glibc only: never give freed memory back to the OS (M_TRIM_THRESHOLD) nor mmap big blocks (M_MMAP_THRESHOLD)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def realistic(repeats: int) -> list[tuple]:
+    """The guard per call and protect_stats per training step on a CIFAR-sized ResNet, batch 16."""
+    torch.manual_seed(0)
+    model = SmallResNet(in_channels=3, widths=(64, 128, 256))
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    with torch.no_grad():
+        model.train()(x)
+    model.eval()
+    guard = bn_guard(model)
+
+    def guarded():
+        with guard:
+            model(x)
+
+    with torch.no_grad():
+        rows = [("ResNet-64/128/256 b16 eval fwd, bn_guard per call", *paired(guarded, lambda: model(x), repeats, 1))]
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    def protected_step():
+        with protect_stats(model, warn=False):
+            step()
+
+    rows.append(("ResNet-64/128/256 b16 train step, protect_stats", *paired(protected_step, step, repeats, 1)))
+    return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    global CLOCK
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=20, help="interleaved runs per case (x15 for the small input)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    CLOCK = time.thread_time if args.threads == 1 else time.perf_counter
+    steady = steady_malloc()
     torch.manual_seed(0)
     rows = []
 
@@ -56,10 +114,10 @@ def main() -> None:
         for mode in ("train", "eval"):
             ref.train(mode == "train"), ours.train(mode == "train")
             with torch.no_grad():
-                t_ours, t_ref = paired_best(lambda: ours(x), lambda: ref(x), repeats, inner)
-            rows.append((f"drop-in BatchNorm2d {mode} fwd {shape}", t_ours, t_ref))
+                rows.append((f"drop-in BatchNorm2d {mode} fwd {shape}", *paired(lambda: ours(x), lambda: ref(x),
+                                                                                  repeats, inner)))
 
-    model = SmallResNet().eval()  # 5 BN layers, 8x8 digits: a small forward, so per-call overhead shows
+    model = SmallResNet().eval()  # 5 BN layers, 8x8 digits: a tiny forward, so the fixed per-call cost shows most
     x = torch.randn(32, 1, 8, 8)
     reps = 10 * args.repeats
     with torch.no_grad():
@@ -68,8 +126,8 @@ def main() -> None:
     model.eval()
     twin = copy.deepcopy(model)  # guarded for the whole measurement; model stays unguarded
     with torch.no_grad(), bn_guard(twin):
-        t_inside, t_plain = paired_best(lambda: twin(x), lambda: model(x), reps, 3)
-    rows.append(("ResNet eval fwd inside one bn_guard", t_inside, t_plain))
+        rows.append(("tiny ResNet b32 eval fwd inside one bn_guard", *paired(lambda: twin(x), lambda: model(x),
+                                                                             reps, 3)))
     guard = bn_guard(model)
 
     def guarded():
@@ -77,8 +135,7 @@ def main() -> None:
             model(x)
 
     with torch.no_grad():
-        t_guard, t_plain = paired_best(guarded, lambda: model(x), reps, 3)
-    rows.append(("ResNet eval fwd, entering bn_guard per call", t_guard, t_plain))
+        rows.append(("tiny ResNet b32 eval fwd, bn_guard per call", *paired(guarded, lambda: model(x), reps, 3)))
 
     model.train()
 
@@ -87,13 +144,16 @@ def main() -> None:
             model(x)
 
     with torch.no_grad():
-        t_prot, t_bare = paired_best(protected, lambda: model(x), reps, 3)
-    rows.append(("ResNet train fwd under protect_stats", t_prot, t_bare))
+        rows.append(("tiny ResNet b32 train fwd, protect_stats", *paired(protected, lambda: model(x), reps, 3)))
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, best of many interleaved runs per case")
-    print(f"{'case':58s} {'bnkit ms':>9s} {'torch ms':>9s} {'ratio':>6s}")
-    for name, a, b in rows:
-        print(f"{name:58s} {a * 1e3:9.3f} {b * 1e3:9.3f} {a / b:6.3f}")
+    rows += realistic(args.repeats)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{'thread CPU' if CLOCK is time.thread_time else 'wall'} time, "
+          f"malloc thresholds {'fixed' if steady else 'as glibc sets them'}; interleaved runs per case")
+    print(f"{'case':54s} {'bnkit ms':>9s} {'torch ms':>9s} {'ratio':>6s} {'median':>7s}")
+    for name, a, b, med in rows:
+        print(f"{name:54s} {a * 1e3:9.3f} {b * 1e3:9.3f} {a / b:6.3f} {med:7.3f}")
 
 
 if __name__ == "__main__":

@@ -223,3 +223,39 @@ def test_protect_stats_reports_layers_poisoned_before():
         model(X)
     assert report.already_nonfinite == ["stem.1"] and not report.rolled_back
     assert [f.code for f in report.findings] == ["nonfinite_stats"]
+
+
+def test_replaced_statistics_are_checked_again_and_uninitialized_lazy_layers_flagged():
+    model = _trained()
+    guard = bn_guard(model)
+    with guard:
+        model(X)
+    model.stem[1].running_var = torch.full_like(model.stem[1].running_var, float("nan"))  # a new tensor, version 0
+    with pytest.raises(BNGuardError, match="non-finite"):
+        with guard:
+            pass
+    lazy = nn.Sequential(nn.LazyBatchNorm2d()).eval()
+    with pytest.raises(BNGuardError) as err:
+        with bn_guard(lazy):
+            pass
+    assert _codes(err) == [("0", "never_updated")] and "lazy" in err.value.findings[0].evidence
+
+
+def test_protect_stats_mixed_dtypes_shared_layers_and_lazy_layers():
+    torch.manual_seed(0)
+    shared = nn.BatchNorm1d(3)
+    model = nn.Sequential(nn.BatchNorm1d(3).double(), shared, nn.BatchNorm1d(3).to(torch.bfloat16), shared,
+                          nn.LazyBatchNorm1d())
+    model[0].running_var.fill_(1 / 3)  # not a bfloat16 or float32 value: restored exactly from the float64 snapshot
+    model[2].running_mean.fill_(0.3)
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("4.")}
+    x = torch.randn(4, 3)
+    with pytest.warns(RuntimeWarning), protect_stats(model) as report:
+        model[0](x.double())
+        model[1](x * float("inf"))
+        model[2](x.to(torch.bfloat16))
+        model[4](x)  # a lazy layer initialized inside the block: nothing to roll back to, left as it is
+    assert report.nonfinite == ["1"] and report.rolled_back == ["0", "1", "2"]
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert torch.isfinite(model[4].running_var).all() and int(model[4].num_batches_tracked) == 1

@@ -12,17 +12,20 @@ reports, as :class:`~bnkit.findings.Finding` rows, by raising :class:`BNGuardErr
 * ``nonfinite_stats``: ``running_mean``/``running_var`` hold NaN/Inf (or a
   negative variance);
 * ``never_updated``: ``num_batches_tracked == 0`` with the initial statistics
-  ``0``/``1``, i.e. a layer that was never trained or whose statistics were never loaded.
+  ``0``/``1``, i.e. a layer that was never trained or whose statistics were never loaded
+  (or a lazy layer that was never run).
 
 The layers are listed when the guard is created. The statistics checks and a
 first mode check run on entry; statistics that passed and have not been written
 since (same tensors, same version counter) are not checked again, so entering a
-guard (or calling a decorated function) repeatedly is cheap. While the guard is
-active one forward pre-hook on ``model`` re-reads every layer's ``training``
-flag (a flag scan, no tensor work), so a ``model.train()`` inside the block is
-caught too; per-layer hooks for the batch-size check are added only to layers
-that use batch statistics. On a correct model nothing else runs. Checks can be
-skipped by code with ``ignore=``.
+guard (or calling a decorated function) repeatedly costs, on a correct model, a
+version check per buffer, a flag read per layer and one hook registration: no
+tensor work. While the guard is active one forward pre-hook on ``model`` (one
+however deeply the guard is nested) re-reads every layer's ``training`` flag, so
+a ``model.train()`` inside the block is caught before it changes anything;
+per-layer hooks for the batch-size check are added only to layers that use batch
+statistics. On a correct model nothing else runs. Checks can be skipped by code
+with ``ignore=``.
 
 ``protect_stats(model)`` snapshots every BN layer's running buffers and, if the
 block leaves any of them non-finite (a mixed-precision overflow step poisons
@@ -32,15 +35,18 @@ restores all of them, so the skipped step leaves no trace in the statistics eith
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from ..findings import Finding
-from .modules import bn_layers, is_batchnorm
+from .modules import BN_TYPES, is_batchnorm
 
 __all__ = ["bn_guard", "BNGuardError", "BNGuardWarning", "protect_stats", "StatsRollback"]
 
@@ -88,6 +94,11 @@ def _stats_findings(name: str, m: nn.Module) -> list[Finding]:
     mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
     if mean is None or var is None:
         return []
+    if is_lazy(mean):
+        return [Finding(
+            "error", name, "running statistics were never updated", "uninitialized lazy buffers",
+            "train the model or load its checkpoint, or compute them with bnkit.torch.recalibrate", "never_updated",
+        )]
     if not (torch.isfinite(mean).all() and torch.isfinite(var).all() and (var >= 0).all()):
         bad = int((~torch.isfinite(mean)).sum() + (~torch.isfinite(var)).sum() + (var < 0).sum())
         return [Finding(
@@ -103,6 +114,17 @@ def _stats_findings(name: str, m: nn.Module) -> list[Finding]:
             "never_updated",
         )]
     return []
+
+
+class _Entry:
+    """The state of one active entry of a :class:`bn_guard`: warnings given, batch-size hooks, handles."""
+
+    __slots__ = ("warned", "watched", "handles")
+
+    def __init__(self) -> None:
+        self.warned: set = set()  # (layer, code) already warned about
+        self.watched: dict[int, str] = {}  # layers given a batch-size hook: id -> name
+        self.handles: list = []
 
 
 class bn_guard(contextlib.ContextDecorator):
@@ -126,11 +148,13 @@ class bn_guard(contextlib.ContextDecorator):
         self._layers = [(n or type(m).__name__, m) for n, m in model.named_modules()
                         if is_batchnorm(m) or getattr(type(m), "_bnkit_frozen_layer", False)]
         self._bn = [(n, m) for n, m in self._layers if is_batchnorm(m)]
+        self._bn_modules = [m for _, m in self._bn]
         self._clean: dict[int, tuple] = {}  # layer id -> the buffers (and versions) that passed the stats checks
-        self._active: list[list] = []  # per nested entry: its hook handles
+        self._all_clean: list[tuple] | None = None  # (buffers, key, tensor, version) of every layer, once all passed
+        self._active: list[_Entry] = []  # one per nested entry
 
     # ------------------------------------------------------------- reporting
-    def _report(self, findings: list[Finding], warned: set) -> None:
+    def _report(self, findings: list[Finding], entry: _Entry) -> None:
         """Raise, or warn once per layer and check while this entry lasts."""
         findings = [f for f in findings if f.code not in self.ignore]
         if not findings:
@@ -138,10 +162,20 @@ class bn_guard(contextlib.ContextDecorator):
         if self.action == "raise":
             raise BNGuardError(findings)
         for f in findings:
-            if (f.layer, f.code) not in warned:
-                warned.add((f.layer, f.code))
+            if (f.layer, f.code) not in entry.warned:
+                entry.warned.add((f.layer, f.code))
                 warnings.warn(f"bn_guard: {f.layer}: {f.finding} ({f.evidence}). Fix: {f.fix}", BNGuardWarning,
                               stacklevel=4)
+
+    def _stats_unchanged(self) -> bool:
+        """True if every layer's statistics passed a check and are the same tensors, unwritten, since."""
+        watch = self._all_clean
+        if watch is None:
+            return False
+        for buffers, key, t, version in watch:
+            if buffers.get(key) is not t or t._version != version:
+                return False
+        return True
 
     def _stats_problems(self) -> list[Finding]:
         """Statistics findings; buffers unchanged (same tensor, same ``_version``) since a clean check are skipped."""
@@ -151,60 +185,70 @@ class bn_guard(contextlib.ContextDecorator):
             buffers = m._buffers
             if cached is not None and all(buffers.get(k) is t and t._version == v for k, t, v in cached):
                 continue
+            self._clean.pop(id(m), None)
             problems = _stats_findings(name, m)
             found += problems
             if not problems:
                 current = [(k, t, _version(t)) for k in _BUFFERS if (t := buffers.get(k)) is not None]
                 if all(v is not None for _, _, v in current):  # inference tensors have no counter: check every time
                     self._clean[id(m)] = current
+        if len(self._clean) == len(self._layers):
+            self._all_clean = [(m._buffers, k, t, v) for _, m in self._layers for k, t, v in self._clean[id(m)]]
+        else:
+            self._all_clean = None
         return found
 
-    # ----------------------------------------------------------------- hooks
+    def _mode_problems(self, entry: _Entry) -> list[Finding]:
+        """Mode findings; a layer using batch statistics gets a batch-size hook for this entry."""
+        found = []
+        for name, m in self._bn:
+            problems = _mode_findings(name, m)
+            if problems and id(m) not in entry.watched and "batch_of_one" not in self.ignore:
+                entry.watched[id(m)] = name
+                entry.handles.append(m.register_forward_pre_hook(partial(self._check_batch, entry)))
+            found += problems
+        return found
+
+    def _check_batch(self, entry: _Entry, module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if (module.training or module.running_mean is None) and isinstance(x, torch.Tensor) and x.dim() >= 2 \
+                and x.numel() // max(x.size(1), 1) < 2:
+            self._report([Finding(
+                "error", entry.watched[id(module)], "gets fewer than 2 values per channel while normalizing with "
+                "batch statistics", f"input shape {tuple(x.shape)}", "call model.eval(), or use a batch of at least 2",
+                "batch_of_one",
+            )], entry)
+
+    def _recheck(self, module: nn.Module, args: tuple) -> None:
+        """The forward pre-hook on ``model``: on a correct model, one flag read per BN layer."""
+        for m in self._bn_modules:
+            if m.training:
+                self._report(self._mode_problems(self._active[-1]), self._active[-1])
+                return
+
+    # ----------------------------------------------------------------- entry
     def __enter__(self) -> "bn_guard":
-        warned: set = set()  # (layer, code) already warned about in this entry
-        watched: dict[int, str] = {}  # layers given a batch-size hook, by id -> name
-        handles: list = []
-
-        def check_batch(module: nn.Module, args: tuple) -> None:
-            x = args[0] if args else None
-            if (module.training or module.running_mean is None) and isinstance(x, torch.Tensor) and x.dim() >= 2 \
-                    and x.numel() // max(x.size(1), 1) < 2:
-                self._report([Finding(
-                    "error", watched[id(module)], "gets fewer than 2 values per channel while normalizing with batch "
-                    "statistics", f"input shape {tuple(x.shape)}", "call model.eval(), or use a batch of at least 2",
-                    "batch_of_one",
-                )], warned)
-
-        def mode_problems() -> list[Finding]:
-            found = []
-            for name, m in self._bn:
-                problems = _mode_findings(name, m)
-                if problems and id(m) not in watched and "batch_of_one" not in self.ignore:
-                    watched[id(m)] = name
-                    handles.append(m.register_forward_pre_hook(check_batch))
-                found += problems
-            return found
-
-        try:
-            self._report(self._stats_problems() + mode_problems(), warned)
-        except BaseException:
-            for handle in handles:
-                handle.remove()
-            raise
-        modules = [m for _, m in self._bn]
-
-        def recheck(module: nn.Module, args: tuple) -> None:
-            for m in modules:  # the per-forward cost on a correct model: one flag read per layer
-                if m.training:
-                    self._report(mode_problems(), warned)
-                    return
-
-        handles.append(self.model.register_forward_pre_hook(recheck))
-        self._active.append(handles)
+        entry = _Entry()
+        # Fast path (a correct model entered again): a version check per buffer and a flag read per layer.
+        stats = [] if self._stats_unchanged() else self._stats_problems()
+        for m in self._bn_modules:
+            if m.training or m._buffers.get("running_mean") is None:
+                try:
+                    self._report(stats + self._mode_problems(entry), entry)
+                except BaseException:
+                    for handle in entry.handles:
+                        handle.remove()
+                    raise
+                break
+        else:
+            self._report(stats, entry)
+        if not self._active:  # one flag scan per forward, however deeply the guard is nested
+            entry.handles.append(self.model.register_forward_pre_hook(self._recheck))
+        self._active.append(entry)
         return self
 
     def __exit__(self, *exc) -> bool:
-        for handle in self._active.pop():
+        for handle in self._active.pop().handles:
             handle.remove()
         return False
 
@@ -235,36 +279,74 @@ class StatsRollback:
         ) for name in self.already_nonfinite]
 
 
+def _stats_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of ``model`` with running statistics, once each (order not fixed).
+
+    A plain walk over ``_modules`` (no qualified names built): this runs on every ``protect_stats`` entry.
+    Uninitialized lazy layers are left out: they have no statistics to restore yet.
+    """
+    found: dict[int, nn.Module] = {}
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if m is None:
+            continue
+        if isinstance(m, BN_TYPES) and (t := m._buffers.get("running_mean")) is not None and not is_lazy(t):
+            found[id(m)] = m
+        stack.extend(m._modules.values())
+    return list(found.values())
+
+
+def _pack(tensors: list[torch.Tensor], join) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """``[(tensors, one flat copy of them)]``: one kernel for all of them, or one per device if they are spread."""
+    if not tensors:
+        return []
+    with torch.no_grad():
+        try:
+            return [(tensors, join(tensors))]
+        except RuntimeError:  # tensors on several devices
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for t in tensors:
+                by_device.setdefault(t.device, []).append(t)
+            return [(ts, join(ts)) for ts in by_device.values()]
+
+
 class _Snapshot:
-    """Copies of many small tensors, one flat tensor per (device, dtype): a few kernel launches, not one per tensor."""
+    """Copies of every running statistic (one ``cat``) and counter (one ``stack``) of ``layers``.
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.tensors = tensors
-        self.groups: dict[tuple, list[int]] = {}
-        for i, t in enumerate(tensors):
-            self.groups.setdefault((t.device, t.dtype), []).append(i)
-        self.where: dict[int, tuple[tuple, int]] = {}
-        for key, idx in self.groups.items():
-            offset = 0
-            for i in idx:
-                self.where[i] = (key, offset)
-                offset += tensors[i].numel()
-        with torch.no_grad():
-            self.flat = {key: self._cat(idx) for key, idx in self.groups.items()}
+    ``cat`` promotes mixed floating dtypes to the widest, which holds the others exactly.
+    """
 
-    def _cat(self, idx: list[int]) -> torch.Tensor:
-        return torch.cat([self.tensors[i].detach().reshape(-1) for i in idx])
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+        stats, counts = [], []
+        for m in layers:
+            b = m._buffers
+            stats += [t for t in (b.get("running_mean"), b.get("running_var")) if t is not None]
+            if (t := b.get("num_batches_tracked")) is not None:
+                counts.append(t)
+        self.stats = _pack(stats, torch.cat)
+        self.counts = _pack(counts, torch.stack)
 
     def now_finite(self) -> bool:
-        """True if every floating tensor is finite now; one sync per device."""
-        return all(bool(torch.isfinite(self._cat(idx)).all()) for (_, dtype), idx in self.groups.items()
-                   if dtype.is_floating_point)
+        """True if every running statistic is finite now.
 
-    def saved(self, i: int) -> torch.Tensor:
-        """The snapshot of tensor ``i``."""
-        key, offset = self.where[i]
-        t = self.tensors[i]
-        return self.flat[key][offset: offset + t.numel()].view(t.shape)
+        One ``cat`` and one ``sum`` per device: a sum is finite iff every term is, unless it
+        overflows; an overflow only sends the check to the exact per-element test.
+        """
+        for tensors, _ in self.stats:
+            now = torch.cat(tensors)  # buffers do not require grad: no graph is recorded
+            if not math.isfinite(now.sum().item()) and not bool(torch.isfinite(now).all()):
+                return False
+        return True
+
+    def saved(self) -> dict[int, torch.Tensor]:
+        """``{id(tensor): its snapshot}`` for every snapshotted buffer."""
+        out = {}
+        for tensors, flat in self.stats + self.counts:
+            for t, s in zip(tensors, flat.split([t.numel() for t in tensors])):
+                out[id(t)] = s.view(t.shape)
+        return out
 
 
 @contextlib.contextmanager
@@ -274,19 +356,18 @@ def protect_stats(model: nn.Module, *, warn: bool = True) -> Iterator[StatsRollb
     Yields a :class:`StatsRollback` that is filled in when the block ends (also
     when it raises). On a rollback every layer gets back its ``running_mean``,
     ``running_var`` and ``num_batches_tracked`` (in place) and, with ``warn``, a
-    ``RuntimeWarning`` names the non-finite layers. Costs one flat copy of the BN
-    buffers and one finiteness check with one device sync per block.
+    ``RuntimeWarning`` names the non-finite layers. Costs, per block, one walk over
+    the modules, one flat copy of the statistics and one of the counters, and one
+    fused finiteness check with one device sync.
     """
-    layers = [(n or type(m).__name__, m) for n, m in bn_layers(model) if m.running_mean is not None]
-    tensors = [t for _, m in layers for k in _BUFFERS if (t := m._buffers.get(k)) is not None]
-    owner = [(name, m) for name, m in layers for k in _BUFFERS if m._buffers.get(k) is not None]
-    snapshot = _Snapshot(tensors) if tensors else None
+    layers = _stats_layers(model)
+    snapshot = _Snapshot(layers) if layers else None
     report = StatsRollback()
     try:
         yield report
     finally:
         if snapshot is not None and not snapshot.now_finite():
-            _rollback(owner, snapshot, report)
+            _rollback(model, snapshot, report)
             if report.nonfinite and warn:
                 warnings.warn(
                     f"protect_stats: non-finite running statistics in {report.nonfinite}; rolled back the "
@@ -295,24 +376,26 @@ def protect_stats(model: nn.Module, *, warn: bool = True) -> Iterator[StatsRollb
                 )
 
 
-def _rollback(owner: list[tuple[str, nn.Module]], snapshot: _Snapshot, report: StatsRollback) -> None:
+def _rollback(model: nn.Module, snapshot: _Snapshot, report: StatsRollback) -> None:
     """The rare path: find which layers went non-finite and, if any did, restore every changed buffer."""
+    saved = snapshot.saved()
+    ours = {id(m) for m in snapshot.layers}
+    buffers = [(n or type(m).__name__, t) for n, m in model.named_modules() if id(m) in ours
+               for k in _BUFFERS if id(t := m._buffers.get(k)) in saved]
     before_ok: dict[str, bool] = {}
     after_ok: dict[str, bool] = {}
-    for i, (name, _) in enumerate(owner):
-        t = snapshot.tensors[i]
+    for name, t in buffers:
         if t.is_floating_point():
-            before_ok[name] = before_ok.get(name, True) and bool(torch.isfinite(snapshot.saved(i)).all())
+            before_ok[name] = before_ok.get(name, True) and bool(torch.isfinite(saved[id(t)]).all())
             after_ok[name] = after_ok.get(name, True) and bool(torch.isfinite(t).all())
-    names = list(dict.fromkeys(name for name, _ in owner))
-    report.already_nonfinite = [n for n in names if not before_ok.get(n, True)]
-    report.nonfinite = [n for n in names if before_ok.get(n, True) and not after_ok.get(n, True)]
+    layer_names = list(dict.fromkeys(name for name, _ in buffers))
+    report.already_nonfinite = [n for n in layer_names if not before_ok.get(n, True)]
+    report.nonfinite = [n for n in layer_names if before_ok.get(n, True) and not after_ok.get(n, True)]
     if not report.nonfinite:
         return
     with torch.no_grad():
-        for i, (name, _) in enumerate(owner):
-            saved = snapshot.saved(i)
-            if not torch.equal(snapshot.tensors[i], saved):
-                snapshot.tensors[i].copy_(saved)
+        for name, t in buffers:
+            if not torch.equal(t, saved[id(t)].to(t.dtype)):
+                t.copy_(saved[id(t)])
                 if name not in report.rolled_back:
                     report.rolled_back.append(name)
