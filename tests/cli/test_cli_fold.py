@@ -149,6 +149,30 @@ def test_fold_pytorch_model_to_onnx_and_refusals(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["folded.onnx", "w.pt"]
 
 
+def test_fold_pytorch_model_writes_nothing_when_the_folded_outputs_differ(tmp_path, monkeypatch):
+    import bnkit.torch
+    from bnkit.torch import save_state_dict_file
+
+    weights = save_state_dict_file(_calibrated_vgg().state_dict(), tmp_path / "w.pt")
+    real = bnkit.torch.fold_bn
+
+    def off_by_a_bit(model, example, **options):  # a fold that went wrong: one bias nudged
+        folded, report = real(model, example, **options)
+        with torch.no_grad():
+            folded.features[0][0].bias += 1.0
+            out, ref = folded(example), model(example)
+        if options["verify"]:
+            report.max_rel_diff = float((out - ref).abs().max() / ref.abs().max())
+        return folded, report
+
+    monkeypatch.setattr(bnkit.torch, "fold_bn", off_by_a_bit)
+    out = tmp_path / "folded.pt"
+    args = ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", str(weights), "--input-shape", "2x1x8x8", "-o"]
+    result = runner.invoke(app, args + [str(out)])
+    assert result.exit_code == 1 and "nothing written" in _text(result) and not out.exists()
+    assert runner.invoke(app, args + [str(out), "--no-verify"]).exit_code == 0 and out.exists()
+
+
 def test_audit_reads_the_unfolded_export_the_folded_file_and_a_training_export(tmp_path):
     # the two commands together: `bnkit fold model.onnx -o folded.onnx`, then `bnkit audit` on each file
     src = _export(_calibrated_vgg(), tmp_path / "vgg.onnx")
