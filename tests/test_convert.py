@@ -196,6 +196,9 @@ def test_layers_the_target_cannot_express_are_refused():
         convert_state(renorm, "keras", "torch")
     with pytest.raises(ValueError, match="no axis"):
         convert_state(SAMPLES["keras"], "keras", "torch", axis=-1)
+    for dst in ("torch", "flax"):  # named weights only: a list would be silently mis-ordered by the caller
+        with pytest.raises(ValueError, match="positional"):
+            convert_state(SAMPLES["keras"], "keras", dst, positional=True)
     with pytest.raises(ValueError, match="unknown convention"):
         convert_state(SAMPLES["keras"], "keras", "caffe")
 

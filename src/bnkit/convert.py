@@ -118,6 +118,7 @@ def convert_state(state: Mapping, src: str, dst: str, *, axis: int | None = None
 
     Raises:
         ValueError: missing eps/momentum, unknown or missing weights, shape mismatch,
+            ``positional=True`` for a torch/Flax target,
             NaN/Inf, a negative variance (likely swapped with the mean), or a layer
             the target cannot express (torch ``momentum=None`` or ``track_running_stats=False``
             to a framework without them, Keras ``renorm=True``).
@@ -127,6 +128,8 @@ def convert_state(state: Mapping, src: str, dst: str, *, axis: int | None = None
     _validate(layer, src_c)
     if axis is not None and dst_c in ("torch", "onnx"):
         raise ValueError(f"{dst_c} BatchNorm is channels-first and has no axis; do not pass axis=")
+    if positional and dst_c not in ("keras", "onnx"):
+        raise ValueError(f"positional=True gives a Keras or ONNX weight list; {dst_c} weights are named")
     return _WRITERS[dst_c](layer, axis=axis, positional=positional)
 
 
