@@ -90,9 +90,9 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     low = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
     tolerance = 1e-2 if low else 1e-4  # norm-wise relative, as for ONNX files
     if report.max_rel_diff is not None and not report.max_rel_diff <= tolerance:
-        raise fail(f"the folded model differs from the original on random inputs of shape {shapes[0]}: max relative "
-                   f"difference {report.max_rel_diff:.3g} > {tolerance:g}; nothing written (--no-verify skips the check)",
-                   code=1)
+        raise fail(f"the folded model differs from the original on random inputs of shape {shapes[0]}: "
+                   f"max relative difference {report.max_rel_diff:.3g} > {tolerance:g}; nothing written "
+                   "(--no-verify skips the check)", code=1)
     if output.suffix == ".onnx":
         from ..torch.export import ExportVerificationError, export_onnx
 
