@@ -511,6 +511,8 @@ class _Collector:
       training mode with ``momentum = 1``, so PyTorch's update ``r = (1 - m) r + m b``
       leaves exactly the batch mean and unbiased variance in the buffers, read after it.
 
+    The layer's first call picks one of the two and drops the other hook.
+
     Layers with their own ``forward`` run in training mode without tracking, and their
     input is reduced after the call.
     """
@@ -521,7 +523,8 @@ class _Collector:
         self.samples: list[tuple[int, int]] = []  # (batch size, values per channel)
         self.means: list[torch.Tensor] = []
         self.m2: list[torch.Tensor] = []
-        self._kernel_call = False
+        self._kernel_call: bool | None = None
+        self._handles: list[Any] = []
 
     def attach(self, bn: _BatchNorm) -> list[Any]:
         """Put the layer on batch statistics for the pass; returns the hook handles."""
@@ -529,9 +532,11 @@ class _Collector:
             bn.momentum, bn.track_running_stats = 1.0, True
             bn.running_mean.zero_()  # scratch space from here on; (1 - 1) * NaN would stay NaN
             bn.running_var.fill_(1.0)
-            return [bn.register_forward_pre_hook(self._before), bn.register_forward_hook(self._after_kernel)]
-        bn.training, bn.track_running_stats = True, False
-        return [bn.register_forward_hook(self._after)]
+            self._handles = [bn.register_forward_pre_hook(self._before), bn.register_forward_hook(self._after_kernel)]
+        else:
+            bn.training, bn.track_running_stats = True, False
+            self._handles = [bn.register_forward_hook(self._after)]
+        return self._handles
 
     def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         self.samples.append((x.shape[0], n))
@@ -540,20 +545,22 @@ class _Collector:
 
     def _before(self, module: _BatchNorm, args: tuple) -> None:
         x = args[0]
-        self._kernel_call = x.numel() // (x.shape[0] * x.shape[1]) <= _KERNEL_STATS_MAX_VALUES
-        module.training = self._kernel_call
-        if not self._kernel_call:
-            n, mean, m2 = _moments(x)
-            self._record(x, n, mean, m2)
-            module.running_mean.copy_(mean)
-            module.running_var.copy_(m2 / n)  # training mode normalizes with the biased variance
+        if self._kernel_call is None:  # the first call picks the faster way; either is exact
+            self._kernel_call = x.numel() // (x.shape[0] * x.shape[1]) <= _KERNEL_STATS_MAX_VALUES
+            module.training = self._kernel_call
+            self._handles[0 if self._kernel_call else 1].remove()
+            if self._kernel_call:
+                return
+        n, mean, m2 = _moments(x)
+        self._record(x, n, mean, m2)
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(m2 / n)  # training mode normalizes with the biased variance
 
     def _after_kernel(self, module: _BatchNorm, args: tuple, output: Any) -> None:
-        if self._kernel_call:
-            x = args[0]
-            n = x.numel() // x.shape[1]
-            var = module.running_var.to(torch.float64, copy=True)  # unbiased; copies, the next call overwrites
-            self._record(x, n, module.running_mean.to(torch.float64, copy=True), var * (n - 1))
+        x = args[0]
+        n = x.numel() // x.shape[1]
+        var = module.running_var.to(torch.float64, copy=True)  # unbiased; copies, the next call overwrites
+        self._record(x, n, module.running_mean.to(torch.float64, copy=True), var * (n - 1))
 
     def _after(self, module: _BatchNorm, args: tuple, output: Any) -> None:
         self._record(args[0], *_moments(args[0]))
