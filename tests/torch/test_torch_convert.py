@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnkit.torch import (BatchNorm1d, BatchNorm2d, BatchNorm3d, fold_bn, from_flax, from_keras, revert_sync_bn, to_flax,
-                         to_keras)
+from bnkit.torch import (BatchNorm1d, BatchNorm2d, BatchNorm3d, fold_bn, freeze_bn, from_flax, from_keras, is_frozen,
+                         revert_sync_bn, to_flax, to_keras, unfreeze_bn)
 from bnkit.torch.convert import BatchNormNd
 from bnkit.torch.zoo import SmallResNet, example_input
 
@@ -413,3 +413,14 @@ def test_a_layer_registered_twice_stays_one_layer():
     sync = nn.Sequential(nn.Conv2d(2, 2, 1), shared, nn.Conv2d(2, 2, 1), shared)
     out = revert_sync_bn(sync, torch.randn(3, 2, 4, 4))
     assert out[1] is out[3] and type(out[1]) is nn.BatchNorm2d
+
+
+def test_a_frozen_sync_bn_stays_frozen_on_the_reverted_layer():
+    sync = freeze_bn(nn.Sequential(nn.Conv2d(2, 2, 1), nn.SyncBatchNorm(2)), affine=False)
+    out = revert_sync_bn(sync, torch.randn(3, 2, 4, 4))
+    bn = out[1]
+    assert type(bn) is nn.BatchNorm2d and is_frozen(bn, "stats")
+    assert bn.train() is bn and not bn.training  # the freeze acts on the new layer, not on the discarded one
+    unfreeze_bn(out)
+    out.train()
+    assert bn.training and not is_frozen(bn) and sync[1].train() is sync[1]

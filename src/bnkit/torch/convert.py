@@ -284,9 +284,9 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
 
 
 def _retype(module: nn.SyncBatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
-    """A ``cls`` instance holding ``module``'s attributes (parameters, buffers, flags, hooks)."""
-    new = cls.__new__(cls)
-    new.__dict__.update({k: v for k, v in module.__dict__.items() if k != "process_group"})
+    """A ``cls`` instance holding ``module``'s attributes (parameters, buffers, flags, hooks, a ``freeze_bn``)."""
+    new = layers.retype_module(module, cls)
+    new.__dict__.pop("process_group", None)
     return new
 
 
