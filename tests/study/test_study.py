@@ -1,6 +1,7 @@
 """Units of bnkit.study checked against independent oracles: PyTorch's own BN, float64 NumPy, closed forms."""
 import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,13 +9,12 @@ import torch
 
 from bnkit.study import Context, run_chapters
 from bnkit.study import running as ch_running
-from bnkit.study.batchsize import layernorm_mlp
 from bnkit.study.finetune import lesson_freeze
+from bnkit.study.models import bn_legend, bn_places, digits_mlp, layernorm_mlp
 from bnkit.study.modes import train_mode_logits
 from bnkit.study.report import Chapter, Table, write_report
 from bnkit.study.train import batches, fit, population_stats, predict, preserved_modes
 from bnkit.torch.modules import bn_layers
-from bnkit.torch.zoo import MLP
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def trained():
     torch.manual_seed(0)
     x = torch.rand(96, 64)
     y = torch.randint(0, 10, (96,))
-    model = MLP(hidden=(16, 8))
+    model = digits_mlp(hidden=(16, 8))
     fit(model, x, y, epochs=2, batch_size=16, seed=0)
     model.eval()
     return model, x, y
@@ -66,7 +66,7 @@ def test_train_mode_logits_match_pytorch_and_collapse_at_one(trained):
 def test_predict_in_train_mode_restores_buffers_and_mixed_flags(trained):
     model, x, _ = trained
     model.train()
-    model[0].eval()  # a mix of modes, as a user may leave it
+    model.fc1.eval()  # a mix of modes, as a user may leave it
     flags = {n: m.training for n, m in model.named_modules()}
     before = {k: v.clone() for k, v in model.named_buffers()}
     predict(model, x, batch_size=32, train_mode=True)
@@ -83,17 +83,18 @@ def test_predict_in_train_mode_restores_buffers_and_mixed_flags(trained):
 def test_population_stats_are_the_float64_moments_of_each_bn_input(trained):
     model, x, _ = trained
     stats = population_stats(model, x)
-    w, b = model[1].weight.detach().double().numpy(), model[1].bias.detach().double().numpy()
+    w, b = model.fc1.weight.detach().double().numpy(), model.fc1.bias.detach().double().numpy()
     h = x.double().numpy() @ w.T + b  # input of the first BN layer, in float64
-    mean, var = stats["2"]
+    assert list(stats) == ["bn1", "bn2"]
+    mean, var = stats["bn1"]
     np.testing.assert_allclose(mean, h.mean(0), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(var, h.var(0), rtol=1e-5, atol=1e-6)
     # the second BN layer's input: first BN normalizes with the whole set's statistics
-    z = np.maximum((h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * model[2].weight.detach().double().numpy()
-                   + model[2].bias.detach().double().numpy(), 0)
-    h2 = z @ model[4].weight.detach().double().numpy().T + model[4].bias.detach().double().numpy()
-    np.testing.assert_allclose(stats["5"][0], h2.mean(0), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(stats["5"][1], h2.var(0), rtol=1e-4, atol=1e-5)
+    z = np.maximum((h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * model.bn1.weight.detach().double().numpy()
+                   + model.bn1.bias.detach().double().numpy(), 0)
+    h2 = z @ model.fc2.weight.detach().double().numpy().T + model.fc2.bias.detach().double().numpy()
+    np.testing.assert_allclose(stats["bn2"][0], h2.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["bn2"][1], h2.var(0), rtol=1e-4, atol=1e-5)
 
 
 def test_worked_example_matches_the_closed_form():
@@ -167,6 +168,29 @@ def test_report_is_plain_json_and_tables_check_their_width(tmp_path):
     assert "Title &lt;b&gt;" in paths["html"].read_text()
     assert "x\\|y" in paths["markdown"].read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    old_umask = os.umask(0o022)
+    try:  # the report is for reading: 0o666 & ~umask like any file, not mkstemp's private 0o600
+        write_report([ch], tmp_path, {"size": "quick"})
+    finally:
+        os.umask(old_umask)
+    assert [p.stat().st_mode & 0o777 for p in paths.values()] == [0o644] * 3
     with pytest.raises(TypeError):
         write_report([Chapter(1, "c", "t", "c", data={"bad": object()})], tmp_path, {})
     assert json.loads(paths["json"].read_text()) == results  # a failed write leaves the old report whole
+
+
+def test_digits_mlp_is_the_zoo_mlp_with_named_layers():
+    from bnkit.torch.zoo import MLP
+
+    torch.manual_seed(3)
+    zoo = MLP()
+    torch.manual_seed(3)
+    named = digits_mlp()
+    # same architecture and, for a seed, the same initial weights; only the names differ
+    assert [type(m) for m in zoo] == [type(m) for m in named]
+    assert all(torch.equal(a, b) for a, b in zip(zoo.state_dict().values(), named.state_dict().values()))
+    assert [n for n, _ in bn_layers(named)] == ["bn1", "bn2"]
+    assert bn_places(named) == {"bn1": "after fc1 (Linear 64->128)", "bn2": "after fc2 (Linear 128->64)"}
+    assert bn_legend(named).startswith("bn1 = BatchNorm1d after fc1")
+    ln = layernorm_mlp()
+    assert [n for n, m in ln.named_children() if isinstance(m, torch.nn.LayerNorm)] == ["ln1", "ln2"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from .app import app, console, fail
 
@@ -29,22 +30,35 @@ class _RichTracker:
         self.task = None
 
 
+def _say(markup: str, text: str, indent: int = 4, style: str = "") -> None:
+    """``markup`` then plain ``text``, wrapped lines indented so a bullet reads as one block at 80 columns."""
+    from rich.padding import Padding
+    from rich.text import Text
+
+    line = Text.from_markup(markup) + Text(text, style=style)
+    console.print(Padding(line, (0, 0, 0, indent)), highlight=False)
+
+
 def _print_chapter(ch) -> None:
+    """Each table in a light box that fits 80 columns (CI logs, pipes), its notes dimmed under it."""
+    from rich import box
     from rich.table import Table
 
     for t in ch.tables:
-        table = Table(title=t.title, title_justify="left")
+        table = Table(title=escape(t.title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         for i, col in enumerate(t.columns):
-            table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
+            table.add_column(escape(col), justify="left" if i == 0 else "right", overflow="fold")
         for row in t.rows:
-            table.add_row(*row)
+            table.add_row(*map(escape, row))
         console.print(table)
+        for note in t.notes:
+            _say("", note, indent=2, style="dim")
     for claim, ok in ch.checks.items():
-        console.print(f"  [{'green' if ok else 'red'}]{'holds' if ok else 'does NOT hold'}[/]: {claim}")
+        _say(f"[{'green' if ok else 'red'}]{'holds' if ok else 'does NOT hold'}:[/] ", claim)
     for f in ch.findings:
-        console.print(f"  - {f}", highlight=False)
+        _say("- ", f)
     if ch.status != "ok":
-        console.print(f"  [bold yellow]chapter {ch.status}:[/] {ch.reason}", highlight=False)
+        _say(f"[bold yellow]chapter {ch.status}:[/] ", ch.reason)
 
 
 def run_and_report(

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from ..torch.modules import bn_layers
-from ..torch.zoo import MLP
 from . import missing_dependencies
 from .data import SHIFT_DESCRIPTION, load_digits_split, shifted_domain
+from .models import bn_legend, digits_mlp
 from .report import Chapter, Figure, Table, new_figure, save_figure
 from .train import accuracy, batches, fit
 
@@ -46,14 +46,20 @@ SIZES = {
     "demo": {"seeds": 2, "pretrain_epochs": 10, "finetune_epochs": 5, "finetune_images": 200, "batch_size": 32},
     "full": {"seeds": 5, "pretrain_epochs": 20, "finetune_epochs": 10, "finetune_images": 200, "batch_size": 32},
 }
+#: key -> (label in the plot, short label in the table, the ``bnkit.torch`` names it needs)
 VARIANTS = {
-    "pretrained": ("pretrained, not fine-tuned", ()),
-    "lesson_freeze": ("lesson's freeze, then model.train()", ()),
-    "freeze_bn": ("bnkit freeze_bn", ("freeze_bn",)),
-    "train_bn": ("training-mode BN", ()),
-    "recal_freeze": ("recalibrate on B + freeze_bn", ("recalibrate", "freeze_bn")),
-    "recal_only": ("recalibrate on B only (no labels)", ("recalibrate",)),
+    "pretrained": ("pretrained, not fine-tuned", "pretrained", ()),
+    "lesson_freeze": ("lesson's freeze, then model.train()", "lesson freeze", ()),
+    "freeze_bn": ("bnkit freeze_bn", "freeze_bn", ("freeze_bn",)),
+    "train_bn": ("training-mode BN", "train-mode BN", ()),
+    "recal_freeze": ("recalibrate on B + freeze_bn", "recal+freeze", ("recalibrate", "freeze_bn")),
+    "recal_only": ("recalibrate on B only (no labels)", "recal only", ("recalibrate",)),
 }
+VARIANT_NOTES = (
+    "pretrained: not fine-tuned; lesson freeze: BN set to eval mode with frozen parameters, then the training loop's "
+    "model.train(); freeze_bn: bnkit.torch.freeze_bn; train-mode BN: plain fine-tuning; recal+freeze: recalibrate on "
+    "B, then fine-tune with freeze_bn; recal only: recalibrate on B's images, no labels, no gradient step."
+)
 
 
 def lesson_freeze(model: nn.Module) -> None:
@@ -104,7 +110,7 @@ def _one_seed(p: dict, seed: int, available: dict[str, bool], tracker) -> dict:
     pick = torch.randperm(len(b_train_x), generator=g)[: p["finetune_images"]]
     ft_x, ft_y = b_train_x[pick], a.y_train[pick]
     torch.manual_seed(seed)
-    base = MLP(num_classes=len(CLASSES))
+    base = digits_mlp(num_classes=len(CLASSES))
     fit(base, a.x_train, a.y_train, epochs=p["pretrain_epochs"], batch_size=p["batch_size"], seed=seed)
     base.eval()
     tracker.advance()
@@ -138,7 +144,7 @@ def _plot(res: list[dict], keys: list[str], out) -> str:
             err = np.vstack([vals.mean(0) - vals.min(0), vals.max(0) - vals.mean(0)])
         ax.bar(xs + off, vals.mean(0), width=0.4, yerr=err, capsize=3, label=label)
     ax.set_xticks(xs, [VARIANTS[k][0] for k in keys], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy, digits 0-4 (fraction correct)")
+    ax.set_ylabel(f"test accuracy, digits {CLASSES[0]}-{CLASSES[-1]} (fraction correct)")
     lowest = min(r[k][dom] for r in res for k in keys for dom in ("acc_A", "acc_B"))
     ax.set_ylim(max(0.0, lowest - 0.1), 1.0)
     ax.set_title("Accuracy after fine-tuning on domain B", pad=24)
@@ -149,7 +155,7 @@ def _plot(res: list[dict], keys: list[str], out) -> str:
     width = 0.8 / len(layers)
     for j, layer in enumerate(layers):
         vals = np.array([[r[k]["shift"][layer]["mean_shift_std"] for k in keys] for r in res]).mean(0)
-        ax.bar(xs - 0.4 + width * (j + 0.5), vals, width=width, label=f"BN layer '{layer}'")
+        ax.bar(xs - 0.4 + width * (j + 0.5), vals, width=width, label=f"BN layer {layer}")
     ax.set_xticks(xs, [VARIANTS[k][0] for k in keys], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("|running mean change| (old std units,\nmean over channels)")
     ax.set_title("How far the running means moved", pad=24)
@@ -160,22 +166,25 @@ def _plot(res: list[dict], keys: list[str], out) -> str:
 
 def run(ctx) -> Chapter:
     p = ctx.params(SIZES)
-    missing = {key: missing_dependencies(needs) for key, (_, needs) in VARIANTS.items()}
+    missing = {key: missing_dependencies(needs) for key, (*_, needs) in VARIANTS.items()}
     available = {key: not m for key, m in missing.items()}
     keys = [k for k in VARIANTS if available[k]]
     ctx.tracker.start(f"{NUMBER}. {TITLE}", p["seeds"] * (1 + len(keys)))
     res = [_one_seed(p, ctx.seed + s, available, ctx.tracker) for s in range(p["seeds"])]
     layers = list(res[0]["pretrained"]["shift"])
     table = Table(
-        f"Pretrained on digits 0-4 (A), fine-tuned on {p['finetune_images']} images from domain B for "
-        f"{p['finetune_epochs']} epochs (mean over {len(res)} seed(s))",
-        ["variant", "accuracy A", "accuracy B", "BN statistics bit-identical"]
-        + [f"mean shift '{n}' (std)" for n in layers],
+        f"Pretrained on digits {CLASSES[0]}-{CLASSES[-1]} (A), fine-tuned on {p['finetune_images']} images from "
+        f"domain B for {p['finetune_epochs']} epochs (mean over {len(res)} seed(s))",
+        ["variant", "acc A", "acc B", "stats kept"] + [f"shift {n}" for n in layers],
+        notes=["acc A / acc B: test accuracy on the original scans (A) and the other scanner (B); stats kept: every "
+               "BN buffer bit-identical to the pretrained model's; shift: mean over channels of |running mean "
+               "change| in the pretrained standard deviations. " + bn_legend(digits_mlp(len(CLASSES))) + ".",
+               VARIANT_NOTES],
     )
     summary: dict = {}
-    for key, (label, _) in VARIANTS.items():
+    for key, (_, label, _) in VARIANTS.items():
         if not available[key]:
-            table.add(label, "not available in this build", *["-"] * (2 + len(layers)))
+            table.add(label, "n/a", *["-"] * (2 + len(layers)))
             continue
         rows = [r[key] for r in res]
         s = {"acc_A": float(np.mean([r["acc_A"] for r in rows])), "acc_B": float(np.mean([r["acc_B"] for r in rows])),
@@ -196,8 +205,8 @@ def run(ctx) -> Chapter:
     if available["freeze_bn"]:
         fb = summary["freeze_bn"]
         checks["freeze_bn keeps every BN statistic bit-identical through fine-tuning"] = fb["stats_bit_identical"]
-        findings.append(
-            f"With freeze_bn the statistics are bit-identical; accuracy A {fb['acc_A']:.3f}, B {fb['acc_B']:.3f}.")
+        kept = "bit-identical" if fb["stats_bit_identical"] else "CHANGED"
+        findings.append(f"With freeze_bn the statistics are {kept}; accuracy A {fb['acc_A']:.3f}, B {fb['acc_B']:.3f}.")
     if available["recal_only"]:
         ro = summary["recal_only"]
         findings.append(f"Recalibrating on B alone, with no labels and no gradient step, moves accuracy on B from "

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..torch.modules import bn_layers
-from ..torch.zoo import MLP
 from .data import load_digits_split
+from .models import digits_mlp
 from .report import Chapter, Figure, Table, new_figure, save_figure
 from .train import batches, fit, predict, preserved_modes
 
@@ -74,7 +74,7 @@ def train_mode_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> tor
 
 def _one_seed(digits, p: dict, seed: int, tracker) -> dict:
     torch.manual_seed(seed)
-    model = MLP()
+    model = digits_mlp()
     fit(model, digits.x_train, digits.y_train, epochs=p["epochs"], batch_size=p["train_batch"], seed=seed,
         on_epoch=lambda _e: tracker.advance())
     model.eval()
@@ -130,8 +130,11 @@ def run(ctx) -> Chapter:
     table = Table(
         f"Test accuracy on {n} digits by inference batch size (MLP trained at batch {p['train_batch']}, "
         f"mean over {len(res)} seed(s))",
-        ["batch size", "eval mode", "training mode", "distinct predictions (train mode)",
-         "max |eval logits - full-batch eval logits|"],
+        ["batch", "eval acc", "train acc", "classes (train)", "max |Δ| (eval)"],
+        notes=["batch: images per forward pass at inference; eval / train acc: accuracy in eval mode (running "
+               "statistics) and in training mode (the batch's statistics); classes (train): fewest distinct "
+               "classes predicted in training mode; max |Δ| (eval): largest difference between eval-mode logits "
+               "at this batch size and in one batch of the whole test set."],
     )
     for bs in p["batch_sizes"]:
         table.add(
@@ -157,16 +160,20 @@ def run(ctx) -> Chapter:
     ev_big = np.mean([r["eval"][big]["accuracy"] for r in res])
     tr_big = np.mean([r["train"][big]["accuracy"] for r in res])
     tr_two = np.mean([r["train"][2]["accuracy"] for r in res]) if 2 in p["batch_sizes"] else float("nan")
+    classes_one = max(o["distinct_outputs"] for o in one)
+    same_eval = checks["eval mode gives the same predictions at every batch size"]
     findings = [
-        f"At batch size 1 training mode predicts a single class for all {n} images (accuracy "
-        f"{np.mean([o['accuracy'] for o in one]):.3f}): the normalized value x - mean_B is 0, so each BN layer "
-        "outputs its beta and the input no longer matters. (The lesson says every activation becomes zero; "
-        "it is the normalized value that is zero, the layer's output is beta.)",
+        f"At batch size 1 training mode predicts {classes_one} distinct class(es) for the {n} test images (accuracy "
+        f"{np.mean([o['accuracy'] for o in one]):.3f}; outputs differ by at most "
+        f"{max(o['output_spread'] for o in one):.1e} between images): the normalized value x - mean_B is 0, so each "
+        "BN layer outputs its beta. (The lesson says every activation becomes zero; it is the normalized value that "
+        "is zero, the layer's output is beta.)",
         f"Training mode needs company: accuracy {tr_two:.3f} at batch 2 and {tr_big:.3f} at batch {big}, "
-        f"against {ev_big:.3f} in eval mode at any batch size.",
+        f"against {ev_big:.3f} in eval mode at batch {big}.",
         "Eval mode's logits differ across batch sizes by at most "
         f"{max(r['eval'][bs]['max_abs_diff_vs_full_batch'] for r in res for bs in p['batch_sizes']):.1e} "
-        "(float32 rounding of the matrix products), and its predictions are identical.",
+        "(float32 rounding of the matrix products), and its predictions are "
+        + ("identical." if same_eval else "NOT identical."),
     ]
     for r in res:
         del r["flags_after"]

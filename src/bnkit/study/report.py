@@ -23,9 +23,13 @@ __all__ = ["Table", "Figure", "Chapter", "new_figure", "save_figure", "write_rep
 
 @dataclass
 class Table:
+    """A display table: short column headers (it must read at 80 columns) and ``notes``, lines printed under it
+    that spell out the abbreviations."""
+
     title: str
     columns: list[str]
     rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def add(self, *cells: object) -> None:
         if len(cells) != len(self.columns):
@@ -88,10 +92,14 @@ def save_figure(fig, out_dir: Path, name: str) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Write beside ``path`` then rename; the file gets the usual ``0o666 & ~umask`` mode (mkstemp makes 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -105,6 +113,7 @@ def _html(chapters: list[Chapter], meta: dict[str, Any]) -> str:
         "<style>body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;line-height:1.45}"
         "table{border-collapse:collapse;margin:0.8em 0}td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}"
         "th{background:#eee}td:first-child{text-align:left}img{max-width:100%;border:1px solid #ddd}"
+        ".note{font-size:90%;color:#444;margin:0.2em 0}"
         ".fail{color:#b00}.ok{color:#070}.na{color:#b60;font-weight:bold}code{background:#f4f4f4}</style></head><body>",
         "<h1>BatchNorm at inference, measured on scikit-learn's digits</h1>",
         f"<p>Every number below was measured in this run ({e(meta.get('size', ''))} size, "
@@ -122,6 +131,7 @@ def _html(chapters: list[Chapter], meta: dict[str, Any]) -> str:
             for row in t.rows:
                 parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
             parts.append("</table>")
+            parts += [f"<p class='note'>{e(n)}</p>" for n in t.notes]
         if ch.checks:
             parts.append("<ul>")
             for claim, ok in ch.checks.items():
@@ -156,6 +166,9 @@ def _markdown(chapters: list[Chapter], meta: dict[str, Any]) -> str:
                       "|" + "---|" * len(t.columns)]
             lines += ["| " + " | ".join(map(cell, row)) + " |" for row in t.rows]
             lines.append("")
+            lines += [f"*{n}*  " for n in t.notes]
+            if t.notes:
+                lines.append("")
         lines += [f"- {claim}: {'holds' if ok else 'does NOT hold'} in this run" for claim, ok in ch.checks.items()]
         lines += [f"- {f}" for f in ch.findings]
         lines += [f"\n![{fig.caption}]({fig.path})\n\n*{fig.caption}*" for fig in ch.figures]

@@ -21,8 +21,8 @@ import torch
 
 from ..stats import ema_table
 from ..torch.modules import bn_layers
-from ..torch.zoo import MLP
 from .data import load_digits_split
+from .models import bn_legend, bn_places, digits_mlp
 from .report import Chapter, Figure, Table, new_figure, save_figure
 from .train import accuracy, fit, population_stats, running_stats
 
@@ -69,9 +69,12 @@ def worked_example() -> tuple[Table, dict, list[str], dict[str, bool]]:
     torch_momentum = torch.nn.BatchNorm1d(1).momentum
     torch_rows = _torch_running_means(series, 1.0 - LESSON_DECAY)
     table = Table(
-        "The lesson's worked example, recomputed (alpha = 0.9 on the old value, start 0; batches 4-50 have mean 4.0)",
-        ["batch", "batch mean", "lesson says", "running mean (exact)", "nn.BatchNorm1d running_mean",
-         "bias-corrected", "lesson"],
+        f"The lesson's worked example, recomputed (alpha = {LESSON_DECAY:g} on the old value, start 0; "
+        f"batches {len(LESSON_MEANS) + 1}-{steps} have mean {LESSON_FILL})",
+        ["batch", "mean", "lesson", "EMA", "nn.BN1d", "corrected", "verdict"],
+        notes=[f"mean: the batch's mean; lesson: the running mean the lesson states; EMA: the exact running mean "
+               f"(float64, from 0); nn.BN1d: running_mean of a real nn.BatchNorm1d(momentum="
+               f"{1 - LESSON_DECAY:g}); corrected: bias-corrected EMA / (1 - {LESSON_DECAY:g}^t)."],
     )
     verdicts = {}
     for t, stated in LESSON_STATED.items():
@@ -100,7 +103,7 @@ def worked_example() -> tuple[Table, dict, list[str], dict[str, bool]]:
     max_torch_diff = max(abs(a - r[2]) for a, r in zip(torch_rows, rows))
     checks = {
         "nn.BatchNorm1d's running_mean equals the exact EMA column": max_torch_diff < 1e-12,
-        "the bias-corrected mean never strays from 4.0 more than the batch means do": all(
+        f"the bias-corrected mean never strays from {LESSON_FILL} more than the batch means do": all(
             abs(r[3] - LESSON_FILL) <= max(abs(v - LESSON_FILL) for v in series) + 1e-12 for r in rows),
     }
     data = {
@@ -136,7 +139,7 @@ def convergence(ctx, p: dict) -> dict:
         per_seed = []
         for s in range(p["seeds"]):
             torch.manual_seed(ctx.seed + s)
-            model = MLP()
+            model = digits_mlp()
             for _, bn in bn_layers(model):
                 bn.momentum = momentum
             eps = bn_layers(model)[0][1].eps
@@ -180,6 +183,7 @@ def _plot_example(data: dict, out) -> str:
 
 def _plot_convergence(conv: dict, p: dict, out) -> str:
     layers = list(next(iter(conv.values()))[0]["layers"])
+    places = bn_places(digits_mlp())
     fig, axes = new_figure(2, len(layers), width=5.2, height=3.6)
     for j, layer in enumerate(layers):
         for momentum, per_seed in conv.items():
@@ -189,7 +193,7 @@ def _plot_convergence(conv: dict, p: dict, out) -> str:
                 line = axes[i, j].plot(steps, curves.mean(0), label=f"momentum {momentum}")[0]
                 if len(per_seed) > 1:
                     axes[i, j].fill_between(steps, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
-        axes[0, j].set_title(f"BN layer '{layer}'")
+        axes[0, j].set_title(f"BN layer {layer}, {places.get(layer, '')}")
         axes[0, j].set_ylabel("|running mean - population mean|\n(population std units, mean over channels)")
         axes[1, j].set_ylabel("|log(running var / population var)|\n(mean over channels)")
         for i in range(2):
@@ -208,7 +212,10 @@ def run(ctx) -> Chapter:
     summary = Table(
         f"Running vs population statistics of each BN layer after {p['epochs']} epochs "
         f"(batch size {p['batch_size']}, mean over {p['seeds']} seed(s))",
-        ["momentum", "BN layer", "mean error (std units)", "log var ratio", "test accuracy (eval)"],
+        ["momentum", "layer", "mean err", "var err", "test acc"],
+        notes=["mean err: mean over channels of |running mean - population mean| in population std; "
+               "var err: mean over channels of |log(running var / population var)|; "
+               "test acc: eval-mode test accuracy.", bn_legend(digits_mlp())],
     )
     final: dict = {}
     for momentum, per_seed in conv.items():
@@ -223,7 +230,7 @@ def run(ctx) -> Chapter:
         best = min(final, key=lambda m: final[m][layer]["mean_error"])
         worst = max(final, key=lambda m: final[m][layer]["mean_error"])
         findings.append(
-            f"Layer '{layer}': at the end of training momentum {best} is closest to the population mean "
+            f"Layer {layer}: at the end of training momentum {best} is closest to the population mean "
             f"({final[best][layer]['mean_error']:.4f} std), momentum {worst} farthest "
             f"({final[worst][layer]['mean_error']:.4f} std)."
         )
