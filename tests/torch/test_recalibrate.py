@@ -14,6 +14,7 @@ PyTorch's own buffer update (momentum 1.0) pins the biased/unbiased convention.
 from __future__ import annotations
 
 import copy
+import importlib
 
 import numpy as np
 import pytest
@@ -414,3 +415,46 @@ def test_swa_average_recovers_accuracy_on_digits():
     assert report.layers[0].samples == len(train) and report.batches == len(loader)
     assert fresh < 0.75 and recovered > 0.95
     assert recovered >= stale and recovered >= min(accuracy(a), accuracy(b)) - 0.01
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_statistics_folded_in_chunks(monkeypatch, on_nonfinite):
+    """Many batches folded a few at a time (Chan merge of the chunks), a NaN batch in a later chunk."""
+    monkeypatch.setattr(importlib.import_module("bnkit.torch.recalibrate"), "_FOLD_EVERY", 3)
+    model = mixed_model()
+    batches = make_batches(sizes=(4, 7, 2, 5, 3, 9, 6, 2, 8, 3), seed=5)
+    bad = batches[7].clone()
+    bad[1, 0, 2, 3, 4] = float("inf")
+    if on_nonfinite == "raise":
+        before = buffers(model)
+        with pytest.raises(ValueError, match=r"'bn3'.*batch 7"):
+            recalibrate(model, [*batches[:7], bad, *batches[8:]], progress=False)
+        assert_same_state(model, before)
+        return
+    ref = reference_stats(model, batches[:7] + batches[8:])
+    report = recalibrate(model, [*batches[:7], bad, *batches[8:]], on_nonfinite="skip", progress=False)
+    assert report.batches == 9 and report.skipped_batches == 1
+    assert {r.name: r.samples for r in report.layers}["bn1"] == sum(len(b) for b in batches) - len(bad)
+    assert_matches_reference(model, ref)
+
+
+def test_progress_bar_only_on_long_passes(monkeypatch):
+    """A rich bar counting batches once the pass has run _PROGRESS_AFTER seconds; a short pass draws nothing."""
+    import io
+
+    import rich
+    from rich.console import Console
+
+    module = importlib.import_module("bnkit.torch.recalibrate")
+    batches = make_batches()
+
+    def drawn() -> str:
+        out = io.StringIO()
+        monkeypatch.setattr(rich, "_console", Console(file=out, force_terminal=True, width=100))
+        recalibrate(mixed_model(), batches)
+        return out.getvalue()
+
+    assert drawn() == ""  # well under a second
+    monkeypatch.setattr(module, "_PROGRESS_AFTER", 0.0)
+    text = drawn()
+    assert "recalibrating BatchNorm" in text and f"{len(batches)}/{len(batches)}" in text

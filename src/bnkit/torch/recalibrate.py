@@ -8,9 +8,10 @@ spatial position). Each standard BN layer gets a stand-in forward for the pass
 that reduces its input once, on its device, with shifted sums finished in
 float64 (:func:`_batch_moments`: ``M2 = sum((x - c)**2)`` around ``c`` near the
 mean, never ``E[x**2] - E[x]**2``), and normalizes with exactly those
-statistics, so the pass costs no more than plain training-mode forwards. The
-batches, then the ranks, are combined with Chan's parallel formula
-(:class:`bnkit.stats.RunningMoments`)::
+statistics, so a BN call costs about what PyTorch's training-mode forward
+does. The statistics stay on the device; every ``_FOLD_EVERY`` batches they
+move to the host in one transfer, and the batches, then the ranks, are
+combined with Chan's parallel formula (:class:`bnkit.stats.RunningMoments`)::
 
     n = n_a + n_b,  d = mean_b - mean_a
     mean = mean_a + d * n_b / n,   M2 = M2_a + M2_b + d**2 * n_a * n_b / n
@@ -67,6 +68,7 @@ Conventions written into the buffers:
 from __future__ import annotations
 
 import itertools
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -75,18 +77,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..findings import Finding
 from ..stats import RunningMoments
-from .modules import bn_layers
+from .modules import is_batchnorm
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
 #: Batches whose statistics wait on the device before being moved to the host
 #: and folded in (one device-to-host transfer per this many batches).
-_FOLD_EVERY = 8
+_FOLD_EVERY = 64
+
+#: A pass shows its progress bar once it has run this many seconds (short passes stay quiet).
+_PROGRESS_AFTER = 1.0
 
 #: Inputs with at most this many values are reduced by upcasting to float64 (see _batch_moments).
 _SMALL = 1 << 16
@@ -221,10 +225,10 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     to ~1e-7 std, at float32 speed (upcasting every value to float64 costs ~20x
     more per element on CPU). Half/bfloat16 inputs are summed in float32.
     """
-    dims = [0, *range(2, x.dim())]
     xw = x.detach()
     if xw.numel() <= _SMALL:
         return torch.batch_norm_update_stats(_f64(xw), None, None, 0.0)
+    dims = [0, *range(2, x.dim())]
     if xw.dtype not in (torch.float32, torch.float64):
         xw = xw.float()
     n = xw.numel() // xw.shape[1]
@@ -295,38 +299,51 @@ def _all_gather(payload: np.ndarray) -> list[np.ndarray]:
 
 
 class _Pass:
-    """The per-layer instrumentation for one pass (stand-in forwards, pre-hooks) and its float64 accumulators."""
+    """The per-layer instrumentation for one pass (stand-in forwards, pre-hooks) and its float64 accumulators.
+
+    Each BN call appends one record ``(layer, count, samples, batch, mean, biased var)``
+    (statistics left on the device, no host sync); every ``_FOLD_EVERY`` batches
+    :meth:`fold` moves them to the host in one transfer and merges them per layer.
+    """
 
     def __init__(self, layers: list[tuple[str, _BatchNorm]], skip_nonfinite: bool) -> None:
         self.layers = layers
         self.skip_nonfinite = skip_nonfinite
+        self.widths = np.array([m.num_features for _, m in layers], dtype=np.int64)
         self.moments = [RunningMoments(m.num_features) for _, m in layers]
-        self.calls = [0] * len(layers)
-        self.samples = [0] * len(layers)
+        self.calls = np.zeros(len(layers), dtype=np.int64)
+        self.samples = np.zeros(len(layers), dtype=np.int64)
         self.batches = 0
         self.skipped = 0
-        self.current: list[tuple[int, int, int, torch.Tensor, torch.Tensor]] = []
-        self.pending: list[list[tuple[int, int, int, torch.Tensor, torch.Tensor]]] = []
-        self.batch_index = 0
+        self.records: list[tuple[int, int, int, int, torch.Tensor, torch.Tensor]] = []
+        self.batch_index = 0  # batches run so far (the one running now)
+        self.folded = 0  # batches folded so far
 
-    def record(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reduce one input of layer ``index``; its float64 ``(mean, biased variance)``."""
+    def recorder(self, index: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``record(x)``: check and reduce one input of layer ``index``, keep its statistics; returns them,
+        the float64 ``(mean, biased variance)``."""
         name, module = self.layers[index]
-        if x.dim() < 2 or x.shape[1] != module.num_features:
-            raise ValueError(
-                f"BatchNorm layer {name!r} has {module.num_features} channels but got input of shape "
-                f"{tuple(x.shape)} in batch {self.batch_index}"
-            )
-        count = x.numel() // x.shape[1]
-        if count < 2:
-            raise ValueError(
-                f"BatchNorm layer {name!r} got input of shape {tuple(x.shape)} in batch {self.batch_index}: "
-                "one value per channel cannot be normalized in training mode; use batches of at least 2 "
-                "(e.g. DataLoader(..., drop_last=True))"
-            )
-        mean, var = _batch_moments(x)
-        self.current.append((index, count, x.shape[0], mean, var))
-        return mean, var
+        channels, append = module.num_features, self.records.append
+
+        def record(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            shape = x.shape
+            if len(shape) < 2 or shape[1] != channels:
+                raise ValueError(
+                    f"BatchNorm layer {name!r} has {channels} channels but got input of shape "
+                    f"{tuple(shape)} in batch {self.batch_index}"
+                )
+            count = x.numel() // channels
+            if count < 2:
+                raise ValueError(
+                    f"BatchNorm layer {name!r} got input of shape {tuple(shape)} in batch {self.batch_index}: "
+                    "one value per channel cannot be normalized in training mode; use batches of at least 2 "
+                    "(e.g. DataLoader(..., drop_last=True))"
+                )
+            mean, var = _batch_moments(x)
+            append((index, count, shape[0], self.batch_index, mean, var))
+            return mean, var
+
+        return record
 
     def forward(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """A stand-in forward for a standard BN layer: reduce once, normalize with those statistics.
@@ -335,57 +352,91 @@ class _Pass:
         without reducing the input a second time in PyTorch's kernel.
         """
         module = self.layers[index][1]
+        check, record, batch_norm = module._check_input_dim, self.recorder(index), torch.batch_norm
+        weight, bias, eps, dtype = module.weight, module.bias, module.eps, module.running_mean.dtype
+        cudnn = torch.backends.cudnn.enabled
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            module._check_input_dim(x)
-            mean, var = self.record(index, x)
-            like = {"device": x.device, "dtype": module.running_mean.dtype}
-            return F.batch_norm(x, mean.to(**like), var.to(**like), module.weight, module.bias, False, 0.0, module.eps)
+            check(x)
+            mean, var = record(x)
+            device = x.device  # MPS: the statistics were finished on the CPU
+            return batch_norm(x, weight, bias, mean.to(device, dtype), var.to(device, dtype), False, 0.0, eps, cudnn)
 
         return forward
 
     def hook(self, index: int) -> Callable:
         """A forward pre-hook for a BN subclass with its own forward: reduce the input, let it run."""
+        record = self.recorder(index)
 
         def pre_hook(module: _BatchNorm, args: tuple) -> None:
             if args and isinstance(args[0], torch.Tensor):
-                self.record(index, args[0])
+                record(args[0])
 
         return pre_hook
 
     def end_batch(self) -> None:
-        self.pending.append(self.current)
-        self.current = []
         self.batch_index += 1
-        if len(self.pending) >= _FOLD_EVERY:
+        if self.batch_index - self.folded >= _FOLD_EVERY:
             self.fold()
 
     def fold(self) -> None:
-        """Move pending batch statistics to the host and merge them in batch order."""
-        pending, self.pending = self.pending, []
-        records = [r for batch in pending for r in batch]
-        if records:
-            means = torch.cat([r[3] for r in records]).cpu().numpy()
-            variances = torch.cat([r[4] for r in records]).cpu().numpy()
-        start = 0
-        first = self.batch_index - len(pending)
-        for offset, batch in enumerate(pending):
-            parts = []
-            for index, count, samples, mean, _ in batch:
-                stop = start + mean.numel()
-                parts.append((index, count, samples, means[start:stop], variances[start:stop] * count))
-                start = stop
-            bad = next((p[0] for p in parts if not (np.isfinite(p[3]).all() and np.isfinite(p[4]).all())), None)
-            if bad is not None:
-                if not self.skip_nonfinite:
-                    raise _NonFinite(first + offset, bad)
-                self.skipped += 1
-                continue
-            self.batches += 1
-            for index, count, samples, mean, m2 in parts:
-                self.moments[index].update_moments(count, mean, m2)
-                self.calls[index] += 1
-                self.samples[index] += samples
+        """Merge the pending records into the accumulators: per layer, all its records at once.
+
+        For the ``K`` records ``(n_k, mean_k, var_k)`` of a layer (Chan's pairwise
+        formula unrolled over ``K`` partials; no ``E[x**2]`` anywhere)::
+
+            n = sum n_k,   mean = mean_1 + sum n_k (mean_k - mean_1) / n,
+            M2 = sum n_k var_k + sum n_k (mean_k - mean)**2
+
+        then folded into the layer's :class:`RunningMoments` with Chan's formula.
+        A batch with a non-finite statistic at any layer raises :class:`_NonFinite`
+        (the first such batch, the first layer it reached) or is left out whole.
+        """
+        records = list(self.records)
+        self.records.clear()
+        ended, self.folded = self.batch_index - self.folded, self.batch_index
+        if not records:
+            self.batches += ended
+            return
+        # records grouped by layer (stably: batch order within a layer), so each layer's block is one (K, C) view
+        order = sorted(range(len(records)), key=lambda r: records[r][0])
+        index, count, samples, batch = (np.asarray(v) for v in zip(*(records[r][:4] for r in order)))
+        stats = [records[r][4] for r in order] + [records[r][5] for r in order]
+        try:
+            flat = torch.cat(stats).cpu().numpy()  # one device-to-host transfer
+        except RuntimeError:  # statistics on several devices (a model spread over devices)
+            flat = torch.cat([t.cpu() for t in stats]).numpy()
+        widths = self.widths[index]
+        starts = np.cumsum(widths) - widths
+        half = int(widths.sum())
+        bad = np.logical_or.reduceat(~np.isfinite(flat[:half]) | ~np.isfinite(flat[half:]), starts)
+        keep = None
+        if bad.any():
+            bad_batches = np.unique(batch[bad])
+            if not self.skip_nonfinite:  # in call order: the first bad batch, the first layer it reached
+                first = min(r for r, b in zip(order, bad.tolist()) if b)
+                raise _NonFinite(records[first][3], records[first][0])
+            keep = ~np.isin(batch, bad_batches)
+            self.skipped += len(bad_batches)
+            ended -= len(bad_batches)
+        self.batches += ended
+        layer_ids, firsts, sizes = np.unique(index, return_index=True, return_counts=True)
+        for i, first, k in zip(layer_ids.tolist(), firsts.tolist(), sizes.tolist()):
+            c, rows = int(self.widths[i]), slice(first, first + k)
+            start = int(starts[first])
+            mean_k = flat[start:start + k * c].reshape(k, c)
+            var_k = flat[half + start:half + start + k * c].reshape(k, c)
+            n_k, s_k = count[rows], samples[rows]
+            if keep is not None:
+                mean_k, var_k, n_k, s_k = mean_k[keep[rows]], var_k[keep[rows]], n_k[keep[rows]], s_k[keep[rows]]
+                if len(n_k) == 0:
+                    continue
+            n, w = int(n_k.sum()), n_k.astype(np.float64)
+            mean = mean_k[0] + w @ (mean_k - mean_k[0]) / n
+            dev = mean_k - mean
+            self.moments[i].update_moments(n, mean, w @ var_k + w @ (dev * dev))
+            self.calls[i] += len(n_k)
+            self.samples[i] += int(s_k.sum())
 
     def payload(self, error: BaseException | None) -> np.ndarray:
         """This rank's ``(batches, skipped, failure, nonfinite batch, nonfinite layer)`` then per layer
@@ -418,8 +469,8 @@ class _Pass:
                 f"recalibration failed on rank(s) {failed} (see that rank's error); no statistics were changed"
             )
         merged = [RunningMoments(m.num_features) for _, m in self.layers]
-        self.calls = [0] * len(self.layers)
-        self.samples = [0] * len(self.layers)
+        self.calls[:] = 0
+        self.samples[:] = 0
         self.batches = int(sum(p[0] for p in payloads))
         self.skipped = int(sum(p[1] for p in payloads))
         for p in payloads:
@@ -495,7 +546,7 @@ def recalibrate(
         on_nonfinite: ``"raise"`` (default): a batch giving NaN/Inf at any BN
             input raises ``ValueError`` naming the first such layer, changing
             nothing. ``"skip"``: leave such batches out and count them.
-        progress: show a rich progress bar (rank 0 only).
+        progress: show a rich progress bar (rank 0 only) once the pass has run a second.
 
     Returns:
         A :class:`RecalibrationReport` with per-layer old and new statistics.
@@ -512,13 +563,14 @@ def recalibrate(
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     if num_batches is not None and (int(num_batches) != num_batches or num_batches < 1):
         raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
-    layers = [(n, m) for n, m in bn_layers(model) if m.track_running_stats and m.running_mean is not None]
+    modules = list(model.named_modules())
+    layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
     if not layers:
         raise ValueError("the model has no BatchNorm layer with running statistics: nothing to recalibrate")
     for name, module in layers:
         if nn.parameter.is_lazy(module.running_mean):
             raise ValueError(f"BatchNorm layer {name!r} is lazy and not initialized yet: run one forward pass first")
-    dropout = [n for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+    dropout = [n for n, m in modules if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
     if dropout:
         warnings.warn(
             f"Dropout layers {dropout[:3]}{'...' if len(dropout) > 3 else ''} are in training mode, so the statistics "
@@ -529,12 +581,10 @@ def recalibrate(
     device = torch.device(device) if device is not None else None
     world = _distributed_world()
 
-    flags = [(m, m.training) for m in model.modules()]
+    flags = [(m, m.training) for _, m in modules]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    buffers = {id(b): (b, b.detach().clone()) for b in model.buffers()}.values()
-    # copy=True: for float64 CPU buffers a plain .to() would return the buffer itself
-    old = [tuple(b.detach().to("cpu", torch.float64, copy=True).numpy() for b in (m.running_mean, m.running_var))
-           for _, m in layers]
+    saved = {id(b): (b, b.detach().clone()) for b in model.buffers()}
+    buffers = saved.values()
     acc = _Pass(layers, skip_nonfinite=on_nonfinite == "skip")
     patched: list[nn.Module] = []
     handles = []
@@ -552,7 +602,7 @@ def recalibrate(
             m.training = True
             if type(m).forward in _STANDARD_FORWARDS and "forward" not in m.__dict__:
                 patched.append(m)
-                m.forward = acc.forward(i)
+                m.__dict__["forward"] = acc.forward(i)  # an instance attribute, as `m.forward = ...` makes it
             else:
                 handles.append(m.register_forward_pre_hook(acc.hook(i)))
         batches = data if num_batches is None else itertools.islice(data, int(num_batches))
@@ -584,9 +634,10 @@ def recalibrate(
         restore_buffers()
         report = RecalibrationReport(batches=acc.batches, skipped_batches=acc.skipped, world_size=world)
         with torch.no_grad():
-            for (name, m), rm, calls, samples, (old_mean, old_var) in zip(
-                layers, acc.moments, acc.calls, acc.samples, old
-            ):
+            for (name, m), rm, calls, samples in zip(layers, acc.moments, acc.calls.tolist(), acc.samples.tolist()):
+                # the saved copies are private: as float64 CPU arrays they need no further copy
+                old_mean, old_var = (saved[id(b)][1].to("cpu", torch.float64).numpy() for b in (m.running_mean,
+                                                                                              m.running_var))
                 new_mean, new_var = old_mean, old_var
                 if rm.count > 0:
                     new_mean, new_var = rm.mean, rm.var_unbiased
@@ -604,11 +655,13 @@ def recalibrate(
         for h in handles:
             h.remove()
         for m in patched:
-            del m.forward
+            del m.__dict__["forward"]
         for m, was in flags:
-            m.training = was
+            if m.training is not was:
+                m.training = was
         for p, req in grads:
-            p.requires_grad_(req)
+            if p.requires_grad is not req:
+                p.requires_grad_(req)
 
 
 def _rank() -> int:
@@ -626,22 +679,34 @@ def _total(data: Any, num_batches: int | None) -> int | None:
 
 
 class _progress_bar:
-    """A transient rich progress bar; ``advance()`` moves it one batch (a no-op when disabled)."""
+    """A transient rich progress bar that appears once the pass has run ``_PROGRESS_AFTER`` seconds.
+
+    ``advance()`` counts one batch; short passes never draw (nor pay for) a bar.
+    """
 
     def __init__(self, enabled: bool, total: int | None) -> None:
         self.enabled, self.total = enabled, total
-        self.bar = None
+        self.bar: Any = None
+        self.task: Any = None
+        self.done = 0
+        self.start = time.monotonic()
 
     def __enter__(self) -> Callable[[], None]:
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        self.start = time.monotonic()
+        return self.advance if self.enabled else lambda: None
 
-        self.bar = Progress(TextColumn("recalibrating BatchNorm"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), transient=True)
-        self.bar.start()
-        task = self.bar.add_task("recalibrate", total=self.total)
-        return lambda: self.bar.advance(task)
+    def advance(self) -> None:
+        self.done += 1
+        if self.bar is None:
+            if time.monotonic() - self.start < _PROGRESS_AFTER:
+                return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("recalibrating BatchNorm"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("recalibrate", total=self.total)
+        self.bar.update(self.task, completed=self.done)
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
