@@ -566,12 +566,18 @@ class _Collector:
         self._record(args[0], *_moments(args[0]))
 
     def pool(self) -> RunningMoments:
-        """Merge the calls' ``(count, mean, M2)`` with Chan's formula, in float64."""
-        if self.means:
+        """The calls' ``(count, mean, M2)`` merged in float64 by Chan's formula for K partials.
+
+        ``mean = sum n_k m_k / N``, ``M2 = sum M2_k + sum n_k (m_k - mean)^2``: the pairwise
+        update of :class:`bnkit.stats.RunningMoments` applied to all calls at once.
+        """
+        if self.means and self.moments.count == 0:
+            counts = np.array([n for _, n in self.samples], dtype=np.float64)[:, None]
             means = torch.stack(self.means).double().cpu().numpy()
-            m2 = torch.stack(self.m2).double().cpu().numpy()
-            for (_, n), mean, part in zip(self.samples, means, m2):
-                self.moments.update_moments(n, mean, part)
+            total = counts.sum()
+            mean = (counts * means).sum(0) / total
+            m2 = torch.stack(self.m2).double().cpu().numpy().sum(0) + (counts * (means - mean) ** 2).sum(0)
+            self.moments.update_moments(int(total), mean, m2)
         return self.moments
 
     def batch_vars(self) -> torch.Tensor:
