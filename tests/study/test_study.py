@@ -194,3 +194,14 @@ def test_digits_mlp_is_the_zoo_mlp_with_named_layers():
     assert bn_legend(named).startswith("bn1 = BatchNorm1d after fc1")
     ln = layernorm_mlp()
     assert [n for n, m in ln.named_children() if isinstance(m, torch.nn.LayerNorm)] == ["ln1", "ln2"]
+
+
+def test_shifted_domain_is_the_scanner_it_describes():
+    from bnkit.study.data import SHIFT_BACKGROUND, SHIFT_CONTRAST, SHIFT_NOISE_STD, shifted_domain
+
+    x = torch.rand(500, 64)
+    a, b = shifted_domain(x, seed=4), shifted_domain(torch.zeros_like(x), seed=4)
+    assert torch.equal(a, shifted_domain(x, seed=4))  # seeded
+    assert torch.allclose(a - b, SHIFT_CONTRAST * x, atol=1e-6)  # same noise, so the difference is the contrast
+    assert float(b.mean()) == pytest.approx(SHIFT_BACKGROUND, abs=0.01)
+    assert float(b.std()) == pytest.approx(SHIFT_NOISE_STD, rel=0.05)

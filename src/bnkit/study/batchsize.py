@@ -116,7 +116,8 @@ def _plot(res: dict, p: dict, methods: list[str], out) -> str:
     ax.set_xlabel("training batch size (images per step)")
     ax.set_ylabel("eval-mode test accuracy (fraction correct)")
     band = ", band = min..max" if p["seeds"] > 1 else ""
-    ax.set_title(f"Digits MLP, {p['epochs']}+ epochs: mean of {p['seeds']} seed(s){band}")
+    ax.set_title(f"Digits MLP, >= {p['epochs']} epochs and >= {p['min_steps']} steps per run\n"
+                 f"mean of {p['seeds']} seed(s){band}")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     return save_figure(fig, out, "ch3_batch_size.png")

@@ -11,8 +11,11 @@ import torch
 
 __all__ = ["Digits", "load_digits_split", "shifted_domain", "SHIFT_DESCRIPTION"]
 
+#: :func:`shifted_domain`'s scanner: ``contrast * x + background + noise_std * N(0, 1)``.
+SHIFT_CONTRAST, SHIFT_BACKGROUND, SHIFT_NOISE_STD = 0.5, 0.3, 0.05
 #: What :func:`shifted_domain` does to an image, in words for the report.
-SHIFT_DESCRIPTION = "another scanner: half the contrast, a grey background (+0.3) and sensor noise (std 0.05)"
+SHIFT_DESCRIPTION = (f"another scanner: contrast x{SHIFT_CONTRAST:g}, a grey background (+{SHIFT_BACKGROUND:g}) "
+                     f"and sensor noise (std {SHIFT_NOISE_STD:g})")
 
 
 @dataclass(frozen=True)
@@ -52,4 +55,4 @@ def load_digits_split(*, seed: int = 0, test_fraction: float = 0.25, images: boo
 def shifted_domain(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     """The same digits seen by another scanner (see :data:`SHIFT_DESCRIPTION`), seeded noise."""
     g = torch.Generator().manual_seed(seed)
-    return 0.5 * x + 0.3 + 0.05 * torch.randn(x.shape, generator=g)
+    return SHIFT_CONTRAST * x + SHIFT_BACKGROUND + SHIFT_NOISE_STD * torch.randn(x.shape, generator=g)

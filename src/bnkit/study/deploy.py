@@ -188,16 +188,26 @@ def _latencies(runners: dict, x: torch.Tensor, p: dict) -> dict:
 
 
 def _plot(lat: dict, p: dict, out) -> str:
-    fig, axes = new_figure(width=7.0, height=5.0)
-    ax = axes[0, 0]
+    """One panel per batch size, each on its own scale (a batch of one takes a fraction of a large batch's time)."""
     bss = [str(b) for b in p["latency_batches"]]
-    xs = np.arange(len(bss))
-    width = 0.8 / len(lat)
-    for i, (name, per) in enumerate(lat.items()):
-        ax.bar(xs - 0.4 + width * (i + 0.5), [per[b] for b in bss], width=width, label=name)
-    ax.set_xticks(xs, [f"batch {b}" for b in bss])
-    ax.set_ylabel("median latency per forward pass (ms)")
-    ax.set_title(f"SmallResNet inference on CPU, {torch.get_num_threads()} thread(s)", pad=44)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
-    ax.grid(alpha=0.3, axis="y")
-    return save_figure(fig, out, "ch5_latency.png")
+    fig, axes = new_figure(1, len(bss), width=4.2, height=4.6)
+    names = list(lat)
+    colors = [f"C{i}" for i in range(len(names))]
+    for ax, b in zip(axes[0], bss):
+        bars = ax.bar(range(len(names)), [lat[n][b] for n in names], color=colors)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.set_xticks([])
+        ax.set_title(f"batch of {b} image(s)")
+        ax.margins(y=0.12)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0, 0].set_ylabel("median latency per forward pass (ms)")
+    fig.suptitle(f"SmallResNet inference on CPU, {torch.get_num_threads()} thread(s)", y=0.99)
+    fig.legend([_patch(c) for c in colors], names, loc="upper center", bbox_to_anchor=(0.5, 0.93),
+               ncol=min(3, len(names)), fontsize=8, frameon=False)
+    return save_figure(fig, out, "ch5_latency.png", rect=(0, 0, 1, 0.86))
+
+
+def _patch(color: str):
+    from matplotlib.patches import Patch
+
+    return Patch(color=color)

@@ -80,12 +80,12 @@ def new_figure(rows: int = 1, cols: int = 1, *, width: float = 6.4, height: floa
     return fig, axes
 
 
-def save_figure(fig, out_dir: Path, name: str) -> str:
-    """Save ``fig`` as ``out_dir/name`` (PNG, 110 dpi), close it, return the relative path."""
+def save_figure(fig, out_dir: Path, name: str, *, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> str:
+    """Save ``fig`` as ``out_dir/name`` (PNG, 110 dpi; axes laid out within ``rect``), close it, return its name."""
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(out_dir / name, dpi=110)
     plt.close(fig)
     return name

@@ -169,7 +169,7 @@ def _plot_example(data: dict, out) -> str:
     ax = axes[0, 0]
     t = np.arange(1, len(data["running"]) + 1)
     ax.plot(t, data["series"], "k:", label="batch mean")
-    ax.plot(t, data["running"], "-o", ms=3, label="running mean (EMA from 0, alpha 0.9)")
+    ax.plot(t, data["running"], "-o", ms=3, label=f"running mean (EMA from 0, alpha {data['decay']:g})")
     ax.plot(t, data["bias_corrected"], "-s", ms=3, label="bias-corrected running mean")
     stated = {int(k): float(v) for k, v in data["lesson_stated"].items()}
     ax.scatter(list(stated), list(stated.values()), marker="x", s=70, c="red", zorder=5, label="the lesson's figures")
