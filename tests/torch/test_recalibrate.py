@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnkit.torch import recalibrate, RecalibrationReport, bn_layers  # noqa: I001  (recalibrate first: see report)
+from bnkit.torch import RecalibrationReport, bn_layers, recalibrate
 
 
 class Mixed(nn.Module):

@@ -323,7 +323,7 @@ class _Pass:
         """``record(x)``: check and reduce one input of layer ``index``, keep its statistics; returns them,
         the float64 ``(mean, biased variance)``."""
         name, module = self.layers[index]
-        channels, append = module.num_features, self.records.append
+        channels, append, stats = module.num_features, self.records.append, torch.batch_norm_update_stats
 
         def record(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             shape = x.shape
@@ -339,7 +339,10 @@ class _Pass:
                     "one value per channel cannot be normalized in training mode; use batches of at least 2 "
                     "(e.g. DataLoader(..., drop_last=True))"
                 )
-            mean, var = _batch_moments(x)
+            if count * channels <= _SMALL and x.device.type != "mps":  # _batch_moments' small path, inlined
+                mean, var = stats(x.double(), None, None, 0.0)
+            else:
+                mean, var = _batch_moments(x)
             append((index, count, shape[0], self.batch_index, mean, var))
             return mean, var
 
