@@ -259,3 +259,16 @@ def test_protect_stats_mixed_dtypes_shared_layers_and_lazy_layers():
     for k, v in before.items():
         assert torch.equal(model.state_dict()[k], v), k
     assert torch.isfinite(model[4].running_var).all() and int(model[4].num_batches_tracked) == 1
+
+
+def test_protect_stats_made_once_and_entered_every_step():
+    model = _trained().train()
+    guard = protect_stats(model, warn=False)
+    good = X.clone()
+    for step, poison in enumerate([False, True, False]):
+        before = copy.deepcopy(model.state_dict())
+        with guard as report:
+            model(good * float("nan") if poison else good)
+        assert bool(report) == poison, step
+        changed = any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert changed != poison, step  # a good step keeps its update, a poisoned one leaves no trace

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -279,52 +279,58 @@ class StatsRollback:
         ) for name in self.already_nonfinite]
 
 
-def _stats_layers(model: nn.Module) -> list[nn.Module]:
-    """Every BatchNorm layer of ``model`` with running statistics, once each (order not fixed).
+def _running_buffers(model: nn.Module) -> tuple[list[nn.Module], list[torch.Tensor], list[torch.Tensor]]:
+    """``(layers, statistics, counters)``: every BatchNorm layer with running statistics, once each.
 
-    A plain walk over ``_modules`` (no qualified names built): this runs on every ``protect_stats`` entry.
-    Uninitialized lazy layers are left out: they have no statistics to restore yet.
+    A plain walk over ``_modules`` (no qualified names built, order not fixed): this runs on every
+    :class:`protect_stats` entry. Uninitialized lazy layers are left out: they have nothing to restore yet.
     """
-    found: dict[int, nn.Module] = {}
+    layers: list[nn.Module] = []
+    stats: list[torch.Tensor] = []
+    counts: list[torch.Tensor] = []
+    seen: set[int] = set()
     stack = [model]
     while stack:
         m = stack.pop()
         if m is None:
             continue
-        if isinstance(m, BN_TYPES) and (t := m._buffers.get("running_mean")) is not None and not is_lazy(t):
-            found[id(m)] = m
+        if isinstance(m, BN_TYPES) and id(m) not in seen:
+            seen.add(id(m))
+            b = m._buffers
+            mean, var, count = b.get("running_mean"), b.get("running_var"), b.get("num_batches_tracked")
+            if mean is not None and var is not None and not is_lazy(mean):
+                layers.append(m)
+                stats += (mean, var)
+                if count is not None:
+                    counts.append(count)
         stack.extend(m._modules.values())
-    return list(found.values())
+    return layers, stats, counts
 
 
 def _pack(tensors: list[torch.Tensor], join) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-    """``[(tensors, one flat copy of them)]``: one kernel for all of them, or one per device if they are spread."""
+    """``[(tensors, one flat copy of them)]``: one kernel for all of them, or one per device if they are spread.
+
+    Buffers do not require grad, so no graph is recorded (and no ``no_grad`` context is paid for).
+    """
     if not tensors:
         return []
-    with torch.no_grad():
-        try:
-            return [(tensors, join(tensors))]
-        except RuntimeError:  # tensors on several devices
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
-            for t in tensors:
-                by_device.setdefault(t.device, []).append(t)
-            return [(ts, join(ts)) for ts in by_device.values()]
+    try:
+        return [(tensors, join(tensors))]
+    except RuntimeError:  # tensors on several devices
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_device.setdefault(t.device, []).append(t)
+        return [(ts, join(ts)) for ts in by_device.values()]
 
 
 class _Snapshot:
-    """Copies of every running statistic (one ``cat``) and counter (one ``stack``) of ``layers``.
+    """Copies of every running statistic (one ``cat``) and counter (one ``stack``) of a model's BN layers.
 
     ``cat`` promotes mixed floating dtypes to the widest, which holds the others exactly.
     """
 
-    def __init__(self, layers: list[nn.Module]) -> None:
-        self.layers = layers
-        stats, counts = [], []
-        for m in layers:
-            b = m._buffers
-            stats += [t for t in (b.get("running_mean"), b.get("running_var")) if t is not None]
-            if (t := b.get("num_batches_tracked")) is not None:
-                counts.append(t)
+    def __init__(self, model: nn.Module) -> None:
+        self.layers, stats, counts = _running_buffers(model)
         self.stats = _pack(stats, torch.cat)
         self.counts = _pack(counts, torch.stack)
 
@@ -335,7 +341,7 @@ class _Snapshot:
         overflows; an overflow only sends the check to the exact per-element test.
         """
         for tensors, _ in self.stats:
-            now = torch.cat(tensors)  # buffers do not require grad: no graph is recorded
+            now = torch.cat(tensors)
             if not math.isfinite(now.sum().item()) and not bool(torch.isfinite(now).all()):
                 return False
         return True
@@ -349,31 +355,38 @@ class _Snapshot:
         return out
 
 
-@contextlib.contextmanager
-def protect_stats(model: nn.Module, *, warn: bool = True) -> Iterator[StatsRollback]:
+class protect_stats:
     """Restore all BN running buffers if the block leaves any of them non-finite.
 
-    Yields a :class:`StatsRollback` that is filled in when the block ends (also
-    when it raises). On a rollback every layer gets back its ``running_mean``,
-    ``running_var`` and ``num_batches_tracked`` (in place) and, with ``warn``, a
-    ``RuntimeWarning`` names the non-finite layers. Costs, per block, one walk over
-    the modules, one flat copy of the statistics and one of the counters, and one
-    fused finiteness check with one device sync.
+    ``with protect_stats(model) as report:`` gives a :class:`StatsRollback` that is
+    filled in when the block ends (also when it raises). On a rollback every layer
+    gets back its ``running_mean``, ``running_var`` and ``num_batches_tracked`` (in
+    place) and, with ``warn``, a ``RuntimeWarning`` names the non-finite layers.
+    The object can be made once and entered every step. Each entry costs one walk
+    over the modules, one flat copy of the statistics and one of the counters, and
+    on exit one fused finiteness check with one device sync.
     """
-    layers = _stats_layers(model)
-    snapshot = _Snapshot(layers) if layers else None
-    report = StatsRollback()
-    try:
-        yield report
-    finally:
-        if snapshot is not None and not snapshot.now_finite():
-            _rollback(model, snapshot, report)
-            if report.nonfinite and warn:
+
+    def __init__(self, model: nn.Module, *, warn: bool = True) -> None:
+        self.model, self.warn = model, warn
+        self._active: list[tuple[_Snapshot, StatsRollback]] = []  # one per nested entry
+
+    def __enter__(self) -> StatsRollback:
+        report = StatsRollback()
+        self._active.append((_Snapshot(self.model), report))
+        return report
+
+    def __exit__(self, *exc) -> bool:
+        snapshot, report = self._active.pop()
+        if snapshot.stats and not snapshot.now_finite():
+            _rollback(self.model, snapshot, report)
+            if report.nonfinite and self.warn:
                 warnings.warn(
                     f"protect_stats: non-finite running statistics in {report.nonfinite}; rolled back the "
                     f"statistics of {len(report.rolled_back)} BatchNorm layer(s) to before the step",
-                    RuntimeWarning, stacklevel=3,
+                    RuntimeWarning, stacklevel=2,
                 )
+        return False
 
 
 def _rollback(model: nn.Module, snapshot: _Snapshot, report: StatsRollback) -> None:
