@@ -184,3 +184,28 @@ def test_refuses_unsafe_or_mismatched_weights_and_bad_arguments(tmp_path):
     assert invoke("--model", MODEL, "--data", data, "--batch-size", "1", "--output", str(out)).exit_code == 2
     assert invoke("--model", MODEL, "--data", data, "--batches", "0", "--output", str(out)).exit_code == 2
     assert not out.exists()
+
+
+def test_dataset_with_one_sample_left_over(tmp_path, monkeypatch):
+    """193 = 3 * 64 + 1 samples: the last sample joins the batch before it instead of failing BatchNorm."""
+    weights = tmp_path / "w.safetensors"
+    model = stale_weights(weights)
+    x = digits(193)
+    np.save(tmp_path / "x193.npy", x)
+    (tmp_path / "h4_cli_leftover.py").write_text(
+        "import numpy as np, torch\n"
+        "def make():\n"
+        f"    x = torch.from_numpy(np.load({str(tmp_path / 'x193.npy')!r}))\n"
+        "    return torch.utils.data.TensorDataset(x, torch.zeros(len(x)))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o.safetensors"
+    result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_leftover:make", "--output", str(out))
+    assert result.exit_code == 0, result.output
+    from bnkit.torch import load_state_dict_file
+
+    got = load_state_dict_file(out)
+    mean, var = first_bn_oracle(model, x)
+    np.testing.assert_allclose(got["2.running_mean"].double().numpy(), mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["2.running_var"].double().numpy(), var, rtol=1e-6)
+    assert int(got["2.num_batches_tracked"]) == 3

@@ -51,6 +51,14 @@ def _batches_of(array: Any, batch_size: int, dtype: Any) -> list[Any]:
     return batches
 
 
+def _index_batches(n: int, batch_size: int) -> list[range]:
+    """Consecutive index ranges of ``batch_size``; a last batch of one sample joins the one before it."""
+    batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [range(batches[-2].start, n)]
+    return batches
+
+
 def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> Any:
     """Batches from an array file, or from ``package.module:factory`` returning a Dataset, an array or batches."""
     import numpy as np
@@ -66,7 +74,7 @@ def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> An
     if isinstance(obj, (np.ndarray, torch.Tensor)):
         return _batches_of(obj, batch_size, dtype)
     if isinstance(obj, torch.utils.data.Dataset) and hasattr(obj, "__len__"):
-        return torch.utils.data.DataLoader(obj, batch_size=batch_size, shuffle=False)
+        return torch.utils.data.DataLoader(obj, batch_sampler=_index_batches(len(obj), batch_size))
     if hasattr(obj, "__iter__"):
         return obj  # already batches (a DataLoader, a list of tensors, ...)
     raise ValueError(f"{spec} gave a {type(obj).__name__}: expected a Dataset, an array, or an iterable of batches")
