@@ -44,8 +44,12 @@ def _print_chapter(ch) -> None:
     from rich import box
     from rich.table import Table
 
+    console.rule(escape(f"{ch.number}. {ch.title}"), style="bold")
+    _say("[italic]Claim:[/] ", ch.claim, indent=0)
     for t in ch.tables:
-        table = Table(title=escape(t.title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        console.print()
+        _say("", t.title, indent=0, style="bold")  # wrapped at the console's width, not the table's
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
         for i, col in enumerate(t.columns):
             table.add_column(escape(col), justify="left" if i == 0 else "right", overflow="fold")
         for row in t.rows:
