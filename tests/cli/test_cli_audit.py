@@ -142,3 +142,14 @@ def test_onnx_file(trained, tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["depth"] == "onnx"
     assert _invoke(path, "--model", "audit_models:mlp").exit_code == 2
+
+
+def test_trust_opts_into_a_pickled_module(trained, tmp_path):
+    model, _, _, _ = trained
+    path = tmp_path / "whole_model.pt"
+    torch.save(model, path)  # the whole module: its class is a pickled global
+    refused = _invoke(path)
+    assert refused.exit_code == 2 and "NOT loaded" in refused.output
+    trusted = _invoke(path, "--trust", "--json")
+    assert trusted.exit_code == 0, trusted.output
+    assert json.loads(trusted.output)["layers"] == ["2", "5"]
