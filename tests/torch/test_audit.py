@@ -454,3 +454,16 @@ def test_train_eval_gap_equals_pytorch_training_mode(name, digits):
     expected = ((y_train - y_eval).norm() / y_train.norm()).item()
     assert expected > 0.05
     assert report.train_eval_gap == pytest.approx(expected, rel=1e-4)
+
+
+def test_audit_is_callable_as_module_and_function():
+    import importlib
+    import sys
+
+    import bnkit.torch
+
+    module = importlib.import_module("bnkit.torch.audit")
+    assert sys.modules["bnkit.torch.audit"] is module
+    bn = nn.BatchNorm1d(2)
+    assert callable(bnkit.torch.audit) and callable(module)
+    assert module(bn).by_code("never_updated") and module.audit(bn).by_code("never_updated")
