@@ -78,8 +78,9 @@ def reference_stats(model: nn.Module, batches, feed=lambda m, b: m(b)) -> dict[s
     seen: dict[str, list[np.ndarray]] = {}
     for name, bn in bn_layers(ref):
         bn.train()
-        bn.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(
-            np.moveaxis(args[0].detach().double().numpy(), 1, 0).reshape(m.num_features, -1)))
+        bn.register_forward_pre_hook(lambda m, args, kwargs, name=name: seen.setdefault(name, []).append(
+            np.moveaxis((args or (kwargs["input"],))[0].detach().double().numpy(), 1, 0).reshape(m.num_features, -1)),
+            with_kwargs=True)
     with torch.no_grad():
         for b in batches:
             feed(ref, b)
@@ -458,3 +459,26 @@ def test_progress_bar_only_on_long_passes(monkeypatch):
     monkeypatch.setattr(module, "_PROGRESS_AFTER", 0.0)
     text = drawn()
     assert "recalibrating BatchNorm" in text and f"{len(batches)}/{len(batches)}" in text
+
+
+def test_layers_called_with_keyword_input():
+    """``bn(input=x)`` is valid PyTorch; the stand-in forward and the subclass pre-hook both accept it."""
+    class Doubled(nn.BatchNorm1d):
+        def forward(self, input):  # noqa: A002
+            return 2 * super().forward(input)
+
+    class KwNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.bn, self.sub = nn.Linear(3, 4), nn.BatchNorm1d(4), Doubled(4)
+
+        def forward(self, x):
+            return self.sub(input=self.bn(input=self.fc(x)))
+
+    torch.manual_seed(0)
+    model = trained_like(KwNet()).double()
+    batches = [torch.randn(n, 3, dtype=torch.float64) + 1 for n in (5, 8)]
+    ref = reference_stats(model, batches)
+    report = recalibrate(model, batches, progress=False)
+    assert report.unused_layers == []
+    assert_matches_reference(model, ref)

@@ -359,11 +359,12 @@ class _Pass:
         weight, bias, eps, dtype = module.weight, module.bias, module.eps, module.running_mean.dtype
         cudnn = torch.backends.cudnn.enabled
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            check(x)
-            mean, var = record(x)
-            device = x.device  # MPS: the statistics were finished on the CPU
-            return batch_norm(x, weight, bias, mean.to(device, dtype), var.to(device, dtype), False, 0.0, eps, cudnn)
+        def forward(input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - PyTorch's name: bn(input=x) works too
+            check(input)
+            mean, var = record(input)
+            device = input.device  # MPS: the statistics were finished on the CPU
+            return batch_norm(input, weight, bias, mean.to(device, dtype), var.to(device, dtype), False, 0.0, eps,
+                              cudnn)
 
         return forward
 
@@ -371,9 +372,10 @@ class _Pass:
         """A forward pre-hook for a BN subclass with its own forward: reduce the input, let it run."""
         record = self.recorder(index)
 
-        def pre_hook(module: _BatchNorm, args: tuple) -> None:
-            if args and isinstance(args[0], torch.Tensor):
-                record(args[0])
+        def pre_hook(module: _BatchNorm, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs.get("input")
+            if isinstance(x, torch.Tensor):
+                record(x)
 
         return pre_hook
 
@@ -607,7 +609,7 @@ def recalibrate(
                 patched.append(m)
                 m.__dict__["forward"] = acc.forward(i)  # an instance attribute, as `m.forward = ...` makes it
             else:
-                handles.append(m.register_forward_pre_hook(acc.hook(i)))
+                handles.append(m.register_forward_pre_hook(acc.hook(i), with_kwargs=True))
         batches = data if num_batches is None else itertools.islice(data, int(num_batches))
         error: BaseException | None = None
         with torch.no_grad(), _progress_bar(progress and _rank() == 0, _total(data, num_batches)) as advance:
