@@ -596,8 +596,8 @@ def recalibrate(
 
     def restore_buffers() -> None:
         with torch.no_grad():
-            for tensor, saved in buffers:
-                tensor.copy_(saved)
+            for tensor, before in buffers:
+                tensor.copy_(before)
 
     try:
         # Standard layers get a stand-in forward (one reduction, see _Pass.forward; SyncBatchNorm then
