@@ -158,6 +158,8 @@ def test_study_and_demo_reject_bad_arguments(tmp_path):
     assert runner.invoke(app, ["study", "two-modes", "--seeds", "0"]).exit_code == 2
     assert runner.invoke(app, ["study", "two-modes", "--size", "huge"]).exit_code == 2
     assert runner.invoke(app, ["study", "two-modes", "--threads", "0"]).exit_code == 2
+    res = runner.invoke(app, ["study", "deployment", "--seeds", "3", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "no seed count" in res.output and not (tmp_path / "d").exists()
     a_file = tmp_path / "file"
     a_file.write_text("x")
     res = runner.invoke(app, ["demo", "--quick", "--out", str(a_file)])

@@ -20,7 +20,7 @@ def study(
     threads: int = typer.Option(1, help="torch CPU threads."),
 ) -> None:
     """Run one chapter at full size and write its report, for the real curves."""
-    from ..study import CHAPTERS, SIZES
+    from ..study import CHAPTERS, SIZES, chapter_module
 
     if name not in CHAPTERS:
         raise fail(f"unknown study {name!r}; choose from {', '.join(CHAPTERS)}")
@@ -28,5 +28,7 @@ def study(
         raise fail(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
     if seeds is not None and seeds < 1:
         raise fail(f"--seeds must be at least 1, got {seeds}")
+    if seeds is not None and "seeds" not in chapter_module(name).SIZES[size]:
+        raise fail(f"--seeds: the {name} chapter trains one model with the base --seed; it has no seed count")
     out = out if out is not None else Path("bnkit-report") / f"study-{name}"
     raise typer.Exit(run_and_report([name], size, seed, out, seeds=seeds, threads=threads))

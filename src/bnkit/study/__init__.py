@@ -14,6 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol
 
 from .report import Chapter, unavailable
@@ -84,7 +85,8 @@ def missing_dependencies(names: tuple[str, ...]) -> list[str]:
     return missing
 
 
-def chapter_module(name: str):
+def chapter_module(name: str) -> ModuleType:
+    """The module of chapter ``name`` (a key of :data:`CHAPTERS`)."""
     if name not in CHAPTERS:
         raise ValueError(f"unknown chapter {name!r}; choose from {', '.join(CHAPTERS)}")
     return importlib.import_module(f"{__name__}.{CHAPTERS[name]}")

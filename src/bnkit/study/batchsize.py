@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..torch.modules import bn_layers
-from . import missing_dependencies
+from . import Context, missing_dependencies
 from .data import load_digits_split
 from .models import digits_mlp, layernorm_mlp
 from .report import Chapter, Figure, Table, new_figure, save_figure
@@ -123,7 +123,7 @@ def _plot(res: dict, p: dict, methods: list[str], out) -> str:
     return save_figure(fig, out, "ch3_batch_size.png")
 
 
-def run(ctx) -> Chapter:
+def run(ctx: Context) -> Chapter:
     p = ctx.params(SIZES)
     missing = {key: missing_dependencies(needs) for key, (*_, needs) in METHODS.items()}
     available = {key: not m for key, m in missing.items()}

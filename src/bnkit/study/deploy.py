@@ -19,7 +19,7 @@ import torch
 
 from ..torch.modules import bn_layers
 from ..torch.zoo import SmallResNet
-from . import missing_dependencies
+from . import Context, missing_dependencies
 from .data import load_digits_split
 from .report import Chapter, Figure, Table, new_figure, save_figure
 from .train import fit, predict
@@ -81,7 +81,7 @@ def _ort_runner(path: Path, optimize: bool = True):
     return run, fixed
 
 
-def run(ctx) -> Chapter:
+def run(ctx: Context) -> Chapter:
     import bnkit.torch as bt
 
     p = ctx.params(SIZES)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..torch.modules import bn_layers
-from . import missing_dependencies
+from . import Context, missing_dependencies
 from .data import SHIFT_DESCRIPTION, load_digits_split, shifted_domain
 from .models import bn_legend, digits_mlp
 from .report import Chapter, Figure, Table, new_figure, save_figure
@@ -164,7 +164,7 @@ def _plot(res: list[dict], keys: list[str], out) -> str:
     return save_figure(fig, out, "ch4_fine_tuning.png")
 
 
-def run(ctx) -> Chapter:
+def run(ctx: Context) -> Chapter:
     p = ctx.params(SIZES)
     missing = {key: missing_dependencies(needs) for key, (*_, needs) in VARIANTS.items()}
     available = {key: not m for key, m in missing.items()}

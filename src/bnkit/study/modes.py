@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..torch.modules import bn_layers
+from . import Context
 from .data import load_digits_split
 from .models import digits_mlp
 from .report import Chapter, Figure, Table, new_figure, save_figure
@@ -121,7 +122,7 @@ def _plot(res: dict, p: dict, n_classes: int, out) -> str:
     return save_figure(fig, out, "ch2_two_modes.png")
 
 
-def run(ctx) -> Chapter:
+def run(ctx: Context) -> Chapter:
     p = ctx.params(SIZES)
     ctx.tracker.start(f"{NUMBER}. {TITLE}", p["seeds"] * p["epochs"])
     digits = load_digits_split(seed=ctx.seed)

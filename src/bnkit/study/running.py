@@ -21,6 +21,7 @@ import torch
 
 from ..stats import ema_table
 from ..torch.modules import bn_layers
+from . import Context
 from .data import load_digits_split
 from .models import bn_legend, bn_places, digits_mlp
 from .report import Chapter, Figure, Table, new_figure, save_figure
@@ -131,7 +132,7 @@ def _distances(pop: dict, run: dict, eps: float) -> dict[str, tuple[float, float
     return out
 
 
-def convergence(ctx, p: dict) -> dict:
+def convergence(ctx: Context, p: dict) -> dict:
     """Train one MLP per momentum and seed, measuring the distance to the population every ``every`` steps."""
     digits = load_digits_split(seed=ctx.seed)
     results: dict = {}
@@ -204,7 +205,7 @@ def _plot_convergence(conv: dict, p: dict, out) -> str:
     return save_figure(fig, out, "ch1_running_vs_population.png")
 
 
-def run(ctx) -> Chapter:
+def run(ctx: Context) -> Chapter:
     p = ctx.params(SIZES)
     ctx.tracker.start(f"{NUMBER}. {TITLE}", len(p["momenta"]) * p["seeds"] * p["epochs"])
     table, example, findings, checks = worked_example()
