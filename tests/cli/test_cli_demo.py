@@ -167,3 +167,35 @@ def test_study_and_demo_reject_bad_arguments(tmp_path):
     assert a_file.read_text() == "x"
     res = runner.invoke(app, ["study", "two-modes", "--out", str(a_file / "sub")])
     assert res.exit_code == 2 and "cannot create the report folder" in res.output
+
+
+def test_printed_tables_are_the_measured_numbers(quick):
+    """Cells of the terminal tables are recomputed here from the raw per-seed figures in results.json."""
+    out, output, results = quick
+    lines = [line.split() for line in output.splitlines()]
+    chapters = results["chapters"]
+
+    modes = chapters["two-modes"]["data"]["per_seed"]
+    for bs in ("1", "64"):
+        ev = np.mean([s["eval"][bs]["accuracy"] for s in modes])
+        tr = np.mean([s["train"][bs]["accuracy"] for s in modes])
+        assert [bs, f"{ev:.3f}", f"{tr:.3f}"] in [row[:3] for row in lines]
+
+    runs = chapters["batch-size"]["data"]["per_seed"]["2"]
+    cells = []
+    for key in ("ema", "recalibrated", "renorm", "layernorm"):
+        acc = np.array([r[key] for r in runs])
+        cells += [f"{acc.mean():.3f}", "±", f"{(acc.max() - acc.min()) / 2:.3f}"]
+    assert ["2", *cells] in lines
+
+    tune = chapters["fine-tuning"]["data"]["per_seed"]
+    fb = [f"{np.mean([s['freeze_bn'][d] for s in tune]):.3f}" for d in ("acc_A", "acc_B")]
+    assert ["freeze_bn", *fb, "yes", "0.000", "0.000"] in lines
+
+    dep = chapters["deployment"]["data"]
+    row = ["ORT", "folded", "0", f"{dep['accuracy']['onnx_folded']:.3f}",
+           f"{dep['max_abs_diff_vs_eval']['onnx_folded']:.1e}", "0"]
+    assert row in [r[:6] for r in lines]
+    # the HTML report carries the same cells
+    html = (out / "index.html").read_text()
+    assert f"<td>{fb[0]}</td><td>{fb[1]}</td>" in html
