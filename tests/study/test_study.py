@@ -205,3 +205,12 @@ def test_shifted_domain_is_the_scanner_it_describes():
     assert torch.allclose(a - b, SHIFT_CONTRAST * x, atol=1e-6)  # same noise, so the difference is the contrast
     assert float(b.mean()) == pytest.approx(SHIFT_BACKGROUND, abs=0.01)
     assert float(b.std()) == pytest.approx(SHIFT_NOISE_STD, rel=0.05)
+
+
+def test_fixed_seeds_make_a_chapter_reproducible(tmp_path):
+    first, second = (run_chapters(["fine-tuning"], Context(size="quick", out=tmp_path / str(i)))[0] for i in range(2))
+    assert first.status == "ok"
+    assert json.dumps(first.data, sort_keys=True) == json.dumps(second.data, sort_keys=True)
+    assert first.tables == second.tables
+    other = run_chapters(["fine-tuning"], Context(size="quick", seed=1, out=tmp_path / "s1"))[0]
+    assert json.dumps(other.data, sort_keys=True) != json.dumps(first.data, sort_keys=True)  # the seed matters
