@@ -1,0 +1,135 @@
+"""The data side of :func:`bnkit.torch.audit`: batches, the default forward, and undoing the pass.
+
+:class:`Batches` streams the user's data once (the first batch kept for the eval-mode
+checks) with NaN/Inf refused; :class:`Restore` puts back every module's train/eval flag
+and each BN layer's ``momentum``, ``track_running_stats`` and buffers, also when a
+forward fails.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
+
+
+class Batches:
+    """The data's batches, streamed once, on the model's device with floating tensors in its dtype.
+
+    The first batch is kept (the eval-mode checks rerun it); the rest are not stored.
+    """
+
+    def __init__(self, data: Any, batch_size: int, max_batches: int | None, model: nn.Module) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        self.dtype = param.dtype if param is not None else torch.get_default_dtype()
+        self.device = param.device if param is not None else torch.device("cpu")
+        if isinstance(data, np.ndarray):
+            data = torch.from_numpy(data)
+        if isinstance(data, torch.Tensor):
+            if data.ndim == 0 or len(data) == 0:
+                raise ValueError(f"data must hold at least one sample, got shape {tuple(data.shape)}")
+            data = torch.split(data, batch_size)
+        self._iter = iter(data)
+        self.max_batches = max_batches
+        try:
+            self.first = self._prepare(next(self._iter), 0)
+        except StopIteration:
+            raise ValueError("data yielded no batches") from None
+
+    def __iter__(self):
+        yield self.first
+        for i, batch in enumerate(self._iter, start=1):
+            if self.max_batches is not None and i >= self.max_batches:
+                break
+            yield self._prepare(batch, i)
+
+    def _prepare(self, batch: Any, index: int) -> Any:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t.is_floating_point():
+                # NaN/Inf always reach the sum; only a sum that overflows needs the element-wise check
+                if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"data batch {index} contains NaN or Inf")
+                t = t.to(self.dtype)
+            return t.to(self.device)
+
+        return map_tensors(batch, move)
+
+    def first_input(self, forward) -> Any:
+        if forward is not None:
+            return None  # the model's inputs are only known to ``forward``
+        return self.first[0] if isinstance(self.first, (tuple, list)) else self.first
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    return model(batch)
+
+
+class Restore:
+    """Remember every module's flag and each BN layer's momentum, tracking flag and buffers; restore on exit."""
+
+    def __init__(self, model: nn.Module, layers: list[tuple[str, _BatchNorm]]) -> None:
+        self.flags = [(m, m.training) for m in model.modules()]
+        self.bn = [(bn, bn.momentum, bn.track_running_stats,
+                    {k: b.detach().clone() for k, b in bn.named_buffers(recurse=False) if b is not None and not is_lazy(b)})
+                   for _, bn in layers]
+
+    def __enter__(self) -> "Restore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+        self.buffers_and_options()
+
+    def buffers_and_options(self) -> None:
+        with torch.no_grad():
+            for bn, momentum, track, buffers in self.bn:
+                bn.momentum, bn.track_running_stats = momentum, track
+                for k, saved in buffers.items():
+                    getattr(bn, k).copy_(saved)
+
+
+def set_training(model: nn.Module, flag: bool) -> None:
+    for m in model.modules():
+        m.training = flag
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, np.ndarray):
+        return fn(torch.from_numpy(obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, Mapping):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def flatten(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj.detach()]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in flatten(o)]
+    if isinstance(obj, Mapping):
+        return [t for o in obj.values() for t in flatten(o)]
+    return []
+
+
+def batch_len(batch: Any) -> int | None:
+    tensors = flatten(batch)
+    return int(tensors[0].shape[0]) if tensors and tensors[0].ndim else None
+
+
+def batched(t: torch.Tensor, size: int) -> bool:
+    return t.ndim > 0 and t.shape[0] == size

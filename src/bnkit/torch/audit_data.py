@@ -1,0 +1,239 @@
+"""Depth 3 of :func:`bnkit.torch.audit`: the model run on data.
+
+See :mod:`bnkit.torch.audit` for the math of the shift ranking (``z``, ``L``, KL), the
+train-vs-eval gap, the batch-size-1 coupling check and the running statistics' noise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
+
+from ..audit_state import ema_noise_factor
+from ..findings import Finding
+from .audit_batches import Batches, Restore, batch_len, batched, flatten, map_tensors, set_training
+from .audit_model import as_numpy, short_names
+from .audit_moments import Collector
+
+if TYPE_CHECKING:
+    from .audit import AuditReport
+
+#: Layer shift score (channel-mean KL) at or above which the mismatch is an error / a warning.
+SHIFT_ERROR_KL = 0.5  # z_eq = 1 standard deviation
+SHIFT_WARNING_KL = 0.045  # z_eq = 0.3
+#: Relative train-vs-eval output gap above which a warning is raised.
+GAP_WARNING = 0.5
+#: Batch-1 vs batch-B outputs differing by more than this (relative to max |output|) are coupled.
+COUPLING_RTOL = 1e-3
+#: Expected running-mean wobble (in running standard deviations) above which a warning is raised.
+NOISE_WARNING = 0.1
+
+
+@dataclass
+class LayerShift:
+    """How far the data's batch statistics at one layer are from its running statistics.
+
+    ``mean_shift``: ``z`` of the worst channel (signed); ``log_var_ratio``: ``L`` of the
+    worst channel (signed); ``score``: channel mean of KL; ``z_eq = sqrt(2 score)``.
+    ``mean_noise`` / ``var_noise``: expected standard deviation of the running mean (in
+    running standard deviations) and relative one of the running variance at the training
+    batch size, root-mean-square over channels (None when fewer than 2 batches were seen).
+    """
+
+    layer: str
+    score: float
+    z_eq: float
+    mean_shift: float
+    log_var_ratio: float
+    worst_channel: int
+    count: int
+    mean_noise: float | None = None
+    var_noise: float | None = None
+
+
+
+def data_findings(model, layers, batches: Batches, forward, train_batch_size, coupling_samples,
+                   report: AuditReport) -> list[Finding]:
+    tracked = [(n, bn) for n, bn in layers if bn.running_mean is not None and not is_lazy(bn.running_mean)]
+    collectors = {n: Collector(bn) for n, bn in tracked}
+    findings: list[Finding] = []
+    with Restore(model, layers) as restore, torch.no_grad():
+        # pass 1: every BN on batch statistics (its buffers as scratch space); other modules in eval mode
+        set_training(model, False)  # assigned, not model.eval(): a frozen layer's own train() must not run
+        handles = [h for n, bn in tracked for h in collectors[n].attach(bn)]
+        try:
+            batch_out, used = None, 0
+            for i, batch in enumerate(batches):
+                if (batch_len(batch) or 0) < 2:
+                    continue  # batch statistics need two samples (a trailing remainder of one)
+                try:
+                    out = forward(model, batch)
+                except Exception as exc:
+                    raise ValueError(f"the model failed on data batch {i} with BatchNorm on batch statistics: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+                if batch_out is None:
+                    batch_out, first = flatten(out), batch
+                used += 1
+        finally:
+            for h in handles:
+                h.remove()
+        if not used:
+            raise ValueError("every data batch has fewer than 2 samples: batch statistics need at least 2")
+        report.batches = used
+        # pass 2: the model in eval mode, first batch, then single samples
+        restore.buffers_and_options()
+        set_training(model, False)
+        try:
+            eval_out = flatten(forward(model, first))
+        except Exception as exc:
+            raise ValueError(f"the model failed in eval mode on the first data batch: {type(exc).__name__}: {exc}") from exc
+        findings += _gap_findings(batch_out, eval_out, report)
+        findings += _coupling_findings(model, layers, first, eval_out, forward, coupling_samples, report)
+    b_train = train_batch_size or batch_len(first)
+    findings += _shift_findings(tracked, collectors, b_train, report)
+    return findings
+
+
+def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> list[Finding]:
+    shifts = []
+    for name, bn in tracked:
+        col = collectors[name]
+        if col.pool().count == 0:
+            continue
+        mu_r, var_r = as_numpy(bn.running_mean), as_numpy(bn.running_var)
+        if not (np.isfinite(mu_r).all() and np.isfinite(var_r).all()) or (var_r + bn.eps <= 0).any():
+            continue  # reported by the state checks
+        eps = float(bn.eps)
+        mu_d = col.moments.mean
+        var_d = col.moments.var_unbiased if col.moments.count > 1 else col.moments.var
+        z = (mu_d - mu_r) / np.sqrt(var_r + eps)
+        log_ratio = np.log((var_d + eps) / (var_r + eps))
+        kl = 0.5 * (np.expm1(log_ratio) - log_ratio + z * z)
+        worst = int(np.argmax(kl))
+        shift = LayerShift(name, float(kl.mean()), float(math.sqrt(2 * kl.mean())), float(z[worst]),
+                           float(log_ratio[worst]), worst, int(col.moments.count))
+        shift.mean_noise, shift.var_noise = _noise(col, bn, b_train, var_r + eps)
+        shifts.append(shift)
+    shifts.sort(key=lambda s: s.score, reverse=True)
+    report.shifts = shifts
+    findings = []
+    for rank, s in enumerate(shifts, start=1):
+        if s.score < SHIFT_WARNING_KL:
+            continue
+        findings.append(Finding(
+            "error" if s.score >= SHIFT_ERROR_KL else "warning", s.layer,
+            f"running statistics do not match the data (rank {rank})",
+            f"like a shift of {s.z_eq:.2f} std per channel; worst channel {s.worst_channel}: mean off by "
+            f"{s.mean_shift:+.2f} std, variance x{math.exp(s.log_var_ratio):.3g}",
+            "the top-ranked layer is where the mismatch starts (layers are measured on batch statistics, so "
+            "upstream errors do not propagate): if its statistics were altered, restore them; if this data is "
+            "what the model will see, recalibrate (bnkit recalibrate)",
+            "stat_shift", asdict(s)))
+    noisy = [s for s in shifts if s.mean_noise is not None]
+    if noisy:
+        worst = max(noisy, key=lambda s: s.mean_noise)
+        worst_var = max(noisy, key=lambda s: s.var_noise)
+        momentum = dict(tracked)[worst.layer].momentum
+        findings.append(Finding(
+            "warning" if worst.mean_noise > NOISE_WARNING else "info", worst.layer,
+            f"running statistics noise at training batch size {b_train}",
+            f"running means are expected to wobble by {worst.mean_noise:.3g} std (momentum {momentum}); "
+            f"running variances by {100 * worst_var.var_noise:.3g}% ({worst_var.layer})",
+            "" if worst.mean_noise <= NOISE_WARNING else
+            "use larger batches, a smaller momentum, or recompute the statistics after training (bnkit recalibrate)",
+            "stat_noise", {"train_batch_size": b_train, "mean_noise": worst.mean_noise,
+                           "var_noise": worst_var.var_noise}))
+    return findings
+
+
+def _noise(col: Collector, bn: _BatchNorm, b_train: int, var_r: np.ndarray) -> tuple[float | None, float | None]:
+    """RMS over channels of the running mean's std (in running std) and running variance's relative std.
+
+    Between-batch mean squares (one-way ANOVA) give a batch statistic's variance per
+    sample, ``s2 = sum_b n_b (m_b - m)^2 / (K - 1)``; at batch size ``B`` it is ``s2 / B``
+    (``sum_b (n_b - 1)(v_b - v)^2 / (K - 1)`` and ``/ (B - 1)`` for the unbiased variance).
+    """
+    if len(col.means) < 2:
+        return None, None
+    n = torch.tensor([b for b, _ in col.samples], dtype=torch.float64)[:, None]
+    means, variances = torch.stack(col.means).double().cpu(), col.batch_vars()
+    k = len(col.means)
+    m_bar = (n * means).sum(0) / n.sum()
+    v_bar = ((n - 1) * variances).sum(0) / (n - 1).sum()
+    s2_mean = (n * (means - m_bar) ** 2).sum(0) / (k - 1)
+    s2_var = ((n - 1) * (variances - v_bar) ** 2).sum(0) / (k - 1)
+    if bn.momentum is None:
+        updates = max(int(bn.num_batches_tracked or 1), 1)
+        factor = 1.0 / math.sqrt(updates)
+    else:
+        factor = ema_noise_factor(bn.momentum) if bn.momentum > 0 else 0.0
+    mean_noise = factor * np.sqrt(s2_mean.numpy() / b_train / var_r)
+    var_noise = factor * np.sqrt(s2_var.numpy() / max(b_train - 1, 1)) / np.maximum(v_bar.numpy() + bn.eps, 1e-300)
+    return float(np.sqrt(np.mean(mean_noise ** 2))), float(np.sqrt(np.mean(var_noise ** 2)))
+
+
+def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], report: AuditReport) -> list[Finding]:
+    if not batch_out or not eval_out or len(batch_out) != len(eval_out):
+        return [Finding("info", "(model)", "train-vs-eval gap not measured", "the model's output holds no tensors",
+                        "", "gap")]
+    a = torch.cat([t.double().flatten() for t in batch_out])
+    b = torch.cat([t.double().flatten() for t in eval_out])
+    if not bool(torch.isfinite(b).all()):
+        return [Finding("error", "(model)", "non-finite outputs in eval mode",
+                        f"{int((~torch.isfinite(b)).sum())} of {b.numel()} output values are NaN/Inf on the first batch",
+                        "see the non-finite / negative variance findings; recalibrate the statistics", "eval_nonfinite")]
+    gap = float((a - b).norm() / a.norm().clamp_min(1e-12))
+    report.train_eval_gap = gap
+    agree = ""
+    if batch_out[0].ndim == 2 and batch_out[0].shape[1] > 1:
+        same = (batch_out[0].argmax(1) == eval_out[0].argmax(1)).double().mean()
+        agree = f"; argmax agrees on {100 * float(same):.3g}% of the batch"
+    return [Finding(
+        "warning" if gap > GAP_WARNING else "info", "(model)", "train-vs-eval output gap",
+        f"|y_train - y_eval| / |y_train| = {gap:.3g} on the first batch (batch statistics vs running statistics)"
+        + agree, "" if gap <= GAP_WARNING else "see the ranked statistics shifts; recalibrate on this data",
+        "gap", {"gap": gap})]
+
+
+def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, report: AuditReport) -> list[Finding]:
+    size = batch_len(batch)
+    if size is None or size < 2 or samples < 1 or not eval_out:
+        return []
+    if not all(bool(torch.isfinite(t).all()) for t in eval_out if t.is_floating_point()):
+        return []  # reported as non-finite eval outputs
+    batch_stat_bn = [n for n, bn in layers if bn.running_mean is None]
+    idx = sorted(set(np.linspace(0, size - 1, min(samples, size)).round().astype(int).tolist()))
+    worst = 0.0
+    scale = max(float(t.abs().max()) for t in eval_out if t.numel()) if eval_out else 1.0
+    for i in idx:
+        try:
+            single = flatten(forward(model, map_tensors(batch, lambda t: t[i:i + 1] if batched(t, size) else t)))
+        except Exception as exc:
+            return [Finding("error", "(model)", "the model fails at batch size 1 in eval mode",
+                            f"{type(exc).__name__}: {exc}",
+                            "layers using batch statistics at inference need more than one sample: give them "
+                            "running statistics (track_running_stats=True)", "batch_one_fails")]
+        for s, ref in zip(single, eval_out):
+            if s.ndim and ref.ndim and ref.shape[0] == size and s.shape[0] == 1:
+                worst = max(worst, float((s[0].double() - ref[i].double()).abs().max()))
+    rel = worst / max(scale, 1e-12)
+    report.batch_coupling = rel
+    if rel <= COUPLING_RTOL:
+        return [Finding("info", "(model)", "per-sample outputs do not depend on the batch",
+                        f"eval mode, batch size 1 vs {size} on {len(idx)} samples: max difference {rel:.2g} of max |output|",
+                        "", "batch_coupling", {"relative_diff": rel})]
+    if batch_stat_bn:
+        cause = f"BatchNorm layers without running statistics ({short_names(batch_stat_bn)}) normalize with the batch's"
+        fix = "give these layers running statistics (track_running_stats=True, then bnkit recalibrate)"
+    else:
+        cause = ("every BatchNorm layer uses running statistics in eval mode, so something OTHER than BatchNorm "
+                 "couples the batch (e.g. x - x.mean(0), batch-level normalization or attention across the batch)")
+        fix = "find the operation that reduces over the batch dimension and make it per-sample"
+    return [Finding("error", "(model)", "per-sample outputs depend on the rest of the batch",
+                    f"eval mode, batch size 1 vs {size}: outputs differ by {rel:.3g} of max |output|; {cause}",
+                    fix, "batch_coupling", {"relative_diff": rel, "batch_stat_layers": batch_stat_bn})]

@@ -1,0 +1,189 @@
+"""Depth 2 of :func:`bnkit.torch.audit`: what each BatchNorm layer will do at inference.
+
+Per layer, from the module itself (no data): its arrays with its own ``eps``/``momentum``
+(:func:`bnkit.audit_state.check_bn_stats`); the flags that decide how it normalizes
+(``training``, ``track_running_stats``, gamma/beta frozen by hand but left in training mode,
+SyncBatchNorm without a process group); PyTorch's momentum (the weight of the NEW batch,
+``r <- (1 - m) r + m b``) and its averaging window; and which layers
+:func:`bnkit.torch.fold_bn` could remove.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
+
+from ..audit_state import BNStats, check_bn_stats, ema_window
+from ..findings import Finding
+from .freeze import is_frozen
+
+
+def model_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]], example: Any = None) -> list[Finding]:
+    """Every depth-2 finding; ``example`` (model inputs, or None) helps the fold analysis."""
+    findings: list[Finding] = []
+    if not layers:
+        findings.append(Finding("info", "(model)", "no BatchNorm layers found", "", "", "no_bn"))
+    for name, bn in layers:
+        findings += _layer_state_findings(name, bn)
+    findings += _mode_findings(model, layers)
+    findings += _momentum_findings(layers)
+    findings += _sync_findings(layers)
+    findings += _fold_findings(model, layers, example)
+    return findings
+
+
+def _layer_state_findings(name: str, bn: _BatchNorm) -> list[Finding]:
+    if bn.running_mean is None or bn.running_var is None:
+        return [Finding(
+            "warning", name, "track_running_stats=False: normalizes with batch statistics at inference",
+            "no running statistics; every output depends on the other samples of its batch, and a batch of one "
+            "fails (BatchNorm1d) or is normalized to beta",
+            "train with track_running_stats=True, or compute running statistics (bnkit recalibrate) and set it "
+            "to True before deployment", "no_running_stats")]
+    if is_lazy(bn.running_mean):
+        return [Finding("info", name, "lazy layer not initialized", "run one forward pass to create its buffers",
+                        "", "lazy")]
+    nbt = bn.num_batches_tracked
+    stats = BNStats(
+        name=name,
+        running_mean=as_numpy(bn.running_mean),
+        running_var=as_numpy(bn.running_var),
+        weight=None if bn.weight is None else as_numpy(bn.weight),
+        bias=None if bn.bias is None else as_numpy(bn.bias),
+        num_batches_tracked=None if nbt is None else int(nbt),
+        eps=float(bn.eps),
+        momentum=bn.momentum,
+    )
+    return check_bn_stats(stats)
+
+
+def _frozen_affine(bn: _BatchNorm) -> bool:
+    """gamma/beta fixed by hand (``requires_grad=False``), not by :func:`bnkit.torch.freeze_bn`."""
+    params = [p for p in (bn.weight, bn.bias) if p is not None]
+    return bool(params) and not any(p.requires_grad for p in params) and not is_frozen(bn, "affine")
+
+
+def _mode_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]]) -> list[Finding]:
+    tracked = [(n, bn) for n, bn in layers if bn.track_running_stats and bn.running_mean is not None]
+    frozen_train = [n for n, bn in tracked if bn.training and _frozen_affine(bn)]
+    train = [n for n, bn in tracked if bn.training and not _frozen_affine(bn)]
+    frozen_eval = [n for n, bn in tracked if not bn.training and (_frozen_affine(bn) or is_frozen(bn, "stats"))]
+    affine_only = [n for n, bn in tracked if bn.training and is_frozen(bn, "affine")]
+    out = []
+    if frozen_train:
+        out.append(Finding(
+            "error", short_names(frozen_train), "frozen layer left in training mode",
+            f"gamma/beta have requires_grad=False but {len(frozen_train)} layer(s) are in training mode: they "
+            "normalize with batch statistics and their running statistics drift toward the new data at every "
+            "batch (model.train() undid an earlier bn.eval())",
+            "freeze with bnkit.torch.freeze_bn (survives model.train()), or call .eval() on the BN layers after "
+            "every model.train()", "frozen_in_train", {"layers": frozen_train}))
+    if train:
+        where = "the model is in training mode" if model.training else "inside a model in eval mode"
+        out.append(Finding(
+            "error", short_names(train), "BatchNorm in training mode",
+            f"{len(train)} layer(s) in training mode ({where}): at inference they normalize with the batch's "
+            "statistics, so outputs depend on the batch, and every call overwrites the running statistics",
+            "call model.eval() before inference (and after any submodule.train())", "train_mode",
+            {"layers": train, "model_training": model.training}))
+    if frozen_eval and model.training:
+        out.append(Finding(
+            "info", short_names(frozen_eval), "frozen layers in eval mode inside a model in training mode",
+            f"{len(frozen_eval)} layer(s) normalize with their fixed running statistics while the rest trains",
+            "", "frozen", {"layers": frozen_eval}))
+    if affine_only:
+        out.append(Finding(
+            "info", short_names(affine_only), "gamma/beta frozen, running statistics still trained",
+            f"{len(affine_only)} layer(s) frozen with freeze_bn(stats=False): they normalize with batch statistics "
+            "and update their running statistics while training", "", "frozen_affine", {"layers": affine_only}))
+    return out
+
+
+def _momentum_findings(layers: list[tuple[str, _BatchNorm]]) -> list[Finding]:
+    groups: dict[float | None, list[str]] = {}
+    for name, bn in layers:
+        if bn.track_running_stats and bn.running_mean is not None:
+            groups.setdefault(bn.momentum, []).append(name)
+    out = []
+    for m, names in groups.items():
+        data = {"momentum": m, "layers": names}
+        if m is None:
+            out.append(Finding(
+                "info", short_names(names), "momentum=None: cumulative average",
+                "every training batch since the last reset weighs equally, early-training batches included",
+                "recompute the statistics after training (bnkit recalibrate) so they match the final weights",
+                "momentum", data))
+        elif m <= 0:
+            out.append(Finding(
+                "warning", short_names(names), f"momentum {m}: running statistics never change",
+                "PyTorch's momentum is the weight of the NEW batch; 0 keeps the initial values forever",
+                "use momentum 0.1 (or None for a cumulative average)", "momentum", data))
+        else:
+            window = ema_window(m)
+            data["window"] = window
+            severity, fix = "info", ""
+            evidence = (f"PyTorch's momentum weighs the NEW batch: the last {window:.3g} batches carry 95% of the "
+                        f"running statistics")
+            if m > 0.5:
+                severity = "warning"
+                evidence += f" (Keras/ONNX/Flax's momentum {m:g} would be PyTorch's {1 - m:.3g})"
+                fix = f"if this came from another framework, use momentum {1 - m:.3g} (bnkit.convert_momentum)"
+            out.append(Finding(severity, short_names(names), f"momentum {m:g}: averaging window {window:.3g} batches",
+                               evidence, fix, "momentum", data))
+    return out
+
+
+def _sync_findings(layers: list[tuple[str, _BatchNorm]]) -> list[Finding]:
+    sync = [(n, bn) for n, bn in layers if isinstance(bn, nn.SyncBatchNorm)]
+    if not sync:
+        return []
+    dist = torch.distributed
+    initialized = dist.is_available() and dist.is_initialized()
+    names = [n for n, _ in sync]
+    training = [n for n, bn in sync if bn.training]
+    if training and not initialized:
+        return [Finding(
+            "warning", short_names(training), "SyncBatchNorm without a process group",
+            "torch.distributed is not initialized, so in training these layers silently use the local batch's "
+            "statistics only (torch/nn/modules/batchnorm.py SyncBatchNorm.forward falls back to F.batch_norm)",
+            "initialize torch.distributed before training, or convert with bnkit.torch.revert_sync_bn",
+            "sync_no_group", {"layers": training})]
+    return [Finding(
+        "info", short_names(names), "SyncBatchNorm layers",
+        "in eval mode they act as BatchNorm" + ("" if initialized else "; torch.distributed is not initialized"),
+        "convert with bnkit.torch.revert_sync_bn before export or single-process inference", "sync_bn",
+        {"layers": names})]
+
+
+def _fold_findings(model: nn.Module, layers, example) -> list[Finding]:
+    tracked = [n for n, bn in layers if bn.running_mean is not None]
+    if not tracked:
+        return []
+    try:
+        from .fold import fold_bn
+
+        _, fold = fold_bn(model, example, verify=False, force=True)
+    except Exception as exc:  # fold refuses NaN statistics, lazy modules, ...; the audit reports those itself
+        return [Finding("info", "(model)", "fold analysis skipped", f"{type(exc).__name__}: {exc}", "", "fold")]
+    folded = [f.bn for f in fold.folded]
+    if not folded:
+        return []
+    return [Finding(
+        "info", short_names(folded), f"{len(folded)} of {len(layers)} BatchNorm layers can be folded away",
+        "at inference each is an affine map that merges into the neighbouring conv/linear layer",
+        "bnkit fold (bnkit.torch.fold_bn) removes them for deployment", "foldable",
+        {"folded": {f.bn: f.into for f in fold.folded}, "left": dict(fold.left)})]
+
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def short_names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(n or "(root)" for n in names[:limit])
+    return shown + (f", ... ({len(names)} layers)" if len(names) > limit else "")
