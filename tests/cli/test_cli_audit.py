@@ -51,7 +51,7 @@ def test_clean_checkpoint_exits_zero_and_prints_the_table(trained):
     assert result.exit_code == 0, result.output
     for column in ("severity", "layer", "finding", "evidence", "fix"):
         assert column in result.output
-    assert "no error-level findings" in result.output
+    assert "no BatchNorm problems found" in result.output and "2 BatchNorm layer(s)" in result.output
 
 
 def test_nan_checkpoint_exits_one_with_json(trained, tmp_path):
@@ -141,6 +141,9 @@ def test_onnx_file(trained, tmp_path):
     result = _invoke(path, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["depth"] == "onnx"
+    text = _invoke(path)  # a clean model with no findings at all: a clear line, not an empty table
+    assert text.exit_code == 0, text.output
+    assert "no BatchNorm problems found" in text.output and "severity" not in text.output
     assert _invoke(path, "--model", "audit_models:mlp").exit_code == 2
 
 

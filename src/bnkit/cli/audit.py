@@ -145,12 +145,16 @@ def _load_data(path: Path):
 
 
 def _print(report: dict[str, Any]) -> None:
-    table = Table(title=f"BatchNorm audit of {report['target']} ({report['depth']})", show_lines=True)
-    for col, width in (("severity", 8), ("layer", 24), ("finding", 30), ("evidence", 48), ("fix", 36)):
-        table.add_column(col, max_width=width if col != "severity" else None, overflow="fold")
-    for f in report["findings"]:
-        table.add_row(f"[{_STYLE[f['severity']]}]{f['severity']}[/]", f["layer"], f["finding"], f["evidence"], f["fix"])
-    console.print(table)
+    findings = report["findings"]
+    layers = len(report.get("layers") or [])
+    if findings:
+        table = Table(title=f"BatchNorm audit of {report['target']} ({report['depth']})", show_lines=True)
+        for col, width in (("severity", 8), ("layer", 24), ("finding", 30), ("evidence", 48), ("fix", 36)):
+            table.add_column(col, max_width=width if col != "severity" else None, overflow="fold")
+        for f in findings:
+            table.add_row(f"[{_STYLE[f['severity']]}]{f['severity']}[/]", f["layer"], f["finding"], f["evidence"],
+                          f["fix"])
+        console.print(table)
     if report.get("shifts"):
         shifts = Table(title="Data vs running statistics, ranked (KL per channel; z_eq = equivalent mean shift in std)")
         for col in ("rank", "layer", "z_eq", "worst channel", "mean shift (std)", "variance ratio"):
@@ -159,7 +163,13 @@ def _print(report: dict[str, Any]) -> None:
             shifts.add_row(str(rank), s["layer"], f"{s['z_eq']:.3g}", str(s["worst_channel"]),
                            f"{s['mean_shift']:+.3g}", f"{math.exp(s['log_var_ratio']):.3g}")
         console.print(shifts)
-    errors = sum(f["severity"] == "error" for f in report["findings"])
-    console.print("[bold green]no error-level findings[/]" if report["ok"]
-                  else f"[bold red]{errors} error-level finding(s)[/]")
-
+    errors = sum(f["severity"] == "error" for f in findings)
+    warnings = sum(f["severity"] == "warning" for f in findings)
+    if errors:
+        console.print(f"[bold red]{errors} error-level finding(s)[/]"
+                      + (f", {warnings} warning(s)" if warnings else ""))
+    elif warnings:
+        console.print(f"[bold yellow]no error-level findings; {warnings} warning(s)[/]")
+    else:
+        console.print(f"[bold green]no BatchNorm problems found[/] in {report['target']} "
+                      f"({layers} BatchNorm layer(s) audited, {report['depth']})")
