@@ -1,10 +1,12 @@
 """``bnkit conventions``: the printed table against the frameworks' own layers and closed-form momenta."""
 import re
+from unittest.mock import patch
 
 import pytest
 from typer.testing import CliRunner
 
 from bnkit.cli import app
+from bnkit.cli.app import console
 
 runner = CliRunner()
 FRAMEWORKS = ["torch", "keras", "flax", "onnx"]
@@ -21,7 +23,9 @@ def _table(output: str) -> dict[str, list[str]]:
 
 
 def _invoke(*args):
-    result = runner.invoke(app, ["conventions", *args], env={"COLUMNS": "200"})
+    # The shared console fixed its width when it was made; COLUMNS set now would not reach it.
+    with patch.object(console, "_width", 200):
+        result = runner.invoke(app, ["conventions", *args])
     assert result.exit_code == 0, result.output
     return _table(result.output)
 
@@ -68,6 +72,8 @@ def test_defaults_and_rules_match_the_real_layers():
     (["--momentum", "1.5", "--from", "keras"], r"\[0, 1\]"),
 ])
 def test_bad_arguments_fail_with_a_clear_message(args, match):
-    result = runner.invoke(app, ["conventions", *args], env={"COLUMNS": "200"})
+    # The shared console fixed its width when it was made; COLUMNS set now would not reach it.
+    with patch.object(console, "_width", 200):
+        result = runner.invoke(app, ["conventions", *args])
     assert result.exit_code == 2
     assert re.search(match, result.output), result.output
