@@ -49,13 +49,13 @@ statistics; the verification reference is then the switched model. Peers: onnxru
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..atomic import atomic_path
 from ..findings import Finding
 from .graph import BNNode, GraphIndex, attribute, bn_nodes, load_model, node_label, opset_version
 from .verify import OnnxRuntimeError, compare, default_tolerance, random_inputs, run
@@ -486,16 +486,6 @@ def fold(in_path: "str | os.PathLike", out_path: "str | os.PathLike", **options)
     file (``in_path`` included, when ``out_path`` names it) is left as it was.
     """
     folded, report = fold_model(in_path, **options)
-    out_path = os.fspath(out_path)
-    directory = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out_path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(out_path) as tmp:
         onnx.save(folded, tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return report

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_path
 
 __all__ = ["Table", "Figure", "Chapter", "new_figure", "save_figure", "write_report", "unavailable"]
 
@@ -92,18 +92,9 @@ def save_figure(fig, out_dir: Path, name: str, *, rect: tuple[float, float, floa
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write beside ``path`` then rename; the file gets the usual ``0o666 & ~umask`` mode (mkstemp makes 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` completely or not at all (:func:`bnkit.atomic.atomic_path`)."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def _html(chapters: list[Chapter], meta: dict[str, Any]) -> str:

@@ -15,8 +15,8 @@ It uses the TorchScript-based exporter (``dynamo=False``), which needs no ``onnx
 """
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
 from .modules import bn_layers
 
 __all__ = ["export_onnx", "ExportReport", "ExportVerificationError"]
@@ -124,50 +125,38 @@ def export_onnx(
         in_names = _names(input_names, len(inputs), "input")
         out_names = _names(output_names, len(expected[0]), "output")
         axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.onnx.export(
-                    model, inputs, tmp, dynamo=False, training=torch.onnx.TrainingMode.EVAL, opset_version=opset,
-                    do_constant_folding=False, input_names=in_names, output_names=out_names, dynamic_axes=axes)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        buffer = io.BytesIO()  # exported in memory: the file is written only once every check passed
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model, inputs, buffer, dynamo=False, training=torch.onnx.TrainingMode.EVAL, opset_version=opset,
+                do_constant_folding=False, input_names=in_names, output_names=out_names, dynamic_axes=axes)
     finally:
         for module, flag in flags.items():
             module.training = flag
 
-    try:
-        proto = onnx.load(tmp)
-        report = ExportReport(path=path, opset=opset)
-        if fold:
-            proto, report.fold = fold_model(proto, verify=False)
-        report.findings = audit(proto).findings
-        errors = [f for f in report.findings if f.severity == "error"]
-        if errors and not force:
-            raise ExportVerificationError(
-                "the exported graph has error-level findings; nothing written (force=True writes it anyway):\n"
-                + "\n".join(f"  {f.layer}: {f.finding} ({f.evidence})" for f in errors))
-        checks = [inputs] + ([tuple(t[:1] for t in inputs)] if len(expected) > 1 else [])
-        for feeds, want in zip(checks, expected):
-            got = run(proto, {n: t.detach().cpu().numpy() for n, t in zip(in_names, feeds)})
-            abs_diff, rel_diff = compare([w.detach().cpu().double().numpy() for w in want],
-                                         [np.asarray(g) for g in got])
-            report.max_abs_diff = max(report.max_abs_diff, abs_diff)
-            report.max_rel_diff = max(report.max_rel_diff, rel_diff)
-            report.batch_sizes.append(int(feeds[0].shape[0]) if feeds[0].dim() else 0)
-        if not report.max_rel_diff <= rtol:
-            raise ExportVerificationError(
-                f"onnxruntime differs from PyTorch eval output: max relative difference {report.max_rel_diff:.3g} > "
-                f"{rtol:g} (max abs {report.max_abs_diff:.3g}); nothing written")
+    proto = onnx.load_from_string(buffer.getvalue())
+    report = ExportReport(path=os.fspath(path), opset=opset)
+    if fold:
+        proto, report.fold = fold_model(proto, verify=False)
+    report.findings = audit(proto).findings
+    errors = [f for f in report.findings if f.severity == "error"]
+    if errors and not force:
+        raise ExportVerificationError(
+            "the exported graph has error-level findings; nothing written (force=True writes it anyway):\n"
+            + "\n".join(f"  {f.layer}: {f.finding} ({f.evidence})" for f in errors))
+    checks = [inputs] + ([tuple(t[:1] for t in inputs)] if len(expected) > 1 else [])
+    for feeds, want in zip(checks, expected):
+        got = run(proto, {n: t.detach().cpu().numpy() for n, t in zip(in_names, feeds)})
+        abs_diff, rel_diff = compare([w.detach().cpu().double().numpy() for w in want],
+                                     [np.asarray(g) for g in got])
+        report.max_abs_diff = max(report.max_abs_diff, abs_diff)
+        report.max_rel_diff = max(report.max_rel_diff, rel_diff)
+        report.batch_sizes.append(int(feeds[0].shape[0]) if feeds[0].dim() else 0)
+    if not report.max_rel_diff <= rtol:
+        raise ExportVerificationError(
+            f"onnxruntime differs from PyTorch eval output: max relative difference {report.max_rel_diff:.3g} > "
+            f"{rtol:g} (max abs {report.max_abs_diff:.3g}); nothing written")
+    with atomic_path(path) as tmp:
         onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return report

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from ..atomic import atomic_path
 
 __all__ = ["UnsafeCheckpointError", "load_checkpoint", "load_state_dict_file", "save_state_dict_file"]
 
@@ -79,10 +80,7 @@ def load_state_dict_file(path: str | os.PathLike, *, trust: bool = False) -> dic
 def save_state_dict_file(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write a state dict atomically; ``.safetensors`` by suffix, otherwise ``torch.save``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
@@ -90,9 +88,4 @@ def save_state_dict_file(state: Mapping[str, torch.Tensor], path: str | os.PathL
             save_file(tensors, tmp)
         else:
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
