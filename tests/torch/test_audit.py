@@ -472,3 +472,27 @@ def test_import_submodule_then_call_the_function():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['never_updated']"
+
+
+def test_pass_leaves_no_stand_in_forward_and_keeps_instance_forwards(trained, digits):
+    """Stock layers get a stand-in forward for the pass only; a layer whose forward was patched
+    on the instance keeps that forward (it is measured through a hook instead)."""
+    x = digits[0][:640]
+    model = copy.deepcopy(trained)
+    reference = audit(model, x)
+    patched = model.layers[0].bn1
+    calls = []
+
+    def own_forward(input):
+        calls.append(1)
+        return nn.BatchNorm2d.forward(patched, input)
+
+    patched.forward = own_forward
+    report = audit(model, x)
+    assert calls and vars(patched)["forward"] is own_forward
+    assert all("forward" not in vars(bn) for name, bn in bn_layers(model) if bn is not patched)
+    for a, b in zip(reference.shifts, report.shifts):
+        assert (a.layer, a.score) == (b.layer, pytest.approx(b.score, rel=1e-4, abs=1e-7))
+    with pytest.raises(ValueError, match="failed on data batch 0"):
+        audit(model, torch.randn(64, 3, 8, 8))
+    assert all("forward" not in vars(bn) for name, bn in bn_layers(model) if bn is not patched)

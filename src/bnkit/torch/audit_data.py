@@ -63,10 +63,12 @@ def data_findings(model, layers, batches: Batches, forward, train_batch_size, co
     collectors = {n: Collector(bn) for n, bn in tracked}
     findings: list[Finding] = []
     with Restore(model, layers) as restore, torch.no_grad():
-        # pass 1: every BN on batch statistics (its buffers as scratch space); other modules in eval mode
+        # pass 1: every BN on batch statistics (nothing it keeps is updated); other modules in eval mode
         set_training(model, False)  # assigned, not model.eval(): a frozen layer's own train() must not run
-        handles = [h for n, bn in tracked for h in collectors[n].attach(bn)]
+        detach = []
         try:
+            for n, bn in tracked:
+                detach.append(collectors[n].attach(bn))
             batch_out, used = None, 0
             for i, batch in enumerate(batches):
                 if (batch_len(batch) or 0) < 2:
@@ -80,8 +82,8 @@ def data_findings(model, layers, batches: Batches, forward, train_batch_size, co
                     batch_out, first = flatten(out), batch
                 used += 1
         finally:
-            for h in handles:
-                h.remove()
+            for undo in detach:
+                undo()
         if not used:
             raise ValueError("every data batch has fewer than 2 samples: batch statistics need at least 2")
         report.batches = used

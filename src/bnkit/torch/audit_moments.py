@@ -6,11 +6,13 @@ and pooled in float64 by Chan's formula (:class:`bnkit.stats.RunningMoments`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stats import RunningMoments
@@ -42,20 +44,24 @@ def _moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
 _KERNEL_STATS_MAX_VALUES = 4
 
 
+def is_stock(bn: _BatchNorm) -> bool:
+    """The layer runs PyTorch's own ``forward`` (class and instance), so the audit may stand in for it."""
+    return type(bn).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward) and "forward" not in vars(bn)
+
+
 class Collector:
     """Per-layer float64 moments of a BN layer's input: pooled with Chan's formula, and per call.
 
-    How a stock layer (``forward`` not overridden) normalizes a call with its batch's own
-    statistics, without touching what :class:`bnkit.torch.audit_batches.Restore` will put back into its buffers:
+    A stock layer (PyTorch's ``forward``, see :func:`is_stock`) gets, for the pass, an
+    instance ``forward`` that normalizes each call with the batch's own mean and biased
+    variance (what training mode normalizes with; torch/nn/modules/batchnorm.py
+    ``_BatchNorm.forward``) and keeps the call's moments; its buffers, ``momentum`` and
+    flags are never touched:
 
-    * large feature maps: the layer stays in eval mode and a forward pre-hook writes the
-      batch's mean and biased variance (what training mode normalizes with) into its
-      running buffers, so PyTorch's fast eval kernel applies them;
-    * up to :data:`_KERNEL_STATS_MAX_VALUES` values per channel and sample: the call runs in
-      training mode with ``momentum = 1``, so PyTorch's update ``r = (1 - m) r + m b``
-      leaves exactly the batch mean and unbiased variance in the buffers, read after it.
-
-    The layer's first call picks one of the two and drops the other hook.
+    * up to :data:`_KERNEL_STATS_MAX_VALUES` values per channel and sample: PyTorch's
+      training kernel with ``momentum = 1`` on fresh zero buffers, which leaves exactly the
+      batch mean and unbiased variance in them (``r = (1 - m) r + m b``);
+    * larger feature maps: :func:`_moments` (two-pass), then PyTorch's eval kernel on them.
 
     Layers with their own ``forward`` run in training mode without tracking, and their
     input is reduced after the call.
@@ -63,48 +69,40 @@ class Collector:
 
     def __init__(self, bn: _BatchNorm) -> None:
         self.moments = RunningMoments(bn.num_features)
-        self.stock = type(bn).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+        self.stock = is_stock(bn)
         self.samples: list[tuple[int, int]] = []  # (batch size, values per channel)
         self.means: list[torch.Tensor] = []
         self.m2: list[torch.Tensor] = []
-        self._kernel_call: bool | None = None
-        self._handles: list[Any] = []
 
-    def attach(self, bn: _BatchNorm) -> list[Any]:
-        """Put the layer on batch statistics for the pass; returns the hook handles."""
+    def attach(self, bn: _BatchNorm) -> Callable[[], None]:
+        """Put the layer on batch statistics for the pass; returns what undoes it."""
         if self.stock:
-            bn.momentum, bn.track_running_stats = 1.0, True
-            bn.running_mean.zero_()  # scratch space from here on; (1 - 1) * NaN would stay NaN
-            bn.running_var.fill_(1.0)
-            self._handles = [bn.register_forward_pre_hook(self._before), bn.register_forward_hook(self._after_kernel)]
-        else:
-            bn.training, bn.track_running_stats = True, False
-            self._handles = [bn.register_forward_hook(self._after)]
-        return self._handles
+            bn.forward = self._stand_in(bn)  # an instance attribute: shadows the class's forward
+            return lambda: vars(bn).pop("forward", None)
+        bn.training, bn.track_running_stats = True, False
+        return bn.register_forward_hook(self._after).remove
 
     def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         self.samples.append((x.shape[0], n))
         self.means.append(mean)
         self.m2.append(m2)
 
-    def _before(self, module: _BatchNorm, args: tuple) -> None:
-        x = args[0]
-        if self._kernel_call is None:  # the first call picks the faster way; either is exact
-            self._kernel_call = x.numel() // (x.shape[0] * x.shape[1]) <= _KERNEL_STATS_MAX_VALUES
-            module.training = self._kernel_call
-            self._handles[0 if self._kernel_call else 1].remove()
-            if self._kernel_call:
-                return
-        n, mean, m2 = _moments(x)
-        self._record(x, n, mean, m2)
-        module.running_mean.copy_(mean)
-        module.running_var.copy_(m2 / n)  # training mode normalizes with the biased variance
+    def _stand_in(self, bn: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(input: torch.Tensor) -> torch.Tensor:  # PyTorch's parameter name: bn(input=x) works
+            x = input
+            n = x.numel() // x.shape[1]
+            if n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES:
+                mean = torch.zeros_like(bn.running_mean)
+                var = torch.zeros_like(bn.running_var)
+                out = F.batch_norm(x, mean, var, bn.weight, bn.bias, True, 1.0, bn.eps)
+                self._record(x, n, mean, var.mul_(n - 1))
+                return out
+            n, mean, m2 = _moments(x)
+            self._record(x, n, mean, m2)
+            stats = bn.running_mean.dtype
+            return F.batch_norm(x, mean.to(stats), (m2 / n).to(stats), bn.weight, bn.bias, False, 0.0, bn.eps)
 
-    def _after_kernel(self, module: _BatchNorm, args: tuple, output: Any) -> None:
-        x = args[0]
-        n = x.numel() // x.shape[1]
-        var = module.running_var.to(torch.float64, copy=True)  # unbiased; copies, the next call overwrites
-        self._record(x, n, module.running_mean.to(torch.float64, copy=True), var * (n - 1))
+        return forward
 
     def _after(self, module: _BatchNorm, args: tuple, output: Any) -> None:
         self._record(args[0], *_moments(args[0]))
