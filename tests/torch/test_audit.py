@@ -370,8 +370,10 @@ def test_bad_data_changes_nothing(trained, digits):
     snap = _snapshot(model)
     bad = digits[0][:128].clone()
     bad[70, 0, 3, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="data batch 1 contains NaN"):
         audit(model, bad)
+    with pytest.raises(ValueError, match="data batch 1 contains NaN"):
+        audit(model, list(torch.split(bad, 64)))
     with pytest.raises(ValueError, match="failed on data batch 0"):
         audit(model, torch.randn(64, 3, 8, 8))
     with pytest.raises(ValueError, match="at least 2"):

@@ -31,10 +31,15 @@ class Batches:
         self.device = param.device if param is not None else torch.device("cpu")
         if isinstance(data, np.ndarray):
             data = torch.from_numpy(data)
+        self._checked = False  # True: the batches are slices of one tensor already checked for NaN/Inf
         if isinstance(data, torch.Tensor):
             if data.ndim == 0 or len(data) == 0:
                 raise ValueError(f"data must hold at least one sample, got shape {tuple(data.shape)}")
+            if max_batches is not None:
+                data = data[: max(max_batches, 1) * batch_size]
+            _check_finite(data, batch_size)  # one reduction for all batches instead of one per batch
             data = torch.split(data, batch_size)
+            self._checked = True
         self._iter = iter(data)
         self.max_batches = max_batches
         try:
@@ -50,20 +55,35 @@ class Batches:
             yield self._prepare(batch, i)
 
     def _prepare(self, batch: Any, index: int) -> Any:
+        if self._checked:
+            return batch.to(self.device, self.dtype) if batch.is_floating_point() else batch.to(self.device)
+
         def move(t: torch.Tensor) -> torch.Tensor:
             if t.is_floating_point():
-                # NaN/Inf always reach the sum; only a sum that overflows needs the element-wise check
-                if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"data batch {index} contains NaN or Inf")
+                _check_finite(t, len(t) if t.ndim else 1, index)
                 t = t.to(self.dtype)
             return t.to(self.device)
 
         return map_tensors(batch, move)
 
-    def first_input(self, forward) -> Any:
-        if forward is not None:
+    def first_input(self, forward: Callable | None) -> Any:
+        """Two samples of the first batch's model input (the fold analysis needs only its ranks)."""
+        if forward is not None or isinstance(self.first, Mapping):
             return None  # the model's inputs are only known to ``forward``
-        return self.first[0] if isinstance(self.first, (tuple, list)) else self.first
+        x = self.first[0] if isinstance(self.first, (tuple, list)) else self.first
+        size = batch_len(x)
+        return map_tensors(x, lambda t: t[:2] if batched(t, size) else t) if size else x
+
+
+def _check_finite(t: torch.Tensor, batch_size: int, first_index: int = 0) -> None:
+    """Raise naming the first data batch with NaN/Inf (``t``'s rows are batches of ``batch_size``)."""
+    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+        return  # NaN/Inf always reach the sum; only a sum that overflows needs the element-wise check
+    bad = ~torch.isfinite(t)
+    if not bool(bad.any()):
+        return
+    row = int(bad.reshape(len(t), -1).any(1).nonzero()[0]) if t.ndim else 0
+    raise ValueError(f"data batch {first_index + row // batch_size} contains NaN or Inf")
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
