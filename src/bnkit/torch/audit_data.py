@@ -162,8 +162,8 @@ def _noise(col: Collector, bn: _BatchNorm, b_train: int, var_r: np.ndarray) -> t
     """
     if len(col.means) < 2:
         return None, None
-    n = torch.tensor([b for b, _ in col.samples], dtype=torch.float64)[:, None]
-    means, variances = torch.stack(col.means).double().cpu(), col.batch_vars()
+    n, _, means, _ = col.stacked()
+    variances = col.batch_vars()
     k = len(col.means)
     m_bar = (n * means).sum(0) / n.sum()
     v_bar = ((n - 1) * variances).sum(0) / (n - 1).sum()

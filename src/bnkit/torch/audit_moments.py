@@ -73,6 +73,7 @@ class Collector:
         self.samples: list[tuple[int, int]] = []  # (batch size, values per channel)
         self.means: list[torch.Tensor] = []
         self.m2: list[torch.Tensor] = []
+        self._stacked: tuple[torch.Tensor, ...] | None = None
 
     def attach(self, bn: _BatchNorm) -> Callable[[], None]:
         """Put the layer on batch statistics for the pass; returns what undoes it."""
@@ -107,6 +108,14 @@ class Collector:
     def _after(self, module: _BatchNorm, args: tuple, output: Any) -> None:
         self._record(args[0], *_moments(args[0]))
 
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every call's batch size, count, mean and M2 as float64 tensors ``(K, 1)``, ``(K, 1)``, ``(K, C)``, ``(K, C)``."""
+        if self._stacked is None:
+            sizes = torch.tensor(self.samples, dtype=torch.float64)
+            self._stacked = (sizes[:, :1], sizes[:, 1:], torch.stack(self.means).double().cpu(),
+                             torch.stack(self.m2).double().cpu())
+        return self._stacked
+
     def pool(self) -> RunningMoments:
         """The calls' ``(count, mean, M2)`` merged in float64 by Chan's formula for K partials.
 
@@ -114,15 +123,14 @@ class Collector:
         update of :class:`bnkit.stats.RunningMoments` applied to all calls at once.
         """
         if self.means and self.moments.count == 0:
-            counts = np.array([n for _, n in self.samples], dtype=np.float64)[:, None]
-            means = torch.stack(self.means).double().cpu().numpy()
+            _, counts, means, m2 = self.stacked()
             total = counts.sum()
             mean = (counts * means).sum(0) / total
-            m2 = torch.stack(self.m2).double().cpu().numpy().sum(0) + (counts * (means - mean) ** 2).sum(0)
-            self.moments.update_moments(int(total), mean, m2)
+            m2 = m2.sum(0) + (counts * (means - mean) ** 2).sum(0)
+            self.moments.update_moments(int(total), mean.numpy(), m2.numpy())
         return self.moments
 
     def batch_vars(self) -> torch.Tensor:
         """Each call's unbiased variance, float64, ``(calls, C)``."""
-        counts = torch.tensor([max(n - 1, 1) for _, n in self.samples], dtype=torch.float64)[:, None]
-        return torch.stack(self.m2).double().cpu() / counts
+        _, counts, _, m2 = self.stacked()
+        return m2 / (counts - 1).clamp_min(1)
