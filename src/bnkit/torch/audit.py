@@ -12,9 +12,10 @@ Three depths, each adding to the one before:
    remove.
 3. **Model + data**: one forward per batch with every BN layer normalizing with the
    batch's own statistics, as in training, and other modules in eval mode; no running
-   statistic is updated (stock layers run PyTorch's eval kernel on the batch moments,
-   computed in a pre-hook; layers with their own ``forward`` run in training mode
-   without tracking). Each layer's input then has the distribution its
+   statistic is updated (stock layers get a stand-in ``forward`` for the pass that feeds
+   the batch's moments to PyTorch's kernels, :class:`bnkit.torch.audit_moments.Collector`;
+   layers with their own ``forward`` run in training mode without tracking). Each layer's
+   input then has the distribution its
    running statistics estimate in training (PyTorch's update averages exactly these
    batch statistics; torch/nn/modules/batchnorm.py ``_BatchNorm.forward``), *whatever
    the upstream layers' running statistics are*, so one corrupted layer is ranked first

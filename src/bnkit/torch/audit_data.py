@@ -6,11 +6,13 @@ train-vs-eval gap, the batch-size-1 coupling check and the running statistics' n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
@@ -57,8 +59,10 @@ class LayerShift:
 
 
 
-def data_findings(model, layers, batches: Batches, forward, train_batch_size, coupling_samples,
-                   report: AuditReport) -> list[Finding]:
+def data_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]], batches: Batches,
+                  forward: Callable[[nn.Module, Any], Any], train_batch_size: int | None, coupling_samples: int,
+                  report: AuditReport) -> list[Finding]:
+    """The depth-3 findings; fills ``report.batches``, ``shifts``, ``train_eval_gap`` and ``batch_coupling``."""
     tracked = [(n, bn) for n, bn in layers if bn.running_mean is not None and not is_lazy(bn.running_mean)]
     collectors = {n: Collector(bn) for n, bn in tracked}
     findings: list[Finding] = []
