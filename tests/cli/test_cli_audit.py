@@ -140,10 +140,12 @@ def test_onnx_file(trained, tmp_path):
     export_onnx(model, torch.randn(2, 64), path)
     result = _invoke(path, "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["depth"] == "onnx"
+    report = json.loads(result.output)
+    assert report["depth"] == "onnx" and len(report["layers"]) == 2  # the MLP's two BatchNorm1d
     text = _invoke(path)  # a clean model with no findings at all: a clear line, not an empty table
     assert text.exit_code == 0, text.output
     assert "no BatchNorm problems found" in text.output and "severity" not in text.output
+    assert "2 BatchNorm layer(s)" in text.output
     assert _invoke(path, "--model", "audit_models:mlp").exit_code == 2
 
 

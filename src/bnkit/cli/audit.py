@@ -61,7 +61,8 @@ def _onnx_report(file: Path) -> dict[str, Any]:
         raise fail(f"cannot audit {file}: {exc}") from None
     findings = sorted(result.findings, key=lambda f: ("error", "warning", "info").index(f.severity))
     return {"target": str(file), "depth": "onnx", "ok": bool(result.ok), "worst": worst_severity(findings),
-            "findings": [f.to_dict() for f in findings], "shifts": []}
+            "layers": [node["name"] for node in result.nodes], "findings": [f.to_dict() for f in findings],
+            "shifts": []}
 
 
 def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max_batches, trust) -> dict[str, Any]:
