@@ -1,6 +1,8 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
 # Each creates .venv and installs what it needs on first use.
 PYTHON ?= python3
+# Optional: a PyTorch wheel index for torch only, e.g. https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -10,7 +12,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[all,test]"
+	$(PY) -m pip install --quiet "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e ".[all,test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
