@@ -1,8 +1,10 @@
 import re
 
+import pytest
 from typer.testing import CliRunner
 
 from bnkit.cli import app
+from bnkit.cli.ema import MAX_STEPS
 
 runner = CliRunner()
 
@@ -33,3 +35,27 @@ def test_ema_rejects_inconsistent_arguments():
     assert runner.invoke(app, ["ema", "1", "2", "--steps", "5"]).exit_code == 2
     assert runner.invoke(app, ["ema", "1", "2", "--steps", "1"]).exit_code == 2
     assert runner.invoke(app, ["ema", "1", "--decay", "1.5"]).exit_code == 2
+
+
+@pytest.mark.parametrize("args,match", [
+    (["4.2", "nan", "3"], "batch mean #2 is nan"),
+    (["4.2", "inf"], "batch mean #2 is inf"),
+    (["4.2", "--fill", "-inf", "--steps", "5"], "--fill is -inf"),
+    (["4.2", "--init", "nan"], "--init is nan"),
+])
+def test_ema_rejects_non_finite_values(args, match):
+    result = runner.invoke(app, ["ema", *args], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert match in result.output
+    assert "finite" in result.output
+
+
+def test_ema_caps_steps_and_says_so():
+    result = runner.invoke(app, ["ema", "4.2", "--fill", "4", "--steps", "1000000"], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert f"maximum of {MAX_STEPS}" in result.output
+    ok = runner.invoke(app, ["ema", "4.2", "--fill", "4", "--steps", str(MAX_STEPS)], terminal_width=200)
+    assert ok.exit_code == 0, ok.output
+    assert MAX_STEPS in _rows(ok.output)
+    help_text = runner.invoke(app, ["ema", "--help"], terminal_width=200).output
+    assert f"at most {MAX_STEPS}" in " ".join(help_text.split())

@@ -1,6 +1,7 @@
 """``bnkit ema``: the lesson's worked example of a running mean, computed."""
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import typer
@@ -9,18 +10,26 @@ from rich.table import Table
 from ..stats import ema_table
 from .app import app, console, fail
 
+MAX_STEPS = 10_000  # a worked example, not a simulation: 10000 rows take well under a second
+
 
 @app.command()
 def ema(
     values: List[float] = typer.Argument(..., help="Batch means, in order."),
     fill: Optional[float] = typer.Option(None, help="Value for the batches after the given ones."),
-    steps: Optional[int] = typer.Option(None, help="Total number of batches (needs --fill if more than the values given)."),
+    steps: Optional[int] = typer.Option(None, help=f"Total number of batches, at most {MAX_STEPS} (needs --fill if more than the values given)."),
     decay: float = typer.Option(0.9, help="Weight on the OLD running value (the lesson's alpha; Keras/ONNX/Flax side)."),
     init: float = typer.Option(0.0, help="Initial running value."),
     show: str = typer.Option("auto", help="'all' rows, or 'auto': the given batches plus every 10th and the last."),
 ) -> None:
     """Print the running mean after each batch, with the bias-corrected mean beside it."""
+    named = [(f"batch mean #{i}", v) for i, v in enumerate(values, start=1)] + [("--fill", fill), ("--init", init)]
+    for name, given in named:
+        if given is not None and not math.isfinite(given):
+            raise fail(f"{name} is {given}: every value must be a finite number (no NaN or Inf)")
     n = steps if steps is not None else len(values)
+    if n > MAX_STEPS:
+        raise fail(f"{n} batches (--steps) exceed the maximum of {MAX_STEPS}")
     if n < len(values):
         raise fail(f"--steps {n} is fewer than the {len(values)} values given")
     if n > len(values) and fill is None:
