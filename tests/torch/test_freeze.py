@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bnkit.torch import (
-    BatchNorm1d, bn_layers, convert_bn, freeze_bn, frozen_bn_layers, is_frozen, load_state_dict_file,
+    BatchNorm1d, bn_layers, convert_bn, convert_frozen, freeze_bn, frozen_bn_layers, is_frozen, load_state_dict_file,
     save_state_dict_file, unfreeze_bn,
 )
 from bnkit.torch.freeze import FreezeState
@@ -249,3 +249,32 @@ def test_freezing_an_already_compiled_model_recompiles():
     unfreeze_bn(model)
     compiled(x)
     assert int(model[1].num_batches_tracked) == 2
+
+
+def test_is_frozen_on_a_whole_model_answers_for_all_its_bn_layers():
+    model = _model()
+    layers = [m for _, m in bn_layers(model)]
+    assert len(layers) > 2 and not is_frozen(model)
+    freeze_bn(model)
+    model.train()
+    # the oracle: the layers' own flags, read directly
+    assert all(not m.training and not m.weight.requires_grad for m in layers)
+    assert is_frozen(model) and is_frozen(model, "stats") and is_frozen(model, "affine") and is_frozen(model, "all")
+    layers[-1].weight.requires_grad_(True)  # one layer's gamma trains again: the live state counts
+    assert not is_frozen(model, "affine") and not is_frozen(model, "all") and is_frozen(model, "stats")
+    unfreeze_bn(model, stats=False)  # gamma/beta train again everywhere
+    assert all(m.weight.requires_grad for m in layers)
+    assert is_frozen(model, "stats") and is_frozen(model) and not is_frozen(model, "affine")
+    unfreeze_bn(model)
+    assert not is_frozen(model, "any") and all(m.training for m in layers)
+
+
+def test_is_frozen_on_a_block_needs_every_bn_layer_inside_frozen():
+    model = _model()
+    stem = model[0].stem
+    freeze_bn(model, modules=[stem[1]])
+    assert is_frozen(stem[1]) and is_frozen(stem)  # the only BN layer of the stem block
+    assert not is_frozen(model) and not is_frozen(model[0])
+    assert not is_frozen(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))  # no BN layer: nothing is frozen
+    frozen = convert_frozen(_model(1))
+    assert not bn_layers(frozen) and is_frozen(frozen, "all")  # buffer-only FrozenBatchNorm layers count

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .modules import bn_layers
+from .modules import bn_layers, is_batchnorm
 
 __all__ = ["freeze_bn", "unfreeze_bn", "is_frozen", "frozen_bn_layers", "FreezeState"]
 
@@ -177,14 +177,32 @@ def unfreeze_bn(
 
 
 def is_frozen(module: nn.Module, part: str = "any") -> bool:
-    """Whether ``module``'s ``part`` is frozen now: ``"stats"``, ``"affine"``, ``"any"`` or ``"all"`` (both).
+    """Whether ``part`` of ``module`` is frozen now: ``"stats"``, ``"affine"``, ``"any"`` or ``"all"`` (both).
 
-    bnkit's ``FrozenBatchNorm*d`` are frozen in every part. The answer is live: an
-    affine part whose ``requires_grad`` was switched back on is not frozen.
+    On a BatchNorm layer the answer is that layer's. On any other module (a whole
+    model, a block) it answers for all the BatchNorm layers inside, the ones
+    :func:`freeze_bn` would freeze by default plus bnkit's ``FrozenBatchNorm*d``:
+    True when there is at least one and the part is frozen in every one of them
+    (so ``is_frozen(model)`` is True right after ``freeze_bn(model)``, and False
+    after ``freeze_bn(model, modules=[...])`` froze only some; use
+    :func:`frozen_bn_layers` for the per-layer answer). bnkit's ``FrozenBatchNorm*d``
+    are frozen in every part. The answer is live: an affine part whose
+    ``requires_grad`` was switched back on is not frozen.
     """
     if part not in _PARTS:
         raise ValueError(f"part must be one of {_PARTS}, got {part!r}")
-    state = _state(module)
+    if _is_layer(module):
+        layers = [module]
+    else:
+        layers = [m for m in module.modules() if _is_layer(m)]
+    return bool(layers) and all(_part_frozen(_state(m), part) for m in layers)
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return is_batchnorm(module) or getattr(type(module), "_bnkit_frozen_layer", False)
+
+
+def _part_frozen(state: FreezeState, part: str) -> bool:
     return {"any": bool(state), "stats": state.stats, "affine": state.affine, "all": state.stats and state.affine}[part]
 
 
