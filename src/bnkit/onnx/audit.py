@@ -10,7 +10,9 @@ Flags, as :class:`bnkit.findings.Finding` rows (layer = node name):
 * statistics or parameters computed at run time, so they cannot be checked (warning);
 * per-channel array problems, checked by :func:`bnkit.audit_state.check_bn_stats`:
   non-finite values, never-updated statistics (every mean 0 and variance 1),
-  negative variances, variances below ``epsilon``, near-zero scales.
+  negative variances, variances below ``epsilon``, near-zero scales;
+* a ``Dropout`` whose ``training_mode`` input is a constant true (opset >= 12, as a
+  training-mode export writes it): its outputs are random on every run (warning).
 
 ONNX's ``momentum`` is the weight on the OLD running value; it is passed on in PyTorch's
 convention (``1 - momentum``). A clean inference export yields no warning or error.
@@ -24,7 +26,7 @@ import onnx
 
 from ..audit_state import BNStats, check_bn_stats
 from ..findings import Finding, worst_severity
-from .graph import BNNode, bn_nodes, load_model, opset_version
+from .graph import BNNode, GraphIndex, bn_nodes, load_model, node_label, opset_version
 
 __all__ = ["OnnxAuditReport", "audit"]
 
@@ -91,6 +93,26 @@ def _node_findings(bn: BNNode) -> list[Finding]:
     return findings + check_bn_stats(stats)
 
 
+def _dropout_findings(graph: onnx.GraphProto, opset: int) -> list[Finding]:
+    """A warning per top-level Dropout whose ``training_mode`` input is a constant true (ONNX Dropout-12+)."""
+    if opset < 12:
+        return []
+    index = GraphIndex(graph)
+    findings = []
+    for node in graph.node:
+        if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx") or len(node.input) < 3 or not node.input[2]:
+            continue
+        mode = index.constant(node.input[2])
+        if mode is not None and bool(mode.any()):
+            findings.append(Finding(
+                "warning", node_label(node), "Dropout in training mode",
+                "its training_mode input is true: every run zeroes a random part of the values and rescales the "
+                "rest, so outputs are random",
+                "export with the model in eval mode, or `bnkit fold --to-inference` (switches it to inference)",
+                "dropout_training"))
+    return findings
+
+
 def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:
     """Check every BatchNormalization node of an ONNX model (path or ModelProto; the proto is not modified)."""
     proto = load_model(model)
@@ -108,6 +130,7 @@ def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:
         report.nodes.append({"name": bn.name, "channels": channels, "epsilon": bn.epsilon,
                              "momentum": bn.momentum, "training": bn.training})
         report.findings.extend(_node_findings(bn))
+    report.findings.extend(_dropout_findings(proto.graph, opset))
     if not nodes:
         report.findings.append(Finding("info", "(model)", "no BatchNormalization nodes",
                                        "nothing to audit: folded already, or the model has no BatchNorm",

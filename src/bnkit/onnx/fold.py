@@ -45,6 +45,16 @@ So a training node keeps its outputs and is left, unless asked (``to_inference=T
 its unused outputs are then removed, ``training_mode`` set to 0, and it uses its running
 statistics; the verification reference is then the switched model. Peers: onnxruntime's
 ``ConvBNFusion`` (onnxruntime/core/optimizer/conv_bn_fusion.cc), which fuses Conv only.
+
+A training export also holds training-mode ``Dropout`` nodes (opset >= 12: the optional
+``training_mode`` input is a constant true; onnx/defs/nn/defs.cc ``Dropout`` 12/13: "to convert
+the trained model into inference mode, the user can simply not pass ``training_mode`` input or
+set it to false"). ``to_inference`` switches those too, so the result is an inference graph:
+a node whose ``mask`` output nothing reads becomes an ``Identity`` (inference Dropout copies its
+input), one whose mask is read loses its ``training_mode`` input. Without ``to_inference`` they
+stay, and verification runs both models with the same fixed Dropout ``seed`` so that it
+compares the same random masks. Dropout before opset 12 has no mode in the graph (onnxruntime
+runs it as inference); a ``training_mode`` computed at run time is left, with a note.
 """
 from __future__ import annotations
 
@@ -88,7 +98,8 @@ class OnnxFoldReport:
     was not folded; ``converted``: training-mode nodes switched to running statistics;
     ``removed_outputs``: unused running-statistic outputs dropped; ``max_abs_diff`` /
     ``max_rel_diff``: onnxruntime, reference vs folded, on random inputs of ``input_shapes``
-    (norm-wise relative, see :mod:`bnkit.onnx.verify`); None when not verified.
+    (norm-wise relative, see :mod:`bnkit.onnx.verify`); None when not verified;
+    ``dropout_converted``: training-mode Dropout nodes switched to inference (``to_inference``).
     """
 
     folded: list[FoldedNode] = field(default_factory=list)
@@ -100,6 +111,7 @@ class OnnxFoldReport:
     max_rel_diff: float | None = None
     tolerance: float | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    dropout_converted: list[str] = field(default_factory=list)
 
     @property
     def verified(self) -> bool:
@@ -381,6 +393,55 @@ def _fold_matmul(
 _FOLDERS = {"Conv": _fold_conv_like, "ConvTranspose": _fold_conv_like, "Gemm": _fold_gemm, "MatMul": _fold_matmul}
 
 
+def _training_dropouts(graph: onnx.GraphProto, index: GraphIndex, opset: int) -> list[tuple[onnx.NodeProto, bool]]:
+    """``(node, mode known)`` for each top-level Dropout whose ``training_mode`` may be true (opset >= 12).
+
+    ``mode known`` is False when ``training_mode`` is computed at run time (not a constant).
+    """
+    if opset < 12:
+        return []
+    found = []
+    for node in graph.node:
+        if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx") or len(node.input) < 3 or not node.input[2]:
+            continue
+        mode = index.constant(node.input[2])
+        if mode is None:
+            found.append((node, False))
+        elif bool(np.asarray(mode).any()):
+            found.append((node, True))
+    return found
+
+
+def _dropouts_to_inference(graph: onnx.GraphProto, opset: int, report: OnnxFoldReport) -> None:
+    """Switch constant-true training-mode Dropout nodes to inference (see the module doc)."""
+    index = GraphIndex(graph)
+    for node, known in _training_dropouts(graph, index, opset):
+        label = node_label(node)
+        if not known:
+            report.notes.append(f"Dropout {label!r}: training_mode is computed at run time; left as it is")
+            continue
+        mask = node.output[1] if len(node.output) > 1 else ""
+        if mask and index.readers(mask):
+            del node.input[2:]  # absent training_mode: inference; the mask (all true) stays readable
+        else:
+            identity = helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name)
+            position = list(graph.node).index(node)
+            graph.node.remove(node)
+            graph.node.insert(position, identity)
+        report.dropout_converted.append(label)
+
+
+def _seeded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """A copy whose training-mode Dropout nodes draw their masks from a fixed seed (for verification only)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node, _ in _training_dropouts(copy.graph, GraphIndex(copy.graph), opset):
+        for attr in [a for a in node.attribute if a.name == "seed"]:
+            node.attribute.remove(attr)
+        node.attribute.append(helper.make_attribute("seed", 0))
+    return copy
+
+
 def _prune(model: onnx.ModelProto, read_before: set[str]) -> None:
     """Remove the initializers and Constant/Identity nodes that folding left unread, and stale value_info."""
     graph = model.graph
@@ -414,8 +475,8 @@ def fold_model(
 ) -> tuple[onnx.ModelProto, OnnxFoldReport]:
     """Fold every foldable BatchNormalization node; the input (path or proto) is never modified.
 
-    ``verify`` runs the reference (the input, with training nodes switched when
-    ``to_inference``) and the folded model in onnxruntime on random inputs and raises
+    ``verify`` runs the reference (the input, with training BN and Dropout nodes switched when
+    ``to_inference``; remaining training Dropout nodes seeded alike in both) and the folded model in onnxruntime on random inputs and raises
     :class:`FoldVerificationError` when the norm-wise relative difference exceeds ``rtol``
     (default 1e-4, 1e-2 for fp16/bf16 outputs), :class:`~bnkit.onnx.verify.OnnxRuntimeError`
     when onnxruntime cannot run the model (bf16 convolutions on CPU, custom ops).
@@ -440,6 +501,8 @@ def fold_model(
             report.left[bn.name] = why
         else:
             candidates.append((bn.name, bn.node.output[0]))  # an output names a node uniquely; a name may not
+    if to_inference:
+        _dropouts_to_inference(work.graph, folder.opset, report)
     reference = onnx.ModelProto()
     reference.CopyFrom(work)
     folder.reindex()
@@ -466,11 +529,11 @@ def fold_model(
         report.input_shapes = {k: list(v.shape) for k, v in feeds.items()}
         report.tolerance = default_tolerance(reference) if rtol is None else rtol
         try:
-            expected = run(reference, feeds)
+            expected = run(_seeded(reference, folder.opset), feeds)
         except OnnxRuntimeError as exc:
             raise OnnxRuntimeError(f"{exc}\nthe input model cannot be run for verification; pass verify=False "
                                    "(--no-verify) to fold without the check") from None
-        report.max_abs_diff, report.max_rel_diff = compare(expected, run(work, feeds))
+        report.max_abs_diff, report.max_rel_diff = compare(expected, run(_seeded(work, folder.opset), feeds))
         if not report.verified:
             raise FoldVerificationError(
                 f"onnxruntime outputs differ after folding: max relative difference {report.max_rel_diff:.3g} > "
