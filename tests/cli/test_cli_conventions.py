@@ -13,21 +13,35 @@ FRAMEWORKS = ["torch", "keras", "flax", "onnx"]
 
 
 def _table(output: str) -> dict[str, list[str]]:
-    """Row label -> the four framework cells (one line per row at 200 columns)."""
+    """Row label -> the four framework cells of the conventions table (one line per row at 200 columns)."""
     rows = {}
-    for line in output.splitlines():
+    for line in output.split("Weight names")[0].splitlines():
         cells = [c.strip() for c in re.split(r"[│┃]", line)[1:-1]]
         if len(cells) == 5 and cells[0]:
             rows[cells[0]] = cells[1:]
     return rows
 
 
-def _invoke(*args):
+def _names(output: str) -> dict[str, list[str]]:
+    """Framework -> its gamma, beta, running mean, running var names, from the "Weight names" table."""
+    rows = {}
+    for line in output.split("Weight names")[1].splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃]", line)[1:-1]]
+        if len(cells) == 5 and cells[0]:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _run(*args, width: int = 200) -> str:
     # The shared console fixed its width when it was made; COLUMNS set now would not reach it.
-    with patch.object(console, "_width", 200):
+    with patch.object(console, "_width", width):
         result = runner.invoke(app, ["conventions", *args])
     assert result.exit_code == 0, result.output
-    return _table(result.output)
+    return result.output
+
+
+def _invoke(*args):
+    return _table(_run(*args))
 
 
 @pytest.mark.parametrize("m,src", [(0.99, "keras"), (0.1, "torch"), (0.9, "onnx"), (0.997, "flax"), (0.003, "pytorch")])
@@ -77,3 +91,27 @@ def test_bad_arguments_fail_with_a_clear_message(args, match):
         result = runner.invoke(app, ["conventions", *args])
     assert result.exit_code == 2
     assert re.search(match, result.output), result.output
+
+
+def test_weight_names_fit_whole_at_80_columns_and_are_the_frameworks_own():
+    torch = pytest.importorskip("torch")
+    keras = pytest.importorskip("keras")
+    jax = pytest.importorskip("jax")
+    linen = pytest.importorskip("flax.linen")
+    onnx = pytest.importorskip("onnx")
+    output = _run(width=80)
+    assert max(len(line) for line in output.splitlines()) <= 80
+    keras_bn = keras.layers.BatchNormalization()
+    keras_bn.build((None, 3))
+    flax_vars = linen.BatchNorm(use_running_average=False).init(jax.random.PRNGKey(0), jax.numpy.ones((2, 3)))
+    real = {
+        "torch": list(torch.nn.BatchNorm2d(3).state_dict())[:4],  # num_batches_tracked last
+        "keras": [w.name for w in keras_bn.weights],
+        "flax": [f"{coll}/{k}" for coll in ("params", "batch_stats") for k in flax_vars[coll]],
+        "onnx": [i.name for i in onnx.defs.get_schema("BatchNormalization", 15).inputs][1:],
+    }
+    # one line per framework: no name split over two lines ("running_mea n", "params/scal e")
+    assert _names(output) == real
+    # too narrow for that table: plain lines, still never splitting a name
+    words = set(re.split(r"[\s,:]+", _run(width=60)))
+    assert all(name in words for names in real.values() for name in names)

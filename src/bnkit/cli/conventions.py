@@ -2,9 +2,10 @@
 
 One column per framework (torch, keras, flax, onnx, from :data:`bnkit.conventions.CONVENTIONS`):
 the update rule in that framework's own ``momentum``, which side ``momentum`` weighs, the
-default momentum and eps, the weight names, and which batch variance feeds the running
-variance. With ``--momentum M --from FW`` it adds the row "the same update, written in each
-framework" computed by :func:`bnkit.convert_momentum` (so ``--momentum 0.99 --from keras``
+default momentum and eps, and which batch variance feeds the running variance. The weight
+names (``moving_variance``, ``batch_stats/mean``) go in a second table, one row per framework,
+so that each stays whole at 80 columns (plain lines on a narrower console). With
+``--momentum M --from FW`` it adds the row "the same update, written in each framework" computed by :func:`bnkit.convert_momentum` (so ``--momentum 0.99 --from keras``
 shows ``0.01`` under torch).
 """
 from __future__ import annotations
@@ -44,7 +45,6 @@ def conventions(
     table.add_row("momentum weighs", *(f"the {c.momentum_weighs} value" for c in convs))
     table.add_row("default momentum", *(f"{c.default_momentum:g}" for c in convs))
     table.add_row("default eps", *(f"{c.default_eps:g}" for c in convs))
-    table.add_row("gamma, beta,\nmean, var", *("\n".join(lay["names"]) for lay in layouts))
     table.add_row("eps, momentum\nnamed", *(f"{lay['eps']},\n{lay['momentum']}" for lay in layouts))
     table.add_row("running var fed",
                   *("unbiased\nM2/(n-1)" if c.unbiased_running_var else "biased\nM2/n" for c in convs))
@@ -55,6 +55,7 @@ def conventions(
     if converted is not None:
         console.print(f"The same update in every framework: weight {new_weight:g} on the new batch statistic, "
                       f"{convert_momentum(new_weight, 'torch', 'keras'):g} on the old running value.")
+    _print_names({fw: lay["names"] for fw, lay in zip(FRAMEWORKS, layouts)})
     console.print("eps is never converted, only carried: state it explicitly in the target (bnkit.convert_state "
                   "does), or the target's default silently replaces it. A plain torch layer trained on after a "
                   "conversion feeds its running variance n/(n-1) times the biased value the others use.")
@@ -63,3 +64,22 @@ def conventions(
 def _short_rule(weighs: str) -> str:
     """The update in a framework's own momentum ``m``, short enough for a table cell."""
     return "r = (1-m) r + m x" if weighs == "new" else "r = m r + (1-m) x"
+
+
+def _print_names(names: dict[str, tuple[str, ...]]) -> None:
+    """The weight names, one row per framework; as plain lines when the table would split a name."""
+    header = ("", "gamma", "beta", "running mean", "running var")
+    cells = [header] + [(fw, *row) for fw, row in names.items()]
+    needed = sum(max(len(c) for c in column) for column in zip(*cells)) + 3 * len(header) + 1
+    if console.width < needed:
+        console.print("Weight names (gamma, beta, running mean, running var):")
+        for fw, row in names.items():
+            console.print(f"  [bold]{fw}[/]: {', '.join(row)}")
+        return
+    table = Table(title="Weight names")
+    table.add_column("", style="bold", no_wrap=True)
+    for role in header[1:]:
+        table.add_column(role, no_wrap=True)
+    for fw, row in names.items():
+        table.add_row(fw, *row)
+    console.print(table)
