@@ -5,8 +5,9 @@ the update rule in that framework's own ``momentum``, which side ``momentum`` we
 default momentum and eps, and which batch variance feeds the running variance. The weight
 names (``moving_variance``, ``batch_stats/mean``) go in a second table, one row per framework,
 so that each stays whole at 80 columns (plain lines on a narrower console). With
-``--momentum M --from FW`` it adds the row "the same update, written in each framework" computed by :func:`bnkit.convert_momentum` (so ``--momentum 0.99 --from keras``
-shows ``0.01`` under torch).
+``--momentum M --from FW`` it adds the row "the same update, written in each framework"
+computed by :func:`bnkit.convert_momentum` (so ``--momentum 0.99 --from keras`` shows ``0.01``
+under torch).
 """
 from __future__ import annotations
 
