@@ -19,6 +19,11 @@ def _invoke(*args):
     return runner.invoke(app, ["audit", *map(str, args)], terminal_width=240)
 
 
+def _flat(result) -> str:
+    """The output with whitespace collapsed: rich wraps long temporary paths at the console's width."""
+    return " ".join(result.output.split())
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """An MLP trained on digits, its checkpoint and the inputs as .npy."""
@@ -155,7 +160,95 @@ def test_trust_opts_into_a_pickled_module(trained, tmp_path):
     path = tmp_path / "whole_model.pt"
     torch.save(model, path)  # the whole module: its class is a pickled global
     refused = _invoke(path)
-    assert refused.exit_code == 2 and "NOT loaded" in refused.output
+    assert refused.exit_code == 2 and "NOT loaded" in _flat(refused)
     trusted = _invoke(path, "--trust", "--json")
     assert trusted.exit_code == 0, trusted.output
     assert json.loads(trusted.output)["layers"] == ["2", "5"]
+
+
+def test_trust_imports_the_pickled_class_from_the_current_directory(tmp_path, monkeypatch):
+    """A torch.save(model) file names its class by module path: --trust resolves it from the cwd, like --model."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the command may prepend the cwd: undone after the test
+    pkg = tmp_path / "user_nets_fb"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(
+        "import torch.nn as nn\n\nclass Net(nn.Sequential):\n"
+        "    def __init__(self):\n        super().__init__(nn.Linear(4, 3), nn.BatchNorm1d(3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from user_nets_fb.nets import Net
+
+    net = Net()
+    net(torch.randn(8, 4))  # one training step's statistics: a clean audit
+    torch.save(net.eval(), tmp_path / "whole.pt")
+    for name in ("user_nets_fb", "user_nets_fb.nets"):
+        monkeypatch.delitem(sys.modules, name)
+    sys.path.remove(str(tmp_path))
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    missing = _invoke(tmp_path / "whole.pt", "--trust")
+    assert missing.exit_code == 2 and isinstance(missing.exception, SystemExit), missing.output
+    assert "user_nets_fb" in _flat(missing) and "state_dict()" in _flat(missing)
+
+    monkeypatch.chdir(tmp_path)
+    found = _invoke("whole.pt", "--trust", "--json")
+    assert found.exit_code == 0, found.output
+    assert json.loads(found.output)["layers"] == ["1"]
+    monkeypatch.delitem(sys.modules, "user_nets_fb.nets", raising=False)
+    monkeypatch.delitem(sys.modules, "user_nets_fb", raising=False)
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_trust_on_a_file_that_is_no_pickle_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "notpickle.pt"
+    if content is None:  # an .npy array named like a checkpoint
+        np.save(tmp_path / "a.npy", np.zeros(3, dtype=np.float32))
+        path.write_bytes((tmp_path / "a.npy").read_bytes())
+    else:
+        path.write_bytes(content)
+    result = _invoke(path, "--trust")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert _flat(result).startswith("error: cannot ") and str(path) in _flat(result)
+
+
+def test_a_folder_is_named_as_a_folder(trained, tmp_path):
+    _, ckpt, _, _ = trained
+    result = _invoke(tmp_path)
+    assert result.exit_code == 2 and "is a directory" in _flat(result)
+    data = _invoke(ckpt, "--model", "audit_models:mlp", "--data", tmp_path)
+    assert data.exit_code == 2 and "is a directory" in _flat(data)
+
+
+@pytest.mark.parametrize("size", ["0", "1"])
+def test_train_batch_size_below_two_is_refused(trained, size):
+    _, ckpt, data, _ = trained
+    result = _invoke(ckpt, "--model", "audit_models:mlp", "--data", data, "--train-batch-size", size)
+    assert result.exit_code == 2
+    assert "--train-batch-size must be at least 2" in _flat(result)
+
+
+def test_noise_row_names_the_layers_of_its_figures(trained):
+    _, ckpt, data, _ = trained
+    result = _invoke(ckpt, "--model", "audit_models:mlp", "--data", data, "--json")
+    report = json.loads(result.output)
+    (noise,) = [f for f in report["findings"] if f["code"] == "stat_noise"]
+    worst_mean = max(report["shifts"], key=lambda s: s["mean_noise"])["layer"]
+    worst_var = max(report["shifts"], key=lambda s: s["var_noise"])["layer"]
+    assert noise["layer"] == worst_mean and noise["data"]["var_noise_layer"] == worst_var
+    if worst_mean != worst_var:
+        assert f"std in {worst_mean} " in noise["evidence"] and f"% in {worst_var}," in noise["evidence"]
+
+
+def test_data_the_model_cannot_run_on_exits_two(trained, tmp_path):
+    """Bad input exits 2 in every command (1 means the audit ran and found an error)."""
+    _, ckpt, _, _ = trained
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((16, 10), dtype=np.float32))
+    result = _invoke(ckpt, "--model", "audit_models:mlp", "--data", wrong)
+    assert result.exit_code == 2 and "failed on data batch 0" in _flat(result)
+    ints = tmp_path / "ints.npy"
+    np.save(ints, np.ones((16, 64), dtype=np.int64))
+    result = _invoke(ckpt, "--model", "audit_models:mlp", "--data", ints)
+    assert result.exit_code == 2 and "save it as float32" in _flat(result)

@@ -341,6 +341,41 @@ def test_running_stat_noise_matches_pytorch_running_average():
     assert noise.data["train_batch_size"] == b_train
 
 
+@pytest.mark.parametrize("size", [0, 1])
+def test_train_batch_size_below_two_is_refused(size):
+    with pytest.raises(ValueError, match="train_batch_size must be at least 2"):
+        audit(nn.BatchNorm1d(2).eval(), torch.randn(64, 2), train_batch_size=size)
+
+
+class _TwoBN(nn.Module):
+    """Column 0 through ``gauss`` (running variance 100x too small: the noisiest running means), column 1 cubed
+    through ``heavy`` (kurtosis ~46 against a Gaussian's 3: the noisiest running variances)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gauss, self.heavy = nn.BatchNorm1d(1), nn.BatchNorm1d(1)
+        with torch.no_grad():
+            self.gauss.running_var.fill_(0.01)
+            self.heavy.running_var.fill_(15.0)  # E z^6 for a standard normal z
+            self.gauss.num_batches_tracked.fill_(1000)
+            self.heavy.num_batches_tracked.fill_(1000)
+
+    def forward(self, x):
+        return torch.cat([self.gauss(x[:, :1]), self.heavy(x[:, 1:] ** 3)], 1)
+
+
+def test_noise_row_names_the_layer_of_each_figure():
+    torch.manual_seed(0)
+    report = audit(_TwoBN().eval(), torch.randn(64 * 64, 2), batch_size=64, train_batch_size=32)
+    by_layer = {s.layer: s for s in report.shifts}
+    assert max(by_layer, key=lambda n: by_layer[n].mean_noise) == "gauss"  # the setup holds
+    assert max(by_layer, key=lambda n: by_layer[n].var_noise) == "heavy"
+    (noise,) = report.by_code("stat_noise")
+    assert noise.layer == "gauss" and noise.data["var_noise_layer"] == "heavy"
+    assert f"{noise.data['mean_noise']:.3g} std in gauss " in noise.evidence
+    assert f"{100 * noise.data['var_noise']:.3g}% in heavy" in noise.evidence
+
+
 class Centered(nn.Module):
     """Subtracts the batch mean outside any BatchNorm: couples the samples of a batch."""
 

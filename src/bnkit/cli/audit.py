@@ -1,12 +1,16 @@
 """``bnkit audit``: BatchNorm problems of a checkpoint, a model, or a model on data, as a table or JSON.
 
 Exit status: 0 when no finding is an error, 1 when one is (for CI pipelines), 2 for
-bad usage or a file that cannot be read (a pickle with code in it included).
+bad usage or bad input: a file that cannot be read (a pickle with code in it included),
+or data the model cannot run on (wrong shape or dtype). The other commands use the same
+convention (2: usage or input; 1: the command ran and the result failed).
 """
 from __future__ import annotations
 
 import json
 import math
+import pickle
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,16 +30,24 @@ def audit_command(
     model: Optional[str] = typer.Option(None, "--model", help="package.module:factory building the model the checkpoint belongs to."),
     data: Optional[Path] = typer.Option(None, "--data", help="Inputs (.npy, .npz, .pt, .safetensors): audits the model on them (needs --model)."),
     batch_size: int = typer.Option(64, help="Batch size for --data."),
-    train_batch_size: Optional[int] = typer.Option(None, help="Training batch size, for the running statistics' noise (default --batch-size)."),
-    max_batches: Optional[int] = typer.Option(None, help="Use at most this many batches of --data."),
+    train_batch_size: Optional[int] = typer.Option(
+        None, help="Training batch size (at least 2), for the running statistics' noise (default --batch-size)."),
+    max_batches: Optional[int] = typer.Option(None, help="Use at most this many batches of --data (at least 1)."),
     trust: bool = typer.Option(False, "--trust", help="Unpickle arbitrary objects in the checkpoint. ONLY for files you made yourself."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Find BatchNorm problems and say how to fix them. Exits 1 when an error-level finding exists."""
-    if not file.is_file():
-        raise fail(f"no such file: {file}")
+    """Find BatchNorm problems and say how to fix them. Exits 1 when an error-level finding exists, 2 on bad input."""
+    _check_file(file, "checkpoint or ONNX")
     if data is not None and model is None:
         raise fail("--data needs --model: the data is run through the model")
+    if batch_size < 2:
+        raise fail(f"--batch-size must be at least 2 (each batch is normalized with its own statistics), "
+                   f"got {batch_size}")
+    if train_batch_size is not None and train_batch_size < 2:
+        raise fail(f"--train-batch-size must be at least 2 (BatchNorm trains on batch statistics, which need "
+                   f"two samples), got {train_batch_size}")
+    if max_batches is not None and max_batches < 1:
+        raise fail(f"--max-batches must be at least 1, got {max_batches}")
     if file.suffix.lower() == ".onnx":
         if model is not None or data is not None:
             raise fail("--model and --data apply to PyTorch checkpoints, not to ONNX files")
@@ -49,6 +61,14 @@ def audit_command(
         _print(report)
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+def _check_file(path: Path, kind: str) -> None:
+    """Fail (exit 2) unless ``path`` is a file; a folder is named as one."""
+    if path.is_dir():
+        raise fail(f"{path} is a directory, not a {kind} file: name a file inside it")
+    if not path.is_file():
+        raise fail(f"no such {kind} file: {path}")
 
 
 def _onnx_report(file: Path) -> dict[str, Any]:
@@ -69,12 +89,18 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
     from ..torch.audit import audit
     from ..torch.io import UnsafeCheckpointError, load_state_dict_file
 
+    if trust:
+        _cwd_importable()  # a pickled module names its classes by module path, as --model specs do
     try:
         state = load_state_dict_file(file, trust=trust)
     except UnsafeCheckpointError as exc:
         raise fail(str(exc)) from None
     except (ValueError, OSError) as exc:
         raise fail(f"cannot read {file}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling a trusted file runs its code: anything can go wrong
+        if not trust:
+            raise
+        raise fail(_trusted_load_error(file, exc)) from None
     if model_spec is None:
         report = audit(state)
     else:
@@ -84,10 +110,32 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
             report = audit(net, inputs, batch_size=batch_size, train_batch_size=train_batch_size,
                            max_batches=max_batches)
         except ValueError as exc:
-            raise fail(str(exc)) from None
+            raise fail(str(exc) + _dtype_hint(inputs, exc)) from None
     out = report.to_dict()
     out["target"] = str(file)
     return out
+
+
+def _cwd_importable() -> None:
+    """Put the current directory on ``sys.path``, as ``cli.common.resolve_spec`` does for ``--model``."""
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def _trusted_load_error(file: Path, exc: Exception) -> str:
+    """What went wrong unpickling ``file`` with ``--trust``, and what to do about it."""
+    resave = "; or load it where it was made and save model.state_dict() (or safetensors), which needs no --trust"
+    if isinstance(exc, ImportError):
+        return (f"cannot load {file} with --trust: it pickles a class from module {exc.name!r}, which cannot be "
+                f"imported here ({exc}); run bnkit from the folder that holds that module or add it to PYTHONPATH"
+                + resave)
+    if isinstance(exc, AttributeError):
+        return (f"cannot load {file} with --trust: a class it pickles is missing from its module ({exc})" + resave)
+    if isinstance(exc, (pickle.UnpicklingError, EOFError)):
+        return (f"cannot load {file} with --trust: it is not a PyTorch checkpoint, or it is truncated or corrupt "
+                f"({type(exc).__name__}: {exc})")
+    return f"cannot load {file} with --trust: {type(exc).__name__}: {exc}"
 
 
 def _build_model(spec: str, state, file: Path):
@@ -108,6 +156,13 @@ def _build_model(spec: str, state, file: Path):
     return net.eval()
 
 
+def _dtype_hint(inputs, exc: ValueError) -> str:
+    """A hint when integer data met a floating model (the error names only the scalar types)."""
+    if inputs is None or inputs.is_floating_point() or not any(w in str(exc) for w in ("dtype", "scalar type")):
+        return ""
+    return f" (the data is {inputs.dtype}; if it holds features, save it as float32)"
+
+
 def _load_data(path: Path):
     """Inputs from ``.npy``/``.npz`` (no pickles), ``.pt`` (weights_only) or ``.safetensors``."""
     import numpy as np
@@ -115,8 +170,7 @@ def _load_data(path: Path):
 
     from ..torch.io import UnsafeCheckpointError, load_checkpoint
 
-    if not path.is_file():
-        raise fail(f"no such data file: {path}")
+    _check_file(path, "data")
     suffix = path.suffix.lower()
     try:
         if suffix in (".npy", ".npz"):

@@ -138,10 +138,13 @@ def audit(
             ``model(batch[0])`` for tuples and lists.
         trust: unpickle checkpoints with arbitrary objects (only files you made yourself).
         train_batch_size: batch size of training, for the running statistics' noise
-            (default: the data's batch size).
+            (default: the data's batch size); at least 2, as training on batch statistics needs.
         max_batches: use at most this many batches of ``data``.
         coupling_samples: how many samples are rerun at batch size 1.
     """
+    if train_batch_size is not None and train_batch_size < 2:
+        raise ValueError(f"train_batch_size must be at least 2 (BatchNorm trains on batch statistics, which need "
+                         f"two samples), got {train_batch_size}")
     if isinstance(target, (str, os.PathLike)):
         path = Path(target)
         if path.suffix.lower() == ".onnx":

@@ -148,13 +148,22 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> l
         findings.append(Finding(
             "warning" if worst.mean_noise > NOISE_WARNING else "info", worst.layer,
             f"running statistics noise at training batch size {b_train}",
-            f"running means are expected to wobble by {worst.mean_noise:.3g} std (momentum {momentum}); "
-            f"running variances by {100 * worst_var.var_noise:.3g}% ({worst_var.layer})",
+            _noise_evidence(worst, worst_var, momentum),
             "" if worst.mean_noise <= NOISE_WARNING else
             "use larger batches, a smaller momentum, or recompute the statistics after training (bnkit recalibrate)",
             "stat_noise", {"train_batch_size": b_train, "mean_noise": worst.mean_noise,
-                           "var_noise": worst_var.var_noise}))
+                           "var_noise": worst_var.var_noise, "var_noise_layer": worst_var.layer}))
     return findings
+
+
+def _noise_evidence(worst: LayerShift, worst_var: LayerShift, momentum: float | None) -> str:
+    """The noise figures, each with the layer it was measured in when the two differ (the row names ``worst``)."""
+    means = f"running means are expected to wobble by {worst.mean_noise:.3g} std"
+    variances = f"running variances by {100 * worst_var.var_noise:.3g}%"
+    if worst_var.layer == worst.layer:
+        return f"{means} (momentum {momentum}); {variances}"
+    return (f"{means} in {worst.layer or '(root)'} (momentum {momentum}); {variances} in "
+            f"{worst_var.layer or '(root)'}, the noisiest layer for each")
 
 
 def _noise(col: Collector, bn: _BatchNorm, b_train: int, var_r: np.ndarray) -> tuple[float | None, float | None]:
