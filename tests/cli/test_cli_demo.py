@@ -199,3 +199,37 @@ def test_printed_tables_are_the_measured_numbers(quick):
     # the HTML report carries the same cells
     html = (out / "index.html").read_text()
     assert f"<td>{fb[0]}</td><td>{fb[1]}</td>" in html
+
+
+def test_study_help_names_every_chapter_with_its_title():
+    from bnkit.cli.study import CHAPTER_HELP
+    from bnkit.study import CHAPTERS, chapter_module
+
+    assert list(CHAPTER_HELP) == list(CHAPTERS)
+    for name in CHAPTERS:
+        mod = chapter_module(name)
+        assert CHAPTER_HELP[name].startswith(f"{mod.NUMBER}. {mod.TITLE}: ")
+    result = runner.invoke(app, ["study", "two-modes", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    flat = " ".join(result.output.replace("│", " ").split())
+    for name in CHAPTERS:
+        assert f"{name}: {chapter_module(name).NUMBER}. {chapter_module(name).TITLE}:" in flat, name
+
+
+def test_piped_output_has_no_progress_bars_after_the_tables(capsys):
+    """Where rich cannot redraw (a pipe, a log), a bar would be printed only when it stops: after the tables."""
+    from types import SimpleNamespace
+
+    from bnkit.cli import demo as demo_cli
+
+    def fake_run(names, ctx):
+        ctx.tracker.start(f"working on {names[0]}", 3)
+        for _ in range(3):
+            ctx.tracker.advance()
+        return [SimpleNamespace(name=names[0])]
+
+    with patch("bnkit.study.run_chapters", fake_run), \
+            patch.object(demo_cli, "_print_chapter", lambda ch: console.print(f"TABLE {ch.name}")):
+        demo_cli._run_with_progress(["a", "b"], "quick", 0, None, None)
+    output = capsys.readouterr().out
+    assert output.split() == ["TABLE", "a", "TABLE", "b"]

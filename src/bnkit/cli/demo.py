@@ -68,7 +68,7 @@ def _print_chapter(ch) -> None:
 def run_and_report(
     names: list[str], size: str, seed: int, out: Path, seeds: int | None = None, threads: int = 1
 ) -> int:
-    """Run chapters with a progress bar, print their tables, write the report; return the exit code.
+    """Run chapters with progress bars on a terminal, print their tables, write the report; return the exit code.
 
     torch runs on ``threads`` CPU threads for the run (restored afterwards): the models are tiny, and
     on a busy 2-core machine two threads used over 2.7 times the CPU time of one (measured on the demo).
@@ -115,8 +115,9 @@ def _run_with_progress(names: list[str], size: str, seed: int, out: Path, seeds:
     from ..study import Context, run_chapters
 
     chapters = []
+    # piped or logged output gets no bars: rich cannot redraw there, so it would print them all after the tables
     with Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
+                  console=console, disable=not console.is_terminal) as progress:
         tracker = _RichTracker(progress)
         ctx = Context(size=size, seed=seed, out=out, seeds=seeds, tracker=tracker)
         for name in names:

@@ -10,16 +10,34 @@ from .app import app, fail
 from .demo import run_and_report
 
 
-@app.command()
+#: each chapter's name, then its title and claim in a line (the full claim is in bnkit.study.<module>.CLAIM;
+#: kept here so ``bnkit --help`` does not import the chapters, which import torch).
+CHAPTER_HELP = {
+    "running-stats": "1. Running statistics converge: the EMA of batch statistics reaches the population's, "
+                     "so eval mode needs no batch.",
+    "two-modes": "2. Two modes: training mode normalizes with the batch's statistics (a batch of one collapses); "
+                 "eval mode gives the same output at any batch size.",
+    "batch-size": "3. Batch size and statistics quality: small batches make noisy running statistics; exact "
+                  "recalibration, batch renorm or a batch-independent norm close the gap.",
+    "fine-tuning": "4. Fine-tuning and freezing: model.eval() on BN layers is undone by model.train(); a real freeze "
+                   "keeps the statistics, recalibration adapts them on purpose.",
+    "deployment": "5. Deployment: in eval mode BN is a fixed affine map, so it folds into the layer before it and "
+                  "exports to ONNX with the same outputs.",
+}
+_HELP = ("Run one chapter at full size and write its report, for the real curves.\n\n"
+         "Chapters (NAME: title and claim):\n\n"
+         + "\n\n".join(f"{name}: {line}" for name, line in CHAPTER_HELP.items()))
+
+
+@app.command(help=_HELP)
 def study(
-    name: str = typer.Argument(..., help="Chapter: running-stats, two-modes, batch-size, fine-tuning or deployment."),
+    name: str = typer.Argument(..., help=f"Chapter: {', '.join(CHAPTER_HELP)} (listed above)."),
     seeds: Optional[int] = typer.Option(None, help="Number of seeds (default: the chapter's full-size count)."),
     out: Optional[Path] = typer.Option(None, help="Report folder (default bnkit-report/study-NAME)."),
     size: str = typer.Option("full", help="full, demo or quick."),
     seed: int = typer.Option(0, help="Base random seed."),
     threads: int = typer.Option(1, help="torch CPU threads."),
 ) -> None:
-    """Run one chapter at full size and write its report, for the real curves."""
     from ..study import CHAPTERS, SIZES, chapter_module
 
     if name not in CHAPTERS:
