@@ -476,10 +476,11 @@ def fold_model(
     """Fold every foldable BatchNormalization node; the input (path or proto) is never modified.
 
     ``verify`` runs the reference (the input, with training BN and Dropout nodes switched when
-    ``to_inference``; remaining training Dropout nodes seeded alike in both) and the folded model in onnxruntime on random inputs and raises
-    :class:`FoldVerificationError` when the norm-wise relative difference exceeds ``rtol``
-    (default 1e-4, 1e-2 for fp16/bf16 outputs), :class:`~bnkit.onnx.verify.OnnxRuntimeError`
-    when onnxruntime cannot run the model (bf16 convolutions on CPU, custom ops).
+    ``to_inference``; training Dropout nodes left are seeded alike in both) and the folded model
+    in onnxruntime on random inputs and raises :class:`FoldVerificationError` when the norm-wise
+    relative difference exceeds ``rtol`` (default 1e-4, 1e-2 for fp16/bf16 outputs),
+    :class:`~bnkit.onnx.verify.OnnxRuntimeError` when onnxruntime cannot run the model (bf16
+    convolutions on CPU, custom ops).
     Raises ValueError for a file that is unreadable or fails ``onnx.checker``.
     """
     work = load_model(model)
