@@ -44,7 +44,10 @@ def trained(tmp_path_factory):
     data = root / "x.npy"
     np.save(data, x.numpy())
     (root / "audit_models.py").write_text(
-        "from bnkit.torch.zoo import MLP\n\ndef mlp():\n    return MLP(hidden=(32, 16))\n")
+        "import torch\nfrom bnkit.torch.zoo import MLP\n\ndef mlp():\n    return MLP(hidden=(32, 16))\n\n"
+        "class OOM(MLP):\n    def forward(self, x):\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n\n"
+        "def oom():\n    return OOM(hidden=(32, 16))\n")
     sys.path.insert(0, str(root))
     yield model.eval(), ckpt, data, root
     sys.path.remove(str(root))
@@ -252,3 +255,10 @@ def test_data_the_model_cannot_run_on_exits_two(trained, tmp_path):
     np.save(ints, np.ones((16, 64), dtype=np.int64))
     result = _invoke(ckpt, "--model", "audit_models:mlp", "--data", ints)
     assert result.exit_code == 2 and "save it as float32" in _flat(result)
+
+
+def test_running_out_of_memory_is_a_failed_run_not_bad_input(trained):
+    _, ckpt, data, _ = trained
+    result = _invoke(ckpt, "--model", "audit_models:oom", "--data", data)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "out of memory" in _flat(result) and "smaller --batch-size" in _flat(result)

@@ -1,9 +1,10 @@
 """``bnkit audit``: BatchNorm problems of a checkpoint, a model, or a model on data, as a table or JSON.
 
-Exit status: 0 when no finding is an error, 1 when one is (for CI pipelines), 2 for
-bad usage or bad input: a file that cannot be read (a pickle with code in it included),
-or data the model cannot run on (wrong shape or dtype). The other commands use the same
-convention (2: usage or input; 1: the command ran and the result failed).
+Exit status: 0 when no finding is an error, 1 when one is (for CI pipelines) or the run
+itself fails (out of memory), 2 for bad usage or bad input: a file that cannot be read
+(a pickle with code in it included), or data the model cannot run on (wrong shape or
+dtype). The other commands use the same convention (2: usage or input; 1: the command
+ran and failed, or its result did).
 """
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ def _onnx_report(file: Path) -> dict[str, Any]:
 
 
 def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max_batches, trust) -> dict[str, Any]:
+    import torch
+
     from ..torch.audit import audit
     from ..torch.io import UnsafeCheckpointError, load_state_dict_file
 
@@ -109,7 +112,11 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
         try:
             report = audit(net, inputs, batch_size=batch_size, train_batch_size=train_batch_size,
                            max_batches=max_batches)
+        except torch.OutOfMemoryError as exc:  # the input was fine: the run failed (exit 1, as recalibrate)
+            raise fail(f"the audit ran out of memory (try a smaller --batch-size): {exc}", code=1) from None
         except ValueError as exc:
+            if isinstance(exc.__cause__, torch.OutOfMemoryError):
+                raise fail(f"{exc} (try a smaller --batch-size)", code=1) from None
             raise fail(str(exc) + _dtype_hint(inputs, exc)) from None
     out = report.to_dict()
     out["target"] = str(file)
