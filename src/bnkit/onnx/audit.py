@@ -26,7 +26,7 @@ import onnx
 
 from ..audit_state import BNStats, check_bn_stats
 from ..findings import Finding, worst_severity
-from .graph import BNNode, GraphIndex, bn_nodes, load_model, node_label, opset_version
+from .graph import BNNode, bn_nodes, load_model, node_label, opset_version, training_dropouts
 
 __all__ = ["OnnxAuditReport", "audit"]
 
@@ -95,22 +95,12 @@ def _node_findings(bn: BNNode) -> list[Finding]:
 
 def _dropout_findings(graph: onnx.GraphProto, opset: int) -> list[Finding]:
     """A warning per top-level Dropout whose ``training_mode`` input is a constant true (ONNX Dropout-12+)."""
-    if opset < 12:
-        return []
-    index = GraphIndex(graph)
-    findings = []
-    for node in graph.node:
-        if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx") or len(node.input) < 3 or not node.input[2]:
-            continue
-        mode = index.constant(node.input[2])
-        if mode is not None and bool(mode.any()):
-            findings.append(Finding(
-                "warning", node_label(node), "Dropout in training mode",
-                "its training_mode input is true: every run zeroes a random part of the values and rescales the "
-                "rest, so outputs are random",
-                "export with the model in eval mode, or `bnkit fold --to-inference` (switches it to inference)",
-                "dropout_training"))
-    return findings
+    return [Finding("warning", node_label(node), "Dropout in training mode",
+                    "its training_mode input is true: every run zeroes a random part of the values and rescales "
+                    "the rest, so outputs are random",
+                    "export with the model in eval mode, or `bnkit fold --to-inference` (switches it to inference)",
+                    "dropout_training")
+            for node, known in training_dropouts(graph, opset) if known]
 
 
 def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:

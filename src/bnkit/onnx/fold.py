@@ -67,7 +67,8 @@ from onnx import helper, numpy_helper
 
 from ..atomic import atomic_path
 from ..findings import Finding
-from .graph import BNNode, GraphIndex, attribute, bn_nodes, load_model, node_label, opset_version
+from .graph import (BNNode, GraphIndex, attribute, bn_nodes, load_model, node_label, opset_version,
+                    training_dropouts)
 from .verify import OnnxRuntimeError, compare, default_tolerance, random_inputs, run
 
 __all__ = ["FoldedNode", "OnnxFoldReport", "FoldVerificationError", "fold_model", "fold"]
@@ -393,29 +394,10 @@ def _fold_matmul(
 _FOLDERS = {"Conv": _fold_conv_like, "ConvTranspose": _fold_conv_like, "Gemm": _fold_gemm, "MatMul": _fold_matmul}
 
 
-def _training_dropouts(graph: onnx.GraphProto, index: GraphIndex, opset: int) -> list[tuple[onnx.NodeProto, bool]]:
-    """``(node, mode known)`` for each top-level Dropout whose ``training_mode`` may be true (opset >= 12).
-
-    ``mode known`` is False when ``training_mode`` is computed at run time (not a constant).
-    """
-    if opset < 12:
-        return []
-    found = []
-    for node in graph.node:
-        if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx") or len(node.input) < 3 or not node.input[2]:
-            continue
-        mode = index.constant(node.input[2])
-        if mode is None:
-            found.append((node, False))
-        elif bool(np.asarray(mode).any()):
-            found.append((node, True))
-    return found
-
-
 def _dropouts_to_inference(graph: onnx.GraphProto, opset: int, report: OnnxFoldReport) -> None:
     """Switch constant-true training-mode Dropout nodes to inference (see the module doc)."""
     index = GraphIndex(graph)
-    for node, known in _training_dropouts(graph, index, opset):
+    for node, known in training_dropouts(graph, opset, index):
         label = node_label(node)
         if not known:
             report.notes.append(f"Dropout {label!r}: training_mode is computed at run time; left as it is")
@@ -435,7 +417,7 @@ def _seeded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """A copy whose training-mode Dropout nodes draw their masks from a fixed seed (for verification only)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    for node, _ in _training_dropouts(copy.graph, GraphIndex(copy.graph), opset):
+    for node, _ in training_dropouts(copy.graph, opset):
         for attr in [a for a in node.attribute if a.name == "seed"]:
             node.attribute.remove(attr)
         node.attribute.append(helper.make_attribute("seed", 0))

@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["load_model", "opset_version", "GraphIndex", "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label"]
+__all__ = ["load_model", "opset_version", "GraphIndex", "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label",
+           "training_dropouts"]
 
 
 def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
@@ -213,4 +214,28 @@ def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None
             notes=notes,
             in_subgraph=bool(prefix),
         ))
+    return found
+
+
+def training_dropouts(
+    graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None
+) -> list[tuple[onnx.NodeProto, bool]]:
+    """``(node, mode known)`` for each top-level Dropout whose ``training_mode`` input may be true.
+
+    ONNX Dropout-12+ (onnx/defs/nn/defs.cc) drops values at random only when its optional
+    ``training_mode`` input is true; before opset 12 the graph holds no mode. ``mode known`` is
+    False when ``training_mode`` is computed at run time rather than a constant.
+    """
+    if opset < 12:
+        return []
+    index = index or GraphIndex(graph)
+    found = []
+    for node in graph.node:
+        if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx") or len(node.input) < 3 or not node.input[2]:
+            continue
+        mode = index.constant(node.input[2])
+        if mode is None:
+            found.append((node, False))
+        elif bool(np.asarray(mode).any()):
+            found.append((node, True))
     return found
