@@ -19,7 +19,8 @@ def ema(
     fill: Optional[float] = typer.Option(None, help="Value for the batches after the given ones."),
     steps: Optional[int] = typer.Option(
         None, help=f"Total number of batches, at most {MAX_STEPS} (needs --fill if more than the values given)."),
-    decay: float = typer.Option(0.9, help="Weight on the OLD running value (the lesson's alpha; Keras/ONNX/Flax side)."),
+    decay: float = typer.Option(
+        0.9, help="Weight on the OLD running value (the lesson's alpha; Keras/ONNX/Flax side)."),
     init: float = typer.Option(0.0, help="Initial running value."),
     show: str = typer.Option("auto", help="'all' rows, or 'auto': the given batches plus every 10th and the last."),
 ) -> None:
