@@ -1,10 +1,36 @@
-"""Helpers shared by CLI commands: resolving ``package.module:attr`` specs."""
+"""Helpers shared by CLI commands: resolving ``package.module:attr`` specs, checking output paths and devices.
+
+The checks raise :class:`UsageError` (a ``ValueError``) with a message meant for the user; a command
+turns it into ``fail(str(exc))`` (exit status 2) before anything is loaded or written.
+"""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
+
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".safetensors")
+ONNX_SUFFIXES = (".onnx",)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work; the message says why and what would."""
+
+
+def add_cwd_to_path() -> None:
+    """Put the current directory first on ``sys.path``, as ``python -m`` does.
+
+    Lets users name their own, uninstalled modules (``--model mypkg.nets:make``) and lets a
+    trusted whole-model pickle find the classes it was saved with.
+    """
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def resolve_spec(spec: str) -> Any:
@@ -16,9 +42,7 @@ def resolve_spec(spec: str) -> Any:
     if ":" not in spec:
         raise ValueError(f"expected 'package.module:name', got {spec!r}")
     mod_name, _, attr = spec.partition(":")
-    cwd = str(Path.cwd())
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    add_cwd_to_path()
     try:
         obj: Any = importlib.import_module(mod_name)
     except ImportError as exc:
@@ -29,3 +53,63 @@ def resolve_spec(spec: str) -> Any:
         except AttributeError:
             raise ValueError(f"module {mod_name!r} has no attribute {attr!r}") from None
     return obj
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_output(output: PathLike, *, suffixes: Sequence[str], inputs: Iterable[Optional[PathLike]] = (),
+                 option: str = "--output", what: str = "file") -> Path:
+    """``output`` as a ``Path`` if a command may write ``what`` there, else :class:`UsageError`.
+
+    Refused: a path ending in a separator or naming a directory; a suffix outside ``suffixes``
+    (the written format is not chosen by a misleading name); a parent folder that does not exist
+    (no folders are created behind the user's back); the same file as any of ``inputs``
+    (the weights, the data, the model file: a run must never overwrite what it reads).
+    """
+    text = os.fspath(output)
+    path = Path(text)
+    if text.endswith((os.sep, "/")) or path.is_dir():
+        raise UsageError(f"{option} {text} is a folder; give a file name ending in {' or '.join(suffixes)}")
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"{option} {text}: the {what} written needs a name ending in {', '.join(suffixes)}"
+                         f"{' (got ' + repr(path.suffix) + ')' if path.suffix else ' (it has no suffix)'}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {text}: folder {parent} does not exist; create it first")
+    for source in inputs:
+        if source is None:
+            continue
+        src = Path(os.fspath(source))
+        if src.exists() and _same_file(path, src):
+            raise UsageError(f"{option} {text} names the input file {source}; write to a new path "
+                             "(the input is never overwritten)")
+    return path
+
+
+def parse_device(text: str) -> Any:
+    """``torch.device(text)`` for a device this machine has, else :class:`UsageError` saying why."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown device {text!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UsageError(f"--device {text}: CUDA is not available ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {text}: there are {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {text}: Apple MPS is not available on this machine; use --device cpu")
+        return device
+    raise UsageError(f"unsupported device {text!r}: use cpu, cuda, cuda:N or mps")

@@ -4,14 +4,24 @@ Checkpoints are loaded with ``torch.load(..., weights_only=True)``: a pickle
 that would run code (any global outside PyTorch's allow-list) is refused with
 :class:`UnsafeCheckpointError` and never executed, unless the caller opts in
 with ``trust=True``. ``.safetensors`` files are read with safetensors, which
-cannot execute code. Saving is atomic: the file is written beside the target
+cannot execute code. A file that is not a PyTorch checkpoint at all (a NumPy
+array, an ONNX model, text, damaged bytes) is recognised by its first bytes
+and refused with :class:`NotACheckpointError` naming what it looks like, with
+or without ``trust``. Saving is atomic: the file is written beside the target
 and renamed over it only when complete, so a failure never leaves a
 half-written file or touches an existing one.
+
+The two on-disk formats of ``torch.save`` (torch/serialization.py): a zip
+archive holding ``<name>/data.pkl`` (the default since PyTorch 1.6), and the
+legacy format, a sequence of pickles starting with a magic number.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,40 +29,139 @@ import torch
 
 from ..atomic import atomic_path
 
-__all__ = ["UnsafeCheckpointError", "load_checkpoint", "load_state_dict_file", "save_state_dict_file"]
+__all__ = [
+    "NotACheckpointError", "UnsafeCheckpointError", "load_checkpoint", "load_state_dict_file", "load_weights_into",
+    "save_state_dict_file",
+]
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "ema")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_EXPECTED = "expected a state dict saved with torch.save (.pt/.pth/.bin/.ckpt) or a .safetensors file"
 
 
 class UnsafeCheckpointError(RuntimeError):
-    """The checkpoint contains pickled code and was not loaded."""
+    """The checkpoint is a real pickle holding objects outside PyTorch's safe allow-list; it was not loaded."""
+
+
+class NotACheckpointError(ValueError):
+    """The file is not a PyTorch checkpoint (another format, or damaged); ``trust`` does not change that."""
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _looks_like(path: Path, head: bytes, size: int) -> str | None:
+    """What a file that cannot be a ``torch.save`` checkpoint looks like, or None if it may be one."""
+    if size == 0:
+        return "an empty file"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy array (np.save)"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "an HDF5 file (a Keras .h5 model?)"
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "a damaged zip archive (a truncated or corrupt torch.save file?)"
+        if any(n.endswith("data.pkl") for n in names):
+            return None
+        if names and all(n.endswith(".npy") for n in names):
+            return "a NumPy .npz archive (np.savez)"
+        return f"a zip archive without PyTorch's data.pkl (it holds {', '.join(names[:5]) or 'nothing'})"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return None  # a pickle: the legacy torch.save format, or a raw pickle for torch.load to judge
+    if head[:1] == b"\x08" and path.suffix.lower() == ".onnx" or b"onnx" in head[:64].lower():
+        return "an ONNX model (read it with onnx, or pass it where an .onnx file is expected)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"not a PyTorch checkpoint (it starts with the bytes {head[:8].hex(' ')})"
+    if text.isprintable() or all(c.isprintable() or c.isspace() for c in text):
+        return f"a text file (it starts with {text[:32]!r})"
+    return f"not a PyTorch checkpoint (it starts with the bytes {head[:8].hex(' ')})"
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON header."""
+    return len(head) > 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
+
+
+def _pickle_is_well_formed(path: Path) -> bool:
+    """Whether the (first) pickle in the file parses to its STOP opcode; read without executing anything."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+        return any(op.name == "STOP" for op, _, _ in pickletools.genops(data))
+    except Exception:  # noqa: BLE001 - any parse failure means "not a well-formed pickle"
+        return False
+
+
+def _load_safetensors(path: Path, map_location: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=map_location)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise NotACheckpointError(f"{path} is not a valid safetensors file: {exc}") from exc
+
+
+def _unsafe(path: Path, exc: Exception) -> UnsafeCheckpointError:
+    names = _GLOBAL.findall(_strip_ansi(str(exc)))
+    needs = f"it needs {names[0]}, which is" if names else "it uses pickle features"
+    return UnsafeCheckpointError(
+        f"{path} is a pickle, but {needs} outside PyTorch's weights_only allow-list: loading it could run "
+        "arbitrary code, so it was NOT loaded. If it is a whole pickled model (torch.save(model)), re-save "
+        "model.state_dict() (or a .safetensors file) where it was made; pass trust=True (--trust) only if you "
+        "created this file yourself."
+    )
 
 
 def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_location: str = "cpu") -> object:
-    """Load a ``.pt``/``.pth``/``.bin``/``.ckpt`` or ``.safetensors`` file without running code."""
+    """Load a ``.pt``/``.pth``/``.bin``/``.ckpt`` or ``.safetensors`` file without running code.
+
+    Raises ``FileNotFoundError`` for a missing file, :class:`NotACheckpointError` for a file that is
+    not a checkpoint (whatever ``trust`` says), :class:`UnsafeCheckpointError` for a pickle with
+    objects outside the allow-list when ``trust`` is False, and ``ValueError`` when a trusted pickle
+    needs a module that cannot be imported.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device=map_location)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{path} is not a valid safetensors file: {exc}") from exc
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if path.suffix == ".safetensors" or _is_safetensors(head, size):
+        return _load_safetensors(path, map_location)
+    kind = _looks_like(path, head, size)
+    if kind is not None:
+        raise NotACheckpointError(f"{path} is {kind}, not a PyTorch checkpoint; {_EXPECTED}")
+    corrupt = NotACheckpointError(f"{path} is a damaged or incomplete PyTorch checkpoint (or not one); {_EXPECTED}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc) and not _pickle_is_well_formed(path):
+            raise corrupt from None
         if not trust:
-            raise UnsafeCheckpointError(
-                f"{path} contains pickled objects outside PyTorch's safe allow-list, which could run arbitrary "
-                "code when loaded; it was NOT loaded. Re-save it as a plain state_dict or safetensors, or pass "
-                f"trust=True (--trust) only if you created this file yourself. Details: {str(exc).splitlines()[0]}"
-            ) from None
-        return torch.load(path, map_location=map_location, weights_only=False)
+            raise _unsafe(path, exc) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
+        raise NotACheckpointError(f"{corrupt}: {_strip_ansi(str(exc)).strip()}") from None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"{path} is a pickled object whose code cannot be found ({exc}): run from the folder that holds "
+            "its package, or put that folder on PYTHONPATH; better, re-save model.state_dict() where it was made"
+        ) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise NotACheckpointError(f"{corrupt}: {_strip_ansi(str(exc)).strip()}") from None
 
 
 def load_state_dict_file(path: str | os.PathLike, *, trust: bool = False) -> dict[str, torch.Tensor]:
@@ -75,6 +184,46 @@ def load_state_dict_file(path: str | os.PathLike, *, trust: bool = False) -> dic
     if not state:
         raise ValueError(f"{path} contains no tensors")
     return state
+
+
+def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "the weights") -> None:
+    """``model.load_state_dict(state)`` (strict), with a readable error and wrapper prefixes handled.
+
+    A state dict saved from ``DistributedDataParallel``/``DataParallel`` (every key starts with
+    ``module.``) or from ``torch.compile`` (``_orig_mod.``) is loaded with the prefix removed when
+    the model's own keys do not carry it. A mismatch raises ``ValueError`` listing a few missing and
+    unexpected keys (and the prefix, if one would explain them) instead of torch's full key dump.
+    """
+    own = set(model.state_dict())
+    keys = list(state)
+    for prefix in _WRAPPER_PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys) and not any(k.startswith(prefix) for k in own):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+            keys = list(state)
+            break
+    missing = sorted(own - set(keys))
+    unexpected = sorted(set(keys) - own)
+    if missing or unexpected:
+        def few(names: list[str]) -> str:
+            return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+
+        parts = [f"{source} do not fit {type(model).__name__}"]
+        if missing:
+            parts.append(f"missing {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {few(unexpected)}")
+        common = os.path.commonprefix(unexpected) if len(unexpected) > 1 else ""
+        candidates = (*_WRAPPER_PREFIXES, common[:common.rindex(".") + 1] if "." in common else "")
+        prefix = next((p for p in candidates if p and own & {k[len(p):] for k in unexpected if k.startswith(p)}), "")
+        if prefix:
+            parts.append(f"the file's keys carry a prefix {prefix!r} that the model's do not (DistributedDataParallel "
+                         "saves 'module.'): save model.module.state_dict(), or strip the prefix")
+        raise ValueError("; ".join(parts))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # same names, different shapes
+        lines = [ln.strip() for ln in _strip_ansi(str(exc)).splitlines()[1:] if ln.strip()]
+        raise ValueError(f"{source} do not fit {type(model).__name__}: {' '.join(lines[:4])}") from None
 
 
 def save_state_dict_file(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:

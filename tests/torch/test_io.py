@@ -1,0 +1,148 @@
+"""bnkit.torch.io: what a file that is not a checkpoint is called, what an unsafe pickle is called, wrapper prefixes.
+
+Oracles: files made here with numpy, onnx, zipfile, pickle and torch.save; the loaded tensors are compared
+with the saved ones exactly.
+"""
+from __future__ import annotations
+
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from bnkit.torch.io import (
+    NotACheckpointError, UnsafeCheckpointError, load_checkpoint, load_state_dict_file, load_weights_into,
+    save_state_dict_file,
+)
+
+
+def _onnx_file(path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), path)
+    return path
+
+
+def _not_checkpoints(tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(bytes(range(7, 200)))
+    (tmp_path / "text.pt").write_text("not a checkpoint at all\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    np.save(tmp_path / "x.npy", np.ones((2, 3), np.float32))
+    np.savez(tmp_path / "x.npz", x=np.ones(3))
+    whole = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(4)}, whole)
+    (tmp_path / "truncated.pt").write_bytes(whole.read_bytes()[:200])
+    return {
+        "garbage.pt": "starts with the bytes", "text.pt": "text file", "empty.pt": "empty",
+        "x.npy": "NumPy .npy", "x.npz": "NumPy .npz", "truncated.pt": "damaged zip",
+        _onnx_file(tmp_path / "m.onnx").name: "ONNX model",
+    }
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_file_that_is_not_a_checkpoint_is_named_for_what_it_is_whatever_trust_says(tmp_path, trust):
+    for name, kind in _not_checkpoints(tmp_path).items():
+        with pytest.raises(NotACheckpointError) as info:
+            load_checkpoint(tmp_path / name, trust=trust)
+        message = str(info.value)
+        assert kind in message and "not a PyTorch checkpoint" in message, message
+        assert "trust" not in message and "allow-list" not in message, message  # never "unsafe: pass --trust"
+
+
+class Evil:
+    def __reduce__(self):
+        return (sys.exit, ("pickle code ran",))
+
+
+def test_a_pickle_with_code_is_refused_and_names_the_global_without_ansi_codes(tmp_path):
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"state_dict": Evil()}, protocol=2))
+    zipped = tmp_path / "zipped.pt"
+    torch.save({"w": torch.ones(2), "evil": Evil()}, zipped)
+    for path in (raw, zipped):
+        with pytest.raises(UnsafeCheckpointError) as info:
+            load_checkpoint(path)  # sys.exit would end the test run if the pickle were executed
+        message = str(info.value)
+        assert "NOT loaded" in message and "sys.exit" in message and "state_dict()" in message
+        assert "\x1b" not in message and "trust" in message
+
+
+def test_a_whole_pickled_model_needing_an_unimportable_package(tmp_path, monkeypatch):
+    pkg = tmp_path / "fa_io_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text("import torch\nclass Net(torch.nn.Sequential):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from fa_io_pkg.nets import Net
+
+    net = Net(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    path = tmp_path / "whole.pt"
+    torch.save(net, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"fa_io_pkg\.nets\.Net"):
+        load_checkpoint(path)
+    loaded = load_state_dict_file(path, trust=True)  # importable: a trusted load works
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
+
+    for name in ("fa_io_pkg", "fa_io_pkg.nets"):
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    with pytest.raises(ValueError, match="cannot be found.*fa_io_pkg.*PYTHONPATH"):
+        load_checkpoint(path, trust=True)
+
+
+def test_safetensors_bytes_under_another_suffix_and_a_legacy_torch_file_load(tmp_path):
+    state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2])}
+    save_state_dict_file(state, tmp_path / "s.safetensors")
+    (tmp_path / "s.pt").write_bytes((tmp_path / "s.safetensors").read_bytes())
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    for name in ("s.pt", "legacy.pt"):
+        got = load_state_dict_file(tmp_path / name)
+        assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+
+
+def test_load_weights_into_strips_a_ddp_or_compile_prefix_present_on_every_key():
+    source = _net()
+    for prefix in ("module.", "_orig_mod."):
+        wrapped = {prefix + k: v + 1 for k, v in source.state_dict().items()}
+        target = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        load_weights_into(target, wrapped)
+        for k, v in source.state_dict().items():
+            assert torch.equal(target.state_dict()[k], v + 1), k
+
+
+def test_load_weights_into_keeps_a_real_module_prefix_and_explains_mismatches():
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = _net()
+
+    holder = Holder()
+    state = {k: v.clone() + 2 for k, v in holder.state_dict().items()}
+    target = Holder()
+    load_weights_into(target, state)  # keys really start with "module.": loaded as they are
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in state.items())
+
+    # not every key has the prefix (an extra tensor saved beside the weights): nothing stripped, a hint instead
+    partial = {"module." + k: v for k, v in _net().state_dict().items()} | {"epoch": torch.tensor(3)}
+    with pytest.raises(ValueError) as info:
+        load_weights_into(_net(), partial, source="ddp.pt")
+    assert "ddp.pt do not fit" in str(info.value) and "prefix 'module.'" in str(info.value)
+    with pytest.raises(ValueError, match=r"missing .*unexpected .*prefix 'extra\.'"):
+        load_weights_into(_net(), {"extra." + k: v for k, v in _net().state_dict().items()})
+    with pytest.raises(ValueError) as info:
+        load_weights_into(_net(), {"a.b": torch.ones(1), "a.c": torch.ones(1)})
+    assert "prefix" not in str(info.value)  # no shared prefix that would explain the mismatch
+    bigger = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5))
+    with pytest.raises(ValueError, match="size mismatch"):
+        load_weights_into(_net(), bigger.state_dict())
