@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,7 +18,7 @@ import typer
 from rich.table import Table
 
 from .app import app, console, fail
-from .common import resolve_spec
+from .common import add_cwd_to_path, resolve_spec
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 _DATA_KEYS = ("x", "inputs", "input", "data", "images", "X")
@@ -93,7 +92,7 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
     from ..torch.io import UnsafeCheckpointError, load_state_dict_file
 
     if trust:
-        _cwd_importable()  # a pickled module names its classes by module path, as --model specs do
+        add_cwd_to_path()  # a pickled module names its classes by module path, as --model specs do
     try:
         state = load_state_dict_file(file, trust=trust)
     except UnsafeCheckpointError as exc:
@@ -121,13 +120,6 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
     out = report.to_dict()
     out["target"] = str(file)
     return out
-
-
-def _cwd_importable() -> None:
-    """Put the current directory on ``sys.path``, as ``cli.common.resolve_spec`` does for ``--model``."""
-    cwd = str(Path.cwd())
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
 
 
 def _trusted_load_error(file: Path, exc: Exception) -> str:
