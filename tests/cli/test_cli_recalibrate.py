@@ -126,11 +126,11 @@ def test_npz_key_batches_and_a_dataset_factory(tmp_path, monkeypatch):
     mean, var = first_bn_oracle(model, x)
     np.testing.assert_allclose(load_state_dict_file(out2)["2.running_var"].double().numpy(), var, rtol=1e-6)
 
-    # dict batches need --forward; without it the run fails and writes nothing
+    # dict batches need --forward; without it the run is refused as bad usage and writes nothing
     out3 = tmp_path / "o3.pt"
     result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_dicts:batches",
                     "--output", str(out3))
-    assert result.exit_code == 1 and "forward" in result.output and not out3.exists()
+    assert result.exit_code == 2 and "forward" in result.output and not out3.exists()
     result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_dicts:batches",
                     "--forward", "h4_cli_dicts:feed", "--output", str(out3))
     assert result.exit_code == 0, result.output
@@ -141,16 +141,19 @@ def test_failure_writes_nothing_and_keeps_the_input(tmp_path):
     weights = tmp_path / "w.pt"
     stale_weights(weights)
     original = weights.read_bytes()
+    previous = tmp_path / "previous.pt"  # an older output: a failed run must leave it as it was
+    previous.write_bytes(original)
     x = digits(100)
     x[70, 3] = np.nan
     np.save(tmp_path / "nan.npy", x)
-    # output over the input: a failed run must leave the input file as it was
     result = invoke("--model", MODEL, "--weights", str(weights), "--data", str(tmp_path / "nan.npy"),
-                    "--output", str(weights))
+                    "--output", str(previous))
     assert result.exit_code == 1
-    assert "non-finite" in result.output and "batch 1" in result.output
-    assert weights.read_bytes() == original
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy", "w.pt"]  # no temporary file left behind
+    text = " ".join(result.output.split())
+    assert "non-finite" in text and "batch 1" in text
+    assert "--on-nonfinite skip" in text and "on_nonfinite=" not in text  # the CLI's option, not the Python one
+    assert weights.read_bytes() == original and previous.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy", "previous.pt", "w.pt"]  # no temporary file
 
     out = tmp_path / "skip.pt"
     result = invoke("--model", MODEL, "--weights", str(weights), "--data", str(tmp_path / "nan.npy"),
@@ -209,3 +212,123 @@ def test_dataset_with_one_sample_left_over(tmp_path, monkeypatch):
     np.testing.assert_allclose(got["2.running_mean"].double().numpy(), mean, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got["2.running_var"].double().numpy(), var, rtol=1e-6)
     assert int(got["2.num_batches_tracked"]) == 3
+
+
+def test_refuses_outputs_that_would_overwrite_an_input_or_mislead(tmp_path, monkeypatch):
+    weights = tmp_path / "w.pt"
+    stale_weights(weights)
+    x = digits(64)
+    np.save(tmp_path / "x.npy", x)
+    torch.save({"x": torch.from_numpy(x)}, tmp_path / "x.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        ("w.pt", "x.npy", "names the input file w.pt"),
+        (str(weights), "x.npy", "names the input file"),
+        ("x.pt", "x.pt", "names the input file x.pt"),  # the data file
+        ("x.npy", "x.npy", "ending in .pt, .pth, .safetensors"),
+        ("o.onnx", "x.npy", "ending in .pt, .pth, .safetensors"),
+        ("out.txt", "x.npy", "ending in .pt, .pth, .safetensors"),
+        ("mydir/", "x.npy", "is a folder"),
+        ("no/such/dir/o.pt", "x.npy", "does not exist"),
+    ]
+    for output, data, message in cases:
+        result = invoke("--model", MODEL, "--weights", "w.pt", "--data", data, "--output", output)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), (output, result.output)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, no folder made
+
+
+def test_devices_are_checked_before_anything_runs(tmp_path, monkeypatch):
+    np.save(tmp_path / "x.npy", digits(64))
+    out = tmp_path / "o.pt"
+    args = ["--model", MODEL, "--data", str(tmp_path / "x.npy"), "--output", str(out), "--device"]
+    result = invoke(*args, "gpu")
+    assert result.exit_code == 2 and "unknown device 'gpu'" in result.output and result.exception.__class__ is SystemExit
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = invoke(*args, "cuda")
+    assert result.exit_code == 2 and "CUDA is not available" in result.output and not out.exists()
+    assert invoke(*args, "cpu").exit_code == 0 and out.exists()
+
+
+def test_unreadable_weights_are_named_for_what_they_are(tmp_path):
+    np.save(tmp_path / "x.npy", digits(64))
+    (tmp_path / "corrupt.pt").write_text("not a checkpoint\n")
+    out = tmp_path / "o.pt"
+    for weights, kind in (("corrupt.pt", "text file"), ("x.npy", "NumPy .npy array")):
+        for trust in ([], ["--trust"]):
+            result = invoke("--model", MODEL, "--weights", str(tmp_path / weights), "--data", str(tmp_path / "x.npy"),
+                            "--output", str(out), *trust)
+            text = " ".join(result.output.split())
+            assert result.exit_code == 2 and kind in text and "not a PyTorch checkpoint" in text, result.output
+            assert "--trust" not in text and "allow-list" not in text
+    assert not out.exists()
+
+
+def test_a_ddp_checkpoint_loads_and_a_whole_model_loads_with_trust_from_the_current_folder(tmp_path, monkeypatch):
+    model = stale_weights(tmp_path / "w.pt")
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "ddp.pt")
+    x = digits(128)
+    np.save(tmp_path / "x.npy", x)
+    mean, var = first_bn_oracle(model, x)
+    result = invoke("--model", MODEL, "--weights", str(tmp_path / "ddp.pt"), "--data", str(tmp_path / "x.npy"),
+                    "--output", str(tmp_path / "o.pt"))
+    assert result.exit_code == 0, result.output
+    from bnkit.torch import load_state_dict_file
+
+    np.testing.assert_allclose(load_state_dict_file(tmp_path / "o.pt")["2.running_var"].double().numpy(), var,
+                               rtol=1e-6)
+
+    # a whole pickled model whose class lives in the user's folder: --trust loads it once the folder is on sys.path
+    (tmp_path / "fa_cli_whole.py").write_text(
+        "import torch\nfrom bnkit.torch.zoo import MLP\nclass Mine(MLP):\n    pass\ndef make():\n    return Mine()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fa_cli_whole
+
+    whole = fa_cli_whole.make()
+    whole.load_state_dict(model.state_dict())
+    torch.save(whole, tmp_path / "whole.pt")
+    monkeypatch.delitem(__import__("sys").modules, "fa_cli_whole")
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", "fa_cli_whole:make", "--weights", "whole.pt", "--data", "x.npy", "--output"]
+    result = invoke(*args, "o2.pt")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "fa_cli_whole.Mine" in text and "state_dict()" in text and "\x1b" not in text
+    result = invoke(*args, "o2.pt", "--trust")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(load_state_dict_file(tmp_path / "o2.pt")["2.running_var"].double().numpy(), var,
+                               rtol=1e-6)
+
+
+def test_bad_data_exits_2_with_a_hint_and_integer_data_says_which_dtype(tmp_path):
+    stale_weights(tmp_path / "w.pt")
+    out = tmp_path / "o.pt"
+    np.save(tmp_path / "ints.npy", (digits(64) * 16).astype(np.int64))
+    np.save(tmp_path / "wide.npy", np.zeros((64, 65), np.float32))
+    result = invoke("--model", MODEL, "--weights", str(tmp_path / "w.pt"), "--data", str(tmp_path / "ints.npy"),
+                    "--output", str(out))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "int64" in text and "float32" in text and "astype('float32')" in text, text
+    result = invoke("--model", MODEL, "--weights", str(tmp_path / "w.pt"), "--data", str(tmp_path / "wide.npy"),
+                    "--output", str(out))
+    assert result.exit_code == 2 and "cannot run on the data" in " ".join(result.output.split())
+    assert not out.exists()
+
+
+def test_data_keys_and_tensor_files_as_data_and_no_leading_blank_line(tmp_path):
+    model = stale_weights(tmp_path / "w.pt")
+    x = digits(100)
+    mean, var = first_bn_oracle(model, x)
+    np.savez(tmp_path / "d.npz", labels=np.arange(100), input=x)  # 'input', as bnkit audit --data accepts
+    save_state_dict_file({"labels": torch.arange(100.0), "X": torch.from_numpy(x)}, tmp_path / "d.safetensors")
+    torch.save((torch.from_numpy(x), torch.arange(100)), tmp_path / "d.pt")
+    from bnkit.torch import load_state_dict_file
+
+    for data in ("d.npz", "d.safetensors", "d.pt"):
+        out = tmp_path / f"o_{data.replace('.', '_')}.pt"
+        result = invoke("--model", MODEL, "--weights", str(tmp_path / "w.pt"), "--data", str(tmp_path / data),
+                        "--output", str(out))
+        assert result.exit_code == 0, (data, result.output)
+        np.testing.assert_allclose(load_state_dict_file(out)["2.running_var"].double().numpy(), var, rtol=1e-6)
+        assert result.output.splitlines()[0].startswith("recalibrated 2/2 BatchNorm layers"), result.output
+    help_text = " ".join(runner.invoke(app, ["recalibrate", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "first present of x, inputs, input, data, images, X" in help_text

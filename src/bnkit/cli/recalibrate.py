@@ -1,4 +1,9 @@
-"""``bnkit recalibrate``: exact BatchNorm statistics for a saved model, written to a new file atomically."""
+"""``bnkit recalibrate``: exact BatchNorm statistics for a saved model, written to a new file atomically.
+
+Exit status: 0 when the file was written; 2 for bad usage or input (arguments, unreadable or
+mismatched files, data the model cannot run on), checked before anything is written; 1 when a
+run that started fails (non-finite statistics, out of memory, the file cannot be written).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,15 +14,33 @@ from rich.table import Table
 
 from .app import app, console, fail
 
-_ARRAY_KEYS = ("x", "inputs", "data", "X", "images")
+_ARRAY_KEYS = ("x", "inputs", "input", "data", "images", "X")  # the names bnkit audit --data accepts too
+_ARRAY_SUFFIXES = (".npy", ".npz")
+_TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def _pick(named: dict[str, Any], key: Optional[str], path: Path) -> Any:
+    names = list(named)
+    if key is None:
+        key = names[0] if len(names) == 1 else next((k for k in _ARRAY_KEYS if k in names), None)
+    if key not in names:
+        raise ValueError(f"{path} holds {names}; choose the inputs with --data-key")
+    return named[key]
 
 
 def _load_array(path: Path, key: Optional[str]) -> Any:
-    """The input array of a ``.npy`` or ``.npz`` file, read without unpickling anything."""
+    """The inputs in a ``.npy``/``.npz`` file (no pickles) or a ``.pt``/``.safetensors`` file (weights_only)."""
     import numpy as np
+
+    from ..torch.io import load_checkpoint
 
     if not path.is_file():
         raise ValueError(f"no such data file: {path}")
+    if path.suffix.lower() in _TENSOR_SUFFIXES:
+        loaded = load_checkpoint(path)  # never trusted: data files cannot run code
+        if isinstance(loaded, dict):
+            return _pick({str(k): v for k, v in loaded.items()}, key, path)
+        return loaded[0] if isinstance(loaded, (tuple, list)) and loaded else loaded
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
@@ -25,12 +48,7 @@ def _load_array(path: Path, key: Optional[str]) -> Any:
     if isinstance(loaded, np.ndarray):
         return loaded
     with loaded:
-        names = list(loaded.files)
-        if key is None:
-            key = names[0] if len(names) == 1 else next((k for k in _ARRAY_KEYS if k in names), None)
-        if key not in names:
-            raise ValueError(f"{path} holds arrays {names}; choose the inputs with --data-key")
-        return loaded[key]
+        return np.asarray(_pick({k: loaded[k] for k in loaded.files}, key, path))
 
 
 def _batches_of(array: Any, batch_size: int, dtype: Any) -> list[Any]:
@@ -38,9 +56,9 @@ def _batches_of(array: Any, batch_size: int, dtype: Any) -> list[Any]:
     import numpy as np
     import torch
 
-    if np.asarray(array).ndim < 2:
-        raise ValueError(f"input array of shape {tuple(np.shape(array))} has no batch axis: expected (N, features...)")
-    x = torch.as_tensor(np.asarray(array))
+    x = array if isinstance(array, torch.Tensor) else torch.as_tensor(np.asarray(array))
+    if x.ndim < 2:
+        raise ValueError(f"input array of shape {tuple(x.shape)} has no batch axis: expected (N, features...)")
     if x.is_floating_point():
         x = x.to(dtype)
     if len(x) < 2:
@@ -66,7 +84,7 @@ def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> An
 
     from .common import resolve_spec
 
-    if spec.endswith((".npy", ".npz")):
+    if spec.lower().endswith(_ARRAY_SUFFIXES + _TENSOR_SUFFIXES):
         return _batches_of(_load_array(Path(spec), key), batch_size, dtype)
     obj = resolve_spec(spec)
     if callable(obj) and not isinstance(obj, torch.utils.data.Dataset):
@@ -81,7 +99,7 @@ def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> An
 
 
 def _report_table(report: Any) -> Table:
-    table = Table(title=str(report).splitlines()[0])
+    table = Table()
     for column in ("layer", "samples", "values/channel", "max |mean shift| (old std)", "new/old variance"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for row in report.rows():
@@ -94,22 +112,39 @@ def _report_table(report: Any) -> Table:
     return table
 
 
+def _integer_hint(loader: Any, dtype: Any) -> str:
+    """A hint when array inputs are integers but the model computes in floating point."""
+    import torch
+
+    first = loader[0] if isinstance(loader, list) and loader else None
+    if not isinstance(first, torch.Tensor) or first.is_floating_point() or first.is_complex():
+        return ""
+    name = str(dtype).replace("torch.", "")
+    return (f" (the data is {str(first.dtype).replace('torch.', '')} but the model computes in {name}: "
+            f"save the inputs as {name}, e.g. np.save(path, x.astype('{name}')); integer inputs are passed "
+            "unchanged for models that take indices)")
+
+
 @app.command("recalibrate")
 def recalibrate_command(
     model: str = typer.Option(..., help="package.module:factory returning the model (or the model object itself)."),
-    output: Path = typer.Option(
-        ..., help="Where to write the recalibrated state dict (.safetensors or torch format, by suffix)."),
+    output: str = typer.Option(
+        ..., help="New file for the recalibrated state dict: .pt/.pth (torch.save) or .safetensors. "
+                  "Its folder must exist; it may not be an input file."),
     data: str = typer.Option(
-        ..., help="A .npy/.npz input array, or package.module:factory returning a Dataset, an array or batches."),
+        ..., help="Inputs: a .npy/.npz array file, a .pt/.pth/.safetensors tensor file, or "
+                  "package.module:factory returning a Dataset, an array or batches."),
     weights: Optional[Path] = typer.Option(
         None, help="State dict or .safetensors to load first (loaded with weights_only=True)."),
     batches: Optional[int] = typer.Option(None, help="Use at most this many batches (default: all the data)."),
     batch_size: int = typer.Option(64, help="Batch size when --data is an array or a Dataset."),
     data_key: Optional[str] = typer.Option(
-        None, help="Array name inside an .npz (default: its only array, or x/inputs/data)."),
+        None, help="Array name inside an .npz/.pt/.safetensors file holding several. Default: its only array, "
+                   f"else the first present of {', '.join(_ARRAY_KEYS)}."),
     forward: Optional[str] = typer.Option(
         None, help="package.module:fn called as fn(model, batch), for batches that are dicts or several inputs."),
-    device: Optional[str] = typer.Option(None, help="Run on this device (e.g. cuda); default: where the model is."),
+    device: Optional[str] = typer.Option(
+        None, help="Run on this device (cpu, cuda, cuda:N, mps); default: where the model is."),
     on_nonfinite: str = typer.Option("raise", help="'raise' on a NaN/Inf activation, or 'skip' such batches."),
     trust: bool = typer.Option(
         False, "--trust", help="Allow a pickled checkpoint with code in it (only files you made)."),
@@ -120,12 +155,13 @@ def recalibrate_command(
     Use after fine-tuning, weight averaging (SWA), pruning or quantization, or for a new data domain.
     The model runs in eval mode with only its BatchNorm layers using batch statistics. The output is
     written atomically: on any failure nothing is written and the input weights are untouched.
+    Exit status: 0 written, 2 bad usage or input, 1 the run failed.
     """
     import torch
 
     from ..torch import recalibrate
-    from ..torch.io import UnsafeCheckpointError, load_state_dict_file, save_state_dict_file
-    from .common import resolve_spec
+    from ..torch.io import UnsafeCheckpointError, load_state_dict_file, load_weights_into, save_state_dict_file
+    from .common import STATE_DICT_SUFFIXES, UsageError, check_output, parse_device, resolve_spec
 
     if batches is not None and batches < 1:
         raise fail(f"--batches must be at least 1, got {batches}")
@@ -133,6 +169,12 @@ def recalibrate_command(
         raise fail(f"--batch-size must be at least 2 (BatchNorm needs 2 values per channel), got {batch_size}")
     if on_nonfinite not in ("raise", "skip"):
         raise fail(f"--on-nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    try:
+        out_path = check_output(output, suffixes=STATE_DICT_SUFFIXES, what="state dict",
+                              inputs=[weights, data if Path(data).is_file() else None])
+        run_on = parse_device(device) if device is not None else None
+    except UsageError as exc:
+        raise fail(str(exc))
     try:
         obj = resolve_spec(model)
         net = obj if isinstance(obj, torch.nn.Module) else obj()
@@ -142,12 +184,11 @@ def recalibrate_command(
         raise fail(f"{model!r} gave a {type(net).__name__}, not a torch.nn.Module")
     if weights is not None:
         try:
-            state = load_state_dict_file(weights, trust=trust)
-            net.load_state_dict(state)
+            load_weights_into(net, load_state_dict_file(weights, trust=trust), source=str(weights))
         except (UnsafeCheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
             raise fail(f"cannot load {weights}: {exc}")
-    if device is not None:
-        net.to(device)
+    if run_on is not None:
+        net.to(run_on)
     dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
     try:
         loader = _load_data(data, data_key, batch_size, dtype)
@@ -160,14 +201,22 @@ def recalibrate_command(
     if feed is not None and not callable(feed):
         raise fail(f"--forward {forward!r} is a {type(feed).__name__}, not a function")
     try:
-        report = recalibrate(net.eval(), loader, num_batches=batches, forward=feed, device=device,
+        report = recalibrate(net.eval(), loader, num_batches=batches, forward=feed, device=run_on,
                              on_nonfinite=on_nonfinite, progress=progress)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise fail(f"recalibration failed, nothing written: {exc}", code=1)
+    except torch.OutOfMemoryError as exc:
+        raise fail(f"recalibration ran out of memory, nothing written (try a smaller --batch-size): {exc}", code=1)
+    except ValueError as exc:
+        text = str(exc).replace("pass on_nonfinite='skip'", "pass --on-nonfinite skip")
+        nonfinite = "non-finite" in text
+        raise fail(f"recalibration failed, nothing written: {text}", code=1 if nonfinite else 2)
+    except (TypeError, RuntimeError) as exc:  # the model cannot take these batches: shapes, dtypes, dicts
+        raise fail(f"the model cannot run on the data from {data!r}, nothing written: {exc}"
+                   f"{_integer_hint(loader, dtype)}")
     try:
-        save_state_dict_file(net.state_dict(), output)
+        save_state_dict_file(net.state_dict(), out_path)
     except Exception as exc:  # noqa: BLE001
         raise fail(f"cannot write {output}: {exc}", code=1)
+    console.print(str(report).splitlines()[0].strip(), highlight=False)
     console.print(_report_table(report))
     if report.unused_layers:
         console.print(f"[yellow]not reached by the data, left unchanged:[/] {', '.join(report.unused_layers)}")
