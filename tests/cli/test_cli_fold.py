@@ -190,3 +190,59 @@ def test_audit_reads_the_unfolded_export_the_folded_file_and_a_training_export(t
     code, report = audit(_export(_calibrated_vgg(), tmp_path / "train.onnx", training=True))
     assert code == 1 and not report["ok"]
     assert [f["code"] for f in report["findings"]] == ["training_mode"] * 5
+
+
+def test_fold_refuses_outputs_that_would_overwrite_an_input_or_mislead(tmp_path, monkeypatch):
+    from bnkit.torch import save_state_dict_file
+
+    save_state_dict_file(_calibrated_vgg().state_dict(), tmp_path / "w.pt")
+    _export(_calibrated_vgg(), tmp_path / "vgg.onnx")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.chdir(tmp_path)
+    torch_args = ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", "w.pt", "--input-shape", "2x1x8x8", "-o"]
+    cases = [
+        (torch_args + ["w.pt"], "names the input file w.pt"),
+        (torch_args + [str(tmp_path / "w.pt")], "names the input file"),
+        (torch_args + ["w.txt"], "ending in .pt, .pth, .safetensors, .onnx"),
+        (torch_args + ["out/"], "is a folder"),
+        (torch_args + ["no/dir/f.pt"], "does not exist"),
+        (["fold", "vgg.onnx", "-o", "folded.pt"], "ending in .onnx"),
+        (["fold", "vgg.onnx", "-o", "./vgg.onnx"], "names the input file"),
+        (["fold", "vgg.onnx", "-o", "no/dir/f.onnx"], "does not exist"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, args, terminal_width=200)
+        assert result.exit_code == 2 and message in _text(result), (args, result.output)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, no folder made
+
+
+def test_fold_says_when_it_did_not_verify_and_its_reload_hint_works(tmp_path, monkeypatch):
+    from bnkit.torch import save_state_dict_file
+
+    model = _calibrated_vgg()
+    save_state_dict_file(model.state_dict(), tmp_path / "w.safetensors")
+    monkeypatch.chdir(tmp_path)
+    args = ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", "w.safetensors", "-o"]
+    result = runner.invoke(app, args + ["a.safetensors"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "not verified (give --input-shape to verify)" in _text(result) and "verified:" not in _text(result)
+    result = runner.invoke(app, args + ["b.pt", "--input-shape", "2x1x8x8", "--no-verify"], terminal_width=200)
+    assert result.exit_code == 0 and "not verified (--no-verify)" in _text(result)
+    result = runner.invoke(app, args + ["c.pth", "--input-shape", "2x1x8x8"], terminal_width=200)
+    assert result.exit_code == 0 and "verified: max" in _text(result) and "not verified" not in _text(result)
+
+    # the printed reload lines, run as they are, rebuild a model that computes what the original does
+    lines = result.output.splitlines()
+    start = lines.index("reload it in Python:")
+    snippet = "\n".join(line[2:] for line in lines[start + 1:start + 7])
+    assert "c.fold.json" in snippet and (tmp_path / "c.fold.json").is_file()
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the hint is meant to be pasted into Python
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"].eval()(x), model(x), rtol=1e-5, atol=1e-5)
+
+    result = runner.invoke(app, args + ["d.pt", "--json"])
+    data = json.loads(result.output)
+    assert data["verified"] is False and data["report"] == "d.fold.json"
+    assert json.loads((tmp_path / "d.fold.json").read_text())["folded"] == data["folded"]

@@ -1,4 +1,9 @@
-"""``bnkit fold``: fold BatchNorm into the layers before it, in an ONNX file or a PyTorch model."""
+"""``bnkit fold``: fold BatchNorm into the layers before it, in an ONNX file or a PyTorch model.
+
+A folded PyTorch state dict no longer fits the original architecture (folded BN layers are gone,
+some layers gained a bias), so the fold report is saved beside it as ``<output stem>.fold.json``:
+``FoldReport.from_dict(json.load(...)).restructure(model)`` rebuilds the folded structure.
+"""
 from __future__ import annotations
 
 import json
@@ -61,11 +66,32 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
                       f"{report.max_abs_diff:.3g}, relative {report.max_rel_diff:.3g} (tolerance {report.tolerance:g})")
 
 
+def report_path(output: Path) -> Path:
+    """Where the fold report of a folded state dict ``output`` is saved: ``folded.pt`` -> ``folded.fold.json``."""
+    return output.with_suffix(".fold.json")
+
+
+def _reload_hint(spec: str, output: Path, report_file: Path) -> str:
+    """Python lines that rebuild the folded model from the factory, the report and the weights."""
+    module, _, attr = spec.partition(":")
+    return "\n".join([
+        "reload it in Python:",
+        "  import json",
+        "  from bnkit.torch import FoldReport, load_state_dict_file",
+        f"  from {module} import {attr.split('.')[0]}",
+        f"  model = {attr}()",
+        f"  FoldReport.from_dict(json.load(open({str(report_file)!r}))).restructure(model)",
+        f"  model.load_state_dict(load_state_dict_file({str(output)!r}))",
+    ])
+
+
 def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[str], trust: bool, force: bool,
                 verify: bool, as_json: bool) -> None:
     import torch
 
+    from ..atomic import atomic_path
     from ..torch import fold_bn, load_state_dict_file, save_state_dict_file
+    from ..torch.io import load_weights_into
     from .common import resolve_spec
 
     if len(shapes) > 1 or any("=" in s for s in shapes):
@@ -74,7 +100,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         factory = resolve_spec(spec)
         model = factory()
         if weights is not None:
-            model.load_state_dict(load_state_dict_file(weights, trust=trust))
+            load_weights_into(model, load_state_dict_file(weights, trust=trust), source=str(weights))
     except Exception as exc:  # import errors, unsafe pickles, mismatched state dicts: all user input
         raise fail(f"cannot build the model from {spec}{' and ' + str(weights) if weights else ''}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
@@ -100,24 +126,41 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
             export_onnx(folded, example, output, fold=True, force=force)
         except (ValueError, ExportVerificationError) as exc:
             raise fail(str(exc), code=1) from None
+        report_file = None
     else:
-        save_state_dict_file(folded.state_dict(), output)
+        report_file = report_path(output)
+        try:
+            with atomic_path(report_file) as tmp:
+                Path(tmp).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        except OSError as exc:
+            raise fail(f"cannot write {report_file}: {exc}; nothing written", code=1) from None
+        try:
+            save_state_dict_file(folded.state_dict(), output)
+        except OSError as exc:
+            report_file.unlink()
+            raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None
+    verified = report.max_rel_diff is not None
     if as_json:
-        console.print_json(json.dumps({"output": str(output), **report.to_dict()}))
+        extra = {"report": str(report_file)} if report_file is not None else {}
+        console.print_json(json.dumps({"output": str(output), **extra, "verified": verified, **report.to_dict()}))
         return
     _print_rows([(f.bn, f"{f.into} ({f.position}{', bias added' if f.bias_added else ''})") for f in report.folded],
                 report.left, f"{spec} -> {output}")
-    if report.max_abs_diff is not None:
+    if verified:
         console.print(f"verified: max |original - folded| = {report.max_abs_diff:.3g}, relative {report.max_rel_diff:.3g}")
-    if output.suffix != ".onnx":
-        console.print("reload: build the model, FoldReport.restructure(model) (folded BN -> Identity, new biases), "
-                      "then load_state_dict")
+    elif not verify:
+        console.print("[yellow]not verified[/] (--no-verify)")
+    else:
+        console.print("[yellow]not verified[/] (give --input-shape to verify)")
+    if report_file is not None:
+        console.print(f"wrote {output} and the fold report {report_file} (folded BN -> Identity, new biases)")
+        console.print(_reload_hint(spec, output, report_file), highlight=False, soft_wrap=True)
 
 
 @app.command("fold")
 def fold_command(
     source: Optional[Path] = typer.Argument(None, help="An .onnx model to fold (or use --model for PyTorch)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Where to write the folded model (.onnx, or a state dict .pt/.safetensors)."),
+    output: str = typer.Option(..., "-o", "--output", help="New file for the folded model: .onnx, or (for --model) a state dict .pt/.pth/.safetensors, with its report beside it as NAME.fold.json. Its folder must exist; it may not be an input file."),
     model: Optional[str] = typer.Option(None, "--model", help="PyTorch model factory 'package.module:callable'."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for --model (.pt/.pth/.safetensors)."),
     input_shape: List[str] = typer.Option([], "--input-shape", help="ONNX: NAME=1x3x224x224 (repeatable; dynamic dims default to 2). PyTorch: 1x3x224x224."),
@@ -131,11 +174,22 @@ def fold_command(
 
     bnkit fold model.onnx -o folded.onnx   |   bnkit fold --model pkg.mod:make --weights w.pt --input-shape 1x3x32x32 -o folded.pt
     """
+    from .common import ONNX_SUFFIXES, STATE_DICT_SUFFIXES, UsageError, check_output
+
     if (source is None) == (model is None):
         raise fail("give either an .onnx file or --model (not both)")
+    try:
+        if source is not None:
+            out = check_output(output, suffixes=ONNX_SUFFIXES, inputs=[source], option="-o", what="ONNX model")
+        else:
+            out = check_output(output, suffixes=STATE_DICT_SUFFIXES + ONNX_SUFFIXES, inputs=[weights], option="-o",
+                               what="folded model")
+            if out.suffix.lower() != ".onnx":
+                check_output(report_path(out), suffixes=(".json",), inputs=[weights], option="the fold report",
+                             what="report")
+    except UsageError as exc:
+        raise fail(str(exc)) from None
     if source is not None:
-        if output.resolve() == source.resolve():
-            raise fail("-o names the input file; write the folded model to a new path")
-        _fold_onnx(source, output, input_shape, to_inference, verify, as_json)
+        _fold_onnx(source, out, input_shape, to_inference, verify, as_json)
     else:
-        _fold_torch(model, weights, output, input_shape, trust, force, verify, as_json)
+        _fold_torch(model, weights, out, input_shape, trust, force, verify, as_json)
