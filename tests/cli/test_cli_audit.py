@@ -262,3 +262,18 @@ def test_running_out_of_memory_is_a_failed_run_not_bad_input(trained):
     result = _invoke(ckpt, "--model", "audit_models:oom", "--data", data)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "out of memory" in _flat(result) and "smaller --batch-size" in _flat(result)
+
+
+class _RaisesOnLoad:
+    def __reduce__(self):
+        import operator
+
+        return (operator.getitem, ({}, "missing"))  # a KeyError raised by the file's own code when unpickled
+
+
+def test_trust_on_a_pickle_whose_code_raises_is_a_clear_error(tmp_path):
+    path = tmp_path / "raises.pt"
+    torch.save({"x": torch.zeros(2), "payload": _RaisesOnLoad()}, path)
+    result = _invoke(path, "--trust")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "with --trust: unpickling it raised KeyError" in _flat(result)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from pathlib import Path
 from typing import Any, Optional
 
@@ -123,18 +122,9 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
 
 
 def _trusted_load_error(file: Path, exc: Exception) -> str:
-    """What went wrong unpickling ``file`` with ``--trust``, and what to do about it."""
-    resave = "; or load it where it was made and save model.state_dict() (or safetensors), which needs no --trust"
-    if isinstance(exc, ImportError):
-        return (f"cannot load {file} with --trust: it pickles a class from module {exc.name!r}, which cannot be "
-                f"imported here ({exc}); run bnkit from the folder that holds that module or add it to PYTHONPATH"
-                + resave)
-    if isinstance(exc, AttributeError):
-        return (f"cannot load {file} with --trust: a class it pickles is missing from its module ({exc})" + resave)
-    if isinstance(exc, (pickle.UnpicklingError, EOFError)):
-        return (f"cannot load {file} with --trust: it is not a PyTorch checkpoint, or it is truncated or corrupt "
-                f"({type(exc).__name__}: {exc})")
-    return f"cannot load {file} with --trust: {type(exc).__name__}: {exc}"
+    """Unpickling with ``--trust`` runs the file's code, which can raise anything ``bnkit.torch.io`` does not name."""
+    return (f"cannot load {file} with --trust: unpickling it raised {type(exc).__name__}: {exc}; if you made it, "
+            "load it where it was made and save model.state_dict() (or safetensors), which needs no --trust")
 
 
 def _build_model(spec: str, state, file: Path):
