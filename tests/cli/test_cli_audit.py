@@ -213,7 +213,7 @@ def test_trust_on_a_file_that_is_no_pickle_is_a_clear_error(tmp_path, content):
         path.write_bytes(content)
     result = _invoke(path, "--trust")
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
-    assert _flat(result).startswith("error: cannot ") and str(path) in _flat(result)
+    assert _flat(result).startswith("error: ") and _flat(result).count(str(path)) == 1  # named once
 
 
 def test_a_folder_is_named_as_a_folder(trained, tmp_path):

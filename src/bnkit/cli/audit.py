@@ -97,7 +97,8 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
     except UnsafeCheckpointError as exc:
         raise fail(str(exc)) from None
     except (ValueError, OSError) as exc:
-        raise fail(f"cannot read {file}: {exc}") from None
+        message = str(exc)  # bnkit.torch.io's messages name the file already
+        raise fail(message if str(file) in message else f"cannot read {file}: {message}") from None
     except Exception as exc:  # noqa: BLE001 - unpickling a trusted file runs its code: anything can go wrong
         if not trust:
             raise
