@@ -330,5 +330,9 @@ def test_data_keys_and_tensor_files_as_data_and_no_leading_blank_line(tmp_path):
         assert result.exit_code == 0, (data, result.output)
         np.testing.assert_allclose(load_state_dict_file(out)["2.running_var"].double().numpy(), var, rtol=1e-6)
         assert result.output.splitlines()[0].startswith("recalibrated 2/2 BatchNorm layers"), result.output
+    (tmp_path / "d.csv").write_text("1,2\n")
+    result = invoke("--model", MODEL, "--data", str(tmp_path / "d.csv"), "--output", str(tmp_path / "o.pt"))
+    assert result.exit_code == 2 and ".npy, .npz, .pt, .pth, .safetensors file or package.module:factory" in \
+        " ".join(result.output.split())
     help_text = " ".join(runner.invoke(app, ["recalibrate", "--help"], env={"COLUMNS": "200"}).output.split())
     assert "first present of x, inputs, input, data, images, X" in help_text

@@ -86,6 +86,9 @@ def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> An
 
     if spec.lower().endswith(_ARRAY_SUFFIXES + _TENSOR_SUFFIXES):
         return _batches_of(_load_array(Path(spec), key), batch_size, dtype)
+    if ":" not in spec:
+        raise ValueError(f"expected a {', '.join(_ARRAY_SUFFIXES + _TENSOR_SUFFIXES)} file or "
+                         "package.module:factory")
     obj = resolve_spec(spec)
     if callable(obj) and not isinstance(obj, torch.utils.data.Dataset):
         obj = obj()

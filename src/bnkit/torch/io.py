@@ -74,7 +74,7 @@ def _looks_like(path: Path, head: bytes, size: int) -> str | None:
         return f"a zip archive without PyTorch's data.pkl (it holds {', '.join(names[:5]) or 'nothing'})"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return None  # a pickle: the legacy torch.save format, or a raw pickle for torch.load to judge
-    if head[:1] == b"\x08" and path.suffix.lower() == ".onnx" or b"onnx" in head[:64].lower():
+    if (head[:1] == b"\x08" and path.suffix.lower() == ".onnx") or b"onnx" in head[:64].lower():
         return "an ONNX model (read it with onnx, or pass it where an .onnx file is expected)"
     try:
         text = head.decode("utf-8")
