@@ -78,9 +78,9 @@ def _looks_like(path: Path, head: bytes, size: int) -> str | None:
         return "an ONNX model (read it with onnx, or pass it where an .onnx file is expected)"
     try:
         text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return f"not a PyTorch checkpoint (it starts with the bytes {head[:8].hex(' ')})"
-    if text.isprintable() or all(c.isprintable() or c.isspace() for c in text):
+    except UnicodeDecodeError as exc:  # a character cut at the end of the 64 bytes read is not an error
+        text = head[:exc.start].decode("utf-8") if exc.start >= len(head) - 3 else ""
+    if text and all(c.isprintable() or c.isspace() for c in text):
         return f"a text file (it starts with {text[:32]!r})"
     return f"not a PyTorch checkpoint (it starts with the bytes {head[:8].hex(' ')})"
 
