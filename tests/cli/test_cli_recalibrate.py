@@ -243,7 +243,7 @@ def test_devices_are_checked_before_anything_runs(tmp_path, monkeypatch):
     out = tmp_path / "o.pt"
     args = ["--model", MODEL, "--data", str(tmp_path / "x.npy"), "--output", str(out), "--device"]
     result = invoke(*args, "gpu")
-    assert result.exit_code == 2 and "unknown device 'gpu'" in result.output and result.exception.__class__ is SystemExit
+    assert result.exit_code == 2 and "unknown device 'gpu'" in result.output and type(result.exception) is SystemExit
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = invoke(*args, "cuda")
     assert result.exit_code == 2 and "CUDA is not available" in result.output and not out.exists()

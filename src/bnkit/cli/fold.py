@@ -160,7 +160,10 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
 @app.command("fold")
 def fold_command(
     source: Optional[Path] = typer.Argument(None, help="An .onnx model to fold (or use --model for PyTorch)."),
-    output: str = typer.Option(..., "-o", "--output", help="New file for the folded model: .onnx, or (for --model) a state dict .pt/.pth/.safetensors, with its report beside it as NAME.fold.json. Its folder must exist; it may not be an input file."),
+    output: str = typer.Option(
+        ..., "-o", "--output", help="New file for the folded model: .onnx, or (for --model) a state dict "
+        ".pt/.pth/.safetensors, with its report beside it as NAME.fold.json. Its folder must exist; it may not "
+        "be an input file."),
     model: Optional[str] = typer.Option(None, "--model", help="PyTorch model factory 'package.module:callable'."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for --model (.pt/.pth/.safetensors)."),
     input_shape: List[str] = typer.Option([], "--input-shape", help="ONNX: NAME=1x3x224x224 (repeatable; dynamic dims default to 2). PyTorch: 1x3x224x224."),
