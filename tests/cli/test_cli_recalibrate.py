@@ -261,6 +261,14 @@ def test_unreadable_weights_are_named_for_what_they_are(tmp_path):
             text = " ".join(result.output.split())
             assert result.exit_code == 2 and kind in text and "not a PyTorch checkpoint" in text, result.output
             assert "--trust" not in text and "allow-list" not in text
+    class Raises:
+        def __reduce__(self):
+            return (dict.__getitem__, ({}, "missing"))  # a trusted pickle whose own code raises KeyError
+
+    torch.save({"w": Raises()}, tmp_path / "raises.pt")
+    result = invoke("--model", MODEL, "--weights", str(tmp_path / "raises.pt"), "--data", str(tmp_path / "x.npy"),
+                    "--output", str(out), "--trust")
+    assert result.exit_code == 2 and "raised KeyError" in " ".join(result.output.split()), result.output
     assert not out.exists()
 
 

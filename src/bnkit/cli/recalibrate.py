@@ -190,6 +190,8 @@ def recalibrate_command(
             load_weights_into(net, load_state_dict_file(weights, trust=trust), source=str(weights))
         except (UnsafeCheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
             raise fail(f"cannot load {weights}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a trusted pickle runs its own code, which may raise anything
+            raise fail(f"cannot load {weights}: unpickling it raised {type(exc).__name__}: {exc}")
     if run_on is not None:
         net.to(run_on)
     dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
