@@ -89,6 +89,24 @@ def test_fold_onnx_json_and_training_mode(tmp_path):
     np.testing.assert_allclose(_run(tmp_path / "b.onnx", x), eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
 
 
+def test_fold_onnx_to_inference_names_the_switched_dropout(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(144, 3))
+    with torch.no_grad():
+        model(torch.randn(16, 1, 8, 8))
+    model.eval()
+    src = _export(model, tmp_path / "train.onnx", training=True)
+    result = runner.invoke(app, ["fold", str(src), "-o", str(tmp_path / "inference.onnx"), "--to-inference"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "switched Dropout" in _text(result)
+    x = np.random.default_rng(2).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        eager = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_run(tmp_path / "inference.onnx", x), eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
+
+
 def test_fold_onnx_bad_input(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\xff\xff not onnx")

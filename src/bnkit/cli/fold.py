@@ -59,6 +59,8 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
                 report.left, f"{source} -> {output}")
     for name in report.converted:
         console.print(f"switched {name} from training mode to its running statistics")
+    for name in report.dropout_converted:
+        console.print(f"switched Dropout {name} to inference mode (it passes its input through)")
     if report.removed_outputs:
         console.print(f"removed unused running-statistic outputs: {', '.join(report.removed_outputs)}")
     if report.max_abs_diff is not None:
