@@ -65,3 +65,16 @@ def test_parse_device(monkeypatch):
     assert parse_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(UsageError, match=r"1 CUDA device\(s\)"):
         parse_device("cuda:1")
+
+
+def test_fail_prints_the_message_literally_and_unbroken(capsys):
+    from unittest.mock import patch
+
+    from bnkit.cli.app import console, fail
+
+    message = "keys ['module.bn.weight'] [bold]not markup[/bold] in /a/" + "very_long_directory_name/" * 8 + "w.pt"
+    with patch.object(console, "_width", 40):
+        exit_ = fail(message)
+    out = capsys.readouterr().out
+    assert exit_.exit_code == 2
+    assert out == f"error: {message}\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="bnkit",
@@ -20,5 +21,7 @@ console = Console()
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print an error in red and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}")
+    # Escaped (messages quote lists and paths with brackets) and soft-wrapped: rich inserts no line
+    # breaks, so a long path stays whole for copying and for tests that read the message.
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
