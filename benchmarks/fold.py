@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import random
 import statistics
 import time
@@ -51,6 +50,7 @@ from torch import nn
 
 from bnkit.torch import bn_layers, fold_bn
 from bnkit.torch.zoo import MLP, MobileNetV2Tiny, SmallResNet, VGGBN
+from _timing import steady_malloc
 
 
 def calibrate(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
@@ -98,16 +98,6 @@ def round_robin(
 
 def paired_ratio(samples: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(samples[num], samples[den]))
-
-
-def steady_malloc() -> bool:
-    """glibc only: never give freed memory back to the OS (M_TRIM_THRESHOLD) nor mmap big blocks (M_MMAP_THRESHOLD)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import statistics
 import time
 
@@ -36,6 +35,7 @@ from torch import nn
 
 from bnkit.torch import BatchNorm2d, bn_guard, protect_stats
 from bnkit.torch.zoo import SmallResNet
+from _timing import steady_malloc
 
 
 CLOCK = time.perf_counter
@@ -52,16 +52,6 @@ def paired(fa, fb, repeats: int, inner: int) -> tuple[float, float, float]:
                 f()
             times.append((CLOCK() - t0) / inner)
     return min(times_a), min(times_b), statistics.median(a / b for a, b in zip(times_a, times_b))
-
-
-def steady_malloc() -> bool:
-    """glibc only: never give freed memory back to the OS (M_TRIM_THRESHOLD) nor mmap big blocks (M_MMAP_THRESHOLD)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def realistic(repeats: int) -> list[tuple]:
