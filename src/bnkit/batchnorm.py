@@ -162,15 +162,16 @@ class BatchNorm:
             scale, src = gamma * invstd, x3
             shift = beta - self.running_mean * scale
         out = np.empty_like(x3)
-        sc, sh = scale.astype(dt)[:, None], shift.astype(dt)[:, None]
-
-        block = max(1, (1 << 16) // max(1, x3[0].size))  # ~256 KiB of float32 per block
+        # Per-sample rows of C*B values times full-length scale/shift rows: NumPy's inner loop then runs
+        # over a whole sample instead of B values per channel (a (C, 1) broadcast is ~1.7x slower).
+        a, c, b = x3.shape
+        src2, out2 = src.reshape(a, c * b), out.reshape(a, c * b)
+        sc, sh = np.repeat(scale.astype(dt), b), np.repeat(shift.astype(dt), b)
 
         def affine(s):
-            for i in range(s.start, s.stop, block):  # blockwise: the add finds the product still in cache
-                b = slice(i, min(i + block, s.stop))
-                np.multiply(src[b], sc, out=out[b])
-                out[b] += sh
+            for i in range(s.start, s.stop):  # row by row: the add finds the product still in cache
+                np.multiply(src2[i], sc, out=out2[i])
+                out2[i] += sh
 
         _parallel(affine, x3)
         self._cache = (x3, d, invstd, gamma, n, x.shape)
