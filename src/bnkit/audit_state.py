@@ -105,7 +105,8 @@ def initial_weight(momentum: float | None, num_batches_tracked: int) -> float:
     return (1.0 - momentum) ** num_batches_tracked
 
 
-def _as_array(value) -> np.ndarray:
+def as_array(value) -> np.ndarray:
+    """A tensor or array-like as a float64 NumPy array (torch tensors detached and moved to the CPU)."""
     if hasattr(value, "detach"):  # a torch tensor, without importing torch
         value = value.detach().cpu().double().numpy()
     return np.asarray(value, dtype=np.float64)
@@ -132,11 +133,11 @@ def bn_stats_from_state(
         layers.append(
             BNStats(
                 name=prefix[:-1] if prefix else "(root)",
-                running_mean=_as_array(arrays["running_mean"]),
-                running_var=_as_array(arrays["running_var"]),
-                weight=None if arrays["weight"] is None else _as_array(arrays["weight"]),
-                bias=None if arrays["bias"] is None else _as_array(arrays["bias"]),
-                num_batches_tracked=None if nbt is None else int(_as_array(nbt).reshape(-1)[0]),
+                running_mean=as_array(arrays["running_mean"]),
+                running_var=as_array(arrays["running_var"]),
+                weight=None if arrays["weight"] is None else as_array(arrays["weight"]),
+                bias=None if arrays["bias"] is None else as_array(arrays["bias"]),
+                num_batches_tracked=None if nbt is None else int(as_array(nbt).reshape(-1)[0]),
                 eps=eps,
                 momentum=momentum,
             )

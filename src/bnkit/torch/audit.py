@@ -60,7 +60,7 @@ import numpy as np
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from ..audit_state import audit_state
+from ..audit_state import bn_stats_from_state, check_bn_stats
 from ..findings import SEVERITIES, Finding, worst_severity
 from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
@@ -170,9 +170,9 @@ def audit(
 def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport:
     if data is not None:
         raise ValueError("auditing with data needs the model: pass an nn.Module (CLI: --model package.module:factory)")
-    findings = audit_state(state)
-    layers = sorted({k[: -len(".running_mean")] for k in state if k.endswith(".running_mean")}
-                    | ({"(root)"} if "running_mean" in state else set()))
+    stats = bn_stats_from_state(state)
+    findings = [f for layer in stats for f in check_bn_stats(layer)]
+    layers = sorted(layer.name for layer in stats)
     if not layers:
         findings.append(Finding("info", "(state)", "no BatchNorm layers found",
                                 "no '<layer>.running_mean' / '.running_var' buffers in the state dict", "", "no_bn"))

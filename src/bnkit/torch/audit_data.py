@@ -16,10 +16,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-from ..audit_state import ema_noise_factor
+from ..audit_state import as_array, ema_noise_factor
 from ..findings import Finding
 from .audit_batches import Batches, Restore, batch_len, batched, flatten, map_tensors, set_training
-from .audit_model import as_numpy, short_names
+from .audit_model import short_names
 from .audit_moments import Collector
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> l
         col = collectors[name]
         if col.pool().count == 0:
             continue
-        mu_r, var_r = as_numpy(bn.running_mean), as_numpy(bn.running_var)
+        mu_r, var_r = as_array(bn.running_mean), as_array(bn.running_var)
         if not (np.isfinite(mu_r).all() and np.isfinite(var_r).all()) or (var_r + bn.eps <= 0).any():
             continue  # reported by the state checks
         eps = float(bn.eps)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-from ..audit_state import BNStats, check_bn_stats, ema_window
+from ..audit_state import BNStats, as_array, check_bn_stats, ema_window
 from ..findings import Finding
 from .freeze import is_frozen
 
@@ -50,10 +49,10 @@ def _layer_state_findings(name: str, bn: _BatchNorm) -> list[Finding]:
     nbt = bn.num_batches_tracked
     stats = BNStats(
         name=name,
-        running_mean=as_numpy(bn.running_mean),
-        running_var=as_numpy(bn.running_var),
-        weight=None if bn.weight is None else as_numpy(bn.weight),
-        bias=None if bn.bias is None else as_numpy(bn.bias),
+        running_mean=as_array(bn.running_mean),
+        running_var=as_array(bn.running_var),
+        weight=None if bn.weight is None else as_array(bn.weight),
+        bias=None if bn.bias is None else as_array(bn.bias),
         num_batches_tracked=None if nbt is None else int(nbt),
         eps=float(bn.eps),
         momentum=bn.momentum,
@@ -178,10 +177,6 @@ def _fold_findings(model: nn.Module, layers, example) -> list[Finding]:
         "bnkit fold (bnkit.torch.fold_bn) removes them for deployment", "foldable",
         {"folded": {f.bn: f.into for f in fold.folded}, "left": dict(fold.left)})]
 
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().double().numpy()
 
 
 def short_names(names: list[str], limit: int = 3) -> str:
