@@ -1,8 +1,9 @@
 """bnkit's PyTorch toolkit: freeze, guard, drop-in layers, recalibrate, fold, audit, convert.
 
-Names are imported lazily from the module that owns them, so ``import bnkit.torch``
-stays cheap and an optional dependency (onnx, keras, flax) is needed only by the
-function that uses it.
+Names are imported lazily from the module that owns them, so an optional dependency
+(onnx, keras, flax) is needed only by the function that uses it. ``audit`` and
+``recalibrate`` (torch only) are imported eagerly at the end, because they share their
+module's name (see there).
 """
 from __future__ import annotations
 

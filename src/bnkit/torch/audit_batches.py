@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
+from .modules import flatten_tensors
+
 
 class Batches:
     """The data's batches, streamed once, on the model's device with floating tensors in its dtype.
@@ -136,18 +138,8 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return obj
 
 
-def flatten(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj.detach()]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in flatten(o)]
-    if isinstance(obj, Mapping):
-        return [t for o in obj.values() for t in flatten(o)]
-    return []
-
-
 def batch_len(batch: Any) -> int | None:
-    tensors = flatten(batch)
+    tensors = flatten_tensors(batch)
     return int(tensors[0].shape[0]) if tensors and tensors[0].ndim else None
 
 

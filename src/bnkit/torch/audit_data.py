@@ -18,9 +18,10 @@ from torch.nn.parameter import is_lazy
 
 from ..audit_state import as_array, ema_noise_factor
 from ..findings import Finding
-from .audit_batches import Batches, Restore, batch_len, batched, flatten, map_tensors, set_training
+from .audit_batches import Batches, Restore, batch_len, batched, map_tensors, set_training
 from .audit_model import short_names
 from .audit_moments import Collector
+from .modules import flatten_tensors
 
 if TYPE_CHECKING:
     from .audit import AuditReport
@@ -83,7 +84,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]], batche
                     raise ValueError(f"the model failed on data batch {i} with BatchNorm on batch statistics: "
                                      f"{type(exc).__name__}: {exc}") from exc
                 if batch_out is None:
-                    batch_out, first = flatten(out), batch
+                    batch_out, first = flatten_tensors(out), batch
                 used += 1
         finally:
             for undo in detach:
@@ -95,7 +96,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]], batche
         restore.buffers_and_options()
         set_training(model, False)
         try:
-            eval_out = flatten(forward(model, first))
+            eval_out = flatten_tensors(forward(model, first))
         except Exception as exc:
             raise ValueError(f"the model failed in eval mode on the first data batch: {type(exc).__name__}: {exc}") from exc
         findings += _gap_findings(batch_out, eval_out, report)
@@ -227,7 +228,7 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
     scale = max(float(t.abs().max()) for t in eval_out if t.numel()) if eval_out else 1.0
     for i in idx:
         try:
-            single = flatten(forward(model, map_tensors(batch, lambda t: t[i:i + 1] if batched(t, size) else t)))
+            single = flatten_tensors(forward(model, map_tensors(batch, lambda t: t[i:i + 1] if batched(t, size) else t)))
         except Exception as exc:
             return [Finding("error", "(model)", "the model fails at batch size 1 in eval mode",
                             f"{type(exc).__name__}: {exc}",

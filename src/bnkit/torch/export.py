@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
-from .modules import bn_layers
+from .modules import bn_layers, eval_mode
 
 __all__ = ["export_onnx", "ExportReport", "ExportVerificationError"]
 
@@ -113,15 +113,12 @@ def export_onnx(
             f"BatchNorm layers {stateless} have track_running_stats=False: their exported graph would normalise "
             "with batch statistics at inference. Give them running statistics (bnkit recalibrate) before exporting")
 
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
+    batch = inputs[0].shape[0] if inputs[0].dim() else 0
+    single = dynamic_batch and batch > 1 and all(t.dim() and t.shape[0] == batch for t in inputs)
+    checks = [inputs] + ([tuple(t[:1] for t in inputs)] if single else [])
+    with eval_mode(model):
         with torch.no_grad():
-            expected = [_flatten(model(*inputs))]
-            batch = inputs[0].shape[0] if inputs[0].dim() else 0
-            single = dynamic_batch and batch > 1 and all(t.dim() and t.shape[0] == batch for t in inputs)
-            if single:
-                expected.append(_flatten(model(*(t[:1] for t in inputs))))
+            expected = [_flatten(model(*feeds)) for feeds in checks]
         in_names = _names(input_names, len(inputs), "input")
         out_names = _names(output_names, len(expected[0]), "output")
         axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
@@ -131,9 +128,6 @@ def export_onnx(
             torch.onnx.export(
                 model, inputs, buffer, dynamo=False, training=torch.onnx.TrainingMode.EVAL, opset_version=opset,
                 do_constant_folding=False, input_names=in_names, output_names=out_names, dynamic_axes=axes)
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
 
     proto = onnx.load_from_string(buffer.getvalue())
     report = ExportReport(path=os.fspath(path), opset=opset)
@@ -145,7 +139,6 @@ def export_onnx(
         raise ExportVerificationError(
             "the exported graph has error-level findings; nothing written (force=True writes it anyway):\n"
             + "\n".join(f"  {f.layer}: {f.finding} ({f.evidence})" for f in errors))
-    checks = [inputs] + ([tuple(t[:1] for t in inputs)] if len(expected) > 1 else [])
     for feeds, want in zip(checks, expected):
         got = run(proto, {n: t.detach().cpu().numpy() for n, t in zip(in_names, feeds)})
         abs_diff, rel_diff = compare([w.detach().cpu().double().numpy() for w in want],

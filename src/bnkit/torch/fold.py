@@ -51,7 +51,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from ..findings import Finding
-from .modules import bn_layers, is_batchnorm
+from .modules import bn_layers, eval_mode, flatten_tensors, is_batchnorm
 
 __all__ = ["fold_bn", "FoldReport", "FoldedBN"]
 
@@ -142,8 +142,7 @@ class FoldReport:
             if f.bias_added:
                 layer = model.get_submodule(f.into)
                 w = layer.weight
-                out = w.shape[1] * layer.groups if isinstance(layer, _ConvTransposeNd) else w.shape[0]
-                layer.bias = nn.Parameter(torch.zeros(out, dtype=w.dtype, device=w.device))
+                layer.bias = nn.Parameter(torch.zeros(_out_channels(layer), dtype=w.dtype, device=w.device))
             _set_submodule(model, f.bn, nn.Identity())
         return model
 
@@ -187,7 +186,7 @@ def fold_bn(
         reference, probe = _probe(work, inputs)
 
     try:
-        with _EvalMode(work):
+        with eval_mode(work):
             graph = _Tracer().trace(work)
     except Exception as exc:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError, ...)
         first_line = str(exc).splitlines()[0] if str(exc) else ""
@@ -266,29 +265,13 @@ def _as_tuple(example_inputs: Any) -> tuple | None:
     if example_inputs is None:
         return None
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    for t in _flatten(inputs):
+    for t in flatten_tensors(inputs):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError("example_inputs contain NaN/Inf; verification needs finite inputs")
     return inputs
 
 
 # ---------------------------------------------------------------------------------------------- running
-
-
-class _EvalMode:
-    """Put every module in eval mode, restoring each module's own flag on exit."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        for m, flag in self.flags:
-            m.training = flag
 
 
 def _clone(obj: Any) -> Any:
@@ -303,7 +286,7 @@ def _clone(obj: Any) -> Any:
 
 
 def _run_eval(model: nn.Module, inputs: tuple) -> Any:
-    with _EvalMode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         return model(*_clone(inputs))
 
 
@@ -326,20 +309,10 @@ def _probe(model: nn.Module, inputs: tuple) -> tuple[Any, dict[int, dict]]:
     return out, probe
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flatten(v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flatten(v)]
-    return []
-
-
 def _compare(a: Any, b: Any) -> tuple[float, float]:
     """``max|a - b|`` (a non-finite ``b`` where ``a`` differs counts as inf) and that over ``max|a|``."""
     abs_diff, scale = 0.0, 0.0
-    for x, y in zip(_flatten(a), _flatten(b), strict=True):
+    for x, y in zip(flatten_tensors(a), flatten_tensors(b), strict=True):
         if not x.numel():
             continue
         x, y = _f64(x), _f64(y)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .modules import bn_layers, is_batchnorm
+from .modules import bn_layers, is_bn_or_frozen
 
 __all__ = ["freeze_bn", "unfreeze_bn", "is_frozen", "frozen_bn_layers", "FreezeState"]
 
@@ -191,15 +191,12 @@ def is_frozen(module: nn.Module, part: str = "any") -> bool:
     """
     if part not in _PARTS:
         raise ValueError(f"part must be one of {_PARTS}, got {part!r}")
-    if _is_layer(module):
+    if is_bn_or_frozen(module):
         layers = [module]
     else:
-        layers = [m for m in module.modules() if _is_layer(m)]
+        layers = [m for m in module.modules() if is_bn_or_frozen(m)]
     return bool(layers) and all(_part_frozen(_state(m), part) for m in layers)
 
-
-def _is_layer(module: nn.Module) -> bool:
-    return is_batchnorm(module) or getattr(type(module), "_bnkit_frozen_layer", False)
 
 
 def _part_frozen(state: FreezeState, part: str) -> bool:

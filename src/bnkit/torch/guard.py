@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from ..findings import Finding
-from .modules import BN_TYPES, is_batchnorm
+from .modules import BN_TYPES, is_batchnorm, is_bn_or_frozen
 
 __all__ = ["bn_guard", "BNGuardError", "BNGuardWarning", "protect_stats", "StatsRollback"]
 
@@ -146,7 +146,7 @@ class bn_guard(contextlib.ContextDecorator):
             raise ValueError(f"unknown check(s) {sorted(ignore - set(CHECKS))}; checks are {CHECKS}")
         self.model, self.action, self.ignore = model, action, ignore
         self._layers = [(n or type(m).__name__, m) for n, m in model.named_modules()
-                        if is_batchnorm(m) or getattr(type(m), "_bnkit_frozen_layer", False)]
+                        if is_bn_or_frozen(m)]
         self._bn = [(n, m) for n, m in self._layers if is_batchnorm(m)]
         self._bn_modules = [m for _, m in self._bn]
         self._clean: dict[int, tuple] = {}  # layer id -> the buffers (and versions) that passed the stats checks

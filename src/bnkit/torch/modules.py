@@ -1,4 +1,4 @@
-"""Finding BatchNorm layers in a PyTorch model.
+"""Finding BatchNorm layers in a PyTorch model, and the small module/output helpers every tool shares.
 
 Every layer that normalizes with batch statistics in training mode derives
 from ``torch.nn.modules.batchnorm._BatchNorm`` (torch/nn/modules/batchnorm.py):
@@ -8,10 +8,14 @@ they never use batch statistics.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BN_TYPES", "is_batchnorm", "bn_layers"]
+__all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "bn_layers", "eval_mode", "flatten_tensors"]
 
 BN_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
 
@@ -24,3 +28,35 @@ def is_batchnorm(module: nn.Module) -> bool:
 def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     """``(qualified_name, module)`` for every BatchNorm layer, in ``named_modules`` order."""
     return [(name, m) for name, m in model.named_modules() if is_batchnorm(m)]
+
+
+def is_bn_or_frozen(module: nn.Module) -> bool:
+    """A BatchNorm layer or one of bnkit's buffer-only ``FrozenBatchNorm*d`` (marked ``_bnkit_frozen_layer``)."""
+    return is_batchnorm(module) or getattr(type(module), "_bnkit_frozen_layer", False)
+
+
+class eval_mode:
+    """Context manager: every module in eval mode, each module's own ``training`` flag restored on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def flatten_tensors(obj: Any) -> list[torch.Tensor]:
+    """The tensors of a nest of tuples, lists and mappings, in order, detached; anything else is skipped."""
+    if isinstance(obj, torch.Tensor):
+        return [obj.detach()]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in flatten_tensors(o)]
+    if isinstance(obj, Mapping):
+        return [t for o in obj.values() for t in flatten_tensors(o)]
+    return []
