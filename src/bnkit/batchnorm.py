@@ -168,10 +168,13 @@ class BatchNorm:
         src2, out2 = src.reshape(a, c * b), out.reshape(a, c * b)
         sc, sh = np.repeat(scale.astype(dt), b), np.repeat(shift.astype(dt), b)
 
+        block = max(1, (1 << 16) // max(1, c * b))  # rows per block: ~256 KiB of float32, at least one sample
+
         def affine(s):
-            for i in range(s.start, s.stop):  # row by row: the add finds the product still in cache
-                np.multiply(src2[i], sc, out=out2[i])
-                out2[i] += sh
+            for i in range(s.start, s.stop, block):  # blockwise: the add finds the product still in cache
+                r = slice(i, min(i + block, s.stop))
+                np.multiply(src2[r], sc, out=out2[r])
+                out2[r] += sh
 
         _parallel(affine, x3)
         self._cache = (x3, d, invstd, gamma, n, x.shape)
