@@ -257,23 +257,18 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     ranks = _probe_ranks(model, example_inputs) if example_inputs is not None else {}
-    out = copy.deepcopy(model)
-    unsure, replaced = [], {}  # replaced: id(old) -> new, so a layer registered twice stays one layer
-    for name, module in list(out.named_modules(remove_duplicate=False)):
+    unsure = []
+
+    def make(name: str, module: nn.Module) -> nn.Module | None:
         if not isinstance(module, nn.SyncBatchNorm):
-            continue
-        if id(module) not in replaced:  # first name, as named_modules() in the probe reports it
-            seen = ranks.get(name, set())
-            dims = _rank_to_dims(next(iter(seen)), f"SyncBatchNorm {name!r}") if len(seen) == 1 else None
-            if dims is None:
-                unsure.append(f"{name or 'model'} (input ranks seen: {sorted(seen) or 'none'})")
-            replaced[id(module)] = _retype(module, _PLAIN[dims] if dims is not None else BatchNormNd)
-        new = replaced[id(module)]
-        if name:
-            parent_name, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent_name), child, new)
-        else:
-            out = new
+            return None
+        seen = ranks.get(name, set())  # first name, as named_modules() in the probe reports it
+        dims = _rank_to_dims(next(iter(seen)), f"SyncBatchNorm {name!r}") if len(seen) == 1 else None
+        if dims is None:
+            unsure.append(f"{name or 'model'} (input ranks seen: {sorted(seen) or 'none'})")
+        return _retype(module, _PLAIN[dims] if dims is not None else BatchNormNd)
+
+    out = layers.replace_modules(copy.deepcopy(model), make)
     if unsure:
         warnings.warn(
             "revert_sync_bn: no single input rank for " + ", ".join(unsure) + "; these became bnkit "
