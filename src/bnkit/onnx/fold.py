@@ -196,12 +196,12 @@ class _Folder:
     def set_constant(self, node: onnx.NodeProto, slot: int, value: np.ndarray, label: str, notes: list[str]) -> None:
         """Make input ``slot`` of ``node`` the constant ``value``: in place if only it reads it, else a copy."""
         old = node.input[slot] if slot < len(node.input) else ""
-        tensor_names = {t.name: t for t in self.graph.initializer}
         if old and old in self.index.initializers and self.index.readers(old) == 1:
-            if tuple(tensor_names[old].dims) != value.shape:  # e.g. a scalar Gemm C became one value per feature
+            tensor = self.index.initializers[old]
+            if tuple(tensor.dims) != value.shape:  # e.g. a scalar Gemm C became one value per feature
                 for stale in [v for v in self.graph.value_info if v.name == old]:
                     self.graph.value_info.remove(stale)
-            tensor_names[old].CopyFrom(numpy_helper.from_array(value, old))
+            tensor.CopyFrom(numpy_helper.from_array(value, old))
             return
         if old and self.index.readers(old) > 1:
             notes.append(f"{label} copied: {old!r} is shared with another node")
@@ -415,8 +415,7 @@ def _dropouts_to_inference(graph: onnx.GraphProto, opset: int, report: OnnxFoldR
 
 def _seeded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """A copy whose training-mode Dropout nodes draw their masks from a fixed seed (for verification only)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy = load_model(model)
     for node, _ in training_dropouts(copy.graph, opset):
         for attr in [a for a in node.attribute if a.name == "seed"]:
             node.attribute.remove(attr)
@@ -486,14 +485,13 @@ def fold_model(
             candidates.append((bn.name, bn.node.output[0]))  # an output names a node uniquely; a name may not
     if to_inference:
         _dropouts_to_inference(work.graph, folder.opset, report)
-    reference = onnx.ModelProto()
-    reference.CopyFrom(work)
+    reference = load_model(work)
     folder.reindex()
 
+    # A fold edits its layer's weights and the graph around it, never another BN's constants: read the BNs once.
+    by_output = {b.node.output[0]: b for b in bn_nodes(work.graph, folder.opset, folder.index) if not b.in_subgraph}
     for name, y in candidates:
-        bn = next(b for b in bn_nodes(work.graph, folder.opset, folder.index)
-                  if not b.in_subgraph and b.node.output[0] == y)
-        why = folder.fold(bn)
+        why = folder.fold(by_output[y])
         if why is not None:
             report.left[name] = why
     _prune(work, read_before)
