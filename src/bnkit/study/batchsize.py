@@ -33,7 +33,7 @@ from . import Context, missing_dependencies
 from .data import load_digits_split
 from .models import digits_mlp, layernorm_mlp
 from .report import Chapter, Figure, Table, new_figure, save_figure
-from .train import accuracy, batches, fit
+from .train import accuracy, batches, fit, stat_shift
 
 NUMBER = 3
 TITLE = "Batch size and statistics quality"
@@ -90,8 +90,8 @@ def _one(digits, bs: int, p: dict, seed: int, available: dict[str, bool], tracke
         bt.recalibrate(recal, data, progress=False)
         out["recalibrated"] = accuracy(recal, x, y)
         out["running_vs_exact_mean_shift_std"] = {
-            name: float(np.mean(np.abs(a.running_mean.double().numpy() - b.running_mean.double().numpy())
-                                / np.sqrt(b.running_var.double().numpy() + b.eps)))
+            name: stat_shift(b.running_mean.double().numpy(), b.running_var.double().numpy(),
+                             a.running_mean.double().numpy(), a.running_var.double().numpy(), b.eps)[0]
             for (name, a), (_, b) in zip(bn_layers(bn_model), bn_layers(recal))
         }
     if available["renorm"]:

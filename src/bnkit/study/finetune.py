@@ -30,7 +30,7 @@ from . import Context, missing_dependencies
 from .data import SHIFT_DESCRIPTION, load_digits_split, shifted_domain
 from .models import bn_legend, digits_mlp
 from .report import Chapter, Figure, Table, new_figure, save_figure
-from .train import accuracy, batches, fit
+from .train import accuracy, batches, fit, stat_shift
 
 NUMBER = 4
 TITLE = "Fine-tuning and freezing"
@@ -80,8 +80,8 @@ def _shift(before: dict, after: dict, eps: float) -> dict[str, dict[str, float]]
     for name, (m0, v0, _) in before.items():
         m1, v1, _ = after[name]
         m0, v0, m1, v1 = (t.double().numpy() for t in (m0, v0, m1, v1))
-        out[name] = {"mean_shift_std": float(np.mean(np.abs(m1 - m0) / np.sqrt(v0 + eps))),
-                     "log_var_ratio": float(np.mean(np.abs(np.log((v1 + eps) / (v0 + eps)))))}
+        mean_shift, log_var = stat_shift(m0, v0, m1, v1, eps)
+        out[name] = {"mean_shift_std": mean_shift, "log_var_ratio": log_var}
     return out
 
 

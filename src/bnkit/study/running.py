@@ -25,7 +25,7 @@ from . import Context
 from .data import load_digits_split
 from .models import bn_legend, bn_places, digits_mlp
 from .report import Chapter, Figure, Table, new_figure, save_figure
-from .train import accuracy, fit, population_stats, running_stats
+from .train import accuracy, fit, population_stats, running_stats, stat_shift
 
 NUMBER = 1
 TITLE = "Running statistics converge"
@@ -126,9 +126,7 @@ def _distances(pop: dict, run: dict, eps: float) -> dict[str, tuple[float, float
     out = {}
     for name, (mu, var) in pop.items():
         rm, rv = run[name]
-        mean_err = float(np.mean(np.abs(rm - mu) / np.sqrt(var + eps)))
-        var_err = float(np.mean(np.abs(np.log((rv + eps) / (var + eps)))))
-        out[name] = (mean_err, var_err)
+        out[name] = stat_shift(mu, var, rm, rv, eps)
     return out
 
 

@@ -152,3 +152,15 @@ def running_stats(model: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         name: (bn.running_mean.detach().double().numpy().copy(), bn.running_var.detach().double().numpy().copy())
         for name, bn in bn_layers(model)
     }
+
+
+def stat_shift(ref_mean: np.ndarray, ref_var: np.ndarray, mean: np.ndarray, var: np.ndarray,
+               eps: float) -> tuple[float, float]:
+    """How far ``(mean, var)`` is from ``(ref_mean, ref_var)``, averaged over channels.
+
+    The mean shift in reference standard deviations, ``mean(|m - m_ref| / sqrt(v_ref + eps))``, and
+    the absolute log variance ratio, ``mean(|log((v + eps) / (v_ref + eps))|)``.
+    """
+    mean_shift = float(np.mean(np.abs(mean - ref_mean) / np.sqrt(ref_var + eps)))
+    log_var = float(np.mean(np.abs(np.log((var + eps) / (ref_var + eps)))))
+    return mean_shift, log_var
