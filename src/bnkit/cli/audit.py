@@ -17,7 +17,7 @@ import typer
 from rich.table import Table
 
 from .app import app, console, fail
-from .common import add_cwd_to_path, resolve_spec
+from .common import UsageError, add_cwd_to_path, build_model
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 _DATA_KEYS = ("x", "inputs", "input", "data", "images", "X")
@@ -129,18 +129,15 @@ def _trusted_load_error(file: Path, exc: Exception) -> str:
 
 
 def _build_model(spec: str, state, file: Path):
-    from torch import nn
+    from ..torch.io import load_weights_into
 
     try:
-        factory = resolve_spec(spec)
-    except ValueError as exc:
+        net = build_model(spec)
+    except UsageError as exc:
         raise fail(str(exc)) from None
-    net = factory if isinstance(factory, nn.Module) else factory()
-    if not isinstance(net, nn.Module):
-        raise fail(f"{spec} built a {type(net).__name__}, not a torch.nn.Module")
     try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
+        load_weights_into(net, state, source=str(file))
+    except (ValueError, RuntimeError) as exc:
         raise fail(f"{file} does not fit {spec}: {str(exc).strip()}") from None
     # a checkpoint does not store train/eval flags: audit the model as it is deployed
     return net.eval()

@@ -55,6 +55,24 @@ def resolve_spec(spec: str) -> Any:
     return obj
 
 
+def build_model(spec: str) -> Any:
+    """The ``torch.nn.Module`` that ``spec`` names: a module object, or a factory called with no arguments.
+
+    Any failure (an import error, the factory raising, something other than a module) is a
+    :class:`UsageError` that says which: user code is reported, not traced.
+    """
+    from torch import nn
+
+    try:
+        obj = resolve_spec(spec)
+        net = obj if isinstance(obj, nn.Module) else obj()
+    except Exception as exc:  # noqa: BLE001 - any failure of user code
+        raise UsageError(f"cannot build the model from {spec!r}: {exc}") from None
+    if not isinstance(net, nn.Module):
+        raise UsageError(f"{spec!r} gave a {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
 def _same_file(a: Path, b: Path) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)

@@ -94,19 +94,19 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     from ..atomic import atomic_path
     from ..torch import fold_bn, load_state_dict_file, save_state_dict_file
     from ..torch.io import load_weights_into
-    from .common import resolve_spec
+    from .common import UsageError, build_model
 
     if len(shapes) > 1 or any("=" in s for s in shapes):
         raise fail("--input-shape for a PyTorch model is one SHAPE (e.g. 1x3x224x224)")
     try:
-        factory = resolve_spec(spec)
-        model = factory()
-        if weights is not None:
+        model = build_model(spec)
+    except UsageError as exc:
+        raise fail(str(exc)) from None
+    if weights is not None:
+        try:
             load_weights_into(model, load_state_dict_file(weights, trust=trust), source=str(weights))
-    except Exception as exc:  # import errors, unsafe pickles, mismatched state dicts: all user input
-        raise fail(f"cannot build the model from {spec}{' and ' + str(weights) if weights else ''}: {exc}") from None
-    if not isinstance(model, torch.nn.Module):
-        raise fail(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+        except Exception as exc:  # unsafe pickles, mismatched state dicts, a trusted pickle's own code
+            raise fail(f"cannot load {weights} into {spec}: {exc}") from None
     model.eval()
     example = torch.randn(*_shape(shapes[0]), generator=torch.Generator().manual_seed(0)) if shapes else None
     if output.suffix == ".onnx" and example is None:

@@ -63,10 +63,7 @@ def _batches_of(array: Any, batch_size: int, dtype: Any) -> list[Any]:
         x = x.to(dtype)
     if len(x) < 2:
         raise ValueError(f"input array holds {len(x)} sample(s); BatchNorm statistics need at least 2")
-    batches = list(x.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2:] = [torch.cat(batches[-2:])]
-    return batches
+    return [x[r.start:r.stop] for r in _index_batches(len(x), batch_size)]
 
 
 def _index_batches(n: int, batch_size: int) -> list[range]:
@@ -164,7 +161,7 @@ def recalibrate_command(
 
     from ..torch import recalibrate
     from ..torch.io import UnsafeCheckpointError, load_state_dict_file, load_weights_into, save_state_dict_file
-    from .common import STATE_DICT_SUFFIXES, UsageError, check_output, parse_device, resolve_spec
+    from .common import STATE_DICT_SUFFIXES, UsageError, build_model, check_output, parse_device, resolve_spec
 
     if batches is not None and batches < 1:
         raise fail(f"--batches must be at least 1, got {batches}")
@@ -179,12 +176,9 @@ def recalibrate_command(
     except UsageError as exc:
         raise fail(str(exc))
     try:
-        obj = resolve_spec(model)
-        net = obj if isinstance(obj, torch.nn.Module) else obj()
-    except Exception as exc:  # noqa: BLE001 - any failure of user code is reported, not traced
-        raise fail(f"cannot build the model from {model!r}: {exc}")
-    if not isinstance(net, torch.nn.Module):
-        raise fail(f"{model!r} gave a {type(net).__name__}, not a torch.nn.Module")
+        net = build_model(model)
+    except UsageError as exc:
+        raise fail(str(exc))
     if weights is not None:
         try:
             load_weights_into(net, load_state_dict_file(weights, trust=trust), source=str(weights))
