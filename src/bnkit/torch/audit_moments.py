@@ -10,11 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stats import RunningMoments
+from .modules import has_stock_forward
 
 
 def _moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -43,15 +43,10 @@ def _moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
 _KERNEL_STATS_MAX_VALUES = 4
 
 
-def is_stock(bn: _BatchNorm) -> bool:
-    """The layer runs PyTorch's own ``forward`` (class and instance), so the audit may stand in for it."""
-    return type(bn).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward) and "forward" not in vars(bn)
-
-
 class Collector:
     """Per-layer float64 moments of a BN layer's input: pooled with Chan's formula, and per call.
 
-    A stock layer (PyTorch's ``forward``, see :func:`is_stock`) gets, for the pass, an
+    A stock layer (PyTorch's ``forward``, see :func:`bnkit.torch.modules.has_stock_forward`) gets, for the pass, an
     instance ``forward`` that normalizes each call with the batch's own mean and biased
     variance (what training mode normalizes with; torch/nn/modules/batchnorm.py
     ``_BatchNorm.forward``) and keeps the call's moments; its buffers, ``momentum`` and
@@ -68,7 +63,7 @@ class Collector:
 
     def __init__(self, bn: _BatchNorm) -> None:
         self.moments = RunningMoments(bn.num_features)
-        self.stock = is_stock(bn)
+        self.stock = has_stock_forward(bn)
         self.samples: list[tuple[int, int]] = []  # (batch size, values per channel)
         self.means: list[torch.Tensor] = []
         self.m2: list[torch.Tensor] = []

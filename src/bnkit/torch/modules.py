@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "bn_layers", "eval_mode", "flatten_tensors"]
+__all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "has_stock_forward", "bn_layers", "eval_mode",
+           "flatten_tensors"]
 
 BN_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
 
@@ -33,6 +34,11 @@ def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
 def is_bn_or_frozen(module: nn.Module) -> bool:
     """A BatchNorm layer or one of bnkit's buffer-only ``FrozenBatchNorm*d`` (marked ``_bnkit_frozen_layer``)."""
     return is_batchnorm(module) or getattr(type(module), "_bnkit_frozen_layer", False)
+
+
+def has_stock_forward(bn: _BatchNorm) -> bool:
+    """The layer runs PyTorch's own ``forward`` (class and instance), so a tool may stand in for it."""
+    return type(bn).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward) and "forward" not in vars(bn)
 
 
 class eval_mode:

@@ -81,7 +81,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..findings import Finding
 from ..stats import RunningMoments
-from .modules import is_batchnorm
+from .modules import has_stock_forward, is_batchnorm
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
@@ -94,10 +94,6 @@ _PROGRESS_AFTER = 1.0
 
 #: Inputs with at most this many values are reduced by upcasting to float64 (see _batch_moments).
 _SMALL = 1 << 16
-
-#: Layers whose forward is PyTorch's own (training-mode normalization with batch statistics).
-_STANDARD_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
-
 
 @dataclass
 class LayerRecalibration:
@@ -605,7 +601,7 @@ def recalibrate(
         # or one patched on the instance) keeps it, with a pre-hook that reduces its input.
         for i, (_, m) in enumerate(layers):
             m.training = True
-            if type(m).forward in _STANDARD_FORWARDS and "forward" not in m.__dict__:
+            if has_stock_forward(m):
                 patched.append(m)
                 m.__dict__["forward"] = acc.forward(i)  # an instance attribute, as `m.forward = ...` makes it
             else:
