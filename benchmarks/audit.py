@@ -10,6 +10,11 @@ measuring batch statistics. Also printed: the model-only audit (flags and fold a
 whatever the data size) and the ratio without it, which is what each extra batch costs.
 Best of ``--repeats`` for each, interleaved, in CPU time of this process (``time.process_time``:
 other processes on a shared machine do not skew it), one thread unless ``--threads`` says otherwise.
+On glibc, malloc's mmap and trim thresholds are fixed first (``mallopt``, as in
+``benchmarks/fold.py``) so freed activations are reused rather than returned to the OS
+and faulted in again: left to glibc's dynamic thresholds, the audit's extra temporaries
+tip later activations of both runs into fresh mappings and every op that writes one
+pays page faults (``--keep-malloc`` turns this off).
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import copy
 import time
 
 import torch
+from _timing import steady_malloc
 
 from bnkit.torch import audit
 from bnkit.torch.zoo import MLP, MobileNetV2Tiny, SmallResNet, VGGBN
@@ -61,10 +67,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--keep-malloc", action="store_true", help="leave glibc's malloc thresholds as they are")
     args = parser.parse_args()
+    steady = False if args.keep_malloc else steady_malloc()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"{args.batches} batches of {args.batch_size}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
+    print(f"{args.batches} batches of {args.batch_size}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
+          f"malloc thresholds {'fixed' if steady else 'as glibc sets them'}")
     print(f"{'model':<10} {'plain fwd (s)':>14} {'audit (s)':>10} {'ratio':>7} {'model-only (s)':>15} "
           f"{'ratio without it':>17} {'train-BN fwd ratio':>19}  target <= 1.2")
     worst = 0.0
