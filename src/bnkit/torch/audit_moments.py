@@ -18,24 +18,27 @@ from .modules import has_stock_forward
 
 
 def _moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """``(count, mean, M2)`` per channel (axis 1) of one batch, two-pass, at least float32.
+    """``(count, mean, M2)`` per channel (axis 1) of one batch, two-pass, at least float32."""
+    n, mean, m2, _ = _centred(x)
+    return n, mean, m2
 
-    Sums over an ``(N, C, -1)`` view, then ``sum((x - mean)^2)``: several times faster on
-    CPU than ``torch.var_mean`` over ``(0, 2, 3)`` or a training-mode ``F.batch_norm``.
+
+def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(count, mean, M2, x - mean)`` per channel (axis 1), the centred copy shaped ``(N, C, -1)``.
+
+    Two-pass: sums over the ``(N, C, -1)`` view, then ``M2 = sum |x_nc - mean|^2`` from
+    each row's 2-norm (one read of the centred copy, no squared temporary). Several
+    times faster on CPU than ``torch.var_mean`` over ``(0, 2, 3)`` or a training-mode
+    ``F.batch_norm``; the copy is what :class:`Collector` normalizes in place.
     """
     x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    if x.ndim == 2:
-        n = x.shape[0]
-        mean = x.sum(0) / n
-        d = x - mean
-        return n, mean, d.mul_(d).sum(0)
     xv = x.reshape(x.shape[0], x.shape[1], -1)
     n = xv.shape[0] * xv.shape[2]
     mean = xv.sum(2).sum(0) / n
     d = xv - mean[:, None]
-    return n, mean, d.mul_(d).sum(2).sum(0)
+    return n, mean, torch.linalg.vector_norm(d, dim=2).square_().sum(0), d
 
 
 #: Up to this many values per channel and sample, PyTorch's training kernel computes the batch
@@ -55,7 +58,9 @@ class Collector:
     * up to :data:`_KERNEL_STATS_MAX_VALUES` values per channel and sample: PyTorch's
       training kernel with ``momentum = 1`` on fresh zero buffers, which leaves exactly the
       batch mean and unbiased variance in them (``r = (1 - m) r + m b``);
-    * larger feature maps: :func:`_moments` (two-pass), then PyTorch's eval kernel on them.
+    * larger feature maps: :func:`_centred` (two-pass), whose centred copy is then scaled
+      and shifted in place, ``(x - mean) * weight / sqrt(var + eps) + bias`` (inputs in
+      float16/bfloat16: PyTorch's eval kernel on the moments, to keep the input's dtype).
 
     Layers with their own ``forward`` run in training mode without tracking, and their
     input is reduced after the call.
@@ -92,10 +97,18 @@ class Collector:
                 out = F.batch_norm(x, mean, var, bn.weight, bn.bias, True, 1.0, bn.eps)
                 self._record(x, n, mean, var.mul_(n - 1))
                 return out
-            n, mean, m2 = _moments(x)
+            n, mean, m2, d = _centred(x)
             self._record(x, n, mean, m2)
-            stats = bn.running_mean.dtype
-            return F.batch_norm(x, mean.to(stats), (m2 / n).to(stats), bn.weight, bn.bias, False, 0.0, bn.eps)
+            if d.dtype != x.dtype:
+                stats = bn.running_mean.dtype
+                return F.batch_norm(x, mean.to(stats), (m2 / n).to(stats), bn.weight, bn.bias, False, 0.0, bn.eps)
+            scale = torch.rsqrt(m2 / n + bn.eps)
+            if bn.weight is not None:
+                scale = scale.mul_(bn.weight.to(d.dtype))
+            d.mul_(scale[:, None])
+            if bn.bias is not None:
+                d.add_(bn.bias.to(d.dtype)[:, None])
+            return d.view(x.shape)
 
         return forward
 
