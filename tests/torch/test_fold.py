@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bnkit.torch import bn_layers, fold_bn, load_state_dict_file, save_state_dict_file
+from bnkit.torch import bn_layers, fold_bn, fold_plan, load_state_dict_file, save_state_dict_file
 from bnkit.torch.zoo import ZOO, example_input
 
 # Which BN layers of each zoo model can be folded exactly, read off the architectures in bnkit/torch/zoo.py.
@@ -258,6 +258,32 @@ def test_track_running_stats_false_is_left():
     assert "track_running_stats=False" in report.left["1"]
 
 
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_fold_plan_reports_what_fold_bn_does_and_changes_nothing(name, with_inputs):
+    model, x = zoo_model(name)
+    next(model.children()).train()  # one flag differs from the rest; all are to be left as found
+    flags = [m.training for m in model.modules()]
+    before = copy.deepcopy(model.state_dict())
+    example = x if with_inputs else None
+    plan = fold_plan(model, example, force=True)
+    _, report = fold_bn(model, example, verify=False, force=True)
+    assert plan.folded == report.folded and plan.left == report.left and plan.method == report.method
+    assert plan.max_abs_diff is None
+    assert [m.training for m in model.modules()] == flags
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_fold_plan_refuses_what_fold_bn_refuses():
+    model, x = zoo_model("mlp")
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        fold_plan(model, x)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fold_plan({"weight": torch.ones(2)})
+
+
 def test_untraceable_model_falls_back_to_sequential_neighbours():
     class Branchy(nn.Module):
         def __init__(self):
@@ -278,6 +304,8 @@ def test_untraceable_model_falls_back_to_sequential_neighbours():
     assert any("could not trace" in n for n in report.notes)
     assert [(f.bn, f.into) for f in report.folded] == [("body.1", "body.0")]
     assert "bn" in report.left
+    plan = fold_plan(model, x)
+    assert (plan.method, plan.folded, plan.left) == ("sequential", report.folded, report.left)
     with torch.no_grad():
         assert rel_diff(model(x), folded(x)) < 1e-5
 

@@ -26,7 +26,7 @@ _EXPORTS = {
     # recalibrate.py: exact population statistics
     "recalibrate": "recalibrate", "RecalibrationReport": "recalibrate",
     # fold.py / export.py: deployment
-    "fold_bn": "fold", "FoldReport": "fold", "export_onnx": "export",
+    "fold_bn": "fold", "fold_plan": "fold", "FoldReport": "fold", "export_onnx": "export",
     # audit.py
     "audit": "audit", "AuditReport": "audit",
     # convert.py: other frameworks and SyncBatchNorm

@@ -163,9 +163,9 @@ def _fold_findings(model: nn.Module, layers, example) -> list[Finding]:
     if not tracked:
         return []
     try:
-        from .fold import fold_bn
+        from .fold import fold_plan
 
-        _, fold = fold_bn(model, example, verify=False, force=True)
+        fold = fold_plan(model, example, force=True)
     except Exception as exc:  # fold refuses NaN statistics, lazy modules, ...; the audit reports those itself
         return [Finding("info", "(model)", "fold analysis skipped", f"{type(exc).__name__}: {exc}", "", "fold")]
     folded = [f.bn for f in fold.folded]

@@ -180,11 +180,45 @@ def fold_bn(
     inputs = _as_tuple(example_inputs)
     work = copy.deepcopy(model)
     report = FoldReport()
+    reference, plan = _plan(work, inputs, report)
+    report.folded = _entries(work, plan)
+    _apply(work, plan)
 
+    if verify and inputs is not None:
+        report.max_abs_diff, report.max_rel_diff = _compare(reference, _run_eval(work, inputs))
+    elif verify:
+        report.notes.append("not verified: no example_inputs given")
+    return work, report
+
+
+def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = False) -> FoldReport:
+    """What :func:`fold_bn` would fold, without copying or changing ``model``.
+
+    The report's ``folded`` lists the pairs ``fold_bn`` would fold (``bias_added`` as it
+    would set it) and ``left`` the rest with their reasons; nothing is verified. With
+    ``example_inputs`` the model runs once in eval mode (every module's flag is put back)
+    with forward hooks, to learn the ranks of layer outputs. Same arguments and errors as
+    :func:`fold_bn`; cheaper, as the model is neither copied nor folded.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_plan needs a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model, force)
+    report = FoldReport()
+    _, plan = _plan(model, _as_tuple(example_inputs), report)
+    report.folded = _entries(model, plan)
+    return report
+
+
+def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport) -> tuple[Any, list[tuple[str, str, str]]]:
+    """The eval-mode outputs on ``inputs`` (None without them) and the ``(bn, layer, position)`` pairs to fold.
+
+    Reads ``work`` only: a probe forward in eval mode, then a torch.fx trace (or, when
+    tracing fails, the ``nn.Sequential`` neighbours). Fills ``report.method``,
+    ``report.left`` and ``report.notes``.
+    """
     reference, probe = None, {}
     if inputs is not None:
         reference, probe = _probe(work, inputs)
-
     try:
         with eval_mode(work):
             graph = _Tracer().trace(work)
@@ -195,17 +229,8 @@ def fold_bn(
             f"torch.fx could not trace the model ({type(exc).__name__}: {first_line}); "
             "folded only neighbours inside nn.Sequential containers"
         )
-        plan = _plan_sequential(work, probe, report)
-    else:
-        plan = _plan_fx(work, graph, probe, report)
-
-    _apply(work, plan, report)
-
-    if verify and inputs is not None:
-        report.max_abs_diff, report.max_rel_diff = _compare(reference, _run_eval(work, inputs))
-    elif verify:
-        report.notes.append("not verified: no example_inputs given")
-    return work, report
+        return reference, _plan_sequential(work, probe, report)
+    return reference, _plan_fx(work, graph, probe, report)
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -548,22 +573,29 @@ def _padding_reason(layer: nn.Module, name: str) -> str | None:
 # ---------------------------------------------------------------------------------------------- folding math
 
 
-def _apply(work: nn.Module, plan: list[tuple[str, str, str]], report: FoldReport) -> None:
+def _entries(work: nn.Module, plan: list[tuple[str, str, str]]) -> list[FoldedBN]:
+    """The report's entry for each planned fold; a bias is added by the first fold into a layer without one."""
+    entries, seen = [], set()
+    for bn_name, layer_name, position in plan:
+        added = layer_name not in seen and work.get_submodule(layer_name).bias is None
+        seen.add(layer_name)
+        entries.append(FoldedBN(bn_name, layer_name, position, bias_added=added))
+    return entries
+
+
+def _apply(work: nn.Module, plan: list[tuple[str, str, str]]) -> None:
     """Compose every planned fold per layer in float64, then write each layer once in its own dtype."""
     pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for bn_name, layer_name, position in plan:
         bn, layer = work.get_submodule(bn_name), work.get_submodule(layer_name)
         if layer_name in pending:
             w, b = pending[layer_name]
-            bias_added = False
         else:
             w = _f64(layer.weight)
-            bias_added = layer.bias is None
-            b = torch.zeros(_out_channels(layer), dtype=torch.float64) if bias_added else _f64(layer.bias)
+            b = torch.zeros(_out_channels(layer), dtype=torch.float64) if layer.bias is None else _f64(layer.bias)
         s, t = _scale_shift(bn)
         fold = _fold_after if position == "after" else _fold_before
         pending[layer_name] = fold(layer, w, b, s, t)
-        report.folded.append(FoldedBN(bn_name, layer_name, position, bias_added=bias_added))
     for layer_name, (w, b) in pending.items():
         _assign(work.get_submodule(layer_name), w, b)
     for bn_name, _, _ in plan:

@@ -42,14 +42,20 @@ def has_stock_forward(bn: _BatchNorm) -> bool:
 
 
 class eval_mode:
-    """Context manager: every module in eval mode, each module's own ``training`` flag restored on exit."""
+    """Context manager: every module in eval mode, each module's own ``training`` flag restored on exit.
+
+    The flags are assigned, not set through ``train(False)``: a module's own ``train``
+    (a frozen layer remembering the mode asked for, see :mod:`bnkit.torch.freeze`) does
+    not run, so nothing but the flags changes, and they change back.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
     def __enter__(self) -> nn.Module:
         self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
+        for m, _ in self.flags:
+            m.training = False
         return self.model
 
     def __exit__(self, *exc: object) -> None:
