@@ -36,8 +36,8 @@ def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Te
         x = x.float()
     xv = x.reshape(x.shape[0], x.shape[1], -1)
     n = xv.shape[0] * xv.shape[2]
-    mean = xv.sum(2).sum(0) / n
-    d = xv - mean[:, None]
+    mean = xv.sum(2).sum(0).mul_(1.0 / n)
+    d = xv - mean.unsqueeze(1)
     return n, mean, torch.linalg.vector_norm(d, dim=2).square_().sum(0), d
 
 
@@ -102,12 +102,12 @@ class Collector:
             if d.dtype != x.dtype:
                 stats = bn.running_mean.dtype
                 return F.batch_norm(x, mean.to(stats), (m2 / n).to(stats), bn.weight, bn.bias, False, 0.0, bn.eps)
-            scale = torch.rsqrt(m2 / n + bn.eps)
+            scale = (m2 * (1.0 / n)).add_(bn.eps).rsqrt_()  # in-place: these tiny ops cost their call overhead
             if bn.weight is not None:
-                scale = scale.mul_(bn.weight.to(d.dtype))
-            d.mul_(scale[:, None])
+                scale.mul_(bn.weight.to(d.dtype))
+            d.mul_(scale.unsqueeze(1))
             if bn.bias is not None:
-                d.add_(bn.bias.to(d.dtype)[:, None])
+                d.add_(bn.bias.to(d.dtype).unsqueeze(1))
             return d.view(x.shape)
 
         return forward
