@@ -98,6 +98,26 @@ def test_eval_is_deterministic_updates_nothing_and_uses_gamma_beta_identically()
     np.testing.assert_allclose(bn(xb), bn.weight * xhat_b + bn.bias)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eval_follows_statistics_and_parameters_changed_in_place_between_calls(dtype):
+    """Eval reuses its expanded scale/shift rows only while they are unchanged."""
+    rng = np.random.default_rng(5)
+    bn = BatchNorm(4).eval()
+    x = rng.normal(2, 3, size=(3, 4, 5, 6)).astype(dtype)
+
+    def expected():
+        xhat = (x - bn.running_mean[:, None, None]) / np.sqrt(bn.running_var[:, None, None] + bn.eps)
+        return bn.weight[:, None, None] * xhat + bn.bias[:, None, None]
+
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(bn(x), expected(), rtol=tol, atol=tol)
+    for change in (lambda: bn.running_mean.__setitem__(1, 0.7), lambda: bn.running_var.__imul__(2.0),
+                   lambda: bn.weight.__setitem__(3, -1.5), lambda: bn.bias.__iadd__(0.25)):
+        change()  # in place: the arrays keep their identity
+        np.testing.assert_allclose(bn(x), expected(), rtol=tol, atol=tol)
+    np.testing.assert_allclose(bn(x[:, :, :2, :3]), expected()[:, :, :2, :3], rtol=tol, atol=tol)  # another size
+
+
 def test_state_dict_round_trip_with_torch():
     rng = np.random.default_rng(5)
     tbn = torch.nn.BatchNorm2d(3)

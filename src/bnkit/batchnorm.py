@@ -91,6 +91,7 @@ class BatchNorm:
             self.num_batches_tracked = None
         self.grad_weight = self.grad_bias = None
         self._cache = None
+        self._rows: tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> "BatchNorm":
@@ -166,7 +167,7 @@ class BatchNorm:
         # over a whole sample instead of B values per channel (a (C, 1) broadcast is ~1.7x slower).
         a, c, b = x3.shape
         src2, out2 = src.reshape(a, c * b), out.reshape(a, c * b)
-        sc, sh = np.repeat(scale.astype(dt), b), np.repeat(shift.astype(dt), b)
+        sc, sh = self._affine_rows(scale.astype(dt), shift.astype(dt), b)
 
         block = max(1, (1 << 16) // max(1, c * b))  # rows per block: ~256 KiB of float32, at least one sample
 
@@ -181,6 +182,20 @@ class BatchNorm:
         return out.reshape(x.shape)
 
     __call__ = forward
+
+    def _affine_rows(self, scale: np.ndarray, shift: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """``scale`` and ``shift`` each repeated ``b`` times; the last pair is reused while both are unchanged.
+
+        In eval mode they are the same every call, and building two sample-long rows costs
+        about a tenth of the affine pass itself on a (32, 64, 56, 56) batch.
+        """
+        cached = self._rows
+        if (cached is not None and cached[2] == b and cached[0].dtype == scale.dtype
+                and np.array_equal(cached[0], scale) and np.array_equal(cached[1], shift)):
+            return cached[3], cached[4]
+        rows = np.repeat(scale, b), np.repeat(shift, b)
+        self._rows = (scale, shift, b, *rows)
+        return rows
 
     # --------------------------------------------------------------- backward
     def backward(self, dy: np.ndarray) -> np.ndarray:
@@ -279,24 +294,29 @@ def _as_acb(x: np.ndarray, ax: int) -> np.ndarray:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_CPUS = os.cpu_count() or 1
 
 
 def _parallel(fn, x3: np.ndarray, min_size: int = 1 << 20) -> None:
     """Run ``fn(slice)`` over row blocks of the leading axis, on threads for large arrays.
 
-    NumPy's ufuncs release the GIL, so the blocks run truly in parallel; each writes
-    a disjoint slice, and results do not depend on the number of threads.
+    NumPy's ufuncs release the GIL, so the blocks run truly in parallel (the calling
+    thread takes the last one); each writes a disjoint slice, and results do not
+    depend on the number of threads.
     """
     global _POOL
     rows = len(x3)
-    workers = min(os.cpu_count() or 1, rows)
+    workers = min(_CPUS, rows)
     if workers < 2 or x3.size < min_size:
         fn(slice(0, rows))
         return
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count())
-    bounds = np.linspace(0, rows, workers + 1).astype(int)
-    list(_POOL.map(fn, [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]))
+        _POOL = ThreadPoolExecutor(max_workers=_CPUS - 1)
+    bounds = [rows * k // workers for k in range(workers + 1)]
+    pending = [_POOL.submit(fn, slice(lo, hi)) for lo, hi in zip(bounds[:-2], bounds[1:-1])]
+    fn(slice(bounds[-2], rows))
+    for job in pending:
+        job.result()
 
 
 def _channel_sum(x3: np.ndarray) -> np.ndarray:
