@@ -1,13 +1,15 @@
-"""bnkit.cli.common: the output-path and device checks every writing command uses."""
+"""bnkit.cli.common: the output-path and device checks every writing command uses, and the data-file loader."""
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from bnkit.cli.common import (
-    ONNX_SUFFIXES, STATE_DICT_SUFFIXES, UsageError, check_output, parse_device,
+    ONNX_SUFFIXES, STATE_DICT_SUFFIXES, UsageError, check_output, load_inputs, parse_device,
 )
 
 
@@ -78,3 +80,51 @@ def test_fail_prints_the_message_literally_and_unbroken(capsys):
     out = capsys.readouterr().out
     assert exit_.exit_code == 2
     assert out == f"error: {message}\n"
+
+
+class _Writes:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_load_inputs_reads_every_data_format_and_picks_the_inputs(tmp_path):
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    np.save(tmp_path / "a.npy", x)
+    np.savez(tmp_path / "one.npz", anything=x)
+    np.savez(tmp_path / "named.npz", labels=np.zeros(6), images=x)
+    torch.save({"labels": torch.zeros(6), "x": torch.from_numpy(x)}, tmp_path / "d.pt")
+    torch.save((torch.from_numpy(x), torch.zeros(6)), tmp_path / "pair.pt")
+    save_file({"inputs": torch.from_numpy(x), "y": torch.zeros(6)}, str(tmp_path / "d.safetensors"))
+    for name in ("a.npy", "one.npz", "named.npz", "d.pt", "pair.pt", "d.safetensors"):
+        got = load_inputs(tmp_path / name)
+        np.testing.assert_array_equal(np.asarray(got), x, err_msg=name)
+    np.testing.assert_array_equal(load_inputs(tmp_path / "named.npz", "labels"), np.zeros(6))
+
+
+def test_load_inputs_errors_name_the_file_and_the_way_out(tmp_path):
+    np.savez(tmp_path / "two.npz", a=np.zeros(2), b=np.ones(2))
+    with pytest.raises(ValueError, match=r"two.npz holds \['a', 'b'\]; name the inputs one of .* or choose them with --k"):
+        load_inputs(tmp_path / "two.npz", key_option="--k")
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="object arrays are refused"):
+        load_inputs(tmp_path / "obj.npz")
+    with pytest.raises(ValueError, match="no such data file"):
+        load_inputs(tmp_path / "missing.npy")
+    with pytest.raises(ValueError, match="is a directory"):
+        load_inputs(tmp_path)
+    torch.save({"x": "not an array"}, tmp_path / "str.pt")
+    with pytest.raises(ValueError, match="holds a str, not an array"):
+        load_inputs(tmp_path / "str.pt")
+
+
+def test_load_inputs_never_runs_a_pickle(tmp_path):
+    from bnkit.torch.io import UnsafeCheckpointError
+
+    target = tmp_path / "pwned.txt"
+    torch.save({"x": torch.zeros(2), "payload": _Writes(str(target))}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError):
+        load_inputs(tmp_path / "evil.pt")
+    assert not target.exists()

@@ -17,10 +17,9 @@ import typer
 from rich.table import Table
 
 from .app import app, console, fail
-from .common import UsageError, add_cwd_to_path, build_model
+from .common import UsageError, add_cwd_to_path, build_model, load_inputs
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
-_DATA_KEYS = ("x", "inputs", "input", "data", "images", "X")
 
 
 @app.command("audit")
@@ -151,39 +150,16 @@ def _dtype_hint(inputs, exc: ValueError) -> str:
 
 
 def _load_data(path: Path):
-    """Inputs from ``.npy``/``.npz`` (no pickles), ``.pt`` (weights_only) or ``.safetensors``."""
-    import numpy as np
+    """The inputs in ``--data`` (see :func:`bnkit.cli.common.load_inputs`); unreadable files fail with exit 2."""
     import torch
 
-    from ..torch.io import UnsafeCheckpointError, load_checkpoint
+    from ..torch.io import UnsafeCheckpointError
 
-    _check_file(path, "data")
-    suffix = path.suffix.lower()
     try:
-        if suffix in (".npy", ".npz"):
-            obj = np.load(path, allow_pickle=False)
-            if isinstance(obj, np.lib.npyio.NpzFile):
-                obj = {k: obj[k] for k in obj.files}
-        else:
-            obj = load_checkpoint(path)
-    except UnsafeCheckpointError as exc:
+        inputs = load_inputs(path)
+    except (UnsafeCheckpointError, ValueError) as exc:
         raise fail(str(exc)) from None
-    except (ValueError, OSError) as exc:
-        raise fail(f"cannot read data file {path}: {exc}") from None
-    if isinstance(obj, dict):
-        key = next((k for k in _DATA_KEYS if k in obj), None)
-        if key is None and len(obj) == 1:
-            key = next(iter(obj))
-        if key is None:
-            raise fail(f"{path} holds {sorted(obj)}; name the inputs one of {list(_DATA_KEYS)}")
-        obj = obj[key]
-    elif isinstance(obj, (tuple, list)) and obj:
-        obj = obj[0]
-    if isinstance(obj, np.ndarray):
-        obj = torch.from_numpy(obj)
-    if not isinstance(obj, torch.Tensor):
-        raise fail(f"{path} holds a {type(obj).__name__}, not an array of inputs")
-    return obj
+    return torch.from_numpy(inputs) if not isinstance(inputs, torch.Tensor) else inputs
 
 
 def _print(report: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Helpers shared by CLI commands: resolving ``package.module:attr`` specs, checking output paths and devices.
+"""Helpers shared by CLI commands: ``package.module:attr`` specs, output and device checks, data files.
 
 The checks raise :class:`UsageError` (a ``ValueError``) with a message meant for the user; a command
 turns it into ``fail(str(exc))`` (exit status 2) before anything is loaded or written.
@@ -14,6 +14,9 @@ from typing import Any, Optional, Union
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".safetensors")
 ONNX_SUFFIXES = (".onnx",)
+ARRAY_SUFFIXES = (".npy", ".npz")
+#: Names under which a data file with several arrays holds the model's inputs (the first present wins).
+INPUT_KEYS = ("x", "inputs", "input", "data", "images", "X")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -131,3 +134,54 @@ def parse_device(text: str) -> Any:
             raise UsageError(f"--device {text}: Apple MPS is not available on this machine; use --device cpu")
         return device
     raise UsageError(f"unsupported device {text!r}: use cpu, cuda, cuda:N or mps")
+
+
+def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str] = None) -> Any:
+    """The model inputs in a data file: an array (``.npy``/``.npz``, pickles refused) or a tensor.
+
+    Anything else is read as a checkpoint with ``weights_only=True`` (``.pt``, ``.pth``) or as
+    safetensors: data files are never trusted to run code. A file of several named arrays
+    gives ``key``, else its only one, else the first of :data:`INPUT_KEYS` present; a tuple
+    or list gives its first item.
+
+    Raises:
+        ValueError: no such file, a folder, an unreadable file, or no inputs in it (the
+            message names the file, and ``key_option``, the option that picks a name, if any).
+        bnkit.torch.io.UnsafeCheckpointError: a pickle with code in it.
+    """
+    import numpy as np
+    import torch
+
+    from ..torch.io import load_checkpoint
+
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a data file: name a file inside it")
+    if not path.is_file():
+        raise ValueError(f"no such data file: {path}")
+    if path.suffix.lower() in ARRAY_SUFFIXES:
+        try:
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                with loaded:
+                    loaded = {k: loaded[k] for k in loaded.files}  # object arrays raise here, on access
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{path} is not a readable .npy/.npz array file (object arrays are refused): {exc}") from exc
+    else:
+        try:
+            loaded = load_checkpoint(path)
+        except (ValueError, OSError) as exc:
+            message = str(exc)
+            raise ValueError(message if str(path) in message else f"cannot read data file {path}: {message}") from exc
+    if isinstance(loaded, dict):
+        names = [str(k) for k in loaded]
+        chosen = key if key is not None else (
+            names[0] if len(names) == 1 else next((k for k in INPUT_KEYS if k in names), None))
+        if chosen not in names:
+            choose = f" or choose them with {key_option}" if key_option else ""
+            raise ValueError(f"{path} holds {sorted(names)}; name the inputs one of {list(INPUT_KEYS)}{choose}")
+        loaded = {str(k): v for k, v in loaded.items()}[chosen]
+    elif isinstance(loaded, (tuple, list)) and loaded:
+        loaded = loaded[0]
+    if not isinstance(loaded, (np.ndarray, torch.Tensor)):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not an array of inputs")
+    return loaded

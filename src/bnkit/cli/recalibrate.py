@@ -13,43 +13,7 @@ import typer
 from rich.table import Table
 
 from .app import app, console, fail
-
-_ARRAY_KEYS = ("x", "inputs", "input", "data", "images", "X")  # the names bnkit audit --data accepts too
-_ARRAY_SUFFIXES = (".npy", ".npz")
-_TENSOR_SUFFIXES = (".pt", ".pth", ".safetensors")
-
-
-def _pick(named: dict[str, Any], key: Optional[str], path: Path) -> Any:
-    names = list(named)
-    if key is None:
-        key = names[0] if len(names) == 1 else next((k for k in _ARRAY_KEYS if k in names), None)
-    if key not in names:
-        raise ValueError(f"{path} holds {names}; choose the inputs with --data-key")
-    return named[key]
-
-
-def _load_array(path: Path, key: Optional[str]) -> Any:
-    """The inputs in a ``.npy``/``.npz`` file (no pickles) or a ``.pt``/``.safetensors`` file (weights_only)."""
-    import numpy as np
-
-    from ..torch.io import load_checkpoint
-
-    if not path.is_file():
-        raise ValueError(f"no such data file: {path}")
-    if path.suffix.lower() in _TENSOR_SUFFIXES:
-        loaded = load_checkpoint(path)  # never trusted: data files cannot run code
-        if isinstance(loaded, dict):
-            return _pick({str(k): v for k, v in loaded.items()}, key, path)
-        return loaded[0] if isinstance(loaded, (tuple, list)) and loaded else loaded
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable .npy/.npz array file (object arrays are refused): {exc}") from exc
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded:
-        return np.asarray(_pick({k: loaded[k] for k in loaded.files}, key, path))
-
+from .common import INPUT_KEYS
 
 def _batches_of(array: Any, batch_size: int, dtype: Any) -> list[Any]:
     """Consecutive batches of a whole array; a last batch of one sample joins the one before it."""
@@ -79,12 +43,12 @@ def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> An
     import numpy as np
     import torch
 
-    from .common import resolve_spec
+    from .common import ARRAY_SUFFIXES, STATE_DICT_SUFFIXES, load_inputs, resolve_spec
 
-    if spec.lower().endswith(_ARRAY_SUFFIXES + _TENSOR_SUFFIXES):
-        return _batches_of(_load_array(Path(spec), key), batch_size, dtype)
+    if spec.lower().endswith(ARRAY_SUFFIXES + STATE_DICT_SUFFIXES):
+        return _batches_of(load_inputs(Path(spec), key, "--data-key"), batch_size, dtype)
     if ":" not in spec:
-        raise ValueError(f"expected a {', '.join(_ARRAY_SUFFIXES + _TENSOR_SUFFIXES)} file or "
+        raise ValueError(f"expected a {', '.join(ARRAY_SUFFIXES + STATE_DICT_SUFFIXES)} file or "
                          "package.module:factory")
     obj = resolve_spec(spec)
     if callable(obj) and not isinstance(obj, torch.utils.data.Dataset):
@@ -140,7 +104,7 @@ def recalibrate_command(
     batch_size: int = typer.Option(64, help="Batch size when --data is an array or a Dataset."),
     data_key: Optional[str] = typer.Option(
         None, help="Array name inside an .npz/.pt/.safetensors file holding several. Default: its only array, "
-                   f"else the first present of {', '.join(_ARRAY_KEYS)}."),
+                   f"else the first present of {', '.join(INPUT_KEYS)}."),
     forward: Optional[str] = typer.Option(
         None, help="package.module:fn called as fn(model, batch), for batches that are dicts or several inputs."),
     device: Optional[str] = typer.Option(
