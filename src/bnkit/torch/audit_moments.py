@@ -41,8 +41,8 @@ def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Te
     return n, mean, torch.linalg.vector_norm(d, dim=2).square_().sum(0), d
 
 
-#: Up to this many values per channel and sample, PyTorch's training kernel computes the batch
-#: moments faster than :func:`_moments` does (BatchNorm1d on ``(N, C)``, tiny feature maps).
+#: Up to this many values per channel and sample, PyTorch's batch-statistics kernel computes the
+#: moments faster than :func:`_centred` does (BatchNorm1d on ``(N, C)``, tiny feature maps).
 _KERNEL_STATS_MAX_VALUES = 4
 
 
@@ -55,9 +55,10 @@ class Collector:
     ``_BatchNorm.forward``) and keeps the call's moments; its buffers, ``momentum`` and
     flags are never touched:
 
-    * up to :data:`_KERNEL_STATS_MAX_VALUES` values per channel and sample: PyTorch's
-      training kernel with ``momentum = 1`` on fresh zero buffers, which leaves exactly the
-      batch mean and unbiased variance in them (``r = (1 - m) r + m b``);
+    * up to :data:`_KERNEL_STATS_MAX_VALUES` values per channel and sample: the batch
+      mean and biased variance from PyTorch's statistics kernel (``batch_norm_update_stats``,
+      what its training-mode forward reduces with, without the running-buffer update),
+      then its eval kernel on them;
     * larger feature maps: :func:`_centred` (two-pass), whose centred copy is then scaled
       and shifted in place, ``(x - mean) * weight / sqrt(var + eps) + bias`` (inputs in
       float16/bfloat16: PyTorch's eval kernel on the moments, to keep the input's dtype).
@@ -92,11 +93,11 @@ class Collector:
             x = input
             n = x.numel() // x.shape[1]
             if n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES:
-                mean = torch.zeros_like(bn.running_mean)
-                var = torch.zeros_like(bn.running_var)
-                out = F.batch_norm(x, mean, var, bn.weight, bn.bias, True, 1.0, bn.eps)
-                self._record(x, n, mean, var.mul_(n - 1))
-                return out
+                xs = x if x.dtype in (torch.float32, torch.float64) else x.float()  # fp16/bf16 stats lose digits
+                mean, var = torch.batch_norm_update_stats(xs.detach(), None, None, 0.0)
+                self._record(x, n, mean, var * n)
+                stats = bn.running_mean.dtype
+                return F.batch_norm(x, mean.to(stats), var.to(stats), bn.weight, bn.bias, False, 0.0, bn.eps)
             n, mean, m2, d = _centred(x)
             self._record(x, n, mean, m2)
             if d.dtype != x.dtype:
