@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _helpers import WritesFile
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
@@ -83,18 +84,10 @@ def test_never_updated_checkpoint_is_an_error(tmp_path):
     assert {("2", "never_updated"), ("5", "never_updated")} <= codes
 
 
-class _Evil:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def test_malicious_pickle_is_refused_and_the_file_never_appears(tmp_path):
     target = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pt"
-    torch.save({"x": torch.zeros(2), "payload": _Evil(str(target))}, path)
+    torch.save({"x": torch.zeros(2), "payload": WritesFile(str(target))}, path)
     result = _invoke(path)
     assert result.exit_code == 2
     assert "NOT loaded" in result.output and "--trust" in result.output

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from _helpers import WritesFile
 from safetensors.torch import save_file
 
 from bnkit.cli.common import (
@@ -82,14 +83,6 @@ def test_fail_prints_the_message_literally_and_unbroken(capsys):
     assert out == f"error: {message}\n"
 
 
-class _Writes:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def test_load_inputs_reads_every_data_format_and_picks_the_inputs(tmp_path):
     x = np.arange(24, dtype=np.float32).reshape(6, 4)
     np.save(tmp_path / "a.npy", x)
@@ -124,7 +117,7 @@ def test_load_inputs_never_runs_a_pickle(tmp_path):
     from bnkit.torch.io import UnsafeCheckpointError
 
     target = tmp_path / "pwned.txt"
-    torch.save({"x": torch.zeros(2), "payload": _Writes(str(target))}, tmp_path / "evil.pt")
+    torch.save({"x": torch.zeros(2), "payload": WritesFile(str(target))}, tmp_path / "evil.pt")
     with pytest.raises(UnsafeCheckpointError):
         load_inputs(tmp_path / "evil.pt")
     assert not target.exists()

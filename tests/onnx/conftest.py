@@ -12,22 +12,14 @@ pytest.importorskip("onnxruntime")
 
 
 def _calibrated(name: str, seed: int = 0):
-    """A zoo model with real running statistics (three training batches) and random affine parameters, in eval mode."""
-    from bnkit.torch import bn_layers
+    """A zoo model calibrated on its example input (see ``_helpers.calibrated``), and a fresh input."""
+    from _helpers import calibrated
+
     from bnkit.torch.zoo import ZOO, example_input
 
     torch.manual_seed(seed)
-    model = ZOO[name]()
-    x = example_input(name, batch=8, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x + 0.5 * torch.randn(x.shape, generator=g))
-        for _, bn in bn_layers(model):
-            bn.weight.copy_(0.5 + torch.rand(bn.weight.shape, generator=g))  # away from 0: no dead channels
-            bn.bias.copy_(0.5 * torch.randn(bn.bias.shape, generator=g))
-    return model.eval(), example_input(name, batch=4, seed=seed + 1)
+    model = calibrated(ZOO[name](), example_input(name, batch=8, seed=seed), seed, positive=True)
+    return model, example_input(name, batch=4, seed=seed + 1)
 
 
 def _export(model, x, *, training: bool = False, opset: int = 17) -> "onnx.ModelProto":

@@ -7,23 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from _helpers import ort_run, rel
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from bnkit.onnx import audit, fold, fold_model
-
-
-def ort_run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(np.float64(a) - b).max() / np.abs(np.float64(b)).max())
 
 
 def _dropout_net(seed: int = 0) -> nn.Module:

@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from _helpers import ort_run, rel
 from onnx import TensorProto, helper, numpy_helper
 
 from bnkit.onnx import FoldVerificationError, OnnxRuntimeError, audit, fold, fold_model
@@ -19,16 +19,6 @@ from bnkit.torch.zoo import ZOO
 # its own Conv node reading one weight, so SharedConvNet folds fully (the weight is copied); in PreActNet
 # bn1 reads the stem output that the residual Add also reads, bn2/bn_out read an Add.
 EXPECTED_LEFT = {"preact": {"/bn1/BatchNormalization", "/bn2/BatchNormalization", "/bn_out/BatchNormalization"}}
-
-
-def ort_run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
-def rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(np.float64(a) - b).max() / np.abs(np.float64(b)).max())
 
 
 def ops(model: onnx.ModelProto) -> list[str]:

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import WritesFile
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -133,18 +134,10 @@ def test_nan_poisoned_running_var(trained, digits, tmp_path):
     _assert_unchanged(model, snap)
 
 
-class _Evil:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))  # unpickling this creates the file
-
-
 def test_malicious_pickle_is_refused_and_never_run(tmp_path):
     target = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pt"
-    torch.save({"bn.running_mean": torch.zeros(3), "payload": _Evil(str(target))}, path)
+    torch.save({"bn.running_mean": torch.zeros(3), "payload": WritesFile(str(target))}, path)
     with pytest.raises(UnsafeCheckpointError, match="NOT loaded"):
         audit(path)
     assert not target.exists()

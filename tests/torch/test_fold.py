@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from _helpers import calibrated
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -23,19 +24,6 @@ EXPECTED_LEFT = {
     "shared_conv": {"bn_a", "bn_b"},  # both follow the conv that is called twice
     "preact": {"bn1", "bn2", "bn_out"},  # each reads a sum; bn1/bn2 feed zero-padded convs, bn_out a ReLU
 }
-
-
-def calibrated(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
-    """Real running statistics from a few training-mode batches, random affine parameters, then eval()."""
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(x + 0.5 * torch.randn(x.shape, generator=g))
-        for _, bn in bn_layers(model):
-            bn.weight.copy_(1 + 0.5 * torch.randn(bn.weight.shape, generator=g))
-            bn.bias.copy_(0.5 * torch.randn(bn.bias.shape, generator=g))
-    return model.eval()
 
 
 def zoo_model(name: str) -> tuple[nn.Module, torch.Tensor]:

@@ -1,0 +1,55 @@
+"""Helpers several test folders use (``pythonpath = ["tests"]`` in pyproject.toml makes this importable)."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class WritesFile:
+    """Pickles to ``open(target, "w")``: if a loader ever unpickles it, the file appears."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (self.target, "w"))
+
+
+def calibrated(model, x, seed: int = 0, *, positive: bool = False):
+    """Real running statistics from three training-mode batches near ``x``, random affine parameters, eval().
+
+    Weights ``1 + 0.5 * N(0, 1)`` (some negative: folds must handle sign flips), or with
+    ``positive`` ``0.5 + U(0, 1)`` (away from 0: no dead channels for audits to report);
+    biases ``0.5 * N(0, 1)``.
+    """
+    import torch
+
+    from bnkit.torch import bn_layers
+
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x + 0.5 * torch.randn(x.shape, generator=g))
+        for _, bn in bn_layers(model):
+            if positive:
+                bn.weight.copy_(0.5 + torch.rand(bn.weight.shape, generator=g))
+            else:
+                bn.weight.copy_(1 + 0.5 * torch.randn(bn.weight.shape, generator=g))
+            bn.bias.copy_(0.5 * torch.randn(bn.bias.shape, generator=g))
+    return model.eval()
+
+
+def ort_run(model, feeds: dict) -> list:
+    """onnxruntime on CPU with graph optimizations off: the graph exactly as written."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def rel(a, b) -> float:
+    """``max |a - b| / max |b|`` in float64."""
+    import numpy as np
+
+    return float(np.abs(np.float64(a) - b).max() / np.abs(np.float64(b)).max())
