@@ -314,9 +314,11 @@ def _parallel(fn, x3: np.ndarray, min_size: int = 1 << 20) -> None:
         _POOL = ThreadPoolExecutor(max_workers=_CPUS - 1)
     bounds = [rows * k // workers for k in range(workers + 1)]
     pending = [_POOL.submit(fn, slice(lo, hi)) for lo, hi in zip(bounds[:-2], bounds[1:-1])]
-    fn(slice(bounds[-2], rows))
-    for job in pending:
-        job.result()
+    try:
+        fn(slice(bounds[-2], rows))
+    finally:  # never return while a worker still writes
+        for job in pending:
+            job.result()
 
 
 def _channel_sum(x3: np.ndarray) -> np.ndarray:

@@ -44,6 +44,9 @@ def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Te
 #: Up to this many values per channel and sample, PyTorch's batch-statistics kernel computes the
 #: moments faster than :func:`_centred` does (BatchNorm1d on ``(N, C)``, tiny feature maps).
 _KERNEL_STATS_MAX_VALUES = 4
+#: Devices with a ``batch_norm_update_stats`` kernel (aten/src/ATen/native/native_functions.yaml:
+#: CPU and CUDA only); inputs elsewhere (MPS, XPU, ...) always take :func:`_centred`.
+_KERNEL_STATS_DEVICES = ("cpu", "cuda")
 
 
 class Collector:
@@ -92,7 +95,7 @@ class Collector:
         def forward(input: torch.Tensor) -> torch.Tensor:  # PyTorch's parameter name: bn(input=x) works
             x = input
             n = x.numel() // x.shape[1]
-            if n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES:
+            if n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES and x.device.type in _KERNEL_STATS_DEVICES:
                 xs = x if x.dtype in (torch.float32, torch.float64) else x.float()  # fp16/bf16 stats lose digits
                 mean, var = torch.batch_norm_update_stats(xs.detach(), None, None, 0.0)
                 self._record(x, n, mean, var * n)
