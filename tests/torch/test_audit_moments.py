@@ -4,13 +4,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bnkit.torch import audit_moments
 from bnkit.torch.audit_moments import Collector
 
 
 @pytest.mark.parametrize("shape", [(64, 5), (16, 5, 3), (8, 5, 2, 2), (6, 5, 7, 9), (4, 5, 3, 4, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("affine", [True, False])
-def test_stand_in_normalizes_like_training_mode_and_keeps_exact_moments(shape, dtype, affine):
+@pytest.mark.parametrize("kernel", [True, False])  # False: as on a device without PyTorch's statistics kernel
+def test_stand_in_normalizes_like_training_mode_and_keeps_exact_moments(shape, dtype, affine, kernel, monkeypatch):
+    if not kernel:
+        monkeypatch.setattr(audit_moments, "_KERNEL_STATS_DEVICES", ())
     torch.manual_seed(0)
     bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)](5, affine=affine)
     if affine:
