@@ -15,6 +15,7 @@ from rich.table import Table
 from .app import app, console, fail
 from .common import INPUT_KEYS
 
+
 def _batches_of(array: Any, batch_size: int, dtype: Any) -> list[Any]:
     """Consecutive batches of a whole array; a last batch of one sample joins the one before it."""
     import numpy as np
