@@ -17,12 +17,6 @@ from ..stats import RunningMoments
 from .modules import has_stock_forward
 
 
-def _moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """``(count, mean, M2)`` per channel (axis 1) of one batch, two-pass, at least float32."""
-    n, mean, m2, _ = _centred(x)
-    return n, mean, m2
-
-
 def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(count, mean, M2, x - mean)`` per channel (axis 1), the centred copy shaped ``(N, C, -1)``.
 
@@ -99,25 +93,26 @@ class Collector:
                 xs = x if x.dtype in (torch.float32, torch.float64) else x.float()  # fp16/bf16 stats lose digits
                 mean, var = torch.batch_norm_update_stats(xs.detach(), None, None, 0.0)
                 self._record(x, n, mean, var * n)
-                stats = bn.running_mean.dtype
-                return F.batch_norm(x, mean.to(stats), var.to(stats), bn.weight, bn.bias, False, 0.0, bn.eps)
-            n, mean, m2, d = _centred(x)
-            self._record(x, n, mean, m2)
-            if d.dtype != x.dtype:
-                stats = bn.running_mean.dtype
-                return F.batch_norm(x, mean.to(stats), (m2 / n).to(stats), bn.weight, bn.bias, False, 0.0, bn.eps)
-            scale = (m2 * (1.0 / n)).add_(bn.eps).rsqrt_()  # in-place: these tiny ops cost their call overhead
-            if bn.weight is not None:
-                scale.mul_(bn.weight.to(d.dtype))
-            d.mul_(scale.unsqueeze(1))
-            if bn.bias is not None:
-                d.add_(bn.bias.to(d.dtype).unsqueeze(1))
-            return d.view(x.shape)
+            else:
+                n, mean, m2, d = _centred(x)
+                self._record(x, n, mean, m2)
+                if d.dtype == x.dtype:  # normalize the centred copy in place
+                    scale = (m2 * (1.0 / n)).add_(bn.eps).rsqrt_()  # in place: tiny ops cost their call overhead
+                    if bn.weight is not None:
+                        scale.mul_(bn.weight.to(d.dtype))
+                    d.mul_(scale.unsqueeze(1))
+                    if bn.bias is not None:
+                        d.add_(bn.bias.to(d.dtype).unsqueeze(1))
+                    return d.view(x.shape)
+                var = m2 / n
+            stats = bn.running_mean.dtype
+            return F.batch_norm(x, mean.to(stats), var.to(stats), bn.weight, bn.bias, False, 0.0, bn.eps)
 
         return forward
 
     def _after(self, module: _BatchNorm, args: tuple, output: Any) -> None:
-        self._record(args[0], *_moments(args[0]))
+        n, mean, m2, _ = _centred(args[0])
+        self._record(args[0], n, mean, m2)
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every call's batch size, count, mean and M2 as float64 tensors ``(K, 1)``, ``(K, 1)``, ``(K, C)``, ``(K, C)``."""
