@@ -173,13 +173,13 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
             message = str(exc)
             raise ValueError(message if str(path) in message else f"cannot read data file {path}: {message}") from exc
     if isinstance(loaded, dict):
-        names = [str(k) for k in loaded]
+        named = {str(k): v for k, v in loaded.items()}
         chosen = key if key is not None else (
-            names[0] if len(names) == 1 else next((k for k in INPUT_KEYS if k in names), None))
-        if chosen not in names:
+            next(iter(named)) if len(named) == 1 else next((k for k in INPUT_KEYS if k in named), None))
+        if chosen not in named:
             choose = f" or choose them with {key_option}" if key_option else ""
-            raise ValueError(f"{path} holds {sorted(names)}; name the inputs one of {list(INPUT_KEYS)}{choose}")
-        loaded = {str(k): v for k, v in loaded.items()}[chosen]
+            raise ValueError(f"{path} holds {sorted(named)}; name the inputs one of {list(INPUT_KEYS)}{choose}")
+        loaded = named[chosen]
     elif isinstance(loaded, (tuple, list)) and loaded:
         loaded = loaded[0]
     if not isinstance(loaded, (np.ndarray, torch.Tensor)):
