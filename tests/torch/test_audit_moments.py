@@ -11,7 +11,7 @@ from bnkit.torch.audit_moments import Collector
 @pytest.mark.parametrize("shape", [(64, 5), (16, 5, 3), (8, 5, 2, 2), (6, 5, 7, 9), (4, 5, 3, 4, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("kernel", [True, False])  # False: as on a device without PyTorch's statistics kernel
+@pytest.mark.parametrize("kernel", [True, False])  # False: as on a device without the training-mode kernel path
 def test_stand_in_normalizes_like_training_mode_and_keeps_exact_moments(shape, dtype, affine, kernel, monkeypatch):
     if not kernel:
         monkeypatch.setattr(audit_moments, "_KERNEL_STATS_DEVICES", ())
@@ -48,3 +48,28 @@ def test_stand_in_normalizes_like_training_mode_and_keeps_exact_moments(shape, d
     for k, v in bn.named_buffers():  # nothing the layer keeps was touched
         assert torch.equal(v, buffers[k]), k
     assert "forward" not in vars(bn)  # the stand-in is gone
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_tiny_and_zero_variances_are_kept_to_a_fraction_of_eps(kernel, monkeypatch):
+    """Calls keep ``1 / sqrt(var + eps)``: the recovered variance is exact to about 1e-7 (var + eps)."""
+    if not kernel:
+        monkeypatch.setattr(audit_moments, "_KERNEL_STATS_DEVICES", ())
+    torch.manual_seed(1)
+    bn = nn.BatchNorm1d(3).eval()
+    std = torch.tensor([1e-4, 0.0, 10.0], dtype=torch.float64)
+    x = (torch.randn(64, 3, dtype=torch.float64) * std + torch.tensor([5.0, -2.0, 1e3])).float()
+    col = Collector(bn)
+    undo = col.attach(bn)
+    with torch.no_grad():
+        bn(x)
+        bn(x[:32] * 2)
+    undo()
+    x64 = torch.cat([x[:64], x[:32] * 2]).double()
+    var = x64.var(0, correction=0).numpy()
+    moments = col.pool()
+    assert (abs(moments.var - var) <= 1e-6 * (var + bn.eps)).all(), (moments.var, var)
+    per_call = col.batch_vars().numpy()  # unbiased, per call
+    ref = torch.stack([x.double().var(0), (x[:32] * 2).double().var(0)]).numpy()
+    assert (abs(per_call - ref) <= 1e-6 * (ref + bn.eps)).all(), (per_call, ref)
+    assert per_call[0, 1] <= 1e-6 * bn.eps  # the constant channel

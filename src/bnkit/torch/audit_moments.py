@@ -35,11 +35,11 @@ def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Te
     return n, mean, torch.linalg.vector_norm(d, dim=2).square_().sum(0), d
 
 
-#: Up to this many values per channel and sample, PyTorch's batch-statistics kernel computes the
-#: moments faster than :func:`_centred` does (BatchNorm1d on ``(N, C)``, tiny feature maps).
-_KERNEL_STATS_MAX_VALUES = 4
-#: Devices with a ``batch_norm_update_stats`` kernel (aten/src/ATen/native/native_functions.yaml:
-#: CPU and CUDA only); inputs elsewhere (MPS, XPU, ...) always take :func:`_centred`.
+#: Up to this many values per channel and sample, PyTorch's training-mode kernel normalizes and
+#: reduces faster than :func:`_centred` (BatchNorm1d on ``(N, C)``, feature maps up to 3x3).
+_KERNEL_STATS_MAX_VALUES = 9
+#: Devices whose ``native_batch_norm`` returns the batch mean and inverse std it normalized with
+#: (aten/src/ATen/native/native_functions.yaml; CPU and CUDA tested); inputs elsewhere always take :func:`_centred`.
 _KERNEL_STATS_DEVICES = ("cpu", "cuda")
 
 
@@ -52,24 +52,26 @@ class Collector:
     ``_BatchNorm.forward``) and keeps the call's moments; its buffers, ``momentum`` and
     flags are never touched:
 
-    * up to :data:`_KERNEL_STATS_MAX_VALUES` values per channel and sample: the batch
-      mean and biased variance from PyTorch's statistics kernel (``batch_norm_update_stats``,
-      what its training-mode forward reduces with, without the running-buffer update),
-      then its eval kernel on them;
-    * larger feature maps: :func:`_centred` (two-pass), whose centred copy is then scaled
-      and shifted in place, ``(x - mean) * weight / sqrt(var + eps) + bias`` (inputs in
-      float16/bfloat16: PyTorch's eval kernel on the moments, to keep the input's dtype).
+    * float32/float64 inputs with up to :data:`_KERNEL_STATS_MAX_VALUES` values per channel
+      and sample: PyTorch's training-mode kernel without running buffers
+      (``native_batch_norm``), which returns the mean and ``1 / sqrt(var + eps)`` it used;
+    * otherwise :func:`_centred` (two-pass), whose centred copy is then scaled and shifted
+      in place, ``(x - mean) * weight / sqrt(var + eps) + bias`` (inputs in float16/bfloat16:
+      PyTorch's eval kernel on the moments, to keep the input's dtype).
 
-    Layers with their own ``forward`` run in training mode without tracking, and their
-    input is reduced after the call.
+    Every call keeps its mean and ``1 / sqrt(var + eps)``; the variance is recovered in
+    float64 when the calls are pooled, to within about ``1e-7 (var + eps)`` (float32), and
+    every use of it in the audit adds ``eps`` back. Layers with their own ``forward`` run
+    in training mode without tracking, and their input is reduced after the call.
     """
 
     def __init__(self, bn: _BatchNorm) -> None:
         self.moments = RunningMoments(bn.num_features)
         self.stock = has_stock_forward(bn)
+        self.eps = float(bn.eps)
         self.samples: list[tuple[int, int]] = []  # (batch size, values per channel)
         self.means: list[torch.Tensor] = []
-        self.m2: list[torch.Tensor] = []
+        self.invstd: list[torch.Tensor] = []
         self._stacked: tuple[torch.Tensor, ...] | None = None
 
     def attach(self, bn: _BatchNorm) -> Callable[[], None]:
@@ -80,46 +82,48 @@ class Collector:
         bn.training, bn.track_running_stats = True, False
         return bn.register_forward_hook(self._after).remove
 
-    def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+    def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, invstd: torch.Tensor) -> None:
         self.samples.append((x.shape[0], n))
         self.means.append(mean)
-        self.m2.append(m2)
+        self.invstd.append(invstd)
 
     def _stand_in(self, bn: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+        eps = self.eps
+
         def forward(input: torch.Tensor) -> torch.Tensor:  # PyTorch's parameter name: bn(input=x) works
             x = input
             n = x.numel() // x.shape[1]
-            if n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES and x.device.type in _KERNEL_STATS_DEVICES:
-                xs = x if x.dtype in (torch.float32, torch.float64) else x.float()  # fp16/bf16 stats lose digits
-                mean, var = torch.batch_norm_update_stats(xs.detach(), None, None, 0.0)
-                self._record(x, n, mean, var * n)
-            else:
-                n, mean, m2, d = _centred(x)
-                self._record(x, n, mean, m2)
-                if d.dtype == x.dtype:  # normalize the centred copy in place
-                    scale = (m2 * (1.0 / n)).add_(bn.eps).rsqrt_()  # in place: tiny ops cost their call overhead
-                    if bn.weight is not None:
-                        scale.mul_(bn.weight.to(d.dtype))
-                    d.mul_(scale.unsqueeze(1))
-                    if bn.bias is not None:
-                        d.add_(bn.bias.to(d.dtype).unsqueeze(1))
-                    return d.view(x.shape)
-                var = m2 / n
-            stats = bn.running_mean.dtype
-            return F.batch_norm(x, mean.to(stats), var.to(stats), bn.weight, bn.bias, False, 0.0, bn.eps)
+            if (n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES and x.dtype in (torch.float32, torch.float64)
+                    and x.device.type in _KERNEL_STATS_DEVICES):
+                out, mean, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, eps)
+                self._record(x, n, mean, invstd)
+                return out
+            n, mean, m2, d = _centred(x)
+            var = m2 * (1.0 / n)
+            invstd = var.add(eps).rsqrt_()
+            self._record(x, n, mean, invstd)
+            if d.dtype != x.dtype:  # float16/bfloat16: PyTorch's eval kernel keeps the input's dtype
+                stats = bn.running_mean.dtype
+                return F.batch_norm(x, mean.to(stats), var.to(stats), bn.weight, bn.bias, False, 0.0, eps)
+            # normalize the centred copy in place; in-place tiny ops: each costs its call overhead
+            d.mul_((invstd if bn.weight is None else invstd * bn.weight.to(d.dtype)).unsqueeze(1))
+            if bn.bias is not None:
+                d.add_(bn.bias.to(d.dtype).unsqueeze(1))
+            return d.view(x.shape)
 
         return forward
 
     def _after(self, module: _BatchNorm, args: tuple, output: Any) -> None:
         n, mean, m2, _ = _centred(args[0])
-        self._record(args[0], n, mean, m2)
+        self._record(args[0], n, mean, (m2 * (1.0 / n)).add_(self.eps).rsqrt_())
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every call's batch size, count, mean and M2 as float64 tensors ``(K, 1)``, ``(K, 1)``, ``(K, C)``, ``(K, C)``."""
         if self._stacked is None:
             sizes = torch.tensor(self.samples, dtype=torch.float64)
-            self._stacked = (sizes[:, :1], sizes[:, 1:], torch.stack(self.means).double().cpu(),
-                             torch.stack(self.m2).double().cpu())
+            counts = sizes[:, 1:]
+            var = torch.stack(self.invstd).double().cpu().pow(-2).sub_(self.eps).clamp_min_(0.0)
+            self._stacked = (sizes[:, :1], counts, torch.stack(self.means).double().cpu(), var.mul_(counts))
         return self._stacked
 
     def pool(self) -> RunningMoments:
