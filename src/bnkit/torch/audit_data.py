@@ -178,18 +178,17 @@ def _noise(col: Collector, bn: _BatchNorm, b_train: int, var_r: np.ndarray) -> t
         return None, None
     n, _, means, _ = col.stacked()
     variances = col.batch_vars()
-    k = len(col.means)
-    m_bar = (n * means).sum(0) / n.sum()
-    v_bar = ((n - 1) * variances).sum(0) / (n - 1).sum()
-    s2_mean = (n * (means - m_bar) ** 2).sum(0) / (k - 1)
-    s2_var = ((n - 1) * (variances - v_bar) ** 2).sum(0) / (k - 1)
+    k = len(n)
+    s2_mean = n @ np.square(means - n @ means / n.sum()) / (k - 1)
+    v_bar = (n - 1) @ variances / (n - 1).sum()
+    s2_var = (n - 1) @ np.square(variances - v_bar) / (k - 1)
     if bn.momentum is None:
         updates = max(int(bn.num_batches_tracked or 1), 1)
         factor = 1.0 / math.sqrt(updates)
     else:
         factor = ema_noise_factor(bn.momentum) if bn.momentum > 0 else 0.0
-    mean_noise = factor * np.sqrt(s2_mean.numpy() / b_train / var_r)
-    var_noise = factor * np.sqrt(s2_var.numpy() / max(b_train - 1, 1)) / np.maximum(v_bar.numpy() + bn.eps, 1e-300)
+    mean_noise = factor * np.sqrt(s2_mean / b_train / var_r)
+    var_noise = factor * np.sqrt(s2_var / max(b_train - 1, 1)) / np.maximum(v_bar + bn.eps, 1e-300)
     return float(np.sqrt(np.mean(mean_noise ** 2))), float(np.sqrt(np.mean(var_noise ** 2)))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -117,30 +118,32 @@ class Collector:
         n, mean, m2, _ = _centred(args[0])
         self._record(args[0], n, mean, (m2 * (1.0 / n)).add_(self.eps).rsqrt_())
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every call's batch size, count, mean and M2 as float64 tensors ``(K, 1)``, ``(K, 1)``, ``(K, C)``, ``(K, C)``."""
+    def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every call's batch size, count, mean and biased variance, float64 ``(K,)``, ``(K,)``, ``(K, C)``, ``(K, C)``."""
         if self._stacked is None:
-            sizes = torch.tensor(self.samples, dtype=torch.float64)
-            counts = sizes[:, 1:]
-            var = torch.stack(self.invstd).double().cpu().pow(-2).sub_(self.eps).clamp_min_(0.0)
-            self._stacked = (sizes[:, :1], counts, torch.stack(self.means).double().cpu(), var.mul_(counts))
+            sizes = np.array(self.samples, dtype=np.float64).reshape(-1, 2)
+            means = torch.stack(self.means).cpu().double().numpy()
+            var = torch.stack(self.invstd).cpu().double().numpy()  # 1 / sqrt(var + eps)
+            np.reciprocal(np.square(var, out=var), out=var)
+            np.maximum(np.subtract(var, self.eps, out=var), 0.0, out=var)
+            self._stacked = (sizes[:, 0], sizes[:, 1], means, var)
         return self._stacked
 
     def pool(self) -> RunningMoments:
         """The calls' ``(count, mean, M2)`` merged in float64 by Chan's formula for K partials.
 
-        ``mean = sum n_k m_k / N``, ``M2 = sum M2_k + sum n_k (m_k - mean)^2``: the pairwise
-        update of :class:`bnkit.stats.RunningMoments` applied to all calls at once.
+        ``mean = sum n_k m_k / N``, ``M2 = sum n_k var_k + sum n_k (m_k - mean)^2``: the pairwise
+        update of :class:`bnkit.stats.RunningMoments` applied to all calls at once (each
+        weighted sum one matrix-vector product).
         """
         if self.means and self.moments.count == 0:
-            _, counts, means, m2 = self.stacked()
+            _, counts, means, var = self.stacked()
             total = counts.sum()
-            mean = (counts * means).sum(0) / total
-            m2 = m2.sum(0) + (counts * (means - mean) ** 2).sum(0)
-            self.moments.update_moments(int(total), mean.numpy(), m2.numpy())
+            mean = counts @ means / total
+            self.moments.update_moments(int(total), mean, counts @ var + counts @ np.square(means - mean))
         return self.moments
 
-    def batch_vars(self) -> torch.Tensor:
+    def batch_vars(self) -> np.ndarray:
         """Each call's unbiased variance, float64, ``(calls, C)``."""
-        _, counts, _, m2 = self.stacked()
-        return m2 / (counts - 1).clamp_min(1)
+        _, counts, _, var = self.stacked()
+        return var * (counts / np.maximum(counts - 1, 1))[:, None]
