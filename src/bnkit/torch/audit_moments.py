@@ -36,9 +36,11 @@ def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Te
     return n, mean, torch.linalg.vector_norm(d, dim=2).square_().sum(0), d
 
 
-#: Up to this many values per channel and sample, PyTorch's training-mode kernel normalizes and
-#: reduces faster than :func:`_centred` (BatchNorm1d on ``(N, C)``, feature maps up to 3x3).
+#: PyTorch's training-mode kernel normalizes and reduces faster than :func:`_centred` for inputs with
+#: up to this many values per channel and sample (BatchNorm1d on ``(N, C)``, feature maps up to 3x3),
+#: or up to this many values in all (the centred path's dozen tensor ops cost mostly call overhead there).
 _KERNEL_STATS_MAX_VALUES = 9
+_KERNEL_STATS_MAX_NUMEL = 1 << 15
 #: Devices whose ``native_batch_norm`` returns the batch mean and inverse std it normalized with
 #: (aten/src/ATen/native/native_functions.yaml; CPU and CUDA tested); inputs elsewhere always take :func:`_centred`.
 _KERNEL_STATS_DEVICES = ("cpu", "cuda")
@@ -54,7 +56,7 @@ class Collector:
     flags are never touched:
 
     * float32/float64 inputs with up to :data:`_KERNEL_STATS_MAX_VALUES` values per channel
-      and sample: PyTorch's training-mode kernel without running buffers
+      and sample or :data:`_KERNEL_STATS_MAX_NUMEL` in all: PyTorch's training-mode kernel without running buffers
       (``native_batch_norm``), which returns the mean and ``1 / sqrt(var + eps)`` it used;
     * otherwise :func:`_centred` (two-pass), whose centred copy is then scaled and shifted
       in place, ``(x - mean) * weight / sqrt(var + eps) + bias`` (inputs in float16/bfloat16:
@@ -94,8 +96,8 @@ class Collector:
         def forward(input: torch.Tensor) -> torch.Tensor:  # PyTorch's parameter name: bn(input=x) works
             x = input
             n = x.numel() // x.shape[1]
-            if (n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES and x.dtype in (torch.float32, torch.float64)
-                    and x.device.type in _KERNEL_STATS_DEVICES):
+            if ((n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES or x.numel() <= _KERNEL_STATS_MAX_NUMEL)
+                    and x.dtype in (torch.float32, torch.float64) and x.device.type in _KERNEL_STATS_DEVICES):
                 out, mean, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, eps)
                 self._record(x, n, mean, invstd)
                 return out
