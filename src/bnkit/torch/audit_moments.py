@@ -37,9 +37,9 @@ def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Te
 
 
 #: PyTorch's training-mode kernel normalizes and reduces faster than :func:`_centred` for inputs with
-#: up to this many values per channel and sample (BatchNorm1d on ``(N, C)``, feature maps up to 3x3),
-#: or up to this many values in all (the centred path's dozen tensor ops cost mostly call overhead there).
+#: up to this many values per channel and sample (BatchNorm1d on ``(N, C)``, feature maps up to 3x3) ...
 _KERNEL_STATS_MAX_VALUES = 9
+#: ... or up to this many values in all (the centred path's dozen tensor ops cost mostly call overhead there).
 _KERNEL_STATS_MAX_NUMEL = 1 << 15
 #: Devices whose ``native_batch_norm`` returns the batch mean and inverse std it normalized with
 #: (aten/src/ATen/native/native_functions.yaml; CPU and CUDA tested); inputs elsewhere always take :func:`_centred`.
@@ -75,7 +75,7 @@ class Collector:
         self.samples: list[tuple[int, int]] = []  # (batch size, values per channel)
         self.means: list[torch.Tensor] = []
         self.invstd: list[torch.Tensor] = []
-        self._stacked: tuple[torch.Tensor, ...] | None = None
+        self._stacked: tuple[np.ndarray, ...] | None = None
 
     def attach(self, bn: _BatchNorm) -> Callable[[], None]:
         """Put the layer on batch statistics for the pass; returns what undoes it."""
@@ -121,7 +121,10 @@ class Collector:
         self._record(args[0], n, mean, (m2 * (1.0 / n)).add_(self.eps).rsqrt_())
 
     def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Every call's batch size, count, mean and biased variance, float64 ``(K,)``, ``(K,)``, ``(K, C)``, ``(K, C)``."""
+        """Every call's batch size, count, mean and biased variance: float64 ``(K,)``, ``(K,)``, ``(K, C)``, ``(K, C)``.
+
+        The variance is ``1 / invstd^2 - eps``, clipped at 0 (float32 rounding of a zero variance).
+        """
         if self._stacked is None:
             sizes = np.array(self.samples, dtype=np.float64).reshape(-1, 2)
             means = torch.stack(self.means).cpu().double().numpy()
