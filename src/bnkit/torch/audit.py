@@ -12,8 +12,8 @@ Three depths, each adding to the one before:
    remove.
 3. **Model + data**: one forward per batch with every BN layer normalizing with the
    batch's own statistics, as in training, and other modules in eval mode; no running
-   statistic is updated (stock layers get a stand-in ``forward`` for the pass that feeds
-   the batch's moments to PyTorch's kernels, :class:`bnkit.torch.audit_moments.Collector`;
+   statistic is updated (stock layers get a stand-in ``forward`` for the pass that
+   normalizes with the batch's moments and keeps them, :class:`bnkit.torch.audit_moments.Collector`;
    layers with their own ``forward`` run in training mode without tracking). Each layer's
    input then has the distribution its
    running statistics estimate in training (PyTorch's update averages exactly these
