@@ -4,8 +4,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import numpy as np
+
 from bnkit.torch import audit_moments
-from bnkit.torch.audit_moments import Collector
+from bnkit.torch.audit_data import _noise
+from bnkit.torch.audit_moments import Collector, _var_from_invstd
 
 
 @pytest.mark.parametrize("shape", [(64, 5), (16, 5, 3), (8, 5, 2, 2), (6, 5, 7, 9), (4, 5, 3, 4, 5), (8, 5, 40, 40)])
@@ -65,11 +68,97 @@ def test_tiny_and_zero_variances_are_kept_to_a_fraction_of_eps(kernel, monkeypat
         bn(x)
         bn(x[:32] * 2)
     undo()
-    x64 = torch.cat([x[:64], x[:32] * 2]).double()
+    x64 = torch.cat([x, x[:32] * 2]).double()
     var = x64.var(0, correction=0).numpy()
     moments = col.pool()
     assert (abs(moments.var - var) <= 1e-6 * (var + bn.eps)).all(), (moments.var, var)
     per_call = col.batch_vars()  # unbiased, per call
     ref = torch.stack([x.double().var(0), (x[:32] * 2).double().var(0)]).numpy()
     assert (abs(per_call - ref) <= 1e-6 * (ref + bn.eps)).all(), (per_call, ref)
-    assert per_call[0, 1] <= 1e-6 * bn.eps  # the constant channel
+    assert 0 <= per_call[0, 1] <= 1e-6 * bn.eps  # the constant channel
+
+
+def test_var_from_invstd_is_the_closed_form_clipped_at_zero():
+    eps = 1e-5
+    above = np.nextafter(np.float32(1 / np.sqrt(eps)), np.float32(np.inf))  # a zero variance rounded up
+    invstd = np.array([1 / np.sqrt(4.0 + eps), 1 / np.sqrt(eps), above], dtype=np.float32).astype(np.float64)
+    assert 1 / invstd[2] ** 2 - eps < 0  # the clip is exercised
+    var = _var_from_invstd(invstd.copy(), eps)
+    np.testing.assert_allclose(var[0], 4.0, rtol=1e-6)
+    assert abs(var[1]) <= 1e-6 * eps and var[2] == 0.0
+
+
+@pytest.mark.parametrize("shape,dtype,kernel", [
+    ((64, 512), torch.float32, True),  # one value per channel and sample
+    ((8, 4, 3, 3), torch.float64, True),  # 9 values per sample
+    ((400, 16, 3, 3), torch.float32, True),  # 9 values per sample, 57600 in all
+    ((400, 16, 2, 5), torch.float32, False),  # 10 values per sample, 64000 in all
+    ((8, 4, 10), torch.float32, True),  # 320 values in all
+    ((64, 8, 8, 8), torch.float32, True),  # 32768 in all, 4096 per channel: both bounds inclusive
+    ((64, 8, 8, 9), torch.float32, False),  # 36864 in all, 72 per sample
+    ((4096, 2), torch.float32, True),
+    ((4097, 2), torch.float32, False),  # more values per channel than the kernel's statistics keep exact
+    ((64, 512), torch.bfloat16, False),
+])
+def test_stand_in_takes_the_kernel_path_only_within_its_bounds(shape, dtype, kernel, monkeypatch):
+    calls = []
+    centred = audit_moments._centred
+    monkeypatch.setattr(audit_moments, "_centred", lambda x: calls.append(x.shape) or centred(x))
+    bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](shape[1]).eval()
+    if dtype == torch.float64:
+        bn.double()
+    col = Collector(bn)
+    undo = col.attach(bn)
+    with torch.no_grad():
+        bn(torch.randn(shape).to(dtype))
+    undo()
+    assert (not calls) == kernel
+    assert col.samples[0][2] == kernel  # the call kept 1/sqrt(var + eps) exactly when the kernel ran
+
+
+def test_many_offset_samples_keep_their_mean_and_variance():
+    """(N, C) inputs with many rows and a large offset: exact where PyTorch's CPU statistics are not."""
+    torch.manual_seed(2)
+    x = (torch.randn(100_000, 2, dtype=torch.float64) * 1e-2 + 1e4).float()
+    bn = nn.BatchNorm1d(2).eval()
+    col = Collector(bn)
+    undo = col.attach(bn)
+    with torch.no_grad():
+        bn(x)
+    undo()
+    x64 = x.double()
+    moments = col.pool()
+    std = x64.std(0, correction=0).numpy()
+    assert (abs(moments.mean - x64.mean(0).numpy()) <= 0.1 * std).all()  # float32 resolution of 1e4: 0.05 std
+    np.testing.assert_allclose(moments.var, std ** 2, rtol=0.02)
+
+
+def test_noise_is_the_between_batch_spread_scaled_to_the_training_batch_size():
+    """``_noise`` against the documented formulas, written out per call and channel."""
+    torch.manual_seed(3)
+    bn = nn.BatchNorm1d(3, momentum=0.2).eval()
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([0.5, 2.0, 1.0]))
+    batches = [torch.randn(b, 3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + i
+               for i, b in enumerate([5, 9, 16, 7])]
+    col = Collector(bn)
+    undo = col.attach(bn)
+    with torch.no_grad():
+        for b in batches:
+            bn(b.float())
+    undo()
+    data = [b.float().double().numpy() for b in batches]
+    n = np.array([len(b) for b in data], dtype=np.float64)
+    k, b_train, eps, m = len(data), 32, bn.eps, 0.2
+    var_r = bn.running_var.double().numpy() + eps
+    means = np.array([b.mean(0) for b in data])
+    varis = np.array([b.var(0, ddof=1) for b in data])
+    m_bar = sum(n[i] * means[i] for i in range(k)) / n.sum()
+    v_bar = sum((n[i] - 1) * varis[i] for i in range(k)) / (n - 1).sum()
+    s2_mean = sum(n[i] * (means[i] - m_bar) ** 2 for i in range(k)) / (k - 1)
+    s2_var = sum((n[i] - 1) * (varis[i] - v_bar) ** 2 for i in range(k)) / (k - 1)
+    factor = np.sqrt(m / (2 - m))  # an EMA keeps this fraction of one batch statistic's std
+    want_mean = np.sqrt(np.mean((factor * np.sqrt(s2_mean / b_train / var_r)) ** 2))
+    want_var = np.sqrt(np.mean((factor * np.sqrt(s2_var / (b_train - 1)) / (v_bar + eps)) ** 2))
+    got_mean, got_var = _noise(col, bn, b_train, var_r)
+    np.testing.assert_allclose([got_mean, got_var], [want_mean, want_var], rtol=1e-5)

@@ -1,8 +1,9 @@
 """Per-layer float64 moments of every BatchNorm input during the audit's batch-statistics pass.
 
 Each BN call normalizes with its batch's own statistics, as in training, without
-updating anything the audit does not restore; the call's ``(count, mean, M2)`` is kept
-and pooled in float64 by Chan's formula (:class:`bnkit.stats.RunningMoments`).
+updating anything the audit does not restore; the call's count, mean and variance (or
+``1 / sqrt(var + eps)``, see :class:`Collector`) are kept and pooled in float64 by Chan's
+formula (:class:`bnkit.stats.RunningMoments`).
 """
 from __future__ import annotations
 
@@ -39,11 +40,22 @@ def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Te
 #: PyTorch's training-mode kernel normalizes and reduces faster than :func:`_centred` for inputs with
 #: up to this many values per channel and sample (BatchNorm1d on ``(N, C)``, feature maps up to 3x3) ...
 _KERNEL_STATS_MAX_VALUES = 9
-#: ... or up to this many values in all (the centred path's dozen tensor ops cost mostly call overhead there).
+#: ... or up to this many values in all (the centred path's dozen tensor ops cost mostly call overhead there) ...
 _KERNEL_STATS_MAX_NUMEL = 1 << 15
+#: ... and at most this many values per channel: on ``(N, C)`` and channels-last inputs its CPU
+#: statistics lose the mean of offset data beyond that (mean 1e4, std 1e-2: off by 3 std at 32768
+#: values; aten/src/ATen/native/cpu/batch_norm_kernel.cpp, the channels-last collect-stats path).
+_KERNEL_STATS_MAX_COUNT = 1 << 12
 #: Devices whose ``native_batch_norm`` returns the batch mean and inverse std it normalized with
-#: (aten/src/ATen/native/native_functions.yaml; CPU and CUDA tested); inputs elsewhere always take :func:`_centred`.
+#: (aten/src/ATen/native/native_functions.yaml: CPU and CUDA; only the CPU is tested here);
+#: inputs elsewhere always take :func:`_centred`.
 _KERNEL_STATS_DEVICES = ("cpu", "cuda")
+
+
+def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
+    """``var = 1 / invstd^2 - eps`` in place, clipped at 0 (a zero variance rounds either way in float32)."""
+    np.reciprocal(np.square(invstd, out=invstd), out=invstd)
+    return np.maximum(np.subtract(invstd, eps, out=invstd), 0.0, out=invstd)
 
 
 class Collector:
@@ -56,25 +68,29 @@ class Collector:
     flags are never touched:
 
     * float32/float64 inputs with up to :data:`_KERNEL_STATS_MAX_VALUES` values per channel
-      and sample or :data:`_KERNEL_STATS_MAX_NUMEL` in all: PyTorch's training-mode kernel without running buffers
-      (``native_batch_norm``), which returns the mean and ``1 / sqrt(var + eps)`` it used;
+      and sample or :data:`_KERNEL_STATS_MAX_NUMEL` in all, and at most
+      :data:`_KERNEL_STATS_MAX_COUNT` per channel: PyTorch's training-mode kernel without
+      running buffers (``native_batch_norm``), which returns the mean and
+      ``1 / sqrt(var + eps)`` it used;
     * otherwise :func:`_centred` (two-pass), whose centred copy is then scaled and shifted
       in place, ``(x - mean) * weight / sqrt(var + eps) + bias`` (inputs in float16/bfloat16:
       PyTorch's eval kernel on the moments, to keep the input's dtype).
 
-    Every call keeps its mean and ``1 / sqrt(var + eps)``; the variance is recovered in
-    float64 when the calls are pooled, to within about ``1e-7 (var + eps)`` (float32), and
-    every use of it in the audit adds ``eps`` back. Layers with their own ``forward`` run
-    in training mode without tracking, and their input is reduced after the call.
+    Every call keeps its mean and variance; on the kernel path the variance is recovered
+    from ``1 / sqrt(var + eps)`` in float64 when the calls are pooled, to within about
+    ``4e-7 (var + eps)`` for float32 inputs (so far worse than that relative to a
+    variance much below ``eps``; every use of it in the audit adds ``eps`` back). Layers
+    with their own ``forward`` run in training mode without tracking, and their input is
+    reduced after the call.
     """
 
     def __init__(self, bn: _BatchNorm) -> None:
         self.moments = RunningMoments(bn.num_features)
         self.stock = has_stock_forward(bn)
         self.eps = float(bn.eps)
-        self.samples: list[tuple[int, int]] = []  # (batch size, values per channel)
+        self.samples: list[tuple[int, int, bool]] = []  # (batch size, values per channel, spread is invstd)
         self.means: list[torch.Tensor] = []
-        self.invstd: list[torch.Tensor] = []
+        self.spreads: list[torch.Tensor] = []  # biased variance, or 1 / sqrt(var + eps) from the kernel
         self._stacked: tuple[np.ndarray, ...] | None = None
 
     def attach(self, bn: _BatchNorm) -> Callable[[], None]:
@@ -85,10 +101,10 @@ class Collector:
         bn.training, bn.track_running_stats = True, False
         return bn.register_forward_hook(self._after).remove
 
-    def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, invstd: torch.Tensor) -> None:
-        self.samples.append((x.shape[0], n))
+    def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, spread: torch.Tensor, invstd: bool) -> None:
+        self.samples.append((x.shape[0], n, invstd))
         self.means.append(mean)
-        self.invstd.append(invstd)
+        self.spreads.append(spread)
 
     def _stand_in(self, bn: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
         eps = self.eps
@@ -96,20 +112,23 @@ class Collector:
         def forward(input: torch.Tensor) -> torch.Tensor:  # PyTorch's parameter name: bn(input=x) works
             x = input
             n = x.numel() // x.shape[1]
-            if ((n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES or x.numel() <= _KERNEL_STATS_MAX_NUMEL)
+            if (n <= _KERNEL_STATS_MAX_COUNT
+                    and (n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES or x.numel() <= _KERNEL_STATS_MAX_NUMEL)
                     and x.dtype in (torch.float32, torch.float64) and x.device.type in _KERNEL_STATS_DEVICES):
                 out, mean, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, eps)
-                self._record(x, n, mean, invstd)
+                self._record(x, n, mean, invstd, True)
                 return out
             n, mean, m2, d = _centred(x)
             var = m2 * (1.0 / n)
-            invstd = var.add(eps).rsqrt_()
-            self._record(x, n, mean, invstd)
+            self._record(x, n, mean, var, False)
             if d.dtype != x.dtype:  # float16/bfloat16: PyTorch's eval kernel keeps the input's dtype
                 stats = bn.running_mean.dtype
                 return F.batch_norm(x, mean.to(stats), var.to(stats), bn.weight, bn.bias, False, 0.0, eps)
             # normalize the centred copy in place; in-place tiny ops: each costs its call overhead
-            d.mul_((invstd if bn.weight is None else invstd * bn.weight.to(d.dtype)).unsqueeze(1))
+            scale = var.add(eps).rsqrt_()
+            if bn.weight is not None:
+                scale.mul_(bn.weight.to(d.dtype))
+            d.mul_(scale.unsqueeze(1))
             if bn.bias is not None:
                 d.add_(bn.bias.to(d.dtype).unsqueeze(1))
             return d.view(x.shape)
@@ -118,19 +137,20 @@ class Collector:
 
     def _after(self, module: _BatchNorm, args: tuple, output: Any) -> None:
         n, mean, m2, _ = _centred(args[0])
-        self._record(args[0], n, mean, (m2 * (1.0 / n)).add_(self.eps).rsqrt_())
+        self._record(args[0], n, mean, m2.mul_(1.0 / n), False)
 
     def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every call's batch size, count, mean and biased variance: float64 ``(K,)``, ``(K,)``, ``(K, C)``, ``(K, C)``.
 
-        The variance is ``1 / invstd^2 - eps``, clipped at 0 (float32 rounding of a zero variance).
+        Calls that kept ``1 / sqrt(var + eps)`` get :func:`_var_from_invstd`.
         """
         if self._stacked is None:
-            sizes = np.array(self.samples, dtype=np.float64).reshape(-1, 2)
+            sizes = np.array(self.samples, dtype=np.float64).reshape(-1, 3)
             means = torch.stack(self.means).cpu().double().numpy()
-            var = torch.stack(self.invstd).cpu().double().numpy()  # 1 / sqrt(var + eps)
-            np.reciprocal(np.square(var, out=var), out=var)
-            np.maximum(np.subtract(var, self.eps, out=var), 0.0, out=var)
+            var = torch.stack(self.spreads).cpu().double().numpy()
+            kernel = sizes[:, 2] == 1
+            if kernel.any():
+                var[kernel] = _var_from_invstd(var[kernel], self.eps)
             self._stacked = (sizes[:, 0], sizes[:, 1], means, var)
         return self._stacked
 
