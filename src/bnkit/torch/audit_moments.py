@@ -43,8 +43,9 @@ _KERNEL_STATS_MAX_VALUES = 9
 #: ... or up to this many values in all (the centred path's dozen tensor ops cost mostly call overhead there) ...
 _KERNEL_STATS_MAX_NUMEL = 1 << 15
 #: ... and at most this many values per channel: on ``(N, C)`` and channels-last inputs its CPU
-#: statistics lose the mean of offset data beyond that (mean 1e4, std 1e-2: off by 3 std at 32768
-#: values; aten/src/ATen/native/cpu/batch_norm_kernel.cpp, the channels-last collect-stats path).
+#: statistics lose the mean of offset data beyond that (mean 1e4, std 1e-2: off by 1.5-3 std at
+#: 32768-100000 rows, depending on the thread count; aten/src/ATen/native/cpu/batch_norm_kernel.cpp,
+#: the channels-last collect-stats path).
 _KERNEL_STATS_MAX_COUNT = 1 << 12
 #: Devices whose ``native_batch_norm`` returns the batch mean and inverse std it normalized with
 #: (aten/src/ATen/native/native_functions.yaml: CPU and CUDA; only the CPU is tested here);
