@@ -35,6 +35,12 @@ def test_ema_rejects_inconsistent_arguments():
     assert runner.invoke(app, ["ema", "1", "2", "--steps", "5"]).exit_code == 2
     assert runner.invoke(app, ["ema", "1", "2", "--steps", "1"]).exit_code == 2
     assert runner.invoke(app, ["ema", "1", "--decay", "1.5"]).exit_code == 2
+    bogus = runner.invoke(app, ["ema", "1", "--show", "bogus"], terminal_width=200)
+    assert bogus.exit_code == 2 and "--show must be 'auto' or 'all'" in bogus.output
+    negative = runner.invoke(app, ["ema", "--fill", "-1", "--steps", "3", "--decay", "0.5", "--", "-4.2", "1"],
+                             terminal_width=200)
+    # 0.5 * -4.2 = -2.1; 0.5 * -2.1 + 0.5 * 1 = -0.55; 0.5 * -0.55 + 0.5 * -1 = -0.775
+    assert negative.exit_code == 0 and "-2.1" in negative.output and "-0.775" in negative.output
 
 
 @pytest.mark.parametrize("args,match", [

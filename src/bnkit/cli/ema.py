@@ -24,7 +24,12 @@ def ema(
     init: float = typer.Option(0.0, help="Initial running value."),
     show: str = typer.Option("auto", help="'all' rows, or 'auto': the given batches plus every 10th and the last."),
 ) -> None:
-    """Print the running mean after each batch, with the bias-corrected mean beside it."""
+    """Print the running mean after each batch, with the bias-corrected mean beside it.
+
+    Negative batch means go after ``--``: ``bnkit ema --fill -1 --steps 3 -- -4.2 1``.
+    """
+    if show not in ("auto", "all"):
+        raise fail(f"--show must be 'auto' or 'all', got {show!r}")
     named = [(f"batch mean #{i}", v) for i, v in enumerate(values, start=1)] + [("--fill", fill), ("--init", init)]
     for name, given in named:
         if given is not None and not math.isfinite(given):
