@@ -193,6 +193,104 @@ def test_wrong_channels_and_bad_hyperparameters():
         BatchNorm(3).backward(np.ones((2, 3)))
 
 
+@pytest.mark.parametrize("shape,mean,std", [((4, 2, 32, 32), 100.0, 1.0), ((2, 2, 256, 256), 0.0, 1.0),
+                                             ((2, 2, 16, 16), 0.0, 300.0)])
+def test_float16_channel_sums_do_not_overflow(shape, mean, std):
+    """Row sums above float16's 65504 (large offsets, long rows, wide spreads) against float64 statistics."""
+    x = (np.random.default_rng(0).normal(mean, std, size=shape)).astype(np.float16)
+    bn = BatchNorm(2)
+    y = bn(x)
+    x64 = x.astype(np.float64)
+    dims = (0, 2, 3)
+    var = x64.var(dims)
+    n = x64.size // 2
+    np.testing.assert_allclose(bn.running_mean, 0.1 * x64.mean(dims), rtol=1e-3)
+    np.testing.assert_allclose(bn.running_var, 0.9 + 0.1 * var * n / (n - 1), rtol=1e-3)
+    want = (x64 - x64.mean(dims, keepdims=True)) / np.sqrt(var.reshape(1, 2, 1, 1) + bn.eps)
+    assert y.dtype == np.float16
+    np.testing.assert_allclose(y.astype(np.float64), want, atol=1e-2)
+
+
+def test_float16_forward_and_backward_match_float64_torch():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3, 2, size=(8, 4, 5, 5)).astype(np.float16)
+    dy = rng.normal(size=x.shape).astype(np.float16)
+    bn = BatchNorm(4)
+    y = bn(x)
+    dx = bn.backward(dy)
+    tbn = torch.nn.BatchNorm2d(4, dtype=torch.float64)
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+    yt = tbn(xt)
+    yt.backward(torch.from_numpy(dy.astype(np.float64)))
+    assert y.dtype == dx.dtype == np.float16
+    np.testing.assert_allclose(y, yt.detach().numpy(), atol=3e-3)  # float16 resolution near 2-4
+    np.testing.assert_allclose(dx, xt.grad.numpy(), atol=3e-3)
+    np.testing.assert_allclose(bn.grad_weight, tbn.weight.grad.numpy(), rtol=1e-3, atol=1e-2)
+
+
+def test_empty_batch_raises_the_batch_statistics_error_in_training_and_passes_through_in_eval():
+    bn = BatchNorm(3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(np.zeros((0, 3)))
+    assert bn.num_batches_tracked == 0
+    for shape, axis in [((0, 3), 1), ((0, 3, 4, 4), 1), ((0, 4, 3), -1)]:
+        out = BatchNorm(3, axis=axis).eval()(np.zeros(shape, dtype=np.float32))
+        assert out.shape == shape and out.dtype == np.float32
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_uses_the_forwards_gamma_and_running_mean_even_if_changed_in_place(training):
+    rng = np.random.default_rng(1)
+    x, dy = rng.normal(size=(6, 3, 2)), rng.normal(size=(6, 3, 2))
+    bn = BatchNorm(3)
+    bn.weight[:] = [0.5, 2.0, -1.0]
+    bn.running_mean[:] = [0.3, -0.2, 1.0]
+    bn.train(training)
+    tbn = torch.nn.BatchNorm1d(3, dtype=torch.float64)
+    tbn.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in bn.state_dict().items()})
+    tbn.train(training)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    tbn(xt).backward(torch.from_numpy(dy))
+    bn(x)
+    bn.weight *= 3.0  # in place, after the forward
+    bn.running_mean += 5.0
+    dx = bn.backward(dy)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(bn.grad_weight, tbn.weight.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_momentum_set_out_of_range_after_construction_changes_nothing():
+    bn = BatchNorm(2)
+    bn(np.random.default_rng(0).normal(size=(8, 2)))
+    before = bn.state_dict()
+    bn.momentum = 2.0
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        bn(np.random.default_rng(1).normal(size=(8, 2)))
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_variance_that_overflows_the_dtype_is_refused_and_changes_nothing():
+    bn = BatchNorm(2)
+    x = np.array([[3e38, 1.0], [-3e38, 2.0], [3e38, 3.0], [-3e38, 4.0]], dtype=np.float32)  # finite sum, inf M2
+    before = bn.state_dict()
+    with pytest.raises(ValueError, match="overflow"):
+        bn(x)
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_complex_input_and_non_integer_batch_counts_are_refused():
+    with pytest.raises(TypeError, match="real inputs"):
+        BatchNorm(2)(np.ones((4, 2), dtype=np.complex64))
+    bn = BatchNorm(2)
+    state = bn.state_dict()
+    for bad in (2.7, np.nan, -1, [1, 2]):
+        with pytest.raises(ValueError, match="num_batches_tracked"):
+            bn.load_state_dict({**state, "num_batches_tracked": np.array(bad)})
+    assert bn.num_batches_tracked == 0
+
+
 # ------------------------------------------------- conventions vs real frameworks
 def _batches(rng, shape, k=3):
     return [rng.normal(2.0, 3.0, size=shape).astype(np.float32) for _ in range(k)]

@@ -13,7 +13,8 @@ both modes identically. With ``track_running_stats=False`` there are no running
 statistics and both modes use the batch's, as in ``torch.nn.BatchNorm*d``.
 
 Statistics are two-pass (mean, then the sum of squared deviations): contiguous
-runs are summed pairwise in the input dtype and combined across rows in float64.
+runs are summed pairwise in the input dtype and combined across rows in float64;
+float16 inputs are centred, summed and scaled in float32, as PyTorch does.
 The output has the input's dtype. Large inputs are processed in row blocks on a
 thread pool (NumPy's ufuncs release the GIL); results do not depend on it.
 """
@@ -118,11 +119,12 @@ class BatchNorm:
         return self.training or not self.track_running_stats
 
     def _update_running(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
-        self.num_batches_tracked += 1
+        # the weight first: a momentum set out of range raises before anything changes
         if self.momentum is None:
-            w_new = 1.0 / self.num_batches_tracked
+            w_new = 1.0 / (self.num_batches_tracked + 1)
         else:
             w_new = new_value_weight(self.momentum, self.convention)
+        self.num_batches_tracked += 1
         var = m2 / (n - 1) if self.convention.unbiased_running_var else m2 / n
         self.running_mean = (1.0 - w_new) * self.running_mean + w_new * mean
         self.running_var = (1.0 - w_new) * self.running_var + w_new * var
@@ -130,11 +132,13 @@ class BatchNorm:
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
+        if np.iscomplexobj(x):
+            raise TypeError(f"BatchNorm takes real inputs, got dtype {x.dtype}")
         if not np.issubdtype(x.dtype, np.floating):
             x = x.astype(np.float64)
         ax = self._channel_axis(x)
         x3 = _as_acb(x, ax)
-        dt = x.dtype
+        wt = _work_dtype(x.dtype)
         gamma = self.weight if self.affine else np.ones(self.num_features)
         beta = self.bias if self.affine else np.zeros(self.num_features)
         if self._uses_batch_stats():
@@ -150,24 +154,27 @@ class BatchNorm:
                 raise ValueError("training batch contains NaN or Inf (or overflows); running statistics left untouched")
             mean = total / n
             # second pass on deviations: d = x - mean (kept for backward), M2 = sum(d*d)
-            d = np.empty_like(x3)
-            _parallel(lambda s: np.subtract(x3[s], mean.astype(dt)[:, None], out=d[s]), x3)
+            d = np.empty(x3.shape, dtype=wt)
+            _parallel(lambda s: np.subtract(x3[s], mean.astype(wt)[:, None], out=d[s]), x3)
             m2 = _channel_dot(d, d)
+            if not np.all(np.isfinite(m2)):  # finite values whose squared deviations overflow the dtype
+                raise ValueError("training batch's variance overflows its dtype; running statistics left untouched")
             invstd = 1.0 / np.sqrt(m2 / n + self.eps)
             if self.training and self.track_running_stats:
                 self._update_running(n, mean, m2)
             scale, shift, src = gamma * invstd, beta, d
         else:
             n = d = None
+            mean = self.running_mean.copy()  # what backward's grad_weight centres on, even if the buffer changes
             invstd = 1.0 / np.sqrt(self.running_var + self.eps)
             scale, src = gamma * invstd, x3
-            shift = beta - self.running_mean * scale
+            shift = beta - mean * scale
         out = np.empty_like(x3)
         # Per-sample rows of C*B values times full-length scale/shift rows: NumPy's inner loop then runs
         # over a whole sample instead of B values per channel (a (C, 1) broadcast is ~1.7x slower).
         a, c, b = x3.shape
         src2, out2 = src.reshape(a, c * b), out.reshape(a, c * b)
-        sc, sh = self._affine_rows(scale.astype(dt), shift.astype(dt), b)
+        sc, sh = self._affine_rows(scale.astype(wt), shift.astype(wt), b)
 
         block = max(1, (1 << 16) // max(1, c * b))  # rows per block: ~256 KiB of float32, at least one sample
 
@@ -178,7 +185,7 @@ class BatchNorm:
                 out2[r] += sh
 
         _parallel(affine, x3)
-        self._cache = (x3, d, invstd, gamma, n, x.shape)
+        self._cache = (x3, d, mean, invstd, gamma.copy(), n, x.shape)  # gamma copied: in-place edits must not reach backward
         return out.reshape(x.shape)
 
     __call__ = forward
@@ -204,30 +211,32 @@ class BatchNorm:
         With ``d = x - mean`` and ``xhat = d * invstd``: batch statistics (training mode,
         ``m`` values per channel) give ``dx = gamma*invstd * (dy - mean(dy) - xhat*mean(dy*xhat))``;
         running statistics (eval mode) are constants, so ``dx = gamma*invstd*dy``.
-        ``grad_weight = sum(dy * xhat)``, ``grad_bias = sum(dy)``.
+        ``grad_weight = sum(dy * xhat)``, ``grad_bias = sum(dy)``. The statistics, gamma and
+        (eval mode) running mean are those of the forward; the input array itself is not
+        copied, so change it in place only after backward.
         """
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
-        x3, d, invstd, gamma, n, shape = self._cache
+        x3, d, mean, invstd, gamma, n, shape = self._cache
         dy = np.asarray(dy)
         if dy.shape != shape:
             raise ValueError(f"dy has shape {dy.shape}, expected the forward output's shape {shape}")
-        dt = x3.dtype
+        dt, wt = x3.dtype, _work_dtype(x3.dtype)
         dy3 = dy.astype(dt, copy=False).reshape(x3.shape)
-        if d is None:  # eval: deviations from the running mean, only for grad_weight
-            d = x3 - self.running_mean.astype(dt)[:, None]
+        if d is None:  # eval: deviations from the running mean the forward used, only for grad_weight
+            d = x3 - mean.astype(wt)[:, None]
         sum_dy = _channel_sum(dy3)
         sum_dy_d = _channel_dot(dy3, d)
         if self.affine:
             self.grad_weight = sum_dy_d * invstd
             self.grad_bias = sum_dy
-        scale = (gamma * invstd).astype(dt)[:, None]
+        scale = (gamma * invstd).astype(wt)[:, None]
         dx = np.empty_like(x3)
         if n is None:
             _parallel(lambda s: np.multiply(dy3[s], scale, out=dx[s]), x3)
         else:
-            k = (invstd * invstd * sum_dy_d / n).astype(dt)[:, None]
-            mdy = (sum_dy / n).astype(dt)[:, None]
+            k = (invstd * invstd * sum_dy_d / n).astype(wt)[:, None]
+            mdy = (sum_dy / n).astype(wt)[:, None]
 
             def grad(s):
                 np.multiply(d[s], k, out=dx[s])
@@ -264,9 +273,10 @@ class BatchNorm:
                 continue
             v = np.asarray(_to_numpy(state[k]))
             if k == "num_batches_tracked":
-                if v.size != 1:
-                    raise ValueError("num_batches_tracked must be a scalar")
-                new[k] = int(v.reshape(()))
+                count = v.reshape(()) if v.size == 1 else None
+                if count is None or not np.isfinite(count) or count != int(count) or count < 0:
+                    raise ValueError(f"num_batches_tracked must be a non-negative integer scalar, got {v!r}")
+                new[k] = int(count)
                 continue
             if v.shape != (self.num_features,):
                 raise ValueError(f"{k} has shape {v.shape}, expected ({self.num_features},)")
@@ -290,7 +300,8 @@ def _to_numpy(v):
 def _as_acb(x: np.ndarray, ax: int) -> np.ndarray:
     """View ``x`` as ``(A, C, B)``: everything before the channel axis, channels, everything after."""
     a = int(np.prod(x.shape[:ax], dtype=np.int64))
-    return x.reshape(a, x.shape[ax], -1)
+    b = int(np.prod(x.shape[ax + 1:], dtype=np.int64))  # not -1: an empty batch has no size to infer it from
+    return x.reshape(a, x.shape[ax], b)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -321,11 +332,20 @@ def _parallel(fn, x3: np.ndarray, min_size: int = 1 << 20) -> None:
             job.result()
 
 
+def _work_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype deviations and affine rows are computed in: the input's, float32 for float16 (as PyTorch does)."""
+    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+
+
 def _channel_sum(x3: np.ndarray) -> np.ndarray:
-    """Per-channel sum of an ``(A, C, B)`` array; contiguous runs summed in the input dtype, the rest in float64."""
-    return x3.sum(axis=2).sum(axis=0, dtype=np.float64)
+    """Per-channel sum of an ``(A, C, B)`` array; contiguous runs summed in :func:`_work_dtype`
+    (float16 sums overflow at 65504), the rest in float64."""
+    return x3.sum(axis=2, dtype=_work_dtype(x3.dtype)).sum(axis=0, dtype=np.float64)
 
 
 def _channel_dot(a3: np.ndarray, b3: np.ndarray) -> np.ndarray:
-    """Per-channel ``sum(a * b)`` of two ``(A, C, B)`` arrays, rows combined in float64."""
-    return np.einsum("acb,acb->ac", a3, b3).sum(axis=0, dtype=np.float64)
+    """Per-channel ``sum(a * b)`` of two ``(A, C, B)`` arrays: runs in :func:`_work_dtype`, rows combined in float64."""
+    acc = _work_dtype(np.result_type(a3, b3))
+    same = a3.dtype == b3.dtype == acc
+    rows = np.einsum("acb,acb->ac", a3, b3) if same else np.einsum("acb,acb->ac", a3, b3, dtype=acc)
+    return rows.sum(axis=0, dtype=np.float64)
