@@ -123,6 +123,25 @@ def test_tiny_variance_gain_matches_the_eval_layer():
     assert measured_gain == pytest.approx(finding.data["max_gain"], rel=1e-6)
 
 
+def test_zero_variance_with_zero_eps_is_an_error_like_the_layers_nan_output():
+    bn = _trained_bn()
+    bn.eps = 0.0
+    bn.running_var[1] = 0.0
+    layer = BNStats("bn", *(bn.state_dict()[k].numpy() for k in ("running_mean", "running_var", "weight", "bias")),
+                    num_batches_tracked=50, eps=0.0, momentum=0.1)
+    (finding,) = check_bn_stats(layer)
+    assert finding.code == "zero_var" and finding.severity == "error" and finding.data["channels"] == [1]
+    out = bn.eval()(torch.randn(4, 4))
+    assert not torch.isfinite(out[:, 1]).any() and torch.isfinite(out[:, [0, 2, 3]]).all()
+
+
+def test_momentum_zero_does_not_call_loaded_statistics_barely_updated():
+    state = _trained_bn().state_dict()
+    args = (state["running_mean"].numpy(), state["running_var"].numpy(), state["weight"].numpy(), state["bias"].numpy())
+    assert check_bn_stats(BNStats("bn", *args, num_batches_tracked=200, eps=1e-5, momentum=0.0)) == []
+    assert _codes(check_bn_stats(BNStats("bn", *args, num_batches_tracked=5, eps=1e-5, momentum=0.1))) == {"few_updates"}
+
+
 def test_dead_gamma_channels():
     bn = _trained_bn()
     with torch.no_grad():

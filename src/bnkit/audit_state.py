@@ -192,7 +192,8 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
             "running_mean/running_var were set without a training-mode update (by hand or by a converter)",
             "fine if they were computed on purpose; with momentum=None the first update would discard them",
             "never_tracked", {"num_batches_tracked": nbt}))
-    elif nbt is not None and (w0 := initial_weight(layer.momentum, nbt)) > FEW_UPDATES_WEIGHT:
+    elif (nbt is not None and layer.momentum != 0  # momentum 0 never updates: the model depth reports that
+          and (w0 := initial_weight(layer.momentum, nbt)) > FEW_UPDATES_WEIGHT):
         findings.append(Finding(
             "warning", name, "running statistics updated only a few times",
             f"num_batches_tracked = {nbt}: with momentum {layer.momentum} the initial values (0, 1) still weigh "
@@ -208,6 +209,14 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
             + ("; var + eps < 0 gives NaN" if (var + layer.eps < 0).any() else ""),
             "the statistics were corrupted (a variance cannot be negative): recompute them with bnkit recalibrate",
             "negative_var", {"channels": np.flatnonzero(negative).tolist(), "min_var": float(var.min())}))
+
+    zero = (var == 0) & (var + layer.eps == 0)
+    if zero.any():
+        findings.append(Finding(
+            "error", name, "zero running variance with eps = 0",
+            f"{_channels(zero)}: running_var 0 and eps 0, so the channel divides by zero (inf/NaN outputs)",
+            "set eps > 0 (PyTorch's default is 1e-5) or recalibrate on data where the channel varies",
+            "zero_var", {"channels": np.flatnonzero(zero).tolist()}))
 
     gamma = np.ones_like(var) if layer.weight is None else layer.weight
     tiny = (var >= 0) & (var < layer.eps)

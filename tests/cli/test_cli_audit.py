@@ -48,7 +48,8 @@ def trained(tmp_path_factory):
         "import torch\nfrom bnkit.torch.zoo import MLP\n\ndef mlp():\n    return MLP(hidden=(32, 16))\n\n"
         "class OOM(MLP):\n    def forward(self, x):\n"
         "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n\n"
-        "def oom():\n    return OOM(hidden=(32, 16))\n")
+        "def oom():\n    return OOM(hidden=(32, 16))\n\n"
+        "def conv():\n    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten())\n")
     sys.path.insert(0, str(root))
     yield model.eval(), ckpt, data, root
     sys.path.remove(str(root))
@@ -248,6 +249,36 @@ def test_data_the_model_cannot_run_on_exits_two(trained, tmp_path):
     np.save(ints, np.ones((16, 64), dtype=np.int64))
     result = _invoke(ckpt, "--model", "audit_models:mlp", "--data", ints)
     assert result.exit_code == 2 and "save it as float32" in _flat(result)
+    import audit_models
+
+    conv_ckpt = save_state_dict_file(audit_models.conv().state_dict(), tmp_path / "conv.pt")
+    conv_ints = tmp_path / "conv_ints.npy"  # a conv model's own error names neither "dtype" nor "scalar type"
+    np.save(conv_ints, np.ones((16, 1, 8, 8), dtype=np.int64))
+    result = _invoke(conv_ckpt, "--model", "audit_models:conv", "--data", conv_ints)
+    assert result.exit_code == 2 and "save it as float32" in _flat(result)
+    as_json = _invoke(ckpt, "--model", "audit_models:mlp", "--data", wrong, "--json")
+    assert as_json.exit_code == 2 and as_json.stdout == ""  # errors go to stderr: stdout stays JSON or nothing
+    assert "failed on data batch 0" in " ".join(as_json.stderr.split())
+
+
+def test_names_and_texts_print_literally_not_as_markup(tmp_path):
+    """rich markup in a layer name ([/x], [bold]) is printed as written, not parsed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    c = 2
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, [c], v) for n, v in
+             (("s", [1.0, 1.0]), ("b", [0.0, 0.0]), ("m", [0.0, 0.0]), ("v", [0.0, 1.0]))]
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn[/x][bold]", epsilon=0.0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 2, 2])], inits)
+    path = tmp_path / "odd[names].onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    table = _invoke(path)
+    assert table.exit_code == 1  # zero variance with eps = 0: an error
+    assert "bn[/x][bold]" in table.output and "odd[names].onnx" in _flat(table)
+    report = json.loads(_invoke(path, "--json").stdout)
+    assert {(f["layer"], f["code"]) for f in report["findings"]} >= {("bn[/x][bold]", "zero_var")}
 
 
 def test_running_out_of_memory_is_a_failed_run_not_bad_input(trained):

@@ -73,14 +73,14 @@ def test_parse_device(monkeypatch):
 def test_fail_prints_the_message_literally_and_unbroken(capsys):
     from unittest.mock import patch
 
-    from bnkit.cli.app import console, fail
+    from bnkit.cli.app import err_console, fail
 
     message = "keys ['module.bn.weight'] [bold]not markup[/bold] in /a/" + "very_long_directory_name/" * 8 + "w.pt"
-    with patch.object(console, "_width", 40):
+    with patch.object(err_console, "_width", 40):
         exit_ = fail(message)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert exit_.exit_code == 2
-    assert out == f"error: {message}\n"
+    assert captured.err == f"error: {message}\n" and captured.out == ""  # stderr: stdout stays the command's output
 
 
 def test_load_inputs_reads_every_data_format_and_picks_the_inputs(tmp_path):
@@ -118,6 +118,7 @@ def test_load_inputs_never_runs_a_pickle(tmp_path):
 
     target = tmp_path / "pwned.txt"
     torch.save({"x": torch.zeros(2), "payload": WritesFile(str(target))}, tmp_path / "evil.pt")
-    with pytest.raises(UnsafeCheckpointError):
+    with pytest.raises(UnsafeCheckpointError, match="never unpickled with code") as err:
         load_inputs(tmp_path / "evil.pt")
+    assert "--trust" not in str(err.value).replace("no --trust for data", "")  # the data options have no --trust
     assert not target.exists()

@@ -213,6 +213,28 @@ def test_training_mode_at_inference(trained):
     assert audit(model.train()).by_code("train_mode")[0].data["model_training"] is True
 
 
+def test_tracking_turned_off_on_a_layer_with_buffers_is_reported_in_both_modes():
+    """PyTorch then never updates the buffers in training but normalizes with them in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2))
+    model.train()
+    for _ in range(20):
+        model(torch.randn(16, 4))
+    model[1].track_running_stats = False
+    before = model[1].running_mean.clone()
+    model(torch.randn(16, 4) + 5)  # training mode: the buffers stay as they were ...
+    assert torch.equal(model[1].running_mean, before)
+    model.eval()
+    x = torch.randn(8, 4)
+    ref = model[1].weight * (model[0](x) - before) / torch.sqrt(model[1].running_var + model[1].eps) + model[1].bias
+    torch.testing.assert_close(model[1](model[0](x)), ref)  # ... and eval mode normalizes with them
+    report = audit(model)
+    assert [f.layer for f in report.by_code("stale_running_stats")] == ["1"]
+    model.train()
+    report = audit(model)
+    assert report.by_code("stale_running_stats") and "1" in report.by_code("train_mode")[0].data["layers"]
+
+
 def test_track_running_stats_false_and_its_batch_coupling():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
@@ -332,6 +354,14 @@ def test_running_stat_noise_matches_pytorch_running_average():
     assert s.var_noise == pytest.approx(observed_var, rel=0.12)
     (noise,) = report.by_code("stat_noise")
     assert noise.data["train_batch_size"] == b_train
+
+
+def test_one_data_batch_says_the_noise_was_not_estimated():
+    bn = nn.BatchNorm1d(2).eval()
+    report = audit(bn, torch.randn(64, 2), batch_size=64, train_batch_size=8)
+    (noise,) = report.by_code("stat_noise")
+    assert noise.severity == "info" and "not estimated" in noise.finding and noise.data["batches"] == 1
+    assert report.shifts[0].mean_noise is None
 
 
 @pytest.mark.parametrize("size", [0, 1])

@@ -17,11 +17,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+#: Errors go to stderr, so stdout stays what a command prints (``--json`` stays JSON when it fails).
+err_console = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
-    """Print an error in red and return the Exit to raise."""
+    """Print an error in red on stderr and return the Exit to raise."""
     # Escaped (messages quote lists and paths with brackets) and soft-wrapped: rich inserts no line
     # breaks, so a long path stays whole for copying and for tests that read the message.
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)

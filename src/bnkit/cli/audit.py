@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .app import app, console, fail
@@ -143,8 +144,8 @@ def _build_model(spec: str, state, file: Path):
 
 
 def _dtype_hint(inputs, exc: ValueError) -> str:
-    """A hint when integer data met a floating model (the error names only the scalar types)."""
-    if inputs is None or inputs.is_floating_point() or not any(w in str(exc) for w in ("dtype", "scalar type")):
+    """A hint when the model failed on integer data (PyTorch's errors name only the scalar types, each its own way)."""
+    if inputs is None or inputs.is_floating_point() or "the model failed" not in str(exc):
         return ""
     return f" (the data is {inputs.dtype}; if it holds features, save it as float32)"
 
@@ -166,19 +167,19 @@ def _print(report: dict[str, Any]) -> None:
     findings = report["findings"]
     layers = len(report.get("layers") or [])
     if findings:
-        table = Table(title=f"BatchNorm audit of {report['target']} ({report['depth']})", show_lines=True)
+        table = Table(title=f"BatchNorm audit of {escape(report['target'])} ({report['depth']})", show_lines=True)
         for col, width in (("severity", 8), ("layer", 24), ("finding", 30), ("evidence", 48), ("fix", 36)):
             table.add_column(col, max_width=width if col != "severity" else None, overflow="fold")
         for f in findings:
-            table.add_row(f"[{_STYLE[f['severity']]}]{f['severity']}[/]", f["layer"], f["finding"], f["evidence"],
-                          f["fix"])
+            table.add_row(f"[{_STYLE[f['severity']]}]{f['severity']}[/]",  # names and texts are not markup
+                          *(escape(f[k]) for k in ("layer", "finding", "evidence", "fix")))
         console.print(table)
     if report.get("shifts"):
         shifts = Table(title="Data vs running statistics, ranked (KL per channel; z_eq = equivalent mean shift in std)")
         for col in ("rank", "layer", "z_eq", "worst channel", "mean shift (std)", "variance ratio"):
             shifts.add_column(col, justify="left" if col == "layer" else "right")
         for rank, s in enumerate(report["shifts"][:10], start=1):
-            shifts.add_row(str(rank), s["layer"], f"{s['z_eq']:.3g}", str(s["worst_channel"]),
+            shifts.add_row(str(rank), escape(s["layer"]), f"{s['z_eq']:.3g}", str(s["worst_channel"]),
                            f"{s['mean_shift']:+.3g}", f"{math.exp(s['log_var_ratio']):.3g}")
         console.print(shifts)
     errors = sum(f["severity"] == "error" for f in findings)
@@ -189,5 +190,5 @@ def _print(report: dict[str, Any]) -> None:
     elif warnings:
         console.print(f"[bold yellow]no error-level findings; {warnings} warning(s)[/]")
     else:
-        console.print(f"[bold green]no BatchNorm problems found[/] in {report['target']} "
+        console.print(f"[bold green]no BatchNorm problems found[/] in {escape(report['target'])} "
                       f"({layers} BatchNorm layer(s) audited, {report['depth']})")

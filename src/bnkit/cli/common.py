@@ -152,7 +152,7 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
     import numpy as np
     import torch
 
-    from ..torch.io import load_checkpoint
+    from ..torch.io import UnsafeCheckpointError, load_checkpoint
 
     if path.is_dir():
         raise ValueError(f"{path} is a directory, not a data file: name a file inside it")
@@ -169,6 +169,11 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
     else:
         try:
             loaded = load_checkpoint(path)
+        except UnsafeCheckpointError as exc:  # its advice (re-save a model, --trust) is for checkpoints, not data
+            found = str(exc).split(" so it was NOT loaded.")[0]
+            raise UnsafeCheckpointError(
+                f"{found} so it was NOT loaded; data files are never unpickled with code (no --trust for data): "
+                "save the inputs as .npy, .npz or .safetensors, or torch.save a tensor or a dict of tensors") from None
         except (ValueError, OSError) as exc:
             message = str(exc)
             raise ValueError(message if str(path) in message else f"cannot read data file {path}: {message}") from exc

@@ -142,6 +142,12 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> l
             "what the model will see, recalibrate (bnkit recalibrate)",
             "stat_shift", asdict(s)))
     noisy = [s for s in shifts if s.mean_noise is not None]
+    if shifts and not noisy:
+        findings.append(Finding(
+            "info", "(model)", "running statistics noise not estimated",
+            f"it is measured from the spread between data batches and the data gave {report.batches} batch(es) "
+            f"(training batch size {b_train} unused)", "pass more data or a smaller batch size", "stat_noise",
+            {"train_batch_size": b_train, "batches": report.batches}))
     if noisy:
         worst = max(noisy, key=lambda s: s.mean_noise)
         worst_var = max(noisy, key=lambda s: s.var_noise)

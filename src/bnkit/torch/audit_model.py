@@ -46,6 +46,15 @@ def _layer_state_findings(name: str, bn: _BatchNorm) -> list[Finding]:
     if is_lazy(bn.running_mean):
         return [Finding("info", name, "lazy layer not initialized", "run one forward pass to create its buffers",
                         "", "lazy")]
+    stale = []
+    if not bn.track_running_stats:  # the flag turned off after construction: the buffers are still there
+        stale.append(Finding(
+            "warning", name, "track_running_stats=False on a layer that has running statistics",
+            "training normalizes with batch statistics and never updates the buffers, but eval mode still "
+            "normalizes with them (torch/nn/modules/batchnorm.py _BatchNorm.forward uses buffers whenever they "
+            "exist): inference runs on whatever statistics the layer held when the flag was turned off",
+            "set track_running_stats=True and recalibrate (bnkit recalibrate), or remove the buffers to use "
+            "batch statistics on purpose", "stale_running_stats"))
     nbt = bn.num_batches_tracked
     stats = BNStats(
         name=name,
@@ -57,7 +66,7 @@ def _layer_state_findings(name: str, bn: _BatchNorm) -> list[Finding]:
         eps=float(bn.eps),
         momentum=bn.momentum,
     )
-    return check_bn_stats(stats)
+    return stale + check_bn_stats(stats)
 
 
 def _frozen_affine(bn: _BatchNorm) -> bool:
@@ -67,7 +76,7 @@ def _frozen_affine(bn: _BatchNorm) -> bool:
 
 
 def _mode_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]]) -> list[Finding]:
-    tracked = [(n, bn) for n, bn in layers if bn.track_running_stats and bn.running_mean is not None]
+    tracked = [(n, bn) for n, bn in layers if bn.running_mean is not None]  # buffers used in eval mode
     frozen_train = [n for n, bn in tracked if bn.training and _frozen_affine(bn)]
     train = [n for n, bn in tracked if bn.training and not _frozen_affine(bn)]
     frozen_eval = [n for n, bn in tracked if not bn.training and (_frozen_affine(bn) or is_frozen(bn, "stats"))]
@@ -86,7 +95,8 @@ def _mode_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]]) -> li
         out.append(Finding(
             "error", short_names(train), "BatchNorm in training mode",
             f"{len(train)} layer(s) in training mode ({where}): at inference they normalize with the batch's "
-            "statistics, so outputs depend on the batch, and every call overwrites the running statistics",
+            "statistics, so outputs depend on the batch, and every call overwrites the running statistics "
+            "(of layers that track them)",
             "call model.eval() before inference (and after any submodule.train())", "train_mode",
             {"layers": train, "model_training": model.training}))
     if frozen_eval and model.training:
