@@ -101,7 +101,8 @@ def run_and_report(
             "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
             "torch_threads": threads}
     paths = write_report(chapters, out, meta)
-    console.print(f"report: {paths['html']} (also {paths['markdown'].name}, {paths['json'].name}) in {seconds} s")
+    console.print(f"report: {paths['html']} (also {paths['markdown'].name}, {paths['json'].name}) in {seconds} s",
+                  markup=False)
     failed = [ch.name for ch in chapters if ch.status == "failed"]
     if failed:
         console.print(f"[bold red]error:[/] chapter(s) failed: {', '.join(failed)} (see results.json)")

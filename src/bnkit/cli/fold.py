@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .app import app, console, fail
@@ -27,13 +28,13 @@ def _shape(text: str) -> list[int]:
 
 
 def _print_rows(folded: list[tuple[str, str]], left: dict[str, str], title: str) -> None:
-    table = Table(title=title)
+    table = Table(title=escape(title))  # layer names, node names and paths are not markup
     table.add_column("BatchNorm")
     table.add_column("result")
     for bn, into in folded:
-        table.add_row(bn, f"[green]folded into[/] {into}")
+        table.add_row(escape(bn), f"[green]folded into[/] {escape(into)}")
     for bn, reason in left.items():
-        table.add_row(bn, f"[yellow]left:[/] {reason}")
+        table.add_row(escape(bn), f"[yellow]left:[/] {escape(reason)}")
     console.print(table)
 
 
@@ -58,14 +59,16 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
     _print_rows([(f.bn, f"{f.into} ({f.op}{'; ' + '; '.join(f.notes) if f.notes else ''})") for f in report.folded],
                 report.left, f"{source} -> {output}")
     for name in report.converted:
-        console.print(f"switched {name} from training mode to its running statistics")
+        console.print(f"switched {name} from training mode to its running statistics", markup=False)
     for name in report.dropout_converted:
-        console.print(f"switched Dropout {name} to inference mode (it passes its input through)")
+        console.print(f"switched Dropout {name} to inference mode (it passes its input through)", markup=False)
     if report.removed_outputs:
-        console.print(f"removed unused running-statistic outputs: {', '.join(report.removed_outputs)}")
+        console.print(f"removed unused running-statistic outputs: {', '.join(report.removed_outputs)}",
+                      markup=False)
     if report.max_abs_diff is not None:
         console.print(f"verified with onnxruntime on inputs {report.input_shapes}: max |before - after| = "
-                      f"{report.max_abs_diff:.3g}, relative {report.max_rel_diff:.3g} (tolerance {report.tolerance:g})")
+                      f"{report.max_abs_diff:.3g}, relative {report.max_rel_diff:.3g} (tolerance {report.tolerance:g})",
+                      markup=False)
 
 
 def report_path(output: Path) -> Path:
@@ -155,8 +158,9 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     else:
         console.print("[yellow]not verified[/] (give --input-shape to verify)")
     if report_file is not None:
-        console.print(f"wrote {output} and the fold report {report_file} (folded BN -> Identity, new biases)")
-        console.print(_reload_hint(spec, output, report_file), highlight=False, soft_wrap=True)
+        console.print(f"wrote {output} and the fold report {report_file} (folded BN -> Identity, new biases)",
+                      markup=False)
+        console.print(_reload_hint(spec, output, report_file), highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command("fold")

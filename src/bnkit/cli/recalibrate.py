@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .app import app, console, fail
@@ -70,7 +71,7 @@ def _report_table(report: Any) -> Table:
     for row in report.rows():
         unused = row["values_per_channel"] == 0
         table.add_row(
-            row["layer"], str(row["samples"]), str(row["values_per_channel"]),
+            escape(row["layer"]), str(row["samples"]), str(row["values_per_channel"]),
             "unused" if unused else f"{row['max_mean_shift_std']:.4g}",
             "unused" if unused else f"{row['var_ratio_min']:.3g} .. {row['var_ratio_max']:.3g}",
         )
@@ -180,8 +181,8 @@ def recalibrate_command(
         save_state_dict_file(net.state_dict(), out_path)
     except Exception as exc:  # noqa: BLE001
         raise fail(f"cannot write {output}: {exc}", code=1)
-    console.print(str(report).splitlines()[0].strip(), highlight=False)
+    console.print(str(report).splitlines()[0].strip(), highlight=False, markup=False)
     console.print(_report_table(report))
     if report.unused_layers:
-        console.print(f"[yellow]not reached by the data, left unchanged:[/] {', '.join(report.unused_layers)}")
-    console.print(f"wrote {output}")
+        console.print(f"[yellow]not reached by the data, left unchanged:[/] {escape(', '.join(report.unused_layers))}")
+    console.print(f"wrote {output}", markup=False)
