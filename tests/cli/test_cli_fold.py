@@ -166,6 +166,13 @@ def test_fold_pytorch_model_to_onnx_and_refusals(tmp_path):
     assert result.exit_code == 2 and "cannot build the model" in _text(result)
     assert sorted(os.listdir(tmp_path)) == ["folded.onnx", "w.pt"]
 
+    upper = tmp_path / "folded2.ONNX"  # suffixes are read case-insensitively everywhere
+    result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", str(weights),
+                                 "--input-shape", "2x1x8x8", "-o", str(upper)])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(_run(upper, x), eager, rtol=1e-5, atol=1e-5 * np.abs(eager).max())
+    assert not (tmp_path / "folded2.fold.json").exists()  # no fold report: an ONNX file needs none
+
 
 def test_fold_pytorch_model_writes_nothing_when_the_folded_outputs_differ(tmp_path, monkeypatch):
     import bnkit.torch

@@ -146,3 +146,12 @@ def test_load_weights_into_keeps_a_real_module_prefix_and_explains_mismatches():
     bigger = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5))
     with pytest.raises(ValueError, match="size mismatch"):
         load_weights_into(_net(), bigger.state_dict())
+
+
+def test_upper_case_safetensors_suffix_writes_and_reads_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    state = {"bn.weight": torch.arange(3.0), "bn.running_var": torch.ones(3)}
+    path = save_state_dict_file(state, tmp_path / "w.SAFETENSORS")
+    assert {k: torch.equal(v, state[k]) for k, v in load_file(str(path)).items()} == {k: True for k in state}
+    assert all(torch.equal(v, state[k]) for k, v in load_state_dict_file(path).items())

@@ -112,7 +112,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
             raise fail(f"cannot load {weights} into {spec}: {exc}") from None
     model.eval()
     example = torch.randn(*_shape(shapes[0]), generator=torch.Generator().manual_seed(0)) if shapes else None
-    if output.suffix == ".onnx" and example is None:
+    if output.suffix.lower() == ".onnx" and example is None:
         raise fail("exporting to .onnx needs --input-shape")
     try:
         folded, report = fold_bn(model, example, verify=verify and example is not None, force=force)
@@ -124,7 +124,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         raise fail(f"the folded model differs from the original on random inputs of shape {shapes[0]}: "
                    f"max relative difference {report.max_rel_diff:.3g} > {tolerance:g}; nothing written "
                    "(--no-verify skips the check)", code=1)
-    if output.suffix == ".onnx":
+    if output.suffix.lower() == ".onnx":
         from ..torch.export import ExportVerificationError, export_onnx
 
         try:

@@ -138,7 +138,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)
-    if path.suffix == ".safetensors" or _is_safetensors(head, size):
+    if path.suffix.lower() == ".safetensors" or _is_safetensors(head, size):
         return _load_safetensors(path, map_location)
     kind = _looks_like(path, head, size)
     if kind is not None:
@@ -231,7 +231,7 @@ def save_state_dict_file(state: Mapping[str, torch.Tensor], path: str | os.PathL
     path = Path(path)
     with atomic_path(path) as tmp:
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(tensors, tmp)
