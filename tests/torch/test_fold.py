@@ -59,6 +59,7 @@ def test_zoo_every_foldable_bn_folded_outputs_equal(name):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(not m.training for m in model.modules())
+    assert all(not m.training for m in folded.modules())  # the Identity modules that replace BNs included
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # importing fx fuse
@@ -391,11 +392,66 @@ def test_layers_with_their_own_forward_hooks_or_parametrizations_are_left():
     with torch.no_grad():
         assert torch.equal(model(x), folded(x))
     # the fallback (no trace) sees the subclass as a module and refuses it by its forward
-    from bnkit.torch.fold import _plan_sequential, FoldReport
+    from bnkit.torch.fold import FoldReport, _plan_sequential, _probe
 
     fallback = FoldReport()
-    assert _plan_sequential(model, {}, fallback) == []
+    assert _plan_sequential(model, _probe(model, (x,))[1], fallback) == []
     assert "forward is not PyTorch's" in fallback.left["1"]
+
+
+def test_bn_subclass_with_its_own_forward_is_left_and_bnkit_drop_ins_are_folded():
+    from bnkit.torch.layers import BatchNorm2d as DropIn
+
+    class Scaled(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2 + 1
+
+    x = torch.rand(4, 3, 8, 8)
+    model = calibrated(nn.Sequential(nn.Conv2d(3, 4, 3), Scaled(4), nn.Conv2d(4, 4, 3), DropIn(4)), x)
+    folded, report = fold_bn(model, x)
+    assert [f.bn for f in report.folded] == ["3"] and "forward is not PyTorch's" in report.left["1"]
+    assert report.max_rel_diff < 1e-5
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+def test_a_forward_that_reads_a_bn_buffer_keeps_the_bn():
+    class ReadsStats(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.lin = nn.BatchNorm1d(5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.lin(self.bn(x)) + self.bn.running_mean.sum()
+
+    x = torch.randn(16, 5)
+    model = calibrated(ReadsStats(), x)
+    for inputs in (x, None):
+        folded, report = fold_bn(model, inputs)
+        assert report.n_folded == 0 and "reads the BN's tensors directly" in report.left["bn"]
+        with torch.no_grad():
+            assert torch.equal(model(x), folded(x))
+
+
+def test_untraceable_model_without_example_inputs_folds_nothing():
+    """The fallback cannot see a layer called outside its Sequential without a probe run: it refuses."""
+    class Reuses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2))
+
+        def forward(self, x):
+            y = self.f(x)
+            if y.sum() > 0:  # not traceable
+                y = y * 1.0
+            return y + self.f[0](x)  # the conv is also used on its own
+
+    x = torch.rand(4, 2, 6, 6)
+    model = calibrated(Reuses(), x)
+    folded, report = fold_bn(model)
+    assert report.method == "sequential" and report.n_folded == 0 and "pass example_inputs" in report.left["f.1"]
+    _, with_inputs = fold_bn(model, x)
+    assert with_inputs.n_folded == 0 and "called 2 times" in with_inputs.left["f.1"]
 
 
 def test_sequential_fallback_refuses_overridden_sequential_forward():
@@ -549,3 +605,18 @@ def test_random_single_layer_folds_match_the_rule_and_the_output(
     assert {(f.bn, f.position) for f in report.folded} == want
     with torch.no_grad():
         assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+def test_folded_weights_beyond_the_dtype_are_refused():
+    x = torch.rand(4, 2, 6, 6)
+    model = calibrated(nn.Sequential(nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2, eps=1e-12)), x)
+    with torch.no_grad():
+        model[1].running_var.fill_(1e-12)
+        model[0].weight.mul_(100.0)
+    half = copy.deepcopy(model).half()
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    with pytest.raises(ValueError, match="beyond torch.float16's range"):
+        fold_bn(half)
+    assert all(torch.equal(v, before[k]) for k, v in half.state_dict().items())
+    folded, report = fold_bn(model)  # float32 holds them
+    assert report.n_folded == 1 and torch.isfinite(folded[0].weight).all()

@@ -51,7 +51,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from ..findings import Finding
-from .modules import bn_layers, eval_mode, flatten_tensors, is_batchnorm
+from .modules import bn_layers, eval_mode, flatten_tensors, has_stock_eval_forward, is_batchnorm
 
 __all__ = ["fold_bn", "FoldReport", "FoldedBN"]
 
@@ -143,7 +143,7 @@ class FoldReport:
                 layer = model.get_submodule(f.into)
                 w = layer.weight
                 layer.bias = nn.Parameter(torch.zeros(_out_channels(layer), dtype=w.dtype, device=w.device))
-            _set_submodule(model, f.bn, nn.Identity())
+            _set_submodule(model, f.bn, _identity_for(model.get_submodule(f.bn)))
         return model
 
 
@@ -172,6 +172,7 @@ def fold_bn(
         TypeError: ``model`` is not an ``nn.Module``.
         ValueError: BN layers in training mode or never updated (without ``force``);
             NaN/Inf BN statistics or affine parameters, or ``running_var + eps <= 0``;
+            folded weights beyond the layer's dtype (float16 with a tiny variance);
             uninitialized lazy modules; NaN/Inf in ``example_inputs``.
     """
     if not isinstance(model, nn.Module):
@@ -352,7 +353,11 @@ def _compare(a: Any, b: Any) -> tuple[float, float]:
 
 
 class _Tracer(fx.Tracer):
-    """fx's default tracer, but every BatchNorm subclass (bnkit's drop-in layers too) stays one ``call_module``."""
+    """fx's default tracer, but every BatchNorm subclass (bnkit's drop-in layers too) stays one ``call_module``,
+    and buffers read in a forward become ``get_attr`` nodes (fx's default inlines them as constants, which
+    would hide a read of a BN's ``running_mean`` from the planner)."""
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
@@ -442,16 +447,16 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
 
     A plain Sequential passes each child's output to the next child only, so adjacency is
     data flow. A module registered under several names, or seen called more than once in
-    the probe run, is not folded.
+    the probe run, is not folded; without a probe run (no ``example_inputs``) nothing is.
     """
+    if not probe:  # nothing shows whether a layer is also called outside its Sequential: fold nothing
+        for name, _ in bn_layers(work):
+            report.left[name] = ("the model is not traceable by torch.fx, and without example_inputs nothing shows "
+                                 "whether its neighbour is also called outside its nn.Sequential: pass example_inputs")
+        return []
     calls: Counter[int] = Counter(id(m) for _, m in work.named_modules(remove_duplicate=False))
     for key, entry in probe.items():
         calls[key] = max(calls[key], entry["calls"])
-    if not probe:
-        report.notes.append(
-            "without example_inputs the fallback cannot see whether a folded layer is also called, "
-            "or its weights read, outside its nn.Sequential"
-        )
     plan: list[tuple[str, str, str]] = []
     used: set[str] = set()
     for prefix, seq in work.named_modules():
@@ -495,6 +500,8 @@ def _hooked(module: nn.Module) -> bool:
 def _bn_reason(bn: _BatchNorm, calls: Counter, attr_used: set[int]) -> str | None:
     if bn.running_mean is None:
         return "track_running_stats=False: it normalizes with batch statistics at inference, which no fold can express"
+    if not has_stock_eval_forward(bn):
+        return f"it is a {type(bn).__name__} whose forward is not PyTorch's, so removing it may change the outputs"
     if calls[id(bn)] > 1:
         return f"the BN module is called {calls[id(bn)]} times"
     if id(bn) in attr_used:
@@ -597,9 +604,14 @@ def _apply(work: nn.Module, plan: list[tuple[str, str, str]]) -> None:
         fold = _fold_after if position == "after" else _fold_before
         pending[layer_name] = fold(layer, w, b, s, t)
     for layer_name, (w, b) in pending.items():
+        dtype = work.get_submodule(layer_name).weight.dtype
+        if not (torch.isfinite(w.to(dtype)).all() and torch.isfinite(b.to(dtype)).all()):
+            bns = ", ".join(bn for bn, layer, _ in plan if layer == layer_name)
+            raise ValueError(f"folding {bns} into '{layer_name}' gives weights beyond {dtype}'s range (a tiny "
+                             "running_var + eps scales them up): keep these BN layers, or fold a float32 copy")
         _assign(work.get_submodule(layer_name), w, b)
     for bn_name, _, _ in plan:
-        _set_submodule(work, bn_name, nn.Identity())
+        _set_submodule(work, bn_name, _identity_for(work.get_submodule(bn_name)))
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -649,6 +661,13 @@ def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
     dtype, device = old.dtype, old.device
     layer.weight = nn.Parameter(weight.to(dtype=dtype, device=device), requires_grad=old.requires_grad)
     layer.bias = nn.Parameter(bias.to(dtype=dtype, device=device), requires_grad=old.requires_grad)
+
+
+def _identity_for(bn: nn.Module) -> nn.Identity:
+    """The ``nn.Identity`` that replaces a folded BN, with the BN's train/eval flag (every flag is kept)."""
+    identity = nn.Identity()
+    identity.training = bn.training
+    return identity
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -194,6 +194,8 @@ class _DropInBatchNorm:
             self._check_batch(input)
             raise err
 
+    forward._bnkit_stock_in_eval = True  # outside training it is nn.BatchNorm's forward (fold relies on that)
+
     def _check_batch(self, input: Tensor) -> None:
         """Raise a named error for the wrong rank, channel count, or one value per channel with batch statistics."""
         self._check_input_dim(input)

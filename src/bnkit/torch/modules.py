@@ -36,6 +36,15 @@ def is_bn_or_frozen(module: nn.Module) -> bool:
     return is_batchnorm(module) or getattr(type(module), "_bnkit_frozen_layer", False)
 
 
+def has_stock_eval_forward(bn: _BatchNorm) -> bool:
+    """In eval mode the layer computes PyTorch's BatchNorm: its ``forward`` is PyTorch's, or one marked
+    ``_bnkit_stock_in_eval`` (bnkit's drop-in layers, which defer to it outside training); a subclass
+    or instance with its own ``forward`` may compute anything."""
+    forward = type(bn).forward
+    stock = forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward) or getattr(forward, "_bnkit_stock_in_eval", False)
+    return stock and "forward" not in vars(bn)
+
+
 def has_stock_forward(bn: _BatchNorm) -> bool:
     """The layer runs PyTorch's own ``forward`` (class and instance), so a tool may stand in for it."""
     return type(bn).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward) and "forward" not in vars(bn)
