@@ -482,3 +482,18 @@ def test_layers_called_with_keyword_input():
     report = recalibrate(model, batches, progress=False)
     assert report.unused_layers == []
     assert_matches_reference(model, ref)
+
+
+def test_statistics_beyond_float16_are_refused_and_change_nothing():
+    """A float16 model on 12-bit pixel values: the first BN's variance (~1.4e6) does not fit its buffer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    model = model.half().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [torch.randint(0, 4096, (8, 1, 10, 10)).half() for _ in range(3)]
+    with pytest.raises(ValueError, match=r"'1'.*exceed torch.float16's range"):
+        recalibrate(model, data, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    scaled = [x / 4096 for x in data]  # in range: recalibrates, every buffer finite
+    recalibrate(model, scaled, progress=False)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())

@@ -68,6 +68,11 @@ def _worker(rank: int, store: str, out: str) -> None:
         except Exception as exc:  # noqa: BLE001 - record what each rank saw
             results["failure"] = f"{type(exc).__name__}: {exc}"
         results["unchanged"] = all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        if rank == 0:  # one rank alone (e.g. under `if rank == 0:`): no collective, so no wait for rank 1
+            alone = make_model()
+            recalibrate(alone, shard(0), progress=False, distributed=False)
+            results["alone"] = alone.state_dict()
+        dist.barrier()
         torch.save(results, out)
     finally:
         dist.destroy_process_group()
@@ -109,3 +114,8 @@ def test_two_gloo_ranks_with_unequal_shards_match_the_union(tmp_path: Path):
     # any other error on one rank: re-raised there, RuntimeError on the other, no hang
     assert results[0]["failure"] == "KeyError: 'broken batch'"
     assert results[1]["failure"].startswith("RuntimeError: recalibration failed on rank(s) [0]")
+    # distributed=False: rank 0's own shard only, as a single process would compute it
+    local = make_model()
+    recalibrate(local, shard(0), progress=False)
+    for key, value in local.state_dict().items():
+        assert torch.equal(results[0]["alone"][key], value), key

@@ -22,7 +22,8 @@ guard (or calling a decorated function) repeatedly costs, on a correct model, a
 version check per buffer, a flag read per layer and one hook registration: no
 tensor work. While the guard is active one forward pre-hook on ``model`` (one
 however deeply the guard is nested) re-reads every layer's ``training`` flag, so
-a ``model.train()`` inside the block is caught before it changes anything;
+a ``model.train()`` inside the block is caught before a forward through ``model``
+changes anything (a submodule called directly is watched by a guard on that submodule);
 per-layer hooks for the batch-size check are added only to layers that use batch
 statistics. On a correct model nothing else runs. Checks can be skipped by code
 with ``ignore=``.

@@ -332,7 +332,8 @@ class _Pass:
             if count < 2:
                 raise ValueError(
                     f"BatchNorm layer {name!r} got input of shape {tuple(shape)} in batch {self.batch_index}: "
-                    "one value per channel cannot be normalized in training mode; use batches of at least 2 "
+                    f"{'no value' if count == 0 else 'one value'} per channel cannot be normalized in training mode; "
+                    "use batches of at least 2 "
                     "(e.g. DataLoader(..., drop_last=True))"
                 )
             if count * channels <= _SMALL and x.device.type != "mps":  # _batch_moments' small path, inlined
@@ -354,11 +355,16 @@ class _Pass:
         check, record, batch_norm = module._check_input_dim, self.recorder(index), torch.batch_norm
         weight, bias, eps, dtype = module.weight, module.bias, module.eps, module.running_mean.dtype
         cudnn = torch.backends.cudnn.enabled
+        if dtype.itemsize < 4:  # float16/bfloat16: a variance above 65504 would be inf; normalize in float32
+            weight, bias = (None if p is None else p.float() for p in (weight, bias))
 
         def forward(input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - PyTorch's name: bn(input=x) works too
             check(input)
             mean, var = record(input)
             device = input.device  # MPS: the statistics were finished on the CPU
+            if dtype.itemsize < 4:
+                return batch_norm(input.float(), weight, bias, mean.to(device, torch.float32),
+                                  var.to(device, torch.float32), False, 0.0, eps, cudnn).to(input.dtype)
             return batch_norm(input, weight, bias, mean.to(device, dtype), var.to(device, dtype), False, 0.0, eps,
                               cudnn)
 
@@ -503,6 +509,7 @@ def recalibrate(
     device: str | torch.device | None = None,
     on_nonfinite: str = "raise",
     progress: bool = True,
+    distributed: bool = True,
 ) -> RecalibrationReport:
     """Set every BatchNorm layer's running statistics to the exact statistics of its inputs over ``data``.
 
@@ -548,6 +555,9 @@ def recalibrate(
             input raises ``ValueError`` naming the first such layer, changing
             nothing. ``"skip"``: leave such batches out and count them.
         progress: show a rich progress bar (rank 0 only) once the pass has run a second.
+        distributed: with ``torch.distributed`` initialized, merge every rank's statistics
+            (every rank must call). ``False``: this process's data only, e.g. under
+            ``if rank == 0:`` (the other ranks need not call).
 
     Returns:
         A :class:`RecalibrationReport` with per-layer old and new statistics.
@@ -555,7 +565,8 @@ def recalibrate(
     Raises:
         ValueError: no BN layer with running statistics, no (finite) batch,
             a non-finite batch with ``on_nonfinite="raise"``, a BN input with
-            one value per channel. On any exception, KeyboardInterrupt included,
+            one value per channel, statistics beyond the buffers' dtype (float16
+            running_var above 65504). On any exception, KeyboardInterrupt included,
             the model's buffers and flags are exactly as before.
     """
     if isinstance(data, torch.Tensor):
@@ -580,7 +591,7 @@ def recalibrate(
         )
     forward = forward or _default_forward
     device = torch.device(device) if device is not None else None
-    world = _distributed_world()
+    world = _distributed_world() if distributed else 1
 
     flags = [(m, m.training) for _, m in modules]
     grads = [(p, p.requires_grad) for p in model.parameters()]
@@ -642,6 +653,12 @@ def recalibrate(
                 new_mean, new_var = old_mean, old_var
                 if rm.count > 0:
                     new_mean, new_var = rm.mean, rm.var_unbiased
+                    limit = torch.finfo(m.running_var.dtype).max
+                    if not (np.abs(new_mean).max() <= limit and new_var.max() <= limit):
+                        raise ValueError(
+                            f"BatchNorm layer {name!r}: its statistics (max |mean| {np.abs(new_mean).max():.3g}, max "
+                            f"variance {new_var.max():.3g}) exceed {m.running_var.dtype}'s range; recalibrate a "
+                            "float32 copy of the model (the buffers are left as they were)")
                     m.running_mean.copy_(torch.from_numpy(new_mean))
                     m.running_var.copy_(torch.from_numpy(new_var))
                     if m.num_batches_tracked is not None:
