@@ -214,3 +214,14 @@ def test_fixed_seeds_make_a_chapter_reproducible(tmp_path):
     assert first.tables == second.tables
     other = run_chapters(["fine-tuning"], Context(size="quick", seed=1, out=tmp_path / "s1"))[0]
     assert json.dumps(other.data, sort_keys=True) != json.dumps(first.data, sort_keys=True)  # the seed matters
+
+
+def test_convergence_ends_with_the_trained_model_the_test_accuracy_is_of():
+    """The last distance is measured after the last optimizer step, even when ``every`` does not divide it."""
+    from bnkit.study.data import load_digits_split
+
+    steps = len(batches(len(load_digits_split(seed=0).x_train), 64))  # one epoch
+    every = next(k for k in range(5, steps) if steps % k)  # the last step is not a measuring step
+    p = {"seeds": 1, "epochs": 1, "batch_size": 64, "every": every, "momenta": (0.1,)}
+    (trace,) = ch_running.convergence(Context(size="quick"), p)["0.1"]
+    assert trace["step"] == list(range(every, steps, every)) + [steps]

@@ -144,8 +144,8 @@ def convergence(ctx: Context, p: dict) -> dict:
             eps = bn_layers(model)[0][1].eps
             trace: dict = {"step": [], "layers": {}}
 
-            def measure(step: int) -> None:
-                if step % p["every"]:
+            def measure(step: int, final: bool = False) -> None:
+                if step % p["every"] and not final:
                     return
                 with torch.no_grad():
                     d = _distances(population_stats(model, digits.x_train), running_stats(model), eps)
@@ -155,8 +155,10 @@ def convergence(ctx: Context, p: dict) -> dict:
                     trace["layers"][name]["mean_error"].append(me)
                     trace["layers"][name]["var_error"].append(ve)
 
-            fit(model, digits.x_train, digits.y_train, epochs=p["epochs"], batch_size=p["batch_size"], lr=1e-3,
-                seed=ctx.seed + s, on_step=measure, on_epoch=lambda _e: ctx.tracker.advance())
+            steps = fit(model, digits.x_train, digits.y_train, epochs=p["epochs"], batch_size=p["batch_size"],
+                        lr=1e-3, seed=ctx.seed + s, on_step=measure, on_epoch=lambda _e: ctx.tracker.advance())
+            if trace["step"][-1:] != [steps]:  # the last point is the trained model the test accuracy is of
+                measure(steps, final=True)
             trace["test_accuracy_eval"] = accuracy(model, digits.x_test, digits.y_test)
             per_seed.append(trace)
         results[str(momentum)] = per_seed
