@@ -166,7 +166,7 @@ def test_study_and_demo_reject_bad_arguments(tmp_path):
     assert res.exit_code == 2 and "not a folder" in res.output
     assert a_file.read_text() == "x"
     res = runner.invoke(app, ["study", "two-modes", "--out", str(a_file / "sub")])
-    assert res.exit_code == 2 and "cannot create the report folder" in res.output
+    assert res.exit_code == 2 and "cannot write the report folder" in res.output
 
 
 def test_printed_tables_are_the_measured_numbers(quick):
@@ -233,3 +233,37 @@ def test_piped_output_has_no_progress_bars_after_the_tables(capsys):
         demo_cli._run_with_progress(["a", "b"], "quick", 0, None, None)
     output = capsys.readouterr().out
     assert output.split() == ["TABLE", "a", "TABLE", "b"]
+
+
+def test_demo_refuses_an_empty_or_unwritable_out_before_running(tmp_path, monkeypatch):
+    import tempfile
+
+    for args in (["demo", "--quick", "--out", ""], ["study", "two-modes", "--out", " "]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "--out must name a folder" in result.output
+
+    def read_only(*args, **kwargs):  # what a read-only folder does (tests run as root, which ignores modes)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "cannot write the report folder" in " ".join(result.output.split())
+    assert "running" not in result.output.lower()  # refused before any chapter ran
+
+
+def test_an_interrupted_demo_leaves_the_previous_report_as_it_was(tmp_path, monkeypatch):
+    from bnkit.study import modes
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "index.html").write_text("previous report")
+
+    def interrupted(ctx):  # a chapter that saved a plot, then was interrupted
+        (ctx.out / "ch2_two_modes.png").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modes, "run", interrupted)
+    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(out)])
+    assert result.exit_code != 0
+    assert sorted(p.name for p in out.iterdir()) == ["index.html"]  # no staging folder, no partial plots
+    assert (out / "index.html").read_text() == "previous report"

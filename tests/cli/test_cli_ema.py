@@ -35,6 +35,8 @@ def test_ema_rejects_inconsistent_arguments():
     assert runner.invoke(app, ["ema", "1", "2", "--steps", "5"]).exit_code == 2
     assert runner.invoke(app, ["ema", "1", "2", "--steps", "1"]).exit_code == 2
     assert runner.invoke(app, ["ema", "1", "--decay", "1.5"]).exit_code == 2
+    frozen = runner.invoke(app, ["ema", "4.2", "--decay", "1"], terminal_width=200)
+    assert frozen.exit_code == 0 and "undefined" in frozen.output  # 1 - 1^t = 0: no correction exists
     bogus = runner.invoke(app, ["ema", "1", "--show", "bogus"], terminal_width=200)
     assert bogus.exit_code == 2 and "--show must be 'auto' or 'all'" in bogus.output
     negative = runner.invoke(app, ["ema", "--fill", "-1", "--steps", "3", "--decay", "0.5", "--", "-4.2", "1"],

@@ -77,7 +77,10 @@ def run_and_report(
         raise fail(f"--out {out} exists and is not a folder")
     if threads < 1:
         raise fail(f"--threads must be at least 1, got {threads}")
+    import os
     import platform
+    import shutil
+    import tempfile
     import time
 
     import numpy as np
@@ -85,22 +88,30 @@ def run_and_report(
 
     from ..study.report import write_report
 
-    try:
+    try:  # the report is built in a hidden folder inside ``out``: writable now, or refused before any chapter runs
         out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".bnkit-demo-", dir=out))
     except OSError as exc:
-        raise fail(f"cannot create the report folder {out}: {exc.strerror or exc}") from None
-    start = time.perf_counter()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+        raise fail(f"cannot write the report folder {out}: {exc.strerror or exc}") from None
     try:
-        chapters = _run_with_progress(names, size, seed, out, seeds)
+        start = time.perf_counter()
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            chapters = _run_with_progress(names, size, seed, staging, seeds)
+        finally:
+            torch.set_num_threads(previous_threads)
+        seconds = round(time.perf_counter() - start, 1)
+        meta = {"size": size, "seed": seed, "seeds": seeds, "seconds": seconds, "chapters": names,
+                "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+                "torch_threads": threads}
+        written = write_report(chapters, staging, meta)
+        # only a finished report replaces the previous one (file by file, each atomically)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out / path.name)
     finally:
-        torch.set_num_threads(previous_threads)
-    seconds = round(time.perf_counter() - start, 1)
-    meta = {"size": size, "seed": seed, "seeds": seeds, "seconds": seconds, "chapters": names,
-            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "torch_threads": threads}
-    paths = write_report(chapters, out, meta)
+        shutil.rmtree(staging, ignore_errors=True)  # an interrupted run leaves the previous report as it was
+    paths = {kind: out / path.name for kind, path in written.items()}
     console.print(f"report: {paths['html']} (also {paths['markdown'].name}, {paths['json'].name}) in {seconds} s",
                   markup=False)
     failed = [ch.name for ch in chapters if ch.status == "failed"]
@@ -131,14 +142,17 @@ def _run_with_progress(names: list[str], size: str, seed: int, out: Path, seeds:
 
 @app.command()
 def demo(
-    quick: bool = typer.Option(False, "--quick", help="Smallest size (about a minute); the size the tests run."),
-    out: Path = typer.Option(
-        Path("bnkit-report"), help="Folder for index.html, report.md, results.json and the plots."),
+    quick: bool = typer.Option(False, "--quick", help="Smallest size (about half the demo's time); the size the "
+                               "tests run."),
+    out: str = typer.Option(
+        "bnkit-report", help="Folder for index.html, report.md, results.json and the plots."),
     seed: int = typer.Option(0, help="Base random seed (data split, initialisation, shuffling)."),
     threads: int = typer.Option(1, help="torch CPU threads (the models are tiny: one is fastest on a busy machine)."),
 ) -> None:
     """Tell the story of BatchNorm at inference on scikit-learn's digits, every number measured in this run."""
     from ..study import CHAPTERS
 
-    code = run_and_report(list(CHAPTERS), "quick" if quick else "demo", seed, out, threads=threads)
+    if not out.strip():
+        raise fail("--out must name a folder (got an empty name)")
+    code = run_and_report(list(CHAPTERS), "quick" if quick else "demo", seed, Path(out), threads=threads)
     raise typer.Exit(code)

@@ -52,7 +52,8 @@ def ema(
     table.add_column("bias-corrected", justify="right")
     for step, v, run, corr in rows:
         if show == "all" or step <= len(values) or step % 10 == 0 or step == n:
-            table.add_row(str(step), f"{v:.4g}", f"{run:.6g}", f"{corr:.6g}")
+            # decay 1: 1 - decay^t = 0, so the correction is 0/0 (the running value never leaves the start)
+            table.add_row(str(step), f"{v:.4g}", f"{run:.6g}", "undefined" if decay == 1.0 else f"{corr:.6g}")
     console.print(table)
     console.print(
         "bias-corrected = (running - decay^t * start) / (1 - decay^t): the weighted mean of the batches seen, "

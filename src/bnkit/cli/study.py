@@ -33,7 +33,7 @@ _HELP = ("Run one chapter at full size and write its report, for the real curves
 def study(
     name: str = typer.Argument(..., help=f"Chapter: {', '.join(CHAPTER_HELP)} (listed above)."),
     seeds: Optional[int] = typer.Option(None, help="Number of seeds (default: the chapter's full-size count)."),
-    out: Optional[Path] = typer.Option(None, help="Report folder (default bnkit-report/study-NAME)."),
+    out: Optional[str] = typer.Option(None, help="Report folder (default bnkit-report/study-NAME)."),
     size: str = typer.Option("full", help="full, demo or quick."),
     seed: int = typer.Option(0, help="Base random seed."),
     threads: int = typer.Option(1, help="torch CPU threads."),
@@ -48,5 +48,7 @@ def study(
         raise fail(f"--seeds must be at least 1, got {seeds}")
     if seeds is not None and "seeds" not in chapter_module(name).SIZES[size]:
         raise fail(f"--seeds: the {name} chapter trains one model with the base --seed; it has no seed count")
-    out = out if out is not None else Path("bnkit-report") / f"study-{name}"
-    raise typer.Exit(run_and_report([name], size, seed, out, seeds=seeds, threads=threads))
+    if out is not None and not out.strip():
+        raise fail("--out must name a folder (got an empty name)")
+    folder = Path(out) if out is not None else Path("bnkit-report") / f"study-{name}"
+    raise typer.Exit(run_and_report([name], size, seed, folder, seeds=seeds, threads=threads))

@@ -38,9 +38,8 @@ from .train import accuracy, batches, fit, stat_shift
 NUMBER = 3
 TITLE = "Batch size and statistics quality"
 CLAIM = (
-    "The running statistics are only as good as the batch statistics feeding them: with small batches the EMA "
-    "is noisy and eval accuracy suffers; exact recalibration, batch renormalization or a batch-independent "
-    "norm close the gap."
+    "An EMA of batch statistics inherits their noise: with small batches the running statistics wander and "
+    "eval accuracy suffers; exact recalibration, batch renormalization or a batch-independent norm close the gap."
 )
 REQUIRES: tuple[str, ...] = ()
 SIZES = {
