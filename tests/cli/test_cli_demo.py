@@ -248,7 +248,11 @@ def test_demo_refuses_an_empty_or_unwritable_out_before_running(tmp_path, monkey
     monkeypatch.setattr(tempfile, "mkdtemp", read_only)
     result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "cannot write the report folder" in " ".join(result.output.split())
-    assert "running" not in result.output.lower()  # refused before any chapter ran
+    assert "Claim:" not in result.output  # refused before any chapter ran
+    (tmp_path / "r2" / "report.md").mkdir(parents=True)  # a folder where a report page goes
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 2 and "report.md there is a folder" in " ".join(result.output.split())
+    assert "Claim:" not in result.output
 
 
 def test_an_interrupted_demo_leaves_the_previous_report_as_it_was(tmp_path, monkeypatch):

@@ -620,3 +620,25 @@ def test_folded_weights_beyond_the_dtype_are_refused():
     assert all(torch.equal(v, before[k]) for k, v in half.state_dict().items())
     folded, report = fold_bn(model)  # float32 holds them
     assert report.n_folded == 1 and torch.isfinite(folded[0].weight).all()
+
+
+def test_a_forward_using_a_buffer_as_a_python_value_still_folds():
+    """fx cannot trace ``if self.initialized:`` on a traced buffer: the constant-buffer trace takes over."""
+    class ActNormLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)
+            self.register_buffer("initialized", torch.tensor(1))
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y * 2 if self.initialized else y
+
+    x = torch.rand(4, 2, 6, 6)
+    model = calibrated(ActNormLike(), x)
+    for inputs in (x, None):
+        folded, report = fold_bn(model, inputs)
+        assert report.method == "fx" and [f.bn for f in report.folded] == ["bn"]
+        assert any("buffer as a Python value" in note for note in report.notes)
+        with torch.no_grad():
+            assert rel_diff(model(x), folded(x)) < 1e-5

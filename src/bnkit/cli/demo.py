@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from .app import app, console, fail
+from .app import app, console, err_console, fail
 
 
 class _RichTracker:
@@ -88,6 +88,7 @@ def run_and_report(
 
     from ..study.report import write_report
 
+    _refuse_folders_in_the_way(out, REPORT_FILES)
     try:  # the report is built in a hidden folder inside ``out``: writable now, or refused before any chapter runs
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".bnkit-demo-", dir=out))
@@ -106,9 +107,12 @@ def run_and_report(
                 "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
                 "torch_threads": threads}
         written = write_report(chapters, staging, meta)
-        # only a finished report replaces the previous one (file by file, each atomically)
-        for path in sorted(staging.iterdir()):
-            os.replace(path, out / path.name)
+        # only a finished report replaces the previous one: file by file, each atomically, the pages last
+        pages = [p.name for p in written.values()]
+        names = sorted(p.name for p in staging.iterdir() if p.name not in pages) + pages
+        _refuse_folders_in_the_way(out, names)
+        for name in names:
+            os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # an interrupted run leaves the previous report as it was
     paths = {kind: out / path.name for kind, path in written.items()}
@@ -116,9 +120,20 @@ def run_and_report(
                   markup=False)
     failed = [ch.name for ch in chapters if ch.status == "failed"]
     if failed:
-        console.print(f"[bold red]error:[/] chapter(s) failed: {', '.join(failed)} (see results.json)")
+        err_console.print(f"[bold red]error:[/] chapter(s) failed: {', '.join(failed)} (see results.json)")
         return 1
     return 0
+
+
+#: The report's pages (:func:`bnkit.study.report.write_report`); the plots are named by their chapters.
+REPORT_FILES = ("index.html", "report.md", "results.json")
+
+
+def _refuse_folders_in_the_way(out: Path, names) -> None:
+    """Exit 2 if any of the report's file names is a folder inside ``out`` (it could not be replaced)."""
+    blocked = [name for name in names if (out / name).is_dir()]
+    if blocked:
+        raise fail(f"cannot write the report into {out}: {', '.join(blocked)} there is a folder, not a file")
 
 
 def _run_with_progress(names: list[str], size: str, seed: int, out: Path, seeds: int | None) -> list:

@@ -222,7 +222,7 @@ def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport) -> tuple[An
         reference, probe = _probe(work, inputs)
     try:
         with eval_mode(work):
-            graph = _Tracer().trace(work)
+            graph = _trace(work, report)
     except Exception as exc:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError, ...)
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         report.method = "sequential"
@@ -361,6 +361,24 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+class _ConstantBufferTracer(_Tracer):
+    """For forwards that use a buffer as a Python value (``if self.initialized:``), which a traced buffer cannot be."""
+
+    proxy_buffer_attributes = False
+
+
+def _trace(work: nn.Module, report: FoldReport) -> fx.Graph:
+    """The fx graph of ``work``: buffers traced, or, if the forward needs their values, inlined (with a note)."""
+    try:
+        return _Tracer().trace(work)
+    except Exception:  # noqa: BLE001 - whatever fx raises, the constant-buffer trace decides
+        graph = _ConstantBufferTracer().trace(work)
+        report.notes.append("the forward uses a buffer as a Python value, so buffers were traced as constants: "
+                            "a direct read of a BN's running statistics in the forward would not be seen "
+                            "(pass example_inputs to verify the folded model)")
+        return graph
 
 
 def _plan_fx(
