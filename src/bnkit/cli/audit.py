@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .app import app, console, fail
-from .common import UsageError, add_cwd_to_path, build_model, load_inputs
+from .common import UsageError, add_cwd_to_path, build_model, check_input_file, load_inputs
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -36,7 +36,10 @@ def audit_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Find BatchNorm problems and say how to fix them. Exits 1 when an error-level finding exists, 2 on bad input."""
-    _check_file(file, "checkpoint or ONNX")
+    try:
+        check_input_file(file, "checkpoint or ONNX")
+    except UsageError as exc:
+        raise fail(str(exc)) from None
     if data is not None and model is None:
         raise fail("--data needs --model: the data is run through the model")
     if batch_size < 2:
@@ -60,14 +63,6 @@ def audit_command(
         _print(report)
     if not report["ok"]:
         raise typer.Exit(1)
-
-
-def _check_file(path: Path, kind: str) -> None:
-    """Fail (exit 2) unless ``path`` is a file; a folder is named as one."""
-    if path.is_dir():
-        raise fail(f"{path} is a directory, not a {kind} file: name a file inside it")
-    if not path.is_file():
-        raise fail(f"no such {kind} file: {path}")
 
 
 def _onnx_report(file: Path) -> dict[str, Any]:

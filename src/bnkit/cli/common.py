@@ -58,6 +58,14 @@ def resolve_spec(spec: str) -> Any:
     return obj
 
 
+def check_input_file(path: Path, kind: str) -> None:
+    """:class:`UsageError` unless ``path`` is a file; a folder is named as one (``kind``: what the file holds)."""
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not a {kind} file: name a file inside it")
+    if not path.is_file():
+        raise UsageError(f"no such {kind} file: {path}")
+
+
 def build_model(spec: str) -> Any:
     """The ``torch.nn.Module`` that ``spec`` names: a module object, or a factory called with no arguments.
 
@@ -154,10 +162,7 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
 
     from ..torch.io import UnsafeCheckpointError, load_checkpoint
 
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory, not a data file: name a file inside it")
-    if not path.is_file():
-        raise ValueError(f"no such data file: {path}")
+    check_input_file(path, "data")
     if path.suffix.lower() in ARRAY_SUFFIXES:
         try:
             loaded = np.load(path, allow_pickle=False)
