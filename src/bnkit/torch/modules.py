@@ -40,9 +40,8 @@ def has_stock_eval_forward(bn: _BatchNorm) -> bool:
     """In eval mode the layer computes PyTorch's BatchNorm: its ``forward`` is PyTorch's, or one marked
     ``_bnkit_stock_in_eval`` (bnkit's drop-in layers, which defer to it outside training); a subclass
     or instance with its own ``forward`` may compute anything."""
-    forward = type(bn).forward
-    stock = forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward) or getattr(forward, "_bnkit_stock_in_eval", False)
-    return stock and "forward" not in vars(bn)
+    return has_stock_forward(bn) or (getattr(type(bn).forward, "_bnkit_stock_in_eval", False)
+                                     and "forward" not in vars(bn))
 
 
 def has_stock_forward(bn: _BatchNorm) -> bool:
