@@ -355,18 +355,18 @@ class _Pass:
         check, record, batch_norm = module._check_input_dim, self.recorder(index), torch.batch_norm
         weight, bias, eps, dtype = module.weight, module.bias, module.eps, module.running_mean.dtype
         cudnn = torch.backends.cudnn.enabled
-        if dtype.itemsize < 4:  # float16/bfloat16: a variance above 65504 would be inf; normalize in float32
+        low = dtype.itemsize < 4  # float16/bfloat16: a variance above 65504 would be inf; normalize in float32
+        if low:
             weight, bias = (None if p is None else p.float() for p in (weight, bias))
+        stats = torch.float32 if low else dtype
 
         def forward(input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - PyTorch's name: bn(input=x) works too
             check(input)
             mean, var = record(input)
             device = input.device  # MPS: the statistics were finished on the CPU
-            if dtype.itemsize < 4:
-                return batch_norm(input.float(), weight, bias, mean.to(device, torch.float32),
-                                  var.to(device, torch.float32), False, 0.0, eps, cudnn).to(input.dtype)
-            return batch_norm(input, weight, bias, mean.to(device, dtype), var.to(device, dtype), False, 0.0, eps,
-                              cudnn)
+            x = input.float() if low else input
+            out = batch_norm(x, weight, bias, mean.to(device, stats), var.to(device, stats), False, 0.0, eps, cudnn)
+            return out.to(input.dtype) if low else out
 
         return forward
 
