@@ -20,10 +20,10 @@ from .modules import has_stock_forward
 
 
 def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(count, mean, M2, x - mean)`` per channel (axis 1), the centred copy shaped ``(N, C, -1)``.
+    """``(count, mean, biased var, x - mean)`` per channel (axis 1), the centred copy shaped ``(N, C, -1)``.
 
-    Two-pass: sums over the ``(N, C, -1)`` view, then ``M2 = sum |x_nc - mean|^2`` from
-    each row's 2-norm (one read of the centred copy, no squared temporary). Several
+    Two-pass: sums over the ``(N, C, -1)`` view, then ``var = sum |x_nc - mean|^2 / count``
+    from each row's 2-norm (one read of the centred copy, no squared temporary). Several
     times faster on CPU than ``torch.var_mean`` over ``(0, 2, 3)`` or a training-mode
     ``F.batch_norm``; the copy is what :class:`Collector` normalizes in place.
     """
@@ -34,7 +34,7 @@ def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Te
     n = xv.shape[0] * xv.shape[2]
     mean = xv.sum(2).sum(0).mul_(1.0 / n)
     d = xv - mean.unsqueeze(1)
-    return n, mean, torch.linalg.vector_norm(d, dim=2).square_().sum(0), d
+    return n, mean, torch.linalg.vector_norm(d, dim=2).square_().sum(0).mul_(1.0 / n), d
 
 
 #: PyTorch's training-mode kernel normalizes and reduces faster than :func:`_centred` for inputs with
@@ -119,8 +119,7 @@ class Collector:
                 out, mean, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, eps)
                 self._record(x, n, mean, invstd, True)
                 return out
-            n, mean, m2, d = _centred(x)
-            var = m2 * (1.0 / n)
+            n, mean, var, d = _centred(x)
             self._record(x, n, mean, var, False)
             if d.dtype != x.dtype:  # float16/bfloat16: PyTorch's eval kernel keeps the input's dtype
                 stats = bn.running_mean.dtype
@@ -137,8 +136,8 @@ class Collector:
         return forward
 
     def _after(self, module: _BatchNorm, args: tuple, output: Any) -> None:
-        n, mean, m2, _ = _centred(args[0])
-        self._record(args[0], n, mean, m2.mul_(1.0 / n), False)
+        n, mean, var, _ = _centred(args[0])
+        self._record(args[0], n, mean, var, False)
 
     def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every call's batch size, count, mean and biased variance: float64 ``(K,)``, ``(K,)``, ``(K, C)``, ``(K, C)``.
