@@ -210,7 +210,7 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
             "the statistics were corrupted (a variance cannot be negative): recompute them with bnkit recalibrate",
             "negative_var", {"channels": np.flatnonzero(negative).tolist(), "min_var": float(var.min())}))
 
-    zero = (var == 0) & (var + layer.eps == 0)
+    zero = (var == 0) & (layer.eps == 0)
     if zero.any():
         findings.append(Finding(
             "error", name, "zero running variance with eps = 0",
