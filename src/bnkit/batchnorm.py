@@ -185,7 +185,8 @@ class BatchNorm:
                 out2[r] += sh
 
         _parallel(affine, x3)
-        self._cache = (x3, d, mean, invstd, gamma.copy(), n, x.shape)  # gamma copied: in-place edits must not reach backward
+        # gamma copied: an in-place edit after the forward must not reach backward
+        self._cache = (x3, d, mean, invstd, gamma.copy(), n, x.shape)
         return out.reshape(x.shape)
 
     __call__ = forward

@@ -13,7 +13,8 @@ _EXPORTS = {
     # modules.py: finding BN layers
     "BN_TYPES": "modules", "is_batchnorm": "modules", "bn_layers": "modules",
     # io.py: safe checkpoint loading, atomic saving
-    "UnsafeCheckpointError": "io", "load_checkpoint": "io", "load_state_dict_file": "io", "save_state_dict_file": "io", "NotACheckpointError": "io", "load_weights_into": "io",
+    "UnsafeCheckpointError": "io", "NotACheckpointError": "io", "load_checkpoint": "io", "load_state_dict_file": "io",
+    "save_state_dict_file": "io", "load_weights_into": "io",
     # freeze.py: freezing that survives model.train()
     "freeze_bn": "freeze", "FreezeState": "freeze", "unfreeze_bn": "freeze", "is_frozen": "freeze", "frozen_bn_layers": "freeze",
     # frozen.py: buffer-only frozen layers

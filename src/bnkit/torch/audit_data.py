@@ -233,7 +233,8 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
     scale = max(float(t.abs().max()) for t in eval_out if t.numel()) if eval_out else 1.0
     for i in idx:
         try:
-            single = flatten_tensors(forward(model, map_tensors(batch, lambda t: t[i:i + 1] if batched(t, size) else t)))
+            one = map_tensors(batch, lambda t: t[i:i + 1] if batched(t, size) else t)
+            single = flatten_tensors(forward(model, one))
         except Exception as exc:
             return [Finding("error", "(model)", "the model fails at batch size 1 in eval mode",
                             f"{type(exc).__name__}: {exc}",
