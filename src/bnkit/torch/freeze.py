@@ -198,7 +198,6 @@ def is_frozen(module: nn.Module, part: str = "any") -> bool:
     return bool(layers) and all(_part_frozen(_state(m), part) for m in layers)
 
 
-
 def _part_frozen(state: FreezeState, part: str) -> bool:
     return {"any": bool(state), "stats": state.stats, "affine": state.affine, "all": state.stats and state.affine}[part]
 
