@@ -92,6 +92,34 @@ def test_running_moments_bad_input(bad, match):
     assert rm.count == 2  # untouched
 
 
+def test_running_moments_refuses_complex_and_overflowing_batches():
+    rm = RunningMoments(1).update(np.array([[1.0], [3.0]]))
+    with pytest.raises(TypeError, match="must be real"):
+        rm.update(np.array([[1 + 5j], [2 - 5j]]))
+    with pytest.raises(ValueError, match="overflow float64"):  # finite, but the squared deviations are not
+        rm.update(np.array([[1e200], [-1e200]]))
+    assert rm.count == 2 and rm.mean[0] == 2.0 and rm.var[0] == 1.0  # untouched
+
+
+@pytest.mark.parametrize("count, mean, m2, error, match", [
+    (3, [np.nan], [1.0], ValueError, "partial mean contains NaN"),
+    (3, [0.0], [np.inf], ValueError, "partial M2 contains NaN"),
+    (3, [0.0], [-5.0], ValueError, "non-negative"),
+    (2.5, [0.0], [1.0], ValueError, "count must be a non-negative integer"),
+    (-1, [0.0], [0.0], ValueError, "count must be a non-negative integer"),
+    (1, [0.0], [5.0], ValueError, "must have M2 = 0"),
+    (3, [1 + 2j], [1.0], TypeError, "must be real"),
+    (3, [0.0, 1.0], [1.0, 1.0], ValueError, "shape"),
+])
+def test_update_moments_refuses_impossible_partials(count, mean, m2, error, match):
+    rm = RunningMoments(1).update(np.array([[0.0], [2.0]]))
+    with pytest.raises(error, match=match):
+        rm.update_moments(count, np.array(mean), np.array(m2))
+    assert rm.count == 2 and rm.mean[0] == 1.0 and rm.var[0] == 1.0  # untouched
+    rm.update_moments(np.int64(2), np.array([4.0]), np.array([2.0]))  # {3, 5} after {0, 2}: integral counts of any type
+    np.testing.assert_allclose([rm.mean[0], rm.var[0]], [np.mean([0, 2, 3, 5]), np.var([0, 2, 3, 5])])
+
+
 def test_running_moments_rejects_bad_construction_and_merge():
     with pytest.raises(ValueError):
         RunningMoments(0)

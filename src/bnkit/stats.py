@@ -15,9 +15,10 @@ Everything here accumulates in float64.
   the result is exact whichever way the data was split. The naive
   sum-of-squares ``E[x**2] - E[x]**2`` is never used: it loses every digit when
   ``|mean| >> std``.
-* :func:`ema_update` / :class:`EMA` are exponential moving averages with the
-  momentum given on either side (see :mod:`bnkit.conventions`), with optional
-  Adam-style bias correction ``v_t / (1 - decay**t)``.
+* :func:`ema_update` is one exponential-moving-average step with the momentum
+  given on either side (see :mod:`bnkit.conventions`); :class:`EMA` takes the
+  weight on the old value (``decay``) and adds Adam-style bias correction
+  ``v_t / (1 - decay**t)``.
 * :class:`CumulativeAverage` is PyTorch's ``momentum=None``: the plain mean of
   every value seen, i.e. an EMA whose weight on the new value is ``1/t``.
 """
@@ -40,6 +41,11 @@ __all__ = [
 def _check_finite(x: np.ndarray, what: str) -> None:
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{what} contains NaN or Inf; refusing to update statistics")
+
+
+def _check_real(x: np.ndarray, what: str) -> None:
+    if np.iscomplexobj(x):
+        raise TypeError(f"{what} must be real, got dtype {x.dtype}; refusing to update statistics")
 
 
 def _move_channels_first(x: np.ndarray, channel_axis: int) -> np.ndarray:
@@ -88,16 +94,19 @@ class RunningMoments:
         self.m2 = np.zeros(self.num_channels, dtype=np.float64)
 
     def _combine(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        """Chan's update; nothing changes if the result overflows float64."""
         if count == 0:
             return
         if self.count == 0:
-            self.count, self.mean, self.m2 = count, mean.astype(np.float64).copy(), m2.astype(np.float64).copy()
-            return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
-        self.count = total
+            new_mean, new_m2 = mean.astype(np.float64).copy(), m2.astype(np.float64).copy()
+        else:
+            delta = mean - self.mean
+            new_mean = self.mean + delta * (count / (self.count + count))
+            new_m2 = self.m2 + m2 + delta * delta * (self.count * count / (self.count + count))
+        if not (np.all(np.isfinite(new_mean)) and np.all(np.isfinite(new_m2))):
+            raise ValueError("the statistics overflow float64 (finite values too large to square); "
+                             "refusing to update statistics")
+        self.count, self.mean, self.m2 = self.count + count, new_mean, new_m2
 
     def update(self, x: np.ndarray, channel_axis: int = 1) -> "RunningMoments":
         """Fold a batch in; every axis except ``channel_axis`` is reduced."""
@@ -107,19 +116,33 @@ class RunningMoments:
             raise ValueError(
                 f"expected {self.num_channels} channels on axis {channel_axis}, got input of shape {x.shape}"
             )
+        _check_real(x, "batch")
         _check_finite(x, "batch")
         self._combine(*batch_moments(x, channel_axis))
         return self
 
     def update_moments(self, count: int, mean: np.ndarray, m2: np.ndarray) -> "RunningMoments":
-        """Fold in already-reduced partial statistics ``(count, mean, M2)``."""
-        mean = np.asarray(mean, dtype=np.float64)
-        m2 = np.asarray(m2, dtype=np.float64)
+        """Fold in already-reduced partial statistics ``(count, mean, M2)``.
+
+        ``count`` is a non-negative integer, ``M2 >= 0`` (and 0 for fewer than 2 values),
+        everything finite; anything else is refused before the state changes.
+        """
+        if isinstance(count, (bool, np.bool_)) or not float(count).is_integer() or count < 0:
+            raise ValueError(f"count must be a non-negative integer, got {count!r}")
+        count = int(count)
+        mean, m2 = np.asarray(mean), np.asarray(m2)
+        _check_real(mean, "partial mean")
+        _check_real(m2, "partial M2")
+        mean, m2 = mean.astype(np.float64), m2.astype(np.float64)
         if mean.shape != (self.num_channels,) or m2.shape != (self.num_channels,):
             raise ValueError(f"partial statistics must have shape ({self.num_channels},)")
-        if count < 0:
-            raise ValueError("count must be non-negative")
-        self._combine(int(count), mean, m2)
+        _check_finite(mean, "partial mean")
+        _check_finite(m2, "partial M2")
+        if np.any(m2 < 0):
+            raise ValueError("partial M2 (sum of squared deviations) must be non-negative")
+        if count < 2 and np.any(m2 != 0):
+            raise ValueError(f"a partial of {count} value(s) per channel must have M2 = 0, got {m2}")
+        self._combine(count, mean, m2)
         return self
 
     def merge(self, other: "RunningMoments") -> "RunningMoments":
