@@ -134,6 +134,24 @@ def test_nan_poisoned_running_var(trained, digits, tmp_path):
     _assert_unchanged(model, snap)
 
 
+def test_overflow_inside_the_model_is_named_at_the_first_layer_it_reaches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 3),
+                          nn.BatchNorm1d(3))
+    x = torch.randn(256, 4)
+    with torch.no_grad():
+        model(x)  # trained-looking running statistics
+        model[2].weight.mul_(1e38)  # finite weights whose products overflow float32
+    model.eval()
+    snap = _snapshot(model)
+    report = audit(model, x, batch_size=64)
+    (finding,) = report.by_code("data_nonfinite")
+    assert finding.severity == "error" and finding.layer == "3" and finding.data["layers"] == ["3", "5"]
+    assert [s.layer for s in report.shifts] == ["1"]  # the finite layer is still compared
+    assert not report.ok
+    _assert_unchanged(model, snap)
+
+
 def test_malicious_pickle_is_refused_and_never_run(tmp_path):
     target = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pt"

@@ -107,10 +107,12 @@ def data_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]], batche
 
 
 def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> list[Finding]:
-    shifts = []
+    shifts, nonfinite = [], []
     for name, bn in tracked:
         col = collectors[name]
         if col.pool().count == 0:
+            if col.means:  # called, but NaN or Inf reached it
+                nonfinite.append(name)
             continue
         mu_r, var_r = as_array(bn.running_mean), as_array(bn.running_var)
         if not (np.isfinite(mu_r).all() and np.isfinite(var_r).all()) or (var_r + bn.eps <= 0).any():
@@ -129,6 +131,13 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> l
     shifts.sort(key=lambda s: s.score, reverse=True)
     report.shifts = shifts
     findings = []
+    if nonfinite:
+        findings.append(Finding(
+            "error", nonfinite[0], "NaN or Inf in the layer's input on the data",
+            f"{len(nonfinite)} BatchNorm layer(s) got non-finite values on batch statistics (first in module order "
+            f"named; all: {', '.join(n or '(root)' for n in nonfinite)}); their statistics are not compared",
+            "find the layer before it that overflows or divides by zero",
+            "data_nonfinite", {"layers": nonfinite}))
     for rank, s in enumerate(shifts, start=1):
         if s.score < SHIFT_WARNING_KL:
             continue

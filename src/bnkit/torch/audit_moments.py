@@ -55,7 +55,8 @@ _KERNEL_STATS_DEVICES = ("cpu", "cuda")
 
 def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
     """``var = 1 / invstd^2 - eps`` in place, clipped at 0 (a zero variance rounds either way in float32)."""
-    np.reciprocal(np.square(invstd, out=invstd), out=invstd)
+    with np.errstate(divide="ignore", invalid="ignore"):  # an infinite variance (invstd 0) stays inf, NaN stays NaN
+        np.reciprocal(np.square(invstd, out=invstd), out=invstd)
     return np.maximum(np.subtract(invstd, eps, out=invstd), 0.0, out=invstd)
 
 
@@ -155,18 +156,23 @@ class Collector:
         return self._stacked
 
     def pool(self) -> RunningMoments:
-        """The calls' ``(count, mean, M2)`` merged in float64 by Chan's formula for K partials.
+        """The calls' ``(count, mean, M2)`` merged in float64 by Chan's formula for K partials (none if any is not finite).
 
         ``mean = sum n_k m_k / N``, ``M2 = sum n_k var_k + sum n_k (m_k - mean)^2``: the pairwise
         update of :class:`bnkit.stats.RunningMoments` applied to all calls at once (each
         weighted sum one matrix-vector product).
         """
-        if self.means and self.moments.count == 0:
+        if self.means and self.moments.count == 0 and self.finite():
             _, counts, means, var = self.stacked()
             total = counts.sum()
             mean = counts @ means / total
             self.moments.update_moments(int(total), mean, counts @ var + counts @ np.square(means - mean))
         return self.moments
+
+    def finite(self) -> bool:
+        """Whether every call's mean and variance is finite (NaN or Inf in the input, or an overflow, makes them not)."""
+        _, _, means, var = self.stacked()
+        return bool(np.isfinite(means).all() and np.isfinite(var).all())
 
     def batch_vars(self) -> np.ndarray:
         """Each call's unbiased variance, float64, ``(calls, C)``."""
