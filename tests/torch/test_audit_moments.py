@@ -41,7 +41,8 @@ def test_stand_in_normalizes_like_training_mode_and_keeps_exact_moments(shape, d
     w = bn.weight.double() if affine else None
     b = bn.bias.double() if affine else None
     ref = F.batch_norm(x64, None, None, w, b, True, 0.0, bn.eps)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    # float32: x near 40 is kept to ~4e-6, so outputs scaled by up to 2/3 are ~1e-5 off whatever the thread count
+    tol = {torch.bfloat16: 2e-2, torch.float32: 5e-5, torch.float64: 1e-9}[dtype]
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     dims = [0] + list(range(2, len(shape)))
     moments = col.pool()
