@@ -136,11 +136,29 @@ def test_state_dict_round_trip_with_torch():
     np.testing.assert_allclose(ref.eval()(x), tbn(torch.tensor(x)).detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_state_dict_of_a_low_or_high_precision_torch_layer_loads(dtype):
+    tbn = torch.nn.BatchNorm1d(3).to(dtype)
+    tbn(torch.randn(8, 3, dtype=dtype) * 2 + 1)
+    ref = BatchNorm(3)
+    ref.load_state_dict(tbn.state_dict())
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        np.testing.assert_array_equal(ref.state_dict()[k], getattr(tbn, k).detach().double().numpy())
+    assert ref.num_batches_tracked == 1
+
+
 def test_load_state_dict_checks_before_changing_anything():
     ref = BatchNorm(3)
-    with pytest.raises(ValueError, match="shape"):
-        ref.load_state_dict({"weight": np.ones(4), "bias": np.zeros(3), "running_mean": np.zeros(3), "running_var": np.ones(3)})
-    np.testing.assert_array_equal(ref.weight, np.ones(3))
+    good = {"weight": np.full(3, 7.0), "bias": np.full(3, 2.0), "running_mean": np.full(3, 5.0),
+            "running_var": np.full(3, 3.0), "num_batches_tracked": np.array(4)}
+    for key, bad in [("running_var", np.ones(4)), ("num_batches_tracked", np.array(-1)),
+                     ("running_mean", np.ones(3) * 1j)]:  # each a later key than the valid weight and bias
+        with pytest.raises((ValueError, TypeError), match="shape|non-negative integer|must be real"):
+            ref.load_state_dict({**good, key: bad})
+        np.testing.assert_array_equal(ref.weight, np.ones(3))
+        np.testing.assert_array_equal(ref.bias, np.zeros(3))
+        np.testing.assert_array_equal(ref.running_mean, np.zeros(3))
+        assert ref.num_batches_tracked == 0
     with pytest.raises(KeyError, match="missing"):
         ref.load_state_dict({"weight": np.ones(3)})
 

@@ -273,6 +273,8 @@ class BatchNorm:
             if k not in state:
                 continue
             v = np.asarray(_to_numpy(state[k]))
+            if np.iscomplexobj(v):
+                raise TypeError(f"{k} must be real, got dtype {v.dtype}")
             if k == "num_batches_tracked":
                 count = v.reshape(()) if v.size == 1 else None
                 if count is None or not np.isfinite(count) or count != int(count) or count < 0:
@@ -294,7 +296,9 @@ class BatchNorm:
 
 def _to_numpy(v):
     if hasattr(v, "detach"):  # a torch tensor; avoids importing torch here
-        return v.detach().cpu().numpy()
+        v = v.detach().cpu()
+        # NumPy has no bfloat16; every floating value is loaded as float64 anyway
+        return (v.double() if v.is_floating_point() else v).numpy()
     return v
 
 
