@@ -34,6 +34,8 @@ def test_ema_prints_the_lesson_table_computed():
 def test_ema_rejects_inconsistent_arguments():
     assert runner.invoke(app, ["ema", "1", "2", "--steps", "5"]).exit_code == 2
     assert runner.invoke(app, ["ema", "1", "2", "--steps", "1"]).exit_code == 2
+    unused = runner.invoke(app, ["ema", "1", "--fill", "2"], terminal_width=200)  # nothing left to fill
+    assert unused.exit_code == 2 and "--fill has no batch to fill" in unused.output
     assert runner.invoke(app, ["ema", "1", "--decay", "1.5"]).exit_code == 2
     frozen = runner.invoke(app, ["ema", "4.2", "--decay", "1"], terminal_width=200)
     assert frozen.exit_code == 0 and "undefined" in frozen.output  # 1 - 1^t = 0: no correction exists
@@ -67,3 +69,11 @@ def test_ema_caps_steps_and_says_so():
     assert MAX_STEPS in _rows(ok.output)
     help_text = runner.invoke(app, ["ema", "--help"], terminal_width=200).output
     assert f"at most {MAX_STEPS}" in " ".join(help_text.split())
+
+
+def test_ema_prints_the_batch_means_as_given():
+    result = runner.invoke(app, ["ema", "12345.67", "4.23456", "--decay", "0.5"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    rows = _rows(result.output)
+    assert rows[1][0] == 12345.67 and rows[2][0] == 4.23456
+    assert rows[2][1] == pytest.approx(0.5 * 0.5 * 12345.67 + 0.5 * 4.23456, rel=1e-5)

@@ -41,6 +41,8 @@ def ema(
         raise fail(f"--steps {n} is fewer than the {len(values)} values given")
     if n > len(values) and fill is None:
         raise fail("--steps exceeds the values given: pass --fill for the remaining batches")
+    if n == len(values) and fill is not None:
+        raise fail(f"--fill has no batch to fill: --steps ({n}) must exceed the {len(values)} values given")
     if not 0.0 <= decay <= 1.0:
         raise fail(f"--decay must be in [0, 1], got {decay}")
     series = list(values) + [fill] * (n - len(values))
@@ -53,7 +55,7 @@ def ema(
     for step, v, run, corr in rows:
         if show == "all" or step <= len(values) or step % 10 == 0 or step == n:
             # decay 1: 1 - decay^t = 0, so the correction is 0/0 (the running value never leaves the start)
-            table.add_row(str(step), f"{v:.4g}", f"{run:.6g}", "undefined" if decay == 1.0 else f"{corr:.6g}")
+            table.add_row(str(step), repr(v), f"{run:.6g}", "undefined" if decay == 1.0 else f"{corr:.6g}")
     console.print(table)
     console.print(
         "bias-corrected = (running - decay^t * start) / (1 - decay^t): the weighted mean of the batches seen, "
