@@ -278,3 +278,36 @@ def test_is_frozen_on_a_block_needs_every_bn_layer_inside_frozen():
     assert not is_frozen(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))  # no BN layer: nothing is frozen
     frozen = convert_frozen(_model(1))
     assert not bn_layers(frozen) and is_frozen(frozen, "all")  # buffer-only FrozenBatchNorm layers count
+
+
+def test_freezing_again_refreezes_parts_unfrozen_behind_its_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.BatchNorm1d(3))
+    bn, other = model[1], model[2]
+    other.bias.requires_grad_(False)  # the user's own setting before the first freeze
+    model.train()
+    freeze_bn(model)
+    model.requires_grad_(True)  # "unfreeze everything" ...
+    bn.training = True  # ... and a direct flag write
+    assert not is_frozen(bn, "affine") and not is_frozen(bn, "stats")
+    freeze_bn(model)  # ... then freeze BN again
+    assert is_frozen(model, "all")
+    # the oracle: an optimizer step with the layers' own flags leaves gamma/beta and the statistics untouched
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = _bn_tensors(model)
+    model.train()
+    model(torch.randn(8, 4) * 3 + 1).pow(2).sum().backward()
+    opt.step()
+    _assert_same(_bn_tensors(model), before)
+    unfreeze_bn(model)  # back to the flags from before the FIRST freeze
+    assert bn.training and other.training
+    assert bn.weight.requires_grad and bn.bias.requires_grad and other.weight.requires_grad
+    assert not other.bias.requires_grad
+
+
+def test_affine_false_layer_counts_as_affine_frozen_once_frozen():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3, affine=False), nn.BatchNorm1d(3))
+    assert not is_frozen(model[1], "affine")  # not frozen before freeze_bn
+    freeze_bn(model)
+    assert is_frozen(model, "all") and frozen_bn_layers(model)["1"] == FreezeState(True, True)
+    assert is_frozen(model, "all") == is_frozen(convert_frozen(model), "all")  # convert_frozen's answer agrees

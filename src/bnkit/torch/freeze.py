@@ -24,7 +24,7 @@ gamma/beta; some recipes train only gamma/beta):
 * ``affine``: ``weight`` and ``bias`` get ``requires_grad=False`` and their
   ``.grad`` is cleared, so every ``torch.optim`` optimizer skips them (weight decay
   and momentum included). ``model.requires_grad_(True)`` undoes this part;
-  :func:`is_frozen` reports the live state.
+  :func:`is_frozen` reports the live state and :func:`freeze_bn` freezes it again.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def _state(module: nn.Module) -> FreezeState:
         return FreezeState(True, True)
     stats = isinstance(module.__dict__.get("train"), _PinnedEval) and not module.training
     params = _affine_params(module)
-    affine = _AFFINE_KEY in module.__dict__ and bool(params) and not any(p.requires_grad for p in params.values())
+    affine = _AFFINE_KEY in module.__dict__ and not any(p.requires_grad for p in params.values())
     return FreezeState(stats, affine)
 
 
@@ -124,8 +124,12 @@ def freeze_bn(
             ``model.train()`` says (see the module doc).
         affine: stop training ``weight``/``bias`` (``requires_grad=False``).
 
-    Freezing a frozen part again is a no-op. All layers are checked before any is
-    changed: a layer without running statistics cannot have them frozen (it
+    Freezing a frozen part again is a no-op; a part whose freeze was undone since
+    (``model.requires_grad_(True)``, a direct ``layer.training = True``), i.e. one
+    :func:`is_frozen` reports as not frozen, is frozen again, and :func:`unfreeze_bn`
+    still restores the flags from before the first freeze. A layer without
+    gamma/beta (``affine=False``) has nothing to train: ``affine=True`` marks it
+    affine-frozen. All layers are checked before any is changed: a layer without running statistics cannot have them frozen (it
     normalizes with batch statistics even in eval mode) and raises ``ValueError``.
     Returns ``model``.
     """
@@ -142,12 +146,15 @@ def freeze_bn(
         if foreign:
             raise ValueError(f"BatchNorm layers {foreign} already have their own train() override; not freezing them")
     for _, m in layers:
-        if stats and not isinstance(m.__dict__.get("train"), _PinnedEval):
-            m.__dict__["train"] = _PinnedEval(m, m.training)
+        state = _state(m)  # the live state: a part unfrozen behind bnkit's back is frozen again
+        if stats and not state.stats:
+            if not isinstance(m.__dict__.get("train"), _PinnedEval):
+                m.__dict__["train"] = _PinnedEval(m, m.training)
             m.training = False
-        if affine and _AFFINE_KEY not in m.__dict__:
+        if affine and not state.affine:
             params = _affine_params(m)
-            m.__dict__[_AFFINE_KEY] = {k: p.requires_grad for k, p in params.items()}
+            # the flags from before the first freeze, which unfreeze_bn restores, are kept
+            m.__dict__.setdefault(_AFFINE_KEY, {k: p.requires_grad for k, p in params.items()})
             for p in params.values():
                 p.requires_grad = False  # (an attribute, so uninitialized lazy parameters accept it too)
                 p.grad = None
@@ -161,7 +168,7 @@ def unfreeze_bn(
 
     ``training`` becomes the mode last asked for through ``train()`` while frozen
     (so a layer frozen during training and since put through ``model.eval()`` is
-    in eval mode); ``requires_grad`` gets back the value it had when frozen.
+    in eval mode); ``requires_grad`` gets back the value it had when first frozen.
     Layers that are not frozen are left alone. Returns ``model``.
     """
     for _, m in _select(model, modules):
