@@ -51,16 +51,19 @@ def test_track_running_stats_false_is_refused_and_nothing_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_error_findings_block_the_export_unless_forced(tmp_path):
+@pytest.mark.parametrize("fold", [False, True])
+def test_error_findings_block_the_export_unless_forced(tmp_path, fold):
+    # fold=True audits the graph as exported: folding first hid the never-updated statistics it folded away
     torch.manual_seed(0)
     model = ZOO["mlp"]()  # never trained: every running mean 0, every running var 1
     path = tmp_path / "fresh.onnx"
     path.write_bytes(b"old")
     with pytest.raises(ExportVerificationError, match="never updated"):
-        export_onnx(model, torch.randn(4, 64), path)
+        export_onnx(model, torch.randn(4, 64), path, fold=fold)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["fresh.onnx"]
-    report = export_onnx(model, torch.randn(4, 64), path, force=True)
+    report = export_onnx(model, torch.randn(4, 64), path, force=True, fold=fold)
     assert not report.ok and {f.code for f in report.findings} == {"never_updated"}
+    assert (report.fold is not None and report.fold.folded) if fold else report.fold is None
     assert onnx.load(path).graph.node
 
 

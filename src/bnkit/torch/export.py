@@ -5,7 +5,8 @@ with its own statistics in onnxruntime; one built with ``track_running_stats=Fal
 has no running statistics at all, so its exported graph uses batch statistics whatever
 the mode (``torch/nn/modules/batchnorm.py``: ``bn_training = running_mean is None``).
 :func:`export_onnx` refuses the latter, exports with every module in eval mode (restoring
-each module's flag afterwards), audits the graph (:func:`bnkit.onnx.audit`), optionally
+each module's flag afterwards), audits the exported graph (:func:`bnkit.onnx.audit`; with
+``fold=True`` too, so an error blocks the write whether or not the BN is folded away), optionally
 folds BatchNormalization into its neighbours (:func:`bnkit.onnx.fold_model`), and compares
 onnxruntime's outputs with PyTorch's eval outputs on the example inputs (and on their
 first sample alone when the batch axis is dynamic). The file is written atomically and
@@ -39,7 +40,7 @@ class ExportVerificationError(RuntimeError):
 class ExportReport:
     """What :func:`export_onnx` wrote and checked.
 
-    ``findings``: the audit of the written graph; ``fold``: the
+    ``findings``: the audit of the exported graph, before any folding; ``fold``: the
     :class:`bnkit.onnx.OnnxFoldReport` when ``fold=True``; ``max_abs_diff`` /
     ``max_rel_diff``: onnxruntime vs PyTorch eval outputs (norm-wise relative),
     the worst over the checked batches (``batch_sizes``).
@@ -131,14 +132,14 @@ def export_onnx(
 
     proto = onnx.load_from_string(buffer.getvalue())
     report = ExportReport(path=os.fspath(path), opset=opset)
-    if fold:
-        proto, report.fold = fold_model(proto, verify=False)
-    report.findings = audit(proto).findings
+    report.findings = audit(proto).findings  # before folding, which would hide the statistics it folds away
     errors = [f for f in report.findings if f.severity == "error"]
     if errors and not force:
         raise ExportVerificationError(
             "the exported graph has error-level findings; nothing written (force=True writes it anyway):\n"
             + "\n".join(f"  {f.layer}: {f.finding} ({f.evidence})" for f in errors))
+    if fold:
+        proto, report.fold = fold_model(proto, verify=False)
     for feeds, want in zip(checks, expected):
         got = run(proto, {n: t.detach().cpu().numpy() for n, t in zip(in_names, feeds)})
         abs_diff, rel_diff = compare([w.detach().cpu().double().numpy() for w in want],
