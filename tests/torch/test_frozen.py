@@ -193,3 +193,24 @@ def test_layers_that_cannot_be_frozen_change_nothing():
     with pytest.raises(ValueError, match=r"\['1', '2'\]"):
         convert_frozen(model)
     assert type(model[0]) is nn.BatchNorm1d and type(model[1]) is nn.BatchNorm1d
+
+
+def test_revert_gives_back_the_original_parameters_so_an_old_optimizer_keeps_training_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    reference = copy.deepcopy(model)  # never converted: the oracle
+    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, reference))
+    weight = model[1].weight
+    revert_frozen(convert_frozen(model))
+    assert model[1].weight is weight
+    x = torch.randn(8, 4)
+    for m, o in ((model, opt), (reference, ref_opt)):
+        o.zero_grad()
+        m(x).pow(2).mul(torch.arange(3.0)).sum().backward()
+        o.step()
+    for (k, v), (_, r) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(v, r), k
+    assert not torch.equal(model[1].weight, weight.new_ones(3))  # the optimizer did move gamma
+    clone = revert_frozen(copy.deepcopy(convert_frozen(model)).double())  # tensors replaced: new parameters
+    assert clone[1].weight.dtype == torch.float64 and isinstance(clone[1].weight, nn.Parameter)
+    assert torch.equal(clone[1].weight, model[1].weight.double()) and clone[1].weight.requires_grad

@@ -35,7 +35,7 @@ __all__ = [
     "convert_frozen", "revert_frozen",
 ]
 
-_SOURCE_KEY = "_bnkit_frozen_from"  # (original class, {param name: requires_grad})
+_SOURCE_KEY = "_bnkit_frozen_from"  # (original class, {param name: the original nn.Parameter})
 
 
 class FrozenBatchNormNd(nn.Module):
@@ -147,17 +147,32 @@ def convert_frozen(model: nn.Module, modules: Iterable[nn.Module] | None = None)
         new._parameters = {}
         new._buffers = {k: (None if params.get(k) is None else params[k].detach()) for k in ("weight", "bias")}
         new._buffers.update(m._buffers)
-        new.__dict__[_SOURCE_KEY] = (type(m), {k: p.requires_grad for k, p in params.items() if p is not None})
+        new.__dict__[_SOURCE_KEY] = (type(m), {k: p for k, p in params.items() if p is not None})
         return new
 
     return replace_modules(model, make)
+
+
+def _as_parameter(buffer: Tensor | None, original: nn.Parameter | None) -> nn.Parameter | None:
+    """``original`` again if ``buffer`` still is its tensor, so optimizers holding it keep training it.
+
+    A buffer replaced since (``.to()``, ``.half()``, assignment) becomes a new parameter.
+    """
+    if buffer is None or original is None:
+        return None if buffer is None else nn.Parameter(buffer)
+    same = (buffer.data_ptr() == original.data_ptr() and buffer.shape == original.shape
+            and buffer.dtype == original.dtype and buffer.device == original.device)
+    return original if same else nn.Parameter(buffer, requires_grad=original.requires_grad)
 
 
 def revert_frozen(model: nn.Module) -> nn.Module:
     """Swap every ``FrozenBatchNorm*d`` back to a BatchNorm layer, sharing tensors.
 
     A layer made by :func:`convert_frozen` gets back its original class with all
-    its options, flags and ``requires_grad``; one built directly becomes the
+    its options, flags and its original ``weight``/``bias`` ``nn.Parameter`` objects
+    (``requires_grad`` included), so an optimizer built before :func:`convert_frozen`
+    trains them again; only where the tensors were replaced meanwhile (``.to()``,
+    ``.half()``) are new parameters made. One built directly becomes the
     matching ``nn.BatchNorm1d/2d/3d`` (default momentum, ``training`` kept).
     Returns the model (a new object only when ``model`` itself is frozen).
     """
@@ -179,13 +194,10 @@ def revert_frozen(model: nn.Module) -> nn.Module:
             new.load_state_dict(m.state_dict())
             new.train(m.training)
             return new
-        cls, requires_grad = m.__dict__[_SOURCE_KEY]
+        cls, params = m.__dict__[_SOURCE_KEY]
         new = retype_module(m, cls)
         del new.__dict__[_SOURCE_KEY]
-        new._parameters = {
-            k: None if m._buffers[k] is None else nn.Parameter(m._buffers[k], requires_grad=requires_grad[k])
-            for k in ("weight", "bias")
-        }
+        new._parameters = {k: _as_parameter(m._buffers[k], params.get(k)) for k in ("weight", "bias")}
         new._buffers = {k: v for k, v in m._buffers.items() if k not in ("weight", "bias")}
         return new
 
