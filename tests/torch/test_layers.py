@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnkit.torch import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_bn, revert_bn
+from bnkit.torch import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_bn, convert_frozen, revert_bn, revert_frozen
 from bnkit.torch.layers import PAPER_RENORM_SCHEDULE
 from bnkit.torch.zoo import SmallResNet, example_input
 
@@ -344,3 +344,25 @@ def test_shared_module_is_converted_once():
     model = nn.Sequential(bn, nn.ReLU(), bn)
     convert_bn(model, debias=True)
     assert model[0] is model[2] and type(model[0]) is BatchNorm1d
+
+
+@pytest.mark.parametrize("swap", ["convert_bn", "revert_bn", "convert_frozen", "revert_frozen"])
+def test_hook_handles_still_remove_their_hooks_after_a_swap(swap):
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model(torch.randn(4, 4))
+    model.eval()
+    if swap == "revert_bn":
+        convert_bn(model)
+    if swap == "revert_frozen":
+        convert_frozen(model)
+    calls = []
+    handles = [model[1].register_forward_hook(lambda m, i, o: calls.append("post")),
+               model[1].register_forward_pre_hook(lambda m, a, k: calls.append("pre"), with_kwargs=True)]
+    {"convert_bn": convert_bn, "revert_bn": revert_bn, "convert_frozen": convert_frozen,
+     "revert_frozen": revert_frozen}[swap](model)
+    model(torch.randn(2, 4))
+    assert calls == ["pre", "post"]  # carried over
+    for h in handles:
+        h.remove()
+    model(torch.randn(2, 4))
+    assert calls == ["pre", "post"] and not model[1]._forward_hooks and not model[1]._forward_pre_hooks

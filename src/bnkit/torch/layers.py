@@ -307,13 +307,16 @@ def retype_module(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     """A new ``cls`` instance sharing ``module``'s parameters, buffers, hooks and flags.
 
     Parameter and buffer tensors are the same objects (an optimizer built on the
-    old module keeps working); the containers are copied, so the old module is
-    left as it was. Attributes bound to the old module (``freeze_bn``'s ``train``)
-    are re-bound to the new one, so a frozen layer stays frozen.
+    old module keeps working); their containers (and other dicts and sets) are
+    copied, so swapping them leaves the old module as it was. The hook dicts are
+    the old module's own (the handles ``register_*_hook`` returned remove their hook
+    through them, so they keep working; a hook added to one module is on both).
+    Attributes bound to the old module (``freeze_bn``'s ``train``) are re-bound to
+    the new one, so a frozen layer stays frozen.
     """
     new = cls.__new__(cls)
     for k, v in module.__dict__.items():
-        if isinstance(v, (dict, set)):
+        if isinstance(v, (dict, set)) and "_hooks" not in k:
             v = v.copy()
         elif getattr(v, "module", None) is module and callable(getattr(type(v), "rebound", None)):
             v = v.rebound(new)
