@@ -265,3 +265,14 @@ def test_keras_state_without_center_scale_to_onnx_in_onnxruntime():
                           onnx_state["attributes"], np.moveaxis(x_last, -1, 1), training=False)
     expected = (x_last.astype(np.float64) - MEAN) / np.sqrt(VAR.astype(np.float64) + 0.01)  # Keras's formula
     np.testing.assert_allclose(np.moveaxis(y, 1, -1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flax_variables_of_the_wrong_shape_say_what_is_expected():
+    flax = SAMPLES["flax"]
+    for part in ("params", "batch_stats"):
+        with pytest.raises(ValueError, match=r"at its top level.*not variables\['params'\]"):
+            convert_state(dict(flax, variables=flax["variables"][part]), "flax", "torch")
+    with pytest.raises(ValueError, match="whole variables mapping.*got NoneType"):
+        convert_state(dict(flax, variables=None), "flax", "torch")
+    with pytest.raises(ValueError, match=r"variables\['batch_stats'\] must be a mapping, got list"):
+        convert_state(dict(flax, variables={"batch_stats": [MEAN, VAR]}), "flax", "torch")

@@ -248,12 +248,21 @@ def _read_keras(state: Mapping) -> _Layer:
 def _read_flax(state: Mapping) -> _Layer:
     variables, config = _part(state, "variables", "flax"), _part(state, "config", "flax")
     eps, m = _hyper(config, "flax")
+    expected = ("the whole variables mapping {'params': {'scale', 'bias'}, 'batch_stats': {'mean', 'var'}} "
+                "that module.init/apply returns")
     if not isinstance(variables, Mapping):
-        raise ValueError("flax variables must be a mapping {'params': ..., 'batch_stats': ...}")
+        raise ValueError(f"flax variables must be {expected}; got {type(variables).__name__}")
+    inner = sorted(set(variables) & {"scale", "bias", "mean", "var"})
+    if inner:
+        raise ValueError(f"flax variables has {inner} at its top level: pass {expected}, not "
+                         "variables['params'] or variables['batch_stats'] alone")
     _check_keys(variables, ("params", "batch_stats"), "the flax variables")
-    params, stats = variables.get("params", {}), variables.get("batch_stats")
-    if stats is None:
-        raise ValueError("flax variables must include 'batch_stats' {'mean', 'var'}")
+    if "batch_stats" not in variables:
+        raise ValueError(f"flax variables has no 'batch_stats' (the running mean and var): pass {expected}")
+    params, stats = variables.get("params", {}), variables["batch_stats"]
+    for name, collection in (("params", params), ("batch_stats", stats)):
+        if not isinstance(collection, Mapping):
+            raise ValueError(f"flax variables[{name!r}] must be a mapping, got {type(collection).__name__}")
     _check_keys(params, ("scale", "bias"), "flax params")
     _check_keys(stats, ("mean", "var"), "flax batch_stats")
     if "mean" not in stats or "var" not in stats:

@@ -279,6 +279,20 @@ def test_flax_bad_input_is_refused():
         from_flax(linen.BatchNorm(axis=(1, 2), momentum=0.9, epsilon=1e-5), variables)
 
 
+def test_from_flax_with_the_wrong_variables_says_what_it_expects():
+    module, variables, _ = flax_bn(4, True)
+    for part in ("params", "batch_stats"):  # the common mix-up: one collection instead of the whole dict
+        with pytest.raises(ValueError, match=r"not variables\['params'\] or variables\['batch_stats'\] alone"):
+            from_flax(module, variables[part], ndim=4)
+    for bad, got in ((None, "NoneType"), ([variables], "list")):
+        with pytest.raises(ValueError, match=f"whole variables mapping.*got {got}"):
+            from_flax(module, bad, ndim=4)
+    with pytest.raises(ValueError, match="no 'batch_stats'"):
+        from_flax(module, {"params": variables["params"]}, ndim=4)
+    with pytest.raises(ValueError, match=r"variables\['params'\] must be a mapping, got list"):
+        from_flax(module, {**variables, "params": [1.0]}, ndim=4)
+
+
 # ----------------------------------------------------------------- SyncBatchNorm
 class Mixed(nn.Module):
     """BN after Linear (rank 2), Conv1d (rank 3), Conv2d (rank 4), Conv3d (rank 5)."""

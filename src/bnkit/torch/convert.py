@@ -214,7 +214,6 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
         raise TypeError(f"expected a flax.linen.BatchNorm, got {type(module).__name__}")
     config = {"axis": module.axis, "momentum": module.momentum, "epsilon": module.epsilon,
               "use_bias": module.use_bias, "use_scale": module.use_scale}
-    variables = {k: dict(v) for k, v in dict(variables).items()}
     state = convert_state({"variables": variables, "config": config}, "flax", "torch")
     return _build_torch(state, _rank_to_dims(ndim, "flax layer"), exact_training)
 
