@@ -34,6 +34,25 @@ def _export(model, x, *, training: bool = False, opset: int = 17) -> "onnx.Model
     return onnx.load_from_string(buffer.getvalue())
 
 
+def _kiai_export(nan_channel=None):
+    """Conv + BN exported with keep_initializers_as_inputs=True: every initializer is also a graph input."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 1.5)
+        if nan_channel is not None:
+            model[1].running_var[nan_channel] = float("nan")
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, 6, 6),), buffer, dynamo=False, opset_version=17,
+                          do_constant_folding=False, input_names=["x"], keep_initializers_as_inputs=True)
+    return onnx.load_from_string(buffer.getvalue())
+
+
 @pytest.fixture(scope="session")
 def calibrated():
     return _calibrated
@@ -56,3 +75,8 @@ def zoo_onnx():
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def kiai_export():
+    return _kiai_export

@@ -135,3 +135,20 @@ def test_bnkit_onnx_imports_and_audits_without_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False ['non_finite']"
+
+
+def test_statistics_stored_as_overridable_graph_inputs_are_checked(kiai_export):
+    # initializers that are also graph inputs were not constants to the audit, which then checked nothing
+    import onnxruntime as ort
+
+    proto = kiai_export(nan_channel=2)
+    assert {t.name for t in proto.graph.initializer} <= {i.name for i in proto.graph.input}
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = session.run(None, {"x": np.ones((1, 3, 6, 6), np.float32)})[0]  # nothing fed: the stored values run
+    assert np.isnan(y[0, 2]).all() and np.isfinite(y[0, [0, 1, 3]]).all()
+    report = audit(proto)
+    assert not report.ok
+    assert [(f.severity, f.code) for f in report.findings] == [("error", "non_finite"), ("warning", "overridable")]
+    assert report.findings[1].data["overridable"] == ["scale", "bias", "mean", "var"]
+    clean = audit(kiai_export())
+    assert clean.ok and [f.code for f in clean.findings] == ["overridable"]

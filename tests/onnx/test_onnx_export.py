@@ -122,3 +122,18 @@ def test_two_inputs_named_and_a_fixed_batch(tmp_path, calibrated):
     with pytest.raises(ValueError, match="1 input names given for 2 inputs"):
         export_onnx(model, (a, b), tmp_path / "x.onnx", input_names=["a"])
     assert sorted(os.listdir(tmp_path)) == ["two.onnx"]
+
+
+@pytest.mark.filterwarnings("ignore:Setting 'keep_initializers_as_inputs=False'")
+def test_opset_8_export_audits_statistics_kept_as_graph_inputs(tmp_path):
+    # opset < 9 exports list every initializer as a graph input too; the audit saw no statistics and wrote NaN
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 1.5)
+        model[1].running_var[2] = float("nan")
+    with torch.no_grad():
+        assert torch.isnan(model(torch.randn(2, 3, 6, 6))[:, 2]).all()  # what the file would compute
+    with pytest.raises(ExportVerificationError, match="non-finite"):
+        export_onnx(model, torch.randn(2, 3, 6, 6), tmp_path / "m.onnx", opset=8)
+    assert os.listdir(tmp_path) == []

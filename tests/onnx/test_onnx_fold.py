@@ -433,3 +433,11 @@ def test_nodes_sharing_a_name_are_told_apart_by_their_outputs():
         s_, _, _, v = (inits[f"bn{i}.{k}"].astype(np.float64) for k in "sbmv")
         a = s_ / np.sqrt(v + np.float64(np.float32(1e-5)))
         np.testing.assert_allclose(got[conv.input[1]], inits[f"W{i}"] * a[:, None, None, None], rtol=1e-6)
+
+
+def test_statistics_a_caller_may_override_are_not_folded(kiai_export):
+    # keep_initializers_as_inputs=True: the stored statistics are defaults a caller may feed over, so they stay
+    proto = kiai_export()
+    folded, report = fold_model(proto)
+    assert report.folded == [] and ops(folded) == ops(proto)
+    assert "a caller may override" in report.left["/1/BatchNormalization"]

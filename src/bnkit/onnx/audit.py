@@ -8,6 +8,9 @@ Flags, as :class:`bnkit.findings.Finding` rows (layer = node name):
 * extra running-statistic outputs on an inference node (invalid from opset 14; warning);
 * optional outputs that are all blank names, on which onnxruntime 1.32 crashes (warning);
 * statistics or parameters computed at run time, so they cannot be checked (warning);
+* statistics or parameters that are graph inputs with stored values (initializers also listed
+  as inputs, as ``keep_initializers_as_inputs=True`` and opset < 9 exports write them): a caller
+  may override them (warning); the stored values, which run otherwise, are checked as below;
 * per-channel array problems, checked by :func:`bnkit.audit_state.check_bn_stats`:
   non-finite values, never-updated statistics (every mean 0 and variance 1),
   negative variances, variances below ``epsilon``, near-zero scales;
@@ -80,14 +83,20 @@ def _node_findings(bn: BNNode) -> list[Finding]:
     for note in bn.notes:
         findings.append(Finding("warning", bn.name, "unusual BatchNormalization attribute", note,
                                 "re-export with opset >= 9", "spatial"))
-    if not bn.constant:
-        missing = [k for k in ("scale", "bias", "mean", "var") if getattr(bn, k) is None]
+    fix = "export with parameters as initializers (export_params=True, keep_initializers_as_inputs=False)"
+    missing = [k for k in ("scale", "bias", "mean", "var") if getattr(bn, k) is None]
+    if missing:
         findings.append(Finding(
             "warning", bn.name, "statistics are not constants",
-            f"{', '.join(missing)} computed at run time or fed as graph inputs, so they cannot be checked or folded",
-            "export with parameters as initializers (export_params=True, keep_initializers_as_inputs=False)",
-            "not_constant", {"missing": missing}))
+            f"{', '.join(missing)} computed at run time or fed as graph inputs with no stored value, "
+            "so they cannot be checked or folded", fix, "not_constant", {"missing": missing}))
         return findings
+    if bn.overridable:
+        findings.append(Finding(
+            "warning", bn.name, "statistics can be overridden at run time",
+            f"{', '.join(bn.overridable)} are graph inputs with stored values (initializers also listed as "
+            "inputs): the stored values, checked here, run unless a caller feeds others; `bnkit fold` leaves them",
+            fix + ", opset >= 9", "overridable", {"overridable": bn.overridable}))
     stats = BNStats(name=bn.name, running_mean=bn.mean, running_var=bn.var, weight=bn.scale, bias=bn.bias,
                     eps=bn.epsilon, momentum=1.0 - bn.momentum)
     return findings + check_bn_stats(stats)

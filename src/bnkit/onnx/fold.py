@@ -20,9 +20,10 @@ before it changes anything, so a refusal leaves the graph as it was.
 
 A weight that other nodes also read (a shared conv) is copied, so only this use changes.
 Nodes are left, with the reason in the report, when folding would be inexact or
-impossible: the layer's output is read elsewhere, the statistics are not constants or
-not finite, the input is not such a layer (an addition, a graph input), a MatMul of
-rank > 2 (BN's axis 1 is then not the output feature axis), or the node is in training mode.
+impossible: the layer's output is read elsewhere, the statistics are not constants (graph
+inputs a caller may override included) or not finite, the input is not such a layer (an
+addition, a graph input), a MatMul of rank > 2 (BN's axis 1 is then not the output feature
+axis), or the node is in training mode.
 
 Unused running-statistic outputs are removed wherever that leaves every output as it was.
 The ONNX spec (onnx/defs/nn/defs.cc, ``BatchNormalization`` 9 and 14/15) decides which:
@@ -232,6 +233,9 @@ class _Folder:
 
     def fold(self, bn: BNNode) -> str | None:
         """Fold ``bn`` into its producer; a reason to leave it, or None when folded."""
+        if bn.overridable:
+            return (f"its {', '.join(bn.overridable)} are graph inputs with stored values, which a caller may "
+                    "override at run time: a folded layer would ignore the override")
         if not bn.constant:
             return "its statistics or parameters are not constants"
         arrays = (bn.scale, bn.bias, bn.mean, bn.var)

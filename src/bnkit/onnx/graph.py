@@ -78,7 +78,9 @@ class GraphIndex:
     A constant is an initializer that is not also a graph input (a graph input of the
     same name would let the caller override it at run time), the output of a
     ``Constant`` node, or an ``Identity`` of a constant (the PyTorch exporter shares
-    equal initializers that way).
+    equal initializers that way). An initializer that is also a graph input (what
+    ``keep_initializers_as_inputs=True`` and IR < 4 exports write) is a *default*: the
+    value that runs unless a caller feeds another, readable with ``defaults=True``.
     """
 
     def __init__(self, graph: onnx.GraphProto) -> None:
@@ -86,6 +88,7 @@ class GraphIndex:
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
         self.initializers = {t.name: t for t in graph.initializer if t.name not in self.inputs}
+        self.defaults = {t.name: t for t in graph.initializer if t.name in self.inputs}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         self.subgraph_reads: set[str] = set()
@@ -103,13 +106,15 @@ class GraphIndex:
         """How many places read ``name``: node inputs, graph outputs, subgraphs."""
         return len(self.consumers.get(name, ())) + (name in self.outputs) + (name in self.subgraph_reads)
 
-    def constant(self, name: str) -> np.ndarray | None:
-        """The value of ``name`` if it is a compile-time constant, else None."""
+    def constant(self, name: str, *, defaults: bool = False) -> np.ndarray | None:
+        """The value of ``name`` if it is a compile-time constant (``defaults``: or a stored default), else None."""
         seen = set()
         while name and name not in seen:
             seen.add(name)
             if name in self.initializers:
                 return numpy_helper.to_array(self.initializers[name])
+            if defaults and name in self.defaults:
+                return numpy_helper.to_array(self.defaults[name])
             node = self.producer.get(name)
             if node is None or node.domain not in ("", "ai.onnx"):
                 return None
@@ -147,10 +152,12 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
 
 @dataclass
 class BNNode:
-    """One BatchNormalization node, its arrays (float64, None when not constant) and mode.
+    """One BatchNormalization node, its arrays (float64, None when computed at run time) and mode.
 
     ``training`` is True when onnxruntime normalises with batch statistics: ``training_mode=1``
-    (opset >= 14) or running-statistic outputs requested (opset 9-13).
+    (opset >= 14) or running-statistic outputs requested (opset 9-13). ``overridable`` names the
+    arrays that are graph inputs with a stored default (see :class:`GraphIndex`): their array is
+    that default, what runs unless a caller feeds another; such a node is not ``constant``.
     """
 
     node: onnx.NodeProto
@@ -166,10 +173,11 @@ class BNNode:
     var: np.ndarray | None
     notes: list[str] = field(default_factory=list)
     in_subgraph: bool = False
+    overridable: list[str] = field(default_factory=list)
 
     @property
     def constant(self) -> bool:
-        return all(a is not None for a in (self.scale, self.bias, self.mean, self.var))
+        return all(a is not None for a in (self.scale, self.bias, self.mean, self.var)) and not self.overridable
 
 
 def _as64(value: np.ndarray | None) -> np.ndarray | None:
@@ -199,6 +207,12 @@ def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None
         if opset < 9 and not attribute(node, "spatial", 1):
             notes.append("spatial=0: statistics per (channel, position), not per channel")
         inputs = list(node.input) + [""] * (5 - len(node.input))
+        arrays, overridable = {}, []
+        for key, name in zip(("scale", "bias", "mean", "var"), inputs[1:]):
+            value = index.constant(name)
+            if value is None and (value := index.constant(name, defaults=True)) is not None:
+                overridable.append(key)
+            arrays[key] = _as64(value)
         found.append(BNNode(
             node=node,
             name=prefix + node_label(node),
@@ -207,12 +221,10 @@ def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None
             momentum=float(attribute(node, "momentum", 0.9)),
             training=training,
             extra_outputs=extra,
-            scale=_as64(index.constant(inputs[1])),
-            bias=_as64(index.constant(inputs[2])),
-            mean=_as64(index.constant(inputs[3])),
-            var=_as64(index.constant(inputs[4])),
+            **arrays,
             notes=notes,
             in_subgraph=bool(prefix),
+            overridable=overridable,
         ))
     return found
 
