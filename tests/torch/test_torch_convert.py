@@ -262,6 +262,25 @@ def test_to_flax_round_trip_and_flags(use_bias, use_scale):
         np.testing.assert_allclose(np.asarray(b["batch_stats"][k]), np.asarray(a["batch_stats"][k]), rtol=1e-6)
 
 
+def test_to_flax_float64_needs_jax_64_bit_mode_and_then_round_trips_exactly():
+    jax = pytest.importorskip("jax")
+    bn = nn.BatchNorm2d(C, dtype=torch.float64)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.1, 1 / 3, 1e-9], dtype=torch.float64))  # not float32 numbers
+    was = jax.config.read("jax_enable_x64")
+    try:
+        jax.config.update("jax_enable_x64", False)
+        with pytest.raises(ValueError, match="jax_enable_x64"):
+            to_flax(bn)
+        jax.config.update("jax_enable_x64", True)
+        module, variables = to_flax(bn)
+        assert module.param_dtype == np.float64 and variables["batch_stats"]["mean"].dtype == np.float64
+        back = from_flax(module, variables, ndim=4)
+    finally:
+        jax.config.update("jax_enable_x64", was)
+    assert back.running_mean.dtype == torch.float64 and torch.equal(back.running_mean, bn.running_mean)
+
+
 def test_flax_bad_input_is_refused():
     linen = pytest.importorskip("flax.linen")
     module, variables, _ = flax_bn(4, True)

@@ -71,12 +71,12 @@ def _import_keras():
 def _import_flax():
     try:
         import flax.linen as linen
-        import jax.numpy as jnp
+        import jax
     except ImportError as exc:
         raise ImportError(
             f"Flax is needed for this conversion: pip install \"bnkit[test]\" (or pip install flax) ({exc})"
         ) from exc
-    return linen, jnp
+    return linen, jax
 
 
 # ----------------------------------------------------------------- building the torch layer
@@ -225,16 +225,22 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1) -> tuple[Any, dict]:
     leaves ``use_running_average`` to the call, as Flax models usually do:
     ``module.apply(variables, x, use_running_average=True)`` for inference, ``False`` with
     ``mutable=["batch_stats"]`` for training (biased running-variance rule from then on).
-    eps is carried and momentum flipped (torch 0.1 -> Flax 0.9).
+    eps is carried and momentum flipped (torch 0.1 -> Flax 0.9). A float64 layer needs JAX's
+    64-bit mode (``jax.config.update("jax_enable_x64", True)``) and is refused without it,
+    where JAX would silently make its variables float32.
     """
-    linen, jnp = _import_flax()
+    linen, jax = _import_flax()
     torch_state = _numpy_state(bn)
     f = convert_state(torch_state, "torch", "flax", axis=axis)
     cfg = f["config"]
     dtype = f["variables"]["batch_stats"]["mean"].dtype
+    if dtype == np.float64 and not jax.config.read("jax_enable_x64"):
+        raise ValueError(f"{type(bn).__name__} is float64, but JAX makes float64 arrays float32 unless its 64-bit "
+                         "mode is on: call jax.config.update('jax_enable_x64', True) first (or set JAX_ENABLE_X64=1), "
+                         "or convert bn.float() for a float32 Flax layer")
     module = linen.BatchNorm(axis=cfg["axis"], momentum=cfg["momentum"], epsilon=cfg["epsilon"],
                              use_bias=cfg["use_bias"], use_scale=cfg["use_scale"], param_dtype=dtype)
-    variables = {col: {k: jnp.asarray(v) for k, v in d.items()} for col, d in f["variables"].items()}
+    variables = {col: {k: jax.numpy.asarray(v) for k, v in d.items()} for col, d in f["variables"].items()}
     return module, variables
 
 
