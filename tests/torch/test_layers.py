@@ -366,3 +366,24 @@ def test_hook_handles_still_remove_their_hooks_after_a_swap(swap):
         h.remove()
     model(torch.randn(2, 4))
     assert calls == ["pre", "post"] and not model[1]._forward_hooks and not model[1]._forward_pre_hooks
+
+
+def test_convert_bn_refuses_uninitialized_lazy_layers_and_converts_them_once_run():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"\['1'\] are lazy.*forward pass first"):
+        convert_bn(model, renorm=True, virtual_batch_size=2)
+    assert type(model[0]) is nn.BatchNorm2d  # nothing changed
+    model(torch.randn(4, 3, 2, 2))
+    convert_bn(model, renorm=True, virtual_batch_size=2)
+    assert type(model[1]) is BatchNorm2d and model[1].renorm and model[1].virtual_batch_size == 2
+
+
+def test_convert_bn_updates_the_requested_options_of_existing_drop_in_layers():
+    model = nn.Sequential(BatchNorm1d(3, debias=True, layer_name="mine"), nn.BatchNorm1d(3))
+    weight = model[0].weight
+    convert_bn(model, virtual_batch_size=2)
+    assert model[0].virtual_batch_size == 2 and model[0].debias and model[0].layer_name == "mine"
+    assert model[0].weight is weight and model[1].virtual_batch_size == 2 and not model[1].debias
+    with pytest.raises(ValueError, match="rmax"):
+        convert_bn(model, rmax=0.5)
+    assert model[0].rmax == 3.0 and model[0].virtual_batch_size == 2  # a failed convert changes nothing

@@ -51,6 +51,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_bn", "revert_bn", "PAPER_RENORM_SCHEDULE"]
 
@@ -351,16 +352,30 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
 
     Weights, buffers (the same tensors), hooks, ``training`` and ``requires_grad``
     flags are kept; each new layer's ``layer_name`` is its qualified name, so its
-    errors name it. ``SyncBatchNorm`` and subclasses are left alone (revert them
-    first). Returns the model (a new object only when ``model`` itself is a BN layer).
+    errors name it. bnkit drop-in layers already in the model get the requested
+    ``extras`` and keep their other options. ``SyncBatchNorm`` and other subclasses
+    are left alone (revert them first). An uninitialized ``LazyBatchNorm*d`` raises
+    ``ValueError`` (run one forward pass first: it then is an ``nn.BatchNorm*d``).
+    Nothing changes if any layer fails. Returns the model (a new object only when
+    ``model`` itself is a BN layer).
     """
+    lazy = [name or type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and getattr(m, "cls_to_become", None) in _DROP_IN]
+    if lazy:
+        raise ValueError(
+            f"convert_bn: BatchNorm layers {lazy} are lazy and not initialized yet, so they cannot be converted; "
+            "run one forward pass first (they then become nn.BatchNorm*d), then convert"
+        )
 
     def make(name: str, m: nn.Module) -> nn.Module | None:
-        cls = _DROP_IN.get(type(m))
-        if cls is None:
+        if type(m) in _STANDARD:  # already a drop-in: update its options on a copy (the model is untouched on error)
+            cls, current = type(m), {k: getattr(m, k) for k in _EXTRA_DEFAULTS}
+        elif type(m) in _DROP_IN:
+            cls, current = _DROP_IN[type(m)], {}
+        else:
             return None
         new = retype_module(m, cls)
-        new._set_extras(**{"layer_name": name or type(m).__name__, **extras})
+        new._set_extras(**{**current, "layer_name": current.get("layer_name") or name or type(m).__name__, **extras})
         return new
 
     return replace_modules(model, make)
