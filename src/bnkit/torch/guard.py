@@ -20,7 +20,13 @@ first mode check run on entry; statistics that passed and have not been written
 since (same tensors, same version counter) are not checked again, so entering a
 guard (or calling a decorated function) repeatedly costs, on a correct model, a
 version check per buffer, a flag read per layer and one hook registration: no
-tensor work. While the guard is active one forward pre-hook on ``model`` (one
+tensor work. The limit of that: a write that bypasses PyTorch's version counter
+(through ``.data``, or a NumPy array from ``.numpy()``) is not seen, so a guard
+object entered again (a decorator, or one object entered per call) does not
+re-check statistics poisoned that way; in-place tensor ops (``no_grad`` included),
+``copy_``, ``load_state_dict`` and assigning a new tensor are seen, and a new
+``bn_guard(model)`` checks everything. Re-reading the statistics on every entry
+would cost a kernel and a device sync per call. While the guard is active one forward pre-hook on ``model`` (one
 however deeply the guard is nested) re-reads every layer's ``training`` flag, so
 a ``model.train()`` inside the block is caught before a forward through ``model``
 changes anything (a submodule called directly is watched by a guard on that submodule);
