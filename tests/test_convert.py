@@ -276,3 +276,16 @@ def test_flax_variables_of_the_wrong_shape_say_what_is_expected():
         convert_state(dict(flax, variables=None), "flax", "torch")
     with pytest.raises(ValueError, match=r"variables\['batch_stats'\] must be a mapping, got list"):
         convert_state(dict(flax, variables={"batch_stats": [MEAN, VAR]}), "flax", "torch")
+
+
+def test_torch_tensors_keep_their_dtype_and_bfloat16_becomes_float32_exactly():
+    torch = pytest.importorskip("torch")
+    config = {"eps": 1e-5, "momentum": 0.1}
+    for dtype, expected in ((torch.float32, np.float32), (torch.float16, np.float16), (torch.float64, np.float64),
+                            (torch.bfloat16, np.float32)):
+        bn = torch.nn.BatchNorm1d(C, dtype=dtype)
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.from_numpy(MEAN))
+        out = convert_state({"state_dict": bn.state_dict(), "config": config}, "torch", "keras")["weights"]
+        assert out["moving_mean"].dtype == expected, dtype
+        np.testing.assert_array_equal(out["moving_mean"], bn.running_mean.double().numpy())  # every value kept

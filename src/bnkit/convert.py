@@ -36,8 +36,8 @@ The three classic slips are made impossible:
   is rejected. (A swap whose means happen to be all non-negative cannot be detected
   from the values; pass named weights to rule it out.)
 
-Round trips are exact (the arrays are copied, never cast; momenta are complemented in
-decimal). What a target cannot express is filled with the identity and said here:
+Round trips are exact (the arrays are copied, never cast, except that bfloat16, which
+NumPy lacks, becomes float32, which holds it exactly; momenta are complemented in decimal). What a target cannot express is filled with the identity and said here:
 torch has no "bias but no weight" layer, so Keras ``scale=False, center=True`` (Flax
 ``use_scale=False``) becomes an affine torch layer with ``weight = 1``; ONNX always has
 ``scale`` and ``B``, so a layer without them gets ``1`` and ``0``; torch's
@@ -58,7 +58,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batchnorm import _to_numpy
 from .conventions import convert_momentum, get_convention
 
 __all__ = ["FRAMEWORKS", "LAYOUTS", "convert_state"]
@@ -106,7 +105,7 @@ def convert_state(state: Mapping, src: str, dst: str, *, axis: int | None = None
 
     Args:
         state: the layer in ``src``'s layout (module docstring table). NumPy arrays,
-            CPU tensors, JAX arrays or lists are accepted.
+            torch tensors, JAX arrays or lists are accepted; bfloat16 arrays are read as float32.
         src, dst: ``"torch"``, ``"keras"``, ``"flax"`` or ``"onnx"``.
         axis: the channel axis of a Keras/Flax target (default: the source's, or ``1``
             from channels-first torch/ONNX). Refused for torch/ONNX targets, which have none.
@@ -134,8 +133,17 @@ def convert_state(state: Mapping, src: str, dst: str, *, axis: int | None = None
 
 
 # ----------------------------------------------------------------- reading
+def _numpy(v) -> np.ndarray:
+    """``v`` as a NumPy array of its own dtype; bfloat16, which NumPy lacks, is widened to float32 (exactly)."""
+    if hasattr(v, "detach"):  # a torch tensor; avoids importing torch here
+        v = v.detach().cpu()
+        v = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
+    a = np.asarray(v)
+    return a.astype(np.float32) if a.dtype.name == "bfloat16" else a  # ml_dtypes' bfloat16 (JAX, Keras)
+
+
 def _array(v, what: str) -> np.ndarray:
-    a = np.asarray(_to_numpy(v))
+    a = _numpy(v)
     if a.ndim != 1 or a.shape[0] < 1:
         raise ValueError(f"{what} must be a non-empty 1-D per-channel array, got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.floating):
@@ -197,7 +205,7 @@ def _read_torch(state: Mapping) -> _Layer:
         raise ValueError("torch state_dict must have both running_mean and running_var, or neither")
     _flag(config, "track_running_stats", get["running_mean"] is not None, "torch")
     nbt = sd.get("num_batches_tracked")
-    nbt = None if nbt is None else int(np.asarray(_to_numpy(nbt)).reshape(()))
+    nbt = None if nbt is None else int(_numpy(nbt).reshape(()))
     layer = _Layer(get["weight"], get["bias"], get["running_mean"], get["running_var"], eps, m, "torch", None, nbt,
                    config.get("num_features"))
     arrays = [a for a in get.values() if a is not None]

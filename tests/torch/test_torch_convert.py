@@ -188,6 +188,34 @@ def test_keras_bad_input_is_refused():
         to_keras(BatchNorm2d(C, renorm=True))
 
 
+@needs_keras
+def test_bfloat16_layers_convert_through_float32_exactly():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(C, eps=1e-3, momentum=0.2)
+    torch_train(bn, batches(4, False, 2, seed=1), False)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+    bn = bn.to(torch.bfloat16).eval()
+    reference = copy.deepcopy(bn).float()  # bfloat16 -> float32 is exact
+    x = batches(4, False, 1, seed=2)[0]
+    layer = to_keras(bn)
+    assert layer.dtype == "float32"
+    for name, value in zip(("gamma", "beta", "moving_mean", "moving_variance"), reference.state_dict().values()):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(getattr(layer, name)), value.numpy())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x, training=False)), torch_infer(reference, x, False),
+                               rtol=1e-5, atol=1e-5)
+    bf16_keras = keras.layers.BatchNormalization(axis=1, dtype="bfloat16")  # the other way: a bfloat16 Keras layer
+    bf16_keras.build((None, C, 4, 4))
+    bf16_keras.moving_variance.assign(reference.running_var.numpy())
+    back = from_keras(bf16_keras)
+    assert back.running_var.dtype == torch.float32 and torch.equal(back.running_var, reference.running_var)
+    pytest.importorskip("flax")
+    module, variables = to_flax(bn)
+    assert variables["batch_stats"]["var"].dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(variables["batch_stats"]["var"]), reference.running_var.numpy())
+    np.testing.assert_allclose(flax_infer(module, variables, x), torch_infer(reference, x, False), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name,call", [("keras", lambda: to_keras(nn.BatchNorm1d(C))),
                                        ("flax", lambda: to_flax(nn.BatchNorm1d(C)))])
 def test_missing_framework_names_the_extra(monkeypatch, name, call):

@@ -108,7 +108,7 @@ def _build_torch(state: dict, dims: int | None, exact_training: bool) -> _BatchN
     return bn
 
 
-def _numpy_state(bn: _BatchNorm) -> dict:
+def _torch_state(bn: _BatchNorm) -> dict:
     """``bn`` in :func:`convert_state`'s torch layout."""
     if not isinstance(bn, _BatchNorm):
         raise TypeError(f"expected a torch BatchNorm layer, got {type(bn).__name__}")
@@ -116,7 +116,7 @@ def _numpy_state(bn: _BatchNorm) -> dict:
         raise ValueError(f"{type(bn).__name__} is not initialized yet: run one input through it first")
     if getattr(bn, "renorm", False) or getattr(bn, "virtual_batch_size", None) or getattr(bn, "debias", False):
         raise ValueError(f"{type(bn).__name__} uses renorm/virtual_batch_size/debias, which Keras and Flax lack")
-    sd = {k: v.detach().cpu().numpy() for k, v in bn.state_dict().items()}
+    sd = bn.state_dict()  # tensors: convert_state reads them (bfloat16 as float32)
     config = {"num_features": bn.num_features, "eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
               "bias": bn.bias is not None or not bn.affine, "track_running_stats": bn.track_running_stats}
     return {"state_dict": sd, "config": config}
@@ -150,7 +150,8 @@ def from_keras(layer: Any, *, exact_training: bool = False) -> _BatchNorm:
     A Keras BN with ``trainable=False`` normalizes with its moving statistics even in training
     and never updates them: the torch layer is returned in eval mode with frozen parameters
     (keep it in eval, e.g. with ``bnkit.torch.freeze_bn``). Otherwise it is in training mode,
-    as a new torch layer is. ``renorm=True`` is refused (no equivalent).
+    as a new torch layer is. ``renorm=True`` is refused (no equivalent). The torch layer has the
+    Keras weights' dtype; bfloat16 weights give a float32 layer (which holds them exactly).
     """
     keras = _import_keras()
     if not isinstance(layer, keras.layers.BatchNormalization):
@@ -178,10 +179,11 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
     Keras 0.9). The Keras layer feeds its moving variance the *biased* batch variance from
     now on, as bnkit's ``running_var_rule="biased"`` layers do and ``nn.BatchNorm*d`` does not.
     ``momentum=None``, ``track_running_stats=False`` and the drop-in's renorm/ghost-batch
-    extras have no Keras equivalent and are refused.
+    extras have no Keras equivalent and are refused. The Keras layer has ``bn``'s dtype, except
+    that a bfloat16 layer gives a float32 one (which holds its values exactly).
     """
     keras = _import_keras()
-    torch_state = _numpy_state(bn)
+    torch_state = _torch_state(bn)
     rank = _torch_rank(bn, ndim)
     k = convert_state(torch_state, "torch", "keras", axis=axis)
     cfg, weights = k["config"], k["weights"]
@@ -225,12 +227,13 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1) -> tuple[Any, dict]:
     leaves ``use_running_average`` to the call, as Flax models usually do:
     ``module.apply(variables, x, use_running_average=True)`` for inference, ``False`` with
     ``mutable=["batch_stats"]`` for training (biased running-variance rule from then on).
-    eps is carried and momentum flipped (torch 0.1 -> Flax 0.9). A float64 layer needs JAX's
+    eps is carried and momentum flipped (torch 0.1 -> Flax 0.9). The variables have ``bn``'s
+    dtype, except that a bfloat16 layer gives float32 ones (exact). A float64 layer needs JAX's
     64-bit mode (``jax.config.update("jax_enable_x64", True)``) and is refused without it,
     where JAX would silently make its variables float32.
     """
     linen, jax = _import_flax()
-    torch_state = _numpy_state(bn)
+    torch_state = _torch_state(bn)
     f = convert_state(torch_state, "torch", "flax", axis=axis)
     cfg = f["config"]
     dtype = f["variables"]["batch_stats"]["mean"].dtype
