@@ -288,3 +288,66 @@ def test_names_and_paths_with_brackets_print_literally(tmp_path, monkeypatch):
     result = runner.invoke(app, ["fold", str(odd / "v[1].onnx"), "-o", str(odd / "f[1].onnx")], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "bn0[/x][bold]" in result.output and "odd[dir]/v[1].onnx" in "".join(result.output.split())
+
+
+NETS = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, tail):
+        super().__init__()
+        self.conv, self.bn, self.tail = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), tail
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.tail(self.bn(self.conv(x)))
+
+
+def unsupported():  # an op torch.onnx cannot export
+    return Net(torch.special.i0e)
+
+
+def fixed():  # runs only at the batch size of 4 it was written for
+    torch.manual_seed(0)
+    return Net(lambda h: h.reshape(4, 64))
+'''
+
+
+def test_fold_errors_are_messages_not_tracebacks(tmp_path, monkeypatch):
+    (tmp_path / "f5_cli_nets.py").write_text(NETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    args = ["fold", "--model", "f5_cli_nets:unsupported", "--input-shape", "4x3x6x6", "-o"]
+    result = runner.invoke(app, args + ["odd.onnx"], terminal_width=200)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "cannot export the folded model to ONNX" in _text(result) and "is not supported" in _text(result)
+
+    # a model built for one batch size: the batch-of-one check says how to skip it, and --fixed-batch does
+    args = ["fold", "--model", "f5_cli_nets:fixed", "--input-shape", "4x3x6x6", "-o", "fixed.onnx"]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "first sample alone" in _text(result) and "--fixed-batch" in _text(result)
+    assert sorted(os.listdir(tmp_path)) == ["f5_cli_nets.py"]
+    result = runner.invoke(app, args + ["--fixed-batch"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    import f5_cli_nets
+
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        eager = f5_cli_nets.fixed().eval()(x).numpy()
+    np.testing.assert_allclose(_run(tmp_path / "fixed.onnx", x.numpy()), eager, rtol=1e-5,
+                               atol=1e-5 * np.abs(eager).max())
+    result = runner.invoke(app, ["fold", "fixed.onnx", "-o", "again.onnx", "--fixed-batch"])
+    assert result.exit_code == 2 and "--fixed-batch applies only" in _text(result)
+
+    # an ONNX output that cannot be written (the temporary file's name beside it is too long)
+    src = _export(_calibrated_vgg(), tmp_path / "vgg.onnx")
+    long = "a" * (255 - len(".onnx")) + ".onnx"
+    result = runner.invoke(app, ["fold", str(src), "-o", long], terminal_width=200)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"cannot write {long}" in _text(result) and "nothing written" in _text(result)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith((".", "a"))]

@@ -137,3 +137,35 @@ def test_opset_8_export_audits_statistics_kept_as_graph_inputs(tmp_path):
     with pytest.raises(ExportVerificationError, match="non-finite"):
         export_onnx(model, torch.randn(2, 3, 6, 6), tmp_path / "m.onnx", opset=8)
     assert os.listdir(tmp_path) == []
+
+
+class _FixedBatch(nn.Module):
+    """Written for a batch of 4: ``reshape(4, 64)`` in PyTorch, or the batch size baked into the trace."""
+
+    def __init__(self, baked: bool):
+        super().__init__()
+        self.baked, self.conv, self.bn, self.fc = baked, nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(64, 2)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        return self.fc(h.reshape(int(h.shape[0]) if self.baked else 4, 64))  # int(): a constant to the tracer
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("baked", [False, True])
+def test_a_fixed_batch_model_fails_the_batch_of_one_check_with_the_way_out(tmp_path, baked):
+    # the model ran on its example batch, then failed with its own reshape error on the batch-of-one check
+    torch.manual_seed(0)
+    model, x = _FixedBatch(baked).eval(), torch.randn(4, 3, 6, 6)
+    what = "the exported graph" if baked else "the model"
+    with pytest.raises(ExportVerificationError, match=f"{what} fails on the example's first sample alone.*"
+                                                      "dynamic_batch=False.*--fixed-batch"):
+        export_onnx(model, x, tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+    report = export_onnx(model, x, tmp_path / "m.onnx", dynamic_batch=False)
+    assert report.batch_sizes == [4]
+    with torch.no_grad():
+        assert rel(ort_output(tmp_path / "m.onnx", x), model(x).double().numpy()) < 1e-5

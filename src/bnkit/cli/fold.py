@@ -53,6 +53,8 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
         raise fail(str(exc), code=1) from None
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
+    except OSError as exc:  # the source was read (a missing one is the FileNotFoundError above): writing failed
+        raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None
     if as_json:
         console.print_json(json.dumps({"output": str(output), **report.to_dict()}))
         return
@@ -91,7 +93,7 @@ def _reload_hint(spec: str, output: Path, report_file: Path) -> str:
 
 
 def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[str], trust: bool, force: bool,
-                verify: bool, as_json: bool) -> None:
+                verify: bool, as_json: bool, fixed_batch: bool) -> None:
     import torch
 
     from ..atomic import atomic_path
@@ -128,9 +130,11 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         from ..torch.export import ExportVerificationError, export_onnx
 
         try:
-            export_onnx(folded, example, output, fold=True, force=force)
-        except (ValueError, ExportVerificationError) as exc:
-            raise fail(str(exc), code=1) from None
+            export_onnx(folded, example, output, fold=True, force=force, dynamic_batch=not fixed_batch)
+        except OSError as exc:
+            raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None
+        except (ValueError, TypeError, RuntimeError) as exc:  # ExportVerificationError, torch.onnx's errors too
+            raise fail(f"cannot export the folded model to ONNX: {exc}", code=1) from None
         report_file = None
     else:
         report_file = report_path(output)
@@ -178,6 +182,9 @@ def fold_command(
     trust: bool = typer.Option(False, "--trust", help="Unpickle a checkpoint outside PyTorch's safe allow-list (only files you made)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check outputs before and after folding."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    fixed_batch: bool = typer.Option(
+        False, "--fixed-batch", help="--model to .onnx: keep the batch size of --input-shape fixed in the graph "
+        "(no dynamic batch axis, so no batch-of-one check)."),
 ) -> None:
     """Fold BatchNorm into the Conv/ConvTranspose/Gemm/Linear before it, verified on random inputs.
 
@@ -187,6 +194,8 @@ def fold_command(
 
     if (source is None) == (model is None):
         raise fail("give either an .onnx file or --model (not both)")
+    if fixed_batch and (source is not None or Path(output).suffix.lower() != ".onnx"):
+        raise fail("--fixed-batch applies only to exporting --model to an .onnx file")
     try:
         if source is not None:
             out = check_output(output, suffixes=ONNX_SUFFIXES, inputs=[source], option="-o", what="ONNX model")
@@ -201,4 +210,4 @@ def fold_command(
     if source is not None:
         _fold_onnx(source, out, input_shape, to_inference, verify, as_json)
     else:
-        _fold_torch(model, weights, out, input_shape, trust, force, verify, as_json)
+        _fold_torch(model, weights, out, input_shape, trust, force, verify, as_json, fixed_batch)

@@ -9,8 +9,8 @@ each module's flag afterwards), audits the exported graph (:func:`bnkit.onnx.aud
 ``fold=True`` too, so an error blocks the write whether or not the BN is folded away), optionally
 folds BatchNormalization into its neighbours (:func:`bnkit.onnx.fold_model`), and compares
 onnxruntime's outputs with PyTorch's eval outputs on the example inputs (and on their
-first sample alone when the batch axis is dynamic). The file is written atomically and
-only when every check passed.
+first sample alone when the batch axis is dynamic: a model that fails there is refused, with
+a pointer to ``dynamic_batch=False``). The file is written atomically and only when every check passed.
 
 It uses the TorchScript-based exporter (``dynamo=False``), which needs no ``onnxscript``.
 """
@@ -77,6 +77,13 @@ def _names(given: Sequence[str] | None, count: int, stem: str) -> list[str]:
     return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
 
 
+def _batch_of_one(what: str, exc: Exception) -> ExportVerificationError:
+    return ExportVerificationError(
+        f"{what} fails on the example's first sample alone, the batch of one that checks the dynamic batch axis "
+        f"({type(exc).__name__}: {exc}). For a model built for one batch size pass dynamic_batch=False "
+        "(bnkit fold: --fixed-batch); nothing written")
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: "torch.Tensor | Sequence[torch.Tensor]",
@@ -101,7 +108,7 @@ def export_onnx(
     import onnx
 
     from ..onnx import audit, fold_model
-    from ..onnx.verify import compare, run
+    from ..onnx.verify import OnnxRuntimeError, compare, run
 
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
@@ -119,7 +126,12 @@ def export_onnx(
     checks = [inputs] + ([tuple(t[:1] for t in inputs)] if single else [])
     with eval_mode(model):
         with torch.no_grad():
-            expected = [_flatten(model(*feeds)) for feeds in checks]
+            expected = [_flatten(model(*inputs))]
+            if single:
+                try:
+                    expected.append(_flatten(model(*checks[1])))
+                except Exception as exc:  # the model's own error, whatever its type
+                    raise _batch_of_one("the model", exc) from exc
         in_names = _names(input_names, len(inputs), "input")
         out_names = _names(output_names, len(expected[0]), "output")
         axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
@@ -141,9 +153,14 @@ def export_onnx(
     if fold:
         proto, report.fold = fold_model(proto, verify=False)
     for feeds, want in zip(checks, expected):
-        got = run(proto, {n: t.detach().cpu().numpy() for n, t in zip(in_names, feeds)})
-        abs_diff, rel_diff = compare([w.detach().cpu().double().numpy() for w in want],
-                                     [np.asarray(g) for g in got])
+        try:
+            got = run(proto, {n: t.detach().cpu().numpy() for n, t in zip(in_names, feeds)})
+            abs_diff, rel_diff = compare([w.detach().cpu().double().numpy() for w in want],
+                                         [np.asarray(g) for g in got])
+        except (OnnxRuntimeError, ValueError) as exc:  # cannot run, or output shapes differ
+            if feeds is inputs:
+                raise
+            raise _batch_of_one("the exported graph", exc) from exc
         report.max_abs_diff = max(report.max_abs_diff, abs_diff)
         report.max_rel_diff = max(report.max_rel_diff, rel_diff)
         report.batch_sizes.append(int(feeds[0].shape[0]) if feeds[0].dim() else 0)
