@@ -254,8 +254,11 @@ def test_batch_of_one_names_the_layer_and_fixes(shape, cls, extras):
 
 def test_batch_of_one_without_running_stats_in_eval():
     layer = BatchNorm2d(4, track_running_stats=False).eval()
-    with pytest.raises(ValueError, match="only 1 value per channel"):
+    with pytest.raises(ValueError, match="only 1 value per channel") as err:
         layer(torch.randn(1, 4, 1, 1))
+    msg = str(err.value)  # eval-mode words: it is not in training mode, and eval()/freezing cannot help it
+    assert "track_running_stats=False" in msg and "eval mode" in msg
+    assert "training mode" not in msg and "model.eval()" not in msg and "freeze_bn" not in msg
 
 
 def test_one_value_per_ghost_batch_is_refused():

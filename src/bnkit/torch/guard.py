@@ -220,10 +220,11 @@ class bn_guard(contextlib.ContextDecorator):
         x = args[0] if args else None
         if (module.training or module.running_mean is None) and isinstance(x, torch.Tensor) and x.dim() >= 2 \
                 and x.numel() // max(x.size(1), 1) < 2:
+            fix = "call model.eval(), or use a batch of at least 2" if module.training else (
+                "use a batch of at least 2 (the layer has no running statistics, so eval mode does not help)")
             self._report([Finding(
                 "error", entry.watched[id(module)], "gets fewer than 2 values per channel while normalizing with "
-                "batch statistics", f"input shape {tuple(x.shape)}", "call model.eval(), or use a batch of at least 2",
-                "batch_of_one",
+                "batch statistics", f"input shape {tuple(x.shape)}", fix, "batch_of_one",
             )], entry)
 
     def _recheck(self, module: nn.Module, args: tuple) -> None:
