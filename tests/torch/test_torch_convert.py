@@ -469,6 +469,15 @@ def test_root_sync_bn_and_unreached_layers():
         revert_sync_bn("not a model")
 
 
+def test_a_layer_reached_at_rank_6_becomes_any_rank_with_the_warning():
+    sync = nn.Sequential(nn.SyncBatchNorm(C, momentum=0.3), nn.Flatten(), nn.BatchNorm1d(C * 16))
+    x = torch.randn(2, C, 2, 2, 2, 2)
+    with pytest.warns(UserWarning, match=r"for 0 \(input ranks seen: \[6\]\)"):
+        out = revert_sync_bn(sync, x)
+    assert type(out[0]) is BatchNormNd and out[0].momentum == 0.3 and type(out[2]) is nn.BatchNorm1d
+    torch.testing.assert_close(out(x), sync(x), rtol=0, atol=0)  # both in training mode, same batch statistics
+
+
 def test_a_layer_registered_twice_stays_one_layer():
     shared = nn.SyncBatchNorm(2)  # (torch's convert_sync_batchnorm itself converts only the first reference)
     sync = nn.Sequential(nn.Conv2d(2, 2, 1), shared, nn.Conv2d(2, 2, 1), shared)

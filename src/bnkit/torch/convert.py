@@ -40,6 +40,7 @@ __all__ = ["BatchNormNd", "from_keras", "to_keras", "from_flax", "to_flax", "rev
 
 _PLAIN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _EXACT = {1: layers.BatchNorm1d, 2: layers.BatchNorm2d, 3: layers.BatchNorm3d}
+_RANK_DIMS = {2: 1, 3: 1, 4: 2, 5: 3}  # input rank (with batch and channel axes) -> the d of BatchNorm{d}d
 
 
 class BatchNormNd(_BatchNorm):
@@ -84,7 +85,7 @@ def _rank_to_dims(ndim: int | None, what: str) -> int | None:
     """Input rank (with batch and channel axes) -> the ``d`` of ``BatchNorm{d}d``; None stays None."""
     if ndim is None:
         return None
-    dims = {2: 1, 3: 1, 4: 2, 5: 3}.get(int(ndim))
+    dims = _RANK_DIMS.get(int(ndim))
     if dims is None:
         raise ValueError(f"{what}: input rank {ndim} has no torch BatchNorm (BatchNorm1d/2d/3d take rank 2-5)")
     return dims
@@ -255,8 +256,8 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     found by running ``example_inputs`` (a tensor, or a tuple of positional arguments) through
     a throwaway copy in eval mode without gradients: rank 2-3 gives ``BatchNorm1d``, 4
     ``BatchNorm2d``, 5 ``BatchNorm3d``. A layer never reached (or without ``example_inputs``),
-    or reached with several ranks, becomes :class:`BatchNormNd`, which accepts any rank, and a
-    warning names it. The new layer takes over the old one's attributes as they are: the same
+    reached with several ranks, or with a rank no ``BatchNorm*d`` takes (above 5) becomes
+    :class:`BatchNormNd`, which accepts any rank, and a warning names it. The new layer takes over the old one's attributes as they are: the same
     parameters (``requires_grad`` included) and buffers, eps, momentum, affine and tracking
     flags, ``training`` flag, hooks; only ``process_group`` is dropped. ``model`` itself is not
     modified. The math is unchanged: ``SyncBatchNorm`` without a process group runs
@@ -271,7 +272,7 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
         if not isinstance(module, nn.SyncBatchNorm):
             return None
         seen = ranks.get(name, set())  # first name, as named_modules() in the probe reports it
-        dims = _rank_to_dims(next(iter(seen)), f"SyncBatchNorm {name!r}") if len(seen) == 1 else None
+        dims = _RANK_DIMS.get(next(iter(seen))) if len(seen) == 1 else None
         if dims is None:
             unsure.append(f"{name or 'model'} (input ranks seen: {sorted(seen) or 'none'})")
         return _retype(module, _PLAIN[dims] if dims is not None else BatchNormNd)
@@ -279,8 +280,9 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     out = layers.replace_modules(copy.deepcopy(model), make)
     if unsure:
         warnings.warn(
-            "revert_sync_bn: no single input rank for " + ", ".join(unsure) + "; these became bnkit "
-            "BatchNormNd (any rank), which torch's fusers do not match. Pass example_inputs that reach every layer.",
+            "revert_sync_bn: no single input rank of 2-5 for " + ", ".join(unsure) + "; these became bnkit "
+            "BatchNormNd (any rank), which torch's fusers do not match. A layer that example_inputs reach at one "
+            "rank of 2-5 becomes BatchNorm1d/2d/3d.",
             stacklevel=2,
         )
     return out
