@@ -441,3 +441,36 @@ def test_statistics_a_caller_may_override_are_not_folded(kiai_export):
     folded, report = fold_model(proto)
     assert report.folded == [] and ops(folded) == ops(proto)
     assert "a caller may override" in report.left["/1/BatchNormalization"]
+
+
+def _fp16_inside(rng, c_out=16):
+    """fp32 input -> Cast fp16 -> 1x1 Conv -> BN (fp16) -> Cast fp32: an fp16 network with fp32 inputs and outputs."""
+    w = rng.standard_normal((c_out, 8, 1, 1)).astype(np.float16)
+    bn = _bn_inits(c_out, rng, dtype=np.float16)
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+             helper.make_node("Conv", ["x16", "W"], ["h"], name="conv"), _bn_node("h", "y16"),
+             helper.make_node("Cast", ["y16"], ["y"], to=TensorProto.FLOAT)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c_out, 6, 6])], {"W": w, **bn}), w, bn
+
+
+def test_fp16_network_with_fp32_inputs_and_outputs_gets_the_fp16_tolerance():
+    # the tolerance was chosen from the output dtype (fp32: 1e-4), so every such fold was refused
+    from bnkit.onnx.verify import default_tolerance
+
+    model, w, bn = _fp16_inside(np.random.default_rng(11))
+    assert default_tolerance(model) == 1e-2
+    folded, report = fold_model(model, input_shapes={"x": [4, 8, 6, 6]})
+    assert report.verified and report.tolerance == 1e-2 and ops(folded) == ["Cast", "Conv", "Cast"]
+    # float64 oracle of conv + BN on the stored fp16 values: the folded graph is as good as fp16 rounding allows
+    x = np.random.default_rng(12).standard_normal((4, 8, 6, 6)).astype(np.float32)
+    s, b, m, v = (bn[f"bn.{k}"].astype(np.float64) for k in "sbmv")
+    conv = np.einsum("oi,nihw->nohw", w[:, :, 0, 0].astype(np.float64), x.astype(np.float16).astype(np.float64))
+    want = (s / np.sqrt(v + np.float64(np.float32(1e-5))))[None, :, None, None] * (conv - m[None, :, None, None]) \
+        + b[None, :, None, None]
+    assert 1e-4 < report.max_rel_diff and rel(ort_run(folded, {"x": x})[0], want) < 5e-3
+    fp32 = _model([helper.make_node("Conv", ["x", "W"], ["y"])],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 2, 2])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])],
+                  {"W": np.ones((4, 8, 1, 1), np.float32)})
+    assert default_tolerance(fp32) == 1e-4

@@ -109,7 +109,17 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
 
 
 def default_tolerance(model: onnx.ModelProto) -> float:
-    """Norm-wise relative tolerance for the model's least precise floating output: 1e-4 fp32/fp64, 1e-2 fp16/bf16."""
-    low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-    elems = {o.type.tensor_type.elem_type for o in model.graph.output}
-    return 1e-2 if elems & low else 1e-4
+    """Norm-wise relative tolerance for the least precise float the graph holds or computes: 1e-2 fp16/bf16, else 1e-4.
+
+    Read from the graph's inputs, outputs, initializers, ``Cast`` targets and the value types shape
+    inference finds, so an fp16 network between fp32 inputs and outputs gets the fp16 tolerance.
+    """
+    graph = model.graph
+    elems = {t.data_type for t in graph.initializer}
+    elems.update(int(a.i) for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to")
+    try:
+        graph = onnx.shape_inference.infer_shapes(model).graph
+    except onnx.shape_inference.InferenceError:
+        pass  # the declared types below still count
+    elems.update(v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info))
+    return 1e-2 if elems & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16} else 1e-4

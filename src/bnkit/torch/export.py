@@ -95,20 +95,21 @@ def export_onnx(
     opset: int = 17,
     fold: bool = False,
     force: bool = False,
-    rtol: float = 1e-4,
+    rtol: float | None = None,
 ) -> ExportReport:
     """Export ``model`` in inference mode to ``path`` and check the file; returns an :class:`ExportReport`.
 
     ``fold=True`` folds BatchNormalization nodes into the Conv/Gemm before them.
     ``force=True`` writes the file despite error-level audit findings (never despite an
-    onnxruntime mismatch beyond ``rtol``, norm-wise relative). Raises ValueError for
+    onnxruntime mismatch beyond ``rtol``, norm-wise relative; by default 1e-4, or 1e-2 for a graph
+    holding or computing fp16/bf16 values, as :func:`bnkit.onnx.fold` uses). Raises ValueError for
     BatchNorm layers without running statistics or non-finite inputs, and
     :class:`ExportVerificationError` when a check fails; then nothing is written.
     """
     import onnx
 
     from ..onnx import audit, fold_model
-    from ..onnx.verify import OnnxRuntimeError, compare, run
+    from ..onnx.verify import OnnxRuntimeError, compare, default_tolerance, run
 
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
@@ -164,6 +165,7 @@ def export_onnx(
         report.max_abs_diff = max(report.max_abs_diff, abs_diff)
         report.max_rel_diff = max(report.max_rel_diff, rel_diff)
         report.batch_sizes.append(int(feeds[0].shape[0]) if feeds[0].dim() else 0)
+    rtol = default_tolerance(proto) if rtol is None else rtol
     if not report.max_rel_diff <= rtol:
         raise ExportVerificationError(
             f"onnxruntime differs from PyTorch eval output: max relative difference {report.max_rel_diff:.3g} > "
