@@ -390,3 +390,24 @@ def test_convert_bn_updates_the_requested_options_of_existing_drop_in_layers():
     with pytest.raises(ValueError, match="rmax"):
         convert_bn(model, rmax=0.5)
     assert model[0].rmax == 3.0 and model[0].virtual_batch_size == 2  # a failed convert changes nothing
+
+
+def test_debias_refuses_to_discard_statistics_loaded_without_a_counter():
+    pre = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        pre.running_mean.fill_(5.0), pre.running_var.fill_(9.0)
+    state = {k: v for k, v in pre.state_dict().items() if k != "num_batches_tracked"}
+    layer = nn.BatchNorm1d(3)
+    layer.load_state_dict(state, strict=False)  # torch sets the missing counter to 0
+    assert int(layer.num_batches_tracked) == 0
+    layer = convert_bn(layer, debias=True)
+    with pytest.raises(ValueError, match="num_batches_tracked=0"):
+        layer(torch.randn(4, 3))
+    assert torch.equal(layer.running_mean, pre.running_mean) and int(layer.num_batches_tracked) == 0
+    layer.num_batches_tracked.fill_(10_000)  # the suggested fix: a_t is then momentum, as in torch
+    plain = copy.deepcopy(pre)
+    plain.num_batches_tracked.fill_(10_000)
+    x = torch.randn(4, 3)
+    layer(x), plain(x)
+    torch.testing.assert_close(layer.running_mean, plain.running_mean)
+    torch.testing.assert_close(layer.running_var, plain.running_var)

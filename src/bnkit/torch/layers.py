@@ -20,7 +20,10 @@ value, ``running = (1 - a) * running + a * batch_stat`` with ``a = momentum``
   statistics seen so far. It is kept directly in the buffers by using the step
   factor ``a_t = m / (1 - (1-m)**t)`` (``a_1 = 1``), so the buffers stay usable
   by a plain ``nn.BatchNorm*d``. ``t`` is ``num_batches_tracked``; ``momentum=0``
-  takes the limit ``a_t = 1/t`` (the cumulative average).
+  takes the limit ``a_t = 1/t`` (the cumulative average). The correction assumes
+  the statistics at ``t = 0`` are the initial ``0``/``1``; other values at ``t = 0``
+  (a checkpoint loaded without ``num_batches_tracked``) raise ``ValueError`` at the
+  first training batch rather than being discarded (``a_1 = 1``).
 * ``renorm=True``: Batch Renormalization (Ioffe 2017, arXiv:1702.03275, Alg. 1):
   ``y = gamma * ((x - mu_B) / sigma_B * r + d) + beta`` with
   ``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu) / sigma, -dmax, dmax)``,
@@ -239,6 +242,8 @@ class _DropInBatchNorm:
         chunks = self._chunks(x)  # validates before any buffer changes
         update = self.track_running_stats and self.running_mean is not None
         if update:
+            if self.debias and int(self.num_batches_tracked) == 0:
+                self._check_debias_start()
             self.num_batches_tracked.add_(1)
         if self.renorm:
             rmax, dmax = self.renorm_clip(int(self.num_batches_tracked))
@@ -248,6 +253,17 @@ class _DropInBatchNorm:
         if update:
             self._update_running(chunks)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _check_debias_start(self) -> None:
+        """Refuse to debias from ``num_batches_tracked = 0`` unless the statistics are the initial 0 / 1."""
+        if self.running_mean.any() or not bool((self.running_var == 1).all()):
+            raise ValueError(
+                f"{self._label()}: debias=True assumes the running statistics at num_batches_tracked=0 are the "
+                "initial mean 0 / variance 1, but they hold other values (loaded from a checkpoint without "
+                "num_batches_tracked, which PyTorch then sets to 0?); the first batch would replace them "
+                "entirely. Set num_batches_tracked to the number of batches they come from (e.g. "
+                "layer.num_batches_tracked.fill_(10000)), or use debias=False."
+            )
 
     def _reduce_dims(self, x: Tensor) -> list[int]:
         return [0, *range(2, x.dim())]
