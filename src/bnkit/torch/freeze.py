@@ -21,6 +21,10 @@ gamma/beta; some recipes train only gamma/beta):
   purpose) bypasses it, and so does a TorchScript copy (``torch.jit.script``
   does not carry Python attributes; script after :func:`~bnkit.torch.convert_frozen`
   instead, or use ``torch.export``). Needs running statistics (``track_running_stats=True``).
+  Code that replaces a layer with a new module loses the freeze (:func:`is_frozen`
+  then says so): ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, so call it
+  first and :func:`freeze_bn` after; bnkit's own swaps (``convert_bn``,
+  ``revert_bn``, ``convert_frozen``, ``revert_frozen``) keep it.
 * ``affine``: ``weight`` and ``bias`` get ``requires_grad=False`` and their
   ``.grad`` is cleared, so every ``torch.optim`` optimizer skips them (weight decay
   and momentum included). ``model.requires_grad_(True)`` undoes this part;
