@@ -309,6 +309,26 @@ def test_to_flax_float64_needs_jax_64_bit_mode_and_then_round_trips_exactly():
     assert back.running_mean.dtype == torch.float64 and torch.equal(back.running_mean, bn.running_mean)
 
 
+@needs_keras
+def test_to_keras_and_to_flax_refuse_the_same_channel_axes():
+    pytest.importorskip("flax")
+    for convert in (to_keras, to_flax):
+        for axis in (4, -5):
+            with pytest.raises(ValueError, match=f"axis={axis} is out of range for rank-4 input"):
+                convert(nn.BatchNorm2d(C), axis=axis)
+        with pytest.raises(ValueError, match="rank-2 input"):
+            convert(nn.BatchNorm1d(C), axis=2)
+        with pytest.raises(ValueError, match="ndim=3: BatchNorm2d takes rank-4 input"):
+            convert(nn.BatchNorm2d(C), ndim=3)
+        with pytest.raises(ValueError, match="rank-4 input"):
+            convert(BatchNormNd(C), axis=4, ndim=4)
+    module, variables = to_flax(nn.BatchNorm1d(C), axis=2, ndim=3)  # (N, L, C): channels last
+    x = batches(3, True, 1, seed=0)[0]
+    np.testing.assert_allclose(flax_infer(module, variables, x), torch_infer(nn.BatchNorm1d(C), x, True),
+                               rtol=1e-5, atol=1e-5)
+    assert to_flax(BatchNormNd(C), axis=-1)[0].axis == -1  # any rank and no ndim: nothing to check against
+
+
 def test_flax_bad_input_is_refused():
     linen = pytest.importorskip("flax.linen")
     module, variables, _ = flax_bn(4, True)

@@ -123,17 +123,25 @@ def _torch_state(bn: _BatchNorm) -> dict:
     return {"state_dict": sd, "config": config}
 
 
-def _torch_rank(bn: _BatchNorm, ndim: int | None) -> int:
-    if ndim is not None:
-        _rank_to_dims(ndim, type(bn).__name__)
-        return int(ndim)
-    if isinstance(bn, (nn.BatchNorm2d, nn.LazyBatchNorm2d)):
-        return 4
-    if isinstance(bn, (nn.BatchNorm3d, nn.LazyBatchNorm3d)):
-        return 5
-    if isinstance(bn, (nn.BatchNorm1d, nn.LazyBatchNorm1d)):
-        return 2
-    raise ValueError(f"{type(bn).__name__} accepts any input rank: pass ndim= (the rank of its input)")
+_TYPE_RANKS = (((nn.BatchNorm2d, nn.LazyBatchNorm2d), (4,)), ((nn.BatchNorm3d, nn.LazyBatchNorm3d), (5,)),
+               ((nn.BatchNorm1d, nn.LazyBatchNorm1d), (2, 3)))
+
+
+def _torch_rank(bn: _BatchNorm, ndim: int | None) -> int | None:
+    """The rank of ``bn``'s input: ``ndim`` if given, else the one its type takes (``BatchNorm1d``: 2); None: any."""
+    takes = next((ranks for types, ranks in _TYPE_RANKS if isinstance(bn, types)), None)
+    if ndim is None:
+        return None if takes is None else takes[0]
+    _rank_to_dims(ndim, type(bn).__name__)
+    if takes is not None and int(ndim) not in takes:
+        raise ValueError(f"ndim={ndim}: {type(bn).__name__} takes rank-{' or '.join(map(str, takes))} input")
+    return int(ndim)
+
+
+def _check_axis(axis: int, rank: int | None) -> None:
+    """Refuse a Keras/Flax channel ``axis`` that rank-``rank`` input does not have (None: rank unknown)."""
+    if rank is not None and not -rank <= axis < rank:
+        raise ValueError(f"axis={axis} is out of range for rank-{rank} input (ndim= states the input's rank)")
 
 
 # ----------------------------------------------------------------- Keras
@@ -186,10 +194,11 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
     keras = _import_keras()
     torch_state = _torch_state(bn)
     rank = _torch_rank(bn, ndim)
+    if rank is None:
+        raise ValueError(f"{type(bn).__name__} accepts any input rank: pass ndim= (the rank of its input)")
     k = convert_state(torch_state, "torch", "keras", axis=axis)
     cfg, weights = k["config"], k["weights"]
-    if not -rank <= cfg["axis"] < rank:
-        raise ValueError(f"axis={axis} is out of range for rank-{rank} input")
+    _check_axis(cfg["axis"], rank)
     dtype = str(next(iter(weights.values())).dtype)
     layer = keras.layers.BatchNormalization(**cfg, dtype=dtype)
     shape = [None] * rank
@@ -221,10 +230,13 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
     return _build_torch(state, _rank_to_dims(ndim, "flax layer"), exact_training)
 
 
-def to_flax(bn: _BatchNorm, *, axis: int = 1) -> tuple[Any, dict]:
+def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[Any, dict]:
     """``(flax.linen.BatchNorm, variables)`` equal to the torch layer ``bn``.
 
-    ``axis=1`` keeps the torch layout; ``axis=-1`` is Flax's usual channels-last. The module
+    ``axis=1`` keeps the torch layout; ``axis=-1`` is Flax's usual channels-last. ``axis`` must
+    exist in ``bn``'s input, whose rank is the one ``bn`` takes (``BatchNorm2d``: 4,
+    ``BatchNorm3d``: 5, ``BatchNorm1d``: 2) or ``ndim=`` (3 for ``BatchNorm1d``'s ``(N, C, L)``
+    input); a layer of any rank is checked only with ``ndim=``. The module
     leaves ``use_running_average`` to the call, as Flax models usually do:
     ``module.apply(variables, x, use_running_average=True)`` for inference, ``False`` with
     ``mutable=["batch_stats"]`` for training (biased running-variance rule from then on).
@@ -235,8 +247,10 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1) -> tuple[Any, dict]:
     """
     linen, jax = _import_flax()
     torch_state = _torch_state(bn)
+    rank = _torch_rank(bn, ndim)
     f = convert_state(torch_state, "torch", "flax", axis=axis)
     cfg = f["config"]
+    _check_axis(cfg["axis"], rank)
     dtype = f["variables"]["batch_stats"]["mean"].dtype
     if dtype == np.float64 and not jax.config.read("jax_enable_x64"):
         raise ValueError(f"{type(bn).__name__} is float64, but JAX makes float64 arrays float32 unless its 64-bit "
