@@ -185,3 +185,19 @@ def test_fp16_model_exports_with_the_fp16_tolerance(tmp_path):
     with torch.no_grad():  # float64 oracle on the same fp16 weights and input
         want = model.double()(x.double()).numpy()
     assert rel(ort_output(tmp_path / "m.onnx", x), want) < 5e-3
+
+
+def test_fold_reaches_a_bn_after_a_bias_free_linear(tmp_path):
+    # without constant folding the exporter writes MatMul(x, Transpose(weight)), which the fold did not look through
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "m.onnx"
+    report = export_onnx(model, torch.randn(8, 16), path, fold=True)
+    assert [f.bn for f in report.fold.folded] == ["/1/BatchNormalization"] and report.fold.left == {}
+    assert [n.op_type for n in onnx.load(path).graph.node] == ["MatMul", "Add", "Relu", "Gemm"]
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert rel(ort_output(path, x), model(x).double().numpy()) < 1e-5

@@ -474,3 +474,29 @@ def test_fp16_network_with_fp32_inputs_and_outputs_gets_the_fp16_tolerance():
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])],
                   {"W": np.ones((4, 8, 1, 1), np.float32)})
     assert default_tolerance(fp32) == 1e-4
+
+
+@pytest.mark.parametrize("transposed,shared", [(True, False), (True, True), (False, True)])
+def test_matmul_by_a_transposed_constant_folds_and_a_shared_weight_is_kept(transposed, shared):
+    # a bias-free Linear exported without constant folding is MatMul(x, Transpose(W)): the fold saw no constant;
+    # a MatMul weight read elsewhere too crashed the fold (the copy it made was not in the index)
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((5, 6) if transposed else (6, 5)).astype(np.float32)  # (out, in) as nn.Linear has it
+    weight = "Wt" if transposed else "W"
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], name="t")] if transposed else []
+    nodes += [helper.make_node("MatMul", ["x", weight], ["h"], name="mm"), _bn_node("h", "y")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])]
+    if shared:  # the layer's weight read by a second node too
+        nodes += [helper.make_node("MatMul", ["x", weight], ["z"], name="other")]
+        outputs += [helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 5])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 6])], outputs,
+                   {"W": w, **_bn_inits(5, rng)})
+    folded, report = fold_model(model)
+    assert [f.bn for f in report.folded] == ["bn"] and "BatchNormalization" not in ops(folded)
+    _check_exact(model, folded)
+    got = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    if shared:
+        np.testing.assert_array_equal(got["W"], w)  # the other reader still sees the original
+        assert ops(folded).count("Transpose") == transposed and any("copied" in n for n in report.folded[0].notes)
+    else:
+        assert "Transpose" not in ops(folded) and "W" not in got  # the folded copy replaced both

@@ -10,8 +10,8 @@ layer's constants (computed in float64, then cast back to the weight's dtype):
   ``g * C_out/group + j`` scales ``W[g-th block of C_in, j]``; bias as for Conv;
 * ``Gemm``: ``alpha * A B' + beta * C`` has channel ``n`` in column ``n`` of ``B'``; the
   column is scaled, ``C := a * beta * C + b`` and ``beta := 1``;
-* ``MatMul`` of a 2-D input by a constant ``(K, N)`` matrix: columns scaled and the BN
-  node replaced by ``Add(b)``;
+* ``MatMul`` of a 2-D input by a constant ``(K, N)`` matrix (a ``Transpose`` of a constant too,
+  as a bias-free Linear is exported): columns scaled and the BN node replaced by ``Add(b)``;
 * any of these followed by ``Add`` of a constant ``k`` (how exporters write a bias):
   the layer's weight is scaled and ``k := a * k + b`` (``a``, ``b`` along axis 1).
 
@@ -208,6 +208,7 @@ class _Folder:
             notes.append(f"{label} copied: {old!r} is shared with another node")
         name = _fresh_name(f"{node_label(node)}.{label}_folded", self.taken)
         self.graph.initializer.append(numpy_helper.from_array(value, name))
+        self.index.initializers[name] = self.graph.initializer[-1]  # read back until the next reindex
         while len(node.input) <= slot:
             node.input.append("")
         node.input[slot] = name
@@ -428,12 +429,12 @@ def _seeded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def _prune(model: onnx.ModelProto, read_before: set[str]) -> None:
-    """Remove the initializers and Constant/Identity nodes that folding left unread, and stale value_info."""
+    """Remove the initializers and Constant/Identity/Transpose nodes folding left unread, and stale value_info."""
     graph = model.graph
     while True:
         index = GraphIndex(graph)
-        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant") and n.domain in ("", "ai.onnx")
-                and n.output[0] in read_before and not index.readers(n.output[0])]
+        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant", "Transpose")
+                and n.domain in ("", "ai.onnx") and n.output[0] in read_before and not index.readers(n.output[0])]
         if not dead:
             break
         for n in dead:

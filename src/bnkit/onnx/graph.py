@@ -77,8 +77,9 @@ class GraphIndex:
 
     A constant is an initializer that is not also a graph input (a graph input of the
     same name would let the caller override it at run time), the output of a
-    ``Constant`` node, or an ``Identity`` of a constant (the PyTorch exporter shares
-    equal initializers that way). An initializer that is also a graph input (what
+    ``Constant`` node, or an ``Identity`` or ``Transpose`` of a constant (the PyTorch exporter
+    shares equal initializers through ``Identity``, and without constant folding writes a
+    bias-free Linear as ``MatMul`` by ``Transpose(weight)``). An initializer that is also a graph input (what
     ``keep_initializers_as_inputs=True`` and IR < 4 exports write) is a *default*: the
     value that runs unless a caller feeds another, readable with ``defaults=True``.
     """
@@ -123,6 +124,9 @@ class GraphIndex:
                 continue
             if node.op_type == "Constant":
                 return _constant_node_value(node)
+            if node.op_type == "Transpose":
+                value = self.constant(node.input[0], defaults=defaults)
+                return None if value is None else np.transpose(value, attribute(node, "perm"))  # None: reversed
             return None
         return None
 
