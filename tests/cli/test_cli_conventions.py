@@ -56,6 +56,20 @@ def test_momentum_row_is_the_same_update_in_each_convention(m, src):
         assert got[fw] == pytest.approx(1 - new_weight, abs=1e-12)
 
 
+@pytest.mark.parametrize("m,src", [(0.9999999, "keras"), (0.1234567, "torch"), (0.99999999999, "flax")])
+def test_converted_momenta_are_printed_in_full(m, src):
+    from bnkit import convert_momentum
+
+    output = _run("--momentum", repr(m), "--from", src)
+    rows = _table(output)
+    assert f"{m!r} is" in rows  # the row label's second line
+    cells = rows[f"{src} momentum"]
+    for fw, cell in zip(FRAMEWORKS, cells):
+        assert float(cell) == convert_momentum(m, src, fw), fw  # reads back as the very same float
+    sentence = " ".join(output.split("The same update")[1].split())
+    assert f"weight {cells[0]} on the new batch statistic, {cells[1]} on the old" in sentence
+
+
 def test_defaults_and_rules_match_the_real_layers():
     torch = pytest.importorskip("torch")
     keras = pytest.importorskip("keras")

@@ -7,7 +7,7 @@ names (``moving_variance``, ``batch_stats/mean``) go in a second table, one row 
 so that each stays whole at 80 columns (plain lines on a narrower console). With
 ``--momentum M --from FW`` it adds the row "the same update, written in each framework"
 computed by :func:`bnkit.convert_momentum` (so ``--momentum 0.99 --from keras`` shows ``0.01``
-under torch).
+under torch), each momentum printed in full (the shortest form that reads back as the same float).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ..conventions import CONVENTIONS, convert_momentum, get_convention, new_value_weight
+from ..conventions import CONVENTIONS, convert_momentum, get_convention
 from ..convert import FRAMEWORKS, LAYOUTS
 from .app import app, console, fail
 
@@ -32,7 +32,6 @@ def conventions(
     try:
         src_name = get_convention(src).name if src is not None else None
         converted = {fw: convert_momentum(momentum, src_name, fw) for fw in FRAMEWORKS} if src_name else None
-        new_weight = new_value_weight(momentum, src_name) if src_name else None
     except ValueError as exc:
         raise fail(str(exc)) from None
 
@@ -50,12 +49,13 @@ def conventions(
     table.add_row("running var fed",
                   *("unbiased\nM2/(n-1)" if c.unbiased_running_var else "biased\nM2/n" for c in convs))
     if converted is not None:
-        table.add_row(f"{src_name} momentum\n{momentum:g} is", *(f"{converted[fw]:g}" for fw in FRAMEWORKS),
+        table.add_row(f"{src_name} momentum\n{momentum!r} is", *(repr(converted[fw]) for fw in FRAMEWORKS),
                       style="green")
     console.print(table)
     if converted is not None:
-        console.print(f"The same update in every framework: weight {new_weight:g} on the new batch statistic, "
-                      f"{convert_momentum(new_weight, 'torch', 'keras'):g} on the old running value.")
+        # torch's momentum is the weight on the new value, Keras's the weight on the old
+        console.print(f"The same update in every framework: weight {converted['torch']!r} on the new batch "
+                      f"statistic, {converted['keras']!r} on the old running value.")
     _print_names({fw: lay["names"] for fw, lay in zip(FRAMEWORKS, layouts)})
     console.print("eps is never converted, only carried: state it explicitly in the target (bnkit.convert_state "
                   "does), or the target's default silently replaces it. A plain torch layer trained on after a "
