@@ -498,6 +498,22 @@ def test_a_layer_reached_at_rank_6_becomes_any_rank_with_the_warning():
     torch.testing.assert_close(out(x), sync(x), rtol=0, atol=0)  # both in training mode, same batch statistics
 
 
+def test_only_a_tuple_is_spread_into_arguments():
+    class Views(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.SyncBatchNorm(C)
+
+        def forward(self, views, scale=1.0):
+            return sum(self.bn(v) for v in views) * scale
+
+    views = [torch.randn(2, C, 4, 4), torch.randn(2, C, 4, 4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the list reached the layer: no any-rank fallback
+        assert type(revert_sync_bn(Views(), views).bn) is nn.BatchNorm2d
+        assert type(revert_sync_bn(Views(), (views, 2.0)).bn) is nn.BatchNorm2d
+
+
 def test_a_layer_registered_twice_stays_one_layer():
     shared = nn.SyncBatchNorm(2)  # (torch's convert_sync_batchnorm itself converts only the first reference)
     sync = nn.Sequential(nn.Conv2d(2, 2, 1), shared, nn.Conv2d(2, 2, 1), shared)

@@ -267,8 +267,9 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     """A copy of ``model`` with every ``nn.SyncBatchNorm`` replaced by ``BatchNorm1d/2d/3d``.
 
     The inverse of ``nn.SyncBatchNorm.convert_sync_batchnorm``. The rank each layer sees is
-    found by running ``example_inputs`` (a tensor, or a tuple of positional arguments) through
-    a throwaway copy in eval mode without gradients: rank 2-3 gives ``BatchNorm1d``, 4
+    found by running ``example_inputs`` through a throwaway copy in eval mode without gradients
+    (a tuple is the positional arguments, as for ``torch.export``; anything else, a list
+    included, is the one argument): rank 2-3 gives ``BatchNorm1d``, 4
     ``BatchNorm2d``, 5 ``BatchNorm3d``. A layer never reached (or without ``example_inputs``),
     reached with several ranks, or with a rank no ``BatchNorm*d`` takes (above 5) becomes
     :class:`BatchNormNd`, which accepts any rank, and a warning names it. The new layer takes over the old one's attributes as they are: the same
@@ -318,7 +319,7 @@ def _probe_ranks(model: nn.Module, example_inputs: Any) -> dict[str, set[int]]:
         if isinstance(module, nn.SyncBatchNorm):
             handles.append(module.register_forward_pre_hook(
                 lambda _m, args, name=name: ranks.setdefault(name, set()).add(args[0].dim())))
-    args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         with torch.no_grad():
             probe(*args)
