@@ -201,3 +201,13 @@ def test_fold_reaches_a_bn_after_a_bias_free_linear(tmp_path):
     x = torch.randn(5, 16)
     with torch.no_grad():
         assert rel(ort_output(path, x), model(x).double().numpy()) < 1e-5
+
+
+def test_an_empty_example_batch_is_refused_not_verified(tmp_path):
+    # onnxruntime and PyTorch agree on zero elements: that checked nothing, yet the file was written
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[1].running_var.fill_(1.5)
+    with pytest.raises(ValueError, match="every output is empty"):
+        export_onnx(model, torch.randn(0, 3, 6, 6), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []

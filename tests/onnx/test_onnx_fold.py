@@ -500,3 +500,18 @@ def test_matmul_by_a_transposed_constant_folds_and_a_shared_weight_is_kept(trans
         assert ops(folded).count("Transpose") == transposed and any("copied" in n for n in report.folded[0].notes)
     else:
         assert "Transpose" not in ops(folded) and "W" not in got  # the folded copy replaced both
+
+
+@pytest.mark.parametrize("options", [{"dynamic_size": 0}, {"input_shapes": {"x": [0, 3, 8, 8]}}])
+def test_verification_on_empty_inputs_is_refused_not_passed(tmp_path, options):
+    # an empty batch compared zero elements and reported verified=True, max_rel_diff 0.0
+    rng = np.random.default_rng(14)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                   {"W": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), **_bn_inits(4, rng)})
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    with pytest.raises(ValueError, match=r"input 'x' would have shape \[0, 3, 8, 8\], which is empty"):
+        fold(src, tmp_path / "out.onnx", **options)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]

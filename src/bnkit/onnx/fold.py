@@ -468,7 +468,8 @@ def fold_model(
     values: :func:`~bnkit.onnx.verify.default_tolerance`),
     :class:`~bnkit.onnx.verify.OnnxRuntimeError` when onnxruntime cannot run the model (bf16
     convolutions on CPU, custom ops).
-    Raises ValueError for a file that is unreadable or fails ``onnx.checker``.
+    Raises ValueError for a file that is unreadable or fails ``onnx.checker``, and for verification
+    inputs that would be empty (``dynamic_size`` or an ``input_shapes`` size below 1: nothing to compare).
     """
     work = load_model(model)
     try:

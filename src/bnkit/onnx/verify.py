@@ -36,7 +36,10 @@ def random_inputs(
     dynamic_size: int = 2,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Standard-normal floats (small non-negative integers, random booleans) of each input's declared shape."""
+    """Standard-normal floats (small non-negative integers, random booleans) of each input's declared shape.
+
+    Raises ValueError for an input that would be empty (a size below 1): it would verify nothing.
+    """
     rng = np.random.default_rng(seed)
     input_shapes = dict(input_shapes or {})
     feeds = {}
@@ -50,6 +53,9 @@ def random_inputs(
             shape = tuple(d.dim_value if d.HasField("dim_value") else dynamic_size for d in ttype.shape.dim)
         else:
             raise ValueError(f"input {value.name!r} declares no shape: pass its shape (input_shapes / --input-shape)")
+        if any(d < 1 for d in shape):
+            raise ValueError(f"input {value.name!r} would have shape {list(shape)}, which is empty: verifying on it "
+                             "compares nothing; give sizes >= 1 (input_shapes / --input-shape, dynamic_size)")
         elem = ttype.elem_type
         if elem == onnx.TensorProto.BOOL:
             feeds[value.name] = rng.random(shape) < 0.5
@@ -83,9 +89,14 @@ def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndar
 
 
 def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> tuple[float, float]:
-    """``(max absolute difference, max norm-wise relative difference)`` over paired outputs, in float64."""
+    """``(max absolute difference, max norm-wise relative difference)`` over paired outputs, in float64.
+
+    Raises ValueError when the outputs differ in number or shape, or are all empty (nothing to compare).
+    """
     if len(reference) != len(candidate):
         raise ValueError(f"{len(reference)} reference outputs but {len(candidate)} candidate outputs")
+    if not any(np.size(ref) for ref in reference):
+        raise ValueError("every output is empty, so comparing them would check nothing: give inputs with sizes >= 1")
     max_abs = max_rel = 0.0
     for ref, got in zip(reference, candidate):
         ref = np.asarray(ref, dtype=np.float64)
