@@ -411,3 +411,18 @@ def test_debias_refuses_to_discard_statistics_loaded_without_a_counter():
     layer(x), plain(x)
     torch.testing.assert_close(layer.running_mean, plain.running_mean)
     torch.testing.assert_close(layer.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("extras", [
+    {"debias": True, "renorm": True, "renorm_schedule": (1, 3, 4), "virtual_batch_size": 2},
+    {"momentum": None, "running_var_rule": "biased", "renorm": True, "rmax": 1.5, "dmax": 0.5},
+])
+def test_torch_export_in_training_mode_matches_eager(extras):
+    torch.manual_seed(0)
+    eager = nn.Sequential(BatchNorm2d(3, **extras)).train()
+    exported = torch.export.export(copy.deepcopy(eager), (torch.randn(6, 3, 2, 2),)).module()
+    for x in _batches((6, 3, 2, 2), 4):  # the oracle: eager mode, checked against closed forms above
+        torch.testing.assert_close(exported(x), eager(x))
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[k], v)
+    assert int(eager[0].num_batches_tracked) == 4

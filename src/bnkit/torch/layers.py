@@ -23,7 +23,8 @@ value, ``running = (1 - a) * running + a * batch_stat`` with ``a = momentum``
   takes the limit ``a_t = 1/t`` (the cumulative average). The correction assumes
   the statistics at ``t = 0`` are the initial ``0``/``1``; other values at ``t = 0``
   (a checkpoint loaded without ``num_batches_tracked``) raise ``ValueError`` at the
-  first training batch rather than being discarded (``a_1 = 1``).
+  first training batch rather than being discarded (``a_1 = 1``); in eager mode
+  only (graphs made by ``torch.compile``/``torch.export`` skip this check).
 * ``renorm=True``: Batch Renormalization (Ioffe 2017, arXiv:1702.03275, Alg. 1):
   ``y = gamma * ((x - mu_B) / sigma_B * r + d) + beta`` with
   ``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu) / sigma, -dmax, dmax)``,
@@ -42,9 +43,11 @@ value, ``running = (1 - a) * running + a * batch_stat`` with ``a = momentum``
   pooled within-chunk variance ``sum M2_g / (n - G)`` (unbiased rule) or
   ``sum M2_g / n`` (biased rule), which for one chunk is exactly BN's.
 
-The extras compute the running-statistics update in float64. The layers work
-with ``torch.compile`` and ``torch.export``; the deprecated ``torch.jit.script``
-cannot compile them (``revert_bn`` or ``convert_frozen`` first).
+The extras compute the running-statistics update in float64, from the step
+counter as a tensor (no host read), so the layers work with ``torch.compile``
+and ``torch.export`` in eval and in training mode, every extra included; the
+deprecated ``torch.jit.script`` cannot compile them (``revert_bn`` or
+``convert_frozen`` first).
 """
 from __future__ import annotations
 
@@ -183,16 +186,22 @@ class _DropInBatchNorm:
             return f"BatchNorm layer {self.layer_name!r}"
         return f"{type(self).__name__}({self.num_features})"
 
-    def renorm_clip(self, step: int | None = None) -> tuple[float, float]:
-        """``(rmax, dmax)`` in force at training step ``step`` (default: the next one)."""
-        if step is None:
-            step = int(self.num_batches_tracked) + 1
+    def renorm_clip(self, step: int | Tensor | None = None) -> tuple[float, float] | tuple[Tensor, Tensor]:
+        """``(rmax, dmax)`` in force at training step ``step`` (default: the next one).
+
+        A tensor ``step`` (the forward passes ``num_batches_tracked``) gives float64 tensors
+        on its device when a schedule is set, so training reads no counter on the host.
+        """
         if self.renorm_schedule is None:
             return self.rmax, self.dmax
+        if step is None:
+            step = int(self.num_batches_tracked) + 1
         warmup, r_full, d_full = self.renorm_schedule
-        fr = min(max((step - warmup) / (r_full - warmup), 0.0), 1.0)
-        fd = min(max((step - warmup) / (d_full - warmup), 0.0), 1.0)
-        return 1.0 + (self.rmax - 1.0) * fr, self.dmax * fd
+        s = torch.as_tensor(step, dtype=torch.float64)
+        fr = ((s - warmup) / (r_full - warmup)).clamp(0.0, 1.0)
+        fd = ((s - warmup) / (d_full - warmup)).clamp(0.0, 1.0)
+        rmax, dmax = 1.0 + (self.rmax - 1.0) * fr, self.dmax * fd
+        return (rmax, dmax) if isinstance(step, Tensor) else (float(rmax), float(dmax))
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
@@ -242,11 +251,11 @@ class _DropInBatchNorm:
         chunks = self._chunks(x)  # validates before any buffer changes
         update = self.track_running_stats and self.running_mean is not None
         if update:
-            if self.debias and int(self.num_batches_tracked) == 0:
-                self._check_debias_start()
+            if self.debias and not torch.compiler.is_compiling() and int(self.num_batches_tracked) == 0:
+                self._check_debias_start()  # (a host read: eager mode only, traced graphs skip it)
             self.num_batches_tracked.add_(1)
         if self.renorm:
-            rmax, dmax = self.renorm_clip(int(self.num_batches_tracked))
+            rmax, dmax = self.renorm_clip(self.num_batches_tracked)
             outs = [self._renorm_chunk(c, rmax, dmax) for c in chunks]
         else:
             outs = [F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps) for c in chunks]
@@ -289,14 +298,14 @@ class _DropInBatchNorm:
 
     @torch.no_grad()
     def _update_running(self, chunks: list[Tensor]) -> None:
-        t = int(self.num_batches_tracked)
-        if self.momentum is None:
-            a = 1.0 / t
-        elif self.debias:
-            seen = -math.expm1(t * math.log1p(-self.momentum)) if self.momentum < 1.0 else 1.0  # 1 - (1-m)**t
-            a = 1.0 / t if seen == 0.0 else self.momentum / seen
+        m = self.momentum
+        t = self.num_batches_tracked.to(torch.float64)  # a tensor: no host read, so torch.export can trace it
+        if m is None or (self.debias and m == 0.0):
+            a: float | Tensor = 1.0 / t
+        elif self.debias and m < 1.0:
+            a = m / -torch.expm1(t * math.log1p(-m))  # m / (1 - (1-m)**t)
         else:
-            a = self.momentum
+            a = m
         count, total, m2 = 0, 0.0, 0.0
         for c in chunks:
             c64 = c.detach().to(torch.float64)
