@@ -28,3 +28,13 @@ def test_bad_conventions_and_momenta():
     with pytest.raises(ValueError, match="cumulative"):
         convert_momentum(None, "torch", "keras")
     assert get_convention("TensorFlow").name == "keras"
+
+
+@pytest.mark.parametrize("src", ["keras", "flax", "onnx"])
+@pytest.mark.parametrize("dst", ["torch", "keras", "flax", "onnx"])
+def test_momentum_none_outside_torch_is_named_as_the_source_s_mistake(src, dst):
+    with pytest.raises(ValueError, match=f"^{src} momentum must be a number in \\[0, 1\\], got None") as info:
+        convert_momentum(None, src, dst)
+    assert "equivalent in" not in str(info.value)
+    with pytest.raises(ValueError, match=f"no fixed equivalent in {src}"):  # torch's None is about the target
+        convert_momentum(None, "torch", src)

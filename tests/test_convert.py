@@ -289,3 +289,11 @@ def test_torch_tensors_keep_their_dtype_and_bfloat16_becomes_float32_exactly():
         out = convert_state({"state_dict": bn.state_dict(), "config": config}, "torch", "keras")["weights"]
         assert out["moving_mean"].dtype == expected, dtype
         np.testing.assert_array_equal(out["moving_mean"], bn.running_mean.double().numpy())  # every value kept
+
+
+def test_momentum_none_or_not_a_number_is_reported_against_the_source():
+    keras = SAMPLES["keras"]
+    with pytest.raises(ValueError, match="keras momentum must be a number in .*got None"):
+        convert_state(dict(keras, config=dict(keras["config"], momentum=None)), "keras", "onnx")
+    with pytest.raises(ValueError, match="onnx momentum must be a number, got 'fast'"):
+        convert_state(dict(SAMPLES["onnx"], attributes={"epsilon": 1e-5, "momentum": "fast"}), "onnx", "torch")

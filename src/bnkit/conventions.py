@@ -96,11 +96,15 @@ def convert_momentum(momentum: float | None, src: str | Convention, dst: str | C
     The update is the same; only the side the number names changes:
     PyTorch's 0.1 (weight on the new value) is Keras's 0.9 (weight on the old).
     The complement is taken in decimal, so round trips return the same float.
-    PyTorch's ``momentum=None`` (cumulative average) has no fixed equivalent and is refused.
+    PyTorch's ``momentum=None`` (cumulative average) has no fixed equivalent and is refused;
+    the other frameworks have no ``momentum=None``.
     """
     s, d = get_convention(src), get_convention(dst)
     if momentum is None:
-        if s.name == d.name == "torch":
+        if s.name != "torch":
+            raise ValueError(f"{s.name} momentum must be a number in [0, 1], got None (only PyTorch has "
+                             "momentum=None, its cumulative average)")
+        if d.name == "torch":
             return None  # type: ignore[return-value]
         raise ValueError(
             "momentum=None (PyTorch's cumulative average, weight 1/t on the new value) has no fixed "

@@ -175,7 +175,10 @@ def _hyper(config: Mapping, src: str) -> tuple[float, float | None]:
         raise ValueError(f"{src} {layout['eps']} must be a number, got {eps!r}") from None
     m = config[layout["momentum"]]
     if m is not None:
-        m = float(m)
+        try:
+            m = float(m)
+        except (TypeError, ValueError):
+            raise ValueError(f"{src} {layout['momentum']} must be a number, got {m!r}") from None
     return eps, m
 
 

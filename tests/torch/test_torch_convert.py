@@ -290,6 +290,32 @@ def test_to_flax_round_trip_and_flags(use_bias, use_scale):
         np.testing.assert_allclose(np.asarray(b["batch_stats"][k]), np.asarray(a["batch_stats"][k]), rtol=1e-6)
 
 
+def test_an_nnx_batchnorm_is_named_and_the_suggested_linen_equivalent_works():
+    nnx = pytest.importorskip("flax.nnx")
+    linen = pytest.importorskip("flax.linen")
+    jnp = pytest.importorskip("jax.numpy")
+    m = nnx.BatchNorm(C, momentum=0.8, epsilon=1e-3, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for v in (m.scale, m.bias, m.mean):
+        v[...] = jnp.asarray(rng.normal(size=C).astype(np.float32))
+    m.var[...] = jnp.asarray(rng.uniform(0.5, 2, C).astype(np.float32))
+    with pytest.raises(TypeError, match="got a flax.nnx.BatchNorm") as info:
+        from_flax(m, {})
+    # what the message says to pass instead gives the nnx layer's own output
+    assert "linen.BatchNorm(axis=m.axis, momentum=m.momentum, epsilon=m.epsilon" in str(info.value)
+    module = linen.BatchNorm(axis=m.axis, momentum=m.momentum, epsilon=m.epsilon, use_bias=m.use_bias,
+                             use_scale=m.use_scale)
+    variables = {"params": {"scale": m.scale[...], "bias": m.bias[...]},
+                 "batch_stats": {"mean": m.mean[...], "var": m.var[...]}}
+    bn = from_flax(module, variables, ndim=2)
+    assert bn.momentum == pytest.approx(0.2)
+    x = batches(2, True, 1, seed=0)[0]
+    m.eval()
+    np.testing.assert_allclose(torch_infer(bn, x, True), np.asarray(m(x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="got flax.linen.linear.Dense"):
+        from_flax(linen.Dense(3), variables)
+
+
 def test_to_flax_float64_needs_jax_64_bit_mode_and_then_round_trips_exactly():
     jax = pytest.importorskip("jax")
     bn = nn.BatchNorm2d(C, dtype=torch.float64)

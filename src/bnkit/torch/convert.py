@@ -223,7 +223,15 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
     """
     linen, _ = _import_flax()
     if not isinstance(module, linen.BatchNorm):
-        raise TypeError(f"expected a flax.linen.BatchNorm, got {type(module).__name__}")
+        cls = type(module)
+        if cls.__module__.startswith("flax.nnx") and cls.__name__ == "BatchNorm":
+            raise TypeError(
+                "expected a flax.linen.BatchNorm, got a flax.nnx.BatchNorm (Flax's NNX API, which holds its own "
+                "state): for an nnx layer m pass linen.BatchNorm(axis=m.axis, momentum=m.momentum, epsilon=m.epsilon, "
+                "use_bias=m.use_bias, use_scale=m.use_scale) and variables {'params': {'scale': m.scale[...], "
+                "'bias': m.bias[...]}, 'batch_stats': {'mean': m.mean[...], 'var': m.var[...]}}"
+            )
+        raise TypeError(f"expected a flax.linen.BatchNorm, got {cls.__module__}.{cls.__qualname__}")
     config = {"axis": module.axis, "momentum": module.momentum, "epsilon": module.epsilon,
               "use_bias": module.use_bias, "use_scale": module.use_scale}
     state = convert_state({"variables": variables, "config": config}, "flax", "torch")
