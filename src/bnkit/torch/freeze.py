@@ -133,8 +133,9 @@ def freeze_bn(
     :func:`is_frozen` reports as not frozen, is frozen again, and :func:`unfreeze_bn`
     still restores the flags from before the first freeze. A layer without
     gamma/beta (``affine=False``) has nothing to train: ``affine=True`` marks it
-    affine-frozen. All layers are checked before any is changed: a layer without running statistics cannot have them frozen (it
-    normalizes with batch statistics even in eval mode) and raises ``ValueError``.
+    affine-frozen. All layers are checked before any is changed: a layer without
+    running statistics cannot have them frozen (it normalizes with batch
+    statistics even in eval mode) and raises ``ValueError``.
     Returns ``model``.
     """
     layers = _select(model, modules)
