@@ -351,3 +351,22 @@ def test_fold_errors_are_messages_not_tracebacks(tmp_path, monkeypatch):
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert f"cannot write {long}" in _text(result) and "nothing written" in _text(result)
     assert not [name for name in os.listdir(tmp_path) if name.startswith((".", "a"))]
+
+
+def test_fold_onnx_input_shape_that_does_not_fit_is_bad_input_and_a_small_dynamic_size_names_the_option(tmp_path):
+    model = _calibrated_vgg()
+    src = _export(model, tmp_path / "vgg.onnx")  # input (N, 1, 8, 8), N dynamic
+    out = tmp_path / "out.onnx"
+    result = runner.invoke(app, ["fold", str(src), "-o", str(out), "--input-shape", "input=1x3"], terminal_width=200)
+    assert result.exit_code == 2 and "does not fit the shape the graph declares" in _text(result), result.output
+    # a graph with dynamic H and W, which the default size 2 leaves too small for VGG's 3x3 convs and pooling
+    graph = onnx.load(src)
+    for dim in graph.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "HW"
+    onnx.save(graph, tmp_path / "dyn.onnx")
+    result = runner.invoke(app, ["fold", str(tmp_path / "dyn.onnx"), "-o", str(out)], terminal_width=200)
+    assert result.exit_code == 1 and "--input-shape NAME=SHAPE" in _text(result) and "--no-verify" in _text(result)
+    assert not out.exists()
+    result = runner.invoke(app, ["fold", str(tmp_path / "dyn.onnx"), "-o", str(out), "--input-shape",
+                                 "input=2x1x8x8"], terminal_width=200)
+    assert result.exit_code == 0 and out.exists(), result.output

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 import numpy as np
 import onnx
@@ -515,3 +516,21 @@ def test_verification_on_empty_inputs_is_refused_not_passed(tmp_path, options):
     with pytest.raises(ValueError, match=r"input 'x' would have shape \[0, 3, 8, 8\], which is empty"):
         fold(src, tmp_path / "out.onnx", **options)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_input_shapes_that_do_not_fit_and_a_dynamic_size_too_small_say_so():
+    rng = np.random.default_rng(15)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "H2", "W2"])],
+                   {"W": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), **_bn_inits(4, rng)})
+    # a wrong rank or a fixed size changed is bad input (ValueError), not a model that fails to run
+    for shape in ([1, 3], [1, 5, 8, 8]):
+        with pytest.raises(ValueError, match=re.escape(f"{shape} given for input 'x' does not fit") + ".*'N', 3, 'H'"):
+            fold_model(model, input_shapes={"x": shape})
+    # dynamic H and W at the default 2 are smaller than the 3x3 kernel: the error names --input-shape
+    with pytest.raises(OnnxRuntimeError, match=r"dynamic dimensions set to 2\): give shapes that fit it .*"
+                                               r"--input-shape NAME=SHAPE\), or pass verify=False"):
+        fold_model(model)
+    _, report = fold_model(model, input_shapes={"x": [2, 3, 5, 5]})
+    assert report.verified and report.input_shapes == {"x": [2, 3, 5, 5]}

@@ -519,8 +519,10 @@ def fold_model(
         try:
             expected = run(_seeded(reference, folder.opset), feeds)
         except OnnxRuntimeError as exc:
-            raise OnnxRuntimeError(f"{exc}\nthe input model cannot be run for verification; pass verify=False "
-                                   "(--no-verify) to fold without the check") from None
+            raise OnnxRuntimeError(
+                f"{exc}\nthe input model cannot be run on the verification inputs {report.input_shapes} (dynamic "
+                f"dimensions set to {dynamic_size}): give shapes that fit it (input_shapes / --input-shape "
+                "NAME=SHAPE), or pass verify=False (--no-verify) to fold without the check") from None
         report.max_abs_diff, report.max_rel_diff = compare(expected, run(_seeded(work, folder.opset), feeds))
         if not report.verified:
             raise FoldVerificationError(

@@ -38,7 +38,9 @@ def random_inputs(
 ) -> dict[str, np.ndarray]:
     """Standard-normal floats (small non-negative integers, random booleans) of each input's declared shape.
 
-    Raises ValueError for an input that would be empty (a size below 1): it would verify nothing.
+    Raises ValueError for a shape in ``input_shapes`` that the graph's declared shape rules out
+    (another rank, or another size where the graph fixes one), and for an input that would be
+    empty (a size below 1): it would verify nothing.
     """
     rng = np.random.default_rng(seed)
     input_shapes = dict(input_shapes or {})
@@ -49,6 +51,12 @@ def random_inputs(
             raise ValueError(f"input {value.name!r} is not a tensor; cannot make a random value for it")
         if value.name in input_shapes:
             shape = tuple(int(d) for d in input_shapes.pop(value.name))
+            if ttype.HasField("shape"):
+                declared = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in ttype.shape.dim]
+                if len(shape) != len(declared) or any(isinstance(want, int) and want != got
+                                                      for want, got in zip(declared, shape)):
+                    raise ValueError(f"the shape {list(shape)} given for input {value.name!r} does not fit the shape "
+                                     f"the graph declares for it, {declared}")
         elif ttype.HasField("shape"):
             shape = tuple(d.dim_value if d.HasField("dim_value") else dynamic_size for d in ttype.shape.dim)
         else:
