@@ -163,6 +163,23 @@ def test_keras_frozen_layer_becomes_an_eval_mode_torch_layer_with_frozen_paramet
 
 
 @needs_keras
+def test_a_frozen_keras_layer_round_trips_as_frozen():
+    layer, x_eval = keras_bn(4, True)
+    layer.trainable = False
+    back = to_keras(from_keras(layer), axis=-1)
+    assert not back.trainable and not back.trainable_weights
+    mean0, _ = keras_stats(back)
+    y = keras.ops.convert_to_numpy(back(x_eval, training=True))  # as the source layer: moving statistics, no update
+    np.testing.assert_array_equal(keras_stats(back)[0], mean0)
+    np.testing.assert_allclose(y, keras.ops.convert_to_numpy(layer(x_eval, training=True)), rtol=1e-6, atol=1e-6)
+    assert not to_keras(freeze_bn(nn.Sequential(nn.BatchNorm2d(C)))[0]).trainable
+    # eval alone, frozen parameters alone, or nothing to freeze: not a freeze
+    for bn in (nn.BatchNorm2d(C).eval(), nn.BatchNorm2d(C).requires_grad_(False),
+               nn.BatchNorm2d(C, affine=False).eval()):
+        assert to_keras(bn).trainable
+
+
+@needs_keras
 def test_keras_bad_input_is_refused():
     with pytest.raises(ValueError, match="not built"):
         from_keras(keras.layers.BatchNormalization())

@@ -190,6 +190,13 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
     ``momentum=None``, ``track_running_stats=False`` and the drop-in's renorm/ghost-batch
     extras have no Keras equivalent and are refused. The Keras layer has ``bn``'s dtype, except
     that a bfloat16 layer gives a float32 one (which holds its values exactly).
+
+    A layer in eval mode whose parameters all have ``requires_grad=False`` (what
+    :func:`from_keras` makes of a ``trainable=False`` Keras layer, or ``freeze_bn(affine=True)``)
+    gives ``trainable=False``: Keras then normalizes with the moving statistics even in training
+    and never updates them, as the torch layer does while it stays in eval. Any other layer gives
+    ``trainable=True``, a layer without parameters included (eval mode alone is how torch runs
+    inference, not a freeze; Keras has no frozen-statistics layer with trainable gamma/beta).
     """
     keras = _import_keras()
     torch_state = _torch_state(bn)
@@ -206,6 +213,9 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
     layer.build(tuple(shape))
     for name, value in weights.items():
         getattr(layer, name).assign(value)
+    params = [p for p in (bn.weight, bn.bias) if p is not None]
+    if not bn.training and params and not any(p.requires_grad for p in params):
+        layer.trainable = False
     return layer
 
 
