@@ -77,11 +77,12 @@ class GraphIndex:
 
     A constant is an initializer that is not also a graph input (a graph input of the
     same name would let the caller override it at run time), the output of a
-    ``Constant`` node, or an ``Identity`` or ``Transpose`` of a constant (the PyTorch exporter
-    shares equal initializers through ``Identity``, and without constant folding writes a
-    bias-free Linear as ``MatMul`` by ``Transpose(weight)``). An initializer that is also a graph input (what
-    ``keep_initializers_as_inputs=True`` and IR < 4 exports write) is a *default*: the
-    value that runs unless a caller feeds another, readable with ``defaults=True``.
+    ``Constant`` node, or an ``Identity`` or ``Transpose`` of a constant (the PyTorch
+    exporter shares equal initializers through ``Identity``, and without constant folding
+    writes a bias-free Linear as ``MatMul`` by ``Transpose(weight)``). An initializer that
+    is also a graph input (what ``keep_initializers_as_inputs=True`` and IR < 4 exports
+    write) is a *default*: the value that runs unless a caller feeds another, readable
+    with ``defaults=True``.
     """
 
     def __init__(self, graph: onnx.GraphProto) -> None:
