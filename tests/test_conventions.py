@@ -12,7 +12,8 @@ def test_defaults_table():
 
 
 @pytest.mark.parametrize("src,dst,m,expected", [
-    ("torch", "keras", 0.1, 0.9), ("keras", "torch", 0.99, 0.01), ("onnx", "flax", 0.9, 0.9), ("torch", "torch", 0.3, 0.3),
+    ("torch", "keras", 0.1, 0.9), ("keras", "torch", 0.99, 0.01), ("onnx", "flax", 0.9, 0.9),
+    ("torch", "torch", 0.3, 0.3),
 ])
 def test_convert_momentum(src, dst, m, expected):
     assert convert_momentum(m, src, dst) == pytest.approx(expected)

@@ -57,9 +57,11 @@ class Convention:
 
 
 CONVENTIONS: dict[str, Convention] = {
-    "torch": Convention("torch", "new", 0.1, 1e-5, True, "torch/nn/modules/batchnorm.py; aten/src/ATen/native/Normalization.cpp"),
+    "torch": Convention("torch", "new", 0.1, 1e-5, True,
+                        "torch/nn/modules/batchnorm.py; aten/src/ATen/native/Normalization.cpp"),
     "keras": Convention("keras", "old", 0.99, 1e-3, False, "keras/src/layers/normalization/batch_normalization.py"),
-    "onnx": Convention("onnx", "old", 0.9, 1e-5, False, "onnx/defs/nn/defs.cc (BatchNormalization-15); onnx/reference/ops/op_batch_normalization.py"),
+    "onnx": Convention("onnx", "old", 0.9, 1e-5, False,
+                       "onnx/defs/nn/defs.cc (BatchNormalization-15); onnx/reference/ops/op_batch_normalization.py"),
     "flax": Convention("flax", "old", 0.99, 1e-5, False, "flax/linen/normalization.py (BatchNorm, _compute_stats)"),
 }
 

@@ -37,7 +37,8 @@ The three classic slips are made impossible:
   from the values; pass named weights to rule it out.)
 
 Round trips are exact (the arrays are copied, never cast, except that bfloat16, which
-NumPy lacks, becomes float32, which holds it exactly; momenta are complemented in decimal). What a target cannot express is filled with the identity and said here:
+NumPy lacks, becomes float32, which holds it exactly; momenta are complemented in
+decimal). What a target cannot express is filled with the identity and said here:
 torch has no "bias but no weight" layer, so Keras ``scale=False, center=True`` (Flax
 ``use_scale=False``) becomes an affine torch layer with ``weight = 1``; ONNX always has
 ``scale`` and ``B``, so a layer without them gets ``1`` and ``0``; torch's
@@ -215,7 +216,8 @@ def _read_torch(state: Mapping) -> _Layer:
     if layer.channels is None and not arrays:
         raise ValueError("torch config must give num_features for a layer without weights or running statistics")
     if layer.channels is not None and arrays and arrays[0].shape[0] != layer.channels:
-        raise ValueError(f"torch config num_features={layer.channels} but the arrays have {arrays[0].shape[0]} channels")
+        raise ValueError(f"torch config num_features={layer.channels} but the arrays have "
+                         f"{arrays[0].shape[0]} channels")
     return layer
 
 

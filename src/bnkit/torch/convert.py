@@ -287,12 +287,13 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     The inverse of ``nn.SyncBatchNorm.convert_sync_batchnorm``. The rank each layer sees is
     found by running ``example_inputs`` through a throwaway copy in eval mode without gradients
     (a tuple is the positional arguments, as for ``torch.export``; anything else, a list
-    included, is the one argument): rank 2-3 gives ``BatchNorm1d``, 4
-    ``BatchNorm2d``, 5 ``BatchNorm3d``. A layer never reached (or without ``example_inputs``),
-    reached with several ranks, or with a rank no ``BatchNorm*d`` takes (above 5) becomes
-    :class:`BatchNormNd`, which accepts any rank, and a warning names it. The new layer takes over the old one's attributes as they are: the same
-    parameters (``requires_grad`` included) and buffers, eps, momentum, affine and tracking
-    flags, ``training`` flag, hooks; only ``process_group`` is dropped. ``model`` itself is not
+    included, is the one argument): rank 2-3 gives ``BatchNorm1d``, 4 ``BatchNorm2d``, 5
+    ``BatchNorm3d``. A layer never reached (or without ``example_inputs``), reached with
+    several ranks, or with a rank no ``BatchNorm*d`` takes (above 5) becomes
+    :class:`BatchNormNd`, which accepts any rank, and a warning names it. The new layer takes
+    over the old one's attributes as they are: the same parameters (``requires_grad``
+    included) and buffers, eps, momentum, affine and tracking flags, ``training`` flag, hooks;
+    only ``process_group`` is dropped. ``model`` itself is not
     modified. The math is unchanged: ``SyncBatchNorm`` without a process group runs
     ``F.batch_norm`` exactly as ``BatchNorm*d`` does.
     """
