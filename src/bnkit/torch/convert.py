@@ -293,9 +293,8 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     :class:`BatchNormNd`, which accepts any rank, and a warning names it. The new layer takes
     over the old one's attributes as they are: the same parameters (``requires_grad``
     included) and buffers, eps, momentum, affine and tracking flags, ``training`` flag, hooks;
-    only ``process_group`` is dropped. ``model`` itself is not
-    modified. The math is unchanged: ``SyncBatchNorm`` without a process group runs
-    ``F.batch_norm`` exactly as ``BatchNorm*d`` does.
+    only ``process_group`` is dropped. ``model`` itself is not modified. The math is unchanged:
+    ``SyncBatchNorm`` without a process group runs ``F.batch_norm`` exactly as ``BatchNorm*d`` does.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
