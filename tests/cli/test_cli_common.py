@@ -122,3 +122,8 @@ def test_load_inputs_never_runs_a_pickle(tmp_path):
         load_inputs(tmp_path / "evil.pt")
     assert "--trust" not in str(err.value).replace("no --trust for data", "")  # the data options have no --trust
     assert not target.exists()
+
+
+def test_check_output_refuses_a_name_the_file_system_cannot_hold(tmp_path):
+    with pytest.raises(UsageError, match="too long"):  # ENAMETOOLONG: a 300-character file name
+        check_output(str(tmp_path / ("x" * 300 + ".onnx")), suffixes=ONNX_SUFFIXES)

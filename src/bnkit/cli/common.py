@@ -101,7 +101,11 @@ def check_output(output: PathLike, *, suffixes: Sequence[str], inputs: Iterable[
     """
     text = os.fspath(output)
     path = Path(text)
-    if text.endswith((os.sep, "/")) or path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError as exc:  # e.g. a name too long for the file system (ENAMETOOLONG): Python 3.11 raises here
+        raise UsageError(f"{option} {text}: {exc.strerror}") from None
+    if text.endswith((os.sep, "/")) or is_dir:
         raise UsageError(f"{option} {text} is a folder; give a file name ending in {' or '.join(suffixes)}")
     if path.suffix.lower() not in suffixes:
         raise UsageError(f"{option} {text}: the {what} written needs a name ending in {', '.join(suffixes)}"
