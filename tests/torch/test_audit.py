@@ -152,6 +152,49 @@ def test_overflow_inside_the_model_is_named_at_the_first_layer_it_reaches():
     _assert_unchanged(model, snap)
 
 
+def test_non_finite_statistics_name_the_layer_the_forward_reached_first():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head_bn = nn.BatchNorm1d(3)  # declared first, called last
+            self.fc1, self.bn1, self.fc2 = nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.head_bn(self.fc2(self.bn1(self.fc1(x))))
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(256, 4)
+    with torch.no_grad():
+        model(x)
+        model.fc1.weight.mul_(1e38)  # overflows before bn1, the first BN the forward reaches
+    (finding,) = audit(model.eval(), x, batch_size=64).by_code("data_nonfinite")
+    assert finding.layer == "bn1" and finding.data["layers"] == ["bn1", "head_bn"]
+
+
+def test_a_layer_given_one_value_per_channel_is_audited():
+    """BN on ``x.mean(0, keepdim=True)``: one value per channel per call, whose variance is exactly 0."""
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(16)
+
+        def forward(self, x):
+            return self.bn(x.mean(0, keepdim=True))
+
+    model = Pooled().eval()
+    with torch.no_grad():
+        model.bn.running_var.fill_(2.0)
+        model.bn.running_mean.fill_(0.3)
+    x = torch.randn(4, 16)
+    report = audit(model, [x])
+    (shift,) = report.shifts
+    assert shift.count == 1
+    z = (x.mean(0).double() - 0.3) / math.sqrt(2.0 + model.bn.eps)
+    assert shift.mean_shift == pytest.approx(z[shift.worst_channel].item(), rel=1e-5)  # against the closed form
+    log_ratio = math.log(model.bn.eps / (2.0 + model.bn.eps))  # variance 0 vs 2: the same in every channel
+    assert shift.log_var_ratio == pytest.approx(log_ratio, rel=1e-6)
+
+
 def test_malicious_pickle_is_refused_and_never_run(tmp_path):
     target = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pt"

@@ -5,6 +5,7 @@ train-vs-eval gap, the batch-size-1 coupling check and the running statistics' n
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -65,7 +66,8 @@ def data_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]], batche
                   report: AuditReport) -> list[Finding]:
     """The depth-3 findings; fills ``report.batches``, ``shifts``, ``train_eval_gap`` and ``batch_coupling``."""
     tracked = [(n, bn) for n, bn in layers if bn.running_mean is not None and not is_lazy(bn.running_mean)]
-    collectors = {n: Collector(bn) for n, bn in tracked}
+    clock = itertools.count()  # numbers every BN call of the pass in the order they ran
+    collectors = {n: Collector(bn, clock) for n, bn in tracked}
     findings: list[Finding] = []
     with Restore(model, layers) as restore, torch.no_grad():
         # pass 1: every BN on batch statistics (nothing it keeps is updated); other modules in eval mode
@@ -132,12 +134,14 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> l
     report.shifts = shifts
     findings = []
     if nonfinite:
+        nonfinite.sort(key=lambda n: collectors[n].first_nonfinite_call())  # the order the forward reached them
         findings.append(Finding(
-            "error", nonfinite[0], "NaN or Inf in the layer's input on the data",
-            f"{len(nonfinite)} BatchNorm layer(s) got non-finite values on batch statistics (first in module order "
-            f"named; all: {', '.join(n or '(root)' for n in nonfinite)}); their statistics are not compared",
-            "find the layer before it that overflows or divides by zero",
-            "data_nonfinite", {"layers": nonfinite}))
+            "error", nonfinite[0], "non-finite batch statistics on the data",
+            f"NaN/Inf in the input, or a variance beyond the input's dtype, in {len(nonfinite)} BatchNorm layer(s) "
+            f"(the first reached named; all, in that order: {', '.join(n or '(root)' for n in nonfinite)}); their "
+            "statistics are not compared",
+            "find where the values blow up before this layer (an overflowing layer, a division by zero), or scale "
+            "the input down", "data_nonfinite", {"layers": nonfinite}))
     for rank, s in enumerate(shifts, start=1):
         if s.score < SHIFT_WARNING_KL:
             continue

@@ -7,7 +7,8 @@ formula (:class:`bnkit.stats.RunningMoments`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -86,8 +87,11 @@ class Collector:
     reduced after the call.
     """
 
-    def __init__(self, bn: _BatchNorm) -> None:
+    def __init__(self, bn: _BatchNorm, clock: Iterator[int] | None = None) -> None:
+        """``clock``: shared by the collectors of one pass, it numbers their calls in the order they ran."""
         self.moments = RunningMoments(bn.num_features)
+        self._clock = clock if clock is not None else itertools.count()
+        self.order: list[int] = []  # each call's number on the clock
         self.stock = has_stock_forward(bn)
         self.eps = float(bn.eps)
         self.samples: list[tuple[int, int, bool]] = []  # (batch size, values per channel, spread is invstd)
@@ -105,6 +109,7 @@ class Collector:
 
     def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, spread: torch.Tensor, invstd: bool) -> None:
         self.samples.append((x.shape[0], n, invstd))
+        self.order.append(next(self._clock))
         self.means.append(mean)
         self.spreads.append(spread)
 
@@ -141,7 +146,9 @@ class Collector:
         self._record(args[0], n, mean, var, False)
 
     def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Every call's batch size, count, mean and biased variance: float64 ``(K,)``, ``(K,)``, ``(K, C)``, ``(K, C)``.
+        """Every call's batch size, count, mean and biased variance.
+
+        Float64 arrays shaped ``(K,)``, ``(K,)``, ``(K, C)``, ``(K, C)`` for ``K`` calls.
 
         Calls that kept ``1 / sqrt(var + eps)`` get :func:`_var_from_invstd`.
         """
@@ -152,27 +159,34 @@ class Collector:
             kernel = sizes[:, 2] == 1
             if kernel.any():
                 var[kernel] = _var_from_invstd(var[kernel], self.eps)
+            var[sizes[:, 1] == 1] = 0.0  # one value per channel: exactly 0, not invstd's rounding remainder
             self._stacked = (sizes[:, 0], sizes[:, 1], means, var)
         return self._stacked
 
     def pool(self) -> RunningMoments:
-        """The calls' ``(count, mean, M2)`` merged in float64 by Chan's formula for K partials (none if any is not finite).
+        """The calls' ``(count, mean, M2)`` merged in float64 by Chan's formula for K partials.
 
         ``mean = sum n_k m_k / N``, ``M2 = sum n_k var_k + sum n_k (m_k - mean)^2``: the pairwise
         update of :class:`bnkit.stats.RunningMoments` applied to all calls at once (each
-        weighted sum one matrix-vector product).
+        weighted sum one matrix-vector product). Nothing is pooled (count 0) when the result
+        is not finite: see :meth:`first_nonfinite_call`.
         """
-        if self.means and self.moments.count == 0 and self.finite():
+        if self.means and self.moments.count == 0:
             _, counts, means, var = self.stacked()
             total = counts.sum()
-            mean = counts @ means / total
-            self.moments.update_moments(int(total), mean, counts @ var + counts @ np.square(means - mean))
+            with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf calls, or sums beyond float64
+                mean = counts @ means / total
+                m2 = counts @ var + counts @ np.square(means - mean)
+            if np.isfinite(mean).all() and np.isfinite(m2).all():
+                self.moments.update_moments(int(total), mean, m2)
         return self.moments
 
-    def finite(self) -> bool:
-        """Whether every call's mean and variance is finite (NaN or Inf in the input, or an overflow, makes them not)."""
+    def first_nonfinite_call(self) -> int:
+        """For a layer :meth:`pool` could not pool: the clock number of its first call with NaN/Inf
+        statistics, or of its first call if only their pooled sums overflow float64."""
         _, _, means, var = self.stacked()
-        return bool(np.isfinite(means).all() and np.isfinite(var).all())
+        bad = ~(np.isfinite(means).all(axis=1) & np.isfinite(var).all(axis=1))
+        return self.order[int(np.argmax(bad))]  # argmax of all False: the first call
 
     def batch_vars(self) -> np.ndarray:
         """Each call's unbiased variance, float64, ``(calls, C)``."""
