@@ -484,6 +484,18 @@ def test_layers_called_with_keyword_input():
     assert_matches_reference(model, ref)
 
 
+def test_statistics_beyond_float64_when_merged_name_the_layer_and_change_nothing():
+    """Finite float64 batches near 5e152: each variance fits, their weighted sum does not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3)).double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [torch.randn(4, 3, 8, 8, dtype=torch.float64) * 5e152 for _ in range(40)]
+    assert all(torch.isfinite(x).all() for x in data)
+    with pytest.raises(ValueError, match=r"BatchNorm layer '0': its statistics overflow float64"):
+        recalibrate(model, data, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_statistics_beyond_float16_are_refused_and_change_nothing():
     """A float16 model on 12-bit pixel values: the first BN's variance (~1.4e6) does not fit its buffer."""
     torch.manual_seed(0)

@@ -441,7 +441,13 @@ class _Pass:
             n, w = int(n_k.sum()), n_k.astype(np.float64)
             mean = mean_k[0] + w @ (mean_k - mean_k[0]) / n
             dev = mean_k - mean
-            self.moments[i].update_moments(n, mean, w @ var_k + w @ (dev * dev))
+            try:
+                with np.errstate(over="ignore"):  # refused below, with the layer's name
+                    m2 = w @ var_k + w @ (dev * dev)
+                self.moments[i].update_moments(n, mean, m2)
+            except ValueError as exc:  # the merged sums overflow float64 (activations near 1e150)
+                raise ValueError(f"BatchNorm layer {self.layers[i][0]!r}: its statistics overflow float64 when "
+                                 f"merged ({exc})") from None
             self.calls[i] += len(n_k)
             self.samples[i] += int(s_k.sum())
 
