@@ -70,6 +70,19 @@ def test_converted_momenta_are_printed_in_full(m, src):
     assert f"weight {cells[0]} on the new batch statistic, {cells[1]} on the old" in sentence
 
 
+def test_momenta_too_long_for_a_narrow_table_are_listed_whole_under_it():
+    from bnkit import convert_momentum
+
+    m = 1 / 3
+    output = _run("--momentum", repr(m), "--from", "keras", width=80)
+    assert not [k for k in _table(output) if k.startswith("keras momentum")]  # no row split across lines
+    lines = output.split("in each framework:")[1].splitlines()[1:5]
+    listed = dict(line.strip().split(": ") for line in lines)
+    assert {fw: float(v) for fw, v in listed.items()} == {fw: convert_momentum(m, "keras", fw) for fw in FRAMEWORKS}
+    short = _table(_run("--momentum", "0.99", "--from", "keras", width=80))  # short values stay in the table
+    assert short["keras momentum"] == ["0.01", "0.99", "0.99", "0.99"]
+
+
 def test_defaults_and_rules_match_the_real_layers():
     torch = pytest.importorskip("torch")
     keras = pytest.importorskip("keras")

@@ -7,7 +7,8 @@ names (``moving_variance``, ``batch_stats/mean``) go in a second table, one row 
 so that each stays whole at 80 columns (plain lines on a narrower console). With
 ``--momentum M --from FW`` it adds the row "the same update, written in each framework"
 computed by :func:`bnkit.convert_momentum` (so ``--momentum 0.99 --from keras`` shows ``0.01``
-under torch), each momentum printed in full (the shortest form that reads back as the same float).
+under torch), each momentum printed in full (the shortest form that reads back as the same float);
+as lines under the table when a value would not fit its column whole.
 """
 from __future__ import annotations
 
@@ -35,24 +36,33 @@ def conventions(
     except ValueError as exc:
         raise fail(str(exc)) from None
 
+    label = "update (m = momentum)"  # the widest label: the first column's width
     table = Table(title="BatchNorm conventions (r: running value, x: batch statistic)")
     table.add_column("", style="bold", no_wrap=True)
     for fw in FRAMEWORKS:
         table.add_column(fw, overflow="fold")
     convs = [CONVENTIONS[fw] for fw in FRAMEWORKS]
     layouts = [LAYOUTS[fw] for fw in FRAMEWORKS]
-    table.add_row("update (m = momentum)", *(_short_rule(c.momentum_weighs) for c in convs))
+    table.add_row(label, *(_short_rule(c.momentum_weighs) for c in convs))
     table.add_row("momentum weighs", *(f"the {c.momentum_weighs} value" for c in convs))
     table.add_row("default momentum", *(f"{c.default_momentum:g}" for c in convs))
     table.add_row("default eps", *(f"{c.default_eps:g}" for c in convs))
     table.add_row("eps, momentum\nnamed", *(f"{lay['eps']},\n{lay['momentum']}" for lay in layouts))
     table.add_row("running var fed",
                   *("unbiased\nM2/(n-1)" if c.unbiased_running_var else "biased\nM2/n" for c in convs))
-    if converted is not None:
+    # the converted momenta whole: a table row where each fits its column, else lines under the table
+    row_fits = converted is not None and (  # borders: 3 per column and 4 more
+        len(label) + sum(max(len(repr(v)), 5) for v in converted.values()) + 3 * len(FRAMEWORKS) + 4
+        <= console.width)
+    if row_fits:
         table.add_row(f"{src_name} momentum\n{momentum!r} is", *(repr(converted[fw]) for fw in FRAMEWORKS),
                       style="green")
     console.print(table)
     if converted is not None:
+        if not row_fits:
+            console.print(f"{src_name} momentum {momentum!r} is, in each framework:")
+            for fw in FRAMEWORKS:
+                console.print(f"  {fw}: {converted[fw]!r}", style="green")
         # torch's momentum is the weight on the new value, Keras's the weight on the old
         console.print(f"The same update in every framework: weight {converted['torch']!r} on the new batch "
                       f"statistic, {converted['keras']!r} on the old running value.")
