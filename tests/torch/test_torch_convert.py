@@ -180,6 +180,24 @@ def test_a_frozen_keras_layer_round_trips_as_frozen():
 
 
 @needs_keras
+def test_a_frozen_keras_layer_without_gamma_and_beta_round_trips_as_frozen():
+    layer, x_eval = keras_bn(4, True, center=False, scale=False)
+    layer.trainable = False
+    bn = from_keras(layer)
+    assert not bn.affine and is_frozen(bn, "stats")  # no parameters to carry the freeze: freeze_bn's marker does
+    bn.train()
+    assert not bn.training  # Keras: a frozen BN normalizes with its moving statistics even in training
+    back = to_keras(bn, axis=-1)
+    assert not back.trainable
+    mean0, var0 = keras_stats(back)
+    y = keras.ops.convert_to_numpy(back(x_eval, training=True))
+    np.testing.assert_array_equal(keras_stats(back)[0], mean0)
+    np.testing.assert_array_equal(keras_stats(back)[1], var0)
+    np.testing.assert_allclose(y, keras.ops.convert_to_numpy(layer(x_eval, training=True)), rtol=1e-6, atol=1e-6)
+    assert to_keras(nn.BatchNorm2d(C, affine=False).eval()).trainable  # eval alone is still not a freeze
+
+
+@needs_keras
 def test_keras_bad_input_is_refused():
     with pytest.raises(ValueError, match="not built"):
         from_keras(keras.layers.BatchNormalization())

@@ -35,6 +35,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..convert import convert_state
 from . import layers
+from .freeze import freeze_bn, is_frozen
 
 __all__ = ["BatchNormNd", "from_keras", "to_keras", "from_flax", "to_flax", "revert_sync_bn"]
 
@@ -158,7 +159,9 @@ def from_keras(layer: Any, *, exact_training: bool = False) -> _BatchNorm:
 
     A Keras BN with ``trainable=False`` normalizes with its moving statistics even in training
     and never updates them: the torch layer is returned in eval mode with frozen parameters
-    (keep it in eval, e.g. with ``bnkit.torch.freeze_bn``). Otherwise it is in training mode,
+    (keep it in eval, e.g. with ``bnkit.torch.freeze_bn``); one without gamma and beta
+    (``center=False, scale=False``) has no parameters to mark it, so it is returned with its
+    statistics frozen by ``freeze_bn`` (eval mode that ``train()`` keeps). Otherwise it is in training mode,
     as a new torch layer is. ``renorm=True`` is refused (no equivalent). The torch layer has the
     Keras weights' dtype; bfloat16 weights give a float32 layer (which holds them exactly).
     """
@@ -175,6 +178,8 @@ def from_keras(layer: Any, *, exact_training: bool = False) -> _BatchNorm:
     if not layer.trainable:
         bn.requires_grad_(False)
         bn.eval()
+        if not bn.affine:  # no parameters to carry the freeze: freeze_bn's marker does (to_keras reads it)
+            freeze_bn(bn)
     return bn
 
 
@@ -192,10 +197,11 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
     that a bfloat16 layer gives a float32 one (which holds its values exactly).
 
     A layer in eval mode whose parameters all have ``requires_grad=False`` (what
-    :func:`from_keras` makes of a ``trainable=False`` Keras layer, or ``freeze_bn(affine=True)``)
-    gives ``trainable=False``: Keras then normalizes with the moving statistics even in training
-    and never updates them, as the torch layer does while it stays in eval. Any other layer gives
-    ``trainable=True``, a layer without parameters included (eval mode alone is how torch runs
+    :func:`from_keras` makes of a ``trainable=False`` Keras layer, or ``freeze_bn(affine=True)``),
+    or a layer without parameters whose statistics ``freeze_bn`` froze, gives ``trainable=False``:
+    Keras then normalizes with the moving statistics even in training and never updates them, as
+    the torch layer does while it stays in eval. Any other layer gives ``trainable=True``, a layer
+    without parameters that is merely in eval mode included (eval mode alone is how torch runs
     inference, not a freeze; Keras has no frozen-statistics layer with trainable gamma/beta).
     """
     keras = _import_keras()
@@ -214,7 +220,7 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
     for name, value in weights.items():
         getattr(layer, name).assign(value)
     params = [p for p in (bn.weight, bn.bias) if p is not None]
-    if not bn.training and params and not any(p.requires_grad for p in params):
+    if not bn.training and (not any(p.requires_grad for p in params) if params else is_frozen(bn, "stats")):
         layer.trainable = False
     return layer
 
