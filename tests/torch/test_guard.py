@@ -130,6 +130,17 @@ def test_no_running_stats_layer_is_flagged_even_in_eval():
     assert "model.eval()" not in str(err.value)  # it is in eval mode already: that fix cannot help
 
 
+def test_batch_of_one_without_running_stats_in_training_mode_is_not_told_to_call_eval():
+    model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)).train()
+    x = torch.randn(1, 3, 1, 1)
+    with pytest.raises(BNGuardError, match="fewer than 2 values") as err:
+        with bn_guard(model, ignore=["training", "no_running_stats"]):
+            model(x)
+    assert "model.eval()" not in str(err.value) and "no running statistics" in str(err.value)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # torch: eval mode does not help it
+        model.eval()(x)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
 def test_nonfinite_or_negative_statistics(value):
     model = _trained()

@@ -252,13 +252,19 @@ def test_batch_of_one_names_the_layer_and_fixes(shape, cls, extras):
     assert model(torch.randn(shape)).shape == shape
 
 
-def test_batch_of_one_without_running_stats_in_eval():
-    layer = BatchNorm2d(4, track_running_stats=False).eval()
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_of_one_without_running_stats_in_either_mode(training):
+    layer = BatchNorm2d(4, track_running_stats=False).train(training)
+    x = torch.randn(1, 4, 1, 1)
     with pytest.raises(ValueError, match="only 1 value per channel") as err:
-        layer(torch.randn(1, 4, 1, 1))
-    msg = str(err.value)  # eval-mode words: it is not in training mode, and eval()/freezing cannot help it
+        layer(x)
+    msg = str(err.value)  # no running statistics: eval()/freezing cannot help it, in either mode
     assert "track_running_stats=False" in msg and "eval mode" in msg
-    assert "training mode" not in msg and "model.eval()" not in msg and "freeze_bn" not in msg
+    assert "model.eval()" not in msg and "freeze_bn" not in msg and "convert_frozen" not in msg
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # torch: eval mode does not help
+        nn.BatchNorm2d(4, track_running_stats=False).eval()(x)
+    with pytest.raises(ValueError, match="no running statistics"):  # nor can it be frozen
+        convert_frozen(nn.Sequential(layer))
 
 
 def test_one_value_per_ghost_batch_is_refused():

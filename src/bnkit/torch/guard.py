@@ -220,7 +220,7 @@ class bn_guard(contextlib.ContextDecorator):
         x = args[0] if args else None
         if (module.training or module.running_mean is None) and isinstance(x, torch.Tensor) and x.dim() >= 2 \
                 and x.numel() // max(x.size(1), 1) < 2:
-            fix = "call model.eval(), or use a batch of at least 2" if module.training else (
+            fix = "call model.eval(), or use a batch of at least 2" if module.running_mean is not None else (
                 "use a batch of at least 2 (the layer has no running statistics, so eval mode does not help)")
             self._report([Finding(
                 "error", entry.watched[id(module)], "gets fewer than 2 values per channel while normalizing with "

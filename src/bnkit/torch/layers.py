@@ -77,18 +77,20 @@ _EXTRA_DEFAULTS = {
 }
 
 
-def batch_of_one_message(layer: str, shape: tuple[int, ...], training: bool = True) -> str:
+def batch_of_one_message(layer: str, shape: tuple[int, ...], running_stats: bool = True) -> str:
     """The error for a batch with a single value per channel normalized with batch statistics.
 
-    ``training=False``: an eval-mode layer without running statistics, which no mode change or freeze can help.
+    ``running_stats=False``: a layer without running statistics, in either mode, which no mode change or
+    freeze can help.
     """
     problem = "only 1 value per channel, so the batch variance is undefined and every output would equal beta"
-    if not training:
+    if not running_stats:
         return (
             f"{layer} has no running statistics (track_running_stats=False), so it normalizes with batch "
-            f"statistics even in eval mode, and got input of shape {tuple(shape)}: {problem}. Fixes: use a batch "
-            "of at least 2; or build the layer with track_running_stats=True and train it (or compute its "
-            "statistics with bnkit.torch.recalibrate) so eval mode normalizes with running statistics."
+            f"statistics in training and in eval mode alike, and got input of shape {tuple(shape)}: {problem}. "
+            "Fixes: use a batch of at least 2; or build the layer with track_running_stats=True and train it "
+            "(or compute its statistics with bnkit.torch.recalibrate) so eval mode normalizes with running "
+            "statistics."
         )
     return (
         f"{layer} is in training mode and got input of shape {tuple(shape)}: {problem}. Fixes: call model.eval() "
@@ -228,7 +230,7 @@ class _DropInBatchNorm:
                 f"got input of shape {tuple(input.shape)}"
             )
         if (self.training or self.running_mean is None) and input.numel() // self.num_features == 1:
-            raise ValueError(batch_of_one_message(self._label(), input.shape, self.training))
+            raise ValueError(batch_of_one_message(self._label(), input.shape, self.running_mean is not None))
 
     def _chunks(self, x: Tensor) -> list[Tensor]:
         k = self.virtual_batch_size
