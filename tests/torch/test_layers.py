@@ -398,6 +398,16 @@ def test_convert_bn_updates_the_requested_options_of_existing_drop_in_layers():
     assert model[0].rmax == 3.0 and model[0].virtual_batch_size == 2  # a failed convert changes nothing
 
 
+def test_convert_bn_keeps_drop_in_layers_it_would_not_change():
+    model = convert_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), debias=True)
+    held = model[1]
+    for extras in ({}, {"debias": True}, {"debias": True, "rmax": 3.0}):
+        assert convert_bn(model, **extras)[1] is held  # a held reference (optimizer, hook, user) stays the model's
+    named = BatchNorm2d(4, layer_name="bn")
+    assert convert_bn(named) is named
+    assert convert_bn(model, renorm=True)[1] is not held and model[1].renorm and model[1].debias  # a change: swapped
+
+
 def test_debias_refuses_to_discard_statistics_loaded_without_a_counter():
     pre = nn.BatchNorm1d(3)
     with torch.no_grad():

@@ -390,7 +390,8 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
     Weights, buffers (the same tensors), hooks, ``training`` and ``requires_grad``
     flags are kept; each new layer's ``layer_name`` is its qualified name, so its
     errors name it. bnkit drop-in layers already in the model get the requested
-    ``extras`` and keep their other options. ``SyncBatchNorm`` and other subclasses
+    ``extras`` and keep their other options; one that already has them (and a name)
+    is left as it is, the same object. ``SyncBatchNorm`` and other subclasses
     are left alone (revert them first). An uninitialized ``LazyBatchNorm*d`` raises
     ``ValueError`` (run one forward pass first: it then is an ``nn.BatchNorm*d``).
     Nothing changes if any layer fails. Returns the model (a new object only when
@@ -411,8 +412,11 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
             cls, current = _DROP_IN[type(m)], {}
         else:
             return None
+        options = {**current, "layer_name": current.get("layer_name") or name or type(m).__name__, **extras}
+        if options == current:
+            return None  # a drop-in with these options and name already: keep it (references to it stay the model's)
         new = retype_module(m, cls)
-        new._set_extras(**{**current, "layer_name": current.get("layer_name") or name or type(m).__name__, **extras})
+        new._set_extras(**options)
         return new
 
     return replace_modules(model, make)
