@@ -429,6 +429,27 @@ def test_debias_refuses_to_discard_statistics_loaded_without_a_counter():
     torch.testing.assert_close(layer.running_var, plain.running_var)
 
 
+def test_debias_reads_the_counter_on_the_host_only_after_an_outside_write(monkeypatch):
+    layer, x = BatchNorm2d(3, debias=True), torch.randn(4, 3, 2, 2)
+    layer(x)
+    reads = []
+    for method in ("__int__", "__bool__", "__index__", "item", "tolist"):  # every way a tensor reaches the host
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda t, *a, _f=original: reads.append(t) or _f(t, *a))
+    for _ in range(3):
+        layer(x)
+    assert reads == []  # a training step does not wait for the device
+    with torch.no_grad():
+        layer.running_mean.fill_(5.0)
+    layer.num_batches_tracked.zero_()  # written outside the layer's steps: the start check runs again
+    with pytest.raises(ValueError, match="num_batches_tracked=0"):
+        layer(x)
+    layer.load_state_dict(nn.BatchNorm2d(3).state_dict())
+    layer.running_mean.fill_(5.0)
+    with pytest.raises(ValueError, match="num_batches_tracked=0"):  # and after load_state_dict
+        layer(x)
+
+
 @pytest.mark.parametrize("extras", [
     {"debias": True, "renorm": True, "renorm_schedule": (1, 3, 4), "virtual_batch_size": 2},
     {"momentum": None, "running_var_rule": "biased", "renorm": True, "rmax": 1.5, "dmax": 0.5},

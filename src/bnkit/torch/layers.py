@@ -24,7 +24,10 @@ value, ``running = (1 - a) * running + a * batch_stat`` with ``a = momentum``
   the statistics at ``t = 0`` are the initial ``0``/``1``; other values at ``t = 0``
   (a checkpoint loaded without ``num_batches_tracked``) raise ``ValueError`` at the
   first training batch rather than being discarded (``a_1 = 1``); in eager mode
-  only (graphs made by ``torch.compile``/``torch.export`` skip this check).
+  only (graphs made by ``torch.compile``/``torch.export`` skip this check). The check
+  reads the counter on the host only before the first step and after the counter
+  was written outside the layer's steps (``load_state_dict``, ``fill_``, ``copy_``,
+  a new tensor); a write through ``num_batches_tracked.data`` is not noticed.
 * ``renorm=True``: Batch Renormalization (Ioffe 2017, arXiv:1702.03275, Alg. 1):
   ``y = gamma * ((x - mu_B) / sigma_B * r + d) + beta`` with
   ``r = clip(sigma_B / sigma, 1/rmax, rmax)``, ``d = clip((mu_B - mu) / sigma, -dmax, dmax)``,
@@ -44,8 +47,9 @@ value, ``running = (1 - a) * running + a * batch_stat`` with ``a = momentum``
   ``sum M2_g / n`` (biased rule), which for one chunk is exactly BN's.
 
 The extras compute the running-statistics update in float64, from the step
-counter as a tensor (no host read), so the layers work with ``torch.compile``
-and ``torch.export`` in eval and in training mode, every extra included; the
+counter as a tensor (no host read, so a training step does not wait for the
+device; ``debias``'s start check aside, see above), so the layers work with
+``torch.compile`` and ``torch.export`` in eval and in training mode, every extra included; the
 deprecated ``torch.jit.script`` cannot compile them (``revert_bn`` or
 ``convert_frozen`` first).
 """
@@ -98,6 +102,18 @@ def batch_of_one_message(layer: str, shape: tuple[int, ...], running_stats: bool
         "this layer's statistics with bnkit.torch.freeze_bn(model, modules=[...]) / convert it with "
         "bnkit.torch.convert_frozen so it normalizes with its running statistics."
     )
+
+
+def _write_mark(t: Tensor) -> tuple[int, int] | None:
+    """``t``'s identity and in-place write count, or None for an inference tensor (which has no count).
+
+    The mark changes when ``t`` is replaced or written in place (``load_state_dict``, ``fill_``, ``copy_``,
+    ``add_``), not when it is written through ``t.data``.
+    """
+    try:
+        return id(t), t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
 
 
 class _DropInBatchNorm:
@@ -253,9 +269,14 @@ class _DropInBatchNorm:
         chunks = self._chunks(x)  # validates before any buffer changes
         update = self.track_running_stats and self.running_mean is not None
         if update:
-            if self.debias and not torch.compiler.is_compiling() and int(self.num_batches_tracked) == 0:
-                self._check_debias_start()  # (a host read: eager mode only, traced graphs skip it)
+            eager_debias = self.debias and not torch.compiler.is_compiling()  # traced graphs skip the start check
+            if eager_debias:
+                mark = _write_mark(self.num_batches_tracked)
+                if mark is None or mark != self.__dict__.get("_debias_seen"):
+                    self._check_debias_start()
             self.num_batches_tracked.add_(1)
+            if eager_debias:
+                self.__dict__["_debias_seen"] = _write_mark(self.num_batches_tracked)
         if self.renorm:
             rmax, dmax = self.renorm_clip(self.num_batches_tracked)
             outs = [self._renorm_chunk(c, rmax, dmax) for c in chunks]
@@ -266,8 +287,12 @@ class _DropInBatchNorm:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _check_debias_start(self) -> None:
-        """Refuse to debias from ``num_batches_tracked = 0`` unless the statistics are the initial 0 / 1."""
-        if self.running_mean.any() or not bool((self.running_var == 1).all()):
+        """Refuse to debias from ``num_batches_tracked = 0`` unless the statistics are the initial 0 / 1.
+
+        Called before a step only when the counter was written since this layer's last step (see
+        :func:`_write_mark`), so steady training reads nothing on the host.
+        """
+        if int(self.num_batches_tracked) == 0 and (self.running_mean.any() or not bool((self.running_var == 1).all())):
             raise ValueError(
                 f"{self._label()}: debias=True assumes the running statistics at num_batches_tracked=0 are the "
                 "initial mean 0 / variance 1, but they hold other values (loaded from a checkpoint without "
@@ -301,10 +326,10 @@ class _DropInBatchNorm:
     @torch.no_grad()
     def _update_running(self, chunks: list[Tensor]) -> None:
         m = self.momentum
-        t = self.num_batches_tracked.to(torch.float64)  # a tensor: no host read, so torch.export can trace it
-        if m is None or (self.debias and m == 0.0):
-            a: float | Tensor = 1.0 / t
+        if m is None or (self.debias and m == 0.0):  # t as a tensor: no host read, so torch.export can trace it
+            a: float | Tensor = 1.0 / self.num_batches_tracked.to(torch.float64)
         elif self.debias and m < 1.0:
+            t = self.num_batches_tracked.to(torch.float64)
             a = m / -torch.expm1(t * math.log1p(-m))  # m / (1 - (1-m)**t)
         else:
             a = m
@@ -430,7 +455,7 @@ def revert_bn(model: nn.Module) -> nn.Module:
         if cls is None:
             return None
         new = retype_module(m, cls)
-        for key in _EXTRA_DEFAULTS:
+        for key in (*_EXTRA_DEFAULTS, "_debias_seen"):
             new.__dict__.pop(key, None)
         return new
 
