@@ -141,6 +141,17 @@ def test_batch_of_one_without_running_stats_in_training_mode_is_not_told_to_call
         model.eval()(x)
 
 
+def test_training_mode_layer_without_running_stats_is_not_told_to_freeze_it():
+    model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)).train()
+    with pytest.raises(BNGuardError) as err:
+        with bn_guard(model):
+            pass
+    assert _codes(err) == [("0", "training")]
+    assert "freeze_bn" not in err.value.findings[0].fix and "running statistics" in err.value.findings[0].fix
+    with pytest.raises(ValueError, match="no running statistics"):  # freeze_bn indeed refuses it
+        freeze_bn(model)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
 def test_nonfinite_or_negative_statistics(value):
     model = _trained()

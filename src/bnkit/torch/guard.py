@@ -85,10 +85,11 @@ def _version(t: torch.Tensor) -> int | None:
 
 def _mode_findings(name: str, m: nn.Module) -> list[Finding]:
     if m.training:
-        return [Finding(
-            "error", name, "in training mode during inference", "training=True",
-            "call model.eval() before inference, or freeze it with bnkit.torch.freeze_bn", "training",
-        )]
+        fix = "call model.eval() before inference, or freeze it with bnkit.torch.freeze_bn"
+        if m.running_mean is None:  # freeze_bn refuses it, and eval mode alone still uses batch statistics
+            fix = ("call model.eval() before inference, and give the layer running statistics "
+                   "(track_running_stats=True, then recalibrate)")
+        return [Finding("error", name, "in training mode during inference", "training=True", fix, "training")]
     if m.running_mean is None:
         return [Finding(
             "error", name, "normalizes with batch statistics even in eval mode", "track_running_stats=False",
