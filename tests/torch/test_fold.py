@@ -642,3 +642,49 @@ def test_a_forward_using_a_buffer_as_a_python_value_still_folds():
         assert any("buffer as a Python value" in note for note in report.notes)
         with torch.no_grad():
             assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+def test_a_bn_or_layer_registered_under_two_names_is_left():
+    """fx names a module by its first name and a fold replaces that one: an alias would still run the BN."""
+    class Aliased(nn.Module):
+        def __init__(self, alias: str):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            setattr(self, alias, getattr(self, alias.removesuffix("_alias")))  # e.g. a backward-compatible name
+
+        def forward(self, x):  # calls the alias
+            return getattr(self, "bn_alias", self.bn)(getattr(self, "conv_alias", self.conv)(x))
+
+    x = torch.rand(4, 3, 8, 8)
+    for alias, reason in (("bn_alias", "several names (bn, bn_alias)"), ("conv_alias", "several names (conv, conv")):
+        model = calibrated(Aliased(alias), x)
+        for inputs in (x, None):
+            folded, report = fold_bn(model, inputs)
+            assert report.n_folded == 0 and reason in report.left["bn"], (alias, report.left)
+            with torch.no_grad():
+                assert torch.equal(folded(x), model(x))
+
+
+def test_layers_sharing_one_weight_each_with_its_own_bn_are_left_and_reload_equal(tmp_path):
+    """A folded layer gets its own weight, but a freshly built model ties them again: the last key loaded wins."""
+    from bnkit.torch import FoldReport
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)
+            self.c2, self.b2 = nn.Conv2d(3, 4, 3, dilation=2, bias=False), nn.BatchNorm2d(4)
+            self.c2.weight = self.c1.weight
+
+        def forward(self, x):
+            return self.b1(self.c1(x)).mean((2, 3)) + self.b2(self.c2(x)).mean((2, 3))
+
+    x = torch.rand(4, 3, 12, 12)
+    model = calibrated(Tied(), x)
+    folded, report = fold_bn(model, x)
+    assert report.n_folded == 0 and all("weight of 'c" in report.left[bn] for bn in ("b1", "b2"))
+    save_state_dict_file(folded.state_dict(), tmp_path / "tied.safetensors")
+    fresh = FoldReport.from_dict(report.to_dict()).restructure(Tied())
+    fresh.load_state_dict(load_state_dict_file(tmp_path / "tied.safetensors"))
+    with torch.no_grad():
+        assert rel_diff(model(x), fresh.eval()(x)) < 1e-6

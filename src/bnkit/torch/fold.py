@@ -30,9 +30,12 @@ as one node. When tracing fails the fold falls back to neighbours inside plain
 ``nn.Sequential`` containers and says so in the report. Only layers with
 PyTorch's own forward are folded into: a subclass that changes the forward
 (weight standardization, QAT fake-quant), a parametrized weight, or a module
-with forward hooks is left alone, with the reason. The original model is never
-modified: the folded model is a deep copy of it, with each folded BN replaced by
-``nn.Identity`` (so it keeps its class, forward and state-dict names).
+with forward hooks is left alone, with the reason; so is a BN or layer registered
+under several names, and a layer whose weight or bias is shared with another
+module (a fold would untie it, and a freshly built model reloads it tied). The
+original model is never modified: the folded model is a deep copy of it, with
+each folded BN replaced by ``nn.Identity`` (so it keeps its class, forward and
+state-dict names).
 """
 from __future__ import annotations
 
@@ -390,6 +393,7 @@ def _plan_fx(
     then tried against the single layer it feeds.
     """
     modules = dict(work.named_modules(remove_duplicate=False))
+    shared = _shared_names(work)
     calls: Counter[int] = Counter()
     attr_used: set[int] = set()  # modules whose parameters/buffers the forward reads directly
     for node in graph.nodes:
@@ -414,7 +418,7 @@ def _plan_fx(
         if not (node.op == "call_module" and is_batchnorm(modules[node.target])):
             continue
         name, bn = node.target, modules[node.target]
-        reason = _bn_reason(bn, calls, attr_used)
+        reason = _bn_reason(bn, calls, attr_used, shared)
         if reason is None:
             src = node.args[0] if node.args else node.kwargs.get("input")
             target = layer_node(src)
@@ -427,7 +431,7 @@ def _plan_fx(
             else:
                 layer = modules[target]
                 reason = (
-                    _layer_reason(layer, target, calls, attr_used)
+                    _layer_reason(layer, target, calls, attr_used, shared)
                     or (f"'{target}' already absorbs another BN" if target in {p[1] for p in plan} else None)
                     or (f"the output of '{target}' is also used elsewhere" if len(src.users) > 1 else None)
                     or _channel_reason(bn, layer, target, "after")
@@ -448,7 +452,7 @@ def _plan_fx(
         layer = modules[target]
         reason = (
             _padding_reason(layer, target)
-            or _layer_reason(layer, target, calls, attr_used)
+            or _layer_reason(layer, target, calls, attr_used, shared)
             or _channel_reason(bn, layer, target, "before")
             or _layout_reason(layer, probe, report, target)
         )
@@ -464,17 +468,17 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
     """Fallback: fold BN with its neighbour inside plain ``nn.Sequential`` containers.
 
     A plain Sequential passes each child's output to the next child only, so adjacency is
-    data flow. A module registered under several names, or seen called more than once in
-    the probe run, is not folded; without a probe run (no ``example_inputs``) nothing is.
+    data flow. A module or layer weight registered under several names, or a module seen
+    called more than once in the probe run, is not folded; without a probe run (no
+    ``example_inputs``) nothing is.
     """
     if not probe:  # nothing shows whether a layer is also called outside its Sequential: fold nothing
         for name, _ in bn_layers(work):
             report.left[name] = ("the model is not traceable by torch.fx, and without example_inputs nothing shows "
                                  "whether its neighbour is also called outside its nn.Sequential: pass example_inputs")
         return []
-    calls: Counter[int] = Counter(id(m) for _, m in work.named_modules(remove_duplicate=False))
-    for key, entry in probe.items():
-        calls[key] = max(calls[key], entry["calls"])
+    calls: Counter[int] = Counter({key: entry["calls"] for key, entry in probe.items()})
+    shared = _shared_names(work)
     plan: list[tuple[str, str, str]] = []
     used: set[str] = set()
     for prefix, seq in work.named_modules():
@@ -491,9 +495,9 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
             if bn_name in used or layer_name in used:
                 continue
             reason = (
-                _bn_reason(bn, calls, set())
+                _bn_reason(bn, calls, set(), shared)
                 or (_padding_reason(layer, layer_name) if position == "before" else None)
-                or _layer_reason(layer, layer_name, calls, set())
+                or _layer_reason(layer, layer_name, calls, set(), shared)
                 or _channel_reason(bn, layer, layer_name, position)
                 or _layout_reason(layer, probe, report, layer_name)
             )
@@ -511,15 +515,33 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
     return plan
 
 
+def _shared_names(work: nn.Module) -> dict[int, list[str]]:
+    """Every name of each module and parameter registered under more than one name, by object id.
+
+    Such objects are not folded: fx names a module by its first name and a fold replaces one
+    name, so an alias of a folded BN would still run it; a layer weight tied to another module's
+    would get its own folded copy, tied again in a freshly built model, where the last key loaded wins.
+    """
+    names: dict[int, list[str]] = {}
+    for name, m in work.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(name)
+    for name, p in work.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {key: found for key, found in names.items() if len(found) > 1}
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _bn_reason(bn: _BatchNorm, calls: Counter, attr_used: set[int]) -> str | None:
+def _bn_reason(bn: _BatchNorm, calls: Counter, attr_used: set[int], shared: dict[int, list[str]]) -> str | None:
     if bn.running_mean is None:
         return "track_running_stats=False: it normalizes with batch statistics at inference, which no fold can express"
     if not has_stock_eval_forward(bn):
         return f"it is a {type(bn).__name__} whose forward is not PyTorch's, so removing it may change the outputs"
+    if id(bn) in shared:
+        return (f"it is registered under several names ({', '.join(shared[id(bn)])}): folding would replace "
+                "one of them, and the others would still run it")
     if calls[id(bn)] > 1:
         return f"the BN module is called {calls[id(bn)]} times"
     if id(bn) in attr_used:
@@ -529,7 +551,9 @@ def _bn_reason(bn: _BatchNorm, calls: Counter, attr_used: set[int]) -> str | Non
     return None
 
 
-def _layer_reason(layer: nn.Module, name: str, calls: Counter, attr_used: set[int]) -> str | None:
+def _layer_reason(
+    layer: nn.Module, name: str, calls: Counter, attr_used: set[int], shared: dict[int, list[str]]
+) -> str | None:
     base = _PLAIN_FORWARDS.get(type(layer).forward)
     if base is None:
         return (
@@ -540,6 +564,13 @@ def _layer_reason(layer: nn.Module, name: str, calls: Counter, attr_used: set[in
         return f"'{name}' has a parametrized weight (weight_norm or torch.nn.utils.parametrize)"
     if _hooked(layer):
         return f"'{name}' has forward hooks, which could see or change the folded values"
+    if id(layer) in shared:
+        names = ", ".join(shared[id(layer)])
+        return f"'{name}' is registered under several names ({names}); only layers with one name are folded into"
+    for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
+        if p is not None and id(p) in shared:
+            return (f"the {kind} of '{name}' is shared ({', '.join(shared[id(p)])}): the folded layer would get "
+                    "its own copy, which a freshly built model ties again on reload")
     if calls[id(layer)] > 1:
         return f"'{name}' is called {calls[id(layer)]} times; folding would change its other uses"
     if id(layer) in attr_used:
