@@ -688,3 +688,31 @@ def test_layers_sharing_one_weight_each_with_its_own_bn_are_left_and_reload_equa
     fresh.load_state_dict(load_state_dict_file(tmp_path / "tied.safetensors"))
     with torch.no_grad():
         assert rel_diff(model(x), fresh.eval()(x)) < 1e-6
+
+
+def test_sequential_fallback_needs_the_sequential_itself_called():
+    """A forward that runs a Sequential's children one by one may tap a conv's output: that conv is not folded."""
+    class Tapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+            self.head = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            taps = []
+            for i, layer in enumerate(self.features):
+                x = layer(x)
+                if i == 0:
+                    taps.append(x)  # the conv's output, used outside the Sequential
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                x = x * 2
+            return self.head(x), taps[0]
+
+    x = torch.rand(4, 3, 8, 8)
+    model = calibrated(Tapped(), x)
+    folded, report = fold_bn(model, x)
+    assert report.method == "sequential" and [(f.bn, f.into) for f in report.folded] == [("head.1", "head.0")]
+    assert "'features' was not called as a whole" in report.left["features.1"]
+    with torch.no_grad():
+        for a, b in zip(model(x), folded(x)):
+            assert rel_diff(a, b) < 1e-5

@@ -468,9 +468,10 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
     """Fallback: fold BN with its neighbour inside plain ``nn.Sequential`` containers.
 
     A plain Sequential passes each child's output to the next child only, so adjacency is
-    data flow. A module or layer weight registered under several names, or a module seen
-    called more than once in the probe run, is not folded; without a probe run (no
-    ``example_inputs``) nothing is.
+    data flow if the probe run saw the Sequential itself called (a forward may instead run
+    its children one by one and use their outputs elsewhere), each child once, so only from
+    it. A module or layer weight registered under several names is not folded either;
+    without a probe run (no ``example_inputs``) nothing is.
     """
     if not probe:  # nothing shows whether a layer is also called outside its Sequential: fold nothing
         for name, _ in bn_layers(work):
@@ -496,6 +497,8 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
                 continue
             reason = (
                 _bn_reason(bn, calls, set(), shared)
+                or (None if calls[id(seq)] else f"its nn.Sequential '{prefix}' was not called as a whole, so the "
+                    "forward may run its children one by one and use their outputs elsewhere")
                 or (_padding_reason(layer, layer_name) if position == "before" else None)
                 or _layer_reason(layer, layer_name, calls, set(), shared)
                 or _channel_reason(bn, layer, layer_name, position)
