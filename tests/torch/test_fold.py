@@ -716,3 +716,21 @@ def test_sequential_fallback_needs_the_sequential_itself_called():
     with torch.no_grad():
         for a, b in zip(model(x), folded(x)):
             assert rel_diff(a, b) < 1e-5
+
+
+def test_bnkit_frozen_layers_fold_like_eval_mode_bn_and_leave_the_rest_traceable():
+    """FrozenBatchNorm*d's input checks cannot be traced: as leaves they fold, and one does not hide the rest."""
+    from bnkit.torch import FrozenBatchNorm2d, convert_frozen
+
+    model, x = zoo_model("resnet")
+    want = {(f.bn, f.into, f.position) for f in fold_bn(model, x)[1].folded}
+    frozen = copy.deepcopy(model)
+    convert_frozen(frozen, [bn_layers(frozen)[0][1]])
+    every = convert_frozen(copy.deepcopy(model)).train()  # a frozen layer computes the eval transform in any mode
+    for net, n_frozen in ((frozen, 1), (every, len(want))):
+        assert sum(isinstance(m, FrozenBatchNorm2d) for m in net.modules()) == n_frozen
+        folded, report = fold_bn(net, x)
+        assert report.method == "fx" and {(f.bn, f.into, f.position) for f in report.folded} == want, report.summary()
+        assert not report.left and not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
+        with torch.no_grad():
+            assert rel_diff(model(x), folded.eval()(x)) < 1e-5

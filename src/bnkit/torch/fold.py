@@ -26,7 +26,8 @@ twice once per call, silently changing the first call's output).
 
 Which layer feeds which is read from a ``torch.fx`` trace of the model in eval
 mode, with every BatchNorm subclass (SyncBatchNorm, bnkit's drop-in layers) kept
-as one node. When tracing fails the fold falls back to neighbours inside plain
+as one node; so is bnkit's ``FrozenBatchNorm*d``, eval-mode BN held in buffers,
+which folds like one (in either train/eval mode). When tracing fails the fold falls back to neighbours inside plain
 ``nn.Sequential`` containers and says so in the report. Only layers with
 PyTorch's own forward are folded into: a subclass that changes the forward
 (weight standardization, QAT fake-quant), a parametrized weight, or a module
@@ -48,13 +49,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from ..findings import Finding
-from .modules import bn_layers, eval_mode, flatten_tensors, has_stock_eval_forward, is_batchnorm
+from .frozen import FrozenBatchNormNd
+from .modules import eval_mode, flatten_tensors, has_stock_eval_forward, is_batchnorm, is_bn_or_frozen
 
 __all__ = ["fold_bn", "FoldReport", "FoldedBN"]
 
@@ -246,7 +247,7 @@ def _check_model(model: nn.Module, force: bool) -> None:
     if lazy:
         raise ValueError(f"uninitialized lazy modules (run one forward pass first): {', '.join(lazy)}")
     training, never, nonfinite, nonpositive = [], [], [], []
-    for name, bn in bn_layers(model):
+    for name, bn in _norm_layers(model):
         tensors = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             nonfinite.append(name)
@@ -254,7 +255,7 @@ def _check_model(model: nn.Module, force: bool) -> None:
             continue  # track_running_stats=False: reported as not foldable
         if bool((_f64(bn.running_var) + bn.eps <= 0).any()):
             nonpositive.append(name)
-        if bn.training:
+        if bn.training and is_batchnorm(bn):  # a frozen layer computes the eval transform in either mode
             training.append(name)
         if _never_updated(bn):
             never.append(name)
@@ -281,7 +282,7 @@ def _check_model(model: nn.Module, force: bool) -> None:
         )
 
 
-def _never_updated(bn: _BatchNorm) -> bool:
+def _never_updated(bn: nn.Module) -> bool:
     tracked = bn.num_batches_tracked
     return (
         (tracked is None or int(tracked) == 0)
@@ -356,14 +357,15 @@ def _compare(a: Any, b: Any) -> tuple[float, float]:
 
 
 class _Tracer(fx.Tracer):
-    """fx's default tracer, but every BatchNorm subclass (bnkit's drop-in layers too) stays one ``call_module``,
+    """fx's default tracer, but every BatchNorm subclass (bnkit's drop-in layers too) and bnkit's
+    ``FrozenBatchNorm*d`` (whose input checks fx cannot trace) stays one ``call_module``,
     and buffers read in a forward become ``get_attr`` nodes (fx's default inlines them as constants, which
     would hide a read of a BN's ``running_mean`` from the planner)."""
 
     proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
+        return is_bn_or_frozen(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 class _ConstantBufferTracer(_Tracer):
@@ -409,13 +411,13 @@ def _plan_fx(
         return node.target if ok else None
 
     plan: list[tuple[str, str, str]] = []
-    for name, bn in bn_layers(work):
+    for name, bn in _norm_layers(work):
         if calls[id(bn)] == 0:
             report.left[name] = "not called as a module in the traced forward"
 
     retry = []
     for node in graph.nodes:
-        if not (node.op == "call_module" and is_batchnorm(modules[node.target])):
+        if not (node.op == "call_module" and is_bn_or_frozen(modules[node.target])):
             continue
         name, bn = node.target, modules[node.target]
         reason = _bn_reason(bn, calls, attr_used, shared)
@@ -474,7 +476,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
     without a probe run (no ``example_inputs``) nothing is.
     """
     if not probe:  # nothing shows whether a layer is also called outside its Sequential: fold nothing
-        for name, _ in bn_layers(work):
+        for name, _ in _norm_layers(work):
             report.left[name] = ("the model is not traceable by torch.fx, and without example_inputs nothing shows "
                                  "whether its neighbour is also called outside its nn.Sequential: pass example_inputs")
         return []
@@ -487,9 +489,9 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
             continue
         children = [(f"{prefix}.{n}" if prefix else n, m) for n, m in seq.named_children()]
         for (a_name, a), (b_name, b) in zip(children, children[1:]):
-            if is_batchnorm(b) and isinstance(a, _LAYER_TYPES):
+            if is_bn_or_frozen(b) and isinstance(a, _LAYER_TYPES):
                 bn_name, bn, layer_name, layer, position = b_name, b, a_name, a, "after"
-            elif is_batchnorm(a) and isinstance(b, _LAYER_TYPES):
+            elif is_bn_or_frozen(a) and isinstance(b, _LAYER_TYPES):
                 bn_name, bn, layer_name, layer, position = a_name, a, b_name, b, "before"
             else:
                 continue
@@ -510,7 +512,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
                 report.left.pop(bn_name, None)
             else:
                 report.left[bn_name] = reason
-    for name, _ in bn_layers(work):
+    for name, _ in _norm_layers(work):
         if name not in used and name not in report.left:
             report.left[name] = (
                 "no Conv/ConvTranspose/Linear neighbour inside a plain nn.Sequential (model not traceable)"
@@ -533,14 +535,20 @@ def _shared_names(work: nn.Module) -> dict[int, list[str]]:
     return {key: found for key, found in names.items() if len(found) > 1}
 
 
+def _norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every BatchNorm layer and bnkit ``FrozenBatchNorm*d`` (eval-mode BN in buffers), in ``named_modules`` order."""
+    return [(name, m) for name, m in model.named_modules() if is_bn_or_frozen(m)]
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _bn_reason(bn: _BatchNorm, calls: Counter, attr_used: set[int], shared: dict[int, list[str]]) -> str | None:
+def _bn_reason(bn: nn.Module, calls: Counter, attr_used: set[int], shared: dict[int, list[str]]) -> str | None:
     if bn.running_mean is None:
         return "track_running_stats=False: it normalizes with batch statistics at inference, which no fold can express"
-    if not has_stock_eval_forward(bn):
+    if not (has_stock_eval_forward(bn) if is_batchnorm(bn)
+            else type(bn).forward is FrozenBatchNormNd.forward and "forward" not in vars(bn)):
         return f"it is a {type(bn).__name__} whose forward is not PyTorch's, so removing it may change the outputs"
     if id(bn) in shared:
         return (f"it is registered under several names ({', '.join(shared[id(bn)])}): folding would replace "
@@ -581,7 +589,7 @@ def _layer_reason(
     return None
 
 
-def _channel_reason(bn: _BatchNorm, layer: nn.Module, name: str, position: str) -> str | None:
+def _channel_reason(bn: nn.Module, layer: nn.Module, name: str, position: str) -> str | None:
     if isinstance(layer, nn.Linear):
         n = layer.out_features if position == "after" else layer.in_features
     else:
@@ -675,7 +683,7 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
-def _scale_shift(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``."""
     var, mean = _f64(bn.running_var), _f64(bn.running_mean)
     gamma = _f64(bn.weight) if bn.weight is not None else torch.ones_like(var)
