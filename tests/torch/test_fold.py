@@ -617,6 +617,8 @@ def test_folded_weights_beyond_the_dtype_are_refused():
     before = {k: v.clone() for k, v in half.state_dict().items()}
     with pytest.raises(ValueError, match="beyond torch.float16's range"):
         fold_bn(half)
+    with pytest.raises(ValueError, match="beyond torch.float16's range"):  # the plan promises no such fold
+        fold_plan(half)
     assert all(torch.equal(v, before[k]) for k, v in half.state_dict().items())
     folded, report = fold_bn(model)  # float32 holds them
     assert report.n_folded == 1 and torch.isfinite(folded[0].weight).all()

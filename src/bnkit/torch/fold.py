@@ -60,6 +60,7 @@ from .modules import eval_mode, flatten_tensors, has_stock_eval_forward, is_batc
 __all__ = ["fold_bn", "FoldReport", "FoldedBN"]
 
 _LAYER_TYPES = (_ConvNd, nn.Linear)  # _ConvTransposeNd derives from _ConvNd
+_Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # folded float64 (weight, bias) per layer name
 _PLAIN_FORWARDS = {
     cls.forward: cls
     for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -187,7 +188,7 @@ def fold_bn(
     report = FoldReport()
     reference, plan = _plan(work, inputs, report)
     report.folded = _entries(work, plan)
-    _apply(work, plan)
+    _apply(work, plan, _folded_weights(work, plan))
 
     if verify and inputs is not None:
         report.max_abs_diff, report.max_rel_diff = _compare(reference, _run_eval(work, inputs))
@@ -202,8 +203,10 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
     The report's ``folded`` lists the pairs ``fold_bn`` would fold (``bias_added`` as it
     would set it) and ``left`` the rest with their reasons; nothing is verified. With
     ``example_inputs`` the model runs once in eval mode (every module's flag is put back)
-    with forward hooks, to learn the ranks of layer outputs. Same arguments and errors as
-    :func:`fold_bn`; cheaper, as the model is neither copied nor folded.
+    with forward hooks, to learn the ranks of layer outputs. The folded weights are computed
+    (float64 copies of the folded layers') to check that they fit the layers' dtype, and
+    dropped. Same arguments and errors as :func:`fold_bn`; cheaper, as the model is neither
+    copied nor changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_plan needs a torch.nn.Module, got {type(model).__name__}")
@@ -211,6 +214,7 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
     report = FoldReport()
     _, plan = _plan(model, _as_tuple(example_inputs), report)
     report.folded = _entries(model, plan)
+    _folded_weights(model, plan)
     return report
 
 
@@ -650,8 +654,11 @@ def _entries(work: nn.Module, plan: list[tuple[str, str, str]]) -> list[FoldedBN
     return entries
 
 
-def _apply(work: nn.Module, plan: list[tuple[str, str, str]]) -> None:
-    """Compose every planned fold per layer in float64, then write each layer once in its own dtype."""
+def _folded_weights(work: nn.Module, plan: list[tuple[str, str, str]]) -> _Weights:
+    """Every planned fold composed per layer in float64: ``{layer: (weight, bias)}``; reads ``work`` only.
+
+    Raises ValueError where a folded weight or bias is beyond the layer's dtype.
+    """
     pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for bn_name, layer_name, position in plan:
         bn, layer = work.get_submodule(bn_name), work.get_submodule(layer_name)
@@ -669,6 +676,12 @@ def _apply(work: nn.Module, plan: list[tuple[str, str, str]]) -> None:
             bns = ", ".join(bn for bn, layer, _ in plan if layer == layer_name)
             raise ValueError(f"folding {bns} into '{layer_name}' gives weights beyond {dtype}'s range (a tiny "
                              "running_var + eps scales them up): keep these BN layers, or fold a float32 copy")
+    return pending
+
+
+def _apply(work: nn.Module, plan: list[tuple[str, str, str]], weights: _Weights) -> None:
+    """Write each layer's folded ``weights`` once in its own dtype and replace every planned BN."""
+    for layer_name, (w, b) in weights.items():
         _assign(work.get_submodule(layer_name), w, b)
     for bn_name, _, _ in plan:
         _set_submodule(work, bn_name, _identity_for(work.get_submodule(bn_name)))
