@@ -370,3 +370,28 @@ def test_fold_onnx_input_shape_that_does_not_fit_is_bad_input_and_a_small_dynami
     result = runner.invoke(app, ["fold", str(tmp_path / "dyn.onnx"), "-o", str(out), "--input-shape",
                                  "input=2x1x8x8"], terminal_width=200)
     assert result.exit_code == 0 and out.exists(), result.output
+
+
+def test_fold_reload_hint_for_a_module_object_uses_it_without_calling_it(tmp_path, monkeypatch):
+    import sys
+
+    from bnkit.torch import save_state_dict_file
+
+    model = _calibrated_vgg()
+    save_state_dict_file(model.state_dict(), tmp_path / "w.pt")
+    (tmp_path / "f5_instance.py").write_text("from bnkit.torch.zoo import VGGBN\n\nnet = VGGBN()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["fold", "--model", "f5_instance:net", "--weights", "w.pt", "-o", "f.pt"],
+                           terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = lines.index("reload it in Python:")
+    snippet = "\n".join(line[2:] for line in lines[start + 1:start + 7])
+    assert "model = net\n" in snippet
+    monkeypatch.delitem(sys.modules, "f5_instance")  # as in a fresh Python session: the import builds the object
+    scope: dict = {}
+    exec(snippet, scope)  # noqa: S102 - the hint is meant to be pasted into Python
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"].eval()(x), model(x), rtol=1e-5, atol=1e-5)

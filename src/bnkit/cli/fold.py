@@ -78,15 +78,16 @@ def report_path(output: Path) -> Path:
     return output.with_suffix(".fold.json")
 
 
-def _reload_hint(spec: str, output: Path, report_file: Path) -> str:
-    """Python lines that rebuild the folded model from the factory, the report and the weights."""
+def _reload_hint(spec: str, output: Path, report_file: Path, instance: bool) -> str:
+    """Python lines that rebuild the folded model from the factory (or the module object a fresh import
+    builds, when ``spec`` names an ``instance``), the report and the weights."""
     module, _, attr = spec.partition(":")
     return "\n".join([
         "reload it in Python:",
         "  import json",
         "  from bnkit.torch import FoldReport, load_state_dict_file",
         f"  from {module} import {attr.split('.')[0]}",
-        f"  model = {attr}()",
+        f"  model = {attr}{'' if instance else '()'}",
         f"  FoldReport.from_dict(json.load(open({str(report_file)!r}))).restructure(model)",
         f"  model.load_state_dict(load_state_dict_file({str(output)!r}))",
     ])
@@ -99,7 +100,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     from ..atomic import atomic_path
     from ..torch import fold_bn, load_state_dict_file, save_state_dict_file
     from ..torch.io import load_weights_into
-    from .common import UsageError, build_model
+    from .common import UsageError, build_model, resolve_spec
 
     if len(shapes) > 1 or any("=" in s for s in shapes):
         raise fail("--input-shape for a PyTorch model is one SHAPE (e.g. 1x3x224x224)")
@@ -164,7 +165,9 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     if report_file is not None:
         console.print(f"wrote {output} and the fold report {report_file} (folded BN -> Identity, new biases)",
                       markup=False)
-        console.print(_reload_hint(spec, output, report_file), highlight=False, soft_wrap=True, markup=False)
+        instance = resolve_spec(spec) is model  # build_model returns a module object as is
+        console.print(_reload_hint(spec, output, report_file, instance), highlight=False, soft_wrap=True,
+                      markup=False)
 
 
 @app.command("fold")
