@@ -162,6 +162,7 @@ def test_fold_pytorch_model_to_onnx_and_refusals(tmp_path):
     fresh = tmp_path / "fresh.pt"
     result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "-o", str(fresh)])
     assert result.exit_code == 2 and "never updated" in _text(result) and not fresh.exists()
+    assert "Pass --force to fold" in _text(result) and "force=True" not in _text(result)  # the option, not the argument
     result = runner.invoke(app, ["fold", "--model", "no_such_module:f", "-o", str(fresh)])
     assert result.exit_code == 2 and "cannot build the model" in _text(result)
     assert sorted(os.listdir(tmp_path)) == ["folded.onnx", "w.pt"]
@@ -395,3 +396,18 @@ def test_fold_reload_hint_for_a_module_object_uses_it_without_calling_it(tmp_pat
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(scope["model"].eval()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_to_onnx_export_refusal_names_the_force_option(tmp_path, monkeypatch):
+    import bnkit.torch.export
+    from bnkit.torch import save_state_dict_file
+
+    def refuse(*args, **kwargs):  # export_onnx's own refusal text, in its Python words
+        raise bnkit.torch.export.ExportVerificationError(
+            "the exported graph has error-level findings; nothing written (force=True writes it anyway)")
+
+    monkeypatch.setattr(bnkit.torch.export, "export_onnx", refuse)
+    weights = save_state_dict_file(_calibrated_vgg().state_dict(), tmp_path / "w.pt")
+    result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", str(weights),
+                                 "--input-shape", "2x1x8x8", "-o", str(tmp_path / "f.onnx")], terminal_width=200)
+    assert result.exit_code == 1 and "(--force writes it anyway)" in _text(result), result.output

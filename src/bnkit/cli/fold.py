@@ -93,6 +93,11 @@ def _reload_hint(spec: str, output: Path, report_file: Path, instance: bool) -> 
     ])
 
 
+def _cli_words(exc: Exception) -> str:
+    """A library error in the command's words: the Python argument ``force=True`` is the ``--force`` option."""
+    return str(exc).replace("force=True", "--force")
+
+
 def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[str], trust: bool, force: bool,
                 verify: bool, as_json: bool, fixed_batch: bool) -> None:
     import torch
@@ -120,7 +125,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     try:
         folded, report = fold_bn(model, example, verify=verify and example is not None, force=force)
     except (ValueError, RuntimeError) as exc:
-        raise fail(str(exc)) from None
+        raise fail(_cli_words(exc)) from None
     low = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
     tolerance = 1e-2 if low else 1e-4  # norm-wise relative, as for ONNX files
     if report.max_rel_diff is not None and not report.max_rel_diff <= tolerance:
@@ -135,7 +140,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         except OSError as exc:
             raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None
         except (ValueError, TypeError, RuntimeError) as exc:  # ExportVerificationError, torch.onnx's errors too
-            raise fail(f"cannot export the folded model to ONNX: {exc}", code=1) from None
+            raise fail(f"cannot export the folded model to ONNX: {_cli_words(exc)}", code=1) from None
         report_file = None
     else:
         report_file = report_path(output)
@@ -181,7 +186,9 @@ def fold_command(
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for --model (.pt/.pth/.safetensors)."),
     input_shape: List[str] = typer.Option([], "--input-shape", help="ONNX: NAME=1x3x224x224 (repeatable; dynamic dims default to 2). PyTorch: 1x3x224x224."),
     to_inference: bool = typer.Option(False, "--to-inference", help="ONNX: switch training-mode BatchNormalization to its running statistics."),
-    force: bool = typer.Option(False, "--force", help="PyTorch: fold layers in training mode or with never-updated statistics."),
+    force: bool = typer.Option(
+        False, "--force", help="PyTorch: fold layers in training mode or with never-updated statistics (to .onnx: "
+        "also write it despite error-level audit findings)."),
     trust: bool = typer.Option(False, "--trust", help="Unpickle a checkpoint outside PyTorch's safe allow-list (only files you made)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check outputs before and after folding."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
