@@ -617,3 +617,45 @@ def test_pass_leaves_no_stand_in_forward_and_keeps_instance_forwards(trained, di
     with pytest.raises(ValueError, match="failed on data batch 0"):
         audit(model, torch.randn(64, 3, 8, 8))
     assert all("forward" not in vars(bn) for name, bn in bn_layers(model) if bn is not patched)
+
+
+class _Shaped(nn.Module):
+    """BN, then optionally ``h - h.mean(0)`` (couples the batch), then an output shaped by ``shape``."""
+
+    def __init__(self, couple, shape):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 1)
+        self.couple, self.shape = couple, shape
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.fc1(x)))
+        return self.shape(self.fc2(h - h.mean(0) if self.couple else h))
+
+
+@pytest.mark.parametrize("shape, dim", [(lambda y: y.squeeze(), 0),  # (N,), but () at batch size 1
+                                        (lambda y: y.unsqueeze(0).expand(3, -1, -1), 1)],  # sequence-first (T, N, C)
+                         ids=["squeezed", "sequence_first"])
+def test_batch_coupling_is_compared_on_squeezed_and_sequence_first_outputs(shape, dim):
+    torch.manual_seed(0)
+    x = torch.randn(128, 8)
+    coupled, clean = _Shaped(True, shape).eval(), _Shaped(False, shape).eval()
+    with torch.no_grad():  # the oracle: sample 0 alone against sample 0 inside its batch of 64
+        assert (coupled(x[:1]).squeeze() - coupled(x[:64]).select(dim, 0).squeeze()).abs().max() > 1e-2
+    (finding,) = audit(coupled, x).by_code("batch_coupling")
+    assert finding.severity == "error" and "OTHER than BatchNorm" in finding.evidence
+    report = audit(clean, x)
+    (finding,) = report.by_code("batch_coupling")
+    assert finding.severity == "info" and report.batch_coupling < 1e-6
+
+
+def test_batch_coupling_not_claimed_when_no_output_lines_up():
+    torch.manual_seed(0)
+    model = _Shaped(True, lambda y: y.expand(-1, 2).reshape(-1)).eval()  # (2N,): no dimension is the batch
+    report = audit(model, torch.randn(128, 8))
+    (finding,) = report.by_code("batch_coupling")
+    assert finding.severity == "info" and finding.finding == "batch coupling not checked"
+    assert "forward=" in finding.fix and report.batch_coupling is None
+    assert "do not depend" not in " ".join(f.finding for f in report.findings)

@@ -31,7 +31,11 @@ Three depths, each adding to the one before:
    the train-vs-eval output gap on the first batch, and outputs at batch size 1 against
    the same samples inside the batch: in eval mode BatchNorm with running statistics
    cannot couple samples, so a difference names either a batch-statistics BN layer or
-   something else (``x - x.mean(0)``, batch-level ops). Last, how much the running
+   something else (``x - x.mean(0)``, batch-level ops). Outputs are paired by shape: the
+   batch is the one dimension where the batch-1 and batch-B shapes differ (1 vs B; dim 0,
+   or dim 1 of a sequence-first output), or a dimension of size B squeezed away at batch
+   size 1; when no output lines up, the finding says the check was not made
+   (``batch_coupling`` stays None; a ``forward`` can return batch-first outputs). Last, how much the running
    statistics wobble at the training batch size: PyTorch's update
    ``r <- (1 - m) r + m b`` (``m`` weighs the NEW batch) keeps a fraction
    ``sqrt(m / (2 - m))`` of one batch statistic's standard deviation

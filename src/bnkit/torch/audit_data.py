@@ -242,8 +242,7 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
         return []  # reported as non-finite eval outputs
     batch_stat_bn = [n for n, bn in layers if bn.running_mean is None]
     idx = sorted(set(np.linspace(0, size - 1, min(samples, size)).round().astype(int).tolist()))
-    worst = 0.0
-    scale = max(float(t.abs().max()) for t in eval_out if t.numel()) if eval_out else 1.0
+    worst, scale, compared, single = 0.0, 0.0, set(), []
     for i in idx:
         try:
             one = map_tensors(batch, lambda t: t[i:i + 1] if batched(t, size) else t)
@@ -253,15 +252,34 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
                             f"{type(exc).__name__}: {exc}",
                             "layers using batch statistics at inference need more than one sample: give them "
                             "running statistics (track_running_stats=True)", "batch_one_fails")]
-        for s, ref in zip(single, eval_out):
-            if s.ndim and ref.ndim and ref.shape[0] == size and s.shape[0] == 1:
-                worst = max(worst, float((s[0].double() - ref[i].double()).abs().max()))
+        if len(single) != len(eval_out):
+            continue  # the output's structure changes with the batch size: nothing lines up
+        for k, (s, ref) in enumerate(zip(single, eval_out)):
+            pair = _same_sample(s, ref, size, i)
+            if pair is not None and ref.numel():
+                compared.add(k)
+                worst = max(worst, float((pair[0].double() - pair[1].double()).abs().max()))
+                scale = max(scale, float(ref.abs().max()))
+    shapes = (f"batch size 1 gave {[tuple(t.shape) for t in single]}, batch size {size} gave "
+              f"{[tuple(t.shape) for t in eval_out]}")
+    if not compared:
+        return [Finding("info", "(model)", "batch coupling not checked",
+                        f"no output tensor of the batch-1 and batch-{size} runs lines up sample by sample "
+                        f"({shapes}; the batch must be the one dimension where they differ, 1 vs {size}, or one "
+                        f"of size {size} squeezed away at batch size 1), so nothing was compared",
+                        "pass forward= returning per-sample outputs with the batch on dimension 0, e.g. "
+                        "forward=lambda model, x: model(x).transpose(0, 1)", "batch_coupling",
+                        {"batch_one_shapes": [list(t.shape) for t in single],
+                         "batch_shapes": [list(t.shape) for t in eval_out]})]
     rel = worst / max(scale, 1e-12)
     report.batch_coupling = rel
+    partly = "" if len(compared) == len(eval_out) else (
+        f"; {len(compared)} of {len(eval_out)} output tensors compared, the others have no batch dimension to "
+        f"line up ({shapes})")
     if rel <= COUPLING_RTOL:
         return [Finding("info", "(model)", "per-sample outputs do not depend on the batch",
-                        f"eval mode, batch size 1 vs {size} on {len(idx)} samples: max difference {rel:.2g} of max |output|",
-                        "", "batch_coupling", {"relative_diff": rel})]
+                        f"eval mode, batch size 1 vs {size} on {len(idx)} samples: max difference {rel:.2g} of max "
+                        f"|output|{partly}", "", "batch_coupling", {"relative_diff": rel})]
     if batch_stat_bn:
         cause = f"BatchNorm layers without running statistics ({short_names(batch_stat_bn)}) normalize with the batch's"
         fix = "give these layers running statistics (track_running_stats=True, then bnkit recalibrate)"
@@ -270,5 +288,26 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
                  "couples the batch (e.g. x - x.mean(0), batch-level normalization or attention across the batch)")
         fix = "find the operation that reduces over the batch dimension and make it per-sample"
     return [Finding("error", "(model)", "per-sample outputs depend on the rest of the batch",
-                    f"eval mode, batch size 1 vs {size}: outputs differ by {rel:.3g} of max |output|; {cause}",
+                    f"eval mode, batch size 1 vs {size}: outputs differ by {rel:.3g} of max |output|; {cause}"
+                    + partly,
                     fix, "batch_coupling", {"relative_diff": rel, "batch_stat_layers": batch_stat_bn})]
+
+
+def _same_sample(single: torch.Tensor, ref: torch.Tensor, size: int,
+                 i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Sample ``i`` of the batch-``size`` output ``ref`` and the batch-1 output ``single``, paired by their shapes.
+
+    The batch is the one dimension where the shapes differ, ``size`` against 1 (dimension 0 for batch-first
+    outputs, 1 for sequence-first ``(T, N, C)`` ones), or a dimension of size ``size`` that batch size 1
+    squeezed away (``.squeeze()``); None when the shapes do not name one.
+    """
+    a, b = tuple(single.shape), tuple(ref.shape)
+    if len(a) == len(b):
+        diff = [d for d in range(len(b)) if a[d] != b[d]]
+        if len(diff) == 1 and a[diff[0]] == 1 and b[diff[0]] == size:
+            return single.select(diff[0], 0), ref.select(diff[0], i)
+    elif len(a) == len(b) - 1:
+        dims = [d for d in range(len(b)) if b[d] == size and b[:d] + b[d + 1:] == a]
+        if len(dims) == 1:
+            return single, ref.select(dims[0], i)
+    return None
