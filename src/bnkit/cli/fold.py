@@ -182,7 +182,9 @@ def fold_command(
         ..., "-o", "--output", help="New file for the folded model: .onnx, or (for --model) a state dict "
         ".pt/.pth/.safetensors, with its report beside it as NAME.fold.json. Its folder must exist; it may not "
         "be an input file."),
-    model: Optional[str] = typer.Option(None, "--model", help="PyTorch model factory 'package.module:callable'."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="PyTorch model: 'package.module:factory' (called with no arguments) or "
+        "'package.module:name' of an nn.Module object."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for --model (.pt/.pth/.safetensors)."),
     input_shape: List[str] = typer.Option([], "--input-shape", help="ONNX: NAME=1x3x224x224 (repeatable; dynamic dims default to 2). PyTorch: 1x3x224x224."),
     to_inference: bool = typer.Option(False, "--to-inference", help="ONNX: switch training-mode BatchNormalization to its running statistics."),
