@@ -28,9 +28,17 @@ def trained():
     return model, x, y
 
 
-def test_batches_cover_everything_and_merge_a_trailing_one():
+def test_batches_cover_everything_and_merge_a_remainder_of_at_most_half_a_batch():
     parts = batches(17, 4)
     assert [len(p) for p in parts] == [4, 4, 4, 5]
+    for n in range(1, 90):
+        for bs in range(1, 40):
+            sizes = [len(p) for p in batches(n, bs)]
+            assert sum(sizes) == n and all(s == bs for s in sizes[:-1])
+            assert n < bs or bs / 2 < sizes[-1] <= 1.5 * bs, (n, bs, sizes)
+    # the digits training set: 1347 = 42 * 32 + 3; a 3-image step at momentum 0.5 ended every epoch of chapter 1
+    assert [len(p) for p in batches(1347, 32)][-2:] == [32, 35]
+    assert [len(p) for p in batches(1347, 128)][-1] == 67  # more than half a batch stays a batch
     assert torch.equal(torch.cat(parts), torch.arange(17))
     shuffled = torch.cat(batches(17, 4, generator=torch.Generator().manual_seed(1)))
     assert sorted(shuffled.tolist()) == list(range(17))

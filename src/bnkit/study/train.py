@@ -2,9 +2,9 @@
 
 * :func:`fit`: Adam on cross-entropy, reshuffled each epoch with a seeded
   generator, ``model.train()`` at the start of every epoch as every real loop
-  does (chapter 4 depends on that). Batches come from :func:`batches`:
-  training-mode BatchNorm cannot normalize a single value per channel, so a
-  trailing batch of one joins the batch before it.
+  does (chapter 4 depends on that). Batches come from :func:`batches`: a
+  remainder of at most half a batch joins the batch before it, so no step
+  feeds the running statistics a batch much smaller than the rest.
 * :func:`accuracy` / :func:`predict`: in eval mode, or in training mode with
   every BN buffer and every module's ``training`` flag restored afterwards.
 * :func:`population_stats`: the exact mean and biased variance of every BN
@@ -40,13 +40,18 @@ __all__ = [
 def batches(n: int, batch_size: int, *, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     """Index batches covering ``n`` samples (shuffled when a generator is given).
 
-    With ``batch_size > 1`` a trailing batch of one joins the batch before it.
+    Every batch holds ``batch_size`` samples except the last: a remainder of at most
+    ``batch_size // 2`` joins the batch before it, so the last holds more than half a
+    batch and at most one and a half (or all ``n`` when ``n < batch_size``). A much
+    smaller last batch would be a noisy training step whose statistics the running
+    statistics weigh as much as a full batch's (at momentum 0.5, half of them), right
+    before each epoch's measurements; a batch of one cannot be normalized at all.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     out = list(order.split(batch_size))
-    if batch_size > 1 and len(out) > 1 and len(out[-1]) == 1:
+    if len(out) > 1 and len(out[-1]) <= batch_size // 2:
         out[-2:] = [torch.cat(out[-2:])]
     return out
 
@@ -106,7 +111,7 @@ def preserved_modes(model: nn.Module, *, restore_buffers: bool = True) -> Iterat
 
 
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 512, train_mode: bool = False) -> torch.Tensor:
-    """Logits for ``x`` fed in consecutive batches of ``batch_size``, with no gradients.
+    """Logits for ``x`` fed in consecutive batches of ``batch_size`` (as :func:`batches` splits), with no gradients.
 
     With ``train_mode=True`` BN layers normalize with each batch's statistics; the
     running statistics they overwrite on the way are restored afterwards.
