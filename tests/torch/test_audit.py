@@ -659,3 +659,49 @@ def test_batch_coupling_not_claimed_when_no_output_lines_up():
     assert finding.severity == "info" and finding.finding == "batch coupling not checked"
     assert "forward=" in finding.fix and report.batch_coupling is None
     assert "do not depend" not in " ".join(f.finding for f in report.findings)
+
+
+def test_frozen_layers_get_the_array_checks_and_no_mode_checks(trained):
+    from bnkit.torch import convert_frozen
+
+    model = convert_frozen(copy.deepcopy(trained))
+    names = [n for n, _ in bn_layers(trained)]
+    with torch.no_grad():
+        model.layers[0].bn1.running_var[3] = float("nan")
+    report = audit(model)
+    assert report.layers == names
+    (finding,) = report.by_code("non_finite")
+    assert finding.layer == "layers.0.bn1" and not report.ok
+    model.train()  # frozen layers use their buffers in every mode: no mode, momentum or counter findings
+    codes = {f.code for f in audit(model).findings}
+    assert not codes & {"train_mode", "frozen_in_train", "momentum", "few_updates", "never_tracked"}
+
+
+def test_frozen_layer_shifted_by_three_std_ranks_first(trained, digits):
+    from bnkit.torch import convert_frozen
+
+    x = digits[0][:640]
+    model = copy.deepcopy(trained)
+    bn = model.layers[0].bn1
+    with torch.no_grad():
+        bn.running_mean += 3 * torch.sqrt(bn.running_var + bn.eps)
+    # oracle: PyTorch's cumulative average of the batch means, every BN layer on batch statistics
+    probe = copy.deepcopy(model)
+    for _, layer in bn_layers(probe):
+        layer.reset_running_stats()
+        layer.momentum = None
+    probe.train()
+    with torch.no_grad():
+        for i in range(0, len(x), 64):
+            probe(x[i:i + 64])
+    convert_frozen(model)
+    snap = _snapshot(model)
+    report = audit(model, x)
+    _assert_unchanged(model, snap)
+    assert all("forward" not in vars(m) for m in model.modules())
+    s = report.shifts[0]
+    assert s.layer == "layers.0.bn1" and s.z_eq > 2.5 and report.shifts[1].z_eq < 0.5
+    z = (probe.layers[0].bn1.running_mean.double() - bn.running_mean.double()) / torch.sqrt(
+        bn.running_var.double() + bn.eps)
+    assert s.mean_shift == pytest.approx(z[s.worst_channel].item(), abs=1e-4)
+    assert s.mean_noise is None and not report.by_code("stat_noise")  # frozen statistics do not wobble

@@ -9,9 +9,11 @@ Three depths, each adding to the one before:
    flags that decide what a layer does at inference (``training``,
    ``track_running_stats``, frozen gamma/beta, SyncBatchNorm without a process group),
    the momentum's averaging window, and which layers :func:`bnkit.torch.fold_bn` could
-   remove.
-3. **Model + data**: one forward per batch with every BN layer normalizing with the
-   batch's own statistics, as in training, and other modules in eval mode; no running
+   remove. bnkit's buffer-only ``FrozenBatchNorm*d`` (:func:`bnkit.torch.convert_frozen`)
+   get the array checks (their ``num_batches_tracked`` aside: they never update or read
+   it) and no mode or momentum checks: they normalize with their buffers in every mode.
+3. **Model + data**: one forward per batch with every BN layer (frozen ones included)
+   normalizing with the batch's own statistics, as in training, and other modules in eval mode; no running
    statistic is updated (stock layers get a stand-in ``forward`` for the pass that
    normalizes with the batch's moments and keeps them, :class:`bnkit.torch.audit_moments.Collector`;
    layers with their own ``forward`` run in training mode without tracking). Each layer's
@@ -70,7 +72,7 @@ from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
 from .audit_model import model_findings
 from .io import load_state_dict_file
-from .modules import bn_layers
+from .modules import is_bn_or_frozen
 
 __all__ = ["audit", "AuditReport", "LayerShift"]
 
@@ -193,7 +195,7 @@ def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport
 
 
 def _model_report(model, data, forward, batch_size, train_batch_size, max_batches, coupling_samples) -> AuditReport:
-    layers = bn_layers(model)
+    layers = [(name, m) for name, m in model.named_modules() if is_bn_or_frozen(m)]
     report = AuditReport(type(model).__name__, "model", layers=[name for name, _ in layers])
     batches = None
     if data is not None:

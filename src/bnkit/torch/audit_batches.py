@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-from .modules import flatten_tensors
+from .modules import flatten_tensors, is_batchnorm
 
 
 class Batches:
@@ -97,13 +97,17 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 
 class Restore:
-    """Remember every module's flag and each BN layer's momentum, tracking flag and buffers; restore on exit."""
+    """Remember every module's flag and each BN layer's momentum, tracking flag and buffers; restore on exit.
 
-    def __init__(self, model: nn.Module, layers: list[tuple[str, _BatchNorm]]) -> None:
+    ``layers`` may hold bnkit's ``FrozenBatchNorm*d``: they have neither option and the pass never writes
+    their buffers, so only their flags are kept.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
         self.flags = [(m, m.training) for m in model.modules()]
         self.bn = [(bn, bn.momentum, bn.track_running_stats,
                     {k: b.detach().clone() for k, b in bn.named_buffers(recurse=False) if b is not None and not is_lazy(b)})
-                   for _, bn in layers]
+                   for _, bn in layers if is_batchnorm(bn)]
 
     def __enter__(self) -> "Restore":
         return self

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from ..audit_state import as_array, ema_noise_factor
@@ -22,7 +21,7 @@ from ..findings import Finding
 from .audit_batches import Batches, Restore, batch_len, batched, map_tensors, set_training
 from .audit_model import short_names
 from .audit_moments import Collector
-from .modules import flatten_tensors
+from .modules import flatten_tensors, is_batchnorm
 
 if TYPE_CHECKING:
     from .audit import AuditReport
@@ -46,7 +45,8 @@ class LayerShift:
     worst channel (signed); ``score``: channel mean of KL; ``z_eq = sqrt(2 score)``.
     ``mean_noise`` / ``var_noise``: expected standard deviation of the running mean (in
     running standard deviations) and relative one of the running variance at the training
-    batch size, root-mean-square over channels (None when fewer than 2 batches were seen).
+    batch size, root-mean-square over channels (None when fewer than 2 batches were seen, and for bnkit's
+    ``FrozenBatchNorm*d``, whose statistics no longer change).
     """
 
     layer: str
@@ -61,10 +61,13 @@ class LayerShift:
 
 
 
-def data_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]], batches: Batches,
+def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches: Batches,
                   forward: Callable[[nn.Module, Any], Any], train_batch_size: int | None, coupling_samples: int,
                   report: AuditReport) -> list[Finding]:
-    """The depth-3 findings; fills ``report.batches``, ``shifts``, ``train_eval_gap`` and ``batch_coupling``."""
+    """The depth-3 findings; fills ``report.batches``, ``shifts``, ``train_eval_gap`` and ``batch_coupling``.
+
+    ``layers``: BatchNorm layers and bnkit's ``FrozenBatchNorm*d`` (compared with the data like the others).
+    """
     tracked = [(n, bn) for n, bn in layers if bn.running_mean is not None and not is_lazy(bn.running_mean)]
     clock = itertools.count()  # numbers every BN call of the pass in the order they ran
     collectors = {n: Collector(bn, clock) for n, bn in tracked}
@@ -155,7 +158,7 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> l
             "what the model will see, recalibrate (bnkit recalibrate)",
             "stat_shift", asdict(s)))
     noisy = [s for s in shifts if s.mean_noise is not None]
-    if shifts and not noisy:
+    if not noisy and any(is_batchnorm(dict(tracked)[s.layer]) for s in shifts):
         findings.append(Finding(
             "info", "(model)", "running statistics noise not estimated",
             f"it is measured from the spread between data batches and the data gave {report.batches} batch(es) "
@@ -186,14 +189,14 @@ def _noise_evidence(worst: LayerShift, worst_var: LayerShift, momentum: float | 
             f"{worst_var.layer or '(root)'}, the noisiest layer for each")
 
 
-def _noise(col: Collector, bn: _BatchNorm, b_train: int, var_r: np.ndarray) -> tuple[float | None, float | None]:
+def _noise(col: Collector, bn: nn.Module, b_train: int, var_r: np.ndarray) -> tuple[float | None, float | None]:
     """RMS over channels of the running mean's std (in running std) and running variance's relative std.
 
     Between-batch mean squares (one-way ANOVA) give a batch statistic's variance per
     sample, ``s2 = sum_b n_b (m_b - m)^2 / (K - 1)``; at batch size ``B`` it is ``s2 / B``
     (``sum_b (n_b - 1)(v_b - v)^2 / (K - 1)`` and ``/ (B - 1)`` for the unbiased variance).
     """
-    if len(col.means) < 2:
+    if len(col.means) < 2 or not is_batchnorm(bn):  # a frozen layer's statistics no longer change
         return None, None
     n, _, means, _ = col.stacked()
     variances = col.batch_vars()

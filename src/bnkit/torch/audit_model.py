@@ -19,23 +19,29 @@ from torch.nn.parameter import is_lazy
 from ..audit_state import BNStats, as_array, check_bn_stats, ema_window
 from ..findings import Finding
 from .freeze import is_frozen
+from .modules import is_batchnorm
 
 
-def model_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]], example: Any = None) -> list[Finding]:
-    """Every depth-2 finding; ``example`` (model inputs, or None) helps the fold analysis."""
+def model_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], example: Any = None) -> list[Finding]:
+    """Every depth-2 finding; ``example`` (model inputs, or None) helps the fold analysis.
+
+    ``layers``: BatchNorm layers and bnkit's ``FrozenBatchNorm*d``; the frozen ones get the array
+    checks only (they have no training mode, momentum or tracking flag: their buffers are used always).
+    """
     findings: list[Finding] = []
     if not layers:
         findings.append(Finding("info", "(model)", "no BatchNorm layers found", "", "", "no_bn"))
     for name, bn in layers:
         findings += _layer_state_findings(name, bn)
-    findings += _mode_findings(model, layers)
-    findings += _momentum_findings(layers)
-    findings += _sync_findings(layers)
+    bns = [(name, bn) for name, bn in layers if is_batchnorm(bn)]
+    findings += _mode_findings(model, bns)
+    findings += _momentum_findings(bns)
+    findings += _sync_findings(bns)
     findings += _fold_findings(model, layers, example)
     return findings
 
 
-def _layer_state_findings(name: str, bn: _BatchNorm) -> list[Finding]:
+def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
     if bn.running_mean is None or bn.running_var is None:
         return [Finding(
             "warning", name, "track_running_stats=False: normalizes with batch statistics at inference",
@@ -46,8 +52,9 @@ def _layer_state_findings(name: str, bn: _BatchNorm) -> list[Finding]:
     if is_lazy(bn.running_mean):
         return [Finding("info", name, "lazy layer not initialized", "run one forward pass to create its buffers",
                         "", "lazy")]
+    frozen = not is_batchnorm(bn)  # bnkit's FrozenBatchNorm*d
     stale = []
-    if not bn.track_running_stats:  # the flag turned off after construction: the buffers are still there
+    if not frozen and not bn.track_running_stats:  # the flag turned off after construction: the buffers are still there
         stale.append(Finding(
             "warning", name, "track_running_stats=False on a layer that has running statistics",
             "training normalizes with batch statistics and never updates the buffers, but eval mode still "
@@ -55,7 +62,8 @@ def _layer_state_findings(name: str, bn: _BatchNorm) -> list[Finding]:
             "exist): inference runs on whatever statistics the layer held when the flag was turned off",
             "set track_running_stats=True and recalibrate (bnkit recalibrate), or remove the buffers to use "
             "batch statistics on purpose", "stale_running_stats"))
-    nbt = bn.num_batches_tracked
+    # a frozen layer never updates or reads its counter (one loaded from torchvision's keys keeps 0)
+    nbt = None if frozen else bn.num_batches_tracked
     stats = BNStats(
         name=name,
         running_mean=as_array(bn.running_mean),
@@ -64,7 +72,7 @@ def _layer_state_findings(name: str, bn: _BatchNorm) -> list[Finding]:
         bias=None if bn.bias is None else as_array(bn.bias),
         num_batches_tracked=None if nbt is None else int(nbt),
         eps=float(bn.eps),
-        momentum=bn.momentum,
+        momentum=None if frozen else bn.momentum,
     )
     return stale + check_bn_stats(stats)
 

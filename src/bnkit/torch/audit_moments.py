@@ -17,7 +17,8 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stats import RunningMoments
-from .modules import has_stock_forward
+from .frozen import FrozenBatchNormNd
+from .modules import has_stock_forward, is_batchnorm
 
 
 def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,7 +65,8 @@ def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
 class Collector:
     """Per-layer float64 moments of a BN layer's input: pooled with Chan's formula, and per call.
 
-    A stock layer (PyTorch's ``forward``, see :func:`bnkit.torch.modules.has_stock_forward`) gets, for the pass, an
+    A stock layer (PyTorch's ``forward``, see :func:`bnkit.torch.modules.has_stock_forward`, or that of bnkit's
+    ``FrozenBatchNorm*d``, BatchNorm's eval transform on buffers) gets, for the pass, an
     instance ``forward`` that normalizes each call with the batch's own mean and biased
     variance (what training mode normalizes with; torch/nn/modules/batchnorm.py
     ``_BatchNorm.forward``) and keeps the call's moments; its buffers, ``momentum`` and
@@ -84,27 +86,30 @@ class Collector:
     ``4e-7 (var + eps)`` for float32 inputs (so far worse than that relative to a
     variance much below ``eps``; every use of it in the audit adds ``eps`` back). Layers
     with their own ``forward`` run in training mode without tracking, and their input is
-    reduced after the call.
+    reduced after the call (a frozen one still normalizes with its buffers).
     """
 
-    def __init__(self, bn: _BatchNorm, clock: Iterator[int] | None = None) -> None:
+    def __init__(self, bn: _BatchNorm | FrozenBatchNormNd, clock: Iterator[int] | None = None) -> None:
         """``clock``: shared by the collectors of one pass, it numbers their calls in the order they ran."""
         self.moments = RunningMoments(bn.num_features)
         self._clock = clock if clock is not None else itertools.count()
         self.order: list[int] = []  # each call's number on the clock
-        self.stock = has_stock_forward(bn)
+        self.stock = has_stock_forward(bn) or (type(bn).forward is FrozenBatchNormNd.forward
+                                               and "forward" not in vars(bn))
         self.eps = float(bn.eps)
         self.samples: list[tuple[int, int, bool]] = []  # (batch size, values per channel, spread is invstd)
         self.means: list[torch.Tensor] = []
         self.spreads: list[torch.Tensor] = []  # biased variance, or 1 / sqrt(var + eps) from the kernel
         self._stacked: tuple[np.ndarray, ...] | None = None
 
-    def attach(self, bn: _BatchNorm) -> Callable[[], None]:
-        """Put the layer on batch statistics for the pass; returns what undoes it."""
+    def attach(self, bn: _BatchNorm | FrozenBatchNormNd) -> Callable[[], None]:
+        """Put the layer on batch statistics for the pass (a frozen one with its own ``forward``: measure it only);
+        returns what undoes it."""
         if self.stock:
             bn.forward = self._stand_in(bn)  # an instance attribute: shadows the class's forward
             return lambda: vars(bn).pop("forward", None)
-        bn.training, bn.track_running_stats = True, False
+        if is_batchnorm(bn):  # a frozen layer's own forward uses its buffers whatever its flags
+            bn.training, bn.track_running_stats = True, False
         return bn.register_forward_hook(self._after).remove
 
     def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, spread: torch.Tensor, invstd: bool) -> None:
