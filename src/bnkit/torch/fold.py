@@ -27,8 +27,9 @@ twice once per call, silently changing the first call's output).
 Which layer feeds which is read from a ``torch.fx`` trace of the model in eval
 mode, with every BatchNorm subclass (SyncBatchNorm, bnkit's drop-in layers) kept
 as one node; so is bnkit's ``FrozenBatchNorm*d``, eval-mode BN held in buffers,
-which folds like one (in either train/eval mode). When tracing fails the fold falls back to neighbours inside plain
-``nn.Sequential`` containers and says so in the report. Only layers with
+which folds like one (whatever its train/eval flag). When tracing fails the fold
+falls back to neighbours inside plain ``nn.Sequential`` containers and says so in
+the report. Only layers with
 PyTorch's own forward are folded into: a subclass that changes the forward
 (weight standardization, QAT fake-quant), a parametrized weight, or a module
 with forward hooks is left alone, with the reason; so is a BN or layer registered
