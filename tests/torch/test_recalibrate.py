@@ -509,3 +509,99 @@ def test_statistics_beyond_float16_are_refused_and_change_nothing():
     scaled = [x / 4096 for x in data]  # in range: recalibrates, every buffer finite
     recalibrate(model, scaled, progress=False)
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+class ReassigningBN(nn.BatchNorm1d):
+    """Research-code style: its own training forward updates the statistics by reassigning the buffers."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        mean, var = x.mean(0), x.var(0, unbiased=False)
+        self.running_mean = (1 - self.momentum) * self.running_mean + self.momentum * mean
+        self.running_var = (1 - self.momentum) * self.running_var + self.momentum * x.var(0)
+        self.num_batches_tracked = self.num_batches_tracked + 1
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+class LastMax(nn.Module):
+    """A non-BN module that reassigns its buffer in forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("last_max", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.last_max = x.detach().abs().max()
+        return x
+
+
+def test_forward_that_reassigns_buffers():
+    torch.manual_seed(0)
+    model = trained_like(nn.Sequential(nn.Linear(3, 4), LastMax(), ReassigningBN(4), nn.BatchNorm1d(4)).double())
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    before = buffers(model)
+    batches = [torch.randn(n, 3, dtype=torch.float64) + 2 for n in (8, 5, 7)]
+    ref = reference_stats(model, batches)
+
+    def interrupted():
+        yield from batches[:2]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recalibrate(model, interrupted(), progress=False)
+    assert_same_state(model, before)
+    assert all(v is tensors[k] for k, v in model.state_dict(keep_vars=True).items())  # the same tensors attached
+
+    recalibrate(model, batches, progress=False)
+    assert_matches_reference(model, ref)
+    assert all(v is tensors[k] for k, v in model.state_dict(keep_vars=True).items())
+    assert float(model[1].last_max) == 0.0  # not a BN statistic: as before the pass
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model)
+
+
+def test_renorm_layer_normalizes_with_its_statistics_from_before_and_a_skipped_batch_leaves_nothing():
+    from bnkit.torch import BatchNorm1d
+
+    torch.manual_seed(0)
+    model = trained_like(nn.Sequential(nn.Linear(3, 4), BatchNorm1d(4, renorm=True, rmax=1.5, dmax=0.5),
+                                       nn.Linear(4, 4), nn.BatchNorm1d(4)).double())
+    before = buffers(model)
+    batches = [torch.randn(8, 3, dtype=torch.float64) + 1 for _ in range(6)]
+    frozen = copy.deepcopy(model)
+    frozen[1].momentum = 0.0  # the oracle: PyTorch-side training forward whose running statistics never move
+    ref = reference_stats(frozen, [b for i, b in enumerate(batches) if i != 1])
+    batches[1][0, 0] = float("nan")
+    report = recalibrate(model, batches, on_nonfinite="skip", progress=False)
+    assert (report.batches, report.skipped_batches) == (5, 1)
+    assert_matches_reference(model, ref)
+    # the oracle is not plain BN: the renorm correction (r, d from the old statistics) changed what layer 3 saw
+    plain = reference_stats(revert(model, before), [b for i, b in enumerate(batches) if i != 1])
+    assert not np.allclose(ref["3"][0], plain["3"][0])
+
+
+def revert(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    from bnkit.torch import revert_bn
+
+    plain = revert_bn(copy.deepcopy(model))
+    plain.load_state_dict(state)
+    return plain
+
+
+def test_debias_layer_loaded_without_num_batches_tracked_is_recalibrated():
+    from bnkit.torch import BatchNorm1d
+
+    torch.manual_seed(0)
+    model = trained_like(nn.Sequential(nn.Linear(3, 4), BatchNorm1d(4, debias=True)).double())
+    model[1].num_batches_tracked.zero_()  # as loaded from a checkpoint without it; the statistics are not 0 / 1
+    batches = [torch.randn(n, 3, dtype=torch.float64) + 2 for n in (8, 6, 7)]
+    ref = reference_stats(revert(model, model.state_dict()), batches)
+    before = buffers(model)
+    bad = [batches[0], batches[1] * float("nan")]
+    with pytest.raises(ValueError, match="non-finite"):
+        recalibrate(model, bad, progress=False)
+    assert_same_state(model, before)
+    assert model[1].debias
+    recalibrate(model, batches, progress=False)
+    assert_matches_reference(model, ref)
+    assert model[1].debias

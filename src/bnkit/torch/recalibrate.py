@@ -81,6 +81,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..findings import Finding
 from ..stats import RunningMoments
+from .layers import _DropInBatchNorm
 from .modules import has_stock_forward, is_batchnorm
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
@@ -498,6 +499,33 @@ class _Pass:
         self.moments = merged
 
 
+class _SavedBuffers:
+    """The buffers of some modules, by module and name (the tensor attached there) and by value.
+
+    :meth:`restore` attaches each saved tensor under its name again and writes its saved values back,
+    so a forward that reassigns a buffer (``self.running_mean = ...``) or adds one leaves no trace.
+    """
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.attached = [(m, dict(m._buffers)) for m in modules]
+        self.values = {id(b): (b, b.detach().clone())
+                       for _, bufs in self.attached for b in bufs.values() if b is not None}
+
+    def before(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The saved values of ``tensor`` (one of the saved buffers)."""
+        return self.values[id(tensor)][1]
+
+    def restore(self) -> None:
+        for m, bufs in self.attached:
+            now = m._buffers
+            if len(now) != len(bufs) or any(now.get(k) is not b for k, b in bufs.items()):
+                now.clear()
+                now.update(bufs)
+        with torch.no_grad():
+            for tensor, before in self.values.values():
+                tensor.copy_(before)
+
+
 def _nonfinite_message(layer: str, batch: int, rank: int | None = None) -> str:
     where = f"batch {batch}" + ("" if rank is None else f" on rank {rank}")
     return (
@@ -521,14 +549,20 @@ def recalibrate(
 
     One pass, all layers at once, under ``torch.no_grad()``. During the pass only
     the BatchNorm layers normalize with batch statistics, as in training (standard
-    layers with the statistics reduced here, which are also the ones recorded;
-    subclasses that override ``forward`` through their own forward in training
-    mode). Dropout and every other module keep the mode they were in, so call
-    ``model.eval()`` first for eval-time activations (a warning is issued if
-    Dropout is left in training mode). Afterwards every ``training`` flag and
-    ``requires_grad`` is as before, and no buffer other than the recalibrated
-    layers' ``running_mean``, ``running_var`` and ``num_batches_tracked``
-    changes (momentum is never touched). A BN layer used several times per
+    layers with the statistics reduced here, which are also the ones recorded).
+    A layer whose class or instance overrides ``forward`` runs its own
+    training-mode forward, always from its state before the pass: its buffers are
+    put back after every call, so one that reads its running statistics (Batch
+    Renormalization's ``r``/``d``, a ``renorm_schedule`` step) uses the ones it had
+    before the pass, and a skipped batch leaves nothing behind for the next.
+    bnkit's ``debias=True`` layers run with ``debias`` off (it changes only the
+    running update, which the pass discards). Dropout and every other module keep
+    the mode they were in, so call ``model.eval()`` first for eval-time
+    activations (a warning is issued if Dropout is left in training mode).
+    Afterwards every ``training`` flag and ``requires_grad`` is as before, and no
+    buffer other than the recalibrated layers' ``running_mean``, ``running_var``
+    and ``num_batches_tracked`` changes, also where a forward reassigns or adds
+    buffers (momentum is never touched). A BN layer used several times per
     forward gets the statistics of all its inputs, as its running average would.
 
     Per layer, with ``n`` the number of values per channel seen (samples times
@@ -601,21 +635,17 @@ def recalibrate(
 
     flags = [(m, m.training) for _, m in modules]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    saved = {id(b): (b, b.detach().clone()) for b in model.buffers()}
-    buffers = saved.values()
+    saved = _SavedBuffers([m for _, m in modules])
+    debiased = [m for _, m in layers if isinstance(m, _DropInBatchNorm) and m.debias]
     acc = _Pass(layers, skip_nonfinite=on_nonfinite == "skip")
     patched: list[nn.Module] = []
     handles = []
 
-    def restore_buffers() -> None:
-        with torch.no_grad():
-            for tensor, before in buffers:
-                tensor.copy_(before)
-
     try:
         # Standard layers get a stand-in forward (one reduction, see _Pass.forward; SyncBatchNorm then
         # normalizes per rank, with no collective per batch); a layer with its own forward (a subclass,
-        # or one patched on the instance) keeps it, with a pre-hook that reduces its input.
+        # or one patched on the instance) keeps it, with a pre-hook that reduces its input and a hook
+        # that puts its buffers back after each call, so its state never drifts during the pass.
         for i, (_, m) in enumerate(layers):
             m.training = True
             if has_stock_forward(m):
@@ -623,6 +653,10 @@ def recalibrate(
                 m.__dict__["forward"] = acc.forward(i)  # an instance attribute, as `m.forward = ...` makes it
             else:
                 handles.append(m.register_forward_pre_hook(acc.hook(i), with_kwargs=True))
+                own = _SavedBuffers([m])
+                handles.append(m.register_forward_hook(lambda *_, own=own: own.restore()))
+        for m in debiased:  # debias shapes only the running update the pass discards; its start check would refuse
+            m.debias = False  # statistics loaded without num_batches_tracked, which this pass overwrites
         batches = data if num_batches is None else itertools.islice(data, int(num_batches))
         error: BaseException | None = None
         with torch.no_grad(), _progress_bar(progress and _rank() == 0, _total(data, num_batches)) as advance:
@@ -649,13 +683,13 @@ def recalibrate(
                 "data yielded no batches" if acc.skipped == 0
                 else f"all {acc.skipped} batches had non-finite BatchNorm inputs; nothing to recalibrate from"
             )
-        restore_buffers()
+        saved.restore()  # every buffer, attached as before the pass (the statistics are written into those)
         report = RecalibrationReport(batches=acc.batches, skipped_batches=acc.skipped, world_size=world)
         with torch.no_grad():
             for (name, m), rm, calls, samples in zip(layers, acc.moments, acc.calls.tolist(), acc.samples.tolist()):
                 # the saved copies are private: as float64 CPU arrays they need no further copy
-                old_mean, old_var = (saved[id(b)][1].to("cpu", torch.float64).numpy() for b in (m.running_mean,
-                                                                                              m.running_var))
+                old_mean, old_var = (saved.before(b).to("cpu", torch.float64).numpy()
+                                     for b in (m.running_mean, m.running_var))
                 new_mean, new_var = old_mean, old_var
                 if rm.count > 0:
                     new_mean, new_var = rm.mean, rm.var_unbiased
@@ -673,11 +707,13 @@ def recalibrate(
                     name, calls, samples, rm.count, old_mean, old_var, new_mean, new_var, float(m.eps)))
         return report
     except BaseException:
-        restore_buffers()
+        saved.restore()
         raise
     finally:
         for h in handles:
             h.remove()
+        for m in debiased:
+            m.debias = True
         for m in patched:
             del m.__dict__["forward"]
         for m, was in flags:
