@@ -588,6 +588,26 @@ def revert(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return plain
 
 
+def test_empty_bn_input_is_ignored_as_pytorch_does():
+    class Routed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.bn_all, self.bn_pos = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn_pos(self.bn_all(self.fc(x))[x[:, 0] > 0])  # rows routed to a branch; may be none
+
+    torch.manual_seed(0)
+    model = trained_like(Routed().double())
+    batches = [torch.randn(16, 3, dtype=torch.float64) + 1, torch.randn(8, 3, dtype=torch.float64) - 5,
+               torch.randn(16, 3, dtype=torch.float64) + 1]
+    ref = reference_stats(model, [batches[0], batches[2]])
+    ref["bn_all"] = reference_stats(model, batches)["bn_all"]
+    report = recalibrate(model, batches, progress=False)
+    assert report.batches == 3
+    assert_matches_reference(model, ref)  # bn_pos: 2 calls, the empty input counted nowhere
+
+
 def test_debias_layer_loaded_without_num_batches_tracked_is_recalibrated():
     from bnkit.torch import BatchNorm1d
 

@@ -316,13 +316,13 @@ class _Pass:
         self.batch_index = 0  # batches run so far (the one running now)
         self.folded = 0  # batches folded so far
 
-    def recorder(self, index: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    def recorder(self, index: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
         """``record(x)``: check and reduce one input of layer ``index``, keep its statistics; returns them,
-        the float64 ``(mean, biased variance)``."""
+        the float64 ``(mean, biased variance)``, or None for an input with no values (ignored)."""
         name, module = self.layers[index]
         channels, append, stats = module.num_features, self.records.append, torch.batch_norm_update_stats
 
-        def record(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def record(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
             shape = x.shape
             if len(shape) < 2 or shape[1] != channels:
                 raise ValueError(
@@ -331,10 +331,11 @@ class _Pass:
                 )
             count = x.numel() // channels
             if count < 2:
+                if count == 0:  # an empty input (a routed branch given no rows): nothing to count, as in PyTorch
+                    return None
                 raise ValueError(
                     f"BatchNorm layer {name!r} got input of shape {tuple(shape)} in batch {self.batch_index}: "
-                    f"{'no value' if count == 0 else 'one value'} per channel cannot be normalized in training mode; "
-                    "use batches of at least 2 "
+                    "one value per channel cannot be normalized in training mode; use batches of at least 2 "
                     "(e.g. DataLoader(..., drop_last=True))"
                 )
             if count * channels <= _SMALL and x.device.type != "mps":  # _batch_moments' small path, inlined
@@ -363,7 +364,10 @@ class _Pass:
 
         def forward(input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - PyTorch's name: bn(input=x) works too
             check(input)
-            mean, var = record(input)
+            moments = record(input)
+            if moments is None:  # no values: an empty output, as PyTorch's training forward gives
+                return input.clone()
+            mean, var = moments
             device = input.device  # MPS: the statistics were finished on the CPU
             x = input.float() if low else input
             out = batch_norm(x, weight, bias, mean.to(device, stats), var.to(device, stats), False, 0.0, eps, cudnn)
@@ -563,7 +567,8 @@ def recalibrate(
     buffer other than the recalibrated layers' ``running_mean``, ``running_var``
     and ``num_batches_tracked`` changes, also where a forward reassigns or adds
     buffers (momentum is never touched). A BN layer used several times per
-    forward gets the statistics of all its inputs, as its running average would.
+    forward gets the statistics of all its inputs, as its running average would;
+    an input with no values (a routed branch given no rows) is ignored.
 
     Per layer, with ``n`` the number of values per channel seen (samples times
     spatial positions): ``running_mean = mean``, ``running_var = M2 / (n - 1)``
