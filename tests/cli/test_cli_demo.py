@@ -181,6 +181,34 @@ def test_study_and_demo_reject_bad_arguments(tmp_path):
     assert res.exit_code == 2 and "cannot write the report folder" in res.output
 
 
+def test_a_seed_out_of_range_is_refused_before_any_chapter_runs_or_out_is_touched(tmp_path):
+    report = tmp_path / "r"
+    report.mkdir()
+    (report / "index.html").write_text("previous report")
+    for args in (["demo", "--quick", "--seed", "-1"], ["study", "two-modes", "--size", "quick", "--seed", "-1"],
+                 ["study", "fine-tuning", "--size", "quick", "--seeds", "2", "--seed", "4294967295"]):
+        res = runner.invoke(app, [*args, "--out", str(report)])
+        assert res.exit_code == 2 and "--seed must be between 0 and" in res.output, res.output
+        assert _names(report) == ["index.html"]  # no staging folder, no plot: nothing ran
+        assert (report / "index.html").read_text() == "previous report"
+    res = runner.invoke(app, ["study", "two-modes", "--seeds", str(2**33), "--out", str(report)])
+    assert res.exit_code == 2 and "too large" in res.output and _names(report) == ["index.html"]
+    import sklearn.utils
+    from bnkit.study import max_base_seed
+
+    # the bound is the real one: fine-tuning seeds the shuffle with base + (seeds - 1) + 1000, which NumPy (and so
+    # scikit-learn's random_state) takes at the bound and refuses one above it
+    top = max_base_seed(["fine-tuning"], "quick", seeds=2)
+    sklearn.utils.check_random_state(top + 1 + 1000)
+    with pytest.raises(ValueError):
+        sklearn.utils.check_random_state(top + 1 + 1000 + 1)
+    assert max_base_seed(["two-modes"], "quick", seeds=2) == 2**32 - 2  # base + seed index 1
+
+
+def _names(path):
+    return sorted(p.name for p in path.iterdir())
+
+
 def test_printed_tables_are_the_measured_numbers(quick):
     """Cells of the terminal tables are recomputed here from the raw per-seed figures in results.json."""
     out, output, results = quick

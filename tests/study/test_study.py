@@ -143,6 +143,13 @@ def test_context_rejects_bad_sizes():
         Context(size="huge").params(ch_running.SIZES)
     with pytest.raises(ValueError, match="seeds"):
         Context(seeds=0).params(ch_running.SIZES)
+
+
+def test_run_chapters_refuses_a_seed_numpy_cannot_take_before_running(tmp_path):
+    for seed in (-1, 2**32 - 1):  # fine-tuning adds up to 1000 to the seed
+        with pytest.raises(ValueError, match="seed must be between 0 and"):
+            run_chapters(["fine-tuning"], Context(size="quick", seed=seed, out=tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="unknown chapter"):
         run_chapters(["nope"], Context())
 

@@ -77,6 +77,14 @@ def run_and_report(
         raise fail(f"--out {out} exists and is not a folder")
     if threads < 1:
         raise fail(f"--threads must be at least 1, got {threads}")
+    from ..study import MAX_SEED, max_base_seed
+
+    top = max_base_seed(names, size, seeds)
+    if top < 0:
+        raise fail(f"--seeds {seeds} is too large: the seeds would pass NumPy's limit, 2**32 - 1")
+    if not 0 <= seed <= top:
+        raise fail(f"--seed must be between 0 and {top}, got {seed} (the chapters add up to {MAX_SEED - top} "
+                   f"to it, and NumPy's seeds stop at 2**32 - 1)")
     import os
     import platform
     import shutil

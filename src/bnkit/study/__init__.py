@@ -2,7 +2,9 @@
 
 Each chapter module exposes ``NUMBER``, ``TITLE``, ``CLAIM``, ``REQUIRES`` (the
 ``bnkit.torch`` names it needs), ``SIZES`` (``quick``/``demo``/``full``) and
-``run(ctx) -> Chapter``. :func:`run_chapters` runs them in order; a chapter
+``run(ctx) -> Chapter``, and ``SEED_OFFSET`` where it seeds a random stream
+with more than the run's seed (base seed + seed index; see :func:`max_base_seed`).
+:func:`run_chapters` runs them in order; a chapter
 whose ``bnkit.torch`` dependencies are missing is reported as not run, with
 the reason, never faked. ``bnkit demo`` runs all chapters at the ``demo`` (or
 ``quick``) size; ``bnkit study NAME`` runs one at the ``full`` size.
@@ -19,7 +21,8 @@ from typing import Any, Protocol
 
 from .report import Chapter, unavailable
 
-__all__ = ["CHAPTERS", "SIZES", "Tracker", "Context", "run_chapters", "missing_dependencies"]
+__all__ = ["CHAPTERS", "SIZES", "MAX_SEED", "Tracker", "Context", "run_chapters", "missing_dependencies",
+           "max_base_seed"]
 
 #: chapter name -> module under ``bnkit.study``, in the order they are told.
 CHAPTERS: dict[str, str] = {
@@ -30,6 +33,8 @@ CHAPTERS: dict[str, str] = {
     "deployment": "deploy",
 }
 SIZES = ("quick", "demo", "full")
+#: The largest seed NumPy takes (scikit-learn's ``random_state``, the data split); torch's generators take more.
+MAX_SEED = 2**32 - 1
 
 
 class Tracker(Protocol):
@@ -92,8 +97,31 @@ def chapter_module(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{CHAPTERS[name]}")
 
 
+def max_base_seed(names: list[str], size: str, seeds: int | None = None) -> int:
+    """The largest base seed the named chapters can run with at ``size`` (``seeds`` overriding the seed count).
+
+    Each chapter seeds its random streams with the base seed plus the seed index (up to its seed count - 1) plus,
+    for some streams, its ``SEED_OFFSET``; every such seed must stay within :data:`MAX_SEED`.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    largest = 0
+    for name in names:
+        mod = chapter_module(name)
+        params = mod.SIZES[size]
+        count = seeds if seeds is not None and "seeds" in params else params.get("seeds", 1)
+        largest = max(largest, count - 1 + getattr(mod, "SEED_OFFSET", 0))
+    return MAX_SEED - largest
+
+
 def run_chapters(names: list[str], ctx: Context) -> list[Chapter]:
-    """Run the named chapters in order. A chapter that raises is reported as failed, with the error."""
+    """Run the named chapters in order. A chapter that raises is reported as failed, with the error.
+
+    A seed outside ``0..max_base_seed(...)`` raises ValueError before any chapter runs.
+    """
+    top = max_base_seed(names, ctx.size, ctx.seeds)
+    if not 0 <= ctx.seed <= top:
+        raise ValueError(f"seed must be between 0 and {top} for these chapters, got {ctx.seed}")
     ctx.out.mkdir(parents=True, exist_ok=True)
     chapters = []
     for name in names:

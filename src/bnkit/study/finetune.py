@@ -46,6 +46,9 @@ SIZES = {
     "demo": {"seeds": 2, "pretrain_epochs": 10, "finetune_epochs": 5, "finetune_images": 200, "batch_size": 32},
     "full": {"seeds": 5, "pretrain_epochs": 20, "finetune_epochs": 10, "finetune_images": 200, "batch_size": 32},
 }
+#: offsets added to a run's seed for domain B's training-image noise, test-image noise and the fine-tuning shuffle
+B_TRAIN_SEED, B_TEST_SEED, FINETUNE_SEED = 1, 2, 1000
+SEED_OFFSET = max(B_TRAIN_SEED, B_TEST_SEED, FINETUNE_SEED)
 #: key -> (label in the plot, short label in the table, the ``bnkit.torch`` names it needs)
 VARIANTS = {
     "pretrained": ("pretrained, not fine-tuned", "pretrained", ()),
@@ -98,14 +101,14 @@ def _variant(key: str, base: nn.Module, ft_x, ft_y, p: dict, seed: int) -> nn.Mo
         lesson_freeze(model)
     elif key in ("freeze_bn", "recal_freeze"):
         bt.freeze_bn(model)
-    fit(model, ft_x, ft_y, epochs=p["finetune_epochs"], batch_size=p["batch_size"], seed=seed + 1000)
+    fit(model, ft_x, ft_y, epochs=p["finetune_epochs"], batch_size=p["batch_size"], seed=seed + FINETUNE_SEED)
     return model
 
 
 def _one_seed(p: dict, seed: int, available: dict[str, bool], tracker) -> dict:
     a = load_digits_split(seed=seed).subset(CLASSES)
-    b_train_x = shifted_domain(a.x_train, seed=seed + 1)
-    b_test_x = shifted_domain(a.x_test, seed=seed + 2)
+    b_train_x = shifted_domain(a.x_train, seed=seed + B_TRAIN_SEED)
+    b_test_x = shifted_domain(a.x_test, seed=seed + B_TEST_SEED)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(b_train_x), generator=g)[: p["finetune_images"]]
     ft_x, ft_y = b_train_x[pick], a.y_train[pick]
