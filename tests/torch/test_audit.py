@@ -705,3 +705,27 @@ def test_frozen_layer_shifted_by_three_std_ranks_first(trained, digits):
         bn.running_var.double() + bn.eps)
     assert s.mean_shift == pytest.approx(z[s.worst_channel].item(), abs=1e-4)
     assert s.mean_noise is None and not report.by_code("stat_noise")  # frozen statistics do not wobble
+
+
+def test_batches_that_are_not_random_samples_are_told_instead_of_noise_and_gap():
+    from sklearn.feature_selection import f_classif
+
+    rng = np.random.default_rng(0)
+    side = np.repeat([-1.0, 1.0], 640)  # two classes, stored sorted (an ImageFolder read with shuffle=False)
+    x = rng.normal(size=(1280, 3)) + 1.5 * side[:, None]
+    bn = nn.BatchNorm1d(3).eval()
+    with torch.no_grad():
+        bn.running_var.fill_(1 + 1.5 ** 2)  # the mixture's statistics: no shift
+        bn.num_batches_tracked.fill_(1000)
+    ordered = audit(bn, torch.tensor(x, dtype=torch.float32), batch_size=64)
+    (s,) = ordered.shifts
+    f_anova, _ = f_classif(x, np.arange(1280) // 64)  # one-way ANOVA F, the batches as groups
+    assert s.batch_f == pytest.approx(np.median(f_anova), rel=1e-4) and s.batch_f > 100
+    (noise,) = ordered.by_code("stat_noise")
+    assert noise.severity == "info" and "not random samples" in noise.finding and s.mean_noise is None
+    (gap,) = ordered.by_code("gap")
+    assert gap.severity == "info" and "not random samples" in gap.evidence
+    shuffled = audit(bn, torch.tensor(rng.permutation(x), dtype=torch.float32), batch_size=64)
+    (noise,) = shuffled.by_code("stat_noise")
+    assert "not random" not in noise.finding and "random samples" in noise.evidence
+    assert shuffled.shifts[0].batch_f < 2 and shuffled.shifts[0].mean_noise is not None

@@ -161,5 +161,6 @@ def test_noise_is_the_between_batch_spread_scaled_to_the_training_batch_size():
     factor = np.sqrt(m / (2 - m))  # an EMA keeps this fraction of one batch statistic's std
     want_mean = np.sqrt(np.mean((factor * np.sqrt(s2_mean / b_train / var_r)) ** 2))
     want_var = np.sqrt(np.mean((factor * np.sqrt(s2_var / (b_train - 1)) / (v_bar + eps)) ** 2))
-    got_mean, got_var = _noise(col, bn, b_train, var_r)
-    np.testing.assert_allclose([got_mean, got_var], [want_mean, want_var], rtol=1e-5)
+    want_f = np.median(s2_mean / (v_bar + eps))  # the ANOVA F: within-batch mean square v_bar for (N, C) inputs
+    got_mean, got_var, got_f = _noise(col, bn, b_train, var_r)
+    np.testing.assert_allclose([got_mean, got_var, got_f], [want_mean, want_var, want_f], rtol=1e-5)

@@ -43,6 +43,16 @@ Three depths, each adding to the one before:
    ``sqrt(m / (2 - m))`` of one batch statistic's standard deviation
    (:func:`bnkit.audit_state.ema_noise_factor`); the batch statistic's spread is
    measured between the data's batches and scaled to the training batch size.
+   The noise figure and the gap assume batches drawn at random from the data
+   (``shuffle=True``). A stream in stored order (sorted by class, as an ImageFolder read
+   with ``shuffle=False``) has batches that differ by more than sampling noise, which
+   would inflate both; the batch means' ANOVA F ratio (``LayerShift.batch_f``: at most
+   about 1 for random batches) tells it when it clears the one-in-a-million level in a
+   layer (reliably in layers with one value per channel and sample, such as
+   ``BatchNorm1d`` on ``(N, C)``; convolution layers' channel means vary less than
+   their values, so they rarely show it), and then the noise is not estimated and the
+   gap is reported as info. The statistics shifts pool every batch and do not depend
+   on the order.
 
 Nothing is changed: every module's train/eval flag, ``momentum``,
 ``track_running_stats`` and BN buffers are restored, also when a forward fails.

@@ -45,8 +45,11 @@ class LayerShift:
     worst channel (signed); ``score``: channel mean of KL; ``z_eq = sqrt(2 score)``.
     ``mean_noise`` / ``var_noise``: expected standard deviation of the running mean (in
     running standard deviations) and relative one of the running variance at the training
-    batch size, root-mean-square over channels (None when fewer than 2 batches were seen, and for bnkit's
-    ``FrozenBatchNorm*d``, whose statistics no longer change).
+    batch size, root-mean-square over channels (None when fewer than 2 batches were seen, for bnkit's
+    ``FrozenBatchNorm*d``, whose statistics no longer change, and when the batches are not random samples).
+    ``batch_f``: the batch means' ANOVA F ratio (between-batch mean square over the pooled within-batch
+    variance), channel median; at most about 1 when the batches are random samples of the data (None when
+    fewer than 2 batches were seen).
     """
 
     layer: str
@@ -58,6 +61,7 @@ class LayerShift:
     count: int
     mean_noise: float | None = None
     var_noise: float | None = None
+    batch_f: float | None = None
 
 
 
@@ -104,14 +108,14 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
             eval_out = flatten_tensors(forward(model, first))
         except Exception as exc:
             raise ValueError(f"the model failed in eval mode on the first data batch: {type(exc).__name__}: {exc}") from exc
-        findings += _gap_findings(batch_out, eval_out, report)
+        shift_findings, ordered = _shift_findings(tracked, collectors, train_batch_size or batch_len(first), report)
+        findings += _gap_findings(batch_out, eval_out, report, ordered)
         findings += _coupling_findings(model, layers, first, eval_out, forward, coupling_samples, report)
-    b_train = train_batch_size or batch_len(first)
-    findings += _shift_findings(tracked, collectors, b_train, report)
-    return findings
+    return findings + shift_findings
 
 
-def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> list[Finding]:
+def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> tuple[list[Finding], LayerShift | None]:
+    """The shift and noise findings, and the layer showing that the batches are not random samples (or None)."""
     shifts, nonfinite = [], []
     for name, bn in tracked:
         col = collectors[name]
@@ -131,7 +135,7 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> l
         worst = int(np.argmax(kl))
         shift = LayerShift(name, float(kl.mean()), float(math.sqrt(2 * kl.mean())), float(z[worst]),
                            float(log_ratio[worst]), worst, int(col.moments.count))
-        shift.mean_noise, shift.var_noise = _noise(col, bn, b_train, var_r + eps)
+        shift.mean_noise, shift.var_noise, shift.batch_f = _noise(col, bn, b_train, var_r + eps)
         shifts.append(shift)
     shifts.sort(key=lambda s: s.score, reverse=True)
     report.shifts = shifts
@@ -157,6 +161,22 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> l
             "upstream errors do not propagate): if its statistics were altered, restore them; if this data is "
             "what the model will see, recalibrate (bnkit recalibrate)",
             "stat_shift", asdict(s)))
+    ordered = _not_random(shifts, collectors, report.batches)
+    if ordered is not None:
+        for s in shifts:
+            s.mean_noise = s.var_noise = None  # measured from the spread between batches: not sampling noise here
+        limit = _f_limit(report.batches - 1)
+        findings.append(Finding(
+            "info", ordered.layer, "running statistics noise not estimated: the data's batches are not random samples",
+            f"the batch means spread {ordered.batch_f:.3g} times as much as the within-batch variance predicts "
+            f"(ANOVA F, channel median; batches drawn at random give at most about 1, and above {limit:.3g} with "
+            f"a chance below one in a million over {report.batches} batches): the data is ordered, e.g. sorted by "
+            "class (a DataLoader with shuffle=False), so its batches differ by more than sampling noise; the noise "
+            "figure and the train-vs-eval gap assume random batches, the statistics shifts do not",
+            "pass the data shuffled (DataLoader(..., shuffle=True), or x[torch.randperm(len(x))]) to estimate the "
+            "noise and the gap", "stat_noise",
+            {"train_batch_size": b_train, "batch_f": ordered.batch_f, "f_limit": limit, "batches": report.batches}))
+        return findings, ordered
     noisy = [s for s in shifts if s.mean_noise is not None]
     if not noisy and any(is_batchnorm(dict(tracked)[s.layer]) for s in shifts):
         findings.append(Finding(
@@ -171,12 +191,36 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> l
         findings.append(Finding(
             "warning" if worst.mean_noise > NOISE_WARNING else "info", worst.layer,
             f"running statistics noise at training batch size {b_train}",
-            _noise_evidence(worst, worst_var, momentum),
+            _noise_evidence(worst, worst_var, momentum) + "; measured from the spread between the data's batches, "
+            "taken as random samples of it (shuffle=True)",
             "" if worst.mean_noise <= NOISE_WARNING else
             "use larger batches, a smaller momentum, or recompute the statistics after training (bnkit recalibrate)",
             "stat_noise", {"train_batch_size": b_train, "mean_noise": worst.mean_noise,
                            "var_noise": worst_var.var_noise, "var_noise_layer": worst_var.layer}))
-    return findings
+    return findings, None
+
+
+def _f_limit(dof: int) -> float:
+    """The upper one-in-a-million quantile of ``chi2(dof) / dof``, by Wilson-Hilferty (which overstates it for
+    small ``dof``: 27.5 against 23.9 at 1, 2.84 against 2.81 at 28)."""
+    c = 2.0 / (9.0 * dof)
+    return (1.0 - c + 4.753 * math.sqrt(c)) ** 3
+
+
+def _not_random(shifts: list[LayerShift], collectors: dict[str, Collector], batches: int) -> LayerShift | None:
+    """The layer whose batch means show most clearly that the data's batches are not random samples, or None.
+
+    For batches drawn at random, ``batch_f`` is at most ``chi2(K - 1) / (K - 1)`` in distribution per channel
+    (see :func:`_noise`), so a channel median above :func:`_f_limit` has a chance of at most 2e-6 (at least
+    half the channels above a level each passes with chance p: at most 2p). Only layers called once per batch
+    count (a layer called on several inputs per forward sees inputs that differ by design).
+    """
+    if batches < 2:
+        return None
+    limit = _f_limit(batches - 1)
+    over = [s for s in shifts
+            if s.batch_f is not None and s.batch_f > limit and len(collectors[s.layer].means) == batches]
+    return max(over, key=lambda s: s.batch_f, default=None)
 
 
 def _noise_evidence(worst: LayerShift, worst_var: LayerShift, momentum: float | None) -> str:
@@ -189,20 +233,31 @@ def _noise_evidence(worst: LayerShift, worst_var: LayerShift, momentum: float | 
             f"{worst_var.layer or '(root)'}, the noisiest layer for each")
 
 
-def _noise(col: Collector, bn: nn.Module, b_train: int, var_r: np.ndarray) -> tuple[float | None, float | None]:
-    """RMS over channels of the running mean's std (in running std) and running variance's relative std.
+def _noise(col: Collector, bn: nn.Module, b_train: int,
+           var_r: np.ndarray) -> tuple[float | None, float | None, float | None]:
+    """RMS over channels of the running mean's std (in running std) and running variance's relative std, and
+    the channel median of the batch means' F ratio.
 
     Between-batch mean squares (one-way ANOVA) give a batch statistic's variance per
     sample, ``s2 = sum_b n_b (m_b - m)^2 / (K - 1)``; at batch size ``B`` it is ``s2 / B``
     (``sum_b (n_b - 1)(v_b - v)^2 / (K - 1)`` and ``/ (B - 1)`` for the unbiased variance).
+    This assumes batches drawn at random from the data. ``F = s2 / (w + eps)`` with
+    ``w = sum_b n_b v_b / sum_b (n_b - 1)`` (``v_b`` the biased variance of the batch's values): for random
+    batches a sample's channel mean varies by ``t2 <= sigma2`` (its values' variance; law of total variance),
+    ``E v_b = sigma2 - t2 / n_b``, so ``E w >= t2 = E s2`` and ``E F <= 1`` (``= 1`` with one value per channel
+    and sample, as ``BatchNorm1d`` on ``(N, C)``); batches that differ systematically (data sorted by class)
+    give far more.
     """
-    if len(col.means) < 2 or not is_batchnorm(bn):  # a frozen layer's statistics no longer change
-        return None, None
-    n, _, means, _ = col.stacked()
+    if len(col.means) < 2:
+        return None, None, None
+    n, _, means, biased = col.stacked()
     variances = col.batch_vars()
     k = len(n)
     s2_mean = n @ np.square(means - n @ means / n.sum()) / (k - 1)
     v_bar = (n - 1) @ variances / (n - 1).sum()
+    batch_f = float(np.median(s2_mean / (n @ biased / (n - 1).sum() + bn.eps)))
+    if not is_batchnorm(bn):  # a frozen layer's statistics no longer change
+        return None, None, batch_f
     s2_var = (n - 1) @ np.square(variances - v_bar) / (k - 1)
     if bn.momentum is None:
         updates = max(int(bn.num_batches_tracked or 1), 1)
@@ -211,10 +266,12 @@ def _noise(col: Collector, bn: nn.Module, b_train: int, var_r: np.ndarray) -> tu
         factor = ema_noise_factor(bn.momentum) if bn.momentum > 0 else 0.0
     mean_noise = factor * np.sqrt(s2_mean / b_train / var_r)
     var_noise = factor * np.sqrt(s2_var / max(b_train - 1, 1)) / np.maximum(v_bar + bn.eps, 1e-300)
-    return float(np.sqrt(np.mean(mean_noise ** 2))), float(np.sqrt(np.mean(var_noise ** 2)))
+    return float(np.sqrt(np.mean(mean_noise ** 2))), float(np.sqrt(np.mean(var_noise ** 2))), batch_f
 
 
-def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], report: AuditReport) -> list[Finding]:
+def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], report: AuditReport,
+                  ordered: LayerShift | None) -> list[Finding]:
+    """The gap on the first batch; ``ordered``: the layer showing that the batches are not random samples."""
     if not batch_out or not eval_out or len(batch_out) != len(eval_out):
         return [Finding("info", "(model)", "train-vs-eval gap not measured", "the model's output holds no tensors",
                         "", "gap")]
@@ -230,10 +287,18 @@ def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], r
     if batch_out[0].ndim == 2 and batch_out[0].shape[1] > 1:
         same = (batch_out[0].argmax(1) == eval_out[0].argmax(1)).double().mean()
         agree = f"; argmax agrees on {100 * float(same):.3g}% of the batch"
+    evidence = (f"|y_train - y_eval| / |y_train| = {gap:.3g} on the first batch (batch statistics vs running "
+                f"statistics){agree}")
+    if ordered is not None:
+        return [Finding(
+            "info", "(model)", "train-vs-eval output gap", evidence + "; the data's batches are not random samples "
+            f"(see the noise finding at {ordered.layer or '(root)'}), so the first batch's statistics differ from the "
+            "data's by more than chance and the gap overstates that of a random batch",
+            "shuffle the data to measure it", "gap", {"gap": gap})]
     return [Finding(
         "warning" if gap > GAP_WARNING else "info", "(model)", "train-vs-eval output gap",
-        f"|y_train - y_eval| / |y_train| = {gap:.3g} on the first batch (batch statistics vs running statistics)"
-        + agree, "" if gap <= GAP_WARNING else "see the ranked statistics shifts; recalibrate on this data",
+        evidence + "; the batch is taken as a random sample of the data (shuffle=True)",
+        "" if gap <= GAP_WARNING else "see the ranked statistics shifts; recalibrate on this data",
         "gap", {"gap": gap})]
 
 
