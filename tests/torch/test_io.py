@@ -155,3 +155,16 @@ def test_upper_case_safetensors_suffix_writes_and_reads_safetensors(tmp_path):
     path = save_state_dict_file(state, tmp_path / "w.SAFETENSORS")
     assert {k: torch.equal(v, state[k]) for k, v in load_file(str(path)).items()} == {k: True for k in state}
     assert all(torch.equal(v, state[k]) for k, v in load_state_dict_file(path).items())
+
+
+def test_a_wrapper_holding_a_whole_model_is_unwrapped_with_trust(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    path = tmp_path / "yolo_style.pt"
+    torch.save({"model": model, "epoch": 3}, path)  # YOLOv5's layout
+    with pytest.raises(UnsafeCheckpointError):
+        load_state_dict_file(path)
+    state = load_state_dict_file(path, trust=True)
+    want = model.state_dict()
+    assert state.keys() == want.keys()
+    assert all(torch.equal(state[k], want[k]) for k in want)

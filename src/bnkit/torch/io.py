@@ -167,7 +167,8 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
 def load_state_dict_file(path: str | os.PathLike, *, trust: bool = False) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` state dict from a checkpoint file.
 
-    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``, ...) are unwrapped;
+    Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``, ...) are unwrapped, also one holding a
+    whole pickled ``nn.Module`` (YOLOv5's ``{"model": model, "epoch": 3}``; readable with ``trust`` only);
     non-tensor entries (epoch counters, optimizer state) are dropped.
     """
     obj = load_checkpoint(path, trust=trust)
@@ -177,6 +178,8 @@ def load_state_dict_file(path: str | os.PathLike, *, trust: bool = False) -> dic
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     for key in _WRAPPER_KEYS:
         inner = obj.get(key)
+        if isinstance(inner, torch.nn.Module):
+            inner = inner.state_dict()
         if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
             obj = inner
             break
