@@ -729,3 +729,11 @@ def test_batches_that_are_not_random_samples_are_told_instead_of_noise_and_gap()
     (noise,) = shuffled.by_code("stat_noise")
     assert "not random" not in noise.finding and "random samples" in noise.evidence
     assert shuffled.shifts[0].batch_f < 2 and shuffled.shifts[0].mean_noise is not None
+
+
+@pytest.mark.parametrize("max_batches", [0, -3])
+def test_max_batches_below_one_is_refused(max_batches):
+    x = torch.randn(256, 2)
+    for data in (x, list(x.split(64))):
+        with pytest.raises(ValueError, match="max_batches must be at least 1"):
+            audit(nn.BatchNorm1d(2).eval(), data, max_batches=max_batches)

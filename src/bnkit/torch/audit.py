@@ -155,7 +155,7 @@ def audit(
         trust: unpickle checkpoints with arbitrary objects (only files you made yourself).
         train_batch_size: batch size of training, for the running statistics' noise
             (default: the data's batch size); at least 2, as training on batch statistics needs.
-        max_batches: use at most this many batches of ``data``.
+        max_batches: use at most this many batches of ``data`` (at least 1).
         coupling_samples: how many samples are rerun at batch size 1.
     """
     if train_batch_size is not None and train_batch_size < 2:

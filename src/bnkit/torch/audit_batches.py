@@ -28,6 +28,8 @@ class Batches:
     def __init__(self, data: Any, batch_size: int, max_batches: int | None, model: nn.Module) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(f"max_batches must be at least 1, got {max_batches}")
         param = next((p for p in model.parameters() if p.is_floating_point()), None)
         self.dtype = param.dtype if param is not None else torch.get_default_dtype()
         self.device = param.device if param is not None else torch.device("cpu")
@@ -38,7 +40,7 @@ class Batches:
             if data.ndim == 0 or len(data) == 0:
                 raise ValueError(f"data must hold at least one sample, got shape {tuple(data.shape)}")
             if max_batches is not None:
-                data = data[: max(max_batches, 1) * batch_size]
+                data = data[: max_batches * batch_size]
             _check_finite(data, batch_size)  # one reduction for all batches instead of one per batch
             data = torch.split(data, batch_size)
             self._checked = True
