@@ -144,6 +144,9 @@ def test_onnx_file(trained, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["depth"] == "onnx" and len(report["layers"]) == 2  # the MLP's two BatchNorm1d
+    checkpoint = tmp_path / "mlp.pt"
+    save_state_dict_file(model.state_dict(), checkpoint)
+    assert report.keys() == json.loads(_invoke(checkpoint, "--json").output).keys()  # one schema for every input
     text = _invoke(path)  # a clean model with no findings at all: a clear line, not an empty table
     assert text.exit_code == 0, text.output
     flat = " ".join(text.output.split())  # rich wraps long temporary paths at the console's width

@@ -76,7 +76,8 @@ def _onnx_report(file: Path) -> dict[str, Any]:
     findings = sorted(result.findings, key=lambda f: ("error", "warning", "info").index(f.severity))
     return {"target": str(file), "depth": "onnx", "ok": bool(result.ok), "worst": worst_severity(findings),
             "layers": [node["name"] for node in result.nodes], "findings": [f.to_dict() for f in findings],
-            "shifts": []}
+            "shifts": [], "train_eval_gap": None, "batch_coupling": None,
+            "batches": 0}  # the keys of AuditReport.to_dict(), which other input kinds print
 
 
 def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max_batches, trust) -> dict[str, Any]:
