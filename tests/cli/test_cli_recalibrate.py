@@ -342,5 +342,45 @@ def test_data_keys_and_tensor_files_as_data_and_no_leading_blank_line(tmp_path):
     result = invoke("--model", MODEL, "--data", str(tmp_path / "d.csv"), "--output", str(tmp_path / "o.pt"))
     assert result.exit_code == 2 and ".npy, .npz, .pt, .pth, .safetensors file or package.module:factory" in \
         " ".join(result.output.split())
-    help_text = " ".join(runner.invoke(app, ["recalibrate", "--help"], env={"COLUMNS": "200"}).output.split())
+    help_text = " ".join(runner.invoke(app, ["recalibrate", "--help"], env={"COLUMNS": "400"}).output.split())
     assert "first present of x, inputs, input, data, images, X" in help_text
+
+
+def test_failures_of_the_users_code_exit_2_naming_the_exception_and_where(tmp_path, monkeypatch):
+    (tmp_path / "fs4_user.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "class Images(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 32\n"
+        "    def __getitem__(self, i): raise FileNotFoundError(f'img_{i}.png')\n"
+        "def images(): return Images()\n"
+        "def dicts(): return [{'pixels': torch.randn(8, 64)} for _ in range(2)]\n"
+        "def feed(model, batch): return model(batch['image'])\n"
+        "def emb(): return nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.BatchNorm1d(6))\n"
+        "def idx(): return [torch.tensor([[1, 2], [3, 9]])]\n"
+        "def interrupted():\n"
+        "    yield torch.randn(8, 64)\n"
+        "    raise KeyboardInterrupt\n"
+    )
+    (tmp_path / "fs4_broken.py").write_text("def feed(model, batch): return model(batch)\nundefined_name\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o.pt"
+    cases = [
+        (("--data", "fs4_user:images"), "reading a batch of the data from 'fs4_user:images' failed",
+         "FileNotFoundError: img_0.png"),
+        (("--data", "fs4_user:dicts", "--forward", "fs4_user:feed"), "the model or --forward 'fs4_user:feed' raised",
+         "KeyError: 'image'"),
+        (("--data", "fs4_user:dicts", "--forward", "fs4_broken:feed"), "cannot import --forward 'fs4_broken:feed'",
+         "NameError: name 'undefined_name' is not defined"),
+        (("--model", "fs4_user:emb", "--data", "fs4_user:idx"), "the model raised", "IndexError: index out of range"),
+    ]
+    for args, where, what in cases:
+        model = () if "--model" in args else ("--model", MODEL)
+        result = invoke(*model, *args, "-o", str(out))
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert where in text and what in text and "Traceback" not in result.output, (args, text)
+        assert not out.exists()
+    result = invoke("--model", MODEL, "--data", "fs4_user:interrupted", "-o", str(out))
+    assert result.exit_code != 2 and "error:" not in result.output and not out.exists()  # not reported as bad input
+

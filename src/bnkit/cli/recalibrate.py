@@ -1,11 +1,14 @@
 """``bnkit recalibrate``: exact BatchNorm statistics for a saved model, written to a new file atomically.
 
 Exit status: 0 when the file was written; 2 for bad usage or input (arguments, unreadable or
-mismatched files, data the model cannot run on), checked before anything is written; 1 when a
-run that started fails (non-finite statistics, out of memory, the file cannot be written).
+mismatched files, data the model cannot run on, an exception from the user's code named by --model,
+--data or --forward: one line naming its type and where it came from), checked before anything is
+written; 1 when a run that started fails (non-finite statistics, out of memory, the file cannot be
+written).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +41,48 @@ def _index_batches(n: int, batch_size: int) -> list[range]:
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2:] = [range(batches[-2].start, n)]
     return batches
+
+
+class _DataError(Exception):
+    """The user's data (a Dataset, a DataLoader, a generator) raised while producing a batch; ``__cause__``."""
+
+
+class _Reading:
+    """Iterates ``batches``; an exception from producing a batch is re-raised as :class:`_DataError`,
+    so a failure of the data is told apart from one of the model."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]  # TypeError without one: no total for the bar
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            batches = iter(self.batches)
+        except Exception as exc:  # noqa: BLE001 - the user's __iter__
+            raise _DataError() from exc
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - the user's __getitem__/__next__/collate
+                raise _DataError() from exc
+            yield batch
+
+
+def _from_bnkit(exc: BaseException) -> bool:
+    """Whether bnkit's own code raised ``exc`` (the innermost frame of its traceback), not the user's or PyTorch's."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("bnkit.")
+
+
+def _describe(exc: BaseException) -> str:
+    """``exc``'s text, led by its type unless bnkit raised it (bnkit's own messages say what is wrong)."""
+    return str(exc) if _from_bnkit(exc) else f"{type(exc).__name__}: {exc}"
 
 
 def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> Any:
@@ -95,7 +140,7 @@ def _integer_hint(loader: Any, dtype: Any) -> str:
 def recalibrate_command(
     model: str = typer.Option(..., help="package.module:factory returning the model (or the model object itself)."),
     output: str = typer.Option(
-        ..., help="New file for the recalibrated state dict: .pt/.pth (torch.save) or .safetensors. "
+        ..., "--output", "-o", help="New file for the recalibrated state dict: .pt/.pth (torch.save) or .safetensors. "
                   "Its folder must exist; it may not be an input file."),
     data: str = typer.Option(
         ..., help="Inputs: a .npy/.npz array file, a .pt/.pth/.safetensors tensor file, or "
@@ -157,26 +202,30 @@ def recalibrate_command(
     dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
     try:
         loader = _load_data(data, data_key, batch_size, dtype)
-    except Exception as exc:  # noqa: BLE001
-        raise fail(f"cannot load data from {data!r}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
+        raise fail(f"cannot load data from {data!r}: {_describe(exc)}")
     try:
         feed = resolve_spec(forward) if forward is not None else None
-    except ValueError as exc:
-        raise fail(f"cannot import --forward: {exc}")
+    except Exception as exc:  # noqa: BLE001 - importing the user's module runs its code
+        raise fail(f"cannot import --forward {forward!r}: {_describe(exc)}")
     if feed is not None and not callable(feed):
         raise fail(f"--forward {forward!r} is a {type(feed).__name__}, not a function")
     try:
-        report = recalibrate(net.eval(), loader, num_batches=batches, forward=feed, device=run_on,
+        report = recalibrate(net.eval(), _Reading(loader), num_batches=batches, forward=feed, device=run_on,
                              on_nonfinite=on_nonfinite, progress=progress)
     except torch.OutOfMemoryError as exc:
         raise fail(f"recalibration ran out of memory, nothing written (try a smaller --batch-size): {exc}", code=1)
-    except ValueError as exc:
-        text = str(exc).replace("pass on_nonfinite='skip'", "pass --on-nonfinite skip")
-        nonfinite = "non-finite" in text
-        raise fail(f"recalibration failed, nothing written: {text}", code=1 if nonfinite else 2)
-    except (TypeError, RuntimeError) as exc:  # the model cannot take these batches: shapes, dtypes, dicts
-        raise fail(f"the model cannot run on the data from {data!r}, nothing written: {exc}"
-                   f"{_integer_hint(loader, dtype)}")
+    except _DataError as exc:
+        raise fail(f"reading a batch of the data from {data!r} failed, nothing written: {_describe(exc.__cause__)}")
+    except Exception as exc:  # noqa: BLE001 - bnkit's checks, or the user's model/--forward failing on the data
+        text = str(exc)
+        if not _from_bnkit(exc):  # the user's code, or PyTorch inside it (shapes, dtypes)
+            text = f"{'the model' if feed is None else f'the model or --forward {forward!r}'} raised {_describe(exc)}"
+        elif isinstance(exc, ValueError):  # bnkit's checks: non-finite, channels, one value per channel
+            text = text.replace("pass on_nonfinite='skip'", "pass --on-nonfinite skip")
+            raise fail(f"recalibration failed, nothing written: {text}", code=1 if "non-finite" in text else 2)
+        hint = _integer_hint(loader, dtype) if isinstance(exc, (TypeError, RuntimeError)) else ""  # dtype errors
+        raise fail(f"the model cannot run on the data from {data!r}, nothing written: {text}{hint}")
     try:
         save_state_dict_file(net.state_dict(), out_path)
     except Exception as exc:  # noqa: BLE001
