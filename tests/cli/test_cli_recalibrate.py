@@ -384,3 +384,30 @@ def test_failures_of_the_users_code_exit_2_naming_the_exception_and_where(tmp_pa
     result = invoke("--model", MODEL, "--data", "fs4_user:interrupted", "-o", str(out))
     assert result.exit_code != 2 and "error:" not in result.output and not out.exists()  # not reported as bad input
 
+
+def test_iterable_dataset_is_batched_by_batch_size(tmp_path, monkeypatch):
+    """193 samples streamed one at a time, --batch-size 64: 3 batches, the last sample joins the batch before it."""
+    weights = tmp_path / "w.safetensors"
+    model = stale_weights(weights)
+    x = digits(193)
+    np.save(tmp_path / "x193.npy", x)
+    (tmp_path / "fs4_stream.py").write_text(
+        "import numpy as np, torch\n"
+        "class Stream(torch.utils.data.IterableDataset):\n"
+        "    def __iter__(self):\n"
+        f"        for row in np.load({str(tmp_path / 'x193.npy')!r}):\n"
+        "            yield torch.from_numpy(row), 0\n"
+        "def make():\n"
+        "    return Stream()\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "o.safetensors"
+    result = invoke("--model", MODEL, "--weights", str(weights), "--data", "fs4_stream:make", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    from bnkit.torch import load_state_dict_file
+
+    got = load_state_dict_file(out)
+    mean, var = first_bn_oracle(model, x)
+    np.testing.assert_allclose(got["2.running_mean"].double().numpy(), mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["2.running_var"].double().numpy(), var, rtol=1e-6)
+    assert int(got["2.num_batches_tracked"]) == 3

@@ -8,6 +8,7 @@ written).
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -41,6 +42,26 @@ def _index_batches(n: int, batch_size: int) -> list[range]:
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2:] = [range(batches[-2].start, n)]
     return batches
+
+
+class _StreamBatches:
+    """Batches of ``batch_size`` consecutive samples of an IterableDataset, collated as a DataLoader does
+    (``default_collate``); a last batch of one sample joins the one before it."""
+
+    def __init__(self, dataset: Iterable[Any], batch_size: int) -> None:
+        self.dataset, self.batch_size = dataset, batch_size
+
+    def __iter__(self) -> Iterator[Any]:
+        from torch.utils.data import default_collate
+
+        samples = iter(self.dataset)
+        batch = list(itertools.islice(samples, self.batch_size))
+        while batch:
+            following = list(itertools.islice(samples, self.batch_size))
+            if len(following) == 1:
+                batch, following = batch + following, []
+            yield default_collate(batch)
+            batch = following
 
 
 class _DataError(Exception):
@@ -86,7 +107,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> Any:
-    """Batches from an array file, or from ``package.module:factory`` returning a Dataset, an array or batches."""
+    """Batches from an array file, or from ``package.module:factory`` returning a Dataset (map-style or
+    iterable, of samples), an array or batches."""
     import numpy as np
     import torch
 
@@ -102,6 +124,8 @@ def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> An
         obj = obj()
     if isinstance(obj, (np.ndarray, torch.Tensor)):
         return _batches_of(obj, batch_size, dtype)
+    if isinstance(obj, torch.utils.data.IterableDataset):
+        return _StreamBatches(obj, batch_size)
     if isinstance(obj, torch.utils.data.Dataset) and hasattr(obj, "__len__"):
         return torch.utils.data.DataLoader(obj, batch_sampler=_index_batches(len(obj), batch_size))
     if hasattr(obj, "__iter__"):
@@ -144,11 +168,12 @@ def recalibrate_command(
                   "Its folder must exist; it may not be an input file."),
     data: str = typer.Option(
         ..., help="Inputs: a .npy/.npz array file, a .pt/.pth/.safetensors tensor file, or "
-                  "package.module:factory returning a Dataset, an array or batches."),
+                  "package.module:factory returning a Dataset (map-style or iterable) of samples, an array "
+                  "or batches."),
     weights: Optional[Path] = typer.Option(
         None, help="State dict or .safetensors to load first (loaded with weights_only=True)."),
     batches: Optional[int] = typer.Option(None, help="Use at most this many batches (default: all the data)."),
-    batch_size: int = typer.Option(64, help="Batch size when --data is an array or a Dataset."),
+    batch_size: int = typer.Option(64, help="Batch size when --data is an array or a Dataset (also iterable)."),
     data_key: Optional[str] = typer.Option(
         None, help="Array name inside an .npz/.pt/.safetensors file holding several. Default: its only array, "
                    f"else the first present of {', '.join(INPUT_KEYS)}."),
