@@ -60,7 +60,8 @@ def test_initial_weight_is_what_pytorch_leaves_of_the_initial_buffers():
 
 
 def test_state_dict_layers_found_by_buffer_names():
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2, affine=False)))
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4),
+                          nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2, affine=False)))
     layers = {layer.name: layer for layer in bn_stats_from_state(model.state_dict())}
     assert set(layers) == {"1", "2.1"}
     assert layers["1"].weight is not None and layers["2.1"].weight is None
@@ -139,7 +140,8 @@ def test_momentum_zero_does_not_call_loaded_statistics_barely_updated():
     state = _trained_bn().state_dict()
     args = (state["running_mean"].numpy(), state["running_var"].numpy(), state["weight"].numpy(), state["bias"].numpy())
     assert check_bn_stats(BNStats("bn", *args, num_batches_tracked=200, eps=1e-5, momentum=0.0)) == []
-    assert _codes(check_bn_stats(BNStats("bn", *args, num_batches_tracked=5, eps=1e-5, momentum=0.1))) == {"few_updates"}
+    few = check_bn_stats(BNStats("bn", *args, num_batches_tracked=5, eps=1e-5, momentum=0.1))
+    assert _codes(few) == {"few_updates"}
 
 
 def test_dead_gamma_channels():

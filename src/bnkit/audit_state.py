@@ -173,7 +173,8 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
     if nonfinite:
         return [Finding("error", name, "non-finite values in BN statistics or parameters",
                         "; ".join(f"{k}: {n} of {mean.size} channels NaN/Inf" for k, n in nonfinite.items()),
-                        "recompute the statistics (bnkit recalibrate) from clean data, or restore an earlier checkpoint",
+                        "recompute the statistics (bnkit recalibrate) from clean data, or restore an earlier "
+                        "checkpoint",
                         "non_finite", {"non_finite": nonfinite})]
 
     findings: list[Finding] = []

@@ -49,7 +49,8 @@ def trained(tmp_path_factory):
         "class OOM(MLP):\n    def forward(self, x):\n"
         "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n\n"
         "def oom():\n    return OOM(hidden=(32, 16))\n\n"
-        "def conv():\n    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten())\n")
+        "def conv():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten())\n")
     sys.path.insert(0, str(root))
     yield model.eval(), ckpt, data, root
     sys.path.remove(str(root))

@@ -46,7 +46,8 @@ def trained(digits):
 
 def _snapshot(model):
     return ({k: v.clone() for k, v in model.state_dict().items()},
-            [(m.training, getattr(m, "momentum", None), getattr(m, "track_running_stats", None)) for m in model.modules()])
+            [(m.training, getattr(m, "momentum", None), getattr(m, "track_running_stats", None))
+             for m in model.modules()])
 
 
 def _assert_unchanged(model, snap):

@@ -26,13 +26,16 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 @app.command("audit")
 def audit_command(
     file: Path = typer.Argument(..., help="Checkpoint (.pt/.pth/.bin/.ckpt, .safetensors) or ONNX model (.onnx)."),
-    model: Optional[str] = typer.Option(None, "--model", help="package.module:factory building the model the checkpoint belongs to."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Inputs (.npy, .npz, .pt, .safetensors): audits the model on them (needs --model)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="package.module:factory building the model the checkpoint belongs to."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Inputs (.npy, .npz, .pt, .safetensors): audits the model on them (needs --model)."),
     batch_size: int = typer.Option(64, help="Batch size for --data."),
     train_batch_size: Optional[int] = typer.Option(
         None, help="Training batch size (at least 2), for the running statistics' noise (default --batch-size)."),
     max_batches: Optional[int] = typer.Option(None, help="Use at most this many batches of --data (at least 1)."),
-    trust: bool = typer.Option(False, "--trust", help="Unpickle arbitrary objects in the checkpoint. ONLY for files you made yourself."),
+    trust: bool = typer.Option(
+        False, "--trust", help="Unpickle arbitrary objects in the checkpoint. ONLY for files you made yourself."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Find BatchNorm problems and say how to fix them. Exits 1 when an error-level finding exists, 2 on bad input."""

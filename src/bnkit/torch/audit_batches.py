@@ -108,7 +108,8 @@ class Restore:
     def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
         self.flags = [(m, m.training) for m in model.modules()]
         self.bn = [(bn, bn.momentum, bn.track_running_stats,
-                    {k: b.detach().clone() for k, b in bn.named_buffers(recurse=False) if b is not None and not is_lazy(b)})
+                    {k: b.detach().clone() for k, b in bn.named_buffers(recurse=False)
+                     if b is not None and not is_lazy(b)})
                    for _, bn in layers if is_batchnorm(bn)]
 
     def __enter__(self) -> "Restore":

@@ -107,7 +107,8 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
         try:
             eval_out = flatten_tensors(forward(model, first))
         except Exception as exc:
-            raise ValueError(f"the model failed in eval mode on the first data batch: {type(exc).__name__}: {exc}") from exc
+            raise ValueError(f"the model failed in eval mode on the first data batch: "
+                             f"{type(exc).__name__}: {exc}") from exc
         shift_findings, ordered = _shift_findings(tracked, collectors, train_batch_size or batch_len(first), report)
         findings += _gap_findings(batch_out, eval_out, report, ordered)
         findings += _coupling_findings(model, layers, first, eval_out, forward, coupling_samples, report)
@@ -279,8 +280,9 @@ def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], r
     b = torch.cat([t.double().flatten() for t in eval_out])
     if not bool(torch.isfinite(b).all()):
         return [Finding("error", "(model)", "non-finite outputs in eval mode",
-                        f"{int((~torch.isfinite(b)).sum())} of {b.numel()} output values are NaN/Inf on the first batch",
-                        "see the non-finite / negative variance findings; recalibrate the statistics", "eval_nonfinite")]
+                        f"{int((~torch.isfinite(b)).sum())} of {b.numel()} output values are NaN/Inf on the "
+                        "first batch", "see the non-finite / negative variance findings; recalibrate the statistics",
+                        "eval_nonfinite")]
     gap = float((a - b).norm() / a.norm().clamp_min(1e-12))
     report.train_eval_gap = gap
     agree = ""
