@@ -168,3 +168,24 @@ def test_a_wrapper_holding_a_whole_model_is_unwrapped_with_trust(tmp_path):
     want = model.state_dict()
     assert state.keys() == want.keys()
     assert all(torch.equal(state[k], want[k]) for k in want)
+
+
+def test_load_weights_into_takes_an_averaged_model_state_dict():
+    from torch import nn
+    from torch.optim.swa_utils import AveragedModel
+
+    def net():
+        return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+
+    torch.manual_seed(0)
+    a, b = net(), net()
+    swa = AveragedModel(a)
+    swa.update_parameters(a)
+    swa.update_parameters(b)
+    state = swa.state_dict()
+    assert "n_averaged" in state and all(k.startswith("module.") for k in state if k != "n_averaged")
+    target = net()
+    load_weights_into(target, state)
+    for key, value in swa.module.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    torch.testing.assert_close(target[0].weight, (a[0].weight + b[0].weight) / 2)  # closed form: the mean of two

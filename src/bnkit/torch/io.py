@@ -194,11 +194,17 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
 
     A state dict saved from ``DistributedDataParallel``/``DataParallel`` (every key starts with
     ``module.``) or from ``torch.compile`` (``_orig_mod.``) is loaded with the prefix removed when
-    the model's own keys do not carry it. A mismatch raises ``ValueError`` listing a few missing and
+    the model's own keys do not carry it. So is a ``torch.optim.swa_utils.AveragedModel`` state dict
+    (SWA/EMA: ``n_averaged`` and every other key under ``module.``), with its ``n_averaged`` counter
+    dropped: it loads as the averaged model. A mismatch raises ``ValueError`` listing a few missing and
     unexpected keys (and the prefix, if one would explain them) instead of torch's full key dump.
     """
     own = set(model.state_dict())
     keys = list(state)
+    if "n_averaged" in state and "n_averaged" not in own:  # AveragedModel(...).state_dict(): its counter
+        rest = [k for k in keys if k != "n_averaged"]
+        if rest and all(k.startswith("module.") for k in rest) and not any(k.startswith("module.") for k in own):
+            state, keys = {k: state[k] for k in rest}, rest
     for prefix in _WRAPPER_PREFIXES:
         if keys and all(k.startswith(prefix) for k in keys) and not any(k.startswith(prefix) for k in own):
             state = {k[len(prefix):]: v for k, v in state.items()}
