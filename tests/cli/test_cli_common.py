@@ -127,3 +127,17 @@ def test_load_inputs_never_runs_a_pickle(tmp_path):
 def test_check_output_refuses_a_name_the_file_system_cannot_hold(tmp_path):
     with pytest.raises(UsageError, match="too long"):  # ENAMETOOLONG: a 300-character file name
         check_output(str(tmp_path / ("x" * 300 + ".onnx")), suffixes=ONNX_SUFFIXES)
+
+
+def test_build_model_names_the_exception_of_the_users_code(tmp_path, monkeypatch):
+    from bnkit.cli.common import build_model
+
+    (tmp_path / "broken_models.py").write_text("undefined_name\n")
+    (tmp_path / "raising_models.py").write_text("def make():\n    raise KeyError('layer4')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UsageError, match="importing it raised NameError: name 'undefined_name' is not defined"):
+        build_model("broken_models:make")
+    with pytest.raises(UsageError, match="it raised KeyError: 'layer4'"):
+        build_model("raising_models:make")
+    with pytest.raises(UsageError, match="cannot import module 'no_such_module_here'"):
+        build_model("no_such_module_here:make")

@@ -76,9 +76,15 @@ def build_model(spec: str) -> Any:
 
     try:
         obj = resolve_spec(spec)
+    except ValueError as exc:  # bnkit's own message: no such module or attribute
+        raise UsageError(f"cannot build the model from {spec!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - importing the user's module runs its code
+        raise UsageError(f"cannot build the model from {spec!r}: importing it raised "
+                         f"{type(exc).__name__}: {exc}") from None
+    try:
         net = obj if isinstance(obj, nn.Module) else obj()
     except Exception as exc:  # noqa: BLE001 - any failure of user code
-        raise UsageError(f"cannot build the model from {spec!r}: {exc}") from None
+        raise UsageError(f"cannot build the model from {spec!r}: it raised {type(exc).__name__}: {exc}") from None
     if not isinstance(net, nn.Module):
         raise UsageError(f"{spec!r} gave a {type(net).__name__}, not a torch.nn.Module")
     return net
