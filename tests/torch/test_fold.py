@@ -667,6 +667,35 @@ def test_a_bn_or_layer_registered_under_two_names_is_left():
                 assert torch.equal(folded(x), model(x))
 
 
+def test_layers_inside_a_container_registered_twice_still_fold_and_reload_equal(tmp_path):
+    """Encoder stages also listed in a ModuleList: two names, one attribute slot each, so the fold reaches every path."""
+    from bnkit.torch import FoldReport
+
+    class Staged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(
+                nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+                nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+            self.stages = nn.ModuleList([self.encoder[0], self.encoder[1]])
+
+        def forward(self, x):
+            for stage in self.stages:
+                x = stage(x)
+            return x
+
+    x = torch.rand(4, 3, 8, 8)
+    model = calibrated(Staged(), x)
+    folded, report = fold_bn(model, x)
+    assert report.n_folded == 2 and not report.left, report.left
+    save_state_dict_file(folded.state_dict(), tmp_path / "staged.safetensors")
+    fresh = FoldReport.from_dict(report.to_dict()).restructure(Staged())
+    fresh.load_state_dict(load_state_dict_file(tmp_path / "staged.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), model(x), rtol=1e-5, atol=1e-5)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in fresh.modules())
+
+
 def test_layers_sharing_one_weight_each_with_its_own_bn_are_left_and_reload_equal(tmp_path):
     """A folded layer gets its own weight, but a freshly built model ties them again: the last key loaded wins."""
     from bnkit.torch import FoldReport

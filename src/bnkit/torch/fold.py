@@ -32,8 +32,9 @@ falls back to neighbours inside plain ``nn.Sequential`` containers and says so i
 the report. Only layers with
 PyTorch's own forward are folded into: a subclass that changes the forward
 (weight standardization, QAT fake-quant), a parametrized weight, or a module
-with forward hooks is left alone, with the reason; so is a BN or layer registered
-under several names, and a layer whose weight or bias is shared with another
+with forward hooks is left alone, with the reason; so is a BN or layer held in
+several attribute slots (``self.norm = self.bn``; an aliased container holding it
+is fine: replacing it in its one slot replaces it on every path), and a layer whose weight or bias is shared with another
 module (a fold would untie it, and a freshly built model reloads it tied). The
 original model is never modified: the folded model is a deep copy of it, with
 each folded BN replaced by ``nn.Identity`` (so it keeps its class, forward and
@@ -477,7 +478,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
     A plain Sequential passes each child's output to the next child only, so adjacency is
     data flow if the probe run saw the Sequential itself called (a forward may instead run
     its children one by one and use their outputs elsewhere), each child once, so only from
-    it. A module or layer weight registered under several names is not folded either;
+    it. A module or layer weight held in several attribute slots is not folded either;
     without a probe run (no ``example_inputs``) nothing is.
     """
     if not probe:  # nothing shows whether a layer is also called outside its Sequential: fold nothing
@@ -526,18 +527,23 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
 
 
 def _shared_names(work: nn.Module) -> dict[int, list[str]]:
-    """Every name of each module and parameter registered under more than one name, by object id.
+    """Every name of each module and parameter held in more than one attribute slot, by object id.
 
-    Such objects are not folded: fx names a module by its first name and a fold replaces one
-    name, so an alias of a folded BN would still run it; a layer weight tied to another module's
-    would get its own folded copy, tied again in a freshly built model, where the last key loaded wins.
+    Such objects are not folded: fx names a module by its first name and a fold replaces the
+    module in one slot, so an alias of a folded BN would still run it; a layer weight tied to
+    another module's would get its own folded copy, tied again in a freshly built model, where the
+    last key loaded wins. Names that differ only because an ancestor container is registered twice
+    reach one slot (replacing it there replaces it for every path), so they do not count.
     """
     names: dict[int, list[str]] = {}
-    for name, m in work.named_modules(remove_duplicate=False):
-        names.setdefault(id(m), []).append(name)
-    for name, p in work.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return {key: found for key, found in names.items() if len(found) > 1}
+    slots: dict[int, set[tuple[int, str]]] = {}
+    for prefix, parent in work.named_modules(remove_duplicate=False):
+        items = [*parent._modules.items(), *parent._parameters.items()]
+        for attr, obj in items:
+            if obj is not None:
+                names.setdefault(id(obj), []).append(f"{prefix}.{attr}" if prefix else attr)
+                slots.setdefault(id(obj), set()).add((id(parent), attr))
+    return {key: names[key] for key, where in slots.items() if len(where) > 1}
 
 
 def _norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
