@@ -196,8 +196,8 @@ def test_a_seed_out_of_range_is_refused_before_any_chapter_runs_or_out_is_touche
     import sklearn.utils
     from bnkit.study import max_base_seed
 
-    # the bound is the real one: fine-tuning seeds the shuffle with base + (seeds - 1) + 1000, which NumPy (and so
-    # scikit-learn's random_state) takes at the bound and refuses one above it
+    # the bound keeps the largest derived seed, base + (seeds - 1) + 1000 in fine-tuning, within NumPy's range:
+    # scikit-learn's random_state takes it at the bound and refuses it one above
     top = max_base_seed(["fine-tuning"], "quick", seeds=2)
     sklearn.utils.check_random_state(top + 1 + 1000)
     with pytest.raises(ValueError):

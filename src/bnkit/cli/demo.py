@@ -84,7 +84,7 @@ def run_and_report(
         raise fail(f"--seeds {seeds} is too large: the seeds would pass NumPy's limit, 2**32 - 1")
     if not 0 <= seed <= top:
         raise fail(f"--seed must be between 0 and {top}, got {seed} (the chapters add up to {MAX_SEED - top} "
-                   f"to it, and NumPy's seeds stop at 2**32 - 1)")
+                   f"to it for their random streams, and every seed is kept within 2**32 - 1, NumPy's limit)")
     import os
     import platform
     import shutil
