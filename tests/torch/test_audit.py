@@ -196,6 +196,19 @@ def test_a_layer_given_one_value_per_channel_is_audited():
     assert shift.log_var_ratio == pytest.approx(log_ratio, rel=1e-6)
 
 
+def test_random_batch_limit_is_the_f_quantile_a_little_above_it():
+    """``_f_limit`` against scipy's F distribution: a chance of at most one in a million, not far above the quantile."""
+    stats = pytest.importorskip("scipy.stats")
+    from bnkit.torch.audit_data import _f_limit
+
+    for d1 in (1, 2, 9, 28, 99):
+        for d2 in (10, 30, 100, 1000, 10**5):
+            limit, exact = _f_limit(d1, d2), stats.f.isf(1e-6, d1, d2)
+            assert stats.f.sf(limit, d1, d2) <= 1e-6, (d1, d2)
+            assert limit <= exact * (2.0 if d2 < 30 else 1.2), (d1, d2, limit, exact)  # loose only for tiny d2
+    assert _f_limit(1, 2) == math.inf  # two batches of two values: too few to tell
+
+
 def test_malicious_pickle_is_refused_and_never_run(tmp_path):
     target = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pt"

@@ -166,7 +166,7 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
     if ordered is not None:
         for s in shifts:
             s.mean_noise = s.var_noise = None  # measured from the spread between batches: not sampling noise here
-        limit = _f_limit(report.batches - 1)
+        limit = _f_limit(report.batches - 1, _within_dof(collectors[ordered.layer]))
         findings.append(Finding(
             "info", ordered.layer, "running statistics noise not estimated: the data's batches are not random samples",
             f"the batch means spread {ordered.batch_f:.3g} times as much as the within-batch variance predicts "
@@ -201,26 +201,45 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
     return findings, None
 
 
-def _f_limit(dof: int) -> float:
-    """The upper one-in-a-million quantile of ``chi2(dof) / dof``, by Wilson-Hilferty (which overstates it for
-    small ``dof``: 27.5 against 23.9 at 1, 2.84 against 2.81 at 28)."""
-    c = 2.0 / (9.0 * dof)
-    return (1.0 - c + 4.753 * math.sqrt(c)) ** 3
+#: The standard normal's upper one-in-a-million quantile.
+_Z_1E6 = 4.753424
+
+
+def _f_limit(dof: int, within_dof: float) -> float:
+    """The upper one-in-a-million quantile of ``F(dof, within_dof)``, by Paulson's approximation.
+
+    It solves ``((1 - b) f^(1/3) - (1 - a)) / sqrt(b f^(2/3) + a) = z`` with ``a = 2 / (9 dof)``,
+    ``b = 2 / (9 within_dof)`` for the larger root (checked against scipy.stats.f.isf in the tests:
+    a little above the exact quantile, so the chance stays at most one in a million); ``inf`` (no
+    claim) where the approximation has no root, ``within_dof`` below about 6.
+    """
+    a, b, z2 = 2.0 / (9.0 * dof), 2.0 / (9.0 * within_dof), _Z_1E6 ** 2
+    qa, qb, qc = (1.0 - b) ** 2 - z2 * b, -2.0 * (1.0 - a) * (1.0 - b), (1.0 - a) ** 2 - z2 * a
+    if qa <= 0.0:
+        return math.inf
+    return ((-qb + math.sqrt(qb * qb - 4.0 * qa * qc)) / (2.0 * qa)) ** 3
+
+
+def _within_dof(col: Collector) -> float:
+    """``sum_b (n_b - 1)`` over a layer's calls: the degrees of freedom of its within-batch variance ``w``."""
+    _, counts, _, _ = col.stacked()
+    return float((counts - 1).sum())
 
 
 def _not_random(shifts: list[LayerShift], collectors: dict[str, Collector], batches: int) -> LayerShift | None:
     """The layer whose batch means show most clearly that the data's batches are not random samples, or None.
 
-    For batches drawn at random, ``batch_f`` is at most ``chi2(K - 1) / (K - 1)`` in distribution per channel
-    (see :func:`_noise`), so a channel median above :func:`_f_limit` has a chance of at most 2e-6 (at least
-    half the channels above a level each passes with chance p: at most 2p). Only layers called once per batch
+    For batches drawn at random, ``batch_f`` is at most ``F(K - 1, sum_b (n_b - 1))`` in distribution per
+    channel (see :func:`_noise`; exactly that for independent values, as ``BatchNorm1d`` on ``(N, C)``), so a
+    channel median above :func:`_f_limit` has a chance of at most 2e-6 (at least half the channels above a
+    level each passes with chance p: at most 2p). Only layers called once per batch
     count (a layer called on several inputs per forward sees inputs that differ by design).
     """
     if batches < 2:
         return None
-    limit = _f_limit(batches - 1)
     over = [s for s in shifts
-            if s.batch_f is not None and s.batch_f > limit and len(collectors[s.layer].means) == batches]
+            if s.batch_f is not None and len(collectors[s.layer].means) == batches
+            and s.batch_f > _f_limit(batches - 1, _within_dof(collectors[s.layer]))]
     return max(over, key=lambda s: s.batch_f, default=None)
 
 
