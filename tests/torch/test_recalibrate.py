@@ -560,6 +560,23 @@ def test_forward_that_reassigns_buffers():
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model)
 
 
+def test_a_skipped_batch_leaves_nothing_in_drop_in_layers_without_renorm():
+    """Ghost-batch drop-ins get no per-call buffer restore (their output never reads their buffers): a skipped
+    non-finite batch must still leave exactly what a run without it gives."""
+    from bnkit.torch import convert_bn
+
+    torch.manual_seed(0)
+    model = convert_bn(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3),
+                                     nn.BatchNorm1d(3)), virtual_batch_size=4)
+    data = [torch.randn(8, 4) for _ in range(5)]
+    data[2][0, 0] = float("nan")
+    clean = copy.deepcopy(model)
+    assert recalibrate(model, data, on_nonfinite="skip", progress=False).batches == 4
+    recalibrate(clean, [d for i, d in enumerate(data) if i != 2], progress=False)
+    for (k, v), w in zip(model.state_dict().items(), clean.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
 def test_renorm_layer_normalizes_with_its_statistics_from_before_and_a_skipped_batch_leaves_nothing():
     from bnkit.torch import BatchNorm1d
 

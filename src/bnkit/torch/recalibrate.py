@@ -650,7 +650,9 @@ def recalibrate(
         # Standard layers get a stand-in forward (one reduction, see _Pass.forward; SyncBatchNorm then
         # normalizes per rank, with no collective per batch); a layer with its own forward (a subclass,
         # or one patched on the instance) keeps it, with a pre-hook that reduces its input and a hook
-        # that puts its buffers back after each call, so its state never drifts during the pass.
+        # that puts its buffers back after each call, so its state never drifts during the pass (not
+        # for bnkit's drop-in layers without renorm: their training output never reads their buffers,
+        # and the end of the pass restores those anyway).
         for i, (_, m) in enumerate(layers):
             m.training = True
             if has_stock_forward(m):
@@ -658,8 +660,9 @@ def recalibrate(
                 m.__dict__["forward"] = acc.forward(i)  # an instance attribute, as `m.forward = ...` makes it
             else:
                 handles.append(m.register_forward_pre_hook(acc.hook(i), with_kwargs=True))
-                own = _SavedBuffers([m])
-                handles.append(m.register_forward_hook(lambda *_, own=own: own.restore()))
+                if not (isinstance(m, _DropInBatchNorm) and not m.renorm):
+                    own = _SavedBuffers([m])
+                    handles.append(m.register_forward_hook(lambda *_, own=own: own.restore()))
         for m in debiased:  # debias shapes only the running update the pass discards; its start check would refuse
             m.debias = False  # statistics loaded without num_batches_tracked, which this pass overwrites
         batches = data if num_batches is None else itertools.islice(data, int(num_batches))
