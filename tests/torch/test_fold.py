@@ -624,6 +624,38 @@ def test_folded_weights_beyond_the_dtype_are_refused():
     assert report.n_folded == 1 and torch.isfinite(folded[0].weight).all()
 
 
+@pytest.mark.parametrize("order", ["after", "before"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_the_plans_cheap_dtype_bound_never_passes_a_fold_that_overflows(order, kind):
+    """``fold_plan`` skips computing the folded weights when a bound says they fit: the bound must hold."""
+    from bnkit.torch.fold import FoldReport, _folded_weights, _plan, _within_dtype_bound
+
+    rng = torch.Generator().manual_seed(0)
+    layer = nn.Linear(6, 6) if kind == "linear" else nn.Conv2d(6, 6, 3)  # no padding: a BN before it folds
+    bn = nn.BatchNorm1d(6) if kind == "linear" else nn.BatchNorm2d(6)
+    model = nn.Sequential(layer, bn) if order == "after" else nn.Sequential(bn, layer)
+    x = torch.rand(4, 6) if kind == "linear" else torch.rand(4, 6, 5, 5)
+    model = calibrated(model, x).half()
+    checked = 0
+    for scale in (1e-3, 1.0, 30.0, 1e3, 3e4):
+        for var in (1.0, 1e-2, 1e-4, 0.0):
+            with torch.no_grad():
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=rng) * scale)
+                bn.running_var.fill_(var)
+                bn.running_mean.copy_(torch.randn(6, generator=rng) * scale)
+            _, plan = _plan(model, None, FoldReport())
+            assert len(plan) == 1
+            try:
+                _folded_weights(model, plan)
+                overflows = False
+            except ValueError:
+                overflows = True
+            within = _within_dtype_bound(model, plan)
+            assert not (within and overflows), (scale, var)
+            checked += within
+    assert checked >= 5  # the bound does skip the work in ordinary cases
+
+
 def test_a_forward_using_a_buffer_as_a_python_value_still_folds():
     """fx cannot trace ``if self.initialized:`` on a traced buffer: the constant-buffer trace takes over."""
     class ActNormLike(nn.Module):

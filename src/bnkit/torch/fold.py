@@ -205,10 +205,10 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
     The report's ``folded`` lists the pairs ``fold_bn`` would fold (``bias_added`` as it
     would set it) and ``left`` the rest with their reasons; nothing is verified. With
     ``example_inputs`` the model runs once in eval mode (every module's flag is put back)
-    with forward hooks, to learn the ranks of layer outputs. The folded weights are computed
-    (float64 copies of the folded layers') to check that they fit the layers' dtype, and
-    dropped. Same arguments and errors as :func:`fold_bn`; cheaper, as the model is neither
-    copied nor changed.
+    with forward hooks, to learn the ranks of layer outputs. Whether the folded weights fit the
+    layers' dtype is checked by a cheap bound (:func:`_within_dtype_bound`), and where that
+    cannot tell, by computing them as :func:`fold_bn` does. Same arguments and errors as
+    :func:`fold_bn`; cheaper, as the model is neither copied nor changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_plan needs a torch.nn.Module, got {type(model).__name__}")
@@ -216,7 +216,8 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
     report = FoldReport()
     _, plan = _plan(model, _as_tuple(example_inputs), report)
     report.folded = _entries(model, plan)
-    _folded_weights(model, plan)
+    if not _within_dtype_bound(model, plan):
+        _folded_weights(model, plan)  # raises where a folded weight is beyond its layer's dtype
     return report
 
 
@@ -684,6 +685,31 @@ def _folded_weights(work: nn.Module, plan: list[tuple[str, str, str]]) -> _Weigh
             raise ValueError(f"folding {bns} into '{layer_name}' gives weights beyond {dtype}'s range (a tiny "
                              "running_var + eps scales them up): keep these BN layers, or fold a float32 copy")
     return pending
+
+
+def _within_dtype_bound(work: nn.Module, plan: list[tuple[str, str, str]]) -> bool:
+    """Whether a cheap bound puts every planned folded weight and bias inside its layer's dtype.
+
+    Per layer, from ``max|W|``, ``max|b|`` and each BN's ``max|s|``, ``max|t|`` (see :func:`_scale_shift`),
+    folds applied in plan order: after the layer, ``|W'| <= max|W| max|s|`` and ``|b'| <= max|b| max|s| + max|t|``;
+    before it, ``|W'| <= max|W| max|s|`` and ``|b'| <= max|b| + fan max|W| max|t|`` (``fan``: weights per
+    output). False (ask :func:`_folded_weights`) where the bound reaches the dtype's maximum or is not finite.
+    """
+    bounds: dict[str, tuple[float, float, int]] = {}
+    for bn_name, layer_name, position in plan:
+        layer = work.get_submodule(layer_name)
+        if layer_name not in bounds:
+            w, b = layer.weight.detach(), layer.bias
+            bounds[layer_name] = (float(w.abs().max()) if w.numel() else 0.0,
+                                  float(b.detach().abs().max()) if b is not None and b.numel() else 0.0,
+                                  w[0].numel() if len(w) else 0)
+        w_max, b_max, fan = bounds[layer_name]
+        s, t = _scale_shift(work.get_submodule(bn_name))
+        s_max, t_max = float(s.abs().max()), float(t.abs().max())
+        b_new = b_max * s_max + t_max if position == "after" else b_max + fan * w_max * t_max
+        bounds[layer_name] = (w_max * s_max, b_new, fan)
+    return all(max(w_max, b_max) < torch.finfo(work.get_submodule(name).weight.dtype).max
+               for name, (w_max, b_max, _) in bounds.items())
 
 
 def _apply(work: nn.Module, plan: list[tuple[str, str, str]], weights: _Weights) -> None:
