@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from bnkit.cli import app
-from bnkit.torch import recalibrate, save_state_dict_file
+from bnkit.torch import load_state_dict_file, recalibrate, save_state_dict_file
 from bnkit.torch.zoo import MLP
 
 runner = CliRunner()
@@ -52,6 +52,17 @@ def first_bn_oracle(model, x: np.ndarray):
     return h.mean(axis=0), h.var(axis=0, ddof=1)
 
 
+def assert_first_bn_exact(out, model, x: np.ndarray, batches: int | None = None) -> dict:
+    """The written first BN's statistics against :func:`first_bn_oracle` on ``x`` (and its counter); the state."""
+    got = load_state_dict_file(out)
+    mean, var = first_bn_oracle(model, x)
+    np.testing.assert_allclose(got["2.running_mean"].double().numpy(), mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["2.running_var"].double().numpy(), var, rtol=1e-6)
+    if batches is not None:
+        assert int(got["2.num_batches_tracked"]) == batches
+    return got
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_recalibrates_saved_weights_exactly(tmp_path, suffix):
     weights = tmp_path / f"w{suffix}"
@@ -64,12 +75,7 @@ def test_recalibrates_saved_weights_exactly(tmp_path, suffix):
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output.replace("\n", "")
 
-    from bnkit.torch import load_state_dict_file
-
-    got = load_state_dict_file(out)
-    mean, var = first_bn_oracle(model, x)
-    np.testing.assert_allclose(got["2.running_mean"].double().numpy(), mean, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(got["2.running_var"].double().numpy(), var, rtol=1e-6)
+    got = assert_first_bn_exact(out, model, x)
     expected = MLP()
     expected.load_state_dict(model.state_dict())
     recalibrate(expected.eval(), list(torch.from_numpy(x).split(64)), progress=False)
@@ -82,7 +88,7 @@ def test_recalibrates_saved_weights_exactly(tmp_path, suffix):
     rows = {c[0]: c[1:] for c in (
         [cell.strip() for cell in line.split("│")[1:-1]] for line in result.output.splitlines()) if len(c) == 5}
     old_mean, old_var = model[2].running_mean.double().numpy(), model[2].running_var.double().numpy()
-    shift = np.abs(mean - old_mean) / np.sqrt(old_var + 1e-5)
+    shift = np.abs(first_bn_oracle(model, x)[0] - old_mean) / np.sqrt(old_var + 1e-5)
     assert rows["2"][:2] == ["301", "301"] and rows["5"][0] == "301"
     assert float(rows["2"][2]) == pytest.approx(shift.max(), rel=1e-3)
 
@@ -96,13 +102,7 @@ def test_npz_key_batches_and_a_dataset_factory(tmp_path, monkeypatch):
     result = invoke("--model", MODEL, "--weights", str(weights), "--data", str(tmp_path / "d.npz"),
                     "--data-key", "images", "--batch-size", "50", "--batches", "2", "--output", str(out))
     assert result.exit_code == 0, result.output
-    from bnkit.torch import load_state_dict_file
-
-    got = load_state_dict_file(out)
-    mean, var = first_bn_oracle(model, x[:100])  # only the first 2 batches of 50
-    np.testing.assert_allclose(got["2.running_mean"].double().numpy(), mean, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(got["2.running_var"].double().numpy(), var, rtol=1e-6)
-    assert int(got["2.num_batches_tracked"]) == 2
+    assert_first_bn_exact(out, model, x[:100], batches=2)  # only the first 2 batches of 50
 
     # a factory returning a Dataset of (x, y) pairs, resolved from the current directory
     (tmp_path / "h4_cli_dataset.py").write_text(
@@ -123,8 +123,7 @@ def test_npz_key_batches_and_a_dataset_factory(tmp_path, monkeypatch):
     out2 = tmp_path / "o2.safetensors"
     result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_dataset:make", "--output", str(out2))
     assert result.exit_code == 0, result.output
-    mean, var = first_bn_oracle(model, x)
-    np.testing.assert_allclose(load_state_dict_file(out2)["2.running_var"].double().numpy(), var, rtol=1e-6)
+    assert_first_bn_exact(out2, model, x)
 
     # dict batches need --forward; without it the run is refused as bad usage and writes nothing
     out3 = tmp_path / "o3.pt"
@@ -134,7 +133,7 @@ def test_npz_key_batches_and_a_dataset_factory(tmp_path, monkeypatch):
     result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_dicts:batches",
                     "--forward", "h4_cli_dicts:feed", "--output", str(out3))
     assert result.exit_code == 0, result.output
-    np.testing.assert_allclose(load_state_dict_file(out3)["2.running_var"].double().numpy(), var, rtol=1e-6)
+    assert_first_bn_exact(out3, model, x)
 
 
 def test_failure_writes_nothing_and_keeps_the_input(tmp_path):
@@ -205,13 +204,7 @@ def test_dataset_with_one_sample_left_over(tmp_path, monkeypatch):
     out = tmp_path / "o.safetensors"
     result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_leftover:make", "--output", str(out))
     assert result.exit_code == 0, result.output
-    from bnkit.torch import load_state_dict_file
-
-    got = load_state_dict_file(out)
-    mean, var = first_bn_oracle(model, x)
-    np.testing.assert_allclose(got["2.running_mean"].double().numpy(), mean, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(got["2.running_var"].double().numpy(), var, rtol=1e-6)
-    assert int(got["2.num_batches_tracked"]) == 3
+    assert_first_bn_exact(out, model, x, batches=3)
 
 
 def test_refuses_outputs_that_would_overwrite_an_input_or_mislead(tmp_path, monkeypatch):
@@ -281,8 +274,6 @@ def test_a_ddp_checkpoint_loads_and_a_whole_model_loads_with_trust_from_the_curr
     result = invoke("--model", MODEL, "--weights", str(tmp_path / "ddp.pt"), "--data", str(tmp_path / "x.npy"),
                     "--output", str(tmp_path / "o.pt"))
     assert result.exit_code == 0, result.output
-    from bnkit.torch import load_state_dict_file
-
     np.testing.assert_allclose(load_state_dict_file(tmp_path / "o.pt")["2.running_var"].double().numpy(), var,
                                rtol=1e-6)
 
@@ -329,8 +320,6 @@ def test_data_keys_and_tensor_files_as_data_and_no_leading_blank_line(tmp_path):
     np.savez(tmp_path / "d.npz", labels=np.arange(100), input=x)  # 'input', as bnkit audit --data accepts
     save_state_dict_file({"labels": torch.arange(100.0), "X": torch.from_numpy(x)}, tmp_path / "d.safetensors")
     torch.save((torch.from_numpy(x), torch.arange(100)), tmp_path / "d.pt")
-    from bnkit.torch import load_state_dict_file
-
     for data in ("d.npz", "d.safetensors", "d.pt"):
         out = tmp_path / f"o_{data.replace('.', '_')}.pt"
         result = invoke("--model", MODEL, "--weights", str(tmp_path / "w.pt"), "--data", str(tmp_path / data),
@@ -404,10 +393,4 @@ def test_iterable_dataset_is_batched_by_batch_size(tmp_path, monkeypatch):
     out = tmp_path / "o.safetensors"
     result = invoke("--model", MODEL, "--weights", str(weights), "--data", "fs4_stream:make", "-o", str(out))
     assert result.exit_code == 0, result.output
-    from bnkit.torch import load_state_dict_file
-
-    got = load_state_dict_file(out)
-    mean, var = first_bn_oracle(model, x)
-    np.testing.assert_allclose(got["2.running_mean"].double().numpy(), mean, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(got["2.running_var"].double().numpy(), var, rtol=1e-6)
-    assert int(got["2.num_batches_tracked"]) == 3
+    assert_first_bn_exact(out, model, x, batches=3)

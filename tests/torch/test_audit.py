@@ -59,6 +59,19 @@ def _assert_unchanged(model, snap):
     assert flags == _snapshot(model)[1]
 
 
+def _cumulative_probe(model, x, batch_size=64):
+    """A copy whose BN layers hold PyTorch's own cumulative average of the batch statistics over ``x``."""
+    probe = copy.deepcopy(model)
+    for _, layer in bn_layers(probe):
+        layer.reset_running_stats()
+        layer.momentum = None
+    probe.train()
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            probe(x[i:i + batch_size])
+    return probe
+
+
 def _errors(report):
     return [f for f in report.findings if f.severity == "error"]
 
@@ -369,14 +382,7 @@ def test_single_shifted_layer_ranks_first(trained, digits):
     assert [f.layer for f in report.by_code("stat_shift") if f.severity == "error"] == ["layers.0.bn1"]
 
     # oracle for the worst channel's z: PyTorch's own cumulative average of the batch means
-    probe = copy.deepcopy(model)
-    for _, layer in bn_layers(probe):
-        layer.reset_running_stats()
-        layer.momentum = None
-    probe.train()
-    with torch.no_grad():
-        for i in range(0, len(x), 64):
-            probe(x[i:i + 64])
+    probe = _cumulative_probe(model, x)
     s = report.shifts[0]
     mean_d = probe.layers[0].bn1.running_mean.double()
     z = (mean_d - bn.running_mean.double()) / torch.sqrt(bn.running_var.double() + bn.eps)
@@ -700,14 +706,7 @@ def test_frozen_layer_shifted_by_three_std_ranks_first(trained, digits):
     with torch.no_grad():
         bn.running_mean += 3 * torch.sqrt(bn.running_var + bn.eps)
     # oracle: PyTorch's cumulative average of the batch means, every BN layer on batch statistics
-    probe = copy.deepcopy(model)
-    for _, layer in bn_layers(probe):
-        layer.reset_running_stats()
-        layer.momentum = None
-    probe.train()
-    with torch.no_grad():
-        for i in range(0, len(x), 64):
-            probe(x[i:i + 64])
+    probe = _cumulative_probe(model, x)
     convert_frozen(model)
     snap = _snapshot(model)
     report = audit(model, x)
