@@ -556,7 +556,8 @@ def recalibrate(
     layers with the statistics reduced here, which are also the ones recorded).
     A layer whose class or instance overrides ``forward`` runs its own
     training-mode forward, always from its state before the pass: its buffers are
-    put back after every call, so one that reads its running statistics (Batch
+    put back after every call (bnkit's drop-in layers without renorm, whose output
+    never reads them, at the end), so one that reads its running statistics (Batch
     Renormalization's ``r``/``d``, a ``renorm_schedule`` step) uses the ones it had
     before the pass, and a skipped batch leaves nothing behind for the next.
     bnkit's ``debias=True`` layers run with ``debias`` off (it changes only the
