@@ -82,7 +82,7 @@ from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
 from .audit_model import model_findings
 from .io import load_state_dict_file
-from .modules import is_bn_or_frozen
+from .modules import bn_or_frozen_layers
 
 __all__ = ["audit", "AuditReport", "LayerShift"]
 
@@ -205,7 +205,7 @@ def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport
 
 
 def _model_report(model, data, forward, batch_size, train_batch_size, max_batches, coupling_samples) -> AuditReport:
-    layers = [(name, m) for name, m in model.named_modules() if is_bn_or_frozen(m)]
+    layers = bn_or_frozen_layers(model)
     report = AuditReport(type(model).__name__, "model", layers=[name for name, _ in layers])
     batches = None
     if data is not None:

@@ -34,8 +34,9 @@ PyTorch's own forward are folded into: a subclass that changes the forward
 (weight standardization, QAT fake-quant), a parametrized weight, or a module
 with forward hooks is left alone, with the reason; so is a BN or layer held in
 several attribute slots (``self.norm = self.bn``; an aliased container holding it
-is fine: replacing it in its one slot replaces it on every path), and a layer whose weight or bias is shared with another
-module (a fold would untie it, and a freshly built model reloads it tied). The
+is fine: replacing it in its one slot replaces it on every path), and a layer
+whose weight or bias is shared with another module (a fold would untie it, and
+a freshly built model reloads it tied). The
 original model is never modified: the folded model is a deep copy of it, with
 each folded BN replaced by ``nn.Identity`` (so it keeps its class, forward and
 state-dict names).
@@ -57,7 +58,9 @@ from torch.nn.utils import parametrize
 
 from ..findings import Finding
 from .frozen import FrozenBatchNormNd
-from .modules import eval_mode, flatten_tensors, has_stock_eval_forward, is_batchnorm, is_bn_or_frozen
+from .modules import (
+    bn_or_frozen_layers, eval_mode, flatten_tensors, has_stock_eval_forward, is_batchnorm, is_bn_or_frozen,
+)
 
 __all__ = ["fold_bn", "FoldReport", "FoldedBN"]
 
@@ -254,7 +257,7 @@ def _check_model(model: nn.Module, force: bool) -> None:
     if lazy:
         raise ValueError(f"uninitialized lazy modules (run one forward pass first): {', '.join(lazy)}")
     training, never, nonfinite, nonpositive = [], [], [], []
-    for name, bn in _norm_layers(model):
+    for name, bn in bn_or_frozen_layers(model):
         tensors = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
             nonfinite.append(name)
@@ -418,7 +421,7 @@ def _plan_fx(
         return node.target if ok else None
 
     plan: list[tuple[str, str, str]] = []
-    for name, bn in _norm_layers(work):
+    for name, bn in bn_or_frozen_layers(work):
         if calls[id(bn)] == 0:
             report.left[name] = "not called as a module in the traced forward"
 
@@ -483,7 +486,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
     without a probe run (no ``example_inputs``) nothing is.
     """
     if not probe:  # nothing shows whether a layer is also called outside its Sequential: fold nothing
-        for name, _ in _norm_layers(work):
+        for name, _ in bn_or_frozen_layers(work):
             report.left[name] = ("the model is not traceable by torch.fx, and without example_inputs nothing shows "
                                  "whether its neighbour is also called outside its nn.Sequential: pass example_inputs")
         return []
@@ -519,7 +522,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
                 report.left.pop(bn_name, None)
             else:
                 report.left[bn_name] = reason
-    for name, _ in _norm_layers(work):
+    for name, _ in bn_or_frozen_layers(work):
         if name not in used and name not in report.left:
             report.left[name] = (
                 "no Conv/ConvTranspose/Linear neighbour inside a plain nn.Sequential (model not traceable)"
@@ -545,11 +548,6 @@ def _shared_names(work: nn.Module) -> dict[int, list[str]]:
                 names.setdefault(id(obj), []).append(f"{prefix}.{attr}" if prefix else attr)
                 slots.setdefault(id(obj), set()).add((id(parent), attr))
     return {key: names[key] for key, where in slots.items() if len(where) > 1}
-
-
-def _norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every BatchNorm layer and bnkit ``FrozenBatchNorm*d`` (eval-mode BN in buffers), in ``named_modules`` order."""
-    return [(name, m) for name, m in model.named_modules() if is_bn_or_frozen(m)]
 
 
 def _hooked(module: nn.Module) -> bool:

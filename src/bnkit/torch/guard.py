@@ -53,7 +53,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from ..findings import Finding
-from .modules import BN_TYPES, is_batchnorm, is_bn_or_frozen
+from .modules import BN_TYPES, bn_or_frozen_layers, is_batchnorm
 
 __all__ = ["bn_guard", "BNGuardError", "BNGuardWarning", "protect_stats", "StatsRollback"]
 
@@ -153,8 +153,7 @@ class bn_guard(contextlib.ContextDecorator):
         if ignore - set(CHECKS):
             raise ValueError(f"unknown check(s) {sorted(ignore - set(CHECKS))}; checks are {CHECKS}")
         self.model, self.action, self.ignore = model, action, ignore
-        self._layers = [(n or type(m).__name__, m) for n, m in model.named_modules()
-                        if is_bn_or_frozen(m)]
+        self._layers = [(n or type(m).__name__, m) for n, m in bn_or_frozen_layers(model)]
         self._bn = [(n, m) for n, m in self._layers if is_batchnorm(m)]
         self._bn_modules = [m for _, m in self._bn]
         self._clean: dict[int, tuple] = {}  # layer id -> the buffers (and versions) that passed the stats checks

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "has_stock_forward", "bn_layers", "eval_mode",
-           "flatten_tensors"]
+__all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "bn_or_frozen_layers", "has_stock_forward", "bn_layers",
+           "eval_mode", "flatten_tensors"]
 
 BN_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
 
@@ -34,6 +34,12 @@ def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
 def is_bn_or_frozen(module: nn.Module) -> bool:
     """A BatchNorm layer or one of bnkit's buffer-only ``FrozenBatchNorm*d`` (marked ``_bnkit_frozen_layer``)."""
     return is_batchnorm(module) or getattr(type(module), "_bnkit_frozen_layer", False)
+
+
+def bn_or_frozen_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified_name, module)`` for every BatchNorm layer and bnkit ``FrozenBatchNorm*d``, in
+    ``named_modules`` order."""
+    return [(name, m) for name, m in model.named_modules() if is_bn_or_frozen(m)]
 
 
 def has_stock_eval_forward(bn: _BatchNorm) -> bool:
