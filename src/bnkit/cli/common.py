@@ -66,6 +66,19 @@ def check_input_file(path: Path, kind: str) -> None:
         raise UsageError(f"no such {kind} file: {path}")
 
 
+def raised_by_bnkit(exc: BaseException) -> bool:
+    """Whether bnkit's own code raised ``exc`` (the innermost frame of its traceback), not the user's or PyTorch's."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("bnkit.")
+
+
+def describe_error(exc: BaseException) -> str:
+    """``exc``'s text, led by its type unless bnkit raised it (bnkit's own messages say what is wrong)."""
+    return str(exc) if raised_by_bnkit(exc) else f"{type(exc).__name__}: {exc}"
+
+
 def build_model(spec: str) -> Any:
     """The ``torch.nn.Module`` that ``spec`` names: a module object, or a factory called with no arguments.
 
@@ -76,15 +89,13 @@ def build_model(spec: str) -> Any:
 
     try:
         obj = resolve_spec(spec)
-    except ValueError as exc:  # bnkit's own message: no such module or attribute
-        raise UsageError(f"cannot build the model from {spec!r}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - importing the user's module runs its code
-        raise UsageError(f"cannot build the model from {spec!r}: importing it raised "
-                         f"{type(exc).__name__}: {exc}") from None
+        cause = str(exc) if raised_by_bnkit(exc) else f"importing it raised {describe_error(exc)}"
+        raise UsageError(f"cannot build the model from {spec!r}: {cause}") from None
     try:
         net = obj if isinstance(obj, nn.Module) else obj()
     except Exception as exc:  # noqa: BLE001 - any failure of user code
-        raise UsageError(f"cannot build the model from {spec!r}: it raised {type(exc).__name__}: {exc}") from None
+        raise UsageError(f"cannot build the model from {spec!r}: it raised {describe_error(exc)}") from None
     if not isinstance(net, nn.Module):
         raise UsageError(f"{spec!r} gave a {type(net).__name__}, not a torch.nn.Module")
     return net

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .app import app, console, fail
-from .common import INPUT_KEYS
+from .common import INPUT_KEYS, describe_error, raised_by_bnkit
 
 
 def _batches_of(array: Any, batch_size: int, dtype: Any) -> list[Any]:
@@ -91,19 +91,6 @@ class _Reading:
             except Exception as exc:  # noqa: BLE001 - the user's __getitem__/__next__/collate
                 raise _DataError() from exc
             yield batch
-
-
-def _from_bnkit(exc: BaseException) -> bool:
-    """Whether bnkit's own code raised ``exc`` (the innermost frame of its traceback), not the user's or PyTorch's."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("bnkit.")
-
-
-def _describe(exc: BaseException) -> str:
-    """``exc``'s text, led by its type unless bnkit raised it (bnkit's own messages say what is wrong)."""
-    return str(exc) if _from_bnkit(exc) else f"{type(exc).__name__}: {exc}"
 
 
 def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> Any:
@@ -228,11 +215,11 @@ def recalibrate_command(
     try:
         loader = _load_data(data, data_key, batch_size, dtype)
     except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
-        raise fail(f"cannot load data from {data!r}: {_describe(exc)}")
+        raise fail(f"cannot load data from {data!r}: {describe_error(exc)}")
     try:
         feed = resolve_spec(forward) if forward is not None else None
     except Exception as exc:  # noqa: BLE001 - importing the user's module runs its code
-        raise fail(f"cannot import --forward {forward!r}: {_describe(exc)}")
+        raise fail(f"cannot import --forward {forward!r}: {describe_error(exc)}")
     if feed is not None and not callable(feed):
         raise fail(f"--forward {forward!r} is a {type(feed).__name__}, not a function")
     try:
@@ -241,11 +228,11 @@ def recalibrate_command(
     except torch.OutOfMemoryError as exc:
         raise fail(f"recalibration ran out of memory, nothing written (try a smaller --batch-size): {exc}", code=1)
     except _DataError as exc:
-        raise fail(f"reading a batch of the data from {data!r} failed, nothing written: {_describe(exc.__cause__)}")
+        raise fail(f"reading a batch of the data from {data!r} failed, nothing written: {describe_error(exc.__cause__)}")
     except Exception as exc:  # noqa: BLE001 - bnkit's checks, or the user's model/--forward failing on the data
         text = str(exc)
-        if not _from_bnkit(exc):  # the user's code, or PyTorch inside it (shapes, dtypes)
-            text = f"{'the model' if feed is None else f'the model or --forward {forward!r}'} raised {_describe(exc)}"
+        if not raised_by_bnkit(exc):  # the user's code, or PyTorch inside it (shapes, dtypes)
+            text = f"{'the model' if feed is None else f'the model or --forward {forward!r}'} raised {describe_error(exc)}"
         elif isinstance(exc, ValueError):  # bnkit's checks: non-finite, channels, one value per channel
             text = text.replace("pass on_nonfinite='skip'", "pass --on-nonfinite skip")
             raise fail(f"recalibration failed, nothing written: {text}", code=1 if "non-finite" in text else 2)
