@@ -221,9 +221,10 @@ def _f_limit(dof: int, within_dof: float) -> float:
 
 
 def _within_dof(col: Collector) -> float:
-    """``sum_b (n_b - 1)`` over a layer's calls: the degrees of freedom of its within-batch variance ``w``."""
-    _, counts, _, _ = col.stacked()
-    return float((counts - 1).sum())
+    """``sum_b (n_b - 1)`` over a layer's calls, ``n_b`` the batch size as in :func:`_noise`'s ``w``: its degrees
+    of freedom."""
+    sizes, _, _, _ = col.stacked()
+    return float((sizes - 1).sum())
 
 
 def _not_random(shifts: list[LayerShift], collectors: dict[str, Collector], batches: int) -> LayerShift | None:
