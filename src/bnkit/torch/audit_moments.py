@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stats import RunningMoments
 from .frozen import FrozenBatchNormNd
-from .modules import has_stock_forward, is_batchnorm
+from .modules import has_stock_eval_forward, has_stock_forward, is_batchnorm
 
 
 def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,8 +94,8 @@ class Collector:
         self.moments = RunningMoments(bn.num_features)
         self._clock = clock if clock is not None else itertools.count()
         self.order: list[int] = []  # each call's number on the clock
-        self.stock = has_stock_forward(bn) or (type(bn).forward is FrozenBatchNormNd.forward
-                                               and "forward" not in vars(bn))
+        # a frozen layer's stock forward is BatchNorm's eval transform: the stand-in replaces it as it does PyTorch's
+        self.stock = has_stock_forward(bn) or (not is_batchnorm(bn) and has_stock_eval_forward(bn))
         self.eps = float(bn.eps)
         self.samples: list[tuple[int, int, bool]] = []  # (batch size, values per channel, spread is invstd)
         self.means: list[torch.Tensor] = []

@@ -57,7 +57,6 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from ..findings import Finding
-from .frozen import FrozenBatchNormNd
 from .modules import (
     bn_or_frozen_layers, eval_mode, flatten_tensors, has_stock_eval_forward, is_batchnorm, is_bn_or_frozen,
 )
@@ -557,8 +556,7 @@ def _hooked(module: nn.Module) -> bool:
 def _bn_reason(bn: nn.Module, calls: Counter, attr_used: set[int], shared: dict[int, list[str]]) -> str | None:
     if bn.running_mean is None:
         return "track_running_stats=False: it normalizes with batch statistics at inference, which no fold can express"
-    if not (has_stock_eval_forward(bn) if is_batchnorm(bn)
-            else type(bn).forward is FrozenBatchNormNd.forward and "forward" not in vars(bn)):
+    if not has_stock_eval_forward(bn):
         return f"it is a {type(bn).__name__} whose forward is not PyTorch's, so removing it may change the outputs"
     if id(bn) in shared:
         return (f"it is registered under several names ({', '.join(shared[id(bn)])}): folding would replace "

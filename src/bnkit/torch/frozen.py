@@ -69,6 +69,8 @@ class FrozenBatchNormNd(nn.Module):
             )
         return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
+    forward._bnkit_stock_in_eval = True  # nn.BatchNorm's eval transform, in every mode (fold and audit rely on it)
+
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
         key = prefix + "num_batches_tracked"
         if key not in state_dict and self.num_batches_tracked is not None:

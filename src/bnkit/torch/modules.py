@@ -42,10 +42,11 @@ def bn_or_frozen_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if is_bn_or_frozen(m)]
 
 
-def has_stock_eval_forward(bn: _BatchNorm) -> bool:
+def has_stock_eval_forward(bn: nn.Module) -> bool:
     """In eval mode the layer computes PyTorch's BatchNorm: its ``forward`` is PyTorch's, or one marked
-    ``_bnkit_stock_in_eval`` (bnkit's drop-in layers, which defer to it outside training); a subclass
-    or instance with its own ``forward`` may compute anything."""
+    ``_bnkit_stock_in_eval`` (bnkit's drop-in layers, which defer to it outside training, and its
+    ``FrozenBatchNorm*d``, which compute its eval transform in every mode); a subclass or instance
+    with its own ``forward`` may compute anything."""
     return has_stock_forward(bn) or (getattr(type(bn).forward, "_bnkit_stock_in_eval", False)
                                      and "forward" not in vars(bn))
 
