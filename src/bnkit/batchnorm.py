@@ -272,7 +272,7 @@ class BatchNorm:
         for k in expected:
             if k not in state:
                 continue
-            v = np.asarray(_to_numpy(state[k]))
+            v = _to_numpy(state[k])
             if np.iscomplexobj(v):
                 raise TypeError(f"{k} must be real, got dtype {v.dtype}")
             if k == "num_batches_tracked":
@@ -294,12 +294,13 @@ class BatchNorm:
         )
 
 
-def _to_numpy(v):
+def _to_numpy(v) -> np.ndarray:
+    """``v`` as a NumPy array of its own dtype; bfloat16, which NumPy lacks, is widened to float32 (exactly)."""
     if hasattr(v, "detach"):  # a torch tensor; avoids importing torch here
         v = v.detach().cpu()
-        # NumPy has no bfloat16; every floating value is loaded as float64 anyway
-        return (v.double() if v.is_floating_point() else v).numpy()
-    return v
+        v = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
+    a = np.asarray(v)
+    return a.astype(np.float32) if a.dtype.name == "bfloat16" else a  # ml_dtypes' bfloat16 (JAX, Keras)
 
 
 def _as_acb(x: np.ndarray, ax: int) -> np.ndarray:

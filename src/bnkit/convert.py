@@ -59,6 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .batchnorm import _to_numpy
 from .conventions import convert_momentum, get_convention
 
 __all__ = ["FRAMEWORKS", "LAYOUTS", "convert_state"]
@@ -134,17 +135,8 @@ def convert_state(state: Mapping, src: str, dst: str, *, axis: int | None = None
 
 
 # ----------------------------------------------------------------- reading
-def _numpy(v) -> np.ndarray:
-    """``v`` as a NumPy array of its own dtype; bfloat16, which NumPy lacks, is widened to float32 (exactly)."""
-    if hasattr(v, "detach"):  # a torch tensor; avoids importing torch here
-        v = v.detach().cpu()
-        v = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
-    a = np.asarray(v)
-    return a.astype(np.float32) if a.dtype.name == "bfloat16" else a  # ml_dtypes' bfloat16 (JAX, Keras)
-
-
 def _array(v, what: str) -> np.ndarray:
-    a = _numpy(v)
+    a = _to_numpy(v)
     if a.ndim != 1 or a.shape[0] < 1:
         raise ValueError(f"{what} must be a non-empty 1-D per-channel array, got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.floating):
@@ -209,7 +201,7 @@ def _read_torch(state: Mapping) -> _Layer:
         raise ValueError("torch state_dict must have both running_mean and running_var, or neither")
     _flag(config, "track_running_stats", get["running_mean"] is not None, "torch")
     nbt = sd.get("num_batches_tracked")
-    nbt = None if nbt is None else int(_numpy(nbt).reshape(()))
+    nbt = None if nbt is None else int(_to_numpy(nbt).reshape(()))
     layer = _Layer(get["weight"], get["bias"], get["running_mean"], get["running_var"], eps, m, "torch", None, nbt,
                    config.get("num_features"))
     arrays = [a for a in get.values() if a is not None]
