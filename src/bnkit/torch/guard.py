@@ -53,7 +53,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from ..findings import Finding
-from .modules import BN_TYPES, bn_or_frozen_layers, is_batchnorm
+from .modules import BN_TYPES, bn_or_frozen_layers, is_batchnorm, write_count
 
 __all__ = ["bn_guard", "BNGuardError", "BNGuardWarning", "protect_stats", "StatsRollback"]
 
@@ -73,14 +73,6 @@ class BNGuardError(RuntimeError):
 
 class BNGuardWarning(RuntimeWarning):
     """The warning :func:`bn_guard` emits with ``action="warn"``."""
-
-
-def _version(t: torch.Tensor) -> int | None:
-    """The tensor's in-place write counter (None for inference tensors, which have none)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
 
 
 def _mode_findings(name: str, m: nn.Module) -> list[Finding]:
@@ -196,7 +188,7 @@ class bn_guard(contextlib.ContextDecorator):
             problems = _stats_findings(name, m)
             found += problems
             if not problems:
-                current = [(k, t, _version(t)) for k in _BUFFERS if (t := buffers.get(k)) is not None]
+                current = [(k, t, write_count(t)) for k in _BUFFERS if (t := buffers.get(k)) is not None]
                 if all(v is not None for _, _, v in current):  # inference tensors have no counter: check every time
                     self._clean[id(m)] = current
         if len(self._clean) == len(self._layers):

@@ -63,6 +63,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from .modules import write_count
+
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_bn", "revert_bn", "PAPER_RENORM_SCHEDULE"]
 
 #: Ioffe (2017), section 4: rmax = 1, dmax = 0 for 5k steps, rmax = 3 reached at 40k, dmax = 5 at 25k.
@@ -105,15 +107,10 @@ def batch_of_one_message(layer: str, shape: tuple[int, ...], running_stats: bool
 
 
 def _write_mark(t: Tensor) -> tuple[int, int] | None:
-    """``t``'s identity and in-place write count, or None for an inference tensor (which has no count).
-
-    The mark changes when ``t`` is replaced or written in place (``load_state_dict``, ``fill_``, ``copy_``,
-    ``add_``), not when it is written through ``t.data``.
-    """
-    try:
-        return id(t), t._version
-    except RuntimeError:  # "Inference tensors do not track version counter"
-        return None
+    """``t``'s identity and in-place write count (:func:`~bnkit.torch.modules.write_count`), or None for an
+    inference tensor: the mark changes when ``t`` is replaced or written in place, not through ``t.data``."""
+    count = write_count(t)
+    return None if count is None else (id(t), count)
 
 
 class _DropInBatchNorm:

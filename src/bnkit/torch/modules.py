@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "bn_or_frozen_layers", "has_stock_forward", "bn_layers",
-           "eval_mode", "flatten_tensors"]
+           "eval_mode", "flatten_tensors", "write_count"]
 
 BN_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
 
@@ -40,6 +40,18 @@ def bn_or_frozen_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified_name, module)`` for every BatchNorm layer and bnkit ``FrozenBatchNorm*d``, in
     ``named_modules`` order."""
     return [(name, m) for name, m in model.named_modules() if is_bn_or_frozen(m)]
+
+
+def write_count(t: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter (``t._version``; None for inference tensors, which have none).
+
+    In-place ops (``fill_``, ``copy_``, ``add_``, ``load_state_dict``) bump it; writes through ``t.data``
+    or a NumPy view do not.
+    """
+    try:
+        return t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
 
 
 def has_stock_eval_forward(bn: nn.Module) -> bool:
