@@ -77,14 +77,12 @@ def run_and_report(
         raise fail(f"--out {out} exists and is not a folder")
     if threads < 1:
         raise fail(f"--threads must be at least 1, got {threads}")
-    from ..study import MAX_SEED, max_base_seed
+    from ..study import check_seed
 
-    top = max_base_seed(names, size, seeds)
-    if top < 0:
-        raise fail(f"--seeds {seeds} is too large: the seeds would pass NumPy's limit, 2**32 - 1")
-    if not 0 <= seed <= top:
-        raise fail(f"--seed must be between 0 and {top}, got {seed} (the chapters add up to {MAX_SEED - top} "
-                   f"to it for their random streams, and every seed is kept within 2**32 - 1, NumPy's limit)")
+    try:
+        check_seed(names, size, seed, seeds)
+    except ValueError as exc:  # before --out is touched or any chapter runs
+        raise fail(f"--{exc}") from None
     import os
     import platform
     import shutil

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from .report import Chapter, unavailable
 
 __all__ = ["CHAPTERS", "SIZES", "MAX_SEED", "Tracker", "Context", "run_chapters", "missing_dependencies",
-           "max_base_seed"]
+           "max_base_seed", "check_seed"]
 
 #: chapter name -> module under ``bnkit.study``, in the order they are told.
 CHAPTERS: dict[str, str] = {
@@ -114,14 +114,22 @@ def max_base_seed(names: list[str], size: str, seeds: int | None = None) -> int:
     return MAX_SEED - largest
 
 
+def check_seed(names: list[str], size: str, seed: int, seeds: int | None = None) -> None:
+    """ValueError unless ``seed`` (and ``seeds``) keep every seed the named chapters derive within :data:`MAX_SEED`."""
+    top = max_base_seed(names, size, seeds)
+    if top < 0:
+        raise ValueError(f"seeds {seeds} is too large: the seeds would pass NumPy's limit, 2**32 - 1")
+    if not 0 <= seed <= top:
+        raise ValueError(f"seed must be between 0 and {top}, got {seed} (the chapters add up to {MAX_SEED - top} "
+                         "to it for their random streams, and every seed is kept within 2**32 - 1, NumPy's limit)")
+
+
 def run_chapters(names: list[str], ctx: Context) -> list[Chapter]:
     """Run the named chapters in order. A chapter that raises is reported as failed, with the error.
 
     A seed outside ``0..max_base_seed(...)`` raises ValueError before any chapter runs.
     """
-    top = max_base_seed(names, ctx.size, ctx.seeds)
-    if not 0 <= ctx.seed <= top:
-        raise ValueError(f"seed must be between 0 and {top} for these chapters, got {ctx.seed}")
+    check_seed(names, ctx.size, ctx.seed, ctx.seeds)
     ctx.out.mkdir(parents=True, exist_ok=True)
     chapters = []
     for name in names:
