@@ -188,23 +188,28 @@ def test_refuses_unsafe_or_mismatched_weights_and_bad_arguments(tmp_path):
     assert not out.exists()
 
 
-def test_dataset_with_one_sample_left_over(tmp_path, monkeypatch):
-    """193 = 3 * 64 + 1 samples: the last sample joins the batch before it instead of failing BatchNorm."""
+def recalibrate_193_from_factory(tmp_path, monkeypatch, module: str, source: str) -> None:
+    """Stale weights recalibrated from ``module:make`` (``source``, which reads the 193 digits from X193), checked
+    against the oracle: 193 = 3 * 64 + 1, so 3 batches (the last sample joins the batch before it)."""
     weights = tmp_path / "w.safetensors"
     model = stale_weights(weights)
     x = digits(193)
     np.save(tmp_path / "x193.npy", x)
-    (tmp_path / "h4_cli_leftover.py").write_text(
-        "import numpy as np, torch\n"
-        "def make():\n"
-        f"    x = torch.from_numpy(np.load({str(tmp_path / 'x193.npy')!r}))\n"
-        "    return torch.utils.data.TensorDataset(x, torch.zeros(len(x)))\n"
-    )
+    (tmp_path / f"{module}.py").write_text(source.replace("X193", repr(str(tmp_path / "x193.npy"))))
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "o.safetensors"
-    result = invoke("--model", MODEL, "--weights", str(weights), "--data", "h4_cli_leftover:make", "--output", str(out))
+    result = invoke("--model", MODEL, "--weights", str(weights), "--data", f"{module}:make", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert_first_bn_exact(out, model, x, batches=3)
+
+
+def test_dataset_with_one_sample_left_over(tmp_path, monkeypatch):
+    """193 = 3 * 64 + 1 samples: the last sample joins the batch before it instead of failing BatchNorm."""
+    recalibrate_193_from_factory(tmp_path, monkeypatch, "h4_cli_leftover", (
+        "import numpy as np, torch\n"
+        "def make():\n"
+        "    x = torch.from_numpy(np.load(X193))\n"
+        "    return torch.utils.data.TensorDataset(x, torch.zeros(len(x)))\n"))
 
 
 def test_refuses_outputs_that_would_overwrite_an_input_or_mislead(tmp_path, monkeypatch):
@@ -376,21 +381,11 @@ def test_failures_of_the_users_code_exit_2_naming_the_exception_and_where(tmp_pa
 
 def test_iterable_dataset_is_batched_by_batch_size(tmp_path, monkeypatch):
     """193 samples streamed one at a time, --batch-size 64: 3 batches, the last sample joins the batch before it."""
-    weights = tmp_path / "w.safetensors"
-    model = stale_weights(weights)
-    x = digits(193)
-    np.save(tmp_path / "x193.npy", x)
-    (tmp_path / "fs4_stream.py").write_text(
+    recalibrate_193_from_factory(tmp_path, monkeypatch, "fs4_stream", (
         "import numpy as np, torch\n"
         "class Stream(torch.utils.data.IterableDataset):\n"
         "    def __iter__(self):\n"
-        f"        for row in np.load({str(tmp_path / 'x193.npy')!r}):\n"
+        "        for row in np.load(X193):\n"
         "            yield torch.from_numpy(row), 0\n"
         "def make():\n"
-        "    return Stream()\n"
-    )
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "o.safetensors"
-    result = invoke("--model", MODEL, "--weights", str(weights), "--data", "fs4_stream:make", "-o", str(out))
-    assert result.exit_code == 0, result.output
-    assert_first_bn_exact(out, model, x, batches=3)
+        "    return Stream()\n"))

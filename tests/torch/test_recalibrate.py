@@ -112,6 +112,12 @@ def assert_matches_reference(model: nn.Module, ref, rtol: float = 1e-9) -> None:
         assert int(bn.num_batches_tracked) == calls
 
 
+def interrupted_after(batches, k):
+    """The first ``k`` batches, then a KeyboardInterrupt (Ctrl-C in the middle of the pass)."""
+    yield from batches[:k]
+    raise KeyboardInterrupt
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_exact_population_statistics_with_unequal_batches_and_dropout(dtype):
     model = mixed_model(dtype)
@@ -299,13 +305,8 @@ def test_interruption_leaves_model_untouched():
     before = buffers(model)
     flags = {n: m.training for n, m in model.named_modules()}
     batches = make_batches()
-
-    def interrupted():
-        yield from batches[:3]
-        raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        recalibrate(model, interrupted(), progress=False)
+        recalibrate(model, interrupted_after(batches, 3), progress=False)
     assert_same_state(model, before)
     assert {n: m.training for n, m in model.named_modules()} == flags
     assert all(not bn._forward_pre_hooks and "forward" not in bn.__dict__ for _, bn in bn_layers(model))
@@ -543,13 +544,8 @@ def test_forward_that_reassigns_buffers():
     before = buffers(model)
     batches = [torch.randn(n, 3, dtype=torch.float64) + 2 for n in (8, 5, 7)]
     ref = reference_stats(model, batches)
-
-    def interrupted():
-        yield from batches[:2]
-        raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        recalibrate(model, interrupted(), progress=False)
+        recalibrate(model, interrupted_after(batches, 2), progress=False)
     assert_same_state(model, before)
     assert all(v is tensors[k] for k, v in model.state_dict(keep_vars=True).items())  # the same tensors attached
 
