@@ -136,8 +136,11 @@ class _DropInBatchNorm:
         running_var_rule: str = "unbiased",
         layer_name: str | None = None,
     ) -> None:
+        # ``bias`` reaches nn.BatchNorm*d only when False: releases without that option (2.11 has none) take the
+        # rest, and refuse a bias-less layer with their own TypeError
         super().__init__(  # type: ignore[call-arg]
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+            **({} if bias else {"bias": False}),
         )
         self._set_extras(
             debias=debias, renorm=renorm, rmax=rmax, dmax=dmax, renorm_schedule=renorm_schedule,
