@@ -797,3 +797,47 @@ def test_bnkit_frozen_layers_fold_like_eval_mode_bn_and_leave_the_rest_traceable
         assert not report.left and not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
         with torch.no_grad():
             assert rel_diff(model(x), folded.eval()(x)) < 1e-5
+
+
+_PRECISION_SEEN: list[tuple[str, ...]] = []  # module level: fold_bn's deep copies record here too
+
+
+class _ReadsPrecision(nn.Module):
+    """Conv -> BN that records the float32 precision settings each forward runs under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        knobs = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+        _PRECISION_SEEN.append(tuple(k.fp32_precision for k in knobs))
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("tool", ["fold_bn", "export_onnx"])
+def test_checks_run_in_full_float32_and_leave_the_users_tf32_settings(tool, tmp_path):
+    """TF32 convolutions (PyTorch's CUDA default) differ from float32 by ~1e-3: fold's verification and the
+    export's reference outputs run with every float32 precision setting at "ieee", then put back as found."""
+    model = calibrated(_ReadsPrecision(), torch.randn(8, 1, 6, 6))
+    knobs = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+    saved = [k.fp32_precision for k in knobs]
+    try:
+        torch.backends.cudnn.conv.fp32_precision = "tf32"  # a user's choice, mixed on purpose
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        before = [k.fp32_precision for k in knobs]
+        _PRECISION_SEEN.clear()
+        if tool == "fold_bn":
+            fold_bn(model, torch.randn(4, 1, 6, 6))
+            assert len(_PRECISION_SEEN) == 3  # the original's run, the fx trace (symbolic), the folded copy's run
+            checks = [_PRECISION_SEEN[0], _PRECISION_SEEN[2]]
+        else:
+            from bnkit.torch import export_onnx
+
+            export_onnx(model, torch.randn(4, 1, 6, 6), tmp_path / "m.onnx")
+            checks = _PRECISION_SEEN[:2]  # the batch and its first sample; then the export traces the model
+        assert len(checks) == 2 and all(seen == ("ieee",) * 3 for seen in checks), _PRECISION_SEEN
+        assert [k.fp32_precision for k in knobs] == before
+    finally:
+        for k, value in zip(knobs, saved):
+            k.fp32_precision = value

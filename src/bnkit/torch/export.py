@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
-from .modules import bn_layers, eval_mode
+from .modules import bn_layers, eval_mode, exact_float32
 
 __all__ = ["export_onnx", "ExportReport", "ExportVerificationError"]
 
@@ -102,7 +102,9 @@ def export_onnx(
     ``fold=True`` folds BatchNormalization nodes into the Conv/Gemm before them.
     ``force=True`` writes the file despite error-level audit findings (never despite an
     onnxruntime mismatch beyond ``rtol``, norm-wise relative; by default 1e-4, or 1e-2 for a graph
-    holding or computing fp16/bf16 values, as :func:`bnkit.onnx.fold` uses). Raises ValueError for
+    holding or computing fp16/bf16 values, as :func:`bnkit.onnx.fold` uses). The PyTorch side of
+    that check runs float32 on CUDA without TF32, as onnxruntime computes
+    (:class:`~bnkit.torch.modules.exact_float32`). Raises ValueError for
     BatchNorm layers without running statistics or non-finite inputs, and
     :class:`ExportVerificationError` when a check fails; then nothing is written.
     """
@@ -126,7 +128,7 @@ def export_onnx(
     single = dynamic_batch and batch > 1 and all(t.dim() and t.shape[0] == batch for t in inputs)
     checks = [inputs] + ([tuple(t[:1] for t in inputs)] if single else [])
     with eval_mode(model):
-        with torch.no_grad():
+        with torch.no_grad(), exact_float32():  # what onnxruntime computes: float32 without TF32
             expected = [_flatten(model(*inputs))]
             if single:
                 try:

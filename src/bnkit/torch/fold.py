@@ -58,7 +58,8 @@ from torch.nn.utils import parametrize
 
 from ..findings import Finding
 from .modules import (
-    bn_or_frozen_layers, eval_mode, flatten_tensors, has_stock_eval_forward, is_batchnorm, is_bn_or_frozen,
+    bn_or_frozen_layers, eval_mode, exact_float32, flatten_tensors, has_stock_eval_forward, is_batchnorm,
+    is_bn_or_frozen,
 )
 
 __all__ = ["fold_bn", "FoldReport", "FoldedBN"]
@@ -172,7 +173,8 @@ def fold_bn(
             as the single input). Used to learn the rank of layer outputs (a
             Linear->BatchNorm1d fold is exact only on ``(N, C)``), to count module calls
             when tracing fails, and, with ``verify``, to compare the two models.
-        verify: run the original and folded models (copies, in eval mode) on
+        verify: run the original and folded models (copies, in eval mode; float32 on CUDA
+            without TF32, see :class:`~bnkit.torch.modules.exact_float32`) on
             ``example_inputs`` and put the difference in the report.
         force: fold BN layers in training mode or with never-updated statistics anyway
             (their running statistics are used, as in eval mode).
@@ -325,7 +327,7 @@ def _clone(obj: Any) -> Any:
 
 
 def _run_eval(model: nn.Module, inputs: tuple) -> Any:
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), exact_float32():
         return model(*_clone(inputs))
 
 

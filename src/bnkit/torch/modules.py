@@ -90,6 +90,32 @@ class eval_mode:
             m.training = flag
 
 
+class exact_float32:
+    """Context manager: float32 convolutions and matmuls on CUDA in full float32 (no TF32); settings restored on exit.
+
+    PyTorch's defaults let cuDNN convolutions round float32 inputs to TF32 (10-bit mantissa,
+    relative errors near 1e-3), which would swamp a check against onnxruntime or another model
+    run. The per-operation ``fp32_precision`` settings (torch/backends/cudnn/__init__.py,
+    torch/backends/cuda/__init__.py) are set to ``"ieee"`` and put back as found; releases
+    without them get the ``allow_tf32`` flags instead. Nothing changes on the CPU.
+    """
+
+    def __enter__(self) -> None:
+        backends = torch.backends
+        if hasattr(backends.cudnn, "conv"):
+            self.saved = [(knob, "fp32_precision", knob.fp32_precision, "ieee")
+                          for knob in (backends.cudnn.conv, backends.cudnn.rnn, backends.cuda.matmul)]
+        else:
+            self.saved = [(knob, "allow_tf32", knob.allow_tf32, False)
+                          for knob in (backends.cudnn, backends.cuda.matmul)]
+        for knob, name, _, value in self.saved:
+            setattr(knob, name, value)
+
+    def __exit__(self, *exc: object) -> None:
+        for knob, name, value, _ in self.saved:
+            setattr(knob, name, value)
+
+
 def flatten_tensors(obj: Any) -> list[torch.Tensor]:
     """The tensors of a nest of tuples, lists and mappings, in order, detached; anything else is skipped."""
     if isinstance(obj, torch.Tensor):
