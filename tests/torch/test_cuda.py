@@ -1,0 +1,414 @@
+"""The PyTorch toolkit on a CUDA device, against the same oracles as on the CPU.
+
+Skipped without CUDA (CI has none); run on a GPU machine with
+``pytest tests/torch/test_cuda.py``. Exactness checks use float64 models, whose CUDA
+kernels never take TF32 shortcuts; float32 checks run with PyTorch's defaults, where
+cuDNN convolutions use TF32 (``torch.backends.cudnn.allow_tf32`` is True), as a user's would.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from _helpers import calibrated, rel
+from bnkit.torch import (
+    BatchNorm2d,
+    FrozenBatchNorm2d,
+    audit,
+    bn_guard,
+    BNGuardError,
+    bn_layers,
+    convert_frozen,
+    export_onnx,
+    fold_bn,
+    freeze_bn,
+    protect_stats,
+    recalibrate,
+    revert_sync_bn,
+)
+from bnkit.torch.zoo import MLP, SmallResNet, VGGBN
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def digits_like(n: int = 96, seed: int = 0, offset: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return offset + torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64)
+
+
+def hooked_stats(model: nn.Module, batches) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Float64 NumPy mean / unbiased variance of every BN input over all batches, BN in training mode, on the CPU."""
+    ref = copy.deepcopy(model).cpu()
+    seen: dict[str, list[np.ndarray]] = {}
+    for name, bn in bn_layers(ref):
+        bn.train()
+        bn.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(
+            np.moveaxis(args[0].detach().double().numpy(), 1, 0).reshape(m.num_features, -1)))
+    with torch.no_grad():
+        for b in batches:
+            ref(b.cpu())
+    out = {}
+    for name, parts in seen.items():
+        allx = np.concatenate(parts, axis=1)
+        out[name] = (allx.mean(1), allx.var(1, ddof=1), len(parts))
+    return out
+
+
+def assert_stats(model: nn.Module, ref, rtol: float) -> None:
+    for name, bn in bn_layers(model):
+        mean, var, calls = ref[name]
+        got_mean, got_var = bn.running_mean.double().cpu().numpy(), bn.running_var.double().cpu().numpy()
+        assert np.all(np.abs(got_mean - mean) <= rtol * (np.abs(mean) + np.sqrt(var))), name
+        np.testing.assert_allclose(got_var, var, rtol=rtol, err_msg=name)
+        assert int(bn.num_batches_tracked) == calls
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# ------------------------------------------------------------------------------------------- recalibrate
+
+
+# moved: batches on the CPU, moved by device="cuda" (else already on the GPU); channels-last inputs and weights
+@pytest.mark.parametrize("moved,layout", [(False, torch.contiguous_format), (True, torch.contiguous_format),
+                                          (False, torch.channels_last)])
+def test_recalibrate_on_cuda_is_exact_in_float64(moved, layout):
+    torch.manual_seed(0)
+    model = calibrated(SmallResNet(), digits_like().float()).double().to(CUDA, memory_format=layout)
+    batches = [digits_like(n, seed=n, offset=3.0).contiguous(memory_format=layout) for n in (5, 40, 2, 17)]
+    ref = hooked_stats(model, batches)
+    flags = {n: m.training for n, m in model.named_modules()}
+    feed = batches if moved else [b.to(CUDA) for b in batches]
+    report = recalibrate(model, feed, device=CUDA if moved else None, progress=False)
+    assert_stats(model, ref, rtol=1e-9)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert all(b.device.type == CUDA.type for b in model.buffers())
+    assert report.batches == 4
+
+
+def test_recalibrate_on_cuda_many_batches_and_large_offset_inputs_float32():
+    """Over ``_FOLD_EVERY`` batches (statistics kept on the device between host transfers), and inputs large
+    enough for the shifted-sum path with ``|mean| / std ~ 1e4``: the layer reading the data to 1e-6."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3))
+    model = model.eval().to(CUDA)
+    g = torch.Generator().manual_seed(1)
+    batches = [(1e4 + torch.randn(40, 1, 48, 48, generator=g, dtype=torch.float64)).float() for _ in range(3)]
+    batches += [torch.randn(3, 1, 48, 48, generator=g).add(1e4) for _ in range(70)]
+    ref = hooked_stats(model, batches)
+    recalibrate(model, [b.to(CUDA) for b in batches], progress=False)
+    mean, var, calls = ref["1"]
+    assert np.max(np.abs(mean) / np.sqrt(var)) > 1e3
+    np.testing.assert_allclose(model[1].running_mean.double().cpu().numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(model[1].running_var.double().cpu().numpy(), var, rtol=1e-6)
+    assert int(model[1].num_batches_tracked) == calls == 73
+
+
+def test_recalibrate_on_cuda_float16_model_keeps_its_dtype_and_the_statistics_it_saw():
+    """A ``.half()`` model: statistics reduced in float64 and stored in the float16 buffers. Oracle: the inputs
+    each BN layer of the same float16 model saw with PyTorch's own training-mode BN, reduced in float64; the
+    layer reading the data to float16's storage rounding, deeper ones to float16 forward rounding."""
+    torch.manual_seed(0)
+    model = calibrated(SmallResNet(), digits_like().float()).half().to(CUDA)
+    batches = [digits_like(n, seed=n, offset=1.0).half().to(CUDA) for n in (32, 32, 7)]
+    ref = copy.deepcopy(model)
+    seen: dict[str, list[np.ndarray]] = {}
+    for name, bn in bn_layers(ref):
+        bn.train()
+        bn.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(
+            np.moveaxis(args[0].double().cpu().numpy(), 1, 0).reshape(m.num_features, -1)))
+    with torch.no_grad():
+        for b in batches:
+            ref(b)
+    recalibrate(model, batches, progress=False)
+    for name, bn in bn_layers(model):
+        assert bn.running_mean.dtype == torch.float16 and bn.running_mean.device.type == CUDA.type
+        allx = np.concatenate(seen[name], axis=1)
+        mean, var = allx.mean(1), allx.var(1, ddof=1)
+        tol = 1e-3 if name == "stem.1" else 2e-2
+        got_mean, got_var = bn.running_mean.double().cpu().numpy(), bn.running_var.double().cpu().numpy()
+        assert np.all(np.abs(got_mean - mean) <= tol * (np.abs(mean) + np.sqrt(var))), name
+        np.testing.assert_allclose(got_var, var, rtol=tol, err_msg=name)
+
+
+def test_recalibrate_on_cuda_nonfinite_batch_changes_nothing():
+    model = calibrated(MLP(), torch.randn(64, 64)).to(CUDA)
+    before = state(model)
+    batches = [torch.randn(16, 64, device=CUDA) for _ in range(4)]
+    batches[2][3, 5] = float("nan")
+    with pytest.raises(ValueError, match="batch 2"):
+        recalibrate(model, batches, progress=False)
+    assert_same_state(model, before)
+    report = recalibrate(model, batches, on_nonfinite="skip", progress=False)
+    assert report.skipped_batches == 1 and report.batches == 3
+
+
+def test_recalibrate_under_nccl_world_of_one(tmp_path):
+    """The NCCL branch of the gather (payload on the current CUDA device): one rank equals no process group."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("NCCL not built in")
+    torch.manual_seed(0)
+    model = calibrated(SmallResNet(), digits_like().float()).double().to(CUDA)
+    alone = copy.deepcopy(model)
+    batches = [digits_like(n, seed=n).to(CUDA) for n in (9, 20)]
+    recalibrate(alone, batches, progress=False)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        report = recalibrate(model, batches, progress=False)
+    finally:
+        dist.destroy_process_group()
+    assert report.world_size == 1
+    for (name, a), (_, b) in zip(bn_layers(model), bn_layers(alone)):
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-12, atol=0, msg=name)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-12, atol=0, msg=name)
+
+
+def test_recalibrate_cli_on_cuda_writes_portable_cpu_tensors(tmp_path):
+    from typer.testing import CliRunner
+
+    from bnkit.cli import app
+    from bnkit.torch import load_state_dict_file, save_state_dict_file
+
+    torch.manual_seed(0)
+    model = calibrated(MLP(), torch.randn(64, 64))
+    weights = tmp_path / "w.safetensors"
+    save_state_dict_file(model.state_dict(), weights)
+    data = np.random.default_rng(0).normal(size=(300, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", data)
+    for out in ("r.safetensors", "r.pt"):
+        result = CliRunner().invoke(app, [
+            "recalibrate", "--model", "bnkit.torch.zoo:MLP", "--weights", str(weights), "--data",
+            str(tmp_path / "x.npy"), "--device", CUDA.type, "-o", str(tmp_path / out)], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        saved = load_state_dict_file(tmp_path / out)
+        assert all(t.device.type == "cpu" for t in saved.values())  # loads on a machine without a GPU
+        ref = copy.deepcopy(model)
+        recalibrate(ref, torch.from_numpy(data).split(64), progress=False)
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(saved[k], v, rtol=2e-5, atol=2e-6, msg=k)
+
+
+# ----------------------------------------------------------------------------------------------- audit
+
+
+@pytest.mark.parametrize("shape", [(64, 5), (16, 5, 3), (8, 5, 2, 2), (6, 5, 7, 9), (8, 5, 40, 40)])
+def test_audit_stand_in_on_cuda_normalizes_like_training_mode(shape):
+    """The batch-statistics stand-in (CUDA's training kernel for small inputs, two-pass otherwise) against
+    PyTorch's own training-mode BatchNorm in float64, and its kept moments against float64 NumPy."""
+    from bnkit.torch.audit_moments import Collector
+
+    torch.manual_seed(0)
+    bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](5).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+    bn.to(CUDA)
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 4).float().to(CUDA)
+    buffers = {k: b.clone() for k, b in bn.named_buffers()}
+    col = Collector(bn)
+    undo = col.attach(bn)
+    with torch.no_grad():
+        out = bn(x)
+    undo()
+    x64 = x.double()
+    ref = F.batch_norm(x64, None, None, bn.weight.double(), bn.bias.double(), True, 0.0, bn.eps)
+    torch.testing.assert_close(out.double(), ref, atol=5e-5, rtol=5e-5)
+    dims = [0] + list(range(2, len(shape)))
+    moments = col.pool()
+    np.testing.assert_allclose(moments.mean, x64.mean(dims).cpu().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(moments.var, x64.var(dims, correction=0).cpu().numpy(), rtol=1e-4, atol=1e-6)
+    for k, v in bn.named_buffers():
+        assert torch.equal(v, buffers[k]), k
+
+
+def test_audit_on_cuda_ranks_the_shifted_layer_first_and_matches_the_cpu_audit():
+    torch.manual_seed(0)
+    x = digits_like(640).float()
+    model = calibrated(SmallResNet(), x, positive=True)
+    bn = model.layers[0].bn1
+    with torch.no_grad():
+        bn.running_mean += 3 * torch.sqrt(bn.running_var + bn.eps)
+    cpu_report = audit(model, x)
+    gpu = copy.deepcopy(model).to(CUDA)
+    before = state(gpu)
+    report = audit(gpu, x)  # data on the CPU, moved to the model's device batch by batch
+    assert report.shifts[0].layer == "layers.0.bn1" and report.shifts[0].z_eq > 2.5
+    assert [s.layer for s in report.shifts] == [s.layer for s in cpu_report.shifts]
+    for a, b in zip(report.shifts, cpu_report.shifts):
+        assert a.score == pytest.approx(b.score, rel=1e-3, abs=1e-4), a.layer
+    assert sorted(f.code for f in report.findings) == sorted(f.code for f in cpu_report.findings)
+    assert_same_state(gpu, before)
+    assert not any(m.training for m in gpu.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_audit_of_a_half_precision_cuda_model_ranks_the_shifted_layer_first(dtype):
+    torch.manual_seed(0)
+    x = digits_like(640).float()
+    model = calibrated(SmallResNet(), x, positive=True)
+    bn = model.layers[0].bn1
+    with torch.no_grad():
+        bn.running_mean += 3 * torch.sqrt(bn.running_var + bn.eps)
+    want = {s.layer: s.z_eq for s in audit(model, x).shifts}  # float32 on the CPU
+    model = model.to(CUDA, dtype)
+    before = state(model)
+    report = audit(model, x)
+    assert report.shifts[0].layer == "layers.0.bn1" and report.shifts[0].z_eq > 2.5
+    assert {s.layer: s.z_eq for s in report.shifts} == pytest.approx(want, rel=2e-2)
+    assert_same_state(model, before)
+
+
+# ------------------------------------------------------------------------------------------ fold, export
+
+
+def test_fold_on_cuda_float64_is_exact_and_keeps_the_device():
+    torch.manual_seed(0)
+    x = digits_like(32)
+    model = calibrated(VGGBN(), x.float()).double().to(CUDA)
+    folded, report = fold_bn(model, x.to(CUDA))
+    assert len(report.folded) == 5 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert all(p.device.type == CUDA.type for p in folded.parameters())
+    with torch.no_grad():
+        want, got = model(x.to(CUDA)), folded(x.to(CUDA))
+    assert rel(got.cpu().numpy(), want.cpu().numpy()) < 1e-12
+    assert report.max_rel_diff < 1e-12
+
+
+def test_fold_verification_on_cuda_float32_compares_exact_float32():
+    """PyTorch's default TF32 convolutions would put ~1e-3 between any two runs' outputs; the fold's check
+    compares the two models in exact float32, and leaves the user's TF32 setting as it was."""
+    torch.manual_seed(0)
+    x = digits_like(64).float()
+    model = calibrated(SmallResNet(widths=(32, 64)), x).to(CUDA)
+    tf32 = torch.backends.cudnn.allow_tf32
+    folded, report = fold_bn(model, x.to(CUDA))
+    assert torch.backends.cudnn.allow_tf32 == tf32
+    assert report.max_rel_diff < 1e-5, report.max_rel_diff
+
+
+def test_export_onnx_from_a_cuda_model_verifies_against_onnxruntime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    x = digits_like(16).float()
+    model = calibrated(SmallResNet(widths=(32, 64)), x).to(CUDA)
+    tf32 = torch.backends.cudnn.allow_tf32
+    report = export_onnx(model, x.to(CUDA), tmp_path / "m.onnx", fold=True)
+    assert (tmp_path / "m.onnx").exists() and report.max_rel_diff <= 1e-4
+    assert torch.backends.cudnn.allow_tf32 == tf32
+    assert all(p.device.type == CUDA.type for p in model.parameters()) and not model.training
+
+
+# ------------------------------------------------------------------------------- freeze, guard, layers
+
+
+def test_drop_in_layer_on_cuda_is_bit_identical_to_pytorch_with_extras_off():
+    torch.manual_seed(0)
+    ours, theirs = BatchNorm2d(8).to(CUDA), nn.BatchNorm2d(8).to(CUDA)
+    theirs.load_state_dict(ours.state_dict())
+    for step in range(3):
+        x = torch.randn(6, 8, 5, 5, device=CUDA, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_(True)
+        y, y2 = ours(x), theirs(x2)
+        g = torch.randn_like(y)
+        y.backward(g), y2.backward(g)
+        assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad), step
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    assert torch.equal(ours.weight.grad, theirs.weight.grad)
+
+
+@pytest.mark.parametrize("extras", [dict(renorm=True), dict(debias=True), dict(virtual_batch_size=4),
+                                    dict(running_var_rule="biased")])
+def test_drop_in_extras_on_cuda_match_the_cpu(extras):
+    torch.manual_seed(0)
+    cpu = BatchNorm2d(8, **extras).double()
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    for _ in range(4):
+        x = torch.randn(8, 8, 3, 3, dtype=torch.float64) * 2 + 1
+        torch.testing.assert_close(gpu(x.to(CUDA)).cpu(), cpu(x), rtol=1e-10, atol=1e-10)
+    gpu.eval(), cpu.eval()
+    x = torch.randn(3, 8, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(gpu(x.to(CUDA)).cpu(), cpu(x), rtol=1e-10, atol=1e-10)
+    for k, v in cpu.state_dict().items():
+        torch.testing.assert_close(gpu.state_dict()[k].cpu(), v, rtol=1e-10, atol=0, msg=k)
+
+
+def test_freeze_on_cuda_survives_train_and_keeps_statistics_through_a_training_step():
+    torch.manual_seed(0)
+    model = calibrated(SmallResNet(), digits_like().float()).to(CUDA)
+    freeze_bn(model, affine=False)
+    before = {n: (bn.running_mean.clone(), bn.running_var.clone()) for n, bn in bn_layers(model)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    loss = model(digits_like(32, seed=5).float().to(CUDA) + 2).square().mean()
+    loss.backward()
+    opt.step()
+    for name, bn in bn_layers(model):
+        assert not bn.training and bn.weight.grad is not None, name
+        assert torch.equal(bn.running_mean, before[name][0]) and torch.equal(bn.running_var, before[name][1]), name
+
+
+def test_frozen_layers_on_cuda_equal_eval_mode_batchnorm():
+    torch.manual_seed(0)
+    model = calibrated(SmallResNet(), digits_like().float()).to(CUDA)
+    x = digits_like(16, seed=3).float().to(CUDA)
+    with torch.no_grad():
+        want = model(x)
+    convert_frozen(model)
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    model.train()
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
+def test_guard_and_protect_stats_on_cuda():
+    torch.manual_seed(0)
+    model = calibrated(MLP(), torch.randn(64, 64)).to(CUDA)
+    x = torch.randn(8, 64, device=CUDA)
+    with bn_guard(model):
+        model(x)
+    model[2].train()
+    with pytest.raises(BNGuardError):
+        with bn_guard(model):
+            model(x)
+    model.train()
+    before = state(model)
+    with pytest.warns(RuntimeWarning, match="rolled back"):
+        with protect_stats(model) as report:
+            with torch.autocast(CUDA.type, dtype=torch.float16):
+                model(x * 1e5)  # float16 overflow: inf in the BN input, NaN in running_var
+    assert report and report.nonfinite
+    assert_same_state(model, before)
+
+
+# --------------------------------------------------------------------------------------------- convert
+
+
+def test_revert_sync_bn_on_cuda_keeps_tensors_device_and_outputs():
+    torch.manual_seed(0)
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(calibrated(SmallResNet(), digits_like().float())).to(CUDA)
+    x = digits_like(16, seed=2).float().to(CUDA)
+    with torch.no_grad():
+        want = model.eval()(x)
+    reverted = revert_sync_bn(model)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in reverted.modules())
+    assert all(t.device.type == CUDA.type for t in reverted.state_dict().values())
+    with torch.no_grad():
+        assert torch.equal(reverted(x), want)
