@@ -28,7 +28,13 @@ input has ``|mean| / std`` in the thousands (printed). That whole pass takes
 shows; ``offset x8`` is the same data passed 8 times (232 batches), where the
 cost per batch dominates.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/recalibrate.py [--repeats 15] [--threads 1]``.
+On a GPU (``--device cuda``) the model and batches live there and every timed
+pass ends with ``torch.cuda.synchronize()``; on 8x8 digits the passes are small
+and measure each method's per-batch launch and bookkeeping cost more than
+arithmetic, ``--upsample K`` makes every image ``8K x 8K`` (pixels repeated) to
+give the GPU real work. The process CPU column then counts the host's share only.
+
+Run: ``OMP_NUM_THREADS=1 python benchmarks/recalibrate.py [--repeats 15] [--threads 1] [--device cuda]``.
 """
 from __future__ import annotations
 
@@ -45,11 +51,12 @@ from bnkit.torch import bn_layers, recalibrate
 from bnkit.torch.zoo import MLP, SmallResNet
 
 
-def load_batches(order: str, batch_size: int = 64) -> list[torch.Tensor]:
+def load_batches(order: str, batch_size: int = 64, upsample: int = 1) -> list[torch.Tensor]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x, y = d.images.astype(np.float32), d.target
+    x = x.repeat(upsample, axis=1).repeat(upsample, axis=2)  # each pixel a block of upsample x upsample
     if order == "shuffled":
         x = x[np.random.default_rng(0).permutation(len(x))] / 16.0
     elif order == "sorted-raw":
@@ -60,9 +67,9 @@ def load_batches(order: str, batch_size: int = 64) -> list[torch.Tensor]:
     return batches * 8 if order == "offset x8" else batches
 
 
-def make_model(order: str) -> nn.Module:
+def make_model(order: str, pixels: int = 64) -> nn.Module:
     torch.manual_seed(0)
-    model = MLP(hidden=(128, 64)) if order.startswith("offset") else SmallResNet(widths=(32, 64))
+    model = MLP(pixels, hidden=(128, 64)) if order.startswith("offset") else SmallResNet(widths=(32, 64))
     with torch.no_grad():  # a trained-looking model: non-trivial affine parameters, stale statistics
         for _, bn in bn_layers(model):
             bn.weight.uniform_(0.5, 1.5)
@@ -74,7 +81,7 @@ def make_model(order: str) -> nn.Module:
 
 def exact_stats(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Population statistics of every BN input of the model evaluated in float64 (no method's rounding)."""
-    ref = copy.deepcopy(model).double()
+    ref = copy.deepcopy(model).cpu().double()
     seen: dict[str, list[np.ndarray]] = {}
     for name, bn in bn_layers(ref):
         bn.train()
@@ -82,7 +89,7 @@ def exact_stats(model: nn.Module, batches: list[torch.Tensor]) -> dict[str, tupl
             np.moveaxis(a[0].numpy(), 1, 0).reshape(m.num_features, -1)))
     with torch.no_grad():
         for b in batches:
-            ref(b.double())
+            ref(b.cpu().double())
     out = {}
     for name, parts in seen.items():
         allx = np.concatenate(parts, axis=1)
@@ -99,7 +106,7 @@ def max_errors(model: nn.Module, exact) -> tuple[float, float]:
     em = ev = 0.0
     for name, bn in bn_layers(model):
         mean, var = exact[name]
-        got_m, got_v = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
+        got_m, got_v = bn.running_mean.double().cpu().numpy(), bn.running_var.double().cpu().numpy()
         em = max(em, float(np.max(np.abs(got_m - mean) / (np.abs(mean) + np.sqrt(var)))))
         ev = max(ev, float(np.max(np.abs(got_v - var) / var)))
     return em, ev
@@ -133,8 +140,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument("--upsample", type=int, default=1, help="repeat each pixel KxK times (images 8K x 8K)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     methods: dict[str, Callable[[nn.Module, list[torch.Tensor]], None]] = {
         "plain train-mode forward": plain_forward, "bnkit recalibrate": run_bnkit, "torch update_bn": run_update_bn,
@@ -146,10 +157,12 @@ def main() -> None:
     except ImportError:
         print("fvcore is not installed (pip install 'bnkit[bench]'): skipping it")
 
-    print(f"torch {torch.__version__}, {args.threads} thread(s); times: best of {args.repeats} interleaved repeats")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {where}, {args.threads} thread(s); times: best of {args.repeats} interleaved "
+          "repeats")
     for order in ("shuffled", "sorted-raw", "offset", "offset x8"):
-        model = make_model(order)
-        batches = load_batches(order)
+        model = make_model(order, 64 * args.upsample ** 2).to(device)
+        batches = [b.to(device) for b in load_batches(order, upsample=args.upsample)]
         exact = exact_stats(model, batches)
         wall: dict[str, list[float]] = {name: [] for name in methods}
         cpu: dict[str, list[float]] = {name: [] for name in methods}
@@ -157,8 +170,10 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, method in methods.items():
                 m = copy.deepcopy(model)
+                sync()
                 start, start_cpu = time.perf_counter(), time.process_time()
                 method(m, batches)
+                sync()
                 cpu[name].append(time.process_time() - start_cpu)
                 wall[name].append(time.perf_counter() - start)
                 errors[name] = max_errors(m, exact)
