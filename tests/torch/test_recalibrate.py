@@ -173,12 +173,19 @@ def test_independent_of_batching():
     torch.testing.assert_close(a.bn3.running_var, b.bn3.running_var, rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("dtype,rtol,layout", [
-    (torch.float64, 1e-12, torch.contiguous_format), (torch.float32, 1e-6, torch.contiguous_format),
-    (torch.float32, 1e-6, torch.channels_last),
+@pytest.mark.parametrize("dtype,rtol,layout,upcast", [
+    (torch.float64, 1e-12, torch.contiguous_format, False), (torch.float32, 1e-6, torch.contiguous_format, False),
+    (torch.float32, 1e-6, torch.channels_last, False),
+    (torch.float32, 1e-6, torch.contiguous_format, True),  # as on CUDA: every input upcast, whatever its size
 ])
-def test_large_inputs_with_mean_far_above_std(dtype, rtol, layout):
-    """Inputs above recalibrate's float64-upcast size take the shifted-sum path; |mean|/std = 1e4 must not cancel."""
+def test_large_inputs_with_mean_far_above_std(dtype, rtol, layout, upcast, monkeypatch):
+    """Inputs above recalibrate's float64-upcast size take the shifted-sum path (or, on devices in
+    ``_UPCAST_DEVICES``, the upcast one); |mean|/std = 1e4 must not cancel."""
+    module = importlib.import_module("bnkit.torch.recalibrate")
+    if upcast:
+        monkeypatch.setattr(module, "_UPCAST_DEVICES", ("cpu",))
+    shifted = module._batch_moments
+    monkeypatch.setattr(module, "_batch_moments", lambda x: pytest.fail("shifted sums ran") if upcast else shifted(x))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3))
     model = model.to(dtype=dtype, memory_format=layout).eval()
