@@ -53,3 +53,22 @@ def rel(a, b) -> float:
     import numpy as np
 
     return float(np.abs(np.float64(a) - b).max() / np.abs(np.float64(b)).max())
+
+
+def stand_in_pass(bn, *inputs):
+    """``bn`` on each input with the audit's batch-statistics stand-in attached (no grad), then detached.
+
+    Returns the outputs and the :class:`bnkit.torch.audit_moments.Collector` that kept the moments.
+    """
+    import torch
+
+    from bnkit.torch.audit_moments import Collector
+
+    col = Collector(bn)
+    undo = col.attach(bn)
+    try:
+        with torch.no_grad():
+            outs = [bn(x) for x in inputs]
+    finally:
+        undo()
+    return outs, col

@@ -5,10 +5,11 @@ from torch import nn
 from torch.nn import functional as F
 
 import numpy as np
+from _helpers import stand_in_pass
 
 from bnkit.torch import audit_moments
 from bnkit.torch.audit_data import _noise
-from bnkit.torch.audit_moments import Collector, _var_from_invstd
+from bnkit.torch.audit_moments import _var_from_invstd
 
 
 @pytest.mark.parametrize("shape", [(64, 5), (16, 5, 3), (8, 5, 2, 2), (6, 5, 7, 9), (4, 5, 3, 4, 5), (8, 5, 40, 40)])
@@ -31,11 +32,7 @@ def test_stand_in_normalizes_like_training_mode_and_keeps_exact_moments(shape, d
     if len(shape) == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     buffers = {k: b.clone() for k, b in bn.named_buffers()}
-    col = Collector(bn)
-    undo = col.attach(bn)
-    with torch.no_grad():
-        out = bn(x)
-    undo()
+    (out,), col = stand_in_pass(bn, x)
     assert out.dtype == dtype and out.shape == x.shape
     x64 = x.double()
     w = bn.weight.double() if affine else None
@@ -63,12 +60,7 @@ def test_tiny_and_zero_variances_are_kept_to_a_fraction_of_eps(kernel, monkeypat
     bn = nn.BatchNorm1d(3).eval()
     std = torch.tensor([1e-4, 0.0, 10.0], dtype=torch.float64)
     x = (torch.randn(64, 3, dtype=torch.float64) * std + torch.tensor([5.0, -2.0, 1e3])).float()
-    col = Collector(bn)
-    undo = col.attach(bn)
-    with torch.no_grad():
-        bn(x)
-        bn(x[:32] * 2)
-    undo()
+    _, col = stand_in_pass(bn, x, x[:32] * 2)
     x64 = torch.cat([x, x[:32] * 2]).double()
     var = x64.var(0, correction=0).numpy()
     moments = col.pool()
@@ -108,11 +100,7 @@ def test_stand_in_takes_the_kernel_path_only_within_its_bounds(shape, dtype, ker
     bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](shape[1]).eval()
     if dtype == torch.float64:
         bn.double()
-    col = Collector(bn)
-    undo = col.attach(bn)
-    with torch.no_grad():
-        bn(torch.randn(shape).to(dtype))
-    undo()
+    _, col = stand_in_pass(bn, torch.randn(shape).to(dtype))
     assert (not calls) == kernel
     assert col.samples[0][2] == kernel  # the call kept 1/sqrt(var + eps) exactly when the kernel ran
 
@@ -122,11 +110,7 @@ def test_many_offset_samples_keep_their_mean_and_variance():
     torch.manual_seed(2)
     x = (torch.randn(100_000, 2, dtype=torch.float64) * 1e-2 + 1e4).float()
     bn = nn.BatchNorm1d(2).eval()
-    col = Collector(bn)
-    undo = col.attach(bn)
-    with torch.no_grad():
-        bn(x)
-    undo()
+    _, col = stand_in_pass(bn, x)
     x64 = x.double()
     moments = col.pool()
     std = x64.std(0, correction=0).numpy()
@@ -142,12 +126,7 @@ def test_noise_is_the_between_batch_spread_scaled_to_the_training_batch_size():
         bn.running_var.copy_(torch.tensor([0.5, 2.0, 1.0]))
     batches = [torch.randn(b, 3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + i
                for i, b in enumerate([5, 9, 16, 7])]
-    col = Collector(bn)
-    undo = col.attach(bn)
-    with torch.no_grad():
-        for b in batches:
-            bn(b.float())
-    undo()
+    _, col = stand_in_pass(bn, *(b.float() for b in batches))
     data = [b.float().double().numpy() for b in batches]
     n = np.array([len(b) for b in data], dtype=np.float64)
     k, b_train, eps, m = len(data), 32, bn.eps, 0.2
