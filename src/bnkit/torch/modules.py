@@ -102,9 +102,9 @@ class exact_float32:
 
     def __enter__(self) -> None:
         backends = torch.backends
-        if hasattr(backends.cudnn, "conv"):
-            self.saved = [(knob, "fp32_precision", knob.fp32_precision, "ieee")
-                          for knob in (backends.cudnn.conv, backends.cudnn.rnn, backends.cuda.matmul)]
+        knobs = [getattr(backends.cudnn, "conv", None), getattr(backends.cudnn, "rnn", None), backends.cuda.matmul]
+        if all(k is not None and hasattr(k, "fp32_precision") for k in knobs):
+            self.saved = [(knob, "fp32_precision", knob.fp32_precision, "ieee") for knob in knobs]
         else:
             self.saved = [(knob, "allow_tf32", knob.allow_tf32, False)
                           for knob in (backends.cudnn, backends.cuda.matmul)]
