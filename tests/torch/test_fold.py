@@ -812,6 +812,7 @@ class _ReadsPrecision(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         knobs = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
         _PRECISION_SEEN.append(tuple(k.fp32_precision for k in knobs))
+        assert torch.backends.cudnn.allow_tf32 in (True, False)  # model code may read the legacy flag (cudnn.flags)
         return self.bn(self.conv(x))
 
 

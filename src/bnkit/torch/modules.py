@@ -105,6 +105,10 @@ class exact_float32:
         knobs = [getattr(backends.cudnn, "conv", None), getattr(backends.cudnn, "rnn", None), backends.cuda.matmul]
         if all(k is not None and hasattr(k, "fp32_precision") for k in knobs):
             self.saved = [(knob, "fp32_precision", knob.fp32_precision, "ieee") for knob in knobs]
+            try:  # the legacy cuDNN flag first (setting it resets conv/rnn): torch checks it against them on reads
+                self.saved.insert(0, (backends.cudnn, "allow_tf32", backends.cudnn.allow_tf32, False))
+            except RuntimeError:  # the user mixed the two APIs already; reads of it raise outside as well
+                pass
         else:
             self.saved = [(knob, "allow_tf32", knob.allow_tf32, False)
                           for knob in (backends.cudnn, backends.cuda.matmul)]
