@@ -72,3 +72,18 @@ def stand_in_pass(bn, *inputs):
     finally:
         undo()
     return outs, col
+
+
+def without_bias_option(monkeypatch) -> None:
+    """Make ``nn.BatchNorm*d`` refuse a ``bias`` argument, as PyTorch releases before that option do (2.11)."""
+    from torch.nn.modules import batchnorm
+
+    init = batchnorm._BatchNorm.__init__
+
+    def old_init(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, **kw):
+        if kw:
+            raise TypeError(f"__init__() got an unexpected keyword argument {next(iter(kw))!r}")
+        init(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+    monkeypatch.setattr(batchnorm._BatchNorm, "__init__", old_init)

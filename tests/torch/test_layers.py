@@ -7,6 +7,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
+from _helpers import without_bias_option
 from torch import nn
 
 from bnkit.torch import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_bn, convert_frozen, revert_bn, revert_frozen
@@ -71,6 +72,15 @@ def test_extras_off_is_bit_identical_to_torch(ref_cls, cls, shape, momentum, bia
     ref.eval(), ours.eval()
     x = _batches(shape, 1, seed=5)[0]
     assert torch.equal(ref(x), ours(x))
+
+
+def test_layers_construct_on_a_pytorch_without_the_bias_option(monkeypatch):
+    without_bias_option(monkeypatch)
+    for cls in (BatchNorm1d, BatchNorm2d, BatchNorm3d):
+        bn = cls(8, renorm=True)
+        assert bn.bias is not None and bn.weight is not None
+    with pytest.raises(TypeError, match="bias"):  # that PyTorch has no bias-less BatchNorm: its own error
+        BatchNorm2d(8, bias=False)
 
 
 def test_state_dicts_load_both_ways_and_subclass_torch():

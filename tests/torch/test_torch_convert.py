@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _helpers import without_bias_option
 from torch import nn
 
 from bnkit.torch import (BatchNorm1d, BatchNorm2d, BatchNorm3d, fold_bn, freeze_bn, from_flax, from_keras, is_frozen,
@@ -106,6 +107,16 @@ def test_from_keras_same_inference_and_running_stats(rank, channels_last):
         v_plain = 0.9 * v_plain + 0.1 * v_batch * n / (n - 1)
     np.testing.assert_allclose(plain.running_var.numpy(), v_plain, rtol=1e-5)
     assert not np.allclose(plain.running_var.numpy(), var_k, rtol=1e-4)
+
+
+@pytest.mark.parametrize("exact_training", [False, True])
+def test_from_keras_builds_on_a_pytorch_without_the_bias_option(exact_training, monkeypatch):
+    keras = pytest.importorskip("keras")
+    without_bias_option(monkeypatch)
+    layer = keras.layers.BatchNormalization(axis=1)
+    layer.build((None, 4, 5, 5))
+    bn = from_keras(layer, exact_training=exact_training)
+    assert bn.bias is not None and bn.num_features == 4
 
 
 @needs_keras

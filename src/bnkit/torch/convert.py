@@ -96,8 +96,9 @@ def _build_torch(state: dict, dims: int | None, exact_training: bool) -> _BatchN
     """A torch BN layer from :func:`convert_state`'s torch layout, in the arrays' dtype."""
     cfg, sd = state["config"], state["state_dict"]
     kwargs = {"eps": cfg["eps"], "momentum": cfg["momentum"], "affine": cfg["affine"],
-              "track_running_stats": cfg["track_running_stats"], "bias": cfg["bias"],
-              "dtype": torch.from_numpy(np.asarray(sd["running_mean"])).dtype}
+              "track_running_stats": cfg["track_running_stats"],
+              "dtype": torch.from_numpy(np.asarray(sd["running_mean"])).dtype,
+              **({} if cfg["bias"] else {"bias": False})}  # releases without that option, as in layers.py
     if exact_training:
         if dims is None:
             raise ValueError("exact_training=True needs the input rank (ndim=) to pick bnkit's BatchNorm1d/2d/3d")
