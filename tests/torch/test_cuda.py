@@ -100,8 +100,9 @@ def test_recalibrate_on_cuda_is_exact_in_float64(moved, layout):
 
 
 def test_recalibrate_on_cuda_many_batches_and_large_offset_inputs_float32():
-    """Over ``_FOLD_EVERY`` batches (statistics kept on the device between host transfers), and inputs large
-    enough for the shifted-sum path with ``|mean| / std ~ 1e4``: the layer reading the data to 1e-6."""
+    """Over ``_FOLD_EVERY`` batches (statistics kept on the device between host transfers), and large inputs
+    (the float64 upcast, which every CUDA input takes) with ``|mean| / std ~ 1e4``: the layer reading the data
+    to 1e-6."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3))
     model = model.eval().to(CUDA)

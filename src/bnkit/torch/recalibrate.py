@@ -214,11 +214,11 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel float64 ``(mean, biased variance)`` of a ``(N, C, *)`` tensor, on its device (MPS: the CPU).
 
     Small inputs (at most ``_SMALL`` values), where per-call overhead dominates,
-    and every input on a CUDA device (``_UPCAST_DEVICES``: there each kernel launch
-    costs more than the upcast; the float64 copy is transient) are upcast and reduced
-    in one call to PyTorch's float64 BN statistics kernel
+    are upcast and reduced in one call to PyTorch's float64 BN statistics kernel
     (``torch.batch_norm_update_stats``: double accumulators, returns the mean and the
-    biased variance).
+    biased variance). :class:`_Pass` inlines that path, and sends every input on a
+    CUDA device there too (``_UPCAST_DEVICES``: there each kernel launch costs more
+    than the upcast; the float64 copy is transient).
     Larger ones use shifted sums: with ``c`` the channel mean in the working
     precision, ``d = x - c``, ``S1 = sum(d)``, ``S2 = sum(d**2)``, finished in
     float64 as ``mean = c + S1/n`` and ``var = (S2 - S1**2/n) / n``. Only
@@ -230,7 +230,7 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     more per element on CPU). Half/bfloat16 inputs are summed in float32.
     """
     xw = x.detach()
-    if xw.numel() <= _SMALL or xw.device.type in _UPCAST_DEVICES:
+    if xw.numel() <= _SMALL:
         return torch.batch_norm_update_stats(_f64(xw), None, None, 0.0)
     dims = [0, *range(2, x.dim())]
     if xw.dtype not in (torch.float32, torch.float64):
