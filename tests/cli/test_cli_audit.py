@@ -119,6 +119,21 @@ def test_shifted_layer_is_named_first_and_fails(trained, tmp_path):
     assert [f["layer"] for f in report["findings"] if f["code"] == "stat_shift" and f["severity"] == "error"] == ["5"]
 
 
+def test_device_option_runs_the_model_there(trained):
+    _, ckpt, data, _ = trained
+    args = (ckpt, "--model", "audit_models:mlp", "--data", data, "--json")
+    plain, on_cpu = _invoke(*args), _invoke(*args, "--device", "cpu")
+    assert plain.exit_code == on_cpu.exit_code == 0, on_cpu.output
+    assert json.loads(on_cpu.output) == json.loads(plain.output)
+    alone = _invoke(ckpt, "--device", "cpu")
+    assert alone.exit_code == 2 and "--device needs --model" in alone.output
+    unknown = _invoke(*args, "--device", "tpu")
+    assert unknown.exit_code == 2 and "unknown device" in _flat(unknown)
+    if not torch.cuda.is_available():
+        missing = _invoke(*args, "--device", "cuda")
+        assert missing.exit_code == 2 and "CUDA is not available" in _flat(missing)
+
+
 def test_usage_errors(trained, tmp_path):
     _, ckpt, data, _ = trained
     assert _invoke(tmp_path / "missing.pt").exit_code == 2

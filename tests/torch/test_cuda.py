@@ -201,6 +201,31 @@ def test_recalibrate_cli_on_cuda_writes_portable_cpu_tensors(tmp_path):
 # ----------------------------------------------------------------------------------------------- audit
 
 
+def test_audit_cli_on_cuda_gives_the_cpu_report(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from bnkit.cli import app
+    from bnkit.torch import save_state_dict_file
+
+    torch.manual_seed(0)
+    model = calibrated(MLP(), torch.randn(64, 64), positive=True)
+    ckpt = save_state_dict_file(model.state_dict(), tmp_path / "w.safetensors")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(320, 64)).astype(np.float32))
+    reports = {}
+    for device in ("cpu", CUDA.type):
+        result = CliRunner().invoke(app, ["audit", str(ckpt), "--model", "bnkit.torch.zoo:MLP", "--data",
+                                          str(tmp_path / "x.npy"), "--device", device, "--json"])
+        assert result.exit_code in (0, 1), result.output
+        reports[device] = json.loads(result.output)
+    cpu, gpu = reports["cpu"], reports[CUDA.type]
+    assert [s["layer"] for s in gpu["shifts"]] == [s["layer"] for s in cpu["shifts"]]
+    for a, b in zip(gpu["shifts"], cpu["shifts"]):
+        assert a["z_eq"] == pytest.approx(b["z_eq"], rel=1e-3), a["layer"]
+    assert sorted(f["code"] for f in gpu["findings"]) == sorted(f["code"] for f in cpu["findings"])
+
+
 @pytest.mark.parametrize("shape", [(64, 5), (16, 5, 3), (8, 5, 2, 2), (6, 5, 7, 9), (8, 5, 40, 40)])
 def test_audit_stand_in_on_cuda_normalizes_like_training_mode(shape):
     """The batch-statistics stand-in (CUDA's training kernel for small inputs, two-pass otherwise) against

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .app import app, console, fail
-from .common import UsageError, add_cwd_to_path, build_model, check_input_file, load_inputs
+from .common import UsageError, add_cwd_to_path, build_model, check_input_file, load_inputs, parse_device
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -36,6 +36,8 @@ def audit_command(
     max_batches: Optional[int] = typer.Option(None, help="Use at most this many batches of --data (at least 1)."),
     trust: bool = typer.Option(
         False, "--trust", help="Unpickle arbitrary objects in the checkpoint. ONLY for files you made yourself."),
+    device: Optional[str] = typer.Option(
+        None, help="Run the model on this device (cpu, cuda, cuda:N, mps; needs --model); default: the CPU."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Find BatchNorm problems and say how to fix them. Exits 1 when an error-level finding exists, 2 on bad input."""
@@ -53,12 +55,18 @@ def audit_command(
                    f"two samples), got {train_batch_size}")
     if max_batches is not None and max_batches < 1:
         raise fail(f"--max-batches must be at least 1, got {max_batches}")
+    if device is not None and model is None:
+        raise fail("--device needs --model: without it the checkpoint's tensors are only read, nothing runs")
+    try:
+        run_on = parse_device(device) if device is not None else None
+    except UsageError as exc:
+        raise fail(str(exc)) from None
     if file.suffix.lower() == ".onnx":
         if model is not None or data is not None:
             raise fail("--model and --data apply to PyTorch checkpoints, not to ONNX files")
         report = _onnx_report(file)
     else:
-        report = _torch_report(file, model, data, batch_size, train_batch_size, max_batches, trust)
+        report = _torch_report(file, model, data, batch_size, train_batch_size, max_batches, trust, run_on)
 
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -83,7 +91,8 @@ def _onnx_report(file: Path) -> dict[str, Any]:
             "batches": 0}  # the keys of AuditReport.to_dict(), which other input kinds print
 
 
-def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max_batches, trust) -> dict[str, Any]:
+def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max_batches, trust,
+                  device) -> dict[str, Any]:
     import torch
 
     from ..torch.audit import audit
@@ -106,6 +115,8 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
         report = audit(state)
     else:
         net = _build_model(model_spec, state, file)
+        if device is not None:
+            net.to(device)  # the audit moves each data batch to the model's device
         inputs = None if data_file is None else _load_data(data_file)
         try:
             report = audit(net, inputs, batch_size=batch_size, train_batch_size=train_batch_size,
