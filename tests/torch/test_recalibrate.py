@@ -176,16 +176,17 @@ def test_independent_of_batching():
 @pytest.mark.parametrize("dtype,rtol,layout,upcast", [
     (torch.float64, 1e-12, torch.contiguous_format, False), (torch.float32, 1e-6, torch.contiguous_format, False),
     (torch.float32, 1e-6, torch.channels_last, False),
-    (torch.float32, 1e-6, torch.contiguous_format, True),  # as on CUDA: every input upcast, whatever its size
+    (torch.float32, 1e-6, torch.contiguous_format, True),  # as on CUDA: inputs upcast up to _UPCAST_DEVICE_MAX
 ])
 def test_large_inputs_with_mean_far_above_std(dtype, rtol, layout, upcast, monkeypatch):
     """Inputs above recalibrate's float64-upcast size take the shifted-sum path (or, on devices in
     ``_UPCAST_DEVICES``, the upcast one); |mean|/std = 1e4 must not cancel."""
     module = importlib.import_module("bnkit.torch.recalibrate")
-    if upcast:
+    shifted, sizes = module._batch_moments, []
+    monkeypatch.setattr(module, "_batch_moments", lambda x: sizes.append(x.numel()) or shifted(x))
+    if upcast:  # the first layer's 40-sample batch (4 * 46 * 46 * 40 values) is above the limit, the rest below
         monkeypatch.setattr(module, "_UPCAST_DEVICES", ("cpu",))
-    shifted = module._batch_moments
-    monkeypatch.setattr(module, "_batch_moments", lambda x: pytest.fail("shifted sums ran") if upcast else shifted(x))
+        monkeypatch.setattr(module, "_UPCAST_DEVICE_MAX", 4 * 46 * 46 * 40 - 1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1), nn.BatchNorm2d(3))
     model = model.to(dtype=dtype, memory_format=layout).eval()
@@ -201,6 +202,8 @@ def test_large_inputs_with_mean_far_above_std(dtype, rtol, layout, upcast, monke
     np.testing.assert_allclose(model[1].running_var.double().numpy(), var, rtol=rtol)
     if dtype == torch.float64:  # in float32 the conv outputs near 1e4 carry ulp ~1e-3: the next layer's input
         assert_matches_reference(model, ref, rtol=1e-9)  # differs by that between any two float32 pipelines
+    big = [n * c * 46 * 46 for n in (40, 13) for c in (4, 3)]  # each batch's two BN inputs, all above _SMALL
+    assert sizes == ([4 * 46 * 46 * 40] if upcast else big)
 
 
 def test_subclass_with_its_own_forward_keeps_it():

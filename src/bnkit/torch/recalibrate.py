@@ -98,8 +98,11 @@ _PROGRESS_AFTER = 1.0
 _SMALL = 1 << 16
 #: ... and every input on these devices, where kernel launches rather than the upcast set the cost: the
 #: shifted sums launch about 16 kernels per call, the upcast path 2 (on an H200, recalibrating a small
-#: ResNet on 32x32 images took 3.1x plain forwards with the shifted sums).
+#: ResNet on 32x32 images took 3.1x plain forwards with the shifted sums) ...
 _UPCAST_DEVICES = ("cuda",)
+#: ... up to this many values: the float64 copy is transient but twice the float32 input (512 MiB here);
+#: larger inputs, where the launches no longer matter, take the shifted sums, whose temporary is the input's size.
+_UPCAST_DEVICE_MAX = 1 << 26
 
 @dataclass
 class LayerRecalibration:
@@ -216,9 +219,9 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Small inputs (at most ``_SMALL`` values), where per-call overhead dominates,
     are upcast and reduced in one call to PyTorch's float64 BN statistics kernel
     (``torch.batch_norm_update_stats``: double accumulators, returns the mean and the
-    biased variance). :class:`_Pass` inlines that path, and sends every input on a
-    CUDA device there too (``_UPCAST_DEVICES``: there each kernel launch costs more
-    than the upcast; the float64 copy is transient).
+    biased variance). :class:`_Pass` inlines that path, and sends inputs on a CUDA
+    device there too up to ``_UPCAST_DEVICE_MAX`` values (``_UPCAST_DEVICES``: there
+    each kernel launch costs more than the upcast; the float64 copy is transient).
     Larger ones use shifted sums: with ``c`` the channel mean in the working
     precision, ``d = x - c``, ``S1 = sum(d)``, ``S2 = sum(d**2)``, finished in
     float64 as ``mean = c + S1/n`` and ``var = (S2 - S1**2/n) / n``. Only
@@ -345,7 +348,9 @@ class _Pass:
                     "one value per channel cannot be normalized in training mode; use batches of at least 2 "
                     "(e.g. DataLoader(..., drop_last=True))"
                 )
-            if (count * channels <= _SMALL and x.device.type != "mps") or x.device.type in _UPCAST_DEVICES:
+            size = count * channels
+            if (size <= _SMALL and x.device.type != "mps") or (
+                    x.device.type in _UPCAST_DEVICES and size <= _UPCAST_DEVICE_MAX):
                 # _batch_moments' upcast path, inlined
                 mean, var = stats(x.double(), None, None, 0.0)
             else:
