@@ -96,8 +96,9 @@ class exact_float32:
     PyTorch's defaults let cuDNN convolutions round float32 inputs to TF32 (10-bit mantissa,
     relative errors near 1e-3), which would swamp a check against onnxruntime or another model
     run. The per-operation ``fp32_precision`` settings (torch/backends/cudnn/__init__.py,
-    torch/backends/cuda/__init__.py) are set to ``"ieee"`` and put back as found; releases
-    without them get the ``allow_tf32`` flags instead. Nothing changes on the CPU.
+    torch/backends/cuda/__init__.py) are set to ``"ieee"``, and cuDNN's legacy ``allow_tf32``
+    flag to False so that reading it inside does not raise; all are put back as found. Releases
+    without those settings get the ``allow_tf32`` flags alone. CPU results are unaffected.
     """
 
     def __enter__(self) -> None:
