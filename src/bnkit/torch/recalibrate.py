@@ -7,12 +7,14 @@ values its input took over the pass (per channel: every sample and every
 spatial position). Each standard BN layer gets a stand-in forward for the pass
 that reduces its input once, on its device, with shifted sums finished in
 float64 (:func:`_batch_moments`: ``M2 = sum((x - c)**2)`` around ``c`` near the
-mean, never ``E[x**2] - E[x]**2``; small inputs, and all on CUDA, upcast to
-float64 and reduced by PyTorch's kernel), and normalizes with exactly those
-statistics, so on the CPU a BN call costs about what PyTorch's training-mode
-forward does (on a GPU, where kernel launches set the cost, more: see README). The statistics stay on the device; every ``_FOLD_EVERY`` batches they
-move to the host in one transfer, and the batches, then the ranks, are
-combined with Chan's parallel formula (:class:`bnkit.stats.RunningMoments`)::
+mean, never ``E[x**2] - E[x]**2``; small inputs, and on CUDA those up to
+``_UPCAST_DEVICE_MAX`` values, upcast to float64 and reduced by PyTorch's
+kernel), and normalizes with exactly those statistics, so on the CPU a BN call
+costs about what PyTorch's training-mode forward does (on a GPU, where kernel
+launches set the cost, more: see README). The statistics stay on the device;
+every ``_FOLD_EVERY`` batches they move to the host in one transfer, and the
+batches, then the ranks, are combined with Chan's parallel formula
+(:class:`bnkit.stats.RunningMoments`)::
 
     n = n_a + n_b,  d = mean_b - mean_a
     mean = mean_a + d * n_b / n,   M2 = M2_a + M2_b + d**2 * n_a * n_b / n
