@@ -184,6 +184,8 @@ def test_large_inputs_with_mean_far_above_std(dtype, rtol, layout, upcast, monke
     module = importlib.import_module("bnkit.torch.recalibrate")
     shifted, sizes = module._batch_moments, []
     monkeypatch.setattr(module, "_batch_moments", lambda x: sizes.append(x.numel()) or shifted(x))
+    upcast_sizes, kernel = [], torch.batch_norm_update_stats  # the upcast path's float64 kernel, whoever calls it
+    monkeypatch.setattr(torch, "batch_norm_update_stats", lambda x, *a: upcast_sizes.append(x.numel()) or kernel(x, *a))
     if upcast:  # the first layer's 40-sample batch (4 * 46 * 46 * 40 values) is above the limit, the rest below
         monkeypatch.setattr(module, "_UPCAST_DEVICES", ("cpu",))
         monkeypatch.setattr(module, "_UPCAST_DEVICE_MAX", 4 * 46 * 46 * 40 - 1)
@@ -203,7 +205,24 @@ def test_large_inputs_with_mean_far_above_std(dtype, rtol, layout, upcast, monke
     if dtype == torch.float64:  # in float32 the conv outputs near 1e4 carry ulp ~1e-3: the next layer's input
         assert_matches_reference(model, ref, rtol=1e-9)  # differs by that between any two float32 pipelines
     big = [n * c * 46 * 46 for n in (40, 13) for c in (4, 3)]  # each batch's two BN inputs, all above _SMALL
-    assert sizes == ([4 * 46 * 46 * 40] if upcast else big)
+    assert sizes == ([4 * 46 * 46 * 40] if upcast else big)  # reached the shifted sums ...
+    assert upcast_sizes == (big[1:] if upcast else [])  # ... and the rest, only, went through the float64 copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_shifted_sums_against_float64(dtype):
+    """Above ``_SMALL`` values a float16/bfloat16 input is centred in float32 (one temporary, no float32 copy of
+    the input besides) and its moments are those of its values in float64."""
+    module = importlib.import_module("bnkit.torch.recalibrate")
+    x = (torch.randn(8, 4, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 + 30)
+    x = x.to(dtype)
+    assert x.numel() > module._SMALL
+    mean, var = module._batch_moments(x)
+    x64 = x.double()
+    want_mean, want_var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), correction=0)
+    assert mean.dtype == var.dtype == torch.float64
+    assert ((mean - want_mean).abs() / want_var.sqrt()).max() < 1e-6
+    torch.testing.assert_close(var, want_var, rtol=1e-6, atol=0)
 
 
 def test_subclass_with_its_own_forward_keeps_it():

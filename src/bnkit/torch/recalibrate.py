@@ -238,11 +238,9 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if xw.numel() <= _SMALL:
         return torch.batch_norm_update_stats(_f64(xw), None, None, 0.0)
     dims = [0, *range(2, x.dim())]
-    if xw.dtype not in (torch.float32, torch.float64):
-        xw = xw.float()
     n = xw.numel() // xw.shape[1]
-    c = xw.mean(dim=dims, keepdim=True)
-    d = xw - c
+    c = xw.mean(dim=dims, keepdim=True, dtype=torch.float64 if xw.dtype == torch.float64 else torch.float32)
+    d = xw - c  # float16/bfloat16 promote to float32 here: one temporary, no float32 copy of the input too
 
     def total(t: torch.Tensor) -> torch.Tensor:
         per_sample = t.sum(dim=dims[1:]) if len(dims) > 1 else t
