@@ -750,3 +750,18 @@ def test_max_batches_below_one_is_refused(max_batches):
     for data in (x, list(x.split(64))):
         with pytest.raises(ValueError, match="max_batches must be at least 1"):
             audit(nn.BatchNorm1d(2).eval(), data, max_batches=max_batches)
+
+
+def test_a_model_without_parameters_gets_the_data_in_its_buffers_dtype():
+    """affine=False BatchNorm layers only: the batches follow the running statistics' dtype (and device)."""
+    model = nn.Sequential(nn.BatchNorm1d(4, affine=False)).double().eval()
+    with torch.no_grad():
+        model[0].running_var.fill_(2.0)
+        model[0].num_batches_tracked.fill_(100)
+    x = torch.randn(128, 4, generator=torch.Generator().manual_seed(0))
+    report = audit(model, x)  # float32 data
+    (shift,) = report.shifts
+    x64 = x.double()
+    z = (x64.mean(0) / (2.0 + 1e-5) ** 0.5).numpy()
+    assert report.batches == 2 and shift.count == 128
+    assert shift.mean_shift == pytest.approx(z[shift.worst_channel], rel=1e-9)

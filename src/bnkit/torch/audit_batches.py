@@ -29,7 +29,8 @@ class Batches:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be at least 1, got {max_batches}")
-        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        # a parameter, else a buffer (a model of affine=False BatchNorm layers has only running statistics)
+        param = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
         self.dtype = param.dtype if param is not None else torch.get_default_dtype()
         self.device = param.device if param is not None else torch.device("cpu")
         if isinstance(data, np.ndarray):
