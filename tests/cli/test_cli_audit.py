@@ -168,6 +168,9 @@ def test_onnx_file(trained, tmp_path):
     flat = " ".join(text.output.split())  # rich wraps long temporary paths at the console's width
     assert "no BatchNorm problems found" in flat and "severity" not in flat
     assert "2 BatchNorm layer(s)" in flat
+    for extra in (["--data", "x.npy"], ["--device", "cpu"], ["--model", "audit_models:mlp"]):
+        wrong = _invoke(path, *extra)  # one message naming every PyTorch-only option, not "--data needs --model"
+        assert wrong.exit_code == 2 and "--model, --data and --device apply to PyTorch checkpoints" in _flat(wrong)
     assert _invoke(path, "--model", "audit_models:mlp").exit_code == 2
 
 

@@ -45,6 +45,10 @@ def audit_command(
         check_input_file(file, "checkpoint or ONNX")
     except UsageError as exc:
         raise fail(str(exc)) from None
+    onnx_file = file.suffix.lower() == ".onnx"
+    if onnx_file and (model is not None or data is not None or device is not None):
+        raise fail("--model, --data and --device apply to PyTorch checkpoints, not to ONNX files "
+                   "(an ONNX file's BatchNormalization nodes are read, nothing runs)")
     if data is not None and model is None:
         raise fail("--data needs --model: the data is run through the model")
     if batch_size < 2:
@@ -61,9 +65,7 @@ def audit_command(
         run_on = parse_device(device) if device is not None else None
     except UsageError as exc:
         raise fail(str(exc)) from None
-    if file.suffix.lower() == ".onnx":
-        if model is not None or data is not None:
-            raise fail("--model and --data apply to PyTorch checkpoints, not to ONNX files")
+    if onnx_file:
         report = _onnx_report(file)
     else:
         report = _torch_report(file, model, data, batch_size, train_batch_size, max_batches, trust, run_on)
