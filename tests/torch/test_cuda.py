@@ -8,6 +8,7 @@ cuDNN convolutions use TF32 (``torch.backends.cudnn.allow_tf32`` is True), as a 
 from __future__ import annotations
 
 import copy
+import importlib
 
 import numpy as np
 import pytest
@@ -201,13 +202,18 @@ def test_recalibrate_cli_on_cuda_writes_portable_cpu_tensors(tmp_path):
 # ----------------------------------------------------------------------------------------------- audit
 
 
-def test_audit_cli_on_cuda_gives_the_cpu_report(tmp_path):
+def test_audit_cli_on_cuda_gives_the_cpu_report(tmp_path, monkeypatch):
     import json
 
     from typer.testing import CliRunner
 
     from bnkit.cli import app
     from bnkit.torch import save_state_dict_file
+
+    audit_module = importlib.import_module("bnkit.torch.audit")  # the package attribute is the function
+    ran_on, real = [], audit_module.audit  # where the model was when the CLI audited it
+    monkeypatch.setattr(audit_module, "audit",
+                        lambda net, *a, **k: ran_on.append(next(net.parameters()).device.type) or real(net, *a, **k))
 
     torch.manual_seed(0)
     model = calibrated(MLP(), torch.randn(64, 64), positive=True)
@@ -217,8 +223,9 @@ def test_audit_cli_on_cuda_gives_the_cpu_report(tmp_path):
     for device in ("cpu", CUDA.type):
         result = CliRunner().invoke(app, ["audit", str(ckpt), "--model", "bnkit.torch.zoo:MLP", "--data",
                                           str(tmp_path / "x.npy"), "--device", device, "--json"])
-        assert result.exit_code in (0, 1), result.output
+        assert result.exit_code in (0, 1) and not isinstance(result.exception, Exception), result.exception
         reports[device] = json.loads(result.output)
+    assert ran_on == ["cpu", CUDA.type]
     cpu, gpu = reports["cpu"], reports[CUDA.type]
     assert [s["layer"] for s in gpu["shifts"]] == [s["layer"] for s in cpu["shifts"]]
     for a, b in zip(gpu["shifts"], cpu["shifts"]):
