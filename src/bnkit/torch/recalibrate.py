@@ -521,11 +521,13 @@ class _SavedBuffers:
 
     :meth:`restore` attaches each saved tensor under its name again and writes its saved values back,
     so a forward that reassigns a buffer (``self.running_mean = ...``) or adds one leaves no trace.
+    ``copies``: a saving of the same moment whose copies are reused instead of cloning again.
     """
 
-    def __init__(self, modules: list[nn.Module]) -> None:
+    def __init__(self, modules: list[nn.Module], copies: _SavedBuffers | None = None) -> None:
         self.attached = [(m, dict(m._buffers)) for m in modules]
-        self.values = {id(b): (b, b.detach().clone())
+        known = copies.values if copies is not None else {}
+        self.values = {id(b): known.get(id(b)) or (b, b.detach().clone())
                        for _, bufs in self.attached for b in bufs.values() if b is not None}
 
     def before(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -675,7 +677,7 @@ def recalibrate(
             else:
                 handles.append(m.register_forward_pre_hook(acc.hook(i), with_kwargs=True))
                 if not (isinstance(m, _DropInBatchNorm) and not m.renorm):
-                    own = _SavedBuffers([m])
+                    own = _SavedBuffers([m], copies=saved)  # its buffers alone, the copies already made
                     handles.append(m.register_forward_hook(lambda *_, own=own: own.restore()))
         for m in debiased:  # debias shapes only the running update the pass discards; its start check would refuse
             m.debias = False  # statistics loaded without num_batches_tracked, which this pass overwrites
