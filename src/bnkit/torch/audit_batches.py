@@ -30,9 +30,9 @@ class Batches:
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be at least 1, got {max_batches}")
         # a parameter, else a buffer (a model of affine=False BatchNorm layers has only running statistics)
-        param = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
-        self.dtype = param.dtype if param is not None else torch.get_default_dtype()
-        self.device = param.device if param is not None else torch.device("cpu")
+        source = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+        self.dtype = source.dtype if source is not None else torch.get_default_dtype()
+        self.device = source.device if source is not None else torch.device("cpu")
         if isinstance(data, np.ndarray):
             data = torch.from_numpy(data)
         self._checked = False  # True: the batches are slices of one tensor already checked for NaN/Inf
