@@ -1,0 +1,94 @@
+"""bnkit.torch.modules.exact_float32: TF32 off inside, every setting put back as found, also after an error.
+
+The settings are process-wide Python state that exists without a GPU, so this runs on the CPU. Oracle: the
+settings read back through PyTorch's own API (torch/backends/cudnn/__init__.py, torch/backends/cuda/__init__.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnkit.torch.modules import exact_float32
+
+B = torch.backends
+_NEW_API = all(hasattr(k, "fp32_precision") for k in (getattr(B.cudnn, "conv", None), B.cuda.matmul))
+
+
+def _precisions() -> dict[str, str]:
+    return {"conv": B.cudnn.conv.fp32_precision, "rnn": B.cudnn.rnn.fp32_precision,
+            "matmul": B.cuda.matmul.fp32_precision}
+
+
+@pytest.fixture
+def user_settings():
+    """Leave the process's TF32 settings as the test found them."""
+    if not _NEW_API:
+        saved = B.cudnn.allow_tf32, B.cuda.matmul.allow_tf32
+        yield
+        B.cudnn.allow_tf32, B.cuda.matmul.allow_tf32 = saved
+        return
+    saved = _precisions(), B.cudnn.fp32_precision
+    yield
+    B.cudnn.fp32_precision = saved[1]
+    for name, value in saved[0].items():
+        knob = B.cuda.matmul if name == "matmul" else getattr(B.cudnn, name)
+        knob.fp32_precision = value
+
+
+@pytest.mark.skipif(not _NEW_API, reason="this torch has no per-operation fp32_precision settings")
+@pytest.mark.parametrize("fail", [False, True])
+def test_per_op_precisions_are_ieee_inside_and_the_users_come_back(user_settings, fail):
+    B.cudnn.conv.fp32_precision = B.cudnn.rnn.fp32_precision = "tf32"
+    B.cuda.matmul.fp32_precision = "tf32"  # not the default: must come back as the user set it
+    before = _precisions()
+
+    def body():
+        with exact_float32():
+            assert _precisions() == {"conv": "ieee", "rnn": "ieee", "matmul": "ieee"}
+            # the legacy flag agrees with conv/rnn, so code inside may read it (torch.backends.cudnn.flags does)
+            assert B.cudnn.allow_tf32 is False
+            if fail:
+                raise KeyError("the body failed")
+
+    if fail:
+        with pytest.raises(KeyError, match="the body failed"):
+            body()
+    else:
+        body()
+    assert _precisions() == before
+    assert B.cudnn.allow_tf32 is True
+
+
+@pytest.mark.skipif(not _NEW_API, reason="this torch has no per-operation fp32_precision settings")
+def test_mixed_legacy_and_new_settings_are_kept_as_found(user_settings):
+    """conv and rnn set differently: PyTorch refuses reads of the legacy flag, before and after alike."""
+    B.cudnn.conv.fp32_precision, B.cudnn.rnn.fp32_precision = "ieee", "tf32"
+    with pytest.raises(RuntimeError, match="mix of the legacy and new"):
+        _ = B.cudnn.allow_tf32
+    with exact_float32():
+        assert _precisions()["conv"] == _precisions()["rnn"] == "ieee"
+    assert (B.cudnn.conv.fp32_precision, B.cudnn.rnn.fp32_precision) == ("ieee", "tf32")
+
+
+def test_releases_without_per_op_settings_get_the_allow_tf32_flags(user_settings, monkeypatch):
+    """A torch without ``torch.backends.cudnn.conv`` (before the fp32_precision API): the legacy flags alone.
+
+    ``user_settings`` before ``monkeypatch``: the attribute is back before the settings are restored.
+    """
+    if hasattr(type(B.cudnn), "conv"):
+        monkeypatch.delattr(type(B.cudnn), "conv")
+    assert getattr(B.cudnn, "conv", None) is None
+    B.cudnn.allow_tf32 = B.cuda.matmul.allow_tf32 = True
+    with exact_float32():
+        assert B.cudnn.allow_tf32 is False and B.cuda.matmul.allow_tf32 is False
+    assert B.cudnn.allow_tf32 is True and B.cuda.matmul.allow_tf32 is True
+
+
+def test_float32_results_on_the_cpu_are_unchanged(user_settings):
+    conv = torch.nn.Conv2d(3, 4, 3).eval()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = conv(x)
+        with exact_float32():
+            inside = conv(x)
+    assert torch.equal(plain, inside)
