@@ -1,5 +1,6 @@
 """State-level BatchNorm checks (NumPy only) against PyTorch's own layers and closed forms."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -156,3 +157,83 @@ def test_inconsistent_shapes():
     layer = BNStats("bn", np.zeros(3), np.ones(4), weight=np.ones(3))
     (finding,) = check_bn_stats(layer)
     assert finding.code == "bad_shape" and finding.severity == "error"
+
+
+def _layer_with_eps(bn, eps):
+    state = bn.state_dict()
+    return BNStats("bn", *(state[k].numpy() for k in ("running_mean", "running_var", "weight", "bias")),
+                   num_batches_tracked=50, eps=eps, momentum=0.1)
+
+
+def _eval_float64(layer, x):
+    """The inference formula in float64 NumPy (PyTorch refuses a negative eps; ONNX runtimes compute it:
+    tests/onnx/test_onnx_audit.py checks the same findings against onnxruntime)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return layer.weight * (x - layer.running_mean) / np.sqrt(layer.running_var + layer.eps) + layer.bias
+
+
+def test_negative_eps_that_reaches_a_variance_is_an_error_naming_the_nan_channels():
+    bn = _trained_bn()
+    bn.running_var[2] = 0.25
+    layer = _layer_with_eps(bn, -0.5)  # var + eps < 0 in channel 2 only (the others' variances are near 4)
+    (finding,) = check_bn_stats(layer)
+    assert finding.code == "nonpositive_var_eps" and finding.severity == "error" and finding.data["channels"] == [2]
+    out = _eval_float64(layer, np.random.default_rng(0).standard_normal((4, 4)))
+    assert np.flatnonzero(np.isnan(out).any(axis=0)).tolist() == finding.data["channels"]
+
+
+def test_negative_eps_below_every_variance_is_a_warning():
+    bn = _trained_bn()
+    layer = _layer_with_eps(bn, -0.5)
+    (finding,) = check_bn_stats(layer)
+    assert finding.code == "negative_eps" and finding.severity == "warning"
+    x = np.zeros((2, 4))
+    x[1] = 1e-3
+    gain = np.abs(np.diff(_eval_float64(layer, x), axis=0)[0]) / 1e-3
+    assert np.isfinite(gain).all() and (gain > np.abs(layer.weight) / np.sqrt(layer.running_var)).all()  # inflated
+
+
+@pytest.mark.parametrize("eps, outputs", [(math.nan, "NaN"), (-math.inf, "NaN"), (math.inf, "beta")])
+def test_non_finite_eps_is_an_error_naming_what_the_layer_outputs(eps, outputs):
+    layer = _layer_with_eps(_trained_bn(), eps)
+    (finding,) = check_bn_stats(layer)
+    assert finding.code == "bad_eps" and finding.severity == "error" and finding.evidence.endswith(
+        "NaN" if outputs == "NaN" else "beta (the input is divided by infinity)")
+    out = _eval_float64(layer, np.random.default_rng(0).standard_normal((4, 4)))
+    if outputs == "NaN":
+        assert np.isnan(out).all()
+    else:
+        assert np.array_equal(out, np.broadcast_to(layer.bias, (4, 4)))
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("running_var", torch.ones(4, dtype=torch.complex64), "running_var: expected real numbers, got torch.complex64"),
+    ("weight", np.ones(4, dtype=np.complex128), "weight: expected real numbers, got complex128"),
+    ("num_batches_tracked", torch.tensor(-3), "num_batches_tracked: -3 is not a count"),
+    ("num_batches_tracked", torch.tensor(2.5), "num_batches_tracked: 2.5 is not a count"),
+    ("num_batches_tracked", torch.tensor(math.nan), "num_batches_tracked: nan is not a count"),
+    ("num_batches_tracked", torch.tensor([3, 4]), "num_batches_tracked: 2 values where one count"),
+    ("num_batches_tracked", torch.ones(1, dtype=torch.complex64), "num_batches_tracked: expected real numbers"),
+])
+def test_state_no_layer_can_hold_is_one_error_and_nothing_is_converted(key, value, says):
+    """A float64 copy of a complex array keeps its real part, int() rounds 2.5 to 2: neither may pass unnoticed."""
+    state = _trained_bn().state_dict()
+    state[key] = value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's and NumPy's "discards the imaginary part" warnings fail the test
+        (finding,) = audit_state(state)
+    assert finding.code == "invalid_state" and finding.severity == "error" and says in finding.evidence
+    if key != "num_batches_tracked":  # PyTorch's own layer cannot hold it either
+        bn = _trained_bn()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bn.load_state_dict({**bn.state_dict(), key: torch.as_tensor(value) + 1j})
+        assert not getattr(bn, key).is_complex()  # the imaginary part is gone: what the audit refuses to do
+
+
+def test_a_valid_count_in_any_real_dtype_or_shape_one_is_read_exactly():
+    state = _trained_bn().state_dict()
+    for value in (torch.tensor(7.0), torch.tensor([7]), np.int32(7), 7):
+        state["num_batches_tracked"] = value
+        (layer,) = bn_stats_from_state(state)
+        assert layer.invalid == [] and layer.num_batches_tracked == 7 and type(layer.num_batches_tracked) is int

@@ -4,7 +4,10 @@ A BatchNorm layer at inference is ``y = gamma * (x - running_mean) / sqrt(runnin
 per channel. This module checks the arrays of that formula and reports, as
 :class:`bnkit.findings.Finding` records, what would make the output wrong:
 
-* non-finite values, a negative variance (``sqrt`` of a negative number), shapes that disagree;
+* non-finite values, a negative variance (``sqrt`` of a negative number), shapes that disagree,
+  arrays that are not real numbers and a ``num_batches_tracked`` that is not a count;
+* an ``eps`` that is not finite, or negative (``running_var + eps <= 0`` divides by zero or takes
+  the root of a negative number);
 * statistics never updated: every mean exactly 0 and every variance exactly 1 (PyTorch's
   initial buffers, ``reset_running_stats`` in torch/nn/modules/batchnorm.py); a
   ``num_batches_tracked == 0`` beside other values means they were set without an update;
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +39,7 @@ from .findings import Finding
 __all__ = [
     "BNStats",
     "bn_stats_from_state",
+    "layer_stats",
     "check_bn_stats",
     "audit_state",
     "ema_window",
@@ -58,6 +62,8 @@ class BNStats:
     ``momentum`` is PyTorch's (the weight on the new batch statistic; ``None`` is the
     cumulative average); ``weight``/``bias`` are None for ``affine=False`` layers and
     ``num_batches_tracked`` is None when the format does not store it (ONNX, Keras).
+    ``invalid``: what no BatchNorm can hold (complex or non-numeric arrays, a count that is not a
+    non-negative integer), as :func:`layer_stats` found it; nothing else is checked then.
     """
 
     name: str
@@ -68,6 +74,7 @@ class BNStats:
     num_batches_tracked: int | None = None
     eps: float = 1e-5
     momentum: float | None = 0.1
+    invalid: list[str] = field(default_factory=list)
 
 
 def ema_window(momentum: float, mass: float = 0.95) -> float:
@@ -106,10 +113,72 @@ def initial_weight(momentum: float | None, num_batches_tracked: int) -> float:
 
 
 def as_array(value) -> np.ndarray:
-    """A tensor or array-like as a float64 NumPy array (torch tensors detached and moved to the CPU)."""
+    """A real tensor or array-like as a float64 NumPy array (torch tensors detached and moved to the CPU).
+
+    Raises TypeError for complex or non-numeric values (a float64 copy would drop their imaginary part).
+    """
+    kind = _kind(value)
+    if kind not in "biuf":
+        raise TypeError(f"expected real numbers, got {_dtype_name(value)} values")
     if hasattr(value, "detach"):  # a torch tensor, without importing torch
         value = value.detach().cpu().double().numpy()
     return np.asarray(value, dtype=np.float64)
+
+
+def _kind(value) -> str:
+    """NumPy's dtype kind of an array, tensor or array-like ("f" float, "c" complex, "O" object, ...)."""
+    if hasattr(value, "detach"):  # torch: complex and bool are the only non-float/int dtypes here
+        return "c" if value.is_complex() else "b" if str(value.dtype) == "torch.bool" else "f"
+    try:
+        return np.asarray(value).dtype.kind
+    except (TypeError, ValueError):  # ragged nests
+        return "O"
+
+
+def _dtype_name(value) -> str:
+    dtype = getattr(value, "dtype", None)
+    return str(dtype) if dtype is not None else type(value).__name__
+
+
+def _count(value) -> int:
+    """``num_batches_tracked`` as an int; ValueError when it is not one non-negative integer."""
+    flat = as_array(value).reshape(-1)
+    if flat.size != 1:
+        raise ValueError(f"{flat.size} values where one count of updates belongs")
+    if not np.isfinite(flat[0]) or flat[0] < 0 or flat[0] % 1:
+        raise ValueError(f"{flat[0]:g} is not a count of updates (a non-negative integer)")
+    return int(flat[0])
+
+
+def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
+                momentum: float | None = 0.1) -> BNStats:
+    """One layer's :class:`BNStats` from its buffers and parameters under PyTorch's names (absent or None: not stored).
+
+    Arrays that are not real numbers and a ``num_batches_tracked`` that is not one non-negative integer
+    are listed in ``invalid`` (and left out) instead of being converted: a float64 copy would keep
+    a complex array's real part and ``int()`` would round a count.
+    """
+    arrays: dict[str, np.ndarray | None] = {}
+    invalid = []
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        value = buffers.get(key)
+        arrays[key] = None
+        if value is not None:
+            try:
+                arrays[key] = as_array(value)
+            except TypeError as exc:
+                invalid.append(f"{key}: {exc}")
+    count = None
+    if (nbt := buffers.get("num_batches_tracked")) is not None:
+        try:
+            count = _count(nbt)
+        except (TypeError, ValueError) as exc:
+            invalid.append(f"num_batches_tracked: {exc}")
+    # a statistic left out becomes an empty array: check_bn_stats then reports ``invalid`` alone
+    mean, var = (np.zeros(0) if arrays[k] is None else arrays[k] for k in ("running_mean", "running_var"))
+    return BNStats(name=name, running_mean=mean, running_var=var,
+                   weight=arrays["weight"], bias=arrays["bias"], num_batches_tracked=count, eps=eps,
+                   momentum=momentum, invalid=invalid)
 
 
 def bn_stats_from_state(
@@ -126,23 +195,8 @@ def bn_stats_from_state(
             prefix = key[: -len("running_mean")]
             if prefix + "running_var" in state:
                 prefixes.append(prefix)
-    layers = []
-    for prefix in prefixes:
-        arrays = {b: state.get(prefix + b) for b in _BUFFERS}
-        nbt = arrays["num_batches_tracked"]
-        layers.append(
-            BNStats(
-                name=prefix[:-1] if prefix else "(root)",
-                running_mean=as_array(arrays["running_mean"]),
-                running_var=as_array(arrays["running_var"]),
-                weight=None if arrays["weight"] is None else as_array(arrays["weight"]),
-                bias=None if arrays["bias"] is None else as_array(arrays["bias"]),
-                num_batches_tracked=None if nbt is None else int(as_array(nbt).reshape(-1)[0]),
-                eps=eps,
-                momentum=momentum,
-            )
-        )
-    return layers
+    return [layer_stats(prefix[:-1] if prefix else "(root)", {b: state.get(prefix + b) for b in _BUFFERS},
+                        eps=eps, momentum=momentum) for prefix in prefixes]
 
 
 def _channels(mask: np.ndarray, limit: int = 6) -> str:
@@ -154,6 +208,10 @@ def _channels(mask: np.ndarray, limit: int = 6) -> str:
 def check_bn_stats(layer: BNStats) -> list[Finding]:
     """Every problem of one layer's arrays, most severe first."""
     name = layer.name
+    if layer.invalid:
+        return [Finding("error", name, "BN state that no BatchNorm layer can hold", "; ".join(layer.invalid),
+                        "re-export the layer: statistics and parameters are real numbers, num_batches_tracked a "
+                        "count of training-mode updates", "invalid_state", {"invalid": layer.invalid})]
     mean, var = layer.running_mean, layer.running_var
     arrays = {"running_mean": mean, "running_var": var}
     if layer.weight is not None:
@@ -176,6 +234,13 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
                         "recompute the statistics (bnkit recalibrate) from clean data, or restore an earlier "
                         "checkpoint",
                         "non_finite", {"non_finite": nonfinite})]
+
+    eps = float(layer.eps)
+    if not math.isfinite(eps):
+        return [Finding("error", name, "non-finite eps",
+                        f"eps = {eps}: every output of the layer is "
+                        + ("NaN" if math.isnan(eps) or eps < 0 else "beta (the input is divided by infinity)"),
+                        "set eps to a small positive number (PyTorch's default is 1e-5)", "bad_eps", {"eps": eps})]
 
     findings: list[Finding] = []
     nbt = layer.num_batches_tracked
@@ -207,25 +272,38 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
         findings.append(Finding(
             "error", name, "negative running variance",
             f"{_channels(negative)}: min running_var {var.min():.3g}"
-            + ("; var + eps < 0 gives NaN" if (var + layer.eps < 0).any() else ""),
+            + ("; var + eps < 0 gives NaN" if (var + eps < 0).any() else ""),
             "the statistics were corrupted (a variance cannot be negative): recompute them with bnkit recalibrate",
             "negative_var", {"channels": np.flatnonzero(negative).tolist(), "min_var": float(var.min())}))
 
-    zero = (var == 0) & (layer.eps == 0)
-    if zero.any():
+    zero = (var >= 0) & (var + eps <= 0)  # sqrt(var + eps): zero divides by zero, negative is NaN
+    if zero.any() and eps == 0:
         findings.append(Finding(
             "error", name, "zero running variance with eps = 0",
             f"{_channels(zero)}: running_var 0 and eps 0, so the channel divides by zero (inf/NaN outputs)",
             "set eps > 0 (PyTorch's default is 1e-5) or recalibrate on data where the channel varies",
             "zero_var", {"channels": np.flatnonzero(zero).tolist()}))
+    elif zero.any():
+        findings.append(Finding(
+            "error", name, "running variance + eps <= 0",
+            f"{_channels(zero)}: running_var + eps <= 0 with eps = {eps:g} (negative; smallest such variance "
+            f"{var[zero].min():.3g}), so the channel divides by zero or takes the root of a negative number "
+            "(inf/NaN outputs)", "set eps > 0 (PyTorch's default is 1e-5)", "nonpositive_var_eps",
+            {"channels": np.flatnonzero(zero).tolist(), "eps": eps}))
+    elif eps < 0:
+        findings.append(Finding(
+            "warning", name, "negative eps",
+            f"eps = {eps:g}: sqrt(running_var + eps) is below the running standard deviation, so every gain "
+            "|gamma|/sqrt(var + eps) is inflated, and a channel whose variance drops below |eps| gives NaN",
+            "set eps > 0 (PyTorch's default is 1e-5)", "negative_eps", {"eps": eps}))
 
     gamma = np.ones_like(var) if layer.weight is None else layer.weight
-    tiny = (var >= 0) & (var < layer.eps)
+    tiny = (var >= 0) & (var < eps)
     if tiny.any():
-        gain = np.abs(gamma[tiny]) / np.sqrt(var[tiny] + layer.eps)
+        gain = np.abs(gamma[tiny]) / np.sqrt(var[tiny] + eps)
         findings.append(Finding(
             "warning", name, "variance below eps: eps sets the channel's gain",
-            f"{_channels(tiny)}: running_var {var[tiny].min():.3g} < eps {layer.eps:g}; "
+            f"{_channels(tiny)}: running_var {var[tiny].min():.3g} < eps {eps:g}; "
             f"|gamma|/sqrt(var + eps) up to {gain.max():.3g}, so any input change in these channels is amplified",
             "if these channels are dead upstream, prune them; otherwise recalibrate on representative data",
             "tiny_var", {"channels": np.flatnonzero(tiny).tolist(), "max_gain": float(gain.max())}))

@@ -80,6 +80,29 @@ def test_statistic_problems_are_flagged():
     assert tiny.findings[0].data["max_gain"] == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("epsilon, var, code, nan_channels", [
+    (-1.0, GOOD["var"], "nonpositive_var_eps", [0, 2]),  # var + eps < 0 in channels 0 and 2
+    (float("nan"), GOOD["var"], "bad_eps", [0, 1, 2]),
+    (0.0, [0.5, 0.0, 0.9], "zero_var", [1]),  # 0 / 0 with x equal to the mean; inf elsewhere
+    (-0.4, GOOD["var"], "negative_eps", []),  # every var + eps > 0: finite, inflated gains
+])
+def test_eps_that_breaks_the_node_is_flagged_where_onnxruntime_says(epsilon, var, code, nan_channels):
+    """Oracle: onnxruntime's own outputs, non-finite exactly in the channels the finding names."""
+    import onnxruntime as ort
+
+    model = _bn_model(**dict(GOOD, var=var), epsilon=epsilon)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.stack([np.full((2, 3), m, np.float32) for m in GOOD["mean"]], axis=1)  # each channel at its mean ...
+    x[:, :, 1:] += 1.0  # ... and off it
+    y = session.run(None, {"x": x})[0]
+    assert np.flatnonzero(~np.isfinite(y).all(axis=(0, 2))).tolist() == nan_channels
+    report = audit(model)
+    (finding,) = [f for f in report.findings if f.code == code]
+    assert finding.severity == ("warning" if code == "negative_eps" else "error") and report.ok == (code == "negative_eps")
+    if "channels" in finding.data:
+        assert finding.data["channels"] == nan_channels
+
+
 def test_statistics_fed_at_run_time_cannot_be_checked():
     model = _bn_model(**GOOD)
     var = model.graph.initializer.pop()

@@ -765,3 +765,15 @@ def test_a_model_without_parameters_gets_the_data_in_its_buffers_dtype():
     z = (x64.mean(0) / (2.0 + 1e-5) ** 0.5).numpy()
     assert report.batches == 2 and shift.count == 128
     assert shift.mean_shift == pytest.approx(z[shift.worst_channel], rel=1e-9)
+
+
+def test_a_count_that_is_not_one_is_an_error_at_every_depth(trained, tmp_path):
+    """A negative num_batches_tracked (torch's load_state_dict takes it) is not a few updates to report on."""
+    model = copy.deepcopy(trained)
+    bn_name, bn = bn_layers(model)[0]
+    bn.num_batches_tracked.fill_(-3)
+    path = save_state_dict_file(model.state_dict(), tmp_path / "w.safetensors")
+    for report in (audit(model), audit(path)):
+        (finding,) = [f for f in report.findings if f.layer == bn_name and f.severity == "error"]
+        assert finding.code == "invalid_state" and "-3 is not a count" in finding.evidence and not report.ok
+        assert "few_updates" not in {f.code for f in report.findings if f.layer == bn_name}

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-from ..audit_state import BNStats, as_array, check_bn_stats, ema_window
+from ..audit_state import check_bn_stats, ema_window, layer_stats
 from ..findings import Finding
 from .freeze import is_frozen
 from .modules import is_batchnorm
@@ -64,16 +64,9 @@ def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
             "batch statistics on purpose", "stale_running_stats"))
     # a frozen layer never updates or reads its counter (one loaded from torchvision's keys keeps 0)
     nbt = None if frozen else bn.num_batches_tracked
-    stats = BNStats(
-        name=name,
-        running_mean=as_array(bn.running_mean),
-        running_var=as_array(bn.running_var),
-        weight=None if bn.weight is None else as_array(bn.weight),
-        bias=None if bn.bias is None else as_array(bn.bias),
-        num_batches_tracked=None if nbt is None else int(nbt),
-        eps=float(bn.eps),
-        momentum=None if frozen else bn.momentum,
-    )
+    stats = layer_stats(name, {"running_mean": bn.running_mean, "running_var": bn.running_var, "weight": bn.weight,
+                               "bias": bn.bias, "num_batches_tracked": nbt},
+                        eps=float(bn.eps), momentum=None if frozen else bn.momentum)
     return stale + check_bn_stats(stats)
 
 
