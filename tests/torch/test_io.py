@@ -144,8 +144,38 @@ def test_load_weights_into_keeps_a_real_module_prefix_and_explains_mismatches():
         load_weights_into(_net(), {"a.b": torch.ones(1), "a.c": torch.ones(1)})
     assert "prefix" not in str(info.value)  # no shared prefix that would explain the mismatch
     bigger = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5))
-    with pytest.raises(ValueError, match="size mismatch"):
+    with pytest.raises(ValueError, match=r"0\.weight has shape \(5, 3\) in the file, \(4, 3\) in the model"):
         load_weights_into(_net(), bigger.state_dict())
+
+
+@pytest.mark.parametrize("spoil, says", [
+    (lambda s: s.update({"1.running_var": torch.ones(5)}), r"1\.running_var has shape \(5,\) in the file"),
+    (lambda s: s.update({"0.weight": s["0.weight"] + 1j}), r"0\.weight holds complex values \(torch.complex64\)"),
+    (lambda s: s.update({"1.num_batches_tracked": torch.tensor([3, 4])}), r"num_batches_tracked has shape \(2,\)"),
+    (lambda s: s.update({"1.bias": [0.0] * 4}), r"1\.bias is a list, not a tensor"),
+])
+def test_load_weights_into_changes_nothing_when_one_tensor_does_not_fit(spoil, says):
+    """torch's load_state_dict copies every tensor that fits before it raises (and keeps a complex tensor's real
+    part with a warning): the file's other tensors must not reach the model."""
+    model = _net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v + 1 for k, v in model.state_dict().items()}
+    spoil(state)
+    with pytest.raises(ValueError, match=says):
+        load_weights_into(model, state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_load_weights_into_takes_what_load_state_dict_takes_unchanged():
+    """A one-element count for a 0-d buffer (old checkpoints) and any shape into a lazy module's parameters."""
+    state = {k: v + 1 for k, v in _net().state_dict().items()}
+    state["1.num_batches_tracked"] = torch.tensor([7])
+    model = _net()
+    load_weights_into(model, state)
+    assert int(model[1].num_batches_tracked) == 7 and torch.equal(model[0].weight, state["0.weight"])
+    lazy = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.BatchNorm1d(4))
+    load_weights_into(lazy, state)
+    assert torch.equal(lazy[0].weight, state["0.weight"])
 
 
 def test_upper_case_safetensors_suffix_writes_and_reads_safetensors(tmp_path):

@@ -24,8 +24,10 @@ import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from ..atomic import atomic_path
 
@@ -228,11 +230,32 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             parts.append(f"the file's keys carry a prefix {prefix!r} that the model's do not (DistributedDataParallel "
                          "saves 'module.'): save model.module.state_dict(), or strip the prefix")
         raise ValueError("; ".join(parts))
+    wrong = _unfit_tensors(model.state_dict(), state)
+    if wrong:  # before anything is copied: load_state_dict copies every tensor that fits, then raises
+        more = f" ... ({len(wrong)} in all)" if len(wrong) > 4 else ""
+        raise ValueError(f"{source} do not fit {type(model).__name__}: {'; '.join(wrong[:4])}{more}")
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:  # same names, different shapes
+    except RuntimeError as exc:  # a module's own loading hook refused
         lines = [ln.strip() for ln in _strip_ansi(str(exc)).splitlines()[1:] if ln.strip()]
         raise ValueError(f"{source} do not fit {type(model).__name__}: {' '.join(lines[:4])}") from None
+
+
+def _unfit_tensors(own: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> list[str]:
+    """What ``load_state_dict`` would refuse (shapes; torch/nn/modules/module.py ``_load_from_state_dict``) or
+    silently truncate (complex values into real tensors: only the real part is copied), one line per key."""
+    wrong = []
+    for key, value in state.items():
+        ref = own[key]
+        if not isinstance(value, torch.Tensor):
+            wrong.append(f"{key} is a {type(value).__name__}, not a tensor")
+        elif value.is_complex() and not ref.is_complex():
+            wrong.append(f"{key} holds complex values ({value.dtype}) for the model's {ref.dtype}")
+        elif is_lazy(ref):
+            continue  # shaped by what is loaded
+        elif value.shape != ref.shape and not (ref.ndim == 0 and value.shape == (1,)):  # torch's 1-element allowance
+            wrong.append(f"{key} has shape {tuple(value.shape)} in the file, {tuple(ref.shape)} in the model")
+    return wrong
 
 
 def save_state_dict_file(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
