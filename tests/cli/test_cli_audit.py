@@ -326,3 +326,26 @@ def test_trust_on_a_pickle_whose_code_raises_is_a_clear_error(tmp_path):
     result = _invoke(path, "--trust")
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert "with --trust: unpickling it raised KeyError" in _flat(result)
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda p: np.save(p.with_suffix(".npy"), np.array([["a", "b"], ["c", "d"]])), "holds <U1 values, not numbers"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.array(["2020-01-01"] * 4, dtype="datetime64[D]").reshape(2, 2)),
+     "holds datetime64[D] values, not numbers"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.zeros(4, dtype=[("a", "f4"), ("b", "i4")])),
+     "holds [('a', '<f4'), ('b', '<i4')] values, not numbers"),
+    (lambda p: np.save(p.with_suffix(".npy"), np.float32(3.0)), "holds a single number"),
+    (lambda p: torch.save(torch.eye(64).to_sparse(), p.with_suffix(".pt")), "holds a sparse_coo tensor"),
+])
+@pytest.mark.parametrize("command", ["audit", "recalibrate"])
+def test_data_that_is_not_an_array_of_numbers_is_named_before_the_model_runs(trained, tmp_path, make, says, command):
+    """torch.from_numpy raised a bare TypeError (strings, dates, records) or a sparse tensor failed in the model."""
+    _, ckpt, _, _ = trained
+    make(tmp_path / "data")
+    data = next(tmp_path.glob("data.*"))
+    args = [command, "--model", "audit_models:mlp", "--data", str(data)]
+    args += [str(ckpt)] if command == "audit" else ["--weights", str(ckpt), "-o", str(tmp_path / "out.pt")]
+    result = runner.invoke(app, args, terminal_width=240)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"{data} {says}" in _flat(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [data.name]  # nothing written

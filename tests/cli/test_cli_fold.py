@@ -315,6 +315,24 @@ def unsupported():  # an op torch.onnx cannot export
 def fixed():  # runs only at the batch size of 4 it was written for
     torch.manual_seed(0)
     return Net(lambda h: h.reshape(4, 64))
+
+
+def _batch_of_seven(h):
+    assert h.shape[0] == 7, "built for batches of 7"
+    return h
+
+
+def asserting():
+    return Net(_batch_of_seven)
+
+
+class TwoInputs(Net):
+    def forward(self, x, y):
+        return super().forward(x) + y
+
+
+def two_inputs():
+    return TwoInputs(nn.Identity())
 '''
 
 
@@ -411,3 +429,33 @@ def test_fold_to_onnx_export_refusal_names_the_force_option(tmp_path, monkeypatc
     result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", str(weights),
                                  "--input-shape", "2x1x8x8", "-o", str(tmp_path / "f.onnx")], terminal_width=200)
     assert result.exit_code == 1 and "(--force writes it anyway)" in _text(result), result.output
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".onnx"])
+def test_a_model_that_fails_on_the_random_input_is_a_message_and_nothing_is_written(tmp_path, monkeypatch, suffix):
+    """The user's model raising TypeError/AssertionError went past the CLI as a traceback; so did an input
+    shape too big to allocate."""
+    (tmp_path / "f5_cli_nets.py").write_text(NETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    for factory, says in (("two_inputs", "the model raised TypeError: TwoInputs.forward() missing 1 required"),
+                          ("asserting", "the model raised AssertionError: built for batches of 7")):
+        args = ["fold", "--model", f"f5_cli_nets:{factory}", "--input-shape", "4x3x6x6", "-o", "out" + suffix]
+        result = runner.invoke(app, args, terminal_width=300)
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+        assert f"folding f5_cli_nets:{factory} failed, nothing written: {says}" in _text(result)
+    huge = ["fold", "--model", "f5_cli_nets:fixed", "--input-shape", "99999999x3x800x800", "-o", "out" + suffix]
+    result = runner.invoke(app, huge, terminal_width=300)  # 768 TB: beyond any address space, refused at once
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "cannot make a random input of shape 99999999x3x800x800" in _text(result)
+    assert [name for name in sorted(os.listdir(tmp_path)) if name != "__pycache__"] == ["f5_cli_nets.py"]
+
+
+def test_fold_onnx_inputs_too_big_to_verify_on_are_a_message(tmp_path):
+    src = _export(_calibrated_vgg(), tmp_path / "vgg.onnx")  # input (N, 1, 8, 8), N dynamic
+    shape = "input=1000000000000x1x8x8"  # 512 TB of float64 random values: beyond any address space
+    result = runner.invoke(app, ["fold", str(src), "-o", str(tmp_path / "out.onnx"), "--input-shape", shape],
+                           terminal_width=300)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "not enough memory to verify" in _text(result) and "--no-verify" in _text(result)
+    assert sorted(os.listdir(tmp_path)) == ["vgg.onnx"]

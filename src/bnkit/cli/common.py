@@ -215,4 +215,21 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
         loaded = loaded[0]
     if not isinstance(loaded, (np.ndarray, torch.Tensor)):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not an array of inputs")
+    check_input_array(loaded, str(path))
     return loaded
+
+
+def check_input_array(x: Any, source: str) -> None:
+    """ValueError unless the array or tensor ``x`` holds numbers, densely, along a batch axis (``source``: where
+    it came from). Strings, dates and records cannot become tensors; a sparse tensor does not run through most
+    layers."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        if x.layout != torch.strided:
+            raise ValueError(f"{source} holds a {str(x.layout).removeprefix('torch.')} tensor: save the inputs as a "
+                             "dense tensor (x.to_dense())")
+    elif x.dtype.kind not in "biufc":
+        raise ValueError(f"{source} holds {x.dtype} values, not numbers")
+    if x.ndim == 0:
+        raise ValueError(f"{source} holds a single number: the inputs need a batch axis, (N, features...)")

@@ -51,6 +51,9 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
         report = fold(source, output, to_inference=to_inference, verify=verify, input_shapes=input_shapes or None)
     except (FoldVerificationError, OnnxRuntimeError) as exc:
         raise fail(str(exc), code=1) from None
+    except MemoryError as exc:  # random inputs for the check (NumPy's _ArrayMemoryError)
+        raise fail(f"not enough memory to verify {source} on inputs of shapes {input_shapes or 'from the graph'}: "
+                   f"{exc}; nothing written (a smaller --input-shape, or --no-verify)", code=1) from None
     except (FileNotFoundError, ValueError) as exc:
         raise fail(str(exc)) from None
     except OSError as exc:  # the source was read (a missing one is the FileNotFoundError above): writing failed
@@ -105,7 +108,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     from ..atomic import atomic_path
     from ..torch import fold_bn, load_state_dict_file, save_state_dict_file
     from ..torch.io import load_weights_into
-    from .common import UsageError, build_model, resolve_spec
+    from .common import UsageError, build_model, describe_error, raised_by_bnkit, resolve_spec
 
     if len(shapes) > 1 or any("=" in s for s in shapes):
         raise fail("--input-shape for a PyTorch model is one SHAPE (e.g. 1x3x224x224)")
@@ -119,13 +122,22 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         except Exception as exc:  # unsafe pickles, mismatched state dicts, a trusted pickle's own code
             raise fail(f"cannot load {weights} into {spec}: {exc}") from None
     model.eval()
-    example = torch.randn(*_shape(shapes[0]), generator=torch.Generator().manual_seed(0)) if shapes else None
+    example = None
+    if shapes:
+        try:
+            example = torch.randn(*_shape(shapes[0]), generator=torch.Generator().manual_seed(0))
+        except (RuntimeError, MemoryError) as exc:  # the allocator's "can't allocate memory"
+            raise fail(f"cannot make a random input of shape {shapes[0]}: {exc}; nothing written", code=1) from None
     if output.suffix.lower() == ".onnx" and example is None:
         raise fail("exporting to .onnx needs --input-shape")
     try:
         folded, report = fold_bn(model, example, verify=verify and example is not None, force=force)
-    except (ValueError, RuntimeError) as exc:
-        raise fail(_cli_words(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - bnkit's checks, or the user's model failing on the input
+        if raised_by_bnkit(exc) and isinstance(exc, (ValueError, RuntimeError)):
+            raise fail(_cli_words(exc)) from None
+        on = f"a random input of shape {shapes[0]}" if shapes else "its example input"
+        raise fail(f"folding {spec} failed, nothing written: the model raised {describe_error(exc)} on {on}"
+                   " (--input-shape gives the input the model takes)") from None
     low = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
     tolerance = 1e-2 if low else 1e-4  # norm-wise relative, as for ONNX files
     if report.max_rel_diff is not None and not report.max_rel_diff <= tolerance:
@@ -141,6 +153,8 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
             raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None
         except (ValueError, TypeError, RuntimeError) as exc:  # ExportVerificationError, torch.onnx's errors too
             raise fail(f"cannot export the folded model to ONNX: {_cli_words(exc)}", code=1) from None
+        except Exception as exc:  # noqa: BLE001 - the user's model raising anything else while traced
+            raise fail(f"cannot export the folded model to ONNX: {describe_error(exc)}", code=1) from None
         report_file = None
     else:
         report_file = report_path(output)

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .app import app, console, fail
-from .common import INPUT_KEYS, describe_error, raised_by_bnkit
+from .common import INPUT_KEYS, check_input_array, describe_error, raised_by_bnkit
 
 
 def _batches_of(array: Any, batch_size: int, dtype: Any) -> list[Any]:
@@ -26,7 +26,9 @@ def _batches_of(array: Any, batch_size: int, dtype: Any) -> list[Any]:
     import numpy as np
     import torch
 
-    x = array if isinstance(array, torch.Tensor) else torch.as_tensor(np.asarray(array))
+    array = array if isinstance(array, torch.Tensor) else np.asarray(array)
+    check_input_array(array, "the data")
+    x = torch.as_tensor(array)
     if x.ndim < 2:
         raise ValueError(f"input array of shape {tuple(x.shape)} has no batch axis: expected (N, features...)")
     if x.is_floating_point():
