@@ -209,11 +209,12 @@ def test_non_finite_eps_is_an_error_naming_what_the_layer_outputs(eps, outputs):
 @pytest.mark.parametrize("key, value, says", [
     ("running_var", torch.ones(4, dtype=torch.complex64), "running_var: expected real numbers, got torch.complex64"),
     ("weight", np.ones(4, dtype=np.complex128), "weight: expected real numbers, got complex128"),
-    ("num_batches_tracked", torch.tensor(-3), "num_batches_tracked: -3 is not a count"),
-    ("num_batches_tracked", torch.tensor(2.5), "num_batches_tracked: 2.5 is not a count"),
-    ("num_batches_tracked", torch.tensor(math.nan), "num_batches_tracked: nan is not a count"),
-    ("num_batches_tracked", torch.tensor([3, 4]), "num_batches_tracked: 2 values where one count"),
-    ("num_batches_tracked", torch.ones(1, dtype=torch.complex64), "num_batches_tracked: expected real numbers"),
+    ("num_batches_tracked", torch.tensor(-3), "(a count of updates), got -3"),
+    ("num_batches_tracked", torch.tensor(2.5), "(a count of updates), got 2.5"),
+    ("num_batches_tracked", torch.tensor(math.nan), "(a count of updates), got nan"),
+    ("num_batches_tracked", torch.tensor([3, 4]), "(a count of updates), got 2 values [3, 4]"),
+    ("num_batches_tracked", torch.ones(1, dtype=torch.complex64), "(a count of updates), got (1+0j)"),
+    ("num_batches_tracked", "5", "(a count of updates), got '5'"),
 ])
 def test_state_no_layer_can_hold_is_one_error_and_nothing_is_converted(key, value, says):
     """A float64 copy of a complex array keeps its real part, int() rounds 2.5 to 2: neither may pass unnoticed."""

@@ -173,6 +173,12 @@ def test_keras_positional_list_needs_flags_when_ambiguous():
     (lambda s: s["config"].update(affine=False), "affine"),
     (lambda s: s["config"].update(momentum=1.5), r"\[0, 1\]"),
     (lambda s: s["config"].update(eps=-1.0), "eps"),
+    # a count of updates: 2.5 was rounded to 2, -3 and "5" passed, NaN gave a bare "cannot convert float NaN"
+    *[(lambda s, v=v: s["state_dict"].update(num_batches_tracked=v), rf"one non-negative integer .*got {shown}")
+      for v, shown in ((2.5, "2.5"), (-3, "-3"), ("5", "'5'"), (np.nan, "nan"), (np.array([3, 4]), r"2 values"))],
+    # "3" was compared with the arrays' 3 channels and reported as a mismatch of 3 with 3
+    *[(lambda s, v=v: s["config"].update(num_features=v), rf"num_features must be a positive integer, got {shown}")
+      for v, shown in (("3", "'3'"), (0, "0"), (-2, "-2"), (True, "True"), (4.0, "4.0"))],
 ])
 def test_bad_input_is_rejected(mutate, match):
     st = {"state_dict": dict(SAMPLES["torch"]["state_dict"]), "config": dict(SAMPLES["torch"]["config"])}
@@ -297,3 +303,14 @@ def test_momentum_none_or_not_a_number_is_reported_against_the_source():
         convert_state(dict(keras, config=dict(keras["config"], momentum=None)), "keras", "onnx")
     with pytest.raises(ValueError, match="onnx momentum must be a number, got 'fast'"):
         convert_state(dict(SAMPLES["onnx"], attributes={"epsilon": 1e-5, "momentum": "fast"}), "onnx", "torch")
+
+
+@pytest.mark.parametrize("channels", [0, -2])
+def test_a_layer_without_arrays_needs_a_positive_channel_count(channels):
+    """Nothing else gives the count away: 0 and -2 passed through to the output config."""
+    bare = {"state_dict": {}, "config": {"num_features": channels, "eps": 1e-5, "momentum": 0.1, "affine": False,
+                                         "track_running_stats": False}}
+    with pytest.raises(ValueError, match=f"num_features must be a positive integer, got {channels}"):
+        convert_state(bare, "torch", "keras")
+    bare["config"]["num_features"] = 3
+    assert convert_state(bare, "torch", "torch")["config"]["num_features"] == 3

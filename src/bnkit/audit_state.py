@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .batchnorm import update_count
 from .findings import Finding
 
 __all__ = [
@@ -140,16 +141,6 @@ def _dtype_name(value) -> str:
     return str(dtype) if dtype is not None else type(value).__name__
 
 
-def _count(value) -> int:
-    """``num_batches_tracked`` as an int; ValueError when it is not one non-negative integer."""
-    flat = as_array(value).reshape(-1)
-    if flat.size != 1:
-        raise ValueError(f"{flat.size} values where one count of updates belongs")
-    if not np.isfinite(flat[0]) or flat[0] < 0 or flat[0] % 1:
-        raise ValueError(f"{flat[0]:g} is not a count of updates (a non-negative integer)")
-    return int(flat[0])
-
-
 def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
                 momentum: float | None = 0.1) -> BNStats:
     """One layer's :class:`BNStats` from its buffers and parameters under PyTorch's names (absent or None: not stored).
@@ -171,9 +162,9 @@ def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
     count = None
     if (nbt := buffers.get("num_batches_tracked")) is not None:
         try:
-            count = _count(nbt)
-        except (TypeError, ValueError) as exc:
-            invalid.append(f"num_batches_tracked: {exc}")
+            count = update_count(nbt)
+        except ValueError as exc:
+            invalid.append(str(exc))
     # a statistic left out becomes an empty array: check_bn_stats then reports ``invalid`` alone
     mean, var = (np.zeros(0) if arrays[k] is None else arrays[k] for k in ("running_mean", "running_var"))
     return BNStats(name=name, running_mean=mean, running_var=var,

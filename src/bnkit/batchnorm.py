@@ -276,10 +276,7 @@ class BatchNorm:
             if np.iscomplexobj(v):
                 raise TypeError(f"{k} must be real, got dtype {v.dtype}")
             if k == "num_batches_tracked":
-                count = v.reshape(()) if v.size == 1 else None
-                if count is None or not np.isfinite(count) or count != int(count) or count < 0:
-                    raise ValueError(f"num_batches_tracked must be a non-negative integer scalar, got {v!r}")
-                new[k] = int(count)
+                new[k] = update_count(v)
                 continue
             if v.shape != (self.num_features,):
                 raise ValueError(f"{k} has shape {v.shape}, expected ({self.num_features},)")
@@ -292,6 +289,18 @@ class BatchNorm:
             f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, axis={self.axis}, convention={self.convention.name!r})"
         )
+
+
+def update_count(value) -> int:
+    """``num_batches_tracked`` as an int: one finite, non-negative, integral number of any integer or float
+    dtype (shape ``()`` or ``(1,)``, a tensor or an array-like). ValueError otherwise, naming the value: a
+    count of 2.5, -3, NaN, several values or a string is no count of training-mode updates."""
+    v = _to_numpy(value)
+    x = v.reshape(-1)[0].item() if v.size == 1 else None
+    if x is None or v.dtype.kind not in "iuf" or not np.isfinite(x) or x < 0 or x != int(x):
+        shown = repr(x) if x is not None else f"{v.size} values {v.reshape(-1)[:4].tolist()}"
+        raise ValueError(f"num_batches_tracked must be one non-negative integer (a count of updates), got {shown}")
+    return int(x)
 
 
 def _to_numpy(v) -> np.ndarray:

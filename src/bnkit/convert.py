@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batchnorm import _to_numpy
+from .batchnorm import _to_numpy, update_count
 from .conventions import convert_momentum, get_convention
 
 __all__ = ["FRAMEWORKS", "LAYOUTS", "convert_state"]
@@ -201,9 +201,13 @@ def _read_torch(state: Mapping) -> _Layer:
         raise ValueError("torch state_dict must have both running_mean and running_var, or neither")
     _flag(config, "track_running_stats", get["running_mean"] is not None, "torch")
     nbt = sd.get("num_batches_tracked")
-    nbt = None if nbt is None else int(_to_numpy(nbt).reshape(()))
+    nbt = None if nbt is None else update_count(nbt)
+    channels = config.get("num_features")
+    if channels is not None and (isinstance(channels, bool) or not isinstance(channels, (int, np.integer))
+                                 or channels < 1):
+        raise ValueError(f"torch config num_features must be a positive integer, got {channels!r}")
     layer = _Layer(get["weight"], get["bias"], get["running_mean"], get["running_var"], eps, m, "torch", None, nbt,
-                   config.get("num_features"))
+                   None if channels is None else int(channels))
     arrays = [a for a in get.values() if a is not None]
     if layer.channels is None and not arrays:
         raise ValueError("torch config must give num_features for a layer without weights or running statistics")

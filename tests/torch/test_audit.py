@@ -775,5 +775,5 @@ def test_a_count_that_is_not_one_is_an_error_at_every_depth(trained, tmp_path):
     path = save_state_dict_file(model.state_dict(), tmp_path / "w.safetensors")
     for report in (audit(model), audit(path)):
         (finding,) = [f for f in report.findings if f.layer == bn_name and f.severity == "error"]
-        assert finding.code == "invalid_state" and "-3 is not a count" in finding.evidence and not report.ok
+        assert finding.code == "invalid_state" and "(a count of updates), got -3" in finding.evidence and not report.ok
         assert "few_updates" not in {f.code for f in report.findings if f.layer == bn_name}
