@@ -31,3 +31,11 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, error):
             raise error()
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_a_folder_at_the_target_is_refused_before_anything_is_created(tmp_path):
+    (tmp_path / "out.onnx").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"out\.onnx is a directory: name the file to write"):
+        with atomic_path(tmp_path / "out.onnx"):
+            pytest.fail("the block must not run")
+    assert os.listdir(tmp_path) == ["out.onnx"] and os.listdir(tmp_path / "out.onnx") == []

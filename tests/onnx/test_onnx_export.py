@@ -211,3 +211,28 @@ def test_an_empty_example_batch_is_refused_not_verified(tmp_path):
     with pytest.raises(ValueError, match="every output is empty"):
         export_onnx(model, torch.randn(0, 3, 6, 6), tmp_path / "m.onnx")
     assert os.listdir(tmp_path) == []
+
+
+def test_writers_refuse_a_folder_as_output_before_the_work(calibrated, zoo_onnx, tmp_path, monkeypatch):
+    """Each failed only at the final rename (EBUSY), after the whole export or fold."""
+    import sys
+
+    from bnkit.onnx import fold
+
+    onnx_fold = sys.modules["bnkit.onnx.fold"]  # the package's name `fold` is the function
+    from bnkit.torch import save_state_dict_file
+
+    model, x = calibrated("resnet")
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        export_onnx(model, x, tmp_path)
+    assert calls == []  # refused before the model ran
+    _, _, proto = zoo_onnx("resnet")
+    onnx.save(proto, tmp_path / "m.onnx")
+    monkeypatch.setattr(onnx_fold, "fold_model", lambda *a, **k: pytest.fail("folded before the path check"))
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        fold(tmp_path / "m.onnx", tmp_path)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        save_state_dict_file(model.state_dict(), tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]

@@ -66,7 +66,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_target
 from ..findings import Finding
 from .graph import (BNNode, GraphIndex, attribute, bn_nodes, load_model, node_label, opset_version,
                     training_dropouts)
@@ -538,6 +538,7 @@ def fold(in_path: "str | os.PathLike", out_path: "str | os.PathLike", **options)
     and only after verification passed: on any failure nothing is written and an existing
     file (``in_path`` included, when ``out_path`` names it) is left as it was.
     """
+    check_target(out_path)
     folded, report = fold_model(in_path, **options)
     with atomic_path(out_path) as tmp:
         onnx.save(folded, tmp)

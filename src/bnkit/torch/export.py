@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_target
 from .modules import bn_layers, eval_mode, exact_float32
 
 __all__ = ["export_onnx", "ExportReport", "ExportVerificationError"]
@@ -113,6 +113,7 @@ def export_onnx(
     from ..onnx import audit, fold_model
     from ..onnx.verify import OnnxRuntimeError, compare, default_tolerance, run
 
+    check_target(path)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a sequence of tensors")
