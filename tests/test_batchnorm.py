@@ -309,6 +309,18 @@ def test_complex_input_and_non_integer_batch_counts_are_refused():
     assert bn.num_batches_tracked == 0
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_a_complex_or_non_numeric_gradient_is_refused_like_a_complex_input(training):
+    """NumPy would drop the imaginary part with only a ComplexWarning."""
+    bn = BatchNorm(2)
+    bn.train(training)
+    bn(np.random.default_rng(0).standard_normal((4, 2)))
+    for dy in (np.ones((4, 2), dtype=np.complex128), np.full((4, 2), "1")):
+        with pytest.raises(TypeError, match="real gradients"):
+            bn.backward(dy)
+    bn.backward(np.ones((4, 2), dtype=np.float16))  # any real dtype still goes through
+
+
 # ------------------------------------------------- conventions vs real frameworks
 def _batches(rng, shape, k=3):
     return [rng.normal(2.0, 3.0, size=shape).astype(np.float32) for _ in range(k)]

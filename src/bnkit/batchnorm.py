@@ -220,6 +220,8 @@ class BatchNorm:
             raise RuntimeError("backward() needs a forward() first")
         x3, d, mean, invstd, gamma, n, shape = self._cache
         dy = np.asarray(dy)
+        if np.iscomplexobj(dy) or not np.issubdtype(dy.dtype, np.number):
+            raise TypeError(f"BatchNorm takes real gradients, got dtype {dy.dtype}")
         if dy.shape != shape:
             raise ValueError(f"dy has shape {dy.shape}, expected the forward output's shape {shape}")
         dt, wt = x3.dtype, _work_dtype(x3.dtype)
