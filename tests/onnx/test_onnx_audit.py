@@ -65,6 +65,17 @@ def test_hand_built_training_mode_node_and_extra_outputs():
     assert report.findings[0].severity == "warning"
 
 
+def test_opset_6_training_node_is_named_for_its_is_test_attribute():
+    """Before opset 7 a node without is_test=1 trains, whatever its outputs: the evidence said outputs were
+    requested when none were."""
+    (finding,) = audit(_bn_model(**GOOD, opset=6)).findings
+    assert finding.code == "training_mode" and "is_test=0 (opset 6" in finding.evidence
+    assert finding.data["extra_outputs"] == []
+    tested = _bn_model(**GOOD, opset=6)
+    tested.graph.node[0].attribute.append(helper.make_attribute("is_test", 1))
+    assert audit(tested).findings == []
+
+
 def test_statistic_problems_are_flagged():
     nan = dict(GOOD, var=[0.5, np.nan, 0.9])
     assert [(f.severity, f.code) for f in audit(_bn_model(**nan)).findings] == [("error", "non_finite")]
@@ -128,6 +139,41 @@ def test_bn_inside_a_subgraph_is_found():
     assert [(f.layer, f.code) for f in report.findings] == [("branch/inner_bn", "never_updated")]
 
 
+@pytest.mark.parametrize("shadowed", [False, True])
+def test_bn_in_a_branch_reading_the_main_graphs_initializers_is_checked(shadowed):
+    """TorchScript exports of an `if` keep the branch's BN parameters in the main graph (ONNX's outer scope):
+    they were taken for run-time values, so a negative variance passed. A branch input of the same name hides
+    the outer value (then it is not a constant)."""
+    import onnxruntime as ort
+
+    bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y1"], name="inner_bn")
+    branch_inputs = [helper.make_tensor_value_info("v", TensorProto.FLOAT, [3])] if shadowed else []
+    branch = helper.make_graph([bn], "then", branch_inputs, [helper.make_tensor_value_info("y1", TensorProto.FLOAT,
+                                                                                           [2, 3, 3])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y2"])], "else", [],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 3, 3])])
+    cond = helper.make_node("If", ["c"], ["out"], name="branch", then_branch=branch, else_branch=other)
+    stats = dict(GOOD, var=[0.5, -0.7, 0.9])
+    inits = [numpy_helper.from_array(np.asarray(stats[k], np.float32), n)
+             for k, n in (("scale", "s"), ("bias", "b"), ("mean", "m"), ("var", "v"))]
+    graph = helper.make_graph([cond], "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    report = audit(model)
+    if shadowed:  # onnx.checker refuses a subgraph input on an If branch; the audit still reads no constant there
+        assert [(f.layer, f.code) for f in report.findings if f.code != "invalid_model"] == [
+            ("branch/inner_bn", "not_constant")]
+        return
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"c": np.array(True), "x": np.ones((2, 3, 3), np.float32)})[0]
+    assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, [0, 2]]).all()  # what the error is about
+    assert not report.ok
+    (finding,) = report.findings
+    assert (finding.layer, finding.code, finding.data["channels"]) == ("branch/inner_bn", "negative_var", [1])
+
+
 def test_model_without_bn_and_the_input_proto_untouched():
     model = _bn_model(**GOOD)
     before = model.SerializeToString()
@@ -175,3 +221,29 @@ def test_statistics_stored_as_overridable_graph_inputs_are_checked(kiai_export):
     assert report.findings[1].data["overridable"] == ["scale", "bias", "mean", "var"]
     clean = audit(kiai_export())
     assert clean.ok and [f.code for f in clean.findings] == ["overridable"]
+
+
+def test_fold_verifies_a_model_with_a_scalar_bool_input(tmp_path):
+    """The random 0-d bool (an If's condition) was a NumPy scalar, which onnxruntime refuses: verification failed
+    and --input-shape could not help."""
+    from bnkit.onnx import fold
+    from bnkit.onnx.verify import random_inputs
+
+    bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y1"], name="inner_bn")
+    branch = helper.make_graph([bn], "then", [], [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [2, 3, 3])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y2"])], "else", [],
+                              [helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 3, 3])])
+    inits = [numpy_helper.from_array(np.asarray(GOOD[k], np.float32), n)
+             for k, n in (("scale", "s"), ("bias", "b"), ("mean", "m"), ("var", "v"))]
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["out"], name="branch", then_branch=branch,
+                                                else_branch=other)], "g",
+                              [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                               helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    feeds = random_inputs(model)
+    assert isinstance(feeds["c"], np.ndarray) and feeds["c"].shape == () and feeds["c"].dtype == bool
+    onnx.save(model, tmp_path / "if.onnx")
+    report = fold(tmp_path / "if.onnx", tmp_path / "out.onnx")
+    assert report.max_abs_diff == 0.0 and "branch/inner_bn" in report.left

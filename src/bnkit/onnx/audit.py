@@ -59,7 +59,12 @@ class OnnxAuditReport:
 def _node_findings(bn: BNNode) -> list[Finding]:
     findings = []
     if bn.training:
-        how = "training_mode=1" if bn.opset >= 14 else f"running-statistic outputs requested (opset {bn.opset})"
+        if bn.opset >= 14:
+            how = "training_mode=1"
+        elif bn.extra_outputs:
+            how = f"running-statistic outputs requested (opset {bn.opset})"
+        else:  # opset < 7: is_test, whose default 0 is training mode
+            how = f"is_test=0 (opset {bn.opset}, where 0 is the default)"
         findings.append(Finding(
             "error", bn.name, "BatchNormalization in training mode",
             f"{how}: onnxruntime normalises with each batch's own mean and variance, so an output depends on the "

@@ -83,10 +83,16 @@ class GraphIndex:
     is also a graph input (what ``keep_initializers_as_inputs=True`` and IR < 4 exports
     write) is a *default*: the value that runs unless a caller feeds another, readable
     with ``defaults=True``.
+
+    ``outer``: the index of the graph enclosing a subgraph (an If branch, a Loop body). A name the
+    subgraph neither declares as an input, stores nor computes is read from there (ONNX's outer-scope
+    rule, onnx/docs/IR.md "Names Within a Graph"): TorchScript exports keep a branch's BatchNorm
+    parameters among the main graph's initializers.
     """
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(self, graph: onnx.GraphProto, outer: GraphIndex | None = None) -> None:
         self.graph = graph
+        self.outer = outer
         self.inputs = {i.name for i in graph.input}
         self.outputs = {o.name for o in graph.output}
         self.initializers = {t.name: t for t in graph.initializer if t.name not in self.inputs}
@@ -118,6 +124,8 @@ class GraphIndex:
             if defaults and name in self.defaults:
                 return numpy_helper.to_array(self.defaults[name])
             node = self.producer.get(name)
+            if node is None and name not in self.inputs and name not in self.defaults and self.outer is not None:
+                return self.outer.constant(name, defaults=defaults)
             if node is None or node.domain not in ("", "ai.onnx"):
                 return None
             if node.op_type == "Identity":
@@ -200,7 +208,7 @@ def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None
     found = []
     for node in graph.node:
         for sub in subgraphs(node):
-            found.extend(bn_nodes(sub, opset, None, prefix=f"{prefix}{node_label(node)}/"))
+            found.extend(bn_nodes(sub, opset, GraphIndex(sub, outer=index), prefix=f"{prefix}{node_label(node)}/"))
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         extra = [o for o in node.output[1:] if o]

@@ -66,7 +66,7 @@ def random_inputs(
                              "compares nothing; give sizes >= 1 (input_shapes / --input-shape, dynamic_size)")
         elem = ttype.elem_type
         if elem == onnx.TensorProto.BOOL:
-            feeds[value.name] = rng.random(shape) < 0.5
+            feeds[value.name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison gives a NumPy scalar
         elif elem in _INTS:
             feeds[value.name] = rng.integers(0, 2, size=shape).astype(helper.tensor_dtype_to_np_dtype(elem))
         else:
