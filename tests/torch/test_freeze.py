@@ -311,3 +311,35 @@ def test_affine_false_layer_counts_as_affine_frozen_once_frozen():
     freeze_bn(model)
     assert is_frozen(model, "all") and frozen_bn_layers(model)["1"] == FreezeState(True, True)
     assert is_frozen(model, "all") == is_frozen(convert_frozen(model), "all")  # convert_frozen's answer agrees
+
+
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("kind", ["parametrize", "weight_norm"])
+def test_a_parametrized_gamma_is_frozen_through_the_tensors_it_is_made_of(kind):
+    """gamma computed from other parameters (parametrize, weight_norm): only those receive gradients, and they
+    stayed trainable while is_frozen said "all"."""
+    import warnings
+
+    from torch.nn.utils import parametrize
+
+    model = _model()
+    bn = bn_layers(model)[0][1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight_norm's deprecation notice
+        if kind == "parametrize":
+            parametrize.register_parametrization(bn, "weight", _Doubled())
+        else:
+            torch.nn.utils.weight_norm(bn, dim=0)
+    made_of = {n for n, _ in bn.named_parameters()} - {"bias"}
+    assert made_of and "weight" not in made_of
+    before = _bn_tensors(model)
+    freeze_bn(model)
+    assert is_frozen(model, "all") and not any(p.requires_grad for p in bn.parameters())
+    _finetune(model)  # PyTorch's autograd and SGD are the oracle: nothing of gamma may move
+    _assert_same(_bn_tensors(model), before)
+    unfreeze_bn(model)
+    assert all(p.requires_grad for p in bn.parameters())

@@ -195,6 +195,29 @@ def test_layers_that_cannot_be_frozen_change_nothing():
     assert type(model[0]) is nn.BatchNorm1d and type(model[1]) is nn.BatchNorm1d
 
 
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_a_parametrized_layer_is_refused_not_frozen_without_its_gamma():
+    """A parametrized weight is not in the layer's _parameters: the frozen twin had weight=None (outputs off by
+    a factor of gamma); refused as fold_bn refuses it, with the model unchanged."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)).eval()
+    parametrize.register_parametrization(model[1], "weight", _Doubled())
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x).detach()
+    with pytest.raises(ValueError, match=r"\['1'\]: their weight or bias is computed from other tensors"):
+        convert_frozen(model)
+    assert parametrize.is_parametrized(model[1]) and type(model[2]) is nn.BatchNorm2d
+    assert torch.equal(model(x), before)
+    frozen = convert_frozen(model, modules=[model[2]])  # the plain layer alone is fine
+    assert isinstance(frozen[2], FrozenBatchNormNd) and torch.equal(frozen(x), before)
+
+
 def test_revert_gives_back_the_original_parameters_so_an_old_optimizer_keeps_training_them():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))

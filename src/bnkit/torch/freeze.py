@@ -78,7 +78,10 @@ class FreezeState:
 
 
 def _affine_params(module: nn.Module) -> dict[str, nn.Parameter]:
-    return {k: p for k in ("weight", "bias") if isinstance(p := getattr(module, k, None), nn.Parameter)}
+    """Every parameter gamma and beta are made of: ``weight``/``bias`` themselves, or for a parametrized weight
+    (``torch.nn.utils.parametrize``, ``weight_norm``) the tensors it is computed from (``parametrizations.weight.
+    original``, ``weight_g``/``weight_v``), which ``getattr(module, "weight")`` does not return."""
+    return dict(module.named_parameters())
 
 
 def _state(module: nn.Module) -> FreezeState:

@@ -140,6 +140,17 @@ def convert_frozen(model: nn.Module, modules: Iterable[nn.Module] | None = None)
             f"cannot freeze BatchNorm layers {bad}: they have no running statistics (track_running_stats=False) "
             "or uninitialized lazy ones (run one forward pass first)"
         )
+    computed = [  # parametrize / weight_norm: the stored tensors are not gamma and beta
+        targets[id(m)] for m in model.modules()
+        if id(m) in targets
+        and any(k not in m._parameters and getattr(m, k, None) is not None for k in ("weight", "bias"))
+    ]
+    if computed:
+        raise ValueError(
+            f"cannot freeze BatchNorm layers {computed}: their weight or bias is computed from other tensors "
+            "(torch.nn.utils.parametrize or weight_norm), which a frozen layer does not keep; remove the "
+            "parametrization first (torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'))"
+        )
 
     def make(name: str, m: nn.Module) -> nn.Module | None:
         if id(m) not in targets:
