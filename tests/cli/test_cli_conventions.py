@@ -142,3 +142,18 @@ def test_weight_names_fit_whole_at_80_columns_and_are_the_frameworks_own():
     # too narrow for that table: plain lines, still never splitting a name
     words = set(re.split(r"[\s,:]+", _run(width=60)))
     assert all(name in words for names in real.values() for name in names)
+
+
+def test_a_console_too_narrow_for_the_columns_gets_lines_with_the_same_content():
+    """At 40 columns the table split every cell to one letter and dropped the onnx column's text."""
+    wide = _table(_run("--momentum", "0.99", "--from", "keras", width=200))
+    narrow = " ".join(_run("--momentum", "0.99", "--from", "keras", width=40).split())  # undo the wrapping
+    assert "┃" not in narrow.split("Weight names")[0]  # no table
+    for i, fw in enumerate(FRAMEWORKS):
+        line = re.search(rf"\b{fw}: (r = [^;]+); momentum weighs the (\w+) value; default momentum ([^,]+), eps (\S+);",
+                         narrow)
+        assert line, fw
+        assert list(line.groups()) == [wide["update (m = momentum)"][i], wide["momentum weighs"][i].split()[1],
+                                       wide["default momentum"][i], wide["default eps"][i]]
+    listed = dict(re.findall(r"\b(torch|keras|flax|onnx): ([0-9.]+)\b(?!,)", narrow.split("in each framework:")[1]))
+    assert {fw: listed[fw] for fw in FRAMEWORKS} == dict(zip(FRAMEWORKS, wide["keras momentum"]))

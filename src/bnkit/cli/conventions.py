@@ -37,12 +37,19 @@ def conventions(
         raise fail(str(exc)) from None
 
     label = "update (m = momentum)"  # the widest label: the first column's width
+    convs = [CONVENTIONS[fw] for fw in FRAMEWORKS]
+    layouts = [LAYOUTS[fw] for fw in FRAMEWORKS]
+    if console.width < len(label) + 8 * len(FRAMEWORKS) + 4:  # columns narrower than "torch": lines, not a table
+        _print_lines(convs, layouts)
+        if converted is not None:
+            _print_converted(src_name, momentum, converted)
+        _print_names({fw: lay["names"] for fw, lay in zip(FRAMEWORKS, layouts)})
+        console.print(_EPS_NOTE)
+        return
     table = Table(title="BatchNorm conventions (r: running value, x: batch statistic)")
     table.add_column("", style="bold", no_wrap=True)
     for fw in FRAMEWORKS:
         table.add_column(fw, overflow="fold")
-    convs = [CONVENTIONS[fw] for fw in FRAMEWORKS]
-    layouts = [LAYOUTS[fw] for fw in FRAMEWORKS]
     table.add_row(label, *(_short_rule(c.momentum_weighs) for c in convs))
     table.add_row("momentum weighs", *(f"the {c.momentum_weighs} value" for c in convs))
     table.add_row("default momentum", *(f"{c.default_momentum:g}" for c in convs))
@@ -59,17 +66,35 @@ def conventions(
                       style="green")
     console.print(table)
     if converted is not None:
-        if not row_fits:
-            console.print(f"{src_name} momentum {momentum!r} is, in each framework:")
-            for fw in FRAMEWORKS:
-                console.print(f"  {fw}: {converted[fw]!r}", style="green")
-        # torch's momentum is the weight on the new value, Keras's the weight on the old
-        console.print(f"The same update in every framework: weight {converted['torch']!r} on the new batch "
-                      f"statistic, {converted['keras']!r} on the old running value.")
+        _print_converted(src_name, momentum, converted, listed=not row_fits)
     _print_names({fw: lay["names"] for fw, lay in zip(FRAMEWORKS, layouts)})
-    console.print("eps is never converted, only carried: state it explicitly in the target (bnkit.convert_state "
-                  "does), or the target's default silently replaces it. A plain torch layer trained on after a "
-                  "conversion feeds its running variance n/(n-1) times the biased value the others use.")
+    console.print(_EPS_NOTE)
+
+
+_EPS_NOTE = ("eps is never converted, only carried: state it explicitly in the target (bnkit.convert_state does), "
+             "or the target's default silently replaces it. A plain torch layer trained on after a conversion "
+             "feeds its running variance n/(n-1) times the biased value the others use.")
+
+
+def _print_lines(convs: list, layouts: list[dict]) -> None:
+    """The conventions table as one block of lines per framework, for consoles too narrow for its columns."""
+    console.print("BatchNorm conventions (r: running value, x: batch statistic):")
+    for fw, c, lay in zip(FRAMEWORKS, convs, layouts):
+        var = "unbiased M2/(n-1)" if c.unbiased_running_var else "biased M2/n"
+        console.print(f"[bold]{fw}[/]: {_short_rule(c.momentum_weighs)}; momentum weighs the {c.momentum_weighs} "
+                      f"value; default momentum {c.default_momentum:g}, eps {c.default_eps:g}; named "
+                      f"{lay['eps']}, {lay['momentum']}; running var fed {var}")
+
+
+def _print_converted(src_name: str, momentum: float, converted: dict[str, float], listed: bool = True) -> None:
+    """The momentum in every framework (``listed``: as lines; the table row already showed them otherwise)."""
+    if listed:
+        console.print(f"{src_name} momentum {momentum!r} is, in each framework:")
+        for fw in FRAMEWORKS:
+            console.print(f"  {fw}: {converted[fw]!r}", style="green")
+    # torch's momentum is the weight on the new value, Keras's the weight on the old
+    console.print(f"The same update in every framework: weight {converted['torch']!r} on the new batch "
+                  f"statistic, {converted['keras']!r} on the old running value.")
 
 
 def _short_rule(weighs: str) -> str:
