@@ -438,8 +438,9 @@ def test_a_model_that_fails_on_the_random_input_is_a_message_and_nothing_is_writ
     (tmp_path / "f5_cli_nets.py").write_text(NETS)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    for factory, says in (("two_inputs", "the model raised TypeError: TwoInputs.forward() missing 1 required"),
-                          ("asserting", "the model raised AssertionError: built for batches of 7")):
+    for factory, says in (("two_inputs", "TypeError: TwoInputs.forward() missing 1 required"),
+                          ("asserting", "AssertionError: built for batches of 7 (it runs the model on a random "
+                                        "input of shape 4x3x6x6)")):
         args = ["fold", "--model", f"f5_cli_nets:{factory}", "--input-shape", "4x3x6x6", "-o", "out" + suffix]
         result = runner.invoke(app, args, terminal_width=300)
         assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output

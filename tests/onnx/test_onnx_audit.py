@@ -109,7 +109,8 @@ def test_eps_that_breaks_the_node_is_flagged_where_onnxruntime_says(epsilon, var
     assert np.flatnonzero(~np.isfinite(y).all(axis=(0, 2))).tolist() == nan_channels
     report = audit(model)
     (finding,) = [f for f in report.findings if f.code == code]
-    assert finding.severity == ("warning" if code == "negative_eps" else "error") and report.ok == (code == "negative_eps")
+    warning = code == "negative_eps"
+    assert finding.severity == ("warning" if warning else "error") and report.ok == warning
     if "channels" in finding.data:
         assert finding.data["channels"] == nan_channels
 

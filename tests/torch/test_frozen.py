@@ -202,7 +202,7 @@ class _Doubled(nn.Module):
 
 def test_a_parametrized_layer_is_refused_not_frozen_without_its_gamma():
     """A parametrized weight is not in the layer's _parameters: the frozen twin had weight=None (outputs off by
-    a factor of gamma); refused as fold_bn refuses it, with the model unchanged."""
+    a factor of gamma); refused, with the model unchanged."""
     from torch.nn.utils import parametrize
 
     torch.manual_seed(0)

@@ -135,9 +135,8 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     except Exception as exc:  # noqa: BLE001 - bnkit's checks, or the user's model failing on the input
         if raised_by_bnkit(exc) and isinstance(exc, (ValueError, RuntimeError)):
             raise fail(_cli_words(exc)) from None
-        on = f"a random input of shape {shapes[0]}" if shapes else "its example input"
-        raise fail(f"folding {spec} failed, nothing written: the model raised {describe_error(exc)} on {on}"
-                   " (--input-shape gives the input the model takes)") from None
+        ran = f" (it runs the model on a random input of shape {shapes[0]})" if shapes else ""
+        raise fail(f"folding {spec} failed, nothing written: {describe_error(exc)}{ran}") from None
     low = any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters())
     tolerance = 1e-2 if low else 1e-4  # norm-wise relative, as for ONNX files
     if report.max_rel_diff is not None and not report.max_rel_diff <= tolerance:

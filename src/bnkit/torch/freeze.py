@@ -25,7 +25,8 @@ gamma/beta; some recipes train only gamma/beta):
   then says so): ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, so call it
   first and :func:`freeze_bn` after; bnkit's own swaps (``convert_bn``,
   ``revert_bn``, ``convert_frozen``, ``revert_frozen``) keep it.
-* ``affine``: ``weight`` and ``bias`` get ``requires_grad=False`` and their
+* ``affine``: ``weight`` and ``bias`` (every parameter of the layer: for a parametrized
+  weight, the tensors it is computed from) get ``requires_grad=False`` and their
   ``.grad`` is cleared, so every ``torch.optim`` optimizer skips them (weight decay
   and momentum included). ``model.requires_grad_(True)`` undoes this part;
   :func:`is_frozen` reports the live state and :func:`freeze_bn` freezes it again.

@@ -24,7 +24,6 @@ import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.nn.parameter import is_lazy
@@ -200,6 +199,9 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     (SWA/EMA: ``n_averaged`` and every other key under ``module.``), with its ``n_averaged`` counter
     dropped: it loads as the averaged model. A mismatch raises ``ValueError`` listing a few missing and
     unexpected keys (and the prefix, if one would explain them) instead of torch's full key dump.
+    Complex values for real tensors (torch would keep their real part) are refused before loading; when
+    ``load_state_dict`` fails (a shape, a module's own loading code), the parameters and buffers it had
+    already overwritten are put back from a copy taken first (transient: one copy of the model's tensors).
     """
     own = set(model.state_dict())
     keys = list(state)
@@ -230,32 +232,25 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             parts.append(f"the file's keys carry a prefix {prefix!r} that the model's do not (DistributedDataParallel "
                          "saves 'module.'): save model.module.state_dict(), or strip the prefix")
         raise ValueError("; ".join(parts))
-    wrong = _unfit_tensors(model.state_dict(), state)
-    if wrong:  # before anything is copied: load_state_dict copies every tensor that fits, then raises
-        more = f" ... ({len(wrong)} in all)" if len(wrong) > 4 else ""
-        raise ValueError(f"{source} do not fit {type(model).__name__}: {'; '.join(wrong[:4])}{more}")
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    truncated = [f"{k} ({v.dtype} into {tensors[k].dtype})" for k, v in state.items()
+                 if isinstance(v, torch.Tensor) and v.is_complex() and k in tensors and not tensors[k].is_complex()]
+    if truncated:  # load_state_dict would keep the real part, with a warning
+        more = f", ... ({len(truncated)} in all)" if len(truncated) > 4 else ""
+        raise ValueError(f"{source} do not fit {type(model).__name__}: complex values for real tensors: "
+                         + ", ".join(truncated[:4]) + more)
+    saved = {k: t.detach().clone() for k, t in tensors.items() if not is_lazy(t)}
     try:
         model.load_state_dict(state)
-    except RuntimeError as exc:  # a module's own loading hook refused
+    except Exception as exc:
+        # load_state_dict copies every tensor that fits before it raises: put the model back as it was
+        with torch.no_grad():
+            for k, t in saved.items():
+                tensors[k].copy_(t)
+        if not isinstance(exc, RuntimeError):
+            raise
         lines = [ln.strip() for ln in _strip_ansi(str(exc)).splitlines()[1:] if ln.strip()]
         raise ValueError(f"{source} do not fit {type(model).__name__}: {' '.join(lines[:4])}") from None
-
-
-def _unfit_tensors(own: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> list[str]:
-    """What ``load_state_dict`` would refuse (shapes; torch/nn/modules/module.py ``_load_from_state_dict``) or
-    silently truncate (complex values into real tensors: only the real part is copied), one line per key."""
-    wrong = []
-    for key, value in state.items():
-        ref = own[key]
-        if not isinstance(value, torch.Tensor):
-            wrong.append(f"{key} is a {type(value).__name__}, not a tensor")
-        elif value.is_complex() and not ref.is_complex():
-            wrong.append(f"{key} holds complex values ({value.dtype}) for the model's {ref.dtype}")
-        elif is_lazy(ref):
-            continue  # shaped by what is loaded
-        elif value.shape != ref.shape and not (ref.ndim == 0 and value.shape == (1,)):  # torch's 1-element allowance
-            wrong.append(f"{key} has shape {tuple(value.shape)} in the file, {tuple(ref.shape)} in the model")
-    return wrong
 
 
 def save_state_dict_file(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
