@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parameter import is_lazy
 
-from .modules import flatten_tensors, is_batchnorm
+from .modules import SavedBuffers, flatten_tensors, is_batchnorm
 
 
 class Batches:
@@ -107,10 +106,9 @@ class Restore:
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
         self.flags = [(m, m.training) for m in model.modules()]
-        self.bn = [(bn, bn.momentum, bn.track_running_stats,
-                    {k: b.detach().clone() for k, b in bn.named_buffers(recurse=False)
-                     if b is not None and not is_lazy(b)})
-                   for _, bn in layers if is_batchnorm(bn)]
+        bns = [bn for _, bn in layers if is_batchnorm(bn)]
+        self.options = [(bn, bn.momentum, bn.track_running_stats) for bn in bns]
+        self.buffers = SavedBuffers(bns)
 
     def __enter__(self) -> "Restore":
         return self
@@ -121,11 +119,9 @@ class Restore:
         self.buffers_and_options()
 
     def buffers_and_options(self) -> None:
-        with torch.no_grad():
-            for bn, momentum, track, buffers in self.bn:
-                bn.momentum, bn.track_running_stats = momentum, track
-                for k, saved in buffers.items():
-                    getattr(bn, k).copy_(saved)
+        for bn, momentum, track in self.options:
+            bn.momentum, bn.track_running_stats = momentum, track
+        self.buffers.restore()
 
 
 def set_training(model: nn.Module, flag: bool) -> None:

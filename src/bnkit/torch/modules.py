@@ -14,9 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 
 __all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "bn_or_frozen_layers", "has_stock_forward", "bn_layers",
-           "eval_mode", "flatten_tensors", "write_count"]
+           "eval_mode", "flatten_tensors", "write_count", "SavedBuffers"]
 
 BN_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
 
@@ -119,6 +120,36 @@ class exact_float32:
     def __exit__(self, *exc: object) -> None:
         for knob, name, value, _ in self.saved:
             setattr(knob, name, value)
+
+
+class SavedBuffers:
+    """The buffers of some modules, by module and name (the tensor attached there) and by value.
+
+    :meth:`restore` attaches each saved tensor under its name again and writes its saved values back,
+    so a forward that reassigns a buffer (``self.running_mean = ...``) or adds one leaves no trace.
+    Uninitialized lazy buffers have no values to save: they are only attached again.
+    ``copies``: a saving of the same moment whose copies are reused instead of cloning again.
+    """
+
+    def __init__(self, modules: list[nn.Module], copies: SavedBuffers | None = None) -> None:
+        self.attached = [(m, dict(m._buffers)) for m in modules]
+        known = copies.values if copies is not None else {}
+        self.values = {id(b): known.get(id(b)) or (b, b.detach().clone())
+                       for _, bufs in self.attached for b in bufs.values() if b is not None and not is_lazy(b)}
+
+    def before(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The saved values of ``tensor`` (one of the saved buffers)."""
+        return self.values[id(tensor)][1]
+
+    def restore(self) -> None:
+        for m, bufs in self.attached:
+            now = m._buffers
+            if len(now) != len(bufs) or any(now.get(k) is not b for k, b in bufs.items()):
+                now.clear()
+                now.update(bufs)
+        with torch.no_grad():
+            for tensor, before in self.values.values():
+                tensor.copy_(before)
 
 
 def flatten_tensors(obj: Any) -> list[torch.Tensor]:

@@ -85,7 +85,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm
-from .modules import has_stock_forward, is_batchnorm
+from .modules import SavedBuffers, has_stock_forward, is_batchnorm
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
@@ -516,35 +516,6 @@ class _Pass:
         self.moments = merged
 
 
-class _SavedBuffers:
-    """The buffers of some modules, by module and name (the tensor attached there) and by value.
-
-    :meth:`restore` attaches each saved tensor under its name again and writes its saved values back,
-    so a forward that reassigns a buffer (``self.running_mean = ...``) or adds one leaves no trace.
-    ``copies``: a saving of the same moment whose copies are reused instead of cloning again.
-    """
-
-    def __init__(self, modules: list[nn.Module], copies: _SavedBuffers | None = None) -> None:
-        self.attached = [(m, dict(m._buffers)) for m in modules]
-        known = copies.values if copies is not None else {}
-        self.values = {id(b): known.get(id(b)) or (b, b.detach().clone())
-                       for _, bufs in self.attached for b in bufs.values() if b is not None}
-
-    def before(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The saved values of ``tensor`` (one of the saved buffers)."""
-        return self.values[id(tensor)][1]
-
-    def restore(self) -> None:
-        for m, bufs in self.attached:
-            now = m._buffers
-            if len(now) != len(bufs) or any(now.get(k) is not b for k, b in bufs.items()):
-                now.clear()
-                now.update(bufs)
-        with torch.no_grad():
-            for tensor, before in self.values.values():
-                tensor.copy_(before)
-
-
 def _nonfinite_message(layer: str, batch: int, rank: int | None = None) -> str:
     where = f"batch {batch}" + ("" if rank is None else f" on rank {rank}")
     return (
@@ -656,7 +627,7 @@ def recalibrate(
 
     flags = [(m, m.training) for _, m in modules]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    saved = _SavedBuffers([m for _, m in modules])
+    saved = SavedBuffers([m for _, m in modules])
     debiased = [m for _, m in layers if isinstance(m, _DropInBatchNorm) and m.debias]
     acc = _Pass(layers, skip_nonfinite=on_nonfinite == "skip")
     patched: list[nn.Module] = []
@@ -677,7 +648,7 @@ def recalibrate(
             else:
                 handles.append(m.register_forward_pre_hook(acc.hook(i), with_kwargs=True))
                 if not (isinstance(m, _DropInBatchNorm) and not m.renorm):
-                    own = _SavedBuffers([m], copies=saved)  # its buffers alone, the copies already made
+                    own = SavedBuffers([m], copies=saved)  # its buffers alone, the copies already made
                     handles.append(m.register_forward_hook(lambda *_, own=own: own.restore()))
         for m in debiased:  # debias shapes only the running update the pass discards; its start check would refuse
             m.debias = False  # statistics loaded without num_batches_tracked, which this pass overwrites
