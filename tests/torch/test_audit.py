@@ -12,6 +12,7 @@ from torch import nn
 
 from bnkit.torch import AuditReport, audit, freeze_bn, unfreeze_bn
 from bnkit.torch.io import UnsafeCheckpointError, save_state_dict_file
+from bnkit.torch.fold import fold_plan
 from bnkit.torch.modules import bn_layers
 from bnkit.torch.zoo import MLP, ConvTransposeDecoder, SharedConvNet, SmallResNet
 
@@ -777,3 +778,24 @@ def test_a_count_that_is_not_one_is_an_error_at_every_depth(trained, tmp_path):
         (finding,) = [f for f in report.findings if f.layer == bn_name and f.severity == "error"]
         assert finding.code == "invalid_state" and "(a count of updates), got -3" in finding.evidence and not report.ok
         assert "few_updates" not in {f.code for f in report.findings if f.layer == bn_name}
+
+
+def test_a_layer_whose_own_forward_reassigns_its_buffers_gets_the_same_tensors_back():
+    """A forward that assigns new tensors (``self.running_mean = ...``), even in eval mode, must not leave them
+    attached after the audit: its fold analysis runs the model once (fold_plan's probe), and so does each pass."""
+
+    class Reassigning(nn.BatchNorm1d):
+        def forward(self, x):
+            self.running_mean = self.running_mean * 0.5 + 1.0  # a new tensor, not an in-place write
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), Reassigning(3)).eval()
+    before = model[1].running_mean
+    snap = _snapshot(model)
+    audit(model, torch.randn(32, 4), batch_size=8)
+    assert model[1].running_mean is before
+    _assert_unchanged(model, snap)
+    fold_plan(model, torch.randn(8, 4), force=True)
+    assert model[1].running_mean is before
+    _assert_unchanged(model, snap)

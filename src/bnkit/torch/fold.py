@@ -58,7 +58,7 @@ from torch.nn.utils import parametrize
 
 from ..findings import Finding
 from .modules import (
-    bn_or_frozen_layers, eval_mode, exact_float32, flatten_tensors, has_stock_eval_forward, is_batchnorm,
+    SavedBuffers, bn_or_frozen_layers, eval_mode, exact_float32, flatten_tensors, has_stock_eval_forward, is_batchnorm,
     is_bn_or_frozen,
 )
 
@@ -208,7 +208,7 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
 
     The report's ``folded`` lists the pairs ``fold_bn`` would fold (``bias_added`` as it
     would set it) and ``left`` the rest with their reasons; nothing is verified. With
-    ``example_inputs`` the model runs once in eval mode (every module's flag is put back)
+    ``example_inputs`` the model runs once in eval mode (every module's flag and buffer is put back)
     with forward hooks, to learn the ranks of layer outputs. Whether the folded weights fit the
     layers' dtype is checked by a cheap bound (:func:`_within_dtype_bound`), and where that
     cannot tell, by computing them as :func:`fold_bn` does. Same arguments and errors as
@@ -218,7 +218,11 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
         raise TypeError(f"fold_plan needs a torch.nn.Module, got {type(model).__name__}")
     _check_model(model, force)
     report = FoldReport()
-    _, plan = _plan(model, _as_tuple(example_inputs), report)
+    saved = SavedBuffers(list(model.modules()))
+    try:
+        _, plan = _plan(model, _as_tuple(example_inputs), report)
+    finally:  # the probe run: a forward that writes its own buffers, even in eval mode, leaves nothing behind
+        saved.restore()
     report.folded = _entries(model, plan)
     if not _within_dtype_bound(model, plan):
         _folded_weights(model, plan)  # raises where a folded weight is beyond its layer's dtype
