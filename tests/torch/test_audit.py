@@ -552,8 +552,10 @@ def test_onnx_path_goes_to_the_onnx_audit(trained, tmp_path):
 
 
 
-def test_layers_with_their_own_forward_measured_the_same(trained, digits):
-    """bnkit's drop-in layers override forward: their inputs are reduced after the call instead."""
+@pytest.mark.parametrize("extras", [{}, {"renorm": True, "rmax": 3.0, "dmax": 5.0}, {"virtual_batch_size": 16}])
+def test_drop_in_layers_measured_as_plain_batchnorm(trained, digits, extras):
+    """bnkit's drop-in layers are measured on batch statistics as plain BN is, their extras set aside (renorm's r/d
+    would pull each output toward the running statistics, so an upstream error would reach the layers after it)."""
     from bnkit.torch import convert_bn
 
     x = digits[0][:640]
@@ -562,7 +564,7 @@ def test_layers_with_their_own_forward_measured_the_same(trained, digits):
     with torch.no_grad():
         bn.running_var *= 4.0
     stock = audit(model, x)
-    converted = convert_bn(copy.deepcopy(model))
+    converted = convert_bn(copy.deepcopy(model), **extras)
     assert type(converted.layers[1].bn1).forward is not nn.BatchNorm2d.forward
     snap = _snapshot(converted)
     other = audit(converted, x)

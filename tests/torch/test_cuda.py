@@ -44,8 +44,9 @@ def digits_like(n: int = 96, seed: int = 0, offset: float = 0.0) -> torch.Tensor
 
 
 def hooked_stats(model: nn.Module, batches, device: torch.device | str = "cpu"):
-    """Per BN layer: float64 NumPy mean / unbiased variance of all its inputs and its number of calls, a copy of
-    ``model`` run on ``device`` with PyTorch's own BN in training mode."""
+    """Per BN layer: float64 NumPy mean / unbiased variance of all its inputs and the ``num_batches_tracked``
+    recalibration leaves (its calls, plus the layer's count unless ``momentum=None``), a copy of ``model`` run on
+    ``device`` with PyTorch's own BN in training mode."""
     ref = copy.deepcopy(model).to(device)
     seen: dict[str, list[np.ndarray]] = {}
     for name, bn in bn_layers(ref):
@@ -55,20 +56,23 @@ def hooked_stats(model: nn.Module, batches, device: torch.device | str = "cpu"):
     with torch.no_grad():
         for b in batches:
             ref(b.to(device))
+    layers = dict(bn_layers(model))
     out = {}
     for name, parts in seen.items():
         allx = np.concatenate(parts, axis=1)
-        out[name] = (allx.mean(1), allx.var(1, ddof=1), len(parts))
+        bn = layers[name]
+        count = len(parts) + (0 if bn.momentum is None else int(bn.num_batches_tracked))
+        out[name] = (allx.mean(1), allx.var(1, ddof=1), count)
     return out
 
 
 def assert_stats(model: nn.Module, ref, rtol: float) -> None:
     for name, bn in bn_layers(model):
-        mean, var, calls = ref[name]
+        mean, var, count = ref[name]
         got_mean, got_var = bn.running_mean.double().cpu().numpy(), bn.running_var.double().cpu().numpy()
         assert np.all(np.abs(got_mean - mean) <= rtol * (np.abs(mean) + np.sqrt(var))), name
         np.testing.assert_allclose(got_var, var, rtol=rtol, err_msg=name)
-        assert int(bn.num_batches_tracked) == calls
+        assert int(bn.num_batches_tracked) == count
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -112,11 +116,11 @@ def test_recalibrate_on_cuda_many_batches_and_large_offset_inputs_float32():
     batches += [torch.randn(3, 1, 48, 48, generator=g).add(1e4) for _ in range(70)]
     ref = hooked_stats(model, batches)
     recalibrate(model, [b.to(CUDA) for b in batches], progress=False)
-    mean, var, calls = ref["1"]
+    mean, var, count = ref["1"]
     assert np.max(np.abs(mean) / np.sqrt(var)) > 1e3
     np.testing.assert_allclose(model[1].running_mean.double().cpu().numpy(), mean, rtol=1e-6)
     np.testing.assert_allclose(model[1].running_var.double().cpu().numpy(), var, rtol=1e-6)
-    assert int(model[1].num_batches_tracked) == calls == 73
+    assert int(model[1].num_batches_tracked) == count == 73  # a fresh layer: 0 + 73 calls
 
 
 def test_recalibrate_on_cuda_float16_model_keeps_its_dtype_and_the_statistics_it_saw():

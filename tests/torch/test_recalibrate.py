@@ -73,7 +73,9 @@ def mixed_model(dtype=torch.float64) -> Mixed:
 
 
 def reference_stats(model: nn.Module, batches, feed=lambda m, b: m(b)) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-    """Per BN layer: float64 mean and unbiased variance of all its inputs, and the number of calls."""
+    """Per BN layer: float64 mean and unbiased variance of all its inputs, and the expected ``num_batches_tracked``:
+    the number of calls for ``momentum=None``, else the layer's count plus the calls (as PyTorch's training-mode
+    forwards count)."""
     ref = copy.deepcopy(model)
     seen: dict[str, list[np.ndarray]] = {}
     for name, bn in bn_layers(ref):
@@ -84,10 +86,14 @@ def reference_stats(model: nn.Module, batches, feed=lambda m, b: m(b)) -> dict[s
     with torch.no_grad():
         for b in batches:
             feed(ref, b)
+    layers = dict(bn_layers(model))
     out = {}
     for name, parts in seen.items():
         allx = np.concatenate(parts, axis=1)
-        out[name] = (allx.mean(axis=1), allx.var(axis=1, ddof=1), len(parts))
+        bn = layers[name]
+        count = len(parts) + (0 if bn.momentum is None or bn.num_batches_tracked is None
+                              else int(bn.num_batches_tracked))
+        out[name] = (allx.mean(axis=1), allx.var(axis=1, ddof=1), count)
     return out
 
 
@@ -105,11 +111,11 @@ def assert_same_state(model: nn.Module, before: dict[str, torch.Tensor]) -> None
 def assert_matches_reference(model: nn.Module, ref, rtol: float = 1e-9) -> None:
     """Means to ``rtol`` of ``|mean| + std`` (a channel mean near 0 has no relative digits), variances to ``rtol``."""
     for name, bn in bn_layers(model):
-        mean, var, calls = ref[name]
+        mean, var, count = ref[name]
         got_mean, got_var = bn.running_mean.double().numpy(), bn.running_var.double().numpy()
         assert np.all(np.abs(got_mean - mean) <= rtol * (np.abs(mean) + np.sqrt(var))), (name, got_mean - mean)
         np.testing.assert_allclose(got_var, var, rtol=rtol, err_msg=name)
-        assert int(bn.num_batches_tracked) == calls
+        assert int(bn.num_batches_tracked) == count
 
 
 def interrupted_after(batches, k):
@@ -266,6 +272,40 @@ def test_running_var_is_pytorchs_unbiased_convention():
     assert not model.training
 
 
+def test_biased_rule_layers_get_what_their_own_training_writes():
+    """A drop-in layer with Keras/Flax's running-variance rule (as from_keras(exact_training=True) makes): its own
+    momentum-1 training step on the one batch writes M2/n, and so does recalibration (not PyTorch's M2/(n-1))."""
+    from bnkit.torch import BatchNorm2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), BatchNorm2d(3, running_var_rule="biased")).double()
+    x = 2 + torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    own = copy.deepcopy(model)
+    own[1].momentum = 1.0
+    own.train()
+    with torch.no_grad():
+        own(x)
+    recalibrate(model.eval(), [x], progress=False)
+    torch.testing.assert_close(model[1].running_var, own[1].running_var, rtol=1e-12, atol=0)
+    torch.testing.assert_close(model[1].running_mean, own[1].running_mean, rtol=1e-12, atol=1e-15)
+
+
+def test_cumulative_average_counts_the_batches_as_update_bn_does():
+    """momentum=None: the counter is the average's denominator, reset to the pass's calls as
+    torch.optim.swa_utils.update_bn leaves it; a layer with a momentum counts on."""
+    from torch.optim.swa_utils import update_bn
+
+    torch.manual_seed(0)
+    model = trained_like(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None), nn.Linear(4, 4),
+                                       nn.BatchNorm1d(4)).double())
+    batches = [torch.randn(n, 3, dtype=torch.float64) for n in (5, 7, 6)]
+    peer = copy.deepcopy(model)
+    update_bn(batches, peer)
+    recalibrate(model, batches, progress=False)
+    assert int(model[1].num_batches_tracked) == int(peer[1].num_batches_tracked) == 3
+    assert int(model[3].num_batches_tracked) == 123 + 3
+
+
 def test_tuples_by_default_num_batches_and_no_grad():
     model = mixed_model()
     batches = make_batches()
@@ -319,7 +359,7 @@ def test_shared_layer_unused_layer_and_skip_of_untracked():
     report = recalibrate(model, batches, progress=False)
     np.testing.assert_allclose(model.shared.running_mean.double().numpy(), ref["shared"][0], rtol=1e-6)
     np.testing.assert_allclose(model.shared.running_var.double().numpy(), ref["shared"][1], rtol=1e-6)
-    assert int(model.shared.num_batches_tracked) == 4
+    assert int(model.shared.num_batches_tracked) == 123 + 4  # counting on, as training does
     assert torch.equal(model.unused.running_mean, unused_before)
     assert report.unused_layers == ["unused"]
     assert [r.name for r in report.layers] == ["shared", "unused"]
@@ -603,24 +643,27 @@ def test_a_skipped_batch_leaves_nothing_in_drop_in_layers_without_renorm():
         assert torch.equal(v, w), k
 
 
-def test_renorm_layer_normalizes_with_its_statistics_from_before_and_a_skipped_batch_leaves_nothing():
+@pytest.mark.parametrize("extras", [{"renorm": True, "rmax": 1.5, "dmax": 0.5},
+                                    {"renorm": True, "renorm_schedule": (2, 4, 6)}, {"virtual_batch_size": 3}])
+def test_drop_in_layers_normalize_as_plain_batchnorm_and_a_skipped_batch_leaves_nothing(extras):
+    """Renorm's r/d (which pull the output toward the statistics being replaced) and ghost batches are set aside:
+    the layers after them are measured as at inference, where every layer normalizes with the new statistics.
+    Oracle: the same model with plain nn.BatchNorm1d layers; its counter goes on from the old one."""
     from bnkit.torch import BatchNorm1d
 
     torch.manual_seed(0)
-    model = trained_like(nn.Sequential(nn.Linear(3, 4), BatchNorm1d(4, renorm=True, rmax=1.5, dmax=0.5),
-                                       nn.Linear(4, 4), nn.BatchNorm1d(4)).double())
+    model = trained_like(nn.Sequential(nn.Linear(3, 4), BatchNorm1d(4, **extras), nn.Linear(4, 4),
+                                       nn.BatchNorm1d(4)).double())
+    model[1].running_mean.add_(3.0)  # stale statistics, far from the data's: renorm's r/d would be clipped
     before = buffers(model)
     batches = [torch.randn(8, 3, dtype=torch.float64) + 1 for _ in range(6)]
-    frozen = copy.deepcopy(model)
-    frozen[1].momentum = 0.0  # the oracle: PyTorch-side training forward whose running statistics never move
-    ref = reference_stats(frozen, [b for i, b in enumerate(batches) if i != 1])
+    ref = reference_stats(revert(model, before), [b for i, b in enumerate(batches) if i != 1])
     batches[1][0, 0] = float("nan")
     report = recalibrate(model, batches, on_nonfinite="skip", progress=False)
     assert (report.batches, report.skipped_batches) == (5, 1)
     assert_matches_reference(model, ref)
-    # the oracle is not plain BN: the renorm correction (r, d from the old statistics) changed what layer 3 saw
-    plain = reference_stats(revert(model, before), [b for i, b in enumerate(batches) if i != 1])
-    assert not np.allclose(ref["3"][0], plain["3"][0])
+    assert int(model[1].num_batches_tracked) == 123 + 5  # a renorm_schedule goes on from its step
+    assert type(model[1]) is BatchNorm1d and "forward" not in vars(model[1])
 
 
 def revert(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -103,7 +103,7 @@ def test_two_gloo_ranks_with_unequal_shards_match_the_union(tmp_path: Path):
             if key.endswith(("running_mean", "running_var")):
                 torch.testing.assert_close(state[key], value, rtol=1e-6, atol=1e-7, msg=key)
             else:
-                assert torch.equal(state[key], value), key  # weights untouched, num_batches_tracked = 4 calls
+                assert torch.equal(state[key], value), key  # weights untouched, num_batches_tracked as one pass over the union
     for key in expected:  # every rank ends with identical buffers
         assert torch.equal(results[0]["state"][key], results[1]["state"][key]), key
 

@@ -65,8 +65,9 @@ def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
 class Collector:
     """Per-layer float64 moments of a BN layer's input: pooled with Chan's formula, and per call.
 
-    A stock layer (PyTorch's ``forward``, see :func:`bnkit.torch.modules.has_stock_forward`, or that of bnkit's
-    ``FrozenBatchNorm*d``, BatchNorm's eval transform on buffers) gets, for the pass, an
+    A stock layer (PyTorch's ``forward`` or that of bnkit's drop-in layers, their extras set aside, see
+    :func:`bnkit.torch.modules.has_stock_forward`; or that of bnkit's ``FrozenBatchNorm*d``, BatchNorm's eval
+    transform on buffers) gets, for the pass, an
     instance ``forward`` that normalizes each call with the batch's own mean and biased
     variance (what training mode normalizes with; torch/nn/modules/batchnorm.py
     ``_BatchNorm.forward``) and keeps the call's moments; its buffers, ``momentum`` and

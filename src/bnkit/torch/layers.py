@@ -236,6 +236,7 @@ class _DropInBatchNorm:
             raise err
 
     forward._bnkit_stock_in_eval = True  # outside training it is nn.BatchNorm's forward (fold relies on that)
+    forward._bnkit_batch_norm_in_training = True  # with its extras set aside, BatchNorm's (recalibrate, audit)
 
     def _check_batch(self, input: Tensor) -> None:
         """Raise a named error for the wrong rank, channel count, or one value per channel with batch statistics."""

@@ -65,8 +65,14 @@ def has_stock_eval_forward(bn: nn.Module) -> bool:
 
 
 def has_stock_forward(bn: _BatchNorm) -> bool:
-    """The layer runs PyTorch's own ``forward`` (class and instance), so a tool may stand in for it."""
-    return type(bn).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward) and "forward" not in vars(bn)
+    """A pass that normalizes with batch statistics (``recalibrate``, the audit) may stand in for the layer's
+    training forward: it is PyTorch's own (class and instance), or one marked ``_bnkit_batch_norm_in_training``
+    (bnkit's drop-in layers, whose opt-in extras change how training normalizes or updates the buffers:
+    Batch Renormalization's ``r``/``d`` pull the output toward the running statistics, which such a pass
+    replaces or measures against; ghost batches normalize by parts)."""
+    forward = type(bn).forward
+    return ((forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+             or getattr(forward, "_bnkit_batch_norm_in_training", False)) and "forward" not in vars(bn))
 
 
 class eval_mode:

@@ -62,11 +62,18 @@ Conventions written into the buffers:
   and in eval it divides by ``sqrt(running_var + eps)`` as stored. Writing the
   biased ``M2 / n`` would make recalibrated buffers disagree with what training
   produces and with what folding/ONNX export read; the two differ by ``n/(n-1)``.
-* ``num_batches_tracked`` is set to the number of forward calls the layer
-  received in the pass (over all ranks, skipped batches excluded). It only
-  matters for ``momentum=None`` (cumulative average, weight ``1/num_batches_tracked``
-  on the next batch): continued cumulative averaging then treats the
-  recalibrated statistics as the average of that many batches.
+  bnkit's drop-in layers with ``running_var_rule="biased"`` (Keras/Flax/ONNX's
+  rule, e.g. from ``from_keras(exact_training=True)``) get ``M2 / n``, what their
+  own training writes.
+* ``num_batches_tracked``, with ``k`` the forward calls the layer received in the
+  pass (over all ranks, skipped batches excluded): ``k`` for a cumulative average
+  (``momentum=None``, or a drop-in layer's ``debias=True`` with ``momentum=0``),
+  whose next update weighs ``1/(num_batches_tracked + 1)``, so continued averaging
+  treats the recalibrated statistics as the average of ``k`` batches
+  (``torch.optim.swa_utils.update_bn`` leaves the same). Otherwise PyTorch reads
+  the counter nowhere and it goes on counting training-mode calls, ``+ k`` (what
+  training on the same batches would leave): it is the step of a drop-in layer's
+  ``renorm_schedule`` and the ``t`` of its ``debias``, which must not restart.
 """
 from __future__ import annotations
 
@@ -112,7 +119,7 @@ class LayerRecalibration:
 
     ``count`` is the number of values per channel (samples times spatial
     positions); ``samples`` the number of samples (sum of the batch dimension);
-    ``calls`` the forward calls folded in (the new ``num_batches_tracked``).
+    ``calls`` the forward calls folded in (see the module doc for ``num_batches_tracked``).
     A layer with ``count == 0`` was never reached and is left unchanged.
     """
 
@@ -303,6 +310,11 @@ def _all_gather(payload: np.ndarray) -> list[np.ndarray]:
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     return [g.cpu().numpy() for g in gathered]
+
+
+def _cumulative(bn: _BatchNorm) -> bool:
+    """The layer's running statistics are a cumulative average (weight ``1/t`` on batch ``t``)."""
+    return bn.momentum is None or (isinstance(bn, _DropInBatchNorm) and bn.debias and bn.momentum == 0)
 
 
 class _Pass:
@@ -540,14 +552,14 @@ def recalibrate(
     One pass, all layers at once, under ``torch.no_grad()``. During the pass only
     the BatchNorm layers normalize with batch statistics, as in training (standard
     layers with the statistics reduced here, which are also the ones recorded).
-    A layer whose class or instance overrides ``forward`` runs its own
-    training-mode forward, always from its state before the pass: its buffers are
-    put back after every call (bnkit's drop-in layers without renorm, whose output
-    never reads them, at the end), so one that reads its running statistics (Batch
-    Renormalization's ``r``/``d``, a ``renorm_schedule`` step) uses the ones it had
-    before the pass, and a skipped batch leaves nothing behind for the next.
-    bnkit's ``debias=True`` layers run with ``debias`` off (it changes only the
-    running update, which the pass discards). Dropout and every other module keep
+    bnkit's drop-in layers normalize as plain BatchNorm does, their extras set
+    aside: the layers after them are measured on what they will see at inference,
+    where every layer normalizes with the new statistics (Batch Renormalization's
+    ``r``/``d`` would instead pull the output toward the statistics being replaced,
+    ghost batches would normalize by parts). Any other layer whose class or
+    instance overrides ``forward`` runs its own training-mode forward, always from
+    its state before the pass: its buffers are put back after every call, so a
+    skipped batch leaves nothing behind for the next. Dropout and every other module keep
     the mode they were in, so call ``model.eval()`` first for eval-time
     activations (a warning is issued if Dropout is left in training mode).
     Afterwards every ``training`` flag and ``requires_grad`` is as before, and no
@@ -560,7 +572,8 @@ def recalibrate(
     Per layer, with ``n`` the number of values per channel seen (samples times
     spatial positions): ``running_mean = mean``, ``running_var = M2 / (n - 1)``
     (unbiased, PyTorch's definition of the buffer; see the module docstring),
-    ``num_batches_tracked`` = forward calls received. Layers the data never
+    ``num_batches_tracked`` counting the forward calls received (reset to them for a
+    cumulative average; see the module docstring). Layers the data never
     reached keep their statistics (``report.unused_layers``).
 
     With ``torch.distributed`` initialized, each rank passes its own shard (of
@@ -628,18 +641,15 @@ def recalibrate(
     flags = [(m, m.training) for _, m in modules]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     saved = SavedBuffers([m for _, m in modules])
-    debiased = [m for _, m in layers if isinstance(m, _DropInBatchNorm) and m.debias]
     acc = _Pass(layers, skip_nonfinite=on_nonfinite == "skip")
     patched: list[nn.Module] = []
     handles = []
 
     try:
-        # Standard layers get a stand-in forward (one reduction, see _Pass.forward; SyncBatchNorm then
-        # normalizes per rank, with no collective per batch); a layer with its own forward (a subclass,
-        # or one patched on the instance) keeps it, with a pre-hook that reduces its input and a hook
-        # that puts its buffers back after each call, so its state never drifts during the pass (not
-        # for bnkit's drop-in layers without renorm: their training output never reads their buffers,
-        # and the end of the pass restores those anyway).
+        # Standard layers and bnkit's drop-in ones get a stand-in forward (one reduction, see _Pass.forward;
+        # SyncBatchNorm then normalizes per rank, with no collective per batch); a layer with its own forward
+        # (a subclass, or one patched on the instance) keeps it, with a pre-hook that reduces its input and a
+        # hook that puts its buffers back after each call, so its state never drifts during the pass.
         for i, (_, m) in enumerate(layers):
             m.training = True
             if has_stock_forward(m):
@@ -647,11 +657,8 @@ def recalibrate(
                 m.__dict__["forward"] = acc.forward(i)  # an instance attribute, as `m.forward = ...` makes it
             else:
                 handles.append(m.register_forward_pre_hook(acc.hook(i), with_kwargs=True))
-                if not (isinstance(m, _DropInBatchNorm) and not m.renorm):
-                    own = SavedBuffers([m], copies=saved)  # its buffers alone, the copies already made
-                    handles.append(m.register_forward_hook(lambda *_, own=own: own.restore()))
-        for m in debiased:  # debias shapes only the running update the pass discards; its start check would refuse
-            m.debias = False  # statistics loaded without num_batches_tracked, which this pass overwrites
+                own = SavedBuffers([m], copies=saved)  # its buffers alone, the copies already made
+                handles.append(m.register_forward_hook(lambda *_, own=own: own.restore()))
         batches = data if num_batches is None else itertools.islice(data, int(num_batches))
         error: BaseException | None = None
         with torch.no_grad(), _progress_bar(progress and _rank() == 0, _total(data, num_batches)) as advance:
@@ -687,7 +694,8 @@ def recalibrate(
                                      for b in (m.running_mean, m.running_var))
                 new_mean, new_var = old_mean, old_var
                 if rm.count > 0:
-                    new_mean, new_var = rm.mean, rm.var_unbiased
+                    biased = isinstance(m, _DropInBatchNorm) and m.running_var_rule == "biased"
+                    new_mean, new_var = rm.mean, rm.var if biased else rm.var_unbiased
                     limit = torch.finfo(m.running_var.dtype).max
                     if not (np.abs(new_mean).max() <= limit and new_var.max() <= limit):
                         raise ValueError(
@@ -696,8 +704,11 @@ def recalibrate(
                             "float32 copy of the model (the buffers are left as they were)")
                     m.running_mean.copy_(torch.from_numpy(new_mean))
                     m.running_var.copy_(torch.from_numpy(new_var))
-                    if m.num_batches_tracked is not None:
-                        m.num_batches_tracked.fill_(calls)
+                    if m.num_batches_tracked is not None:  # see the module doc
+                        if _cumulative(m):
+                            m.num_batches_tracked.fill_(calls)
+                        else:
+                            m.num_batches_tracked.add_(calls)
                 report.layers.append(LayerRecalibration(
                     name, calls, samples, rm.count, old_mean, old_var, new_mean, new_var, float(m.eps)))
         return report
@@ -707,8 +718,6 @@ def recalibrate(
     finally:
         for h in handles:
             h.remove()
-        for m in debiased:
-            m.debias = True
         for m in patched:
             del m.__dict__["forward"]
         for m, was in flags:
