@@ -254,8 +254,9 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
         findings.append(Finding(
             "warning", name, "running statistics updated only a few times",
             f"num_batches_tracked = {nbt}: with momentum {layer.momentum} the initial values (0, 1) still weigh "
-            f"(1 - {layer.momentum})^{nbt} = {w0:.3g}",
-            "train longer or recalibrate (bnkit recalibrate) so the statistics are the data's",
+            f"(1 - {layer.momentum})^{nbt} = {w0:.3g}, if the statistics come from that many training updates",
+            "train longer or recalibrate (bnkit recalibrate) so the statistics are the data's; statistics "
+            "recomputed from that many batches (bnkit recalibrate on a fresh layer, update_bn) are exact already",
             "few_updates", {"num_batches_tracked": nbt, "initial_weight": w0}))
 
     negative = var < 0

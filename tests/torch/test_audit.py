@@ -782,6 +782,26 @@ def test_a_count_that_is_not_one_is_an_error_at_every_depth(trained, tmp_path):
         assert "few_updates" not in {f.code for f in report.findings if f.layer == bn_name}
 
 
+@pytest.mark.parametrize("debias", [False, True])
+def test_few_updates_of_a_debiased_layer_leave_no_weight_on_the_initial_values(debias):
+    """Three steps with momentum 0.1: a plain EMA still holds 0.9^3 of the initial 0 / 1 (the running mean is 27%
+    of the data's), a debiased one none (it equals the data's); only the first is reported."""
+    from bnkit.torch import BatchNorm1d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), BatchNorm1d(4, debias=debias))
+    x = torch.randn(96, 3) + 5.0
+    model.train()
+    with torch.no_grad():
+        for i in range(0, 96, 32):
+            model(x[i:i + 32])
+        data_mean = model[0](x).mean(0)
+    ratio = (model[1].running_mean / data_mean).mean().item()
+    assert ratio == pytest.approx(1.0, abs=0.05) if debias else ratio == pytest.approx(1 - 0.9 ** 3, abs=0.05)
+    codes = {f.code for f in audit(model.eval()).findings if f.layer == "1"}
+    assert ("few_updates" in codes) is not debias
+
+
 def test_a_layer_whose_own_forward_reassigns_its_buffers_gets_the_same_tensors_back():
     """A forward that assigns new tensors (``self.running_mean = ...``), even in eval mode, must not leave them
     attached after the audit: its fold analysis runs the model once (fold_plan's probe), and so does each pass."""

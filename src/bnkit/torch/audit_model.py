@@ -64,9 +64,11 @@ def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
             "batch statistics on purpose", "stale_running_stats"))
     # a frozen layer never updates or reads its counter (one loaded from torchvision's keys keeps 0)
     nbt = None if frozen else bn.num_batches_tracked
+    # a drop-in layer's debias leaves no weight on the initial values (its first update replaces them), as a
+    # cumulative average (momentum=None) does
+    momentum = None if frozen or getattr(bn, "debias", False) else bn.momentum
     stats = layer_stats(name, {"running_mean": bn.running_mean, "running_var": bn.running_var, "weight": bn.weight,
-                               "bias": bn.bias, "num_batches_tracked": nbt},
-                        eps=float(bn.eps), momentum=None if frozen else bn.momentum)
+                               "bias": bn.bias, "num_batches_tracked": nbt}, eps=float(bn.eps), momentum=momentum)
     return stale + check_bn_stats(stats)
 
 
