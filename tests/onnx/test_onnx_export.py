@@ -86,6 +86,19 @@ def test_nan_inputs_and_flags_restored_after_a_failure(tmp_path, calibrated):
     assert [m.training for m in model.modules()] == flags and os.listdir(tmp_path) == []
 
 
+def test_frozen_layers_remember_the_mode_they_were_asked_for(tmp_path, calibrated):
+    """torch.onnx.export calls model.train(False) and model.train(<its mode on entry>): a freeze_bn layer must still
+    go back to training mode on unfreeze_bn after exporting a model that was training."""
+    from bnkit.torch import freeze_bn, is_frozen, unfreeze_bn
+
+    model, x = calibrated("resnet")
+    freeze_bn(model).train()
+    export_onnx(model, x, tmp_path / "m.onnx")
+    assert model.training and all(is_frozen(bn, "stats") for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
+    unfreeze_bn(model)
+    assert all(m.training for m in model.modules())
+
+
 def test_verification_failure_writes_nothing(tmp_path, calibrated, monkeypatch):
     import bnkit.onnx.verify as verify
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, check_target
+from .freeze import kept_requested_modes
 from .modules import bn_layers, eval_mode, exact_float32
 
 __all__ = ["export_onnx", "ExportReport", "ExportVerificationError"]
@@ -128,7 +129,7 @@ def export_onnx(
     batch = inputs[0].shape[0] if inputs[0].dim() else 0
     single = dynamic_batch and batch > 1 and all(t.dim() and t.shape[0] == batch for t in inputs)
     checks = [inputs] + ([tuple(t[:1] for t in inputs)] if single else [])
-    with eval_mode(model):
+    with eval_mode(model), kept_requested_modes(model):  # torch.onnx.export calls model.train() twice
         with torch.no_grad(), exact_float32():  # what onnxruntime computes: float32 without TF32
             expected = [_flatten(model(*inputs))]
             if single:
