@@ -416,6 +416,26 @@ def test_fold_reload_hint_for_a_module_object_uses_it_without_calling_it(tmp_pat
         torch.testing.assert_close(scope["model"].eval()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_fold_verifies_a_model_in_its_own_dtype(tmp_path, monkeypatch, dtype):
+    """The random --input-shape input is made in the model's dtype (float32 into a float64 conv raised)."""
+    from bnkit.torch import save_state_dict_file
+
+    (tmp_path / f"f6_{dtype}.py").write_text(
+        "import torch\nfrom bnkit.torch.zoo import VGGBN\n\n"
+        f"def make():\n    return VGGBN().to(torch.{dtype})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    weights = save_state_dict_file(_calibrated_vgg().to(getattr(torch, dtype)).state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "f.pt"
+    result = runner.invoke(app, ["fold", "--model", f"f6_{dtype}:make", "--weights", str(weights), "--input-shape",
+                                 "2x1x8x8", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["verified"] and len(data["folded"]) == 5
+    assert all(t.dtype == getattr(torch, dtype) for t in torch.load(out, weights_only=True).values()
+               if t.is_floating_point())
+
+
 def test_fold_to_onnx_export_refusal_names_the_force_option(tmp_path, monkeypatch):
     import bnkit.torch.export
     from bnkit.torch import save_state_dict_file

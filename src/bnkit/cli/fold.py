@@ -108,6 +108,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     from ..atomic import atomic_path
     from ..torch import fold_bn, load_state_dict_file, save_state_dict_file
     from ..torch.io import load_weights_into
+    from ..torch.modules import input_dtype_device
     from .common import UsageError, build_model, describe_error, raised_by_bnkit, resolve_spec
 
     if len(shapes) > 1 or any("=" in s for s in shapes):
@@ -125,7 +126,8 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     example = None
     if shapes:
         try:
-            example = torch.randn(*_shape(shapes[0]), generator=torch.Generator().manual_seed(0))
+            dtype, device = input_dtype_device(model)
+            example = torch.randn(*_shape(shapes[0]), generator=torch.Generator().manual_seed(0)).to(device, dtype)
         except (RuntimeError, MemoryError) as exc:  # the allocator's "can't allocate memory"
             raise fail(f"cannot make a random input of shape {shapes[0]}: {exc}; nothing written", code=1) from None
     if output.suffix.lower() == ".onnx" and example is None:
@@ -199,7 +201,8 @@ def fold_command(
         None, "--model", help="PyTorch model: 'package.module:factory' (called with no arguments) or "
         "'package.module:name' of an nn.Module object."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for --model (.pt/.pth/.safetensors)."),
-    input_shape: List[str] = typer.Option([], "--input-shape", help="ONNX: NAME=1x3x224x224 (repeatable; dynamic dims default to 2). PyTorch: 1x3x224x224."),
+    input_shape: List[str] = typer.Option([], "--input-shape", help="ONNX: NAME=1x3x224x224 (repeatable; dynamic dims default to 2). PyTorch: 1x3x224x224 (a random "
+                                         "input in the model's dtype)."),
     to_inference: bool = typer.Option(False, "--to-inference", help="ONNX: switch training-mode BatchNormalization to its running statistics."),
     force: bool = typer.Option(
         False, "--force", help="PyTorch: fold layers in training mode or with never-updated statistics (to .onnx: "

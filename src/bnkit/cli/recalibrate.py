@@ -186,6 +186,7 @@ def recalibrate_command(
 
     from ..torch import recalibrate
     from ..torch.io import UnsafeCheckpointError, load_state_dict_file, load_weights_into, save_state_dict_file
+    from ..torch.modules import input_dtype_device
     from .common import STATE_DICT_SUFFIXES, UsageError, build_model, check_output, parse_device, resolve_spec
 
     if batches is not None and batches < 1:
@@ -213,7 +214,7 @@ def recalibrate_command(
             raise fail(f"cannot load {weights}: unpickling it raised {type(exc).__name__}: {exc}")
     if run_on is not None:
         net.to(run_on)
-    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    dtype, _ = input_dtype_device(net)
     try:
         loader = _load_data(data, data_key, batch_size, dtype)
     except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .modules import SavedBuffers, flatten_tensors, is_batchnorm
+from .modules import SavedBuffers, flatten_tensors, input_dtype_device, is_batchnorm
 
 
 class Batches:
@@ -28,10 +28,7 @@ class Batches:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be at least 1, got {max_batches}")
-        # a parameter, else a buffer (a model of affine=False BatchNorm layers has only running statistics)
-        source = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
-        self.dtype = source.dtype if source is not None else torch.get_default_dtype()
-        self.device = source.device if source is not None else torch.device("cpu")
+        self.dtype, self.device = input_dtype_device(model)
         if isinstance(data, np.ndarray):
             data = torch.from_numpy(data)
         self._checked = False  # True: the batches are slices of one tensor already checked for NaN/Inf

@@ -55,6 +55,16 @@ def write_count(t: torch.Tensor) -> int | None:
         return None
 
 
+def input_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """Where floating inputs for ``model`` go: the dtype and device of its first floating parameter, else buffer
+    (a model of ``affine=False`` BatchNorm layers has only running statistics); the default dtype on the CPU for
+    a model with neither."""
+    source = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    if source is None:
+        return torch.get_default_dtype(), torch.device("cpu")
+    return source.dtype, source.device
+
+
 def has_stock_eval_forward(bn: nn.Module) -> bool:
     """In eval mode the layer computes PyTorch's BatchNorm: its ``forward`` is PyTorch's, or one marked
     ``_bnkit_stock_in_eval`` (bnkit's drop-in layers, which defer to it outside training, and its
