@@ -1,4 +1,5 @@
 """``bnkit audit``: table and JSON output, exit status, safe loading, --model/--data, ONNX files."""
+import copy
 import json
 import sys
 
@@ -183,6 +184,31 @@ def test_trust_opts_into_a_pickled_module(trained, tmp_path):
     trusted = _invoke(path, "--trust", "--json")
     assert trusted.exit_code == 0, trusted.output
     assert json.loads(trusted.output)["layers"] == ["2", "5"]
+
+
+def test_a_trusted_pickled_module_is_audited_as_a_model_with_its_own_eps_and_momentum(trained, tmp_path):
+    """Its eps and momentum are in the pickle (a state dict stores neither): Keras's momentum 0.9 is flagged as the
+    Python audit of the same model flags it, it runs on --data, and a dict of tensors still needs --model."""
+    from bnkit.torch import audit
+
+    model, _, data, _ = trained
+    net = copy.deepcopy(model)
+    net[2].momentum = 0.9  # a Keras-convention momentum
+    path = tmp_path / "whole.pt"
+    torch.save({"model": net, "epoch": 3}, path)
+    result = _invoke(path, "--trust", "--json")
+    report = json.loads(result.output)
+    expected = audit(copy.deepcopy(net).eval())
+    assert report["depth"] == "model" and result.exit_code == (0 if expected.ok else 1)
+    codes = {(f["layer"], f["code"]) for f in report["findings"]}
+    assert codes == {(f.layer, f.code) for f in expected.findings} and ("2", "momentum") in codes
+    assert not any(f["code"] == "assumed_defaults" for f in report["findings"])
+    on_data = _invoke(path, "--trust", "--data", str(data), "--json")
+    assert json.loads(on_data.output)["depth"] == "data" and json.loads(on_data.output)["batches"] > 1
+    tensors = tmp_path / "tensors.pt"
+    torch.save(net.state_dict(), tensors)
+    refused = _invoke(tensors, "--trust", "--data", str(data))
+    assert refused.exit_code == 2 and "holds no pickled model" in _flat(refused)
 
 
 def test_trust_imports_the_pickled_class_from_the_current_directory(tmp_path, monkeypatch):

@@ -29,7 +29,8 @@ def audit_command(
     model: Optional[str] = typer.Option(
         None, "--model", help="package.module:factory building the model the checkpoint belongs to."),
     data: Optional[Path] = typer.Option(
-        None, "--data", help="Inputs (.npy, .npz, .pt, .safetensors): audits the model on them (needs --model)."),
+        None, "--data", help="Inputs (.npy, .npz, .pt, .safetensors): audits the model on them (needs --model, or a "
+        "whole pickled model with --trust)."),
     batch_size: int = typer.Option(64, help="Batch size for --data."),
     train_batch_size: Optional[int] = typer.Option(
         None, help="Training batch size (at least 2), for the running statistics' noise (default --batch-size)."),
@@ -37,7 +38,7 @@ def audit_command(
     trust: bool = typer.Option(
         False, "--trust", help="Unpickle arbitrary objects in the checkpoint. ONLY for files you made yourself."),
     device: Optional[str] = typer.Option(
-        None, help="Run the model on this device (cpu, cuda, cuda:N, mps; needs --model); default: the CPU."),
+        None, help="Run the model on this device (cpu, cuda, cuda:N, mps; needs a model); default: the CPU."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Find BatchNorm problems and say how to fix them. Exits 1 when an error-level finding exists, 2 on bad input."""
@@ -49,7 +50,7 @@ def audit_command(
     if onnx_file and (model is not None or data is not None or device is not None):
         raise fail("--model, --data and --device apply to PyTorch checkpoints, not to ONNX files "
                    "(an ONNX file's BatchNormalization nodes are read, nothing runs)")
-    if data is not None and model is None:
+    if data is not None and model is None and not trust:
         raise fail("--data needs --model: the data is run through the model")
     if batch_size < 2:
         raise fail(f"--batch-size must be at least 2 (each batch is normalized with its own statistics), "
@@ -59,7 +60,7 @@ def audit_command(
                    f"two samples), got {train_batch_size}")
     if max_batches is not None and max_batches < 1:
         raise fail(f"--max-batches must be at least 1, got {max_batches}")
-    if device is not None and model is None:
+    if device is not None and model is None and not trust:
         raise fail("--device needs --model: without it the checkpoint's tensors are only read, nothing runs")
     try:
         run_on = parse_device(device) if device is not None else None
@@ -98,12 +99,13 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
     import torch
 
     from ..torch.audit import audit
-    from ..torch.io import UnsafeCheckpointError, load_state_dict_file
+    from ..torch.io import UnsafeCheckpointError, load_checkpoint, pickled_module, state_dict_of
 
     if trust:
         add_cwd_to_path()  # a pickled module names its classes by module path, as --model specs do
     try:
-        state = load_state_dict_file(file, trust=trust)
+        loaded = load_checkpoint(file, trust=trust)
+        state = state_dict_of(loaded, file)
     except UnsafeCheckpointError as exc:
         raise fail(str(exc)) from None
     except (ValueError, OSError) as exc:
@@ -113,10 +115,14 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
         if not trust:
             raise
         raise fail(_trusted_load_error(file, exc)) from None
-    if model_spec is None:
+    pickled = pickled_module(loaded) if model_spec is None else None
+    if model_spec is None and pickled is None:
+        if data_file is not None or device is not None:
+            raise fail(f"--data and --device need --model: {file} holds no pickled model to run, only tensors")
         report = audit(state)
     else:
-        net = _build_model(model_spec, state, file)
+        # a whole pickled model (with --trust) is audited as one, its eps, momentum and flags included
+        net = _build_model(model_spec, state, file) if pickled is None else pickled.eval()
         if device is not None:
             net.to(device)  # the audit moves each data batch to the model's device
         inputs = None if data_file is None else _load_data(data_file)

@@ -172,7 +172,22 @@ def load_state_dict_file(path: str | os.PathLike, *, trust: bool = False) -> dic
     whole pickled ``nn.Module`` (YOLOv5's ``{"model": model, "epoch": 3}``; readable with ``trust`` only);
     non-tensor entries (epoch counters, optimizer state) are dropped.
     """
-    obj = load_checkpoint(path, trust=trust)
+    return state_dict_of(load_checkpoint(path, trust=trust), path)
+
+
+def pickled_module(obj: object) -> torch.nn.Module | None:
+    """The whole ``nn.Module`` a loaded checkpoint holds (``torch.save(model)``, or one under a wrapper key such as
+    YOLOv5's ``{"model": model, "epoch": 3}``; loaded with ``trust`` only), or None."""
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if isinstance(obj, Mapping):
+        return next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), torch.nn.Module)), None)
+    return None
+
+
+def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The flat ``{name: tensor}`` state dict in a loaded checkpoint ``obj`` (read from ``path``), as
+    :func:`load_state_dict_file` returns it."""
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
