@@ -121,6 +121,22 @@ def test_fold_onnx_bad_input(tmp_path):
     assert result.exit_code == 2 and "NAME=SHAPE" in _text(result) and not out.exists()
 
 
+def test_options_that_do_nothing_and_bad_shapes_are_refused_before_any_work(tmp_path):
+    src = _export(_calibrated_vgg(), tmp_path / "vgg.onnx")
+    out = tmp_path / "out.onnx"
+    for extra in (["--weights", str(src)], ["--force"], ["--trust"]):
+        result = runner.invoke(app, ["fold", str(src), "-o", str(out), *extra])
+        assert result.exit_code == 2 and "only to --model" in _text(result) and extra[0] in _text(result)
+    result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--to-inference", "-o",
+                                 str(tmp_path / "f.pt")])
+    assert result.exit_code == 2 and "--to-inference applies only to an .onnx file" in _text(result)
+    for shape in ("0x1x8x8", "2xax8"):  # one message, exit 2 (bad usage), as for an ONNX file
+        result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--input-shape", shape, "-o",
+                                     str(tmp_path / "f.pt")])
+        assert result.exit_code == 2 and _text(result).count("error:") == 1 and "bad shape" in _text(result)
+    assert os.listdir(tmp_path) == ["vgg.onnx"]
+
+
 def test_fold_pytorch_model_saves_a_reloadable_state_dict(tmp_path):
     from bnkit.torch import save_state_dict_file
     from bnkit.torch.fold import FoldReport, FoldedBN

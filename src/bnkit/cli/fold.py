@@ -113,6 +113,9 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
 
     if len(shapes) > 1 or any("=" in s for s in shapes):
         raise fail("--input-shape for a PyTorch model is one SHAPE (e.g. 1x3x224x224)")
+    dims = _shape(shapes[0]) if shapes else None  # checked before any work (and outside the allocation's try)
+    if output.suffix.lower() == ".onnx" and dims is None:
+        raise fail("exporting to .onnx needs --input-shape")
     try:
         model = build_model(spec)
     except UsageError as exc:
@@ -124,14 +127,12 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
             raise fail(f"cannot load {weights} into {spec}: {exc}") from None
     model.eval()
     example = None
-    if shapes:
+    if dims is not None:
         try:
             dtype, device = input_dtype_device(model)
-            example = torch.randn(*_shape(shapes[0]), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+            example = torch.randn(*dims, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         except (RuntimeError, MemoryError) as exc:  # the allocator's "can't allocate memory"
             raise fail(f"cannot make a random input of shape {shapes[0]}: {exc}; nothing written", code=1) from None
-    if output.suffix.lower() == ".onnx" and example is None:
-        raise fail("exporting to .onnx needs --input-shape")
     try:
         folded, report = fold_bn(model, example, verify=verify and example is not None, force=force)
     except Exception as exc:  # noqa: BLE001 - bnkit's checks, or the user's model failing on the input
@@ -224,6 +225,12 @@ def fold_command(
         raise fail("give either an .onnx file or --model (not both)")
     if fixed_batch and (source is not None or Path(output).suffix.lower() != ".onnx"):
         raise fail("--fixed-batch applies only to exporting --model to an .onnx file")
+    unused = ([name for name, given in (("--weights", weights is not None), ("--force", force), ("--trust", trust))
+               if given] if source is not None else ["--to-inference"] if to_inference else [])
+    if unused:  # an option that would do nothing is a mistake worth saying, not skipping
+        raise fail(f"{', '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} only to "
+                   + ("--model (a PyTorch model), not to an .onnx file" if source is not None
+                      else "an .onnx file, not to --model (PyTorch's eval mode already uses the running statistics)"))
     try:
         if source is not None:
             out = check_output(output, suffixes=ONNX_SUFFIXES, inputs=[source], option="-o", what="ONNX model")
