@@ -159,6 +159,28 @@ def test_fold_pytorch_model_saves_a_reloadable_state_dict(tmp_path):
         torch.testing.assert_close(fresh.eval()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_failed_write_leaves_the_previous_weights_and_report(tmp_path, monkeypatch):
+    """The disk fills up while the weights are written: the earlier run's folded.pt and folded.fold.json stay as
+    they were (the report was written first and then deleted, leaving weights nothing could reload)."""
+    import bnkit.torch.io
+
+    from bnkit.torch import save_state_dict_file
+
+    weights = save_state_dict_file(_calibrated_vgg().state_dict(), tmp_path / "w.safetensors")
+    args = ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", str(weights), "-o", str(tmp_path / "f.pt")]
+    assert runner.invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full(state, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bnkit.torch.io, "save_state_dict_file", full)
+    monkeypatch.setattr(bnkit.torch, "save_state_dict_file", full)
+    result = runner.invoke(app, args + ["--input-shape", "2x1x8x8"])
+    assert result.exit_code == 1 and "No space left" in _text(result) and "nothing written" in _text(result)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_fold_pytorch_model_to_onnx_and_refusals(tmp_path):
     from bnkit.torch import save_state_dict_file
 

@@ -160,16 +160,16 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         report_file = None
     else:
         report_file = report_path(output)
-        try:
+        written = None
+        try:  # the report is renamed into place only once the weights are: a failure leaves both files as they were
             with atomic_path(report_file) as tmp:
                 Path(tmp).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+                written = save_state_dict_file(folded.state_dict(), output)
         except OSError as exc:
-            raise fail(f"cannot write {report_file}: {exc}; nothing written", code=1) from None
-        try:
-            save_state_dict_file(folded.state_dict(), output)
-        except OSError as exc:
-            report_file.unlink()
-            raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None
+            failed = output if written is None else report_file
+            raise fail(f"cannot write {failed}: {exc}; "
+                       + ("nothing written" if written is None else f"{output} was written without its report"),
+                       code=1) from None
     verified = report.max_rel_diff is not None
     if as_json:
         extra = {"report": str(report_file)} if report_file is not None else {}
