@@ -181,6 +181,24 @@ def test_a_failed_write_leaves_the_previous_weights_and_report(tmp_path, monkeyp
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_the_assumptions_of_an_unverified_fold_are_printed(tmp_path):
+    """Linear -> BatchNorm1d folds assume (N, features) activations: without --input-shape nothing checks it, so
+    the console says so (it was only in the .fold.json); with it, the layout is probed and nothing is assumed."""
+    from bnkit.torch import save_state_dict_file
+    from bnkit.torch.zoo import MLP
+
+    model = MLP()
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(64, 64))
+    weights = save_state_dict_file(model.state_dict(), tmp_path / "w.pt")
+    args = ["fold", "--model", "bnkit.torch.zoo:MLP", "--weights", str(weights), "-o", str(tmp_path / "f.pt")]
+    result = runner.invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0 and "note: Linear/BatchNorm1d folds assume (N, features) activations" in result.output
+    checked = runner.invoke(app, args + ["--input-shape", "4x64"], terminal_width=200)
+    assert checked.exit_code == 0 and "note:" not in checked.output and "verified: max" in checked.output
+
+
 def test_fold_pytorch_model_to_onnx_and_refusals(tmp_path):
     from bnkit.torch import save_state_dict_file
 

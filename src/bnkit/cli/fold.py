@@ -177,6 +177,9 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         return
     _print_rows([(f.bn, f"{f.into} ({f.position}{', bias added' if f.bias_added else ''})") for f in report.folded],
                 report.left, f"{spec} -> {output}")
+    for note in report.notes:  # assumptions fold_bn made; "not verified" is said below in the CLI's words
+        if not note.startswith("not verified"):
+            console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     if verified:
         console.print(f"verified: max |original - folded| = {report.max_abs_diff:.3g}, relative {report.max_rel_diff:.3g}")
     elif not verify:
