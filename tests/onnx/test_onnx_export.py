@@ -99,6 +99,13 @@ def test_frozen_layers_remember_the_mode_they_were_asked_for(tmp_path, calibrate
     assert all(m.training for m in model.modules())
 
 
+def test_a_bfloat16_model_is_refused_with_the_way_out(tmp_path, calibrated):
+    model, x = calibrated("vgg")
+    with pytest.raises(ValueError, match=r"NumPy has no bfloat16.*model.float\(\)"):
+        export_onnx(model.bfloat16(), x.bfloat16(), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
 def test_verification_failure_writes_nothing(tmp_path, calibrated, monkeypatch):
     import bnkit.onnx.verify as verify
 

@@ -106,7 +106,7 @@ def export_onnx(
     holding or computing fp16/bf16 values, as :func:`bnkit.onnx.fold` uses). The PyTorch side of
     that check runs float32 on CUDA without TF32, as onnxruntime computes
     (:class:`~bnkit.torch.modules.exact_float32`). Raises ValueError for
-    BatchNorm layers without running statistics or non-finite inputs, and
+    BatchNorm layers without running statistics, non-finite or bfloat16 inputs, and
     :class:`ExportVerificationError` when a check fails; then nothing is written.
     """
     import onnx
@@ -118,6 +118,9 @@ def export_onnx(
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a sequence of tensors")
+    if any(t.dtype == torch.bfloat16 for t in inputs):
+        raise ValueError("bfloat16 example_inputs: NumPy has no bfloat16, so onnxruntime cannot be fed them for the "
+                         "check; export a float32 (model.float()) or float16 (model.half()) copy")
     if any(t.is_floating_point() and not torch.isfinite(t).all() for t in inputs):
         raise ValueError("example_inputs contain NaN or Inf; the onnxruntime check needs finite inputs")
     stateless = [name for name, bn in bn_layers(model) if bn.running_mean is None or bn.running_var is None]
