@@ -174,6 +174,17 @@ def test_batch_of_one_value_per_channel_in_training_is_refused(shape):
     assert bn(np.ones(shape)).shape == shape  # fine at inference
 
 
+def test_batch_of_one_without_running_statistics_is_refused_in_eval_mode_without_advising_eval():
+    """Such a layer normalizes with batch statistics in both modes (as torch's does: it raises at batch 1 in eval):
+    .eval() is no fix, running statistics are."""
+    bn = BatchNorm(3, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="without running statistics") as info:
+        bn(np.ones((1, 3)))
+    assert ".eval()" not in str(info.value) and "track_running_stats=True" in str(info.value)
+    with pytest.raises(ValueError):
+        torch.nn.BatchNorm1d(3, track_running_stats=False).eval()(torch.ones(1, 3))
+
+
 def test_single_sample_with_spatial_extent_is_allowed_like_torch():
     bn, tbn = BatchNorm(2), torch.nn.BatchNorm2d(2)
     x = np.random.default_rng(0).normal(size=(1, 2, 3, 3)).astype(np.float32)

@@ -144,10 +144,13 @@ class BatchNorm:
         if self._uses_batch_stats():
             n = x.size // self.num_features
             if n < 2:
+                fix = ("call .eval() for inference, or use a larger batch" if self.track_running_stats else
+                       "use a larger batch, or build the layer with track_running_stats=True so eval mode "
+                       "normalizes with running statistics")
                 raise ValueError(
-                    f"BatchNorm in training mode needs more than 1 value per channel to compute batch "
-                    f"statistics, got input of shape {x.shape} ({n} value per channel). A batch of one "
-                    "normalized by its own statistics is all zeros: call .eval() for inference, or use a larger batch."
+                    f"BatchNorm {'in training mode' if self.track_running_stats else 'without running statistics'} "
+                    f"needs more than 1 value per channel to compute batch statistics, got input of shape {x.shape} "
+                    f"({n} value per channel). A batch of one normalized by its own statistics is all zeros: {fix}."
                 )
             total = _channel_sum(x3)
             if not np.all(np.isfinite(total)):  # NaN/Inf anywhere makes the channel sum non-finite
