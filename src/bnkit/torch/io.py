@@ -216,8 +216,8 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     """``model.load_state_dict(state)`` (strict), with a readable error and wrapper prefixes handled.
 
     A state dict saved from ``DistributedDataParallel``/``DataParallel`` (every key starts with
-    ``module.``) or from ``torch.compile`` (``_orig_mod.``) is loaded with the prefix removed when
-    the model's own keys do not carry it. So is a ``torch.optim.swa_utils.AveragedModel`` state dict
+    ``module.``) or from ``torch.compile`` (``_orig_mod.``), or from both nested in either order, is loaded
+    with the prefixes removed when the model's own keys do not carry them. So is a ``torch.optim.swa_utils.AveragedModel`` state dict
     (SWA/EMA: ``n_averaged`` and every other key under ``module.``), with its ``n_averaged`` counter
     dropped: it loads as the averaged model. A mismatch raises ``ValueError`` listing a few missing and
     unexpected keys (and the prefix, if one would explain them) instead of torch's full key dump.
@@ -231,11 +231,13 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         rest = [k for k in keys if k != "n_averaged"]
         if rest and all(k.startswith("module.") for k in rest) and not any(k.startswith("module.") for k in own):
             state, keys = {k: state[k] for k in rest}, rest
-    for prefix in _WRAPPER_PREFIXES:
-        if keys and all(k.startswith(prefix) for k in keys) and not any(k.startswith(prefix) for k in own):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-            keys = list(state)
-            break
+    def wrapper_prefix() -> str | None:
+        return next((p for p in _WRAPPER_PREFIXES
+                     if keys and all(k.startswith(p) for k in keys) and not any(k.startswith(p) for k in own)), None)
+
+    while (prefix := wrapper_prefix()) is not None:  # nested wrappers: torch.compile(DDP(model)) and the reverse
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        keys = list(state)
     missing = sorted(own - set(keys))
     unexpected = sorted(set(keys) - own)
     if missing or unexpected:
