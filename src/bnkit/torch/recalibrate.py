@@ -71,8 +71,10 @@ Conventions written into the buffers:
   whose next update weighs ``1/(num_batches_tracked + 1)``, so continued averaging
   treats the recalibrated statistics as the average of ``k`` batches
   (``torch.optim.swa_utils.update_bn`` leaves the same). Otherwise PyTorch reads
-  the counter nowhere and it goes on counting training-mode calls, ``+ k`` (what
-  training on the same batches would leave): it is the step of a drop-in layer's
+  the counter nowhere and it goes on counting training-mode calls, as training on
+  the same batches would: ``+ k`` in one process, ``+`` the most calls of one rank
+  under ``torch.distributed`` (each rank counts its own; one value keeps the
+  buffers identical on every rank). It is the step of a drop-in layer's
   ``renorm_schedule`` and the ``t`` of its ``debias``, which must not restart.
 """
 from __future__ import annotations
@@ -336,6 +338,7 @@ class _Pass:
         self.skipped = 0
         self.records: list[tuple[int, int, int, int, torch.Tensor, torch.Tensor]] = []
         self.batch_index = 0  # batches run so far (the one running now)
+        self.rank_calls: np.ndarray | None = None  # after merge_ranks: per layer, the most calls of one rank
         self.folded = 0  # batches folded so far
 
     def recorder(self, index: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
@@ -512,6 +515,7 @@ class _Pass:
                 f"recalibration failed on rank(s) {failed} (see that rank's error); no statistics were changed"
             )
         merged = [RunningMoments(m.num_features) for _, m in self.layers]
+        self.rank_calls = np.zeros_like(self.calls)
         self.calls[:] = 0
         self.samples[:] = 0
         self.batches = int(sum(p[0] for p in payloads))
@@ -523,6 +527,7 @@ class _Pass:
                 calls, samples, count = (int(v) for v in p[pos:pos + 3])
                 merged[i].update_moments(count, p[pos + 3:pos + 3 + c], p[pos + 3 + c:pos + 3 + 2 * c])
                 self.calls[i] += calls
+                self.rank_calls[i] = max(self.rank_calls[i], calls)
                 self.samples[i] += samples
                 pos += 3 + 2 * c
         self.moments = merged
@@ -571,7 +576,8 @@ def recalibrate(
 
     Per layer, with ``n`` the number of values per channel seen (samples times
     spatial positions): ``running_mean = mean``, ``running_var = M2 / (n - 1)``
-    (unbiased, PyTorch's definition of the buffer; see the module docstring),
+    (unbiased, PyTorch's definition of the buffer; ``M2 / n`` for bnkit's
+    ``running_var_rule="biased"`` layers; see the module docstring),
     ``num_batches_tracked`` counting the forward calls received (reset to them for a
     cumulative average; see the module docstring). Layers the data never
     reached keep their statistics (``report.unused_layers``).
@@ -688,7 +694,9 @@ def recalibrate(
         saved.restore()  # every buffer, attached as before the pass (the statistics are written into those)
         report = RecalibrationReport(batches=acc.batches, skipped_batches=acc.skipped, world_size=world)
         with torch.no_grad():
-            for (name, m), rm, calls, samples in zip(layers, acc.moments, acc.calls.tolist(), acc.samples.tolist()):
+            steps = (acc.calls if acc.rank_calls is None else acc.rank_calls).tolist()
+            for (name, m), rm, calls, samples, step in zip(layers, acc.moments, acc.calls.tolist(),
+                                                           acc.samples.tolist(), steps):
                 # the saved copies are private: as float64 CPU arrays they need no further copy
                 old_mean, old_var = (saved.before(b).to("cpu", torch.float64).numpy()
                                      for b in (m.running_mean, m.running_var))
@@ -708,7 +716,7 @@ def recalibrate(
                         if _cumulative(m):
                             m.num_batches_tracked.fill_(calls)
                         else:
-                            m.num_batches_tracked.add_(calls)
+                            m.num_batches_tracked.add_(step)
                 report.layers.append(LayerRecalibration(
                     name, calls, samples, rm.count, old_mean, old_var, new_mean, new_var, float(m.eps)))
         return report
