@@ -124,15 +124,20 @@ def test_load_weights_into_strips_a_ddp_or_compile_prefix_present_on_every_key()
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import: torch.jit internals
 def test_load_weights_into_strips_nested_wrapper_prefixes():
-    """torch.compile of a DataParallel/DDP model saves '_orig_mod.module.*', the other order 'module._orig_mod.*'
-    (the real wrappers' state dicts; compile traces nothing until called)."""
+    """torch.compile of a DataParallel/DDP model saves '_orig_mod.module.*', the other order 'module._orig_mod.*',
+    an AveragedModel inside a wrapper '<prefix>n_averaged' beside '<prefix>module.*' (the real wrappers' state
+    dicts; compile traces nothing until called)."""
     source = _net()
     with torch.no_grad():
         for p in source.parameters():
             p.add_(1)
-    for wrapped in (torch.compile(torch.nn.DataParallel(source)), torch.nn.DataParallel(torch.compile(source))):
+    from torch.optim.swa_utils import AveragedModel
+
+    averaged = AveragedModel(source)
+    for wrapped in (torch.compile(torch.nn.DataParallel(source)), torch.nn.DataParallel(torch.compile(source)),
+                    torch.compile(averaged), torch.nn.DataParallel(averaged), AveragedModel(torch.compile(source))):
         state = wrapped.state_dict()
-        assert all(k.count(".") >= 2 and ("_orig_mod." in k and "module." in k) for k in state)
+        assert all(k.count(".") >= 2 for k in state if not k.endswith("n_averaged"))
         target = _net()
         load_weights_into(target, state)
         for k, v in source.state_dict().items():

@@ -216,7 +216,7 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     """``model.load_state_dict(state)`` (strict), with a readable error and wrapper prefixes handled.
 
     A state dict saved from ``DistributedDataParallel``/``DataParallel`` (every key starts with
-    ``module.``) or from ``torch.compile`` (``_orig_mod.``), or from both nested in either order, is loaded
+    ``module.``) or from ``torch.compile`` (``_orig_mod.``), or from several nested in any order, is loaded
     with the prefixes removed when the model's own keys do not carry them. So is a ``torch.optim.swa_utils.AveragedModel`` state dict
     (SWA/EMA: ``n_averaged`` and every other key under ``module.``), with its ``n_averaged`` counter
     dropped: it loads as the averaged model. A mismatch raises ``ValueError`` listing a few missing and
@@ -227,15 +227,19 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     """
     own = set(model.state_dict())
     keys = list(state)
-    if "n_averaged" in state and "n_averaged" not in own:  # AveragedModel(...).state_dict(): its counter
-        rest = [k for k in keys if k != "n_averaged"]
-        if rest and all(k.startswith("module.") for k in rest) and not any(k.startswith("module.") for k in own):
-            state, keys = {k: state[k] for k in rest}, rest
+
     def wrapper_prefix() -> str | None:
         return next((p for p in _WRAPPER_PREFIXES
                      if keys and all(k.startswith(p) for k in keys) and not any(k.startswith(p) for k in own)), None)
 
-    while (prefix := wrapper_prefix()) is not None:  # nested wrappers: torch.compile(DDP(model)) and the reverse
+    while True:  # one wrapper at a time: nested ones (torch.compile(DDP(model)), the reverse, AveragedModel inside)
+        if "n_averaged" in state and "n_averaged" not in own:  # AveragedModel(...).state_dict(): its counter
+            rest = [k for k in keys if k != "n_averaged"]
+            if rest and all(k.startswith("module.") for k in rest) and not any(k.startswith("module.") for k in own):
+                state, keys = {k: state[k] for k in rest}, rest
+        prefix = wrapper_prefix()
+        if prefix is None:
+            break
         state = {k[len(prefix):]: v for k, v in state.items()}
         keys = list(state)
     missing = sorted(own - set(keys))
