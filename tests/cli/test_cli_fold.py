@@ -5,6 +5,7 @@ import io
 import json
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,10 +175,17 @@ def test_a_failed_write_leaves_the_previous_weights_and_report(tmp_path, monkeyp
     def full(state, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bnkit.torch.io, "save_state_dict_file", full)
-    monkeypatch.setattr(bnkit.torch, "save_state_dict_file", full)
+    with monkeypatch.context() as patch:
+        patch.setattr(bnkit.torch.io, "save_state_dict_file", full)
+        patch.setattr(bnkit.torch, "save_state_dict_file", full)
+        result = runner.invoke(app, args + ["--input-shape", "2x1x8x8"])
+    assert result.exit_code == 1 and "nothing written" in _text(result)
+    assert f"cannot write {tmp_path / 'f.pt'}: [Errno 28] No space left" in _text(result)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.setattr(Path, "write_text", lambda self, text: full(None, self))  # now the report's write fails
     result = runner.invoke(app, args + ["--input-shape", "2x1x8x8"])
-    assert result.exit_code == 1 and "No space left" in _text(result) and "nothing written" in _text(result)
+    assert result.exit_code == 1 and "nothing written" in _text(result)
+    assert f"cannot write {tmp_path / 'f.fold.json'}: [Errno 28]" in _text(result)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
@@ -194,7 +202,8 @@ def test_the_assumptions_of_an_unverified_fold_are_printed(tmp_path):
     weights = save_state_dict_file(model.state_dict(), tmp_path / "w.pt")
     args = ["fold", "--model", "bnkit.torch.zoo:MLP", "--weights", str(weights), "-o", str(tmp_path / "f.pt")]
     result = runner.invoke(app, args, terminal_width=200)
-    assert result.exit_code == 0 and "note: Linear/BatchNorm1d folds assume (N, features) activations" in result.output
+    assert result.exit_code == 0 and "note: Linear/BatchNorm1d folds assume (N, features) activations; give " \
+        "--input-shape to check" in result.output
     checked = runner.invoke(app, args + ["--input-shape", "4x64"], terminal_width=200)
     assert checked.exit_code == 0 and "note:" not in checked.output and "verified: max" in checked.output
 
@@ -490,6 +499,10 @@ def test_fold_verifies_a_model_in_its_own_dtype(tmp_path, monkeypatch, dtype):
     assert data["verified"] and len(data["folded"]) == 5
     assert all(t.dtype == getattr(torch, dtype) for t in torch.load(out, weights_only=True).values()
                if t.is_floating_point())
+    if dtype == "bfloat16":  # to .onnx: refused before folding, as bad usage
+        result = runner.invoke(app, ["fold", "--model", f"f6_{dtype}:make", "--weights", str(weights),
+                                     "--input-shape", "2x1x8x8", "-o", str(tmp_path / "f.onnx")])
+        assert result.exit_code == 2 and "bfloat16" in _text(result) and not (tmp_path / "f.onnx").exists()
 
 
 def test_fold_to_onnx_export_refusal_names_the_force_option(tmp_path, monkeypatch):

@@ -51,7 +51,8 @@ def audit_command(
         raise fail("--model, --data and --device apply to PyTorch checkpoints, not to ONNX files "
                    "(an ONNX file's BatchNormalization nodes are read, nothing runs)")
     if data is not None and model is None and not trust:
-        raise fail("--data needs --model: the data is run through the model")
+        raise fail("--data needs --model (or a whole pickled model, read with --trust): the data is run through "
+                   "the model")
     if batch_size < 2:
         raise fail(f"--batch-size must be at least 2 (each batch is normalized with its own statistics), "
                    f"got {batch_size}")
@@ -61,7 +62,8 @@ def audit_command(
     if max_batches is not None and max_batches < 1:
         raise fail(f"--max-batches must be at least 1, got {max_batches}")
     if device is not None and model is None and not trust:
-        raise fail("--device needs --model: without it the checkpoint's tensors are only read, nothing runs")
+        raise fail("--device needs --model (or a whole pickled model, read with --trust): without it the "
+                   "checkpoint's tensors are only read, nothing runs")
     try:
         run_on = parse_device(device) if device is not None else None
     except UsageError as exc:

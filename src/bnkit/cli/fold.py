@@ -96,9 +96,10 @@ def _reload_hint(spec: str, output: Path, report_file: Path, instance: bool) -> 
     ])
 
 
-def _cli_words(exc: Exception) -> str:
-    """A library error in the command's words: the Python argument ``force=True`` is the ``--force`` option."""
-    return str(exc).replace("force=True", "--force")
+def _cli_words(message: object) -> str:
+    """A library message in the command's words: the Python arguments ``force=True`` and ``example_inputs`` are the
+    ``--force`` and ``--input-shape`` options."""
+    return str(message).replace("force=True", "--force").replace("pass example_inputs", "give --input-shape")
 
 
 def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[str], trust: bool, force: bool,
@@ -126,10 +127,13 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         except Exception as exc:  # unsafe pickles, mismatched state dicts, a trusted pickle's own code
             raise fail(f"cannot load {weights} into {spec}: {exc}") from None
     model.eval()
+    dtype, device = input_dtype_device(model)
+    if output.suffix.lower() == ".onnx" and dtype == torch.bfloat16:
+        raise fail("a bfloat16 model cannot be exported to .onnx and verified (NumPy, which feeds onnxruntime, has "
+                   "no bfloat16): build it in float32 or float16 in the --model factory, or write a .pt")
     example = None
     if dims is not None:
         try:
-            dtype, device = input_dtype_device(model)
             example = torch.randn(*dims, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         except (RuntimeError, MemoryError) as exc:  # the allocator's "can't allocate memory"
             raise fail(f"cannot make a random input of shape {shapes[0]}: {exc}; nothing written", code=1) from None
@@ -160,16 +164,18 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         report_file = None
     else:
         report_file = report_path(output)
-        written = None
+        writing = report_file
         try:  # the report is renamed into place only once the weights are: a failure leaves both files as they were
             with atomic_path(report_file) as tmp:
                 Path(tmp).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-                written = save_state_dict_file(folded.state_dict(), output)
+                writing = output
+                save_state_dict_file(folded.state_dict(), output)
+                writing = None  # only the report's rename is left
         except OSError as exc:
-            failed = output if written is None else report_file
-            raise fail(f"cannot write {failed}: {exc}; "
-                       + ("nothing written" if written is None else f"{output} was written without its report"),
-                       code=1) from None
+            if writing is None:
+                raise fail(f"cannot write {report_file}: {exc}; {output} was written without its report",
+                           code=1) from None
+            raise fail(f"cannot write {writing}: {exc}; nothing written", code=1) from None
     verified = report.max_rel_diff is not None
     if as_json:
         extra = {"report": str(report_file)} if report_file is not None else {}
@@ -179,7 +185,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
                 report.left, f"{spec} -> {output}")
     for note in report.notes:  # assumptions fold_bn made; "not verified" is said below in the CLI's words
         if not note.startswith("not verified"):
-            console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+            console.print(f"[yellow]note:[/] {escape(_cli_words(note))}", soft_wrap=True)
     if verified:
         console.print(f"verified: max |original - folded| = {report.max_abs_diff:.3g}, relative {report.max_rel_diff:.3g}")
     elif not verify:
