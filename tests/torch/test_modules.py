@@ -1,4 +1,5 @@
-"""bnkit.torch.modules.exact_float32: TF32 off inside, every setting put back as found, also after an error.
+"""bnkit.torch.modules: exact_float32 (TF32 off inside, every setting put back as found, also after an error) and
+channels (every tool on a lazy layer that load_state_dict filled).
 
 The settings are process-wide Python state that exists without a GPU, so this runs on the CPU. Oracle: the
 settings read back through PyTorch's own API (torch/backends/cudnn/__init__.py, torch/backends/cuda/__init__.py).
@@ -92,3 +93,48 @@ def test_float32_results_on_the_cpu_are_unchanged(user_settings):
         with exact_float32():
             inside = conv(x)
     assert torch.equal(plain, inside)
+
+
+def _lazy_net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.LazyBatchNorm2d(), torch.nn.ReLU())
+
+
+def test_a_lazy_layer_loaded_from_a_state_dict_works_with_every_tool():
+    """PyTorch leaves a LazyBatchNorm2d that load_state_dict filled at num_features 0, even after its first forward
+    (nothing left to infer); its tensors say 4. Oracle: the same statistics in a plain nn.BatchNorm2d model."""
+    import copy
+
+    from bnkit.torch import audit, convert_frozen, fold_bn, recalibrate
+
+    torch.manual_seed(0)
+    source = _lazy_net().train()
+    with torch.no_grad():
+        for _ in range(5):
+            source(torch.randn(8, 3, 6, 6) * 2 + 1)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    plain.load_state_dict(source.state_dict())
+
+    def loaded() -> torch.nn.Module:
+        model = _lazy_net()
+        model.load_state_dict(source.state_dict())
+        assert model[1].num_features == 0
+        return model.eval()
+
+    data = [torch.randn(8, 3, 6, 6) * 2 + 1 for _ in range(3)]
+    model, reference = loaded(), copy.deepcopy(plain).eval()
+    recalibrate(model, data, progress=False)
+    recalibrate(reference, data, progress=False)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var, rtol=1e-6, atol=1e-7)
+    ours, theirs = audit(loaded(), data[0]), audit(copy.deepcopy(plain).eval(), data[0])
+    assert ours.shifts[0].score == pytest.approx(theirs.shifts[0].score, rel=1e-6)
+    _, report = fold_bn(loaded(), data[0])
+    assert report.n_folded == 1 and report.max_rel_diff < 1e-5
+    with pytest.raises(ValueError, match="still lazy"):
+        convert_frozen(loaded())
+    model = loaded()
+    with torch.no_grad():
+        model(data[0])  # PyTorch's first forward: an nn.BatchNorm2d now, num_features still 0
+    assert type(model[1]) is torch.nn.BatchNorm2d and model[1].num_features == 0
+    frozen = convert_frozen(model)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(data[1]), plain.eval()(data[1]))

@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stats import RunningMoments
 from .frozen import FrozenBatchNormNd
-from .modules import has_stock_eval_forward, has_stock_forward, is_batchnorm
+from .modules import channels, has_stock_eval_forward, has_stock_forward, is_batchnorm
 
 
 def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,7 +92,7 @@ class Collector:
 
     def __init__(self, bn: _BatchNorm | FrozenBatchNormNd, clock: Iterator[int] | None = None) -> None:
         """``clock``: shared by the collectors of one pass, it numbers their calls in the order they ran."""
-        self.moments = RunningMoments(bn.num_features)
+        self.moments = RunningMoments(channels(bn))
         self._clock = clock if clock is not None else itertools.count()
         self.order: list[int] = []  # each call's number on the clock
         # a frozen layer's stock forward is BatchNorm's eval transform: the stand-in replaces it as it does PyTorch's

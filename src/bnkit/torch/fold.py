@@ -58,8 +58,8 @@ from torch.nn.utils import parametrize
 
 from ..findings import Finding
 from .modules import (
-    SavedBuffers, bn_or_frozen_layers, eval_mode, exact_float32, flatten_tensors, has_stock_eval_forward, is_batchnorm,
-    is_bn_or_frozen,
+    SavedBuffers, bn_or_frozen_layers, channels, eval_mode, exact_float32, flatten_tensors, has_stock_eval_forward,
+    is_batchnorm, is_bn_or_frozen,
 )
 
 __all__ = ["fold_bn", "FoldReport", "FoldedBN"]
@@ -608,7 +608,7 @@ def _channel_reason(bn: nn.Module, layer: nn.Module, name: str, position: str) -
         n = layer.out_features if position == "after" else layer.in_features
     else:
         n = layer.out_channels if position == "after" else layer.in_channels
-    return None if n == bn.num_features else f"'{name}' has {n} channels on the BN's side, the BN {bn.num_features}"
+    return None if n == channels(bn) else f"'{name}' has {n} channels on the BN's side, the BN {channels(bn)}"
 
 
 def _layout_reason(layer: nn.Module, probe: dict[int, dict], report: FoldReport, name: str) -> str | None:

@@ -25,10 +25,11 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
 from .layers import replace_modules, retype_module
-from .modules import is_batchnorm
+from .modules import channels, is_batchnorm
 
 __all__ = [
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenBatchNormNd",
@@ -133,12 +134,13 @@ def convert_frozen(model: nn.Module, modules: Iterable[nn.Module] | None = None)
         raise ValueError("modules= contains modules that are not BatchNorm layers of the model")
     bad = [
         targets[id(m)] for m in model.modules()
-        if id(m) in targets and (m.running_mean is None or is_lazy(m.running_mean) or is_lazy(m.weight))
+        if id(m) in targets and (m.running_mean is None or is_lazy(m.running_mean) or is_lazy(m.weight)
+                                 or isinstance(m, LazyModuleMixin))
     ]
     if bad:
         raise ValueError(
             f"cannot freeze BatchNorm layers {bad}: they have no running statistics (track_running_stats=False) "
-            "or uninitialized lazy ones (run one forward pass first)"
+            "or are still lazy (uninitialized, or loaded from a state dict: run one forward pass first)"
         )
     computed = [  # parametrize / weight_norm: the stored tensors are not gamma and beta
         targets[id(m)] for m in model.modules()
@@ -156,6 +158,7 @@ def convert_frozen(model: nn.Module, modules: Iterable[nn.Module] | None = None)
         if id(m) not in targets:
             return None
         new = retype_module(m, _frozen_class(m))
+        new.num_features = channels(m)  # a once-lazy layer keeps num_features 0 in PyTorch
         params = m._parameters
         new._parameters = {}
         new._buffers = {k: (None if params.get(k) is None else params[k].detach()) for k in ("weight", "bias")}

@@ -55,6 +55,16 @@ def write_count(t: torch.Tensor) -> int | None:
         return None
 
 
+def channels(bn: nn.Module) -> int:
+    """A BatchNorm layer's channel count: ``num_features``, or for a ``LazyBatchNorm*d`` that got its tensors from
+    ``load_state_dict`` (PyTorch leaves its ``num_features`` at 0 for good: its first forward finds nothing left
+    to infer) the length of those tensors."""
+    if bn.num_features:
+        return int(bn.num_features)
+    held = next((t for t in (bn.running_mean, bn.weight) if isinstance(t, torch.Tensor) and not is_lazy(t)), None)
+    return 0 if held is None else int(held.numel())
+
+
 def input_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     """Where floating inputs for ``model`` go: the dtype and device of its first floating parameter, else buffer
     (a model of ``affine=False`` BatchNorm layers has only running statistics); the default dtype on the CPU for

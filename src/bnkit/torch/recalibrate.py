@@ -94,7 +94,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm
-from .modules import SavedBuffers, has_stock_forward, is_batchnorm
+from .modules import SavedBuffers, channels, has_stock_forward, is_batchnorm
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
@@ -330,8 +330,8 @@ class _Pass:
     def __init__(self, layers: list[tuple[str, _BatchNorm]], skip_nonfinite: bool) -> None:
         self.layers = layers
         self.skip_nonfinite = skip_nonfinite
-        self.widths = np.array([m.num_features for _, m in layers], dtype=np.int64)
-        self.moments = [RunningMoments(m.num_features) for _, m in layers]
+        self.widths = np.array([channels(m) for _, m in layers], dtype=np.int64)
+        self.moments = [RunningMoments(c) for c in self.widths.tolist()]
         self.calls = np.zeros(len(layers), dtype=np.int64)
         self.samples = np.zeros(len(layers), dtype=np.int64)
         self.batches = 0
@@ -345,16 +345,16 @@ class _Pass:
         """``record(x)``: check and reduce one input of layer ``index``, keep its statistics; returns them,
         the float64 ``(mean, biased variance)``, or None for an input with no values (ignored)."""
         name, module = self.layers[index]
-        channels, append, stats = module.num_features, self.records.append, torch.batch_norm_update_stats
+        width, append, stats = channels(module), self.records.append, torch.batch_norm_update_stats
 
         def record(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
             shape = x.shape
-            if len(shape) < 2 or shape[1] != channels:
+            if len(shape) < 2 or shape[1] != width:
                 raise ValueError(
-                    f"BatchNorm layer {name!r} has {channels} channels but got input of shape "
+                    f"BatchNorm layer {name!r} has {width} channels but got input of shape "
                     f"{tuple(shape)} in batch {self.batch_index}"
                 )
-            count = x.numel() // channels
+            count = x.numel() // width
             if count < 2:
                 if count == 0:  # an empty input (a routed branch given no rows): nothing to count, as in PyTorch
                     return None
@@ -363,7 +363,7 @@ class _Pass:
                     "one value per channel cannot be normalized in training mode; use batches of at least 2 "
                     "(e.g. DataLoader(..., drop_last=True))"
                 )
-            size = count * channels
+            size = count * width
             if (size <= _SMALL and x.device.type != "mps") or (
                     x.device.type in _UPCAST_DEVICES and size <= _UPCAST_DEVICE_MAX):
                 # _batch_moments' upcast path, inlined
@@ -514,7 +514,7 @@ class _Pass:
             raise RuntimeError(
                 f"recalibration failed on rank(s) {failed} (see that rank's error); no statistics were changed"
             )
-        merged = [RunningMoments(m.num_features) for _, m in self.layers]
+        merged = [RunningMoments(c) for c in self.widths.tolist()]
         self.rank_calls = np.zeros_like(self.calls)
         self.calls[:] = 0
         self.samples[:] = 0
@@ -522,8 +522,7 @@ class _Pass:
         self.skipped = int(sum(p[1] for p in payloads))
         for p in payloads:
             pos = 5
-            for i, (_, module) in enumerate(self.layers):
-                c = module.num_features
+            for i, c in enumerate(self.widths.tolist()):
                 calls, samples, count = (int(v) for v in p[pos:pos + 3])
                 merged[i].update_moments(count, p[pos + 3:pos + 3 + c], p[pos + 3 + c:pos + 3 + 2 * c])
                 self.calls[i] += calls
