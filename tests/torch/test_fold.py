@@ -842,3 +842,39 @@ def test_checks_run_in_full_float32_and_leave_the_users_tf32_settings(tool, tmp_
     finally:
         for k, value in zip(knobs, saved):
             k.fp32_precision = value
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import: torch.jit internals
+def test_wrapped_models_fold_and_audit_as_the_module_they_run():
+    """DataParallel, AveragedModel and torch.compile: fx cannot trace the wrappers (2 of 6 folded, by nn.Sequential
+    neighbours) and the ONNX exporter refused them; the module inside folds 6 of 6 like the plain model."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from bnkit.torch import audit
+
+    model, x = zoo_model("resnet")
+    plain = {f.bn for f in fold_bn(model, x)[1].folded}
+    for wrapped in (nn.DataParallel(model), AveragedModel(model), torch.compile(model, backend="eager")):
+        folded, report = fold_bn(wrapped, x)
+        assert {f.bn for f in report.folded} == plain and report.method == "fx", type(wrapped).__name__
+        assert any("folded the module inside" in n for n in report.notes) and report.max_rel_diff < 1e-5
+        inner = wrapped.module if hasattr(wrapped, "module") else model
+        with torch.no_grad():
+            assert rel_diff(inner.eval()(x), folded(x)) < 1e-5
+        row = [f for f in audit(wrapped).findings if f.code == "foldable"]
+        assert row and row[0].finding.startswith(f"{len(plain)} of ")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_export_onnx_takes_wrappers_and_inference_mode_inputs(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from bnkit.torch import export_onnx
+
+    model, x = zoo_model("vgg")
+    with torch.inference_mode():
+        xi = x.clone()
+    for i, wrapped in enumerate((nn.DataParallel(model), torch.compile(model, backend="eager"), model)):
+        path = export_onnx(wrapped, xi, tmp_path / f"m{i}.onnx").path
+        got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            assert rel_diff(model(x), torch.from_numpy(got)) < 1e-5

@@ -711,3 +711,19 @@ def test_debias_layer_loaded_without_num_batches_tracked_is_recalibrated():
     recalibrate(model, batches, progress=False)
     assert_matches_reference(model, ref)
     assert model[1].debias
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import: torch.jit internals
+def test_a_compiled_model_is_recalibrated_and_audited_through_the_module_it_runs():
+    """torch.compile(model, fullgraph=True): the per-call stand-ins made dynamo recompile on every batch until its
+    limit (FailOnRecompileLimitHit after 8 batches); the pass runs the module inside, with the same statistics."""
+    from bnkit.torch import audit
+
+    model = mixed_model()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    batches = make_batches(sizes=(5, 16, 2, 9) * 3)
+    ref = reference_stats(model, batches)
+    recalibrate(compiled, batches, progress=False)
+    assert_matches_reference(model, ref)
+    report = audit(compiled, torch.cat(batches[:4]), batch_size=8)
+    assert report.depth == "data" and report.batches == 4 and {s.layer for s in report.shifts} == set(ref)

@@ -82,7 +82,7 @@ from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
 from .audit_model import model_findings
 from .io import load_state_dict_file
-from .modules import bn_or_frozen_layers
+from .modules import bn_or_frozen_layers, unwrapped
 
 __all__ = ["audit", "AuditReport", "LayerShift"]
 
@@ -205,6 +205,7 @@ def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport
 
 
 def _model_report(model, data, forward, batch_size, train_batch_size, max_batches, coupling_samples) -> AuditReport:
+    model, _ = unwrapped(model)  # what a wrapper runs: fx reads it, and a compiled one would recompile per call
     layers = bn_or_frozen_layers(model)
     report = AuditReport(type(model).__name__, "model", layers=[name for name, _ in layers])
     batches = None

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..atomic import atomic_path, check_target
 from .freeze import kept_requested_modes
-from .modules import bn_layers, eval_mode, exact_float32
+from .modules import bn_layers, eval_mode, exact_float32, unwrapped
 
 __all__ = ["export_onnx", "ExportReport", "ExportVerificationError"]
 
@@ -115,9 +115,11 @@ def export_onnx(
     from ..onnx.verify import OnnxRuntimeError, compare, default_tolerance, run
 
     check_target(path)
+    model, _ = unwrapped(model)  # the module a wrapper runs: the exporter cannot trace DataParallel or torch.compile
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a sequence of tensors")
+    inputs = tuple(t.clone() if t.is_inference() else t for t in inputs)  # made under torch.inference_mode
     if any(t.dtype == torch.bfloat16 for t in inputs):
         raise ValueError("bfloat16 example_inputs: NumPy has no bfloat16, so onnxruntime cannot be fed them for the "
                          "check; export a float32 (model.float()) or float16 (model.half()) copy")

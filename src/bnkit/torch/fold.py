@@ -59,7 +59,7 @@ from torch.nn.utils import parametrize
 from ..findings import Finding
 from .modules import (
     SavedBuffers, bn_or_frozen_layers, channels, eval_mode, exact_float32, flatten_tensors, has_stock_eval_forward,
-    is_batchnorm, is_bn_or_frozen,
+    is_batchnorm, is_bn_or_frozen, unwrapped,
 )
 
 __all__ = ["fold_bn", "FoldReport", "FoldedBN"]
@@ -168,7 +168,8 @@ def fold_bn(
 
     Args:
         model: any ``nn.Module``; it is not modified, and the copy keeps every module's
-            train/eval flag.
+            train/eval flag. A wrapped model (``torch.compile``, ``DataParallel``, DDP,
+            ``AveragedModel``) is folded as the module it runs, which is what is returned.
         example_inputs: a tensor or a tuple of positional inputs (anything else is passed
             as the single input). Used to learn the rank of layer outputs (a
             Linear->BatchNorm1d fold is exact only on ``(N, C)``), to count module calls
@@ -188,10 +189,14 @@ def fold_bn(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_bn needs a torch.nn.Module, got {type(model).__name__}")
+    model, wrappers = unwrapped(model)
     _check_model(model, force)
     inputs = _as_tuple(example_inputs)
     work = copy.deepcopy(model)
     report = FoldReport()
+    if wrappers:
+        report.notes.append(f"folded the module inside {' > '.join(wrappers)}: the folded copy is that module "
+                            "(wrap it again if you need the wrapper)")
     reference, plan = _plan(work, inputs, report)
     report.folded = _entries(work, plan)
     _apply(work, plan, _folded_weights(work, plan))
@@ -216,6 +221,7 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_plan needs a torch.nn.Module, got {type(model).__name__}")
+    model, _ = unwrapped(model)
     _check_model(model, force)
     report = FoldReport()
     saved = SavedBuffers(list(model.modules()))

@@ -55,6 +55,29 @@ def write_count(t: torch.Tensor) -> int | None:
         return None
 
 
+def unwrapped(model: nn.Module, *, compile_only: bool = False) -> tuple[nn.Module, list[str]]:
+    """The module a wrapper runs, and the wrappers peeled off it, outermost first: ``torch.compile``'s
+    ``OptimizedModule`` (``_orig_mod``) and, unless ``compile_only``, ``nn.DataParallel``,
+    ``DistributedDataParallel`` and ``torch.optim.swa_utils.AveragedModel`` (``module``), nested in any order.
+
+    Tools that trace or export a model, or wrap its layers' forwards per call, work on that module: a compiled
+    wrapper would recompile for every call of theirs, and fx and the ONNX exporter cannot read the others.
+    """
+    from torch.optim.swa_utils import AveragedModel
+
+    peeled: list[str] = []
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
+            inner = model._modules["_orig_mod"]
+        elif not compile_only and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel,
+                                                     AveragedModel)):
+            inner = model.module
+        else:
+            return model, peeled
+        peeled.append("torch.compile" if type(model).__name__ == "OptimizedModule" else type(model).__name__)
+        model = inner
+
+
 def channels(bn: nn.Module) -> int:
     """A BatchNorm layer's channel count: ``num_features``, or for a ``LazyBatchNorm*d`` that got its tensors from
     ``load_state_dict`` (PyTorch leaves its ``num_features`` at 0 for good: its first forward finds nothing left

@@ -94,7 +94,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm
-from .modules import SavedBuffers, channels, has_stock_forward, is_batchnorm
+from .modules import SavedBuffers, channels, has_stock_forward, is_batchnorm, unwrapped
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
@@ -625,6 +625,7 @@ def recalibrate(
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     if num_batches is not None and (int(num_batches) != num_batches or num_batches < 1):
         raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
+    model, _ = unwrapped(model, compile_only=True)  # a compiled model would recompile for every stand-in call
     modules = list(model.named_modules())
     layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
     if not layers:
