@@ -1,5 +1,6 @@
 """bnkit.torch.audit: each defect built on purpose is reported; a clean trained model reports no error."""
 import copy
+import dataclasses
 import json
 import math
 
@@ -821,3 +822,43 @@ def test_a_layer_whose_own_forward_reassigns_its_buffers_gets_the_same_tensors_b
     fold_plan(model, torch.randn(8, 4), force=True)
     assert model[1].running_mean is before
     _assert_unchanged(model, snap)
+
+
+@dataclasses.dataclass
+class _Out:
+    logits: torch.Tensor
+    note: str = "kept"
+
+
+class _Centred(nn.Module):
+    """BN, then ``h - h.mean(0)``, which couples the samples of a batch; returns a dataclass, a tensor or nothing."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.fc, self.bn = kind, nn.Linear(5, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        h = self.bn(self.fc(x))
+        h = h - h.mean(0, keepdim=True)
+        return {"dataclass": _Out(h), "tensor": h, "none": None}[self.kind]
+
+
+@pytest.mark.parametrize("kind", ["dataclass", "tensor", "none"])
+def test_outputs_in_a_dataclass_are_compared_and_outputs_without_tensors_say_so(kind):
+    from bnkit.torch import fold_bn
+
+    torch.manual_seed(0)
+    model = _Centred(kind).train()
+    with torch.no_grad():
+        for _ in range(50):
+            model(torch.randn(16, 5))
+    model.eval()
+    report = audit(model, [torch.randn(16, 5) for _ in range(4)])
+    codes = {f.code: f for f in report.findings if f.layer == "(model)"}
+    _, folded = fold_bn(model, torch.randn(16, 5))
+    if kind == "none":
+        assert codes["batch_coupling"].finding == "batch coupling not checked" and report.batch_coupling is None
+        assert folded.max_abs_diff is None and any("holds no tensors" in n for n in folded.notes)
+    else:  # the dataclass is read as the tensor is: the coupling outside BN is an error
+        assert codes["batch_coupling"].severity == "error" and not report.ok and report.batch_coupling > 0.1
+        assert folded.max_rel_diff < 1e-5

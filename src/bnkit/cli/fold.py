@@ -190,8 +190,10 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         console.print(f"verified: max |original - folded| = {report.max_abs_diff:.3g}, relative {report.max_rel_diff:.3g}")
     elif not verify:
         console.print("[yellow]not verified[/] (--no-verify)")
-    else:
+    elif example is None:
         console.print("[yellow]not verified[/] (give --input-shape to verify)")
+    else:
+        console.print("[yellow]not verified[/] (the model's output holds no tensors to compare)")
     if report_file is not None:
         console.print(f"wrote {output} and the fold report {report_file} (folded BN -> Identity, new biases)",
                       markup=False)

@@ -326,7 +326,10 @@ def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], r
 
 def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, report: AuditReport) -> list[Finding]:
     size = batch_len(batch)
-    if size is None or size < 2 or samples < 1 or not eval_out:
+    if not eval_out:
+        return [Finding("info", "(model)", "batch coupling not checked", "the model's output holds no tensors",
+                        "pass forward= returning the output tensors", "batch_coupling")]
+    if size is None or size < 2 or samples < 1:
         return []
     if not all(bool(torch.isfinite(t).all()) for t in eval_out if t.is_floating_point()):
         return []  # reported as non-finite eval outputs

@@ -203,6 +203,8 @@ def fold_bn(
 
     if verify and inputs is not None:
         report.max_abs_diff, report.max_rel_diff = _compare(reference, _run_eval(work, inputs))
+        if report.max_abs_diff is None:
+            report.notes.append("not verified: the model's output holds no tensors to compare")
     elif verify:
         report.notes.append("not verified: no example_inputs given")
     return work, report
@@ -360,10 +362,14 @@ def _probe(model: nn.Module, inputs: tuple) -> tuple[Any, dict[int, dict]]:
     return out, probe
 
 
-def _compare(a: Any, b: Any) -> tuple[float, float]:
-    """``max|a - b|`` (a non-finite ``b`` where ``a`` differs counts as inf) and that over ``max|a|``."""
+def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
+    """``max|a - b|`` (a non-finite ``b`` where ``a`` differs counts as inf) and that over ``max|a|``; None for
+    outputs that hold no tensors (nothing to compare)."""
+    pairs = list(zip(flatten_tensors(a), flatten_tensors(b), strict=True))
+    if not pairs:
+        return None, None
     abs_diff, scale = 0.0, 0.0
-    for x, y in zip(flatten_tensors(a), flatten_tensors(b), strict=True):
+    for x, y in pairs:
         if not x.numel():
             continue
         x, y = _f64(x), _f64(y)

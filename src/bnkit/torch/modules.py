@@ -8,6 +8,7 @@ they never use batch statistics.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -202,11 +203,14 @@ class SavedBuffers:
 
 
 def flatten_tensors(obj: Any) -> list[torch.Tensor]:
-    """The tensors of a nest of tuples, lists and mappings, in order, detached; anything else is skipped."""
+    """The tensors of a nest of tuples, lists, mappings and dataclass instances (a model's output object), in
+    order, detached; anything else is skipped."""
     if isinstance(obj, torch.Tensor):
         return [obj.detach()]
     if isinstance(obj, (tuple, list)):
         return [t for o in obj for t in flatten_tensors(o)]
     if isinstance(obj, Mapping):
         return [t for o in obj.values() for t in flatten_tensors(o)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in flatten_tensors(getattr(obj, f.name))]
     return []
