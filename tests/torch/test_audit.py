@@ -862,3 +862,21 @@ def test_outputs_in_a_dataclass_are_compared_and_outputs_without_tensors_say_so(
     else:  # the dataclass is read as the tensor is: the coupling outside BN is an error
         assert codes["batch_coupling"].severity == "error" and not report.ok and report.batch_coupling > 0.1
         assert folded.max_rel_diff < 1e-5
+
+
+def test_observers_updated_by_the_passes_are_put_back():
+    """A quantization observer (torch.ao's MovingAverageMinMaxObserver, as prepare_qat inserts) moves its range on
+    every call, in any mode: after audit(model, data) it holds what it held before."""
+    from torch.ao.quantization import MovingAverageMinMaxObserver
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), MovingAverageMinMaxObserver(), nn.Linear(4, 3))
+    model.train()
+    with torch.no_grad():
+        for _ in range(10):
+            model(torch.randn(16, 5))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    audit(model, torch.randn(64, 5) * 3, batch_size=16)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

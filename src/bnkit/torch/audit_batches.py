@@ -95,17 +95,17 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 
 class Restore:
-    """Remember every module's flag and each BN layer's momentum, tracking flag and buffers; restore on exit.
+    """Remember every module's flag and buffers and each BN layer's momentum and tracking flag; restore on exit.
 
-    ``layers`` may hold bnkit's ``FrozenBatchNorm*d``: they have neither option and the pass never writes
-    their buffers, so only their flags are kept.
+    Every module's buffers, not only BatchNorm's: observers (quantization-aware training's fake-quant ranges,
+    a model's own running counters) update theirs in any mode. ``layers`` may hold bnkit's
+    ``FrozenBatchNorm*d``, which have neither option.
     """
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
         self.flags = [(m, m.training) for m in model.modules()]
-        bns = [bn for _, bn in layers if is_batchnorm(bn)]
-        self.options = [(bn, bn.momentum, bn.track_running_stats) for bn in bns]
-        self.buffers = SavedBuffers(bns)
+        self.options = [(bn, bn.momentum, bn.track_running_stats) for _, bn in layers if is_batchnorm(bn)]
+        self.buffers = SavedBuffers([m for m, _ in self.flags])
 
     def __enter__(self) -> "Restore":
         return self
