@@ -239,6 +239,29 @@ def test_protect_stats_keeps_a_good_step_and_restores_on_exception():
         assert torch.equal(v, before[k])
 
 
+@pytest.mark.parametrize("poisoned", [True, False])
+def test_protect_stats_covers_a_lazy_layer_that_first_runs_in_the_step(poisoned):
+    """A LazyBatchNorm2d gets its statistics in the guarded first step: a poisoned step resets them to the
+    initial 0 / 1 (what its materialization gave, PyTorch's reset_running_stats) like a plain layer's rollback;
+    a good step keeps them. Oracle: a plain BatchNorm2d taking the same step."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    lazy, plain = nn.Sequential(conv, nn.LazyBatchNorm2d()), nn.Sequential(copy.deepcopy(conv), nn.BatchNorm2d(4))
+    x = torch.randn(8, 3, 6, 6)
+    if poisoned:
+        x[0, 0, 0, 0] = float("inf")
+    reports = []
+    for model in (lazy.train(), plain.train()):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with protect_stats(model) as report:
+                model(x)
+        reports.append((bool(report), report.rolled_back, len(caught)))
+    assert reports[0] == reports[1] == ((True, ["1"], 1) if poisoned else (False, [], 0))
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(lazy[1], k), getattr(plain[1], k)), k
+
+
 def test_protect_stats_reports_layers_poisoned_before():
     model = _trained().train()
     model.stem[1].running_var[0] = float("nan")
@@ -277,11 +300,12 @@ def test_protect_stats_mixed_dtypes_shared_layers_and_lazy_layers():
         model[0](x.double())
         model[1](x * float("inf"))
         model[2](x.to(torch.bfloat16))
-        model[4](x)  # a lazy layer initialized inside the block: nothing to roll back to, left as it is
-    assert report.nonfinite == ["1"] and report.rolled_back == ["0", "1", "2"]
+        model[4](x)  # a lazy layer initialized inside the block: rolled back to its initial statistics
+    assert report.nonfinite == ["1"] and report.rolled_back == ["0", "1", "2", "4"]
     for k, v in before.items():
         assert torch.equal(model.state_dict()[k], v), k
-    assert torch.isfinite(model[4].running_var).all() and int(model[4].num_batches_tracked) == 1
+    assert not model[4].running_mean.any() and bool((model[4].running_var == 1).all())
+    assert int(model[4].num_batches_tracked) == 0
 
 
 def test_protect_stats_made_once_and_entered_every_step():

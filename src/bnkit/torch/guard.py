@@ -279,15 +279,18 @@ class StatsRollback:
         ) for name in self.already_nonfinite]
 
 
-def _running_buffers(model: nn.Module) -> tuple[list[nn.Module], list[torch.Tensor], list[torch.Tensor]]:
-    """``(layers, statistics, counters)``: every BatchNorm layer with running statistics, once each.
+def _running_buffers(model: nn.Module) -> tuple[list[nn.Module], list[torch.Tensor], list[torch.Tensor],
+                                                list[nn.Module]]:
+    """``(layers, statistics, counters, lazy)``: every BatchNorm layer with running statistics, once each, and
+    those whose statistics are uninitialized lazy buffers (nothing to copy yet: a rollback resets them).
 
     A plain walk over ``_modules`` (no qualified names built, order not fixed): this runs on every
-    :class:`protect_stats` entry. Uninitialized lazy layers are left out: they have nothing to restore yet.
+    :class:`protect_stats` entry.
     """
     layers: list[nn.Module] = []
     stats: list[torch.Tensor] = []
     counts: list[torch.Tensor] = []
+    lazy: list[nn.Module] = []
     seen: set[int] = set()
     stack = [model]
     while stack:
@@ -298,13 +301,15 @@ def _running_buffers(model: nn.Module) -> tuple[list[nn.Module], list[torch.Tens
             seen.add(id(m))
             b = m._buffers
             mean, var, count = b.get("running_mean"), b.get("running_var"), b.get("num_batches_tracked")
-            if mean is not None and var is not None and not is_lazy(mean):
+            if mean is not None and var is not None and is_lazy(mean):
+                lazy.append(m)
+            elif mean is not None and var is not None:
                 layers.append(m)
                 stats += (mean, var)
                 if count is not None:
                     counts.append(count)
         stack.extend(m._modules.values())
-    return layers, stats, counts
+    return layers, stats, counts, lazy
 
 
 def _pack(tensors: list[torch.Tensor], join) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
@@ -330,9 +335,13 @@ class _Snapshot:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers, stats, counts = _running_buffers(model)
+        self.layers, stats, counts, self.lazy = _running_buffers(model)
         self.stats = _pack(stats, torch.cat)
         self.counts = _pack(counts, torch.stack)
+
+    def materialized(self) -> list[nn.Module]:
+        """The layers that were lazy at the snapshot and got their statistics since."""
+        return [m for m in self.lazy if not is_lazy(m.running_mean)]
 
     def now_finite(self) -> bool:
         """True if every running statistic is finite now.
@@ -344,7 +353,7 @@ class _Snapshot:
             now = torch.cat(tensors)
             if not math.isfinite(now.sum().item()) and not bool(torch.isfinite(now).all()):
                 return False
-        return True
+        return all(_finite(m) for m in self.materialized())
 
     def saved(self) -> dict[int, torch.Tensor]:
         """``{id(tensor): its snapshot}`` for every snapshotted buffer."""
@@ -378,7 +387,7 @@ class protect_stats:
 
     def __exit__(self, *exc) -> bool:
         snapshot, report = self._active.pop()
-        if snapshot.stats and not snapshot.now_finite():
+        if (snapshot.stats or snapshot.lazy) and not snapshot.now_finite():
             _rollback(self.model, snapshot, report)
             if report.nonfinite and self.warn:
                 warnings.warn(
@@ -401,7 +410,11 @@ def _rollback(model: nn.Module, snapshot: _Snapshot, report: StatsRollback) -> N
         if t.is_floating_point():
             before_ok[name] = before_ok.get(name, True) and bool(torch.isfinite(saved[id(t)]).all())
             after_ok[name] = after_ok.get(name, True) and bool(torch.isfinite(t).all())
-    layer_names = list(dict.fromkeys(name for name, _ in buffers))
+    materialized = {id(m) for m in snapshot.materialized()}  # lazy before the step: "before" is their initial 0 / 1
+    fresh = [(n or type(m).__name__, m) for n, m in model.named_modules() if id(m) in materialized]
+    for name, m in fresh:
+        after_ok[name] = _finite(m)
+    layer_names = list(dict.fromkeys([name for name, _ in buffers] + [name for name, _ in fresh]))
     report.already_nonfinite = [n for n in layer_names if not before_ok.get(n, True)]
     report.nonfinite = [n for n in layer_names if before_ok.get(n, True) and not after_ok.get(n, True)]
     if not report.nonfinite:
@@ -412,3 +425,10 @@ def _rollback(model: nn.Module, snapshot: _Snapshot, report: StatsRollback) -> N
                 t.copy_(saved[id(t)])
                 if name not in report.rolled_back:
                     report.rolled_back.append(name)
+        for name, m in fresh:
+            m.reset_running_stats()  # the values lazy materialization gives, before any update
+            report.rolled_back.append(name)
+
+
+def _finite(bn: nn.Module) -> bool:
+    return bool(torch.isfinite(bn.running_mean).all()) and bool(torch.isfinite(bn.running_var).all())
