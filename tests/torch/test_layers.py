@@ -363,6 +363,23 @@ def test_convert_bn_of_a_bare_layer_and_bad_options_change_nothing():
         convert_bn(model, rmaxx=2.0)
 
 
+def test_convert_bn_names_the_layers_it_leaves():
+    """A parametrized weight makes a BN subclass (ParametrizedBatchNorm2d) and SyncBatchNorm is one: both are left
+    as they are, which convert_bn now says instead of converting the rest in silence."""
+    from torch.nn.utils import parametrize
+
+    class Positive(nn.Module):
+        def forward(self, w):
+            return w.abs()
+
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.SyncBatchNorm(3))
+    parametrize.register_parametrization(model[1], "weight", Positive())
+    with pytest.warns(UserWarning, match=r"left 2 BatchNorm layer\(s\).*1 \(ParametrizedBatchNorm2d\), 2 \(SyncBatchNorm\)"):
+        convert_bn(model, renorm=True)
+    assert type(model[0]) is BatchNorm2d and type(model[1]).__name__ == "ParametrizedBatchNorm2d"
+    assert type(model[2]) is nn.SyncBatchNorm
+
+
 def test_shared_module_is_converted_once():
     bn = nn.BatchNorm1d(3)
     model = nn.Sequential(bn, nn.ReLU(), bn)

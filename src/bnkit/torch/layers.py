@@ -56,6 +56,7 @@ deprecated ``torch.jit.script`` cannot compile them (``revert_bn`` or
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -418,7 +419,8 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
     errors name it. bnkit drop-in layers already in the model get the requested
     ``extras`` and keep their other options; one that already has them (and a name)
     is left as it is, the same object. ``SyncBatchNorm`` and other subclasses
-    are left alone (revert them first). An uninitialized ``LazyBatchNorm*d`` raises
+    (a parametrized weight makes one) are left alone, with a ``UserWarning`` naming them (revert them
+    first). An uninitialized ``LazyBatchNorm*d`` raises
     ``ValueError`` (run one forward pass first: it then is an ``nn.BatchNorm*d``).
     Nothing changes if any layer fails. Returns the model (a new object only when
     ``model`` itself is a BN layer).
@@ -431,12 +433,16 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
             "run one forward pass first (they then become nn.BatchNorm*d), then convert"
         )
 
+    left: list[str] = []
+
     def make(name: str, m: nn.Module) -> nn.Module | None:
         if type(m) in _STANDARD:  # already a drop-in: update its options on a copy (the model is untouched on error)
             cls, current = type(m), {k: getattr(m, k) for k in _EXTRA_DEFAULTS}
         elif type(m) in _DROP_IN:
             cls, current = _DROP_IN[type(m)], {}
         else:
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                left.append(f"{name or '(root)'} ({type(m).__name__})")
             return None
         options = {**current, "layer_name": current.get("layer_name") or name or type(m).__name__, **extras}
         if options == current:
@@ -445,7 +451,13 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
         new._set_extras(**options)
         return new
 
-    return replace_modules(model, make)
+    converted = replace_modules(model, make)
+    if left:
+        warnings.warn(
+            f"convert_bn left {len(left)} BatchNorm layer(s) of other classes as they are: {', '.join(left[:6])}"
+            f"{', ...' if len(left) > 6 else ''}. SyncBatchNorm: revert_sync_bn first; a parametrized weight "
+            "(torch.nn.utils.parametrize): remove the parametrization first", UserWarning, stacklevel=2)
+    return converted
 
 
 def revert_bn(model: nn.Module) -> nn.Module:
