@@ -256,29 +256,16 @@ def test_subclass_with_its_own_forward_keeps_it():
     assert all("forward" not in m.__dict__ for m in model[:4]) and not any(m._forward_pre_hooks for m in model)
 
 
-def test_running_var_is_pytorchs_unbiased_convention():
-    """One batch: PyTorch's own training step with momentum=1 writes exactly the same buffers."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))
-    x = 2 + torch.randn(6, 2, 5, 5)
-    torch_bn = copy.deepcopy(model)
-    torch_bn[1].momentum = 1.0
-    torch_bn.train()
-    with torch.no_grad():
-        torch_bn(x)
-    recalibrate(model.eval(), [x], progress=False)
-    torch.testing.assert_close(model[1].running_mean, torch_bn[1].running_mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(model[1].running_var, torch_bn[1].running_var, rtol=1e-5, atol=1e-6)
-    assert not model.training
-
-
-def test_biased_rule_layers_get_what_their_own_training_writes():
-    """A drop-in layer with Keras/Flax's running-variance rule (as from_keras(exact_training=True) makes): its own
-    momentum-1 training step on the one batch writes M2/n, and so does recalibration (not PyTorch's M2/(n-1))."""
+@pytest.mark.parametrize("biased", [False, True])
+def test_running_var_follows_the_layers_own_rule(biased):
+    """One batch: the layer's own training step with momentum=1 writes exactly the same buffers, PyTorch's unbiased
+    M2/(n-1) for nn.BatchNorm2d, M2/n for a drop-in layer with Keras/Flax's rule (as from_keras(exact_training=True)
+    makes)."""
     from bnkit.torch import BatchNorm2d
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), BatchNorm2d(3, running_var_rule="biased")).double()
+    bn = BatchNorm2d(3, running_var_rule="biased") if biased else nn.BatchNorm2d(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), bn).double()
     x = 2 + torch.randn(4, 2, 4, 4, dtype=torch.float64)
     own = copy.deepcopy(model)
     own[1].momentum = 1.0
@@ -286,8 +273,9 @@ def test_biased_rule_layers_get_what_their_own_training_writes():
     with torch.no_grad():
         own(x)
     recalibrate(model.eval(), [x], progress=False)
-    torch.testing.assert_close(model[1].running_var, own[1].running_var, rtol=1e-12, atol=0)
     torch.testing.assert_close(model[1].running_mean, own[1].running_mean, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(model[1].running_var, own[1].running_var, rtol=1e-12, atol=0)
+    assert not model.training
 
 
 def test_cumulative_average_counts_the_batches_as_update_bn_does():
