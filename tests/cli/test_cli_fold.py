@@ -505,6 +505,71 @@ def test_fold_verifies_a_model_in_its_own_dtype(tmp_path, monkeypatch, dtype):
         assert result.exit_code == 2 and "bfloat16" in _text(result) and not (tmp_path / "f.onnx").exists()
 
 
+@pytest.mark.parametrize("wrapper", ["torch.nn.DataParallel", "torch.optim.swa_utils.AveragedModel"])
+def test_the_reload_hint_works_for_a_factory_returning_a_wrapper(tmp_path, monkeypatch, wrapper):
+    """fold_bn folds the module inside; the printed lines restructure that module (restructure peels the wrapper
+    and returns it) and load the weights into it."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from bnkit.torch import save_state_dict_file
+
+    model = _calibrated_vgg()
+    name = f"f7_{wrapper.rsplit('.', 1)[1].lower()}"
+    (tmp_path / f"{name}.py").write_text(
+        f"import torch\nimport torch.optim.swa_utils\nfrom bnkit.torch.zoo import VGGBN\n\n"
+        f"def make():\n    return {wrapper}(VGGBN())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    make = {"torch.nn.DataParallel": torch.nn.DataParallel, "torch.optim.swa_utils.AveragedModel": AveragedModel}
+    save_state_dict_file(make[wrapper](model).state_dict(), tmp_path / "ww.pt")  # the wrapper's own keys
+    result = runner.invoke(app, ["fold", "--model", f"{name}:make", "--weights", "ww.pt", "--input-shape",
+                                 "2x1x8x8", "-o", "f.pt"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = lines.index("reload it in Python:")
+    scope: dict = {}
+    exec("\n".join(line[2:] for line in lines[start + 1:start + 7]), scope)  # noqa: S102 - the printed hint
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"].eval()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_weights_write_that_fails_otherwise_is_a_message(tmp_path, monkeypatch):
+    """torch.save raises RuntimeError when the file cannot be written (a file size limit), safetensors its own
+    error type: one line, exit 1, nothing written."""
+    import bnkit.torch
+    import bnkit.torch.io
+
+    from bnkit.torch import save_state_dict_file
+
+    weights = save_state_dict_file(_calibrated_vgg().state_dict(), tmp_path / "w.safetensors")
+
+    def too_large(state, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(bnkit.torch.io, "save_state_dict_file", too_large)
+    monkeypatch.setattr(bnkit.torch, "save_state_dict_file", too_large)
+    result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", str(weights), "-o",
+                                 str(tmp_path / "f.pt")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "PytorchStreamWriter failed" in _text(result) and "nothing written" in _text(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+def test_reasons_for_layers_left_speak_of_the_cli_options(tmp_path, monkeypatch):
+    (tmp_path / "f8_branchy.py").write_text(
+        "import torch\nfrom torch import nn\n\nclass Branchy(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))\n"
+        "    def forward(self, x):\n        return self.body(x) if x.sum() > 0 else -self.body(x)\n\n"
+        "def make():\n    m = Branchy()\n    m.train()\n    m(torch.randn(4, 1, 8, 8))\n    return m\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["fold", "--model", "f8_branchy:make", "-o", str(tmp_path / "f.pt")],
+                           terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert "--input-shape" in _text(result) and "example_inputs" not in _text(result)
+
+
 def test_fold_to_onnx_export_refusal_names_the_force_option(tmp_path, monkeypatch):
     import bnkit.torch.export
     from bnkit.torch import save_state_dict_file

@@ -880,3 +880,22 @@ def test_observers_updated_by_the_passes_are_put_back():
     audit(model, torch.randn(64, 5) * 3, batch_size=16)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@dataclasses.dataclass
+class _Batch:
+    x: torch.Tensor
+
+
+def test_batches_held_in_a_dataclass_are_cut_to_single_samples():
+    """The batch-size-1 run slices every tensor of the batch, a dataclass's too (it ran the whole batch and
+    compared it with itself): the coupling outside BN is found as with a plain tensor batch."""
+    torch.manual_seed(0)
+    model = _Centred("tensor").train()
+    with torch.no_grad():
+        for _ in range(50):
+            model(torch.randn(16, 5))
+    model.eval()
+    data = [_Batch(torch.randn(16, 5)) for _ in range(4)]
+    report = audit(model, data, forward=lambda m, b: m(b.x))
+    assert not report.ok and report.batch_coupling > 0.1

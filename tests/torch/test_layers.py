@@ -372,10 +372,15 @@ def test_convert_bn_names_the_layers_it_leaves():
         def forward(self, w):
             return w.abs()
 
-    model = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.SyncBatchNorm(3))
+    from bnkit.torch.convert import BatchNormNd
+
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.SyncBatchNorm(3), BatchNormNd(3))
     parametrize.register_parametrization(model[1], "weight", Positive())
-    with pytest.warns(UserWarning, match=r"left 2 BatchNorm layer\(s\).*1 \(ParametrizedBatchNorm2d\), 2 \(SyncBatchNorm\)"):
+    with pytest.warns(UserWarning, match=r"left 3 BatchNorm layer\(s\).*1 \(ParametrizedBatchNorm2d\), 2 \(SyncBatchNorm\)") as w:
         convert_bn(model, renorm=True)
+    advice = str(w[0].message)
+    assert "remove_parametrizations" in advice and "revert_sync_bn(model, example_inputs)" in advice
+    assert "ndim=" in advice  # BatchNormNd's own way out, not SyncBatchNorm's
     assert type(model[0]) is BatchNorm2d and type(model[1]).__name__ == "ParametrizedBatchNorm2d"
     assert type(model[2]) is nn.SyncBatchNorm
 

@@ -138,3 +138,54 @@ def test_a_lazy_layer_loaded_from_a_state_dict_works_with_every_tool():
     frozen = convert_frozen(model)
     with torch.no_grad():
         torch.testing.assert_close(frozen(data[1]), plain.eval()(data[1]))
+
+
+def test_convert_bn_of_a_once_lazy_layer_trains_as_plain_batchnorm():
+    """After its first forward a loaded LazyBatchNorm2d is an nn.BatchNorm2d with num_features 0; convert_bn's
+    drop-in layer must take the channel count from the tensors (its first training step raised 'expects 0
+    channels'). Oracle: the same step in nn.BatchNorm2d."""
+    import copy
+
+    from bnkit.torch import convert_bn
+
+    torch.manual_seed(0)
+    source = _lazy_net()
+    source(torch.randn(4, 3, 6, 6))
+    model = _lazy_net()
+    model.load_state_dict(source.state_dict())
+    x = torch.randn(8, 3, 6, 6)
+    model(x)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    plain.load_state_dict(model.state_dict())
+    convert_bn(model, virtual_batch_size=8)  # one ghost batch: BN's own math through the extras' code
+    out, expected = model.train()(x), copy.deepcopy(plain).train()(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert model[1].num_features == 4
+
+
+def test_buffers_made_under_inference_mode_do_not_stop_the_audit():
+    """A cache buffer filled during a torch.inference_mode() forward is an inference tensor, which cannot be written
+    in place outside that mode: restoring buffers after the audit's passes must leave it alone (it raised)."""
+    from bnkit.torch import audit, fold_plan, recalibrate
+
+    class Cached(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("last", torch.zeros(4))
+
+        def forward(self, x):
+            if torch.is_inference_mode_enabled():
+                self.last = x.detach().mean(0).flatten()[:4].clone()
+            return x
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), Cached()).eval()
+    with torch.inference_mode():
+        model(torch.randn(8, 5))
+    cache = model[2].last
+    assert cache.is_inference()
+    data = torch.randn(32, 5)
+    assert audit(model, data, batch_size=8).depth == "data"
+    fold_plan(model, data[:2], force=True)
+    recalibrate(model, [data[:16], data[16:]], progress=False)
+    assert model[2].last is cache

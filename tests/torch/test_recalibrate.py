@@ -715,3 +715,27 @@ def test_a_compiled_model_is_recalibrated_and_audited_through_the_module_it_runs
     assert_matches_reference(model, ref)
     report = audit(compiled, torch.cat(batches[:4]), batch_size=8)
     assert report.depth == "data" and report.batches == 4 and {s.layer for s in report.shifts} == set(ref)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("how", ["inside AveragedModel", "in place"])
+def test_a_model_compiled_inside_a_wrapper_or_in_place_is_recalibrated(how):
+    """AveragedModel(torch.compile(m)) and m.compile(): the pass reaches the module and calls it eagerly (both
+    failed with dynamo's 'Operator does not support running with fake tensors' under fullgraph=True); the
+    in-place compiled call is back afterwards."""
+    from torch.optim.swa_utils import AveragedModel
+
+    model = mixed_model()
+    batches = make_batches(sizes=(5, 16, 2, 9) * 3)
+    ref = reference_stats(model, batches)
+    if how == "in place":
+        model.compile(backend="eager", fullgraph=True)
+        compiled_call = model._compiled_call_impl
+        recalibrate(model, batches, progress=False)
+        assert model._compiled_call_impl is compiled_call
+        target = model
+    else:
+        averaged = AveragedModel(torch.compile(model, backend="eager", fullgraph=True))
+        recalibrate(averaged, batches, progress=False)
+        target = averaged.module._orig_mod
+    assert_matches_reference(target, ref)

@@ -602,3 +602,19 @@ def test_a_frozen_sync_bn_stays_frozen_on_the_reverted_layer():
     unfreeze_bn(out)
     out.train()
     assert bn.training and not is_frozen(bn) and sync[1].train() is sync[1]
+
+
+@needs_keras
+def test_to_keras_reads_the_channels_of_a_lazy_layer_filled_by_load_state_dict():
+    """PyTorch leaves its num_features at 0 ('torch config num_features must be a positive integer, got 0');
+    Keras's layer gets the 4 channels its tensors hold and infers as PyTorch does."""
+    torch.manual_seed(0)
+    source = torch.nn.LazyBatchNorm2d()
+    source(torch.randn(8, 4, 3, 3) * 2 + 1)
+    lazy = torch.nn.LazyBatchNorm2d()
+    lazy.load_state_dict(source.state_dict())
+    assert lazy.num_features == 0
+    layer = to_keras(lazy.eval(), axis=1)
+    x = torch.randn(2, 4, 3, 3)
+    got = keras.ops.convert_to_numpy(layer(x.numpy(), training=False))
+    np.testing.assert_allclose(got, source.eval()(x).detach().numpy(), rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ def _print_rows(folded: list[tuple[str, str]], left: dict[str, str], title: str)
     for bn, into in folded:
         table.add_row(escape(bn), f"[green]folded into[/] {escape(into)}")
     for bn, reason in left.items():
-        table.add_row(escape(bn), f"[yellow]left:[/] {escape(reason)}")
+        table.add_row(escape(bn), f"[yellow]left:[/] {escape(_cli_words(reason))}")
     console.print(table)
 
 
@@ -91,7 +91,7 @@ def _reload_hint(spec: str, output: Path, report_file: Path, instance: bool) -> 
         "  from bnkit.torch import FoldReport, load_state_dict_file",
         f"  from {module} import {attr.split('.')[0]}",
         f"  model = {attr}{'' if instance else '()'}",
-        f"  FoldReport.from_dict(json.load(open({str(report_file)!r}))).restructure(model)",
+        f"  model = FoldReport.from_dict(json.load(open({str(report_file)!r}))).restructure(model)",
         f"  model.load_state_dict(load_state_dict_file({str(output)!r}))",
     ])
 
@@ -99,7 +99,8 @@ def _reload_hint(spec: str, output: Path, report_file: Path, instance: bool) -> 
 def _cli_words(message: object) -> str:
     """A library message in the command's words: the Python arguments ``force=True`` and ``example_inputs`` are the
     ``--force`` and ``--input-shape`` options."""
-    return str(message).replace("force=True", "--force").replace("pass example_inputs", "give --input-shape")
+    return (str(message).replace("force=True", "--force").replace("pass example_inputs", "give --input-shape")
+            .replace("no example_inputs", "no --input-shape"))
 
 
 def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[str], trust: bool, force: bool,
@@ -171,7 +172,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
                 writing = output
                 save_state_dict_file(folded.state_dict(), output)
                 writing = None  # only the report's rename is left
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - torch.save raises RuntimeError, safetensors its own error type
             if writing is None:
                 raise fail(f"cannot write {report_file}: {exc}; {output} was written without its report",
                            code=1) from None

@@ -151,7 +151,8 @@ def audit(
             iterable of batches: tensors, ``(input, target, ...)`` tuples, or whatever
             ``forward`` takes.
         forward: ``forward(model, batch) -> output``; default ``model(batch)``, or
-            ``model(batch[0])`` for tuples and lists.
+            ``model(batch[0])`` for tuples and lists. A wrapped model (``torch.compile``,
+            DataParallel, DDP, AveragedModel) is audited as the module inside, which it receives.
         trust: unpickle checkpoints with arbitrary objects (only files you made yourself).
         train_batch_size: batch size of training, for the running statistics' noise
             (default: the data's batch size); at least 2, as training on batch statistics needs.

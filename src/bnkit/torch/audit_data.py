@@ -21,7 +21,7 @@ from ..findings import Finding
 from .audit_batches import Batches, Restore, batch_len, batched, map_tensors, set_training
 from .audit_model import short_names
 from .audit_moments import Collector
-from .modules import flatten_tensors, is_batchnorm
+from .modules import eager_calls, flatten_tensors, is_batchnorm
 
 if TYPE_CHECKING:
     from .audit import AuditReport
@@ -76,7 +76,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
     clock = itertools.count()  # numbers every BN call of the pass in the order they ran
     collectors = {n: Collector(bn, clock) for n, bn in tracked}
     findings: list[Finding] = []
-    with Restore(model, layers) as restore, torch.no_grad():
+    with Restore(model, layers) as restore, torch.no_grad(), eager_calls(model):
         # pass 1: every BN on batch statistics (nothing it keeps is updated); other modules in eval mode
         set_training(model, False)  # assigned, not model.eval(): a frozen layer's own train() must not run
         detach = []

@@ -36,6 +36,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..convert import convert_state
 from . import layers
 from .freeze import freeze_bn, is_frozen
+from .modules import channels
 
 __all__ = ["BatchNormNd", "from_keras", "to_keras", "from_flax", "to_flax", "revert_sync_bn"]
 
@@ -120,7 +121,7 @@ def _torch_state(bn: _BatchNorm) -> dict:
     if getattr(bn, "renorm", False) or getattr(bn, "virtual_batch_size", None) or getattr(bn, "debias", False):
         raise ValueError(f"{type(bn).__name__} uses renorm/virtual_batch_size/debias, which Keras and Flax lack")
     sd = bn.state_dict()  # tensors: convert_state reads them (bfloat16 as float32)
-    config = {"num_features": bn.num_features, "eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
+    config = {"num_features": channels(bn), "eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
               "bias": bn.bias is not None or not bn.affine, "track_running_stats": bn.track_running_stats}
     return {"state_dict": sd, "config": config}
 
@@ -216,7 +217,7 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
     dtype = str(next(iter(weights.values())).dtype)
     layer = keras.layers.BatchNormalization(**cfg, dtype=dtype)
     shape = [None] * rank
-    shape[cfg["axis"]] = bn.num_features
+    shape[cfg["axis"]] = channels(bn)
     layer.build(tuple(shape))
     for name, value in weights.items():
         getattr(layer, name).assign(value)

@@ -145,9 +145,12 @@ class FoldReport:
         """Give a freshly built instance of the original architecture the folded structure, in place.
 
         Folded BN layers become ``nn.Identity`` and layers that received a bias get one,
-        so ``model.load_state_dict(folded.state_dict())`` (strict) restores the folded
-        model without the original file or code change. Returns ``model``.
+        so ``restructured.load_state_dict(folded.state_dict())`` (strict) restores the folded
+        model without the original file or code change. Returns the module restructured: ``model``,
+        or for a wrapper (``torch.compile``, DataParallel, DDP, AveragedModel) the module inside it,
+        which is what :func:`fold_bn` folds and returns.
         """
+        model, _ = unwrapped(model)
         for f in self.folded:
             if f.bias_added:
                 layer = model.get_submodule(f.into)
@@ -504,7 +507,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
     """
     if not probe:  # nothing shows whether a layer is also called outside its Sequential: fold nothing
         for name, _ in bn_or_frozen_layers(work):
-            report.left[name] = ("the model is not traceable by torch.fx, and without example_inputs nothing shows "
+            report.left[name] = ("the model is not traceable by torch.fx, and with no example_inputs nothing shows "
                                  "whether its neighbour is also called outside its nn.Sequential: pass example_inputs")
         return []
     calls: Counter[int] = Counter({key: entry["calls"] for key, entry in probe.items()})

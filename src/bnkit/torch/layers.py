@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .modules import write_count
+from .modules import channels, write_count
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_bn", "revert_bn", "PAPER_RENORM_SCHEDULE"]
 
@@ -442,22 +442,35 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
             cls, current = _DROP_IN[type(m)], {}
         else:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                left.append(f"{name or '(root)'} ({type(m).__name__})")
+                left.append((name or "(root)", type(m)))
             return None
         options = {**current, "layer_name": current.get("layer_name") or name or type(m).__name__, **extras}
         if options == current:
             return None  # a drop-in with these options and name already: keep it (references to it stay the model's)
         new = retype_module(m, cls)
+        new.num_features = channels(m)  # a once-lazy layer keeps num_features 0 in PyTorch
         new._set_extras(**options)
         return new
 
     converted = replace_modules(model, make)
     if left:
-        warnings.warn(
-            f"convert_bn left {len(left)} BatchNorm layer(s) of other classes as they are: {', '.join(left[:6])}"
-            f"{', ...' if len(left) > 6 else ''}. SyncBatchNorm: revert_sync_bn first; a parametrized weight "
-            "(torch.nn.utils.parametrize): remove the parametrization first", UserWarning, stacklevel=2)
+        names = ", ".join(f"{n} ({c.__name__})" for n, c in left[:6]) + (", ..." if len(left) > 6 else "")
+        warnings.warn(f"convert_bn left {len(left)} BatchNorm layer(s) of other classes as they are: {names}. "
+                      + "; ".join(dict.fromkeys(_left_advice(c) for _, c in left)), UserWarning, stacklevel=2)
     return converted
+
+
+def _left_advice(cls: type) -> str:
+    """How to make a BatchNorm layer of class ``cls``, which :func:`convert_bn` leaves, one it converts."""
+    if issubclass(cls, nn.SyncBatchNorm):
+        return "SyncBatchNorm: bnkit.torch.revert_sync_bn(model, example_inputs) first"
+    if cls.__name__ == "BatchNormNd":
+        return ("BatchNormNd (any input rank): revert_sync_bn with example_inputs, or from_keras/from_flax with "
+                "ndim=, gives BatchNorm1d/2d/3d")
+    if cls.__name__.startswith("Parametrized"):
+        return ("a parametrized weight: torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') "
+                "first")
+    return f"{cls.__name__} has its own code: swap it yourself"
 
 
 def revert_bn(model: nn.Module) -> nn.Module:

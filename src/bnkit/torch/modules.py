@@ -56,10 +56,10 @@ def write_count(t: torch.Tensor) -> int | None:
         return None
 
 
-def unwrapped(model: nn.Module, *, compile_only: bool = False) -> tuple[nn.Module, list[str]]:
+def unwrapped(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """The module a wrapper runs, and the wrappers peeled off it, outermost first: ``torch.compile``'s
-    ``OptimizedModule`` (``_orig_mod``) and, unless ``compile_only``, ``nn.DataParallel``,
-    ``DistributedDataParallel`` and ``torch.optim.swa_utils.AveragedModel`` (``module``), nested in any order.
+    ``OptimizedModule`` (``_orig_mod``), ``nn.DataParallel``, ``DistributedDataParallel`` and
+    ``torch.optim.swa_utils.AveragedModel`` (``module``), nested in any order.
 
     Tools that trace or export a model, or wrap its layers' forwards per call, work on that module: a compiled
     wrapper would recompile for every call of theirs, and fx and the ONNX exporter cannot read the others.
@@ -70,13 +70,30 @@ def unwrapped(model: nn.Module, *, compile_only: bool = False) -> tuple[nn.Modul
     while True:
         if type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
             inner = model._modules["_orig_mod"]
-        elif not compile_only and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel,
-                                                     AveragedModel)):
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel, AveragedModel)):
             inner = model.module
         else:
             return model, peeled
         peeled.append("torch.compile" if type(model).__name__ == "OptimizedModule" else type(model).__name__)
         model = inner
+
+
+class eager_calls:
+    """Context manager: modules compiled in place (``module.compile()``) are called eagerly inside, as before on
+    exit; tools that wrap layers' forwards per call would make dynamo recompile for every call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.compiled = [(m, m._compiled_call_impl) for m in model.modules()
+                         if getattr(m, "_compiled_call_impl", None) is not None]
+
+    def __enter__(self) -> "eager_calls":
+        for m, _ in self.compiled:
+            m._compiled_call_impl = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for m, call in self.compiled:
+            m._compiled_call_impl = call
 
 
 def channels(bn: nn.Module) -> int:
@@ -177,15 +194,18 @@ class SavedBuffers:
 
     :meth:`restore` attaches each saved tensor under its name again and writes its saved values back,
     so a forward that reassigns a buffer (``self.running_mean = ...``) or adds one leaves no trace.
-    Uninitialized lazy buffers have no values to save: they are only attached again.
+    Uninitialized lazy buffers and inference tensors have no values to save: they are only attached again.
     ``copies``: a saving of the same moment whose copies are reused instead of cloning again.
     """
 
     def __init__(self, modules: list[nn.Module], copies: SavedBuffers | None = None) -> None:
         self.attached = [(m, dict(m._buffers)) for m in modules]
         known = copies.values if copies is not None else {}
+        # an inference tensor (made under torch.inference_mode) cannot be written in place outside it, so no
+        # forward here wrote it: attaching it again is all it needs
         self.values = {id(b): known.get(id(b)) or (b, b.detach().clone())
-                       for _, bufs in self.attached for b in bufs.values() if b is not None and not is_lazy(b)}
+                       for _, bufs in self.attached for b in bufs.values()
+                       if b is not None and not is_lazy(b) and not b.is_inference()}
 
     def before(self, tensor: torch.Tensor) -> torch.Tensor:
         """The saved values of ``tensor`` (one of the saved buffers)."""

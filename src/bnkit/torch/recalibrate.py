@@ -94,7 +94,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm
-from .modules import SavedBuffers, channels, has_stock_forward, is_batchnorm, unwrapped
+from .modules import SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, unwrapped
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
@@ -599,7 +599,9 @@ def recalibrate(
         data: an iterable of batches (e.g. a DataLoader), not a tensor.
         num_batches: stop after this many batches (per rank); default all.
         forward: ``forward(model, batch)`` runs one batch. Default: ``model(batch)``
-            for a tensor, ``model(batch[0])`` for an ``(inputs, targets, ...)`` tuple.
+            for a tensor, ``model(batch[0])`` for an ``(inputs, targets, ...)`` tuple. For a
+            wrapped model (``torch.compile``, DataParallel, DDP, AveragedModel) it receives
+            the module inside, which the pass runs.
         device: move tensors in each batch (also inside tuples/lists/dicts) here first.
         on_nonfinite: ``"raise"`` (default): a batch giving NaN/Inf at any BN
             input raises ``ValueError`` naming the first such layer, changing
@@ -625,7 +627,7 @@ def recalibrate(
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     if num_batches is not None and (int(num_batches) != num_batches or num_batches < 1):
         raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
-    model, _ = unwrapped(model, compile_only=True)  # a compiled model would recompile for every stand-in call
+    model, _ = unwrapped(model)  # the module a wrapper runs; a compiled one would recompile for every stand-in call
     modules = list(model.named_modules())
     layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
     if not layers:
@@ -667,7 +669,8 @@ def recalibrate(
                 handles.append(m.register_forward_hook(lambda *_, own=own: own.restore()))
         batches = data if num_batches is None else itertools.islice(data, int(num_batches))
         error: BaseException | None = None
-        with torch.no_grad(), _progress_bar(progress and _rank() == 0, _total(data, num_batches)) as advance:
+        with torch.no_grad(), eager_calls(model), \
+                _progress_bar(progress and _rank() == 0, _total(data, num_batches)) as advance:
             try:
                 for batch in batches:
                     if device is not None:
