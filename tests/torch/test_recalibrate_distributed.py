@@ -70,6 +70,15 @@ def _worker(rank: int, store: str, out: str) -> None:
             recalibrate(model, shard(rank), forward=forward, progress=False)
         except Exception as exc:  # noqa: BLE001 - record what each rank saw
             results["failure"] = f"{type(exc).__name__}: {exc}"
+
+        class Unstartable:  # a DataLoader whose workers fail to start: iter() raises
+            def __iter__(self):
+                raise OSError("loader workers failed to start")
+
+        try:
+            recalibrate(model, Unstartable() if rank == 1 else shard(rank), num_batches=2, progress=False)
+        except Exception as exc:  # noqa: BLE001 - record what each rank saw
+            results["iter_failure"] = f"{type(exc).__name__}: {exc}"
         results["unchanged"] = all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
         if rank == 0:  # one rank alone (e.g. under `if rank == 0:`): no collective, so no wait for rank 1
             alone = make_model()
@@ -120,6 +129,10 @@ def test_two_gloo_ranks_with_unequal_shards_match_the_union(tmp_path: Path):
     # any other error on one rank: re-raised there, RuntimeError on the other, no hang
     assert results[0]["failure"] == "KeyError: 'broken batch'"
     assert results[1]["failure"].startswith("RuntimeError: recalibration failed on rank(s) [0]")
+    # also when it comes from iter(data) (num_batches= used to take it outside the pass: rank 0 waited for the
+    # process group's timeout)
+    assert results[1]["iter_failure"] == "OSError: loader workers failed to start"
+    assert results[0]["iter_failure"].startswith("RuntimeError: recalibration failed on rank(s) [1]")
     # distributed=False: rank 0's own shard only, as a single process would compute it
     local = make_model()
     recalibrate(local, shard(0), progress=False)

@@ -667,17 +667,18 @@ def recalibrate(
                 handles.append(m.register_forward_pre_hook(acc.hook(i), with_kwargs=True))
                 own = SavedBuffers([m], copies=saved)  # its buffers alone, the copies already made
                 handles.append(m.register_forward_hook(lambda *_, own=own: own.restore()))
-        batches = data if num_batches is None else itertools.islice(data, int(num_batches))
         error: BaseException | None = None
-        with torch.no_grad(), eager_calls(model), \
-                _progress_bar(progress and _rank() == 0, _total(data, num_batches)) as advance:
-            try:
-                for batch in batches:
-                    if device is not None:
-                        batch = _to_device(batch, device)
-                    forward(model, batch)
-                    acc.end_batch()
-                    advance()
+        with torch.no_grad(), eager_calls(model):
+            try:  # len() and iter() of the data run the user's code too: a failure must reach the collective
+                total = _total(data, num_batches)
+                batches = data if num_batches is None else itertools.islice(data, int(num_batches))
+                with _progress_bar(progress and _rank() == 0, total) as advance:
+                    for batch in batches:
+                        if device is not None:
+                            batch = _to_device(batch, device)
+                        forward(model, batch)
+                        acc.end_batch()
+                        advance()
                 acc.fold()
             except _NonFinite as exc:
                 if world == 1:
