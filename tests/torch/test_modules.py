@@ -189,3 +189,25 @@ def test_buffers_made_under_inference_mode_do_not_stop_the_audit():
     fold_plan(model, data[:2], force=True)
     recalibrate(model, [data[:16], data[16:]], progress=False)
     assert model[2].last is cache
+
+
+def test_inputs_go_in_the_dtype_of_the_first_layer_outside_normalization():
+    """A float16 model whose BatchNorm layers are kept in float32 (apex's keep_batchnorm_fp32), a BN first: it runs
+    on float16 inputs, and the audit casts its data to float16, not to the first BN's float32 (the conv then
+    raised 'Input type (float) and bias type (c10::Half)')."""
+    from bnkit.torch import audit
+    from bnkit.torch.modules import input_dtype_device
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).half()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.float()
+            m.num_batches_tracked.fill_(100)
+    model.eval()
+    assert input_dtype_device(model) == (torch.float16, torch.device("cpu"))
+    x = torch.randn(16, 3, 8, 8)
+    report = audit(model, x, batch_size=8)  # float32 data, cast as the model needs
+    assert report.depth == "data" and report.batches == 2
+    bn_only = torch.nn.Sequential(torch.nn.BatchNorm1d(3, affine=False).double())
+    assert input_dtype_device(bn_only)[0] == torch.float64  # no parameters: the buffers say

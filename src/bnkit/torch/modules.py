@@ -107,10 +107,13 @@ def channels(bn: nn.Module) -> int:
 
 
 def input_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    """Where floating inputs for ``model`` go: the dtype and device of its first floating parameter, else buffer
-    (a model of ``affine=False`` BatchNorm layers has only running statistics); the default dtype on the CPU for
-    a model with neither."""
-    source = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    """Where floating inputs for ``model`` go: the dtype and device of its first floating parameter outside
+    normalization layers (mixed-precision recipes keep BatchNorm in float32 inside a float16 model, apex's
+    keep_batchnorm_fp32), else of any parameter, else of a buffer (a model of ``affine=False`` BatchNorm layers has
+    only running statistics); the default dtype on the CPU for a model with none."""
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    outside = (p for m in model.modules() if not isinstance(m, norms) for p in m.parameters(recurse=False))
+    source = next((t for t in (*outside, *model.parameters(), *model.buffers()) if t.is_floating_point()), None)
     if source is None:
         return torch.get_default_dtype(), torch.device("cpu")
     return source.dtype, source.device
