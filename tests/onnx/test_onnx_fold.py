@@ -247,6 +247,27 @@ def test_nan_statistics_are_never_folded():
     assert "non-finite" in report.left["bn"] and "BatchNormalization" in ops(folded)
 
 
+@pytest.mark.parametrize("op", ["Conv", "Gemm", "MatMul"])
+def test_fp16_folds_beyond_the_range_are_left_even_unverified(op):
+    """gamma / sqrt(var + eps) = 2000 times weights of 200: 4e5, beyond float16's 65504. Unverified, the fold
+    wrote inf weights and reported success; such a node is now left with the reason, as fold_bn refuses it."""
+    rng = np.random.default_rng(8)
+    bn = _bn_inits(4, rng, dtype=np.float16)
+    bn["bn.s"][:] = 2.0
+    bn["bn.v"][:] = 1e-6
+    if op == "Conv":
+        w = np.full((4, 3, 1, 1), 200.0, np.float16)
+        x, y, node = [1, 3, 2, 2], [1, 4, 2, 2], helper.make_node("Conv", ["x", "W"], ["h"], name="layer")
+    else:
+        w = np.full((3, 4), 200.0, np.float16)
+        x, y, node = [2, 3], [2, 4], helper.make_node(op, ["x", "W"], ["h"], name="layer")
+    model = _model([node, _bn_node("h", "y", epsilon=1e-6)], [helper.make_tensor_value_info("x", TensorProto.FLOAT16, x)],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT16, y)], {"W": w, **bn})
+    folded, report = fold_model(model, verify=False)
+    assert "beyond float16's range" in report.left["bn"] and not report.folded
+    assert all(np.isfinite(numpy_helper.to_array(t)).all() for t in folded.graph.initializer)
+
+
 def test_fp16_fold_is_computed_in_float64_and_rounded_once():
     rng = np.random.default_rng(6)
     w = rng.standard_normal((8, 3, 3, 3)).astype(np.float16)

@@ -310,6 +310,19 @@ def _weight(folder: _Folder, node: onnx.NodeProto, slot: int, what: str):
     return value, None
 
 
+def _beyond_range(node: onnx.NodeProto, dtype: np.dtype, **values: np.ndarray | None) -> str | None:
+    """Why folded values computed in float64 cannot be stored in the layer's ``dtype`` (finite there, inf in
+    float16 above 65504), or None: the node is then left as it is, as :func:`bnkit.torch.fold_bn` refuses it."""
+    for what, v in values.items():
+        if v is None or not np.isfinite(v).all():
+            continue
+        with np.errstate(over="ignore"):
+            if not np.isfinite(v.astype(dtype)).all():
+                return (f"folding gives {what} beyond {np.dtype(dtype).name}'s range in {node_label(node)!r} "
+                        f"(max |{what}| {np.abs(v).max():.3g}: a variance far below eps' scale, or a large gamma)")
+    return None
+
+
 def _fold_conv_like(
     folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]
 ) -> str | None:
@@ -338,11 +351,15 @@ def _fold_conv_like(
         bias64 = bias.astype(np.float64).reshape(-1)
     else:
         bias64 = np.zeros(a.size)
+    new_bias = a * bias64 + (0.0 if b is None else b) if b is not None or has_bias else None
+    why = _beyond_range(node, w.dtype, weights=w64, bias=new_bias)
+    if why:
+        return why
     folder.set_constant(node, 1, w64.astype(w.dtype), "W", notes)
-    if b is not None or has_bias:
+    if new_bias is not None:
         if not has_bias:
             notes.append("bias added")
-        folder.set_constant(node, 2, (a * bias64 + (0.0 if b is None else b)).astype(w.dtype), "B", notes)
+        folder.set_constant(node, 2, new_bias.astype(w.dtype), "B", notes)
     return None
 
 
@@ -370,6 +387,9 @@ def _fold_gemm(
         notes.append("bias added")
     else:
         c64 = None
+    why = _beyond_range(node, w.dtype, weights=w64, bias=c64)
+    if why:
+        return why
     folder.set_constant(node, 1, w64.astype(w.dtype), "B", notes)
     if c64 is not None:
         folder.set_constant(node, 2, c64.astype(w.dtype), "C", notes)
@@ -390,7 +410,11 @@ def _fold_matmul(
     if folder.rank(node.input[0]) != 2:
         return (f"the first operand of {node_label(node)!r} is not known to be 2-D, so BN's channel axis 1 "
                 "may not be the MatMul's output-feature axis")
-    folder.set_constant(node, 1, (w.astype(np.float64) * a[None, :]).astype(w.dtype), "B", notes)
+    w64 = w.astype(np.float64) * a[None, :]
+    why = _beyond_range(node, w.dtype, weights=w64)
+    if why:
+        return why
+    folder.set_constant(node, 1, w64.astype(w.dtype), "B", notes)
     if b is not None:
         notes.append("BN replaced by Add of the folded shift")
     return None
