@@ -570,6 +570,68 @@ def test_reasons_for_layers_left_speak_of_the_cli_options(tmp_path, monkeypatch)
     assert "--input-shape" in _text(result) and "example_inputs" not in _text(result)
 
 
+def test_a_bfloat16_fold_as_accurate_as_the_model_is_written(tmp_path, monkeypatch):
+    """bfloat16's unit roundoff is 2^-8, so folded and original bf16 outputs differ by about 1e-2 although both are
+    equally far from float64 (1e-2 refused such folds); the check allows 4e-2. Oracle: the float64 model."""
+    import copy
+
+    from bnkit.torch import load_state_dict_file, recalibrate, save_state_dict_file
+
+    (tmp_path / "f9_bf16.py").write_text(
+        "import torch\nfrom torch import nn\n\ndef make():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),\n"
+        "                         nn.Linear(4 * 36, 5), nn.BatchNorm1d(5)).to(torch.bfloat16).eval()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from f9_bf16 import make
+
+    model, g = make(), torch.Generator().manual_seed(1)
+    x = torch.randn(64, 3, 8, 8, generator=g)
+    recalibrate(model, [x[:32].bfloat16(), x[32:].bfloat16()], progress=False)
+    save_state_dict_file(model.state_dict(), tmp_path / "w.safetensors")
+    result = runner.invoke(app, ["fold", "--model", "f9_bf16:make", "--weights", str(tmp_path / "w.safetensors"),
+                                 "--input-shape", "2x3x8x8", "-o", str(tmp_path / "f.pt"), "--json"])
+    assert result.exit_code == 0, result.output
+    folded = load_state_dict_file(tmp_path / "f.pt")
+    exact = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = exact(x.double())
+        err_model = rel_of(model(x.bfloat16()), want)
+        rebuilt = make()
+        rebuilt[1], rebuilt[5] = torch.nn.Identity(), torch.nn.Identity()
+        rebuilt.load_state_dict(folded)
+        err_folded = rel_of(rebuilt(x.bfloat16()), want)
+    assert err_folded < 2 * err_model + 1e-3
+
+
+@pytest.mark.parametrize("dtype,accepted", [("bfloat16", True), ("float16", False)])
+def test_the_fold_check_allows_about_ten_unit_roundoffs_of_the_model_dtype(tmp_path, monkeypatch, dtype, accepted):
+    """A folded bf16 model 1.5e-2 from the original (under 4 of bfloat16's 2^-8 roundoffs) is written; the same
+    difference in float16 (30 of its 2^-11) is refused."""
+    import bnkit.torch
+
+    from bnkit.torch import save_state_dict_file
+
+    real_fold = bnkit.torch.fold_bn
+
+    def fold_off_by(model, example, **kwargs):
+        folded, report = real_fold(model, example, **kwargs)
+        report.max_rel_diff = 1.5e-2
+        return folded, report
+
+    monkeypatch.setattr(bnkit.torch, "fold_bn", fold_off_by)
+    weights = save_state_dict_file(_calibrated_vgg().to(getattr(torch, dtype)).state_dict(), tmp_path / "w.pt")
+    (tmp_path / f"f10_{dtype}.py").write_text(
+        f"import torch\nfrom bnkit.torch.zoo import VGGBN\n\ndef make():\n    return VGGBN().to(torch.{dtype})\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["fold", "--model", f"f10_{dtype}:make", "--weights", str(weights),
+                                 "--input-shape", "2x1x8x8", "-o", str(tmp_path / "f.pt")])
+    assert (result.exit_code == 0) is accepted and (tmp_path / "f.pt").exists() is accepted, result.output
+
+
+def rel_of(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+
 def test_fold_to_onnx_export_refusal_names_the_force_option(tmp_path, monkeypatch):
     import bnkit.torch.export
     from bnkit.torch import save_state_dict_file

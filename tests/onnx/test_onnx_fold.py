@@ -496,6 +496,11 @@ def test_fp16_network_with_fp32_inputs_and_outputs_gets_the_fp16_tolerance():
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])],
                   {"W": np.ones((4, 8, 1, 1), np.float32)})
     assert default_tolerance(fp32) == 1e-4
+    bf16 = _model([helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16),
+                   helper.make_node("Cast", ["xb"], ["y"], to=TensorProto.FLOAT)],
+                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], {})
+    assert default_tolerance(bf16) == 4e-2  # bfloat16's unit roundoff 2^-8: 1e-2 is under 3 of them
 
 
 @pytest.mark.parametrize("transposed,shared", [(True, False), (True, True), (False, True)])

@@ -488,8 +488,8 @@ def fold_model(
     ``verify`` runs the reference (the input, with training BN and Dropout nodes switched when
     ``to_inference``; training Dropout nodes left are seeded alike in both) and the folded model
     in onnxruntime on random inputs and raises :class:`FoldVerificationError` when the norm-wise
-    relative difference exceeds ``rtol`` (default 1e-4, 1e-2 for a graph holding or computing fp16/bf16
-    values: :func:`~bnkit.onnx.verify.default_tolerance`),
+    relative difference exceeds ``rtol`` (default 1e-4, 1e-2 / 4e-2 for a graph holding or computing fp16 /
+    bf16 values: :func:`~bnkit.onnx.verify.default_tolerance`),
     :class:`~bnkit.onnx.verify.OnnxRuntimeError` when onnxruntime cannot run the model (bf16
     convolutions on CPU, custom ops).
     Raises ValueError for a file that is unreadable or fails ``onnx.checker``, and for verification

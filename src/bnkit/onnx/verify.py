@@ -128,7 +128,8 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
 
 
 def default_tolerance(model: onnx.ModelProto) -> float:
-    """Norm-wise relative tolerance for the least precise float the graph holds or computes: 1e-2 fp16/bf16, else 1e-4.
+    """Relative tolerance for the least precise float the graph holds or computes: 4e-2 bf16, 1e-2 fp16, else 1e-4
+    (about 10 unit roundoffs of bfloat16's 2^-8; float16's 2^-11 with more margin).
 
     Read from the graph's inputs, outputs, initializers, ``Cast`` targets and the value types shape
     inference finds, so an fp16 network between fp32 inputs and outputs gets the fp16 tolerance.
@@ -141,4 +142,6 @@ def default_tolerance(model: onnx.ModelProto) -> float:
     except onnx.shape_inference.InferenceError:
         pass  # the declared types below still count
     elems.update(v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info))
-    return 1e-2 if elems & {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16} else 1e-4
+    if onnx.TensorProto.BFLOAT16 in elems:
+        return 4e-2
+    return 1e-2 if onnx.TensorProto.FLOAT16 in elems else 1e-4

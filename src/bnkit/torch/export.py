@@ -103,7 +103,7 @@ def export_onnx(
     ``fold=True`` folds BatchNormalization nodes into the Conv/Gemm before them.
     ``force=True`` writes the file despite error-level audit findings (never despite an
     onnxruntime mismatch beyond ``rtol``, norm-wise relative; by default 1e-4, or 1e-2 for a graph
-    holding or computing fp16/bf16 values, as :func:`bnkit.onnx.fold` uses). The PyTorch side of
+    holding or computing fp16 values, as :func:`bnkit.onnx.fold` uses). The PyTorch side of
     that check runs float32 on CUDA without TF32, as onnxruntime computes
     (:class:`~bnkit.torch.modules.exact_float32`). Raises ValueError for
     BatchNorm layers without running statistics, non-finite or bfloat16 inputs, and
