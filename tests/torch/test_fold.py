@@ -878,3 +878,25 @@ def test_export_onnx_takes_wrappers_and_inference_mode_inputs(tmp_path):
         got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
         with torch.no_grad():
             assert rel_diff(model(x), torch.from_numpy(got)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,mean,noted", [(torch.float16, 200.0, True), (torch.bfloat16, 200.0, True),
+                                              (torch.float16, 0.5, False), (torch.float32, 200.0, False)])
+def test_a_low_precision_fold_before_a_layer_with_offset_inputs_is_noted(dtype, mean, noted):
+    """BN -> Linear in float16 with inputs 200 std from zero: the folded bias cancels the offset in float16, so the
+    folded model is far less accurate than the unfolded one on such data (float64 oracle), which random
+    verification inputs near zero do not show; the report says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].running_mean.fill_(mean)
+        model[0].num_batches_tracked.fill_(1000)
+    model = model.to(dtype).eval()
+    folded, report = fold_bn(model, torch.randn(8, 16).to(dtype))
+    assert any("folded before 1" in n for n in report.notes) is noted
+    if noted:  # the loss it warns of, on data like the statistics
+        x = (mean + torch.randn(64, 16)).to(dtype)  # the inputs as the model gets them
+        exact = copy.deepcopy(model).double()
+        with torch.no_grad():
+            want = exact(x.double())
+            assert rel_diff(want, folded(x)) > 3 * rel_diff(want, model(x))
