@@ -560,3 +560,26 @@ def test_input_shapes_that_do_not_fit_and_a_dynamic_size_too_small_say_so():
         fold_model(model)
     _, report = fold_model(model, input_shapes={"x": [2, 3, 5, 5]})
     assert report.verified and report.input_shapes == {"x": [2, 3, 5, 5]}
+
+
+@pytest.mark.parametrize("case", ["MatMul", "Conv+Add"])
+def test_fp16_shifts_beyond_the_range_are_left_too(case):
+    """gamma / sqrt(var + eps) = 2000 and mean 100: the folded weights fit (20) but the shift -2e5 does not, in the
+    MatMul's new Add constant or in the constant of an Add between the layer and the BN (both were written inf)."""
+    bn = {"bn.s": np.full(4, 2.0, np.float16), "bn.b": np.zeros(4, np.float16),
+          "bn.m": np.full(4, 100.0, np.float16), "bn.v": np.full(4, 1e-6, np.float16)}
+    if case == "MatMul":
+        nodes, inits = [helper.make_node("MatMul", ["x", "W"], ["h"], name="layer")], {"W": np.full((3, 4), 0.01,
+                                                                                                 np.float16)}
+        x, y = [2, 3], [2, 4]
+    else:
+        nodes = [helper.make_node("Conv", ["x", "W"], ["h0"], name="layer"),
+                 helper.make_node("Add", ["h0", "c"], ["h"], name="add")]
+        inits, x, y = {"W": np.full((4, 3, 1, 1), 0.01, np.float16), "c": np.zeros((4, 1, 1), np.float16)}, \
+            [1, 3, 2, 2], [1, 4, 2, 2]
+    model = _model(nodes + [_bn_node("h", "y", epsilon=1e-6)],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT16, x)],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT16, y)], {**inits, **bn})
+    folded, report = fold_model(model, verify=False)
+    assert "beyond float16's range" in report.left["bn"] and not report.folded
+    assert all(np.isfinite(numpy_helper.to_array(t)).all() for t in folded.graph.initializer)

@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import json
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -899,3 +900,37 @@ def test_batches_held_in_a_dataclass_are_cut_to_single_samples():
     data = [_Batch(torch.randn(16, 5)) for _ in range(4)]
     report = audit(model, data, forward=lambda m, b: m(b.x))
     assert not report.ok and report.batch_coupling > 0.1
+
+
+@dataclasses.dataclass
+class _Scaled:
+    """A batch whose construction transforms its tensor: rebuilding it would scale the input again."""
+
+    x: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.x = self.x / 255
+
+
+class _Pair(typing.NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def test_batches_are_copied_field_by_field_not_rebuilt():
+    """A dataclass with __post_init__ (rebuilt, it was scaled twice: a false stat_shift error) and a NamedTuple
+    (type(obj)(generator) raised): both audited as the same data given as plain tensors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)).train()
+    raw = [torch.rand(16, 5) * 255 for _ in range(4)]
+    with torch.no_grad():
+        for _ in range(20):
+            for r in raw:
+                model(r / 255)
+    model.eval()
+    plain = audit(model, [r / 255 for r in raw])
+    scaled = audit(model, [_Scaled(r) for r in raw], forward=lambda m, b: m(b.x))
+    pairs = audit(model, [_Pair(r / 255, torch.zeros(16)) for r in raw])
+    for report in (scaled, pairs):
+        assert report.ok == plain.ok and [s.layer for s in report.shifts] == [s.layer for s in plain.shifts]
+        assert report.shifts[0].score == pytest.approx(plain.shifts[0].score, rel=1e-9)

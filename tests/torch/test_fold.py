@@ -873,7 +873,9 @@ def test_export_onnx_takes_wrappers_and_inference_mode_inputs(tmp_path):
     model, x = zoo_model("vgg")
     with torch.inference_mode():
         xi = x.clone()
-    for i, wrapped in enumerate((nn.DataParallel(model), torch.compile(model, backend="eager"), model)):
+    in_place = copy.deepcopy(model)
+    in_place.compile(backend="eager")
+    for i, wrapped in enumerate((nn.DataParallel(model), torch.compile(model, backend="eager"), in_place, model)):
         path = export_onnx(wrapped, xi, tmp_path / f"m{i}.onnx").path
         got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
         with torch.no_grad():

@@ -211,3 +211,21 @@ def test_inputs_go_in_the_dtype_of_the_first_layer_outside_normalization():
     assert report.depth == "data" and report.batches == 2
     bn_only = torch.nn.Sequential(torch.nn.BatchNorm1d(3, affine=False).double())
     assert input_dtype_device(bn_only)[0] == torch.float64  # no parameters: the buffers say
+    rms_first = torch.nn.Sequential(torch.nn.RMSNorm(5), torch.nn.Linear(5, 3)).half()
+    rms_first[0].float()
+    assert input_dtype_device(rms_first)[0] == torch.float16
+
+
+def test_a_model_built_under_inference_mode_is_refused_clearly():
+    """Its parameters and buffers are inference tensors, which PyTorch lets nobody write outside that mode:
+    recalibrate raised a bare KeyError, fold_bn 'abs(): functions with out=...'; now one message each, nothing
+    changed."""
+    from bnkit.torch import fold_bn, recalibrate
+
+    with torch.inference_mode():
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4)).eval()
+    with pytest.raises(ValueError, match="inference tensors"):
+        recalibrate(model, [torch.randn(8, 5)], progress=False)
+    with pytest.raises(ValueError, match="inference tensors"):
+        fold_bn(model, torch.randn(2, 5))
+    assert bool((model[1].running_var == 1).all())

@@ -273,12 +273,17 @@ class _Folder:
             rank = weight.ndim if target.op_type in ("Conv", "ConvTranspose") else 2
             if c.ndim > rank:
                 return f"the constant added by {node_label(producer)!r} has rank {c.ndim} > the layer output's {rank}"
-        reason = _FOLDERS[target.op_type](self, target, a, None if shift else b, notes)
+            channel = (-1,) + (1,) * (rank - 2)
+            shifted = a.reshape(channel) * c.astype(np.float64) + b.reshape(channel)
+            too_big = _beyond_range(producer, c.dtype, shift=shifted)
+        elif target.op_type == "MatMul" and (weight := self.index.constant(target.input[1])) is not None:
+            too_big = _beyond_range(target, weight.dtype, shift=b)  # it becomes an Add of a constant of that dtype
+        else:
+            too_big = None
+        reason = too_big or _FOLDERS[target.op_type](self, target, a, None if shift else b, notes)
         if reason:
             return reason
         if shift is not None:
-            channel = (-1,) + (1,) * (rank - 2)
-            shifted = a.reshape(channel) * c.astype(np.float64) + b.reshape(channel)
             self.set_constant(producer, slot, shifted.astype(c.dtype), "shift", notes)
             notes.append(f"shift folded into {node_label(producer)!r}")
             producer.output[0] = node.output[0]

@@ -7,6 +7,7 @@ forward fails.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -133,12 +134,15 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(obj, np.ndarray):
         return fn(torch.from_numpy(obj))
     if isinstance(obj, (tuple, list)):
-        return type(obj)(map_tensors(o, fn) for o in obj)
+        mapped = [map_tensors(o, fn) for o in obj]
+        return type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)  # a NamedTuple takes fields
     if isinstance(obj, Mapping):
         return {k: map_tensors(v, fn) for k, v in obj.items()}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # as flatten_tensors reads it
-        return dataclasses.replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn)
-                                           for f in dataclasses.fields(obj) if f.init})
+        new = copy.copy(obj)  # no __init__ / __post_init__ again: the fields as they are, each mapped
+        for f in dataclasses.fields(obj):
+            object.__setattr__(new, f.name, map_tensors(getattr(obj, f.name), fn))
+        return new
     return obj
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..atomic import atomic_path, check_target
 from .freeze import kept_requested_modes
-from .modules import bn_layers, eval_mode, exact_float32, unwrapped
+from .modules import bn_layers, eager_calls, eval_mode, exact_float32, unwrapped
 
 __all__ = ["export_onnx", "ExportReport", "ExportVerificationError"]
 
@@ -102,8 +102,8 @@ def export_onnx(
 
     ``fold=True`` folds BatchNormalization nodes into the Conv/Gemm before them.
     ``force=True`` writes the file despite error-level audit findings (never despite an
-    onnxruntime mismatch beyond ``rtol``, norm-wise relative; by default 1e-4, or 1e-2 for a graph
-    holding or computing fp16 values, as :func:`bnkit.onnx.fold` uses). The PyTorch side of
+    onnxruntime mismatch beyond ``rtol``, norm-wise relative; by default 1e-4, or 1e-2 / 4e-2 for a graph
+    holding or computing fp16 / bf16 values, as :func:`bnkit.onnx.fold` uses). The PyTorch side of
     that check runs float32 on CUDA without TF32, as onnxruntime computes
     (:class:`~bnkit.torch.modules.exact_float32`). Raises ValueError for
     BatchNorm layers without running statistics, non-finite or bfloat16 inputs, and
@@ -134,7 +134,8 @@ def export_onnx(
     batch = inputs[0].shape[0] if inputs[0].dim() else 0
     single = dynamic_batch and batch > 1 and all(t.dim() and t.shape[0] == batch for t in inputs)
     checks = [inputs] + ([tuple(t[:1] for t in inputs)] if single else [])
-    with eval_mode(model), kept_requested_modes(model):  # torch.onnx.export calls model.train() twice
+    # torch.onnx.export calls model.train() twice, and cannot trace modules compiled in place
+    with eval_mode(model), kept_requested_modes(model), eager_calls(model):
         with torch.no_grad(), exact_float32():  # what onnxruntime computes: float32 without TF32
             expected = [_flatten(model(*inputs))]
             if single:

@@ -463,10 +463,10 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
 def _left_advice(cls: type) -> str:
     """How to make a BatchNorm layer of class ``cls``, which :func:`convert_bn` leaves, one it converts."""
     if issubclass(cls, nn.SyncBatchNorm):
-        return "SyncBatchNorm: bnkit.torch.revert_sync_bn(model, example_inputs) first"
+        return "SyncBatchNorm: model = bnkit.torch.revert_sync_bn(model, example_inputs) first (it returns a copy)"
     if cls.__name__ == "BatchNormNd":
-        return ("BatchNormNd (any input rank): revert_sync_bn with example_inputs, or from_keras/from_flax with "
-                "ndim=, gives BatchNorm1d/2d/3d")
+        return ("BatchNormNd (any input rank): redo the conversion that made it with the rank known "
+                "(revert_sync_bn with example_inputs, from_keras/from_flax with ndim=) to get BatchNorm1d/2d/3d")
     if cls.__name__.startswith("Parametrized"):
         return ("a parametrized weight: torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') "
                 "first")

@@ -56,10 +56,12 @@ def write_count(t: torch.Tensor) -> int | None:
         return None
 
 
-def unwrapped(model: nn.Module) -> tuple[nn.Module, list[str]]:
+def unwrapped(model: nn.Module, *, parallel: bool = True) -> tuple[nn.Module, list[str]]:
     """The module a wrapper runs, and the wrappers peeled off it, outermost first: ``torch.compile``'s
-    ``OptimizedModule`` (``_orig_mod``), ``nn.DataParallel``, ``DistributedDataParallel`` and
-    ``torch.optim.swa_utils.AveragedModel`` (``module``), nested in any order.
+    ``OptimizedModule`` (``_orig_mod``), ``torch.optim.swa_utils.AveragedModel`` and, with ``parallel``,
+    ``nn.DataParallel`` and ``DistributedDataParallel`` (``module``), nested in any order. A tool that feeds the
+    model batches as the user gives them keeps the parallel wrappers (``parallel=False``): they move inputs to
+    their devices.
 
     Tools that trace or export a model, or wrap its layers' forwards per call, work on that module: a compiled
     wrapper would recompile for every call of theirs, and fx and the ONNX exporter cannot read the others.
@@ -70,7 +72,8 @@ def unwrapped(model: nn.Module) -> tuple[nn.Module, list[str]]:
     while True:
         if type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
             inner = model._modules["_orig_mod"]
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel, AveragedModel)):
+        elif isinstance(model, AveragedModel) or (
+                parallel and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))):
             inner = model.module
         else:
             return model, peeled
@@ -111,7 +114,7 @@ def input_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     normalization layers (mixed-precision recipes keep BatchNorm in float32 inside a float16 model, apex's
     keep_batchnorm_fp32), else of any parameter, else of a buffer (a model of ``affine=False`` BatchNorm layers has
     only running statistics); the default dtype on the CPU for a model with none."""
-    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
     outside = (p for m in model.modules() if not isinstance(m, norms) for p in m.parameters(recurse=False))
     source = next((t for t in (*outside, *model.parameters(), *model.buffers()) if t.is_floating_point()), None)
     if source is None:

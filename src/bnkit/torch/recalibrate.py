@@ -600,8 +600,8 @@ def recalibrate(
         num_batches: stop after this many batches (per rank); default all.
         forward: ``forward(model, batch)`` runs one batch. Default: ``model(batch)``
             for a tensor, ``model(batch[0])`` for an ``(inputs, targets, ...)`` tuple. For a
-            wrapped model (``torch.compile``, DataParallel, DDP, AveragedModel) it receives
-            the module inside, which the pass runs.
+            model wrapped by ``torch.compile`` or ``AveragedModel`` it receives the module inside,
+            which the pass runs (DataParallel and DDP are run as they are).
         device: move tensors in each batch (also inside tuples/lists/dicts) here first.
         on_nonfinite: ``"raise"`` (default): a batch giving NaN/Inf at any BN
             input raises ``ValueError`` naming the first such layer, changing
@@ -627,7 +627,9 @@ def recalibrate(
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     if num_batches is not None and (int(num_batches) != num_batches or num_batches < 1):
         raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
-    model, _ = unwrapped(model)  # the module a wrapper runs; a compiled one would recompile for every stand-in call
+    # the module a wrapper runs (a compiled one would recompile for every stand-in call); DataParallel and DDP stay:
+    # they move the batches, as given, to their devices
+    model, _ = unwrapped(model, parallel=False)
     modules = list(model.named_modules())
     layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
     if not layers:
@@ -635,6 +637,12 @@ def recalibrate(
     for name, module in layers:
         if nn.parameter.is_lazy(module.running_mean):
             raise ValueError(f"BatchNorm layer {name!r} is lazy and not initialized yet: run one forward pass first")
+        if any(t is not None and t.is_inference() for t in (module.running_mean, module.running_var,
+                                                              module.num_batches_tracked)):
+            raise ValueError(
+                f"BatchNorm layer {name!r} holds inference tensors (the model was built or loaded under "
+                "torch.inference_mode), which cannot be written outside it: build or load the model outside "
+                "inference_mode, or give the layer copies of them (.clone())")
     dropout = [n for n, m in modules if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
     if dropout:
         warnings.warn(
