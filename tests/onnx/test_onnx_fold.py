@@ -583,3 +583,25 @@ def test_fp16_shifts_beyond_the_range_are_left_too(case):
     folded, report = fold_model(model, verify=False)
     assert "beyond float16's range" in report.left["bn"] and not report.folded
     assert all(np.isfinite(numpy_helper.to_array(t)).all() for t in folded.graph.initializer)
+
+
+@pytest.mark.parametrize("negative", [False, True])
+def test_statistics_stored_through_a_cast_are_read_as_constants(negative):
+    """float16 initializers Cast to float32, as mixed-precision converters keep BatchNormalization in float32: the
+    audit checks them (a negative variance is the error onnxruntime's NaN outputs show) and a clean node folds."""
+    rng = np.random.default_rng(9)
+    inits = {"W": rng.standard_normal((4, 3, 3, 3)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv")]
+    var = np.array([-1.0, 1, 1, 1] if negative else [1.0, 2, 1, 0.5])
+    for key, value in zip("sbmv", (np.ones(4), np.zeros(4), rng.standard_normal(4), var)):
+        inits[f"h.{key}"] = value.astype(np.float16)
+        nodes.append(helper.make_node("Cast", [f"h.{key}"], [f"bn.{key}"], to=TensorProto.FLOAT))
+    model = _model(nodes + [_bn_node("h", "y")], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 4, 4])], inits, opset=15)
+    nan_outputs = bool(np.isnan(ort_run(model, _feeds(model))[0]).any())
+    codes = {f.code for f in audit(model).findings}
+    assert nan_outputs is negative and ("negative_var" in codes) is negative and "not_constant" not in codes
+    if not negative:
+        folded, report = fold_model(model)
+        assert report.folded and "BatchNormalization" not in ops(folded)
+        _check_exact(model, folded)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 __all__ = ["load_model", "opset_version", "GraphIndex", "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label",
            "training_dropouts"]
@@ -136,6 +136,10 @@ class GraphIndex:
             if node.op_type == "Transpose":
                 value = self.constant(node.input[0], defaults=defaults)
                 return None if value is None else np.transpose(value, attribute(node, "perm"))  # None: reversed
+            if node.op_type == "Cast":  # float16 storage read as float32, as mixed-precision converters write it
+                value = self.constant(node.input[0], defaults=defaults)
+                to = helper.tensor_dtype_to_np_dtype(int(attribute(node, "to")))
+                return None if value is None else value.astype(to)
             return None
         return None
 
