@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -60,9 +61,14 @@ def test_training_mode_export_is_an_error(opset, calibrated, export, tmp_path):
 def test_hand_built_training_mode_node_and_extra_outputs():
     report = audit(_bn_model(**GOOD, training_mode=1, outputs=("y", "rm", "rv")))
     assert [f.code for f in report.findings] == ["training_mode"] and report.findings[0].layer == "bn"
-    report = audit(_bn_model(**GOOD, opset=15, training_mode=0, outputs=("y", "rm", "rv")))
-    assert report.ok and [f.code for f in report.findings] == ["extra_outputs"]
-    assert report.findings[0].severity == "warning"
+    model = _bn_model(**GOOD, opset=15, training_mode=0, outputs=("y", "rm", "rv"))
+    report = audit(model)
+    assert not report.ok and [f.code for f in report.findings] == ["extra_outputs"]
+    assert report.findings[0].severity == "error"  # what onnxruntime and the full check say of it:
+    with pytest.raises(Exception, match="should be 1 when Training_mode = False"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="should be 1 when Training_mode = False"):
+        onnx.checker.check_model(model, full_check=True)
 
 
 def test_opset_6_training_node_is_named_for_its_is_test_attribute():

@@ -73,17 +73,18 @@ def _node_findings(bn: BNNode) -> list[Finding]:
             "or bnkit.torch.export_onnx; `bnkit fold --to-inference` switches an existing file",
             "training_mode", {"opset": bn.opset, "extra_outputs": bn.extra_outputs}))
     elif bn.extra_outputs:
+        refused = "; onnxruntime refuses to load the model and onnx.checker's full check fails" if bn.opset >= 14 else ""
         findings.append(Finding(
-            "warning", bn.name, "extra running-statistic outputs on an inference node",
-            f"outputs {bn.extra_outputs} beside Y; the ONNX spec allows them only with training_mode=1",
+            "error" if refused else "warning", bn.name, "extra running-statistic outputs on an inference node",
+            f"outputs {bn.extra_outputs} beside Y; the ONNX spec allows them only with training_mode=1{refused}",
             "re-export in eval mode, or `bnkit fold` (removes them where unused)",
             "extra_outputs", {"extra_outputs": bn.extra_outputs}))
-    if len(bn.node.output) > 1 and not bn.extra_outputs:
+    if "" in bn.node.output[1:]:
         findings.append(Finding(
             "warning", bn.name, "blank running-statistic outputs",
-            f"outputs {list(bn.node.output)}: every optional output is named \"\" (absent), which crashes "
-            "onnxruntime 1.32 (segmentation fault) when the model is loaded",
-            "`bnkit fold` drops them (add --to-inference for a training-mode node)",
+            f"outputs {list(bn.node.output)}: an optional output named \"\" (absent) crashes onnxruntime 1.32 "
+            "(segmentation fault) when the model is loaded",
+            "`bnkit fold` drops them from an inference node (add --to-inference for a training-mode one)",
             "blank_outputs", {"outputs": list(bn.node.output)}))
     for note in bn.notes:
         findings.append(Finding("warning", bn.name, "unusual BatchNormalization attribute", note,

@@ -152,8 +152,6 @@ class _Folder:
         self.taken.update(i.name for i in self.graph.input)
         self.index = GraphIndex(self.graph)
         self._ranks: dict[str, int] | None = None
-        #: training nodes whose running-statistic outputs are all blank names: onnxruntime 1.32 crashes on them
-        self.blank_training: list[str] = []
 
     def reindex(self) -> None:
         self.index = GraphIndex(self.graph)
@@ -164,8 +162,6 @@ class _Folder:
         read = [o for o in bn.extra_outputs if self.index.readers(o)]
         node = bn.node
         if bn.training and not to_inference:
-            if not bn.extra_outputs and len(node.output) > 1:
-                self.blank_training.append(bn.name)
             kept = ("in opset 9-13 they are what selects training mode" if self.opset < 14
                     else "training_mode=1 requires all three outputs")
             return (f"training mode: it normalises with batch statistics, and its outputs {bn.extra_outputs} stay "
@@ -173,7 +169,7 @@ class _Folder:
                     "to use its running statistics instead")
         if read:
             return f"its running-statistic outputs {read} are read by other nodes or are graph outputs"
-        if len(node.output) > 1:  # blank ("") names too: absent outputs, which crash onnxruntime 1.32 when all blank
+        if len(node.output) > 1:  # blank ("") names too: absent outputs, which crash onnxruntime 1.32
             self.report.removed_outputs.extend(bn.extra_outputs)
             del node.output[1:]
         if bn.training:
@@ -509,10 +505,19 @@ def fold_model(
     folder = _Folder(work, report)
     read_before = {name for name in folder.index.initializers | folder.index.producer if folder.index.readers(name)}
 
+    nodes = bn_nodes(work.graph, folder.opset, folder.index)
+    stuck = [bn.name for bn in nodes if bn.training and (bn.in_subgraph or folder.opset < 9)]
+    if to_inference and stuck:
+        raise ValueError(
+            f"cannot switch training-mode BatchNormalization nodes {stuck} to inference: bnkit rewrites only nodes of "
+            "the main graph in opset 9 or later, and these are inside an If/Loop/Scan body or older; re-export the "
+            "model in eval mode (nothing written)")
     candidates = []
-    for bn in bn_nodes(work.graph, folder.opset, folder.index):
+    for bn in nodes:
         if bn.in_subgraph:
             report.left[bn.name] = "inside a subgraph (If/Loop/Scan body): not folded"
+            if not bn.training and not bn.extra_outputs and len(bn.node.output) > 1:  # blank names only: absent
+                del bn.node.output[1:]  # outputs, which crash onnxruntime 1.32; dropping them changes nothing
         elif folder.opset < 9:
             report.left[bn.name] = f"opset {folder.opset} BatchNormalization (before opset 9) is not supported"
         elif (why := folder.tidy_outputs(bn, to_inference)) is not None:
@@ -537,11 +542,12 @@ def fold_model(
         raise RuntimeError(f"the folded model fails onnx.checker: {exc}") from exc
 
     if verify:
-        if folder.blank_training:
+        crashing = [b.name for b in bn_nodes(work.graph, folder.opset) if "" in b.node.output[1:]]
+        if crashing:
             raise OnnxRuntimeError(
-                f"BatchNormalization nodes {folder.blank_training} are in training mode with only blank (\"\") "
-                "running-statistic outputs, which crash onnxruntime (1.32, segmentation fault), so the model cannot "
-                "be verified; pass to_inference=True (--to-inference) to switch them, or verify=False (--no-verify)")
+                f"BatchNormalization nodes {crashing} keep blank (\"\") optional outputs, which crash onnxruntime "
+                "(1.32, segmentation fault), so the model cannot be verified; pass to_inference=True "
+                "(--to-inference) to switch training-mode ones, or verify=False (--no-verify)")
         feeds = random_inputs(reference, input_shapes=input_shapes, dynamic_size=dynamic_size)
         report.input_shapes = {k: list(v.shape) for k, v in feeds.items()}
         report.tolerance = default_tolerance(reference) if rtol is None else rtol
