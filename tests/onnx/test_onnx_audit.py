@@ -254,3 +254,25 @@ def test_fold_verifies_a_model_with_a_scalar_bool_input(tmp_path):
     onnx.save(model, tmp_path / "if.onnx")
     report = fold(tmp_path / "if.onnx", tmp_path / "out.onnx")
     assert report.max_abs_diff == 0.0 and "branch/inner_bn" in report.left
+
+
+@pytest.mark.parametrize("negative", [False, True])
+def test_spatial_0_statistics_of_shape_c_h_w_are_checked_per_position(negative):
+    """Opset 7 spatial=0: the spec gives scale, B, mean and var the shape (C, H, W). They were called inconsistent
+    (an error on a node onnxruntime runs); a negative variance there is the error onnxruntime's NaN shows."""
+    rng = np.random.default_rng(3)
+    var = rng.uniform(0.5, 2.0, (2, 3, 3))
+    if negative:
+        var[1, 2, 0] = -1.0
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+             (("s", np.ones((2, 3, 3))), ("b", np.zeros((2, 3, 3))), ("m", rng.standard_normal((2, 3, 3))), ("v", var))]
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name="bn", spatial=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, 3, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    nan = bool(np.isnan(session.run(None, {"x": rng.standard_normal((2, 2, 3, 3)).astype(np.float32)})[0]).any())
+    report = audit(model)
+    codes = {f.code for f in report.findings if f.severity == "error"}
+    assert nan is negative and codes == ({"negative_var"} if negative else set())

@@ -103,7 +103,11 @@ def _node_findings(bn: BNNode) -> list[Finding]:
             f"{', '.join(bn.overridable)} are graph inputs with stored values (initializers also listed as "
             "inputs): the stored values, checked here, run unless a caller feeds others; `bnkit fold` leaves them",
             fix + ", opset >= 9", "overridable", {"overridable": bn.overridable}))
-    stats = BNStats(name=bn.name, running_mean=bn.mean, running_var=bn.var, weight=bn.scale, bias=bn.bias,
+    arrays = (bn.mean, bn.var, bn.scale, bn.bias)
+    if any(n.startswith("spatial=0") for n in bn.notes) and len({a.shape for a in arrays}) == 1:
+        arrays = tuple(a.reshape(-1) for a in arrays)  # one statistic per (channel, position): (C, H, W) each
+    mean, var, scale, bias = arrays
+    stats = BNStats(name=bn.name, running_mean=mean, running_var=var, weight=scale, bias=bias,
                     eps=bn.epsilon, momentum=1.0 - bn.momentum)
     return findings + check_bn_stats(stats)
 
