@@ -261,6 +261,12 @@ class _Folder:
         notes: list[str] = []
         if (bn.mean == 0).all() and (bn.var == 1).all():
             notes.append("statistics look never updated (mean 0, var 1): folded as stored; see bnkit audit")
+        stored = self.index.constant(target.input[1]) if len(target.input) > 1 else None
+        offset = float(np.max(np.abs(bn.mean) / np.sqrt(bn.var + bn.epsilon))) if np.all(bn.var + bn.epsilon > 0) else 0.0
+        if stored is not None and stored.dtype.name in ("float16", "bfloat16") and offset > _SHIFT_NOTE_RATIO:
+            notes.append(f"{stored.dtype.name} weights with layer outputs up to {offset:.3g} std from zero: the folded "
+                         "weights, rounded to that precision after scaling, lose about as many times it on real data "
+                         "(random verification inputs do not show it); verify on real data")
         if shift is not None:
             slot, c = shift
             weight = self.index.constant(target.input[1]) if len(target.input) > 1 else None
@@ -309,6 +315,10 @@ def _weight(folder: _Folder, node: onnx.NodeProto, slot: int, what: str):
     if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
         return None, f"the {what} of {node_label(node)!r} is {value.dtype}, not floating point"
     return value, None
+
+
+#: |mean| / sqrt(var + eps) above which a float16/bfloat16 fold gets a note (as bnkit.torch.fold_bn's).
+_SHIFT_NOTE_RATIO = 8.0
 
 
 def _beyond_range(node: onnx.NodeProto, dtype: np.dtype, **values: np.ndarray | None) -> str | None:
