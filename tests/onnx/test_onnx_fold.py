@@ -645,7 +645,7 @@ def test_to_inference_refuses_training_nodes_it_cannot_switch():
                            helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
                    {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=15)
-    with pytest.raises(ValueError, match="cannot switch training-mode BatchNormalization"):
+    with pytest.raises(ValueError, match="cannot switch training-mode nodes"):
         fold_model(model, to_inference=True)
 
 
@@ -664,3 +664,27 @@ def test_fp16_folds_of_outputs_far_from_zero_are_noted(offset, noted):
                    {"W": (0.2 * rng.standard_normal((4, 3, 1, 1))).astype(np.float16), **bn})
     _, report = fold_model(model)
     assert any("std from zero" in n for n in report.folded[0].notes) is noted
+
+
+def test_a_training_dropout_inside_an_if_body_is_audited_seeded_and_not_switched():
+    """A Dropout with training_mode true in an If branch: the audit warns, verification seeds it like a top-level
+    one (two runs drew different masks: 'outputs differ' blamed a correct fold), and --to-inference refuses it."""
+    from bnkit.onnx import audit
+
+    rng = np.random.default_rng(17)
+    then = helper.make_graph([helper.make_node("Dropout", ["y", "ratio", "tm"], ["yd"], name="drop")], "then", [],
+                             [helper.make_tensor_value_info("yd", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["y"], ["ye"])], "else", [],
+                              [helper.make_tensor_value_info("ye", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y"),
+             helper.make_node("If", ["c"], ["out"], name="if", then_branch=then, else_branch=other)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4]),
+                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                   [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 4, 4])],
+                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), "ratio": np.array(0.5, np.float32),
+                    "tm": np.array(True), **_bn_inits(3, rng)}, opset=15)
+    assert "dropout_training" in {f.code for f in audit(model).findings}
+    folded, report = fold_model(model, input_shapes={"x": [2, 2, 4, 4], "c": []})
+    assert report.verified and "BatchNormalization" not in ops(folded)
+    with pytest.raises(ValueError, match=r"cannot switch training-mode nodes \['drop'\]"):
+        fold_model(model, to_inference=True)

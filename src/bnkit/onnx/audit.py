@@ -113,13 +113,14 @@ def _node_findings(bn: BNNode) -> list[Finding]:
 
 
 def _dropout_findings(graph: onnx.GraphProto, opset: int) -> list[Finding]:
-    """A warning per top-level Dropout whose ``training_mode`` input is a constant true (ONNX Dropout-12+)."""
+    """A warning per Dropout (If/Loop/Scan bodies too) whose ``training_mode`` input is a constant true (ONNX
+    Dropout-12+)."""
     return [Finding("warning", node_label(node), "Dropout in training mode",
                     "its training_mode input is true: every run zeroes a random part of the values and rescales "
                     "the rest, so outputs are random",
                     "export with the model in eval mode, or `bnkit fold --to-inference` (switches it to inference)",
                     "dropout_training")
-            for node, known in training_dropouts(graph, opset) if known]
+            for node, known in training_dropouts(graph, opset, nested=True) if known]
 
 
 def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:

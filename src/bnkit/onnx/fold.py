@@ -456,7 +456,7 @@ def _dropouts_to_inference(graph: onnx.GraphProto, opset: int, report: OnnxFoldR
 def _seeded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """A copy whose training-mode Dropout nodes draw their masks from a fixed seed (for verification only)."""
     copy = load_model(model)
-    for node, _ in training_dropouts(copy.graph, opset):
+    for node, _ in training_dropouts(copy.graph, opset, nested=True):
         for attr in [a for a in node.attribute if a.name == "seed"]:
             node.attribute.remove(attr)
         node.attribute.append(helper.make_attribute("seed", 0))
@@ -517,11 +517,14 @@ def fold_model(
 
     nodes = bn_nodes(work.graph, folder.opset, folder.index)
     stuck = [bn.name for bn in nodes if bn.training and (bn.in_subgraph or folder.opset < 9)]
+    top = {id(n) for n, _ in training_dropouts(work.graph, folder.opset, folder.index)}
+    stuck += [node_label(n) for n, known in training_dropouts(work.graph, folder.opset, folder.index, nested=True)
+              if known and id(n) not in top]
     if to_inference and stuck:
         raise ValueError(
-            f"cannot switch training-mode BatchNormalization nodes {stuck} to inference: bnkit rewrites only nodes of "
-            "the main graph in opset 9 or later, and these are inside an If/Loop/Scan body or older; re-export the "
-            "model in eval mode (nothing written)")
+            f"cannot switch training-mode nodes {stuck} to inference: bnkit rewrites only BatchNormalization and "
+            "Dropout nodes of the main graph (BatchNormalization in opset 9 or later), and these are inside an "
+            "If/Loop/Scan body or older; re-export the model in eval mode (nothing written)")
     candidates = []
     for bn in nodes:
         if bn.in_subgraph:

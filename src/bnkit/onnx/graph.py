@@ -247,9 +247,10 @@ def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None
 
 
 def training_dropouts(
-    graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None
+    graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None, *, nested: bool = False
 ) -> list[tuple[onnx.NodeProto, bool]]:
-    """``(node, mode known)`` for each top-level Dropout whose ``training_mode`` input may be true.
+    """``(node, mode known)`` for each top-level Dropout (``nested``: in If/Loop/Scan bodies too) whose
+    ``training_mode`` input may be true.
 
     ONNX Dropout-12+ (onnx/defs/nn/defs.cc) drops values at random only when its optional
     ``training_mode`` input is true; before opset 12 the graph holds no mode. ``mode known`` is
@@ -260,6 +261,9 @@ def training_dropouts(
     index = index or GraphIndex(graph)
     found = []
     for node in graph.node:
+        if nested:
+            for sub in subgraphs(node):
+                found.extend(training_dropouts(sub, opset, GraphIndex(sub, outer=index), nested=True))
         if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx") or len(node.input) < 3 or not node.input[2]:
             continue
         mode = index.constant(node.input[2])
