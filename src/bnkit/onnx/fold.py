@@ -569,8 +569,9 @@ def fold_model(
         except OnnxRuntimeError as exc:
             raise OnnxRuntimeError(
                 f"{exc}\nthe input model cannot be run on the verification inputs {report.input_shapes} (dynamic "
-                f"dimensions set to {dynamic_size}): give shapes that fit it (input_shapes / --input-shape "
-                "NAME=SHAPE), or pass verify=False (--no-verify) to fold without the check") from None
+                f"dimensions set to {dynamic_size}): if they do not fit it, give shapes that fit it (input_shapes / "
+                "--input-shape NAME=SHAPE); if onnxruntime cannot run it at all (an op or dtype it lacks), pass "
+                "verify=False (--no-verify) to fold without the check") from None
         report.max_abs_diff, report.max_rel_diff = compare(expected, run(_seeded(work, folder.opset), feeds))
         if not report.verified:
             raise FoldVerificationError(
