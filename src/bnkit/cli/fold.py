@@ -216,8 +216,9 @@ def fold_command(
         None, "--model", help="PyTorch model: 'package.module:factory' (called with no arguments) or "
         "'package.module:name' of an nn.Module object."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="State dict for --model (.pt/.pth/.safetensors)."),
-    input_shape: List[str] = typer.Option([], "--input-shape", help="ONNX: NAME=1x3x224x224 (repeatable; dynamic dims default to 2). PyTorch: 1x3x224x224 (a random "
-                                         "input in the model's dtype)."),
+    input_shape: List[str] = typer.Option(
+        [], "--input-shape", help="ONNX: NAME=1x3x224x224 (repeatable; dynamic dims default to 2). PyTorch: "
+        "1x3x224x224 (a random input in the model's dtype)."),
     to_inference: bool = typer.Option(False, "--to-inference", help="ONNX: switch training-mode BatchNormalization to its running statistics."),
     force: bool = typer.Option(
         False, "--force", help="PyTorch: fold layers in training mode or with never-updated statistics (to .onnx: "

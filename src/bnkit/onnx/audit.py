@@ -73,7 +73,8 @@ def _node_findings(bn: BNNode) -> list[Finding]:
             "or bnkit.torch.export_onnx; `bnkit fold --to-inference` switches an existing file",
             "training_mode", {"opset": bn.opset, "extra_outputs": bn.extra_outputs}))
     elif bn.extra_outputs:
-        refused = "; onnxruntime refuses to load the model and onnx.checker's full check fails" if bn.opset >= 14 else ""
+        refused = ("; onnxruntime refuses to load the model and onnx.checker's full check fails" if bn.opset >= 14
+                   else "")
         findings.append(Finding(
             "error" if refused else "warning", bn.name, "extra running-statistic outputs on an inference node",
             f"outputs {bn.extra_outputs} beside Y; the ONNX spec allows them only with training_mode=1{refused}",

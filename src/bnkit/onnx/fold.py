@@ -262,7 +262,8 @@ class _Folder:
         if (bn.mean == 0).all() and (bn.var == 1).all():
             notes.append("statistics look never updated (mean 0, var 1): folded as stored; see bnkit audit")
         stored = self.index.constant(target.input[1]) if len(target.input) > 1 else None
-        offset = float(np.max(np.abs(bn.mean) / np.sqrt(bn.var + bn.epsilon))) if np.all(bn.var + bn.epsilon > 0) else 0.0
+        spread = bn.var + bn.epsilon
+        offset = float(np.max(np.abs(bn.mean) / np.sqrt(spread))) if np.all(spread > 0) else 0.0
         if stored is not None and stored.dtype.name in ("float16", "bfloat16") and offset > _SHIFT_NOTE_RATIO:
             notes.append(f"{stored.dtype.name} weights with layer outputs up to {offset:.3g} std from zero: the folded "
                          "weights, rounded to that precision after scaling, lose about as many times it on real data "

@@ -217,7 +217,8 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
 
     A state dict saved from ``DistributedDataParallel``/``DataParallel`` (every key starts with
     ``module.``) or from ``torch.compile`` (``_orig_mod.``), or from several nested in any order, is loaded
-    with the prefixes removed when the model's own keys do not carry them. So is a ``torch.optim.swa_utils.AveragedModel`` state dict
+    with the prefixes removed when the model's own keys do not carry them. So is a
+    ``torch.optim.swa_utils.AveragedModel`` state dict
     (SWA/EMA: ``n_averaged`` and every other key under ``module.``), with its ``n_averaged`` counter
     dropped: it loads as the averaged model. A mismatch raises ``ValueError`` listing a few missing and
     unexpected keys (and the prefix, if one would explain them) instead of torch's full key dump.
