@@ -216,16 +216,22 @@ def test_inputs_go_in_the_dtype_of_the_first_layer_outside_normalization():
     assert input_dtype_device(rms_first)[0] == torch.float16
 
 
-def test_a_model_built_under_inference_mode_is_refused_clearly():
+def test_a_model_built_under_inference_mode():
     """Its parameters and buffers are inference tensors, which PyTorch lets nobody write outside that mode:
-    recalibrate raised a bare KeyError, fold_bn 'abs(): functions with out=...'; now one message each, nothing
-    changed."""
+    recalibrate (it writes the statistics) refuses it with one message (it raised a bare KeyError), nothing
+    changed; fold_bn only reads them and folds it with grad mode on too (it raised 'abs(): functions with
+    out=...'). Oracle: the model's own eval output."""
     from bnkit.torch import fold_bn, recalibrate
 
     with torch.inference_mode():
         model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4)).eval()
+        model[1].running_mean.add_(0.5)
+        model[1].num_batches_tracked.fill_(10)
     with pytest.raises(ValueError, match="inference tensors"):
         recalibrate(model, [torch.randn(8, 5)], progress=False)
-    with pytest.raises(ValueError, match="inference tensors"):
-        fold_bn(model, torch.randn(2, 5))
     assert bool((model[1].running_var == 1).all())
+    x = torch.randn(3, 5)
+    folded, report = fold_bn(model, x)
+    assert report.n_folded == 1 and report.max_rel_diff < 1e-6
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))

@@ -33,6 +33,13 @@ def make_model() -> nn.Module:
     return model.eval()
 
 
+def ddp_ready_model() -> nn.Module:
+    """make_model without its SyncBatchNorm, which DDP takes only on GPU modules."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 6),
+                         nn.BatchNorm1d(6)).eval()
+
+
 def shard(rank: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(100 + rank)
     return [7.0 + 2.0 * torch.randn(n, 1, 8, 8, generator=g) for n in SHARDS[rank]]
@@ -79,6 +86,11 @@ def _worker(rank: int, store: str, out: str) -> None:
             recalibrate(model, Unstartable() if rank == 1 else shard(rank), num_batches=2, progress=False)
         except Exception as exc:  # noqa: BLE001 - record what each rank saw
             results["iter_failure"] = f"{type(exc).__name__}: {exc}"
+        # a DDP-wrapped model with no batches on rank 1: DDP's own forward begins with a buffer broadcast that
+        # rank 1 would never join (both ranks waited for the timeout); the pass runs the module inside
+        ddp = nn.parallel.DistributedDataParallel(ddp_ready_model())
+        recalibrate(ddp, shard(0) if rank == 0 else [], progress=False)
+        results["ddp"] = {k: v.clone() for k, v in ddp.module.state_dict().items()}
         results["unchanged"] = all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
         if rank == 0:  # one rank alone (e.g. under `if rank == 0:`): no collective, so no wait for rank 1
             alone = make_model()
@@ -133,6 +145,12 @@ def test_two_gloo_ranks_with_unequal_shards_match_the_union(tmp_path: Path):
     # process group's timeout)
     assert results[1]["iter_failure"] == "OSError: loader workers failed to start"
     assert results[0]["iter_failure"].startswith("RuntimeError: recalibration failed on rank(s) [1]")
+    # DDP with an empty shard on rank 1: both ranks end with rank 0's shard's statistics
+    only0 = ddp_ready_model()
+    recalibrate(only0, shard(0), progress=False)
+    for res in results:
+        for key, value in only0.state_dict().items():
+            torch.testing.assert_close(res["ddp"][key], value, rtol=1e-6, atol=1e-7, msg=key)
     # distributed=False: rank 0's own shard only, as a single process would compute it
     local = make_model()
     recalibrate(local, shard(0), progress=False)

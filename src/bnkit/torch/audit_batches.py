@@ -139,9 +139,11 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(obj, Mapping):
         return {k: map_tensors(v, fn) for k, v in obj.items()}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # as flatten_tensors reads it
-        new = copy.copy(obj)  # no __init__ / __post_init__ again: the fields as they are, each mapped
-        for f in dataclasses.fields(obj):
-            object.__setattr__(new, f.name, map_tensors(getattr(obj, f.name), fn))
+        # no __init__ / __post_init__ again (it may transform its inputs): every attribute as it is, each mapped,
+        # the fields and what __post_init__ derived from them alike (a mask cut with the batch)
+        new = copy.copy(obj)
+        for name in dict.fromkeys([f.name for f in dataclasses.fields(obj)] + list(getattr(obj, "__dict__", ()))):
+            object.__setattr__(new, name, map_tensors(getattr(obj, name), fn))
         return new
     return obj
 

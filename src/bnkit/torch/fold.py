@@ -160,6 +160,7 @@ class FoldReport:
         return model
 
 
+@torch.no_grad()  # no graph to record; and a model made under torch.inference_mode can be read only so
 def fold_bn(
     model: nn.Module,
     example_inputs: Any = None,
@@ -214,6 +215,7 @@ def fold_bn(
     return work, report
 
 
+@torch.no_grad()
 def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = False) -> FoldReport:
     """What :func:`fold_bn` would fold, without copying or changing ``model``.
 
@@ -273,11 +275,6 @@ def _check_model(model: nn.Module, force: bool) -> None:
             if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
     if lazy:
         raise ValueError(f"uninitialized lazy modules (run one forward pass first): {', '.join(lazy)}")
-    bn_buffers = (t for _, bn in bn_or_frozen_layers(model) for t in bn.buffers(recurse=False))
-    if any(t.is_inference() for t in (*model.parameters(), *bn_buffers)):
-        raise ValueError("the model holds inference tensors (it was built or loaded under torch.inference_mode), "
-                         "which folding cannot compute new weights from outside it: build or load the model "
-                         "outside inference_mode")
     training, never, nonfinite, nonpositive = [], [], [], []
     for name, bn in bn_or_frozen_layers(model):
         tensors = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]

@@ -56,12 +56,10 @@ def write_count(t: torch.Tensor) -> int | None:
         return None
 
 
-def unwrapped(model: nn.Module, *, parallel: bool = True) -> tuple[nn.Module, list[str]]:
+def unwrapped(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """The module a wrapper runs, and the wrappers peeled off it, outermost first: ``torch.compile``'s
-    ``OptimizedModule`` (``_orig_mod``), ``torch.optim.swa_utils.AveragedModel`` and, with ``parallel``,
-    ``nn.DataParallel`` and ``DistributedDataParallel`` (``module``), nested in any order. A tool that feeds the
-    model batches as the user gives them keeps the parallel wrappers (``parallel=False``): they move inputs to
-    their devices.
+    ``OptimizedModule`` (``_orig_mod``), ``torch.optim.swa_utils.AveragedModel``, ``nn.DataParallel`` and
+    ``DistributedDataParallel`` (``module``), nested in any order.
 
     Tools that trace or export a model, or wrap its layers' forwards per call, work on that module: a compiled
     wrapper would recompile for every call of theirs, and fx and the ONNX exporter cannot read the others.
@@ -72,8 +70,7 @@ def unwrapped(model: nn.Module, *, parallel: bool = True) -> tuple[nn.Module, li
     while True:
         if type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
             inner = model._modules["_orig_mod"]
-        elif isinstance(model, AveragedModel) or (
-                parallel and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))):
+        elif isinstance(model, (AveragedModel, nn.DataParallel, nn.parallel.DistributedDataParallel)):
             inner = model.module
         else:
             return model, peeled

@@ -314,6 +314,13 @@ def _all_gather(payload: np.ndarray) -> list[np.ndarray]:
     return [g.cpu().numpy() for g in gathered]
 
 
+def _wrapper_device(model: nn.Module) -> torch.device | None:
+    """The first of ``device_ids`` of a DataParallel / DistributedDataParallel wrapper, where it sends inputs."""
+    ids = getattr(model, "device_ids", None) if isinstance(
+        model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None
+    return torch.device(ids[0]) if ids else None
+
+
 def _cumulative(bn: _BatchNorm) -> bool:
     """The layer's running statistics are a cumulative average (weight ``1/t`` on batch ``t``)."""
     return bn.momentum is None or (isinstance(bn, _DropInBatchNorm) and bn.debias and bn.momentum == 0)
@@ -600,8 +607,9 @@ def recalibrate(
         num_batches: stop after this many batches (per rank); default all.
         forward: ``forward(model, batch)`` runs one batch. Default: ``model(batch)``
             for a tensor, ``model(batch[0])`` for an ``(inputs, targets, ...)`` tuple. For a
-            model wrapped by ``torch.compile`` or ``AveragedModel`` it receives the module inside,
-            which the pass runs (DataParallel and DDP are run as they are).
+            wrapped model (``torch.compile``, DataParallel, DDP, AveragedModel) it receives the
+            module inside, which the pass runs; batches then go to a DataParallel/DDP wrapper's
+            first device unless ``device`` says otherwise.
         device: move tensors in each batch (also inside tuples/lists/dicts) here first.
         on_nonfinite: ``"raise"`` (default): a batch giving NaN/Inf at any BN
             input raises ``ValueError`` naming the first such layer, changing
@@ -627,9 +635,11 @@ def recalibrate(
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     if num_batches is not None and (int(num_batches) != num_batches or num_batches < 1):
         raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
-    # the module a wrapper runs (a compiled one would recompile for every stand-in call); DataParallel and DDP stay:
-    # they move the batches, as given, to their devices
-    model, _ = unwrapped(model, parallel=False)
+    if device is None:  # DataParallel / DDP moved each batch to their first device: bnkit moves it there instead
+        device = _wrapper_device(model)
+    # the module a wrapper runs: a compiled one would recompile for every stand-in call, DDP's forward starts with a
+    # buffer broadcast that a rank without batches never joins
+    model, _ = unwrapped(model)
     modules = list(model.named_modules())
     layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
     if not layers:
