@@ -58,6 +58,7 @@ class OnnxAuditReport:
 
 def _node_findings(bn: BNNode) -> list[Finding]:
     findings = []
+    rewritable = not bn.in_subgraph and bn.opset >= 9  # what bnkit fold switches or tidies
     if bn.training:
         if bn.opset >= 14:
             how = "training_mode=1"
@@ -70,7 +71,8 @@ def _node_findings(bn: BNNode) -> list[Finding]:
             f"{how}: onnxruntime normalises with each batch's own mean and variance, so an output depends on the "
             "other samples in its batch and a batch of one is normalised to beta",
             "export with the model in eval mode (model.eval(); torch.onnx.export(..., training=TrainingMode.EVAL)) "
-            "or bnkit.torch.export_onnx; `bnkit fold --to-inference` switches an existing file",
+            "or bnkit.torch.export_onnx; " + ("`bnkit fold --to-inference` switches an existing file" if rewritable
+                                              else "bnkit fold cannot switch it (inside an If/Loop body or opset < 9)"),
             "training_mode", {"opset": bn.opset, "extra_outputs": bn.extra_outputs}))
     elif bn.extra_outputs:
         refused = ("; onnxruntime refuses to load the model and onnx.checker's full check fails" if bn.opset >= 14
@@ -85,7 +87,9 @@ def _node_findings(bn: BNNode) -> list[Finding]:
             "warning", bn.name, "blank running-statistic outputs",
             f"outputs {list(bn.node.output)}: an optional output named \"\" (absent) crashes onnxruntime 1.32 "
             "(segmentation fault) when the model is loaded",
-            "`bnkit fold` drops them from an inference node (add --to-inference for a training-mode one)",
+            "`bnkit fold` drops them from an inference node" + (
+                " (add --to-inference for a training-mode one)" if rewritable
+                else "; a training-mode one here (an If/Loop body, or opset < 9) needs a re-export in eval mode"),
             "blank_outputs", {"outputs": list(bn.node.output)}))
     for note in bn.notes:
         findings.append(Finding("warning", bn.name, "unusual BatchNormalization attribute", note,
@@ -116,10 +120,13 @@ def _node_findings(bn: BNNode) -> list[Finding]:
 def _dropout_findings(graph: onnx.GraphProto, opset: int) -> list[Finding]:
     """A warning per Dropout (If/Loop/Scan bodies too) whose ``training_mode`` input is a constant true (ONNX
     Dropout-12+)."""
+    top = {id(node) for node, _ in training_dropouts(graph, opset)}
     return [Finding("warning", node_label(node), "Dropout in training mode",
                     "its training_mode input is true: every run zeroes a random part of the values and rescales "
                     "the rest, so outputs are random",
-                    "export with the model in eval mode, or `bnkit fold --to-inference` (switches it to inference)",
+                    "export with the model in eval mode" + (
+                        ", or `bnkit fold --to-inference` (switches it to inference)" if id(node) in top
+                        else " (bnkit fold cannot switch it inside an If/Loop body)"),
                     "dropout_training")
             for node, known in training_dropouts(graph, opset, nested=True) if known]
 

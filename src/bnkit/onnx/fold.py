@@ -262,12 +262,16 @@ class _Folder:
         if (bn.mean == 0).all() and (bn.var == 1).all():
             notes.append("statistics look never updated (mean 0, var 1): folded as stored; see bnkit audit")
         stored = self.index.constant(target.input[1]) if len(target.input) > 1 else None
+        # the part of the mean the weights produce (a conv's own bias cancels exactly in the float64 fold)
+        own_bias = (self.index.constant(target.input[2]) if target.op_type in ("Conv", "ConvTranspose")
+                    and len(target.input) > 2 and target.input[2] else None)
+        produced = bn.mean - (0.0 if own_bias is None else own_bias.astype(np.float64).reshape(-1))
         spread = bn.var + bn.epsilon
-        offset = float(np.max(np.abs(bn.mean) / np.sqrt(spread))) if np.all(spread > 0) else 0.0
+        offset = float(np.max(np.abs(produced) / np.sqrt(spread))) if np.all(spread > 0) else 0.0
         if stored is not None and stored.dtype.name in ("float16", "bfloat16") and offset > _SHIFT_NOTE_RATIO:
-            notes.append(f"{stored.dtype.name} weights with layer outputs up to {offset:.3g} std from zero: the folded "
-                         "weights, rounded to that precision after scaling, lose about as many times it on real data "
-                         "(random verification inputs do not show it); verify on real data")
+            notes.append(f"{stored.dtype.name} weights whose products sit up to {offset:.3g} std from zero: the "
+                         "folded weights, rounded to that precision after scaling, can lose up to about as many "
+                         "times it on real data (random verification inputs do not show it); verify on real data")
         if shift is not None:
             slot, c = shift
             weight = self.index.constant(target.input[1]) if len(target.input) > 1 else None
@@ -465,11 +469,11 @@ def _seeded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def _prune(model: onnx.ModelProto, read_before: set[str]) -> None:
-    """Remove the initializers and Constant/Identity/Transpose nodes folding left unread, and stale value_info."""
+    """Remove the initializers and Constant/Identity/Transpose/Cast nodes folding left unread, and stale value_info."""
     graph = model.graph
     while True:
         index = GraphIndex(graph)
-        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant", "Transpose")
+        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant", "Transpose", "Cast")
                 and n.domain in ("", "ai.onnx") and n.output[0] in read_before and not index.readers(n.output[0])]
         if not dead:
             break
@@ -528,12 +532,11 @@ def fold_model(
             "If/Loop/Scan body or older; re-export the model in eval mode (nothing written)")
     candidates = []
     for bn in nodes:
-        if bn.in_subgraph:
-            report.left[bn.name] = "inside a subgraph (If/Loop/Scan body): not folded"
+        if bn.in_subgraph or folder.opset < 9:
+            report.left[bn.name] = ("inside a subgraph (If/Loop/Scan body): not folded" if bn.in_subgraph else
+                                    f"opset {folder.opset} BatchNormalization (before opset 9) is not supported")
             if not bn.training and not bn.extra_outputs and len(bn.node.output) > 1:  # blank names only: absent
                 del bn.node.output[1:]  # outputs, which crash onnxruntime 1.32; dropping them changes nothing
-        elif folder.opset < 9:
-            report.left[bn.name] = f"opset {folder.opset} BatchNormalization (before opset 9) is not supported"
         elif (why := folder.tidy_outputs(bn, to_inference)) is not None:
             report.left[bn.name] = why
         else:
