@@ -609,21 +609,27 @@ def test_statistics_stored_through_a_cast_are_read_as_constants(negative):
         _check_exact(model, folded)
 
 
-def test_blank_outputs_inside_an_if_branch_are_dropped_before_verification():
-    """A BatchNormalization in an If body with blank optional outputs: the node is left (subgraphs are not folded)
-    but its absent outputs are dropped, so verification runs instead of crashing onnxruntime (segfault)."""
-    rng = np.random.default_rng(14)
+def _bn_in_if_branches(outputs: list[str], seed: int, **attrs) -> onnx.ModelProto:
+    """Conv, then an If whose two branches each hold a BatchNormalization of the conv's output (statistics in the
+    main graph, read through the outer scope) with these outputs and attributes."""
+    rng = np.random.default_rng(seed)
 
     def branch(name: str) -> onnx.GraphProto:
-        bn = helper.make_node("BatchNormalization", ["h", "bn.s", "bn.b", "bn.m", "bn.v"], ["z", "", ""], name=name)
-        return helper.make_graph([bn], name, [], [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+        bn = helper.make_node("BatchNormalization", ["h", "bn.s", "bn.b", "bn.m", "bn.v"], outputs, name=name, **attrs)
+        return helper.make_graph([bn], name, [], [helper.make_tensor_value_info(outputs[0], TensorProto.FLOAT, None)])
 
     nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
              helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch("bn_then"), else_branch=branch("bn_else"))]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4]),
-                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
-                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=15)
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4]),
+                          helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
+                  {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=15)
+
+
+def test_blank_outputs_inside_an_if_branch_are_dropped_before_verification():
+    """A BatchNormalization in an If body with blank optional outputs: the node is left (subgraphs are not folded)
+    but its absent outputs are dropped, so verification runs instead of crashing onnxruntime (segfault)."""
+    model = _bn_in_if_branches(["z", "", ""], seed=14)
     assert "blank_outputs" in {f.code for f in audit(model).findings}
     folded, report = fold_model(model)
     assert report.verified and all("subgraph" in why for why in report.left.values())
@@ -633,21 +639,8 @@ def test_blank_outputs_inside_an_if_branch_are_dropped_before_verification():
 def test_to_inference_refuses_training_nodes_it_cannot_switch():
     """A training-mode node in an If body: --to-inference wrote a file whose output still depended on the batch;
     it is refused with the reason instead, nothing folded."""
-    rng = np.random.default_rng(15)
-
-    def branch(name: str) -> onnx.GraphProto:
-        bn = helper.make_node("BatchNormalization", ["h", "bn.s", "bn.b", "bn.m", "bn.v"], ["z"], name=name,
-                              training_mode=1)
-        return helper.make_graph([bn], name, [], [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
-
-    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
-             helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch("bn_then"), else_branch=branch("bn_else"))]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4]),
-                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
-                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=15)
     with pytest.raises(ValueError, match="cannot switch training-mode nodes"):
-        fold_model(model, to_inference=True)
+        fold_model(_bn_in_if_branches(["z"], seed=15, training_mode=1), to_inference=True)
 
 
 @pytest.mark.parametrize("offset,noted,own_bias", [(300.0, True, False), (0.0, False, False), (300.0, False, True)])
