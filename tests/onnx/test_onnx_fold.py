@@ -643,7 +643,8 @@ def test_to_inference_refuses_training_nodes_it_cannot_switch():
         fold_model(_bn_in_if_branches(["z"], seed=15, training_mode=1), to_inference=True)
 
 
-@pytest.mark.parametrize("offset,noted,own_bias", [(300.0, True, False), (0.0, False, False), (300.0, False, True)])
+@pytest.mark.parametrize("offset,noted,own_bias", [(300.0, True, None), (0.0, False, None), (300.0, False, "B"),
+                                                   (300.0, False, "Add")])
 def test_fp16_folds_of_outputs_far_from_zero_are_noted(offset, noted, own_bias):
     """float16 Conv -> BN whose mean sits hundreds of std from zero (a first conv on raw pixels): the folded
     weights, rounded after scaling, lose that many times float16's precision on such inputs, which N(0, 1)
@@ -652,8 +653,13 @@ def test_fp16_folds_of_outputs_far_from_zero_are_noted(offset, noted, own_bias):
     bn = _bn_inits(4, rng, dtype=np.float16)
     bn["bn.m"] = (offset + rng.standard_normal(4)).astype(np.float16)
     bn["bn.v"] = np.ones(4, np.float16)
-    extra = {"B": bn["bn.m"].copy()} if own_bias else {}  # the offset is the conv's own bias: cancelled exactly
-    nodes = [helper.make_node("Conv", ["x", "W", *extra], ["h"], name="conv"), _bn_node("h", "y")]
+    extra = {"B": bn["bn.m"].copy()} if own_bias else {}  # the offset is a constant added: cancelled exactly
+    if own_bias == "Add":
+        extra = {"B": bn["bn.m"].copy().reshape(4, 1, 1)}
+        nodes = [helper.make_node("Conv", ["x", "W"], ["h0"], name="conv"),
+                 helper.make_node("Add", ["h0", "B"], ["h"], name="add"), _bn_node("h", "y")]
+    else:
+        nodes = [helper.make_node("Conv", ["x", "W", *extra], ["h"], name="conv"), _bn_node("h", "y")]
     model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 4, 4])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4, 4, 4])],
                    {"W": (0.2 * rng.standard_normal((4, 3, 1, 1))).astype(np.float16), **extra, **bn})
@@ -680,6 +686,11 @@ def test_a_training_dropout_inside_an_if_body_is_audited_seeded_and_not_switched
                     "tm": np.array(True), **_bn_inits(3, rng)}, opset=15)
     (finding,) = [f for f in audit(model).findings if f.code == "dropout_training"]
     assert "cannot switch it inside an If/Loop body" in finding.fix and "--to-inference" not in finding.fix
+    training = onnx.ModelProto()
+    training.CopyFrom(model)
+    training.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1))
+    (bn_finding,) = [f for f in audit(training).findings if f.code == "training_mode"]
+    assert "--to-inference refuses this file" in bn_finding.fix  # the whole file is refused, not switched
     folded, report = fold_model(model, input_shapes={"x": [2, 2, 4, 4], "c": []})
     assert report.verified and "BatchNormalization" not in ops(folded)
     with pytest.raises(ValueError, match=r"cannot switch training-mode nodes \['drop'\]"):

@@ -912,6 +912,7 @@ class _Scaled:
     def __post_init__(self) -> None:
         self.x = self.x / 255
         self.valid = self.x.abs().sum(1) > 0
+        self.view = {"owner": self}  # a reference back to itself: copied once, not followed forever
 
 
 class _Pair(typing.NamedTuple):

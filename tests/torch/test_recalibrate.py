@@ -739,3 +739,19 @@ def test_a_model_compiled_inside_a_wrapper_or_in_place_is_recalibrated(how):
         recalibrate(averaged, batches, progress=False)
         target = averaged.module._orig_mod
     assert_matches_reference(target, ref)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import: torch.jit internals
+def test_batches_go_to_the_first_device_of_a_parallel_wrapper_at_any_depth():
+    """DataParallel/DDP sent each batch to their first device; recalibrate runs the module inside and sends the
+    batches there itself, also when the wrapper sits inside torch.compile or AveragedModel (device_ids set by
+    hand: this machine has no GPU; the oracle is the wrapper's own attribute)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from bnkit.torch.recalibrate import _wrapper_device
+
+    parallel = nn.DataParallel(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
+    parallel.device_ids = [torch.device("cuda", 1)]  # on a GPU machine: the ints DataParallel stores
+    for wrapped in (parallel, torch.compile(parallel, backend="eager"), AveragedModel(parallel)):
+        assert _wrapper_device(wrapped) == torch.device("cuda", 1)
+    assert _wrapper_device(parallel.module) is None

@@ -56,9 +56,13 @@ class OnnxAuditReport:
                 "findings": [f.to_dict() for f in self.findings]}
 
 
-def _node_findings(bn: BNNode) -> list[Finding]:
+def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
+    """``switchable``: the file holds no training-mode node ``bnkit fold --to-inference`` refuses."""
     findings = []
     rewritable = not bn.in_subgraph and bn.opset >= 9  # what bnkit fold switches or tidies
+    switch_advice = ("`bnkit fold --to-inference` switches an existing file" if rewritable and switchable else
+                     "bnkit fold cannot switch it (inside an If/Loop body or opset < 9)" if not rewritable else
+                     "bnkit fold --to-inference refuses this file (it holds training nodes inside If/Loop bodies)")
     if bn.training:
         if bn.opset >= 14:
             how = "training_mode=1"
@@ -71,8 +75,7 @@ def _node_findings(bn: BNNode) -> list[Finding]:
             f"{how}: onnxruntime normalises with each batch's own mean and variance, so an output depends on the "
             "other samples in its batch and a batch of one is normalised to beta",
             "export with the model in eval mode (model.eval(); torch.onnx.export(..., training=TrainingMode.EVAL)) "
-            "or bnkit.torch.export_onnx; " + ("`bnkit fold --to-inference` switches an existing file" if rewritable
-                                              else "bnkit fold cannot switch it (inside an If/Loop body or opset < 9)"),
+            "or bnkit.torch.export_onnx; " + switch_advice,
             "training_mode", {"opset": bn.opset, "extra_outputs": bn.extra_outputs}))
     elif bn.extra_outputs:
         refused = ("; onnxruntime refuses to load the model and onnx.checker's full check fails" if bn.opset >= 14
@@ -80,7 +83,8 @@ def _node_findings(bn: BNNode) -> list[Finding]:
         findings.append(Finding(
             "error" if refused else "warning", bn.name, "extra running-statistic outputs on an inference node",
             f"outputs {bn.extra_outputs} beside Y; the ONNX spec allows them only with training_mode=1{refused}",
-            "re-export in eval mode, or `bnkit fold` (removes them where unused)",
+            "re-export in eval mode" + (", or `bnkit fold` (removes them where unused)" if rewritable
+                                        else " (bnkit fold does not rewrite nodes inside If/Loop bodies)"),
             "extra_outputs", {"extra_outputs": bn.extra_outputs}))
     if "" in bn.node.output[1:]:
         findings.append(Finding(
@@ -88,8 +92,8 @@ def _node_findings(bn: BNNode) -> list[Finding]:
             f"outputs {list(bn.node.output)}: an optional output named \"\" (absent) crashes onnxruntime 1.32 "
             "(segmentation fault) when the model is loaded",
             "`bnkit fold` drops them from an inference node" + (
-                " (add --to-inference for a training-mode one)" if rewritable
-                else "; a training-mode one here (an If/Loop body, or opset < 9) needs a re-export in eval mode"),
+                " (add --to-inference for a training-mode one)" if rewritable and switchable
+                else "; a training-mode one here needs a re-export in eval mode"),
             "blank_outputs", {"outputs": list(bn.node.output)}))
     for note in bn.notes:
         findings.append(Finding("warning", bn.name, "unusual BatchNormalization attribute", note,
@@ -143,11 +147,14 @@ def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:
             "error", "(model)", "the model fails onnx.checker", str(exc).splitlines()[0],
             "re-export the model; runtimes may reject or misread it", "invalid_model"))
     nodes = bn_nodes(proto.graph, opset)
+    top = {id(node) for node, _ in training_dropouts(proto.graph, opset)}
+    switchable = not any(bn.training and (bn.in_subgraph or opset < 9) for bn in nodes) and not any(
+        known and id(node) not in top for node, known in training_dropouts(proto.graph, opset, nested=True))
     for bn in nodes:
         channels = None if bn.mean is None else int(bn.mean.size)
         report.nodes.append({"name": bn.name, "channels": channels, "epsilon": bn.epsilon,
                              "momentum": bn.momentum, "training": bn.training})
-        report.findings.extend(_node_findings(bn))
+        report.findings.extend(_node_findings(bn, switchable))
     report.findings.extend(_dropout_findings(proto.graph, opset))
     if not nodes:
         report.findings.append(Finding("info", "(model)", "no BatchNormalization nodes",

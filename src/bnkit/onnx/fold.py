@@ -157,6 +157,22 @@ class _Folder:
         self.index = GraphIndex(self.graph)
 
     # -- stage 1: training-mode nodes and extra outputs ---------------------------------------
+    def _added_constant(self, target: onnx.NodeProto, shift: tuple[int, np.ndarray] | None, channels: int):
+        """The per-channel constant the layer (its bias: Conv's B, Gemm's beta * C) and an Add between it and the
+        BN put into the BN's input: the fold cancels it exactly in float64, so only the rest of the mean, what
+        the weights produce, is at the mercy of float16 rounding. 0 where none is known per channel."""
+        total = np.zeros(channels)
+        parts = []
+        if target.op_type in ("Conv", "ConvTranspose", "Gemm") and len(target.input) > 2 and target.input[2]:
+            beta = float(attribute(target, "beta", 1.0)) if target.op_type == "Gemm" else 1.0
+            parts.append((self.index.constant(target.input[2]), beta))
+        if shift is not None:
+            parts.append((shift[1], 1.0))
+        for value, factor in parts:
+            if value is not None and value.size == channels:
+                total = total + factor * value.astype(np.float64).reshape(-1)
+        return total
+
     def tidy_outputs(self, bn: BNNode, to_inference: bool) -> str | None:
         """Drop unused extra outputs (switching a training node if asked); a reason to leave it, or None."""
         read = [o for o in bn.extra_outputs if self.index.readers(o)]
@@ -262,10 +278,7 @@ class _Folder:
         if (bn.mean == 0).all() and (bn.var == 1).all():
             notes.append("statistics look never updated (mean 0, var 1): folded as stored; see bnkit audit")
         stored = self.index.constant(target.input[1]) if len(target.input) > 1 else None
-        # the part of the mean the weights produce (a conv's own bias cancels exactly in the float64 fold)
-        own_bias = (self.index.constant(target.input[2]) if target.op_type in ("Conv", "ConvTranspose")
-                    and len(target.input) > 2 and target.input[2] else None)
-        produced = bn.mean - (0.0 if own_bias is None else own_bias.astype(np.float64).reshape(-1))
+        produced = bn.mean - self._added_constant(target, shift, a.size)
         spread = bn.var + bn.epsilon
         offset = float(np.max(np.abs(produced) / np.sqrt(spread))) if np.all(spread > 0) else 0.0
         if stored is not None and stored.dtype.name in ("float16", "bfloat16") and offset > _SHIFT_NOTE_RATIO:

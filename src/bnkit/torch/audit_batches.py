@@ -128,22 +128,27 @@ def set_training(model: nn.Module, flag: bool) -> None:
         m.training = flag
 
 
-def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], _copies: dict | None = None) -> Any:
+    """``obj`` with ``fn`` applied to every tensor (and NumPy array) in its tuples, lists, mappings and dataclass
+    instances; ``_copies``: the dataclass instances copied so far, so one that refers back to itself is copied once."""
+    copies = {} if _copies is None else _copies
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, np.ndarray):
         return fn(torch.from_numpy(obj))
     if isinstance(obj, (tuple, list)):
-        mapped = [map_tensors(o, fn) for o in obj]
+        mapped = [map_tensors(o, fn, copies) for o in obj]
         return type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)  # a NamedTuple takes fields
     if isinstance(obj, Mapping):
-        return {k: map_tensors(v, fn) for k, v in obj.items()}
+        return {k: map_tensors(v, fn, copies) for k, v in obj.items()}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # as flatten_tensors reads it
+        if id(obj) in copies:
+            return copies[id(obj)]
         # no __init__ / __post_init__ again (it may transform its inputs): every attribute as it is, each mapped,
         # the fields and what __post_init__ derived from them alike (a mask cut with the batch)
-        new = copy.copy(obj)
+        new = copies[id(obj)] = copy.copy(obj)
         for name in dict.fromkeys([f.name for f in dataclasses.fields(obj)] + list(getattr(obj, "__dict__", ()))):
-            object.__setattr__(new, name, map_tensors(getattr(obj, name), fn))
+            object.__setattr__(new, name, map_tensors(getattr(obj, name), fn, copies))
         return new
     return obj
 

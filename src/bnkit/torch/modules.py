@@ -64,18 +64,24 @@ def unwrapped(model: nn.Module) -> tuple[nn.Module, list[str]]:
     Tools that trace or export a model, or wrap its layers' forwards per call, work on that module: a compiled
     wrapper would recompile for every call of theirs, and fx and the ONNX exporter cannot read the others.
     """
+    chain = wrapper_chain(model)
+    return chain[-1], ["torch.compile" if type(m).__name__ == "OptimizedModule" else type(m).__name__
+                       for m in chain[:-1]]
+
+
+def wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model``, the module it wraps, and so on down to the module :func:`unwrapped` returns (the last)."""
     from torch.optim.swa_utils import AveragedModel
 
-    peeled: list[str] = []
+    chain = [model]
     while True:
         if type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
-            inner = model._modules["_orig_mod"]
+            model = model._modules["_orig_mod"]
         elif isinstance(model, (AveragedModel, nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = model.module
+            model = model.module
         else:
-            return model, peeled
-        peeled.append("torch.compile" if type(model).__name__ == "OptimizedModule" else type(model).__name__)
-        model = inner
+            return chain
+        chain.append(model)
 
 
 class eager_calls:

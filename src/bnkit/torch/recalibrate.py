@@ -94,7 +94,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm
-from .modules import SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, unwrapped
+from .modules import SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, unwrapped, wrapper_chain
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
@@ -315,10 +315,11 @@ def _all_gather(payload: np.ndarray) -> list[np.ndarray]:
 
 
 def _wrapper_device(model: nn.Module) -> torch.device | None:
-    """The first of ``device_ids`` of a DataParallel / DistributedDataParallel wrapper, where it sends inputs."""
-    ids = getattr(model, "device_ids", None) if isinstance(
-        model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else None
-    return torch.device(ids[0]) if ids else None
+    """The first of ``device_ids`` of a DataParallel / DistributedDataParallel wrapper, where it sends inputs, at
+    any depth of the wrappers :func:`~bnkit.torch.modules.unwrapped` peels (torch.compile(DDP(m)) included)."""
+    kinds = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    parallel = [m for m in wrapper_chain(model) if isinstance(m, kinds)]
+    return torch.device(parallel[0].device_ids[0]) if parallel and parallel[0].device_ids else None
 
 
 def _cumulative(bn: _BatchNorm) -> bool:
