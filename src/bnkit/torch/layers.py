@@ -84,6 +84,12 @@ _EXTRA_DEFAULTS = {
 }
 
 
+def is_cumulative(bn: nn.Module) -> bool:
+    """The layer's running statistics are a cumulative average, weight ``1/t`` on batch ``t``: ``momentum=None``,
+    or a drop-in layer's ``debias=True`` with ``momentum=0`` (the limit of its bias-corrected step)."""
+    return bn.momentum is None or (getattr(bn, "debias", False) and bn.momentum == 0.0)
+
+
 def batch_of_one_message(layer: str, shape: tuple[int, ...], running_stats: bool = True) -> str:
     """The error for a batch with a single value per channel normalized with batch statistics.
 
@@ -328,7 +334,7 @@ class _DropInBatchNorm:
     @torch.no_grad()
     def _update_running(self, chunks: list[Tensor]) -> None:
         m = self.momentum
-        if m is None or (self.debias and m == 0.0):  # t as a tensor: no host read, so torch.export can trace it
+        if is_cumulative(self):  # t as a tensor: no host read, so torch.export can trace it
             a: float | Tensor = 1.0 / self.num_batches_tracked.to(torch.float64)
         elif self.debias and m < 1.0:
             t = self.num_batches_tracked.to(torch.float64)

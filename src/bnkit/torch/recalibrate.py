@@ -93,7 +93,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..findings import Finding
 from ..stats import RunningMoments
-from .layers import _DropInBatchNorm
+from .layers import _DropInBatchNorm, is_cumulative
 from .modules import SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, unwrapped, wrapper_chain
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
@@ -320,11 +320,6 @@ def _wrapper_device(model: nn.Module) -> torch.device | None:
     kinds = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     parallel = [m for m in wrapper_chain(model) if isinstance(m, kinds)]
     return torch.device(parallel[0].device_ids[0]) if parallel and parallel[0].device_ids else None
-
-
-def _cumulative(bn: _BatchNorm) -> bool:
-    """The layer's running statistics are a cumulative average (weight ``1/t`` on batch ``t``)."""
-    return bn.momentum is None or (isinstance(bn, _DropInBatchNorm) and bn.debias and bn.momentum == 0)
 
 
 class _Pass:
@@ -736,7 +731,7 @@ def recalibrate(
                     m.running_mean.copy_(torch.from_numpy(new_mean))
                     m.running_var.copy_(torch.from_numpy(new_var))
                     if m.num_batches_tracked is not None:  # see the module doc
-                        if _cumulative(m):
+                        if is_cumulative(m):
                             m.num_batches_tracked.fill_(calls)
                         else:
                             m.num_batches_tracked.add_(step)
