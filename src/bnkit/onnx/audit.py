@@ -29,7 +29,7 @@ import onnx
 
 from ..audit_state import BNStats, check_bn_stats
 from ..findings import Finding, worst_severity
-from .graph import BNNode, bn_nodes, load_model, node_label, opset_version, training_dropouts
+from .graph import BNNode, bn_nodes, load_model, node_label, opset_version, training_dropouts, unswitchable_training
 
 __all__ = ["OnnxAuditReport", "audit"]
 
@@ -147,9 +147,7 @@ def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:
             "error", "(model)", "the model fails onnx.checker", str(exc).splitlines()[0],
             "re-export the model; runtimes may reject or misread it", "invalid_model"))
     nodes = bn_nodes(proto.graph, opset)
-    top = {id(node) for node, _ in training_dropouts(proto.graph, opset)}
-    switchable = not any(bn.training and (bn.in_subgraph or opset < 9) for bn in nodes) and not any(
-        known and id(node) not in top for node, known in training_dropouts(proto.graph, opset, nested=True))
+    switchable = not unswitchable_training(proto.graph, opset, nodes)
     for bn in nodes:
         channels = None if bn.mean is None else int(bn.mean.size)
         report.nodes.append({"name": bn.name, "channels": channels, "epsilon": bn.epsilon,

@@ -69,7 +69,7 @@ from onnx import helper, numpy_helper
 from ..atomic import atomic_path, check_target
 from ..findings import Finding
 from .graph import (BNNode, GraphIndex, attribute, bn_nodes, load_model, node_label, opset_version,
-                    training_dropouts)
+                    training_dropouts, unswitchable_training)
 from .verify import OnnxRuntimeError, compare, default_tolerance, random_inputs, run
 
 __all__ = ["FoldedNode", "OnnxFoldReport", "FoldVerificationError", "fold_model", "fold"]
@@ -277,7 +277,7 @@ class _Folder:
         notes: list[str] = []
         if (bn.mean == 0).all() and (bn.var == 1).all():
             notes.append("statistics look never updated (mean 0, var 1): folded as stored; see bnkit audit")
-        stored = self.index.constant(target.input[1]) if len(target.input) > 1 else None
+        stored = self.index.constant(target.input[1]) if len(target.input) > 1 else None  # the layer's weight
         produced = bn.mean - self._added_constant(target, shift, a.size)
         spread = bn.var + bn.epsilon
         offset = float(np.max(np.abs(produced) / np.sqrt(spread))) if np.all(spread > 0) else 0.0
@@ -287,17 +287,16 @@ class _Folder:
                          "times it on real data (random verification inputs do not show it); verify on real data")
         if shift is not None:
             slot, c = shift
-            weight = self.index.constant(target.input[1]) if len(target.input) > 1 else None
-            if weight is None:
+            if stored is None:
                 return f"the weight of {node_label(target)!r} is not a constant"
-            rank = weight.ndim if target.op_type in ("Conv", "ConvTranspose") else 2
+            rank = stored.ndim if target.op_type in ("Conv", "ConvTranspose") else 2
             if c.ndim > rank:
                 return f"the constant added by {node_label(producer)!r} has rank {c.ndim} > the layer output's {rank}"
             channel = (-1,) + (1,) * (rank - 2)
             shifted = a.reshape(channel) * c.astype(np.float64) + b.reshape(channel)
             too_big = _beyond_range(producer, c.dtype, shift=shifted)
-        elif target.op_type == "MatMul" and (weight := self.index.constant(target.input[1])) is not None:
-            too_big = _beyond_range(target, weight.dtype, shift=b)  # it becomes an Add of a constant of that dtype
+        elif target.op_type == "MatMul" and stored is not None:
+            too_big = _beyond_range(target, stored.dtype, shift=b)  # it becomes an Add of a constant of that dtype
         else:
             too_big = None
         reason = too_big or _FOLDERS[target.op_type](self, target, a, None if shift else b, notes)
@@ -534,11 +533,7 @@ def fold_model(
     read_before = {name for name in folder.index.initializers | folder.index.producer if folder.index.readers(name)}
 
     nodes = bn_nodes(work.graph, folder.opset, folder.index)
-    stuck = [bn.name for bn in nodes if bn.training and (bn.in_subgraph or folder.opset < 9)]
-    top = {id(n) for n, _ in training_dropouts(work.graph, folder.opset, folder.index)}
-    stuck += [node_label(n) for n, known in training_dropouts(work.graph, folder.opset, folder.index, nested=True)
-              if known and id(n) not in top]
-    if to_inference and stuck:
+    if to_inference and (stuck := unswitchable_training(work.graph, folder.opset, nodes, folder.index)):
         raise ValueError(
             f"cannot switch training-mode nodes {stuck} to inference: bnkit rewrites only BatchNormalization and "
             "Dropout nodes of the main graph (BatchNormalization in opset 9 or later), and these are inside an "

@@ -19,7 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 __all__ = ["load_model", "opset_version", "GraphIndex", "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label",
-           "training_dropouts"]
+           "training_dropouts", "unswitchable_training"]
 
 
 def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
@@ -272,3 +272,15 @@ def training_dropouts(
         elif bool(np.asarray(mode).any()):
             found.append((node, True))
     return found
+
+
+def unswitchable_training(graph: onnx.GraphProto, opset: int, nodes: list[BNNode],
+                          index: GraphIndex | None = None) -> list[str]:
+    """The training-mode nodes ``bnkit fold --to-inference`` cannot switch, by name: BatchNormalization (``nodes``,
+    from :func:`bn_nodes`) inside If/Loop/Scan bodies or before opset 9, and Dropout with a constant true
+    ``training_mode`` inside bodies (top-level ones are switched)."""
+    index = index or GraphIndex(graph)
+    stuck = [bn.name for bn in nodes if bn.training and (bn.in_subgraph or opset < 9)]
+    top = {id(n) for n, _ in training_dropouts(graph, opset, index)}
+    return stuck + [node_label(n) for n, known in training_dropouts(graph, opset, index, nested=True)
+                    if known and id(n) not in top]
