@@ -108,6 +108,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     import torch
 
     from ..atomic import atomic_path
+    from ..precision import fold_tolerance
     from ..torch import fold_bn, load_state_dict_file, save_state_dict_file
     from ..torch.io import load_weights_into
     from ..torch.modules import input_dtype_device
@@ -145,10 +146,8 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
             raise fail(_cli_words(exc)) from None
         ran = f" (it runs the model on a random input of shape {shapes[0]})" if shapes else ""
         raise fail(f"folding {spec} failed, nothing written: {describe_error(exc)}{ran}") from None
-    # relative to max |output|, about 10 unit roundoffs of the least precise parameter dtype (bfloat16 2^-8,
-    # float16 2^-11 with margin), as for ONNX files
-    dtypes = {p.dtype for p in model.parameters()}
-    tolerance = 4e-2 if torch.bfloat16 in dtypes else 1e-2 if torch.float16 in dtypes else 1e-4
+    # about ten unit roundoffs of the least precise parameter dtype, as for ONNX files
+    tolerance = fold_tolerance(str(p.dtype).removeprefix("torch.") for p in model.parameters())
     if report.max_rel_diff is not None and not report.max_rel_diff <= tolerance:
         raise fail(f"the folded model differs from the original on random inputs of shape {shapes[0]}: "
                    f"max relative difference {report.max_rel_diff:.3g} > {tolerance:g}; nothing written "

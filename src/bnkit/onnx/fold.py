@@ -68,6 +68,7 @@ from onnx import helper, numpy_helper
 
 from ..atomic import atomic_path, check_target
 from ..findings import Finding
+from ..precision import OFFSET_NOTE_RATIO
 from .graph import (BNNode, GraphIndex, attribute, bn_nodes, load_model, node_label, opset_version,
                     training_dropouts, unswitchable_training)
 from .verify import OnnxRuntimeError, compare, default_tolerance, random_inputs, run
@@ -281,7 +282,7 @@ class _Folder:
         produced = bn.mean - self._added_constant(target, shift, a.size)
         spread = bn.var + bn.epsilon
         offset = float(np.max(np.abs(produced) / np.sqrt(spread))) if np.all(spread > 0) else 0.0
-        if stored is not None and stored.dtype.name in ("float16", "bfloat16") and offset > _SHIFT_NOTE_RATIO:
+        if stored is not None and stored.dtype.name in ("float16", "bfloat16") and offset > OFFSET_NOTE_RATIO:
             notes.append(f"{stored.dtype.name} weights whose products sit up to {offset:.3g} std from zero: the "
                          "folded weights, rounded to that precision after scaling, can lose up to about as many "
                          "times it on real data (random verification inputs do not show it); verify on real data")
@@ -332,10 +333,6 @@ def _weight(folder: _Folder, node: onnx.NodeProto, slot: int, what: str):
     if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
         return None, f"the {what} of {node_label(node)!r} is {value.dtype}, not floating point"
     return value, None
-
-
-#: |mean| / sqrt(var + eps) above which a float16/bfloat16 fold gets a note (as bnkit.torch.fold_bn's).
-_SHIFT_NOTE_RATIO = 8.0
 
 
 def _beyond_range(node: onnx.NodeProto, dtype: np.dtype, **values: np.ndarray | None) -> str | None:

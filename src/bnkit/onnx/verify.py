@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..precision import fold_tolerance
+
 __all__ = ["OnnxRuntimeError", "random_inputs", "run", "compare", "default_tolerance"]
 
 
@@ -127,9 +129,13 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
     return max_abs, max_rel
 
 
+#: ONNX's low-precision element types by their NumPy/PyTorch names.
+_LOW_PRECISION = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
 def default_tolerance(model: onnx.ModelProto) -> float:
-    """Relative tolerance for the least precise float the graph holds or computes: 4e-2 bf16, 1e-2 fp16, else 1e-4
-    (about 10 unit roundoffs of bfloat16's 2^-8; float16's 2^-11 with more margin).
+    """Relative tolerance for the least precise float the graph holds or computes
+    (:func:`bnkit.precision.fold_tolerance`: 4e-2 bf16, 1e-2 fp16, else 1e-4).
 
     Read from the graph's inputs, outputs, initializers, ``Cast`` targets and the value types shape
     inference finds, so an fp16 network between fp32 inputs and outputs gets the fp16 tolerance.
@@ -142,6 +148,4 @@ def default_tolerance(model: onnx.ModelProto) -> float:
     except onnx.shape_inference.InferenceError:
         pass  # the declared types below still count
     elems.update(v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info))
-    if onnx.TensorProto.BFLOAT16 in elems:
-        return 4e-2
-    return 1e-2 if onnx.TensorProto.FLOAT16 in elems else 1e-4
+    return fold_tolerance(_LOW_PRECISION[e] for e in elems if e in _LOW_PRECISION)

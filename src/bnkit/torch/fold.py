@@ -57,6 +57,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from ..findings import Finding
+from ..precision import OFFSET_NOTE_RATIO
 from .modules import (
     SavedBuffers, bn_or_frozen_layers, channels, eval_mode, exact_float32, flatten_tensors, has_stock_eval_forward,
     is_batchnorm, is_bn_or_frozen, unwrapped,
@@ -368,10 +369,6 @@ def _probe(model: nn.Module, inputs: tuple) -> tuple[Any, dict[int, dict]]:
     return out, probe
 
 
-#: |running_mean| / sqrt(running_var + eps) above which a BN folded before a float16/bfloat16 layer gets a note.
-_SHIFT_NOTE_RATIO = 8.0
-
-
 def _low_precision_shift_notes(model: nn.Module, folded: list[FoldedBN]) -> list[str]:
     """Notes for BN layers folded *before* a float16/bfloat16 layer whose inputs sit far from zero.
 
@@ -387,7 +384,7 @@ def _low_precision_shift_notes(model: nn.Module, folded: list[FoldedBN]) -> list
             continue
         bn = model.get_submodule(f.bn)
         ratio = float((bn.running_mean.double().abs() / (bn.running_var.double() + bn.eps).sqrt()).max())
-        if ratio > _SHIFT_NOTE_RATIO:
+        if ratio > OFFSET_NOTE_RATIO:
             notes.append(f"{f.bn} folded before {f.into} in {str(layer.weight.dtype).removeprefix('torch.')}: its "
                          f"inputs sit up to {ratio:.3g} standard deviations from zero, and the folded bias cancels "
                          "that offset in the layer's own precision, so outputs on real data may lose about as many "
