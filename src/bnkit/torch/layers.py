@@ -439,7 +439,7 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
             "run one forward pass first (they then become nn.BatchNorm*d), then convert"
         )
 
-    left: list[str] = []
+    left: list[tuple[str, type]] = []  # (name, class) of each BatchNorm layer left as it is
 
     def make(name: str, m: nn.Module) -> nn.Module | None:
         if type(m) in _STANDARD:  # already a drop-in: update its options on a copy (the model is untouched on error)
