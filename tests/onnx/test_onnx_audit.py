@@ -97,6 +97,19 @@ def test_statistic_problems_are_flagged():
     assert tiny.findings[0].data["max_gain"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_nodes_sharing_a_name_are_reported_apart():
+    # ONNX does not require unique node names: two "bn" nodes, the second with NaN statistics
+    model = _bn_model(**GOOD)
+    first = model.graph.node[0]
+    second = helper.make_node("BatchNormalization", ["y", "s", "b", "m", "v2"], ["z"], name="bn")
+    model.graph.node.append(second)
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray([0.5, np.nan, 0.9], np.float32), "v2"))
+    model.graph.output[0].name = "z"
+    report = audit(model)
+    assert [n["name"] for n in report.nodes] == ["bn[y]", "bn[z]"] and first.name == "bn"
+    assert [(f.layer, f.code) for f in report.findings] == [("bn[z]", "non_finite")]
+
+
 @pytest.mark.parametrize("epsilon, var, code, nan_channels", [
     (-1.0, GOOD["var"], "nonpositive_var_eps", [0, 2]),  # var + eps < 0 in channels 0 and 2
     (float("nan"), GOOD["var"], "bad_eps", [0, 1, 2]),

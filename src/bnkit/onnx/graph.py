@@ -11,7 +11,7 @@ that does not use its running statistics at inference.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -207,12 +207,26 @@ def node_label(node: onnx.NodeProto) -> str:
 
 
 def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None, prefix: str = "") -> list[BNNode]:
-    """Every BatchNormalization node of ``graph`` (subgraphs too, their names prefixed by the owner's)."""
+    """Every BatchNormalization node of ``graph`` (subgraphs too, their names prefixed by the owner's).
+
+    ONNX does not require unique node names: nodes sharing one are named ``name[first output]``
+    (an output names a node uniquely), so reports keep them apart.
+    """
+    found = _bn_nodes(graph, opset, index, prefix)
+    if not prefix:
+        shared = {name for name, k in Counter(bn.name for bn in found).items() if k > 1}
+        for bn in found:
+            if bn.name in shared:
+                bn.name = f"{bn.name}[{bn.node.output[0]}]"
+    return found
+
+
+def _bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None, prefix: str) -> list[BNNode]:
     index = index or GraphIndex(graph)
     found = []
     for node in graph.node:
         for sub in subgraphs(node):
-            found.extend(bn_nodes(sub, opset, GraphIndex(sub, outer=index), prefix=f"{prefix}{node_label(node)}/"))
+            found.extend(_bn_nodes(sub, opset, GraphIndex(sub, outer=index), f"{prefix}{node_label(node)}/"))
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         extra = [o for o in node.output[1:] if o]
