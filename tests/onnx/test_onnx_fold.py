@@ -216,6 +216,22 @@ def test_matmul_2d_folds_and_rank3_is_left():
     assert "BatchNormalization" in ops(folded3) and "not a (K, 4) matrix" in report3.left["bn"]
 
 
+def test_matmul_rank_comes_from_the_graph_not_its_annotations():
+    # x (2, 6, 5) @ W (5, 6): BN's axis 1 is x's 6 rows, not the output features, though a stale value_info
+    # calls the MatMul's input 2-D (folding on that word gave a model 58% off; only verification caught it)
+    rng = np.random.default_rng(3)
+    inits = {"W": rng.standard_normal((5, 6)).astype(np.float32), **_bn_inits(6, rng)}
+    nodes = [helper.make_node("Relu", ["x"], ["xr"]), helper.make_node("MatMul", ["xr", "W"], ["h"], name="mm"),
+             _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 5])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 6])], inits)
+    model.graph.value_info.append(helper.make_tensor_value_info("xr", TensorProto.FLOAT, [2, 5]))
+    folded, report = fold_model(model, verify=False)
+    assert folded.SerializeToString() == model.SerializeToString()
+    assert report.left == {"bn": "the first operand of 'mm' is 3-D, so BN's channel axis 1 may not be the MatMul's "
+                                 "output-feature axis"}
+
+
 def test_conv_output_read_elsewhere_or_runtime_stats_are_left():
     rng = np.random.default_rng(4)
     w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)

@@ -199,8 +199,16 @@ class _Folder:
 
     # -- stage 2: folding ----------------------------------------------------------------------
     def rank(self, name: str) -> int | None:
+        """The rank ONNX shape inference derives for ``name`` from the graph's inputs, or None if unknown.
+
+        The file's own ``value_info`` annotations are set aside first: nothing checks them, and one that
+        contradicts the graph (a 2-D annotation on a 3-D MatMul input) would fold a BN on the wrong axis.
+        """
         if self._ranks is None:
-            inferred = onnx.shape_inference.infer_shapes(self.model)
+            bare = onnx.ModelProto()
+            bare.CopyFrom(self.model)
+            del bare.graph.value_info[:]
+            inferred = onnx.shape_inference.infer_shapes(bare)
             self._ranks = {}
             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
                 if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
@@ -432,9 +440,9 @@ def _fold_matmul(
         return why
     if w.ndim != 2 or w.shape[1] != a.size:
         return f"the second operand of {node_label(node)!r} is not a (K, {a.size}) matrix"
-    if folder.rank(node.input[0]) != 2:
-        return (f"the first operand of {node_label(node)!r} is not known to be 2-D, so BN's channel axis 1 "
-                "may not be the MatMul's output-feature axis")
+    if (rank := folder.rank(node.input[0])) != 2:
+        return (f"the first operand of {node_label(node)!r} is {'not known to be 2-D' if rank is None else f'{rank}-D'}"
+                ", so BN's channel axis 1 may not be the MatMul's output-feature axis")
     w64 = w.astype(np.float64) * a[None, :]
     why = _beyond_range(node, w.dtype, weights=w64)
     if why:
