@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnkit.onnx import audit
+from bnkit.onnx import audit, fold_model
 from bnkit.torch.zoo import ZOO
 
 
@@ -211,6 +211,18 @@ def test_unreadable_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"\xff\xfe not an onnx file")
     with pytest.raises(ValueError, match="not a readable ONNX model"):
         audit(bad)
+
+
+def test_model_with_external_data(tmp_path):
+    path = str(tmp_path / "m.onnx")
+    onnx.save(_bn_model(**dict(GOOD, var=[0.5, np.nan, 0.9])), path, save_as_external_data=True,
+              location="m.data", size_threshold=0)
+    assert [f.code for f in audit(path).findings] == ["non_finite"]  # the path: onnx.load reads the data file
+    bare = onnx.load(path, load_external_data=False)  # the proto alone holds no numbers to check
+    for tool in (audit, fold_model):
+        with pytest.raises(ValueError, match=r"tensors \['s', 'b', 'm', 'v'\] are in an external data file that "
+                                             "was not loaded: pass the .onnx file's path"):
+            tool(bare)
 
 
 def test_bnkit_onnx_imports_and_audits_without_torch(tmp_path):

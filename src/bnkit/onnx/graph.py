@@ -28,6 +28,11 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
     ONNX files hold only tensors and graph structure; nothing in them is executed on load.
     """
     if isinstance(model, onnx.ModelProto):
+        if unloaded := _external_tensors(model.graph):
+            raise ValueError(
+                f"the model's tensors {unloaded[:5]}{' ...' if len(unloaded) > 5 else ''} are in an external data "
+                "file that was not loaded: pass the .onnx file's path, or load it with onnx.load(path) "
+                "(load_external_data=True, the default)")
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         return copy
@@ -41,6 +46,19 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
     if not proto.HasField("graph") or not proto.graph.node:
         raise ValueError(f"{path} is not a readable ONNX model: it has no graph nodes")
     return proto
+
+
+def _external_tensors(graph: onnx.GraphProto) -> list[str]:
+    """Names of the tensors of ``graph`` and its subgraphs whose data lives in an external file."""
+    tensors = list(graph.initializer) + [t.values for t in graph.sparse_initializer]
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+    names = [t.name for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
+    for node in graph.node:
+        for sub in subgraphs(node):
+            names += _external_tensors(sub)
+    return names
 
 
 def opset_version(model: onnx.ModelProto) -> int:
