@@ -189,7 +189,8 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         if not note.startswith("not verified"):
             console.print(f"[yellow]note:[/] {escape(_cli_words(note))}", soft_wrap=True)
     if verified:
-        console.print(f"verified: max |original - folded| = {report.max_abs_diff:.3g}, relative {report.max_rel_diff:.3g}")
+        console.print(f"verified: max |original - folded| = {report.max_abs_diff:.3g}, "
+                      f"relative {report.max_rel_diff:.3g}")
     elif not verify:
         console.print("[yellow]not verified[/] (--no-verify)")
     elif example is None:
@@ -218,11 +219,13 @@ def fold_command(
     input_shape: List[str] = typer.Option(
         [], "--input-shape", help="ONNX: NAME=1x3x224x224 (repeatable; dynamic dims default to 2). PyTorch: "
         "1x3x224x224 (a random input in the model's dtype)."),
-    to_inference: bool = typer.Option(False, "--to-inference", help="ONNX: switch training-mode BatchNormalization to its running statistics."),
+    to_inference: bool = typer.Option(
+        False, "--to-inference", help="ONNX: switch training-mode BatchNormalization to its running statistics."),
     force: bool = typer.Option(
         False, "--force", help="PyTorch: fold layers in training mode or with never-updated statistics (to .onnx: "
         "also write it despite error-level audit findings)."),
-    trust: bool = typer.Option(False, "--trust", help="Unpickle a checkpoint outside PyTorch's safe allow-list (only files you made)."),
+    trust: bool = typer.Option(
+        False, "--trust", help="Unpickle a checkpoint outside PyTorch's safe allow-list (only files you made)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check outputs before and after folding."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     fixed_batch: bool = typer.Option(
