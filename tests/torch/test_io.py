@@ -267,3 +267,42 @@ def test_load_weights_into_takes_an_averaged_model_state_dict():
     for key, value in swa.module.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
     torch.testing.assert_close(target[0].weight, (a[0].weight + b[0].weight) / 2)  # closed form: the mean of two
+
+
+def test_a_state_dict_under_an_unknown_key_is_found_or_the_choice_left_to_the_user(tmp_path):
+    sd = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).state_dict()
+    path = tmp_path / "mixed.pt"
+    torch.save({"epoch": 3, "best_acc1": torch.tensor(0.7), "weights": sd}, path)  # one dict of tensors: the weights
+    state = load_state_dict_file(path)
+    assert state.keys() == sd.keys() and all(torch.equal(state[k], sd[k]) for k in sd)
+    torch.save({"params": sd, "params_ema": sd}, path)  # BasicSR's layout: two candidates
+    with pytest.raises(ValueError, match=r"holds dicts of tensors under \['params', 'params_ema'\], none under a key "
+                                         r"bnkit knows .*torch.save\(checkpoint\['params'\], 'weights.pt'\)"):
+        load_state_dict_file(path)
+    torch.save({**sd, "extra": {"scale": torch.ones(1)}}, path)  # a flat state dict beside a small dict
+    assert load_state_dict_file(path).keys() == sd.keys()
+
+
+class _Tagged(torch.nn.BatchNorm1d):
+    """A layer with extra state (nn.Module.get_extra_state): a non-tensor entry in its state dict."""
+
+    def get_extra_state(self):
+        return {"version": getattr(self, "version", 2)}
+
+    def set_extra_state(self, state):
+        self.version = state["version"]
+
+
+def test_extra_state_is_saved_and_loaded(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), _Tagged(4))
+    model[1].version = 7
+    path = save_state_dict_file(model.state_dict(), tmp_path / "w.pt")
+    state = load_state_dict_file(path)
+    assert state["1._extra_state"] == {"version": 7}
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), _Tagged(4))
+    load_weights_into(fresh, state)
+    assert fresh[1].version == 7 and torch.equal(fresh[0].weight, model[0].weight)
+    with pytest.raises(ValueError, match=r"safetensors holds tensors only, and the state dict's 1._extra_state is "
+                                         r"not \(a module's extra state\); write a .pt file instead"):
+        save_state_dict_file(model.state_dict(), tmp_path / "w.safetensors")
+    assert not list(tmp_path.glob("w.safetensors*"))

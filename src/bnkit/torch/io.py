@@ -192,22 +192,42 @@ def pickled_module(obj: object) -> torch.nn.Module | None:
     return None
 
 
-def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, object]:
     """The flat ``{name: tensor}`` state dict in a loaded checkpoint ``obj`` (read from ``path``), as
-    :func:`load_state_dict_file` returns it."""
+    :func:`load_state_dict_file` returns it.
+
+    The state dict is ``obj`` itself, or the dict of tensors under one of the usual wrapper keys
+    (``state_dict``, ``model``, ``ema``, ...), or under the only key that holds one (``{"weights": sd,
+    "epoch": 3}``) when it holds more tensors than the top level. Several such dicts under other keys
+    (``{"params": sd, "params_ema": sd_ema}``) are refused: which one holds the weights is the user's call.
+    Entries a module's ``get_extra_state`` wrote (``..._extra_state``) are kept whatever their type.
+    """
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    for key in _WRAPPER_KEYS:
-        inner = obj.get(key)
-        if isinstance(inner, torch.nn.Module):
-            inner = inner.state_dict()
-        if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-            obj = inner
-            break
-    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not state:
+
+    def tensors_in(value: object) -> int:
+        if isinstance(value, torch.nn.Module):
+            value = value.state_dict()
+        return sum(isinstance(v, torch.Tensor) for v in value.values()) if isinstance(value, Mapping) else 0
+
+    inner = next((obj[k] for k in _WRAPPER_KEYS if tensors_in(obj.get(k))), None)
+    if inner is None:
+        nested = {str(k): n for k, v in obj.items() if (n := tensors_in(v))}
+        top = tensors_in(obj)
+        if len(nested) == 1 and max(nested.values()) > top:
+            inner = obj[next(k for k in obj if str(k) in nested)]
+        elif nested and top <= max(nested.values()):
+            raise ValueError(
+                f"{path} holds dicts of tensors under {sorted(nested)}"
+                + (f" and {top} tensor(s) at its top level" if top else "")
+                + f", none under a key bnkit knows ({', '.join(_WRAPPER_KEYS)}): which one holds the weights is for "
+                f"you to say; save it alone, e.g. torch.save(checkpoint[{sorted(nested)[0]!r}], 'weights.pt')")
+    if inner is not None:
+        obj = inner.state_dict() if isinstance(inner, torch.nn.Module) else inner
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
+    if not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} contains no tensors")
     return state
 
@@ -282,15 +302,26 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         raise ValueError(f"{source} do not fit {type(model).__name__}: {' '.join(lines[:4])}") from None
 
 
-def save_state_dict_file(state: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Write a state dict atomically; ``.safetensors`` by suffix, otherwise ``torch.save``."""
+def save_state_dict_file(state: Mapping[str, object], path: str | os.PathLike) -> Path:
+    """Write a state dict atomically; ``.safetensors`` by suffix, otherwise ``torch.save``.
+
+    Entries that are not tensors (what a module's ``get_extra_state`` returns) go into a ``torch.save`` file
+    as they are; safetensors holds tensors only, so a state dict with such entries is refused for it.
+    """
     path = Path(path)
+    others = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    safetensors = path.suffix.lower() == ".safetensors"
+    if others and safetensors:
+        raise ValueError("safetensors holds tensors only, and the state dict's "
+                         f"{', '.join(others[:4])} {'is' if len(others) == 1 else 'are'} not (a module's extra "
+                         "state); write a .pt file instead")
     with atomic_path(path) as tmp:
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-        if path.suffix.lower() == ".safetensors":
+        saved = {k: v.detach().cpu().contiguous().clone() if isinstance(v, torch.Tensor) else v
+                 for k, v in state.items()}
+        if safetensors:
             from safetensors.torch import save_file
 
-            save_file(tensors, tmp)
+            save_file(saved, tmp)
         else:
-            torch.save(tensors, tmp)
+            torch.save(saved, tmp)
     return path
