@@ -113,6 +113,34 @@ def test_load_inputs_errors_name_the_file_and_the_way_out(tmp_path):
         load_inputs(tmp_path / "str.pt")
 
 
+def test_load_inputs_joins_a_saved_list_of_batches(tmp_path):
+    x = torch.arange(60, dtype=torch.float32).reshape(10, 6)
+    batches = list(torch.split(x, 4))  # 4 + 4 + 2 samples
+    torch.save(batches, tmp_path / "list.pt")
+    torch.save([(b, torch.zeros(len(b))) for b in batches], tmp_path / "loader.pt")  # list(loader) of (x, y)
+    for name in ("list.pt", "loader.pt"):
+        assert torch.equal(load_inputs(tmp_path / name), x), name  # every sample, not the first batch's 4
+    torch.save([x[:5], x[5:]], tmp_path / "two.pt")  # two batches or (inputs, targets): refused, not guessed
+    with pytest.raises(ValueError, match=r"two.pt holds two arrays of shape \(6,\) per sample: two batches, or "
+                                         r"\(inputs, targets\)\? Save the inputs alone"):
+        load_inputs(tmp_path / "two.pt")
+
+
+def test_load_inputs_reads_only_the_chosen_array_in_native_byte_order(tmp_path):
+    x = np.arange(12, dtype=">f4").reshape(3, 4)  # big-endian, as FITS and some instruments write
+    np.savez(tmp_path / "d.npz", x=x, meta=np.array([{"a": 1}], dtype=object))
+    got = load_inputs(tmp_path / "d.npz", "x")
+    assert got.dtype == np.dtype("=f4") and torch.equal(torch.from_numpy(got), torch.arange(12.0).reshape(3, 4))
+    with pytest.raises(ValueError, match=r"d.npz has no array 'y'; it holds \['meta', 'x'\]"):
+        load_inputs(tmp_path / "d.npz", "y")
+    with pytest.raises(ValueError, match=r"d.npz is not a readable .*object arrays are refused.*its array 'meta'"):
+        load_inputs(tmp_path / "d.npz", "meta")
+    if np.dtype(np.longdouble).itemsize > 8:  # x86: 80-bit extended precision
+        np.save(tmp_path / "ld.npy", np.ones((2, 3), dtype=np.longdouble))
+        with pytest.raises(ValueError, match=r"holds float128 values, which PyTorch has no dtype for"):
+            load_inputs(tmp_path / "ld.npy")
+
+
 def test_load_inputs_never_runs_a_pickle(tmp_path):
     from bnkit.torch.io import UnsafeCheckpointError
 

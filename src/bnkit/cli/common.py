@@ -171,7 +171,7 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
     Anything else is read as a checkpoint with ``weights_only=True`` (``.pt``, ``.pth``) or as
     safetensors: data files are never trusted to run code. A file of several named arrays
     gives ``key``, else its only one, else the first of :data:`INPUT_KEYS` present; a tuple
-    or list gives its first item.
+    or list, see :func:`_inputs_of_sequence`.
 
     Raises:
         ValueError: no such file, a folder, an unreadable file, or no inputs in it (the
@@ -185,13 +185,18 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
 
     check_input_file(path, "data")
     if path.suffix.lower() in ARRAY_SUFFIXES:
+        unreadable = f"{path} is not a readable .npy/.npz array file (object arrays are refused)"
         try:
             loaded = np.load(path, allow_pickle=False)
-            if isinstance(loaded, np.lib.npyio.NpzFile):
-                with loaded:
-                    loaded = {k: loaded[k] for k in loaded.files}  # object arrays raise here, on access
         except (ValueError, OSError) as exc:
-            raise ValueError(f"{path} is not a readable .npy/.npz array file (object arrays are refused): {exc}") from exc
+            raise ValueError(f"{unreadable}: {exc}") from exc
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                name = _chosen_key(loaded.files, key, key_option, path)
+                try:
+                    loaded = loaded[name]  # only the inputs are read: other arrays may hold anything
+                except (ValueError, OSError) as exc:
+                    raise ValueError(f"{unreadable}, its array {name!r}: {exc}") from exc
     else:
         try:
             loaded = load_checkpoint(path)
@@ -205,18 +210,54 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
             raise ValueError(message if str(path) in message else f"cannot read data file {path}: {message}") from exc
     if isinstance(loaded, dict):
         named = {str(k): v for k, v in loaded.items()}
-        chosen = key if key is not None else (
-            next(iter(named)) if len(named) == 1 else next((k for k in INPUT_KEYS if k in named), None))
-        if chosen not in named:
-            choose = f" or choose them with {key_option}" if key_option else ""
-            raise ValueError(f"{path} holds {sorted(named)}; name the inputs one of {list(INPUT_KEYS)}{choose}")
-        loaded = named[chosen]
+        loaded = named[_chosen_key(list(named), key, key_option, path)]
     elif isinstance(loaded, (tuple, list)) and loaded:
-        loaded = loaded[0]
+        loaded = _inputs_of_sequence(list(loaded), path)
     if not isinstance(loaded, (np.ndarray, torch.Tensor)):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not an array of inputs")
+    if isinstance(loaded, np.ndarray) and not loaded.dtype.isnative:  # big-endian files: torch takes native only
+        loaded = loaded.astype(loaded.dtype.newbyteorder("="))
     check_input_array(loaded, str(path))
     return loaded
+
+
+def _chosen_key(names: list[str], key: Optional[str], key_option: Optional[str], path: Path) -> str:
+    """Which of a file's named arrays holds the inputs: ``key``, else the only one, else the first of
+    :data:`INPUT_KEYS`."""
+    if key is not None:
+        if key not in names:
+            raise ValueError(f"{path} has no array {key!r}; it holds {sorted(names)}")
+        return key
+    found = names[0] if len(names) == 1 else next((k for k in INPUT_KEYS if k in names), None)
+    if found is None:
+        choose = f" or choose them with {key_option}" if key_option else ""
+        raise ValueError(f"{path} holds {sorted(names)}; name the inputs one of {list(INPUT_KEYS)}{choose}")
+    return found
+
+
+def _inputs_of_sequence(items: list, path: Path) -> Any:
+    """The inputs in a saved list or tuple: batches of one shape (``[x1, x2, ...]``, or ``list(loader)``'s
+    ``[(x1, y1), (x2, y2), ...]``) joined along the batch axis, or the first item of one ``(x, y, ...)`` sample
+    tuple. Two arrays of one shape are refused: a pair of batches and an ``(inputs, targets)`` pair look alike."""
+    import numpy as np
+    import torch
+
+    if all(isinstance(it, (tuple, list)) and it for it in items):  # (inputs, targets) per batch
+        items = [it[0] for it in items]
+    arrays = [it for it in items if isinstance(it, (np.ndarray, torch.Tensor))]
+    if len(arrays) < len(items) or len(items) == 1:
+        return items[0]  # checked by the caller: an array, or an error naming what it is
+    first = items[0]
+    alike = all(it.ndim == first.ndim >= 1 and tuple(it.shape[1:]) == tuple(first.shape[1:]) and it.dtype == first.dtype
+                for it in items)
+    if not alike:
+        return first  # an (inputs, targets, ...) tuple: the inputs
+    if len(items) == 2:
+        raise ValueError(f"{path} holds two arrays of shape {tuple(first.shape[1:])} per sample: two batches, or "
+                         "(inputs, targets)? Save the inputs alone (one array, or a dict with key 'x')")
+    if all(isinstance(it, torch.Tensor) for it in items):
+        return torch.cat(items)
+    return np.concatenate([it.numpy(force=True) if isinstance(it, torch.Tensor) else it for it in items])
 
 
 def check_input_array(x: Any, source: str) -> None:
@@ -231,5 +272,8 @@ def check_input_array(x: Any, source: str) -> None:
                              "dense tensor (x.to_dense())")
     elif x.dtype.kind not in "biufc":
         raise ValueError(f"{source} holds {x.dtype} values, not numbers")
+    elif x.dtype.itemsize > (16 if x.dtype.kind == "c" else 8):
+        raise ValueError(f"{source} holds {x.dtype} values, which PyTorch has no dtype for: save them as "
+                         f"{'complex128' if x.dtype.kind == 'c' else 'float64'} (or float32)")
     if x.ndim == 0:
         raise ValueError(f"{source} holds a single number: the inputs need a batch axis, (N, features...)")
