@@ -1,6 +1,9 @@
 """bnkit.atomic: a file is written completely or not at all, with the usual permissions."""
 import os
+import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -39,3 +42,62 @@ def test_a_folder_at_the_target_is_refused_before_anything_is_created(tmp_path):
         with atomic_path(tmp_path / "out.onnx"):
             pytest.fail("the block must not run")
     assert os.listdir(tmp_path) == ["out.onnx"] and os.listdir(tmp_path / "out.onnx") == []
+
+
+def test_the_data_reaches_the_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    target = tmp_path / "out.bin"
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(b"data")
+    assert events == [("fsync", tmp), ("replace", str(target)), ("fsync", str(tmp_path))]
+
+
+def test_mode_of_the_replaced_file_is_kept_and_the_umask_never_touched(tmp_path, monkeypatch):
+    target = tmp_path / "private.pt"
+    target.write_bytes(b"old")
+    target.chmod(0o600)
+    monkeypatch.setattr(os, "umask", lambda *a: pytest.fail("os.umask changes it for every thread"))
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(b"new")
+    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_a_name_as_long_as_the_file_system_allows_is_written(tmp_path):
+    target = tmp_path / ("é" * 100 + "a" * 48 + ".pt")  # 253 bytes: legal, but not with a suffix added
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(b"data")
+    assert target.read_bytes() == b"data" and os.listdir(tmp_path) == [target.name]
+
+
+def test_sigterm_to_the_cli_removes_the_partial_file(tmp_path, monkeypatch):
+    import bnkit.cli
+
+    monkeypatch.setattr(bnkit.cli, "app", lambda: None)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        bnkit.cli.main()
+        assert signal.getsignal(signal.SIGTERM) is bnkit.cli._terminate
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    target = tmp_path / "out.pt"
+    target.write_bytes(b"old")
+    script = ("import signal, sys, time\n"
+              "from bnkit.cli import _terminate\n"
+              "from bnkit.atomic import atomic_path\n"
+              "signal.signal(signal.SIGTERM, _terminate)\n"
+              "with atomic_path(sys.argv[1]) as tmp:\n"
+              "    open(tmp, 'wb').write(b'half')\n"
+              "    print('writing', flush=True)\n"
+              "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "writing\n"
+    proc.terminate()
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.pt"]

@@ -7,7 +7,8 @@ the target and renames it over the target only when the write finished, so a fai
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,21 +31,56 @@ def check_target(path: str | os.PathLike) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; rename it over ``path`` when the block ends normally.
 
-    On any exception (``KeyboardInterrupt`` included) the temporary file is deleted and
-    ``path`` is left as it was. Missing parent directories are created. The file gets the
-    usual ``0o666 & ~umask`` mode (``mkstemp`` alone would make it private, 0600). A folder at ``path``
+    On any exception (``KeyboardInterrupt`` included; the CLI turns SIGTERM into one) the temporary file
+    is deleted and ``path`` is left as it was. The new file's data reaches the disk (``fsync``) before the
+    rename, and the rename before this returns, so a crash right after never leaves an empty file where the
+    old one was. Missing parent directories are created. The file keeps the mode of the file it replaces,
+    and otherwise gets the usual ``0o666 & ~umask``, as ``open`` gives it. A folder at ``path``
     raises :func:`check_target`'s error before anything is created.
     """
     path = check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_beside(path)
     try:
         yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        if path.exists():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _create_beside(path: Path) -> str:
+    """Create an empty, uniquely named file in ``path``'s folder, with ``open``'s default mode (the kernel
+    applies the umask: reading it with ``os.umask`` would briefly change it for every thread)."""
+    stem = path.name
+    while len(os.fsencode(stem)) > 200:  # a name may have 255 bytes: room for the temporary name's additions
+        stem = stem[:-1]
+    for _ in range(100):
+        tmp = path.parent / f".{stem}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return str(tmp)
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') data to the disk; folders cannot be opened for this everywhere."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if os.path.isdir(path):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
