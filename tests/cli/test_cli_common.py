@@ -108,6 +108,10 @@ def test_load_inputs_errors_name_the_file_and_the_way_out(tmp_path):
         load_inputs(tmp_path / "missing.npy")
     with pytest.raises(ValueError, match="is a directory"):
         load_inputs(tmp_path)
+    (tmp_path / "x.csv").write_text("1.0,2.0\n3.0,4.0\n")
+    with pytest.raises(ValueError, match=r"x.csv is a text file \(it starts with '1.0,2.0.*'\), not a data file: "
+                                         r"save the inputs as .npy, .npz or .safetensors"):
+        load_inputs(tmp_path / "x.csv")
     torch.save({"x": "not an array"}, tmp_path / "str.pt")
     with pytest.raises(ValueError, match="holds a str, not an array"):
         load_inputs(tmp_path / "str.pt")
@@ -135,6 +139,9 @@ def test_load_inputs_reads_only_the_chosen_array_in_native_byte_order(tmp_path):
         load_inputs(tmp_path / "d.npz", "y")
     with pytest.raises(ValueError, match=r"d.npz is not a readable .*object arrays are refused.*its array 'meta'"):
         load_inputs(tmp_path / "d.npz", "meta")
+    torch.save(torch.zeros(4, 3, device="meta"), tmp_path / "meta.pt")
+    with pytest.raises(ValueError, match=r"meta.pt holds a meta tensor: a shape without values"):
+        load_inputs(tmp_path / "meta.pt")
     if np.dtype(np.longdouble).itemsize > 8:  # x86: 80-bit extended precision
         np.save(tmp_path / "ld.npy", np.ones((2, 3), dtype=np.longdouble))
         with pytest.raises(ValueError, match=r"holds float128 values, which PyTorch has no dtype for"):

@@ -114,6 +114,14 @@ def test_fold_onnx_bad_input(tmp_path):
     out = tmp_path / "out.onnx"
     result = runner.invoke(app, ["fold", str(bad), "-o", str(out)])
     assert result.exit_code == 2 and "not a readable ONNX model" in _text(result) and not out.exists()
+    assert "--model" not in _text(result)  # an .onnx name: no PyTorch hint
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"PK\x03\x04 a checkpoint's zip")
+    result = runner.invoke(app, ["fold", str(ckpt), "-o", str(out)])
+    assert result.exit_code == 2 and "not a readable ONNX model" in _text(result)
+    assert "to fold a PyTorch model, give --model pkg.module:factory --weights FILE" in _text(result)
+    result = runner.invoke(app, ["fold", str(tmp_path), "-o", str(out)])
+    assert result.exit_code == 2 and f"{tmp_path} is a folder, not an ONNX model file" in _text(result)
     result = runner.invoke(app, ["fold", str(bad), "-o", str(bad)])
     assert result.exit_code == 2 and "names the input file" in _text(result)
     assert runner.invoke(app, ["fold", "-o", str(out)]).exit_code == 2
@@ -428,13 +436,19 @@ def test_fold_errors_are_messages_not_tracebacks(tmp_path, monkeypatch):
     result = runner.invoke(app, ["fold", "fixed.onnx", "-o", "again.onnx", "--fixed-batch"])
     assert result.exit_code == 2 and "--fixed-batch applies only" in _text(result)
 
-    # an ONNX output that cannot be written (the temporary file's name beside it is too long)
+    # an ONNX output that cannot be written (the disk fills up halfway)
     src = _export(_calibrated_vgg(), tmp_path / "vgg.onnx")
-    long = "a" * (255 - len(".onnx")) + ".onnx"
-    result = runner.invoke(app, ["fold", str(src), "-o", long], terminal_width=200)
+    import onnx
+
+    def disk_full(model, path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", disk_full)
+    result = runner.invoke(app, ["fold", str(src), "-o", "full.onnx"], terminal_width=200)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert f"cannot write {long}" in _text(result) and "nothing written" in _text(result)
-    assert not [name for name in os.listdir(tmp_path) if name.startswith((".", "a"))]
+    assert "cannot write full.onnx" in _text(result) and "nothing written" in _text(result)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith((".", "full"))]
 
 
 def test_fold_onnx_input_shape_that_does_not_fit_is_bad_input_and_a_small_dynamic_size_names_the_option(tmp_path):

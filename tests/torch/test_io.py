@@ -306,3 +306,24 @@ def test_extra_state_is_saved_and_loaded(tmp_path):
                                          r"not \(a module's extra state\); write a .pt file instead"):
         save_state_dict_file(model.state_dict(), tmp_path / "w.safetensors")
     assert not list(tmp_path.glob("w.safetensors*"))
+
+
+def test_torchscript_archives_and_meta_tensors_are_named(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).eval()
+    torch.jit.save(torch.jit.script(model), tmp_path / "ts.pt")
+    for trust in (False, True):
+        with pytest.raises(NotACheckpointError, match=r"ts.pt is a TorchScript archive \(torch.jit.save: code as "
+                                                      r"well as weights; .*torch.jit.load\(path\).state_dict\(\)"):
+            load_state_dict_file(tmp_path / "ts.pt", trust=trust)
+    with torch.device("meta"):
+        meta = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    torch.save(meta.state_dict(), tmp_path / "meta.pt")
+    with pytest.raises(ValueError, match=r"meta.pt holds meta tensors \(0.weight, 0.bias, 1.weight, 1.bias, ...\): "
+                                         "shapes without values"):
+        load_state_dict_file(tmp_path / "meta.pt")
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(NotACheckpointError, match=r"is a folder, not a checkpoint file") as err:
+        load_checkpoint(tmp_path)
+    assert err.value.what == "a folder"

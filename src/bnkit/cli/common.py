@@ -181,7 +181,7 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
     import numpy as np
     import torch
 
-    from ..torch.io import UnsafeCheckpointError, load_checkpoint
+    from ..torch.io import NotACheckpointError, UnsafeCheckpointError, load_checkpoint
 
     check_input_file(path, "data")
     if path.suffix.lower() in ARRAY_SUFFIXES:
@@ -205,6 +205,11 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
             raise UnsafeCheckpointError(
                 f"{found} so it was NOT loaded; data files are never unpickled with code (no --trust for data): "
                 "save the inputs as .npy, .npz or .safetensors, or torch.save a tensor or a dict of tensors") from None
+        except NotACheckpointError as exc:
+            if exc.what is None:
+                raise
+            raise ValueError(f"{path} is {exc.what}, not a data file: save the inputs as .npy, .npz or .safetensors, "
+                             "or torch.save a tensor or a dict of tensors") from None
         except (ValueError, OSError) as exc:
             message = str(exc)
             raise ValueError(message if str(path) in message else f"cannot read data file {path}: {message}") from exc
@@ -267,6 +272,8 @@ def check_input_array(x: Any, source: str) -> None:
     import torch
 
     if isinstance(x, torch.Tensor):
+        if x.is_meta:
+            raise ValueError(f"{source} holds a meta tensor: a shape without values; save the real inputs")
         if x.layout != torch.strided:
             raise ValueError(f"{source} holds a {str(x.layout).removeprefix('torch.')} tensor: save the inputs as a "
                              "dense tensor (x.to_dense())")

@@ -55,7 +55,9 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
         raise fail(f"not enough memory to verify {source} on inputs of shapes {input_shapes or 'from the graph'}: "
                    f"{exc}; nothing written (a smaller --input-shape, or --no-verify)", code=1) from None
     except (FileNotFoundError, ValueError) as exc:
-        raise fail(str(exc)) from None
+        hint = ("; to fold a PyTorch model, give --model pkg.module:factory --weights FILE"
+                if source.suffix.lower() != ".onnx" and "not a readable ONNX model" in str(exc) else "")
+        raise fail(f"{exc}{hint}") from None
     except OSError as exc:  # the source was read (a missing one is the FileNotFoundError above): writing failed
         raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None
     if as_json:

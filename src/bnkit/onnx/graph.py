@@ -37,6 +37,8 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
         copy.CopyFrom(model)
         return copy
     path = os.fspath(model)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not an ONNX model file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     try:

@@ -47,7 +47,14 @@ class UnsafeCheckpointError(RuntimeError):
 
 
 class NotACheckpointError(ValueError):
-    """The file is not a PyTorch checkpoint (another format, or damaged); ``trust`` does not change that."""
+    """The file is not a PyTorch checkpoint (another format, or damaged); ``trust`` does not change that.
+
+    ``what``: what the file is instead (``"a text file (it starts with ...)"``), when that is known.
+    """
+
+    def __init__(self, message: str, what: str | None = None) -> None:
+        super().__init__(message)
+        self.what = what
 
 
 def _strip_ansi(text: str) -> str:
@@ -68,6 +75,9 @@ def _looks_like(path: Path, head: bytes, size: int) -> str | None:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError):
             return "a damaged zip archive (a truncated or corrupt torch.save file?)"
+        if any(n.endswith("constants.pkl") for n in names):  # torch/serialization.py, _is_torchscript_zip
+            return ("a TorchScript archive (torch.jit.save: code as well as weights; if you trust it, "
+                    "torch.jit.load(path).state_dict() gives its weights)")
         if any(n.endswith("data.pkl") for n in names):
             return None
         if names and all(n.endswith(".npy") for n in names):
@@ -141,6 +151,8 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     needs a module that cannot be imported.
     """
     path = Path(path)
+    if path.is_dir():
+        raise NotACheckpointError(f"{path} is a folder, not a checkpoint file; {_EXPECTED}", "a folder")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     size = path.stat().st_size
@@ -150,7 +162,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
         return _load_safetensors(path, map_location)
     kind = _looks_like(path, head, size)
     if kind is not None:
-        raise NotACheckpointError(f"{path} is {kind}, not a PyTorch checkpoint; {_EXPECTED}")
+        raise NotACheckpointError(f"{path} is {kind}, not a PyTorch checkpoint; {_EXPECTED}", kind)
     corrupt = NotACheckpointError(f"{path} is a damaged or incomplete PyTorch checkpoint (or not one); {_EXPECTED}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -229,6 +241,10 @@ def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, object]:
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
     if not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} contains no tensors")
+    if meta := [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta]:
+        raise ValueError(f"{path} holds meta tensors ({', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}): "
+                         "shapes without values, as a model built on device='meta' has before its weights are "
+                         "loaded; save the state dict after loading real weights")
     return state
 
 
