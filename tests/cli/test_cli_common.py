@@ -117,17 +117,30 @@ def test_load_inputs_errors_name_the_file_and_the_way_out(tmp_path):
         load_inputs(tmp_path / "str.pt")
 
 
-def test_load_inputs_joins_a_saved_list_of_batches(tmp_path):
+def test_load_inputs_reads_saved_lists_by_their_structure(tmp_path):
     x = torch.arange(60, dtype=torch.float32).reshape(10, 6)
-    batches = list(torch.split(x, 4))  # 4 + 4 + 2 samples
-    torch.save(batches, tmp_path / "list.pt")
-    torch.save([(b, torch.zeros(len(b))) for b in batches], tmp_path / "loader.pt")  # list(loader) of (x, y)
-    for name in ("list.pt", "loader.pt"):
-        assert torch.equal(load_inputs(tmp_path / name), x), name  # every sample, not the first batch's 4
-    torch.save([x[:5], x[5:]], tmp_path / "two.pt")  # two batches or (inputs, targets): refused, not guessed
-    with pytest.raises(ValueError, match=r"two.pt holds two arrays of shape \(6,\) per sample: two batches, or "
-                                         r"\(inputs, targets\)\? Save the inputs alone"):
-        load_inputs(tmp_path / "two.pt")
+    batches = list(torch.split(x, 4))  # 4 + 4 + 2 samples, as list(loader) gives them
+    cases = {
+        "ragged.pt": batches,  # one shape per sample, different lengths: batches
+        "loader.pt": [(b, torch.zeros(len(b))) for b in batches],  # list(loader) of (x, y)
+        "two_pairs.pt": [(x[:5], torch.zeros(5)), (x[5:], torch.ones(5))],  # the pairs say which is x
+        "dataset.pt": [(row, int(i % 3)) for i, row in enumerate(x)],  # list(dataset): samples, stacked
+        "xy.pt": (x, torch.zeros(10, dtype=torch.long)),  # torch.save((x, y))
+        "onehot.pt": (x, torch.eye(10)[:, :3]),  # (N, 6) inputs, (N, 3) targets
+    }
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+        assert torch.equal(load_inputs(tmp_path / name), x), name  # every sample, in order
+    refused = {
+        "same.pt": [x[:5], x[5:]],  # two batches, an (x, x) pair or samples: not guessed
+        "varsize.pt": [(torch.zeros(4, 3, 8, 8), torch.zeros(4)), (torch.zeros(4, 3, 9, 9), torch.zeros(4))],
+        "dicts.pt": [{"x": x}, {"x": x}],
+    }
+    for name, obj in refused.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ValueError, match=rf"{name} holds (a list of 2 items whose structure does not say which "
+                                             r"are the inputs|batches of different shapes)"):
+            load_inputs(tmp_path / name)
 
 
 def test_load_inputs_reads_only_the_chosen_array_in_native_byte_order(tmp_path):

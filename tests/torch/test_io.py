@@ -302,6 +302,17 @@ def test_extra_state_is_saved_and_loaded(tmp_path):
     fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), _Tagged(4))
     load_weights_into(fresh, state)
     assert fresh[1].version == 7 and torch.equal(fresh[0].weight, model[0].weight)
+    # a load that fails (a weight of another shape) leaves the extra state as it was, like the tensors
+    other = torch.nn.Sequential(torch.nn.Linear(3, 4), _Tagged(4))
+    other[1].version = 1
+    bad = {**state, "0.weight": torch.zeros(5, 3)}
+    with pytest.raises(ValueError, match="do not fit"):
+        load_weights_into(other, bad)
+    assert other[1].version == 1
+    # an extra state holding tensors is not taken for a state dict of its own
+    sd = {**model.state_dict(), "1._extra_state": {f"t{i}": torch.zeros(1) for i in range(9)}}
+    torch.save(sd, tmp_path / "big_extra.pt")
+    assert load_state_dict_file(tmp_path / "big_extra.pt").keys() == sd.keys()
     with pytest.raises(ValueError, match=r"safetensors holds tensors only, and the state dict's 1._extra_state is "
                                          r"not \(a module's extra state\); write a .pt file instead"):
         save_state_dict_file(model.state_dict(), tmp_path / "w.safetensors")

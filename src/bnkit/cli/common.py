@@ -217,7 +217,7 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
         named = {str(k): v for k, v in loaded.items()}
         loaded = named[_chosen_key(list(named), key, key_option, path)]
     elif isinstance(loaded, (tuple, list)) and loaded:
-        loaded = _inputs_of_sequence(list(loaded), path)
+        loaded = _inputs_of_sequence(loaded, path)
     if not isinstance(loaded, (np.ndarray, torch.Tensor)):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not an array of inputs")
     if isinstance(loaded, np.ndarray) and not loaded.dtype.isnative:  # big-endian files: torch takes native only
@@ -240,29 +240,62 @@ def _chosen_key(names: list[str], key: Optional[str], key_option: Optional[str],
     return found
 
 
-def _inputs_of_sequence(items: list, path: Path) -> Any:
-    """The inputs in a saved list or tuple: batches of one shape (``[x1, x2, ...]``, or ``list(loader)``'s
-    ``[(x1, y1), (x2, y2), ...]``) joined along the batch axis, or the first item of one ``(x, y, ...)`` sample
-    tuple. Two arrays of one shape are refused: a pair of batches and an ``(inputs, targets)`` pair look alike."""
+def _inputs_of_sequence(items: "list | tuple", path: Path) -> Any:
+    """The inputs in a saved list or tuple, where its structure says what they are.
+
+    * ``(inputs, targets, ...)`` (``torch.save((x, y))``): two or three arrays with one length, the first with
+      the most dimensions, and not all of one shape, give the first;
+    * arrays of one shape per sample but different lengths (``list(loader)`` with a short last batch) are
+      batches, joined along the batch axis;
+    * pairs (``list(loader)``'s ``[(x1, y1), (x2, y2), ...]``): targets with one per sample mark batches, joined;
+      scalar targets (``list(dataset)``'s ``[(x, 3), ...]``) mark samples, stacked into one batch;
+    * a one-item list gives its item.
+
+    Anything else is refused rather than guessed: arrays all of one shape may be batches to join, samples to
+    stack or an ``(x, x)`` pair, and batches of different shapes cannot be joined.
+    """
+    kind = type(items).__name__
+    items = list(items)
     import numpy as np
     import torch
 
-    if all(isinstance(it, (tuple, list)) and it for it in items):  # (inputs, targets) per batch
-        items = [it[0] for it in items]
-    arrays = [it for it in items if isinstance(it, (np.ndarray, torch.Tensor))]
-    if len(arrays) < len(items) or len(items) == 1:
-        return items[0]  # checked by the caller: an array, or an error naming what it is
-    first = items[0]
-    alike = all(it.ndim == first.ndim >= 1 and tuple(it.shape[1:]) == tuple(first.shape[1:]) and it.dtype == first.dtype
-                for it in items)
-    if not alike:
-        return first  # an (inputs, targets, ...) tuple: the inputs
-    if len(items) == 2:
-        raise ValueError(f"{path} holds two arrays of shape {tuple(first.shape[1:])} per sample: two batches, or "
-                         "(inputs, targets)? Save the inputs alone (one array, or a dict with key 'x')")
-    if all(isinstance(it, torch.Tensor) for it in items):
-        return torch.cat(items)
-    return np.concatenate([it.numpy(force=True) if isinstance(it, torch.Tensor) else it for it in items])
+    def is_array(v: Any) -> bool:
+        return isinstance(v, (np.ndarray, torch.Tensor))
+
+    def scalar(v: Any) -> bool:
+        return isinstance(v, (int, float)) or (is_array(v) and v.ndim == 0)
+
+    def joined(arrays: list, stack: bool) -> Any:
+        shapes = {tuple(a.shape) if stack else (a.ndim, *a.shape[1:]) for a in arrays}
+        if len(shapes) > 1:
+            raise ValueError(f"{path} holds {'samples' if stack else 'batches'} of different shapes "
+                             f"({', '.join(str(tuple(a.shape)) for a in arrays[:4])}, ...): they cannot be "
+                             "joined into one dataset; save them as one array, or give --data a Dataset "
+                             "(pkg.module:make_dataset)")
+        if all(isinstance(a, torch.Tensor) for a in arrays):
+            return torch.stack(arrays) if stack else torch.cat(arrays)
+        numpy = [a.numpy(force=True) if isinstance(a, torch.Tensor) else a for a in arrays]
+        return np.stack(numpy) if stack else np.concatenate(numpy)
+
+    if len(items) == 1:
+        return items[0]
+    if all(isinstance(it, (tuple, list)) and len(it) >= 2 and is_array(it[0]) for it in items):
+        xs, ys = [it[0] for it in items], [it[1] for it in items]
+        if all(scalar(y) for y in ys):
+            return joined(xs, stack=True)
+        if all(is_array(y) and y.ndim >= 1 and x.ndim >= 1 and len(y) == len(x) for x, y in zip(xs, ys)):
+            return joined(xs, stack=False)
+    elif all(is_array(it) and it.ndim >= 1 for it in items):
+        first = items[0]
+        shapes = {tuple(it.shape) for it in items}
+        if (len(items) <= 3 and len(shapes) > 1 and all(it.ndim <= first.ndim and len(it) == len(first) for it in items)):
+            return first
+        if len({(it.ndim, *it.shape[1:]) for it in items}) == 1 and len({len(it) for it in items}) > 1:
+            return joined(items, stack=False)
+    raise ValueError(
+        f"{path} holds a {kind} of {len(items)} items whose structure does not say which are the "
+        "inputs (batches to join, samples to stack, or an (inputs, targets) pair?): save the inputs as one "
+        "array (torch.cat(batches) or torch.stack(samples)), or a dict {'x': inputs}")
 
 
 def check_input_array(x: Any, source: str) -> None:

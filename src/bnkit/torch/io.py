@@ -17,6 +17,7 @@ legacy format, a sequence of pickles starting with a magic number.
 """
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import pickletools
@@ -226,7 +227,7 @@ def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, object]:
 
     inner = next((obj[k] for k in _WRAPPER_KEYS if tensors_in(obj.get(k))), None)
     if inner is None:
-        nested = {str(k): n for k, v in obj.items() if (n := tensors_in(v))}
+        nested = {str(k): n for k, v in obj.items() if not str(k).endswith("_extra_state") and (n := tensors_in(v))}
         top = tensors_in(obj)
         if len(nested) == 1 and max(nested.values()) > top:
             inner = obj[next(k for k in obj if str(k) in nested)]
@@ -259,8 +260,9 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     dropped: it loads as the averaged model. A mismatch raises ``ValueError`` listing a few missing and
     unexpected keys (and the prefix, if one would explain them) instead of torch's full key dump.
     Complex values for real tensors (torch would keep their real part) are refused before loading; when
-    ``load_state_dict`` fails (a shape, a module's own loading code), the parameters and buffers it had
-    already overwritten are put back from a copy taken first (transient: one copy of the model's tensors).
+    ``load_state_dict`` fails (a shape, a module's own loading code), the parameters, buffers and extra state
+    (``get_extra_state``) it had already overwritten are put back from a copy taken first (transient: one copy
+    of the model's tensors).
     """
     own = set(model.state_dict())
     keys = list(state)
@@ -305,6 +307,8 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         raise ValueError(f"{source} do not fit {type(model).__name__}: complex values for real tensors: "
                          + ", ".join(truncated[:4]) + more)
     saved = {k: t.detach().clone() for k, t in tensors.items() if not is_lazy(t)}
+    extra = {name: copy.deepcopy(m.get_extra_state()) for name, m in model.named_modules()
+             if type(m).get_extra_state is not torch.nn.Module.get_extra_state}  # what set_extra_state overwrites
     try:
         model.load_state_dict(state)
     except Exception as exc:
@@ -312,6 +316,8 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         with torch.no_grad():
             for k, t in saved.items():
                 tensors[k].copy_(t)
+        for name, value in extra.items():
+            model.get_submodule(name).set_extra_state(value)
         if not isinstance(exc, RuntimeError):
             raise
         lines = [ln.strip() for ln in _strip_ansi(str(exc)).splitlines()[1:] if ln.strip()]
