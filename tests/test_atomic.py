@@ -76,22 +76,11 @@ def test_a_name_as_long_as_the_file_system_allows_is_written(tmp_path):
     assert target.read_bytes() == b"data" and os.listdir(tmp_path) == [target.name]
 
 
-def test_sigterm_to_the_cli_removes_the_partial_file(tmp_path, monkeypatch):
-    import bnkit.cli
-
-    monkeypatch.setattr(bnkit.cli, "app", lambda: None)
-    before = signal.getsignal(signal.SIGTERM)
-    try:
-        bnkit.cli.main()
-        assert signal.getsignal(signal.SIGTERM) is bnkit.cli._terminate
-    finally:
-        signal.signal(signal.SIGTERM, before)
+def test_sigterm_while_writing_removes_the_partial_file(tmp_path):
     target = tmp_path / "out.pt"
     target.write_bytes(b"old")
-    script = ("import signal, sys, time\n"
-              "from bnkit.cli import _terminate\n"
+    script = ("import sys, time\n"
               "from bnkit.atomic import atomic_path\n"
-              "signal.signal(signal.SIGTERM, _terminate)\n"
               "with atomic_path(sys.argv[1]) as tmp:\n"
               "    open(tmp, 'wb').write(b'half')\n"
               "    print('writing', flush=True)\n"
@@ -101,3 +90,32 @@ def test_sigterm_to_the_cli_removes_the_partial_file(tmp_path, monkeypatch):
     proc.terminate()
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.pt"]
+
+
+def test_a_sigterm_handler_or_ignore_of_the_program_is_kept(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        for own in (signal.SIG_IGN, lambda signum, frame: None):
+            signal.signal(signal.SIGTERM, own)
+            with atomic_path(tmp_path / "out.bin") as tmp:
+                assert signal.getsignal(signal.SIGTERM) is own
+                open(tmp, "wb").write(b"x")
+            assert signal.getsignal(signal.SIGTERM) is own
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with atomic_path(tmp_path / "out.bin") as tmp:
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)  # ours, while writing
+            open(tmp, "wb").write(b"x")
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_a_write_only_file_can_be_replaced(tmp_path):
+    target = tmp_path / "wo.bin"
+    target.write_bytes(b"old")
+    target.chmod(0o200)
+    with atomic_path(target) as tmp:
+        open(tmp, "wb").write(b"new")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o200
+    target.chmod(0o600)
+    assert target.read_bytes() == b"new"

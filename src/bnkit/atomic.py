@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,8 +33,9 @@ def check_target(path: str | os.PathLike) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; rename it over ``path`` when the block ends normally.
 
-    On any exception (``KeyboardInterrupt`` included; the CLI turns SIGTERM into one) the temporary file
-    is deleted and ``path`` is left as it was. The new file's data reaches the disk (``fsync``) before the
+    On any exception (``KeyboardInterrupt`` included) the temporary file is deleted and ``path`` is left as
+    it was; so it is on SIGTERM while the block runs (``kill``, ``timeout``, a scheduler's preemption), which
+    then raises ``SystemExit(143)``, where SIGTERM has its default action and this is the main thread. The new file's data reaches the disk (``fsync``) before the
     rename, and the rename before this returns, so a crash right after never leaves an empty file where the
     old one was. Missing parent directories are created. The file keeps the mode of the file it replaces,
     and otherwise gets the usual ``0o666 & ~umask``, as ``open`` gives it. A folder at ``path``
@@ -42,15 +45,36 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_beside(path)
     try:
-        yield tmp
-        if path.exists():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        _fsync(tmp)
-        os.replace(tmp, path)
+        with _sigterm_exits():
+            yield tmp
+            _fsync(tmp)  # before the chmod: the old file's mode may not let us read the new one
+            if path.exists():
+                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+            os.replace(tmp, path)
         _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """While the block runs, SIGTERM raises ``SystemExit(143)`` (so cleanup runs) instead of ending the process
+    on the spot; only where it has its default action (a handler or an ignore set by the program is kept) and
+    on the main thread (the only one that may set handlers). Only then: a Python handler waits for the main
+    thread to come back from C code, which would delay a SIGTERM during a long collective or wait."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _create_beside(path: Path) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import signal
 
 from .app import app
 
@@ -19,11 +18,4 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 
 
 def main() -> None:
-    """The ``bnkit`` console script. SIGTERM (``kill``, ``timeout``, a scheduler's preemption) ends it as
-    Ctrl-C does, through the cleanup that removes partly written files, with the shell's status 143."""
-    signal.signal(signal.SIGTERM, _terminate)
     app()
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
