@@ -61,6 +61,11 @@ def test_training_mode_export_is_an_error(opset, calibrated, export, tmp_path):
 def test_hand_built_training_mode_node_and_extra_outputs():
     report = audit(_bn_model(**GOOD, training_mode=1, outputs=("y", "rm", "rv")))
     assert [f.code for f in report.findings] == ["training_mode"] and report.findings[0].layer == "bn"
+    # the running mean's output left blank (""): a valid node, but onnxruntime 1.32 segfaults loading it
+    model = _bn_model(**GOOD, training_mode=1, outputs=("y", "rv"))
+    model.graph.node[0].output.insert(1, "")
+    blank = audit(model)
+    assert [(f.severity, f.code) for f in blank.findings] == [("error", "training_mode"), ("warning", "blank_outputs")]
     model = _bn_model(**GOOD, opset=15, training_mode=0, outputs=("y", "rm", "rv"))
     report = audit(model)
     assert not report.ok and [f.code for f in report.findings] == ["extra_outputs"]
@@ -108,6 +113,24 @@ def test_nodes_sharing_a_name_are_reported_apart():
     report = audit(model)
     assert [n["name"] for n in report.nodes] == ["bn[y]", "bn[z]"] and first.name == "bn"
     assert [(f.layer, f.code) for f in report.findings] == [("bn[z]", "non_finite")]
+
+
+def test_nodes_sharing_a_name_and_output_in_two_branches_are_named_by_branch():
+    def branch(tag, var):
+        arrays = {f"s{tag}": np.ones(3), f"b{tag}": np.zeros(3), f"m{tag}": np.full(3, 0.5), f"v{tag}": var}
+        bn = helper.make_node("BatchNormalization", ["x", *arrays], ["y"], name="bn")
+        return helper.make_graph([bn], f"g{tag}", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2])],
+                                 [numpy_helper.from_array(np.asarray(a, np.float32), k) for k, a in arrays.items()])
+
+    iff = helper.make_node("If", ["c"], ["out"], name="if", then_branch=branch("t", [1, 2, 1]),
+                           else_branch=branch("e", [1, np.nan, 1]))  # only the else branch is broken
+    graph = helper.make_graph([iff], "main", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                              helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    report = audit(model)
+    assert sorted(n["name"] for n in report.nodes) == ["if/else_branch/bn[y]", "if/then_branch/bn[y]"]
+    assert [(f.layer, f.code) for f in report.findings] == [("if/else_branch/bn[y]", "non_finite")]
 
 
 @pytest.mark.parametrize("epsilon, var, code, nan_channels", [
@@ -222,6 +245,27 @@ def test_model_with_external_data(tmp_path):
     for tool in (audit, fold_model):
         with pytest.raises(ValueError, match=r"tensors \['s', 'b', 'm', 'v'\] are in an external data file that "
                                              "was not loaded: pass the .onnx file's path"):
+            tool(bare)
+
+
+def test_external_data_of_a_local_function_constant_is_named(tmp_path):
+    model = _bn_model(**GOOD)
+    const = helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.full(3, 2.0, np.float32), "kv"))
+    scale = helper.make_function("local", "Scale", ["a"], ["b"], [const, helper.make_node("Mul", ["a", "k"], ["b"])],
+                                 [helper.make_opsetid("", 17)])
+    model.functions.append(scale)
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    model.graph.node.append(helper.make_node("Scale", ["y"], ["z"], domain="local"))
+    model.graph.output[0].name = "z"
+    path = str(tmp_path / "f.onnx")
+    onnx.save(model, path, save_as_external_data=True, location="f.data", size_threshold=0, convert_attribute=True)
+    bare = onnx.load(path, load_external_data=False)
+    for t in bare.graph.initializer:  # the graph's own tensors inline: only the function's constant is outside
+        onnx.external_data_helper.load_external_data_for_tensor(t, str(tmp_path))
+        t.data_location = onnx.TensorProto.DEFAULT
+        del t.external_data[:]
+    for tool in (audit, fold_model):
+        with pytest.raises(ValueError, match=r"tensors \['kv'\] are in an external data file that was not loaded"):
             tool(bare)
 
 

@@ -225,11 +225,33 @@ def test_matmul_rank_comes_from_the_graph_not_its_annotations():
              _bn_node("h", "y")]
     model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 5])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 6])], inits)
-    model.graph.value_info.append(helper.make_tensor_value_info("xr", TensorProto.FLOAT, [2, 5]))
+    stale_value_info = onnx.ModelProto()
+    stale_value_info.CopyFrom(model)
+    stale_value_info.graph.value_info.append(helper.make_tensor_value_info("xr", TensorProto.FLOAT, [2, 5]))
+    stale_output = onnx.ModelProto()  # the same word, on xr made a graph output
+    stale_output.CopyFrom(model)
+    stale_output.graph.output.append(helper.make_tensor_value_info("xr", TensorProto.FLOAT, [2, 5]))
+    for stale in (stale_value_info, stale_output):
+        folded, report = fold_model(stale, verify=False)
+        assert folded.SerializeToString() == stale.SerializeToString()
+        assert report.left == {"bn": "the first operand of 'mm' is 3-D, so BN's channel axis 1 may not be the "
+                                     "MatMul's output-feature axis"}
+
+
+def test_matmul_whose_input_rank_is_known_only_at_run_time_is_left():
+    # x reshaped by a shape fed at run time: shape inference cannot know the rank, and fed (2, 4, 3) the BN's
+    # axis 1 is the 4 rows, not the MatMul's 4 output features (folding would then scale the wrong axis)
+    rng = np.random.default_rng(3)
+    inits = {"W": rng.standard_normal((3, 4)).astype(np.float32), **_bn_inits(4, rng)}
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["xr"]),
+             helper.make_node("MatMul", ["xr", "W"], ["h"], name="mm"), _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [24]),
+                           helper.make_tensor_value_info("shape", TensorProto.INT64, ["k"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "C", "F"])], inits)
     folded, report = fold_model(model, verify=False)
+    assert report.left == {"bn": "the first operand of 'mm' is not known to be 2-D, so BN's channel axis 1 may not be "
+                                 "the MatMul's output-feature axis"}
     assert folded.SerializeToString() == model.SerializeToString()
-    assert report.left == {"bn": "the first operand of 'mm' is 3-D, so BN's channel axis 1 may not be the MatMul's "
-                                 "output-feature axis"}
 
 
 def test_conv_output_read_elsewhere_or_runtime_stats_are_left():
@@ -242,6 +264,26 @@ def test_conv_output_read_elsewhere_or_runtime_stats_are_left():
     folded, report = fold_model(model)
     assert "also read elsewhere" in report.left["bn"] and ops(folded) == ops(model)
 
+    # the same through Add(conv, constant): the conv output is also a graph output, which a fold would change
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), helper.make_node("Add", ["h", "K"], ["z"]),
+             _bn_node("z", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                   [helper.make_tensor_value_info(o, TensorProto.FLOAT, [1, 3, 2, 2]) for o in ("y", "h")],
+                   {"W": w, "K": rng.standard_normal((1, 3, 1, 1)).astype(np.float32), **_bn_inits(3, rng)})
+    folded, report = fold_model(model, verify=False)
+    assert "'conv' is also read elsewhere" in report.left["bn"]
+    assert folded.SerializeToString() == model.SerializeToString()
+
+    # Add(conv, x): a residual sum of two computed values has no constant to fold the shift into
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["h", "x3"], ["z"], name="res"), _bn_node("z", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info(i, TensorProto.FLOAT, [1, c, 4, 4])
+                           for i, c in (("x", 2), ("x3", 3))],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], {"W": w, **_bn_inits(3, rng)})
+    folded, report = fold_model(model, verify=False)
+    assert "of two computed values (a residual sum)" in report.left["bn"]
+    assert folded.SerializeToString() == model.SerializeToString()
+
     inits = {"W": w, **_bn_inits(3, rng)}
     var = inits.pop("bn.v")
     nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y")]
@@ -252,10 +294,12 @@ def test_conv_output_read_elsewhere_or_runtime_stats_are_left():
     assert "not constants" in report.left["bn"] and var.shape == (3,)
 
 
-def test_nan_statistics_are_never_folded():
+@pytest.mark.parametrize("var", [np.nan, -0.5, -1e-5])  # -1e-5: var + epsilon (1e-5) is exactly 0
+def test_nan_statistics_are_never_folded(var):
+    # gamma / sqrt(var + eps) of a NaN, negative or zero var + eps writes NaN/Inf into the layer's weights
     rng = np.random.default_rng(5)
     inits = {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}
-    inits["bn.v"][1] = np.nan
+    inits["bn.v"][1] = var
     nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y")]
     model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])], inits)
@@ -326,7 +370,7 @@ def test_unused_extra_outputs_of_an_inference_node_are_removed():
 
 @pytest.mark.parametrize("opset,outputs,training", [(12, ["y", "", "", "", ""], None), (15, ["y", "", ""], 0),
                                                     (15, ["y", "", ""], 1), (14, ["y", "rm", ""], 1),
-                                                    (12, ["y", "rm", "", "", ""], "outputs")])
+                                                    (12, ["y", "rm", "", "", ""], "outputs"), (15, ["y", "", "rv"], 1)])
 def test_blank_optional_outputs_are_dropped_not_run_into_an_onnxruntime_crash(opset, outputs, training):
     # onnxruntime 1.32 segfaults on these nodes; "" names absent outputs, so dropping them is the same node
     rng = np.random.default_rng(13)
@@ -472,6 +516,25 @@ def test_nodes_sharing_a_name_are_told_apart_by_their_outputs():
         s_, _, _, v = (inits[f"bn{i}.{k}"].astype(np.float64) for k in "sbmv")
         a = s_ / np.sqrt(v + np.float64(np.float32(1e-5)))
         np.testing.assert_allclose(got[conv.input[1]], inits[f"W{i}"] * a[:, None, None, None], rtol=1e-6)
+
+
+def test_blank_outputs_error_names_the_node_as_the_report_does():
+    # two nodes named "bn": one folds, the other keeps blank outputs; the error must say which one (bn[y1])
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x0", "W"], ["c"], name="conv"), _bn_node("c", "y0", prefix="a"),
+             _bn_node("x1", "y1", prefix="b")]
+    nodes[1].name = nodes[2].name = "bn"
+    nodes[2].output.extend(["", ""])
+    nodes[2].attribute.append(helper.make_attribute("training_mode", 1))
+    model = _model(nodes, [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [2, 2, 4, 4]),
+                           helper.make_tensor_value_info("x1", TensorProto.FLOAT, [2, 3, 4, 4])],
+                   [helper.make_tensor_value_info(y, TensorProto.FLOAT, [2, 3, 4, 4]) for y in ("y0", "y1")],
+                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng, prefix="a"),
+                    **_bn_inits(3, rng, prefix="b")})
+    _, report = fold_model(model, verify=False)
+    assert [f.bn for f in report.folded] == ["bn[y0]"] and list(report.left) == ["bn[y1]"]
+    with pytest.raises(OnnxRuntimeError, match=r"BatchNormalization nodes \['bn\[y1\]'\] keep blank"):
+        fold_model(model)
 
 
 def test_statistics_a_caller_may_override_are_not_folded(kiai_export):

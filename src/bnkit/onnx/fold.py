@@ -201,13 +201,17 @@ class _Folder:
     def rank(self, name: str) -> int | None:
         """The rank ONNX shape inference derives for ``name`` from the graph's inputs, or None if unknown.
 
-        The file's own ``value_info`` annotations are set aside first: nothing checks them, and one that
-        contradicts the graph (a 2-D annotation on a 3-D MatMul input) would fold a BN on the wrong axis.
+        The file's own ``value_info`` annotations and graph-output shapes are set aside first: nothing checks
+        them, and one that contradicts the graph (a 2-D annotation on a 3-D MatMul input) would fold a BN on the
+        wrong axis. The graph inputs' shapes stay: onnxruntime refuses inputs of another rank.
         """
         if self._ranks is None:
             bare = onnx.ModelProto()
             bare.CopyFrom(self.model)
             del bare.graph.value_info[:]
+            for out in bare.graph.output:
+                if out.type.HasField("tensor_type"):
+                    out.type.tensor_type.ClearField("shape")
             inferred = onnx.shape_inference.infer_shapes(bare)
             self._ranks = {}
             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -572,7 +576,9 @@ def fold_model(
         raise RuntimeError(f"the folded model fails onnx.checker: {exc}") from exc
 
     if verify:
-        crashing = [b.name for b in bn_nodes(work.graph, folder.opset) if "" in b.node.output[1:]]
+        named = {b.node.output[0]: b.name for b in nodes if not b.in_subgraph}  # the names the report uses
+        crashing = [b.name if b.in_subgraph else named.get(b.node.output[0], b.name)
+                    for b in bn_nodes(work.graph, folder.opset) if "" in b.node.output[1:]]
         if crashing:
             raise OnnxRuntimeError(
                 f"BatchNormalization nodes {crashing} keep blank (\"\") optional outputs, which crash onnxruntime "

@@ -28,7 +28,8 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
     ONNX files hold only tensors and graph structure; nothing in them is executed on load.
     """
     if isinstance(model, onnx.ModelProto):
-        if unloaded := _external_tensors(model.graph):
+        unloaded = _external_tensors(model.graph) + [n for f in model.functions for n in _external_in_nodes(f.node)]
+        if unloaded:
             raise ValueError(
                 f"the model's tensors {unloaded[:5]}{' ...' if len(unloaded) > 5 else ''} are in an external data "
                 "file that was not loaded: pass the .onnx file's path, or load it with onnx.load(path) "
@@ -52,12 +53,21 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
 
 def _external_tensors(graph: onnx.GraphProto) -> list[str]:
     """Names of the tensors of ``graph`` and its subgraphs whose data lives in an external file."""
-    tensors = list(graph.initializer) + [t.values for t in graph.sparse_initializer]
-    for node in graph.node:
+    tensors = list(graph.initializer)
+    for sparse in graph.sparse_initializer:
+        tensors += [sparse.values, sparse.indices]
+    return [t.name for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL] + _external_in_nodes(graph.node)
+
+
+def _external_in_nodes(nodes) -> list[str]:
+    """The same for tensors held by nodes' attributes (``Constant`` values), their bodies included."""
+    names = []
+    for node in nodes:
         for attr in node.attribute:
-            tensors += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
-    names = [t.name for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
-    for node in graph.node:
+            held = ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+            if attr.HasField("sparse_tensor"):
+                held += [attr.sparse_tensor.values, attr.sparse_tensor.indices]
+            names += [t.name for t in held if t.data_location == onnx.TensorProto.EXTERNAL]
         for sub in subgraphs(node):
             names += _external_tensors(sub)
     return names
@@ -226,27 +236,37 @@ def node_label(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
 
 
-def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None, prefix: str = "") -> list[BNNode]:
+def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None) -> list[BNNode]:
     """Every BatchNormalization node of ``graph`` (subgraphs too, their names prefixed by the owner's).
 
     ONNX does not require unique node names: nodes sharing one are named ``name[first output]``
-    (an output names a node uniquely), so reports keep them apart.
+    (an output names a node uniquely within a graph), and nodes of different bodies that still share it get
+    the body's attribute in their prefix (``if/then_branch/bn[y]``), so reports keep them apart.
     """
-    found = _bn_nodes(graph, opset, index, prefix)
-    if not prefix:
-        shared = {name for name, k in Counter(bn.name for bn in found).items() if k > 1}
-        for bn in found:
-            if bn.name in shared:
-                bn.name = f"{bn.name}[{bn.node.output[0]}]"
-    return found
+    found = _bn_nodes(graph, opset, index, "", "")
+    names = Counter(bn.name for bn, _ in found)
+    full = Counter(f"{bn.name}[{bn.node.output[0]}]" for bn, _ in found)
+    for bn, scoped in found:
+        if names[bn.name] > 1:
+            own = f"{bn.name}[{bn.node.output[0]}]"
+            bn.name = own if full[own] == 1 else f"{scoped}[{bn.node.output[0]}]"
+    return [bn for bn, _ in found]
 
 
-def _bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None, prefix: str) -> list[BNNode]:
+def _bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None, prefix: str,
+              scope: str) -> list[tuple[BNNode, str]]:
+    """``(node, its name with the owners' body attributes)``: ``prefix`` names the owners, ``scope`` also the
+    attribute (``then_branch``, ``body``) each body hangs from."""
     index = index or GraphIndex(graph)
     found = []
     for node in graph.node:
-        for sub in subgraphs(node):
-            found.extend(_bn_nodes(sub, opset, GraphIndex(sub, outer=index), f"{prefix}{node_label(node)}/"))
+        label = node_label(node)
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for k, sub in enumerate(bodies):
+                where = attr.name if attr.type == onnx.AttributeProto.GRAPH else f"{attr.name}[{k}]"
+                found.extend(_bn_nodes(sub, opset, GraphIndex(sub, outer=index), f"{prefix}{label}/",
+                                       f"{scope}{label}/{where}/"))
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         extra = [o for o in node.output[1:] if o]
@@ -264,9 +284,9 @@ def _bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None, pref
             if value is None and (value := index.constant(name, defaults=True)) is not None:
                 overridable.append(key)
             arrays[key] = _as64(value)
-        found.append(BNNode(
+        found.append((BNNode(
             node=node,
-            name=prefix + node_label(node),
+            name=prefix + label,
             opset=opset,
             epsilon=float(attribute(node, "epsilon", np.float32(1e-5))),  # attributes are float32
             momentum=float(attribute(node, "momentum", 0.9)),
@@ -276,7 +296,7 @@ def _bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None, pref
             notes=notes,
             in_subgraph=bool(prefix),
             overridable=overridable,
-        ))
+        ), scope + label))
     return found
 
 
