@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -78,6 +79,36 @@ def test_shared_conv_is_not_folded_and_reason_given():
         assert rel_diff(model(x), folded(x)) < 1e-5
 
 
+def test_a_bn_called_twice_is_left_even_when_one_call_follows_a_conv():
+    """Folding the BN into the conv would remove it from the conv's path only: its other call still runs it."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.bn(x)
+
+    x = torch.randn(4, 4, 5, 5)
+    model = calibrated(Twice(), x)
+    for inputs in (x, None):
+        folded, report = fold_bn(model, inputs)
+        assert report.n_folded == 0 and "called 2 times" in report.left["bn"], report.left
+        with torch.no_grad():
+            assert torch.equal(folded(x), model(x))
+
+
+def test_verification_counts_a_nan_where_the_original_is_finite_as_inf():
+    """A folded model that outputs NaN must not be reported as exact (max_abs_diff 0): NaN differences count as inf."""
+    from bnkit.torch.fold import _compare
+
+    assert _compare(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, float("nan"), 3.0])) == (math.inf, math.inf)
+    # an infinite output where the original is finite is as far off (nan_to_num alone made it 1.8e308)
+    assert _compare(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, float("inf"), 3.0])) == (math.inf, math.inf)
+    assert _compare(torch.tensor([1.0, float("inf")]), torch.tensor([1.0, float("inf")])) == (0.0, 0.0)
+    assert _compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])) == (0.5, 0.25)  # finite: max|a-b|, / max|a|
+
+
 def test_preact_bn_after_addition_is_refused_with_reason():
     model, x = zoo_model("preact")
     _, report = fold_bn(model, x)
@@ -85,8 +116,9 @@ def test_preact_bn_after_addition_is_refused_with_reason():
     assert "'stem' is also used" in report.left["bn1"]  # the stem output also feeds the residual sum
 
 
-def test_bn_before_zero_padded_conv_is_refused():
-    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1))
+@pytest.mark.parametrize("padding", [1, "same"])  # "same" with a 3x3 kernel pads by 1 too
+def test_bn_before_zero_padded_conv_is_refused(padding):
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=padding))
     x = torch.randn(4, 3, 8, 8)
     model = calibrated(model, x)
     folded, report = fold_bn(model, x)
@@ -95,7 +127,7 @@ def test_bn_before_zero_padded_conv_is_refused():
     bn, conv = model[1], model[2]
     s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     t = bn.bias - bn.running_mean * s
-    wrong = nn.Sequential(nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1))
+    wrong = nn.Sequential(nn.ReLU(), nn.Conv2d(3, 4, 3, padding=padding))
     with torch.no_grad():
         wrong[1].weight.copy_(conv.weight * s[None, :, None, None])
         wrong[1].bias.copy_(conv.bias + (conv.weight * t[None, :, None, None]).sum(dim=(1, 2, 3)))
@@ -139,6 +171,15 @@ def test_refuses_training_mode_and_never_updated_unless_forced():
         fold_bn(fresh, x)
     _, report = fold_bn(fresh, x, force=True)
     assert report.n_folded == 5
+
+    # running_mean 0 and num_batches_tracked 0 are not enough: a set running_var (e.g. statistics converted from
+    # another framework, whose counter stays 0) was updated, and folds without force
+    for _, bn in bn_layers(fresh):
+        bn.running_var.uniform_(0.25, 4.0)
+    folded, report = fold_bn(fresh, x)
+    assert report.n_folded == 5
+    with torch.no_grad():
+        assert rel_diff(fresh(x), folded(x)) < 1e-5
 
 
 def test_nonfinite_statistics_are_rejected():
@@ -883,7 +924,8 @@ def test_export_onnx_takes_wrappers_and_inference_mode_inputs(tmp_path):
 
 
 @pytest.mark.parametrize("dtype,mean,noted", [(torch.float16, 200.0, True), (torch.bfloat16, 200.0, True),
-                                              (torch.float16, 0.5, False), (torch.float32, 200.0, False)])
+                                              (torch.float16, 40.0, True), (torch.float16, 0.5, False),
+                                              (torch.float32, 200.0, False)])
 def test_a_low_precision_fold_before_a_layer_with_offset_inputs_is_noted(dtype, mean, noted):
     """BN -> Linear in float16 with inputs 200 std from zero: the folded bias cancels the offset in float16, so the
     folded model is far less accurate than the unfolded one on such data (float64 oracle), which random

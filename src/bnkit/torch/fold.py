@@ -44,6 +44,7 @@ state-dict names).
 from __future__ import annotations
 
 import copy
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -403,7 +404,7 @@ def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
         if not x.numel():
             continue
         x, y = _f64(x), _f64(y)
-        d = torch.where(x == y, 0.0, (x - y).abs()).nan_to_num(nan=float("inf"))
+        d = torch.where(x == y, 0.0, (x - y).abs()).nan_to_num(nan=math.inf, posinf=math.inf)
         abs_diff = max(abs_diff, float(d.max()))
         finite = x[torch.isfinite(x)]
         scale = max(scale, float(finite.abs().max()) if finite.numel() else 0.0)
