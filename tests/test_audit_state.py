@@ -85,11 +85,14 @@ def test_set_by_hand_without_updates_is_a_warning():
     assert _codes(audit_state(state)) == {"never_tracked"}
 
 
-def test_few_updates_reports_the_weight_left_on_the_initial_values():
-    bn = _trained_bn(steps=5)
+@pytest.mark.parametrize("steps", [1, 5, 30])
+def test_few_updates_reports_the_weight_left_on_the_initial_values(steps):
+    """One update (0.9 of the initial values left) and 30 (0.9^30 = 0.042, still above the 1% threshold) are
+    few updates as much as 5 are; 50 (0.005) are not (test_trained_layer_has_no_findings)."""
+    bn = _trained_bn(steps=steps)
     (finding,) = audit_state(bn.state_dict())
     assert finding.code == "few_updates"
-    assert finding.data["initial_weight"] == pytest.approx(0.9**5)
+    assert finding.data["initial_weight"] == pytest.approx(0.9**steps)
 
 
 def test_non_finite_values_name_the_array_and_count():
@@ -113,9 +116,10 @@ def test_negative_variance_is_an_error_and_nan_after_eps():
     assert torch.isnan(out[:, 1]).all()  # what the error warns about
 
 
-def test_tiny_variance_gain_matches_the_eval_layer():
+@pytest.mark.parametrize("var", [1e-9, 0.0])  # 0.0: a dead channel (a ReLU before it never fires), gain 1/sqrt(eps)
+def test_tiny_variance_gain_matches_the_eval_layer(var):
     bn = _trained_bn()
-    bn.running_var[3] = 1e-9
+    bn.running_var[3] = var
     (finding,) = audit_state(bn.state_dict())
     assert finding.code == "tiny_var" and finding.data["channels"] == [3]
     x = torch.zeros(2, 4, dtype=torch.float64)

@@ -12,6 +12,7 @@ from _helpers import WritesFile
 from sklearn.datasets import load_digits
 from torch import nn
 
+from bnkit.findings import SEVERITIES
 from bnkit.torch import AuditReport, audit, freeze_bn, unfreeze_bn
 from bnkit.torch.io import UnsafeCheckpointError, save_state_dict_file
 from bnkit.torch.fold import fold_plan
@@ -338,10 +339,18 @@ def test_track_running_stats_false_and_its_batch_coupling():
 
 
 def test_momentum_window_and_convention_mixup():
+    """0.9 and 0.99 are Keras's usual values pasted into PyTorch (where they weigh the NEW batch); 0 keeps the
+    initial statistics forever, as PyTorch's own layer shows."""
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, momentum=0.99), nn.Linear(4, 4), nn.BatchNorm1d(4),
-                          nn.BatchNorm1d(4, momentum=None))
+                          nn.BatchNorm1d(4, momentum=None), nn.BatchNorm1d(4, momentum=0.9),
+                          nn.BatchNorm1d(4, momentum=0.0))
     findings = {f.data["momentum"]: f for f in audit(model).by_code("momentum")}
     assert findings[0.99].severity == "warning" and "0.01" in findings[0.99].fix
+    assert findings[0.9].severity == "warning" and "0.1" in findings[0.9].fix
+    assert findings[0.0].severity == "warning" and "never change" in findings[0.0].finding
+    stuck = nn.BatchNorm1d(4, momentum=0.0).train()
+    stuck(torch.randn(16, 4) + 5)
+    assert torch.equal(stuck.running_mean, torch.zeros(4)) and torch.equal(stuck.running_var, torch.ones(4))
     assert findings[0.1].severity == "info" and findings[0.1].data["window"] == pytest.approx(
         math.log(0.05) / math.log(0.9))
     assert findings[None].severity == "info"
@@ -383,6 +392,8 @@ def test_single_shifted_layer_ranks_first(trained, digits):
     first = report.by_code("stat_shift")[0]
     assert first.layer == "layers.0.bn1" and first.severity == "error"
     assert [f.layer for f in report.by_code("stat_shift") if f.severity == "error"] == ["layers.0.bn1"]
+    order = [SEVERITIES.index(f.severity) for f in report.findings]  # documented: most severe first
+    assert order == sorted(order) and len(set(order)) == 3
 
     # oracle for the worst channel's z: PyTorch's own cumulative average of the batch means
     probe = _cumulative_probe(model, x)
@@ -418,9 +429,24 @@ def test_shift_math_on_one_layer_against_float64_closed_form(shape):
     assert s.count == x.shape[1]
 
 
-def test_running_stat_noise_matches_pytorch_running_average():
+@pytest.mark.parametrize("shift, severity", [(0.2, None), (0.5, "warning"), (1.2, "error"), (2.0, "error")])
+def test_shift_severity_follows_the_equivalent_shift_in_std(shift, severity):
+    """Data whose per-channel mean is off by ``shift`` running std and whose variance matches exactly: the shift is an
+    error from 1 std on, a warning from 0.3 std on (the KL thresholds 0.5 and 0.045 are z^2 / 2 of those)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1024, 3))
+    x = (x - x.mean(0)) / x.std(0, ddof=1) + shift  # exactly mean ``shift``, unbiased variance 1
+    bn = nn.BatchNorm1d(3).eval()
+    bn.num_batches_tracked.fill_(1000)  # running mean 0, variance 1
+    report = audit(bn, torch.tensor(x, dtype=torch.float32), batch_size=128)
+    (s,) = report.shifts
+    assert s.z_eq == pytest.approx(shift, rel=1e-4)
+    assert [f.severity for f in report.by_code("stat_shift")] == ([severity] if severity else [])
+
+
+@pytest.mark.parametrize("b_train, m", [(8, 0.1), (4, 0.5)])
+def test_running_stat_noise_matches_pytorch_running_average(b_train, m):
     torch.manual_seed(0)
-    b_train, m = 8, 0.1
     bn = nn.BatchNorm1d(2, momentum=m)
     trace_mean, trace_var = [], []
     with torch.no_grad():
@@ -438,6 +464,8 @@ def test_running_stat_noise_matches_pytorch_running_average():
     assert s.var_noise == pytest.approx(observed_var, rel=0.12)
     (noise,) = report.by_code("stat_noise")
     assert noise.data["train_batch_size"] == b_train
+    assert noise.severity == ("warning" if observed_mean > 0.1 else "info")  # NOISE_WARNING: 0.1 std
+    assert (observed_mean > 0.1) == (m == 0.5)  # both sides of it are covered
 
 
 def test_one_data_batch_says_the_noise_was_not_estimated():
@@ -600,6 +628,25 @@ def test_train_eval_gap_equals_pytorch_training_mode(name, digits):
     expected = ((y_train - y_eval).norm() / y_train.norm()).item()
     assert expected > 0.05
     assert report.train_eval_gap == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("shift", [0.2, 3.0])
+def test_train_eval_gap_above_one_half_is_a_warning(shift):
+    """Running statistics off by ``shift`` std: the relative gap is about ``shift``, a warning above 0.5."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(4)).eval()  # running mean 0, variance 1
+    model[0].num_batches_tracked.fill_(1000)
+    x = torch.randn(256, 4) + shift
+    reference = copy.deepcopy(model)
+    reference[0].train()  # PyTorch's training mode: batch statistics
+    with torch.no_grad():
+        y_train, y_eval = reference(x[:64]).double(), model(x[:64]).double()
+    expected = ((y_train - y_eval).norm() / y_train.norm()).item()
+    assert (expected > 0.5) == (shift > 1)
+    report = audit(model, x, batch_size=64)
+    assert report.train_eval_gap == pytest.approx(expected, rel=1e-4)
+    (gap,) = report.by_code("gap")
+    assert gap.severity == ("warning" if expected > 0.5 else "info")
 
 
 def test_import_submodule_then_call_the_function():
