@@ -29,6 +29,9 @@ def test_bad_conventions_and_momenta():
     with pytest.raises(ValueError, match="cumulative"):
         convert_momentum(None, "torch", "keras")
     assert get_convention("TensorFlow").name == "keras"
+    # the aliases a user types: each must reach its framework's own rule (defaults differ: 0.99 vs 0.9)
+    aliases = {"tf": "keras", "tensorflow": "keras", "PyTorch": "torch", "jax": "flax", "JAX": "flax"}
+    assert {a: get_convention(a) for a in aliases} == {a: CONVENTIONS[n] for a, n in aliases.items()}
 
 
 @pytest.mark.parametrize("src", ["keras", "flax", "onnx"])

@@ -171,6 +171,9 @@ def test_keras_positional_list_needs_flags_when_ambiguous():
     (lambda s: s["state_dict"].update(gamma=GAMMA), "unexpected"),
     (lambda s: s["state_dict"].update(weight=np.ones((2, 2))), "1-D"),
     (lambda s: s["config"].update(affine=False), "affine"),
+    # running statistics come in pairs: one without the other is no layer any framework has
+    (lambda s: s["state_dict"].pop("running_var"), "both running_mean and running_var, or neither"),
+    (lambda s: s["state_dict"].pop("running_mean"), "both running_mean and running_var, or neither"),
     (lambda s: s["config"].update(momentum=1.5), r"\[0, 1\]"),
     (lambda s: s["config"].update(eps=-1.0), "eps"),
     # a count of updates: 2.5 was rounded to 2, -3 and "5" passed, NaN gave a bare "cannot convert float NaN"
@@ -185,6 +188,14 @@ def test_bad_input_is_rejected(mutate, match):
     mutate(st)
     with pytest.raises(ValueError, match=match):
         convert_state(st, "torch", "keras")
+
+
+@pytest.mark.parametrize("flag,param", [("use_scale", "scale"), ("use_bias", "bias")])
+def test_a_flax_config_contradicting_its_params_is_refused(flag, param):
+    # use_scale=False beside a 'scale' param: which one holds is a guess, so neither is taken
+    st = {**SAMPLES["flax"], "config": {**SAMPLES["flax"]["config"], flag: False}}
+    with pytest.raises(ValueError, match=flag):
+        convert_state(st, "flax", "torch")
 
 
 def test_layers_the_target_cannot_express_are_refused():

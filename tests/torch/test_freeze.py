@@ -211,6 +211,20 @@ def test_bad_selection_and_layers_without_running_stats_change_nothing():
         is_frozen(model[0], "gamma")
 
 
+def test_a_layer_with_its_own_train_override_is_refused_and_kept():
+    # freezing pins train() on the instance: a user's own override there would be replaced, then deleted on unfreeze
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+
+    def own(mode=True):
+        return model[1]
+
+    model[1].train = own
+    with pytest.raises(ValueError, match=r"BatchNorm layers \['1'\] already have their own train\(\) override"):
+        freeze_bn(model)
+    assert model[1].__dict__["train"] is own and frozen_bn_layers(model) == {}  # nothing frozen, not even '2'
+    assert model[2].weight.requires_grad
+
+
 def test_every_bn_kind_freezes():
     lazy = nn.LazyBatchNorm1d()
     model = nn.Sequential(nn.Linear(4, 3), lazy, nn.SyncBatchNorm(3), convert_bn(nn.BatchNorm1d(3), debias=True))

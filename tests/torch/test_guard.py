@@ -104,6 +104,16 @@ def test_warn_mode_warns_and_runs():
             model(X)
 
 
+def test_one_image_with_many_values_per_channel_is_not_a_batch_of_one():
+    # training-mode BN needs 2 values per channel, not 2 samples: one 4x4 image gives it 16 (PyTorch runs it)
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    model(torch.randn(4, 3, 4, 4))  # trained once, still in training mode
+    x = torch.randn(1, 3, 4, 4)
+    with bn_guard(model, ignore=["training"]):
+        out = model(x)
+    torch.testing.assert_close(out, nn.functional.batch_norm(x, None, None, training=True))
+
+
 @pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1, 1)])
 def test_batch_of_one_in_training_mode(shape):
     model = nn.Sequential(nn.BatchNorm1d(3) if len(shape) == 2 else nn.BatchNorm2d(3))

@@ -338,3 +338,22 @@ def test_a_folder_is_not_a_checkpoint(tmp_path):
     with pytest.raises(NotACheckpointError, match=r"is a folder, not a checkpoint file") as err:
         load_checkpoint(tmp_path)
     assert err.value.what == "a folder"
+
+
+def test_a_wrapper_key_without_tensors_does_not_hide_the_weights(tmp_path):
+    sd = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).state_dict()
+    torch.save({"state_dict": {"lr": 0.1, "epochs": 3}, "model_state_dict": sd}, tmp_path / "ckpt.pt")
+    state = load_state_dict_file(tmp_path / "ckpt.pt")
+    assert state.keys() == sd.keys() and all(torch.equal(state[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_tied_and_strided_tensors_are_saved_as_their_values(tmp_path, suffix):
+    # tied embedding/head weights share storage (safetensors refuses that), a transposed view is not contiguous
+    emb = torch.nn.Embedding(5, 3)
+    head = torch.nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight
+    state = {"emb.weight": emb.weight, "head.weight": head.weight, "t": torch.arange(6.0).reshape(2, 3).t()}
+    path = save_state_dict_file(state, tmp_path / f"w{suffix}")
+    loaded = load_state_dict_file(path)
+    assert all(torch.equal(loaded[k], v.detach()) for k, v in state.items())

@@ -179,6 +179,18 @@ def test_independent_of_batching():
     torch.testing.assert_close(a.bn3.running_var, b.bn3.running_var, rtol=1e-12, atol=0)
 
 
+def test_shifted_sums_keep_the_variance_to_1e_7_far_from_zero():
+    # a float32 input 3e4 std from zero, large enough for the shifted sums: the documented ~1e-7 relative variance
+    # needs the correction -(S1/n)^2 (without it the error is ~1e-5 here)
+    x = torch.randn(64, 8, 64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 3e4
+    model = nn.Sequential(nn.BatchNorm2d(8)).eval()
+    recalibrate(model, [x.float()], progress=False)
+    exact = x.float().double().transpose(0, 1).reshape(8, -1)  # float64 oracle on the very float32 values
+    np.testing.assert_allclose(model[0].running_var.double().numpy(), exact.var(dim=1).numpy(), rtol=5e-7)
+    ulp = float(np.spacing(np.float32(3e4)))  # the float32 buffer's resolution there
+    np.testing.assert_allclose(model[0].running_mean.double().numpy(), exact.mean(dim=1).numpy(), rtol=0, atol=ulp)
+
+
 @pytest.mark.parametrize("dtype,rtol,layout,upcast", [
     (torch.float64, 1e-12, torch.contiguous_format, False), (torch.float32, 1e-6, torch.contiguous_format, False),
     (torch.float32, 1e-6, torch.channels_last, False),
@@ -402,6 +414,35 @@ def test_nonfinite_batch_raises_naming_the_layer_or_is_skipped():
     report = recalibrate(model, [batches[0], bad, *batches[2:]], on_nonfinite="skip", progress=False)
     assert report.skipped_batches == 1 and report.batches == 3
     assert_matches_reference(model, ref)
+
+
+class _Blowup(nn.Module):
+    """Inf wherever a sample's first feature exceeds 3.5: a batch that is finite at the first BN, not the second."""
+
+    def forward(self, x):
+        return torch.where(x[:, :1] > 3.5, torch.full_like(x, float("inf")), x)
+
+
+def test_a_batch_going_nonfinite_deeper_in_the_model_is_left_out_of_every_layer_or_named_first():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(3), _Blowup(), nn.BatchNorm1d(3)).eval()
+    good = [torch.randn(16, 3) for _ in range(3)]
+    late = torch.randn(16, 3)
+    late[0, 0] = 100.0  # finite at layer '0', Inf at layer '2'
+    report = recalibrate(model, [good[0], late, *good[1:]], on_nonfinite="skip", progress=False)
+    assert report.skipped_batches == 1 and report.layers[0].samples == 48
+    x = torch.cat(good).double()  # layer 0 sees the inputs themselves: float64 oracle
+    torch.testing.assert_close(model[0].running_mean.double(), x.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model[0].running_var.double(), x.var(0), rtol=1e-6, atol=0)
+    alone = nn.Sequential(nn.BatchNorm1d(3), _Blowup(), nn.BatchNorm1d(3)).eval()
+    recalibrate(alone, good, progress=False)  # the good batches only: what every layer must hold
+    for a, b in zip(model.buffers(), alone.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+    early = torch.randn(16, 3)
+    early[3, 1] = float("nan")  # NaN already at layer '0', in a later batch
+    with pytest.raises(ValueError, match=r"layer '2' in batch 0"):  # the first bad batch, whatever the layer
+        recalibrate(model, [late, early, good[0]], progress=False)
 
 
 def test_bad_input_is_refused_and_changes_nothing():

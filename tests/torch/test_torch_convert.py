@@ -570,6 +570,23 @@ def test_a_layer_reached_at_rank_6_becomes_any_rank_with_the_warning():
     torch.testing.assert_close(out(x), sync(x), rtol=0, atol=0)  # both in training mode, same batch statistics
 
 
+def test_a_layer_reached_at_two_ranks_becomes_any_rank():
+    # one SyncBatchNorm called on 4-D and 5-D inputs: a BatchNorm2d (or 3d) would refuse one of the two calls
+    class TwoRanks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.SyncBatchNorm(C)
+
+        def forward(self, x):
+            return self.bn(x).sum() + self.bn(x.unsqueeze(2)).sum()
+
+    sync, x = TwoRanks().eval(), torch.randn(2, C, 4, 4)
+    with pytest.warns(UserWarning, match=r"input ranks seen: \[4, 5\]"):
+        out = revert_sync_bn(sync, x)
+    assert type(out.bn) is BatchNormNd
+    torch.testing.assert_close(out(x), sync(x), rtol=0, atol=0)
+
+
 def test_only_a_tuple_is_spread_into_arguments():
     class Views(nn.Module):
         def __init__(self):
