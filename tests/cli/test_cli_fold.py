@@ -195,6 +195,16 @@ def test_a_failed_write_leaves_the_previous_weights_and_report(tmp_path, monkeyp
     assert result.exit_code == 1 and "nothing written" in _text(result)
     assert f"cannot write {tmp_path / 'f.fold.json'}: [Errno 28]" in _text(result)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    import bnkit.atomic
+
+    real = os.replace  # now only the report's final rename fails: the new weights are in place, without a report
+    monkeypatch.setattr(bnkit.atomic.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(5, "I/O error"))
+                        if str(b).endswith(".fold.json") else real(a, b))
+    result = runner.invoke(app, args + ["--input-shape", "2x1x8x8"])
+    assert result.exit_code == 1 and "was written without its report" in _text(result)
+    assert "the earlier run's report there was removed" in _text(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.pt", "w.safetensors"]  # no stale report
 
 
 def test_the_assumptions_of_an_unverified_fold_are_printed(tmp_path):
