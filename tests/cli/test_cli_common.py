@@ -127,6 +127,8 @@ def test_load_inputs_reads_saved_lists_by_their_structure(tmp_path):
         "dataset.pt": [(row, int(i % 3)) for i, row in enumerate(x)],  # list(dataset): samples, stacked
         "xy.pt": (x, torch.zeros(10, dtype=torch.long)),  # torch.save((x, y))
         "onehot.pt": (x, torch.eye(10)[:, :3]),  # (N, 6) inputs, (N, 3) targets
+        "one_batch.pt": [[x, torch.zeros(10)]],  # list(loader) of a calibration set that fits one batch
+        "labels.pt": (x, [f"img{i}.png" for i in range(10)]),  # (inputs, a list of file names)
     }
     for name, obj in cases.items():
         torch.save(obj, tmp_path / name)
@@ -135,6 +137,8 @@ def test_load_inputs_reads_saved_lists_by_their_structure(tmp_path):
         "same.pt": [x[:5], x[5:]],  # two batches, an (x, x) pair or samples: not guessed
         "varsize.pt": [(torch.zeros(4, 3, 8, 8), torch.zeros(4)), (torch.zeros(4, 3, 9, 9), torch.zeros(4))],
         "dicts.pt": [{"x": x}, {"x": x}],
+        # samples (1, 6) with a 1-long target, or batches of one row? (stacking gives (2, 1, 6), joining (2, 6))
+        "rows.pt": [(x[:1], torch.zeros(1)), (x[1:2], torch.ones(1))],
     }
     for name, obj in refused.items():
         torch.save(obj, tmp_path / name)

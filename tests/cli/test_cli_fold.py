@@ -205,6 +205,14 @@ def test_a_failed_write_leaves_the_previous_weights_and_report(tmp_path, monkeyp
     assert result.exit_code == 1 and "was written without its report" in _text(result)
     assert "the earlier run's report there was removed" in _text(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.pt", "w.safetensors"]  # no stale report
+    # the same window hit by SIGTERM (the write's handler raises SystemExit(143)): no stale report either
+    monkeypatch.undo()
+    assert runner.invoke(app, args).exit_code == 0 and (tmp_path / "f.fold.json").exists()
+    monkeypatch.setattr(bnkit.atomic.os, "replace", lambda a, b: (_ for _ in ()).throw(SystemExit(143))
+                        if str(b).endswith(".fold.json") else real(a, b))
+    result = runner.invoke(app, args + ["--input-shape", "2x1x8x8"])
+    assert result.exit_code == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.pt", "w.safetensors"]
 
 
 def test_the_assumptions_of_an_unverified_fold_are_printed(tmp_path):

@@ -131,6 +131,15 @@ def test_nodes_sharing_a_name_and_output_in_two_branches_are_named_by_branch():
     report = audit(model)
     assert sorted(n["name"] for n in report.nodes) == ["if/else_branch/bn[y]", "if/then_branch/bn[y]"]
     assert [(f.layer, f.code) for f in report.findings] == [("if/else_branch/bn[y]", "non_finite")]
+    # a second If of the same name, with the same bodies: numbered in graph order (onnxruntime refuses the file,
+    # the audit must still tell the four apart)
+    second = onnx.helper.make_node("If", ["c"], ["out2"], name="if", then_branch=branch("t2", [1, 2, 1]),
+                                   else_branch=branch("e2", [1, 2, 1]))
+    model.graph.node.append(second)
+    model.graph.output.append(helper.make_tensor_value_info("out2", TensorProto.FLOAT, [1, 3, 2]))
+    report = audit(model)
+    assert len({n["name"] for n in report.nodes}) == 4
+    assert [(f.layer, f.code) for f in report.findings] == [("if/else_branch/bn[y]#1", "non_finite")]
 
 
 @pytest.mark.parametrize("epsilon, var, code, nan_channels", [

@@ -231,7 +231,14 @@ def test_matmul_rank_comes_from_the_graph_not_its_annotations():
     stale_output = onnx.ModelProto()  # the same word, on xr made a graph output
     stale_output.CopyFrom(model)
     stale_output.graph.output.append(helper.make_tensor_value_info("xr", TensorProto.FLOAT, [2, 5]))
-    for stale in (stale_value_info, stale_output):
+    stale_sequence = onnx.ModelProto()  # ... or on a sequence output whose element becomes the MatMul's input
+    stale_sequence.CopyFrom(model)
+    del stale_sequence.graph.node[0]
+    stale_sequence.graph.node.insert(0, helper.make_node("SequenceConstruct", ["x"], ["seq"]))
+    stale_sequence.graph.node.insert(1, helper.make_node("SequenceAt", ["seq", "zero"], ["xr"]))
+    stale_sequence.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), "zero"))
+    stale_sequence.graph.output.append(helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, [2, 5]))
+    for stale in (stale_value_info, stale_output, stale_sequence):
         folded, report = fold_model(stale, verify=False)
         assert folded.SerializeToString() == stale.SerializeToString()
         assert report.left == {"bn": "the first operand of 'mm' is 3-D, so BN's channel axis 1 may not be the "

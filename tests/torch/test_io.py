@@ -357,3 +357,24 @@ def test_tied_and_strided_tensors_are_saved_as_their_values(tmp_path, suffix):
     path = save_state_dict_file(state, tmp_path / f"w{suffix}")
     loaded = load_state_dict_file(path)
     assert all(torch.equal(loaded[k], v.detach()) for k, v in state.items())
+
+
+class _Calibrated(torch.nn.BatchNorm1d):
+    """Extra state computed from a weight (a quantization scale), and one holding a lock: neither deep-copies."""
+
+    def get_extra_state(self):
+        import threading
+
+        return {"amax": self.weight.abs().amax(), "lock": threading.Lock()}
+
+    def set_extra_state(self, state):
+        self.amax = state["amax"]
+
+
+def test_extra_state_that_cannot_be_copied_still_loads():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), _Calibrated(4))
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    state["1._extra_state"] = {"amax": torch.tensor(2.5)}
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), _Calibrated(4))
+    load_weights_into(fresh, state)  # as model.load_state_dict(state) does: the backup is not worth a refusal
+    assert float(fresh[1].amax) == 2.5 and torch.equal(fresh[0].weight, model[0].weight)

@@ -240,16 +240,23 @@ def _chosen_key(names: list[str], key: Optional[str], key_option: Optional[str],
     return found
 
 
+#: Saved (x, y) pairs whose x are all one shape with at most this many rows, and y one entry per row, may be
+#: batches of that size or samples (C, ...) with C-long targets: refused rather than guessed.
+_AMBIGUOUS_BATCH = 4
+
+
 def _inputs_of_sequence(items: "list | tuple", path: Path) -> Any:
     """The inputs in a saved list or tuple, where its structure says what they are.
 
-    * ``(inputs, targets, ...)`` (``torch.save((x, y))``): two or three arrays with one length, the first with
-      the most dimensions, and not all of one shape, give the first;
+    * ``(inputs, targets, ...)`` (``torch.save((x, y))``): two or three items with one length, the first an
+      array with the most dimensions, the others arrays or lists (labels, file names), not all of one shape,
+      give the first (so do two or three same-size batches of different shapes: nothing tells them apart);
     * arrays of one shape per sample but different lengths (``list(loader)`` with a short last batch) are
       batches, joined along the batch axis;
-    * pairs (``list(loader)``'s ``[(x1, y1), (x2, y2), ...]``): targets with one per sample mark batches, joined;
-      scalar targets (``list(dataset)``'s ``[(x, 3), ...]``) mark samples, stacked into one batch;
-    * a one-item list gives its item.
+    * pairs (``list(loader)``'s ``[(x1, y1), (x2, y2), ...]``, one batch too): targets with one per sample mark
+      batches, joined, unless all batches are one shape of at most :data:`_AMBIGUOUS_BATCH` rows; scalar targets
+      (``list(dataset)``'s ``[(x, 3), ...]``) mark samples, stacked into one batch;
+    * a one-item list of an array gives the array.
 
     Anything else is refused rather than guessed: arrays all of one shape may be batches to join, samples to
     stack or an ``(x, x)`` pair, and batches of different shapes cannot be joined.
@@ -277,20 +284,24 @@ def _inputs_of_sequence(items: "list | tuple", path: Path) -> Any:
         numpy = [a.numpy(force=True) if isinstance(a, torch.Tensor) else a for a in arrays]
         return np.stack(numpy) if stack else np.concatenate(numpy)
 
-    if len(items) == 1:
+    if len(items) == 1 and is_array(items[0]):
         return items[0]
     if all(isinstance(it, (tuple, list)) and len(it) >= 2 and is_array(it[0]) for it in items):
         xs, ys = [it[0] for it in items], [it[1] for it in items]
         if all(scalar(y) for y in ys):
             return joined(xs, stack=True)
-        if all(is_array(y) and y.ndim >= 1 and x.ndim >= 1 and len(y) == len(x) for x, y in zip(xs, ys)):
+        per_sample = all(is_array(y) and y.ndim >= 1 and x.ndim >= 1 and len(y) == len(x) for x, y in zip(xs, ys))
+        # a sample (C, ...) with a C-long target looks like a batch of C: only a few rows, all alike, leave it open
+        if per_sample and not (len({tuple(x.shape) for x in xs}) == 1 and len(xs[0]) <= _AMBIGUOUS_BATCH):
             return joined(xs, stack=False)
-    elif all(is_array(it) and it.ndim >= 1 for it in items):
-        first = items[0]
-        shapes = {tuple(it.shape) for it in items}
-        if (len(items) <= 3 and len(shapes) > 1 and all(it.ndim <= first.ndim and len(it) == len(first) for it in items)):
-            return first
-        if len({(it.ndim, *it.shape[1:]) for it in items}) == 1 and len({len(it) for it in items}) > 1:
+    elif is_array(items[0]) and items[0].ndim >= 1:
+        first, rest = items[0], items[1:]
+        targets = all((is_array(it) and 1 <= it.ndim <= first.ndim) or isinstance(it, (list, tuple))
+                      for it in rest) and all(len(it) == len(first) for it in rest)
+        if len(items) <= 3 and targets and len({tuple(getattr(it, "shape", ())) for it in items}) > 1:
+            return first  # (inputs, targets[, more]): targets as arrays, or lists of labels or file names
+        if (all(is_array(it) for it in rest) and len({(it.ndim, *it.shape[1:]) for it in items}) == 1
+                and len({len(it) for it in items}) > 1):
             return joined(items, stack=False)
     raise ValueError(
         f"{path} holds a {kind} of {len(items)} items whose structure does not say which are the "

@@ -140,6 +140,17 @@ def _fresh_name(base: str, taken: set[str]) -> str:
     return name
 
 
+def _forget_shapes(kind: onnx.TypeProto) -> None:
+    """Clear the tensor shapes a type declares, inside sequences, optionals and maps too (element types stay)."""
+    which = kind.WhichOneof("value")
+    if which == "tensor_type":
+        kind.tensor_type.ClearField("shape")
+    elif which in ("sequence_type", "optional_type"):
+        _forget_shapes(getattr(kind, which).elem_type)
+    elif which == "map_type":
+        _forget_shapes(kind.map_type.value_type)
+
+
 class _Folder:
     def __init__(self, model: onnx.ModelProto, report: OnnxFoldReport) -> None:
         self.model = model
@@ -210,8 +221,7 @@ class _Folder:
             bare.CopyFrom(self.model)
             del bare.graph.value_info[:]
             for out in bare.graph.output:
-                if out.type.HasField("tensor_type"):
-                    out.type.tensor_type.ClearField("shape")
+                _forget_shapes(out.type)
             inferred = onnx.shape_inference.infer_shapes(bare)
             self._ranks = {}
             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):

@@ -241,7 +241,8 @@ def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None
 
     ONNX does not require unique node names: nodes sharing one are named ``name[first output]``
     (an output names a node uniquely within a graph), and nodes of different bodies that still share it get
-    the body's attribute in their prefix (``if/then_branch/bn[y]``), so reports keep them apart.
+    the body's attribute in their prefix (``if/then_branch/bn[y]``), and a number (``#2``, in graph order) if even
+    that is shared (their owners share a name too), so reports keep them apart.
     """
     found = _bn_nodes(graph, opset, index, "", "")
     names = Counter(bn.name for bn, _ in found)
@@ -250,6 +251,13 @@ def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None
         if names[bn.name] > 1:
             own = f"{bn.name}[{bn.node.output[0]}]"
             bn.name = own if full[own] == 1 else f"{scoped}[{bn.node.output[0]}]"
+    seen = Counter(bn.name for bn, _ in found)
+    if len(seen) < len(found):  # owners sharing a name too (onnxruntime refuses such a file): number them in order
+        count: Counter = Counter()
+        for bn, _ in found:
+            if seen[bn.name] > 1:
+                count[bn.name] += 1
+                bn.name = f"{bn.name}#{count[bn.name]}"
     return [bn for bn, _ in found]
 
 

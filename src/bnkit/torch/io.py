@@ -307,8 +307,7 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         raise ValueError(f"{source} do not fit {type(model).__name__}: complex values for real tensors: "
                          + ", ".join(truncated[:4]) + more)
     saved = {k: t.detach().clone() for k, t in tensors.items() if not is_lazy(t)}
-    extra = {name: copy.deepcopy(m.get_extra_state()) for name, m in model.named_modules()
-             if type(m).get_extra_state is not torch.nn.Module.get_extra_state}  # what set_extra_state overwrites
+    extra = _extra_state_backup(model)
     try:
         model.load_state_dict(state)
     except Exception as exc:
@@ -322,6 +321,20 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             raise
         lines = [ln.strip() for ln in _strip_ansi(str(exc)).splitlines()[1:] if ln.strip()]
         raise ValueError(f"{source} do not fit {type(model).__name__}: {' '.join(lines[:4])}") from None
+
+
+def _extra_state_backup(model: torch.nn.Module) -> dict[str, object]:
+    """A copy of each module's ``get_extra_state()``, what ``load_state_dict`` hands to ``set_extra_state``; a state
+    that cannot be copied (it holds a lock, say) is left out: the load goes on, only its rollback is lost."""
+    backup = {}
+    for name, m in model.named_modules():
+        if type(m).get_extra_state is not torch.nn.Module.get_extra_state:
+            try:
+                with torch.no_grad():  # a tensor computed from a parameter has no deepcopy while it tracks grad
+                    backup[name] = copy.deepcopy(m.get_extra_state())
+            except Exception:  # noqa: BLE001 - any object may be in there
+                continue
+    return backup
 
 
 def save_state_dict_file(state: Mapping[str, object], path: str | os.PathLike) -> Path:
