@@ -567,6 +567,14 @@ def test_iterable_of_tuples_and_custom_forward(trained, digits):
     assert a.shifts[0].score == pytest.approx(c.shifts[0].score, rel=1e-9)
     assert b.shifts[0].score == pytest.approx(c.shifts[0].score, rel=1e-9)
     assert audit(trained, x[:640], max_batches=3).batches == 3
+    drawn = []
+
+    def stream():  # a user's generator: max_batches=3 must draw 3 batches from it, not one more
+        for i, batch in enumerate(loader):
+            drawn.append(i)
+            yield batch
+
+    assert audit(trained, stream(), max_batches=3).batches == 3 and drawn == [0, 1, 2]
 
 
 def test_onnx_path_goes_to_the_onnx_audit(trained, tmp_path):

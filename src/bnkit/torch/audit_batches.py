@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -51,9 +52,8 @@ class Batches:
 
     def __iter__(self):
         yield self.first
-        for i, batch in enumerate(self._iter, start=1):
-            if self.max_batches is not None and i >= self.max_batches:
-                break
+        rest = self._iter if self.max_batches is None else itertools.islice(self._iter, self.max_batches - 1)
+        for i, batch in enumerate(rest, start=1):  # islice: not one batch more is drawn from the user's data
             yield self._prepare(batch, i)
 
     def _prepare(self, batch: Any, index: int) -> Any:
