@@ -339,6 +339,20 @@ def test_running_out_of_memory_is_a_failed_run_not_bad_input(trained):
     assert "out of memory" in _flat(result) and "smaller --batch-size" in _flat(result)
 
 
+def test_out_of_memory_outside_the_models_forward_is_a_failed_run_too(trained, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("bnkit.torch.audit")  # the module: bnkit.torch.audit names the function
+
+    def oom(*args, **kwargs):  # e.g. the audit's own statistics on a device that is full
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(module, "audit", oom)
+    _, ckpt, data, _ = trained
+    result = _invoke(ckpt, "--model", "audit_models:oom", "--data", data)
+    assert result.exit_code == 1 and "the audit ran out of memory (try a smaller --batch-size)" in _flat(result)
+
+
 class _RaisesOnLoad:
     def __reduce__(self):
         import operator

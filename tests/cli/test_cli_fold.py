@@ -125,6 +125,13 @@ def test_fold_onnx_bad_input(tmp_path):
     result = runner.invoke(app, ["fold", str(bad), "-o", str(bad)])
     assert result.exit_code == 2 and "names the input file" in _text(result)
     assert runner.invoke(app, ["fold", "-o", str(out)]).exit_code == 2
+    src = _export(_calibrated_vgg(), tmp_path / "vgg.onnx")  # both an .onnx file and --model: which one?
+    result = runner.invoke(app, ["fold", str(src), "--model", "bnkit.torch.zoo:VGGBN", "-o", str(out)])
+    assert result.exit_code == 2 and "give either an .onnx file or --model (not both)" in _text(result)
+    assert not out.exists()
+    (tmp_path / "g.fold.json").mkdir()  # the report's place is taken: refused before the model is built
+    result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "-o", str(tmp_path / "g.pt")])
+    assert result.exit_code == 2 and "g.fold.json is a folder" in _text(result) and not (tmp_path / "g.pt").exists()
     src = _export(_calibrated_vgg(), tmp_path / "vgg.onnx")
     result = runner.invoke(app, ["fold", str(src), "-o", str(out), "--input-shape", "1x1x8x8"])
     assert result.exit_code == 2 and "NAME=SHAPE" in _text(result) and not out.exists()

@@ -93,6 +93,18 @@ def test_recalibrates_saved_weights_exactly(tmp_path, suffix):
     assert float(rows["2"][2]) == pytest.approx(shift.max(), rel=1e-3)
 
 
+def test_float64_data_from_numpy_is_cast_to_the_models_dtype(tmp_path):
+    # NumPy's default dtype is float64; a float32 model must get float32 batches (torch would refuse the matmul)
+    weights = tmp_path / "w.pt"
+    model = stale_weights(weights)
+    x = digits(200).astype(np.float64)
+    np.save(tmp_path / "x64.npy", x)
+    out = tmp_path / "out.pt"
+    result = invoke("--model", MODEL, "--weights", str(weights), "--data", str(tmp_path / "x64.npy"), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert_first_bn_exact(out, model, x.astype(np.float32))
+
+
 def test_npz_key_batches_and_a_dataset_factory(tmp_path, monkeypatch):
     weights = tmp_path / "w.safetensors"
     model = stale_weights(weights)
