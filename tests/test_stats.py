@@ -152,6 +152,16 @@ def test_bias_corrected_ema_is_the_weighted_mean_of_values(values, decay, init):
     assert ema.value == pytest.approx(raw, rel=1e-9, abs=1e-9)
 
 
+
+def test_ema_with_decay_one_never_moves_and_its_corrected_value_is_that_value():
+    """decay = 1 keeps all weight on the old value: the average stays at init, and the correction
+    (v_t - 1 * init) / (1 - 1) would be 0/0; the corrected value is the (unmoved) value, not NaN."""
+    ema = EMA(1.0, init=np.array([2.0, -3.0]))
+    for v in (5.0, 7.0):
+        ema.update(v)
+    np.testing.assert_array_equal(ema.value, [2.0, -3.0])
+    np.testing.assert_array_equal(ema.corrected, [2.0, -3.0])
+
 def test_cumulative_average_is_the_plain_mean():
     ca = CumulativeAverage()
     vals = [3.0, -1.0, 7.5, 2.25]

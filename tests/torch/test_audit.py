@@ -577,6 +577,27 @@ def test_iterable_of_tuples_and_custom_forward(trained, digits):
     assert audit(trained, stream(), max_batches=3).batches == 3 and drawn == [0, 1, 2]
 
 
+
+def test_custom_forward_of_a_two_input_model_on_tuple_batches_keeps_the_fold_analysis():
+    """With a custom forward only it knows the model's inputs: the audit must not feed the batch's first tensor
+    to the model alone (a two-input model raises, and the fold analysis was skipped). The conv + BN is foldable."""
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x, scale):
+            return self.bn(self.c(x * scale))
+
+    torch.manual_seed(0)
+    m = Two().eval()
+    m.bn.num_batches_tracked.fill_(10)
+    data = [(torch.randn(8, 3, 4, 4), torch.full((8, 1, 1, 1), 2.0)) for _ in range(3)]
+    report = audit(m, data, forward=lambda model, b: model(b[0], b[1]))
+    assert report.batches == 3 and not report.by_code("fold")
+    (finding,) = report.by_code("foldable")
+    assert finding.data["folded"] == {"bn": "c"}  # into the conv before it
+
 def test_onnx_path_goes_to_the_onnx_audit(trained, tmp_path):
     pytest.importorskip("onnx")
     from bnkit.torch import export_onnx

@@ -237,3 +237,10 @@ def test_revert_gives_back_the_original_parameters_so_an_old_optimizer_keeps_tra
     clone = revert_frozen(copy.deepcopy(convert_frozen(model)).double())  # tensors replaced: new parameters
     assert clone[1].weight.dtype == torch.float64 and isinstance(clone[1].weight, nn.Parameter)
     assert torch.equal(clone[1].weight, model[1].weight.double()) and clone[1].weight.requires_grad
+    # new parameters keep the originals' requires_grad: a gamma/beta the user froze stays frozen (not trainable)
+    user = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    user[1].bias.requires_grad_(False)
+    bias = user[1].bias.detach().clone()
+    user = revert_frozen(convert_frozen(user).double())
+    assert user[1].weight.requires_grad and not user[1].bias.requires_grad
+    assert user[1].bias.dtype == torch.float64 and torch.equal(user[1].bias, bias.double())

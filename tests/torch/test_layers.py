@@ -209,6 +209,51 @@ def test_renorm_schedule():
     torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+def _alg1(x, rm, rv, rmax, dmax, eps=1e-5):
+    """Ioffe 2017, Alg. 1 in float64 (gamma 1, beta 0), for (N, C) input; also returns r and d."""
+    x = x.double()
+    mu, sb = x.mean(0), torch.sqrt(x.var(0, correction=0) + eps)
+    s = torch.sqrt(rv.double() + eps)
+    r, d = (sb / s).clamp(1 / rmax, rmax), ((mu - rm.double()) / s).clamp(-dmax, dmax)
+    return (x - mu) / sb * r + d, r, d
+
+
+def test_renorm_forward_uses_the_clip_of_the_step_it_takes():
+    """Schedule (0, 2, 2): the limits ramp linearly from (1, 0) at step 0 to (3, 5) at step 2, so the first
+    training batch (step 1) is clipped at rmax 2, dmax 2.5 and the second at 3, 5. Looking the limits up one
+    step early makes the first batch plain BN. renorm_clip() with no step is the next step's."""
+    layer = BatchNorm1d(2, renorm=True, rmax=3.0, dmax=5.0, renorm_schedule=(0, 2, 2), affine=False).double()
+    assert layer.renorm_clip() == layer.renorm_clip(1) == pytest.approx((2.0, 2.5))  # counter 0: next step 1
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([40.0, -40.0]))
+        layer.running_var.copy_(torch.tensor([0.01, 0.01]))
+    g = torch.Generator().manual_seed(4)
+    for step, (rmax, dmax) in ((1, (2.0, 2.5)), (2, (3.0, 5.0))):
+        x = torch.randn(6, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.02])
+        expect, r, d = _alg1(x, layer.running_mean.clone(), layer.running_var.clone(), rmax, dmax)
+        assert ((r == rmax) | (r == 1 / rmax)).any() and (d.abs() == dmax).all()  # clipped at this step's limits
+        torch.testing.assert_close(layer(x), expect)
+        assert int(layer.num_batches_tracked) == step
+    assert layer.renorm_clip() == (3.0, 5.0)
+
+
+def test_renorm_on_float16_computes_in_float32_and_rounds_once():
+    """Like nn.BatchNorm, half-precision input is normalized in float32 and only the result is rounded to
+    float16: each output is within half an fp16 ulp of float64 Alg. 1 (computing in fp16 is off by about one)."""
+    torch.manual_seed(0)
+    layer = BatchNorm2d(4, renorm=True).half()
+    with torch.no_grad():
+        layer.running_mean.fill_(30.0), layer.running_var.fill_(4.0)
+    x = (30 + 2 * torch.randn(8, 4, 8, 8)).half()
+    y = layer(x)
+    assert y.dtype == torch.float16
+    xd = x.double().permute(0, 2, 3, 1).reshape(-1, 4)
+    expect, _, _ = _alg1(xd, torch.full((4,), 30.0), torch.full((4,), 4.0), 3.0, 5.0)  # the stats before the step
+    got = y.detach().double().permute(0, 2, 3, 1).reshape(-1, 4)
+    half_ulp = torch.finfo(torch.float16).eps / 2 * expect.abs()  # relative half ulp bound of a correct rounding
+    assert ((got - expect).abs() <= half_ulp + 1e-5).all()
+
+
 # ------------------------------------------------------------------ ghost batch norm
 def test_ghost_bn_with_k_equal_batch_is_batchnorm():
     ref, ours = _pair(nn.BatchNorm2d, BatchNorm2d, virtual_batch_size=4)
@@ -291,7 +336,9 @@ def test_one_value_per_ghost_batch_is_refused():
 
 
 @pytest.mark.parametrize("kw", [{"running_var_rule": "keras"}, {"rmax": 0.5}, {"dmax": -1.0}, {"virtual_batch_size": 0},
-                                {"renorm_schedule": (5, 2, 9)}, {"renorm": True, "track_running_stats": False}])
+                                {"renorm_schedule": (5, 2, 9)}, {"renorm_schedule": (3, 10, 3)},
+                                {"renorm_schedule": (3, 10, 2)}, {"renorm_schedule": (-1, 2, 3)},
+                                {"renorm": True, "track_running_stats": False}])
 def test_bad_options(kw):
     with pytest.raises(ValueError):
         BatchNorm2d(3, **kw)
@@ -355,6 +402,11 @@ def test_convert_bn_of_a_bare_layer_and_bad_options_change_nothing():
     bn = nn.BatchNorm1d(3)
     new = convert_bn(bn, renorm=True)
     assert type(new) is BatchNorm1d and new.renorm and new.running_mean is bn.running_mean
+    # the containers are copied: a buffer or parameter set on the new layer does not appear on the old one
+    weight = bn.weight
+    new.register_buffer("extra", torch.zeros(1))
+    new.weight = nn.Parameter(torch.full((3,), 5.0))
+    assert "extra" not in bn._buffers and bn.weight is weight and torch.equal(bn.weight, torch.ones(3))
     model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3))
     with pytest.raises(ValueError):
         convert_bn(model, rmax=0.1)
@@ -464,6 +516,18 @@ def test_debias_refuses_to_discard_statistics_loaded_without_a_counter():
     layer(x), plain(x)
     torch.testing.assert_close(layer.running_mean, plain.running_mean)
     torch.testing.assert_close(layer.running_var, plain.running_var)
+
+
+@pytest.mark.parametrize("stat,values", [("running_var", [1.0, 7.5]), ("running_mean", [0.0, 3.0])])
+def test_debias_refuses_statistics_loaded_into_a_single_channel(stat, values):
+    """One channel with loaded statistics at counter 0 is enough: the first debiased step (a_1 = 1) would discard
+    its 7.5 / 3.0 as much as if every channel held loaded values."""
+    layer = BatchNorm1d(2, debias=True)
+    with torch.no_grad():
+        getattr(layer, stat).copy_(torch.tensor(values))
+    with pytest.raises(ValueError, match="num_batches_tracked=0"):
+        layer(torch.randn(4, 2))
+    assert getattr(layer, stat).tolist() == values and int(layer.num_batches_tracked) == 0
 
 
 def test_debias_reads_the_counter_on_the_host_only_after_an_outside_write(monkeypatch):

@@ -191,6 +191,29 @@ def test_buffers_made_under_inference_mode_do_not_stop_the_audit():
     assert model[2].last is cache
 
 
+
+def test_a_buffer_a_forward_registers_is_removed_after_the_audit():
+    """The audit's passes run the user's forward; one that registers a buffer on its first call (a lazily created
+    counter) must leave no trace: the module's buffers after audit() are those it had before (state_dict keys)."""
+    from bnkit.torch import audit
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.bn = torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            if "seen" not in self._buffers:
+                self.register_buffer("seen", torch.zeros(()))
+            return self.bn(self.fc(x))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    before = dict(net.state_dict(keep_vars=True))
+    audit(net, torch.randn(32, 4), batch_size=8)
+    after = net.state_dict(keep_vars=True)
+    assert after.keys() == before.keys() and all(after[k] is v for k, v in before.items())
+
 def test_inputs_go_in_the_dtype_of_the_first_layer_outside_normalization():
     """A float16 model whose BatchNorm layers are kept in float32 (apex's keep_batchnorm_fp32), a BN first: it runs
     on float16 inputs, and the audit casts its data to float16, not to the first BN's float32 (the conv then
