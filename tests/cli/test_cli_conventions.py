@@ -157,3 +157,54 @@ def test_a_console_too_narrow_for_the_columns_gets_lines_with_the_same_content()
                                        wide["default momentum"][i], wide["default eps"][i]]
     listed = dict(re.findall(r"\b(torch|keras|flax|onnx): ([0-9.]+)\b(?!,)", narrow.split("in each framework:")[1]))
     assert {fw: listed[fw] for fw in FRAMEWORKS} == dict(zip(FRAMEWORKS, wide["keras momentum"]))
+
+
+def _apply_rule(rule: str, m: float, r: float, x: float) -> float:
+    """Evaluate a printed rule such as ``r = (1-m) r + m x`` (one coefficient, m or (1-m), per term)."""
+    match = re.fullmatch(r"r = (\(1-m\)|m) r \+ (\(1-m\)|m) x", rule)
+    assert match, rule
+    coef = {"m": m, "(1-m)": 1 - m}
+    return coef[match[1]] * r + coef[match[2]] * x
+
+
+def test_update_rule_row_is_what_each_real_layer_does_with_its_momentum():
+    """The "update" row was never compared with the layers: a swapped rule told torch users the Keras convention.
+
+    Each framework's own layer, built with momentum 0.3, updates a running mean of 1 with a batch of mean 3; the
+    printed rule must give the same new running mean."""
+    np = pytest.importorskip("numpy")
+    torch = pytest.importorskip("torch")
+    keras = pytest.importorskip("keras")
+    jax = pytest.importorskip("jax")
+    linen = pytest.importorskip("flax.linen")
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    m, r0 = 0.3, 1.0
+    batch = np.array([[2.0], [4.0]], dtype=np.float32)  # batch mean 3
+    bn = torch.nn.BatchNorm1d(1, momentum=m)
+    bn.running_mean.fill_(r0)
+    bn(torch.from_numpy(batch))
+    kbn = keras.layers.BatchNormalization(momentum=m)
+    kbn.build((None, 1))
+    kbn.moving_mean.assign(np.full(1, r0, np.float32))
+    kbn(batch, training=True)
+    fbn = linen.BatchNorm(use_running_average=False, momentum=m)
+    params = fbn.init(jax.random.PRNGKey(0), batch)["params"]
+    _, fstate = fbn.apply({"params": params, "batch_stats": {"mean": np.full(1, r0), "var": np.ones(1)}}, batch,
+                          mutable=["batch_stats"])
+    names = ["X", "scale", "B", "input_mean", "input_var"]
+    node = helper.make_node("BatchNormalization", names, ["Y", "running_mean", "running_var"], momentum=m,
+                            training_mode=1)
+    graph = helper.make_graph([node], "bn", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                               for n in ("Y", "running_mean", "running_var")])
+    ones = np.ones(1, np.float32)
+    onnx_out = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])).run(
+        None, {"X": batch, "scale": ones, "B": ones * 0, "input_mean": ones * r0, "input_var": ones})
+    real = {"torch": float(bn.running_mean[0]), "keras": float(np.asarray(kbn.moving_mean.numpy())[0]),
+            "flax": float(fstate["batch_stats"]["mean"][0]), "onnx": float(onnx_out[1][0])}
+    rows = _invoke()
+    for i, fw in enumerate(FRAMEWORKS):
+        assert _apply_rule(rows["update (m = momentum)"][i], m, r0, 3.0) == pytest.approx(real[fw], abs=1e-6), fw

@@ -311,3 +311,35 @@ def test_an_interrupted_demo_leaves_the_previous_report_as_it_was(tmp_path, monk
     assert result.exit_code != 0
     assert sorted(p.name for p in out.iterdir()) == ["index.html"]  # no staging folder, no partial plots
     assert (out / "index.html").read_text() == "previous report"
+
+
+def test_a_claim_that_fails_is_printed_as_not_holding_and_a_chapter_that_raises_exits_1(tmp_path, monkeypatch):
+    """The quick demo never has a failing claim or chapter, so neither the red verdict nor the exit code was tested:
+    a chapter's "does NOT hold" must reach the terminal, and a chapter that raises must fail the command (README)."""
+    from bnkit.study import modes
+    from bnkit.study.report import Chapter
+
+    def measured(ctx):
+        return Chapter(modes.NUMBER, "two-modes", modes.TITLE, modes.CLAIM,
+                       checks={"the first claim is true": True, "the second claim is false": False})
+
+    monkeypatch.setattr(modes, "run", measured)
+    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(tmp_path / "a")],
+                           terminal_width=200)
+    printed = " ".join(result.output.split())
+    assert "holds: the first claim is true" in printed and "does NOT hold: the second claim is false" in printed
+    assert "holds: the second claim is false" not in printed.replace("does NOT hold", "")
+    assert result.exit_code == 0, result.output  # a claim measured false is a result, not an error
+    checks = json.loads((tmp_path / "a" / "results.json").read_text())["chapters"]["two-modes"]["checks"]
+    assert checks == {"the first claim is true": True, "the second claim is false": False}
+
+    def broken(ctx):
+        raise RuntimeError("kaputt")
+
+    monkeypatch.setattr(modes, "run", broken)
+    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(tmp_path / "b")],
+                           terminal_width=200)
+    assert result.exit_code == 1, result.output
+    assert "chapter(s) failed: two-modes" in " ".join(result.output.split())
+    status = json.loads((tmp_path / "b" / "results.json").read_text())["chapters"]["two-modes"]["status"]
+    assert status == "failed"

@@ -240,3 +240,171 @@ def test_convergence_ends_with_the_trained_model_the_test_accuracy_is_of():
     p = {"seeds": 1, "epochs": 1, "batch_size": 64, "every": every, "momenta": (0.1,)}
     (trace,) = ch_running.convergence(Context(size="quick"), p)["0.1"]
     assert trace["step"] == list(range(every, steps, every)) + [steps]
+
+
+def test_stat_shift_is_the_absolute_log_variance_ratio_and_the_mean_shift_in_reference_stds():
+    """Doubling one channel's variance and halving another's is a shift of ln 2 each: signed logs would cancel."""
+    from bnkit.study.train import stat_shift
+
+    ref_mean, ref_var = np.array([1.0, -2.0]), np.array([4.0, 0.25])
+    mean_shift, log_var = stat_shift(ref_mean, ref_var, ref_mean + [2.0, -0.25], ref_var * [2.0, 0.5], 0.0)
+    assert log_var == pytest.approx(np.log(2.0), abs=1e-12)
+    assert mean_shift == pytest.approx((2.0 / 2.0 + 0.25 / 0.5) / 2, abs=1e-12)
+    # eps enters both sides: (v + eps) / (v_ref + eps)
+    assert stat_shift(ref_mean, ref_var, ref_mean, np.array([3.0, 0.0]), 1.0)[1] == pytest.approx(
+        (abs(np.log(4.0 / 5.0)) + abs(np.log(1.0 / 1.25))) / 2, abs=1e-12)
+
+
+def test_worked_example_check_fails_when_the_real_layer_disagrees_with_the_exact_ema(monkeypatch):
+    """The check "nn.BatchNorm1d equals the exact EMA" must be measured, not assumed: a layer 1e-9 off fails it."""
+    real = ch_running._torch_running_means
+
+    def off(series, momentum):
+        out = real(series, momentum)
+        out[4] += 1e-9
+        return out
+
+    monkeypatch.setattr(ch_running, "_torch_running_means", off)
+    _, data, _, checks = ch_running.worked_example()
+    assert data["max_abs_diff_torch_vs_exact"] == pytest.approx(1e-9, rel=1e-3)
+    assert [k for k, ok in checks.items() if not ok] == ["nn.BatchNorm1d's running_mean equals the exact EMA column"]
+
+
+# Each chapter's verdicts must follow from its measurements. The measuring functions (which train models) are
+# replaced by hand-made results: healthy ones, for which every check holds, and ones with one measurement broken,
+# for which exactly the check about it must fail.
+
+def _modes_seed(spread=0.0, acc_one=0.1, flag=False, same=True, eval_diff=1e-7):
+    bss = (1, 2, 8, 64)
+    ev = {bs: {"accuracy": 0.9, "max_abs_diff_vs_full_batch": 1e-7, "same_predictions": True} for bs in bss}
+    ev[8] = {"accuracy": 0.9, "max_abs_diff_vs_full_batch": eval_diff, "same_predictions": same}
+    tr = {bs: {"accuracy": 0.85, "max_abs_diff_vs_eval": 0.5, "distinct_outputs": 10, "output_spread": 3.0}
+          for bs in bss}
+    tr[1] = {"accuracy": acc_one, "max_abs_diff_vs_eval": 4.0, "distinct_outputs": 1, "output_spread": spread}
+    return {"eval": ev, "train": tr, "flags_after": {"": False, "fc1": flag, "bn1": False}}
+
+
+@pytest.mark.parametrize("broken,failing", [
+    ({}, None),
+    ({"spread": 1e-3}, "training mode at batch size 1 gives the same output for every image"),
+    ({"acc_one": 0.5}, "training mode at batch size 1 is at chance level (accuracy <= 0.2)"),
+    ({"flag": True}, "every module's train/eval flag is as before after scoring"),
+    ({"same": False}, "eval mode gives the same predictions at every batch size"),
+    ({"eval_diff": 2e-5}, "eval-mode logits agree across batch sizes to 1e-5"),
+], ids=["healthy", "spread", "accuracy", "flags", "eval_predictions", "eval_logits"])
+def test_two_modes_verdicts_follow_from_the_measurements(tmp_path, monkeypatch, broken, failing):
+    from types import SimpleNamespace
+
+    from bnkit.study import modes
+
+    digits = SimpleNamespace(x_test=torch.zeros(20, 64), y_test=torch.arange(20) % 10)
+    monkeypatch.setattr(modes, "load_digits_split", lambda seed: digits)
+    # two seeds, only the second one broken: a check is about every seed
+    monkeypatch.setattr(modes, "_one_seed", lambda d, p, seed, tracker: _modes_seed(**(broken if seed else {})))
+    ch = modes.run(Context(size="quick", seeds=2, out=tmp_path))
+    assert len(ch.checks) == 5
+    assert [k for k, ok in ch.checks.items() if not ok] == ([failing] if failing else [])
+
+
+def _batch_run(bs, seed, ema_small=0.8, ema_large=0.95, recal=0.82, stray_small=0.5, renorm=0.9):
+    small = bs == 2
+    stray = stray_small if small else 0.1
+    return {"epochs": 2, "ema": (ema_small if small else ema_large) + 0.01 * (seed - 1),
+            "recalibrated": (recal if small else 0.96) + 0.01 * (seed - 1),
+            "running_vs_exact_mean_shift_std": {"bn1": stray * 0.5, "bn2": stray * 1.5},
+            "renorm": renorm if small else 0.96, "layernorm": 0.95 if small else 0.97}
+
+
+@pytest.mark.parametrize("broken,failing", [
+    ({}, None),
+    ({"ema_large": 0.78}, "eval accuracy with EMA statistics is lower at batch size 2 than at 32"),
+    ({"stray_small": 0.05}, "the running means stray farther from the exact statistics at batch size 2 than at 32"),
+    ({"recal": 0.79}, "recalibration is no worse than the EMA at batch size 2 (mean over seeds)"),
+    # EMA 0.80, LayerNorm 0.95: recalibration at 0.88 recovers 53% of the gap, renorm at 0.9 67%
+    ({"recal": 0.88}, "exact statistics recover less than half of the batch-size-2 gap from the EMA to LayerNorm"),
+    ({"renorm": 0.81}, "batch renormalization recovers more of that gap than exact statistics"),
+], ids=["healthy", "ema", "stray", "recalibrated", "recal_share", "renorm_share"])
+def test_batch_size_verdicts_follow_from_the_measurements(tmp_path, monkeypatch, broken, failing):
+    from bnkit.study import batchsize, missing_dependencies
+
+    if missing_dependencies(("recalibrate", "convert_bn")):
+        pytest.skip("bnkit.torch.recalibrate or convert_bn is not in this build")
+    monkeypatch.setattr(batchsize, "load_digits_split", lambda seed: None)
+    monkeypatch.setattr(batchsize, "_one", lambda d, bs, p, seed, available, tracker: _batch_run(bs, seed, **broken))
+    ch = batchsize.run(Context(size="quick", out=tmp_path))
+    assert len(ch.checks) == 6
+    assert [k for k, ok in ch.checks.items() if not ok] == ([failing] if failing else [])
+
+
+def _finetune_seed(lesson_kept=False, freeze_kept=True):
+    from bnkit.study.finetune import VARIANTS
+
+    kept = {"pretrained": True, "lesson_freeze": lesson_kept, "freeze_bn": freeze_kept, "recal_only": False}
+    return {key: {"acc_A": 0.9, "acc_B": 0.7, "stats_bit_identical": kept.get(key, False),
+                  "shift": {n: {"mean_shift_std": 0.0 if kept.get(key, False) else 0.4, "log_var_ratio": 0.1}
+                            for n in ("bn1", "bn2")}} for key in VARIANTS}
+
+
+@pytest.mark.parametrize("broken,failing", [
+    ({}, None),
+    ({"lesson_kept": True}, "the lesson's freeze does not survive model.train(): the running statistics changed"),
+    ({"freeze_kept": False}, "freeze_bn keeps every BN statistic bit-identical through fine-tuning"),
+], ids=["healthy", "lesson_freeze", "freeze_bn"])
+def test_fine_tuning_verdicts_follow_from_the_measurements(tmp_path, monkeypatch, broken, failing):
+    from bnkit.study import finetune, missing_dependencies
+
+    if missing_dependencies(("freeze_bn", "recalibrate")):
+        pytest.skip("bnkit.torch.freeze_bn or recalibrate is not in this build")
+    monkeypatch.setattr(finetune, "_one_seed", lambda p, seed, available, tracker: _finetune_seed(**broken))
+    ch = finetune.run(Context(size="quick", out=tmp_path))
+    assert len(ch.checks) == 2
+    assert [k for k, ok in ch.checks.items() if not ok] == ([failing] if failing else [])
+
+
+@pytest.mark.parametrize("broken,failing", [
+    (None, []),
+    ("not folded", ["folding removes every BN layer of the ResNet"]),
+    ("folded off", ["the folded model's logits match eval mode to 1e-4",
+                    "onnxruntime's logits match PyTorch eval mode to 1e-4 (every ONNX variant)"]),
+    ("onnx off", ["onnxruntime's logits match PyTorch eval mode to 1e-4 (every ONNX variant)"]),
+], ids=["healthy", "not_folded", "folded_off", "onnx_off"])
+def test_deployment_verdicts_follow_from_the_measurements(tmp_path, monkeypatch, broken, failing):
+    """A ResNet with no optimizer step (one training-mode pass fills the running statistics), with folding or
+    onnxruntime broken on purpose."""
+    import bnkit.torch as bt
+    from bnkit.study import deploy, missing_dependencies
+
+    if missing_dependencies(("fold_bn", "export_onnx")):
+        pytest.skip("bnkit.torch.fold_bn or export_onnx is not in this build")
+    pytest.importorskip("onnxruntime")
+
+    def one_pass(model, x, y, **kwargs):
+        model.train()
+        with torch.no_grad():
+            model(x[:64])
+        return 1
+
+    monkeypatch.setattr(deploy, "fit", one_pass)
+    monkeypatch.setitem(deploy.SIZES, "quick", {**deploy.SIZES["quick"], "repeats": 1})
+    real_fold, real_runner = bt.fold_bn, deploy._ort_runner
+
+    def fold(model, x):
+        folded, report = real_fold(model, x)
+        if broken == "not folded":  # BN layers left in: the same function, so only the layer count tells
+            return copy.deepcopy(model), report
+        if broken == "folded off":
+            with torch.no_grad():
+                list(folded.parameters())[-1].add_(1e-3)  # the logits' bias
+        return folded, report
+
+    def runner(path, optimize=True):
+        run, fixed = real_runner(path, optimize)
+        if broken == "onnx off" and not optimize:  # one of the three ONNX variants
+            return (lambda x: run(x) + 1e-3), fixed
+        return run, fixed
+
+    monkeypatch.setattr(bt, "fold_bn", fold)
+    monkeypatch.setattr(deploy, "_ort_runner", runner)
+    ch = deploy.run(Context(size="quick", out=tmp_path))
+    assert len(ch.checks) == 3
+    assert [k for k, ok in ch.checks.items() if not ok] == failing
