@@ -76,6 +76,25 @@ def test_hand_built_training_mode_node_and_extra_outputs():
         onnx.checker.check_model(model, full_check=True)
 
 
+@pytest.mark.parametrize("opset", [14, 15, 17])
+def test_training_mode_attribute_decides_from_opset_14_on(opset):
+    """From opset 14 (the first with ``training_mode``) the attribute, not the outputs asked for, is the mode:
+    onnxruntime normalises a training_mode=1 node with the batch statistics, and refuses a training_mode=0
+    node asking for the running-statistic outputs rather than train it."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 3)).astype(np.float32) * 3 + 1
+    training = _bn_model(**GOOD, opset=opset, training_mode=1, outputs=("y", "rm", "rv"))
+    y = ort.InferenceSession(training.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y.mean(axis=(0, 2)), GOOD["bias"], atol=1e-5)  # batch statistics: mean = bias
+    report = audit(training)
+    assert [f.code for f in report.findings] == ["training_mode"] and report.nodes[0]["training"]
+
+    inference = _bn_model(**GOOD, opset=opset, training_mode=0, outputs=("y", "rm", "rv"))
+    with pytest.raises(Exception, match="should be 1 when Training_mode = False"):
+        ort.InferenceSession(inference.SerializeToString(), providers=["CPUExecutionProvider"])
+    report = audit(inference)
+    assert [f.code for f in report.findings] == ["extra_outputs"] and not report.nodes[0]["training"]
+
+
 def test_opset_6_training_node_is_named_for_its_is_test_attribute():
     """Before opset 7 a node without is_test=1 trains, whatever its outputs: the evidence said outputs were
     requested when none were."""

@@ -100,3 +100,24 @@ def test_inference_export_has_no_dropout_finding(export):
     model = _dropout_net(2)
     proto = export(model, torch.randn(2, 1, 8, 8), training=False, opset=17)
     assert "dropout_training" not in [f.code for f in audit(proto).findings]
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_constant_training_mode_is_read_for_its_value(train):
+    """A Dropout whose training_mode is a stored False is an inference Dropout (onnxruntime passes its input
+    through): it is neither reported nor converted; only a stored True is."""
+    graph = helper.make_graph(
+        [helper.make_node("Dropout", ["x", "ratio", "train"], ["y"], name="drop")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 50])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 50])],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+         numpy_helper.from_array(np.array(train), "train")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = np.random.default_rng(4).standard_normal((3, 50)).astype(np.float32) + 5  # no zeros of its own
+    (y,) = ort_run(model, {"x": x})
+    assert np.array_equal(y, x) == (not train)  # training drops about half of the 150 values
+    assert ("dropout_training" in [f.code for f in audit(model).findings]) == train
+    folded, report = fold_model(model, to_inference=True)
+    assert report.dropout_converted == (["drop"] if train else []) and report.verified
+    np.testing.assert_array_equal(ort_run(folded, {"x": x})[0], x)

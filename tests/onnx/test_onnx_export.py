@@ -256,3 +256,66 @@ def test_writers_refuse_a_folder_as_output_before_the_work(calibrated, zoo_onnx,
     with pytest.raises(IsADirectoryError, match="is a directory"):
         save_state_dict_file(model.state_dict(), tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def _linear_bn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        model[1].running_var.copy_(torch.tensor([0.5, 2.0, 1.5]))
+        model[1].num_batches_tracked.fill_(100)
+    return model
+
+
+def _scaled_run(monkeypatch, factor: float, *, batch_of_one_too: bool = True) -> None:
+    """onnxruntime's outputs times ``factor``: a known norm-wise relative difference of ``|factor - 1|``."""
+    import bnkit.onnx.verify as verify
+
+    real = verify.run
+
+    def run(proto, feeds):
+        out = real(proto, feeds)
+        if not batch_of_one_too and next(iter(feeds.values())).shape[0] == 1:
+            return out
+        return [o * np.float32(factor) for o in out]
+
+    monkeypatch.setattr(verify, "run", run)
+
+
+@pytest.mark.parametrize("off, written", [(2e-5, True), (5e-3, False)])
+def test_fp32_export_is_held_to_the_fp32_tolerance_by_default(tmp_path, monkeypatch, off, written):
+    # float32 graphs agree with PyTorch to ~1e-6 (test above): a 0.5% mismatch is a wrong graph, not rounding,
+    # however loose a tolerance fp16 models need
+    _scaled_run(monkeypatch, 1 + off)
+    path = tmp_path / "m.onnx"
+    if written:
+        report = export_onnx(_linear_bn(), torch.randn(8, 4), path)
+        assert report.max_rel_diff == pytest.approx(off, rel=0.05) and path.exists()
+    else:
+        with pytest.raises(ExportVerificationError, match="differs from PyTorch"):
+            export_onnx(_linear_bn(), torch.randn(8, 4), path)
+        assert os.listdir(tmp_path) == []
+
+
+def test_a_mismatch_on_the_full_batch_alone_is_not_hidden_by_an_exact_batch_of_one(tmp_path, monkeypatch):
+    # the worst of every checked batch counts, not the last one checked (the batch of one)
+    _scaled_run(monkeypatch, 1.05, batch_of_one_too=False)
+    with pytest.raises(ExportVerificationError, match=r"max relative difference 0\.05"):
+        export_onnx(_linear_bn(), torch.randn(8, 4), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_save_failing_halfway_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous model")
+
+    def failing_save(proto, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export_onnx(_linear_bn(), torch.randn(8, 4), path)
+    assert os.listdir(tmp_path) == ["m.onnx"] and path.read_bytes() == b"previous model"

@@ -729,6 +729,60 @@ def test_to_inference_refuses_training_nodes_it_cannot_switch():
         fold_model(_bn_in_if_branches(["z"], seed=15, training_mode=1), to_inference=True)
 
 
+@pytest.mark.parametrize("opset", [7, 8])
+def test_to_inference_refuses_training_nodes_before_opset_9(opset):
+    """Before opset 9 a node asking for its running-statistic outputs trains (onnxruntime normalises with the
+    batch statistics) and bnkit does not rewrite it: --to-inference must refuse, not write it unchanged."""
+    rng = np.random.default_rng(16)
+    bn = helper.make_node("BatchNormalization", ["x", "bn.s", "bn.b", "bn.m", "bn.v"], ["y", "rm", "rv", "sm", "sv"],
+                          name="bn")
+    model = _model([bn], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 3, 5])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3, 5])], _bn_inits(3, rng), opset=opset)
+    x = (3 * rng.standard_normal((4, 3, 5)) + 2).astype(np.float32)
+    bias = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "bn.b"))
+    np.testing.assert_allclose(ort_run(model, {"x": x})[0].mean(axis=(0, 2)), bias, atol=1e-5)  # batch statistics
+    with pytest.raises(ValueError, match=r"cannot switch training-mode nodes \['bn'\]"):
+        fold_model(model, to_inference=True)
+
+
+def test_a_conv_weight_stored_through_a_cast_folds_into_a_float32_conv():
+    """A bias-free Conv whose weight is a float16 initializer Cast to float32 (mixed-precision converters): the
+    folded weight and the new bias are float32, as the Conv computes, and the output is unchanged."""
+    rng = np.random.default_rng(17)
+    nodes = [helper.make_node("Cast", ["W16"], ["W"], to=TensorProto.FLOAT),
+             helper.make_node("Conv", ["x", "W"], ["h"]), _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 4, 4])],
+                   {"W16": rng.standard_normal((4, 3, 1, 1)).astype(np.float16), **_bn_inits(4, rng)})
+    folded, report = fold_model(model, verify=False)
+    assert [f.bn for f in report.folded] == ["bn"] and "BatchNormalization" not in ops(folded)
+    onnx.checker.check_model(folded, full_check=True)
+    (conv,) = [n for n in folded.graph.node if n.op_type == "Conv"]
+    tensors = {t.name: t for t in folded.graph.initializer}
+    assert [tensors[i].data_type for i in conv.input[1:] if i in tensors] == [TensorProto.FLOAT] * 2
+    _check_exact(model, folded)
+
+
+def test_a_conv_output_also_read_inside_an_if_body_is_left():
+    """An If branch reading the Conv output (outer scope) is a reader too: folding the BN into the Conv would
+    change what the branch sees."""
+    rng = np.random.default_rng(18)
+
+    def branch(name: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("Identity", ["h"], [f"{name}_out"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [2, 3, 4, 4])])
+
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y"),
+             helper.make_node("If", ["c"], ["z"], name="if", then_branch=branch("then"), else_branch=branch("else"))]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4]),
+                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                   [helper.make_tensor_value_info(o, TensorProto.FLOAT, [2, 3, 4, 4]) for o in ("y", "z")],
+                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)})
+    folded, report = fold_model(model)
+    assert "'conv' is also read elsewhere" in report.left["bn"] and not report.folded
+    assert folded.SerializeToString() == model.SerializeToString()
+
+
 @pytest.mark.parametrize("offset,noted,own_bias", [(300.0, True, None), (0.0, False, None), (300.0, False, "B"),
                                                    (300.0, False, "Add")])
 def test_fp16_folds_of_outputs_far_from_zero_are_noted(offset, noted, own_bias):

@@ -1,0 +1,73 @@
+"""bnkit.onnx.verify: the comparison and tolerance every fold/export check relies on, against closed-form values."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bnkit.onnx.verify import compare, default_tolerance, random_inputs
+
+REF = np.array([1.0, 2.0, 3.0])
+NAN = float("nan")
+
+
+def test_compare_gives_the_largest_absolute_and_norm_wise_relative_difference():
+    # two outputs: |diff| 0.5 against max|ref| 3, and |diff| 4 against max|ref| 400
+    abs_diff, rel_diff = compare([REF, 100 * REF + 100], [REF + [0, 0.5, 0], 100 * REF + [100, 100, 104]])
+    assert abs_diff == pytest.approx(4.0) and rel_diff == pytest.approx(0.5 / 3)
+
+
+@pytest.mark.parametrize("reference, candidate", [
+    (REF, [1.0, NAN, 3.0]),            # a fold whose output turned NaN must not verify
+    (REF, [1.0, float("inf"), 3.0]),
+    ([NAN, 2.0, 3.0], [1.0, NAN, 3.0]),  # NaN in both, at different places
+    ([NAN, 2.0, 3.0], [float("inf"), 2.0, 3.0]),
+])
+def test_non_finite_values_that_do_not_match_exactly_are_an_infinite_difference(reference, candidate):
+    assert compare([np.array(reference)], [np.array(candidate)]) == (float("inf"), float("inf"))
+
+
+def test_non_finite_values_at_the_same_places_are_skipped_and_the_rest_compared():
+    assert compare([np.array([NAN, 2.0, 4.0])], [np.array([NAN, 2.0, 5.0])]) == pytest.approx((1.0, 0.25))
+
+
+def test_an_all_zero_reference_is_matched_only_by_zeros():
+    # max|ref| = 0: any difference is infinitely large relative to it, none is 0
+    assert compare([np.zeros(3)], [np.full(3, 1e-3)]) == (pytest.approx(1e-3), float("inf"))
+    assert compare([np.zeros(3)], [np.zeros(3)]) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("reference, candidate", [
+    ([REF.reshape(3, 1)], [REF.reshape(1, 3)]),  # same size and rank, would broadcast to (3, 3)
+    ([REF], [REF[:2]]),
+    ([REF, 100 * REF], [REF]),                   # an output missing: the first alone agrees
+    ([REF], [REF, REF]),
+])
+def test_outputs_differing_in_number_or_shape_are_refused(reference, candidate):
+    with pytest.raises(ValueError, match="outputs|shapes differ"):
+        compare(reference, candidate)
+
+
+def _cast_conv(weight_dtype: int):
+    """Conv whose weight is an initializer of ``weight_dtype`` Cast to float32, between float32 input and output
+    (what mixed-precision converters write: fp16 storage, computed in fp32 after the Cast)."""
+    w = numpy_helper.from_array(np.ones((4, 8, 1, 1), helper.tensor_dtype_to_np_dtype(weight_dtype)), "W16")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["W16"], ["W"], to=TensorProto.FLOAT), helper.make_node("Conv", ["x", "W"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("weight_dtype, tolerance", [(TensorProto.FLOAT16, 1e-2), (TensorProto.FLOAT, 1e-4)])
+def test_low_precision_initializers_set_the_tolerance_even_when_cast_up(weight_dtype, tolerance):
+    # fp16 weights are rounded to fp16 once stored; only the initializer's dtype shows it (every value is float32)
+    assert default_tolerance(_cast_conv(weight_dtype)) == tolerance
+
+
+def test_random_inputs_refuse_a_shape_for_an_input_the_graph_does_not_have():
+    # a typo (--input-shape imput=64x4) must not silently verify on the default shape instead
+    model = _cast_conv(TensorProto.FLOAT)
+    assert random_inputs(model, input_shapes={"x": [1, 8, 2, 2]})["x"].shape == (1, 8, 2, 2)
+    with pytest.raises(ValueError, match="names no graph input.*imput"):
+        random_inputs(model, input_shapes={"x": [1, 8, 2, 2], "imput": [1, 8, 2, 2]})
