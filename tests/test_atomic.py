@@ -110,12 +110,21 @@ def test_a_sigterm_handler_or_ignore_of_the_program_is_kept(tmp_path):
         signal.signal(signal.SIGTERM, before)
 
 
-def test_a_write_only_file_can_be_replaced(tmp_path):
+def test_a_write_only_file_can_be_replaced(tmp_path, monkeypatch):
+    import bnkit.atomic
+
     target = tmp_path / "wo.bin"
     target.write_bytes(b"old")
     target.chmod(0o200)
+    events, real_fsync, real_chmod = [], bnkit.atomic._fsync, os.chmod
+    monkeypatch.setattr(bnkit.atomic, "_fsync", lambda p: events.append(("fsync", str(p))) or real_fsync(p))
+    monkeypatch.setattr(os, "chmod",
+                        lambda p, mode, **kw: events.append(("chmod", str(p))) or real_chmod(p, mode, **kw))
     with atomic_path(target) as tmp:
         open(tmp, "wb").write(b"new")
+    # the new file is read back for its fsync before it gets the old file's mode: 0o200 would refuse that read
+    # (to anyone but root, which is why the order is checked and not only the outcome)
+    assert events[:2] == [("fsync", tmp), ("chmod", tmp)]
     assert stat.S_IMODE(target.stat().st_mode) == 0o200
     target.chmod(0o600)
     assert target.read_bytes() == b"new"
