@@ -35,9 +35,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
     On any exception (``KeyboardInterrupt`` included) the temporary file is deleted and ``path`` is left as
     it was; so it is on SIGTERM while the block runs (``kill``, ``timeout``, a scheduler's preemption), which
-    then raises ``SystemExit(143)``, where SIGTERM has its default action and this is the main thread. The new file's data reaches the disk (``fsync``) before the
-    rename, and the rename before this returns, so a crash right after never leaves an empty file where the
-    old one was. Missing parent directories are created. The file keeps the mode of the file it replaces,
+    then raises ``SystemExit(143)``, where SIGTERM has its default action and this is the main thread. The
+    new file's data reaches the disk (``fsync``) before the rename, and the rename before this returns, so a
+    crash right after never leaves an empty file where the old one was. Missing parent directories are created. The file keeps the mode of the file it replaces,
     and otherwise gets the usual ``0o666 & ~umask``, as ``open`` gives it. A folder at ``path``
     raises :func:`check_target`'s error before anything is created.
     """

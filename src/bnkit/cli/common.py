@@ -261,10 +261,11 @@ def _inputs_of_sequence(items: "list | tuple", path: Path) -> Any:
     Anything else is refused rather than guessed: arrays all of one shape may be batches to join, samples to
     stack or an ``(x, x)`` pair, and batches of different shapes cannot be joined.
     """
-    kind = type(items).__name__
-    items = list(items)
     import numpy as np
     import torch
+
+    kind = type(items).__name__
+    items = list(items)
 
     def is_array(v: Any) -> bool:
         return isinstance(v, (np.ndarray, torch.Tensor))
