@@ -789,10 +789,11 @@ def test_batches_go_to_the_first_device_of_a_parallel_wrapper_at_any_depth():
     hand: this machine has no GPU; the oracle is the wrapper's own attribute)."""
     from torch.optim.swa_utils import AveragedModel
 
+    from bnkit.torch.modules import wrapper_chain
     from bnkit.torch.recalibrate import _wrapper_device
 
     parallel = nn.DataParallel(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
     parallel.device_ids = [torch.device("cuda", 1)]  # on a GPU machine: the ints DataParallel stores
     for wrapped in (parallel, torch.compile(parallel, backend="eager"), AveragedModel(parallel)):
-        assert _wrapper_device(wrapped) == torch.device("cuda", 1)
-    assert _wrapper_device(parallel.module) is None
+        assert _wrapper_device(wrapper_chain(wrapped)) == torch.device("cuda", 1)
+    assert _wrapper_device(wrapper_chain(parallel.module)) is None

@@ -94,7 +94,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
-from .modules import SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, unwrapped, wrapper_chain
+from .modules import SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, wrapper_chain
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
@@ -314,11 +314,11 @@ def _all_gather(payload: np.ndarray) -> list[np.ndarray]:
     return [g.cpu().numpy() for g in gathered]
 
 
-def _wrapper_device(model: nn.Module) -> torch.device | None:
+def _wrapper_device(chain: list[nn.Module]) -> torch.device | None:
     """The first of ``device_ids`` of a DataParallel / DistributedDataParallel wrapper, where it sends inputs, at
-    any depth of the wrappers :func:`~bnkit.torch.modules.unwrapped` peels (torch.compile(DDP(m)) included)."""
+    any depth of a :func:`~bnkit.torch.modules.wrapper_chain` (torch.compile(DDP(m)) included)."""
     kinds = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    parallel = [m for m in wrapper_chain(model) if isinstance(m, kinds)]
+    parallel = [m for m in chain if isinstance(m, kinds)]
     return torch.device(parallel[0].device_ids[0]) if parallel and parallel[0].device_ids else None
 
 
@@ -631,11 +631,12 @@ def recalibrate(
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     if num_batches is not None and (int(num_batches) != num_batches or num_batches < 1):
         raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
+    chain = wrapper_chain(model)
     if device is None:  # DataParallel / DDP moved each batch to their first device: bnkit moves it there instead
-        device = _wrapper_device(model)
+        device = _wrapper_device(chain)
     # the module a wrapper runs: a compiled one would recompile for every stand-in call, DDP's forward starts with a
     # buffer broadcast that a rank without batches never joins
-    model, _ = unwrapped(model)
+    model = chain[-1]
     modules = list(model.named_modules())
     layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
     if not layers:
