@@ -227,16 +227,17 @@ def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, object]:
 
     inner = next((obj[k] for k in _WRAPPER_KEYS if tensors_in(obj.get(k))), None)
     if inner is None:
-        nested = {str(k): n for k, v in obj.items() if not str(k).endswith("_extra_state") and (n := tensors_in(v))}
+        nested = {k: n for k, v in obj.items() if not str(k).endswith("_extra_state") and (n := tensors_in(v))}
         top = tensors_in(obj)
         if len(nested) == 1 and max(nested.values()) > top:
-            inner = obj[next(k for k in obj if str(k) in nested)]
+            inner = obj[next(iter(nested))]
         elif nested and top <= max(nested.values()):
+            keys = sorted(map(str, nested))
             raise ValueError(
-                f"{path} holds dicts of tensors under {sorted(nested)}"
+                f"{path} holds dicts of tensors under {keys}"
                 + (f" and {top} tensor(s) at its top level" if top else "")
                 + f", none under a key bnkit knows ({', '.join(_WRAPPER_KEYS)}): which one holds the weights is for "
-                f"you to say; save it alone, e.g. torch.save(checkpoint[{sorted(nested)[0]!r}], 'weights.pt')")
+                f"you to say; save it alone, e.g. torch.save(checkpoint[{keys[0]!r}], 'weights.pt')")
     if inner is not None:
         obj = inner.state_dict() if isinstance(inner, torch.nn.Module) else inner
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
