@@ -176,17 +176,16 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
                 save_state_dict_file(folded.state_dict(), output)
                 writing = None  # only the report's rename is left
         except BaseException as exc:  # noqa: BLE001 - torch.save raises RuntimeError, safetensors its own type
-            if writing is None:  # a report from an earlier run beside the new weights would describe other weights
-                stale = report_file.exists()
-                if stale:
-                    report_file.unlink(missing_ok=True)
-                if not isinstance(exc, Exception):  # Ctrl-C, or SIGTERM while writing (SystemExit)
-                    raise
+            # new weights beside a report from an earlier run: that report describes other weights
+            stale = writing is None and report_file.exists()
+            if stale:
+                report_file.unlink(missing_ok=True)
+            if not isinstance(exc, Exception):  # Ctrl-C, or SIGTERM while writing (SystemExit)
+                raise
+            if writing is None:
                 raise fail(f"cannot write {report_file}: {exc}; {output} was written without its report"
                            + (" (the earlier run's report there was removed: it described other weights)" if stale
                               else ""), code=1) from None
-            if not isinstance(exc, Exception):
-                raise
             raise fail(f"cannot write {writing}: {exc}; nothing written", code=1) from None
     verified = report.max_rel_diff is not None
     if as_json:
