@@ -83,12 +83,17 @@ def opset_version(model: onnx.ModelProto) -> int:
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     """The graphs held by a node's attributes (If branches, Loop/Scan bodies)."""
+    return [g for _, g in _named_subgraphs(node)]
+
+
+def _named_subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """:func:`subgraphs` with the attribute each hangs from (``then_branch``; ``name[k]`` in a list of graphs)."""
     out = []
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
-            out.append(attr.g)
+            out.append((attr.name, attr.g))
         elif attr.type == onnx.AttributeProto.GRAPHS:
-            out.extend(attr.graphs)
+            out.extend((f"{attr.name}[{k}]", g) for k, g in enumerate(attr.graphs))
     return out
 
 
@@ -269,12 +274,9 @@ def _bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None, pref
     found = []
     for node in graph.node:
         label = node_label(node)
-        for attr in node.attribute:
-            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for k, sub in enumerate(bodies):
-                where = attr.name if attr.type == onnx.AttributeProto.GRAPH else f"{attr.name}[{k}]"
-                found.extend(_bn_nodes(sub, opset, GraphIndex(sub, outer=index), f"{prefix}{label}/",
-                                       f"{scope}{label}/{where}/"))
+        for where, sub in _named_subgraphs(node):
+            found.extend(_bn_nodes(sub, opset, GraphIndex(sub, outer=index), f"{prefix}{label}/",
+                                   f"{scope}{label}/{where}/"))
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         extra = [o for o in node.output[1:] if o]
