@@ -568,6 +568,8 @@ def fold_model(
             report.left[bn.name] = why
         else:
             candidates.append((bn.name, bn.node.output[0]))  # an output names a node uniquely; a name may not
+    # nodes left with blank ("") optional outputs, which crash onnxruntime 1.32: the fold below touches none of them
+    crashing = [bn.name for bn in nodes if "" in bn.node.output[1:]]
     if to_inference:
         _dropouts_to_inference(work.graph, folder.opset, report)
     reference = load_model(work)
@@ -586,9 +588,6 @@ def fold_model(
         raise RuntimeError(f"the folded model fails onnx.checker: {exc}") from exc
 
     if verify:
-        named = {b.node.output[0]: b.name for b in nodes if not b.in_subgraph}  # the names the report uses
-        crashing = [b.name if b.in_subgraph else named.get(b.node.output[0], b.name)
-                    for b in bn_nodes(work.graph, folder.opset) if "" in b.node.output[1:]]
         if crashing:
             raise OnnxRuntimeError(
                 f"BatchNormalization nodes {crashing} keep blank (\"\") optional outputs, which crash onnxruntime "
