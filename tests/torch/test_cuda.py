@@ -178,6 +178,40 @@ def test_recalibrate_under_nccl_world_of_one(tmp_path):
         torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-12, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])
+def test_recalibrate_through_a_parallel_wrapper_sends_cpu_batches_to_its_device(tmp_path, wrapper):
+    """DataParallel / DDP (NCCL, world of one) around a CUDA model, fed CPU batches with no ``device``: the
+    module inside runs on the wrapper's first device and reads exactly what PyTorch's own training-mode BN reads;
+    the wrapper's flags and the buffers' device are as before."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = calibrated(SmallResNet(), digits_like().float()).double().to(CUDA)
+    batches = [digits_like(n, seed=n, offset=2.0) for n in (6, 31, 2)]
+    ref = hooked_stats(model, batches, CUDA)
+    if wrapper == "DataParallel":
+        wrapped = nn.DataParallel(model, device_ids=[0])
+        flags = {n: m.training for n, m in wrapped.named_modules()}
+        report = recalibrate(wrapped, batches, progress=False)
+    else:
+        if not dist.is_nccl_available():
+            pytest.skip("NCCL not built in")
+        dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=60))
+        try:
+            wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[0])
+            flags = {n: m.training for n, m in wrapped.named_modules()}
+            report = recalibrate(wrapped, batches, progress=False)
+        finally:
+            dist.destroy_process_group()
+    assert report.batches == 3
+    assert_stats(model, ref, rtol=1e-9)
+    assert all(b.device.type == CUDA.type for b in model.buffers())
+    assert {n: m.training for n, m in wrapped.named_modules()} == flags
+
+
 def test_recalibrate_cli_on_cuda_writes_portable_cpu_tensors(tmp_path):
     from typer.testing import CliRunner
 
