@@ -345,6 +345,7 @@ def unswitchable_training(graph: onnx.GraphProto, opset: int, nodes: list[BNNode
     ``training_mode`` inside bodies (top-level ones are switched)."""
     index = index or GraphIndex(graph)
     stuck = [bn.name for bn in nodes if bn.training and (bn.in_subgraph or opset < 9)]
-    top = {id(n) for n, _ in training_dropouts(graph, opset, index)}
+    top = list(graph.node)  # held while ids are compared: a protobuf wrapper keeps its id only while referenced
+    ids = {id(n) for n in top}
     return stuck + [node_label(n) for n, known in training_dropouts(graph, opset, index, nested=True)
-                    if known and id(n) not in top]
+                    if known and id(n) not in ids]
