@@ -213,6 +213,49 @@ def test_a_layer_given_one_value_per_channel_is_audited():
     assert shift.log_var_ratio == pytest.approx(log_ratio, rel=1e-6)
 
 
+class _OwnForwardBN(nn.BatchNorm1d):
+    """A BN subclass with its own forward: the audit measures its input after the call instead of standing in."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.0
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d, _OwnForwardBN])
+def test_a_routed_branch_given_no_rows_in_a_batch_is_audited(layer):
+    """Rows routed to two BN branches, one of which gets none in a batch (PyTorch's training forward takes the empty
+    input): the audit measured it by dividing by the batch size 0. Oracle: float64 statistics of the rows each
+    branch received, against the closed-form shift."""
+    class Routed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos, self.neg = layer(3), layer(3)
+
+        def forward(self, x):
+            out = torch.zeros_like(x)
+            m = x[:, 0] > 0
+            out[m], out[~m] = self.pos(x[m]), self.neg(x[~m])
+            return out
+
+    model = Routed().eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 3, generator=g).abs() + 0.1, -torch.randn(8, 3, generator=g).abs() - 0.1,
+               torch.randn(16, 3, generator=g)]
+    with torch.no_grad():
+        copy.deepcopy(model).train()(batches[0])  # PyTorch's own training-mode forward runs it
+    report = audit(model, batches)
+    assert report.batches == 3
+    shifts = {s.layer: s for s in report.shifts}
+    for name, rows in (("pos", torch.cat([b[b[:, 0] > 0] for b in batches])),
+                       ("neg", torch.cat([b[b[:, 0] <= 0] for b in batches]))):
+        x = rows.double().numpy()
+        z = x.mean(0) / np.sqrt(1.0 + 1e-5)  # running mean 0, running variance 1
+        lr = np.log((x.var(0, ddof=1) + 1e-5) / (1.0 + 1e-5))
+        kl = 0.5 * (np.expm1(lr) - lr + z ** 2)
+        assert shifts[name].count == len(x)
+        assert shifts[name].score == pytest.approx(kl.mean(), rel=1e-5)
+    assert all(not m.training for m in model.modules())
+
+
 def test_random_batch_limit_is_the_f_quantile_a_little_above_it():
     """``_f_limit`` against scipy's F distribution: a chance of at most one in a million, not far above the quantile."""
     stats = pytest.importorskip("scipy.stats")

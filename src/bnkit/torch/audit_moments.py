@@ -124,6 +124,8 @@ class Collector:
 
         def forward(input: torch.Tensor) -> torch.Tensor:  # PyTorch's parameter name: bn(input=x) works
             x = input
+            if not x.numel():  # a routed branch given no rows: nothing to measure; PyTorch's kernel gives the output
+                return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, eps)
             n = x.numel() // x.shape[1]
             if (n <= _KERNEL_STATS_MAX_COUNT
                     and (n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES or x.numel() <= _KERNEL_STATS_MAX_NUMEL)
@@ -148,6 +150,8 @@ class Collector:
         return forward
 
     def _after(self, module: _BatchNorm, args: tuple, output: Any) -> None:
+        if not args[0].numel():
+            return
         n, mean, var, _ = _centred(args[0])
         self._record(args[0], n, mean, var, False)
 
