@@ -720,7 +720,7 @@ def test_empty_bn_input_is_ignored_as_pytorch_does():
     ref["bn_all"] = reference_stats(model, batches)["bn_all"]
     report = recalibrate(model, batches, progress=False)
     assert report.batches == 3
-    assert_matches_reference(model, ref)  # bn_pos: 2 calls, the empty input counted nowhere
+    assert_matches_reference(model, ref)  # bn_pos: 2 calls; the empty input gives no statistics and no count
 
 
 def test_debias_layer_loaded_without_num_batches_tracked_is_recalibrated():

@@ -359,7 +359,8 @@ class _Pass:
                 )
             count = x.numel() // width
             if count < 2:
-                if count == 0:  # an empty input (a routed branch given no rows): nothing to count, as in PyTorch
+                if count == 0:  # an empty input (a routed branch given no rows): no statistics, and not counted
+                    # in num_batches_tracked (PyTorch's forward counts it; a cumulative count stays batches averaged)
                     return None
                 raise ValueError(
                     f"BatchNorm layer {name!r} got input of shape {tuple(shape)} in batch {self.batch_index}: "
@@ -574,7 +575,8 @@ def recalibrate(
     and ``num_batches_tracked`` changes, also where a forward reassigns or adds
     buffers (momentum is never touched). A BN layer used several times per
     forward gets the statistics of all its inputs, as its running average would;
-    an input with no values (a routed branch given no rows) is ignored.
+    an input with no values (a routed branch given no rows) is ignored, and not
+    counted in ``num_batches_tracked`` (PyTorch's training forward counts it).
 
     Per layer, with ``n`` the number of values per channel seen (samples times
     spatial positions): ``running_mean = mean``, ``running_var = M2 / (n - 1)``
