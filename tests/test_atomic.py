@@ -1,9 +1,12 @@
 """bnkit.atomic: a file is written completely or not at all, with the usual permissions."""
+import errno
 import os
+import secrets
 import signal
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -76,15 +79,28 @@ def test_a_name_as_long_as_the_file_system_allows_is_written(tmp_path):
     assert target.read_bytes() == b"data" and os.listdir(tmp_path) == [target.name]
 
 
-def test_sigterm_while_writing_removes_the_partial_file(tmp_path):
+_SLOW_FSYNC = ("real = bnkit.atomic._fsync\n"
+               "def slow(p):\n"
+               "    if str(p).endswith('.tmp'):\n"
+               "        print('writing', flush=True)\n"
+               "        time.sleep(60)\n"
+               "    real(p)\n"
+               "bnkit.atomic._fsync = slow\n")
+
+
+@pytest.mark.parametrize("during", ["block", "fsync"])
+def test_sigterm_while_writing_removes_the_partial_file(tmp_path, during):
+    """Also while the new file is fsynced after the block (seconds for a large checkpoint): that is still the write,
+    and a SIGTERM there must not end the process with the temporary file left behind."""
     target = tmp_path / "out.pt"
     target.write_bytes(b"old")
     script = ("import sys, time\n"
+              "import bnkit.atomic\n"
               "from bnkit.atomic import atomic_path\n"
+              + (_SLOW_FSYNC if during == "fsync" else "") +
               "with atomic_path(sys.argv[1]) as tmp:\n"
               "    open(tmp, 'wb').write(b'half')\n"
-              "    print('writing', flush=True)\n"
-              "    time.sleep(60)\n")
+              + ("    print('writing', flush=True)\n    time.sleep(60)\n" if during == "block" else ""))
     proc = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "writing\n"
     proc.terminate()
@@ -128,3 +144,78 @@ def test_a_write_only_file_can_be_replaced(tmp_path, monkeypatch):
     assert stat.S_IMODE(target.stat().st_mode) == 0o200
     target.chmod(0o600)
     assert target.read_bytes() == b"new"
+
+
+def test_the_mode_kept_is_the_file_s_not_a_symlink_s(tmp_path):
+    """Writing over a symlink (latest.pt -> a private 0600 checkpoint): the mode is the file's, as os.stat gives it;
+    a symlink's own mode is 0o777, which would make the new file world-writable."""
+    real = tmp_path / "real.pt"
+    real.write_bytes(b"old")
+    real.chmod(0o600)
+    link = tmp_path / "latest.pt"
+    link.symlink_to(real)
+    assert stat.S_IMODE(os.lstat(link).st_mode) == 0o777  # what the link itself reports
+    with atomic_path(link) as tmp:
+        open(tmp, "wb").write(b"new")
+    assert link.read_bytes() == b"new" and stat.S_IMODE(os.stat(link).st_mode) == 0o600
+
+
+def test_a_write_from_a_worker_thread_works(tmp_path):
+    """A background checkpoint saver writes from a thread: only the main thread may set a signal handler, so the
+    SIGTERM handling must stand aside there instead of raising 'signal only works in main thread'."""
+    target = tmp_path / "thread.bin"
+    errors = []
+
+    def save():
+        try:
+            with atomic_path(target) as tmp:
+                open(tmp, "wb").write(b"from a thread")
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    worker = threading.Thread(target=save)
+    worker.start()
+    worker.join(timeout=30)
+    assert errors == [] and target.read_bytes() == b"from a thread" and os.listdir(tmp_path) == ["thread.bin"]
+
+
+@pytest.mark.parametrize("fails", ["open", "fsync"])
+def test_a_new_file_that_cannot_be_synced_fails_the_write_and_keeps_the_old_file(tmp_path, monkeypatch, fails):
+    """An I/O error from fsync (EIO), or no descriptor left to open the new file for it (EMFILE), means its data may
+    never reach the disk: renaming it over the old file would trade a good file for a possibly empty one."""
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    real_open, real_fsync = os.open, os.fsync
+
+    def failing_open(path, flags, *args, **kwargs):
+        if fails == "open" and flags == os.O_RDONLY and str(path).endswith(".tmp"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, flags, *args, **kwargs)
+
+    def failing_fsync(fd):
+        if fails == "fsync" and os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError) as info:
+        with atomic_path(target) as tmp:
+            open(tmp, "wb").write(b"new")
+    assert info.value.errno == (errno.EMFILE if fails == "open" else errno.EIO)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_a_temporary_name_already_taken_is_left_alone_and_another_drawn(tmp_path, monkeypatch):
+    """The random suffix can collide with another writer's temporary file (forced here): that file is not
+    truncated or taken over, and the next name drawn is used."""
+    other = tmp_path / ".out.bin.aaaaaaaa.tmp"
+    other.write_bytes(b"another writer's data")
+    draws = iter(["aaaaaaaa", "bbbbbbbb"])
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(draws))
+    target = tmp_path / "out.bin"
+    with atomic_path(target) as tmp:
+        assert tmp == str(tmp_path / ".out.bin.bbbbbbbb.tmp")
+        open(tmp, "wb").write(b"mine")
+    assert target.read_bytes() == b"mine" and other.read_bytes() == b"another writer's data"
+    assert sorted(os.listdir(tmp_path)) == [other.name, "out.bin"]

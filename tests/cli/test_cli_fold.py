@@ -120,6 +120,13 @@ def test_fold_onnx_bad_input(tmp_path):
     result = runner.invoke(app, ["fold", str(ckpt), "-o", str(out)])
     assert result.exit_code == 2 and "not a readable ONNX model" in _text(result)
     assert "to fold a PyTorch model, give --model pkg.module:factory --weights FILE" in _text(result)
+    # the hint is for a file that could not be read as ONNX, not for every error on another suffix: a missing
+    # file, or a readable ONNX model saved as .bin given an input name it does not have
+    result = runner.invoke(app, ["fold", str(tmp_path / "missing.pt"), "-o", str(out)])
+    assert result.exit_code == 2 and "no such file" in _text(result) and "--model" not in _text(result)
+    _export(_calibrated_vgg(), tmp_path / "vgg.bin")
+    result = runner.invoke(app, ["fold", str(tmp_path / "vgg.bin"), "-o", str(out), "--input-shape", "nosuch=1x1x8x8"])
+    assert result.exit_code == 2 and "nosuch" in _text(result) and "--model" not in _text(result)
     result = runner.invoke(app, ["fold", str(tmp_path), "-o", str(out)])
     assert result.exit_code == 2 and f"{tmp_path} is a folder, not an ONNX model file" in _text(result)
     result = runner.invoke(app, ["fold", str(bad), "-o", str(bad)])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -281,6 +282,24 @@ def test_a_state_dict_under_an_unknown_key_is_found_or_the_choice_left_to_the_us
         load_state_dict_file(path)
     torch.save({**sd, "extra": {"scale": torch.ones(1)}}, path)  # a flat state dict beside a small dict
     assert load_state_dict_file(path).keys() == sd.keys()
+    # a tie (one tensor under "generator", one at the top level) is as ambiguous as two dicts: refused, never either
+    torch.save({"generator": {"w": torch.ones(2)}, "best_loss": torch.tensor(0.3)}, path)
+    with pytest.raises(ValueError, match=r"holds dicts of tensors under \['generator'\] and 1 tensor\(s\) at its top "
+                                         r"level"):
+        load_state_dict_file(path)
+    torch.save({"bn._extra_state": {"version": 2}}, path)  # only extra state: no weights at all
+    with pytest.raises(ValueError, match=r"mixed\.pt contains no tensors"):
+        load_state_dict_file(path)
+
+
+def test_the_first_known_wrapper_key_wins_over_a_later_one(tmp_path):
+    """YOLOv5/timm checkpoints hold both "model" and "ema": the weights are taken from the key that comes first in
+    the documented order (state_dict, model_state_dict, model, net, module, ema), not from the EMA copy."""
+    path = tmp_path / "both.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "ema": {"w": torch.ones(2)}, "epoch": 3}, path)
+    assert torch.equal(load_state_dict_file(path)["w"], torch.zeros(2))
+    torch.save({"net": {"w": torch.ones(2)}, "state_dict": {"w": torch.full((2,), 2.0)}}, path)
+    assert torch.equal(load_state_dict_file(path)["w"], torch.full((2,), 2.0))
 
 
 class _Tagged(torch.nn.BatchNorm1d):
@@ -360,21 +379,69 @@ def test_tied_and_strided_tensors_are_saved_as_their_values(tmp_path, suffix):
 
 
 class _Calibrated(torch.nn.BatchNorm1d):
-    """Extra state computed from a weight (a quantization scale), and one holding a lock: neither deep-copies."""
+    """Extra state computed from a weight (a quantization scale), and one holding an object that does not deep-copy
+    (a lock: TypeError; a handle whose __deepcopy__ raises RuntimeError)."""
+
+    holds = staticmethod(threading.Lock)
 
     def get_extra_state(self):
-        import threading
-
-        return {"amax": self.weight.abs().amax(), "lock": threading.Lock()}
+        return {"amax": self.weight.abs().amax(), "handle": self.holds()}
 
     def set_extra_state(self, state):
         self.amax = state["amax"]
 
 
-def test_extra_state_that_cannot_be_copied_still_loads():
+class _Handle:
+    def __deepcopy__(self, memo):
+        raise RuntimeError("a handle cannot be copied")
+
+
+@pytest.mark.parametrize("holds", [threading.Lock, _Handle])
+def test_extra_state_that_cannot_be_copied_still_loads(monkeypatch, holds):
+    monkeypatch.setattr(_Calibrated, "holds", staticmethod(holds))
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), _Calibrated(4))
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     state["1._extra_state"] = {"amax": torch.tensor(2.5)}
     fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), _Calibrated(4))
     load_weights_into(fresh, state)  # as model.load_state_dict(state) does: the backup is not worth a refusal
     assert float(fresh[1].amax) == 2.5 and torch.equal(fresh[0].weight, model[0].weight)
+
+
+class _Scaled(torch.nn.BatchNorm1d):
+    """Extra state computed from the weight while grad is on (a quantization scale that tracks grad)."""
+
+    def get_extra_state(self):
+        return {"amax": self.weight.abs().amax()}
+
+    def set_extra_state(self, state):
+        self.amax = state["amax"]
+
+
+class _Configured(torch.nn.BatchNorm1d):
+    """Extra state that is the module's own config dict, updated in place on load."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.config = {"bits": 8}
+
+    def get_extra_state(self):
+        return self.config
+
+    def set_extra_state(self, state):
+        self.config.update(state)
+
+
+def test_a_failed_load_puts_back_extra_state_computed_from_a_weight_or_updated_in_place():
+    """The rollback needs a real copy of each extra state taken first: one computed from a weight deep-copies only
+    with grad off, and a dict the module hands out and then updates in place would change with the load."""
+    scaled = torch.nn.Sequential(torch.nn.Linear(3, 4), _Scaled(4))
+    with torch.no_grad():
+        scaled[1].weight.fill_(3.0)
+    scaled[1].amax = torch.tensor(3.0)
+    configured = torch.nn.Sequential(torch.nn.Linear(3, 4), _Configured(4))
+    for model, extra in ((scaled, {"amax": torch.tensor(5.0)}), (configured, {"bits": 4})):
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        bad = {**state, "1._extra_state": extra, "0.weight": torch.zeros(5, 3)}  # fails after set_extra_state ran
+        with pytest.raises(ValueError, match="do not fit"):
+            load_weights_into(model, bad)
+    assert float(scaled[1].amax) == 3.0 and configured[1].config == {"bits": 8}
