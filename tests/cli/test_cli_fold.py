@@ -482,6 +482,15 @@ def test_fold_errors_are_messages_not_tracebacks(tmp_path, monkeypatch):
     assert "cannot write full.onnx" in _text(result) and "nothing written" in _text(result)
     assert not [name for name in os.listdir(tmp_path) if name.startswith((".", "full"))]
 
+    # the output's folder removed while the fold ran: the OS's FileNotFoundError is a write failure (exit 1), not a
+    # missing source (exit 2)
+    def folder_gone(model, path, *args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(onnx, "save", folder_gone)
+    result = runner.invoke(app, ["fold", str(src), "-o", "gone.onnx"], terminal_width=200)
+    assert result.exit_code == 1 and "cannot write gone.onnx" in _text(result) and "nothing written" in _text(result)
+
 
 def test_fold_onnx_input_shape_that_does_not_fit_is_bad_input_and_a_small_dynamic_size_names_the_option(tmp_path):
     model = _calibrated_vgg()

@@ -54,7 +54,11 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
     except MemoryError as exc:  # random inputs for the check (NumPy's _ArrayMemoryError)
         raise fail(f"not enough memory to verify {source} on inputs of shapes {input_shapes or 'from the graph'}: "
                    f"{exc}; nothing written (a smaller --input-shape, or --no-verify)", code=1) from None
-    except (FileNotFoundError, ValueError) as exc:
+    except FileNotFoundError as exc:
+        if exc.filename is None:  # the loader's "no such file" for the source (the OS's own errors name a path)
+            raise fail(str(exc)) from None
+        raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None  # e.g. its folder is gone
+    except ValueError as exc:
         hint = ("; to fold a PyTorch model, give --model pkg.module:factory --weights FILE"
                 if source.suffix.lower() != ".onnx" and "not a readable ONNX model" in str(exc) else "")
         raise fail(f"{exc}{hint}") from None
