@@ -108,6 +108,18 @@ def test_model_and_data(trained):
     assert text.exit_code == 0 and "ranked" in text.output
 
 
+def test_a_float16_checkpoint_is_noted_on_stderr_and_the_json_stays_json(trained, tmp_path):
+    """The factory's float32 MLP given float16 weights: audited in float32 (load_state_dict casts), which a note on
+    stderr says; --json's stdout is still one JSON document."""
+    model, _, data, _ = trained
+    half = save_state_dict_file({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+                                tmp_path / "half.safetensors")
+    result = _invoke(half, "--model", "audit_models:mlp", "--data", data, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["depth"] == "data"
+    assert "holds float16 tensors and the model the factory builds holds float32" in " ".join(result.stderr.split())
+
+
 def test_shifted_layer_is_named_first_and_fails(trained, tmp_path):
     model, _, data, _ = trained
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -182,6 +182,22 @@ def test_fold_pytorch_model_saves_a_reloadable_state_dict(tmp_path):
         torch.testing.assert_close(fresh.eval()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_float16_checkpoint_folded_in_the_float32_factory_model_is_noted(tmp_path):
+    """float16 weights in the factory's float32 VGG: folded and written in float32, as a note on stderr says (the
+    --json output on stdout stays JSON)."""
+    from bnkit.torch import load_state_dict_file, save_state_dict_file
+
+    half = {k: v.half() if v.is_floating_point() else v for k, v in _calibrated_vgg().state_dict().items()}
+    weights = save_state_dict_file(half, tmp_path / "w16.safetensors")
+    out = tmp_path / "folded.safetensors"
+    result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", str(weights),
+                                 "--input-shape", "2x1x8x8", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["output"] == str(out)
+    assert "holds float16 tensors and the model the factory builds holds float32" in " ".join(result.stderr.split())
+    assert {v.dtype for v in load_state_dict_file(out).values()} == {torch.float32}
+
+
 def test_a_failed_write_leaves_the_previous_weights_and_report(tmp_path, monkeypatch):
     """The disk fills up while the weights are written: the earlier run's folded.pt and folded.fold.json stay as
     they were (the report was written first and then deleted, leaving weights nothing could reload)."""

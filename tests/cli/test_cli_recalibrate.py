@@ -93,6 +93,27 @@ def test_recalibrates_saved_weights_exactly(tmp_path, suffix):
     assert float(rows["2"][2]) == pytest.approx(shift.max(), rel=1e-3)
 
 
+def test_a_checkpoint_in_another_dtype_than_the_factory_model_is_noted(tmp_path):
+    """A float16 checkpoint loaded into the factory's float32 MLP: load_state_dict casts it, so the statistics are
+    computed and written in float32 (the file twice the size); a note on stderr says so and how to keep float16.
+    A checkpoint in the model's own dtype gets no note."""
+    x = digits(128)
+    np.save(tmp_path / "x.npy", x)
+    stale_weights(tmp_path / "w32.safetensors")
+    half = {k: v.half() if v.is_floating_point() else v
+            for k, v in load_state_dict_file(tmp_path / "w32.safetensors").items()}
+    save_state_dict_file(half, tmp_path / "w16.safetensors")
+    for name, noted in (("w16", True), ("w32", False)):
+        out = tmp_path / f"{name}_out.safetensors"
+        result = invoke("--model", MODEL, "--weights", str(tmp_path / f"{name}.safetensors"), "--data",
+                        str(tmp_path / "x.npy"), "--output", str(out))
+        assert result.exit_code == 0, result.output
+        note = " ".join(result.stderr.split())
+        assert ("holds float16 tensors and the model the factory builds holds float32" in note) is noted, note
+        assert ("model.to(torch.float16)" in note) is noted and "note:" not in result.stdout
+        assert {v.dtype for v in load_state_dict_file(out).values() if v.is_floating_point()} == {torch.float32}
+
+
 def test_float64_data_from_numpy_is_cast_to_the_models_dtype(tmp_path):
     # NumPy's default dtype is float64; a float32 model must get float32 batches (torch would refuse the matmul)
     weights = tmp_path / "w.pt"

@@ -27,3 +27,8 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
     # breaks, so a long path stays whole for copying and for tests that read the message.
     err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
+
+
+def note(message: str) -> None:
+    """Print a note in yellow on stderr (stdout stays the command's output)."""
+    err_console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)

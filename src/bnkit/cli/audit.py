@@ -17,8 +17,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import app, console, fail
-from .common import UsageError, add_cwd_to_path, build_model, check_input_file, load_inputs, parse_device
+from .app import app, console, fail, note
+from .common import (UsageError, add_cwd_to_path, build_model, check_input_file, dtype_change, load_inputs,
+                     parse_device)
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -159,6 +160,8 @@ def _build_model(spec: str, state, file: Path):
         load_weights_into(net, state, source=str(file))
     except (ValueError, RuntimeError) as exc:
         raise fail(f"{file} does not fit {spec}: {str(exc).strip()}") from None
+    if changed := dtype_change(net, state, str(file)):
+        note(changed)
     # a checkpoint does not store train/eval flags: audit the model as it is deployed
     return net.eval()
 

@@ -101,6 +101,24 @@ def build_model(spec: str) -> Any:
     return net
 
 
+def dtype_change(model: Any, state: Any, source: str) -> Optional[str]:
+    """A note when the floating dtypes of a checkpoint ``state`` differ from those of the ``model`` its factory
+    built (None when they agree): ``load_state_dict`` casts each tensor to the model's dtype, so the model runs, and
+    is written, in its own dtypes (a float16 checkpoint comes back float32, twice the size)."""
+    import torch
+
+    def kinds(tensors: Iterable[Any]) -> list[str]:
+        return sorted({str(t.dtype).removeprefix("torch.") for t in tensors
+                       if isinstance(t, torch.Tensor) and t.is_floating_point()})
+
+    saved, own = kinds(state.values()), kinds(model.state_dict().values())
+    if not saved or saved == own:
+        return None
+    return (f"{source} holds {'/'.join(saved)} tensors and the model the factory builds holds {'/'.join(own)}: the "
+            f"weights were cast to the model's dtype, in which it runs and any output is written; to keep "
+            f"{'/'.join(saved)}, build the model in it in the factory (e.g. return model.to(torch.{saved[0]}))")
+
+
 def _same_file(a: Path, b: Path) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)

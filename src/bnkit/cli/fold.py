@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import app, console, fail
+from .app import app, console, fail, note
 
 
 def _shape(text: str) -> list[int]:
@@ -118,7 +118,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     from ..torch import fold_bn, load_state_dict_file, save_state_dict_file
     from ..torch.io import load_weights_into
     from ..torch.modules import input_dtype_device
-    from .common import UsageError, build_model, describe_error, raised_by_bnkit, resolve_spec
+    from .common import UsageError, build_model, describe_error, dtype_change, raised_by_bnkit, resolve_spec
 
     if len(shapes) > 1 or any("=" in s for s in shapes):
         raise fail("--input-shape for a PyTorch model is one SHAPE (e.g. 1x3x224x224)")
@@ -131,9 +131,12 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         raise fail(str(exc)) from None
     if weights is not None:
         try:
-            load_weights_into(model, load_state_dict_file(weights, trust=trust), source=str(weights))
+            state = load_state_dict_file(weights, trust=trust)
+            load_weights_into(model, state, source=str(weights))
         except Exception as exc:  # unsafe pickles, mismatched state dicts, a trusted pickle's own code
             raise fail(f"cannot load {weights} into {spec}: {exc}") from None
+        if changed := dtype_change(model, state, str(weights)):
+            note(changed)
     model.eval()
     dtype, device = input_dtype_device(model)
     if output.suffix.lower() == ".onnx" and dtype == torch.bfloat16:
@@ -159,7 +162,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
                    f"max relative difference {report.max_rel_diff:.3g} > {tolerance:g}; nothing written "
                    "(--no-verify skips the check)", code=1)
     if output.suffix.lower() == ".onnx":
-        from ..torch.export import ExportVerificationError, export_onnx
+        from ..torch.export import export_onnx
 
         try:
             export_onnx(folded, example, output, fold=True, force=force, dynamic_batch=not fixed_batch)
@@ -198,9 +201,9 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         return
     _print_rows([(f.bn, f"{f.into} ({f.position}{', bias added' if f.bias_added else ''})") for f in report.folded],
                 report.left, f"{spec} -> {output}")
-    for note in report.notes:  # assumptions fold_bn made; "not verified" is said below in the CLI's words
-        if not note.startswith("not verified"):
-            console.print(f"[yellow]note:[/] {escape(_cli_words(note))}", soft_wrap=True)
+    for made in report.notes:  # assumptions fold_bn made; "not verified" is said below in the CLI's words
+        if not made.startswith("not verified"):
+            console.print(f"[yellow]note:[/] {escape(_cli_words(made))}", soft_wrap=True)
     if verified:
         console.print(f"verified: max |original - folded| = {report.max_abs_diff:.3g}, "
                       f"relative {report.max_rel_diff:.3g}")

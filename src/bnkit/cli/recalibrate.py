@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import app, console, fail
+from .app import app, console, fail, note
 from .common import INPUT_KEYS, check_input_array, describe_error, raised_by_bnkit
 
 
@@ -187,7 +187,8 @@ def recalibrate_command(
     from ..torch import recalibrate
     from ..torch.io import UnsafeCheckpointError, load_state_dict_file, load_weights_into, save_state_dict_file
     from ..torch.modules import input_dtype_device
-    from .common import STATE_DICT_SUFFIXES, UsageError, build_model, check_output, parse_device, resolve_spec
+    from .common import (STATE_DICT_SUFFIXES, UsageError, build_model, check_output, dtype_change, parse_device,
+                         resolve_spec)
 
     if batches is not None and batches < 1:
         raise fail(f"--batches must be at least 1, got {batches}")
@@ -207,11 +208,14 @@ def recalibrate_command(
         raise fail(str(exc))
     if weights is not None:
         try:
-            load_weights_into(net, load_state_dict_file(weights, trust=trust), source=str(weights))
+            state = load_state_dict_file(weights, trust=trust)
+            load_weights_into(net, state, source=str(weights))
         except (UnsafeCheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
             raise fail(f"cannot load {weights}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a trusted pickle runs its own code, which may raise anything
             raise fail(f"cannot load {weights}: unpickling it raised {type(exc).__name__}: {exc}")
+        if changed := dtype_change(net, state, str(weights)):
+            note(changed)
     if run_on is not None:
         net.to(run_on)
     dtype, _ = input_dtype_device(net)
