@@ -112,6 +112,10 @@ def test_load_inputs_errors_name_the_file_and_the_way_out(tmp_path):
     with pytest.raises(ValueError, match=r"x.csv is a text file \(it starts with '1.0,2.0.*'\), not a data file: "
                                          r"save the inputs as .npy, .npz or .safetensors"):
         load_inputs(tmp_path / "x.csv")
+    (tmp_path / "legacy.pt").write_bytes(b"\x80\x02" + b"not really a pickle" * 4)  # a damaged legacy torch.save
+    with pytest.raises(ValueError, match=r"legacy.pt is a damaged or incomplete PyTorch checkpoint") as info:
+        load_inputs(tmp_path / "legacy.pt")
+    assert "None" not in str(info.value)  # what the file is was not found out: said as such, not as "is None"
     torch.save({"x": "not an array"}, tmp_path / "str.pt")
     with pytest.raises(ValueError, match="holds a str, not an array"):
         load_inputs(tmp_path / "str.pt")
@@ -129,6 +133,10 @@ def test_load_inputs_reads_saved_lists_by_their_structure(tmp_path):
         "onehot.pt": (x, torch.eye(10)[:, :3]),  # (N, 6) inputs, (N, 3) targets
         "one_batch.pt": [[x, torch.zeros(10)]],  # list(loader) of a calibration set that fits one batch
         "labels.pt": (x, [f"img{i}.png" for i in range(10)]),  # (inputs, a list of file names)
+        "one_item.pt": [x],  # a one-item list: the array itself, not a batch of one (1, 10, 6)
+        "triplets.pt": [(b, torch.zeros(len(b)), torch.arange(len(b))) for b in batches],  # (x, y, index)
+        "x_y_names.pt": (x, torch.zeros(10), [f"f{i}.png" for i in range(10)]),  # (inputs, targets, file names)
+        "tensordataset.pt": list(torch.utils.data.TensorDataset(x, torch.arange(10))),  # 0-d tensor labels
     }
     for name, obj in cases.items():
         torch.save(obj, tmp_path / name)
@@ -139,11 +147,18 @@ def test_load_inputs_reads_saved_lists_by_their_structure(tmp_path):
         "dicts.pt": [{"x": x}, {"x": x}],
         # samples (1, 6) with a 1-long target, or batches of one row? (stacking gives (2, 1, 6), joining (2, 6))
         "rows.pt": [(x[:1], torch.zeros(1)), (x[1:2], torch.ones(1))],
+        # the same at the limit: samples (4, 6) with 4-long targets, or batches of 4?
+        "pairs_of_4.pt": [(x[:4], torch.zeros(4)), (x[4:8], torch.ones(4))],
+        # samples (16, 8) with one-hot (10,) targets: the targets are not one per row, so these are no batches
+        "seq_samples.pt": [(torch.ones(16, 8) * i, torch.eye(10)[i]) for i in range(5)],
+        "y_x.pt": (torch.arange(10), x.reshape(10, 2, 3)),  # (targets, inputs) in the wrong order: no labels as x
+        "ragged_samples.pt": [(x[:5], 1), (x[:4], 2)],  # list(dataset) of samples of different lengths
+        "losses.pt": [torch.tensor(0.5), torch.tensor(0.7)],  # numbers, not inputs
     }
     for name, obj in refused.items():
         torch.save(obj, tmp_path / name)
-        with pytest.raises(ValueError, match=rf"{name} holds (a list of 2 items whose structure does not say which "
-                                             r"are the inputs|batches of different shapes)"):
+        with pytest.raises(ValueError, match=rf"{name} holds (a (list|tuple) of \d+ items whose structure does not "
+                                             r"say which are the inputs|(batches|samples) of different shapes)"):
             load_inputs(tmp_path / name)
 
 
@@ -163,6 +178,22 @@ def test_load_inputs_reads_only_the_chosen_array_in_native_byte_order(tmp_path):
         np.save(tmp_path / "ld.npy", np.ones((2, 3), dtype=np.longdouble))
         with pytest.raises(ValueError, match=r"holds float128 values, which PyTorch has no dtype for"):
             load_inputs(tmp_path / "ld.npy")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, np.longdouble, np.complex64, np.complex128, np.clongdouble])
+def test_load_inputs_takes_exactly_the_dtypes_pytorch_has(tmp_path, dtype):
+    """Oracle: torch.from_numpy itself. complex128 (16 bytes) is a PyTorch dtype, while a float of more than 8
+    bytes or a complex of more than 16 (x86's 80-bit long double) is not, and must be refused with a way out."""
+    x = np.arange(6).reshape(2, 3).astype(dtype)
+    np.save(tmp_path / "d.npy", x)
+    try:
+        expected = torch.from_numpy(x)
+    except TypeError:
+        with pytest.raises(ValueError, match=rf"holds {x.dtype} values, which PyTorch has no dtype for: save them as "
+                                             rf"{'complex128' if x.dtype.kind == 'c' else 'float64'}"):
+            load_inputs(tmp_path / "d.npy")
+    else:
+        assert torch.equal(torch.from_numpy(load_inputs(tmp_path / "d.npy")), expected)
 
 
 def test_load_inputs_never_runs_a_pickle(tmp_path):

@@ -1,6 +1,8 @@
 """bnkit.onnx.audit on real exports and on hand-built BatchNormalization graphs."""
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
 
@@ -156,9 +158,31 @@ def test_nodes_sharing_a_name_and_output_in_two_branches_are_named_by_branch():
                                    else_branch=branch("e2", [1, 2, 1]))
     model.graph.node.append(second)
     model.graph.output.append(helper.make_tensor_value_info("out2", TensorProto.FLOAT, [1, 3, 2]))
+    # and a top-level node whose name is its own: it keeps it (no number, no output)
+    model.graph.node.append(helper.make_node("BatchNormalization", ["x", "s0", "b0", "m0", "v0"], ["w"], name="bn0"))
+    model.graph.initializer.extend(branch("0", [1, 2, 1]).initializer)
+    model.graph.output.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 3, 2]))
     report = audit(model)
-    assert len({n["name"] for n in report.nodes}) == 4
+    assert len({n["name"] for n in report.nodes}) == 5 and "bn0" in {n["name"] for n in report.nodes}
     assert [(f.layer, f.code) for f in report.findings] == [("if/else_branch/bn[y]#1", "non_finite")]
+
+
+def test_nodes_sharing_a_name_in_one_branch_are_told_apart_by_output_alone():
+    """Two "bn" nodes in one If branch: their outputs already tell them apart, so the branch attribute is not
+    added to their names (it is for nodes of different bodies that share name and output)."""
+    arrays = {k: np.full(3, v, np.float32) for k, v in (("s", 1.0), ("b", 0.0), ("m", 0.5), ("v", 2.0))}
+    then = helper.make_graph([helper.make_node("BatchNormalization", ["x", *arrays], ["h"], name="bn"),
+                              helper.make_node("BatchNormalization", ["h", *arrays], ["y"], name="bn")], "then", [],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2])],
+                             [numpy_helper.from_array(a, k) for k, a in arrays.items()])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "else", [],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 2])])
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["out"], name="if", then_branch=then, else_branch=other)],
+                              "main", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                                       helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 2])])
+    report = audit(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]))
+    assert [n["name"] for n in report.nodes] == ["if/bn[h]", "if/bn[y]"]
 
 
 @pytest.mark.parametrize("epsilon, var, code, nan_channels", [
@@ -295,6 +319,70 @@ def test_external_data_of_a_local_function_constant_is_named(tmp_path):
     for tool in (audit, fold_model):
         with pytest.raises(ValueError, match=r"tensors \['kv'\] are in an external data file that was not loaded"):
             tool(bare)
+
+
+def _stored_outside(tensor: onnx.TensorProto) -> str:
+    """Mark ``tensor`` as held in an external data file, as onnx.load(path, load_external_data=False) leaves it."""
+    onnx.external_data_helper.set_external_data(tensor, "w.data")
+    tensor.ClearField("raw_data")
+    assert onnx.external_data_helper.uses_external_data(tensor)
+    return tensor.name
+
+
+@pytest.mark.parametrize("holder", ["sparse_initializer", "sparse_constant", "tensors_attribute", "branch_constants"])
+def test_external_data_held_anywhere_in_the_model_is_named(holder):
+    """Tensors in an unloaded data file may sit in a sparse initializer, a Constant's sparse_value, a TENSORS
+    attribute or Constant nodes inside If branches: each must get the clear refusal (audit ran on an empty tensor
+    and fold_model blamed onnx.checker). Only the first 5 are listed."""
+    stats = {k: numpy_helper.from_array(np.asarray(GOOD[n], np.float32), k)
+             for k, n in (("s", "scale"), ("b", "bias"), ("m", "mean"), ("v", "var"))}
+    vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, 3]) for n in ("x", "y")]
+    nodes, outside, opsets = [helper.make_node("BatchNormalization", ["x", *stats], ["y"], name="bn")], [], []
+    if holder == "sparse_initializer":
+        values = stats.pop("s")
+        indices = numpy_helper.from_array(np.arange(3, dtype=np.int64), "s_indices")
+        sparse = [helper.make_sparse_tensor(values, indices, [3])]
+        outside = [_stored_outside(sparse[0].values)]
+    elif holder == "sparse_constant":
+        values = stats.pop("s")
+        values.name = "s_values"
+        const = helper.make_node("Constant", [], ["s"], sparse_value=helper.make_sparse_tensor(
+            values, numpy_helper.from_array(np.arange(3, dtype=np.int64), "s_indices"), [3]))
+        outside = [_stored_outside(const.attribute[0].sparse_tensor.values)]
+        nodes.insert(0, const)
+    elif holder == "tensors_attribute":
+        custom = helper.make_node("Lookup", ["y"], ["z"], domain="my.ops")
+        table = numpy_helper.from_array(np.ones(3, np.float32), "t0")
+        custom.attribute.append(helper.make_attribute("tables", [table]))
+        outside = [_stored_outside(custom.attribute[0].tensors[0])]
+        nodes.append(custom)
+        vi[1] = helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3, 3])
+        opsets = [helper.make_opsetid("my.ops", 1)]
+    else:  # both branches compute the statistics with Constant nodes: 8 tensors outside
+
+        def branch(tag):
+            consts = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(numpy_helper.to_array(t),
+                                                                                          f"{k}_{tag}"))
+                      for k, t in stats.items()]
+            return helper.make_graph(consts + nodes, tag, [], [vi[1]])
+
+        nodes = [helper.make_node("If", ["c"], ["y"], name="if", then_branch=branch("then"),
+                                  else_branch=branch("else"))]
+        for node in nodes[0].attribute:
+            outside += [_stored_outside(c.attribute[0].t) for c in node.g.node if c.op_type == "Constant"]
+        vi.insert(0, helper.make_tensor_value_info("c", TensorProto.BOOL, []))
+        stats = {}
+    graph = helper.make_graph(nodes, "g", vi[:-1], vi[-1:], list(stats.values()))
+    if holder == "sparse_initializer":
+        graph.sparse_initializer.extend(sparse)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opsets])
+    for tool in (audit, fold_model):
+        with pytest.raises(ValueError, match="are in an external data file that was not loaded") as info:
+            tool(model)
+        listed, more = re.search(r"tensors (\[.*?\])( \.\.\.)? are in", str(info.value)).groups()
+        listed = ast.literal_eval(listed)
+        assert set(listed) <= set(outside) and len(listed) == min(len(outside), 5)
+        assert bool(more) == (len(outside) > 5)
 
 
 def test_bnkit_onnx_imports_and_audits_without_torch(tmp_path):

@@ -121,3 +121,28 @@ def test_a_constant_training_mode_is_read_for_its_value(train):
     folded, report = fold_model(model, to_inference=True)
     assert report.dropout_converted == (["drop"] if train else []) and report.verified
     np.testing.assert_array_equal(ort_run(folded, {"x": x})[0], x)
+
+
+def test_a_body_dropout_whose_training_mode_is_fed_at_run_time_does_not_block_to_inference():
+    """A Dropout in an If body whose training_mode is a graph input: the caller decides, as for a top-level one
+    (left with a note), so it is not a training-mode node --to-inference must refuse."""
+    def body(tag):
+        return helper.make_graph([helper.make_node("Dropout", ["x", "ratio", "train"], [f"y{tag}"], name="drop")],
+                                 tag, [], [helper.make_tensor_value_info(f"y{tag}", TensorProto.FLOAT, [3, 50])])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], name="if", then_branch=body("t"), else_branch=body("e"))], "g",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 50]),
+         helper.make_tensor_value_info("train", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 50])],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "ratio")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    x = np.random.default_rng(5).standard_normal((3, 50)).astype(np.float32) + 5  # no zeros of its own
+    for train in (False, True):  # onnxruntime: the fed value decides
+        (y,) = ort_run(model, {"c": np.array(True), "x": x, "train": np.array(train)})
+        assert np.array_equal(y, x) == (not train)
+    folded, report = fold_model(model, to_inference=True)
+    assert report.verified and report.dropout_converted == []
+    assert folded.graph.node[0].attribute[0].g.node[0].input[2] == "train"  # left as it is
