@@ -37,9 +37,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     it was; so it is on SIGTERM while the block runs (``kill``, ``timeout``, a scheduler's preemption), which
     then raises ``SystemExit(143)``, where SIGTERM has its default action and this is the main thread. The
     new file's data reaches the disk (``fsync``) before the rename, and the rename before this returns, so a
-    crash right after never leaves an empty file where the old one was. Missing parent directories are created. The file keeps the mode of the file it replaces,
-    and otherwise gets the usual ``0o666 & ~umask``, as ``open`` gives it. A folder at ``path``
-    raises :func:`check_target`'s error before anything is created.
+    crash right after never leaves an empty file where the old one was. Missing parent directories are created.
+    The file keeps the mode of the file it replaces, and otherwise gets the usual ``0o666 & ~umask``, as ``open``
+    gives it. A symbolic link at ``path`` is replaced by the new file (with the mode of the file it pointed to,
+    which is left as it was), as ``os.replace`` does. A folder at ``path`` raises :func:`check_target`'s error
+    before anything is created.
     """
     path = check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
