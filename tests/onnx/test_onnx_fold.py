@@ -181,9 +181,12 @@ def test_gemm_fold_handles_transpose_alpha_beta_and_c_shapes(trans_b, c_shape, a
              _bn_node("h", "y")]
     model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])], inits)
+    if c_shape is not None:  # an exporter's annotation of C: a scalar C becomes one value per feature, so it goes
+        model.graph.value_info.append(helper.make_tensor_value_info("C", TensorProto.FLOAT, list(c_shape)))
     folded, report = fold_model(model)
     assert ops(folded) == ["Gemm"] and [f.into for f in report.folded] == ["gemm"]
     assert folded.graph.output[0].name == "y"
+    onnx.checker.check_model(folded, full_check=True)  # no annotation contradicts the folded C
     _check_exact(model, folded)
 
 
@@ -214,6 +217,29 @@ def test_matmul_2d_folds_and_rank3_is_left():
                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 6])], inits3)
     folded3, report3 = fold_model(model3)
     assert "BatchNormalization" in ops(folded3) and "not a (K, 4) matrix" in report3.left["bn"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_matmul_bn_followed_by_a_layer_folds_into_an_add_in_place_of_the_bn(dtype):
+    """MatMul -> BN -> Relu: the Add of the folded shift must stand where the BN stood, before the Relu that reads it
+    (appended at the end the graph is not topologically sorted), and hold the MatMul's dtype (a float32 constant
+    added to a float16 product is a model onnxruntime refuses to load)."""
+    rng = np.random.default_rng(20)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    bn = _bn_inits(6, rng, dtype=dtype)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), _bn_node("h", "z"),
+             helper.make_node("Relu", ["z"], ["y"], name="relu")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", elem, ["N", 5])],
+                   [helper.make_tensor_value_info("y", elem, ["N", 6])],
+                   {"W": rng.standard_normal((5, 6)).astype(dtype), **bn})
+    folded, report = fold_model(model)
+    assert ops(folded) == ["MatMul", "Add", "Relu"] and report.verified
+    (add,) = [n for n in folded.graph.node if n.op_type == "Add"]
+    shift = numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name in add.input))
+    s, b, m, v = (bn[f"bn.{k}"].astype(np.float64) for k in "sbmv")
+    assert shift.dtype == dtype
+    np.testing.assert_array_equal(shift, (b - s / np.sqrt(v + np.float64(np.float32(1e-5))) * m).astype(dtype))
+    _check_exact(model, folded, tol=1e-5 if dtype == np.float32 else 1e-2)
 
 
 def test_matmul_rank_comes_from_the_graph_not_its_annotations():
@@ -437,6 +463,28 @@ def test_failed_verification_writes_nothing(tmp_path, zoo_onnx, monkeypatch):
     assert out.read_bytes() == b"previous" and sorted(os.listdir(tmp_path)) == ["folded.onnx", "model.onnx"]
 
 
+def test_verification_holds_the_fold_to_the_callers_rtol():
+    """rtol is the bound: a fold whose float32 rounding (large mean, tiny var: |a| ~ 30) differs by d > 0 passes
+    at rtol = d and is refused at d / 2: a caller's rtol must not be replaced by the default 1e-4, and ``verified``
+    compares with the tolerance itself, not a multiple of it."""
+    rng = np.random.default_rng(19)
+    bn = _bn_inits(3, rng)
+    bn["bn.m"], bn["bn.v"] = np.full(3, 50.0, np.float32), np.full(3, 1e-3, np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])],
+                   {"W": rng.standard_normal((3, 2, 3, 3)).astype(np.float32), **bn})
+    _, report = fold_model(model)
+    d = report.max_rel_diff
+    assert report.tolerance == 1e-4 and 0 < d < 1e-4
+    _, at_d = fold_model(model, rtol=d)
+    assert at_d.verified and at_d.tolerance == d
+    with pytest.raises(FoldVerificationError, match="differ after folding") as info:
+        fold_model(model, rtol=d / 2)
+    assert info.value.report.tolerance == d / 2 and info.value.report.max_rel_diff == d
+    assert not info.value.report.verified and not info.value.report.to_dict()["verified"]
+
+
 def test_unreadable_or_invalid_files_are_refused(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage that is not a protobuf \xff\xff")
@@ -504,6 +552,39 @@ def test_layer_plus_constant_with_a_runtime_weight_is_left_with_the_reason():
     folded, report = fold_model(model)
     assert report.left == {"bn": "the weight of 'conv' is not a constant"} and ops(folded) == ops(model)
     assert folded.SerializeToString() == model.SerializeToString()
+
+
+def test_layer_plus_a_constant_of_higher_rank_is_left():
+    """Conv (N=3, C=3) + a rank-5 constant (1, 1, 3, 1, 1): the sum is (1, N, C, H, W), so the BN's axis 1 is the
+    conv's batch axis; folding per conv output channel would write a model 8.7 off. Left, with the reason."""
+    rng = np.random.default_rng(21)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
+             helper.make_node("Add", ["h", "K"], ["z"], name="add"), _bn_node("z", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 2, 4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 3, 2, 2])],
+                   {"W": rng.standard_normal((3, 2, 3, 3)).astype(np.float32),
+                    "K": rng.standard_normal((1, 1, 3, 1, 1)).astype(np.float32), **_bn_inits(3, rng)})
+    folded, report = fold_model(model, verify=False)
+    assert report.left == {"bn": "the constant added by 'add' has rank 5 > the layer output's 4"}
+    assert folded.SerializeToString() == model.SerializeToString()
+
+
+def test_an_unread_graph_input_keeps_its_stored_default():
+    """An input nothing reads, with a stored value (an initializer of the same name): folding must not prune it,
+    or the input becomes required and a caller who never fed it (nor did verification) gets an error."""
+    rng = np.random.default_rng(22)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y")]
+    default = rng.standard_normal(3).astype(np.float32)
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4]),
+                           helper.make_tensor_value_info("unused", TensorProto.FLOAT, [3])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 2, 2])],
+                   {"W": rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "unused": default, **_bn_inits(3, rng)})
+    folded, report = fold_model(model)
+    assert report.verified and ops(folded) == ["Conv"]
+    kept = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    np.testing.assert_array_equal(kept["unused"], default)
+    x = {"x": rng.standard_normal((1, 2, 4, 4)).astype(np.float32)}  # "unused" not fed to either
+    assert rel(ort_run(folded, x)[0], ort_run(model, x)[0]) < 1e-5
 
 
 def test_nodes_sharing_a_name_are_told_apart_by_their_outputs():
@@ -783,26 +864,35 @@ def test_a_conv_output_also_read_inside_an_if_body_is_left():
     assert folded.SerializeToString() == model.SerializeToString()
 
 
-@pytest.mark.parametrize("offset,noted,own_bias", [(300.0, True, None), (0.0, False, None), (300.0, False, "B"),
-                                                   (300.0, False, "Add")])
-def test_fp16_folds_of_outputs_far_from_zero_are_noted(offset, noted, own_bias):
+@pytest.mark.parametrize("offset,noted,own_bias,var", [(300.0, True, None, 1.0), (0.0, False, None, 1.0),
+                                                       (300.0, False, "B", 1.0), (300.0, False, "Add", 1.0),
+                                                       (300.0, True, None, 100.0), (300.0, False, "Gemm", 1.0),
+                                                       (300.0, True, "Gemm beta=0", 1.0)])
+def test_fp16_folds_of_outputs_far_from_zero_are_noted(offset, noted, own_bias, var):
     """float16 Conv -> BN whose mean sits hundreds of std from zero (a first conv on raw pixels): the folded
     weights, rounded after scaling, lose that many times float16's precision on such inputs, which N(0, 1)
-    verification does not show (measured 1.7x to 50x the unfolded graph's error); the fold says so."""
+    verification does not show (measured 1.7x to 50x the unfolded graph's error); the fold says so.
+    Distance in std: mean 300, var 100 is 30 std (not 3: mean / var); a Gemm's C counts times beta, so with
+    beta=0 a C equal to the mean cancels nothing."""
     rng = np.random.default_rng(16)
     bn = _bn_inits(4, rng, dtype=np.float16)
     bn["bn.m"] = (offset + rng.standard_normal(4)).astype(np.float16)
-    bn["bn.v"] = np.ones(4, np.float16)
+    bn["bn.v"] = np.full(4, var, np.float16)
     extra = {"B": bn["bn.m"].copy()} if own_bias else {}  # the offset is a constant added: cancelled exactly
+    x, y, w_shape = [1, 3, 4, 4], [1, 4, 4, 4], (4, 3, 1, 1)
     if own_bias == "Add":
         extra = {"B": bn["bn.m"].copy().reshape(4, 1, 1)}
         nodes = [helper.make_node("Conv", ["x", "W"], ["h0"], name="conv"),
                  helper.make_node("Add", ["h0", "B"], ["h"], name="add"), _bn_node("h", "y")]
+    elif own_bias and own_bias.startswith("Gemm"):
+        x, y, w_shape = [2, 3], [2, 4], (3, 4)
+        nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["h"], name="gemm", beta=0.0 if "=0" in own_bias else 1.0),
+                 _bn_node("h", "y")]
     else:
         nodes = [helper.make_node("Conv", ["x", "W", *extra], ["h"], name="conv"), _bn_node("h", "y")]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 4, 4])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4, 4, 4])],
-                   {"W": (0.2 * rng.standard_normal((4, 3, 1, 1))).astype(np.float16), **extra, **bn})
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT16, x)],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT16, y)],
+                   {"W": (0.2 * rng.standard_normal(w_shape)).astype(np.float16), **extra, **bn})
     _, report = fold_model(model)
     assert any("std from zero" in n for n in report.folded[0].notes) is noted
 
@@ -849,3 +939,61 @@ def test_blank_outputs_of_an_opset_8_inference_node_are_dropped_too():
                    {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=8)
     folded, report = fold_model(model)
     assert report.verified and "opset 8" in report.left["bn"] and list(folded.graph.node[1].output) == ["y"]
+
+
+def test_a_training_node_whose_running_mean_is_read_is_left_even_to_inference():
+    """--to-inference removes only unused running-statistic outputs: one another node reads keeps the node, as it
+    was (removing it would crash the fold with an onnx.checker RuntimeError)."""
+    rng = np.random.default_rng(23)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
+             helper.make_node("BatchNormalization", ["h", "bn.s", "bn.b", "bn.m", "bn.v"], ["y", "rm", "rv"], name="bn",
+                              training_mode=1),
+             helper.make_node("Identity", ["rm"], ["rm_out"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4]),
+                    helper.make_tensor_value_info("rm_out", TensorProto.FLOAT, [3])],
+                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=15)
+    folded, report = fold_model(model, to_inference=True)
+    assert report.left == {"bn": "its running-statistic outputs ['rm'] are read by other nodes or are graph outputs"}
+    assert report.converted == [] and report.removed_outputs == [] and report.verified
+    assert folded.SerializeToString() == model.SerializeToString()
+
+
+def test_a_dropout_whose_training_mode_is_a_runtime_input_is_left_with_a_note():
+    """to_inference switches a Dropout only when its training_mode is a constant true; fed at run time, the
+    caller's choice must still work (replaced by Identity, training_mode=True would no longer drop anything)."""
+    rng = np.random.default_rng(24)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "z"),
+             helper.make_node("Dropout", ["z", "ratio", "train"], ["y"], name="drop", seed=0)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4]),
+                           helper.make_tensor_value_info("train", TensorProto.BOOL, [])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), "ratio": np.array(0.5, np.float32),
+                    **_bn_inits(3, rng)})
+    folded, report = fold_model(model, to_inference=True, verify=False)
+    assert ops(folded) == ["Conv", "Dropout"] and report.dropout_converted == []
+    assert report.notes == ["Dropout 'drop': training_mode is computed at run time; left as it is"]
+    x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
+    inference = ort_run(folded, {"x": x, "train": np.array(False)})[0]
+    assert rel(inference, ort_run(model, {"x": x, "train": np.array(False)})[0]) < 1e-5
+    trained = ort_run(folded, {"x": x, "train": np.array(True)})[0]
+    dropped = trained == 0  # ONNX Dropout: each value is zeroed or scaled by 1 / (1 - ratio)
+    np.testing.assert_allclose(trained[~dropped], 2 * inference[~dropped], rtol=1e-6)
+    assert 0 < dropped.sum() < dropped.size
+
+
+@pytest.mark.parametrize("mean_zero,var_one", [(True, True), (True, False), (False, True)])
+def test_never_updated_note_needs_both_mean_0_and_var_1(mean_zero, var_one):
+    """mean 0 and var 1 together are a fresh BN's values; a learned mean with var all 1 (or the reverse) is not."""
+    rng = np.random.default_rng(25)
+    bn = _bn_inits(3, rng)
+    if mean_zero:
+        bn["bn.m"] = np.zeros(3, np.float32)
+    if var_one:
+        bn["bn.v"] = np.ones(3, np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **bn})
+    _, report = fold_model(model)
+    assert any("never updated" in n for n in report.folded[0].notes) is (mean_zero and var_one)
