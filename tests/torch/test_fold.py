@@ -98,6 +98,46 @@ def test_a_bn_called_twice_is_left_even_when_one_call_follows_a_conv():
             assert torch.equal(folded(x), model(x))
 
 
+def test_a_bn_whose_output_has_two_readers_is_not_folded_before_either():
+    """BN -> Linear plus a residual sum of the BN output: folding it before the Linear would drop it from the sum."""
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.fc = nn.BatchNorm1d(4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return self.fc(y) + y
+
+    x = torch.randn(16, 4)
+    model = calibrated(Residual(), x + 3.0)  # running_mean about 3: dropping the BN from the sum moves it by ~3
+    for inputs in (x, None):
+        folded, report = fold_bn(model, inputs)
+        assert report.n_folded == 0 and "bn" in report.left, report.summary()
+        with torch.no_grad():
+            assert torch.equal(folded(x), model(x))
+
+
+def test_a_bn_the_forward_never_calls_is_reported_as_left():
+    """A spare BN (built but unused) is neither folded nor silently dropped from the report."""
+    class Spare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn, self.spare = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.fc(x))
+
+    x = torch.randn(16, 4)
+    model = calibrated(Spare(), x)
+    model.spare.num_batches_tracked.fill_(1)  # updated elsewhere; never called here
+    for inputs in (x, None):
+        _, report = fold_bn(model, inputs)
+        assert [f.bn for f in report.folded] == ["bn"]
+        assert list(report.left) == ["spare"] and "not called" in report.left["spare"]
+        assert [r.layer for r in report.findings()] == ["spare"]
+
+
 def test_verification_counts_a_nan_where_the_original_is_finite_as_inf():
     """A folded model that outputs NaN must not be reported as exact (max_abs_diff 0): NaN differences count as inf."""
     from bnkit.torch.fold import _compare
@@ -107,6 +147,9 @@ def test_verification_counts_a_nan_where_the_original_is_finite_as_inf():
     assert _compare(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, float("inf"), 3.0])) == (math.inf, math.inf)
     assert _compare(torch.tensor([1.0, float("inf")]), torch.tensor([1.0, float("inf")])) == (0.0, 0.0)
     assert _compare(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5])) == (0.5, 0.25)  # finite: max|a-b|, / max|a|
+    # an all-zero original has no scale: the relative difference falls back to the absolute one, never to 0
+    # (which would claim an exact fold of a model whose outputs all moved by 1)
+    assert _compare(torch.zeros(3), torch.ones(3)) == (1.0, 1.0)
 
 
 def test_preact_bn_after_addition_is_refused_with_reason():
@@ -154,6 +197,37 @@ def test_state_dict_round_trip_with_new_biases(tmp_path):
         assert rel_diff(model(x), fresh(x)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_restructure_adds_biases_in_the_layers_dtype(dtype):
+    """A restructured low-precision model must take the folded state dict and run: a float32 bias beside float16
+    weights would be loaded as float32 and make the conv fail on a dtype mismatch."""
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+
+    x = torch.randn(4, 3, 6, 6)
+    model = calibrated(make(), x).to(dtype)
+    folded, report = fold_bn(model)
+    assert report.folded[0].bias_added
+    fresh = report.restructure(make().to(dtype))
+    fresh.load_state_dict(folded.state_dict(), strict=True)
+    assert fresh[0].bias.dtype == dtype
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x.to(dtype)), folded(x.to(dtype)))
+
+
+def test_folded_layers_keep_requires_grad():
+    """Fine-tuning a folded model with a frozen backbone: the folded weights and added bias stay frozen, and a
+    trainable layer stays trainable."""
+    x = torch.randn(4, 3, 8, 8)
+    model = calibrated(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                     nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), x)
+    model[0].weight.requires_grad_(False)
+    folded, report = fold_bn(model, x)
+    assert [(f.bn, f.into) for f in report.folded] == [("1", "0"), ("4", "3")]
+    assert not folded[0].weight.requires_grad and not folded[0].bias.requires_grad
+    assert folded[3].weight.requires_grad and folded[3].bias.requires_grad
+
+
 def test_refuses_training_mode_and_never_updated_unless_forced():
     model, x = zoo_model("vgg")
     model.train()
@@ -176,6 +250,14 @@ def test_refuses_training_mode_and_never_updated_unless_forced():
     # another framework, whose counter stays 0) was updated, and folds without force
     for _, bn in bn_layers(fresh):
         bn.running_var.uniform_(0.25, 4.0)
+    folded, report = fold_bn(fresh, x)
+    assert report.n_folded == 5
+    with torch.no_grad():
+        assert rel_diff(fresh(x), folded(x)) < 1e-5
+    # nor are running_var 1 and num_batches_tracked 0: learned means (converted statistics) were updated too
+    for _, bn in bn_layers(fresh):
+        bn.running_var.fill_(1.0)
+        bn.running_mean.uniform_(-2.0, 2.0)
     folded, report = fold_bn(fresh, x)
     assert report.n_folded == 5
     with torch.no_grad():
@@ -260,6 +342,7 @@ def test_bn_before_linear_and_unpadded_grouped_conv_and_after_grouped_convtransp
     folded, report = fold_bn(model, x)
     want = {("1", "0", "after"), ("3", "4", "before"), ("6", "7", "before")}
     assert {(f.bn, f.into, f.position) for f in report.folded} == want
+    assert report.left == {}  # "3" and "6" were first left (input from a ReLU/Flatten), then folded before
     with torch.no_grad():
         assert rel_diff(model(x), folded(x)) < 1e-5
 
@@ -440,6 +523,24 @@ def test_layers_with_their_own_forward_hooks_or_parametrizations_are_left():
     assert "forward is not PyTorch's" in fallback.left["1"]
 
 
+@pytest.mark.parametrize("position", ["after", "before"])
+def test_a_bn_next_to_a_layer_with_its_own_hook_is_left(position):
+    """A forward hook on the conv would see (and clamp) the folded output; a pre-hook on it, the input without the
+    BN: either way the fold changes what the model computes, so the BN stays."""
+    x = torch.randn(8, 3, 8, 8)
+    if position == "after":
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        model[0].register_forward_hook(lambda m, args, out: out.clamp(min=0))
+    else:
+        model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3))  # unpadded: foldable but for the hook
+        model[2].register_forward_pre_hook(lambda m, args: (args[0].clamp(max=0.5),))
+    model = calibrated(model, x)
+    folded, report = fold_bn(model, x)
+    assert report.n_folded == 0 and "forward hooks" in report.left["1"], report.left
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+
+
 def test_bn_subclass_with_its_own_forward_is_left_and_bnkit_drop_ins_are_folded():
     from bnkit.torch.layers import BatchNorm2d as DropIn
 
@@ -456,20 +557,24 @@ def test_bn_subclass_with_its_own_forward_is_left_and_bnkit_drop_ins_are_folded(
         assert rel_diff(model(x), folded(x)) < 1e-5
 
 
-def test_a_forward_that_reads_a_bn_buffer_keeps_the_bn():
+@pytest.mark.parametrize("read,reason", [("bn", "reads the BN's tensors directly"),
+                                         ("lin", "reads the tensors of 'lin' directly")])
+def test_a_forward_that_reads_a_bn_buffer_or_layer_weight_keeps_the_bn(read, reason):
+    """A fold changes the BN's buffers and the layer's weight: a forward that reads either would see the change."""
     class ReadsStats(nn.Module):
         def __init__(self):
             super().__init__()
             self.bn, self.lin = nn.BatchNorm1d(5), nn.Linear(5, 3)
 
         def forward(self, x):
-            return self.lin(self.bn(x)) + self.bn.running_mean.sum()
+            extra = self.bn.running_mean.sum() if read == "bn" else self.lin.weight.sum()  # e.g. a penalty term
+            return self.lin(self.bn(x)) + extra
 
     x = torch.randn(16, 5)
     model = calibrated(ReadsStats(), x)
     for inputs in (x, None):
         folded, report = fold_bn(model, inputs)
-        assert report.n_folded == 0 and "reads the BN's tensors directly" in report.left["bn"]
+        assert report.n_folded == 0 and reason in report.left["bn"], report.left
         with torch.no_grad():
             assert torch.equal(model(x), folded(x))
 
@@ -514,6 +619,32 @@ def test_sequential_fallback_refuses_overridden_sequential_forward():
     assert report.method == "sequential" and report.n_folded == 0 and "block.1" in report.left
     with torch.no_grad():
         assert torch.equal(model(x), folded(x))
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_sequential_fallback_folds_a_bn_before_a_conv_only_without_zero_padding(padding):
+    """Untraceable model, Sequential(WSConv2d, BN, Conv2d): the BN cannot fold after the weight-standardized conv;
+    before the next conv it folds without padding (and is then not listed as left), but not into a zero-padded one,
+    whose padded zeros would stay 0 instead of becoming the BN shift."""
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Sequential(WSConv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=padding))
+
+        def forward(self, x):
+            return self.seq(x) if x.sum() > -1e9 else x  # data-dependent control flow: torch.fx cannot trace it
+
+    x = torch.randn(4, 3, 8, 8)
+    model = calibrated(Untraceable(), x)
+    folded, report = fold_bn(model, x)
+    assert report.method == "sequential"
+    if padding:
+        assert report.n_folded == 0 and "zero-pads" in report.left["seq.1"], report.left
+    else:
+        assert [(f.bn, f.into, f.position) for f in report.folded] == [("seq.1", "seq.2", "before")]
+        assert report.left == {}
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-5
 
 
 def test_model_writing_into_its_input_is_verified_on_fresh_copies():
@@ -695,6 +826,34 @@ def test_the_plans_cheap_dtype_bound_never_passes_a_fold_that_overflows(order, k
             assert not (within and overflows), (scale, var)
             checked += within
     assert checked >= 5  # the bound does skip the work in ordinary cases
+
+
+@pytest.mark.parametrize("case", ["bias_scaled_after", "shift_summed_over_a_3x3_kernel_before"])
+def test_the_plans_dtype_bound_counts_the_scaled_bias_and_every_weight_of_an_output(case):
+    """Closed-form float16 overflows the bound must see: a bias 100 scaled by a BN with s = 1000 (1e5), and a BN shift
+    300 summed over all 4 x 3 x 3 weights 10 of a conv output (108000), both beyond float16's 65504."""
+    if case == "bias_scaled_after":
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, eps=0.0))
+        with torch.no_grad():
+            model[0].weight.fill_(0.01)
+            model[0].bias.fill_(100.0)
+            model[1].running_var.fill_(1e-6)  # s = 1 / sqrt(1e-6) = 1000
+            model[1].num_batches_tracked.fill_(1)
+        want = 100.0 * 1000.0
+    else:
+        model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3))
+        with torch.no_grad():
+            model[0].bias.fill_(300.0)  # mean 0, var 1: t = 300
+            model[0].num_batches_tracked.fill_(1)
+            model[1].weight.fill_(10.0)
+            model[1].bias.zero_()
+        want = 4 * 3 * 3 * 10.0 * 300.0
+    model = model.half().eval()
+    assert want > torch.finfo(torch.float16).max
+    with pytest.raises(ValueError, match="beyond torch.float16's range"):
+        fold_bn(model)
+    with pytest.raises(ValueError, match="beyond torch.float16's range"):  # the plan promises no such fold
+        fold_plan(model)
 
 
 def test_a_forward_using_a_buffer_as_a_python_value_still_folds():
@@ -923,10 +1082,13 @@ def test_export_onnx_takes_wrappers_and_inference_mode_inputs(tmp_path):
             assert rel_diff(model(x), torch.from_numpy(got)) < 1e-5
 
 
-@pytest.mark.parametrize("dtype,mean,noted", [(torch.float16, 200.0, True), (torch.bfloat16, 200.0, True),
-                                              (torch.float16, 40.0, True), (torch.float16, 0.5, False),
-                                              (torch.float32, 200.0, False)])
-def test_a_low_precision_fold_before_a_layer_with_offset_inputs_is_noted(dtype, mean, noted):
+@pytest.mark.parametrize("dtype,mean,var,noted", [(torch.float16, 200.0, 1.0, True), (torch.bfloat16, 200.0, 1.0, True),
+                                                  (torch.float16, 40.0, 1.0, True), (torch.float16, 0.5, 1.0, False),
+                                                  (torch.float32, 200.0, 1.0, False),
+                                                  # the offset counts in standard deviations sqrt(var), not var
+                                                  (torch.float16, 300.0, 100.0, True),  # 30 std
+                                                  (torch.float16, 0.5, 0.01, False)])  # 5 std
+def test_a_low_precision_fold_before_a_layer_with_offset_inputs_is_noted(dtype, mean, var, noted):
     """BN -> Linear in float16 with inputs 200 std from zero: the folded bias cancels the offset in float16, so the
     folded model is far less accurate than the unfolded one on such data (float64 oracle), which random
     verification inputs near zero do not show; the report says so."""
@@ -934,12 +1096,13 @@ def test_a_low_precision_fold_before_a_layer_with_offset_inputs_is_noted(dtype, 
     model = nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 4))
     with torch.no_grad():
         model[0].running_mean.fill_(mean)
+        model[0].running_var.fill_(var)
         model[0].num_batches_tracked.fill_(1000)
     model = model.to(dtype).eval()
     folded, report = fold_bn(model, torch.randn(8, 16).to(dtype))
     assert any("folded before 1" in n for n in report.notes) is noted
     if noted:  # the loss it warns of, on data like the statistics
-        x = (mean + torch.randn(64, 16)).to(dtype)  # the inputs as the model gets them
+        x = (mean + var ** 0.5 * torch.randn(64, 16)).to(dtype)  # the inputs as the model gets them
         exact = copy.deepcopy(model).double()
         with torch.no_grad():
             want = exact(x.double())
