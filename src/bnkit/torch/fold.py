@@ -394,8 +394,8 @@ def _low_precision_shift_notes(model: nn.Module, folded: list[FoldedBN]) -> list
 
 
 def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
-    """``max|a - b|`` (a non-finite ``b`` where ``a`` differs counts as inf) and that over ``max|a|``; None for
-    outputs that hold no tensors (nothing to compare)."""
+    """``max|a - b|`` (a non-finite ``b`` where ``a`` differs counts as inf) and that over ``max|a|`` (the absolute
+    difference itself where ``a`` is all zero); None for outputs that hold no tensors (nothing to compare)."""
     pairs = list(zip(flatten_tensors(a), flatten_tensors(b), strict=True))
     if not pairs:
         return None, None
