@@ -106,6 +106,8 @@ def test_affine_only_keeps_gamma_beta_and_updates_stats():
     for k in after:
         assert torch.equal(after[k], before[k]) == (k.endswith("weight") or k.endswith("bias")), k
     assert all(m.training for _, m in bn_layers(model))
+    # a gamma/beta-only freeze is a freeze: part="any" (the default) says so, per layer and for the model
+    assert is_frozen(model) and is_frozen(model[0].stem[1]) and not is_frozen(model, "stats")
 
 
 def test_stale_gradients_are_cleared():
@@ -357,3 +359,51 @@ def test_a_parametrized_gamma_is_frozen_through_the_tensors_it_is_made_of(kind):
     _assert_same(_bn_tensors(model), before)
     unfreeze_bn(model)
     assert all(p.requires_grad for p in bn.parameters())
+
+
+@pytest.mark.parametrize("mode", [False, True])
+def test_convert_bn_keeps_the_mode_unfreeze_restores(mode):
+    """A layer re-typed by convert_bn while frozen still remembers the mode from before the freeze: unfreeze_bn
+    gives back eval (or training) mode, not training (or eval) mode. Oracle: the mode set before freeze_bn."""
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).train(mode)
+    freeze_bn(model)
+    model = convert_bn(model)
+    assert is_frozen(model[1], "all") and not model[1].training
+    unfreeze_bn(model)
+    assert not is_frozen(model[1]) and model[1].training is mode
+
+
+def test_refreezing_a_flag_written_behind_its_back_keeps_the_mode_from_before_the_first_freeze():
+    """Frozen in eval mode, then `layer.training = True` written directly, then frozen again: unfreeze_bn must give
+    back eval mode (the mode before the first freeze, as freeze_bn's docstring promises), not the flag written."""
+    bn = nn.BatchNorm2d(3).eval()
+    freeze_bn(bn)
+    bn.training = True  # code that assigns the flag directly (bypassing train())
+    assert not is_frozen(bn, "stats")
+    freeze_bn(bn)
+    assert is_frozen(bn, "stats") and not bn.training
+    unfreeze_bn(bn)
+    assert bn.training is False
+
+
+def test_a_single_module_or_name_is_accepted_as_modules():
+    """modules= takes one module or one qualified name as well as a list of them (a module is not a list of
+    layers: it must not be iterated)."""
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.BatchNorm2d(3))
+    freeze_bn(model, modules=model[0])
+    freeze_bn(model, modules="2")
+    assert set(frozen_bn_layers(model)) == {"0", "2"}
+    unfreeze_bn(model, modules=model[0])
+    assert set(frozen_bn_layers(model)) == {"2"}
+
+
+def test_frozen_train_refuses_a_non_bool_mode_like_nn_module():
+    """nn.Module.train(0) raises ValueError (the oracle, checked here); a frozen layer's train() must too, instead
+    of remembering 0 and giving training=0 back on unfreeze."""
+    with pytest.raises(ValueError, match="boolean"):
+        nn.BatchNorm2d(3).train(0)
+    bn = freeze_bn(nn.BatchNorm2d(3))
+    with pytest.raises(ValueError, match="boolean"):
+        bn.train(0)
+    unfreeze_bn(bn)
+    assert bn.training is True

@@ -329,3 +329,143 @@ def test_protect_stats_made_once_and_entered_every_step():
         assert bool(report) == poison, step
         changed = any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
         assert changed != poison, step  # a good step keeps its update, a poisoned one leaves no trace
+
+
+# ------------------------------------------------------------------ cases the mutation runs found untested
+def test_zero_variance_channel_is_valid_not_negative():
+    """A dead channel (running_var exactly 0) is a legal eval-mode model: eps keeps PyTorch's output finite, so
+    "negative variance" must mean var < 0, not var <= 0."""
+    bn = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_var[1] = 0.0
+        bn.num_batches_tracked += 10
+    x = torch.randn(2, 3, 4, 4)
+    with bn_guard(bn):
+        y = bn(x)
+    assert torch.isfinite(y).all()  # the oracle: PyTorch's own eval forward is fine with it
+    torch.testing.assert_close(y[:, 1], x[:, 1] / (bn.eps ** 0.5))
+
+
+def test_momentum_zero_layer_that_ran_is_not_never_updated():
+    """momentum=0 keeps the statistics at 0 / 1 while num_batches_tracked counts the batches PyTorch ran: the layer
+    was trained (count > 0), so only the count-0 state means "never updated"."""
+    bn = nn.BatchNorm1d(3, momentum=0.0).train()
+    for _ in range(3):
+        bn(torch.randn(8, 3))
+    bn.eval()
+    assert int(bn.num_batches_tracked) == 3 and not bn.running_mean.any() and bool((bn.running_var == 1).all())
+    with bn_guard(bn):
+        bn(torch.randn(4, 3))
+
+
+def test_inference_tensor_statistics_are_checked_on_every_entry():
+    """A model built (or loaded) under torch.inference_mode has statistics without a version counter: a decorated
+    function must keep working on every call, and re-check the statistics each time (it cannot cache them)."""
+    with torch.inference_mode():
+        bn = nn.BatchNorm1d(3).eval()
+        bn.running_mean.add_(1.0)
+        bn.num_batches_tracked += 1
+
+        @bn_guard(bn)
+        def predict(x):
+            return bn(x)
+
+        x = torch.randn(4, 3)
+        for _ in range(3):
+            torch.testing.assert_close(predict(x), (x - 1.0) / (1.0 + bn.eps) ** 0.5)
+        bn.running_var.fill_(float("nan"))
+        with pytest.raises(BNGuardError, match="non-finite"):
+            predict(x)
+
+
+def test_nested_entries_of_one_warn_guard_each_warn_once():
+    """Warnings are given once per layer and check *per entry*: a training-mode layer seen in an inner entry and
+    again after it, in the outer one, warns in each (two warnings), and the inner entry's hooks leave with it."""
+    bn = nn.BatchNorm1d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)
+        bn.num_batches_tracked += 1
+    guard = bn_guard(bn, action="warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with guard:
+            with guard:
+                bn.train()
+                bn(torch.randn(4, 3))
+            bn(torch.randn(4, 3))
+            bn.eval()
+    messages = [str(w.message) for w in caught if issubclass(w.category, BNGuardWarning)]
+    assert len(messages) == 2 and all("in training mode" in m for m in messages)
+    assert not bn._forward_pre_hooks
+
+
+def test_protect_stats_rolls_back_and_names_only_the_layers_the_step_changed():
+    """On a rollback, a layer the step did not touch has nothing to restore: rolled_back (and the warning's count)
+    names only the changed layers. Oracle: each layer's buffers compared with a copy from before the step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3), nn.BatchNorm1d(3)).train()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(RuntimeWarning, match=r"\['1'\].* 2 BatchNorm layer\(s\)"):
+        with protect_stats(model) as report:
+            model[0](torch.randn(4, 3))  # layer 0 updated normally
+            with torch.no_grad():
+                model[1].running_var.fill_(float("inf"))  # layer 1 poisoned; layer 2 untouched
+    assert report.nonfinite == ["1"] and report.rolled_back == ["0", "1"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_one_protect_stats_entered_nested_reports_and_restores_each_block():
+    """One protect_stats object entered twice: the inner block's poison is rolled back to the inner snapshot
+    (keeping the outer block's good update) and reported by the inner report; the outer block, finite at its end,
+    reports nothing. Oracle: a copy of the model taking the same good step without any guard."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3)).train()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3)
+    guard = protect_stats(model, warn=False)
+    with guard as outer:
+        model(x)
+        with guard as inner:
+            with torch.no_grad():
+                model[1].running_var.fill_(float("nan"))
+    reference(x)
+    assert inner.nonfinite == ["1"] and inner.rolled_back == ["1"]
+    assert not outer and outer.nonfinite == [] and outer.already_nonfinite == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference.state_dict()[k]), k
+
+
+def test_warnings_point_at_the_users_line_for_with_decorator_and_forward():
+    """action="warn" warnings name the user's line whichever way the guard is used: the ``with`` line, the call of a
+    decorated function, the forward call fed one sample (a fixed stacklevel fits only one of them: the with-statement's
+    pointed one frame too high, the forward's into torch/nn/modules/module.py). Oracle: this file's line numbers."""
+    import inspect
+
+    bn = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn(torch.randn(4, 3))  # trained-looking statistics; left in training mode
+
+    def with_statement() -> int:
+        line = inspect.currentframe().f_lineno + 1
+        with bn_guard(bn, action="warn", ignore=["batch_of_one"]):  # the warning belongs here
+            return line
+
+    @bn_guard(bn, action="warn", ignore=["batch_of_one"])
+    def decorated() -> None:
+        return None
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        at_with = with_statement()
+        at_call = inspect.currentframe().f_lineno + 1
+        decorated()
+        with bn_guard(bn.eval(), action="warn"):
+            bn.train()
+            at_forward = inspect.currentframe().f_lineno + 2
+            with pytest.raises(ValueError):  # PyTorch's own refusal of one value per channel comes after the hook
+                bn(torch.randn(1, 3))
+        bn.eval()
+    lines = [(w.filename, w.lineno) for w in caught if issubclass(w.category, BNGuardWarning)]
+    assert lines[:2] == [(__file__, at_with), (__file__, at_call)]
+    assert (__file__, at_forward) in lines[2:] and all(f == __file__ for f, _ in lines)

@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -116,6 +118,23 @@ def _stats_findings(name: str, m: nn.Module) -> list[Finding]:
     return []
 
 
+#: Frames a guard's warning passes over to reach the user's line: this file, ContextDecorator's wrapper, and
+#: torch.nn's module machinery (``Module.__call__`` and its hooks, ``Sequential.forward``).
+_INTERNAL = (os.path.abspath(__file__), os.path.abspath(contextlib.__file__))
+_TORCH_MODULES = os.path.dirname(os.path.abspath(nn.Module.__init__.__code__.co_filename)) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued in :meth:`bn_guard._report` point at the user's code: the
+    ``with`` line, the call of a decorated function, the ``model(x)`` call or the user's forward line calling the
+    layer (a fixed level is right for only one of those)."""
+    frame, level = sys._getframe(2), 2  # 2: the caller of _report
+    while frame is not None and (frame.f_code.co_filename in _INTERNAL
+                                 or frame.f_code.co_filename.startswith(_TORCH_MODULES)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class _Entry:
     """The state of one active entry of a :class:`bn_guard`: warnings given, batch-size hooks, handles."""
 
@@ -164,7 +183,7 @@ class bn_guard(contextlib.ContextDecorator):
             if (f.layer, f.code) not in entry.warned:
                 entry.warned.add((f.layer, f.code))
                 warnings.warn(f"bn_guard: {f.layer}: {f.finding} ({f.evidence}). Fix: {f.fix}", BNGuardWarning,
-                              stacklevel=4)
+                              stacklevel=_user_stacklevel())
 
     def _stats_unchanged(self) -> bool:
         """True if every layer's statistics passed a check and are the same tensors, unwritten, since."""
