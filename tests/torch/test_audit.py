@@ -434,6 +434,9 @@ def test_single_shifted_layer_ranks_first(trained, digits):
     assert report.shifts[0].z_eq > 2.5 and report.shifts[1].z_eq < 0.5
     first = report.by_code("stat_shift")[0]
     assert first.layer == "layers.0.bn1" and first.severity == "error"
+    ranks = {s.layer: i for i, s in enumerate(report.shifts, start=1)}  # counted from 1: the top layer is rank 1
+    assert first.finding.endswith("(rank 1)")
+    assert all(f.finding.endswith(f"(rank {ranks[f.layer]})") for f in report.by_code("stat_shift"))
     assert [f.layer for f in report.by_code("stat_shift") if f.severity == "error"] == ["layers.0.bn1"]
     order = [SEVERITIES.index(f.severity) for f in report.findings]  # documented: most severe first
     assert order == sorted(order) and len(set(order)) == 3
@@ -487,6 +490,39 @@ def test_shift_severity_follows_the_equivalent_shift_in_std(shift, severity):
     assert [f.severity for f in report.by_code("stat_shift")] == ([severity] if severity else [])
 
 
+def test_worst_channel_is_the_one_with_the_largest_kl_not_the_largest_mean_shift():
+    """Channel 0: mean off by 1 std (KL 0.5); channel 1: the data's variance 100x the running one (KL ~ 47.6)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1024, 2))
+    x = (x - x.mean(0)) / x.std(0, ddof=1)  # exactly mean 0, unbiased variance 1
+    bn = nn.BatchNorm1d(2).eval()
+    with torch.no_grad():
+        bn.running_mean[0] = 1.0
+        bn.running_var[1] = 0.01
+        bn.num_batches_tracked.fill_(1000)
+    (s,) = audit(bn, torch.tensor(x, dtype=torch.float32), batch_size=128).shifts
+    lr = np.log((1 + 1e-5) / (0.01 + 1e-5))
+    assert s.worst_channel == 1 and s.log_var_ratio == pytest.approx(lr, rel=1e-4)
+    assert s.mean_shift == pytest.approx(0.0, abs=1e-4)
+    assert s.score == pytest.approx((0.5 * (np.expm1(lr) - lr) + 0.5 / (1 + 1e-5)) / 2, rel=1e-4)
+
+
+def test_a_negative_running_variance_is_left_out_of_the_ranking_and_the_coupling_check():
+    """running_var -1 (a corrupt checkpoint) has no Gaussian to compare with (sqrt of a negative): the state checks
+    report it, it is not ranked with a NaN score; its NaN eval outputs give no batch-coupling verdict."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    with torch.no_grad():
+        model[1].num_batches_tracked.fill_(10)
+        model[3].num_batches_tracked.fill_(10)
+        model[3].running_var[0] = -1.0
+    report = audit(model, torch.randn(256, 3))
+    assert {("negative_var", "3"), ("eval_nonfinite", "(model)")} <= {(f.code, f.layer) for f in _errors(report)}
+    assert [s.layer for s in report.shifts] == ["1"] and math.isfinite(report.shifts[0].score)
+    assert "3" not in [f.layer for f in report.by_code("stat_shift")]
+    assert report.batch_coupling is None and not report.by_code("batch_coupling")
+
+
 @pytest.mark.parametrize("b_train, m", [(8, 0.1), (8, 0.13), (8, 0.2), (4, 0.5)])  # 0.081, 0.093, 0.118, 0.29 std
 def test_running_stat_noise_matches_pytorch_running_average(b_train, m):
     torch.manual_seed(0)
@@ -511,6 +547,80 @@ def test_running_stat_noise_matches_pytorch_running_average(b_train, m):
     assert observed_mean == pytest.approx(closed, rel=0.12)
     assert noise.severity == ("warning" if closed > 0.1 else "info")  # NOISE_WARNING: 0.1 std
     assert (closed > 0.1) == (m >= 0.2)  # both sides of it covered, 7% and 18% from it
+
+
+@pytest.mark.parametrize("updates", [1, 2, 4])
+def test_running_stat_noise_of_a_cumulative_average_matches_pytorch(updates):
+    """momentum=None: the running mean is the plain average of ``updates`` batch means, so it wobbles by
+    1 / sqrt(updates * B) std, not by 1 / (updates sqrt(B)) nor as if one more batch were averaged in. The oracle:
+    PyTorch's own layer, 4000 independent channels each trained ``updates`` steps at batch size 8."""
+    torch.manual_seed(0)
+    b_train, channels = 8, 4000
+    bn = nn.BatchNorm1d(channels, affine=False, momentum=None)
+    with torch.no_grad():
+        for _ in range(updates):
+            bn(torch.randn(b_train, channels) * 3 + 2)
+        observed = ((bn.running_mean - 2) / 3).std().item()  # in the data's std
+        bn.running_var.fill_(9.0)  # the data's variance: the audit's unit (running std) is the same
+    assert observed == pytest.approx((updates * b_train) ** -0.5, rel=0.05)
+    report = audit(bn.eval(), torch.randn(64 * 32, channels) * 3 + 2, batch_size=32, train_batch_size=b_train)
+    (s,) = report.shifts
+    assert s.mean_noise == pytest.approx(observed, rel=0.05)
+
+
+def test_noise_row_names_the_noisiest_layer_not_the_top_ranked_one():
+    """Layer ``a``: far off (ranks first) but averaged with momentum 0.01; layer ``b``: momentum 0.9. The noise row
+    is about ``b``, whose running mean wobbles by sqrt(m / (2 - m) / B) = 0.16 std at B = 32 (a warning)."""
+    torch.manual_seed(0)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fa, self.a = nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.01)
+            self.fb, self.b = nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.9)
+
+        def forward(self, x):
+            return self.a(self.fa(x)) + self.b(self.fb(x))
+
+    model = Two().eval()
+    with torch.no_grad():
+        for layer, fc in ((model.a, model.fa), (model.b, model.fb)):  # the data's statistics, but a's mean 3 std off
+            h = fc(torch.randn(4096, 3))
+            layer.running_mean.copy_(h.mean(0) + 3 * h.std(0) * (layer is model.a))
+            layer.running_var.copy_(h.var(0))
+            layer.num_batches_tracked.fill_(1000)
+    report = audit(model, torch.randn(2048, 3), batch_size=64, train_batch_size=32)
+    assert report.shifts[0].layer == "a"  # the setup holds
+    (noise,) = report.by_code("stat_noise")
+    assert noise.layer == "b" and noise.severity == "warning"
+    assert noise.data["mean_noise"] == pytest.approx((0.9 / 1.1 / 32) ** 0.5, rel=0.15)
+
+
+def test_noise_from_two_unequal_batches_is_the_one_way_anova_of_the_batches():
+    """Two batches (40 and 6 samples) are enough for a noise figure; float64 NumPy from the docstring's ANOVA: the
+    between-batch mean square of the batch means, and of the unbiased batch variances around their pooled value
+    (weighted by n_b - 1, the within-batch degrees of freedom), scaled to the training batch size."""
+    rng = np.random.default_rng(0)
+    data = [torch.tensor(rng.normal(size=(n, 3)) * [1.0, 2.0, 0.5] + 1.0, dtype=torch.float32) for n in (40, 6)]
+    bn = nn.BatchNorm1d(3, momentum=0.1).eval()
+    with torch.no_grad():
+        bn.running_var.copy_(torch.tensor([1.0, 4.0, 0.25]))
+        bn.num_batches_tracked.fill_(1000)
+    report = audit(bn, data, train_batch_size=8)
+    (s,) = report.shifts
+    x = [d.double().numpy() for d in data]
+    n = np.array([len(b) for b in x], dtype=float)
+    means, variances = np.array([b.mean(0) for b in x]), np.array([b.var(0, ddof=1) for b in x])
+    grand = (n @ means) / n.sum()
+    s2_mean = n @ (means - grand) ** 2  # / (K - 1) = 1
+    pooled = (n - 1) @ variances / (n - 1).sum()
+    s2_var = (n - 1) @ (variances - pooled) ** 2
+    factor = (0.1 / 1.9) ** 0.5  # the EMA's stationary std over one batch statistic's
+    mean_noise = factor * np.sqrt(s2_mean / 8 / (np.array([1.0, 4.0, 0.25]) + 1e-5))
+    var_noise = factor * np.sqrt(s2_var / 7) / (pooled + 1e-5)
+    assert report.batches == 2
+    assert s.mean_noise == pytest.approx(np.sqrt(np.mean(mean_noise ** 2)), rel=1e-5)
+    assert s.var_noise == pytest.approx(np.sqrt(np.mean(var_noise ** 2)), rel=1e-5)
 
 
 def test_one_data_batch_says_the_noise_was_not_estimated():
@@ -805,6 +915,12 @@ def test_batch_coupling_not_claimed_when_no_output_lines_up():
     assert finding.severity == "info" and finding.finding == "batch coupling not checked"
     assert "forward=" in finding.fix and report.batch_coupling is None
     assert "do not depend" not in " ".join(f.finding for f in report.findings)
+    # (4, 4) at batch size 4 against (4,) at batch size 1 (``.T.squeeze()``): either dimension could be the batch
+    # squeezed away, so nothing lines up; pairing along the feature one made a false coupling error of a BN-only model
+    clean = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    report = audit(clean, torch.randn(64, 3), batch_size=4, forward=lambda m, x: m(x).T.squeeze())
+    (finding,) = report.by_code("batch_coupling")
+    assert finding.severity == "info" and finding.finding == "batch coupling not checked"
 
 
 def test_frozen_layers_get_the_array_checks_and_no_mode_checks(trained):
@@ -868,6 +984,58 @@ def test_batches_that_are_not_random_samples_are_told_instead_of_noise_and_gap()
     (noise,) = shuffled.by_code("stat_noise")
     assert "not random" not in noise.finding and "random samples" in noise.evidence
     assert shuffled.shifts[0].batch_f < 2 and shuffled.shifts[0].mean_noise is not None
+
+
+def test_a_layer_called_twice_per_forward_is_not_taken_for_ordered_batches():
+    """One BN on x and on x + 3 in each forward: its two calls differ by design, not because the batches (random
+    here) differ, so the audit must not claim that the data is ordered."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(3, 4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.fc(x)) + self.bn(self.fc(x + 3))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    model.bn.num_batches_tracked.fill_(1000)
+    report = audit(model, torch.randn(512, 3), batch_size=64)
+    (noise,) = report.by_code("stat_noise")
+    assert "not random" not in noise.finding
+    (gap,) = report.by_code("gap")
+    assert "not random" not in gap.evidence
+    # nor taken for sampling noise: the spread between x's and x + 3's statistics made the running means "wobble"
+    # by 0.25 std (a warning), where PyTorch's own running mean, trained so, wobbles by 0.04 between forwards
+    assert noise.finding == "running statistics noise not estimated" and noise.severity == "info"
+    assert "called more than once per forward" in noise.evidence
+    (shift,) = report.shifts
+    assert shift.mean_noise is None and shift.var_noise is None and shift.batch_f is None
+    # a layer called once per forward beside it still gets its figure
+    model.head = nn.BatchNorm1d(4).eval()
+    model.head.num_batches_tracked.fill_(1000)
+    model.forward = lambda x: model.head(Twice.forward(model, x))
+    report = audit(model, torch.randn(512, 3), batch_size=64)
+    (noise,) = report.by_code("stat_noise")
+    assert noise.layer == "head" and noise.data["mean_noise"] > 0
+    assert {s.layer: s.mean_noise is None for s in report.shifts} == {"bn": True, "head": False}
+
+
+def test_the_quoted_random_batch_limit_has_the_anova_degrees_of_freedom():
+    """4 sorted batches of 8 through BatchNorm1d (one value per channel and sample): for random batches the F ratio
+    is F(K - 1, sum_b (n_b - 1)) = F(3, 28), so the quoted limit has a chance of at most one in a million under it
+    (F(4, 28) or F(3, 32), one degree of freedom too many, give lower limits: chances above that)."""
+    stats = pytest.importorskip("scipy.stats")
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4).eval()
+    bn.num_batches_tracked.fill_(1000)
+    x = torch.randn(32, 4) + torch.linspace(-5, 5, 32)[:, None]  # batches in ascending order
+    (noise,) = audit(bn, x, batch_size=8).by_code("stat_noise")
+    assert "not random samples" in noise.finding and noise.data["batches"] == 4
+    limit, exact = noise.data["f_limit"], stats.f.isf(1e-6, 3, 28)
+    assert stats.f.sf(limit, 3, 28) <= 1e-6 and limit <= 1.2 * exact
+    assert f"above {limit:.3g} with" in noise.evidence
 
 
 @pytest.mark.parametrize("max_batches", [0, -3])
@@ -1002,6 +1170,35 @@ def test_observers_updated_by_the_passes_are_put_back():
     audit(model, torch.randn(64, 5) * 3, batch_size=16)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+class _RunningRange(nn.Module):
+    """Divides by a range it moves on every call, in any mode (as a fake-quantization observer does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x):
+        self.scale.mul_(0.5).add_(0.5 * x.abs().max())
+        return x / self.scale
+
+
+def test_the_eval_pass_starts_from_the_state_before_the_audit():
+    """The gap compares the first batch on batch statistics with it in eval mode, both from the model as given: an
+    observer left where the first pass (every batch) moved it changed the eval output. Oracle: two copies."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), _RunningRange()).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].num_batches_tracked.fill_(10)
+    x = torch.randn(512, 3) * 10
+    on_batch, in_eval = copy.deepcopy(model), copy.deepcopy(model)
+    on_batch[1].train()
+    with torch.no_grad():
+        a, b = on_batch(x[:64]).double(), in_eval(x[:64]).double()
+    report = audit(model, x, batch_size=64)
+    assert report.train_eval_gap == pytest.approx(((a - b).norm() / a.norm()).item(), rel=1e-5)
 
 
 @dataclasses.dataclass

@@ -46,10 +46,11 @@ class LayerShift:
     ``mean_noise`` / ``var_noise``: expected standard deviation of the running mean (in
     running standard deviations) and relative one of the running variance at the training
     batch size, root-mean-square over channels (None when fewer than 2 batches were seen, for bnkit's
-    ``FrozenBatchNorm*d``, whose statistics no longer change, and when the batches are not random samples).
+    ``FrozenBatchNorm*d``, whose statistics no longer change, when the batches are not random samples, and for a
+    layer called more than once per forward, whose calls differ by design, not by sampling).
     ``batch_f``: the batch means' ANOVA F ratio (between-batch mean square over the pooled within-batch
     variance), channel median; at most about 1 when the batches are random samples of the data (None when
-    fewer than 2 batches were seen).
+    fewer than 2 batches were seen, and for a layer called more than once per forward).
     """
 
     layer: str
@@ -136,7 +137,8 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
         worst = int(np.argmax(kl))
         shift = LayerShift(name, float(kl.mean()), float(math.sqrt(2 * kl.mean())), float(z[worst]),
                            float(log_ratio[worst]), worst, int(col.moments.count))
-        shift.mean_noise, shift.var_noise, shift.batch_f = _noise(col, bn, b_train, var_r + eps)
+        if len(col.means) <= report.batches:  # more calls than batches: inputs that differ by design (x, x + 3)
+            shift.mean_noise, shift.var_noise, shift.batch_f = _noise(col, bn, b_train, var_r + eps)
         shifts.append(shift)
     shifts.sort(key=lambda s: s.score, reverse=True)
     report.shifts = shifts
@@ -180,11 +182,17 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
         return findings, ordered
     noisy = [s for s in shifts if s.mean_noise is not None]
     if not noisy and any(is_batchnorm(dict(tracked)[s.layer]) for s in shifts):
+        if report.batches < 2:
+            why = f"the data gave {report.batches} batch(es)"
+            fix = "pass more data or a smaller batch size"
+        else:  # each layer was called more than once per forward, or reached in fewer than 2 batches
+            why = ("no BatchNorm layer was called once per forward in at least 2 of them (a layer called more than "
+                   "once per forward sees inputs that differ by design)")
+            fix = ""
         findings.append(Finding(
             "info", "(model)", "running statistics noise not estimated",
-            f"it is measured from the spread between data batches and the data gave {report.batches} batch(es) "
-            f"(training batch size {b_train} unused)", "pass more data or a smaller batch size", "stat_noise",
-            {"train_batch_size": b_train, "batches": report.batches}))
+            f"it is measured from the spread between data batches and {why} (training batch size {b_train} unused)",
+            fix, "stat_noise", {"train_batch_size": b_train, "batches": report.batches}))
     if noisy:
         worst = max(noisy, key=lambda s: s.mean_noise)
         worst_var = max(noisy, key=lambda s: s.var_noise)
