@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 
 import numpy as np
 import pytest
@@ -164,6 +165,11 @@ def test_exact_population_statistics_with_unequal_batches_and_dropout(dtype):
     np.testing.assert_array_equal(rows["bn2"].old_mean, before.bn2.running_mean.double().numpy())
     shift = np.abs(rows["bn2"].new_mean - rows["bn2"].old_mean) / np.sqrt(rows["bn2"].old_var + model.bn2.eps)
     assert rows["bn2"].mean_shift == pytest.approx(shift.max())
+    eps = model.bn2.eps  # variance ratio per channel from the buffers before and after: smallest, then largest
+    ratio = (model.bn2.running_var.double().numpy() + eps) / (before.bn2.running_var.double().numpy() + eps)
+    row = {r["layer"]: r for r in report.rows()}["bn2"]
+    assert (row["var_ratio_min"], row["var_ratio_max"]) == pytest.approx((ratio.min(), ratio.max()), rel=1e-6)
+    assert ratio.min() < ratio.max()
     assert "bn3" in str(report) and report.rows()[0]["layer"] == "bn3"
 
 
@@ -243,6 +249,25 @@ def test_half_precision_shifted_sums_against_float64(dtype):
     torch.testing.assert_close(var, want_var, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers_normalize_in_float32_for_the_next_layer(dtype):
+    """A float16/bfloat16 BN normalizes in float32 during the pass: normalizing in its own dtype rounds the batch
+    mean (~50) to the dtype's ulp and shifts every output the next BN reads by a good fraction of a std.
+    Oracle: the same weights and data in float64; the next layer's float64 statistic (the report's ``new_mean``,
+    before the buffer rounds it) must agree to the dtype's epsilon in std (measured: 8e-5 / 5e-4; 0.018 / 0.10
+    when normalizing in the 16-bit dtype)."""
+    torch.manual_seed(3)
+    model = trained_like(nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.BatchNorm1d(8)))
+    model = model.to(dtype)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(64, 3, generator=g, dtype=torch.float64) * 3 + 50).to(dtype) for _ in range(4)]
+    mean, var, _ = reference_stats(copy.deepcopy(model).double(), [d.double() for d in data])["3"]
+    report = recalibrate(model, data, progress=False)
+    got = report.layers[1]
+    assert got.name == "3"
+    assert np.max(np.abs(got.new_mean - mean) / np.sqrt(var)) < torch.finfo(dtype).eps
+
+
 def test_subclass_with_its_own_forward_keeps_it():
     class Scaled(nn.BatchNorm1d):
         calls = 0
@@ -266,6 +291,38 @@ def test_subclass_with_its_own_forward_keeps_it():
     assert len(patched_calls) == 2 and model[4].forward is patched
     assert_matches_reference(model, ref)
     assert all("forward" not in m.__dict__ for m in model[:4]) and not any(m._forward_pre_hooks for m in model)
+
+
+class Renormish(nn.BatchNorm1d):
+    """Batch-Renorm-like: its training forward normalizes with the running statistics and then updates them."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        out = (x - self.running_mean) / (self.running_var + self.eps).sqrt()
+        with torch.no_grad():
+            self.running_mean.lerp_(x.mean(0), 0.5)
+            self.running_var.lerp_(x.var(0), 0.5)
+        return out
+
+
+def test_subclass_reading_its_buffers_runs_every_call_from_the_state_before_the_pass():
+    """If its buffers drifted from call to call, the next layer's statistics would depend on the batch order.
+    Oracle: PyTorch's training forwards with the subclass's buffers put back before every batch."""
+    torch.manual_seed(0)
+    model = trained_like(nn.Sequential(nn.Linear(3, 4), Renormish(4), nn.Linear(4, 4), nn.BatchNorm1d(4)).double())
+    start = buffers(model)
+    batches = [torch.randn(8, 3, dtype=torch.float64) + 3 for _ in range(4)]
+
+    def from_start(m, b):
+        m[1].running_mean.copy_(start["1.running_mean"])
+        m[1].running_var.copy_(start["1.running_var"])
+        return m(b)
+
+    ref = reference_stats(model, batches, from_start)
+    assert not np.allclose(ref["3"][0], reference_stats(model, batches)["3"][0], rtol=1e-3)  # drift would show
+    recalibrate(model, batches, progress=False)
+    assert_matches_reference(model, ref)
 
 
 @pytest.mark.parametrize("biased", [False, True])
@@ -304,17 +361,34 @@ def test_cumulative_average_counts_the_batches_as_update_bn_does():
     recalibrate(model, batches, progress=False)
     assert int(model[1].num_batches_tracked) == int(peer[1].num_batches_tracked) == 3
     assert int(model[3].num_batches_tracked) == 123 + 3
+    # a drop-in layer's debias=True with momentum=0 is a cumulative average too (weight 1/t on batch t): its
+    # counter is reset to the 3 calls, not advanced from the 7 training batches (which would weigh them as 10)
+    from bnkit.torch import BatchNorm1d
+
+    debiased = nn.Sequential(nn.Linear(3, 4), BatchNorm1d(4, momentum=0.0, debias=True)).double().train()
+    with torch.no_grad():
+        for _ in range(7):
+            debiased(torch.randn(8, 3, dtype=torch.float64))
+    assert int(debiased[1].num_batches_tracked) == 7
+    recalibrate(debiased.eval(), batches, progress=False)
+    assert int(debiased[1].num_batches_tracked) == 3
 
 
 def test_tuples_by_default_num_batches_and_no_grad():
-    model = mixed_model()
-    batches = make_batches()
-    ref = reference_stats(model, batches[:3])
-    grad_enabled = []
-    model.register_forward_pre_hook(lambda m, a: grad_enabled.append(torch.is_grad_enabled()))
-    report = recalibrate(model, [(x, torch.zeros(len(x))) for x in batches], num_batches=3, progress=False)
-    assert report.batches == 3 and grad_enabled == [False] * 3
-    assert_matches_reference(model, ref)
+    """(inputs, targets) tuples and namedtuples, also moved to a device= (a namedtuple rebuilt from its fields)."""
+    from collections import namedtuple
+
+    Batch = namedtuple("Batch", "x y")
+    for device in (None, "cpu"):
+        model = mixed_model()
+        batches = make_batches()
+        ref = reference_stats(model, batches[:3])
+        grad_enabled = []
+        model.register_forward_pre_hook(lambda m, a: grad_enabled.append(torch.is_grad_enabled()))
+        data = [(x, torch.zeros(len(x))) if i % 2 else Batch(x, torch.zeros(len(x))) for i, x in enumerate(batches)]
+        report = recalibrate(model, data, num_batches=3, device=device, progress=False)
+        assert report.batches == 3 and grad_enabled == [False] * 3
+        assert_matches_reference(model, ref)
 
 
 def test_dict_input_model_with_forward():
@@ -347,16 +421,20 @@ def test_shared_layer_unused_layer_and_skip_of_untracked():
             self.shared = nn.BatchNorm1d(3)  # called twice per forward
             self.unused = nn.BatchNorm1d(3)
             self.untracked = nn.BatchNorm1d(3, track_running_stats=False)
+            self.switched = nn.BatchNorm1d(3)  # switched off after construction: its buffers stay, untouched
+            self.switched.track_running_stats = False
 
         def forward(self, x):
-            return self.untracked(self.shared(self.fc(self.shared(x))))
+            return self.switched(self.untracked(self.shared(self.fc(self.shared(x)))))
 
     torch.manual_seed(0)
     model = trained_like(Net())
     batches = [torch.randn(n, 3) * 2 + 1 for n in (4, 6)]
     ref = reference_stats(model, batches)
     unused_before = model.unused.running_mean.clone()
+    switched_before = {k: v.clone() for k, v in model.switched.state_dict().items()}
     report = recalibrate(model, batches, progress=False)
+    assert all(torch.equal(v, switched_before[k]) for k, v in model.switched.state_dict().items())
     np.testing.assert_allclose(model.shared.running_mean.double().numpy(), ref["shared"][0], rtol=1e-6)
     np.testing.assert_allclose(model.shared.running_var.double().numpy(), ref["shared"][1], rtol=1e-6)
     assert int(model.shared.num_batches_tracked) == 123 + 4  # counting on, as training does
@@ -416,6 +494,44 @@ def test_nonfinite_batch_raises_naming_the_layer_or_is_skipped():
     assert_matches_reference(model, ref)
 
 
+class _NaNRouted(nn.Module):
+    """Batches of fewer than 4 rows reach no BN; a batch holding NaN goes to ``b``, any other to ``a``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.a, self.b = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if len(x) < 4:
+            return h
+        return self.b(h) if bool(torch.isnan(x).any()) else self.a(h)
+
+
+def test_batch_counts_with_skipped_batches_and_batches_that_reach_no_layer():
+    """Two non-finite batches count as two skipped; a layer reached only by skipped batches is unused (not an
+    IndexError); a batch that reaches no BN still counts as a batch run, and data that reaches none leaves
+    every layer unused rather than "no batches"."""
+    torch.manual_seed(0)
+    model = trained_like(_NaNRouted().double())
+    before = buffers(model)
+    good = [torch.randn(n, 3, dtype=torch.float64) + 1 for n in (8, 6)]
+    nan = [torch.randn(8, 3, dtype=torch.float64) for _ in range(2)]
+    nan[0][0, 0] = nan[1][5, 2] = float("nan")
+    small = torch.randn(3, 3, dtype=torch.float64)
+    ref = reference_stats(model, good)["a"]
+    report = recalibrate(model, [good[0], nan[0], small, nan[1], good[1]], on_nonfinite="skip", progress=False)
+    assert (report.batches, report.skipped_batches) == (3, 2)
+    assert report.unused_layers == ["b"]
+    assert all(torch.equal(v, before["b." + k]) for k, v in model.b.state_dict().items())
+    np.testing.assert_allclose(model.a.running_mean.numpy(), ref[0], rtol=1e-9)
+    np.testing.assert_allclose(model.a.running_var.numpy(), ref[1], rtol=1e-9)
+    assert int(model.a.num_batches_tracked) == ref[2]
+
+    report = recalibrate(model, [small, small[:2]], progress=False)
+    assert (report.batches, report.skipped_batches) == (2, 0) and report.unused_layers == ["a", "b"]
+
+
 class _Blowup(nn.Module):
     """Inf wherever a sample's first feature exceeds 3.5: a batch that is finite at the first BN, not the second."""
 
@@ -465,6 +581,22 @@ def test_bad_input_is_refused_and_changes_nothing():
     with pytest.raises(RuntimeError):  # wrong shape: PyTorch's own error, nothing changed
         recalibrate(model, [torch.randn(4, 2, 4, 6, 6)], progress=False)
     assert_same_state(model, before)
+
+    class Own(nn.BatchNorm1d):  # a forward of its own: only the pre-hook sees the input first
+        def forward(self, x):
+            return super().forward(x)
+
+    with pytest.raises(ValueError, match=r"'0' has 4 channels but got input of shape \(4,\)"):  # not an IndexError
+        recalibrate(nn.Sequential(Own(4)).eval(), [torch.randn(4)], progress=False)
+    with torch.inference_mode():
+        frozen = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    with pytest.raises(ValueError, match=r"'1' holds inference tensors"):  # its buffers cannot be written here
+        recalibrate(frozen, [torch.randn(8, 3)], progress=False)
+    ref = reference_stats(model, batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Dropout in eval mode (model.eval() above): nothing to warn about
+        recalibrate(model, batches, progress=False)
+    assert_matches_reference(model, ref)
     with pytest.warns(UserWarning, match="Dropout"):
         recalibrate(model.train(), batches, progress=False)
     assert model.training and model.drop.training
@@ -548,10 +680,10 @@ def test_progress_bar_only_on_long_passes(monkeypatch):
     module = importlib.import_module("bnkit.torch.recalibrate")
     batches = make_batches()
 
-    def drawn() -> str:
+    def drawn(**kwargs) -> str:
         out = io.StringIO()
         monkeypatch.setattr(rich, "_console", Console(file=out, force_terminal=True, width=100))
-        recalibrate(mixed_model(), batches)
+        recalibrate(mixed_model(), batches, **kwargs)
         return out.getvalue()
 
     monkeypatch.setattr(module, "_PROGRESS_AFTER", 3600.0)  # a pass shorter than that, however loaded the machine
@@ -559,6 +691,8 @@ def test_progress_bar_only_on_long_passes(monkeypatch):
     monkeypatch.setattr(module, "_PROGRESS_AFTER", 0.0)
     text = drawn()
     assert "recalibrating BatchNorm" in text and f"{len(batches)}/{len(batches)}" in text
+    text = drawn(num_batches=2)  # the pass runs 2 of the 4 batches: the total is 2
+    assert "2/2" in text and f"/{len(batches)}" not in text
 
 
 def test_layers_called_with_keyword_input():
@@ -594,6 +728,17 @@ def test_statistics_beyond_float64_when_merged_name_the_layer_and_change_nothing
     with pytest.raises(ValueError, match=r"BatchNorm layer '0': its statistics overflow float64"):
         recalibrate(model, data, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # one batch whose own variance overflows (values ~1e160, finite mean) is a non-finite batch: named under
+    # "raise", left out under "skip", with the rest's statistics (float64 oracle)
+    rest = [torch.randn(4, 3, 8, 8, dtype=torch.float64) + 2 for _ in range(3)]
+    huge = torch.randn(4, 3, 8, 8, dtype=torch.float64) * 1e160
+    with pytest.raises(ValueError, match=r"non-finite .* layer '0' in batch 1"):
+        recalibrate(model, [rest[0], huge, *rest[1:]], progress=False)
+    report = recalibrate(model, [rest[0], huge, *rest[1:]], on_nonfinite="skip", progress=False)
+    assert (report.batches, report.skipped_batches) == (3, 1)
+    x = torch.cat(rest).transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(model[0].running_var, x.var(dim=1), rtol=1e-9, atol=0)
+    torch.testing.assert_close(model[0].running_mean, x.mean(dim=1), rtol=0, atol=1e-12)
 
 
 def test_statistics_beyond_float16_are_refused_and_change_nothing():
@@ -609,6 +754,15 @@ def test_statistics_beyond_float16_are_refused_and_change_nothing():
     scaled = [x / 4096 for x in data]  # in range: recalibrates, every buffer finite
     recalibrate(model, scaled, progress=False)
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    # the mean too: a float16 BN fed float32 activations near 7e4 (variance ~1) would get running_mean = inf
+    mixed = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    with torch.no_grad():
+        mixed[0].bias.fill_(7e4)
+    mixed[1].half()
+    before = {k: v.clone() for k, v in mixed.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'1'.*max \|mean\| 7e\+04.*exceed torch.float16's range"):
+        recalibrate(mixed, [torch.randn(8, 3) for _ in range(2)], progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in mixed.state_dict().items())
 
 
 class ReassigningBN(nn.BatchNorm1d):
