@@ -18,9 +18,9 @@ from bnkit.audit_state import (
 )
 
 
-def _trained_bn(channels=4, steps=50, seed=0):
+def _trained_bn(channels=4, steps=50, seed=0, **kw):
     torch.manual_seed(seed)
-    bn = nn.BatchNorm1d(channels)
+    bn = nn.BatchNorm1d(channels, **kw)
     for _ in range(steps):
         bn(torch.randn(32, channels) * 2 + 3)
     return bn
@@ -52,7 +52,8 @@ def test_ema_noise_factor_matches_a_simulated_running_average():
 
 
 def test_initial_weight_is_what_pytorch_leaves_of_the_initial_buffers():
-    for momentum, n in ((0.1, 7), (0.3, 3), (None, 4)):
+    # (None, 0) and (None, 1): nothing left before an update, and the cumulative average's first update replaces all
+    for momentum, n in ((0.1, 7), (0.3, 3), (None, 4), (None, 0), (None, 1), (0.1, 0)):
         bn = nn.BatchNorm1d(1, momentum=momentum)
         for _ in range(n):
             bn(torch.full((8, 1), 5.0) + torch.tensor([[1.0], [-1.0]] * 4))  # batch mean exactly 5
@@ -63,7 +64,9 @@ def test_initial_weight_is_what_pytorch_leaves_of_the_initial_buffers():
 def test_state_dict_layers_found_by_buffer_names():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4),
                           nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2, affine=False)))
-    layers = {layer.name: layer for layer in bn_stats_from_state(model.state_dict())}
+    state = dict(model.state_dict())
+    state["ema.running_mean"] = torch.zeros(5)  # not a BN layer (no running_var): e.g. an EMA normalizer's buffer
+    layers = {layer.name: layer for layer in bn_stats_from_state(state)}
     assert set(layers) == {"1", "2.1"}
     assert layers["1"].weight is not None and layers["2.1"].weight is None
     assert layers["1"].num_batches_tracked == 0
@@ -72,6 +75,26 @@ def test_state_dict_layers_found_by_buffer_names():
 def test_trained_layer_has_no_findings():
     bn = _trained_bn()
     assert audit_state(bn.state_dict()) == []
+
+
+def test_a_bfloat16_state_dict_is_read_like_the_float64_values_it_holds():
+    """bfloat16 checkpoints are common; NumPy has no bfloat16, so reading them must go through a float dtype
+    (reported as a state no BN can hold otherwise)."""
+    bn = _trained_bn().to(torch.bfloat16)
+    (layer,) = bn_stats_from_state(bn.state_dict())
+    assert layer.invalid == [] and audit_state(bn.state_dict()) == []
+    np.testing.assert_array_equal(layer.running_var, bn.running_var.double().numpy())
+
+
+def test_only_both_initial_values_mean_never_updated():
+    """PyTorch's reset_running_stats sets mean 0 AND var 1; either alone is what trained statistics can be (a
+    normalized input has mean 0, a whitened one variance 1), and the eval layer then is not the identity."""
+    for key, value in (("running_var", 1.0), ("running_mean", 0.0)):
+        bn = _trained_bn()
+        getattr(bn, key).fill_(value)
+        assert audit_state(bn.state_dict()) == [], key
+        x = torch.randn(3, 4)
+        assert not torch.allclose(bn.eval()(x), nn.BatchNorm1d(4).eval()(x))  # not the never-updated layer
 
 
 def test_never_updated_statistics_are_an_error():
@@ -117,10 +140,12 @@ def test_negative_variance_is_an_error_and_nan_after_eps():
 
 
 @pytest.mark.parametrize("var", [1e-9, 0.0])  # 0.0: a dead channel (a ReLU before it never fires), gain 1/sqrt(eps)
-def test_tiny_variance_gain_matches_the_eval_layer(var):
-    bn = _trained_bn()
+@pytest.mark.parametrize("affine", [True, False])  # affine=False: gamma is 1, not absent (and not 0)
+@pytest.mark.parametrize("eps", [1e-5, 1e-3])  # a layer's own eps reaches the check
+def test_tiny_variance_gain_matches_the_eval_layer(var, affine, eps):
+    bn = _trained_bn(affine=affine, eps=eps)
     bn.running_var[3] = var
-    (finding,) = audit_state(bn.state_dict())
+    (finding,) = audit_state(bn.state_dict(), eps=eps)
     assert finding.code == "tiny_var" and finding.data["channels"] == [3]
     x = torch.zeros(2, 4, dtype=torch.float64)
     x[1, 3] = 1e-3
@@ -161,6 +186,10 @@ def test_inconsistent_shapes():
     layer = BNStats("bn", np.zeros(3), np.ones(4), weight=np.ones(3))
     (finding,) = check_bn_stats(layer)
     assert finding.code == "bad_shape" and finding.severity == "error"
+    # equal shapes that are not one value per channel (torch's buffers are 1-D: (num_features,))
+    assert nn.BatchNorm1d(3).running_mean.ndim == 1
+    (finding,) = check_bn_stats(BNStats("bn", np.zeros((2, 3)), np.ones((2, 3))))
+    assert finding.code == "bad_shape"
 
 
 def _layer_with_eps(bn, eps):
@@ -184,6 +213,14 @@ def test_negative_eps_that_reaches_a_variance_is_an_error_naming_the_nan_channel
     assert finding.code == "nonpositive_var_eps" and finding.severity == "error" and finding.data["channels"] == [2]
     out = _eval_float64(layer, np.random.default_rng(0).standard_normal((4, 4)))
     assert np.flatnonzero(np.isnan(out).any(axis=0)).tolist() == finding.data["channels"]
+
+
+def test_zero_eps_with_positive_variances_is_no_finding():
+    """eps=0 is legal (torch takes it); the eval layer is finite with gain |gamma|/sqrt(var) exactly."""
+    bn = _trained_bn()
+    assert check_bn_stats(_layer_with_eps(bn, 0.0)) == []
+    bn.eps = 0.0
+    assert torch.isfinite(bn.eval()(torch.randn(4, 4))).all()
 
 
 def test_negative_eps_below_every_variance_is_a_warning():

@@ -182,6 +182,15 @@ def test_keras_positional_list_needs_flags_when_ambiguous():
     # "3" was compared with the arrays' 3 channels and reported as a mismatch of 3 with 3
     *[(lambda s, v=v: s["config"].update(num_features=v), rf"num_features must be a positive integer, got {shown}")
       for v, shown in (("3", "'3'"), (0, "0"), (-2, "-2"), (True, "True"), (4.0, "4.0"))],
+    # the config contradicting the state dict: which one holds is a guess, so neither is taken
+    (lambda s: s["state_dict"].pop("weight"), "'bias' without 'weight'"),  # affine=True names the lesser problem
+    (lambda s: s["config"].update(bias=False), "says bias=False but the weights have it"),
+    (lambda s: s["config"].update(track_running_stats=False), "says track_running_stats=False"),
+    (lambda s: s["config"].update(num_features=5), "num_features=5 but the arrays have 4 channels"),
+    # no channel at all, and integers (a count or an index array passed by mistake) are no per-channel statistics
+    (lambda s: s["state_dict"].update({k: np.zeros(0, np.float32) for k in ("weight", "bias", "running_mean",
+                                                                         "running_var")}), "non-empty 1-D"),
+    (lambda s: s["state_dict"].update(running_mean=np.arange(C)), "running_mean must be floating point"),
 ])
 def test_bad_input_is_rejected(mutate, match):
     st = {"state_dict": dict(SAMPLES["torch"]["state_dict"]), "config": dict(SAMPLES["torch"]["config"])}
@@ -196,6 +205,70 @@ def test_a_flax_config_contradicting_its_params_is_refused(flag, param):
     st = {**SAMPLES["flax"], "config": {**SAMPLES["flax"]["config"], flag: False}}
     with pytest.raises(ValueError, match=flag):
         convert_state(st, "flax", "torch")
+
+
+@pytest.mark.parametrize("weights,config,match", [
+    # beta present but center=False: the stated flag and the weights disagree
+    ({"gamma": GAMMA, "beta": BETA, "moving_mean": MEAN, "moving_variance": VAR}, {"center": False},
+     "says center=False but the weights have it"),
+    # a stated center is taken, only the unstated scale guessed (True for 4 arrays): 3 arrays expected, not 4
+    ([GAMMA, BETA, MEAN, VAR], {"center": False, "scale": None}, "expected 3 arrays"),
+    ({"gamma": GAMMA, "beta": BETA}, {}, "must include 'moving_mean' and 'moving_variance'"),
+])
+def test_a_keras_config_contradicting_its_weights_is_refused(weights, config, match):
+    cfg = {k: v for k, v in {**SAMPLES["keras"]["config"], **config}.items() if v is not None}
+    with pytest.raises(ValueError, match=match):
+        convert_state({"weights": weights, "config": cfg}, "keras", "torch")
+
+
+def test_a_config_without_axis_gets_the_frameworks_own_default():
+    """Keras and Flax both default to axis=-1 (channels-last); reading a missing axis as 1 would make the converted
+    layer normalize another axis, silently. The oracle is each framework's own default."""
+    keras = pytest.importorskip("keras")
+    linen = pytest.importorskip("flax.linen")
+    for src, dst, default in (("keras", "flax", keras.layers.BatchNormalization().get_config()["axis"]),
+                              ("flax", "keras", linen.BatchNorm().axis)):
+        cfg = {k: v for k, v in SAMPLES[src]["config"].items() if k != "axis"}
+        assert convert_state(dict(SAMPLES[src], config=cfg), src, dst)["config"]["axis"] == default == -1
+
+
+def test_flax_variables_have_the_collections_module_init_makes():
+    """A Flax BatchNorm without scale and bias has no 'params' collection at all (module.init makes none); an empty
+    one changes the variables' tree structure, which jax transformations and checkpoints compare."""
+    jax = pytest.importorskip("jax")
+    linen = pytest.importorskip("flax.linen")
+    x = RNG.normal(size=(5, C)).astype(np.float32)
+    for affine in (False, True):
+        sd = {"running_mean": MEAN, "running_var": VAR, **({"weight": GAMMA, "bias": BETA} if affine else {})}
+        out = convert_state({"state_dict": sd, "config": {"eps": 1e-3, "momentum": 0.1}}, "torch", "flax", axis=-1)
+        cfg = out["config"]
+        module = linen.BatchNorm(use_running_average=True, **cfg)
+        init = module.init(jax.random.PRNGKey(0), x)
+        assert jax.tree_util.tree_structure(out["variables"]) == jax.tree_util.tree_structure(init)
+        gamma, beta = (GAMMA, BETA) if affine else (1.0, 0.0)
+        expected = gamma * (x.astype(np.float64) - MEAN) / np.sqrt(VAR.astype(np.float64) + 1e-3) + beta
+        np.testing.assert_allclose(np.asarray(module.apply(out["variables"], x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_result_never_shares_memory_with_the_input():
+    """The arrays are copied: editing a converted layer in place must not change the source layer (a torch tensor's
+    .numpy() and np.asarray of an array share memory)."""
+    torch = pytest.importorskip("torch")
+    bn = torch.nn.BatchNorm1d(C)
+    for state in (SAMPLES["torch"], {"state_dict": bn.state_dict(), "config": {"eps": 1e-5, "momentum": 0.1}}):
+        for dst in FRAMEWORKS:
+            out = convert_state(state, "torch", dst)
+            got = out.get("state_dict") or out.get("weights") or out.get("initializers") or out["variables"]
+            leaves = [a for v in got.values() for a in (v.values() if isinstance(v, dict) else [v])]
+            sources = [np.asarray(v) if not hasattr(v, "numpy") else v.numpy() for v in state["state_dict"].values()]
+            assert not any(np.shares_memory(a, b) for a in leaves for b in sources), dst
+
+
+def test_zero_eps_is_a_legal_layer_and_converts():
+    """eps=0 is allowed by every framework (torch and Keras take it; the division only fails for a zero variance)."""
+    st = {"state_dict": {"running_mean": MEAN, "running_var": VAR}, "config": {"eps": 0.0, "momentum": 0.1}}
+    assert convert_state(st, "torch", "keras")["config"]["epsilon"] == 0.0
+    assert convert_state(st, "torch", "onnx")["attributes"]["epsilon"] == 0.0
 
 
 def test_layers_the_target_cannot_express_are_refused():
@@ -277,6 +350,7 @@ def test_keras_state_without_center_scale_to_onnx_in_onnxruntime():
     scale, b, mean, var = onnx_state["initializers"]
     np.testing.assert_array_equal(scale, np.ones(C))
     np.testing.assert_array_equal(b, np.zeros(C))
+    assert scale.dtype == b.dtype == MEAN.dtype == np.float32  # filled in the layer's dtype, never cast to float64
     x_last = RNG.normal(size=(3, 6, C)).astype(np.float32)  # channels-last, as Keras sees it
     (y,) = _run_onnx_node(dict(zip(["scale", "B", "input_mean", "input_var"], onnx_state["initializers"])),
                           onnx_state["attributes"], np.moveaxis(x_last, -1, 1), training=False)

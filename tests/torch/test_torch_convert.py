@@ -188,6 +188,12 @@ def test_a_frozen_keras_layer_round_trips_as_frozen():
     for bn in (nn.BatchNorm2d(C).eval(), nn.BatchNorm2d(C).requires_grad_(False),
                nn.BatchNorm2d(C, affine=False).eval()):
         assert to_keras(bn).trainable
+    # only gamma frozen in eval: beta still trains in torch, so Keras must keep it trainable ("not all" was taken
+    # for "none": trainable=False froze beta and the moving statistics too)
+    bn = nn.BatchNorm2d(C).eval()
+    bn.weight.requires_grad_(False)
+    k = to_keras(bn)
+    assert k.trainable and any(w is k.beta for w in k.trainable_weights)
 
 
 @needs_keras
@@ -232,6 +238,8 @@ def test_keras_bad_input_is_refused():
         to_keras(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="renorm"):
         to_keras(BatchNorm2d(C, renorm=True))
+    with pytest.raises(ValueError, match="debias"):  # bias-corrected running statistics: Keras has no such rule
+        to_keras(BatchNorm2d(C, debias=True))
 
 
 @needs_keras
@@ -416,6 +424,8 @@ def test_flax_bad_input_is_refused():
         from_flax(linen.Dense(3), variables)
     with pytest.raises(ValueError, match="single channel axis"):
         from_flax(linen.BatchNorm(axis=(1, 2), momentum=0.9, epsilon=1e-5), variables)
+    with pytest.raises(ValueError, match="debias"):  # bias-corrected running statistics: Flax has no such rule
+        to_flax(BatchNorm2d(C, debias=True))
 
 
 def test_from_flax_with_the_wrong_variables_says_what_it_expects():
