@@ -1022,6 +1022,63 @@ def test_a_layer_called_twice_per_forward_is_not_taken_for_ordered_batches():
     assert {s.layer: s.mean_noise is None for s in report.shifts} == {"bn": True, "head": False}
 
 
+def test_a_routed_layer_called_twice_in_some_forwards_gets_no_noise_figure_and_no_ordering_claim():
+    """A branch taken by some batches only, where it calls its BN on x and x + 3: 4 calls over 4 batches looked like
+    one per forward, so its x / x + 3 spread (F ~ 100) made the audit call random data ordered and drop the other
+    layer's figure. Calls are counted per forward now; the once-called layer's figure is the closed form for
+    BatchNorm1d on i.i.d. N(0, 1) data, sqrt(momentum / (2 - momentum) / B) (see the running-average test above)."""
+    class Routed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.other = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            y = self.other(x)
+            if x.shape[0] == 33:  # data-dependent routing
+                y = y + self.bn(x) + self.bn(x + 3)
+            return y
+
+    torch.manual_seed(0)
+    model = Routed().eval()
+    for bn in (model.bn, model.other):
+        bn.num_batches_tracked.fill_(1000)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(n, 4, generator=g) for n in (33, 32, 33, 32) * 8]
+    report = audit(model, data, train_batch_size=32)
+    shifts = {s.layer: s for s in report.shifts}
+    assert shifts["bn"].mean_noise is None and shifts["bn"].batch_f is None
+    (noise,) = report.by_code("stat_noise")
+    assert noise.layer == "other" and "not random" not in noise.finding
+    assert "not random" not in report.by_code("gap")[0].evidence
+    expected = math.sqrt(0.1 / 1.9 / 32)
+    assert shifts["other"].mean_noise == pytest.approx(expected, rel=0.35)
+
+
+def test_a_bn_subclass_called_with_the_input_keyword_is_audited():
+    """``bn(input=x)`` (PyTorch's parameter name) on a BN subclass with its own forward: the after-hook read
+    ``args[0]`` of an empty tuple and the audit blamed the model. Oracle: float64 statistics of x."""
+    class Own(nn.BatchNorm1d):
+        def forward(self, input):
+            return super().forward(input) * 1.0
+
+    class Keyword(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = Own(3)
+
+        def forward(self, x):
+            return self.bn(input=x)
+
+    model = Keyword().eval()
+    model.bn.num_batches_tracked.fill_(10)
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0)) + 1.0
+    (shift,) = audit(model, x).shifts
+    xd = x.double().numpy()
+    z = xd.mean(0) / np.sqrt(1.0 + 1e-5)
+    lr = np.log((xd.var(0, ddof=1) + 1e-5) / (1.0 + 1e-5))
+    assert shift.count == 64 and shift.score == pytest.approx((0.5 * (np.expm1(lr) - lr + z ** 2)).mean(), rel=1e-5)
+
+
 def test_the_quoted_random_batch_limit_has_the_anova_degrees_of_freedom():
     """4 sorted batches of 8 through BatchNorm1d (one value per channel and sample): for random batches the F ratio
     is F(K - 1, sum_b (n_b - 1)) = F(3, 28), so the quoted limit has a chance of at most one in a million under it

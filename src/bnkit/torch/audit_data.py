@@ -5,7 +5,6 @@ train-vs-eval gap, the batch-size-1 coupling check and the running statistics' n
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,7 +19,7 @@ from ..audit_state import as_array, ema_noise_factor
 from ..findings import Finding
 from .audit_batches import Batches, Restore, batch_len, batched, map_tensors, set_training
 from .audit_model import short_names
-from .audit_moments import Collector
+from .audit_moments import Collector, PassClock
 from .modules import eager_calls, flatten_tensors, is_batchnorm
 
 if TYPE_CHECKING:
@@ -47,10 +46,10 @@ class LayerShift:
     running standard deviations) and relative one of the running variance at the training
     batch size, root-mean-square over channels (None when fewer than 2 batches were seen, for bnkit's
     ``FrozenBatchNorm*d``, whose statistics no longer change, when the batches are not random samples, and for a
-    layer called more than once per forward, whose calls differ by design, not by sampling).
+    layer some forward called more than once, whose calls differ by design, not by sampling).
     ``batch_f``: the batch means' ANOVA F ratio (between-batch mean square over the pooled within-batch
     variance), channel median; at most about 1 when the batches are random samples of the data (None when
-    fewer than 2 batches were seen, and for a layer called more than once per forward).
+    fewer than 2 batches were seen, and for a layer some forward called more than once).
     """
 
     layer: str
@@ -74,7 +73,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
     ``layers``: BatchNorm layers and bnkit's ``FrozenBatchNorm*d`` (compared with the data like the others).
     """
     tracked = [(n, bn) for n, bn in layers if bn.running_mean is not None and not is_lazy(bn.running_mean)]
-    clock = itertools.count()  # numbers every BN call of the pass in the order they ran
+    clock = PassClock()  # numbers every BN call of the pass in the order they ran, and knows its batch
     collectors = {n: Collector(bn, clock) for n, bn in tracked}
     findings: list[Finding] = []
     with Restore(model, layers) as restore, torch.no_grad(), eager_calls(model):
@@ -88,6 +87,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
             for i, batch in enumerate(batches):
                 if (batch_len(batch) or 0) < 2:
                     continue  # batch statistics need two samples (a trailing remainder of one)
+                clock.batch = i
                 try:
                     out = forward(model, batch)
                 except Exception as exc:
@@ -137,7 +137,7 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
         worst = int(np.argmax(kl))
         shift = LayerShift(name, float(kl.mean()), float(math.sqrt(2 * kl.mean())), float(z[worst]),
                            float(log_ratio[worst]), worst, int(col.moments.count))
-        if len(col.means) <= report.batches:  # more calls than batches: inputs that differ by design (x, x + 3)
+        if col.once_per_forward:  # else some forward called it on inputs that differ by design (x, x + 3)
             shift.mean_noise, shift.var_noise, shift.batch_f = _noise(col, bn, b_train, var_r + eps)
         shifts.append(shift)
     shifts.sort(key=lambda s: s.score, reverse=True)
@@ -185,9 +185,9 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
         if report.batches < 2:
             why = f"the data gave {report.batches} batch(es)"
             fix = "pass more data or a smaller batch size"
-        else:  # each layer was called more than once per forward, or reached in fewer than 2 batches
-            why = ("no BatchNorm layer was called once per forward in at least 2 of them (a layer called more than "
-                   "once per forward sees inputs that differ by design)")
+        else:  # each layer was called more than once in some forward, or reached in fewer than 2 batches
+            why = ("no BatchNorm layer was reached in at least 2 of them without a forward calling it more than once "
+                   "(a layer called more than once per forward sees inputs that differ by design)")
             fix = ""
         findings.append(Finding(
             "info", "(model)", "running statistics noise not estimated",

@@ -8,7 +8,7 @@ formula (:class:`bnkit.stats.RunningMoments`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,19 @@ def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
     return np.maximum(np.subtract(invstd, eps, out=invstd), 0.0, out=invstd)
 
 
+class PassClock:
+    """Shared by the collectors of one pass: numbers their calls in the order they ran, and holds the index of the
+    data batch being run (set by the pass), so a layer's calls can be told apart per forward."""
+
+    def __init__(self) -> None:
+        self._calls = itertools.count()
+        self.batch = 0
+
+    def tick(self) -> tuple[int, int]:
+        """The next call's number and the batch it runs in."""
+        return next(self._calls), self.batch
+
+
 class Collector:
     """Per-layer float64 moments of a BN layer's input: pooled with Chan's formula, and per call.
 
@@ -90,11 +103,12 @@ class Collector:
     reduced after the call (a frozen one still normalizes with its buffers).
     """
 
-    def __init__(self, bn: _BatchNorm | FrozenBatchNormNd, clock: Iterator[int] | None = None) -> None:
-        """``clock``: shared by the collectors of one pass, it numbers their calls in the order they ran."""
+    def __init__(self, bn: _BatchNorm | FrozenBatchNormNd, clock: PassClock | None = None) -> None:
+        """``clock``: shared by the collectors of one pass (see :class:`PassClock`)."""
         self.moments = RunningMoments(channels(bn))
-        self._clock = clock if clock is not None else itertools.count()
+        self._clock = clock if clock is not None else PassClock()
         self.order: list[int] = []  # each call's number on the clock
+        self.batch_of: list[int] = []  # each call's data batch
         # a frozen layer's stock forward is BatchNorm's eval transform: the stand-in replaces it as it does PyTorch's
         self.stock = has_stock_forward(bn) or (not is_batchnorm(bn) and has_stock_eval_forward(bn))
         self.eps = float(bn.eps)
@@ -111,11 +125,18 @@ class Collector:
             return lambda: vars(bn).pop("forward", None)
         if is_batchnorm(bn):  # a frozen layer's own forward uses its buffers whatever its flags
             bn.training, bn.track_running_stats = True, False
-        return bn.register_forward_hook(self._after).remove
+        return bn.register_forward_hook(self._after, with_kwargs=True).remove
+
+    @property
+    def once_per_forward(self) -> bool:
+        """No forward of the pass called the layer more than once (its calls then differ by sampling alone)."""
+        return len(set(self.batch_of)) == len(self.batch_of)
 
     def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, spread: torch.Tensor, invstd: bool) -> None:
         self.samples.append((x.shape[0], n, invstd))
-        self.order.append(next(self._clock))
+        number, batch = self._clock.tick()
+        self.order.append(number)
+        self.batch_of.append(batch)
         self.means.append(mean)
         self.spreads.append(spread)
 
@@ -149,11 +170,12 @@ class Collector:
 
         return forward
 
-    def _after(self, module: _BatchNorm, args: tuple, output: Any) -> None:
-        if not args[0].numel():
+    def _after(self, module: _BatchNorm, args: tuple, kwargs: dict, output: Any) -> None:
+        x = args[0] if args else kwargs.get("input")  # bn(input=x), PyTorch's parameter name
+        if not isinstance(x, torch.Tensor) or not x.numel():
             return
-        n, mean, var, _ = _centred(args[0])
-        self._record(args[0], n, mean, var, False)
+        n, mean, var, _ = _centred(x)
+        self._record(x, n, mean, var, False)
 
     def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every call's batch size, count, mean and biased variance.
