@@ -438,8 +438,9 @@ def test_one_protect_stats_entered_nested_reports_and_restores_each_block():
 
 def test_warnings_point_at_the_users_line_for_with_decorator_and_forward():
     """action="warn" warnings name the user's line whichever way the guard is used: the ``with`` line, the call of a
-    decorated function, the forward call fed one sample (a fixed stacklevel fits only one of them: the with-statement's
-    pointed one frame too high, the forward's into torch/nn/modules/module.py). Oracle: this file's line numbers."""
+    decorated function, the forward call fed one sample, a forward through DataParallel (a fixed stacklevel fits only
+    one of them: the with-statement's pointed one frame too high, the forwards' into torch's own files). Oracle:
+    this file's line numbers."""
     import inspect
 
     bn = nn.BatchNorm1d(3)
@@ -455,17 +456,23 @@ def test_warnings_point_at_the_users_line_for_with_decorator_and_forward():
     def decorated() -> None:
         return None
 
+    def messages(code_words: str) -> list[tuple[str, int]]:
+        return [(w.filename, w.lineno) for w in caught
+                if issubclass(w.category, BNGuardWarning) and code_words in str(w.message)]
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         at_with = with_statement()
         at_call = inspect.currentframe().f_lineno + 1
         decorated()
-        with bn_guard(bn.eval(), action="warn"):
-            bn.train()
+        with bn_guard(bn, action="warn", ignore=["training"]):  # in training mode: the batch-size hook is set here
             at_forward = inspect.currentframe().f_lineno + 2
             with pytest.raises(ValueError):  # PyTorch's own refusal of one value per channel comes after the hook
                 bn(torch.randn(1, 3))
+        with bn_guard(bn.eval(), action="warn", ignore=["batch_of_one"]):
+            bn.train()
+            at_parallel = inspect.currentframe().f_lineno + 1
+            nn.DataParallel(bn)(torch.randn(2, 3))
         bn.eval()
-    lines = [(w.filename, w.lineno) for w in caught if issubclass(w.category, BNGuardWarning)]
-    assert lines[:2] == [(__file__, at_with), (__file__, at_call)]
-    assert (__file__, at_forward) in lines[2:] and all(f == __file__ for f, _ in lines)
+    assert messages("in training mode") == [(__file__, at_with), (__file__, at_call), (__file__, at_parallel)]
+    assert messages("fewer than 2 values per channel") == [(__file__, at_forward)]

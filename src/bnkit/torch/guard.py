@@ -119,9 +119,9 @@ def _stats_findings(name: str, m: nn.Module) -> list[Finding]:
 
 
 #: Frames a guard's warning passes over to reach the user's line: this file, ContextDecorator's wrapper, and
-#: torch.nn's module machinery (``Module.__call__`` and its hooks, ``Sequential.forward``).
+#: PyTorch's own code (``Module.__call__`` and its hooks, ``Sequential.forward``, DataParallel, torch.compile).
 _INTERNAL = (os.path.abspath(__file__), os.path.abspath(contextlib.__file__))
-_TORCH_MODULES = os.path.dirname(os.path.abspath(nn.Module.__init__.__code__.co_filename)) + os.sep
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 
 def _user_stacklevel() -> int:
@@ -129,8 +129,7 @@ def _user_stacklevel() -> int:
     ``with`` line, the call of a decorated function, the ``model(x)`` call or the user's forward line calling the
     layer (a fixed level is right for only one of those)."""
     frame, level = sys._getframe(2), 2  # 2: the caller of _report
-    while frame is not None and (frame.f_code.co_filename in _INTERNAL
-                                 or frame.f_code.co_filename.startswith(_TORCH_MODULES)):
+    while frame is not None and (frame.f_code.co_filename in _INTERNAL or frame.f_code.co_filename.startswith(_TORCH)):
         frame, level = frame.f_back, level + 1
     return level
 
