@@ -117,7 +117,8 @@ def test_a_float16_checkpoint_is_noted_on_stderr_and_the_json_stays_json(trained
     result = _invoke(half, "--model", "audit_models:mlp", "--data", data, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["depth"] == "data"
-    assert "holds float16 tensors and the model the factory builds holds float32" in " ".join(result.stderr.split())
+    note = " ".join(result.stderr.split())
+    assert "cast tensors to the dtypes of the model the factory builds (" in note and " float16 -> float32)" in note
 
 
 def test_shifted_layer_is_named_first_and_fails(trained, tmp_path):

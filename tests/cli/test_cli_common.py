@@ -10,7 +10,7 @@ from _helpers import WritesFile
 from safetensors.torch import save_file
 
 from bnkit.cli.common import (
-    ONNX_SUFFIXES, STATE_DICT_SUFFIXES, UsageError, check_output, load_inputs, parse_device,
+    ONNX_SUFFIXES, STATE_DICT_SUFFIXES, UsageError, check_output, dtype_change, load_inputs, parse_device,
 )
 
 
@@ -224,3 +224,26 @@ def test_build_model_names_the_exception_of_the_users_code(tmp_path, monkeypatch
         build_model("raising_models:make")
     with pytest.raises(UsageError, match="cannot import module 'no_such_module_here'"):
         build_model("no_such_module_here:make")
+
+
+def test_dtype_change_compares_key_by_key_under_the_models_keys():
+    """What load_state_dict casts, tensor by tensor: a checkpoint with a float16 Linear and a float32 BN loaded into
+    a float32 Linear and a float16 BN has the same set of dtypes on both sides, yet every tensor is cast; a uniform
+    float16 checkpoint gets the one-dtype advice, a mixed one not; DDP-prefixed keys are compared under the model's
+    keys; a checkpoint in the model's own dtypes gets no note. Oracle: the dtypes of the tensors themselves."""
+    from torch import nn
+
+    from bnkit.torch.io import load_weights_into
+
+    def model(lin, bn):
+        return nn.Sequential(nn.Linear(3, 4).to(lin), nn.BatchNorm1d(4).to(bn))
+
+    swapped = {f"module.{k}": v for k, v in model(torch.float16, torch.float32).state_dict().items()}
+    target = model(torch.float32, torch.float16)
+    note = dtype_change(target, load_weights_into(target, swapped), "w.pt")
+    assert "(2 float16 -> float32, 4 float32 -> float16)" in note and "model.to(" not in note
+    target = model(torch.float32, torch.float32)
+    note = dtype_change(target, load_weights_into(target, model(torch.float16, torch.float16).state_dict()), "h.pt")
+    assert "(6 float16 -> float32)" in note and "return model.to(torch.float16)" in note
+    same = model(torch.float32, torch.float16)
+    assert dtype_change(same, load_weights_into(same, model(torch.float32, torch.float16).state_dict()), "s.pt") is None

@@ -194,7 +194,8 @@ def test_a_float16_checkpoint_folded_in_the_float32_factory_model_is_noted(tmp_p
                                  "--input-shape", "2x1x8x8", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["output"] == str(out)
-    assert "holds float16 tensors and the model the factory builds holds float32" in " ".join(result.stderr.split())
+    assert "to the dtypes of the model the factory builds (" in " ".join(result.stderr.split())
+    assert " float16 -> float32)" in " ".join(result.stderr.split())
     assert {v.dtype for v in load_state_dict_file(out).values()} == {torch.float32}
 
 

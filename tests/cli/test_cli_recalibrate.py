@@ -109,7 +109,8 @@ def test_a_checkpoint_in_another_dtype_than_the_factory_model_is_noted(tmp_path)
                         str(tmp_path / "x.npy"), "--output", str(out))
         assert result.exit_code == 0, result.output
         note = " ".join(result.stderr.split())
-        assert ("holds float16 tensors and the model the factory builds holds float32" in note) is noted, note
+        assert ("cast tensors to the dtypes of the model the factory builds (" in note) is noted, note
+        assert (" float16 -> float32)" in note) is noted
         assert ("model.to(torch.float16)" in note) is noted and "note:" not in result.stdout
         assert {v.dtype for v in load_state_dict_file(out).values() if v.is_floating_point()} == {torch.float32}
 

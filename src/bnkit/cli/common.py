@@ -101,22 +101,29 @@ def build_model(spec: str) -> Any:
     return net
 
 
-def dtype_change(model: Any, state: Any, source: str) -> Optional[str]:
-    """A note when the floating dtypes of a checkpoint ``state`` differ from those of the ``model`` its factory
-    built (None when they agree): ``load_state_dict`` casts each tensor to the model's dtype, so the model runs, and
-    is written, in its own dtypes (a float16 checkpoint comes back float32, twice the size)."""
+def dtype_change(model: Any, loaded: Any, source: str) -> Optional[str]:
+    """A note when ``load_state_dict`` cast floating tensors of a checkpoint to other dtypes of the ``model`` its
+    factory built (None when none was cast): the model then runs, and is written, in its own dtypes (a float16
+    checkpoint comes back float32, twice the size). ``loaded``: the state under the model's own keys, as
+    :func:`bnkit.torch.io.load_weights_into` returns it; compared key by key."""
     import torch
 
-    def kinds(tensors: Iterable[Any]) -> list[str]:
-        return sorted({str(t.dtype).removeprefix("torch.") for t in tensors
-                       if isinstance(t, torch.Tensor) and t.is_floating_point()})
-
-    saved, own = kinds(state.values()), kinds(model.state_dict().values())
-    if not saved or saved == own:
+    own = model.state_dict()
+    floating = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    casts: dict[tuple[str, str], int] = {}
+    for key, value in floating.items():
+        target = own.get(key)
+        if isinstance(target, torch.Tensor) and target.dtype != value.dtype:
+            pair = (str(value.dtype).removeprefix("torch."), str(target.dtype).removeprefix("torch."))
+            casts[pair] = casts.get(pair, 0) + 1
+    if not casts:
         return None
-    return (f"{source} holds {'/'.join(saved)} tensors and the model the factory builds holds {'/'.join(own)}: the "
-            f"weights were cast to the model's dtype, in which it runs and any output is written; to keep "
-            f"{'/'.join(saved)}, build the model in it in the factory (e.g. return model.to(torch.{saved[0]}))")
+    saved = {str(v.dtype).removeprefix("torch.") for v in floating.values()}
+    keep = (f"build the model in {next(iter(saved))} in the factory (e.g. return model.to(torch.{next(iter(saved))}))"
+            if len(saved) == 1 else "build the model with the checkpoint's dtypes in the factory")
+    cast = ", ".join(f"{n} {a} -> {b}" for (a, b), n in sorted(casts.items()))
+    return (f"{source}: load_state_dict cast tensors to the dtypes of the model the factory builds ({cast}), in "
+            f"which it runs and any output is written; to keep the checkpoint's, {keep}")
 
 
 def _same_file(a: Path, b: Path) -> bool:

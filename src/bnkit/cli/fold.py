@@ -131,11 +131,10 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         raise fail(str(exc)) from None
     if weights is not None:
         try:
-            state = load_state_dict_file(weights, trust=trust)
-            load_weights_into(model, state, source=str(weights))
+            loaded = load_weights_into(model, load_state_dict_file(weights, trust=trust), source=str(weights))
         except Exception as exc:  # unsafe pickles, mismatched state dicts, a trusted pickle's own code
             raise fail(f"cannot load {weights} into {spec}: {exc}") from None
-        if changed := dtype_change(model, state, str(weights)):
+        if changed := dtype_change(model, loaded, str(weights)):
             note(changed)
     model.eval()
     dtype, device = input_dtype_device(model)

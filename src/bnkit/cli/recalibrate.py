@@ -208,13 +208,12 @@ def recalibrate_command(
         raise fail(str(exc))
     if weights is not None:
         try:
-            state = load_state_dict_file(weights, trust=trust)
-            load_weights_into(net, state, source=str(weights))
+            loaded = load_weights_into(net, load_state_dict_file(weights, trust=trust), source=str(weights))
         except (UnsafeCheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
             raise fail(f"cannot load {weights}: {exc}")
         except Exception as exc:  # noqa: BLE001 - a trusted pickle runs its own code, which may raise anything
             raise fail(f"cannot load {weights}: unpickling it raised {type(exc).__name__}: {exc}")
-        if changed := dtype_change(net, state, str(weights)):
+        if changed := dtype_change(net, loaded, str(weights)):
             note(changed)
     if run_on is not None:
         net.to(run_on)

@@ -250,8 +250,10 @@ def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, object]:
     return state
 
 
-def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "the weights") -> None:
-    """``model.load_state_dict(state)`` (strict), with a readable error and wrapper prefixes handled.
+def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
+                      source: str = "the weights") -> Mapping[str, object]:
+    """``model.load_state_dict(state)`` (strict), with a readable error and wrapper prefixes handled; returns the
+    state as loaded, under the model's own keys.
 
     A state dict saved from ``DistributedDataParallel``/``DataParallel`` (every key starts with
     ``module.``) or from ``torch.compile`` (``_orig_mod.``), or from several nested in any order, is loaded
@@ -322,6 +324,7 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             raise
         lines = [ln.strip() for ln in _strip_ansi(str(exc)).splitlines()[1:] if ln.strip()]
         raise ValueError(f"{source} do not fit {type(model).__name__}: {' '.join(lines[:4])}") from None
+    return state
 
 
 def _extra_state_backup(model: torch.nn.Module) -> dict[str, object]:
