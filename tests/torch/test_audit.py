@@ -211,6 +211,18 @@ def test_a_layer_given_one_value_per_channel_is_audited():
     assert shift.mean_shift == pytest.approx(z[shift.worst_channel].item(), rel=1e-5)  # against the closed form
     log_ratio = math.log(model.bn.eps / (2.0 + model.bn.eps))  # variance 0 vs 2: the same in every channel
     assert shift.log_var_ratio == pytest.approx(log_ratio, rel=1e-6)
+    # several batches: no within-batch spread to compare the batch means with (the F ratio's limit divided by zero
+    # and raised), so no F ratio and no variance noise; the mean's noise from the spread of the batch means
+    xs = [torch.randn(4, 16, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    report = audit(model, xs)
+    (shift,) = report.shifts
+    assert shift.batch_f is None and shift.var_noise is None
+    means = torch.stack([x.mean(0) for x in xs]).double().numpy()
+    s2 = means.var(0, ddof=1)  # one row per call: s2_mean is the batch means' sample variance
+    expected = math.sqrt((0.1 / 1.9 * s2 / 4 / (2.0 + model.bn.eps)).mean())
+    assert shift.mean_noise == pytest.approx(expected, rel=1e-5)
+    (noise,) = report.by_code("stat_noise")
+    assert "variances' noise is not measured" in noise.evidence and noise.data["var_noise"] is None
 
 
 class _OwnForwardBN(nn.BatchNorm1d):

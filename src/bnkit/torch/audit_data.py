@@ -46,10 +46,12 @@ class LayerShift:
     running standard deviations) and relative one of the running variance at the training
     batch size, root-mean-square over channels (None when fewer than 2 batches were seen, for bnkit's
     ``FrozenBatchNorm*d``, whose statistics no longer change, when the batches are not random samples, and for a
-    layer some forward called more than once, whose calls differ by design, not by sampling).
+    layer some forward called more than once, whose calls differ by design, not by sampling; ``var_noise`` also
+    when every call saw one sample, which leaves no within-batch spread).
     ``batch_f``: the batch means' ANOVA F ratio (between-batch mean square over the pooled within-batch
     variance), channel median; at most about 1 when the batches are random samples of the data (None when
-    fewer than 2 batches were seen, and for a layer some forward called more than once).
+    fewer than 2 batches were seen, for a layer some forward called more than once, and when every call saw one
+    sample).
     """
 
     layer: str
@@ -195,7 +197,7 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
             fix, "stat_noise", {"train_batch_size": b_train, "batches": report.batches}))
     if noisy:
         worst = max(noisy, key=lambda s: s.mean_noise)
-        worst_var = max(noisy, key=lambda s: s.var_noise)
+        worst_var = max((s for s in noisy if s.var_noise is not None), key=lambda s: s.var_noise, default=None)
         momentum = dict(tracked)[worst.layer].momentum
         findings.append(Finding(
             "warning" if worst.mean_noise > NOISE_WARNING else "info", worst.layer,
@@ -205,7 +207,8 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
             "" if worst.mean_noise <= NOISE_WARNING else
             "use larger batches, a smaller momentum, or recompute the statistics after training (bnkit recalibrate)",
             "stat_noise", {"train_batch_size": b_train, "mean_noise": worst.mean_noise,
-                           "var_noise": worst_var.var_noise, "var_noise_layer": worst_var.layer}))
+                           "var_noise": worst_var and worst_var.var_noise,
+                           "var_noise_layer": worst_var and worst_var.layer}))
     return findings, None
 
 
@@ -252,9 +255,12 @@ def _not_random(shifts: list[LayerShift], collectors: dict[str, Collector], batc
     return max(over, key=lambda s: s.batch_f, default=None)
 
 
-def _noise_evidence(worst: LayerShift, worst_var: LayerShift, momentum: float | None) -> str:
-    """The noise figures, each with the layer it was measured in when the two differ (the row names ``worst``)."""
+def _noise_evidence(worst: LayerShift, worst_var: LayerShift | None, momentum: float | None) -> str:
+    """The noise figures, each with the layer it was measured in when the two differ (the row names ``worst``);
+    ``worst_var`` None: no layer's variance noise could be measured (each call saw one sample)."""
     means = f"running means are expected to wobble by {worst.mean_noise:.3g} std"
+    if worst_var is None:
+        return f"{means} (momentum {momentum}); the variances' noise is not measured (one sample per call)"
     variances = f"running variances by {100 * worst_var.var_noise:.3g}%"
     if worst_var.layer == worst.layer:
         return f"{means} (momentum {momentum}); {variances}"
@@ -283,19 +289,22 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
     variances = col.batch_vars()
     k = len(n)
     s2_mean = n @ np.square(means - n @ means / n.sum()) / (k - 1)
-    v_bar = (n - 1) @ variances / (n - 1).sum()
-    batch_f = float(np.median(s2_mean / (n @ biased / (n - 1).sum() + bn.eps)))
+    within = float((n - 1).sum())  # no within-batch spread when every call saw one sample (BN on x.mean(0))
+    batch_f = float(np.median(s2_mean / (n @ biased / within + bn.eps))) if within > 0 else None
     if not is_batchnorm(bn):  # a frozen layer's statistics no longer change
         return None, None, batch_f
-    s2_var = (n - 1) @ np.square(variances - v_bar) / (k - 1)
     if bn.momentum is None:
         updates = max(int(bn.num_batches_tracked or 1), 1)
         factor = 1.0 / math.sqrt(updates)
     else:
         factor = ema_noise_factor(bn.momentum) if bn.momentum > 0 else 0.0
-    mean_noise = factor * np.sqrt(s2_mean / b_train / var_r)
+    mean_noise = float(np.sqrt(np.mean(factor ** 2 * s2_mean / b_train / var_r)))
+    if within == 0:
+        return mean_noise, None, None
+    v_bar = (n - 1) @ variances / within
+    s2_var = (n - 1) @ np.square(variances - v_bar) / (k - 1)
     var_noise = factor * np.sqrt(s2_var / max(b_train - 1, 1)) / np.maximum(v_bar + bn.eps, 1e-300)
-    return float(np.sqrt(np.mean(mean_noise ** 2))), float(np.sqrt(np.mean(var_noise ** 2))), batch_f
+    return mean_noise, float(np.sqrt(np.mean(var_noise ** 2))), batch_f
 
 
 def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], report: AuditReport,
