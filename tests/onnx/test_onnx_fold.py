@@ -941,9 +941,13 @@ def test_blank_outputs_of_an_opset_8_inference_node_are_dropped_too():
     assert report.verified and "opset 8" in report.left["bn"] and list(folded.graph.node[1].output) == ["y"]
 
 
-def test_a_training_node_whose_running_mean_is_read_is_left_even_to_inference():
-    """--to-inference removes only unused running-statistic outputs: one another node reads keeps the node, as it
-    was (removing it would crash the fold with an onnx.checker RuntimeError)."""
+def test_a_training_node_whose_running_mean_is_read_is_refused_to_inference():
+    """--to-inference cannot switch a training node whose running-statistic output another node (or the graph's
+    outputs) reads: removing the output would break the reader (an onnx.checker RuntimeError), and leaving the node
+    returned a file that still normalized with batch statistics, with only a note. The file is refused, and the
+    audit's advice says so; without --to-inference the node is left in training mode, as every training node is."""
+    from bnkit.onnx import audit
+
     rng = np.random.default_rng(23)
     nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
              helper.make_node("BatchNormalization", ["h", "bn.s", "bn.b", "bn.m", "bn.v"], ["y", "rm", "rv"], name="bn",
@@ -953,10 +957,16 @@ def test_a_training_node_whose_running_mean_is_read_is_left_even_to_inference():
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4]),
                     helper.make_tensor_value_info("rm_out", TensorProto.FLOAT, [3])],
                    {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=15)
-    folded, report = fold_model(model, to_inference=True)
-    assert report.left == {"bn": "its running-statistic outputs ['rm'] are read by other nodes or are graph outputs"}
-    assert report.converted == [] and report.removed_outputs == [] and report.verified
-    assert folded.SerializeToString() == model.SerializeToString()
+    before = model.SerializeToString()
+    with pytest.raises(ValueError, match=r"cannot switch training-mode nodes \['bn'\] to inference: .*running "
+                                         r"statistics that other nodes or the graph's outputs read"):
+        fold_model(model, to_inference=True)
+    assert model.SerializeToString() == before
+    (finding,) = [f for f in audit(model).findings if f.code == "training_mode"]
+    assert "--to-inference refuses this file" in finding.fix
+    folded, report = fold_model(model)
+    assert report.left["bn"].startswith("training mode") and report.converted == [] and report.verified
+    assert folded.SerializeToString() == before
 
 
 def test_a_dropout_whose_training_mode_is_a_runtime_input_is_left_with_a_note():

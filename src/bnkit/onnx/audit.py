@@ -62,7 +62,8 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
     rewritable = not bn.in_subgraph and bn.opset >= 9  # what bnkit fold switches or tidies
     switch_advice = ("`bnkit fold --to-inference` switches an existing file" if rewritable and switchable else
                      "bnkit fold cannot switch it (inside an If/Loop body or opset < 9)" if not rewritable else
-                     "bnkit fold --to-inference refuses this file (it holds training nodes inside If/Loop bodies)")
+                     "bnkit fold --to-inference refuses this file (it holds training nodes inside If/Loop bodies, "
+                     "or whose running statistics other nodes or the graph's outputs read)")
     if bn.training:
         if bn.opset >= 14:
             how = "training_mode=1"

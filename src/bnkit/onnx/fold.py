@@ -555,8 +555,9 @@ def fold_model(
     if to_inference and (stuck := unswitchable_training(work.graph, folder.opset, nodes, folder.index)):
         raise ValueError(
             f"cannot switch training-mode nodes {stuck} to inference: bnkit rewrites only BatchNormalization and "
-            "Dropout nodes of the main graph (BatchNormalization in opset 9 or later), and these are inside an "
-            "If/Loop/Scan body or older; re-export the model in eval mode (nothing written)")
+            "Dropout nodes of the main graph (BatchNormalization in opset 9 or later, whose running-statistic outputs "
+            "nothing reads), and these are inside an If/Loop/Scan body, older, or have running statistics that other "
+            "nodes or the graph's outputs read; re-export the model in eval mode (nothing written)")
     candidates = []
     for bn in nodes:
         if bn.in_subgraph or folder.opset < 9:

@@ -341,10 +341,12 @@ def training_dropouts(
 def unswitchable_training(graph: onnx.GraphProto, opset: int, nodes: list[BNNode],
                           index: GraphIndex | None = None) -> list[str]:
     """The training-mode nodes ``bnkit fold --to-inference`` cannot switch, by name: BatchNormalization (``nodes``,
-    from :func:`bn_nodes`) inside If/Loop/Scan bodies or before opset 9, and Dropout with a constant true
-    ``training_mode`` inside bodies (top-level ones are switched)."""
+    from :func:`bn_nodes`) inside If/Loop/Scan bodies, before opset 9, or whose running-statistic outputs other
+    nodes or the graph's outputs read (switching drops them), and Dropout with a constant true ``training_mode``
+    inside bodies (top-level ones are switched)."""
     index = index or GraphIndex(graph)
-    stuck = [bn.name for bn in nodes if bn.training and (bn.in_subgraph or opset < 9)]
+    stuck = [bn.name for bn in nodes if bn.training and (bn.in_subgraph or opset < 9
+                                                         or any(index.readers(o) for o in bn.extra_outputs))]
     top = list(graph.node)  # held while ids are compared: a protobuf wrapper keeps its id only while referenced
     ids = {id(n) for n in top}
     return stuck + [node_label(n) for n, known in training_dropouts(graph, opset, index, nested=True)
