@@ -95,6 +95,8 @@ def test_training_mode_attribute_decides_from_opset_14_on(opset):
         ort.InferenceSession(inference.SerializeToString(), providers=["CPUExecutionProvider"])
     report = audit(inference)
     assert [f.code for f in report.findings] == ["extra_outputs"] and not report.nodes[0]["training"]
+    # onnxruntime refuses the file (above) at every one of these opsets, opset 14 included: an error, not a warning
+    assert report.findings[0].severity == "error" and not report.ok
 
 
 def test_opset_6_training_node_is_named_for_its_is_test_attribute():
@@ -106,6 +108,46 @@ def test_opset_6_training_node_is_named_for_its_is_test_attribute():
     tested = _bn_model(**GOOD, opset=6)
     tested.graph.node[0].attribute.append(helper.make_attribute("is_test", 1))
     assert audit(tested).findings == []
+
+
+@pytest.mark.parametrize("opset", [8, 9, 13])
+def test_training_node_before_opset_14_is_named_for_its_outputs_and_advised_as_fold_does(opset):
+    """Opsets 7-13 have no is_test (nor training_mode) attribute: the requested running-statistic outputs make the
+    node train, so the evidence must name them, not is_test. The advice must say what `bnkit fold --to-inference`
+    really does with the file: it switches an opset >= 9 node and refuses an older one, which is not in an If/Loop."""
+    assert "is_test" not in onnx.defs.get_schema("BatchNormalization", opset, "").attributes
+    model = _bn_model(**GOOD, opset=opset, outputs=("y", "rm", "rv", "sm", "sv"))
+    del model.graph.output[1:]  # the statistics outputs unread, as in a training export: fold may remove them
+    (finding,) = audit(model).findings
+    assert finding.code == "training_mode" and finding.severity == "error"
+    assert f"running-statistic outputs requested (opset {opset})" in finding.evidence
+    assert "is_test" not in finding.evidence
+    if opset >= 9:
+        folded, fold_report = fold_model(model, to_inference=True)
+        assert fold_report.converted == ["bn"] and [list(n.output) for n in folded.graph.node] == [["y"]]
+        assert "`bnkit fold --to-inference` switches an existing file" in finding.fix
+    else:
+        with pytest.raises(ValueError, match="cannot switch training-mode nodes"):
+            fold_model(model, to_inference=True)
+        assert "bnkit fold cannot switch it" in finding.fix and "switches an existing file" not in finding.fix
+        assert "If/Loop bodies)" not in finding.fix  # the file holds no If/Loop: not the reason fold refuses
+
+
+def test_model_failing_onnx_checker_is_an_error():
+    """A graph onnx.checker rejects (a node reads a tensor nothing produces), which onnxruntime refuses to load
+    too: the audit must report it as an error even when every BatchNormalization statistic is sound."""
+    model = _bn_model(**GOOD)
+    model.graph.node.append(helper.make_node("Relu", ["nowhere"], ["z"], name="r"))
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3, 3]))
+    with pytest.raises(onnx.checker.ValidationError) as checked:
+        onnx.checker.check_model(model)
+    with pytest.raises(Exception):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    report = audit(model)
+    assert not report.ok and [(f.severity, f.layer, f.code) for f in report.findings] == [
+        ("error", "(model)", "invalid_model")]
+    assert report.findings[0].evidence == str(checked.value).splitlines()[0]
+    assert audit(_bn_model(**GOOD)).findings == []  # the same graph without the dangling node is clean
 
 
 def test_statistic_problems_are_flagged():
@@ -461,3 +503,8 @@ def test_spatial_0_statistics_of_shape_c_h_w_are_checked_per_position(negative):
     report = audit(model)
     codes = {f.code for f in report.findings if f.severity == "error"}
     assert nan is negative and codes == ({"negative_var"} if negative else set())
+    # spatial is an attribute of opsets 7-8 only (gone from opset 9): the node gets the unusual-attribute warning
+    assert "spatial" in onnx.defs.get_schema("BatchNormalization", 7, "").attributes
+    assert "spatial" not in onnx.defs.get_schema("BatchNormalization", 9, "").attributes
+    spatial = [f for f in report.findings if f.code == "spatial"]
+    assert [(f.severity, f.layer) for f in spatial] == [("warning", "bn")] and "spatial=0" in spatial[0].evidence

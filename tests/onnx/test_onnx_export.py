@@ -144,6 +144,36 @@ def test_two_inputs_named_and_a_fixed_batch(tmp_path, calibrated):
     assert sorted(os.listdir(tmp_path)) == ["two.onnx"]
 
 
+def test_a_second_input_without_the_batch_axis_is_not_cut_to_one_row(tmp_path):
+    """A per-sample input beside a fixed (5, 3) table fed as an input: the batch-of-one check must slice only
+    inputs whose first dimension is the batch, else the table's reshape(5, 3) fails and a valid model is refused."""
+
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn = nn.Linear(3, 4), nn.BatchNorm1d(4)
+
+        def forward(self, x, table):
+            return self.bn(self.lin(x)) @ self.lin(table.reshape(5, 3)).T
+
+    torch.manual_seed(0)
+    model = Lookup()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    x, table = torch.randn(4, 3), torch.randn(5, 3)
+    path = tmp_path / "lookup.onnx"
+    report = export_onnx(model, (x, table), path, input_names=["x", "table"])
+    assert report.ok and report.batch_sizes == [4]  # no batch of one to check: table has no batch axis
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for rows in (4, 1):
+        xs = torch.randn(rows, 3, generator=torch.Generator().manual_seed(rows))
+        (got,) = session.run(None, {"x": xs.numpy(), "table": table.numpy()})
+        with torch.no_grad():
+            assert rel(got, model(xs, table).double().numpy()) < 1e-5
+
+
 @pytest.mark.filterwarnings("ignore:Setting 'keep_initializers_as_inputs=False'")
 def test_opset_8_export_audits_statistics_kept_as_graph_inputs(tmp_path):
     # opset < 9 exports list every initializer as a graph input too; the audit saw no statistics and wrote NaN
