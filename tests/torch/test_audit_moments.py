@@ -118,28 +118,61 @@ def test_many_offset_samples_keep_their_mean_and_variance():
     np.testing.assert_allclose(moments.var, std ** 2, rtol=0.02)
 
 
-def test_noise_is_the_between_batch_spread_scaled_to_the_training_batch_size():
+# [1, ...]: a routed branch given one row in a batch; that call has no within-batch spread and weight n - 1 = 0
+@pytest.mark.parametrize("sizes", [[5, 9, 16, 7], [1, 9, 16, 7]])
+def test_noise_is_the_between_batch_spread_scaled_to_the_training_batch_size(sizes):
     """``_noise`` against the documented formulas, written out per call and channel."""
     torch.manual_seed(3)
     bn = nn.BatchNorm1d(3, momentum=0.2).eval()
     with torch.no_grad():
         bn.running_var.copy_(torch.tensor([0.5, 2.0, 1.0]))
     batches = [torch.randn(b, 3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + i
-               for i, b in enumerate([5, 9, 16, 7])]
+               for i, b in enumerate(sizes)]
     _, col = stand_in_pass(bn, *(b.float() for b in batches))
     data = [b.float().double().numpy() for b in batches]
     n = np.array([len(b) for b in data], dtype=np.float64)
     k, b_train, eps, m = len(data), 32, bn.eps, 0.2
     var_r = bn.running_var.double().numpy() + eps
     means = np.array([b.mean(0) for b in data])
-    varis = np.array([b.var(0, ddof=1) for b in data])
+    spread = [i for i in range(k) if n[i] > 1]  # the terms of weight n - 1 > 0
+    varis = {i: data[i].var(0, ddof=1) for i in spread}
     m_bar = sum(n[i] * means[i] for i in range(k)) / n.sum()
-    v_bar = sum((n[i] - 1) * varis[i] for i in range(k)) / (n - 1).sum()
+    v_bar = sum((n[i] - 1) * varis[i] for i in spread) / (n - 1).sum()
     s2_mean = sum(n[i] * (means[i] - m_bar) ** 2 for i in range(k)) / (k - 1)
-    s2_var = sum((n[i] - 1) * (varis[i] - v_bar) ** 2 for i in range(k)) / (k - 1)
+    s2_var = sum((n[i] - 1) * (varis[i] - v_bar) ** 2 for i in spread) / (k - 1)
     factor = np.sqrt(m / (2 - m))  # an EMA keeps this fraction of one batch statistic's std
     want_mean = np.sqrt(np.mean((factor * np.sqrt(s2_mean / b_train / var_r)) ** 2))
     want_var = np.sqrt(np.mean((factor * np.sqrt(s2_var / (b_train - 1)) / (v_bar + eps)) ** 2))
     want_f = np.median(s2_mean / (v_bar + eps))  # the ANOVA F: within-batch mean square v_bar for (N, C) inputs
     got_mean, got_var, got_f = _noise(col, bn, b_train, var_r)
     np.testing.assert_allclose([got_mean, got_var, got_f], [want_mean, want_var, want_f], rtol=1e-5)
+
+
+def test_first_nonfinite_call_is_the_call_that_overflowed_not_the_first_call():
+    """The data_nonfinite finding names the layer the overflow reached first by this call number: a layer whose
+    first call was finite and whose second overflowed must give the second call's number."""
+    bn = nn.BatchNorm1d(3).eval()
+    x = torch.randn(16, 3)
+    _, col = stand_in_pass(bn, x, torch.full((16, 3), float("inf")), x)
+    assert col.pool().count == 0  # nothing pooled: the layer is one the audit looks at this for
+    assert col.first_nonfinite_call() == col.order[1] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_stand_in_adds_eps_like_training_mode(dtype):
+    """Float16/bfloat16 inputs get PyTorch's eval kernel on the batch moments: with the layer's eps, as training mode
+    has. A constant channel is then beta (not 0/0 = NaN for the next layer), and a variance near eps is scaled by
+    1 / sqrt(var + eps)."""
+    torch.manual_seed(4)
+    bn = nn.BatchNorm1d(3).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
+        bn.bias.copy_(torch.tensor([0.25, -1.0, 0.5]))
+    x = (torch.randn(64, 3, dtype=torch.float64) * torch.tensor([0.0, 3e-3, 1.0]) + torch.tensor([2.0, 0.0, 1.0]))
+    x = x.to(dtype)
+    (out,), _ = stand_in_pass(bn, x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref = F.batch_norm(x.double(), None, None, bn.weight.double(), bn.bias.double(), True, 0.0, bn.eps)
+    assert torch.equal(out[:, 0].double(), torch.full((64,), 0.25, dtype=torch.float64))
+    tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)

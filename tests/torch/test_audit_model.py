@@ -1,0 +1,111 @@
+"""bnkit.torch.audit_model (depth 2, no data): each mode/momentum/fold finding matches what PyTorch's own layers do."""
+import torch
+from torch import nn
+
+from bnkit.torch import audit, freeze_bn
+from bnkit.torch.audit_model import short_names
+
+
+def _codes(model, *codes):
+    return {f.code: f for f in audit(model).findings if f.code in codes}
+
+
+def _trains_stats(bn, x):
+    """PyTorch's own answer: does a forward in the layer's current mode change its running mean?"""
+    before = bn.running_mean.clone()
+    with torch.no_grad():
+        bn(x)
+    changed = not torch.equal(bn.running_mean, before)
+    with torch.no_grad():
+        bn.running_mean.copy_(before)
+    return changed
+
+
+def test_freeze_bn_stats_false_is_told_as_training_not_as_a_broken_freeze():
+    """freeze_bn(stats=False) freezes gamma/beta on purpose and leaves the statistics training: in a training model
+    that is ordinary training mode (train_mode + frozen_affine), not "frozen layer left in training mode", whose
+    advice (freeze it) would be wrong; in eval mode the statistics no longer train, so frozen_affine goes too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    freeze_bn(model, stats=False)
+    x = torch.randn(8, 1, 6, 6)
+    assert not model[1].weight.requires_grad and _trains_stats(model[1], model[0](x))
+    found = _codes(model, "train_mode", "frozen_in_train", "frozen_affine", "frozen")
+    assert set(found) == {"train_mode", "frozen_affine"}
+    assert found["train_mode"].data["layers"] == ["1"] and found["frozen_affine"].data["layers"] == ["1"]
+    model.eval()
+    assert not _trains_stats(model[1], model[0](x))  # eval mode: PyTorch leaves the statistics alone
+    assert not _codes(model, "train_mode", "frozen_in_train", "frozen_affine", "frozen")
+
+
+def test_frozen_info_only_for_layers_that_keep_fixed_statistics_inside_a_training_model():
+    """A layer frozen with freeze_bn (statistics pinned, gamma/beta frozen) or by hand (requires_grad=False and
+    .eval()) inside a training model keeps its statistics while the rest trains: the "frozen" info names it. When
+    the whole model is in eval mode every layer keeps its statistics and there is nothing to tell."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                          nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    freeze_bn(model, modules=[model[1]])
+    model.train()
+    for p in model[7].parameters():
+        p.requires_grad_(False)
+    model[7].eval()
+    x = torch.randn(8, 1, 8, 8)
+    h1 = model[0](x)
+    h4 = model[3](model[2](model[1](h1)))
+    h7 = model[6](model[5](model[4](h4)))
+    assert [_trains_stats(model[i], h) for i, h in ((1, h1), (4, h4), (7, h7))] == [False, True, False]
+    found = _codes(model, "frozen", "train_mode", "frozen_in_train")
+    assert found["frozen"].severity == "info" and found["frozen"].data["layers"] == ["1", "7"]
+    assert found["train_mode"].data["layers"] == ["4"] and "frozen_in_train" not in found
+    model.eval()
+    assert not _codes(model, "frozen", "train_mode", "frozen_in_train")
+    hand = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)).eval()  # frozen by hand, model in eval mode
+    hand[1].requires_grad_(False)
+    assert not _codes(hand, "frozen", "train_mode", "frozen_in_train")
+
+
+def test_train_mode_says_whether_the_model_or_only_a_submodule_is_in_training_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    model[1].train()  # one BN switched back after model.eval()
+    (finding,) = audit(model).by_code("train_mode")
+    assert "inside a model in eval mode" in finding.evidence and "the model is in training mode" not in finding.evidence
+    (finding,) = audit(model.train()).by_code("train_mode")
+    assert "(the model is in training mode)" in finding.evidence
+
+
+def test_no_momentum_finding_for_a_layer_that_does_not_track():
+    """With track_running_stats turned off PyTorch never applies the momentum (the buffers stay as they are in
+    training), so a Keras-style momentum 0.9 on it is no mix-up to warn about; the stale buffers are the finding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.9), nn.BatchNorm1d(4, momentum=0.9)).eval()
+    model[1].track_running_stats = False
+    model[1].train()
+    before = model[1].running_mean.clone()
+    model[1](torch.randn(16, 4) + 5)
+    assert torch.equal(model[1].running_mean, before)
+    model[1].eval()
+    report = audit(model)
+    (momentum,) = report.by_code("momentum")
+    assert momentum.data["layers"] == ["2"] and momentum.severity == "warning"
+    assert [f.layer for f in report.by_code("stale_running_stats")] == ["1"]
+
+
+def test_nothing_foldable_gives_no_fold_finding():
+    """A BatchNorm with no conv/linear before it has nothing to merge into: no "0 of 1 ... can be folded" info."""
+    first = nn.Sequential(nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    assert not audit(first).by_code("foldable")
+    assert not audit(first, torch.randn(2, 4)).by_code("foldable")
+    after = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    (finding,) = audit(after).by_code("foldable")
+    assert set(finding.data["folded"]) == {"1"}
+
+
+def test_layer_label_lists_three_names_then_the_count():
+    """Past three names the label must say how many layers there are, or the fourth one is silently lost."""
+    assert short_names(["a", "b", "c"]) == "a, b, c"
+    assert short_names(["a", "b", "c", "d"]) == "a, b, c, ... (4 layers)"
+    assert short_names(["", "b"]) == "(root), b"
+    model = nn.Sequential(*[nn.BatchNorm1d(4) for _ in range(4)]).train()
+    (finding,) = audit(model).by_code("train_mode")
+    assert finding.layer == "0, 1, 2, ... (4 layers)" and len(finding.data["layers"]) == 4
