@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bnkit.batchnorm
 from bnkit import BatchNorm
 
 TORCH_BN = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
@@ -211,8 +212,13 @@ def test_wrong_channels_and_bad_hyperparameters():
         BatchNorm(3, axis=-1)(np.ones((4, 3, 2)))
     with pytest.raises(ValueError, match="2-D to 5-D"):
         BatchNorm(3)(np.ones(3))
-    with pytest.raises(ValueError, match="eps"):
-        BatchNorm(3, eps=-1e-5)
+    for eps in (-1e-5, np.inf, np.nan):  # eps=inf would silently make every output 0 (beta)
+        with pytest.raises(ValueError, match="eps"):
+            BatchNorm(3, eps=eps)
+    # out-of-range axes must not wrap around (-5 % 4 == 3 has the right size here), and axis 0 is the batch axis
+    for axis, shape in ((-5, (2, 3, 4, 4)), (4, (2, 3, 4, 4)), (0, (4, 3)), (-4, (4, 3, 2, 2))):
+        with pytest.raises(ValueError, match="channel axis"):
+            BatchNorm(shape[axis % len(shape)], axis=axis)(np.ones(shape))
     for m in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"\[0, 1\]"):
             BatchNorm(3, momentum=m)
@@ -414,3 +420,109 @@ def test_torch_feeds_unbiased_variance_others_biased():
     k(x)
     assert t.running_var[0] == pytest.approx(2.0)
     assert k.running_var[0] == pytest.approx(1.0)
+
+
+# ------------------------------------------------- threaded path, dtypes, state loading details
+@pytest.mark.parametrize("training", [True, False])
+def test_input_large_enough_for_the_threaded_path_matches_float64_torch(training, monkeypatch):
+    """Inputs of >= 1<<20 values are split into row blocks on threads; every block must be written (a dropped
+    block leaves np.empty garbage) in the forward and the backward, in both modes."""
+    monkeypatch.setattr(bnkit.batchnorm, "_CPUS", 3)  # threaded (3 uneven blocks) whatever this machine has
+    rng = np.random.default_rng(11)
+    x = rng.normal(1.0, 2.0, size=(8, 4, 128, 256))
+    dy = rng.normal(size=x.shape)
+    assert x.size >= 1 << 20
+    bn = BatchNorm(4)
+    bn.weight, bn.bias = np.array([0.5, 2.0, -1.0, 1.5]), np.array([0.1, -0.2, 0.3, 0.0])
+    bn.running_mean, bn.running_var = np.array([0.5, 1.0, 1.5, -1.0]), np.array([2.0, 4.0, 1.0, 9.0])
+    tbn = torch.nn.BatchNorm2d(4, dtype=torch.float64)
+    tbn.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in bn.state_dict().items()})
+    bn.train(training)
+    tbn.train(training)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = tbn(xt)
+    yt.backward(torch.from_numpy(dy))
+    np.testing.assert_allclose(bn(x), yt.detach().numpy(), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(bn.backward(dy), xt.grad.numpy(), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(bn.grad_weight, tbn.weight.grad.numpy(), rtol=1e-9)
+    np.testing.assert_allclose(bn.running_var, tbn.running_var.numpy(), rtol=1e-12)
+
+
+def test_state_without_num_batches_tracked_loads_strictly_like_torch():
+    """Checkpoints from before PyTorch 0.4 have no num_batches_tracked; PyTorch loads them strictly (the count
+    stays 0), so must we."""
+    state = {"weight": np.full(3, 2.0), "bias": np.full(3, 0.5), "running_mean": np.full(3, 1.5),
+             "running_var": np.full(3, 4.0)}
+    tbn = torch.nn.BatchNorm1d(3, dtype=torch.float64)
+    tbn.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    ref = BatchNorm(3)
+    ref.load_state_dict(state, strict=True)
+    for k in state:
+        np.testing.assert_array_equal(getattr(ref, k), getattr(tbn, k).detach().numpy())
+    assert ref.num_batches_tracked == int(tbn.num_batches_tracked) == 0
+
+
+def test_loaded_low_precision_state_is_stored_in_float64_and_grads_start_as_none():
+    """Running statistics are kept in float64 (as built), whatever dtype they were loaded from: later momentum
+    updates must not round to float32. The parameter gradients exist (as None) before any backward."""
+    tbn = torch.nn.BatchNorm1d(3)  # float32
+    tbn(torch.randn(8, 3) * 2 + 1)
+    ref = BatchNorm(3)
+    assert ref.grad_weight is None and ref.grad_bias is None
+    ref.load_state_dict(tbn.state_dict())
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        assert getattr(ref, k).dtype == np.float64, k
+
+
+def test_integer_input_is_normalized_in_float64():
+    """Integers are promoted to float64 (as NumPy's mean does), not float32: above 2**24 float32 loses the
+    differences that the normalization is about."""
+    x = (np.array([[0, 1], [1, 3], [2, 5], [3, 7]], dtype=np.int64) + 2**30)
+    for training in (True, False):
+        bn = BatchNorm(2).train(training)
+        if not training:
+            bn.running_mean = np.full(2, 2.0**30)
+        y = bn(x)
+        assert y.dtype == np.float64
+        x64 = x.astype(np.float64)
+        mean = x64.mean(0) if training else bn.running_mean
+        var = x64.var(0) if training else bn.running_var
+        # eval folds the mean into a shift of -2**30: float64 cancellation leaves ~1e-7 (float32 would lose all)
+        np.testing.assert_allclose(y, (x64 - mean) / np.sqrt(var + bn.eps), rtol=1e-12, atol=1e-12 if training else 1e-6)
+
+
+def test_float64_gradient_on_a_float16_forward_is_rounded_to_float16_like_torch():
+    """PyTorch's autograd casts an incoming gradient to the output's dtype before the backward runs."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(64, 3, 4, 4)).astype(np.float16)
+    dy = rng.normal(size=x.shape)
+    for training in (True, False):
+        bn = BatchNorm(3).train(training)
+        bn(x)
+        dx64, gw64 = bn.backward(dy), bn.grad_weight
+        dx16 = bn.backward(dy.astype(np.float16))
+        np.testing.assert_array_equal(dx64, dx16)
+        np.testing.assert_array_equal(gw64, bn.grad_weight)
+
+
+def test_float16_eval_forward_and_backward_keep_scale_and_shift_in_float32():
+    """Like PyTorch, float16 works with float32 scale/shift rows. The backward's dx = dy*scale then rounds once (within
+    half a float16 ulp of exact); the forward rounds x*scale, then x*scale + shift (within the two half ulps).
+    Rounding scale/shift to float16 first adds about another ulp."""
+    def half_ulp(a):
+        return np.spacing(np.abs(a).astype(np.float16)).astype(np.float64) / 2
+
+    rng = np.random.default_rng(7)
+    c = 4
+    bn = BatchNorm(c).eval()
+    bn.weight, bn.bias = rng.normal(1, 0.5, c), rng.normal(0, 0.5, c)
+    bn.running_mean, bn.running_var = rng.normal(0, 1, c), rng.uniform(0.5, 2.0, c)
+    x = rng.normal(size=(64, c, 8, 8)).astype(np.float16)
+    dy = rng.normal(size=x.shape).astype(np.float16)
+    y, dx = bn(x), bn.backward(dy)
+    assert y.dtype == dx.dtype == np.float16
+    s = (bn.weight / np.sqrt(bn.running_var + bn.eps))[:, None, None]
+    h = bn.bias[:, None, None] - bn.running_mean[:, None, None] * s
+    xs, dys = x.astype(np.float64) * s, dy.astype(np.float64) * s
+    assert np.all(np.abs(y - (xs + h)) <= 1.01 * (half_ulp(xs) + half_ulp(xs + h)))  # 1.01: float32 noise
+    assert np.all(np.abs(dx - dys) <= 1.01 * half_ulp(dys))

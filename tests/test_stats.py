@@ -138,6 +138,14 @@ def test_ema_sides_are_each_others_complement():
         ema_update(0.0, 1.0, 0.5, weight_on="middle")
 
 
+@pytest.mark.parametrize("decay", [1.5, -0.1, float("nan")])
+def test_ema_refuses_a_decay_outside_0_1_when_built(decay):
+    """A weight outside [0, 1] is no average; it must be refused at construction, naming decay, not at the first
+    update with an error about some other parameter."""
+    with pytest.raises(ValueError, match="decay"):
+        EMA(decay)
+
+
 @settings(max_examples=30, deadline=None)
 @given(values=st.lists(st.floats(-100, 100), min_size=1, max_size=30), decay=st.floats(0.0, 0.999), init=st.floats(-5, 5))
 def test_bias_corrected_ema_is_the_weighted_mean_of_values(values, decay, init):
