@@ -526,3 +526,25 @@ def test_float16_eval_forward_and_backward_keep_scale_and_shift_in_float32():
     xs, dys = x.astype(np.float64) * s, dy.astype(np.float64) * s
     assert np.all(np.abs(y - (xs + h)) <= 1.01 * (half_ulp(xs) + half_ulp(xs + h)))  # 1.01: float32 noise
     assert np.all(np.abs(dx - dys) <= 1.01 * half_ulp(dys))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_float16_output_is_rounded_once_from_the_exact_value(training):
+    """A float16 input's output is ``x * scale + shift`` computed in float32 and rounded once to float16, as
+    PyTorch's kernel does; writing the product to the float16 output before adding the shift rounded twice and
+    missed the correctly rounded value in about a quarter of the elements (one ulp). Oracle: the float64 formula
+    rounded to float16."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((64, 4, 8, 8)).astype(np.float16)
+    bn = BatchNorm(4)
+    bn.weight, bn.bias = rng.uniform(0.5, 2, 4), rng.normal(size=4)
+    bn.running_mean, bn.running_var = rng.normal(size=4), rng.uniform(0.5, 2, 4)
+    bn.train(training)
+    y = bn(x)
+    x64 = x.astype(np.float64)
+    running = bn.running_mean, bn.running_var  # what eval mode normalized with (it does not update them)
+    mean, var = (x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3))) if training else running
+    shape = (1, 4, 1, 1)
+    exact = ((x64 - mean.reshape(shape)) / np.sqrt(var + bn.eps).reshape(shape) * bn.weight.reshape(shape)
+             + bn.bias.reshape(shape)).astype(np.float16)
+    assert y.dtype == np.float16 and np.mean(y != exact) < 0.005

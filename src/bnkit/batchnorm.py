@@ -184,8 +184,13 @@ class BatchNorm:
         def affine(s):
             for i in range(s.start, s.stop, block):  # blockwise: the add finds the product still in cache
                 r = slice(i, min(i + block, s.stop))
-                np.multiply(src2[r], sc, out=out2[r])
-                out2[r] += sh
+                if out2.dtype == wt:
+                    np.multiply(src2[r], sc, out=out2[r])
+                    out2[r] += sh
+                else:  # float16: scale and shift in float32, rounded once to float16 (as PyTorch's kernel does)
+                    part = src2[r] * sc
+                    part += sh
+                    out2[r] = part
 
         _parallel(affine, x3)
         # gamma copied: an in-place edit after the forward must not reach backward
