@@ -43,8 +43,10 @@ training node, and blanking only opset 9-13's ``saved_mean``/``saved_var`` would
 the node in training mode anyway.
 
 So a training node keeps its outputs and is left, unless asked (``to_inference=True``):
-its unused outputs are then removed, ``training_mode`` set to 0, and it uses its running
-statistics; the verification reference is then the switched model. Peers: onnxruntime's
+its extra outputs are then removed, ``training_mode`` set to 0, and it uses its running
+statistics; the verification reference is then the switched model. A file where another node
+or the graph's outputs read those outputs is refused (ValueError), as is one with training
+nodes inside If/Loop/Scan bodies. Peers: onnxruntime's
 ``ConvBNFusion`` (onnxruntime/core/optimizer/conv_bn_fusion.cc), which fuses Conv only.
 
 A training export also holds training-mode ``Dropout`` nodes (opset >= 12: the optional
@@ -539,8 +541,9 @@ def fold_model(
     bf16 values: :func:`~bnkit.onnx.verify.default_tolerance`),
     :class:`~bnkit.onnx.verify.OnnxRuntimeError` when onnxruntime cannot run the model (bf16
     convolutions on CPU, custom ops).
-    Raises ValueError for a file that is unreadable or fails ``onnx.checker``, and for verification
-    inputs that would be empty (``dynamic_size`` or an ``input_shapes`` size below 1: nothing to compare).
+    Raises ValueError for a file that is unreadable or fails ``onnx.checker``, for verification
+    inputs that would be empty (``dynamic_size`` or an ``input_shapes`` size below 1: nothing to compare), and
+    with ``to_inference`` for training nodes it cannot switch (see the module doc).
     """
     work = load_model(model)
     try:
