@@ -219,7 +219,8 @@ def test_a_layer_given_one_value_per_channel_is_audited():
     assert shift.batch_f is None and shift.var_noise is None
     means = torch.stack([x.mean(0) for x in xs]).double().numpy()
     s2 = means.var(0, ddof=1)  # one row per call: s2_mean is the batch means' sample variance
-    expected = math.sqrt((0.1 / 1.9 * s2 / 4 / (2.0 + model.bn.eps)).mean())
+    # a training batch of 4 samples gives the layer one row, the mean of 4: the batch means' variance as it is
+    expected = math.sqrt((0.1 / 1.9 * s2 / (2.0 + model.bn.eps)).mean())
     assert shift.mean_noise == pytest.approx(expected, rel=1e-5)
     (noise,) = report.by_code("stat_noise")
     assert "variances' noise is not measured" in noise.evidence and noise.data["var_noise"] is None
@@ -1066,12 +1067,14 @@ def test_a_routed_layer_called_twice_in_some_forwards_gets_no_noise_figure_and_n
     assert shifts["other"].mean_noise == pytest.approx(expected, rel=0.35)
 
 
-def test_a_bn_subclass_called_with_the_input_keyword_is_audited():
-    """``bn(input=x)`` (PyTorch's parameter name) on a BN subclass with its own forward: the after-hook read
-    ``args[0]`` of an empty tuple and the audit blamed the model. Oracle: float64 statistics of x."""
+@pytest.mark.parametrize("keyword", ["input", "x"])
+def test_a_bn_subclass_called_with_the_input_keyword_is_audited(keyword):
+    """``bn(input=x)`` (PyTorch's parameter name), or the subclass's own name for it, on a BN subclass with its own
+    forward: the after-hook read ``args[0]`` of an empty tuple and the audit blamed the model (then, for another
+    name, left the layer out without a word). Oracle: float64 statistics of x."""
     class Own(nn.BatchNorm1d):
-        def forward(self, input):
-            return super().forward(input) * 1.0
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, *kwargs.values()) * 1.0
 
     class Keyword(nn.Module):
         def __init__(self):
@@ -1079,7 +1082,7 @@ def test_a_bn_subclass_called_with_the_input_keyword_is_audited():
             self.bn = Own(3)
 
         def forward(self, x):
-            return self.bn(input=x)
+            return self.bn(**{keyword: x})
 
     model = Keyword().eval()
     model.bn.num_batches_tracked.fill_(10)
@@ -1089,6 +1092,25 @@ def test_a_bn_subclass_called_with_the_input_keyword_is_audited():
     z = xd.mean(0) / np.sqrt(1.0 + 1e-5)
     lr = np.log((xd.var(0, ddof=1) + 1e-5) / (1.0 + 1e-5))
     assert shift.count == 64 and shift.score == pytest.approx((0.5 * (np.expm1(lr) - lr + z ** 2)).mean(), rel=1e-5)
+
+
+def test_noise_of_a_layer_fed_several_rows_per_sample_counts_the_rows_a_training_batch_gives_it():
+    """BatchNorm1d on x.reshape(-1, C): a training batch of B samples gives it T B rows, so its running mean varies
+    by the spread of a T B-row mean; dividing the between-call spread by B alone overstated the noise by sqrt(T) (a
+    false warning on long sequences). Oracle: i.i.d. N(0, 1) rows, sqrt(m / (2 - m) / (T B)) in running std."""
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return self.bn(x.reshape(-1, 8)).reshape(x.shape)
+
+    model = Rows().eval()
+    model.bn.num_batches_tracked.fill_(1000)
+    data = torch.randn(64 * 8, 16, 8, generator=torch.Generator().manual_seed(0))  # 64 batches of 8 samples x 16 rows
+    (shift,) = audit(model, data, batch_size=8).shifts
+    assert shift.mean_noise == pytest.approx(math.sqrt(0.1 / 1.9 / (16 * 8)), rel=0.2)
 
 
 def test_the_quoted_random_batch_limit_has_the_anova_degrees_of_freedom():

@@ -89,7 +89,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
             for i, batch in enumerate(batches):
                 if (batch_len(batch) or 0) < 2:
                     continue  # batch statistics need two samples (a trailing remainder of one)
-                clock.batch = i
+                clock.batch, clock.size = i, batch_len(batch)
                 try:
                     out = forward(model, batch)
                 except Exception as exc:
@@ -274,8 +274,11 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
     the channel median of the batch means' F ratio.
 
     Between-batch mean squares (one-way ANOVA) give a batch statistic's variance per
-    sample, ``s2 = sum_b n_b (m_b - m)^2 / (K - 1)``; at batch size ``B`` it is ``s2 / B``
-    (``sum_b (n_b - 1)(v_b - v)^2 / (K - 1)`` and ``/ (B - 1)`` for the unbiased variance).
+    row, ``s2 = sum_b n_b (m_b - m)^2 / (K - 1)`` (``n_b`` the rows of call ``b``); a training batch of ``B``
+    data samples gives the layer ``r B`` rows, ``r`` its rows per data sample (1 for ``BatchNorm1d`` on
+    ``(N, C)``, ``T`` for rows reshaped from ``(N, T, C)``, ``1 / N`` for a layer fed ``x.mean(0)``; 1 when the
+    data's batch size is unknown), so the mean varies by ``s2 / (r B)`` there
+    (``sum_b (n_b - 1)(v_b - v)^2 / (K - 1)`` and ``/ (r B - 1)`` for the unbiased variance).
     This assumes batches drawn at random from the data. ``F = s2 / (w + eps)`` with
     ``w = sum_b n_b v_b / sum_b (n_b - 1)`` (``v_b`` the biased variance of the batch's values): for random
     batches a sample's channel mean varies by ``t2 <= sigma2`` (its values' variance; law of total variance),
@@ -298,12 +301,14 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
         factor = 1.0 / math.sqrt(updates)
     else:
         factor = ema_noise_factor(bn.momentum) if bn.momentum > 0 else 0.0
-    mean_noise = float(np.sqrt(np.mean(factor ** 2 * s2_mean / b_train / var_r)))
+    sizes = col.data_sizes
+    rows = b_train * (n.sum() / sum(sizes) if None not in sizes and sum(sizes) else 1.0)  # r B
+    mean_noise = float(np.sqrt(np.mean(factor ** 2 * s2_mean / rows / var_r)))
     if within == 0:
         return mean_noise, None, None
     v_bar = (n - 1) @ variances / within
     s2_var = (n - 1) @ np.square(variances - v_bar) / (k - 1)
-    var_noise = factor * np.sqrt(s2_var / max(b_train - 1, 1)) / np.maximum(v_bar + bn.eps, 1e-300)
+    var_noise = factor * np.sqrt(s2_var / max(rows - 1, 1)) / np.maximum(v_bar + bn.eps, 1e-300)
     return mean_noise, float(np.sqrt(np.mean(var_noise ** 2))), batch_f
 
 

@@ -63,16 +63,18 @@ def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
 
 
 class PassClock:
-    """Shared by the collectors of one pass: numbers their calls in the order they ran, and holds the index of the
-    data batch being run (set by the pass), so a layer's calls can be told apart per forward."""
+    """Shared by the collectors of one pass: numbers their calls in the order they ran, and holds the index and the
+    number of samples of the data batch being run (set by the pass; None if unknown), so a layer's calls can be
+    told apart per forward and its rows counted per data sample."""
 
     def __init__(self) -> None:
         self._calls = itertools.count()
         self.batch = 0
+        self.size: int | None = None
 
-    def tick(self) -> tuple[int, int]:
-        """The next call's number and the batch it runs in."""
-        return next(self._calls), self.batch
+    def tick(self) -> tuple[int, int, int | None]:
+        """The next call's number, and the batch it runs in and its size."""
+        return next(self._calls), self.batch, self.size
 
 
 class Collector:
@@ -109,6 +111,7 @@ class Collector:
         self._clock = clock if clock is not None else PassClock()
         self.order: list[int] = []  # each call's number on the clock
         self.batch_of: list[int] = []  # each call's data batch
+        self.data_sizes: list[int | None] = []  # the samples in that data batch (None: unknown)
         # a frozen layer's stock forward is BatchNorm's eval transform: the stand-in replaces it as it does PyTorch's
         self.stock = has_stock_forward(bn) or (not is_batchnorm(bn) and has_stock_eval_forward(bn))
         self.eps = float(bn.eps)
@@ -134,9 +137,10 @@ class Collector:
 
     def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, spread: torch.Tensor, invstd: bool) -> None:
         self.samples.append((x.shape[0], n, invstd))
-        number, batch = self._clock.tick()
+        number, batch, size = self._clock.tick()
         self.order.append(number)
         self.batch_of.append(batch)
+        self.data_sizes.append(size)
         self.means.append(mean)
         self.spreads.append(spread)
 
@@ -171,8 +175,12 @@ class Collector:
         return forward
 
     def _after(self, module: _BatchNorm, args: tuple, kwargs: dict, output: Any) -> None:
-        x = args[0] if args else kwargs.get("input")  # bn(input=x), PyTorch's parameter name
-        if not isinstance(x, torch.Tensor) or not x.numel():
+        tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        x = args[0] if args else kwargs["input"] if "input" in kwargs else tensors[0] if len(tensors) == 1 else None
+        if not isinstance(x, torch.Tensor):  # never a layer left out without a word
+            raise ValueError(f"a {type(module).__name__} layer was called with keyword arguments {sorted(kwargs)}: "
+                             "the audit reads its input from the first argument or from its one tensor keyword")
+        if not x.numel():
             return
         n, mean, var, _ = _centred(x)
         self._record(x, n, mean, var, False)
