@@ -250,10 +250,17 @@ class BatchNorm:
             mdy = (sum_dy / n).astype(wt)[:, None]
 
             def grad(s):
-                np.multiply(d[s], k, out=dx[s])
-                dx[s] += mdy
-                np.subtract(dy3[s], dx[s], out=dx[s])
-                dx[s] *= scale
+                if dx.dtype == wt:
+                    np.multiply(d[s], k, out=dx[s])
+                    dx[s] += mdy
+                    np.subtract(dy3[s], dx[s], out=dx[s])
+                    dx[s] *= scale
+                else:  # float16: the steps in float32, rounded once to float16 (as PyTorch's kernel does)
+                    part = d[s] * k
+                    part += mdy
+                    np.subtract(dy3[s], part, out=part)
+                    part *= scale
+                    dx[s] = part
 
             _parallel(grad, x3)
         return dx.reshape(shape)
