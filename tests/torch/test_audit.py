@@ -1113,6 +1113,31 @@ def test_noise_of_a_layer_fed_several_rows_per_sample_counts_the_rows_a_training
     assert shift.mean_noise == pytest.approx(math.sqrt(0.1 / 1.9 / (16 * 8)), rel=0.2)
 
 
+def test_rows_of_one_sample_that_move_together_count_as_one_sample_for_ordering_and_noise():
+    """BatchNorm1d on x.reshape(-1, C) of tokens sharing a per-sample offset: the unit batches are drawn in is the
+    sample, not the row. Counting rows made random, shuffled data look ordered (F ~ 3.4) and dropped every noise
+    figure. Oracle: offsets N(0, 1) plus token noise N(0, 1) over T = 6 tokens: a sample's channel mean varies by
+    1 + 1/6, so at batch B the running mean wobbles by sqrt(m / (2 - m) * (1 + 1/6) / B / 2) running std."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return self.bn(x.reshape(-1, 8)).reshape(x.shape)
+
+    model = Tokens().eval()
+    model.bn.num_batches_tracked.fill_(1000)
+    model.bn.running_var.fill_(2.0)  # the rows' variance: 1 (offset) + 1 (token)
+    g = torch.Generator().manual_seed(0)
+    n = 128 * 16
+    data = torch.randn(n, 1, 8, generator=g) + torch.randn(n, 6, 8, generator=g)
+    report = audit(model, data, batch_size=16)
+    (shift,) = report.shifts
+    assert shift.batch_f < 1.5 and not [f for f in report.findings if "not random" in f.finding + f.evidence]
+    assert shift.mean_noise == pytest.approx(math.sqrt(0.1 / 1.9 * (1 + 1 / 6) / 16 / 2.0), rel=0.2)
+
+
 def test_the_quoted_random_batch_limit_has_the_anova_degrees_of_freedom():
     """4 sorted batches of 8 through BatchNorm1d (one value per channel and sample): for random batches the F ratio
     is F(K - 1, sum_b (n_b - 1)) = F(3, 28), so the quoted limit has a chance of at most one in a million under it

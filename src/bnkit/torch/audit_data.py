@@ -232,10 +232,10 @@ def _f_limit(dof: int, within_dof: float) -> float:
 
 
 def _within_dof(col: Collector) -> float:
-    """``sum_b (n_b - 1)`` over a layer's calls, ``n_b`` the batch size as in :func:`_noise`'s ``w``: its degrees
+    """``sum_b (n_b - 1)`` over a layer's calls, ``n_b`` its samples as in :func:`_noise`'s ``w``: its degrees
     of freedom."""
-    sizes, _, _, _ = col.stacked()
-    return float((sizes - 1).sum())
+    samples, _ = _samples(col)
+    return float((samples - 1).sum())
 
 
 def _not_random(shifts: list[LayerShift], collectors: dict[str, Collector], batches: int) -> LayerShift | None:
@@ -274,11 +274,9 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
     the channel median of the batch means' F ratio.
 
     Between-batch mean squares (one-way ANOVA) give a batch statistic's variance per
-    row, ``s2 = sum_b n_b (m_b - m)^2 / (K - 1)`` (``n_b`` the rows of call ``b``); a training batch of ``B``
-    data samples gives the layer ``r B`` rows, ``r`` its rows per data sample (1 for ``BatchNorm1d`` on
-    ``(N, C)``, ``T`` for rows reshaped from ``(N, T, C)``, ``1 / N`` for a layer fed ``x.mean(0)``; 1 when the
-    data's batch size is unknown), so the mean varies by ``s2 / (r B)`` there
-    (``sum_b (n_b - 1)(v_b - v)^2 / (K - 1)`` and ``/ (r B - 1)`` for the unbiased variance).
+    sample, ``s2 = sum_b n_b (m_b - m)^2 / (K - 1)`` (``n_b`` the data samples of call ``b``, see
+    :func:`_samples`); at batch size ``B`` it is ``s2 / B``
+    (``sum_b (n_b - 1)(v_b - v)^2 / (K - 1)`` and ``/ (B - 1)`` for the unbiased variance).
     This assumes batches drawn at random from the data. ``F = s2 / (w + eps)`` with
     ``w = sum_b n_b v_b / sum_b (n_b - 1)`` (``v_b`` the biased variance of the batch's values): for random
     batches a sample's channel mean varies by ``t2 <= sigma2`` (its values' variance; law of total variance),
@@ -288,11 +286,12 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
     """
     if len(col.means) < 2:
         return None, None, None
-    n, _, means, biased = col.stacked()
+    _, _, means, biased = col.stacked()
+    n, aggregate = _samples(col)
     variances = col.batch_vars()
     k = len(n)
     s2_mean = n @ np.square(means - n @ means / n.sum()) / (k - 1)
-    within = float((n - 1).sum())  # no within-batch spread when every call saw one sample (BN on x.mean(0))
+    within = 0.0 if aggregate else float((n - 1).sum())  # no within-batch spread in a row that sums up its batch
     batch_f = float(np.median(s2_mean / (n @ biased / within + bn.eps))) if within > 0 else None
     if not is_batchnorm(bn):  # a frozen layer's statistics no longer change
         return None, None, batch_f
@@ -301,15 +300,29 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
         factor = 1.0 / math.sqrt(updates)
     else:
         factor = ema_noise_factor(bn.momentum) if bn.momentum > 0 else 0.0
-    sizes = col.data_sizes
-    rows = b_train * (n.sum() / sum(sizes) if None not in sizes and sum(sizes) else 1.0)  # r B
-    mean_noise = float(np.sqrt(np.mean(factor ** 2 * s2_mean / rows / var_r)))
+    mean_noise = float(np.sqrt(np.mean(factor ** 2 * s2_mean / b_train / var_r)))
     if within == 0:
         return mean_noise, None, None
     v_bar = (n - 1) @ variances / within
     s2_var = (n - 1) @ np.square(variances - v_bar) / (k - 1)
-    var_noise = factor * np.sqrt(s2_var / max(rows - 1, 1)) / np.maximum(v_bar + bn.eps, 1e-300)
+    var_noise = factor * np.sqrt(s2_var / max(b_train - 1, 1)) / np.maximum(v_bar + bn.eps, 1e-300)
     return mean_noise, float(np.sqrt(np.mean(var_noise ** 2))), batch_f
+
+
+def _samples(col: Collector) -> tuple[np.ndarray, bool]:
+    """Each call's data samples, the unit batches are drawn in, and whether its row sums up its whole batch.
+
+    A call's rows (``x.shape[0]``) when they are its data batch's samples or a share of them (a routed branch);
+    the data batch's size when the layer saw more rows than that (rows reshaped from ``(N, T, C)``, which may be
+    correlated within a sample) or one row per call (``x.mean(0)``: an aggregate of the batch, ``True``). The rows
+    alone when the data's batch size is unknown (dict batches)."""
+    rows, _, _, _ = col.stacked()
+    if None in col.data_sizes:
+        return rows, False
+    data = np.asarray(col.data_sizes, dtype=np.float64)
+    if (rows == 1).all() and (data > 1).any():
+        return data, True
+    return np.minimum(rows, data), False
 
 
 def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], report: AuditReport,
