@@ -1094,30 +1094,13 @@ def test_a_bn_subclass_called_with_the_input_keyword_is_audited(keyword):
     assert shift.count == 64 and shift.score == pytest.approx((0.5 * (np.expm1(lr) - lr + z ** 2)).mean(), rel=1e-5)
 
 
-def test_noise_of_a_layer_fed_several_rows_per_sample_counts_the_rows_a_training_batch_gives_it():
-    """BatchNorm1d on x.reshape(-1, C): a training batch of B samples gives it T B rows, so its running mean varies
-    by the spread of a T B-row mean; dividing the between-call spread by B alone overstated the noise by sqrt(T) (a
-    false warning on long sequences). Oracle: i.i.d. N(0, 1) rows, sqrt(m / (2 - m) / (T B)) in running std."""
-    class Rows(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.BatchNorm1d(8)
-
-        def forward(self, x):
-            return self.bn(x.reshape(-1, 8)).reshape(x.shape)
-
-    model = Rows().eval()
-    model.bn.num_batches_tracked.fill_(1000)
-    data = torch.randn(64 * 8, 16, 8, generator=torch.Generator().manual_seed(0))  # 64 batches of 8 samples x 16 rows
-    (shift,) = audit(model, data, batch_size=8).shifts
-    assert shift.mean_noise == pytest.approx(math.sqrt(0.1 / 1.9 / (16 * 8)), rel=0.2)
-
-
-def test_rows_of_one_sample_that_move_together_count_as_one_sample_for_ordering_and_noise():
-    """BatchNorm1d on x.reshape(-1, C) of tokens sharing a per-sample offset: the unit batches are drawn in is the
-    sample, not the row. Counting rows made random, shuffled data look ordered (F ~ 3.4) and dropped every noise
-    figure. Oracle: offsets N(0, 1) plus token noise N(0, 1) over T = 6 tokens: a sample's channel mean varies by
-    1 + 1/6, so at batch B the running mean wobbles by sqrt(m / (2 - m) * (1 + 1/6) / B / 2) running std."""
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rows_reshaped_from_samples_count_as_their_samples_for_ordering_and_noise(offset):
+    """BatchNorm1d on x.reshape(-1, C) of T = 6 tokens per sample, independent (offset 0) or sharing a per-sample
+    offset N(0, offset^2): the unit batches are drawn in is the sample, not the row. Dividing the rows' spread by B
+    overstated the noise of independent tokens by sqrt(T); counting rows made random data with shared offsets look
+    ordered (F ~ 3.4) and dropped every noise figure. Oracle: a sample's channel mean varies by offset^2 + 1/T, so
+    at batch B the running mean wobbles by sqrt(m / (2 - m) * (offset^2 + 1/T) / B / (offset^2 + 1)) running std."""
     class Tokens(nn.Module):
         def __init__(self):
             super().__init__()
@@ -1128,14 +1111,15 @@ def test_rows_of_one_sample_that_move_together_count_as_one_sample_for_ordering_
 
     model = Tokens().eval()
     model.bn.num_batches_tracked.fill_(1000)
-    model.bn.running_var.fill_(2.0)  # the rows' variance: 1 (offset) + 1 (token)
+    model.bn.running_var.fill_(offset ** 2 + 1.0)  # the rows' variance
     g = torch.Generator().manual_seed(0)
     n = 128 * 16
-    data = torch.randn(n, 1, 8, generator=g) + torch.randn(n, 6, 8, generator=g)
+    data = offset * torch.randn(n, 1, 8, generator=g) + torch.randn(n, 6, 8, generator=g)
     report = audit(model, data, batch_size=16)
     (shift,) = report.shifts
     assert shift.batch_f < 1.5 and not [f for f in report.findings if "not random" in f.finding + f.evidence]
-    assert shift.mean_noise == pytest.approx(math.sqrt(0.1 / 1.9 * (1 + 1 / 6) / 16 / 2.0), rel=0.2)
+    expected = math.sqrt(0.1 / 1.9 * (offset ** 2 + 1 / 6) / 16 / (offset ** 2 + 1.0))
+    assert shift.mean_noise == pytest.approx(expected, rel=0.2)
 
 
 def test_the_quoted_random_batch_limit_has_the_anova_degrees_of_freedom():
