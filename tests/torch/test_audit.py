@@ -1122,6 +1122,28 @@ def test_rows_reshaped_from_samples_count_as_their_samples_for_ordering_and_nois
     assert shift.mean_noise == pytest.approx(expected, rel=0.2)
 
 
+def test_rows_that_each_sum_up_the_batch_never_claim_that_random_data_is_ordered():
+    """BatchNorm1d on x.mean(0) of (N, 6, C) samples sharing an offset per sample: 6 rows per call, each an average
+    of the whole batch, not samples; their between-call spread (the batch mean of the offsets) against their small
+    within-call spread gave F ~ 7 and the claim that shuffled, random data is ordered. Only layers fed at least one
+    row per sample may make that claim."""
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return self.bn(x.mean(0))
+
+    model = Pooled().eval()
+    model.bn.num_batches_tracked.fill_(1000)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(4096, 1, 8, generator=g) + torch.randn(4096, 6, 8, generator=g)
+    report = audit(model, data, batch_size=16)
+    assert report.shifts[0].batch_f > 3  # what the rows show; not taken as evidence of ordered data
+    assert not [f for f in report.findings if "not random" in f.finding + f.evidence]
+
+
 def test_the_quoted_random_batch_limit_has_the_anova_degrees_of_freedom():
     """4 sorted batches of 8 through BatchNorm1d (one value per channel and sample): for random batches the F ratio
     is F(K - 1, sum_b (n_b - 1)) = F(3, 28), so the quoted limit has a chance of at most one in a million under it

@@ -244,13 +244,20 @@ def _not_random(shifts: list[LayerShift], collectors: dict[str, Collector], batc
     For batches drawn at random, ``batch_f`` is at most ``F(K - 1, sum_b (n_b - 1))`` in distribution per
     channel (see :func:`_noise`; exactly that for independent values, as ``BatchNorm1d`` on ``(N, C)``), so a
     channel median above :func:`_f_limit` has a chance of at most 2e-6 (at least half the channels above a
-    level each passes with chance p: at most 2p). Only layers called once per batch
-    count (a layer called on several inputs per forward sees inputs that differ by design).
+    level each passes with chance p: at most 2p). Only layers called once per batch on at least one row per
+    sample of it count (a layer called on several inputs per forward sees inputs that differ by design; one fed
+    fewer rows than samples may be fed rows that each sum up the batch, which are no samples).
     """
     if batches < 2:
         return None
+
+    def every_sample(col: Collector) -> bool:
+        rows, _, _, _ = col.stacked()
+        return None not in col.data_sizes and bool((rows >= np.asarray(col.data_sizes, dtype=np.float64)).all())
+
     over = [s for s in shifts
             if s.batch_f is not None and len(collectors[s.layer].means) == batches
+            and every_sample(collectors[s.layer])
             and s.batch_f > _f_limit(batches - 1, _within_dof(collectors[s.layer]))]
     return max(over, key=lambda s: s.batch_f, default=None)
 
