@@ -87,9 +87,10 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
                 detach.append(collectors[n].attach(bn))
             batch_out, used = None, 0
             for i, batch in enumerate(batches):
-                if (batch_len(batch) or 0) < 2:
+                size = batch_len(batch) or 0
+                if size < 2:
                     continue  # batch statistics need two samples (a trailing remainder of one)
-                clock.batch, clock.size = i, batch_len(batch)
+                clock.start(i, size)
                 try:
                     out = forward(model, batch)
                 except Exception as exc:
@@ -252,8 +253,8 @@ def _not_random(shifts: list[LayerShift], collectors: dict[str, Collector], batc
         return None
 
     def every_sample(col: Collector) -> bool:
-        rows, _, _, _ = col.stacked()
-        return None not in col.data_sizes and bool((rows >= np.asarray(col.data_sizes, dtype=np.float64)).all())
+        data = col.data_sizes
+        return data is not None and bool((col.stacked()[0] >= data).all())
 
     over = [s for s in shifts
             if s.batch_f is not None and len(collectors[s.layer].means) == batches
@@ -322,11 +323,11 @@ def _samples(col: Collector) -> tuple[np.ndarray, bool]:
     A call's rows (``x.shape[0]``) when they are its data batch's samples or a share of them (a routed branch);
     the data batch's size when the layer saw more rows than that (rows reshaped from ``(N, T, C)``, which may be
     correlated within a sample) or one row per call (``x.mean(0)``: an aggregate of the batch, ``True``). The rows
-    alone when the data's batch size is unknown (dict batches)."""
+    alone where the data batches' sizes are unknown (a collector used outside a pass)."""
     rows, _, _, _ = col.stacked()
-    if None in col.data_sizes:
+    data = col.data_sizes
+    if data is None:
         return rows, False
-    data = np.asarray(col.data_sizes, dtype=np.float64)
     if (rows == 1).all() and (data > 1).any():
         return data, True
     return np.minimum(rows, data), False

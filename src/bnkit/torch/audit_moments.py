@@ -63,18 +63,22 @@ def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
 
 
 class PassClock:
-    """Shared by the collectors of one pass: numbers their calls in the order they ran, and holds the index and the
-    number of samples of the data batch being run (set by the pass; None if unknown), so a layer's calls can be
+    """Shared by the collectors of one pass: numbers their calls in the order they ran, and knows the data batch
+    being run and each batch's number of samples (set by the pass with :meth:`start`), so a layer's calls can be
     told apart per forward and its rows counted per data sample."""
 
     def __init__(self) -> None:
         self._calls = itertools.count()
         self.batch = 0
-        self.size: int | None = None
+        self.sizes: dict[int, int] = {}
 
-    def tick(self) -> tuple[int, int, int | None]:
-        """The next call's number, and the batch it runs in and its size."""
-        return next(self._calls), self.batch, self.size
+    def start(self, batch: int, size: int) -> None:
+        """Data batch ``batch``, of ``size`` samples, runs next."""
+        self.batch, self.sizes[batch] = batch, size
+
+    def tick(self) -> tuple[int, int]:
+        """The next call's number and the batch it runs in."""
+        return next(self._calls), self.batch
 
 
 class Collector:
@@ -111,7 +115,6 @@ class Collector:
         self._clock = clock if clock is not None else PassClock()
         self.order: list[int] = []  # each call's number on the clock
         self.batch_of: list[int] = []  # each call's data batch
-        self.data_sizes: list[int | None] = []  # the samples in that data batch (None: unknown)
         # a frozen layer's stock forward is BatchNorm's eval transform: the stand-in replaces it as it does PyTorch's
         self.stock = has_stock_forward(bn) or (not is_batchnorm(bn) and has_stock_eval_forward(bn))
         self.eps = float(bn.eps)
@@ -131,16 +134,21 @@ class Collector:
         return bn.register_forward_hook(self._after, with_kwargs=True).remove
 
     @property
+    def data_sizes(self) -> np.ndarray | None:
+        """Each call's data batch size (float64), or None where the pass did not set them (a collector alone)."""
+        sizes = [self._clock.sizes.get(b) for b in self.batch_of]
+        return None if None in sizes else np.asarray(sizes, dtype=np.float64)
+
+    @property
     def once_per_forward(self) -> bool:
         """No forward of the pass called the layer more than once (its calls then differ by sampling alone)."""
         return len(set(self.batch_of)) == len(self.batch_of)
 
     def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, spread: torch.Tensor, invstd: bool) -> None:
         self.samples.append((x.shape[0], n, invstd))
-        number, batch, size = self._clock.tick()
+        number, batch = self._clock.tick()
         self.order.append(number)
         self.batch_of.append(batch)
-        self.data_sizes.append(size)
         self.means.append(mean)
         self.spreads.append(spread)
 
