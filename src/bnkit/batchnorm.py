@@ -188,9 +188,7 @@ class BatchNorm:
                     np.multiply(src2[r], sc, out=out2[r])
                     out2[r] += sh
                 else:  # float16: scale and shift in float32, rounded once to float16 (as PyTorch's kernel does)
-                    part = src2[r] * sc
-                    part += sh
-                    out2[r] = part
+                    np.add(src2[r] * sc, sh, out=out2[r])
 
         _parallel(affine, x3)
         # gamma copied: an in-place edit after the forward must not reach backward
@@ -259,8 +257,7 @@ class BatchNorm:
                     part = d[s] * k
                     part += mdy
                     np.subtract(dy3[s], part, out=part)
-                    part *= scale
-                    dx[s] = part
+                    np.multiply(part, scale, out=dx[s])
 
             _parallel(grad, x3)
         return dx.reshape(shape)
