@@ -108,18 +108,21 @@ def dtype_change(model: Any, loaded: Any, source: str) -> Optional[str]:
     :func:`bnkit.torch.io.load_weights_into` returns it; compared key by key."""
     import torch
 
+    def name(t: Any) -> str:
+        return str(t.dtype).removeprefix("torch.")
+
     own = model.state_dict()
     floating = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
     casts: dict[tuple[str, str], int] = {}
     for key, value in floating.items():
         target = own.get(key)
         if isinstance(target, torch.Tensor) and target.dtype != value.dtype:
-            pair = (str(value.dtype).removeprefix("torch."), str(target.dtype).removeprefix("torch."))
+            pair = (name(value), name(target))
             casts[pair] = casts.get(pair, 0) + 1
     if not casts:
         return None
-    saved = {str(v.dtype).removeprefix("torch.") for v in floating.values()}
-    keep = (f"build the model in {next(iter(saved))} in the factory (e.g. return model.to(torch.{next(iter(saved))}))"
+    saved = sorted({name(v) for v in floating.values()})
+    keep = (f"build the model in {saved[0]} in the factory (e.g. return model.to(torch.{saved[0]}))"
             if len(saved) == 1 else "build the model with the checkpoint's dtypes in the factory")
     cast = ", ".join(f"{n} {a} -> {b}" for (a, b), n in sorted(casts.items()))
     return (f"{source}: load_state_dict cast tensors to the dtypes of the model the factory builds ({cast}), in "
