@@ -73,13 +73,13 @@ def test_tables_read_at_80_columns(quick):
     assert max(map(len, lines)) <= 80
     # every header row and every row label on one line, not broken over several
     for header in (["batch", "mean", "lesson", "EMA", "nn.BN1d", "corrected", "verdict"],
-                   ["momentum", "layer", "mean err", "var err", "test acc"],
+                   ["momentum", "layer", "mean err", "last epoch", "floor", "var err", "test acc"],
                    ["batch", "eval acc", "train acc", "classes (train)", "max |Δ| (eval)"],
-                   ["batch", "EMA", "recal", "renorm", "LayerNorm"],
+                   ["batch", "epochs", "EMA", "recal", "renorm", "LayerNorm"],
                    ["variant", "acc A", "acc B", "stats kept", "shift bn1", "shift bn2"],
                    ["model", "BN", "acc", "max |Δ|", "changed", "ms b1", "ms b64"]):
         assert any(line.split() == " ".join(header).split() for line in lines), header
-    for label in ("lesson freeze", "freeze_bn", "train-mode BN", "recal+freeze", "recal only", "ORT BN no-opt"):
+    for label in ("lesson freeze", "freeze_bn", "train-mode BN", "recal+freeze", "recal only", "ORT BN no-fusion"):
         assert any(line.strip().startswith(label + " ") for line in lines), label
     assert any("bn1 = BatchNorm1d after fc1" in line for line in lines)
 
@@ -150,8 +150,11 @@ def test_deployment_fold_matches_eval(quick):
     assert data["accuracy"]["folded"] == data["accuracy"]["pytorch_eval"]
     if "onnx" in data.get("not_available", {}):
         pytest.skip("bnkit.torch.export_onnx is not in this build")
-    for key in ("onnx_bn", "onnx_folded", "onnx_bn_raw"):
+    for key in ("onnx_bn", "onnx_folded", "onnx_bn_nofusion"):
         assert data["max_abs_diff_vs_eval"][key] < 1e-4 and data["predictions_changed"][key] == 0
+    # onnxruntime's own fusion leaves the graph of the folded model; without it the BN nodes stay, one node each
+    nodes = data["ort_nodes_run"]
+    assert nodes["onnx_bn"] == nodes["onnx_folded"] == nodes["onnx_bn_nofusion"] - data["bn_layers"]
     assert all(np.isfinite(v) and v > 0 for per in data["latency_ms"].values() for v in per.values())
 
 
@@ -221,12 +224,20 @@ def test_printed_tables_are_the_measured_numbers(quick):
         tr = np.mean([s["train"][bs]["accuracy"] for s in modes])
         assert [bs, f"{ev:.3f}", f"{tr:.3f}"] in [row[:3] for row in lines]
 
+    conv = chapters["running-stats"]["data"]["convergence"]
+    (trace,) = conv["0.1"]  # one seed at quick size
+    errors = np.array(trace["layers"]["bn1"]["mean_error"])
+    last_epoch = errors[np.array(trace["step"]) > trace["step"][-1] - trace["steps_per_epoch"]]
+    spread = np.mean([tr["batch_mean_spread"]["bn1"] for per_seed in conv.values() for tr in per_seed])
+    floor = np.sqrt(2 / np.pi) * np.sqrt(0.1 / 1.9) * spread
+    assert ["0.1", "bn1", f"{errors[-1]:.4f}", f"{last_epoch.mean():.4f}", f"{floor:.4f}"] in [r[:5] for r in lines]
+
     runs = chapters["batch-size"]["data"]["per_seed"]["2"]
     cells = []
     for key in ("ema", "recalibrated", "renorm", "layernorm"):
         acc = np.array([r[key] for r in runs])
         cells += [f"{acc.mean():.3f}", "±", f"{(acc.max() - acc.min()) / 2:.3f}"]
-    assert ["2", *cells] in lines
+    assert ["2", str(runs[0]["epochs"]), *cells] in lines
 
     tune = chapters["fine-tuning"]["data"]["per_seed"]
     fb = [f"{np.mean([s['freeze_bn'][d] for s in tune]):.3f}" for d in ("acc_A", "acc_B")]

@@ -306,12 +306,13 @@ def test_two_modes_verdicts_follow_from_the_measurements(tmp_path, monkeypatch, 
     assert [k for k, ok in ch.checks.items() if not ok] == ([failing] if failing else [])
 
 
-def _batch_run(bs, seed, ema_small=0.8, ema_large=0.95, recal=0.82, stray_small=0.5, renorm=0.9):
+def _batch_run(bs, seed, ema_small=0.8, ema_large=0.95, recal=0.82, stray_small=0.5, var_small=0.3, renorm=0.9):
     small = bs == 2
-    stray = stray_small if small else 0.1
+    stray, var = (stray_small, var_small) if small else (0.1, 0.05)
     return {"epochs": 2, "ema": (ema_small if small else ema_large) + 0.01 * (seed - 1),
             "recalibrated": (recal if small else 0.96) + 0.01 * (seed - 1),
             "running_vs_exact_mean_shift_std": {"bn1": stray * 0.5, "bn2": stray * 1.5},
+            "running_vs_exact_log_var_ratio": {"bn1": var * 0.5, "bn2": var * 1.5},
             "renorm": renorm if small else 0.96, "layernorm": 0.95 if small else 0.97}
 
 
@@ -319,11 +320,12 @@ def _batch_run(bs, seed, ema_small=0.8, ema_large=0.95, recal=0.82, stray_small=
     ({}, None),
     ({"ema_large": 0.78}, "eval accuracy with EMA statistics is lower at batch size 2 than at 32"),
     ({"stray_small": 0.05}, "the running means stray farther from the exact statistics at batch size 2 than at 32"),
+    ({"var_small": 0.04}, "the running variances stray farther from the exact statistics at batch size 2 than at 32"),
     ({"recal": 0.79}, "recalibration is no worse than the EMA at batch size 2 (mean over seeds)"),
     # EMA 0.80, LayerNorm 0.95: recalibration at 0.88 recovers 53% of the gap, renorm at 0.9 67%
     ({"recal": 0.88}, "exact statistics recover less than half of the batch-size-2 gap from the EMA to LayerNorm"),
     ({"renorm": 0.81}, "batch renormalization recovers more of that gap than exact statistics"),
-], ids=["healthy", "ema", "stray", "recalibrated", "recal_share", "renorm_share"])
+], ids=["healthy", "ema", "stray", "var_stray", "recalibrated", "recal_share", "renorm_share"])
 def test_batch_size_verdicts_follow_from_the_measurements(tmp_path, monkeypatch, broken, failing):
     from bnkit.study import batchsize, missing_dependencies
 
@@ -332,7 +334,7 @@ def test_batch_size_verdicts_follow_from_the_measurements(tmp_path, monkeypatch,
     monkeypatch.setattr(batchsize, "load_digits_split", lambda seed: None)
     monkeypatch.setattr(batchsize, "_one", lambda d, bs, p, seed, available, tracker: _batch_run(bs, seed, **broken))
     ch = batchsize.run(Context(size="quick", out=tmp_path))
-    assert len(ch.checks) == 6
+    assert len(ch.checks) == 7
     assert [k for k, ok in ch.checks.items() if not ok] == ([failing] if failing else [])
 
 
@@ -341,7 +343,8 @@ def _finetune_seed(lesson_kept=False, freeze_kept=True):
 
     kept = {"pretrained": True, "lesson_freeze": lesson_kept, "freeze_bn": freeze_kept, "recal_only": False}
     return {key: {"acc_A": 0.9, "acc_B": 0.7, "stats_bit_identical": kept.get(key, False),
-                  "shift": {n: {"mean_shift_std": 0.0 if kept.get(key, False) else 0.4, "log_var_ratio": 0.1}
+                  "shift": {n: {"mean_shift_std": 0.0 if kept.get(key, False) else 0.4, "log_var_ratio": 0.1,
+                                "max_mean_shift_std": 0.0 if kept.get(key, False) else 1.5}
                             for n in ("bn1", "bn2")}} for key in VARIANTS}
 
 
@@ -367,7 +370,9 @@ def test_fine_tuning_verdicts_follow_from_the_measurements(tmp_path, monkeypatch
     ("folded off", ["the folded model's logits match eval mode to 1e-4",
                     "onnxruntime's logits match PyTorch eval mode to 1e-4 (every ONNX variant)"]),
     ("onnx off", ["onnxruntime's logits match PyTorch eval mode to 1e-4 (every ONNX variant)"]),
-], ids=["healthy", "not_folded", "folded_off", "onnx_off"])
+    ("not fused", ["onnxruntime runs the BN model as the folded one: its Conv+BN fusion removes the 6 BN nodes, "
+                   "which stay with only that fusion off"]),
+], ids=["healthy", "not_folded", "folded_off", "onnx_off", "not_fused"])
 def test_deployment_verdicts_follow_from_the_measurements(tmp_path, monkeypatch, broken, failing):
     """A ResNet with no optimizer step (one training-mode pass fills the running statistics), with folding or
     onnxruntime broken on purpose."""
@@ -397,14 +402,101 @@ def test_deployment_verdicts_follow_from_the_measurements(tmp_path, monkeypatch,
                 list(folded.parameters())[-1].add_(1e-3)  # the logits' bias
         return folded, report
 
-    def runner(path, optimize=True):
-        run, fixed = real_runner(path, optimize)
-        if broken == "onnx off" and not optimize:  # one of the three ONNX variants
-            return (lambda x: run(x) + 1e-3), fixed
-        return run, fixed
+    def runner(path, disabled=()):
+        run, fixed, nodes = real_runner(path, disabled)
+        if broken == "onnx off" and disabled:  # one of the three ONNX variants
+            return (lambda x: run(x) + 1e-3), fixed, nodes
+        if broken == "not fused" and path.stem == "onnx_bn":  # onnxruntime left the BN nodes in the graph it runs
+            return run, fixed, nodes + 6
+        return run, fixed, nodes
 
     monkeypatch.setattr(bt, "fold_bn", fold)
     monkeypatch.setattr(deploy, "_ort_runner", runner)
     ch = deploy.run(Context(size="quick", out=tmp_path))
-    assert len(ch.checks) == 3
+    assert len(ch.checks) == 4
     assert [k for k, ok in ch.checks.items() if not ok] == failing
+
+
+def test_noise_floor_is_what_pytorchs_running_mean_keeps_of_batches_drawn_without_replacement():
+    """nn.BatchNorm1d fed shuffled epochs of a fixed data set: the channel mean of |running mean - population mean|
+    over many steps, in population stds, is the closed-form floor sqrt(2/pi) sqrt(m/(2-m)) sqrt((n-B)/(B(n-1)))."""
+    n, b = 4000, 16  # 250 batches an epoch: the EMA's window (1/m steps) spans a small part of one
+    data = torch.from_numpy(np.random.default_rng(0).standard_normal((n, 64)) * 3.0 + 1.0)
+    mu, sd = data.mean(0), data.std(0, unbiased=False)
+    generator = torch.Generator().manual_seed(0)
+    for momentum in (0.1, 0.5):
+        bn = torch.nn.BatchNorm1d(64, momentum=momentum).double().train()
+        errors = []
+        with torch.no_grad():
+            for epoch in range(12):
+                for idx in batches(n, b, generator=generator):
+                    bn(data[idx])
+                    if epoch >= 1:  # past the window of 1/m steps from the initial 0
+                        errors.append(float(((bn.running_mean - mu).abs() / sd).mean()))
+        floor = ch_running.noise_floor(momentum, ch_running.independent_spread(n, b))
+        assert np.mean(errors) == pytest.approx(floor, rel=0.05), momentum
+    assert ch_running.independent_spread(n, n) == 0.0  # the whole set in one batch: no sampling noise at all
+
+
+def test_batch_mean_spread_of_a_per_sample_layer_is_that_of_independent_samples_and_less_after_a_bn_layer():
+    """The first BN of the MLP sees fc1(x), computed per sample: its batch means vary as a sample of B of n does.
+    The second sees the first's batch-normalized output: its batch means vary far less."""
+    from bnkit.study.data import load_digits_split
+
+    x = load_digits_split(seed=0).x_train[:600]
+    torch.manual_seed(0)
+    model = digits_mlp()
+    spread = ch_running.batch_mean_spread(model, x, 20, seed=0)
+    assert spread["bn1"] == pytest.approx(ch_running.independent_spread(600, 20), rel=0.1)
+    assert spread["bn2"] < spread["bn1"] / 2
+    assert all(m.training for m in model.modules())  # measured on a copy: the model's flags untouched
+
+
+def _convergence_traces(p, converged=False, bn1_factor=1.0, bn1_spread=None):
+    """Hand-made chapter-1 traces for ``p``'s momenta: bn1 at its noise floor (times ``bn1_factor``), bn2 three
+    times its own (lagging), momentum 0.01 far above both; ``converged``: bn2 at momentum 0.5 at a quarter of it."""
+    n, b = 1347, p["batch_size"]
+    spread = {"bn1": ch_running.independent_spread(n, b) if bn1_spread is None else bn1_spread, "bn2": 0.023}
+    true_spread = {"bn1": ch_running.independent_spread(n, b), "bn2": 0.023}
+    per_epoch = len(batches(n, b))
+    steps = list(range(p["every"], per_epoch * p["epochs"], p["every"])) + [per_epoch * p["epochs"]]
+    out = {}
+    for m in p["momenta"]:
+        layers = {}
+        for layer, factor in (("bn1", bn1_factor), ("bn2", 0.25 if converged and m == 0.5 else 3.0)):
+            level = 0.3 if m < 0.1 else ch_running.noise_floor(m, true_spread[layer]) * factor
+            layers[layer] = {"mean_error": [level] * len(steps), "var_error": [0.1] * len(steps)}
+        out[str(m)] = [{"step": steps, "layers": layers, "steps_per_epoch": per_epoch,
+                        "batch_mean_spread": spread, "test_accuracy_eval": 0.95}]
+    return out
+
+
+@pytest.mark.parametrize("broken,failing", [
+    ({}, []),
+    ({"converged": True}, ["with momentum 0.1, 0.5 every layer's last-epoch mean error stays above 1/2 of its noise "
+                           "floor (the running mean does not converge)"]),
+    ({"bn1_factor": 3.0}, ["with momentum 0.1, 0.5 bn1's running mean settles at its noise floor: the last epoch's "
+                           "mean error is within 2x of it, either way"]),
+    ({"bn1_spread": 0.13}, ["bn1's batch means vary as independent samples' do: measured spread within 10% of "
+                            "sqrt((n-B)/(B(n-1))) = 0.175"]),
+], ids=["healthy", "converged", "bn1_above_floor", "bn1_spread"])
+def test_running_stats_verdicts_follow_from_the_measurements(tmp_path, monkeypatch, broken, failing):
+    monkeypatch.setattr(ch_running, "convergence", lambda ctx, p: _convergence_traces(p, **broken))
+    ch = ch_running.run(Context(size="quick", out=tmp_path))
+    assert len(ch.checks) == 5
+    assert [k for k, ok in ch.checks.items() if not ok] == failing
+    assert ch.data["final"]["0.1"]["bn1"]["noise_floor"] == pytest.approx(
+        ch_running.noise_floor(0.1, broken.get("bn1_spread", ch_running.independent_spread(1347, 32))))
+
+
+def test_bias_corrected_check_fails_when_the_correction_is_wrong(monkeypatch):
+    """Dividing by 1 - 0.1**t instead of 1 - 0.9**t leaves the corrected mean at the EMA's lag: the check fails."""
+    real = ch_running.ema_table
+
+    def wrong(series, decay, start):
+        return [(t, v, run, run / (1 - (1 - decay) ** t)) for t, v, run, _ in real(series, decay, start)]
+
+    monkeypatch.setattr(ch_running, "ema_table", wrong)
+    _, _, _, checks = ch_running.worked_example()
+    assert [k for k, ok in checks.items() if not ok] == [
+        "the bias-corrected mean never strays from 4.0 more than the batch means do"]

@@ -13,8 +13,9 @@ from .demo import run_and_report
 #: each chapter's name, then its title and claim in a line (the full claim is in bnkit.study.<module>.CLAIM;
 #: kept here so ``bnkit --help`` does not import the chapters, which import torch).
 CHAPTER_HELP = {
-    "running-stats": "1. Running statistics converge: the EMA of batch statistics reaches the population's, "
-                     "so eval mode needs no batch.",
+    "running-stats": "1. Running statistics track the population: the EMA of batch statistics approaches the "
+                     "population's and then wobbles at a noise floor set by its momentum and the batch size, so eval "
+                     "mode needs no batch.",
     "two-modes": "2. Two modes: training mode normalizes with the batch's statistics (a batch of one collapses); "
                  "eval mode gives the same output at any batch size.",
     "batch-size": "3. Batch size and statistics quality: small batches make noisy running statistics and lower "

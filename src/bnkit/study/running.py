@@ -1,4 +1,4 @@
-"""Chapter 1: running statistics converge, checked on the lesson's table and on a trained network.
+"""Chapter 1: running statistics track the population, checked on the lesson's table and on a trained network.
 
 The lesson's worked example keeps ``running = 0.9 * running + 0.1 * batch_mean``
 (alpha = 0.9 on the old value; PyTorch writes the same rule with
@@ -12,26 +12,38 @@ On the network, the distance between each BN layer's running statistics and
 the exact population statistics of its input (:func:`..train.population_stats`)
 is followed through training for several momenta: the mean error in units of
 the population standard deviation, ``mean_c |rm_c - mu_c| / sqrt(var_c + eps)``,
-and the variance error ``mean_c |log(rv_c / var_c)|``.
+and the variance error ``mean_c |log(rv_c / var_c)|``. The running mean does not converge to the
+population mean: PyTorch's update ``r <- (1 - m) r + m b`` (``m`` weighs the new batch) keeps a
+fraction ``sqrt(m / (2 - m))`` of one batch mean's standard deviation (the *spread*, measured on
+the trained model by :func:`batch_mean_spread`; for a layer whose input is computed per sample,
+batches of ``B`` drawn without replacement from ``n`` samples give ``sqrt((n - B) / (B (n - 1)))``
+population standard deviations), so the channel mean of ``|error|`` settles at about
+:func:`noise_floor` once the EMA's window of about ``1 / m`` steps has passed, or above it where the
+weights drift faster than that window follows.
 """
 from __future__ import annotations
+
+import copy
+import math
 
 import numpy as np
 import torch
 
+from ..audit_state import ema_noise_factor
 from ..stats import ema_table
 from ..torch.modules import bn_layers
 from . import Context
 from .data import load_digits_split
 from .models import bn_legend, bn_places, digits_mlp
 from .report import Chapter, Figure, Table, new_figure, save_figure
-from .train import accuracy, fit, population_stats, running_stats, stat_shift
+from .train import accuracy, batches, fit, population_stats, running_stats, stat_shift
 
 NUMBER = 1
-TITLE = "Running statistics converge"
+TITLE = "Running statistics track the population"
 CLAIM = (
-    "An exponential moving average of batch statistics converges to the population statistics, "
-    "so eval mode can normalize without a batch (the lesson's worked example and its figures)."
+    "An exponential moving average of batch statistics approaches the population statistics and then wobbles "
+    "around them by a noise floor set by its momentum and the batch size (it never converges), so eval mode can "
+    "normalize without a batch (the lesson's worked example and its figures)."
 )
 REQUIRES: tuple[str, ...] = ()
 SIZES = {
@@ -39,6 +51,14 @@ SIZES = {
     "demo": {"seeds": 1, "epochs": 6, "batch_size": 32, "every": 5, "momenta": (0.01, 0.1, 0.5)},
     "full": {"seeds": 3, "epochs": 20, "batch_size": 32, "every": 5, "momenta": (0.01, 0.03, 0.1, 0.3, 0.5)},
 }
+#: Momenta whose averaging window (about 1 / m steps) is at most this many steps are checked against their noise
+#: floor at the end of training; smaller ones still lag the weights' drift there.
+FLOOR_WINDOW = 10
+#: The checks' tolerance: the last epoch's mean error at least the noise floor over this factor (every layer), and
+#: within this factor of it either way in the first layer, whose input is computed per sample.
+FLOOR_FACTOR = 2.0
+#: Reshuffled epochs of batches over which :func:`batch_mean_spread` measures the spread of batch means.
+SPREAD_EPOCHS = 10
 
 #: The lesson's table: batch -> (batch mean it gives, running mean it states as printed).
 LESSON_DECAY = 0.9
@@ -104,6 +124,8 @@ def worked_example() -> tuple[Table, dict, list[str], dict[str, bool]]:
     max_torch_diff = max(abs(a - r[2]) for a, r in zip(torch_rows, rows))
     checks = {
         "nn.BatchNorm1d's running_mean equals the exact EMA column": max_torch_diff < 1e-12,
+        # an identity for a right correction (a weighted mean of the batch means); a wrong one strays (the EMA from 0
+        # is 3.58 away at the first batch)
         f"the bias-corrected mean never strays from {LESSON_FILL} more than the batch means do": all(
             abs(r[3] - LESSON_FILL) <= max(abs(v - LESSON_FILL) for v in series) + 1e-12 for r in rows),
     }
@@ -120,6 +142,46 @@ def worked_example() -> tuple[Table, dict, list[str], dict[str, bool]]:
         "max_abs_diff_torch_vs_exact": max_torch_diff,
     }
     return table, data, findings, checks
+
+
+def noise_floor(momentum: float, spread: float) -> float:
+    """The channel mean of ``|running mean - population mean|`` that sampling noise alone leaves once the EMA has
+    settled, in the unit of ``spread`` (one batch mean's standard deviation): ``sqrt(2 / pi) sqrt(m / (2 - m))
+    spread``, for PyTorch's momentum ``m`` (:func:`bnkit.audit_state.ema_noise_factor`) and ``E|N(0, s^2)| =
+    s sqrt(2 / pi)``. Batches taken as independent of each other, weights as fixed (the batches of one shuffled epoch
+    partition the data, so their means are slightly anti-correlated: the floor is a little lower where the EMA's
+    window of about ``1 / m`` steps spans a good part of an epoch)."""
+    return math.sqrt(2 / math.pi) * ema_noise_factor(momentum) * spread
+
+
+def independent_spread(n: int, batch_size: int) -> float:
+    """One batch mean's standard deviation, in population standard deviations, for ``batch_size`` of ``n`` samples
+    drawn without replacement from values computed per sample: ``sqrt((n - B) / (B (n - 1)))``."""
+    return math.sqrt((n - batch_size) / (batch_size * (n - 1)))
+
+
+def batch_mean_spread(model: torch.nn.Module, x: torch.Tensor, batch_size: int, seed: int) -> dict[str, float]:
+    """``{bn_name: spread}``: the channel mean of the standard deviation of each BN layer's batch means over
+    :data:`SPREAD_EPOCHS` reshuffled epochs of ``x`` (training mode on a copy, every BN layer normalizing with its
+    batch's statistics as in training), in population standard deviations (:func:`..train.population_stats`)."""
+    work = copy.deepcopy(model).train()
+    means: dict[str, list[np.ndarray]] = {name: [] for name, _ in bn_layers(work)}
+    hooks = [bn.register_forward_pre_hook(
+        lambda _m, inputs, name=name: means[name].append(inputs[0].detach().double().mean(0).numpy()))
+        for name, bn in bn_layers(work)]
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for _ in range(SPREAD_EPOCHS):
+                for idx in batches(len(x), batch_size, generator=generator):
+                    work(x[idx])
+    finally:
+        for h in hooks:
+            h.remove()
+    pop = population_stats(model, x)
+    eps = bn_layers(model)[0][1].eps
+    return {name: float(np.mean(np.std(np.array(m), axis=0) / np.sqrt(pop[name][1] + eps)))
+            for name, m in means.items()}
 
 
 def _distances(pop: dict, run: dict, eps: float) -> dict[str, tuple[float, float]]:
@@ -159,6 +221,8 @@ def convergence(ctx: Context, p: dict) -> dict:
                         lr=1e-3, seed=ctx.seed + s, on_step=measure, on_epoch=lambda _e: ctx.tracker.advance())
             if trace["step"][-1:] != [steps]:  # the last point is the trained model the test accuracy is of
                 measure(steps, final=True)
+            trace["steps_per_epoch"] = steps // p["epochs"]
+            trace["batch_mean_spread"] = batch_mean_spread(model, digits.x_train, p["batch_size"], ctx.seed + s)
             trace["test_accuracy_eval"] = accuracy(model, digits.x_test, digits.y_test)
             per_seed.append(trace)
         results[str(momentum)] = per_seed
@@ -182,7 +246,13 @@ def _plot_example(data: dict, out) -> str:
     return save_figure(fig, out, "ch1_worked_example.png")
 
 
-def _plot_convergence(conv: dict, p: dict, out) -> str:
+def _last_epoch(trace: dict, values: list) -> list:
+    """The ``values`` measured during the last epoch of ``trace`` (after its first step)."""
+    start = trace["step"][-1] - trace["steps_per_epoch"]
+    return [v for step, v in zip(trace["step"], values) if step > start]
+
+
+def _plot_convergence(conv: dict, floors: dict, p: dict, out) -> str:
     layers = list(next(iter(conv.values()))[0]["layers"])
     places = bn_places(digits_mlp())
     fig, axes = new_figure(2, len(layers), width=5.2, height=3.6)
@@ -192,6 +262,8 @@ def _plot_convergence(conv: dict, p: dict, out) -> str:
             for i, key in enumerate(("mean_error", "var_error")):
                 curves = np.array([tr["layers"][layer][key] for tr in per_seed])
                 line = axes[i, j].plot(steps, curves.mean(0), label=f"momentum {momentum}")[0]
+                if key == "mean_error":  # the level sampling noise alone leaves
+                    axes[i, j].axhline(floors[momentum][layer], color=line.get_color(), ls="--", lw=0.8)
                 if len(per_seed) > 1:
                     axes[i, j].fill_between(steps, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
         axes[0, j].set_title(f"BN layer {layer}, {places.get(layer, '')}")
@@ -210,38 +282,75 @@ def run(ctx: Context) -> Chapter:
     ctx.tracker.start(f"{NUMBER}. {TITLE}", len(p["momenta"]) * p["seeds"] * p["epochs"])
     table, example, findings, checks = worked_example()
     conv = convergence(ctx, p)
+    n, b = len(load_digits_split(seed=ctx.seed).x_train), p["batch_size"]
+    layers = list(next(iter(conv.values()))[0]["layers"])
+    # mean over every run (the momentum changes only the running statistics, not the weights trained)
+    spread = {layer: float(np.mean([tr["batch_mean_spread"][layer] for per_seed in conv.values() for tr in per_seed]))
+              for layer in layers}
+    floors = {m: {layer: noise_floor(float(m), spread[layer]) for layer in layers} for m in conv}
     summary = Table(
         f"Running vs population statistics of each BN layer after {p['epochs']} epochs "
-        f"(batch size {p['batch_size']}, mean over {p['seeds']} seed(s))",
-        ["momentum", "layer", "mean err", "var err", "test acc"],
-        notes=["mean err: mean over channels of |running mean - population mean| in population std; "
-               "var err: mean over channels of |log(running var / population var)|; "
-               "test acc: eval-mode test accuracy.", bn_legend(digits_mlp())],
+        f"(batch size {b}, mean over {p['seeds']} seed(s))",
+        ["momentum", "layer", "mean err", "last epoch", "floor", "var err", "test acc"],
+        notes=["mean err: mean over channels of |running mean - population mean| in population std, after the last "
+               "step; last epoch: its mean over the last epoch's measurements; floor: what sampling noise alone "
+               "leaves, sqrt(2/pi) sqrt(m/(2-m)) s for momentum m and the spread s of the layer's batch means "
+               f"(measured on the trained model over {SPREAD_EPOCHS} reshuffled epochs); var err: mean over channels "
+               "of |log(running var / population var)|, after the last step; test acc: eval-mode test accuracy.",
+               bn_legend(digits_mlp())],
     )
     final: dict = {}
     for momentum, per_seed in conv.items():
         acc = float(np.mean([tr["test_accuracy_eval"] for tr in per_seed]))
-        for layer in per_seed[0]["layers"]:
+        for layer in layers:
             me = float(np.mean([tr["layers"][layer]["mean_error"][-1] for tr in per_seed]))
             ve = float(np.mean([tr["layers"][layer]["var_error"][-1] for tr in per_seed]))
-            final.setdefault(momentum, {})[layer] = {"mean_error": me, "var_error": ve}
-            summary.add(momentum, layer, f"{me:.4f}", f"{ve:.4f}", f"{acc:.3f}")
-    layers = list(next(iter(final.values())))
+            settled = float(np.mean([np.mean(_last_epoch(tr, tr["layers"][layer]["mean_error"])) for tr in per_seed]))
+            floor = floors[momentum][layer]
+            final.setdefault(momentum, {})[layer] = {"mean_error": me, "var_error": ve,
+                                                     "last_epoch_mean_error": settled, "noise_floor": floor}
+            summary.add(momentum, layer, f"{me:.4f}", f"{settled:.4f}", f"{floor:.4f}", f"{ve:.4f}", f"{acc:.3f}")
+    first = next(iter(conv.values()))[0]
+    points = len(_last_epoch(first, first["step"]))
     for layer in layers:
-        best = min(final, key=lambda m: final[m][layer]["mean_error"])
-        worst = max(final, key=lambda m: final[m][layer]["mean_error"])
+        best = min(final, key=lambda m: final[m][layer]["last_epoch_mean_error"])
+        worst = max(final, key=lambda m: final[m][layer]["last_epoch_mean_error"])
         findings.append(
-            f"Layer {layer}: at the end of training momentum {best} is closest to the population mean "
-            f"({final[best][layer]['mean_error']:.4f} std), momentum {worst} farthest "
-            f"({final[worst][layer]['mean_error']:.4f} std)."
+            f"Layer {layer}: its batch means spread by {spread[layer]:.3f} population std. Over the last epoch "
+            f"({points} measurements) momentum {best} is closest to the population mean on average "
+            f"({final[best][layer]['last_epoch_mean_error']:.4f} std, noise floor {floors[best][layer]:.4f}), "
+            f"momentum {worst} farthest ({final[worst][layer]['last_epoch_mean_error']:.4f}, floor "
+            f"{floors[worst][layer]:.4f})."
         )
+    independent = independent_spread(n, b)
+    settled_momenta = [m for m in conv if 1 / float(m) <= FLOOR_WINDOW]
+    head = layers[0]
+    findings.append(
+        f"The running mean never converges: it wobbles at a floor set by the momentum and by how much the batch "
+        f"means vary. In {head}, whose input is computed per sample, they vary as independent samples' do "
+        f"({spread[head]:.3f} std measured, {independent:.3f} for {b} of {n} samples drawn without replacement); "
+        f"layers after a BN layer that normalizes each batch by its own statistics vary less "
+        + ", ".join(f"({layer}: {spread[layer]:.3f})" for layer in layers[1:])
+        + ", so their floor is lower and the lag behind the weights' drift can exceed it.")
+    checks[f"{head}'s batch means vary as independent samples' do: measured spread within 10% of "
+           f"sqrt((n-B)/(B(n-1))) = {independent:.3f}"] = abs(spread[head] / independent - 1) <= 0.1
+    if settled_momenta:
+        ms = ", ".join(settled_momenta)
+        checks[f"with momentum {ms} every layer's last-epoch mean error stays above 1/{FLOOR_FACTOR:g} of its noise "
+               "floor (the running mean does not converge)"] = all(
+            final[m][layer]["last_epoch_mean_error"] >= floors[m][layer] / FLOOR_FACTOR
+            for m in settled_momenta for layer in layers)
+        checks[f"with momentum {ms} {head}'s running mean settles at its noise floor: the last epoch's mean error "
+               f"is within {FLOOR_FACTOR:g}x of it, either way"] = all(
+            floors[m][head] / FLOOR_FACTOR <= final[m][head]["last_epoch_mean_error"] <= floors[m][head] * FLOOR_FACTOR
+            for m in settled_momenta)
     figures = [
         Figure(_plot_example(example, ctx.out),
                "The lesson's table: the EMA from 0 (blue) lags; red crosses are the lesson's figures."),
         Figure(
-            _plot_convergence(conv, p, ctx.out),
-            "Distance between running and exact population statistics during training, per BN layer and momentum "
-            "(log scale).",
+            _plot_convergence(conv, floors, p, ctx.out),
+            "Distance between running and exact population statistics during training, per BN layer and momentum; "
+            "dashed: each momentum's noise floor (log scale).",
         ),
     ]
     return Chapter(
