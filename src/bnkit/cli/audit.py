@@ -124,7 +124,8 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
             raise fail(f"--data and --device need --model: {file} holds no pickled model to run, only tensors")
         report = audit(state)
     else:
-        # a whole pickled model (with --trust) is audited as one, its eps, momentum and flags included
+        # a whole pickled model (with --trust) is audited as one, its eps and momentum included, in eval mode like a
+        # checkpoint's: torch.save keeps whatever mode it was saved in, which says nothing about its deployment
         net = _build_model(model_spec, state, file) if pickled is None else pickled.eval()
         if device is not None:
             net.to(device)  # the audit moves each data batch to the model's device
