@@ -51,7 +51,8 @@ def trained(tmp_path_factory):
         "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n\n"
         "def oom():\n    return OOM(hidden=(32, 16))\n\n"
         "def conv():\n"
-        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten())\n")
+        "    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten())\n\n"
+        "def bn4():\n    return torch.nn.Sequential(torch.nn.BatchNorm1d(4))\n")
     sys.path.insert(0, str(root))
     yield model.eval(), ckpt, data, root
     sys.path.remove(str(root))
@@ -161,6 +162,8 @@ def test_usage_errors(trained, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     assert _invoke(garbage).exit_code == 2
+    none = _invoke(ckpt, "--model", "audit_models:mlp", "--data", data, "--max-batches", "0")
+    assert none.exit_code == 2 and "--max-batches must be at least 1, got 0" in _flat(none)  # the CLI's option name
 
 
 def test_onnx_file(trained, tmp_path):
@@ -402,3 +405,90 @@ def test_data_that_is_not_an_array_of_numbers_is_named_before_the_model_runs(tra
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
     assert f"{data} {says}" in _flat(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == [data.name]  # nothing written
+
+
+def test_a_checkpoint_with_only_warnings_says_so_in_its_summary(trained, tmp_path):
+    """Statistics from 10 updates (momentum 0.1 leaves the initial values 0.9**10 = 35 % of the weight): warnings,
+    no error. The summary counts them (as the Python audit of the same state dict does) instead of claiming no
+    problems were found under a table of warnings."""
+    from bnkit.torch import audit
+
+    model, _, _, _ = trained
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for key in ("2.num_batches_tracked", "5.num_batches_tracked"):
+        state[key].fill_(10)
+    expected = [f.severity for f in audit(state).findings]
+    assert "error" not in expected and expected.count("warning") >= 2
+    result = _invoke(save_state_dict_file(state, tmp_path / "young.pt"))
+    assert result.exit_code == 0, result.output
+    assert f"no error-level findings; {expected.count('warning')} warning(s)" in _flat(result)
+    assert "no BatchNorm problems found" not in _flat(result)
+
+
+def test_shifts_table_prints_the_variance_ratio_not_its_log(trained, tmp_path):
+    """A BatchNorm whose running means are the data's and whose running variances are a quarter of the data's
+    (float64 NumPy): every channel's variance ratio is 4 and its mean shift 0, as the table prints them."""
+    x = np.random.default_rng(0).normal([0.0, 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0], (512, 4)).astype(np.float32)
+    data = tmp_path / "x4.npy"
+    np.save(data, x)
+    xd = x.astype(np.float64)
+    state = {"0.weight": torch.ones(4), "0.bias": torch.zeros(4),
+             "0.running_mean": torch.from_numpy(xd.mean(axis=0)).float(),
+             "0.running_var": torch.from_numpy(xd.var(axis=0) / 4).float(),
+             "0.num_batches_tracked": torch.tensor(1000)}
+    result = _invoke(save_state_dict_file(state, tmp_path / "bn4.pt"), "--model", "audit_models:bn4", "--data", data)
+    assert "ranked" in result.output, result.output
+    rows = [cells for cells in ([c.strip() for c in line.split("│")[1:-1]] for line in result.output.splitlines())
+            if len(cells) == 6 and cells[0] == "1"]
+    assert len(rows) == 1 and rows[0][1] == "0", result.output
+    assert float(rows[0][5]) == pytest.approx(4.0, rel=0.01), rows
+    assert abs(float(rows[0][4])) < 0.01, rows
+
+
+def test_onnx_findings_are_listed_most_severe_first(tmp_path):
+    """An ONNX file that fails onnx.checker (error), runs Dropout in training mode (warning) and has no
+    BatchNormalization (info): JSON and table list them error, warning, info (bnkit.findings.SEVERITIES's order),
+    not alphabetically."""
+    pytest.importorskip("onnx")
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bnkit.findings import SEVERITIES
+
+    inits = [helper.make_tensor("ratio", TensorProto.FLOAT, [], [0.5]),
+             helper.make_tensor("train", TensorProto.BOOL, [], [True])]
+    nodes = [helper.make_node("Dropout", ["x", "ratio", "train"], ["d"], name="drop"),
+             helper.make_node("Relu", ["d"], ["y"], name="relu"),
+             helper.make_node("Relu", ["undefined"], ["z"], name="orphan")]  # an input nothing defines: invalid
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    result = _invoke(path, "--json")
+    assert result.exit_code == 1, result.output
+    findings = json.loads(result.output)["findings"]
+    assert [(f["severity"], f["code"]) for f in findings] == [
+        ("error", "invalid_model"), ("warning", "dropout_training"), ("info", "no_bn")]
+    assert SEVERITIES == ("error", "warning", "info")
+    first_cells = [line.split("│")[1].strip() for line in _invoke(path).output.splitlines() if line.startswith("│")]
+    assert [c for c in first_cells if c] == ["error", "warning", "info"]  # the table's severity column
+
+
+def test_a_whole_model_pickled_in_training_mode_is_audited_in_eval_mode(trained, tmp_path):
+    """torch.save keeps the mode a model was saved in, which says nothing about how it is deployed: like a checkpoint
+    loaded into --model's factory, a pickled model is audited in eval mode (no train_mode error, exit 0), with the
+    findings of the Python audit of the same model in eval mode."""
+    from bnkit.torch import audit
+
+    model, _, _, _ = trained
+    net = copy.deepcopy(model).train()
+    assert any(f.code == "train_mode" for f in audit(copy.deepcopy(net)).findings)  # what eval mode avoids
+    expected = audit(copy.deepcopy(net).eval())
+    assert expected.ok
+    path = tmp_path / "training.pt"
+    torch.save(net, path)
+    result = _invoke(path, "--trust", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert {(f["layer"], f["code"]) for f in report["findings"]} == {(f.layer, f.code) for f in expected.findings}
+    assert not any(f["code"] == "train_mode" for f in report["findings"])

@@ -8,6 +8,7 @@ batches (itself checked against float64 in tests/torch/test_recalibrate.py).
 from __future__ import annotations
 
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -218,7 +219,16 @@ def test_refuses_unsafe_or_mismatched_weights_and_bad_arguments(tmp_path):
     result = invoke("--model", "bnkit.torch.zoo:NoSuchModel", "--data", data, "--output", str(out))
     assert result.exit_code == 2 and "NoSuchModel" in result.output
     assert invoke("--model", MODEL, "--data", data, "--batch-size", "1", "--output", str(out)).exit_code == 2
-    assert invoke("--model", MODEL, "--data", data, "--batches", "0", "--output", str(out)).exit_code == 2
+    # each refusal names the user's mistake in the CLI's own words, not a later failure inside the library
+    result = invoke("--model", MODEL, "--data", data, "--batches", "0", "--output", str(out))
+    assert result.exit_code == 2 and "--batches must be at least 1, got 0" in " ".join(result.output.split())
+    np.save(tmp_path / "one.npy", digits(1))  # one sample has no variance: said before BatchNorm fails on it
+    result = invoke("--model", MODEL, "--data", str(tmp_path / "one.npy"), "--output", str(out))
+    assert result.exit_code == 2 and "holds 1 sample(s); BatchNorm statistics need at least 2" in \
+        " ".join(result.output.split()), result.output
+    result = invoke("--model", MODEL, "--data", data, "--forward", "bnkit.findings:SEVERITIES", "--output", str(out))
+    assert result.exit_code == 2 and "--forward 'bnkit.findings:SEVERITIES' is a tuple, not a function" in \
+        " ".join(result.output.split()), result.output
     assert not out.exists()
 
 
@@ -423,3 +433,85 @@ def test_iterable_dataset_is_batched_by_batch_size(tmp_path, monkeypatch):
         "            yield torch.from_numpy(row), 0\n"
         "def make():\n"
         "    return Stream()\n"))
+
+
+USER_MODELS = (
+    "import torch\n"
+    "from torch import nn\n"
+    "from bnkit.torch.zoo import MLP\n"
+    "def dropout():\n"
+    "    return nn.Sequential(nn.Linear(64, 4), nn.Dropout(0.5), nn.BatchNorm1d(4))  # in training mode, as built\n"
+    "class Spare(nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        self.a = nn.Sequential(nn.Linear(64, 4), nn.BatchNorm1d(4))\n"
+    "        self.unused = nn.BatchNorm1d(4)\n"
+    "    def forward(self, x):\n"
+    "        return self.a(x)\n"
+    "class OOM(MLP):\n"
+    "    def forward(self, x):\n"
+    "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')\n"
+)
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    """A module ``t7d_models`` of models a factory returns, importable from the current folder (tmp_path)."""
+    (tmp_path / "t7d_models.py").write_text(USER_MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "t7d_models", raising=False)
+    yield tmp_path
+    sys.modules.pop("t7d_models", None)
+
+
+def test_a_factory_model_in_training_mode_is_recalibrated_in_eval_mode(user_models):
+    """A factory's fresh model is in training mode: its Dropout must not be active while the statistics are
+    computed (the command runs the model in eval mode, only BatchNorm using batch statistics). Oracle: the
+    BatchNorm after Linear -> Dropout reads Linear(x) exactly, float64 moments of it."""
+    tmp_path = user_models
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 4), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(4))
+    save_state_dict_file(net.state_dict(), tmp_path / "w.pt")
+    x = digits(200)
+    np.save(tmp_path / "x.npy", x)
+    result = invoke("--model", "t7d_models:dropout", "--weights", "w.pt", "--data", "x.npy", "-o", "o.pt")
+    assert result.exit_code == 0, result.output
+    lin = net[0]
+    h = x.astype(np.float64) @ lin.weight.detach().double().numpy().T + lin.bias.detach().double().numpy()
+    got = load_state_dict_file(tmp_path / "o.pt")
+    np.testing.assert_allclose(got["2.running_mean"].double().numpy(), h.mean(axis=0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["2.running_var"].double().numpy(), h.var(axis=0, ddof=1), rtol=1e-6)
+
+
+def test_a_layer_the_data_does_not_reach_is_named_and_left_unchanged(user_models):
+    tmp_path = user_models
+    np.save(tmp_path / "x.npy", digits(100))
+    result = invoke("--model", "t7d_models:Spare", "--data", "x.npy", "-o", "o.pt")
+    assert result.exit_code == 0, result.output
+    assert "not reached by the data, left unchanged: unused" in " ".join(result.output.split()), result.output
+    got = load_state_dict_file(tmp_path / "o.pt")
+    assert torch.equal(got["unused.running_mean"], torch.zeros(4)) and torch.equal(got["unused.running_var"],
+                                                                                  torch.ones(4))
+    assert int(got["unused.num_batches_tracked"]) == 0 and int(got["a.1.num_batches_tracked"]) == 2
+
+
+def test_a_run_that_fails_after_it_started_exits_1_and_writes_nothing(user_models, monkeypatch):
+    """The module's contract: 1 when a run that started fails (out of memory, the file cannot be written), 2 only for
+    bad usage or input, which a retry with the same arguments cannot fix."""
+    tmp_path = user_models
+    np.save(tmp_path / "x.npy", digits(100))
+    result = invoke("--model", "t7d_models:OOM", "--data", "x.npy", "-o", "o.pt")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "ran out of memory, nothing written (try a smaller --batch-size)" in text and not (tmp_path / "o.pt").exists()
+
+    import bnkit.torch.io
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bnkit.torch.io, "save_state_dict_file", disk_full)
+    result = invoke("--model", MODEL, "--data", "x.npy", "-o", "o.pt")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "cannot write o.pt" in text and "No space left on device" in text and not (tmp_path / "o.pt").exists()
