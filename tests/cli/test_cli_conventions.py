@@ -150,11 +150,14 @@ def test_a_console_too_narrow_for_the_columns_gets_lines_with_the_same_content()
     narrow = " ".join(_run("--momentum", "0.99", "--from", "keras", width=40).split())  # undo the wrapping
     assert "┃" not in narrow.split("Weight names")[0]  # no table
     for i, fw in enumerate(FRAMEWORKS):
-        line = re.search(rf"\b{fw}: (r = [^;]+); momentum weighs the (\w+) value; default momentum ([^,]+), eps (\S+);",
-                         narrow)
+        line = re.search(rf"\b{fw}: (r = [^;]+); momentum weighs the (\w+) value; default momentum ([^,]+), eps (\S+);"
+                         r" named [^;]+; running var fed (unbiased M2/\(n-1\)|biased M2/n)(?: |$)", narrow)
         assert line, fw
-        assert list(line.groups()) == [wide["update (m = momentum)"][i], wide["momentum weighs"][i].split()[1],
-                                       wide["default momentum"][i], wide["default eps"][i]]
+        # "running var fed" too: swapped, the lines told torch users their layer feeds the biased variance
+        groups = list(line.groups())
+        groups[-1] = groups[-1].split()[0]  # the table's cell shows "unbiased" / "biased" on its first line
+        assert groups == [wide["update (m = momentum)"][i], wide["momentum weighs"][i].split()[1],
+                          wide["default momentum"][i], wide["default eps"][i], wide["running var fed"][i]]
     listed = dict(re.findall(r"\b(torch|keras|flax|onnx): ([0-9.]+)\b(?!,)", narrow.split("in each framework:")[1]))
     assert {fw: listed[fw] for fw in FRAMEWORKS} == dict(zip(FRAMEWORKS, wide["keras momentum"]))
 

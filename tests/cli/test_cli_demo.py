@@ -354,3 +354,58 @@ def test_a_claim_that_fails_is_printed_as_not_holding_and_a_chapter_that_raises_
     assert "chapter(s) failed: two-modes" in " ".join(result.output.split())
     status = json.loads((tmp_path / "b" / "results.json").read_text())["chapters"]["two-modes"]["status"]
     assert status == "failed"
+
+
+def test_an_unavailable_chapter_is_said_and_does_not_fail_the_command_and_threads_reach_the_chapter(
+        tmp_path, monkeypatch):
+    """README: a chapter whose bnkit.torch dependency is missing is reported as not run, with the reason, and the
+    command still exits 0 (only a chapter that raised fails it). --threads is the torch thread count the chapter
+    runs with, and the caller's own setting is back afterwards."""
+    import torch
+
+    from bnkit.study import modes
+    from bnkit.study.report import unavailable
+
+    seen = []
+
+    def not_here(ctx):
+        seen.append(torch.get_num_threads())
+        return unavailable(modes.NUMBER, "two-modes", modes.TITLE, modes.CLAIM, "needs bnkit.torch.freeze_bn")
+
+    monkeypatch.setattr(modes, "run", not_here)
+    threads = torch.get_num_threads()
+    try:
+        for asked, caller in ((1, 2), (3, 1)):
+            torch.set_num_threads(caller)
+            result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--threads", str(asked),
+                                         "--out", str(tmp_path / str(asked))], terminal_width=200)
+            assert seen[-1] == asked and torch.get_num_threads() == caller
+            assert result.exit_code == 0, result.output
+            printed = " ".join(result.output.split())
+            assert "chapter unavailable: needs bnkit.torch.freeze_bn" in printed and "failed" not in printed
+            chapter = json.loads((tmp_path / str(asked) / "results.json").read_text())["chapters"]["two-modes"]
+            assert chapter["status"] == "unavailable" and chapter["reason"] == "needs bnkit.torch.freeze_bn"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_folder_where_a_plot_goes_is_refused_before_the_previous_report_is_replaced(tmp_path, monkeypatch):
+    """A chapter's plot is only named once it ran: a folder of that name in --out is a usage error (exit 2), found
+    before any file of the previous report is replaced, not an IsADirectoryError half way through."""
+    from bnkit.study import modes
+    from bnkit.study.report import Chapter
+
+    out = tmp_path / "report"
+    (out / "ch2_two_modes.png").mkdir(parents=True)
+    (out / "index.html").write_text("previous report")
+
+    def measured(ctx):
+        (ctx.out / "ch2_two_modes.png").write_bytes(b"png")
+        return Chapter(modes.NUMBER, "two-modes", modes.TITLE, modes.CLAIM, checks={"a claim": True})
+
+    monkeypatch.setattr(modes, "run", measured)
+    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert "ch2_two_modes.png there is a folder" in " ".join(result.output.split())
+    assert _names(out) == ["ch2_two_modes.png", "index.html"]  # no staging folder left, nothing replaced
+    assert (out / "index.html").read_text() == "previous report" and (out / "ch2_two_modes.png").is_dir()

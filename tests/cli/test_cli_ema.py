@@ -77,3 +77,20 @@ def test_ema_prints_the_batch_means_as_given():
     rows = _rows(result.output)
     assert rows[1][0] == 12345.67 and rows[2][0] == 4.23456
     assert rows[2][1] == pytest.approx(0.5 * 0.5 * 12345.67 + 0.5 * 4.23456, rel=1e-5)
+
+
+def test_the_title_states_the_rule_the_rows_follow():
+    """The title's rule was never read: written with the decay on the batch mean, it told users the opposite of
+    what the table computes. The weights it states are applied here to the given batch means and must give the
+    printed running means (decay 0.7: the two sides differ)."""
+    result = runner.invoke(app, ["ema", "4.2", "3.8", "4.1", "--decay", "0.7", "--init", "1"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    title = " ".join(result.output.split("┏")[0].split())
+    rule = re.search(r"running = ([0-9.]+) \* running \+ ([0-9.]+) \* batch_mean \(start ([0-9.]+)\)", title)
+    assert rule, title
+    old, new, start = map(float, rule.groups())
+    assert (old, new, start) == pytest.approx((0.7, 0.3, 1.0))
+    rows, v = _rows(result.output), start
+    for t, m in enumerate([4.2, 3.8, 4.1], start=1):
+        v = old * v + new * m
+        assert rows[t][1] == pytest.approx(v, rel=1e-5)
