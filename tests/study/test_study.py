@@ -169,6 +169,17 @@ def test_missing_api_makes_a_chapter_unavailable_and_an_error_makes_it_failed(tm
     (ch,) = run_chapters(["two-modes"], Context(size="quick", out=tmp_path))
     assert ch.status == "failed" and "kaputt" in ch.reason and "traceback" in ch.data
 
+    def bad_value(ctx):  # any exception, not only a RuntimeError: the later chapters still run
+        raise ValueError("no such value")
+
+    from bnkit.study import finetune
+
+    monkeypatch.setattr(modes, "run", bad_value)
+    monkeypatch.setattr(finetune, "run", lambda ctx: Chapter(4, "fine-tuning", "t", "c"))
+    failed, later = run_chapters(["two-modes", "fine-tuning"], Context(size="quick", out=tmp_path))
+    assert failed.status == "failed" and failed.reason == "ValueError: no such value"
+    assert later.name == "fine-tuning" and later.status == "ok"
+
 
 def test_report_is_plain_json_and_tables_check_their_width(tmp_path):
     t = Table("t", ["a", "b"])
@@ -348,18 +359,22 @@ def _finetune_seed(lesson_kept=False, freeze_kept=True):
                             for n in ("bn1", "bn2")}} for key in VARIANTS}
 
 
-@pytest.mark.parametrize("broken,failing", [
-    ({}, None),
-    ({"lesson_kept": True}, "the lesson's freeze does not survive model.train(): the running statistics changed"),
-    ({"freeze_kept": False}, "freeze_bn keeps every BN statistic bit-identical through fine-tuning"),
-], ids=["healthy", "lesson_freeze", "freeze_bn"])
-def test_fine_tuning_verdicts_follow_from_the_measurements(tmp_path, monkeypatch, broken, failing):
+@pytest.mark.parametrize("broken,failing,seeds", [
+    ({}, None, "both"),
+    ({"lesson_kept": True}, "the lesson's freeze does not survive model.train(): the running statistics changed",
+     "both"),
+    ({"freeze_kept": False}, "freeze_bn keeps every BN statistic bit-identical through fine-tuning", "both"),
+    # freeze_bn keeps the statistics only if it keeps them in every seed
+    ({"freeze_kept": False}, "freeze_bn keeps every BN statistic bit-identical through fine-tuning", "second"),
+], ids=["healthy", "lesson_freeze", "freeze_bn", "freeze_bn_one_seed"])
+def test_fine_tuning_verdicts_follow_from_the_measurements(tmp_path, monkeypatch, broken, failing, seeds):
     from bnkit.study import finetune, missing_dependencies
 
     if missing_dependencies(("freeze_bn", "recalibrate")):
         pytest.skip("bnkit.torch.freeze_bn or recalibrate is not in this build")
-    monkeypatch.setattr(finetune, "_one_seed", lambda p, seed, available, tracker: _finetune_seed(**broken))
-    ch = finetune.run(Context(size="quick", out=tmp_path))
+    monkeypatch.setattr(finetune, "_one_seed", lambda p, seed, available, tracker: _finetune_seed(
+        **(broken if seed or seeds == "both" else {})))
+    ch = finetune.run(Context(size="quick", seeds=2, out=tmp_path))
     assert len(ch.checks) == 2
     assert [k for k, ok in ch.checks.items() if not ok] == ([failing] if failing else [])
 
@@ -500,3 +515,210 @@ def test_bias_corrected_check_fails_when_the_correction_is_wrong(monkeypatch):
     _, _, _, checks = ch_running.worked_example()
     assert [k for k, ok in checks.items() if not ok] == [
         "the bias-corrected mean never strays from 4.0 more than the batch means do"]
+
+
+# The measuring functions themselves (`_one_seed`, `_one`), run on small data and checked against figures recomputed
+# here from the models they trained: the verdict tests above replace them, so a measurement compared with the wrong
+# reference, taken on the wrong data or in the wrong mode would otherwise make the chapter's claims hold unseen.
+
+def _small_digits(n_train=300, n_test=150):
+    from types import SimpleNamespace
+
+    from bnkit.study.data import load_digits_split
+
+    d = load_digits_split(seed=0)
+    return SimpleNamespace(x_train=d.x_train[:n_train], y_train=d.y_train[:n_train], x_test=d.x_test[:n_test],
+                           y_test=d.y_test[:n_test])
+
+
+class _CentredInEval(torch.nn.Module):
+    """Subtracts the batch's mean in eval mode only: a model whose eval-mode output depends on the batch and whose
+    training mode at batch size 1 does not collapse (it has no BN layer), so every two-modes check has to fail."""
+
+    def forward(self, x):
+        return x if self.training else x - x.mean(0, keepdim=True)
+
+
+def test_two_modes_measurements_are_those_of_the_trained_model(monkeypatch):
+    from types import SimpleNamespace
+
+    from bnkit.study import modes
+
+    made = []
+
+    def model():
+        made.append(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10), _CentredInEval()))
+        return made[-1]
+
+    monkeypatch.setattr(modes, "digits_mlp", model)
+    digits = _small_digits()
+    p = {"epochs": 1, "train_batch": 32, "batch_sizes": (1, 2, 8)}
+    out = modes._one_seed(digits, p, 0, SimpleNamespace(advance=lambda: None))
+    (net,) = made
+    x, y = digits.x_test, digits.y_test
+    with torch.no_grad():
+        net.eval()
+        reference = net(x)
+        for bs in p["batch_sizes"]:
+            ev = torch.cat([net(x[i]) for i in batches(len(x), bs)])
+            assert out["eval"][bs]["accuracy"] == pytest.approx(float((ev.argmax(1) == y).double().mean()))
+            assert out["eval"][bs]["max_abs_diff_vs_full_batch"] == pytest.approx(
+                float((ev - reference).abs().max()), rel=1e-6)
+            assert out["eval"][bs]["same_predictions"] == torch.equal(ev.argmax(1), reference.argmax(1))
+        net.train()
+        tr = torch.cat([net(x[i:i + 1]) for i in range(len(x))])
+    # this model's eval mode at batch 1 predicts class 0 for all: its predictions and logits differ from one batch's
+    assert not out["eval"][1]["same_predictions"] and out["eval"][1]["max_abs_diff_vs_full_batch"] > 0.1
+    spread = float((tr - tr[0]).abs().max())
+    assert spread > 0.1 and out["train"][1]["output_spread"] == pytest.approx(spread, rel=1e-6)
+    assert out["train"][1]["distinct_outputs"] == int(torch.unique(tr.argmax(1)).numel())
+
+
+def test_two_modes_finding_compares_training_mode_with_eval_mode(tmp_path, monkeypatch):
+    """The finding "accuracy X at batch 64, against Y in eval mode" must take Y from eval mode (0.9), not training
+    mode (0.85)."""
+    from types import SimpleNamespace
+
+    from bnkit.study import modes
+
+    digits = SimpleNamespace(x_test=torch.zeros(20, 64), y_test=torch.arange(20) % 10)
+    monkeypatch.setattr(modes, "load_digits_split", lambda seed: digits)
+    monkeypatch.setattr(modes, "_one_seed", lambda d, p, seed, tracker: _modes_seed())
+    ch = modes.run(Context(size="quick", out=tmp_path))
+    assert "accuracy 0.850 at batch 2 and 0.850 at batch 64, against 0.900 in eval mode at batch 64" in ch.findings[1]
+
+
+@pytest.mark.parametrize("leaky", [False, True], ids=["freeze_bn", "leaky_freeze_bn"])
+def test_fine_tuning_measurements_are_those_of_each_variant(monkeypatch, leaky):
+    """Each variant's accuracies, "stats kept" and shift, recomputed from the model it produced. ``leaky``: a
+    freeze_bn that lets the running means move (the counter stays) must be reported as not keeping the statistics."""
+    from types import SimpleNamespace
+
+    import bnkit.torch as bt
+    from bnkit.study import finetune, missing_dependencies
+    from bnkit.study.data import load_digits_split, shifted_domain
+
+    if missing_dependencies(("freeze_bn", "recalibrate")):
+        pytest.skip("bnkit.torch.freeze_bn or recalibrate is not in this build")
+    if leaky:
+        real_freeze = bt.freeze_bn
+
+        def freeze(model, **kwargs):
+            real_freeze(model, **kwargs)
+            for _, bn in bn_layers(model):
+                bn.running_mean.add_(1e-3)
+            return model
+
+        monkeypatch.setattr(bt, "freeze_bn", freeze)
+    made, real_variant = {}, finetune._variant
+
+    def variant(key, base, *args):
+        model = real_variant(key, base, *args)
+        made[key] = (copy.deepcopy(base), copy.deepcopy(model))
+        return model
+
+    monkeypatch.setattr(finetune, "_variant", variant)
+    p = {"pretrain_epochs": 1, "finetune_epochs": 1, "finetune_images": 64, "batch_size": 32}
+    out = finetune._one_seed(p, 0, dict.fromkeys(finetune.VARIANTS, True), SimpleNamespace(advance=lambda: None))
+    a = load_digits_split(seed=0).subset(finetune.CLASSES)
+    b_test = shifted_domain(a.x_test, seed=finetune.B_TEST_SEED)  # domain B's test images for seed 0
+    assert set(out) == set(finetune.VARIANTS) == set(made)
+    for key, (base, model) in made.items():
+        model.eval()
+        with torch.no_grad():
+            assert out[key]["acc_A"] == pytest.approx(float((model(a.x_test).argmax(1) == a.y_test).double().mean()))
+            assert out[key]["acc_B"] == pytest.approx(float((model(b_test).argmax(1) == a.y_test).double().mean()))
+        kept = True
+        for (name, bn0), (_, bn1) in zip(bn_layers(base), bn_layers(model)):
+            kept &= all(torch.equal(getattr(bn0, b), getattr(bn1, b))
+                        for b in ("running_mean", "running_var", "num_batches_tracked"))
+            m0, v0, m1 = (t.double().numpy() for t in (bn0.running_mean, bn0.running_var, bn1.running_mean))
+            # in the pretrained model's standard deviations, as the table says
+            assert out[key]["shift"][name]["mean_shift_std"] == pytest.approx(
+                np.mean(np.abs(m1 - m0) / np.sqrt(v0 + bn0.eps)), rel=1e-9, abs=1e-12)
+        assert out[key]["stats_bit_identical"] == kept, key
+    assert out["pretrained"]["stats_bit_identical"] and not out["lesson_freeze"]["stats_bit_identical"]
+    assert out["freeze_bn"]["stats_bit_identical"] is not leaky
+    assert out["pretrained"]["acc_A"] != out["pretrained"]["acc_B"]  # the other scanner costs accuracy
+    # recalibrating only takes no gradient step; recalibrating then freeze_bn trains with those statistics kept
+    base, recal_only = made["recal_only"]
+    assert all(torch.equal(u, v) for u, v in zip(base.parameters(), recal_only.parameters()))
+    assert not out["recal_only"]["stats_bit_identical"]
+    recal_freeze = made["recal_freeze"][1]
+    assert not all(torch.equal(u, v) for u, v in zip(base.parameters(), recal_freeze.parameters()))
+    if not leaky:
+        for (_, bn_f), (_, bn_r) in zip(bn_layers(recal_freeze), bn_layers(recal_only)):
+            assert torch.equal(bn_f.running_mean, bn_r.running_mean)
+            assert torch.equal(bn_f.running_var, bn_r.running_var)
+
+
+def test_epochs_for_trains_at_least_the_epochs_and_at_least_min_steps():
+    """A large batch gets more epochs, so that it is not simply undertrained (1347 images: 11 steps an epoch at
+    batch 128, so 300 steps need 28 epochs); a small one keeps the epochs asked for."""
+    from bnkit.study.batchsize import epochs_for
+
+    p = {"epochs": 3, "min_steps": 300}
+    assert epochs_for(1347, 128, p) == 28  # ceil(300 / 11)
+    assert epochs_for(1347, 2, p) == 3  # 673 steps an epoch
+    for n, bs in ((1347, 32), (1347, 64), (500, 100), (97, 200)):
+        e, per_epoch = epochs_for(n, bs, p), len(batches(n, bs))
+        assert e >= p["epochs"] and e * per_epoch >= p["min_steps"]
+        assert e == p["epochs"] or (e - 1) * per_epoch < p["min_steps"]  # no more than needed
+
+
+def test_batch_size_a_tie_with_layernorm_is_no_gap_to_close(tmp_path, monkeypatch):
+    """LayerNorm exactly as accurate as the EMA at batch 2: there is no gap, so "LayerNorm beats the EMA" fails and no
+    share of the gap is claimed."""
+    from bnkit.study import batchsize, missing_dependencies
+
+    if missing_dependencies(("recalibrate", "convert_bn")):
+        pytest.skip("bnkit.torch.recalibrate or convert_bn is not in this build")
+
+    def tied(d, bs, p, seed, available, tracker):
+        run = _batch_run(bs, seed)
+        if bs == 2:
+            run["layernorm"] = run["ema"]
+        return run
+
+    monkeypatch.setattr(batchsize, "load_digits_split", lambda seed: None)
+    monkeypatch.setattr(batchsize, "_one", tied)
+    ch = batchsize.run(Context(size="quick", out=tmp_path))
+    assert ch.data["gap_to_layernorm"]["gap"] == 0.0
+    assert [k for k, ok in ch.checks.items() if not ok] == [
+        "LayerNorm beats the EMA at batch size 2 (there is a gap to close)",
+        "exact statistics recover less than half of the batch-size-2 gap from the EMA to LayerNorm",
+        "batch renormalization recovers more of that gap than exact statistics"]
+    assert any("LayerNorm does not beat the EMA at batch size 2" in f for f in ch.findings)
+
+
+def test_batch_size_measurements_are_those_of_the_trained_model(monkeypatch):
+    """The EMA column is the trained model in eval mode; the stray of its running statistics is measured from the
+    exact training-set statistics (float64 here; recalibrate stores the unbiased variance), in their stds."""
+    from types import SimpleNamespace
+
+    from bnkit.study import batchsize, missing_dependencies
+
+    if missing_dependencies(("recalibrate",)):
+        pytest.skip("bnkit.torch.recalibrate is not in this build")
+    made = []
+
+    def model():
+        made.append(digits_mlp())
+        return made[-1]
+
+    monkeypatch.setattr(batchsize, "digits_mlp", model)
+    digits = _small_digits()
+    available = {"ema": True, "recalibrated": True, "renorm": False, "layernorm": True}
+    out = batchsize._one(digits, 16, {"epochs": 1, "min_steps": 1}, 0, available, SimpleNamespace(advance=lambda: None))
+    net = made[0].eval()
+    assert out["epochs"] == 1
+    with torch.no_grad():
+        assert out["ema"] == pytest.approx(float((net(digits.x_test).argmax(1) == digits.y_test).double().mean()))
+    h = digits.x_train.double().numpy() @ net.fc1.weight.detach().double().numpy().T \
+        + net.fc1.bias.detach().double().numpy()  # bn1's input over the training set
+    mu, var = h.mean(0), h.var(0, ddof=1)
+    rm, rv, eps = net.bn1.running_mean.double().numpy(), net.bn1.running_var.double().numpy(), net.bn1.eps
+    assert out["running_vs_exact_mean_shift_std"]["bn1"] == pytest.approx(
+        np.mean(np.abs(rm - mu) / np.sqrt(var + eps)), rel=1e-4)
+    assert out["running_vs_exact_log_var_ratio"]["bn1"] == pytest.approx(
+        np.mean(np.abs(np.log((rv + eps) / (var + eps)))), rel=1e-4)
