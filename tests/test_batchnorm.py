@@ -1,4 +1,6 @@
 """The NumPy reference layer against torch.nn.BatchNorm*d and the other frameworks' real layers."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -423,11 +425,19 @@ def test_torch_feeds_unbiased_variance_others_biased():
 
 
 # ------------------------------------------------- threaded path, dtypes, state loading details
+@pytest.fixture
+def three_threads():
+    """The NumPy layer on 3 threads (3 uneven blocks) whatever this machine has; the setting put back after."""
+    old = bnkit.get_num_threads()
+    bnkit.set_num_threads(3)
+    yield
+    bnkit.set_num_threads(old)
+
+
 @pytest.mark.parametrize("training", [True, False])
-def test_input_large_enough_for_the_threaded_path_matches_float64_torch(training, monkeypatch):
+def test_input_large_enough_for_the_threaded_path_matches_float64_torch(training, three_threads):
     """Inputs of >= 1<<20 values are split into row blocks on threads; every block must be written (a dropped
     block leaves np.empty garbage) in the forward and the backward, in both modes."""
-    monkeypatch.setattr(bnkit.batchnorm, "_CPUS", 3)  # threaded (3 uneven blocks) whatever this machine has
     rng = np.random.default_rng(11)
     x = rng.normal(1.0, 2.0, size=(8, 4, 128, 256))
     dy = rng.normal(size=x.shape)
@@ -446,6 +456,38 @@ def test_input_large_enough_for_the_threaded_path_matches_float64_torch(training
     np.testing.assert_allclose(bn.backward(dy), xt.grad.numpy(), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(bn.grad_weight, tbn.weight.grad.numpy(), rtol=1e-9)
     np.testing.assert_allclose(bn.running_var, tbn.running_var.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_set_num_threads_sets_how_many_blocks_run_and_not_the_result(threads, three_threads):
+    """set_num_threads(n): a large input's pass runs in n row blocks (one, on the calling thread, for n = 1, as a
+    benchmark against one torch thread needs), and the output is the same whatever n."""
+    x3 = np.zeros((12, 4, 1 << 16), dtype=np.float32)
+    seen = []
+    bnkit.set_num_threads(threads)
+    assert bnkit.get_num_threads() == threads
+    bnkit.batchnorm._parallel(lambda rows: seen.append((rows.start, rows.stop)), x3)
+    assert sorted(seen) == [(12 * k // threads, 12 * (k + 1) // threads) for k in range(threads)]
+    x = np.random.default_rng(3).normal(2.0, 3.0, size=(12, 4, 256, 256)).astype(np.float32)
+    bn = BatchNorm(4)
+    y = bn(x)
+    bnkit.set_num_threads(1)
+    np.testing.assert_array_equal(bn(x), y)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, "2", None])
+def test_set_num_threads_refuses_what_is_not_a_positive_int(bad):
+    old = bnkit.get_num_threads()
+    with pytest.raises(ValueError, match="positive int"):
+        bnkit.set_num_threads(bad)
+    assert bnkit.get_num_threads() == old
+
+
+@pytest.mark.parametrize("env,expected", [("3", 3), ("4,2", 4), (" 2 ", 2), ("0", None), ("abc", None), ("", None)])
+def test_default_threads_follow_omp_num_threads(env, expected, monkeypatch):
+    """As NumPy's BLAS and PyTorch read it: OMP_NUM_THREADS=1 keeps the NumPy layer on one thread too."""
+    monkeypatch.setenv("OMP_NUM_THREADS", env)
+    assert bnkit.batchnorm._default_threads() == (expected or os.cpu_count() or 1)
 
 
 def test_state_without_num_batches_tracked_loads_strictly_like_torch():

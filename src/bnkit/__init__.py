@@ -6,7 +6,7 @@ framework conventions in :mod:`bnkit.conventions`, with
 :func:`convert_state` moving a layer between them. The PyTorch toolkit lives in
 :mod:`bnkit.torch`, the ONNX tools in :mod:`bnkit.onnx`.
 """
-from .batchnorm import BatchNorm
+from .batchnorm import BatchNorm, get_num_threads, set_num_threads
 from .conventions import CONVENTIONS, Convention, convert_momentum, get_convention
 from .convert import convert_state
 from .stats import EMA, CumulativeAverage, RunningMoments, batch_moments, ema_table, ema_update
@@ -26,4 +26,6 @@ __all__ = [
     "batch_moments",
     "ema_table",
     "ema_update",
+    "get_num_threads",
+    "set_num_threads",
 ]

@@ -333,8 +333,32 @@ def _as_acb(x: np.ndarray, ax: int) -> np.ndarray:
     return x.reshape(a, x.shape[ax], b)
 
 
+def _default_threads() -> int:
+    """``OMP_NUM_THREADS`` when it names a positive count (its first, for a nested list), else every CPU."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else (os.cpu_count() or 1)
+
+
 _POOL: ThreadPoolExecutor | None = None
-_CPUS = os.cpu_count() or 1
+_THREADS = _default_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Split arrays of at least 2**20 values over ``n`` threads (the calling thread included) in the NumPy layer's
+    passes. The default is ``OMP_NUM_THREADS`` when set (which NumPy's BLAS and PyTorch also read), else every CPU.
+    Results do not depend on it: each thread computes whole rows."""
+    global _POOL, _THREADS
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of threads must be a positive int, got {n!r}")
+    if n != _THREADS and _POOL is not None:
+        _POOL.shutdown()
+        _POOL = None
+    _THREADS = n
+
+
+def get_num_threads() -> int:
+    """The threads the NumPy layer's passes use (see :func:`set_num_threads`)."""
+    return _THREADS
 
 
 def _parallel(fn, x3: np.ndarray, min_size: int = 1 << 20) -> None:
@@ -346,12 +370,12 @@ def _parallel(fn, x3: np.ndarray, min_size: int = 1 << 20) -> None:
     """
     global _POOL
     rows = len(x3)
-    workers = min(_CPUS, rows)
+    workers = min(_THREADS, rows)
     if workers < 2 or x3.size < min_size:
         fn(slice(0, rows))
         return
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=_CPUS - 1)
+        _POOL = ThreadPoolExecutor(max_workers=_THREADS - 1)
     bounds = [rows * k // workers for k in range(workers + 1)]
     pending = [_POOL.submit(fn, slice(lo, hi)) for lo, hi in zip(bounds[:-2], bounds[1:-1])]
     try:
