@@ -5,7 +5,10 @@ Prints time(bnkit) / time(plain torch) for:
 * the drop-in ``bnkit.torch.BatchNorm2d`` vs ``nn.BatchNorm2d``: training forward
   and eval forward, on a large and on a small input (where per-call Python
   overhead shows);
-* a ResNet under ``with bn_guard(model)`` vs the same model unguarded (eval forward);
+* a ResNet under ``with bn_guard(model)`` vs the same model unguarded (eval forward): one guard
+  object entered per call (a decorator, or a guard kept for a loop: its statistics checks are
+  cached) and a new guard per call (``with bn_guard(model): ...`` as written inline, which
+  lists the layers and reads every statistic again);
 * ``protect_stats`` around a training forward vs the bare forward.
 
 The guard and ``protect_stats`` cost a fixed few microseconds per entry, so they are
@@ -68,8 +71,14 @@ def realistic(repeats: int) -> list[tuple]:
         with guard:
             model(x)
 
+    def new_guard():
+        with bn_guard(model):
+            model(x)
+
     with torch.no_grad():
-        rows = [("ResNet-64/128/256 b16 eval fwd, bn_guard per call", *paired(guarded, lambda: model(x), repeats, 1))]
+        rows = [("ResNet-64/128/256 b16 eval fwd, bn_guard per call", *paired(guarded, lambda: model(x), repeats, 1)),
+                ("ResNet-64/128/256 b16 eval fwd, new bn_guard per call", *paired(new_guard, lambda: model(x),
+                                                                                  repeats, 1))]
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -124,8 +133,13 @@ def main() -> None:
         with guard:
             model(x)
 
+    def new_guard():
+        with bn_guard(model):
+            model(x)
+
     with torch.no_grad():
         rows.append(("tiny ResNet b32 eval fwd, bn_guard per call", *paired(guarded, lambda: model(x), reps, 3)))
+        rows.append(("tiny ResNet b32 eval fwd, new bn_guard per call", *paired(new_guard, lambda: model(x), reps, 3)))
 
     model.train()
 

@@ -476,3 +476,47 @@ def test_warnings_point_at_the_users_line_for_with_decorator_and_forward():
         bn.eval()
     assert messages("in training mode") == [(__file__, at_with), (__file__, at_call), (__file__, at_parallel)]
     assert messages("fewer than 2 values per channel") == [(__file__, at_forward)]
+
+
+def _mixed_model() -> nn.Module:
+    """Four BN-like layers read together by a new guard: float32 BatchNorm2d, a float64 BatchNorm1d, a bnkit
+    FrozenBatchNorm2d (no counter) and a float16 BatchNorm1d, each with trained-looking statistics."""
+    layers = nn.ModuleDict({"a": nn.BatchNorm2d(3), "b": nn.BatchNorm1d(4).double(), "c": FrozenBatchNorm2d(2),
+                            "d": nn.BatchNorm1d(5).half()})
+    with torch.no_grad():
+        for m in layers.values():
+            m.running_mean.add_(0.5)
+            m.running_var.mul_(2.0)
+            if getattr(m, "num_batches_tracked", None) is not None:
+                m.num_batches_tracked.fill_(7)
+    return layers.eval()
+
+
+@pytest.mark.parametrize("layer,corrupt,code", [
+    (None, None, None),
+    ("b", lambda m: m.running_var.__setitem__(1, float("nan")), "nonfinite_stats"),
+    ("d", lambda m: m.running_mean.__setitem__(0, float("inf")), "nonfinite_stats"),
+    ("c", lambda m: m.running_var.__setitem__(0, -1.0), "nonfinite_stats"),
+    ("a", lambda m: (m.running_mean.zero_(), m.running_var.fill_(1.0), m.num_batches_tracked.zero_()),
+     "never_updated"),
+    ("b", lambda m: m.num_batches_tracked.zero_(), None),  # a zero counter with trained statistics is no finding
+])
+def test_a_new_guard_reading_all_layers_together_names_exactly_the_bad_one(layer, corrupt, code):
+    """A new guard reads every layer's statistics in one go (mixed dtypes, a frozen layer without a counter); a bad
+    value or a never-updated layer anywhere must still be reported for that layer alone, with its own finding, as
+    the layer-by-layer check does."""
+    from bnkit.torch.guard import _stats_findings
+
+    model = _mixed_model()
+    if corrupt is not None:
+        with torch.no_grad():
+            corrupt(model[layer])
+    expected = [(name, f.code) for name, m in model.named_children() for f in _stats_findings(name, m)]
+    assert expected == ([] if code is None else [(layer, code)])  # the oracle agrees with the case
+    if code is None:
+        with bn_guard(model):
+            pass
+        return
+    with pytest.raises(BNGuardError) as err, bn_guard(model):
+        pass
+    assert [(f.layer, f.code) for f in err.value.findings] == expected

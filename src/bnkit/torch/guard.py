@@ -118,6 +118,40 @@ def _stats_findings(name: str, m: nn.Module) -> list[Finding]:
     return []
 
 
+def _attribute(m: nn.Module, key: str) -> torch.Tensor | None:
+    """``getattr(m, key, None)``, read from the buffers' dict where it is a buffer (a plain dict lookup)."""
+    buffers = m._buffers
+    return buffers[key] if key in buffers else getattr(m, key, None)
+
+
+def _none_found(layers: list[nn.Module]) -> bool:
+    """True if :func:`_stats_findings` finds nothing in any of ``layers``: every running mean and variance finite,
+    every variance non-negative and no ``num_batches_tracked`` 0 (what its findings need), read together (one ``cat``
+    or ``stack`` per kind and a reduction each, instead of several reductions per layer). False also when that read
+    cannot be made (lazy buffers, several devices, dtypes ``cat`` cannot promote): the caller checks each layer."""
+    means, variances, counts = [], [], []
+    for m in layers:
+        mean, var, count = (_attribute(m, k) for k in _BUFFERS)
+        if mean is not None and var is not None:
+            if is_lazy(mean) or is_lazy(var):
+                return False
+            means.append(mean)
+            variances.append(var)
+        if count is not None:
+            counts.append(count)
+    if len({t.device for t in means + variances + counts}) > 1:
+        return False
+    try:
+        if variances:
+            allvar = torch.cat(variances)
+            if not (bool(torch.isfinite(torch.cat(means)).all()) and bool(torch.isfinite(allvar).all())
+                    and bool((allvar >= 0).all())):
+                return False
+        return not counts or bool(torch.stack(counts).ne(0).all())
+    except RuntimeError:
+        return False
+
+
 #: Frames a guard's warning passes over to reach the user's line: this file, ContextDecorator's wrapper, and
 #: PyTorch's own code (``Module.__call__`` and its hooks, ``Sequential.forward``, DataParallel, torch.compile).
 _INTERNAL = (os.path.abspath(__file__), os.path.abspath(contextlib.__file__))
@@ -195,15 +229,24 @@ class bn_guard(contextlib.ContextDecorator):
         return True
 
     def _stats_problems(self) -> list[Finding]:
-        """Statistics findings; buffers unchanged (same tensor, same ``_version``) since a clean check are skipped."""
+        """Statistics findings; buffers unchanged (same tensor, same ``_version``) since a clean check are skipped.
+
+        The layers left are read together first (:func:`_none_found`); only if that read finds a bad value or a zero
+        counter does each of them get :func:`_stats_findings`' own checks.
+        """
         found = []
+        todo = []
         for name, m in self._layers:
             cached = self._clean.get(id(m))
             buffers = m._buffers
             if cached is not None and all(buffers.get(k) is t and t._version == v for k, t, v in cached):
                 continue
             self._clean.pop(id(m), None)
-            problems = _stats_findings(name, m)
+            todo.append((name, m))
+        clean = bool(todo) and _none_found([m for _, m in todo])
+        for name, m in todo:
+            buffers = m._buffers
+            problems = [] if clean else _stats_findings(name, m)
             found += problems
             if not problems:
                 current = [(k, t, write_count(t)) for k in _BUFFERS if (t := buffers.get(k)) is not None]
