@@ -10,19 +10,8 @@ from bnkit.study import Context
 from bnkit.study import running as ch_running
 from bnkit.study.data import Digits, load_digits_split
 from bnkit.study.models import digits_mlp
-from bnkit.study.train import batches, fit, population_stats, stat_shift
+from bnkit.study.train import batches, population_stats, stat_shift
 from bnkit.torch.modules import bn_layers
-
-
-@pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    x = torch.rand(96, 64)
-    y = torch.randint(0, 10, (96,))
-    model = digits_mlp(hidden=(16, 8))
-    fit(model, x, y, epochs=2, batch_size=16, seed=0)
-    model.eval()
-    return model, x, y
 
 
 def _np_bn1_population(model, x):

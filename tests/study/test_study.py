@@ -13,19 +13,8 @@ from bnkit.study.finetune import lesson_freeze
 from bnkit.study.models import bn_legend, bn_places, digits_mlp, layernorm_mlp
 from bnkit.study.modes import train_mode_logits
 from bnkit.study.report import Chapter, Table, write_report
-from bnkit.study.train import batches, fit, population_stats, predict, preserved_modes
+from bnkit.study.train import batches, population_stats, predict, preserved_modes
 from bnkit.torch.modules import bn_layers
-
-
-@pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    x = torch.rand(96, 64)
-    y = torch.randint(0, 10, (96,))
-    model = digits_mlp(hidden=(16, 8))
-    fit(model, x, y, epochs=2, batch_size=16, seed=0)
-    model.eval()
-    return model, x, y
 
 
 def test_batches_cover_everything_and_merge_a_remainder_of_at_most_half_a_batch():
