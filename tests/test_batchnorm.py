@@ -483,7 +483,8 @@ def test_set_num_threads_refuses_what_is_not_a_positive_int(bad):
     assert bnkit.get_num_threads() == old
 
 
-@pytest.mark.parametrize("env,expected", [("3", 3), ("4,2", 4), (" 2 ", 2), ("0", None), ("abc", None), ("", None)])
+@pytest.mark.parametrize("env,expected", [("3", 3), ("4,2", 4), (" 2 ", 2), ("0", None), ("abc", None), ("", None),
+                                          ("-2", None), ("2.5", None), ("\u00b2", None)])
 def test_default_threads_follow_omp_num_threads(env, expected, monkeypatch):
     """As NumPy's BLAS and PyTorch read it: OMP_NUM_THREADS=1 keeps the NumPy layer on one thread too."""
     monkeypatch.setenv("OMP_NUM_THREADS", env)
@@ -603,3 +604,14 @@ def test_float16_output_is_rounded_once_from_the_exact_value(training):
                                        bn.eps).backward(torch.from_numpy(dy).double())
     dx = bn.backward(dy)
     assert dx.dtype == np.float16 and np.mean(dx != xt.grad.numpy().astype(np.float16)) < 0.005
+
+
+
+def test_set_num_threads_leaves_a_pool_that_a_running_pass_holds_usable(three_threads):
+    """A pass on another thread holds the pool it started with; changing the count must not shut that pool down
+    (it used to: "cannot schedule new futures after shutdown" in the other thread's forward)."""
+    pool = bnkit.batchnorm._pool(2)  # what a 3-thread pass submits its two blocks to
+    bnkit.set_num_threads(1)
+    bnkit.set_num_threads(3)
+    assert pool.submit(sum, [3, 4]).result() == 7
+    assert bnkit.batchnorm._pool(2) is pool  # and the next 3-thread pass reuses it

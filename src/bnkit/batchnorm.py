@@ -21,6 +21,7 @@ thread pool (NumPy's ufuncs release the GIL); results do not depend on it.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
@@ -335,25 +336,36 @@ def _as_acb(x: np.ndarray, ax: int) -> np.ndarray:
 
 def _default_threads() -> int:
     """``OMP_NUM_THREADS`` when it names a positive count (its first, for a nested list), else every CPU."""
-    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    return int(first) if first.isdigit() and int(first) > 0 else (os.cpu_count() or 1)
+    try:
+        first = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
+    except ValueError:  # unset, empty, or not a number (libgomp and PyTorch ignore such values too)
+        first = 0
+    return first if first > 0 else (os.cpu_count() or 1)
 
 
-_POOL: ThreadPoolExecutor | None = None
 _THREADS = _default_threads()
+#: Worker pools by size, made on first use and kept: a pass running while the count changes keeps its own pool.
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
 
 
 def set_num_threads(n: int) -> None:
     """Split arrays of at least 2**20 values over ``n`` threads (the calling thread included) in the NumPy layer's
     passes. The default is ``OMP_NUM_THREADS`` when set (which NumPy's BLAS and PyTorch also read), else every CPU.
-    Results do not depend on it: each thread computes whole rows."""
-    global _POOL, _THREADS
+    Results do not depend on it: each thread computes whole rows. Safe to call while layers run on other threads
+    (a pass started before keeps its count)."""
+    global _THREADS
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of threads must be a positive int, got {n!r}")
-    if n != _THREADS and _POOL is not None:
-        _POOL.shutdown()
-        _POOL = None
     _THREADS = n
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers)
+        return pool
 
 
 def get_num_threads() -> int:
@@ -368,16 +380,14 @@ def _parallel(fn, x3: np.ndarray, min_size: int = 1 << 20) -> None:
     thread takes the last one); each writes a disjoint slice, and results do not
     depend on the number of threads.
     """
-    global _POOL
     rows = len(x3)
     workers = min(_THREADS, rows)
     if workers < 2 or x3.size < min_size:
         fn(slice(0, rows))
         return
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=_THREADS - 1)
+    pool = _pool(workers - 1)
     bounds = [rows * k // workers for k in range(workers + 1)]
-    pending = [_POOL.submit(fn, slice(lo, hi)) for lo, hi in zip(bounds[:-2], bounds[1:-1])]
+    pending = [pool.submit(fn, slice(lo, hi)) for lo, hi in zip(bounds[:-2], bounds[1:-1])]
     try:
         fn(slice(bounds[-2], rows))
     finally:  # never return while a worker still writes
