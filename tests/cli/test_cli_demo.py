@@ -229,8 +229,7 @@ def test_printed_tables_are_the_measured_numbers(quick):
     (trace,) = conv["0.1"]  # one seed at quick size
     errors = np.array(trace["layers"]["bn1"]["mean_error"])
     last_epoch = errors[np.array(trace["step"]) > trace["step"][-1] - trace["steps_per_epoch"]]
-    spread = np.mean([tr["batch_mean_spread"]["bn1"] for per_seed in conv.values() for tr in per_seed])
-    floor = np.sqrt(2 / np.pi) * np.sqrt(0.1 / 1.9) * spread
+    floor = trace["noise_floor"]["bn1"]
     assert ["0.1", "bn1", f"{errors[-1]:.4f}", f"{last_epoch.mean():.4f}", f"{floor:.4f}"] in [r[:5] for r in lines]
 
     runs = chapters["batch-size"]["data"]["per_seed"]["2"]

@@ -137,7 +137,8 @@ def _traces(p):
         layers = {layer: {"mean_error": [float(v) for v in err], "var_error": [0.1] * len(steps)}
                   for layer, err in shapes[str(m)].items()}
         out[str(m)] = [{"step": steps, "layers": layers, "steps_per_epoch": per_epoch,
-                        "batch_mean_spread": {"bn1": 0.175, "bn2": 0.023}, "test_accuracy_eval": 0.95}]
+                        "batch_mean_spread": {"bn1": 0.175, "bn2": 0.023}, "noise_floor": {"bn1": 0.03, "bn2": 0.004},
+                        "test_accuracy_eval": 0.95}]
     return out
 
 
@@ -164,3 +165,42 @@ def test_the_table_reports_the_last_point_and_the_findings_rank_by_the_last_epoc
         assert best != worst
         (finding,) = [f for f in ch.findings if f.startswith(f"Layer {layer}:")]
         assert f"momentum {best} is closest" in finding and f"momentum {worst} farthest" in finding, finding
+
+
+def test_ema_noise_floor_is_pytorchs_running_mean_fed_the_same_batches():
+    """ema_noise_floor against a real nn.BatchNorm1d (momentum on the new batch) fed the same reshuffled batches of a
+    per-sample layer's outputs from the population mean: the same channel-mean error over the second half."""
+    n, b, momentum = 300, 20, 0.1
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 8)
+    model = torch.nn.Sequential(lin, torch.nn.BatchNorm1d(8))
+    x = torch.rand(n, 64)
+    means, mu, sd = ch_running.batch_means(model, x, b, seed=3)["1"]
+    with torch.no_grad():
+        h = lin(x).double()
+    bn = torch.nn.BatchNorm1d(8, momentum=momentum).double().train()
+    bn.running_mean.copy_(torch.from_numpy(mu))
+    generator = torch.Generator().manual_seed(3)  # batch_means' own schedule: SPREAD_EPOCHS reshuffled epochs
+    order = [idx for _ in range(ch_running.SPREAD_EPOCHS) for idx in batches(n, b, generator=generator)]
+    errors = []
+    with torch.no_grad():
+        for step, idx in enumerate(order):
+            bn(h[idx])
+            if step >= len(order) // 2:
+                errors.append(float(np.mean(np.abs(bn.running_mean.numpy() - mu) / sd)))
+    assert len(means) == len(order)
+    assert ch_running.ema_noise_floor(means, mu, sd, momentum) == pytest.approx(np.mean(errors), rel=1e-5)
+
+
+@pytest.mark.parametrize("n,b,momentum,low,high", [
+    (4000, 16, 0.1, 0.9, 1.05),  # 250 batches an epoch: the window of 10 steps sees nearly independent batches
+    (1347, 32, 0.01, 0.2, 0.6),  # chapter 1's 42 batches an epoch, a window of 100 steps: anti-correlated means
+])
+def test_ema_noise_floor_meets_the_independent_closed_form_only_for_short_windows(n, b, momentum, low, high):
+    """For batches of a per-sample layer the measured floor is sqrt(2/pi) sqrt(m/(2-m)) sqrt((n-B)/(B(n-1))) when
+    the EMA's window is a small part of an epoch, and well below it when the window spans epochs."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.BatchNorm1d(32))
+    (seq,) = ch_running.batch_means(model, torch.randn(n, 16), b, seed=0).values()
+    closed = ch_running.noise_floor(momentum, ch_running.independent_spread(n, b))
+    assert low <= ch_running.ema_noise_floor(*seq, momentum) / closed <= high

@@ -13,13 +13,15 @@ the exact population statistics of its input (:func:`..train.population_stats`)
 is followed through training for several momenta: the mean error in units of
 the population standard deviation, ``mean_c |rm_c - mu_c| / sqrt(var_c + eps)``,
 and the variance error ``mean_c |log(rv_c / var_c)|``. The running mean does not converge to the
-population mean: PyTorch's update ``r <- (1 - m) r + m b`` (``m`` weighs the new batch) keeps a
-fraction ``sqrt(m / (2 - m))`` of one batch mean's standard deviation (the *spread*, measured on
-the trained model by :func:`batch_mean_spread`; for a layer whose input is computed per sample,
-batches of ``B`` drawn without replacement from ``n`` samples give ``sqrt((n - B) / (B (n - 1)))``
-population standard deviations), so the channel mean of ``|error|`` settles at about
-:func:`noise_floor` once the EMA's window of about ``1 / m`` steps has passed, or above it where the
-weights drift faster than that window follows.
+population mean: it settles at a noise floor once the EMA's window of about ``1 / m`` steps has
+passed, or above it where the weights drift faster than that window follows. The floor is measured
+with the trained model's own batch means (:func:`batch_means`: reshuffled epochs, weights fixed)
+fed through PyTorch's update ``r <- (1 - m) r + m b`` (``m`` weighs the new batch) by
+:func:`ema_noise_floor`. For independent batches it is :func:`noise_floor`, ``sqrt(2 / pi)
+sqrt(m / (2 - m))`` times one batch mean's standard deviation (the *spread*; for a layer whose input
+is computed per sample, batches of ``B`` drawn without replacement from ``n`` samples give
+``sqrt((n - B) / (B (n - 1)))`` population standard deviations); the batches of one epoch partition
+the data, so their means are anti-correlated and a window spanning much of an epoch sits lower.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ FLOOR_WINDOW = 10
 #: The checks' tolerance: the last epoch's mean error at least the noise floor over this factor (every layer), and
 #: within this factor of it either way in the first layer, whose input is computed per sample.
 FLOOR_FACTOR = 2.0
-#: Reshuffled epochs of batches over which :func:`batch_mean_spread` measures the spread of batch means.
+#: Reshuffled epochs of batches over which :func:`batch_means` collects the trained model's batch means.
 SPREAD_EPOCHS = 10
 
 #: The lesson's table: batch -> (batch mean it gives, running mean it states as printed).
@@ -145,12 +147,12 @@ def worked_example() -> tuple[Table, dict, list[str], dict[str, bool]]:
 
 
 def noise_floor(momentum: float, spread: float) -> float:
-    """The channel mean of ``|running mean - population mean|`` that sampling noise alone leaves once the EMA has
-    settled, in the unit of ``spread`` (one batch mean's standard deviation): ``sqrt(2 / pi) sqrt(m / (2 - m))
-    spread``, for PyTorch's momentum ``m`` (:func:`bnkit.audit_state.ema_noise_factor`) and ``E|N(0, s^2)| =
-    s sqrt(2 / pi)``. Batches taken as independent of each other, weights as fixed (the batches of one shuffled epoch
-    partition the data, so their means are slightly anti-correlated: the floor is a little lower where the EMA's
-    window of about ``1 / m`` steps spans a good part of an epoch)."""
+    """For independent batches: the channel mean of ``|running mean - population mean|`` that sampling noise alone
+    leaves once the EMA has settled, in the unit of ``spread`` (one batch mean's standard deviation):
+    ``sqrt(2 / pi) sqrt(m / (2 - m)) spread``, for PyTorch's momentum ``m``
+    (:func:`bnkit.audit_state.ema_noise_factor`) and ``E|N(0, s^2)| = s sqrt(2 / pi)``. Weights taken as fixed. The
+    batches of one shuffled epoch partition the data, so their means are anti-correlated: where the EMA's window of
+    about ``1 / m`` steps spans much of an epoch the floor is lower (:func:`ema_noise_floor` measures it)."""
     return math.sqrt(2 / math.pi) * ema_noise_factor(momentum) * spread
 
 
@@ -160,10 +162,12 @@ def independent_spread(n: int, batch_size: int) -> float:
     return math.sqrt((n - batch_size) / (batch_size * (n - 1)))
 
 
-def batch_mean_spread(model: torch.nn.Module, x: torch.Tensor, batch_size: int, seed: int) -> dict[str, float]:
-    """``{bn_name: spread}``: the channel mean of the standard deviation of each BN layer's batch means over
-    :data:`SPREAD_EPOCHS` reshuffled epochs of ``x`` (training mode on a copy, every BN layer normalizing with its
-    batch's statistics as in training), in population standard deviations (:func:`..train.population_stats`)."""
+def batch_means(model: torch.nn.Module, x: torch.Tensor, batch_size: int,
+                seed: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``{bn_name: (means, mu, sd)}``: each BN layer's batch means, ``(steps, C)`` float64, over
+    :data:`SPREAD_EPOCHS` reshuffled epochs of ``x`` batched as training batches them (training mode on a copy,
+    every BN layer normalizing with its batch's statistics as in training, weights fixed), and its input's
+    population mean and standard deviation (:func:`..train.population_stats`, ``sqrt(var + eps)``)."""
     work = copy.deepcopy(model).train()
     means: dict[str, list[np.ndarray]] = {name: [] for name, _ in bn_layers(work)}
     hooks = [bn.register_forward_pre_hook(
@@ -180,8 +184,30 @@ def batch_mean_spread(model: torch.nn.Module, x: torch.Tensor, batch_size: int, 
             h.remove()
     pop = population_stats(model, x)
     eps = bn_layers(model)[0][1].eps
-    return {name: float(np.mean(np.std(np.array(m), axis=0) / np.sqrt(pop[name][1] + eps)))
-            for name, m in means.items()}
+    return {name: (np.array(m), pop[name][0], np.sqrt(pop[name][1] + eps)) for name, m in means.items()}
+
+
+def batch_mean_spread(model: torch.nn.Module, x: torch.Tensor, batch_size: int, seed: int) -> dict[str, float]:
+    """``{bn_name: spread}``: the channel mean of the standard deviation of each BN layer's batch means
+    (:func:`batch_means`), in population standard deviations."""
+    return {name: _spread(*seq) for name, seq in batch_means(model, x, batch_size, seed).items()}
+
+
+def _spread(means: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float:
+    return float(np.mean(np.std(means, axis=0) / sd))
+
+
+def ema_noise_floor(means: np.ndarray, mu: np.ndarray, sd: np.ndarray, momentum: float) -> float:
+    """The channel mean of ``|r - mu| / sd`` for PyTorch's running mean ``r <- (1 - m) r + m b`` fed the batch means
+    ``means`` (``(steps, C)``) from ``r = mu``, averaged over the second half of the steps (by then the noise has
+    built up: ``1 - (1 - m)^steps`` of its stationary variance, 98.5 % at m = 0.01 over 420 steps)."""
+    r = mu.astype(np.float64).copy()
+    errors = []
+    for step, b in enumerate(means):
+        r += momentum * (b - r)
+        if step >= len(means) // 2:
+            errors.append(float(np.mean(np.abs(r - mu) / sd)))
+    return float(np.mean(errors))
 
 
 def _distances(pop: dict, run: dict, eps: float) -> dict[str, tuple[float, float]]:
@@ -222,7 +248,9 @@ def convergence(ctx: Context, p: dict) -> dict:
             if trace["step"][-1:] != [steps]:  # the last point is the trained model the test accuracy is of
                 measure(steps, final=True)
             trace["steps_per_epoch"] = steps // p["epochs"]
-            trace["batch_mean_spread"] = batch_mean_spread(model, digits.x_train, p["batch_size"], ctx.seed + s)
+            seqs = batch_means(model, digits.x_train, p["batch_size"], ctx.seed + s)
+            trace["batch_mean_spread"] = {name: _spread(*seq) for name, seq in seqs.items()}
+            trace["noise_floor"] = {name: ema_noise_floor(*seq, momentum) for name, seq in seqs.items()}
             trace["test_accuracy_eval"] = accuracy(model, digits.x_test, digits.y_test)
             per_seed.append(trace)
         results[str(momentum)] = per_seed
@@ -287,16 +315,17 @@ def run(ctx: Context) -> Chapter:
     # mean over every run (the momentum changes only the running statistics, not the weights trained)
     spread = {layer: float(np.mean([tr["batch_mean_spread"][layer] for per_seed in conv.values() for tr in per_seed]))
               for layer in layers}
-    floors = {m: {layer: noise_floor(float(m), spread[layer]) for layer in layers} for m in conv}
+    floors = {m: {layer: float(np.mean([tr["noise_floor"][layer] for tr in per_seed])) for layer in layers}
+              for m, per_seed in conv.items()}
     summary = Table(
         f"Running vs population statistics of each BN layer after {p['epochs']} epochs "
         f"(batch size {b}, mean over {p['seeds']} seed(s))",
         ["momentum", "layer", "mean err", "last epoch", "floor", "var err", "test acc"],
         notes=["mean err: mean over channels of |running mean - population mean| in population std, after the last "
                "step; last epoch: its mean over the last epoch's measurements; floor: what sampling noise alone "
-               "leaves, sqrt(2/pi) sqrt(m/(2-m)) s for momentum m and the spread s of the layer's batch means "
-               f"(measured on the trained model over {SPREAD_EPOCHS} reshuffled epochs); var err: mean over channels "
-               "of |log(running var / population var)|, after the last step; test acc: eval-mode test accuracy.",
+               "leaves: the same error for PyTorch's update with momentum m fed the trained model's own batch means "
+               f"over {SPREAD_EPOCHS} reshuffled epochs (weights fixed); var err: mean over channels of "
+               "|log(running var / population var)|, after the last step; test acc: eval-mode test accuracy.",
                bn_legend(digits_mlp())],
     )
     final: dict = {}
@@ -332,6 +361,12 @@ def run(ctx: Context) -> Chapter:
         f"layers after a BN layer that normalizes each batch by its own statistics vary less "
         + ", ".join(f"({layer}: {spread[layer]:.3f})" for layer in layers[1:])
         + ", so their floor is lower and the lag behind the weights' drift can exceed it.")
+    findings.append(
+        f"In {head}, each momentum's measured floor against the closed form for independent batches, sqrt(2/pi) "
+        "sqrt(m/(2-m)) times the spread: "
+        + ", ".join(f"{m}: {floors[m][head]:.4f} vs {noise_floor(float(m), spread[head]):.4f}" for m in conv)
+        + f". The {len(batches(n, b))} batches of an epoch partition the data, so their means are anti-correlated and "
+        "a window of 1/m steps spanning much of an epoch sits below the closed form.")
     checks[f"{head}'s batch means vary as independent samples' do: measured spread within 10% of "
            f"sqrt((n-B)/(B(n-1))) = {independent:.3f}"] = abs(spread[head] / independent - 1) <= 0.1
     if settled_momenta:
