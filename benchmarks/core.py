@@ -5,9 +5,10 @@ float32 batch: training forward+backward, and eval forward, both sides on the sa
 of threads (``--threads``, default 1: ``torch.set_num_threads`` and ``bnkit.set_num_threads``).
 The two run alternately, one call each per round; ``ratio`` is best over best, ``median``
 the median of the per-round ratios. With one thread each the times are this process's CPU
-time, which other processes on a shared machine do not skew; with more, wall-clock time,
-which they do (PyTorch's OpenMP kernels slow down far more under load than NumPy's threads,
-and its idle workers spin on the cores after each call). A case is "ok" when both the median
+time, which other processes on a shared machine skew far less (they still share caches and
+memory bandwidth); with more, wall-clock time, which they skew a lot (PyTorch's OpenMP kernels
+slow down far more under load than NumPy's threads, and its idle workers spin on the cores
+after each call). A case is "ok" when both the median
 and the best-over-best ratio meet its target. Targets: eval within 2x, train within 2.5x.
 """
 from __future__ import annotations
