@@ -484,7 +484,8 @@ def test_set_num_threads_refuses_what_is_not_a_positive_int(bad):
 
 
 @pytest.mark.parametrize("env,expected", [("3", 3), ("4,2", 4), (" 2 ", 2), ("0", None), ("abc", None), ("", None),
-                                          ("-2", None), ("2.5", None), ("\u00b2", None)])
+                                          ("-2", None), ("2.5", None), ("\u00b2", None), ("1_6", None),
+                                          ("\u0663", None)])
 def test_default_threads_follow_omp_num_threads(env, expected, monkeypatch):
     """As NumPy's BLAS and PyTorch read it: OMP_NUM_THREADS=1 keeps the NumPy layer on one thread too."""
     monkeypatch.setenv("OMP_NUM_THREADS", env)
@@ -607,11 +608,60 @@ def test_float16_output_is_rounded_once_from_the_exact_value(training):
 
 
 
-def test_set_num_threads_leaves_a_pool_that_a_running_pass_holds_usable(three_threads):
-    """A pass on another thread holds the pool it started with; changing the count must not shut that pool down
-    (it used to: "cannot schedule new futures after shutdown" in the other thread's forward)."""
-    pool = bnkit.batchnorm._pool(2)  # what a 3-thread pass submits its two blocks to
-    bnkit.set_num_threads(1)
-    bnkit.set_num_threads(3)
-    assert pool.submit(sum, [3, 4]).result() == 7
-    assert bnkit.batchnorm._pool(2) is pool  # and the next 3-thread pass reuses it
+def test_a_pass_whose_pool_is_replaced_by_a_larger_one_still_completes(three_threads):
+    """A pass on another thread has handed its blocks to the pool when a pass needing more workers replaces it:
+    those blocks must still run (the old pool is shut down without cancelling them; a pool shut down before the
+    other pass submitted made its forward raise "cannot schedule new futures after shutdown")."""
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow(block):
+        started.set()
+        release.wait(5)
+        return block
+
+    pending = bnkit.batchnorm._submit(slow, [slice(0, 1), slice(1, 2)])  # a 3-thread pass's two blocks, running
+    assert started.wait(5)
+    bnkit.set_num_threads(6)
+    bigger = bnkit.batchnorm._submit(lambda block: block, [slice(k, k + 1) for k in range(5)])
+    release.set()
+    assert [f.result(timeout=5) for f in pending] == [slice(0, 1), slice(1, 2)]
+    assert [f.result(timeout=5) for f in bigger] == [slice(k, k + 1) for k in range(5)]
+
+
+def test_the_pool_grows_to_the_largest_count_used_and_no_further(three_threads):
+    """Passes over batches of every size below the count, and counts set lower later, reuse one pool: at most the
+    largest count minus one worker threads stay (one pool per size once left 80 idle threads for 16)."""
+    bnkit.set_num_threads(6)
+    for rows in range(2, 9):
+        bnkit.batchnorm._parallel(lambda block: None, np.zeros((rows, 1, 1 << 18), dtype=np.float32))
+    for n in (2, 4, 3):
+        bnkit.set_num_threads(n)
+        bnkit.batchnorm._parallel(lambda block: None, np.zeros((8, 1, 1 << 18), dtype=np.float32))
+    assert bnkit.batchnorm._POOL_SIZE == 5 and len(bnkit.batchnorm._POOL._threads) <= 5
+
+
+def _threaded_forward_in_child(queue):
+    x = np.ones((4, 2, 512, 512), dtype=np.float32)
+    queue.put(float(BatchNorm(2).eval()(x).sum()))
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX, imported by other tests, warns of any fork
+def test_a_forked_child_runs_threaded_passes(three_threads):
+    """A child made by fork inherits the pool but not its threads: it must start its own instead of waiting forever
+    for workers that do not exist (multiprocessing's default on Linux)."""
+    import multiprocessing
+
+    x = np.ones((4, 2, 512, 512), dtype=np.float32)
+    expected = float(BatchNorm(2).eval()(x).sum())  # the parent's pool now has worker threads
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_threaded_forward_in_child, args=(queue,))
+    child.start()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the forked child hung in a threaded pass")
+    assert child.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected)

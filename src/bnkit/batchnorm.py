@@ -335,18 +335,27 @@ def _as_acb(x: np.ndarray, ax: int) -> np.ndarray:
 
 
 def _default_threads() -> int:
-    """``OMP_NUM_THREADS`` when it names a positive count (its first, for a nested list), else every CPU."""
-    try:
-        first = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
-    except ValueError:  # unset, empty, or not a number (libgomp and PyTorch ignore such values too)
-        first = 0
-    return first if first > 0 else (os.cpu_count() or 1)
+    """``OMP_NUM_THREADS`` when it names a positive count in ASCII digits (its first, for a nested list), as libgomp
+    reads it; else (unset, empty, anything else, which libgomp rejects) every CPU."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    count = int(first) if first.isascii() and first.isdigit() else 0
+    return count if count > 0 else (os.cpu_count() or 1)
 
 
 _THREADS = _default_threads()
-#: Worker pools by size, made on first use and kept: a pass running while the count changes keeps its own pool.
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
+#: The worker pool and its size; replaced by a larger one when a pass needs more workers (never shrunk, so at most
+#: the largest count used minus one idle threads), and dropped in a forked child, which inherits no threads.
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+
+
+def _forget_pool() -> None:
+    global _POOL, _POOL_SIZE, _POOL_LOCK
+    _POOL, _POOL_SIZE, _POOL_LOCK = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def set_num_threads(n: int) -> None:
@@ -360,17 +369,21 @@ def set_num_threads(n: int) -> None:
     _THREADS = n
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    with _POOLS_LOCK:
-        pool = _POOLS.get(workers)
-        if pool is None:
-            pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers)
-        return pool
-
-
 def get_num_threads() -> int:
     """The threads the NumPy layer's passes use (see :func:`set_num_threads`)."""
     return _THREADS
+
+
+def _submit(fn, blocks: list[slice]) -> list:
+    """Submit ``fn(block)`` for each block to the worker pool, growing it first if it has fewer workers; under the
+    lock, so a pool is only ever shut down (letting its submitted work finish) after a pass has handed it its work."""
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE < len(blocks):
+            old, _POOL, _POOL_SIZE = _POOL, ThreadPoolExecutor(max_workers=len(blocks)), len(blocks)
+            if old is not None:
+                old.shutdown(wait=False)
+        return [_POOL.submit(fn, block) for block in blocks]
 
 
 def _parallel(fn, x3: np.ndarray, min_size: int = 1 << 20) -> None:
@@ -385,9 +398,8 @@ def _parallel(fn, x3: np.ndarray, min_size: int = 1 << 20) -> None:
     if workers < 2 or x3.size < min_size:
         fn(slice(0, rows))
         return
-    pool = _pool(workers - 1)
     bounds = [rows * k // workers for k in range(workers + 1)]
-    pending = [pool.submit(fn, slice(lo, hi)) for lo, hi in zip(bounds[:-2], bounds[1:-1])]
+    pending = _submit(fn, [slice(lo, hi) for lo, hi in zip(bounds[:-2], bounds[1:-1])])
     try:
         fn(slice(bounds[-2], rows))
     finally:  # never return while a worker still writes

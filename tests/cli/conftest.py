@@ -1,4 +1,4 @@
-"""Every CLI test gets its own copy of sys.path: the commands put the current folder on it (to import the user's
+"""Every CLI test gets its own sys.path: the commands put the current folder on it (to import the user's
 --model and --data factories from where they run), and that must not leak into later tests."""
 import sys
 
@@ -6,5 +6,8 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _own_sys_path(monkeypatch):
-    monkeypatch.setattr(sys, "path", list(sys.path))
+def _own_sys_path():
+    """Restored in place, after the test's own monkeypatch (set up later, torn down first) has undone its changes."""
+    saved = sys.path[:]
+    yield
+    sys.path[:] = saved
