@@ -483,7 +483,8 @@ def test_set_num_threads_refuses_what_is_not_a_positive_int(bad):
     assert bnkit.get_num_threads() == old
 
 
-@pytest.mark.parametrize("env,expected", [("3", 3), ("4,2", 4), (" 2 ", 2), ("0", None), ("abc", None), ("", None),
+@pytest.mark.parametrize("env,expected", [("3", 3), ("4,2", 4), (" 2 ", 2), (" 5 ", 5), ("\t3 ,2", 3), ("0", None),
+                                          ("abc", None), ("", None),
                                           ("-2", None), ("2.5", None), ("\u00b2", None), ("1_6", None),
                                           ("\u0663", None)])
 def test_default_threads_follow_omp_num_threads(env, expected, monkeypatch):
@@ -642,6 +643,48 @@ def test_the_pool_grows_to_the_largest_count_used_and_no_further(three_threads):
     assert bnkit.batchnorm._POOL_SIZE == 5 and len(bnkit.batchnorm._POOL._threads) <= 5
 
 
+@pytest.fixture
+def fresh_pool(monkeypatch):
+    """No pool yet (the module's pool only grows, so earlier tests' passes would decide its size); the pools made
+    in the test shut down after it and the module's own put back."""
+    monkeypatch.setattr(bnkit.batchnorm, "_POOL", None)
+    monkeypatch.setattr(bnkit.batchnorm, "_POOL_SIZE", 0)
+    yield
+    if bnkit.batchnorm._POOL is not None:
+        bnkit.batchnorm._POOL.shutdown()
+
+
+def test_a_pass_of_the_same_size_reuses_the_pool_and_a_replaced_pool_takes_no_more_work(three_threads, fresh_pool):
+    """A pass needing no more workers than the pool has keeps that pool (replacing it every time started new threads
+    for every pass); a pool replaced by a larger one is shut down (left running, its idle threads stayed forever)."""
+    x3 = np.zeros((8, 1, 1 << 18), dtype=np.float32)
+    bnkit.batchnorm._parallel(lambda block: None, x3)  # 3 threads: 2 blocks on the pool
+    pool = bnkit.batchnorm._POOL
+    bnkit.batchnorm._parallel(lambda block: None, x3)
+    assert bnkit.batchnorm._POOL is pool and bnkit.batchnorm._POOL_SIZE == 2
+    bnkit.set_num_threads(4)  # one block more than the pool has workers
+    bnkit.batchnorm._parallel(lambda block: None, x3)
+    assert bnkit.batchnorm._POOL is not pool and bnkit.batchnorm._POOL_SIZE == 3
+    with pytest.raises(RuntimeError, match="shutdown"):
+        pool.submit(lambda: None)
+
+
+def test_two_concurrent_passes_share_a_pool_of_at_most_the_count_minus_one_threads(three_threads, fresh_pool):
+    """Two passes of 4 threads running at once (3 blocks each on the pool, all blocked until released) never
+    get more than 3 worker threads between them: the pool is sized for one pass, the extra blocks queue."""
+    import threading
+
+    release = threading.Event()
+    bnkit.set_num_threads(4)
+    blocks = [slice(k, k + 1) for k in range(3)]
+    first = bnkit.batchnorm._submit(lambda block: release.wait(5), blocks)
+    second = bnkit.batchnorm._submit(lambda block: release.wait(5), blocks)
+    threads = len(bnkit.batchnorm._POOL._threads)
+    release.set()
+    assert all(f.result(timeout=5) for f in first + second)
+    assert threads == 3
+
+
 def _threaded_forward_in_child(queue):
     x = np.ones((4, 2, 512, 512), dtype=np.float32)
     queue.put(float(BatchNorm(2).eval()(x).sum()))
@@ -665,3 +708,39 @@ def test_a_forked_child_runs_threaded_passes(three_threads):
         child.join()
         pytest.fail("the forked child hung in a threaded pass")
     assert child.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected)
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_a_child_forked_while_another_thread_holds_the_pool_lock_runs_threaded_passes(three_threads):
+    """A fork while another thread is inside _submit copies the pool's lock held, by a thread the child does not
+    have: the child must get a lock of its own, not wait forever on the copy."""
+    import multiprocessing
+
+    x = np.ones((4, 2, 512, 512), dtype=np.float32)
+    expected = float(BatchNorm(2).eval()(x).sum())
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    lock = bnkit.batchnorm._POOL_LOCK
+    with lock:  # as a pass on another thread holds it while it hands its blocks to the pool
+        child = ctx.Process(target=_threaded_forward_in_child, args=(queue,))
+        child.start()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the forked child hung on the pool lock it inherited held")
+    assert child.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("env", ["1", "3"])
+def test_the_count_at_import_follows_omp_num_threads(env):
+    """A fresh interpreter with OMP_NUM_THREADS set starts the NumPy layer on that many threads, as NumPy's BLAS and
+    PyTorch do (the default read once, at import)."""
+    import subprocess
+    import sys
+
+    src = os.path.dirname(os.path.dirname(bnkit.batchnorm.__file__))
+    out = subprocess.run([sys.executable, "-c", "import bnkit.batchnorm as b; print(b.get_num_threads())"],
+                         env={**os.environ, "OMP_NUM_THREADS": env, "PYTHONPATH": src}, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.split() == [env]

@@ -20,7 +20,7 @@ def chapter(tmp_path_factory):
     running statistics), every model, export, onnxruntime session and timed input seen on the way."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    seen = {"exports": {}, "sessions": {}, "fed": {}, "torch_fed": []}
+    seen = {"exports": {}, "sessions": {}, "fed": {}, "torch_fed": [], "ops": {}}
 
     def one_pass(model, x, y, **kwargs):
         model.train()
@@ -53,6 +53,7 @@ def chapter(tmp_path_factory):
 
     def runner(path, disabled=()):
         run, fixed, ops = real_runner(path, disabled)
+        seen["ops"][path.stem] = ops
         fed = seen["fed"].setdefault(path.stem, [])
 
         def counted(x):
@@ -179,3 +180,62 @@ def test_latency_is_timed_on_batches_of_each_size_not_the_whole_test_set(chapter
     assert set(ch.data["latency_ms"]) == {"PyTorch eval (with BN)", "PyTorch folded", deploy.ONNX_BN,
                                           deploy.ONNX_FOLDED, deploy.ONNX_NOFUSE}
     assert all(list(lat) == [str(b) for b in sizes] for lat in ch.data["latency_ms"].values())
+
+
+def test_the_finding_counts_every_node_of_the_graphs_onnxruntime_runs(chapter):
+    """The node counts in the finding are the total of the ops of each graph onnxruntime ran (a Counter's values
+    summed, not its number of distinct op types), and its BatchNormalization counts are those graphs' own."""
+    ch, seen = chapter
+    ops = seen["ops"]
+    assert set(ops) == {"onnx_bn", "onnx_folded", "onnx_bn_nofusion"}
+    assert ch.data["ort_ops_run"] == {key: dict(c) for key, c in ops.items()}
+    total = {key: sum(c.values()) for key, c in ops.items()}
+    assert total["onnx_bn"] != len(ops["onnx_bn"])  # some op type occurs more than once, so a type count differs
+    bn = {key: c["BatchNormalization"] for key, c in ops.items()}
+    (finding,) = [f for f in ch.findings if f.startswith("onnxruntime:")]
+    assert (f"the graph it runs has {total['onnx_bn']} nodes for the BN model ({bn['onnx_bn']} BatchNormalization) "
+            f"and {total['onnx_folded']} for the folded one") in finding, finding
+    assert f"With only that fusion off it runs {total['onnx_bn_nofusion']} ({bn['onnx_bn_nofusion']} " \
+           "BatchNormalization)" in finding, finding
+
+
+FUSION_CHECK = ("onnxruntime runs the BN model as the folded one: its Conv+BN fusion leaves no BN node and the folded "
+                "model's node count; with only that fusion off it runs more nodes")
+
+
+@pytest.mark.parametrize("case,holds", [
+    ("as_run", True),
+    ("bn_node_left", False),    # one node of the BN model's graph a BatchNormalization, the node count unchanged
+    ("extra_node", False),      # no BN node left, but one node more than the folded model's graph
+    ("fusion_ignored", False),  # the third run ran with the fusion on after all: as many nodes as the folded graph
+])
+def test_the_fusion_check_needs_no_bn_node_equal_counts_and_more_nodes_without_the_fusion(tmp_path, case, holds):
+    """The check's three conditions each decide it on their own, with the graphs onnxruntime really ran altered in
+    one way each: a BatchNormalization left (by its ONNX op type), a node count above the folded graph's, and a run
+    "without the fusion" that has no more nodes than the folded graph."""
+    pytest.importorskip("onnxruntime")
+    real_runner = deploy._ort_runner
+
+    def one_pass(model, x, y, **kwargs):
+        model.train()
+        with torch.no_grad():
+            model(x[:64])
+        return 1
+
+    def runner(path, disabled=()):
+        if case == "fusion_ignored" and disabled:
+            return real_runner(path, ())
+        run, fixed, ops = real_runner(path, disabled)
+        if path.stem == "onnx_bn" and case == "bn_node_left":
+            top = ops.most_common(1)[0][0]
+            ops = ops - collections.Counter({top: 1}) + collections.Counter(BatchNormalization=1)
+        if path.stem == "onnx_bn" and case == "extra_node":
+            ops = ops + collections.Counter(Identity=1)
+        return run, fixed, ops
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(deploy, "fit", one_pass)
+        mp.setitem(deploy.SIZES, "quick", {**deploy.SIZES["quick"], "repeats": 1})
+        mp.setattr(deploy, "_ort_runner", runner)
+        ch = deploy.run(Context(size="quick", out=tmp_path))
+    assert ch.checks[FUSION_CHECK] is holds

@@ -1,6 +1,7 @@
 """Chapter 1's measuring functions and study/train.py's helpers run on small inputs, against independent
 recomputations (float64 NumPy, PyTorch's own BatchNorm)."""
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -204,3 +205,96 @@ def test_ema_noise_floor_meets_the_independent_closed_form_only_for_short_window
     (seq,) = ch_running.batch_means(model, torch.randn(n, 16), b, seed=0).values()
     closed = ch_running.noise_floor(momentum, ch_running.independent_spread(n, b))
     assert low <= ch_running.ema_noise_floor(*seq, momentum) / closed <= high
+
+
+@pytest.mark.parametrize("n,b", [(5, 2), (6, 3), (7, 1), (4, 4)])
+def test_independent_spread_is_the_std_of_the_mean_over_every_batch_drawn_without_replacement(n, b):
+    """Every batch of b of n distinct values is equally likely without replacement: the standard deviation of their
+    means over all C(n, b) of them, in population stds, is the spread exactly (finite population correction n - 1,
+    not n, nor sqrt(1 / b) as with replacement)."""
+    values = np.arange(n, dtype=np.float64) ** 1.5
+    means = [values[list(batch)].mean() for batch in itertools.combinations(range(n), b)]
+    assert ch_running.independent_spread(n, b) == pytest.approx(np.std(means) / np.std(values), rel=1e-12, abs=1e-15)
+
+
+def test_convergence_takes_the_floor_from_the_trained_models_training_batches_at_its_momentum(small_convergence):
+    """A trace's steps_per_epoch is one epoch's steps, and its spread and floor come from the trained model's batch
+    means over the TRAINING images (seeded by the run's seed), the floor from a real nn.BatchNorm1d with the run's
+    momentum 0.1 on the new batch fed those means (each as a batch of two around it), from the population mean."""
+    conv, model, small = small_convergence
+    (trace,) = conv["0.1"]
+    assert trace["steps_per_epoch"] == len(batches(300, 32))
+    seqs = ch_running.batch_means(model, small.x_train, 32, seed=Context(size="quick").seed)
+    for name, (means, mu, sd) in seqs.items():
+        assert trace["batch_mean_spread"][name] == pytest.approx(np.mean(means.std(0) / sd), rel=1e-9)
+        bn = torch.nn.BatchNorm1d(means.shape[1], momentum=0.1).double().train()
+        bn.running_mean.copy_(torch.from_numpy(mu))
+        errors = []
+        with torch.no_grad():
+            for step, b in enumerate(torch.from_numpy(means)):
+                bn(torch.stack([b - 1.0, b + 1.0]))
+                if step >= len(means) // 2:
+                    errors.append(float(np.mean(np.abs(bn.running_mean.numpy() - mu) / sd)))
+        assert trace["noise_floor"][name] == pytest.approx(np.mean(errors), rel=1e-6), name
+
+
+def test_last_epoch_keeps_the_measurements_after_the_previous_epochs_end():
+    """Three epochs of 6 steps measured every 3 steps: the last epoch is steps 13-18, so its measurements are those
+    at steps 15 and 18; the one at step 12 ends the second epoch, and the first two epochs are not the last."""
+    trace = {"step": [3, 6, 9, 12, 15, 18], "steps_per_epoch": 6}
+    assert ch_running._last_epoch(trace, ["s3", "s6", "s9", "s12", "s15", "s18"]) == ["s15", "s18"]
+
+
+def test_batch_means_of_a_later_layer_are_those_of_training_mode_batches():
+    """The second BN's input depends on how the first normalizes: in training mode by each batch's own statistics
+    (PyTorch's F.batch_norm with training=True is the oracle), not by running statistics set far off here, as an
+    eval-mode pass would use them. The reference is the population's mean and std (sqrt(var + eps)) of the input."""
+    n, b = 70, 20  # batches of 20, 20 and 30: the mean of the batch means is not the population mean
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(),
+                                torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4)).eval()
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)
+        model[1].running_var.fill_(0.05)
+    x = torch.randn(n, 6)
+    means, _, _ = ch_running.batch_means(model, x, b, seed=5)["4"]
+    generator = torch.Generator().manual_seed(5)
+    order = [idx for _ in range(ch_running.SPREAD_EPOCHS) for idx in batches(n, b, generator=generator)]
+    with torch.no_grad():
+        expected = [model[3](torch.relu(torch.nn.functional.batch_norm(
+            model[0](x[idx]), None, None, model[1].weight, model[1].bias, training=True))).double().mean(0).numpy()
+            for idx in order]
+    np.testing.assert_allclose(means, np.array(expected), rtol=1e-5, atol=1e-6)
+    _, mu, sd = ch_running.batch_means(model, x, b, seed=5)["1"]
+    with torch.no_grad():
+        h = model[0](x).double()
+    np.testing.assert_allclose(mu, h.mean(0).numpy(), rtol=1e-6, atol=1e-9)  # the population's, as the docstring says
+    np.testing.assert_allclose(sd, np.sqrt(h.var(0, unbiased=False).numpy() + model[1].eps), rtol=1e-6)
+
+
+def test_the_floor_check_reads_the_last_epoch_and_the_spread_every_run(tmp_path, monkeypatch):
+    """Hand-made traces at their floor all along but for a spike of 5x the floor at the very last step: the last
+    epoch (4 points at the floor and the spike: 1.8x) is within 2x of the floor, so the settling check holds though
+    the last point alone is not. The reported spread is the mean over every run (0.16, 0.175, 0.19: 0.175), not the
+    first momentum's, and the finding counts the last epoch's measurements, not the trace's."""
+    p = ch_running.SIZES["quick"]
+    n, b = 1347, p["batch_size"]
+    per_epoch = len(batches(n, b))
+    steps = list(range(p["every"], per_epoch * p["epochs"], p["every"])) + [per_epoch * p["epochs"]]
+    assert sum(s > steps[-1] - per_epoch for s in steps) == 5
+    traces = {}
+    for m, bn1_spread in zip(p["momenta"], (0.16, 0.175, 0.19)):
+        floor = {"bn1": ch_running.noise_floor(m, 0.175), "bn2": ch_running.noise_floor(m, 0.023)}
+        layers = {layer: {"mean_error": [f] * (len(steps) - 1) + [5 * f if layer == "bn1" else f],
+                          "var_error": [0.1] * len(steps)} for layer, f in floor.items()}
+        traces[str(m)] = [{"step": steps, "layers": layers, "steps_per_epoch": per_epoch,
+                           "batch_mean_spread": {"bn1": bn1_spread, "bn2": 0.023}, "noise_floor": floor,
+                           "test_accuracy_eval": 0.95}]
+    monkeypatch.setattr(ch_running, "convergence", lambda ctx, p: traces)
+    ch = ch_running.run(Context(size="quick", out=tmp_path))
+    (settles,) = [k for k in ch.checks if "settles at its noise floor" in k]
+    assert ch.checks[settles]
+    final = ch.data["final"]["0.1"]["bn1"]
+    assert final["mean_error"] > 2 * final["noise_floor"] > final["last_epoch_mean_error"]
+    (finding,) = [f for f in ch.findings if f.startswith("Layer bn1:")]
+    assert "its batch means spread by 0.175 population std. Over the last epoch (5 measurements)" in finding, finding

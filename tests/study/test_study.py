@@ -369,6 +369,46 @@ def test_fine_tuning_verdicts_follow_from_the_measurements(tmp_path, monkeypatch
     assert [k for k, ok in ch.checks.items() if not ok] == ([failing] if failing else [])
 
 
+
+def test_fine_tuning_finding_gives_the_mean_shift_and_the_largest_channel_shift_over_seeds(tmp_path, monkeypatch):
+    """The lesson-freeze finding: the largest layer mean of the channel shifts (mean over seeds), and "up to" the
+    largest single channel's shift in any layer and any seed (here 2.5, in bn2 of the second seed only)."""
+    from bnkit.study import finetune, missing_dependencies
+
+    if missing_dependencies(("freeze_bn", "recalibrate")):
+        pytest.skip("bnkit.torch.freeze_bn or recalibrate is not in this build")
+
+    def one_seed(p, seed, available, tracker):
+        out = _finetune_seed()
+        out["lesson_freeze"]["shift"] = {
+            "bn1": {"mean_shift_std": 0.2, "log_var_ratio": 0.1, "max_mean_shift_std": 0.9},
+            "bn2": {"mean_shift_std": 0.3 + 0.2 * seed, "log_var_ratio": 0.1, "max_mean_shift_std": 1.0 + 1.5 * seed}}
+        return out
+
+    monkeypatch.setattr(finetune, "_one_seed", one_seed)
+    ch = finetune.run(Context(size="quick", seeds=2, out=tmp_path))
+    assert ("the running means moved by 0.40 old standard deviations on average over a layer's channels (up to 2.50 "
+            "in one channel)") in ch.findings[1], ch.findings[1]
+
+
+def test_batch_size_table_gives_the_epochs_each_batch_size_trained(tmp_path, monkeypatch):
+    """The epochs column is what each batch size's runs trained (more than asked for a large batch, see
+    _epochs_for), not the epochs asked for; the variance finding's factor is that of the small batch size."""
+    from bnkit.study import batchsize, missing_dependencies
+
+    if missing_dependencies(("recalibrate", "convert_bn")):
+        pytest.skip("bnkit.torch.recalibrate or convert_bn is not in this build")
+    trained = {2: 2, 8: 3, 32: 5}
+    monkeypatch.setattr(batchsize, "load_digits_split", lambda seed: None)
+    monkeypatch.setattr(batchsize, "_one", lambda d, bs, p, seed, available, tracker: {
+        **_batch_run(bs, seed), "epochs": trained[bs]})
+    ch = batchsize.run(Context(size="quick", out=tmp_path))
+    assert ch.tables[0].columns[:2] == ["batch", "epochs"]
+    assert {row[0]: row[1] for row in ch.tables[0].rows} == {str(bs): str(e) for bs, e in trained.items()}
+    # _batch_run's running variances: a mean |log ratio| of 0.3 at batch size 2, a factor exp(0.3) = 1.35
+    assert any("off by a mean |log ratio| of 0.300 (a factor 1.35) and 0.050" in f for f in ch.findings), ch.findings
+
+
 @pytest.mark.parametrize("broken,failing", [
     (None, []),
     ("not folded", ["folding removes every BN layer of the ResNet"]),
@@ -631,6 +671,11 @@ def test_fine_tuning_measurements_are_those_of_each_variant(monkeypatch, leaky):
             # in the pretrained model's standard deviations, as the table says
             assert out[key]["shift"][name]["mean_shift_std"] == pytest.approx(
                 np.mean(np.abs(m1 - m0) / np.sqrt(v0 + bn0.eps)), rel=1e-9, abs=1e-12)
+            # the largest channel's shift, |.| included: PyTorch's eval-mode BN of the new mean with the old statistics
+            moved = torch.nn.functional.batch_norm(bn1.running_mean.double()[None], bn0.running_mean.double(),
+                                                   bn0.running_var.double(), training=False, eps=bn0.eps)
+            assert out[key]["shift"][name]["max_mean_shift_std"] == pytest.approx(
+                float(moved.abs().max()), rel=1e-9, abs=1e-12)
         assert out[key]["stats_bit_identical"] == kept, key
     assert out["pretrained"]["stats_bit_identical"] and not out["lesson_freeze"]["stats_bit_identical"]
     assert out["freeze_bn"]["stats_bit_identical"] is not leaky

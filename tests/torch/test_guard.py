@@ -500,6 +500,12 @@ def _mixed_model() -> nn.Module:
     ("a", lambda m: (m.running_mean.zero_(), m.running_var.fill_(1.0), m.num_batches_tracked.zero_()),
      "never_updated"),
     ("b", lambda m: m.num_batches_tracked.zero_(), None),  # a zero counter with trained statistics is no finding
+    # statistics held as a plain attribute, not a buffer, as a BN-like layer of another library may hold them
+    ("b", lambda m: (m.__delattr__("running_var"), setattr(m, "running_var", torch.full((4,), float("nan")))),
+     "nonfinite_stats"),
+    # a counter of shape (1,) among 0-d ones: the read together cannot stack them, each layer is checked on its own
+    ("a", lambda m: (m.running_mean.zero_(), m.running_var.fill_(1.0),
+                     setattr(m, "num_batches_tracked", torch.zeros(1, dtype=torch.long))), "never_updated"),
 ])
 def test_a_new_guard_reading_all_layers_together_names_exactly_the_bad_one(layer, corrupt, code):
     """A new guard reads every layer's statistics in one go (mixed dtypes, a frozen layer without a counter); a bad

@@ -183,8 +183,8 @@ def batch_means(model: torch.nn.Module, x: torch.Tensor, batch_size: int,
         for h in hooks:
             h.remove()
     pop = population_stats(model, x)
-    eps = bn_layers(model)[0][1].eps
-    return {name: (np.array(m), pop[name][0], np.sqrt(pop[name][1] + eps)) for name, m in means.items()}
+    eps = {name: bn.eps for name, bn in bn_layers(model)}
+    return {name: (np.array(m), pop[name][0], np.sqrt(pop[name][1] + eps[name])) for name, m in means.items()}
 
 
 def batch_mean_spread(model: torch.nn.Module, x: torch.Tensor, batch_size: int, seed: int) -> dict[str, float]:
