@@ -1,4 +1,5 @@
 """The NumPy reference layer against torch.nn.BatchNorm*d and the other frameworks' real layers."""
+import contextlib
 import os
 
 import numpy as np
@@ -690,46 +691,39 @@ def _threaded_forward_in_child(queue):
     queue.put(float(BatchNorm(2).eval()(x).sum()))
 
 
-@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX, imported by other tests, warns of any fork
-def test_a_forked_child_runs_threaded_passes(three_threads):
-    """A child made by fork inherits the pool but not its threads: it must start its own instead of waiting forever
-    for workers that do not exist (multiprocessing's default on Linux)."""
+def _fork_and_forward(hang: str, holding=contextlib.nullcontext()) -> None:
+    """Fork a child (started inside ``holding``) that runs a threaded forward: it must finish within 30 s, with the
+    parent's result; ``hang`` says what a hang means."""
     import multiprocessing
 
     x = np.ones((4, 2, 512, 512), dtype=np.float32)
     expected = float(BatchNorm(2).eval()(x).sum())  # the parent's pool now has worker threads
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_threaded_forward_in_child, args=(queue,))
-    child.start()
-    child.join(30)
-    if child.is_alive():
-        child.kill()
-        child.join()
-        pytest.fail("the forked child hung in a threaded pass")
-    assert child.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected)
-
-
-@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
-def test_a_child_forked_while_another_thread_holds_the_pool_lock_runs_threaded_passes(three_threads):
-    """A fork while another thread is inside _submit copies the pool's lock held, by a thread the child does not
-    have: the child must get a lock of its own, not wait forever on the copy."""
-    import multiprocessing
-
-    x = np.ones((4, 2, 512, 512), dtype=np.float32)
-    expected = float(BatchNorm(2).eval()(x).sum())
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    lock = bnkit.batchnorm._POOL_LOCK
-    with lock:  # as a pass on another thread holds it while it hands its blocks to the pool
+    with holding:
         child = ctx.Process(target=_threaded_forward_in_child, args=(queue,))
         child.start()
     child.join(30)
     if child.is_alive():
         child.kill()
         child.join()
-        pytest.fail("the forked child hung on the pool lock it inherited held")
+        pytest.fail(hang)
     assert child.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected)
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX, imported by other tests, warns of any fork
+def test_a_forked_child_runs_threaded_passes(three_threads):
+    """A child made by fork inherits the pool but not its threads: it must start its own instead of waiting forever
+    for workers that do not exist (multiprocessing's default on Linux)."""
+    _fork_and_forward("the forked child hung in a threaded pass")
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_a_child_forked_while_another_thread_holds_the_pool_lock_runs_threaded_passes(three_threads):
+    """A fork while another thread is inside _submit copies the pool's lock held, by a thread the child does not
+    have: the child must get a lock of its own, not wait forever on the copy."""
+    # held as a pass on another thread holds it while it hands its blocks to the pool
+    _fork_and_forward("the forked child hung on the pool lock it inherited held", bnkit.batchnorm._POOL_LOCK)
 
 
 @pytest.mark.parametrize("env", ["1", "3"])
