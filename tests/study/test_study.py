@@ -492,7 +492,8 @@ def test_batch_mean_spread_of_a_per_sample_layer_is_that_of_independent_samples_
     torch.manual_seed(0)
     model = digits_mlp().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    spread = ch_running.batch_mean_spread(model, x, 20, seed=0)
+    seqs = ch_running.batch_means(model, x, 20, seed=0)
+    spread = {name: ch_running.batch_mean_spread(*seq) for name, seq in seqs.items()}
     assert spread["bn1"] == pytest.approx(ch_running.independent_spread(600, 20), rel=0.1)
     assert spread["bn2"] < spread["bn1"] / 2
     # measured on a copy in training mode: the model keeps its eval flags and its running statistics

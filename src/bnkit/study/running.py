@@ -187,13 +187,9 @@ def batch_means(model: torch.nn.Module, x: torch.Tensor, batch_size: int,
     return {name: (np.array(m), pop[name][0], np.sqrt(pop[name][1] + eps[name])) for name, m in means.items()}
 
 
-def batch_mean_spread(model: torch.nn.Module, x: torch.Tensor, batch_size: int, seed: int) -> dict[str, float]:
-    """``{bn_name: spread}``: the channel mean of the standard deviation of each BN layer's batch means
-    (:func:`batch_means`), in population standard deviations."""
-    return {name: _spread(*seq) for name, seq in batch_means(model, x, batch_size, seed).items()}
-
-
-def _spread(means: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float:
+def batch_mean_spread(means: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> float:
+    """The channel mean of the standard deviation of one layer's batch means (as :func:`batch_means` gives them),
+    in population standard deviations ``sd``."""
     return float(np.mean(np.std(means, axis=0) / sd))
 
 
@@ -249,7 +245,7 @@ def convergence(ctx: Context, p: dict) -> dict:
                 measure(steps, final=True)
             trace["steps_per_epoch"] = steps // p["epochs"]
             seqs = batch_means(model, digits.x_train, p["batch_size"], ctx.seed + s)
-            trace["batch_mean_spread"] = {name: _spread(*seq) for name, seq in seqs.items()}
+            trace["batch_mean_spread"] = {name: batch_mean_spread(*seq) for name, seq in seqs.items()}
             trace["noise_floor"] = {name: ema_noise_floor(*seq, momentum) for name, seq in seqs.items()}
             trace["test_accuracy_eval"] = accuracy(model, digits.x_test, digits.y_test)
             per_seed.append(trace)
