@@ -57,14 +57,8 @@ def paired(fa, fb, repeats: int, inner: int) -> tuple[float, float, float]:
     return min(times_a), min(times_b), statistics.median(a / b for a, b in zip(times_a, times_b))
 
 
-def realistic(repeats: int) -> list[tuple]:
-    """The guard per call and protect_stats per training step on a CIFAR-sized ResNet, batch 16."""
-    torch.manual_seed(0)
-    model = SmallResNet(in_channels=3, widths=(64, 128, 256))
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    with torch.no_grad():
-        model.train()(x)
-    model.eval()
+def guard_rows(label: str, model: nn.Module, x: torch.Tensor, repeats: int, inner: int) -> list[tuple]:
+    """An eval forward under one kept ``bn_guard`` entered per call, and under a new guard per call, vs unguarded."""
     guard = bn_guard(model)
 
     def guarded():
@@ -76,9 +70,18 @@ def realistic(repeats: int) -> list[tuple]:
             model(x)
 
     with torch.no_grad():
-        rows = [("ResNet-64/128/256 b16 eval fwd, bn_guard per call", *paired(guarded, lambda: model(x), repeats, 1)),
-                ("ResNet-64/128/256 b16 eval fwd, new bn_guard per call", *paired(new_guard, lambda: model(x),
-                                                                                  repeats, 1))]
+        return [(f"{label} eval fwd, bn_guard per call", *paired(guarded, lambda: model(x), repeats, inner)),
+                (f"{label} eval fwd, new bn_guard per call", *paired(new_guard, lambda: model(x), repeats, inner))]
+
+
+def realistic(repeats: int) -> list[tuple]:
+    """The guard per call and protect_stats per training step on a CIFAR-sized ResNet, batch 16."""
+    torch.manual_seed(0)
+    model = SmallResNet(in_channels=3, widths=(64, 128, 256))
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    with torch.no_grad():
+        model.train()(x)
+    rows = guard_rows("ResNet-64/128/256 b16", model.eval(), x, repeats, 1)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -127,19 +130,7 @@ def main() -> None:
     with torch.no_grad(), bn_guard(twin):
         rows.append(("tiny ResNet b32 eval fwd inside one bn_guard", *paired(lambda: twin(x), lambda: model(x),
                                                                              reps, 3)))
-    guard = bn_guard(model)
-
-    def guarded():
-        with guard:
-            model(x)
-
-    def new_guard():
-        with bn_guard(model):
-            model(x)
-
-    with torch.no_grad():
-        rows.append(("tiny ResNet b32 eval fwd, bn_guard per call", *paired(guarded, lambda: model(x), reps, 3)))
-        rows.append(("tiny ResNet b32 eval fwd, new bn_guard per call", *paired(new_guard, lambda: model(x), reps, 3)))
+    rows += guard_rows("tiny ResNet b32", model, x, reps, 3)
 
     model.train()
 
