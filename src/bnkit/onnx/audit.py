@@ -156,9 +156,12 @@ def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:
         report.findings.extend(_node_findings(bn, switchable))
     report.findings.extend(_dropout_findings(proto.graph, opset))
     if not nodes:
-        report.findings.append(Finding("info", "(model)", "no BatchNormalization nodes",
-                                       "nothing to audit: folded already, or the model has no BatchNorm",
-                                       code="no_bn"))
+        report.findings.append(Finding(
+            "info", "(model)", "no BatchNormalization nodes",
+            "nothing to audit: folded already, or the model has no BatchNorm (torch.onnx.export's default exporter, "
+            "dynamo=True, folds eval-mode BatchNorm into the layer before it)",
+            "folded statistics cannot be checked in the graph: audit the PyTorch model or checkpoint before export "
+            "(bnkit audit FILE.pt --model ...)", code="no_bn"))
     order = {s: i for i, s in enumerate(("error", "warning", "info"))}
     report.findings.sort(key=lambda f: order[f.severity])
     return report
