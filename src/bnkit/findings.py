@@ -4,9 +4,11 @@ Shared by :mod:`bnkit.torch.audit` and :mod:`bnkit.onnx`; NumPy-free and torch-f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-__all__ = ["Finding", "SEVERITIES", "worst_severity"]
+__all__ = ["Finding", "SEVERITIES", "worst_severity", "jsonable"]
 
 #: From most to least severe. ``error`` means the model gives wrong outputs at inference.
 SEVERITIES = ("error", "warning", "info")
@@ -34,3 +36,17 @@ def worst_severity(findings) -> str | None:
     """The most severe level among ``findings``, or None if there are none."""
     levels = {f.severity for f in findings}
     return next((s for s in SEVERITIES if s in levels), None)
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with NumPy/torch arrays and scalars as lists and numbers, and NaN/Inf as the strings ``"nan"``,
+    ``"inf"``, ``"-inf"``: strict JSON (RFC 8259) has no token for them, and audits report such values."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else str(obj)
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # NumPy/torch, without importing them
+        return jsonable(obj.tolist())
+    return obj

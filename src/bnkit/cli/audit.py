@@ -17,6 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..findings import jsonable
 from .app import app, console, fail, note
 from .common import (UsageError, add_cwd_to_path, build_model, check_input_file, dtype_change, load_inputs,
                      parse_device)
@@ -75,7 +76,7 @@ def audit_command(
         report = _torch_report(file, model, data, batch_size, train_batch_size, max_batches, trust, run_on)
 
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json.dumps(jsonable(report), indent=2, allow_nan=False))
     else:
         _print(report)
     if not report["ok"]:

@@ -164,7 +164,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         from ..torch.export import export_onnx
 
         try:
-            export_onnx(folded, example, output, fold=True, force=force, dynamic_batch=not fixed_batch)
+            export_onnx(folded, example, output, fold=True, force=force, dynamic_batch=not fixed_batch, verify=verify)
         except OSError as exc:
             raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None
         except (ValueError, TypeError, RuntimeError) as exc:  # ExportVerificationError, torch.onnx's errors too

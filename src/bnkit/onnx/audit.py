@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import onnx
 
 from ..audit_state import BNStats, check_bn_stats
-from ..findings import Finding, worst_severity
-from .graph import BNNode, bn_nodes, load_model, node_label, opset_version, training_dropouts, unswitchable_training
+from ..findings import Finding, jsonable, worst_severity
+from .graph import (BNNode, FunctionKey, bn_nodes, check_model, load_model, local_functions, node_label,
+                    opset_version, training_dropouts, unswitchable_training)
 
 __all__ = ["OnnxAuditReport", "audit"]
 
@@ -52,8 +53,8 @@ class OnnxAuditReport:
         return worst_severity(self.findings)
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "opset": self.opset, "nodes": self.nodes,
-                "findings": [f.to_dict() for f in self.findings]}
+        return jsonable({"ok": self.ok, "opset": self.opset, "nodes": self.nodes,
+                         "findings": [f.to_dict() for f in self.findings]})
 
 
 def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
@@ -61,9 +62,9 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
     findings = []
     rewritable = not bn.in_subgraph and bn.opset >= 9  # what bnkit fold switches or tidies
     switch_advice = ("`bnkit fold --to-inference` switches an existing file" if rewritable and switchable else
-                     "bnkit fold cannot switch it (inside an If/Loop body or opset < 9)" if not rewritable else
-                     "bnkit fold --to-inference refuses this file (it holds training nodes inside If/Loop bodies, "
-                     "or whose running statistics other nodes or the graph's outputs read)")
+                     f"bnkit fold cannot switch it ({_where(bn)})" if not rewritable else
+                     "bnkit fold --to-inference refuses this file (it holds training nodes inside If/Loop bodies "
+                     "or local functions, or whose running statistics other nodes or the graph's outputs read)")
     if bn.training:
         if bn.opset >= 14:
             how = "training_mode=1"
@@ -85,7 +86,7 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
             "error" if refused else "warning", bn.name, "extra running-statistic outputs on an inference node",
             f"outputs {bn.extra_outputs} beside Y; the ONNX spec allows them only with training_mode=1{refused}",
             "re-export in eval mode" + (", or `bnkit fold` (removes them where unused)" if rewritable
-                                        else " (bnkit fold does not rewrite nodes inside If/Loop bodies)"),
+                                        else f" (bnkit fold does not rewrite this node: {_where(bn)})"),
             "extra_outputs", {"extra_outputs": bn.extra_outputs}))
     if "" in bn.node.output[1:]:
         findings.append(Finding(
@@ -122,18 +123,27 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
     return findings + check_bn_stats(stats)
 
 
-def _dropout_findings(graph: onnx.GraphProto, opset: int) -> list[Finding]:
-    """A warning per Dropout (If/Loop/Scan bodies too) whose ``training_mode`` input is a constant true (ONNX
-    Dropout-12+)."""
-    top = {id(node) for node, _ in training_dropouts(graph, opset)}
+def _where(bn: BNNode) -> str:
+    """Why bnkit fold does not rewrite ``bn``: where it is, or its opset."""
+    if bn.in_function:
+        return f"inside local function {bn.in_function!r}"
+    return "inside an If/Loop/Scan body" if bn.in_subgraph else f"opset {bn.opset} < 9"
+
+
+def _dropout_findings(graph: onnx.GraphProto, opset: int,
+                      functions: dict[FunctionKey, onnx.FunctionProto]) -> list[Finding]:
+    """A warning per Dropout (If/Loop/Scan bodies and local functions too) whose ``training_mode`` input is a
+    constant true (ONNX Dropout-12+)."""
+    top = list(graph.node)  # held while ids are compared: a protobuf wrapper keeps its id only while referenced
+    ids = {id(node) for node in top}
     return [Finding("warning", node_label(node), "Dropout in training mode",
                     "its training_mode input is true: every run zeroes a random part of the values and rescales "
                     "the rest, so outputs are random",
                     "export with the model in eval mode" + (
-                        ", or `bnkit fold --to-inference` (switches it to inference)" if id(node) in top
-                        else " (bnkit fold cannot switch it inside an If/Loop body)"),
+                        ", or `bnkit fold --to-inference` (switches it to inference)" if id(node) in ids
+                        else " (bnkit fold cannot switch it inside an If/Loop body or a local function)"),
                     "dropout_training")
-            for node, known in training_dropouts(graph, opset, nested=True) if known]
+            for node, known in training_dropouts(graph, opset, nested=True, functions=functions) if known]
 
 
 def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:
@@ -142,19 +152,20 @@ def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:
     opset = opset_version(proto)
     report = OnnxAuditReport(opset=opset)
     try:
-        onnx.checker.check_model(proto)
+        check_model(proto, model)
     except onnx.checker.ValidationError as exc:
         report.findings.append(Finding(
             "error", "(model)", "the model fails onnx.checker", str(exc).splitlines()[0],
             "re-export the model; runtimes may reject or misread it", "invalid_model"))
-    nodes = bn_nodes(proto.graph, opset)
-    switchable = not unswitchable_training(proto.graph, opset, nodes)
+    functions = local_functions(proto)
+    nodes = bn_nodes(proto.graph, opset, functions=functions)
+    switchable = not unswitchable_training(proto.graph, opset, nodes, functions=functions)
     for bn in nodes:
         channels = None if bn.mean is None else int(bn.mean.size)
         report.nodes.append({"name": bn.name, "channels": channels, "epsilon": bn.epsilon,
                              "momentum": bn.momentum, "training": bn.training})
         report.findings.extend(_node_findings(bn, switchable))
-    report.findings.extend(_dropout_findings(proto.graph, opset))
+    report.findings.extend(_dropout_findings(proto.graph, opset, functions))
     if not nodes:
         report.findings.append(Finding(
             "info", "(model)", "no BatchNormalization nodes",

@@ -71,8 +71,8 @@ from onnx import helper, numpy_helper
 from ..atomic import atomic_path, check_target
 from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
-from .graph import (BNNode, GraphIndex, attribute, bn_nodes, load_model, node_label, opset_version,
-                    training_dropouts, unswitchable_training)
+from .graph import (RANDOM_OPS, BNNode, GraphIndex, attribute, bn_nodes, load_model, local_functions, node_label,
+                    opset_version, subgraphs, too_large, training_dropouts, unswitchable_training)
 from .verify import OnnxRuntimeError, compare, default_tolerance, random_inputs, run
 
 __all__ = ["FoldedNode", "OnnxFoldReport", "FoldVerificationError", "fold_model", "fold"]
@@ -159,11 +159,7 @@ class _Folder:
         self.graph = model.graph
         self.report = report
         self.opset = opset_version(model)
-        self.taken = {t.name for t in self.graph.initializer} | {n.name for n in self.graph.node}
-        for node in self.graph.node:
-            self.taken.update(node.output)
-            self.taken.update(node.input)
-        self.taken.update(i.name for i in self.graph.input)
+        self.taken = _names(self.graph, set())  # a new name must not shadow one a body computes, either
         self.index = GraphIndex(self.graph)
         self._ranks: dict[str, int] | None = None
 
@@ -491,13 +487,42 @@ def _dropouts_to_inference(graph: onnx.GraphProto, opset: int, report: OnnxFoldR
         report.dropout_converted.append(label)
 
 
+def _names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
+    """Every value and node name of ``graph`` and of its If/Loop/Scan bodies."""
+    into.update(t.name for t in graph.initializer)
+    into.update(i.name for i in graph.input)
+    for node in graph.node:
+        into.add(node.name)
+        into.update(node.input)
+        into.update(node.output)
+        for sub in subgraphs(node):
+            _names(sub, into)
+    return into
+
+
+def _random_nodes(nodes, opset: int) -> list[onnx.NodeProto]:
+    """The random-number nodes among ``nodes`` and in their If/Loop/Scan bodies, in graph order (Dropout from
+    opset 12, where it has a ``seed``)."""
+    found = []
+    for node in nodes:
+        for sub in subgraphs(node):
+            found += _random_nodes(sub.node, opset)
+        if (node.op_type in RANDOM_OPS and node.domain in ("", "ai.onnx")
+                and (node.op_type != "Dropout" or opset >= 12)):
+            found.append(node)
+    return found
+
+
 def _seeded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """A copy whose training-mode Dropout nodes draw their masks from a fixed seed (for verification only)."""
+    """A copy whose random-number nodes (Dropout, RandomNormal(Like), RandomUniform(Like), Bernoulli, Multinomial;
+    in bodies and local functions too) each draw from a fixed seed of their own, numbered in graph order (for
+    verification only: the reference and the folded model then draw the same numbers)."""
     copy = load_model(model)
-    for node, _ in training_dropouts(copy.graph, opset, nested=True):
+    nodes = _random_nodes(copy.graph.node, opset) + [n for f in copy.functions for n in _random_nodes(f.node, opset)]
+    for k, node in enumerate(nodes):
         for attr in [a for a in node.attribute if a.name == "seed"]:
             node.attribute.remove(attr)
-        node.attribute.append(helper.make_attribute("seed", 0))
+        node.attribute.append(helper.make_attribute("seed", RANDOM_OPS[node.op_type](k)))
     return copy
 
 
@@ -546,6 +571,10 @@ def fold_model(
     with ``to_inference`` for training nodes it cannot switch (see the module doc).
     """
     work = load_model(model)
+    if too_large(work):
+        raise ValueError("the model is over 2 GB, protobuf's limit for one message: bnkit fold writes and verifies "
+                         "the folded model as one message, so it does not fold models this large (bnkit audit reads "
+                         "them); nothing written")
     try:
         onnx.checker.check_model(work)
     except onnx.checker.ValidationError as exc:
@@ -554,17 +583,20 @@ def fold_model(
     folder = _Folder(work, report)
     read_before = {name for name in folder.index.initializers | folder.index.producer if folder.index.readers(name)}
 
-    nodes = bn_nodes(work.graph, folder.opset, folder.index)
-    if to_inference and (stuck := unswitchable_training(work.graph, folder.opset, nodes, folder.index)):
+    functions = local_functions(work)
+    nodes = bn_nodes(work.graph, folder.opset, folder.index, functions)
+    if to_inference and (stuck := unswitchable_training(work.graph, folder.opset, nodes, folder.index, functions)):
         raise ValueError(
             f"cannot switch training-mode nodes {stuck} to inference: bnkit rewrites only BatchNormalization and "
             "Dropout nodes of the main graph (BatchNormalization in opset 9 or later, whose running-statistic outputs "
-            "nothing reads), and these are inside an If/Loop/Scan body, older, or have running statistics that other "
-            "nodes or the graph's outputs read; re-export the model in eval mode (nothing written)")
+            "nothing reads), and these are inside an If/Loop/Scan body or a local function, older, or have running "
+            "statistics that other nodes or the graph's outputs read; re-export the model in eval mode (nothing "
+            "written)")
     candidates = []
     for bn in nodes:
         if bn.in_subgraph or folder.opset < 9:
-            report.left[bn.name] = ("inside a subgraph (If/Loop/Scan body): not folded" if bn.in_subgraph else
+            report.left[bn.name] = (f"inside local function {bn.in_function!r}: not folded" if bn.in_function else
+                                    "inside a subgraph (If/Loop/Scan body): not folded" if bn.in_subgraph else
                                     f"opset {folder.opset} BatchNormalization (before opset 9) is not supported")
             if not bn.training and not bn.extra_outputs and len(bn.node.output) > 1:  # blank names only: absent
                 del bn.node.output[1:]  # outputs, which crash onnxruntime 1.32; dropping them changes nothing

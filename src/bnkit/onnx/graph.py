@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["load_model", "opset_version", "GraphIndex", "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label",
-           "training_dropouts", "unswitchable_training"]
+__all__ = ["RANDOM_OPS", "load_model", "check_model", "too_large", "opset_version", "GraphIndex", "BNNode", "bn_nodes",
+           "subgraphs", "attribute", "node_label", "training_dropouts", "unswitchable_training", "local_functions"]
 
 
 def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
@@ -51,6 +51,28 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
     return proto
 
 
+#: Protobuf cannot serialize a message of 2 GiB or more: a larger model exists only as a file with external data.
+PROTOBUF_LIMIT = 2**31
+
+
+def too_large(proto: onnx.ModelProto) -> bool:
+    """The model is too large to serialize as one protobuf message (its tensors loaded in memory)."""
+    return proto.ByteSize() >= PROTOBUF_LIMIT
+
+
+def check_model(proto: onnx.ModelProto, source: "str | os.PathLike | onnx.ModelProto") -> None:
+    """``onnx.checker.check_model`` on ``proto``, read from ``source``; a model over :data:`PROTOBUF_LIMIT` is
+    checked from its file, which the checker reads with its external data (raises ValueError for one given
+    in memory). Raises ``onnx.checker.ValidationError`` for an invalid model."""
+    if not too_large(proto):
+        onnx.checker.check_model(proto)
+    elif isinstance(source, onnx.ModelProto):
+        raise ValueError("the model is over 2 GB, protobuf's limit for one message, so it cannot be checked in memory: "
+                         "pass the path of its .onnx file (with its external data) instead")
+    else:
+        onnx.checker.check_model(os.fspath(source))
+
+
 def _external_tensors(graph: onnx.GraphProto) -> list[str]:
     """Names of the tensors of ``graph`` and its subgraphs whose data lives in an external file."""
     tensors = list(graph.initializer)
@@ -79,6 +101,31 @@ def opset_version(model: onnx.ModelProto) -> int:
         if imp.domain in ("", "ai.onnx"):
             return int(imp.version)
     raise ValueError("the model imports no default-domain (ai.onnx) opset")
+
+
+#: ONNX ops that draw random numbers, each with the type of its ``seed`` attribute (unseeded, they draw anew on every
+#: run; Dropout only in training mode). RandomNormalLike is how torch.onnx exports ``torch.randn_like``.
+RANDOM_OPS = {"Dropout": int, "RandomNormal": float, "RandomNormalLike": float, "RandomUniform": float,
+              "RandomUniformLike": float, "Bernoulli": float, "Multinomial": float}
+
+#: A local function's key, as a calling node names it: ``(domain, name, overload)``.
+FunctionKey = tuple[str, str, str]
+
+
+def local_functions(model: onnx.ModelProto) -> dict[FunctionKey, onnx.FunctionProto]:
+    """The model's local functions (``model.functions``) by the key a calling node names them with."""
+    return {(f.domain, f.name, getattr(f, "overload", "")): f for f in model.functions}
+
+
+def _called(node: onnx.NodeProto, functions: dict[FunctionKey, onnx.FunctionProto]) -> onnx.FunctionProto | None:
+    """The local function ``node`` calls, or None (a standard or custom op)."""
+    return functions.get((node.domain, node.op_type, getattr(node, "overload", ""))) if functions else None
+
+
+def _function_opset(function: onnx.FunctionProto, opset: int) -> int:
+    """The default-domain opset a function body imports (its own ``opset_import``), else the model's."""
+    own = [imp.version for imp in function.opset_import if imp.domain in ("", "ai.onnx")]
+    return int(own[0]) if own else opset
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -123,15 +170,29 @@ class GraphIndex:
     subgraph neither declares as an input, stores nor computes is read from there (ONNX's outer-scope
     rule, onnx/docs/IR.md "Names Within a Graph"): TorchScript exports keep a branch's BatchNorm
     parameters among the main graph's initializers.
+
+    ``graph`` may also be the body of a local function (``FunctionProto``, as
+    ``torch.onnx.export(..., export_modules_as_functions=...)`` writes a module's nodes); ``call``
+    then binds it to one call: the calling node and the index of the graph it is in. A function sees
+    no outer scope; its formal inputs are the call's arguments, read through the caller's index.
     """
 
-    def __init__(self, graph: onnx.GraphProto, outer: GraphIndex | None = None) -> None:
+    def __init__(self, graph: onnx.GraphProto | onnx.FunctionProto, outer: GraphIndex | None = None,
+                 call: tuple[onnx.NodeProto, GraphIndex] | None = None) -> None:
         self.graph = graph
         self.outer = outer
-        self.inputs = {i.name for i in graph.input}
-        self.outputs = {o.name for o in graph.output}
-        self.initializers = {t.name: t for t in graph.initializer if t.name not in self.inputs}
-        self.defaults = {t.name: t for t in graph.initializer if t.name in self.inputs}
+        self.bindings: dict[str, tuple[GraphIndex, str]] = {}
+        if isinstance(graph, onnx.FunctionProto):
+            self.inputs, self.outputs = set(graph.input), set(graph.output)
+            self.initializers, self.defaults = {}, {}
+            if call is not None:
+                node, caller = call
+                self.bindings = {formal: (caller, actual) for formal, actual in zip(graph.input, node.input)}
+        else:
+            self.inputs = {i.name for i in graph.input}
+            self.outputs = {o.name for o in graph.output}
+            self.initializers = {t.name: t for t in graph.initializer if t.name not in self.inputs}
+            self.defaults = {t.name: t for t in graph.initializer if t.name in self.inputs}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         self.subgraph_reads: set[str] = set()
@@ -154,6 +215,9 @@ class GraphIndex:
         seen = set()
         while name and name not in seen:
             seen.add(name)
+            if name in self.bindings:  # a function's formal input: the caller's argument
+                caller, actual = self.bindings[name]
+                return caller.constant(actual, defaults=defaults)
             if name in self.initializers:
                 return numpy_helper.to_array(self.initializers[name])
             if defaults and name in self.defaults:
@@ -226,6 +290,8 @@ class BNNode:
     notes: list[str] = field(default_factory=list)
     in_subgraph: bool = False
     overridable: list[str] = field(default_factory=list)
+    #: the local function whose body holds the node (innermost), "" outside functions; such a node is ``in_subgraph``
+    in_function: str = ""
 
     @property
     def constant(self) -> bool:
@@ -241,15 +307,19 @@ def node_label(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
 
 
-def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None) -> list[BNNode]:
+def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None,
+             functions: dict[FunctionKey, onnx.FunctionProto] | None = None) -> list[BNNode]:
     """Every BatchNormalization node of ``graph`` (subgraphs too, their names prefixed by the owner's).
+
+    ``functions`` (:func:`local_functions`): the bodies of the local functions ``graph`` calls are read once per
+    call, named after the calling node (``block/bn``) and their parameters read through the call's arguments.
 
     ONNX does not require unique node names: nodes sharing one are named ``name[first output]``
     (an output names a node uniquely within a graph), and nodes of different bodies that still share it get
     the body's attribute in their prefix (``if/then_branch/bn[y]``), and a number (``#2``, in graph order) if even
     that is shared (their owners share a name too), so reports keep them apart.
     """
-    found = _bn_nodes(graph, opset, index, "", "")
+    found = _bn_nodes(graph, opset, index, "", "", functions or {}, ())
     names = Counter(bn.name for bn, _ in found)
     full = Counter(f"{bn.name}[{bn.node.output[0]}]" for bn, _ in found)
     for bn, scoped in found:
@@ -266,17 +336,23 @@ def bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None
     return [bn for bn, _ in found]
 
 
-def _bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None, prefix: str,
-              scope: str) -> list[tuple[BNNode, str]]:
+def _bn_nodes(graph: onnx.GraphProto | onnx.FunctionProto, opset: int, index: GraphIndex | None, prefix: str,
+              scope: str, functions: dict[FunctionKey, onnx.FunctionProto],
+              calling: tuple[str, ...], function: str = "") -> list[tuple[BNNode, str]]:
     """``(node, its name with the owners' body attributes)``: ``prefix`` names the owners, ``scope`` also the
-    attribute (``then_branch``, ``body``) each body hangs from."""
+    attribute (``then_branch``, ``body``) each body hangs from; ``calling``: the functions being read (ONNX
+    forbids recursion; a file that has it is not followed round), ``function``: the innermost one."""
     index = index or GraphIndex(graph)
     found = []
     for node in graph.node:
         label = node_label(node)
         for where, sub in _named_subgraphs(node):
             found.extend(_bn_nodes(sub, opset, GraphIndex(sub, outer=index), f"{prefix}{label}/",
-                                   f"{scope}{label}/{where}/"))
+                                   f"{scope}{label}/{where}/", functions, calling, function))
+        if (body := _called(node, functions)) is not None and body.name not in calling:
+            found.extend(_bn_nodes(body, _function_opset(body, opset), GraphIndex(body, call=(node, index)),
+                                   f"{prefix}{label}/", f"{scope}{label}/{body.name}/", functions,
+                                   calling + (body.name,), body.name))
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         extra = [o for o in node.output[1:] if o]
@@ -306,15 +382,17 @@ def _bn_nodes(graph: onnx.GraphProto, opset: int, index: GraphIndex | None, pref
             notes=notes,
             in_subgraph=bool(prefix),
             overridable=overridable,
+            in_function=function,
         ), scope + label))
     return found
 
 
 def training_dropouts(
-    graph: onnx.GraphProto, opset: int, index: GraphIndex | None = None, *, nested: bool = False
+    graph: onnx.GraphProto | onnx.FunctionProto, opset: int, index: GraphIndex | None = None, *, nested: bool = False,
+    functions: dict[FunctionKey, onnx.FunctionProto] | None = None, _calling: tuple[str, ...] = ()
 ) -> list[tuple[onnx.NodeProto, bool]]:
-    """``(node, mode known)`` for each top-level Dropout (``nested``: in If/Loop/Scan bodies too) whose
-    ``training_mode`` input may be true.
+    """``(node, mode known)`` for each top-level Dropout (``nested``: in If/Loop/Scan bodies and in the bodies of
+    the local ``functions`` called, once per call, too) whose ``training_mode`` input may be true.
 
     ONNX Dropout-12+ (onnx/defs/nn/defs.cc) drops values at random only when its optional
     ``training_mode`` input is true; before opset 12 the graph holds no mode. ``mode known`` is
@@ -327,7 +405,11 @@ def training_dropouts(
     for node in graph.node:
         if nested:
             for sub in subgraphs(node):
-                found.extend(training_dropouts(sub, opset, GraphIndex(sub, outer=index), nested=True))
+                found.extend(training_dropouts(sub, opset, GraphIndex(sub, outer=index), nested=True,
+                                               functions=functions, _calling=_calling))
+            if (body := _called(node, functions)) is not None and body.name not in _calling:
+                found.extend(training_dropouts(body, _function_opset(body, opset), GraphIndex(body, call=(node, index)),
+                                               nested=True, functions=functions, _calling=_calling + (body.name,)))
         if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx") or len(node.input) < 3 or not node.input[2]:
             continue
         mode = index.constant(node.input[2])
@@ -339,15 +421,17 @@ def training_dropouts(
 
 
 def unswitchable_training(graph: onnx.GraphProto, opset: int, nodes: list[BNNode],
-                          index: GraphIndex | None = None) -> list[str]:
+                          index: GraphIndex | None = None,
+                          functions: dict[FunctionKey, onnx.FunctionProto] | None = None) -> list[str]:
     """The training-mode nodes ``bnkit fold --to-inference`` cannot switch, by name: BatchNormalization (``nodes``,
-    from :func:`bn_nodes`) inside If/Loop/Scan bodies, before opset 9, or whose running-statistic outputs other
-    nodes or the graph's outputs read (switching drops them), and Dropout with a constant true ``training_mode``
-    inside bodies (top-level ones are switched)."""
+    from :func:`bn_nodes`) inside If/Loop/Scan bodies or local functions, before opset 9, or whose running-statistic
+    outputs other nodes or the graph's outputs read (switching drops them), and Dropout with a constant true
+    ``training_mode`` inside bodies or functions (top-level ones are switched)."""
     index = index or GraphIndex(graph)
     stuck = [bn.name for bn in nodes if bn.training and (bn.in_subgraph or opset < 9
                                                          or any(index.readers(o) for o in bn.extra_outputs))]
     top = list(graph.node)  # held while ids are compared: a protobuf wrapper keeps its id only while referenced
     ids = {id(n) for n in top}
-    return stuck + [node_label(n) for n, known in training_dropouts(graph, opset, index, nested=True)
+    return stuck + [node_label(n) for n, known in training_dropouts(graph, opset, index, nested=True,
+                                                                     functions=functions)
                     if known and id(n) not in ids]

@@ -31,6 +31,12 @@ def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
+def _fixed(dim: onnx.TensorShapeProto.Dimension) -> bool:
+    """A dimension of fixed size: a ``dim_value`` of 0 or more (older converters, paddle2onnx among them, write
+    -1 for a dynamic one, which onnxruntime accepts as such)."""
+    return dim.HasField("dim_value") and dim.dim_value >= 0
+
+
 def random_inputs(
     model: onnx.ModelProto,
     *,
@@ -54,13 +60,13 @@ def random_inputs(
         if value.name in input_shapes:
             shape = tuple(int(d) for d in input_shapes.pop(value.name))
             if ttype.HasField("shape"):
-                declared = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in ttype.shape.dim]
+                declared = [d.dim_value if _fixed(d) else d.dim_param or "?" for d in ttype.shape.dim]
                 if len(shape) != len(declared) or any(isinstance(want, int) and want != got
                                                       for want, got in zip(declared, shape)):
                     raise ValueError(f"the shape {list(shape)} given for input {value.name!r} does not fit the shape "
                                      f"the graph declares for it, {declared}")
         elif ttype.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") else dynamic_size for d in ttype.shape.dim)
+            shape = tuple(d.dim_value if _fixed(d) else dynamic_size for d in ttype.shape.dim)
         else:
             raise ValueError(f"input {value.name!r} declares no shape: pass its shape (input_shapes / --input-shape)")
         if any(d < 1 for d in shape):

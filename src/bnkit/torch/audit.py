@@ -65,19 +65,17 @@ This module is the entry point and the report; the checks live in
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..audit_state import bn_stats_from_state, check_bn_stats
-from ..findings import SEVERITIES, Finding, worst_severity
+from ..findings import SEVERITIES, Finding, jsonable, worst_severity
 from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
 from .audit_model import model_findings
@@ -118,7 +116,7 @@ class AuditReport:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["ok"], out["worst"] = self.ok, self.worst
-        return _jsonable(out)
+        return jsonable(out)
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
@@ -231,19 +229,4 @@ def _model_report(model, data, forward, batch_size, train_batch_size, max_batche
 
 def _sorted(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))
-
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else str(float(obj))
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    return obj
 
