@@ -310,10 +310,17 @@ class _Folder:
             slot, c = shift
             if stored is None:
                 return f"the weight of {node_label(target)!r} is not a constant"
+            if target.op_type == "MatMul" and (why := _not_2d(self, target)):
+                return why  # before the shift is computed: on (N, C, L) its constant lines up with L, not C
             rank = stored.ndim if target.op_type in ("Conv", "ConvTranspose") else 2
             if c.ndim > rank:
                 return f"the constant added by {node_label(producer)!r} has rank {c.ndim} > the layer output's {rank}"
             channel = (-1,) + (1,) * (rank - 2)
+            try:
+                np.broadcast_shapes(c.shape, (a.size,) + channel[1:])
+            except ValueError:
+                return (f"the constant added by {node_label(producer)!r} has shape {list(c.shape)}, which does not "
+                        f"line up with the BN's {a.size} channels on axis 1")
             shifted = a.reshape(channel) * c.astype(np.float64) + b.reshape(channel)
             too_big = _beyond_range(producer, c.dtype, shift=shifted)
         elif target.op_type == "MatMul" and stored is not None:
@@ -444,6 +451,14 @@ def _fold_gemm(
     return None
 
 
+def _not_2d(folder: _Folder, node: onnx.NodeProto) -> str | None:
+    """Why a MatMul's output features may not be BN's channel axis 1 (its first operand is not known to be 2-D)."""
+    if (rank := folder.rank(node.input[0])) == 2:
+        return None
+    return (f"the first operand of {node_label(node)!r} is {'not known to be 2-D' if rank is None else f'{rank}-D'}"
+            ", so BN's channel axis 1 may not be the MatMul's output-feature axis")
+
+
 def _fold_matmul(
     folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]
 ) -> str | None:
@@ -452,9 +467,8 @@ def _fold_matmul(
         return why
     if w.ndim != 2 or w.shape[1] != a.size:
         return f"the second operand of {node_label(node)!r} is not a (K, {a.size}) matrix"
-    if (rank := folder.rank(node.input[0])) != 2:
-        return (f"the first operand of {node_label(node)!r} is {'not known to be 2-D' if rank is None else f'{rank}-D'}"
-                ", so BN's channel axis 1 may not be the MatMul's output-feature axis")
+    if why := _not_2d(folder, node):
+        return why
     w64 = w.astype(np.float64) * a[None, :]
     why = _beyond_range(node, w.dtype, weights=w64)
     if why:
@@ -522,7 +536,8 @@ def _seeded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     for k, node in enumerate(nodes):
         for attr in [a for a in node.attribute if a.name == "seed"]:
             node.attribute.remove(attr)
-        node.attribute.append(helper.make_attribute("seed", RANDOM_OPS[node.op_type](k)))
+        # from 1: onnxruntime takes a seed of 0 as 1, so seeds 0 and 1 would draw the same numbers
+        node.attribute.append(helper.make_attribute("seed", RANDOM_OPS[node.op_type](k + 1)))
     return copy
 
 

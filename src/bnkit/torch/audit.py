@@ -72,7 +72,6 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..audit_state import bn_stats_from_state, check_bn_stats
 from ..findings import SEVERITIES, Finding, jsonable, worst_severity
@@ -80,7 +79,7 @@ from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
 from .audit_model import model_findings
 from .io import load_state_dict_file
-from .modules import bn_or_frozen_layers, unwrapped
+from .modules import bn_or_frozen_layers, uninitialized_lazy, unwrapped
 
 __all__ = ["audit", "AuditReport", "LayerShift"]
 
@@ -209,9 +208,7 @@ def _model_report(model, data, forward, batch_size, train_batch_size, max_batche
     report = AuditReport(type(model).__name__, "model", layers=[name for name, _ in layers])
     batches = None
     if data is not None:
-        lazy = [n or type(m).__name__ for n, m in model.named_modules()
-                if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
-        if lazy:
+        if lazy := uninitialized_lazy(model):
             raise ValueError(f"uninitialized lazy modules ({', '.join(lazy)}): a forward pass would create their "
                              "parameters; run one yourself before auditing with data")
         batches = Batches(data, batch_size, max_batches, model)

@@ -22,7 +22,6 @@ channel axis to dim 1.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -36,7 +35,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..convert import convert_state
 from . import layers
 from .freeze import freeze_bn, is_frozen
-from .modules import channels
+from .modules import channels, deep_copy
 
 __all__ = ["BatchNormNd", "from_keras", "to_keras", "from_flax", "to_flax", "revert_sync_bn"]
 
@@ -318,7 +317,7 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
             unsure.append(f"{name or 'model'} (input ranks seen: {sorted(seen) or 'none'})")
         return _retype(module, _PLAIN[dims] if dims is not None else BatchNormNd)
 
-    out = layers.replace_modules(copy.deepcopy(model), make)
+    out = layers.replace_modules(deep_copy(model), make)
     if unsure:
         warnings.warn(
             "revert_sync_bn: no single input rank of 2-5 for " + ", ".join(unsure) + "; these became bnkit "
@@ -338,7 +337,7 @@ def _retype(module: nn.SyncBatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
 
 def _probe_ranks(model: nn.Module, example_inputs: Any) -> dict[str, set[int]]:
     """Input rank seen by each ``SyncBatchNorm`` when ``example_inputs`` run through a copy of ``model``."""
-    probe = copy.deepcopy(model).eval()
+    probe = deep_copy(model).eval()
     ranks: dict[str, set[int]] = {}
     handles = []
     for name, module in probe.named_modules():

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..atomic import atomic_path, check_target
 from .freeze import kept_requested_modes
-from .modules import bn_layers, eager_calls, eval_mode, exact_float32, unwrapped
+from .modules import bn_layers, eager_calls, eval_mode, exact_float32, uninitialized_lazy, unwrapped
 
 __all__ = ["export_onnx", "ExportReport", "ExportVerificationError"]
 
@@ -129,6 +129,9 @@ def export_onnx(
                          "check; export a float32 (model.float()) or float16 (model.half()) copy")
     if any(t.is_floating_point() and not torch.isfinite(t).all() for t in inputs):
         raise ValueError("example_inputs contain NaN or Inf; the onnxruntime check needs finite inputs")
+    if lazy := uninitialized_lazy(model):
+        raise ValueError(f"uninitialized lazy modules (run one forward pass first): {', '.join(lazy)}; exporting "
+                         "would create their parameters, with random weights, in your model")
     stateless = [name for name, bn in bn_layers(model) if bn.running_mean is None or bn.running_var is None]
     if stateless:
         raise ValueError(

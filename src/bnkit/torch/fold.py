@@ -43,7 +43,6 @@ state-dict names).
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -54,14 +53,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
-from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 
 from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
 from .modules import (
-    SavedBuffers, bn_or_frozen_layers, channels, eval_mode, exact_float32, flatten_tensors, has_stock_eval_forward,
-    is_batchnorm, is_bn_or_frozen, unwrapped,
+    SavedBuffers, bn_or_frozen_layers, channels, deep_copy, eval_mode, exact_float32, flatten_tensors,
+    has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, uninitialized_lazy, unwrapped,
 )
 
 __all__ = ["fold_bn", "FoldReport", "FoldedBN"]
@@ -198,7 +196,7 @@ def fold_bn(
     model, wrappers = unwrapped(model)
     _check_model(model, force)
     inputs = _as_tuple(example_inputs)
-    work = copy.deepcopy(model)
+    work = deep_copy(model)
     report = FoldReport()
     if wrappers:
         report.notes.append(f"folded the module inside {' > '.join(wrappers)}: the folded copy is that module "
@@ -273,9 +271,7 @@ def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport) -> tuple[An
 
 
 def _check_model(model: nn.Module, force: bool) -> None:
-    lazy = [name or type(m).__name__ for name, m in model.named_modules()
-            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
-    if lazy:
+    if lazy := uninitialized_lazy(model):
         raise ValueError(f"uninitialized lazy modules (run one forward pass first): {', '.join(lazy)}")
     training, never, nonfinite, nonpositive = [], [], [], []
     for name, bn in bn_or_frozen_layers(model):
@@ -807,11 +803,13 @@ def _fold_before(layer: nn.Module, w: torch.Tensor, b: torch.Tensor, s: torch.Te
 
 
 def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """New Parameters (cast once to the layer's dtype/device), so tied tensors elsewhere are not touched."""
+    """New Parameters (cast once to the layer's dtype/device), so tied tensors elsewhere are not touched; each
+    keeps its old ``requires_grad`` (bias-only fine-tuning stays so), an added bias takes the weight's."""
     old = layer.weight
     dtype, device = old.dtype, old.device
+    grad_bias = layer.bias.requires_grad if layer.bias is not None else old.requires_grad
     layer.weight = nn.Parameter(weight.to(dtype=dtype, device=device), requires_grad=old.requires_grad)
-    layer.bias = nn.Parameter(bias.to(dtype=dtype, device=device), requires_grad=old.requires_grad)
+    layer.bias = nn.Parameter(bias.to(dtype=dtype, device=device), requires_grad=grad_bias)
 
 
 def _identity_for(bn: nn.Module) -> nn.Identity:

@@ -181,7 +181,8 @@ class _DropInBatchNorm:
         if vbs is not None and (isinstance(vbs, bool) or int(vbs) != vbs or vbs < 1):
             raise ValueError(f"virtual_batch_size must be a positive integer or None, got {vbs!r}")
         if (cfg["renorm"] or cfg["debias"]) and not self.track_running_stats:
-            raise ValueError("renorm and debias need running statistics; they require track_running_stats=True")
+            raise ValueError(f"{cfg['layer_name'] or type(self).__name__}: renorm and debias need running statistics; "
+                             "they require track_running_stats=True")
         self.debias = bool(cfg["debias"])
         self.renorm = bool(cfg["renorm"])
         self.rmax, self.dmax, self.renorm_schedule = rmax, dmax, schedule
@@ -439,6 +440,14 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
             "run one forward pass first (they then become nn.BatchNorm*d), then convert"
         )
 
+    if extras.get("renorm") or extras.get("debias"):
+        stateless = [name or "(root)" for name, m in model.named_modules()
+                     if type(m) in _STANDARD or type(m) in _DROP_IN if not m.track_running_stats]
+        if stateless:
+            raise ValueError(
+                f"convert_bn: renorm and debias need running statistics, and BatchNorm layers {stateless} have "
+                "track_running_stats=False; convert the submodules that hold the others (convert_bn(model.block, "
+                "...)), or give these layers running statistics; nothing changed")
     left: list[tuple[str, type]] = []  # (name, class) of each BatchNorm layer left as it is
 
     def make(name: str, m: nn.Module) -> nn.Module | None:

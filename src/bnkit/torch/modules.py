@@ -8,6 +8,7 @@ they never use batch statistics.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
 __all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "bn_or_frozen_layers", "has_stock_forward", "bn_layers",
@@ -42,6 +44,25 @@ def bn_or_frozen_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified_name, module)`` for every BatchNorm layer and bnkit ``FrozenBatchNorm*d``, in
     ``named_modules`` order."""
     return [(name, m) for name, m in model.named_modules() if is_bn_or_frozen(m)]
+
+
+def deep_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also where a module keeps a computed tensor as a plain attribute.
+
+    The old-style hooks ``torch.nn.utils.weight_norm`` / ``spectral_norm`` store the weight they compute as a
+    non-leaf tensor after any forward with grad enabled (and at construction), which ``Tensor.__deepcopy__``
+    refuses; such a tensor is copied detached (the hook computes it anew before the copy's next forward).
+    """
+    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
+            if isinstance(v, torch.Tensor) and v.grad_fn is not None}
+    return copy.deepcopy(model, memo)
+
+
+def uninitialized_lazy(model: nn.Module) -> list[str]:
+    """The lazy modules (``nn.LazyConv2d``, ``nn.LazyBatchNorm2d``, ...) whose parameters no forward has created yet:
+    a tool's forward would create them, with random weights, in the caller's model."""
+    return [name or type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
 
 
 def write_count(t: torch.Tensor) -> int | None:
