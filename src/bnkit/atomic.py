@@ -46,12 +46,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     path = check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_beside(path)
+    fresh = stat.S_IMODE(os.stat(tmp).st_mode)  # open's 0o666 & ~umask
     try:
         with _sigterm_exits():
             yield tmp
             _fsync(tmp)  # before the chmod: the old file's mode may not let us read the new one
-            if path.exists():
-                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+            # the old file's mode, or open's default where a writer replaced the temporary file with one of its own
+            # (safetensors' save_file writes its own at 0o600)
+            mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else fresh
+            if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+                os.chmod(tmp, mode)
             os.replace(tmp, path)
         _fsync(path.parent)
     finally:

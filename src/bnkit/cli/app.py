@@ -5,6 +5,8 @@ their functions, so ``bnkit --help`` stays fast and the core needs only NumPy.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -32,3 +34,12 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
 def note(message: str) -> None:
     """Print a note in yellow on stderr (stdout stays the command's output)."""
     err_console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
+
+
+def needs(*modules: str, extra: str) -> None:
+    """Exit 2 with the install line when a module the command imports is not installed (the base install gives the
+    ``bnkit`` command with NumPy alone; torch, onnx and the study's libraries are extras)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise fail(f"this needs {', '.join(missing)}, which is not installed: pip install 'bnkit[{extra}]'"
+                   + (" (torch==2.13.0 first, see README)" if "torch" in missing else ""))

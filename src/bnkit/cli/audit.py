@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..findings import jsonable
-from .app import app, console, fail, note
+from .app import app, console, fail, needs, note
 from .common import (UsageError, add_cwd_to_path, build_model, check_input_file, dtype_change, load_inputs,
                      parse_device)
 
@@ -71,8 +71,10 @@ def audit_command(
     except UsageError as exc:
         raise fail(str(exc)) from None
     if onnx_file:
+        needs("onnx", extra="onnx")
         report = _onnx_report(file)
     else:
+        needs("torch", extra="torch")
         report = _torch_report(file, model, data, batch_size, train_batch_size, max_batches, trust, run_on)
 
     if as_json:

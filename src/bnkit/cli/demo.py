@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from .app import app, console, err_console, fail
+from .app import app, console, err_console, fail, needs
 
 
 class _RichTracker:
@@ -171,6 +171,7 @@ def demo(
     threads: int = typer.Option(1, help="torch CPU threads (the models are tiny: one is fastest on a busy machine)."),
 ) -> None:
     """Tell the story of BatchNorm at inference on scikit-learn's digits, every number measured in this run."""
+    needs("torch", "matplotlib", "sklearn", extra="all")
     from ..study import CHAPTERS
 
     if not out.strip():

@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import app, console, fail, note
+from .app import app, console, fail, needs, note
 
 
 def _shape(text: str) -> list[int]:
@@ -275,6 +275,8 @@ def fold_command(
     except UsageError as exc:
         raise fail(str(exc)) from None
     if source is not None:
+        needs("onnx", "onnxruntime", extra="onnx")
         _fold_onnx(source, out, input_shape, to_inference, verify, as_json)
     else:
+        needs("torch", *(("onnx", "onnxruntime") if out.suffix.lower() == ".onnx" else ()), extra="all")
         _fold_torch(model, weights, out, input_shape, trust, force, verify, as_json, fixed_batch)

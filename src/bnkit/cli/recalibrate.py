@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import app, console, fail, note
+from .app import app, console, fail, needs, note
 from .common import INPUT_KEYS, check_input_array, describe_error, raised_by_bnkit
 
 
@@ -182,6 +182,7 @@ def recalibrate_command(
     written atomically: on any failure nothing is written and the input weights are untouched.
     Exit status: 0 written, 2 bad usage or input, 1 the run failed.
     """
+    needs("torch", extra="torch")
     import torch
 
     from ..torch import recalibrate

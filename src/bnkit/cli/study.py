@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .app import app, fail
+from .app import app, fail, needs
 from .demo import run_and_report
 
 
@@ -40,6 +40,7 @@ def study(
     seed: int = typer.Option(0, help="Base random seed."),
     threads: int = typer.Option(1, help="torch CPU threads."),
 ) -> None:
+    needs("torch", "matplotlib", "sklearn", extra="all")
     from ..study import CHAPTERS, SIZES, chapter_module
 
     if name not in CHAPTERS:
