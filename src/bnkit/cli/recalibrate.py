@@ -9,7 +9,7 @@ written).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,12 +70,41 @@ class _DataError(Exception):
     """The user's data (a Dataset, a DataLoader, a generator) raised while producing a batch; ``__cause__``."""
 
 
-class _Reading:
-    """Iterates ``batches``; an exception from producing a batch is re-raised as :class:`_DataError`,
-    so a failure of the data is told apart from one of the model."""
+def _model_input(batch: Any, dtype: Any) -> Any:
+    """``batch`` prepared as array data is (:func:`_batches_of`): floating NumPy arrays and tensors, also inside
+    tuples, lists and dicts (as ``default_collate`` makes them), become tensors of the model's floating ``dtype``;
+    other numeric ones become tensors of their own dtype (integers for models that take indices); anything else
+    is left as it is."""
+    import numpy as np
+    import torch
 
-    def __init__(self, batches: Iterable[Any]) -> None:
-        self.batches = batches
+    if isinstance(batch, np.ndarray):
+        if batch.dtype.kind not in "biufc":
+            return batch  # strings, dates, records: the user's --forward may know what to do with them
+        try:
+            batch = torch.as_tensor(batch)
+        except (TypeError, ValueError, RuntimeError):  # e.g. a byte order PyTorch cannot take: left for the model
+            return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, Mapping):
+        prepared = {k: _model_input(v, dtype) for k, v in batch.items()}
+        try:
+            return type(batch)(prepared)  # as default_collate keeps a Mapping's type where it can
+        except Exception:  # noqa: BLE001 - a Mapping that cannot be built from a dict
+            return prepared
+    if isinstance(batch, (list, tuple)):
+        prepared = [_model_input(v, dtype) for v in batch]
+        return type(batch)(*prepared) if hasattr(batch, "_fields") else type(batch)(prepared)
+    return batch
+
+
+class _Reading:
+    """Iterates ``batches``, each made model input by ``prepare``; an exception from producing a batch is
+    re-raised as :class:`_DataError`, so a failure of the data is told apart from one of the model."""
+
+    def __init__(self, batches: Iterable[Any], prepare: Callable[[Any], Any] = lambda batch: batch) -> None:
+        self.batches, self.prepare = batches, prepare
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]  # TypeError without one: no total for the bar
@@ -92,7 +121,7 @@ class _Reading:
                 return
             except Exception as exc:  # noqa: BLE001 - the user's __getitem__/__next__/collate
                 raise _DataError() from exc
-            yield batch
+            yield self.prepare(batch)
 
 
 def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> Any:
@@ -218,7 +247,8 @@ def recalibrate_command(
             note(changed)
     if run_on is not None:
         net.to(run_on)
-    dtype, _ = input_dtype_device(net)
+    dtype, where = input_dtype_device(net)  # batches go where the model is unless --device says otherwise, as in
+    run_on = where if run_on is None else run_on  # `bnkit fold` (a factory may return model.cuda())
     try:
         loader = _load_data(data, data_key, batch_size, dtype)
     except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
@@ -230,8 +260,9 @@ def recalibrate_command(
     if feed is not None and not callable(feed):
         raise fail(f"--forward {forward!r} is a {type(feed).__name__}, not a function")
     try:
-        report = recalibrate(net.eval(), _Reading(loader), num_batches=batches, forward=feed, device=run_on,
-                             on_nonfinite=on_nonfinite, progress=progress)
+        report = recalibrate(net.eval(), _Reading(loader, lambda batch: _model_input(batch, dtype)),
+                             num_batches=batches, forward=feed, device=run_on, on_nonfinite=on_nonfinite,
+                             progress=progress)
     except torch.OutOfMemoryError as exc:
         raise fail(f"recalibration ran out of memory, nothing written (try a smaller --batch-size): {exc}", code=1)
     except _DataError as exc:
@@ -243,6 +274,10 @@ def recalibrate_command(
         elif isinstance(exc, ValueError):  # bnkit's checks: non-finite, channels, one value per channel
             text = text.replace("pass on_nonfinite='skip'", "pass --on-nonfinite skip")
             raise fail(f"recalibration failed, nothing written: {text}", code=1 if "non-finite" in text else 2)
+        else:  # the library's advice names its Python argument: here it is an option
+            text = text.replace("pass forward=, e.g. forward=lambda model, batch: model(**batch)",
+                                "pass --forward package.module:fn, called as fn(model, batch), e.g. one "
+                                "returning model(**batch)")
         hint = _integer_hint(loader, dtype) if isinstance(exc, (TypeError, RuntimeError)) else ""  # dtype errors
         raise fail(f"the model cannot run on the data from {data!r}, nothing written: {text}{hint}")
     try:
