@@ -582,11 +582,11 @@ def test_bad_input_is_refused_and_changes_nothing():
         recalibrate(model, [torch.randn(4, 2, 4, 6, 6)], progress=False)
     assert_same_state(model, before)
 
-    class Own(nn.BatchNorm1d):  # a forward of its own: only the pre-hook sees the input first
+    class Own(nn.BatchNorm1d):  # a forward of its own: it runs first, and PyTorch's own check refuses the input
         def forward(self, x):
             return super().forward(x)
 
-    with pytest.raises(ValueError, match=r"'0' has 4 channels but got input of shape \(4,\)"):  # not an IndexError
+    with pytest.raises(ValueError, match=r"expected 2D or 3D input \(got 1D input\)"):  # not an IndexError
         recalibrate(nn.Sequential(Own(4)).eval(), [torch.randn(4)], progress=False)
     with torch.inference_mode():
         frozen = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+import functools
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
@@ -103,6 +106,84 @@ def wrapper_chain(model: nn.Module) -> list[nn.Module]:
         else:
             return chain
         chain.append(model)
+
+
+class normalized_inputs:
+    """Context manager: ``record(i, x)`` gets every tensor ``layers[i]`` hands to ``torch.nn.functional.batch_norm``
+    during one of its calls: what it normalizes, which its own input may not be (a BN subclass whose ``forward``
+    transposes an ``(N, L, C)`` input, or selects the real positions of a padded one, first).
+
+    For layers with their own ``forward``. While active, ``F.batch_norm`` is replaced on the
+    ``torch.nn.functional`` module, where ``_BatchNorm.forward`` (torch/nn/modules/batchnorm.py) looks it up per
+    call; calls outside these layers pass through untouched. A call that never reaches ``F.batch_norm`` (a forward
+    that normalizes with its own arithmetic) records the layer's input instead (its first argument, ``input=``, or
+    its one tensor keyword; none if it has no such input), after the call, and its index goes into ``unmeasured``:
+    what such a forward normalizes is unknown (callers warn).
+    """
+
+    def __init__(self, layers: list[nn.Module], record: Callable[[int, torch.Tensor], Any]) -> None:
+        self.layers, self.record = layers, record
+        self.unmeasured: set[int] = set()
+        self._local = threading.local()  # per thread: the calls under way, innermost last, [index, input, reached]
+        self._handles: list[Any] = []
+        self._original: Callable | None = None
+
+    def _calls(self) -> list[list]:
+        if not hasattr(self._local, "calls"):
+            self._local.calls = []
+        return self._local.calls
+
+    def __enter__(self) -> normalized_inputs:
+        if not self.layers:
+            return self
+        original = self._original = F.batch_norm
+
+        @functools.wraps(original)
+        def batch_norm(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: A002 - torch's name
+            calls = self._calls()
+            if calls:
+                calls[-1][2] = True
+                self.record(calls[-1][0], input)
+            return original(input, *args, **kwargs)
+
+        def enter(i: int) -> Callable:
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+                x = (args[0] if args else kwargs["input"] if "input" in kwargs
+                     else tensors[0] if len(tensors) == 1 else None)
+                self._calls().append([i, x if isinstance(x, torch.Tensor) else None, False])
+            return hook
+
+        def leave(i: int) -> Callable:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                calls = self._calls()
+                if calls and calls[-1][0] == i:  # not when an earlier pre-hook raised before ours ran
+                    _, x, reached = calls.pop()
+                    if not reached and output is not None:  # None: the call raised
+                        self.unmeasured.add(i)
+                        if x is not None:
+                            self.record(i, x)
+            return hook
+
+        try:
+            for i, m in enumerate(self.layers):
+                self._handles.append(m.register_forward_pre_hook(enter(i), with_kwargs=True))
+                self._handles.append(m.register_forward_hook(leave(i), always_call=True))
+        except BaseException:
+            self._undo()
+            raise
+        F.batch_norm = batch_norm
+        return self
+
+    def _undo(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._original is not None:
+            F.batch_norm, self._original = self._original, None
+
+    def __exit__(self, *exc: Any) -> None:
+        self._undo()
 
 
 class eager_calls:

@@ -94,7 +94,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
-from .modules import SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, wrapper_chain
+from .modules import (SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, normalized_inputs,
+                      wrapper_chain)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
@@ -407,17 +408,6 @@ class _Pass:
 
         return forward
 
-    def hook(self, index: int) -> Callable:
-        """A forward pre-hook for a BN subclass with its own forward: reduce the input, let it run."""
-        record = self.recorder(index)
-
-        def pre_hook(module: _BatchNorm, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else kwargs.get("input")
-            if isinstance(x, torch.Tensor):
-                record(x)
-
-        return pre_hook
-
     def end_batch(self) -> None:
         self.batch_index += 1
         if self.batch_index - self.folded >= _FOLD_EVERY:
@@ -567,14 +557,18 @@ def recalibrate(
     ghost batches would normalize by parts). Any other layer whose class or
     instance overrides ``forward`` runs its own training-mode forward, always from
     its state before the pass: its buffers are put back after every call, so a
-    skipped batch leaves nothing behind for the next. Dropout and every other module keep
+    skipped batch leaves nothing behind for the next. Its statistics are those of
+    what it hands to ``torch.nn.functional.batch_norm`` (a subclass may transpose or
+    mask its input first); one whose forward never calls it is measured on its
+    input, with a warning. Dropout and every other module keep
     the mode they were in, so call ``model.eval()`` first for eval-time
     activations (a warning is issued if Dropout is left in training mode).
     Afterwards every ``training`` flag and ``requires_grad`` is as before, and no
     buffer other than the recalibrated layers' ``running_mean``, ``running_var``
     and ``num_batches_tracked`` changes, also where a forward reassigns or adds
     buffers (momentum is never touched). A BN layer used several times per
-    forward gets the statistics of all its inputs, as its running average would;
+    forward gets the statistics of all its inputs pooled (PyTorch's running average would
+    average each call's own variance instead, leaving out the spread between the calls' means);
     an input with no values (a routed branch given no rows) is ignored, and not
     counted in ``num_batches_tracked`` (PyTorch's training forward counts it).
 
@@ -673,19 +667,23 @@ def recalibrate(
     try:
         # Standard layers and bnkit's drop-in ones get a stand-in forward (one reduction, see _Pass.forward;
         # SyncBatchNorm then normalizes per rank, with no collective per batch); a layer with its own forward
-        # (a subclass, or one patched on the instance) keeps it, with a pre-hook that reduces its input and a
-        # hook that puts its buffers back after each call, so its state never drifts during the pass.
+        # (a subclass, or one patched on the instance) keeps it: what it hands to F.batch_norm is reduced
+        # (normalized_inputs: its own input may be transposed or masked first), and a hook puts its buffers back
+        # after each call, so its state never drifts during the pass.
+        own_forward = []
         for i, (_, m) in enumerate(layers):
             m.training = True
             if has_stock_forward(m):
                 patched.append(m)
                 m.__dict__["forward"] = acc.forward(i)  # an instance attribute, as `m.forward = ...` makes it
             else:
-                handles.append(m.register_forward_pre_hook(acc.hook(i), with_kwargs=True))
+                own_forward.append(i)
                 own = SavedBuffers([m], copies=saved)  # its buffers alone, the copies already made
                 handles.append(m.register_forward_hook(lambda *_, own=own: own.restore()))
+        recorders = [acc.recorder(i) for i in own_forward]
+        measured = normalized_inputs([layers[i][1] for i in own_forward], lambda j, x: recorders[j](x))
         error: BaseException | None = None
-        with torch.no_grad(), eager_calls(model):
+        with torch.no_grad(), eager_calls(model), measured:
             try:  # len() and iter() of the data run the user's code too: a failure must reach the collective
                 total = _total(data, num_batches)
                 batches = data if num_batches is None else itertools.islice(data, int(num_batches))
@@ -705,6 +703,12 @@ def recalibrate(
                 if world == 1:
                     raise
                 error = exc
+        if measured.unmeasured:
+            names = [layers[own_forward[j]][0] or "(root)" for j in sorted(measured.unmeasured)]
+            warnings.warn(
+                f"BatchNorm layers {names} have a forward of their own that does not normalize through "
+                "torch.nn.functional.batch_norm: their statistics are those of their inputs, which may not be what "
+                "they normalize (a masked or reshaped input)", UserWarning, stacklevel=2)
         if world > 1:
             acc.merge_ranks(_all_gather(acc.payload(error)), error)
         if acc.batches == 0:
