@@ -19,8 +19,9 @@ from ..audit_state import as_array, ema_noise_factor
 from ..findings import Finding
 from .audit_batches import Batches, Restore, batch_len, batched, map_tensors, set_training
 from .audit_model import short_names
+from .freeze import is_frozen
 from .audit_moments import Collector, PassClock
-from .modules import eager_calls, flatten_tensors, is_batchnorm
+from .modules import eager_calls, flatten_tensors, is_batchnorm, normalized_inputs
 
 if TYPE_CHECKING:
     from .audit import AuditReport
@@ -45,13 +46,17 @@ class LayerShift:
     ``mean_noise`` / ``var_noise``: expected standard deviation of the running mean (in
     running standard deviations) and relative one of the running variance at the training
     batch size, root-mean-square over channels (None when fewer than 2 batches were seen, for bnkit's
-    ``FrozenBatchNorm*d``, whose statistics no longer change, when the batches are not random samples, and for a
+    ``FrozenBatchNorm*d`` and layers whose statistics ``freeze_bn`` froze, which no longer change, when the batches are not random samples, and for a
     layer some forward called more than once, whose calls differ by design, not by sampling; ``var_noise`` also
     when every call saw one sample, which leaves no within-batch spread).
     ``batch_f``: the batch means' ANOVA F ratio (between-batch mean square over the pooled within-batch
     variance), channel median; at most about 1 when the batches are random samples of the data (None when
     fewer than 2 batches were seen, for a layer some forward called more than once, and when every call saw one
     sample).
+    A layer called ``calls_per_forward > 1`` times per forward (shared, or in a loop) is compared call by call:
+    its running statistics serve every call in eval mode, so each call's inputs, pooled over the batches, are
+    compared with them, and the figures are those of the worst call, ``call`` (1-based; None for a layer called
+    once per forward).
     """
 
     layer: str
@@ -64,6 +69,8 @@ class LayerShift:
     mean_noise: float | None = None
     var_noise: float | None = None
     batch_f: float | None = None
+    call: int | None = None
+    calls_per_forward: int = 1
 
 
 
@@ -81,29 +88,48 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
     with Restore(model, layers) as restore, torch.no_grad(), eager_calls(model):
         # pass 1: every BN on batch statistics (nothing it keeps is updated); other modules in eval mode
         set_training(model, False)  # assigned, not model.eval(): a frozen layer's own train() must not run
+        own = [n for n, _ in tracked if not collectors[n].stock]  # measured on what they hand to F.batch_norm
+        measured = normalized_inputs([dict(tracked)[n] for n in own], lambda j, x: collectors[own[j]].measure(x))
         detach = []
         try:
             for n, bn in tracked:
                 detach.append(collectors[n].attach(bn))
             batch_out, used = None, 0
-            for i, batch in enumerate(batches):
-                size = batch_len(batch) or 0
-                if size < 2:
-                    continue  # batch statistics need two samples (a trailing remainder of one)
-                clock.start(i, size)
-                try:
-                    out = forward(model, batch)
-                except Exception as exc:
-                    raise ValueError(f"the model failed on data batch {i} with BatchNorm on batch statistics: "
-                                     f"{type(exc).__name__}: {exc}") from exc
-                if batch_out is None:
-                    batch_out, first = flatten_tensors(out), batch
-                used += 1
+            with measured:
+                for i, batch in enumerate(batches):
+                    size = batch_len(batch)  # None: a batch object bnkit cannot count (forward= reads it)
+                    if size is not None and size < 2:
+                        continue  # batch statistics need two samples (a trailing remainder of one)
+                    clock.start(i, size)
+                    try:
+                        out = forward(model, batch)
+                    except Exception as exc:
+                        raise ValueError(f"the model failed on data batch {i} with BatchNorm on batch statistics: "
+                                         f"{type(exc).__name__}: {exc}") from exc
+                    if batch_out is None:
+                        batch_out, first = flatten_tensors(out), batch
+                    used += 1
         finally:
             for undo in detach:
                 undo()
         if not used:
             raise ValueError("every data batch has fewer than 2 samples: batch statistics need at least 2")
+        if unreached := [n for n, _ in tracked if not collectors[n].means]:
+            findings.append(Finding(
+                "info", unreached[0], "not reached by the data",
+                f"the data never reached BatchNorm layer(s) {short_names(unreached)}, so their running statistics are "
+                "not compared with it (the state checks still apply)",
+                "pass data that runs through them (another branch or head), or forward= calling them",
+                "unreached", {"layers": unreached}))
+        if measured.unmeasured:
+            names = [own[j] for j in sorted(measured.unmeasured)]
+            findings.append(Finding(
+                "warning", names[0], "compared on its input, not on what it normalizes",
+                f"BatchNorm layer(s) {short_names(names)} have a forward of their own that does not normalize "
+                "through torch.nn.functional.batch_norm, so what they normalize (a masked or reshaped input) is "
+                "unknown: their statistics shift is that of their input",
+                "check these layers' shift figures against what their forward normalizes", "own_forward",
+                {"layers": names}))
         report.batches = used
         # pass 2: the model in eval mode, first batch, then single samples
         restore.buffers_and_options()
@@ -132,15 +158,21 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
         if not (np.isfinite(mu_r).all() and np.isfinite(var_r).all()) or (var_r + bn.eps <= 0).any():
             continue  # reported by the state checks
         eps = float(bn.eps)
-        mu_d = col.moments.mean
-        var_d = col.moments.var_unbiased if col.moments.count > 1 else col.moments.var
-        z = (mu_d - mu_r) / np.sqrt(var_r + eps)
-        log_ratio = np.log((var_d + eps) / (var_r + eps))
-        kl = 0.5 * (np.expm1(log_ratio) - log_ratio + z * z)
+        positions = _call_moments(col)
+        best = None
+        for k, (count, mu_d, var_d) in enumerate(positions):
+            z = (mu_d - mu_r) / np.sqrt(var_r + eps)
+            log_ratio = np.log((var_d + eps) / (var_r + eps))
+            kl = 0.5 * (np.expm1(log_ratio) - log_ratio + z * z)
+            if best is None or kl.mean() > best[1].mean():
+                best = (k, kl, z, log_ratio, count)
+        k, kl, z, log_ratio, count = best
         worst = int(np.argmax(kl))
         shift = LayerShift(name, float(kl.mean()), float(math.sqrt(2 * kl.mean())), float(z[worst]),
-                           float(log_ratio[worst]), worst, int(col.moments.count))
-        if col.once_per_forward:  # else some forward called it on inputs that differ by design (x, x + 3)
+                           float(log_ratio[worst]), worst, int(count))
+        if len(positions) > 1:
+            shift.call, shift.calls_per_forward = k + 1, len(positions)
+        if col.once_per_forward and b_train is not None:  # else its calls differ by design (x, x + 3)
             shift.mean_noise, shift.var_noise, shift.batch_f = _noise(col, bn, b_train, var_r + eps)
         shifts.append(shift)
     shifts.sort(key=lambda s: s.score, reverse=True)
@@ -158,15 +190,20 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
     for rank, s in enumerate(shifts, start=1):
         if s.score < SHIFT_WARNING_KL:
             continue
+        where = "" if s.call is None else f" in its call {s.call} of {s.calls_per_forward} per forward"
+        fix = ("the top-ranked layer is where the mismatch starts (layers are measured on batch statistics, so "
+               "upstream errors do not propagate): if its statistics were altered, restore them; if this data is "
+               "what the model will see, recalibrate (bnkit recalibrate)")
+        if s.call is not None:
+            fix = ("one set of running statistics serves all its calls in eval mode: if their inputs differ by design "
+                   "(a shared layer on two branches, a layer in a loop), give each call its own BatchNorm layer; "
+                   "else " + fix)
         findings.append(Finding(
             "error" if s.score >= SHIFT_ERROR_KL else "warning", s.layer,
             f"running statistics do not match the data (rank {rank})",
-            f"like a shift of {s.z_eq:.2f} std per channel; worst channel {s.worst_channel}: mean off by "
+            f"like a shift of {s.z_eq:.2f} std per channel{where}; worst channel {s.worst_channel}: mean off by "
             f"{s.mean_shift:+.2f} std, variance x{math.exp(s.log_var_ratio):.3g}",
-            "the top-ranked layer is where the mismatch starts (layers are measured on batch statistics, so "
-            "upstream errors do not propagate): if its statistics were altered, restore them; if this data is "
-            "what the model will see, recalibrate (bnkit recalibrate)",
-            "stat_shift", asdict(s)))
+            fix, "stat_shift", asdict(s)))
     ordered = _not_random(shifts, collectors, report.batches)
     if ordered is not None:
         for s in shifts:
@@ -184,8 +221,12 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
             {"train_batch_size": b_train, "batch_f": ordered.batch_f, "f_limit": limit, "batches": report.batches}))
         return findings, ordered
     noisy = [s for s in shifts if s.mean_noise is not None]
-    if not noisy and any(is_batchnorm(dict(tracked)[s.layer]) for s in shifts):
-        if report.batches < 2:
+    if not noisy and any(is_batchnorm(bn := dict(tracked)[s.layer]) and not is_frozen(bn, "stats") for s in shifts):
+        if b_train is None:
+            why = ("the training batch size is unknown (the data's batches are objects whose samples bnkit cannot "
+                   "count)")
+            fix = "pass train_batch_size="
+        elif report.batches < 2:
             why = f"the data gave {report.batches} batch(es)"
             fix = "pass more data or a smaller batch size"
         else:  # each layer was called more than once in some forward, or reached in fewer than 2 batches
@@ -211,6 +252,27 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
                            "var_noise": worst_var and worst_var.var_noise,
                            "var_noise_layer": worst_var and worst_var.layer}))
     return findings, None
+
+
+def _call_moments(col: Collector) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``(count, mean, variance)`` of a layer's inputs per call position within a forward (one entry for a layer
+    called once per forward: all its calls), each pooled over the batches by Chan's formula; the variance is
+    unbiased (biased with one value per channel)."""
+    if col.once_per_forward:
+        m = col.moments
+        return [(m.count, m.mean, m.var_unbiased if m.count > 1 else m.var)]
+    _, counts, means, var = col.stacked()
+    position, seen = np.empty(len(counts), dtype=np.int64), {}
+    for i, b in enumerate(col.batch_of):  # the k-th call within its batch's forward
+        position[i] = seen[b] = seen.get(b, -1) + 1
+    out = []
+    for k in range(int(position.max()) + 1):
+        n, mu, v = counts[position == k], means[position == k], var[position == k]
+        total = n.sum()
+        mean = n @ mu / total
+        m2 = n @ v + n @ np.square(mu - mean)
+        out.append((int(total), mean, m2 / (total - 1) if total > 1 else m2 / total))
+    return out
 
 
 #: The standard normal's upper one-in-a-million quantile.
@@ -283,8 +345,9 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
 
     Between-batch mean squares (one-way ANOVA) give a batch statistic's variance per
     sample, ``s2 = sum_b n_b (m_b - m)^2 / (K - 1)`` (``n_b`` the data samples of call ``b``, see
-    :func:`_samples`); at batch size ``B`` it is ``s2 / B``
-    (``sum_b (n_b - 1)(v_b - v)^2 / (K - 1)`` and ``/ (B - 1)`` for the unbiased variance).
+    :func:`_samples`); at batch size ``B`` it is ``s2 / (r B)``, ``r`` the layer's share of the data's samples
+    (below 1 for a routed branch that sees only some of them; ``sum_b n_b / sum_b`` the calls' data batch sizes)
+    (``sum_b (n_b - 1)(v_b - v)^2 / (K - 1)`` and ``/ (r B - 1)`` for the unbiased variance).
     This assumes batches drawn at random from the data. ``F = s2 / (w + eps)`` with
     ``w = sum_b n_b v_b / sum_b (n_b - 1)`` (``v_b`` the biased variance of the batch's values): for random
     batches a sample's channel mean varies by ``t2 <= sigma2`` (its values' variance; law of total variance),
@@ -296,24 +359,27 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
         return None, None, None
     _, _, means, biased = col.stacked()
     n, aggregate = _samples(col)
+    data = col.data_sizes
+    share = 1.0 if data is None else min(1.0, float(n.sum() / data.sum()))  # a routed branch's share of samples
+    b_layer = share * b_train  # the samples a training batch of b_train gives the layer
     variances = col.batch_vars()
     k = len(n)
     s2_mean = n @ np.square(means - n @ means / n.sum()) / (k - 1)
     within = 0.0 if aggregate else float((n - 1).sum())  # no within-batch spread in a row that sums up its batch
     batch_f = float(np.median(s2_mean / (n @ biased / within + bn.eps))) if within > 0 else None
-    if not is_batchnorm(bn):  # a frozen layer's statistics no longer change
+    if not is_batchnorm(bn) or is_frozen(bn, "stats"):  # frozen statistics no longer change
         return None, None, batch_f
     if bn.momentum is None:
         updates = max(int(bn.num_batches_tracked or 1), 1)
         factor = 1.0 / math.sqrt(updates)
     else:
         factor = ema_noise_factor(bn.momentum) if bn.momentum > 0 else 0.0
-    mean_noise = float(np.sqrt(np.mean(factor ** 2 * s2_mean / b_train / var_r)))
+    mean_noise = float(np.sqrt(np.mean(factor ** 2 * s2_mean / b_layer / var_r)))
     if within == 0:
         return mean_noise, None, None
     v_bar = (n - 1) @ variances / within
     s2_var = (n - 1) @ np.square(variances - v_bar) / (k - 1)
-    var_noise = factor * np.sqrt(s2_var / max(b_train - 1, 1)) / np.maximum(v_bar + bn.eps, 1e-300)
+    var_noise = factor * np.sqrt(s2_var / max(b_layer - 1, 1)) / np.maximum(v_bar + bn.eps, 1e-300)
     return mean_noise, float(np.sqrt(np.mean(var_noise ** 2))), batch_f
 
 
@@ -372,7 +438,13 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
     if not eval_out:
         return [Finding("info", "(model)", "batch coupling not checked", "the model's output holds no tensors",
                         "pass forward= returning the output tensors", "batch_coupling")]
-    if size is None or size < 2 or samples < 1:
+    if size is None:
+        return [Finding("info", "(model)", "batch coupling not checked",
+                        f"the data's batches are {type(batch).__name__} objects, whose number of samples bnkit cannot "
+                        "read (it reads tensors, and tuples, lists, dicts and dataclasses of them)",
+                        "pass the inputs as tensors with the batch on dimension 0, and forward= to feed them",
+                        "batch_coupling")]
+    if size < 2 or samples < 1:
         return []
     if not all(bool(torch.isfinite(t).all()) for t in eval_out if t.is_floating_point()):
         return []  # reported as non-finite eval outputs
@@ -416,6 +488,17 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
         return [Finding("info", "(model)", "per-sample outputs do not depend on the batch",
                         f"eval mode, batch size 1 vs {size} on {len(idx)} samples: max difference {rel:.2g} of max "
                         f"|output|{partly}", "", "batch_coupling", {"relative_diff": rel})]
+    again = flatten_tensors(forward(model, batch))  # the same batch once more: random outputs are not coupling
+    repeat = max((float((a.double() - b.double()).abs().max()) for a, b in zip(again, eval_out)
+                  if a.shape == b.shape and a.numel()), default=0.0) / max(scale, 1e-12)
+    if len(again) != len(eval_out) or repeat > COUPLING_RTOL:
+        report.batch_coupling = None
+        return [Finding("warning", "(model)", "outputs are random in eval mode",
+                        f"the same batch run twice in eval mode gives outputs {repeat:.3g} of max |output| apart "
+                        "(sampling, or Dropout left on at inference), so whether samples depend on the rest of their "
+                        "batch was not checked", "if inference should be deterministic, find the random operation "
+                        "(a layer that samples, torch.randn in forward, F.dropout(training=True))", "random_outputs",
+                        {"repeat_diff": repeat})]
     if batch_stat_bn:
         cause = f"BatchNorm layers without running statistics ({short_names(batch_stat_bn)}) normalize with the batch's"
         fix = "give these layers running statistics (track_running_stats=True, then bnkit recalibrate)"
@@ -425,7 +508,8 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
         fix = "find the operation that reduces over the batch dimension and make it per-sample"
     return [Finding("error", "(model)", "per-sample outputs depend on the rest of the batch",
                     f"eval mode, batch size 1 vs {size}: outputs differ by {rel:.3g} of max |output|; {cause}"
-                    + partly,
+                    + partly + " (samples are cut along dimension 0 of the inputs: for sequence-first (T, N, C) "
+                    "data, pass it batch-first with forward=lambda m, x: m(x.transpose(0, 1)))",
                     fix, "batch_coupling", {"relative_diff": rel, "batch_stat_layers": batch_stat_bn})]
 
 

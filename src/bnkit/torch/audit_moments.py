@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -72,8 +71,8 @@ class PassClock:
         self.batch = 0
         self.sizes: dict[int, int] = {}
 
-    def start(self, batch: int, size: int) -> None:
-        """Data batch ``batch``, of ``size`` samples, runs next."""
+    def start(self, batch: int, size: int | None) -> None:
+        """Data batch ``batch``, of ``size`` samples (None: unknown), runs next."""
         self.batch, self.sizes[batch] = batch, size
 
     def tick(self) -> tuple[int, int]:
@@ -125,13 +124,15 @@ class Collector:
 
     def attach(self, bn: _BatchNorm | FrozenBatchNormNd) -> Callable[[], None]:
         """Put the layer on batch statistics for the pass (a frozen one with its own ``forward``: measure it only);
-        returns what undoes it."""
+        returns what undoes it. A layer with its own ``forward`` is measured through :meth:`measure`, which the
+        pass calls with what the layer normalizes (:class:`bnkit.torch.modules.normalized_inputs`); the pass
+        restores its flags."""
         if self.stock:
             bn.forward = self._stand_in(bn)  # an instance attribute: shadows the class's forward
             return lambda: vars(bn).pop("forward", None)
         if is_batchnorm(bn):  # a frozen layer's own forward uses its buffers whatever its flags
             bn.training, bn.track_running_stats = True, False
-        return bn.register_forward_hook(self._after, with_kwargs=True).remove
+        return lambda: None
 
     @property
     def data_sizes(self) -> np.ndarray | None:
@@ -182,16 +183,11 @@ class Collector:
 
         return forward
 
-    def _after(self, module: _BatchNorm, args: tuple, kwargs: dict, output: Any) -> None:
-        tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
-        x = args[0] if args else kwargs["input"] if "input" in kwargs else tensors[0] if len(tensors) == 1 else None
-        if not isinstance(x, torch.Tensor):  # never a layer left out without a word
-            raise ValueError(f"a {type(module).__name__} layer was called with keyword arguments {sorted(kwargs)}: "
-                             "the audit reads its input from the first argument or from its one tensor keyword")
-        if not x.numel():
-            return
-        n, mean, var, _ = _centred(x)
-        self._record(x, n, mean, var, False)
+    def measure(self, x: torch.Tensor) -> None:
+        """Keep the moments of one input normalized by a layer with its own ``forward`` (an empty one: none)."""
+        if x.numel():
+            n, mean, var, _ = _centred(x)
+            self._record(x, n, mean, var, False)
 
     def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every call's batch size, count, mean and biased variance.
