@@ -529,7 +529,8 @@ class _Pass:
 def _nonfinite_message(layer: str, batch: int, rank: int | None = None) -> str:
     where = f"batch {batch}" + ("" if rank is None else f" on rank {rank}")
     return (
-        f"non-finite (NaN/Inf) input to BatchNorm layer {layer!r} in {where}; no statistics were changed. "
+        f"non-finite (NaN/Inf) input to BatchNorm layer {layer!r} in {where}, or values so far from their mean "
+        "(beyond about 1e18) that their squares overflow the float32 sums; no statistics were changed. "
         "Fix the data or the model, or pass on_nonfinite='skip' to leave such batches out"
     )
 
