@@ -951,3 +951,24 @@ def test_batches_go_to_the_first_device_of_a_parallel_wrapper_at_any_depth():
     for wrapped in (parallel, torch.compile(parallel, backend="eager"), AveragedModel(parallel)):
         assert _wrapper_device(wrapper_chain(wrapped)) == torch.device("cuda", 1)
     assert _wrapper_device(wrapper_chain(parallel.module)) is None
+
+
+def test_batches_moved_to_the_cpu_are_copied_synchronously():
+    """A device-to-host copy made with non_blocking=True may be read before it lands; towards an accelerator the
+    stream orders it. Oracle: the keyword the copy is asked with, recorded by __torch_function__."""
+    from bnkit.torch.recalibrate import _to_device
+
+    asked = []
+
+    class Spy(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.to:
+                asked.append((kwargs or {}).get("non_blocking"))
+            return super().__torch_function__(func, types, args, kwargs)
+
+    x = torch.randn(2, 3).as_subclass(Spy)
+    _to_device({"x": x, "pair": (x, x)}, torch.device("cpu"))
+    assert asked == [False, False, False]
+    _to_device(x, torch.device("meta"))  # any non-CPU device: asynchronous
+    assert asked[-1] is True

@@ -264,7 +264,9 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        # asynchronous only towards an accelerator, where the stream orders the copy before its use; a copy to the
+        # CPU made with non_blocking=True may be read before it has landed
+        return batch.to(device, non_blocking=device.type != "cpu")
     if isinstance(batch, Mapping):
         return {k: _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
