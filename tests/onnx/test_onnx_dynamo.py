@@ -3,7 +3,8 @@
 The rest of the ONNX tests use the TorchScript exporter, which keeps every BatchNormalization node.
 These pin what users of the default exporter get: with its graph optimizations on (the default) it folds
 eval-mode BN itself, so the audit has nothing to read; with ``optimize=False`` the nodes stay, and the
-audit and the fold must read them as exported (ONNX momentum on the old value, parameters as initializers),
+audit and the fold must read them as exported (ONNX momentum on the old value, parameters as initializers,
+a bias-free Conv's zero bias computed by Shape/Expand/CastLike nodes),
 with onnxruntime against PyTorch's eval output as the oracle.
 """
 from __future__ import annotations
@@ -116,13 +117,16 @@ def test_unoptimized_dynamo_export_folds_into_gemm_and_matches_pytorch(exported,
         assert rel(_run(folded, x2), model(x2).double().numpy()) < 1e-5
 
 
-def test_unoptimized_dynamo_export_convs_without_bias_are_left_with_the_reason(exported, tmp_path):
-    # the exporter gives a bias-free Conv a zero bias computed by Shape/Expand/CastLike nodes, not a constant
-    model, x, path, _ = exported("resnet", False)
+def test_unoptimized_dynamo_export_convs_without_bias_fold_through_the_computed_zero_bias(exported, tmp_path):
+    # the exporter gives a bias-free Conv a zero bias computed by Shape/Expand/CastLike nodes: read as the
+    # constant it is, the BN folds, and the nodes that computed it go
+    model, x, path, proto = exported("resnet", False)
+    assert {"Shape", "Expand", "CastLike"} <= {n.op_type for n in proto.graph.node}
     out = tmp_path / "folded.onnx"
     report = fold(path, out)
-    n_bn = len(bn_layers(model))
-    assert not report.folded and len(report.left) == n_bn
-    assert all("is not a constant" in why for why in report.left.values())
+    assert len(report.folded) == len(bn_layers(model)) and not report.left
+    folded = onnx.load(str(out))
+    onnx.checker.check_model(folded, full_check=True)
+    assert not {"BatchNormalization", "Shape", "Expand", "CastLike"} & {n.op_type for n in folded.graph.node}
     with torch.no_grad():
-        assert rel(_run(onnx.load(str(out)), x), model(x).double().numpy()) < 1e-5
+        assert rel(_run(folded, x), model(x).double().numpy()) < 1e-5

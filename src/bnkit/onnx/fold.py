@@ -542,11 +542,13 @@ def _seeded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def _prune(model: onnx.ModelProto, read_before: set[str]) -> None:
-    """Remove the initializers and Constant/Identity/Transpose/Cast nodes folding left unread, and stale value_info."""
+    """Remove the initializers and the nodes that computed constants (Constant, Identity, Transpose, Cast, Shape,
+    Expand, CastLike) folding left unread, and stale value_info."""
     graph = model.graph
     while True:
         index = GraphIndex(graph)
-        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant", "Transpose", "Cast")
+        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant", "Transpose", "Cast", "Shape", "Expand",
+                                                         "CastLike")
                 and n.domain in ("", "ai.onnx") and n.output[0] in read_before and not index.readers(n.output[0])]
         if not dead:
             break

@@ -239,8 +239,47 @@ class GraphIndex:
                 value = self.constant(node.input[0], defaults=defaults)
                 to = helper.tensor_dtype_to_np_dtype(int(attribute(node, "to")))
                 return None if value is None else value.astype(to)
+            if node.op_type in _SHAPE_OPS:
+                return self._shape_op(node, defaults)
             return None
         return None
+
+    def _shape_op(self, node: onnx.NodeProto, defaults: bool) -> np.ndarray | None:
+        """``Shape`` of a constant, ``Expand`` of constants, ``CastLike`` of a constant to a value of known type:
+        how torch.onnx's dynamo exporter (optimize=False) writes the zero bias of a bias-free Conv."""
+        value = self.constant(node.input[0], defaults=defaults)
+        if value is None:
+            return None
+        if node.op_type == "Shape":
+            start, end = attribute(node, "start", 0), attribute(node, "end", None)
+            return np.array(value.shape[start:end], dtype=np.int64)
+        if node.op_type == "Expand":
+            shape = self.constant(node.input[1], defaults=defaults)
+            if shape is None:
+                return None
+            out = np.broadcast_shapes(value.shape, tuple(int(d) for d in shape))
+            return np.array(np.broadcast_to(value, out)) if np.prod(out) <= _EXPAND_MAX else None
+        elem = self.elem_type(node.input[1])  # CastLike: only the target's type is read
+        return None if elem is None else value.astype(helper.tensor_dtype_to_np_dtype(elem))
+
+    def elem_type(self, name: str) -> int | None:
+        """The element type of ``name`` where the graph declares it (inputs, outputs, value_info), or its constant's."""
+        declared = {v.name: v.type.tensor_type.elem_type for v in self._declared() if v.type.HasField("tensor_type")}
+        if declared.get(name):
+            return declared[name]
+        value = self.constant(name)
+        return None if value is None else helper.np_dtype_to_tensor_dtype(value.dtype)
+
+    def _declared(self) -> list[onnx.ValueInfoProto]:
+        if isinstance(self.graph, onnx.FunctionProto):
+            return []
+        return list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info)
+
+
+#: Ops read through when they compute a constant from constants (see :meth:`GraphIndex._shape_op`).
+_SHAPE_OPS = ("Shape", "Expand", "CastLike")
+#: The largest ``Expand`` result read as a constant (a bias or a statistic is one value per channel).
+_EXPAND_MAX = 1 << 20
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
