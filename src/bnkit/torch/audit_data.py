@@ -255,16 +255,20 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
 
 
 def _call_moments(col: Collector) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """``(count, mean, variance)`` of a layer's inputs per call position within a forward (one entry for a layer
-    called once per forward: all its calls), each pooled over the batches by Chan's formula; the variance is
-    unbiased (biased with one value per channel)."""
+    """``(count, mean, variance)`` of a layer's inputs per call position within a forward, each pooled over the
+    batches by Chan's formula; one entry, all its calls pooled, for a layer called once per forward or whose call
+    positions do not differ beyond sampling noise (:func:`_positions_differ`: a ghost-batch layer called on
+    chunks of its batch). The variance is unbiased (biased with one value per channel)."""
+    m = col.moments
+    pooled = [(m.count, m.mean, m.var_unbiased if m.count > 1 else m.var)]
     if col.once_per_forward:
-        m = col.moments
-        return [(m.count, m.mean, m.var_unbiased if m.count > 1 else m.var)]
+        return pooled
     _, counts, means, var = col.stacked()
     position, seen = np.empty(len(counts), dtype=np.int64), {}
     for i, b in enumerate(col.batch_of):  # the k-th call within its batch's forward
         position[i] = seen[b] = seen.get(b, -1) + 1
+    if not _positions_differ(position, means, np.log(var + col.eps)):
+        return pooled
     out = []
     for k in range(int(position.max()) + 1):
         n, mu, v = counts[position == k], means[position == k], var[position == k]
@@ -273,6 +277,30 @@ def _call_moments(col: Collector) -> list[tuple[int, np.ndarray, np.ndarray]]:
         m2 = n @ v + n @ np.square(mu - mean)
         out.append((int(total), mean, m2 / (total - 1) if total > 1 else m2 / total))
     return out
+
+
+def _positions_differ(position: np.ndarray, *per_call: np.ndarray) -> bool:
+    """Whether a layer's call positions within a forward differ by design: for some statistic (each ``(calls, C)``:
+    the calls' means, their log variances), the one-way ANOVA F of the positions, with the batches as
+    replicates, channel median, above the one-in-a-million level of :func:`_f_limit`. Calls at one position
+    vary between batches by sampling alone, whatever correlates within a sample, so positions drawn alike (chunks
+    of a shuffled batch) stay below it; fewer than two batches per position leave nothing to test (False)."""
+    positions = int(position.max()) + 1
+    sizes = np.bincount(position, minlength=positions)
+    within_dof = int((sizes - 1).clip(min=0).sum())
+    limit = _f_limit(positions - 1, within_dof) if within_dof > 0 else math.inf
+    if not math.isfinite(limit):
+        return False
+    for stat in per_call:
+        groups = [stat[position == k] for k in range(positions)]
+        centres = np.stack([g.mean(axis=0) for g in groups])
+        within = sum(np.square(g - c).sum(axis=0) for g, c in zip(groups, centres)) / within_dof
+        between = sizes @ np.square(centres - sizes @ centres / sizes.sum()) / (positions - 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f = np.where(within > 0, between / within, np.where(between > 0, np.inf, 0.0))
+        if float(np.median(f)) > limit:
+            return True
+    return False
 
 
 #: The standard normal's upper one-in-a-million quantile.

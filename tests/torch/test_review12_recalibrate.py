@@ -1,0 +1,155 @@
+"""bnkit.torch.recalibrate on BN subclasses with a forward of their own (review RB, commit e9cbb0c): the statistics
+are those of what the layer hands to torch.nn.functional.batch_norm, not of its own input. Oracles: float64 NumPy
+statistics of the values each layer normalizes, captured by the test's own hooks / selections."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bnkit.torch import recalibrate
+
+
+class TransposedBN(nn.BatchNorm1d):
+    """Normalizes the last axis of an (N, L, C) input: transposes to (N, C, L) for BatchNorm1d."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+def _moments(values):
+    """float64 per-channel mean and unbiased variance of rows (K, C)."""
+    v = np.concatenate(values).astype(np.float64)
+    return v.mean(0), v.var(0, ddof=1)
+
+
+@pytest.mark.parametrize("length", [6, 10])  # L == C (silently the wrong axis before) and L != C (an error before)
+def test_transposing_subclass_gets_the_statistics_of_its_normalized_axis(length):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), TransposedBN(6)).eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(n, length, 3, generator=g) * 2 + 1 for n in (8, 5)]
+    seen = []  # the oracle's own capture: the Linear's output, whose last axis the layer normalizes
+    h = model[0].register_forward_hook(lambda m, a, out: seen.append(out.detach().reshape(-1, 6).double().numpy()))
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    h.remove()
+    mean, var = _moments(seen)
+    recalibrate(model, data, progress=False)
+    bn = model[1]
+    np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=1e-5)
+    assert int(bn.num_batches_tracked) == 2
+
+
+class SelectingBN(nn.BatchNorm1d):
+    """(N, C, L) input with a (N, L) mask: in training, F.batch_norm (through super().forward) on the real positions
+    only, scattered back; padding stays 0."""
+
+    def forward(self, x, mask):
+        rows = x.transpose(1, 2)[mask]  # (K, C)
+        y = torch.zeros_like(x.transpose(1, 2))
+        y[mask] = super().forward(rows)
+        return y.transpose(1, 2)
+
+
+def _padded(seed, n=16, c=4, length=12):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, length, generator=g) * 2 + 3
+    mask = torch.arange(length)[None, :] < torch.randint(3, length, (n, 1), generator=g)
+    return x * mask[:, None, :], mask
+
+
+def test_subclass_normalizing_selected_positions_gets_their_statistics_only():
+    bn = SelectingBN(4).eval()
+    data = [_padded(s) for s in (0, 1)]
+    real = [x.transpose(1, 2)[mask].double().numpy() for x, mask in data]  # oracle: the real positions
+    mean, var = _moments(real)
+    padded_mean = np.concatenate([x.transpose(1, 2).reshape(-1, 4).double().numpy() for x, _ in data]).mean(0)
+    assert np.abs(padded_mean - mean).min() > 0.3  # the padding would pull the mean: the test can tell them apart
+    recalibrate(bn, data, forward=lambda m, b: m(*b), progress=False)
+    np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=1e-5)
+
+
+class ArithmeticBN(nn.BatchNorm1d):
+    """Masked BN with its own arithmetic: never calls F.batch_norm (the reviewer's MaskedBN)."""
+
+    def forward(self, x, mask):
+        if self.training:
+            sel = x.transpose(1, 2)[mask]
+            mean, var = sel.mean(0), sel.var(0, unbiased=False)
+            with torch.no_grad():
+                n = sel.shape[0]
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / (n - 1), self.momentum)
+                self.num_batches_tracked += 1
+        else:
+            mean, var = self.running_mean, self.running_var
+        y = (x - mean[:, None]) / torch.sqrt(var[:, None] + self.eps) * self.weight[:, None] + self.bias[:, None]
+        return y * mask[:, None, :]
+
+
+def test_subclass_with_its_own_arithmetic_is_measured_on_its_input_with_a_warning_naming_it():
+    model = nn.ModuleDict({"masked": ArithmeticBN(4)}).eval()
+    data = [_padded(s) for s in (0, 1)]
+    inputs = [x.transpose(1, 2).reshape(-1, 4).double().numpy() for x, _ in data]  # its whole input, padding too
+    mean, var = _moments(inputs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recalibrate(model, data, forward=lambda m, b: m["masked"](*b), progress=False)
+    bn = model["masked"]
+    np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=1e-5)
+    own = [w for w in caught if issubclass(w.category, UserWarning) and "batch_norm" in str(w.message)]
+    assert len(own) == 1 and "masked" in str(own[0].message)
+    # a subclass that does call F.batch_norm gets no such warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recalibrate(SelectingBN(4).eval(), data, forward=lambda m, b: m(*b), progress=False)
+    assert not [w for w in caught if "batch_norm" in str(w.message)]
+
+
+class FailingBN(nn.BatchNorm1d):
+    """Calls F.batch_norm, then raises on its third call."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        y = super().forward(x)
+        if self.calls == 3:
+            raise RuntimeError("boom in the layer")
+        return y
+
+
+def _no_hooks(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._forward_hooks_with_kwargs
+               and not m._forward_pre_hooks_with_kwargs for m in model.modules())
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_functional_batch_norm_is_restored_and_no_hook_is_left(fails):
+    original = F.batch_norm
+    model = nn.Sequential(nn.Linear(3, 4), FailingBN(4) if fails else TransposedBN(4), nn.BatchNorm1d(4)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 3, generator=g) if fails else torch.randn(8, 4, 3, generator=g) for _ in range(4)]  # L == C: the
+    # stock layer after the transposing one normalizes axis 1 of its (N, 4, 4) output
+    if fails:
+        with pytest.raises(RuntimeError, match="boom in the layer"):
+            recalibrate(model, data, progress=False)
+    else:
+        recalibrate(model, data, progress=False)
+    assert F.batch_norm is original and torch.nn.functional.batch_norm is original
+    assert _no_hooks(model)
+    # PyTorch's own layers, after the pass, call the original again: a plain training-mode update is PyTorch's
+    bn = nn.BatchNorm1d(4, momentum=1.0)
+    x = torch.randn(16, 4, generator=g)
+    with torch.no_grad():
+        bn(x)
+    np.testing.assert_allclose(bn.running_mean.numpy(), x.mean(0).numpy(), rtol=1e-5, atol=1e-6)
