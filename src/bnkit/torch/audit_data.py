@@ -53,10 +53,11 @@ class LayerShift:
     variance), channel median; at most about 1 when the batches are random samples of the data (None when
     fewer than 2 batches were seen, for a layer some forward called more than once, and when every call saw one
     sample).
-    A layer called ``calls_per_forward > 1`` times per forward (shared, or in a loop) is compared call by call:
-    its running statistics serve every call in eval mode, so each call's inputs, pooled over the batches, are
-    compared with them, and the figures are those of the worst call, ``call`` (1-based; None for a layer called
-    once per forward).
+    A layer called ``calls_per_forward > 1`` times per forward (shared, or in a loop) whose calls differ beyond
+    sampling noise is compared call by call: its running statistics serve every call in eval mode, so each
+    call's inputs, pooled over the batches, are compared with them, and the figures are those of the worst call,
+    ``call`` (1-based; None, and all calls pooled, for a layer called once per forward or whose calls differ by
+    sampling alone).
     """
 
     layer: str
