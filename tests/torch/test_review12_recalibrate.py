@@ -153,3 +153,93 @@ def test_functional_batch_norm_is_restored_and_no_hook_is_left(fails):
     with torch.no_grad():
         bn(x)
     np.testing.assert_allclose(bn.running_mean.numpy(), x.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+
+
+class SplitBN(nn.BatchNorm2d):
+    """MoCo's SplitBatchNorm: in training, normalizes each of ``splits`` sub-batches on its own by viewing the
+    channels as C * splits, so what reaches F.batch_norm does not have the layer's channels on axis 1."""
+
+    def __init__(self, c, splits):
+        super().__init__(c)
+        self.splits = splits
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        if not self.training:
+            return super().forward(x)
+        mean, var = self.running_mean.repeat(self.splits), self.running_var.repeat(self.splits)
+        out = F.batch_norm(x.view(-1, c * self.splits, h, w), mean, var, self.weight.repeat(self.splits),
+                           self.bias.repeat(self.splits), True, self.momentum, self.eps).view(n, c, h, w)
+        self.running_mean.copy_(mean.view(self.splits, c).mean(0))
+        self.running_var.copy_(var.view(self.splits, c).mean(0))
+        return out
+
+
+def test_split_bn_that_reshapes_its_channels_is_measured_on_its_input_with_a_warning():
+    """Review R: the reshaped tensor (4 splits x 4 channels on axis 1) was recorded and refused with a channel
+    error. Now the layer is measured on its own input (oracle: float64 statistics of the conv output), and a
+    warning names it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), SplitBN(4, 2)).eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(8, 3, 8, 8, generator=g) + 1 for _ in range(3)]
+    with torch.no_grad():
+        h = torch.cat([model[0](x) for x in data]).double()
+    expected = h.transpose(0, 1).reshape(4, -1)
+    with pytest.warns(UserWarning, match=r"\['1'\] have a forward of their own"):
+        recalibrate(model, data, progress=False)
+    np.testing.assert_allclose(model[1].running_mean.double().numpy(), expected.mean(1).numpy(), rtol=1e-6,
+                               atol=1e-7)
+    np.testing.assert_allclose(model[1].running_var.double().numpy(), expected.var(1).numpy(), rtol=1e-5)
+
+
+def test_two_passes_in_two_threads_keep_their_own_records_and_restore_f_batch_norm():
+    """Review R: a pass that began first and ended while another ran took the other's patch away (measured on the
+    wrong axis, a false warning), and F.batch_norm stayed patched. Here pass A begins, pass B begins, A ends, then
+    B runs its batches. Oracle: float64 statistics of each model's normalized axis; F.batch_norm is the original
+    object afterwards."""
+    import threading
+
+    original = F.batch_norm
+    a_entered, b_entered, a_done = threading.Event(), threading.Event(), threading.Event()
+    g = torch.Generator().manual_seed(2)
+    data_a = [torch.randn(8, 4, 4, generator=g) for _ in range(2)]
+    data_b = [torch.randn(8, 4, 4, generator=g) * 3 + torch.arange(4.0) for _ in range(3)]
+
+    def batches_a():  # read once the pass is set up: both passes are then active
+        a_entered.set()
+        b_entered.wait(10)
+        yield from data_a
+
+    def batches_b():
+        b_entered.set()
+        a_done.wait(10)  # A has ended before B's first batch runs
+        yield from data_b
+
+    models = [TransposedBN(4).eval(), TransposedBN(4).eval()]
+    caught, errors = [], []
+
+    def run(model, data, done=None):
+        try:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                recalibrate(model, data, progress=False)
+            caught.extend(w)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+        finally:
+            if done is not None:
+                done.set()
+
+    first = threading.Thread(target=run, args=(models[0], batches_a(), a_done))
+    first.start()
+    a_entered.wait(10)
+    second = threading.Thread(target=run, args=(models[1], batches_b()))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert not errors and not [str(w.message) for w in caught]
+    assert F.batch_norm is original
+    for model, data in zip(models, (data_a, data_b)):
+        rows = torch.cat(data).reshape(-1, 4).double()
+        np.testing.assert_allclose(model.running_mean.double().numpy(), rows.mean(0).numpy(), rtol=1e-6, atol=1e-7)

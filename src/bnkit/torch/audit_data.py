@@ -126,9 +126,9 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
             names = [own[j] for j in sorted(measured.unmeasured)]
             findings.append(Finding(
                 "warning", names[0], "compared on its input, not on what it normalizes",
-                f"BatchNorm layer(s) {short_names(names)} have a forward of their own that does not normalize "
-                "through torch.nn.functional.batch_norm, so what they normalize (a masked or reshaped input) is "
-                "unknown: their statistics shift is that of their input",
+                f"BatchNorm layer(s) {short_names(names)} have a forward of their own that does not hand "
+                "torch.nn.functional.batch_norm a tensor with their channels on axis 1 (own arithmetic, or channels "
+                "reshaped first), so what they normalize is unknown: their statistics shift is that of their input",
                 "check these layers' shift figures against what their forward normalizes", "own_forward",
                 {"layers": names}))
         report.batches = used

@@ -113,52 +113,62 @@ class normalized_inputs:
     during one of its calls: what it normalizes, which its own input may not be (a BN subclass whose ``forward``
     transposes an ``(N, L, C)`` input, or selects the real positions of a padded one, first).
 
-    For layers with their own ``forward``. While active, ``F.batch_norm`` is replaced on the
-    ``torch.nn.functional`` module, where ``_BatchNorm.forward`` (torch/nn/modules/batchnorm.py) looks it up per
-    call; calls outside these layers pass through untouched. A call that never reaches ``F.batch_norm`` (a forward
-    that normalizes with its own arithmetic) records the layer's input instead (its first argument, ``input=``, or
-    its one tensor keyword; none if it has no such input), after the call, and its index goes into ``unmeasured``:
+    For layers with their own ``forward``. While any is active, ``F.batch_norm`` is replaced on the
+    ``torch.nn.functional`` module (once per process, however many passes run at a time, in whatever threads),
+    where ``_BatchNorm.forward`` (torch/nn/modules/batchnorm.py) looks it up per call; calls outside these
+    layers pass through untouched. A call that never hands ``F.batch_norm`` a tensor with the layer's channels
+    on axis 1 (a forward that normalizes with its own arithmetic, or reshapes channels first, as a split BN's
+    ``x.view(-1, C * S, H, W)``) records the layer's input instead (its first argument, ``input=``, or its one
+    tensor keyword; none if it has no such input), after the call, and its index goes into ``unmeasured``:
     what such a forward normalizes is unknown (callers warn).
     """
 
+    _lock = threading.Lock()
+    _active = 0  # passes running, process-wide
+    _original: Callable | None = None  # F.batch_norm as found by the first of them
+    _local = threading.local()  # per thread: the calls under way, innermost last
+
     def __init__(self, layers: list[nn.Module], record: Callable[[int, torch.Tensor], Any]) -> None:
         self.layers, self.record = layers, record
+        self.widths = [channels(m) for m in layers]
         self.unmeasured: set[int] = set()
-        self._local = threading.local()  # per thread: the calls under way, innermost last, [index, input, reached]
         self._handles: list[Any] = []
-        self._original: Callable | None = None
+        self._patched = False
 
-    def _calls(self) -> list[list]:
-        if not hasattr(self._local, "calls"):
-            self._local.calls = []
-        return self._local.calls
+    @classmethod
+    def _calls(cls) -> list[list]:
+        """``[owner, index, input, reached]`` of each call under way in this thread."""
+        if not hasattr(cls._local, "calls"):
+            cls._local.calls = []
+        return cls._local.calls
+
+    @staticmethod
+    def _batch_norm(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: A002 - torch's name
+        calls = normalized_inputs._calls()
+        if calls:
+            owner, i = calls[-1][0], calls[-1][1]
+            if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] == owner.widths[i]:
+                calls[-1][3] = True
+                owner.record(i, input)
+        return normalized_inputs._original(input, *args, **kwargs)
 
     def __enter__(self) -> normalized_inputs:
         if not self.layers:
             return self
-        original = self._original = F.batch_norm
-
-        @functools.wraps(original)
-        def batch_norm(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: A002 - torch's name
-            calls = self._calls()
-            if calls:
-                calls[-1][2] = True
-                self.record(calls[-1][0], input)
-            return original(input, *args, **kwargs)
 
         def enter(i: int) -> Callable:
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
                 x = (args[0] if args else kwargs["input"] if "input" in kwargs
                      else tensors[0] if len(tensors) == 1 else None)
-                self._calls().append([i, x if isinstance(x, torch.Tensor) else None, False])
+                self._calls().append([self, i, x if isinstance(x, torch.Tensor) else None, False])
             return hook
 
         def leave(i: int) -> Callable:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
                 calls = self._calls()
-                if calls and calls[-1][0] == i:  # not when an earlier pre-hook raised before ours ran
-                    _, x, reached = calls.pop()
+                if calls and calls[-1][0] is self and calls[-1][1] == i:  # not when an earlier pre-hook raised
+                    _, _, x, reached = calls.pop()
                     if not reached and output is not None:  # None: the call raised
                         self.unmeasured.add(i)
                         if x is not None:
@@ -172,15 +182,24 @@ class normalized_inputs:
         except BaseException:
             self._undo()
             raise
-        F.batch_norm = batch_norm
+        with self._lock:
+            if normalized_inputs._active == 0:
+                normalized_inputs._original = F.batch_norm
+                F.batch_norm = functools.wraps(F.batch_norm)(normalized_inputs._batch_norm)
+            normalized_inputs._active += 1
+            self._patched = True
         return self
 
     def _undo(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._original is not None:
-            F.batch_norm, self._original = self._original, None
+        if self._patched:
+            with self._lock:
+                normalized_inputs._active -= 1
+                if normalized_inputs._active == 0:
+                    F.batch_norm, normalized_inputs._original = normalized_inputs._original, None
+            self._patched = False
 
     def __exit__(self, *exc: Any) -> None:
         self._undo()

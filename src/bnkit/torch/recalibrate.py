@@ -709,9 +709,10 @@ def recalibrate(
         if measured.unmeasured:
             names = [layers[own_forward[j]][0] or "(root)" for j in sorted(measured.unmeasured)]
             warnings.warn(
-                f"BatchNorm layers {names} have a forward of their own that does not normalize through "
-                "torch.nn.functional.batch_norm: their statistics are those of their inputs, which may not be what "
-                "they normalize (a masked or reshaped input)", UserWarning, stacklevel=2)
+                f"BatchNorm layers {names} have a forward of their own that does not hand "
+                "torch.nn.functional.batch_norm a tensor with their channels on axis 1 (it normalizes with its own "
+                "arithmetic, or reshapes the channels first): their statistics are those of their inputs, which "
+                "may not be what they normalize", UserWarning, stacklevel=2)
         if world > 1:
             acc.merge_ranks(_all_gather(acc.payload(error)), error)
         if acc.batches == 0:
