@@ -575,3 +575,39 @@ def test_jsonable_and_the_torch_audit_report_are_strict_json():
     var = torch.tensor([float("nan"), 1.0])
     made = AuditReport("m", "state", layers=["bn"], findings=[Finding("error", "bn", "x", code="c", data={"var": var})])
     assert _strict(json.dumps(made.to_dict(), allow_nan=False))["findings"][0]["data"]["var"][1] == 1.0
+
+
+def test_function_bodies_read_reference_attributes_from_each_call(tmp_path):
+    """Review R: two instances of one module with different eps make the exporter write epsilon as a reference
+    attribute (ref_attr_name) of the function body; the audit raised 'Cannot get value of reference attribute'.
+    Oracle: each PyTorch instance's eps and statistics; onnxruntime's output is NaN where the NaN variance is."""
+
+    class Block(nn.Module):
+        def __init__(self, eps):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, eps=eps)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(1e-5), Block(1e-1)).eval()
+    with torch.no_grad():
+        for block in model:
+            block.bn.running_mean.uniform_(-1, 1)
+            block.bn.running_var.uniform_(0.5, 2)
+        model[1].bn.running_var[1] = float("nan")
+    path = tmp_path / "fn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, 4, 4),), str(path), dynamo=False, opset_version=17,
+                          export_modules_as_functions={Block}, do_constant_folding=False)
+    proto = onnx.load(path)
+    refs = [a.ref_attr_name for f in proto.functions for n in f.node for a in n.attribute if a.ref_attr_name]
+    assert refs  # premise: the body refers to its caller for epsilon
+    out = ort_run(proto, {proto.graph.input[0].name: np.ones((2, 3, 4, 4), np.float32)})[0]
+    assert np.isnan(out[:, 1]).all() and np.isfinite(out[:, [0, 2]]).all()
+    report = audit(path)
+    assert [n["epsilon"] for n in report.nodes] == pytest.approx([1e-5, 1e-1], rel=1e-6)
+    (bad,) = [f for f in report.findings if f.severity == "error"]
+    assert bad.code == "non_finite" and bad.layer.startswith("/1/")

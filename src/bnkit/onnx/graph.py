@@ -182,6 +182,7 @@ class GraphIndex:
         self.graph = graph
         self.outer = outer
         self.bindings: dict[str, tuple[GraphIndex, str]] = {}
+        self.call = call
         if isinstance(graph, onnx.FunctionProto):
             self.inputs, self.outputs = set(graph.input), set(graph.output)
             self.initializers, self.defaults = {}, {}
@@ -205,6 +206,29 @@ class GraphIndex:
                     self.consumers[i].append(node)
             for sub in subgraphs(node):
                 _referenced_names(sub, self.subgraph_reads)
+
+    def attribute(self, node: onnx.NodeProto, name: str, default=None):
+        """:func:`attribute`, a function body's reference attributes (``ref_attr_name``: the exporter writes one
+        for a value that differs between the module instances a function serves) read from the call, else the
+        function's declared default (an enclosing If/Loop body defers to its graph's index)."""
+        for attr in node.attribute:
+            if attr.name == name:
+                return self._referenced(attr.ref_attr_name, default) if attr.ref_attr_name else (
+                    onnx.helper.get_attribute_value(attr))
+        return default
+
+    def _referenced(self, ref: str, default):
+        if self.call is None:
+            return self.outer._referenced(ref, default) if self.outer is not None else default
+        node, caller = self.call
+        for attr in node.attribute:
+            if attr.name == ref:
+                return caller._referenced(attr.ref_attr_name, default) if attr.ref_attr_name else (
+                    onnx.helper.get_attribute_value(attr))
+        for attr in getattr(self.graph, "attribute_proto", ()):  # the function's defaults
+            if attr.name == ref:
+                return onnx.helper.get_attribute_value(attr)
+        return default
 
     def readers(self, name: str) -> int:
         """How many places read ``name``: node inputs, graph outputs, subgraphs."""
@@ -397,10 +421,10 @@ def _bn_nodes(graph: onnx.GraphProto | onnx.FunctionProto, opset: int, index: Gr
         extra = [o for o in node.output[1:] if o]
         notes = []
         if opset >= 14:
-            training = bool(attribute(node, "training_mode", 0))
+            training = bool(index.attribute(node, "training_mode", 0))
         else:
-            training = bool(extra) or (opset < 7 and not attribute(node, "is_test", 0))
-        if opset < 9 and not attribute(node, "spatial", 1):
+            training = bool(extra) or (opset < 7 and not index.attribute(node, "is_test", 0))
+        if opset < 9 and not index.attribute(node, "spatial", 1):
             notes.append("spatial=0: statistics per (channel, position), not per channel")
         inputs = list(node.input) + [""] * (5 - len(node.input))
         arrays, overridable = {}, []
@@ -413,8 +437,8 @@ def _bn_nodes(graph: onnx.GraphProto | onnx.FunctionProto, opset: int, index: Gr
             node=node,
             name=prefix + label,
             opset=opset,
-            epsilon=float(attribute(node, "epsilon", np.float32(1e-5))),  # attributes are float32
-            momentum=float(attribute(node, "momentum", 0.9)),
+            epsilon=float(index.attribute(node, "epsilon", np.float32(1e-5))),  # attributes are float32
+            momentum=float(index.attribute(node, "momentum", 0.9)),
             training=training,
             extra_outputs=extra,
             **arrays,
