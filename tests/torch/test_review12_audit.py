@@ -430,3 +430,36 @@ def test_ghost_batch_layer_called_on_chunks_is_compared_pooled_not_per_chunk():
         kl = 0.5 * (np.expm1(log_ratio) - log_ratio + z * z)
         assert s.z_eq == pytest.approx(np.sqrt(2 * kl.mean()), rel=1e-5)
         assert (s.score >= 0.045) == (shift > 0)  # a warning only for the real shift
+
+
+def test_routed_call_that_gets_no_rows_keeps_the_call_positions_and_the_share():
+    """Review R: a shared BN called first on the rare flagged rows (3 std off its running statistics), then on the
+    whole batch shifted back onto them. Batches with no flagged row used to record only the second call, which
+    then counted as call 1: the flagged call's figure was diluted (no finding at 3% flagged). Oracle: float64
+    statistics of the flagged rows alone, and the share of flagged rows over all the data."""
+    from bnkit.torch import audit
+
+    class Flagged(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            flagged = x[x[:, 0] > 0][:, 1:]
+            return self.bn(flagged).sum() + self.bn(x[:, 1:]).sum()
+
+    g = torch.Generator().manual_seed(0)
+    n = 1024
+    flag = (torch.rand(n, generator=g) < 0.05).float() * 2 - 1
+    rows = torch.randn(n, 4, generator=g)
+    rows[flag > 0] += 3.0  # flagged rows 3 std off; the rest match the running statistics
+    x = torch.cat([flag[:, None], rows], 1)
+    model = Flagged().eval()
+    model.bn.num_batches_tracked.fill_(1000)  # running statistics: mean 0, var 1 (the unflagged rows)
+    (s,) = audit(model, x, batch_size=16).shifts
+    sel = rows[flag > 0].double().numpy()
+    z = sel.mean(0) / np.sqrt(1 + model.bn.eps)
+    log_ratio = np.log((sel.var(0, ddof=1) + model.bn.eps) / (1 + model.bn.eps))
+    kl = 0.5 * (np.expm1(log_ratio) - log_ratio + z * z)
+    assert s.call == 1 and s.calls_per_forward == 2 and s.count == len(sel)
+    assert s.z_eq == pytest.approx(np.sqrt(2 * kl.mean()), rel=1e-5)

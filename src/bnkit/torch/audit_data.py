@@ -265,9 +265,9 @@ def _call_moments(col: Collector) -> list[tuple[int, np.ndarray, np.ndarray]]:
     if col.once_per_forward:
         return pooled
     _, counts, means, var = col.stacked()
-    position, seen = np.empty(len(counts), dtype=np.int64), {}
-    for i, b in enumerate(col.batch_of):  # the k-th call within its batch's forward
-        position[i] = seen[b] = seen.get(b, -1) + 1
+    # each call's place in its forward, empty calls counted (a routed call given no rows keeps the next call's
+    # place), numbered over the places that were measured
+    _, position = np.unique(np.asarray(col.positions), return_inverse=True)
     if not _positions_differ(position, means, np.log(var + col.eps)):
         return pooled
     out = []
@@ -388,8 +388,8 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
         return None, None, None
     _, _, means, biased = col.stacked()
     n, aggregate = _samples(col)
-    data = col.data_sizes
-    share = 1.0 if data is None else min(1.0, float(n.sum() / data.sum()))  # a routed branch's share of samples
+    every = col.pass_samples  # batches that gave the layer no rows count too
+    share = 1.0 if every is None else min(1.0, float(n.sum()) / every)  # a routed branch's share of the samples
     b_layer = share * b_train  # the samples a training batch of b_train gives the layer
     variances = col.batch_vars()
     k = len(n)

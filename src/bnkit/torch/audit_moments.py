@@ -114,6 +114,8 @@ class Collector:
         self._clock = clock if clock is not None else PassClock()
         self.order: list[int] = []  # each call's number on the clock
         self.batch_of: list[int] = []  # each call's data batch
+        self.positions: list[int] = []  # each call's place among the layer's calls in its forward (empty ones too)
+        self._calls_in: dict[int, int] = {}  # calls per data batch, empty ones included
         # a frozen layer's stock forward is BatchNorm's eval transform: the stand-in replaces it as it does PyTorch's
         self.stock = has_stock_forward(bn) or (not is_batchnorm(bn) and has_stock_eval_forward(bn))
         self.eps = float(bn.eps)
@@ -141,15 +143,32 @@ class Collector:
         return None if None in sizes else np.asarray(sizes, dtype=np.float64)
 
     @property
+    def pass_samples(self) -> float | None:
+        """The data samples of every batch the pass ran, whether or not the layer saw them (None where unknown)."""
+        sizes = list(self._clock.sizes.values())
+        return None if not sizes or None in sizes else float(sum(sizes))
+
+    def _next_position(self) -> int:
+        """Count one call of the layer in the running data batch; its place among them (from 0)."""
+        batch = self._clock.batch
+        self._calls_in[batch] = self._calls_in.get(batch, 0) + 1
+        return self._calls_in[batch] - 1
+
+    def skip_empty(self) -> None:
+        """A call with no values (a routed branch given no rows): counted for the positions, not measured."""
+        self._next_position()
+
+    @property
     def once_per_forward(self) -> bool:
         """No forward of the pass called the layer more than once (its calls then differ by sampling alone)."""
-        return len(set(self.batch_of)) == len(self.batch_of)
+        return all(k == 1 for k in self._calls_in.values())
 
     def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, spread: torch.Tensor, invstd: bool) -> None:
         self.samples.append((x.shape[0], n, invstd))
         number, batch = self._clock.tick()
         self.order.append(number)
         self.batch_of.append(batch)
+        self.positions.append(self._next_position())
         self.means.append(mean)
         self.spreads.append(spread)
 
@@ -159,6 +178,7 @@ class Collector:
         def forward(input: torch.Tensor) -> torch.Tensor:  # PyTorch's parameter name: bn(input=x) works
             x = input
             if not x.numel():  # a routed branch given no rows: nothing to measure; PyTorch's kernel gives the output
+                self.skip_empty()
                 return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, eps)
             n = x.numel() // x.shape[1]
             if (n <= _KERNEL_STATS_MAX_COUNT
@@ -188,6 +208,8 @@ class Collector:
         if x.numel():
             n, mean, var, _ = _centred(x)
             self._record(x, n, mean, var, False)
+        else:
+            self.skip_empty()
 
     def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every call's batch size, count, mean and biased variance.
