@@ -260,7 +260,8 @@ def recalibrate_command(
     if feed is not None and not callable(feed):
         raise fail(f"--forward {forward!r} is a {type(feed).__name__}, not a function")
     try:
-        report = recalibrate(net.eval(), _Reading(loader, lambda batch: _model_input(batch, dtype)),
+        prepare = (lambda batch: batch) if feed is not None else (lambda batch: _model_input(batch, dtype))
+        report = recalibrate(net.eval(), _Reading(loader, prepare),
                              num_batches=batches, forward=feed, device=run_on, on_nonfinite=on_nonfinite,
                              progress=progress)
     except torch.OutOfMemoryError as exc:
