@@ -126,6 +126,13 @@ def test_audit_of_a_checkpoint_without_torch_says_what_to_install(tmp_path, no_t
     assert_install_hint(*no_torch("audit", "x.pt"), extra="torch")
 
 
+def test_audit_with_a_device_without_torch_says_what_to_install(tmp_path, no_torch):
+    """Review R: --device was parsed (importing torch) before the check."""
+    (tmp_path / "x.pt").write_bytes(b"not read: the command stops first")
+    assert_install_hint(*no_torch("audit", "x.pt", "--model", "bnkit.torch.zoo:MLP", "--device", "cpu"),
+                        extra="torch")
+
+
 def test_recalibrate_without_torch_says_what_to_install(tmp_path, no_torch):
     (tmp_path / "w.pt").write_bytes(b"w")
     np.save(tmp_path / "x.npy", np.zeros((4, 64), np.float32))

@@ -66,15 +66,14 @@ def audit_command(
     if device is not None and model is None and not trust:
         raise fail("--device needs --model (or a whole pickled model, read with --trust): without it the "
                    "checkpoint's tensors are only read, nothing runs")
+    needs(*(("onnx",) if onnx_file else ("torch",)), extra="onnx" if onnx_file else "torch")
     try:
         run_on = parse_device(device) if device is not None else None
     except UsageError as exc:
         raise fail(str(exc)) from None
     if onnx_file:
-        needs("onnx", extra="onnx")
         report = _onnx_report(file)
     else:
-        needs("torch", extra="torch")
         report = _torch_report(file, model, data, batch_size, train_batch_size, max_batches, trust, run_on)
 
     if as_json:
