@@ -67,6 +67,28 @@ def test_large_offset_where_sum_of_squares_fails():
     assert np.max(np.abs(naive - exact) / exact) > 1e-3
 
 
+@pytest.mark.parametrize("offset, std, batch, steps", [(1e8, 1e-4, 2, 1000), (1e8, 1e-4, 64, 100), (1e4, 1e-2, 16, 200)])
+def test_many_small_batches_far_from_zero_lose_no_digits(offset, std, batch, steps):
+    """Review RD: a running mean near 1e8 rounded at every update, and those errors fed Chan's delta**2: the
+    variance of 1e8 +- 1e-4 in 2000 batches of 2 was 1e-5 off. Accumulated around a shift, it is exact to a few
+    float64 roundings. Oracle: the exact variance of the float64 values, in rationals (merge too)."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(3)
+    parts = [offset + std * rng.standard_normal((batch, 1)) for _ in range(steps)]
+    values = [Fraction(float(v)) for v in np.concatenate(parts)[:, 0]]
+    mu = sum(values) / len(values)
+    exact = float(sum((v - mu) ** 2 for v in values) / len(values))
+    rm, first, second = RunningMoments(1), RunningMoments(1), RunningMoments(1)
+    for i, part in enumerate(parts):
+        rm.update(part)
+        (first if i < steps // 2 else second).update(part)
+    first.merge(second)
+    for got in (rm, first):
+        assert abs(got.var[0] - exact) <= 1e-12 * exact
+        assert abs(got.mean[0] - float(mu)) <= 2e-16 * offset
+
+
 def test_channel_axis_last_and_update_moments():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(6, 4, 5, 3))

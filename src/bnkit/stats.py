@@ -78,6 +78,12 @@ def batch_moments(x: np.ndarray, channel_axis: int = 1) -> tuple[int, np.ndarray
 class RunningMoments:
     """Exact per-channel mean and variance over a stream of batches.
 
+    Batches are combined by Chan's formula around a fixed shift per channel, the first value seen (or,
+    for partials given as ``(count, mean, M2)``, the first partial's mean): each batch is reduced as
+    ``x - shift`` (exact for values near it) and the running mean is kept relative to it, so data far
+    from zero (a mean of 1e8 with a spread of 1e-4, in thousands of small batches) loses no digits to
+    the rounding of a large mean.
+
     Attributes:
         count: number of values seen per channel (the same for every channel).
         mean: float64 ``(C,)`` mean of everything seen.
@@ -90,26 +96,39 @@ class RunningMoments:
             raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
         self.num_channels = int(num_channels)
         self.count = 0
-        self.mean = np.zeros(self.num_channels, dtype=np.float64)
+        self._shift = np.zeros(self.num_channels, dtype=np.float64)
+        self._offset = np.zeros(self.num_channels, dtype=np.float64)  # mean - shift
         self.m2 = np.zeros(self.num_channels, dtype=np.float64)
 
-    def _combine(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
-        """Chan's update; nothing changes if the result overflows float64."""
+    @property
+    def mean(self) -> np.ndarray:
+        return self._shift + self._offset
+
+    def _combine(self, count: int, offset: np.ndarray, m2: np.ndarray, shift: np.ndarray | None = None) -> None:
+        """Chan's update with a partial whose mean is ``shift + offset`` (``shift`` None: this accumulator's, or,
+        for the first partial, 0); nothing changes if the result overflows float64."""
         if count == 0:
             return
-        if self.count == 0:
-            new_mean, new_m2 = mean.astype(np.float64).copy(), m2.astype(np.float64).copy()
+        if self.count == 0:  # the partial's own shift, or (an absolute mean) its mean, becomes the shift
+            if shift is None:
+                new_shift, new_offset = offset.astype(np.float64).copy(), np.zeros(self.num_channels)
+            else:
+                new_shift, new_offset = shift.astype(np.float64).copy(), offset.astype(np.float64).copy()
+            new_m2 = m2.astype(np.float64).copy()
         else:
-            delta = mean - self.mean
-            new_mean = self.mean + delta * (count / (self.count + count))
+            if shift is not None:
+                offset = (shift - self._shift) + offset
+            delta = offset - self._offset
+            new_shift = self._shift
+            new_offset = self._offset + delta * (count / (self.count + count))
             new_m2 = self.m2 + m2 + delta * delta * (self.count * count / (self.count + count))
-        if not (np.all(np.isfinite(new_mean)) and np.all(np.isfinite(new_m2))):
+        if not (np.all(np.isfinite(new_shift + new_offset)) and np.all(np.isfinite(new_m2))):
             raise ValueError("the statistics overflow float64 (finite values too large to square); "
                              "refusing to update statistics")
-        self.count, self.mean, self.m2 = self.count + count, new_mean, new_m2
+        self.count, self._shift, self._offset, self.m2 = self.count + count, new_shift, new_offset, new_m2
 
     def update(self, x: np.ndarray, channel_axis: int = 1) -> "RunningMoments":
-        """Fold a batch in; every axis except ``channel_axis`` is reduced."""
+        """Fold a batch in; every axis except ``channel_axis`` is reduced (as ``x - shift``, see the class doc)."""
         x = np.asarray(x)
         ax = channel_axis % x.ndim if x.ndim else 0
         if x.ndim == 0 or x.shape[ax] != self.num_channels:
@@ -118,7 +137,15 @@ class RunningMoments:
             )
         _check_real(x, "batch")
         _check_finite(x, "batch")
-        self._combine(*batch_moments(x, channel_axis))
+        flat = _move_channels_first(x, channel_axis)
+        if flat.shape[1] == 0:
+            return self
+        # the first batch is reduced around its first value per channel, which becomes the shift
+        shift = flat[:, 0].astype(np.float64) if self.count == 0 else self._shift
+        centre = np.expand_dims(shift, tuple(i for i in range(x.ndim) if i != ax))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused by _combine
+            count, offset, m2 = batch_moments(x - centre, channel_axis)
+        self._combine(count, offset, m2, shift=shift)
         return self
 
     def update_moments(self, count: int, mean: np.ndarray, m2: np.ndarray) -> "RunningMoments":
@@ -142,14 +169,14 @@ class RunningMoments:
             raise ValueError("partial M2 (sum of squared deviations) must be non-negative")
         if count < 2 and np.any(m2 != 0):
             raise ValueError(f"a partial of {count} value(s) per channel must have M2 = 0, got {m2}")
-        self._combine(count, mean, m2)
+        self._combine(count, mean - self._shift if self.count else mean, m2)
         return self
 
     def merge(self, other: "RunningMoments") -> "RunningMoments":
         """Combine another accumulator into this one (Chan's formula), exactly."""
         if not isinstance(other, RunningMoments) or other.num_channels != self.num_channels:
             raise ValueError("can only merge RunningMoments with the same number of channels")
-        self._combine(other.count, other.mean, other.m2)
+        self._combine(other.count, other._offset, other.m2, shift=other._shift)
         return self
 
     @property
