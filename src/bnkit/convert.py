@@ -343,6 +343,8 @@ def _need_running(layer: _Layer, dst: str) -> None:
 
 def _target_axis(layer: _Layer, axis: int | None) -> int:
     if axis is not None:
+        if int(axis) == 0:
+            raise ValueError("axis=0 is the batch axis, not a channel axis")
         return int(axis)
     return 1 if layer.axis is None else layer.axis
 

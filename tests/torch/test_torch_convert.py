@@ -230,8 +230,12 @@ def test_keras_bad_input_is_refused():
         to_keras(nn.BatchNorm2d(C, track_running_stats=False))
     with pytest.raises(ValueError, match="ndim="):
         to_keras(BatchNormNd(C))
-    with pytest.raises(ValueError, match="rank 6"):
-        to_keras(BatchNormNd(C), ndim=6)
+    with pytest.raises(ValueError, match="rank >= 2"):  # BatchNormNd takes any rank from 2 (rank 6: see below)
+        to_keras(BatchNormNd(C), ndim=1)
+    with pytest.raises(ValueError, match="batch axis"):  # review RD: the batch axis was taken as the channels
+        to_keras(nn.BatchNorm2d(C).eval(), axis=0)
+    with pytest.raises(ValueError, match="batch axis"):
+        to_keras(nn.BatchNorm2d(C).eval(), axis=-4)
     with pytest.raises(ValueError, match="not initialized"):
         to_keras(nn.LazyBatchNorm2d())
     with pytest.raises(TypeError, match="BatchNorm"):
@@ -645,3 +649,29 @@ def test_to_keras_reads_the_channels_of_a_lazy_layer_filled_by_load_state_dict()
     x = torch.randn(2, 4, 3, 3)
     got = keras.ops.convert_to_numpy(layer(x.numpy(), training=False))
     np.testing.assert_allclose(got, source.eval()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_batchnormnd_converts_at_rank_6_and_matches_real_keras_and_flax():
+    """Review RD: BatchNormNd (any rank; what revert_sync_bn makes beyond rank 5) was refused with ndim=6 though
+    Keras and Flax take rank-6 input. Oracle: the real Keras/Flax layers' inference output vs the torch layer's."""
+    import jax.numpy as jnp
+
+    from bnkit.torch import BatchNormNd, to_flax
+
+    torch.manual_seed(0)
+    bn = BatchNormNd(3).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 3, 2, 3, 2, 2)
+    with torch.no_grad():
+        want = bn(x).numpy()
+    layer = to_keras(bn, ndim=6)
+    got = layer(x.numpy(), training=False)
+    np.testing.assert_allclose(np.asarray(got.detach().cpu() if hasattr(got, "detach") else got), want, rtol=1e-5,
+                               atol=1e-6)
+    module, variables = to_flax(bn, ndim=6)
+    np.testing.assert_allclose(np.asarray(module.apply(variables, jnp.asarray(x.numpy()), use_running_average=True)),
+                               want, rtol=1e-5, atol=1e-6)

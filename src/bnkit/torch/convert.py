@@ -134,16 +134,23 @@ def _torch_rank(bn: _BatchNorm, ndim: int | None) -> int | None:
     takes = next((ranks for types, ranks in _TYPE_RANKS if isinstance(bn, types)), None)
     if ndim is None:
         return None if takes is None else takes[0]
+    if takes is None:  # bnkit's BatchNormNd: any rank with a batch and a channel axis
+        if int(ndim) < 2:
+            raise ValueError(f"ndim={ndim}: BatchNorm input has a batch and a channel axis (rank >= 2)")
+        return int(ndim)
     _rank_to_dims(ndim, type(bn).__name__)
-    if takes is not None and int(ndim) not in takes:
+    if int(ndim) not in takes:
         raise ValueError(f"ndim={ndim}: {type(bn).__name__} takes rank-{' or '.join(map(str, takes))} input")
     return int(ndim)
 
 
 def _check_axis(axis: int, rank: int | None) -> None:
-    """Refuse a Keras/Flax channel ``axis`` that rank-``rank`` input does not have (None: rank unknown)."""
+    """Refuse a Keras/Flax channel ``axis`` that rank-``rank`` input does not have (None: rank unknown), or that
+    is its batch axis 0."""
     if rank is not None and not -rank <= axis < rank:
         raise ValueError(f"axis={axis} is out of range for rank-{rank} input (ndim= states the input's rank)")
+    if axis == 0 or (rank is not None and axis == -rank):
+        raise ValueError(f"axis={axis} is the batch axis of rank-{rank or 'any'} input, not a channel axis")
 
 
 # ----------------------------------------------------------------- Keras
