@@ -13,7 +13,8 @@ both modes identically. With ``track_running_stats=False`` there are no running
 statistics and both modes use the batch's, as in ``torch.nn.BatchNorm*d``.
 
 Statistics are two-pass (mean, then the sum of squared deviations): contiguous
-runs are summed pairwise in the input dtype and combined across rows in float64;
+runs are summed pairwise in the input dtype (sums of products in pieces of at most
+4096 values) and combined across pieces and rows in float64;
 float16 inputs are centred, summed and scaled in float32, as PyTorch does.
 The output has the input's dtype. Large inputs are processed in row blocks on a
 thread pool (NumPy's ufuncs release the GIL); results do not depend on it.
