@@ -463,3 +463,73 @@ def test_routed_call_that_gets_no_rows_keeps_the_call_positions_and_the_share():
     kl = 0.5 * (np.expm1(log_ratio) - log_ratio + z * z)
     assert s.call == 1 and s.calls_per_forward == 2 and s.count == len(sel)
     assert s.z_eq == pytest.approx(np.sqrt(2 * kl.mean()), rel=1e-5)
+
+
+class _RoutedTwice(nn.Module):
+    """One BN called on the batch, on a routed subset (rows with x[:, 0] > limit; none when limit is large), and,
+    with ``third``, on the batch shifted by 5 std."""
+
+    def __init__(self, limit, third=False):
+        super().__init__()
+        self.bn, self.limit, self.third = nn.BatchNorm1d(3), limit, third
+
+    def forward(self, x):
+        out = self.bn(x).sum() + self.bn(x[x[:, 0] > self.limit]).sum()
+        return out + self.bn(3 * x + 5).sum() if self.third else out
+
+
+def test_a_layer_measured_at_one_place_of_two_is_audited_as_called_once():
+    """Review R2: a second call that this data never gives rows made the audit divide by zero (one measured place
+    compared among places). Oracle: float64 statistics of all rows, and the closed-form noise sqrt(m/(2-m)/B)."""
+    from bnkit.torch import audit
+
+    torch.manual_seed(0)
+    model = _RoutedTwice(limit=100.0).eval()
+    model.bn.num_batches_tracked.fill_(1000)
+    x = torch.randn(640, 3)
+    (s,) = audit(model, x, batch_size=64).shifts
+    assert s.call is None and s.count == 640
+    xd = x.double().numpy()
+    z = xd.mean(0) / np.sqrt(1 + model.bn.eps)
+    log_ratio = np.log((xd.var(0, ddof=1) + model.bn.eps) / (1 + model.bn.eps))
+    assert s.z_eq == pytest.approx(np.sqrt(np.mean(np.expm1(log_ratio) - log_ratio + z * z)), rel=1e-5)
+    assert s.mean_noise == pytest.approx(np.sqrt(0.1 / 1.9 / 64), rel=0.35)  # a spread measured over 10 batches
+
+
+def test_the_worst_call_is_named_by_its_place_among_all_calls():
+    """Review R2: with an empty routed call between them, the shifted third call was named 'call 2 of 2'."""
+    from bnkit.torch import audit
+
+    torch.manual_seed(0)
+    model = _RoutedTwice(limit=100.0, third=True).eval()
+    model.bn.num_batches_tracked.fill_(1000)
+    (s,) = audit(model, torch.randn(640, 3), batch_size=64).shifts
+    assert (s.call, s.calls_per_forward) == (3, 3)
+
+
+def test_a_layer_some_batches_skip_keeps_the_noise_of_its_whole_batches():
+    """Review R2: domain-specific BN (each batch goes wholly through one domain's layer) had its noise divided by
+    its share of all the data's batches, twice too large at a quarter. Oracle: every training update of the layer
+    sees a whole batch of 64, so its running mean wobbles by sqrt(m/(2-m)/64) std."""
+    from bnkit.torch import audit
+
+    class TwoDomains(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn_a, self.bn_b = nn.BatchNorm1d(16), nn.BatchNorm1d(16)
+
+        def forward(self, x):
+            return self.bn_a(x[:, :16]) if x[0, 16] > 0 else self.bn_b(x[:, :16])
+
+    torch.manual_seed(0)
+    model = TwoDomains().eval()
+    for bn in (model.bn_a, model.bn_b):
+        bn.num_batches_tracked.fill_(1000)
+    batches = []
+    for i in range(400):
+        x = torch.randn(64, 17)
+        x[:, 16] = 1.0 if i % 4 == 0 else -1.0
+        batches.append(x)
+    shifts = {s.layer: s for s in audit(model, batches, train_batch_size=64).shifts}
+    for layer in ("bn_a", "bn_b"):
+        assert shifts[layer].mean_noise == pytest.approx(np.sqrt(0.1 / 1.9 / 64), rel=0.15)

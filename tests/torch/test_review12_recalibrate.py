@@ -243,3 +243,15 @@ def test_two_passes_in_two_threads_keep_their_own_records_and_restore_f_batch_no
     for model, data in zip(models, (data_a, data_b)):
         rows = torch.cat(data).reshape(-1, 4).double()
         np.testing.assert_allclose(model.running_mean.double().numpy(), rows.mean(0).numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_reference_to_f_batch_norm_taken_during_a_pass_still_works_after_it():
+    """Review R2: the shared stand-in called a class attribute set to None when the last pass ended."""
+    from bnkit.torch.modules import normalized_inputs
+
+    bn = TransposedBN(3)
+    with normalized_inputs([bn], lambda i, x: None):
+        kept = F.batch_norm
+    assert kept is not F.batch_norm
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(kept(x, None, None, training=True), F.batch_norm(x, None, None, training=True))

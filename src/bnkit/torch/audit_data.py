@@ -159,20 +159,19 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
         if not (np.isfinite(mu_r).all() and np.isfinite(var_r).all()) or (var_r + bn.eps <= 0).any():
             continue  # reported by the state checks
         eps = float(bn.eps)
-        positions = _call_moments(col)
         best = None
-        for k, (count, mu_d, var_d) in enumerate(positions):
+        for call, count, mu_d, var_d in _call_moments(col):
             z = (mu_d - mu_r) / np.sqrt(var_r + eps)
             log_ratio = np.log((var_d + eps) / (var_r + eps))
             kl = 0.5 * (np.expm1(log_ratio) - log_ratio + z * z)
             if best is None or kl.mean() > best[1].mean():
-                best = (k, kl, z, log_ratio, count)
-        k, kl, z, log_ratio, count = best
+                best = (call, kl, z, log_ratio, count)
+        call, kl, z, log_ratio, count = best
         worst = int(np.argmax(kl))
         shift = LayerShift(name, float(kl.mean()), float(math.sqrt(2 * kl.mean())), float(z[worst]),
                            float(log_ratio[worst]), worst, int(count))
-        if len(positions) > 1:
-            shift.call, shift.calls_per_forward = k + 1, len(positions)
+        if call is not None:
+            shift.call, shift.calls_per_forward = call, col.calls_per_forward
         if col.once_per_forward and b_train is not None:  # else its calls differ by design (x, x + 3)
             shift.mean_noise, shift.var_noise, shift.batch_f = _noise(col, bn, b_train, var_r + eps)
         shifts.append(shift)
@@ -255,28 +254,29 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
     return findings, None
 
 
-def _call_moments(col: Collector) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """``(count, mean, variance)`` of a layer's inputs per call position within a forward, each pooled over the
-    batches by Chan's formula; one entry, all its calls pooled, for a layer called once per forward or whose call
-    positions do not differ beyond sampling noise (:func:`_positions_differ`: a ghost-batch layer called on
-    chunks of its batch). The variance is unbiased (biased with one value per channel)."""
+def _call_moments(col: Collector) -> list[tuple[int | None, int, np.ndarray, np.ndarray]]:
+    """``(call, count, mean, variance)`` of a layer's inputs per call place within a forward (``call`` 1-based,
+    empty calls counted), each pooled over the batches by Chan's formula; one entry, ``call`` None and all its
+    calls pooled, for a layer called once per forward, measured at fewer than two places, or whose places do not
+    differ beyond sampling noise (:func:`_positions_differ`: a ghost-batch layer called on chunks of its batch).
+    The variance is unbiased (biased with one value per channel)."""
     m = col.moments
-    pooled = [(m.count, m.mean, m.var_unbiased if m.count > 1 else m.var)]
-    if col.once_per_forward:
+    pooled = [(None, m.count, m.mean, m.var_unbiased if m.count > 1 else m.var)]
+    if col.calls_per_forward <= 1:
         return pooled
     _, counts, means, var = col.stacked()
     # each call's place in its forward, empty calls counted (a routed call given no rows keeps the next call's
-    # place), numbered over the places that were measured
-    _, position = np.unique(np.asarray(col.positions), return_inverse=True)
-    if not _positions_differ(position, means, np.log(var + col.eps)):
+    # place), numbered 0.. over the places that were measured
+    places, position = np.unique(np.asarray(col.positions), return_inverse=True)
+    if len(places) < 2 or not _positions_differ(position, means, np.log(var + col.eps)):
         return pooled
     out = []
-    for k in range(int(position.max()) + 1):
+    for k, place in enumerate(places.tolist()):
         n, mu, v = counts[position == k], means[position == k], var[position == k]
         total = n.sum()
         mean = n @ mu / total
         m2 = n @ v + n @ np.square(mu - mean)
-        out.append((int(total), mean, m2 / (total - 1) if total > 1 else m2 / total))
+        out.append((place + 1, int(total), mean, m2 / (total - 1) if total > 1 else m2 / total))
     return out
 
 
@@ -388,7 +388,7 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
         return None, None, None
     _, _, means, biased = col.stacked()
     n, aggregate = _samples(col)
-    every = col.pass_samples  # batches that gave the layer no rows count too
+    every = col.called_samples  # batches whose call gave the layer no rows count too; batches that skipped it not
     share = 1.0 if every is None else min(1.0, float(n.sum()) / every)  # a routed branch's share of the samples
     b_layer = share * b_train  # the samples a training batch of b_train gives the layer
     variances = col.batch_vars()

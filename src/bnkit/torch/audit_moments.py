@@ -143,10 +143,15 @@ class Collector:
         return None if None in sizes else np.asarray(sizes, dtype=np.float64)
 
     @property
-    def pass_samples(self) -> float | None:
-        """The data samples of every batch the pass ran, whether or not the layer saw them (None where unknown)."""
-        sizes = list(self._clock.sizes.values())
+    def called_samples(self) -> float | None:
+        """The data samples of the batches whose forward called the layer, rows or none (None where unknown)."""
+        sizes = [self._clock.sizes.get(b) for b in self._calls_in]
         return None if not sizes or None in sizes else float(sum(sizes))
+
+    @property
+    def calls_per_forward(self) -> int:
+        """The most calls one forward of the pass made of the layer, empty ones included."""
+        return max(self._calls_in.values(), default=0)
 
     def _next_position(self) -> int:
         """Count one call of the layer in the running data batch; its place among them (from 0)."""
@@ -160,8 +165,9 @@ class Collector:
 
     @property
     def once_per_forward(self) -> bool:
-        """No forward of the pass called the layer more than once (its calls then differ by sampling alone)."""
-        return all(k == 1 for k in self._calls_in.values())
+        """No forward of the pass gave the layer values more than once (its measured calls then differ by sampling
+        alone; a routed call given no rows does not count)."""
+        return len(set(self.batch_of)) == len(self.batch_of)
 
     def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, spread: torch.Tensor, invstd: bool) -> None:
         self.samples.append((x.shape[0], n, invstd))

@@ -143,14 +143,21 @@ class normalized_inputs:
         return cls._local.calls
 
     @staticmethod
-    def _batch_norm(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: A002 - torch's name
-        calls = normalized_inputs._calls()
-        if calls:
-            owner, i = calls[-1][0], calls[-1][1]
-            if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] == owner.widths[i]:
-                calls[-1][3] = True
-                owner.record(i, input)
-        return normalized_inputs._original(input, *args, **kwargs)
+    def _wrapping(original: Callable) -> Callable:
+        """The stand-in for ``original`` (``F.batch_norm``), which it keeps: a reference taken while a pass ran
+        still works after it."""
+
+        @functools.wraps(original)
+        def batch_norm(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: A002 - torch's name
+            calls = normalized_inputs._calls()
+            if calls:
+                owner, i = calls[-1][0], calls[-1][1]
+                if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] == owner.widths[i]:
+                    calls[-1][3] = True
+                    owner.record(i, input)
+            return original(input, *args, **kwargs)
+
+        return batch_norm
 
     def __enter__(self) -> normalized_inputs:
         if not self.layers:
@@ -185,7 +192,7 @@ class normalized_inputs:
         with self._lock:
             if normalized_inputs._active == 0:
                 normalized_inputs._original = F.batch_norm
-                F.batch_norm = functools.wraps(F.batch_norm)(normalized_inputs._batch_norm)
+                F.batch_norm = normalized_inputs._wrapping(F.batch_norm)
             normalized_inputs._active += 1
             self._patched = True
         return self
