@@ -244,3 +244,28 @@ def test_revert_gives_back_the_original_parameters_so_an_old_optimizer_keeps_tra
     user = revert_frozen(convert_frozen(user).double())
     assert user[1].weight.requires_grad and not user[1].bias.requires_grad
     assert user[1].bias.dtype == torch.float64 and torch.equal(user[1].bias, bias.double())
+
+
+@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
+                                      lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=1e-2)])
+def test_an_optimizer_built_before_convert_frozen_no_longer_moves_gamma_and_beta(make_opt):
+    """Review RC: the frozen buffers share storage with the original Parameters, which the optimizer still holds;
+    their zeroed (not None) gradients let momentum, Adam moments and weight decay move the 'frozen' values.
+    Oracle: the values at conversion."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).train()
+    opt = make_opt(model.parameters())
+    x = torch.randn(8, 3, 8, 8)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        opt.step()
+    convert_frozen(model)
+    frozen = model[1]
+    gamma, beta = frozen.weight.clone(), frozen.bias.clone()
+    for _ in range(3):
+        opt.zero_grad(set_to_none=False)
+        model(x).square().mean().backward()
+        opt.step()
+    torch.testing.assert_close(frozen.weight, gamma, rtol=0, atol=0)
+    torch.testing.assert_close(frozen.bias, beta, rtol=0, atol=0)

@@ -120,7 +120,9 @@ def convert_frozen(model: nn.Module, modules: Iterable[nn.Module] | None = None)
 
     Tensors are shared (parameters become buffers viewing the same storage), no
     ``training`` flag changes, hooks and other attributes are kept for
-    :func:`revert_frozen`. Layers without running statistics or with
+    :func:`revert_frozen`. The original parameters' gradients are cleared (``None``), so an
+    optimizer built before, which still holds them, skips them (with a zeroed gradient its
+    momentum and weight decay would go on moving the frozen values). Layers without running statistics or with
     uninitialized lazy ones raise ``ValueError`` before anything changes.
     Returns the model (a new object only when ``model`` itself is a BN layer).
     """
@@ -166,7 +168,13 @@ def convert_frozen(model: nn.Module, modules: Iterable[nn.Module] | None = None)
         new.__dict__[_SOURCE_KEY] = (type(m), {k: p for k, p in params.items() if p is not None})
         return new
 
-    return replace_modules(model, make)
+    converted = replace_modules(model, make)
+    for m in converted.modules() if isinstance(converted, nn.Module) else ():
+        for p in (m.__dict__.get(_SOURCE_KEY) or (None, {}))[1].values():
+            # an optimizer built before still holds these Parameters: a zeroed (not None) gradient would let its
+            # momentum, Adam moments and weight decay go on moving the frozen gamma/beta, whose storage they share
+            p.grad = None
+    return converted
 
 
 def _as_parameter(buffer: Tensor | None, original: nn.Parameter | None) -> nn.Parameter | None:
