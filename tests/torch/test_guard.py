@@ -526,3 +526,71 @@ def test_a_new_guard_reading_all_layers_together_names_exactly_the_bad_one(layer
     with pytest.raises(BNGuardError) as err, bn_guard(model):
         pass
     assert [(f.layer, f.code) for f in err.value.findings] == expected
+
+
+def test_one_guard_serves_several_threads():
+    """Review RC: one bn_guard object entered from several threads (a decorated predict function in a thread
+    pool) raised KeyError from its shared statistics cache while weights were reloaded, and its entries were one
+    shared stack, so a thread's exit could remove another's hooks. Oracle: no error in any thread, the same
+    outputs as an unguarded forward, no hook left afterwards, and a thread outside the guard is never checked."""
+    import threading
+
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    with torch.no_grad():
+        model.train()(torch.randn(16, 1, 8, 8))
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    guard = bn_guard(model)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+
+    @guard
+    def predict():
+        with torch.no_grad():
+            return model(x)
+
+    errors, stop = [], threading.Event()
+
+    def serve():
+        try:
+            while not stop.is_set():
+                torch.testing.assert_close(predict(), want)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(100):
+        model.load_state_dict(state)  # the same values, new writes: the statistics are checked again
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[:3]
+    assert not model._forward_pre_hooks and not any(m._forward_pre_hooks for m in model.modules())
+
+    inside, outside = threading.Event(), threading.Event()
+    seen = []
+
+    def unguarded():  # runs while the main thread is inside the guard, with the model in training mode
+        inside.wait(10)
+        model.train()
+        try:
+            with torch.no_grad():
+                model(torch.randn(4, 1, 8, 8))
+            seen.append("ran")
+        except Exception as exc:  # noqa: BLE001 - which error is the point
+            seen.append(type(exc).__name__)
+        finally:
+            model.eval()
+            outside.set()
+
+    worker = threading.Thread(target=unguarded)
+    worker.start()
+    with guard:
+        inside.set()
+        outside.wait(10)
+    worker.join(10)
+    assert seen == ["ran"]  # this thread never entered the guard: it is not checked (before: BNGuardError)

@@ -45,6 +45,7 @@ import contextlib
 import math
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -202,7 +203,12 @@ class bn_guard(contextlib.ContextDecorator):
         self._bn_modules = [m for _, m in self._bn]
         self._clean: dict[int, tuple] = {}  # layer id -> the buffers (and versions) that passed the stats checks
         self._all_clean: list[tuple] | None = None  # (buffers, key, tensor, version) of every layer, once all passed
-        self._active: list[_Entry] = []  # one per nested entry
+        # One guard object may be entered from several threads (a decorated predict function served by a pool):
+        # entries are per thread, the statistics cache and the model's pre-hook are shared under a lock.
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._hook = None  # the model's forward pre-hook, there while any thread is inside
+        self._inside = 0  # entries active in all threads
 
     # ------------------------------------------------------------- reporting
     def _report(self, findings: list[Finding], entry: _Entry) -> None:
@@ -228,12 +234,22 @@ class bn_guard(contextlib.ContextDecorator):
                 return False
         return True
 
+    def _active(self) -> list[_Entry]:
+        """This thread's entries, innermost last."""
+        if not hasattr(self._local, "entries"):
+            self._local.entries = []
+        return self._local.entries
+
     def _stats_problems(self) -> list[Finding]:
         """Statistics findings; buffers unchanged (same tensor, same ``_version``) since a clean check are skipped.
 
         The layers left are read together first (:func:`_none_found`); only if that read finds a bad value or a zero
         counter does each of them get :func:`_stats_findings`' own checks.
         """
+        with self._lock:
+            return self._stats_problems_locked()
+
+    def _stats_problems_locked(self) -> list[Finding]:
         found = []
         todo = []
         for name, m in self._layers:
@@ -270,6 +286,8 @@ class bn_guard(contextlib.ContextDecorator):
         return found
 
     def _check_batch(self, entry: _Entry, module: nn.Module, args: tuple) -> None:
+        if entry not in self._active():  # a forward in another thread, outside this entry
+            return
         x = args[0] if args else None
         if (module.training or module.running_mean is None) and isinstance(x, torch.Tensor) and x.dim() >= 2 \
                 and x.numel() // max(x.size(1), 1) < 2:
@@ -282,9 +300,12 @@ class bn_guard(contextlib.ContextDecorator):
 
     def _recheck(self, module: nn.Module, args: tuple) -> None:
         """The forward pre-hook on ``model``: on a correct model, one flag read per BN layer."""
+        entries = self._active()
+        if not entries:  # a forward in a thread that is not inside the guard
+            return
         for m in self._bn_modules:
             if m.training:
-                self._report(self._mode_problems(self._active[-1]), self._active[-1])
+                self._report(self._mode_problems(entries[-1]), entries[-1])
                 return
 
     # ----------------------------------------------------------------- entry
@@ -303,14 +324,21 @@ class bn_guard(contextlib.ContextDecorator):
                 break
         else:
             self._report(stats, entry)
-        if not self._active:  # one flag scan per forward, however deeply the guard is nested
-            entry.handles.append(self.model.register_forward_pre_hook(self._recheck))
-        self._active.append(entry)
+        with self._lock:  # one flag scan per forward, however deeply and in however many threads it is entered
+            if self._hook is None:
+                self._hook = self.model.register_forward_pre_hook(self._recheck)
+            self._inside += 1
+        self._active().append(entry)
         return self
 
     def __exit__(self, *exc) -> bool:
-        for handle in self._active.pop().handles:
+        for handle in self._active().pop().handles:
             handle.remove()
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                self._hook.remove()
+                self._hook = None
         return False
 
 
