@@ -532,7 +532,8 @@ def test_one_guard_serves_several_threads():
     """Review RC: one bn_guard object entered from several threads (a decorated predict function in a thread
     pool) raised KeyError from its shared statistics cache while weights were reloaded, and its entries were one
     shared stack, so a thread's exit could remove another's hooks. Oracle: no error in any thread, the same
-    outputs as an unguarded forward, no hook left afterwards, and a thread outside the guard is never checked."""
+    outputs as an unguarded forward, no hook left afterwards; and while the guard is entered, a forward run in
+    another thread (as DataParallel runs its replicas) is checked."""
     import threading
 
     torch.manual_seed(0)
@@ -593,4 +594,39 @@ def test_one_guard_serves_several_threads():
         inside.set()
         outside.wait(10)
     worker.join(10)
-    assert seen == ["ran"]  # this thread never entered the guard: it is not checked (before: BNGuardError)
+    assert seen == ["BNGuardError"]  # checked while the guard is entered anywhere (DataParallel's worker threads)
+
+
+def test_a_guard_left_in_another_thread_and_copied():
+    """Review R3: a server that enters and leaves in different worker threads (FastAPI's contextmanager_in_threadpool)
+    got IndexError on exit and a hook left behind; a guard object kept in a predictor could no longer be
+    deep-copied or pickled. Oracle: no hook left, the guard still catches a training-mode model afterwards, and
+    copies guard their own model."""
+    import pickle
+    import threading
+
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    with torch.no_grad():
+        model.train()(torch.randn(16, 1, 8, 8))
+    model.eval()
+    guard = bn_guard(model)
+    entered = threading.Thread(target=guard.__enter__)
+    entered.start()
+    entered.join()
+    errors = []
+    left = threading.Thread(target=lambda: errors.append(guard.__exit__(None, None, None)))
+    left.start()
+    left.join()
+    assert errors == [False] and not model._forward_pre_hooks
+    with guard:  # the thread that entered first may enter and leave again: its stale entry is dropped
+        pass
+    assert not model._forward_pre_hooks
+    for copy_ in (copy.deepcopy(guard), pickle.loads(pickle.dumps(guard))):
+        copy_.model.train()
+        with pytest.raises(BNGuardError, match="training mode"):
+            with copy_:
+                copy_.model(torch.randn(2, 1, 8, 8))
+        assert not copy_.model._forward_pre_hooks
+    with guard, torch.no_grad():
+        model(torch.randn(2, 1, 8, 8))  # the original is untouched by its copies

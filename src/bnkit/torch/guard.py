@@ -203,12 +203,30 @@ class bn_guard(contextlib.ContextDecorator):
         self._bn_modules = [m for _, m in self._bn]
         self._clean: dict[int, tuple] = {}  # layer id -> the buffers (and versions) that passed the stats checks
         self._all_clean: list[tuple] | None = None  # (buffers, key, tensor, version) of every layer, once all passed
-        # One guard object may be entered from several threads (a decorated predict function served by a pool):
-        # entries are per thread, the statistics cache and the model's pre-hook are shared under a lock.
+        self._init_entries()
+
+    def _init_entries(self) -> None:
+        """The state of active entries. One guard object may be entered from several threads at once (a decorated
+        predict function in a thread pool): the entries, the statistics cache and the model's pre-hook are shared
+        under a lock, and every forward of the model is checked while any entry is active, whatever thread runs it
+        (DataParallel runs its replicas in worker threads). Each thread keeps the entries it made, to pair an exit
+        with its own entry; an exit in a thread that made none (a server entering and leaving in different worker
+        threads) closes the latest active one."""
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._hook = None  # the model's forward pre-hook, there while any thread is inside
-        self._inside = 0  # entries active in all threads
+        self._entries: list[_Entry] = []  # active entries, all threads, latest last
+        self._hook = None  # the model's forward pre-hook, there while any entry is active
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles get the configuration and the model, no active entry or cache (checked afresh)."""
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_local", "_lock", "_entries", "_hook", "_clean", "_all_clean")}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._clean, self._all_clean = {}, None
+        self._init_entries()
 
     # ------------------------------------------------------------- reporting
     def _report(self, findings: list[Finding], entry: _Entry) -> None:
@@ -234,8 +252,8 @@ class bn_guard(contextlib.ContextDecorator):
                 return False
         return True
 
-    def _active(self) -> list[_Entry]:
-        """This thread's entries, innermost last."""
+    def _mine(self) -> list[_Entry]:
+        """The entries this thread made, innermost last (some may have been closed from another thread since)."""
         if not hasattr(self._local, "entries"):
             self._local.entries = []
         return self._local.entries
@@ -286,7 +304,7 @@ class bn_guard(contextlib.ContextDecorator):
         return found
 
     def _check_batch(self, entry: _Entry, module: nn.Module, args: tuple) -> None:
-        if entry not in self._active():  # a forward in another thread, outside this entry
+        if not any(e is entry for e in self._entries):  # a hook of an entry already closed
             return
         x = args[0] if args else None
         if (module.training or module.running_mean is None) and isinstance(x, torch.Tensor) and x.dim() >= 2 \
@@ -300,12 +318,13 @@ class bn_guard(contextlib.ContextDecorator):
 
     def _recheck(self, module: nn.Module, args: tuple) -> None:
         """The forward pre-hook on ``model``: on a correct model, one flag read per BN layer."""
-        entries = self._active()
-        if not entries:  # a forward in a thread that is not inside the guard
+        entries = self._entries
+        if not entries:
             return
+        entry = entries[-1]
         for m in self._bn_modules:
             if m.training:
-                self._report(self._mode_problems(entries[-1]), entries[-1])
+                self._report(self._mode_problems(entry), entry)
                 return
 
     # ----------------------------------------------------------------- entry
@@ -327,18 +346,23 @@ class bn_guard(contextlib.ContextDecorator):
         with self._lock:  # one flag scan per forward, however deeply and in however many threads it is entered
             if self._hook is None:
                 self._hook = self.model.register_forward_pre_hook(self._recheck)
-            self._inside += 1
-        self._active().append(entry)
+            self._entries.append(entry)
+        self._mine().append(entry)
         return self
 
     def __exit__(self, *exc) -> bool:
-        for handle in self._active().pop().handles:
-            handle.remove()
+        mine = self._mine()
         with self._lock:
-            self._inside -= 1
-            if self._inside == 0:
-                self._hook.remove()
-                self._hook = None
+            while mine and not any(e is mine[-1] for e in self._entries):
+                mine.pop()  # closed from another thread
+            entry = mine.pop() if mine else (self._entries[-1] if self._entries else None)
+            if entry is not None:
+                self._entries = [e for e in self._entries if e is not entry]
+                if not self._entries and self._hook is not None:
+                    self._hook.remove()
+                    self._hook = None
+        for handle in entry.handles if entry is not None else ():
+            handle.remove()
         return False
 
 
