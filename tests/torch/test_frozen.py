@@ -269,3 +269,16 @@ def test_an_optimizer_built_before_convert_frozen_no_longer_moves_gamma_and_beta
         opt.step()
     torch.testing.assert_close(frozen.weight, gamma, rtol=0, atol=0)
     torch.testing.assert_close(frozen.bias, beta, rtol=0, atol=0)
+
+
+def test_convert_frozen_keeps_the_gradient_of_a_parameter_tied_to_a_layer_left_trainable():
+    """Review R3: clearing the originals' gradients also cleared that of a Parameter another, unconverted layer
+    shares and still trains (its step lost). Oracle: the gradient as backward left it."""
+    torch.manual_seed(0)
+    bn1, bn2 = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+    bn2.weight, bn2.bias = bn1.weight, bn1.bias
+    model = nn.Sequential(bn1, bn2).train()
+    model(torch.randn(8, 4)).square().sum().backward()
+    grad = bn2.weight.grad.clone()
+    convert_frozen(model, modules=[bn1])
+    torch.testing.assert_close(bn2.weight.grad, grad)

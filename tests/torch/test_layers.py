@@ -587,3 +587,15 @@ def test_torch_export_in_training_mode_matches_eager(extras):
     for k, v in eager.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[k], v)
     assert int(eager[0].num_batches_tracked) == 4
+
+
+def test_strict_torch_export_of_a_renorm_layer_in_training_mode():
+    """Review R3: the graph break for renorm under torch.compile made strict torch.export refuse the layer.
+    Oracle: eager outputs and running statistics over four batches."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(BatchNorm2d(3, renorm=True, rmax=1.5, dmax=0.5)).train()
+    exported = torch.export.export(copy.deepcopy(eager), (torch.randn(6, 3, 2, 2),), strict=True).module()
+    for x in _batches((6, 3, 2, 2), 4):
+        torch.testing.assert_close(exported(x), eager(x))
+    for k, v in eager.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[k], v)

@@ -533,3 +533,36 @@ def test_a_layer_some_batches_skip_keeps_the_noise_of_its_whole_batches():
     shifts = {s.layer: s for s in audit(model, batches, train_batch_size=64).shifts}
     for layer in ("bn_a", "bn_b"):
         assert shifts[layer].mean_noise == pytest.approx(np.sqrt(0.1 / 1.9 / 64), rel=0.15)
+
+
+def test_places_that_differ_by_design_give_no_noise_figure_and_do_not_make_random_data_look_ordered():
+    """Review R3: a BN shared by two domains (x and x + 3), each shuffled batch giving rows to one of its two
+    calls: its places' difference was measured as spread between batches, the audit called the random data
+    ordered and dropped every layer's noise figure. Oracle: the ordinary layer's closed form sqrt(m/(2-m)/B)."""
+    from bnkit.torch import audit
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.other, self.bn = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            domain = x[:, 0] > 0
+            h = self.other(x[:, 1:])
+            return self.bn(h[domain]).sum() + self.bn(h[~domain] + 3.0).sum()
+
+    torch.manual_seed(0)
+    model = Shared().eval()
+    for bn in (model.other, model.bn):
+        bn.num_batches_tracked.fill_(1000)
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(40):
+        x = torch.randn(32, 5, generator=g)
+        x[:, 0] = 1.0 if torch.rand(1, generator=g) < 0.5 else -1.0
+        data.append(x)
+    report = audit(model, data, train_batch_size=32)
+    shifts = {s.layer: s for s in report.shifts}
+    assert shifts["bn"].call is not None and shifts["bn"].mean_noise is None
+    assert shifts["other"].mean_noise == pytest.approx(np.sqrt(0.1 / 1.9 / 32), rel=0.25)
+    assert not [f for f in report.by_code("stat_noise") if "not random" in f.finding]

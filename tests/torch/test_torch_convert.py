@@ -675,3 +675,15 @@ def test_batchnormnd_converts_at_rank_6_and_matches_real_keras_and_flax():
     module, variables = to_flax(bn, ndim=6)
     np.testing.assert_allclose(np.asarray(module.apply(variables, jnp.asarray(x.numpy()), use_running_average=True)),
                                want, rtol=1e-5, atol=1e-6)
+
+
+def test_from_flax_refuses_a_channel_axis_the_stated_rank_lacks():
+    """Review R3: from_flax(linen.BatchNorm(axis=3), ndim=2) gave a BatchNorm1d; to_flax refuses the same."""
+    import flax.linen as linen
+
+    module = linen.BatchNorm(axis=3, use_running_average=True)
+    variables = {"params": {"scale": np.ones(3), "bias": np.zeros(3)},
+                 "batch_stats": {"mean": np.zeros(3), "var": np.ones(3)}}
+    with pytest.raises(ValueError, match="out of range for rank-2"):
+        from_flax(module, variables, ndim=2)
+    assert isinstance(from_flax(module, variables, ndim=4), nn.BatchNorm2d)

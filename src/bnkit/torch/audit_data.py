@@ -172,7 +172,7 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
                            float(log_ratio[worst]), worst, int(count))
         if call is not None:
             shift.call, shift.calls_per_forward = call, col.calls_per_forward
-        if col.once_per_forward and b_train is not None:  # else its calls differ by design (x, x + 3)
+        if call is None and col.once_per_forward and b_train is not None:  # else its calls differ by design
             shift.mean_noise, shift.var_noise, shift.batch_f = _noise(col, bn, b_train, var_r + eps)
         shifts.append(shift)
     shifts.sort(key=lambda s: s.score, reverse=True)

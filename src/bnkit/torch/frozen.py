@@ -169,11 +169,13 @@ def convert_frozen(model: nn.Module, modules: Iterable[nn.Module] | None = None)
         return new
 
     converted = replace_modules(model, make)
-    for m in converted.modules() if isinstance(converted, nn.Module) else ():
+    live = {id(p) for p in converted.parameters()}  # a parameter tied to a layer left trainable keeps its gradient
+    for m in converted.modules():
         for p in (m.__dict__.get(_SOURCE_KEY) or (None, {}))[1].values():
             # an optimizer built before still holds these Parameters: a zeroed (not None) gradient would let its
             # momentum, Adam moments and weight decay go on moving the frozen gamma/beta, whose storage they share
-            p.grad = None
+            if id(p) not in live:
+                p.grad = None
     return converted
 
 

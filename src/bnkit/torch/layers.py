@@ -236,7 +236,7 @@ class _DropInBatchNorm:
                 self._check_batch(input)
             if self._extras_on():
                 self._check_input_dim(input)
-                if self.renorm and torch.compiler.is_compiling():
+                if self.renorm and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
                     return _eager_renorm(self, input)
                 return self._forward_train_extras(input)
         try:
@@ -366,7 +366,8 @@ def _eager_renorm(layer: _DropInBatchNorm, x: Tensor) -> Tensor:
 
     Compiled, the backward recomputed ``r`` and ``d`` from the running statistics after this very step had
     updated them in place (measured with torch 2.13, backends aot_eager and inductor: gamma's gradient 12% off);
-    eager autograd keeps the values the forward used.
+    eager autograd keeps the values the forward used. ``torch.export`` (a forward graph, strict or not) traces
+    the step as it is.
     """
     return layer._forward_train_extras(x)
 
