@@ -227,6 +227,21 @@ class bn_guard(contextlib.ContextDecorator):
         self.__dict__.update(state)
         self._clean, self._all_clean = {}, None
         self._init_entries()
+        # copied while entered: the model came with the original's hooks, which now call this copy, which has no
+        # entry; removed here if the model is complete (it is not yet when the copy was reached through the model
+        # itself: then each removes itself when it first runs)
+        if "_modules" in vars(self.model):
+            for m in self.model.modules():
+                self._drop_hooks(m)
+
+    def _drop_hooks(self, module: nn.Module, entry: _Entry | None = None) -> None:
+        """Remove ``module``'s forward pre-hooks that call this guard (``entry``: only that entry's)."""
+        hooks = vars(module).get("_forward_pre_hooks")
+        for key, hook in list((hooks or {}).items()):
+            bound = hook.func if isinstance(hook, partial) else hook
+            if getattr(bound, "__self__", None) is self and (entry is None or hook.args[:1] == (entry,)):
+                del hooks[key]
+                vars(module).get("_forward_pre_hooks_with_kwargs", {}).pop(key, None)
 
     # ------------------------------------------------------------- reporting
     def _report(self, findings: list[Finding], entry: _Entry) -> None:
@@ -298,13 +313,14 @@ class bn_guard(contextlib.ContextDecorator):
         for name, m in self._bn:
             problems = _mode_findings(name, m)
             if problems and id(m) not in entry.watched and "batch_of_one" not in self.ignore:
-                entry.watched[id(m)] = name
-                entry.handles.append(m.register_forward_pre_hook(partial(self._check_batch, entry)))
+                entry.watched[id(m)] = name  # the name travels with the hook: DataParallel's replicas share it
+                entry.handles.append(m.register_forward_pre_hook(partial(self._check_batch, entry, name)))
             found += problems
         return found
 
-    def _check_batch(self, entry: _Entry, module: nn.Module, args: tuple) -> None:
-        if not any(e is entry for e in self._entries):  # a hook of an entry already closed
+    def _check_batch(self, entry: _Entry, name: str, module: nn.Module, args: tuple) -> None:
+        if not any(e is entry for e in self._entries):  # a hook of an entry closed (or of a copy's model)
+            self._drop_hooks(module, entry)
             return
         x = args[0] if args else None
         if (module.training or module.running_mean is None) and isinstance(x, torch.Tensor) and x.dim() >= 2 \
@@ -312,19 +328,23 @@ class bn_guard(contextlib.ContextDecorator):
             fix = "call model.eval(), or use a batch of at least 2" if module.running_mean is not None else (
                 "use a batch of at least 2 (the layer has no running statistics, so eval mode does not help)")
             self._report([Finding(
-                "error", entry.watched[id(module)], "gets fewer than 2 values per channel while normalizing with "
+                "error", name, "gets fewer than 2 values per channel while normalizing with "
                 "batch statistics", f"input shape {tuple(x.shape)}", fix, "batch_of_one",
             )], entry)
 
     def _recheck(self, module: nn.Module, args: tuple) -> None:
         """The forward pre-hook on ``model``: on a correct model, one flag read per BN layer."""
-        entries = self._entries
-        if not entries:
+        if not self._entries:  # a copy's model, which came with the hook: nothing is entered
+            self._drop_hooks(module)
             return
-        entry = entries[-1]
         for m in self._bn_modules:
             if m.training:
-                self._report(self._mode_problems(entry), entry)
+                with self._lock:  # an entry closing in another thread must not get hooks after it removed its own
+                    if not self._entries:
+                        return
+                    entry = self._entries[-1]
+                    problems = self._mode_problems(entry)
+                self._report(problems, entry)
                 return
 
     # ----------------------------------------------------------------- entry
@@ -343,11 +363,13 @@ class bn_guard(contextlib.ContextDecorator):
                 break
         else:
             self._report(stats, entry)
+        mine = self._mine()
         with self._lock:  # one flag scan per forward, however deeply and in however many threads it is entered
             if self._hook is None:
                 self._hook = self.model.register_forward_pre_hook(self._recheck)
             self._entries.append(entry)
-        self._mine().append(entry)
+            mine[:] = [e for e in mine if any(e is a for a in self._entries)]  # drop those closed elsewhere
+        mine.append(entry)
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -361,8 +383,8 @@ class bn_guard(contextlib.ContextDecorator):
                 if not self._entries and self._hook is not None:
                     self._hook.remove()
                     self._hook = None
-        for handle in entry.handles if entry is not None else ():
-            handle.remove()
+                for handle in entry.handles:
+                    handle.remove()
         return False
 
 
