@@ -27,7 +27,7 @@ import bnkit
 RUN = "import sys; sys.argv = ['bnkit'] + sys.argv[1:]; from bnkit.cli import main; main()"
 NO_TORCH_RUN = ("import importlib.util, sys; assert importlib.util.find_spec('torch') is None, 'torch not hidden'; "
                 + RUN)
-UMASK_RUN = ("import os, sys; os.umask(0o022); open(os.environ['REFERENCE_FILE'], 'w').close(); " + RUN)
+UMASK_RUN = ("import os, sys; os.umask(0o027); open(os.environ['REFERENCE_FILE'], 'w').close(); " + RUN)
 
 
 def bnkit_env(*first: Path, **extra: str) -> dict[str, str]:
@@ -66,7 +66,7 @@ def recalibrate_with_umask(tmp_path, args, out):
     result = subprocess.run([sys.executable, "-c", UMASK_RUN, *args, "-o", str(out)], cwd=tmp_path,
                             env=bnkit_env(REFERENCE_FILE=str(reference)), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert mode(reference) == 0o666 & ~0o022  # open()'s default under the subprocess's umask
+    assert mode(reference) == 0o666 & ~0o027  # open()'s default under the subprocess's umask: 0o640
     return mode(reference)
 
 
@@ -80,9 +80,9 @@ def test_recalibrate_writes_a_new_file_with_open_s_mode(tmp_path, recalibrate_in
 def test_recalibrate_over_an_existing_file_keeps_its_mode(tmp_path, recalibrate_inputs):
     out = tmp_path / "old.safetensors"
     out.write_bytes(b"old")
-    os.chmod(out, 0o640)
+    os.chmod(out, 0o604)  # neither open()'s 0o640 under that umask nor safetensors' 0o600
     recalibrate_with_umask(tmp_path, recalibrate_inputs, out)
-    assert oct(mode(out)) == oct(0o640)
+    assert oct(mode(out)) == oct(0o604)
     assert out.read_bytes() != b"old"
 
 

@@ -372,7 +372,7 @@ SAVE_WITH_UMASK = """
 import os, sys
 import torch
 from bnkit.torch import save_state_dict_file
-os.umask(0o022)  # not safetensors' 0o600: a writer's own mode would show
+os.umask(0o027)  # open() then gives 0o640: neither the common 0o644 nor safetensors' own 0o600
 folder = sys.argv[1]
 with open(os.path.join(folder, "reference"), "w"):  # open()'s 0o666 & ~umask, the oracle
     pass
@@ -398,7 +398,7 @@ def test_new_state_dict_files_get_open_s_mode(tmp_path):
     subprocess.run([sys.executable, "-c", SAVE_WITH_UMASK, str(tmp_path), *names], env=bnkit_env(), check=True,
                    timeout=60)
     reference = mode(tmp_path / "reference")
-    assert reference == 0o666 & ~0o022
+    assert reference == 0o666 & ~0o027
     for name in names:
         assert oct(mode(tmp_path / name)) == oct(reference), name
 

@@ -687,3 +687,9 @@ def test_from_flax_refuses_a_channel_axis_the_stated_rank_lacks():
     with pytest.raises(ValueError, match="out of range for rank-2"):
         from_flax(module, variables, ndim=2)
     assert isinstance(from_flax(module, variables, ndim=4), nn.BatchNorm2d)
+    for axis in ((3,), np.int64(3)):  # review R4: a one-axis tuple and a NumPy integer were not checked
+        with pytest.raises(ValueError, match="out of range for rank-2"):
+            from_flax(linen.BatchNorm(axis=axis, use_running_average=True), variables, ndim=2)
+    for axis in (0, (0,), np.int64(0)):  # the batch axis, with or without ndim
+        with pytest.raises(ValueError, match="batch axis"):
+            from_flax(linen.BatchNorm(axis=axis, use_running_average=True), variables)

@@ -256,8 +256,9 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
                 "'bias': m.bias[...]}, 'batch_stats': {'mean': m.mean[...], 'var': m.var[...]}}"
             )
         raise TypeError(f"expected a flax.linen.BatchNorm, got {cls.__module__}.{cls.__qualname__}")
-    if ndim is not None and isinstance(module.axis, int):
-        _check_axis(module.axis, int(ndim))  # the layer's channel axis must exist in input of the stated rank
+    axis = module.axis[0] if isinstance(module.axis, (tuple, list)) and len(module.axis) == 1 else module.axis
+    if isinstance(axis, (int, np.integer)):  # the channel axis must exist in input of the stated rank, and not be 0
+        _check_axis(int(axis), None if ndim is None else int(ndim))
     config = {"axis": module.axis, "momentum": module.momentum, "epsilon": module.epsilon,
               "use_bias": module.use_bias, "use_scale": module.use_scale}
     state = convert_state({"variables": variables, "config": config}, "flax", "torch")
