@@ -87,3 +87,27 @@ def without_bias_option(monkeypatch) -> None:
         init(self, num_features, eps, momentum, affine, track_running_stats, device, dtype)
 
     monkeypatch.setattr(batchnorm._BatchNorm, "__init__", old_init)
+
+
+def arithmetic_bn_class():
+    """A masked BatchNorm1d subclass with its own arithmetic, as some sequence models write it: it never calls
+    F.batch_norm, normalizing the real positions of an ``(N, C, L)`` input given a ``(N, L)`` mask."""
+    import torch
+    from torch import nn
+
+    class ArithmeticBN(nn.BatchNorm1d):
+        def forward(self, x, mask):
+            if self.training:
+                sel = x.transpose(1, 2)[mask]
+                mean, var = sel.mean(0), sel.var(0, unbiased=False)
+                with torch.no_grad():
+                    n = sel.shape[0]
+                    self.running_mean.lerp_(mean, self.momentum)
+                    self.running_var.lerp_(var * n / (n - 1), self.momentum)
+                    self.num_batches_tracked += 1
+            else:
+                mean, var = self.running_mean, self.running_var
+            y = (x - mean[:, None]) / torch.sqrt(var[:, None] + self.eps) * self.weight[:, None] + self.bias[:, None]
+            return y * mask[:, None, :]
+
+    return ArithmeticBN

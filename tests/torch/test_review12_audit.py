@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from _helpers import arithmetic_bn_class
+
 from bnkit.torch import audit, freeze_bn
 
 
@@ -358,22 +360,7 @@ def test_a_transposing_subclass_is_compared_on_its_normalized_axis(length):
     assert not report.by_code("own_forward")
 
 
-class ArithmeticBN(nn.BatchNorm1d):
-    """Masked BN with its own arithmetic: never calls F.batch_norm."""
-
-    def forward(self, x, mask):
-        if self.training:
-            sel = x.transpose(1, 2)[mask]
-            mean, var = sel.mean(0), sel.var(0, unbiased=False)
-            with torch.no_grad():
-                n = sel.shape[0]
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / (n - 1), self.momentum)
-                self.num_batches_tracked += 1
-        else:
-            mean, var = self.running_mean, self.running_var
-        y = (x - mean[:, None]) / torch.sqrt(var[:, None] + self.eps) * self.weight[:, None] + self.bias[:, None]
-        return y * mask[:, None, :]
+ArithmeticBN = arithmetic_bn_class()  # masked BN with its own arithmetic: never calls F.batch_norm
 
 
 def test_a_subclass_with_its_own_arithmetic_gets_the_own_forward_warning():

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from _helpers import arithmetic_bn_class
+
 from bnkit.torch import recalibrate
 
 
@@ -75,22 +77,7 @@ def test_subclass_normalizing_selected_positions_gets_their_statistics_only():
     np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=1e-5)
 
 
-class ArithmeticBN(nn.BatchNorm1d):
-    """Masked BN with its own arithmetic: never calls F.batch_norm (the reviewer's MaskedBN)."""
-
-    def forward(self, x, mask):
-        if self.training:
-            sel = x.transpose(1, 2)[mask]
-            mean, var = sel.mean(0), sel.var(0, unbiased=False)
-            with torch.no_grad():
-                n = sel.shape[0]
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / (n - 1), self.momentum)
-                self.num_batches_tracked += 1
-        else:
-            mean, var = self.running_mean, self.running_var
-        y = (x - mean[:, None]) / torch.sqrt(var[:, None] + self.eps) * self.weight[:, None] + self.bias[:, None]
-        return y * mask[:, None, :]
+ArithmeticBN = arithmetic_bn_class()  # masked BN with its own arithmetic: never calls F.batch_norm
 
 
 def test_subclass_with_its_own_arithmetic_is_measured_on_its_input_with_a_warning_naming_it():
