@@ -698,3 +698,24 @@ def test_the_statistics_cache_is_updated_under_the_guards_lock(monkeypatch):
     with guard:
         pass
     assert held == [True]
+
+
+def test_a_bare_bn_layer_copied_while_entered_in_training_mode_runs_its_copy():
+    """Review R5: with the BN layer itself as the model, its copy carries both kinds of guard hook in one dict,
+    and removing the stale ones read .args of the bound method: AttributeError on the copy's first forward.
+    Oracle: the copy's output equals PyTorch's own training-mode forward of an identical layer."""
+    bn = nn.BatchNorm1d(3)
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)
+        bn.num_batches_tracked += 1
+    guard = bn_guard(bn, action="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BNGuardWarning)
+        bn.train()
+        with guard:
+            twin = copy.deepcopy(bn)
+    x = torch.randn(4, 3)
+    reference = copy.deepcopy(twin)
+    reference._forward_pre_hooks.clear()
+    torch.testing.assert_close(twin(x), reference(x))
+    assert not twin._forward_pre_hooks

@@ -239,7 +239,8 @@ class bn_guard(contextlib.ContextDecorator):
         hooks = vars(module).get("_forward_pre_hooks")
         for key, hook in list((hooks or {}).items()):
             bound = hook.func if isinstance(hook, partial) else hook
-            if getattr(bound, "__self__", None) is self and (entry is None or hook.args[:1] == (entry,)):
+            if getattr(bound, "__self__", None) is self and (
+                    entry is None or (isinstance(hook, partial) and hook.args[:1] == (entry,))):
                 del hooks[key]
                 vars(module).get("_forward_pre_hooks_with_kwargs", {}).pop(key, None)
 
@@ -335,7 +336,9 @@ class bn_guard(contextlib.ContextDecorator):
     def _recheck(self, module: nn.Module, args: tuple) -> None:
         """The forward pre-hook on ``model``: on a correct model, one flag read per BN layer."""
         if not self._entries:  # a copy's model, which came with the hook: nothing is entered
-            self._drop_hooks(module)
+            with self._lock:
+                if not self._entries:  # not entered again meanwhile (its new hook is this same method)
+                    self._drop_hooks(module)
             return
         for m in self._bn_modules:
             if m.training:
