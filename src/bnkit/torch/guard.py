@@ -320,7 +320,7 @@ class bn_guard(contextlib.ContextDecorator):
         return found
 
     def _check_batch(self, entry: _Entry, name: str, module: nn.Module, args: tuple) -> None:
-        if not any(e is entry for e in self._entries):  # a hook of an entry closed (or of a copy's model)
+        if entry not in self._entries:  # a hook of an entry closed (or of a copy's model); _Entry compares by identity
             self._drop_hooks(module, entry)
             return
         x = args[0] if args else None
@@ -371,18 +371,20 @@ class bn_guard(contextlib.ContextDecorator):
             if self._hook is None:
                 self._hook = self.model.register_forward_pre_hook(self._recheck)
             self._entries.append(entry)
-            mine[:] = [e for e in mine if any(e is a for a in self._entries)]  # drop those closed elsewhere
+            if mine:
+                mine[:] = [e for e in mine if e in self._entries]  # drop those closed from other threads
         mine.append(entry)
         return self
 
     def __exit__(self, *exc) -> bool:
         mine = self._mine()
         with self._lock:
-            while mine and not any(e is mine[-1] for e in self._entries):
+            while mine and mine[-1] not in self._entries:
                 mine.pop()  # closed from another thread
             entry = mine.pop() if mine else (self._entries[-1] if self._entries else None)
             if entry is not None:
-                self._entries = [e for e in self._entries if e is not entry]
+                entries = self._entries  # replaced, not edited: forwards in other threads read it without the lock
+                self._entries = entries[:-1] if entries[-1] is entry else [e for e in entries if e is not entry]
                 if not self._entries and self._hook is not None:
                     self._hook.remove()
                     self._hook = None
