@@ -756,3 +756,15 @@ def test_float32_long_runs_keep_float32_accuracy_in_the_variance_and_grad_weight
     xhat = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + bn.eps)
     grad_weight = (dy.astype(np.float64).transpose(1, 0, 2, 3).reshape(2, -1) * xhat).sum(1)
     np.testing.assert_allclose(bn.grad_weight, grad_weight, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("hw", [(100, 100), (4097, 1)])  # runs of 4096 k + r values: the pieces and the rest
+def test_float32_runs_longer_than_a_piece_with_a_remainder(hw):
+    """Mutation M9: the values after the last whole 4096-value piece could be dropped unnoticed (the long-run test
+    used 256 whole pieces). Oracle: float64 NumPy."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((2, 2, *hw)) * 3 + 5).astype(np.float32)
+    bn = BatchNorm(2, momentum=1.0)
+    bn.forward(x)
+    np.testing.assert_allclose(bn.running_var, x.astype(np.float64).transpose(1, 0, 2, 3).reshape(2, -1).var(1, ddof=1),
+                               rtol=1e-6)

@@ -211,3 +211,15 @@ def test_lesson_worked_example_closed_form():
         assert rows[t - 1][2] == pytest.approx(4.0 + (v3 - 4.0) * 0.9 ** (t - 3))
     assert rows[9][2] == pytest.approx(2.6092, abs=1e-4)  # the lesson's "≈ 3.58" is wrong
     assert rows[0][3] == pytest.approx(4.2)  # bias correction recovers the first batch mean exactly
+
+
+def test_partials_after_batches_and_empty_batches_use_the_shift():
+    """Mutation M9: update_moments after update ignored the shift (mean 17.5 for 12.5), and an empty batch raised
+    IndexError. Oracle: NumPy over the values themselves."""
+    rm = RunningMoments(1).update(np.array([[10.0], [12.0]]))
+    rm.update_moments(2, np.array([14.0]), np.array([2.0]))  # the values 13 and 15
+    np.testing.assert_allclose([rm.mean[0], rm.var[0]], [np.mean([10, 12, 13, 15]), np.var([10, 12, 13, 15])])
+    empty = RunningMoments(3).update(np.zeros((0, 3)))
+    assert empty.count == 0
+    x = np.arange(12.0).reshape(4, 3)
+    np.testing.assert_allclose(empty.update(x).mean, x.mean(0))
