@@ -719,3 +719,55 @@ def test_a_bare_bn_layer_copied_while_entered_in_training_mode_runs_its_copy():
     reference._forward_pre_hooks.clear()
     torch.testing.assert_close(twin(x), reference(x))
     assert not twin._forward_pre_hooks
+
+
+def test_an_exit_closes_its_own_threads_entry_not_the_latest(monkeypatch):
+    """Mutation M9: with two threads inside, the one that entered first leaving first must close its own entry:
+    closing the latest instead left the other thread's block unguarded (its batch-size hook gone). Oracle: the
+    other thread's batch of one is still reported while it stays inside; the recheck's hooks are added under the
+    lock."""
+    import threading
+
+    bn = nn.BatchNorm1d(3, track_running_stats=False)  # batch statistics whatever the mode: a batch of one fails
+    model = nn.Sequential(bn)
+    guard = bn_guard(model, action="warn", ignore=["no_running_stats", "training"])
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    caught = []
+
+    def first():
+        with guard:
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with guard:
+            b_in.set()
+            a_out.wait(10)  # the first thread has left: this block is still inside the guard
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                try:
+                    model(torch.randn(1, 3))
+                except ValueError:  # PyTorch's own error after the guard's warning
+                    pass
+            caught.extend(str(x.message) for x in w)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert any("fewer than 2 values per channel" in m for m in caught), caught
+    assert not model._forward_pre_hooks and not bn._forward_pre_hooks
+
+    held = []
+    real = guard._mode_problems
+    monkeypatch.setattr(guard, "_mode_problems", lambda entry: held.append(guard._lock.locked()) or real(entry))
+    with guard, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model(torch.randn(4, 3))
+        except ValueError:
+            pass
+    assert held and held[-1] is True  # the forward's recheck ran it under the lock
