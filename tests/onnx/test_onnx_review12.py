@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from _helpers import ort_run, rel
-from onnx import TensorProto, helper, numpy_helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
@@ -611,3 +611,71 @@ def test_function_bodies_read_reference_attributes_from_each_call(tmp_path):
     assert [n["epsilon"] for n in report.nodes] == pytest.approx([1e-5, 1e-1], rel=1e-6)
     (bad,) = [f for f in report.findings if f.severity == "error"]
     assert bad.code == "non_finite" and bad.layer.startswith("/1/")
+
+
+def _bn_function(name, body_nodes, inputs, attributes=(), defaults=()):
+    return helper.make_function("local", name, inputs, ["y"], body_nodes,
+                                [helper.make_opsetid("", 15), helper.make_opsetid("local", 1)],
+                                attributes=list(attributes), attribute_protos=list(defaults))
+
+
+def _bn_ref(epsilon_ref):
+    """A BatchNormalization node whose epsilon refers to the function attribute ``epsilon_ref``."""
+    node = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"])
+    node.attribute.append(helper.make_attribute_ref("epsilon", AttributeProto.FLOAT))
+    node.attribute[-1].ref_attr_name = epsilon_ref
+    return node
+
+
+def _calling_model(functions, call):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+             (("s", rng.uniform(0.5, 1.5, 3)), ("b", rng.normal(size=3)), ("m", rng.normal(size=3)),
+              ("v", rng.uniform(0.5, 2, 3)))]
+    graph = helper.make_graph([call], "g", [_tensor("x", [2, 3, 4])], [_tensor("y", [2, 3, 4])], inits)
+    return helper.make_model(graph, functions=functions,
+                             opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("local", 1)])
+
+
+def test_reference_attributes_through_nested_functions_and_function_defaults():
+    """Mutation M9: a reference passed through a function that calls another, and a function's declared default,
+    were not covered (only one level of call). Oracle: onnxruntime's output equals BatchNormalization with that
+    epsilon, and the audit reads the same epsilon."""
+    from bnkit.onnx.graph import bn_nodes, local_functions, opset_version
+
+    inner = _bn_function("Inner", [_bn_ref("eps")], ["x", "s", "b", "m", "v"], attributes=["eps"])
+    passing = helper.make_node("Inner", ["x", "s", "b", "m", "v"], ["y"], domain="local")
+    passing.attribute.append(helper.make_attribute_ref("eps", AttributeProto.FLOAT))
+    passing.attribute[-1].ref_attr_name = "eps2"
+    outer = _bn_function("Outer", [passing], ["x", "s", "b", "m", "v"], attributes=["eps2"])
+    call = helper.make_node("Outer", ["x", "s", "b", "m", "v"], ["y"], domain="local", eps2=0.3)
+    defaulted = _bn_function("Defaulted", [_bn_ref("epsilon")], ["x", "s", "b", "m", "v"],
+                             defaults=[helper.make_attribute("epsilon", 0.1)])
+    plain_call = helper.make_node("Defaulted", ["x", "s", "b", "m", "v"], ["y"], domain="local")
+    for model, eps in ((_calling_model([inner, outer], call), 0.3), (_calling_model([defaulted], plain_call), 0.1)):
+        onnx.checker.check_model(model)
+        (node,) = bn_nodes(model.graph, opset_version(model), functions=local_functions(model))
+        assert node.epsilon == pytest.approx(eps)
+        x = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
+        inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+        want = ((x - inits["m"][:, None]) / np.sqrt(inits["v"][:, None] + eps) * inits["s"][:, None]
+                + inits["b"][:, None])
+        np.testing.assert_allclose(ort_run(model, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_random_nodes_inside_local_functions_are_seeded_for_verification():
+    """Mutation M9: the seeding of random nodes inside function bodies could be dropped unnoticed (a fold's check
+    would then compare independent draws). Oracle: the seeded copy's function node carries a seed, and it runs."""
+    from bnkit.onnx.fold import _seeded
+
+    body = [helper.make_node("RandomNormalLike", ["x"], ["r"]), helper.make_node("Add", ["x", "r"], ["y"])]
+    sampler = helper.make_function("local", "Sampler", ["x"], ["y"], body, [helper.make_opsetid("", 15)])
+    call = helper.make_node("Sampler", ["x"], ["y"], domain="local")
+    graph = helper.make_graph([call], "g", [_tensor("x", [64])], [_tensor("y", [64])])
+    model = helper.make_model(graph, functions=[sampler],
+                              opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("local", 1)])
+    seeded = _seeded(model, 15)
+    (node,) = [n for f in seeded.functions for n in f.node if n.op_type == "RandomNormalLike"]
+    assert [helper.get_attribute_value(a) for a in node.attribute if a.name == "seed"] == [1.0]
+    assert ort_run(seeded, {"x": np.zeros(64, np.float32)})[0].shape == (64,)
+    assert not [a for f in model.functions for n in f.node for a in n.attribute]  # the input is not modified
