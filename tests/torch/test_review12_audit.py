@@ -553,3 +553,44 @@ def test_places_that_differ_by_design_give_no_noise_figure_and_do_not_make_rando
     assert shifts["bn"].call is not None and shifts["bn"].mean_noise is None
     assert shifts["other"].mean_noise == pytest.approx(np.sqrt(0.1 / 1.9 / 32), rel=0.25)
     assert not [f for f in report.by_code("stat_noise") if "not random" in f.finding]
+
+
+class _OwnForward(nn.BatchNorm1d):
+    """A BN subclass with a forward of its own that hands its input to F.batch_norm unchanged."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("cls", [nn.BatchNorm1d, _OwnForward])
+def test_a_loop_of_varying_length_is_named_by_its_longest_forward(cls):
+    """Mutation M9: the calls per forward were not tested with a loop whose length varies between batches (one call
+    on even batches, three on odd ones, the third shifted by 5 std), nor with an empty routed call of a layer with
+    its own forward. Oracle: the third call's rows, in float64, against the running statistics."""
+    from bnkit.torch import audit
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = cls(3)
+
+        def forward(self, x):
+            out = self.bn(x).sum()
+            if x[0, 0] > 0:  # odd batches: an empty routed call, then the shifted one
+                out = out + self.bn(x[x[:, 1] > 100]).sum() + self.bn(3 * x + 5).sum()
+            return out
+
+    torch.manual_seed(0)
+    model = Loop().eval()
+    model.bn.num_batches_tracked.fill_(1000)
+    batches = []
+    for i in range(10):
+        x = torch.randn(64, 3)
+        x[0, 0] = 1.0 if i % 2 else -1.0
+        batches.append(x)
+    (s,) = audit(model, batches).shifts
+    assert (s.call, s.calls_per_forward) == (3, 3)
+    third = np.concatenate([(3 * b + 5).double().numpy() for b in batches[1::2]])
+    z = third.mean(0) / np.sqrt(1 + model.bn.eps)
+    log_ratio = np.log((third.var(0, ddof=1) + model.bn.eps) / (1 + model.bn.eps))
+    assert s.z_eq == pytest.approx(np.sqrt(np.mean(np.expm1(log_ratio) - log_ratio + z * z)), rel=1e-5)
