@@ -66,6 +66,9 @@ def loader():
     data = torch.utils.data.TensorDataset(torch.from_numpy(X), torch.from_numpy(Y))
     return torch.utils.data.DataLoader(data, batch_size=10)
 def dicts(): return [{"pixels": x, "id": 0} for x in np.split(X, 4)]
+from collections import namedtuple
+Batch = namedtuple("Batch", "x y")
+def named(): return [Batch(x, y) for x, y in zip(np.split(X, 4), np.split(Y, 4))]  # float64 inputs in a namedtuple
 def feed(model, batch):                    # written for the NumPy batches the factory yields
     assert isinstance(batch["pixels"], np.ndarray), type(batch["pixels"])
     return model(torch.from_numpy(batch["pixels"]).float())
@@ -126,6 +129,7 @@ def data_x(dtype=None) -> np.ndarray:
     ("np_pairs", 4),    # a list of (float32 NumPy inputs, int NumPy labels) tuples
     ("torch64", 4),     # a list of float64 tensors
     ("loader", 4),      # a DataLoader of [float64 tensor, int tensor] lists
+    ("named", 4),       # a list of namedtuple batches (mutation M9: rebuilt with the wrong constructor call)
 ])
 def test_floating_data_from_a_factory_is_cast_to_the_models_dtype(user, factory, batches):
     """The same data as one float64 array is accepted (cast to float32): every other form a factory may give is
