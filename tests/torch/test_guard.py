@@ -771,3 +771,24 @@ def test_an_exit_closes_its_own_threads_entry_not_the_latest(monkeypatch):
         except ValueError:
             pass
     assert held and held[-1] is True  # the forward's recheck ran it under the lock
+
+
+def test_hooks_of_closed_entries_stay_silent_and_live_ones_stay():
+    """Mutation M9: a batch-size hook of a closed entry (on a model copied while the guard was entered) kept
+    checking, and removing a closed entry's hooks could take a live entry's too. Oracle: PyTorch's own error and
+    no guard warning on the copy; the live entry's hooks still there after a closed entry's hook ran."""
+    from bnkit.torch.guard import _Entry
+
+    bn = nn.BatchNorm1d(3, track_running_stats=False)
+    guard = bn_guard(bn, action="warn", ignore=["no_running_stats"])
+    with guard:
+        twin = copy.deepcopy(bn)
+        live = dict(bn._forward_pre_hooks)
+        guard._check_batch(_Entry(), "stale", bn, (torch.randn(1, 3),))  # a closed entry's hook fires
+        assert dict(bn._forward_pre_hooks) == live
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            twin(torch.randn(1, 3))
+    assert not [w for w in caught if issubclass(w.category, BNGuardWarning)]
+    assert not twin._forward_pre_hooks
