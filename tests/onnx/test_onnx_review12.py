@@ -679,3 +679,29 @@ def test_random_nodes_inside_local_functions_are_seeded_for_verification():
     assert [helper.get_attribute_value(a) for a in node.attribute if a.name == "seed"] == [1.0]
     assert ort_run(seeded, {"x": np.zeros(64, np.float32)})[0].shape == (64,)
     assert not [a for f in model.functions for n in f.node for a in n.attribute]  # the input is not modified
+
+
+def test_castlike_constants_take_the_targets_type_and_a_recursive_function_is_not_followed_round():
+    """Mutation M9: CastLike's target type could be ignored, and a (malformed) function that calls itself was
+    only guarded by a check no test reached. Oracle: NumPy's cast; bn_nodes returns the BN once."""
+    from bnkit.onnx.graph import GraphIndex, bn_nodes
+
+    nodes = [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array(2, np.int64))),
+             helper.make_node("CastLike", ["k", "x"], ["kf"]),
+             helper.make_node("Shape", ["w"], ["n"], start=0, end=1),
+             helper.make_node("Expand", ["kf", "n"], ["bias"]),
+             helper.make_node("Add", ["x", "bias"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [_tensor("x", [2, 3])], [_tensor("y", [2, 3])],
+                              [numpy_helper.from_array(np.zeros((3, 5), np.float32), "w")])
+    bias = GraphIndex(graph).constant("bias")
+    assert bias.dtype == np.float32 and np.array_equal(bias, np.full(3, 2.0, np.float32))
+
+    body = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["t"]),
+            helper.make_node("Loopy", ["t", "s", "b", "m", "v"], ["y"], domain="local")]
+    loopy = helper.make_function("local", "Loopy", ["x", "s", "b", "m", "v"], ["y"], body,
+                                 [helper.make_opsetid("", 15), helper.make_opsetid("local", 1)])
+    model = _calling_model([loopy], helper.make_node("Loopy", ["x", "s", "b", "m", "v"], ["y"], domain="local"))
+    from bnkit.onnx.graph import local_functions
+
+    (node,) = bn_nodes(model.graph, 15, functions=local_functions(model))
+    assert node.in_function == "Loopy"
