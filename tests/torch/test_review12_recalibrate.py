@@ -243,3 +243,38 @@ def test_a_reference_to_f_batch_norm_taken_during_a_pass_still_works_after_it():
     assert kept is not F.batch_norm
     x = torch.randn(4, 3)
     torch.testing.assert_close(kept(x, None, None, training=True), F.batch_norm(x, None, None, training=True))
+
+
+class _Passthrough(nn.BatchNorm1d):
+    """A BN subclass whose forward hands its input to F.batch_norm unchanged."""
+
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_a_call_that_raises_inside_the_model_is_neither_recorded_nor_counted_as_unmeasured():
+    """Mutation M9: a layer call that raised (and that the model caught) went through the after-call bookkeeping
+    as if it had run. Oracle: no own-forward warning, and the statistics of the good calls alone, in float64."""
+
+    class Tolerant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = _Passthrough(3)
+
+        def forward(self, x):
+            try:
+                self.bn(x[:, :2])  # the wrong channel count: PyTorch's own check raises inside the call
+            except (RuntimeError, ValueError):
+                pass
+            return self.bn(x)
+
+    torch.manual_seed(0)
+    model = Tolerant().eval()
+    data = [torch.randn(8, 3) * 2 + 1 for _ in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recalibrate(model, data, progress=False)
+    assert not [w for w in caught if "forward of their own" in str(w.message)]
+    rows = torch.cat(data).double()
+    np.testing.assert_allclose(model.bn.running_mean.double().numpy(), rows.mean(0).numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(model.bn.running_var.double().numpy(), rows.var(0).numpy(), rtol=1e-5)
