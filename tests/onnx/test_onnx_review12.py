@@ -705,3 +705,15 @@ def test_castlike_constants_take_the_targets_type_and_a_recursive_function_is_no
 
     (node,) = bn_nodes(model.graph, 15, functions=local_functions(model))
     assert node.in_function == "Loopy"
+
+
+def test_a_function_body_is_read_with_its_own_opset():
+    """Mutation M9: a function importing opset 9 inside an opset-15 model was read with the model's rules: its
+    BatchNormalization asking for running-statistic outputs (opset 9's training mode) looked like inference."""
+    from bnkit.onnx.graph import bn_nodes, local_functions
+
+    body = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y", "rm", "rv", "sm", "sv"])]
+    old = helper.make_function("local", "Old", ["x", "s", "b", "m", "v"], ["y"], body, [helper.make_opsetid("", 9)])
+    model = _calling_model([old], helper.make_node("Old", ["x", "s", "b", "m", "v"], ["y"], domain="local"))
+    (node,) = bn_nodes(model.graph, 15, functions=local_functions(model))
+    assert node.opset == 9 and node.training
