@@ -717,3 +717,19 @@ def test_a_function_body_is_read_with_its_own_opset():
     model = _calling_model([old], helper.make_node("Old", ["x", "s", "b", "m", "v"], ["y"], domain="local"))
     (node,) = bn_nodes(model.graph, 15, functions=local_functions(model))
     assert node.opset == 9 and node.training
+
+
+def test_a_reference_attribute_inside_an_if_body_of_a_function_is_read_from_the_call():
+    """Mutation M9: a BN in an If branch inside a function reads its referenced epsilon through the function's
+    call (the branch's own index has no call)."""
+    from bnkit.onnx.graph import bn_nodes, local_functions
+
+    branch = helper.make_graph([_bn_ref("eps")], "then", [], [_tensor("y", [2, 3, 4])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "else", [], [_tensor("y", [2, 3, 4])])
+    body = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(True))),
+            helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)]
+    fn = _bn_function("Branchy", body, ["x", "s", "b", "m", "v"], attributes=["eps"])
+    call = helper.make_node("Branchy", ["x", "s", "b", "m", "v"], ["y"], domain="local", eps=0.25)
+    model = _calling_model([fn], call)
+    (node,) = bn_nodes(model.graph, 15, functions=local_functions(model))
+    assert node.epsilon == pytest.approx(0.25)
