@@ -20,7 +20,7 @@ from ..findings import Finding
 from .audit_batches import Batches, Restore, batch_len, batched, map_tensors, set_training
 from .audit_model import short_names
 from .freeze import is_frozen
-from .audit_moments import Collector, PassClock
+from .audit_moments import Collector, PassClock, pool_calls
 from .modules import eager_calls, flatten_tensors, is_batchnorm, normalized_inputs
 
 if TYPE_CHECKING:
@@ -46,8 +46,9 @@ class LayerShift:
     ``mean_noise`` / ``var_noise``: expected standard deviation of the running mean (in
     running standard deviations) and relative one of the running variance at the training
     batch size, root-mean-square over channels (None when fewer than 2 batches were seen, for bnkit's
-    ``FrozenBatchNorm*d`` and layers whose statistics ``freeze_bn`` froze, which no longer change, when the batches are not random samples, and for a
-    layer some forward called more than once, whose calls differ by design, not by sampling; ``var_noise`` also
+    ``FrozenBatchNorm*d`` and layers whose statistics ``freeze_bn`` froze, which no longer change, when the
+    batches are not random samples, and for a layer some forward called more than once, whose calls differ by
+    design, not by sampling; ``var_noise`` also
     when every call saw one sample, which leaves no within-batch spread).
     ``batch_f``: the batch means' ANOVA F ratio (between-batch mean square over the pooled within-batch
     variance), channel median; at most about 1 when the batches are random samples of the data (None when
@@ -89,8 +90,8 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
     with Restore(model, layers) as restore, torch.no_grad(), eager_calls(model):
         # pass 1: every BN on batch statistics (nothing it keeps is updated); other modules in eval mode
         set_training(model, False)  # assigned, not model.eval(): a frozen layer's own train() must not run
-        own = [n for n, _ in tracked if not collectors[n].stock]  # measured on what they hand to F.batch_norm
-        measured = normalized_inputs([dict(tracked)[n] for n in own], lambda j, x: collectors[own[j]].measure(x))
+        own = [(n, bn) for n, bn in tracked if not collectors[n].stock]  # measured on what they hand to F.batch_norm
+        measured = normalized_inputs([bn for _, bn in own], lambda j, x: collectors[own[j][0]].measure(x))
         detach = []
         try:
             for n, bn in tracked:
@@ -123,7 +124,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
                 "pass data that runs through them (another branch or head), or forward= calling them",
                 "unreached", {"layers": unreached}))
         if measured.unmeasured:
-            names = [own[j] for j in sorted(measured.unmeasured)]
+            names = [own[j][0] for j in sorted(measured.unmeasured)]
             findings.append(Finding(
                 "warning", names[0], "compared on its input, not on what it normalizes",
                 f"BatchNorm layer(s) {short_names(names)} have a forward of their own that does not hand "
@@ -221,7 +222,8 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
             {"train_batch_size": b_train, "batch_f": ordered.batch_f, "f_limit": limit, "batches": report.batches}))
         return findings, ordered
     noisy = [s for s in shifts if s.mean_noise is not None]
-    if not noisy and any(is_batchnorm(bn := dict(tracked)[s.layer]) and not is_frozen(bn, "stats") for s in shifts):
+    bn_of = dict(tracked)
+    if not noisy and any(is_batchnorm(bn := bn_of[s.layer]) and not is_frozen(bn, "stats") for s in shifts):
         if b_train is None:
             why = ("the training batch size is unknown (the data's batches are objects whose samples bnkit cannot "
                    "count)")
@@ -240,7 +242,7 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
     if noisy:
         worst = max(noisy, key=lambda s: s.mean_noise)
         worst_var = max((s for s in noisy if s.var_noise is not None), key=lambda s: s.var_noise, default=None)
-        momentum = dict(tracked)[worst.layer].momentum
+        momentum = bn_of[worst.layer].momentum
         findings.append(Finding(
             "warning" if worst.mean_noise > NOISE_WARNING else "info", worst.layer,
             f"running statistics noise at training batch size {b_train}",
@@ -272,11 +274,8 @@ def _call_moments(col: Collector) -> list[tuple[int | None, int, np.ndarray, np.
         return pooled
     out = []
     for k, place in enumerate(places.tolist()):
-        n, mu, v = counts[position == k], means[position == k], var[position == k]
-        total = n.sum()
-        mean = n @ mu / total
-        m2 = n @ v + n @ np.square(mu - mean)
-        out.append((place + 1, int(total), mean, m2 / (total - 1) if total > 1 else m2 / total))
+        total, mean, m2 = pool_calls(counts[position == k], means[position == k], var[position == k])
+        out.append((place + 1, total, mean, m2 / (total - 1) if total > 1 else m2 / total))
     return out
 
 

@@ -61,6 +61,14 @@ def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
     return np.maximum(np.subtract(invstd, eps, out=invstd), 0.0, out=invstd)
 
 
+def pool_calls(counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(N, mean, M2)`` of calls given as counts ``(K,)``, means and biased variances ``(K, C)``, by Chan's formula
+    for K partials: ``mean = sum n_k m_k / N``, ``M2 = sum n_k var_k + sum n_k (m_k - mean)^2``."""
+    total = counts.sum()
+    mean = counts @ means / total
+    return int(total), mean, counts @ var + counts @ np.square(means - mean)
+
+
 class PassClock:
     """Shared by the collectors of one pass: numbers their calls in the order they ran, and knows the data batch
     being run and each batch's number of samples (set by the pass with :meth:`start`), so a layer's calls can be
@@ -245,12 +253,10 @@ class Collector:
         """
         if self.means and self.moments.count == 0:
             _, counts, means, var = self.stacked()
-            total = counts.sum()
             with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf calls, or sums beyond float64
-                mean = counts @ means / total
-                m2 = counts @ var + counts @ np.square(means - mean)
+                total, mean, m2 = pool_calls(counts, means, var)
             if np.isfinite(mean).all() and np.isfinite(m2).all():
-                self.moments.update_moments(int(total), mean, m2)
+                self.moments.update_moments(total, mean, m2)
         return self.moments
 
     def first_nonfinite_call(self) -> int:
