@@ -176,7 +176,7 @@ class _Entry:
 
     def __init__(self) -> None:
         self.warned: set = set()  # (layer, code) already warned about
-        self.watched: dict[int, str] = {}  # layers given a batch-size hook: id -> name
+        self.watched: set[int] = set()  # ids of the layers given a batch-size hook
         self.handles: list = []
 
 
@@ -314,7 +314,7 @@ class bn_guard(contextlib.ContextDecorator):
         for name, m in self._bn:
             problems = _mode_findings(name, m)
             if problems and id(m) not in entry.watched and "batch_of_one" not in self.ignore:
-                entry.watched[id(m)] = name  # the name travels with the hook: DataParallel's replicas share it
+                entry.watched.add(id(m))  # the name travels with the hook: DataParallel's replicas share it
                 entry.handles.append(m.register_forward_pre_hook(partial(self._check_batch, entry, name)))
             found += problems
         return found
