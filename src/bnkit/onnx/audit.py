@@ -60,9 +60,9 @@ class OnnxAuditReport:
 def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
     """``switchable``: the file holds no training-mode node ``bnkit fold --to-inference`` refuses."""
     findings = []
-    rewritable = not bn.in_subgraph and bn.opset >= 9  # what bnkit fold switches or tidies
+    rewritable = bn.unrewritable is None  # what bnkit fold switches or tidies
     switch_advice = ("`bnkit fold --to-inference` switches an existing file" if rewritable and switchable else
-                     f"bnkit fold cannot switch it ({_where(bn)})" if not rewritable else
+                     f"bnkit fold cannot switch it ({bn.unrewritable})" if not rewritable else
                      "bnkit fold --to-inference refuses this file (it holds training nodes inside If/Loop bodies "
                      "or local functions, or whose running statistics other nodes or the graph's outputs read)")
     if bn.training:
@@ -86,7 +86,7 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
             "error" if refused else "warning", bn.name, "extra running-statistic outputs on an inference node",
             f"outputs {bn.extra_outputs} beside Y; the ONNX spec allows them only with training_mode=1{refused}",
             "re-export in eval mode" + (", or `bnkit fold` (removes them where unused)" if rewritable
-                                        else f" (bnkit fold does not rewrite this node: {_where(bn)})"),
+                                        else f" (bnkit fold does not rewrite this node: {bn.unrewritable})"),
             "extra_outputs", {"extra_outputs": bn.extra_outputs}))
     if "" in bn.node.output[1:]:
         findings.append(Finding(
@@ -121,13 +121,6 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
     stats = BNStats(name=bn.name, running_mean=mean, running_var=var, weight=scale, bias=bias,
                     eps=bn.epsilon, momentum=1.0 - bn.momentum)
     return findings + check_bn_stats(stats)
-
-
-def _where(bn: BNNode) -> str:
-    """Why bnkit fold does not rewrite ``bn``: where it is, or its opset."""
-    if bn.in_function:
-        return f"inside local function {bn.in_function!r}"
-    return "inside an If/Loop/Scan body" if bn.in_subgraph else f"opset {bn.opset} < 9"
 
 
 def _dropout_findings(graph: onnx.GraphProto, opset: int,

@@ -611,10 +611,8 @@ def fold_model(
             "written)")
     candidates = []
     for bn in nodes:
-        if bn.in_subgraph or folder.opset < 9:
-            report.left[bn.name] = (f"inside local function {bn.in_function!r}: not folded" if bn.in_function else
-                                    "inside a subgraph (If/Loop/Scan body): not folded" if bn.in_subgraph else
-                                    f"opset {folder.opset} BatchNormalization (before opset 9) is not supported")
+        if (where := bn.unrewritable) is not None:
+            report.left[bn.name] = f"{where}: not folded"
             if not bn.training and not bn.extra_outputs and len(bn.node.output) > 1:  # blank names only: absent
                 del bn.node.output[1:]  # outputs, which crash onnxruntime 1.32; dropping them changes nothing
         elif (why := folder.tidy_outputs(bn, to_inference)) is not None:

@@ -357,6 +357,15 @@ class BNNode:
     in_function: str = ""
 
     @property
+    def unrewritable(self) -> str | None:
+        """Why ``bnkit fold`` leaves this node as it is, folding or switching nothing (None: it may rewrite it)."""
+        if self.in_function:
+            return f"inside local function {self.in_function!r}"
+        if self.in_subgraph:
+            return "inside a subgraph, an If/Loop/Scan body"
+        return f"opset {self.opset} BatchNormalization (before opset 9)" if self.opset < 9 else None
+
+    @property
     def constant(self) -> bool:
         return all(a is not None for a in (self.scale, self.bias, self.mean, self.var)) and not self.overridable
 
@@ -491,7 +500,7 @@ def unswitchable_training(graph: onnx.GraphProto, opset: int, nodes: list[BNNode
     outputs other nodes or the graph's outputs read (switching drops them), and Dropout with a constant true
     ``training_mode`` inside bodies or functions (top-level ones are switched)."""
     index = index or GraphIndex(graph)
-    stuck = [bn.name for bn in nodes if bn.training and (bn.in_subgraph or opset < 9
+    stuck = [bn.name for bn in nodes if bn.training and (bn.unrewritable is not None
                                                          or any(index.readers(o) for o in bn.extra_outputs))]
     top = list(graph.node)  # held while ids are compared: a protobuf wrapper keeps its id only while referenced
     ids = {id(n) for n in top}
