@@ -455,3 +455,136 @@ def test_revert_sync_bn_on_cuda_keeps_tensors_device_and_outputs():
     assert all(t.device.type == CUDA.type for t in reverted.state_dict().values())
     with torch.no_grad():
         assert torch.equal(reverted(x), want)
+
+
+# ------------------------------------------------------------- the twelfth session's changes, on a CUDA device
+
+
+def _behind_gpu_work(batches):
+    """Each batch made on the GPU behind ~20 ms of queued GPU work: a copy of it to the CPU that does not wait for
+    the stream would hand over memory not yet written."""
+    for b in batches:
+        on_gpu = b.to(CUDA)
+        torch.cuda._sleep(40_000_000)  # clock cycles of busy waiting, queued on the current stream
+        yield on_gpu * 1.0  # written only after the wait
+
+
+def test_recalibrate_of_a_cpu_model_waits_for_each_batch_copied_from_the_gpu():
+    """device='cpu' with batches on the GPU (ba58be0): each copy to the CPU lands before the model reads it.
+    Oracle: PyTorch's own training-mode BN on the same values, on the CPU."""
+    torch.manual_seed(0)
+    model = calibrated(SmallResNet(), digits_like().float()).double()
+    batches = [digits_like(64, seed=s, offset=2.0) for s in range(6)]
+    ref = hooked_stats(model, batches)
+    report = recalibrate(model, _behind_gpu_work(batches), device="cpu", progress=False)
+    assert report.batches == 6
+    assert_stats(model, ref, rtol=1e-9)
+
+
+def test_recalibrate_and_audit_on_cuda_read_what_a_subclass_hands_to_batch_norm():
+    """A BN subclass that transposes its input (e9cbb0c, normalized_inputs): on CUDA its statistics are those of
+    the axis it normalizes, as on the CPU. Oracle: float64 NumPy moments of the values it normalizes; the audit's
+    figures against the CPU audit of the same model."""
+    from test_review12_audit import TransposedBN
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), TransposedBN(6)).double().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(n, 10, 3, generator=g, dtype=torch.float64) * 2 + 1 for n in (8, 5)]
+    with torch.no_grad():
+        rows = np.concatenate([model[0](x).reshape(-1, 6).numpy() for x in data])
+    gpu = copy.deepcopy(model).to(CUDA)
+    recalibrate(gpu, data, device=CUDA, progress=False)
+    bn = gpu[1]
+    assert bn.running_mean.device.type == CUDA.type
+    np.testing.assert_allclose(bn.running_mean.cpu().numpy(), rows.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(bn.running_var.cpu().numpy(), rows.var(0, ddof=1), rtol=1e-9)
+    with torch.no_grad():  # now shift the statistics and audit on both devices
+        model[1].running_mean.copy_(torch.linspace(-1, 1, 6))
+        model[1].running_var.copy_(torch.linspace(0.5, 2, 6))
+    gpu = copy.deepcopy(model).to(CUDA)
+    x = torch.randn(256, 10, 3, generator=g, dtype=torch.float64) * 2 + 1
+    cpu_report, gpu_report = audit(model, x), audit(gpu, x)
+    (a,), (b,) = gpu_report.shifts, cpu_report.shifts
+    assert (a.layer, a.worst_channel, a.count) == (b.layer, b.worst_channel, b.count) == ("1", b.worst_channel, 2560)
+    assert a.z_eq == pytest.approx(b.z_eq, rel=1e-9) and a.z_eq > 0.5
+    assert not gpu_report.by_code("own_forward")
+
+
+def test_audit_on_cuda_compares_a_looped_layer_call_by_call_as_on_the_cpu():
+    """A layer called four times per forward on inputs that differ by design (e8cf56b): on CUDA the worst call
+    and its figures are those of the CPU audit."""
+    from test_review12_audit import Loop
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 3, generator=g)
+    model = Loop().eval()
+    with torch.no_grad():
+        model.bn.running_mean.copy_(torch.tensor([0.3, -0.2, 0.1]))
+        model.bn.running_var.copy_(torch.tensor([1.5, 2.0, 0.8]))
+    cpu_report = audit(model, x, batch_size=64)
+    gpu_report = audit(copy.deepcopy(model).to(CUDA), x, batch_size=64)
+    (a,), (b,) = gpu_report.shifts, cpu_report.shifts
+    assert (a.call, a.calls_per_forward) == (b.call, b.calls_per_forward) and b.calls_per_forward == 4
+    assert a.z_eq == pytest.approx(b.z_eq, rel=1e-4)
+    assert sorted(f.code for f in gpu_report.findings) == sorted(f.code for f in cpu_report.findings)
+
+
+def test_audit_on_cuda_tells_random_outputs_from_batch_coupling():
+    """On CUDA a deterministic model is not taken for a random one (its two runs of one batch agree), a model that
+    samples in eval mode is, and a model that couples its samples still gets the coupling error."""
+    from test_review12_audit import CenteredNet, MCDropoutNet, _trained
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 8)
+    sampling = audit(_trained(MCDropoutNet(), x).to(CUDA), x)
+    assert sampling.by_code("random_outputs") and not [
+        f for f in sampling.by_code("batch_coupling") if f.severity == "error"]
+    coupled = audit(_trained(CenteredNet(), x).to(CUDA), x)
+    assert [f.severity for f in coupled.by_code("batch_coupling")] == ["error"]
+    assert not coupled.by_code("random_outputs")
+    images = digits_like(256).float()
+    plain = audit(calibrated(SmallResNet(), images, positive=True).to(CUDA), images)  # float32, TF32 convolutions
+    assert not plain.by_code("random_outputs")
+    assert [f.finding for f in plain.by_code("batch_coupling")] == ["per-sample outputs do not depend on the batch"]
+
+
+def test_fold_on_cuda_keeps_each_parameters_requires_grad_and_device():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4),
+                          nn.Conv2d(4, 2, 1, bias=False))
+    x = torch.randn(8, 3, 8, 8)
+    model = calibrated(model, x).double().to(CUDA)
+    model[0].weight.requires_grad_(False)
+    model[4].weight.requires_grad_(False)
+    folded, report = fold_bn(model, x.double().to(CUDA))
+    assert len(report.folded) == 2
+    assert [(p.requires_grad, p.device.type) for p in (folded[0].weight, folded[0].bias, folded[4].weight,
+                                                       folded[4].bias)] == [
+        (False, CUDA.type), (True, CUDA.type), (False, CUDA.type), (False, CUDA.type)]
+    with torch.no_grad():
+        assert rel(folded(x.double().to(CUDA)).cpu().numpy(), model(x.double().to(CUDA)).cpu().numpy()) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_renorm_training_under_torch_compile_on_cuda_matches_eager(backend):
+    """Batch Renormalization compiled on CUDA (f046208: its training step runs eagerly inside torch.compile):
+    three SGD steps give eager's gradients and running statistics. float64, so TF32 plays no part."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Conv2d(2, 3, 1), BatchNorm2d(3, renorm=True, rmax=3.0, dmax=5.0)).double().to(CUDA)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, backend=backend)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (eager, twin)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = (torch.randn(7, 2, 4, 4, generator=g, dtype=torch.float64) * 2 + 1).to(CUDA)
+        for model, opt in zip((eager, compiled), opts):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+        torch.testing.assert_close(twin[1].weight.grad, eager[1].weight.grad, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(twin[0].weight.grad, eager[0].weight.grad, rtol=1e-9, atol=1e-9)
+        for opt in opts:
+            opt.step()
+    torch.testing.assert_close(twin[1].running_mean, eager[1].running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(twin[1].running_var, eager[1].running_var, rtol=1e-12, atol=1e-12)
