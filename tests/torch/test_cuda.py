@@ -450,8 +450,8 @@ def test_revert_sync_bn_on_cuda_keeps_tensors_device_and_outputs():
     x = digits_like(16, seed=2).float().to(CUDA)
     with torch.no_grad():
         want = model.eval()(x)
-    reverted = revert_sync_bn(model)
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in reverted.modules())
+    reverted = revert_sync_bn(model, x)
+    assert all(type(m) is nn.BatchNorm2d for _, m in bn_layers(reverted))
     assert all(t.device.type == CUDA.type for t in reverted.state_dict().values())
     with torch.no_grad():
         assert torch.equal(reverted(x), want)
