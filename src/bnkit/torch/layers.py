@@ -287,7 +287,10 @@ class _DropInBatchNorm:
             if eager_debias:
                 self.__dict__["_debias_seen"] = _write_mark(self.num_batches_tracked)
         if self.renorm:
-            rmax, dmax = self.renorm_clip(self.num_batches_tracked)
+            step = self.num_batches_tracked
+            if self.renorm_schedule is not None and torch.compiler.is_compiling():
+                step = _snapshot(step)  # see _snapshot
+            rmax, dmax = self.renorm_clip(step)
             outs = [self._renorm_chunk(c, rmax, dmax) for c in chunks]
         else:
             outs = [F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps) for c in chunks]
@@ -320,13 +323,14 @@ class _DropInBatchNorm:
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         var_b, mean_b = torch.var_mean(xf, dim=self._reduce_dims(xf), correction=0)
         std_b = torch.sqrt(var_b + self.eps)
-        with torch.no_grad():
-            rv, rm = self.running_var, self.running_mean
-            if torch.compiler.is_compiling():  # see _snapshot: the statistics before this step's update
-                rv, rm = _snapshot(rv), _snapshot(rm)
-            std_r = torch.sqrt(rv.to(xf.dtype) + self.eps)
-            r = (std_b / std_r).clamp(1.0 / rmax, rmax)
-            d = ((mean_b - rm.to(xf.dtype)) / std_r).clamp(-dmax, dmax)
+        # r and d are constants for autograd: detached operands, no no_grad block (an exported graph keeps such a
+        # block as a submodule that torch.export.load refuses)
+        rv, rm = self.running_var, self.running_mean
+        if torch.compiler.is_compiling():  # see _snapshot: the statistics before this step's update
+            rv, rm = _snapshot(rv), _snapshot(rm)
+        std_r = torch.sqrt(rv.to(xf.dtype) + self.eps)
+        r = (std_b.detach() / std_r).clamp(1.0 / rmax, rmax)
+        d = ((mean_b.detach() - rm.to(xf.dtype)) / std_r).clamp(-dmax, dmax)
         shape = self._bshape(xf)
         y = (xf - mean_b.view(shape)) / std_b.view(shape) * r.view(shape) + d.view(shape)
         if self.weight is not None:
@@ -335,8 +339,7 @@ class _DropInBatchNorm:
             y = y + self.bias.to(y.dtype).view(shape)
         return y.to(x.dtype)
 
-    @torch.no_grad()
-    def _update_running(self, chunks: list[Tensor]) -> None:
+    def _update_running(self, chunks: list[Tensor]) -> None:  # detached chunks: nothing here is recorded
         m = self.momentum
         if is_cumulative(self):  # t as a tensor: no host read, so torch.export can trace it
             a: float | Tensor = 1.0 / self.num_batches_tracked.to(torch.float64)
@@ -365,11 +368,12 @@ class _DropInBatchNorm:
 def _snapshot(t: Tensor) -> Tensor:
     """A copy of ``t`` that a compiled graph keeps for its backward instead of recomputing it.
 
-    A Batch Renormalization step reads the running statistics for ``r`` and ``d``, then updates them in place.
-    Compiled (``aot_eager``, ``inductor``; torch 2.11 and 2.13, CPU and CUDA), the partitioner saved the
-    running-statistics buffers themselves and recomputed ``r`` and ``d`` from them in the backward, after the
-    update: gamma's gradient 8-34% off. It never recomputes an opaque operator, so ``r`` and ``d`` are computed
-    from this copy, which the backward then reads as it was.
+    A Batch Renormalization step reads the running statistics (and, with a schedule, the step counter) for ``r``
+    and ``d``, then updates them in place. Compiled (``aot_eager``, ``inductor``; torch 2.11 and 2.13, CPU and
+    CUDA), the partitioner saved those buffers themselves and recomputed ``r`` and ``d`` from them in the
+    backward, after the update: gamma's gradient 6-34% off, or an error when the step ran twice before one
+    backward. It never recomputes an opaque operator, so ``r`` and ``d`` are computed from this copy, which the
+    backward then reads as it was.
     """
     return t.clone()
 
