@@ -49,7 +49,7 @@ class Chapter:
     name: str
     title: str
     claim: str
-    status: str = "ok"  # "ok" or "unavailable"
+    status: str = "ok"  # "ok", "unavailable" (did not run) or "failed" (ran and raised)
     reason: str = ""
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
@@ -97,6 +97,11 @@ def _write_atomic(path: Path, text: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
 
 
+def _verdict(ch: Chapter) -> str:
+    """How the pages name a chapter that is not ``ok``: one that raised failed, the others did not run."""
+    return "failed" if ch.status == "failed" else "did not run"
+
+
 def _html(chapters: list[Chapter], meta: dict[str, Any]) -> str:
     e = html.escape
     parts = [
@@ -115,7 +120,7 @@ def _html(chapters: list[Chapter], meta: dict[str, Any]) -> str:
     for ch in chapters:
         parts.append(f"<h2>{ch.number}. {e(ch.title)}</h2><p><em>Claim:</em> {e(ch.claim)}</p>")
         if ch.status != "ok":
-            parts.append(f"<p class='na'>This chapter did not run: {e(ch.reason)}</p>")
+            parts.append(f"<p class='na'>This chapter {_verdict(ch)}: {e(ch.reason)}</p>")
         for t in ch.tables:
             parts.append(f"<table><caption>{e(t.title)}</caption><tr>")
             parts.append("".join(f"<th>{e(c)}</th>" for c in t.columns) + "</tr>")
@@ -151,7 +156,7 @@ def _markdown(chapters: list[Chapter], meta: dict[str, Any]) -> str:
     for ch in chapters:
         lines += ["", f"## {ch.number}. {ch.title}", "", f"*Claim:* {ch.claim}", ""]
         if ch.status != "ok":
-            lines += [f"**This chapter did not run:** {ch.reason}", ""]
+            lines += [f"**This chapter {_verdict(ch)}:** {ch.reason}", ""]
         for t in ch.tables:
             lines += [f"**{t.title}**", "", "| " + " | ".join(map(cell, t.columns)) + " |",
                       "|" + "---|" * len(t.columns)]
