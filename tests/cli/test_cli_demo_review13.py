@@ -40,3 +40,62 @@ def test_the_pages_say_a_chapter_that_raised_failed_and_one_that_could_not_run_d
     assert "**This chapter did not run:** needs bnkit.torch.freeze_bn" in (tmp_path / "report.md").read_text()
     for page in ("index.html", "report.md"):
         assert "failed" not in (tmp_path / page).read_text()
+
+
+def _previous_report(out):
+    out.mkdir()
+    (out / "index.html").write_text("previous report")
+    (out / "ch2_two_modes.png").write_bytes(b"previous plot")
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def _measured_with_a_plot(ctx):
+    from bnkit.study import modes
+    from bnkit.study.report import Chapter
+
+    (ctx.out / "ch2_two_modes.png").write_bytes(b"new plot")
+    return Chapter(modes.NUMBER, "two-modes", modes.TITLE, modes.CLAIM, checks={"a claim": True})
+
+
+def test_a_full_disk_while_the_report_is_written_exits_2_with_the_reason_and_keeps_the_previous_report(
+        tmp_path, monkeypatch):
+    """ENOSPC in the report's pages (or in moving them into --out) was a raw OSError traceback, exit 1."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from bnkit.study import modes, report
+
+    monkeypatch.setattr(modes, "run", _measured_with_a_plot)
+    out = tmp_path / "report"
+    before = _previous_report(out)
+    write_atomic, written = report._write_atomic, []
+
+    def disk_fills_up(path, text):  # results.json fits, index.html does not
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        write_atomic(path, text)
+        written.append(path)
+
+    monkeypatch.setattr(report, "_write_atomic", disk_fills_up)
+    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(out)], terminal_width=200)
+    assert written, result.output  # the chapter ran and the report's first page was written
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    assert f"error: cannot write the report folder {out}: No space left on device" in _one_line(result.output)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder, nothing replaced
+
+    monkeypatch.setattr(report, "_write_atomic", write_atomic)
+    replace = os.replace
+
+    def no_room_in_out(src, dst):
+        if Path(dst).parent == out:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", no_room_in_out)
+    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(out)], terminal_width=200)
+    monkeypatch.setattr(os, "replace", replace)
+    assert result.exit_code == 2, result.output
+    assert f"error: cannot write the report folder {out}: No space left on device" in _one_line(result.output)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -72,6 +72,9 @@ def run_and_report(
 
     torch runs on ``threads`` CPU threads for the run (restored afterwards): the models are tiny, and
     on a busy 2-core machine two threads used over 2.7 times the CPU time of one (measured on the demo).
+    The report is built in a hidden folder inside ``out`` and replaces the previous one only when it is complete:
+    a report that cannot be written (a full disk) exits 2 with the reason, and Ctrl-C leaves the previous report
+    as it was and no hidden folder behind.
     """
     if out.exists() and not out.is_dir():
         raise fail(f"--out {out} exists and is not a folder")
@@ -99,7 +102,7 @@ def run_and_report(
         out.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".bnkit-demo-", dir=out))
     except OSError as exc:
-        raise fail(f"cannot write the report folder {out}: {exc.strerror or exc}") from None
+        raise _cannot_write(out, exc) from None
     try:
         start = time.perf_counter()
         previous_threads = torch.get_num_threads()
@@ -112,13 +115,16 @@ def run_and_report(
         meta = {"size": size, "seed": seed, "seeds": seeds, "seconds": seconds, "chapters": names,
                 "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
                 "torch_threads": threads}
-        written = write_report(chapters, staging, meta)
-        # only a finished report replaces the previous one: file by file, each atomically, the pages last
-        pages = [p.name for p in written.values()]
-        names = sorted(p.name for p in staging.iterdir() if p.name not in pages) + pages
-        _refuse_folders_in_the_way(out, names)
-        for name in names:
-            os.replace(staging / name, out / name)
+        try:  # a full disk fails here, in the staging folder: the previous report is still as it was
+            written = write_report(chapters, staging, meta)
+            # only a finished report replaces the previous one: file by file, each atomically, the pages last
+            pages = [p.name for p in written.values()]
+            names = sorted(p.name for p in staging.iterdir() if p.name not in pages) + pages
+            _refuse_folders_in_the_way(out, names)
+            for name in names:
+                os.replace(staging / name, out / name)
+        except OSError as exc:
+            raise _cannot_write(out, exc) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # an interrupted run leaves the previous report as it was
     paths = {kind: out / path.name for kind, path in written.items()}
@@ -133,6 +139,11 @@ def run_and_report(
 
 #: The report's pages (:func:`bnkit.study.report.write_report`); the plots are named by their chapters.
 REPORT_FILES = ("index.html", "report.md", "results.json")
+
+
+def _cannot_write(out: Path, exc: OSError) -> "typer.Exit":
+    """The exit 2 for a report folder that refuses a write (read-only, full): its reason, not a traceback."""
+    return fail(f"cannot write the report folder {out}: {exc.strerror or exc}")
 
 
 def _refuse_folders_in_the_way(out: Path, names) -> None:
