@@ -59,10 +59,15 @@ def resolve_spec(spec: str) -> Any:
 
 
 def check_input_file(path: Path, kind: str) -> None:
-    """:class:`UsageError` unless ``path`` is a file; a folder is named as one (``kind``: what the file holds)."""
-    if path.is_dir():
+    """:class:`UsageError` unless ``path`` is a file; a folder is named as one, and a path the OS cannot look up
+    (a folder the user may not enter, a name too long) with its reason (``kind``: what the file holds)."""
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as exc:  # EACCES, ENAMETOOLONG: Path.is_dir swallows only "no such file" and the like
+        raise UsageError(f"cannot read {kind} file {path}: {exc.strerror}") from None
+    if is_dir:
         raise UsageError(f"{path} is a directory, not a {kind} file: name a file inside it")
-    if not path.is_file():
+    if not is_file:
         raise UsageError(f"no such {kind} file: {path}")
 
 
@@ -142,7 +147,8 @@ def check_output(output: PathLike, *, suffixes: Sequence[str], inputs: Iterable[
     Refused: a path ending in a separator or naming a directory; a suffix outside ``suffixes``
     (the written format is not chosen by a misleading name); a parent folder that does not exist
     (no folders are created behind the user's back); the same file as any of ``inputs``
-    (the weights, the data, the model file: a run must never overwrite what it reads).
+    (the weights, the data, the model file: a run must never overwrite what it reads); an input the OS
+    cannot look up (a folder the user may not enter, a name too long), with its reason.
     """
     text = os.fspath(output)
     path = Path(text)
@@ -162,7 +168,11 @@ def check_output(output: PathLike, *, suffixes: Sequence[str], inputs: Iterable[
         if source is None:
             continue
         src = Path(os.fspath(source))
-        if src.exists() and _same_file(path, src):
+        try:
+            same = src.exists() and _same_file(path, src)
+        except OSError as exc:  # an input the OS cannot look up (EACCES, ENAMETOOLONG) cannot be read either
+            raise UsageError(f"cannot read {source}: {exc.strerror}") from None
+        if same:
             raise UsageError(f"{option} {text} names the input file {source}; write to a new path "
                              "(the input is never overwritten)")
     return path

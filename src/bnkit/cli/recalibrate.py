@@ -228,7 +228,7 @@ def recalibrate_command(
         raise fail(f"--on-nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     try:
         out_path = check_output(output, suffixes=STATE_DICT_SUFFIXES, what="state dict",
-                              inputs=[weights, data if Path(data).is_file() else None])
+                              inputs=[weights, data])  # a --data spec names no file
         run_on = parse_device(device) if device is not None else None
     except UsageError as exc:
         raise fail(str(exc))

@@ -1,0 +1,100 @@
+"""Review 13 (RB), the command line on users' files, run in process with typer's CliRunner.
+
+* an input path the OS cannot look up (a folder the user may not enter: EACCES; a name over 255 bytes:
+  ENAMETOOLONG) is one line naming the path and ``os.strerror``'s reason, exit 2, as outputs already were;
+"""
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bnkit.cli import app
+
+torch = pytest.importorskip("torch")
+
+runner = CliRunner()
+MLP = "bnkit.torch.zoo:MLP"
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "240"})
+
+
+def one_line_error(result, code: int = 2) -> str:
+    """The error line of a run that failed cleanly: ``code``, no exception of its own, one line on the output."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    """A state dict of MLP, inputs for it and its ONNX export, in tmp_path (the current folder)."""
+    from bnkit.torch import export_onnx, save_state_dict_file
+    from bnkit.torch.zoo import MLP as Net
+
+    torch.manual_seed(0)
+    net = Net()
+    save_state_dict_file(net.state_dict(), tmp_path / "w.pt")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((40, 64)).astype(np.float32))
+    export_onnx(net.eval(), torch.randn(4, 64), tmp_path / "m.onnx", force=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inputs that cannot be looked up
+# ----------------------------------------------------------------------------------------------------------------
+LONG = "a" * 300  # over NAME_MAX (255 bytes) of every common file system: stat fails with ENAMETOOLONG
+
+
+@pytest.mark.parametrize("args, path", [
+    (["audit", f"{LONG}.pt"], f"{LONG}.pt"),
+    (["audit", "w.pt", "--model", MLP, "--data", f"{LONG}.npy"], f"{LONG}.npy"),
+    (["recalibrate", "--no-progress", "--model", MLP, "--data", f"{LONG}.npy", "-o", "out.pt"], f"{LONG}.npy"),
+    (["recalibrate", "--no-progress", "--model", MLP, "--weights", f"{LONG}.pt", "--data", "x.npy", "-o", "out.pt"],
+     f"{LONG}.pt"),
+    (["fold", f"{LONG}.onnx", "-o", "out.onnx"], f"{LONG}.onnx"),
+    (["fold", "--model", MLP, "--weights", f"{LONG}.pt", "-o", "out.pt"], f"{LONG}.pt"),
+])
+def test_input_name_too_long_is_one_line(files, args, path):
+    with pytest.raises(OSError) as oracle:  # what the OS says of the name
+        os.stat(path)
+    assert oracle.value.errno == errno.ENAMETOOLONG
+    line = one_line_error(invoke(*args))
+    assert path in line and line.endswith(os.strerror(errno.ENAMETOOLONG)), line
+    assert not list(files.glob("out*")), "nothing is written"
+
+
+@pytest.mark.parametrize("args", [
+    ["audit", "locked/w.pt"],
+    ["audit", "w.pt", "--model", MLP, "--data", "locked/x.npy"],
+    ["recalibrate", "--no-progress", "--model", MLP, "--data", "locked/x.npy", "-o", "out.pt"],
+    ["recalibrate", "--no-progress", "--model", MLP, "--weights", "locked/w.pt", "--data", "x.npy", "-o", "out.pt"],
+    ["fold", "locked/m.onnx", "-o", "out.onnx"],
+    ["fold", "--model", MLP, "--weights", "locked/w.pt", "-o", "out.pt"],
+])
+def test_input_in_a_folder_the_user_may_not_enter_is_one_line(files, monkeypatch, args):
+    """The tests run as root, who may enter any folder: ``Path.stat`` of a path inside ``locked`` raises what it
+    raises for a user without the right (EACCES), as ``os.stat`` would."""
+    locked = files / "locked"
+    locked.mkdir()
+    stat = pathlib.Path.stat
+
+    def no_entry(self, *args, **kwargs):
+        if locked in self.absolute().parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", no_entry)
+    target = next(a for a in args if a.startswith("locked/"))
+    line = one_line_error(invoke(*args))
+    assert target in line and line.endswith(os.strerror(errno.EACCES)), line
+    assert not list(files.glob("out*")), "nothing is written"
