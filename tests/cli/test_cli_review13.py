@@ -2,12 +2,16 @@
 
 * an input path the OS cannot look up (a folder the user may not enter: EACCES; a name over 255 bytes:
   ENAMETOOLONG) is one line naming the path and ``os.strerror``'s reason, exit 2, as outputs already were;
+* SystemExit from the user's code (factories, the model's forward, --forward) is reported like its other exceptions
+  (exit 2, one line naming sys.exit), not taken as the command's own exit (status 0, nothing written, no report);
+  KeyboardInterrupt still interrupts;
 """
 from __future__ import annotations
 
 import errno
 import os
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -98,3 +102,58 @@ def test_input_in_a_folder_the_user_may_not_enter_is_one_line(files, monkeypatch
     line = one_line_error(invoke(*args))
     assert target in line and line.endswith(os.strerror(errno.EACCES)), line
     assert not list(files.glob("out*")), "nothing is written"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sys.exit() in the user's code
+# ----------------------------------------------------------------------------------------------------------------
+EXITING = """
+import sys, torch
+from bnkit.torch.zoo import MLP
+
+class ExitingNet(MLP):
+    def forward(self, x):
+        sys.exit(3)
+
+def make(): return MLP()
+def make_exit(): sys.exit()
+def make_interrupt(): raise KeyboardInterrupt
+def net_exit(): return ExitingNet()
+def data_exit(): sys.exit()
+def forward_exit(model, batch): sys.exit("bye")
+"""
+
+
+@pytest.fixture
+def exiting(files, monkeypatch):
+    (files / "r13_exiting.py").write_text(EXITING)
+    monkeypatch.delitem(sys.modules, "r13_exiting", raising=False)
+    yield files
+    sys.modules.pop("r13_exiting", None)
+
+
+RECAL = ["recalibrate", "--no-progress", "-o", "out.pt"]
+
+
+@pytest.mark.parametrize("args, call", [
+    (RECAL + ["--model", "r13_exiting:make_exit", "--data", "x.npy"], "sys.exit()"),
+    (RECAL + ["--model", "r13_exiting:make", "--data", "r13_exiting:data_exit"], "sys.exit()"),
+    (RECAL + ["--model", "r13_exiting:net_exit", "--data", "x.npy"], "sys.exit(3)"),
+    (RECAL + ["--model", "r13_exiting:make", "--data", "x.npy", "--forward", "r13_exiting:forward_exit"],
+     "sys.exit('bye')"),
+    (["audit", "w.pt", "--model", "r13_exiting:make_exit", "--json"], "sys.exit()"),
+    (["audit", "w.pt", "--model", "r13_exiting:net_exit", "--data", "x.npy", "--json"], "sys.exit(3)"),
+    (["fold", "--model", "r13_exiting:make_exit", "-o", "out.pt"], "sys.exit()"),
+    (["fold", "--model", "r13_exiting:net_exit", "--force", "--input-shape", "2x64", "-o", "out.pt"], "sys.exit(3)"),
+])
+def test_sys_exit_in_user_code_is_an_error(exiting, args, call):
+    result = invoke(*args)
+    line = one_line_error(result)
+    assert "SystemExit" in line and call in line, line
+    assert not list(exiting.glob("out*")), "nothing is written"
+
+
+def test_keyboard_interrupt_in_user_code_still_interrupts(exiting):
+    """typer ends the command on KeyboardInterrupt (status 130, click's Abort 1): no error line of bnkit's."""
+    result = invoke(*RECAL, "--model", "r13_exiting:make_interrupt", "--data", "x.npy")
+    assert result.exit_code in (1, 130) and "error:" not in result.output, (result.exit_code, result.output)

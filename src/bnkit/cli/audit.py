@@ -19,8 +19,8 @@ from rich.table import Table
 
 from ..findings import jsonable
 from .app import app, console, fail, needs, note
-from .common import (UsageError, add_cwd_to_path, build_model, check_input_file, dtype_change, load_inputs,
-                     parse_device)
+from .common import (USER_CODE_ERRORS, UsageError, add_cwd_to_path, build_model, check_input_file, describe_error,
+                     dtype_change, load_inputs, parse_device)
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -116,7 +116,7 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
     except (ValueError, OSError) as exc:
         message = str(exc)  # bnkit.torch.io's messages name the file already
         raise fail(message if str(file) in message else f"cannot read {file}: {message}") from None
-    except Exception as exc:  # noqa: BLE001 - unpickling a trusted file runs its code: anything can go wrong
+    except USER_CODE_ERRORS as exc:  # noqa: BLE001 - unpickling a trusted file runs its code: anything can go wrong
         if not trust:
             raise
         raise fail(_trusted_load_error(file, exc)) from None
@@ -141,14 +141,16 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
             if isinstance(exc.__cause__, torch.OutOfMemoryError):
                 raise fail(f"{exc} (try a smaller --batch-size)", code=1) from None
             raise fail(str(exc) + _dtype_hint(inputs, exc)) from None
+        except SystemExit as exc:  # the model's forward (its other exceptions are the ValueErrors above)
+            raise fail(f"the model raised {describe_error(exc)} while audited") from None
     out = report.to_dict()
     out["target"] = str(file)
     return out
 
 
-def _trusted_load_error(file: Path, exc: Exception) -> str:
+def _trusted_load_error(file: Path, exc: BaseException) -> str:
     """Unpickling with ``--trust`` runs the file's code, which can raise anything ``bnkit.torch.io`` does not name."""
-    return (f"cannot load {file} with --trust: unpickling it raised {type(exc).__name__}: {exc}; if you made it, "
+    return (f"cannot load {file} with --trust: unpickling it raised {describe_error(exc)}; if you made it, "
             "load it where it was made and save model.state_dict() (or safetensors), which needs no --trust")
 
 

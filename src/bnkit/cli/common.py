@@ -25,6 +25,12 @@ class UsageError(ValueError):
     """A command-line argument that cannot work; the message says why and what would."""
 
 
+#: What a command catches from the user's code (the --model and --data factories, the model's forward, --forward,
+#: a trusted pickle) and reports: any exception, and SystemExit (sys.exit() or exit() in that code), which would
+#: otherwise end the command with the user's status and nothing said. KeyboardInterrupt still interrupts.
+USER_CODE_ERRORS = (Exception, SystemExit)
+
+
 def add_cwd_to_path() -> None:
     """Put the current directory first on ``sys.path``, as ``python -m`` does.
 
@@ -80,7 +86,11 @@ def raised_by_bnkit(exc: BaseException) -> bool:
 
 
 def describe_error(exc: BaseException) -> str:
-    """``exc``'s text, led by its type unless bnkit raised it (bnkit's own messages say what is wrong)."""
+    """``exc``'s text, led by its type unless bnkit raised it (bnkit's own messages say what is wrong); a
+    SystemExit is named as the call that raised it."""
+    if isinstance(exc, SystemExit):
+        code = "" if exc.code is None else repr(exc.code)
+        return f"SystemExit (it called sys.exit({code}) or exit({code}))"
     return str(exc) if raised_by_bnkit(exc) else f"{type(exc).__name__}: {exc}"
 
 
@@ -94,12 +104,12 @@ def build_model(spec: str) -> Any:
 
     try:
         obj = resolve_spec(spec)
-    except Exception as exc:  # noqa: BLE001 - importing the user's module runs its code
+    except USER_CODE_ERRORS as exc:  # noqa: BLE001 - importing the user's module runs its code
         cause = str(exc) if raised_by_bnkit(exc) else f"importing it raised {describe_error(exc)}"
         raise UsageError(f"cannot build the model from {spec!r}: {cause}") from None
     try:
         net = obj if isinstance(obj, nn.Module) else obj()
-    except Exception as exc:  # noqa: BLE001 - any failure of user code
+    except USER_CODE_ERRORS as exc:  # noqa: BLE001 - any failure of user code
         raise UsageError(f"cannot build the model from {spec!r}: it raised {describe_error(exc)}") from None
     if not isinstance(net, nn.Module):
         raise UsageError(f"{spec!r} gave a {type(net).__name__}, not a torch.nn.Module")

@@ -118,7 +118,8 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     from ..torch import fold_bn, load_state_dict_file, save_state_dict_file
     from ..torch.io import load_weights_into
     from ..torch.modules import input_dtype_device
-    from .common import UsageError, build_model, describe_error, dtype_change, raised_by_bnkit, resolve_spec
+    from .common import (USER_CODE_ERRORS, UsageError, build_model, describe_error, dtype_change, raised_by_bnkit,
+                         resolve_spec)
 
     if len(shapes) > 1 or any("=" in s for s in shapes):
         raise fail("--input-shape for a PyTorch model is one SHAPE (e.g. 1x3x224x224)")
@@ -132,8 +133,9 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     if weights is not None:
         try:
             loaded = load_weights_into(model, load_state_dict_file(weights, trust=trust), source=str(weights))
-        except Exception as exc:  # unsafe pickles, mismatched state dicts, a trusted pickle's own code
-            raise fail(f"cannot load {weights} into {spec}: {exc}") from None
+        except USER_CODE_ERRORS as exc:  # unsafe pickles, mismatched state dicts, a trusted pickle's own code
+            why = describe_error(exc) if isinstance(exc, SystemExit) else exc  # bnkit's messages name the problem
+            raise fail(f"cannot load {weights} into {spec}: {why}") from None
         if changed := dtype_change(model, loaded, str(weights)):
             note(changed)
     model.eval()
@@ -149,7 +151,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
             raise fail(f"cannot make a random input of shape {shapes[0]}: {exc}; nothing written", code=1) from None
     try:
         folded, report = fold_bn(model, example, verify=verify and example is not None, force=force)
-    except Exception as exc:  # noqa: BLE001 - bnkit's checks, or the user's model failing on the input
+    except USER_CODE_ERRORS as exc:  # noqa: BLE001 - bnkit's checks, or the user's model failing on the input
         if raised_by_bnkit(exc) and isinstance(exc, (ValueError, RuntimeError)):
             raise fail(_cli_words(exc)) from None
         ran = f" (it runs the model on a random input of shape {shapes[0]})" if shapes else ""
@@ -169,7 +171,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
             raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None
         except (ValueError, TypeError, RuntimeError) as exc:  # ExportVerificationError, torch.onnx's errors too
             raise fail(f"cannot export the folded model to ONNX: {_cli_words(exc)}", code=1) from None
-        except Exception as exc:  # noqa: BLE001 - the user's model raising anything else while traced
+        except USER_CODE_ERRORS as exc:  # noqa: BLE001 - the user's model raising anything else while traced
             raise fail(f"cannot export the folded model to ONNX: {describe_error(exc)}", code=1) from None
         report_file = None
     else:

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .app import app, console, fail, needs, note
-from .common import INPUT_KEYS, check_input_array, describe_error, raised_by_bnkit
+from .common import INPUT_KEYS, USER_CODE_ERRORS, check_input_array, describe_error, raised_by_bnkit
 
 
 def _batches_of(array: Any, batch_size: int, dtype: Any) -> list[Any]:
@@ -112,14 +112,14 @@ class _Reading:
     def __iter__(self) -> Iterator[Any]:
         try:
             batches = iter(self.batches)
-        except Exception as exc:  # noqa: BLE001 - the user's __iter__
+        except USER_CODE_ERRORS as exc:  # noqa: BLE001 - the user's __iter__
             raise _DataError() from exc
         while True:
             try:
                 batch = next(batches)
             except StopIteration:
                 return
-            except Exception as exc:  # noqa: BLE001 - the user's __getitem__/__next__/collate
+            except USER_CODE_ERRORS as exc:  # noqa: BLE001 - the user's __getitem__/__next__/collate
                 raise _DataError() from exc
             yield self.prepare(batch)
 
@@ -241,8 +241,8 @@ def recalibrate_command(
             loaded = load_weights_into(net, load_state_dict_file(weights, trust=trust), source=str(weights))
         except (UnsafeCheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
             raise fail(f"cannot load {weights}: {exc}")
-        except Exception as exc:  # noqa: BLE001 - a trusted pickle runs its own code, which may raise anything
-            raise fail(f"cannot load {weights}: unpickling it raised {type(exc).__name__}: {exc}")
+        except USER_CODE_ERRORS as exc:  # noqa: BLE001 - a trusted pickle runs its own code, which may raise anything
+            raise fail(f"cannot load {weights}: unpickling it raised {describe_error(exc)}")
         if changed := dtype_change(net, loaded, str(weights)):
             note(changed)
     if run_on is not None:
@@ -251,11 +251,11 @@ def recalibrate_command(
     run_on = where if run_on is None else run_on  # `bnkit fold` (a factory may return model.cuda())
     try:
         loader = _load_data(data, data_key, batch_size, dtype)
-    except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
+    except USER_CODE_ERRORS as exc:  # noqa: BLE001 - the user's factory may raise anything
         raise fail(f"cannot load data from {data!r}: {describe_error(exc)}")
     try:
         feed = resolve_spec(forward) if forward is not None else None
-    except Exception as exc:  # noqa: BLE001 - importing the user's module runs its code
+    except USER_CODE_ERRORS as exc:  # noqa: BLE001 - importing the user's module runs its code
         raise fail(f"cannot import --forward {forward!r}: {describe_error(exc)}")
     if feed is not None and not callable(feed):
         raise fail(f"--forward {forward!r} is a {type(feed).__name__}, not a function")
@@ -268,7 +268,7 @@ def recalibrate_command(
         raise fail(f"recalibration ran out of memory, nothing written (try a smaller --batch-size): {exc}", code=1)
     except _DataError as exc:
         raise fail(f"reading a batch of the data from {data!r} failed, nothing written: {describe_error(exc.__cause__)}")
-    except Exception as exc:  # noqa: BLE001 - bnkit's checks, or the user's model/--forward failing on the data
+    except USER_CODE_ERRORS as exc:  # noqa: BLE001 - bnkit's checks, or the user's model/--forward failing
         text = str(exc)
         if not raised_by_bnkit(exc):  # the user's code, or PyTorch inside it (shapes, dtypes)
             text = f"{'the model' if feed is None else f'the model or --forward {forward!r}'} raised {describe_error(exc)}"
