@@ -5,12 +5,16 @@
 * SystemExit from the user's code (factories, the model's forward, --forward) is reported like its other exceptions
   (exit 2, one line naming sys.exit), not taken as the command's own exit (status 0, nothing written, no report);
   KeyboardInterrupt still interrupts;
+* ``bnkit fold --json`` and ``bnkit audit --json`` print a file name that is not UTF-8 as JSON can hold it (escaped),
+  not as raw bytes; read back with json.loads, compared with os.fsdecode;
 """
 from __future__ import annotations
 
 import errno
 import os
+import json
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -157,3 +161,29 @@ def test_keyboard_interrupt_in_user_code_still_interrupts(exiting):
     """typer ends the command on KeyboardInterrupt (status 130, click's Abort 1): no error line of bnkit's."""
     result = invoke(*RECAL, "--model", "r13_exiting:make_interrupt", "--data", "x.npy")
     assert result.exit_code in (1, 130) and "error:" not in result.output, (result.exit_code, result.output)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --json with a file name that is not UTF-8
+# ----------------------------------------------------------------------------------------------------------------
+RUN = "import sys; sys.argv = ['bnkit'] + sys.argv[1:]; from bnkit.cli import main; main()"
+
+
+@pytest.mark.parametrize("command", ["fold", "audit"])
+def test_json_of_a_name_that_is_not_utf8_is_valid(files, command):
+    """Run as a user would (a subprocess: its stdout is bytes, as a shell's pipe), the name given as bytes."""
+    import bnkit
+
+    source, output = b"src\xff.onnx", b"out\xff.onnx"
+    os.rename(files / "m.onnx", os.fsdecode(source))
+    args = [source, b"-o", output] if command == "fold" else [source]
+    src = str(pathlib.Path(bnkit.__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", RUN, command, *args, b"--json"], cwd=files, env=env,
+                          capture_output=True, timeout=120)
+    assert done.returncode in (0, 1), done.stderr.decode(errors="replace")  # audit: 1 when a finding is an error
+    report = json.loads(done.stdout)  # bytes: json detects UTF-8/16/32, and raw 0xff is none of them
+    if command == "fold":
+        assert report["output"] == os.fsdecode(output)
+    else:
+        assert report["target"] == os.fsdecode(source)

@@ -8,7 +8,6 @@ ran and failed, or its result did).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -17,10 +16,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..findings import jsonable
 from .app import app, console, fail, needs, note
 from .common import (USER_CODE_ERRORS, UsageError, add_cwd_to_path, build_model, check_input_file, describe_error,
-                     dtype_change, load_inputs, parse_device)
+                     dtype_change, load_inputs, parse_device, print_json)
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -77,7 +75,7 @@ def audit_command(
         report = _torch_report(file, model, data, batch_size, train_batch_size, max_batches, trust, run_on)
 
     if as_json:
-        typer.echo(json.dumps(jsonable(report), indent=2, allow_nan=False))
+        print_json(report)
     else:
         _print(report)
     if not report["ok"]:

@@ -6,6 +6,7 @@ turns it into ``fail(str(exc))`` (exit status 2) before anything is loaded or wr
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -92,6 +93,16 @@ def describe_error(exc: BaseException) -> str:
         code = "" if exc.code is None else repr(exc.code)
         return f"SystemExit (it called sys.exit({code}) or exit({code}))"
     return str(exc) if raised_by_bnkit(exc) else f"{type(exc).__name__}: {exc}"
+
+
+def print_json(obj: Any) -> None:
+    """``obj`` on stdout as ``--json`` prints it: strict JSON in ASCII, so a file name that is not UTF-8 keeps its
+    escapes (``\\udcff``) instead of raw bytes, and NaN/Inf as strings (:func:`bnkit.findings.jsonable`)."""
+    import typer
+
+    from ..findings import jsonable
+
+    typer.echo(json.dumps(jsonable(obj), indent=2, allow_nan=False))
 
 
 def build_model(spec: str) -> Any:

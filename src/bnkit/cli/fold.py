@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .app import app, console, fail, needs, note
+from .common import print_json
 
 
 def _shape(text: str) -> list[int]:
@@ -65,7 +66,7 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
     except OSError as exc:  # the source was read (a missing one is the FileNotFoundError above): writing failed
         raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None
     if as_json:
-        console.print_json(json.dumps({"output": str(output), **report.to_dict()}))
+        print_json({"output": str(output), **report.to_dict()})
         return
     _print_rows([(f.bn, f"{f.into} ({f.op}{'; ' + '; '.join(f.notes) if f.notes else ''})") for f in report.folded],
                 report.left, f"{source} -> {output}")
@@ -198,7 +199,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     verified = report.max_rel_diff is not None
     if as_json:
         extra = {"report": str(report_file)} if report_file is not None else {}
-        console.print_json(json.dumps({"output": str(output), **extra, "verified": verified, **report.to_dict()}))
+        print_json({"output": str(output), **extra, "verified": verified, **report.to_dict()})
         return
     _print_rows([(f.bn, f"{f.into} ({f.position}{', bias added' if f.bias_added else ''})") for f in report.folded],
                 report.left, f"{spec} -> {output}")
