@@ -18,13 +18,16 @@ legacy format, a sequence of pickles starting with a magic number.
 from __future__ import annotations
 
 import copy
+import io
 import os
 import pickle
 import pickletools
 import re
+import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch.nn.parameter import is_lazy
@@ -109,15 +112,30 @@ def _is_safetensors(head: bytes, size: int) -> bool:
     return len(head) > 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
 
 
+#: The pickles that start a legacy ``torch.save`` file, in order (torch/serialization.py, ``_legacy_save``): the
+#: magic number, the protocol version, system info, the object, its storage keys; the storages' bytes follow.
+_LEGACY_PICKLES = 5
+
+
 def _pickle_is_well_formed(path: Path) -> bool:
-    """Whether the (first) pickle in the file parses to its STOP opcode; read without executing anything."""
+    """Whether every pickle ``torch.load`` reads from the file parses to its STOP opcode, read without executing
+    anything: a zip checkpoint's ``data.pkl``; the :data:`_LEGACY_PICKLES` of a legacy file (one that starts with
+    PyTorch's magic number), or else the file's first pickle."""
+    from torch.serialization import MAGIC_NUMBER
+
+    def parse(stream: BinaryIO) -> list:  # genops reads one pickle; ValueError if it is cut short before its STOP
+        return list(pickletools.genops(stream))
+
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
-                data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-        else:
-            data = path.read_bytes()
-        return any(op.name == "STOP" for op, _, _ in pickletools.genops(data))
+                parse(io.BytesIO(archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))))
+            return True
+        with open(path, "rb") as f:
+            legacy = any(arg == MAGIC_NUMBER for _, arg, _ in parse(f))
+            for _ in range(_LEGACY_PICKLES - 1 if legacy else 0):
+                parse(f)
+        return True
     except Exception:  # noqa: BLE001 - any parse failure means "not a well-formed pickle"
         return False
 
@@ -168,11 +186,11 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "GLOBAL" not in str(exc) and not _pickle_is_well_formed(path):
+        if not _pickle_is_well_formed(path):  # first: a GLOBAL cut short names part of a global, which is not unsafe
             raise corrupt from None
         if not trust:
             raise _unsafe(path, exc) from None
-    except (RuntimeError, EOFError, OSError) as exc:
+    except (RuntimeError, EOFError, OSError, IndexError, struct.error) as exc:  # the last two: legacy files cut short
         raise NotACheckpointError(f"{corrupt}: {_strip_ansi(str(exc)).strip()}") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=False)

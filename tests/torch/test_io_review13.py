@@ -1,0 +1,73 @@
+"""Review 13 (RB): a legacy-format (``_use_new_zipfile_serialization=False``) checkpoint cut short is damaged, not
+unsafe (a GLOBAL cut short names part of a global), with or without ``trust``; a legacy pickle that needs a global
+outside the allow-list is still unsafe.
+
+Oracle: ``torch.load`` itself: with ``weights_only=False`` it cannot read the truncated bytes (damaged) and reads the
+whole file; with ``weights_only=True`` it refuses the unsafe file's global (``datetime.date``).
+"""
+from __future__ import annotations
+
+import datetime
+import pickletools
+
+import pytest
+import torch
+
+from bnkit.torch.io import NotACheckpointError, UnsafeCheckpointError, load_checkpoint
+
+
+def legacy_file(tmp_path, obj, name="legacy.pt"):
+    path = tmp_path / name
+    torch.save(obj, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def pickle_ends(data: bytes) -> list[int]:
+    """Where each of the legacy format's five pickles ends (magic, protocol, sys info, the object, storage keys)."""
+    import io
+
+    stream, ends = io.BytesIO(data), []
+    for _ in range(5):
+        list(pickletools.genops(stream))
+        ends.append(stream.tell())
+    return ends
+
+
+def state_dict():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
+    return net.state_dict()
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_truncated_legacy_checkpoint_is_damaged(tmp_path, trust):
+    """Cut after every byte (the sys info, each GLOBAL's module and name, the storage keys, the storages): damaged,
+    never unsafe, never an IndexError or struct.error from inside torch.load."""
+    data = legacy_file(tmp_path, state_dict()).read_bytes()
+    ends = pickle_ends(data)
+    assert ends[-1] < len(data)  # the storages' bytes follow the pickles
+    path = tmp_path / "cut.pt"
+    for cut in range(ends[0] + 1, len(data)):  # a cut in the magic number is a pickle of unknown format
+        path.write_bytes(data[:cut])
+        with pytest.raises(Exception):  # noqa: B017 - the oracle: PyTorch cannot read it, even trusting it
+            torch.load(path, weights_only=False)
+        with pytest.raises(NotACheckpointError, match="damaged or incomplete"):
+            load_checkpoint(path, trust=trust)
+
+
+def test_whole_legacy_checkpoint_loads(tmp_path):
+    expected = state_dict()
+    got = load_checkpoint(legacy_file(tmp_path, expected))
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_unsafe_legacy_checkpoint_is_still_unsafe(tmp_path):
+    obj = {"state_dict": state_dict(), "date": datetime.date(2020, 1, 2)}
+    path = legacy_file(tmp_path, obj)
+    with pytest.raises(Exception, match="datetime"):  # noqa: B017 - the oracle: weights_only refuses the global
+        torch.load(path, weights_only=True)
+    with pytest.raises(UnsafeCheckpointError, match="datetime"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, trust=True)["date"] == datetime.date(2020, 1, 2)
