@@ -7,6 +7,9 @@
   KeyboardInterrupt still interrupts;
 * ``bnkit fold --json`` and ``bnkit audit --json`` print a file name that is not UTF-8 as JSON can hold it (escaped),
   not as raw bytes; read back with json.loads, compared with os.fsdecode;
+* ``recalibrate --data-key`` for data without named arrays (.npy, one tensor, an (x, y) tuple) is refused, exit 2,
+  as a name the .npz lacks is, not ignored; with named arrays it picks the one recalibrated on (oracle: PyTorch's
+  BatchNorm in float64 over that array);
 """
 from __future__ import annotations
 
@@ -187,3 +190,46 @@ def test_json_of_a_name_that_is_not_utf8_is_valid(files, command):
         assert report["output"] == os.fsdecode(output)
     else:
         assert report["target"] == os.fsdecode(source)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recalibrate --data-key
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, save", [
+    ("d.npy", lambda x, p: np.save(p, x)),
+    ("one.pt", lambda x, p: torch.save(torch.from_numpy(x), p)),
+    ("xy.pt", lambda x, p: torch.save((torch.from_numpy(x), torch.zeros(len(x))), p)),
+])
+def test_data_key_for_data_without_names_is_refused(files, name, save):
+    save(np.load("x.npy"), files / name)
+    line = one_line_error(invoke(*RECAL, "--model", MLP, "--data", name, "--data-key", "labels"))
+    assert "--data-key 'labels'" in line and name in line, line
+    assert not (files / "out.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["d.npz", "d.pt"])
+def test_data_key_picks_the_named_array(files, name):
+    from bnkit.torch import load_state_dict_file
+
+    x = np.load("x.npy")
+    other = np.random.default_rng(1).normal(5, 2, x.shape).astype(np.float32)  # the first of INPUT_KEYS present
+    if name.endswith(".npz"):
+        np.savez(files / name, x=other, mine=x)
+    else:
+        torch.save({"x": torch.from_numpy(other), "mine": torch.from_numpy(x)}, files / name)
+    result = invoke(*RECAL, "--model", MLP, "--weights", "w.pt", "--data", name, "--data-key", "mine",
+                    "--batch-size", "40")
+    assert result.exit_code == 0, result.output
+    got = load_state_dict_file(files / "out.pt")
+    from bnkit.torch.zoo import MLP as Net
+
+    net = Net()  # the oracle: the first BatchNorm's input, from the same weights, in float64
+    net.load_state_dict(load_state_dict_file(files / "w.pt"))
+    net = net.double().eval()
+    bn_name, bn = next((n, m) for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm1d))
+    seen = []
+    bn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        net(torch.from_numpy(x).double())
+    np.testing.assert_allclose(got[f"{bn_name}.running_mean"].double().numpy(), seen[0].mean(0).numpy(),
+                               rtol=1e-5, atol=1e-5)

@@ -230,7 +230,7 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
     Anything else is read as a checkpoint with ``weights_only=True`` (``.pt``, ``.pth``) or as
     safetensors: data files are never trusted to run code. A file of several named arrays
     gives ``key``, else its only one, else the first of :data:`INPUT_KEYS` present; a tuple
-    or list, see :func:`_inputs_of_sequence`.
+    or list, see :func:`_inputs_of_sequence`. A ``key`` for a file without named arrays is refused.
 
     Raises:
         ValueError: no such file, a folder, an unreadable file, or no inputs in it (the
@@ -243,13 +243,14 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
     from ..torch.io import NotACheckpointError, UnsafeCheckpointError, load_checkpoint
 
     check_input_file(path, "data")
+    named = False  # whether the file holds named arrays, of which ``key`` picks one
     if path.suffix.lower() in ARRAY_SUFFIXES:
         unreadable = f"{path} is not a readable .npy/.npz array file (object arrays are refused)"
         try:
             loaded = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise ValueError(f"{unreadable}: {exc}") from exc
-        if isinstance(loaded, np.lib.npyio.NpzFile):
+        if named := isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
                 name = _chosen_key(loaded.files, key, key_option, path)
                 try:
@@ -273,8 +274,14 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
             message = str(exc)
             raise ValueError(message if str(path) in message else f"cannot read data file {path}: {message}") from exc
     if isinstance(loaded, dict):
-        named = {str(k): v for k, v in loaded.items()}
-        loaded = named[_chosen_key(list(named), key, key_option, path)]
+        named = True
+        arrays = {str(k): v for k, v in loaded.items()}
+        loaded = arrays[_chosen_key(list(arrays), key, key_option, path)]
+    elif key is not None and not named:  # a key that picks nothing would be ignored: say so, as for a wrong name
+        what = "an array" if isinstance(loaded, (np.ndarray, torch.Tensor)) else f"a {type(loaded).__name__}"
+        option = key_option or "the key"
+        raise ValueError(f"{path} holds {what}, not named arrays: {option} {key!r} names nothing in it; "
+                         f"leave {option} out (it picks one array of an .npz file or a dict of tensors)")
     elif isinstance(loaded, (tuple, list)) and loaded:
         loaded = _inputs_of_sequence(loaded, path)
     if not isinstance(loaded, (np.ndarray, torch.Tensor)):
