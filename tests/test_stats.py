@@ -183,6 +183,21 @@ def test_bias_corrected_ema_is_the_weighted_mean_of_values(values, decay, init):
 
 
 
+@pytest.mark.parametrize("decay,init", [(0.999999999999, 1e6), (0.999999999, 1e3), (0.5, -7.0), (0.0, 3.0)])
+def test_bias_corrected_ema_keeps_its_digits_with_a_large_start_and_decay_near_one(decay, init):
+    """Review RC: (v_t - decay**t init) / (1 - decay**t) cancelled: with decay 1 - 1e-12 and init 1e6, batches
+    all 1 gave 0, -58.2, -38.8. Oracle: the weighted mean of the values in exact rational arithmetic."""
+    from fractions import Fraction
+
+    values = [1.0, 1.0, 1.0, 0.25, 3.5, -2.0]
+    ema = EMA(decay, init)
+    for t, v in enumerate(values, 1):
+        ema.update(v)
+        weights = [Fraction(decay) ** (t - 1 - i) for i in range(t)]
+        exact = sum(w * Fraction(x) for w, x in zip(weights, values)) / sum(weights)
+        assert float(ema.corrected) == pytest.approx(float(exact), rel=1e-12, abs=1e-12), t
+
+
 def test_ema_with_decay_one_never_moves_and_its_corrected_value_is_that_value():
     """decay = 1 keeps all weight on the old value: the average stays at init, and the correction
     (v_t - 1 * init) / (1 - 1) would be 0/0; the corrected value is the (unmoved) value, not NaN."""

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import math
+
 import numpy as np
 
 __all__ = [
@@ -220,6 +222,8 @@ class EMA:
     started at ``init``; ``corrected`` divides out the start-up bias,
     ``(v_t - decay**t * init) / (1 - decay**t)``, which for ``init = 0`` is
     Adam's ``v_t / (1 - decay**t)``: the weighted mean of the values seen so far.
+    It is computed from the values' part of the average alone (an EMA started at 0), so a
+    large ``init`` with ``decay`` near 1 loses no digits to the subtraction.
     """
 
     def __init__(self, decay: float, init: float | np.ndarray = 0.0) -> None:
@@ -228,10 +232,12 @@ class EMA:
         self.decay = float(decay)
         self.init = np.asarray(init, dtype=np.float64)
         self.value = self.init.copy()
+        self._seen = np.zeros_like(self.init)  # sum_i (1 - decay) decay**(t-i) x_i
         self.steps = 0
 
     def update(self, x) -> np.ndarray:
         self.value = ema_update(self.value, x, self.decay, weight_on="old")
+        self._seen = ema_update(self._seen, x, self.decay, weight_on="old")
         self.steps += 1
         return self.value
 
@@ -239,10 +245,11 @@ class EMA:
     def corrected(self) -> np.ndarray:
         if self.steps == 0:
             return self.init.copy()
-        keep = self.decay**self.steps
-        if keep == 1.0:  # decay == 1: the average never moves, nothing to correct
+        if self.decay == 1.0:  # the average never moves, nothing to correct
             return self.value.copy()
-        return (self.value - keep * self.init) / (1.0 - keep)
+        if self.decay == 0.0:  # only the last value counts
+            return self._seen.copy()
+        return self._seen / -math.expm1(self.steps * math.log(self.decay))  # / (1 - decay**t), to full precision
 
 
 class CumulativeAverage:
