@@ -64,8 +64,11 @@ def test_a_full_disk_while_the_report_is_written_exits_2_with_the_reason_and_kee
     import os
     from pathlib import Path
 
+    import signal
+
     from bnkit.study import modes, report
 
+    handler = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(modes, "run", _measured_with_a_plot)
     out = tmp_path / "report"
     before = _previous_report(out)
@@ -84,6 +87,7 @@ def test_a_full_disk_while_the_report_is_written_exits_2_with_the_reason_and_kee
     assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
     assert f"error: cannot write the report folder {out}: No space left on device" in _one_line(result.output)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder, nothing replaced
+    assert signal.getsignal(signal.SIGTERM) == handler  # the run's SIGTERM handler is gone
 
     monkeypatch.setattr(report, "_write_atomic", write_atomic)
     replace = os.replace
@@ -99,3 +103,53 @@ def test_a_full_disk_while_the_report_is_written_exits_2_with_the_reason_and_kee
     assert result.exit_code == 2, result.output
     assert f"error: cannot write the report folder {out}: No space left on device" in _one_line(result.output)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+_SLOW_CHAPTER = """
+import sys, time
+from pathlib import Path
+from bnkit.study import modes
+
+running, out = sys.argv[1:]
+
+def slow(ctx):  # a chapter that saved a plot and is still running when SIGTERM comes
+    (ctx.out / "ch2_two_modes.png").write_bytes(b"partial")
+    Path(running).write_text("running")
+    time.sleep(300)
+
+modes.run = slow
+from bnkit.cli import main
+sys.argv = ["bnkit", "study", "two-modes", "--size", "quick", "--out", out]
+main()
+"""
+
+
+def test_sigterm_while_the_chapters_run_exits_143_and_leaves_the_previous_report_and_no_staging_folder(tmp_path):
+    """SIGTERM (timeout, a cancelled CI job, kill) skipped the ``finally`` that removes the staging folder: every
+    interrupted run left a hidden ``.bnkit-demo-*`` folder with its partial plots inside --out."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, running = tmp_path / "report", tmp_path / "running"
+    before = _previous_report(out)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg", KERAS_BACKEND="torch")
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CHAPTER, str(running), str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120  # a guard against a hang, not a timing assertion
+        while not running.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.exists(), proc.communicate(timeout=60) if proc.poll() is not None else "never started"
+        assert [p.name for p in out.iterdir() if p.name.startswith(".bnkit-demo-")]  # the run is building its report
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert b"Traceback" not in err, err.decode()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder, nothing replaced

@@ -73,8 +73,9 @@ def run_and_report(
     torch runs on ``threads`` CPU threads for the run (restored afterwards): the models are tiny, and
     on a busy 2-core machine two threads used over 2.7 times the CPU time of one (measured on the demo).
     The report is built in a hidden folder inside ``out`` and replaces the previous one only when it is complete:
-    a report that cannot be written (a full disk) exits 2 with the reason, and Ctrl-C leaves the previous report
-    as it was and no hidden folder behind.
+    a report that cannot be written (a full disk) exits 2 with the reason, and Ctrl-C or SIGTERM (``timeout``, a
+    cancelled CI job; exit status 143 where SIGTERM has its default action) leave the previous report as it was
+    and no hidden folder behind.
     """
     if out.exists() and not out.is_dir():
         raise fail(f"--out {out} exists and is not a folder")
@@ -95,38 +96,40 @@ def run_and_report(
     import numpy as np
     import torch
 
+    from ..atomic import _sigterm_exits
     from ..study.report import write_report
 
     _refuse_folders_in_the_way(out, REPORT_FILES)
-    try:  # the report is built in a hidden folder inside ``out``: writable now, or refused before any chapter runs
-        out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".bnkit-demo-", dir=out))
-    except OSError as exc:
-        raise _cannot_write(out, exc) from None
-    try:
-        start = time.perf_counter()
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            chapters = _run_with_progress(names, size, seed, staging, seeds)
-        finally:
-            torch.set_num_threads(previous_threads)
-        seconds = round(time.perf_counter() - start, 1)
-        meta = {"size": size, "seed": seed, "seeds": seeds, "seconds": seconds, "chapters": names,
-                "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-                "torch_threads": threads}
-        try:  # a full disk fails here, in the staging folder: the previous report is still as it was
-            written = write_report(chapters, staging, meta)
-            # only a finished report replaces the previous one: file by file, each atomically, the pages last
-            pages = [p.name for p in written.values()]
-            names = sorted(p.name for p in staging.iterdir() if p.name not in pages) + pages
-            _refuse_folders_in_the_way(out, names)
-            for name in names:
-                os.replace(staging / name, out / name)
+    with _sigterm_exits():  # SIGTERM (timeout, a cancelled CI job) exits 143 through the cleanup below
+        try:  # the report is built in a hidden folder inside ``out``: writable now, or refused before any chapter runs
+            out.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".bnkit-demo-", dir=out))
         except OSError as exc:
             raise _cannot_write(out, exc) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # an interrupted run leaves the previous report as it was
+        try:
+            start = time.perf_counter()
+            previous_threads = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                chapters = _run_with_progress(names, size, seed, staging, seeds)
+            finally:
+                torch.set_num_threads(previous_threads)
+            seconds = round(time.perf_counter() - start, 1)
+            meta = {"size": size, "seed": seed, "seeds": seeds, "seconds": seconds, "chapters": names,
+                    "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+                    "torch_threads": threads}
+            try:  # a full disk fails here, in the staging folder: the previous report is still as it was
+                written = write_report(chapters, staging, meta)
+                # only a finished report replaces the previous one: file by file, each atomically, the pages last
+                pages = [p.name for p in written.values()]
+                names = sorted(p.name for p in staging.iterdir() if p.name not in pages) + pages
+                _refuse_folders_in_the_way(out, names)
+                for name in names:
+                    os.replace(staging / name, out / name)
+            except OSError as exc:
+                raise _cannot_write(out, exc) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # an interrupted run leaves the previous report as it was
     paths = {kind: out / path.name for kind, path in written.items()}
     console.print(f"report: {paths['html']} (also {paths['markdown'].name}, {paths['json'].name}) in {seconds} s",
                   markup=False)
