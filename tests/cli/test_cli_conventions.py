@@ -211,3 +211,27 @@ def test_update_rule_row_is_what_each_real_layer_does_with_its_momentum():
     rows = _invoke()
     for i, fw in enumerate(FRAMEWORKS):
         assert _apply_rule(rows["update (m = momentum)"][i], m, r0, 3.0) == pytest.approx(real[fw], abs=1e-6), fw
+
+
+@pytest.mark.parametrize("m,src", [(0.10000000149011612, "torch"), (0.12345678901234568, "torch"),
+                                   (1.2345678901234568e-05, "torch"), (0.99, "keras")])
+def test_converted_momenta_stay_whole_at_every_width(m, src):
+    """Review RC: the fit test counted the first column as the widest fixed label, but the row's own label
+    (``'<momentum> is'``) can be up to 4 columns wider; at those widths a value folded over two lines (read
+    alone, 1.2345678901234568 for 1.2345678901234568e-05). Oracle: convert_momentum's values, each found whole
+    on one line of the output (in the table or listed under it) at every width from 80 to 160."""
+    from bnkit import convert_momentum
+
+    wanted = [repr(convert_momentum(m, src, fw)) for fw in FRAMEWORKS]
+    in_table = 0
+    for width in range(80, 161):
+        output = _run("--momentum", repr(m), "--from", src, width=width)
+        rows = _table(output)
+        if f"{src} momentum" in rows:  # in the table: whole, nothing carried to the label's second line
+            in_table += 1
+            assert rows[f"{src} momentum"] == wanted, width
+            assert rows[f"{m!r} is"] == ["", "", "", ""], width
+        else:  # listed under the table, one "framework: value" line each
+            lines = output.split("in each framework:")[1].splitlines()[1:5]
+            assert [line.split(": ")[1].strip() for line in lines] == wanted, width
+    assert in_table  # the wide consoles do show the row

@@ -58,12 +58,13 @@ def conventions(
     table.add_row("running var fed",
                   *("unbiased\nM2/(n-1)" if c.unbiased_running_var else "biased\nM2/n" for c in convs))
     # the converted momenta whole: a table row where each fits its column, else lines under the table
+    row_label = f"{src_name} momentum\n{momentum!r} is"
+    first = max(len(line) for line in [label, *row_label.splitlines()])  # the first column, this row's label too
     row_fits = converted is not None and (  # borders: 3 per column and 4 more
-        len(label) + sum(max(len(repr(v)), 5) for v in converted.values()) + 3 * len(FRAMEWORKS) + 4
+        first + sum(max(len(repr(v)), 5) for v in converted.values()) + 3 * len(FRAMEWORKS) + 4
         <= console.width)
     if row_fits:
-        table.add_row(f"{src_name} momentum\n{momentum!r} is", *(repr(converted[fw]) for fw in FRAMEWORKS),
-                      style="green")
+        table.add_row(row_label, *(repr(converted[fw]) for fw in FRAMEWORKS), style="green")
     console.print(table)
     if converted is not None:
         _print_converted(src_name, momentum, converted, listed=not row_fits)
