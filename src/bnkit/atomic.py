@@ -48,7 +48,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     tmp = _create_beside(path)
     fresh = stat.S_IMODE(os.stat(tmp).st_mode)  # open's 0o666 & ~umask
     try:
-        with _sigterm_exits():
+        with sigterm_exits():
             yield tmp
             _fsync(tmp)  # before the chmod: the old file's mode may not let us read the new one
             # the old file's mode, or open's default where a writer replaced the temporary file with one of its own
@@ -64,7 +64,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 
 @contextmanager
-def _sigterm_exits() -> Iterator[None]:
+def sigterm_exits() -> Iterator[None]:
     """While the block runs, SIGTERM raises ``SystemExit(143)`` (so cleanup runs) instead of ending the process
     on the spot; only where it has its default action (a handler or an ignore set by the program is kept) and
     on the main thread (the only one that may set handlers). Only then: a Python handler waits for the main

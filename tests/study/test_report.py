@@ -25,16 +25,17 @@ def test_a_check_that_fails_reads_as_not_holding_in_the_html_and_the_markdown(tm
 @pytest.mark.parametrize("status,word", [("unavailable", "NOT RUN"), ("failed", "FAILED")])
 def test_a_chapter_that_did_not_run_says_so_and_why_in_both_reports(tmp_path, status, word):
     """A chapter that was not run (a missing API) and one that raised are told apart in its table, and both reports
-    say that it did not run and why: never an empty chapter that reads as if nothing was wrong."""
+    say that it did not run (or that it failed) and why: never an empty chapter that reads as if nothing was wrong."""
     reason = "needs bnkit.torch.fold_bn <missing>" if status == "unavailable" else "RuntimeError: kaputt"
     ch = unavailable(5, "deployment", "Deploy", "claim", reason, status=status)
     assert ch.status == status and ch.reason == reason and not ch.checks
     assert ch.tables[0].rows == [[word, reason]]
     paths = write_report([ch], tmp_path, {"size": "quick"})
     page, md = paths["html"].read_text(), paths["markdown"].read_text()
-    assert f"<p class='na'>This chapter did not run: {html.escape(reason)}</p>" in page
+    said = "did not run" if status == "unavailable" else "failed"
+    assert f"<p class='na'>This chapter {said}: {html.escape(reason)}</p>" in page
     assert f"<td>{word}</td><td>{html.escape(reason)}</td>" in page
-    assert f"**This chapter did not run:** {reason}" in md.splitlines()
+    assert f"**This chapter {said}:** {reason}" in md.splitlines()
     assert f"| {word} | {reason} |" in md.splitlines()
     # a chapter that ran says nothing of the kind
     ok = Chapter(1, "c", "Title", "claim", tables=[Table("t", ["a"])])

@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
+from ..atomic import sigterm_exits
 from .app import app, console, err_console, fail, needs
 
 
@@ -96,11 +97,10 @@ def run_and_report(
     import numpy as np
     import torch
 
-    from ..atomic import _sigterm_exits
     from ..study.report import write_report
 
     _refuse_folders_in_the_way(out, REPORT_FILES)
-    with _sigterm_exits():  # SIGTERM (timeout, a cancelled CI job) exits 143 through the cleanup below
+    with sigterm_exits():  # SIGTERM (timeout, a cancelled CI job) exits 143 through the cleanup below
         try:  # the report is built in a hidden folder inside ``out``: writable now, or refused before any chapter runs
             out.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=".bnkit-demo-", dir=out))
