@@ -10,6 +10,8 @@
 * ``recalibrate --data-key`` for data without named arrays (.npy, one tensor, an (x, y) tuple) is refused, exit 2,
   as a name the .npz lacks is, not ignored; with named arrays it picks the one recalibrated on (oracle: PyTorch's
   BatchNorm in float64 over that array);
+* ``bnkit audit`` words its fixes in its options (``--forward``, new, as recalibrate's; ``--train-batch-size``), not
+  in Python arguments; ``bnkit fold x.onnx --input-shape`` with a wrong name names the graph's inputs (oracle: onnx).
 """
 from __future__ import annotations
 
@@ -233,3 +235,76 @@ def test_data_key_picks_the_named_array(files, name):
         net(torch.from_numpy(x).double())
     np.testing.assert_allclose(got[f"{bn_name}.running_mean"].double().numpy(), seen[0].mean(0).numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# audit's advice in its options; fold's --input-shape names
+# ----------------------------------------------------------------------------------------------------------------
+POOLED = """
+import torch
+from bnkit.torch.zoo import MLP
+
+class Pooled(MLP):
+    \"\"\"Its output pools the batch (a set model): nothing lines up sample by sample.\"\"\"
+    def forward(self, x):
+        return super().forward(x).mean(0)
+
+def make():
+    return Pooled()
+
+def per_sample(model, x):  # what --forward would give: the outputs before the pooling
+    return MLP.forward(model, x)
+"""
+
+
+@pytest.fixture
+def pooled(files, monkeypatch):
+    (files / "r13_pooled.py").write_text(POOLED)
+    monkeypatch.delitem(sys.modules, "r13_pooled", raising=False)
+    yield files
+    sys.modules.pop("r13_pooled", None)
+
+
+def test_audit_fixes_name_its_options(pooled):
+    result = invoke("audit", "w.pt", "--model", "r13_pooled:make", "--data", "x.npy", "--json")
+    assert result.exit_code in (0, 1), result.output  # 1: the fresh weights' statistics were never updated
+    report = json.loads(result.output)
+    texts = [f[k] for f in report["findings"] for k in ("finding", "evidence", "fix")]
+    assert not [t for t in texts if "forward=" in t or "train_batch_size=" in t], texts
+    coupling = next(f for f in report["findings"] if f["finding"] == "batch coupling not checked")
+    assert "--forward package.module:fn" in coupling["fix"], coupling
+    assert report["batch_coupling"] is None
+    assert "--forward" in invoke("audit", "--help").output
+
+
+def test_audit_forward_option_feeds_the_model(pooled):
+    """With the outputs before the pooling, eval-mode MLP is per sample: batch size 1 and the whole batch agree."""
+    result = invoke("audit", "w.pt", "--model", "r13_pooled:make", "--data", "x.npy", "--forward",
+                    "r13_pooled:per_sample", "--json")
+    assert result.exit_code in (0, 1), result.output  # 1: the fresh weights' statistics were never updated
+    report = json.loads(result.output)
+    assert report["batch_coupling"] is not None and report["batch_coupling"] < 1e-5, report["batch_coupling"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["audit", "w.pt", "--model", "r13_pooled:make", "--forward", "r13_pooled:per_sample"], "--forward needs --data"),
+    (["audit", "m.onnx", "--forward", "r13_pooled:per_sample"], "--forward needs --data"),  # ONNX: no --data
+    (["audit", "w.pt", "--model", "r13_pooled:make", "--data", "x.npy", "--forward", "r13_pooled:POOLED_NOT"],
+     "cannot import --forward"),
+])
+def test_audit_forward_misuse_is_refused(pooled, args, words):
+    assert words in one_line_error(invoke(*args))
+
+
+def test_audit_train_batch_size_advice_names_the_option():
+    from bnkit.cli.audit import _cli_words
+
+    assert _cli_words("pass train_batch_size=") == "pass --train-batch-size"
+
+
+def test_fold_input_shape_of_no_graph_input_names_the_inputs(files):
+    import onnx
+
+    inputs = [v.name for v in onnx.load(str(files / "m.onnx")).graph.input]
+    line = one_line_error(invoke("fold", "m.onnx", "-o", "out.onnx", "--input-shape", "nope=2x64"))
+    assert "--input-shape" in line and "'nope'" in line and str(inputs) in line, line

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from .app import app, console, fail, needs, note
 from .common import (USER_CODE_ERRORS, UsageError, add_cwd_to_path, build_model, check_input_file, describe_error,
-                     dtype_change, load_inputs, parse_device, print_json)
+                     dtype_change, load_forward, load_inputs, parse_device, print_json)
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -35,6 +35,9 @@ def audit_command(
     train_batch_size: Optional[int] = typer.Option(
         None, help="Training batch size (at least 2), for the running statistics' noise (default --batch-size)."),
     max_batches: Optional[int] = typer.Option(None, help="Use at most this many batches of --data (at least 1)."),
+    forward: Optional[str] = typer.Option(
+        None, help="package.module:fn called as fn(model, batch) for each batch of --data, e.g. to return "
+                   "batch-first outputs; default: model(batch)."),
     trust: bool = typer.Option(
         False, "--trust", help="Unpickle arbitrary objects in the checkpoint. ONLY for files you made yourself."),
     device: Optional[str] = typer.Option(
@@ -59,6 +62,8 @@ def audit_command(
     if train_batch_size is not None and train_batch_size < 2:
         raise fail(f"--train-batch-size must be at least 2 (BatchNorm trains on batch statistics, which need "
                    f"two samples), got {train_batch_size}")
+    if forward is not None and data is None:
+        raise fail("--forward needs --data: it feeds the data's batches to the model")
     if max_batches is not None and max_batches < 1:
         raise fail(f"--max-batches must be at least 1, got {max_batches}")
     if device is not None and model is None and not trust:
@@ -72,7 +77,7 @@ def audit_command(
     if onnx_file:
         report = _onnx_report(file)
     else:
-        report = _torch_report(file, model, data, batch_size, train_batch_size, max_batches, trust, run_on)
+        report = _torch_report(file, model, data, batch_size, train_batch_size, max_batches, trust, run_on, forward)
 
     if as_json:
         print_json(report)
@@ -98,7 +103,7 @@ def _onnx_report(file: Path) -> dict[str, Any]:
 
 
 def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max_batches, trust,
-                  device) -> dict[str, Any]:
+                  device, forward_spec) -> dict[str, Any]:
     import torch
 
     from ..torch.audit import audit
@@ -131,7 +136,11 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
             net.to(device)  # the audit moves each data batch to the model's device
         inputs = None if data_file is None else _load_data(data_file)
         try:
-            report = audit(net, inputs, batch_size=batch_size, train_batch_size=train_batch_size,
+            feed = load_forward(forward_spec) if forward_spec is not None else None
+        except UsageError as exc:
+            raise fail(str(exc)) from None
+        try:
+            report = audit(net, inputs, forward=feed, batch_size=batch_size, train_batch_size=train_batch_size,
                            max_batches=max_batches)
         except torch.OutOfMemoryError as exc:  # the input was fine: the run failed (exit 1, as recalibrate)
             raise fail(f"the audit ran out of memory (try a smaller --batch-size): {exc}", code=1) from None
@@ -143,7 +152,28 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
             raise fail(f"the model raised {describe_error(exc)} while audited") from None
     out = report.to_dict()
     out["target"] = str(file)
+    for finding in out["findings"]:
+        for key in ("finding", "evidence", "fix"):
+            finding[key] = _cli_words(finding[key])
     return out
+
+
+#: The library's advice in the command's words: its Python arguments are options here (the examples first).
+_CLI_WORDS = (
+    ("e.g. forward=lambda model, x: model(x).transpose(0, 1)",
+     "e.g. a fn(model, x) returning model(x).transpose(0, 1)"),
+    ("forward=lambda m, x: m(x.transpose(0, 1))", "--forward package.module:fn returning model(x.transpose(0, 1))"),
+    ("forward=", "--forward package.module:fn"),
+    ("train_batch_size=", "--train-batch-size"),
+)
+
+
+def _cli_words(text: str) -> str:
+    """A finding of :func:`bnkit.torch.audit` with its Python arguments (``forward=``, ``train_batch_size=``) as
+    this command's options."""
+    for python, option in _CLI_WORDS:
+        text = text.replace(python, option)
+    return text
 
 
 def _trusted_load_error(file: Path, exc: BaseException) -> str:

@@ -9,7 +9,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -63,6 +63,18 @@ def resolve_spec(spec: str) -> Any:
         except AttributeError:
             raise ValueError(f"module {mod_name!r} has no attribute {attr!r}") from None
     return obj
+
+
+def load_forward(spec: str) -> Callable[[Any, Any], Any]:
+    """The function ``--forward`` names (``package.module:fn``, called as ``fn(model, batch)``), else
+    :class:`UsageError` saying why (importing it failed, or it is not callable)."""
+    try:
+        feed = resolve_spec(spec)
+    except USER_CODE_ERRORS as exc:  # noqa: BLE001 - importing the user's module runs its code
+        raise UsageError(f"cannot import --forward {spec!r}: {describe_error(exc)}") from None
+    if not callable(feed):
+        raise UsageError(f"--forward {spec!r} is a {type(feed).__name__}, not a function")
+    return feed
 
 
 def check_input_file(path: Path, kind: str) -> None:

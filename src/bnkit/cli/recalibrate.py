@@ -217,8 +217,8 @@ def recalibrate_command(
     from ..torch import recalibrate
     from ..torch.io import UnsafeCheckpointError, load_state_dict_file, load_weights_into, save_state_dict_file
     from ..torch.modules import input_dtype_device
-    from .common import (STATE_DICT_SUFFIXES, UsageError, build_model, check_output, dtype_change, parse_device,
-                         resolve_spec)
+    from .common import (STATE_DICT_SUFFIXES, UsageError, build_model, check_output, dtype_change, load_forward,
+                         parse_device)
 
     if batches is not None and batches < 1:
         raise fail(f"--batches must be at least 1, got {batches}")
@@ -254,11 +254,9 @@ def recalibrate_command(
     except USER_CODE_ERRORS as exc:  # noqa: BLE001 - the user's factory may raise anything
         raise fail(f"cannot load data from {data!r}: {describe_error(exc)}")
     try:
-        feed = resolve_spec(forward) if forward is not None else None
-    except USER_CODE_ERRORS as exc:  # noqa: BLE001 - importing the user's module runs its code
-        raise fail(f"cannot import --forward {forward!r}: {describe_error(exc)}")
-    if feed is not None and not callable(feed):
-        raise fail(f"--forward {forward!r} is a {type(feed).__name__}, not a function")
+        feed = load_forward(forward) if forward is not None else None
+    except UsageError as exc:
+        raise fail(str(exc))
     try:
         prepare = (lambda batch: batch) if feed is not None else (lambda batch: _model_input(batch, dtype))
         report = recalibrate(net.eval(), _Reading(loader, prepare),
