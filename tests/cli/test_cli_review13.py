@@ -134,11 +134,25 @@ def forward_exit(model, batch): sys.exit("bye")
 
 
 @pytest.fixture
-def exiting(files, monkeypatch):
-    (files / "r13_exiting.py").write_text(EXITING)
-    monkeypatch.delitem(sys.modules, "r13_exiting", raising=False)
-    yield files
-    sys.modules.pop("r13_exiting", None)
+def user_module(files, monkeypatch):
+    """``write(name, source)``: a module in the files' folder, importable as a --model/--data/--forward target;
+    unloaded afterwards."""
+    names = []
+
+    def write(name: str, source: str):
+        (files / f"{name}.py").write_text(source)
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        names.append(name)
+        return files
+
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def exiting(user_module):
+    return user_module("r13_exiting", EXITING)
 
 
 RECAL = ["recalibrate", "--no-progress", "-o", "out.pt"]
@@ -258,11 +272,8 @@ def per_sample(model, x):  # what --forward would give: the outputs before the p
 
 
 @pytest.fixture
-def pooled(files, monkeypatch):
-    (files / "r13_pooled.py").write_text(POOLED)
-    monkeypatch.delitem(sys.modules, "r13_pooled", raising=False)
-    yield files
-    sys.modules.pop("r13_pooled", None)
+def pooled(user_module):
+    return user_module("r13_pooled", POOLED)
 
 
 def test_audit_fixes_name_its_options(pooled):
