@@ -63,6 +63,27 @@ def test_whole_legacy_checkpoint_loads(tmp_path):
         assert torch.equal(got[k], v), k
 
 
+@pytest.mark.parametrize("zipped", [False, True])
+def test_whole_pickled_model_needing_trust_loads_with_it_in_either_format(tmp_path, zipped):
+    """Review R3: the check for a cut-short pickle must not call a whole one damaged. A whole pickled model with
+    tensors of several dtypes sharing storage, in the legacy and the zip format: unsafe without trust (torch's
+    weights_only refuses it: the oracle), equal to torch.load's own result with it."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4)).double()
+    obj = {"model": net, "half": torch.randn(3, 5).half(), "view": net[0].weight[1:], "ints": torch.arange(6)}
+    path = tmp_path / "model.pt"
+    torch.save(obj, path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(Exception):  # noqa: B017 - the oracle: weights_only refuses the module's class
+        torch.load(path, weights_only=True)
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint(path)
+    got, want = load_checkpoint(path, trust=True), torch.load(path, weights_only=False)
+    for k, v in want["model"].state_dict().items():
+        assert torch.equal(got["model"].state_dict()[k], v), k
+    for k in ("half", "view", "ints"):
+        assert torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype, k
+
+
 def test_unsafe_legacy_checkpoint_is_still_unsafe(tmp_path):
     obj = {"state_dict": state_dict(), "date": datetime.date(2020, 1, 2)}
     path = legacy_file(tmp_path, obj)
