@@ -65,7 +65,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 @contextmanager
 def sigterm_exits() -> Iterator[None]:
-    """While the block runs, SIGTERM raises ``SystemExit(143)`` (so cleanup runs) instead of ending the process
+    """While the block runs, SIGTERM raises :class:`Terminated` (``SystemExit(143)``, so cleanup runs) instead of ending the process
     on the spot; only where it has its default action (a handler or an ignore set by the program is kept) and
     on the main thread (the only one that may set handlers). Only then: a Python handler waits for the main
     thread to come back from C code, which would delay a SIGTERM during a long collective or wait."""
@@ -79,8 +79,13 @@ def sigterm_exits() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+class Terminated(SystemExit):
+    """SIGTERM turned into an exit (status 143) by :func:`sigterm_exits`, so that cleanup runs: never a failure of
+    the code it interrupted, which guards that catch ``SystemExit`` from users' code let through."""
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    raise Terminated(128 + signum)
 
 
 def _create_beside(path: Path) -> str:

@@ -187,7 +187,7 @@ def test_onnx_file(trained, tmp_path):
     assert "2 BatchNorm layer(s)" in flat
     for extra in (["--data", "x.npy"], ["--device", "cpu"], ["--model", "audit_models:mlp"]):
         wrong = _invoke(path, *extra)  # one message naming every PyTorch-only option, not "--data needs --model"
-        assert wrong.exit_code == 2 and "--model, --data and --device apply to PyTorch checkpoints" in _flat(wrong)
+        assert wrong.exit_code == 2 and "--model, --data, --forward and --device apply to PyTorch checkpoints" in _flat(wrong)
     assert _invoke(path, "--model", "audit_models:mlp").exit_code == 2
 
 

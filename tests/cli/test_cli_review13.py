@@ -166,6 +166,8 @@ RECAL = ["recalibrate", "--no-progress", "-o", "out.pt"]
      "sys.exit('bye')"),
     (["audit", "w.pt", "--model", "r13_exiting:make_exit", "--json"], "sys.exit()"),
     (["audit", "w.pt", "--model", "r13_exiting:net_exit", "--data", "x.npy", "--json"], "sys.exit(3)"),
+    (["audit", "w.pt", "--model", "r13_exiting:make", "--data", "x.npy", "--forward", "r13_exiting:forward_exit"],
+     "the model or --forward 'r13_exiting:forward_exit' raised SystemExit (it called sys.exit('bye')"),
     (["fold", "--model", "r13_exiting:make_exit", "-o", "out.pt"], "sys.exit()"),
     (["fold", "--model", "r13_exiting:net_exit", "--force", "--input-shape", "2x64", "-o", "out.pt"], "sys.exit(3)"),
 ])
@@ -220,6 +222,14 @@ def test_data_key_for_data_without_names_is_refused(files, name, save):
     save(np.load("x.npy"), files / name)
     line = one_line_error(invoke(*RECAL, "--model", MLP, "--data", name, "--data-key", "labels"))
     assert "--data-key 'labels'" in line and name in line, line
+    assert not (files / "out.pt").exists()
+
+
+def test_data_key_for_a_data_factory_is_refused(files, user_module):
+    """Review R3: a factory's result is used as it is, so --data-key did nothing (exit 0, the key unused)."""
+    user_module("r13_data", "import numpy as np\ndef make(): return np.load('x.npy')\n")
+    line = one_line_error(invoke(*RECAL, "--model", MLP, "--data", "r13_data:make", "--data-key", "labels"))
+    assert "--data-key 'labels'" in line and "factory" in line, line
     assert not (files / "out.pt").exists()
 
 
@@ -299,7 +309,7 @@ def test_audit_forward_option_feeds_the_model(pooled):
 
 @pytest.mark.parametrize("args, words", [
     (["audit", "w.pt", "--model", "r13_pooled:make", "--forward", "r13_pooled:per_sample"], "--forward needs --data"),
-    (["audit", "m.onnx", "--forward", "r13_pooled:per_sample"], "--forward needs --data"),  # ONNX: no --data
+    (["audit", "m.onnx", "--forward", "r13_pooled:per_sample"], "--forward and --device apply to PyTorch"),
     (["audit", "w.pt", "--model", "r13_pooled:make", "--data", "x.npy", "--forward", "r13_pooled:POOLED_NOT"],
      "cannot import --forward"),
 ])
@@ -319,3 +329,49 @@ def test_fold_input_shape_of_no_graph_input_names_the_inputs(files):
     inputs = [v.name for v in onnx.load(str(files / "m.onnx")).graph.input]
     line = one_line_error(invoke("fold", "m.onnx", "-o", "out.onnx", "--input-shape", "nope=2x64"))
     assert "--input-shape" in line and "'nope'" in line and str(inputs) in line, line
+
+
+SLOW_ONNX_SAVE = r'''
+import sys, time, onnx
+def slow_save(*a, **k):  # a big model on a slow disk: SIGTERM arrives while the file is written
+    print("WRITING", file=sys.stderr, flush=True)
+    time.sleep(60)
+onnx.save = slow_save
+sys.argv = ["bnkit", "fold", "--model", "bnkit.torch.zoo:MLP", "--input-shape", "4x64", "--force", "-o", "out.onnx"]
+from bnkit.cli import main
+main()
+'''
+
+
+def test_sigterm_while_fold_writes_an_onnx_file_exits_143_and_writes_nothing(tmp_path):
+    """Review R3: the guard that reports SystemExit from the user's model caught the exit SIGTERM raises during the
+    write, so the run ended 1 with "cannot export ...: SystemExit (it called sys.exit(143))". README: exit status
+    143 when SIGTERM comes during the write, and nothing left behind."""
+    import signal
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
+    child = subprocess.Popen([sys.executable, "-c", SLOW_ONNX_SAVE], cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = []
+    for line in child.stderr:
+        seen.append(line)
+        if "WRITING" in line:
+            child.send_signal(signal.SIGTERM)
+            break
+    _, rest = child.communicate(timeout=120)
+    stderr = "".join(seen) + rest
+    assert child.returncode == 143, stderr
+    assert "SystemExit" not in stderr and "Traceback" not in stderr, stderr
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+def test_symbolic_link_loops_are_one_line_as_input_and_replaced_as_output(files):
+    """Review R3: an output path that is a link to itself crashed (RuntimeError: Symlink loop, exit 1); as an input
+    it was "no such file". As an output it names no file, so the link is replaced by the written file."""
+    os.symlink("loop.pt", files / "loop.pt")
+    result = invoke(*RECAL[:-1], "loop.pt", "--model", MLP, "--weights", "w.pt", "--data", "x.npy")
+    assert result.exit_code == 0, result.output
+    assert (files / "loop.pt").is_file() and not (files / "loop.pt").is_symlink()
+    os.symlink("loopx.npy", files / "loopx.npy")
+    line = one_line_error(invoke("audit", "w.pt", "--model", MLP, "--data", "loopx.npy"))
+    assert "loopx.npy" in line and "symbolic link" in line, line

@@ -50,8 +50,8 @@ def audit_command(
     except UsageError as exc:
         raise fail(str(exc)) from None
     onnx_file = file.suffix.lower() == ".onnx"
-    if onnx_file and (model is not None or data is not None or device is not None):
-        raise fail("--model, --data and --device apply to PyTorch checkpoints, not to ONNX files "
+    if onnx_file and (model is not None or data is not None or device is not None or forward is not None):
+        raise fail("--model, --data, --forward and --device apply to PyTorch checkpoints, not to ONNX files "
                    "(an ONNX file's BatchNormalization nodes are read, nothing runs)")
     if data is not None and model is None and not trust:
         raise fail("--data needs --model (or a whole pickled model, read with --trust): the data is run through "
@@ -148,8 +148,9 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
             if isinstance(exc.__cause__, torch.OutOfMemoryError):
                 raise fail(f"{exc} (try a smaller --batch-size)", code=1) from None
             raise fail(str(exc) + _dtype_hint(inputs, exc)) from None
-        except SystemExit as exc:  # the model's forward (its other exceptions are the ValueErrors above)
-            raise fail(f"the model raised {describe_error(exc)} while audited") from None
+        except SystemExit as exc:  # the model's forward or --forward (their other exceptions: the ValueErrors above)
+            who = "the model" if forward_spec is None else f"the model or --forward {forward_spec!r}"
+            raise fail(f"{who} raised {describe_error(exc)} while audited") from None
     out = report.to_dict()
     out["target"] = str(file)
     for finding in out["findings"]:

@@ -87,6 +87,8 @@ def check_input_file(path: Path, kind: str) -> None:
     if is_dir:
         raise UsageError(f"{path} is a directory, not a {kind} file: name a file inside it")
     if not is_file:
+        if path.is_symlink():  # a loop, or a link to nothing
+            raise UsageError(f"cannot read {kind} file {path}: it is a symbolic link that leads to no file")
         raise UsageError(f"no such {kind} file: {path}")
 
 
@@ -170,7 +172,10 @@ def dtype_change(model: Any, loaded: Any, source: str) -> Optional[str]:
 def _same_file(a: Path, b: Path) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
+    try:
+        return a.resolve() == b.resolve()
+    except RuntimeError:  # a symbolic link loop (Python 3.11; OSError ELOOP later): no file, so none of the inputs
+        return False
 
 
 def check_output(output: PathLike, *, suffixes: Sequence[str], inputs: Iterable[Optional[PathLike]] = (),

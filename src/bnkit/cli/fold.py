@@ -127,7 +127,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
                 verify: bool, as_json: bool, fixed_batch: bool) -> None:
     import torch
 
-    from ..atomic import atomic_path
+    from ..atomic import Terminated, atomic_path
     from ..precision import fold_tolerance
     from ..torch import fold_bn, load_state_dict_file, save_state_dict_file
     from ..torch.io import load_weights_into
@@ -186,6 +186,8 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         except (ValueError, TypeError, RuntimeError) as exc:  # ExportVerificationError, torch.onnx's errors too
             raise fail(f"cannot export the folded model to ONNX: {_cli_words(exc)}", code=1) from None
         except USER_CODE_ERRORS as exc:  # noqa: BLE001 - the user's model raising anything else while traced
+            if isinstance(exc, Terminated):  # SIGTERM while the file was written: exit 143, nothing written
+                raise
             raise fail(f"cannot export the folded model to ONNX: {describe_error(exc)}", code=1) from None
         report_file = None
     else:

@@ -137,6 +137,9 @@ def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> An
     if ":" not in spec:
         raise ValueError(f"expected a {', '.join(ARRAY_SUFFIXES + STATE_DICT_SUFFIXES)} file or "
                          "package.module:factory")
+    if key is not None:  # an option that would do nothing is refused, as for files without named arrays
+        raise ValueError(f"--data-key {key!r} names an array in a data file; --data {spec} is a factory, whose "
+                         "result is used as it is: leave --data-key out")
     obj = resolve_spec(spec)
     if callable(obj) and not isinstance(obj, torch.utils.data.Dataset):
         obj = obj()
