@@ -214,11 +214,13 @@ def test_update_rule_row_is_what_each_real_layer_does_with_its_momentum():
 
 
 @pytest.mark.parametrize("m,src", [(0.10000000149011612, "torch"), (0.12345678901234568, "torch"),
-                                   (1.2345678901234568e-05, "torch"), (0.99, "keras")])
+                                   (1.2345678901234568e-05, "torch"), (0.99, "keras"), (1.2e-08, "torch"),
+                                   (5.168e-06, "torch"), (2.5e-10, "torch"), (2.733e-12, "torch")])
 def test_converted_momenta_stay_whole_at_every_width(m, src):
     """Review RC: the fit test counted the first column as the widest fixed label, but the row's own label
     (``'<momentum> is'``) can be up to 4 columns wider; at those widths a value folded over two lines (read
-    alone, 1.2345678901234568 for 1.2345678901234568e-05). Oracle: convert_momentum's values, each found whole
+    alone, 1.2345678901234568 for 1.2345678901234568e-05). Review R2: rich also narrowed a value column below
+    its value where the sum fitted (0.99999998 over 8 at 80 columns). Oracle: convert_momentum's values, each found whole
     on one line of the output (in the table or listed under it) at every width from 80 to 160."""
     from bnkit import convert_momentum
 

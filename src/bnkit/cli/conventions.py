@@ -12,9 +12,12 @@ as lines under the table when a value would not fit its column whole.
 """
 from __future__ import annotations
 
+import copy
+import io
 from typing import Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ..conventions import CONVENTIONS, convert_momentum, get_convention
@@ -57,19 +60,35 @@ def conventions(
     table.add_row("eps, momentum\nnamed", *(f"{lay['eps']},\n{lay['momentum']}" for lay in layouts))
     table.add_row("running var fed",
                   *("unbiased\nM2/(n-1)" if c.unbiased_running_var else "biased\nM2/n" for c in convs))
-    # the converted momenta whole: a table row where each fits its column, else lines under the table
-    row_label = f"{src_name} momentum\n{momentum!r} is"
-    first = max(len(line) for line in [label, *row_label.splitlines()])  # the first column, this row's label too
-    row_fits = converted is not None and (  # borders: 3 per column and 4 more
-        first + sum(max(len(repr(v)), 5) for v in converted.values()) + 3 * len(FRAMEWORKS) + 4
-        <= console.width)
-    if row_fits:
-        table.add_row(row_label, *(repr(converted[fw]) for fw in FRAMEWORKS), style="green")
+    # the converted momenta whole: a table row if rich lays each out on one line of its column, else lines under
+    # the table (how rich narrows columns is its own: the row is tried on a plain copy of the console first)
+    row_fits = False
+    if converted is not None:
+        values = [repr(converted[fw]) for fw in FRAMEWORKS]
+        with_row = copy.deepcopy(table)
+        with_row.add_row(f"{src_name} momentum\n{momentum!r} is", *values, style="green")
+        row_fits = _row_is_whole(with_row, f"{src_name} momentum", values)
+        if row_fits:
+            table = with_row
     console.print(table)
     if converted is not None:
         _print_converted(src_name, momentum, converted, listed=not row_fits)
     _print_names({fw: lay["names"] for fw, lay in zip(FRAMEWORKS, layouts)})
     console.print(_EPS_NOTE)
+
+
+def _row_is_whole(table: Table, label: str, values: list[str]) -> bool:
+    """Whether ``table``, rendered at the console's width, shows the row led by ``label`` with ``values`` each
+    whole on the row's first line, nothing of them on the next, and no line cut at the right edge."""
+    plain = Console(width=console.width, file=io.StringIO(), color_system=None)
+    plain.print(table)
+    lines = plain.file.getvalue().splitlines()
+    for i, line in enumerate(lines[:-1]):
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if cells and cells[0] == label:
+            below = [c.strip() for c in lines[i + 1].split("│")[1:-1]]
+            return cells[1:] == values and below[1:] == [""] * len(values) and line.endswith("│")
+    return False
 
 
 _EPS_NOTE = ("eps is never converted, only carried: state it explicitly in the target (bnkit.convert_state does), "
