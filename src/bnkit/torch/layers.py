@@ -373,7 +373,8 @@ def _snapshot(t: Tensor) -> Tensor:
     CUDA), the partitioner saved those buffers themselves and recomputed ``r`` and ``d`` from them in the
     backward, after the update: gamma's gradient 6-34% off, or an error when the step ran twice before one
     backward. It never recomputes an opaque operator, so ``r`` and ``d`` are computed from this copy, which the
-    backward then reads as it was.
+    backward then reads as it was. (Activation checkpointing re-runs the whole forward, this copy included, after
+    the update: README says to keep renorm layers out of it.)
     """
     return t.clone()
 
