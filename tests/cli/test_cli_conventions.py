@@ -237,3 +237,17 @@ def test_converted_momenta_stay_whole_at_every_width(m, src):
             lines = output.split("in each framework:")[1].splitlines()[1:5]
             assert [line.split(": ")[1].strip() for line in lines] == wanted, width
     assert in_table  # the wide consoles do show the row
+
+
+def test_at_every_width_the_conventions_are_a_table_with_whole_headers_or_lines():
+    """Mutation M10: the switch to lines was tested at 40 and 60 columns only; between them a table with
+    columns narrower than "torch" would pass. Either a table whose header names each framework whole on one line
+    (and ends at its right border), or one line per framework."""
+    for width in range(30, 101):
+        out = _run(width=width).split("Weight names")[0]
+        header = [line for line in out.splitlines() if line.startswith("┃")]
+        if header:
+            assert [c.strip() for c in header[0].split("┃")[2:-1]] == list(FRAMEWORKS), (width, header[0])
+        else:
+            flat = " ".join(out.split())
+            assert all(f"{fw}: r = " in flat for fw in FRAMEWORKS), (width, flat)
