@@ -41,6 +41,8 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder, not an ONNX model file")
     if not os.path.isfile(path):
+        if os.path.islink(path):  # a loop, or a link to nothing
+            raise FileNotFoundError(f"{path} is a symbolic link that leads to no file")
         raise FileNotFoundError(f"no such file: {path}")
     try:
         proto = onnx.load(path)

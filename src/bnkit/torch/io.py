@@ -117,16 +117,21 @@ _LEGACY_PICKLES = 5
 
 
 def _pickle_is_well_formed(path: Path) -> bool:
-    """Whether every pickle ``torch.load`` reads from a file that is not a zip archive parses to its STOP opcode,
-    read without executing anything: the :data:`_LEGACY_PICKLES` of a legacy file (one that starts with PyTorch's
-    magic number), or else the file's first pickle. (A zip checkpoint cut short is no zip archive, and its
-    members are CRC-checked: it needs no parse, which costs seconds on a large pickled model.)"""
+    """Whether the pickles ``torch.load`` reads from the file are intact, read without executing anything: a zip
+    checkpoint's ``data.pkl`` matches its CRC (torch's reader does not check it; a zip cut short is no zip
+    archive); every one of a legacy file's :data:`_LEGACY_PICKLES` (one that starts with PyTorch's magic number),
+    or else the file's first pickle, parses to its STOP opcode (pickletools: seconds on a large pickled model,
+    so only where no CRC can tell)."""
     from torch.serialization import MAGIC_NUMBER
 
     def parse(stream: BinaryIO) -> list:  # genops reads one pickle; ValueError if it is cut short before its STOP
         return list(pickletools.genops(stream))
 
     try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:  # read() raises BadZipFile on a CRC mismatch
+                archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+            return True
         with open(path, "rb") as f:
             legacy = any(arg == MAGIC_NUMBER for _, arg, _ in parse(f))
             for _ in range(_LEGACY_PICKLES - 1 if legacy else 0):
@@ -169,6 +174,8 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     if path.is_dir():
         raise NotACheckpointError(f"{path} is a folder, not a checkpoint file; {_EXPECTED}", "a folder")
     if not path.is_file():
+        if path.is_symlink():  # a loop, or a link to nothing
+            raise FileNotFoundError(f"{path} is a symbolic link that leads to no file")
         raise FileNotFoundError(f"no such file: {path}")
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -182,11 +189,12 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not head.startswith(b"PK\x03\x04") and not _pickle_is_well_formed(path):  # a GLOBAL cut short: not unsafe
+        if not _pickle_is_well_formed(path):  # first: a damaged pickle may name part of a global, which is not unsafe
             raise corrupt from None
         if not trust:
             raise _unsafe(path, exc) from None
-    except (RuntimeError, EOFError, OSError, IndexError, struct.error) as exc:  # the last two: legacy files cut short
+    # IndexError, struct.error: legacy files cut short; KeyError, UnicodeDecodeError: a damaged pickle's memo, strings
+    except (RuntimeError, EOFError, OSError, IndexError, struct.error, KeyError, UnicodeDecodeError) as exc:
         raise NotACheckpointError(f"{corrupt}: {_strip_ansi(str(exc)).strip()}") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
