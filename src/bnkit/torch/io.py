@@ -116,22 +116,26 @@ def _is_safetensors(head: bytes, size: int) -> bool:
 _LEGACY_PICKLES = 5
 
 
+def _zip_is_intact(path: Path) -> bool:
+    """Whether every member of a zip checkpoint matches its CRC-32 (torch's reader checks none: a flipped bit in
+    ``data.pkl`` can give other keys, shapes or offsets, one in a tensor's bytes other values)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):  # ValueError: zipfile's "negative seek" and the like
+        return False
+
+
 def _pickle_is_well_formed(path: Path) -> bool:
-    """Whether the pickles ``torch.load`` reads from the file are intact, read without executing anything: a zip
-    checkpoint's ``data.pkl`` matches its CRC (torch's reader does not check it; a zip cut short is no zip
-    archive); every one of a legacy file's :data:`_LEGACY_PICKLES` (one that starts with PyTorch's magic number),
-    or else the file's first pickle, parses to its STOP opcode (pickletools: seconds on a large pickled model,
-    so only where no CRC can tell)."""
+    """Whether every pickle ``torch.load`` reads from a legacy (non-zip) file parses to its STOP opcode, read
+    without executing anything: the :data:`_LEGACY_PICKLES` of a file that starts with PyTorch's magic number,
+    or else its first pickle."""
     from torch.serialization import MAGIC_NUMBER
 
     def parse(stream: BinaryIO) -> list:  # genops reads one pickle; ValueError if it is cut short before its STOP
         return list(pickletools.genops(stream))
 
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:  # read() raises BadZipFile on a CRC mismatch
-                archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
-            return True
         with open(path, "rb") as f:
             legacy = any(arg == MAGIC_NUMBER for _, arg, _ in parse(f))
             for _ in range(_LEGACY_PICKLES - 1 if legacy else 0):
@@ -186,10 +190,13 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     if kind is not None:
         raise NotACheckpointError(f"{path} is {kind}, not a PyTorch checkpoint; {_EXPECTED}", kind)
     corrupt = NotACheckpointError(f"{path} is a damaged or incomplete PyTorch checkpoint (or not one); {_EXPECTED}")
+    zipped = head.startswith(b"PK\x03\x04")
+    if zipped and not _zip_is_intact(path):  # before anything is unpickled: damage is never read as weights or code
+        raise NotACheckpointError(f"{corrupt}: a member does not match its CRC-32")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not _pickle_is_well_formed(path):  # first: a damaged pickle may name part of a global, which is not unsafe
+        if not zipped and not _pickle_is_well_formed(path):  # a damaged pickle may name part of a global: not unsafe
             raise corrupt from None
         if not trust:
             raise _unsafe(path, exc) from None
