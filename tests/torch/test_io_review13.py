@@ -154,3 +154,55 @@ def test_a_dangling_link_is_named_as_one(tmp_path):
         load_checkpoint(tmp_path / "w.pt")
     with pytest.raises(FileNotFoundError, match="symbolic link that leads to no file"):
         load_model(tmp_path / "m.onnx")
+
+
+def _central_directory(data: bytes) -> range:
+    start = data.find(b"PK\x01\x02")
+    return range(start, len(data))
+
+
+def test_every_bit_flip_in_the_central_directory_is_damage_or_changes_nothing(tmp_path):
+    """Review R5: zipfile raised NotImplementedError, RuntimeError ("encrypted") or zlib.error on flipped flag,
+    method and version fields (a traceback from bnkit audit), and a member flagged as a folder (MS-DOS attribute
+    0x10) passed every CRC while torch read it as empty: uninitialized weights. Oracle: the original state dict;
+    each flip is refused as damaged or loads exactly it."""
+    import warnings
+
+    expected = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.arange(3.0)}
+    source = tmp_path / "w.pt"
+    torch.save(expected, source)
+    data = source.read_bytes()
+    path = tmp_path / "flip.pt"
+    outcomes = set()
+    for offset in _central_directory(data):
+        for bit in range(8):
+            bad = bytearray(data)
+            bad[offset] ^= 1 << bit
+            path.write_bytes(bytes(bad))
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    got = load_checkpoint(path)
+            except NotACheckpointError:
+                outcomes.add("damaged")
+                continue
+            assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items()), \
+                (offset, bit)
+            outcomes.add("same")
+    assert outcomes == {"damaged", "same"}
+
+
+def test_a_checkpoint_saved_without_crcs_loads(tmp_path):
+    """torch.serialization.set_crc32_options(False) writes CRC 0 for every member, and torch.load reads it (the
+    oracle): it is not damage."""
+    expected = state_dict()
+    path = tmp_path / "w.pt"
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(expected, path)
+    finally:
+        torch.serialization.set_crc32_options(previous)
+    want = torch.load(path, weights_only=True)
+    got = load_checkpoint(path)
+    assert all(torch.equal(got[k], want[k]) and torch.equal(got[k], v) for k, v in expected.items())

@@ -76,7 +76,7 @@ def _looks_like(path: Path, head: bytes, size: int) -> str | None:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError):
+        except Exception:  # noqa: BLE001 - BadZipFile, NotImplementedError (a flipped version field), OSError, ...
             return "a damaged zip archive (a truncated or corrupt torch.save file?)"
         if any(n.endswith("constants.pkl") for n in names):  # torch/serialization.py, _is_torchscript_zip
             return ("a TorchScript archive (torch.jit.save: code as well as weights; if you trust it, "
@@ -116,14 +116,23 @@ def _is_safetensors(head: bytes, size: int) -> bool:
 _LEGACY_PICKLES = 5
 
 
-def _zip_is_intact(path: Path) -> bool:
-    """Whether every member of a zip checkpoint matches its CRC-32 (torch's reader checks none: a flipped bit in
-    ``data.pkl`` can give other keys, shapes or offsets, one in a tensor's bytes other values)."""
+def _zip_damage(path: Path) -> str | None:
+    """Why a zip checkpoint is damaged, or None. torch's reader checks no CRC-32: a flipped bit in ``data.pkl``
+    can give other keys, shapes or offsets, one in a tensor's bytes other values, and a file member flagged as a
+    folder (MS-DOS attribute 0x10) is read as empty, its tensor left uninitialized. An archive whose CRCs are all
+    0 was saved without them (``torch.serialization.set_crc32_options(False)``): nothing to check there."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):  # ValueError: zipfile's "negative seek" and the like
-        return False
+            members = archive.infolist()
+            flagged = [m.filename for m in members if m.external_attr & 0x10 and not m.is_dir()]
+            if flagged:
+                return f"its member {flagged[0]!r} is marked as a folder"
+            if all(m.CRC == 0 for m in members if m.file_size):
+                return None
+            bad = archive.testzip()
+            return None if bad is None else f"its member {bad!r} does not match its CRC-32"
+    except Exception as exc:  # noqa: BLE001 - zipfile raises many types on a damaged archive (zlib.error, ...)
+        return f"its zip structure cannot be read ({type(exc).__name__}: {exc})"
 
 
 def _pickle_is_well_formed(path: Path) -> bool:
@@ -191,8 +200,9 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
         raise NotACheckpointError(f"{path} is {kind}, not a PyTorch checkpoint; {_EXPECTED}", kind)
     corrupt = NotACheckpointError(f"{path} is a damaged or incomplete PyTorch checkpoint (or not one); {_EXPECTED}")
     zipped = head.startswith(b"PK\x03\x04")
-    if zipped and not _zip_is_intact(path):  # before anything is unpickled: damage is never read as weights or code
-        raise NotACheckpointError(f"{corrupt}: a member does not match its CRC-32")
+    damage = _zip_damage(path) if zipped else None  # before anything is unpickled: never read as weights or code
+    if damage is not None:
+        raise NotACheckpointError(f"{corrupt}: {damage}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
