@@ -375,3 +375,13 @@ def test_symbolic_link_loops_are_one_line_as_input_and_replaced_as_output(files)
     os.symlink("loopx.npy", files / "loopx.npy")
     line = one_line_error(invoke("audit", "w.pt", "--model", MLP, "--data", "loopx.npy"))
     assert "loopx.npy" in line and "symbolic link" in line, line
+
+
+def test_a_damaged_data_file_is_told_the_data_formats(files):
+    """Review R6: a damaged --data .pt got the checkpoint's advice ("expected a state dict ...")."""
+    torch.save({"x": torch.from_numpy(np.load("x.npy"))}, files / "d.pt")
+    data = bytearray((files / "d.pt").read_bytes())
+    data[-200] ^= 0x40  # in the central directory or a storage: damage either way
+    (files / "d.pt").write_bytes(bytes(data))
+    line = one_line_error(invoke(*RECAL, "--model", MLP, "--data", "d.pt"))
+    assert "damaged" in line and ".npy, .npz, .safetensors" in line and "state dict" not in line, line

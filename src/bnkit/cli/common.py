@@ -257,7 +257,7 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
     import numpy as np
     import torch
 
-    from ..torch.io import NotACheckpointError, UnsafeCheckpointError, load_checkpoint
+    from ..torch.io import CHECKPOINT_FORMATS, NotACheckpointError, UnsafeCheckpointError, load_checkpoint
 
     check_input_file(path, "data")
     named = False  # whether the file holds named arrays, of which ``key`` picks one
@@ -283,8 +283,9 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
                 f"{found} so it was NOT loaded; data files are never unpickled with code (no --trust for data): "
                 "save the inputs as .npy, .npz or .safetensors, or torch.save a tensor or a dict of tensors") from None
         except NotACheckpointError as exc:
-            if exc.what is None:
-                raise
+            if exc.what is None:  # damaged: the checkpoint's "expected" advice names the data formats instead
+                raise ValueError(str(exc).replace(CHECKPOINT_FORMATS, "expected .npy, .npz, .safetensors, or a "
+                                                  "tensor or dict of tensors saved with torch.save")) from None
             raise ValueError(f"{path} is {exc.what}, not a data file: save the inputs as .npy, .npz or .safetensors, "
                              "or torch.save a tensor or a dict of tensors") from None
         except (ValueError, OSError) as exc:

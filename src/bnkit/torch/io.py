@@ -42,7 +42,8 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "em
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-_EXPECTED = "expected a state dict saved with torch.save (.pt/.pth/.bin/.ckpt) or a .safetensors file"
+#: What a checkpoint file may be, as error messages say it (the CLI words damaged data files its own way).
+CHECKPOINT_FORMATS = "expected a state dict saved with torch.save (.pt/.pth/.bin/.ckpt) or a .safetensors file"
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -119,20 +120,27 @@ _LEGACY_PICKLES = 5
 def _zip_damage(path: Path) -> str | None:
     """Why a zip checkpoint is damaged, or None. torch's reader checks no CRC-32: a flipped bit in ``data.pkl``
     can give other keys, shapes or offsets, one in a tensor's bytes other values, and a file member flagged as a
-    folder (MS-DOS attribute 0x10) is read as empty, its tensor left uninitialized. An archive whose CRCs are all
-    0 was saved without them (``torch.serialization.set_crc32_options(False)``): nothing to check there."""
+    folder (MS-DOS attribute 0x10) is read as empty, its tensor left uninitialized. A member whose CRC is 0 has
+    none recorded (``torch.serialization.set_crc32_options(False)``; the tensors of a ``skip_data`` save filled
+    in later): it is read unchecked."""
     try:
         with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-            flagged = [m.filename for m in members if m.external_attr & 0x10 and not m.is_dir()]
-            if flagged:
-                return f"its member {flagged[0]!r} is marked as a folder"
-            if all(m.CRC == 0 for m in members if m.file_size):
-                return None
-            bad = archive.testzip()
-            return None if bad is None else f"its member {bad!r} does not match its CRC-32"
+            for member in archive.infolist():
+                if member.external_attr & 0x10 and not member.is_dir():
+                    return f"its member {member.filename!r} is marked as a folder"
+                if member.CRC == 0 or member.is_dir():
+                    continue
+                try:
+                    with archive.open(member) as stream:  # zipfile compares the CRC-32 at the end of the member
+                        while stream.read(1 << 20):
+                            pass
+                except zipfile.BadZipFile as exc:
+                    if "CRC" in str(exc):
+                        return f"its member {member.filename!r} does not match its CRC-32"
+                    raise
     except Exception as exc:  # noqa: BLE001 - zipfile raises many types on a damaged archive (zlib.error, ...)
         return f"its zip structure cannot be read ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _pickle_is_well_formed(path: Path) -> bool:
@@ -185,7 +193,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     """
     path = Path(path)
     if path.is_dir():
-        raise NotACheckpointError(f"{path} is a folder, not a checkpoint file; {_EXPECTED}", "a folder")
+        raise NotACheckpointError(f"{path} is a folder, not a checkpoint file; {CHECKPOINT_FORMATS}", "a folder")
     if not path.is_file():
         if path.is_symlink():  # a loop, or a link to nothing
             raise FileNotFoundError(f"{path} is a symbolic link that leads to no file")
@@ -197,8 +205,8 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
         return _load_safetensors(path, map_location)
     kind = _looks_like(path, head, size)
     if kind is not None:
-        raise NotACheckpointError(f"{path} is {kind}, not a PyTorch checkpoint; {_EXPECTED}", kind)
-    corrupt = NotACheckpointError(f"{path} is a damaged or incomplete PyTorch checkpoint (or not one); {_EXPECTED}")
+        raise NotACheckpointError(f"{path} is {kind}, not a PyTorch checkpoint; {CHECKPOINT_FORMATS}", kind)
+    corrupt = NotACheckpointError(f"{path} is a damaged or incomplete PyTorch checkpoint (or not one); {CHECKPOINT_FORMATS}")
     zipped = head.startswith(b"PK\x03\x04")
     damage = _zip_damage(path) if zipped else None  # before anything is unpickled: never read as weights or code
     if damage is not None:
