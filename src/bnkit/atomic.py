@@ -65,10 +65,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 @contextmanager
 def sigterm_exits() -> Iterator[None]:
-    """While the block runs, SIGTERM raises :class:`Terminated` (``SystemExit(143)``, so cleanup runs) instead of ending the process
-    on the spot; only where it has its default action (a handler or an ignore set by the program is kept) and
-    on the main thread (the only one that may set handlers). Only then: a Python handler waits for the main
-    thread to come back from C code, which would delay a SIGTERM during a long collective or wait."""
+    """While the block runs, SIGTERM raises :class:`Terminated` (``SystemExit(143)``, so cleanup runs) instead of
+    ending the process on the spot; only where it has its default action (a handler or an ignore set by the
+    program is kept) and on the main thread (the only one that may set handlers). Only then: a Python handler
+    waits for the main thread to come back from C code, which would delay a SIGTERM during a long collective or
+    wait."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return

@@ -385,3 +385,10 @@ def test_a_damaged_data_file_is_told_the_data_formats(files):
     (files / "d.pt").write_bytes(bytes(data))
     line = one_line_error(invoke(*RECAL, "--model", MLP, "--data", "d.pt"))
     assert "damaged" in line and ".npy, .npz, .safetensors" in line and "state dict" not in line, line
+
+
+def test_audit_names_forward_when_the_model_or_forward_fails(files, user_module):
+    """Review R7: a --forward that raised was reported as the model's failure."""
+    user_module("r13_feed", "def feed_one(batch):\n    return batch\n")
+    line = one_line_error(invoke("audit", "w.pt", "--model", MLP, "--data", "x.npy", "--forward", "r13_feed:feed_one"))
+    assert "the model or --forward" in line and "feed_one()" in line and "forward=" not in line, line

@@ -69,5 +69,5 @@ def test_random_inputs_refuse_a_shape_for_an_input_the_graph_does_not_have():
     # a typo (--input-shape imput=64x4) must not silently verify on the default shape instead
     model = _cast_conv(TensorProto.FLOAT)
     assert random_inputs(model, input_shapes={"x": [1, 8, 2, 2]})["x"].shape == (1, 8, 2, 2)
-    with pytest.raises(ValueError, match="names no graph input.*imput"):
+    with pytest.raises(ValueError, match=r"names no graph input.*imput.*the graph's inputs are \['x'\]"):
         random_inputs(model, input_shapes={"x": [1, 8, 2, 2], "imput": [1, 8, 2, 2]})

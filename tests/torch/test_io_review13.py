@@ -230,3 +230,29 @@ def test_a_skip_data_checkpoint_filled_in_later_loads(tmp_path):
     want = torch.load(path, weights_only=True)
     got = load_checkpoint(path)
     assert all(torch.equal(got[k], want[k]) and torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_a_crc_less_checkpoint_with_a_damaged_pickle_is_damaged_not_unsafe(tmp_path):
+    """Review R7: without CRCs nothing checked data.pkl, and a damaged opcode was called unsafe code. Oracle:
+    torch.load itself cannot read the file even trusting it."""
+    import struct
+    import zipfile
+
+    path = tmp_path / "w.pt"
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state_dict(), path)
+    finally:
+        torch.serialization.set_crc32_options(previous)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = next(m for m in archive.infolist() if m.filename.endswith("data.pkl"))
+    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26:member.header_offset + 30])
+    data[member.header_offset + 30 + name_len + extra_len] = 0xFF  # the PROTO opcode
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception):  # noqa: B017 - the oracle
+        torch.load(path, weights_only=False)
+    for trust in (False, True):
+        with pytest.raises(NotACheckpointError, match="damaged"):
+            load_checkpoint(path, trust=trust)

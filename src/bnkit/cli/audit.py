@@ -147,7 +147,7 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
         except ValueError as exc:
             if isinstance(exc.__cause__, torch.OutOfMemoryError):
                 raise fail(f"{exc} (try a smaller --batch-size)", code=1) from None
-            raise fail(str(exc) + _dtype_hint(inputs, exc)) from None
+            raise fail(_cli_words(str(exc)) + _dtype_hint(inputs, exc)) from None
         except SystemExit as exc:  # the model's forward or --forward (their other exceptions: the ValueErrors above)
             who = "the model" if forward_spec is None else f"the model or --forward {forward_spec!r}"
             raise fail(f"{who} raised {describe_error(exc)} while audited") from None

@@ -60,13 +60,9 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
             raise fail(str(exc)) from None
         raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None  # e.g. its folder is gone
     except ValueError as exc:
-        if str(exc).startswith("input_shapes names no graph input"):  # the library's argument, without the names
-            inputs = _graph_inputs(source)
-            raise fail(f"--input-shape names no input of {source}: {sorted(input_shapes.keys() - set(inputs))}; "
-                       f"its inputs are {inputs}") from None
         hint = ("; to fold a PyTorch model, give --model pkg.module:factory --weights FILE"
                 if source.suffix.lower() != ".onnx" and "not a readable ONNX model" in str(exc) else "")
-        raise fail(f"{exc}{hint}") from None
+        raise fail(f"{_cli_words(exc)}{hint}") from None
     except OSError as exc:  # the source was read (a missing one is the FileNotFoundError above): writing failed
         raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None
     if as_json:
@@ -85,15 +81,6 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
         console.print(f"verified with onnxruntime on inputs {report.input_shapes}: max |before - after| = "
                       f"{report.max_abs_diff:.3g}, relative {report.max_rel_diff:.3g} (tolerance {report.tolerance:g})",
                       markup=False)
-
-
-def _graph_inputs(source: Path) -> list[str]:
-    """The names of the inputs the ONNX graph in ``source`` is fed (initializers listed as inputs are not)."""
-    import onnx
-
-    graph = onnx.load(str(source), load_external_data=False).graph
-    weights = {init.name for init in graph.initializer}
-    return [value.name for value in graph.input if value.name not in weights]
 
 
 def report_path(output: Path) -> Path:
@@ -117,10 +104,10 @@ def _reload_hint(spec: str, output: Path, report_file: Path, instance: bool) -> 
 
 
 def _cli_words(message: object) -> str:
-    """A library message in the command's words: the Python arguments ``force=True`` and ``example_inputs`` are the
-    ``--force`` and ``--input-shape`` options."""
+    """A library message in the command's words: the Python arguments ``force=True``, ``example_inputs`` and
+    ``input_shapes`` are the ``--force`` and ``--input-shape`` options."""
     return (str(message).replace("force=True", "--force").replace("pass example_inputs", "give --input-shape")
-            .replace("no example_inputs", "no --input-shape"))
+            .replace("no example_inputs", "no --input-shape").replace("input_shapes names", "--input-shape names"))
 
 
 def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[str], trust: bool, force: bool,

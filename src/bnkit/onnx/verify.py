@@ -81,7 +81,8 @@ def random_inputs(
             dtype = helper.tensor_dtype_to_np_dtype(elem)
             feeds[value.name] = rng.standard_normal(shape).astype(dtype)
     if input_shapes:
-        raise ValueError(f"input_shapes names no graph input: {sorted(input_shapes)}")
+        raise ValueError(f"input_shapes names no graph input: {sorted(input_shapes)}; the graph's inputs are "
+                         f"{[value.name for value in _graph_inputs(model)]}")
     return feeds
 
 

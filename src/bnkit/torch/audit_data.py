@@ -17,7 +17,7 @@ from torch.nn.parameter import is_lazy
 
 from ..audit_state import as_array, ema_noise_factor
 from ..findings import Finding
-from .audit_batches import Batches, Restore, batch_len, batched, map_tensors, set_training
+from .audit_batches import Batches, Restore, batch_len, batched, default_forward, map_tensors, set_training
 from .audit_model import short_names
 from .freeze import is_frozen
 from .audit_moments import Collector, PassClock, pool_calls
@@ -106,7 +106,8 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
                     try:
                         out = forward(model, batch)
                     except Exception as exc:
-                        raise ValueError(f"the model failed on data batch {i} with BatchNorm on batch statistics: "
+                        who = "the model" if forward is default_forward else "the model or forward="
+                        raise ValueError(f"{who} failed on data batch {i} with BatchNorm on batch statistics: "
                                          f"{type(exc).__name__}: {exc}") from exc
                     if batch_out is None:
                         batch_out, first = flatten_tensors(out), batch
