@@ -127,7 +127,8 @@ def test_load_weights_into_strips_a_ddp_or_compile_prefix_present_on_every_key()
 def test_load_weights_into_strips_nested_wrapper_prefixes():
     """torch.compile of a DataParallel/DDP model saves '_orig_mod.module.*', the other order 'module._orig_mod.*',
     an AveragedModel inside a wrapper '<prefix>n_averaged' beside '<prefix>module.*' (the real wrappers' state
-    dicts; compile traces nothing until called)."""
+    dicts; compile traces nothing until called). On a machine with CUDA, DataParallel moves ``source`` to the GPU:
+    the weights are compared on the CPU."""
     source = _net()
     with torch.no_grad():
         for p in source.parameters():
@@ -142,7 +143,7 @@ def test_load_weights_into_strips_nested_wrapper_prefixes():
         target = _net()
         load_weights_into(target, state)
         for k, v in source.state_dict().items():
-            assert torch.equal(target.state_dict()[k], v), k
+            assert torch.equal(target.state_dict()[k], v.cpu()), k
 
 
 def test_load_weights_into_keeps_a_real_module_prefix_and_explains_mismatches():
