@@ -602,8 +602,10 @@ def test_the_reload_hint_works_for_a_factory_returning_a_wrapper(tmp_path, monke
     scope: dict = {}
     exec("\n".join(line[2:] for line in lines[start + 1:start + 7]), scope)  # noqa: S102 - the printed hint
     x = torch.randn(3, 1, 8, 8)
+    on = lambda net: x.to(next(net.parameters()).device)  # noqa: E731 - DataParallel moves to a GPU if any
     with torch.no_grad():
-        torch.testing.assert_close(scope["model"].eval()(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(scope["model"].eval()(on(scope["model"])).cpu(), model(on(model)).cpu(),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_a_weights_write_that_fails_otherwise_is_a_message(tmp_path, monkeypatch):

@@ -588,3 +588,21 @@ def test_renorm_training_under_torch_compile_on_cuda_matches_eager(backend):
             opt.step()
     torch.testing.assert_close(twin[1].running_mean, eager[1].running_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(twin[1].running_var, eager[1].running_var, rtol=1e-12, atol=1e-12)
+
+
+def test_fold_and_export_of_a_data_parallel_model_send_cpu_inputs_to_its_device(tmp_path):
+    """DataParallel moves its module to the GPU and scatters CPU inputs there; fold_bn and export_onnx run the
+    module inside, so they send the inputs there themselves (they raised 'Input type (torch.FloatTensor) and
+    weight type (torch.cuda.FloatTensor)' on the GPU machine). Oracle: the wrapper's own outputs."""
+    torch.manual_seed(0)
+    model = calibrated(SmallResNet(), digits_like().float())
+    wrapped = nn.DataParallel(model, device_ids=[0])
+    x = digits_like(8, seed=4).float()  # on the CPU, as a DataParallel user feeds it
+    with torch.no_grad():
+        want = wrapped(x)
+    folded, report = fold_bn(wrapped, x)
+    assert report.folded and report.max_rel_diff is not None and report.max_rel_diff < 1e-3
+    with torch.no_grad():
+        assert rel(folded(x.to(CUDA)).cpu().numpy(), want.cpu().numpy()) < 1e-3
+    export_onnx(wrapped, x, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").is_file()

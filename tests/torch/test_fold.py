@@ -1054,13 +1054,15 @@ def test_wrapped_models_fold_and_audit_as_the_module_they_run():
 
     model, x = zoo_model("resnet")
     plain = {f.bn for f in fold_bn(model, x)[1].folded}
-    for wrapped in (nn.DataParallel(model), AveragedModel(model), torch.compile(model, backend="eager")):
+    # DataParallel last: on a machine with CUDA it moves the model to the GPU (and sends x there itself)
+    for wrapped in (AveragedModel(model), torch.compile(model, backend="eager"), nn.DataParallel(model)):
         folded, report = fold_bn(wrapped, x)
         assert {f.bn for f in report.folded} == plain and report.method == "fx", type(wrapped).__name__
         assert any("folded the module inside" in n for n in report.notes) and report.max_rel_diff < 1e-5
         inner = wrapped.module if hasattr(wrapped, "module") else model
+        xd = x.to(next(inner.parameters()).device)
         with torch.no_grad():
-            assert rel_diff(inner.eval()(x), folded(x)) < 1e-5
+            assert rel_diff(inner.eval()(xd).cpu(), folded(xd).cpu()) < 1e-5
         row = [f for f in audit(wrapped).findings if f.code == "foldable"]
         assert row and row[0].finding.startswith(f"{len(plain)} of ")
 
@@ -1075,11 +1077,13 @@ def test_export_onnx_takes_wrappers_and_inference_mode_inputs(tmp_path):
         xi = x.clone()
     in_place = copy.deepcopy(model)
     in_place.compile(backend="eager")
-    for i, wrapped in enumerate((nn.DataParallel(model), torch.compile(model, backend="eager"), in_place, model)):
+    with torch.no_grad():
+        want = model(x)
+    # DataParallel last: on a machine with CUDA it moves the model to the GPU (and sends xi there itself)
+    for i, wrapped in enumerate((torch.compile(model, backend="eager"), in_place, model, nn.DataParallel(model))):
         path = export_onnx(wrapped, xi, tmp_path / f"m{i}.onnx").path
         got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
-        with torch.no_grad():
-            assert rel_diff(model(x), torch.from_numpy(got)) < 1e-5
+        assert rel_diff(want, torch.from_numpy(got)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype,mean,var,noted", [(torch.float16, 200.0, 1.0, True), (torch.bfloat16, 200.0, 1.0, True),

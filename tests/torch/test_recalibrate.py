@@ -943,20 +943,19 @@ def test_batches_go_to_the_first_device_of_a_parallel_wrapper_at_any_depth():
     hand: this machine has no GPU; the oracle is the wrapper's own attribute)."""
     from torch.optim.swa_utils import AveragedModel
 
-    from bnkit.torch.modules import wrapper_chain
-    from bnkit.torch.recalibrate import _wrapper_device
+    from bnkit.torch.modules import parallel_device
 
     parallel = nn.DataParallel(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
     parallel.device_ids = [torch.device("cuda", 1)]  # on a GPU machine: the ints DataParallel stores
     for wrapped in (parallel, torch.compile(parallel, backend="eager"), AveragedModel(parallel)):
-        assert _wrapper_device(wrapper_chain(wrapped)) == torch.device("cuda", 1)
-    assert _wrapper_device(wrapper_chain(parallel.module)) is None
+        assert parallel_device(wrapped) == torch.device("cuda", 1)
+    assert parallel_device(parallel.module) is None
 
 
 def test_batches_moved_to_the_cpu_are_copied_synchronously():
     """A device-to-host copy made with non_blocking=True may be read before it lands; towards an accelerator the
     stream orders it. Oracle: the keyword the copy is asked with, recorded by __torch_function__."""
-    from bnkit.torch.recalibrate import _to_device
+    from bnkit.torch.modules import to_device
 
     asked = []
 
@@ -968,7 +967,7 @@ def test_batches_moved_to_the_cpu_are_copied_synchronously():
             return super().__torch_function__(func, types, args, kwargs)
 
     x = torch.randn(2, 3).as_subclass(Spy)
-    _to_device({"x": x, "pair": (x, x)}, torch.device("cpu"))
+    to_device({"x": x, "pair": (x, x)}, torch.device("cpu"))
     assert asked == [False, False, False]
-    _to_device(x, torch.device("meta"))  # any non-CPU device: asynchronous
+    to_device(x, torch.device("meta"))  # any non-CPU device: asynchronous
     assert asked[-1] is True

@@ -28,7 +28,8 @@ from torch import nn
 
 from ..atomic import atomic_path, check_target
 from .freeze import kept_requested_modes
-from .modules import bn_layers, eager_calls, eval_mode, exact_float32, uninitialized_lazy, unwrapped
+from .modules import (bn_layers, eager_calls, eval_mode, exact_float32, parallel_device, to_device,
+                      uninitialized_lazy, unwrapped)
 
 __all__ = ["export_onnx", "ExportReport", "ExportVerificationError"]
 
@@ -119,8 +120,11 @@ def export_onnx(
     from ..onnx.verify import OnnxRuntimeError, compare, default_tolerance, run
 
     check_target(path)
+    device = parallel_device(model)  # DataParallel / DDP sent inputs there: the module inside is run with them
     model, _ = unwrapped(model)  # the module a wrapper runs: the exporter cannot trace DataParallel or torch.compile
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if device is not None:
+        inputs = tuple(to_device(t, device) for t in inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a sequence of tensors")
     inputs = tuple(t.clone() if t.is_inference() else t for t in inputs)  # made under torch.inference_mode

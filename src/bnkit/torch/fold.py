@@ -59,7 +59,8 @@ from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
 from .modules import (
     SavedBuffers, bn_or_frozen_layers, channels, deep_copy, eval_mode, exact_float32, flatten_tensors,
-    has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, uninitialized_lazy, unwrapped,
+    has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, parallel_device, to_device, uninitialized_lazy,
+    unwrapped,
 )
 
 __all__ = ["fold_bn", "FoldReport", "FoldedBN"]
@@ -193,9 +194,10 @@ def fold_bn(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_bn needs a torch.nn.Module, got {type(model).__name__}")
+    device = parallel_device(model)  # DataParallel / DDP sent inputs there: the module inside is run with them
     model, wrappers = unwrapped(model)
     _check_model(model, force)
-    inputs = _as_tuple(example_inputs)
+    inputs = _as_tuple(example_inputs if device is None else to_device(example_inputs, device))
     work = deep_copy(model)
     report = FoldReport()
     if wrappers:

@@ -108,6 +108,29 @@ def wrapper_chain(model: nn.Module) -> list[nn.Module]:
         chain.append(model)
 
 
+def parallel_device(model: nn.Module) -> torch.device | None:
+    """Where a DataParallel / DistributedDataParallel wrapper at any depth of ``model``'s :func:`wrapper_chain`
+    (torch.compile(DDP(m)) included) sends its inputs: its first ``device_ids``; None without one. Tools that run
+    the module inside send inputs there themselves, as the wrapper would have."""
+    kinds = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    parallel = [m for m in wrapper_chain(model) if isinstance(m, kinds)]
+    return torch.device(parallel[0].device_ids[0]) if parallel and parallel[0].device_ids else None
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor in it (nested in tuples, namedtuples, lists, mappings) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        # asynchronous only towards an accelerator, where the stream orders the copy before its use; a copy to the
+        # CPU made with non_blocking=True may be read before it has landed
+        return batch.to(device, non_blocking=device.type != "cpu")
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
 class normalized_inputs:
     """Context manager: ``record(i, x)`` gets every tensor ``layers[i]`` hands to ``torch.nn.functional.batch_norm``
     during one of its calls: what it normalizes, which its own input may not be (a BN subclass whose ``forward``

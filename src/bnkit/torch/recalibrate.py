@@ -95,7 +95,7 @@ from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
 from .modules import (SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, normalized_inputs,
-                      wrapper_chain)
+                      parallel_device, to_device, unwrapped)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
@@ -262,19 +262,6 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _f64(c.flatten()) + shift, (s2 / n - shift * shift).clamp_min_(0.0)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        # asynchronous only towards an accelerator, where the stream orders the copy before its use; a copy to the
-        # CPU made with non_blocking=True may be read before it has landed
-        return batch.to(device, non_blocking=device.type != "cpu")
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        moved = [_to_device(v, device) for v in batch]
-        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
-    return batch
-
-
 def _default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return model(batch)
@@ -315,14 +302,6 @@ def _all_gather(payload: np.ndarray) -> list[np.ndarray]:
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     return [g.cpu().numpy() for g in gathered]
-
-
-def _wrapper_device(chain: list[nn.Module]) -> torch.device | None:
-    """The first of ``device_ids`` of a DataParallel / DistributedDataParallel wrapper, where it sends inputs, at
-    any depth of a :func:`~bnkit.torch.modules.wrapper_chain` (torch.compile(DDP(m)) included)."""
-    kinds = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    parallel = [m for m in chain if isinstance(m, kinds)]
-    return torch.device(parallel[0].device_ids[0]) if parallel and parallel[0].device_ids else None
 
 
 class _Pass:
@@ -630,12 +609,11 @@ def recalibrate(
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     if num_batches is not None and (int(num_batches) != num_batches or num_batches < 1):
         raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
-    chain = wrapper_chain(model)
     if device is None:  # DataParallel / DDP moved each batch to their first device: bnkit moves it there instead
-        device = _wrapper_device(chain)
+        device = parallel_device(model)
     # the module a wrapper runs: a compiled one would recompile for every stand-in call, DDP's forward starts with a
     # buffer broadcast that a rank without batches never joins
-    model = chain[-1]
+    model, _ = unwrapped(model)
     modules = list(model.named_modules())
     layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
     if not layers:
@@ -693,7 +671,7 @@ def recalibrate(
                 with _progress_bar(progress and _rank() == 0, total) as advance:
                     for batch in batches:
                         if device is not None:
-                            batch = _to_device(batch, device)
+                            batch = to_device(batch, device)
                         forward(model, batch)
                         acc.end_batch()
                         advance()
