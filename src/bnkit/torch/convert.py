@@ -22,6 +22,7 @@ channel axis to dim 1.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -95,6 +96,9 @@ def _rank_to_dims(ndim: int | None, what: str) -> int | None:
 def _build_torch(state: dict, dims: int | None, exact_training: bool) -> _BatchNorm:
     """A torch BN layer from :func:`convert_state`'s torch layout, in the arrays' dtype."""
     cfg, sd = state["config"], state["state_dict"]
+    if not cfg["bias"] and "bias" not in inspect.signature(_BatchNorm.__init__).parameters:
+        raise ValueError(f"a layer with a scale but no shift (Keras center=False, Flax use_bias=False) needs "
+                         f"nn.BatchNorm's bias=False option, which torch {torch.__version__} does not have")
     kwargs = {"eps": cfg["eps"], "momentum": cfg["momentum"], "affine": cfg["affine"],
               "track_running_stats": cfg["track_running_stats"],
               "dtype": torch.from_numpy(np.asarray(sd["running_mean"])).dtype,
