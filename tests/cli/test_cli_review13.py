@@ -349,7 +349,11 @@ def test_sigterm_while_fold_writes_an_onnx_file_exits_143_and_writes_nothing(tmp
     143 when SIGTERM comes during the write, and nothing left behind."""
     import signal
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
+    import bnkit
+
+    src = str(pathlib.Path(bnkit.__file__).resolve().parents[1])  # importable from tmp_path, installed or not
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200",
+               PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     child = subprocess.Popen([sys.executable, "-c", SLOW_ONNX_SAVE], cwd=tmp_path, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = []
