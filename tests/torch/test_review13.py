@@ -58,3 +58,73 @@ def test_a_stats_frozen_layer_passes_train_and_eval_on_to_its_submodules():
     assert not inner.training and not bn.training
     model.train()
     assert inner.training and not bn.training
+
+
+def test_fold_and_export_send_a_parallel_wrappers_inputs_to_its_device(monkeypatch, tmp_path):
+    """Review R8 / the GPU run: fold_bn, fold_plan and export_onnx run the module inside DataParallel, which a GPU
+    machine has moved to cuda:0, so they send the inputs there as the wrapper would (fold_plan did not). No GPU
+    here: device_ids set by hand (the oracle is the wrapper's own attribute), the move recorded, not made."""
+    import bnkit.torch.export as export_module
+    import bnkit.torch.fold as fold_module
+    from bnkit.torch import export_onnx, fold_bn, fold_plan
+    from bnkit.torch.zoo import VGGBN
+
+    sent = []
+
+    def record(batch, device):
+        sent.append(device)
+        return batch
+
+    monkeypatch.setattr(fold_module, "to_device", record)
+    monkeypatch.setattr(export_module, "to_device", record)
+    wrapped = nn.DataParallel(VGGBN().eval())
+    wrapped.device_ids = [torch.device("cuda", 0)]
+    x = torch.randn(2, 1, 8, 8)
+    fold_bn(wrapped, x, force=True)  # force: fresh statistics
+    fold_plan(wrapped, x, force=True)
+    export_onnx(wrapped, x, tmp_path / "m.onnx", force=True, verify=False)
+    assert sent == [torch.device("cuda", 0)] * 3
+    sent.clear()
+    fold_bn(wrapped.module, x, force=True)  # no wrapper: the inputs stay as given
+    assert sent == []
+
+
+def test_fold_takes_a_namedtuple_input():
+    """Review R8: fold_bn's input copy rebuilt a namedtuple from one generator (TypeError: missing 'scale')."""
+    from collections import namedtuple
+
+    from bnkit.torch import fold_bn
+
+    Batch = namedtuple("Batch", "image scale")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, batch):
+            return self.bn(self.conv(batch.image)) * batch.scale
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+    batch = Batch(torch.randn(4, 3, 8, 8), torch.tensor(2.0))
+    folded, report = fold_bn(net, (batch,))
+    assert [f.bn for f in report.folded] == ["bn"]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(batch), net(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_to_device_moves_a_packed_sequence_as_one():
+    """Review R8: rebuilt field by field, its batch_sizes left the CPU and PackedSequence refused them. Oracle:
+    PackedSequence.to itself (data moved, batch_sizes kept on the CPU); the meta device stands in for a GPU."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from bnkit.torch.modules import to_device
+
+    packed = pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 2]))
+    want = packed.to(torch.device("meta"))
+    got = to_device({"seq": packed}, torch.device("meta"))["seq"]
+    assert (got.data.device, got.batch_sizes.device) == (want.data.device, want.batch_sizes.device)

@@ -231,12 +231,14 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_plan needs a torch.nn.Module, got {type(model).__name__}")
+    device = parallel_device(model)  # as in fold_bn
     model, _ = unwrapped(model)
     _check_model(model, force)
     report = FoldReport()
     saved = SavedBuffers(list(model.modules()))
     try:
-        _, plan = _plan(model, _as_tuple(example_inputs), report)
+        _, plan = _plan(model, _as_tuple(example_inputs if device is None else to_device(example_inputs, device)),
+                        report)
     finally:  # the probe run: a forward that writes its own buffers, even in eval mode, leaves nothing behind
         saved.restore()
     report.folded = _entries(model, plan)
@@ -340,7 +342,8 @@ def _clone(obj: Any) -> Any:
     if isinstance(obj, Mapping):
         return type(obj)((k, _clone(v)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone(v) for v in obj)
+        copies = [_clone(v) for v in obj]
+        return type(obj)(*copies) if hasattr(obj, "_fields") else type(obj)(copies)  # a namedtuple takes fields
     return obj
 
 

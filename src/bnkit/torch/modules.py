@@ -118,8 +118,9 @@ def parallel_device(model: nn.Module) -> torch.device | None:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (nested in tuples, namedtuples, lists, mappings) moved to ``device``."""
-    if isinstance(batch, torch.Tensor):
+    """``batch`` with every tensor in it (nested in tuples, namedtuples, lists, mappings; a ``PackedSequence`` as
+    one) moved to ``device``."""
+    if isinstance(batch, (torch.Tensor, nn.utils.rnn.PackedSequence)):  # PackedSequence keeps batch_sizes on the CPU
         # asynchronous only towards an accelerator, where the stream orders the copy before its use; a copy to the
         # CPU made with non_blocking=True may be read before it has landed
         return batch.to(device, non_blocking=device.type != "cpu")
