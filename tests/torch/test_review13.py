@@ -62,30 +62,34 @@ def test_a_stats_frozen_layer_passes_train_and_eval_on_to_its_submodules():
 
 def test_fold_and_export_send_a_parallel_wrappers_inputs_to_its_device(monkeypatch, tmp_path):
     """Review R8 / the GPU run: fold_bn, fold_plan and export_onnx run the module inside DataParallel, which a GPU
-    machine has moved to cuda:0, so they send the inputs there as the wrapper would (fold_plan did not). No GPU
-    here: device_ids set by hand (the oracle is the wrapper's own attribute), the move recorded, not made."""
+    machine has moved to cuda:0, so they send the inputs there as the wrapper would (fold_plan did not). Without
+    a GPU: device_ids set by hand (the oracle is the wrapper's own attribute), the device asked for recorded, and
+    the inputs moved where the module really is (so the test runs on a GPU machine too)."""
     import bnkit.torch.export as export_module
     import bnkit.torch.fold as fold_module
     from bnkit.torch import export_onnx, fold_bn, fold_plan
     from bnkit.torch.zoo import VGGBN
 
+    from bnkit.torch.modules import to_device
+
+    wrapped = nn.DataParallel(VGGBN().eval())
+    here = next(wrapped.module.parameters()).device  # the CPU here; cuda:0 on a machine with CUDA
+    wrapped.device_ids = [torch.device("cuda", 0)]
     sent = []
 
-    def record(batch, device):
+    def record(batch, device):  # records where the inputs are asked to go; moves them where the module really is
         sent.append(device)
-        return batch
+        return to_device(batch, here)
 
     monkeypatch.setattr(fold_module, "to_device", record)
     monkeypatch.setattr(export_module, "to_device", record)
-    wrapped = nn.DataParallel(VGGBN().eval())
-    wrapped.device_ids = [torch.device("cuda", 0)]
     x = torch.randn(2, 1, 8, 8)
     fold_bn(wrapped, x, force=True)  # force: fresh statistics
     fold_plan(wrapped, x, force=True)
     export_onnx(wrapped, x, tmp_path / "m.onnx", force=True, verify=False)
     assert sent == [torch.device("cuda", 0)] * 3
     sent.clear()
-    fold_bn(wrapped.module, x, force=True)  # no wrapper: the inputs stay as given
+    fold_bn(wrapped.module, x.to(here), force=True)  # no wrapper: the inputs stay as given
     assert sent == []
 
 
