@@ -18,7 +18,7 @@ from rich.table import Table
 
 from .app import app, console, fail, needs, note
 from .common import (USER_CODE_ERRORS, UsageError, add_cwd_to_path, build_model, check_input_file, describe_error,
-                     dtype_change, load_forward, load_inputs, parse_device, print_json)
+                     dtype_change, load_forward, load_inputs, parse_device, print_json, reworded)
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -172,9 +172,7 @@ _CLI_WORDS = (
 def _cli_words(text: str) -> str:
     """A finding of :func:`bnkit.torch.audit` with its Python arguments (``forward=``, ``train_batch_size=``) as
     this command's options."""
-    for python, option in _CLI_WORDS:
-        text = text.replace(python, option)
-    return text
+    return reworded(text, _CLI_WORDS)
 
 
 def _trusted_load_error(file: Path, exc: BaseException) -> str:

@@ -109,6 +109,15 @@ def describe_error(exc: BaseException) -> str:
     return str(exc) if raised_by_bnkit(exc) else f"{type(exc).__name__}: {exc}"
 
 
+def reworded(message: object, words: Sequence[tuple[str, str]]) -> str:
+    """A library message in a command's words: each ``(Python wording, command-line wording)`` pair of ``words``
+    replaced in turn (``forward=`` -> ``--forward package.module:fn``), so its advice names the options."""
+    text = str(message)
+    for python, option in words:
+        text = text.replace(python, option)
+    return text
+
+
 def print_json(obj: Any) -> None:
     """``obj`` on stdout as ``--json`` prints it: strict JSON in ASCII, so a file name that is not UTF-8 keeps its
     escapes (``\\udcff``) instead of raw bytes, and NaN/Inf as strings (:func:`bnkit.findings.jsonable`)."""

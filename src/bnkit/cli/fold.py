@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .app import app, console, fail, needs, note
-from .common import print_json
+from .common import print_json, reworded
 
 
 def _shape(text: str) -> list[int]:
@@ -103,11 +103,14 @@ def _reload_hint(spec: str, output: Path, report_file: Path, instance: bool) -> 
     ])
 
 
+#: The library's Python arguments ``force=True``, ``example_inputs`` and ``input_shapes`` as this command's options.
+_CLI_WORDS = (("force=True", "--force"), ("pass example_inputs", "give --input-shape"),
+              ("no example_inputs", "no --input-shape"), ("input_shapes names", "--input-shape names"))
+
+
 def _cli_words(message: object) -> str:
-    """A library message in the command's words: the Python arguments ``force=True``, ``example_inputs`` and
-    ``input_shapes`` are the ``--force`` and ``--input-shape`` options."""
-    return (str(message).replace("force=True", "--force").replace("pass example_inputs", "give --input-shape")
-            .replace("no example_inputs", "no --input-shape").replace("input_shapes names", "--input-shape names"))
+    """A library message in the command's words (:data:`_CLI_WORDS`)."""
+    return reworded(message, _CLI_WORDS)
 
 
 def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[str], trust: bool, force: bool,

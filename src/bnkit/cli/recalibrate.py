@@ -18,7 +18,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from .app import app, console, fail, needs, note
-from .common import INPUT_KEYS, USER_CODE_ERRORS, check_input_array, describe_error, raised_by_bnkit
+from .common import INPUT_KEYS, USER_CODE_ERRORS, check_input_array, describe_error, raised_by_bnkit, reworded
+
+#: The library's advice (:func:`bnkit.torch.recalibrate`'s errors) with its Python arguments as this command's options.
+_CLI_WORDS = (("pass on_nonfinite='skip'", "pass --on-nonfinite skip"),
+              ("pass forward=, e.g. forward=lambda model, batch: model(**batch)",
+               "pass --forward package.module:fn, called as fn(model, batch), e.g. one returning model(**batch)"))
 
 
 def _batches_of(array: Any, batch_size: int, dtype: Any) -> list[Any]:
@@ -273,13 +278,10 @@ def recalibrate_command(
         text = str(exc)
         if not raised_by_bnkit(exc):  # the user's code, or PyTorch inside it (shapes, dtypes)
             text = f"{'the model' if feed is None else f'the model or --forward {forward!r}'} raised {describe_error(exc)}"
-        elif isinstance(exc, ValueError):  # bnkit's checks: non-finite, channels, one value per channel
-            text = text.replace("pass on_nonfinite='skip'", "pass --on-nonfinite skip")
-            raise fail(f"recalibration failed, nothing written: {text}", code=1 if "non-finite" in text else 2)
-        else:  # the library's advice names its Python argument: here it is an option
-            text = text.replace("pass forward=, e.g. forward=lambda model, batch: model(**batch)",
-                                "pass --forward package.module:fn, called as fn(model, batch), e.g. one "
-                                "returning model(**batch)")
+        else:  # the library's advice names its Python arguments: here they are options
+            text = reworded(text, _CLI_WORDS)
+            if isinstance(exc, ValueError):  # bnkit's checks: non-finite, channels, one value per channel
+                raise fail(f"recalibration failed, nothing written: {text}", code=1 if "non-finite" in text else 2)
         hint = _integer_hint(loader, dtype) if isinstance(exc, (TypeError, RuntimeError)) else ""  # dtype errors
         raise fail(f"the model cannot run on the data from {data!r}, nothing written: {text}{hint}")
     try:
