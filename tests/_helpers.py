@@ -55,6 +55,17 @@ def rel(a, b) -> float:
     return float(np.abs(np.float64(a) - b).max() / np.abs(np.float64(b)).max())
 
 
+def set_running_stats(bn, mean, var, count: int = 1000) -> None:
+    """Give ``bn`` the running statistics ``mean`` and ``var`` (anything ``torch.as_tensor`` takes, broadcast over
+    the channels) as after ``count`` training steps."""
+    import torch
+
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.as_tensor(mean))
+        bn.running_var.copy_(torch.as_tensor(var))
+        bn.num_batches_tracked.fill_(count)
+
+
 def stand_in_pass(bn, *inputs):
     """``bn`` on each input with the audit's batch-statistics stand-in attached (no grad), then detached.
 

@@ -8,7 +8,7 @@ import typing
 import numpy as np
 import pytest
 import torch
-from _helpers import WritesFile
+from _helpers import WritesFile, set_running_stats
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -469,10 +469,7 @@ def test_shift_math_on_one_layer_against_float64_closed_form(shape):
     scale = np.array([2.0, 0.5, 1.0]).reshape(loc.shape)
     data = torch.tensor(rng.normal(size=shape) * scale + loc, dtype=torch.float32)
     bn = (nn.BatchNorm1d(3) if len(shape) == 2 else nn.BatchNorm2d(3)).eval()
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.tensor([0.0, -2.0, 3.0]))
-        bn.running_var.copy_(torch.tensor([4.0, 1.0, 1.0]))
-        bn.num_batches_tracked.fill_(1000)
+    set_running_stats(bn, [0.0, -2.0, 3.0], [4.0, 1.0, 1.0])
     report = audit(bn, data, batch_size=20)
     (s,) = report.shifts
     x = data.double().numpy().swapaxes(0, 1).reshape(3, -1)  # what the layer saw, per channel

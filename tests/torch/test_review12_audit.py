@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from _helpers import arithmetic_bn_class
+from _helpers import arithmetic_bn_class, set_running_stats
 
 from bnkit.torch import audit, freeze_bn
 
@@ -66,11 +66,8 @@ def test_a_layer_called_in_a_loop_is_compared_call_by_call_and_the_worst_call_is
     with torch.no_grad():
         model(x)
     h.remove()
-    with torch.no_grad():  # running statistics of all calls pooled: each call is far off, their pool is not
-        pooled = np.concatenate(calls)
-        model.bn.running_mean.copy_(torch.tensor(pooled.mean(0)))
-        model.bn.running_var.copy_(torch.tensor(pooled.var(0, ddof=1)))
-        model.bn.num_batches_tracked.fill_(1000)
+    pooled = np.concatenate(calls)  # running statistics of all calls pooled: each call is far off, their pool is not
+    set_running_stats(model.bn, pooled.mean(0), pooled.var(0, ddof=1))
     per_call = [_kl(c, model.bn) for c in calls]
     k = int(np.argmax([kl.mean() for kl, _, _ in per_call]))
     assert _kl(pooled, model.bn)[0].mean() < 0.01 and per_call[k][0].mean() > 0.5  # the setup holds
@@ -121,10 +118,7 @@ def test_a_layer_called_once_per_forward_has_no_call_and_unchanged_figures():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(600, 3, generator=g) * torch.tensor([2.0, 0.5, 1.0]) + torch.tensor([1.0, -2.0, 0.5])
     bn = nn.BatchNorm1d(3).eval()
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.tensor([0.0, -2.0, 3.0]))
-        bn.running_var.copy_(torch.tensor([4.0, 1.0, 1.0]))
-        bn.num_batches_tracked.fill_(1000)
+    set_running_stats(bn, [0.0, -2.0, 3.0], [4.0, 1.0, 1.0])
     report = audit(bn, x, batch_size=20)
     (s,) = report.shifts
     assert s.call is None and s.calls_per_forward == 1
@@ -343,10 +337,7 @@ class TransposedBN(nn.BatchNorm1d):
 def test_a_transposing_subclass_is_compared_on_its_normalized_axis(length):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), TransposedBN(6)).eval()
-    with torch.no_grad():
-        model[1].running_mean.copy_(torch.linspace(-1, 1, 6))
-        model[1].running_var.copy_(torch.linspace(0.5, 2, 6))
-        model[1].num_batches_tracked.fill_(1000)
+    set_running_stats(model[1], torch.linspace(-1, 1, 6), torch.linspace(0.5, 2, 6))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(256, length, 3, generator=g) * 2 + 1
     seen = []
