@@ -363,7 +363,7 @@ def test_onnx_convention_matches_onnxruntime_training_mode():
          [("X", shape), ("s", [3]), ("b", [3]), ("m", [3]), ("v", [3])]],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("Y", "rm", "rv")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
     for x in _batches(rng, shape):

@@ -340,7 +340,7 @@ def test_names_and_texts_print_literally_not_as_markup(tmp_path, monkeypatch):
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 2, 2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 2, 2])], inits)
     path = tmp_path / "odd[names].onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)]), path)
     table = _invoke(path)
     assert table.exit_code == 1  # zero variance with eps = 0: an error
     assert "bn[/x][bold]" in table.output and "odd[names].onnx" in "".join(table.output.split())
@@ -463,7 +463,7 @@ def test_onnx_findings_are_listed_most_severe_first(tmp_path):
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
     path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), path)
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)]), path)
     result = _invoke(path, "--json")
     assert result.exit_code == 1, result.output
     findings = json.loads(result.output)["findings"]

@@ -172,7 +172,7 @@ def test_audit_of_an_onnx_file_works_without_torch(tmp_path, no_torch):
          helper.make_node("BatchNormalization", ["h", "scale", "B", "mean", "var"], ["Y"], name="the_bn")],
         "small", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 4, 6, 6])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     onnx.save(model, tmp_path / "x.onnx")
 

@@ -190,7 +190,7 @@ def test_nodes_sharing_a_name_and_output_in_two_branches_are_named_by_branch():
     graph = helper.make_graph([iff], "main", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
                                               helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 2])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
     report = audit(model)
     assert sorted(n["name"] for n in report.nodes) == ["if/else_branch/bn[y]", "if/then_branch/bn[y]"]
     assert [(f.layer, f.code) for f in report.findings] == [("if/else_branch/bn[y]", "non_finite")]
@@ -223,7 +223,7 @@ def test_nodes_sharing_a_name_in_one_branch_are_told_apart_by_output_alone():
                               "main", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
                                        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 2])])
-    report = audit(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]))
+    report = audit(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)]))
     assert [n["name"] for n in report.nodes] == ["if/bn[h]", "if/bn[y]"]
 
 
@@ -417,7 +417,7 @@ def test_external_data_held_anywhere_in_the_model_is_named(holder):
     graph = helper.make_graph(nodes, "g", vi[:-1], vi[-1:], list(stats.values()))
     if holder == "sparse_initializer":
         graph.sparse_initializer.extend(sparse)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opsets])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17), *opsets])
     for tool in (audit, fold_model):
         with pytest.raises(ValueError, match="are in an external data file that was not loaded") as info:
             tool(model)

@@ -192,8 +192,8 @@ def _two_call_model(bad_second: bool, rng) -> onnx.ModelProto:
              helper.make_node("Conv", ["x", "tw"], ["h3"], pads=[1, 1], name="conv"), _bn("h3", "y3", "t")]
     graph = helper.make_graph(nodes, "g", [_tensor("x", ["N", 2, 5])],
                               [_tensor(y, ["N", c, 5]) for y in ("y1", "y2", "y3")], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("local", 1)],
-                              functions=[fn])
+    model = helper.make_model(graph, ir_version=8, functions=[fn],
+                              opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("local", 1)])
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -299,7 +299,7 @@ def _random_graph(extra_node: bool) -> onnx.ModelProto:
               helper.make_node("Dropout", ["x0" if extra_node else "x"], ["d"], ratio=0.5),
               helper.make_node("Add", ["r1", "d"], ["a"])]
     graph = helper.make_graph(nodes, "g", [_tensor("x", [64])], [_tensor("a", [64]), _tensor("r2", [64])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 10)])
     onnx.checker.check_model(model)
     return model
 
@@ -431,7 +431,7 @@ def test_fold_name_does_not_shadow_a_value_an_if_branch_computes():
                               [_tensor("y", ["N", c, 4, 4])],
                               [numpy_helper.from_array(rng.standard_normal((c, 2, 3, 3)).astype(np.float32), "W")]
                               + _bn_params("a", c, rng) + _bn_params("b", c, rng))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model, full_check=True)
 
     folded, report = fold_model(model)
@@ -454,7 +454,7 @@ def _conv_bn(batch_dim) -> onnx.ModelProto:
                               [_tensor("x", [batch_dim, 2, 6, 6])], [_tensor("y", [batch_dim, 4, 4, 4])],
                               [numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "W")]
                               + _bn_params("a", 4, rng))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
 
 
 def test_dim_value_minus_one_is_dynamic_and_zero_is_still_empty():
@@ -528,7 +528,7 @@ def _eps_model(path) -> None:
     graph = helper.make_graph(nodes, "g", [_tensor("x", ["N", 2, 6, 6])], [_tensor("y", ["N", 4, 4, 4])],
                               [numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "W")]
                               + _bn_params("a", 4, rng) + _bn_params("b", 4, rng))
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)]), path)
 
 
 def test_cli_audit_json_is_strict_json_with_nan_and_inf_epsilon(tmp_path):
@@ -633,7 +633,7 @@ def _calling_model(functions, call):
              (("s", rng.uniform(0.5, 1.5, 3)), ("b", rng.normal(size=3)), ("m", rng.normal(size=3)),
               ("v", rng.uniform(0.5, 2, 3)))]
     graph = helper.make_graph([call], "g", [_tensor("x", [2, 3, 4])], [_tensor("y", [2, 3, 4])], inits)
-    return helper.make_model(graph, functions=functions,
+    return helper.make_model(graph, ir_version=8, functions=functions,
                              opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("local", 1)])
 
 
@@ -672,7 +672,7 @@ def test_random_nodes_inside_local_functions_are_seeded_for_verification():
     sampler = helper.make_function("local", "Sampler", ["x"], ["y"], body, [helper.make_opsetid("", 15)])
     call = helper.make_node("Sampler", ["x"], ["y"], domain="local")
     graph = helper.make_graph([call], "g", [_tensor("x", [64])], [_tensor("y", [64])])
-    model = helper.make_model(graph, functions=[sampler],
+    model = helper.make_model(graph, ir_version=8, functions=[sampler],
                               opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("local", 1)])
     seeded = _seeded(model, 15)
     (node,) = [n for f in seeded.functions for n in f.node if n.op_type == "RandomNormalLike"]

@@ -56,7 +56,7 @@ def _cast_conv(weight_dtype: int):
         [helper.make_node("Cast", ["W16"], ["W"], to=TensorProto.FLOAT), helper.make_node("Conv", ["x", "W"], ["y"])],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 2, 2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])], [w])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
 
 
 @pytest.mark.parametrize("weight_dtype, tolerance", [(TensorProto.FLOAT16, 1e-2), (TensorProto.FLOAT, 1e-4)])

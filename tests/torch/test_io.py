@@ -26,7 +26,7 @@ def _onnx_file(path, producer: str = "onnx.helper"):
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    onnx.save(helper.make_model(graph, producer_name=producer), path)
+    onnx.save(helper.make_model(graph, ir_version=8, producer_name=producer), path)
     return path
 
 
