@@ -111,7 +111,8 @@ def test_the_third_run_disables_only_onnxruntimes_conv_bn_fusion(chapter):
 def test_ort_runner_with_the_fusion_off_keeps_the_bn_work_and_every_other_optimization(tmp_path):
     """_ort_runner on a ResNet: the graph onnxruntime runs is the folded model's with the fusion on (op for op, no
     BatchNormalization), has more nodes with only ConvBNFusion off (BN nodes, or per-channel NCHWc convolutions
-    where onnxruntime has those kernels), and fewer than the exported graph (other fusions still on); the logits
+    where onnxruntime has those kernels), and none of the exported graph's Identity nodes (other optimizations still
+    on; a node count would not show it: onnxruntime 1.19 adds NCHWc reorder nodes around the BN nodes); the logits
     match PyTorch eval mode on a batch size other than the exported one."""
     pytest.importorskip("onnxruntime")
     from bnkit.torch.zoo import SmallResNet
@@ -128,7 +129,7 @@ def test_ort_runner_with_the_fusion_off_keeps_the_bn_work_and_every_other_optimi
     bt.export_onnx(folded, x[:8], tmp_path / "folded.onnx")
     import onnx
 
-    exported = len(onnx.load(str(tmp_path / "bn.onnx")).graph.node)
+    exported = collections.Counter(node.op_type for node in onnx.load(str(tmp_path / "bn.onnx")).graph.node)
     with torch.no_grad():
         expected = model(x)
     runs = {}
@@ -140,7 +141,7 @@ def test_ort_runner_with_the_fusion_off_keeps_the_bn_work_and_every_other_optimi
     total = {name: sum(ops.values()) for name, ops in runs.items()}
     assert runs["bn"] == runs["folded"] and runs["bn"]["BatchNormalization"] == 0
     assert total["nofusion"] > total["folded"]  # the BN work stays as ops of its own
-    assert total["nofusion"] < exported  # not merely the exported graph: other fusions still ran
+    assert exported["Identity"] and not runs["nofusion"].get("Identity")  # not merely the exported graph
 
 
 def test_predictions_changed_by_folding_are_counted_against_eval_mode(chapter):
