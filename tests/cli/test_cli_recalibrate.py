@@ -128,6 +128,26 @@ def test_float64_data_from_numpy_is_cast_to_the_models_dtype(tmp_path):
     assert_first_bn_exact(out, model, x.astype(np.float32))
 
 
+def test_float64_arrays_inside_a_dataclass_batch_are_cast_too():
+    """A factory's batches may be dataclass instances: their NumPy arrays became tensors of the model's dtype only
+    inside tuples, lists and dicts before (the model then got float64 arrays). Oracle: torch.as_tensor + .to."""
+    import dataclasses
+
+    from bnkit.cli.recalibrate import _model_input
+
+    @dataclasses.dataclass
+    class Batch:
+        x: np.ndarray
+        label: np.ndarray
+        name: str
+
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    got = _model_input([Batch(x, np.arange(4), "b")], torch.float32)[0]
+    assert type(got) is Batch and got.name == "b"
+    assert got.x.dtype == torch.float32 and torch.equal(got.x, torch.as_tensor(x).float())
+    assert got.label.dtype == torch.int64 and torch.equal(got.label, torch.arange(4))
+
+
 def test_npz_key_batches_and_a_dataset_factory(tmp_path, monkeypatch):
     weights = tmp_path / "w.safetensors"
     model = stale_weights(weights)

@@ -1,10 +1,12 @@
-"""bnkit.torch.modules: exact_float32 (TF32 off inside, every setting put back as found, also after an error) and
-channels (every tool on a lazy layer that load_state_dict filled).
+"""bnkit.torch.modules: exact_float32 (TF32 off inside, every setting put back as found, also after an error),
+channels (every tool on a lazy layer that load_state_dict filled), and map_nested / to_device on nested batches.
 
 The settings are process-wide Python state that exists without a GPU, so this runs on the CPU. Oracle: the
 settings read back through PyTorch's own API (torch/backends/cudnn/__init__.py, torch/backends/cuda/__init__.py).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -258,3 +260,41 @@ def test_a_model_built_under_inference_mode():
     assert report.n_folded == 1 and report.max_rel_diff < 1e-6
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x))
+
+
+@dataclasses.dataclass
+class _Batch:
+    x: torch.Tensor
+    names: list[str]
+
+    def __post_init__(self) -> None:
+        self.mask = self.x > 0  # derived: moved with the fields, and __post_init__ not run again
+
+
+def test_to_device_moves_tensors_in_dataclasses_and_keeps_container_types():
+    """Oracle: Tensor.to for each leaf; the meta device stands in for a GPU. A dataclass batch used to stay where it
+    was (recalibrate fed a GPU model CPU tensors), and an OrderedDict came back a plain dict."""
+    from collections import OrderedDict, namedtuple
+
+    from bnkit.torch.modules import to_device
+
+    Pair = namedtuple("Pair", "a b")
+    x = torch.randn(4, 3)
+    batch = OrderedDict(data=_Batch(x, ["a"]), pair=Pair(x, 3), rest=[x.long(), "s"])
+    moved = to_device(batch, torch.device("meta"))
+    assert type(moved) is OrderedDict and list(moved) == ["data", "pair", "rest"]
+    assert type(moved["data"]) is _Batch and moved["data"].names == ["a"]
+    assert moved["data"].x.device.type == moved["data"].mask.device.type == "meta"
+    assert type(moved["pair"]) is Pair and moved["pair"].a.device.type == "meta" and moved["pair"].b == 3
+    assert moved["rest"][0].device.type == "meta" and moved["rest"][0].dtype == torch.long
+    assert moved["rest"][1] == "s" and batch["data"].x.device.type == "cpu"  # the input is not changed
+
+
+def test_map_nested_copies_a_self_referring_dataclass_once():
+    from bnkit.torch.modules import map_nested
+
+    node = _Batch(torch.ones(2), [])
+    node.names.append(node)  # refers back to itself
+    doubled = map_nested(node, lambda t: t * 2)
+    assert doubled is not node and doubled.names[0] is doubled
+    assert torch.equal(doubled.x, torch.full((2,), 2.0)) and torch.equal(node.x, torch.ones(2))

@@ -9,7 +9,7 @@ written).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -76,32 +76,26 @@ class _DataError(Exception):
 
 
 def _model_input(batch: Any, dtype: Any) -> Any:
-    """``batch`` prepared as array data is (:func:`_batches_of`): floating NumPy arrays and tensors, also inside
-    tuples, lists and dicts (as ``default_collate`` makes them), become tensors of the model's floating ``dtype``;
-    other numeric ones become tensors of their own dtype (integers for models that take indices); anything else
-    is left as it is."""
+    """``batch`` prepared as array data is (:func:`_batches_of`): floating NumPy arrays and tensors, also nested
+    (tuples, lists and dicts as ``default_collate`` makes them, dataclass instances; see
+    :func:`bnkit.torch.modules.map_nested`), become tensors of the model's floating ``dtype``; other numeric ones
+    become tensors of their own dtype (integers for models that take indices); anything else is left as it is."""
     import numpy as np
     import torch
 
-    if isinstance(batch, np.ndarray):
-        if batch.dtype.kind not in "biufc":
-            return batch  # strings, dates, records: the user's --forward may know what to do with them
-        try:
-            batch = torch.as_tensor(batch)
-        except (TypeError, ValueError, RuntimeError):  # e.g. a byte order PyTorch cannot take: left for the model
-            return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, Mapping):
-        prepared = {k: _model_input(v, dtype) for k, v in batch.items()}
-        try:
-            return type(batch)(prepared)  # as default_collate keeps a Mapping's type where it can
-        except Exception:  # noqa: BLE001 - a Mapping that cannot be built from a dict
-            return prepared
-    if isinstance(batch, (list, tuple)):
-        prepared = [_model_input(v, dtype) for v in batch]
-        return type(batch)(*prepared) if hasattr(batch, "_fields") else type(batch)(prepared)
-    return batch
+    from ..torch.modules import map_nested
+
+    def prepare(leaf: Any) -> Any:
+        if isinstance(leaf, np.ndarray):
+            if leaf.dtype.kind not in "biufc":
+                return leaf  # strings, dates, records: the user's --forward may know what to do with them
+            try:
+                leaf = torch.as_tensor(leaf)
+            except (TypeError, ValueError, RuntimeError):  # e.g. a byte order PyTorch cannot take: left for the model
+                return leaf
+        return leaf.to(dtype) if leaf.is_floating_point() else leaf
+
+    return map_nested(batch, prepare, (np.ndarray, torch.Tensor))
 
 
 class _Reading:

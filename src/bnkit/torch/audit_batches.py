@@ -7,8 +7,6 @@ forward fails.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .modules import SavedBuffers, flatten_tensors, input_dtype_device, is_batchnorm
+from .modules import SavedBuffers, flatten_tensors, input_dtype_device, is_batchnorm, map_nested
 
 
 class Batches:
@@ -128,29 +126,11 @@ def set_training(model: nn.Module, flag: bool) -> None:
         m.training = flag
 
 
-def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor], _copies: dict | None = None) -> Any:
-    """``obj`` with ``fn`` applied to every tensor (and NumPy array) in its tuples, lists, mappings and dataclass
-    instances; ``_copies``: the dataclass instances copied so far, so one that refers back to itself is copied once."""
-    copies = {} if _copies is None else _copies
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, np.ndarray):
-        return fn(torch.from_numpy(obj))
-    if isinstance(obj, (tuple, list)):
-        mapped = [map_tensors(o, fn, copies) for o in obj]
-        return type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)  # a NamedTuple takes fields
-    if isinstance(obj, Mapping):
-        return {k: map_tensors(v, fn, copies) for k, v in obj.items()}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # as flatten_tensors reads it
-        if id(obj) in copies:
-            return copies[id(obj)]
-        # no __init__ / __post_init__ again (it may transform its inputs): every attribute as it is, each mapped,
-        # the fields and what __post_init__ derived from them alike (a mask cut with the batch)
-        new = copies[id(obj)] = copy.copy(obj)
-        for name in dict.fromkeys([f.name for f in dataclasses.fields(obj)] + list(getattr(obj, "__dict__", ()))):
-            object.__setattr__(new, name, map_tensors(getattr(obj, name), fn, copies))
-        return new
-    return obj
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor (and NumPy array, as a tensor) in it, nested as
+    :func:`bnkit.torch.modules.map_nested` walks."""
+    return map_nested(obj, lambda t: fn(torch.from_numpy(t) if isinstance(t, np.ndarray) else t),
+                      (torch.Tensor, np.ndarray))
 
 
 def batch_len(batch: Any) -> int | None:

@@ -23,7 +23,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
 __all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "bn_or_frozen_layers", "has_stock_forward", "bn_layers",
-           "eval_mode", "flatten_tensors", "write_count", "SavedBuffers"]
+           "eval_mode", "flatten_tensors", "map_nested", "write_count", "SavedBuffers"]
 
 BN_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
 
@@ -117,19 +117,45 @@ def parallel_device(model: nn.Module) -> torch.device | None:
     return torch.device(parallel[0].device_ids[0]) if parallel and parallel[0].device_ids else None
 
 
+def map_nested(obj: Any, fn: Callable[[Any], Any], leaf: tuple[type, ...] = (torch.Tensor,),
+               _copies: dict[int, Any] | None = None) -> Any:
+    """``obj`` with ``fn`` applied to each instance of ``leaf`` in it, through tuples, namedtuples, lists, mappings
+    and dataclass instances, nested; anything else is kept as it is.
+
+    A mapping keeps its type where that type can be built from a dict (as ``default_collate`` keeps it), else
+    becomes a dict. A dataclass instance is copied without running its ``__init__``/``__post_init__`` again (they
+    may transform their inputs), every attribute mapped, fields and what ``__post_init__`` derived from them alike
+    (a mask cut with the batch); one that refers back to itself is copied once (``_copies``: those copied so far).
+    """
+    if isinstance(obj, leaf):
+        return fn(obj)
+    copies = {} if _copies is None else _copies
+    if isinstance(obj, (tuple, list)):
+        mapped = [map_nested(o, fn, leaf, copies) for o in obj]
+        return type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)  # a namedtuple takes fields
+    if isinstance(obj, Mapping):
+        items = {k: map_nested(v, fn, leaf, copies) for k, v in obj.items()}
+        try:
+            return items if type(obj) is dict else type(obj)(items)
+        except Exception:  # noqa: BLE001 - a Mapping that cannot be built from a dict
+            return items
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # as flatten_tensors reads it
+        if id(obj) in copies:
+            return copies[id(obj)]
+        new = copies[id(obj)] = copy.copy(obj)
+        for name in dict.fromkeys([f.name for f in dataclasses.fields(obj)] + list(getattr(obj, "__dict__", ()))):
+            object.__setattr__(new, name, map_nested(getattr(obj, name), fn, leaf, copies))
+        return new
+    return obj
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` with every tensor in it (nested in tuples, namedtuples, lists, mappings; a ``PackedSequence`` as
-    one) moved to ``device``."""
-    if isinstance(batch, (torch.Tensor, nn.utils.rnn.PackedSequence)):  # PackedSequence keeps batch_sizes on the CPU
-        # asynchronous only towards an accelerator, where the stream orders the copy before its use; a copy to the
-        # CPU made with non_blocking=True may be read before it has landed
-        return batch.to(device, non_blocking=device.type != "cpu")
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        moved = [to_device(v, device) for v in batch]
-        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
-    return batch
+    """``batch`` with every tensor in it (nested as :func:`map_nested` walks; a ``PackedSequence`` as one) moved to
+    ``device``."""
+    # asynchronous only towards an accelerator, where the stream orders the copy before its use; a copy to the CPU
+    # made with non_blocking=True may be read before it has landed. A PackedSequence keeps batch_sizes on the CPU.
+    return map_nested(batch, lambda t: t.to(device, non_blocking=device.type != "cpu"),
+                      (torch.Tensor, nn.utils.rnn.PackedSequence))
 
 
 class normalized_inputs:
