@@ -237,6 +237,46 @@ def test_renorm_forward_uses_the_clip_of_the_step_it_takes():
     assert layer.renorm_clip() == (3.0, 5.0)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_renorm_re_run_by_activation_checkpointing_raises_and_changes_nothing(reentrant):
+    """torch.utils.checkpoint re-runs the forward inside backward, after the step updated the running statistics:
+    r and d (and the gradients) came out wrong without a word. Now the re-run raises before touching a buffer."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    bn = BatchNorm1d(3, renorm=True).train()
+    with torch.no_grad():
+        bn.running_mean.fill_(0.5)
+        bn.running_var.fill_(2.0)
+    x = torch.randn(8, 3, requires_grad=True)
+    y = checkpoint(bn, x, use_reentrant=reentrant)
+    after_step = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d\(3\): a Batch Renormalization step ran inside a backward"):
+        y.sum().backward()
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, after_step[k]), k
+
+
+@pytest.mark.parametrize("extras", [{"debias": True}, {"virtual_batch_size": 4}])
+def test_other_extras_under_activation_checkpointing_give_eager_gradients(extras):
+    """Their outputs do not read the running statistics, so a re-run gives the same gradients (oracle: the same
+    layer without checkpointing); the statistics are updated twice, as PyTorch's own BatchNorm's are."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3)
+    grads = []
+    for wrap in (False, True):
+        bn = BatchNorm1d(3, **extras).train()
+        with torch.no_grad():
+            bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        xi = x.clone().requires_grad_()
+        y = checkpoint(bn, xi, use_reentrant=False) if wrap else bn(xi)
+        (y * torch.arange(24.0).view(8, 3)).sum().backward()
+        grads.append((xi.grad, bn.weight.grad))
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_renorm_on_float16_computes_in_float32_and_rounds_once():
     """Like nn.BatchNorm, half-precision input is normalized in float32 and only the result is rounded to
     float16: each output is within half an fp16 ulp of float64 Alg. 1 (computing in fp16 is off by about one)."""

@@ -276,6 +276,12 @@ class _DropInBatchNorm:
         if x.numel() == 0:
             raise ValueError(f"{self._label()} got an empty batch {tuple(x.shape)} in training mode")
         chunks = self._chunks(x)  # validates before any buffer changes
+        if self.renorm and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            raise RuntimeError(
+                f"{self._label()}: a Batch Renormalization step ran inside a backward pass, as activation "
+                "checkpointing (torch.utils.checkpoint) re-runs the forward there: its r and d would come from the "
+                "running statistics this step already updated, so the gradients would be wrong. Keep renorm layers "
+                "outside checkpointed segments (checkpoint the layers between them), or use renorm=False there.")
         update = self.track_running_stats and self.running_mean is not None
         if update:
             eager_debias = self.debias and not torch.compiler.is_compiling()  # traced graphs skip the start check
@@ -374,7 +380,7 @@ def _snapshot(t: Tensor) -> Tensor:
     backward, after the update: gamma's gradient 6-34% off, or an error when the step ran twice before one
     backward. It never recomputes an opaque operator, so ``r`` and ``d`` are computed from this copy, which the
     backward then reads as it was. (Activation checkpointing re-runs the whole forward, this copy included, after
-    the update: README says to keep renorm layers out of it.)
+    the update: an eager step re-run inside a backward pass raises instead; see ``_forward_train_extras``.)
     """
     return t.clone()
 
