@@ -7,6 +7,7 @@ settings read back through PyTorch's own API (torch/backends/cudnn/__init__.py, 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -298,3 +299,47 @@ def test_map_nested_copies_a_self_referring_dataclass_once():
     doubled = map_nested(node, lambda t: t * 2)
     assert doubled is not node and doubled.names[0] is doubled
     assert torch.equal(doubled.x, torch.full((2,), 2.0)) and torch.equal(node.x, torch.ones(2))
+
+
+class _NamedBatch(dict):
+    """A dict subclass whose constructor takes the items as arguments, not a dict."""
+
+    def __init__(self, images, labels=None):
+        super().__init__(images=images, labels=labels)
+
+
+class _ReadOnly(Mapping):
+    """A read-only mapping whose constructor takes something else than a dict."""
+
+    def __init__(self, **items):
+        self._items = items
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+
+@dataclasses.dataclass
+class _Lazy:
+    x: torch.Tensor
+    cache: list = dataclasses.field(init=False)  # set by a metric, if ever
+
+
+def test_mappings_keep_their_type_only_where_they_hold_exactly_the_mapped_items():
+    """As default_collate does (a mutable mapping copied, each item set); review R14a: a dict subclass built
+    from a dict nested the whole batch under its first key, silently. Oracle: the items put in, by identity."""
+    from bnkit.torch.modules import map_nested
+
+    x, y = torch.ones(2), torch.zeros(2)
+    named = map_nested(_NamedBatch(x, y), lambda t: t + 1)
+    assert type(named) is _NamedBatch and list(named) == ["images", "labels"]
+    assert torch.equal(named["images"], x + 1) and torch.equal(named["labels"], y + 1)
+    frozen = map_nested(_ReadOnly(a=x), lambda t: t * 3)  # cannot be built from a dict: a plain one
+    assert type(frozen) is dict and torch.equal(frozen["a"], x * 3)
+    lazy = map_nested(_Lazy(x), lambda t: t - 1)  # the unset field stays unset, nothing raised
+    assert torch.equal(lazy.x, x - 1) and not hasattr(lazy, "cache")

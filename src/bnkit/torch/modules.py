@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import functools
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -122,10 +122,10 @@ def map_nested(obj: Any, fn: Callable[[Any], Any], leaf: tuple[type, ...] = (tor
     """``obj`` with ``fn`` applied to each instance of ``leaf`` in it, through tuples, namedtuples, lists, mappings
     and dataclass instances, nested; anything else is kept as it is.
 
-    A mapping keeps its type where that type can be built from a dict (as ``default_collate`` keeps it), else
-    becomes a dict. A dataclass instance is copied without running its ``__init__``/``__post_init__`` again (they
-    may transform their inputs), every attribute mapped, fields and what ``__post_init__`` derived from them alike
-    (a mask cut with the batch); one that refers back to itself is copied once (``_copies``: those copied so far).
+    A mapping keeps its type as ``default_collate`` keeps it (see :func:`_same_mapping`). A dataclass instance is
+    copied without running its ``__init__``/``__post_init__`` again (they may transform their inputs), every
+    attribute mapped, fields and what ``__post_init__`` derived from them alike (a mask cut with the batch), a field
+    never set left unset; one that refers back to itself is copied once (``_copies``: those copied so far).
     """
     if isinstance(obj, leaf):
         return fn(obj)
@@ -135,18 +135,39 @@ def map_nested(obj: Any, fn: Callable[[Any], Any], leaf: tuple[type, ...] = (tor
         return type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)  # a namedtuple takes fields
     if isinstance(obj, Mapping):
         items = {k: map_nested(v, fn, leaf, copies) for k, v in obj.items()}
-        try:
-            return items if type(obj) is dict else type(obj)(items)
-        except Exception:  # noqa: BLE001 - a Mapping that cannot be built from a dict
-            return items
+        return items if type(obj) is dict else _same_mapping(obj, items)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # as flatten_tensors reads it
         if id(obj) in copies:
             return copies[id(obj)]
         new = copies[id(obj)] = copy.copy(obj)
         for name in dict.fromkeys([f.name for f in dataclasses.fields(obj)] + list(getattr(obj, "__dict__", ()))):
-            object.__setattr__(new, name, map_nested(getattr(obj, name), fn, leaf, copies))
+            value = getattr(obj, name, _UNSET)  # field(init=False) that nothing set yet: nothing to map
+            if value is not _UNSET:
+                object.__setattr__(new, name, map_nested(value, fn, leaf, copies))
         return new
     return obj
+
+
+_UNSET = object()
+
+
+def _same_mapping(obj: Mapping, items: dict) -> Any:
+    """A mapping of ``obj``'s type holding ``items``, as ``default_collate`` (torch/utils/data/_utils/collate.py)
+    makes one: a mutable one copied and each item set on the copy (no ``__init__`` run; ``update`` is not used,
+    as some mappings refuse it), another built from a dict; a plain dict where that fails or does not hold
+    exactly ``items`` (a constructor that takes other arguments)."""
+    try:
+        if isinstance(obj, MutableMapping):
+            new = copy.copy(obj)
+            for k, v in items.items():
+                new[k] = v
+        else:
+            new = type(obj)(items)
+        if list(new.keys()) == list(items) and all(new[k] is v for k, v in items.items()):
+            return new
+    except Exception:  # noqa: BLE001 - a mapping that cannot be copied, set or built from a dict
+        pass
+    return items
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
