@@ -743,6 +743,25 @@ def test_iterable_of_tuples_and_custom_forward(trained, digits):
 
 
 
+def test_arrays_pytorch_cannot_take_are_left_for_forward(trained, digits):
+    """NumPy batches with per-sample names beside the pixels: the names reach forward= as they are (they raised
+    TypeError from torch.from_numpy); the figures equal those of the pixels alone."""
+    x, _ = digits
+    pixels = x[:640].numpy()
+    names = np.array([f"img{i}" for i in range(640)])
+    seen = []
+
+    def forward(model, batch):
+        seen.append(type(batch[1]))
+        return model(batch[0])
+
+    a = audit(trained, [(pixels[i:i + 64], names[i:i + 64]) for i in range(0, 640, 64)], forward=forward)
+    c = audit(trained, x[:640])
+    assert a.batches == c.batches == 10 and set(seen) == {np.ndarray}
+    assert [s.layer for s in a.shifts] == [s.layer for s in c.shifts]
+    assert a.shifts[0].score == pytest.approx(c.shifts[0].score, rel=1e-9)
+
+
 def test_custom_forward_of_a_two_input_model_on_tuple_batches_keeps_the_fold_analysis():
     """With a custom forward only it knows the model's inputs: the audit must not feed the batch's first tensor
     to the model alone (a two-input model raises, and the fold analysis was skipped). The conv + BN is foldable."""

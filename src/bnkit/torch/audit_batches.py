@@ -127,10 +127,18 @@ def set_training(model: nn.Module, flag: bool) -> None:
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """``obj`` with ``fn`` applied to every tensor (and NumPy array, as a tensor) in it, nested as
-    :func:`bnkit.torch.modules.map_nested` walks."""
-    return map_nested(obj, lambda t: fn(torch.from_numpy(t) if isinstance(t, np.ndarray) else t),
-                      (torch.Tensor, np.ndarray))
+    """``obj`` with ``fn`` applied to every tensor (and numeric NumPy array, as a tensor) in it, nested as
+    :func:`bnkit.torch.modules.map_nested` walks; arrays PyTorch cannot take (strings, objects) are left for
+    ``forward=`` as they are."""
+    def apply(t: torch.Tensor | np.ndarray) -> Any:
+        if isinstance(t, np.ndarray):
+            try:
+                t = torch.from_numpy(t)
+            except TypeError:
+                return t
+        return fn(t)
+
+    return map_nested(obj, apply, (torch.Tensor, np.ndarray))
 
 
 def batch_len(batch: Any) -> int | None:
