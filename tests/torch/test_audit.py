@@ -1393,3 +1393,41 @@ def test_batches_are_copied_field_by_field_not_rebuilt():
     for report in (scaled, pairs):
         assert report.ok == plain.ok and [s.layer for s in report.shifts] == [s.layer for s in plain.shifts]
         assert report.shifts[0].score == pytest.approx(plain.shifts[0].score, rel=1e-9)
+
+
+def test_packed_sequence_batches_count_sequences_and_cut_whole_ones():
+    """A GRU fed PackedSequence batches, BN on its last hidden state. A PackedSequence (a namedtuple) was taken
+    for a tuple batch: its data's rows counted as samples (training batch size 18 for 8 sequences), the coupling
+    check cut packed rows and reported a false 'fails at batch size 1' error, and the default forward fed the
+    model its data tensor alone. Oracle: the BN inputs recomputed in float64 from the GRU's own outputs."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.bn = nn.GRU(4, 6), nn.BatchNorm1d(6)
+
+        def forward(self, packed):
+            return self.bn(self.rnn(packed)[1][-1])
+
+    torch.manual_seed(0)
+    net = Net()
+    lengths = torch.tensor([5, 4, 4, 3, 2, 2, 1, 1])
+
+    def batch(dtype=torch.float32):
+        return pack_padded_sequence(torch.randn(5, 8, 4, dtype=dtype), lengths[torch.randperm(8)],
+                                    enforce_sorted=False)
+
+    with torch.no_grad():
+        for _ in range(30):
+            net(batch())
+    net.eval()
+    data = [batch(torch.float64) for _ in range(4)]  # cast to the model's float32 on the way in
+    report = audit(net, data)
+    assert report.ok and not report.by_code("fold") and report.batch_coupling is not None
+    assert report.batch_coupling < 1e-5 and report.by_code("stat_noise")[0].data["train_batch_size"] == 8
+    with torch.no_grad():
+        h = torch.cat([net.rnn(p.to(torch.float32))[1][-1] for p in data]).double()
+    z = (h.mean(0) - net.bn.running_mean.double()) / (net.bn.running_var.double() + net.bn.eps).sqrt()
+    (shift,) = report.shifts
+    assert shift.count == 32 and shift.mean_shift == pytest.approx(float(z[shift.worst_channel]), rel=1e-5)

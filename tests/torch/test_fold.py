@@ -1111,3 +1111,29 @@ def test_a_low_precision_fold_before_a_layer_with_offset_inputs_is_noted(dtype, 
         with torch.no_grad():
             want = exact(x.double())
             assert rel_diff(want, folded(x)) > 3 * rel_diff(want, model(x))
+
+
+def test_a_packed_sequence_example_input_is_one_argument():
+    """PyTorch takes a tuple of example inputs as the arguments; a PackedSequence is a namedtuple, and was spread
+    into four arguments (TypeError in the model). Oracle: the unfolded model's eval output."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc, self.bn = nn.GRU(4, 6), nn.Linear(6, 5), nn.BatchNorm1d(5)
+
+        def forward(self, packed):
+            return self.bn(self.fc(self.rnn(packed)[1][-1]))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+    packed = pack_padded_sequence(torch.randn(5, 3, 4), torch.tensor([5, 3, 2]))
+    folded, report = fold_bn(net, packed)
+    assert [(f.bn, f.into) for f in report.folded] == [("bn", "fc")] and report.max_abs_diff is not None
+    assert fold_plan(net, packed).folded[0].bn == "bn"
+    with torch.no_grad():
+        torch.testing.assert_close(folded(packed), net(packed), rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .modules import SavedBuffers, flatten_tensors, input_dtype_device, is_batchnorm, map_nested
 
@@ -70,7 +71,8 @@ class Batches:
         """Two samples of the first batch's model input (the fold analysis needs only its ranks)."""
         if forward is not None or isinstance(self.first, Mapping):
             return None  # the model's inputs are only known to ``forward``
-        x = self.first[0] if isinstance(self.first, (tuple, list)) else self.first
+        x = self.first[0] if isinstance(self.first, (tuple, list)) and not isinstance(self.first, PackedSequence) \
+            else self.first
         size = batch_len(x)
         return map_tensors(x, lambda t: t[:2] if batched(t, size) else t) if size else x
 
@@ -87,7 +89,7 @@ def _check_finite(t: torch.Tensor, batch_size: int, first_index: int = 0) -> Non
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)):
+    if isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence):  # a PackedSequence is one input
         return model(batch[0])
     if isinstance(batch, Mapping):
         return model(**batch)
@@ -129,8 +131,12 @@ def set_training(model: nn.Module, flag: bool) -> None:
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """``obj`` with ``fn`` applied to every tensor (and numeric NumPy array, as a tensor) in it, nested as
     :func:`bnkit.torch.modules.map_nested` walks; arrays PyTorch cannot take (strings, objects) are left for
-    ``forward=`` as they are."""
-    def apply(t: torch.Tensor | np.ndarray) -> Any:
+    ``forward=`` as they are. A ``PackedSequence`` goes to ``fn`` as its batch-first padded tensor and lengths
+    (one row a sequence, so a cut keeps whole sequences) and is packed again (lengths on the CPU)."""
+    def apply(t: torch.Tensor | np.ndarray | PackedSequence) -> Any:
+        if isinstance(t, PackedSequence):
+            padded, lengths = pad_packed_sequence(t, batch_first=True)
+            return pack_padded_sequence(fn(padded), fn(lengths).cpu(), batch_first=True, enforce_sorted=False)
         if isinstance(t, np.ndarray):
             try:
                 t = torch.from_numpy(t)
@@ -138,7 +144,7 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
                 return t
         return fn(t)
 
-    return map_nested(obj, apply, (torch.Tensor, np.ndarray))
+    return map_nested(obj, apply, (torch.Tensor, np.ndarray, PackedSequence))
 
 
 def batch_len(batch: Any) -> int | None:

@@ -36,7 +36,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..convert import convert_state
 from . import layers
 from .freeze import freeze_bn, is_frozen
-from .modules import channels, deep_copy
+from .modules import as_args, channels, deep_copy
 
 __all__ = ["BatchNormNd", "from_keras", "to_keras", "from_flax", "to_flax", "revert_sync_bn"]
 
@@ -358,7 +358,7 @@ def _probe_ranks(model: nn.Module, example_inputs: Any) -> dict[str, set[int]]:
         if isinstance(module, nn.SyncBatchNorm):
             handles.append(module.register_forward_pre_hook(
                 lambda _m, args, name=name: ranks.setdefault(name, set()).add(args[0].dim())))
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = as_args(example_inputs)
     try:
         with torch.no_grad():
             probe(*args)

@@ -58,7 +58,7 @@ from torch.nn.utils import parametrize
 from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
 from .modules import (
-    SavedBuffers, bn_or_frozen_layers, channels, deep_copy, eval_mode, exact_float32, flatten_tensors,
+    SavedBuffers, as_args, bn_or_frozen_layers, channels, deep_copy, eval_mode, exact_float32, flatten_tensors,
     has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, parallel_device, to_device, uninitialized_lazy,
     unwrapped,
 )
@@ -325,7 +325,7 @@ def _never_updated(bn: nn.Module) -> bool:
 def _as_tuple(example_inputs: Any) -> tuple | None:
     if example_inputs is None:
         return None
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = as_args(example_inputs)
     for t in flatten_tensors(inputs):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError("example_inputs contain NaN/Inf; verification needs finite inputs")

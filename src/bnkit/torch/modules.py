@@ -23,7 +23,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
 __all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "bn_or_frozen_layers", "has_stock_forward", "bn_layers",
-           "eval_mode", "flatten_tensors", "map_nested", "write_count", "SavedBuffers"]
+           "eval_mode", "flatten_tensors", "map_nested", "as_args", "write_count", "SavedBuffers"]
 
 BN_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
 
@@ -168,6 +168,14 @@ def _same_mapping(obj: Mapping, items: dict) -> Any:
     except Exception:  # noqa: BLE001 - a mapping that cannot be copied, set or built from a dict
         pass
     return items
+
+
+def as_args(example_inputs: Any) -> tuple:
+    """Example inputs as a model's positional arguments: a tuple is the arguments (PyTorch's convention, as in
+    ``torch.onnx.export``), anything else one argument, a ``PackedSequence`` (a namedtuple) included."""
+    if isinstance(example_inputs, tuple) and not isinstance(example_inputs, nn.utils.rnn.PackedSequence):
+        return example_inputs
+    return (example_inputs,)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -432,9 +440,12 @@ class SavedBuffers:
 
 def flatten_tensors(obj: Any) -> list[torch.Tensor]:
     """The tensors of a nest of tuples, lists, mappings and dataclass instances (a model's output object), in
-    order, detached; anything else is skipped."""
+    order, detached (a ``PackedSequence`` as its sequences padded into the rows of one batch-first tensor);
+    anything else is skipped."""
     if isinstance(obj, torch.Tensor):
         return [obj.detach()]
+    if isinstance(obj, nn.utils.rnn.PackedSequence):
+        return [nn.utils.rnn.pad_packed_sequence(obj, batch_first=True)[0].detach()]
     if isinstance(obj, (tuple, list)):
         return [t for o in obj for t in flatten_tensors(o)]
     if isinstance(obj, Mapping):
