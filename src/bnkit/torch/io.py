@@ -23,7 +23,6 @@ import os
 import pickle
 import pickletools
 import re
-import struct
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -226,9 +225,13 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
             raise corrupt from None
         if not trust:
             raise _unsafe(path, exc) from None
-    # IndexError, struct.error: legacy files cut short; KeyError, UnicodeDecodeError: a damaged pickle's memo, strings
-    except (RuntimeError, EOFError, OSError, IndexError, struct.error, KeyError, UnicodeDecodeError) as exc:
-        raise NotACheckpointError(f"{corrupt}: {_strip_ansi(str(exc)).strip()}") from None
+    except MemoryError:
+        raise
+    # nothing unsafe was found, so whatever else fails is the file: cut short (IndexError, struct.error), a damaged
+    # pickle's memo or strings (KeyError, UnicodeDecodeError), or flipped bits in a legacy file's records, which
+    # torch's loader meets as AssertionError, TypeError, AttributeError, ValueError, OverflowError, ...
+    except Exception as exc:  # noqa: BLE001
+        raise NotACheckpointError(f"{corrupt}: {_reason(exc)}") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except (ImportError, AttributeError) as exc:
@@ -236,8 +239,15 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
             f"{path} is a pickled object whose code cannot be found ({exc}): run from the folder that holds "
             "its package, or put that folder on PYTHONPATH; better, re-save model.state_dict() where it was made"
         ) from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise NotACheckpointError(f"{corrupt}: {_strip_ansi(str(exc)).strip()}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as above, for the records of a trusted pickle
+        raise NotACheckpointError(f"{corrupt}: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    """An exception's message without terminal colours, or its type where it has none (a bare assert)."""
+    return _strip_ansi(str(exc)).strip() or type(exc).__name__
 
 
 def load_state_dict_file(path: str | os.PathLike, *, trust: bool = False) -> dict[str, torch.Tensor]:
