@@ -247,3 +247,33 @@ def test_dtype_change_compares_key_by_key_under_the_models_keys():
     assert "(6 float16 -> float32)" in note and "return model.to(torch.float16)" in note
     same = model(torch.float32, torch.float16)
     assert dtype_change(same, load_weights_into(same, model(torch.float32, torch.float16).state_dict()), "s.pt") is None
+
+
+def test_load_forward_names_what_is_wrong_with_the_users_function(tmp_path, monkeypatch):
+    """Mutation round M11: a module that calls sys.exit on import, a name that is no function, and a spec without
+    a colon each get one clear UsageError (the exit status was the module's own; a number got through; bnkit's
+    own message was led by an exception type)."""
+    from bnkit.cli.common import load_forward
+
+    (tmp_path / "fwd_exits.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "fwd_number.py").write_text("FN = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UsageError, match=r"cannot import --forward 'fwd_exits:fn': SystemExit \(it called "
+                                         r"sys.exit\(3\)"):
+        load_forward("fwd_exits:fn")
+    with pytest.raises(UsageError, match="--forward 'fwd_number:FN' is a int, not a function"):
+        load_forward("fwd_number:FN")
+    with pytest.raises(UsageError) as info:
+        load_forward("no_colon_here")
+    assert "ValueError" not in str(info.value) and "no_colon_here" in str(info.value)
+
+
+def test_print_json_writes_strict_json_with_infinities_and_numpy_scalars_as_values(capsys):
+    """fold --json may report max_abs_diff = inf: json.dumps(allow_nan=False) refused it unconverted."""
+    import json
+
+    from bnkit.cli.common import print_json
+
+    print_json({"d": float("inf"), "n": np.float32(1.5), "name": "w\udcff.pt"})
+    out = capsys.readouterr().out
+    assert json.loads(out) == {"d": "inf", "n": 1.5, "name": "w\udcff.pt"} and out.isascii()

@@ -308,6 +308,22 @@ class _NamedBatch(dict):
         super().__init__(images=images, labels=labels)
 
 
+class _WithCount(Mapping):
+    """A read-only mapping whose constructor adds an item of its own unless told not to."""
+
+    def __init__(self, items, count=True):
+        self._items = {**items, "n": len(items)} if count else dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+
 class _ReadOnly(Mapping):
     """A read-only mapping whose constructor takes something else than a dict."""
 
@@ -341,5 +357,7 @@ def test_mappings_keep_their_type_only_where_they_hold_exactly_the_mapped_items(
     assert torch.equal(named["images"], x + 1) and torch.equal(named["labels"], y + 1)
     frozen = map_nested(_ReadOnly(a=x), lambda t: t * 3)  # cannot be built from a dict: a plain one
     assert type(frozen) is dict and torch.equal(frozen["a"], x * 3)
+    counted = map_nested(_WithCount({"x": x}, count=False), lambda t: t * 2)  # rebuilt with an item more: plain
+    assert type(counted) is dict and list(counted) == ["x"] and torch.equal(counted["x"], x * 2)
     lazy = map_nested(_Lazy(x), lambda t: t - 1)  # the unset field stays unset, nothing raised
     assert torch.equal(lazy.x, x - 1) and not hasattr(lazy, "cache")
