@@ -7,7 +7,7 @@ settings read back through PyTorch's own API (torch/backends/cudnn/__init__.py, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 import pytest
 import torch
@@ -324,6 +324,28 @@ class _WithCount(Mapping):
         return len(self._items)
 
 
+class _Store(MutableMapping):
+    """A hand-written mutable mapping over a dict of its own, which a shallow copy shares."""
+
+    def __init__(self, **items):
+        self._d = dict(items)
+
+    def __getitem__(self, key):
+        return self._d[key]
+
+    def __setitem__(self, key, value):
+        self._d[key] = value
+
+    def __delitem__(self, key):
+        del self._d[key]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self):
+        return len(self._d)
+
+
 class _ReadOnly(Mapping):
     """A read-only mapping whose constructor takes something else than a dict."""
 
@@ -357,6 +379,9 @@ def test_mappings_keep_their_type_only_where_they_hold_exactly_the_mapped_items(
     assert torch.equal(named["images"], x + 1) and torch.equal(named["labels"], y + 1)
     frozen = map_nested(_ReadOnly(a=x), lambda t: t * 3)  # cannot be built from a dict: a plain one
     assert type(frozen) is dict and torch.equal(frozen["a"], x * 3)
+    store = _Store(x=x)  # review R14b: set on a shallow copy, the moved and cut tensors went into the user's batch
+    mapped = map_nested(store, lambda t: t[:1])
+    assert type(mapped) is dict and mapped["x"].shape == (1,) and store["x"] is x
     counted = map_nested(_WithCount({"x": x}, count=False), lambda t: t * 2)  # rebuilt with an item more: plain
     assert type(counted) is dict and list(counted) == ["x"] and torch.equal(counted["x"], x * 2)
     lazy = map_nested(_Lazy(x), lambda t: t - 1)  # the unset field stays unset, nothing raised

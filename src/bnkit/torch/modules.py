@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import threading
+from collections import UserDict
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -153,14 +154,17 @@ _UNSET = object()
 
 def _same_mapping(obj: Mapping, items: dict) -> Any:
     """A mapping of ``obj``'s type holding ``items``, as ``default_collate`` (torch/utils/data/_utils/collate.py)
-    makes one: a mutable one copied and each item set on the copy (no ``__init__`` run; ``update`` is not used,
-    as some mappings refuse it), another built from a dict; a plain dict where that fails or does not hold
-    exactly ``items`` (a constructor that takes other arguments)."""
+    makes one: a dict subclass or ``UserDict`` copied and each item set on the copy (no ``__init__`` run;
+    ``update`` is not used, as some refuse it), another mapping built from a dict; a plain dict where that fails
+    or does not hold exactly ``items`` (a constructor that takes other arguments). Other mutable mappings become
+    plain dicts: a shallow copy of one may share its storage, and setting items on it would change the user's."""
     try:
-        if isinstance(obj, MutableMapping):
+        if isinstance(obj, (dict, UserDict)):
             new = copy.copy(obj)
             for k, v in items.items():
                 new[k] = v
+        elif isinstance(obj, MutableMapping):
+            return items
         else:
             new = type(obj)(items)
         if list(new.keys()) == list(items) and all(new[k] is v for k, v in items.items()):
