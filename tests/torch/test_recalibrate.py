@@ -971,3 +971,29 @@ def test_batches_moved_to_the_cpu_are_copied_synchronously():
     assert asked == [False, False, False]
     to_device(x, torch.device("meta"))  # any non-CPU device: asynchronous
     assert asked[-1] is True
+
+
+def test_packed_sequence_batches_reach_the_model_whole():
+    """Review R14b: the default forward took a PackedSequence (a namedtuple) for an (inputs, ...) tuple and fed
+    the model its packed data alone, which a GRU runs as one unbatched sequence: other statistics, no error.
+    Oracle: the float64 moments of what the BN normalizes (DeepSpeech's BN over packed time steps)."""
+    from torch.nn.utils.rnn import PackedSequence, pack_sequence
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.bn = nn.GRU(4, 6), nn.BatchNorm1d(6)
+
+        def forward(self, packed):
+            out, _ = self.gru(packed)
+            return PackedSequence(self.bn(out.data), out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+
+    torch.manual_seed(0)
+    data = [pack_sequence([torch.randn(int(n), 4) * 3 + 1 for n in torch.randint(1, 7, (8,))], enforce_sorted=False)
+            for _ in range(4)]
+    net = Net()
+    recalibrate(net, data)
+    with torch.no_grad():
+        h = torch.cat([net.gru(p)[0].data for p in data]).double()
+    torch.testing.assert_close(net.bn.running_mean.double(), h.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net.bn.running_var.double(), h.var(0), rtol=1e-5, atol=1e-6)

@@ -263,7 +263,7 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
+    if isinstance(batch, (torch.Tensor, nn.utils.rnn.PackedSequence)):  # a PackedSequence (a namedtuple) is one input
         return model(batch)
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
         return model(batch[0])
