@@ -279,3 +279,30 @@ def test_flipped_bits_in_a_legacy_checkpoints_records_are_damage_never_a_bare_er
             except (NotACheckpointError, UnsafeCheckpointError) as exc:
                 outcomes.add(type(exc).__name__)
     assert "NotACheckpointError" in outcomes
+
+
+def _asserting():
+    raise AssertionError("the file's own check")
+
+
+class _AssertsOnLoad:
+    def __reduce__(self):
+        return (_asserting, ())
+
+
+def test_a_trusted_legacy_model_with_a_damaged_storage_key_is_damaged(tmp_path):
+    """Review R14b: PyTorch's legacy loader asserts that every storage key it read exists, and that
+    AssertionError passed through load_checkpoint(trust=True). An assert in the pickle's own code still does."""
+    import re
+
+    path = legacy_file(tmp_path, torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)))
+    raw = bytearray(path.read_bytes())
+    key = list(re.finditer(rb"X.\x00\x00\x00(\d+)", raw))[-1]  # the last copy: the storage-key list's
+    raw[key.start(1)] = ord("9") if raw[key.start(1)] != ord("9") else ord("8")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(NotACheckpointError, match="damaged.*not found"):
+        load_checkpoint(path, trust=True)
+    own = tmp_path / "asserts.pt"
+    torch.save({"w": torch.zeros(2), "payload": _AssertsOnLoad()}, own)
+    with pytest.raises(AssertionError, match="the file's own check"):
+        load_checkpoint(own, trust=True)

@@ -197,7 +197,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     not a checkpoint (whatever ``trust`` says), :class:`UnsafeCheckpointError` for a pickle with
     objects outside the allow-list when ``trust`` is False, and ``ValueError`` when a trusted pickle
     needs a module that cannot be imported; other errors of a trusted pickle's own calls pass through (damaged
-    records of one that needs ``trust`` fail there too, as whatever the call they name raises). A
+    records of one that needs ``trust`` may fail there too, as whatever the call they name raises). A
     ``MemoryError`` always passes through.
     """
     path = Path(path)
@@ -242,9 +242,20 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
             "its package, or put that folder on PYTHONPATH; better, re-save model.state_dict() where it was made"
         ) from None
     # a trusted pickle runs its own calls: what else they raise is passed on as theirs (the CLI names it so), damaged
-    # records too, as they fail in the calls they name
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    # records too, as they fail in the calls they name; an assert of PyTorch's loader itself is damage
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AssertionError) as exc:
+        if isinstance(exc, AssertionError) and not _raised_in_torch(exc):
+            raise
         raise NotACheckpointError(f"{corrupt}: {_reason(exc)}") from None
+
+
+def _raised_in_torch(exc: BaseException) -> bool:
+    """Whether PyTorch's own Python code raised ``exc`` (the innermost frame of its traceback; a storage key that
+    a damaged legacy file's records do not hold trips an assert in torch/serialization.py ``_legacy_load``)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("torch.")
 
 
 def _reason(exc: Exception) -> str:
