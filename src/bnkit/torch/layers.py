@@ -278,10 +278,11 @@ class _DropInBatchNorm:
         chunks = self._chunks(x)  # validates before any buffer changes
         if self.renorm and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             raise RuntimeError(
-                f"{self._label()}: a Batch Renormalization step ran inside a backward pass, as activation "
-                "checkpointing (torch.utils.checkpoint) re-runs the forward there: its r and d would come from the "
-                "running statistics this step already updated, so the gradients would be wrong. Keep renorm layers "
-                "outside checkpointed segments (checkpoint the layers between them), or use renorm=False there.")
+                f"{self._label()}: a Batch Renormalization step ran inside a backward pass, where activation "
+                "checkpointing (torch.utils.checkpoint) re-runs the forward: a re-run's r and d would come from the "
+                "running statistics the step already updated, so the gradients would be wrong. Keep renorm layers "
+                "outside checkpointed segments, or use renorm=False there (a step taken on purpose in a backward "
+                "hook cannot be told from a re-run: take it outside the backward pass).")
         update = self.track_running_stats and self.running_mean is not None
         if update:
             eager_debias = self.debias and not torch.compiler.is_compiling()  # traced graphs skip the start check
