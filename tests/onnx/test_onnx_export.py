@@ -142,6 +142,9 @@ def test_two_inputs_named_and_a_fixed_batch(tmp_path, calibrated):
     with pytest.raises(ValueError, match="1 input names given for 2 inputs"):
         export_onnx(model, (a, b), tmp_path / "x.onnx", input_names=["a"])
     assert sorted(os.listdir(tmp_path)) == ["two.onnx"]
+    listed = export_onnx(model, [a, b], tmp_path / "list.onnx", dynamic_batch=False)  # a list is inputs too
+    session = ort.InferenceSession(str(tmp_path / "list.onnx"), providers=["CPUExecutionProvider"])
+    assert len(session.get_inputs()) == 2 and listed.max_abs_diff is not None
 
 
 def test_a_second_input_without_the_batch_axis_is_not_cut_to_one_row(tmp_path):

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..atomic import atomic_path, check_target
 from .freeze import kept_requested_modes
-from .modules import (as_args, bn_layers, eager_calls, eval_mode, exact_float32, parallel_device, to_device,
+from .modules import (bn_layers, eager_calls, eval_mode, exact_float32, parallel_device, to_device,
                       uninitialized_lazy, unwrapped)
 
 __all__ = ["export_onnx", "ExportReport", "ExportVerificationError"]
@@ -122,7 +122,8 @@ def export_onnx(
     check_target(path)
     device = parallel_device(model)  # DataParallel / DDP sent inputs there: the module inside is run with them
     model, _ = unwrapped(model)  # the module a wrapper runs: the exporter cannot trace DataParallel or torch.compile
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(as_args(example_inputs))
+    one = isinstance(example_inputs, (torch.Tensor, nn.utils.rnn.PackedSequence))
+    inputs = (example_inputs,) if one else tuple(example_inputs)
     if any(isinstance(t, nn.utils.rnn.PackedSequence) for t in inputs):
         raise TypeError("export_onnx cannot export a model fed a PackedSequence: ONNX has no packed sequences; "
                         "export a model that takes the padded tensor (and lengths) instead")
