@@ -997,3 +997,6 @@ def test_packed_sequence_batches_reach_the_model_whole():
         h = torch.cat([net.gru(p)[0].data for p in data]).double()
     torch.testing.assert_close(net.bn.running_mean.double(), h.mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(net.bn.running_var.double(), h.var(0), rtol=1e-5, atol=1e-6)
+    paired = copy.deepcopy(net)  # (packed, targets) batches, as a packing collate_fn yields (review R14c)
+    recalibrate(paired, [(p, torch.zeros(8)) for p in data])
+    torch.testing.assert_close(paired.bn.running_mean, net.bn.running_mean, rtol=0, atol=0)

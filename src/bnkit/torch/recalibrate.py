@@ -263,9 +263,10 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, (torch.Tensor, nn.utils.rnn.PackedSequence)):  # a PackedSequence (a namedtuple) is one input
+    one = (torch.Tensor, nn.utils.rnn.PackedSequence)  # a PackedSequence (a namedtuple) is one input
+    if isinstance(batch, one):
         return model(batch)
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], one):
         return model(batch[0])
     raise TypeError(
         f"don't know how to feed a batch of type {type(batch).__name__} to the model: batches must be tensors or "
