@@ -308,46 +308,8 @@ class _NamedBatch(dict):
         super().__init__(images=images, labels=labels)
 
 
-class _WithCount(Mapping):
-    """A read-only mapping whose constructor adds an item of its own unless told not to."""
-
-    def __init__(self, items, count=True):
-        self._items = {**items, "n": len(items)} if count else dict(items)
-
-    def __getitem__(self, key):
-        return self._items[key]
-
-    def __iter__(self):
-        return iter(self._items)
-
-    def __len__(self):
-        return len(self._items)
-
-
-class _Store(MutableMapping):
-    """A hand-written mutable mapping over a dict of its own, which a shallow copy shares."""
-
-    def __init__(self, **items):
-        self._d = dict(items)
-
-    def __getitem__(self, key):
-        return self._d[key]
-
-    def __setitem__(self, key, value):
-        self._d[key] = value
-
-    def __delitem__(self, key):
-        del self._d[key]
-
-    def __iter__(self):
-        return iter(self._d)
-
-    def __len__(self):
-        return len(self._d)
-
-
 class _ReadOnly(Mapping):
-    """A read-only mapping whose constructor takes something else than a dict."""
+    """A read-only mapping over a dict of its own, whose constructor takes something else than a dict."""
 
     def __init__(self, **items):
         self._items = items
@@ -360,6 +322,23 @@ class _ReadOnly(Mapping):
 
     def __len__(self):
         return len(self._items)
+
+
+class _WithCount(_ReadOnly):
+    """A read-only mapping whose constructor adds an item of its own unless told not to."""
+
+    def __init__(self, items, count=True):
+        super().__init__(**items, **({"n": len(items)} if count else {}))
+
+
+class _Store(_ReadOnly, MutableMapping):
+    """A hand-written mutable mapping over a dict of its own, which a shallow copy shares."""
+
+    def __setitem__(self, key, value):
+        self._items[key] = value
+
+    def __delitem__(self, key):
+        del self._items[key]
 
 
 @dataclasses.dataclass
