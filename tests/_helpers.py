@@ -122,3 +122,18 @@ def arithmetic_bn_class():
             return y * mask[:, None, :]
 
     return ArithmeticBN
+
+
+def gru_last_state_bn():
+    """A GRU(4 -> 6) fed a PackedSequence, BatchNorm1d on its last hidden state: one row a sequence."""
+    from torch import nn
+
+    class GruLastStateBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.bn = nn.GRU(4, 6), nn.BatchNorm1d(6)
+
+        def forward(self, packed):
+            return self.bn(self.rnn(packed)[1][-1])
+
+    return GruLastStateBN()

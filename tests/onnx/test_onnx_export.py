@@ -357,17 +357,10 @@ def test_a_save_failing_halfway_leaves_the_previous_file(tmp_path, monkeypatch):
 def test_a_packed_sequence_input_is_refused_by_name_and_nothing_written(tmp_path):
     """Review R14b: a PackedSequence was spread into four inputs (TypeError from the model) or called 'not a
     sequence of tensors'; ONNX has no packed sequences, so the error says that and what to export instead."""
+    from _helpers import gru_last_state_bn
     from torch.nn.utils.rnn import pack_padded_sequence
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gru, self.bn = nn.GRU(4, 6), nn.BatchNorm1d(6)
-
-        def forward(self, packed):
-            return self.bn(self.gru(packed)[1][-1])
 
     packed = pack_padded_sequence(torch.randn(5, 3, 4), torch.tensor([5, 3, 2]))
     with pytest.raises(TypeError, match="cannot export a model fed a PackedSequence"):
-        export_onnx(Net().eval(), packed, tmp_path / "m.onnx")
+        export_onnx(gru_last_state_bn().eval(), packed, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()

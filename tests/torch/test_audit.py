@@ -1400,18 +1400,11 @@ def test_packed_sequence_batches_count_sequences_and_cut_whole_ones():
     for a tuple batch: its data's rows counted as samples (training batch size 18 for 8 sequences), the coupling
     check cut packed rows and reported a false 'fails at batch size 1' error, and the default forward fed the
     model its data tensor alone. Oracle: the BN inputs recomputed in float64 from the GRU's own outputs."""
+    from _helpers import gru_last_state_bn
     from torch.nn.utils.rnn import pack_padded_sequence
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn, self.bn = nn.GRU(4, 6), nn.BatchNorm1d(6)
-
-        def forward(self, packed):
-            return self.bn(self.rnn(packed)[1][-1])
-
     torch.manual_seed(0)
-    net = Net()
+    net = gru_last_state_bn()
     lengths = torch.tensor([5, 4, 4, 3, 2, 2, 1, 1])
 
     def batch(dtype=torch.float32):
