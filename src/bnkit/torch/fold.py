@@ -59,8 +59,8 @@ from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
 from .modules import (
     SavedBuffers, as_args, bn_or_frozen_layers, channels, deep_copy, eval_mode, exact_float32, flatten_tensors,
-    has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, parallel_device, to_device, uninitialized_lazy,
-    unwrapped,
+    has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, map_nested, parallel_device, to_device,
+    uninitialized_lazy, unwrapped,
 )
 
 __all__ = ["fold_bn", "FoldReport", "FoldedBN"]
@@ -335,21 +335,9 @@ def _as_tuple(example_inputs: Any) -> tuple | None:
 # ---------------------------------------------------------------------------------------------- running
 
 
-def _clone(obj: Any) -> Any:
-    """Fresh copies of the input tensors, so a model that writes into its input cannot skew the comparison."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, Mapping):
-        return type(obj)((k, _clone(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        copies = [_clone(v) for v in obj]
-        return type(obj)(*copies) if hasattr(obj, "_fields") else type(obj)(copies)  # a namedtuple takes fields
-    return obj
-
-
 def _run_eval(model: nn.Module, inputs: tuple) -> Any:
     with eval_mode(model), torch.no_grad(), exact_float32():
-        return model(*_clone(inputs))
+        return model(*map_nested(inputs, torch.Tensor.clone))  # a model writing into its input skews nothing
 
 
 def _probe(model: nn.Module, inputs: tuple) -> tuple[Any, dict[int, dict]]:
