@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..tracebacks import raised_in
+
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".safetensors")
 ONNX_SUFFIXES = (".onnx",)
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -94,10 +96,7 @@ def check_input_file(path: Path, kind: str) -> None:
 
 def raised_by_bnkit(exc: BaseException) -> bool:
     """Whether bnkit's own code raised ``exc`` (the innermost frame of its traceback), not the user's or PyTorch's."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("bnkit.")
+    return raised_in(exc, "bnkit")
 
 
 def describe_error(exc: BaseException) -> str:

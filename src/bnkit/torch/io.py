@@ -32,6 +32,7 @@ import torch
 from torch.nn.parameter import is_lazy
 
 from ..atomic import atomic_path
+from ..tracebacks import raised_in
 
 __all__ = [
     "NotACheckpointError", "UnsafeCheckpointError", "load_checkpoint", "load_state_dict_file", "load_weights_into",
@@ -244,18 +245,9 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     # a trusted pickle runs its own calls: what else they raise is passed on as theirs (the CLI names it so), damaged
     # records too, as they fail in the calls they name; an assert of PyTorch's loader itself is damage
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AssertionError) as exc:
-        if isinstance(exc, AssertionError) and not _raised_in_torch(exc):
+        if isinstance(exc, AssertionError) and not raised_in(exc, "torch"):  # e.g. a storage key _legacy_load lacks
             raise
         raise NotACheckpointError(f"{corrupt}: {_reason(exc)}") from None
-
-
-def _raised_in_torch(exc: BaseException) -> bool:
-    """Whether PyTorch's own Python code raised ``exc`` (the innermost frame of its traceback; a storage key that
-    a damaged legacy file's records do not hold trips an assert in torch/serialization.py ``_legacy_load``)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("torch.")
 
 
 def _reason(exc: Exception) -> str:
