@@ -1,5 +1,7 @@
-"""``bnkit recalibrate --data package.module:factory`` prepares a factory's data as it does an array file's, and
-sends the batches to the model's device when --device is not given (review 12, RB).
+"""``bnkit recalibrate --data package.module:factory``: every form a factory may give (Datasets, iterables, lists of
+NumPy or torch batches, tuples, namedtuples, DataLoaders) is prepared as an array file's data is (cast to the
+model's dtype; integer ids kept), a --forward gets the batches as the factory yields them, and without --device
+the batches go where the factory's model is.
 
 Oracle: PyTorch's own BatchNorm in float64 (``momentum=None``, one training-mode forward over all the data, so
 its running statistics are the data's exact mean and unbiased variance), compared with the buffers of the file
@@ -18,7 +20,7 @@ from bnkit.cli import app
 from bnkit.torch import load_state_dict_file
 
 runner = CliRunner()
-MODULE = "f1r12_data"
+MODULE = "recal_factories"
 
 SOURCE = '''
 import numpy as np, torch
@@ -82,7 +84,7 @@ def invoke(*args: str):
 
 @pytest.fixture
 def user(tmp_path, monkeypatch):
-    """The module ``f1r12_data`` (models and data factories), importable from the current folder (tmp_path)."""
+    """The module ``recal_factories`` (models and data factories), importable from the current folder (tmp_path)."""
     (tmp_path / f"{MODULE}.py").write_text(SOURCE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delitem(sys.modules, MODULE, raising=False)
@@ -129,7 +131,7 @@ def data_x(dtype=None) -> np.ndarray:
     ("np_pairs", 4),    # a list of (float32 NumPy inputs, int NumPy labels) tuples
     ("torch64", 4),     # a list of float64 tensors
     ("loader", 4),      # a DataLoader of [float64 tensor, int tensor] lists
-    ("named", 4),       # a list of namedtuple batches (mutation M9: rebuilt with the wrong constructor call)
+    ("named", 4),       # a list of namedtuple batches (rebuilt field by field, not from one generator)
 ])
 def test_floating_data_from_a_factory_is_cast_to_the_models_dtype(user, factory, batches):
     """The same data as one float64 array is accepted (cast to float32): every other form a factory may give is
@@ -141,8 +143,8 @@ def test_floating_data_from_a_factory_is_cast_to_the_models_dtype(user, factory,
 
 
 def test_with_forward_the_batches_reach_it_as_the_factory_yields_them(user):
-    """Review R: converting them broke a --forward written for NumPy batches (a regression of the cast); the
-    user's function feeds them, as before. Oracle: the written statistics, and the function's own type check."""
+    """Converting them would break a --forward written for NumPy batches; the user's function feeds them as the
+    factory yields them. Oracle: the written statistics, and the function's own type check."""
     out = user / "o.pt"
     result = invoke("--model", f"{MODULE}:make", "--data", f"{MODULE}:dicts", "--forward", f"{MODULE}:feed",
                     "-o", str(out))
