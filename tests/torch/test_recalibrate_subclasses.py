@@ -1,5 +1,6 @@
-"""bnkit.torch.recalibrate on BN subclasses with a forward of their own (review RB, commit e9cbb0c): the statistics
-are those of what the layer hands to torch.nn.functional.batch_norm, not of its own input. Oracles: float64 NumPy
+"""bnkit.torch.recalibrate on BN subclasses with a forward of their own: the statistics are those of what the layer
+hands to torch.nn.functional.batch_norm, not of its own input (a subclass that never calls it is measured on its
+input, with a warning); F.batch_norm is restored after every pass, also when passes overlap in threads. Oracles: float64 NumPy
 statistics of the values each layer normalizes, captured by the test's own hooks / selections."""
 import warnings
 
@@ -163,8 +164,8 @@ class SplitBN(nn.BatchNorm2d):
 
 
 def test_split_bn_that_reshapes_its_channels_is_measured_on_its_input_with_a_warning():
-    """Review R: the reshaped tensor (4 splits x 4 channels on axis 1) was recorded and refused with a channel
-    error. Now the layer is measured on its own input (oracle: float64 statistics of the conv output), and a
+    """The reshaped tensor (4 splits x 4 channels on axis 1) must not be recorded (it would be refused with a
+    channel error): the layer is measured on its own input (oracle: float64 statistics of the conv output), and a
     warning names it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), SplitBN(4, 2)).eval()
@@ -181,8 +182,8 @@ def test_split_bn_that_reshapes_its_channels_is_measured_on_its_input_with_a_war
 
 
 def test_two_passes_in_two_threads_keep_their_own_records_and_restore_f_batch_norm():
-    """Review R: a pass that began first and ended while another ran took the other's patch away (measured on the
-    wrong axis, a false warning), and F.batch_norm stayed patched. Here pass A begins, pass B begins, A ends, then
+    """A pass that began first and ends while another runs must not take the other's patch away (the other would be
+    measured on the wrong axis, with a false warning), nor leave F.batch_norm patched. Here pass A begins, pass B begins, A ends, then
     B runs its batches. Oracle: float64 statistics of each model's normalized axis; F.batch_norm is the original
     object afterwards."""
     import threading
@@ -215,7 +216,7 @@ def test_two_passes_in_two_threads_keep_their_own_records_and_restore_f_batch_no
             if done is not None:
                 done.set()
 
-    # warnings recorded here, around both threads: catch_warnings is process-wide, not per thread (review Q)
+    # warnings recorded here, around both threads: catch_warnings is process-wide, not per thread
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = threading.Thread(target=run, args=(models[0], batches_a(), a_done))
@@ -234,7 +235,7 @@ def test_two_passes_in_two_threads_keep_their_own_records_and_restore_f_batch_no
 
 
 def test_a_reference_to_f_batch_norm_taken_during_a_pass_still_works_after_it():
-    """Review R2: the shared stand-in called a class attribute set to None when the last pass ended."""
+    """The shared stand-in must not call a class attribute that is set to None when the last pass ends."""
     from bnkit.torch.modules import normalized_inputs
 
     bn = TransposedBN(3)
@@ -253,8 +254,8 @@ class _Passthrough(nn.BatchNorm1d):
 
 
 def test_a_call_that_raises_inside_the_model_is_neither_recorded_nor_counted_as_unmeasured():
-    """Mutation M9: a layer call that raised (and that the model caught) went through the after-call bookkeeping
-    as if it had run. Oracle: no own-forward warning, and the statistics of the good calls alone, in float64."""
+    """A layer call that raised (and that the model caught) must not go through the after-call bookkeeping as if
+    it had run. Oracle: no own-forward warning, and the statistics of the good calls alone, in float64."""
 
     class Tolerant(nn.Module):
         def __init__(self):
