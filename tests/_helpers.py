@@ -137,3 +137,12 @@ def gru_last_state_bn():
             return self.bn(self.rnn(packed)[1][-1])
 
     return GruLastStateBN()
+
+
+def linear_bn_state_dict():
+    """The state dict of ``Linear(8, 4) -> BatchNorm1d(4)`` (seed 0): a small checkpoint to save, cut and damage."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
+    return net.state_dict()

@@ -1,13 +1,18 @@
-"""bnkit.torch.io: what a file that is not a checkpoint is called, what an unsafe pickle is called, wrapper prefixes.
+"""bnkit.torch.io: what a file that is not a checkpoint is called, what an unsafe pickle is called (and a pickled
+model whose class is gone), a dangling link, wrapper prefixes. Legacy-format checkpoints: test_io_legacy.py; zip
+checkpoints with changed bytes: test_io_zip.py.
 
-Oracles: files made here with numpy, onnx, zipfile, pickle and torch.save; the loaded tensors are compared
-with the saved ones exactly.
+Oracles: files made here with numpy, onnx, zipfile, pickle and torch.save; what torch.load and safetensors
+themselves read or refuse; the loaded tensors are compared with the saved ones exactly.
 """
 from __future__ import annotations
 
+import importlib
 import pickle
+import struct
 import sys
 import threading
+import zipfile
 
 import numpy as np
 import pytest
@@ -446,3 +451,116 @@ def test_a_failed_load_puts_back_extra_state_computed_from_a_weight_or_updated_i
         with pytest.raises(ValueError, match="do not fit"):
             load_weights_into(model, bad)
     assert float(scaled[1].amax) == 3.0 and configured[1].config == {"bits": 8}
+
+
+def test_a_dangling_link_is_named_as_one(tmp_path):
+    import os
+
+    from bnkit.onnx.graph import load_model
+
+    for name in ("w.pt", "m.onnx"):
+        os.symlink(tmp_path / "nowhere", tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="symbolic link that leads to no file"):
+        load_checkpoint(tmp_path / "w.pt")
+    with pytest.raises(FileNotFoundError, match="symbolic link that leads to no file"):
+        load_model(tmp_path / "m.onnx")
+
+
+def test_a_whole_pickled_model_whose_class_was_renamed_since(tmp_path, monkeypatch):
+    """The module still imports but no longer holds the class (pickle's find_class: AttributeError, not
+    ImportError): with trust a ValueError saying the code cannot be found, without it unsafe."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = tmp_path / "fa14_netmod.py"
+    module.write_text("import torch\n\n\nclass Net(torch.nn.Linear):\n    pass\n")
+    importlib.invalidate_caches()
+    netmod = importlib.import_module("fa14_netmod")
+    path = tmp_path / "net.pt"
+    torch.save(netmod.Net(2, 2), path)
+    module.write_text("import torch\n")  # Net renamed or removed since
+    monkeypatch.delitem(sys.modules, "fa14_netmod")
+    importlib.invalidate_caches()
+    with pytest.raises(AttributeError):  # the oracle: torch.load cannot find the class
+        torch.load(path, weights_only=False)
+    with pytest.raises(ValueError, match="code cannot be found") as info:
+        load_checkpoint(path, trust=True)
+    assert not isinstance(info.value, NotACheckpointError)  # the file is whole; its code is missing
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint(path)
+
+
+def _zip_with_an_empty_central_directory(tmp_path) -> bytes:
+    """A local file entry (so the file starts with PK\\x03\\x04) and a central directory that lists nothing."""
+    zipped = tmp_path / "one.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("stray.txt", b"left behind")
+    data = zipped.read_bytes()
+    start = data.rfind(b"PK\x01\x02")  # the central directory: dropped
+    return data[:start] + struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0, 0, 0, start, 0)
+
+
+def _onnx_without_ir_version() -> bytes:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, producer_name="onnx.helper")
+    model.ClearField("ir_version")  # so its first field is the producer name, not ir_version
+    data = model.SerializeToString()
+    assert onnx.load_from_string(data).producer_name == "onnx.helper"
+    return data
+
+
+def _safetensors_header_only(header: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header
+
+
+_CUT_3 = "a" * 62 + "日本"  # 日 is 3 bytes: 2 of them in the 64 bytes read
+
+
+_CUT_4 = "a" * 61 + "😀 text"  # 4 bytes: 3 of them in the 64 bytes read
+
+
+_SAMPLES = {
+    "cut-3-byte-char": (lambda tmp: _CUT_3.encode(), f"a text file (it starts with {'a' * 32!r})"),
+    "cut-4-byte-char": (lambda tmp: _CUT_4.encode(), f"a text file (it starts with {'a' * 32!r})"),
+    "empty": (lambda tmp: b"", "an empty file"),
+    "onnx-without-ir-version": (
+        lambda tmp: _onnx_without_ir_version(),
+        "an ONNX model (read it with onnx, or pass it where an .onnx file is expected)"),
+    "zip-with-empty-central-directory": (
+        _zip_with_an_empty_central_directory, "a zip archive without PyTorch's data.pkl (it holds nothing)"),
+}
+
+
+@pytest.mark.parametrize("sample", sorted(_SAMPLES))
+def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, sample):
+    make, what = _SAMPLES[sample]
+    path = tmp_path / "model.pt"
+    path.write_bytes(make(tmp_path))
+    if sample.startswith("zip"):
+        with zipfile.ZipFile(path) as archive:  # the oracle: zipfile reads it, and it lists nothing
+            assert archive.namelist() == []
+    with pytest.raises(NotACheckpointError) as info:
+        load_checkpoint(path)
+    assert info.value.what == what
+    assert f"is {what}, not a PyTorch checkpoint" in str(info.value)
+
+
+def test_header_only_safetensors_under_a_pt_name_are_read_as_safetensors(tmp_path):
+    """A safetensors file with no tensors ends where its header ends (8 + header length == size): it is still
+    safetensors, read as safetensors reads it; one whose header promises bytes the file lacks is an invalid
+    safetensors file, not 'a file of unknown format'."""
+    from safetensors.torch import load_file
+
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(_safetensors_header_only(b'{"__metadata__":{"step":"3"}}'))
+    assert load_checkpoint(empty) == load_file(empty) == {}
+    short = tmp_path / "short.pt"
+    short.write_bytes(_safetensors_header_only(b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'))
+    with pytest.raises(Exception):  # noqa: B017 - the oracle: safetensors refuses it
+        load_file(short)
+    with pytest.raises(NotACheckpointError, match="not a valid safetensors file"):
+        load_checkpoint(short)
