@@ -1,7 +1,9 @@
 """bnkit.torch.recalibrate on BN subclasses with a forward of their own: the statistics are those of what the layer
 hands to torch.nn.functional.batch_norm, not of its own input (a subclass that never calls it is measured on its
-input, with a warning); F.batch_norm is restored after every pass, also when passes overlap in threads. Oracles: float64 NumPy
-statistics of the values each layer normalizes, captured by the test's own hooks / selections."""
+input, with a warning); F.batch_norm is restored after every pass, also when passes overlap in threads.
+
+Oracles: float64 NumPy statistics of the values each layer normalizes, captured by the test's own hooks /
+selections."""
 import warnings
 
 import numpy as np
@@ -183,9 +185,9 @@ def test_split_bn_that_reshapes_its_channels_is_measured_on_its_input_with_a_war
 
 def test_two_passes_in_two_threads_keep_their_own_records_and_restore_f_batch_norm():
     """A pass that began first and ends while another runs must not take the other's patch away (the other would be
-    measured on the wrong axis, with a false warning), nor leave F.batch_norm patched. Here pass A begins, pass B begins, A ends, then
-    B runs its batches. Oracle: float64 statistics of each model's normalized axis; F.batch_norm is the original
-    object afterwards."""
+    measured on the wrong axis, with a false warning), nor leave F.batch_norm patched. Here pass A begins, pass B
+    begins, A ends, then B runs its batches. Oracle: float64 statistics of each model's normalized axis;
+    F.batch_norm is the original object afterwards."""
     import threading
 
     original = F.batch_norm
