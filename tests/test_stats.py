@@ -183,7 +183,7 @@ def test_bias_corrected_ema_is_the_weighted_mean_of_values(values, decay, init):
 
 
 
-@pytest.mark.parametrize("decay,init", [(0.999999999999, 1e6), (0.999999999, 1e3), (0.5, -7.0), (0.0, 3.0)])
+@pytest.mark.parametrize("decay,init", [(0.999999999999, 1e6), (0.999999999, 1e3), (0.5, -7.0), (0.0, 3.0), (1.0, 1e6)])
 def test_bias_corrected_ema_keeps_its_digits_with_a_large_start_and_decay_near_one(decay, init):
     """Review RC: (v_t - decay**t init) / (1 - decay**t) cancelled: with decay 1 - 1e-12 and init 1e6, batches
     all 1 gave 0, -58.2, -38.8. Oracle: the weighted mean of the values in exact rational arithmetic."""
@@ -198,14 +198,18 @@ def test_bias_corrected_ema_keeps_its_digits_with_a_large_start_and_decay_near_o
         assert float(ema.corrected) == pytest.approx(float(exact), rel=1e-12, abs=1e-12), t
 
 
-def test_ema_with_decay_one_never_moves_and_its_corrected_value_is_that_value():
+def test_ema_with_decay_one_never_moves_and_its_corrected_value_is_the_plain_mean():
     """decay = 1 keeps all weight on the old value: the average stays at init, and the correction
-    (v_t - 1 * init) / (1 - 1) would be 0/0; the corrected value is the (unmoved) value, not NaN."""
-    ema = EMA(1.0, init=np.array([2.0, -3.0]))
-    for v in (5.0, 7.0):
+    (v_t - 1 * init) / (1 - 1) is 0/0; its limit as decay -> 1, the plain mean of the values, is what
+    ``corrected`` gives (as decay 1 - 1e-12 does to 1e-9)."""
+    ema, near = EMA(1.0, init=np.array([2.0, -3.0])), EMA(1.0 - 1e-12, init=np.array([2.0, -3.0]))
+    for v in (5.0, 7.0, -0.5):
         ema.update(v)
+        near.update(v)
     np.testing.assert_array_equal(ema.value, [2.0, -3.0])
-    np.testing.assert_array_equal(ema.corrected, [2.0, -3.0])
+    np.testing.assert_allclose(ema.corrected, [23 / 6, 23 / 6], rtol=1e-15)
+    np.testing.assert_allclose(ema.corrected, near.corrected, rtol=1e-9)
+
 
 def test_cumulative_average_is_the_plain_mean():
     ca = CumulativeAverage()

@@ -221,9 +221,11 @@ class EMA:
     ``decay`` is the weight on the old value. ``value`` is the raw average
     started at ``init``; ``corrected`` divides out the start-up bias,
     ``(v_t - decay**t * init) / (1 - decay**t)``, which for ``init = 0`` is
-    Adam's ``v_t / (1 - decay**t)``: the weighted mean of the values seen so far.
-    It is computed from the values' part of the average alone (an EMA started at 0), so a
-    large ``init`` with ``decay`` near 1 loses no digits to the subtraction.
+    Adam's ``v_t / (1 - decay**t)``: the weighted mean of the values seen so far, weights
+    ``decay**(t - i)``. It is computed from the values' part of the average alone (an EMA started
+    at 0), so a large ``init`` with ``decay`` near 1 loses no digits to the subtraction. At
+    ``decay = 1`` the raw average never leaves ``init`` and the formula is 0/0; ``corrected`` is then
+    its limit, the plain mean of the values seen.
     """
 
     def __init__(self, decay: float, init: float | np.ndarray = 0.0) -> None:
@@ -232,22 +234,23 @@ class EMA:
         self.decay = float(decay)
         self.init = np.asarray(init, dtype=np.float64)
         self.value = self.init.copy()
-        self._seen = np.zeros_like(self.init)  # sum_i (1 - decay) decay**(t-i) x_i
+        self._seen = np.zeros_like(self.init)  # sum_i (1 - decay) decay**(t-i) x_i; at decay 1 the plain mean
         self.steps = 0
 
     def update(self, x) -> np.ndarray:
         self.value = ema_update(self.value, x, self.decay, weight_on="old")
-        self._seen = ema_update(self._seen, x, self.decay, weight_on="old")
         self.steps += 1
+        if self.decay == 1.0:  # every weight decay**(t-i) is 1: the plain mean, kept as a cumulative average
+            self._seen = ema_update(self._seen, x, 1.0 / self.steps, weight_on="new")
+        else:
+            self._seen = ema_update(self._seen, x, self.decay, weight_on="old")
         return self.value
 
     @property
     def corrected(self) -> np.ndarray:
         if self.steps == 0:
             return self.init.copy()
-        if self.decay == 1.0:  # the average never moves, nothing to correct
-            return self.value.copy()
-        if self.decay == 0.0:  # only the last value counts
+        if self.decay == 1.0 or self.decay == 0.0:  # the plain mean / only the last value counts
             return self._seen.copy()
         return self._seen / -math.expm1(self.steps * math.log(self.decay))  # / (1 - decay**t), to full precision
 

@@ -37,8 +37,10 @@ def test_ema_rejects_inconsistent_arguments():
     unused = runner.invoke(app, ["ema", "1", "--fill", "2"], terminal_width=200)  # nothing left to fill
     assert unused.exit_code == 2 and "--fill has no batch to fill" in unused.output
     assert runner.invoke(app, ["ema", "1", "--decay", "1.5"]).exit_code == 2
-    frozen = runner.invoke(app, ["ema", "4.2", "--decay", "1"], terminal_width=200)
-    assert frozen.exit_code == 0 and "undefined" in frozen.output  # 1 - 1^t = 0: no correction exists
+    frozen = runner.invoke(app, ["ema", "4.2", "3.8", "--decay", "1", "--init", "7"], terminal_width=200)
+    # 1 - 1^t = 0: the running mean stays at 7, the bias-corrected column is the limit, the plain mean (4.2 + 3.8) / 2
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in frozen.output.splitlines() if line.count("│") == 5]
+    assert frozen.exit_code == 0 and rows == [["1", "4.2", "7", "4.2"], ["2", "3.8", "7", "4"]]
     bogus = runner.invoke(app, ["ema", "1", "--show", "bogus"], terminal_width=200)
     assert bogus.exit_code == 2 and "--show must be 'auto' or 'all'" in bogus.output
     negative = runner.invoke(app, ["ema", "--fill", "-1", "--steps", "3", "--decay", "0.5", "--", "-4.2", "1"],

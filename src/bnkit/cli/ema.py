@@ -54,10 +54,10 @@ def ema(
     table.add_column("bias-corrected", justify="right")
     for step, v, run, corr in rows:
         if show == "all" or step <= len(values) or step % 10 == 0 or step == n:
-            # decay 1: 1 - decay^t = 0, so the correction is 0/0 (the running value never leaves the start)
-            table.add_row(str(step), repr(v), f"{run:.6g}", "undefined" if decay == 1.0 else f"{corr:.6g}")
+            table.add_row(str(step), repr(v), f"{run:.6g}", f"{corr:.6g}")
     console.print(table)
     console.print(
         "bias-corrected = (running - decay^t * start) / (1 - decay^t): the weighted mean of the batches seen, "
-        "free of the pull toward the starting value."
+        "free of the pull toward the starting value" + (" (at decay 1, where that is 0/0, its limit: the plain mean)."
+                                                         if decay == 1.0 else ".")
     )
