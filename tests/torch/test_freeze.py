@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from bnkit.torch import (
     BatchNorm1d, bn_layers, convert_bn, convert_frozen, freeze_bn, frozen_bn_layers, is_frozen, load_state_dict_file,
@@ -407,3 +408,17 @@ def test_frozen_train_refuses_a_non_bool_mode_like_nn_module():
         bn.train(0)
     unfreeze_bn(bn)
     assert bn.training is True
+
+
+def test_a_stats_frozen_layer_passes_train_and_eval_on_to_its_submodules():
+    """A parametrized weight lives in submodules (parametrizations.weight): their mode must follow model.train()
+    and model.eval() as nn.Module.train would pass it on, while the frozen layer itself stays in eval mode."""
+    bn = nn.BatchNorm2d(3)
+    parametrize.register_parametrization(bn, "weight", nn.Identity())
+    model = nn.Sequential(bn)
+    freeze_bn(model, affine=False)
+    inner = bn.parametrizations.weight[0]
+    model.eval()
+    assert not inner.training and not bn.training
+    model.train()
+    assert inner.training and not bn.training

@@ -282,3 +282,9 @@ def test_convert_frozen_keeps_the_gradient_of_a_parameter_tied_to_a_layer_left_t
     grad = bn2.weight.grad.clone()
     convert_frozen(model, modules=[bn1])
     torch.testing.assert_close(bn2.weight.grad, grad)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")])
+def test_a_frozen_layer_refuses_an_eps_that_is_not_positive(eps):
+    with pytest.raises(ValueError, match="eps must be positive"):
+        FrozenBatchNorm2d(3, eps=eps)

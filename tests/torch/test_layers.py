@@ -1,4 +1,6 @@
-"""bnkit's drop-in BatchNorm layers against torch.nn.BatchNorm*d and float64 closed forms."""
+"""bnkit's drop-in BatchNorm layers against torch.nn.BatchNorm*d and float64 closed forms: the plain layer, the
+extras (renorm, debias, ghost batches, the running-variance rule) with their own eps and without running buffers,
+and renorm_clip's documented types."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +11,7 @@ import pytest
 import torch
 from _helpers import without_bias_option
 from torch import nn
+from torch.nn import functional as F
 
 from bnkit.torch import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_bn, convert_frozen, revert_bn, revert_frozen
 from bnkit.torch.layers import PAPER_RENORM_SCHEDULE
@@ -668,3 +671,31 @@ def test_strict_torch_export_of_a_renorm_layer_in_training_mode():
         torch.testing.assert_close(exported(x), eager(x))
     for k, v in eager.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("extras", [{"debias": True}, {"virtual_batch_size": 8}, {"running_var_rule": "biased"}])
+def test_the_extras_training_output_uses_the_layers_own_eps(extras):
+    """eps = 0.1 on inputs of variance ~0.04: normalizing with 1e-5 instead would be far off."""
+    x = torch.randn(8, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.2
+    layer = BatchNorm2d(3, eps=0.1, affine=False, dtype=torch.float64, **extras).train()
+    mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), correction=0, keepdim=True)
+    torch.testing.assert_close(layer(x), (x - mean) / torch.sqrt(var + 0.1))
+
+
+def test_extras_train_a_layer_whose_running_buffers_were_set_to_none():
+    """As nn.BatchNorm does, a layer whose running_mean/var are None normalizes with batch statistics only
+    (here per ghost batch); before, the extras' update crashed on None.copy_."""
+    layer = BatchNorm2d(3, virtual_batch_size=2).train()
+    layer.running_mean = layer.running_var = None
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    want = torch.cat([F.batch_norm(c, None, None, layer.weight, layer.bias, True, 0.0, layer.eps) for c in x.split(2)])
+    torch.testing.assert_close(layer(x), want)
+
+
+def test_renorm_clip_of_an_int_or_the_next_step_gives_floats():
+    """Documented: floats, unless the step is a tensor (then float64 tensors on its device)."""
+    layer = BatchNorm2d(3, renorm=True, renorm_schedule=(1, 4, 3))
+    for rmax, dmax in (layer.renorm_clip(), layer.renorm_clip(2)):
+        assert type(rmax) is float and type(dmax) is float
+    rmax, dmax = layer.renorm_clip(torch.tensor(2))
+    assert rmax.dtype == dmax.dtype == torch.float64

@@ -365,3 +365,16 @@ def test_mappings_keep_their_type_only_where_they_hold_exactly_the_mapped_items(
     assert type(counted) is dict and list(counted) == ["x"] and torch.equal(counted["x"], x * 2)
     lazy = map_nested(_Lazy(x), lambda t: t - 1)  # the unset field stays unset, nothing raised
     assert torch.equal(lazy.x, x - 1) and not hasattr(lazy, "cache")
+
+
+def test_to_device_moves_a_packed_sequence_as_one():
+    """Not rebuilt field by field: its batch_sizes would leave the CPU and PackedSequence refuse them. Oracle:
+    PackedSequence.to itself (data moved, batch_sizes kept on the CPU); the meta device stands in for a GPU."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from bnkit.torch.modules import to_device
+
+    packed = pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 2]))
+    want = packed.to(torch.device("meta"))
+    got = to_device({"seq": packed}, torch.device("meta"))["seq"]
+    assert (got.data.device, got.batch_sizes.device) == (want.data.device, want.batch_sizes.device)
