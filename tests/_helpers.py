@@ -146,3 +146,26 @@ def linear_bn_state_dict():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
     return net.state_dict()
+
+
+def bnkit_env(*first, **extra: str) -> dict[str, str]:
+    """The environment for a subprocess that imports the very bnkit this test imported (the folders ``first`` before
+    it on PYTHONPATH), with one OpenMP thread and the variables ``extra``."""
+    import os
+    from pathlib import Path
+
+    import bnkit
+
+    src = str(Path(bnkit.__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, first), src, *rest])
+    return env
+
+
+def file_mode(path) -> int:
+    """The permission bits of ``path`` (``os.stat``)."""
+    import os
+    import stat
+
+    return stat.S_IMODE(os.stat(path).st_mode)

@@ -1,5 +1,16 @@
-import pytest
+"""bnkit.conventions: the frameworks' defaults table, and convert_momentum with its round trips as README states
+them (exact when m and 1 - m both have at most 15 significant digits; a float32 momentum comes back the same float32).
 
+Oracles: the frameworks' documented defaults, Python's Decimal arithmetic, NumPy's float32 rounding.
+"""
+from decimal import Decimal, localcontext
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import bnkit
 from bnkit.conventions import CONVENTIONS, convert_momentum, get_convention, new_value_weight
 
 
@@ -42,3 +53,66 @@ def test_momentum_none_outside_torch_is_named_as_the_source_s_mistake(src, dst):
     assert "equivalent in" not in str(info.value)
     with pytest.raises(ValueError, match=f"no fixed equivalent in {src}"):  # torch's None is about the target
         convert_momentum(None, "torch", src)
+
+
+PAIRS = [("torch", "keras"), ("keras", "torch"), ("torch", "onnx"), ("onnx", "torch"), ("torch", "flax")]
+
+
+def round_trip(m: float, src: str, dst: str) -> float:
+    return bnkit.convert_momentum(bnkit.convert_momentum(m, src, dst), dst, src)
+
+
+def digits15(exponent_min: int):
+    """Momenta written with at most 15 significant digits, between 10**exponent_min and 1."""
+    def with_digits(d: int):  # d significant digits, scaled into [10**exponent_min, 1)
+        return st.builds(lambda mant, exp: float(Decimal(mant).scaleb(exp)), st.integers(10 ** (d - 1), 10**d - 1),
+                         st.integers(exponent_min - d + 1, -d))
+
+    return st.integers(1, 15).flatmap(with_digits)
+
+
+def significant_digits(m: float) -> int:
+    return len(Decimal(repr(m)).normalize().as_tuple().digits)
+
+
+@settings(max_examples=300, deadline=None)
+@given(m=digits15(-1), pair=st.sampled_from(PAIRS))
+@example(m=0.1, pair=("torch", "keras"))
+@example(m=0.99, pair=("keras", "torch"))
+@example(m=0.123456789012345, pair=("torch", "onnx"))
+def test_momentum_round_trip_is_exact_up_to_15_significant_digits_from_0_1(m, pair):
+    assert significant_digits(m) <= 15
+    assert round_trip(m, *pair) == m
+
+
+@settings(max_examples=300, deadline=None)
+@given(m=digits15(-15), pair=st.sampled_from(PAIRS))
+@example(m=4.99999999999995e-15, pair=("torch", "keras"))  # 1 - m has 29 significant digits: not claimed exact
+def test_momentum_round_trip_is_exact_when_both_sides_have_up_to_15_significant_digits(m, pair):
+    """What ``_complement``'s docstring says: exact whenever ``1 - m`` has at most 15 significant digits too."""
+    with localcontext() as exact:
+        exact.prec = 60  # the default 28 digits would round 1 - 4.99999999999995e-15 to 15 significant digits
+        digits = len((Decimal(1) - Decimal(repr(m))).normalize().as_tuple().digits)
+    if digits > 15:
+        return
+    assert round_trip(m, *pair) == m
+
+
+def float32s(lo: float, hi: float):
+    return st.floats(lo, hi, width=32).map(lambda v: float(np.float32(v)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(m=float32s(0.5, 1.0), pair=st.sampled_from(PAIRS))
+def test_float32_momentum_from_0_5_comes_back_within_one_ulp(m, pair):
+    back = round_trip(m, *pair)
+    assert back in (m, np.nextafter(m, 0.0), np.nextafter(m, 1.0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(m=float32s(float(np.float32(1e-6)), 1.0), pair=st.sampled_from(PAIRS))
+@example(m=float(np.float32(0.1)), pair=("onnx", "torch"))
+@example(m=float(np.float32(0.01)), pair=("onnx", "torch"))
+def test_float32_momentum_comes_back_the_same_float32(m, pair):
+    """Written back as a float32 ONNX attribute, the round trip is exact."""
+    assert np.float32(round_trip(m, *pair)) == np.float32(m)

@@ -1,7 +1,10 @@
-"""bnkit.torch.export_onnx: onnxruntime against PyTorch eval output, refusals, flags and files left as found."""
+"""bnkit.torch.export_onnx: onnxruntime against PyTorch eval output, refusals (uninitialized lazy modules among
+them, the model left lazy), flags and files left as found."""
 from __future__ import annotations
 
 import os
+import warnings
+from collections import OrderedDict
 
 import numpy as np
 import onnx
@@ -9,6 +12,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import is_lazy
 
 from bnkit.torch import export_onnx
 from bnkit.torch.export import ExportVerificationError
@@ -364,3 +369,24 @@ def test_a_packed_sequence_input_is_refused_by_name_and_nothing_written(tmp_path
     with pytest.raises(TypeError, match="cannot export a model fed a PackedSequence"):
         export_onnx(gru_last_state_bn().eval(), packed, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_onnx_refuses_uninitialized_lazy_modules_and_leaves_the_model_lazy(tmp_path):
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(
+        conv=nn.LazyConv2d(4, 3), norm=nn.LazyBatchNorm2d(), act=nn.ReLU(), flat=nn.Flatten(), head=nn.LazyLinear(2),
+    )).eval()
+    lazy = [n for n, m in model.named_modules() if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    assert lazy == ["conv", "norm", "head"]
+    types = [type(m) for m in model.modules()]
+    out = tmp_path / "lazy.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError) as info:
+            export_onnx(model, torch.randn(4, 3, 6, 6), out)
+    message = str(info.value)
+    assert "lazy" in message and all(name in message for name in lazy)
+    assert [type(m) for m in model.modules()] == types  # still LazyConv2d/..., not materialized
+    assert all(is_lazy(p) for p in model.parameters())
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -1,19 +1,24 @@
-"""bnkit.onnx.fold against onnxruntime on the unfolded graph and against PyTorch eval output."""
+"""bnkit.onnx.fold against onnxruntime on the unfolded graph and against PyTorch eval output (and a float64 NumPy
+recomputation where a BN is left: after a Linear on (N, C, L), or after an Add constant that does not line up with
+its channels)."""
 from __future__ import annotations
 
 import importlib
 import os
 import re
+import warnings
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from _helpers import calibrated as calibrated_model
 from _helpers import ort_run, rel
 from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
 from bnkit.onnx import FoldVerificationError, OnnxRuntimeError, audit, fold, fold_model
-from bnkit.torch import bn_layers
+from bnkit.torch import bn_layers, export_onnx
 from bnkit.torch.zoo import ZOO
 
 # BN layers the ONNX fold must leave, read off bnkit/torch/zoo.py. In ONNX each call of the shared conv is
@@ -1008,3 +1013,109 @@ def test_never_updated_note_needs_both_mean_0_and_var_1(mean_zero, var_one):
                    {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **bn})
     _, report = fold_model(model)
     assert any("never updated" in n for n in report.folded[0].notes) is (mean_zero and var_one)
+
+
+class LinearThenBN(nn.Module):
+    """``BatchNorm1d(C)`` (channels on dim 1) after ``Linear(L, L)`` (on the last dim) of an (N, C, L) input."""
+
+    def __init__(self, channels: int, length: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(length, length)
+        self.bn = nn.BatchNorm1d(channels)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+def ncl_model(channels: int, length: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(1)
+    model = LinearThenBN(channels, length)
+    x = torch.randn(3, channels, length)
+    return calibrated_model(model, x * 1.5 + 0.3), x
+
+
+@pytest.mark.parametrize("channels, length", [(4, 6), (6, 6)])
+def test_onnx_fold_leaves_a_batchnorm1d_after_a_linear_on_ncl(tmp_path, channels, length):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from bnkit.onnx import fold
+
+    model, x = ncl_model(channels, length)
+    src, dst = tmp_path / "ncl.onnx", tmp_path / "ncl_folded.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), src, dynamo=False, input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    report = fold(src, dst)
+    assert report.folded == []
+    (bn_name, reason), = report.left.items()
+    assert "3-D" in reason
+    written = onnx.load(dst)
+    assert [n.op_type for n in written.graph.node].count("BatchNormalization") == 1
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got, = ort_run(written, {"input": x.numpy()})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_onnx_fold_leaves_a_batchnorm1d_after_a_linear_on_ncl(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    model, x = ncl_model(4, 6)
+    out = tmp_path / "ncl.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = export_onnx(model, x, out, fold=True)
+    assert report.fold is not None and report.fold.folded == []
+    assert len(report.fold.left) == 1 and "3-D" in next(iter(report.fold.left.values()))
+    written = onnx.load(out)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got, = ort_run(written, {written.graph.input[0].name: x.numpy()})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_fold_leaves_a_bn_whose_add_constant_does_not_line_up_with_its_channels(tmp_path):
+    """A Conv's output channels are what an Add constant must broadcast with, so no valid Conv + Add graph has a
+    constant that does not line up with the BN's channels. A MatMul of a 2-D input by a 3-D weight does:
+    (5, 3) @ (2, 3, 4) -> (2, 5, 4), plus a (5, 4) constant, into a BN with 5 channels on axis 1. ONNX and
+    onnxruntime accept it; the (5, 4) constant does not broadcast with the 5 channels as (5,)."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bnkit.onnx import fold
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    c = rng.standard_normal((5, 4)).astype(np.float32)
+    scale, bias = rng.uniform(0.5, 1.5, 5).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    mean, var = rng.standard_normal(5).astype(np.float32), rng.uniform(0.5, 2, 5).astype(np.float32)
+    eps = 1e-5
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             [(w, "W"), (c, "C"), (scale, "scale"), (bias, "B"), (mean, "mean"), (var, "var")]]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["mm"], name="mm"),
+         helper.make_node("Add", ["mm", "C"], ["added"], name="add"),
+         helper.make_node("BatchNormalization", ["added", "scale", "B", "mean", "var"], ["Y"], name="bn",
+                          epsilon=eps)],
+        "misaligned", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [5, 3])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 5, 4])], inits)
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)  # a valid graph, shapes included
+    src, dst = tmp_path / "misaligned.onnx", tmp_path / "folded.onnx"
+    onnx.save(model, src)
+
+    report = fold(src, dst)
+    assert report.folded == []
+    assert set(report.left) == {"bn"} and "does not line up" in report.left["bn"]
+
+    x = rng.standard_normal((5, 3)).astype(np.float32)
+    h = np.matmul(x.astype(np.float64), w.astype(np.float64)) + c  # (2, 5, 4)
+    ch = (1, -1, 1)
+    expected = ((h - mean.reshape(ch)) / np.sqrt(var.astype(np.float64).reshape(ch) + eps) * scale.reshape(ch)
+                + bias.reshape(ch))
+    got, = ort_run(onnx.load(dst), {"X": x})
+    assert got.shape == (2, 5, 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,15 +1,18 @@
 """bnkit.torch.io: what a file that is not a checkpoint is called, what an unsafe pickle is called (and a pickled
-model whose class is gone), a dangling link, wrapper prefixes. Legacy-format checkpoints: test_io_legacy.py; zip
-checkpoints with changed bytes: test_io_zip.py.
+model whose class is gone), a dangling link, wrapper prefixes; a new state-dict file gets open()'s mode, an existing
+one keeps its own. Legacy-format checkpoints: test_io_legacy.py; zip checkpoints with changed bytes: test_io_zip.py.
 
 Oracles: files made here with numpy, onnx, zipfile, pickle and torch.save; what torch.load and safetensors
-themselves read or refuse; the loaded tensors are compared with the saved ones exactly.
+themselves read or refuse; the loaded tensors are compared with the saved ones exactly; a file open() makes in the
+same subprocess (under a umask of 027) for the mode.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import pickle
 import struct
+import subprocess
 import sys
 import threading
 import zipfile
@@ -17,6 +20,8 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from _helpers import bnkit_env, file_mode
+from torch import nn
 
 from bnkit.torch.io import (
     NotACheckpointError, UnsafeCheckpointError, load_checkpoint, load_state_dict_file, load_weights_into,
@@ -564,3 +569,36 @@ def test_header_only_safetensors_under_a_pt_name_are_read_as_safetensors(tmp_pat
         load_file(short)
     with pytest.raises(NotACheckpointError, match="not a valid safetensors file"):
         load_checkpoint(short)
+
+
+SAVE_WITH_UMASK = """
+import os, sys
+import torch
+from bnkit.torch import save_state_dict_file
+os.umask(0o027)  # open() then gives 0o640: neither the common 0o644 nor safetensors' own 0o600
+folder = sys.argv[1]
+with open(os.path.join(folder, "reference"), "w"):  # open()'s 0o666 & ~umask, the oracle
+    pass
+for name in sys.argv[2:]:
+    save_state_dict_file(torch.nn.BatchNorm1d(3).state_dict(), os.path.join(folder, name))
+"""
+
+
+def test_new_state_dict_files_get_open_s_mode(tmp_path):
+    names = ["new.safetensors", "new.pt"]
+    subprocess.run([sys.executable, "-c", SAVE_WITH_UMASK, str(tmp_path), *names], env=bnkit_env(), check=True,
+                   timeout=60)
+    reference = file_mode(tmp_path / "reference")
+    assert reference == 0o666 & ~0o027
+    for name in names:
+        assert oct(file_mode(tmp_path / name)) == oct(reference), name
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_an_existing_state_dict_file_keeps_its_mode(tmp_path, suffix):
+    path = tmp_path / f"w{suffix}"
+    path.write_bytes(b"old")
+    os.chmod(path, 0o640)
+    save_state_dict_file(nn.BatchNorm1d(3).state_dict(), path)
+    assert file_mode(path) == 0o640
+    assert path.read_bytes() != b"old"

@@ -699,3 +699,10 @@ def test_renorm_clip_of_an_int_or_the_next_step_gives_floats():
         assert type(rmax) is float and type(dmax) is float
     rmax, dmax = layer.renorm_clip(torch.tensor(2))
     assert rmax.dtype == dmax.dtype == torch.float64
+
+
+@pytest.mark.parametrize("option", ["renorm", "debias"])
+def test_drop_in_layer_without_running_statistics_names_its_layer(option):
+    with pytest.raises(ValueError) as info:
+        BatchNorm2d(4, track_running_stats=False, layer_name="block3.head_bn", **{option: True})
+    assert "block3.head_bn" in str(info.value)

@@ -1,18 +1,21 @@
 """bnkit.torch conversions against the real Keras layer (KERAS_BACKEND=torch), the real
-flax.linen.BatchNorm, and PyTorch's own SyncBatchNorm / fx fuser."""
+flax.linen.BatchNorm, and PyTorch's own SyncBatchNorm / fx fuser; convert_bn refuses the options that need running
+statistics on layers without them, naming those layers and changing nothing."""
 import copy
 import inspect
 import sys
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
 from _helpers import without_bias_option
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnkit.torch import (BatchNorm1d, BatchNorm2d, BatchNorm3d, fold_bn, freeze_bn, from_flax, from_keras, is_frozen,
-                         revert_sync_bn, to_flax, to_keras, unfreeze_bn)
+from bnkit.torch import (BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_bn, fold_bn, freeze_bn, from_flax, from_keras,
+                         is_frozen, revert_sync_bn, to_flax, to_keras, unfreeze_bn)
 from bnkit.torch.convert import BatchNormNd
 from bnkit.torch.zoo import SmallResNet, example_input
 
@@ -707,3 +710,26 @@ def test_from_flax_refuses_a_channel_axis_the_stated_rank_lacks():
     for axis in (0, (0,), np.int64(0)):  # the batch axis, with or without ndim
         with pytest.raises(ValueError, match="batch axis"):
             from_flax(linen.BatchNorm(axis=axis, use_running_average=True), variables)
+
+
+@pytest.mark.parametrize("option", ["renorm", "debias"])
+def test_convert_bn_names_the_layers_without_running_statistics_and_changes_nothing(option):
+    model = nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(3, 4, 3), stem_bn=nn.BatchNorm2d(4), act=nn.ReLU(),
+        conv2=nn.Conv2d(4, 4, 3), head_bn=nn.BatchNorm2d(4, track_running_stats=False),
+        conv3=nn.Conv2d(4, 4, 1), tail_bn=nn.BatchNorm2d(4),
+    ))
+    stateless = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and not m.track_running_stats]
+    assert stateless == ["head_bn"]
+    before = [(n, m) for n, m in model.named_modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        convert_bn(model, **{option: True})
+    message = str(info.value)
+    assert "head_bn" in message
+    assert "stem_bn" not in message and "tail_bn" not in message
+    after = [(n, m) for n, m in model.named_modules()]
+    assert [n for n, _ in after] == [n for n, _ in before]
+    assert all(a is b for (_, a), (_, b) in zip(after, before))  # the same module objects
+    assert all(type(m) is nn.BatchNorm2d for n, m in after if n.endswith("_bn"))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
