@@ -169,3 +169,7 @@ def file_mode(path) -> int:
     import stat
 
     return stat.S_IMODE(os.stat(path).st_mode)
+
+
+#: ``python -c BNKIT_MAIN ARGS`` runs ``bnkit ARGS`` through the console script's entry point, in a fresh interpreter
+BNKIT_MAIN = "import sys; sys.argv = ['bnkit'] + sys.argv[1:]; from bnkit.cli import main; main()"

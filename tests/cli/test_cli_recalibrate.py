@@ -3,16 +3,22 @@
 Oracle: the first BN layer of the zoo MLP reads ``Linear(x)``, so its exact
 population statistics are computed here in float64 NumPy from the weights and
 the data; the deeper layers are compared with the Python API on the same
-batches (itself checked against float64 in tests/torch/test_recalibrate.py).
+batches (itself checked against float64 in tests/torch/test_recalibrate.py). The written file's mode: a new file
+gets open()'s (a file open() makes in the same subprocess, under a umask of 027, is the oracle; safetensors writes
+its own at 0o600), an existing output keeps its own (os.stat). Data from package.module:factory:
+test_cli_recalibrate_factories.py.
 """
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from _helpers import BNKIT_MAIN, bnkit_env, file_mode
 from typer.testing import CliRunner
 
 from bnkit.cli import app
@@ -539,3 +545,48 @@ def test_a_run_that_fails_after_it_started_exits_1_and_writes_nothing(user_model
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "cannot write o.pt" in text and "No space left on device" in text and not (tmp_path / "o.pt").exists()
+
+
+UMASK_RUN = ("import os, sys; os.umask(0o027); open(os.environ['REFERENCE_FILE'], 'w').close(); " + BNKIT_MAIN)
+
+
+# atomic writes through the command line
+@pytest.fixture
+def recalibrate_inputs(tmp_path):
+    torch = pytest.importorskip("torch")
+    from bnkit.torch import save_state_dict_file
+    from bnkit.torch.zoo import MLP
+
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    save_state_dict_file(MLP().state_dict(), weights)
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).standard_normal((40, 64)).astype(np.float32))
+    return ["recalibrate", "--no-progress", "--model", "bnkit.torch.zoo:MLP", "--weights", str(weights),
+            "--data", str(data)]
+
+
+def recalibrate_with_umask(tmp_path, args, out):
+    reference = tmp_path / "reference"
+    result = subprocess.run([sys.executable, "-c", UMASK_RUN, *args, "-o", str(out)], cwd=tmp_path,
+                            env=bnkit_env(COLUMNS="240", REFERENCE_FILE=str(reference)), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert file_mode(reference) == 0o666 & ~0o027  # open()'s default under the subprocess's umask: 0o640
+    return file_mode(reference)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_recalibrate_writes_a_new_file_with_open_s_mode(tmp_path, recalibrate_inputs, suffix):
+    out = tmp_path / f"new{suffix}"
+    reference = recalibrate_with_umask(tmp_path, recalibrate_inputs, out)
+    assert oct(file_mode(out)) == oct(reference)
+
+
+def test_recalibrate_over_an_existing_file_keeps_its_mode(tmp_path, recalibrate_inputs):
+    out = tmp_path / "old.safetensors"
+    out.write_bytes(b"old")
+    os.chmod(out, 0o604)  # neither open()'s 0o640 under that umask nor safetensors' 0o600
+    recalibrate_with_umask(tmp_path, recalibrate_inputs, out)
+    assert oct(file_mode(out)) == oct(0o604)
+    assert out.read_bytes() != b"old"

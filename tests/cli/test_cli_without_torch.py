@@ -1,101 +1,37 @@
-"""Review 12 (commit 634fc17), the command line: run as a user would, in a subprocess of the bnkit under test.
-
-* ``bnkit recalibrate -o NEW.safetensors`` writes a file with open()'s mode (a file open() makes in the same process
-  is the oracle; safetensors writes its own at 0o600), and an existing output keeps its mode (os.stat);
-* without torch (the base install), the commands that need it exit 2 with the line to install the extra and no
-  traceback, while ``bnkit audit x.onnx`` still works (its JSON read back with json.loads).
+"""The command line without torch (the base install), run as a user would, in a subprocess of the bnkit under test:
+the commands that need torch exit 2 with the line to install the extra and no traceback, while ``bnkit audit
+x.onnx`` still works.
 
 torch is hidden by a ``sitecustomize.py`` first on PYTHONPATH that sets ``sys.modules["torch"] = None``: ``import
 torch`` then raises ModuleNotFoundError and ``importlib.util.find_spec("torch")`` returns None, as when torch is not
 installed (a stand-in torch package would be found by find_spec, and a meta path finder cannot make it return None).
+
+Oracles: the exit status and output of each run; the audit's JSON read back with json.loads and compared with the
+graph's own BatchNormalization nodes; the folder's files (nothing written).
 """
 from __future__ import annotations
 
 import json
-import os
-import stat
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import BNKIT_MAIN, bnkit_env
 
-import bnkit
 
-#: ``bnkit ARGS`` through the console script's entry point, in a fresh interpreter
-RUN = "import sys; sys.argv = ['bnkit'] + sys.argv[1:]; from bnkit.cli import main; main()"
 NO_TORCH_RUN = ("import importlib.util, sys; assert importlib.util.find_spec('torch') is None, 'torch not hidden'; "
-                + RUN)
-UMASK_RUN = ("import os, sys; os.umask(0o027); open(os.environ['REFERENCE_FILE'], 'w').close(); " + RUN)
+                + BNKIT_MAIN)
 
 
-def bnkit_env(*first: Path, **extra: str) -> dict[str, str]:
-    """The environment for a subprocess that imports the very bnkit this test imported (``first`` before it)."""
-    src = str(Path(bnkit.__file__).resolve().parents[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="240", **extra)
-    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join([*map(str, first), src, *rest])
-    return env
-
-
-def mode(path) -> int:
-    return stat.S_IMODE(os.stat(path).st_mode)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# atomic writes through the command line
-# ----------------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def recalibrate_inputs(tmp_path):
-    torch = pytest.importorskip("torch")
-    from bnkit.torch import save_state_dict_file
-    from bnkit.torch.zoo import MLP
-
-    torch.manual_seed(0)
-    weights = tmp_path / "w.pt"
-    save_state_dict_file(MLP().state_dict(), weights)
-    data = tmp_path / "x.npy"
-    np.save(data, np.random.default_rng(0).standard_normal((40, 64)).astype(np.float32))
-    return ["recalibrate", "--no-progress", "--model", "bnkit.torch.zoo:MLP", "--weights", str(weights),
-            "--data", str(data)]
-
-
-def recalibrate_with_umask(tmp_path, args, out):
-    reference = tmp_path / "reference"
-    result = subprocess.run([sys.executable, "-c", UMASK_RUN, *args, "-o", str(out)], cwd=tmp_path,
-                            env=bnkit_env(REFERENCE_FILE=str(reference)), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert mode(reference) == 0o666 & ~0o027  # open()'s default under the subprocess's umask: 0o640
-    return mode(reference)
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_recalibrate_writes_a_new_file_with_open_s_mode(tmp_path, recalibrate_inputs, suffix):
-    out = tmp_path / f"new{suffix}"
-    reference = recalibrate_with_umask(tmp_path, recalibrate_inputs, out)
-    assert oct(mode(out)) == oct(reference)
-
-
-def test_recalibrate_over_an_existing_file_keeps_its_mode(tmp_path, recalibrate_inputs):
-    out = tmp_path / "old.safetensors"
-    out.write_bytes(b"old")
-    os.chmod(out, 0o604)  # neither open()'s 0o640 under that umask nor safetensors' 0o600
-    recalibrate_with_umask(tmp_path, recalibrate_inputs, out)
-    assert oct(mode(out)) == oct(0o604)
-    assert out.read_bytes() != b"old"
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the command line without torch
-# ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def no_torch(tmp_path):
     """Run ``bnkit ARGS`` in tmp_path with torch hidden: (returncode, stdout, stderr)."""
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text('import sys\nsys.modules["torch"] = None  # as if not installed\n')
-    env = bnkit_env(shim)
+    env = bnkit_env(shim, COLUMNS="240")
 
     def run(*args: str):
         result = subprocess.run([sys.executable, "-c", NO_TORCH_RUN, *args], cwd=tmp_path, env=env,
@@ -108,7 +44,7 @@ def no_torch(tmp_path):
 def test_the_shim_hides_torch_from_import_and_find_spec(tmp_path, no_torch):
     code, out, err = no_torch("--help")
     assert code == 0, err
-    shim_env = bnkit_env(tmp_path / "shim")
+    shim_env = bnkit_env(tmp_path / "shim", COLUMNS="240")
     probe = subprocess.run([sys.executable, "-c", "import torch"], env=shim_env, capture_output=True, text=True,
                            timeout=60)
     assert probe.returncode == 1 and "ModuleNotFoundError" in probe.stderr
@@ -127,7 +63,7 @@ def test_audit_of_a_checkpoint_without_torch_says_what_to_install(tmp_path, no_t
 
 
 def test_audit_with_a_device_without_torch_says_what_to_install(tmp_path, no_torch):
-    """Review R: --device was parsed (importing torch) before the check."""
+    """--device is parsed (importing torch) only after the check."""
     (tmp_path / "x.pt").write_bytes(b"not read: the command stops first")
     assert_install_hint(*no_torch("audit", "x.pt", "--model", "bnkit.torch.zoo:MLP", "--device", "cpu"),
                         extra="torch")
