@@ -79,6 +79,13 @@ def _names(given: Sequence[str] | None, count: int, stem: str) -> list[str]:
     return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
 
 
+def _batch_axes(names: Sequence[str], runs: Sequence[Sequence[torch.Tensor]], sizes: Sequence[int]) -> dict:
+    """``{name: {0: "batch"}}`` for each tensor whose dim 0 has the run's batch size in every run
+    (``runs[k][i]``: tensor ``i`` of the run on a batch of ``sizes[k]``); 0-d tensors have no batch axis."""
+    return {name: {0: "batch"} for name, seen in zip(names, zip(*runs))
+            if all(t.dim() and t.shape[0] == size for t, size in zip(seen, sizes))}
+
+
 def _batch_of_one(what: str, exc: Exception) -> ExportVerificationError:
     return ExportVerificationError(
         f"{what} fails on the example's first sample alone, the batch of one that checks the dynamic batch axis "
@@ -112,6 +119,10 @@ def export_onnx(
     :class:`ExportVerificationError` when a check fails; then nothing is written.
     ``verify=False`` skips the onnxruntime comparison (the audit still runs), for graphs that draw random
     numbers (a VAE's sampling: onnxruntime and PyTorch draw different ones); the report's diffs are then None.
+    ``dynamic_batch=True`` declares dim 0 dynamic (``"batch"``) on the inputs whose dim 0 has the example batch size
+    (that of the first input with a dim 0) and on the outputs whose dim 0 has it too (and is 1 on the first sample
+    alone, when that is checked); 0-d tensors and others (a fixed table) keep their shapes. With an example batch of
+    one every dim 0 of 1 counts as the batch: give a larger batch to tell them apart.
     """
     import onnx
 
@@ -146,7 +157,7 @@ def export_onnx(
             f"BatchNorm layers {stateless} have track_running_stats=False: their exported graph would normalise "
             "with batch statistics at inference. Give them running statistics (bnkit recalibrate) before exporting")
 
-    batch = inputs[0].shape[0] if inputs[0].dim() else 0
+    batch = next((int(t.shape[0]) for t in inputs if t.dim()), 0)  # the first input with a dim 0 sets the batch
     single = dynamic_batch and batch > 1 and all(t.dim() and t.shape[0] == batch for t in inputs)
     checks = ([inputs] + ([tuple(t[:1] for t in inputs)] if single else [])) if verify else []
     # torch.onnx.export calls model.train() twice, and cannot trace modules compiled in place
@@ -160,7 +171,9 @@ def export_onnx(
                     raise _batch_of_one("the model", exc) from exc
         in_names = _names(input_names, len(inputs), "input")
         out_names = _names(output_names, len(expected[0]), "output")
-        axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
+        sizes = (batch, 1)[:len(expected)]  # an output whose dim 0 is 1 on the first sample alone too is batched
+        axes = ({**_batch_axes(in_names, [inputs], sizes), **_batch_axes(out_names, expected, sizes)}
+                if dynamic_batch else None)
         buffer = io.BytesIO()  # exported in memory: the file is written only once every check passed
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -178,7 +191,7 @@ def export_onnx(
             + "\n".join(f"  {f.layer}: {f.finding} ({f.evidence})" for f in errors))
     if fold:
         proto, report.fold = fold_model(proto, verify=False)
-    for feeds, want in zip(checks, expected):
+    for feeds, want, size in zip(checks, expected, (batch, 1)):
         try:
             got = run(proto, {n: t.detach().cpu().numpy() for n, t in zip(in_names, feeds)})
             abs_diff, rel_diff = compare([w.detach().cpu().double().numpy() for w in want],
@@ -189,7 +202,7 @@ def export_onnx(
             raise _batch_of_one("the exported graph", exc) from exc
         report.max_abs_diff = max(report.max_abs_diff, abs_diff)
         report.max_rel_diff = max(report.max_rel_diff, rel_diff)
-        report.batch_sizes.append(int(feeds[0].shape[0]) if feeds[0].dim() else 0)
+        report.batch_sizes.append(size)
     rtol = default_tolerance(proto) if rtol is None else rtol
     if not verify:
         report.max_abs_diff = report.max_rel_diff = None

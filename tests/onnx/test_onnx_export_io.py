@@ -1,0 +1,77 @@
+"""bnkit.torch.export_onnx's graph inputs and outputs: which carry the dynamic batch axis (0-d tensors and tensors
+without a batch dimension keep their fixed shapes), checked with onnxruntime at another batch size against the PyTorch model's own
+outputs."""
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+import torch
+from _helpers import rel, set_running_stats
+from torch import nn
+
+from bnkit.torch import export_onnx
+
+
+class _ConvBN(nn.Module):
+    """Conv 3 -> 4 channels and a BN with stored statistics; ``forward`` is each test's own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        set_running_stats(self.bn, torch.randn(4), torch.rand(4) + 0.5)
+        self.eval()
+
+
+class _Scaled(_ConvBN):
+    def forward(self, x, temperature, bias):
+        return self.bn(self.conv(x)) / temperature + bias
+
+
+class _Summaries(_ConvBN):
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y, y.mean(), y.mean((0, 2, 3))  # per sample; one number; per channel (4 channels, batch of 4)
+
+
+def _declared(values) -> dict[str, list]:
+    """``{name: [dim_param or dim_value, ...]}`` of graph inputs or outputs."""
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_a_0d_input_and_an_input_without_the_batch_axis_keep_their_shapes_and_run_at_another_batch(tmp_path):
+    """A 0-d temperature and a (1, 4, 1, 1) bias beside a batch of 3: only the batch input is declared dynamic
+    (torch.onnx raised on the 0-d input, and the bias was declared with the batch's symbol); onnxruntime on a batch
+    of 5 matches the PyTorch model."""
+    model, path = _Scaled(), tmp_path / "scaled.onnx"
+    temperature, bias = torch.tensor(2.0), torch.randn(1, 4, 1, 1)
+    export_onnx(model, (torch.randn(3, 3, 4, 4), temperature, bias), path, input_names=["x", "t", "b"])
+    assert _declared(onnx.load(path).graph.input) == {"x": ["batch", 3, 4, 4], "t": [], "b": [1, 4, 1, 1]}
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    (got,) = _session(path).run(None, {"x": x.numpy(), "t": temperature.numpy(), "b": bias.numpy()})
+    with torch.no_grad():
+        want = model(x, temperature, bias).double().numpy()
+    assert got.shape == want.shape and rel(got, want) < 1e-5
+
+
+def test_only_outputs_with_the_batch_axis_are_declared_dynamic(tmp_path):
+    """A per-sample output, a 0-d mean and a per-channel mean whose size (4) is the example batch's: the declared
+    output shapes are those of the PyTorch model's outputs on a batch of 5 ('batch' standing for 5), and onnxruntime
+    computes them there."""
+    model, path = _Summaries(), tmp_path / "summaries.onnx"
+    report = export_onnx(model, torch.randn(4, 3, 4, 4), path, output_names=["y", "mean", "channels"])
+    assert report.batch_sizes == [4, 1]
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = [t.double().numpy() for t in model(x)]
+    declared = _declared(onnx.load(path).graph.output)
+    assert {name: [5 if d == "batch" else d for d in dims] for name, dims in declared.items()} == {
+        name: list(w.shape) for name, w in zip(("y", "mean", "channels"), want)}
+    assert declared["y"][0] == "batch"
+    got = _session(path).run(None, {"input": x.numpy()})
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert all(rel(g, w) < 1e-5 for g, w in zip(got, want))
