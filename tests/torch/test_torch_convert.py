@@ -143,7 +143,7 @@ def test_from_keras_center_scale_flags(center, scale):
     y_keras = keras.ops.convert_to_numpy(layer(x_eval, training=False))
     np.testing.assert_allclose(torch_infer(bn, x_eval, True), y_keras, rtol=1e-5, atol=1e-5)
     back = to_keras(bn, axis=-1)
-    assert (back.center, back.scale) == (center, center or scale)
+    assert (back.center, back.scale) == (center, scale)  # the weight of 1 that stood in for no scale is dropped
     np.testing.assert_allclose(keras.ops.convert_to_numpy(back(x_eval, training=False)), y_keras, rtol=1e-6, atol=1e-6)
 
 
@@ -354,7 +354,7 @@ def test_to_flax_round_trip_and_flags(use_bias, use_scale):
     module, variables, x_eval = flax_bn(4, True, seed=5, use_bias=use_bias, use_scale=use_scale)
     bn = from_flax(module, variables, ndim=4, exact_training=True)
     module2, variables2 = to_flax(bn, axis=-1)
-    assert (module2.use_bias, module2.use_scale) == (use_bias, use_scale or use_bias)
+    assert (module2.use_bias, module2.use_scale) == (use_bias, use_scale)
     assert module2.momentum == pytest.approx(0.8) and module2.epsilon == pytest.approx(2e-3)
     np.testing.assert_allclose(flax_infer(module2, variables2, x_eval), flax_infer(module, variables, x_eval),
                                rtol=1e-6, atol=1e-6)
@@ -434,8 +434,6 @@ def test_flax_bad_input_is_refused():
     module, variables, _ = flax_bn(4, True)
     with pytest.raises(ValueError, match="ndim="):
         from_flax(module, variables, exact_training=True)
-    with pytest.raises(ValueError, match="rank 6"):
-        from_flax(module, variables, ndim=6)
     swapped = {**variables, "batch_stats": {"mean": variables["batch_stats"]["var"] * 0 - 1,
                                             "var": variables["batch_stats"]["mean"] * 0 - 1}}
     with pytest.raises(ValueError, match="swapped"):

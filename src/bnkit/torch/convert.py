@@ -83,18 +83,18 @@ def _import_flax():
 
 
 # ----------------------------------------------------------------- building the torch layer
-def _rank_to_dims(ndim: int | None, what: str) -> int | None:
-    """Input rank (with batch and channel axes) -> the ``d`` of ``BatchNorm{d}d``; None stays None."""
-    if ndim is None:
-        return None
-    dims = _RANK_DIMS.get(int(ndim))
-    if dims is None:
-        raise ValueError(f"{what}: input rank {ndim} has no torch BatchNorm (BatchNorm1d/2d/3d take rank 2-5)")
-    return dims
+def _rank_to_dims(ndim: int | None) -> int | None:
+    """Input rank (with batch and channel axes) -> the ``d`` of ``BatchNorm{d}d``; None for an unknown rank and
+    for ranks above 5 (:class:`BatchNormNd` takes those; ranks below 2 fail the channel-axis check first)."""
+    return None if ndim is None else _RANK_DIMS.get(int(ndim))
 
 
-def _build_torch(state: dict, dims: int | None, exact_training: bool) -> _BatchNorm:
-    """A torch BN layer from :func:`convert_state`'s torch layout, in the arrays' dtype."""
+def _build_torch(state: dict, dims: int | None, exact_training: bool, scale: bool = True) -> _BatchNorm:
+    """A torch BN layer from :func:`convert_state`'s torch layout, in the arrays' dtype.
+
+    ``scale=False``: the source has a shift but no scale (Keras ``scale=False``, Flax ``use_scale=False``); torch
+    has no such layer, so the weight of 1 that stands in for it is made not to train (``requires_grad=False``).
+    """
     cfg, sd = state["config"], state["state_dict"]
     if not cfg["bias"] and "bias" not in inspect.signature(_BatchNorm.__init__).parameters:
         raise ValueError(f"a layer with a scale but no shift (Keras center=False, Flax use_bias=False) needs "
@@ -105,14 +105,24 @@ def _build_torch(state: dict, dims: int | None, exact_training: bool) -> _BatchN
               **({} if cfg["bias"] else {"bias": False})}  # releases without that option, as in layers.py
     if exact_training:
         if dims is None:
-            raise ValueError("exact_training=True needs the input rank (ndim=) to pick bnkit's BatchNorm1d/2d/3d")
+            raise ValueError("exact_training=True returns bnkit's BatchNorm1d/2d/3d, which needs the input rank, 2-5 "
+                             "(from_flax: ndim=)")
         bn = _EXACT[dims](cfg["num_features"], running_var_rule="biased", **kwargs)
     else:
         bn = (_PLAIN[dims] if dims is not None else BatchNormNd)(cfg["num_features"], **kwargs)
     with torch.no_grad():
         for name, value in sd.items():
             getattr(bn, name).copy_(torch.from_numpy(np.asarray(value)))
+    if not scale and bn.weight is not None:
+        bn.weight.requires_grad_(False)
     return bn
+
+
+def _unit_scale_frozen(bn: _BatchNorm) -> bool:
+    """Whether ``bn``'s weight is a stand-in for no scale: all ones and not trained, beside a shift (what
+    :func:`from_keras`/:func:`from_flax` make of a source without a scale); Keras/Flax then get none."""
+    return (bn.weight is not None and bn.bias is not None and not bn.weight.requires_grad
+            and bool(torch.all(bn.weight == 1)))
 
 
 def _torch_state(bn: _BatchNorm) -> dict:
@@ -142,7 +152,6 @@ def _torch_rank(bn: _BatchNorm, ndim: int | None) -> int | None:
         if int(ndim) < 2:
             raise ValueError(f"ndim={ndim}: BatchNorm input has a batch and a channel axis (rank >= 2)")
         return int(ndim)
-    _rank_to_dims(ndim, type(bn).__name__)
     if int(ndim) not in takes:
         raise ValueError(f"ndim={ndim}: {type(bn).__name__} takes rank-{' or '.join(map(str, takes))} input")
     return int(ndim)
@@ -161,7 +170,8 @@ def _check_axis(axis: int, rank: int | None) -> None:
 def from_keras(layer: Any, *, exact_training: bool = False) -> _BatchNorm:
     """A channels-first torch layer equal to a built ``keras.layers.BatchNormalization``.
 
-    ``BatchNorm1d/2d/3d`` is picked from the rank Keras built the layer for (2-3, 4, 5); eps
+    ``BatchNorm1d/2d/3d`` is picked from the rank Keras built the layer for (2-3, 4, 5; above 5
+    :class:`BatchNormNd`); eps
     is carried and momentum flipped (Keras 0.99 -> torch 0.01), so inference output matches
     the Keras layer's after moving its ``axis`` to dim 1, and the running mean matches after
     the same training batches. A plain ``nn.BatchNorm*d`` feeds the *unbiased* batch variance
@@ -174,7 +184,9 @@ def from_keras(layer: Any, *, exact_training: bool = False) -> _BatchNorm:
     (keep it in eval, e.g. with ``bnkit.torch.freeze_bn``); one without gamma and beta
     (``center=False, scale=False``) has no parameters to mark it, so it is returned with its
     statistics frozen by ``freeze_bn`` (eval mode that ``train()`` keeps). Otherwise it is in training mode,
-    as a new torch layer is. ``renorm=True`` is refused (no equivalent). The torch layer has the
+    as a new torch layer is. A layer with a shift but no scale (``scale=False, center=True``) gets
+    torch's weight of 1 in its place, with ``requires_grad=False`` so that training does not grow
+    a scale the source lacks. ``renorm=True`` is refused (no equivalent). The torch layer has the
     Keras weights' dtype; bfloat16 weights give a float32 layer (which holds them exactly).
     """
     keras = _import_keras()
@@ -186,7 +198,7 @@ def from_keras(layer: Any, *, exact_training: bool = False) -> _BatchNorm:
     weights = {n: keras.ops.convert_to_numpy(getattr(layer, n)) for n in names if getattr(layer, n) is not None}
     state = convert_state({"weights": weights, "config": layer.get_config()}, "keras", "torch")
     ndim = layer.input_spec.ndim if layer.input_spec is not None else None
-    bn = _build_torch(state, _rank_to_dims(ndim, "keras layer"), exact_training)
+    bn = _build_torch(state, _rank_to_dims(ndim), exact_training, scale=layer.scale)
     if not layer.trainable:
         bn.requires_grad_(False)
         bn.eval()
@@ -206,7 +218,9 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
     now on, as bnkit's ``running_var_rule="biased"`` layers do and ``nn.BatchNorm*d`` does not.
     ``momentum=None``, ``track_running_stats=False`` and the drop-in's renorm/ghost-batch
     extras have no Keras equivalent and are refused. The Keras layer has ``bn``'s dtype, except
-    that a bfloat16 layer gives a float32 one (which holds its values exactly).
+    that a bfloat16 layer gives a float32 one (which holds its values exactly). A weight of all
+    ones with ``requires_grad=False`` beside a bias stands in for no scale (what :func:`from_keras`
+    makes of ``scale=False``) and gives ``scale=False``.
 
     A layer in eval mode whose parameters all have ``requires_grad=False`` (what
     :func:`from_keras` makes of a ``trainable=False`` Keras layer, or ``freeze_bn(affine=True)``),
@@ -223,6 +237,9 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
         raise ValueError(f"{type(bn).__name__} accepts any input rank: pass ndim= (the rank of its input)")
     k = convert_state(torch_state, "torch", "keras", axis=axis)
     cfg, weights = k["config"], k["weights"]
+    if _unit_scale_frozen(bn):
+        cfg["scale"] = False
+        del weights["gamma"]
     _check_axis(cfg["axis"], rank)
     dtype = str(next(iter(weights.values())).dtype)
     layer = keras.layers.BatchNormalization(**cfg, dtype=dtype)
@@ -244,7 +261,8 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
 
     ``variables`` is the layer's ``{"params": {scale, bias}, "batch_stats": {mean, var}}``.
     Flax modules do not know their input rank: pass ``ndim`` (2-5) to get ``BatchNorm1d/2d/3d``,
-    or get :class:`BatchNormNd`, which takes any rank. Guarantees as :func:`from_keras`: eps
+    or get :class:`BatchNormNd`, which takes any rank (also for ``ndim`` above 5). Guarantees and
+    ``use_scale=False`` as :func:`from_keras`: eps
     carried, momentum flipped (Flax 0.99 -> torch 0.01), the same inference output after moving
     Flax's ``axis`` to dim 1; ``exact_training=True`` (needs ``ndim``) follows Flax's biased
     running-variance rule exactly.
@@ -266,7 +284,7 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
     config = {"axis": module.axis, "momentum": module.momentum, "epsilon": module.epsilon,
               "use_bias": module.use_bias, "use_scale": module.use_scale}
     state = convert_state({"variables": variables, "config": config}, "flax", "torch")
-    return _build_torch(state, _rank_to_dims(ndim, "flax layer"), exact_training)
+    return _build_torch(state, _rank_to_dims(ndim), exact_training, scale=module.use_scale)
 
 
 def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[Any, dict]:
@@ -280,7 +298,8 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
     ``module.apply(variables, x, use_running_average=True)`` for inference, ``False`` with
     ``mutable=["batch_stats"]`` for training (biased running-variance rule from then on).
     eps is carried and momentum flipped (torch 0.1 -> Flax 0.9). The variables have ``bn``'s
-    dtype, except that a bfloat16 layer gives float32 ones (exact). A float64 layer needs JAX's
+    dtype, except that a bfloat16 layer gives float32 ones (exact); a weight that stands in for no
+    scale gives ``use_scale=False``, as in :func:`to_keras`. A float64 layer needs JAX's
     64-bit mode (``jax.config.update("jax_enable_x64", True)``) and is refused without it,
     where JAX would silently make its variables float32.
     """
@@ -289,6 +308,9 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
     rank = _torch_rank(bn, ndim)
     f = convert_state(torch_state, "torch", "flax", axis=axis)
     cfg = f["config"]
+    if _unit_scale_frozen(bn):
+        cfg["use_scale"] = False
+        del f["variables"]["params"]["scale"]
     _check_axis(cfg["axis"], rank)
     dtype = f["variables"]["batch_stats"]["mean"].dtype
     if dtype == np.float64 and not jax.config.read("jax_enable_x64"):
