@@ -108,13 +108,16 @@ def run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndar
 def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> tuple[float, float]:
     """``(max absolute difference, max norm-wise relative difference)`` over paired outputs, in float64.
 
-    Raises ValueError when the outputs differ in number or shape, or are all empty (nothing to compare).
+    NaN/Inf must sit at the same places with the same values (else the difference is infinite) and are not
+    compared further. Raises ValueError when the outputs differ in number or shape, or are all empty, or NaN/Inf
+    at every position in both: nothing finite is then compared.
     """
     if len(reference) != len(candidate):
         raise ValueError(f"{len(reference)} reference outputs but {len(candidate)} candidate outputs")
     if not any(np.size(ref) for ref in reference):
         raise ValueError("every output is empty, so comparing them would check nothing: give inputs with sizes >= 1")
     max_abs = max_rel = 0.0
+    compared = 0
     for ref, got in zip(reference, candidate):
         ref = np.asarray(ref, dtype=np.float64)
         got = np.asarray(got, dtype=np.float64)
@@ -129,10 +132,14 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
             ref, got = ref[~bad], got[~bad]
             if ref.size == 0:
                 continue
+        compared += ref.size
         diff = float(np.max(np.abs(ref - got)))
         scale = float(np.max(np.abs(ref)))
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    if not compared:
+        raise ValueError("every output value is NaN or Inf in both, at the same places (as Log or Sqrt of negative "
+                         "inputs make them), so the comparison compared nothing: no finite value was checked")
     return max_abs, max_rel
 
 
