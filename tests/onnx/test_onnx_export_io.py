@@ -1,10 +1,11 @@
 """bnkit.torch.export_onnx's graph inputs and outputs: which carry the dynamic batch axis (0-d tensors and tensors
-without a batch dimension keep their fixed shapes), checked with onnxruntime at another batch size against the PyTorch model's own
-outputs."""
+without a batch dimension keep their fixed shapes) and None outputs (dropped, as torch.onnx drops them), checked
+with onnxruntime at another batch size against the PyTorch model's own outputs."""
 from __future__ import annotations
 
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 from _helpers import rel, set_running_stats
 from torch import nn
@@ -32,6 +33,12 @@ class _Summaries(_ConvBN):
     def forward(self, x):
         y = self.bn(self.conv(x))
         return y, y.mean(), y.mean((0, 2, 3))  # per sample; one number; per channel (4 channels, batch of 4)
+
+
+class _Optional(_ConvBN):
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y, None, y.mean((2, 3))  # an optional auxiliary output left out
 
 
 def _declared(values) -> dict[str, list]:
@@ -75,3 +82,23 @@ def test_only_outputs_with_the_batch_axis_are_declared_dynamic(tmp_path):
     got = _session(path).run(None, {"input": x.numpy()})
     assert [g.shape for g in got] == [w.shape for w in want]
     assert all(rel(g, w) < 1e-5 for g, w in zip(got, want))
+
+
+def test_a_none_output_is_dropped_and_the_tensors_around_it_keep_their_names(tmp_path):
+    """``(y, None, pooled)``: exported as two outputs, as torch.onnx.export does, named in order, and onnxruntime's
+    outputs on a batch of 5 are the PyTorch model's y and pooled."""
+    model, path = _Optional(), tmp_path / "optional.onnx"
+    report = export_onnx(model, torch.randn(3, 3, 4, 4), path, output_names=["y", "pooled"])
+    assert report.max_rel_diff < 1e-5
+    session = _session(path)
+    assert [o.name for o in session.get_outputs()] == ["y", "pooled"]
+    x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    got = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        y, _, pooled = model(x)
+    assert [g.shape for g in got] == [(5, 4, 4, 4), (5, 4)]
+    assert rel(got[0], y.double().numpy()) < 1e-5 and rel(got[1], pooled.double().numpy()) < 1e-5
+    with pytest.raises(ValueError, match="3 output names given for 2 outputs"):
+        export_onnx(model, torch.randn(3, 3, 4, 4), tmp_path / "three.onnx", output_names=["y", "aux", "pooled"])
+    assert not (tmp_path / "three.onnx").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["optional.onnx"]

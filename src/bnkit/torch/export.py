@@ -62,6 +62,9 @@ class ExportReport:
 
 
 def _flatten(value) -> list[torch.Tensor]:
+    """The tensors of a model's output, in the exported graph's order; None is dropped, as torch.onnx drops it."""
+    if value is None:
+        return []
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (list, tuple)):
@@ -122,7 +125,8 @@ def export_onnx(
     ``dynamic_batch=True`` declares dim 0 dynamic (``"batch"``) on the inputs whose dim 0 has the example batch size
     (that of the first input with a dim 0) and on the outputs whose dim 0 has it too (and is 1 on the first sample
     alone, when that is checked); 0-d tensors and others (a fixed table) keep their shapes. With an example batch of
-    one every dim 0 of 1 counts as the batch: give a larger batch to tell them apart.
+    one every dim 0 of 1 counts as the batch: give a larger batch to tell them apart. None outputs are dropped, as
+    torch.onnx drops them (``output_names`` names the tensors).
     """
     import onnx
 
