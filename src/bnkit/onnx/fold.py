@@ -21,7 +21,7 @@ before it changes anything, so a refusal leaves the graph as it was.
 A weight that other nodes also read (a shared conv) is copied, so only this use changes.
 Nodes are left, with the reason in the report, when folding would be inexact or
 impossible: the layer's output is read elsewhere, the statistics are not constants (graph
-inputs a caller may override included) or not finite, the input is not such a layer (an
+inputs a caller may override included) or not finite (epsilon too), the input is not such a layer (an
 addition, a graph input), a MatMul of rank > 2 (BN's axis 1 is then not the output feature
 axis), or the node is in training mode.
 
@@ -275,8 +275,10 @@ class _Folder:
         arrays = (bn.scale, bn.bias, bn.mean, bn.var)
         if len({a.shape for a in arrays}) != 1 or bn.mean.ndim != 1:
             return "scale, B, mean and var are not all one value per channel"
-        if not all(np.isfinite(a).all() for a in arrays) or (bn.var + bn.epsilon <= 0).any():
-            return "non-finite statistics or var + epsilon <= 0: folding would spread NaN/Inf into the layer"
+        if (not all(np.isfinite(a).all() for a in arrays) or not np.isfinite(bn.epsilon)
+                or (bn.var + bn.epsilon <= 0).any()):
+            return ("non-finite statistics or epsilon, or var + epsilon <= 0: folding would spread NaN/Inf into the "
+                    "layer")
         node = bn.node
         x = node.input[0]
         producer = self.index.producer.get(x)
