@@ -173,3 +173,21 @@ def file_mode(path) -> int:
 
 #: ``python -c BNKIT_MAIN ARGS`` runs ``bnkit ARGS`` through the console script's entry point, in a fresh interpreter
 BNKIT_MAIN = "import sys; sys.argv = ['bnkit'] + sys.argv[1:]; from bnkit.cli import main; main()"
+
+
+def run_cli(*args: object):
+    """``bnkit ARGS`` in process (typer's CliRunner), each argument passed as ``str``, at 240 columns."""
+    from typer.testing import CliRunner
+
+    from bnkit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "240"})
+
+
+def one_line_error(result, code: int = 2) -> str:
+    """The error line of a run that failed cleanly: ``code``, no exception of its own, one line on the output."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]

@@ -1,4 +1,5 @@
-"""``bnkit audit``: table and JSON output, exit status, safe loading, --model/--data, ONNX files."""
+"""``bnkit audit``: table and JSON output, exit status, safe loading, --model/--data, ONNX files; --forward, and its
+fixes worded in its options (``--forward``, ``--train-batch-size``), not in Python arguments."""
 import copy
 import json
 import sys
@@ -6,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _helpers import WritesFile
+from _helpers import WritesFile, one_line_error, run_cli
 from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
@@ -492,3 +493,72 @@ def test_a_whole_model_pickled_in_training_mode_is_audited_in_eval_mode(trained,
     report = json.loads(result.output)
     assert {(f["layer"], f["code"]) for f in report["findings"]} == {(f.layer, f.code) for f in expected.findings}
     assert not any(f["code"] == "train_mode" for f in report["findings"])
+
+
+# audit's advice in its options; fold's --input-shape names
+POOLED = """
+import torch
+from bnkit.torch.zoo import MLP
+
+class Pooled(MLP):
+    \"\"\"Its output pools the batch (a set model): nothing lines up sample by sample.\"\"\"
+    def forward(self, x):
+        return super().forward(x).mean(0)
+
+def make():
+    return Pooled()
+
+def per_sample(model, x):  # what --forward would give: the outputs before the pooling
+    return MLP.forward(model, x)
+"""
+
+
+@pytest.fixture
+def pooled(user_module):
+    return user_module("pooled", POOLED)
+
+
+def test_audit_fixes_name_its_options(pooled):
+    result = run_cli("audit", "w.pt", "--model", "pooled:make", "--data", "x.npy", "--json")
+    assert result.exit_code in (0, 1), result.output  # 1: the fresh weights' statistics were never updated
+    report = json.loads(result.output)
+    texts = [f[k] for f in report["findings"] for k in ("finding", "evidence", "fix")]
+    assert not [t for t in texts if "forward=" in t or "train_batch_size=" in t], texts
+    coupling = next(f for f in report["findings"] if f["finding"] == "batch coupling not checked")
+    assert "--forward package.module:fn" in coupling["fix"], coupling
+    assert report["batch_coupling"] is None
+    assert "--forward" in run_cli("audit", "--help").output
+
+
+def test_audit_forward_option_feeds_the_model(pooled):
+    """With the outputs before the pooling, eval-mode MLP is per sample: batch size 1 and the whole batch agree."""
+    result = run_cli("audit", "w.pt", "--model", "pooled:make", "--data", "x.npy", "--forward",
+                    "pooled:per_sample", "--json")
+    assert result.exit_code in (0, 1), result.output  # 1: the fresh weights' statistics were never updated
+    report = json.loads(result.output)
+    assert report["batch_coupling"] is not None and report["batch_coupling"] < 1e-5, report["batch_coupling"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["audit", "w.pt", "--model", "pooled:make", "--forward", "pooled:per_sample"], "--forward needs --data"),
+    (["audit", "m.onnx", "--forward", "pooled:per_sample"], "--forward and --device apply to PyTorch"),
+    (["audit", "w.pt", "--model", "pooled:make", "--data", "x.npy", "--forward", "pooled:POOLED_NOT"],
+     "cannot import --forward"),
+])
+def test_audit_forward_misuse_is_refused(pooled, args, words):
+    assert words in one_line_error(run_cli(*args))
+
+
+def test_audit_train_batch_size_advice_names_the_option():
+    from bnkit.cli.audit import _cli_words
+
+    assert _cli_words("pass train_batch_size=") == "pass --train-batch-size"
+
+
+def test_audit_names_forward_when_the_model_or_forward_fails(files, user_module):
+    """A --forward that raised is named with the model ("the model or --forward"), not reported as the model's
+    failure alone."""
+    user_module("feed_module", "def feed_one(batch):\n    return batch\n")
+    line = one_line_error(run_cli("audit", "w.pt", "--model", "bnkit.torch.zoo:MLP", "--data", "x.npy", "--forward",
+                                  "feed_module:feed_one"))
+    assert "the model or --forward" in line and "feed_one()" in line and "forward=" not in line, line

@@ -1,12 +1,24 @@
-"""bnkit.cli.common: the output-path and device checks every writing command uses, and the data-file loader."""
+"""bnkit.cli.common: the output-path and device checks every writing command uses, and the data-file loader; through
+the commands (audit, recalibrate, fold): an input path the OS cannot look up (EACCES, ENAMETOOLONG), a symbolic link
+loop or a damaged data file is one error line, exit 2; SystemExit from the user's code (factories, the model's
+forward, --forward) is reported as its other exceptions are, KeyboardInterrupt still interrupts; --json prints a file
+name that is not UTF-8 escaped.
+
+Oracles: what the OS says of each path (os.stat, os.strerror), json.loads of the printed report compared with
+os.fsdecode, the exit status and the folder's files (nothing written)."""
 from __future__ import annotations
 
+import errno
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from _helpers import WritesFile
+from _helpers import BNKIT_MAIN, WritesFile, one_line_error, run_cli
 from safetensors.torch import save_file
 
 from bnkit.cli.common import (
@@ -277,3 +289,148 @@ def test_print_json_writes_strict_json_with_infinities_and_numpy_scalars_as_valu
     print_json({"d": float("inf"), "n": np.float32(1.5), "name": "w\udcff.pt"})
     out = capsys.readouterr().out
     assert json.loads(out) == {"d": "inf", "n": 1.5, "name": "w\udcff.pt"} and out.isascii()
+
+
+# inputs that cannot be looked up
+MLP = "bnkit.torch.zoo:MLP"
+LONG = "a" * 300  # over NAME_MAX (255 bytes) of every common file system: stat fails with ENAMETOOLONG
+
+
+@pytest.mark.parametrize("args, path", [
+    (["audit", f"{LONG}.pt"], f"{LONG}.pt"),
+    (["audit", "w.pt", "--model", MLP, "--data", f"{LONG}.npy"], f"{LONG}.npy"),
+    (["recalibrate", "--no-progress", "--model", MLP, "--data", f"{LONG}.npy", "-o", "out.pt"], f"{LONG}.npy"),
+    (["recalibrate", "--no-progress", "--model", MLP, "--weights", f"{LONG}.pt", "--data", "x.npy", "-o", "out.pt"],
+     f"{LONG}.pt"),
+    (["fold", f"{LONG}.onnx", "-o", "out.onnx"], f"{LONG}.onnx"),
+    (["fold", "--model", MLP, "--weights", f"{LONG}.pt", "-o", "out.pt"], f"{LONG}.pt"),
+])
+def test_input_name_too_long_is_one_line(files, args, path):
+    with pytest.raises(OSError) as oracle:  # what the OS says of the name
+        os.stat(path)
+    assert oracle.value.errno == errno.ENAMETOOLONG
+    line = one_line_error(run_cli(*args))
+    assert path in line and line.endswith(os.strerror(errno.ENAMETOOLONG)), line
+    assert not list(files.glob("out*")), "nothing is written"
+
+
+@pytest.mark.parametrize("args", [
+    ["audit", "locked/w.pt"],
+    ["audit", "w.pt", "--model", MLP, "--data", "locked/x.npy"],
+    ["recalibrate", "--no-progress", "--model", MLP, "--data", "locked/x.npy", "-o", "out.pt"],
+    ["recalibrate", "--no-progress", "--model", MLP, "--weights", "locked/w.pt", "--data", "x.npy", "-o", "out.pt"],
+    ["fold", "locked/m.onnx", "-o", "out.onnx"],
+    ["fold", "--model", MLP, "--weights", "locked/w.pt", "-o", "out.pt"],
+])
+def test_input_in_a_folder_the_user_may_not_enter_is_one_line(files, monkeypatch, args):
+    """The tests run as root, who may enter any folder: ``Path.stat`` of a path inside ``locked`` raises what it
+    raises for a user without the right (EACCES), as ``os.stat`` would."""
+    locked = files / "locked"
+    locked.mkdir()
+    stat = pathlib.Path.stat
+
+    def no_entry(self, *args, **kwargs):
+        if locked in self.absolute().parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", no_entry)
+    target = next(a for a in args if a.startswith("locked/"))
+    line = one_line_error(run_cli(*args))
+    assert target in line and line.endswith(os.strerror(errno.EACCES)), line
+    assert not list(files.glob("out*")), "nothing is written"
+
+
+# sys.exit() in the user's code
+EXITING = """
+import sys, torch
+from bnkit.torch.zoo import MLP
+
+class ExitingNet(MLP):
+    def forward(self, x):
+        sys.exit(3)
+
+def make(): return MLP()
+def make_exit(): sys.exit()
+def make_interrupt(): raise KeyboardInterrupt
+def net_exit(): return ExitingNet()
+def data_exit(): sys.exit()
+def forward_exit(model, batch): sys.exit("bye")
+"""
+
+
+@pytest.fixture
+def exiting(user_module):
+    return user_module("exiting_code", EXITING)
+
+
+RECAL = ["recalibrate", "--no-progress", "-o", "out.pt"]
+
+
+@pytest.mark.parametrize("args, call", [
+    (RECAL + ["--model", "exiting_code:make_exit", "--data", "x.npy"], "sys.exit()"),
+    (RECAL + ["--model", "exiting_code:make", "--data", "exiting_code:data_exit"], "sys.exit()"),
+    (RECAL + ["--model", "exiting_code:net_exit", "--data", "x.npy"], "sys.exit(3)"),
+    (RECAL + ["--model", "exiting_code:make", "--data", "x.npy", "--forward", "exiting_code:forward_exit"],
+     "sys.exit('bye')"),
+    (["audit", "w.pt", "--model", "exiting_code:make_exit", "--json"], "sys.exit()"),
+    (["audit", "w.pt", "--model", "exiting_code:net_exit", "--data", "x.npy", "--json"], "sys.exit(3)"),
+    (["audit", "w.pt", "--model", "exiting_code:make", "--data", "x.npy", "--forward", "exiting_code:forward_exit"],
+     "the model or --forward 'exiting_code:forward_exit' raised SystemExit (it called sys.exit('bye')"),
+    (["fold", "--model", "exiting_code:make_exit", "-o", "out.pt"], "sys.exit()"),
+    (["fold", "--model", "exiting_code:net_exit", "--force", "--input-shape", "2x64", "-o", "out.pt"], "sys.exit(3)"),
+])
+def test_sys_exit_in_user_code_is_an_error(exiting, args, call):
+    result = run_cli(*args)
+    line = one_line_error(result)
+    assert "SystemExit" in line and call in line, line
+    assert not list(exiting.glob("out*")), "nothing is written"
+
+
+def test_keyboard_interrupt_in_user_code_still_interrupts(exiting):
+    """typer ends the command on KeyboardInterrupt (status 130, click's Abort 1): no error line of bnkit's."""
+    result = run_cli(*RECAL, "--model", "exiting_code:make_interrupt", "--data", "x.npy")
+    assert result.exit_code in (1, 130) and "error:" not in result.output, (result.exit_code, result.output)
+
+
+@pytest.mark.parametrize("command", ["fold", "audit"])
+def test_json_of_a_name_that_is_not_utf8_is_valid(files, command):
+    """Run as a user would (a subprocess: its stdout is bytes, as a shell's pipe), the name given as bytes."""
+    import bnkit
+
+    source, output = b"src\xff.onnx", b"out\xff.onnx"
+    os.rename(files / "m.onnx", os.fsdecode(source))
+    args = [source, b"-o", output] if command == "fold" else [source]
+    src = str(pathlib.Path(bnkit.__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", BNKIT_MAIN, command, *args, b"--json"], cwd=files, env=env,
+                          capture_output=True, timeout=120)
+    assert done.returncode in (0, 1), done.stderr.decode(errors="replace")  # audit: 1 when a finding is an error
+    report = json.loads(done.stdout)  # bytes: json detects UTF-8/16/32, and raw 0xff is none of them
+    if command == "fold":
+        assert report["output"] == os.fsdecode(output)
+    else:
+        assert report["target"] == os.fsdecode(source)
+
+
+def test_symbolic_link_loops_are_one_line_as_input_and_replaced_as_output(files):
+    """An output path that is a link to itself must not crash (RuntimeError: Symlink loop, exit 1); as an input it
+    is a symbolic link, not "no such file". As an output it names no file, so the link is replaced by the written
+    file."""
+    os.symlink("loop.pt", files / "loop.pt")
+    result = run_cli(*RECAL[:-1], "loop.pt", "--model", MLP, "--weights", "w.pt", "--data", "x.npy")
+    assert result.exit_code == 0, result.output
+    assert (files / "loop.pt").is_file() and not (files / "loop.pt").is_symlink()
+    os.symlink("loopx.npy", files / "loopx.npy")
+    line = one_line_error(run_cli("audit", "w.pt", "--model", MLP, "--data", "loopx.npy"))
+    assert "loopx.npy" in line and "symbolic link" in line, line
+
+
+def test_a_damaged_data_file_is_told_the_data_formats(files):
+    """A damaged --data .pt gets the data formats' advice, not the checkpoint's ("expected a state dict ...")."""
+    torch.save({"x": torch.from_numpy(np.load("x.npy"))}, files / "d.pt")
+    data = bytearray((files / "d.pt").read_bytes())
+    data[-200] ^= 0x40  # in the central directory or a storage: damage either way
+    (files / "d.pt").write_bytes(bytes(data))
+    line = one_line_error(run_cli(*RECAL, "--model", MLP, "--data", "d.pt"))
+    assert "damaged" in line and ".npy, .npz, .safetensors" in line and "state dict" not in line, line

@@ -1,14 +1,19 @@
-"""``bnkit fold`` on ONNX files and on PyTorch factories + weights."""
+"""``bnkit fold`` on ONNX files and on PyTorch factories + weights; an --input-shape naming no graph input names the
+inputs (oracle: onnx), and SIGTERM while the ONNX file is written exits 143 leaving nothing."""
 from __future__ import annotations
 
 import io
 import json
 import os
+import pathlib
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import one_line_error, run_cli
 from typer.testing import CliRunner
 
 from bnkit.cli import app
@@ -750,3 +755,49 @@ def test_fold_onnx_inputs_too_big_to_verify_on_are_a_message(tmp_path):
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "not enough memory to verify" in _text(result) and "--no-verify" in _text(result)
     assert sorted(os.listdir(tmp_path)) == ["vgg.onnx"]
+
+
+def test_fold_input_shape_of_no_graph_input_names_the_inputs(files):
+    import onnx
+
+    inputs = [v.name for v in onnx.load(str(files / "m.onnx")).graph.input]
+    line = one_line_error(run_cli("fold", "m.onnx", "-o", "out.onnx", "--input-shape", "nope=2x64"))
+    assert "--input-shape" in line and "'nope'" in line and str(inputs) in line, line
+
+
+SLOW_ONNX_SAVE = r'''
+import sys, time, onnx
+def slow_save(*a, **k):  # a big model on a slow disk: SIGTERM arrives while the file is written
+    print("WRITING", file=sys.stderr, flush=True)
+    time.sleep(60)
+onnx.save = slow_save
+sys.argv = ["bnkit", "fold", "--model", "bnkit.torch.zoo:MLP", "--input-shape", "4x64", "--force", "-o", "out.onnx"]
+from bnkit.cli import main
+main()
+'''
+
+
+def test_sigterm_while_fold_writes_an_onnx_file_exits_143_and_writes_nothing(tmp_path):
+    """The guard that reports SystemExit from the user's model must not catch the exit SIGTERM raises during the
+    write (the run would end 1 with "cannot export ...: SystemExit (it called sys.exit(143))"). README: exit status
+    143 when SIGTERM comes during the write, and nothing left behind."""
+    import signal
+
+    import bnkit
+
+    src = str(pathlib.Path(bnkit.__file__).resolve().parents[1])  # importable from tmp_path, installed or not
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200",
+               PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    child = subprocess.Popen([sys.executable, "-c", SLOW_ONNX_SAVE], cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = []
+    for line in child.stderr:
+        seen.append(line)
+        if "WRITING" in line:
+            child.send_signal(signal.SIGTERM)
+            break
+    _, rest = child.communicate(timeout=120)
+    stderr = "".join(seen) + rest
+    assert child.returncode == 143, stderr
+    assert "SystemExit" not in stderr and "Traceback" not in stderr, stderr
+    assert os.listdir(tmp_path) == [], os.listdir(tmp_path)

@@ -6,7 +6,8 @@ the data; the deeper layers are compared with the Python API on the same
 batches (itself checked against float64 in tests/torch/test_recalibrate.py). The written file's mode: a new file
 gets open()'s (a file open() makes in the same subprocess, under a umask of 027, is the oracle; safetensors writes
 its own at 0o600), an existing output keeps its own (os.stat). Data from package.module:factory:
-test_cli_recalibrate_factories.py.
+test_cli_recalibrate_factories.py. --data-key is refused for data without named arrays (and for a factory), and
+picks the named array where there are several (oracle: PyTorch's BatchNorm input in float64 from the same weights).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _helpers import BNKIT_MAIN, bnkit_env, file_mode
+from _helpers import BNKIT_MAIN, bnkit_env, file_mode, one_line_error, run_cli
 from typer.testing import CliRunner
 
 from bnkit.cli import app
@@ -27,6 +28,7 @@ from bnkit.torch.zoo import MLP
 
 runner = CliRunner()
 MODEL = "bnkit.torch.zoo:MLP"
+RECAL = ["recalibrate", "--no-progress", "-o", "out.pt"]
 
 
 def invoke(*args: str):
@@ -590,3 +592,52 @@ def test_recalibrate_over_an_existing_file_keeps_its_mode(tmp_path, recalibrate_
     recalibrate_with_umask(tmp_path, recalibrate_inputs, out)
     assert oct(file_mode(out)) == oct(0o604)
     assert out.read_bytes() != b"old"
+
+
+# recalibrate --data-key
+@pytest.mark.parametrize("name, save", [
+    ("d.npy", lambda x, p: np.save(p, x)),
+    ("one.pt", lambda x, p: torch.save(torch.from_numpy(x), p)),
+    ("xy.pt", lambda x, p: torch.save((torch.from_numpy(x), torch.zeros(len(x))), p)),
+])
+def test_data_key_for_data_without_names_is_refused(files, name, save):
+    save(np.load("x.npy"), files / name)
+    line = one_line_error(run_cli(*RECAL, "--model", MODEL, "--data", name, "--data-key", "labels"))
+    assert "--data-key 'labels'" in line and name in line, line
+    assert not (files / "out.pt").exists()
+
+
+def test_data_key_for_a_data_factory_is_refused(files, user_module):
+    """A factory's result is used as it is, so --data-key would do nothing (exit 0, the key unused): refused."""
+    user_module("data_factory", "import numpy as np\ndef make(): return np.load('x.npy')\n")
+    line = one_line_error(run_cli(*RECAL, "--model", MODEL, "--data", "data_factory:make", "--data-key", "labels"))
+    assert "--data-key 'labels'" in line and "factory" in line, line
+    assert not (files / "out.pt").exists()
+
+
+@pytest.mark.parametrize("name", ["d.npz", "d.pt"])
+def test_data_key_picks_the_named_array(files, name):
+    from bnkit.torch import load_state_dict_file
+
+    x = np.load("x.npy")
+    other = np.random.default_rng(1).normal(5, 2, x.shape).astype(np.float32)  # the first of INPUT_KEYS present
+    if name.endswith(".npz"):
+        np.savez(files / name, x=other, mine=x)
+    else:
+        torch.save({"x": torch.from_numpy(other), "mine": torch.from_numpy(x)}, files / name)
+    result = run_cli(*RECAL, "--model", MODEL, "--weights", "w.pt", "--data", name, "--data-key", "mine",
+                    "--batch-size", "40")
+    assert result.exit_code == 0, result.output
+    got = load_state_dict_file(files / "out.pt")
+    from bnkit.torch.zoo import MLP as Net
+
+    net = Net()  # the oracle: the first BatchNorm's input, from the same weights, in float64
+    net.load_state_dict(load_state_dict_file(files / "w.pt"))
+    net = net.double().eval()
+    bn_name, bn = next((n, m) for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm1d))
+    seen = []
+    bn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        net(torch.from_numpy(x).double())
+    np.testing.assert_allclose(got[f"{bn_name}.running_mean"].double().numpy(), seen[0].mean(0).numpy(),
+                               rtol=1e-5, atol=1e-5)
