@@ -191,3 +191,32 @@ def one_line_error(result, code: int = 2) -> str:
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     return lines[0]
+
+
+def shift_figures(values, bn):
+    """float64 per-channel (KL, z, log variance ratio) of rows ``values`` (K, C) against ``bn``'s running
+    statistics, as bnkit.torch.audit defines them (unbiased data variance)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    mu, var = v.mean(0), v.var(0, ddof=1)
+    mr, vr, eps = bn.running_mean.double().numpy(), bn.running_var.double().numpy(), float(bn.eps)
+    z = (mu - mr) / np.sqrt(vr + eps)
+    lr = np.log((var + eps) / (vr + eps))
+    return 0.5 * (np.expm1(lr) - lr + z * z), z, lr
+
+
+def assert_shift(s, kl, z, lr, count):
+    """The audit's shift row ``s`` against :func:`shift_figures` (``kl, z, lr``) of the ``count`` rows it saw."""
+    import math
+
+    import numpy as np
+    import pytest
+
+    worst = int(np.argmax(kl))
+    assert s.worst_channel == worst
+    assert s.score == pytest.approx(kl.mean(), rel=1e-5)
+    assert s.z_eq == pytest.approx(math.sqrt(2 * kl.mean()), rel=1e-5)
+    assert s.mean_shift == pytest.approx(z[worst], rel=1e-4, abs=1e-5)
+    assert s.log_var_ratio == pytest.approx(lr[worst], rel=1e-4, abs=1e-5)
+    assert s.count == count

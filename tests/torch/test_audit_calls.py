@@ -1,44 +1,21 @@
-"""bnkit.torch.audit with data (review RA, commit e8cf56b): per-call comparison of layers called several times per
-forward, routed noise, random outputs, custom batch objects, unreached and frozen layers, BN subclasses. Oracles:
-float64 NumPy statistics of what each layer normalizes (captured by the test's own hooks), a simulation of
-PyTorch's own EMA, PyTorch's own modules."""
+"""bnkit.torch.audit with data on layers called several times per forward (in a loop, shared, on ghost-batch chunks,
+on a routed share of the batch, or only in some batches): the call compared, the worst call named by its place
+among all calls, and the running statistics' noise figure of each layer.
+
+Oracles: float64 NumPy statistics of what each call normalizes (captured by the test's own hooks, or recomputed from
+the data), a simulation of PyTorch's own EMA, and the closed form sqrt(m / (2 - m) / B) of its noise.
+"""
 import copy
 import math
 
 import numpy as np
 import pytest
 import torch
+from _helpers import assert_shift, set_running_stats, shift_figures
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
-from _helpers import arithmetic_bn_class, set_running_stats
+from bnkit.torch import audit
 
-from bnkit.torch import audit, freeze_bn
-
-
-def _kl(values, bn):
-    """float64 per-channel (KL, z, log variance ratio) of rows ``values`` (K, C) against ``bn``'s running
-    statistics, as the audit defines them (unbiased data variance)."""
-    v = np.asarray(values, dtype=np.float64)
-    mu, var = v.mean(0), v.var(0, ddof=1)
-    mr, vr, eps = bn.running_mean.double().numpy(), bn.running_var.double().numpy(), float(bn.eps)
-    z = (mu - mr) / np.sqrt(vr + eps)
-    lr = np.log((var + eps) / (vr + eps))
-    return 0.5 * (np.expm1(lr) - lr + z * z), z, lr
-
-
-def _assert_shift(s, kl, z, lr, count):
-    worst = int(np.argmax(kl))
-    assert s.worst_channel == worst
-    assert s.score == pytest.approx(kl.mean(), rel=1e-5)
-    assert s.z_eq == pytest.approx(math.sqrt(2 * kl.mean()), rel=1e-5)
-    assert s.mean_shift == pytest.approx(z[worst], rel=1e-4, abs=1e-5)
-    assert s.log_var_ratio == pytest.approx(lr[worst], rel=1e-4, abs=1e-5)
-    assert s.count == count
-
-
-# --- 5. layers called several times per forward --------------------------------------------------------------------
 
 SCALES, OFFSETS = (0.5, 1.0, 1.5, 2.0), (-1.5, -0.5, 0.5, 1.5)
 
@@ -68,14 +45,14 @@ def test_a_layer_called_in_a_loop_is_compared_call_by_call_and_the_worst_call_is
     h.remove()
     pooled = np.concatenate(calls)  # running statistics of all calls pooled: each call is far off, their pool is not
     set_running_stats(model.bn, pooled.mean(0), pooled.var(0, ddof=1))
-    per_call = [_kl(c, model.bn) for c in calls]
+    per_call = [shift_figures(c, model.bn) for c in calls]
     k = int(np.argmax([kl.mean() for kl, _, _ in per_call]))
-    assert _kl(pooled, model.bn)[0].mean() < 0.01 and per_call[k][0].mean() > 0.5  # the setup holds
+    assert shift_figures(pooled, model.bn)[0].mean() < 0.01 and per_call[k][0].mean() > 0.5  # the setup holds
 
     report = audit(model, x, batch_size=64)
     (s,) = report.shifts
     assert (s.call, s.calls_per_forward) == (k + 1, 4)
-    _assert_shift(s, *per_call[k], count=512)
+    assert_shift(s, *per_call[k], count=512)
     (f,) = report.by_code("stat_shift")
     assert f.severity == "error" and f"in its call {k + 1} of 4 per forward" in f.evidence
     assert f.data["call"] == k + 1 and f.data["calls_per_forward"] == 4
@@ -105,9 +82,9 @@ def test_a_shared_layer_trained_by_pytorch_names_its_call_and_the_fix_says_one_s
     (s,) = report.shifts
     assert s.calls_per_forward == 2 and s.call in (1, 2)
     # the named call is the worse of the two, recomputed in float64 on that call's inputs
-    per_call = [_kl(data.double().numpy() + off, model.bn) for off in (0.0, 3.0)]
+    per_call = [shift_figures(data.double().numpy() + off, model.bn) for off in (0.0, 3.0)]
     assert s.call == 1 + int(np.argmax([kl.mean() for kl, _, _ in per_call]))
-    _assert_shift(s, *per_call[s.call - 1], count=2048)
+    assert_shift(s, *per_call[s.call - 1], count=2048)
     errors = [f for f in report.by_code("stat_shift") if f.severity == "error"]
     assert [f.layer for f in errors] == ["bn"]
     assert f"call {s.call} of 2" in errors[0].evidence
@@ -122,12 +99,10 @@ def test_a_layer_called_once_per_forward_has_no_call_and_unchanged_figures():
     report = audit(bn, x, batch_size=20)
     (s,) = report.shifts
     assert s.call is None and s.calls_per_forward == 1
-    _assert_shift(s, *_kl(x.double().numpy(), bn), count=600)
+    assert_shift(s, *shift_figures(x.double().numpy(), bn), count=600)
     assert all(" of 1 per forward" not in f.evidence and "call None" not in f.evidence
                for f in report.by_code("stat_shift"))
 
-
-# --- 6. routed branch noise ----------------------------------------------------------------------------------------
 
 class RoutedMask(nn.Module):
     def __init__(self):
@@ -176,207 +151,6 @@ def test_a_routed_branch_noise_matches_pytorch_ema_at_the_training_batch_size():
     assert share < 0.35 and reported["a"] > 1.5 * full
 
 
-# --- 7. random outputs vs coupling ---------------------------------------------------------------------------------
-
-class MCDropoutNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.bn, self.fc2 = nn.Linear(8, 32), nn.BatchNorm1d(32), nn.Linear(32, 3)
-
-    def forward(self, x):
-        h = F.relu(self.bn(self.fc1(x)))
-        return self.fc2(h + 0.3 * torch.randn_like(h))  # samples in eval mode too
-
-
-class CenteredNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc, self.bn = nn.Linear(8, 4), nn.BatchNorm1d(4)
-
-    def forward(self, x):
-        h = self.bn(self.fc(x))
-        return h - h.mean(0)  # couples the samples of a batch, deterministically
-
-
-def _trained(model, x):
-    model.train()
-    with torch.no_grad():
-        for b in x.split(64):
-            model(b)
-    return model.eval()
-
-
-def test_a_model_that_samples_in_eval_mode_is_random_not_coupled():
-    torch.manual_seed(0)
-    x = torch.randn(512, 8)
-    model = _trained(MCDropoutNet(), x)
-    with torch.no_grad():  # the setup holds: the same batch twice differs
-        assert not torch.equal(model(x[:64]), model(x[:64]))
-    report = audit(model, x)
-    assert not [f for f in report.by_code("batch_coupling") if f.severity == "error"]
-    (rand,) = report.by_code("random_outputs")
-    assert rand.severity == "warning" and "outputs are random" in rand.finding
-    assert report.batch_coupling is None
-
-
-def test_a_deterministic_coupled_model_still_gets_the_coupling_error():
-    torch.manual_seed(0)
-    x = torch.randn(512, 8)
-    model = _trained(CenteredNet(), x)
-    report = audit(model, x)
-    assert [f.severity for f in report.by_code("batch_coupling")] == ["error"]
-    assert not report.by_code("random_outputs")
-
-
-# --- 8. batches of a custom class ----------------------------------------------------------------------------------
-
-class Batch:
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-
-def _collate(items):
-    xs, ys = zip(*items)
-    return Batch(torch.stack(xs), torch.stack(ys))
-
-
-def test_batches_of_a_custom_class_are_audited_and_the_checks_say_why_they_could_not_run():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 2)).eval()
-    model[1].num_batches_tracked.fill_(1000)
-    with torch.no_grad():
-        model[1].running_mean.fill_(0.3)
-    xs = torch.randn(512, 8)
-    loader = DataLoader(TensorDataset(xs, torch.randint(0, 2, (512,))), batch_size=64, collate_fn=_collate)
-    seen = []  # the oracle's own capture: what the BN normalizes
-    h = model[0].register_forward_hook(lambda m, a, out: seen.append(out.double().numpy()))
-    with torch.no_grad():
-        model(xs)
-    h.remove()
-
-    report = audit(model, loader, forward=lambda m, b: m(b.x))
-    (s,) = report.shifts
-    _assert_shift(s, *_kl(np.concatenate(seen), model[1]), count=512)
-    assert report.batches == 8
-    (coupling,) = report.by_code("batch_coupling")
-    assert coupling.severity == "info" and "not checked" in coupling.finding and "Batch" in coupling.evidence
-    (noise,) = report.by_code("stat_noise")
-    assert noise.severity == "info" and "not estimated" in noise.finding and "train_batch_size" in noise.fix
-    assert s.mean_noise is None
-
-    report = audit(model, loader, forward=lambda m, b: m(b.x), train_batch_size=32)
-    (s,) = report.shifts
-    # the same batches as tensors give the same noise figure (their size is readable there)
-    (t,) = audit(model, xs, batch_size=64, train_batch_size=32).shifts
-    assert s.mean_noise is not None and s.mean_noise == pytest.approx(t.mean_noise, rel=1e-6)
-    (noise,) = report.by_code("stat_noise")
-    assert "not estimated" not in noise.finding and noise.data["train_batch_size"] == 32
-
-
-# --- 9. layers the data never reaches ------------------------------------------------------------------------------
-
-class TwoHeads(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16))
-        self.head_a = nn.Sequential(nn.Linear(16, 4), nn.BatchNorm1d(4))
-        self.head_b = nn.Sequential(nn.Linear(16, 4), nn.BatchNorm1d(4))
-
-    def forward(self, x, task="a"):
-        h = self.body(x)
-        return self.head_a(h) if task == "a" else self.head_b(h)
-
-
-def test_a_layer_the_data_never_reaches_is_named():
-    torch.manual_seed(0)
-    model = TwoHeads()
-    x = torch.randn(512, 8)
-    model.train()
-    with torch.no_grad():
-        model(x)
-        model(x, "b")
-    model.eval()
-    report = audit(model, x)
-    assert "head_b.1" not in [s.layer for s in report.shifts]
-    (f,) = report.by_code("unreached")
-    assert f.severity == "info" and "not reached by the data" in f.finding
-    assert f.layer == "head_b.1" and "head_b.1" in f.evidence and f.data["layers"] == ["head_b.1"]
-
-
-# --- 10. layers frozen by freeze_bn --------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("batch_size", [4, 8])
-def test_a_freeze_bn_layer_gets_no_noise_figure_and_no_blame_on_calls(batch_size):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)).eval()
-    x = torch.randn(1024, 8)
-    with torch.no_grad():
-        h = model[0](x)
-        model[1].running_mean.copy_(h.mean(0))
-        model[1].running_var.copy_(h.var(0))
-        model[1].num_batches_tracked.fill_(1000)
-    frozen = freeze_bn(copy.deepcopy(model))
-    report = audit(frozen, x, batch_size=batch_size)
-    (s,) = report.shifts
-    assert s.mean_noise is None and s.var_noise is None
-    noise = report.by_code("stat_noise")
-    assert not [f for f in noise if f.severity != "info"]
-    assert not [f for f in noise if "more than once" in f.evidence or "not estimated" in f.finding]
-    # the same layer unfrozen does get its figure (the setup holds)
-    assert audit(model, x, batch_size=batch_size).shifts[0].mean_noise is not None
-
-
-# --- 11. BN subclasses ---------------------------------------------------------------------------------------------
-
-class TransposedBN(nn.BatchNorm1d):
-    def forward(self, x):  # x: (N, L, C)
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
-
-
-@pytest.mark.parametrize("length", [6, 10])
-def test_a_transposing_subclass_is_compared_on_its_normalized_axis(length):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 6), TransposedBN(6)).eval()
-    set_running_stats(model[1], torch.linspace(-1, 1, 6), torch.linspace(0.5, 2, 6))
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(256, length, 3, generator=g) * 2 + 1
-    seen = []
-    h = model[0].register_forward_hook(lambda m, a, out: seen.append(out.reshape(-1, 6).double().numpy()))
-    with torch.no_grad():
-        model(x)
-    h.remove()
-    report = audit(model, x, batch_size=64)
-    (s,) = report.shifts
-    _assert_shift(s, *_kl(np.concatenate(seen), model[1]), count=256 * length)
-    assert not report.by_code("own_forward")
-
-
-ArithmeticBN = arithmetic_bn_class()  # masked BN with its own arithmetic: never calls F.batch_norm
-
-
-def test_a_subclass_with_its_own_arithmetic_gets_the_own_forward_warning():
-    model = nn.ModuleDict({"masked": ArithmeticBN(4)}).eval()
-    model["masked"].num_batches_tracked.fill_(1000)
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for _ in range(4):
-        x = torch.randn(16, 4, 12, generator=g) * 2 + 3
-        mask = torch.arange(12)[None, :] < torch.randint(3, 12, (16, 1), generator=g)
-        data.append((x * mask[:, None, :], mask))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = audit(model, data, forward=lambda m, b: m["masked"](*b))
-    (f,) = report.by_code("own_forward")
-    assert f.severity == "warning" and f.layer == "masked" and f.data["layers"] == ["masked"]
-    assert "masked" in f.evidence
-    # measured on its input (padding included), as the warning says
-    (s,) = report.shifts
-    rows = np.concatenate([x.transpose(1, 2).reshape(-1, 4).double().numpy() for x, _ in data])
-    _assert_shift(s, *_kl(rows, model["masked"]), count=len(rows))
-    # its own training-mode arithmetic ran during the pass: the audit leaves its buffers as they were
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-
-
 def test_ghost_batch_layer_called_on_chunks_is_compared_pooled_not_per_chunk():
     """One BN called on each small chunk of a shuffled batch (ghost batch norm): the chunk positions differ by
     sampling alone, so the worst of 32 small positions must not be reported as a shift. Running statistics set
@@ -411,9 +185,9 @@ def test_ghost_batch_layer_called_on_chunks_is_compared_pooled_not_per_chunk():
 
 
 def test_routed_call_that_gets_no_rows_keeps_the_call_positions_and_the_share():
-    """Review R: a shared BN called first on the rare flagged rows (3 std off its running statistics), then on the
-    whole batch shifted back onto them. Batches with no flagged row used to record only the second call, which
-    then counted as call 1: the flagged call's figure was diluted (no finding at 3% flagged). Oracle: float64
+    """A shared BN called first on the rare flagged rows (3 std off its running statistics), then on the whole batch
+    shifted back onto them. Batches with no flagged row give only the second call, which must not count as call 1
+    there: the flagged call's figure would be diluted (no finding at 3% flagged). Oracle: float64
     statistics of the flagged rows alone, and the share of flagged rows over all the data."""
     from bnkit.torch import audit
 
@@ -457,7 +231,7 @@ class _RoutedTwice(nn.Module):
 
 
 def test_a_layer_measured_at_one_place_of_two_is_audited_as_called_once():
-    """Review R2: a second call that this data never gives rows made the audit divide by zero (one measured place
+    """A second call that this data never gives rows must not make the audit divide by zero (one measured place
     compared among places). Oracle: float64 statistics of all rows, and the closed-form noise sqrt(m/(2-m)/B)."""
     from bnkit.torch import audit
 
@@ -475,7 +249,7 @@ def test_a_layer_measured_at_one_place_of_two_is_audited_as_called_once():
 
 
 def test_the_worst_call_is_named_by_its_place_among_all_calls():
-    """Review R2: with an empty routed call between them, the shifted third call was named 'call 2 of 2'."""
+    """With an empty routed call between them, the shifted third call is 'call 3 of 3', not 'call 2 of 2'."""
     from bnkit.torch import audit
 
     torch.manual_seed(0)
@@ -486,8 +260,8 @@ def test_the_worst_call_is_named_by_its_place_among_all_calls():
 
 
 def test_a_layer_some_batches_skip_keeps_the_noise_of_its_whole_batches():
-    """Review R2: domain-specific BN (each batch goes wholly through one domain's layer) had its noise divided by
-    its share of all the data's batches, twice too large at a quarter. Oracle: every training update of the layer
+    """Domain-specific BN (each batch goes wholly through one domain's layer): its noise is not divided by its
+    share of all the data's batches (twice too large at a quarter). Oracle: every training update of the layer
     sees a whole batch of 64, so its running mean wobbles by sqrt(m/(2-m)/64) std."""
     from bnkit.torch import audit
 
@@ -514,9 +288,9 @@ def test_a_layer_some_batches_skip_keeps_the_noise_of_its_whole_batches():
 
 
 def test_places_that_differ_by_design_give_no_noise_figure_and_do_not_make_random_data_look_ordered():
-    """Review R3: a BN shared by two domains (x and x + 3), each shuffled batch giving rows to one of its two
-    calls: its places' difference was measured as spread between batches, the audit called the random data
-    ordered and dropped every layer's noise figure. Oracle: the ordinary layer's closed form sqrt(m/(2-m)/B)."""
+    """A BN shared by two domains (x and x + 3), each shuffled batch giving rows to one of its two calls: its
+    places' difference must not be measured as spread between batches (the audit would call the random data
+    ordered and drop every layer's noise figure). Oracle: the ordinary layer's closed form sqrt(m/(2-m)/B)."""
     from bnkit.torch import audit
 
     class Shared(nn.Module):
@@ -555,9 +329,10 @@ class _OwnForward(nn.BatchNorm1d):
 
 @pytest.mark.parametrize("cls", [nn.BatchNorm1d, _OwnForward])
 def test_a_loop_of_varying_length_is_named_by_its_longest_forward(cls):
-    """Mutation M9: the calls per forward were not tested with a loop whose length varies between batches (one call
-    on even batches, three on odd ones, the third shifted by 5 std), nor with an empty routed call of a layer with
-    its own forward. Oracle: the third call's rows, in float64, against the running statistics."""
+    """The calls per forward of a loop whose length varies between batches (one call on even batches, three on odd
+    ones, the third shifted by 5 std), with an empty routed call, for a stock layer and for one with its own
+    forward: the longest forward's count, the shifted call named. Oracle: the third call's rows, in float64,
+    against the running statistics."""
     from bnkit.torch import audit
 
     class Loop(nn.Module):
