@@ -39,6 +39,28 @@ def _print_rows(folded: list[tuple[str, str]], left: dict[str, str], title: str)
     console.print(table)
 
 
+def _onnx_rows(folded: list) -> list[tuple[str, str]]:
+    """Table rows of the ONNX fold's folded nodes (:class:`bnkit.onnx.fold.FoldedNode`): BN node, node it went into."""
+    return [(f.bn, f"{f.into} ({f.op}{'; ' + '; '.join(f.notes) if f.notes else ''})") for f in folded]
+
+
+def _torch_rows(folded: list) -> list[tuple[str, str]]:
+    """Table rows of fold_bn's folded layers (:class:`bnkit.torch.FoldedBN`): BN layer, layer it went into."""
+    return [(f.bn, f"{f.into} ({f.position}{', bias added' if f.bias_added else ''})") for f in folded]
+
+
+def _in_onnx_file(report, onnx_fold) -> dict:
+    """``folded`` and ``left`` as the written ONNX file has them: fold_bn's folds (``"stage": "pytorch"``), then the
+    BatchNormalization nodes the ONNX fold removed (``"stage": "onnx"``, node names, with ``op`` and ``notes``);
+    ``left``: the nodes still in the file, with the ONNX fold's reason."""
+    from dataclasses import asdict
+
+    return {"folded": [{**asdict(f), "stage": "pytorch"} for f in report.folded]
+            + [{"bn": f.bn, "into": f.into, "position": "after", "bias_added": "bias added" in f.notes,
+                "stage": "onnx", "op": f.op, "notes": f.notes} for f in onnx_fold.folded],
+            "left": dict(onnx_fold.left)}
+
+
 def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool, verify: bool, as_json: bool) -> None:
     from ..onnx import FoldVerificationError, OnnxRuntimeError, fold
 
@@ -68,8 +90,7 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
     if as_json:
         print_json({"output": str(output), **report.to_dict()})
         return
-    _print_rows([(f.bn, f"{f.into} ({f.op}{'; ' + '; '.join(f.notes) if f.notes else ''})") for f in report.folded],
-                report.left, f"{source} -> {output}")
+    _print_rows(_onnx_rows(report.folded), report.left, f"{source} -> {output}")
     for name in report.converted:
         console.print(f"switched {name} from training mode to its running statistics", markup=False)
     for name in report.dropout_converted:
@@ -170,7 +191,8 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         from ..torch.export import export_onnx
 
         try:
-            export_onnx(folded, example, output, fold=True, force=force, dynamic_batch=not fixed_batch, verify=verify)
+            exported = export_onnx(folded, example, output, fold=True, force=force, dynamic_batch=not fixed_batch,
+                                   verify=verify)
         except OSError as exc:
             raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None
         except (ValueError, TypeError, RuntimeError) as exc:  # ExportVerificationError, torch.onnx's errors too
@@ -179,9 +201,11 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
             if isinstance(exc, Terminated):  # SIGTERM while the file was written: exit 143, nothing written
                 raise
             raise fail(f"cannot export the folded model to ONNX: {describe_error(exc)}", code=1) from None
-        report_file = None
+        report_file, in_file = None, _in_onnx_file(report, exported.fold)
+        rows, left = _torch_rows(report.folded) + _onnx_rows(exported.fold.folded), exported.fold.left
     else:
-        report_file = report_path(output)
+        report_file, in_file = report_path(output), {}
+        rows, left = _torch_rows(report.folded), report.left
         writing = report_file
         try:  # the report is renamed into place only once the weights are: a failure leaves both files as they were
             with atomic_path(report_file) as tmp:
@@ -204,10 +228,9 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     verified = report.max_rel_diff is not None
     if as_json:
         extra = {"report": str(report_file)} if report_file is not None else {}
-        print_json({"output": str(output), **extra, "verified": verified, **report.to_dict()})
+        print_json({"output": str(output), **extra, "verified": verified, **report.to_dict(), **in_file})
         return
-    _print_rows([(f.bn, f"{f.into} ({f.position}{', bias added' if f.bias_added else ''})") for f in report.folded],
-                report.left, f"{spec} -> {output}")
+    _print_rows(rows, left, f"{spec} -> {output}")
     for made in report.notes:  # assumptions fold_bn made; "not verified" is said below in the CLI's words
         if not made.startswith("not verified"):
             console.print(f"[yellow]note:[/] {escape(_cli_words(made))}", soft_wrap=True)
@@ -250,7 +273,10 @@ def fold_command(
     trust: bool = typer.Option(
         False, "--trust", help="Unpickle a checkpoint outside PyTorch's safe allow-list (only files you made)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check outputs before and after folding."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the report as JSON. --model to .onnx: 'folded' and 'left' describe the written "
+        "file: 'folded' lists the PyTorch folds (stage 'pytorch'), then the BatchNormalization nodes the ONNX fold "
+        "removed (stage 'onnx': node names, with 'op' and 'notes'); 'left' the nodes still in it."),
     fixed_batch: bool = typer.Option(
         False, "--fixed-batch", help="--model to .onnx: keep the batch size of --input-shape fixed in the graph "
         "(no dynamic batch axis, so no batch-of-one check)."),
