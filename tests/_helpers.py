@@ -220,3 +220,51 @@ def assert_shift(s, kl, z, lr, count):
     assert s.mean_shift == pytest.approx(z[worst], rel=1e-4, abs=1e-5)
     assert s.log_var_ratio == pytest.approx(lr[worst], rel=1e-4, abs=1e-5)
     assert s.count == count
+
+
+def value_info(name, shape, elem=None):
+    """An ONNX ValueInfoProto: ``name``, ``shape``, element type ``elem`` (default float)."""
+    from onnx import TensorProto, helper
+
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT if elem is None else elem, shape)
+
+
+def bn_initializers(prefix: str, c: int, rng, var=None) -> list:
+    """The float32 initializers ``{prefix}s, b, m, v`` (scale, bias, mean, variance) of a BatchNormalization over
+    ``c`` channels, drawn from ``rng`` (variance ``var`` when given)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    var = rng.uniform(0.5, 2.0, c) if var is None else np.asarray(var)
+    return [numpy_helper.from_array(a.astype(np.float32), prefix + k) for a, k in
+            ((rng.uniform(0.5, 1.5, c), "s"), (rng.uniform(-1, 1, c), "b"), (rng.uniform(-1, 1, c), "m"), (var, "v"))]
+
+
+def bn_node(x: str, y: str, prefix: str, **attrs):
+    """A BatchNormalization node ``{prefix}bn`` from ``x`` to ``y`` reading the initializers of
+    :func:`bn_initializers`."""
+    from onnx import helper
+
+    return helper.make_node("BatchNormalization", [x] + [prefix + k for k in "sbmv"], [y], name=prefix + "bn", **attrs)
+
+
+def conv_bn_model(batch_dim):
+    """Opset 13 Conv(2 -> 4, 3x3) + BatchNormalization ``abn`` on an (batch_dim, 2, 6, 6) input ``x``."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), bn_node("c", "y", "a")], "g",
+                              [value_info("x", [batch_dim, 2, 6, 6])], [value_info("y", [batch_dim, 4, 4, 4])],
+                              [numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "W")]
+                              + bn_initializers("a", 4, rng))
+    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses NaN and Infinity (which the JSON standard has not)."""
+    import json
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)

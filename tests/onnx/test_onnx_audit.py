@@ -1,7 +1,10 @@
-"""bnkit.onnx.audit on real exports and on hand-built BatchNormalization graphs."""
+"""bnkit.onnx.audit on real exports and on hand-built BatchNormalization graphs; a model over protobuf's 2 GB limit
+is checked by path (and the fold refuses it); reports with NaN or infinite values are strict JSON."""
 from __future__ import annotations
 
 import ast
+import json
+import math
 import re
 import subprocess
 import sys
@@ -10,10 +13,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from _helpers import bn_initializers, bn_node, conv_bn_model, strict_json, value_info
 from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
 
-from bnkit.onnx import audit, fold_model
+from bnkit.onnx import audit, fold, fold_model
 from bnkit.torch.zoo import ZOO
+
+runner = CliRunner()
 
 
 def _bn_model(scale, bias, mean, var, *, opset=17, outputs=("y",), training_mode=None, epsilon=1e-5, name="bn"):
@@ -508,3 +515,69 @@ def test_spatial_0_statistics_of_shape_c_h_w_are_checked_per_position(negative):
     assert "spatial" not in onnx.defs.get_schema("BatchNormalization", 9, "").attributes
     spatial = [f for f in report.findings if f.code == "spatial"]
     assert [(f.severity, f.layer) for f in spatial] == [("warning", "bn")] and "spatial=0" in spatial[0].evidence
+
+
+def test_over_the_protobuf_limit_audit_checks_by_path_and_fold_refuses(tmp_path, monkeypatch):
+    import bnkit.onnx.graph as graph_module
+
+    model = conv_bn_model("N")
+    model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.array([1, np.nan, 1, 1], np.float32), "av"))
+    path = tmp_path / "big.onnx"
+    onnx.save(model, path)
+    invalid = conv_bn_model("N")
+    invalid.graph.node.append(helper.make_node("Relu", ["nowhere"], ["z"]))  # reads a value nothing makes
+    invalid_path = tmp_path / "invalid.onnx"
+    onnx.save(invalid, invalid_path)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(invalid_path)  # premise
+
+    # what onnx and bnkit do with a model over 2 GB, at a limit this model is over
+    limit = model.ByteSize() // 2
+    monkeypatch.setattr(graph_module, "PROTOBUF_LIMIT", limit, raising=False)
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", limit)
+    with pytest.raises(ValueError, match="too large"):
+        onnx.checker.check_model(model)  # onnx refuses the message in memory
+
+    report = audit(path)
+    assert not report.ok and [f.code for f in report.findings if f.severity == "error"] == ["non_finite"]
+    bad = audit(invalid_path)
+    assert "invalid_model" in [f.code for f in bad.findings] and not bad.ok
+
+    with pytest.raises(ValueError, match="2 GB"):
+        audit(onnx.load(path))
+    out = tmp_path / "folded.onnx"
+    with pytest.raises(ValueError, match="2 GB.*nothing written"):
+        fold(path, out, verify=False)
+    assert not out.exists()
+
+
+def _eps_model(path) -> None:
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+             bn_node("c", "y1", "a", epsilon=float("nan")), bn_node("y1", "y", "b", epsilon=float("inf"))]
+    graph = helper.make_graph(nodes, "g", [value_info("x", ["N", 2, 6, 6])], [value_info("y", ["N", 4, 4, 4])],
+                              [numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "W")]
+                              + bn_initializers("a", 4, rng) + bn_initializers("b", 4, rng))
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+
+def test_cli_audit_json_is_strict_json_with_nan_and_inf_epsilon(tmp_path):
+    from bnkit.cli import app
+
+    path = tmp_path / "eps.onnx"
+    _eps_model(path)
+    result = runner.invoke(app, ["audit", str(path), "--json"])
+    assert result.exit_code == 1
+    report = strict_json(result.output)
+    assert not report["ok"] and sorted(report["layers"]) == ["abn", "bbn"]
+    eps = {f["layer"]: float(f["data"]["eps"]) for f in report["findings"] if f["code"] == "bad_eps"}
+    assert sorted(eps) == ["abn", "bbn"] and math.isnan(eps["abn"]) and eps["bbn"] == math.inf
+
+
+def test_onnx_audit_report_to_dict_is_strict_json(tmp_path):
+    path = tmp_path / "eps.onnx"
+    _eps_model(path)
+    report = audit(path)
+    assert {f.code for f in report.findings if f.severity == "error"} == {"bad_eps"}
+    out = strict_json(json.dumps(report.to_dict(), allow_nan=False))
+    assert len(out["nodes"]) == 2 and out["ok"] is False

@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 from _helpers import calibrated as calibrated_model
-from _helpers import ort_run, rel
+from _helpers import bn_initializers, bn_node, ort_run, rel, value_info
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
@@ -1119,3 +1119,34 @@ def test_onnx_fold_leaves_a_bn_whose_add_constant_does_not_line_up_with_its_chan
     got, = ort_run(onnx.load(dst), {"X": x})
     assert got.shape == (2, 5, 4)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_name_does_not_shadow_a_value_an_if_branch_computes():
+    rng = np.random.default_rng(0)
+    c = 4
+    # W is read by two Convs, so folding conv's BN copies it under a new name, "conv.W_folded" at first choice:
+    # the then-branch already computes a value of that name
+    then_g = helper.make_graph([helper.make_node("Relu", ["y1"], ["conv.W_folded"]),
+                                helper.make_node("Identity", ["conv.W_folded"], ["t"])],
+                               "then", [], [value_info("t", ["N", c, 4, 4])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["y2"], ["e"])], "else", [],
+                               [value_info("e", ["N", c, 4, 4])])
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c1"], name="conv"),
+             helper.make_node("Conv", ["x", "W"], ["c2"], name="conv2"),
+             bn_node("c1", "y1", "a"), bn_node("c2", "y2", "b"),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)]
+    graph = helper.make_graph(nodes, "g", [value_info("x", ["N", 2, 6, 6]), value_info("cond", [], TensorProto.BOOL)],
+                              [value_info("y", ["N", c, 4, 4])],
+                              [numpy_helper.from_array(rng.standard_normal((c, 2, 3, 3)).astype(np.float32), "W")]
+                              + bn_initializers("a", c, rng) + bn_initializers("b", c, rng))
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model, full_check=True)
+
+    folded, report = fold_model(model)
+    assert report.verified and len(report.folded) == 2
+    onnx.checker.check_model(folded, full_check=True)
+    assert "BatchNormalization" not in [n.op_type for n in folded.graph.node]
+    x = rng.standard_normal((3, 2, 6, 6)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        assert rel(ort_run(folded, feeds)[0], ort_run(model, feeds)[0]) < 1e-5

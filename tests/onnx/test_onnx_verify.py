@@ -1,10 +1,14 @@
-"""bnkit.onnx.verify: the comparison and tolerance every fold/export check relies on, against closed-form values."""
+"""bnkit.onnx.verify: the comparison and tolerance every fold/export check relies on, against closed-form values;
+the random inputs it makes for a check take a dim_value of -1 as dynamic and refuse 0 (empty), as onnxruntime does."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from _helpers import conv_bn_model, ort_run, rel
 from onnx import TensorProto, helper, numpy_helper
 
+from bnkit.onnx import fold_model
 from bnkit.onnx.verify import compare, default_tolerance, random_inputs
 
 REF = np.array([1.0, 2.0, 3.0])
@@ -71,3 +75,25 @@ def test_random_inputs_refuse_a_shape_for_an_input_the_graph_does_not_have():
     assert random_inputs(model, input_shapes={"x": [1, 8, 2, 2]})["x"].shape == (1, 8, 2, 2)
     with pytest.raises(ValueError, match=r"names no graph input.*imput.*the graph's inputs are \['x'\]"):
         random_inputs(model, input_shapes={"x": [1, 8, 2, 2], "imput": [1, 8, 2, 2]})
+
+
+def test_dim_value_minus_one_is_dynamic_and_zero_is_still_empty():
+    from bnkit.onnx.verify import random_inputs
+
+    model = conv_bn_model(-1)
+    onnx.checker.check_model(model, full_check=True)
+    x5 = np.random.default_rng(1).standard_normal((5, 2, 6, 6)).astype(np.float32)
+    original = ort_run(model, {"x": x5})[0]  # onnxruntime takes -1 as dynamic
+    assert random_inputs(model, dynamic_size=3)["x"].shape == (3, 2, 6, 6)
+
+    folded, report = fold_model(model)
+    assert report.verified and report.input_shapes == {"x": [2, 2, 6, 6]}
+    assert rel(ort_run(folded, {"x": x5})[0], original) < 1e-5
+    _, report = fold_model(model, input_shapes={"x": [3, 2, 6, 6]})
+    assert report.verified and report.input_shapes == {"x": [3, 2, 6, 6]}
+
+    empty = conv_bn_model(0)
+    with pytest.raises(ValueError, match="empty"):
+        random_inputs(empty)
+    with pytest.raises(ValueError, match="empty"):
+        fold_model(empty)
