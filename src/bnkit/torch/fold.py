@@ -58,7 +58,7 @@ from torch.nn.utils import parametrize
 from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
 from .modules import (
-    SavedBuffers, as_args, bn_or_frozen_layers, channels, deep_copy, eval_mode, exact_float32, flatten_tensors,
+    SavedState, as_args, bn_or_frozen_layers, channels, deep_copy, eval_mode, exact_float32, flatten_tensors,
     has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, map_nested, parallel_device, to_device,
     uninitialized_lazy, unwrapped,
 )
@@ -173,8 +173,10 @@ def fold_bn(
 
     Args:
         model: any ``nn.Module``; it is not modified, and the copy keeps every module's
-            train/eval flag. A wrapped model (``torch.compile``, ``DataParallel``, DDP,
-            ``AveragedModel``) is folded as the module it runs, which is what is returned.
+            train/eval flag and state: what the probe and verification forwards write (parameters,
+            buffers, attributes; an ActNorm initializing itself) is put back. A wrapped model
+            (``torch.compile``, ``DataParallel``, DDP, ``AveragedModel``) is folded as the module it
+            runs, which is what is returned.
         example_inputs: a tensor or a tuple of positional inputs (anything else is passed
             as the single input). Used to learn the rank of layer outputs (a
             Linear->BatchNorm1d fold is exact only on ``(N, C)``), to count module calls
@@ -209,7 +211,8 @@ def fold_bn(
     _apply(work, plan, _folded_weights(work, plan))
 
     if verify and inputs is not None:
-        report.max_abs_diff, report.max_rel_diff = _compare(reference, _run_eval(work, inputs))
+        with SavedState(work):  # verified from the state the reference ran from; the copy keeps that state
+            report.max_abs_diff, report.max_rel_diff = _compare(reference, _run_eval(work, inputs))
         if report.max_abs_diff is None:
             report.notes.append("not verified: the model's output holds no tensors to compare")
     elif verify:
@@ -223,11 +226,11 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
 
     The report's ``folded`` lists the pairs ``fold_bn`` would fold (``bias_added`` as it
     would set it) and ``left`` the rest with their reasons; nothing is verified. With
-    ``example_inputs`` the model runs once in eval mode (every module's flag and buffer is put back)
-    with forward hooks, to learn the ranks of layer outputs. Whether the folded weights fit the
-    layers' dtype is checked by a cheap bound (:func:`_within_dtype_bound`), and where that
-    cannot tell, by computing them as :func:`fold_bn` does. Same arguments and errors as
-    :func:`fold_bn`; cheaper, as the model is neither copied nor changed.
+    ``example_inputs`` the model runs once in eval mode with forward hooks, to learn the ranks of layer outputs;
+    every module's flag, attribute, parameter and buffer is put back (a copy of the parameters and buffers is held
+    meanwhile). Whether the folded weights fit the layers' dtype is checked by a cheap bound
+    (:func:`_within_dtype_bound`), and where that cannot tell, by computing them as :func:`fold_bn` does. Same
+    arguments and errors as :func:`fold_bn`; cheaper, as no folded copy of the model is made.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_plan needs a torch.nn.Module, got {type(model).__name__}")
@@ -235,12 +238,7 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
     model, _ = unwrapped(model)
     _check_model(model, force)
     report = FoldReport()
-    saved = SavedBuffers(list(model.modules()))
-    try:
-        _, plan = _plan(model, _as_tuple(example_inputs if device is None else to_device(example_inputs, device)),
-                        report)
-    finally:  # the probe run: a forward that writes its own buffers, even in eval mode, leaves nothing behind
-        saved.restore()
+    _, plan = _plan(model, _as_tuple(example_inputs if device is None else to_device(example_inputs, device)), report)
     report.folded = _entries(model, plan)
     if not _within_dtype_bound(model, plan):
         _folded_weights(model, plan)  # raises where a folded weight is beyond its layer's dtype
@@ -251,15 +249,27 @@ def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport) -> tuple[An
     """The eval-mode outputs on ``inputs`` (None without them) and the ``(bn, layer, position)`` pairs to fold.
 
     Reads ``work`` only: a probe forward in eval mode, then a torch.fx trace (or, when
-    tracing fails, the ``nn.Sequential`` neighbours). Fills ``report.method``,
+    tracing fails, the ``nn.Sequential`` neighbours), each from ``work``'s state as found and leaving it so
+    (a forward may write its parameters, buffers or attributes, even in eval mode). Fills ``report.method``,
     ``report.left`` and ``report.notes``.
     """
     reference, probe = None, {}
-    if inputs is not None:
-        reference, probe = _probe(work, inputs)
+    with SavedState(work) as saved:
+        if inputs is not None:
+            reference, probe = _probe(work, inputs)
+            saved.restore()
+        graph = _trace_or_note(work, report)
+    if graph is None:
+        return reference, _plan_sequential(work, probe, report)
+    return reference, _plan_fx(work, graph, probe, report)
+
+
+def _trace_or_note(work: nn.Module, report: FoldReport) -> fx.Graph | None:
+    """The eval-mode fx graph of ``work``; None where tracing fails, with ``report.method`` ``"sequential"`` and a
+    note saying why."""
     try:
         with eval_mode(work):
-            graph = _trace(work, report)
+            return _trace(work, report)
     except Exception as exc:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError, ...)
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         report.method = "sequential"
@@ -267,8 +277,7 @@ def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport) -> tuple[An
             f"torch.fx could not trace the model ({type(exc).__name__}: {first_line}); "
             "folded only neighbours inside nn.Sequential containers"
         )
-        return reference, _plan_sequential(work, probe, report)
-    return reference, _plan_fx(work, graph, probe, report)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -24,7 +24,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
 __all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "bn_or_frozen_layers", "has_stock_forward", "bn_layers",
-           "eval_mode", "flatten_tensors", "map_nested", "as_args", "write_count", "SavedBuffers"]
+           "eval_mode", "flatten_tensors", "map_nested", "as_args", "write_count", "SavedBuffers",
+           "SavedState"]
 
 BN_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm,)
 
@@ -440,6 +441,40 @@ class SavedBuffers:
         with torch.no_grad():
             for tensor, before in self.values.values():
                 tensor.copy_(before)
+
+
+class SavedState:
+    """Every module's state at one moment: its attributes as bound (plain values, parameters, buffers, submodules)
+    and the values of its parameters and buffers.
+
+    :meth:`restore` (also on leaving a ``with`` block) binds each attribute again and writes the saved values back in
+    place, so the tensors stay the objects they were (an optimizer's references hold). Plain containers changed in
+    place (a list appended to) are not put back.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        modules = list(model.modules())
+        self.buffers = SavedBuffers(modules)
+        self.bindings = [(slots, dict(slots)) for m in modules for slots in (vars(m), m._parameters, m._modules)]
+        params = {id(p): p for m in modules for p in m._parameters.values()
+                  if p is not None and not is_lazy(p) and not p.is_inference()}
+        self.params = [(p, p.detach().clone()) for p in params.values()]
+
+    def restore(self) -> None:
+        for now, before in self.bindings:
+            if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
+                now.clear()
+                now.update(before)
+        self.buffers.restore()
+        with torch.no_grad():
+            for param, before in self.params:
+                param.copy_(before)
+
+    def __enter__(self) -> SavedState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
 
 def flatten_tensors(obj: Any) -> list[torch.Tensor]:

@@ -1,0 +1,133 @@
+"""fold_bn and fold_plan leave no trace of their own forward runs: a model whose eval forward writes its state (a
+Glow-style ActNorm initializing itself from the first batch, a call counter) is folded, verified and planned from the
+state it has, and the caller's model and the returned copy keep that state.
+
+Oracles: the unfolded model's own eval output (a float64 deep copy, run fresh), and its state dict before the call.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _helpers import set_running_stats
+from torch import nn
+
+from bnkit.torch import fold_bn
+
+
+class ActNormBuffer(nn.Module):
+    """Glow's ActNorm: on its first forward (in any mode) it sets ``loc`` and ``scale`` from the batch; the flag
+    is a buffer."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.scale = nn.Parameter(torch.ones(1, c, 1, 1))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.done():
+            with torch.no_grad():
+                self.loc.copy_(-x.mean((0, 2, 3), keepdim=True))
+                self.scale.copy_(1 / (x.std((0, 2, 3), keepdim=True) + 1e-6))
+            self.mark_done()
+        return self.scale * (x + self.loc)
+
+    def done(self) -> bool:
+        return bool(self.initialized)
+
+    def mark_done(self) -> None:
+        self.initialized.fill_(1)
+
+
+class ActNormFlag(ActNormBuffer):
+    """The same ActNorm with a plain Python flag (no buffer) that the first forward rebinds."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        del self.initialized
+        self.initialized = False
+
+    def done(self) -> bool:
+        return self.initialized
+
+    def mark_done(self) -> None:
+        self.initialized = True
+
+
+class Counter(nn.Module):
+    """Adds how many times it ran before (a buffer written in place on every call, eval mode included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x + self.calls
+        self.calls += 1
+        return out
+
+
+def conv_bn_then(tail: nn.Module) -> nn.Sequential:
+    """conv -> BN (foldable, real-looking statistics) -> ``tail``, in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), tail).eval()
+    set_running_stats(model[1], torch.randn(4), torch.rand(4) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("actnorm", [ActNormBuffer, ActNormFlag])
+def test_fold_bn_copy_keeps_the_models_state_not_what_its_probe_and_verification_wrote(actnorm):
+    """An ActNorm not yet initialized is returned not yet initialized (parameters, buffer or flag as in the
+    model), so on the first real batch it initializes from that batch as the unfolded model does."""
+    model = conv_bn_then(actnorm(4))
+    before = copy.deepcopy(model.state_dict())
+    oracle = copy.deepcopy(model).double()
+    example = torch.randn(2, 3, 8, 8)
+
+    folded, report = fold_bn(model, example)
+
+    assert [f.bn for f in report.folded] == ["1"]
+    assert folded[2].initialized is False if actnorm is ActNormFlag else int(folded[2].initialized) == 0
+    for key in ("2.loc", "2.scale"):
+        assert torch.equal(folded.state_dict()[key], before[key])
+    real = torch.randn(4, 3, 8, 8) * 5 + 3
+    with torch.no_grad():
+        want, got = oracle(real.double()), folded(real).double()
+    assert float((want - got).abs().max()) < 1e-4
+    assert report.max_abs_diff < 1e-5
+
+
+def test_fold_bn_verifies_from_the_state_the_reference_ran_from():
+    """A forward that counts its calls in a buffer gives the same output for the same state: the folded model's
+    verification run starts from the count the unfolded run started from (0), and the copy comes back at 0."""
+    model = conv_bn_then(Counter())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+
+    folded, report = fold_bn(model, x)
+
+    assert report.max_abs_diff < 1e-5
+    assert float(folded[2].calls) == 0 and float(model[2].calls) == 0
+    with torch.no_grad():
+        assert float((folded(x).double() - want).abs().max()) < 1e-5
+
+
+def test_fold_plan_changes_no_parameter_buffer_or_attribute_of_the_model():
+    """fold_plan's probe run on the caller's model leaves it as it was: an ActNorm that initializes itself on its
+    first forward keeps its parameters (the same objects, with their values) and its flag unset."""
+    from bnkit.torch import fold_plan
+
+    model = conv_bn_then(ActNormFlag(4))
+    before = copy.deepcopy(model.state_dict())
+    params = [id(p) for p in model.parameters()]
+
+    plan = fold_plan(model, torch.randn(2, 3, 8, 8))
+
+    assert [f.bn for f in plan.folded] == ["1"]
+    assert model[2].initialized is False
+    assert [id(p) for p in model.parameters()] == params
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
