@@ -485,7 +485,7 @@ def test_recalibrate_and_audit_on_cuda_read_what_a_subclass_hands_to_batch_norm(
     """A BN subclass that transposes its input (e9cbb0c, normalized_inputs): on CUDA its statistics are those of
     the axis it normalizes, as on the CPU. Oracle: float64 NumPy moments of the values it normalizes; the audit's
     figures against the CPU audit of the same model."""
-    from test_review12_audit import TransposedBN
+    from test_audit_data import TransposedBN
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), TransposedBN(6)).double().eval()
@@ -514,7 +514,7 @@ def test_recalibrate_and_audit_on_cuda_read_what_a_subclass_hands_to_batch_norm(
 def test_audit_on_cuda_compares_a_looped_layer_call_by_call_as_on_the_cpu():
     """A layer called four times per forward on inputs that differ by design (e8cf56b): on CUDA the worst call
     and its figures are those of the CPU audit."""
-    from test_review12_audit import Loop
+    from test_audit_calls import Loop
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 3, generator=g)
@@ -533,7 +533,7 @@ def test_audit_on_cuda_compares_a_looped_layer_call_by_call_as_on_the_cpu():
 def test_audit_on_cuda_tells_random_outputs_from_batch_coupling():
     """On CUDA a deterministic model is not taken for a random one (its two runs of one batch agree), a model that
     samples in eval mode is, and a model that couples its samples still gets the coupling error."""
-    from test_review12_audit import CenteredNet, MCDropoutNet, _trained
+    from test_audit_data import CenteredNet, MCDropoutNet, _trained
 
     torch.manual_seed(0)
     x = torch.randn(512, 8)
