@@ -15,7 +15,9 @@ Flags, as :class:`bnkit.findings.Finding` rows (layer = node name):
   non-finite values, never-updated statistics (every mean 0 and variance 1),
   negative variances, variances below ``epsilon``, near-zero scales;
 * a ``Dropout`` whose ``training_mode`` input is a constant true (opset >= 12, as a
-  training-mode export writes it): its outputs are random on every run (warning).
+  training-mode export writes it): its outputs are random on every run (warning);
+* a model that fails ``onnx.checker`` (error), and a node that cannot be read (an attribute of
+  another type than its op requires, a required one missing: error, in place of the node rows).
 
 ONNX's ``momentum`` is the weight on the OLD running value; it is passed on in PyTorch's
 convention (``1 - momentum``). A clean inference export yields no warning or error.
@@ -29,8 +31,8 @@ import onnx
 
 from ..audit_state import BNStats, check_bn_stats
 from ..findings import Finding, jsonable, worst_severity
-from .graph import (BNNode, FunctionKey, bn_nodes, check_model, load_model, local_functions, node_label,
-                    opset_version, training_dropouts, unswitchable_training)
+from .graph import (BNNode, FunctionKey, MalformedNodeError, bn_nodes, check_model, load_model, local_functions,
+                    node_label, opset_version, training_dropouts, unswitchable_training)
 
 __all__ = ["OnnxAuditReport", "audit"]
 
@@ -139,17 +141,9 @@ def _dropout_findings(graph: onnx.GraphProto, opset: int,
             for node, known in training_dropouts(graph, opset, nested=True, functions=functions) if known]
 
 
-def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:
-    """Check every BatchNormalization node of an ONNX model (path or ModelProto; the proto is not modified)."""
-    proto = load_model(model)
-    opset = opset_version(proto)
-    report = OnnxAuditReport(opset=opset)
-    try:
-        check_model(proto, model)
-    except onnx.checker.ValidationError as exc:
-        report.findings.append(Finding(
-            "error", "(model)", "the model fails onnx.checker", str(exc).splitlines()[0],
-            "re-export the model; runtimes may reject or misread it", "invalid_model"))
+def _audit_nodes(proto: onnx.ModelProto, opset: int, report: OnnxAuditReport) -> list[BNNode]:
+    """Add each BatchNormalization node's row and findings, and the Dropout findings, to ``report``; the nodes.
+    Raises :class:`~bnkit.onnx.graph.MalformedNodeError` for a node it cannot read."""
     functions = local_functions(proto)
     nodes = bn_nodes(proto.graph, opset, functions=functions)
     switchable = not unswitchable_training(proto.graph, opset, nodes, functions=functions)
@@ -159,7 +153,31 @@ def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:
                              "momentum": bn.momentum, "training": bn.training})
         report.findings.extend(_node_findings(bn, switchable))
     report.findings.extend(_dropout_findings(proto.graph, opset, functions))
-    if not nodes:
+    return nodes
+
+
+def audit(model: "str | os.PathLike | onnx.ModelProto") -> OnnxAuditReport:
+    """Check every BatchNormalization node of an ONNX model (path or ModelProto; the proto is not modified).
+
+    A node it cannot read (an attribute of the wrong type, a required one missing: the model fails
+    ``onnx.checker``) gives a ``malformed_node`` error finding instead of the node rows."""
+    proto = load_model(model)
+    opset = opset_version(proto)
+    report = OnnxAuditReport(opset=opset)
+    try:
+        check_model(proto, model)
+    except onnx.checker.ValidationError as exc:
+        report.findings.append(Finding(
+            "error", "(model)", "the model fails onnx.checker", str(exc).splitlines()[0],
+            "re-export the model; runtimes may reject or misread it", "invalid_model"))
+    try:
+        nodes = _audit_nodes(proto, opset, report)
+    except MalformedNodeError as exc:
+        report.findings.append(Finding(
+            "error", "(model)", "a node cannot be read", str(exc),
+            "re-export the model; runtimes reject or misread such a node", "malformed_node"))
+        report.nodes, nodes = [], None
+    if nodes == []:
         report.findings.append(Finding(
             "info", "(model)", "no BatchNormalization nodes",
             "nothing to audit: folded already, or the model has no BatchNorm (torch.onnx.export's default exporter, "

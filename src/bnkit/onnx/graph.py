@@ -18,8 +18,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["RANDOM_OPS", "load_model", "check_model", "too_large", "opset_version", "GraphIndex", "BNNode", "bn_nodes",
+__all__ = ["RANDOM_OPS", "MalformedNodeError", "load_model", "check_model", "too_large", "opset_version", "GraphIndex", "BNNode", "bn_nodes",
            "subgraphs", "attribute", "node_label", "training_dropouts", "unswitchable_training", "local_functions"]
+
+
+class MalformedNodeError(ValueError):
+    """A node bnkit cannot read: an attribute of another type than its op requires, a required one missing, or
+    values that do not fit together (such a model fails ``onnx.checker``, or its full check)."""
 
 
 def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
@@ -209,27 +214,27 @@ class GraphIndex:
             for sub in subgraphs(node):
                 _referenced_names(sub, self.subgraph_reads)
 
-    def attribute(self, node: onnx.NodeProto, name: str, default=None):
+    def attribute(self, node: onnx.NodeProto, name: str, default=None, kind: int | None = None):
         """:func:`attribute`, a function body's reference attributes (``ref_attr_name``: the exporter writes one
         for a value that differs between the module instances a function serves) read from the call, else the
         function's declared default (an enclosing If/Loop body defers to its graph's index)."""
         for attr in node.attribute:
             if attr.name == name:
-                return self._referenced(attr.ref_attr_name, default) if attr.ref_attr_name else (
-                    onnx.helper.get_attribute_value(attr))
+                return self._referenced(attr.ref_attr_name, default, kind) if attr.ref_attr_name else (
+                    _attribute_value(node, attr, kind))
         return default
 
-    def _referenced(self, ref: str, default):
+    def _referenced(self, ref: str, default, kind: int | None):
         if self.call is None:
-            return self.outer._referenced(ref, default) if self.outer is not None else default
+            return self.outer._referenced(ref, default, kind) if self.outer is not None else default
         node, caller = self.call
         for attr in node.attribute:
             if attr.name == ref:
-                return caller._referenced(attr.ref_attr_name, default) if attr.ref_attr_name else (
-                    onnx.helper.get_attribute_value(attr))
+                return caller._referenced(attr.ref_attr_name, default, kind) if attr.ref_attr_name else (
+                    _attribute_value(node, attr, kind))
         for attr in getattr(self.graph, "attribute_proto", ()):  # the function's defaults
             if attr.name == ref:
-                return onnx.helper.get_attribute_value(attr)
+                return _attribute_value(node, attr, kind)
         return default
 
     def readers(self, name: str) -> int:
@@ -260,11 +265,10 @@ class GraphIndex:
                 return _constant_node_value(node)
             if node.op_type == "Transpose":
                 value = self.constant(node.input[0], defaults=defaults)
-                return None if value is None else np.transpose(value, attribute(node, "perm"))  # None: reversed
+                return None if value is None else _transposed(node, value)
             if node.op_type == "Cast":  # float16 storage read as float32, as mixed-precision converters write it
                 value = self.constant(node.input[0], defaults=defaults)
-                to = helper.tensor_dtype_to_np_dtype(int(attribute(node, "to")))
-                return None if value is None else value.astype(to)
+                return None if value is None else value.astype(_cast_target(node))
             if node.op_type in _SHAPE_OPS:
                 return self._shape_op(node, defaults)
             return None
@@ -277,13 +281,17 @@ class GraphIndex:
         if value is None:
             return None
         if node.op_type == "Shape":
-            start, end = attribute(node, "start", 0), attribute(node, "end", None)
+            start, end = attribute(node, "start", 0, _INT), attribute(node, "end", None, _INT)
             return np.array(value.shape[start:end], dtype=np.int64)
         if node.op_type == "Expand":
             shape = self.constant(node.input[1], defaults=defaults)
             if shape is None:
                 return None
-            out = np.broadcast_shapes(value.shape, tuple(int(d) for d in shape))
+            try:
+                out = np.broadcast_shapes(value.shape, tuple(int(d) for d in np.ravel(shape)))
+            except ValueError:
+                raise MalformedNodeError(f"node {node_label(node)!r} expands shape {list(value.shape)} to "
+                                         f"{np.ravel(shape).tolist()}, which it cannot be broadcast to") from None
             return np.array(np.broadcast_to(value, out)) if np.prod(out) <= _EXPAND_MAX else None
         elem = self.elem_type(node.input[1])  # CastLike: only the target's type is read
         return None if elem is None else value.astype(helper.tensor_dtype_to_np_dtype(elem))
@@ -323,12 +331,46 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None  # sparse_value / strings: not a dense numeric constant
 
 
-def attribute(node: onnx.NodeProto, name: str, default=None):
-    """The value of attribute ``name`` of ``node``, or ``default``."""
+_INT, _INTS, _FLOAT = onnx.AttributeProto.INT, onnx.AttributeProto.INTS, onnx.AttributeProto.FLOAT
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None, kind: int | None = None):
+    """The value of attribute ``name`` of ``node``, or ``default``; ``kind`` (an ``onnx.AttributeProto`` type, as
+    the op's schema requires): raises :class:`MalformedNodeError` naming node and attribute for another type."""
     for attr in node.attribute:
         if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
+            return _attribute_value(node, attr, kind)
     return default
+
+
+def _attribute_value(node: onnx.NodeProto, attr: onnx.AttributeProto, kind: int | None):
+    if kind is not None and attr.type != kind:
+        names = onnx.AttributeProto.AttributeType.Name
+        raise MalformedNodeError(f"{node.op_type} node {node_label(node)!r}: attribute {attr.name!r} is "
+                                 f"{names(attr.type)}, not the {names(kind)} the op requires")
+    return onnx.helper.get_attribute_value(attr)
+
+
+def _transposed(node: onnx.NodeProto, value: np.ndarray) -> np.ndarray:
+    """``value`` permuted by a Transpose node's ``perm`` (reversed without one)."""
+    perm = attribute(node, "perm", None, _INTS)
+    try:
+        return np.transpose(value, perm)
+    except ValueError:
+        raise MalformedNodeError(f"Transpose node {node_label(node)!r}: attribute 'perm' {list(perm)} is not a "
+                                 f"permutation of its input's {value.ndim} axes") from None
+
+
+def _cast_target(node: onnx.NodeProto) -> np.dtype:
+    """The NumPy dtype a Cast node's required ``to`` attribute names."""
+    to = attribute(node, "to", None, _INT)
+    if to is None:
+        raise MalformedNodeError(f"Cast node {node_label(node)!r}: its required attribute 'to' is missing")
+    try:
+        return helper.tensor_dtype_to_np_dtype(int(to))
+    except KeyError:
+        raise MalformedNodeError(f"Cast node {node_label(node)!r}: attribute 'to' is {to}, no ONNX "
+                                 "element type") from None
 
 
 @dataclass
@@ -431,11 +473,13 @@ def _bn_nodes(graph: onnx.GraphProto | onnx.FunctionProto, opset: int, index: Gr
             continue
         extra = [o for o in node.output[1:] if o]
         notes = []
+        if not node.output or not node.output[0]:
+            raise MalformedNodeError(f"BatchNormalization node {node_label(node)!r} has no output Y")
         if opset >= 14:
-            training = bool(index.attribute(node, "training_mode", 0))
+            training = bool(index.attribute(node, "training_mode", 0, _INT))
         else:
-            training = bool(extra) or (opset < 7 and not index.attribute(node, "is_test", 0))
-        if opset < 9 and not index.attribute(node, "spatial", 1):
+            training = bool(extra) or (opset < 7 and not index.attribute(node, "is_test", 0, _INT))
+        if opset < 9 and not index.attribute(node, "spatial", 1, _INT):
             notes.append("spatial=0: statistics per (channel, position), not per channel")
         inputs = list(node.input) + [""] * (5 - len(node.input))
         arrays, overridable = {}, []
@@ -448,8 +492,8 @@ def _bn_nodes(graph: onnx.GraphProto | onnx.FunctionProto, opset: int, index: Gr
             node=node,
             name=prefix + label,
             opset=opset,
-            epsilon=float(index.attribute(node, "epsilon", np.float32(1e-5))),  # attributes are float32
-            momentum=float(index.attribute(node, "momentum", 0.9)),
+            epsilon=float(index.attribute(node, "epsilon", np.float32(1e-5), _FLOAT)),  # attributes are float32
+            momentum=float(index.attribute(node, "momentum", 0.9, _FLOAT)),
             training=training,
             extra_outputs=extra,
             **arrays,

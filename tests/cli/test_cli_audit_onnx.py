@@ -1,0 +1,44 @@
+"""``bnkit audit`` on ONNX files: malformed models (rejected by onnx.checker, the oracle) exit 1 with findings and no
+traceback."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from bnkit.cli import app
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    return runner.invoke(app, ["audit", *map(str, args)], terminal_width=240)
+
+
+def _bn_model(nodes, stats=None) -> onnx.ModelProto:
+    arrays = stats or {"s": np.ones(3), "b": np.zeros(3), "m": np.zeros(3), "v": np.ones(3)}
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])],
+                              [numpy_helper.from_array(np.asarray(a, np.float32), k) for k, a in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+
+
+def _bn(name: str = "bn", **attrs) -> onnx.NodeProto:
+    return helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], name=name, **attrs)
+
+
+@pytest.mark.parametrize("epsilon", [[1e-5, 2e-5], "abc"])
+def test_an_epsilon_of_the_wrong_type_exits_one_with_findings_not_a_traceback(tmp_path, epsilon):
+    model = _bn_model([_bn(epsilon=epsilon)])
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    result = _invoke(tmp_path / "m.onnx", "--json")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    findings = json.loads(result.stdout)["findings"]
+    assert [f["code"] for f in findings] == ["invalid_model", "malformed_node"]
+    assert "node 'bn': attribute 'epsilon'" in findings[1]["evidence"]

@@ -1,0 +1,70 @@
+"""bnkit.onnx.audit on models with malformed nodes (onnx.checker, the oracle, rejects each): a finding naming the
+node and attribute, never a crash or a bare conversion error."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bnkit.onnx import audit
+
+_STATS = [numpy_helper.from_array(np.ones(3, np.float32), "s"), numpy_helper.from_array(np.zeros(3, np.float32), "b"),
+          numpy_helper.from_array(np.zeros(3, np.float32), "m"), numpy_helper.from_array(np.ones(3, np.float16), "v16")]
+
+
+def _bn(var: str = "v", outputs=("y",), **attrs) -> onnx.NodeProto:
+    return helper.make_node("BatchNormalization", ["x", "s", "b", "m", var], list(outputs), name="bn", **attrs)
+
+
+def _model(nodes) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 4])], _STATS)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+
+
+#: (nodes, what the finding must name): each fails onnx.checker (the last two only its full check, shape inference)
+MALFORMED = {
+    "epsilon FLOATS": ([_bn("v16", epsilon=[1e-5, 2e-5])], "node 'bn': attribute 'epsilon' is FLOATS, not the FLOAT"),
+    "epsilon STRING": ([_bn("v16", epsilon="abc")], "node 'bn': attribute 'epsilon' is STRING, not the FLOAT"),
+    "momentum STRING": ([_bn("v16", momentum="x")], "node 'bn': attribute 'momentum' is STRING"),
+    "training_mode FLOAT": ([_bn("v16", training_mode=1.0)], "node 'bn': attribute 'training_mode' is FLOAT, not the INT"),
+    "Cast without 'to'": ([helper.make_node("Cast", ["v16"], ["v"], name="cast"), _bn()],
+                          "Cast node 'cast': its required attribute 'to' is missing"),
+    "Shape with a string 'start'": ([helper.make_node("Shape", ["v16"], ["v"], name="sh", start="a"), _bn()],
+                                    "Shape node 'sh': attribute 'start' is STRING, not the INT"),
+    "two same-named BN without outputs": ([_bn("v16", ()), _bn("v16", ()), helper.make_node("Identity", ["x"], ["y"])],
+                                          "BatchNormalization node 'bn' has no output Y"),
+    "Transpose perm of another rank": ([helper.make_node("Transpose", ["v16"], ["v"], name="t", perm=[1, 0]), _bn()],
+                                       "Transpose node 't': attribute 'perm' [1, 0] is not a permutation"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_node_is_an_error_finding_naming_node_and_attribute(case):
+    nodes, named = MALFORMED[case]
+    model = _model(nodes)
+    with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError)):
+        onnx.checker.check_model(model, full_check=True)
+    report = audit(model)
+    assert not report.ok and report.nodes == []
+    malformed = [f for f in report.findings if f.code == "malformed_node"]
+    assert len(malformed) == 1 and malformed[0].severity == "error" and named in malformed[0].evidence
+
+
+def test_an_attribute_of_the_wrong_type_is_also_reported_as_failing_the_checker():
+    """onnx.checker's own verdict stays in the report beside the node that cannot be read."""
+    report = audit(_model(MALFORMED["epsilon FLOATS"][0]))
+    assert [f.code for f in report.findings] == ["invalid_model", "malformed_node"]
+
+
+def test_an_expand_to_a_shape_that_does_not_broadcast_names_the_node():
+    """The statistics come from Expand of [3] values to [5]: NumPy's broadcasting (the oracle) refuses it."""
+    with pytest.raises(ValueError):
+        np.broadcast_shapes((3,), (5,))
+    shape = numpy_helper.from_array(np.array([5], np.int64), "shape")
+    model = _model([helper.make_node("Expand", ["v16", "shape"], ["v"], name="e"), _bn()])
+    model.graph.initializer.append(shape)
+    report = audit(model)
+    assert [f.evidence for f in report.findings if f.code == "malformed_node"] == [
+        "node 'e' expands shape [3] to [5], which it cannot be broadcast to"]
