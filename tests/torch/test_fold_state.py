@@ -2,12 +2,16 @@
 Glow-style ActNorm initializing itself from the first batch, a call counter) is folded, verified and planned from the
 state it has, and the caller's model and the returned copy keep that state.
 
+The verification compares like with like: a NaN the unfolded model already outputs at the same place is a match.
+
 Oracles: the unfolded model's own eval output (a float64 deep copy, run fresh), and its state dict before the call.
 """
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import pytest
 import torch
 from _helpers import set_running_stats
@@ -131,3 +135,43 @@ def test_fold_plan_changes_no_parameter_buffer_or_attribute_of_the_model():
     assert [id(p) for p in model.parameters()] == params
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+class SqrtHead(nn.Module):
+    """conv -> BN -> sqrt: NaN wherever the BN output is negative, in the folded model at the same places."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(self.bn(self.conv(x)))
+
+
+def test_fold_bn_counts_a_nan_both_models_output_at_one_place_as_a_match():
+    """max_abs_diff is the largest difference over the other positions (float64 NumPy over the two models' own
+    outputs), not inf, so a correct fold of a model that outputs NaN on some inputs verifies."""
+    torch.manual_seed(0)
+    model = SqrtHead().eval()
+    set_running_stats(model.bn, torch.randn(4), torch.rand(4) + 0.5)
+    x = torch.randn(2, 3, 8, 8)
+
+    folded, report = fold_bn(model, x)
+
+    with torch.no_grad():
+        a, b = model(x).double().numpy(), folded(x).double().numpy()
+    assert np.isnan(a).any() and np.array_equal(np.isnan(a), np.isnan(b))
+    want = np.nanmax(np.abs(a - b))
+    assert report.max_abs_diff == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert report.max_rel_diff == pytest.approx(want / np.nanmax(np.abs(a)), rel=1e-12, abs=1e-15)
+
+
+def test_verification_counts_nan_in_one_model_only_or_no_finite_value_as_inf():
+    """A NaN where the other model is finite (or NaN at another place) is inf; outputs with no finite value to
+    compare (NaN everywhere in both) verify nothing, so they are inf too, not 0."""
+    from bnkit.torch.fold import _compare
+
+    nan = float("nan")
+    assert _compare(torch.tensor([nan, 2.0]), torch.tensor([nan, 2.5])) == (0.5, 0.25)
+    assert _compare(torch.tensor([nan, 2.0]), torch.tensor([1.0, nan])) == (math.inf, math.inf)
+    assert _compare(torch.tensor([nan, nan]), torch.tensor([nan, nan])) == (math.inf, math.inf)

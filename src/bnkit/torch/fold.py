@@ -95,7 +95,8 @@ class FoldReport:
         notes: assumptions made and things not checked.
         max_abs_diff: ``max |a - b|`` over every output tensor of the original (``a``)
             and folded (``b``) models in eval mode on ``example_inputs``; None when
-            not verified. A NaN/Inf in ``b`` where ``a`` is finite counts as ``inf``.
+            not verified. A NaN/Inf in ``b`` where ``a`` is finite counts as ``inf``; a NaN in both at
+            one place is a match (outputs with no finite value at all count as ``inf``: nothing verified).
         max_rel_diff: ``max_abs_diff / max |a|`` (None when not verified).
     """
 
@@ -392,20 +393,29 @@ def _low_precision_shift_notes(model: nn.Module, folded: list[FoldedBN]) -> list
 
 
 def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
-    """``max|a - b|`` (a non-finite ``b`` where ``a`` differs counts as inf) and that over ``max|a|`` (the absolute
-    difference itself where ``a`` is all zero); None for outputs that hold no tensors (nothing to compare)."""
+    """``max|a - b|`` and that over ``max|a|`` (the absolute difference itself where ``a`` is all zero); None for
+    outputs that hold no tensors (nothing to compare).
+
+    As in :func:`bnkit.onnx.verify.compare`, NaN in both at one place, like equal infinities, is a match, and a
+    NaN/Inf in one where the other differs counts as inf; so do outputs with values but no finite one in ``a``
+    (nothing would be verified).
+    """
     pairs = list(zip(flatten_tensors(a), flatten_tensors(b), strict=True))
     if not pairs:
         return None, None
-    abs_diff, scale = 0.0, 0.0
+    abs_diff, scale, finite_seen, values_seen = 0.0, 0.0, False, False
     for x, y in pairs:
         if not x.numel():
             continue
         x, y = _f64(x), _f64(y)
-        d = torch.where(x == y, 0.0, (x - y).abs()).nan_to_num(nan=math.inf, posinf=math.inf)
+        same = (x == y) | (x.isnan() & y.isnan())
+        d = torch.where(same, 0.0, (x - y).abs()).nan_to_num(nan=math.inf, posinf=math.inf)
         abs_diff = max(abs_diff, float(d.max()))
         finite = x[torch.isfinite(x)]
         scale = max(scale, float(finite.abs().max()) if finite.numel() else 0.0)
+        finite_seen, values_seen = finite_seen or bool(finite.numel()), True
+    if values_seen and not finite_seen:
+        return math.inf, math.inf
     return abs_diff, abs_diff / scale if scale > 0 else abs_diff
 
 
