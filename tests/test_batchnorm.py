@@ -741,7 +741,7 @@ def test_the_count_at_import_follows_omp_num_threads(env):
 
 
 def test_float32_long_runs_keep_float32_accuracy_in_the_variance_and_grad_weight():
-    """Review RD: the per-channel sum of squares added each sample's run one value after another (np.einsum), so
+    """Before: the per-channel sum of squares added each sample's run one value after another (np.einsum), so
     with 2^20 values per sample and channel the batch variance was 6e-5 off (PyTorch's float32: 3e-8). Oracle:
     float64 NumPy of the same values."""
     rng = np.random.default_rng(0)
@@ -760,8 +760,8 @@ def test_float32_long_runs_keep_float32_accuracy_in_the_variance_and_grad_weight
 
 @pytest.mark.parametrize("hw", [(100, 100), (4097, 1)])  # runs of 4096 k + r values: the pieces and the rest
 def test_float32_runs_longer_than_a_piece_with_a_remainder(hw):
-    """Mutation M9: the values after the last whole 4096-value piece could be dropped unnoticed (the long-run test
-    used 256 whole pieces). Oracle: float64 NumPy."""
+    """The values after the last whole 4096-value piece count too (the long-run test uses 256 whole pieces, so it
+    would not notice them dropped). Oracle: float64 NumPy."""
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((2, 2, *hw)) * 3 + 5).astype(np.float32)
     bn = BatchNorm(2, momentum=1.0)

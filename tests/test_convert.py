@@ -403,7 +403,7 @@ def test_a_layer_without_arrays_needs_a_positive_channel_count(channels):
 
 @pytest.mark.parametrize("dst", ["keras", "flax"])
 def test_axis_0_is_refused_as_the_batch_axis(dst):
-    """Review RD: convert_state(..., axis=0) wrote a Keras/Flax layer normalizing over the batch axis."""
+    """Before: convert_state(..., axis=0) wrote a Keras/Flax layer normalizing over the batch axis."""
     with pytest.raises(ValueError, match="batch axis"):
         convert_state(SAMPLES["torch"], "torch", dst, axis=0)
     assert convert_state(SAMPLES["torch"], "torch", dst, axis=-1)["config"]["axis"] == -1

@@ -69,7 +69,7 @@ def test_large_offset_where_sum_of_squares_fails():
 
 @pytest.mark.parametrize("offset, std, batch, steps", [(1e8, 1e-4, 2, 1000), (1e8, 1e-4, 64, 100), (1e4, 1e-2, 16, 200)])
 def test_many_small_batches_far_from_zero_lose_no_digits(offset, std, batch, steps):
-    """Review RD: a running mean near 1e8 rounded at every update, and those errors fed Chan's delta**2: the
+    """Before: a running mean near 1e8 rounded at every update, and those errors fed Chan's delta**2: the
     variance of 1e8 +- 1e-4 in 2000 batches of 2 was 1e-5 off. Accumulated around a shift, it is exact to a few
     float64 roundings. Oracle: the exact variance of the float64 values, in rationals (merge too)."""
     from fractions import Fraction
@@ -185,7 +185,7 @@ def test_bias_corrected_ema_is_the_weighted_mean_of_values(values, decay, init):
 
 @pytest.mark.parametrize("decay,init", [(0.999999999999, 1e6), (0.999999999, 1e3), (0.5, -7.0), (0.0, 3.0), (1.0, 1e6)])
 def test_bias_corrected_ema_keeps_its_digits_with_a_large_start_and_decay_near_one(decay, init):
-    """Review RC: (v_t - decay**t init) / (1 - decay**t) cancelled: with decay 1 - 1e-12 and init 1e6, batches
+    """Before: (v_t - decay**t init) / (1 - decay**t) cancelled: with decay 1 - 1e-12 and init 1e6, batches
     all 1 gave 0, -58.2, -38.8. Oracle: the weighted mean of the values in exact rational arithmetic."""
     from fractions import Fraction
 
@@ -233,8 +233,8 @@ def test_lesson_worked_example_closed_form():
 
 
 def test_partials_after_batches_and_empty_batches_use_the_shift():
-    """Mutation M9: update_moments after update ignored the shift (mean 17.5 for 12.5), and an empty batch raised
-    IndexError. Oracle: NumPy over the values themselves."""
+    """update_moments after update keeps the shift (ignoring it gives mean 17.5 for 12.5), and an empty batch
+    raises no IndexError. Oracle: NumPy over the values themselves."""
     rm = RunningMoments(1).update(np.array([[10.0], [12.0]]))
     rm.update_moments(2, np.array([14.0]), np.array([2.0]))  # the values 13 and 15
     np.testing.assert_allclose([rm.mean[0], rm.var[0]], [np.mean([10, 12, 13, 15]), np.var([10, 12, 13, 15])])

@@ -262,7 +262,7 @@ def test_dtype_change_compares_key_by_key_under_the_models_keys():
 
 
 def test_load_forward_names_what_is_wrong_with_the_users_function(tmp_path, monkeypatch):
-    """Mutation round M11: a module that calls sys.exit on import, a name that is no function, and a spec without
+    """A module that calls sys.exit on import, a name that is no function, and a spec without
     a colon each get one clear UsageError (the exit status was the module's own; a number got through; bnkit's
     own message was led by an exception type)."""
     from bnkit.cli.common import load_forward

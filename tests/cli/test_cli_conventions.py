@@ -217,9 +217,9 @@ def test_update_rule_row_is_what_each_real_layer_does_with_its_momentum():
                                    (1.2345678901234568e-05, "torch"), (0.99, "keras"), (1.2e-08, "torch"),
                                    (5.168e-06, "torch"), (2.5e-10, "torch"), (2.733e-12, "torch")])
 def test_converted_momenta_stay_whole_at_every_width(m, src):
-    """Review RC: the fit test counted the first column as the widest fixed label, but the row's own label
+    """Before: the fit test counted the first column as the widest fixed label, but the row's own label
     (``'<momentum> is'``) can be up to 4 columns wider; at those widths a value folded over two lines (read
-    alone, 1.2345678901234568 for 1.2345678901234568e-05). Review R2: rich also narrowed a value column below
+    alone, 1.2345678901234568 for 1.2345678901234568e-05). And rich narrowed a value column below
     its value where the sum fitted (0.99999998 over 8 at 80 columns). Oracle: convert_momentum's values, each found whole
     on one line of the output (in the table or listed under it) at every width from 80 to 160."""
     from bnkit import convert_momentum
@@ -240,8 +240,8 @@ def test_converted_momenta_stay_whole_at_every_width(m, src):
 
 
 def test_at_every_width_the_conventions_are_a_table_with_whole_headers_or_lines():
-    """Mutation M10: the switch to lines was tested at 40 and 60 columns only; between them a table with
-    columns narrower than "torch" would pass. Either a table whose header names each framework whole on one line
+    """At every width, not only at 40 and 60 columns (between them a table with columns narrower than "torch"
+    could pass): either a table whose header names each framework whole on one line
     (and ends at its right border), or one line per framework."""
     for width in range(30, 101):
         out = _run(width=width).split("Weight names")[0]

@@ -360,7 +360,7 @@ def test_a_save_failing_halfway_leaves_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_a_packed_sequence_input_is_refused_by_name_and_nothing_written(tmp_path):
-    """Review R14b: a PackedSequence was spread into four inputs (TypeError from the model) or called 'not a
+    """Before: a PackedSequence was spread into four inputs (TypeError from the model) or called 'not a
     sequence of tensors'; ONNX has no packed sequences, so the error says that and what to export instead."""
     from _helpers import gru_last_state_bn
     from torch.nn.utils.rnn import pack_padded_sequence

@@ -249,7 +249,7 @@ def test_revert_gives_back_the_original_parameters_so_an_old_optimizer_keeps_tra
 @pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
                                       lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=1e-2)])
 def test_an_optimizer_built_before_convert_frozen_no_longer_moves_gamma_and_beta(make_opt):
-    """Review RC: the frozen buffers share storage with the original Parameters, which the optimizer still holds;
+    """Before: the frozen buffers share storage with the original Parameters, which the optimizer still holds;
     their zeroed (not None) gradients let momentum, Adam moments and weight decay move the 'frozen' values.
     Oracle: the values at conversion."""
     torch.manual_seed(0)
@@ -272,7 +272,7 @@ def test_an_optimizer_built_before_convert_frozen_no_longer_moves_gamma_and_beta
 
 
 def test_convert_frozen_keeps_the_gradient_of_a_parameter_tied_to_a_layer_left_trainable():
-    """Review R3: clearing the originals' gradients also cleared that of a Parameter another, unconverted layer
+    """Before: clearing the originals' gradients also cleared that of a Parameter another, unconverted layer
     shares and still trains (its step lost). Oracle: the gradient as backward left it."""
     torch.manual_seed(0)
     bn1, bn2 = nn.BatchNorm1d(4), nn.BatchNorm1d(4)

@@ -332,7 +332,7 @@ def test_protect_stats_made_once_and_entered_every_step():
         assert changed != poison, step  # a good step keeps its update, a poisoned one leaves no trace
 
 
-# ------------------------------------------------------------------ cases the mutation runs found untested
+# ------------------------------------------------------------------ cases the tests above do not reach
 def test_zero_variance_channel_is_valid_not_negative():
     """A dead channel (running_var exactly 0) is a legal eval-mode model: eps keeps PyTorch's output finite, so
     "negative variance" must mean var < 0, not var <= 0."""
@@ -530,7 +530,7 @@ def test_a_new_guard_reading_all_layers_together_names_exactly_the_bad_one(layer
 
 
 def test_one_guard_serves_several_threads():
-    """Review RC: one bn_guard object entered from several threads (a decorated predict function in a thread
+    """Before: one bn_guard object entered from several threads (a decorated predict function in a thread
     pool) raised KeyError from its shared statistics cache while weights were reloaded, and its entries were one
     shared stack, so a thread's exit could remove another's hooks. Oracle: no error in any thread, the same
     outputs as an unguarded forward, no hook left afterwards; and while the guard is entered, a forward run in
@@ -607,7 +607,7 @@ def test_one_guard_serves_several_threads():
 
 
 def test_a_guard_left_in_another_thread_and_copied():
-    """Review R3: a server that enters and leaves in different worker threads (FastAPI's contextmanager_in_threadpool)
+    """Before: a server that enters and leaves in different worker threads (FastAPI's contextmanager_in_threadpool)
     got IndexError on exit and a hook left behind; a guard object kept in a predictor could no longer be
     deep-copied or pickled. Oracle: no hook left, the guard still catches a training-mode model afterwards, and
     copies guard their own model."""
@@ -642,7 +642,7 @@ def test_a_guard_left_in_another_thread_and_copied():
 
 
 def test_replicas_copies_and_servers_leave_no_stale_state():
-    """Review R4: a batch-of-one check in a DataParallel-style replica (a copy sharing the original's hook dicts)
+    """Before: a batch-of-one check in a DataParallel-style replica (a copy sharing the original's hook dicts)
     raised KeyError looking up the layer by the original's id; a guard copied while entered left its hook on the
     copied model (torch.jit.script then failed); a thread that only enters kept every closed entry. Oracle: the
     finding names the layer; no hook on the copy; one entry kept at most."""
@@ -686,7 +686,7 @@ def _raised(fn):
 
 
 def test_the_statistics_cache_is_updated_under_the_guards_lock(monkeypatch):
-    """Review Q: the KeyError race of a shared guard's statistics cache (check-then-act on shared dicts) is too
+    """The KeyError race of a shared guard's statistics cache (check-then-act on shared dicts) is too
     narrow to hit reliably in a test; this pins its cause: the cache is read and rebuilt while the lock is held."""
     import bnkit.torch.guard as guard_module
 
@@ -701,7 +701,7 @@ def test_the_statistics_cache_is_updated_under_the_guards_lock(monkeypatch):
 
 
 def test_a_bare_bn_layer_copied_while_entered_in_training_mode_runs_its_copy():
-    """Review R5: with the BN layer itself as the model, its copy carries both kinds of guard hook in one dict,
+    """Before: with the BN layer itself as the model, its copy carries both kinds of guard hook in one dict,
     and removing the stale ones read .args of the bound method: AttributeError on the copy's first forward.
     Oracle: the copy's output equals PyTorch's own training-mode forward of an identical layer."""
     bn = nn.BatchNorm1d(3)
@@ -722,8 +722,8 @@ def test_a_bare_bn_layer_copied_while_entered_in_training_mode_runs_its_copy():
 
 
 def test_an_exit_closes_its_own_threads_entry_not_the_latest(monkeypatch):
-    """Mutation M9: with two threads inside, the one that entered first leaving first must close its own entry:
-    closing the latest instead left the other thread's block unguarded (its batch-size hook gone). Oracle: the
+    """With two threads inside, the one that entered first leaving first must close its own entry: closing the
+    latest instead would leave the other thread's block unguarded (its batch-size hook gone). Oracle: the
     other thread's batch of one is still reported while it stays inside; the recheck's hooks are added under the
     lock."""
     import threading
@@ -774,8 +774,8 @@ def test_an_exit_closes_its_own_threads_entry_not_the_latest(monkeypatch):
 
 
 def test_hooks_of_closed_entries_stay_silent_and_live_ones_stay():
-    """Mutation M9: a batch-size hook of a closed entry (on a model copied while the guard was entered) kept
-    checking, and removing a closed entry's hooks could take a live entry's too. Oracle: PyTorch's own error and
+    """A batch-size hook of a closed entry (on a model copied while the guard was entered) stops checking, and
+    removing a closed entry's hooks leaves a live entry's in place. Oracle: PyTorch's own error and
     no guard warning on the copy; the live entry's hooks still there after a closed entry's hook ran."""
     from bnkit.torch.guard import _Entry
 

@@ -400,11 +400,11 @@ def test_wrong_channel_count_or_rank(extras, training):
 
 @pytest.mark.parametrize("how", ["aot_eager", "fullgraph", "schedule", "schedule, two forwards", "exported"])
 def test_renorm_gradients_under_torch_compile_match_eager(how):
-    """Review RC: compiled (aot_eager, inductor), the backward recomputed r and d from the running statistics
+    """Before: compiled (aot_eager, inductor), the backward recomputed r and d from the running statistics
     this step had already updated in place: gamma's gradient 12% off, and more with every step. A graph break
     mended that on torch 2.13 only (2.11 traced through it, as torch.export does): r and d now come from an
     opaque copy of the statistics, with no break (fullgraph=True) and in an exported training graph compiled.
-    With a schedule the step counter is read too (review RD: it was not copied, 6-19% off, and two forwards
+    With a schedule the step counter is read too (before: it was not copied, 6-19% off, and two forwards
     before one backward raised). Oracle: eager autograd, itself checked against the closed forms above. Three
     steps of SGD."""
     torch._dynamo.reset()
@@ -648,7 +648,7 @@ def test_torch_export_in_training_mode_matches_eager(extras):
 @pytest.mark.parametrize("extras", [{"debias": True}, {"virtual_batch_size": 2},
                                     {"renorm": True, "rmax": 1.5, "dmax": 0.5, "renorm_schedule": (0, 2, 4)}])
 def test_a_training_mode_export_with_extras_is_saved_and_loaded(tmp_path, extras):
-    """Review RD: torch.export.load refused the no_grad blocks of a training step with an extra ("missing val
+    """Before: torch.export.load refused the no_grad blocks of a training step with an extra ("missing val
     field"). Oracle: eager outputs and buffers over four batches."""
     torch.manual_seed(0)
     eager = nn.Sequential(BatchNorm2d(3, **extras)).train()
@@ -662,7 +662,7 @@ def test_a_training_mode_export_with_extras_is_saved_and_loaded(tmp_path, extras
 
 
 def test_strict_torch_export_of_a_renorm_layer_in_training_mode():
-    """Review R3: the graph break for renorm under torch.compile made strict torch.export refuse the layer.
+    """Before: the graph break for renorm under torch.compile made strict torch.export refuse the layer.
     Oracle: eager outputs and running statistics over four batches."""
     torch.manual_seed(0)
     eager = nn.Sequential(BatchNorm2d(3, renorm=True, rmax=1.5, dmax=0.5)).train()

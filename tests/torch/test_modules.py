@@ -348,7 +348,7 @@ class _Lazy:
 
 
 def test_mappings_keep_their_type_only_where_they_hold_exactly_the_mapped_items():
-    """As default_collate does (a mutable mapping copied, each item set); review R14a: a dict subclass built
+    """As default_collate does (a mutable mapping copied, each item set); before, a dict subclass built
     from a dict nested the whole batch under its first key, silently. Oracle: the items put in, by identity."""
     from bnkit.torch.modules import map_nested
 
@@ -358,7 +358,7 @@ def test_mappings_keep_their_type_only_where_they_hold_exactly_the_mapped_items(
     assert torch.equal(named["images"], x + 1) and torch.equal(named["labels"], y + 1)
     frozen = map_nested(_ReadOnly(a=x), lambda t: t * 3)  # cannot be built from a dict: a plain one
     assert type(frozen) is dict and torch.equal(frozen["a"], x * 3)
-    store = _Store(x=x)  # review R14b: set on a shallow copy, the moved and cut tensors went into the user's batch
+    store = _Store(x=x)  # set on a shallow copy, the moved and cut tensors would go into the user's batch
     mapped = map_nested(store, lambda t: t[:1])
     assert type(mapped) is dict and mapped["x"].shape == (1,) and store["x"] is x
     counted = map_nested(_WithCount({"x": x}, count=False), lambda t: t * 2)  # rebuilt with an item more: plain

@@ -974,7 +974,7 @@ def test_batches_moved_to_the_cpu_are_copied_synchronously():
 
 
 def test_packed_sequence_batches_reach_the_model_whole():
-    """Review R14b: the default forward took a PackedSequence (a namedtuple) for an (inputs, ...) tuple and fed
+    """Before: the default forward took a PackedSequence (a namedtuple) for an (inputs, ...) tuple and fed
     the model its packed data alone, which a GRU runs as one unbatched sequence: other statistics, no error.
     Oracle: the float64 moments of what the BN normalizes (DeepSpeech's BN over packed time steps)."""
     from torch.nn.utils.rnn import PackedSequence, pack_sequence
@@ -997,6 +997,6 @@ def test_packed_sequence_batches_reach_the_model_whole():
         h = torch.cat([net.gru(p)[0].data for p in data]).double()
     torch.testing.assert_close(net.bn.running_mean.double(), h.mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(net.bn.running_var.double(), h.var(0), rtol=1e-5, atol=1e-6)
-    paired = copy.deepcopy(net)  # (packed, targets) batches, as a packing collate_fn yields (review R14c)
+    paired = copy.deepcopy(net)  # (packed, targets) batches, as a packing collate_fn yields
     recalibrate(paired, [(p, torch.zeros(8)) for p in data])
     torch.testing.assert_close(paired.bn.running_mean, net.bn.running_mean, rtol=0, atol=0)

@@ -246,7 +246,7 @@ def test_keras_bad_input_is_refused():
         to_keras(BatchNormNd(C))
     with pytest.raises(ValueError, match="rank >= 2"):  # BatchNormNd takes any rank from 2 (rank 6: see below)
         to_keras(BatchNormNd(C), ndim=1)
-    with pytest.raises(ValueError, match="batch axis"):  # review RD: the batch axis was taken as the channels
+    with pytest.raises(ValueError, match="batch axis"):  # before: the batch axis was taken as the channels
         to_keras(nn.BatchNorm2d(C).eval(), axis=0)
     with pytest.raises(ValueError, match="batch axis"):
         to_keras(nn.BatchNorm2d(C).eval(), axis=-4)
@@ -666,7 +666,7 @@ def test_to_keras_reads_the_channels_of_a_lazy_layer_filled_by_load_state_dict()
 
 
 def test_batchnormnd_converts_at_rank_6_and_matches_real_keras_and_flax():
-    """Review RD: BatchNormNd (any rank; what revert_sync_bn makes beyond rank 5) was refused with ndim=6 though
+    """Before: BatchNormNd (any rank; what revert_sync_bn makes beyond rank 5) was refused with ndim=6 though
     Keras and Flax take rank-6 input. Oracle: the real Keras/Flax layers' inference output vs the torch layer's."""
     pytest.importorskip("keras")
     jnp = pytest.importorskip("jax.numpy")
@@ -693,7 +693,7 @@ def test_batchnormnd_converts_at_rank_6_and_matches_real_keras_and_flax():
 
 
 def test_from_flax_refuses_a_channel_axis_the_stated_rank_lacks():
-    """Review R3: from_flax(linen.BatchNorm(axis=3), ndim=2) gave a BatchNorm1d; to_flax refuses the same."""
+    """Before: from_flax(linen.BatchNorm(axis=3), ndim=2) gave a BatchNorm1d; to_flax refuses the same."""
     import flax.linen as linen
 
     module = linen.BatchNorm(axis=3, use_running_average=True)
@@ -702,7 +702,7 @@ def test_from_flax_refuses_a_channel_axis_the_stated_rank_lacks():
     with pytest.raises(ValueError, match="out of range for rank-2"):
         from_flax(module, variables, ndim=2)
     assert isinstance(from_flax(module, variables, ndim=4), nn.BatchNorm2d)
-    for axis in ((3,), np.int64(3)):  # review R4: a one-axis tuple and a NumPy integer were not checked
+    for axis in ((3,), np.int64(3)):  # a one-axis tuple and a NumPy integer are checked too
         with pytest.raises(ValueError, match="out of range for rank-2"):
             from_flax(linen.BatchNorm(axis=axis, use_running_average=True), variables, ndim=2)
     for axis in (0, (0,), np.int64(0)):  # the batch axis, with or without ndim
