@@ -228,9 +228,11 @@ class _Folder:
         return self._ranks.get(name)
 
     def set_constant(self, node: onnx.NodeProto, slot: int, value: np.ndarray, label: str, notes: list[str]) -> None:
-        """Make input ``slot`` of ``node`` the constant ``value``: in place if only it reads it, else a copy."""
+        """Make input ``slot`` of ``node`` the constant ``value``: in place if only it reads it (a dense
+        initializer), else a new initializer."""
         old = node.input[slot] if slot < len(node.input) else ""
-        if old and old in self.index.initializers and self.index.readers(old) == 1:
+        if (old and isinstance(self.index.initializers.get(old), onnx.TensorProto)
+                and self.index.readers(old) == 1):
             tensor = self.index.initializers[old]
             if tuple(tensor.dims) != value.shape:  # e.g. a scalar Gemm C became one value per feature
                 for stale in [v for v in self.graph.value_info if v.name == old]:
@@ -506,6 +508,7 @@ def _dropouts_to_inference(graph: onnx.GraphProto, opset: int, report: OnnxFoldR
 def _names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
     """Every value and node name of ``graph`` and of its If/Loop/Scan bodies."""
     into.update(t.name for t in graph.initializer)
+    into.update(t.values.name for t in graph.sparse_initializer)
     into.update(i.name for i in graph.input)
     for node in graph.node:
         into.add(node.name)
@@ -544,7 +547,7 @@ def _seeded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def _prune(model: onnx.ModelProto, read_before: set[str]) -> None:
-    """Remove the initializers and the nodes that computed constants (Constant, Identity, Transpose, Cast, Shape,
+    """Remove the initializers (sparse ones too) and the nodes that computed constants (Constant, Identity, Transpose, Cast, Shape,
     Expand, CastLike) folding left unread, and stale value_info."""
     graph = model.graph
     while True:
@@ -557,10 +560,11 @@ def _prune(model: onnx.ModelProto, read_before: set[str]) -> None:
         for n in dead:
             graph.node.remove(n)
     index = GraphIndex(graph)
-    unread = [t for t in graph.initializer if t.name in read_before and not index.readers(t.name)]
-    for t in unread:
-        graph.initializer.remove(t)
+    for stored, name in ((graph.initializer, lambda t: t.name), (graph.sparse_initializer, lambda t: t.values.name)):
+        for t in [t for t in stored if name(t) in read_before and not index.readers(name(t))]:
+            stored.remove(t)
     present = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    present.update(t.values.name for t in graph.sparse_initializer)
     for n in graph.node:
         present.update(n.output)
     for v in [v for v in graph.value_info if v.name not in present]:

@@ -23,7 +23,7 @@ __all__ = ["RANDOM_OPS", "MalformedNodeError", "load_model", "check_model", "too
 
 
 class MalformedNodeError(ValueError):
-    """A node bnkit cannot read: an attribute of another type than its op requires, a required one missing, or
+    """A node (or sparse initializer) bnkit cannot read: an attribute of another type than its op requires, a required one missing, or
     values that do not fit together (such a model fails ``onnx.checker``, or its full check)."""
 
 
@@ -164,7 +164,8 @@ def _referenced_names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
 class GraphIndex:
     """Who produces and who reads each value of one graph, and which values are constants.
 
-    A constant is an initializer that is not also a graph input (a graph input of the
+    A constant is an initializer (a sparse one too, read as the dense tensor it stands for) that is not also a
+    graph input (a graph input of the
     same name would let the caller override it at run time), the output of a
     ``Constant`` node, or an ``Identity`` or ``Transpose`` of a constant (the PyTorch
     exporter shares equal initializers through ``Identity``, and without constant folding
@@ -199,8 +200,9 @@ class GraphIndex:
         else:
             self.inputs = {i.name for i in graph.input}
             self.outputs = {o.name for o in graph.output}
-            self.initializers = {t.name: t for t in graph.initializer if t.name not in self.inputs}
-            self.defaults = {t.name: t for t in graph.initializer if t.name in self.inputs}
+            stored = [*graph.initializer, *graph.sparse_initializer]
+            self.initializers = {_stored_name(t): t for t in stored if _stored_name(t) not in self.inputs}
+            self.defaults = {_stored_name(t): t for t in stored if _stored_name(t) in self.inputs}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         self.subgraph_reads: set[str] = set()
@@ -250,9 +252,9 @@ class GraphIndex:
                 caller, actual = self.bindings[name]
                 return caller.constant(actual, defaults=defaults)
             if name in self.initializers:
-                return numpy_helper.to_array(self.initializers[name])
+                return _stored_array(self.initializers[name])
             if defaults and name in self.defaults:
-                return numpy_helper.to_array(self.defaults[name])
+                return _stored_array(self.defaults[name])
             node = self.producer.get(name)
             if node is None and name not in self.inputs and name not in self.defaults and self.outer is not None:
                 return self.outer.constant(name, defaults=defaults)
@@ -329,6 +331,28 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
         if attr.name == "value_ints":
             return np.array(list(attr.ints), dtype=np.int64)
     return None  # sparse_value / strings: not a dense numeric constant
+
+
+def _stored_name(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> str:
+    return tensor.values.name if isinstance(tensor, onnx.SparseTensorProto) else tensor.name
+
+
+def _stored_array(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> np.ndarray:
+    """An initializer's value; a sparse one (``graph.sparse_initializer``) as the dense tensor it stands for, its
+    values at its indices (linear, or one row of coordinates each) and zeros elsewhere (onnx.proto's
+    SparseTensorProto)."""
+    if not isinstance(tensor, onnx.SparseTensorProto):
+        return numpy_helper.to_array(tensor)
+    values = numpy_helper.to_array(tensor.values).reshape(-1)
+    indices = numpy_helper.to_array(tensor.indices).astype(np.int64)
+    dims = tuple(int(d) for d in tensor.dims)
+    dense = np.zeros(int(np.prod(dims)), dtype=values.dtype)
+    try:
+        dense[indices.reshape(-1) if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), dims)] = values
+    except (IndexError, ValueError):
+        raise MalformedNodeError(f"sparse initializer {tensor.values.name!r}: its indices {indices.shape} and values "
+                                 f"{values.shape} do not fit its shape {list(dims)}") from None
+    return dense.reshape(dims)
 
 
 _INT, _INTS, _FLOAT = onnx.AttributeProto.INT, onnx.AttributeProto.INTS, onnx.AttributeProto.FLOAT
