@@ -53,3 +53,44 @@ def test_a_non_finite_epsilon_leaves_the_bn_and_no_nan_weights(epsilon):
     assert report.folded == [] and "non-finite statistics or epsilon" in report.left["bn"]
     assert all(np.isfinite(numpy_helper.to_array(t)).all() for t in folded.graph.initializer)
     np.testing.assert_array_equal(_run(folded, x), original)
+
+
+def _gemm_bn(beta: float, c: np.ndarray) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    return _model([helper.make_node("Gemm", ["x", "W", "C"], ["g"], beta=beta, name="gemm"),
+                   helper.make_node("BatchNormalization", ["g", "s", "b", "m", "v"], ["y"], name="bn")],
+                  ["N", 5], ["N", 4], {"W": rng.normal(size=(5, 4)).astype(np.float32), "C": c, **_stats(4, 2.0)})
+
+
+@pytest.mark.parametrize("c", [np.array([np.inf, 1, 1, 1], np.float32), np.array([np.nan, -np.inf, 2, 3], np.float32)])
+@pytest.mark.parametrize("verify", [True, False])
+def test_gemm_at_beta_zero_ignores_a_non_finite_c_as_onnxruntime_does(c, verify):
+    """onnxruntime's output of the original is finite (C ignored at beta=0); the folded model's must equal it,
+    with no NumPy warning about 0 * inf on the way."""
+    model = _gemm_bn(0.0, c)
+    x = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
+    original = _run(model, x)
+    assert np.isfinite(original).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded, report = fold_model(model, verify=verify)
+    assert [f.bn for f in report.folded] == ["bn"]
+    np.testing.assert_allclose(_run(folded, x), original, rtol=1e-5, atol=1e-6)
+
+
+def test_gemm_at_beta_zero_folded_through_an_add_keeps_c_ignored():
+    """Gemm(beta=0, C=inf) + Add(k) + BN: the shift goes into k, C stays ignored (beta stays 0); onnxruntime is the
+    oracle."""
+    rng = np.random.default_rng(2)
+    model = _model([helper.make_node("Gemm", ["x", "W", "C"], ["g"], beta=0.0, name="gemm"),
+                    helper.make_node("Add", ["g", "k"], ["h"], name="add"),
+                    helper.make_node("BatchNormalization", ["h", "s", "b", "m", "v"], ["y"], name="bn")],
+                   ["N", 5], ["N", 4], {"W": rng.normal(size=(5, 4)).astype(np.float32),
+                                        "C": np.full(4, np.inf, np.float32), "k": rng.normal(size=4).astype(np.float32),
+                                        **_stats(4, 2.0)})
+    x = rng.normal(size=(3, 5)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded, report = fold_model(model)
+    assert [f.bn for f in report.folded] == ["bn"]
+    np.testing.assert_allclose(_run(folded, x), _run(model, x), rtol=1e-5, atol=1e-6)

@@ -9,7 +9,8 @@ layer's constants (computed in float64, then cast back to the weight's dtype):
 * ``ConvTranspose``: weight ``(C_in, C_out / group, k...)``, output channel
   ``g * C_out/group + j`` scales ``W[g-th block of C_in, j]``; bias as for Conv;
 * ``Gemm``: ``alpha * A B' + beta * C`` has channel ``n`` in column ``n`` of ``B'``; the
-  column is scaled, ``C := a * beta * C + b`` and ``beta := 1``;
+  column is scaled, ``C := a * beta * C + b`` and ``beta := 1`` (at ``beta = 0`` C is taken as absent, as
+  onnxruntime ignores it, NaN/Inf included);
 * ``MatMul`` of a 2-D input by a constant ``(K, N)`` matrix (a ``Transpose`` of a constant too,
   as a bias-free Linear is exported): columns scaled and the BN node replaced by ``Add(b)``;
 * any of these followed by ``Add`` of a constant ``k`` (how exporters write a bias):
@@ -173,9 +174,10 @@ class _Folder:
         the weights produce, is at the mercy of float16 rounding. 0 where none is known per channel."""
         total = np.zeros(channels)
         parts = []
-        if target.op_type in ("Conv", "ConvTranspose", "Gemm") and len(target.input) > 2 and target.input[2]:
-            beta = float(attribute(target, "beta", 1.0)) if target.op_type == "Gemm" else 1.0
-            parts.append((self.index.constant(target.input[2]), beta))
+        if target.op_type in ("Conv", "ConvTranspose") and len(target.input) > 2 and target.input[2]:
+            parts.append((self.index.constant(target.input[2]), 1.0))
+        elif target.op_type == "Gemm" and _adds_c(target):
+            parts.append((self.index.constant(target.input[2]), float(attribute(target, "beta", 1.0))))
         if shift is not None:
             parts.append((shift[1], 1.0))
         for value, factor in parts:
@@ -432,27 +434,32 @@ def _fold_gemm(
     if n != a.size:
         return f"{node_label(node)!r} has {n} output features but the BN has {a.size}"
     w64 = w.astype(np.float64) * (a[:, None] if trans_b else a[None, :])
-    beta = float(attribute(node, "beta", 1.0))
-    if len(node.input) > 2 and node.input[2]:
+    if _adds_c(node):
         c, why = _weight(folder, node, 2, "C term")
         if c is None:
             return why
-        c64 = a * (beta * c.astype(np.float64)) + (0.0 if b is None else b)
+        c64 = a * (float(attribute(node, "beta", 1.0)) * c.astype(np.float64)) + (0.0 if b is None else b)
     elif b is not None:
         c64 = b
-        notes.append("bias added")
+        notes.append("bias added" if len(node.input) < 3 or not node.input[2] else "C (ignored at beta=0) replaced")
     else:
         c64 = None
     why = _beyond_range(node, w.dtype, weights=w64, bias=c64)
     if why:
         return why
     folder.set_constant(node, 1, w64.astype(w.dtype), "B", notes)
-    if c64 is not None:
+    if c64 is not None:  # with none, beta stays: 0 keeps an ignored C ignored
         folder.set_constant(node, 2, c64.astype(w.dtype), "C", notes)
-    for attr in node.attribute:
-        if attr.name == "beta":
-            attr.f = 1.0
+        for attr in node.attribute:
+            if attr.name == "beta":
+                attr.f = 1.0
     return None
+
+
+def _adds_c(node: onnx.NodeProto) -> bool:
+    """A Gemm adds its C input: it has one and beta != 0 (at beta 0 onnxruntime ignores C, NaN/Inf included,
+    where beta * C would give NaN)."""
+    return len(node.input) > 2 and bool(node.input[2]) and float(attribute(node, "beta", 1.0)) != 0.0
 
 
 def _not_2d(folder: _Folder, node: onnx.NodeProto) -> str | None:
