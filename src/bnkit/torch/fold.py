@@ -39,7 +39,8 @@ whose weight or bias is shared with another module (a fold would untie it, and
 a freshly built model reloads it tied). The
 original model is never modified: the folded model is a deep copy of it, with
 each folded BN replaced by ``nn.Identity`` (so it keeps its class, forward and
-state-dict names).
+state-dict names) that keeps the BN's plain attributes (``num_features``, ``eps``, ...)
+for a forward that reads them.
 """
 from __future__ import annotations
 
@@ -193,7 +194,8 @@ def fold_bn(
         ValueError: BN layers in training mode or never updated (without ``force``);
             NaN/Inf BN statistics or affine parameters, or ``running_var + eps <= 0``;
             folded weights beyond the layer's dtype (float16 with a tiny variance);
-            uninitialized lazy modules; NaN/Inf in ``example_inputs``.
+            uninitialized lazy modules; NaN/Inf in ``example_inputs``; with ``verify``, a folded
+            model that raises on ``example_inputs`` (its forward relies on the BN layers otherwise).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_bn needs a torch.nn.Module, got {type(model).__name__}")
@@ -212,8 +214,7 @@ def fold_bn(
     _apply(work, plan, _folded_weights(work, plan))
 
     if verify and inputs is not None:
-        with SavedState(work):  # verified from the state the reference ran from; the copy keeps that state
-            report.max_abs_diff, report.max_rel_diff = _compare(reference, _run_eval(work, inputs))
+        report.max_abs_diff, report.max_rel_diff = _compare(reference, _run_folded(work, inputs, report.folded))
         if report.max_abs_diff is None:
             report.notes.append("not verified: the model's output holds no tensors to compare")
     elif verify:
@@ -348,6 +349,22 @@ def _as_tuple(example_inputs: Any) -> tuple | None:
 def _run_eval(model: nn.Module, inputs: tuple) -> Any:
     with eval_mode(model), torch.no_grad(), exact_float32():
         return model(*map_nested(inputs, torch.Tensor.clone))  # a model writing into its input skews nothing
+
+
+def _run_folded(work: nn.Module, inputs: tuple, folded: list[FoldedBN]) -> Any:
+    """The folded ``work``'s eval-mode outputs, run from its state and leaving it so (the reference ran from it).
+
+    Raises ValueError, naming the folded BN layers, where the forward raises: it ran on the original model, so it
+    relies on something of the BN layers that the ``nn.Identity`` replacing them lacks.
+    """
+    with SavedState(work):
+        try:
+            return _run_eval(work, inputs)
+        except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises
+            names = ", ".join(f"'{f.bn}'" for f in folded)
+            raise ValueError(f"the folded model raised {type(exc).__name__} ({exc}) on example_inputs, which the "
+                             f"original model ran: its forward relies on something of the BN layers folded "
+                             f"({names}) that the nn.Identity replacing them lacks") from exc
 
 
 def _probe(model: nn.Module, inputs: tuple) -> tuple[Any, dict[int, dict]]:
@@ -825,9 +842,12 @@ def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
 
 
 def _identity_for(bn: nn.Module) -> nn.Identity:
-    """The ``nn.Identity`` that replaces a folded BN, with the BN's train/eval flag (every flag is kept)."""
+    """The ``nn.Identity`` that replaces a folded BN, with the BN's plain attributes (its train/eval flag,
+    ``num_features``, ``eps``, ``momentum``, ...), so a forward that reads them reads what it read before."""
     identity = nn.Identity()
-    identity.training = bn.training
+    for name, value in vars(bn).items():
+        if not name.startswith("_") and not isinstance(value, (torch.Tensor, nn.Module)):
+            setattr(identity, name, value)
     return identity
 
 

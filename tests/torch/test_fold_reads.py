@@ -1,0 +1,81 @@
+"""fold_bn on forwards that read the layers it folds other than by calling them: plain attributes of a BN
+(``self.bn.num_features``), a BN's or a layer's tensors outside the fx trace (an untraceable model), and the input of
+a BN folded before a layer written in place before that layer reads it.
+
+Oracles: the unfolded model's own eval output (a float64 deep copy where the fold changes weights).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _helpers import set_running_stats
+from torch import nn
+
+from bnkit.torch import fold_bn
+
+
+def max_diff_to_unfolded(model: nn.Module, folded: nn.Module, x: torch.Tensor) -> float:
+    """``max |folded(x) - model(x)|``, the unfolded model run in float64 on a deep copy."""
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+        return float((folded(x).double() - want).abs().max())
+
+
+class ReadsBnAttribute(nn.Module):
+    """conv -> BN, then a reshape sized by the BN's ``num_features`` and a shift by its ``eps``: plain values, which
+    the fx graph does not show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, eps=1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y.reshape(y.shape[0], self.bn.num_features, -1).mean(-1) + self.bn.eps
+
+
+def bn_stats(model: nn.Module) -> nn.Module:
+    """Real-looking running statistics and affine parameters for every BatchNorm2d of ``model``; eval mode."""
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            set_running_stats(m, torch.randn(m.num_features), torch.rand(m.num_features) + 0.5)
+            with torch.no_grad():
+                m.weight.normal_()
+                m.bias.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_folded_bn_keeps_its_plain_attributes_for_a_forward_that_reads_them(with_inputs):
+    """The module replacing a folded BN has the BN's num_features, eps, momentum, affine and tracking flags, so the
+    folded model runs and matches the unfolded one (with or without example inputs to verify)."""
+    model = bn_stats(ReadsBnAttribute())
+    x = torch.randn(2, 3, 8, 8)
+
+    folded, report = fold_bn(model, x if with_inputs else None)
+
+    assert [f.bn for f in report.folded] == ["bn"]
+    assert (folded.bn.num_features, folded.bn.eps, folded.bn.momentum) == (8, 1e-3, 0.1)
+    assert max_diff_to_unfolded(model, folded, x) < 1e-5
+    if with_inputs:
+        assert report.max_abs_diff < 1e-5
+
+
+class ChecksBnType(ReadsBnAttribute):
+    """Raises unless ``self.bn`` is a BatchNorm2d: true when traced, false once folded."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.bn, nn.BatchNorm2d):
+            raise RuntimeError("bn must be a BatchNorm2d")
+        return self.bn(self.conv(x))
+
+
+def test_a_folded_model_that_raises_in_verification_is_a_clear_value_error():
+    """Where the folded model cannot run on the inputs the original ran on, fold_bn raises ValueError naming the
+    folded BN and the error, instead of passing the forward's own error on."""
+    model = bn_stats(ChecksBnType())
+    with pytest.raises(ValueError, match=r"folded model raised RuntimeError \(bn must be a BatchNorm2d\).*'bn'"):
+        fold_bn(model, torch.randn(2, 3, 8, 8))
