@@ -94,3 +94,47 @@ def test_gemm_at_beta_zero_folded_through_an_add_keeps_c_ignored():
         folded, report = fold_model(model)
     assert [f.bn for f in report.folded] == ["bn"]
     np.testing.assert_allclose(_run(folded, x), _run(model, x), rtol=1e-5, atol=1e-6)
+
+
+def _fp16_conv_bns(variances, w_scale: float = 1.0) -> onnx.ModelProto:
+    """float16 x -> (Conv + BN) per variance, in a chain; the BN statistics in float32, as mixed-precision
+    converters store them."""
+    rng = np.random.default_rng(0)
+    nodes, arrays, last = [], {}, "x"
+    for k, var in enumerate(variances):
+        arrays[f"W{k}"] = (w_scale * rng.normal(size=(6, 6, 1, 1))).astype(np.float16)
+        arrays.update({f"{n}{k}": a for n, a in zip("sbmv", (np.ones(6, np.float32), np.zeros(6, np.float32),
+                                                            np.zeros(6, np.float32), np.full(6, var, np.float32)))})
+        nodes += [helper.make_node("Conv", [last, f"W{k}"], [f"c{k}"], name=f"conv{k}"),
+                  helper.make_node("BatchNormalization", [f"c{k}", f"s{k}", f"b{k}", f"m{k}", f"v{k}"],
+                                   ["y" if k == len(variances) - 1 else f"n{k}"], name=f"bn{k}")]
+        last = f"n{k}"
+    return _model(nodes, ["N", 6, 4, 4], ["N", 6, 4, 4], arrays, TensorProto.FLOAT16)
+
+
+@pytest.mark.parametrize("var", [1e10, 1e12])
+def test_float16_weights_folded_into_the_subnormal_range_leave_that_bn_and_fold_the_others(var):
+    """float64 NumPy is the oracle: W / sqrt(var) rounded to float16 lies below float16's smallest normal number
+    (6.1e-5) and is off by far more than float16's unit roundoff relative to the channel's largest weight; that BN
+    is left (as on overflow), the other is folded and the file verifies."""
+    model = _fp16_conv_bns([1.0, var])
+    w64 = numpy_helper.to_array(model.graph.initializer[5]).astype(np.float64) / np.sqrt(var + np.float32(1e-5))
+    rounded = w64.astype(np.float16).astype(np.float64)
+    assert np.abs(w64).max() < np.finfo(np.float16).tiny
+    assert np.abs(rounded - w64).max() / np.abs(w64).max() > 2 * 2.0 ** -11
+    folded, report = fold_model(model)
+    assert [f.bn for f in report.folded] == ["bn0"] and report.verified
+    assert "below float16's smallest normal number" in report.left["bn1"]
+
+
+def test_float16_weights_with_single_tiny_values_but_normal_channels_still_fold():
+    """A few individually tiny weights lose nothing norm-wise (each channel's largest weight is normal): float64
+    NumPy shows the rounding error relative to each channel's largest weight within float16's unit roundoff."""
+    model = _fp16_conv_bns([1e2], w_scale=1e-3)  # weights ~1e-4 scaled by 0.1: some below 6.1e-5, none of the peaks
+    w64 = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64) / np.sqrt(1e2 + np.float32(1e-5))
+    peaks = np.abs(w64).reshape(6, -1).max(axis=1)
+    assert (np.abs(w64) < np.finfo(np.float16).tiny).any() and (peaks > np.finfo(np.float16).tiny).all()
+    error = np.abs(w64.astype(np.float16).astype(np.float64) - w64).reshape(6, -1).max(axis=1)
+    assert (error / peaks <= 2.0 ** -11).all()
+    _, report = fold_model(model)
+    assert [f.bn for f in report.folded] == ["bn0"] and report.verified

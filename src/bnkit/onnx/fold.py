@@ -21,7 +21,8 @@ before it changes anything, so a refusal leaves the graph as it was.
 
 A weight that other nodes also read (a shared conv) is copied, so only this use changes.
 Nodes are left, with the reason in the report, when folding would be inexact or
-impossible: the layer's output is read elsewhere, the statistics are not constants (graph
+impossible: the folded values would overflow the layer's dtype or put a channel's weights all below its smallest
+normal number (subnormal float16), the layer's output is read elsewhere, the statistics are not constants (graph
 inputs a caller may override included) or not finite (epsilon too), the input is not such a layer (an
 addition, a graph input), a MatMul of rank > 2 (BN's axis 1 is then not the output feature
 axis), or the node is in training mode.
@@ -381,6 +382,22 @@ def _beyond_range(node: onnx.NodeProto, dtype: np.dtype, **values: np.ndarray | 
     return None
 
 
+def _below_normal(node: onnx.NodeProto, dtype: np.dtype, peaks: np.ndarray) -> str | None:
+    """Why folded weights would lose precision in the layer's ``dtype``, or None: an output channel whose largest
+    nonzero |weight| (``peaks``, one per channel) is below the dtype's smallest normal number (float16: 6.1e-5),
+    where values are subnormal and keep only a few significant bits; the node is left as it is, as on overflow."""
+    import ml_dtypes  # onnx's own dependency: it reads bfloat16 tensors as ml_dtypes arrays
+
+    tiny = float(ml_dtypes.finfo(dtype).tiny)
+    low = np.flatnonzero((peaks > 0) & (peaks < tiny))
+    if not low.size:
+        return None
+    return (f"folding gives weights below {np.dtype(dtype).name}'s smallest normal number {tiny:.3g} in "
+            f"{node_label(node)!r} (output channel {int(low[0])}: max |weight| {peaks[low[0]]:.3g}; {low.size} "
+            "channel(s)), where they keep only a few significant bits: a variance far above the weights' scale, or "
+            "a tiny gamma")
+
+
 def _fold_conv_like(
     folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]
 ) -> str | None:
@@ -395,12 +412,14 @@ def _fold_conv_like(
         if w.shape[0] != a.size:
             return f"{node_label(node)!r} has {w.shape[0]} output channels but the BN has {a.size}"
         w64 = w64 * a.reshape((-1,) + (1,) * (w.ndim - 1))
+        peaks = np.abs(w64).reshape(a.size, -1).max(axis=1)
     else:  # ConvTranspose: (C_in, C_out / group, k...)
         if w.shape[0] % group or w.shape[1] * group != a.size:
             return f"{node_label(node)!r} has {w.shape[1] * group} output channels but the BN has {a.size}"
         blocks = w64.reshape((group, w.shape[0] // group, w.shape[1]) + w.shape[2:])
         blocks = blocks * a.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))
         w64 = blocks.reshape(w.shape)
+        peaks = np.abs(blocks).max(axis=(1, *range(3, blocks.ndim))).reshape(-1)
     has_bias = len(node.input) > 2 and bool(node.input[2])
     if has_bias:
         bias, why = _weight(folder, node, 2, "bias")
@@ -410,7 +429,7 @@ def _fold_conv_like(
     else:
         bias64 = np.zeros(a.size)
     new_bias = a * bias64 + (0.0 if b is None else b) if b is not None or has_bias else None
-    why = _beyond_range(node, w.dtype, weights=w64, bias=new_bias)
+    why = _beyond_range(node, w.dtype, weights=w64, bias=new_bias) or _below_normal(node, w.dtype, peaks)
     if why:
         return why
     folder.set_constant(node, 1, w64.astype(w.dtype), "W", notes)
@@ -444,7 +463,8 @@ def _fold_gemm(
         notes.append("bias added" if len(node.input) < 3 or not node.input[2] else "C (ignored at beta=0) replaced")
     else:
         c64 = None
-    why = _beyond_range(node, w.dtype, weights=w64, bias=c64)
+    peaks = np.abs(w64).max(axis=1 if trans_b else 0)
+    why = _beyond_range(node, w.dtype, weights=w64, bias=c64) or _below_normal(node, w.dtype, peaks)
     if why:
         return why
     folder.set_constant(node, 1, w64.astype(w.dtype), "B", notes)
@@ -481,7 +501,7 @@ def _fold_matmul(
     if why := _not_2d(folder, node):
         return why
     w64 = w.astype(np.float64) * a[None, :]
-    why = _beyond_range(node, w.dtype, weights=w64)
+    why = _beyond_range(node, w.dtype, weights=w64) or _below_normal(node, w.dtype, np.abs(w64).max(axis=0))
     if why:
         return why
     folder.set_constant(node, 1, w64.astype(w.dtype), "B", notes)
