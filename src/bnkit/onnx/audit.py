@@ -128,17 +128,20 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
 def _dropout_findings(graph: onnx.GraphProto, opset: int,
                       functions: dict[FunctionKey, onnx.FunctionProto]) -> list[Finding]:
     """A warning per Dropout (If/Loop/Scan bodies and local functions too) whose ``training_mode`` input is a
-    constant true (ONNX Dropout-12+)."""
+    constant true, or a graph input with a stored default true (ONNX Dropout-12+)."""
     top = list(graph.node)  # held while ids are compared: a protobuf wrapper keeps its id only while referenced
     ids = {id(node) for node in top}
     return [Finding("warning", node_label(node), "Dropout in training mode",
-                    "its training_mode input is true: every run zeroes a random part of the values and rescales "
-                    "the rest, so outputs are random",
+                    (f"its training_mode input is graph input {node.input[2]!r} with a stored default true "
+                     "(an initializer also listed as an input): every run that does not feed false" if overridable
+                     else "its training_mode input is true: every run")
+                    + " zeroes a random part of the values and rescales the rest, so outputs are random",
                     "export with the model in eval mode" + (
                         ", or `bnkit fold --to-inference` (switches it to inference)" if id(node) in ids
                         else " (bnkit fold cannot switch it inside an If/Loop body or a local function)"),
-                    "dropout_training")
-            for node, known in training_dropouts(graph, opset, nested=True, functions=functions) if known]
+                    "dropout_training", {"overridable": ["training_mode"]} if overridable else {})
+            for node, known, overridable in training_dropouts(graph, opset, nested=True, functions=functions)
+            if known]
 
 
 def _audit_nodes(proto: onnx.ModelProto, opset: int, report: OnnxAuditReport) -> list[BNNode]:

@@ -514,13 +514,16 @@ _FOLDERS = {"Conv": _fold_conv_like, "ConvTranspose": _fold_conv_like, "Gemm": _
 
 
 def _dropouts_to_inference(graph: onnx.GraphProto, opset: int, report: OnnxFoldReport) -> None:
-    """Switch constant-true training-mode Dropout nodes to inference (see the module doc)."""
+    """Switch constant-true (or stored-default-true) training-mode Dropout nodes to inference (see the module doc)."""
     index = GraphIndex(graph)
-    for node, known in training_dropouts(graph, opset, index):
+    for node, known, overridable in training_dropouts(graph, opset, index):
         label = node_label(node)
         if not known:
             report.notes.append(f"Dropout {label!r}: training_mode is computed at run time; left as it is")
             continue
+        if overridable:
+            report.notes.append(f"Dropout {label!r}: training_mode was graph input {node.input[2]!r} with a stored "
+                                "default true; switched to inference, a value fed for it is now ignored")
         mask = node.output[1] if len(node.output) > 1 else ""
         if mask and index.readers(mask):
             del node.input[2:]  # absent training_mode: inference; the mask (all true) stays readable

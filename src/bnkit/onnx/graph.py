@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 __all__ = ["RANDOM_OPS", "MalformedNodeError", "load_model", "check_model", "too_large", "opset_version", "GraphIndex", "BNNode", "bn_nodes",
-           "subgraphs", "attribute", "node_label", "training_dropouts", "unswitchable_training", "local_functions"]
+           "subgraphs", "attribute", "node_label", "TrainingDropout", "training_dropouts", "unswitchable_training", "local_functions"]
 
 
 class MalformedNodeError(ValueError):
@@ -529,16 +530,27 @@ def _bn_nodes(graph: onnx.GraphProto | onnx.FunctionProto, opset: int, index: Gr
     return found
 
 
+class TrainingDropout(NamedTuple):
+    """A Dropout node that may run in training mode (see :func:`training_dropouts`)."""
+
+    node: onnx.NodeProto
+    #: False when ``training_mode`` is computed at run time rather than a constant or a stored default
+    known: bool
+    #: ``training_mode`` is a graph input whose stored default is true: true unless a caller feeds false
+    overridable: bool
+
+
 def training_dropouts(
     graph: onnx.GraphProto | onnx.FunctionProto, opset: int, index: GraphIndex | None = None, *, nested: bool = False,
     functions: dict[FunctionKey, onnx.FunctionProto] | None = None, _calling: tuple[str, ...] = ()
-) -> list[tuple[onnx.NodeProto, bool]]:
-    """``(node, mode known)`` for each top-level Dropout (``nested``: in If/Loop/Scan bodies and in the bodies of
-    the local ``functions`` called, once per call, too) whose ``training_mode`` input may be true.
+) -> list[TrainingDropout]:
+    """A :class:`TrainingDropout` for each top-level Dropout (``nested``: in If/Loop/Scan bodies and in the bodies
+    of the local ``functions`` called, once per call, too) whose ``training_mode`` input may be true.
 
     ONNX Dropout-12+ (onnx/defs/nn/defs.cc) drops values at random only when its optional
-    ``training_mode`` input is true; before opset 12 the graph holds no mode. ``mode known`` is
-    False when ``training_mode`` is computed at run time rather than a constant.
+    ``training_mode`` input is true; before opset 12 the graph holds no mode. A ``training_mode`` that is a
+    graph input with a stored default (see :class:`GraphIndex`) is read as that default, what runs unless a
+    caller feeds another.
     """
     if opset < 12:
         return []
@@ -554,11 +566,13 @@ def training_dropouts(
                                                nested=True, functions=functions, _calling=_calling + (body.name,)))
         if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx") or len(node.input) < 3 or not node.input[2]:
             continue
-        mode = index.constant(node.input[2])
+        mode, overridable = index.constant(node.input[2]), False
+        if mode is None and (mode := index.constant(node.input[2], defaults=True)) is not None:
+            overridable = True
         if mode is None:
-            found.append((node, False))
+            found.append(TrainingDropout(node, False, False))
         elif bool(np.asarray(mode).any()):
-            found.append((node, True))
+            found.append(TrainingDropout(node, True, overridable))
     return found
 
 
@@ -567,13 +581,13 @@ def unswitchable_training(graph: onnx.GraphProto, opset: int, nodes: list[BNNode
                           functions: dict[FunctionKey, onnx.FunctionProto] | None = None) -> list[str]:
     """The training-mode nodes ``bnkit fold --to-inference`` cannot switch, by name: BatchNormalization (``nodes``,
     from :func:`bn_nodes`) inside If/Loop/Scan bodies or local functions, before opset 9, or whose running-statistic
-    outputs other nodes or the graph's outputs read (switching drops them), and Dropout with a constant true
-    ``training_mode`` inside bodies or functions (top-level ones are switched)."""
+    outputs other nodes or the graph's outputs read (switching drops them), and Dropout with a constant (or stored
+    default) true ``training_mode`` inside bodies or functions (top-level ones are switched)."""
     index = index or GraphIndex(graph)
     stuck = [bn.name for bn in nodes if bn.training and (bn.unrewritable is not None
                                                          or any(index.readers(o) for o in bn.extra_outputs))]
     top = list(graph.node)  # held while ids are compared: a protobuf wrapper keeps its id only while referenced
     ids = {id(n) for n in top}
-    return stuck + [node_label(n) for n, known in training_dropouts(graph, opset, index, nested=True,
-                                                                     functions=functions)
+    return stuck + [node_label(n) for n, known, _ in training_dropouts(graph, opset, index, nested=True,
+                                                                        functions=functions)
                     if known and id(n) not in ids]
