@@ -42,3 +42,19 @@ def test_an_epsilon_of_the_wrong_type_exits_one_with_findings_not_a_traceback(tm
     findings = json.loads(result.stdout)["findings"]
     assert [f["code"] for f in findings] == ["invalid_model", "malformed_node"]
     assert "node 'bn': attribute 'epsilon'" in findings[1]["evidence"]
+
+
+def test_an_onnx_model_under_another_suffix_gets_the_onnx_audit(tmp_path):
+    """A model.pb that onnx.load reads as a ModelProto (the oracle) is audited as ONNX, as bnkit fold folds it;
+    options for checkpoints are refused for it as for an .onnx file."""
+    path = tmp_path / "model.pb"
+    onnx.save(_bn_model([_bn()], {"s": [1.0, 2.0, 0.5], "b": np.zeros(3), "m": [0.1, -0.2, 0.3],
+                                  "v": [-1.0, 1.0, 2.0]}), path)
+    assert [n.op_type for n in onnx.load(path).graph.node] == ["BatchNormalization"]
+    result = _invoke(path, "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["depth"] == "onnx" and report["layers"] == ["bn"]
+    assert [f["code"] for f in report["findings"]] == ["negative_var"]
+    refused = _invoke(path, "--model", "pkg:make")
+    assert refused.exit_code == 2 and "apply to PyTorch checkpoints, not to ONNX files" in refused.output

@@ -25,7 +25,8 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 @app.command("audit")
 def audit_command(
-    file: Path = typer.Argument(..., help="Checkpoint (.pt/.pth/.bin/.ckpt, .safetensors) or ONNX model (.onnx)."),
+    file: Path = typer.Argument(..., help="Checkpoint (.pt/.pth/.bin/.ckpt, .safetensors) or ONNX model (.onnx, or read as one by its "
+                                  "content, e.g. a model.pb)."),
     model: Optional[str] = typer.Option(
         None, "--model", help="package.module:factory building the model the checkpoint belongs to."),
     data: Optional[Path] = typer.Option(
@@ -49,7 +50,7 @@ def audit_command(
         check_input_file(file, "checkpoint or ONNX")
     except UsageError as exc:
         raise fail(str(exc)) from None
-    onnx_file = file.suffix.lower() == ".onnx"
+    onnx_file = _is_onnx(file)
     if onnx_file and (model is not None or data is not None or device is not None or forward is not None):
         raise fail("--model, --data, --forward and --device apply to PyTorch checkpoints, not to ONNX files "
                    "(an ONNX file's BatchNormalization nodes are read, nothing runs)")
@@ -85,6 +86,22 @@ def audit_command(
         _print(report)
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+def _is_onnx(file: Path) -> bool:
+    """An ONNX model: an .onnx file, or one whose first bytes are a serialized ModelProto's (a model.pb, as converters
+    name them), recognised as bnkit.torch.io recognises one, so only where PyTorch is installed."""
+    if file.suffix.lower() == ".onnx":
+        return True
+    try:
+        from ..torch.io import _looks_like_onnx
+    except ImportError:  # no PyTorch: the checkpoint path says what to install
+        return False
+    try:
+        with open(file, "rb") as f:
+            return _looks_like_onnx(f.read(64))
+    except OSError:  # the checkpoint loader reports it
+        return False
 
 
 def _onnx_report(file: Path) -> dict[str, Any]:
