@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
 
+from ._stdout import ReaderGoneSink
 from .app import app
 
 _NOT_COMMANDS = {"app", "common"}
@@ -18,4 +20,5 @@ for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 
 
 def main() -> None:
+    sys.stdout = ReaderGoneSink(sys.stdout)  # output past a closed reader (| head) must not fail the command
     app()
