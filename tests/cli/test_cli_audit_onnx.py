@@ -58,3 +58,17 @@ def test_an_onnx_model_under_another_suffix_gets_the_onnx_audit(tmp_path):
     assert [f["code"] for f in report["findings"]] == ["negative_var"]
     refused = _invoke(path, "--model", "pkg:make")
     assert refused.exit_code == 2 and "apply to PyTorch checkpoints, not to ONNX files" in refused.output
+
+
+@pytest.mark.parametrize("name", ["bn\\", "[bold]bn[/bold]", "a\\[b]"])
+def test_node_names_are_shown_as_written_in_the_table(tmp_path, name):
+    """The table shows a node name exactly as the --json report (the oracle: the name onnx stores) gives it: a
+    trailing backslash is not doubled, markup-like brackets are not interpreted."""
+    model = _bn_model([_bn(name, training_mode=1)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert json.loads(_invoke(path, "--json").stdout)["layers"] == [model.graph.node[0].name] == [name]
+    result = _invoke(path)
+    assert result.exit_code == 1
+    cells = {cell.strip() for line in result.output.splitlines() for cell in line.split("│")}
+    assert name in cells

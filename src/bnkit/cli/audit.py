@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .app import app, console, fail, needs, note
 from .common import (USER_CODE_ERRORS, UsageError, add_cwd_to_path, build_model, check_input_file, describe_error,
@@ -239,19 +239,20 @@ def _print(report: dict[str, Any]) -> None:
     findings = report["findings"]
     layers = len(report.get("layers") or [])
     if findings:
-        table = Table(title=f"BatchNorm audit of {escape(report['target'])} ({report['depth']})", show_lines=True)
+        # names, paths and texts go in as Text, never as markup: escape() doubles a trailing backslash ("bn\\")
+        table = Table(title=Text(f"BatchNorm audit of {report['target']} ({report['depth']})"), show_lines=True)
         for col, width in (("severity", 8), ("layer", 24), ("finding", 30), ("evidence", 48), ("fix", 36)):
             table.add_column(col, max_width=width if col != "severity" else None, overflow="fold")
         for f in findings:
-            table.add_row(f"[{_STYLE[f['severity']]}]{f['severity']}[/]",  # names and texts are not markup
-                          *(escape(f[k]) for k in ("layer", "finding", "evidence", "fix")))
+            table.add_row(f"[{_STYLE[f['severity']]}]{f['severity']}[/]",
+                          *(Text(f[k]) for k in ("layer", "finding", "evidence", "fix")))
         console.print(table)
     if report.get("shifts"):
         shifts = Table(title="Data vs running statistics, ranked (KL per channel; z_eq = equivalent mean shift in std)")
         for col in ("rank", "layer", "z_eq", "worst channel", "mean shift (std)", "variance ratio"):
             shifts.add_column(col, justify="left" if col == "layer" else "right")
         for rank, s in enumerate(report["shifts"][:10], start=1):
-            shifts.add_row(str(rank), escape(s["layer"]), f"{s['z_eq']:.3g}", str(s["worst_channel"]),
+            shifts.add_row(str(rank), Text(s["layer"]), f"{s['z_eq']:.3g}", str(s["worst_channel"]),
                            f"{s['mean_shift']:+.3g}", f"{math.exp(s['log_var_ratio']):.3g}")
         console.print(shifts)
     errors = sum(f["severity"] == "error" for f in findings)
@@ -262,5 +263,5 @@ def _print(report: dict[str, Any]) -> None:
     elif warnings:
         console.print(f"[bold yellow]no error-level findings; {warnings} warning(s)[/]")
     else:
-        console.print(f"[bold green]no BatchNorm problems found[/] in {escape(report['target'])} "
-                      f"({layers} BatchNorm layer(s) audited, {report['depth']})")
+        console.print(Text.assemble(("no BatchNorm problems found", "bold green"),
+                                    f" in {report['target']} ({layers} BatchNorm layer(s) audited, {report['depth']})"))
