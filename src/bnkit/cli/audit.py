@@ -25,8 +25,8 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 @app.command("audit")
 def audit_command(
-    file: Path = typer.Argument(..., help="Checkpoint (.pt/.pth/.bin/.ckpt, .safetensors) or ONNX model (.onnx, or read as one by its "
-                                  "content, e.g. a model.pb)."),
+    file: Path = typer.Argument(..., help="Checkpoint (.pt/.pth/.bin/.ckpt, .safetensors) or ONNX model (.onnx, or "
+                                  "read as one by its content, e.g. a model.pb)."),
     model: Optional[str] = typer.Option(
         None, "--model", help="package.module:factory building the model the checkpoint belongs to."),
     data: Optional[Path] = typer.Option(

@@ -577,8 +577,8 @@ def _seeded(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 
 
 def _prune(model: onnx.ModelProto, read_before: set[str]) -> None:
-    """Remove the initializers (sparse ones too) and the nodes that computed constants (Constant, Identity, Transpose, Cast, Shape,
-    Expand, CastLike) folding left unread, and stale value_info."""
+    """Remove the initializers (sparse ones too) and the nodes that computed constants (Constant, Identity,
+    Transpose, Cast, Shape, Expand, CastLike) folding left unread, and stale value_info."""
     graph = model.graph
     while True:
         index = GraphIndex(graph)

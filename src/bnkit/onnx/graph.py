@@ -19,13 +19,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-__all__ = ["RANDOM_OPS", "MalformedNodeError", "load_model", "check_model", "too_large", "opset_version", "GraphIndex", "BNNode", "bn_nodes",
-           "subgraphs", "attribute", "node_label", "TrainingDropout", "training_dropouts", "unswitchable_training", "local_functions"]
+__all__ = ["RANDOM_OPS", "MalformedNodeError", "load_model", "check_model", "too_large", "opset_version", "GraphIndex",
+           "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label", "TrainingDropout", "training_dropouts",
+           "unswitchable_training", "local_functions"]
 
 
 class MalformedNodeError(ValueError):
-    """A node (or sparse initializer) bnkit cannot read: an attribute of another type than its op requires, a required one missing, or
-    values that do not fit together (such a model fails ``onnx.checker``, or its full check)."""
+    """A node (or sparse initializer) bnkit cannot read: an attribute of another type than its op requires, a
+    required one missing, or values that do not fit together (such a model fails ``onnx.checker``, or its full
+    check)."""
 
 
 def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
