@@ -79,3 +79,66 @@ def test_a_folded_model_that_raises_in_verification_is_a_clear_value_error():
     model = bn_stats(ChecksBnType())
     with pytest.raises(ValueError, match=r"folded model raised RuntimeError \(bn must be a BatchNorm2d\).*'bn'"):
         fold_bn(model, torch.randn(2, 3, 8, 8))
+
+
+class WritesBnInput(nn.Module):
+    """BN then a 1x1 conv (a "before" fold), with the BN's input ``h`` also kept as a shortcut that ``write``
+    changes in place: between the BN and the conv, or (``late``) after the conv."""
+
+    def __init__(self, write: str, late: bool = False) -> None:
+        super().__init__()
+        self.pre = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.write, self.late = write, late
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        z = self.bn(h)
+        if self.late:
+            out = self.conv(z)
+            self.write_into(h)
+            return out + h
+        self.write_into(h)
+        return self.conv(z) + h
+
+    def write_into(self, h: torch.Tensor) -> None:
+        if self.write == "method":
+            h.mul_(0.5)
+        elif self.write == "augmented":  # fx records `h += 1` as `h + 1`; the forward writes h in place
+            h += 1
+        elif self.write == "module":
+            self.act(h)
+        elif self.write == "function":
+            nn.functional.relu(h, inplace=True)
+        elif self.write == "view":
+            h.view(-1)[::2].zero_()
+        elif self.write == "out":
+            torch.mul(h, 2, out=h)
+
+
+@pytest.mark.parametrize("write", ["method", "augmented", "module", "function", "view", "out"])
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_bn_before_a_layer_is_left_where_its_input_is_written_in_place_before_the_layer_reads_it(write, with_inputs):
+    """Folded, the BN would become an nn.Identity returning its input itself (a BN returns a new tensor), so the
+    conv would read the values written after the BN ran: the BN is left, with the reason, and the model's output
+    is unchanged."""
+    model = bn_stats(WritesBnInput(write))
+    x = torch.randn(2, 3, 8, 8)
+
+    folded, report = fold_bn(model, x if with_inputs else None)
+
+    assert report.method == "fx" and not report.folded
+    assert "in place" in report.left["bn"]
+    assert max_diff_to_unfolded(model, folded, x) < 1e-5
+
+
+def test_bn_before_a_layer_is_folded_where_its_input_is_written_only_after_the_layer():
+    """A write after the conv has read the BN's output changes nothing the fold affects: folded, and exact."""
+    model = bn_stats(WritesBnInput("method", late=True))
+    x = torch.randn(2, 3, 8, 8)
+
+    folded, report = fold_bn(model, x)
+
+    assert [(f.bn, f.into, f.position) for f in report.folded] == [("bn", "conv", "before")]
+    assert max_diff_to_unfolded(model, folded, x) < 1e-5

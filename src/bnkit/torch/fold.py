@@ -15,7 +15,9 @@ In eval mode a BN layer is a per-channel affine map ``y = s * x + t`` with::
   output (reflect/replicate/circular padding copies BN outputs, so it is exact
   too). With zero padding the padded zeros would become ``t`` after the BN but
   stay 0 after the fold, so that fold is refused; so is a BN before a
-  ConvTranspose, whose border outputs sum fewer inputs than the centre.
+  ConvTranspose, whose border outputs sum fewer inputs than the centre, and one
+  after which a tensor may be written in place before the layer runs (the
+  ``nn.Identity`` replacing the BN returns its input itself).
 
 All folds into one layer are composed in float64 and cast back to the layer's
 dtype once, so fp16/bf16 weights get the correctly rounded folded value rather
@@ -45,6 +47,7 @@ for a forward that reads them.
 from __future__ import annotations
 
 import math
+import operator
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -68,6 +71,10 @@ __all__ = ["fold_bn", "FoldReport", "FoldedBN"]
 
 _LAYER_TYPES = (_ConvNd, nn.Linear)  # _ConvTransposeNd derives from _ConvNd
 _Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # folded float64 (weight, bias) per layer name
+# `a op= b` on a tensor writes `a` in place, but fx records it as `a op b` (a Proxy has no in-place operators)
+_AUGMENTABLE = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+                          operator.pow, operator.matmul, operator.and_, operator.or_, operator.xor, operator.lshift,
+                          operator.rshift})
 _PLAIN_FORWARDS = {
     cls.forward: cls
     for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -537,6 +544,7 @@ def _plan_fx(
         layer = modules[target]
         reason = (
             _padding_reason(layer, target)
+            or _written_between_reason(node, users[0], modules, target)
             or _layer_reason(layer, target, calls, attr_used, shared)
             or _channel_reason(bn, layer, target, "before")
             or _layout_reason(layer, probe, report, target)
@@ -669,6 +677,40 @@ def _layer_reason(
     if id(layer) in attr_used:
         return f"the forward reads the tensors of '{name}' directly"
     return None
+
+
+def _written_between_reason(bn: fx.Node, layer: fx.Node, modules: dict[str, nn.Module], name: str) -> str | None:
+    """Why a BN cannot fold before ``layer``: a node run between the two may write a tensor in place.
+
+    Folded, the BN becomes an ``nn.Identity`` that returns its input itself (the BN returned a new tensor), so
+    a write into that input, or into a tensor sharing its memory, before the layer runs would reach the layer.
+    """
+    node = bn.next
+    while node is not layer:
+        if _may_write_in_place(node, modules):
+            what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.name)
+            return (f"is followed by '{what}', which may write a tensor in place, before '{name}' reads it: folded, "
+                    "the BN would become an nn.Identity returning its input itself, so the write would reach "
+                    f"'{name}'")
+        node = node.next
+    return None
+
+
+def _may_write_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` may write a tensor in place: a ``*_`` method or function (``mul_``, ``torch.relu_``), an
+    ``inplace=True`` module or function, an ``out=`` argument, or an arithmetic operator (``h += 1`` is traced as
+    ``h + 1``)."""
+    if node.op == "call_module":
+        return bool(getattr(modules[node.target], "inplace", False))
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return (
+        (name.endswith("_") and not name.endswith("__"))
+        or node.kwargs.get("inplace", False) is not False
+        or "out" in node.kwargs
+        or (node.target in _AUGMENTABLE and isinstance(node.args[0], fx.Node))
+    )
 
 
 def _channel_reason(bn: nn.Module, layer: nn.Module, name: str, position: str) -> str | None:
