@@ -142,3 +142,51 @@ def test_bn_before_a_layer_is_folded_where_its_input_is_written_only_after_the_l
 
     assert [(f.bn, f.into, f.position) for f in report.folded] == [("bn", "conv", "before")]
     assert max_diff_to_unfolded(model, folded, x) < 1e-5
+
+
+class UntraceableReadsTensor(nn.Module):
+    """A data-dependent branch (torch.fx cannot trace it: the nn.Sequential fallback plans the fold), then a read of
+    the BN's gamma (``reads="bn"``) or the conv's weight (``reads="conv"``) outside their own forward, or neither."""
+
+    def __init__(self, reads: str) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.reads = reads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 100:
+            x = x / 2
+        y = self.body(x)
+        if self.reads == "bn":
+            return y * self.body[1].weight.view(1, -1, 1, 1).sign()
+        if self.reads == "conv":
+            return y * self.body[0].weight.abs().mean()
+        return y
+
+
+@pytest.mark.parametrize("reads, reason", [("bn", "the forward reads the BN's tensors directly"),
+                                           ("conv", "the forward reads the tensors of 'body.0' directly")])
+@pytest.mark.parametrize("verify", [True, False])
+def test_sequential_fallback_leaves_a_pair_whose_tensors_the_forward_reads_directly(reads, reason, verify):
+    """As the fx path does: the probe run notes reads of a BN's or a layer's parameters from outside that module's
+    forward, and the pair is left with the fx path's reason; the model's output is unchanged."""
+    model = bn_stats(UntraceableReadsTensor(reads))
+    x = torch.randn(2, 3, 8, 8)
+
+    folded, report = fold_bn(model, x, verify=verify)
+
+    assert report.method == "sequential" and not report.folded
+    assert report.left == {"body.1": reason}
+    assert max_diff_to_unfolded(model, folded, x) < 1e-5
+    assert type(model.body[1]) is nn.BatchNorm2d and type(model.body[0]) is nn.Conv2d  # classes as they were
+
+
+def test_sequential_fallback_still_folds_a_pair_only_its_own_forward_reads():
+    """Without such a read the fallback folds the pair, exactly."""
+    model = bn_stats(UntraceableReadsTensor("neither"))
+    x = torch.randn(2, 3, 8, 8)
+
+    folded, report = fold_bn(model, x)
+
+    assert report.method == "sequential" and [f.bn for f in report.folded] == ["body.1"]
+    assert max_diff_to_unfolded(model, folded, x) < 1e-5

@@ -49,7 +49,8 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -375,22 +376,70 @@ def _run_folded(work: nn.Module, inputs: tuple, folded: list[FoldedBN]) -> Any:
 
 
 def _probe(model: nn.Module, inputs: tuple) -> tuple[Any, dict[int, dict]]:
-    """Run ``model`` once in eval mode: its outputs, and for each module its call count and output ranks."""
+    """Run ``model`` once in eval mode: its outputs, and for each module called (by id) its call count, output ranks
+    and, for BN and Conv/Linear layers, whether its parameters or buffers were read outside its own forward."""
     probe: dict[int, dict] = {}
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        entry = probe.setdefault(id(module), {"calls": 0, "ndim": set()})
+        entry = probe.setdefault(id(module), {"calls": 0, "ndim": set(), "read": False})
         entry["calls"] += 1
         if isinstance(output, torch.Tensor):
             entry["ndim"].add(output.dim())
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
+    watched = [m for m in model.modules() if is_bn_or_frozen(m) or isinstance(m, _LAYER_TYPES)]
     try:
-        out = _run_eval(model, inputs)
+        with _reads_outside_forward(watched) as read:
+            out = _run_eval(model, inputs)
     finally:
         for h in handles:
             h.remove()
+    for key in read & probe.keys():  # a module never called is not folded anyway
+        probe[key]["read"] = True
     return out, probe
+
+
+@contextmanager
+def _reads_outside_forward(modules: list[nn.Module]) -> Iterator[set[int]]:
+    """The ids of those of ``modules`` whose parameters or buffers code outside their own forward reads in the block
+    (``self.body[1].weight`` in a parent's forward, which a torch.fx trace would show as a ``get_attr``).
+
+    Such reads go through ``nn.Module.__getattr__``: for the block each module's class is a subclass of it that
+    notes them while the module's own forward is not running.
+    """
+    read: set[int] = set()
+    running: Counter[int] = Counter()
+    classes = {id(m): type(m) for m in modules}
+    watching: dict[type, type] = {}
+    try:
+        for m in modules:
+            cls = type(m)
+            m.__class__ = watching.setdefault(cls, _watching(cls, read, running))
+        yield read
+    finally:
+        for m in modules:
+            m.__class__ = classes[id(m)]
+
+
+def _watching(cls: type, read: set[int], running: Counter[int]) -> type:
+    """A subclass of module class ``cls`` that adds to ``read`` the id of an instance whose parameter or buffer is
+    read while its forward is not running (``running`` counts the forwards running, by id)."""
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        running[id(self)] += 1
+        try:
+            return cls.forward(self, *args, **kwargs)
+        finally:
+            running[id(self)] -= 1
+
+    def __getattr__(self: nn.Module, name: str) -> Any:
+        own = self.__dict__
+        if not running[id(self)] and (name in own.get("_parameters", ()) or name in own.get("_buffers", ())):
+            read.add(id(self))
+        return cls.__getattr__(self, name)
+
+    return type(cls.__name__, (cls,), {"forward": forward, "__getattr__": __getattr__,
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 def _low_precision_shift_notes(model: nn.Module, folded: list[FoldedBN]) -> list[str]:
@@ -563,7 +612,8 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
     A plain Sequential passes each child's output to the next child only, so adjacency is
     data flow if the probe run saw the Sequential itself called (a forward may instead run
     its children one by one and use their outputs elsewhere), each child once, so only from
-    it. A module or layer weight held in several attribute slots is not folded either;
+    it. A module or layer weight held in several attribute slots is not folded either, nor a
+    BN or layer whose tensors the probe run saw read outside its own forward;
     without a probe run (no ``example_inputs``) nothing is.
     """
     if not probe:  # nothing shows whether a layer is also called outside its Sequential: fold nothing
@@ -572,6 +622,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
                                  "whether its neighbour is also called outside its nn.Sequential: pass example_inputs")
         return []
     calls: Counter[int] = Counter({key: entry["calls"] for key, entry in probe.items()})
+    read = {key for key, entry in probe.items() if entry["read"]}
     shared = _shared_names(work)
     plan: list[tuple[str, str, str]] = []
     used: set[str] = set()
@@ -589,11 +640,11 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
             if bn_name in used or layer_name in used:
                 continue
             reason = (
-                _bn_reason(bn, calls, set(), shared)
+                _bn_reason(bn, calls, read, shared)
                 or (None if calls[id(seq)] else f"its nn.Sequential '{prefix}' was not called as a whole, so the "
                     "forward may run its children one by one and use their outputs elsewhere")
                 or (_padding_reason(layer, layer_name) if position == "before" else None)
-                or _layer_reason(layer, layer_name, calls, set(), shared)
+                or _layer_reason(layer, layer_name, calls, read, shared)
                 or _channel_reason(bn, layer, layer_name, position)
                 or _layout_reason(layer, probe, report, layer_name)
             )
