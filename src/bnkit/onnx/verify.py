@@ -138,8 +138,9 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
     if not compared:
-        raise ValueError("every output value is NaN or Inf in both, at the same places (as Log or Sqrt of negative "
-                         "inputs make them), so the comparison compared nothing: no finite value was checked")
+        raise ValueError("every output value is NaN or Inf in both, at the same places, so the comparison compared "
+                         "nothing: the model computes no finite value on these inputs (Log or Sqrt of negative "
+                         "values, NaN parameters, ...)")
     return max_abs, max_rel
 
 
