@@ -297,6 +297,9 @@ def fold_command(
         raise fail(f"{', '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} only to "
                    + ("--model (a PyTorch model), not to an .onnx file" if source is not None
                       else "an .onnx file, not to --model (PyTorch's eval mode already uses the running statistics)"))
+    if source is not None and input_shape and not verify:  # it shapes only the verification inputs of a file
+        raise fail("--input-shape applies to an .onnx file only with verification (it sets the shapes of the random "
+                   "verification inputs): leave it out with --no-verify")
     try:
         if source is not None:
             out = check_output(output, suffixes=ONNX_SUFFIXES, inputs=[source], option="-o", what="ONNX model")
