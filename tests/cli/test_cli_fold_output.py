@@ -1,5 +1,5 @@
 """What ``bnkit fold`` prints and refuses: --input-shape with --no-verify for an ONNX file is refused (it would do
-nothing; oracle: onnx.load's graph inputs)."""
+nothing; oracle: onnx.load's graph inputs), and names are shown as the ONNX file has them (oracle: onnx.load)."""
 from __future__ import annotations
 
 import numpy as np
@@ -53,3 +53,20 @@ def test_input_shape_with_no_verify_is_refused_for_an_onnx_file(tmp_path):
         assert not out.exists()
     result = runner.invoke(app, ["fold", str(src), "-o", str(out), "--no-verify"], terminal_width=200)
     assert result.exit_code == 0 and out.exists(), result.output  # --no-verify alone still folds
+
+
+def test_names_ending_in_a_backslash_are_shown_as_written(tmp_path, monkeypatch):
+    """Node names ending in a backslash show with exactly that one backslash in the fold table (oracle: the names
+    onnx.load reads from the file); rich's markup escaping would double it."""
+    from bnkit.cli.app import console
+
+    monkeypatch.setattr(console, "_width", 1000)  # no wrapping inside the names, whatever the tmp path's length
+    src = _conv_bn(tmp_path / "m.onnx", conv_name="conv\\", bn_name="bn\\")
+    names = [n.name for n in onnx.load(src).graph.node]
+    assert names == ["conv\\", "bn\\"]
+    result = runner.invoke(app, ["fold", str(src), "-o", str(tmp_path / "out.onnx")], terminal_width=1000)
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "folded into" in line)
+    cells = [c.strip() for c in row.strip().strip("│").split("│")]
+    assert cells[0] == names[1]
+    assert cells[1].startswith(f"folded into {names[0]} (")

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .app import app, console, fail, needs, note
 from .common import print_json, reworded
@@ -29,13 +29,14 @@ def _shape(text: str) -> list[int]:
 
 
 def _print_rows(folded: list[tuple[str, str]], left: dict[str, str], title: str) -> None:
-    table = Table(title=escape(title))  # layer names, node names and paths are not markup
+    # names, paths and reasons go in as Text, never as markup: escape() doubles a trailing backslash ("bn\\")
+    table = Table(title=Text(title))
     table.add_column("BatchNorm")
     table.add_column("result")
     for bn, into in folded:
-        table.add_row(escape(bn), f"[green]folded into[/] {escape(into)}")
+        table.add_row(Text(bn), Text.assemble(("folded into", "green"), f" {into}"))
     for bn, reason in left.items():
-        table.add_row(escape(bn), f"[yellow]left:[/] {escape(_cli_words(reason))}")
+        table.add_row(Text(bn), Text.assemble(("left:", "yellow"), f" {_cli_words(reason)}"))
     console.print(table)
 
 
@@ -233,7 +234,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     _print_rows(rows, left, f"{spec} -> {output}")
     for made in report.notes:  # assumptions fold_bn made; "not verified" is said below in the CLI's words
         if not made.startswith("not verified"):
-            console.print(f"[yellow]note:[/] {escape(_cli_words(made))}", soft_wrap=True)
+            console.print(Text.assemble(("note:", "yellow"), f" {_cli_words(made)}"), soft_wrap=True)
     if verified:
         console.print(f"verified: max |original - folded| = {report.max_abs_diff:.3g}, "
                       f"relative {report.max_rel_diff:.3g}")
