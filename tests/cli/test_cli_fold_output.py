@@ -1,6 +1,11 @@
 """What ``bnkit fold`` prints and refuses: --input-shape with --no-verify for an ONNX file is refused (it would do
-nothing; oracle: onnx.load's graph inputs), and names are shown as the ONNX file has them (oracle: onnx.load)."""
+nothing), names are shown as the ONNX file has them (oracle: onnx.load), and --model to .onnx says it wrote the
+file with the export's onnxruntime-vs-PyTorch difference (oracle: onnxruntime run on the written file against
+PyTorch's eval output, in float64 NumPy)."""
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 import pytest
@@ -70,3 +75,83 @@ def test_names_ending_in_a_backslash_are_shown_as_written(tmp_path, monkeypatch)
     cells = [c.strip() for c in row.strip().strip("│").split("│")]
     assert cells[0] == names[1]
     assert cells[1].startswith(f"folded into {names[0]} (")
+
+
+NETS = '''
+import torch
+from torch import nn
+
+
+class ConvReluBN(nn.Module):
+    """A BN after a ReLU, with no layer after it: neither fold_bn nor the ONNX fold can fold it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.bn(torch.relu(self.conv(x)))
+
+
+def make():
+    torch.manual_seed(0)
+    return ConvReluBN()
+'''
+
+
+def _export_difference(model, path, dims) -> tuple[float, float]:
+    """(max abs, max norm-wise relative) difference between onnxruntime on the file at ``path`` and PyTorch's eval
+    output, in float64, on the CLI's random input of shape ``dims`` and on its first sample alone (the dynamic
+    batch axis' check), onnxruntime's graph optimisations off."""
+    x = torch.randn(*dims, generator=torch.Generator().manual_seed(0))
+    options = ort.SessionOptions()  # the graph as written, unoptimised, as the export's check runs it
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    worst_abs = worst_rel = 0.0
+    for feed in (x, x[:1]):
+        with torch.no_grad():
+            want = model(feed).double().numpy()
+        got = session.run(None, {session.get_inputs()[0].name: feed.numpy()})[0].astype(np.float64)
+        diff = float(np.max(np.abs(want - got)))
+        worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, diff / float(np.max(np.abs(want))))
+    return worst_abs, worst_rel
+
+
+def test_model_to_onnx_says_it_wrote_the_file_with_the_exports_own_difference(tmp_path, monkeypatch):
+    """--model to .onnx ends with 'wrote FILE.onnx' and the export's onnxruntime-vs-PyTorch difference, and --json
+    carries it as 'export' (max_abs_diff, max_rel_diff, batch_sizes). Oracle: onnxruntime on the written file
+    against the PyTorch model in eval mode, on the same random input and its first sample; fold_bn folds nothing
+    here, so its own check reads 0 while the export's difference does not."""
+    (tmp_path / "fold_output_nets.py").write_text(NETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import fold_output_nets
+
+    args = ["fold", "--model", "fold_output_nets:make", "--input-shape", "2x16x12x12", "-o"]
+    result = runner.invoke(app, args + ["j.onnx", "--json"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    want_abs, want_rel = _export_difference(fold_output_nets.make().eval(), tmp_path / "j.onnx", (2, 16, 12, 12))
+    assert want_abs > 0 and data["max_abs_diff"] == 0  # fold_bn's own check compares the unchanged model
+    assert data["export"]["max_abs_diff"] == pytest.approx(want_abs, rel=1e-9)
+    assert data["export"]["max_rel_diff"] == pytest.approx(want_rel, rel=1e-9)
+    assert data["export"]["batch_sizes"] == [2, 1]
+
+    result = runner.invoke(app, args + ["t.onnx"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("wrote t.onnx") and "onnxruntime" in last
+    assert f"{want_abs:.3g}" in last and f"{want_rel:.3g}" in last
+
+    result = runner.invoke(app, args + ["n.onnx", "--no-verify", "--json"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["export"] == {"max_abs_diff": None, "max_rel_diff": None, "batch_sizes": []}
+    result = runner.invoke(app, args + ["m.onnx", "--no-verify"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("wrote m.onnx") and "--no-verify" in last
+    written = sorted(set(os.listdir(tmp_path)) - {"__pycache__"})
+    assert written == ["fold_output_nets.py", "j.onnx", "m.onnx", "n.onnx", "t.onnx"]

@@ -125,6 +125,24 @@ def _reload_hint(spec: str, output: Path, report_file: Path, instance: bool) -> 
     ])
 
 
+def _export_check(exported) -> dict:
+    """The onnxruntime-vs-PyTorch check of :func:`bnkit.torch.export.export_onnx`'s report, as ``--json`` gives it:
+    ``max_abs_diff``, ``max_rel_diff`` (None when not verified) and the ``batch_sizes`` checked."""
+    return {"max_abs_diff": exported.max_abs_diff, "max_rel_diff": exported.max_rel_diff,
+            "batch_sizes": list(exported.batch_sizes)}
+
+
+def _export_words(check: dict) -> str:
+    """The export's check (:func:`_export_check`) in words, for the line that says the .onnx file was written;
+    export_onnx checks unless verify=False (--no-verify)."""
+    if check["max_abs_diff"] is None:
+        return "not checked with onnxruntime: --no-verify"
+    sizes = check["batch_sizes"]
+    batches = f"batches of {' and '.join(map(str, sizes))}" if len(sizes) > 1 else f"a batch of {sizes[0]}"
+    return (f"checked with onnxruntime against the folded PyTorch model on {batches}: max |onnxruntime - PyTorch| = "
+            f"{check['max_abs_diff']:.3g}, relative {check['max_rel_diff']:.3g}")
+
+
 #: The library's Python arguments ``force=True``, ``example_inputs`` and ``input_shapes`` as this command's options.
 _CLI_WORDS = (("force=True", "--force"), ("pass example_inputs", "give --input-shape"),
               ("no example_inputs", "no --input-shape"), ("input_shapes names", "--input-shape names"))
@@ -202,7 +220,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
             if isinstance(exc, Terminated):  # SIGTERM while the file was written: exit 143, nothing written
                 raise
             raise fail(f"cannot export the folded model to ONNX: {describe_error(exc)}", code=1) from None
-        report_file, in_file = None, _in_onnx_file(report, exported.fold)
+        report_file, in_file = None, {**_in_onnx_file(report, exported.fold), "export": _export_check(exported)}
         rows, left = _torch_rows(report.folded) + _onnx_rows(exported.fold.folded), exported.fold.left
     else:
         report_file, in_file = report_path(output), {}
@@ -244,7 +262,9 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         console.print("[yellow]not verified[/] (give --input-shape to verify)")
     else:
         console.print("[yellow]not verified[/] (the model's output holds no tensors to compare)")
-    if report_file is not None:
+    if report_file is None:
+        console.print(f"wrote {output} ({_export_words(in_file['export'])})", markup=False)
+    else:
         console.print(f"wrote {output} and the fold report {report_file} (folded BN -> Identity, new biases)",
                       markup=False)
         instance = resolve_spec(spec) is model  # build_model returns a module object as is
@@ -277,7 +297,9 @@ def fold_command(
     as_json: bool = typer.Option(
         False, "--json", help="Print the report as JSON. --model to .onnx: 'folded' and 'left' describe the written "
         "file: 'folded' lists the PyTorch folds (stage 'pytorch'), then the BatchNormalization nodes the ONNX fold "
-        "removed (stage 'onnx': node names, with 'op' and 'notes'); 'left' the nodes still in it."),
+        "removed (stage 'onnx': node names, with 'op' and 'notes'); 'left' the nodes still in it; 'export' the written "
+        "file's check, onnxruntime vs the folded PyTorch model: 'max_abs_diff', 'max_rel_diff' (null with --no-verify) "
+        "and the 'batch_sizes' checked."),
     fixed_batch: bool = typer.Option(
         False, "--fixed-batch", help="--model to .onnx: keep the batch size of --input-shape fixed in the graph "
         "(no dynamic batch axis, so no batch-of-one check)."),
