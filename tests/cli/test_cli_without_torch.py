@@ -1,6 +1,6 @@
 """The command line without torch (the base install), run as a user would, in a subprocess of the bnkit under test:
 the commands that need torch exit 2 with the line to install the extra and no traceback, while ``bnkit audit
-x.onnx`` still works.
+x.onnx`` (or an ONNX model named otherwise) still works.
 
 torch is hidden by a ``sitecustomize.py`` first on PYTHONPATH that sets ``sys.modules["torch"] = None``: ``import
 torch`` then raises ModuleNotFoundError and ``importlib.util.find_spec("torch")`` returns None, as when torch is not
@@ -94,7 +94,8 @@ def test_study_without_torch_says_what_to_install(tmp_path, no_torch):
     assert not (tmp_path / "report").exists()
 
 
-def test_audit_of_an_onnx_file_works_without_torch(tmp_path, no_torch):
+@pytest.mark.parametrize("name", ["x.onnx", "model.pb"])  # a .pb is told ONNX by its first bytes, not by torch
+def test_audit_of_an_onnx_file_works_without_torch(tmp_path, no_torch, name):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
@@ -110,9 +111,9 @@ def test_audit_of_an_onnx_file_works_without_torch(tmp_path, no_torch):
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 4, 6, 6])], inits)
     model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
-    onnx.save(model, tmp_path / "x.onnx")
+    onnx.save(model, tmp_path / name)
 
-    code, out, err = no_torch("audit", "x.onnx", "--json")
+    code, out, err = no_torch("audit", name, "--json")
     assert code == 0 and "Traceback" not in err, out + err
     report = json.loads(out)
     assert report["depth"] == "onnx" and report["ok"] is True

@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from ..file_kinds import looks_like_onnx
 from .app import app, console, fail, needs, note
 from .common import (USER_CODE_ERRORS, UsageError, add_cwd_to_path, build_model, check_input_file, describe_error,
                      dtype_change, load_forward, load_inputs, parse_device, print_json, reworded)
@@ -90,16 +91,12 @@ def audit_command(
 
 def _is_onnx(file: Path) -> bool:
     """An ONNX model: an .onnx file, or one whose first bytes are a serialized ModelProto's (a model.pb, as converters
-    name them), recognised as bnkit.torch.io recognises one, so only where PyTorch is installed."""
+    name them)."""
     if file.suffix.lower() == ".onnx":
         return True
     try:
-        from ..torch.io import _looks_like_onnx
-    except ImportError:  # no PyTorch: the checkpoint path says what to install
-        return False
-    try:
         with open(file, "rb") as f:
-            return _looks_like_onnx(f.read(64))
+            return looks_like_onnx(f.read(64))
     except OSError:  # the checkpoint loader reports it
         return False
 

@@ -32,6 +32,7 @@ import torch
 from torch.nn.parameter import is_lazy
 
 from ..atomic import atomic_path
+from ..file_kinds import looks_like_onnx
 from ..tracebacks import raised_in
 
 __all__ = [
@@ -90,7 +91,7 @@ def _looks_like(path: Path, head: bytes, size: int) -> str | None:
         return f"a zip archive without PyTorch's data.pkl (it holds {', '.join(names[:5]) or 'nothing'})"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return None  # a pickle: the legacy torch.save format, or a raw pickle for torch.load to judge
-    if _looks_like_onnx(head) or (head[:1] == b"\x08" and path.suffix.lower() == ".onnx") or b"onnx" in head.lower():
+    if looks_like_onnx(head) or (head[:1] == b"\x08" and path.suffix.lower() == ".onnx") or b"onnx" in head.lower():
         return "an ONNX model (read it with onnx, or pass it where an .onnx file is expected)"
     try:
         text = head.decode("utf-8")
@@ -99,13 +100,6 @@ def _looks_like(path: Path, head: bytes, size: int) -> str | None:
     if text and all(c.isprintable() or c.isspace() for c in text):
         return f"a text file (it starts with {text[:32]!r})"
     return f"a file of unknown format (it starts with the bytes {head[:8].hex(' ')})"
-
-
-def _looks_like_onnx(head: bytes) -> bool:
-    """A serialized ``ModelProto`` (onnx/onnx.proto) as exporters write it: field 1, ``ir_version``, a small varint
-    (1 to 31), then the tag of a later field (producer name/version, domain, model version, doc string, graph,
-    opset imports)."""
-    return len(head) > 2 and head[0] == 0x08 and 1 <= head[1] <= 31 and head[2] in b"\x12\x1a\x22\x28\x32\x3a\x42"
 
 
 def _is_safetensors(head: bytes, size: int) -> bool:

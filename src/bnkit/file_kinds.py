@@ -1,0 +1,11 @@
+"""What kind of model file a file is, told from its first bytes (no framework needed to ask)."""
+from __future__ import annotations
+
+__all__ = ["looks_like_onnx"]
+
+
+def looks_like_onnx(head: bytes) -> bool:
+    """A serialized ``ModelProto`` (onnx/onnx.proto) as exporters write it: field 1, ``ir_version``, a small varint
+    (1 to 31), then the tag of a later field (producer name/version, domain, model version, doc string, graph,
+    opset imports)."""
+    return len(head) > 2 and head[0] == 0x08 and 1 <= head[1] <= 31 and head[2] in b"\x12\x1a\x22\x28\x32\x3a\x42"
