@@ -13,7 +13,7 @@ import torch
 from _helpers import set_running_stats
 from torch import nn
 
-from bnkit.torch import fold_bn
+from bnkit.torch import fold_bn, fold_plan
 
 
 def max_diff_to_unfolded(model: nn.Module, folded: nn.Module, x: torch.Tensor) -> float:
@@ -178,7 +178,15 @@ def test_sequential_fallback_leaves_a_pair_whose_tensors_the_forward_reads_direc
     assert report.method == "sequential" and not report.folded
     assert report.left == {"body.1": reason}
     assert max_diff_to_unfolded(model, folded, x) < 1e-5
-    assert type(model.body[1]) is nn.BatchNorm2d and type(model.body[0]) is nn.Conv2d  # classes as they were
+    assert fold_plan(model, x).left == {"body.1": reason}
+    for m in (folded, model):  # the copy fold_bn ran, and the caller's model fold_plan ran
+        assert_modules_as_built(m)
+
+
+def assert_modules_as_built(model: UntraceableReadsTensor) -> None:
+    """Each module of ``model`` has its own class and plain dicts of parameters and buffers, as built."""
+    assert [type(m) for m in model.body] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert all(type(m._parameters) is dict and type(m._buffers) is dict for m in model.modules())
 
 
 def test_sequential_fallback_still_folds_a_pair_only_its_own_forward_reads():
@@ -189,4 +197,42 @@ def test_sequential_fallback_still_folds_a_pair_only_its_own_forward_reads():
     folded, report = fold_bn(model, x)
 
     assert report.method == "sequential" and [f.bn for f in report.folded] == ["body.1"]
+    assert max_diff_to_unfolded(model, folded, x) < 1e-5
+
+
+SCALE_BY_TYPE = {nn.Conv2d: 1.0, nn.Linear: 2.0}
+
+
+class DispatchesOnLayerType(nn.Module):
+    """conv -> BN, then a branch on the exact class of the conv (``branch``: ``type(self.conv) is nn.Conv2d``) or a
+    lookup keyed by it (``table``); ``untraceable`` adds a data-dependent branch, so the nn.Sequential fallback plans
+    the fold (the layers sit in a Sequential)."""
+
+    def __init__(self, how: str, untraceable: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.how, self.untraceable = how, untraceable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.untraceable and x.mean() > 100:
+            x = x / 2
+        y = self.body(x)
+        if self.how == "table":
+            return y * SCALE_BY_TYPE[type(self.body[0])]
+        return y if type(self.body[0]) is nn.Conv2d else y * 0
+
+
+@pytest.mark.parametrize("untraceable", [False, True])
+@pytest.mark.parametrize("how", ["branch", "table"])
+def test_a_forward_that_dispatches_on_a_layers_exact_type_runs_as_it_does_outside_fold_bn(how, untraceable):
+    """fold_bn's runs keep every module's class, so the reference run takes the branch real use takes: the fold is
+    verified (max_abs_diff against the unfolded model's own output) instead of refused or raising KeyError."""
+    model = bn_stats(DispatchesOnLayerType(how, untraceable))
+    x = torch.randn(2, 3, 8, 8)
+
+    folded, report = fold_bn(model, x)
+
+    assert report.method == ("sequential" if untraceable else "fx")
+    assert [f.bn for f in report.folded] == ["body.1"]
+    assert report.max_abs_diff < 1e-5
     assert max_diff_to_unfolded(model, folded, x) < 1e-5

@@ -269,6 +269,9 @@ def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport) -> tuple[An
             reference, probe = _probe(work, inputs)
             saved.restore()
         graph = _trace_or_note(work, report)
+        if graph is None and probe:
+            saved.restore()
+            _note_reads_outside_forward(work, inputs, probe)
     if graph is None:
         return reference, _plan_sequential(work, probe, report)
     return reference, _plan_fx(work, graph, probe, report)
@@ -376,8 +379,8 @@ def _run_folded(work: nn.Module, inputs: tuple, folded: list[FoldedBN]) -> Any:
 
 
 def _probe(model: nn.Module, inputs: tuple) -> tuple[Any, dict[int, dict]]:
-    """Run ``model`` once in eval mode: its outputs, and for each module called (by id) its call count, output ranks
-    and, for BN and Conv/Linear layers, whether its parameters or buffers were read outside its own forward."""
+    """Run ``model`` once in eval mode: its outputs, and for each module called (by id) its call count and output
+    ranks (``"read"`` False: see :func:`_note_reads_outside_forward`)."""
     probe: dict[int, dict] = {}
 
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -387,59 +390,75 @@ def _probe(model: nn.Module, inputs: tuple) -> tuple[Any, dict[int, dict]]:
             entry["ndim"].add(output.dim())
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
-    watched = [m for m in model.modules() if is_bn_or_frozen(m) or isinstance(m, _LAYER_TYPES)]
     try:
-        with _reads_outside_forward(watched) as read:
-            out = _run_eval(model, inputs)
+        out = _run_eval(model, inputs)
     finally:
         for h in handles:
             h.remove()
-    for key in read & probe.keys():  # a module never called is not folded anyway
-        probe[key]["read"] = True
     return out, probe
+
+
+def _note_reads_outside_forward(model: nn.Module, inputs: tuple, probe: dict[int, dict]) -> None:
+    """Run ``model`` once more in eval mode and set ``"read"`` in the ``probe`` entry of each BN and Conv/Linear
+    layer called whose parameters or buffers code outside its own forward reads (``self.body[1].weight`` in a
+    parent's forward, which a torch.fx trace would show as a ``get_attr``); the run's outputs are not used."""
+    watched = [m for m in model.modules() if id(m) in probe and (is_bn_or_frozen(m) or isinstance(m, _LAYER_TYPES))]
+    with _reads_outside_forward(watched) as read:
+        _run_eval(model, inputs)
+    for key in read:
+        probe[key]["read"] = True
+
+
+class _NotingDict(dict):
+    """A dict that calls ``note()`` on each lookup ``d[key]``."""
+
+    def __init__(self, items: dict, note: Any) -> None:
+        super().__init__(items)
+        self.note = note
+
+    def __getitem__(self, key: Any) -> Any:
+        self.note()
+        return super().__getitem__(key)
 
 
 @contextmanager
 def _reads_outside_forward(modules: list[nn.Module]) -> Iterator[set[int]]:
-    """The ids of those of ``modules`` whose parameters or buffers code outside their own forward reads in the block
-    (``self.body[1].weight`` in a parent's forward, which a torch.fx trace would show as a ``get_attr``).
+    """The ids of those of ``modules`` whose parameters or buffers are read in the block while their own forward is
+    not running (forward hooks count the forwards running).
 
-    Such reads go through ``nn.Module.__getattr__``: for the block each module's class is a subclass of it that
-    notes them while the module's own forward is not running.
+    Such reads go through ``nn.Module.__getattr__``, which looks the name up in ``_parameters`` or ``_buffers``: for
+    the block these are :class:`_NotingDict` copies (put back after it, with what the block added or removed); each
+    module keeps its class, so a forward that dispatches on ``type(module)`` runs as it does outside.
     """
     read: set[int] = set()
     running: Counter[int] = Counter()
-    classes = {id(m): type(m) for m in modules}
-    watching: dict[type, type] = {}
+
+    def enter(module: nn.Module, args: tuple) -> None:
+        running[id(module)] += 1
+
+    def leave(module: nn.Module, args: tuple, output: Any) -> None:
+        running[id(module)] -= 1
+
+    def noter(key: int) -> Any:
+        return lambda: running[key] or read.add(key)
+
+    saved = [(m, slot, getattr(m, slot)) for m in modules for slot in ("_parameters", "_buffers")]
+    handles = []
     try:
         for m in modules:
-            cls = type(m)
-            m.__class__ = watching.setdefault(cls, _watching(cls, read, running))
+            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
+        for m, slot, items in saved:
+            m.__dict__[slot] = _NotingDict(items, noter(id(m)))
         yield read
     finally:
-        for m in modules:
-            m.__class__ = classes[id(m)]
-
-
-def _watching(cls: type, read: set[int], running: Counter[int]) -> type:
-    """A subclass of module class ``cls`` that adds to ``read`` the id of an instance whose parameter or buffer is
-    read while its forward is not running (``running`` counts the forwards running, by id)."""
-
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        running[id(self)] += 1
-        try:
-            return cls.forward(self, *args, **kwargs)
-        finally:
-            running[id(self)] -= 1
-
-    def __getattr__(self: nn.Module, name: str) -> Any:
-        own = self.__dict__
-        if not running[id(self)] and (name in own.get("_parameters", ()) or name in own.get("_buffers", ())):
-            read.add(id(self))
-        return cls.__getattr__(self, name)
-
-    return type(cls.__name__, (cls,), {"forward": forward, "__getattr__": __getattr__,
-                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        for h in handles:
+            h.remove()
+        for m, slot, items in saved:
+            now = m.__dict__[slot]
+            if now is not items:
+                items.clear()
+                items.update(now)
+                m.__dict__[slot] = items
 
 
 def _low_precision_shift_notes(model: nn.Module, folded: list[FoldedBN]) -> list[str]:
