@@ -11,6 +11,7 @@ from _helpers import rel, set_running_stats
 from torch import nn
 
 from bnkit.torch import export_onnx
+from bnkit.torch.export import ExportVerificationError
 
 
 class _ConvBN(nn.Module):
@@ -102,3 +103,50 @@ def test_a_none_output_is_dropped_and_the_tensors_around_it_keep_their_names(tmp
         export_onnx(model, torch.randn(3, 3, 4, 4), tmp_path / "three.onnx", output_names=["y", "aux", "pooled"])
     assert not (tmp_path / "three.onnx").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["optional.onnx"]
+
+
+class _TemperedSummaries(_ConvBN):
+    def forward(self, x, temperature):
+        y = self.bn(self.conv(x)) / temperature
+        return y, y.mean((0, 2, 3))  # per sample; per channel (4 channels, batch of 4)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_beside_a_0d_input_a_per_channel_output_the_size_of_the_batch_keeps_its_shape(tmp_path, verify):
+    """A 0-d temperature beside a batch of 4, and a per-channel mean of 4 values: the first sample alone (the batch
+    input cut, the 0-d input not) shows the mean is not batched, with or without the onnxruntime check, so it is
+    declared (4,); onnxruntime on a batch of 2 gives the PyTorch model's outputs with the declared shapes."""
+    model, path = _TemperedSummaries(), tmp_path / "tempered.onnx"
+    temperature = torch.tensor(2.0)
+    report = export_onnx(model, (torch.randn(4, 3, 4, 4), temperature), path, input_names=["x", "t"],
+                         output_names=["y", "channels"], verify=verify)
+    assert report.batch_sizes == ([4, 1] if verify else [])
+    assert _declared(onnx.load(path).graph.output) == {"y": ["batch", 4, 4, 4], "channels": [4]}
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    got = _session(path).run(None, {"x": x.numpy(), "t": temperature.numpy()})
+    with torch.no_grad():
+        want = [t.double().numpy() for t in model(x, temperature)]
+    assert [g.shape for g in got] == [w.shape for w in want] == [(2, 4, 4, 4), (4,)]
+    assert all(rel(g, w) < 1e-5 for g, w in zip(got, want))
+
+
+class _BakedBatch(nn.Module):
+    """A Linear on ``x.view(4, -1)``: the batch size 4 is baked into the graph, beside a 0-d temperature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(12, 3)
+
+    def forward(self, x, temperature):
+        return self.lin(x.view(4, -1)) / temperature
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_model_that_fails_on_the_first_sample_alone_is_refused_beside_a_0d_input(tmp_path, verify):
+    """The batch-of-one run backs the dynamic axis whatever the other inputs and ``verify``: PyTorch itself cannot
+    run the model on one sample (view(4, -1) of 12 values), so a graph declared with a 'batch' axis that fails at any
+    other batch size in onnxruntime is not written."""
+    path = tmp_path / "baked.onnx"
+    with pytest.raises(ExportVerificationError, match="first sample alone.*dynamic_batch=False"):
+        export_onnx(_BakedBatch().eval(), (torch.randn(4, 3, 4), torch.tensor(2.0)), path, verify=verify)
+    assert not path.exists()

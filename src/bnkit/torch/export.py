@@ -9,8 +9,8 @@ each module's flag afterwards), audits the exported graph (:func:`bnkit.onnx.aud
 ``fold=True`` too, so an error blocks the write whether or not the BN is folded away), optionally
 folds BatchNormalization into its neighbours (:func:`bnkit.onnx.fold_model`), and compares
 onnxruntime's outputs with PyTorch's eval outputs on the example inputs (and on their
-first sample alone when the batch axis is dynamic: a model that fails there is refused, with
-a pointer to ``dynamic_batch=False``). The file is written atomically and only when every check passed.
+first sample alone when the batch axis is dynamic: the inputs declared dynamic are cut to it, and a model that fails
+there, in PyTorch even without verification, is refused, with a pointer to ``dynamic_batch=False``). The file is written atomically and only when every check passed.
 
 It uses the TorchScript-based exporter (``dynamo=False``), which needs no ``onnxscript``.
 """
@@ -123,9 +123,10 @@ def export_onnx(
     ``verify=False`` skips the onnxruntime comparison (the audit still runs), for graphs that draw random
     numbers (a VAE's sampling: onnxruntime and PyTorch draw different ones); the report's diffs are then None.
     ``dynamic_batch=True`` declares dim 0 dynamic (``"batch"``) on the inputs whose dim 0 has the example batch size
-    (that of the first input with a dim 0) and on the outputs whose dim 0 has it too (and is 1 on the first sample
-    alone, when that is checked); 0-d tensors and others (a fixed table) keep their shapes. With an example batch of
-    one every dim 0 of 1 counts as the batch: give a larger batch to tell them apart. None outputs are dropped, as
+    (that of the first input with a dim 0) and on the outputs whose dim 0 has it too and is 1 when PyTorch runs the
+    first sample of those inputs alone (the others uncut; with ``verify=False`` too, and a model that fails there is
+    refused); 0-d tensors and others (a fixed table) keep their shapes. With an example batch of one every dim 0 of 1
+    counts as the batch: give a larger batch to tell them apart. None outputs are dropped, as
     torch.onnx drops them (``output_names`` names the tensors).
     """
     import onnx
@@ -162,15 +163,17 @@ def export_onnx(
             "with batch statistics at inference. Give them running statistics (bnkit recalibrate) before exporting")
 
     batch = next((int(t.shape[0]) for t in inputs if t.dim()), 0)  # the first input with a dim 0 sets the batch
-    single = dynamic_batch and batch > 1 and all(t.dim() and t.shape[0] == batch for t in inputs)
-    checks = ([inputs] + ([tuple(t[:1] for t in inputs)] if single else [])) if verify else []
+    batched = [bool(dynamic_batch and t.dim() and t.shape[0] == batch) for t in inputs]  # declared dynamic
+    runs = [inputs]
+    if batch > 1 and any(batched):  # the first sample alone: decides which outputs are batched, and checks the graph
+        runs.append(tuple(t[:1] if cut else t for t, cut in zip(inputs, batched)))
     # torch.onnx.export calls model.train() twice, and cannot trace modules compiled in place
     with eval_mode(model), kept_requested_modes(model), eager_calls(model):
         with torch.no_grad(), exact_float32():  # what onnxruntime computes: float32 without TF32
             expected = [_flatten(model(*inputs))]  # also counts the outputs to name
-            if single and verify:
+            if len(runs) > 1:
                 try:
-                    expected.append(_flatten(model(*checks[1])))
+                    expected.append(_flatten(model(*runs[1])))
                 except Exception as exc:  # the model's own error, whatever its type
                     raise _batch_of_one("the model", exc) from exc
         in_names = _names(input_names, len(inputs), "input")
@@ -195,7 +198,7 @@ def export_onnx(
             + "\n".join(f"  {f.layer}: {f.finding} ({f.evidence})" for f in errors))
     if fold:
         proto, report.fold = fold_model(proto, verify=False)
-    for feeds, want, size in zip(checks, expected, (batch, 1)):
+    for feeds, want, size in zip(runs if verify else [], expected, (batch, 1)):
         try:
             got = run(proto, {n: t.detach().cpu().numpy() for n, t in zip(in_names, feeds)})
             abs_diff, rel_diff = compare([w.detach().cpu().double().numpy() for w in want],
