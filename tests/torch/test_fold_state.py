@@ -175,3 +175,37 @@ def test_verification_counts_nan_in_one_model_only_or_no_finite_value_as_inf():
     assert _compare(torch.tensor([nan, 2.0]), torch.tensor([nan, 2.5])) == (0.5, 0.25)
     assert _compare(torch.tensor([nan, 2.0]), torch.tensor([1.0, nan])) == (math.inf, math.inf)
     assert _compare(torch.tensor([nan, nan]), torch.tensor([nan, nan])) == (math.inf, math.inf)
+
+
+class LazyScale(nn.Module):
+    """A per-channel scale created on the first call the pre-LazyModule way: the forward rebinds the parameter's
+    ``.data`` from an empty tensor to one of the channel count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.empty(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.s.numel() == 0:
+            self.s.data = torch.linspace(0.5, 2.0, x.shape[1])
+        return x * self.s.view(1, -1, 1, 1)
+
+
+def test_a_parameter_whose_data_the_forward_rebinds_to_another_shape_is_given_its_old_data_back():
+    """fold_bn and fold_plan put the empty parameter back (the same Parameter object), so the folded copy and the
+    caller's model create it on their first real call, and the folded copy matches the unfolded model there."""
+    from bnkit.torch import fold_plan
+
+    model = conv_bn_then(LazyScale())
+    param = model[2].s
+    x = torch.randn(2, 3, 8, 8)
+    oracle = copy.deepcopy(model).double()
+
+    plan = fold_plan(model, x)
+    folded, report = fold_bn(model, x)
+
+    assert [f.bn for f in plan.folded] == [f.bn for f in report.folded] == ["1"]
+    assert model[2].s is param and param.shape == (0,) and folded[2].s.shape == (0,)
+    assert report.max_abs_diff < 1e-5
+    with torch.no_grad():
+        assert float((folded(x).double() - oracle(x.double())).abs().max()) < 1e-5

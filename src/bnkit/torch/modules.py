@@ -438,18 +438,28 @@ class SavedBuffers:
             if len(now) != len(bufs) or any(now.get(k) is not b for k, b in bufs.items()):
                 now.clear()
                 now.update(bufs)
-        with torch.no_grad():
-            for tensor, before in self.values.values():
-                tensor.copy_(before)
+        for tensor, before in self.values.values():
+            write_back(tensor, before)
+
+
+def write_back(tensor: torch.Tensor, before: torch.Tensor) -> None:
+    """Give ``tensor`` (a parameter or buffer) the values ``before`` again: in place, or, where a forward rebound its
+    ``.data`` to another shape, dtype or device (``self.s.data = torch.ones(c)``), by rebinding ``.data`` to a copy
+    of ``before``."""
+    with torch.no_grad():
+        if (tensor.shape, tensor.dtype, tensor.device) == (before.shape, before.dtype, before.device):
+            tensor.copy_(before)
+        else:
+            tensor.data = before.clone()
 
 
 class SavedState:
     """Every module's state at one moment: its attributes as bound (plain values, parameters, buffers, submodules)
     and the values of its parameters and buffers.
 
-    :meth:`restore` (also on leaving a ``with`` block) binds each attribute again and writes the saved values back in
-    place, so the tensors stay the objects they were (an optimizer's references hold). Plain containers changed in
-    place (a list appended to) are not put back.
+    :meth:`restore` (also on leaving a ``with`` block) binds each attribute again and writes the saved values back
+    (:func:`write_back`), so the tensors stay the objects they were (an optimizer's references hold). Plain
+    containers changed in place (a list appended to) are not put back.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -466,9 +476,8 @@ class SavedState:
                 now.clear()
                 now.update(before)
         self.buffers.restore()
-        with torch.no_grad():
-            for param, before in self.params:
-                param.copy_(before)
+        for param, before in self.params:
+            write_back(param, before)
 
     def __enter__(self) -> SavedState:
         return self
