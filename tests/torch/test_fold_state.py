@@ -209,3 +209,39 @@ def test_a_parameter_whose_data_the_forward_rebinds_to_another_shape_is_given_it
     assert report.max_abs_diff < 1e-5
     with torch.no_grad():
         assert float((folded(x).double() - oracle(x.double())).abs().max()) < 1e-5
+
+
+def test_fold_plan_between_a_forward_and_its_backward_leaves_the_graph_usable():
+    """fold_plan writes back only tensors its runs changed (none here), so autograd's saved tensors keep their
+    versions: backward after fold_plan runs and gives the gradients it gives without the fold_plan call."""
+    from bnkit.torch import fold_plan
+
+    model = nn.Sequential(conv_bn_then(nn.ReLU()), nn.Conv2d(4, 2, 3))
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+
+    loss = model(x).square().mean()
+    plan = fold_plan(model, x)
+    loss.backward()
+    twin(x).square().mean().backward()
+
+    assert [f.bn for f in plan.folded] == ["0.1"]
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_saved_state_writes_back_changed_values_only_nan_matching_nan_and_minus_zero_not_zero():
+    """A parameter holding NaN that nothing wrote is not written back (its autograd version kept); a -0.0 written
+    over 0.0 through ``.data`` (which no version counter sees, and == calls equal) is put back as 0.0."""
+    from bnkit.torch.modules import SavedState
+
+    layer = nn.Linear(2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[float("nan"), 0.0]]))
+    version = layer.weight._version
+    with SavedState(layer):
+        pass
+    assert layer.weight._version == version
+    with SavedState(layer):
+        layer.weight.data[0, 1] = -0.0
+    assert torch.isnan(layer.weight[0, 0]) and not torch.signbit(layer.weight[0, 1])

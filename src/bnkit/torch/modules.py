@@ -443,14 +443,26 @@ class SavedBuffers:
 
 
 def write_back(tensor: torch.Tensor, before: torch.Tensor) -> None:
-    """Give ``tensor`` (a parameter or buffer) the values ``before`` again: in place, or, where a forward rebound its
-    ``.data`` to another shape, dtype or device (``self.s.data = torch.ones(c)``), by rebinding ``.data`` to a copy
-    of ``before``."""
+    """Give ``tensor`` (a parameter or buffer) the values ``before`` again: nothing is written where it holds them
+    (its autograd version stays, so a graph that saved it can still run backward), else in place, or, where a forward
+    rebound its ``.data`` to another shape, dtype or device (``self.s.data = torch.ones(c)``), by rebinding ``.data``
+    to a copy of ``before``."""
+    same_kind = (tensor.shape, tensor.dtype, tensor.device) == (before.shape, before.dtype, before.device)
+    if same_kind and _same_values(tensor.detach(), before):
+        return
     with torch.no_grad():
-        if (tensor.shape, tensor.dtype, tensor.device) == (before.shape, before.dtype, before.device):
+        if same_kind:
             tensor.copy_(before)
         else:
             tensor.data = before.clone()
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one shape and dtype hold the same values: NaN matches NaN, -0.0 does not match 0.0
+    (a ``_version`` check would miss writes through ``.data``)."""
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    return bool((((a == b) & (a.signbit() == b.signbit())) | (a.isnan() & b.isnan())).all())
 
 
 class SavedState:
