@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .modules import bn_layers, is_bn_or_frozen
+from .modules import bn_layers, is_batchnorm, is_bn_or_frozen
 
 __all__ = ["freeze_bn", "unfreeze_bn", "is_frozen", "frozen_bn_layers", "FreezeState"]
 
@@ -112,29 +112,42 @@ def _state(module: nn.Module) -> FreezeState:
     return FreezeState(stats, affine)
 
 
-def _select(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
-    layers = bn_layers(model)
+def select_bn_layers(model: nn.Module, modules: Iterable[nn.Module | str] | nn.Module | str | None
+                     ) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` for the BatchNorm layers that ``modules=`` picks: every one for ``None``; else each
+    item, a qualified name (resolved with ``model.get_submodule``, so either name of a layer shared under two
+    works) or a module of ``model``, or a single such item. Anything else raises before anything changes."""
     if modules is None:
-        return layers
+        return bn_layers(model)
     if isinstance(modules, (str, nn.Module)):
         modules = [modules]
-    by_name = dict(layers)
-    name_of = {id(m): n for n, m in layers}
+    name_of: dict[int, str] = {}
+    for n, m in model.named_modules():
+        name_of.setdefault(id(m), n)
     chosen: dict[int, tuple[str, nn.Module]] = {}
     for item in modules:
         if isinstance(item, str):
-            if item not in by_name:
-                raise ValueError(
-                    f"{item!r} is not a BatchNorm layer of the model; BatchNorm layers: {list(by_name)[:8]}"
-                )
-            chosen[id(by_name[item])] = (item, by_name[item])
+            name, layer = item, _submodule(model, item)
         elif isinstance(item, nn.Module):
             if id(item) not in name_of:
-                raise ValueError(f"{type(item).__name__} passed in modules= is not a BatchNorm layer of the model")
-            chosen[id(item)] = (name_of[id(item)], item)
+                raise ValueError(f"the {type(item).__name__} passed in modules= is not a BatchNorm layer of the model "
+                                 "(not one of its modules)")
+            name, layer = name_of[id(item)], item
         else:
             raise TypeError(f"modules= takes BatchNorm modules or their qualified names, got {type(item).__name__}")
+        if not is_batchnorm(layer):
+            raise ValueError(f"{name!r} ({type(layer).__name__}) is not a BatchNorm layer; BatchNorm layers of "
+                             f"the model: {[n for n, _ in bn_layers(model)][:8]}")
+        chosen.setdefault(id(layer), (name, layer))
     return list(chosen.values())
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{name!r} is not a BatchNorm layer of the model: it has no submodule of that name "
+                         f"(BatchNorm layers: {[n for n, _ in bn_layers(model)][:8]})") from None
 
 
 def freeze_bn(
@@ -160,7 +173,7 @@ def freeze_bn(
     statistics even in eval mode) and raises ``ValueError``.
     Returns ``model``.
     """
-    layers = _select(model, modules)
+    layers = select_bn_layers(model, modules)
     if stats:
         missing = [n or type(m).__name__ for n, m in layers if m.running_mean is None]
         if missing:
@@ -198,7 +211,7 @@ def unfreeze_bn(
     in eval mode); ``requires_grad`` gets back the value it had when first frozen.
     Layers that are not frozen are left alone. Returns ``model``.
     """
-    for _, m in _select(model, modules):
+    for _, m in select_bn_layers(model, modules):
         pinned = m.__dict__.get("train")
         if stats and isinstance(pinned, _PinnedEval):
             del m.__dict__["train"]
