@@ -107,6 +107,9 @@ class WritesBnInput(nn.Module):
             h.mul_(0.5)
         elif self.write == "augmented":  # fx records `h += 1` as `h + 1`; the forward writes h in place
             h += 1
+        elif self.write == "augmented_view":  # writes the slice of h it views
+            v = h[:, :2]
+            v += 1
         elif self.write == "module":
             self.act(h)
         elif self.write == "function":
@@ -117,7 +120,7 @@ class WritesBnInput(nn.Module):
             torch.mul(h, 2, out=h)
 
 
-@pytest.mark.parametrize("write", ["method", "augmented", "module", "function", "view", "out"])
+@pytest.mark.parametrize("write", ["method", "augmented", "augmented_view", "module", "function", "view", "out"])
 @pytest.mark.parametrize("with_inputs", [True, False])
 def test_bn_before_a_layer_is_left_where_its_input_is_written_in_place_before_the_layer_reads_it(write, with_inputs):
     """Folded, the BN would become an nn.Identity returning its input itself (a BN returns a new tensor), so the
@@ -236,3 +239,56 @@ def test_a_forward_that_dispatches_on_a_layers_exact_type_runs_as_it_does_outsid
     assert [f.bn for f in report.folded] == ["body.1"]
     assert report.max_abs_diff < 1e-5
     assert max_diff_to_unfolded(model, folded, x) < 1e-5
+
+
+class BnOnAView(WritesBnInput):
+    """The BN reads a view of ``h`` (``h.view(h.shape)``), and ``h += 1`` then writes the memory that view shares."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        z = self.bn(h.view(h.shape))
+        h += 1
+        return self.conv(z) + h
+
+
+def test_bn_before_a_layer_is_left_where_the_tensor_its_input_views_is_written_in_place():
+    """An augmented assignment to the tensor the BN's input is a view of reaches the layer once the BN is an
+    nn.Identity: the BN is left, with the reason, and the output is unchanged."""
+    model = bn_stats(BnOnAView("augmented"))
+    x = torch.randn(2, 3, 8, 8)
+
+    folded, report = fold_bn(model, x)
+
+    assert not report.folded and "in place" in report.left["bn"]
+    assert max_diff_to_unfolded(model, folded, x) < 1e-5
+
+
+class InputBnBesideABranch(nn.Module):
+    """A tabular model: BatchNorm1d on the dense input, then a Linear; between the two, an out-of-place product on
+    an embedding, which shares no memory with the BN's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn_in, self.lin, self.emb = nn.BatchNorm1d(8), nn.Linear(8, 4), nn.Embedding(10, 4)
+        set_running_stats(self.bn_in, torch.rand(8) * 2 - 1, torch.rand(8) + 0.5)
+
+    def forward(self, dense: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        z = self.bn_in(dense)
+        e = self.emb(idx) * 0.5
+        return self.lin(z) + e
+
+
+def test_arithmetic_on_a_tensor_unrelated_to_the_bns_input_does_not_stop_a_fold_before_the_layer():
+    """Only arithmetic whose first operand is the BN's input or shares its memory could be an augmented assignment
+    reaching the layer: the input BN is folded into the Linear, exactly (against the unfolded float64 model)."""
+    torch.manual_seed(0)
+    model = InputBnBesideABranch().eval()
+    dense, idx = torch.randn(16, 8), torch.randint(0, 10, (16,))
+
+    folded, report = fold_bn(model, (dense, idx))
+
+    assert [(f.bn, f.into, f.position) for f in report.folded] == [("bn_in", "lin", "before")]
+    assert report.max_abs_diff < 1e-5
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(dense.double(), idx)
+        assert float((folded(dense, idx).double() - want).abs().max()) < 1e-5

@@ -76,6 +76,14 @@ _Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # folded float64 (weigh
 _AUGMENTABLE = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
                           operator.pow, operator.matmul, operator.and_, operator.or_, operator.xor, operator.lshift,
                           operator.rshift})
+# methods and functions that may return a view of their first argument, or that argument itself
+_VIEW_OPS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "permute",
+    "t", "expand", "expand_as", "narrow", "select", "unbind", "split", "split_with_sizes", "chunk", "tensor_split",
+    "hsplit", "vsplit", "dsplit", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "as_strided", "unfold",
+    "detach", "contiguous", "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "real",
+    "imag", "view_as_real", "view_as_complex", "adjoint", "alias", "getitem", "getattr"})
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 _PLAIN_FORWARDS = {
     cls.forward: cls
     for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
@@ -755,9 +763,11 @@ def _written_between_reason(bn: fx.Node, layer: fx.Node, modules: dict[str, nn.M
     Folded, the BN becomes an ``nn.Identity`` that returns its input itself (the BN returned a new tensor), so
     a write into that input, or into a tensor sharing its memory, before the layer runs would reach the layer.
     """
+    src = bn.args[0] if bn.args else bn.kwargs.get("input")
+    aliases = _aliases(src, modules) if isinstance(src, fx.Node) else set()
     node = bn.next
     while node is not layer:
-        if _may_write_in_place(node, modules):
+        if _may_write_in_place(node, modules, aliases):
             what = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.name)
             return (f"is followed by '{what}', which may write a tensor in place, before '{name}' reads it: folded, "
                     "the BN would become an nn.Identity returning its input itself, so the write would reach "
@@ -766,21 +776,49 @@ def _written_between_reason(bn: fx.Node, layer: fx.Node, modules: dict[str, nn.M
     return None
 
 
-def _may_write_in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _may_write_in_place(node: fx.Node, modules: dict[str, nn.Module], aliases: set[fx.Node]) -> bool:
     """Whether ``node`` may write a tensor in place: a ``*_`` method or function (``mul_``, ``torch.relu_``), an
-    ``inplace=True`` module or function, an ``out=`` argument, or an arithmetic operator (``h += 1`` is traced as
-    ``h + 1``)."""
+    ``inplace=True`` module or function, an ``out=`` argument, or an arithmetic operator whose first operand is one
+    of ``aliases`` (``h += 1`` is traced as ``h + 1``; ``e * 0.5`` on another tensor writes nothing of the BN's)."""
     if node.op == "call_module":
         return bool(getattr(modules[node.target], "inplace", False))
     if node.op not in ("call_method", "call_function"):
         return False
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = _op_name(node)
     return (
         (name.endswith("_") and not name.endswith("__"))
         or node.kwargs.get("inplace", False) is not False
         or "out" in node.kwargs
-        or (node.target in _AUGMENTABLE and isinstance(node.args[0], fx.Node))
+        or (node.target in _AUGMENTABLE and node.args[0] in aliases)
     )
+
+
+def _aliases(node: fx.Node, modules: dict[str, nn.Module]) -> set[fx.Node]:
+    """``node`` and the nodes that may share its memory: the tensors it is a view of, and every view of those
+    (:func:`_is_view`)."""
+    while _is_view(node, modules):
+        node = node.args[0]
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo += [user for user in current.users if _is_view(user, modules) and user.args[0] is current]
+    return seen
+
+
+def _is_view(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` may return a view of its first argument, or that argument itself (``x.view``, ``x[0]``,
+    ``x.T``, ``x.to(dtype)``, an ``nn.Identity``, ``nn.Flatten`` or eval-mode Dropout)."""
+    if not (node.args and isinstance(node.args[0], fx.Node)):
+        return False
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _VIEW_MODULES)
+    return node.op in ("call_method", "call_function") and _op_name(node) in _VIEW_OPS
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
 
 
 def _channel_reason(bn: nn.Module, layer: nn.Module, name: str, position: str) -> str | None:
