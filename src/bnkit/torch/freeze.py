@@ -131,7 +131,8 @@ def select_bn_layers(model: nn.Module, modules: Iterable[nn.Module | str] | nn.M
         elif isinstance(item, nn.Module):
             if id(item) not in name_of:
                 raise ValueError(f"the {type(item).__name__} passed in modules= is not a BatchNorm layer of the model "
-                                 "(not one of its modules)")
+                                 "(not one of its modules); modules= items that are not BatchNorm layers of the "
+                                 "model are refused before anything changes")
             name, layer = name_of[id(item)], item
         else:
             raise TypeError(f"modules= takes BatchNorm modules or their qualified names, got {type(item).__name__}")

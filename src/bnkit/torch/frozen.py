@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
+from .freeze import select_bn_layers
 from .layers import replace_modules, retype_module
-from .modules import channels, is_batchnorm
+from .modules import channels
 
 __all__ = [
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenBatchNormNd",
@@ -115,8 +116,11 @@ def _frozen_class(module: nn.Module) -> type[FrozenBatchNormNd]:
     return FrozenBatchNormNd  # SyncBatchNorm and other _BatchNorm subclasses accept any rank
 
 
-def convert_frozen(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> nn.Module:
-    """Replace every BatchNorm layer (or those in ``modules``) with its buffer-only frozen twin.
+def convert_frozen(
+    model: nn.Module, modules: Iterable[nn.Module | str] | nn.Module | str | None = None
+) -> nn.Module:
+    """Replace every BatchNorm layer (or those in ``modules``: layers or qualified names, as for
+    :func:`~bnkit.torch.freeze_bn`) with its buffer-only frozen twin.
 
     Tensors are shared (parameters become buffers viewing the same storage), no
     ``training`` flag changes, hooks and other attributes are kept for
@@ -126,14 +130,7 @@ def convert_frozen(model: nn.Module, modules: Iterable[nn.Module] | None = None)
     uninitialized lazy ones raise ``ValueError`` before anything changes.
     Returns the model (a new object only when ``model`` itself is a BN layer).
     """
-    chosen = None if modules is None else {id(m) for m in modules}
-    targets = {
-        id(m): (name or type(m).__name__)
-        for name, m in model.named_modules()
-        if is_batchnorm(m) and (chosen is None or id(m) in chosen)
-    }
-    if chosen is not None and chosen - set(targets):
-        raise ValueError("modules= contains modules that are not BatchNorm layers of the model")
+    targets = {id(m): (name or type(m).__name__) for name, m in select_bn_layers(model, modules)}
     bad = [
         targets[id(m)] for m in model.modules()
         if id(m) in targets and (m.running_mean is None or is_lazy(m.running_mean) or is_lazy(m.weight)
