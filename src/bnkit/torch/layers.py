@@ -39,6 +39,8 @@ value, ``running = (1 - a) * running + a * batch_stat`` with ``a = momentum``
   ``(warmup, r_full, d_full)`` keeps ``rmax = 1, dmax = 0`` (plain BN) up to step
   ``warmup`` and then relaxes them linearly to reach ``rmax`` at step ``r_full``
   and ``dmax`` at step ``d_full``; the paper's is :data:`PAPER_RENORM_SCHEDULE`.
+  Needs running statistics: a training step with ``running_mean``/``running_var``
+  set to ``None`` raises ``ValueError`` before anything changes.
 * ``virtual_batch_size=k``: ghost batch normalization (Hoffer et al. 2017): the
   batch is split into chunks of ``k`` along dim 0, each normalized by its own
   statistics (a last chunk with a single value per channel joins the one before).
@@ -276,6 +278,12 @@ class _DropInBatchNorm:
         if x.numel() == 0:
             raise ValueError(f"{self._label()} got an empty batch {tuple(x.shape)} in training mode")
         chunks = self._chunks(x)  # validates before any buffer changes
+        if self.renorm and (self.running_mean is None or self.running_var is None):
+            raise ValueError(
+                f"{self._label()}: renorm=True needs running statistics (r and d compare the batch with them), but "
+                "running_mean or running_var is None; give the layer running statistics again "
+                "(layer.running_mean = torch.zeros(C); layer.running_var = torch.ones(C)), or use renorm=False"
+            )
         if self.renorm and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             raise RuntimeError(
                 f"{self._label()}: a Batch Renormalization step ran inside a backward pass, where activation "
