@@ -245,3 +245,44 @@ def test_saved_state_writes_back_changed_values_only_nan_matching_nan_and_minus_
     with SavedState(layer):
         layer.weight.data[0, 1] = -0.0
     assert torch.isnan(layer.weight[0, 0]) and not torch.signbit(layer.weight[0, 1])
+
+
+class Recording(nn.Module):
+    """conv -> BN, recording each output in a list, counting calls in a dict and noting call numbers in a set:
+    containers held in attributes and changed in place by every eval forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        set_running_stats(self.bn, torch.randn(4), torch.rand(4) + 0.5)
+        self.features, self.stats, self.seen = [], {"calls": 0}, set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        self.features.append(y.detach())
+        self.stats["calls"] += 1
+        self.seen.add(len(self.features))
+        return y
+
+
+def test_lists_dicts_and_sets_in_attributes_get_their_items_back():
+    """After one real call, fold_plan leaves the caller's containers (the same objects) holding what that call put
+    there, no fx Proxy and no probe output; fold_bn's copy holds as many items as the model."""
+    from bnkit.torch import fold_plan
+
+    model = Recording().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+    features, stats, seen = model.features, model.stats, model.seen
+    first = features[0]
+
+    plan = fold_plan(model, x)
+    folded, report = fold_bn(model, x)
+
+    assert [f.bn for f in plan.folded] == [f.bn for f in report.folded] == ["bn"]
+    assert model.features is features and len(features) == 1 and features[0] is first
+    assert model.stats is stats and stats == {"calls": 1}
+    assert model.seen is seen and seen == {1}
+    assert len(folded.features) == 1 and folded.stats == {"calls": 1} and folded.seen == {1}
+    assert torch.equal(folded.features[0], first)

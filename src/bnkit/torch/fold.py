@@ -191,8 +191,10 @@ def fold_bn(
 
     Args:
         model: any ``nn.Module``; it is not modified, and the copy keeps every module's
-            train/eval flag and state: what the probe and verification forwards write (parameters,
-            buffers, attributes; an ActNorm initializing itself) is put back. A wrapped model
+            train/eval flag and state: what the probe and verification forwards write is put back (attribute
+            bindings, parameter and buffer values, the items of lists, dicts and sets a module attribute holds; an
+            ActNorm initializing itself, a cache list appended to), not what they write inside other objects or
+            outside the modules (see :class:`~bnkit.torch.modules.SavedState`). A wrapped model
             (``torch.compile``, ``DataParallel``, DDP, ``AveragedModel``) is folded as the module it
             runs, which is what is returned.
         example_inputs: a tensor or a tuple of positional inputs (anything else is passed
@@ -244,10 +246,13 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
 
     The report's ``folded`` lists the pairs ``fold_bn`` would fold (``bias_added`` as it
     would set it) and ``left`` the rest with their reasons; nothing is verified. With
-    ``example_inputs`` the model runs once in eval mode with forward hooks, to learn the ranks of layer outputs;
-    every module's flag, attribute, parameter and buffer is put back (a copy of the parameters and buffers is held
-    meanwhile). Whether the folded weights fit the layers' dtype is checked by a cheap bound
-    (:func:`_within_dtype_bound`), and where that cannot tell, by computing them as :func:`fold_bn` does. Same
+    ``example_inputs`` the model runs once in eval mode with forward hooks, to learn the ranks of layer outputs
+    (twice where tracing fails); every module's flag, attribute binding, parameter and buffer value, and the items of
+    the lists, dicts and sets its attributes hold are put back (a copy of the parameters and buffers is held
+    meanwhile; only tensors the runs changed are written, so an autograd graph that saved them still runs backward),
+    not what the runs write inside other objects or outside the modules (see
+    :class:`~bnkit.torch.modules.SavedState`). Whether the folded weights fit the layers' dtype is checked by a cheap
+    bound (:func:`_within_dtype_bound`), and where that cannot tell, by computing them as :func:`fold_bn` does. Same
     arguments and errors as :func:`fold_bn`; cheaper, as no folded copy of the model is made.
     """
     if not isinstance(model, nn.Module):

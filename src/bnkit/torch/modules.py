@@ -466,18 +466,27 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class SavedState:
-    """Every module's state at one moment: its attributes as bound (plain values, parameters, buffers, submodules)
-    and the values of its parameters and buffers.
+    """Every module's state at one moment: its attributes as bound (plain values, parameters, buffers, submodules),
+    the items of the lists, dicts and sets its public attributes hold, and the values of its parameters and
+    buffers.
 
-    :meth:`restore` (also on leaving a ``with`` block) binds each attribute again and writes the saved values back
-    (:func:`write_back`), so the tensors stay the objects they were (an optimizer's references hold). Plain
-    containers changed in place (a list appended to) are not put back.
+    :meth:`restore` (also on leaving a ``with`` block) binds each attribute again, gives each such list, dict or set
+    its items back in place (``lst[:] = saved``: a cache list appended to, a counter in a dict), and writes the saved
+    tensor values back (:func:`write_back`), so the objects stay those they were (an optimizer's references hold).
+    Not put back: the insides of anything else an attribute holds (a container inside a container, a tensor that is
+    a plain attribute written in place, an object's own attributes), torch's own containers named ``_...`` other
+    than the parameters and submodules (hooks a lazy module drops as it initializes), a module's class, and state
+    outside the modules (globals, the random number generators).
     """
 
     def __init__(self, model: nn.Module) -> None:
         modules = list(model.modules())
         self.buffers = SavedBuffers(modules)
         self.bindings = [(slots, dict(slots)) for m in modules for slots in (vars(m), m._parameters, m._modules)]
+        # the user's containers: torch's own (hooks, _buffers, ...) follow the module's class, which stays as it is
+        containers = {id(v): v for m in modules for k, v in vars(m).items()
+                      if not k.startswith("_") and isinstance(v, (list, dict, set))}
+        self.items = [(c, _items(c)) for c in containers.values()]
         params = {id(p): p for m in modules for p in m._parameters.values()
                   if p is not None and not is_lazy(p) and not p.is_inference()}
         self.params = [(p, p.detach().clone()) for p in params.values()]
@@ -487,6 +496,9 @@ class SavedState:
             if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
                 now.clear()
                 now.update(before)
+        for container, items in self.items:
+            if not _holds(container, items):
+                _put_items(container, items)
         self.buffers.restore()
         for param, before in self.params:
             write_back(param, before)
@@ -496,6 +508,30 @@ class SavedState:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+def _items(container: list | dict | set) -> list:
+    """A list, dict or set's items (a dict's as ``(key, value)`` pairs), the objects themselves."""
+    return list(container.items()) if isinstance(container, dict) else list(container)
+
+
+def _holds(container: list | dict | set, items: list) -> bool:
+    """Whether ``container`` holds the very objects ``items`` (from :func:`_items`), in that order but for a set."""
+    if isinstance(container, set):
+        return {id(x) for x in container} == {id(x) for x in items}
+    now = _items(container)
+    if isinstance(container, dict):
+        return len(now) == len(items) and all(k is j and v is w for (k, v), (j, w) in zip(now, items))
+    return len(now) == len(items) and all(x is y for x, y in zip(now, items))
+
+
+def _put_items(container: list | dict | set, items: list) -> None:
+    """Give ``container`` the ``items`` (from :func:`_items`) in place."""
+    if isinstance(container, list):
+        container[:] = items
+    else:
+        container.clear()
+        container.update(items)
 
 
 def flatten_tensors(obj: Any) -> list[torch.Tensor]:
