@@ -21,7 +21,7 @@ gamma/beta; some recipes train only gamma/beta):
   purpose) bypasses it, and so does a TorchScript copy (``torch.jit.script``
   does not carry Python attributes; script after :func:`~bnkit.torch.convert_frozen`
   instead, or use ``torch.export``). Needs running statistics (``track_running_stats=True``).
-  Code that replaces a layer with a new module loses the freeze (:func:`is_frozen`
+  Code that replaces a layer with a new module loses this part (``is_frozen(layer, "stats")``
   then says so): ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, so call it
   first and :func:`freeze_bn` after; bnkit's own swaps (``convert_bn``,
   ``revert_bn``, ``convert_frozen``, ``revert_frozen``) keep it.
@@ -30,6 +30,10 @@ gamma/beta; some recipes train only gamma/beta):
   ``.grad`` is cleared, so every ``torch.optim`` optimizer skips them (weight decay
   and momentum included). ``model.requires_grad_(True)`` undoes this part;
   :func:`is_frozen` reports the live state and :func:`freeze_bn` freezes it again.
+  The flags from before the freeze, which :func:`unfreeze_bn` restores, are kept on
+  each parameter (and on the layer), so this part moves with the Parameter objects
+  when code swaps the layer for a new module around them (``convert_sync_batchnorm``
+  does). A state dict carries neither part: loaded into a fresh model, nothing is frozen.
 """
 from __future__ import annotations
 
@@ -42,7 +46,8 @@ from .modules import bn_layers, is_batchnorm, is_bn_or_frozen
 
 __all__ = ["freeze_bn", "unfreeze_bn", "is_frozen", "frozen_bn_layers", "FreezeState"]
 
-_AFFINE_KEY = "_bnkit_affine_requires_grad"
+_AFFINE_KEY = "_bnkit_affine_requires_grad"  # on the layer: {parameter name: requires_grad before the freeze}
+_PARAM_KEY = "_bnkit_requires_grad_before_freeze"  # on each Parameter: its own flag from before the freeze
 _PARTS = ("any", "stats", "affine", "all")
 
 
@@ -103,12 +108,24 @@ def _affine_params(module: nn.Module) -> dict[str, nn.Parameter]:
     return dict(module.named_parameters())
 
 
+def _affine_record(module: nn.Module) -> dict[str, bool] | None:
+    """The ``requires_grad`` flags from before the first affine freeze by parameter name, or None if none was.
+
+    Kept on each Parameter, so they move with the Parameter objects into a new module (as in
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``), and on the layer, since ``copy.deepcopy`` makes Parameters
+    without their attributes.
+    """
+    on_params = {k: p.__dict__[_PARAM_KEY] for k, p in _affine_params(module).items() if _PARAM_KEY in p.__dict__}
+    on_layer = module.__dict__.get(_AFFINE_KEY)
+    return None if on_layer is None and not on_params else {**(on_layer or {}), **on_params}
+
+
 def _state(module: nn.Module) -> FreezeState:
     if getattr(type(module), "_bnkit_frozen_layer", False):  # FrozenBatchNorm*d: buffers only
         return FreezeState(True, True)
     stats = isinstance(module.__dict__.get("train"), _PinnedEval) and not module.training
     params = _affine_params(module)
-    affine = _AFFINE_KEY in module.__dict__ and not any(p.requires_grad for p in params.values())
+    affine = _affine_record(module) is not None and not any(p.requires_grad for p in params.values())
     return FreezeState(stats, affine)
 
 
@@ -194,9 +211,11 @@ def freeze_bn(
             m.training = False
         if affine and not state.affine:
             params = _affine_params(m)
-            # the flags from before the first freeze, which unfreeze_bn restores, are kept
-            m.__dict__.setdefault(_AFFINE_KEY, {k: p.requires_grad for k, p in params.items()})
-            for p in params.values():
+            before = _affine_record(m) or {}  # the flags from before the first freeze, which unfreeze_bn restores
+            flags = {k: before.get(k, p.requires_grad) for k, p in params.items()}
+            m.__dict__[_AFFINE_KEY] = flags
+            for k, p in params.items():
+                p.__dict__[_PARAM_KEY] = flags[k]
                 p.requires_grad = False  # (an attribute, so uninitialized lazy parameters accept it too)
                 p.grad = None
     return model
@@ -217,9 +236,11 @@ def unfreeze_bn(
         if stats and isinstance(pinned, _PinnedEval):
             del m.__dict__["train"]
             m.training = pinned.requested
-        if affine and _AFFINE_KEY in m.__dict__:
-            flags = m.__dict__.pop(_AFFINE_KEY)
+        flags = _affine_record(m) if affine else None
+        if flags is not None:
+            m.__dict__.pop(_AFFINE_KEY, None)
             for k, p in _affine_params(m).items():
+                p.__dict__.pop(_PARAM_KEY, None)
                 p.requires_grad = flags.get(k, True)
     return model
 
