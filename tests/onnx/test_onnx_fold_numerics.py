@@ -138,3 +138,23 @@ def test_float16_weights_with_single_tiny_values_but_normal_channels_still_fold(
     assert (error / peaks <= 2.0 ** -11).all()
     _, report = fold_model(model)
     assert [f.bn for f in report.folded] == ["bn0"] and report.verified
+
+
+@pytest.mark.parametrize("case", ["weights already subnormal", "gamma already subnormal"])
+def test_float16_channels_already_below_normal_before_the_fold_still_fold(case):
+    """A dead filter shrunk by weight decay (weights stored below 6.1e-5) or a zero-init-style gamma of 2e-5: the
+    unfolded model already has those few bits, so folding loses nothing: the folded output is as close to the
+    float64 NumPy oracle as onnxruntime's unfolded output is, to one float16 subnormal step (2**-24)."""
+    model = _fp16_conv_bns([1.0], w_scale=1e-6 if case.startswith("weights") else 1.0)
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    if case.startswith("gamma"):
+        model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.full(6, 2e-5, np.float32), "s0"))
+        arrays["s0"] = np.full(6, 2e-5, np.float32)
+    x = np.random.default_rng(1).normal(size=(2, 6, 4, 4)).astype(np.float16)
+    a = arrays["s0"].astype(np.float64) / np.sqrt(arrays["v0"].astype(np.float64) + np.float64(np.float32(1e-5)))
+    conv = np.einsum("nchw,oc->nohw", x.astype(np.float64), arrays["W0"][:, :, 0, 0].astype(np.float64))
+    oracle = conv * a[None, :, None, None] + (arrays["b0"] - arrays["m0"] * a)[None, :, None, None]
+    folded, report = fold_model(model)
+    assert [f.bn for f in report.folded] == ["bn0"] and report.verified
+    unfolded_error = np.abs(_run(model, x).astype(np.float64) - oracle).max()
+    assert np.abs(_run(folded, x).astype(np.float64) - oracle).max() <= unfolded_error + 2.0 ** -24

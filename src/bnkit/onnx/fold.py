@@ -164,6 +164,7 @@ class _Folder:
         self.taken = _names(self.graph, set())  # a new name must not shadow one a body computes, either
         self.index = GraphIndex(self.graph)
         self._ranks: dict[str, int] | None = None
+        self.gamma: np.ndarray | None = None  # the scale of the BN being folded (see _below_normal)
 
     def reindex(self) -> None:
         self.index = GraphIndex(self.graph)
@@ -334,6 +335,7 @@ class _Folder:
             too_big = _beyond_range(target, stored.dtype, shift=b)  # it becomes an Add of a constant of that dtype
         else:
             too_big = None
+        self.gamma = bn.scale
         reason = too_big or _FOLDERS[target.op_type](self, target, a, None if shift else b, notes)
         if reason:
             return reason
@@ -382,14 +384,19 @@ def _beyond_range(node: onnx.NodeProto, dtype: np.dtype, **values: np.ndarray | 
     return None
 
 
-def _below_normal(node: onnx.NodeProto, dtype: np.dtype, peaks: np.ndarray) -> str | None:
+def _below_normal(folder: _Folder, node: onnx.NodeProto, dtype: np.dtype, peaks: np.ndarray,
+                  a: np.ndarray) -> str | None:
     """Why folded weights would lose precision in the layer's ``dtype``, or None: an output channel whose largest
-    nonzero |weight| (``peaks``, one per channel) is below the dtype's smallest normal number (float16: 6.1e-5),
-    where values are subnormal and keep only a few significant bits; the node is left as it is, as on overflow."""
+    nonzero |weight| (``peaks``, one per channel, after scaling by ``a``) the fold takes below the dtype's smallest
+    normal number (float16: 6.1e-5), where values are subnormal and keep only a few significant bits; the node is
+    left as it is, as on overflow. A channel whose weights or gamma (``folder.gamma``) are already below it does
+    not count: the unfolded model has those bits only, so the fold loses nothing it had."""
     import ml_dtypes  # onnx's own dependency: it reads bfloat16 tensors as ml_dtypes arrays
 
     tiny = float(ml_dtypes.finfo(dtype).tiny)
-    low = np.flatnonzero((peaks > 0) & (peaks < tiny))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        before = peaks / np.abs(a)  # the channel's largest |weight| as stored
+    low = np.flatnonzero((peaks > 0) & (peaks < tiny) & (before >= tiny) & (np.abs(folder.gamma) >= tiny))
     if not low.size:
         return None
     return (f"folding gives weights below {np.dtype(dtype).name}'s smallest normal number {tiny:.3g} in "
@@ -429,7 +436,7 @@ def _fold_conv_like(
     else:
         bias64 = np.zeros(a.size)
     new_bias = a * bias64 + (0.0 if b is None else b) if b is not None or has_bias else None
-    why = _beyond_range(node, w.dtype, weights=w64, bias=new_bias) or _below_normal(node, w.dtype, peaks)
+    why = _beyond_range(node, w.dtype, weights=w64, bias=new_bias) or _below_normal(folder, node, w.dtype, peaks, a)
     if why:
         return why
     folder.set_constant(node, 1, w64.astype(w.dtype), "W", notes)
@@ -464,7 +471,7 @@ def _fold_gemm(
     else:
         c64 = None
     peaks = np.abs(w64).max(axis=1 if trans_b else 0)
-    why = _beyond_range(node, w.dtype, weights=w64, bias=c64) or _below_normal(node, w.dtype, peaks)
+    why = _beyond_range(node, w.dtype, weights=w64, bias=c64) or _below_normal(folder, node, w.dtype, peaks, a)
     if why:
         return why
     folder.set_constant(node, 1, w64.astype(w.dtype), "B", notes)
@@ -501,7 +508,7 @@ def _fold_matmul(
     if why := _not_2d(folder, node):
         return why
     w64 = w.astype(np.float64) * a[None, :]
-    why = _beyond_range(node, w.dtype, weights=w64) or _below_normal(node, w.dtype, np.abs(w64).max(axis=0))
+    why = _beyond_range(node, w.dtype, weights=w64) or _below_normal(folder, node, w.dtype, np.abs(w64).max(axis=0), a)
     if why:
         return why
     folder.set_constant(node, 1, w64.astype(w.dtype), "B", notes)
