@@ -27,6 +27,25 @@ def test_outputs_non_finite_everywhere_compare_nothing_and_are_refused(reference
         compare(reference, candidate)
 
 
+def test_an_integer_output_beside_all_nan_float_outputs_compares_nothing():
+    """Closed form: an ArgMax class index stays finite (here constant) over NaN logits, so it must not count as a
+    compared value while a float output exists; an all-integer model is compared on its integers."""
+    with pytest.raises(ValueError, match="compared nothing"):
+        compare([np.full(3, NAN), np.zeros(2, np.int64)], [np.full(3, NAN), np.zeros(2, np.int64)])
+    assert compare([np.array([1, 2], np.int64)], [np.array([1, 3], np.int64)]) == (1.0, 0.5)
+
+
+def test_a_wrong_classifier_is_not_verified_on_its_class_index_alone():
+    """onnxruntime is the oracle: the Log-features model with an ArgMax output gives NaN logits and the same class
+    index in both models on the verification inputs; the doubled-weight model must be refused, not scored 0."""
+    model, wrong = (_with_argmax(_log_features_model(scale)) for scale in (1.0, 2.0))
+    feeds = random_inputs(model)
+    expected, got = run(model, feeds), run(wrong, feeds)
+    assert np.isnan(expected[0]).all() and np.array_equal(expected[1], got[1])
+    with pytest.raises(ValueError, match="compared nothing"):
+        compare(expected, got)
+
+
 def test_one_output_non_finite_everywhere_and_another_finite_compares_the_finite_one():
     """Closed form: the finite output's 0.5 / 2 is the relative difference; the all-NaN one adds nothing."""
     assert compare([np.full(2, NAN), np.array([1.0, 2.0])], [np.full(2, NAN), np.array([1.0, 2.5])]) == (0.5, 0.25)
@@ -46,6 +65,13 @@ def _log_features_model(weight_scale: float = 1.0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 1, 1])],
         [numpy_helper.from_array(a.astype(np.float32), k) for k, a in arrays.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+
+
+def _with_argmax(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with a second output, the ArgMax over channels of its first (int64)."""
+    model.graph.node.append(helper.make_node("ArgMax", ["y"], ["cls"], name="argmax", axis=1))
+    model.graph.output.append(helper.make_tensor_value_info("cls", TensorProto.INT64, ["N", 1, 1, 1]))
+    return model
 
 
 def test_a_wrong_model_is_not_scored_zero_on_inputs_where_both_output_only_nan():

@@ -110,7 +110,9 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
 
     NaN/Inf must sit at the same places with the same values (else the difference is infinite) and are not
     compared further. Raises ValueError when the outputs differ in number or shape, or are all empty, or NaN/Inf
-    at every position in both: nothing finite is then compared.
+    at every position in both: nothing finite is then compared. Where some outputs are floating point, only those
+    count as compared: an integer output (an ArgMax class index) stays finite, often constant, when every float
+    output is NaN, and would let a wrong model pass.
     """
     if len(reference) != len(candidate):
         raise ValueError(f"{len(reference)} reference outputs but {len(candidate)} candidate outputs")
@@ -118,7 +120,8 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
         raise ValueError("every output is empty, so comparing them would check nothing: give inputs with sizes >= 1")
     max_abs = max_rel = 0.0
     compared = 0
-    for ref, got in zip(reference, candidate):
+    floating = [np.issubdtype(np.asarray(ref).dtype, np.inexact) for ref in reference]
+    for ref, got, counts in zip(reference, candidate, floating if any(floating) else [True] * len(reference)):
         ref = np.asarray(ref, dtype=np.float64)
         got = np.asarray(got, dtype=np.float64)
         if ref.shape != got.shape:
@@ -132,7 +135,7 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
             ref, got = ref[~bad], got[~bad]
             if ref.size == 0:
                 continue
-        compared += ref.size
+        compared += ref.size if counts else 0
         diff = float(np.max(np.abs(ref - got)))
         scale = float(np.max(np.abs(ref)))
         max_abs = max(max_abs, diff)
