@@ -72,3 +72,29 @@ def test_node_names_are_shown_as_written_in_the_table(tmp_path, name):
     assert result.exit_code == 1
     cells = {cell.strip() for line in result.output.splitlines() for cell in line.split("│")}
     assert name in cells
+
+
+@pytest.mark.parametrize("name", ["big.safetensors", "big.bin"])
+def test_a_safetensors_file_whose_header_length_reads_as_an_onnx_start_is_audited_as_a_checkpoint(tmp_path, name):
+    """A header of 0x120108 bytes (a large __metadata__ entry) makes the file start 08 01 12, the way an ONNX
+    ModelProto starts; safetensors.torch.load_file (the oracle) reads the checkpoint, and so must the audit."""
+    pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    arrays = {"bn.weight": np.ones(4, np.float32), "bn.bias": np.zeros(4, np.float32),
+              "bn.running_mean": np.zeros(4, np.float32), "bn.running_var": np.ones(4, np.float32)}
+    header, data, offset = {}, b"", 0
+    for key, value in arrays.items():
+        header[key] = {"dtype": "F32", "shape": [4], "data_offsets": [offset, offset + value.nbytes]}
+        offset, data = offset + value.nbytes, data + value.tobytes()
+    length = 0x08 | 0x01 << 8 | 0x12 << 16
+    header["__metadata__"] = {"pad": ""}
+    header["__metadata__"]["pad"] = "x" * (length - len(json.dumps(header).encode()))
+    text = json.dumps(header).encode()
+    assert len(text) == length
+    path = tmp_path / name
+    path.write_bytes(length.to_bytes(8, "little") + text + data)
+    assert path.read_bytes()[:3] == b"\x08\x01\x12" and sorted(load_file(path)) == sorted(arrays)
+    result = _invoke(path, "--json")
+    report = json.loads(result.output)
+    assert report["depth"] == "state" and report["layers"] == ["bn"], result.output

@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ..file_kinds import looks_like_onnx
+from ..file_kinds import looks_like_onnx, looks_like_safetensors
 from .app import app, console, fail, needs, note
 from .common import (USER_CODE_ERRORS, UsageError, add_cwd_to_path, build_model, check_input_file, describe_error,
                      dtype_change, load_forward, load_inputs, parse_device, print_json, reworded)
@@ -92,11 +92,12 @@ def audit_command(
 def _is_onnx(file: Path) -> bool:
     """An ONNX model: an .onnx file, or one whose first bytes are a serialized ModelProto's (a model.pb, as converters
     name them)."""
-    if file.suffix.lower() == ".onnx":
-        return True
+    if file.suffix.lower() in (".onnx", ".safetensors"):
+        return file.suffix.lower() == ".onnx"
     try:
         with open(file, "rb") as f:
-            return looks_like_onnx(f.read(64))
+            head = f.read(64)
+        return looks_like_onnx(head) and not looks_like_safetensors(head, file.stat().st_size)
     except OSError:  # the checkpoint loader reports it
         return False
 

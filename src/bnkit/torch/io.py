@@ -32,7 +32,7 @@ import torch
 from torch.nn.parameter import is_lazy
 
 from ..atomic import atomic_path
-from ..file_kinds import looks_like_onnx
+from ..file_kinds import looks_like_onnx, looks_like_safetensors
 from ..tracebacks import raised_in
 
 __all__ = [
@@ -100,11 +100,6 @@ def _looks_like(path: Path, head: bytes, size: int) -> str | None:
     if text and all(c.isprintable() or c.isspace() for c in text):
         return f"a text file (it starts with {text[:32]!r})"
     return f"a file of unknown format (it starts with the bytes {head[:8].hex(' ')})"
-
-
-def _is_safetensors(head: bytes, size: int) -> bool:
-    """safetensors: an 8-byte little-endian header length, then a JSON header."""
-    return len(head) > 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size
 
 
 #: The pickles that start a legacy ``torch.save`` file, in order (torch/serialization.py, ``_legacy_save``): the
@@ -205,7 +200,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)
-    if path.suffix.lower() == ".safetensors" or _is_safetensors(head, size):
+    if path.suffix.lower() == ".safetensors" or looks_like_safetensors(head, size):
         return _load_safetensors(path, map_location)
     kind = _looks_like(path, head, size)
     if kind is not None:
