@@ -503,22 +503,26 @@ def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
 
     As in :func:`bnkit.onnx.verify.compare`, NaN in both at one place, like equal infinities, is a match, and a
     NaN/Inf in one where the other differs counts as inf; so do outputs with values but no finite one in ``a``
-    (nothing would be verified).
+    (nothing would be verified), where only floating outputs count if there are any (an ArgMax class index stays
+    finite over NaN logits).
     """
     pairs = list(zip(flatten_tensors(a), flatten_tensors(b), strict=True))
     if not pairs:
         return None, None
     abs_diff, scale, finite_seen, values_seen = 0.0, 0.0, False, False
+    any_floating = any(x.is_floating_point() or x.is_complex() for x, _ in pairs)
     for x, y in pairs:
         if not x.numel():
             continue
+        counts = x.is_floating_point() or x.is_complex() or not any_floating
         x, y = _f64(x), _f64(y)
         same = (x == y) | (x.isnan() & y.isnan())
         d = torch.where(same, 0.0, (x - y).abs()).nan_to_num(nan=math.inf, posinf=math.inf)
         abs_diff = max(abs_diff, float(d.max()))
         finite = x[torch.isfinite(x)]
         scale = max(scale, float(finite.abs().max()) if finite.numel() else 0.0)
-        finite_seen, values_seen = finite_seen or bool(finite.numel()), True
+        finite_seen = finite_seen or (counts and bool(finite.numel()))
+        values_seen = values_seen or counts
     if values_seen and not finite_seen:
         return math.inf, math.inf
     return abs_diff, abs_diff / scale if scale > 0 else abs_diff
