@@ -457,12 +457,17 @@ def write_back(tensor: torch.Tensor, before: torch.Tensor) -> None:
             tensor.data = before.clone()
 
 
+#: Integer dtypes of the floating dtypes' widths, to compare floating values by their bits.
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors of one shape and dtype hold the same values: NaN matches NaN, -0.0 does not match 0.0
-    (a ``_version`` check would miss writes through ``.data``)."""
-    if not a.is_floating_point():
-        return torch.equal(a, b)
-    return bool((((a == b) & (a.signbit() == b.signbit())) | (a.isnan() & b.isnan())).all())
+    """Whether two tensors of one shape and dtype hold the same values, bit for bit: a NaN matches the same NaN,
+    -0.0 does not match 0.0 (a ``_version`` check would miss writes through ``.data``). One comparison kernel: the
+    floating values are compared as the integers of their bits."""
+    if a.is_floating_point() and a.element_size() in _BITS:
+        a, b = a.view(_BITS[a.element_size()]), b.view(_BITS[b.element_size()])
+    return torch.equal(a, b)
 
 
 class SavedState:
