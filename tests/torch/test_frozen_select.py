@@ -31,3 +31,23 @@ def test_a_name_that_is_not_a_bn_layer_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"'0' \(Conv2d\) is not a BatchNorm layer"):
         convert_frozen(model, modules=["1", "0"])
     assert type(model[1]) is nn.BatchNorm2d
+
+
+@pytest.mark.parametrize("container", ["ModuleList", "Sequential", "ModuleDict"])
+def test_a_container_of_bn_layers_selects_its_layers(container):
+    """modules=model.bns (an nn.ModuleList, nn.Sequential, or nn.ModuleDict's values) converts those layers, as a
+    list of them does; the conv and the BN outside it stay as they are; eval output equal to PyTorch's BN."""
+    torch.manual_seed(0)
+    layers = [nn.BatchNorm2d(4), nn.BatchNorm2d(4)]
+    model = nn.Module()
+    model.conv, model.other = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+    model.bns = (nn.ModuleDict({"a": layers[0], "b": layers[1]}) if container == "ModuleDict"
+                 else nn.ModuleList(layers) if container == "ModuleList" else nn.Sequential(*layers))
+    model.eval()
+    x = torch.randn(2, 4, 5, 5)
+    expected = [bn(x) for bn in layers]
+    convert_frozen(model, modules=model.bns)
+    converted = list(model.bns.values()) if container == "ModuleDict" else list(model.bns)
+    assert all(type(bn) is FrozenBatchNorm2d for bn in converted) and type(model.other) is nn.BatchNorm2d
+    for bn, want in zip(converted, expected):
+        torch.testing.assert_close(bn(x), want, rtol=0, atol=0)

@@ -133,10 +133,14 @@ def select_bn_layers(model: nn.Module, modules: Iterable[nn.Module | str] | nn.M
                      ) -> list[tuple[str, nn.Module]]:
     """``(name, layer)`` for the BatchNorm layers that ``modules=`` picks: every one for ``None``; else each
     item, a qualified name (resolved with ``model.get_submodule``, so either name of a layer shared under two
-    works) or a module of ``model``, or a single such item. Anything else raises before anything changes."""
+    works) or a module of ``model``, or a single such item; an ``nn.ModuleList``/``nn.Sequential`` is its layers,
+    an ``nn.ModuleDict`` its values. Anything else raises before anything changes."""
     if modules is None:
         return bn_layers(model)
-    if isinstance(modules, (str, nn.Module)):
+    if isinstance(modules, nn.ModuleDict):
+        modules = list(modules.values())
+    elif isinstance(modules, str) or (isinstance(modules, nn.Module)
+                                      and not isinstance(modules, (nn.ModuleList, nn.Sequential))):
         modules = [modules]
     name_of: dict[int, str] = {}
     for n, m in model.named_modules():
