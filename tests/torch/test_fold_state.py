@@ -290,3 +290,28 @@ def test_lists_dicts_and_sets_in_attributes_get_their_items_back():
     assert model.seen is seen and seen == {1}
     assert len(folded.features) == 1 and folded.stats == {"calls": 1} and folded.seen == {1}
     assert torch.equal(folded.features[0], first)
+
+
+@pytest.mark.parametrize("extra", ["sparse", "float8", "complex"])
+def test_buffers_without_a_bitwise_comparison_are_kept_and_the_bn_folds(extra):
+    """A sparse adjacency matrix, a float8 or a complex NaN buffer beside the BN: fold_plan and fold_bn fold it (as
+    PyTorch's own fuser would: the oracle is the unfolded float64 output) and the buffer keeps its values."""
+    from bnkit.torch import fold_bn, fold_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double()
+    set_running_stats(model[1], torch.randn(4).double(), torch.rand(4).double() + 0.5)
+    value = {"sparse": torch.eye(4).to_sparse(), "float8": torch.linspace(-2, 2, 4).to(torch.float8_e4m3fn),
+             "complex": torch.full((4,), complex(float("nan"), 1.0))}[extra]
+    model.register_buffer("extra", value.clone())
+    model.eval()
+    assert [f.bn for f in fold_plan(model, torch.randn(2, 3, 6, 6).double()).folded] == ["1"]
+    x = torch.randn(2, 3, 6, 6).double()
+    folded, report = fold_bn(model, x)
+    assert [f.bn for f in report.folded] == ["1"]
+    torch.testing.assert_close(folded(x), model(x))
+    for kept in (model.extra, folded.extra):
+        same = (kept.to_dense() == value.to_dense()).all() if extra == "sparse" else (
+            torch.equal(kept.view(torch.int8), value.view(torch.int8)) if extra == "float8"
+            else torch.equal(torch.view_as_real(kept).isnan(), torch.view_as_real(value).isnan()))
+        assert same
