@@ -118,9 +118,14 @@ class WritesBnInput(nn.Module):
             h.view(-1)[::2].zero_()
         elif self.write == "out":
             torch.mul(h, 2, out=h)
+        elif self.write in ("ravel", "broadcast", "dropout"):  # ops that return h's memory, then `g += 1` on it
+            g = (h.ravel() if self.write == "ravel" else h.broadcast_to(h.shape) if self.write == "broadcast"
+                 else nn.functional.dropout(h, 0.1, False))
+            g += 1
 
 
-@pytest.mark.parametrize("write", ["method", "augmented", "augmented_view", "module", "function", "view", "out"])
+@pytest.mark.parametrize("write", ["method", "augmented", "augmented_view", "module", "function", "view", "out",
+                                   "ravel", "broadcast", "dropout"])
 @pytest.mark.parametrize("with_inputs", [True, False])
 def test_bn_before_a_layer_is_left_where_its_input_is_written_in_place_before_the_layer_reads_it(write, with_inputs):
     """Folded, the BN would become an nn.Identity returning its input itself (a BN returns a new tensor), so the

@@ -76,13 +76,15 @@ _Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # folded float64 (weigh
 _AUGMENTABLE = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
                           operator.pow, operator.matmul, operator.and_, operator.or_, operator.xor, operator.lshift,
                           operator.rshift})
-# methods and functions that may return a view of their first argument, or that argument itself
-_VIEW_OPS = frozenset({
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "permute",
-    "t", "expand", "expand_as", "narrow", "select", "unbind", "split", "split_with_sizes", "chunk", "tensor_split",
-    "hsplit", "vsplit", "dsplit", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "as_strided", "unfold",
-    "detach", "contiguous", "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "real",
-    "imag", "view_as_real", "view_as_complex", "adjoint", "alias", "getitem", "getattr"})
+# methods and functions known to return new memory, never their first argument or a view of it (any other may)
+_FRESH_OPS = frozenset({
+    "add", "sub", "mul", "div", "true_divide", "floor_divide", "remainder", "pow", "matmul", "mm", "bmm", "addmm",
+    "neg", "abs", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "sigmoid", "tanh", "relu", "gelu", "silu", "elu",
+    "leaky_relu", "hardtanh", "softplus", "softmax", "log_softmax", "clamp", "clip", "where", "clone", "cat",
+    "concat", "stack", "sum", "mean", "amax", "amin", "max", "min", "prod", "linear", "conv1d", "conv2d", "conv3d",
+    "pad", "interpolate", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d", "adaptive_avg_pool2d",
+    "layer_norm", "group_norm", "embedding", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
+    "randn_like"})
 _VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 _PLAIN_FORWARDS = {
     cls.forward: cls
@@ -803,8 +805,8 @@ def _may_write_in_place(node: fx.Node, modules: dict[str, nn.Module], aliases: s
 
 
 def _aliases(node: fx.Node, modules: dict[str, nn.Module]) -> set[fx.Node]:
-    """``node`` and the nodes that may share its memory: the tensors it is a view of, and every view of those
-    (:func:`_is_view`)."""
+    """``node`` and the nodes that may share its memory: the tensors it may be a view of, and every node that may
+    be a view of those (:func:`_is_view`)."""
     while _is_view(node, modules):
         node = node.args[0]
     seen, todo = set(), [node]
@@ -817,13 +819,14 @@ def _aliases(node: fx.Node, modules: dict[str, nn.Module]) -> set[fx.Node]:
 
 
 def _is_view(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node`` may return a view of its first argument, or that argument itself (``x.view``, ``x[0]``,
-    ``x.T``, ``x.to(dtype)``, an ``nn.Identity``, ``nn.Flatten`` or eval-mode Dropout)."""
+    """Whether ``node`` may return a view of its first argument, or that argument itself: an ``nn.Identity``,
+    ``nn.Flatten`` or eval-mode Dropout module, and any method or function not known to return new memory
+    (:data:`_FRESH_OPS`): ``x.view``, ``x[0]``, ``x.ravel()``, ``F.dropout(x, training=False)``, ``x.to(dtype)``..."""
     if not (node.args and isinstance(node.args[0], fx.Node)):
         return False
     if node.op == "call_module":
         return isinstance(modules[node.target], _VIEW_MODULES)
-    return node.op in ("call_method", "call_function") and _op_name(node) in _VIEW_OPS
+    return node.op in ("call_method", "call_function") and _op_name(node) not in _FRESH_OPS
 
 
 def _op_name(node: fx.Node) -> str:
