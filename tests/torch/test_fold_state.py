@@ -315,3 +315,20 @@ def test_buffers_without_a_bitwise_comparison_are_kept_and_the_bn_folds(extra):
             torch.equal(kept.view(torch.int8), value.view(torch.int8)) if extra == "float8"
             else torch.equal(torch.view_as_real(kept).isnan(), torch.view_as_real(value).isnan()))
         assert same
+
+
+def test_write_back_compares_neg_bit_and_complex_tensors_by_their_values():
+    """A float buffer with the negative bit set (``c.conj().imag``) is compared, not refused; a complex -0.0 written
+    over 0j is put back as 0j (bit for bit, as for real values); torch.signbit is the oracle."""
+    from bnkit.torch.fold import fold_plan
+    from bnkit.torch.modules import write_back
+
+    c = torch.randn(4, dtype=torch.cfloat)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    set_running_stats(model[1], torch.randn(4), torch.rand(4) + 0.5)
+    model.register_buffer("im", c.conj().imag)
+    assert model.im.is_neg() and [f.bn for f in fold_plan(model, torch.randn(8, 4)).folded] == ["1"]
+    saved = torch.zeros(2, dtype=torch.cfloat)
+    buffer = torch.tensor([complex(-0.0, 0.0), 0j])
+    write_back(buffer, saved)
+    assert not torch.signbit(torch.view_as_real(buffer)).any()

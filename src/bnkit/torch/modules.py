@@ -468,11 +468,13 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     as changed: they are written back, as before any comparison."""
     if a.layout != torch.strided or a.is_quantized:
         return False
-    if a.is_floating_point() and a.element_size() in _BITS:
-        a, b = a.view(_BITS[a.element_size()]), b.view(_BITS[b.element_size()])
     try:
+        if a.is_complex():
+            a, b = torch.view_as_real(a.resolve_conj()), torch.view_as_real(b.resolve_conj())
+        if a.is_floating_point() and a.element_size() in _BITS:
+            a, b = a.resolve_neg().view(_BITS[a.element_size()]), b.resolve_neg().view(_BITS[b.element_size()])
         return torch.equal(a, b)
-    except (RuntimeError, NotImplementedError):  # a dtype without an equality kernel on this device
+    except (RuntimeError, NotImplementedError):  # a dtype without an equality kernel on this device, a meta tensor
         return False
 
 
