@@ -81,6 +81,12 @@ def test_a_folded_model_that_raises_in_verification_is_a_clear_value_error():
         fold_bn(model, torch.randn(2, 3, 8, 8))
 
 
+@torch.fx.wrap
+def pad(x: torch.Tensor) -> torch.Tensor:
+    """A user's function named like F.pad that returns its input itself when nothing needs padding."""
+    return x
+
+
 class WritesBnInput(nn.Module):
     """BN then a 1x1 conv (a "before" fold), with the BN's input ``h`` also kept as a shortcut that ``write``
     changes in place: between the BN and the conv, or (``late``) after the conv."""
@@ -118,14 +124,18 @@ class WritesBnInput(nn.Module):
             h.view(-1)[::2].zero_()
         elif self.write == "out":
             torch.mul(h, 2, out=h)
-        elif self.write in ("ravel", "broadcast", "dropout"):  # ops that return h's memory, then `g += 1` on it
-            g = (h.ravel() if self.write == "ravel" else h.broadcast_to(h.shape) if self.write == "broadcast"
-                 else nn.functional.dropout(h, 0.1, False))
+        elif self.write in ("ravel", "broadcast", "dropout", "keyword", "second", "wrapped"):
+            # ops that return h's memory (h passed by keyword, as a second argument, to a user's function named like
+            # a PyTorch op that makes new memory), then `g += 1` on it
+            g = {"ravel": lambda: h.ravel(), "broadcast": lambda: h.broadcast_to(h.shape),
+                 "dropout": lambda: nn.functional.dropout(h, 0.1, False),
+                 "keyword": lambda: torch.flatten(input=h), "second": lambda: torch.broadcast_tensors(h[:1], h)[1],
+                 "wrapped": lambda: pad(h)}[self.write]()
             g += 1
 
 
 @pytest.mark.parametrize("write", ["method", "augmented", "augmented_view", "module", "function", "view", "out",
-                                   "ravel", "broadcast", "dropout"])
+                                   "ravel", "broadcast", "dropout", "keyword", "second", "wrapped"])
 @pytest.mark.parametrize("with_inputs", [True, False])
 def test_bn_before_a_layer_is_left_where_its_input_is_written_in_place_before_the_layer_reads_it(write, with_inputs):
     """Folded, the BN would become an nn.Identity returning its input itself (a BN returns a new tensor), so the
@@ -138,6 +148,28 @@ def test_bn_before_a_layer_is_left_where_its_input_is_written_in_place_before_th
 
     assert report.method == "fx" and not report.folded
     assert "in place" in report.left["bn"]
+    assert max_diff_to_unfolded(model, folded, x) < 1e-5
+
+
+class ReadsBnInputShape(nn.Module):
+    """BN then a 1x1 conv, with arithmetic on the BN input's shape (a number, no tensor) between them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.bn(h)
+        n = h.shape[0] * 1
+        return self.conv(z)[:n]
+
+
+def test_arithmetic_on_the_bn_inputs_shape_does_not_stop_a_fold_before_the_layer():
+    """``h.shape[0] * 1`` writes nothing: folded before the conv, equal to the unfolded model."""
+    model = bn_stats(ReadsBnInputShape())
+    x = torch.randn(2, 4, 5, 5)
+    folded, report = fold_bn(model, x)
+    assert [(f.bn, f.into, f.position) for f in report.folded] == [("bn", "conv", "before")]
     assert max_diff_to_unfolded(model, folded, x) < 1e-5
 
 

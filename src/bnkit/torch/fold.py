@@ -57,6 +57,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.utils import parametrize
 
@@ -76,15 +77,21 @@ _Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # folded float64 (weigh
 _AUGMENTABLE = frozenset({operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
                           operator.pow, operator.matmul, operator.and_, operator.or_, operator.xor, operator.lshift,
                           operator.rshift})
-# methods and functions known to return new memory, never their first argument or a view of it (any other may)
-_FRESH_OPS = frozenset({
+# PyTorch's methods and functions (torch.*, torch.nn.functional.*) known to return new memory, never an argument
+# or a view of one; any other op may (a user's function is matched by its object, never by a name it shares)
+_FRESH_NAMES = (
     "add", "sub", "mul", "div", "true_divide", "floor_divide", "remainder", "pow", "matmul", "mm", "bmm", "addmm",
     "neg", "abs", "exp", "log", "sqrt", "rsqrt", "sin", "cos", "sigmoid", "tanh", "relu", "gelu", "silu", "elu",
     "leaky_relu", "hardtanh", "softplus", "softmax", "log_softmax", "clamp", "clip", "where", "clone", "cat",
     "concat", "stack", "sum", "mean", "amax", "amin", "max", "min", "prod", "linear", "conv1d", "conv2d", "conv3d",
     "pad", "interpolate", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d", "adaptive_avg_pool2d",
     "layer_norm", "group_norm", "embedding", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
-    "randn_like"})
+    "randn_like")
+_FRESH_METHODS = frozenset(_FRESH_NAMES) | {"size", "dim", "numel", "item", "tolist"}
+_FRESH_FUNCTIONS = frozenset(getattr(module, name) for module in (torch, F) for name in _FRESH_NAMES
+                             if hasattr(module, name))
+# a tensor's attributes that are not tensors (x.shape[0] * 2 is no write into x)
+_META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad"})
 _VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 _PLAIN_FORWARDS = {
     cls.forward: cls
@@ -806,27 +813,42 @@ def _may_write_in_place(node: fx.Node, modules: dict[str, nn.Module], aliases: s
 
 def _aliases(node: fx.Node, modules: dict[str, nn.Module]) -> set[fx.Node]:
     """``node`` and the nodes that may share its memory: the tensors it may be a view of, and every node that may
-    be a view of those (:func:`_is_view`)."""
-    while _is_view(node, modules):
-        node = node.args[0]
-    seen, todo = set(), [node]
-    while todo:
+    be a view of those (:func:`_may_alias`), whichever argument, positional or keyword, the tensor is."""
+    roots, todo = set(), [node]
+    while todo:  # up: what node may be a view of
+        current = todo.pop()
+        if current not in roots:
+            roots.add(current)
+            todo += _tensor_args(current) if _may_alias(current, modules) else []
+    seen, todo = set(), list(roots)
+    while todo:  # down: everything that may be a view of those
         current = todo.pop()
         if current not in seen:
             seen.add(current)
-            todo += [user for user in current.users if _is_view(user, modules) and user.args[0] is current]
+            todo += [user for user in current.users if _may_alias(user, modules)]
     return seen
 
 
-def _is_view(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node`` may return a view of its first argument, or that argument itself: an ``nn.Identity``,
-    ``nn.Flatten`` or eval-mode Dropout module, and any method or function not known to return new memory
-    (:data:`_FRESH_OPS`): ``x.view``, ``x[0]``, ``x.ravel()``, ``F.dropout(x, training=False)``, ``x.to(dtype)``..."""
-    if not (node.args and isinstance(node.args[0], fx.Node)):
-        return False
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    """The nodes among ``node``'s arguments, positional and keyword, nested ones included."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
+def _may_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` may return one of its tensor arguments or a view of one: an ``nn.Identity``, ``nn.Flatten``
+    or eval-mode Dropout module, and any method or function not known to return new memory (:data:`_FRESH_NAMES`):
+    ``x.view``, ``x[0]``, ``x.ravel()``, ``torch.flatten(input=x)``, ``F.dropout(x, training=False)``..."""
     if node.op == "call_module":
         return isinstance(modules[node.target], _VIEW_MODULES)
-    return node.op in ("call_method", "call_function") and _op_name(node) not in _FRESH_OPS
+    if node.op == "call_method":
+        return node.target not in _FRESH_METHODS
+    if node.op == "call_function":
+        if node.target is getattr and len(node.args) > 1 and node.args[1] in _META_ATTRS:
+            return False
+        return node.target not in _FRESH_FUNCTIONS
+    return False
 
 
 def _op_name(node: fx.Node) -> str:
