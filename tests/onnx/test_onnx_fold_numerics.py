@@ -158,3 +158,17 @@ def test_float16_channels_already_below_normal_before_the_fold_still_fold(case):
     assert [f.bn for f in report.folded] == ["bn0"] and report.verified
     unfolded_error = np.abs(_run(model, x).astype(np.float64) - oracle).max()
     assert np.abs(_run(folded, x).astype(np.float64) - oracle).max() <= unfolded_error + 2.0 ** -24
+
+
+def test_float16_weights_already_subnormal_that_the_fold_would_shrink_further_leave_the_bn():
+    """Stored weights ~1e-5 (subnormal, a fixed absolute step of 2**-24) scaled by a = 1/sqrt(1e4) = 0.01 would keep
+    ~2 of their ~8 bits (float64 NumPy: the rounding error of the folded weights far above the stored ones'): the BN
+    is left, as for weights the fold takes below normal."""
+    model = _fp16_conv_bns([1e4], w_scale=1e-5)
+    w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    assert np.abs(w).max() < np.finfo(np.float16).tiny
+    w64 = w / np.sqrt(1e4 + np.float64(np.float32(1e-5)))
+    error = np.abs(w64.astype(np.float16).astype(np.float64) - w64).max() / np.abs(w64).max()
+    assert error > 50 * 2.0 ** -11
+    _, report = fold_model(model)
+    assert not report.folded and "below float16's smallest normal number" in report.left["bn0"]

@@ -389,14 +389,16 @@ def _below_normal(folder: _Folder, node: onnx.NodeProto, dtype: np.dtype, peaks:
     """Why folded weights would lose precision in the layer's ``dtype``, or None: an output channel whose largest
     nonzero |weight| (``peaks``, one per channel, after scaling by ``a``) the fold takes below the dtype's smallest
     normal number (float16: 6.1e-5), where values are subnormal and keep only a few significant bits; the node is
-    left as it is, as on overflow. A channel whose weights or gamma (``folder.gamma``) are already below it does
-    not count: the unfolded model has those bits only, so the fold loses nothing it had."""
+    left as it is, as on overflow. A channel whose gamma (``folder.gamma``) is already below it does not count (the
+    unfolded model has those few bits only), nor one whose weights are and which the fold does not shrink by half or
+    more (subnormals keep a fixed absolute step: scaling them down by ``a`` loses about log2(1/a) bits)."""
     import ml_dtypes  # onnx's own dependency: it reads bfloat16 tensors as ml_dtypes arrays
 
     tiny = float(ml_dtypes.finfo(dtype).tiny)
     with np.errstate(divide="ignore", invalid="ignore"):
         before = peaks / np.abs(a)  # the channel's largest |weight| as stored
-    low = np.flatnonzero((peaks > 0) & (peaks < tiny) & (before >= tiny) & (np.abs(folder.gamma) >= tiny))
+    low = np.flatnonzero((peaks > 0) & (peaks < tiny) & ((before >= tiny) | (np.abs(a) < 0.5))
+                         & (np.abs(folder.gamma) >= tiny))
     if not low.size:
         return None
     return (f"folding gives weights below {np.dtype(dtype).name}'s smallest normal number {tiny:.3g} in "
