@@ -87,6 +87,41 @@ def pad(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@torch.fx.wrap
+def bump(x: torch.Tensor) -> torch.Tensor:
+    """A user's function that writes its argument in place."""
+    return x.add_(1)
+
+
+class ReluAliasWritten(nn.Module):
+    """conv -> in-place ReLU (its output is the conv's output itself) -> BN -> 1x1 conv, with the conv's output
+    written between the BN and the conv: a write into the BN's input through the other name."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.pre, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True)
+        self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+        self.functional = functional
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.pre(x)
+        r = nn.functional.relu(c, inplace=True) if self.functional else self.act(c)
+        z = self.bn(r)
+        c += 1
+        return self.conv(z)
+
+
+@pytest.mark.parametrize("functional", [True, False])
+def test_a_write_through_the_name_an_in_place_activation_returned_leaves_the_bn(functional):
+    """The in-place ReLU returns the conv's output itself, so ``c += 1`` writes the BN's input: left, and the
+    output is the unfolded model's."""
+    model = bn_stats(ReluAliasWritten(functional))
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = fold_bn(model, x)
+    assert not report.folded and "in place" in report.left["bn"]
+    assert max_diff_to_unfolded(model, folded, x) < 1e-5
+
+
 class WritesBnInput(nn.Module):
     """BN then a 1x1 conv (a "before" fold), with the BN's input ``h`` also kept as a shortcut that ``write``
     changes in place: between the BN and the conv, or (``late``) after the conv."""
@@ -132,10 +167,19 @@ class WritesBnInput(nn.Module):
                  "keyword": lambda: torch.flatten(input=h), "second": lambda: torch.broadcast_tensors(h[:1], h)[1],
                  "wrapped": lambda: pad(h)}[self.write]()
             g += 1
+        elif self.write == "setitem":
+            h.__setitem__(0, 5.0)
+        elif self.write == "iadd_method":
+            h.__iadd__(1)
+        elif self.write == "aten":
+            torch.ops.aten.add_.Tensor(h, 1)
+        elif self.write == "user_writer":
+            bump(h)
 
 
 @pytest.mark.parametrize("write", ["method", "augmented", "augmented_view", "module", "function", "view", "out",
-                                   "ravel", "broadcast", "dropout", "keyword", "second", "wrapped"])
+                                   "ravel", "broadcast", "dropout", "keyword", "second", "wrapped", "setitem",
+                                   "iadd_method", "aten", "user_writer"])
 @pytest.mark.parametrize("with_inputs", [True, False])
 def test_bn_before_a_layer_is_left_where_its_input_is_written_in_place_before_the_layer_reads_it(write, with_inputs):
     """Folded, the BN would become an nn.Identity returning its input itself (a BN returns a new tensor), so the

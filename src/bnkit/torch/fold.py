@@ -90,6 +90,12 @@ _FRESH_NAMES = (
 _FRESH_METHODS = frozenset(_FRESH_NAMES) | {"size", "dim", "numel", "item", "tolist"}
 _FRESH_FUNCTIONS = frozenset(getattr(module, name) for module in (torch, F) for name in _FRESH_NAMES
                              if hasattr(module, name))
+# PyTorch's views and conversions, which read their argument and write nothing (``torch.flatten``, ``x.view``)
+_READ_ONLY_OPS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
+    "permute", "t", "expand", "expand_as", "narrow", "select", "unbind", "split", "chunk", "movedim", "swapaxes",
+    "diagonal", "detach", "contiguous", "to", "type_as", "float", "double", "half", "ravel", "broadcast_to",
+    "broadcast_tensors", "size", "dim", "numel", "dropout"})
 # a tensor's attributes that are not tensors (x.shape[0] * 2 is no write into x)
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad"})
 _VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
@@ -795,20 +801,34 @@ def _written_between_reason(bn: fx.Node, layer: fx.Node, modules: dict[str, nn.M
 
 
 def _may_write_in_place(node: fx.Node, modules: dict[str, nn.Module], aliases: set[fx.Node]) -> bool:
-    """Whether ``node`` may write a tensor in place: a ``*_`` method or function (``mul_``, ``torch.relu_``), an
-    ``inplace=True`` module or function, an ``out=`` argument, or an arithmetic operator whose first operand is one
-    of ``aliases`` (``h += 1`` is traced as ``h + 1``; ``e * 0.5`` on another tensor writes nothing of the BN's)."""
+    """Whether ``node`` may write a tensor in place: an ``inplace=True`` module or call, a ``*_`` method or
+    function (``mul_``, ``torch.relu_``), an ``out=`` argument, an arithmetic operator whose first operand is one of
+    ``aliases`` (``h += 1`` is traced as ``h + 1``; ``e * 0.5`` on another tensor writes nothing of the BN's), and
+    any other op given one of ``aliases`` that is not known to leave its arguments alone (:data:`_READ_ONLY_OPS`,
+    PyTorch's new-memory ops): ``h.__setitem__``, ``torch.ops.aten.add_.Tensor``, a function of the user's."""
+    if _in_place(node, modules):
+        return True
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if "out" in node.kwargs or (node.target in _AUGMENTABLE and node.args[0] in aliases):
+        return True
+    if not aliases.intersection(_tensor_args(node)):
+        return False
+    if node.op == "call_method":
+        return node.target not in _FRESH_METHODS and node.target not in _READ_ONLY_OPS
+    return node.target not in _FRESH_FUNCTIONS and _op_name(node) not in _READ_ONLY_OPS and not (
+        node.target is getattr or node.target is operator.getitem or node.target in _AUGMENTABLE)
+
+
+def _in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` writes (and returns) its input: an ``inplace=True`` module or call, or a ``*_`` method or
+    function."""
     if node.op == "call_module":
         return bool(getattr(modules[node.target], "inplace", False))
     if node.op not in ("call_method", "call_function"):
         return False
     name = _op_name(node)
-    return (
-        (name.endswith("_") and not name.endswith("__"))
-        or node.kwargs.get("inplace", False) is not False
-        or "out" in node.kwargs
-        or (node.target in _AUGMENTABLE and node.args[0] in aliases)
-    )
+    return (name.endswith("_") and not name.endswith("__")) or node.kwargs.get("inplace", False) is not False
 
 
 def _aliases(node: fx.Node, modules: dict[str, nn.Module]) -> set[fx.Node]:
@@ -840,6 +860,8 @@ def _may_alias(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` may return one of its tensor arguments or a view of one: an ``nn.Identity``, ``nn.Flatten``
     or eval-mode Dropout module, and any method or function not known to return new memory (:data:`_FRESH_NAMES`):
     ``x.view``, ``x[0]``, ``x.ravel()``, ``torch.flatten(input=x)``, ``F.dropout(x, training=False)``..."""
+    if _in_place(node, modules):  # F.relu(c, inplace=True) is c
+        return True
     if node.op == "call_module":
         return isinstance(modules[node.target], _VIEW_MODULES)
     if node.op == "call_method":
