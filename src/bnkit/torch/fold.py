@@ -87,15 +87,26 @@ _FRESH_NAMES = (
     "pad", "interpolate", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d", "adaptive_avg_pool2d",
     "layer_norm", "group_norm", "embedding", "zeros_like", "ones_like", "empty_like", "full_like", "rand_like",
     "randn_like")
-_FRESH_METHODS = frozenset(_FRESH_NAMES) | {"size", "dim", "numel", "item", "tolist"}
-_FRESH_FUNCTIONS = frozenset(getattr(module, name) for module in (torch, F) for name in _FRESH_NAMES
-                             if hasattr(module, name))
 # PyTorch's views and conversions, which read their argument and write nothing (``torch.flatten``, ``x.view``)
-_READ_ONLY_OPS = frozenset({
+_READ_ONLY_NAMES = (
     "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
     "permute", "t", "expand", "expand_as", "narrow", "select", "unbind", "split", "chunk", "movedim", "swapaxes",
     "diagonal", "detach", "contiguous", "to", "type_as", "float", "double", "half", "ravel", "broadcast_to",
-    "broadcast_tensors", "size", "dim", "numel", "dropout"})
+    "broadcast_tensors", "dropout")
+
+
+def _torch_functions(names: tuple[str, ...]) -> frozenset:
+    """The functions of ``torch`` and ``torch.nn.functional`` of those names, as objects (a user's function that
+    shares a name is not one of them)."""
+    return frozenset(getattr(module, name) for module in (torch, F) for name in names if hasattr(module, name))
+
+
+_FRESH_METHODS = frozenset(_FRESH_NAMES) | {"size", "dim", "numel", "item", "tolist"}
+_FRESH_FUNCTIONS = _torch_functions(_FRESH_NAMES)
+_READ_ONLY_METHODS = frozenset(_READ_ONLY_NAMES)
+# reading an attribute or an item writes nothing, nor does arithmetic into a new tensor (the first operand's
+# augmented assignment is checked apart)
+_READ_ONLY_FUNCTIONS = _torch_functions(_READ_ONLY_NAMES) | {getattr, operator.getitem} | _AUGMENTABLE
 # a tensor's attributes that are not tensors (x.shape[0] * 2 is no write into x)
 _META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad"})
 _VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
@@ -804,8 +815,8 @@ def _may_write_in_place(node: fx.Node, modules: dict[str, nn.Module], aliases: s
     """Whether ``node`` may write a tensor in place: an ``inplace=True`` module or call, a ``*_`` method or
     function (``mul_``, ``torch.relu_``), an ``out=`` argument, an arithmetic operator whose first operand is one of
     ``aliases`` (``h += 1`` is traced as ``h + 1``; ``e * 0.5`` on another tensor writes nothing of the BN's), and
-    any other op given one of ``aliases`` that is not known to leave its arguments alone (:data:`_READ_ONLY_OPS`,
-    PyTorch's new-memory ops): ``h.__setitem__``, ``torch.ops.aten.add_.Tensor``, a function of the user's."""
+    any other op given one of ``aliases`` that is not known to leave its arguments alone (PyTorch's views and
+    new-memory ops): ``h.__setitem__``, ``torch.ops.aten.add_.Tensor``, a function of the user's."""
     if _in_place(node, modules):
         return True
     if node.op not in ("call_method", "call_function"):
@@ -815,9 +826,8 @@ def _may_write_in_place(node: fx.Node, modules: dict[str, nn.Module], aliases: s
     if not aliases.intersection(_tensor_args(node)):
         return False
     if node.op == "call_method":
-        return node.target not in _FRESH_METHODS and node.target not in _READ_ONLY_OPS
-    return node.target not in _FRESH_FUNCTIONS and _op_name(node) not in _READ_ONLY_OPS and not (
-        node.target is getattr or node.target is operator.getitem or node.target in _AUGMENTABLE)
+        return node.target not in _FRESH_METHODS and node.target not in _READ_ONLY_METHODS
+    return node.target not in _FRESH_FUNCTIONS and node.target not in _READ_ONLY_FUNCTIONS
 
 
 def _in_place(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
