@@ -164,7 +164,6 @@ class _Folder:
         self.taken = _names(self.graph, set())  # a new name must not shadow one a body computes, either
         self.index = GraphIndex(self.graph)
         self._ranks: dict[str, int] | None = None
-        self.gamma: np.ndarray | None = None  # the scale of the BN being folded (see _below_normal)
 
     def reindex(self) -> None:
         self.index = GraphIndex(self.graph)
@@ -335,8 +334,7 @@ class _Folder:
             too_big = _beyond_range(target, stored.dtype, shift=b)  # it becomes an Add of a constant of that dtype
         else:
             too_big = None
-        self.gamma = bn.scale
-        reason = too_big or _FOLDERS[target.op_type](self, target, a, None if shift else b, notes)
+        reason = too_big or _FOLDERS[target.op_type](self, target, a, None if shift else b, notes, bn.scale)
         if reason:
             return reason
         if shift is not None:
@@ -384,12 +382,12 @@ def _beyond_range(node: onnx.NodeProto, dtype: np.dtype, **values: np.ndarray | 
     return None
 
 
-def _below_normal(folder: _Folder, node: onnx.NodeProto, dtype: np.dtype, peaks: np.ndarray,
-                  a: np.ndarray) -> str | None:
+def _below_normal(node: onnx.NodeProto, dtype: np.dtype, peaks: np.ndarray, a: np.ndarray,
+                  gamma: np.ndarray) -> str | None:
     """Why folded weights would lose precision in the layer's ``dtype``, or None: an output channel whose largest
     nonzero |weight| (``peaks``, one per channel, after scaling by ``a``) the fold takes below the dtype's smallest
     normal number (float16: 6.1e-5), where values are subnormal and keep only a few significant bits; the node is
-    left as it is, as on overflow. A channel whose gamma (``folder.gamma``) is already below it does not count (the
+    left as it is, as on overflow. A channel whose ``gamma`` (the BN's scale) is already below it does not count (the
     unfolded model has those few bits only), nor one whose weights are and which the fold does not shrink by half or
     more (subnormals keep a fixed absolute step: scaling them down by ``a`` loses about log2(1/a) bits)."""
     import ml_dtypes  # onnx's own dependency: it reads bfloat16 tensors as ml_dtypes arrays
@@ -398,7 +396,7 @@ def _below_normal(folder: _Folder, node: onnx.NodeProto, dtype: np.dtype, peaks:
     with np.errstate(divide="ignore", invalid="ignore"):
         before = peaks / np.abs(a)  # the channel's largest |weight| as stored
     low = np.flatnonzero((peaks > 0) & (peaks < tiny) & ((before >= tiny) | (np.abs(a) < 0.5))
-                         & (np.abs(folder.gamma) >= tiny))
+                         & (np.abs(gamma) >= tiny))
     if not low.size:
         return None
     return (f"folding gives weights below {np.dtype(dtype).name}'s smallest normal number {tiny:.3g} in "
@@ -408,7 +406,7 @@ def _below_normal(folder: _Folder, node: onnx.NodeProto, dtype: np.dtype, peaks:
 
 
 def _fold_conv_like(
-    folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]
+    folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str], gamma: np.ndarray
 ) -> str | None:
     w, why = _weight(folder, node, 1, "weight")
     if w is None:
@@ -438,7 +436,7 @@ def _fold_conv_like(
     else:
         bias64 = np.zeros(a.size)
     new_bias = a * bias64 + (0.0 if b is None else b) if b is not None or has_bias else None
-    why = _beyond_range(node, w.dtype, weights=w64, bias=new_bias) or _below_normal(folder, node, w.dtype, peaks, a)
+    why = _beyond_range(node, w.dtype, weights=w64, bias=new_bias) or _below_normal(node, w.dtype, peaks, a, gamma)
     if why:
         return why
     folder.set_constant(node, 1, w64.astype(w.dtype), "W", notes)
@@ -450,7 +448,7 @@ def _fold_conv_like(
 
 
 def _fold_gemm(
-    folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]
+    folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str], gamma: np.ndarray
 ) -> str | None:
     w, why = _weight(folder, node, 1, "B matrix")
     if w is None:
@@ -473,7 +471,7 @@ def _fold_gemm(
     else:
         c64 = None
     peaks = np.abs(w64).max(axis=1 if trans_b else 0)
-    why = _beyond_range(node, w.dtype, weights=w64, bias=c64) or _below_normal(folder, node, w.dtype, peaks, a)
+    why = _beyond_range(node, w.dtype, weights=w64, bias=c64) or _below_normal(node, w.dtype, peaks, a, gamma)
     if why:
         return why
     folder.set_constant(node, 1, w64.astype(w.dtype), "B", notes)
@@ -500,7 +498,7 @@ def _not_2d(folder: _Folder, node: onnx.NodeProto) -> str | None:
 
 
 def _fold_matmul(
-    folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str]
+    folder: _Folder, node: onnx.NodeProto, a: np.ndarray, b: np.ndarray | None, notes: list[str], gamma: np.ndarray
 ) -> str | None:
     w, why = _weight(folder, node, 1, "second operand")
     if w is None:
@@ -510,7 +508,7 @@ def _fold_matmul(
     if why := _not_2d(folder, node):
         return why
     w64 = w.astype(np.float64) * a[None, :]
-    why = _beyond_range(node, w.dtype, weights=w64) or _below_normal(folder, node, w.dtype, np.abs(w64).max(axis=0), a)
+    why = _beyond_range(node, w.dtype, weights=w64) or _below_normal(node, w.dtype, np.abs(w64).max(axis=0), a, gamma)
     if why:
         return why
     folder.set_constant(node, 1, w64.astype(w.dtype), "B", notes)
