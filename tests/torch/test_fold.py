@@ -1054,8 +1054,10 @@ def test_wrapped_models_fold_and_audit_as_the_module_they_run():
 
     model, x = zoo_model("resnet")
     plain = {f.bn for f in fold_bn(model, x)[1].folded}
-    # DataParallel last: on a machine with CUDA it moves the model to the GPU (and sends x there itself)
-    for wrapped in (AveragedModel(model), torch.compile(model, backend="eager"), nn.DataParallel(model)):
+    # DataParallel last, and each wrapper made when its turn comes: on a machine with CUDA, DataParallel moves the
+    # model to the GPU as it is made (and sends x there itself)
+    for wrap in (AveragedModel, lambda m: torch.compile(m, backend="eager"), nn.DataParallel):
+        wrapped = wrap(model)
         folded, report = fold_bn(wrapped, x)
         assert {f.bn for f in report.folded} == plain and report.method == "fx", type(wrapped).__name__
         assert any("folded the module inside" in n for n in report.notes) and report.max_rel_diff < 1e-5
@@ -1079,9 +1081,11 @@ def test_export_onnx_takes_wrappers_and_inference_mode_inputs(tmp_path):
     in_place.compile(backend="eager")
     with torch.no_grad():
         want = model(x)
-    # DataParallel last: on a machine with CUDA it moves the model to the GPU (and sends xi there itself)
-    for i, wrapped in enumerate((torch.compile(model, backend="eager"), in_place, model, nn.DataParallel(model))):
-        path = export_onnx(wrapped, xi, tmp_path / f"m{i}.onnx").path
+    # DataParallel last, and made when its turn comes: on a machine with CUDA, DataParallel moves the model to the
+    # GPU as it is made (and sends xi there itself)
+    for i, wrap in enumerate((lambda m: torch.compile(m, backend="eager"), lambda m: in_place, lambda m: m,
+                              nn.DataParallel)):
+        path = export_onnx(wrap(model), xi, tmp_path / f"m{i}.onnx").path
         got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
         assert rel_diff(want, torch.from_numpy(got)) < 1e-5
 

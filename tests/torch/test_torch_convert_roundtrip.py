@@ -46,6 +46,8 @@ def test_a_keras_layer_without_scale_gives_a_torch_weight_that_does_not_train_an
 
 
 def test_a_torch_weight_of_ones_that_trains_stays_a_keras_scale():
+    pytest.importorskip("keras")
+    pytest.importorskip("flax.linen")
     bn = nn.BatchNorm2d(C).eval()  # a fresh layer: weight all ones, but trained
     assert to_keras(bn).get_config()["scale"] is True
     assert to_flax(bn)[0].use_scale is True
