@@ -606,3 +606,110 @@ def test_fold_and_export_of_a_data_parallel_model_send_cpu_inputs_to_its_device(
         assert rel(folded(x.to(CUDA)).cpu().numpy(), want.cpu().numpy()) < 1e-3
     export_onnx(wrapped, x, tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx").is_file()
+
+
+# ------------------------------------------------------------------ changes since the last GPU run (session 15)
+
+
+def test_fold_of_a_cuda_model_whose_forward_writes_its_state_leaves_that_state_as_found():
+    """fold_bn/fold_plan snapshot and write back the model's state around their runs (compared bitwise, written
+    back in place): on CUDA the caller's buffers and parameters keep their objects, storage and device, and the
+    counter a forward increments is 0 again in the model and in the folded copy. Oracle: a float64 copy's output."""
+    from test_fold_state import ActNormFlag, Counter, conv_bn_then
+
+    from bnkit.torch import fold_plan
+
+    model = conv_bn_then(Counter()).double().to(CUDA)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64).to(CUDA)
+    with torch.no_grad():
+        want = copy.deepcopy(model)(x)
+    storage = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    folded, report = fold_bn(model, x)
+    assert [f.bn for f in report.folded] == ["1"] and report.max_abs_diff < 1e-12
+    assert float(model[2].calls) == 0 and float(folded[2].calls) == 0
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == storage
+    assert all(t.device.type == CUDA.type for t in (*folded.parameters(), *folded.buffers()))
+    with torch.no_grad():
+        assert rel(folded(x).cpu().numpy(), want.cpu().numpy()) < 1e-12
+
+    actnorm = conv_bn_then(ActNormFlag(4)).to(CUDA)
+    before = state(actnorm)
+    plan = fold_plan(actnorm, torch.randn(2, 3, 8, 8).to(CUDA))
+    assert [f.bn for f in plan.folded] == ["1"] and actnorm[2].initialized is False
+    assert_same_state(actnorm, before)
+
+
+def test_export_of_a_cuda_model_runs_every_batch_size_in_onnxruntime(tmp_path):
+    """export_onnx keeps the batch axis dynamic where the example has one (backed by its own batch-of-one run):
+    the file written from a CUDA model runs batches of 1, 3 and 8 in onnxruntime. Oracle: the model's eval output
+    on the CPU in float32 (no TF32 there)."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    x = digits_like(16).float()
+    model = calibrated(SmallResNet(), x)
+    export_onnx(copy.deepcopy(model).to(CUDA), x[:4].to(CUDA), tmp_path / "m.onnx", fold=True)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for n in (1, 3, 8):
+        with torch.no_grad():
+            want = model(x[:n]).numpy()
+        assert rel(session.run(None, {name: x[:n].numpy()})[0], want) < 1e-5, n
+
+
+def test_recalibrate_and_audit_of_a_cuda_model_fed_dataclass_and_packed_sequence_batches_from_the_cpu():
+    """One walker moves nested batches to the GPU (recalibrate's ``device``, the audit's model device): dataclass
+    batches and PackedSequence batches (data moved, batch_sizes kept on the CPU, as PackedSequence.to does) reach
+    a CUDA model whole. Oracle: the float64 moments of what the BN normalizes, computed on the CPU."""
+    import dataclasses
+
+    from torch.nn.utils.rnn import PackedSequence, pack_sequence
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+
+    torch.manual_seed(0)
+    net = calibrated(MLP(), torch.randn(64, 64)).double()
+    data = [Batch(torch.randn(32, 64, dtype=torch.float64) * 2 + 1) for _ in range(3)]
+    ref = hooked_stats(net, [b.x for b in data])
+    gpu = copy.deepcopy(net).to(CUDA)
+    recalibrate(gpu, data, forward=lambda m, b: m(b.x), device=CUDA, progress=False)  # device=None: batches as given
+    assert_stats(gpu, ref, rtol=1e-9)
+    report = audit(gpu, data, forward=lambda m, b: m(b.x))
+    assert len(report.layers) == len(list(bn_layers(net)))
+
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru, self.bn = nn.GRU(4, 6), nn.BatchNorm1d(6)
+
+        def forward(self, packed):
+            out, _ = self.gru(packed)
+            return PackedSequence(self.bn(out.data), out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+
+    seqs = [pack_sequence([torch.randn(int(n), 4, dtype=torch.float64) * 3 + 1 for n in torch.randint(1, 7, (8,))],
+                          enforce_sorted=False) for _ in range(4)]
+    rnn = Packed().double()
+    with torch.no_grad():
+        h = torch.cat([rnn.gru(p)[0].data for p in seqs])
+    rnn.to(CUDA)
+    recalibrate(rnn, seqs, device=CUDA, progress=False)
+    torch.testing.assert_close(rnn.bn.running_mean.cpu(), h.mean(0), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(rnn.bn.running_var.cpu(), h.var(0), rtol=1e-9, atol=1e-9)
+
+
+def test_renorm_re_run_by_activation_checkpointing_on_cuda_raises_and_changes_nothing():
+    """A Batch Renormalization step re-run inside backward (torch.utils.checkpoint) raises before touching a
+    buffer on CUDA as on the CPU."""
+    from torch.utils.checkpoint import checkpoint
+
+    from bnkit.torch import BatchNorm1d
+
+    torch.manual_seed(0)
+    bn = BatchNorm1d(3, renorm=True).to(CUDA).train()
+    x = torch.randn(8, 3, device=CUDA, requires_grad=True)
+    y = checkpoint(bn, x, use_reentrant=False)
+    after_step = state(bn)
+    with pytest.raises(RuntimeError, match="a Batch Renormalization step ran inside a backward"):
+        y.sum().backward()
+    assert_same_state(bn, after_step)
