@@ -657,8 +657,8 @@ def test_export_of_a_cuda_model_runs_every_batch_size_in_onnxruntime(tmp_path):
 
 
 def test_recalibrate_and_audit_of_a_cuda_model_fed_dataclass_and_packed_sequence_batches_from_the_cpu():
-    """One walker moves nested batches to the GPU (recalibrate's ``device``, the audit's model device): dataclass
-    batches and PackedSequence batches (data moved, batch_sizes kept on the CPU, as PackedSequence.to does) reach
+    """One walker moves nested batches to the GPU (recalibrate's ``device``, or the model's with its default
+    forward; the audit's model device): dataclass batches and PackedSequence batches (data moved, batch_sizes kept on the CPU, as PackedSequence.to does) reach
     a CUDA model whole. Oracle: the float64 moments of what the BN normalizes, computed on the CPU."""
     import dataclasses
 
@@ -673,8 +673,13 @@ def test_recalibrate_and_audit_of_a_cuda_model_fed_dataclass_and_packed_sequence
     data = [Batch(torch.randn(32, 64, dtype=torch.float64) * 2 + 1) for _ in range(3)]
     ref = hooked_stats(net, [b.x for b in data])
     gpu = copy.deepcopy(net).to(CUDA)
-    recalibrate(gpu, data, forward=lambda m, b: m(b.x), device=CUDA, progress=False)  # device=None: batches as given
+    recalibrate(gpu, data, forward=lambda m, b: m(b.x), device=CUDA, progress=False)  # a forward= of one's own
     assert_stats(gpu, ref, rtol=1e-9)
+    with pytest.raises(RuntimeError, match="same device|device"):  # ... gets the batches as they come
+        recalibrate(copy.deepcopy(net).to(CUDA), data, forward=lambda m, b: m(b.x), progress=False)
+    pairs = copy.deepcopy(net).to(CUDA)
+    recalibrate(pairs, [(b.x, torch.zeros(32)) for b in data], progress=False)  # default forward, CPU batches
+    assert_stats(pairs, ref, rtol=1e-9)
     report = audit(gpu, data, forward=lambda m, b: m(b.x))
     assert len(report.layers) == len(list(bn_layers(net)))
 
@@ -693,7 +698,7 @@ def test_recalibrate_and_audit_of_a_cuda_model_fed_dataclass_and_packed_sequence
     with torch.no_grad():
         h = torch.cat([rnn.gru(p)[0].data for p in seqs])
     rnn.to(CUDA)
-    recalibrate(rnn, seqs, device=CUDA, progress=False)
+    recalibrate(rnn, seqs, progress=False)  # the default forward: batches go to the model's device
     torch.testing.assert_close(rnn.bn.running_mean.cpu(), h.mean(0), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(rnn.bn.running_var.cpu(), h.var(0), rtol=1e-9, atol=1e-9)
 

@@ -952,6 +952,37 @@ def test_batches_go_to_the_first_device_of_a_parallel_wrapper_at_any_depth():
     assert parallel_device(parallel.module) is None
 
 
+def test_the_default_forward_sends_batches_to_the_models_one_device_and_a_forward_of_ones_own_gets_them_as_they_come():
+    """With the default forward, batches go where all the model's tensors are (a CUDA model fed CPU batches, as the
+    audit does; tests/torch/test_cuda.py runs that on a GPU); a model spread over devices, or a forward= of one's
+    own, gets them untouched. Oracle: the devices ``Tensor.to`` is asked for, recorded by __torch_function__, and
+    the float64 moments of all the data either way."""
+    from bnkit.torch.modules import sole_device
+
+    asked = []
+
+    class Spy(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.to and any(args[0] is b for b in data):  # the batches, not what the pass moves
+                asked.extend(a for a in (*args[1:], *(kwargs or {}).values()) if isinstance(a, torch.device))
+            return super().__torch_function__(func, types, args, kwargs)
+
+    torch.manual_seed(0)
+    data = [torch.randn(16, 3).as_subclass(Spy) for _ in range(3)]
+    every = torch.cat([b.as_subclass(torch.Tensor) for b in data]).double()
+    for forward, moved in ((None, [torch.device("cpu")] * 3), (lambda m, b: m(b), [])):
+        asked.clear()
+        bn = nn.BatchNorm1d(3)
+        recalibrate(bn, data, forward=forward, progress=False)
+        assert asked == moved
+        torch.testing.assert_close(bn.running_mean.double(), every.mean(0), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(bn.running_var.double(), every.var(0), rtol=1e-6, atol=1e-7)
+    spread = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3, device="meta"))
+    assert sole_device(spread) is None and sole_device(nn.ReLU()) is None
+    assert sole_device(spread[0]) == torch.device("cpu") and sole_device(spread[1]) == torch.device("meta")
+
+
 def test_batches_moved_to_the_cpu_are_copied_synchronously():
     """A device-to-host copy made with non_blocking=True may be read before it lands; towards an accelerator the
     stream orders it. Oracle: the keyword the copy is asked with, recorded by __torch_function__."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import itertools
 import threading
 from collections import UserDict
 from collections.abc import Callable, Mapping, MutableMapping
@@ -117,6 +118,13 @@ def parallel_device(model: nn.Module) -> torch.device | None:
     kinds = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     parallel = [m for m in wrapper_chain(model) if isinstance(m, kinds)]
     return torch.device(parallel[0].device_ids[0]) if parallel and parallel[0].device_ids else None
+
+
+def sole_device(model: nn.Module) -> torch.device | None:
+    """The one device holding all of ``model``'s parameters and buffers; None for a model spread over several
+    devices (it places its inputs itself) or holding no tensor."""
+    devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    return devices.pop() if len(devices) == 1 else None
 
 
 def map_nested(obj: Any, fn: Callable[[Any], Any], leaf: tuple[type, ...] = (torch.Tensor,),

@@ -95,7 +95,7 @@ from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
 from .modules import (SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, normalized_inputs,
-                      parallel_device, to_device, unwrapped)
+                      parallel_device, sole_device, to_device, unwrapped)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
@@ -585,7 +585,10 @@ def recalibrate(
             wrapped model (``torch.compile``, DataParallel, DDP, AveragedModel) it receives the
             module inside, which the pass runs; batches then go to a DataParallel/DDP wrapper's
             first device unless ``device`` says otherwise.
-        device: move tensors in each batch (also inside tuples/lists/dicts) here first.
+        device: move tensors in each batch (also inside tuples/lists/dicts) here first. Default:
+            with the default ``forward``, the model's device when one device holds all its
+            parameters and buffers (CPU batches reach a CUDA model, as in the audit); a ``forward``
+            of your own, or a model spread over devices, gets the batches as ``data`` yields them.
         on_nonfinite: ``"raise"`` (default): a batch giving NaN/Inf at any BN
             input raises ``ValueError`` naming the first such layer, changing
             nothing. ``"skip"``: leave such batches out and count them.
@@ -615,6 +618,8 @@ def recalibrate(
     # the module a wrapper runs: a compiled one would recompile for every stand-in call, DDP's forward starts with a
     # buffer broadcast that a rank without batches never joins
     model, _ = unwrapped(model)
+    if device is None and forward is None:  # the default forward feeds the batch as it is: send it to the model
+        device = sole_device(model)
     modules = list(model.named_modules())
     layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
     if not layers:
