@@ -98,7 +98,8 @@ def convert_momentum(momentum: float | None, src: str | Convention, dst: str | C
     The update is the same; only the side the number names changes:
     PyTorch's 0.1 (weight on the new value) is Keras's 0.9 (weight on the old).
     The complement is taken in decimal, so a round trip returns the same float when both ``m`` and ``1 - m`` have
-    at most 15 significant digits; a float32 ONNX attribute (0.10000000149011612) comes back as the same float32.
+    at most 15 significant digits; a float32 ONNX attribute (0.10000000149011612) of at least 1e-9 comes back as the
+    same float32 (below that, ``1 - m`` needs more digits than a float64 holds).
     PyTorch's ``momentum=None`` (cumulative average) has no fixed equivalent and is refused;
     the other frameworks have no ``momentum=None``.
     """
