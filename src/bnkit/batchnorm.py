@@ -152,7 +152,9 @@ class BatchNorm:
                 raise ValueError(
                     f"BatchNorm {'in training mode' if self.track_running_stats else 'without running statistics'} "
                     f"needs more than 1 value per channel to compute batch statistics, got input of shape {x.shape} "
-                    f"({n} value per channel). A batch of one normalized by its own statistics is all zeros: {fix}."
+                    f"({n} value{'s' if n != 1 else ''} per channel). "
+                    + ("An empty batch has no statistics" if n == 0 else
+                       "A batch of one normalized by its own statistics is all zeros") + f": {fix}."
                 )
             total = _channel_sum(x3)
             if not np.all(np.isfinite(total)):  # NaN/Inf anywhere makes the channel sum non-finite
