@@ -11,6 +11,7 @@ from collections.abc import Mapping, MutableMapping
 
 import pytest
 import torch
+from torch import nn
 
 from bnkit.torch.modules import exact_float32
 
@@ -378,3 +379,52 @@ def test_to_device_moves_a_packed_sequence_as_one():
     want = packed.to(torch.device("meta"))
     got = to_device({"seq": packed}, torch.device("meta"))["seq"]
     assert (got.data.device, got.batch_sizes.device) == (want.data.device, want.batch_sizes.device)
+
+
+def _tools_on(model):
+    """Every public bnkit.torch tool that takes a model, applied to ``model``."""
+    import bnkit.torch as bt
+
+    x = torch.randn(8, 64)
+    return {
+        "bn_layers": lambda: bt.bn_layers(model), "freeze_bn": lambda: bt.freeze_bn(model),
+        "unfreeze_bn": lambda: bt.unfreeze_bn(model), "is_frozen": lambda: bt.is_frozen(model),
+        "frozen_bn_layers": lambda: bt.frozen_bn_layers(model), "convert_frozen": lambda: bt.convert_frozen(model),
+        "revert_frozen": lambda: bt.revert_frozen(model), "bn_guard": lambda: bt.bn_guard(model),
+        "protect_stats": lambda: bt.protect_stats(model), "convert_bn": lambda: bt.convert_bn(model),
+        "revert_bn": lambda: bt.revert_bn(model), "recalibrate": lambda: bt.recalibrate(model, [x], progress=False),
+        "fold_bn": lambda: bt.fold_bn(model, x), "fold_plan": lambda: bt.fold_plan(model, x),
+        "export_onnx": lambda: bt.export_onnx(model, x, "unused.onnx"), "audit": lambda: bt.audit(model),
+        "audit with data": lambda: bt.audit(model, x), "revert_sync_bn": lambda: bt.revert_sync_bn(model),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script/trace are deprecated in torch 2.13
+@pytest.mark.parametrize("how", ["script", "trace", "scripted submodule", "scripted activation"])
+def test_torchscript_is_refused_by_every_tool_and_left_unchanged(how):
+    """A TorchScript module's BatchNorm layers are RecursiveScriptModules: no tool found them, so freeze_bn froze
+    nothing, the audit passed a never-updated model with '0 BatchNorm layer(s) audited', recalibrate said the model
+    had no BatchNorm layer and fold_bn failed inside bnkit (also on a scripted activation beside eager layers,
+    whose buffers it could not restore). Each now refuses it by name. Oracle: the model's own BatchNorm buffers
+    under state_dict (two layers) and its state and flags, unchanged."""
+    from bnkit.torch.zoo import MLP
+
+    eager = MLP().eval()
+    if how == "script":
+        model = torch.jit.script(eager)
+    elif how == "trace":
+        model = torch.jit.trace(eager, torch.randn(4, 64))
+    elif how == "scripted submodule":
+        model = nn.Sequential(torch.jit.script(eager), nn.ReLU())
+    else:
+        model = nn.Sequential(eager, torch.jit.script(nn.Tanh()))
+    assert sum(k.endswith("running_mean") for k in model.state_dict()) == 2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    where = {"scripted submodule": "its submodule '0' is", "scripted activation": "its submodule '1' is"}.get(
+        how, "the model is")
+    for tool, call in _tools_on(model).items():
+        with pytest.raises(TypeError, match=f"{where} TorchScript"):
+            call()
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), tool
+        assert [m.training for m in model.modules()] == flags, tool

@@ -36,7 +36,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..convert import convert_state
 from . import layers
 from .freeze import freeze_bn, is_frozen
-from .modules import as_args, channels, deep_copy
+from .modules import as_args, channels, deep_copy, require_eager
 
 __all__ = ["BatchNormNd", "from_keras", "to_keras", "from_flax", "to_flax", "revert_sync_bn"]
 
@@ -339,6 +339,7 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     only ``process_group`` is dropped. ``model`` itself is not modified. The math is unchanged:
     ``SyncBatchNorm`` without a process group runs ``F.batch_norm`` exactly as ``BatchNorm*d`` does.
     """
+    require_eager(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
     ranks = _probe_ranks(model, example_inputs) if example_inputs is not None else {}

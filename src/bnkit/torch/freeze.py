@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .modules import bn_layers, is_batchnorm, is_bn_or_frozen
+from .modules import bn_layers, is_batchnorm, is_bn_or_frozen, require_eager
 
 __all__ = ["freeze_bn", "unfreeze_bn", "is_frozen", "frozen_bn_layers", "FreezeState"]
 
@@ -262,6 +262,7 @@ def is_frozen(module: nn.Module, part: str = "any") -> bool:
     are frozen in every part. The answer is live: an affine part whose
     ``requires_grad`` was switched back on is not frozen.
     """
+    require_eager(module)
     if part not in _PARTS:
         raise ValueError(f"part must be one of {_PARTS}, got {part!r}")
     if is_bn_or_frozen(module):
@@ -277,6 +278,7 @@ def _part_frozen(state: FreezeState, part: str) -> bool:
 
 def frozen_bn_layers(model: nn.Module) -> dict[str, FreezeState]:
     """``{qualified_name: FreezeState}`` for every BatchNorm or FrozenBatchNorm layer with a frozen part."""
+    require_eager(model)
     return {
         name: state
         for name, m in model.named_modules()

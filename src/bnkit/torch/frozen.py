@@ -30,7 +30,7 @@ from torch.nn.parameter import is_lazy
 
 from .freeze import select_bn_layers
 from .layers import replace_modules, retype_module
-from .modules import channels
+from .modules import channels, require_eager
 
 __all__ = [
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenBatchNormNd",
@@ -199,6 +199,7 @@ def revert_frozen(model: nn.Module) -> nn.Module:
     matching ``nn.BatchNorm1d/2d/3d`` (default momentum, ``training`` kept).
     Returns the model (a new object only when ``model`` itself is frozen).
     """
+    require_eager(model)
     plain = {FrozenBatchNorm1d: nn.BatchNorm1d, FrozenBatchNorm2d: nn.BatchNorm2d, FrozenBatchNorm3d: nn.BatchNorm3d}
     direct = [
         name or type(m).__name__ for name, m in model.named_modules()

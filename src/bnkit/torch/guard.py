@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from ..findings import Finding
-from .modules import BN_TYPES, bn_or_frozen_layers, is_batchnorm, write_count
+from .modules import BN_TYPES, bn_or_frozen_layers, is_batchnorm, require_eager, write_count
 
 __all__ = ["bn_guard", "BNGuardError", "BNGuardWarning", "protect_stats", "StatsRollback"]
 
@@ -517,6 +517,7 @@ class protect_stats:
     """
 
     def __init__(self, model: nn.Module, *, warn: bool = True) -> None:
+        require_eager(model)
         self.model, self.warn = model, warn
         self._active: list[tuple[_Snapshot, StatsRollback]] = []  # one per nested entry
 

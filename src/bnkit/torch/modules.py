@@ -36,8 +36,21 @@ def is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, BN_TYPES)
 
 
+def require_eager(model: nn.Module) -> None:
+    """Raise ``TypeError`` when ``model`` is, or holds, a TorchScript module (``torch.jit.script``/``trace``): its
+    layers are ``RecursiveScriptModule``s, whose class, forward and buffers bnkit can neither see nor replace, so
+    its tools would find no BatchNorm layer there and silently do nothing, or fail inside."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            where = "the model is" if not name else f"its submodule {name!r} is"
+            raise TypeError(f"{where} TorchScript (torch.jit.script or trace), whose layers bnkit can neither find "
+                            "nor run as it needs: pass the eager nn.Module (script it after using bnkit)")
+
+
 def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    """``(qualified_name, module)`` for every BatchNorm layer, in ``named_modules`` order."""
+    """``(qualified_name, module)`` for every BatchNorm layer, in ``named_modules`` order (TorchScript refused:
+    see :func:`require_eager`)."""
+    require_eager(model)
     return [(name, m) for name, m in model.named_modules() if is_batchnorm(m)]
 
 
@@ -48,7 +61,8 @@ def is_bn_or_frozen(module: nn.Module) -> bool:
 
 def bn_or_frozen_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified_name, module)`` for every BatchNorm layer and bnkit ``FrozenBatchNorm*d``, in
-    ``named_modules`` order."""
+    ``named_modules`` order (TorchScript refused: see :func:`require_eager`)."""
+    require_eager(model)
     return [(name, m) for name, m in model.named_modules() if is_bn_or_frozen(m)]
 
 

@@ -95,7 +95,7 @@ from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
 from .modules import (SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, normalized_inputs,
-                      parallel_device, sole_device, to_device, unwrapped)
+                      parallel_device, require_eager, sole_device, to_device, unwrapped)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
@@ -607,6 +607,7 @@ def recalibrate(
             running_var above 65504). On any exception, KeyboardInterrupt included,
             the model's buffers and flags are exactly as before.
     """
+    require_eager(model)
     if isinstance(data, torch.Tensor):
         raise TypeError("data must be an iterable of batches (e.g. a DataLoader), not a tensor; wrap it: [x]")
     if on_nonfinite not in ("raise", "skip"):
