@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -260,6 +261,35 @@ def test_dtype_change_compares_key_by_key_under_the_models_keys():
     same = model(torch.float32, torch.float16)
     assert dtype_change(same, load_weights_into(same, model(torch.float32, torch.float16).state_dict()), "s.pt") is None
 
+
+
+def test_dtype_change_speaks_of_floating_casts_only():
+    """A count saved as float (6.0, as some converters write it) loads into the int64 buffer as 6: no cast to build
+    the model for; the float16 weights beside it are, and the advice names float16 alone. Oracle: the dtypes."""
+    from torch import nn
+
+    from bnkit.torch.io import load_weights_into
+
+    target = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    state = {**target.state_dict(), "1.num_batches_tracked": torch.tensor(6.0)}
+    assert dtype_change(target, load_weights_into(target, state), "c.pt") is None
+    assert int(target[1].num_batches_tracked) == 6
+    half = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).half().state_dict()
+    half["1.num_batches_tracked"] = torch.tensor(6.0, dtype=torch.float16)
+    note = dtype_change(target, load_weights_into(target, half), "h.pt")
+    assert "(6 float16 -> float32)" in note and "return model.to(torch.float16)" in note
+
+
+def test_check_output_names_a_file_where_a_folder_is_needed(tmp_path):
+    """``x.npy/out.pt`` or ``x.npy/sub/out.pt`` with x.npy a file: the file is named as one (a missing folder is
+    still told to be created). Oracle: the paths made here."""
+    (tmp_path / "x.npy").write_bytes(b"data")
+    for output in (tmp_path / "x.npy" / "out.pt", tmp_path / "x.npy" / "sub" / "out.pt"):
+        with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'x.npy'} is a file, not a folder")):
+            check_output(output, suffixes=STATE_DICT_SUFFIXES)
+    with pytest.raises(UsageError, match="folder .*sub does not exist; create it first"):
+        check_output(tmp_path / "sub" / "out.pt", suffixes=STATE_DICT_SUFFIXES)
+    assert sorted(os.listdir(tmp_path)) == ["x.npy"] and (tmp_path / "x.npy").read_bytes() == b"data"
 
 def test_load_forward_names_what_is_wrong_with_the_users_function(tmp_path, monkeypatch):
     """A module that calls sys.exit on import, a name that is no function, and a spec without

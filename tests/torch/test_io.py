@@ -1,6 +1,7 @@
 """bnkit.torch.io: what a file that is not a checkpoint is called, what an unsafe pickle is called (and a pickled
 model whose class is gone), a dangling link, wrapper prefixes; a new state-dict file gets open()'s mode, an existing
-one keeps its own. Legacy-format checkpoints: test_io_legacy.py; zip checkpoints with changed bytes: test_io_zip.py.
+one keeps its own; values load_state_dict would cast (integer codes into floats, a count of 6.7) are refused.
+Legacy-format checkpoints: test_io_legacy.py; zip checkpoints with changed bytes: test_io_zip.py.
 
 Oracles: files made here with numpy, onnx, zipfile, pickle and torch.save; what torch.load and safetensors
 themselves read or refuse; the loaded tensors are compared with the saved ones exactly; a file open() makes in the
@@ -237,6 +238,55 @@ def test_load_weights_into_takes_what_load_state_dict_takes_unchanged():
     load_weights_into(target, source)
     assert torch.equal(target[0].extra, source["0._extra_state"]) and target[1].bias.shape == (2,)
 
+
+
+def _counted():
+    """_net() with an int32 buffer beside the BatchNorm's int64 count."""
+    model = _net()
+    model.register_buffer("steps", torch.zeros((), dtype=torch.int32))
+    return model
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("0.weight", torch.tensor([[127, -3, 0]] * 4, dtype=torch.int8),
+     r"integer or bool values for floating-point tensors.*: 0\.weight \(torch\.int8 into torch\.float32\)"),
+    ("1.running_mean", torch.tensor([True, False, True, True]), r"1\.running_mean \(torch\.bool into torch\.float32\)"),
+    ("1.num_batches_tracked", torch.tensor(6.7),
+     r"integer tensors cannot hold: 1\.num_batches_tracked \(torch\.float32 into torch\.int64: 6\.7 is not a whole"),
+    ("1.num_batches_tracked", torch.tensor(float("nan"), dtype=torch.float64), r"float64 into torch\.int64: nan is"),
+    ("1.num_batches_tracked", torch.tensor(float("inf")), r"inf is not a whole number"),
+    ("1.num_batches_tracked", torch.tensor(-2.0), r"1\.num_batches_tracked .*: -2\.0 is not a count of batches"),
+    ("1.num_batches_tracked", torch.tensor(-2), r"\(torch\.int64 into torch\.int64: -2 is not a count of batches"),
+    ("1.num_batches_tracked", torch.tensor(1e30), r"1e\+30 is outside -9223372036854775808\.\.9223372036854775807"),
+    ("steps", torch.tensor(2**40), r"steps \(torch\.int64 into torch\.int32: 1099511627776 is outside"),
+])
+def test_load_weights_into_refuses_values_that_load_state_dict_would_cast(key, value, says):
+    """torch's load_state_dict casts silently: int8 codes become floats 127.0 (their scale lost), bools 1.0, a count
+    of 6.7 becomes 6, NaN and 1e30 some integer, 2**40 wraps in an int32: refused before anything is loaded, naming
+    the key and both dtypes. Oracle: the model's tensors before the call, compared exactly."""
+    model = _counted()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v + 1 for k, v in model.state_dict().items()}
+    state[key] = value
+    with pytest.raises(ValueError, match=says):
+        load_weights_into(model, state, "w.pt")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_load_weights_into_takes_integers_and_whole_number_floats_into_integer_tensors():
+    """A count some converter saved as float (6.0, or [2.0**53] in float64) loads as that integer, an int32 or uint8
+    into the int64 count and an int64 that an int32 holds too; 6.5 does not. Oracle: Python's int of the value."""
+    pairs = ((torch.tensor(6.0), torch.tensor(-5)),
+             (torch.tensor([2.0**53], dtype=torch.float64), torch.tensor(2**31 - 1)),
+             (torch.tensor(7, dtype=torch.int32), torch.tensor(3, dtype=torch.uint8)))
+    for count, steps in pairs:
+        model = _counted()
+        state = {**model.state_dict(), "1.num_batches_tracked": count, "steps": steps}
+        load_weights_into(model, state)
+        assert model[1].num_batches_tracked.dtype == torch.int64 and model.steps.dtype == torch.int32
+        assert int(model[1].num_batches_tracked) == int(count.item()) and int(model.steps) == int(steps)
+    with pytest.raises(ValueError, match=r"1\.num_batches_tracked .*6\.5 is not a whole number"):
+        load_weights_into(_counted(), {**_counted().state_dict(), "1.num_batches_tracked": torch.tensor(6.5)})
 
 def test_upper_case_safetensors_suffix_writes_and_reads_safetensors(tmp_path):
     from safetensors.torch import load_file

@@ -150,9 +150,10 @@ def build_model(spec: str) -> Any:
 
 
 def dtype_change(model: Any, loaded: Any, source: str) -> Optional[str]:
-    """A note when ``load_state_dict`` cast floating tensors of a checkpoint to other dtypes of the ``model`` its
-    factory built (None when none was cast): the model then runs, and is written, in its own dtypes (a float16
-    checkpoint comes back float32, twice the size). ``loaded``: the state under the model's own keys, as
+    """A note when ``load_state_dict`` cast floating tensors of a checkpoint to other floating dtypes of the ``model``
+    its factory built (None when none was cast): the model then runs, and is written, in its own dtypes (a float16
+    checkpoint comes back float32, twice the size). Floats loaded into integer buffers (a count of 6.0) are no such
+    cast: load_weights_into took them only as whole numbers. ``loaded``: the state under the model's own keys, as
     :func:`bnkit.torch.io.load_weights_into` returns it; compared key by key."""
     import torch
 
@@ -160,11 +161,11 @@ def dtype_change(model: Any, loaded: Any, source: str) -> Optional[str]:
         return str(t.dtype).removeprefix("torch.")
 
     own = model.state_dict()
-    floating = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    floating = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                and isinstance(own.get(k), torch.Tensor) and own[k].is_floating_point()}
     casts: dict[tuple[str, str], int] = {}
     for key, value in floating.items():
-        target = own.get(key)
-        if isinstance(target, torch.Tensor) and target.dtype != value.dtype:
+        if (target := own[key]).dtype != value.dtype:
             pair = (name(value), name(target))
             casts[pair] = casts.get(pair, 0) + 1
     if not casts:
@@ -209,6 +210,9 @@ def check_output(output: PathLike, *, suffixes: Sequence[str], inputs: Iterable[
                          f"{' (got ' + repr(path.suffix) + ')' if path.suffix else ' (it has no suffix)'}")
     parent = path.parent
     if not parent.is_dir():
+        above = next((p for p in (parent, *parent.parents) if p.exists()), None)  # the nearest that exists
+        if above is not None and not above.is_dir():  # x.npy/out.pt: a file where a folder is needed
+            raise UsageError(f"{option} {text}: {above} is a file, not a folder")
         raise UsageError(f"{option} {text}: folder {parent} does not exist; create it first")
     for source in inputs:
         if source is None:

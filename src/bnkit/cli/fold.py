@@ -83,8 +83,10 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
             raise fail(str(exc)) from None
         raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None  # e.g. its folder is gone
     except ValueError as exc:
+        text = str(exc)  # the loader names a file it recognises (PyTorch weights, NumPy data), whatever its suffix
+        unreadable = "not a readable ONNX model" in text or "not an ONNX model" in text
         hint = ("; to fold a PyTorch model, give --model pkg.module:factory --weights FILE"
-                if source.suffix.lower() != ".onnx" and "not a readable ONNX model" in str(exc) else "")
+                if unreadable and (source.suffix.lower() != ".onnx" or "PyTorch" in text) else "")
         raise fail(f"{_cli_words(exc)}{hint}") from None
     except OSError as exc:  # the source was read (a missing one is the FileNotFoundError above): writing failed
         raise fail(f"cannot write {output}: {exc}; nothing written", code=1) from None

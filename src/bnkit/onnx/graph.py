@@ -11,6 +11,7 @@ that does not use its running statistics at inference.
 from __future__ import annotations
 
 import os
+import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -18,6 +19,8 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from ..file_kinds import looks_like_safetensors
 
 __all__ = ["RANDOM_OPS", "MalformedNodeError", "load_model", "check_model", "too_large", "opset_version", "GraphIndex",
            "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label", "TrainingDropout", "training_dropouts",
@@ -55,10 +58,43 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
     try:
         proto = onnx.load(path)
     except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        if (kind := _other_format(path)) is not None:
+            raise ValueError(f"{path} is {kind}, not an ONNX model") from exc
         raise ValueError(f"{path} is not a readable ONNX model: {exc}") from exc
     if not proto.HasField("graph") or not proto.graph.node:
         raise ValueError(f"{path} is not a readable ONNX model: it has no graph nodes")
     return proto
+
+
+def _other_format(path: str) -> str | None:
+    """What a file that onnx cannot parse is instead, told from its first bytes (the weights and data files bnkit
+    reads), or None."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        return None
+    if looks_like_safetensors(head, size):
+        return "a safetensors file (PyTorch weights)"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy array (np.save)"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a pickle (a PyTorch checkpoint in torch.save's legacy format?)"
+    if not head.startswith(b"PK\x03\x04"):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except Exception:  # noqa: BLE001 - BadZipFile, NotImplementedError, OSError, ...: a damaged zip, of what unknown
+        return None
+    if any(n.endswith("constants.pkl") for n in names):  # torch/serialization.py, _is_torchscript_zip
+        return "a TorchScript archive (torch.jit.save)"
+    if any(n.endswith("data.pkl") for n in names):
+        return "a PyTorch checkpoint (torch.save)"
+    if names and all(n.endswith(".npy") for n in names):
+        return "a NumPy .npz archive (np.savez)"
+    return "a zip archive"
 
 
 #: Protobuf cannot serialize a message of 2 GiB or more: a larger model exists only as a file with external data.

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from torch.nn.parameter import is_lazy
 
@@ -321,7 +322,9 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     (SWA/EMA: ``n_averaged`` and every other key under ``module.``), with its ``n_averaged`` counter
     dropped: it loads as the averaged model. A mismatch raises ``ValueError`` listing a few missing and
     unexpected keys (and the prefix, if one would explain them) instead of torch's full key dump.
-    Complex values for real tensors (torch would keep their real part) are refused before loading; when
+    Values that ``load_state_dict`` would change as it casts them are refused before loading (see
+    :func:`_misfit`: complex values for real tensors, integer or bool ones for floating tensors, floating ones
+    that an integer tensor cannot hold exactly, a negative ``num_batches_tracked``); when
     ``load_state_dict`` fails (a shape, a module's own loading code), the parameters, buffers and extra state
     (``get_extra_state``) it had already overwritten are put back from a copy taken first (transient: one copy
     of the model's tensors).
@@ -362,12 +365,14 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
                          "saves 'module.'): save model.module.state_dict(), or strip the prefix")
         raise ValueError("; ".join(parts))
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    truncated = [f"{k} ({v.dtype} into {tensors[k].dtype})" for k, v in state.items()
-                 if isinstance(v, torch.Tensor) and v.is_complex() and k in tensors and not tensors[k].is_complex()]
-    if truncated:  # load_state_dict would keep the real part, with a warning
-        more = f", ... ({len(truncated)} in all)" if len(truncated) > 4 else ""
-        raise ValueError(f"{source} do not fit {type(model).__name__}: complex values for real tensors: "
-                         + ", ".join(truncated[:4]) + more)
+    misfits: dict[str, list[str]] = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and k in tensors and (why := _misfit(k, v, tensors[k])) is not None:
+            misfits.setdefault(why[0], []).append(why[1])
+    if misfits:
+        raise ValueError(f"{source} do not fit {type(model).__name__}: " + "; ".join(
+            f"{what}: {', '.join(items[:4])}" + (f", ... ({len(items)} in all)" if len(items) > 4 else "")
+            for what, items in misfits.items()))
     saved = {k: t.detach().clone() for k, t in tensors.items() if not is_lazy(t)}
     extra = _extra_state_backup(model)
     try:
@@ -384,6 +389,49 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         lines = [ln.strip() for ln in _strip_ansi(str(exc)).splitlines()[1:] if ln.strip()]
         raise ValueError(f"{source} do not fit {type(model).__name__}: {' '.join(lines[:4])}") from None
     return state
+
+
+#: Why :func:`_misfit` refuses a value, as the error lists them.
+_COMPLEX = "complex values for real tensors"
+_INTEGER = "integer or bool values for floating-point tensors (quantized codes, their scale not in the file?)"
+_INEXACT = "values the model's integer tensors cannot hold"
+
+
+def _misfit(key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[str, str] | None:
+    """Why ``value`` must not load into the model's tensor ``target`` (``key``), as (reason, what) or None: torch's
+    ``load_state_dict`` casts silently, keeping a complex value's real part, turning integer codes into floats
+    (int8 127 -> 127.0), truncating floats (6.7 -> 6) and wrapping integers an integer tensor cannot hold. A
+    floating value fits an integer tensor when each element is a whole number in its range (6.0 -> 6); a
+    ``num_batches_tracked`` of any dtype cannot be negative."""
+    dtypes = f"{value.dtype} into {target.dtype}"
+    if value.is_complex() and not target.is_complex():
+        return _COMPLEX, f"{key} ({dtypes})"
+    if value.is_quantized or value.is_meta or value.layout != torch.strided or value.numel() == 0:
+        return None  # load_state_dict refuses these itself (or has nothing to copy)
+    if target.is_floating_point() or target.is_complex():
+        return None if value.is_floating_point() or value.is_complex() else (_INTEGER, f"{key} ({dtypes})")
+    count = key.rpartition(".")[2] == "num_batches_tracked"
+    if value.dtype == target.dtype and not count:
+        return None
+
+    def shown(x: float) -> str:  # a float32 or narrower value as written (6.7), not widened (6.699999809265137)
+        return str(np.float32(x)) if value.is_floating_point() and value.element_size() <= 4 else str(x)
+
+    numbers = value.detach().reshape(-1)
+    if value.dtype == torch.uint64:  # no min/max kernel, and no wider dtype: exact as Python ints
+        low, high = min(numbers.tolist()), max(numbers.tolist())
+    else:
+        numbers = numbers.double() if value.is_floating_point() else numbers.long()
+        if value.is_floating_point() and (inexact := ~torch.isfinite(numbers) | (numbers != numbers.trunc())).any():
+            return _INEXACT, f"{key} ({dtypes}: {shown(numbers[inexact][0].item())} is not a whole number)"
+        low, high = numbers.min().item(), numbers.max().item()
+    if count and low < 0:
+        return _INEXACT, f"{key} ({dtypes}: {shown(low)} is not a count of batches)"
+    info = torch.iinfo(target.dtype) if target.dtype != torch.bool else None
+    lo, hi = (info.min, info.max) if info is not None else (0, 1)
+    if low < lo or high > hi:  # Python compares an int with a float exactly
+        return _INEXACT, f"{key} ({dtypes}: {shown(low if low < lo else high)} is outside {lo}..{hi})"
+    return None
 
 
 def _extra_state_backup(model: torch.nn.Module) -> dict[str, object]:
