@@ -2,6 +2,13 @@
 
 See :mod:`bnkit.torch.audit` for the math of the shift ranking (``z``, ``L``, KL), the
 train-vs-eval gap, the batch-size-1 coupling check and the running statistics' noise.
+
+A layer's score (channel mean of KL) is measured on the moments of ``n`` values per channel, which vary
+even when the data is drawn from the running distribution itself: ``n`` independent values give a score
+of ``(1/n + ln k - digamma(k)) / 2`` on average, ``k = (n - 1) / 2`` (0.885 at ``n = 2``, 0.46 at 3, 0.11
+at 10, about ``1/n`` from 100 on; :func:`sampling_kl`). Layers are ranked and graded on the score less
+that expectation, and only where that excess clears the sampling noise too (:data:`SHIFT_NOISE_SDS`), so a
+small slice of data does not turn sampling noise into findings.
 """
 from __future__ import annotations
 
@@ -26,9 +33,15 @@ from .modules import eager_calls, flatten_tensors, is_batchnorm, normalized_inpu
 if TYPE_CHECKING:
     from .audit import AuditReport
 
-#: Layer shift score (channel-mean KL) at or above which the mismatch is an error / a warning.
+#: Layer shift score (channel-mean KL) less its sampling expectation at or above which the mismatch is an
+#: error / a warning (when it also clears SHIFT_NOISE_SDS).
 SHIFT_ERROR_KL = 0.5  # z_eq = 1 standard deviation
 SHIFT_WARNING_KL = 0.045  # z_eq = 0.3
+#: A shift is graded only where its score exceeds ``sampling_kl`` by this many ``sampling_kl_sd`` too: about
+#: 2% of single channels drawn from the running distribution do, at any count (one channel's KL is about
+#: exponential, whose tail beyond mean + 3 sd is exp(-4)); channels that do not move together, far fewer. It
+#: matters below ~70 values per channel, where 3 ``sampling_kl_sd`` exceeds SHIFT_WARNING_KL.
+SHIFT_NOISE_SDS = 3.0
 #: Relative train-vs-eval output gap above which a warning is raised.
 GAP_WARNING = 0.5
 #: Batch-1 vs batch-B outputs differing by more than this (relative to max |output|) are coupled.
@@ -59,6 +72,13 @@ class LayerShift:
     call's inputs, pooled over the batches, are compared with them, and the figures are those of the worst call,
     ``call`` (1-based; None, and all calls pooled, for a layer called once per forward or whose calls differ by
     sampling alone).
+    ``sampling_kl`` / ``sampling_kl_sd``: mean and standard deviation of ``score`` from sampling noise alone,
+    for ``count`` independent values per channel drawn from the running distribution (:func:`sampling_kl`;
+    the standard deviation is one channel's, the most a channel mean varies however its channels correlate).
+    The values of a sample are not independent in a convolution's map: where they move together, as neighbouring
+    pixels usually do, the score varies more and these are lower bounds. None below 2 values per channel, which
+    leave no variance to compare (not graded). Layers are ranked by
+    ``score - sampling_kl``.
     """
 
     layer: str
@@ -73,6 +93,30 @@ class LayerShift:
     batch_f: float | None = None
     call: int | None = None
     calls_per_forward: int = 1
+    sampling_kl: float | None = None
+    sampling_kl_sd: float | None = None
+
+    @property
+    def excess(self) -> float:
+        """``score - sampling_kl``, what the layer is ranked and graded on (``-inf`` when not graded)."""
+        return -math.inf if self.sampling_kl is None else self.score - self.sampling_kl
+
+
+def sampling_kl(count: int) -> tuple[float, float] | tuple[None, None]:
+    """Mean and standard deviation of one channel's KL between the moments (unbiased variance) of ``count``
+    independent values drawn from a normal distribution and that distribution, ``eps`` aside; (None, None)
+    below 2 values.
+
+    ``z^2 n ~ chi2(1)`` and ``R = v_d / v_r ~ Gamma(k, 1/k)``, ``k = (n - 1) / 2``, independent, give
+    ``E KL = (1/n + ln k - digamma(k)) / 2`` and ``Var KL = (trigamma(k) - 1/k + 2/n^2) / 4``
+    (``Var(R - ln R) = trigamma(k) - 1/k``); both about ``1/n`` for large ``n``.
+    """
+    if count < 2:
+        return None, None
+    n, k = float(count), torch.tensor((count - 1) / 2, dtype=torch.float64)
+    mean = 0.5 * (1 / n + float(torch.log(k) - torch.special.digamma(k)))
+    var = 0.25 * (float(torch.special.polygamma(1, k)) - 1 / float(k) + 2 / n ** 2)
+    return mean, math.sqrt(var)
 
 
 
@@ -166,18 +210,20 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
             z = (mu_d - mu_r) / np.sqrt(var_r + eps)
             log_ratio = np.log((var_d + eps) / (var_r + eps))
             kl = 0.5 * (np.expm1(log_ratio) - log_ratio + z * z)
-            if best is None or kl.mean() > best[1].mean():
-                best = (call, kl, z, log_ratio, count)
-        call, kl, z, log_ratio, count = best
+            expected, sd = sampling_kl(int(count))
+            rank = (-math.inf if expected is None else kl.mean() - expected, kl.mean())  # as LayerShift.excess
+            if best is None or rank > best[0]:
+                best = (rank, call, int(count), expected, sd, kl, z, log_ratio)
+        _, call, count, expected, sd, kl, z, log_ratio = best
         worst = int(np.argmax(kl))
         shift = LayerShift(name, float(kl.mean()), float(math.sqrt(2 * kl.mean())), float(z[worst]),
-                           float(log_ratio[worst]), worst, int(count))
+                           float(log_ratio[worst]), worst, count, sampling_kl=expected, sampling_kl_sd=sd)
         if call is not None:
             shift.call, shift.calls_per_forward = call, col.calls_per_forward
         if call is None and col.once_per_forward and b_train is not None:  # else its calls differ by design
             shift.mean_noise, shift.var_noise, shift.batch_f = _noise(col, bn, b_train, var_r + eps)
         shifts.append(shift)
-    shifts.sort(key=lambda s: s.score, reverse=True)
+    shifts.sort(key=lambda s: (s.excess, s.score), reverse=True)
     report.shifts = shifts
     findings = []
     if nonfinite:
@@ -190,7 +236,8 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
             "find where the values blow up before this layer (an overflowing layer, a division by zero), or scale "
             "the input down", "data_nonfinite", {"layers": nonfinite}))
     for rank, s in enumerate(shifts, start=1):
-        if s.score < SHIFT_WARNING_KL:
+        severity = _shift_severity(s)
+        if severity is None:
             continue
         where = "" if s.call is None else f" in its call {s.call} of {s.calls_per_forward} per forward"
         fix = ("the top-ranked layer is where the mismatch starts (layers are measured on batch statistics, so "
@@ -201,11 +248,12 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
                    "(a shared layer on two branches, a layer in a loop), give each call its own BatchNorm layer; "
                    "else " + fix)
         findings.append(Finding(
-            "error" if s.score >= SHIFT_ERROR_KL else "warning", s.layer,
-            f"running statistics do not match the data (rank {rank})",
+            severity, s.layer, f"running statistics do not match the data (rank {rank})",
             f"like a shift of {s.z_eq:.2f} std per channel{where}; worst channel {s.worst_channel}: mean off by "
-            f"{s.mean_shift:+.2f} std, variance x{math.exp(s.log_var_ratio):.3g}",
+            f"{s.mean_shift:+.2f} std, variance x{math.exp(s.log_var_ratio):.3g}; score {s.score:.3g}, of which "
+            f"sampling noise gives {s.sampling_kl:.2g} at {s.count} values per channel",
             fix, "stat_shift", asdict(s)))
+    findings += _few_values_finding(shifts)
     ordered = _not_random(shifts, collectors, report.batches)
     if ordered is not None:
         for s in shifts:
@@ -255,6 +303,38 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
                            "var_noise": worst_var and worst_var.var_noise,
                            "var_noise_layer": worst_var and worst_var.layer}))
     return findings, None
+
+
+def _shift_severity(s: LayerShift) -> str | None:
+    """A layer's shift graded: ``score - sampling_kl`` against SHIFT_ERROR_KL / SHIFT_WARNING_KL where it also
+    exceeds SHIFT_NOISE_SDS ``sampling_kl_sd``; None (no finding) below, or with no sampling figure."""
+    if s.sampling_kl is None or s.excess < SHIFT_NOISE_SDS * s.sampling_kl_sd:
+        return None
+    return "error" if s.excess >= SHIFT_ERROR_KL else "warning" if s.excess >= SHIFT_WARNING_KL else None
+
+
+def _few_values_finding(shifts: list[LayerShift]) -> list[Finding]:
+    """An info finding naming the layers whose data is too small to grade a warning-level shift: their sampling
+    noise allowance exceeds SHIFT_WARNING_KL (below ~70 values per channel), or one value per channel."""
+    small = [s for s in shifts if s.sampling_kl is None or SHIFT_NOISE_SDS * s.sampling_kl_sd > SHIFT_WARNING_KL]
+    if not small:
+        return []
+    parts, graded = [], [s for s in small if s.sampling_kl is not None]
+    if graded:
+        fewest = min(graded, key=lambda s: s.count)
+        least = math.sqrt(2 * SHIFT_NOISE_SDS * fewest.sampling_kl_sd)
+        parts.append(
+            f"BatchNorm layer(s) {short_names([s.layer for s in graded])} saw as few as {fewest.count} values per "
+            f"channel, where sampling noise alone gives a score (channel mean of KL) of {fewest.sampling_kl:.2g} on "
+            f"average, standard deviation {fewest.sampling_kl_sd:.2g}: only shifts beyond about {least:.2g} std per "
+            "channel are graded there (more where the values of a sample move together, as in a convolution's map)")
+    if ungraded := [s.layer for s in small if s.sampling_kl is None]:
+        parts.append(f"BatchNorm layer(s) {short_names(ungraded)} saw one value per channel, which leaves no variance "
+                     "to compare: not graded")
+    names = [s.layer for s in small]
+    return [Finding("info", names[0], "too few values per channel to tell small statistics shifts from sampling noise",
+                    "; ".join(parts), "pass more data (the sampling noise shrinks as 1 / values per channel)",
+                    "small_data", {"layers": names, "counts": [s.count for s in small]})]
 
 
 def _call_moments(col: Collector) -> list[tuple[int | None, int, np.ndarray, np.ndarray]]:
