@@ -155,7 +155,7 @@ def test_usage_errors(trained, tmp_path):
     assert _invoke(tmp_path / "missing.pt").exit_code == 2
     assert "needs --model" in _invoke(ckpt, "--data", data).output
     wrong = _invoke(ckpt, "--model", "bnkit.torch.zoo:SmallResNet")
-    assert wrong.exit_code == 2 and "does not fit" in wrong.output
+    assert wrong.exit_code == 2 and "the weights do not fit SmallResNet" in wrong.output
     bad_data = tmp_path / "bad.npy"
     np.save(bad_data, np.full((8, 64), np.nan, dtype=np.float32))
     nan = _invoke(ckpt, "--model", "audit_models:mlp", "--data", bad_data)

@@ -239,6 +239,30 @@ def test_build_model_names_the_exception_of_the_users_code(tmp_path, monkeypatch
         build_model("no_such_module_here:make")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated in torch 2.13
+def test_a_torchscript_factory_is_refused_by_every_command_with_nothing_written(tmp_path, monkeypatch):
+    """A factory returning torch.jit.script(model): the audit with --model passed it ('0 BatchNorm layer(s)
+    audited', exit 0, hiding the never-updated statistics the checkpoint alone shows), with --data it printed a
+    traceback, recalibrate claimed there was no BatchNorm layer. Oracle: one error line, exit 2, no file."""
+    from bnkit.torch.zoo import MLP
+
+    (tmp_path / "scripted_models.py").write_text(
+        "import torch\nfrom bnkit.torch.zoo import MLP\n\ndef make():\n    return torch.jit.script(MLP())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save(MLP().state_dict(), tmp_path / "w.pt")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(32, 64)).astype(np.float32))
+    spec, out = "scripted_models:make", tmp_path / "out.pt"
+    for args in (("audit", tmp_path / "w.pt", "--model", spec),
+                 ("audit", tmp_path / "w.pt", "--model", spec, "--data", tmp_path / "x.npy"),
+                 ("recalibrate", "--model", spec, "--weights", tmp_path / "w.pt", "--data", tmp_path / "x.npy",
+                  "-o", out),
+                 ("fold", "--model", spec, "--weights", tmp_path / "w.pt", "--input-shape", "2x64", "-o", out,
+                  "--force")):
+        line = one_line_error(run_cli(*args))
+        assert "scripted_models:make': the model is TorchScript" in line, line
+        assert not out.exists()
+
+
 def test_dtype_change_compares_key_by_key_under_the_models_keys():
     """What load_state_dict casts, tensor by tensor: a checkpoint with a float16 Linear and a float32 BN loaded into
     a float32 Linear and a float16 BN has the same set of dtypes on both sides, yet every tensor is cast; a uniform

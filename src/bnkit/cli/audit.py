@@ -204,9 +204,9 @@ def _build_model(spec: str, state, file: Path):
     except UsageError as exc:
         raise fail(str(exc)) from None
     try:
-        loaded = load_weights_into(net, state, source=str(file))
+        loaded = load_weights_into(net, state)
     except (ValueError, RuntimeError) as exc:
-        raise fail(f"{file} does not fit {spec}: {str(exc).strip()}") from None
+        raise fail(f"cannot load {file} into {spec}: {str(exc).strip()}") from None
     if changed := dtype_change(net, loaded, str(file)):
         note(changed)
     # a checkpoint does not store train/eval flags: audit the model as it is deployed

@@ -146,6 +146,12 @@ def build_model(spec: str) -> Any:
         raise UsageError(f"cannot build the model from {spec!r}: it raised {describe_error(exc)}") from None
     if not isinstance(net, nn.Module):
         raise UsageError(f"{spec!r} gave a {type(net).__name__}, not a torch.nn.Module")
+    from ..torch.modules import require_eager
+
+    try:
+        require_eager(net)
+    except TypeError as exc:
+        raise UsageError(f"{spec!r}: {exc}") from None
     return net
 
 

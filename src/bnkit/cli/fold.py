@@ -178,7 +178,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         raise fail(str(exc)) from None
     if weights is not None:
         try:
-            loaded = load_weights_into(model, load_state_dict_file(weights, trust=trust), source=str(weights))
+            loaded = load_weights_into(model, load_state_dict_file(weights, trust=trust))
         except USER_CODE_ERRORS as exc:  # unsafe pickles, mismatched state dicts, a trusted pickle's own code
             why = describe_error(exc) if isinstance(exc, SystemExit) else exc  # bnkit's messages name the problem
             raise fail(f"cannot load {weights} into {spec}: {why}") from None

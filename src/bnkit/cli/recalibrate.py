@@ -240,7 +240,7 @@ def recalibrate_command(
         raise fail(str(exc))
     if weights is not None:
         try:
-            loaded = load_weights_into(net, load_state_dict_file(weights, trust=trust), source=str(weights))
+            loaded = load_weights_into(net, load_state_dict_file(weights, trust=trust))
         except (UnsafeCheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
             raise fail(f"cannot load {weights}: {exc}")
         except USER_CODE_ERRORS as exc:  # noqa: BLE001 - a trusted pickle runs its own code, which may raise anything
