@@ -29,7 +29,8 @@ Three depths, each adding to the one before:
        KL = (exp(L) - 1 - L + z**2) / 2                 KL(N(mu_d, v_d) || N(mu_r, v_r))
 
    Layers are ranked by the channel mean of KL (``z_eq = sqrt(2 KL)`` is the mean
-   shift, in standard deviations, that alone would give that KL). Then, in eval mode,
+   shift, in standard deviations, that alone would give that KL) less what sampling noise alone gives at the
+   layer's number of values per channel (``LayerShift.sampling_kl``; see :mod:`bnkit.torch.audit_data`). Then, in eval mode,
    the train-vs-eval output gap on the first batch, and outputs at batch size 1 against
    the same samples inside the batch: in eval mode BatchNorm with running statistics
    cannot couple samples, so a difference names either a batch-statistics BN layer or
