@@ -11,7 +11,6 @@ that does not use its running statistics at inference.
 from __future__ import annotations
 
 import os
-import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -20,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..file_kinds import looks_like_safetensors
+from ..file_kinds import looks_like_npy, looks_like_pickle, looks_like_safetensors, zip_kind
 
 __all__ = ["RANDOM_OPS", "MalformedNodeError", "load_model", "check_model", "too_large", "opset_version", "GraphIndex",
            "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label", "TrainingDropout", "training_dropouts",
@@ -77,24 +76,14 @@ def _other_format(path: str) -> str | None:
         return None
     if looks_like_safetensors(head, size):
         return "a safetensors file (PyTorch weights)"
-    if head.startswith(b"\x93NUMPY"):
+    if looks_like_npy(head):
         return "a NumPy .npy array (np.save)"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    if looks_like_pickle(head):
         return "a pickle (a PyTorch checkpoint in torch.save's legacy format?)"
     if not head.startswith(b"PK\x03\x04"):
         return None
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except Exception:  # noqa: BLE001 - BadZipFile, NotImplementedError, OSError, ...: a damaged zip, of what unknown
-        return None
-    if any(n.endswith("constants.pkl") for n in names):  # torch/serialization.py, _is_torchscript_zip
-        return "a TorchScript archive (torch.jit.save)"
-    if any(n.endswith("data.pkl") for n in names):
-        return "a PyTorch checkpoint (torch.save)"
-    if names and all(n.endswith(".npy") for n in names):
-        return "a NumPy .npz archive (np.savez)"
-    return "a zip archive"
+    return {"torchscript": "a TorchScript archive (torch.jit.save)", "torch": "a PyTorch checkpoint (torch.save)",
+            "npz": "a NumPy .npz archive (np.savez)", "zip": "a zip archive"}.get(zip_kind(path))  # None: damaged
 
 
 #: Protobuf cannot serialize a message of 2 GiB or more: a larger model exists only as a file with external data.

@@ -33,7 +33,7 @@ import torch
 from torch.nn.parameter import is_lazy
 
 from ..atomic import atomic_path
-from ..file_kinds import looks_like_onnx, looks_like_safetensors
+from ..file_kinds import looks_like_npy, looks_like_onnx, looks_like_pickle, looks_like_safetensors, zip_kind
 from ..tracebacks import raised_in
 
 __all__ = [
@@ -72,25 +72,25 @@ def _looks_like(path: Path, head: bytes, size: int) -> str | None:
     """What a file that cannot be a ``torch.save`` checkpoint looks like, or None if it may be one."""
     if size == 0:
         return "an empty file"
-    if head.startswith(b"\x93NUMPY"):
+    if looks_like_npy(head):
         return "a NumPy .npy array (np.save)"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "an HDF5 file (a Keras .h5 model?)"
     if head.startswith(b"PK\x03\x04"):
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except Exception:  # noqa: BLE001 - BadZipFile, NotImplementedError (a flipped version field), OSError, ...
+        kind = zip_kind(path)
+        if kind is None:
             return "a damaged zip archive (a truncated or corrupt torch.save file?)"
-        if any(n.endswith("constants.pkl") for n in names):  # torch/serialization.py, _is_torchscript_zip
+        if kind == "torchscript":
             return ("a TorchScript archive (torch.jit.save: code as well as weights; if you trust it, "
                     "torch.jit.load(path).state_dict() gives its weights)")
-        if any(n.endswith("data.pkl") for n in names):
-            return None
-        if names and all(n.endswith(".npy") for n in names):
+        if kind == "npz":
             return "a NumPy .npz archive (np.savez)"
-        return f"a zip archive without PyTorch's data.pkl (it holds {', '.join(names[:5]) or 'nothing'})"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        if kind == "zip":
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            return f"a zip archive without PyTorch's data.pkl (it holds {', '.join(names[:5]) or 'nothing'})"
+        return None
+    if looks_like_pickle(head):
         return None  # a pickle: the legacy torch.save format, or a raw pickle for torch.load to judge
     if looks_like_onnx(head) or (head[:1] == b"\x08" and path.suffix.lower() == ".onnx") or b"onnx" in head.lower():
         return "an ONNX model (read it with onnx, or pass it where an .onnx file is expected)"
