@@ -2,7 +2,8 @@
 
 Integer or bool values for floating parameters (an int8-quantized layer whose scale is not in the file) and a count
 that is no whole number are refused by recalibrate, fold and audit --model: one error line, exit 2, naming the key
-and the dtypes, nothing written; a count saved as 6.0 loads with no note about dtypes. A PyTorch checkpoint or a
+and the dtypes, nothing written; a count saved as 6.0 loads with no note about dtypes, a negative one as it is (for
+the audit to report). A PyTorch checkpoint or a
 NumPy array named .onnx is named for what it is by fold and audit.
 
 Oracles: the checkpoints made here with torch.save and np.save, the exit status and the folder's files."""
@@ -57,6 +58,18 @@ def test_a_count_saved_as_float_loads_if_whole_and_gets_no_dtype_note(files):
         result = run_cli(*args)
         assert result.exit_code == 0, result.output
         assert "cast" not in result.output and "dtype" not in result.output and os.path.exists(output)
+
+
+def test_a_negative_count_loads_and_the_audit_reports_it(files):
+    """A count load_state_dict takes unchanged is not refused: audit --model loads it and reports it as the state
+    no BatchNorm layer can hold, as the audit of the checkpoint alone does. Oracle: the checkpoint's own value."""
+    state = torch.load("w.pt")
+    state["2.num_batches_tracked"] = torch.tensor(-3)
+    torch.save(state, "neg.pt")
+    for args in (["audit", "neg.pt", "--model", MLP, "--json"], ["audit", "neg.pt", "--json"]):
+        result = run_cli(*args)
+        assert result.exit_code == 1, result.output
+        assert "num_batches_tracked must be one non-negative integer (a count of updates), got -3" in result.output
 
 
 def test_a_checkpoint_or_an_array_named_onnx_is_named_for_what_it_is(files):

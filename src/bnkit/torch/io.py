@@ -324,7 +324,7 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     unexpected keys (and the prefix, if one would explain them) instead of torch's full key dump.
     Values that ``load_state_dict`` would change as it casts them are refused before loading (see
     :func:`_misfit`: complex values for real tensors, integer or bool ones for floating tensors, floating ones
-    that an integer tensor cannot hold exactly, a negative ``num_batches_tracked``); when
+    that an integer tensor cannot hold exactly); when
     ``load_state_dict`` fails (a shape, a module's own loading code), the parameters, buffers and extra state
     (``get_extra_state``) it had already overwritten are put back from a copy taken first (transient: one copy
     of the model's tensors).
@@ -401,8 +401,8 @@ def _misfit(key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[str, s
     """Why ``value`` must not load into the model's tensor ``target`` (``key``), as (reason, what) or None: torch's
     ``load_state_dict`` casts silently, keeping a complex value's real part, turning integer codes into floats
     (int8 127 -> 127.0), truncating floats (6.7 -> 6) and wrapping integers an integer tensor cannot hold. A
-    floating value fits an integer tensor when each element is a whole number in its range (6.0 -> 6); a
-    ``num_batches_tracked`` of any dtype cannot be negative."""
+    floating value fits an integer tensor when each element is a whole number in its range (6.0 -> 6). A value
+    loaded unchanged is never refused (a negative ``num_batches_tracked`` loads as it is, for the audit to report)."""
     dtypes = f"{value.dtype} into {target.dtype}"
     if value.is_complex() and not target.is_complex():
         return _COMPLEX, f"{key} ({dtypes})"
@@ -410,8 +410,7 @@ def _misfit(key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[str, s
         return None  # load_state_dict refuses these itself (or has nothing to copy)
     if target.is_floating_point() or target.is_complex():
         return None if value.is_floating_point() or value.is_complex() else (_INTEGER, f"{key} ({dtypes})")
-    count = key.rpartition(".")[2] == "num_batches_tracked"
-    if value.dtype == target.dtype and not count:
+    if value.dtype == target.dtype:
         return None
 
     def shown(x: float) -> str:  # a float32 or narrower value as written (6.7), not widened (6.699999809265137)
@@ -425,8 +424,6 @@ def _misfit(key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[str, s
         if value.is_floating_point() and (inexact := ~torch.isfinite(numbers) | (numbers != numbers.trunc())).any():
             return _INEXACT, f"{key} ({dtypes}: {shown(numbers[inexact][0].item())} is not a whole number)"
         low, high = numbers.min().item(), numbers.max().item()
-    if count and low < 0:
-        return _INEXACT, f"{key} ({dtypes}: {shown(low)} is not a count of batches)"
     info = torch.iinfo(target.dtype) if target.dtype != torch.bool else None
     lo, hi = (info.min, info.max) if info is not None else (0, 1)
     if low < lo or high > hi:  # Python compares an int with a float exactly
