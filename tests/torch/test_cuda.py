@@ -658,11 +658,13 @@ def test_export_of_a_cuda_model_runs_every_batch_size_in_onnxruntime(tmp_path):
 
 def test_recalibrate_and_audit_of_a_cuda_model_fed_dataclass_and_packed_sequence_batches_from_the_cpu():
     """One walker moves nested batches to the GPU (recalibrate's ``device``, or the model's with its default
-    forward; the audit's model device): dataclass batches and PackedSequence batches (data moved, batch_sizes kept on the CPU, as PackedSequence.to does) reach
-    a CUDA model whole. Oracle: the float64 moments of what the BN normalizes, computed on the CPU."""
+    forward; the audit's model device): dataclass batches and PackedSequence batches (data moved, batch_sizes
+    kept on the CPU, as PackedSequence.to does) reach a CUDA model whole. Oracle: the float64 moments of what
+    the BN normalizes, computed on the CPU."""
     import dataclasses
 
-    from torch.nn.utils.rnn import PackedSequence, pack_sequence
+    from test_recalibrate import PackedGRUBN
+    from torch.nn.utils.rnn import pack_sequence
 
     @dataclasses.dataclass
     class Batch:
@@ -683,18 +685,9 @@ def test_recalibrate_and_audit_of_a_cuda_model_fed_dataclass_and_packed_sequence
     report = audit(gpu, data, forward=lambda m, b: m(b.x))
     assert len(report.layers) == len(list(bn_layers(net)))
 
-    class Packed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gru, self.bn = nn.GRU(4, 6), nn.BatchNorm1d(6)
-
-        def forward(self, packed):
-            out, _ = self.gru(packed)
-            return PackedSequence(self.bn(out.data), out.batch_sizes, out.sorted_indices, out.unsorted_indices)
-
     seqs = [pack_sequence([torch.randn(int(n), 4, dtype=torch.float64) * 3 + 1 for n in torch.randint(1, 7, (8,))],
                           enforce_sorted=False) for _ in range(4)]
-    rnn = Packed().double()
+    rnn = PackedGRUBN().double()
     with torch.no_grad():
         h = torch.cat([rnn.gru(p)[0].data for p in seqs])
     rnn.to(CUDA)

@@ -1004,25 +1004,30 @@ def test_batches_moved_to_the_cpu_are_copied_synchronously():
     assert asked[-1] is True
 
 
+class PackedGRUBN(nn.Module):
+    """A GRU over a PackedSequence, its packed outputs batch-normalized (DeepSpeech's BN over packed time steps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru, self.bn = nn.GRU(4, 6), nn.BatchNorm1d(6)
+
+    def forward(self, packed):
+        from torch.nn.utils.rnn import PackedSequence
+
+        out, _ = self.gru(packed)
+        return PackedSequence(self.bn(out.data), out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+
+
 def test_packed_sequence_batches_reach_the_model_whole():
     """Before: the default forward took a PackedSequence (a namedtuple) for an (inputs, ...) tuple and fed
     the model its packed data alone, which a GRU runs as one unbatched sequence: other statistics, no error.
-    Oracle: the float64 moments of what the BN normalizes (DeepSpeech's BN over packed time steps)."""
-    from torch.nn.utils.rnn import PackedSequence, pack_sequence
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gru, self.bn = nn.GRU(4, 6), nn.BatchNorm1d(6)
-
-        def forward(self, packed):
-            out, _ = self.gru(packed)
-            return PackedSequence(self.bn(out.data), out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+    Oracle: the float64 moments of what the BN normalizes."""
+    from torch.nn.utils.rnn import pack_sequence
 
     torch.manual_seed(0)
     data = [pack_sequence([torch.randn(int(n), 4) * 3 + 1 for n in torch.randint(1, 7, (8,))], enforce_sorted=False)
             for _ in range(4)]
-    net = Net()
+    net = PackedGRUBN()
     recalibrate(net, data)
     with torch.no_grad():
         h = torch.cat([net.gru(p)[0].data for p in data]).double()
