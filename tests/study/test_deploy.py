@@ -167,12 +167,13 @@ def test_predictions_changed_by_folding_are_counted_against_eval_mode(chapter):
 
 
 def test_latency_is_timed_on_batches_of_each_size_not_the_whole_test_set(chapter):
-    """Each runtime is timed on x[:b] for every latency batch size b (one warm-up and, here, one timed call each);
-    the ONNX runs are fed the whole test set once before, for their logits."""
+    """Each runtime is timed on x[:b] for every latency batch size b (a warm-up of each size, then, here, one round
+    of timed calls, every runtime and size once per round); the ONNX runs are fed the whole test set once before,
+    for their logits."""
     ch, seen = chapter
     n_test = len(_digits().x_test)
     sizes = list(deploy.SIZES["quick"]["latency_batches"])
-    timed = [b for b in sizes for _ in range(2)]
+    timed = sizes + sizes
     assert sizes == [1, 64] and n_test > 64
     for key in ("onnx_bn", "onnx_folded", "onnx_bn_nofusion"):
         assert seen["fed"][key] == [n_test] + timed, key

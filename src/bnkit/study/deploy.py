@@ -57,16 +57,6 @@ SIZES = {
 }
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
-
-
 def _ort_runner(path: Path, disabled: tuple[str, ...] = ()):
     """A function running ``path`` in onnxruntime (every graph optimization but ``disabled`` on), the input's fixed
     batch size or None, and the op types of the graph onnxruntime optimized (the one it runs) with their counts."""
@@ -205,11 +195,21 @@ def run(ctx: Context) -> Chapter:
 
 
 def _latencies(runners: dict, x: torch.Tensor, p: dict) -> dict:
-    out: dict = {}
+    """Median ms per forward pass of each runner at each batch size. The runs are interleaved, one of each per
+    round, so a burst of load on a shared machine falls on all of them alike instead of on whichever ran then
+    (run one after the other, a ratio of two medians once came out 1.91 where it is about 1)."""
+    calls = [(name, str(b), lambda fn=fn, b=b: fn(x[:b])) for name, fn in runners.items() for b in p["latency_batches"]]
+    times: dict = {(name, b): [] for name, b, _ in calls}
     with torch.no_grad():
-        for name, fn in runners.items():
-            out[name] = {str(b): _median_ms(lambda fn=fn, b=b: fn(x[:b]), p["repeats"]) for b in p["latency_batches"]}
-    return out
+        for _, _, call in calls:  # warm-up
+            call()
+        for _ in range(p["repeats"]):
+            for name, b, call in calls:
+                start = time.perf_counter()
+                call()
+                times[name, b].append(time.perf_counter() - start)
+    return {name: {str(b): float(np.median(times[name, str(b)]) * 1e3) for b in p["latency_batches"]}
+            for name in runners}
 
 
 def _plot(lat: dict, p: dict, out) -> str:
