@@ -517,6 +517,36 @@ def test_revert_sync_bn_restores_the_original_with_flags():
         assert torch.equal(v, b.state_dict()[k]), k
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import: torch.jit internals
+def test_revert_sync_bn_of_a_wrapped_model_gives_the_module_inside_reverted(tmp_path):
+    """DDP/DataParallel/torch.compile/AveragedModel: the probe ran DDP's own forward, which starts with a buffer
+    broadcast (a collective: called on rank 0 only, as exports are, it waited for the process group's timeout),
+    and the result was a DDP copy that torch's fuser cannot trace. Now the module inside is probed and returned,
+    reverted. Oracle: the unwrapped model's own outputs and types; DDP in a gloo world of one."""
+    import torch.distributed as dist
+    from torch.optim.swa_utils import AveragedModel
+
+    x = example_input("resnet", batch=6)
+    torch.manual_seed(0)
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(trained(SmallResNet(), x)).eval()
+    with torch.no_grad():
+        want = sync(x)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for wrapper in (nn.DataParallel, lambda m: torch.compile(m, backend="eager"), AveragedModel):
+            reverted = revert_sync_bn(wrapper(copy.deepcopy(sync)), x)
+            assert type(reverted) is SmallResNet and not any(isinstance(m, nn.SyncBatchNorm)
+                                                              for m in reverted.modules())
+            assert isinstance(reverted.stem[1], nn.BatchNorm2d)
+            with torch.no_grad():
+                torch.testing.assert_close(reverted.eval()(x), want, rtol=0, atol=0)
+        ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
+        reverted = revert_sync_bn(ddp, torch.randn(5, 4))
+        assert type(reverted) is nn.Sequential and reverted[1] is not ddp.module[1]  # a copy, as without DDP
+    finally:
+        dist.destroy_process_group()
+
+
 def test_reverted_model_fuses_with_no_bn_left():
     from torch.fx.experimental.optimization import fuse
 

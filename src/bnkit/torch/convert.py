@@ -36,7 +36,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..convert import convert_state
 from . import layers
 from .freeze import freeze_bn, is_frozen
-from .modules import as_args, channels, deep_copy, require_eager
+from .modules import as_args, channels, deep_copy, parallel_device, require_eager, to_device, unwrapped
 
 __all__ = ["BatchNormNd", "from_keras", "to_keras", "from_flax", "to_flax", "revert_sync_bn"]
 
@@ -338,10 +338,18 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     included) and buffers, eps, momentum, affine and tracking flags, ``training`` flag, hooks;
     only ``process_group`` is dropped. ``model`` itself is not modified. The math is unchanged:
     ``SyncBatchNorm`` without a process group runs ``F.batch_norm`` exactly as ``BatchNorm*d`` does.
+    A wrapped model (``DistributedDataParallel``, ``DataParallel``, ``torch.compile``, ``AveragedModel``)
+    gives the module inside, converted: the probe runs that module (DDP's own forward would start with a
+    collective, which a call on one rank never completes), with ``example_inputs`` sent to a DDP/DataParallel
+    wrapper's device, and what follows a conversion (export, fusing) takes no wrapper.
     """
-    require_eager(model)
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    device = parallel_device(model)
+    model, _ = unwrapped(model)
+    require_eager(model)
+    if example_inputs is not None and device is not None:
+        example_inputs = to_device(example_inputs, device)
     ranks = _probe_ranks(model, example_inputs) if example_inputs is not None else {}
     unsure = []
 
