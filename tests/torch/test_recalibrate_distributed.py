@@ -156,3 +156,113 @@ def test_two_gloo_ranks_with_unequal_shards_match_the_union(tmp_path: Path):
     recalibrate(local, shard(0), progress=False)
     for key, value in local.state_dict().items():
         assert torch.equal(results[0]["alone"][key], value), key
+
+
+# Failure cases: a short process-group timeout, so that a rank left waiting in a collective fails within seconds
+# (and the launcher's own timeout kills what still hangs) instead of stalling the suite.
+PG_TIMEOUT_S = 10
+
+
+def _failure_worker(case: str, rank: int, world: int, store: str, out: str) -> None:
+    """One rank of a failure case: what recalibrate raised, how long it took, whether the model changed, and
+    whether the ranks still meet in a barrier afterwards (every rank left the same collectives behind)."""
+    import time
+
+    import torch.distributed as dist
+
+    from bnkit.torch import recalibrate
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    try:
+        dist.barrier()  # connections made before the clock starts
+        results = {}
+        for sub in case.split("+"):
+            model = make_model()
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            modes = [m.training for m in model.modules()]
+            data, forward = shard(rank % 2), None  # a third rank gets a copy of rank 0's shard
+            kwargs = {}
+            if sub == "num_batches":  # half of each rank's batches: 0 on rank 1, which has one
+                kwargs["num_batches"] = len(data) // 2
+            elif sub == "tensor_data" and rank == 0:
+                data = data[0]
+            elif sub == "error_and_nan":
+                if rank == 1:
+                    data[0][0, 0, 0, 0] = float("nan")
+
+                def forward(m: nn.Module, batch: torch.Tensor) -> None:
+                    if rank == 0:
+                        raise KeyError("broken batch")
+                    m(batch)
+            start = time.monotonic()
+            try:
+                recalibrate(model, data, forward=forward, progress=False, **kwargs)
+                raised = "nothing"
+            except Exception as exc:  # noqa: BLE001 - record what each rank saw
+                raised = f"{type(exc).__name__}: {exc}"
+                notes = getattr(exc, "__notes__", [])
+                results[sub + ":notes"] = " ".join(notes)
+            results[sub] = raised
+            results[sub + ":seconds"] = time.monotonic() - start
+            results[sub + ":unchanged"] = (all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+                                           and [m.training for m in model.modules()] == modes)
+        dist.barrier()
+        torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(case: str, world: int, tmp_path: Path, timeout: float = 60.0) -> list[dict]:
+    """Run ``_failure_worker(case)`` on ``world`` gloo ranks; kill them all if they outlast ``timeout``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
+           "import test_recalibrate_distributed as t; " \
+           "t._failure_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, case, str(rank), str(world), str(tmp_path / "store"),
+                          str(tmp_path / f"{rank}.pt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+        for rank in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.communicate()
+        raise AssertionError(f"ranks still running after {timeout}s (a rank waits in a collective)") from None
+    assert [p.returncode for p in procs] == [0] * world, "\n".join(logs)
+    return [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(world)]
+
+
+def test_an_input_check_failing_on_one_rank_raises_on_every_rank_at_once(tmp_path: Path):
+    # num_batches=len(shard)//2 is 0 on rank 1 (one batch): rank 1 used to raise before the collective, and rank 0
+    # waited there until the process group's timeout; so did a tensor passed as data on rank 0
+    results = _run_ranks("num_batches+tensor_data", 2, tmp_path)
+    assert results[1]["num_batches"] == "ValueError: num_batches must be a positive integer or None, got 0"
+    assert results[0]["num_batches"].startswith("RuntimeError: recalibration failed on rank(s) [1]")
+    assert results[0]["tensor_data"].startswith("TypeError: data must be an iterable of batches")
+    assert results[1]["tensor_data"].startswith("RuntimeError: recalibration failed on rank(s) [0]")
+    for res in results:
+        for case in ("num_batches", "tensor_data"):
+            assert res[case + ":seconds"] < PG_TIMEOUT_S / 2, res
+            assert res[case + ":unchanged"], case
+
+
+def test_an_error_on_one_rank_is_not_replaced_by_another_ranks_nonfinite_batch(tmp_path: Path):
+    # rank 0: an exception of its own; rank 1: a NaN batch; rank 2: nothing wrong. Rank 0 used to raise rank 1's
+    # ValueError, its own KeyError lost
+    results = _run_ranks("error_and_nan", 3, tmp_path)
+    assert results[0]["error_and_nan"] == "KeyError: 'broken batch'"
+    if sys.version_info >= (3, 11):  # exception notes
+        assert "rank 1 had a non-finite BatchNorm input too, in its batch 0" in results[0]["error_and_nan:notes"]
+    for res in results[1:]:  # the documented non-finite error, which also names the rank that failed
+        assert res["error_and_nan"].startswith("ValueError: non-finite (NaN/Inf) input to BatchNorm layer '1' in "
+                                               "batch 0 on rank 1")
+        assert "Recalibration also failed on rank(s) [0]" in res["error_and_nan"]
+    for res in results:
+        assert res["error_and_nan:unchanged"]
+        assert res["error_and_nan:seconds"] < PG_TIMEOUT_S / 2

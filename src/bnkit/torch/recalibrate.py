@@ -282,8 +282,15 @@ def _distributed_world() -> int:
     return 1
 
 
-def _all_gather(payload: np.ndarray) -> list[np.ndarray]:
-    """Every rank's float64 payload, in rank order, on every rank."""
+def _gather_ranks(payload: np.ndarray | None, error: BaseException | None,
+                  names: list[str]) -> list[np.ndarray]:
+    """Every rank's float64 payload, in rank order, on every rank; ``payload`` is None where ``error`` is set.
+
+    The ranks first exchange their outcomes; if any failed, every rank raises instead (no payload is sent):
+    one with an error of its own re-raises it (noting another rank's non-finite batch), the others raise
+    ``ValueError`` for a non-finite batch on any rank, else ``RuntimeError`` naming the failed ranks.
+    ``names`` are the BN layers' names, for the non-finite message.
+    """
     import torch.distributed as dist
 
     if dist.get_backend() == "nccl":
@@ -291,15 +298,37 @@ def _all_gather(payload: np.ndarray) -> list[np.ndarray]:
     else:
         device = torch.device("cpu")
     world = dist.get_world_size()
-    local = torch.from_numpy(payload).to(device)
-    size = torch.tensor([float(local.numel())], dtype=torch.float64, device=device)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    if len({float(s) for s in sizes}) != 1:
+    # (0 done, 1 non-finite, 2 other error; the non-finite batch and layer; the payload's size)
+    head = [0.0, -1, -1, -1 if payload is None else payload.size]
+    if isinstance(error, _NonFinite):
+        head[:3] = [1.0, error.batch, error.layer]
+    elif error is not None:
+        head[0] = 2.0
+    local_head = torch.tensor(head, dtype=torch.float64, device=device)
+    heads = [torch.empty_like(local_head) for _ in range(world)]
+    dist.all_gather(heads, local_head)
+    outcomes = [h.tolist() for h in heads]
+    nonfinite = [(rank, int(h[1]), int(h[2])) for rank, h in enumerate(outcomes) if h[0] == 1.0]
+    failed = [rank for rank, h in enumerate(outcomes) if h[0] == 2.0]
+    if error is not None and not isinstance(error, _NonFinite):
+        if nonfinite and hasattr(error, "add_note"):  # Python 3.11+
+            rank, batch, _ = nonfinite[0]
+            error.add_note(f"recalibrate: rank {rank} had a non-finite BatchNorm input too, in its batch {batch}")
+        raise error
+    if nonfinite:
+        rank, batch, layer = nonfinite[0]
+        also = f" Recalibration also failed on rank(s) {failed} (see that rank's error)." if failed else ""
+        raise ValueError(_nonfinite_message(names[layer], batch, rank) + also)
+    if failed:
+        raise RuntimeError(
+            f"recalibration failed on rank(s) {failed} (see that rank's error); no statistics were changed"
+        )
+    if len({h[3] for h in outcomes}) != 1:
         raise ValueError(
             "ranks hold models with different BatchNorm layers (statistics of different sizes); "
             "every rank must recalibrate the same architecture"
         )
+    local = torch.from_numpy(payload).to(device)
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     return [g.cpu().numpy() for g in gathered]
@@ -460,36 +489,16 @@ class _Pass:
             self.calls[i] += len(n_k)
             self.samples[i] += int(s_k.sum())
 
-    def payload(self, error: BaseException | None) -> np.ndarray:
-        """This rank's ``(batches, skipped, failure, nonfinite batch, nonfinite layer)`` then per layer
-        ``(calls, samples, count, mean, M2)``, as one float64 vector for ``all_gather``."""
-        failure = [0.0, -1.0, -1.0]
-        if isinstance(error, _NonFinite):
-            failure = [1.0, error.batch, error.layer]
-        elif error is not None:
-            failure = [2.0, -1.0, -1.0]
-        parts = [np.asarray([self.batches, self.skipped, *failure], dtype=np.float64)]
+    def payload(self) -> np.ndarray:
+        """This rank's ``(batches, skipped)`` then per layer ``(calls, samples, count, mean, M2)``, as one
+        float64 vector for ``all_gather``."""
+        parts = [np.asarray([self.batches, self.skipped], dtype=np.float64)]
         for rm, calls, samples in zip(self.moments, self.calls, self.samples):
             parts += [np.asarray([calls, samples, rm.count], dtype=np.float64), rm.mean, rm.m2]
         return np.concatenate(parts)
 
-    def merge_ranks(self, payloads: list[np.ndarray], error: BaseException | None) -> None:
-        """Replace the local accumulators by the Chan merge of every rank's, in rank order.
-
-        If any rank failed, every rank raises: the failing rank its own exception, the
-        others a RuntimeError naming it (a non-finite batch is a ValueError everywhere).
-        """
-        nonfinite = [(rank, int(p[3]), int(p[4])) for rank, p in enumerate(payloads) if p[2] == 1.0]
-        if nonfinite:
-            rank, batch, layer = nonfinite[0]
-            raise ValueError(_nonfinite_message(self.layers[layer][0], batch, rank))
-        if error is not None:
-            raise error
-        failed = [rank for rank, p in enumerate(payloads) if p[2] == 2.0]
-        if failed:
-            raise RuntimeError(
-                f"recalibration failed on rank(s) {failed} (see that rank's error); no statistics were changed"
-            )
+    def merge_ranks(self, payloads: list[np.ndarray]) -> None:
+        """Replace the local accumulators by the Chan merge of every rank's, in rank order."""
         merged = [RunningMoments(c) for c in self.widths.tolist()]
         self.rank_calls = np.zeros_like(self.calls)
         self.calls[:] = 0
@@ -497,7 +506,7 @@ class _Pass:
         self.batches = int(sum(p[0] for p in payloads))
         self.skipped = int(sum(p[1] for p in payloads))
         for p in payloads:
-            pos = 5
+            pos = 2
             for i, c in enumerate(self.widths.tolist()):
                 calls, samples, count = (int(v) for v in p[pos:pos + 3])
                 merged[i].update_moments(count, p[pos + 3:pos + 3 + c], p[pos + 3 + c:pos + 3 + 2 * c])
@@ -515,6 +524,42 @@ def _nonfinite_message(layer: str, batch: int, rank: int | None = None) -> str:
         "(beyond about 1e18) that their squares overflow the float32 sums; no statistics were changed. "
         "Fix the data or the model, or pass on_nonfinite='skip' to leave such batches out"
     )
+
+
+def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
+             forward: Callable[[nn.Module, Any], Any] | None, device: str | torch.device | None,
+             on_nonfinite: str) -> tuple[nn.Module, list[tuple[str, nn.Module]], list[tuple[str, _BatchNorm]],
+                                         torch.device | None]:
+    """:func:`recalibrate`'s input checks: the module the pass runs, its named modules, its BN layers with running
+    statistics and the device batches go to."""
+    require_eager(model)
+    if isinstance(data, torch.Tensor):
+        raise TypeError("data must be an iterable of batches (e.g. a DataLoader), not a tensor; wrap it: [x]")
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    if num_batches is not None and (int(num_batches) != num_batches or num_batches < 1):
+        raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
+    if device is None:  # DataParallel / DDP moved each batch to their first device: bnkit moves it there instead
+        device = parallel_device(model)
+    # the module a wrapper runs: a compiled one would recompile for every stand-in call, DDP's forward starts with a
+    # buffer broadcast that a rank without batches never joins
+    model, _ = unwrapped(model)
+    if device is None and forward is None:  # the default forward feeds the batch as it is: send it to the model
+        device = sole_device(model)
+    modules = list(model.named_modules())
+    layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
+    if not layers:
+        raise ValueError("the model has no BatchNorm layer with running statistics: nothing to recalibrate")
+    for name, module in layers:
+        if nn.parameter.is_lazy(module.running_mean):
+            raise ValueError(f"BatchNorm layer {name!r} is lazy and not initialized yet: run one forward pass first")
+        if any(t is not None and t.is_inference() for t in (module.running_mean, module.running_var,
+                                                              module.num_batches_tracked)):
+            raise ValueError(
+                f"BatchNorm layer {name!r} holds inference tensors (the model was built or loaded under "
+                "torch.inference_mode), which cannot be written outside it: build or load the model outside "
+                "inference_mode, or give the layer copies of them (.clone())")
+    return model, modules, layers, torch.device(device) if device is not None else None
 
 
 def recalibrate(
@@ -568,12 +613,21 @@ def recalibrate(
     all-gathered and Chan-merged in rank order, so every rank ends with
     identical buffers equal to a single pass over the union. ``SyncBatchNorm``
     layers normalize with local batch statistics during the pass (no collective
-    per forward, so unequal batch counts cannot deadlock). A non-finite batch on
-    any rank raises ``ValueError`` on every rank; any other ``Exception`` on
-    one rank is re-raised there and raises ``RuntimeError`` on the others (all
-    ranks still meet in the one collective, so none hangs). Only a
-    ``KeyboardInterrupt`` on one rank leaves the others waiting in the
-    collective until the process group's timeout.
+    per forward, so unequal batch counts cannot deadlock on them). A BN subclass
+    with a forward of its own runs it, collectives included (detectron2's
+    ``NaiveSyncBatchNorm`` and apex's ``SyncBatchNorm`` all-reduce in every
+    training call): the ranks deadlock unless each runs the same number of
+    batches, reaching those layers in the same calls (else convert them to plain
+    BatchNorm first). An ``Exception`` on one rank, in its input checks or its
+    pass, is re-raised there (on Python 3.11+ with a note of any other rank's
+    non-finite batch); every other rank raises ``ValueError`` if any rank had a
+    non-finite batch, else ``RuntimeError`` naming the failed ranks. The ranks meet in one collective,
+    at the end of the pass, so none hangs on another's error; but a rank with
+    fewer batches waits there for the slowest rank's whole pass, and fails if
+    that outlasts the process group's timeout (``init_process_group(timeout=)``;
+    30 minutes by default, 10 for NCCL): set a timeout longer than the pass, or
+    balance the shards. Only a ``KeyboardInterrupt`` on one rank leaves the
+    others waiting in the collective until that timeout.
 
     Args:
         model: the model; its BN layers must track running statistics
@@ -604,36 +658,20 @@ def recalibrate(
         ValueError: no BN layer with running statistics, no (finite) batch,
             a non-finite batch with ``on_nonfinite="raise"``, a BN input with
             one value per channel, statistics beyond the buffers' dtype (float16
-            running_var above 65504). On any exception, KeyboardInterrupt included,
-            the model's buffers and flags are exactly as before.
+            running_var above 65504).
+        RuntimeError: under ``torch.distributed``, another rank failed (see above).
+            On any exception, KeyboardInterrupt included, the model's buffers
+            and flags are exactly as before.
     """
-    require_eager(model)
-    if isinstance(data, torch.Tensor):
-        raise TypeError("data must be an iterable of batches (e.g. a DataLoader), not a tensor; wrap it: [x]")
-    if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    if num_batches is not None and (int(num_batches) != num_batches or num_batches < 1):
-        raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
-    if device is None:  # DataParallel / DDP moved each batch to their first device: bnkit moves it there instead
-        device = parallel_device(model)
-    # the module a wrapper runs: a compiled one would recompile for every stand-in call, DDP's forward starts with a
-    # buffer broadcast that a rank without batches never joins
-    model, _ = unwrapped(model)
-    if device is None and forward is None:  # the default forward feeds the batch as it is: send it to the model
-        device = sole_device(model)
-    modules = list(model.named_modules())
-    layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
-    if not layers:
-        raise ValueError("the model has no BatchNorm layer with running statistics: nothing to recalibrate")
-    for name, module in layers:
-        if nn.parameter.is_lazy(module.running_mean):
-            raise ValueError(f"BatchNorm layer {name!r} is lazy and not initialized yet: run one forward pass first")
-        if any(t is not None and t.is_inference() for t in (module.running_mean, module.running_var,
-                                                              module.num_batches_tracked)):
-            raise ValueError(
-                f"BatchNorm layer {name!r} holds inference tensors (the model was built or loaded under "
-                "torch.inference_mode), which cannot be written outside it: build or load the model outside "
-                "inference_mode, or give the layer copies of them (.clone())")
+    world = _distributed_world() if distributed else 1
+    try:  # a check failing on one rank must reach the collective too, or the others wait there until the timeout
+        model, modules, layers, device = _checked(model, data, num_batches, forward, device, on_nonfinite)
+        saved = SavedBuffers([m for _, m in modules])
+        acc = _Pass(layers, skip_nonfinite=on_nonfinite == "skip")
+    except Exception as exc:
+        if world > 1:
+            _gather_ranks(None, exc, [])  # raises exc once every rank has reported
+        raise
     dropout = [n for n, m in modules if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
     if dropout:
         warnings.warn(
@@ -642,13 +680,8 @@ def recalibrate(
             stacklevel=2,
         )
     forward = forward or _default_forward
-    device = torch.device(device) if device is not None else None
-    world = _distributed_world() if distributed else 1
-
     flags = [(m, m.training) for _, m in modules]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    saved = SavedBuffers([m for _, m in modules])
-    acc = _Pass(layers, skip_nonfinite=on_nonfinite == "skip")
     patched: list[nn.Module] = []
     handles = []
 
@@ -699,7 +732,8 @@ def recalibrate(
                 "arithmetic, or reshapes the channels first): their statistics are those of their inputs, which "
                 "may not be what they normalize", UserWarning, stacklevel=2)
         if world > 1:
-            acc.merge_ranks(_all_gather(acc.payload(error)), error)
+            payload = None if error is not None else acc.payload()
+            acc.merge_ranks(_gather_ranks(payload, error, [name for name, _ in layers]))
         if acc.batches == 0:
             raise ValueError(
                 "data yielded no batches" if acc.skipped == 0
