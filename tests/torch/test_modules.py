@@ -292,6 +292,33 @@ def test_to_device_moves_tensors_in_dataclasses_and_keeps_container_types():
     assert moved["rest"][1] == "s" and batch["data"].x.device.type == "cpu"  # the input is not changed
 
 
+class _XY(tuple):
+    """An (x, y) batch whose constructor takes the two items, not one iterable (type(batch)(items) fails)."""
+
+    def __new__(cls, x, y):
+        return super().__new__(cls, (x, y))
+
+
+def test_a_tuple_subclass_that_cannot_be_rebuilt_is_kept_or_made_a_plain_tuple():
+    """recalibrate sends each batch to a CPU model's device (the CPU) with its default forward, and rebuilding an
+    _XY batch raised inside bnkit (review). Unchanged items: the batch itself; moved ones: a plain tuple, as a
+    mapping that cannot be rebuilt becomes a plain dict. Oracle: Tensor.to (meta stands in for a GPU) and
+    float64 moments of the data."""
+    from bnkit.torch import recalibrate
+    from bnkit.torch.modules import to_device
+
+    x = torch.randn(16, 3) * 2 + 1
+    batch = _XY(x, torch.zeros(16))
+    assert to_device(batch, torch.device("cpu")) is batch
+    moved = to_device(batch, torch.device("meta"))
+    assert type(moved) is tuple and [t.device.type for t in moved] == ["meta", "meta"]
+    bn = nn.BatchNorm1d(3)
+    recalibrate(bn, [batch, _XY(x[:8] - 1, torch.zeros(8))], progress=False)
+    every = torch.cat([x, x[:8] - 1]).double()
+    torch.testing.assert_close(bn.running_mean.double(), every.mean(0), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bn.running_var.double(), every.var(0), rtol=1e-6, atol=1e-7)
+
+
 def test_map_nested_copies_a_self_referring_dataclass_once():
     from bnkit.torch.modules import map_nested
 

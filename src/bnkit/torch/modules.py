@@ -146,6 +146,9 @@ def map_nested(obj: Any, fn: Callable[[Any], Any], leaf: tuple[type, ...] = (tor
     """``obj`` with ``fn`` applied to each instance of ``leaf`` in it, through tuples, namedtuples, lists, mappings
     and dataclass instances, nested; anything else is kept as it is.
 
+    A tuple or list whose items ``fn`` all returned unchanged is returned itself; one of a subclass whose
+    constructor does not take its items (``__new__(cls, x, y)``) becomes a plain tuple or list.
+
     A mapping keeps its type as ``default_collate`` keeps it (see :func:`_same_mapping`). A dataclass instance is
     copied without running its ``__init__``/``__post_init__`` again (they may transform their inputs), every
     attribute mapped, fields and what ``__post_init__`` derived from them alike (a mask cut with the batch), a field
@@ -156,7 +159,12 @@ def map_nested(obj: Any, fn: Callable[[Any], Any], leaf: tuple[type, ...] = (tor
     copies = {} if _copies is None else _copies
     if isinstance(obj, (tuple, list)):
         mapped = [map_nested(o, fn, leaf, copies) for o in obj]
-        return type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)  # a namedtuple takes fields
+        if all(m is o for m, o in zip(mapped, obj)):
+            return obj  # nothing changed (tensors already on the device): the batch as it came
+        try:
+            return type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)  # a namedtuple takes fields
+        except TypeError:  # a subclass whose constructor takes other arguments: a plain one, as for mappings
+            return (tuple if isinstance(obj, tuple) else list)(mapped)
     if isinstance(obj, Mapping):
         items = {k: map_nested(v, fn, leaf, copies) for k, v in obj.items()}
         return items if type(obj) is dict else _same_mapping(obj, items)
