@@ -2,6 +2,7 @@
 fixes worded in its options (``--forward``, ``--train-batch-size``), not in Python arguments."""
 import copy
 import json
+import math
 import sys
 
 import numpy as np
@@ -562,3 +563,31 @@ def test_audit_names_forward_when_the_model_or_forward_fails(files, user_module)
     line = one_line_error(run_cli("audit", "w.pt", "--model", "bnkit.torch.zoo:MLP", "--data", "x.npy", "--forward",
                                   "feed_module:feed_one"))
     assert "the model or --forward" in line and "feed_one()" in line and "forward=" not in line, line
+
+
+def test_the_shift_table_shows_the_sampling_noise_its_ranking_allows_for(tmp_path, monkeypatch):
+    """Layer a sees 256 values per channel, shifted 0.4 std; layer b 2 rows of each batch, unshifted: b's raw KL
+    is larger (sampling noise at 8 values), a ranks first by its excess, and the table says so with each layer's
+    noise figure (0.0885 at 256 values, 0.524 at 8). Oracle: sqrt(2 E[KL]) of the closed form at each count,
+    bnkit.torch.audit_data.sampling_kl, itself checked against scipy and simulation in test_audit_sampling."""
+    from bnkit.torch.audit_data import sampling_kl
+
+    (tmp_path / "twobn.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass TwoBN(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.a, self.b = nn.BatchNorm1d(16), nn.BatchNorm1d(16)\n\n"
+        "    def forward(self, x):\n        return self.a(x).sum() + self.b(x[:2]).sum()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from twobn import TwoBN
+
+    model = TwoBN()
+    with torch.no_grad():
+        model.a.running_mean.fill_(-0.4)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((256, 16)).astype(np.float32))
+    result = _invoke(tmp_path / "w.pt", "--model", "twobn:TwoBN", "--data", tmp_path / "x.npy")
+    assert "ranked by KL per channel beyond what sampling noise gives" in _flat(result)
+    rows = [line.split("│")[1:-1] for line in result.output.splitlines() if line.count("│") == 8]
+    assert [[c.strip() for c in r[:2]] for r in rows] == [["1", "a"], ["2", "b"]]
+    assert float(rows[0][2]) < float(rows[1][2])  # a ranks first with the smaller raw z_eq
+    for row, count in zip(rows, (256, 2 * 4)):  # b: 2 rows in each of the 4 batches of 64
+        assert float(row[3]) == pytest.approx(math.sqrt(2 * sampling_kl(count)[0]), rel=1e-2)

@@ -246,11 +246,13 @@ def _print(report: dict[str, Any]) -> None:
                           *(Text(f[k]) for k in ("layer", "finding", "evidence", "fix")))
         console.print(table)
     if report.get("shifts"):
-        shifts = Table(title="Data vs running statistics, ranked (KL per channel; z_eq = equivalent mean shift in std)")
-        for col in ("rank", "layer", "z_eq", "worst channel", "mean shift (std)", "variance ratio"):
+        shifts = Table(title="Data vs running statistics, ranked by KL per channel beyond what sampling noise gives "
+                             "(z_eq = equivalent mean shift in std; noise z_eq: that of sampling noise alone)")
+        for col in ("rank", "layer", "z_eq", "noise z_eq", "worst channel", "mean shift (std)", "variance ratio"):
             shifts.add_column(col, justify="left" if col == "layer" else "right")
         for rank, s in enumerate(report["shifts"][:10], start=1):
-            shifts.add_row(str(rank), Text(s["layer"]), f"{s['z_eq']:.3g}", str(s["worst_channel"]),
+            noise = "-" if s.get("sampling_kl") is None else f"{math.sqrt(2 * s['sampling_kl']):.3g}"
+            shifts.add_row(str(rank), Text(s["layer"]), f"{s['z_eq']:.3g}", noise, str(s["worst_channel"]),
                            f"{s['mean_shift']:+.3g}", f"{math.exp(s['log_var_ratio']):.3g}")
         console.print(shifts)
     errors = sum(f["severity"] == "error" for f in findings)
