@@ -441,10 +441,10 @@ def test_shifts_table_prints_the_variance_ratio_not_its_log(trained, tmp_path):
     result = _invoke(save_state_dict_file(state, tmp_path / "bn4.pt"), "--model", "audit_models:bn4", "--data", data)
     assert "ranked" in result.output, result.output
     rows = [cells for cells in ([c.strip() for c in line.split("│")[1:-1]] for line in result.output.splitlines())
-            if len(cells) == 6 and cells[0] == "1"]
+            if len(cells) == 7 and cells[0] == "1"]
     assert len(rows) == 1 and rows[0][1] == "0", result.output
-    assert float(rows[0][5]) == pytest.approx(4.0, rel=0.01), rows
-    assert abs(float(rows[0][4])) < 0.01, rows
+    assert float(rows[0][6]) == pytest.approx(4.0, rel=0.01), rows
+    assert abs(float(rows[0][5])) < 0.01, rows
 
 
 def test_onnx_findings_are_listed_most_severe_first(tmp_path):
