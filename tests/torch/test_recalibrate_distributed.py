@@ -40,6 +40,13 @@ def ddp_ready_model() -> nn.Module:
                          nn.BatchNorm1d(6)).eval()
 
 
+def permuted_model() -> nn.Module:
+    """make_model's BN widths in another order (6, 4, 3 for 3, 4, 6): statistics of the same total size."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3), nn.BatchNorm1d(3)).eval()
+
+
 def shard(rank: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(100 + rank)
     return [7.0 + 2.0 * torch.randn(n, 1, 8, 8, generator=g) for n in SHARDS[rank]]
@@ -178,7 +185,7 @@ def _failure_worker(case: str, rank: int, world: int, store: str, out: str) -> N
         dist.barrier()  # connections made before the clock starts
         results = {}
         for sub in case.split("+"):
-            model = make_model()
+            model = make_model() if rank == 0 or not sub.startswith("permuted") else permuted_model()
             before = {k: v.clone() for k, v in model.state_dict().items()}
             modes = [m.training for m in model.modules()]
             data, forward = shard(rank % 2), None  # a third rank gets a copy of rank 0's shard
@@ -187,6 +194,8 @@ def _failure_worker(case: str, rank: int, world: int, store: str, out: str) -> N
                 kwargs["num_batches"] = len(data) // 2
             elif sub == "tensor_data" and rank == 0:
                 data = data[0]
+            elif sub == "permuted_nan" and rank == 1:
+                data[0][0, 0, 0, 0] = float("nan")
             elif sub == "error_and_nan":
                 if rank == 1:
                     data[0][0, 0, 0, 0] = float("nan")
@@ -266,3 +275,15 @@ def test_an_error_on_one_rank_is_not_replaced_by_another_ranks_nonfinite_batch(t
     for res in results:
         assert res["error_and_nan:unchanged"]
         assert res["error_and_nan:seconds"] < PG_TIMEOUT_S / 2
+
+
+def test_ranks_with_other_models_of_the_same_statistics_size_are_refused_before_anything_else(tmp_path: Path):
+    """Rank 1 holds make_model's BN widths in another order: its statistics have the same size, and the ranks'
+    statistics were merged layer by layer into nonsense (or a 'negative M2' error); with a NaN batch there too,
+    rank 0 named its own layer by rank 1's index (an IndexError where it had fewer layers). Both ranks now refuse
+    the different models first."""
+    results = _run_ranks("permuted+permuted_nan", 2, tmp_path)
+    for res in results:
+        for case in ("permuted", "permuted_nan"):
+            assert res[case].startswith("ValueError: ranks hold models with different BatchNorm layers"), res[case]
+            assert res[case + ":unchanged"] and res[case + ":seconds"] < PG_TIMEOUT_S / 2, case

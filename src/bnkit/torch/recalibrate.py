@@ -82,6 +82,7 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -283,13 +284,15 @@ def _distributed_world() -> int:
 
 
 def _gather_ranks(payload: np.ndarray | None, error: BaseException | None,
-                  names: list[str]) -> list[np.ndarray]:
+                  layers: list[tuple[str, nn.Module]] | None) -> list[np.ndarray]:
     """Every rank's float64 payload, in rank order, on every rank; ``payload`` is None where ``error`` is set.
 
-    The ranks first exchange their outcomes; if any failed, every rank raises instead (no payload is sent):
-    one with an error of its own re-raises it (noting another rank's non-finite batch), the others raise
-    ``ValueError`` for a non-finite batch on any rank, else ``RuntimeError`` naming the failed ranks.
-    ``names`` are the BN layers' names, for the non-finite message.
+    The ranks first exchange their outcomes and the shape of their models (the number of BN layers and a
+    CRC-32 of their widths; ``layers`` None where the input checks failed before they were known). If any
+    failed, every rank raises instead (no payload is sent): one with an error of its own re-raises it (noting
+    another rank's non-finite batch); the others raise ``ValueError`` when the ranks' models differ (before
+    anything else: another rank's layer index means nothing here), or for a non-finite batch on any rank, else
+    ``RuntimeError`` naming the failed ranks.
     """
     import torch.distributed as dist
 
@@ -298,8 +301,10 @@ def _gather_ranks(payload: np.ndarray | None, error: BaseException | None,
     else:
         device = torch.device("cpu")
     world = dist.get_world_size()
-    # (0 done, 1 non-finite, 2 other error; the non-finite batch and layer; the payload's size)
-    head = [0.0, -1, -1, -1 if payload is None else payload.size]
+    # (0 done, 1 non-finite, 2 other error; the non-finite batch and layer; the number of BN layers and the
+    # CRC-32 of their widths, -1 where unknown): float64 holds each exactly
+    widths = None if layers is None else np.asarray([channels(m) for _, m in layers], dtype=np.int64)
+    head = [0.0, -1, -1, -1 if widths is None else len(widths), -1 if widths is None else zlib.crc32(widths.tobytes())]
     if isinstance(error, _NonFinite):
         head[:3] = [1.0, error.batch, error.layer]
     elif error is not None:
@@ -315,18 +320,19 @@ def _gather_ranks(payload: np.ndarray | None, error: BaseException | None,
             rank, batch, _ = nonfinite[0]
             error.add_note(f"recalibrate: rank {rank} had a non-finite BatchNorm input too, in its batch {batch}")
         raise error
+    if len({(h[3], h[4]) for h in outcomes if h[3] >= 0}) > 1:
+        raise ValueError(
+            "ranks hold models with different BatchNorm layers (" + ", ".join(
+                f"rank {rank}: {int(h[3])}" for rank, h in enumerate(outcomes) if h[3] >= 0)
+            + " layers, or layers of other widths); every rank must recalibrate the same architecture"
+        )
     if nonfinite:
         rank, batch, layer = nonfinite[0]
         also = f" Recalibration also failed on rank(s) {failed} (see that rank's error)." if failed else ""
-        raise ValueError(_nonfinite_message(names[layer], batch, rank) + also)
+        raise ValueError(_nonfinite_message(layers[layer][0], batch, rank) + also)
     if failed:
         raise RuntimeError(
             f"recalibration failed on rank(s) {failed} (see that rank's error); no statistics were changed"
-        )
-    if len({h[3] for h in outcomes}) != 1:
-        raise ValueError(
-            "ranks hold models with different BatchNorm layers (statistics of different sizes); "
-            "every rank must recalibrate the same architecture"
         )
     local = torch.from_numpy(payload).to(device)
     gathered = [torch.empty_like(local) for _ in range(world)]
@@ -670,7 +676,7 @@ def recalibrate(
         acc = _Pass(layers, skip_nonfinite=on_nonfinite == "skip")
     except Exception as exc:
         if world > 1:
-            _gather_ranks(None, exc, [])  # raises exc once every rank has reported
+            _gather_ranks(None, exc, None)  # raises exc once every rank has reported
         raise
     dropout = [n for n, m in modules if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
     if dropout:
@@ -733,7 +739,7 @@ def recalibrate(
                 "may not be what they normalize", UserWarning, stacklevel=2)
         if world > 1:
             payload = None if error is not None else acc.payload()
-            acc.merge_ranks(_gather_ranks(payload, error, [name for name, _ in layers]))
+            acc.merge_ranks(_gather_ranks(payload, error, layers))
         if acc.batches == 0:
             raise ValueError(
                 "data yielded no batches" if acc.skipped == 0
