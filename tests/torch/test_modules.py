@@ -299,6 +299,13 @@ class _XY(tuple):
         return super().__new__(cls, (x, y))
 
 
+class _Star(tuple):
+    """A batch built as _Star(x, y): given one list, it makes a 1-tuple holding the list, without an error."""
+
+    def __new__(cls, *items):
+        return super().__new__(cls, items)
+
+
 def test_a_tuple_subclass_that_cannot_be_rebuilt_is_kept_or_made_a_plain_tuple():
     """recalibrate sends each batch to a CPU model's device (the CPU) with its default forward, and rebuilding an
     _XY batch raised inside bnkit (review). Unchanged items: the batch itself; moved ones: a plain tuple, as a
@@ -310,8 +317,9 @@ def test_a_tuple_subclass_that_cannot_be_rebuilt_is_kept_or_made_a_plain_tuple()
     x = torch.randn(16, 3) * 2 + 1
     batch = _XY(x, torch.zeros(16))
     assert to_device(batch, torch.device("cpu")) is batch
-    moved = to_device(batch, torch.device("meta"))
-    assert type(moved) is tuple and [t.device.type for t in moved] == ["meta", "meta"]
+    for odd in (batch, _Star(x, torch.zeros(16))):
+        moved = to_device(odd, torch.device("meta"))
+        assert type(moved) is tuple and [t.device.type for t in moved] == ["meta", "meta"]
     bn = nn.BatchNorm1d(3)
     recalibrate(bn, [batch, _XY(x[:8] - 1, torch.zeros(8))], progress=False)
     every = torch.cat([x, x[:8] - 1]).double()

@@ -147,7 +147,8 @@ def map_nested(obj: Any, fn: Callable[[Any], Any], leaf: tuple[type, ...] = (tor
     and dataclass instances, nested; anything else is kept as it is.
 
     A tuple or list whose items ``fn`` all returned unchanged is returned itself; one of a subclass whose
-    constructor does not take its items (``__new__(cls, x, y)``) becomes a plain tuple or list.
+    constructor does not rebuild it from its items (``__new__(cls, x, y)``, ``__new__(cls, *items)``) becomes a
+    plain tuple or list, as a mapping that cannot be rebuilt becomes a plain dict.
 
     A mapping keeps its type as ``default_collate`` keeps it (see :func:`_same_mapping`). A dataclass instance is
     copied without running its ``__init__``/``__post_init__`` again (they may transform their inputs), every
@@ -162,9 +163,12 @@ def map_nested(obj: Any, fn: Callable[[Any], Any], leaf: tuple[type, ...] = (tor
         if all(m is o for m, o in zip(mapped, obj)):
             return obj  # nothing changed (tensors already on the device): the batch as it came
         try:
-            return type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)  # a namedtuple takes fields
-        except TypeError:  # a subclass whose constructor takes other arguments: a plain one, as for mappings
-            return (tuple if isinstance(obj, tuple) else list)(mapped)
+            new = type(obj)(*mapped) if hasattr(obj, "_fields") else type(obj)(mapped)  # a namedtuple takes fields
+        except TypeError:
+            new = None
+        if new is None or len(new) != len(mapped) or any(a is not b for a, b in zip(new, mapped)):
+            return (tuple if isinstance(obj, tuple) else list)(mapped)  # its constructor takes other arguments
+        return new
     if isinstance(obj, Mapping):
         items = {k: map_nested(v, fn, leaf, copies) for k, v in obj.items()}
         return items if type(obj) is dict else _same_mapping(obj, items)
