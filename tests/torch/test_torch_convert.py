@@ -538,8 +538,10 @@ def test_revert_sync_bn_of_a_wrapped_model_gives_the_module_inside_reverted(tmp_
             assert type(reverted) is SmallResNet and not any(isinstance(m, nn.SyncBatchNorm)
                                                               for m in reverted.modules())
             assert isinstance(reverted.stem[1], nn.BatchNorm2d)
+            device = next(reverted.parameters()).device  # DataParallel moved it to cuda:0 on a GPU machine
             with torch.no_grad():
-                torch.testing.assert_close(reverted.eval()(x), want, rtol=0, atol=0)
+                got = reverted.eval()(x.to(device)).cpu()
+            torch.testing.assert_close(got, want, **({} if device.type == "cuda" else {"rtol": 0, "atol": 0}))
         ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
         reverted = revert_sync_bn(ddp, torch.randn(5, 4))
         assert type(reverted) is nn.Sequential and reverted[1] is not ddp.module[1]  # a copy, as without DDP
