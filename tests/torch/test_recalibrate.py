@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import sys
 import warnings
 
 import numpy as np
@@ -1036,3 +1037,20 @@ def test_packed_sequence_batches_reach_the_model_whole():
     paired = copy.deepcopy(net)  # (packed, targets) batches, as a packing collate_fn yields
     recalibrate(paired, [(p, torch.zeros(8)) for p in data])
     torch.testing.assert_close(paired.bn.running_mean, net.bn.running_mean, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_a_single_inputs_targets_batch_passed_as_data_fails_with_a_note_saying_so():
+    """recalibrate(model, (x, y)) takes x and then y for batches: the model's own error on y named neither the batch
+    nor the mistake (review). The error keeps its type and gains a note; nothing changes. Oracle: the model's
+    state before the call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with pytest.raises(RuntimeError) as info:
+        recalibrate(model, (x, y), progress=False)
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "the forward failed on data batch 1 (a tensor of shape (16,))" in notes
+    assert "data is a tuple of 2 tensors, each taken for a batch" in notes and "[batch]" in notes
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

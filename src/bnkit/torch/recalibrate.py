@@ -263,6 +263,20 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _f64(c.flatten()) + shift, (s2 / n - shift * shift).clamp_min_(0.0)
 
 
+def _note_batch(exc: Exception, index: int, batch: Any, data: Any) -> None:
+    """Note on ``exc`` (Python 3.11+; its type kept) which data batch the forward failed on, and, when ``data`` is
+    a tuple or list of tensors, that each of them was taken for a batch: a single ``(inputs, targets)`` batch
+    passed as ``data`` feeds the model its targets as the second batch."""
+    if not hasattr(exc, "add_note"):
+        return
+    what = f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
+    note = f"recalibrate: the forward failed on data batch {index} ({what})"
+    if isinstance(data, (tuple, list)) and data and all(isinstance(b, torch.Tensor) for b in data):
+        note += (f"; data is a {type(data).__name__} of {len(data)} tensors, each taken for a batch: one "
+                 "(inputs, targets) batch goes in a list of batches, [batch]")
+    exc.add_note(note)
+
+
 def _default_forward(model: nn.Module, batch: Any) -> Any:
     one = (torch.Tensor, nn.utils.rnn.PackedSequence)  # a PackedSequence (a namedtuple) is one input
     if isinstance(batch, one):
@@ -715,10 +729,16 @@ def recalibrate(
                 total = _total(data, num_batches)
                 batches = data if num_batches is None else itertools.islice(data, int(num_batches))
                 with _progress_bar(progress and _rank() == 0, total) as advance:
-                    for batch in batches:
+                    for i, batch in enumerate(batches):
                         if device is not None:
                             batch = to_device(batch, device)
-                        forward(model, batch)
+                        try:
+                            forward(model, batch)
+                        except _NonFinite:
+                            raise
+                        except Exception as exc:
+                            _note_batch(exc, i, batch, data)
+                            raise
                         acc.end_batch()
                         advance()
                 acc.fold()
