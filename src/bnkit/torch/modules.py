@@ -14,7 +14,7 @@ import functools
 import itertools
 import threading
 from collections import UserDict
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -40,18 +40,24 @@ def require_eager(model: nn.Module) -> None:
     """Raise ``TypeError`` when ``model`` is, or holds, a TorchScript module (``torch.jit.script``/``trace``): its
     layers are ``RecursiveScriptModule``s, whose class, forward and buffers bnkit can neither see nor replace, so
     its tools would find no BatchNorm layer there and silently do nothing, or fail inside."""
+    for _ in eager_modules(model):
+        pass
+
+
+def eager_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()``, raising as :func:`require_eager` on the first TorchScript module (one walk)."""
     for name, m in model.named_modules():
         if isinstance(m, torch.jit.ScriptModule):
             where = "the model is" if not name else f"its submodule {name!r} is"
             raise TypeError(f"{where} TorchScript (torch.jit.script or trace), whose layers bnkit can neither find "
                             "nor run as it needs: pass the eager nn.Module (script it after using bnkit)")
+        yield name, m
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     """``(qualified_name, module)`` for every BatchNorm layer, in ``named_modules`` order (TorchScript refused:
     see :func:`require_eager`)."""
-    require_eager(model)
-    return [(name, m) for name, m in model.named_modules() if is_batchnorm(m)]
+    return [(name, m) for name, m in eager_modules(model) if is_batchnorm(m)]
 
 
 def is_bn_or_frozen(module: nn.Module) -> bool:
@@ -62,8 +68,7 @@ def is_bn_or_frozen(module: nn.Module) -> bool:
 def bn_or_frozen_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified_name, module)`` for every BatchNorm layer and bnkit ``FrozenBatchNorm*d``, in
     ``named_modules`` order (TorchScript refused: see :func:`require_eager`)."""
-    require_eager(model)
-    return [(name, m) for name, m in model.named_modules() if is_bn_or_frozen(m)]
+    return [(name, m) for name, m in eager_modules(model) if is_bn_or_frozen(m)]
 
 
 def deep_copy(model: nn.Module) -> nn.Module:
