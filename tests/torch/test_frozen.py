@@ -184,8 +184,74 @@ def test_direct_frozen_reverts_to_plain_batchnorm():
     revert_frozen(model)
     assert type(model[0]) is nn.BatchNorm2d and model[0].eps == 1e-3 and not model[0].training
     assert torch.equal(model[0].running_var, torch.full((3,), 4.0))
-    with pytest.raises(ValueError, match="built directly"):
-        revert_frozen(nn.Sequential(FrozenBatchNormNd(3)))
+
+    class Custom(FrozenBatchNorm2d):
+        pass
+
+    with pytest.raises(ValueError, match="not made by convert_frozen"):
+        revert_frozen(nn.Sequential(Custom(3)))
+
+
+@pytest.mark.parametrize("frozen_cls, shape", [
+    (FrozenBatchNorm1d, (4, 3, 5)), (FrozenBatchNorm2d, (2, 3, 4, 4)), (FrozenBatchNorm3d, (2, 3, 2, 3, 2)),
+    (FrozenBatchNormNd, (2, 3, 2, 2, 3, 2)),
+])
+def test_direct_frozen_reverts_sharing_tensors_and_hooks(frozen_cls, shape):
+    """A frozen layer built directly reverts over its own tensors with its hooks and attributes, as one made by
+    convert_frozen does. Oracle: PyTorch's nn.BatchNorm*d in eval mode loaded with the same values (for the Nd
+    layer, nn.BatchNorm1d on the input flattened to (N, C, L))."""
+    torch.manual_seed(0)
+    frozen = frozen_cls(3, eps=1e-3)
+    with torch.no_grad():
+        for k in ("weight", "bias", "running_mean"):
+            getattr(frozen, k).copy_(torch.randn(3))
+        frozen.running_var.copy_(torch.rand(3) + 0.5)
+    calls = []
+    handle = frozen.register_forward_hook(lambda *a: calls.append("post"))
+    frozen.register_forward_pre_hook(lambda *a: calls.append("pre"))
+    frozen.tag = "kept"
+    old = {k: getattr(frozen, k) for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    model = nn.Sequential(frozen).eval()
+    revert_frozen(model)
+    bn = model[0]
+    assert isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.tag == "kept" and not bn.training
+    assert bn.affine and bn.track_running_stats and bn.momentum == 0.1 and bn.eps == 1e-3
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        assert getattr(bn, k) is old[k], k
+    for k in ("weight", "bias"):
+        p = getattr(bn, k)
+        assert isinstance(p, nn.Parameter) and p.requires_grad and p.data_ptr() == old[k].data_ptr(), k
+    x = torch.randn(shape)
+    oracle_cls = {FrozenBatchNorm1d: nn.BatchNorm1d, FrozenBatchNorm2d: nn.BatchNorm2d,
+                  FrozenBatchNorm3d: nn.BatchNorm3d, FrozenBatchNormNd: nn.BatchNorm1d}[frozen_cls]
+    oracle = oracle_cls(3, eps=1e-3).eval()
+    oracle.load_state_dict({k: v.clone() for k, v in old.items()})
+    expected = oracle(x if frozen_cls is not FrozenBatchNormNd else x.flatten(2)).reshape(shape)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-6)
+    assert calls == ["pre", "post"]
+    handle.remove()  # a handle taken before the revert still removes its hook
+    model(x)
+    assert calls == ["pre", "post", "pre"]
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)
+    assert torch.equal(frozen.running_mean, bn.running_mean)
+
+
+def test_direct_frozen_without_affine_reverts_without_parameters():
+    model = nn.Sequential(FrozenBatchNorm2d(3, affine=False))
+    mean = model[0].running_mean
+    revert_frozen(model)
+    assert type(model[0]) is nn.BatchNorm2d and not model[0].affine and list(model[0].parameters()) == []
+    assert model[0].weight is None and model[0].running_mean is mean
+
+
+def test_revert_that_fails_changes_nothing():
+    model = nn.Sequential(FrozenBatchNorm2d(3), FrozenBatchNorm2d(3))
+    first = model[0]
+    model[1].running_var = None
+    with pytest.raises(ValueError, match=r"\['1'\].*running_var is None"):
+        revert_frozen(model)
+    assert model[0] is first and type(model[1]) is FrozenBatchNorm2d
 
 
 def test_layers_that_cannot_be_frozen_change_nothing():

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
+from .convert import BatchNormNd
 from .freeze import select_bn_layers
 from .layers import replace_modules, retype_module
 from .modules import channels, require_eager
@@ -196,27 +197,32 @@ def revert_frozen(model: nn.Module) -> nn.Module:
     (``requires_grad`` included), so an optimizer built before :func:`convert_frozen`
     trains them again; only where the tensors were replaced meanwhile (``.to()``,
     ``.half()``) are new parameters made. One built directly becomes the
-    matching ``nn.BatchNorm1d/2d/3d`` (default momentum, ``training`` kept).
+    matching ``nn.BatchNorm1d/2d/3d`` (:class:`~bnkit.torch.BatchNormNd` for ``FrozenBatchNormNd``;
+    momentum 0.1, ``training`` and hooks kept): its buffers are the same tensors, and ``weight``/``bias``
+    become new ``nn.Parameter`` objects over the same storage. A frozen layer without running statistics
+    raises ``ValueError`` before anything changes.
     Returns the model (a new object only when ``model`` itself is frozen).
     """
     require_eager(model)
-    plain = {FrozenBatchNorm1d: nn.BatchNorm1d, FrozenBatchNorm2d: nn.BatchNorm2d, FrozenBatchNorm3d: nn.BatchNorm3d}
-    direct = [
-        name or type(m).__name__ for name, m in model.named_modules()
-        if isinstance(m, FrozenBatchNormNd) and _SOURCE_KEY not in m.__dict__ and type(m) not in plain
-    ]
-    if direct:
-        raise ValueError(f"{direct}: a FrozenBatchNormNd built directly has no BatchNorm class to revert to")
+    plain = {FrozenBatchNorm1d: nn.BatchNorm1d, FrozenBatchNorm2d: nn.BatchNorm2d, FrozenBatchNorm3d: nn.BatchNorm3d,
+             FrozenBatchNormNd: BatchNormNd}
+    frozen = [(name or type(m).__name__, m) for name, m in model.named_modules() if isinstance(m, FrozenBatchNormNd)]
+    foreign = [name for name, m in frozen if _SOURCE_KEY not in m.__dict__ and type(m) not in plain]
+    if foreign:
+        raise ValueError(f"{foreign}: a subclass of FrozenBatchNormNd not made by convert_frozen has no BatchNorm "
+                         "class to revert to")
+    empty = [name for name, m in frozen if m.running_mean is None or m.running_var is None]
+    if empty:
+        raise ValueError(f"cannot revert frozen BatchNorm layers {empty}: running_mean or running_var is None")
 
     def make(name: str, m: nn.Module) -> nn.Module | None:
         if not isinstance(m, FrozenBatchNormNd):
             return None
-        if _SOURCE_KEY not in m.__dict__:
-            affine = m.weight is not None
-            new = plain[type(m)](m.num_features, m.eps, affine=affine, device=m.running_mean.device,
-                                 dtype=m.running_mean.dtype)
-            new.load_state_dict(m.state_dict())
-            new.train(m.training)
+        if _SOURCE_KEY not in m.__dict__:  # built directly: a plain BatchNorm layer over the same tensors
+            new = retype_module(m, plain[type(m)])
+            new.momentum, new.affine, new.track_running_stats = 0.1, m.weight is not None, True
+            new._parameters = {k: _as_parameter(m._buffers[k], None) for k in ("weight", "bias")}
+            new._buffers = {k: v for k, v in m._buffers.items() if k not in ("weight", "bias")}
             return new
         cls, params = m.__dict__[_SOURCE_KEY]
         new = retype_module(m, cls)
