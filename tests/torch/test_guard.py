@@ -792,3 +792,50 @@ def test_hooks_of_closed_entries_stay_silent_and_live_ones_stay():
             twin(torch.randn(1, 3))
     assert not [w for w in caught if issubclass(w.category, BNGuardWarning)]
     assert not twin._forward_pre_hooks
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train()
+    model(torch.randn(4, 3))
+    return model
+
+
+@pytest.mark.parametrize("replace", ["double", "assign", "load_assign"])
+def test_protect_stats_checks_buffers_replaced_in_the_block(replace):
+    """A buffer replaced inside the block (model.double(), plain assignment, load_state_dict(assign=True)) is
+    checked on exit too: a poisoned step after it is rolled back into the current tensors (their dtype kept) to
+    the values from before the block. Oracle: a state dict copied before the block."""
+    model = _bn_model()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(4, 3, dtype=torch.float64) * 1e300  # overflows the batch variance
+    with pytest.warns(RuntimeWarning, match="non-finite running statistics"):
+        with protect_stats(model) as report:
+            if replace == "double":
+                model.double()
+                model(x)
+            elif replace == "assign":
+                model[1].running_var = torch.full((3,), float("nan"))
+            else:
+                state = {k: v.clone() for k, v in model.state_dict().items()}
+                state["1.running_mean"] = torch.full((3,), float("inf"))
+                model.load_state_dict(state, assign=True)
+    assert report.nonfinite == ["1"] and report.rolled_back == ["1"]
+    dtype = torch.float64 if replace == "double" else torch.float32
+    for k in ("running_mean", "running_var", "num_batches_tracked"):
+        now, then = getattr(model[1], k), before["1." + k]
+        assert now.dtype == (then.dtype if k == "num_batches_tracked" else dtype), k
+        assert torch.equal(now, then.to(now.dtype)), k
+
+
+def test_protect_stats_keeps_a_good_step_after_a_conversion_in_the_block():
+    model = _bn_model()
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with protect_stats(model) as report:
+        model.double()
+        model(x)
+    reference(x)
+    assert report.rolled_back == [] and report.nonfinite == []
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reference.state_dict()[k]), k

@@ -478,6 +478,13 @@ class _Snapshot:
         self.layers, stats, counts, self.lazy = _running_buffers(model)
         self.stats = _pack(stats, torch.cat)
         self.counts = _pack(counts, torch.stack)
+        self.entry = [(m, tuple(m._buffers.get(k) for k in _BUFFERS)) for m in self.layers]  # the tensors now
+
+    def replaced(self) -> list[nn.Module]:
+        """The layers whose running statistics are other tensors now (``.double()``, ``.to()``, assignment)."""
+        return [m for m, (mean, var, _) in self.entry
+                if (m._buffers.get("running_mean") is not mean or m._buffers.get("running_var") is not var)
+                and _stats_present(m)]
 
     def materialized(self) -> list[nn.Module]:
         """The layers that were lazy at the snapshot and got their statistics since."""
@@ -493,15 +500,16 @@ class _Snapshot:
             now = torch.cat(tensors)
             if not math.isfinite(now.sum().item()) and not bool(torch.isfinite(now).all()):
                 return False
-        return all(_finite(m) for m in self.materialized())
+        return all(_finite(m) for m in self.materialized() + self.replaced())
 
-    def saved(self) -> dict[int, torch.Tensor]:
-        """``{id(tensor): its snapshot}`` for every snapshotted buffer."""
-        out = {}
+    def saved(self) -> dict[tuple[int, str], torch.Tensor]:
+        """``{(id(layer), buffer name): its snapshot}`` for every snapshotted buffer."""
+        by_tensor = {}
         for tensors, flat in self.stats + self.counts:
             for t, s in zip(tensors, flat.split([t.numel() for t in tensors])):
-                out[id(t)] = s.view(t.shape)
-        return out
+                by_tensor[id(t)] = s.view(t.shape)
+        return {(id(m), k): by_tensor[id(t)] for m, tensors in self.entry
+                for k, t in zip(_BUFFERS, tensors) if id(t) in by_tensor}
 
 
 class protect_stats:
@@ -510,7 +518,9 @@ class protect_stats:
     ``with protect_stats(model) as report:`` gives a :class:`StatsRollback` that is
     filled in when the block ends (also when it raises). On a rollback every layer
     gets back its ``running_mean``, ``running_var`` and ``num_batches_tracked`` (in
-    place) and, with ``warn``, a ``RuntimeWarning`` names the non-finite layers.
+    place) and, with ``warn``, a ``RuntimeWarning`` names the non-finite layers. Buffers replaced in the
+    block (``model.double()``, ``.to()``, assignment) are checked as they are on exit and restored into
+    those tensors (the values from entry, cast to their dtype and device).
     The object can be made once and entered every step. Each entry costs one walk
     over the modules, one flat copy of the statistics and one of the counters, and
     on exit one fused finiteness check with one device sync.
@@ -543,32 +553,39 @@ def _rollback(model: nn.Module, snapshot: _Snapshot, report: StatsRollback) -> N
     """The rare path: find which layers went non-finite and, if any did, restore every changed buffer."""
     saved = snapshot.saved()
     ours = {id(m) for m in snapshot.layers}
-    buffers = [(n or type(m).__name__, t) for n, m in model.named_modules() if id(m) in ours
-               for k in _BUFFERS if id(t := m._buffers.get(k)) in saved]
+    # each buffer as it is now (possibly replaced in the block) with its values at entry
+    buffers = [(n or type(m).__name__, t, saved[id(m), k]) for n, m in model.named_modules() if id(m) in ours
+               for k in _BUFFERS if (id(m), k) in saved and (t := m._buffers.get(k)) is not None and not is_lazy(t)
+               and t.shape == saved[id(m), k].shape]
     before_ok: dict[str, bool] = {}
     after_ok: dict[str, bool] = {}
-    for name, t in buffers:
+    for name, t, s in buffers:
         if t.is_floating_point():
-            before_ok[name] = before_ok.get(name, True) and bool(torch.isfinite(saved[id(t)]).all())
+            before_ok[name] = before_ok.get(name, True) and bool(torch.isfinite(s).all())
             after_ok[name] = after_ok.get(name, True) and bool(torch.isfinite(t).all())
     materialized = {id(m) for m in snapshot.materialized()}  # lazy before the step: "before" is their initial 0 / 1
     fresh = [(n or type(m).__name__, m) for n, m in model.named_modules() if id(m) in materialized]
     for name, m in fresh:
         after_ok[name] = _finite(m)
-    layer_names = list(dict.fromkeys([name for name, _ in buffers] + [name for name, _ in fresh]))
+    layer_names = list(dict.fromkeys([name for name, _, _ in buffers] + [name for name, _ in fresh]))
     report.already_nonfinite = [n for n in layer_names if not before_ok.get(n, True)]
     report.nonfinite = [n for n in layer_names if before_ok.get(n, True) and not after_ok.get(n, True)]
     if not report.nonfinite:
         return
     with torch.no_grad():
-        for name, t in buffers:
-            if not torch.equal(t, saved[id(t)].to(t.dtype)):
-                t.copy_(saved[id(t)])
+        for name, t, s in buffers:
+            if not torch.equal(t, s.to(t.device, t.dtype)):
+                t.copy_(s)  # into the current tensor: a conversion made in the block (dtype, device) stays
                 if name not in report.rolled_back:
                     report.rolled_back.append(name)
         for name, m in fresh:
             m.reset_running_stats()  # the values lazy materialization gives, before any update
             report.rolled_back.append(name)
+
+
+def _stats_present(bn: nn.Module) -> bool:
+    mean, var = bn._buffers.get("running_mean"), bn._buffers.get("running_var")
+    return mean is not None and var is not None and not is_lazy(mean) and not is_lazy(var)
 
 
 def _finite(bn: nn.Module) -> bool:
