@@ -10,6 +10,7 @@ same subprocess (under a umask of 027) for the mode.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import pickle
 import struct
@@ -74,16 +75,33 @@ class Evil:
 
 
 def test_a_pickle_with_code_is_refused_and_names_the_global_without_ansi_codes(tmp_path):
-    raw = tmp_path / "raw.pt"
-    raw.write_bytes(pickle.dumps({"state_dict": Evil()}, protocol=2))
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2), "evil": Evil()}, legacy, _use_new_zipfile_serialization=False)
     zipped = tmp_path / "zipped.pt"
     torch.save({"w": torch.ones(2), "evil": Evil()}, zipped)
-    for path in (raw, zipped):
+    for path in (legacy, zipped):
         with pytest.raises(UnsafeCheckpointError) as info:
             load_checkpoint(path)  # sys.exit would end the test run if the pickle were executed
         message = str(info.value)
         assert "NOT loaded" in message and "sys.exit" in message and "state_dict()" in message
         assert "\x1b" not in message and "trust" in message
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_pickle_dump_file_is_no_checkpoint_trusted_or_not_and_never_unpickled(tmp_path, protocol):
+    """torch.load reads only files that start with PyTorch's magic number (a zip, or a legacy torch.save file), and
+    it unpickles that first pickle to find out: trusted, a pickle.dump file ran its code and then failed ('Invalid
+    magic number'); untrusted, a plain one of protocol 4 was called unsafe and the user told to trust it (review).
+    Oracle: torch.load's own refusal of the plain file when trusted, and the Evil payload never running."""
+    plain, evil = tmp_path / "plain.pkl", tmp_path / "evil.pkl"
+    plain.write_bytes(pickle.dumps({"layer.weight": [1.0, 2.0]}, protocol=protocol))
+    evil.write_bytes(pickle.dumps({"state_dict": Evil()}, protocol=protocol))
+    with pytest.raises(Exception, match="magic number"):
+        torch.load(plain, weights_only=False)
+    for path, trust in itertools.product((plain, evil), (False, True)):
+        with pytest.raises(NotACheckpointError, match="is a pickle that is not a torch.save file") as info:
+            load_checkpoint(path, trust=trust)  # sys.exit would end the test run if Evil were unpickled
+        assert ("sys.exit, which could run code: NOT loaded" in str(info.value)) == (path == evil)
 
 
 def test_a_whole_pickled_model_needing_an_unimportable_package(tmp_path, monkeypatch):

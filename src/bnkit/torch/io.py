@@ -31,6 +31,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from torch.nn.parameter import is_lazy
+from torch.serialization import MAGIC_NUMBER
 
 from ..atomic import atomic_path
 from ..file_kinds import looks_like_npy, looks_like_onnx, looks_like_pickle, looks_like_safetensors, zip_kind
@@ -139,25 +140,61 @@ def _pickle_is_well_formed(path: Path) -> bool:
     anything (pickletools: seconds on a large pickled model, so only where no CRC-32 tells): a zip checkpoint's
     ``data.pkl`` if it has no CRC (:func:`_zip_damage` checked it otherwise); the :data:`_LEGACY_PICKLES` of a
     legacy file (one that starts with PyTorch's magic number), or else the file's first pickle."""
-    from torch.serialization import MAGIC_NUMBER
-
-    def parse(stream: BinaryIO) -> list:  # genops reads one pickle; ValueError if it is cut short before its STOP
-        return list(pickletools.genops(stream))
-
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 member = next(m for m in archive.infolist() if m.filename.endswith("data.pkl"))
                 if member.CRC == 0:
-                    parse(io.BytesIO(archive.read(member)))
+                    _parse_pickle(io.BytesIO(archive.read(member)))
             return True
         with open(path, "rb") as f:
-            legacy = any(arg == MAGIC_NUMBER for _, arg, _ in parse(f))
-            for _ in range(_LEGACY_PICKLES - 1 if legacy else 0):
-                parse(f)
+            for _ in range(_LEGACY_PICKLES - 1 if _starts_with_magic(f) else 0):
+                _parse_pickle(f)
         return True
     except Exception:  # noqa: BLE001 - any parse failure means "not a well-formed pickle"
         return False
+
+
+def _parse_pickle(stream: BinaryIO) -> list:
+    """The opcodes of the next pickle in ``stream``, read without executing anything (``pickletools.genops``;
+    ValueError if it is cut short before its STOP)."""
+    return list(pickletools.genops(stream))
+
+
+def _starts_with_magic(stream: BinaryIO) -> bool:
+    """Whether the first pickle of ``stream`` is PyTorch's magic number, as every legacy ``torch.save`` file's is
+    (torch/serialization.py, ``_legacy_load`` refuses any other: 'Invalid magic number'); it reads that pickle."""
+    return any(arg == MAGIC_NUMBER for _, arg, _ in _parse_pickle(stream))
+
+
+def _refuse_unless_magic(path: Path) -> None:
+    """Raise :class:`NotACheckpointError` for a pickle whose first pickle is not PyTorch's magic number (a
+    ``pickle.dump`` file), naming a global it would import; its opcodes are read, nothing is run. One cut short
+    is left to the loader, which calls it damaged."""
+    with open(path, "rb") as f:
+        try:
+            ops = _parse_pickle(f)
+        except Exception:  # noqa: BLE001 - genops raises ValueError and others on a damaged pickle
+            return
+    if not any(arg == MAGIC_NUMBER for _, arg, _ in ops):
+        what = "a pickle that is not a torch.save file (pickle.dump?)"
+        names = _globals(ops)
+        code = f"; it also names {names[0]}, which could run code: NOT loaded" if names else ""
+        raise NotACheckpointError(f"{path} is {what}{code}; {CHECKPOINT_FORMATS}", what)
+
+
+def _globals(ops: list) -> list[str]:
+    """The ``module.name`` globals a pickle's opcodes (:func:`_parse_pickle`) would import: GLOBAL's argument, or
+    the two strings pushed before a STACK_GLOBAL (protocol 4+)."""
+    names, strings = [], []
+    for op, arg, _ in ops:
+        if op.name == "GLOBAL":
+            names.append(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            names.append(f"{strings[-2]}.{strings[-1]}")
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return names
 
 
 def _load_safetensors(path: Path, map_location: str) -> dict[str, torch.Tensor]:
@@ -185,7 +222,8 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     """Load a ``.pt``/``.pth``/``.bin``/``.ckpt`` or ``.safetensors`` file without running code.
 
     Raises ``FileNotFoundError`` for a missing file, :class:`NotACheckpointError` for a file that is
-    not a checkpoint (whatever ``trust`` says), :class:`UnsafeCheckpointError` for a pickle with
+    not a checkpoint (whatever ``trust`` says; a pickle that does not start with PyTorch's magic number, as
+    ``pickle.dump`` writes, is never unpickled), :class:`UnsafeCheckpointError` for a pickle with
     objects outside the allow-list when ``trust`` is False, and ``ValueError`` when a trusted pickle
     needs a module that cannot be imported; other errors of a trusted pickle's own calls pass through (damaged
     records of one that needs ``trust`` may fail there too, as whatever the call they name raises). A
@@ -211,6 +249,8 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     damage = _zip_damage(path) if head.startswith(b"PK\x03\x04") else None  # before anything is unpickled
     if damage is not None:
         raise NotACheckpointError(f"{corrupt}: {damage}")
+    if looks_like_pickle(head):  # torch.load unpickles a legacy file's first pickle, then refuses all but its magic
+        _refuse_unless_magic(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
