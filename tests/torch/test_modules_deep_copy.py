@@ -132,3 +132,21 @@ def test_deep_copy_copies_a_non_leaf_tensor_attribute_detached_and_equal():
     assert isinstance(copied[0].p, nn.Parameter) and copied[0].p is not module[0].p
     assert torch.equal(copied[0].p, module[0].p)
     assert module[0].scaled is original and original.grad_fn is not None  # the original keeps its graph
+
+
+def test_a_freeze_carried_by_the_parameters_survives_revert_sync_bn():
+    """freeze_bn's affine record moves with the Parameter objects through convert_sync_batchnorm (which swaps the
+    layer); revert_sync_bn deep-copies the model, and Parameter.__deepcopy__ dropped that record, so the reverted
+    layer's weight kept requires_grad=False with no freeze to undo (review). Oracle: unfreeze_bn restoring
+    requires_grad, as on the model that was never converted."""
+    from bnkit.torch import freeze_bn, is_frozen, unfreeze_bn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    freeze_bn(model, stats=False)
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    reverted = revert_sync_bn(sync, torch.randn(2, 3, 5, 5))
+    assert is_frozen(reverted[1], "affine") and not reverted[1].weight.requires_grad
+    assert reverted[1].weight is not sync[1].weight  # a copy, with the record
+    unfreeze_bn(reverted)
+    assert reverted[1].weight.requires_grad and reverted[1].bias.requires_grad
+    assert not sync[1].weight.requires_grad  # the source keeps its own freeze

@@ -72,7 +72,8 @@ def bn_or_frozen_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def deep_copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)``, also where a module keeps a computed tensor as a plain attribute.
+    """``copy.deepcopy(model)``, also where a module keeps a computed tensor as a plain attribute, and keeping
+    attributes set on its parameters.
 
     The old-style hooks ``torch.nn.utils.weight_norm`` / ``spectral_norm`` store the weight they compute as a
     non-leaf tensor after any forward with grad enabled (and at construction), which ``Tensor.__deepcopy__``
@@ -80,7 +81,13 @@ def deep_copy(model: nn.Module) -> nn.Module:
     """
     memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
             if isinstance(v, torch.Tensor) and v.grad_fn is not None}
-    return copy.deepcopy(model, memo)
+    new = copy.deepcopy(model, memo)
+    # Parameter.__deepcopy__ copies data and requires_grad only: attributes set on a parameter (freeze_bn's record,
+    # which moves with it when a layer is swapped) are copied over, parameters paired in the same order
+    for old_p, new_p in zip(model.parameters(), new.parameters()):
+        if vars(old_p) and not vars(new_p):
+            vars(new_p).update(copy.deepcopy(vars(old_p), memo))
+    return new
 
 
 def uninitialized_lazy(model: nn.Module) -> list[str]:
