@@ -53,6 +53,7 @@ def test_momentum_none_outside_torch_is_named_as_the_source_s_mistake(src, dst):
     assert "equivalent in" not in str(info.value)
     with pytest.raises(ValueError, match=f"no fixed equivalent in {src}"):  # torch's None is about the target
         convert_momentum(None, "torch", src)
+    assert convert_momentum(None, "torch", "torch") is None  # the cumulative average, as it was (typed float | None)
 
 
 PAIRS = [("torch", "keras"), ("keras", "torch"), ("torch", "onnx"), ("onnx", "torch"), ("torch", "flax")]

@@ -92,7 +92,7 @@ def new_value_weight(momentum: float, convention: str | Convention) -> float:
     return m if conv.momentum_weighs == "new" else 1.0 - m
 
 
-def convert_momentum(momentum: float | None, src: str | Convention, dst: str | Convention) -> float:
+def convert_momentum(momentum: float | None, src: str | Convention, dst: str | Convention) -> float | None:
     """Translate a momentum from ``src``'s convention into ``dst``'s.
 
     The update is the same; only the side the number names changes:
@@ -100,8 +100,8 @@ def convert_momentum(momentum: float | None, src: str | Convention, dst: str | C
     The complement is taken in decimal, so a round trip returns the same float when both ``m`` and ``1 - m`` have
     at most 15 significant digits; a float32 ONNX attribute (0.10000000149011612) of at least 1e-9 comes back as the
     same float32 (below that, ``1 - m`` needs more digits than a float64 holds).
-    PyTorch's ``momentum=None`` (cumulative average) has no fixed equivalent and is refused;
-    the other frameworks have no ``momentum=None``.
+    PyTorch's ``momentum=None`` (cumulative average) has no fixed equivalent elsewhere and is refused
+    (PyTorch to PyTorch passes it through); the other frameworks have no ``momentum=None``.
     """
     s, d = get_convention(src), get_convention(dst)
     if momentum is None:
@@ -109,7 +109,7 @@ def convert_momentum(momentum: float | None, src: str | Convention, dst: str | C
             raise ValueError(f"{s.name} momentum must be a number in [0, 1], got None (only PyTorch has "
                              "momentum=None, its cumulative average)")
         if d.name == "torch":
-            return None  # type: ignore[return-value]
+            return None
         raise ValueError(
             "momentum=None (PyTorch's cumulative average, weight 1/t on the new value) has no fixed "
             f"equivalent in {d.name}; pick the momentum you want explicitly"
