@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .modules import bn_layers, is_batchnorm, is_bn_or_frozen, require_eager
+from .modules import bn_layers, eager_modules, is_batchnorm, is_bn_or_frozen
 
 __all__ = ["freeze_bn", "unfreeze_bn", "is_frozen", "frozen_bn_layers", "FreezeState"]
 
@@ -262,13 +262,12 @@ def is_frozen(module: nn.Module, part: str = "any") -> bool:
     are frozen in every part. The answer is live: an affine part whose
     ``requires_grad`` was switched back on is not frozen.
     """
-    require_eager(module)
     if part not in _PARTS:
         raise ValueError(f"part must be one of {_PARTS}, got {part!r}")
     if is_bn_or_frozen(module):
         layers = [module]
     else:
-        layers = [m for m in module.modules() if is_bn_or_frozen(m)]
+        layers = [m for _, m in eager_modules(module) if is_bn_or_frozen(m)]
     return bool(layers) and all(_part_frozen(_state(m), part) for m in layers)
 
 
@@ -278,9 +277,4 @@ def _part_frozen(state: FreezeState, part: str) -> bool:
 
 def frozen_bn_layers(model: nn.Module) -> dict[str, FreezeState]:
     """``{qualified_name: FreezeState}`` for every BatchNorm or FrozenBatchNorm layer with a frozen part."""
-    require_eager(model)
-    return {
-        name: state
-        for name, m in model.named_modules()
-        if (state := _state(m))
-    }
+    return {name: state for name, m in eager_modules(model) if (state := _state(m))}

@@ -31,7 +31,7 @@ from torch.nn.parameter import is_lazy
 from .convert import BatchNormNd
 from .freeze import select_bn_layers
 from .layers import replace_modules, retype_module
-from .modules import channels, require_eager
+from .modules import channels, eager_modules
 
 __all__ = [
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenBatchNormNd",
@@ -203,10 +203,9 @@ def revert_frozen(model: nn.Module) -> nn.Module:
     raises ``ValueError`` before anything changes.
     Returns the model (a new object only when ``model`` itself is frozen).
     """
-    require_eager(model)
     plain = {FrozenBatchNorm1d: nn.BatchNorm1d, FrozenBatchNorm2d: nn.BatchNorm2d, FrozenBatchNorm3d: nn.BatchNorm3d,
              FrozenBatchNormNd: BatchNormNd}
-    frozen = [(name or type(m).__name__, m) for name, m in model.named_modules() if isinstance(m, FrozenBatchNormNd)]
+    frozen = [(name or type(m).__name__, m) for name, m in eager_modules(model) if isinstance(m, FrozenBatchNormNd)]
     foreign = [name for name, m in frozen if _SOURCE_KEY not in m.__dict__ and type(m) not in plain]
     if foreign:
         raise ValueError(f"{foreign}: a subclass of FrozenBatchNormNd not made by convert_frozen has no BatchNorm "

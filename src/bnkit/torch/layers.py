@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .modules import channels, require_eager, write_count
+from .modules import channels, eager_modules, require_eager, write_count
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_bn", "revert_bn", "PAPER_RENORM_SCHEDULE"]
 
@@ -473,8 +473,7 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
     Nothing changes if any layer fails. Returns the model (a new object only when
     ``model`` itself is a BN layer).
     """
-    require_eager(model)
-    lazy = [name or type(m).__name__ for name, m in model.named_modules()
+    lazy = [name or type(m).__name__ for name, m in eager_modules(model)
             if isinstance(m, LazyModuleMixin) and getattr(m, "cls_to_become", None) in _DROP_IN]
     if lazy:
         raise ValueError(

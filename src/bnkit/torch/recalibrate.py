@@ -96,7 +96,7 @@ from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
 from .modules import (SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, normalized_inputs,
-                      parallel_device, require_eager, sole_device, to_device, unwrapped)
+                      eager_modules, parallel_device, sole_device, to_device, unwrapped)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
 
@@ -552,7 +552,6 @@ def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
                                          torch.device | None]:
     """:func:`recalibrate`'s input checks: the module the pass runs, its named modules, its BN layers with running
     statistics and the device batches go to."""
-    require_eager(model)
     if isinstance(data, torch.Tensor):
         raise TypeError("data must be an iterable of batches (e.g. a DataLoader), not a tensor; wrap it: [x]")
     if on_nonfinite not in ("raise", "skip"):
@@ -566,7 +565,7 @@ def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
     model, _ = unwrapped(model)
     if device is None and forward is None:  # the default forward feeds the batch as it is: send it to the model
         device = sole_device(model)
-    modules = list(model.named_modules())
+    modules = list(eager_modules(model))
     layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
     if not layers:
         raise ValueError("the model has no BatchNorm layer with running statistics: nothing to recalibrate")
