@@ -148,7 +148,7 @@ def _pickle_is_well_formed(path: Path) -> bool:
                     _parse_pickle(io.BytesIO(archive.read(member)))
             return True
         with open(path, "rb") as f:
-            for _ in range(_LEGACY_PICKLES - 1 if _starts_with_magic(f) else 0):
+            for _ in range(_LEGACY_PICKLES - 1 if _is_magic(_parse_pickle(f)) else 0):
                 _parse_pickle(f)
         return True
     except Exception:  # noqa: BLE001 - any parse failure means "not a well-formed pickle"
@@ -161,10 +161,10 @@ def _parse_pickle(stream: BinaryIO) -> list:
     return list(pickletools.genops(stream))
 
 
-def _starts_with_magic(stream: BinaryIO) -> bool:
-    """Whether the first pickle of ``stream`` is PyTorch's magic number, as every legacy ``torch.save`` file's is
-    (torch/serialization.py, ``_legacy_load`` refuses any other: 'Invalid magic number'); it reads that pickle."""
-    return any(arg == MAGIC_NUMBER for _, arg, _ in _parse_pickle(stream))
+def _is_magic(ops: list) -> bool:
+    """Whether a pickle's opcodes (:func:`_parse_pickle`) are PyTorch's magic number, as every legacy ``torch.save``
+    file's first pickle is (torch/serialization.py, ``_legacy_load`` refuses any other: 'Invalid magic number')."""
+    return any(arg == MAGIC_NUMBER for _, arg, _ in ops)
 
 
 def _refuse_unless_magic(path: Path) -> None:
@@ -176,7 +176,7 @@ def _refuse_unless_magic(path: Path) -> None:
             ops = _parse_pickle(f)
         except Exception:  # noqa: BLE001 - genops raises ValueError and others on a damaged pickle
             return
-    if not any(arg == MAGIC_NUMBER for _, arg, _ in ops):
+    if not _is_magic(ops):
         what = "a pickle that is not a torch.save file (pickle.dump?)"
         names = _globals(ops)
         code = f"; it also names {names[0]}, which could run code: NOT loaded" if names else ""
