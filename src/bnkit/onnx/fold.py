@@ -73,8 +73,9 @@ from onnx import helper, numpy_helper
 from ..atomic import atomic_path, check_target
 from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
-from .graph import (RANDOM_OPS, BNNode, GraphIndex, attribute, bn_nodes, load_model, local_functions, node_label,
-                    opset_version, subgraphs, too_large, training_dropouts, unswitchable_training)
+from .graph import (RANDOM_OPS, BNNode, GraphIndex, attribute, bn_nodes, initializer_names, load_model, local_functions,
+                    node_label, opset_version, stored_name, subgraphs, too_large, training_dropouts,
+                    unswitchable_training)
 from .verify import OnnxRuntimeError, compare, default_tolerance, random_inputs, run
 
 __all__ = ["FoldedNode", "OnnxFoldReport", "FoldVerificationError", "fold_model", "fold"]
@@ -544,8 +545,7 @@ def _dropouts_to_inference(graph: onnx.GraphProto, opset: int, report: OnnxFoldR
 
 def _names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
     """Every value and node name of ``graph`` and of its If/Loop/Scan bodies."""
-    into.update(t.name for t in graph.initializer)
-    into.update(t.values.name for t in graph.sparse_initializer)
+    into.update(initializer_names(graph))
     into.update(i.name for i in graph.input)
     for node in graph.node:
         into.add(node.name)
@@ -597,11 +597,10 @@ def _prune(model: onnx.ModelProto, read_before: set[str]) -> None:
         for n in dead:
             graph.node.remove(n)
     index = GraphIndex(graph)
-    for stored, name in ((graph.initializer, lambda t: t.name), (graph.sparse_initializer, lambda t: t.values.name)):
-        for t in [t for t in stored if name(t) in read_before and not index.readers(name(t))]:
+    for stored in (graph.initializer, graph.sparse_initializer):
+        for t in [t for t in stored if stored_name(t) in read_before and not index.readers(stored_name(t))]:
             stored.remove(t)
-    present = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    present.update(t.values.name for t in graph.sparse_initializer)
+    present = {i.name for i in graph.input} | initializer_names(graph)
     for n in graph.node:
         present.update(n.output)
     for v in [v for v in graph.value_info if v.name not in present]:

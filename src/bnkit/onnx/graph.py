@@ -23,7 +23,7 @@ from ..file_kinds import looks_like_npy, looks_like_pickle, looks_like_safetenso
 
 __all__ = ["RANDOM_OPS", "MalformedNodeError", "load_model", "check_model", "too_large", "opset_version", "GraphIndex",
            "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label", "TrainingDropout", "training_dropouts",
-           "unswitchable_training", "local_functions"]
+           "unswitchable_training", "local_functions", "stored_name", "initializer_names"]
 
 
 class MalformedNodeError(ValueError):
@@ -229,8 +229,8 @@ class GraphIndex:
             self.inputs = {i.name for i in graph.input}
             self.outputs = {o.name for o in graph.output}
             stored = [*graph.initializer, *graph.sparse_initializer]
-            self.initializers = {_stored_name(t): t for t in stored if _stored_name(t) not in self.inputs}
-            self.defaults = {_stored_name(t): t for t in stored if _stored_name(t) in self.inputs}
+            self.initializers = {stored_name(t): t for t in stored if stored_name(t) not in self.inputs}
+            self.defaults = {stored_name(t): t for t in stored if stored_name(t) in self.inputs}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         self.subgraph_reads: set[str] = set()
@@ -361,8 +361,14 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None  # sparse_value / strings: not a dense numeric constant
 
 
-def _stored_name(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> str:
+def stored_name(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> str:
+    """An initializer's name; a sparse one's is its values' name (onnx.proto's SparseTensorProto)."""
     return tensor.values.name if isinstance(tensor, onnx.SparseTensorProto) else tensor.name
+
+
+def initializer_names(graph: onnx.GraphProto) -> set[str]:
+    """The names of ``graph``'s initializers, sparse ones included."""
+    return {stored_name(t) for t in (*graph.initializer, *graph.sparse_initializer)}
 
 
 def _stored_array(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> np.ndarray:

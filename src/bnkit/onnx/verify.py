@@ -15,6 +15,7 @@ import onnx
 from onnx import helper
 
 from ..precision import fold_tolerance
+from .graph import initializer_names
 
 __all__ = ["OnnxRuntimeError", "random_inputs", "run", "compare", "default_tolerance"]
 
@@ -27,7 +28,7 @@ _INTS = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, 
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    inits = {t.name for t in model.graph.initializer} | {t.values.name for t in model.graph.sparse_initializer}
+    inits = initializer_names(model.graph)
     return [i for i in model.graph.input if i.name not in inits]
 
 
