@@ -12,13 +12,17 @@ from bnkit.torch.audit_data import _noise
 from bnkit.torch.audit_moments import _var_from_invstd
 
 
-@pytest.mark.parametrize("shape", [(64, 5), (16, 5, 3), (8, 5, 2, 2), (6, 5, 7, 9), (4, 5, 3, 4, 5), (8, 5, 40, 40)])
+# shapes by path on the CPU: the kernel (64, 5) ... (4, 5, 3, 4, 5); rows (512, 5, 12), (64, 5, 4, 4, 4); centred
+# (8, 5, 40, 40) and the channels-last 4-d ones beyond the kernel's bounds
+@pytest.mark.parametrize("shape", [(64, 5), (16, 5, 3), (8, 5, 2, 2), (6, 5, 7, 9), (4, 5, 3, 4, 5), (8, 5, 40, 40),
+                                   (512, 5, 12), (64, 5, 4, 4, 4), (64, 5, 8, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("kernel", [True, False])  # False: as on a device without the training-mode kernel path
+@pytest.mark.parametrize("kernel", [True, False])  # False: as on a device without the kernel and rows paths
 def test_stand_in_normalizes_like_training_mode_and_keeps_exact_moments(shape, dtype, affine, kernel, monkeypatch):
     if not kernel:
         monkeypatch.setattr(audit_moments, "_KERNEL_STATS_DEVICES", ())
+        monkeypatch.setattr(audit_moments, "_ROWS_DEVICES", ())
     torch.manual_seed(0)
     bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)](5, affine=affine)
     if affine:
@@ -51,11 +55,13 @@ def test_stand_in_normalizes_like_training_mode_and_keeps_exact_moments(shape, d
     assert "forward" not in vars(bn)  # the stand-in is gone
 
 
-@pytest.mark.parametrize("kernel", [True, False])
-def test_tiny_and_zero_variances_are_kept_to_a_fraction_of_eps(kernel, monkeypatch):
-    """Calls keep ``1 / sqrt(var + eps)``: the recovered variance is exact to about 1e-7 (var + eps)."""
-    if not kernel:
+@pytest.mark.parametrize("path", ["kernel", "rows", "centred"])
+def test_tiny_and_zero_variances_are_kept_to_a_fraction_of_eps(path, monkeypatch):
+    """Every path keeps the variance (the kernel's from ``1 / sqrt(var + eps)``) exact to about 1e-7 (var + eps)."""
+    if path != "kernel":
         monkeypatch.setattr(audit_moments, "_KERNEL_STATS_DEVICES", ())
+    if path == "centred":
+        monkeypatch.setattr(audit_moments, "_ROWS_DEVICES", ())
     torch.manual_seed(1)
     bn = nn.BatchNorm1d(3).eval()
     std = torch.tensor([1e-4, 0.0, 10.0], dtype=torch.float64)
@@ -81,28 +87,38 @@ def test_var_from_invstd_is_the_closed_form_clipped_at_zero():
     assert abs(var[1]) <= 1e-6 * eps and var[2] == 0.0
 
 
-@pytest.mark.parametrize("shape,dtype,kernel", [
-    ((64, 512), torch.float32, True),  # one value per channel and sample
-    ((8, 4, 3, 3), torch.float64, True),  # 9 values per sample
-    ((400, 16, 3, 3), torch.float32, True),  # 9 values per sample, 57600 in all
-    ((400, 16, 2, 5), torch.float32, False),  # 10 values per sample, 64000 in all
-    ((8, 4, 10), torch.float32, True),  # 320 values in all
-    ((64, 8, 8, 8), torch.float32, True),  # 32768 in all, 4096 per channel: both bounds inclusive
-    ((64, 8, 8, 9), torch.float32, False),  # 36864 in all, 72 per sample
-    ((4096, 2), torch.float32, True),
-    ((4097, 2), torch.float32, False),  # more values per channel than the kernel's statistics keep exact
-    ((64, 512), torch.bfloat16, False),
+@pytest.mark.parametrize("shape,dtype,path", [
+    ((64, 512), torch.float32, "kernel"),  # one value per channel and sample
+    ((8, 4, 3, 3), torch.float64, "kernel"),  # 9 values per sample
+    ((400, 16, 3, 3), torch.float32, "kernel"),  # 9 values per sample, 57600 in all
+    ((400, 16, 2, 5), torch.float32, "rows"),  # 10 values per sample, 64000 in all
+    ((8, 4, 10), torch.float32, "kernel"),  # 320 values in all
+    ((32, 8, 8, 8), torch.float32, "kernel"),  # 16384 in all, 2048 per channel: inclusive
+    ((64, 8, 8, 8), torch.float32, "rows"),  # 32768 in all, 64 per sample
+    ((64, 8, 8, 9), torch.float32, "rows"),  # 36864 in all, 72 per sample
+    ((64, 8, 16, 8), torch.float32, "rows"),  # 128 per sample: inclusive
+    ((64, 8, 16, 9), torch.float32, "centred"),  # 144 per sample
+    ((64, 8, 8, 8), torch.float32, "centred-channels-last"),  # rows need a contiguous input
+    ((4096, 2), torch.float32, "kernel"),
+    ((4097, 2), torch.float32, "rows"),  # more values per channel than the kernel's statistics keep exact
+    ((8192, 8), torch.float32, "rows"),  # 65536 in all: inclusive
+    ((8193, 8), torch.float32, "centred"),
+    ((64, 512), torch.bfloat16, "centred"),
 ])
-def test_stand_in_takes_the_kernel_path_only_within_its_bounds(shape, dtype, kernel, monkeypatch):
+def test_stand_in_takes_each_path_within_its_bounds(shape, dtype, path, monkeypatch):
     calls = []
-    centred = audit_moments._centred
-    monkeypatch.setattr(audit_moments, "_centred", lambda x: calls.append(x.shape) or centred(x))
+    for name in ("_centred", "_channel_rows"):
+        original = getattr(audit_moments, name)
+        monkeypatch.setattr(audit_moments, name, lambda x, f=original, name=name: calls.append(name) or f(x))
     bn = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d}[len(shape)](shape[1]).eval()
     if dtype == torch.float64:
         bn.double()
-    _, col = stand_in_pass(bn, torch.randn(shape).to(dtype))
-    assert (not calls) == kernel
-    assert col.samples[0][2] == kernel  # the call kept 1/sqrt(var + eps) exactly when the kernel ran
+    x = torch.randn(shape).to(dtype)
+    if path.endswith("channels-last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    _, col = stand_in_pass(bn, x)
+    assert calls == {"kernel": [], "rows": ["_channel_rows"]}.get(path, ["_centred"])
+    assert col.samples[0][2] == (path == "kernel")  # the call kept 1/sqrt(var + eps) exactly when the kernel ran
 
 
 def test_many_offset_samples_keep_their_mean_and_variance():

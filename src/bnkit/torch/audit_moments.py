@@ -38,11 +38,27 @@ def _centred(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Te
     return n, mean, torch.linalg.vector_norm(d, dim=2).square_().sum(0).mul_(1.0 / n), d
 
 
+def _channel_rows(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(count, mean, biased var)`` per channel (axis 1), two-pass over a copy holding each channel as one row.
+
+    ``mean = sum x / count``, then ``var = |x - mean|^2 / count`` with the row centred in place: both passes are
+    reductions along contiguous rows, where :func:`_centred` reduces across the batch axis. On the CPU, for
+    small contiguous inputs (:data:`_ROWS_MAX_NUMEL`), faster than it and than the training-mode kernel
+    (``benchmarks/audit.py``'s VGG: 4x4 and 8x8 maps; ``(N, C)`` inputs of a few thousand rows).
+    """
+    c = x.shape[1]
+    rows = x.detach().reshape(x.shape[0], c, -1).transpose(0, 1)
+    rows = rows.clone(memory_format=torch.contiguous_format).view(c, -1)  # a copy: centred in place below
+    n = rows.shape[1]
+    mean = rows.sum(1).mul_(1.0 / n)
+    return n, mean, torch.linalg.vector_norm(rows.sub_(mean.unsqueeze(1)), dim=1).square_().mul_(1.0 / n)
+
+
 #: PyTorch's training-mode kernel normalizes and reduces faster than :func:`_centred` for inputs with
 #: up to this many values per channel and sample (BatchNorm1d on ``(N, C)``, feature maps up to 3x3) ...
 _KERNEL_STATS_MAX_VALUES = 9
-#: ... or up to this many values in all (the centred path's dozen tensor ops cost mostly call overhead there) ...
-_KERNEL_STATS_MAX_NUMEL = 1 << 15
+#: ... or up to this many values in all (the other paths' dozen tensor ops cost mostly call overhead there) ...
+_KERNEL_STATS_MAX_NUMEL = 1 << 14
 #: ... and at most this many values per channel: on ``(N, C)`` and channels-last inputs its CPU
 #: statistics lose the mean of offset data beyond that (mean 1e4, std 1e-2: off by 1.5-3 std at
 #: 32768-100000 rows, depending on the thread count; aten/src/ATen/native/cpu/batch_norm_kernel.cpp,
@@ -52,6 +68,11 @@ _KERNEL_STATS_MAX_COUNT = 1 << 12
 #: (aten/src/ATen/native/native_functions.yaml: CPU and CUDA; only the CPU is tested here);
 #: inputs elsewhere always take :func:`_centred`.
 _KERNEL_STATS_DEVICES = ("cpu", "cuda")
+#: Up to this many values per channel and sample and this many in all (beyond, its copy's extra pass through
+#: memory costs more than it saves), :func:`_channel_rows` takes the contiguous float32/float64 inputs that the
+#: kernel does not, on these devices (timed on the CPU only; elsewhere :func:`_centred`).
+_ROWS_MAX_VALUES, _ROWS_MAX_NUMEL = 128, 1 << 16
+_ROWS_DEVICES = ("cpu",)
 
 
 def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
@@ -104,6 +125,9 @@ class Collector:
       :data:`_KERNEL_STATS_MAX_COUNT` per channel: PyTorch's training-mode kernel without
       running buffers (``native_batch_norm``), which returns the mean and
       ``1 / sqrt(var + eps)`` it used;
+    * other contiguous float32/float64 inputs on the CPU of up to :data:`_ROWS_MAX_VALUES` values per
+      channel and sample and :data:`_ROWS_MAX_NUMEL` in all (and parameters of their dtype):
+      :func:`_channel_rows` (two-pass), then PyTorch's eval kernel with those moments for the running ones;
     * otherwise :func:`_centred` (two-pass), whose centred copy is then scaled and shifted
       in place, ``(x - mean) * weight / sqrt(var + eps) + bias`` (inputs in float16/bfloat16:
       PyTorch's eval kernel on the moments, to keep the input's dtype).
@@ -201,6 +225,12 @@ class Collector:
                 out, mean, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, eps)
                 self._record(x, n, mean, invstd, True)
                 return out
+            if (x.device.type in _ROWS_DEVICES and n // x.shape[0] <= _ROWS_MAX_VALUES
+                    and x.numel() <= _ROWS_MAX_NUMEL and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+                    and (bn.weight is None or bn.weight.dtype == x.dtype)):
+                n, mean, var = _channel_rows(x)
+                self._record(x, n, mean, var, False)
+                return F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, eps)  # eval kernel, batch moments
             n, mean, var, d = _centred(x)
             self._record(x, n, mean, var, False)
             if d.dtype != x.dtype:  # float16/bfloat16: PyTorch's eval kernel keeps the input's dtype
