@@ -7,7 +7,7 @@ from torch.nn import functional as F
 import numpy as np
 from _helpers import stand_in_pass
 
-from bnkit.torch import audit_moments
+from bnkit.torch import audit, audit_moments
 from bnkit.torch.audit_data import _noise
 from bnkit.torch.audit_moments import _var_from_invstd
 
@@ -192,3 +192,40 @@ def test_half_precision_stand_in_adds_eps_like_training_mode(dtype):
     assert torch.equal(out[:, 0].double(), torch.full((64,), 0.25, dtype=torch.float64))
     tol = {torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+
+
+class _Wrapping(nn.BatchNorm1d):
+    """A BN subclass whose own forward normalizes nothing itself: a stock child BN does."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.inner = nn.BatchNorm1d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x * 2.0)
+
+
+@pytest.mark.parametrize("path,length", [("kernel", 4), ("rows", 40), ("centred", 40)])
+def test_a_stand_in_inside_a_layer_with_its_own_forward_is_not_taken_for_that_layer_normalizing(path, length,
+                                                                                                monkeypatch):
+    """The child's stand-in normalizes without ``F.batch_norm``, which the audit watches for layers with their own
+    forward: the outer layer, which hands ``F.batch_norm`` nothing, is compared on its own input, with a warning."""
+    if path == "centred":
+        monkeypatch.setattr(audit_moments, "_ROWS_DEVICES", ())
+    calls = []
+    for name in ("_centred", "_channel_rows"):
+        original = getattr(audit_moments, name)
+        monkeypatch.setattr(audit_moments, name, lambda x, f=original, name=name: calls.append(name) or f(x))
+    torch.manual_seed(0)
+    model = nn.Sequential(_Wrapping(8), nn.Flatten(), nn.Linear(8 * length, 2)).eval()
+    x = torch.randn(128, 8, length) * 3 + 1
+    report = audit(model, x)
+    own = [f for f in report.findings if f.code == "own_forward"]
+    assert [f.data["layers"] for f in own] == [["0"]]
+    shifts = {s.layer: s for s in report.shifts}
+    x64 = x.double()  # "0" is measured on its input, x; its child on x * 2
+    for layer, seen in (("0", x64), ("0.inner", 2 * x64)):
+        z = (seen.mean((0, 2)) - 0.0) / (1.0 + 1e-5) ** 0.5  # running statistics at their initial 0 and 1
+        assert shifts[layer].mean_shift == pytest.approx(float(z[shifts[layer].worst_channel]), rel=1e-4)
+    inner = {"kernel": [], "rows": ["_channel_rows"], "centred": ["_centred"]}[path]
+    assert calls == (inner + ["_centred"]) * 2  # per batch: the child's stand-in, then the outer layer's input

@@ -230,7 +230,9 @@ class Collector:
                     and (bn.weight is None or bn.weight.dtype == x.dtype)):
                 n, mean, var = _channel_rows(x)
                 self._record(x, n, mean, var, False)
-                return F.batch_norm(x, mean, var, bn.weight, bn.bias, False, 0.0, eps)  # eval kernel, batch moments
+                # the eval kernel on the batch's moments; torch.batch_norm, not F.batch_norm, which
+                # normalized_inputs watches for the layer with its own forward that may have called this one
+                return torch.batch_norm(x, bn.weight, bn.bias, mean, var, False, 0.0, eps, False)
             n, mean, var, d = _centred(x)
             self._record(x, n, mean, var, False)
             if d.dtype != x.dtype:  # float16/bfloat16: PyTorch's eval kernel keeps the input's dtype
