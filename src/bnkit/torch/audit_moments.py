@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..stats import RunningMoments
@@ -213,11 +212,13 @@ class Collector:
     def _stand_in(self, bn: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
         eps = self.eps
 
+        # PyTorch's kernels are called as torch.batch_norm, never F.batch_norm, which normalized_inputs watches to
+        # learn what a layer with its own forward normalizes: that layer may have called this one
         def forward(input: torch.Tensor) -> torch.Tensor:  # PyTorch's parameter name: bn(input=x) works
             x = input
             if not x.numel():  # a routed branch given no rows: nothing to measure; PyTorch's kernel gives the output
                 self.skip_empty()
-                return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, eps)
+                return torch.batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, eps, False)
             n = x.numel() // x.shape[1]
             if (n <= _KERNEL_STATS_MAX_COUNT
                     and (n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES or x.numel() <= _KERNEL_STATS_MAX_NUMEL)
@@ -230,14 +231,12 @@ class Collector:
                     and (bn.weight is None or bn.weight.dtype == x.dtype)):
                 n, mean, var = _channel_rows(x)
                 self._record(x, n, mean, var, False)
-                # the eval kernel on the batch's moments; torch.batch_norm, not F.batch_norm, which
-                # normalized_inputs watches for the layer with its own forward that may have called this one
-                return torch.batch_norm(x, bn.weight, bn.bias, mean, var, False, 0.0, eps, False)
+                return torch.batch_norm(x, bn.weight, bn.bias, mean, var, False, 0.0, eps, False)  # batch moments
             n, mean, var, d = _centred(x)
             self._record(x, n, mean, var, False)
             if d.dtype != x.dtype:  # float16/bfloat16: PyTorch's eval kernel keeps the input's dtype
                 stats = bn.running_mean.dtype
-                return F.batch_norm(x, mean.to(stats), var.to(stats), bn.weight, bn.bias, False, 0.0, eps)
+                return torch.batch_norm(x, bn.weight, bn.bias, mean.to(stats), var.to(stats), False, 0.0, eps, False)
             # normalize the centred copy in place; in-place tiny ops: each costs its call overhead
             scale = var.add(eps).rsqrt_()
             if bn.weight is not None:
