@@ -711,6 +711,17 @@ def test_bad_data_changes_nothing(trained, digits):
         audit(model, list(torch.split(bad, 64)))
     with pytest.raises(ValueError, match="failed on data batch 0"):
         audit(model, torch.randn(64, 3, 8, 8))
+    labels = torch.zeros(128)
+    labels[70] = float("nan")  # a missing target: the default forward hands the model the first element alone
+    pairs = list(zip(torch.split(bad, 64), torch.split(labels, 64)))
+    with pytest.raises(ValueError, match="data batch 1 contains NaN"):
+        audit(model, pairs)
+    clean = [(x, y) for (_, y), x in zip(pairs, torch.split(digits[0][:128], 64))]
+    want = audit(model, [x for x, _ in clean])
+    got = audit(model, clean)
+    assert [(s.layer, s.score) for s in got.shifts] == [(s.layer, s.score) for s in want.shifts]
+    with pytest.raises(ValueError, match="data batch 1 contains NaN"):  # forward= may feed it anything
+        audit(model, clean, forward=lambda m, batch: m(batch[0]))
     with pytest.raises(ValueError, match="at least 2"):
         audit(model, digits[0][:3], batch_size=1)
     _assert_unchanged(model, snap)

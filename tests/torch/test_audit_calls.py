@@ -176,6 +176,7 @@ def test_ghost_batch_layer_called_on_chunks_is_compared_pooled_not_per_chunk():
         x = torch.randn(256, 16) * 2 + 0.5
         (s,) = audit(model, x, batch_size=64).shifts
         assert s.call is None and s.count == 256  # pooled over all calls
+        assert s.calls_per_forward == 32  # 64 rows in chunks of 2, pooled or not
         xd, eps = x.double().numpy(), model.bn.eps  # the pooled figure, in float64 from the data itself
         z = (xd.mean(0) - (0.5 + 2.0 * shift)) / np.sqrt(4.0 + eps)
         log_ratio = np.log((xd.var(0, ddof=1) + eps) / (4.0 + eps))

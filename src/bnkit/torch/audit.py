@@ -212,7 +212,7 @@ def _model_report(model, data, forward, batch_size, train_batch_size, max_batche
         if lazy := uninitialized_lazy(model):
             raise ValueError(f"uninitialized lazy modules ({', '.join(lazy)}): a forward pass would create their "
                              "parameters; run one yourself before auditing with data")
-        batches = Batches(data, batch_size, max_batches, model)
+        batches = Batches(data, batch_size, max_batches, model, own_forward=forward is not None)
     findings = model_findings(model, layers, batches.first_input(forward) if batches is not None else None)
     if batches is not None:
         report.depth = "data"

@@ -22,10 +22,13 @@ from .modules import SavedBuffers, flatten_tensors, input_dtype_device, is_batch
 class Batches:
     """The data's batches, streamed once, on the model's device with floating tensors in its dtype.
 
-    The first batch is kept (the eval-mode checks rerun it); the rest are not stored.
+    The first batch is kept (the eval-mode checks rerun it); the rest are not stored. NaN/Inf is refused in what
+    the model gets: with the default forward, a tuple or list batch's first element (the rest, labels, never reach
+    the model); with ``forward=`` of one's own, every tensor of the batch.
     """
 
-    def __init__(self, data: Any, batch_size: int, max_batches: int | None, model: nn.Module) -> None:
+    def __init__(self, data: Any, batch_size: int, max_batches: int | None, model: nn.Module,
+                 own_forward: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if max_batches is not None and max_batches < 1:
@@ -34,6 +37,7 @@ class Batches:
         if isinstance(data, np.ndarray):
             data = torch.from_numpy(data)
         self._checked = False  # True: the batches are slices of one tensor already checked for NaN/Inf
+        self._own_forward = own_forward
         if isinstance(data, torch.Tensor):
             if data.ndim == 0 or len(data) == 0:
                 raise ValueError(f"data must hold at least one sample, got shape {tuple(data.shape)}")
@@ -57,22 +61,25 @@ class Batches:
 
     def _prepare(self, batch: Any, index: int) -> Any:
         if self._checked:
-            return batch.to(self.device, self.dtype) if batch.is_floating_point() else batch.to(self.device)
+            return self._move(batch)
 
-        def move(t: torch.Tensor) -> torch.Tensor:
+        def check(t: torch.Tensor) -> torch.Tensor:
             if t.is_floating_point():
                 _check_finite(t, len(t) if t.ndim else 1, index)
-                t = t.to(self.dtype)
-            return t.to(self.device)
+            return t
 
-        return map_tensors(batch, move)
+        # the default forward hands the model a tuple or list batch's first element alone
+        map_tensors(batch[0] if not self._own_forward and _is_sequence(batch) and len(batch) else batch, check)
+        return map_tensors(batch, self._move)
+
+    def _move(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
 
     def first_input(self, forward: Callable | None) -> Any:
         """Two samples of the first batch's model input (the fold analysis needs only its ranks)."""
         if forward is not None or isinstance(self.first, Mapping):
             return None  # the model's inputs are only known to ``forward``
-        x = self.first[0] if isinstance(self.first, (tuple, list)) and not isinstance(self.first, PackedSequence) \
-            else self.first
+        x = self.first[0] if _is_sequence(self.first) else self.first
         size = batch_len(x)
         return map_tensors(x, lambda t: t[:2] if batched(t, size) else t) if size else x
 
@@ -88,8 +95,14 @@ def _check_finite(t: torch.Tensor, batch_size: int, first_index: int = 0) -> Non
     raise ValueError(f"data batch {first_index + row // batch_size} contains NaN or Inf")
 
 
+def _is_sequence(batch: Any) -> bool:
+    """A tuple or list batch, of which the default forward hands the model the first element (a PackedSequence,
+    a namedtuple of tensors, is one input)."""
+    return isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence)
+
+
 def default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence):  # a PackedSequence is one input
+    if _is_sequence(batch):
         return model(batch[0])
     if isinstance(batch, Mapping):
         return model(**batch)

@@ -67,7 +67,8 @@ class LayerShift:
     variance), channel median; at most about 1 when the batches are random samples of the data (None when
     fewer than 2 batches were seen, for a layer some forward called more than once, and when every call saw one
     sample).
-    A layer called ``calls_per_forward > 1`` times per forward (shared, or in a loop) whose calls differ beyond
+    ``calls_per_forward``: the most calls one forward made of the layer, empty ones included.
+    A layer called more than once per forward (shared, or in a loop) whose calls differ beyond
     sampling noise is compared call by call: its running statistics serve every call in eval mode, so each
     call's inputs, pooled over the batches, are compared with them, and the figures are those of the worst call,
     ``call`` (1-based; None, and all calls pooled, for a layer called once per forward or whose calls differ by
@@ -218,8 +219,7 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
         worst = int(np.argmax(kl))
         shift = LayerShift(name, float(kl.mean()), float(math.sqrt(2 * kl.mean())), float(z[worst]),
                            float(log_ratio[worst]), worst, count, sampling_kl=expected, sampling_kl_sd=sd)
-        if call is not None:
-            shift.call, shift.calls_per_forward = call, col.calls_per_forward
+        shift.call, shift.calls_per_forward = call, col.calls_per_forward
         if call is None and col.once_per_forward and b_train is not None:  # else its calls differ by design
             shift.mean_noise, shift.var_noise, shift.batch_f = _noise(col, bn, b_train, var_r + eps)
         shifts.append(shift)
