@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 import zipfile
 
-__all__ = ["looks_like_onnx", "looks_like_safetensors", "looks_like_npy", "looks_like_pickle", "zip_kind"]
+__all__ = ["describe_file", "looks_like_onnx", "looks_like_safetensors", "looks_like_npy", "looks_like_pickle",
+           "zip_kind"]
 
 
 def looks_like_onnx(head: bytes) -> bool:
@@ -44,3 +45,42 @@ def zip_kind(path: str | os.PathLike) -> str | None:
     if any(n.endswith("data.pkl") for n in names):
         return "torch"
     return "npz" if names and all(n.endswith(".npy") for n in names) else "zip"
+
+
+def describe_file(path: str | os.PathLike, head: bytes, size: int) -> str | None:
+    """What a file that cannot be a ``torch.save`` checkpoint is, told from its first bytes ``head`` (64 are
+    enough), its ``size`` and, for a zip archive, its member names; None if it may be one (a pickle or a zip
+    archive with PyTorch's ``data.pkl``)."""
+    if size == 0:
+        return "an empty file"
+    if looks_like_safetensors(head, size):
+        return "a safetensors file"
+    if looks_like_npy(head):
+        return "a NumPy .npy array (np.save)"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "an HDF5 file (a Keras .h5 model?)"
+    if head.startswith(b"PK\x03\x04"):
+        kind = zip_kind(path)
+        if kind is None:
+            return "a damaged zip archive (a truncated or corrupt torch.save file?)"
+        if kind == "torchscript":
+            return ("a TorchScript archive (torch.jit.save: code as well as weights; if you trust it, "
+                    "torch.jit.load(path).state_dict() gives its weights)")
+        if kind == "npz":
+            return "a NumPy .npz archive (np.savez)"
+        if kind == "zip":
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            return f"a zip archive without PyTorch's data.pkl (it holds {', '.join(names[:5]) or 'nothing'})"
+        return None
+    if looks_like_pickle(head):
+        return None  # a pickle: the legacy torch.save format, or a raw pickle for torch.load to judge
+    if looks_like_onnx(head) or (head[:1] == b"\x08" and str(path).lower().endswith(".onnx")) or b"onnx" in head.lower():
+        return "an ONNX model (read it with onnx, or pass it where an .onnx file is expected)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a character cut at the end of the 64 bytes read is not an error
+        text = head[:exc.start].decode("utf-8") if exc.start >= len(head) - 3 else ""
+    if text and all(c.isprintable() or c.isspace() for c in text):
+        return f"a text file (it starts with {text[:32]!r})"
+    return f"a file of unknown format (it starts with the bytes {head[:8].hex(' ')})"

@@ -325,6 +325,16 @@ def test_data_the_model_cannot_run_on_exits_two(trained, tmp_path):
     as_json = _invoke(ckpt, "--model", "audit_models:mlp", "--data", wrong, "--json")
     assert as_json.exit_code == 2 and as_json.stdout == ""  # errors go to stderr: stdout stays JSON or nothing
     assert "failed on data batch 0" in " ".join(as_json.stderr.split())
+    empty = tmp_path / "empty.npy"  # np.load raises EOFError, which click took for Ctrl-C ("Aborted.", exit 1)
+    empty.write_bytes(b"")
+    result = _invoke(ckpt, "--model", "audit_models:mlp", "--data", empty)
+    assert result.exit_code == 2 and "empty.npy is an empty file" in _flat(result)
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.zeros((16, 64), dtype=np.float32))
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    result = _invoke(ckpt, "--model", "audit_models:mlp", "--data", cut)
+    assert result.exit_code == 2 and "cut.npz is a damaged zip archive" in _flat(result)
 
 
 def test_names_and_texts_print_literally_not_as_markup(tmp_path, monkeypatch):

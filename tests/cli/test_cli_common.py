@@ -209,6 +209,42 @@ def test_load_inputs_takes_exactly_the_dtypes_pytorch_has(tmp_path, dtype):
         assert torch.equal(torch.from_numpy(load_inputs(tmp_path / "d.npy")), expected)
 
 
+def test_load_inputs_names_what_a_file_with_an_array_name_is(tmp_path):
+    """np.load tells .npy from .npz by the first bytes: files that are neither are named for what they are, and
+    damaged ones say so, as ValueError (whatever np.load or zipfile raised: EOFError, BadZipFile)."""
+    import onnx
+    from onnx import helper
+
+    good = tmp_path / "good.npz"
+    np.savez(good, x=np.arange(12, dtype=np.float32).reshape(6, 2))
+    data = good.read_bytes()
+    member = data.index(b"\x93NUMPY")  # the stored (uncompressed) x.npy: flip one byte of its values
+    files = {
+        "empty.npy": (b"", "is an empty file, not a NumPy"),
+        "text.npy": (b"1,2,3\n4,5,6\n", r"is a text file \(it starts with '1,2,3"),
+        "cut.npz": (data[: len(data) // 2], r"is a damaged zip archive \(a truncated or corrupt .npz file\?\)"),
+        "crc.npz": (data[: member + 140] + bytes([data[member + 140] ^ 1]) + data[member + 141:],
+                    r"its array 'x': BadZipFile: Bad CRC-32"),
+    }
+    for name, (content, message) in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name} {message}" if " is " in message[:4] else message):
+            load_inputs(tmp_path / name)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(graph), tmp_path / "model.npy")  # an ONNX model under an array's name
+    torch.save(torch.zeros(3), tmp_path / "tensor.npy")
+    save_file({"x": torch.zeros(3)}, tmp_path / "st.npz")
+    for name, message in [("model.npy", "is an ONNX model"), ("tensor.npy", "is a pickle or torch.save file"),
+                          ("st.npz", "is a safetensors file")]:
+        with pytest.raises(ValueError, match=f"{name} {message}.*, not a NumPy .npy/.npz array file"):
+            load_inputs(tmp_path / name)
+    with open(tmp_path / "swapped.npz", "wb") as f:  # an .npy under an .npz name: np.load reads it by its bytes
+        np.save(f, np.ones(3))
+    np.testing.assert_array_equal(load_inputs(tmp_path / "swapped.npz"), np.ones(3))
+
+
 def test_load_inputs_never_runs_a_pickle(tmp_path):
     from bnkit.torch.io import UnsafeCheckpointError
 

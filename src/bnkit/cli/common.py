@@ -259,6 +259,25 @@ def parse_device(text: str) -> Any:
     raise UsageError(f"unsupported device {text!r}: use cpu, cuda, cuda:N or mps")
 
 
+def _check_array_file(path: Path) -> None:
+    """Raise ValueError naming what a file with an .npy/.npz name is when it is no NumPy array file (``np.load``
+    tells the two apart by their first bytes, not by the name)."""
+    from ..file_kinds import describe_file, looks_like_npy, zip_kind
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+    is_zip = head.startswith(b"PK\x03\x04")
+    if looks_like_npy(head) or (is_zip and zip_kind(path) == "npz"):
+        return
+    if is_zip and zip_kind(path) is None:
+        what = "a damaged zip archive (a truncated or corrupt .npz file?)"
+    else:  # None: a pickle or a torch.save archive
+        what = describe_file(path, head, size) or ("a pickle or torch.save file (name it .pt to have it read as "
+                                                   "a checkpoint, with weights_only=True)")
+    raise ValueError(f"{path} is {what}, not a NumPy .npy/.npz array file")
+
+
 def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str] = None) -> Any:
     """The model inputs in a data file: an array (``.npy``/``.npz``, pickles refused) or a tensor.
 
@@ -280,18 +299,19 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
     check_input_file(path, "data")
     named = False  # whether the file holds named arrays, of which ``key`` picks one
     if path.suffix.lower() in ARRAY_SUFFIXES:
+        _check_array_file(path)
         unreadable = f"{path} is not a readable .npy/.npz array file (object arrays are refused)"
         try:
             loaded = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise ValueError(f"{unreadable}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - a damaged file raises ValueError, EOFError, BadZipFile, ...
+            raise ValueError(f"{unreadable}: {type(exc).__name__}: {exc}") from exc
         if named := isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
                 name = _chosen_key(loaded.files, key, key_option, path)
                 try:
                     loaded = loaded[name]  # only the inputs are read: other arrays may hold anything
-                except (ValueError, OSError) as exc:
-                    raise ValueError(f"{unreadable}, its array {name!r}: {exc}") from exc
+                except Exception as exc:  # noqa: BLE001 - BadZipFile (a CRC-32 mismatch), zlib.error, EOFError, ...
+                    raise ValueError(f"{unreadable}, its array {name!r}: {type(exc).__name__}: {exc}") from exc
     else:
         try:
             loaded = load_checkpoint(path)

@@ -34,7 +34,7 @@ from torch.nn.parameter import is_lazy
 from torch.serialization import MAGIC_NUMBER
 
 from ..atomic import atomic_path
-from ..file_kinds import looks_like_npy, looks_like_onnx, looks_like_pickle, looks_like_safetensors, zip_kind
+from ..file_kinds import describe_file, looks_like_pickle, looks_like_safetensors
 from ..tracebacks import raised_in
 
 __all__ = [
@@ -67,41 +67,6 @@ class NotACheckpointError(ValueError):
 
 def _strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
-
-
-def _looks_like(path: Path, head: bytes, size: int) -> str | None:
-    """What a file that cannot be a ``torch.save`` checkpoint looks like, or None if it may be one."""
-    if size == 0:
-        return "an empty file"
-    if looks_like_npy(head):
-        return "a NumPy .npy array (np.save)"
-    if head.startswith(b"\x89HDF\r\n\x1a\n"):
-        return "an HDF5 file (a Keras .h5 model?)"
-    if head.startswith(b"PK\x03\x04"):
-        kind = zip_kind(path)
-        if kind is None:
-            return "a damaged zip archive (a truncated or corrupt torch.save file?)"
-        if kind == "torchscript":
-            return ("a TorchScript archive (torch.jit.save: code as well as weights; if you trust it, "
-                    "torch.jit.load(path).state_dict() gives its weights)")
-        if kind == "npz":
-            return "a NumPy .npz archive (np.savez)"
-        if kind == "zip":
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-            return f"a zip archive without PyTorch's data.pkl (it holds {', '.join(names[:5]) or 'nothing'})"
-        return None
-    if looks_like_pickle(head):
-        return None  # a pickle: the legacy torch.save format, or a raw pickle for torch.load to judge
-    if looks_like_onnx(head) or (head[:1] == b"\x08" and path.suffix.lower() == ".onnx") or b"onnx" in head.lower():
-        return "an ONNX model (read it with onnx, or pass it where an .onnx file is expected)"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as exc:  # a character cut at the end of the 64 bytes read is not an error
-        text = head[:exc.start].decode("utf-8") if exc.start >= len(head) - 3 else ""
-    if text and all(c.isprintable() or c.isspace() for c in text):
-        return f"a text file (it starts with {text[:32]!r})"
-    return f"a file of unknown format (it starts with the bytes {head[:8].hex(' ')})"
 
 
 #: The pickles that start a legacy ``torch.save`` file, in order (torch/serialization.py, ``_legacy_save``): the
@@ -241,7 +206,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
         head = f.read(64)
     if path.suffix.lower() == ".safetensors" or looks_like_safetensors(head, size):
         return _load_safetensors(path, map_location)
-    kind = _looks_like(path, head, size)
+    kind = describe_file(path, head, size)
     if kind is not None:
         raise NotACheckpointError(f"{path} is {kind}, not a PyTorch checkpoint; {CHECKPOINT_FORMATS}", kind)
     corrupt = NotACheckpointError(
