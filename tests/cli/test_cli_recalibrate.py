@@ -220,6 +220,12 @@ def test_failure_writes_nothing_and_keeps_the_input(tmp_path):
     assert "--on-nonfinite skip" in text and "on_nonfinite=" not in text  # the CLI's option, not the Python one
     assert weights.read_bytes() == original and previous.read_bytes() == original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.npy", "previous.pt", "w.pt"]  # no temporary file
+    np.save(tmp_path / "huge.npy", digits(100) * np.float32(1e25))  # statistics beyond float32: a run that failed
+    result = invoke("--model", MODEL, "--weights", str(weights), "--data", str(tmp_path / "huge.npy"),
+                    "--output", str(previous))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "exceed torch.float32's range" in text and "float64 copy" in text, text
+    assert weights.read_bytes() == original and previous.read_bytes() == original
 
     out = tmp_path / "skip.pt"
     result = invoke("--model", MODEL, "--weights", str(weights), "--data", str(tmp_path / "nan.npy"),

@@ -749,7 +749,7 @@ def test_statistics_beyond_float16_are_refused_and_change_nothing():
     model = model.half().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = [torch.randint(0, 4096, (8, 1, 10, 10)).half() for _ in range(3)]
-    with pytest.raises(ValueError, match=r"'1'.*exceed torch.float16's range"):
+    with pytest.raises(ValueError, match=r"'1'.*exceed torch.float16's range.*recalibrate a float32 copy"):
         recalibrate(model, data, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     scaled = [x / 4096 for x in data]  # in range: recalibrates, every buffer finite
@@ -764,6 +764,14 @@ def test_statistics_beyond_float16_are_refused_and_change_nothing():
     with pytest.raises(ValueError, match=r"'1'.*max \|mean\| 7e\+04.*exceed torch.float16's range"):
         recalibrate(mixed, [torch.randn(8, 3) for _ in range(2)], progress=False)
     assert all(torch.equal(v, before[k]) for k, v in mixed.state_dict().items())
+    # a float32 model: the way out is float64 (a float32 copy is what it is already)
+    wide = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    huge = [torch.randn(8, 3) * 1e20 for _ in range(2)]
+    with pytest.raises(ValueError, match=r"exceed torch.float32's range.*recalibrate a float64 copy") as info:
+        recalibrate(wide, huge, progress=False)
+    assert "float32 copy" not in str(info.value)
+    recalibrate(wide.double(), [x.double() for x in huge], progress=False)
+    assert torch.isfinite(wide[1].running_var).all() and wide[1].running_var.max() > torch.finfo(torch.float32).max
 
 
 class ReassigningBN(nn.BatchNorm1d):

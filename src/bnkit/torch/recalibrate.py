@@ -777,12 +777,16 @@ def recalibrate(
                 if rm.count > 0:
                     biased = isinstance(m, _DropInBatchNorm) and m.running_var_rule == "biased"
                     new_mean, new_var = rm.mean, rm.var if biased else rm.var_unbiased
-                    limit = torch.finfo(m.running_var.dtype).max
+                    dtype = m.running_var.dtype
+                    limit = torch.finfo(dtype).max
                     if not (np.abs(new_mean).max() <= limit and new_var.max() <= limit):
+                        wider = {torch.float16: "a float32", torch.bfloat16: "a float32", torch.float32: "a float64"}
+                        way = (f"recalibrate {wider[dtype]} copy of the model, or scale the inputs down" if dtype in wider
+                               else "scale the inputs down")
                         raise ValueError(
                             f"BatchNorm layer {name!r}: its statistics (max |mean| {np.abs(new_mean).max():.3g}, max "
-                            f"variance {new_var.max():.3g}) exceed {m.running_var.dtype}'s range; recalibrate a "
-                            "float32 copy of the model (the buffers are left as they were)")
+                            f"variance {new_var.max():.3g}) exceed {dtype}'s range, where they would be non-finite; "
+                            f"{way} (the buffers are left as they were)")
                     m.running_mean.copy_(torch.from_numpy(new_mean))
                     m.running_var.copy_(torch.from_numpy(new_var))
                     if m.num_batches_tracked is not None:  # see the module doc
