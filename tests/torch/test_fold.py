@@ -523,6 +523,59 @@ def test_layers_with_their_own_forward_hooks_or_parametrizations_are_left():
     assert "forward is not PyTorch's" in fallback.left["1"]
 
 
+class WSConvForward(nn.Conv2d):
+    """Weight standardization in ``_conv_forward``, behind PyTorch's own ``forward``."""
+
+    def _conv_forward(self, x, weight, bias):
+        w = (weight - weight.mean(dim=(1, 2, 3), keepdim=True)) / (weight.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(x, w, bias)
+
+
+@pytest.mark.parametrize("how", ["instance forward", "own _conv_forward"])
+def test_a_layer_computing_otherwise_behind_pytorchs_forward_is_not_folded_into(how):
+    """A forward set on the instance (fake quantization), or a subclass's own ``_conv_forward``, keeps the class's
+    ``forward``; folding a BN into such a layer changed the outputs by up to half their scale. Oracle: the model."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3) if how == "instance forward" else WSConvForward(3, 4, 3),
+                          nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    if how == "instance forward":
+        conv = model[0]
+        conv.forward = lambda inp: conv._conv_forward(inp, conv.weight.round(), conv.bias)  # a crude quantizer
+    model = calibrated(model, x)
+    with torch.no_grad():
+        for bn in (model[1], model[4]):
+            bn.running_var.mul_(4.0)  # a BN scale far from 1: a wrong fold shows
+    from bnkit.torch.fold import FoldReport, _plan_sequential, _probe
+
+    folded, report = fold_bn(model, x)
+    assert [f.bn for f in report.folded] == ["4"]
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-5
+    fallback = FoldReport()  # the nn.Sequential plan, where fx cannot trace
+    assert [p[0] for p in _plan_sequential(model, _probe(model, (x,))[1], fallback)] == ["4"]
+    because = "'0' is a" if how == "instance forward" else "call_function 'conv2d'"  # fx traces into a subclass
+    assert because in report.left["1"] and "forward is not PyTorch's" in fallback.left["1"], (report, fallback)
+
+
+@pytest.mark.parametrize("order", ["linear-bn", "bn-linear"])
+def test_a_batchnorm2d_next_to_a_linear_is_left_without_example_inputs(order):
+    """A Linear acts on the last dim, BatchNorm2d on dim 1 of a rank-4 input: without example_inputs to show the
+    ranks, the pair was folded (wrong by the outputs' scale whenever the widths matched)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 5, 4)
+    layers = [nn.Linear(4, 4), nn.BatchNorm2d(4)]
+    model = calibrated(nn.Sequential(*(layers if order == "linear-bn" else layers[::-1])), x)
+    folded, report = fold_bn(model)
+    assert report.n_folded == 0
+    (reason,) = report.left.values()
+    assert "is a Linear, which acts on the last dim, and BatchNorm2d takes rank [4] input" in reason
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+    linear_bn1d = calibrated(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), torch.randn(16, 4))
+    assert fold_bn(linear_bn1d)[1].n_folded == 1  # BatchNorm1d takes (N, C): folded, with the note on the assumption
+
+
 @pytest.mark.parametrize("position", ["after", "before"])
 def test_a_bn_next_to_a_layer_with_its_own_hook_is_left(position):
     """A forward hook on the conv would see (and clamp) the folded output; a pre-hook on it, the input without the

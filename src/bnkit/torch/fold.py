@@ -638,7 +638,7 @@ def _plan_fx(
                     or (f"'{target}' already absorbs another BN" if target in {p[1] for p in plan} else None)
                     or (f"the output of '{target}' is also used elsewhere" if len(src.users) > 1 else None)
                     or _channel_reason(bn, layer, target, "after")
-                    or _layout_reason(layer, probe, report, target)
+                    or _layout_reason(layer, bn, probe, report, target)
                 )
             if reason is None:
                 plan.append((name, target, "after"))
@@ -658,7 +658,7 @@ def _plan_fx(
             or _written_between_reason(node, users[0], modules, target)
             or _layer_reason(layer, target, calls, attr_used, shared)
             or _channel_reason(bn, layer, target, "before")
-            or _layout_reason(layer, probe, report, target)
+            or _layout_reason(layer, bn, probe, report, target)
         )
         if reason is None:
             plan.append((name, target, "before"))
@@ -708,7 +708,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
                 or (_padding_reason(layer, layer_name) if position == "before" else None)
                 or _layer_reason(layer, layer_name, calls, read, shared)
                 or _channel_reason(bn, layer, layer_name, position)
-                or _layout_reason(layer, probe, report, layer_name)
+                or _layout_reason(layer, bn, probe, report, layer_name)
             )
             if reason is None:
                 plan.append((bn_name, layer_name, position))
@@ -769,7 +769,10 @@ def _layer_reason(
     layer: nn.Module, name: str, calls: Counter, attr_used: set[int], shared: dict[int, list[str]]
 ) -> str | None:
     base = _PLAIN_FORWARDS.get(type(layer).forward)
-    if base is None:
+    # a forward set on the instance (fake quantization, a wrapper's hook) or a subclass's own _conv_forward
+    # (weight standardization) computes something else with the weights behind PyTorch's forward
+    conv_forward = getattr(type(layer), "_conv_forward", None)
+    if base is None or "forward" in vars(layer) or conv_forward is not getattr(base, "_conv_forward", None):
         return (
             f"'{name}' is a {type(layer).__name__} whose forward is not PyTorch's, "
             "so its weights may not act linearly"
@@ -895,15 +898,21 @@ def _channel_reason(bn: nn.Module, layer: nn.Module, name: str, position: str) -
     return None if n == channels(bn) else f"'{name}' has {n} channels on the BN's side, the BN {channels(bn)}"
 
 
-def _layout_reason(layer: nn.Module, probe: dict[int, dict], report: FoldReport, name: str) -> str | None:
+def _layout_reason(layer: nn.Module, bn: nn.Module, probe: dict[int, dict], report: FoldReport,
+                   name: str) -> str | None:
     """None if the layer's activations are (or, unprobed, are assumed) ``(N, C, *spatial)``; else why not.
 
     BatchNorm normalizes dim 1; a Linear acts on the last dim, so only ``(N, features)`` lines them up,
-    and an unbatched conv's dim 1 is spatial.
+    and an unbatched conv's dim 1 is spatial. Unprobed, a BN that takes no rank-2 input (``BatchNorm2d``/``3d``)
+    next to a Linear never lines up.
     """
     want = 2 if isinstance(layer, nn.Linear) else layer.weight.dim()
     ranks = probe.get(id(layer), {}).get("ndim")
     if ranks is None:
+        bn_ranks = _bn_ranks(bn)
+        if isinstance(layer, nn.Linear) and bn_ranks is not None and 2 not in bn_ranks:
+            return (f"'{name}' is a Linear, which acts on the last dim, and {type(bn).__name__} takes rank "
+                    f"{sorted(bn_ranks)} input, normalizing dim 1")
         if isinstance(layer, nn.Linear):
             note = "Linear/BatchNorm1d folds assume (N, features) activations; pass example_inputs to check"
             if note not in report.notes:
@@ -913,6 +922,22 @@ def _layout_reason(layer: nn.Module, probe: dict[int, dict], report: FoldReport,
         kind = "Linear acts on the last dim" if want == 2 else f"it needs batched rank-{want} input"
         return f"'{name}' outputs rank {sorted(ranks)} tensors; BatchNorm normalizes dim 1, {kind}"
     return None
+
+
+def _bn_ranks(bn: nn.Module) -> set[int] | None:
+    """The input ranks (2 to 5) the BN's ``_check_input_dim`` accepts, tried on empty meta tensors; None for a
+    BN without one."""
+    check = getattr(bn, "_check_input_dim", None)
+    if check is None:
+        return None
+    ranks = set()
+    for rank in range(2, 6):
+        try:
+            check(torch.empty((1,) * rank, device="meta"))
+        except Exception:  # noqa: BLE001 - ValueError for PyTorch's and bnkit's layers; a subclass may raise anything
+            continue
+        ranks.add(rank)
+    return ranks
 
 
 def _padding_reason(layer: nn.Module, name: str) -> str | None:
