@@ -81,6 +81,28 @@ def test_channels_last_axis_matches_channels_first():
     np.testing.assert_allclose(first.running_var, last.running_var)
 
 
+@pytest.mark.parametrize("layout", ["NLC as NCL", "NHWC as NCHW"])
+def test_transposed_views_match_torch_in_train_and_eval(layout):
+    """An NHWC array viewed as NCHW (``transpose``): the output was written into a reshape's copy and returned
+    unfilled. Oracle: torch's BatchNorm in float64 on the same values."""
+    rng = np.random.default_rng(7)
+    stored = rng.normal(2.0, 3.0, size=(6, 5, 4) if layout == "NLC as NCL" else (6, 3, 5, 4))
+    x = stored.transpose(0, 2, 1) if layout == "NLC as NCL" else stored.transpose(0, 3, 1, 2)
+    assert not x.flags.c_contiguous and not x.flags.f_contiguous
+    ref = BatchNorm(4)
+    tbn = (torch.nn.BatchNorm1d if x.ndim == 3 else torch.nn.BatchNorm2d)(4).double()
+    with torch.no_grad():
+        tbn.weight.uniform_(0.5, 2.0)
+        tbn.bias.normal_()
+    ref.weight, ref.bias = tbn.weight.detach().numpy().copy(), tbn.bias.detach().numpy().copy()
+    for training in (True, False):
+        ref.train(training)
+        tbn.train(training)
+        want = tbn(torch.from_numpy(np.ascontiguousarray(x))).detach().numpy()
+        np.testing.assert_allclose(ref(x), want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(ref.running_var, tbn.running_var.numpy(), rtol=1e-12)
+
+
 def test_eval_is_deterministic_updates_nothing_and_uses_gamma_beta_identically():
     rng = np.random.default_rng(4)
     bn = BatchNorm(3)
@@ -306,6 +328,20 @@ def test_momentum_set_out_of_range_after_construction_changes_nothing():
         bn(np.random.default_rng(1).normal(size=(8, 2)))
     for k, v in bn.state_dict().items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def test_eps_zero_with_a_constant_channel_in_training_is_refused_and_changes_nothing():
+    """0 / sqrt(0 + 0) gave NaN outputs and gradients with only RuntimeWarnings (PyTorch refuses eps=0 in
+    training); with every channel varying, eps=0 is the closed form (x - mean) / std."""
+    bn = BatchNorm(2, eps=0.0)
+    x = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])
+    before = bn.state_dict()
+    with pytest.raises(ValueError, match=r"eps=0 and channel\(s\) \[1\] have zero variance"):
+        bn(x)
+    for k, v in bn.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    x[:, 1] = [4.0, 5.0, 9.0]
+    np.testing.assert_allclose(bn(x), (x - x.mean(0)) / x.std(0), rtol=1e-12)
 
 
 def test_variance_that_overflows_the_dtype_is_refused_and_changes_nothing():

@@ -166,6 +166,12 @@ class BatchNorm:
             m2 = _channel_dot(d, d)
             if not np.all(np.isfinite(m2)):  # finite values whose squared deviations overflow the dtype
                 raise ValueError("training batch's variance overflows its dtype; running statistics left untouched")
+            if self.eps == 0.0 and not np.all(m2 > 0):  # 0 / sqrt(0): NaN outputs and gradients
+                dead = np.flatnonzero(~(m2 > 0)).tolist()
+                raise ValueError(
+                    f"eps=0 and channel(s) {dead[:8]}{' ...' if len(dead) > 8 else ''} have zero variance in this "
+                    "batch: normalizing them divides by zero (PyTorch refuses eps=0 in training); use eps > 0. "
+                    "Running statistics left untouched")
             invstd = 1.0 / np.sqrt(m2 / n + self.eps)
             if self.training and self.track_running_stats:
                 self._update_running(n, mean, m2)
@@ -176,7 +182,7 @@ class BatchNorm:
             invstd = 1.0 / np.sqrt(self.running_var + self.eps)
             scale, src = gamma * invstd, x3
             shift = beta - mean * scale
-        out = np.empty_like(x3)
+        out = np.empty(x3.shape, dtype=x3.dtype)  # C order whatever x3's strides: out2 below must be a view of it
         # Per-sample rows of C*B values times full-length scale/shift rows: NumPy's inner loop then runs
         # over a whole sample instead of B values per channel (a (C, 1) broadcast is ~1.7x slower).
         a, c, b = x3.shape
