@@ -68,6 +68,9 @@ def test_finetuning_scenario_stats_and_affine_stay_bit_identical():
     assert all(not m.training for _, m in bn_layers(model))
     assert all(state == FreezeState(True, True) for state in frozen_bn_layers(model).values())
     assert set(frozen_bn_layers(model)) == {n for n, _ in bn_layers(model)}
+    model.requires_grad_(False)  # a frozen backbone too: containers' parameters carry no trainable one either
+    assert set(frozen_bn_layers(model)) == {n for n, _ in bn_layers(model)}
+    assert set(frozen_bn_layers(nn.Sequential(freeze_bn(nn.BatchNorm1d(3))))) == {"0"}  # not the container ''
 
 
 def test_without_freezing_the_same_loop_changes_bn():

@@ -277,4 +277,4 @@ def _part_frozen(state: FreezeState, part: str) -> bool:
 
 def frozen_bn_layers(model: nn.Module) -> dict[str, FreezeState]:
     """``{qualified_name: FreezeState}`` for every BatchNorm or FrozenBatchNorm layer with a frozen part."""
-    return {name: state for name, m in eager_modules(model) if (state := _state(m))}
+    return {name: state for name, m in eager_modules(model) if is_bn_or_frozen(m) and (state := _state(m))}
