@@ -524,6 +524,8 @@ def test_batch_counts_with_skipped_batches_and_batches_that_reach_no_layer():
     report = recalibrate(model, [good[0], nan[0], small, nan[1], good[1]], on_nonfinite="skip", progress=False)
     assert (report.batches, report.skipped_batches) == (3, 2)
     assert report.unused_layers == ["b"]
+    (unused,) = [f for f in report.findings() if f.code == "recalibrate_unused"]  # b ran, in skipped batches only
+    assert "0 forward calls" not in unused.evidence and "the 2 batch(es) skipped as non-finite" in unused.evidence
     assert all(torch.equal(v, before["b." + k]) for k, v in model.b.state_dict().items())
     np.testing.assert_allclose(model.a.running_mean.numpy(), ref[0], rtol=1e-9)
     np.testing.assert_allclose(model.a.running_var.numpy(), ref[1], rtol=1e-9)
@@ -573,8 +575,9 @@ def test_bad_input_is_refused_and_changes_nothing():
         recalibrate(model, batches[0], progress=False)
     with pytest.raises(ValueError, match="on_nonfinite"):
         recalibrate(model, batches, on_nonfinite="ignore", progress=False)
-    with pytest.raises(ValueError, match="num_batches"):
-        recalibrate(model, batches, num_batches=0, progress=False)
+    for bad in (0, 2.5, float("inf"), float("nan"), True, "3"):  # inf and NaN raised int()'s own errors
+        with pytest.raises(ValueError, match=f"num_batches must be a positive integer or None, got {bad!r}"):
+            recalibrate(model, batches, num_batches=bad, progress=False)
     with pytest.raises(ValueError, match="no batches"):
         recalibrate(model, [], progress=False)
     with pytest.raises(ValueError, match="no BatchNorm"):

@@ -80,6 +80,8 @@ Conventions written into the buffers:
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 import time
 import warnings
 import zlib
@@ -194,9 +196,12 @@ class RecalibrationReport:
                              f"variance x{lo:.3g}..x{hi:.3g}",
                     code="recalibrated", data=row))
             else:
+                skipped = (f", or only in the {self.skipped_batches} batch(es) skipped as non-finite"
+                           if self.skipped_batches else "")
                 out.append(Finding(
                     "warning", layer.name, "not reached by the data: statistics left unchanged",
-                    evidence="0 forward calls during the pass",
+                    evidence=f"no input values reached it in the batches used: not called, or called on empty "
+                             f"inputs only{skipped}",
                     fix="feed data that takes this branch (or a forward= that calls it), or remove the layer",
                     code="recalibrate_unused", data=row))
         return out
@@ -556,7 +561,9 @@ def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
         raise TypeError("data must be an iterable of batches (e.g. a DataLoader), not a tensor; wrap it: [x]")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    if num_batches is not None and (int(num_batches) != num_batches or num_batches < 1):
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Real)
+                                    or not math.isfinite(num_batches) or int(num_batches) != num_batches
+                                    or num_batches < 1):
         raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
     if device is None:  # DataParallel / DDP moved each batch to their first device: bnkit moves it there instead
         device = parallel_device(model)
