@@ -249,7 +249,8 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
             "running_mean/running_var were set without a training-mode update (by hand or by a converter)",
             "fine if they were computed on purpose; with momentum=None the first update would discard them",
             "never_tracked", {"num_batches_tracked": nbt}))
-    elif (nbt is not None and layer.momentum != 0  # momentum 0 never updates: the model depth reports that
+    # momentum 0 never updates, one outside [0, 1] diverges: the model depth reports those
+    elif (nbt is not None and (layer.momentum is None or 0.0 < layer.momentum <= 1.0)
           and (w0 := initial_weight(layer.momentum, nbt)) > FEW_UPDATES_WEIGHT):
         findings.append(Finding(
             "warning", name, "running statistics updated only a few times",

@@ -109,3 +109,90 @@ def test_layer_label_lists_three_names_then_the_count():
     model = nn.Sequential(*[nn.BatchNorm1d(4) for _ in range(4)]).train()
     (finding,) = audit(model).by_code("train_mode")
     assert finding.layer == "0, 1, 2, ... (4 layers)" and len(finding.data["layers"]) == 4
+
+
+class _ThirdPartyFrozenBN(nn.Module):
+    """torchvision's FrozenBatchNorm2d in outline: BatchNorm's buffers, its own arithmetic, no _BatchNorm base."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.eps = 1e-5
+        for name, value in (("weight", torch.ones(n)), ("bias", torch.zeros(n)), ("running_mean", torch.zeros(n)),
+                            ("running_var", torch.ones(n))):
+            self.register_buffer(name, value)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return x * scale[None, :, None, None] + (self.bias - self.running_mean * scale)[None, :, None, None]
+
+
+def test_a_module_with_batchnorms_buffers_but_not_its_class_keeps_the_state_checks():
+    """Depth 1 finds a BN by its buffer names; the model audit, by its class, saw no BN at all in a model of
+    torchvision-style frozen layers, and a negative variance (NaN outputs) went from exit 1 to 'no BatchNorm
+    layers found'. Oracle: the model's own NaN output, and the state dict audit of the same tensors."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _ThirdPartyFrozenBN(4)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)[2] = -1.0
+        assert torch.isnan(model(torch.randn(1, 3, 8, 8))).any()
+    report = audit(model)
+    state_codes = {(f.layer, f.code) for f in audit(model.state_dict()).findings if f.severity == "error"}
+    assert state_codes == {("1", "negative_var")}
+    assert {(f.layer, f.code) for f in report.findings if f.severity == "error"} == state_codes
+    assert not report.ok and report.layers == ["1"] and not report.by_code("no_bn")
+    (note,) = report.by_code("bn_like")
+    assert "_ThirdPartyFrozenBN" in note.evidence and note.severity == "info"
+
+
+def test_momentum_outside_zero_one_is_an_error_not_a_crash():
+    """ema_window raised for 1.5 and NaN (no layer named); -0.1 was told as 'never changes' with an initial weight of
+    (1 - -0.1)^1000. Oracle: PyTorch's own updates: from 2 on and below 0 they run away from the batch mean (an
+    error), between 1 and 2 they overshoot but converge (a warning), NaN makes them NaN."""
+    x = torch.randn(64, 3) + 3.0
+    for m, severity in ((1.5, "warning"), (2.5, "error"), (float("nan"), "error"), (-0.1, "error")):
+        bn = nn.BatchNorm1d(3, momentum=m).train()
+        with torch.no_grad():
+            bn.num_batches_tracked.fill_(1000)
+            for _ in range(8):
+                bn(x)
+        off = float((bn.running_mean - x.mean(0)).abs().max())
+        assert (off < 0.1 if severity == "warning" else not off < 1.0), (m, off)  # NaN: not below either
+        bn.eval()
+        report = audit(nn.Sequential(bn))
+        (finding,) = report.by_code("momentum")
+        assert finding.severity == severity and ("outside [0, 1]" in finding.finding) == (severity == "error")
+        assert not report.by_code("few_updates")
+
+
+def test_a_debiased_drop_in_layer_at_momentum_zero_is_a_cumulative_average_not_frozen():
+    from bnkit.torch import BatchNorm1d
+
+    bn = BatchNorm1d(3, momentum=0.0, debias=True).train()
+    batches = [torch.randn(16, 3) * 2 + 1 for _ in range(20)]
+    with torch.no_grad():
+        for b in batches:
+            bn(b)
+    torch.testing.assert_close(bn.running_mean, torch.stack([b.mean(0) for b in batches]).mean(0))  # cumulative
+    (finding,) = audit(nn.Sequential(bn.eval())).by_code("momentum")
+    assert finding.severity == "info" and "cumulative average" in finding.finding
+
+
+def test_a_negative_eps_that_pytorch_refuses_is_an_error():
+    bn = nn.BatchNorm1d(3, eps=-1e-3).eval()
+    try:
+        bn(torch.randn(4, 3))
+        refuses = False
+    except (RuntimeError, ValueError):
+        refuses = True
+    (finding,) = audit(nn.Sequential(bn)).by_code("negative_eps")
+    assert (finding.severity == "error") == refuses
+
+
+def test_tensors_on_the_meta_device_are_refused_with_a_clear_error():
+    import pytest
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    for target in (model, model.state_dict()):
+        with pytest.raises(ValueError, match=r"holds meta tensors \(0.weight, .*load_state_dict\(\.\.\., assign=True\)"):
+            audit(target)

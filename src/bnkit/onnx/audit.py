@@ -5,7 +5,8 @@ Flags, as :class:`bnkit.findings.Finding` rows (layer = node name):
 * ``training_mode=1`` (opset >= 14), or running-statistic outputs requested (opset 9-13):
   onnxruntime then normalises each batch with its own statistics, so outputs depend on
   the batch and not on the stored running statistics (error);
-* extra running-statistic outputs on an inference node (invalid from opset 14; warning);
+* extra running-statistic outputs on an inference node (from opset 14 invalid, onnxruntime refuses the model:
+  error; warning below);
 * optional outputs that are all blank names, on which onnxruntime 1.32 crashes (warning);
 * statistics or parameters computed at run time, so they cannot be checked (warning);
 * statistics or parameters that are graph inputs with stored values (initializers also listed

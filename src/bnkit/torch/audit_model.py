@@ -9,16 +9,19 @@ SyncBatchNorm without a process group); PyTorch's momentum (the weight of the NE
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from ..audit_state import check_bn_stats, ema_window, layer_stats
 from ..findings import Finding
 from .freeze import is_frozen
+from .layers import is_cumulative
 from .modules import is_batchnorm
 
 
@@ -29,10 +32,12 @@ def model_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], exampl
     checks only (they have no training mode, momentum or tracking flag: their buffers are used always).
     """
     findings: list[Finding] = []
-    if not layers:
+    others = bn_like_modules(model, layers)
+    if not layers and not others:
         findings.append(Finding("info", "(model)", "no BatchNorm layers found", "", "", "no_bn"))
     for name, bn in layers:
         findings += _layer_state_findings(name, bn)
+    findings += _bn_like_findings(others)
     bns = [(name, bn) for name, bn in layers if is_batchnorm(bn)]
     findings += _mode_findings(model, bns)
     findings += _momentum_findings(bns)
@@ -69,7 +74,50 @@ def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
     momentum = None if frozen or getattr(bn, "debias", False) else bn.momentum
     stats = layer_stats(name, {"running_mean": bn.running_mean, "running_var": bn.running_var, "weight": bn.weight,
                                "bias": bn.bias, "num_batches_tracked": nbt}, eps=float(bn.eps), momentum=momentum)
-    return stale + check_bn_stats(stats)
+    return stale + [_refused_eps(f, bn) if f.code == "negative_eps" else f for f in check_bn_stats(stats)]
+
+
+def _refused_eps(finding: Finding, bn: nn.Module) -> Finding:
+    """The negative-eps warning made an error where this PyTorch's ``batch_norm`` (which PyTorch's layers and
+    bnkit's frozen ones call) refuses the eps: then every forward of the layer raises."""
+    try:
+        F.batch_norm(torch.zeros(2, 1), torch.zeros(1), torch.ones(1), eps=float(bn.eps))
+    except (RuntimeError, ValueError) as exc:
+        return Finding("error", finding.layer, "negative eps: every forward raises",
+                       f"eps = {bn.eps:g}, which torch.nn.functional.batch_norm refuses ({exc})",
+                       "set eps > 0 (PyTorch's default is 1e-5)", "negative_eps", finding.data)
+    return finding
+
+
+def bn_like_modules(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Modules other than ``layers`` holding ``running_mean`` and ``running_var`` tensors: BatchNorm look-alikes
+    (torchvision's or detectron2's FrozenBatchNorm2d), InstanceNorm with running statistics."""
+    known = {id(m) for _, m in layers}
+    return [(name, m) for name, m in model.named_modules()
+            if id(m) not in known and all(isinstance(getattr(m, k, None), torch.Tensor) and not is_lazy(getattr(m, k))
+                                          for k in ("running_mean", "running_var"))]
+
+
+def _bn_like_findings(others: list[tuple[str, nn.Module]]) -> list[Finding]:
+    """Their arrays checked as a state dict's are (with their own ``eps`` where they have a number for it), and an
+    info finding naming them: the flag, momentum, fold and data checks know PyTorch's and bnkit's layers only."""
+    out = []
+    for name, m in others:
+        buffers = {k: getattr(m, k, None) for k in ("running_mean", "running_var", "weight", "bias",
+                                                    "num_batches_tracked")}
+        buffers = {k: v if isinstance(v, torch.Tensor) else None for k, v in buffers.items()}
+        eps, momentum = getattr(m, "eps", None), getattr(m, "momentum", None)
+        out += check_bn_stats(layer_stats(name, buffers, eps=float(eps) if isinstance(eps, (int, float)) else 1e-5,
+                                          momentum=float(momentum) if isinstance(momentum, (int, float)) else None))
+    if others:
+        names = [n for n, _ in others]
+        kinds = ", ".join(sorted({type(m).__name__ for _, m in others}))
+        out.append(Finding(
+            "info", short_names(names), "modules with running statistics that are not BatchNorm layers",
+            f"{len(names)} module(s) ({kinds}) hold running_mean and running_var: their statistics are checked as "
+            "a state dict's are; the mode, momentum, fold and data checks cover torch.nn's BatchNorm layers and "
+            "bnkit's FrozenBatchNorm*d", "", "bn_like", {"layers": names}))
+    return out
 
 
 def _frozen_affine(bn: _BatchNorm) -> bool:
@@ -117,18 +165,40 @@ def _mode_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]]) -> li
 
 def _momentum_findings(layers: list[tuple[str, _BatchNorm]]) -> list[Finding]:
     groups: dict[float | None, list[str]] = {}
+    debiased = set()  # drop-in layers with debias=True at momentum 0: a cumulative average too
     for name, bn in layers:
         if bn.track_running_stats and bn.running_mean is not None:
-            groups.setdefault(bn.momentum, []).append(name)
+            groups.setdefault(None if is_cumulative(bn) else bn.momentum, []).append(name)
+            if bn.momentum is not None and is_cumulative(bn):
+                debiased.add(name)
     out = []
     for m, names in groups.items():
         data = {"momentum": m, "layers": names}
         if m is None:
             out.append(Finding(
-                "info", short_names(names), "momentum=None: cumulative average",
+                "info", short_names(names), "momentum=None: cumulative average" if not debiased & set(names) else
+                "cumulative average (momentum=None, or debias=True at momentum 0)",
                 "every training batch since the last reset weighs equally, early-training batches included",
                 "recompute the statistics after training (bnkit recalibrate) so they match the final weights",
                 "momentum", data))
+        elif math.isnan(m) or m < 0 or m >= 2:
+            how = ("every update makes the running statistics NaN" if math.isnan(m) else
+                   f"|1 - m| = {abs(1 - m):g} >= 1, so the running statistics "
+                   + ("move away from the batch statistics at every update (they diverge)" if m < 0 else
+                      "overshoot the batch statistics ever further (they oscillate without converging)"))
+            out.append(Finding(
+                "error", short_names(names), f"momentum {m} outside [0, 1]",
+                f"PyTorch updates r <- (1 - m) r + m b, m the weight of the new batch: {how}",
+                "use momentum 0.1 (or None for a cumulative average), then recalibrate (bnkit recalibrate)",
+                "momentum", data))
+        elif m > 1:
+            out.append(Finding(
+                "warning", short_names(names), f"momentum {m:g} above 1",
+                f"PyTorch updates r <- (1 - m) r + m b: with 1 - m = {1 - m:.3g} < 0 every update overshoots the "
+                "batch statistics; they oscillate towards the data's, with sqrt(m / (2 - m)) = "
+                f"{math.sqrt(m / (2 - m)):.3g} times one batch's noise",
+                f"if this came from another framework, use momentum {1 - m:.3g} (bnkit.convert_momentum) if that is "
+                "in [0, 1]; else 0.1", "momentum", data))
         elif m <= 0:
             out.append(Finding(
                 "warning", short_names(names), f"momentum {m}: running statistics never change",
