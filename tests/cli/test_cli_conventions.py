@@ -248,6 +248,9 @@ def test_at_every_width_the_conventions_are_a_table_with_whole_headers_or_lines(
         header = [line for line in out.splitlines() if line.startswith("┃")]
         if header:
             assert [c.strip() for c in header[0].split("┃")[2:-1]] == list(FRAMEWORKS), (width, header[0])
+            cells = [c.strip() for line in out.splitlines() if line.startswith("│") for c in line.split("│")[2:-1]]
+            for name in ("epsilon,", "momentum", "M2/(n-1)", "unbiased"):  # no name split across lines (57-68)
+                assert name in cells, (width, name, out)
         else:
             flat = " ".join(out.split())
             assert all(f"{fw}: r = " in flat for fw in FRAMEWORKS), (width, flat)

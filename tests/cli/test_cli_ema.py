@@ -96,3 +96,5 @@ def test_the_title_states_the_rule_the_rows_follow():
     for t, m in enumerate([4.2, 3.8, 4.1], start=1):
         v = old * v + new * m
         assert rows[t][1] == pytest.approx(v, rel=1e-5)
+    result = runner.invoke(app, ["ema", "1", "--decay", "0.12345"], terminal_width=200)  # weights that add up to 1
+    assert "running = 0.12345 * running + 0.87655 * batch_mean" in " ".join(result.output.split()), result.output

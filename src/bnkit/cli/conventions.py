@@ -42,7 +42,17 @@ def conventions(
     label = "update (m = momentum)"  # the widest label: the first column's width
     convs = [CONVENTIONS[fw] for fw in FRAMEWORKS]
     layouts = [LAYOUTS[fw] for fw in FRAMEWORKS]
-    if console.width < len(label) + 8 * len(FRAMEWORKS) + 4:  # columns narrower than "torch": lines, not a table
+    rows = [
+        (label, *(_short_rule(c.momentum_weighs) for c in convs)),
+        ("momentum weighs", *(f"the {c.momentum_weighs} value" for c in convs)),
+        ("default momentum", *(f"{c.default_momentum:g}" for c in convs)),
+        ("default eps", *(f"{c.default_eps:g}" for c in convs)),
+        ("eps, momentum\nnamed", *(f"{lay['eps']},\n{lay['momentum']}" for lay in layouts)),
+        ("running var fed", *("unbiased\nM2/(n-1)" if c.unbiased_running_var else "biased\nM2/n" for c in convs)),
+    ]
+    # the labels whole, each other column as wide as its longest word, or rich splits a name (epsilo|n): else lines
+    widths = [len(label)] + [max(len(word) for cell in column for word in cell.split()) for column in zip(*rows)][1:]
+    if console.width < sum(widths) + 3 * len(widths) + 1:
         _print_lines(convs, layouts)
         if converted is not None:
             _print_converted(src_name, momentum, converted)
@@ -53,13 +63,8 @@ def conventions(
     table.add_column("", style="bold", no_wrap=True)
     for fw in FRAMEWORKS:
         table.add_column(fw, overflow="fold")
-    table.add_row(label, *(_short_rule(c.momentum_weighs) for c in convs))
-    table.add_row("momentum weighs", *(f"the {c.momentum_weighs} value" for c in convs))
-    table.add_row("default momentum", *(f"{c.default_momentum:g}" for c in convs))
-    table.add_row("default eps", *(f"{c.default_eps:g}" for c in convs))
-    table.add_row("eps, momentum\nnamed", *(f"{lay['eps']},\n{lay['momentum']}" for lay in layouts))
-    table.add_row("running var fed",
-                  *("unbiased\nM2/(n-1)" if c.unbiased_running_var else "biased\nM2/n" for c in convs))
+    for row in rows:
+        table.add_row(*row)
     # the converted momenta whole: a table row if rich lays each out on one line of its column, else lines under
     # the table (how rich narrows columns is its own: the row is tried on a plain copy of the console first)
     row_fits = False

@@ -7,6 +7,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from ..conventions import convert_momentum
 from ..stats import ema_table
 from .app import app, console, fail
 
@@ -47,7 +48,8 @@ def ema(
         raise fail(f"--decay must be in [0, 1], got {decay}")
     series = list(values) + [fill] * (n - len(values))
     rows = ema_table(series, decay, init)
-    table = Table(title=f"Running mean, running = {decay} * running + {1 - decay:.4g} * batch_mean (start {init})")
+    new = convert_momentum(decay, "keras", "torch")  # 1 - decay in full: Keras's momentum weighs the old value
+    table = Table(title=f"Running mean, running = {decay!r} * running + {new!r} * batch_mean (start {init})")
     table.add_column("batch", justify="right")
     table.add_column("batch mean", justify="right")
     table.add_column("running mean", justify="right")

@@ -34,7 +34,7 @@ _HELP = ("Run one chapter at full size and write its report, for the real curves
 @app.command(help=_HELP)
 def study(
     name: str = typer.Argument(..., help=f"Chapter: {', '.join(CHAPTER_HELP)} (listed above)."),
-    seeds: Optional[int] = typer.Option(None, help="Number of seeds (default: the chapter's full-size count)."),
+    seeds: Optional[int] = typer.Option(None, help="Number of seeds (default: the chapter's count for the chosen --size)."),
     out: Optional[str] = typer.Option(None, help="Report folder (default bnkit-report/study-NAME)."),
     size: str = typer.Option("full", help="full, demo or quick."),
     seed: int = typer.Option(0, help="Base random seed."),
