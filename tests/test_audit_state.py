@@ -185,11 +185,11 @@ def test_dead_gamma_channels():
 def test_inconsistent_shapes():
     layer = BNStats("bn", np.zeros(3), np.ones(4), weight=np.ones(3))
     (finding,) = check_bn_stats(layer)
-    assert finding.code == "bad_shape" and finding.severity == "error"
-    # equal shapes that are not one value per channel (torch's buffers are 1-D: (num_features,))
+    assert finding.code == "bad_shape" and finding.severity == "error" and "inconsistent" in finding.finding
+    # equal shapes that are not one value per channel (torch's buffers are 1-D: (num_features,)): not "inconsistent"
     assert nn.BatchNorm1d(3).running_mean.ndim == 1
     (finding,) = check_bn_stats(BNStats("bn", np.zeros((2, 3)), np.ones((2, 3))))
-    assert finding.code == "bad_shape"
+    assert finding.code == "bad_shape" and finding.finding == "BN arrays are not one value per channel"
 
 
 def _layer_with_eps(bn, eps):

@@ -212,7 +212,8 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
 
     shapes = {k: v.shape for k, v in arrays.items()}
     if len(set(shapes.values())) > 1 or mean.ndim != 1:
-        return [Finding("error", name, "BN arrays have inconsistent shapes",
+        return [Finding("error", name, "BN arrays have inconsistent shapes" if len(set(shapes.values())) > 1 else
+                        "BN arrays are not one value per channel",
                         ", ".join(f"{k} {tuple(s)}" for k, s in shapes.items()),
                         "re-export the layer; every array must hold one value per channel", "bad_shape",
                         {k: list(s) for k, s in shapes.items()})]

@@ -243,6 +243,15 @@ def test_load_inputs_names_what_a_file_with_an_array_name_is(tmp_path):
     with open(tmp_path / "swapped.npz", "wb") as f:  # an .npy under an .npz name: np.load reads it by its bytes
         np.save(f, np.ones(3))
     np.testing.assert_array_equal(load_inputs(tmp_path / "swapped.npz"), np.ones(3))
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "mixed.npz", "w") as archive:  # np.load reads any zip's .npy members
+        archive.writestr("x.npy", (tmp_path / "swapped.npz").read_bytes())
+        archive.writestr("README.txt", "the inputs")
+    np.testing.assert_array_equal(load_inputs(tmp_path / "mixed.npz"), np.ones(3))
+    np.savez(tmp_path / "none.npz")  # no arrays: a zip of nothing, which np.load opens
+    with pytest.raises(ValueError, match=r"none.npz holds \[\]; name the inputs"):
+        load_inputs(tmp_path / "none.npz")
 
 
 def test_load_inputs_never_runs_a_pickle(tmp_path):

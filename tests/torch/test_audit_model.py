@@ -1,4 +1,6 @@
 """bnkit.torch.audit_model (depth 2, no data): each mode/momentum/fold finding matches what PyTorch's own layers do."""
+import copy
+
 import torch
 from torch import nn
 
@@ -139,9 +141,42 @@ def test_a_module_with_batchnorms_buffers_but_not_its_class_keeps_the_state_chec
     state_codes = {(f.layer, f.code) for f in audit(model.state_dict()).findings if f.severity == "error"}
     assert state_codes == {("1", "negative_var")}
     assert {(f.layer, f.code) for f in report.findings if f.severity == "error"} == state_codes
-    assert not report.ok and report.layers == ["1"] and not report.by_code("no_bn")
+    assert not report.ok and not report.by_code("no_bn")
     (note,) = report.by_code("bn_like")
-    assert "_ThirdPartyFrozenBN" in note.evidence and note.severity == "info"
+    assert "_ThirdPartyFrozenBN" in note.evidence and note.severity == "info" and note.data["layers"] == ["1"]
+
+
+def test_instance_norm_statistics_are_checked_without_batchnorms_counter_rule():
+    """PyTorch's InstanceNorm never counts its updates (num_batches_tracked stays 0 through training): trained, it
+    gets no 'set without a training-mode update' warning; never trained, eval mode uses the initial 0 and 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True))
+    assert {f.code for f in audit(model.eval()).findings if f.layer == "1"} == {"never_updated", "bn_like"}
+    model.train()
+    with torch.no_grad():
+        for _ in range(20):
+            model(torch.randn(8, 3, 8, 8) + 1)
+    assert int(model[1].num_batches_tracked) == 0  # PyTorch's own behaviour, which the audit must not flag
+    report = audit(model.eval())
+    assert report.ok and [f.code for f in report.findings if f.layer == "1"] == ["bn_like"]
+
+
+def test_running_statistics_not_per_channel_are_not_taken_for_a_batchnorms():
+    """A scalar running mean (an RL observation normalizer) or keepdim (1, C, 1, 1) buffers are no BN's
+    statistics: no finding, where a false 'inconsistent shapes' error made the audit fail."""
+
+    class RunningMeanStd(nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.register_buffer("running_mean", torch.zeros(shape))
+            self.register_buffer("running_var", torch.ones(shape))
+
+        def forward(self, x):
+            return (x - self.running_mean) / self.running_var.sqrt()
+
+    for shape in ((), (1, 4, 1, 1)):
+        report = audit(nn.Sequential(nn.Conv2d(3, 4, 3), RunningMeanStd(shape)))
+        assert report.ok and [f.code for f in report.findings] == ["no_bn"], report.findings
 
 
 def test_momentum_outside_zero_one_is_an_error_not_a_crash():
@@ -149,7 +184,7 @@ def test_momentum_outside_zero_one_is_an_error_not_a_crash():
     (1 - -0.1)^1000. Oracle: PyTorch's own updates: from 2 on and below 0 they run away from the batch mean (an
     error), between 1 and 2 they overshoot but converge (a warning), NaN makes them NaN."""
     x = torch.randn(64, 3) + 3.0
-    for m, severity in ((1.5, "warning"), (2.5, "error"), (float("nan"), "error"), (-0.1, "error")):
+    for m, severity in ((1.5, "warning"), (2.0, "error"), (2.5, "error"), (float("nan"), "error"), (-0.1, "error")):
         bn = nn.BatchNorm1d(3, momentum=m).train()
         with torch.no_grad():
             bn.num_batches_tracked.fill_(1000)
@@ -157,6 +192,9 @@ def test_momentum_outside_zero_one_is_an_error_not_a_crash():
                 bn(x)
         off = float((bn.running_mean - x.mean(0)).abs().max())
         assert (off < 0.1 if severity == "warning" else not off < 1.0), (m, off)  # NaN: not below either
+        # at 2 the distance keeps its size, flipping side: told so, not as growing
+        grows = "ever wider" in audit(nn.Sequential(copy.deepcopy(bn).eval())).by_code("momentum")[0].evidence
+        assert grows == (m == 2.5)
         bn.eval()
         report = audit(nn.Sequential(bn))
         (finding,) = report.by_code("momentum")
@@ -186,6 +224,7 @@ def test_a_negative_eps_that_pytorch_refuses_is_an_error():
         refuses = True
     (finding,) = audit(nn.Sequential(bn)).by_code("negative_eps")
     assert (finding.severity == "error") == refuses
+    assert "eval-mode forward raises" in finding.evidence or not refuses  # a renorm layer in training may not
 
 
 def test_tensors_on_the_meta_device_are_refused_with_a_clear_error():

@@ -575,6 +575,15 @@ def test_a_batchnorm2d_next_to_a_linear_is_left_without_example_inputs(order):
     linear_bn1d = calibrated(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), torch.randn(16, 4))
     assert fold_bn(linear_bn1d)[1].n_folded == 1  # BatchNorm1d takes (N, C): folded, with the note on the assumption
 
+    class ChannelChecked(nn.BatchNorm1d):
+        def _check_input_dim(self, input):  # a subclass that also checks the channel count
+            super()._check_input_dim(input)
+            if input.shape[1] != self.num_features:
+                raise ValueError("wrong channel count")
+
+    checked = calibrated(nn.Sequential(nn.Linear(4, 4), ChannelChecked(4)), torch.randn(16, 4))
+    assert fold_bn(checked)[1].n_folded == 1  # its ranks are probed with its channels on dim 1
+
 
 @pytest.mark.parametrize("position", ["after", "before"])
 def test_a_bn_next_to_a_layer_with_its_own_hook_is_left(position):

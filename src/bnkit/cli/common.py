@@ -267,10 +267,10 @@ def _check_array_file(path: Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)
-    is_zip = head.startswith(b"PK\x03\x04")
-    if looks_like_npy(head) or (is_zip and zip_kind(path) == "npz"):
+    kind = zip_kind(path) if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") else None  # the latter: an empty zip
+    if looks_like_npy(head) or kind in ("npz", "zip"):  # np.load reads any zip's .npy members
         return
-    if is_zip and zip_kind(path) is None:
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") and kind is None:
         what = "a damaged zip archive (a truncated or corrupt .npz file?)"
     else:  # None: a pickle or a torch.save archive
         what = describe_file(path, head, size) or ("a pickle or torch.save file (name it .pt to have it read as "

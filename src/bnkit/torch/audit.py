@@ -79,7 +79,7 @@ from ..audit_state import bn_stats_from_state, check_bn_stats
 from ..findings import SEVERITIES, Finding, jsonable, worst_severity
 from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
-from .audit_model import bn_like_modules, model_findings
+from .audit_model import model_findings
 from .io import load_state_dict_file
 from .modules import bn_or_frozen_layers, uninitialized_lazy, unwrapped
 
@@ -209,8 +209,7 @@ def _model_report(model, data, forward, batch_size, train_batch_size, max_batche
     model, _ = unwrapped(model)  # what a wrapper runs: fx reads it, and a compiled one would recompile per call
     layers = bn_or_frozen_layers(model)
     _refuse_meta([*model.named_parameters(), *model.named_buffers()], "the model")
-    report = AuditReport(type(model).__name__, "model",
-                         layers=[name for name, _ in layers] + [name for name, _ in bn_like_modules(model, layers)])
+    report = AuditReport(type(model).__name__, "model", layers=[name for name, _ in layers])
     batches = None
     if data is not None:
         if lazy := uninitialized_lazy(model):

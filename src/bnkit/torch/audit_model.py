@@ -32,7 +32,7 @@ def model_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], exampl
     checks only (they have no training mode, momentum or tracking flag: their buffers are used always).
     """
     findings: list[Finding] = []
-    others = bn_like_modules(model, layers)
+    others = _bn_like_modules(model, layers)
     if not layers and not others:
         findings.append(Finding("info", "(model)", "no BatchNorm layers found", "", "", "no_bn"))
     for name, bn in layers:
@@ -79,32 +79,38 @@ def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
 
 def _refused_eps(finding: Finding, bn: nn.Module) -> Finding:
     """The negative-eps warning made an error where this PyTorch's ``batch_norm`` (which PyTorch's layers and
-    bnkit's frozen ones call) refuses the eps: then every forward of the layer raises."""
+    bnkit's frozen ones call at inference) refuses the eps: then the layer's eval-mode forward raises."""
     try:
         F.batch_norm(torch.zeros(2, 1), torch.zeros(1), torch.ones(1), eps=float(bn.eps))
     except (RuntimeError, ValueError) as exc:
-        return Finding("error", finding.layer, "negative eps: every forward raises",
-                       f"eps = {bn.eps:g}, which torch.nn.functional.batch_norm refuses ({exc})",
+        return Finding("error", finding.layer, "negative eps: inference raises",
+                       f"eps = {bn.eps:g}, which torch.nn.functional.batch_norm refuses ({exc}), so the layer's "
+                       "eval-mode forward raises",
                        "set eps > 0 (PyTorch's default is 1e-5)", "negative_eps", finding.data)
     return finding
 
 
-def bn_like_modules(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """Modules other than ``layers`` holding ``running_mean`` and ``running_var`` tensors: BatchNorm look-alikes
-    (torchvision's or detectron2's FrozenBatchNorm2d), InstanceNorm with running statistics."""
+def _bn_like_modules(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Modules other than ``layers`` holding per-channel ``running_mean`` and ``running_var`` (1-d tensors of one
+    length): BatchNorm look-alikes (torchvision's or detectron2's FrozenBatchNorm2d), InstanceNorm with running
+    statistics. Other shapes (a scalar running mean of an RL normalizer) are not a BN's statistics."""
     known = {id(m) for _, m in layers}
-    return [(name, m) for name, m in model.named_modules()
-            if id(m) not in known and all(isinstance(getattr(m, k, None), torch.Tensor) and not is_lazy(getattr(m, k))
-                                          for k in ("running_mean", "running_var"))]
+
+    def per_channel(m: nn.Module) -> bool:
+        mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+        return (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor) and not is_lazy(mean)
+                and not is_lazy(var) and mean.dim() == 1 and mean.shape == var.shape)
+
+    return [(name, m) for name, m in model.named_modules() if id(m) not in known and per_channel(m)]
 
 
 def _bn_like_findings(others: list[tuple[str, nn.Module]]) -> list[Finding]:
     """Their arrays checked as a state dict's are (with their own ``eps`` where they have a number for it), and an
-    info finding naming them: the flag, momentum, fold and data checks know PyTorch's and bnkit's layers only."""
+    info finding naming them: the flag, momentum, fold and data checks know PyTorch's and bnkit's layers only. Their
+    ``num_batches_tracked`` is left out: whether their forward counts is theirs to say (InstanceNorm's never does)."""
     out = []
     for name, m in others:
-        buffers = {k: getattr(m, k, None) for k in ("running_mean", "running_var", "weight", "bias",
-                                                    "num_batches_tracked")}
+        buffers = {k: getattr(m, k, None) for k in ("running_mean", "running_var", "weight", "bias")}
         buffers = {k: v if isinstance(v, torch.Tensor) else None for k, v in buffers.items()}
         eps, momentum = getattr(m, "eps", None), getattr(m, "momentum", None)
         out += check_bn_stats(layer_stats(name, buffers, eps=float(eps) if isinstance(eps, (int, float)) else 1e-5,
@@ -183,9 +189,10 @@ def _momentum_findings(layers: list[tuple[str, _BatchNorm]]) -> list[Finding]:
                 "momentum", data))
         elif math.isnan(m) or m < 0 or m >= 2:
             how = ("every update makes the running statistics NaN" if math.isnan(m) else
-                   f"|1 - m| = {abs(1 - m):g} >= 1, so the running statistics "
-                   + ("move away from the batch statistics at every update (they diverge)" if m < 0 else
-                      "overshoot the batch statistics ever further (they oscillate without converging)"))
+                   f"|1 - m| = {abs(1 - m):g} > 1, so the running statistics move away from the batch statistics "
+                   "at every update (they diverge)" if m < 0 else
+                   f"|1 - m| = {abs(1 - m):g} >= 1, so every update lands as far or farther on the other side of "
+                   "the batch statistics (they oscillate without converging" + (", ever wider)" if m > 2 else ")"))
             out.append(Finding(
                 "error", short_names(names), f"momentum {m} outside [0, 1]",
                 f"PyTorch updates r <- (1 - m) r + m b, m the weight of the new batch: {how}",

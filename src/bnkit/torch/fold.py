@@ -925,19 +925,19 @@ def _layout_reason(layer: nn.Module, bn: nn.Module, probe: dict[int, dict], repo
 
 
 def _bn_ranks(bn: nn.Module) -> set[int] | None:
-    """The input ranks (2 to 5) the BN's ``_check_input_dim`` accepts, tried on empty meta tensors; None for a
-    BN without one."""
+    """The input ranks (2 to 5) the BN's ``_check_input_dim`` accepts, tried on meta tensors with its channels on
+    dim 1; None for a BN without one, or that accepts none of them (a check of its own that these do not pass)."""
     check = getattr(bn, "_check_input_dim", None)
     if check is None:
         return None
     ranks = set()
     for rank in range(2, 6):
         try:
-            check(torch.empty((1,) * rank, device="meta"))
+            check(torch.empty((1, channels(bn)) + (1,) * (rank - 2), device="meta"))
         except Exception:  # noqa: BLE001 - ValueError for PyTorch's and bnkit's layers; a subclass may raise anything
             continue
         ranks.add(rank)
-    return ranks
+    return ranks or None
 
 
 def _padding_reason(layer: nn.Module, name: str) -> str | None:
