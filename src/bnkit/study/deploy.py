@@ -11,6 +11,7 @@ median latency per forward pass of each (measured here, single process).
 from __future__ import annotations
 
 import collections
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -197,16 +198,17 @@ def run(ctx: Context) -> Chapter:
 def _latencies(runners: dict, x: torch.Tensor, p: dict) -> dict:
     """Median ms per forward pass of each runner at each batch size. The runs are interleaved, one of each per
     round, so a burst of load on a shared machine falls on all of them alike instead of on whichever ran then
-    (run one after the other, a ratio of two medians once came out 1.91 where it is about 1). Each timed call
-    follows an untimed call of itself, and each round starts one call later: a call right after another
-    runtime's batch of 64 took 1.4-2.7x its time (caches left to the other), which in a fixed order fell on the
-    same runner every round (two identical onnxruntime graphs then timed 2.1x apart)."""
+    (run one after the other, a ratio of two medians once came out 1.91 where it is about 1). Each round runs
+    them in a new order (shuffled, seeded), and each timed call follows an untimed call of itself: a call right
+    after another runtime's batch of 64 took 1.3-2.7x its time, which in a fixed order (or one only rotated,
+    which keeps every call's predecessor) fell on the same runner every round, so two identical onnxruntime
+    graphs timed 1.3-2.1x apart."""
     calls = [(name, str(b), lambda fn=fn, b=b: fn(x[:b])) for name, fn in runners.items() for b in p["latency_batches"]]
     times: dict = {(name, b): [] for name, b, _ in calls}
+    order = random.Random(0)
     with torch.no_grad():
-        for r in range(p["repeats"]):
-            k = r % len(calls)
-            for name, b, call in calls[k:] + calls[:k]:
+        for _ in range(p["repeats"]):
+            for name, b, call in order.sample(calls, len(calls)):
                 call()  # untimed: the timed call finds the caches as it leaves them, whoever ran before
                 start = time.perf_counter()
                 call()
