@@ -22,6 +22,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from torch.serialization import MAGIC_NUMBER
 from _helpers import bnkit_env, file_mode
 from torch import nn
 
@@ -98,10 +99,15 @@ def test_a_pickle_dump_file_is_no_checkpoint_trusted_or_not_and_never_unpickled(
     evil.write_bytes(pickle.dumps({"state_dict": Evil()}, protocol=protocol))
     with pytest.raises(Exception, match="magic number"):
         torch.load(plain, weights_only=False)
-    for path, trust in itertools.product((plain, evil), (False, True)):
+    disguised = tmp_path / "disguised.pt"  # the magic number beside Evil in its first pickle, then four more pickles
+    with open(disguised, "wb") as f:
+        pickle.dump((Evil(), MAGIC_NUMBER), f, protocol=protocol)
+        for _ in range(4):
+            pickle.dump(0, f, protocol=protocol)
+    for path, trust in itertools.product((plain, evil, disguised), (False, True)):
         with pytest.raises(NotACheckpointError, match="is a pickle that is not a torch.save file") as info:
             load_checkpoint(path, trust=trust)  # sys.exit would end the test run if Evil were unpickled
-        assert ("sys.exit, which could run code: NOT loaded" in str(info.value)) == (path == evil)
+        assert ("sys.exit, which could run code: NOT loaded" in str(info.value)) == (path != plain)
 
 
 def test_a_whole_pickled_model_needing_an_unimportable_package(tmp_path, monkeypatch):

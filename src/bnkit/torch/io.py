@@ -127,9 +127,12 @@ def _parse_pickle(stream: BinaryIO) -> list:
 
 
 def _is_magic(ops: list) -> bool:
-    """Whether a pickle's opcodes (:func:`_parse_pickle`) are PyTorch's magic number, as every legacy ``torch.save``
-    file's first pickle is (torch/serialization.py, ``_legacy_load`` refuses any other: 'Invalid magic number')."""
-    return any(arg == MAGIC_NUMBER for _, arg, _ in ops)
+    """Whether a pickle's opcodes (:func:`_parse_pickle`) are PyTorch's magic number and nothing else, as every legacy
+    ``torch.save`` file's first pickle is (torch/serialization.py, ``_legacy_load`` refuses any other: 'Invalid
+    magic number'): one push of it between the protocol/frame marks and STOP. A pickle that merely holds it beside
+    other objects (``(Evil(), MAGIC_NUMBER)``) is not: torch.load would run those before it refuses."""
+    pushed = [arg for op, arg, _ in ops if op.name not in ("PROTO", "FRAME", "STOP")]
+    return len(pushed) == 1 and pushed[0] == MAGIC_NUMBER
 
 
 def _refuse_unless_magic(path: Path) -> None:
