@@ -372,10 +372,13 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             parts.append(f"the file's keys carry a prefix {prefix!r} that the model's do not (DistributedDataParallel "
                          "saves 'module.'): save model.module.state_dict(), or strip the prefix")
         raise ValueError("; ".join(parts))
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    # every name of a tied tensor: the file may hold its values under any of them
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
     misfits: dict[str, list[str]] = {}
     for k, v in state.items():
-        if isinstance(v, torch.Tensor) and k in tensors and (why := _misfit(k, v, tensors[k])) is not None:
+        if isinstance(v, torch.Tensor) and k in tensors and (
+                why := _shape_misfit(model, k, v, tensors[k]) or _misfit(k, v, tensors[k])) is not None:
             misfits.setdefault(why[0], []).append(why[1])
     if misfits:
         raise ValueError(f"{source} do not fit {type(model).__name__}: " + "; ".join(
@@ -400,9 +403,22 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
 
 
 #: Why :func:`_misfit` refuses a value, as the error lists them.
+_SHAPE = "size mismatch"
 _COMPLEX = "complex values for real tensors"
 _INTEGER = "integer or bool values for floating-point tensors (quantized codes, their scale not in the file?)"
 _INEXACT = "values the model's integer tensors cannot hold"
+
+
+def _shape_misfit(model: torch.nn.Module, key: str, value: torch.Tensor,
+                  target: torch.Tensor) -> tuple[str, str] | None:
+    """A shape ``load_state_dict`` refuses, found before it runs: it raises only after copying what fits, and a lazy
+    layer it filled on the way stays filled. Where PyTorch's own loading code reads the key (a 0-d tensor takes a
+    1-element one, as it allows); a module's own ``_load_from_state_dict`` may take other layouts."""
+    owner = model.get_submodule(key.rpartition(".")[0])
+    own_code = not getattr(type(owner)._load_from_state_dict, "__module__", "").startswith("torch.")
+    if own_code or is_lazy(target) or value.shape == target.shape or (target.dim() == 0 and value.shape == (1,)):
+        return None
+    return _SHAPE, f"{key} ({tuple(value.shape)} in the file, {tuple(target.shape)} in the model)"
 
 
 def _misfit(key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[str, str] | None:
