@@ -61,7 +61,7 @@ SIZES = {
 #: key -> (label in the plot, column header, what the header means, the ``bnkit.torch`` names it needs)
 METHODS = {
     "ema": ("EMA running statistics", "EMA", "PyTorch's running statistics", ()),
-    "recalibrated": ("recalibrated (exact)", "recal",
+    "recalibrated": ("recalibrated (one pass)", "recal",
                      "the same weights, training-set statistics recomputed (bnkit.torch.recalibrate)", ("recalibrate",)),
     "renorm": ("batch renorm (drop-in layer)", "renorm",
                "trained with batch renormalization (convert_bn(renorm=True))", ("convert_bn",)),
