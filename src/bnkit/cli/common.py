@@ -267,10 +267,11 @@ def _check_array_file(path: Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)
-    kind = zip_kind(path) if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") else None  # the latter: an empty zip
+    is_zip = head[:4] in (b"PK\x03\x04", b"PK\x05\x06")  # the latter: an empty zip
+    kind = zip_kind(path) if is_zip else None
     if looks_like_npy(head) or kind in ("npz", "zip"):  # np.load reads any zip's .npy members
         return
-    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06") and kind is None:
+    if is_zip and kind is None:
         what = "a damaged zip archive (a truncated or corrupt .npz file?)"
     else:  # None: a pickle or a torch.save archive
         what = describe_file(path, head, size) or ("a pickle or torch.save file (name it .pt to have it read as "

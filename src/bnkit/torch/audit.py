@@ -72,7 +72,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..audit_state import bn_stats_from_state, check_bn_stats
@@ -80,7 +79,7 @@ from ..findings import SEVERITIES, Finding, jsonable, worst_severity
 from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
 from .audit_model import model_findings
-from .io import load_state_dict_file
+from .io import load_state_dict_file, refuse_meta
 from .modules import bn_or_frozen_layers, uninitialized_lazy, unwrapped
 
 __all__ = ["audit", "AuditReport", "LayerShift"]
@@ -186,7 +185,7 @@ def audit(
 def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport:
     if data is not None:
         raise ValueError("auditing with data needs the model: pass an nn.Module (CLI: --model package.module:factory)")
-    _refuse_meta([(k, v) for k, v in state.items() if isinstance(v, torch.Tensor)], f"the {name}")
+    refuse_meta(state.items(), f"the {name}", _LOAD_FIRST)
     stats = bn_stats_from_state(state)
     findings = [f for layer in stats for f in check_bn_stats(layer)]
     layers = sorted(layer.name for layer in stats)
@@ -208,7 +207,7 @@ def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport
 def _model_report(model, data, forward, batch_size, train_batch_size, max_batches, coupling_samples) -> AuditReport:
     model, _ = unwrapped(model)  # what a wrapper runs: fx reads it, and a compiled one would recompile per call
     layers = bn_or_frozen_layers(model)
-    _refuse_meta([*model.named_parameters(), *model.named_buffers()], "the model")
+    refuse_meta([*model.named_parameters(), *model.named_buffers()], "the model", _LOAD_FIRST)
     report = AuditReport(type(model).__name__, "model", layers=[name for name, _ in layers])
     batches = None
     if data is not None:
@@ -228,12 +227,7 @@ def _model_report(model, data, forward, batch_size, train_batch_size, max_batche
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _refuse_meta(tensors: list[tuple[str, Any]], what: str) -> None:
-    """ValueError naming the first tensors on the meta device, which hold shapes but no values to check."""
-    if meta := [k for k, t in tensors if t.is_meta]:
-        raise ValueError(f"{what} holds meta tensors ({', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}): "
-                         "shapes without values, as a model built on device='meta' has before its weights are "
-                         "loaded; audit it after loading real weights (load_state_dict(..., assign=True))")
+_LOAD_FIRST = "audit it after loading real weights (load_state_dict(..., assign=True))"
 
 
 def _sorted(findings: list[Finding]) -> list[Finding]:

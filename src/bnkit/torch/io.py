@@ -24,7 +24,7 @@ import pickle
 import pickletools
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -311,11 +311,17 @@ def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, object]:
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
     if not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} contains no tensors")
-    if meta := [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta]:
-        raise ValueError(f"{path} holds meta tensors ({', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}): "
-                         "shapes without values, as a model built on device='meta' has before its weights are "
-                         "loaded; save the state dict after loading real weights")
+    refuse_meta(state.items(), str(path), "save the state dict after loading real weights")
     return state
+
+
+def refuse_meta(named: Iterable[tuple[str, object]], what: str, fix: str) -> None:
+    """ValueError naming the first of the ``(name, value)`` tensors on the meta device (``what`` holds them), which
+    have shapes but no values; ``fix`` says what to do instead."""
+    if meta := [k for k, v in named if isinstance(v, torch.Tensor) and v.is_meta]:
+        raise ValueError(f"{what} holds meta tensors ({', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}): "
+                         "shapes without values, as a model built on device='meta' has before its weights are "
+                         f"loaded; {fix}")
 
 
 def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
