@@ -711,3 +711,29 @@ def test_renorm_re_run_by_activation_checkpointing_on_cuda_raises_and_changes_no
     with pytest.raises(RuntimeError, match="a Batch Renormalization step ran inside a backward"):
         y.sum().backward()
     assert_same_state(bn, after_step)
+
+
+def test_audit_on_cuda_checks_batchnorm_like_modules_and_skips_nan_labels_as_on_the_cpu():
+    """Two changes since the last GPU run, on CUDA: a module with BatchNorm's buffers but not its class (torchvision's
+    FrozenBatchNorm2d) keeps the state checks, and NaN in the labels of (x, y) batches, which the default forward
+    never hands the model, no longer refuses the data. Oracles: the CPU audit, and the audit of the inputs alone."""
+    from test_audit_model import _ThirdPartyFrozenBN
+
+    torch.manual_seed(0)
+    frozen = nn.Sequential(nn.Conv2d(3, 4, 3), _ThirdPartyFrozenBN(4)).eval()
+    with torch.no_grad():
+        frozen[1].running_var.uniform_(0.5, 2.0)[2] = -1.0
+    x = torch.randn(64, 3, 8, 8)
+    errors = [{(f.layer, f.code) for f in audit(m, x).findings if f.severity == "error"}
+              for m in (frozen, copy.deepcopy(frozen).to(CUDA))]
+    assert errors[0] == errors[1] and ("1", "negative_var") in errors[1]
+    assert audit(copy.deepcopy(frozen).to(CUDA)).by_code("bn_like")
+
+    images = digits_like(256).float()
+    model = calibrated(SmallResNet(), images, positive=True).to(CUDA)
+    labels = torch.zeros(256)
+    labels[70] = float("nan")
+    pairs = list(zip(torch.split(images, 64), torch.split(labels, 64)))
+    got, want = audit(model, pairs), audit(model, list(torch.split(images, 64)))
+    assert [s.layer for s in got.shifts] == [s.layer for s in want.shifts] and len(got.shifts) == 6
+    assert [s.z_eq for s in got.shifts] == pytest.approx([s.z_eq for s in want.shifts], rel=1e-6)
