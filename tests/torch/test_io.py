@@ -181,12 +181,16 @@ def test_load_weights_into_strips_nested_wrapper_prefixes():
             assert torch.equal(target.state_dict()[k], v.cpu()), k
 
 
-def test_load_weights_into_keeps_a_real_module_prefix_and_explains_mismatches():
-    class Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.module = _net()
+class _Holder(torch.nn.Module):
+    """A model whose own submodule is named ``module``, as a wrapper's is."""
 
+    def __init__(self):
+        super().__init__()
+        self.module = _net()
+
+
+def test_load_weights_into_keeps_a_real_module_prefix_and_explains_mismatches():
+    Holder = _Holder
     holder = Holder()
     state = {k: v.clone() + 2 for k, v in holder.state_dict().items()}
     target = Holder()
@@ -294,6 +298,43 @@ def _counted():
     model = _net()
     model.register_buffer("steps", torch.zeros((), dtype=torch.int32))
     return model
+
+
+def test_load_weights_into_unwraps_a_wrapper_around_a_model_with_its_own_module():
+    """DDP/DataParallel or AveragedModel around a model whose submodule is named ``module`` saves 'module.module.*'
+    (and 'n_averaged'): the wrapper's prefix was kept, since the model's keys start with 'module.' too, and the load
+    refused. Oracle: the wrapped model's own tensors, the real wrappers' state dicts."""
+    from torch.optim.swa_utils import AveragedModel
+
+    source = _Holder()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1)
+    for wrapped in (torch.nn.DataParallel(source), AveragedModel(source)):
+        state = wrapped.state_dict()
+        assert all(k.startswith("module.module.") for k in state if k != "n_averaged")
+        target = _Holder()
+        load_weights_into(target, state)
+        for k, v in source.state_dict().items():
+            assert torch.equal(target.state_dict()[k], v.cpu()), k
+
+
+def test_load_weights_into_refuses_finite_floats_a_narrower_dtype_turns_into_inf():
+    """torch's load_state_dict casts 70000.0 into a float16 weight as inf: refused before anything loads, naming the
+    key, the dtypes and the value. Values that round to float16's largest (65519) or are inf already load as the
+    cast gives them. Oracle: the model before the call; torch's own cast."""
+    model = _net().half()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.float() for k, v in model.state_dict().items()}
+    state["0.weight"] = torch.full((4, 3), 0.5).index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(7e4))
+    with pytest.raises(ValueError, match=r"beyond the range .* 0\.weight \(torch\.float32 into torch\.float16: "
+                                         r"70000 is beyond 65504\)"):
+        load_weights_into(model, state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    state["0.weight"] = torch.tensor([[65519.0, float("inf"), -float("inf")]] * 4)
+    load_weights_into(model, state)
+    assert torch.equal(model[0].weight, state["0.weight"].half())
+    assert model[0].weight[0, 0] == 65504
 
 
 @pytest.mark.parametrize("key, value, says", [

@@ -346,14 +346,22 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     own = set(model.state_dict())
     keys = list(state)
 
+    def wraps(prefix: str, names: list[str]) -> bool:
+        """Every name carries ``prefix`` and removing it fits the model better: the model's keys lack it, or they
+        carry it too (a submodule named ``module``) and the names without it match more of them."""
+        if not names or not all(k.startswith(prefix) for k in names):
+            return False
+        if not any(k.startswith(prefix) for k in own):
+            return True
+        return len(own & {k[len(prefix):] for k in names}) > len(own & set(names))
+
     def wrapper_prefix() -> str | None:
-        return next((p for p in _WRAPPER_PREFIXES
-                     if keys and all(k.startswith(p) for k in keys) and not any(k.startswith(p) for k in own)), None)
+        return next((p for p in _WRAPPER_PREFIXES if wraps(p, keys)), None)
 
     while True:  # one wrapper at a time: nested ones (torch.compile(DDP(model)), the reverse, AveragedModel inside)
         if "n_averaged" in state and "n_averaged" not in own:  # AveragedModel(...).state_dict(): its counter
             rest = [k for k in keys if k != "n_averaged"]
-            if rest and all(k.startswith("module.") for k in rest) and not any(k.startswith("module.") for k in own):
+            if wraps("module.", rest):
                 state, keys = {k: state[k] for k in rest}, rest
         prefix = wrapper_prefix()
         if prefix is None:
@@ -413,6 +421,7 @@ _SHAPE = "size mismatch"
 _COMPLEX = "complex values for real tensors"
 _INTEGER = "integer or bool values for floating-point tensors (quantized codes, their scale not in the file?)"
 _INEXACT = "values the model's integer tensors cannot hold"
+_OVERFLOW = "finite values beyond the range of the model's floating-point tensors (they would load as inf)"
 
 
 def _shape_misfit(model: torch.nn.Module, key: str, value: torch.Tensor,
@@ -430,16 +439,24 @@ def _shape_misfit(model: torch.nn.Module, key: str, value: torch.Tensor,
 def _misfit(key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[str, str] | None:
     """Why ``value`` must not load into the model's tensor ``target`` (``key``), as (reason, what) or None: torch's
     ``load_state_dict`` casts silently, keeping a complex value's real part, turning integer codes into floats
-    (int8 127 -> 127.0), truncating floats (6.7 -> 6) and wrapping integers an integer tensor cannot hold. A
-    floating value fits an integer tensor when each element is a whole number in its range (6.0 -> 6). A value
-    loaded unchanged is never refused (a negative ``num_batches_tracked`` loads as it is, for the audit to report)."""
+    (int8 127 -> 127.0), truncating floats (6.7 -> 6), wrapping integers an integer tensor cannot hold and turning
+    finite floats beyond a narrower dtype's range into inf (70000.0 into float16). A floating value fits an integer
+    tensor when each element is a whole number in its range (6.0 -> 6). A value loaded unchanged is never refused
+    (a negative ``num_batches_tracked`` loads as it is, for the audit to report)."""
     dtypes = f"{value.dtype} into {target.dtype}"
     if value.is_complex() and not target.is_complex():
         return _COMPLEX, f"{key} ({dtypes})"
     if value.is_quantized or value.is_meta or value.layout != torch.strided or value.numel() == 0:
         return None  # load_state_dict refuses these itself (or has nothing to copy)
     if target.is_floating_point() or target.is_complex():
-        return None if value.is_floating_point() or value.is_complex() else (_INTEGER, f"{key} ({dtypes})")
+        if not (value.is_floating_point() or value.is_complex()):
+            return _INTEGER, f"{key} ({dtypes})"
+        if value.is_floating_point() and target.is_floating_point() and value.dtype != target.dtype:
+            # a narrower dtype turns finite values beyond its range into inf (70000 into float16)
+            finite = value.detach()[torch.isfinite(value)]
+            if (lost := finite[torch.isinf(finite.to(target.dtype))]).numel():
+                return _OVERFLOW, f"{key} ({dtypes}: {lost[0].item():g} is beyond {torch.finfo(target.dtype).max:g})"
+        return None
     if value.dtype == target.dtype:
         return None
 
