@@ -9,6 +9,7 @@ same subprocess (under a umask of 027) for the mode.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import itertools
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import zipfile
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -235,6 +237,62 @@ def test_a_failed_load_leaves_a_lazy_layer_lazy_and_checks_every_name_of_a_tied_
     with pytest.raises(ValueError, match=r"integer or bool values .*dec\.weight \(torch\.int8"):
         load_weights_into(tied, codes)
     assert torch.equal(tied.enc.weight, before)
+
+
+def test_a_load_that_fails_late_leaves_lazy_layers_lazy():
+    """A non-tensor or a sparse value fails inside load_state_dict after it filled the lazy layers before it: they
+    are uninitialized again, and a forward initializes them from its input as before. Oracle: PyTorch's own
+    is_lazy and a fresh model's forward."""
+    for spoil in ([0.0, 0.0], torch.zeros(2).to_sparse()):
+        model = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Linear(4, 2), torch.nn.LazyBatchNorm1d())
+        before = model[1].weight.detach().clone()
+        state = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), torch.nn.BatchNorm1d(2)).state_dict()
+        state["1.bias"] = spoil
+        with pytest.raises((ValueError, RuntimeError)):
+            load_weights_into(model, state)
+        lazy = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if torch.nn.parameter.is_lazy(t)]
+        assert lazy == ["0.weight", "0.bias", "2.weight", "2.bias", "2.running_mean", "2.running_var"]
+        assert torch.equal(model[1].weight, before)
+        assert model(torch.randn(5, 7)).shape == (5, 2) and model[0].weight.shape == (4, 7)
+
+
+def test_loads_that_pytorch_reshapes_or_completes_are_taken_as_load_state_dict_takes_them():
+    """Refused before, loaded by torch's load_state_dict: quantization-aware training's observers, which resize
+    their (1,)/(0,) buffers to per-channel ones as they load; a load pre-hook that reshapes an old layout; a
+    BatchNorm state dict saved before num_batches_tracked existed (BatchNorm's loader keeps the layer's count).
+    Oracle: the same load through torch's load_state_dict, tensor by tensor."""
+    import torch.ao.quantization as tq
+
+    def qat():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).train()
+        m.qconfig = tq.get_default_qat_qconfig("fbgemm")
+        return tq.prepare_qat(tq.fuse_modules_qat(m, [["0", "1", "2"]]))
+
+    def hooked():
+        lin = torch.nn.Linear(4, 2)
+        lin.register_load_state_dict_pre_hook(
+            lambda module, sd, prefix, *rest: sd.update({prefix + "weight": sd[prefix + "weight"].view(2, 4)}))
+        return lin
+
+    trained = qat()
+    trained(torch.randn(4, 3, 8, 8))  # observers now hold per-channel (8,) statistics
+    flat = {k: v + 1 for k, v in torch.nn.Linear(4, 2).state_dict().items()}
+    flat["weight"] = flat["weight"].reshape(-1)
+    old_bn = {k: v + 1 for k, v in _net().state_dict().items() if not k.endswith("num_batches_tracked")}
+    counted = _net()
+    counted[1].num_batches_tracked.fill_(5)
+    for make, state in ((qat, trained.state_dict()), (hooked, flat), (_net, old_bn), (lambda: counted, old_bn)):
+        got, want = make(), copy.deepcopy(make())
+        want.load_state_dict(dict(state))
+        load_weights_into(got, dict(state))
+        for k, v in want.state_dict().items():
+            assert torch.equal(got.state_dict()[k], v), k
+    assert int(counted[1].num_batches_tracked) == 5
+    with pytest.raises(ValueError, match=r"missing 1\.num_batches_tracked"):  # a version-2 state dict lacking it
+        versioned = OrderedDict(old_bn)
+        versioned._metadata = {"1": {"version": 2}}
+        load_weights_into(_net(), versioned)
 
 
 @pytest.mark.parametrize("spoil, says", [

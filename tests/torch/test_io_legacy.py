@@ -59,6 +59,23 @@ def test_whole_legacy_checkpoint_loads(tmp_path):
         assert torch.equal(got[k], v), k
 
 
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_legacy_file_in_pickle_protocol_4_or_5_is_unreadable_not_called_code(tmp_path, protocol):
+    """torch's weights-only unpickler has no FRAME opcode (149), which protocols 4 and 5 write: the file holds
+    nothing outside the allow-list, so the message names the opcode and the format instead of code it could run;
+    with trust it loads as torch.load(weights_only=False) reads it."""
+    expected = linear_bn_state_dict()
+    path = tmp_path / "legacy.pt"
+    torch.save(expected, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    with pytest.raises(Exception, match="Unsupported operand 149"):  # the oracle: torch's own refusal
+        torch.load(path, weights_only=True)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_checkpoint(path)
+    assert "cannot read (Unsupported operand 149" in str(info.value) and "arbitrary code" not in str(info.value)
+    got = load_checkpoint(path, trust=True)
+    assert all(torch.equal(got[k], v) for k, v in expected.items()) and got.keys() == expected.keys()
+
+
 @pytest.mark.parametrize("zipped", [False, True])
 def test_whole_pickled_model_needing_trust_loads_with_it_in_either_format(tmp_path, zipped):
     """The check for a cut-short pickle must not call a whole one damaged. A whole pickled model with

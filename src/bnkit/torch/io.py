@@ -30,7 +30,8 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from torch.nn.parameter import is_lazy
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 from torch.serialization import MAGIC_NUMBER
 
 from ..atomic import atomic_path
@@ -176,6 +177,12 @@ def _load_safetensors(path: Path, map_location: str) -> dict[str, torch.Tensor]:
 
 
 def _unsafe(path: Path, exc: Exception) -> UnsafeCheckpointError:
+    if op := re.search(r"Unsupported operand \d+", str(exc)):  # FRAME (149) of protocol 4/5: harmless, unread
+        return UnsafeCheckpointError(
+            f"{path} is a pickle that PyTorch's weights_only loader cannot read ({op.group()}: torch.save's "
+            "legacy format with pickle protocol 4 or 5 writes such files), so it was NOT loaded. Re-save it with "
+            "torch.save's default format (or as .safetensors) where it was made; pass trust=True (--trust) only if "
+            "you created this file yourself.")
     names = _GLOBAL.findall(_strip_ansi(str(exc)))
     needs = f"it needs {names[0]}, which is" if names else "it uses pickle features"
     return UnsafeCheckpointError(
@@ -368,7 +375,7 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             break
         state = {k[len(prefix):]: v for k, v in state.items()}
         keys = list(state)
-    missing = sorted(own - set(keys))
+    missing = sorted(own - set(keys) - _counters_torch_adds(model, state))
     unexpected = sorted(set(keys) - own)
     if missing or unexpected:
         def few(names: list[str]) -> str:
@@ -399,14 +406,18 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             f"{what}: {', '.join(items[:4])}" + (f", ... ({len(items)} in all)" if len(items) > 4 else "")
             for what, items in misfits.items()))
     saved = {k: t.detach().clone() for k, t in tensors.items() if not is_lazy(t)}
+    lazy = _lazy_slots(model)
     extra = _extra_state_backup(model)
     try:
         model.load_state_dict(state)
     except Exception as exc:
-        # load_state_dict copies every tensor that fits before it raises: put the model back as it was
+        # load_state_dict copies every tensor that fits, and fills lazy layers, before it raises: put the model back
         with torch.no_grad():
             for k, t in saved.items():
                 tensors[k].copy_(t)
+        for module, slots, name, fresh in lazy:
+            if not is_lazy(slots[name]):
+                slots[name] = fresh
         for name, value in extra.items():
             model.get_submodule(name).set_extra_state(value)
         if not isinstance(exc, RuntimeError):
@@ -424,14 +435,44 @@ _INEXACT = "values the model's integer tensors cannot hold"
 _OVERFLOW = "finite values beyond the range of the model's floating-point tensors (they would load as inf)"
 
 
+def _counters_torch_adds(model: torch.nn.Module, state: Mapping[str, object]) -> set[str]:
+    """The ``num_batches_tracked`` keys that BatchNorm's loader (torch/nn/modules/batchnorm.py,
+    ``_NormBase._load_from_state_dict``) adds, keeping the layer's own count, to a state dict without them whose
+    metadata gives no version 2 or later (saved before the counter existed, or built by hand)."""
+    metadata = getattr(state, "_metadata", None) or {}
+    return {f"{name}.num_batches_tracked".lstrip(".") for name, m in model.named_modules()
+            if isinstance(m, _NormBase) and m.track_running_stats and m.num_batches_tracked is not None
+            and (metadata.get(name, {}).get("version") or 0) < 2}
+
+
+def _lazy_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict, str, torch.Tensor]]:
+    """Each uninitialized parameter or buffer as (module, its ``_parameters`` or ``_buffers``, name, a fresh
+    uninitialized one like it): ``load_state_dict`` materializes them in place, before it may raise."""
+    out = []
+    for module in model.modules():
+        for slots, kind in ((module._parameters, UninitializedParameter), (module._buffers, UninitializedBuffer)):
+            for name, t in slots.items():
+                if t is not None and is_lazy(t):
+                    out.append((module, slots, name, kind(requires_grad=t.requires_grad, device=t.device,
+                                                          dtype=t.dtype)))
+    return out
+
+
 def _shape_misfit(model: torch.nn.Module, key: str, value: torch.Tensor,
                   target: torch.Tensor) -> tuple[str, str] | None:
-    """A shape ``load_state_dict`` refuses, found before it runs: it raises only after copying what fits, and a lazy
-    layer it filled on the way stays filled. Where PyTorch's own loading code reads the key (a 0-d tensor takes a
-    1-element one, as it allows); a module's own ``_load_from_state_dict`` may take other layouts."""
-    owner = model.get_submodule(key.rpartition(".")[0])
-    own_code = not getattr(type(owner)._load_from_state_dict, "__module__", "").startswith("torch.")
-    if own_code or is_lazy(target) or value.shape == target.shape or (target.dim() == 0 and value.shape == (1,)):
+    """A shape ``load_state_dict`` refuses, found before it runs: it raises only after copying what fits. Where
+    PyTorch's own loading code reads the key as it comes (a 0-d tensor takes a 1-element one, as it allows): not
+    under a module with a load pre-hook (which may reshape it), nor in one with a loader of its own (PyTorch's
+    quantization observers resize their buffers; InstanceNorm's drops old keys), BatchNorm's excepted."""
+    path = key.rpartition(".")[0]
+    owner, chain = model, [model]
+    for part in path.split(".") if path else ():
+        owner = getattr(owner, part)
+        chain.append(owner)
+    plain = type(owner)._load_from_state_dict in (torch.nn.Module._load_from_state_dict,
+                                                 _NormBase._load_from_state_dict)
+    if not plain or any(m._load_state_dict_pre_hooks for m in chain) or is_lazy(target) \
+            or value.shape == target.shape or (target.dim() == 0 and value.shape == (1,)):
         return None
     return _SHAPE, f"{key} ({tuple(value.shape)} in the file, {tuple(target.shape)} in the model)"
 
