@@ -551,6 +551,34 @@ def test_over_the_protobuf_limit_audit_checks_by_path_and_fold_refuses(tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_a_real_model_over_two_gigabytes_is_audited_from_its_file_and_refused_by_fold(tmp_path):
+    """protobuf's upb backend raises EncodeError for ByteSize() of a message over 2 GB instead of returning it: both
+    commands failed with a traceback. A real one here: the conv-BN model plus a 2.15 GB external tensor (a sparse
+    file: no disk used; about 4.3 GB of memory once loaded) that a Shape node reads; onnx.checker passes it by
+    path. Oracle: the NaN the test puts in the running variance, and onnx's own checker."""
+    model = conv_bn_model("N")
+    model.graph.initializer[-1].CopyFrom(numpy_helper.from_array(np.array([1, np.nan, 1, 1], np.float32), "av"))
+    n = 2**29 + 2**20
+    pad = TensorProto(name="pad", data_type=TensorProto.FLOAT, dims=[n], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "pad.bin"), ("offset", "0"), ("length", str(4 * n))):
+        pad.external_data.add(key=key, value=value)
+    with open(tmp_path / "pad.bin", "wb") as f:
+        f.truncate(4 * n)
+    model.graph.initializer.append(pad)
+    model.graph.node.append(helper.make_node("Shape", ["pad"], ["pad_shape"]))
+    model.graph.output.append(helper.make_tensor_value_info("pad_shape", TensorProto.INT64, [1]))
+    path = tmp_path / "big.onnx"
+    path.write_bytes(model.SerializeToString())
+    onnx.checker.check_model(path)  # premise: a valid model
+    report = audit(path)
+    assert [f.code for f in report.findings if f.severity == "error"] == ["non_finite"]
+    out = tmp_path / "folded.onnx"
+    with pytest.raises(ValueError, match="over 2 GB.*nothing written"):
+        fold(path, out, verify=False)
+    assert not out.exists()
+
+
 def _eps_model(path) -> None:
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),

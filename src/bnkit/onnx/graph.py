@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from google.protobuf.message import EncodeError
 
 from ..file_kinds import looks_like_npy, looks_like_pickle, looks_like_safetensors, zip_kind
 
@@ -92,7 +93,10 @@ PROTOBUF_LIMIT = 2**31
 
 def too_large(proto: onnx.ModelProto) -> bool:
     """The model is too large to serialize as one protobuf message (its tensors loaded in memory)."""
-    return proto.ByteSize() >= PROTOBUF_LIMIT
+    try:
+        return proto.ByteSize() >= PROTOBUF_LIMIT
+    except EncodeError:  # protobuf's upb backend gives no size for a message over the limit: it raises
+        return True
 
 
 def check_model(proto: onnx.ModelProto, source: "str | os.PathLike | onnx.ModelProto") -> None:
