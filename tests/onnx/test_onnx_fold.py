@@ -437,6 +437,26 @@ def test_blank_optional_outputs_are_dropped_not_run_into_an_onnxruntime_crash(op
     _check_exact(single, folded)
 
 
+@pytest.mark.parametrize("opset", [9, 13])
+def test_blank_saved_statistics_on_an_opset_9_13_training_node_run_and_verify(opset):
+    """Outputs [y, rm, rv, "", ""] (saved_mean/saved_var absent) run in onnxruntime 1.32, unlike the blank patterns
+    above: the audit gave a crash warning and the fold refused to verify the file. Oracle: onnxruntime runs the
+    original, and the folded file's outputs equal those."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
+             helper.make_node("BatchNormalization", ["h", "bn.s", "bn.b", "bn.m", "bn.v"], ["y", "rm", "rv", "", ""],
+                              name="bn")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
+                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=opset)
+    feeds = _feeds(model)
+    want = ort_run(model, feeds)[0]  # premise: it runs
+    assert [f.code for f in audit(model).findings] == ["training_mode"]
+    folded, report = fold_model(model)
+    assert report.verified and "training mode" in report.left["bn"]
+    np.testing.assert_array_equal(ort_run(folded, feeds)[0], want)
+
+
 # -------------------------------------------------------------------------------- files
 
 def test_fold_writes_atomically_and_the_result_reloads(tmp_path, zoo_onnx):

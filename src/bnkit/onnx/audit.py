@@ -7,7 +7,8 @@ Flags, as :class:`bnkit.findings.Finding` rows (layer = node name):
   the batch and not on the stored running statistics (error);
 * extra running-statistic outputs on an inference node (from opset 14 invalid, onnxruntime refuses the model:
   error; warning below);
-* optional outputs that are all blank names, on which onnxruntime 1.32 crashes (warning);
+* optional outputs written as blank names in a pattern onnxruntime 1.32 cannot run (a segmentation fault
+  where a training node's running statistic is blank) (warning);
 * statistics or parameters computed at run time, so they cannot be checked (warning);
 * statistics or parameters that are graph inputs with stored values (initializers also listed
   as inputs, as ``keep_initializers_as_inputs=True`` and opset < 9 exports write them): a caller
@@ -32,7 +33,7 @@ import onnx
 
 from ..audit_state import BNStats, check_bn_stats
 from ..findings import Finding, jsonable, worst_severity
-from .graph import (BNNode, FunctionKey, MalformedNodeError, bn_nodes, check_model, load_model, local_functions,
+from .graph import (BNNode, FunctionKey, MalformedNodeError, blank_outputs_fail, bn_nodes, check_model, load_model, local_functions,
                     node_label, opset_version, training_dropouts, unswitchable_training)
 
 __all__ = ["OnnxAuditReport", "audit"]
@@ -91,11 +92,11 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
             "re-export in eval mode" + (", or `bnkit fold` (removes them where unused)" if rewritable
                                         else f" (bnkit fold does not rewrite this node: {bn.unrewritable})"),
             "extra_outputs", {"extra_outputs": bn.extra_outputs}))
-    if "" in bn.node.output[1:]:
+    if blank_outputs_fail(bn.node, bn.opset):
         findings.append(Finding(
             "warning", bn.name, "blank running-statistic outputs",
-            f"outputs {list(bn.node.output)}: an optional output named \"\" (absent) crashes onnxruntime 1.32 "
-            "(segmentation fault) when the model is loaded",
+            f"outputs {list(bn.node.output)}: optional outputs named \"\" (absent) in this pattern stop onnxruntime "
+            "1.32 (a segmentation fault where a running statistic is blank on a training node)",
             "`bnkit fold` drops them from an inference node" + (
                 " (add --to-inference for a training-mode one)" if rewritable and switchable
                 else "; a training-mode one here needs a re-export in eval mode"),

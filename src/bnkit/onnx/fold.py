@@ -73,7 +73,7 @@ from onnx import helper, numpy_helper
 from ..atomic import atomic_path, check_target
 from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
-from .graph import (RANDOM_OPS, BNNode, GraphIndex, attribute, bn_nodes, initializer_names, load_model, local_functions,
+from .graph import (RANDOM_OPS, BNNode, GraphIndex, attribute, blank_outputs_fail, bn_nodes, initializer_names, load_model, local_functions,
                     node_label, opset_version, stored_name, subgraphs, too_large, training_dropouts,
                     unswitchable_training)
 from .verify import OnnxRuntimeError, compare, default_tolerance, random_inputs, run
@@ -662,8 +662,8 @@ def fold_model(
             report.left[bn.name] = why
         else:
             candidates.append((bn.name, bn.node.output[0]))  # an output names a node uniquely; a name may not
-    # nodes left with blank ("") optional outputs, which crash onnxruntime 1.32: the fold below touches none of them
-    crashing = [bn.name for bn in nodes if "" in bn.node.output[1:]]
+    # nodes left with blank ("") optional outputs onnxruntime 1.32 cannot run: the fold below touches none of them
+    crashing = [bn.name for bn in nodes if blank_outputs_fail(bn.node, bn.opset)]
     if to_inference:
         _dropouts_to_inference(work.graph, folder.opset, report)
     reference = load_model(work)
@@ -684,8 +684,9 @@ def fold_model(
     if verify:
         if crashing:
             raise OnnxRuntimeError(
-                f"BatchNormalization nodes {crashing} keep blank (\"\") optional outputs, which crash onnxruntime "
-                "(1.32, segmentation fault), so the model cannot be verified; pass to_inference=True "
+                f"BatchNormalization nodes {crashing} keep blank (\"\") optional outputs in a pattern onnxruntime "
+                "1.32 cannot run (a segmentation fault where a running statistic is blank), so the model cannot be "
+                "verified; pass to_inference=True "
                 "(--to-inference) to switch training-mode ones, or verify=False (--no-verify)")
         feeds = random_inputs(reference, input_shapes=input_shapes, dynamic_size=dynamic_size)
         report.input_shapes = {k: list(v.shape) for k, v in feeds.items()}

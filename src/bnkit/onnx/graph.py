@@ -24,7 +24,8 @@ from ..file_kinds import looks_like_npy, looks_like_pickle, looks_like_safetenso
 
 __all__ = ["RANDOM_OPS", "MalformedNodeError", "load_model", "check_model", "too_large", "opset_version", "GraphIndex",
            "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label", "TrainingDropout", "training_dropouts",
-           "unswitchable_training", "local_functions", "stored_name", "initializer_names"]
+           "unswitchable_training", "local_functions", "stored_name", "initializer_names",
+           "blank_outputs_fail"]
 
 
 class MalformedNodeError(ValueError):
@@ -565,6 +566,16 @@ def _bn_nodes(graph: onnx.GraphProto | onnx.FunctionProto, opset: int, index: Gr
             in_function=function,
         ), scope + label))
     return found
+
+
+def blank_outputs_fail(node: onnx.NodeProto, opset: int) -> bool:
+    """Whether the BatchNormalization ``node``'s blank (``""``, absent) optional outputs stop onnxruntime 1.32 from
+    running it: a segmentation fault where a running statistic is blank on a training node, a refusal for most other
+    patterns. The one that runs: opset 9-13's five outputs with ``saved_mean`` and ``saved_var`` both blank."""
+    outputs = list(node.output)
+    if "" not in outputs[1:]:
+        return False
+    return not (opset < 14 and len(outputs) == 5 and "" not in outputs[1:3] and outputs[3:] == ["", ""])
 
 
 class TrainingDropout(NamedTuple):
