@@ -206,6 +206,24 @@ def test_conv_transpose_with_groups_folds_exactly():
     _check_exact(model, folded)
 
 
+@pytest.mark.parametrize("op", ["ConvTranspose", "Conv"])
+def test_a_layer_with_group_zero_is_left_with_its_reason_not_a_zero_division(op):
+    """group=0 passes onnx.checker but no runtime takes it: the BN is left, naming it, and the verification reports
+    onnxruntime's own refusal (it raised ZeroDivisionError for a ConvTranspose)."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node(op, ["x", "W"], ["h"], name="layer", group=0), _bn_node("h", "y")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 5, 5])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, None, None])],
+                   {"W": rng.standard_normal((4, 4, 3, 3)).astype(np.float32), **_bn_inits(4, rng)})
+    onnx.checker.check_model(model)  # premise
+    with pytest.raises(Exception, match="group"):
+        ort_run(model, _feeds(model))  # the oracle: onnxruntime refuses the node
+    folded, report = fold_model(model, verify=False)
+    assert ops(folded) == [op, "BatchNormalization"] and "has group=0, which ONNX forbids" in report.left["bn"]
+    with pytest.raises(OnnxRuntimeError, match="group"):
+        fold_model(model)
+
+
 def test_matmul_2d_folds_and_rank3_is_left():
     rng = np.random.default_rng(3)
     inits = {"W": rng.standard_normal((5, 6)).astype(np.float32), **_bn_inits(6, rng)}

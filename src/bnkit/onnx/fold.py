@@ -413,6 +413,8 @@ def _fold_conv_like(
     if w is None:
         return why
     group = int(attribute(node, "group", 1))
+    if group < 1:
+        return f"{node_label(node)!r} has group={group}, which ONNX forbids (onnxruntime refuses the node)"
     if w.ndim < 3:
         return f"the weight of {node_label(node)!r} has rank {w.ndim}"
     w64 = w.astype(np.float64)
