@@ -267,6 +267,33 @@ def test_statistics_fed_at_run_time_cannot_be_checked():
     assert report.findings[0].data["missing"] == ["var"]
 
 
+@pytest.mark.parametrize("fed, spoil, code", [
+    ("s", dict(var=[0.5, np.nan, 0.9]), "non_finite"),  # a computed gamma beside a NaN variance
+    ("m", dict(var=[0.5, -1.0, 0.9]), "negative_var"),
+    ("v", dict(scale=[1.2, 0.0, 1.0]), "dead_gamma"),
+    ("v", dict(mean=[0.0, 0.0, 0.0]), None),  # mean 0 alone is no 'never updated' without the variance
+    ("m", dict(var=[1.0, 1.0, 1.0]), None),
+])
+def test_a_statistic_fed_at_run_time_leaves_the_stored_ones_checked(fed, spoil, code):
+    """One of scale/B/mean/var fed at run time made the audit skip the node's other checks: a NaN variance beside
+    a computed gamma passed while onnxruntime output NaN. Oracle: the state-dict audit of the stored arrays, with
+    the fed one at a harmless value, and onnxruntime's output."""
+    import onnxruntime as ort
+
+    arrays = dict(GOOD, **spoil)
+    model = _bn_model(**arrays)
+    (init,) = [t for t in model.graph.initializer if t.name == fed]
+    model.graph.initializer.remove(init)
+    model.graph.input.append(helper.make_tensor_value_info(fed, TensorProto.FLOAT, [3]))
+    report = audit(model)
+    assert [f.code for f in report.findings if f.severity == "warning"][:1] == ["not_constant"]
+    assert [f.code for f in report.findings if f.code != "not_constant"] == ([code] if code else [])
+    if code == "non_finite":
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        y = session.run(None, {"x": np.ones((2, 3, 3), np.float32), "s": np.ones(3, np.float32)})[0]
+        assert np.isnan(y[:, 1]).all() and not report.ok
+
+
 def test_bn_inside_a_subgraph_is_found():
     inner = _bn_model(**dict(GOOD, mean=[0, 0, 0], var=[1, 1, 1]), name="inner_bn").graph
     inner.ClearField("input")

@@ -9,7 +9,8 @@ Flags, as :class:`bnkit.findings.Finding` rows (layer = node name):
   error; warning below);
 * optional outputs written as blank names in a pattern onnxruntime 1.32 cannot run (a segmentation fault
   where a training node's running statistic is blank) (warning);
-* statistics or parameters computed at run time, so they cannot be checked (warning);
+* statistics or parameters computed at run time, so they cannot be checked (warning; the node's stored
+  arrays are checked as below);
 * statistics or parameters that are graph inputs with stored values (initializers also listed
   as inputs, as ``keep_initializers_as_inputs=True`` and opset < 9 exports write them): a caller
   may override them (warning); the stored values, which run otherwise, are checked as below;
@@ -29,6 +30,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from ..audit_state import BNStats, check_bn_stats
@@ -110,8 +112,8 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
         findings.append(Finding(
             "warning", bn.name, "statistics are not constants",
             f"{', '.join(missing)} computed at run time or fed as graph inputs with no stored value, "
-            "so they cannot be checked or folded", fix, "not_constant", {"missing": missing}))
-        return findings
+            "so they cannot be checked or folded (the stored ones are checked)", fix, "not_constant",
+            {"missing": missing}))
     if bn.overridable:
         findings.append(Finding(
             "warning", bn.name, "statistics can be overridden at run time",
@@ -119,12 +121,20 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
             "inputs): the stored values, checked here, run unless a caller feeds others; `bnkit fold` leaves them",
             fix + ", opset >= 9", "overridable", {"overridable": bn.overridable}))
     arrays = (bn.mean, bn.var, bn.scale, bn.bias)
-    if any(n.startswith("spatial=0") for n in bn.notes) and len({a.shape for a in arrays}) == 1:
-        arrays = tuple(a.reshape(-1) for a in arrays)  # one statistic per (channel, position): (C, H, W) each
+    stored = [a for a in arrays if a is not None]
+    if not stored:
+        return findings
+    if any(n.startswith("spatial=0") for n in bn.notes) and len({a.shape for a in stored}) == 1:
+        arrays = tuple(None if a is None else a.reshape(-1) for a in arrays)  # per (channel, position): (C, H, W)
     mean, var, scale, bias = arrays
-    stats = BNStats(name=bn.name, running_mean=mean, running_var=var, weight=scale, bias=bias,
+    # a statistic computed at run time stands in as its initial value (mean 0, var 1), which no check flags alone
+    stats = BNStats(name=bn.name, running_mean=np.zeros_like(stored[0]) if mean is None else mean,
+                    running_var=np.ones_like(stored[0]) if var is None else var, weight=scale, bias=bias,
                     eps=bn.epsilon, momentum=1.0 - bn.momentum)
-    return findings + check_bn_stats(stats)
+    unknown = {"never_updated"} if mean is None or var is None else set()
+    if var is None:
+        unknown |= {"tiny_var", "zero_var", "nonpositive_var_eps"}
+    return findings + [f for f in check_bn_stats(stats) if f.code not in unknown]
 
 
 def _dropout_findings(graph: onnx.GraphProto, opset: int,
