@@ -76,6 +76,8 @@ class BNStats:
     eps: float = 1e-5
     momentum: float | None = 0.1
     invalid: list[str] = field(default_factory=list)
+    #: statistics per channel, channel-major (ONNX opset 7-8 ``spatial=0``: one per (channel, position))
+    positions: int = 1
 
 
 def ema_window(momentum: float, mass: float = 0.95) -> float:
@@ -190,8 +192,13 @@ def bn_stats_from_state(
                         eps=eps, momentum=momentum) for prefix in prefixes]
 
 
-def _channels(mask: np.ndarray, limit: int = 6) -> str:
-    idx = np.flatnonzero(mask)
+def _where(mask: np.ndarray, positions: int = 1) -> list[int]:
+    """The channels where ``mask`` (one entry per statistic, ``positions`` per channel) holds anywhere."""
+    return np.unique(np.flatnonzero(mask) // positions).tolist()
+
+
+def _channels(mask: np.ndarray, positions: int = 1, limit: int = 6) -> str:
+    idx = np.asarray(_where(mask, positions))
     shown = ", ".join(str(i) for i in idx[:limit])
     return f"channel{'s' if idx.size > 1 else ''} {shown}{', ...' if idx.size > limit else ''}"
 
@@ -218,11 +225,12 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
                         "re-export the layer; every array must hold one value per channel", "bad_shape",
                         {k: list(s) for k, s in shapes.items()})]
 
-    nonfinite = {k: int(np.count_nonzero(~np.isfinite(v))) for k, v in arrays.items()}
+    per = layer.positions
+    nonfinite = {k: len(_where(~np.isfinite(v), per)) for k, v in arrays.items()}
     nonfinite = {k: n for k, n in nonfinite.items() if n}
     if nonfinite:
         return [Finding("error", name, "non-finite values in BN statistics or parameters",
-                        "; ".join(f"{k}: {n} of {mean.size} channels NaN/Inf" for k, n in nonfinite.items()),
+                        "; ".join(f"{k}: {n} of {mean.size // per} channels NaN/Inf" for k, n in nonfinite.items()),
                         "recompute the statistics (bnkit recalibrate) from clean data, or restore an earlier "
                         "checkpoint",
                         "non_finite", {"non_finite": nonfinite})]
@@ -265,25 +273,25 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
     if negative.any():
         findings.append(Finding(
             "error", name, "negative running variance",
-            f"{_channels(negative)}: min running_var {var.min():.3g}"
+            f"{_channels(negative, per)}: min running_var {var.min():.3g}"
             + ("; var + eps < 0 gives NaN" if (var + eps < 0).any() else ""),
             "the statistics were corrupted (a variance cannot be negative): recompute them with bnkit recalibrate",
-            "negative_var", {"channels": np.flatnonzero(negative).tolist(), "min_var": float(var.min())}))
+            "negative_var", {"channels": _where(negative, per), "min_var": float(var.min())}))
 
     zero = (var >= 0) & (var + eps <= 0)  # sqrt(var + eps): zero divides by zero, negative is NaN
     if zero.any() and eps == 0:
         findings.append(Finding(
             "error", name, "zero running variance with eps = 0",
-            f"{_channels(zero)}: running_var 0 and eps 0, so the channel divides by zero (inf/NaN outputs)",
+            f"{_channels(zero, per)}: running_var 0 and eps 0, so the channel divides by zero (inf/NaN outputs)",
             "set eps > 0 (PyTorch's default is 1e-5) or recalibrate on data where the channel varies",
-            "zero_var", {"channels": np.flatnonzero(zero).tolist()}))
+            "zero_var", {"channels": _where(zero, per)}))
     elif zero.any():
         findings.append(Finding(
             "error", name, "running variance + eps <= 0",
-            f"{_channels(zero)}: running_var + eps <= 0 with eps = {eps:g} (negative; smallest such variance "
+            f"{_channels(zero, per)}: running_var + eps <= 0 with eps = {eps:g} (negative; smallest such variance "
             f"{var[zero].min():.3g}), so the channel divides by zero or takes the root of a negative number "
             "(inf/NaN outputs)", "set eps > 0 (PyTorch's default is 1e-5)", "nonpositive_var_eps",
-            {"channels": np.flatnonzero(zero).tolist(), "eps": eps}))
+            {"channels": _where(zero, per), "eps": eps}))
     elif eps < 0:
         findings.append(Finding(
             "warning", name, "negative eps",
@@ -297,10 +305,10 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
         gain = np.abs(gamma[tiny]) / np.sqrt(var[tiny] + eps)
         findings.append(Finding(
             "warning", name, "variance below eps: eps sets the channel's gain",
-            f"{_channels(tiny)}: running_var {var[tiny].min():.3g} < eps {eps:g}; "
+            f"{_channels(tiny, per)}: running_var {var[tiny].min():.3g} < eps {eps:g}; "
             f"|gamma|/sqrt(var + eps) up to {gain.max():.3g}, so any input change in these channels is amplified",
             "if these channels are dead upstream, prune them; otherwise recalibrate on representative data",
-            "tiny_var", {"channels": np.flatnonzero(tiny).tolist(), "max_gain": float(gain.max())}))
+            "tiny_var", {"channels": _where(tiny, per), "max_gain": float(gain.max())}))
 
     if layer.weight is not None:
         dead = np.abs(layer.weight) <= GAMMA_TOL
@@ -308,10 +316,11 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
             everywhere = bool(dead.all())
             findings.append(Finding(
                 "warning", name, "gamma near zero: dead channels",
-                f"{_channels(dead)} of {dead.size}: |gamma| <= {GAMMA_TOL:g}, so the output is the constant beta"
+                f"{_channels(dead, per)} of {dead.size // per}: |gamma| <= {GAMMA_TOL:g}, so the output is the "
+                "constant beta"
                 + (" (every channel: a zero-initialised residual BN never trained?)" if everywhere else ""),
                 "check weight decay on BN parameters and the learning rate; prune the channels if intended",
-                "dead_gamma", {"channels": np.flatnonzero(dead).tolist(), "all": everywhere}))
+                "dead_gamma", {"channels": _where(dead, per), "all": everywhere}))
     return findings
 
 

@@ -533,10 +533,16 @@ def test_spatial_0_statistics_of_shape_c_h_w_are_checked_per_position(negative):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
     model.ir_version = 8
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    nan = bool(np.isnan(session.run(None, {"x": rng.standard_normal((2, 2, 3, 3)).astype(np.float32)})[0]).any())
+    y = session.run(None, {"x": rng.standard_normal((2, 2, 3, 3)).astype(np.float32)})[0]
+    nan = bool(np.isnan(y).any())
     report = audit(model)
     codes = {f.code for f in report.findings if f.severity == "error"}
     assert nan is negative and codes == ({"negative_var"} if negative else set())
+    assert report.nodes[0]["channels"] == 2
+    if negative:  # the channel named is the one onnxruntime's NaN is in, not the flat (channel, position) index 15
+        (finding,) = [f for f in report.findings if f.code == "negative_var"]
+        assert finding.data["channels"] == sorted(set(np.argwhere(np.isnan(y))[:, 1].tolist())) == [1]
+        assert finding.evidence.startswith("channel 1:")
     # spatial is an attribute of opsets 7-8 only (gone from opset 9): the node gets the unusual-attribute warning
     assert "spatial" in onnx.defs.get_schema("BatchNormalization", 7, "").attributes
     assert "spatial" not in onnx.defs.get_schema("BatchNormalization", 9, "").attributes

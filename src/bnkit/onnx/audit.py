@@ -124,13 +124,17 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
     stored = [a for a in arrays if a is not None]
     if not stored:
         return findings
-    if any(n.startswith("spatial=0") for n in bn.notes) and len({a.shape for a in stored}) == 1:
-        arrays = tuple(None if a is None else a.reshape(-1) for a in arrays)  # per (channel, position): (C, H, W)
+    positions = 1
+    if any(n.startswith("spatial=0") for n in bn.notes) and len({a.shape for a in stored}) == 1 \
+            and stored[0].ndim > 1 and stored[0].size:  # one statistic per (channel, position): (C, H, W) each
+        positions = stored[0].size // stored[0].shape[0]
+        arrays = tuple(None if a is None else a.reshape(-1) for a in arrays)
+        stored = [a.reshape(-1) for a in stored]
     mean, var, scale, bias = arrays
     # a statistic computed at run time stands in as its initial value (mean 0, var 1), which no check flags alone
     stats = BNStats(name=bn.name, running_mean=np.zeros_like(stored[0]) if mean is None else mean,
                     running_var=np.ones_like(stored[0]) if var is None else var, weight=scale, bias=bias,
-                    eps=bn.epsilon, momentum=1.0 - bn.momentum)
+                    eps=bn.epsilon, momentum=1.0 - bn.momentum, positions=positions)
     unknown = {"never_updated"} if mean is None or var is None else set()
     if var is None:
         unknown |= {"tiny_var", "zero_var", "nonpositive_var_eps"}
@@ -163,7 +167,8 @@ def _audit_nodes(proto: onnx.ModelProto, opset: int, report: OnnxAuditReport) ->
     nodes = bn_nodes(proto.graph, opset, functions=functions)
     switchable = not unswitchable_training(proto.graph, opset, nodes, functions=functions)
     for bn in nodes:
-        channels = None if bn.mean is None else int(bn.mean.size)
+        channels = next((int(a.shape[0]) for a in (bn.mean, bn.var, bn.scale, bn.bias)
+                         if a is not None and a.ndim), None)  # spatial=0's (C, H, W) statistics too
         report.nodes.append({"name": bn.name, "channels": channels, "epsilon": bn.epsilon,
                              "momentum": bn.momentum, "training": bn.training})
         report.findings.extend(_node_findings(bn, switchable))
