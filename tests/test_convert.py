@@ -1,5 +1,6 @@
 """bnkit.convert_state: round trips, the three classic slips, bad input, and ONNX checked in onnxruntime."""
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -407,3 +408,17 @@ def test_axis_0_is_refused_as_the_batch_axis(dst):
     with pytest.raises(ValueError, match="batch axis"):
         convert_state(SAMPLES["torch"], "torch", dst, axis=0)
     assert convert_state(SAMPLES["torch"], "torch", dst, axis=-1)["config"]["axis"] == -1
+
+
+@pytest.mark.parametrize("dst", ["keras", "flax"])
+@pytest.mark.parametrize("axis", [1.9, -0.5, True, "1"])
+def test_an_axis_that_is_not_an_integer_is_refused_naming_it(dst, axis):
+    """1.9 became axis 1, -0.5 was called 'axis=0 ... the batch axis', True became 1: refused as what it is. A
+    source config's axis likewise; a NumPy integer is an integer."""
+    with pytest.raises(ValueError, match=rf"axis must be an integer, got {re.escape(repr(axis))}"):
+        convert_state(SAMPLES["torch"], "torch", dst, axis=axis)
+    src = {"keras": "flax", "flax": "keras"}[dst]
+    bad = dict(SAMPLES[src], config=dict(SAMPLES[src]["config"], axis=axis))
+    with pytest.raises(ValueError, match=rf"{src} axis must be an integer, got {re.escape(repr(axis))}"):
+        convert_state(bad, src, "torch")
+    assert convert_state(SAMPLES["torch"], "torch", dst, axis=np.int64(-1))["config"]["axis"] == -1

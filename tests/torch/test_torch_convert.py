@@ -377,17 +377,51 @@ def test_an_nnx_batchnorm_is_named_and_the_suggested_linen_equivalent_works():
         from_flax(m, {})
     # what the message says to pass instead gives the nnx layer's own output
     assert "linen.BatchNorm(axis=m.axis, momentum=m.momentum, epsilon=m.epsilon" in str(info.value)
+    assert "use_running_average=m.use_running_average" in str(info.value)
+    assert "leaving out 'scale' if not m.use_scale and 'bias' if not m.use_bias" in str(info.value)
     module = linen.BatchNorm(axis=m.axis, momentum=m.momentum, epsilon=m.epsilon, use_bias=m.use_bias,
-                             use_scale=m.use_scale)
+                             use_scale=m.use_scale, use_running_average=m.use_running_average)
     variables = {"params": {"scale": m.scale[...], "bias": m.bias[...]},
                  "batch_stats": {"mean": m.mean[...], "var": m.var[...]}}
     bn = from_flax(module, variables, ndim=2)
-    assert bn.momentum == pytest.approx(0.2)
+    assert bn.momentum == pytest.approx(0.2) and bn.training  # an nnx layer in training mode: a training layer
     x = batches(2, True, 1, seed=0)[0]
     m.eval()
     np.testing.assert_allclose(torch_infer(bn, x, True), np.asarray(m(x)), rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="got flax.linen.linear.Dense"):
         from_flax(linen.Dense(3), variables)
+    # a layer without scale (its m.scale is None): the recipe leaves 'scale' out
+    bare = nnx.BatchNorm(C, use_scale=False, rngs=nnx.Rngs(0))
+    bare.eval()
+    module = linen.BatchNorm(axis=bare.axis, momentum=bare.momentum, epsilon=bare.epsilon, use_bias=bare.use_bias,
+                             use_scale=bare.use_scale, use_running_average=bare.use_running_average)
+    bn = from_flax(module, {"params": {"bias": bare.bias[...]},
+                            "batch_stats": {"mean": bare.mean[...], "var": bare.var[...]}}, ndim=2)
+    assert not bn.training
+    np.testing.assert_allclose(torch_infer(bn, x, True), np.asarray(bare(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_a_flax_module_built_to_use_its_running_average_gives_frozen_statistics():
+    """linen.BatchNorm(use_running_average=True) normalizes with its statistics in every call and never updates
+    them; the torch layer trained with batch statistics and moved its running mean. Oracle: Flax's own step with
+    mutable batch_stats, outputs and statistics; gamma/beta still get gradients, as Flax's scale/bias do."""
+    linen = pytest.importorskip("flax.linen")
+    rng = np.random.default_rng(0)
+    module = linen.BatchNorm(use_running_average=True, momentum=0.9)
+    variables = {"params": {"scale": rng.uniform(0.5, 2, C).astype(np.float32),
+                            "bias": rng.normal(size=C).astype(np.float32)},
+                 "batch_stats": {"mean": rng.normal(size=C).astype(np.float32),
+                                 "var": rng.uniform(0.5, 2, C).astype(np.float32)}}
+    bn = from_flax(module, variables, ndim=2)
+    bn.train()  # a training loop's model.train() must not switch it to batch statistics
+    x = rng.normal(2, 3, (8, C)).astype(np.float32)
+    y_flax, updated = module.apply(variables, x, mutable=["batch_stats"])
+    y = bn(torch.from_numpy(x))
+    np.testing.assert_allclose(y.detach().numpy(), np.asarray(y_flax), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(bn.running_mean.numpy(), np.asarray(updated["batch_stats"]["mean"]))
+    y.sum().backward()
+    assert bn.weight.grad is not None and bn.bias.grad is not None
+    assert from_flax(linen.BatchNorm(use_running_average=None), variables, ndim=2).training
 
 
 def test_to_flax_float64_needs_jax_64_bit_mode_and_then_round_trips_exactly():

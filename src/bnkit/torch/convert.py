@@ -265,7 +265,11 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
     ``use_scale=False`` as :func:`from_keras`: eps
     carried, momentum flipped (Flax 0.99 -> torch 0.01), the same inference output after moving
     Flax's ``axis`` to dim 1; ``exact_training=True`` (needs ``ndim``) follows Flax's biased
-    running-variance rule exactly.
+    running-variance rule exactly. A module built with ``use_running_average=True`` (its field, which no call can
+    override) always normalizes with its statistics and never updates them: the torch layer's statistics are frozen
+    by ``freeze_bn(bn, affine=False)`` (eval mode that ``train()`` keeps; gamma/beta still train, as Flax's do).
+    Otherwise (``None``, the usual field left to the call, or ``False``) it is in training mode, as a new torch
+    layer is.
     """
     linen, _ = _import_flax()
     if not isinstance(module, linen.BatchNorm):
@@ -274,8 +278,9 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
             raise TypeError(
                 "expected a flax.linen.BatchNorm, got a flax.nnx.BatchNorm (Flax's NNX API, which holds its own "
                 "state): for an nnx layer m pass linen.BatchNorm(axis=m.axis, momentum=m.momentum, epsilon=m.epsilon, "
-                "use_bias=m.use_bias, use_scale=m.use_scale) and variables {'params': {'scale': m.scale[...], "
-                "'bias': m.bias[...]}, 'batch_stats': {'mean': m.mean[...], 'var': m.var[...]}}"
+                "use_bias=m.use_bias, use_scale=m.use_scale, use_running_average=m.use_running_average) and variables "
+                "{'params': {'scale': m.scale[...], 'bias': m.bias[...]}, 'batch_stats': {'mean': m.mean[...], "
+                "'var': m.var[...]}}, leaving out 'scale' if not m.use_scale and 'bias' if not m.use_bias"
             )
         raise TypeError(f"expected a flax.linen.BatchNorm, got {cls.__module__}.{cls.__qualname__}")
     axis = module.axis[0] if isinstance(module.axis, (tuple, list)) and len(module.axis) == 1 else module.axis
@@ -284,7 +289,10 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
     config = {"axis": module.axis, "momentum": module.momentum, "epsilon": module.epsilon,
               "use_bias": module.use_bias, "use_scale": module.use_scale}
     state = convert_state({"variables": variables, "config": config}, "flax", "torch")
-    return _build_torch(state, _rank_to_dims(ndim), exact_training, scale=module.use_scale)
+    bn = _build_torch(state, _rank_to_dims(ndim), exact_training, scale=module.use_scale)
+    if module.use_running_average is True:  # the module's own field, not the call's: it never uses batch statistics
+        freeze_bn(bn, affine=False)
+    return bn
 
 
 def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[Any, dict]:
