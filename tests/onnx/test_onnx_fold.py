@@ -424,18 +424,23 @@ def test_unused_extra_outputs_of_an_inference_node_are_removed():
     assert rel(ort_run(folded, feeds)[0], want) < 1e-5
 
 
+def _conv_bn_with_outputs(outputs: list[str], opset: int, seed: int, **attrs) -> onnx.ModelProto:
+    """A 1x1 Conv then a BatchNormalization node 'bn' writing ``outputs`` (blank names allowed)."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
+             helper.make_node("BatchNormalization", ["h", "bn.s", "bn.b", "bn.m", "bn.v"], outputs, name="bn", **attrs)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
+                  {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=opset)
+
+
 @pytest.mark.parametrize("opset,outputs,training", [(12, ["y", "", "", "", ""], None), (15, ["y", "", ""], 0),
                                                     (15, ["y", "", ""], 1), (14, ["y", "rm", ""], 1),
                                                     (12, ["y", "rm", "", "", ""], "outputs"), (15, ["y", "", "rv"], 1)])
 def test_blank_optional_outputs_are_dropped_not_run_into_an_onnxruntime_crash(opset, outputs, training):
     # onnxruntime 1.32 segfaults on these nodes; "" names absent outputs, so dropping them is the same node
-    rng = np.random.default_rng(13)
     attrs = {} if training in (None, "outputs") else {"training_mode": training}  # "outputs": opset < 14 training
-    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
-             helper.make_node("BatchNormalization", ["h", "bn.s", "bn.b", "bn.m", "bn.v"], outputs, name="bn", **attrs)]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
-                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=opset)
+    model = _conv_bn_with_outputs(outputs, opset, seed=13, **attrs)
     assert [f.code for f in audit(model).findings if f.severity == "warning"] == ["blank_outputs"]
     if training:  # some blank names beside real ones crash it too
         with pytest.raises(OnnxRuntimeError, match="keep blank"):
@@ -460,13 +465,7 @@ def test_blank_saved_statistics_on_an_opset_9_13_training_node_run_and_verify(op
     """Outputs [y, rm, rv, "", ""] (saved_mean/saved_var absent) run in onnxruntime 1.32, unlike the blank patterns
     above: the audit gave a crash warning and the fold refused to verify the file. Oracle: onnxruntime runs the
     original, and the folded file's outputs equal those."""
-    rng = np.random.default_rng(3)
-    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
-             helper.make_node("BatchNormalization", ["h", "bn.s", "bn.b", "bn.m", "bn.v"], ["y", "rm", "rv", "", ""],
-                              name="bn")]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
-                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=opset)
+    model = _conv_bn_with_outputs(["y", "rm", "rv", "", ""], opset, seed=3)
     feeds = _feeds(model)
     want = ort_run(model, feeds)[0]  # premise: it runs
     assert [f.code for f in audit(model).findings] == ["training_mode"]
@@ -974,13 +973,7 @@ def test_a_training_dropout_inside_an_if_body_is_audited_seeded_and_not_switched
 def test_blank_outputs_of_an_opset_8_inference_node_are_dropped_too():
     """Opset 7/8 nodes are not folded, but their absent ("") outputs crash onnxruntime: dropped, as the audit
     says, so the graph loads and verification runs."""
-    rng = np.random.default_rng(18)
-    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
-             helper.make_node("BatchNormalization", ["h", "bn.s", "bn.b", "bn.m", "bn.v"], ["y", "", "", "", ""],
-                              name="bn")]
-    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4, 4])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 4])],
-                   {"W": rng.standard_normal((3, 2, 1, 1)).astype(np.float32), **_bn_inits(3, rng)}, opset=8)
+    model = _conv_bn_with_outputs(["y", "", "", "", ""], 8, seed=18)
     folded, report = fold_model(model)
     assert report.verified and "opset 8" in report.left["bn"] and list(folded.graph.node[1].output) == ["y"]
 
