@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -151,6 +153,25 @@ def test_debias_with_zero_momentum_is_the_cumulative_average():
     for x in xs:
         layer(x)
     np.testing.assert_allclose(layer.running_mean.numpy(), np.mean([_stats64(x, 1)[0] for x in xs], axis=0), rtol=1e-6)
+
+
+def test_converting_a_layer_with_a_few_ema_updates_to_debias_warns_of_the_lag_it_keeps():
+    """debias takes the buffers as corrected averages: after 3 plain updates (momentum 0.1) the initial values
+    still weigh 0.9^3 = 0.73 and stay there (running mean 2.4 where the corrected EMA of batches at 5 is 5). Warned,
+    naming the layer and the weight; no warning after 100 updates (0.9^100 = 2.7e-5), for momentum=None (no
+    initial weight after one update), or for a layer that already debiases. Oracle: the closed form (1 - m)^t."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.BatchNorm1d(2), nn.BatchNorm1d(2, momentum=None)).train()
+    for _ in range(3):
+        model(torch.randn(16, 2) + 5)
+    with torch.no_grad():
+        model[1].num_batches_tracked.fill_(100)
+    with pytest.warns(UserWarning, match=r"debias=True.*1 layer\(s\).*: 0 \(num_batches_tracked 3: 0\.73\)") as seen:
+        converted = convert_bn(model, debias=True)
+    assert len(seen) == 1 and "recalibrate" in str(seen[0].message) and f"{0.9 ** 3:.2g}" == "0.73"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convert_bn(converted, debias=True, virtual_batch_size=8)  # already debiasing: no warning
 
 
 # ------------------------------------------------------------------ renorm
@@ -564,6 +585,20 @@ def test_convert_bn_updates_the_requested_options_of_existing_drop_in_layers():
     with pytest.raises(ValueError, match="rmax"):
         convert_bn(model, rmax=0.5)
     assert model[0].rmax == 3.0 and model[0].virtual_batch_size == 2  # a failed convert changes nothing
+
+
+@pytest.mark.parametrize("option, value", [
+    ("virtual_batch_size", "abc"), ("virtual_batch_size", [2]), ("virtual_batch_size", True),
+    ("virtual_batch_size", 2.5), ("renorm_schedule", 5), ("renorm_schedule", (1, 2.5, 3)), ("rmax", "3"),
+    ("dmax", None),
+])
+def test_an_option_of_the_wrong_kind_is_refused_naming_the_option(option, value):
+    """int('abc') and float('3') errors named no option, iterating 5 raised TypeError, and a schedule of
+    (1, 2.5, 3) became (1, 2, 3): each is refused with the option and the value. NumPy numbers are numbers."""
+    with pytest.raises(ValueError, match=rf"^{option} must be .*got {re.escape(repr(value))}$"):
+        BatchNorm2d(3, renorm=True, **{option: value})
+    layer = BatchNorm2d(3, renorm=True, virtual_batch_size=np.int64(4), rmax=np.float32(2), renorm_schedule=(1, 2.0, 3))
+    assert layer.virtual_batch_size == 4 and layer.rmax == 2.0 and layer.renorm_schedule == (1, 2, 3)
 
 
 def test_convert_bn_keeps_drop_in_layers_it_would_not_change():

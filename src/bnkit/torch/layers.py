@@ -58,6 +58,7 @@ deprecated ``torch.jit.script`` cannot compile them (``revert_bn`` or
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 
@@ -66,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from ..audit_state import FEW_UPDATES_WEIGHT, initial_weight
 from .modules import channels, eager_modules, require_eager, write_count
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_bn", "revert_bn", "PAPER_RENORM_SCHEDULE"]
@@ -166,21 +168,28 @@ class _DropInBatchNorm:
         cfg = {**_EXTRA_DEFAULTS, **extras}
         if cfg["running_var_rule"] not in _RUNNING_VAR_RULES:
             raise ValueError(f"running_var_rule must be one of {_RUNNING_VAR_RULES}, got {cfg['running_var_rule']!r}")
-        rmax, dmax = float(cfg["rmax"]), float(cfg["dmax"])
+        def number(v) -> bool:
+            return isinstance(v, numbers.Real) and not isinstance(v, bool)  # NumPy's numbers too, not bools
+
+        rmax, dmax = (float(cfg[k]) if number(cfg[k]) else math.nan for k in ("rmax", "dmax"))
         if not (math.isfinite(rmax) and rmax >= 1.0):
-            raise ValueError(f"rmax must be a finite number >= 1, got {cfg['rmax']}")
+            raise ValueError(f"rmax must be a finite number >= 1, got {cfg['rmax']!r}")
         if not (math.isfinite(dmax) and dmax >= 0.0):
-            raise ValueError(f"dmax must be a finite number >= 0, got {cfg['dmax']}")
+            raise ValueError(f"dmax must be a finite number >= 0, got {cfg['dmax']!r}")
         schedule = cfg["renorm_schedule"]
         if schedule is not None:
+            if not (isinstance(schedule, (tuple, list)) and len(schedule) == 3 and all(
+                    number(s) and int(s) == s for s in schedule)):
+                raise ValueError(f"renorm_schedule must be three whole numbers (warmup, r_full, d_full), got "
+                                 f"{schedule!r}")
             schedule = tuple(int(s) for s in schedule)
-            if len(schedule) != 3 or schedule[0] < 0 or schedule[1] <= schedule[0] or schedule[2] <= schedule[0]:
+            if schedule[0] < 0 or schedule[1] <= schedule[0] or schedule[2] <= schedule[0]:
                 raise ValueError(
                     "renorm_schedule must be (warmup, r_full, d_full) with 0 <= warmup < r_full and warmup < d_full, "
                     f"got {cfg['renorm_schedule']!r}"
                 )
         vbs = cfg["virtual_batch_size"]
-        if vbs is not None and (isinstance(vbs, bool) or int(vbs) != vbs or vbs < 1):
+        if vbs is not None and not (number(vbs) and int(vbs) == vbs and vbs >= 1):
             raise ValueError(f"virtual_batch_size must be a positive integer or None, got {vbs!r}")
         if (cfg["renorm"] or cfg["debias"]) and not self.track_running_stats:
             raise ValueError(f"{cfg['layer_name'] or type(self).__name__}: renorm and debias need running statistics; "
@@ -277,6 +286,9 @@ class _DropInBatchNorm:
     def _forward_train_extras(self, x: Tensor) -> Tensor:
         if x.numel() == 0:
             raise ValueError(f"{self._label()} got an empty batch {tuple(x.shape)} in training mode")
+        if not x.is_floating_point():  # renorm's float32 arithmetic would take it, and cast its output back
+            raise TypeError(f"{self._label()} takes floating-point input, got {x.dtype} (as PyTorch's batch_norm "
+                            "does); convert the batch first, e.g. x.float()")
         chunks = self._chunks(x)  # validates before any buffer changes
         if self.renorm and (self.running_mean is None or self.running_var is None):
             raise ValueError(
@@ -471,7 +483,9 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
     first). An uninitialized ``LazyBatchNorm*d`` raises
     ``ValueError`` (run one forward pass first: it then is an ``nn.BatchNorm*d``).
     Nothing changes if any layer fails. Returns the model (a new object only when
-    ``model`` itself is a BN layer).
+    ``model`` itself is a BN layer). ``debias=True`` takes the statistics a layer holds as already corrected: a
+    ``UserWarning`` names the layers whose ``num_batches_tracked`` says the initial values may still weigh over 1%
+    in them (an average of a few updates; the same holds for a plain checkpoint loaded into a debias layer).
     """
     lazy = [name or type(m).__name__ for name, m in eager_modules(model)
             if isinstance(m, LazyModuleMixin) and getattr(m, "cls_to_become", None) in _DROP_IN]
@@ -490,6 +504,7 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
                 "track_running_stats=False; convert the submodules that hold the others (convert_bn(model.block, "
                 "...)), or give these layers running statistics; nothing changed")
     left: list[tuple[str, type]] = []  # (name, class) of each BatchNorm layer left as it is
+    lagging: list[tuple[str, int, float]] = []  # (name, count, initial values' weight) of layers debias starts on
 
     def make(name: str, m: nn.Module) -> nn.Module | None:
         if type(m) in _STANDARD:  # already a drop-in: update its options on a copy (the model is untouched on error)
@@ -506,9 +521,21 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
         new = retype_module(m, cls)
         new.num_features = channels(m)  # a once-lazy layer keeps num_features 0 in PyTorch
         new._set_extras(**options)
+        if options.get("debias") and not current.get("debias") and m.momentum is not None:
+            count = int(m.num_batches_tracked)
+            if count > 0 and (w0 := initial_weight(float(m.momentum), count)) > FEW_UPDATES_WEIGHT:
+                lagging.append((name or "(root)", count, w0))
         return new
 
     converted = replace_modules(model, make)
+    if lagging:
+        names = ", ".join(f"{n} (num_batches_tracked {t}: {w:.2g})" for n, t, w in lagging[:6])
+        warnings.warn(
+            f"convert_bn(debias=True): if the running statistics of {len(lagging)} layer(s) come from that many "
+            f"exponential-average updates, the initial 0 and 1 still weigh (1 - momentum)^num_batches_tracked in "
+            f"them: {names}{', ...' if len(lagging) > 6 else ''}. debias takes them as corrected averages and keeps "
+            "that lag; recalibrate them (bnkit recalibrate) for exact statistics (statistics recalibrate computed "
+            "are exact already)", UserWarning, stacklevel=2)
     if left:
         names = ", ".join(f"{n} ({c.__name__})" for n, c in left[:6]) + (", ..." if len(left) > 6 else "")
         warnings.warn(f"convert_bn left {len(left)} BatchNorm layer(s) of other classes as they are: {names}. "
