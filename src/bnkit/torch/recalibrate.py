@@ -246,8 +246,9 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Larger ones use shifted sums: with ``c`` the channel mean in the working
     precision, ``d = x - c``, ``S1 = sum(d)``, ``S2 = sum(d**2)``, finished in
     float64 as ``mean = c + S1/n`` and ``var = (S2 - S1**2/n) / n``. Only
-    deviations from a value near the mean are summed, never ``x**2``, so nothing
-    cancels however large ``|mean| / std`` is. The sums run over each sample's
+    deviations from a value near the mean are summed, never ``x**2``, so no sum of
+    squares cancels (beyond ``|mean| / std ~ 1e8`` the rounding of each batch's mean at
+    the mean's magnitude still shows: ~3e-6 of the variance at 1e12, in float64). The sums run over each sample's
     positions in the working precision (vectorized; a few float32 roundings of
     the spread) and over the batch in float64: variance to ~1e-7 relative, mean
     to ~1e-7 std, at float32 speed (upcasting every value to float64 costs ~20x
