@@ -422,6 +422,23 @@ def test_data_keys_and_tensor_files_as_data_and_no_leading_blank_line(tmp_path):
     assert "first present of x, inputs, input, data, images, X" in help_text
 
 
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_finite_data_whose_statistics_overflow_float64_exits_1_whatever_the_batch_size(tmp_path, monkeypatch, batch_size):
+    """Values near 1e154 in a float64 model overflow the squares: batches of 4 failed in the batch's sums (exit 1,
+    a message about float32 sums), batches of 2 when merged (exit 2, bad input). Both are the data's statistics out
+    of range: exit 1, and the message gives float64's limit. Oracle: the square of 1.0001e154 overflows float64."""
+    assert not np.isfinite(np.float64(1.0001e154) ** 2 * 2)
+    (tmp_path / "f64_user.py").write_text("import torch\ndef bn64(): return torch.nn.BatchNorm1d(2).double()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    np.save(tmp_path / "huge.npy", np.array([[1e154] * 2, [1.0001e154] * 2, [-1e154] * 2, [-1.0001e154] * 2]))
+    out = tmp_path / "o.pt"
+    result = invoke("--model", "f64_user:bn64", "--data", str(tmp_path / "huge.npy"), "--batch-size",
+                    str(batch_size), "--output", str(out), "--no-progress")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "nothing written" in text and not out.exists(), text
+    assert "float32 sums" not in text and ("1e154 in float64" in text or "overflow float64 when merged" in text)
+
+
 def test_failures_of_the_users_code_exit_2_naming_the_exception_and_where(tmp_path, monkeypatch):
     (tmp_path / "fs4_user.py").write_text(
         "import torch\n"

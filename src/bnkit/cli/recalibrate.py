@@ -219,6 +219,7 @@ def recalibrate_command(
     from ..torch import recalibrate
     from ..torch.io import UnsafeCheckpointError, load_state_dict_file, load_weights_into, save_state_dict_file
     from ..torch.modules import input_dtype_device
+    from ..torch.recalibrate import StatisticsRangeError
     from .common import (STATE_DICT_SUFFIXES, UsageError, build_model, check_output, dtype_change, load_forward,
                          parse_device)
 
@@ -274,8 +275,9 @@ def recalibrate_command(
             text = f"{'the model' if feed is None else f'the model or --forward {forward!r}'} raised {describe_error(exc)}"
         else:  # the library's advice names its Python arguments: here they are options
             text = reworded(text, _CLI_WORDS)
-            if isinstance(exc, ValueError):  # bnkit's checks: non-finite, channels, one value per channel
-                raise fail(f"recalibration failed, nothing written: {text}", code=1 if "non-finite" in text else 2)
+            if isinstance(exc, ValueError):  # bnkit's checks: non-finite or out of range (1), bad input (2)
+                raise fail(f"recalibration failed, nothing written: {text}",
+                           code=1 if isinstance(exc, StatisticsRangeError) else 2)
         hint = _integer_hint(loader, dtype) if isinstance(exc, (TypeError, RuntimeError)) else ""  # dtype errors
         raise fail(f"the model cannot run on the data from {data!r}, nothing written: {text}{hint}")
     try:

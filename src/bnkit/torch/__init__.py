@@ -25,7 +25,7 @@ _EXPORTS = {
     # layers.py: drop-in layers for small batches
     "BatchNorm1d": "layers", "BatchNorm2d": "layers", "BatchNorm3d": "layers", "convert_bn": "layers", "revert_bn": "layers",
     # recalibrate.py: exact population statistics
-    "recalibrate": "recalibrate", "RecalibrationReport": "recalibrate",
+    "recalibrate": "recalibrate", "RecalibrationReport": "recalibrate", "StatisticsRangeError": "recalibrate",
     # fold.py / export.py: deployment
     "fold_bn": "fold", "fold_plan": "fold", "FoldReport": "fold", "export_onnx": "export",
     # audit.py

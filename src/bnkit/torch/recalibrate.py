@@ -103,7 +103,7 @@ from .layers import _DropInBatchNorm, is_cumulative
 from .modules import (SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, normalized_inputs,
                       eager_modules, parallel_device, sole_device, to_device, unwrapped)
 
-__all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration"]
+__all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration", "StatisticsRangeError"]
 
 #: Batches whose statistics wait on the device before being moved to the host
 #: and folded in (one device-to-host transfer per this many batches).
@@ -219,6 +219,11 @@ class RecalibrationReport:
             ratio = f"{r['var_ratio_min']:.3g}..{r['var_ratio_max']:.3g}"
             lines.append(f"{r['layer']:<32} {r['samples']:>9} {r['max_mean_shift_std']:>12.4g} {ratio:>19}")
         return "\n".join(lines)
+
+
+class StatisticsRangeError(ValueError):
+    """The data gave a BatchNorm input NaN/Inf, or statistics beyond the range of the sums or of the layer's
+    buffers: the run failed on what the data holds, not on how it was called; nothing was changed."""
 
 
 class _NonFinite(Exception):
@@ -352,7 +357,7 @@ def _gather_ranks(payload: np.ndarray | None, error: BaseException | None,
     if nonfinite:
         rank, batch, layer = nonfinite[0]
         also = f" Recalibration also failed on rank(s) {failed} (see that rank's error)." if failed else ""
-        raise ValueError(_nonfinite_message(layers[layer][0], batch, rank) + also)
+        raise StatisticsRangeError(_nonfinite_message(layers[layer][0], batch, rank) + also)
     if failed:
         raise RuntimeError(
             f"recalibration failed on rank(s) {failed} (see that rank's error); no statistics were changed"
@@ -513,8 +518,8 @@ class _Pass:
                     m2 = w @ var_k + w @ (dev * dev)
                 self.moments[i].update_moments(n, mean, m2)
             except ValueError as exc:  # the merged sums overflow float64 (activations near 1e150)
-                raise ValueError(f"BatchNorm layer {self.layers[i][0]!r}: its statistics overflow float64 when "
-                                 f"merged ({exc})") from None
+                raise StatisticsRangeError(f"BatchNorm layer {self.layers[i][0]!r}: its statistics overflow "
+                                           f"float64 when merged ({exc})") from None
             self.calls[i] += len(n_k)
             self.samples[i] += int(s_k.sum())
 
@@ -550,7 +555,8 @@ def _nonfinite_message(layer: str, batch: int, rank: int | None = None) -> str:
     where = f"batch {batch}" + ("" if rank is None else f" on rank {rank}")
     return (
         f"non-finite (NaN/Inf) input to BatchNorm layer {layer!r} in {where}, or values so far from their mean "
-        "(beyond about 1e18) that their squares overflow the float32 sums; no statistics were changed. "
+        "that their squares overflow the sums (beyond about 1e18 in float32 ones, 1e154 in float64); no "
+        "statistics were changed. "
         "Fix the data or the model, or pass on_nonfinite='skip' to leave such batches out"
     )
 
@@ -754,7 +760,7 @@ def recalibrate(
                 acc.fold()
             except _NonFinite as exc:
                 if world == 1:
-                    raise ValueError(_nonfinite_message(layers[exc.layer][0], exc.batch)) from None
+                    raise StatisticsRangeError(_nonfinite_message(layers[exc.layer][0], exc.batch)) from None
                 error = exc  # every rank must reach the collective before anyone raises
             except Exception as exc:
                 if world == 1:
@@ -794,7 +800,7 @@ def recalibrate(
                         wider = {torch.float16: "a float32", torch.bfloat16: "a float32", torch.float32: "a float64"}
                         way = (f"recalibrate {wider[dtype]} copy of the model, or scale the inputs down" if dtype in wider
                                else "scale the inputs down")
-                        raise ValueError(
+                        raise StatisticsRangeError(
                             f"BatchNorm layer {name!r}: its statistics (max |mean| {np.abs(new_mean).max():.3g}, max "
                             f"variance {new_var.max():.3g}) exceed {dtype}'s range, where they would be non-finite; "
                             f"{way} (the buffers are left as they were)")
