@@ -439,6 +439,27 @@ def test_finite_data_whose_statistics_overflow_float64_exits_1_whatever_the_batc
     assert "float32 sums" not in text and ("1e154 in float64" in text or "overflow float64 when merged" in text)
 
 
+def test_a_factory_giving_one_x_y_batch_is_told_each_tensor_was_taken_for_a_batch(tmp_path, monkeypatch):
+    """A factory returning (x, y) feeds the model y as the second batch; the library's call says so, the CLI said
+    only the model's shape error. Oracle: the library's own note on the same data."""
+    (tmp_path / "xy_user.py").write_text(
+        "import torch\n"
+        "def pair(): return torch.randn(16, 64), torch.zeros(16)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import xy_user
+
+    with pytest.raises(IndexError) as library:  # MLP's Flatten on the (16,) targets
+        recalibrate(MLP(), xy_user.pair(), progress=False)
+    if sys.version_info >= (3, 11):
+        assert "the forward failed on data batch 1 (a tensor of shape (16,))" in library.value.__notes__[0]
+    result = invoke("--model", MODEL, "--data", "xy_user:pair", "--output", str(tmp_path / "o.pt"))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and not (tmp_path / "o.pt").exists(), text
+    assert "xy_user:pair gave a tuple of 2 tensors, each taken for a batch" in text and "return [batch]" in text
+    if sys.version_info >= (3, 11):
+        assert "(the forward failed on data batch 1 (a tensor of shape (16,)))" in text
+
+
 def test_failures_of_the_users_code_exit_2_naming_the_exception_and_where(tmp_path, monkeypatch):
     (tmp_path / "fs4_user.py").write_text(
         "import torch\n"

@@ -279,6 +279,11 @@ def recalibrate_command(
                 raise fail(f"recalibration failed, nothing written: {text}",
                            code=1 if isinstance(exc, StatisticsRangeError) else 2)
         hint = _integer_hint(loader, dtype) if isinstance(exc, (TypeError, RuntimeError)) else ""  # dtype errors
+        if notes := [n for n in getattr(exc, "__notes__", []) if n.startswith("recalibrate: ")]:
+            text += f" ({notes[0].removeprefix('recalibrate: ')})"  # which batch, as the library says
+        if isinstance(loader, (tuple, list)) and loader and all(isinstance(b, torch.Tensor) for b in loader):
+            hint += (f"; {data} gave a {type(loader).__name__} of {len(loader)} tensors, each taken for a batch: a "
+                     "factory giving one (inputs, targets) batch should return [batch]")
         raise fail(f"the model cannot run on the data from {data!r}, nothing written: {text}{hint}")
     try:
         save_state_dict_file(net.state_dict(), out_path)
