@@ -26,9 +26,16 @@ def looks_like_npy(head: bytes) -> bool:
     return head.startswith(b"\x93NUMPY")
 
 
+#: How protocols 0 and 1 pickle PyTorch's magic number (torch/serialization.py ``MAGIC_NUMBER``), which the legacy
+#: ``torch.save`` format writes first: LONG, its decimal digits, ``L``, a newline.
+_LEGACY_MAGIC_TEXT = b"L119547037146038801333356L\n"
+
+
 def looks_like_pickle(head: bytes) -> bool:
-    """A pickle of protocol 2 to 5 (the legacy ``torch.save`` format, or any pickled object): PROTO, version."""
-    return head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    """A pickle of protocol 2 to 5 (the legacy ``torch.save`` format, or any pickled object): PROTO, version; or a
+    legacy ``torch.save`` file in protocol 0 or 1, whose pickles have no PROTO: by its magic number."""
+    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) \
+        or head.startswith(_LEGACY_MAGIC_TEXT)
 
 
 def zip_kind(path: str | os.PathLike) -> str | None:

@@ -177,10 +177,10 @@ def _load_safetensors(path: Path, map_location: str) -> dict[str, torch.Tensor]:
 
 
 def _unsafe(path: Path, exc: Exception) -> UnsafeCheckpointError:
-    if op := re.search(r"Unsupported operand \d+", str(exc)):  # FRAME (149) of protocol 4/5: harmless, unread
+    if op := re.search(r"Unsupported operand \d+", str(exc)):  # FRAME (149) of protocol 4/5, LONG (76) of 0/1
         return UnsafeCheckpointError(
             f"{path} is a pickle that PyTorch's weights_only loader cannot read ({op.group()}: torch.save's "
-            "legacy format with pickle protocol 4 or 5 writes such files), so it was NOT loaded. Re-save it with "
+            "legacy format with a pickle protocol other than 2 or 3 writes such files), so it was NOT loaded. Re-save it with "
             "torch.save's default format (or as .safetensors) where it was made; pass trust=True (--trust) only if "
             "you created this file yourself.")
     names = _GLOBAL.findall(_strip_ansi(str(exc)))
