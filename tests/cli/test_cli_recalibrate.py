@@ -455,9 +455,30 @@ def test_a_factory_giving_one_x_y_batch_is_told_each_tensor_was_taken_for_a_batc
     result = invoke("--model", MODEL, "--data", "xy_user:pair", "--output", str(tmp_path / "o.pt"))
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and not (tmp_path / "o.pt").exists(), text
-    assert "xy_user:pair gave a tuple of 2 tensors, each taken for a batch" in text and "return [batch]" in text
+    assert "xy_user:pair gave a pair of tensors, each taken for a batch" in text and "return [batch]" in text
     if sys.version_info >= (3, 11):
         assert "(the forward failed on data batch 1 (a tensor of shape (16,)))" in text
+    # a list of real batches that fails at its first: no (x, y) advice, from the library or the CLI
+    (tmp_path / "xy_user2.py").write_text("import torch\ndef batches(): return [torch.randn(8, 32)] * 3\n")
+    import xy_user2
+
+    with pytest.raises(RuntimeError) as library:
+        recalibrate(MLP(), xy_user2.batches(), progress=False)
+    assert "pair of tensors" not in " ".join(getattr(library.value, "__notes__", []))
+    result = invoke("--model", MODEL, "--data", "xy_user2:batches", "--output", str(tmp_path / "o.pt"))
+    assert result.exit_code == 2 and "pair of tensors" not in result.output and "[batch]" not in result.output
+
+
+def test_data_whose_every_batch_is_non_finite_exits_1_with_skip(tmp_path):
+    """--on-nonfinite skip over all-NaN data: the data's fault, exit 1 as any non-finite failure (it gave exit 2,
+    bad usage, once the CLI told such failures by the error's class)."""
+    x = digits(40)
+    x[:] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    result = invoke("--model", MODEL, "--data", str(tmp_path / "nan.npy"), "--on-nonfinite", "skip",
+                    "--output", str(tmp_path / "o.pt"))
+    assert result.exit_code == 1 and "batches had non-finite BatchNorm inputs" in " ".join(result.output.split())
+    assert not (tmp_path / "o.pt").exists()
 
 
 def test_failures_of_the_users_code_exit_2_naming_the_exception_and_where(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import importlib
 import itertools
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -293,6 +294,54 @@ def test_loads_that_pytorch_reshapes_or_completes_are_taken_as_load_state_dict_t
         versioned = OrderedDict(old_bn)
         versioned._metadata = {"1": {"version": 2}}
         load_weights_into(_net(), versioned)
+
+
+def test_a_failed_load_puts_back_the_buffers_a_quantization_observer_resized():
+    """QAT observers resize their (1,)/(0,) buffers in place as they load; when a later tensor failed, the rollback
+    copied the old values into the resized buffers, which raised torch's RuntimeError mid-way and left the model
+    half loaded. Oracle: the model's state before the call, shapes and values."""
+    import torch.ao.quantization as tq
+
+    def qat():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).train()
+        m.qconfig = tq.get_default_qat_qconfig("fbgemm")
+        return torch.nn.Sequential(tq.prepare_qat(m), torch.nn.InstanceNorm2d(4, affine=True))
+
+    trained = qat()
+    trained(torch.randn(2, 3, 8, 8))
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    state["1.weight"] = torch.ones(5)  # InstanceNorm's own loader: no shape pre-check, load_state_dict raises
+    model = qat()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(before[k].shape != state[k].shape for k in before if k.startswith("0."))  # premise: resized on load
+    with pytest.raises(ValueError, match=r"do not fit Sequential: size mismatch for 1\.weight"):
+        load_weights_into(model, state)
+    after = model.state_dict()
+    assert all(after[k].shape == v.shape and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_narrowing_casts_that_overflow_are_refused_for_complex_and_float8_too():
+    """complex128 1e300 loaded into complex64 as inf; float32 1000 into float8_e4m3fn, which has no inf, as its
+    largest value 448; a float8 value into float32 raised NotImplementedError (no isfinite for float8), where
+    nothing can overflow. 460 rounds to 448 in float8_e4m3fn, 65519 to 65504 in float16: loaded. Oracle: torch's
+    own casts."""
+    assert not torch.isfinite(torch.tensor([1e300 + 0j], dtype=torch.complex128).to(torch.complex64)).all()
+    assert torch.tensor([1000.0, 460.0]).to(torch.float8_e4m3fn).float().tolist() == [448.0, 448.0]
+    lin = torch.nn.Linear(2, 2, bias=False)
+    for dtype, value, says in ((torch.complex64, torch.full((2, 2), 1e300 + 0j, dtype=torch.complex128), "1e+300"),
+                               (torch.float8_e4m3fn, torch.full((2, 2), 1000.0), "1000 is beyond 448")):
+        model = copy.deepcopy(lin).to(dtype)
+        before = model.weight.detach().clone()
+        with pytest.raises(ValueError, match=f"they would load as inf, or clamped.*{re.escape(says)}"):
+            load_weights_into(model, {"weight": value})
+        assert torch.equal(model.weight.view(torch.uint8), before.view(torch.uint8))
+    codes = torch.full((2, 2), 448.0).to(torch.float8_e4m3fn)
+    load_weights_into(lin, {"weight": codes})
+    assert torch.equal(lin.weight, codes.float())
+    small = copy.deepcopy(lin).to(torch.float8_e4m3fn)
+    load_weights_into(small, {"weight": torch.full((2, 2), 460.0)})
+    assert small.weight.float().tolist() == [[448.0, 448.0]] * 2
 
 
 @pytest.mark.parametrize("spoil, says", [

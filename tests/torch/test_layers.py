@@ -172,6 +172,9 @@ def test_converting_a_layer_with_a_few_ema_updates_to_debias_warns_of_the_lag_it
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         convert_bn(converted, debias=True, virtual_batch_size=8)  # already debiasing: no warning
+        with torch.device("meta"):  # built on meta to load weights later: no count to read, nothing to warn of
+            on_meta = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        assert convert_bn(on_meta, debias=True)[1].debias
 
 
 # ------------------------------------------------------------------ renorm

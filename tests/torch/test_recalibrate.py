@@ -1063,5 +1063,5 @@ def test_a_single_inputs_targets_batch_passed_as_data_fails_with_a_note_saying_s
         recalibrate(model, (x, y), progress=False)
     notes = " ".join(getattr(info.value, "__notes__", []))
     assert "the forward failed on data batch 1 (a tensor of shape (16,))" in notes
-    assert "data is a tuple of 2 tensors, each taken for a batch" in notes and "[batch]" in notes
+    assert "data is a pair of tensors, each taken for a batch" in notes and "[batch]" in notes
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -9,6 +9,7 @@ written).
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -219,7 +220,7 @@ def recalibrate_command(
     from ..torch import recalibrate
     from ..torch.io import UnsafeCheckpointError, load_state_dict_file, load_weights_into, save_state_dict_file
     from ..torch.modules import input_dtype_device
-    from ..torch.recalibrate import StatisticsRangeError
+    from ..torch.recalibrate import StatisticsRangeError, one_xy_batch
     from .common import (STATE_DICT_SUFFIXES, UsageError, build_model, check_output, dtype_change, load_forward,
                          parse_device)
 
@@ -279,11 +280,13 @@ def recalibrate_command(
                 raise fail(f"recalibration failed, nothing written: {text}",
                            code=1 if isinstance(exc, StatisticsRangeError) else 2)
         hint = _integer_hint(loader, dtype) if isinstance(exc, (TypeError, RuntimeError)) else ""  # dtype errors
+        failed = -1
         if notes := [n for n in getattr(exc, "__notes__", []) if n.startswith("recalibrate: ")]:
-            text += f" ({notes[0].removeprefix('recalibrate: ')})"  # which batch, as the library says
-        if isinstance(loader, (tuple, list)) and loader and all(isinstance(b, torch.Tensor) for b in loader):
-            hint += (f"; {data} gave a {type(loader).__name__} of {len(loader)} tensors, each taken for a batch: a "
-                     "factory giving one (inputs, targets) batch should return [batch]")
+            text += f" ({notes[0].removeprefix('recalibrate: ').split('; ')[0]})"  # which batch, as the library says
+            failed = int(re.search(r"data batch (\d+)", notes[0]).group(1))
+        if one_xy_batch(loader, failed):
+            hint += (f"; {data} gave a pair of tensors, each taken for a batch: a factory giving one (inputs, "
+                     "targets) batch should return [batch]")
         raise fail(f"the model cannot run on the data from {data!r}, nothing written: {text}{hint}")
     try:
         save_state_dict_file(net.state_dict(), out_path)

@@ -18,6 +18,7 @@ legacy format, a sequence of pickles starting with a magic number.
 from __future__ import annotations
 
 import copy
+import math
 import io
 import os
 import pickle
@@ -414,7 +415,10 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         # load_state_dict copies every tensor that fits, and fills lazy layers, before it raises: put the model back
         with torch.no_grad():
             for k, t in saved.items():
-                tensors[k].copy_(t)
+                if tensors[k].shape == t.shape:
+                    tensors[k].copy_(t)
+                else:  # resized in place by a module's own loader (quantization observers)
+                    tensors[k].data = t
         for module, slots, name, fresh in lazy:
             if not is_lazy(slots[name]):
                 slots[name] = fresh
@@ -432,7 +436,7 @@ _SHAPE = "size mismatch"
 _COMPLEX = "complex values for real tensors"
 _INTEGER = "integer or bool values for floating-point tensors (quantized codes, their scale not in the file?)"
 _INEXACT = "values the model's integer tensors cannot hold"
-_OVERFLOW = "finite values beyond the range of the model's floating-point tensors (they would load as inf)"
+_OVERFLOW = "finite values beyond the range of the model's floating-point tensors (they would load as inf, or clamped)"
 
 
 def _counters_torch_adds(model: torch.nn.Module, state: Mapping[str, object]) -> set[str]:
@@ -481,9 +485,10 @@ def _misfit(key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[str, s
     """Why ``value`` must not load into the model's tensor ``target`` (``key``), as (reason, what) or None: torch's
     ``load_state_dict`` casts silently, keeping a complex value's real part, turning integer codes into floats
     (int8 127 -> 127.0), truncating floats (6.7 -> 6), wrapping integers an integer tensor cannot hold and turning
-    finite floats beyond a narrower dtype's range into inf (70000.0 into float16). A floating value fits an integer
-    tensor when each element is a whole number in its range (6.0 -> 6). A value loaded unchanged is never refused
-    (a negative ``num_batches_tracked`` loads as it is, for the audit to report)."""
+    finite floats beyond a narrower dtype's range into inf or its largest value (70000.0 into float16, 1000.0 into
+    float8_e4m3fn). A floating value fits an integer tensor when each element is a whole number in its range
+    (6.0 -> 6). A value loaded unchanged is never refused (a negative ``num_batches_tracked`` loads as it is, for
+    the audit to report)."""
     dtypes = f"{value.dtype} into {target.dtype}"
     if value.is_complex() and not target.is_complex():
         return _COMPLEX, f"{key} ({dtypes})"
@@ -492,11 +497,15 @@ def _misfit(key: str, value: torch.Tensor, target: torch.Tensor) -> tuple[str, s
     if target.is_floating_point() or target.is_complex():
         if not (value.is_floating_point() or value.is_complex()):
             return _INTEGER, f"{key} ({dtypes})"
-        if value.is_floating_point() and target.is_floating_point() and value.dtype != target.dtype:
-            # a narrower dtype turns finite values beyond its range into inf (70000 into float16)
-            finite = value.detach()[torch.isfinite(value)]
-            if (lost := finite[torch.isinf(finite.to(target.dtype))]).numel():
-                return _OVERFLOW, f"{key} ({dtypes}: {lost[0].item():g} is beyond {torch.finfo(target.dtype).max:g})"
+        info = torch.finfo(target.dtype)
+        if info.max < torch.finfo(value.dtype).max:
+            # a narrower dtype turns finite values from half an ulp past its largest into inf, or clamps them to it
+            # where it has no inf (float8_e4m3fn): 70000.0 into float16, 1000.0 into float8_e4m3fn (448)
+            limit = info.max + info.eps * 2.0 ** math.floor(math.log2(info.max)) / 2
+            parts = torch.view_as_real(value.detach()) if value.is_complex() else value.detach()
+            parts = parts.float() if parts.element_size() == 1 else parts  # float8 has no comparison kernels
+            if (lost := parts[torch.isfinite(parts) & (parts.abs() >= limit)]).numel():
+                return _OVERFLOW, f"{key} ({dtypes}: {lost[0].item():g} is beyond {info.max:g})"
         return None
     if value.dtype == target.dtype:
         return None

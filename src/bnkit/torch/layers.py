@@ -521,7 +521,8 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
         new = retype_module(m, cls)
         new.num_features = channels(m)  # a once-lazy layer keeps num_features 0 in PyTorch
         new._set_extras(**options)
-        if options.get("debias") and not current.get("debias") and m.momentum is not None:
+        if options.get("debias") and not current.get("debias") and m.momentum is not None \
+                and not m.num_batches_tracked.is_meta:  # a model built on meta has no count to read yet
             count = int(m.num_batches_tracked)
             if count > 0 and (w0 := initial_weight(float(m.momentum), count)) > FEW_UPDATES_WEIGHT:
                 lagging.append((name or "(root)", count, w0))

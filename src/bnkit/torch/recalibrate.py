@@ -285,10 +285,17 @@ def _note_batch(exc: Exception, index: int, batch: Any, data: Any) -> None:
         return
     what = f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
     note = f"recalibrate: the forward failed on data batch {index} ({what})"
-    if isinstance(data, (tuple, list)) and data and all(isinstance(b, torch.Tensor) for b in data):
-        note += (f"; data is a {type(data).__name__} of {len(data)} tensors, each taken for a batch: one "
-                 "(inputs, targets) batch goes in a list of batches, [batch]")
+    if one_xy_batch(data, index):
+        note += ("; data is a pair of tensors, each taken for a batch: one (inputs, targets) batch goes in a list "
+                 "of batches, [batch]")
     exc.add_note(note)
+
+
+def one_xy_batch(data: Any, failed: int) -> bool:
+    """Whether ``data``, whose batch ``failed`` made the forward fail, looks like one ``(inputs, targets)`` batch
+    taken for two: a pair of tensors with one batch size, the second (the targets) being the one that failed."""
+    return (isinstance(data, (tuple, list)) and len(data) == 2 and failed == 1
+            and all(isinstance(b, torch.Tensor) and b.dim() > 0 for b in data) and len(data[0]) == len(data[1]))
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -776,11 +783,11 @@ def recalibrate(
         if world > 1:
             payload = None if error is not None else acc.payload()
             acc.merge_ranks(_gather_ranks(payload, error, layers))
+        if acc.batches == 0 and acc.skipped == 0:
+            raise ValueError("data yielded no batches")
         if acc.batches == 0:
-            raise ValueError(
-                "data yielded no batches" if acc.skipped == 0
-                else f"all {acc.skipped} batches had non-finite BatchNorm inputs; nothing to recalibrate from"
-            )
+            raise StatisticsRangeError(
+                f"all {acc.skipped} batches had non-finite BatchNorm inputs; nothing to recalibrate from")
         saved.restore()  # every buffer, attached as before the pass (the statistics are written into those)
         report = RecalibrationReport(batches=acc.batches, skipped_batches=acc.skipped, world_size=world)
         with torch.no_grad():
