@@ -426,6 +426,23 @@ def test_load_weights_into_unwraps_a_wrapper_around_a_model_with_its_own_module(
             assert torch.equal(target.state_dict()[k], v.cpu()), k
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import: torch.jit internals
+def test_a_plain_state_dict_loads_into_a_wrapped_model():
+    """A factory returning torch.compile(model) or DataParallel(model), or both nested, and weights saved from the
+    plain model: refused as 'missing _orig_mod.0.weight, ...', though the prefixed direction loads. Oracle: the
+    plain model's tensors."""
+    source = _net()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1)
+    state = source.state_dict()
+    for wrapped in (torch.compile(_net()), torch.nn.DataParallel(_net()), torch.compile(torch.nn.DataParallel(_net())),
+                    torch.nn.DataParallel(torch.compile(_net()))):
+        load_weights_into(wrapped, dict(state))
+        inner = dict(zip(state, wrapped.state_dict().values()))
+        assert all(torch.equal(inner[k].cpu(), v) for k, v in state.items()), type(wrapped).__name__
+
+
 def test_load_weights_into_refuses_finite_floats_a_narrower_dtype_turns_into_inf():
     """torch's load_state_dict casts 70000.0 into a float16 weight as inf: refused before anything loads, naming the
     key, the dtypes and the value. Values that round to float16's largest (65519) or are inf already load as the

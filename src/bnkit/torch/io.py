@@ -339,7 +339,8 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
 
     A state dict saved from ``DistributedDataParallel``/``DataParallel`` (every key starts with
     ``module.``) or from ``torch.compile`` (``_orig_mod.``), or from several nested in any order, is loaded
-    with the prefixes removed when the model's own keys do not carry them. So is a
+    with the prefixes removed when the model's own keys do not carry them, and a plain model's state dict into such
+    a wrapper with the wrapper's prefix added. So is a
     ``torch.optim.swa_utils.AveragedModel`` state dict
     (SWA/EMA: ``n_averaged`` and every other key under ``module.``), with its ``n_averaged`` counter
     dropped: it loads as the averaged model. A mismatch raises ``ValueError`` listing a few missing and
@@ -376,6 +377,14 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             break
         state = {k[len(prefix):]: v for k, v in state.items()}
         keys = list(state)
+    if own and set(keys) != own:  # the reverse: a plain model's weights into wrappers (torch.compile, DataParallel)
+        outer, first = "", next(iter(own))
+        while (p := next((p for p in _WRAPPER_PREFIXES if first.startswith(outer + p)), None)) is not None:
+            outer += p  # the wrappers' prefixes on the model's first key, outermost first
+        if outer and all(k.startswith(outer) for k in own) and \
+                len(own & {outer + k for k in keys}) > len(own & set(keys)):
+            state = {outer + k: v for k, v in state.items()}
+            keys = list(state)
     missing = sorted(own - set(keys) - _counters_torch_adds(model, state))
     unexpected = sorted(set(keys) - own)
     if missing or unexpected:
