@@ -1065,3 +1065,14 @@ def test_a_single_inputs_targets_batch_passed_as_data_fails_with_a_note_saying_s
     assert "the forward failed on data batch 1 (a tensor of shape (16,))" in notes
     assert "data is a pair of tensors, each taken for a batch" in notes and "[batch]" in notes
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_named_before_anything_runs():
+    """recalibrate(..., device="cuda") on a CPU-only build raised torch's 'Torch not compiled with CUDA enabled'
+    AssertionError from deep in the pass. Oracle: torch.cuda.is_available(), and the model's state before."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"device='cuda': CUDA is not available"):
+        recalibrate(model, [torch.randn(8, 3)], device="cuda", progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model.training

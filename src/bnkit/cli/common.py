@@ -236,27 +236,15 @@ def check_output(output: PathLike, *, suffixes: Sequence[str], inputs: Iterable[
 
 def parse_device(text: str) -> Any:
     """``torch.device(text)`` for a device this machine has, else :class:`UsageError` saying why."""
-    import torch
+    from ..torch.modules import usable_device
 
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device {text!r}: use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise UsageError(f"--device {text}: CUDA is not available ({why}); use --device cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise UsageError(f"--device {text}: there are {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-        return device
-    if device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UsageError(f"--device {text}: Apple MPS is not available on this machine; use --device cpu")
-        return device
-    raise UsageError(f"unsupported device {text!r}: use cpu, cuda, cuda:N or mps")
+        device = usable_device(text, f"--device {text}")
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("; use cpu", "; use --device cpu")) from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unsupported device {text!r}: use cpu, cuda, cuda:N or mps")
+    return device
 
 
 def _check_array_file(path: Path) -> None:

@@ -146,6 +146,26 @@ def parallel_device(model: nn.Module) -> torch.device | None:
     return torch.device(parallel[0].device_ids[0]) if parallel and parallel[0].device_ids else None
 
 
+def usable_device(spec: str | torch.device, what: str | None = None) -> torch.device:
+    """``torch.device(spec)``, checked where this machine may lack it (CUDA, MPS): else ValueError saying why;
+    ``what`` names it in the message (default ``device=<spec>``)."""
+    what = what or f"device={str(spec)!r}"
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"unknown device {spec!r}: use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"{what}: CUDA is not available ({why}); use cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{what}: there are {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{what}: Apple MPS is not available on this machine; use cpu")
+    return device  # other types (xla, privateuse1 backends) are for their own packages to check
+
+
 def sole_device(model: nn.Module) -> torch.device | None:
     """The one device holding all of ``model``'s parameters and buffers; None for a model spread over several
     devices (it places its inputs itself) or holding no tensor."""

@@ -101,7 +101,7 @@ from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
 from .modules import (SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, normalized_inputs,
-                      eager_modules, parallel_device, sole_device, to_device, unwrapped)
+                      eager_modules, parallel_device, sole_device, to_device, unwrapped, usable_device)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration", "StatisticsRangeError"]
 
@@ -602,7 +602,7 @@ def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
                 f"BatchNorm layer {name!r} holds inference tensors (the model was built or loaded under "
                 "torch.inference_mode), which cannot be written outside it: build or load the model outside "
                 "inference_mode, or give the layer copies of them (.clone())")
-    return model, modules, layers, torch.device(device) if device is not None else None
+    return model, modules, layers, usable_device(device) if device is not None else None
 
 
 def recalibrate(
@@ -685,7 +685,8 @@ def recalibrate(
         device: move tensors in each batch (also inside tuples/lists/dicts) here first. Default:
             with the default ``forward``, the model's device when one device holds all its
             parameters and buffers (CPU batches reach a CUDA model, as in the audit); a ``forward``
-            of your own, or a model spread over devices, gets the batches as ``data`` yields them.
+            of your own, or a model spread over devices, gets the batches as ``data`` yields them. A CUDA or
+            MPS device this machine lacks raises ValueError before anything runs.
         on_nonfinite: ``"raise"`` (default): a batch giving NaN/Inf at any BN
             input raises ``ValueError`` naming the first such layer, changing
             nothing. ``"skip"``: leave such batches out and count them.
