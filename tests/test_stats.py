@@ -242,3 +242,16 @@ def test_partials_after_batches_and_empty_batches_use_the_shift():
     assert empty.count == 0
     x = np.arange(12.0).reshape(4, 3)
     np.testing.assert_allclose(empty.update(x).mean, x.mean(0))
+
+
+def test_running_moments_takes_numbers_in_an_object_array_as_batchnorm_does():
+    """An object array of numbers, which BatchNorm converts, raised NumPy's isfinite TypeError; strings are named.
+    Oracle: the float64 copy of the same values."""
+    values = np.array([[1, 2.5], [3, 4], [6, -1]], dtype=object)
+    got, want = RunningMoments(2), RunningMoments(2)
+    got.update(values)
+    want.update(values.astype(np.float64))
+    np.testing.assert_array_equal(got.mean, want.mean)
+    np.testing.assert_array_equal(got.var, want.var)
+    with pytest.raises(TypeError, match="batch must hold real numbers, got dtype <U1"):
+        RunningMoments(2).update(np.array([["a", "b"], ["c", "d"]]))

@@ -133,6 +133,7 @@ class BatchNorm:
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray) -> np.ndarray:
+        self._cache = None  # a refused forward leaves no earlier batch for backward() to answer with
         x = np.asarray(x)
         if np.iscomplexobj(x):
             raise TypeError(f"BatchNorm takes real inputs, got dtype {x.dtype}")
@@ -423,8 +424,10 @@ def _work_dtype(dtype: np.dtype) -> np.dtype:
 
 def _channel_sum(x3: np.ndarray) -> np.ndarray:
     """Per-channel sum of an ``(A, C, B)`` array; contiguous runs summed in :func:`_work_dtype`
-    (float16 sums overflow at 65504), the rest in float64."""
-    return x3.sum(axis=2, dtype=_work_dtype(x3.dtype)).sum(axis=0, dtype=np.float64)
+    (float16 sums overflow at 65504), the rest in float64. NumPy adds pairwise only along a contiguous axis: runs
+    at a stride (a transposed view) are added one value after another, so they are summed in float64 too."""
+    strided = x3.shape[2] > 1 and x3.strides[2] != x3.itemsize
+    return x3.sum(axis=2, dtype=np.float64 if strided else _work_dtype(x3.dtype)).sum(axis=0, dtype=np.float64)
 
 
 #: ``np.einsum`` adds a run one value after another (not pairwise, as ``sum`` does): below float64, runs longer

@@ -138,6 +138,12 @@ class RunningMoments:
                 f"expected {self.num_channels} channels on axis {channel_axis}, got input of shape {x.shape}"
             )
         _check_real(x, "batch")
+        if not np.issubdtype(x.dtype, np.floating):  # integers, bools, numbers in an object array: as BatchNorm takes
+            try:
+                x = x.astype(np.float64)
+            except (TypeError, ValueError):
+                raise TypeError(f"batch must hold real numbers, got dtype {x.dtype}; refusing to update statistics"
+                                ) from None
         _check_finite(x, "batch")
         flat = _move_channels_first(x, channel_axis)
         if flat.shape[1] == 0:
