@@ -207,3 +207,53 @@ def test_a_subclass_with_its_own_arithmetic_gets_the_own_forward_warning():
     # its own training-mode arithmetic ran during the pass: the audit leaves its buffers as they were
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("shape", [(128, 3), (64, 3, 16, 16), (64, 3, 8, 8)], ids=["kernel", "centred", "rows"])
+def test_a_constant_channel_in_a_layer_with_eps_0_is_that_layers_shift_on_every_path(shape):
+    """eps=0 (eval mode takes it) and a dead input channel: the kernel path read its invstd of 0 as an infinite
+    variance, and the other paths normalized 0 by 0 (NaN), which the next layer reported as non-finite data.
+    Oracle: float64 NumPy on the layer's input: channel 1 has variance 0 against a running variance of 1 with eps
+    0, an infinite KL; the data is finite."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d
+    model = nn.Sequential(nn.Identity(), bn(3, eps=0.0), nn.Identity(), bn(3)).eval()
+    for layer in (model[1], model[3]):
+        layer.num_batches_tracked.fill_(1000)
+    x = torch.randn(*shape)
+    x[:, 1] = 0.0
+    assert np.var(np.moveaxis(x.double().numpy(), 1, 0).reshape(3, -1), axis=1)[1] == 0.0  # premise
+    report = audit(model, x)
+    assert not report.by_code("data_nonfinite")
+    first = report.shifts[0]
+    assert first.layer == "1" and first.score == float("inf") and first.worst_channel == 1
+    assert [f.severity for f in report.by_code("stat_shift") if f.layer == "1"] == ["error"]
+
+
+def test_statistics_beyond_float64_grade_the_layer_instead_of_a_nan_score_that_hid_it():
+    """A float64 layer with eps 1e-300 and running variance 1e-300 (finite, positive: the state checks pass) fed data
+    near 1e10: the variance log-ratio overflowed, exp(L) - L was inf - inf, a NaN score made no finding and the
+    report said OK. Oracle: the closed form, KL >= z^2 / 2 with z ~ 1e160: infinite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.BatchNorm1d(3, eps=1e-300)).double().eval()
+    model[1].running_var.fill_(1e-300)
+    x = torch.randn(100, 3, dtype=torch.float64) * 1e10 + 1e10
+    with np.errstate(over="ignore"):
+        z = (x.mean(0).numpy() - 0.0) / np.sqrt(2e-300)
+        assert np.isinf(z * z).all()  # premise: the shift alone is beyond float64
+    report = audit(model, x)
+    assert report.shifts[0].score == float("inf") and not report.ok
+    assert [f.severity for f in report.by_code("stat_shift")] == ["error"]
+
+
+def test_a_last_sample_alone_joins_the_batch_before_it_and_a_batch_of_one_is_named():
+    """65 samples in batches of 64 left the 65th out unsaid; a batch of one from an iterable is left out (batch
+    statistics need two samples) with an info finding. Oracle: the data's own size."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    x = torch.randn(65, 4)
+    report = audit(model, x, batch_size=64)
+    assert report.batches == 1 and report.shifts[0].count == 65 and not report.by_code("single_sample_batches")
+    split = audit(model, [x[:64], x[64:]])
+    (note,) = split.by_code("single_sample_batches")
+    assert note.severity == "info" and note.data["batches"] == [1] and split.shifts[0].count == 64

@@ -44,7 +44,11 @@ class Batches:
             if max_batches is not None:
                 data = data[: max_batches * batch_size]
             _check_finite(data, batch_size)  # one reduction for all batches instead of one per batch
-            data = torch.split(data, batch_size)
+            sizes = [batch_size] * (len(data) // batch_size) + ([len(data) % batch_size] if len(data) % batch_size
+                                                                else [])
+            if batch_size > 1 and len(sizes) > 1 and sizes[-1] == 1:  # a last sample alone joins the batch before
+                sizes[-2:] = [batch_size + 1]
+            data = torch.split(data, sizes)
             self._checked = True
         self._iter = iter(data)
         self.max_batches = max_batches

@@ -141,12 +141,13 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
         try:
             for n, bn in tracked:
                 detach.append(collectors[n].attach(bn))
-            batch_out, used = None, 0
+            batch_out, used, alone = None, 0, []
             with measured:
                 for i, batch in enumerate(batches):
                     size = batch_len(batch)  # None: a batch object bnkit cannot count (forward= reads it)
                     if size is not None and size < 2:
-                        continue  # batch statistics need two samples (a trailing remainder of one)
+                        alone.append(i)  # batch statistics need two samples (a trailing remainder of one)
+                        continue
                     clock.start(i, size)
                     try:
                         out = forward(model, batch)
@@ -162,6 +163,13 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
                 undo()
         if not used:
             raise ValueError("every data batch has fewer than 2 samples: batch statistics need at least 2")
+        if alone:
+            findings.append(Finding(
+                "info", "(data)", "batches of one sample left out",
+                f"{len(alone)} data batch(es) of one sample (batch {alone[0]}{', ...' if len(alone) > 1 else ''}) "
+                "were not measured: the audit compares batch statistics of at least 2 samples",
+                "batch the data with the last sample joined to the batch before it", "single_sample_batches",
+                {"batches": alone}))
         if unreached := [n for n, _ in tracked if not collectors[n].means]:
             findings.append(Finding(
                 "info", unreached[0], "not reached by the data",
@@ -208,9 +216,11 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
         eps = float(bn.eps)
         best = None
         for call, count, mu_d, var_d in _call_moments(col):
-            z = (mu_d - mu_r) / np.sqrt(var_r + eps)
-            log_ratio = np.log((var_d + eps) / (var_r + eps))
-            kl = 0.5 * (np.expm1(log_ratio) - log_ratio + z * z)
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # beyond float64: inf, never NaN
+                z = (mu_d - mu_r) / np.sqrt(var_r + eps)
+                log_ratio = np.log((var_d + eps) / (var_r + eps))
+                kl = 0.5 * (np.expm1(log_ratio) - log_ratio + z * z)
+            kl[np.isposinf(log_ratio)] = np.inf  # exp(L) - L at L = inf is inf - inf in floating point
             expected, sd = sampling_kl(int(count))
             rank = (-math.inf if expected is None else kl.mean() - expected, kl.mean())  # as LayerShift.excess
             if best is None or rank > best[0]:
@@ -475,7 +485,10 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
     k = len(n)
     s2_mean = n @ np.square(means - n @ means / n.sum()) / (k - 1)
     within = 0.0 if aggregate else float((n - 1).sum())  # no within-batch spread in a row that sums up its batch
-    batch_f = float(np.median(s2_mean / (n @ biased / within + bn.eps))) if within > 0 else None
+    spread = n @ biased / within + bn.eps if within > 0 else None
+    informative = None if spread is None else spread > 0  # a constant channel with eps 0 says nothing (0 / 0)
+    batch_f = float(np.median(s2_mean[informative] / spread[informative])) \
+        if informative is not None and informative.any() else None
     if not is_batchnorm(bn) or is_frozen(bn, "stats"):  # frozen statistics no longer change
         return None, None, batch_f
     if bn.momentum is None:
@@ -483,7 +496,8 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
         factor = 1.0 / math.sqrt(updates)
     else:
         factor = ema_noise_factor(bn.momentum) if bn.momentum > 0 else 0.0
-    mean_noise = float(np.sqrt(np.mean(factor ** 2 * s2_mean / b_layer / var_r)))
+    with np.errstate(over="ignore"):  # statistics near float64's range: inf
+        mean_noise = float(np.sqrt(np.mean(factor ** 2 * s2_mean / b_layer / var_r)))
     if within == 0:
         return mean_noise, None, None
     v_bar = (n - 1) @ variances / within

@@ -75,9 +75,13 @@ _ROWS_DEVICES = ("cpu",)
 
 
 def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
-    """``var = 1 / invstd^2 - eps`` in place, clipped at 0 (a zero variance rounds either way in float32)."""
-    with np.errstate(divide="ignore", invalid="ignore"):  # an infinite variance (invstd 0) stays inf, NaN stays NaN
+    """``var = 1 / invstd^2 - eps`` in place, clipped at 0 (a zero variance rounds either way in float32). An
+    invstd of 0 is the kernel's for ``var + eps == 0`` (aten/src/ATen/native/cpu/batch_norm_kernel.cpp, ``InvStd``:
+    a zero-variance channel with eps 0): variance 0, not inf."""
+    zero = invstd == 0
+    with np.errstate(divide="ignore", invalid="ignore"):  # NaN stays NaN
         np.reciprocal(np.square(invstd, out=invstd), out=invstd)
+    invstd[zero] = eps
     return np.maximum(np.subtract(invstd, eps, out=invstd), 0.0, out=invstd)
 
 
@@ -226,7 +230,7 @@ class Collector:
                 out, mean, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, eps)
                 self._record(x, n, mean, invstd, True)
                 return out
-            if (x.device.type in _ROWS_DEVICES and n // x.shape[0] <= _ROWS_MAX_VALUES
+            if (eps > 0 and x.device.type in _ROWS_DEVICES and n // x.shape[0] <= _ROWS_MAX_VALUES
                     and x.numel() <= _ROWS_MAX_NUMEL and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
                     and (bn.weight is None or bn.weight.dtype == x.dtype)):
                 n, mean, var = _channel_rows(x)
@@ -239,6 +243,8 @@ class Collector:
                 return torch.batch_norm(x, bn.weight, bn.bias, mean.to(stats), var.to(stats), False, 0.0, eps, False)
             # normalize the centred copy in place; in-place tiny ops: each costs its call overhead
             scale = var.add(eps).rsqrt_()
+            if eps <= 0:  # a zero-variance channel: PyTorch's kernels scale it by 0 (output beta), not inf (NaN)
+                scale.masked_fill_(var.add(eps) <= 0, 0.0)
             if bn.weight is not None:
                 scale.mul_(bn.weight.to(d.dtype))
             d.mul_(scale.unsqueeze(1))
