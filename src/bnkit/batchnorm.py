@@ -133,7 +133,13 @@ class BatchNorm:
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray) -> np.ndarray:
-        self._cache = None  # a refused forward leaves no earlier batch for backward() to answer with
+        try:
+            return self._forward(x)
+        except BaseException:
+            self._cache = None  # a refused forward leaves no earlier batch for backward() to answer with
+            raise
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if np.iscomplexobj(x):
             raise TypeError(f"BatchNorm takes real inputs, got dtype {x.dtype}")

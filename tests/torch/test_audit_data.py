@@ -209,18 +209,20 @@ def test_a_subclass_with_its_own_arithmetic_gets_the_own_forward_warning():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("shape", [(128, 3), (64, 3, 16, 16), (64, 3, 8, 8)], ids=["kernel", "centred", "rows"])
-def test_a_constant_channel_in_a_layer_with_eps_0_is_that_layers_shift_on_every_path(shape):
+@pytest.mark.parametrize("shape, dtype", [((128, 3), torch.float32), ((64, 3, 16, 16), torch.float32),
+                                          ((64, 3, 16, 16), torch.float16), ((64, 3, 8, 8), torch.bfloat16)],
+                         ids=["kernel", "centred", "centred-float16", "centred-bfloat16"])
+def test_a_constant_channel_in_a_layer_with_eps_0_is_that_layers_shift_on_every_path(shape, dtype):
     """eps=0 (eval mode takes it) and a dead input channel: the kernel path read its invstd of 0 as an infinite
     variance, and the other paths normalized 0 by 0 (NaN), which the next layer reported as non-finite data.
     Oracle: float64 NumPy on the layer's input: channel 1 has variance 0 against a running variance of 1 with eps
     0, an infinite KL; the data is finite."""
     torch.manual_seed(0)
     bn = nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d
-    model = nn.Sequential(nn.Identity(), bn(3, eps=0.0), nn.Identity(), bn(3)).eval()
+    model = nn.Sequential(nn.Identity(), bn(3, eps=0.0), nn.Identity(), bn(3)).eval().to(dtype)
     for layer in (model[1], model[3]):
         layer.num_batches_tracked.fill_(1000)
-    x = torch.randn(*shape)
+    x = torch.randn(*shape).to(dtype)
     x[:, 1] = 0.0
     assert np.var(np.moveaxis(x.double().numpy(), 1, 0).reshape(3, -1), axis=1)[1] == 0.0  # premise
     report = audit(model, x)
@@ -257,3 +259,22 @@ def test_a_last_sample_alone_joins_the_batch_before_it_and_a_batch_of_one_is_nam
     split = audit(model, [x[:64], x[64:]])
     (note,) = split.by_code("single_sample_batches")
     assert note.severity == "info" and note.data["batches"] == [1] and split.shifts[0].count == 64
+    assert not audit(model, [x[:64], x[:0]]).by_code("single_sample_batches")  # an empty batch is no sample
+    bad = x.clone()
+    bad[64, 0] = float("nan")
+    with pytest.raises(ValueError, match="data batch 0 contains NaN"):  # the last sample is in batch 0
+        audit(model, bad, batch_size=64)
+
+
+def test_a_variance_beyond_float64_with_eps_above_0_is_non_finite_not_a_collapse():
+    """With eps > 0 the kernel's invstd of 0 is a variance beyond the dtype: it was read as variance 0, and the layer
+    reported as collapsed ('variance x1e-05'). Oracle: float64 NumPy's variance of the channel, inf."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.BatchNorm1d(3)).double().eval()
+    model[1].num_batches_tracked.fill_(1000)
+    x = torch.randn(128, 3, dtype=torch.float64)
+    x[:, 1] = torch.tensor([1e200, -1e200] * 64, dtype=torch.float64)
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.var(x[:, 1].numpy()))  # premise
+    report = audit(model, x)
+    assert [f.layer for f in report.by_code("data_nonfinite")] == ["1"] and not report.by_code("stat_shift")

@@ -443,6 +443,17 @@ def test_a_plain_state_dict_loads_into_a_wrapped_model():
         load_weights_into(wrapped, dict(state))
         inner = dict(zip(state, wrapped.state_dict().values()))
         assert all(torch.equal(inner[k].cpu(), v) for k, v in state.items()), type(wrapped).__name__
+    # a model with its own `module` child: the wrapper's prefix was read off whichever key a set gave first
+    # ('module.module.' half the time), so the load depended on the hash seed; DataParallel around it always failed
+    holder = _Holder()
+    with torch.no_grad():
+        for p in holder.parameters():
+            p.add_(2)
+    own = holder.state_dict()
+    for wrapped in (torch.nn.DataParallel(_Holder()), torch.compile(_Holder())):
+        load_weights_into(wrapped, dict(own))
+        inner = dict(zip(own, wrapped.state_dict().values()))
+        assert all(torch.equal(inner[k].cpu(), v) for k, v in own.items()), type(wrapped).__name__
 
 
 def test_load_weights_into_refuses_finite_floats_a_narrower_dtype_turns_into_inf():

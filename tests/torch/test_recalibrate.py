@@ -1075,4 +1075,6 @@ def test_a_device_this_machine_lacks_is_named_before_anything_runs():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"device='cuda': CUDA is not available"):
         recalibrate(model, [torch.randn(8, 3)], device="cuda", progress=False)
+    with pytest.raises(ValueError, match=r"device=0: an accelerator index, and torch says"):
+        recalibrate(model, [torch.randn(8, 3)], device=0, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model.training

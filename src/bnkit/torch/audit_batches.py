@@ -96,7 +96,9 @@ def _check_finite(t: torch.Tensor, batch_size: int, first_index: int = 0) -> Non
     if not bool(bad.any()):
         return
     row = int(bad.reshape(len(t), -1).any(1).nonzero()[0]) if t.ndim else 0
-    raise ValueError(f"data batch {first_index + row // batch_size} contains NaN or Inf")
+    last = max(len(t) - 2, 0) // batch_size if batch_size > 1 and len(t) % batch_size == 1 else None  # see Batches
+    batch = row // batch_size if last is None else min(row // batch_size, last)
+    raise ValueError(f"data batch {first_index + batch} contains NaN or Inf")
 
 
 def _is_sequence(batch: Any) -> bool:

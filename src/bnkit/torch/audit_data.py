@@ -145,8 +145,9 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
             with measured:
                 for i, batch in enumerate(batches):
                     size = batch_len(batch)  # None: a batch object bnkit cannot count (forward= reads it)
-                    if size is not None and size < 2:
-                        alone.append(i)  # batch statistics need two samples (a trailing remainder of one)
+                    if size is not None and size < 2:  # batch statistics need two samples
+                        if size == 1:
+                            alone.append(i)
                         continue
                     clock.start(i, size)
                     try:

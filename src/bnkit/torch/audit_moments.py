@@ -75,13 +75,14 @@ _ROWS_DEVICES = ("cpu",)
 
 
 def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
-    """``var = 1 / invstd^2 - eps`` in place, clipped at 0 (a zero variance rounds either way in float32). An
-    invstd of 0 is the kernel's for ``var + eps == 0`` (aten/src/ATen/native/cpu/batch_norm_kernel.cpp, ``InvStd``:
-    a zero-variance channel with eps 0): variance 0, not inf."""
-    zero = invstd == 0
+    """``var = 1 / invstd^2 - eps`` in place, clipped at 0 (a zero variance rounds either way in float32). With eps
+    0, an invstd of 0 is the kernel's for ``var + eps == 0`` (aten/src/ATen/native/cpu/batch_norm_kernel.cpp,
+    ``InvStd``: a zero-variance channel): variance 0, not inf."""
+    zero = (invstd == 0) if eps == 0 else None  # with eps > 0 an invstd of 0 is a variance beyond the dtype: inf
     with np.errstate(divide="ignore", invalid="ignore"):  # NaN stays NaN
         np.reciprocal(np.square(invstd, out=invstd), out=invstd)
-    invstd[zero] = eps
+    if zero is not None:
+        invstd[zero] = 0.0
     return np.maximum(np.subtract(invstd, eps, out=invstd), 0.0, out=invstd)
 
 
@@ -238,7 +239,7 @@ class Collector:
                 return torch.batch_norm(x, bn.weight, bn.bias, mean, var, False, 0.0, eps, False)  # batch moments
             n, mean, var, d = _centred(x)
             self._record(x, n, mean, var, False)
-            if d.dtype != x.dtype:  # float16/bfloat16: PyTorch's eval kernel keeps the input's dtype
+            if d.dtype != x.dtype and eps > 0:  # float16/bfloat16: PyTorch's eval kernel keeps the input's dtype
                 stats = bn.running_mean.dtype
                 return torch.batch_norm(x, bn.weight, bn.bias, mean.to(stats), var.to(stats), False, 0.0, eps, False)
             # normalize the centred copy in place; in-place tiny ops: each costs its call overhead
@@ -250,7 +251,7 @@ class Collector:
             d.mul_(scale.unsqueeze(1))
             if bn.bias is not None:
                 d.add_(bn.bias.to(d.dtype).unsqueeze(1))
-            return d.view(x.shape)
+            return d.view(x.shape).to(x.dtype)  # float16/bfloat16 with eps 0: normalized in float32, as the kernel
 
         return forward
 

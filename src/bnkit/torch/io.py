@@ -323,6 +323,16 @@ def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, object]:
     return state
 
 
+def _wrapper_chains(depth: int = 3) -> list[str]:
+    """Every sequence of up to ``depth`` wrapper prefixes (``module.``, ``_orig_mod.``, ``module._orig_mod.``, ...),
+    shortest first, in a fixed order."""
+    chains, level = [], [""]
+    for _ in range(depth):
+        level = [c + p for c in level for p in _WRAPPER_PREFIXES]
+        chains += level
+    return chains
+
+
 def refuse_meta(named: Iterable[tuple[str, object]], what: str, fix: str) -> None:
     """ValueError naming the first of the ``(name, value)`` tensors on the meta device (``what`` holds them), which
     have shapes but no values; ``fix`` says what to do instead."""
@@ -378,12 +388,12 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         state = {k[len(prefix):]: v for k, v in state.items()}
         keys = list(state)
     if own and set(keys) != own:  # the reverse: a plain model's weights into wrappers (torch.compile, DataParallel)
-        outer, first = "", next(iter(own))
-        while (p := next((p for p in _WRAPPER_PREFIXES if first.startswith(outer + p)), None)) is not None:
-            outer += p  # the wrappers' prefixes on the model's first key, outermost first
-        if outer and all(k.startswith(outer) for k in own) and \
-                len(own & {outer + k for k in keys}) > len(own & set(keys)):
-            state = {outer + k: v for k, v in state.items()}
+        best, matched = "", len(own & set(keys))
+        for chain in _wrapper_chains():  # shortest first: a longer chain must match more keys to win
+            if all(k.startswith(chain) for k in own) and (n := len(own & {chain + k for k in keys})) > matched:
+                best, matched = chain, n
+        if best:
+            state = {best + k: v for k, v in state.items()}
             keys = list(state)
     missing = sorted(own - set(keys) - _counters_torch_adds(model, state))
     unexpected = sorted(set(keys) - own)

@@ -149,10 +149,12 @@ def parallel_device(model: nn.Module) -> torch.device | None:
 def usable_device(spec: str | torch.device, what: str | None = None) -> torch.device:
     """``torch.device(spec)``, checked where this machine may lack it (CUDA, MPS): else ValueError saying why;
     ``what`` names it in the message (default ``device=<spec>``)."""
-    what = what or f"device={str(spec)!r}"
+    what = what or f"device={spec if isinstance(spec, int) else repr(str(spec))}"
     try:
         device = torch.device(spec)
-    except (RuntimeError, ValueError, TypeError):
+    except (RuntimeError, ValueError, TypeError) as exc:
+        if isinstance(spec, int) and not isinstance(spec, bool):  # an accelerator's index
+            raise ValueError(f"{what}: an accelerator index, and torch says: {exc}") from None
         raise ValueError(f"unknown device {spec!r}: use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
