@@ -211,7 +211,7 @@ def test_a_subclass_with_its_own_arithmetic_gets_the_own_forward_warning():
 
 @pytest.mark.parametrize("shape, dtype", [((128, 3), torch.float32), ((64, 3, 16, 16), torch.float32),
                                           ((64, 3, 16, 16), torch.float16), ((64, 3, 8, 8), torch.bfloat16)],
-                         ids=["kernel", "centred", "centred-float16", "centred-bfloat16"])
+                         ids=["N-C", "maps", "maps-float16", "maps-bfloat16"])
 def test_a_constant_channel_in_a_layer_with_eps_0_is_that_layers_shift_on_every_path(shape, dtype):
     """eps=0 (eval mode takes it) and a dead input channel: the kernel path read its invstd of 0 as an infinite
     variance, and the other paths normalized 0 by 0 (NaN), which the next layer reported as non-finite data.
@@ -266,11 +266,13 @@ def test_a_last_sample_alone_joins_the_batch_before_it_and_a_batch_of_one_is_nam
         audit(model, bad, batch_size=64)
 
 
-def test_a_variance_beyond_float64_with_eps_above_0_is_non_finite_not_a_collapse():
-    """With eps > 0 the kernel's invstd of 0 is a variance beyond the dtype: it was read as variance 0, and the layer
-    reported as collapsed ('variance x1e-05'). Oracle: float64 NumPy's variance of the channel, inf."""
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_a_variance_beyond_float64_is_non_finite_not_a_collapse(eps):
+    """The kernel's invstd of 0 is a variance beyond the dtype (and, with eps 0, also a variance of 0): it was read
+    as variance 0, and the layer reported as collapsed ('variance x1e-05'). Oracle: float64 NumPy's variance of
+    the channel, inf."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Identity(), nn.BatchNorm1d(3)).double().eval()
+    model = nn.Sequential(nn.Identity(), nn.BatchNorm1d(3, eps=eps)).double().eval()
     model[1].num_batches_tracked.fill_(1000)
     x = torch.randn(128, 3, dtype=torch.float64)
     x[:, 1] = torch.tensor([1e200, -1e200] * 64, dtype=torch.float64)
@@ -278,3 +280,22 @@ def test_a_variance_beyond_float64_with_eps_above_0_is_non_finite_not_a_collapse
         assert np.isinf(np.var(x[:, 1].numpy()))  # premise
     report = audit(model, x)
     assert [f.layer for f in report.by_code("data_nonfinite")] == ["1"] and not report.by_code("stat_shift")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_half_inputs_whose_variance_exceeds_float16_are_normalized_like_training_mode(dtype, eps):
+    """A float16 layer's stand-in cast the batch variance to the buffers' float16, where 300^2 > 65504 is inf: every
+    output was its bias, and the next layer was reported as collapsed. Oracle: the training-mode formula on the
+    same values in float64 (PyTorch's own refuses eps 0 in training)."""
+    from _helpers import stand_in_pass
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3, eps=eps).eval().to(dtype)
+    x = (torch.randn(16, 3, 16, 16) * 300).to(dtype)
+    (out,), _ = stand_in_pass(bn, x)
+    x64 = x.double()
+    mean, var = x64.mean((0, 2, 3), keepdim=True), x64.var((0, 2, 3), correction=0, keepdim=True)
+    want = (x64 - mean) / (var + eps).sqrt() * bn.weight.double().view(1, -1, 1, 1) + bn.bias.double().view(1, -1, 1, 1)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)

@@ -454,6 +454,13 @@ def test_a_plain_state_dict_loads_into_a_wrapped_model():
         load_weights_into(wrapped, dict(own))
         inner = dict(zip(own, wrapped.state_dict().values()))
         assert all(torch.equal(inner[k].cpu(), v) for k, v in own.items()), type(wrapped).__name__
+    # saved under one wrapper, loaded into another nesting: the saved prefixes swapped for the model's
+    for saved, target in ((torch.nn.DataParallel(source), torch.nn.DataParallel(torch.compile(_net()))),
+                          (torch.compile(source), torch.compile(torch.nn.DataParallel(_net()))),
+                          (torch.compile(torch.nn.DataParallel(source)), torch.nn.DataParallel(torch.compile(_net())))):
+        load_weights_into(target, saved.state_dict())
+        inner = dict(zip(state, target.state_dict().values()))
+        assert all(torch.equal(inner[k].cpu(), v.cpu()) for k, v in state.items()), type(target).__name__
 
 
 def test_load_weights_into_refuses_finite_floats_a_narrower_dtype_turns_into_inf():

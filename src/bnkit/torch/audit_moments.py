@@ -75,14 +75,11 @@ _ROWS_DEVICES = ("cpu",)
 
 
 def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
-    """``var = 1 / invstd^2 - eps`` in place, clipped at 0 (a zero variance rounds either way in float32). With eps
-    0, an invstd of 0 is the kernel's for ``var + eps == 0`` (aten/src/ATen/native/cpu/batch_norm_kernel.cpp,
-    ``InvStd``: a zero-variance channel): variance 0, not inf."""
-    zero = (invstd == 0) if eps == 0 else None  # with eps > 0 an invstd of 0 is a variance beyond the dtype: inf
-    with np.errstate(divide="ignore", invalid="ignore"):  # NaN stays NaN
+    """``var = 1 / invstd^2 - eps`` in place, clipped at 0 (a zero variance rounds either way in float32). Only for
+    eps > 0: with eps 0 the kernel's invstd of 0 means variance 0 (aten/src/ATen/native/cpu/batch_norm_kernel.cpp,
+    ``InvStd``) as well as a variance beyond the dtype, so such layers never take the kernel path."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # an infinite variance (invstd 0) stays inf, NaN stays NaN
         np.reciprocal(np.square(invstd, out=invstd), out=invstd)
-    if zero is not None:
-        invstd[zero] = 0.0
     return np.maximum(np.subtract(invstd, eps, out=invstd), 0.0, out=invstd)
 
 
@@ -133,8 +130,9 @@ class Collector:
       channel and sample and :data:`_ROWS_MAX_NUMEL` in all (and parameters of their dtype):
       :func:`_channel_rows` (two-pass), then PyTorch's eval kernel with those moments for the running ones;
     * otherwise :func:`_centred` (two-pass), whose centred copy is then scaled and shifted
-      in place, ``(x - mean) * weight / sqrt(var + eps) + bias`` (inputs in float16/bfloat16:
-      PyTorch's eval kernel on the moments, to keep the input's dtype).
+      in place, ``(x - mean) * weight / sqrt(var + eps) + bias`` (float16/bfloat16 inputs in float32, rounded to
+      their dtype once: their variance may exceed float16's range), and a channel with ``var + eps == 0`` (eps 0)
+      scaled by 0, as PyTorch's kernels do. Layers with eps 0 always take this path.
 
     Every call keeps its mean and variance; on the kernel path the variance is recovered
     from ``1 / sqrt(var + eps)`` in float64 when the calls are pooled, to within about
@@ -225,7 +223,7 @@ class Collector:
                 self.skip_empty()
                 return torch.batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, eps, False)
             n = x.numel() // x.shape[1]
-            if (n <= _KERNEL_STATS_MAX_COUNT
+            if (eps > 0 and n <= _KERNEL_STATS_MAX_COUNT  # eps 0: invstd 0 is both var 0 and var inf
                     and (n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES or x.numel() <= _KERNEL_STATS_MAX_NUMEL)
                     and x.dtype in (torch.float32, torch.float64) and x.device.type in _KERNEL_STATS_DEVICES):
                 out, mean, invstd = torch.native_batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, eps)
@@ -239,9 +237,6 @@ class Collector:
                 return torch.batch_norm(x, bn.weight, bn.bias, mean, var, False, 0.0, eps, False)  # batch moments
             n, mean, var, d = _centred(x)
             self._record(x, n, mean, var, False)
-            if d.dtype != x.dtype and eps > 0:  # float16/bfloat16: PyTorch's eval kernel keeps the input's dtype
-                stats = bn.running_mean.dtype
-                return torch.batch_norm(x, bn.weight, bn.bias, mean.to(stats), var.to(stats), False, 0.0, eps, False)
             # normalize the centred copy in place; in-place tiny ops: each costs its call overhead
             scale = var.add(eps).rsqrt_()
             if eps <= 0:  # a zero-variance channel: PyTorch's kernels scale it by 0 (output beta), not inf (NaN)
@@ -251,7 +246,7 @@ class Collector:
             d.mul_(scale.unsqueeze(1))
             if bn.bias is not None:
                 d.add_(bn.bias.to(d.dtype).unsqueeze(1))
-            return d.view(x.shape).to(x.dtype)  # float16/bfloat16 with eps 0: normalized in float32, as the kernel
+            return d.view(x.shape).to(x.dtype)  # float16/bfloat16: normalized in float32, rounded once
 
         return forward
 

@@ -349,8 +349,8 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
 
     A state dict saved from ``DistributedDataParallel``/``DataParallel`` (every key starts with
     ``module.``) or from ``torch.compile`` (``_orig_mod.``), or from several nested in any order, is loaded
-    with the prefixes removed when the model's own keys do not carry them, and a plain model's state dict into such
-    a wrapper with the wrapper's prefix added. So is a
+    with the prefixes removed when the model's own keys do not carry them, and into a model that is itself such a
+    wrapper (or another nesting of them) with its prefixes put in their place. So is a
     ``torch.optim.swa_utils.AveragedModel`` state dict
     (SWA/EMA: ``n_averaged`` and every other key under ``module.``), with its ``n_averaged`` counter
     dropped: it loads as the averaged model. A mismatch raises ``ValueError`` listing a few missing and
@@ -387,13 +387,18 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             break
         state = {k[len(prefix):]: v for k, v in state.items()}
         keys = list(state)
-    if own and set(keys) != own:  # the reverse: a plain model's weights into wrappers (torch.compile, DataParallel)
-        best, matched = "", len(own & set(keys))
-        for chain in _wrapper_chains():  # shortest first: a longer chain must match more keys to win
-            if all(k.startswith(chain) for k in own) and (n := len(own & {chain + k for k in keys})) > matched:
-                best, matched = chain, n
-        if best:
-            state = {best + k: v for k, v in state.items()}
+    if own and set(keys) != own:  # wrappers on the model's side (a factory returning torch.compile(model)), or
+        # other wrappers on each side: the file's wrapper prefixes swapped for the model's, where more keys then fit
+        chains = [""] + _wrapper_chains()  # shortest first: a longer swap must fit more keys to win
+        saved = [c for c in chains if all(k.startswith(c) for k in keys)]
+        held = [c for c in chains if all(k.startswith(c) for k in own)]
+        best, fitted = ("", ""), len(own & set(keys))
+        for old_prefix in saved:
+            for new_prefix in held:
+                if (n := len(own & {new_prefix + k[len(old_prefix):] for k in keys})) > fitted:
+                    best, fitted = (old_prefix, new_prefix), n
+        if best != ("", ""):
+            state = {best[1] + k[len(best[0]):]: v for k, v in state.items()}
             keys = list(state)
     missing = sorted(own - set(keys) - _counters_torch_adds(model, state))
     unexpected = sorted(set(keys) - own)
