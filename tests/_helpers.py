@@ -66,6 +66,18 @@ def set_running_stats(bn, mean, var, count: int = 1000) -> None:
         bn.num_batches_tracked.fill_(count)
 
 
+def eval_takes_eps_0() -> bool:
+    """Whether this PyTorch's eval-mode ``batch_norm`` takes ``eps=0`` (2.13 does; 2.11 refuses it)."""
+    import torch
+    from torch.nn import functional as F
+
+    try:
+        F.batch_norm(torch.ones(2, 1), torch.zeros(1), torch.ones(1), eps=0.0)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def stand_in_pass(bn, *inputs):
     """``bn`` on each input with the audit's batch-statistics stand-in attached (no grad), then detached.
 
