@@ -454,8 +454,13 @@ def test_a_plain_state_dict_loads_into_a_wrapped_model():
         load_weights_into(wrapped, dict(own))
         inner = dict(zip(own, wrapped.state_dict().values()))
         assert all(torch.equal(inner[k].cpu(), v) for k, v in own.items()), type(wrapped).__name__
-    # saved under one wrapper, loaded into another nesting: the saved prefixes swapped for the model's
-    for saved, target in ((torch.nn.DataParallel(source), torch.nn.DataParallel(torch.compile(_net()))),
+    # saved under one wrapper, loaded into another nesting: the saved prefixes swapped for the model's; an
+    # AveragedModel's n_averaged is dropped before, also for a wrapped model (it was kept there and refused)
+    from torch.optim.swa_utils import AveragedModel
+
+    for saved, target in ((AveragedModel(source), torch.nn.DataParallel(_net())),
+                          (AveragedModel(source), torch.nn.DataParallel(torch.compile(_net()))),
+                          (torch.nn.DataParallel(source), torch.nn.DataParallel(torch.compile(_net()))),
                           (torch.compile(source), torch.compile(torch.nn.DataParallel(_net()))),
                           (torch.compile(torch.nn.DataParallel(source)), torch.nn.DataParallel(torch.compile(_net())))):
         load_weights_into(target, saved.state_dict())

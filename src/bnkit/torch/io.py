@@ -380,7 +380,7 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     while True:  # one wrapper at a time: nested ones (torch.compile(DDP(model)), the reverse, AveragedModel inside)
         if "n_averaged" in state and "n_averaged" not in own:  # AveragedModel(...).state_dict(): its counter
             rest = [k for k in keys if k != "n_averaged"]
-            if wraps("module.", rest):
+            if rest and all(k.startswith("module.") for k in rest):  # also for a wrapped model: swapped below
                 state, keys = {k: state[k] for k in rest}, rest
         prefix = wrapper_prefix()
         if prefix is None:
