@@ -423,7 +423,8 @@ def test_data_keys_and_tensor_files_as_data_and_no_leading_blank_line(tmp_path):
 
 
 @pytest.mark.parametrize("batch_size", [2, 4])
-def test_finite_data_whose_statistics_overflow_float64_exits_1_whatever_the_batch_size(tmp_path, monkeypatch, batch_size):
+def test_finite_data_whose_statistics_overflow_float64_exits_1_whatever_the_batch_size(tmp_path, monkeypatch,
+                                                                                       batch_size):
     """Values near 1e154 in a float64 model overflow the squares: batches of 4 failed in the batch's sums (exit 1,
     a message about float32 sums), batches of 2 when merged (exit 2, bad input). Both are the data's statistics out
     of range: exit 1, and the message gives float64's limit. Oracle: the square of 1.0001e154 overflows float64."""

@@ -35,8 +35,8 @@ import onnx
 
 from ..audit_state import BNStats, check_bn_stats
 from ..findings import Finding, jsonable, worst_severity
-from .graph import (BNNode, FunctionKey, MalformedNodeError, blank_outputs_fail, bn_nodes, check_model, load_model, local_functions,
-                    node_label, opset_version, training_dropouts, unswitchable_training)
+from .graph import (BNNode, FunctionKey, MalformedNodeError, blank_outputs_fail, bn_nodes, check_model, load_model,
+                    local_functions, node_label, opset_version, training_dropouts, unswitchable_training)
 
 __all__ = ["OnnxAuditReport", "audit"]
 

@@ -73,9 +73,9 @@ from onnx import helper, numpy_helper
 from ..atomic import atomic_path, check_target
 from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
-from .graph import (RANDOM_OPS, BNNode, GraphIndex, attribute, blank_outputs_fail, bn_nodes, initializer_names, load_model, local_functions,
-                    node_label, opset_version, stored_name, subgraphs, too_large, training_dropouts,
-                    unswitchable_training)
+from .graph import (RANDOM_OPS, BNNode, GraphIndex, attribute, blank_outputs_fail, bn_nodes, initializer_names,
+                    load_model, local_functions, node_label, opset_version, stored_name, subgraphs, too_large,
+                    training_dropouts, unswitchable_training)
 from .verify import OnnxRuntimeError, compare, default_tolerance, random_inputs, run
 
 __all__ = ["FoldedNode", "OnnxFoldReport", "FoldVerificationError", "fold_model", "fold"]

@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 from google.protobuf.message import EncodeError
+from onnx import helper, numpy_helper
 
 from ..file_kinds import looks_like_npy, looks_like_pickle, looks_like_safetensors, zip_kind
 
