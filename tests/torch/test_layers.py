@@ -592,8 +592,9 @@ def test_convert_bn_updates_the_requested_options_of_existing_drop_in_layers():
 
 @pytest.mark.parametrize("option, value", [
     ("virtual_batch_size", "abc"), ("virtual_batch_size", [2]), ("virtual_batch_size", True),
-    ("virtual_batch_size", 2.5), ("renorm_schedule", 5), ("renorm_schedule", (1, 2.5, 3)), ("rmax", "3"),
-    ("dmax", None),
+    ("virtual_batch_size", 2.5), ("virtual_batch_size", float("nan")), ("virtual_batch_size", float("inf")),
+    ("renorm_schedule", 5), ("renorm_schedule", (1, 2.5, 3)), ("renorm_schedule", (1, float("nan"), 3)),
+    ("rmax", "3"), ("dmax", None),
 ])
 def test_an_option_of_the_wrong_kind_is_refused_naming_the_option(option, value):
     """int('abc') and float('3') errors named no option, iterating 5 raised TypeError, and a schedule of
