@@ -346,6 +346,117 @@ def test_narrowing_casts_that_overflow_are_refused_for_complex_and_float8_too():
     assert small.weight.float().tolist() == [[448.0, 448.0]] * 2
 
 
+def test_prefix_rewrites_keep_torchs_metadata_for_version_dependent_loaders():
+    """Stripping 'module.' (or adding a wrapper's prefix) rebuilt the state dict without _metadata, so torch's
+    loaders saw no version: a MinMaxObserver's eps of 1e-3 loaded as float32's eps, and a version-2 BatchNorm
+    dict without its counter was taken once prefixed. Oracle: torch's own consume_prefix_in_state_dict_if_present
+    then load_state_dict."""
+    from torch.ao.quantization import MinMaxObserver
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    class WithObserver(nn.Module):
+        def __init__(self, eps):
+            super().__init__()
+            self.lin, self.obs = nn.Linear(2, 2), MinMaxObserver(eps=eps)
+
+    torch.manual_seed(0)
+    source = WithObserver(1e-3)
+    source.obs(torch.randn(8))
+    wrapped = nn.DataParallel(source).state_dict()
+    oracle, stripped = WithObserver(0.5), OrderedDict(wrapped)
+    stripped._metadata = OrderedDict(wrapped._metadata)
+    consume_prefix_in_state_dict_if_present(stripped, "module.")
+    oracle.load_state_dict(stripped)
+    for target, state in ((WithObserver(0.5), wrapped), (nn.DataParallel(WithObserver(0.5)), source.state_dict())):
+        load_weights_into(target, state)
+        inner = target.module if isinstance(target, nn.DataParallel) else target
+        assert inner.obs.eps.item() == oracle.obs.eps.item() == pytest.approx(1e-3)
+    counted = nn.DataParallel(nn.Sequential(nn.BatchNorm1d(2))).state_dict()
+    del counted["module.0.num_batches_tracked"]
+    with pytest.raises(ValueError, match=r"missing 0\.num_batches_tracked"):  # version 2 says it must be there
+        load_weights_into(nn.Sequential(nn.BatchNorm1d(2)), counted)
+
+
+class _Replacer(nn.Linear):
+    """A loader that makes a new weight Parameter from the file, then fails."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        self.weight = nn.Parameter(state_dict[prefix + "weight"].clone())
+        raise RuntimeError("custom loader failed")
+
+
+class _Retyper(nn.Linear):
+    """A loader that adopts the file's dtype through .data, then fails."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        self.weight.data = state_dict[prefix + "weight"].clone()
+        raise RuntimeError("custom loader failed")
+
+
+@pytest.mark.parametrize("cls, dtype", [(_Replacer, torch.float32), (_Retyper, torch.float64)])
+def test_a_failed_load_puts_back_the_parameter_objects_and_dtypes_a_loader_replaced(cls, dtype):
+    """The rollback copied values into the objects held before the load: a loader that replaced the Parameter left
+    the file's values in the module (and the optimizer's Parameter out of it); one that retyped it through .data
+    left float64. The one-line error of such a loader was dropped too ('do not fit X: '). Oracle: the model and
+    the optimizer's parameter before the call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(cls(3, 3))
+    held, before = model[0].weight, model[0].weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {k: torch.full_like(v, 7.0, dtype=dtype) for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="do not fit Sequential: custom loader failed"):
+        load_weights_into(model, state)
+    assert model[0].weight is held is optimizer.param_groups[0]["params"][0]
+    assert held.dtype == torch.float32 and torch.equal(held.detach(), before)
+
+
+def test_lazy_parameters_tied_before_a_failed_load_stay_tied_and_a_parents_loader_is_left_to_run():
+    """A lazy weight shared by two layers came back as two; a parent's own loader, which reshapes its child's old
+    layout, was pre-empted by the shape check. Oracle: the model before the call; torch's load_state_dict."""
+    first = nn.LazyLinear(3)
+    model = nn.Sequential(first, nn.ReLU(), nn.Linear(3, 2))
+    model.add_module("again", first)
+    state = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).state_dict()
+    state = {**state, **{f"again.{k[2:]}": v for k, v in state.items() if k.startswith("0.")}}
+    state["2.weight"] = torch.zeros(5, 3)
+    with pytest.raises(ValueError):
+        load_weights_into(model, state)
+    assert model[0].weight is model.again.weight and torch.nn.parameter.is_lazy(model[0].weight)
+
+    class Transposing(nn.Module):  # an old checkpoint stored fc.weight transposed
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 3, bias=False)
+
+        def _load_from_state_dict(self, state_dict, prefix, *args):
+            key = prefix + "fc.weight"
+            if state_dict[key].shape == (2, 3):
+                state_dict[key] = state_dict[key].t()
+            super()._load_from_state_dict(state_dict, prefix, *args)
+
+    old = {"fc.weight": torch.arange(6.0).view(2, 3)}
+    want, got = Transposing(), Transposing()
+    want.load_state_dict(dict(old))
+    load_weights_into(got, dict(old))
+    assert torch.equal(got.fc.weight, want.fc.weight)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import: torch.jit internals
+def test_an_averaged_model_state_dict_loads_into_the_same_averaged_model_wrapped():
+    """AveragedModel's n_averaged was dropped whenever the model's own keys lacked a bare 'n_averaged', so the
+    same AveragedModel under torch.compile or DataParallel was refused. Oracle: the source's tensors."""
+    from torch.optim.swa_utils import AveragedModel
+
+    source = AveragedModel(_net())
+    source.update_parameters(_net())
+    source.update_parameters(_net())
+    state = source.state_dict()
+    for target in (torch.compile(AveragedModel(_net())), torch.nn.DataParallel(AveragedModel(_net()))):
+        load_weights_into(target, state)
+        inner = dict(zip(state, target.state_dict().values()))
+        assert all(torch.equal(inner[k].cpu(), v) for k, v in state.items()) and int(inner["n_averaged"]) == 2
+
+
 @pytest.mark.parametrize("spoil, says", [
     (lambda s: s.update({"1.running_var": torch.ones(5)}), r"size mismatch: 1\.running_var \(\(5,\) in the file"),
     (lambda s: s.update({"0.weight": s["0.weight"] + 1j}), r"complex values for real tensors: 0\.weight"),

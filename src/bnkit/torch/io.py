@@ -25,6 +25,7 @@ import pickle
 import pickletools
 import re
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -377,15 +378,16 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     def wrapper_prefix() -> str | None:
         return next((p for p in _WRAPPER_PREFIXES if wraps(p, keys)), None)
 
+    averaged = any(k == "n_averaged" or k.endswith(".n_averaged") for k in own)  # the model is an AveragedModel
     while True:  # one wrapper at a time: nested ones (torch.compile(DDP(model)), the reverse, AveragedModel inside)
-        if "n_averaged" in state and "n_averaged" not in own:  # AveragedModel(...).state_dict(): its counter
+        if "n_averaged" in state and not averaged:  # AveragedModel(...).state_dict(): its counter
             rest = [k for k in keys if k != "n_averaged"]
             if rest and all(k.startswith("module.") for k in rest):  # also for a wrapped model: swapped below
-                state, keys = {k: state[k] for k in rest}, rest
+                state, keys = _moved(state, "", "", drop="n_averaged"), rest
         prefix = wrapper_prefix()
         if prefix is None:
             break
-        state = {k[len(prefix):]: v for k, v in state.items()}
+        state = _moved(state, prefix, "")
         keys = list(state)
     if own and set(keys) != own:  # wrappers on the model's side (a factory returning torch.compile(model)), or
         # other wrappers on each side: the file's wrapper prefixes swapped for the model's, where more keys then fit
@@ -398,7 +400,7 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
                 if (n := len(own & {new_prefix + k[len(old_prefix):] for k in keys})) > fitted:
                     best, fitted = (old_prefix, new_prefix), n
         if best != ("", ""):
-            state = {best[1] + k[len(best[0]):]: v for k, v in state.items()}
+            state = _moved(state, *best)
             keys = list(state)
     missing = sorted(own - set(keys) - _counters_torch_adds(model, state))
     unexpected = sorted(set(keys) - own)
@@ -430,29 +432,62 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         raise ValueError(f"{source} do not fit {type(model).__name__}: " + "; ".join(
             f"{what}: {', '.join(items[:4])}" + (f", ... ({len(items)} in all)" if len(items) > 4 else "")
             for what, items in misfits.items()))
-    saved = {k: t.detach().clone() for k, t in tensors.items() if not is_lazy(t)}
-    lazy = _lazy_slots(model)
+    slots = _slots(model)
+    saved = {id(t): t.detach().clone() for _, _, _, t in slots if not is_lazy(t)}
+    fresh: dict[int, torch.Tensor] = {}  # one new uninitialized tensor per lazy one, shared where it was
+    for _, _, _, t in slots:
+        if is_lazy(t) and id(t) not in fresh:
+            kind = UninitializedParameter if isinstance(t, torch.nn.Parameter) else UninitializedBuffer
+            fresh[id(t)] = kind(requires_grad=t.requires_grad, device=t.device, dtype=t.dtype)
     extra = _extra_state_backup(model)
     try:
         model.load_state_dict(state)
     except Exception as exc:
-        # load_state_dict copies every tensor that fits, and fills lazy layers, before it raises: put the model back
+        # load_state_dict copies every tensor that fits, fills lazy layers (in place), and a module's own loader
+        # may resize, retype or replace a tensor, before it raises: put every slot back as it was
         with torch.no_grad():
-            for k, t in saved.items():
-                if tensors[k].shape == t.shape:
-                    tensors[k].copy_(t)
-                else:  # resized in place by a module's own loader (quantization observers)
-                    tensors[k].data = t
-        for module, slots, name, fresh in lazy:
-            if not is_lazy(slots[name]):
-                slots[name] = fresh
+            for _, container, name, t in slots:
+                if id(t) in fresh:
+                    container[name] = t if is_lazy(t) else fresh[id(t)]
+                    continue
+                container[name] = t  # the original object (an optimizer may hold it)
+                old = saved[id(t)]
+                if t.shape == old.shape and t.dtype == old.dtype:
+                    t.copy_(old)
+                else:
+                    t.data = old
         for name, value in extra.items():
             model.get_submodule(name).set_extra_state(value)
         if not isinstance(exc, RuntimeError):
             raise
-        lines = [ln.strip() for ln in _strip_ansi(str(exc)).splitlines()[1:] if ln.strip()]
+        lines = [ln.strip() for ln in _strip_ansi(str(exc)).splitlines() if ln.strip()]
+        if lines and lines[0].startswith("Error(s) in loading state_dict"):  # torch's header: the details follow
+            lines = lines[1:]
         raise ValueError(f"{source} do not fit {type(model).__name__}: {' '.join(lines[:4])}") from None
     return state
+
+
+def _moved(state: Mapping[str, object], old: str, new: str, drop: str | None = None) -> dict[str, object]:
+    """``state`` with the key prefix ``old`` replaced by ``new`` (and the key ``drop`` left out), its ``_metadata``
+    (the module versions torch's loaders read, keyed by module path) moved alike, as
+    ``torch.nn.modules.utils.consume_prefix_in_state_dict_if_present`` keeps it."""
+    out: dict[str, object] = OrderedDict((new + k[len(old):], v) for k, v in state.items() if k != drop)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        moved = OrderedDict()
+        for path, value in metadata.items():
+            dotted = f"{path}." if path else ""
+            if dotted.startswith(old):
+                moved[(new + dotted[len(old):]).rstrip(".")] = value
+        out._metadata = moved  # type: ignore[attr-defined]
+    return out
+
+
+def _slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict, str, torch.Tensor]]:
+    """Every parameter and buffer as (module, its ``_parameters`` or ``_buffers``, name, tensor), tied ones once per
+    place they are held."""
+    return [(m, container, name, t) for m in model.modules()
+            for container in (m._parameters, m._buffers) for name, t in container.items() if t is not None]
 
 
 #: Why :func:`_misfit` refuses a value, as the error lists them.
@@ -473,19 +508,6 @@ def _counters_torch_adds(model: torch.nn.Module, state: Mapping[str, object]) ->
             and (metadata.get(name, {}).get("version") or 0) < 2}
 
 
-def _lazy_slots(model: torch.nn.Module) -> list[tuple[torch.nn.Module, dict, str, torch.Tensor]]:
-    """Each uninitialized parameter or buffer as (module, its ``_parameters`` or ``_buffers``, name, a fresh
-    uninitialized one like it): ``load_state_dict`` materializes them in place, before it may raise."""
-    out = []
-    for module in model.modules():
-        for slots, kind in ((module._parameters, UninitializedParameter), (module._buffers, UninitializedBuffer)):
-            for name, t in slots.items():
-                if t is not None and is_lazy(t):
-                    out.append((module, slots, name, kind(requires_grad=t.requires_grad, device=t.device,
-                                                          dtype=t.dtype)))
-    return out
-
-
 def _shape_misfit(model: torch.nn.Module, key: str, value: torch.Tensor,
                   target: torch.Tensor) -> tuple[str, str] | None:
     """A shape ``load_state_dict`` refuses, found before it runs: it raises only after copying what fits. Where
@@ -497,8 +519,9 @@ def _shape_misfit(model: torch.nn.Module, key: str, value: torch.Tensor,
     for part in path.split(".") if path else ():
         owner = getattr(owner, part)
         chain.append(owner)
-    plain = type(owner)._load_from_state_dict in (torch.nn.Module._load_from_state_dict,
-                                                 _NormBase._load_from_state_dict)
+    # a parent's own loader runs first and may rewrite its children's entries
+    plain = all(type(m)._load_from_state_dict in (torch.nn.Module._load_from_state_dict,
+                                                 _NormBase._load_from_state_dict) for m in chain)
     if not plain or any(m._load_state_dict_pre_hooks for m in chain) or is_lazy(target) \
             or value.shape == target.shape or (target.dim() == 0 and value.shape == (1,)):
         return None
