@@ -457,6 +457,41 @@ def test_an_averaged_model_state_dict_loads_into_the_same_averaged_model_wrapped
         assert all(torch.equal(inner[k].cpu(), v) for k, v in state.items()) and int(inner["n_averaged"]) == 2
 
 
+def test_an_averaged_model_file_loads_into_a_model_holding_an_averaged_model_inside():
+    """A model that keeps an AveragedModel below its top (an EMA teacher) made the file's own top-level n_averaged
+    count as the model's, so an AveragedModel(model) file was refused. A buffer registered as None that a failing
+    loader filled stays None. Oracle: the source's tensors; the model before the call."""
+    from torch.optim.swa_utils import AveragedModel
+
+    class WithTeacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = _net()
+            self.ema = AveragedModel(_net())
+
+    source = WithTeacher()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1)
+    target = WithTeacher()
+    load_weights_into(target, AveragedModel(source).state_dict())
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+
+    class Fills(nn.Linear):
+        def __init__(self):
+            super().__init__(2, 2)
+            self.register_buffer("extra", None)
+
+        def _load_from_state_dict(self, state_dict, prefix, *args):
+            self.extra = torch.ones(1)
+            raise RuntimeError("boom")
+
+    model = Fills()
+    with pytest.raises(ValueError, match="do not fit Fills: boom"):
+        load_weights_into(model, nn.Linear(2, 2).state_dict())
+    assert "extra" in model._buffers and model.extra is None
+
+
 @pytest.mark.parametrize("spoil, says", [
     (lambda s: s.update({"1.running_var": torch.ones(5)}), r"size mismatch: 1\.running_var \(\(5,\) in the file"),
     (lambda s: s.update({"0.weight": s["0.weight"] + 1j}), r"complex values for real tensors: 0\.weight"),

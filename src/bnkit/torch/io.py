@@ -378,7 +378,7 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     def wrapper_prefix() -> str | None:
         return next((p for p in _WRAPPER_PREFIXES if wraps(p, keys)), None)
 
-    averaged = any(k == "n_averaged" or k.endswith(".n_averaged") for k in own)  # the model is an AveragedModel
+    averaged = bool(own & {c + "n_averaged" for c in ("", *_wrapper_chains())})  # the model is an AveragedModel
     while True:  # one wrapper at a time: nested ones (torch.compile(DDP(model)), the reverse, AveragedModel inside)
         if "n_averaged" in state and not averaged:  # AveragedModel(...).state_dict(): its counter
             rest = [k for k in keys if k != "n_averaged"]
@@ -433,6 +433,8 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             f"{what}: {', '.join(items[:4])}" + (f", ... ({len(items)} in all)" if len(items) > 4 else "")
             for what, items in misfits.items()))
     slots = _slots(model)
+    empty = [(container, name) for m in model.modules() for container in (m._parameters, m._buffers)
+             for name, t in container.items() if t is None]  # registered as None: a loader may fill them
     saved = {id(t): t.detach().clone() for _, _, _, t in slots if not is_lazy(t)}
     fresh: dict[int, torch.Tensor] = {}  # one new uninitialized tensor per lazy one, shared where it was
     for _, _, _, t in slots:
@@ -456,6 +458,8 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
                     t.copy_(old)
                 else:
                     t.data = old
+            for container, name in empty:
+                container[name] = None
         for name, value in extra.items():
             model.get_submodule(name).set_extra_state(value)
         if not isinstance(exc, RuntimeError):
