@@ -7,6 +7,7 @@ forward fails.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,11 +44,11 @@ class Batches:
                 raise ValueError(f"data must hold at least one sample, got shape {tuple(data.shape)}")
             if max_batches is not None:
                 data = data[: max_batches * batch_size]
-            _check_finite(data, batch_size)  # one reduction for all batches instead of one per batch
             sizes = [batch_size] * (len(data) // batch_size) + ([len(data) % batch_size] if len(data) % batch_size
                                                                 else [])
             if batch_size > 1 and len(sizes) > 1 and sizes[-1] == 1:  # a last sample alone joins the batch before
                 sizes[-2:] = [batch_size + 1]
+            _check_finite(data, sizes)  # one reduction for all batches instead of one per batch
             data = torch.split(data, sizes)
             self._checked = True
         self._iter = iter(data)
@@ -69,7 +70,7 @@ class Batches:
 
         def check(t: torch.Tensor) -> torch.Tensor:
             if t.is_floating_point():
-                _check_finite(t, len(t) if t.ndim else 1, index)
+                _check_finite(t, [len(t) if t.ndim else 1], index)
             return t
 
         # the default forward hands the model a tuple or list batch's first element alone
@@ -88,16 +89,15 @@ class Batches:
         return map_tensors(x, lambda t: t[:2] if batched(t, size) else t) if size else x
 
 
-def _check_finite(t: torch.Tensor, batch_size: int, first_index: int = 0) -> None:
-    """Raise naming the first data batch with NaN/Inf (``t``'s rows are batches of ``batch_size``)."""
+def _check_finite(t: torch.Tensor, sizes: list[int], first_index: int = 0) -> None:
+    """Raise naming the first data batch with NaN/Inf (``t``'s rows are consecutive batches of ``sizes`` rows)."""
     if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
         return  # NaN/Inf always reach the sum; only a sum that overflows needs the element-wise check
     bad = ~torch.isfinite(t)
     if not bool(bad.any()):
         return
     row = int(bad.reshape(len(t), -1).any(1).nonzero()[0]) if t.ndim else 0
-    last = max(len(t) - 2, 0) // batch_size if batch_size > 1 and len(t) % batch_size == 1 else None  # see Batches
-    batch = row // batch_size if last is None else min(row // batch_size, last)
+    batch = bisect.bisect_right(list(itertools.accumulate(sizes)), row)
     raise ValueError(f"data batch {first_index + batch} contains NaN or Inf")
 
 

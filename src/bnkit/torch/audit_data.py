@@ -486,10 +486,12 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
     k = len(n)
     s2_mean = n @ np.square(means - n @ means / n.sum()) / (k - 1)
     within = 0.0 if aggregate else float((n - 1).sum())  # no within-batch spread in a row that sums up its batch
-    spread = n @ biased / within + bn.eps if within > 0 else None
-    informative = None if spread is None else spread > 0  # a constant channel with eps 0 says nothing (0 / 0)
-    batch_f = float(np.median(s2_mean[informative] / spread[informative])) \
-        if informative is not None and informative.any() else None
+    batch_f = None
+    if within > 0:
+        spread = n @ biased / within + bn.eps
+        informative = spread > 0  # a constant channel with eps 0 says nothing (0 / 0)
+        if informative.any():
+            batch_f = float(np.median(s2_mean[informative] / spread[informative]))
     if not is_batchnorm(bn) or is_frozen(bn, "stats"):  # frozen statistics no longer change
         return None, None, batch_f
     if bn.momentum is None:

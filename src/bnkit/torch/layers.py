@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..audit_state import FEW_UPDATES_WEIGHT, initial_weight
-from .modules import channels, eager_modules, require_eager, write_count
+from .modules import channels, eager_modules, is_whole_number, require_eager, write_count
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_bn", "revert_bn", "PAPER_RENORM_SCHEDULE"]
 
@@ -171,9 +171,6 @@ class _DropInBatchNorm:
         def number(v) -> bool:
             return isinstance(v, numbers.Real) and not isinstance(v, bool)  # NumPy's numbers too, not bools
 
-        def whole(v) -> bool:
-            return number(v) and math.isfinite(v) and int(v) == v
-
         rmax, dmax = (float(cfg[k]) if number(cfg[k]) else math.nan for k in ("rmax", "dmax"))
         if not (math.isfinite(rmax) and rmax >= 1.0):
             raise ValueError(f"rmax must be a finite number >= 1, got {cfg['rmax']!r}")
@@ -181,7 +178,8 @@ class _DropInBatchNorm:
             raise ValueError(f"dmax must be a finite number >= 0, got {cfg['dmax']!r}")
         schedule = cfg["renorm_schedule"]
         if schedule is not None:
-            if not (isinstance(schedule, (tuple, list)) and len(schedule) == 3 and all(whole(s) for s in schedule)):
+            if not (isinstance(schedule, (tuple, list)) and len(schedule) == 3
+                    and all(is_whole_number(s) for s in schedule)):
                 raise ValueError(f"renorm_schedule must be three whole numbers (warmup, r_full, d_full), got "
                                  f"{schedule!r}")
             schedule = tuple(int(s) for s in schedule)
@@ -191,7 +189,7 @@ class _DropInBatchNorm:
                     f"got {cfg['renorm_schedule']!r}"
                 )
         vbs = cfg["virtual_batch_size"]
-        if vbs is not None and not (whole(vbs) and vbs >= 1):
+        if vbs is not None and not (is_whole_number(vbs) and vbs >= 1):
             raise ValueError(f"virtual_batch_size must be a positive integer or None, got {vbs!r}")
         if (cfg["renorm"] or cfg["debias"]) and not self.track_running_stats:
             raise ValueError(f"{cfg['layer_name'] or type(self).__name__}: renorm and debias need running statistics; "

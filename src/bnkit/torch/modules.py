@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import functools
 import itertools
+import math
+import numbers
 import threading
 from collections import UserDict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
@@ -144,6 +146,12 @@ def parallel_device(model: nn.Module) -> torch.device | None:
     kinds = (nn.DataParallel, nn.parallel.DistributedDataParallel)
     parallel = [m for m in wrapper_chain(model) if isinstance(m, kinds)]
     return torch.device(parallel[0].device_ids[0]) if parallel and parallel[0].device_ids else None
+
+
+def is_whole_number(value: object) -> bool:
+    """A finite whole real number (NumPy's numbers too), not a bool: ``2`` and ``2.0``, not ``2.5``, NaN or inf."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and int(value) == value)
 
 
 def usable_device(spec: str | torch.device, what: str | None = None) -> torch.device:

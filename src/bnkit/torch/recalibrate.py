@@ -83,8 +83,6 @@ Conventions written into the buffers:
 from __future__ import annotations
 
 import itertools
-import math
-import numbers
 import time
 import warnings
 import zlib
@@ -101,7 +99,8 @@ from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
 from .modules import (SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, normalized_inputs,
-                      eager_modules, parallel_device, sole_device, to_device, unwrapped, usable_device)
+                      eager_modules, is_whole_number, parallel_device, sole_device, to_device, unwrapped,
+                      usable_device)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration", "StatisticsRangeError"]
 
@@ -227,7 +226,7 @@ class StatisticsRangeError(ValueError):
 
 
 class _NonFinite(Exception):
-    """A batch produced NaN/Inf at a BatchNorm input (internal; becomes ValueError)."""
+    """A batch produced NaN/Inf at a BatchNorm input (internal; becomes StatisticsRangeError)."""
 
     def __init__(self, batch: int, layer: int) -> None:
         super().__init__(batch, layer)
@@ -578,9 +577,7 @@ def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
         raise TypeError("data must be an iterable of batches (e.g. a DataLoader), not a tensor; wrap it: [x]")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Real)
-                                    or not math.isfinite(num_batches) or int(num_batches) != num_batches
-                                    or num_batches < 1):
+    if num_batches is not None and not (is_whole_number(num_batches) and num_batches >= 1):
         raise ValueError(f"num_batches must be a positive integer or None, got {num_batches!r}")
     if device is None:  # DataParallel / DDP moved each batch to their first device: bnkit moves it there instead
         device = parallel_device(model)
