@@ -83,7 +83,7 @@ _SLOW_FSYNC = ("real = bnkit.atomic._fsync\n"
                "def slow(p):\n"
                "    if str(p).endswith('.tmp'):\n"
                "        print('writing', flush=True)\n"
-               "        time.sleep(60)\n"
+               "        nap()\n"
                "    real(p)\n"
                "bnkit.atomic._fsync = slow\n")
 
@@ -94,17 +94,22 @@ def test_sigterm_while_writing_removes_the_partial_file(tmp_path, during):
     and a SIGTERM there must not end the process with the temporary file left behind."""
     target = tmp_path / "out.pt"
     target.write_bytes(b"old")
+    # the child naps in short steps: a SIGTERM the kernel hands to another thread (numpy's BLAS thread) only sets
+    # a flag that the main thread reads between bytecodes, and one long sleep would hide it for its whole length
     script = ("import sys, time\n"
+              "def nap():\n"
+              "    for _ in range(3000):\n"
+              "        time.sleep(0.1)\n"
               "import bnkit.atomic\n"
               "from bnkit.atomic import atomic_path\n"
               + (_SLOW_FSYNC if during == "fsync" else "") +
               "with atomic_path(sys.argv[1]) as tmp:\n"
               "    open(tmp, 'wb').write(b'half')\n"
-              + ("    print('writing', flush=True)\n    time.sleep(60)\n" if during == "block" else ""))
+              + ("    print('writing', flush=True)\n    nap()\n" if during == "block" else ""))
     proc = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "writing\n"
     proc.terminate()
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM  # a loaded CI machine may be slow to exit
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.pt"]
 
 
