@@ -684,16 +684,16 @@ def test_a_pass_whose_pool_is_replaced_by_a_larger_one_still_completes(three_thr
 
     def slow(block):
         started.set()
-        release.wait(5)
+        release.wait(60)
         return block
 
     pending = bnkit.batchnorm._submit(slow, [slice(0, 1), slice(1, 2)])  # a 3-thread pass's two blocks, running
-    assert started.wait(5)
+    assert started.wait(60)
     bnkit.set_num_threads(6)
     bigger = bnkit.batchnorm._submit(lambda block: block, [slice(k, k + 1) for k in range(5)])
     release.set()
-    assert [f.result(timeout=5) for f in pending] == [slice(0, 1), slice(1, 2)]
-    assert [f.result(timeout=5) for f in bigger] == [slice(k, k + 1) for k in range(5)]
+    assert [f.result(timeout=60) for f in pending] == [slice(0, 1), slice(1, 2)]
+    assert [f.result(timeout=60) for f in bigger] == [slice(k, k + 1) for k in range(5)]
 
 
 def test_the_pool_grows_to_the_largest_count_used_and_no_further(three_threads):
@@ -742,11 +742,11 @@ def test_two_concurrent_passes_share_a_pool_of_at_most_the_count_minus_one_threa
     release = threading.Event()
     bnkit.set_num_threads(4)
     blocks = [slice(k, k + 1) for k in range(3)]
-    first = bnkit.batchnorm._submit(lambda block: release.wait(5), blocks)
-    second = bnkit.batchnorm._submit(lambda block: release.wait(5), blocks)
+    first = bnkit.batchnorm._submit(lambda block: release.wait(60), blocks)
+    second = bnkit.batchnorm._submit(lambda block: release.wait(60), blocks)
     threads = len(bnkit.batchnorm._POOL._threads)
     release.set()
-    assert all(f.result(timeout=5) for f in first + second)
+    assert all(f.result(timeout=60) for f in first + second)
     assert threads == 3
 
 
@@ -772,7 +772,7 @@ def _fork_and_forward(hang: str, holding=contextlib.nullcontext()) -> None:
         child.kill()
         child.join()
         pytest.fail(hang)
-    assert child.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected)
+    assert child.exitcode == 0 and queue.get(timeout=60) == pytest.approx(expected)
 
 
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # JAX, imported by other tests, warns of any fork
