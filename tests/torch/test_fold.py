@@ -1061,6 +1061,26 @@ def test_bnkit_frozen_layers_fold_like_eval_mode_bn_and_leave_the_rest_traceable
             assert rel_diff(model(x), folded.eval()(x)) < 1e-5
 
 
+def test_the_identity_replacing_a_freeze_bn_layer_follows_train_and_holds_no_copy_of_the_bn():
+    """freeze_bn pins a layer's flag with an instance ``train``; copied onto the Identity, it kept the Identity in
+    eval mode through ``folded.train()`` and the removed BN (buffers and all) inside the folded model's pickle.
+    Oracle: a plain nn.Identity in the same place."""
+    import io
+
+    from bnkit.torch import freeze_bn
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 6, 6)
+    model = freeze_bn(calibrated(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), x))
+    folded, _ = fold_bn(model, x)
+    assert isinstance(folded[1], nn.Identity) and "train" not in vars(folded[1])
+    assert folded[1].num_features == 4 and folded[1].eps == model[1].eps  # the plain attributes stay
+    assert folded.train()[1].training and not folded.eval()[1].training
+    pickled = io.BytesIO()
+    torch.save(folded, pickled)
+    assert b"BatchNorm2d" not in pickled.getvalue()
+
+
 _PRECISION_SEEN: list[tuple[str, ...]] = []  # module level: fold_bn's deep copies record here too
 
 

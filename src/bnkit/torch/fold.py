@@ -1084,10 +1084,12 @@ def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
 
 def _identity_for(bn: nn.Module) -> nn.Identity:
     """The ``nn.Identity`` that replaces a folded BN, with the BN's plain attributes (its train/eval flag,
-    ``num_features``, ``eps``, ``momentum``, ...), so a forward that reads them reads what it read before."""
+    ``num_features``, ``eps``, ``momentum``, ...), so a forward that reads them reads what it read before.
+    Callables set on the BN are not plain data: ``freeze_bn``'s ``train`` override would pin the Identity's flag
+    and keep the removed BN reachable from it."""
     identity = nn.Identity()
     for name, value in vars(bn).items():
-        if not name.startswith("_") and not isinstance(value, (torch.Tensor, nn.Module)):
+        if not name.startswith("_") and not isinstance(value, (torch.Tensor, nn.Module)) and not callable(value):
             setattr(identity, name, value)
     return identity
 
