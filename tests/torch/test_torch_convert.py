@@ -443,6 +443,39 @@ def test_to_flax_float64_needs_jax_64_bit_mode_and_then_round_trips_exactly():
     assert back.running_mean.dtype == torch.float64 and torch.equal(back.running_mean, bn.running_mean)
 
 
+def test_float64_flax_parameters_beside_float32_batch_stats_are_not_rounded():
+    """linen's init makes ``batch_stats`` float32 whatever ``param_dtype`` says: the torch layer took the statistics'
+    dtype and rounded the float64 scale and bias to float32 (and then refused the float64 input Flax takes).
+    Oracles: the closed form in float64 NumPy, and the Flax layer's output (whose ``rsqrt`` of the float32 variance
+    is itself float32)."""
+    jax = pytest.importorskip("jax")
+    linen = pytest.importorskip("flax.linen")
+    jnp = pytest.importorskip("jax.numpy")
+    was = jax.config.read("jax_enable_x64")
+    try:
+        jax.config.update("jax_enable_x64", True)
+        rng = np.random.default_rng(1)
+        module = linen.BatchNorm(param_dtype=jnp.float64, dtype=jnp.float64, epsilon=1e-12)
+        x = rng.normal(size=(8, 5, 5, C))
+        variables = module.init(jax.random.PRNGKey(0), jnp.asarray(x), use_running_average=True)
+        variables = {"params": {"scale": jnp.asarray(1 + rng.normal(size=C) * 1e-3),
+                                "bias": jnp.asarray(rng.normal(size=C))},
+                     "batch_stats": {"mean": jnp.asarray(rng.normal(size=C).astype(np.float32)),
+                                     "var": jnp.asarray(rng.uniform(0.5, 2, C).astype(np.float32))}}
+        want = np.asarray(module.apply(variables, jnp.asarray(x), use_running_average=True))
+    finally:
+        jax.config.update("jax_enable_x64", was)
+    bn = from_flax(module, variables, ndim=4).eval()
+    assert bn.weight.dtype == bn.running_var.dtype == torch.float64
+    assert np.array_equal(bn.weight.detach().numpy(), np.asarray(variables["params"]["scale"]))
+    assert np.array_equal(bn.running_var.numpy(), np.asarray(variables["batch_stats"]["var"]).astype(np.float64))
+    got = bn(torch.from_numpy(np.moveaxis(x, 3, 1).copy())).detach().numpy()
+    p, st = variables["params"], {k: np.asarray(v).astype(np.float64) for k, v in variables["batch_stats"].items()}
+    exact = (x - st["mean"]) / np.sqrt(st["var"] + 1e-12) * np.asarray(p["scale"]) + np.asarray(p["bias"])
+    np.testing.assert_allclose(np.moveaxis(got, 1, 3), exact, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(np.moveaxis(got, 1, 3), want, rtol=1e-6, atol=1e-6)
+
+
 @needs_keras
 def test_to_keras_and_to_flax_refuse_the_same_channel_axes():
     pytest.importorskip("flax")

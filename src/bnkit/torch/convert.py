@@ -22,6 +22,7 @@ channel axis to dim 1.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Mapping
@@ -90,18 +91,21 @@ def _rank_to_dims(ndim: int | None) -> int | None:
 
 
 def _build_torch(state: dict, dims: int | None, exact_training: bool, scale: bool = True) -> _BatchNorm:
-    """A torch BN layer from :func:`convert_state`'s torch layout, in the arrays' dtype.
+    """A torch BN layer from :func:`convert_state`'s torch layout, in the widest of its floating arrays' dtypes
+    (Flax keeps ``batch_stats`` in float32 beside float64 parameters: nothing is rounded; a torch layer has one).
 
     ``scale=False``: the source has a shift but no scale (Keras ``scale=False``, Flax ``use_scale=False``); torch
     has no such layer, so the weight of 1 that stands in for it is made not to train (``requires_grad=False``).
     """
     cfg, sd = state["config"], state["state_dict"]
+    tensors = {name: torch.from_numpy(np.asarray(value)) for name, value in sd.items()}
     if not cfg["bias"] and "bias" not in inspect.signature(_BatchNorm.__init__).parameters:
         raise ValueError(f"a layer with a scale but no shift (Keras center=False, Flax use_bias=False) needs "
                          f"nn.BatchNorm's bias=False option, which torch {torch.__version__} does not have")
     kwargs = {"eps": cfg["eps"], "momentum": cfg["momentum"], "affine": cfg["affine"],
               "track_running_stats": cfg["track_running_stats"],
-              "dtype": torch.from_numpy(np.asarray(sd["running_mean"])).dtype,
+              "dtype": functools.reduce(torch.promote_types,
+                                        [t.dtype for t in tensors.values() if t.is_floating_point()]),
               **({} if cfg["bias"] else {"bias": False})}  # releases without that option, as in layers.py
     if exact_training:
         if dims is None:
@@ -111,8 +115,8 @@ def _build_torch(state: dict, dims: int | None, exact_training: bool, scale: boo
     else:
         bn = (_PLAIN[dims] if dims is not None else BatchNormNd)(cfg["num_features"], **kwargs)
     with torch.no_grad():
-        for name, value in sd.items():
-            getattr(bn, name).copy_(torch.from_numpy(np.asarray(value)))
+        for name, value in tensors.items():
+            getattr(bn, name).copy_(value)
     if not scale and bn.weight is not None:
         bn.weight.requires_grad_(False)
     return bn
