@@ -72,7 +72,7 @@ class LayerShift:
     sampling noise is compared call by call: its running statistics serve every call in eval mode, so each
     call's inputs, pooled over the batches, are compared with them, and the figures are those of the worst call,
     ``call`` (1-based; None, and all calls pooled, for a layer called once per forward or whose calls differ by
-    sampling alone).
+    sampling alone; with too few batches to tell, the worse of the pooled figures and the worst call's).
     ``sampling_kl`` / ``sampling_kl_sd``: mean and standard deviation of ``score`` from sampling noise alone,
     for ``count`` independent values per channel drawn from the running distribution (:func:`sampling_kl`;
     the standard deviation is one channel's, the most a channel mean varies however its channels correlate).
@@ -215,7 +215,7 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
         if not (np.isfinite(mu_r).all() and np.isfinite(var_r).all()) or (var_r + bn.eps <= 0).any():
             continue  # reported by the state checks
         eps = float(bn.eps)
-        best = None
+        candidates = []
         for call, count, mu_d, var_d in _call_moments(col):
             with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # beyond float64: inf, never NaN
                 z = (mu_d - mu_r) / np.sqrt(var_r + eps)
@@ -223,15 +223,14 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
                 kl = 0.5 * (np.expm1(log_ratio) - log_ratio + z * z)
             kl[np.isposinf(log_ratio)] = np.inf  # exp(L) - L at L = inf is inf - inf in floating point
             expected, sd = sampling_kl(int(count))
-            rank = (-math.inf if expected is None else kl.mean() - expected, kl.mean())  # as LayerShift.excess
-            if best is None or rank > best[0]:
-                best = (rank, call, int(count), expected, sd, kl, z, log_ratio)
-        _, call, count, expected, sd, kl, z, log_ratio = best
-        worst = int(np.argmax(kl))
-        shift = LayerShift(name, float(kl.mean()), float(math.sqrt(2 * kl.mean())), float(z[worst]),
-                           float(log_ratio[worst]), worst, count, sampling_kl=expected, sampling_kl_sd=sd)
-        shift.call, shift.calls_per_forward = call, col.calls_per_forward
-        if call is None and col.once_per_forward and b_train is not None:  # else its calls differ by design
+            worst = int(np.argmax(kl))
+            candidates.append(LayerShift(name, float(kl.mean()), float(math.sqrt(2 * kl.mean())), float(z[worst]),
+                                         float(log_ratio[worst]), worst, int(count), call=call,
+                                         sampling_kl=expected, sampling_kl_sd=sd))
+        # the worst graded, then the pooled figures (call None) over a call's, then the largest excess
+        shift = max(candidates, key=lambda s: (_GRADES[_shift_severity(s)], s.call is None, s.excess, s.score))
+        shift.calls_per_forward = col.calls_per_forward
+        if shift.call is None and col.once_per_forward and b_train is not None:  # else its calls differ by design
             shift.mean_noise, shift.var_noise, shift.batch_f = _noise(col, bn, b_train, var_r + eps)
         shifts.append(shift)
     shifts.sort(key=lambda s: (s.excess, s.score), reverse=True)
@@ -316,6 +315,9 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
     return findings, None
 
 
+_GRADES = {None: 0, "warning": 1, "error": 2}
+
+
 def _shift_severity(s: LayerShift) -> str | None:
     """A layer's shift graded: ``score - sampling_kl`` against SHIFT_ERROR_KL / SHIFT_WARNING_KL where it also
     exceeds SHIFT_NOISE_SDS ``sampling_kl_sd``; None (no finding) below, or with no sampling figure."""
@@ -353,6 +355,8 @@ def _call_moments(col: Collector) -> list[tuple[int | None, int, np.ndarray, np.
     empty calls counted), each pooled over the batches by Chan's formula; one entry, ``call`` None and all its
     calls pooled, for a layer called once per forward, measured at fewer than two places, or whose places do not
     differ beyond sampling noise (:func:`_positions_differ`: a ghost-batch layer called on chunks of its batch).
+    Where the batches are too few to tell (a few batches through a layer shared by two branches), the pooled entry
+    and one per place: the worst of them is graded, so a shared layer's shifted call is not hidden in the pool.
     The variance is unbiased (biased with one value per channel)."""
     m = col.moments
     pooled = [(None, m.count, m.mean, m.var_unbiased if m.count > 1 else m.var)]
@@ -362,27 +366,34 @@ def _call_moments(col: Collector) -> list[tuple[int | None, int, np.ndarray, np.
     # each call's place in its forward, empty calls counted (a routed call given no rows keeps the next call's
     # place), numbered 0.. over the places that were measured
     places, position = np.unique(np.asarray(col.positions), return_inverse=True)
-    if len(places) < 2 or not _positions_differ(position, means, np.log(var + col.eps)):
+    differ = None if len(places) < 2 else _positions_differ(position, means, np.log(var + col.eps))
+    if len(places) < 2 or differ is False:
         return pooled
     out = []
     for k, place in enumerate(places.tolist()):
         total, mean, m2 = pool_calls(counts[position == k], means[position == k], var[position == k])
         out.append((place + 1, total, mean, m2 / (total - 1) if total > 1 else m2 / total))
-    return out
+    return out if differ else pooled + out
 
 
-def _positions_differ(position: np.ndarray, *per_call: np.ndarray) -> bool:
+#: Above this one-in-a-million F level the positions test has no power: the calls' means would have to differ by
+#: about sqrt(2 limit / batches) batch-to-batch standard deviations (2 places over 5 batches: 315, 11 of them).
+_DECIDABLE_F = 100.0
+
+
+def _positions_differ(position: np.ndarray, *per_call: np.ndarray) -> bool | None:
     """Whether a layer's call positions within a forward differ by design: for some statistic (each ``(calls, C)``:
     the calls' means, their log variances), the one-way ANOVA F of the positions, with the batches as
     replicates, channel median, above the one-in-a-million level of :func:`_f_limit`. Calls at one position
     vary between batches by sampling alone, whatever correlates within a sample, so positions drawn alike (chunks
-    of a shuffled batch) stay below it; fewer than two batches per position leave nothing to test (False)."""
+    of a shuffled batch) stay below it. None (cannot tell) where that level is above :data:`_DECIDABLE_F`: too
+    few batches per position (one each leaves nothing to test)."""
     positions = int(position.max()) + 1
     sizes = np.bincount(position, minlength=positions)
     within_dof = int((sizes - 1).clip(min=0).sum())
     limit = _f_limit(positions - 1, within_dof) if within_dof > 0 else math.inf
-    if not math.isfinite(limit):
-        return False
+    if not limit <= _DECIDABLE_F:
+        return None
     for stat in per_call:
         groups = [stat[position == k] for k in range(positions)]
         centres = np.stack([g.mean(axis=0) for g in groups])
