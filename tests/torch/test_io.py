@@ -147,6 +147,33 @@ def test_safetensors_bytes_under_another_suffix_and_a_legacy_torch_file_load(tmp
         assert set(got) == set(state) and all(torch.equal(got[k], state[k]) for k in state)
 
 
+def test_a_file_named_safetensors_is_read_for_what_it_holds(tmp_path):
+    """The suffix decided: a torch.save file, an .npy array or an empty file named .safetensors all got the
+    safetensors loader's 'header too large' (torch.load itself routes a path by that suffix). Oracles: torch.load
+    of the same bytes; what the file holds."""
+    state = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2])}
+    for legacy in (False, True):
+        path = tmp_path / f"{'legacy' if legacy else 'zip'}.safetensors"
+        torch.save(state, path, _use_new_zipfile_serialization=not legacy)
+        with open(path, "rb") as f:  # a path ending in .safetensors would send torch.load to safetensors
+            want = torch.load(f, weights_only=True)
+        got = load_state_dict_file(path)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    np.save(tmp_path / "x.npy", np.zeros(3))
+    (tmp_path / "x.safetensors").write_bytes((tmp_path / "x.npy").read_bytes())
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    for name, what in (("x", "a NumPy .npy array (np.save)"), ("empty", "an empty file")):
+        with pytest.raises(NotACheckpointError) as info:
+            load_checkpoint(tmp_path / f"{name}.safetensors")
+        assert info.value.what == what
+    save_state_dict_file(state, tmp_path / "s.safetensors")
+    data = bytearray((tmp_path / "s.safetensors").read_bytes())
+    data[:8] = (10 ** 9).to_bytes(8, "little")  # a damaged header length: still safetensors, damaged
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    with pytest.raises(NotACheckpointError, match="not a valid safetensors file"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
 def _net():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))

@@ -216,7 +216,9 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)
-    if path.suffix.lower() == ".safetensors" or looks_like_safetensors(head, size):
+    # the content decides: a torch.save file named .safetensors loads as one, as a safetensors file named .pt does;
+    # the name only sends a damaged safetensors start (length, then "{") to its own loader, which says what is wrong
+    if looks_like_safetensors(head, size) or (path.suffix.lower() == ".safetensors" and head[8:9] == b"{"):
         return _load_safetensors(path, map_location)
     kind = describe_file(path, head, size)
     if kind is not None:
@@ -229,7 +231,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     if looks_like_pickle(head):  # torch.load unpickles a legacy file's first pickle, then refuses all but its magic
         _refuse_unless_magic(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return _torch_load(path, map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _pickle_is_well_formed(path):  # a damaged pickle may name part of a global: not unsafe
             raise corrupt from None
@@ -243,7 +245,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     except Exception as exc:  # noqa: BLE001
         raise NotACheckpointError(f"{corrupt}: {_reason(exc)}") from None
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return _torch_load(path, map_location, weights_only=False)
     except (ImportError, AttributeError) as exc:
         raise ValueError(
             f"{path} is a pickled object whose code cannot be found ({exc}): run from the folder that holds "
@@ -255,6 +257,15 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
         if isinstance(exc, AssertionError) and not raised_in(exc, "torch"):  # e.g. a storage key _legacy_load lacks
             raise
         raise NotACheckpointError(f"{corrupt}: {_reason(exc)}") from None
+
+
+def _torch_load(path: Path, map_location: str, weights_only: bool) -> object:
+    """``torch.load`` of the file; of its bytes where the path ends in ``.safetensors``, which it would read as
+    safetensors whatever the file holds (torch/serialization.py ``load``): the content has said it is not."""
+    if path.suffix.lower() != ".safetensors":
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    with open(path, "rb") as f:
+        return torch.load(f, map_location=map_location, weights_only=weights_only)
 
 
 def _reason(exc: Exception) -> str:
