@@ -400,6 +400,19 @@ def test_fold_says_when_it_did_not_verify_and_its_reload_hint_works(tmp_path, mo
     assert data["verified"] is False and data["report"] == "d.fold.json"
     assert json.loads((tmp_path / "d.fold.json").read_text())["folded"] == data["folded"]
 
+    # d.pt and d.safetensors would share d.fold.json: the second fold would take d.pt's report away (its reload
+    # lines then fail, or load other weights' structure); refused before anything is written. A rerun into d.pt,
+    # the report's own weights, replaces both as before.
+    before = (tmp_path / "d.fold.json").read_bytes()
+    result = runner.invoke(app, args + ["d.safetensors"], terminal_width=200)
+    assert result.exit_code == 2 and "d.fold.json is the fold report of d.pt beside it" in _text(result)
+    assert (tmp_path / "d.fold.json").read_bytes() == before and not (tmp_path / "d.safetensors").exists()
+    assert runner.invoke(app, args + ["d.pt"]).exit_code == 0
+    assert json.loads((tmp_path / "d.fold.json").read_text())["weights"] == "d.pt"
+    (tmp_path / "d.pt").unlink()  # the report's weights are gone: nothing left to lose
+    assert runner.invoke(app, args + ["d.safetensors"]).exit_code == 0
+    assert json.loads((tmp_path / "d.fold.json").read_text())["weights"] == "d.safetensors"
+
 
 def test_names_and_paths_with_brackets_print_literally(tmp_path, monkeypatch):
     """rich markup in node names and paths ([/x], [bold]) is printed as written, never parsed."""

@@ -112,6 +112,17 @@ def report_path(output: Path) -> Path:
     return output.with_suffix(".fold.json")
 
 
+def _report_owner(output: Path) -> str | None:
+    """The other weights file whose report ``output``'s would replace (``folded.pt`` and ``folded.safetensors``
+    share ``folded.fold.json``): the file the report there names, where that still exists; else None."""
+    try:
+        weights = json.loads(report_path(output).read_text()).get("weights")
+    except (OSError, ValueError, AttributeError):  # no report, or none of ours: nothing to lose
+        return None
+    owner = output.parent / weights if isinstance(weights, str) and weights != output.name else None
+    return weights if owner is not None and owner.exists() else None
+
+
 def _reload_hint(spec: str, output: Path, report_file: Path, instance: bool) -> str:
     """Python lines that rebuild the folded model from the factory (or the module object a fresh import
     builds, when ``spec`` names an ``instance``), the report and the weights."""
@@ -230,7 +241,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         writing = report_file
         try:  # the report is renamed into place only once the weights are: a failure leaves both files as they were
             with atomic_path(report_file) as tmp:
-                Path(tmp).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+                Path(tmp).write_text(json.dumps({**report.to_dict(), "weights": output.name}, indent=2) + "\n")
                 writing = output
                 save_state_dict_file(folded.state_dict(), output)
                 writing = None  # only the report's rename is left
@@ -334,6 +345,9 @@ def fold_command(
             if out.suffix.lower() != ".onnx":
                 check_output(report_path(out), suffixes=(".json",), inputs=[weights], option="the fold report",
                              what="report")
+                if owner := _report_owner(out):
+                    raise UsageError(f"{report_path(out)} is the fold report of {owner} beside it, which this run "
+                                     f"would leave without one: write to another name (or remove {owner} first)")
     except UsageError as exc:
         raise fail(str(exc)) from None
     if source is not None:
