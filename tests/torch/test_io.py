@@ -174,6 +174,25 @@ def test_a_file_named_safetensors_is_read_for_what_it_holds(tmp_path):
         load_checkpoint(tmp_path / "bad.safetensors")
 
 
+def test_a_value_that_is_not_a_tensor_under_a_model_key_is_named_as_such(tmp_path):
+    """The file holds 1.weight, as an int: it was called missing, which sends the user looking for a key that is
+    there. Epoch counters beside the tensors are still dropped silently. Oracle: the file's own contents."""
+    model = _net()
+    state = {**model.state_dict(), "1.weight": 5, "epoch": 3}
+    torch.save(state, tmp_path / "w.pt")
+    loaded = load_state_dict_file(tmp_path / "w.pt")
+    assert "1.weight" not in loaded and loaded.dropped == {"1.weight": "int", "epoch": "int"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        load_weights_into(model, loaded)
+    assert "1.weight holds an int, not a tensor" in str(info.value) and "missing" not in str(info.value)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    state["1.weight"] = before["1.weight"] + 1
+    torch.save(state, tmp_path / "w.pt")
+    load_weights_into(model, load_state_dict_file(tmp_path / "w.pt"))  # the epoch alone: loads
+    assert torch.equal(model[1].weight, before["1.weight"] + 1)
+
+
 def _net():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))

@@ -278,7 +278,8 @@ def load_state_dict_file(path: str | os.PathLike, *, trust: bool = False) -> dic
 
     Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``, ...) are unwrapped, also one holding a
     whole pickled ``nn.Module`` (YOLOv5's ``{"model": model, "epoch": 3}``; readable with ``trust`` only);
-    non-tensor entries (epoch counters, optimizer state) are dropped.
+    non-tensor entries (epoch counters, optimizer state) are dropped, and named with their types in the returned
+    dict's ``dropped`` (a :class:`StateDict`).
     """
     return state_dict_of(load_checkpoint(path, trust=trust), path)
 
@@ -328,11 +329,25 @@ def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, object]:
                 f"you to say; save it alone, e.g. torch.save(checkpoint[{keys[0]!r}], 'weights.pt')")
     if inner is not None:
         obj = inner.state_dict() if isinstance(inner, torch.nn.Module) else inner
-    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
+    state = StateDict((str(k), v) for k, v in obj.items()
+                      if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state"))
     if not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} contains no tensors")
     refuse_meta(state.items(), str(path), "save the state dict after loading real weights")
+    state.dropped = {str(k): type(v).__name__ for k, v in obj.items() if str(k) not in state}
     return state
+
+
+class StateDict(dict):
+    """A state dict read from a file, with ``dropped``: the names and types of the non-tensor entries left out
+    (an epoch counter; or a value the file holds where the model has a tensor, which a misfit then names)."""
+
+    dropped: dict[str, str] = {}
+
+
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: ``an int``, ``a str``."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def _wrapper_chains(depth: int = 3) -> list[str]:
@@ -376,6 +391,7 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     """
     own = set(model.state_dict())
     keys = list(state)
+    dropped = getattr(state, "dropped", {})  # non-tensor entries state_dict_of left out, by name
 
     def wraps(prefix: str, names: list[str]) -> bool:
         """Every name carries ``prefix`` and removing it fits the model better: the model's keys lack it, or they
@@ -420,8 +436,10 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
 
         parts = [f"{source} do not fit {type(model).__name__}"]
-        if missing:
-            parts.append(f"missing {few(missing)}")
+        if held := [k for k in missing if k in dropped]:  # in the file, but not as a tensor
+            parts.append(", ".join(f"{k} holds {_a(dropped[k])}, not a tensor" for k in held[:6]))
+        if absent := [k for k in missing if k not in dropped]:
+            parts.append(f"missing {few(absent)}")
         if unexpected:
             parts.append(f"unexpected {few(unexpected)}")
         common = os.path.commonprefix(unexpected) if len(unexpected) > 1 else ""
