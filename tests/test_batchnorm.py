@@ -370,6 +370,12 @@ def test_eps_zero_with_a_constant_channel_in_training_is_refused_and_changes_not
         np.testing.assert_array_equal(v, before[k])
     x[:, 1] = [4.0, 5.0, 9.0]
     np.testing.assert_allclose(bn(x), (x - x.mean(0)) / x.std(0), rtol=1e-12)
+    # constants whose mean does not round back to them (0.1 three times: each deviation an ulp, not 0) gave +-1
+    # outputs and gradients of 5e16 instead of the refusal, depending on the batch size
+    for value, rows in ((0.1, 3), (0.1, 7), (0.1, 10), (1 / 3, 10), (1e8 + 0.1, 3)):
+        const = np.stack([np.arange(rows, dtype=np.float64), np.full(rows, value)], axis=1)
+        with pytest.raises(ValueError, match=r"eps=0 and channel\(s\) \[1\] have zero variance"):
+            bn(const)
 
 
 def test_variance_that_overflows_the_dtype_is_refused_and_changes_nothing():

@@ -173,8 +173,10 @@ class BatchNorm:
             m2 = _channel_dot(d, d)
             if not np.all(np.isfinite(m2)):  # finite values whose squared deviations overflow the dtype
                 raise ValueError("training batch's variance overflows its dtype; running statistics left untouched")
-            if self.eps == 0.0 and not np.all(m2 > 0):  # 0 / sqrt(0): NaN outputs and gradients
-                dead = np.flatnonzero(~(m2 > 0)).tolist()
+            # 0 / sqrt(0): NaN outputs and gradients. A constant channel's deviations from its rounded mean are
+            # an ulp each, not 0 (0.1 three times): told by its range, exactly, as well as by M2
+            if self.eps == 0.0 and not np.all(alive := (m2 > 0) & (x3.max(axis=(0, 2)) > x3.min(axis=(0, 2)))):
+                dead = np.flatnonzero(~alive).tolist()
                 raise ValueError(
                     f"eps=0 and channel(s) {dead[:8]}{' ...' if len(dead) > 8 else ''} have zero variance in this "
                     "batch: normalizing them divides by zero (PyTorch refuses eps=0 in training); use eps > 0. "
