@@ -92,30 +92,55 @@ def test_a_shared_layer_trained_by_pytorch_names_its_call_and_the_fix_says_one_s
 
 
 class TwoBranches(nn.Module):
-    def __init__(self):
+    def __init__(self, offsets):
         super().__init__()
-        self.bn = nn.BatchNorm1d(8)
+        self.bn, self.offsets = nn.BatchNorm1d(8), offsets
 
     def forward(self, x):
-        return self.bn(x + 1.0) + self.bn(x - 1.0)
+        return self.bn(x + self.offsets[0]) + self.bn(x + self.offsets[1])
 
 
-@pytest.mark.parametrize("batches", [1, 3, 4])
-def test_a_shared_layer_seen_in_a_few_batches_still_names_its_shifted_call(batches):
-    """Two calls 2 std apart share running statistics centred between them: each is about 1 std off (error grade).
-    Below a handful of batches the positions test cannot tell the calls apart, and pooling them hid the shift in
-    the pooled variance (a warning of 0.15). Oracle: float64 figures of each call's inputs."""
+@pytest.mark.parametrize("batches", [1, 3, 4, 5, 6])
+@pytest.mark.parametrize("offsets", [(1.0, -1.0), (0.0, 3.0)])
+def test_a_shared_layer_seen_in_a_few_batches_still_names_its_shifted_call(batches, offsets):
+    """Running statistics of N(0, 1) serve two calls: 1 std off each way (each error grade), or one call on them
+    and one 3 std off. Below a handful of batches the positions test cannot tell the calls apart, and pooling them
+    hid the shift (the first pair: a warning of 0.15; the second: 1.7, not 4.5). Oracle: float64 figures of
+    each call's inputs."""
     torch.manual_seed(0)
-    model = TwoBranches().eval()
+    model = TwoBranches(offsets).eval()
     set_running_stats(model.bn, 0.0, 1.0)
     x = torch.randn(32 * batches, 8)
-    per_call = [shift_figures(x.double().numpy() + off, model.bn) for off in (1.0, -1.0)]
+    per_call = [shift_figures(x.double().numpy() + off, model.bn) for off in offsets]
     report = audit(model, x, batch_size=32)
     (s,) = report.shifts
     assert s.calls_per_forward == 2 and s.call == 1 + int(np.argmax([kl.mean() for kl, _, _ in per_call]))
     assert_shift(s, *per_call[s.call - 1], count=len(x))
     (f,) = report.by_code("stat_shift")
     assert f.severity == "error" and f"call {s.call} of 2" in f.evidence
+
+
+def test_ghost_chunks_of_a_conv_map_seen_in_a_few_batches_stay_pooled():
+    """The counterpart: chunks of a batch through one BatchNorm2d differ by sampling alone, more than the
+    independent-values noise says where a conv map's neighbouring values move together. With too few batches to
+    test the chunks apart, no chunk may be named for that noise: the figures are the pooled ones (call None), as
+    when the test can run. Oracle: float64 statistics of the whole input."""
+    class Ghost(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return torch.cat([self.bn(c) for c in x.chunk(8)])
+
+    g = torch.Generator().manual_seed(0)
+    x = nn.functional.avg_pool2d(torch.randn(128, 3, 16, 16, generator=g), 5, 1, 2) * 3  # neighbours correlated
+    model = Ghost().eval()
+    xd = x.double().numpy().transpose(1, 0, 2, 3).reshape(3, -1)
+    set_running_stats(model.bn, xd.mean(1) + 0.02, xd.var(1))
+    (s,) = audit(model, x, batch_size=64).shifts
+    assert s.call is None and s.calls_per_forward == 8 and s.count == xd.shape[1]
+    assert_shift(s, *shift_figures(xd.T, model.bn), count=xd.shape[1])
 
 
 def test_a_layer_called_once_per_forward_has_no_call_and_unchanged_figures():

@@ -72,7 +72,8 @@ class LayerShift:
     sampling noise is compared call by call: its running statistics serve every call in eval mode, so each
     call's inputs, pooled over the batches, are compared with them, and the figures are those of the worst call,
     ``call`` (1-based; None, and all calls pooled, for a layer called once per forward or whose calls differ by
-    sampling alone; with too few batches to tell, the worse of the pooled figures and the worst call's).
+    sampling alone; with too few batches to tell, the worst call where it grades worse than the pool, or alike
+    with twice its excess: :func:`_candidate_rank`).
     ``sampling_kl`` / ``sampling_kl_sd``: mean and standard deviation of ``score`` from sampling noise alone,
     for ``count`` independent values per channel drawn from the running distribution (:func:`sampling_kl`;
     the standard deviation is one channel's, the most a channel mean varies however its channels correlate).
@@ -227,8 +228,7 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
             candidates.append(LayerShift(name, float(kl.mean()), float(math.sqrt(2 * kl.mean())), float(z[worst]),
                                          float(log_ratio[worst]), worst, int(count), call=call,
                                          sampling_kl=expected, sampling_kl_sd=sd))
-        # the worst graded, then the pooled figures (call None) over a call's, then the largest excess
-        shift = max(candidates, key=lambda s: (_GRADES[_shift_severity(s)], s.call is None, s.excess, s.score))
+        shift = max(candidates, key=_candidate_rank(candidates))
         shift.calls_per_forward = col.calls_per_forward
         if shift.call is None and col.once_per_forward and b_train is not None:  # else its calls differ by design
             shift.mean_noise, shift.var_noise, shift.batch_f = _noise(col, bn, b_train, var_r + eps)
@@ -318,6 +318,23 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
 _GRADES = {None: 0, "warning": 1, "error": 2}
 
 
+def _candidate_rank(candidates: list[LayerShift]) -> Callable[[LayerShift], tuple]:
+    """How a layer's figures (:func:`_call_moments`' entries) are ranked to pick the one reported: the worst graded,
+    then the largest excess. Beside the pooled figures (calls that could not be told apart), a call is reported only
+    where it is graded worse, or graded alike with twice the excess: chunks of a ghost batch differ by sampling
+    alone (more than :func:`sampling_kl` says where a conv map's values move together), a shared layer's shifted
+    call by far more than its pool, which the other calls dilute."""
+    pooled = any(c.call is None for c in candidates)
+
+    def rank(s: LayerShift) -> tuple:
+        grade = _GRADES[_shift_severity(s)]
+        if not pooled or s.call is None:
+            return grade, s.excess, s.score
+        return grade, s.excess / 2 if grade else -math.inf, s.score
+
+    return rank
+
+
 def _shift_severity(s: LayerShift) -> str | None:
     """A layer's shift graded: ``score - sampling_kl`` against SHIFT_ERROR_KL / SHIFT_WARNING_KL where it also
     exceeds SHIFT_NOISE_SDS ``sampling_kl_sd``; None (no finding) below, or with no sampling figure."""
@@ -356,7 +373,7 @@ def _call_moments(col: Collector) -> list[tuple[int | None, int, np.ndarray, np.
     calls pooled, for a layer called once per forward, measured at fewer than two places, or whose places do not
     differ beyond sampling noise (:func:`_positions_differ`: a ghost-batch layer called on chunks of its batch).
     Where the batches are too few to tell (a few batches through a layer shared by two branches), the pooled entry
-    and one per place: the worst of them is graded, so a shared layer's shifted call is not hidden in the pool.
+    and one per place (:func:`_candidate_rank` picks), so a shared layer's shifted call is not hidden in the pool.
     The variance is unbiased (biased with one value per channel)."""
     m = col.moments
     pooled = [(None, m.count, m.mean, m.var_unbiased if m.count > 1 else m.var)]
@@ -386,13 +403,13 @@ def _positions_differ(position: np.ndarray, *per_call: np.ndarray) -> bool | Non
     the calls' means, their log variances), the one-way ANOVA F of the positions, with the batches as
     replicates, channel median, above the one-in-a-million level of :func:`_f_limit`. Calls at one position
     vary between batches by sampling alone, whatever correlates within a sample, so positions drawn alike (chunks
-    of a shuffled batch) stay below it. None (cannot tell) where that level is above :data:`_DECIDABLE_F`: too
-    few batches per position (one each leaves nothing to test)."""
+    of a shuffled batch) stay below it. None (cannot tell) where F stays below a level above :data:`_DECIDABLE_F`:
+    too few batches per position (one each leaves nothing to test)."""
     positions = int(position.max()) + 1
     sizes = np.bincount(position, minlength=positions)
     within_dof = int((sizes - 1).clip(min=0).sum())
     limit = _f_limit(positions - 1, within_dof) if within_dof > 0 else math.inf
-    if not limit <= _DECIDABLE_F:
+    if not math.isfinite(limit):
         return None
     for stat in per_call:
         groups = [stat[position == k] for k in range(positions)]
@@ -403,7 +420,7 @@ def _positions_differ(position: np.ndarray, *per_call: np.ndarray) -> bool | Non
             f = np.where(within > 0, between / within, np.where(between > 0, np.inf, 0.0))
         if float(np.median(f)) > limit:
             return True
-    return False
+    return False if limit <= _DECIDABLE_F else None
 
 
 #: The standard normal's upper one-in-a-million quantile.
