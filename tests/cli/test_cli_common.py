@@ -308,6 +308,23 @@ def test_a_torchscript_factory_is_refused_by_every_command_with_nothing_written(
         assert not out.exists()
 
 
+def test_every_command_names_a_value_that_is_not_a_tensor_where_the_model_has_one(tmp_path):
+    """A checkpoint holding 2.weight as an int: each command called the key missing. Oracle: the file's contents."""
+    from bnkit.torch.zoo import MLP
+
+    torch.save({**MLP().state_dict(), "2.weight": 5}, tmp_path / "w.pt")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(32, 64)).astype(np.float32))
+    spec, out = "bnkit.torch.zoo:MLP", tmp_path / "out.pt"
+    for args in (("audit", tmp_path / "w.pt", "--model", spec),
+                 ("recalibrate", "--model", spec, "--weights", tmp_path / "w.pt", "--data", tmp_path / "x.npy",
+                  "-o", out),
+                 ("fold", "--model", spec, "--weights", tmp_path / "w.pt", "-o", out)):
+        result = run_cli(*args)
+        line = one_line_error(result)
+        assert "2.weight holds an int, not a tensor" in line and "missing" not in line
+        assert not out.exists()
+
+
 def test_dtype_change_compares_key_by_key_under_the_models_keys():
     """What load_state_dict casts, tensor by tensor: a checkpoint with a float16 Linear and a float32 BN loaded into
     a float32 Linear and a float16 BN has the same set of dtypes on both sides, yet every tensor is cast; a uniform

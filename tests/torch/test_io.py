@@ -176,21 +176,27 @@ def test_a_file_named_safetensors_is_read_for_what_it_holds(tmp_path):
 
 def test_a_value_that_is_not_a_tensor_under_a_model_key_is_named_as_such(tmp_path):
     """The file holds 1.weight, as an int: it was called missing, which sends the user looking for a key that is
-    there. Epoch counters beside the tensors are still dropped silently. Oracle: the file's own contents."""
+    there; so under DDP's prefix. Epoch counters beside the tensors are still dropped silently, and what the loader
+    returns stays a plain dict (torch.save of it loads with weights_only). Oracle: the file's own contents."""
+    from bnkit.torch.io import split_state
+
     model = _net()
-    state = {**model.state_dict(), "1.weight": 5, "epoch": 3}
-    torch.save(state, tmp_path / "w.pt")
-    loaded = load_state_dict_file(tmp_path / "w.pt")
-    assert "1.weight" not in loaded and loaded.dropped == {"1.weight": "int", "epoch": "int"}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError) as info:
-        load_weights_into(model, loaded)
-    assert "1.weight holds an int, not a tensor" in str(info.value) and "missing" not in str(info.value)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    state["1.weight"] = before["1.weight"] + 1
-    torch.save(state, tmp_path / "w.pt")
-    load_weights_into(model, load_state_dict_file(tmp_path / "w.pt"))  # the epoch alone: loads
+    for prefix in ("", "module."):
+        torch.save({**{prefix + k: v for k, v in before.items()}, prefix + "1.weight": 5, "epoch": 3},
+                   tmp_path / "w.pt")
+        state, dropped = split_state(load_checkpoint(tmp_path / "w.pt"), tmp_path / "w.pt")
+        assert type(state) is dict and dropped == {prefix + "1.weight": "int", "epoch": "int"}
+        with pytest.raises(ValueError) as info:
+            load_weights_into(model, state, dropped=dropped)
+        assert "1.weight holds an int, not a tensor" in str(info.value) and "missing" not in str(info.value)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    torch.save({**before, "1.weight": before["1.weight"] + 1, "epoch": 3}, tmp_path / "w.pt")
+    state = load_state_dict_file(tmp_path / "w.pt")
+    load_weights_into(model, state)  # the epoch alone: loads
     assert torch.equal(model[1].weight, before["1.weight"] + 1)
+    torch.save(state, tmp_path / "again.pt")
+    assert set(torch.load(tmp_path / "again.pt", weights_only=True)) == set(before)
 
 
 def _net():

@@ -122,13 +122,13 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
     import torch
 
     from ..torch.audit import audit
-    from ..torch.io import UnsafeCheckpointError, load_checkpoint, pickled_module, state_dict_of
+    from ..torch.io import UnsafeCheckpointError, load_checkpoint, pickled_module, split_state
 
     if trust:
         add_cwd_to_path()  # a pickled module names its classes by module path, as --model specs do
     try:
         loaded = load_checkpoint(file, trust=trust)
-        state = state_dict_of(loaded, file)
+        state, dropped = split_state(loaded, file)
     except UnsafeCheckpointError as exc:
         raise fail(str(exc)) from None
     except (ValueError, OSError) as exc:
@@ -146,7 +146,7 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
     else:
         # a whole pickled model (with --trust) is audited as one, its eps and momentum included, in eval mode like a
         # checkpoint's: torch.save keeps whatever mode it was saved in, which says nothing about its deployment
-        net = _build_model(model_spec, state, file) if pickled is None else pickled.eval()
+        net = _build_model(model_spec, state, dropped, file) if pickled is None else pickled.eval()
         if device is not None:
             net.to(device)  # the audit moves each data batch to the model's device
         inputs = None if data_file is None else _load_data(data_file)
@@ -196,7 +196,7 @@ def _trusted_load_error(file: Path, exc: BaseException) -> str:
             "load it where it was made and save model.state_dict() (or safetensors), which needs no --trust")
 
 
-def _build_model(spec: str, state, file: Path):
+def _build_model(spec: str, state, dropped: dict[str, str], file: Path):
     from ..torch.io import load_weights_into
 
     try:
@@ -204,7 +204,7 @@ def _build_model(spec: str, state, file: Path):
     except UsageError as exc:
         raise fail(str(exc)) from None
     try:
-        loaded = load_weights_into(net, state)
+        loaded = load_weights_into(net, state, dropped=dropped)
     except (ValueError, RuntimeError) as exc:
         raise fail(f"cannot load {file} into {spec}: {str(exc).strip()}") from None
     if changed := dtype_change(net, loaded, str(file)):

@@ -172,8 +172,8 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
 
     from ..atomic import Terminated, atomic_path
     from ..precision import fold_tolerance
-    from ..torch import fold_bn, load_state_dict_file, save_state_dict_file
-    from ..torch.io import load_weights_into
+    from ..torch import fold_bn, save_state_dict_file
+    from ..torch.io import load_checkpoint, load_weights_into, split_state
     from ..torch.modules import input_dtype_device
     from .common import (USER_CODE_ERRORS, UsageError, build_model, describe_error, dtype_change, raised_by_bnkit,
                          resolve_spec)
@@ -189,7 +189,8 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
         raise fail(str(exc)) from None
     if weights is not None:
         try:
-            loaded = load_weights_into(model, load_state_dict_file(weights, trust=trust))
+            state, dropped = split_state(load_checkpoint(weights, trust=trust), weights)
+            loaded = load_weights_into(model, state, dropped=dropped)
         except USER_CODE_ERRORS as exc:  # unsafe pickles, mismatched state dicts, a trusted pickle's own code
             why = describe_error(exc) if isinstance(exc, SystemExit) else exc  # bnkit's messages name the problem
             raise fail(f"cannot load {weights} into {spec}: {why}") from None

@@ -218,7 +218,8 @@ def recalibrate_command(
     import torch
 
     from ..torch import recalibrate
-    from ..torch.io import UnsafeCheckpointError, load_state_dict_file, load_weights_into, save_state_dict_file
+    from ..torch.io import (UnsafeCheckpointError, load_checkpoint, load_weights_into, save_state_dict_file,
+                            split_state)
     from ..torch.modules import input_dtype_device
     from ..torch.recalibrate import StatisticsRangeError, one_xy_batch
     from .common import (STATE_DICT_SUFFIXES, UsageError, build_model, check_output, dtype_change, load_forward,
@@ -242,7 +243,8 @@ def recalibrate_command(
         raise fail(str(exc))
     if weights is not None:
         try:
-            loaded = load_weights_into(net, load_state_dict_file(weights, trust=trust))
+            state, dropped = split_state(load_checkpoint(weights, trust=trust), weights)
+            loaded = load_weights_into(net, state, dropped=dropped)
         except (UnsafeCheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
             raise fail(f"cannot load {weights}: {exc}")
         except USER_CODE_ERRORS as exc:  # noqa: BLE001 - a trusted pickle runs its own code, which may raise anything

@@ -278,8 +278,7 @@ def load_state_dict_file(path: str | os.PathLike, *, trust: bool = False) -> dic
 
     Common wrappers (``{"state_dict": ...}``, ``{"model": ...}``, ...) are unwrapped, also one holding a
     whole pickled ``nn.Module`` (YOLOv5's ``{"model": model, "epoch": 3}``; readable with ``trust`` only);
-    non-tensor entries (epoch counters, optimizer state) are dropped, and named with their types in the returned
-    dict's ``dropped`` (a :class:`StateDict`).
+    non-tensor entries (epoch counters, optimizer state) are dropped (:func:`split_state` names them).
     """
     return state_dict_of(load_checkpoint(path, trust=trust), path)
 
@@ -296,7 +295,14 @@ def pickled_module(obj: object) -> torch.nn.Module | None:
 
 def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, object]:
     """The flat ``{name: tensor}`` state dict in a loaded checkpoint ``obj`` (read from ``path``), as
-    :func:`load_state_dict_file` returns it.
+    :func:`load_state_dict_file` returns it: :func:`split_state`'s first part."""
+    return split_state(obj, path)[0]
+
+
+def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object], dict[str, str]]:
+    """The flat ``{name: tensor}`` state dict in a loaded checkpoint ``obj`` (read from ``path``), and the names
+    and types of the non-tensor entries left out of it (an epoch counter; or a value where a model has a tensor,
+    which :func:`load_weights_into`'s ``dropped=`` then names).
 
     The state dict is ``obj`` itself, or the dict of tensors under one of the usual wrapper keys
     (``state_dict``, ``model``, ``ema``, ...), or under the only key that holds one (``{"weights": sd,
@@ -329,20 +335,18 @@ def state_dict_of(obj: object, path: str | os.PathLike) -> dict[str, object]:
                 f"you to say; save it alone, e.g. torch.save(checkpoint[{keys[0]!r}], 'weights.pt')")
     if inner is not None:
         obj = inner.state_dict() if isinstance(inner, torch.nn.Module) else inner
-    state = StateDict((str(k), v) for k, v in obj.items()
-                      if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state"))
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
     if not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} contains no tensors")
     refuse_meta(state.items(), str(path), "save the state dict after loading real weights")
-    state.dropped = {str(k): type(v).__name__ for k, v in obj.items() if str(k) not in state}
-    return state
+    return state, {str(k): type(v).__name__ for k, v in obj.items() if str(k) not in state}
 
 
-class StateDict(dict):
-    """A state dict read from a file, with ``dropped``: the names and types of the non-tensor entries left out
-    (an epoch counter; or a value the file holds where the model has a tensor, which a misfit then names)."""
-
-    dropped: dict[str, str] = {}
+def _bare(name: str) -> str:
+    """``name`` without the wrapper prefixes it starts with (``module._orig_mod.0.weight`` -> ``0.weight``)."""
+    while prefix := next((p for p in _WRAPPER_PREFIXES if name.startswith(p)), None):
+        name = name[len(prefix):]
+    return name
 
 
 def _a(noun: str) -> str:
@@ -369,8 +373,8 @@ def refuse_meta(named: Iterable[tuple[str, object]], what: str, fix: str) -> Non
                          f"loaded; {fix}")
 
 
-def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
-                      source: str = "the weights") -> Mapping[str, object]:
+def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "the weights", *,
+                      dropped: Mapping[str, str] | None = None) -> Mapping[str, object]:
     """``model.load_state_dict(state)`` (strict), with a readable error and wrapper prefixes handled; returns the
     state as loaded, under the model's own keys.
 
@@ -381,7 +385,9 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     ``torch.optim.swa_utils.AveragedModel`` state dict
     (SWA/EMA: ``n_averaged`` and every other key under ``module.``), with its ``n_averaged`` counter
     dropped: it loads as the averaged model. A mismatch raises ``ValueError`` listing a few missing and
-    unexpected keys (and the prefix, if one would explain them) instead of torch's full key dump.
+    unexpected keys (and the prefix, if one would explain them) instead of torch's full key dump; a missing key
+    that ``dropped`` (:func:`split_state`'s non-tensor entries of the file, name: type) holds, wrapper prefixes
+    aside, is named as holding that type instead.
     Values that ``load_state_dict`` would change as it casts them are refused before loading (see
     :func:`_misfit`: complex values for real tensors, integer or bool ones for floating tensors, floating ones
     that an integer tensor cannot hold exactly); when
@@ -391,7 +397,7 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     """
     own = set(model.state_dict())
     keys = list(state)
-    dropped = getattr(state, "dropped", {})  # non-tensor entries state_dict_of left out, by name
+    held_as = {_bare(k): t for k, t in (dropped or {}).items()}  # the file's non-tensors, wrapper prefixes aside
 
     def wraps(prefix: str, names: list[str]) -> bool:
         """Every name carries ``prefix`` and removing it fits the model better: the model's keys lack it, or they
@@ -436,9 +442,9 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
             return ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
 
         parts = [f"{source} do not fit {type(model).__name__}"]
-        if held := [k for k in missing if k in dropped]:  # in the file, but not as a tensor
-            parts.append(", ".join(f"{k} holds {_a(dropped[k])}, not a tensor" for k in held[:6]))
-        if absent := [k for k in missing if k not in dropped]:
+        if held := [k for k in missing if _bare(k) in held_as]:  # in the file, but not as a tensor
+            parts.append(", ".join(f"{k} holds {_a(held_as[_bare(k)])}, not a tensor" for k in held[:6]))
+        if absent := [k for k in missing if _bare(k) not in held_as]:
             parts.append(f"missing {few(absent)}")
         if unexpected:
             parts.append(f"unexpected {few(unexpected)}")
