@@ -709,6 +709,31 @@ def test_sequential_fallback_folds_a_bn_before_a_conv_only_without_zero_padding(
         assert rel_diff(model(x), folded(x)) < 1e-5
 
 
+def test_sequential_fallback_folds_a_bn_on_each_side_of_one_layer_as_fx_does():
+    """Sequential(BN, Conv1d k=1, BN): the fx path folds both BNs into the conv; the fallback folded the first and
+    left the second, saying it had no Conv neighbour. Its note says which path it judged on. Oracles: the fx fold
+    of the same Sequential, the unfolded model in float64."""
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Sequential(nn.BatchNorm1d(4), nn.Conv1d(4, 5, 1), nn.BatchNorm1d(5))
+
+        def forward(self, x):
+            return self.seq(x) if x.sum() > -1e9 else x  # data-dependent control flow: torch.fx cannot trace it
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 3, dtype=torch.float64)
+    model = calibrated(Untraceable().double(), x)
+    via_fx = {(f.bn, f.into, f.position) for f in fold_bn(model.seq, x)[1].folded}
+    folded, report = fold_bn(model, x)
+    assert report.method == "sequential" and report.left == {}
+    assert {(f.bn[len("seq."):], f.into[len("seq."):], f.position) for f in report.folded} == via_fx
+    assert len(via_fx) == 2 and not bn_layers(folded)
+    assert any("the path the example inputs took" in n for n in report.notes)
+    with torch.no_grad():
+        assert rel_diff(model(x), folded(x)) < 1e-12
+
+
 def test_model_writing_into_its_input_is_verified_on_fresh_copies():
     class InPlace(nn.Module):
         def __init__(self):

@@ -327,7 +327,9 @@ def _trace_or_note(work: nn.Module, report: FoldReport) -> fx.Graph | None:
         report.method = "sequential"
         report.notes.append(
             f"torch.fx could not trace the model ({type(exc).__name__}: {first_line}); "
-            "folded only neighbours inside nn.Sequential containers"
+            "folded only neighbours inside nn.Sequential containers, judged on the path the example inputs took: "
+            "a branch that other inputs take and that calls a folded layer without its BatchNorm "
+            "(self.seq[0](x)) would compute with the folded weights"
         )
         return None
 
@@ -687,7 +689,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
     read = {key for key, entry in probe.items() if entry["read"]}
     shared = _shared_names(work)
     plan: list[tuple[str, str, str]] = []
-    used: set[str] = set()
+    used: set[str] = set()  # BN layers folded, and layers with their position ("conv:after"): one BN each side
     for prefix, seq in work.named_modules():
         if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
@@ -699,7 +701,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
                 bn_name, bn, layer_name, layer, position = a_name, a, b_name, b, "before"
             else:
                 continue
-            if bn_name in used or layer_name in used:
+            if bn_name in used or f"{layer_name}:{position}" in used:
                 continue
             reason = (
                 _bn_reason(bn, calls, read, shared)
@@ -712,7 +714,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
             )
             if reason is None:
                 plan.append((bn_name, layer_name, position))
-                used.update((bn_name, layer_name))
+                used.update((bn_name, f"{layer_name}:{position}"))
                 report.left.pop(bn_name, None)
             else:
                 report.left[bn_name] = reason
