@@ -594,15 +594,38 @@ def test_convert_bn_updates_the_requested_options_of_existing_drop_in_layers():
     ("virtual_batch_size", "abc"), ("virtual_batch_size", [2]), ("virtual_batch_size", True),
     ("virtual_batch_size", 2.5), ("virtual_batch_size", float("nan")), ("virtual_batch_size", float("inf")),
     ("renorm_schedule", 5), ("renorm_schedule", (1, 2.5, 3)), ("renorm_schedule", (1, float("nan"), 3)),
-    ("rmax", "3"), ("dmax", None),
+    ("rmax", "3"), ("dmax", None), ("debias", "no"), ("debias", 1), ("renorm", "False"), ("renorm", None),
 ])
 def test_an_option_of_the_wrong_kind_is_refused_naming_the_option(option, value):
     """int('abc') and float('3') errors named no option, iterating 5 raised TypeError, and a schedule of
-    (1, 2.5, 3) became (1, 2, 3): each is refused with the option and the value. NumPy numbers are numbers."""
+    (1, 2.5, 3) became (1, 2, 3), debias="no" turned debias on: each is refused with the option and the value,
+    also by convert_bn on a model without a layer to convert (it checked options only on the layers it met). NumPy
+    numbers and booleans are numbers and booleans."""
     with pytest.raises(ValueError, match=rf"^{option} must be .*got {re.escape(repr(value))}$"):
-        BatchNorm2d(3, renorm=True, **{option: value})
-    layer = BatchNorm2d(3, renorm=True, virtual_batch_size=np.int64(4), rmax=np.float32(2), renorm_schedule=(1, 2.0, 3))
+        BatchNorm2d(3, **{"renorm": True, option: value})
+    for model in (nn.Sequential(nn.Linear(2, 2)), nn.SyncBatchNorm(3)):
+        with pytest.raises(ValueError, match=rf"^{option} must be .*got {re.escape(repr(value))}$"):
+            convert_bn(model, **{option: value})
+    layer = BatchNorm2d(3, renorm=np.True_, virtual_batch_size=np.int64(4), rmax=np.float32(2),
+                        renorm_schedule=(1, 2.0, 3))
     assert layer.virtual_batch_size == 4 and layer.rmax == 2.0 and layer.renorm_schedule == (1, 2, 3)
+    assert layer.renorm is True
+
+
+def test_a_compiled_layer_is_refused_and_a_compiled_container_converted():
+    """torch.compile(bn)'s wrapper calls the layer it was given: convert_bn swapped its _orig_mod and the model kept
+    computing plain BatchNorm (and updating the shared statistics so) with no word. Oracle: what runs, by class."""
+    from bnkit.torch import convert_frozen
+
+    compiled = torch.compile(nn.BatchNorm1d(3))
+    for convert in (lambda m: convert_bn(m, virtual_batch_size=2), convert_frozen):
+        with pytest.raises(ValueError, match=r"torch.compile\(BatchNorm1d\).*nothing changed"):
+            convert(compiled)
+        assert type(compiled._orig_mod) is nn.BatchNorm1d
+        with pytest.raises(ValueError, match=r"^0 is torch.compile"):
+            convert(nn.Sequential(compiled))
+    held = torch.compile(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))  # looks its children up when called
+    assert type(convert_bn(held, virtual_batch_size=2)._orig_mod[1]) is BatchNorm1d
 
 
 def test_convert_bn_keeps_drop_in_layers_it_would_not_change():

@@ -62,6 +62,7 @@ import numbers
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -191,6 +192,9 @@ class _DropInBatchNorm:
         vbs = cfg["virtual_batch_size"]
         if vbs is not None and not (is_whole_number(vbs) and vbs >= 1):
             raise ValueError(f"virtual_batch_size must be a positive integer or None, got {vbs!r}")
+        for flag in ("debias", "renorm"):  # bool("no") is True: only booleans say what they mean
+            if not isinstance(cfg[flag], (bool, np.bool_)):
+                raise ValueError(f"{flag} must be True or False, got {cfg[flag]!r}")
         if (cfg["renorm"] or cfg["debias"]) and not self.track_running_stats:
             raise ValueError(f"{cfg['layer_name'] or type(self).__name__}: renorm and debias need running statistics; "
                              "they require track_running_stats=True")
@@ -464,6 +468,13 @@ def replace_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module
                 new_of[id(module)] = new
     if not new_of:
         return model
+    for name, parent in model.named_modules():
+        # torch.compile's wrapper calls the module it was given, bound at compile time: a new one in its
+        # ``_orig_mod`` slot would never run
+        if type(parent).__name__ == "OptimizedModule" and id(parent._modules.get("_orig_mod")) in new_of:
+            raise ValueError(f"{name or 'the model'} is torch.compile({type(parent._orig_mod).__name__}), whose "
+                             "compiled forward keeps calling the layer it was given: swap the layer before "
+                             "compiling it (or compile the model that holds it); nothing changed")
     for parent in list(model.modules()):
         for child_name, child in list(parent._modules.items()):
             if child is not None and id(child) in new_of:
@@ -487,6 +498,7 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
     ``UserWarning`` names the layers whose ``num_batches_tracked`` says the initial values may still weigh over 1%
     in them (an average of a few updates; the same holds for a plain checkpoint loaded into a debias layer).
     """
+    _DROP_IN[nn.BatchNorm1d](1)._set_extras(**extras)  # the options checked once, whatever layers the model has
     lazy = [name or type(m).__name__ for name, m in eager_modules(model)
             if isinstance(m, LazyModuleMixin) and getattr(m, "cls_to_become", None) in _DROP_IN]
     if lazy:
