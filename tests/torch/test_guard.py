@@ -232,6 +232,44 @@ def test_protect_stats_rolls_back_a_poisoned_step():
     assert {f.code for f in report.findings} == {"stats_rolled_back"}
 
 
+def test_one_protect_stats_object_entered_from_two_threads_pairs_each_exit_with_its_entry():
+    """One object shared by two threads (the docstring says make it once): its entries were one stack, so the first
+    thread to leave took the other's snapshot and report. Thread A steps the variance 1 -> 5 and leaves; B, which
+    entered at 5, poisons it: B's report must name the layer and its rollback give back B's entry values, 5.
+    Oracle: the values each thread entered with."""
+    import threading
+
+    model = nn.Sequential(nn.BatchNorm1d(2)).train()
+    guard = protect_stats(model, warn=False)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    reports = {}
+
+    def a():
+        with guard as reports["a"]:
+            with torch.no_grad():
+                model[0].running_var.fill_(5.0)
+            a_in.set()
+            b_in.wait(60)
+        a_out.set()
+
+    def b():
+        a_in.wait(60)
+        with guard as reports["b"]:
+            b_in.set()
+            a_out.wait(60)
+            with torch.no_grad():
+                model[0].running_var[0] = float("nan")
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not reports["a"] and reports["b"].nonfinite == ["0"]
+    assert model[0].running_var.tolist() == [5.0, 5.0]
+    copy.deepcopy(guard)  # the per-thread entries are not copied
+
+
 def test_protect_stats_keeps_a_good_step_and_restores_on_exception():
     model = _trained().train()
     reference = copy.deepcopy(model)

@@ -521,7 +521,8 @@ class protect_stats:
     place) and, with ``warn``, a ``RuntimeWarning`` names the non-finite layers. Buffers replaced in the
     block (``model.double()``, ``.to()``, assignment) are checked as they are on exit and restored into
     those tensors (the values from entry, cast to their dtype and device).
-    The object can be made once and entered every step. Each entry costs one walk
+    The object can be made once and entered every step, also from several threads at once: each exit pairs
+    with its own thread's latest entry (its snapshot, its report). Each entry costs one walk
     over the modules, one flat copy of the statistics and one of the counters, and
     on exit one fused finiteness check with one device sync.
     """
@@ -529,15 +530,31 @@ class protect_stats:
     def __init__(self, model: nn.Module, *, warn: bool = True) -> None:
         require_eager(model)
         self.model, self.warn = model, warn
-        self._active: list[tuple[_Snapshot, StatsRollback]] = []  # one per nested entry
+        self._local = threading.local()  # per thread: (snapshot, report) of each nested entry, innermost last
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles get the model and the options, no active entry."""
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _active(self) -> list[tuple[_Snapshot, StatsRollback]]:
+        if not hasattr(self._local, "active"):
+            self._local.active = []
+        return self._local.active
 
     def __enter__(self) -> StatsRollback:
         report = StatsRollback()
-        self._active.append((_Snapshot(self.model), report))
+        self._active().append((_Snapshot(self.model), report))
         return report
 
     def __exit__(self, *exc) -> bool:
-        snapshot, report = self._active.pop()
+        if not self._active():
+            raise RuntimeError("protect_stats: left in a thread that did not enter it; enter and leave each block "
+                               "in one thread (a with statement does)")
+        snapshot, report = self._active().pop()
         if (snapshot.stats or snapshot.lazy) and not snapshot.now_finite():
             _rollback(self.model, snapshot, report)
             if report.nonfinite and self.warn:
