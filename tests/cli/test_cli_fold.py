@@ -350,6 +350,10 @@ def test_fold_refuses_outputs_that_would_overwrite_an_input_or_mislead(tmp_path,
 
     save_state_dict_file(_calibrated_vgg().state_dict(), tmp_path / "w.pt")
     _export(_calibrated_vgg(), tmp_path / "vgg.onnx")
+    # a model whose tensors live in an external data file named like a model: folding onto that file wrote the
+    # folded model over the input's weights (the input then loaded as garbage)
+    onnx.save(onnx.load(tmp_path / "vgg.onnx"), tmp_path / "ext.onnx", save_as_external_data=True,
+              location="ext_data.onnx", size_threshold=0)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     monkeypatch.chdir(tmp_path)
     torch_args = ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", "w.pt", "--input-shape", "2x1x8x8", "-o"]
@@ -361,6 +365,7 @@ def test_fold_refuses_outputs_that_would_overwrite_an_input_or_mislead(tmp_path,
         (torch_args + ["no/dir/f.pt"], "does not exist"),
         (["fold", "vgg.onnx", "-o", "folded.pt"], "ending in .onnx"),
         (["fold", "vgg.onnx", "-o", "./vgg.onnx"], "names the input file"),
+        (["fold", "ext.onnx", "-o", "ext_data.onnx"], "names the input file ext_data.onnx"),
         (["fold", "vgg.onnx", "-o", "no/dir/f.onnx"], "does not exist"),
     ]
     for args, message in cases:

@@ -123,6 +123,15 @@ def _report_owner(output: Path) -> str | None:
     return weights if owner is not None and owner.exists() else None
 
 
+def _external_data(source: Path) -> list[str]:
+    """The files ``source``'s tensors live in, where onnx is installed (else the fold stops at that first)."""
+    try:
+        from ..onnx.graph import external_data_files
+    except ImportError:
+        return []
+    return external_data_files(source)
+
+
 def _reload_hint(spec: str, output: Path, report_file: Path, instance: bool) -> str:
     """Python lines that rebuild the folded model from the factory (or the module object a fresh import
     builds, when ``spec`` names an ``instance``), the report and the weights."""
@@ -338,8 +347,9 @@ def fold_command(
         raise fail("--input-shape applies to an .onnx file only with verification (it sets the shapes of the random "
                    "verification inputs): leave it out with --no-verify")
     try:
-        if source is not None:
-            out = check_output(output, suffixes=ONNX_SUFFIXES, inputs=[source], option="-o", what="ONNX model")
+        if source is not None:  # the input is its .onnx file and the external data files it names
+            out = check_output(output, suffixes=ONNX_SUFFIXES, inputs=[source, *_external_data(source)], option="-o",
+                               what="ONNX model")
         else:
             out = check_output(output, suffixes=STATE_DICT_SUFFIXES + ONNX_SUFFIXES, inputs=[weights], option="-o",
                                what="folded model")

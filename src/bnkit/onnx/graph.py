@@ -40,7 +40,7 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
     ONNX files hold only tensors and graph structure; nothing in them is executed on load.
     """
     if isinstance(model, onnx.ModelProto):
-        unloaded = _external_tensors(model.graph) + [n for f in model.functions for n in _external_in_nodes(f.node)]
+        unloaded = [t.name for t in _model_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
         if unloaded:
             raise ValueError(
                 f"the model's tensors {unloaded[:5]}{' ...' if len(unloaded) > 5 else ''} are in an external data "
@@ -113,26 +113,53 @@ def check_model(proto: onnx.ModelProto, source: "str | os.PathLike | onnx.ModelP
         onnx.checker.check_model(os.fspath(source))
 
 
-def _external_tensors(graph: onnx.GraphProto) -> list[str]:
-    """Names of the tensors of ``graph`` and its subgraphs whose data lives in an external file."""
+def external_data_files(path: str | os.PathLike) -> list[str]:
+    """The files the ONNX model at ``path`` keeps tensors in (its external data), as paths beside it; none for a
+    file onnx cannot read (the reader of the model says why)."""
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a model: nothing of it to protect
+        return []
+    places = {e.value for t in _model_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL
+              for e in t.external_data if e.key == "location"}
+    return sorted(os.path.join(os.path.dirname(os.fspath(path)), p) for p in places)
+
+
+def _model_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every tensor the model holds: initializers and node attributes of its graph, of every subgraph, and of its
+    local functions' nodes and their bodies."""
+    tensors = [t for g in [model.graph, *_subgraphs_of(model.graph)] for t in _tensors_of(g)]
+    for node in (n for f in model.functions for n in f.node):
+        tensors += _node_tensors(node)
+        tensors += [t for sub in subgraphs(node) for g in [sub, *_subgraphs_of(sub)] for t in _tensors_of(g)]
+    return tensors
+
+
+def _subgraphs_of(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """Every subgraph (If/Loop/Scan bodies) below ``graph``, nested ones included."""
+    found = []
+    for node in graph.node:
+        for sub in subgraphs(node):
+            found += [sub, *_subgraphs_of(sub)]
+    return found
+
+
+def _tensors_of(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """The initializers of ``graph`` (sparse ones' values and indices too) and the tensors its nodes hold."""
     tensors = list(graph.initializer)
     for sparse in graph.sparse_initializer:
         tensors += [sparse.values, sparse.indices]
-    return [t.name for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL] + _external_in_nodes(graph.node)
+    return tensors + [t for node in graph.node for t in _node_tensors(node)]
 
 
-def _external_in_nodes(nodes) -> list[str]:
-    """The same for tensors held by nodes' attributes (``Constant`` values), their bodies included."""
-    names = []
-    for node in nodes:
-        for attr in node.attribute:
-            held = ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
-            if attr.HasField("sparse_tensor"):
-                held += [attr.sparse_tensor.values, attr.sparse_tensor.indices]
-            names += [t.name for t in held if t.data_location == onnx.TensorProto.EXTERNAL]
-        for sub in subgraphs(node):
-            names += _external_tensors(sub)
-    return names
+def _node_tensors(node: onnx.NodeProto) -> list[onnx.TensorProto]:
+    """The tensors a node's attributes hold (``Constant`` values), not its bodies'."""
+    held = []
+    for attr in node.attribute:
+        held += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+        if attr.HasField("sparse_tensor"):
+            held += [attr.sparse_tensor.values, attr.sparse_tensor.indices]
+    return held
 
 
 def opset_version(model: onnx.ModelProto) -> int:
