@@ -106,6 +106,9 @@ def test_set_by_hand_without_updates_is_a_warning():
     state = _trained_bn().state_dict()
     state["num_batches_tracked"] = torch.tensor(0)
     assert _codes(audit_state(state)) == {"never_tracked"}
+    # the count load_state_dict leaves at 0 for a checkpoint without one is among the causes named
+    (finding,) = audit_state(state)
+    assert "checkpoint that stores no num_batches_tracked" in finding.evidence
 
 
 @pytest.mark.parametrize("steps", [1, 5, 30])

@@ -179,11 +179,14 @@ def bn_stats_from_state(
 ) -> list[BNStats]:
     """The BatchNorm layers of a flat state dict, found by their buffer names.
 
-    A layer is a prefix that has both ``running_mean`` and ``running_var``. ``eps`` and
-    ``momentum`` are not stored in a state dict: the PyTorch defaults are assumed.
+    A layer is a prefix that has both ``running_mean`` and ``running_var``, its ``running_mean`` one value per
+    channel (an RL observation normalizer's ``(8, 8)`` or scalar one is no BatchNorm's, as the model audit also
+    decides). ``eps`` and ``momentum`` are not stored in a state dict: the PyTorch defaults are assumed.
     """
     prefixes = []
     for key in state:
+        if not isinstance(key, str) or np.ndim(state[key]) != 1:
+            continue
         if key == "running_mean" or key.endswith(".running_mean"):
             prefix = key[: -len("running_mean")]
             if prefix + "running_var" in state:
@@ -255,7 +258,8 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
     elif nbt == 0:
         findings.append(Finding(
             "warning", name, "num_batches_tracked is 0 but the statistics are not the initial ones",
-            "running_mean/running_var were set without a training-mode update (by hand or by a converter)",
+            "running_mean/running_var were set without a training-mode update (by hand or by a converter), or "
+            "loaded from a checkpoint that stores no num_batches_tracked (load_state_dict then leaves the count 0)",
             "fine if they were computed on purpose; with momentum=None the first update would discard them",
             "never_tracked", {"num_batches_tracked": nbt}))
     # momentum 0 never updates, one outside [0, 1] diverges: the model depth reports those

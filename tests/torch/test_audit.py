@@ -303,6 +303,37 @@ def test_state_dict_without_bn_and_data_without_model(digits):
         audit(42)
 
 
+def test_a_state_dict_is_read_as_its_file_is(tmp_path):
+    """audit(mapping) took a checkpoint's {"state_dict": sd, "epoch": 3} as flat and passed it ('no BatchNorm layers
+    found', ok) where the file failed; a non-string key crashed with AttributeError; an RL observation normalizer's
+    (8, 8) running_mean was an error ('not one value per channel') where the model audit skips it. Oracles: the
+    audit of the same file, and of the model."""
+    never = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).state_dict()  # never-updated statistics: an error
+    wrapped = {"state_dict": never, "epoch": 3}
+    torch.save(wrapped, tmp_path / "w.pth")
+    by_file = audit(tmp_path / "w.pth")
+    for target in (wrapped, {**never, 7: torch.zeros(3)}):
+        report = audit(target)
+        assert not report.ok and report.layers == by_file.layers == ["1"]
+        assert {f.code for f in report.findings} == {f.code for f in by_file.findings}
+
+    class RunningMeanStd(nn.Module):  # rl_games' observation normalizer: buffers named like a BN's
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("running_mean", torch.zeros(8, 8, dtype=torch.float64))
+            self.register_buffer("running_var", torch.ones(8, 8, dtype=torch.float64))
+            self.register_buffer("count", torch.ones((), dtype=torch.float64))
+
+    class Agent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.obs_norm, self.net = RunningMeanStd(), nn.Sequential(nn.Linear(64, 4))
+
+    agent = Agent()
+    for report in (audit(agent.state_dict()), audit(agent)):
+        assert report.ok and report.layers == [] and report.by_code("no_bn")
+
+
 # ---------------------------------------------------------------- depth 2: the model's flags
 
 

@@ -79,7 +79,7 @@ from ..findings import SEVERITIES, Finding, jsonable, worst_severity
 from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
 from .audit_model import model_findings
-from .io import load_state_dict_file, refuse_meta
+from .io import load_state_dict_file, refuse_meta, state_dict_of
 from .modules import bn_or_frozen_layers, uninitialized_lazy, unwrapped
 
 __all__ = ["audit", "AuditReport", "LayerShift"]
@@ -142,7 +142,8 @@ def audit(
     """Audit the BatchNorm layers of ``target``; see the module docstring for the checks.
 
     Args:
-        target: an ``nn.Module``; a flat state dict; or a checkpoint file (``.pt``/``.pth``
+        target: an ``nn.Module``; a state dict (flat, or under a checkpoint's usual keys, as in a file); or a
+            checkpoint file (``.pt``/``.pth``
             loaded with ``weights_only=True``, ``.safetensors``). ``.onnx`` files go to
             :func:`bnkit.onnx.audit`.
         data: needs a model. A tensor/array (split into ``batch_size`` batches) or an
@@ -174,8 +175,9 @@ def audit(
         return _state_report(str(path), state, data)
     if isinstance(target, nn.Module):
         return _model_report(target, data, forward, batch_size, train_batch_size, max_batches, coupling_samples)
-    if isinstance(target, Mapping):
-        return _state_report("state dict", target, data)
+    if isinstance(target, Mapping):  # unwrapped as a file's is: {"state_dict": sd, "epoch": 3} audits sd
+        refuse_meta(target.items(), "the state dict", _LOAD_FIRST)
+        return _state_report("state dict", state_dict_of(target, "the state dict"), data)
     raise TypeError(f"audit takes a model, a state dict or a file path, got {type(target).__name__}")
 
 
