@@ -91,6 +91,67 @@ def test_nan_inputs_and_flags_restored_after_a_failure(tmp_path, calibrated):
     assert [m.training for m in model.modules()] == flags and os.listdir(tmp_path) == []
 
 
+def test_the_model_is_left_as_found_what_its_forward_writes_and_its_own_train_included(tmp_path, calibrated):
+    """export_onnx ran the model three times and kept what the forward wrote (a call counter, a running max), even
+    when the export then failed; torch.onnx.export's model.train(...) calls ran a user's override, which here also
+    turned requires_grad off. Oracle: the model's state and flags before the call."""
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+            self.register_buffer("act_max", torch.zeros(3))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            y = self.body(x)
+            self.act_max.copy_(torch.maximum(self.act_max, y.detach().amax(0)))
+            return y
+
+        def train(self, mode=True):
+            for p in self.parameters():
+                p.requires_grad_(mode)
+            return super().train(mode)
+
+    model, x = Recording(), torch.randn(8, 4)
+    model.body[1].load_state_dict(nn.BatchNorm1d(3).state_dict())
+    with torch.no_grad():
+        model.body[1].running_mean.uniform_(-1, 1)
+        model.body[1].running_var.uniform_(0.5, 2)
+        model.body[1].num_batches_tracked.fill_(100)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, x, tmp_path / "m.onnx")
+    assert model.calls == 0 and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+    class Counting(nn.Module):  # its output depends on the calls made: a failed export must not keep them either
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("n", torch.zeros(()))
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            self.n += 1
+            return self.lin(x) * self.n
+
+    counting = Counting().eval()
+    with pytest.raises(ExportVerificationError, match="differs"):  # the exporter stores n after its own trace
+        export_onnx(counting, x, tmp_path / "c.onnx")
+    assert float(counting.n) == 0 and not (tmp_path / "c.onnx").exists()
+
+
+def test_a_model_or_input_on_the_meta_device_is_refused_by_name(tmp_path):
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    for inputs in (torch.randn(2, 4), torch.randn(2, 4, device="meta")):
+        with pytest.raises(ValueError, match=r"holds meta tensors \(0.weight"):
+            export_onnx(model, inputs, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=r"holds meta tensors \(input 0\)"):
+        export_onnx(nn.Sequential(nn.Linear(4, 3)).eval(), torch.randn(2, 4, device="meta"), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
 def test_frozen_layers_remember_the_mode_they_were_asked_for(tmp_path, calibrated):
     """torch.onnx.export calls model.train(False) and model.train(<its mode on entry>): a freeze_bn layer must still
     go back to training mode on unfreeze_bn after exporting a model that was training."""
@@ -293,7 +354,18 @@ def test_writers_refuse_a_folder_as_output_before_the_work(calibrated, zoo_onnx,
         fold(tmp_path / "m.onnx", tmp_path)
     with pytest.raises(IsADirectoryError, match="is a directory"):
         save_state_dict_file(model.state_dict(), tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+    # a trailing separator names a folder too (open() refuses it); Path() dropped it, and the writers replaced
+    # the file "precious" the user never named, or wrote a file "new"
+    (tmp_path / "precious").write_bytes(b"keep")
+    for name in ("precious/", "new/"):
+        with pytest.raises(IsADirectoryError, match="ends in a separator"):
+            export_onnx(model, x, f"{tmp_path}/{name}")
+        with pytest.raises(IsADirectoryError, match="ends in a separator"):
+            fold(tmp_path / "m.onnx", f"{tmp_path}/{name}")
+        with pytest.raises(IsADirectoryError, match="ends in a separator"):
+            save_state_dict_file(model.state_dict(), f"{tmp_path}/{name}")
+    assert calls == [] and (tmp_path / "precious").read_bytes() == b"keep"
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "precious"]
 
 
 def _linear_bn() -> nn.Module:

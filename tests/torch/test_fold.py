@@ -1248,3 +1248,12 @@ def test_a_packed_sequence_example_input_is_one_argument():
     assert fold_plan(net, packed).folded[0].bn == "bn"
     with torch.no_grad():
         torch.testing.assert_close(folded(packed), net(packed), rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_on_the_meta_device_is_refused_by_name():
+    """fold_bn of a model built on 'meta' failed deep inside with 'Tensor.item() cannot be called on meta tensors'."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    for call in (lambda: fold_bn(model, torch.randn(2, 4)), lambda: fold_plan(model)):
+        with pytest.raises(ValueError, match=r"the model holds meta tensors \(0.weight"):
+            call()

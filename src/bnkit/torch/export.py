@@ -19,7 +19,8 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,8 +28,8 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, check_target
-from .freeze import kept_requested_modes
-from .modules import (bn_layers, eager_calls, eval_mode, exact_float32, parallel_device, to_device,
+from .io import refuse_meta
+from .modules import (SavedState, bn_layers, eager_calls, eval_mode, exact_float32, parallel_device, to_device,
                       uninitialized_lazy, unwrapped)
 
 __all__ = ["export_onnx", "ExportReport", "ExportVerificationError"]
@@ -89,6 +90,22 @@ def _batch_axes(names: Sequence[str], runs: Sequence[Sequence[torch.Tensor]], si
             if all(t.dim() and t.shape[0] == size for t, size in zip(seen, sizes))}
 
 
+@contextmanager
+def _train_calls_ignored(model: nn.Module) -> Iterator[None]:
+    """``model.train(...)`` does nothing inside: ``torch.onnx.export`` calls it on the root (eval, then the mode it
+    found), which would run every module's own ``train`` (a frozen layer's pin, a user's override that also sets
+    ``requires_grad``); :class:`~bnkit.torch.modules.eval_mode` has set the flags already."""
+    own = vars(model).get("train")  # a frozen root layer's pin: put back after
+    model.train = lambda mode=True: model  # an instance attribute: shadows the class's train
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.train
+        else:
+            model.train = own
+
+
 def _batch_of_one(what: str, exc: Exception) -> ExportVerificationError:
     return ExportVerificationError(
         f"{what} fails on the example's first sample alone, the batch of one that checks the dynamic batch axis "
@@ -147,6 +164,8 @@ def export_onnx(
         inputs = tuple(to_device(t, device) for t in inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a sequence of tensors")
+    refuse_meta([*model.state_dict(keep_vars=True).items(), *((f"input {i}", t) for i, t in enumerate(inputs))],
+                "the model or its example inputs", "load real weights first (load_state_dict(..., assign=True))")
     inputs = tuple(t.clone() if t.is_inference() else t for t in inputs)  # made under torch.inference_mode
     if any(t.dtype == torch.bfloat16 for t in inputs):
         raise ValueError("bfloat16 example_inputs: NumPy has no bfloat16, so onnxruntime cannot be fed them for the "
@@ -167,15 +186,19 @@ def export_onnx(
     runs = [inputs]
     if batch > 1 and any(batched):  # the first sample alone: decides which outputs are batched, and checks the graph
         runs.append(tuple(t[:1] if cut else t for t, cut in zip(inputs, batched)))
-    # torch.onnx.export calls model.train() twice, and cannot trace modules compiled in place
-    with eval_mode(model), kept_requested_modes(model), eager_calls(model):
+    # torch.onnx.export calls model.train() twice, and cannot trace modules compiled in place; every run starts
+    # from the state the model was given (a forward may write buffers or attributes, even in eval mode), and the
+    # model is left in it, also when a check fails
+    with eval_mode(model), _train_calls_ignored(model), eager_calls(model), SavedState(model) as saved:
         with torch.no_grad(), exact_float32():  # what onnxruntime computes: float32 without TF32
             expected = [_flatten(model(*inputs))]  # also counts the outputs to name
             if len(runs) > 1:
+                saved.restore()
                 try:
                     expected.append(_flatten(model(*runs[1])))
                 except Exception as exc:  # the model's own error, whatever its type
                     raise _batch_of_one("the model", exc) from exc
+        saved.restore()
         in_names = _names(input_names, len(inputs), "input")
         out_names = _names(output_names, len(expected[0]), "output")
         sizes = (batch, 1)[:len(expected)]  # an output whose dim 0 is 1 on the first sample alone too is batched

@@ -72,24 +72,6 @@ class _PinnedEval:
         return _PinnedEval(module, self.requested)
 
 
-class kept_requested_modes:
-    """Context manager: each frozen layer's remembered mode (what :func:`unfreeze_bn` restores) is put back on
-    exit, so code run inside that calls ``model.train(...)`` leaves it as it was (``torch.onnx.export`` calls
-    ``model.train(False)``, then ``model.train()`` with the mode it found, which is eval under
-    :class:`~bnkit.torch.modules.eval_mode`)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.pins = [t for m in model.modules() if isinstance(t := m.__dict__.get("train"), _PinnedEval)]
-
-    def __enter__(self) -> "kept_requested_modes":
-        self.saved = [(pin, pin.requested) for pin in self.pins]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for pin, requested in self.saved:
-            pin.requested = requested
-
-
 @dataclass(frozen=True)
 class FreezeState:
     """Which parts of a layer are frozen; falsy when neither is."""

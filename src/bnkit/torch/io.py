@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 from torch.serialization import MAGIC_NUMBER
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_target
 from ..file_kinds import describe_file, looks_like_pickle, looks_like_safetensors
 from ..tracebacks import raised_in
 
@@ -634,7 +634,7 @@ def save_state_dict_file(state: Mapping[str, object], path: str | os.PathLike) -
     Entries that are not tensors (what a module's ``get_extra_state`` returns) go into a ``torch.save`` file
     as they are; safetensors holds tensors only, so a state dict with such entries is refused for it.
     """
-    path = Path(path)
+    path = check_target(path)
     others = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     safetensors = path.suffix.lower() == ".safetensors"
     if others and safetensors:
