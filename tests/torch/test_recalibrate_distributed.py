@@ -93,6 +93,17 @@ def _worker(rank: int, store: str, out: str) -> None:
             recalibrate(model, Unstartable() if rank == 1 else shard(rank), num_batches=2, progress=False)
         except Exception as exc:  # noqa: BLE001 - record what each rank saw
             results["iter_failure"] = f"{type(exc).__name__}: {exc}"
+        # each rank's statistics finite, their merge beyond float64 (means of +-1e154): a plain ValueError without
+        # the layer's name on every rank, where one process raises StatisticsRangeError
+        big = nn.Sequential(nn.BatchNorm1d(2)).double().eval()
+        before_big = {k: v.clone() for k, v in big.state_dict().items()}
+        g = torch.Generator().manual_seed(rank)
+        try:
+            recalibrate(big, [(1e154 if rank == 0 else -1e154) + torch.randn(8, 2, dtype=torch.float64, generator=g)],
+                        progress=False)
+        except Exception as exc:  # noqa: BLE001 - record what each rank saw
+            results["overflow"] = f"{type(exc).__name__}: {exc}"
+        results["overflow_unchanged"] = all(torch.equal(v, before_big[k]) for k, v in big.state_dict().items())
         # a DDP-wrapped model with no batches on rank 1: DDP's own forward begins with a buffer broadcast that
         # rank 1 would never join (both ranks waited for the timeout); the pass runs the module inside
         ddp = nn.parallel.DistributedDataParallel(ddp_ready_model())
@@ -152,6 +163,9 @@ def test_two_gloo_ranks_with_unequal_shards_match_the_union(tmp_path: Path):
     # process group's timeout)
     assert results[1]["iter_failure"] == "OSError: loader workers failed to start"
     assert results[0]["iter_failure"].startswith("RuntimeError: recalibration failed on rank(s) [1]")
+    for res in results:
+        assert res["overflow"].startswith("StatisticsRangeError: BatchNorm layer '0': its statistics overflow")
+        assert res["overflow_unchanged"]
     # DDP with an empty shard on rank 1: both ranks end with rank 0's shard's statistics
     only0 = ddp_ready_model()
     recalibrate(only0, shard(0), progress=False)

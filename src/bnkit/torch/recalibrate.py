@@ -549,7 +549,12 @@ class _Pass:
             pos = 2
             for i, c in enumerate(self.widths.tolist()):
                 calls, samples, count = (int(v) for v in p[pos:pos + 3])
-                merged[i].update_moments(count, p[pos + 3:pos + 3 + c], p[pos + 3 + c:pos + 3 + 2 * c])
+                try:  # every rank merges the same payloads: all refuse alike
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        merged[i].update_moments(count, p[pos + 3:pos + 3 + c], p[pos + 3 + c:pos + 3 + 2 * c])
+                except ValueError as exc:  # each rank's sums finite, their merge beyond float64
+                    raise StatisticsRangeError(f"BatchNorm layer {self.layers[i][0]!r}: its statistics overflow "
+                                               f"float64 when the ranks' are merged ({exc})") from None
                 self.calls[i] += calls
                 self.rank_calls[i] = max(self.rank_calls[i], calls)
                 self.samples[i] += samples
