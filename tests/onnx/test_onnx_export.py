@@ -357,12 +357,12 @@ def test_writers_refuse_a_folder_as_output_before_the_work(calibrated, zoo_onnx,
     # a trailing separator names a folder too (open() refuses it); Path() dropped it, and the writers replaced
     # the file "precious" the user never named, or wrote a file "new"
     (tmp_path / "precious").write_bytes(b"keep")
-    for name in ("precious/", "new/"):
-        with pytest.raises(IsADirectoryError, match="ends in a separator"):
+    for name in ("precious/", "new/", "precious/.", "new/.", "sub/precious/.."):
+        with pytest.raises(IsADirectoryError, match="ends in a separator, '.' or '..'"):
             export_onnx(model, x, f"{tmp_path}/{name}")
-        with pytest.raises(IsADirectoryError, match="ends in a separator"):
+        with pytest.raises(IsADirectoryError, match="ends in a separator, '.' or '..'"):
             fold(tmp_path / "m.onnx", f"{tmp_path}/{name}")
-        with pytest.raises(IsADirectoryError, match="ends in a separator"):
+        with pytest.raises(IsADirectoryError, match="ends in a separator, '.' or '..'"):
             save_state_dict_file(model.state_dict(), f"{tmp_path}/{name}")
     assert calls == [] and (tmp_path / "precious").read_bytes() == b"keep"
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "precious"]

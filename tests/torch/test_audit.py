@@ -312,10 +312,12 @@ def test_a_state_dict_is_read_as_its_file_is(tmp_path):
     wrapped = {"state_dict": never, "epoch": 3}
     torch.save(wrapped, tmp_path / "w.pth")
     by_file = audit(tmp_path / "w.pth")
-    for target in (wrapped, {**never, 7: torch.zeros(3)}):
+    arrays = {k: v.numpy() for k, v in never.items()}  # a flat dict of arrays or lists audits as it always did
+    for target in (wrapped, {**never, 7: torch.zeros(3)}, arrays, {k: v.tolist() for k, v in arrays.items()}):
         report = audit(target)
         assert not report.ok and report.layers == by_file.layers == ["1"]
         assert {f.code for f in report.findings} == {f.code for f in by_file.findings}
+    assert audit({}).ok and audit({}).by_code("no_bn")
 
     class RunningMeanStd(nn.Module):  # rl_games' observation normalizer: buffers named like a BN's
         def __init__(self):

@@ -72,6 +72,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..audit_state import bn_stats_from_state, check_bn_stats
@@ -175,13 +176,27 @@ def audit(
         return _state_report(str(path), state, data)
     if isinstance(target, nn.Module):
         return _model_report(target, data, forward, batch_size, train_batch_size, max_batches, coupling_samples)
-    if isinstance(target, Mapping):  # unwrapped as a file's is: {"state_dict": sd, "epoch": 3} audits sd
+    if isinstance(target, Mapping):
         refuse_meta(target.items(), "the state dict", _LOAD_FIRST)
-        return _state_report("state dict", state_dict_of(target, "the state dict"), data)
+        return _state_report("state dict", _flat_state(target), data)
     raise TypeError(f"audit takes a model, a state dict or a file path, got {type(target).__name__}")
 
 
 # ------------------------------------------------------------------------------------------ depth 1
+
+
+def _flat_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A state dict as given when its top level holds BN buffers (tensors, arrays or lists) or no tensor at all;
+    otherwise unwrapped as a file's is (:func:`bnkit.torch.io.state_dict_of`: ``{"state_dict": sd, "epoch": 3}``
+    audits ``sd``)."""
+    def tensors_in(value: Any) -> bool:
+        return isinstance(value, (torch.Tensor, nn.Module)) or (
+            isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values()))
+
+    if any(isinstance(k, str) and k.rsplit(".", 1)[-1] == "running_mean" for k in state) \
+            or not any(tensors_in(v) for v in state.values()):
+        return state
+    return state_dict_of(state, "the state dict")
 
 
 def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport:
