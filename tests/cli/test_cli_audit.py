@@ -337,6 +337,35 @@ def test_data_the_model_cannot_run_on_exits_two(trained, tmp_path):
     assert result.exit_code == 2 and "cut.npz is a damaged zip archive" in _flat(result)
 
 
+def test_advice_fits_this_command_and_a_long_ranking_says_it_is_cut(trained, tmp_path):
+    """The audit offered 'give --data a Dataset', which its --data does not take; a failing --forward was named
+    'package.module:fn'; an empty .npz was asked to name inputs it does not hold; the shift table showed 10 of 12
+    layers without a word. Oracle: the command's own options, the file's contents and the JSON report."""
+    _, ckpt, x_file, root = trained
+    x = np.load(x_file)
+    torch.save([(torch.from_numpy(x[:50]), 0), (torch.from_numpy(x[50:100, :40]), 1)], tmp_path / "mixed.pt")
+    line = one_line_error(run_cli("audit", ckpt, "--model", "audit_models:mlp", "--data", tmp_path / "mixed.pt"))
+    assert "save them as one array" in line and "Dataset" not in line
+    (root / "audit_feeds.py").write_text("def boom(model, batch):\n    raise RuntimeError('kaboom')\n")
+    line = one_line_error(run_cli("audit", ckpt, "--model", "audit_models:mlp", "--data", x_file,
+                                  "--forward", "audit_feeds:boom"))
+    assert "the model or --forward 'audit_feeds:boom' failed on data batch 0" in line and "kaboom" in line
+    np.savez(tmp_path / "empty.npz")
+    line = one_line_error(run_cli("audit", ckpt, "--model", "audit_models:mlp", "--data", tmp_path / "empty.npz"))
+    assert "empty.npz holds no arrays" in line
+    (root / "audit_deep.py").write_text(
+        "import torch\n\ndef deep():\n    return torch.nn.Sequential(*[m for _ in range(12) for m in "
+        "(torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(64))])\n")
+    import audit_deep
+
+    deep = audit_deep.deep()
+    save_state_dict_file(deep.state_dict(), tmp_path / "deep.pt")
+    args = ("audit", tmp_path / "deep.pt", "--model", "audit_deep:deep", "--data", x_file, "--max-batches", "2")
+    report = json.loads(run_cli(*args, "--json").stdout)
+    assert len(report["shifts"]) == 12
+    assert "the top 10 of 12 layers (--json lists all)" in " ".join(run_cli(*args).output.split())
+
+
 def test_names_and_texts_print_literally_not_as_markup(tmp_path, monkeypatch):
     """rich markup in a layer name ([/x], [bold]) is printed as written, not parsed."""
     from bnkit.cli.app import console

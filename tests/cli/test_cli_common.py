@@ -250,7 +250,7 @@ def test_load_inputs_names_what_a_file_with_an_array_name_is(tmp_path):
         archive.writestr("README.txt", "the inputs")
     np.testing.assert_array_equal(load_inputs(tmp_path / "mixed.npz"), np.ones(3))
     np.savez(tmp_path / "none.npz")  # no arrays: a zip of nothing, which np.load opens
-    with pytest.raises(ValueError, match=r"none.npz holds \[\]; name the inputs"):
+    with pytest.raises(ValueError, match=r"none.npz holds no arrays$"):
         load_inputs(tmp_path / "none.npz")
 
 

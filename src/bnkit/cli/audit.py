@@ -162,7 +162,9 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
         except ValueError as exc:
             if isinstance(exc.__cause__, torch.OutOfMemoryError):
                 raise fail(f"{exc} (try a smaller --batch-size)", code=1) from None
-            raise fail(_cli_words(str(exc)) + _dtype_hint(inputs, exc)) from None
+            text = str(exc) if forward_spec is None else \
+                str(exc).replace("the model or forward=", f"the model or --forward {forward_spec!r}")
+            raise fail(_cli_words(text) + _dtype_hint(inputs, exc)) from None
         except SystemExit as exc:  # the model's forward or --forward (their other exceptions: the ValueErrors above)
             who = "the model" if forward_spec is None else f"the model or --forward {forward_spec!r}"
             raise fail(f"{who} raised {describe_error(exc)} while audited") from None
@@ -250,7 +252,10 @@ def _print(report: dict[str, Any]) -> None:
                              "(z_eq = equivalent mean shift in std; noise z_eq: that of sampling noise alone)")
         for col in ("rank", "layer", "z_eq", "noise z_eq", "worst channel", "mean shift (std)", "variance ratio"):
             shifts.add_column(col, justify="left" if col == "layer" else "right")
-        for rank, s in enumerate(report["shifts"][:10], start=1):
+        shown = report["shifts"][:10]
+        if len(shown) < len(report["shifts"]):
+            shifts.caption = f"the top {len(shown)} of {len(report['shifts'])} layers (--json lists all)"
+        for rank, s in enumerate(shown, start=1):
             noise = "-" if s.get("sampling_kl") is None else f"{math.sqrt(2 * s['sampling_kl']):.3g}"
             shifts.add_row(str(rank), Text(s["layer"]), f"{s['z_eq']:.3g}", noise, str(s["worst_channel"]),
                            f"{s['mean_shift']:+.3g}", f"{math.exp(s['log_var_ratio']):.3g}")

@@ -267,7 +267,8 @@ def _check_array_file(path: Path) -> None:
     raise ValueError(f"{path} is {what}, not a NumPy .npy/.npz array file")
 
 
-def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str] = None) -> Any:
+def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str] = None, *,
+                factories: bool = False) -> Any:
     """The model inputs in a data file: an array (``.npy``/``.npz``, pickles refused) or a tensor.
 
     Anything else is read as a checkpoint with ``weights_only=True`` (``.pt``, ``.pth``) or as
@@ -277,7 +278,8 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
 
     Raises:
         ValueError: no such file, a folder, an unreadable file, or no inputs in it (the
-            message names the file, and ``key_option``, the option that picks a name, if any).
+            message names the file, and ``key_option``, the option that picks a name, if any; ``factories``:
+            the command's ``--data`` also takes a Dataset factory, which the advice then offers).
         bnkit.torch.io.UnsafeCheckpointError: a pickle with code in it.
     """
     import numpy as np
@@ -328,7 +330,7 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
         raise ValueError(f"{path} holds {what}, not named arrays: {option} {key!r} names nothing in it; "
                          f"leave {option} out (it picks one array of an .npz file or a dict of tensors)")
     elif isinstance(loaded, (tuple, list)) and loaded:
-        loaded = _inputs_of_sequence(loaded, path)
+        loaded = _inputs_of_sequence(loaded, path, factories)
     if not isinstance(loaded, (np.ndarray, torch.Tensor)):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not an array of inputs")
     if isinstance(loaded, np.ndarray) and not loaded.dtype.isnative:  # big-endian files: torch takes native only
@@ -344,6 +346,8 @@ def _chosen_key(names: list[str], key: Optional[str], key_option: Optional[str],
         if key not in names:
             raise ValueError(f"{path} has no array {key!r}; it holds {sorted(names)}")
         return key
+    if not names:
+        raise ValueError(f"{path} holds no arrays")
     found = names[0] if len(names) == 1 else next((k for k in INPUT_KEYS if k in names), None)
     if found is None:
         choose = f" or choose them with {key_option}" if key_option else ""
@@ -356,7 +360,7 @@ def _chosen_key(names: list[str], key: Optional[str], key_option: Optional[str],
 _AMBIGUOUS_BATCH = 4
 
 
-def _inputs_of_sequence(items: "list | tuple", path: Path) -> Any:
+def _inputs_of_sequence(items: "list | tuple", path: Path, factories: bool = False) -> Any:
     """The inputs in a saved list or tuple, where its structure says what they are.
 
     * ``(inputs, targets, ...)`` (``torch.save((x, y))``): two or three items with one length, the first an
@@ -389,8 +393,8 @@ def _inputs_of_sequence(items: "list | tuple", path: Path) -> Any:
         if len(shapes) > 1:
             raise ValueError(f"{path} holds {'samples' if stack else 'batches'} of different shapes "
                              f"({', '.join(str(tuple(a.shape)) for a in arrays[:4])}, ...): they cannot be "
-                             "joined into one dataset; save them as one array, or give --data a Dataset "
-                             "(pkg.module:make_dataset)")
+                             "joined into one dataset; save them as one array"
+                             + (", or give --data a Dataset (pkg.module:make_dataset)" if factories else ""))
         if all(isinstance(a, torch.Tensor) for a in arrays):
             return torch.stack(arrays) if stack else torch.cat(arrays)
         numpy = [a.numpy(force=True) if isinstance(a, torch.Tensor) else a for a in arrays]
