@@ -346,10 +346,19 @@ def test_advice_fits_this_command_and_a_long_ranking_says_it_is_cut(trained, tmp
     torch.save([(torch.from_numpy(x[:50]), 0), (torch.from_numpy(x[50:100, :40]), 1)], tmp_path / "mixed.pt")
     line = one_line_error(run_cli("audit", ckpt, "--model", "audit_models:mlp", "--data", tmp_path / "mixed.pt"))
     assert "save them as one array" in line and "Dataset" not in line
-    (root / "audit_feeds.py").write_text("def boom(model, batch):\n    raise RuntimeError('kaboom')\n")
+    (root / "audit_feeds.py").write_text(
+        "def boom(model, batch):\n    raise RuntimeError('kaboom')\n\n"
+        "def third(model, batch):  # with --max-batches 2, its third call is the eval-mode pass\n"
+        "    third.calls = getattr(third, 'calls', 0) + 1\n"
+        "    if third.calls == 3:\n"
+        "        raise RuntimeError('kaboom in eval')\n"
+        "    return model(batch)\n")
     line = one_line_error(run_cli("audit", ckpt, "--model", "audit_models:mlp", "--data", x_file,
                                   "--forward", "audit_feeds:boom"))
     assert "the model or --forward 'audit_feeds:boom' failed on data batch 0" in line and "kaboom" in line
+    line = one_line_error(run_cli("audit", ckpt, "--model", "audit_models:mlp", "--data", x_file, "--max-batches", 2,
+                                  "--forward", "audit_feeds:third"))
+    assert "the model or --forward 'audit_feeds:third' failed in eval mode" in line and "kaboom in eval" in line
     np.savez(tmp_path / "empty.npz")
     line = one_line_error(run_cli("audit", ckpt, "--model", "audit_models:mlp", "--data", tmp_path / "empty.npz"))
     assert "empty.npz holds no arrays" in line

@@ -313,7 +313,10 @@ def test_a_state_dict_is_read_as_its_file_is(tmp_path):
     torch.save(wrapped, tmp_path / "w.pth")
     by_file = audit(tmp_path / "w.pth")
     arrays = {k: v.numpy() for k, v in never.items()}  # a flat dict of arrays or lists audits as it always did
-    for target in (wrapped, {**never, 7: torch.zeros(3)}, arrays, {k: v.tolist() for k, v in arrays.items()}):
+    for target in (wrapped, {**never, 7: torch.zeros(3)}, arrays, {k: v.tolist() for k, v in arrays.items()},
+                   {"state_dict": arrays, "epoch": 3},  # arrays under a wrapper key: were taken for no BN layers
+                   {"state_dict": never, "running_mean": torch.tensor(0.3)},  # a metric beside: so were these
+                   {"model": never, "obs_rms.running_mean": torch.zeros(8, 8), "obs_rms.running_var": torch.ones(8, 8)}):
         report = audit(target)
         assert not report.ok and report.layers == by_file.layers == ["1"]
         assert {f.code for f in report.findings} == {f.code for f in by_file.findings}

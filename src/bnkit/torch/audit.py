@@ -72,6 +72,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -185,18 +186,31 @@ def audit(
 # ------------------------------------------------------------------------------------------ depth 1
 
 
-def _flat_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
-    """A state dict as given when its top level holds BN buffers (tensors, arrays or lists) or no tensor at all;
-    otherwise unwrapped as a file's is (:func:`bnkit.torch.io.state_dict_of`: ``{"state_dict": sd, "epoch": 3}``
-    audits ``sd``)."""
-    def tensors_in(value: Any) -> bool:
-        return isinstance(value, (torch.Tensor, nn.Module)) or (
-            isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values()))
+def _flat_state(state: Mapping[Any, Any]) -> Mapping[str, Any]:
+    """A state dict given as a mapping, read as its file would be (:func:`bnkit.torch.io.state_dict_of`:
+    ``{"state_dict": sd, "epoch": 3}`` audits ``sd``), with NumPy arrays, lists and numbers taken as tensors,
+    as the flat audit takes them; a mapping with no numbers at all is audited as it is (no BatchNorm layers)."""
+    def tensor(value: Any) -> Any:
+        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+            return torch.from_numpy(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # a .tolist() counter
+            return torch.tensor(value)
+        if isinstance(value, list):
+            try:
+                return torch.tensor(value)
+            except (TypeError, ValueError, RuntimeError):  # not numbers: left out, as a file's extras are
+                return value
+        if isinstance(value, Mapping):
+            return {k: tensor(v) for k, v in value.items()}
+        return value
 
-    if any(isinstance(k, str) and k.rsplit(".", 1)[-1] == "running_mean" for k in state) \
-            or not any(tensors_in(v) for v in state.values()):
-        return state
-    return state_dict_of(state, "the state dict")
+    converted = {k: tensor(v) for k, v in state.items()}
+
+    def holds(value: Any) -> bool:
+        return isinstance(value, (torch.Tensor, nn.Module)) or (
+            isinstance(value, Mapping) and any(holds(v) for v in value.values()))
+
+    return state_dict_of(converted, "the state dict") if any(holds(v) for v in converted.values()) else converted
 
 
 def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport:

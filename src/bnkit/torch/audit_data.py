@@ -133,6 +133,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
     clock = PassClock()  # numbers every BN call of the pass in the order they ran, and knows its batch
     collectors = {n: Collector(bn, clock) for n, bn in tracked}
     findings: list[Finding] = []
+    who = "the model" if forward is default_forward else "the model or forward="  # in errors of either pass
     with Restore(model, layers) as restore, torch.no_grad(), eager_calls(model):
         # pass 1: every BN on batch statistics (nothing it keeps is updated); other modules in eval mode
         set_training(model, False)  # assigned, not model.eval(): a frozen layer's own train() must not run
@@ -154,7 +155,6 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
                     try:
                         out = forward(model, batch)
                     except Exception as exc:
-                        who = "the model" if forward is default_forward else "the model or forward="
                         raise ValueError(f"{who} failed on data batch {i} with BatchNorm on batch statistics: "
                                          f"{type(exc).__name__}: {exc}") from exc
                     if batch_out is None:
@@ -195,7 +195,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
         try:
             eval_out = flatten_tensors(forward(model, first))
         except Exception as exc:
-            raise ValueError(f"the model failed in eval mode on the first data batch: "
+            raise ValueError(f"{who} failed in eval mode on the first data batch: "
                              f"{type(exc).__name__}: {exc}") from exc
         shift_findings, ordered = _shift_findings(tracked, collectors, train_batch_size or batch_len(first), report)
         findings += _gap_findings(batch_out, eval_out, report, ordered)

@@ -524,8 +524,8 @@ class protect_stats:
     The object can be made once and entered every step, also from several threads at once: each exit pairs
     with its own thread's latest entry (its snapshot, its report). Blocks that overlap in time on one model share
     its buffers, and each restores what it found on entry: one entered while another thread's step had left a
-    statistic non-finite finds it so, and reports it in ``already_nonfinite`` instead of repairing it (that
-    thread's own exit restores its entry values). Each entry costs one walk
+    statistic non-finite cannot repair it, and names it in ``already_nonfinite`` if it is still non-finite when
+    the block ends (that thread's own exit restores its entry values). Each entry costs one walk
     over the modules, one flat copy of the statistics and one of the counters, and
     on exit one fused finiteness check with one device sync.
     """
