@@ -314,13 +314,18 @@ def test_a_state_dict_is_read_as_its_file_is(tmp_path):
     by_file = audit(tmp_path / "w.pth")
     arrays = {k: v.numpy() for k, v in never.items()}  # a flat dict of arrays or lists audits as it always did
     for target in (wrapped, {**never, 7: torch.zeros(3)}, arrays, {k: v.tolist() for k, v in arrays.items()},
-                   {"state_dict": arrays, "epoch": 3},  # arrays under a wrapper key: were taken for no BN layers
-                   {"state_dict": never, "running_mean": torch.tensor(0.3)},  # a metric beside: so were these
-                   {"model": never, "obs_rms.running_mean": torch.zeros(8, 8), "obs_rms.running_var": torch.ones(8, 8)}):
+                   {"state_dict": never, "running_mean": torch.tensor(0.3)},  # a metric beside hid the BN layers
+                   {"model": never, "obs_rms.running_mean": torch.zeros(8, 8), "obs_rms.running_var": torch.ones(8, 8)},
+                   {"weights": never, **{k: 1.0 for k in ("epoch", "step", "lr", "loss", "acc", "seed")}},
+                   {"weights": never, "hparams": {"lr": 0.1, "epochs": 90}}):
         report = audit(target)
         assert not report.ok and report.layers == by_file.layers == ["1"]
         assert {f.code for f in report.findings} == {f.code for f in by_file.findings}
     assert audit({}).ok and audit({}).by_code("no_bn")
+    with pytest.raises(ValueError, match=r"BatchNorm buffers as arrays under \['state_dict'\]"):
+        audit({"state_dict": arrays, "epoch": 3})  # taken for a state dict without BN layers, and passed
+    bad = {**arrays, "1.running_var": arrays["1.running_var"].astype(complex)}  # checked whatever they hold
+    assert audit(bad).by_code("invalid_state")
 
     class RunningMeanStd(nn.Module):  # rl_games' observation normalizer: buffers named like a BN's
         def __init__(self):

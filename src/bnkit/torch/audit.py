@@ -72,7 +72,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -186,31 +185,24 @@ def audit(
 # ------------------------------------------------------------------------------------------ depth 1
 
 
-def _flat_state(state: Mapping[Any, Any]) -> Mapping[str, Any]:
-    """A state dict given as a mapping, read as its file would be (:func:`bnkit.torch.io.state_dict_of`:
-    ``{"state_dict": sd, "epoch": 3}`` audits ``sd``), with NumPy arrays, lists and numbers taken as tensors,
-    as the flat audit takes them; a mapping with no numbers at all is audited as it is (no BatchNorm layers)."""
-    def tensor(value: Any) -> Any:
-        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-            return torch.from_numpy(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # a .tolist() counter
-            return torch.tensor(value)
-        if isinstance(value, list):
-            try:
-                return torch.tensor(value)
-            except (TypeError, ValueError, RuntimeError):  # not numbers: left out, as a file's extras are
-                return value
-        if isinstance(value, Mapping):
-            return {k: tensor(v) for k, v in value.items()}
-        return value
+def _flat_state(state: Mapping[Any, Any]) -> Mapping[Any, Any]:
+    """The state dict to audit in a mapping: the mapping itself where its top level holds BN buffers (tensors,
+    arrays or lists, checked whatever they hold) or no tensor at all; else unwrapped as its file would be
+    (:func:`bnkit.torch.io.state_dict_of`: ``{"state_dict": sd, "epoch": 3}`` audits ``sd``). BN buffers
+    that are arrays under a key (no tensor anywhere) are refused, naming the key, rather than missed."""
+    if bn_stats_from_state(state):
+        return state
 
-    converted = {k: tensor(v) for k, v in state.items()}
-
-    def holds(value: Any) -> bool:
+    def tensors_in(value: Any) -> bool:
         return isinstance(value, (torch.Tensor, nn.Module)) or (
-            isinstance(value, Mapping) and any(holds(v) for v in value.values()))
+            isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values()))
 
-    return state_dict_of(converted, "the state dict") if any(holds(v) for v in converted.values()) else converted
+    if any(tensors_in(v) for v in state.values()):
+        return state_dict_of(state, "the state dict")
+    if nested := [k for k, v in state.items() if isinstance(v, Mapping) and bn_stats_from_state(v)]:
+        raise ValueError(f"the state dict holds BatchNorm buffers as arrays under {nested}: audit that dict itself "
+                         f"(audit(state[{nested[0]!r}]))")
+    return state
 
 
 def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport:
