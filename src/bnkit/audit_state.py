@@ -185,12 +185,15 @@ def bn_stats_from_state(
     """
     prefixes = []
     for key in state:
-        if not isinstance(key, str) or np.ndim(state[key]) != 1:
+        if not isinstance(key, str) or not (key == "running_mean" or key.endswith(".running_mean")):
             continue
-        if key == "running_mean" or key.endswith(".running_mean"):
-            prefix = key[: -len("running_mean")]
-            if prefix + "running_var" in state:
-                prefixes.append(prefix)
+        try:
+            one_per_channel = np.ndim(state[key]) == 1
+        except ValueError:  # a ragged list: no statistic of one value per channel
+            one_per_channel = False
+        prefix = key[: -len("running_mean")]
+        if one_per_channel and prefix + "running_var" in state:
+            prefixes.append(prefix)
     return [layer_stats(prefix[:-1] if prefix else "(root)", {b: state.get(prefix + b) for b in _BUFFERS},
                         eps=eps, momentum=momentum) for prefix in prefixes]
 

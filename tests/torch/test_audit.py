@@ -317,7 +317,11 @@ def test_a_state_dict_is_read_as_its_file_is(tmp_path):
                    {"state_dict": never, "running_mean": torch.tensor(0.3)},  # a metric beside hid the BN layers
                    {"model": never, "obs_rms.running_mean": torch.zeros(8, 8), "obs_rms.running_var": torch.ones(8, 8)},
                    {"weights": never, **{k: 1.0 for k in ("epoch", "step", "lr", "loss", "acc", "seed")}},
-                   {"weights": never, "hparams": {"lr": 0.1, "epochs": 90}}):
+                   {"weights": never, "hparams": {"lr": 0.1, "epochs": 90}},
+                   {"model": never, "obs_rms.running_mean": torch.full((8,), 0.3),  # a 1-D normalizer beside
+                    "obs_rms.running_var": torch.full((8,), 2.0)},
+                   {**nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).state_dict(), "ema": never},
+                   {"state_dict": never, "milestones": [[30, 60], [90]]}):  # a ragged list beside
         report = audit(target)
         assert not report.ok and report.layers == by_file.layers == ["1"]
         assert {f.code for f in report.findings} == {f.code for f in by_file.findings}

@@ -186,23 +186,24 @@ def audit(
 
 
 def _flat_state(state: Mapping[Any, Any]) -> Mapping[Any, Any]:
-    """The state dict to audit in a mapping: the mapping itself where its top level holds BN buffers (tensors,
-    arrays or lists, checked whatever they hold) or no tensor at all; else unwrapped as its file would be
-    (:func:`bnkit.torch.io.state_dict_of`: ``{"state_dict": sd, "epoch": 3}`` audits ``sd``). BN buffers
-    that are arrays under a key (no tensor anywhere) are refused, naming the key, rather than missed."""
-    if bn_stats_from_state(state):
-        return state
-
+    """The state dict to audit in a mapping. One holding torch tensors (at any depth) is read as its file would
+    be (:func:`bnkit.torch.io.state_dict_of`: ``{"state_dict": sd, "epoch": 3}`` audits ``sd``); one without is
+    audited as it is (NumPy arrays or lists, as :func:`bnkit.audit_state.bn_stats_from_state` takes them). BN
+    buffers held as arrays in a mapping under a key are refused, naming the key, rather than missed."""
     def tensors_in(value: Any) -> bool:
         return isinstance(value, (torch.Tensor, nn.Module)) or (
-            isinstance(value, Mapping) and any(isinstance(v, torch.Tensor) for v in value.values()))
+            isinstance(value, Mapping) and any(tensors_in(v) for v in value.values()))
 
-    if any(tensors_in(v) for v in state.values()):
-        return state_dict_of(state, "the state dict")
-    if nested := [k for k, v in state.items() if isinstance(v, Mapping) and bn_stats_from_state(v)]:
+    if nested := [k for k, v in state.items()
+                  if isinstance(v, Mapping) and not tensors_in(v) and bn_stats_from_state(v)]:
         raise ValueError(f"the state dict holds BatchNorm buffers as arrays under {nested}: audit that dict itself "
                          f"(audit(state[{nested[0]!r}]))")
-    return state
+    if not any(tensors_in(v) for v in state.values()):
+        return state
+    for value in state.values():  # a wrapped state dict's meta tensors get the advice for a dict in memory
+        if isinstance(value, Mapping):
+            refuse_meta(value.items(), "the state dict", _LOAD_FIRST)
+    return state_dict_of(state, "the state dict")
 
 
 def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport:
