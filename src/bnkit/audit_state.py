@@ -53,7 +53,8 @@ FEW_UPDATES_WEIGHT = 0.01
 #: ``|gamma|`` at or below this is a dead channel.
 GAMMA_TOL = 1e-3
 
-_BUFFERS = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
+#: A BatchNorm layer's entries in a state dict, by name.
+BN_BUFFERS = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
 
 
 @dataclass
@@ -194,7 +195,7 @@ def bn_stats_from_state(
         prefix = key[: -len("running_mean")]
         if one_per_channel and prefix + "running_var" in state:
             prefixes.append(prefix)
-    return [layer_stats(prefix[:-1] if prefix else "(root)", {b: state.get(prefix + b) for b in _BUFFERS},
+    return [layer_stats(prefix[:-1] if prefix else "(root)", {b: state.get(prefix + b) for b in BN_BUFFERS},
                         eps=eps, momentum=momentum) for prefix in prefixes]
 
 

@@ -330,6 +330,13 @@ def test_a_state_dict_is_read_as_its_file_is(tmp_path):
         audit({"state_dict": arrays, "epoch": 3})  # taken for a state dict without BN layers, and passed
     bad = {**arrays, "1.running_var": arrays["1.running_var"].astype(complex)}  # checked whatever they hold
     assert audit(bad).by_code("invalid_state")
+    # BN buffers as arrays or lists beside a tensor: dropped as a file's non-tensors are, they passed unseen
+    for mixed in ({**arrays, "0.weight": never["0.weight"]},
+                  {**never, "1.running_mean": arrays["1.running_mean"].tolist()}):
+        report = audit(mixed)
+        assert not report.ok and report.layers == ["1"] and report.by_code("never_updated")
+    with pytest.raises(ValueError, match="contains no tensors"):  # a list around the state dict: as its file
+        audit({"models": [never]})
 
     class RunningMeanStd(nn.Module):  # rl_games' observation normalizer: buffers named like a BN's
         def __init__(self):

@@ -75,7 +75,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..audit_state import bn_stats_from_state, check_bn_stats
+from ..audit_state import BN_BUFFERS, bn_stats_from_state, check_bn_stats
 from ..findings import SEVERITIES, Finding, jsonable, worst_severity
 from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
@@ -187,10 +187,14 @@ def audit(
 
 def _flat_state(state: Mapping[Any, Any]) -> Mapping[Any, Any]:
     """The state dict to audit in a mapping. One holding torch tensors (at any depth) is read as its file would
-    be (:func:`bnkit.torch.io.state_dict_of`: ``{"state_dict": sd, "epoch": 3}`` audits ``sd``); one without is
-    audited as it is (NumPy arrays or lists, as :func:`bnkit.audit_state.bn_stats_from_state` takes them). BN
-    buffers held as arrays in a mapping under a key are refused, naming the key, rather than missed."""
+    be (:func:`bnkit.torch.io.state_dict_of`: ``{"state_dict": sd, "epoch": 3}`` audits ``sd``), with the
+    BN-named entries of its top level that are arrays or lists kept beside (a file cannot hold them; dropped, a
+    broken statistic would pass unseen); one without is audited as it is (NumPy arrays or lists, as
+    :func:`bnkit.audit_state.bn_stats_from_state` takes them). BN buffers held as arrays in a mapping under a key
+    are refused, naming the key, rather than missed."""
     def tensors_in(value: Any) -> bool:
+        if isinstance(value, (list, tuple)):
+            return any(tensors_in(v) for v in value)
         return isinstance(value, (torch.Tensor, nn.Module)) or (
             isinstance(value, Mapping) and any(tensors_in(v) for v in value.values()))
 
@@ -203,7 +207,9 @@ def _flat_state(state: Mapping[Any, Any]) -> Mapping[Any, Any]:
     for value in state.values():  # a wrapped state dict's meta tensors get the advice for a dict in memory
         if isinstance(value, Mapping):
             refuse_meta(value.items(), "the state dict", _LOAD_FIRST)
-    return state_dict_of(state, "the state dict")
+    kept = {k: v for k, v in state.items() if isinstance(k, str) and not isinstance(v, torch.Tensor)
+            and k.rsplit(".", 1)[-1] in BN_BUFFERS}
+    return {**kept, **state_dict_of(state, "the state dict")}
 
 
 def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport:
