@@ -177,7 +177,6 @@ def audit(
     if isinstance(target, nn.Module):
         return _model_report(target, data, forward, batch_size, train_batch_size, max_batches, coupling_samples)
     if isinstance(target, Mapping):
-        refuse_meta(target.items(), "the state dict", _LOAD_FIRST)
         return _state_report("state dict", _flat_state(target), data)
     raise TypeError(f"audit takes a model, a state dict or a file path, got {type(target).__name__}")
 
@@ -198,15 +197,15 @@ def _flat_state(state: Mapping[Any, Any]) -> Mapping[Any, Any]:
         return isinstance(value, (torch.Tensor, nn.Module)) or (
             isinstance(value, Mapping) and any(tensors_in(v) for v in value.values()))
 
-    if nested := [k for k, v in state.items()
-                  if isinstance(v, Mapping) and not tensors_in(v) and bn_stats_from_state(v)]:
+    # meta tensors, also a wrapped state dict's: the advice for a dict in memory, not state_dict_of's for a file
+    for mapping in (state, *(v for v in state.values() if isinstance(v, Mapping))):
+        refuse_meta(mapping.items(), "the state dict", _LOAD_FIRST)
+    holds = {k: tensors_in(v) for k, v in state.items()}
+    if nested := [k for k, v in state.items() if isinstance(v, Mapping) and not holds[k] and bn_stats_from_state(v)]:
         raise ValueError(f"the state dict holds BatchNorm buffers as arrays under {nested}: audit that dict itself "
                          f"(audit(state[{nested[0]!r}]))")
-    if not any(tensors_in(v) for v in state.values()):
+    if not any(holds.values()):
         return state
-    for value in state.values():  # a wrapped state dict's meta tensors get the advice for a dict in memory
-        if isinstance(value, Mapping):
-            refuse_meta(value.items(), "the state dict", _LOAD_FIRST)
     kept = {k: v for k, v in state.items() if isinstance(k, str) and not isinstance(v, torch.Tensor)
             and k.rsplit(".", 1)[-1] in BN_BUFFERS}
     return {**kept, **state_dict_of(state, "the state dict")}

@@ -383,8 +383,10 @@ def _call_moments(col: Collector) -> list[tuple[int | None, int, np.ndarray, np.
     # each call's place in its forward, empty calls counted (a routed call given no rows keeps the next call's
     # place), numbered 0.. over the places that were measured
     places, position = np.unique(np.asarray(col.positions), return_inverse=True)
-    differ = None if len(places) < 2 else _positions_differ(position, means, np.log(var + col.eps))
-    if len(places) < 2 or differ is False:
+    if len(places) < 2:
+        return pooled
+    differ = _positions_differ(position, means, np.log(var + col.eps))
+    if differ is False:
         return pooled
     out = []
     for k, place in enumerate(places.tolist()):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, check_target
-from .io import refuse_meta
+from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .modules import (SavedState, bn_layers, eager_calls, eval_mode, exact_float32, parallel_device, to_device,
                       uninitialized_lazy, unwrapped)
 
@@ -165,7 +165,7 @@ def export_onnx(
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise TypeError("example_inputs must be a tensor or a sequence of tensors")
     refuse_meta([*model.state_dict(keep_vars=True).items(), *((f"input {i}", t) for i, t in enumerate(inputs))],
-                "the model or its example inputs", "load real weights first (load_state_dict(..., assign=True))")
+                "the model or its example inputs", LOAD_REAL_WEIGHTS)
     inputs = tuple(t.clone() if t.is_inference() else t for t in inputs)  # made under torch.inference_mode
     if any(t.dtype == torch.bfloat16 for t in inputs):
         raise ValueError("bfloat16 example_inputs: NumPy has no bfloat16, so onnxruntime cannot be fed them for the "

@@ -63,7 +63,7 @@ from torch.nn.utils import parametrize
 
 from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
-from .io import refuse_meta
+from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .modules import (
     SavedState, as_args, bn_or_frozen_layers, channels, deep_copy, eval_mode, exact_float32, flatten_tensors,
     has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, map_nested, parallel_device, to_device,
@@ -341,8 +341,7 @@ def _trace_or_note(work: nn.Module, report: FoldReport) -> fx.Graph | None:
 def _check_model(model: nn.Module, force: bool) -> None:
     if lazy := uninitialized_lazy(model):
         raise ValueError(f"uninitialized lazy modules (run one forward pass first): {', '.join(lazy)}")
-    refuse_meta(model.state_dict(keep_vars=True).items(), "the model",
-                "load real weights first (load_state_dict(..., assign=True))")
+    refuse_meta(model.state_dict(keep_vars=True).items(), "the model", LOAD_REAL_WEIGHTS)
     training, never, nonfinite, nonpositive = [], [], [], []
     for name, bn in bn_or_frozen_layers(model):
         tensors = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]

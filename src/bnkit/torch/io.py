@@ -364,6 +364,10 @@ def _wrapper_chains(depth: int = 3) -> list[str]:
     return chains
 
 
+#: :func:`refuse_meta`'s advice for a model in memory.
+LOAD_REAL_WEIGHTS = "load real weights first (load_state_dict(..., assign=True))"
+
+
 def refuse_meta(named: Iterable[tuple[str, object]], what: str, fix: str) -> None:
     """ValueError naming the first of the ``(name, value)`` tensors on the meta device (``what`` holds them), which
     have shapes but no values; ``fix`` says what to do instead."""

@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..audit_state import FEW_UPDATES_WEIGHT, initial_weight
-from .modules import channels, eager_modules, is_whole_number, require_eager, write_count
+from .modules import channels, eager_modules, is_compiled_wrapper, is_whole_number, require_eager, write_count
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_bn", "revert_bn", "PAPER_RENORM_SCHEDULE"]
 
@@ -471,7 +471,7 @@ def replace_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module
     for name, parent in model.named_modules():
         # torch.compile's wrapper calls the module it was given, bound at compile time: a new one in its
         # ``_orig_mod`` slot would never run
-        if type(parent).__name__ == "OptimizedModule" and id(parent._modules.get("_orig_mod")) in new_of:
+        if is_compiled_wrapper(parent) and id(parent._orig_mod) in new_of:
             raise ValueError(f"{name or 'the model'} is torch.compile({type(parent._orig_mod).__name__}), whose "
                              "compiled forward keeps calling the layer it was given: swap the layer before "
                              "compiling it (or compile the model that holds it); nothing changed")

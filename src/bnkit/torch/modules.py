@@ -120,8 +120,13 @@ def unwrapped(model: nn.Module) -> tuple[nn.Module, list[str]]:
     wrapper would recompile for every call of theirs, and fx and the ONNX exporter cannot read the others.
     """
     chain = wrapper_chain(model)
-    return chain[-1], ["torch.compile" if type(m).__name__ == "OptimizedModule" else type(m).__name__
-                       for m in chain[:-1]]
+    return chain[-1], ["torch.compile" if is_compiled_wrapper(m) else type(m).__name__ for m in chain[:-1]]
+
+
+def is_compiled_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is ``torch.compile``'s ``OptimizedModule`` around a module (``_orig_mod``), told by its
+    class name, without importing ``torch._dynamo``."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(module._modules.get("_orig_mod"), nn.Module)
 
 
 def wrapper_chain(model: nn.Module) -> list[nn.Module]:
@@ -130,7 +135,7 @@ def wrapper_chain(model: nn.Module) -> list[nn.Module]:
 
     chain = [model]
     while True:
-        if type(model).__name__ == "OptimizedModule" and isinstance(model._modules.get("_orig_mod"), nn.Module):
+        if is_compiled_wrapper(model):
             model = model._modules["_orig_mod"]
         elif isinstance(model, (AveragedModel, nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module

@@ -519,15 +519,21 @@ class _Pass:
             n, w = int(n_k.sum()), n_k.astype(np.float64)
             mean = mean_k[0] + w @ (mean_k - mean_k[0]) / n
             dev = mean_k - mean
-            try:
-                with np.errstate(over="ignore"):  # refused below, with the layer's name
-                    m2 = w @ var_k + w @ (dev * dev)
-                self.moments[i].update_moments(n, mean, m2)
-            except ValueError as exc:  # the merged sums overflow float64 (activations near 1e150)
-                raise StatisticsRangeError(f"BatchNorm layer {self.layers[i][0]!r}: its statistics overflow "
-                                           f"float64 when merged ({exc})") from None
+            with np.errstate(over="ignore"):  # refused by _update, with the layer's name
+                m2 = w @ var_k + w @ (dev * dev)
+            self._update(self.moments[i], i, n, mean, m2, "merged")  # activations near 1e150
             self.calls[i] += len(n_k)
             self.samples[i] += int(s_k.sum())
+
+    def _update(self, moments: RunningMoments, i: int, n: int, mean: np.ndarray, m2: np.ndarray, when: str) -> None:
+        """``moments.update_moments(n, mean, m2)``; :class:`StatisticsRangeError` naming layer ``i`` where the
+        sums overflow float64 (each part finite, their merge not)."""
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                moments.update_moments(n, mean, m2)
+        except ValueError as exc:
+            raise StatisticsRangeError(f"BatchNorm layer {self.layers[i][0]!r}: its statistics overflow float64 "
+                                       f"when {when} ({exc})") from None
 
     def payload(self) -> np.ndarray:
         """This rank's ``(batches, skipped)`` then per layer ``(calls, samples, count, mean, M2)``, as one
@@ -549,12 +555,9 @@ class _Pass:
             pos = 2
             for i, c in enumerate(self.widths.tolist()):
                 calls, samples, count = (int(v) for v in p[pos:pos + 3])
-                try:  # every rank merges the same payloads: all refuse alike
-                    with np.errstate(over="ignore", invalid="ignore"):
-                        merged[i].update_moments(count, p[pos + 3:pos + 3 + c], p[pos + 3 + c:pos + 3 + 2 * c])
-                except ValueError as exc:  # each rank's sums finite, their merge beyond float64
-                    raise StatisticsRangeError(f"BatchNorm layer {self.layers[i][0]!r}: its statistics overflow "
-                                               f"float64 when the ranks' are merged ({exc})") from None
+                # every rank merges the same payloads: all refuse alike
+                self._update(merged[i], i, count, p[pos + 3:pos + 3 + c], p[pos + 3 + c:pos + 3 + 2 * c],
+                             "the ranks' are merged")
                 self.calls[i] += calls
                 self.rank_calls[i] = max(self.rank_calls[i], calls)
                 self.samples[i] += samples
