@@ -170,7 +170,7 @@ def freeze_bn(
     Freezing a frozen part again is a no-op; a part whose freeze was undone since
     (``model.requires_grad_(True)``, a direct ``layer.training = True``), i.e. one
     :func:`is_frozen` reports as not frozen, is frozen again, and :func:`unfreeze_bn`
-    still restores the flags from before the first freeze. A layer without
+    still restores the ``requires_grad`` flags from before the first freeze. A layer without
     gamma/beta (``affine=False``) has nothing to train: ``affine=True`` marks it
     affine-frozen. All layers are checked before any is changed: a layer without
     running statistics cannot have them frozen (it normalizes with batch
