@@ -340,8 +340,8 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     """A copy of ``model`` with every ``nn.SyncBatchNorm`` replaced by ``BatchNorm1d/2d/3d``.
 
     The inverse of ``nn.SyncBatchNorm.convert_sync_batchnorm``. The rank each layer sees is
-    found by running ``example_inputs`` through a throwaway copy in eval mode without gradients
-    (a tuple is the positional arguments, as for ``torch.export``; anything else, a list
+    found by running ``example_inputs`` through a throwaway copy in eval mode without gradients, its forward
+    hooks included (a tuple is the positional arguments, as for ``torch.export``; anything else, a list
     included, is the one argument): rank 2-3 gives ``BatchNorm1d``, 4 ``BatchNorm2d``, 5
     ``BatchNorm3d``. A layer never reached (or without ``example_inputs``), reached with
     several ranks, or with a rank no ``BatchNorm*d`` takes (above 5) becomes
