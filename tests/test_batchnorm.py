@@ -393,10 +393,46 @@ def test_complex_input_and_non_integer_batch_counts_are_refused():
         BatchNorm(2)(np.ones((4, 2), dtype=np.complex64))
     bn = BatchNorm(2)
     state = bn.state_dict()
-    for bad in (2.7, np.nan, -1, [1, 2]):
+    for bad in (2.7, np.nan, -1, [1, 2], [[5]], [[[5]]]):
         with pytest.raises(ValueError, match="num_batches_tracked"):
             bn.load_state_dict({**state, "num_batches_tracked": np.array(bad)})
     assert bn.num_batches_tracked == 0
+
+
+def test_a_count_holds_shape_scalar_or_one_value_as_torch_loads_it():
+    """torch's load_state_dict takes num_batches_tracked of shape () or (1,) and refuses (1, 1): so does the core."""
+    torch = pytest.importorskip("torch")
+    state = BatchNorm(2).state_dict()
+    for count, loads in [(np.array(5), True), (np.array([5]), True), (np.array([[5]]), False)]:
+        tbn = torch.nn.BatchNorm1d(2)
+        try:
+            tbn.load_state_dict({k: torch.as_tensor(v) for k, v in {**state, "num_batches_tracked": count}.items()})
+            torch_loads = True
+        except RuntimeError:
+            torch_loads = False
+        assert torch_loads is loads
+        bn = BatchNorm(2)
+        if loads:
+            bn.load_state_dict({**state, "num_batches_tracked": count})
+            assert bn.num_batches_tracked == int(tbn.num_batches_tracked) == 5
+        else:
+            with pytest.raises(ValueError, match=r"num_batches_tracked must be one .*got shape \(1, 1\)"):
+                bn.load_state_dict({**state, "num_batches_tracked": count})
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_layer_without_running_statistics_is_not_told_of_training_or_running_statistics(training):
+    """Without running statistics every batch is normalized with its own, in either mode: the NaN and eps=0
+    refusals say so, not 'training batch ... running statistics left untouched'."""
+    bn = BatchNorm(2, track_running_stats=False)
+    bn.training = training
+    x = np.ones((4, 2))
+    x[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"^batch \(normalized with its own statistics: no running statistics\) "
+                                         r"contains NaN or Inf \(or overflows\)$"):
+        bn(x)
+    with pytest.raises(ValueError, match=r"eps=0 and channel\(s\) \[0, 1\] .*use eps > 0$"):
+        BatchNorm(2, eps=0.0, track_running_stats=False)(np.ones((4, 2)))
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -163,24 +163,26 @@ class BatchNorm:
                     + ("An empty batch has no statistics" if n == 0 else
                        "A batch of one normalized by its own statistics is all zeros") + f": {fix}."
                 )
+            # a layer without running statistics normalizes every batch with its own, in either mode
+            batch, kept = (("training batch", "; running statistics left untouched") if self.track_running_stats
+                           else ("batch (normalized with its own statistics: no running statistics)", ""))
             total = _channel_sum(x3)
             if not np.all(np.isfinite(total)):  # NaN/Inf anywhere makes the channel sum non-finite
-                raise ValueError("training batch contains NaN or Inf (or overflows); running statistics left untouched")
+                raise ValueError(f"{batch} contains NaN or Inf (or overflows){kept}")
             mean = total / n
             # second pass on deviations: d = x - mean (kept for backward), M2 = sum(d*d)
             d = np.empty(x3.shape, dtype=wt)
             _parallel(lambda s: np.subtract(x3[s], mean.astype(wt)[:, None], out=d[s]), x3)
             m2 = _channel_dot(d, d)
             if not np.all(np.isfinite(m2)):  # finite values whose squared deviations overflow the dtype
-                raise ValueError("training batch's variance overflows its dtype; running statistics left untouched")
+                raise ValueError(f"{batch}'s variance overflows its dtype{kept}")
             # 0 / sqrt(0): NaN outputs and gradients. A constant channel's deviations from its rounded mean are
             # an ulp each, not 0 (0.1 three times): told by its range, exactly, as well as by M2
             if self.eps == 0.0 and not np.all(alive := (m2 > 0) & (x3.max(axis=(0, 2)) > x3.min(axis=(0, 2)))):
                 dead = np.flatnonzero(~alive).tolist()
                 raise ValueError(
                     f"eps=0 and channel(s) {dead[:8]}{' ...' if len(dead) > 8 else ''} have zero variance in this "
-                    "batch: normalizing them divides by zero (PyTorch refuses eps=0 in training); use eps > 0. "
-                    "Running statistics left untouched")
+                    f"batch: normalizing them divides by zero (PyTorch refuses eps=0 in training); use eps > 0{kept}")
             invstd = 1.0 / np.sqrt(m2 / n + self.eps)
             if self.training and self.track_running_stats:
                 self._update_running(n, mean, m2)
@@ -329,9 +331,10 @@ def update_count(value) -> int:
     dtype (shape ``()`` or ``(1,)``, a tensor or an array-like). ValueError otherwise, naming the value: a
     count of 2.5, -3, NaN, several values or a string is no count of training-mode updates."""
     v = _to_numpy(value)
-    x = v.reshape(-1)[0].item() if v.size == 1 else None
+    x = v.reshape(-1)[0].item() if v.size == 1 and v.ndim <= 1 else None  # torch refuses (1, 1) too
     if x is None or v.dtype.kind not in "iuf" or not np.isfinite(x) or x < 0 or x != int(x):
-        shown = repr(x) if x is not None else f"{v.size} values {v.reshape(-1)[:4].tolist()}"
+        shown = (repr(x) if x is not None else f"shape {v.shape}" if v.size == 1
+                 else f"{v.size} values {v.reshape(-1)[:4].tolist()}")
         raise ValueError(f"num_batches_tracked must be one non-negative integer (a count of updates), got {shown}")
     return int(x)
 
