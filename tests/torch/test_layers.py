@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import re
 import warnings
 
@@ -409,6 +410,25 @@ def test_one_value_per_ghost_batch_is_refused():
 def test_bad_options(kw):
     with pytest.raises(ValueError):
         BatchNorm2d(3, **kw)
+
+
+@pytest.mark.parametrize("kw, word", [({"momentum": math.nan}, "momentum"), ({"momentum": 1.5}, "momentum"),
+                                      ({"momentum": -0.1}, "momentum"), ({"momentum": "0.1"}, "momentum"),
+                                      ({"eps": -1e-5}, "eps"), ({"eps": math.inf}, "eps"), ({"eps": math.nan}, "eps")])
+def test_a_momentum_or_eps_out_of_range_is_refused_where_nn_batchnorm_takes_it(kw, word):
+    """nn.BatchNorm2d takes these (a NaN momentum then gives NaN statistics); the drop-in layer, and convert_bn of
+    such a layer, refuse them by name, the model unchanged."""
+    ref = nn.BatchNorm2d(3, **kw)
+    if kw.get("momentum") is math.nan:
+        ref(torch.randn(4, 3, 2, 2))
+        assert torch.isnan(ref.running_mean).all()
+    with pytest.raises(ValueError, match=rf"^BatchNorm2d: {word} must be"):
+        BatchNorm2d(3, **kw)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.BatchNorm2d(3, **kw))
+    with pytest.raises(ValueError, match=rf"^1: {word} must be"):
+        convert_bn(model)
+    assert all(type(m) is nn.BatchNorm2d for m in model)
+    assert BatchNorm2d(3, momentum=None, eps=0.0).momentum is None and BatchNorm2d(3, momentum=1.0).momentum == 1.0
 
 
 @pytest.mark.parametrize("extras", [{}, {"debias": True}])

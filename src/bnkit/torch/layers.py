@@ -172,6 +172,13 @@ class _DropInBatchNorm:
         def number(v) -> bool:
             return isinstance(v, numbers.Real) and not isinstance(v, bool)  # NumPy's numbers too, not bools
 
+        who = cfg["layer_name"] or type(self).__name__
+        # nn.BatchNorm takes any momentum and eps, and a NaN or negative one then gives NaN statistics or outputs
+        if self.momentum is not None and not (number(self.momentum) and 0.0 <= float(self.momentum) <= 1.0):
+            raise ValueError(f"{who}: momentum must be a number in [0, 1] (PyTorch's convention: the weight on the "
+                             f"new batch statistic) or None (cumulative average), got {self.momentum!r}")
+        if not (number(self.eps) and math.isfinite(self.eps) and self.eps >= 0.0):
+            raise ValueError(f"{who}: eps must be a finite number >= 0, got {self.eps!r}")
         rmax, dmax = (float(cfg[k]) if number(cfg[k]) else math.nan for k in ("rmax", "dmax"))
         if not (math.isfinite(rmax) and rmax >= 1.0):
             raise ValueError(f"rmax must be a finite number >= 1, got {cfg['rmax']!r}")
@@ -196,7 +203,7 @@ class _DropInBatchNorm:
             if not isinstance(cfg[flag], (bool, np.bool_)):
                 raise ValueError(f"{flag} must be True or False, got {cfg[flag]!r}")
         if (cfg["renorm"] or cfg["debias"]) and not self.track_running_stats:
-            raise ValueError(f"{cfg['layer_name'] or type(self).__name__}: renorm and debias need running statistics; "
+            raise ValueError(f"{who}: renorm and debias need running statistics; "
                              "they require track_running_stats=True")
         self.debias = bool(cfg["debias"])
         self.renorm = bool(cfg["renorm"])
