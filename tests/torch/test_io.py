@@ -258,8 +258,11 @@ def test_load_weights_into_keeps_a_real_module_prefix_and_explains_mismatches():
     with pytest.raises(ValueError) as info:
         load_weights_into(_net(), partial, source="ddp.pt")
     assert "ddp.pt do not fit" in str(info.value) and "prefix 'module.'" in str(info.value)
-    with pytest.raises(ValueError, match=r"missing .*unexpected .*prefix 'extra\.'"):
-        load_weights_into(_net(), {"extra." + k: v for k, v in _net().state_dict().items()})
+    assert "save model.module.state_dict()" in str(info.value)
+    with pytest.raises(ValueError, match=r"missing .*unexpected .*prefix 'model\.' .*LightningModule.*strip it, "
+                                         r"\{k\.removeprefix\('model\.'\): v for k, v in state\.items\(\)\}") as info:
+        load_weights_into(_net(), {"model." + k: v for k, v in _net().state_dict().items()})
+    assert "model.module" not in str(info.value)  # not DistributedDataParallel's remedy
     with pytest.raises(ValueError) as info:
         load_weights_into(_net(), {"a.b": torch.ones(1), "a.c": torch.ones(1)})
     assert "prefix" not in str(info.value)  # no shared prefix that would explain the mismatch

@@ -455,9 +455,13 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         common = os.path.commonprefix(unexpected) if len(unexpected) > 1 else ""
         candidates = (*_WRAPPER_PREFIXES, common[:common.rindex(".") + 1] if "." in common else "")
         prefix = next((p for p in candidates if p and own & {k[len(p):] for k in unexpected if k.startswith(p)}), "")
-        if prefix:
+        if prefix in _WRAPPER_PREFIXES:
             parts.append(f"the file's keys carry a prefix {prefix!r} that the model's do not (DistributedDataParallel "
                          "saves 'module.'): save model.module.state_dict(), or strip the prefix")
+        elif prefix:  # a training framework's (a LightningModule's attribute, an EMA's holder): no wrapper of ours
+            parts.append(f"the file's keys carry a prefix {prefix!r} that the model's do not (a LightningModule "
+                         f"saves its submodule under its attribute name): strip it, {{k.removeprefix({prefix!r}): v "
+                         "for k, v in state.items()}, and save that")
         raise ValueError("; ".join(parts))
     # every name of a tied tensor: the file may hold its values under any of them
     tensors = {**dict(model.named_parameters(remove_duplicate=False)),
