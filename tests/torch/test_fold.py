@@ -516,10 +516,10 @@ def test_layers_with_their_own_forward_hooks_or_parametrizations_are_left():
     with torch.no_grad():
         assert torch.equal(model(x), folded(x))
     # the fallback (no trace) sees the subclass as a module and refuses it by its forward
-    from bnkit.torch.fold import FoldReport, _plan_sequential, _probe
+    from bnkit.torch.fold import FoldReport, _plan_sequential, _probe, _shared_names
 
     fallback = FoldReport()
-    assert _plan_sequential(model, _probe(model, (x,))[1], fallback) == []
+    assert _plan_sequential(model, _probe(model, (x,))[1], _shared_names(model), fallback) == []
     assert "forward is not PyTorch's" in fallback.left["1"]
 
 
@@ -546,14 +546,14 @@ def test_a_layer_computing_otherwise_behind_pytorchs_forward_is_not_folded_into(
     with torch.no_grad():
         for bn in (model[1], model[4]):
             bn.running_var.mul_(4.0)  # a BN scale far from 1: a wrong fold shows
-    from bnkit.torch.fold import FoldReport, _plan_sequential, _probe
+    from bnkit.torch.fold import FoldReport, _plan_sequential, _probe, _shared_names
 
     folded, report = fold_bn(model, x)
     assert [f.bn for f in report.folded] == ["4"]
     with torch.no_grad():
         assert rel_diff(model(x), folded(x)) < 1e-5
     fallback = FoldReport()  # the nn.Sequential plan, where fx cannot trace
-    assert [p[0] for p in _plan_sequential(model, _probe(model, (x,))[1], fallback)] == ["4"]
+    assert [p[0] for p in _plan_sequential(model, _probe(model, (x,))[1], _shared_names(model), fallback)] == ["4"]
     because = "'0' is a" if how == "instance forward" else "call_function 'conv2d'"  # fx traces into a subclass
     assert because in report.left["1"] and "forward is not PyTorch's" in fallback.left["1"], (report, fallback)
 

@@ -59,7 +59,9 @@ import torch.fx as fx
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
@@ -253,7 +255,7 @@ def fold_bn(
     if wrappers:
         report.notes.append(f"folded the module inside {' > '.join(wrappers)}: the folded copy is that module "
                             "(wrap it again if you need the wrapper)")
-    reference, plan = _plan(work, inputs, report)
+    reference, plan = _plan(work, inputs, report, original=model)
     report.folded = _entries(work, plan)
     report.notes += _low_precision_shift_notes(work, report.folded)
     _apply(work, plan, _folded_weights(work, plan))
@@ -295,8 +297,10 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
     return report
 
 
-def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport) -> tuple[Any, list[tuple[str, str, str]]]:
-    """The eval-mode outputs on ``inputs`` (None without them) and the ``(bn, layer, position)`` pairs to fold.
+def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport,
+          original: nn.Module | None = None) -> tuple[Any, list[tuple[str, str, str]]]:
+    """The eval-mode outputs on ``inputs`` (None without them) and the ``(bn, layer, position)`` pairs to fold;
+    ``original``: the model ``work`` copies, if it is a copy (see :func:`_shared_names`).
 
     Reads ``work`` only: a probe forward in eval mode, then a torch.fx trace (or, when
     tracing fails, the ``nn.Sequential`` neighbours), each from ``work``'s state as found and leaving it so
@@ -308,18 +312,33 @@ def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport) -> tuple[An
         if inputs is not None:
             reference, probe = _probe(work, inputs)
             saved.restore()
-        graph = _trace_or_note(work, report)
-        if graph is None and probe:
+        traced = _trace_or_note(work, report)
+        # forward hooks of modules fx traces through (the model, its containers) are not in the graph: they may
+        # call a layer or read its tensors
+        hooked = [] if traced is None else _hooks_not_traced(work, traced[0])
+        if probe and (traced is None or hooked):
             saved.restore()
             _note_reads_outside_forward(work, inputs, probe)
-    if graph is None:
-        return reference, _plan_sequential(work, probe, report)
-    return reference, _plan_fx(work, graph, probe, report)
+    shared = _shared_names(work, original)
+    if traced is None:
+        return reference, _plan_sequential(work, probe, shared, report)
+    if hooked and not probe:
+        report.notes.append(f"forward hooks of {', '.join(hooked[:3])}{', ...' if len(hooked) > 3 else ''} are not "
+                            "in the traced graph: a hook that calls a folded layer or reads its tensors is not seen "
+                            "(pass example_inputs to check)")
+    return reference, _plan_fx(work, *traced, probe, shared, report)
 
 
-def _trace_or_note(work: nn.Module, report: FoldReport) -> fx.Graph | None:
-    """The eval-mode fx graph of ``work``; None where tracing fails, with ``report.method`` ``"sequential"`` and a
-    note saying why."""
+def _hooks_not_traced(work: nn.Module, graph: fx.Graph) -> list[str]:
+    """The modules with forward hooks that ``graph`` traced through (the model itself, containers) rather than
+    calling them as modules: fx runs their ``forward``, not their hooks."""
+    called = {node.target for node in graph.nodes if node.op == "call_module"}
+    return [name or type(work).__name__ for name, m in work.named_modules() if _hooked(m) and name not in called]
+
+
+def _trace_or_note(work: nn.Module, report: FoldReport) -> tuple[fx.Graph, set[int]] | None:
+    """The eval-mode fx graph of ``work`` and the modules whose tensors tracing read (see :func:`_trace`); None
+    where tracing fails, with ``report.method`` ``"sequential"`` and a note saying why."""
     try:
         with eval_mode(work):
             return _trace(work, report)
@@ -452,6 +471,54 @@ def _note_reads_outside_forward(model: nn.Module, inputs: tuple, probe: dict[int
         probe[key]["read"] = True
 
 
+#: Tensor metadata a forward may look up without reading values (``next(self.parameters()).device``)
+_METADATA = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_leaf",
+                       "size", "dim", "numel", "stride", "is_floating_point", "is_complex", "element_size",
+                       "is_contiguous", "nelement", "get_device"})
+
+
+class _TensorReads(TorchFunctionMode):
+    """Notes, by module id, the modules whose parameters or buffers a torch function gets as real tensors while
+    ``skip(module_id)`` is false: reads a torch.fx trace cannot show (``for p in self.conv.parameters()``,
+    ``self.state_dict()``: fx evaluates them while tracing and keeps the result as a constant) or, in a run,
+    reads outside the owner's own forward. Metadata (:data:`_METADATA`) is no read of values."""
+
+    def __init__(self, modules: list[nn.Module], skip: Any = lambda key: False) -> None:
+        super().__init__()
+        self.owners: dict[int, list[int]] = {}
+        for m in modules:
+            for t in (*m._parameters.values(), *m._buffers.values()):
+                if t is not None:
+                    self.owners.setdefault(id(t), []).append(id(m))
+        self.skip = skip
+        self.read: set[int] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property: its name is the descriptor's
+            name = getattr(getattr(func, "__self__", None), "__name__", "")
+        if name not in _METADATA:
+            for t in _tensors_in((args, kwargs)):
+                for key in self.owners.get(id(t), ()):
+                    if not self.skip(key):
+                        self.read.add(key)
+        return func(*args, **kwargs)
+
+
+def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors themselves (not detached copies: their identity is what counts) in nested tuples, lists and
+    dicts of a torch function's arguments."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors_in(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors_in(o)
+
+
 class _NotingDict(dict):
     """A dict that calls ``note()`` on each lookup ``d[key]``."""
 
@@ -471,7 +538,9 @@ def _reads_outside_forward(modules: list[nn.Module]) -> Iterator[set[int]]:
 
     Such reads go through ``nn.Module.__getattr__``, which looks the name up in ``_parameters`` or ``_buffers``: for
     the block these are :class:`_NotingDict` copies (put back after it, with what the block added or removed); each
-    module keeps its class, so a forward that dispatches on ``type(module)`` runs as it does outside.
+    module keeps its class, so a forward that dispatches on ``type(module)`` runs as it does outside. Values
+    reached without a lookup (``module.parameters()``, ``state_dict()``) are seen where a torch function gets
+    them (:class:`_TensorReads`).
     """
     read: set[int] = set()
     running: Counter[int] = Counter()
@@ -487,12 +556,15 @@ def _reads_outside_forward(modules: list[nn.Module]) -> Iterator[set[int]]:
 
     saved = [(m, slot, getattr(m, slot)) for m in modules for slot in ("_parameters", "_buffers")]
     handles = []
+    ops = _TensorReads(modules, skip=lambda key: running[key] > 0)  # values reached otherwise (.parameters())
     try:
         for m in modules:
             handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
         for m, slot, items in saved:
             m.__dict__[slot] = _NotingDict(items, noter(id(m)))
-        yield read
+        with ops:
+            yield read
+        read |= ops.read
     finally:
         for h in handles:
             h.remove()
@@ -579,37 +651,47 @@ class _ConstantBufferTracer(_Tracer):
     proxy_buffer_attributes = False
 
 
-def _trace(work: nn.Module, report: FoldReport) -> fx.Graph:
-    """The fx graph of ``work``: buffers traced, or, if the forward needs their values, inlined (with a note)."""
+def _trace(work: nn.Module, report: FoldReport) -> tuple[fx.Graph, set[int]]:
+    """The fx graph of ``work``: buffers traced, or, if the forward needs their values, inlined (with a note); and
+    the ids of the modules whose tensors the trace read as values (:class:`_TensorReads`), which its graph does
+    not show."""
+    modules = list(work.modules())
     try:
-        return _Tracer().trace(work)
+        with _TensorReads(modules) as reads:
+            return _Tracer().trace(work), reads.read
     except Exception:  # noqa: BLE001 - whatever fx raises, the constant-buffer trace decides
-        graph = _ConstantBufferTracer().trace(work)
+        with _TensorReads(modules) as reads:
+            graph = _ConstantBufferTracer().trace(work)
         report.notes.append("the forward uses a buffer as a Python value, so buffers were traced as constants: "
                             "a direct read of a BN's running statistics in the forward would not be seen "
                             "(pass example_inputs to verify the folded model)")
-        return graph
+        return graph, reads.read
 
 
 def _plan_fx(
-    work: nn.Module, graph: fx.Graph, probe: dict[int, dict], report: FoldReport
+    work: nn.Module, graph: fx.Graph, traced_reads: set[int], probe: dict[int, dict],
+    shared: dict[int, list[str]], report: FoldReport,
 ) -> list[tuple[str, str, str]]:
     """Pairs ``(bn, layer, position)`` to fold, read from the eval-mode fx ``graph`` of ``work``.
 
+    ``traced_reads``: the modules whose tensors tracing read as values (see :func:`_trace`). With a ``probe``,
+    a module it saw called more often than the graph shows (from a hook) counts as called that often.
     Unfoldable BNs go to ``report.left``. "after" folds are planned first; a BN left over is
     then tried against the single layer it feeds.
     """
     modules = dict(work.named_modules(remove_duplicate=False))
-    shared = _shared_names(work)
-    calls: Counter[int] = Counter()
-    attr_used: set[int] = set()  # modules whose parameters/buffers the forward reads directly
+    calls: Counter[int] = Counter({key: entry["calls"] for key, entry in probe.items()})
+    # modules whose parameters/buffers the forward reads directly
+    attr_used = set(traced_reads) | {key for key, entry in probe.items() if entry["read"]}
+    graph_calls: Counter[int] = Counter()
     for node in graph.nodes:
         if node.op == "call_module":
-            calls[id(modules[node.target])] += 1
+            graph_calls[id(modules[node.target])] += 1
         elif node.op == "get_attr" and "." in node.target:
             owner = node.target.rsplit(".", 1)[0]
             if owner in modules:
                 attr_used.add(id(modules[owner]))
+    calls |= graph_calls  # the larger count of each
 
     def layer_node(node: Any) -> str | None:
         ok = isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules[node.target], _LAYER_TYPES)
@@ -617,7 +699,7 @@ def _plan_fx(
 
     plan: list[tuple[str, str, str]] = []
     for name, bn in bn_or_frozen_layers(work):
-        if calls[id(bn)] == 0:
+        if graph_calls[id(bn)] == 0:
             report.left[name] = "not called as a module in the traced forward"
 
     retry = []
@@ -672,7 +754,8 @@ def _plan_fx(
     return plan
 
 
-def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport) -> list[tuple[str, str, str]]:
+def _plan_sequential(work: nn.Module, probe: dict[int, dict], shared: dict[int, list[str]],
+                     report: FoldReport) -> list[tuple[str, str, str]]:
     """Fallback: fold BN with its neighbour inside plain ``nn.Sequential`` containers.
 
     A plain Sequential passes each child's output to the next child only, so adjacency is
@@ -680,7 +763,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
     its children one by one and use their outputs elsewhere), each child once, so only from
     it. A module or layer weight held in several attribute slots is not folded either, nor a
     BN or layer whose tensors the probe run saw read outside its own forward;
-    without a probe run (no ``example_inputs``) nothing is.
+    without a probe run (no ``example_inputs``) nothing is. ``shared``: see :func:`_shared_names`.
     """
     if not probe:  # nothing shows whether a layer is also called outside its Sequential: fold nothing
         for name, _ in bn_or_frozen_layers(work):
@@ -689,7 +772,6 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
         return []
     calls: Counter[int] = Counter({key: entry["calls"] for key, entry in probe.items()})
     read = {key for key, entry in probe.items() if entry["read"]}
-    shared = _shared_names(work)
     plan: list[tuple[str, str, str]] = []
     used: set[str] = set()  # BN layers folded, and layers with their position ("conv:after"): one BN each side
     for prefix, seq in work.named_modules():
@@ -728,23 +810,39 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], report: FoldReport
     return plan
 
 
-def _shared_names(work: nn.Module) -> dict[int, list[str]]:
+def _shared_names(work: nn.Module, original: nn.Module | None = None) -> dict[int, list[str]]:
     """Every name of each module and parameter held in more than one attribute slot, by object id.
 
     Such objects are not folded: fx names a module by its first name and a fold replaces the
     module in one slot, so an alias of a folded BN would still run it; a layer weight tied to
     another module's would get its own folded copy, tied again in a freshly built model, where the
-    last key loaded wins. Names that differ only because an ancestor container is registered twice
-    reach one slot (replacing it there replaces it for every path), so they do not count.
+    last key loaded wins. Parameters that are distinct objects over the same memory
+    (``nn.Parameter(other.weight.data)``) count as one: each would be saved under its own key, and a freshly built
+    model that shares them so keeps the last one loaded. ``original``: the model ``work`` is a copy of, whose
+    memory sharing counts (``copy.deepcopy`` gives such parameters memory of their own). Names that differ only
+    because an ancestor container is registered twice reach one slot (replacing it there replaces it for every
+    path), so they do not count.
     """
+    def slots_of(model: nn.Module) -> list[tuple[str, int, str, Any]]:
+        return [(f"{prefix}.{attr}" if prefix else attr, id(parent), attr, obj)
+                for prefix, parent in model.named_modules(remove_duplicate=False)
+                for attr, obj in [*parent._modules.items(), *parent._parameters.items()] if obj is not None]
+
+    here = slots_of(work)
     names: dict[int, list[str]] = {}
     slots: dict[int, set[tuple[int, str]]] = {}
-    for prefix, parent in work.named_modules(remove_duplicate=False):
-        items = [*parent._modules.items(), *parent._parameters.items()]
-        for attr, obj in items:
-            if obj is not None:
-                names.setdefault(id(obj), []).append(f"{prefix}.{attr}" if prefix else attr)
-                slots.setdefault(id(obj), set()).add((id(parent), attr))
+    for name, parent, attr, obj in here:
+        names.setdefault(id(obj), []).append(name)
+        slots.setdefault(id(obj), set()).add((parent, attr))
+    memory: dict[tuple, set[int]] = {}  # this model's parameters by the memory the original's view
+    for (_, _, _, obj), (_, _, _, seen) in zip(here, slots_of(original if original is not None else work)):
+        if isinstance(seen, torch.Tensor) and not is_lazy(seen) and seen.device.type != "meta" and seen.numel():
+            memory.setdefault((seen.device, seen.untyped_storage().data_ptr()), set()).add(id(obj))
+    for group in (g for g in memory.values() if len(g) > 1):
+        together = sorted(n for key in group for n in names[key])
+        for key in group:
+            slots[key] = slots[key] | {(other, "") for other in group}
+            names[key] = together
     return {key: names[key] for key, where in slots.items() if len(where) > 1}
 
 
@@ -919,8 +1017,16 @@ def _layout_reason(layer: nn.Module, bn: nn.Module, probe: dict[int, dict], repo
                     f"{sorted(bn_ranks)} input, normalizing dim 1")
         if isinstance(layer, nn.Linear):
             note = "Linear/BatchNorm1d folds assume (N, features) activations; pass example_inputs to check"
-            if note not in report.notes:
-                report.notes.append(note)
+        elif bn_ranks is not None and want - 1 in bn_ranks:  # an unbatched conv's output fits this BN too
+            if want not in bn_ranks:
+                return (f"'{name}' gives batched rank-{want} output, which {type(bn).__name__} does not take: "
+                        f"the pair runs only unbatched, where BatchNorm's dim 1 is spatial")
+            note = (f"{type(layer).__name__}/{type(bn).__name__} folds assume batched (N, C, ...) activations "
+                    "(unbatched, BatchNorm's dim 1 is spatial); pass example_inputs to check")
+        else:
+            return None
+        if note not in report.notes:
+            report.notes.append(note)
         return None
     if ranks != {want}:
         kind = "Linear acts on the last dim" if want == 2 else f"it needs batched rank-{want} input"
