@@ -525,6 +525,9 @@ def test_verification_holds_the_fold_to_the_callers_rtol():
         fold_model(model, rtol=d / 2)
     assert info.value.report.tolerance == d / 2 and info.value.report.max_rel_diff == d
     assert not info.value.report.verified and not info.value.report.to_dict()["verified"]
+    import pickle  # a process pool sends the error back pickled: before, unpickling it lacked the report
+    copied = pickle.loads(pickle.dumps(info.value))
+    assert str(copied) == str(info.value) and copied.report.to_dict() == info.value.report.to_dict()
 
 
 def test_unreadable_or_invalid_files_are_refused(tmp_path):

@@ -877,3 +877,51 @@ def test_protect_stats_keeps_a_good_step_after_a_conversion_in_the_block():
     assert report.rolled_back == [] and report.nonfinite == []
     for k, v in model.state_dict().items():
         assert torch.equal(v, reference.state_dict()[k]), k
+
+
+def test_a_guard_error_survives_pickling_as_a_process_pool_sends_it_back():
+    """Before, unpickling called BNGuardError(message) and iterated its characters: a process pool reported a
+    broken pool instead of the guard's findings. Oracle: the error before pickling."""
+    import pickle
+
+    model = _trained().train()
+    with pytest.raises(BNGuardError) as info, bn_guard(model):
+        model(X)
+    for copied in (pickle.loads(pickle.dumps(info.value)), copy.deepcopy(info.value)):
+        assert type(copied) is BNGuardError and str(copied) == str(info.value)
+        assert copied.findings == info.value.findings
+
+
+def test_a_generator_or_async_function_is_refused_as_a_decorator_and_guarded_with_the_with_form():
+    """As a decorator, the guard would be entered and left around the call that makes the generator: the forwards
+    run while iterating it were unguarded (a model in training mode updated its statistics silently)."""
+    model = _trained()
+    guard = bn_guard(model)
+    with pytest.raises(TypeError, match="cannot decorate .*predict.*a generator function.*with bn_guard"):
+        @guard
+        def predict(batches):
+            for b in batches:
+                yield model(b)
+    with pytest.raises(TypeError, match="an async function"):
+        @guard
+        async def predict_async(b):
+            return model(b)
+
+    def predict_with(batches):
+        with bn_guard(model):
+            for b in batches:
+                yield model(b)
+
+    model.train()
+    before = model.state_dict()
+    with pytest.raises(BNGuardError, match="training mode"):
+        list(predict_with([X]))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_one_check_name_is_taken_as_one_check():
+    model = _trained().train()
+    with bn_guard(model, ignore="training"):  # before: split into letters, "unknown check(s) ['a', 'g', ...]"
+        model(X)
+    with pytest.raises(ValueError, match=r"unknown check\(s\) \['trainin'\]"):
+        bn_guard(model, ignore="trainin")

@@ -88,6 +88,9 @@ class FoldVerificationError(RuntimeError):
         super().__init__(message)
         self.report = report
 
+    def __reduce__(self) -> tuple:  # pickled (a process pool sends it back) with its report
+        return type(self), (self.args[0], self.report), self.__dict__
+
 
 @dataclass
 class FoldedNode:

@@ -42,12 +42,13 @@ restores all of them, so the skipped step leaves no trace in the statistics eith
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import sys
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -72,6 +73,9 @@ class BNGuardError(RuntimeError):
         self.findings = findings
         lines = [f"- {f.layer}: {f.finding} ({f.evidence}). Fix: {f.fix}" for f in findings]
         super().__init__(f"bn_guard found {len(findings)} BatchNorm problem(s) during inference:\n" + "\n".join(lines))
+
+    def __reduce__(self) -> tuple:  # pickled (a process pool sends it back) from its findings, not its message
+        return type(self), (self.findings,), self.__dict__
 
 
 class BNGuardWarning(RuntimeWarning):
@@ -183,18 +187,28 @@ class _Entry:
 class bn_guard(contextlib.ContextDecorator):
     """Guard inference against misconfigured BatchNorm layers (see the module doc).
 
-    Use as ``with bn_guard(model): ...`` or as ``@bn_guard(model)`` on a function.
+    Use as ``with bn_guard(model): ...`` or as ``@bn_guard(model)`` on a function; a generator or async function
+    is refused there (the guard would cover only the call that creates it, not the forwards made while it runs):
+    use the ``with`` form inside it.
 
     Args:
         model: the model about to run inference.
         action: ``"raise"`` a :class:`BNGuardError` or ``"warn"`` with :class:`BNGuardWarning`.
-        ignore: check codes to skip, from ``CHECKS``.
+        ignore: check codes to skip, from ``CHECKS`` (one code, or several).
     """
+
+    def __call__(self, func: Callable) -> Callable:
+        if inspect.isgeneratorfunction(func) or inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            kind = "a generator" if inspect.isgeneratorfunction(func) else "an async"
+            raise TypeError(f"bn_guard cannot decorate {getattr(func, '__qualname__', func)!r}, {kind} function: as "
+                            "a decorator it would guard only the call that creates it, not the forwards it runs "
+                            "later; use 'with bn_guard(model):' inside the function")
+        return super().__call__(func)
 
     def __init__(self, model: nn.Module, *, action: str = "raise", ignore: Iterable[str] = ()) -> None:
         if action not in _ACTIONS:
             raise ValueError(f"action must be one of {_ACTIONS}, got {action!r}")
-        ignore = set(ignore)
+        ignore = {ignore} if isinstance(ignore, str) else set(ignore)  # one check's name, not its letters
         if ignore - set(CHECKS):
             raise ValueError(f"unknown check(s) {sorted(ignore - set(CHECKS))}; checks are {CHECKS}")
         self.model, self.action, self.ignore = model, action, ignore
