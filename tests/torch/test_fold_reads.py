@@ -482,3 +482,51 @@ def test_conv1d_and_batchnorm1d_unprobed_get_a_note_and_a_conv2d_before_batchnor
     set_running_stats(unbatched[1], torch.randn(8), torch.rand(8) + 0.5)
     assert fold_plan(unbatched).left["1"] == ("'0' gives batched rank-4 output, which BatchNorm1d does not take: the "
                                              "pair runs only unbatched, where BatchNorm's dim 1 is spatial")
+
+
+class MetadataOnly(nn.Module):
+    """conv -> BN, with the conv's weight used for its metadata alone: ``how`` names the idiom (a recurrent
+    model's ``weight.new_zeros`` hidden state, ``torch.zeros_like``, ``x.to(weight)``, ``len``, ``is_meta``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.conv.weight if self.how.startswith("attribute") else next(self.conv.parameters())
+        if self.how.endswith("new_zeros"):
+            zero = w.new_zeros(1)
+        elif self.how.endswith("zeros_like"):
+            zero = torch.zeros_like(w)[0, 0, 0, :1]
+        elif self.how.endswith("to"):
+            x, zero = x.to(w), 0.0
+        else:
+            zero = float(len(w) + w.is_meta + w.is_floating_point()) * 0.0
+        return self.bn(self.conv(x)).mean((2, 3)) + zero
+
+
+@pytest.mark.parametrize("how", ["new_zeros", "zeros_like", "to", "len", "attribute new_zeros", "attribute to"])
+def test_a_layers_weight_used_for_its_metadata_only_does_not_stop_the_fold(how):
+    """Before this session's fix of reads through parameters(), such uses left the pair (false positives); an
+    attribute's get_attr used for metadata only (a recurrent model's hidden state) did already."""
+    model = bn_stats(MetadataOnly(how))
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = fold_bn(model, x)
+    assert report.n_folded == 1, report.left
+    assert max_diff_to_unfolded(model, folded, x) < 1e-5
+
+
+def test_parameters_that_are_disjoint_slices_of_one_flat_vector_are_not_shared():
+    """vector_to_parameters leaves every parameter a view of one storage, none overlapping: nothing is tied, and
+    each key reloads into its own slice. Oracle: the unfolded model, and the folded state dict reloaded."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    model = bn_stats(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1),
+                                   nn.BatchNorm2d(4)))
+    vector_to_parameters(parameters_to_vector(model.parameters()).clone(), model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = fold_bn(model, x)
+    assert report.n_folded == 2 and not report.left
+    assert max_diff_to_unfolded(model, folded, x) < 1e-5

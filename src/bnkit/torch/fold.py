@@ -471,10 +471,17 @@ def _note_reads_outside_forward(model: nn.Module, inputs: tuple, probe: dict[int
         probe[key]["read"] = True
 
 
-#: Tensor metadata a forward may look up without reading values (``next(self.parameters()).device``)
-_METADATA = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_leaf",
-                       "size", "dim", "numel", "stride", "is_floating_point", "is_complex", "element_size",
-                       "is_contiguous", "nelement", "get_device"})
+#: What a forward may get of a tensor without reading its values (``next(self.parameters()).device``,
+#: ``torch.zeros_like(weight)``) ...
+_METADATA = frozenset({
+    "shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_leaf", "size", "dim", "numel",
+    "stride", "is_floating_point", "is_complex", "element_size", "is_contiguous", "nelement", "get_device",
+    "is_meta", "is_sparse", "is_quantized", "is_mps", "is_xpu", "is_nested", "is_inference", "__len__", "nbytes",
+    "itemsize", "data_ptr", "storage_offset", "new_zeros", "new_ones", "new_empty", "new_full", "new_empty_strided",
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
+})
+#: ... and functions that read only the metadata of the tensors after the first (``x.to(weight)``)
+_OTHERS_METADATA = frozenset({"to", "type_as", "expand_as", "view_as", "reshape_as"})
 
 
 class _TensorReads(TorchFunctionMode):
@@ -499,7 +506,8 @@ class _TensorReads(TorchFunctionMode):
         if name == "__get__":  # a property: its name is the descriptor's
             name = getattr(getattr(func, "__self__", None), "__name__", "")
         if name not in _METADATA:
-            for t in _tensors_in((args, kwargs)):
+            read = args[:1] if name in _OTHERS_METADATA else (args, kwargs)
+            for t in _tensors_in(read):
                 for key in self.owners.get(id(t), ()):
                     if not self.skip(key):
                         self.read.add(key)
@@ -687,7 +695,7 @@ def _plan_fx(
     for node in graph.nodes:
         if node.op == "call_module":
             graph_calls[id(modules[node.target])] += 1
-        elif node.op == "get_attr" and "." in node.target:
+        elif node.op == "get_attr" and "." in node.target and not all(_metadata_use(u, node) for u in node.users):
             owner = node.target.rsplit(".", 1)[0]
             if owner in modules:
                 attr_used.add(id(modules[owner]))
@@ -834,16 +842,44 @@ def _shared_names(work: nn.Module, original: nn.Module | None = None) -> dict[in
     for name, parent, attr, obj in here:
         names.setdefault(id(obj), []).append(name)
         slots.setdefault(id(obj), set()).add((parent, attr))
-    memory: dict[tuple, set[int]] = {}  # this model's parameters by the memory the original's view
+    storages: dict[tuple, list[tuple[int, int, int]]] = {}  # (start, end, id in this model) by the original's storage
     for (_, _, _, obj), (_, _, _, seen) in zip(here, slots_of(original if original is not None else work)):
         if isinstance(seen, torch.Tensor) and not is_lazy(seen) and seen.device.type != "meta" and seen.numel():
-            memory.setdefault((seen.device, seen.untyped_storage().data_ptr()), set()).add(id(obj))
-    for group in (g for g in memory.values() if len(g) > 1):
+            start = seen.data_ptr()
+            end = start + (1 + sum((n - 1) * abs(st) for n, st in zip(seen.shape, seen.stride()))) * seen.element_size()
+            storages.setdefault((seen.device, seen.untyped_storage().data_ptr()), []).append((start, end, id(obj)))
+    for group in (g for spans in storages.values() for g in _overlapping(spans)):
         together = sorted(n for key in group for n in names[key])
         for key in group:
             slots[key] = slots[key] | {(other, "") for other in group}
             names[key] = together
     return {key: names[key] for key, where in slots.items() if len(where) > 1}
+
+
+def _metadata_use(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` gets only the metadata of ``node``'s tensor (``weight.device``, ``weight.new_zeros(...)``,
+    ``x.to(weight)``): no read of its values (see :data:`_METADATA`)."""
+    if user.op == "call_function" and user.target is getattr:
+        return user.args[1] in _METADATA
+    if user.op not in ("call_function", "call_method"):
+        return False
+    name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+    return name in _METADATA or (name in _OTHERS_METADATA and user.args[:1] != (node,))
+
+
+def _overlapping(spans: list[tuple[int, int, int]]) -> list[set[int]]:
+    """The ids of the tensors whose memory spans ``[start, end)`` overlap, in groups of two or more (views of one
+    storage that do not overlap, a flat parameter vector's slices, share no memory)."""
+    groups: list[set[int]] = []
+    reach = None
+    for start, end, key in sorted(set(spans)):
+        if reach is not None and start < reach:
+            groups[-1].add(key)
+            reach = max(reach, end)
+        else:
+            groups.append({key})
+            reach = end
+    return [g for g in groups if len(g) > 1]
 
 
 def _hooked(module: nn.Module) -> bool:
