@@ -82,6 +82,22 @@ def test_nan_checkpoint_exits_one_with_json(trained, tmp_path):
     assert finding["layer"] == "2" and finding["code"] == "non_finite"
 
 
+def test_a_checkpoint_with_a_model_and_its_ema_is_refused_not_half_audited(trained, tmp_path):
+    """YOLOv5's training checkpoint: the EMA (what it deploys) has a NaN statistic. Before, the "model" copy was
+    audited alone and the run passed; now the choice is the user's (exit 2, both keys named), and each copy saved
+    alone is audited (the EMA's NaN an error)."""
+    model, _, _, _ = trained
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    ema["2.running_var"][0] = float("nan")
+    path = tmp_path / "last.pt"
+    torch.save({"model": model.state_dict(), "ema": ema, "epoch": 9}, path)
+    result = _invoke(path, "--json")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert "holds the same weights twice, under 'model' and 'ema'" in " ".join(result.stderr.split())
+    torch.save(ema, tmp_path / "ema.pt")
+    assert _invoke(tmp_path / "ema.pt").exit_code == 1
+
+
 def test_never_updated_checkpoint_is_an_error(tmp_path):
     path = save_state_dict_file(MLP().state_dict(), tmp_path / "fresh.pt")
     result = _invoke(path, "--json")

@@ -794,14 +794,27 @@ def test_a_state_dict_under_an_unknown_key_is_found_or_the_choice_left_to_the_us
         load_state_dict_file(path)
 
 
-def test_the_first_known_wrapper_key_wins_over_a_later_one(tmp_path):
-    """YOLOv5/timm checkpoints hold both "model" and "ema": the weights are taken from the key that comes first in
-    the documented order (state_dict, model_state_dict, model, net, module, ema), not from the EMA copy."""
+def test_two_copies_of_the_weights_are_refused_and_the_first_known_key_wins_over_other_tensors(tmp_path):
+    """YOLOv5 and timm checkpoints hold a model and an EMA of its weights ("model"/"ema", "state_dict"/
+    "state_dict_ema"), and deploy the EMA: which one to use is the user's call, as for BasicSR's params/params_ema
+    (before, "model" was taken and the EMA's NaN statistics went unaudited). Dicts of other tensors beside a known key
+    (a loss's weights) leave the known key's weights taken, in the documented order."""
     path = tmp_path / "both.pt"
-    torch.save({"model": {"w": torch.zeros(2)}, "ema": {"w": torch.ones(2)}, "epoch": 3}, path)
-    assert torch.equal(load_state_dict_file(path)["w"], torch.zeros(2))
-    torch.save({"net": {"w": torch.ones(2)}, "state_dict": {"w": torch.full((2,), 2.0)}}, path)
-    assert torch.equal(load_state_dict_file(path)["w"], torch.full((2,), 2.0))
+    sd = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).state_dict()
+    ema = {k: v.clone() for k, v in sd.items()}
+    ema["1.running_var"][0] = float("nan")
+    for checkpoint, known, twin in [({"model": sd, "ema": ema, "epoch": 3}, "model", "ema"),
+                                    ({"state_dict": sd, "state_dict_ema": ema}, "state_dict", "state_dict_ema"),
+                                    ({"model": {"module." + k: v for k, v in sd.items()}, "ema": ema}, "model", "ema")]:
+        torch.save(checkpoint, path)
+        with pytest.raises(ValueError, match=rf"both.pt holds the same weights twice, under '{known}' and '{twin}' .*"
+                                             rf"torch.save\(checkpoint\['{twin}'\], 'ema.pt'\), or "
+                                             rf"checkpoint\['{known}'\]"):
+            load_state_dict_file(path)
+    torch.save({"model": sd, "ema": None, "loss": {"weight": torch.ones(3)}}, path)  # YOLOv5's stripped layout
+    assert load_state_dict_file(path).keys() == sd.keys()
+    torch.save({"net": {"w": torch.ones(2)}, "state_dict": {"v": torch.full((2,), 2.0)}}, path)
+    assert list(load_state_dict_file(path)) == ["v"]
 
 
 class _Tagged(torch.nn.BatchNorm1d):

@@ -307,7 +307,9 @@ def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object]
     The state dict is ``obj`` itself, or the dict of tensors under one of the usual wrapper keys
     (``state_dict``, ``model``, ``ema``, ...), or under the only key that holds one (``{"weights": sd,
     "epoch": 3}``) when it holds more tensors than the top level. Several such dicts under other keys
-    (``{"params": sd, "params_ema": sd_ema}``) are refused: which one holds the weights is the user's call.
+    (``{"params": sd, "params_ema": sd_ema}``) are refused: which one holds the weights is the user's call; so is a
+    dict under a wrapper key beside another of the same tensor names (``{"model": sd, "ema": sd_ema}``,
+    ``{"state_dict": sd, "state_dict_ema": sd_ema}``).
     Entries a module's ``get_extra_state`` wrote (``..._extra_state``) are kept whatever their type.
     """
     if isinstance(obj, torch.nn.Module):
@@ -320,7 +322,13 @@ def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object]
             value = value.state_dict()
         return sum(isinstance(v, torch.Tensor) for v in value.values()) if isinstance(value, Mapping) else 0
 
-    inner = next((obj[k] for k in _WRAPPER_KEYS if tensors_in(obj.get(k))), None)
+    known = next((k for k in _WRAPPER_KEYS if tensors_in(obj.get(k))), None)
+    inner = None if known is None else obj[known]
+    if known is not None and (twins := [str(k) for k, v in obj.items() if k != known and _same_names(v, inner)]):
+        raise ValueError(
+            f"{path} holds the same weights twice, under {known!r} and {twins[0]!r} (a model and an average of its "
+            "weights, as YOLOv5 and timm save them): which one to use is your call; save it alone, e.g. "
+            f"torch.save(checkpoint[{twins[0]!r}], 'ema.pt'), or checkpoint[{known!r}]")
     if inner is None:
         nested = {k: n for k, v in obj.items() if not str(k).endswith("_extra_state") and (n := tensors_in(v))}
         top = tensors_in(obj)
@@ -340,6 +348,20 @@ def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object]
         raise ValueError(f"{path} contains no tensors")
     refuse_meta(state.items(), str(path), "save the state dict after loading real weights")
     return state, {str(k): type(v).__name__ for k, v in obj.items() if str(k) not in state}
+
+
+def _same_names(a: object, b: object) -> bool:
+    """Two state dicts (or modules) with the same tensor names, wrapper prefixes aside: two copies of one model's
+    weights (its EMA), not a model and another component (a loss's weights)."""
+    def names(value: object) -> set[str]:
+        if isinstance(value, torch.nn.Module):
+            value = value.state_dict()
+        if not isinstance(value, Mapping):
+            return set()
+        return {_bare(str(k)) for k, v in value.items() if isinstance(v, torch.Tensor)}
+
+    found = names(a)
+    return bool(found) and found == names(b)
 
 
 def _bare(name: str) -> str:
