@@ -282,3 +282,42 @@ def test_a_valid_count_in_any_real_dtype_or_shape_one_is_read_exactly():
         state["num_batches_tracked"] = value
         (layer,) = bn_stats_from_state(state)
         assert layer.invalid == [] and layer.num_batches_tracked == 7 and type(layer.num_batches_tracked) is int
+
+
+def test_nan_in_some_channels_leaves_the_others_checked():
+    """A NaN mean in channel 0 used to hide every other finding of the layer: a negative variance (channel 1), a
+    variance below eps (channel 2, gain 1/sqrt(1e-9 + 1e-5) = 316 closed form) and a dead gamma (channel 3)."""
+    state = _trained_bn().state_dict()
+    state["running_mean"][0] = float("nan")
+    state["running_var"][1], state["running_var"][2] = -0.5, 1e-9
+    state["weight"][3] = 0.0
+    findings = audit_state(state)
+    assert [f.code for f in findings] == ["non_finite", "negative_var", "tiny_var", "dead_gamma"]
+    assert findings[0].data["non_finite"] == {"running_mean": 1}
+    assert findings[1].data == {"channels": [1], "min_var": -0.5}
+    gamma = abs(float(state["weight"][2]))
+    assert findings[2].data["channels"] == [2]
+    assert findings[2].data["max_gain"] == pytest.approx(gamma / math.sqrt(1e-9 + 1e-5), rel=1e-6)
+    assert findings[3].data["channels"] == [3]
+
+
+def test_a_tiny_variance_with_eps_zero_is_warned_by_its_unbounded_gain():
+    """eps 0: a variance of 1e-8 gives the channel a gain of 1e4 (closed form |gamma|/sqrt(var)), which eps > 0
+    would have bounded; before, only exactly zero variance was reported with eps 0."""
+    bn = _trained_bn()
+    bn.running_var[2] = 1e-8
+    layer = BNStats("bn", *(bn.state_dict()[k].numpy().astype(np.float64)
+                            for k in ("running_mean", "running_var", "weight", "bias")),
+                    num_batches_tracked=50, eps=0.0, momentum=0.1)
+    (finding,) = check_bn_stats(layer)
+    assert finding.code == "tiny_var" and finding.data["channels"] == [2]
+    assert finding.finding == "variance below 1e-5 with eps = 0: nothing bounds the channel's gain"
+    assert finding.data["max_gain"] == pytest.approx(abs(bn.weight.detach()[2].item()) / 1e-4, rel=1e-6)
+
+
+def test_a_variance_below_eps_in_a_dead_channel_is_no_amplification():
+    """gamma 0 and variance 0: the gain is 0, so tiny_var (which says the channel amplifies) is not raised; the
+    dead channel is reported as such."""
+    state = _trained_bn().state_dict()
+    state["weight"][0], state["running_var"][0] = 0.0, 0.0
+    assert [f.code for f in audit_state(state)] == ["dead_gamma"]

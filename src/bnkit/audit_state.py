@@ -52,6 +52,8 @@ __all__ = [
 FEW_UPDATES_WEIGHT = 0.01
 #: ``|gamma|`` at or below this is a dead channel.
 GAMMA_TOL = 1e-3
+#: PyTorch's default eps: a layer with eps 0 has its variances judged against it (``tiny_var``).
+DEFAULT_EPS = 1e-5
 
 #: A BatchNorm layer's entries in a state dict, by name.
 BN_BUFFERS = ("running_mean", "running_var", "weight", "bias", "num_batches_tracked")
@@ -235,21 +237,21 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
     per = layer.positions
     nonfinite = {k: len(_where(~np.isfinite(v), per)) for k, v in arrays.items()}
     nonfinite = {k: n for k, n in nonfinite.items() if n}
-    if nonfinite:
-        return [Finding("error", name, "non-finite values in BN statistics or parameters",
-                        "; ".join(f"{k}: {n} of {mean.size // per} channels NaN/Inf" for k, n in nonfinite.items()),
-                        "recompute the statistics (bnkit recalibrate) from clean data, or restore an earlier "
-                        "checkpoint",
-                        "non_finite", {"non_finite": nonfinite})]
+    findings: list[Finding] = []
+    if nonfinite:  # the checks below still judge the finite channels (a NaN compares false everywhere)
+        findings.append(Finding(
+            "error", name, "non-finite values in BN statistics or parameters",
+            "; ".join(f"{k}: {n} of {mean.size // per} channels NaN/Inf" for k, n in nonfinite.items()),
+            "recompute the statistics (bnkit recalibrate) from clean data, or restore an earlier checkpoint",
+            "non_finite", {"non_finite": nonfinite}))
 
     eps = float(layer.eps)
     if not math.isfinite(eps):
-        return [Finding("error", name, "non-finite eps",
+        return findings + [Finding("error", name, "non-finite eps",
                         f"eps = {eps}: every output of the layer is "
                         + ("NaN" if math.isnan(eps) or eps < 0 else "beta (the input is divided by infinity)"),
                         "set eps to a small positive number (PyTorch's default is 1e-5)", "bad_eps", {"eps": eps})]
 
-    findings: list[Finding] = []
     nbt = layer.num_batches_tracked
     at_init = bool(np.all(mean == 0.0) and np.all(var == 1.0))
     if at_init:
@@ -281,10 +283,10 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
     if negative.any():
         findings.append(Finding(
             "error", name, "negative running variance",
-            f"{_channels(negative, per)}: min running_var {var.min():.3g}"
+            f"{_channels(negative, per)}: min running_var {var[negative].min():.3g}"
             + ("; var + eps < 0 gives NaN" if (var + eps < 0).any() else ""),
             "the statistics were corrupted (a variance cannot be negative): recompute them with bnkit recalibrate",
-            "negative_var", {"channels": _where(negative, per), "min_var": float(var.min())}))
+            "negative_var", {"channels": _where(negative, per), "min_var": float(var[negative].min())}))
 
     zero = (var >= 0) & (var + eps <= 0)  # sqrt(var + eps): zero divides by zero, negative is NaN
     if zero.any() and eps == 0:
@@ -308,14 +310,21 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
             "set eps > 0 (PyTorch's default is 1e-5)", "negative_eps", {"eps": eps}))
 
     gamma = np.ones_like(var) if layer.weight is None else layer.weight
-    tiny = (var >= 0) & (var < eps)
+    # below eps, eps sets the gain; with eps 0 nothing bounds it: judged against PyTorch's default eps then
+    floor = eps if eps > 0 else DEFAULT_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gains = np.abs(gamma) / np.sqrt(var + eps)
+    tiny = (var >= 0) & (var + eps > 0) & (var < floor) & (gains > 1)  # a dead gamma amplifies nothing
     if tiny.any():
-        gain = np.abs(gamma[tiny]) / np.sqrt(var[tiny] + eps)
+        gain = gains[tiny]
+        below = f"eps {eps:g}" if eps > 0 else f"{DEFAULT_EPS:g} with eps 0, which bounds nothing,"
         findings.append(Finding(
-            "warning", name, "variance below eps: eps sets the channel's gain",
-            f"{_channels(tiny, per)}: running_var {var[tiny].min():.3g} < eps {eps:g}; "
+            "warning", name, "variance below eps: eps sets the channel's gain" if eps > 0 else
+            "variance below 1e-5 with eps = 0: nothing bounds the channel's gain",
+            f"{_channels(tiny, per)}: running_var {var[tiny].min():.3g} < {below}; "
             f"|gamma|/sqrt(var + eps) up to {gain.max():.3g}, so any input change in these channels is amplified",
-            "if these channels are dead upstream, prune them; otherwise recalibrate on representative data",
+            "if these channels are dead upstream, prune them; otherwise recalibrate on representative data"
+            + ("" if eps > 0 else "; an eps > 0 bounds the gain"),
             "tiny_var", {"channels": _where(tiny, per), "max_gain": float(gain.max())}))
 
     if layer.weight is not None:
