@@ -311,7 +311,8 @@ def test_a_tiny_variance_with_eps_zero_is_warned_by_its_unbounded_gain():
                     num_batches_tracked=50, eps=0.0, momentum=0.1)
     (finding,) = check_bn_stats(layer)
     assert finding.code == "tiny_var" and finding.data["channels"] == [2]
-    assert finding.finding == "variance below 1e-5 with eps = 0: nothing bounds the channel's gain"
+    assert finding.finding == "variance below 1e-5 with eps <= 0: nothing bounds the channel's gain"
+    assert "running_var 1e-08 < 1e-05 (eps 0 bounds nothing); |gamma|/sqrt(var + eps) up to" in finding.evidence
     assert finding.data["max_gain"] == pytest.approx(abs(bn.weight.detach()[2].item()) / 1e-4, rel=1e-6)
 
 
@@ -321,3 +322,30 @@ def test_a_variance_below_eps_in_a_dead_channel_is_no_amplification():
     state = _trained_bn().state_dict()
     state["weight"][0], state["running_var"][0] = 0.0, 0.0
     assert [f.code for f in audit_state(state)] == ["dead_gamma"]
+
+
+def test_a_non_finite_channel_is_left_out_of_the_other_checks_and_float16_gains_do_not_overflow():
+    """An inf gamma with a tiny variance, a -inf variance: reported as non-finite only, not again as an inf gain
+    or a -inf minimum; a float16 layer's gain 1000/sqrt(1e-5) = 3.16e5 (closed form) is computed in float64."""
+    layer = BNStats("bn", np.zeros(3), np.array([1e-8, 1e-8, 1.0]), np.array([np.inf, 1.0, 1.0]), np.zeros(3),
+                    num_batches_tracked=50, eps=1e-5, momentum=0.1)
+    codes = [(f.code, f.data.get("channels")) for f in check_bn_stats(layer)]
+    assert codes == [("non_finite", None), ("tiny_var", [1])]
+    layer = BNStats("bn", np.zeros(2), np.array([-np.inf, -1.0]), None, None, num_batches_tracked=50, eps=1e-5,
+                    momentum=0.1)
+    negative = [f for f in check_bn_stats(layer) if f.code == "negative_var"]
+    assert negative[0].data == {"channels": [1], "min_var": -1.0}
+    half = BNStats("bn", np.zeros(2, np.float16), np.array([0.0, 1.0], np.float16), np.array([1000, 1], np.float16),
+                   np.zeros(2, np.float16), num_batches_tracked=50, eps=1e-5, momentum=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (tiny,) = [f for f in check_bn_stats(half) if f.code == "tiny_var"]
+    assert tiny.data["max_gain"] == pytest.approx(float(np.float16(1000)) / math.sqrt(1e-5), rel=1e-6)
+
+
+def test_a_tiny_variance_with_a_negative_eps_names_that_eps():
+    layer = BNStats("bn", np.zeros(2), np.array([1e-6, 1.0]), np.ones(2), np.zeros(2), num_batches_tracked=50,
+                    eps=-1e-7, momentum=0.1)
+    (tiny,) = [f for f in check_bn_stats(layer) if f.code == "tiny_var"]
+    assert "(eps -1e-07 bounds nothing)" in tiny.evidence and "eps 0" not in tiny.evidence
+    assert tiny.data["max_gain"] == pytest.approx(1 / math.sqrt(1e-6 - 1e-7), rel=1e-9)

@@ -279,16 +279,21 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
             "recomputed from that many batches (bnkit recalibrate on a fresh layer, update_bn) are exact already",
             "few_updates", {"num_batches_tracked": nbt, "initial_weight": w0}))
 
-    negative = var < 0
+    # channels with NaN/Inf anywhere are reported above; the checks below judge the others
+    finite = np.isfinite(mean) & np.isfinite(var)
+    for extra in (layer.weight, layer.bias):
+        if extra is not None:
+            finite &= np.isfinite(extra)
+    negative = (var < 0) & finite
     if negative.any():
         findings.append(Finding(
             "error", name, "negative running variance",
             f"{_channels(negative, per)}: min running_var {var[negative].min():.3g}"
-            + ("; var + eps < 0 gives NaN" if (var + eps < 0).any() else ""),
+            + ("; var + eps < 0 gives NaN" if (var[negative] + eps < 0).any() else ""),
             "the statistics were corrupted (a variance cannot be negative): recompute them with bnkit recalibrate",
             "negative_var", {"channels": _where(negative, per), "min_var": float(var[negative].min())}))
 
-    zero = (var >= 0) & (var + eps <= 0)  # sqrt(var + eps): zero divides by zero, negative is NaN
+    zero = (var >= 0) & (var + eps <= 0) & finite  # sqrt(var + eps): zero divides by zero, negative is NaN
     if zero.any() and eps == 0:
         findings.append(Finding(
             "error", name, "zero running variance with eps = 0",
@@ -310,17 +315,17 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
             "set eps > 0 (PyTorch's default is 1e-5)", "negative_eps", {"eps": eps}))
 
     gamma = np.ones_like(var) if layer.weight is None else layer.weight
-    # below eps, eps sets the gain; with eps 0 nothing bounds it: judged against PyTorch's default eps then
+    # below eps, eps sets the gain; with eps <= 0 nothing bounds it: judged against PyTorch's default eps then
     floor = eps if eps > 0 else DEFAULT_EPS
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gains = np.abs(gamma) / np.sqrt(var + eps)
-    tiny = (var >= 0) & (var + eps > 0) & (var < floor) & (gains > 1)  # a dead gamma amplifies nothing
+    with np.errstate(divide="ignore", invalid="ignore"):  # float64: a float16 layer's gains overflow its dtype
+        gains = np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
+    tiny = finite & (var >= 0) & (var + eps > 0) & (var < floor) & (gains > 1)  # a dead gamma amplifies nothing
     if tiny.any():
         gain = gains[tiny]
-        below = f"eps {eps:g}" if eps > 0 else f"{DEFAULT_EPS:g} with eps 0, which bounds nothing,"
+        below = f"eps {eps:g}" if eps > 0 else f"{DEFAULT_EPS:g} (eps {eps:g} bounds nothing)"
         findings.append(Finding(
             "warning", name, "variance below eps: eps sets the channel's gain" if eps > 0 else
-            "variance below 1e-5 with eps = 0: nothing bounds the channel's gain",
+            "variance below 1e-5 with eps <= 0: nothing bounds the channel's gain",
             f"{_channels(tiny, per)}: running_var {var[tiny].min():.3g} < {below}; "
             f"|gamma|/sqrt(var + eps) up to {gain.max():.3g}, so any input change in these channels is amplified",
             "if these channels are dead upstream, prune them; otherwise recalibrate on representative data"
@@ -328,7 +333,7 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
             "tiny_var", {"channels": _where(tiny, per), "max_gain": float(gain.max())}))
 
     if layer.weight is not None:
-        dead = np.abs(layer.weight) <= GAMMA_TOL
+        dead = (np.abs(layer.weight) <= GAMMA_TOL) & finite
         if dead.any():
             everywhere = bool(dead.all())
             findings.append(Finding(

@@ -530,3 +530,32 @@ def test_parameters_that_are_disjoint_slices_of_one_flat_vector_are_not_shared()
     folded, report = fold_bn(model, x)
     assert report.n_folded == 2 and not report.left
     assert max_diff_to_unfolded(model, folded, x) < 1e-5
+
+
+class UsesBnMetadata(nn.Module):
+    """conv -> BN, and the BN's own tensors used for their metadata: a folded BN (an nn.Identity) has none."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if self.how == "device":
+            return y.to(self.bn.weight.device)
+        if self.how == "zeros_like":
+            return y + torch.zeros_like(self.bn.running_mean).view(1, -1, 1, 1)
+        return y.to(next(self.bn.parameters()).dtype)
+
+
+@pytest.mark.parametrize("how", ["device", "zeros_like", "parameters"])
+def test_a_bns_own_tensors_used_for_metadata_leave_it(how):
+    """A metadata use spares a layer that stays, not the BN a fold removes: before this was fixed, fold_bn folded it
+    and the folded model raised AttributeError (no inputs: unverified, broken at its first call)."""
+    model = bn_stats(UsesBnMetadata(how))
+    x = torch.randn(2, 3, 8, 8)
+    for inputs in (x, None):
+        folded, report = fold_bn(model, inputs)
+        assert report.n_folded == 0 and "the forward reads the BN's tensors directly" in report.left["bn"]
+        assert max_diff_to_unfolded(model, folded, x) < 1e-5

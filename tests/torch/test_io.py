@@ -805,10 +805,14 @@ def test_two_copies_of_the_weights_are_refused_and_the_first_known_key_wins_over
     ema["1.running_var"][0] = float("nan")
     for checkpoint, known, twin in [({"model": sd, "ema": ema, "epoch": 3}, "model", "ema"),
                                     ({"state_dict": sd, "state_dict_ema": ema}, "state_dict", "state_dict_ema"),
-                                    ({"model": {"module." + k: v for k, v in sd.items()}, "ema": ema}, "model", "ema")]:
+                                    ({"model": {"module." + k: v for k, v in sd.items()}, "ema": ema}, "model", "ema"),
+                                    # torchvision's references: an AveragedModel's state dict, n_averaged and module.*
+                                    ({"model": sd, "optimizer": {}, "model_ema": {
+                                        "n_averaged": torch.tensor(7), **{"module." + k: v for k, v in ema.items()}}},
+                                     "model", "model_ema")]:
         torch.save(checkpoint, path)
         with pytest.raises(ValueError, match=rf"both.pt holds the same weights twice, under '{known}' and '{twin}' .*"
-                                             rf"torch.save\(checkpoint\['{twin}'\], 'ema.pt'\), or "
+                                             rf"torch.save\(checkpoint\['{twin}'\], 'weights.pt'\), or "
                                              rf"checkpoint\['{known}'\]"):
             load_state_dict_file(path)
     torch.save({"model": sd, "ema": None, "loss": {"weight": torch.ones(3)}}, path)  # YOLOv5's stripped layout

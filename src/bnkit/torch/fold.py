@@ -488,7 +488,8 @@ class _TensorReads(TorchFunctionMode):
     """Notes, by module id, the modules whose parameters or buffers a torch function gets as real tensors while
     ``skip(module_id)`` is false: reads a torch.fx trace cannot show (``for p in self.conv.parameters()``,
     ``self.state_dict()``: fx evaluates them while tracing and keeps the result as a constant) or, in a run,
-    reads outside the owner's own forward. Metadata (:data:`_METADATA`) is no read of values."""
+    reads outside the owner's own forward. A layer's metadata (:data:`_METADATA`) is no read of values; a BN's
+    is (a folded BN's tensors are gone)."""
 
     def __init__(self, modules: list[nn.Module], skip: Any = lambda key: False) -> None:
         super().__init__()
@@ -499,18 +500,20 @@ class _TensorReads(TorchFunctionMode):
                     self.owners.setdefault(id(t), []).append(id(m))
         self.skip = skip
         self.read: set[int] = set()
+        self.removable = {id(m) for m in modules if is_bn_or_frozen(m)}  # a folded BN's metadata is gone too
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name == "__get__":  # a property: its name is the descriptor's
             name = getattr(getattr(func, "__self__", None), "__name__", "")
-        if name not in _METADATA:
-            read = args[:1] if name in _OTHERS_METADATA else (args, kwargs)
-            for t in _tensors_in(read):
-                for key in self.owners.get(id(t), ()):
-                    if not self.skip(key):
-                        self.read.add(key)
+        metadata = name in _METADATA
+        read = args[:1] if name in _OTHERS_METADATA else (args, kwargs)
+        for t in _tensors_in((args, kwargs)):
+            for key in self.owners.get(id(t), ()):
+                if (key in self.removable or not metadata and any(t is r for r in _tensors_in(read))) \
+                        and not self.skip(key):
+                    self.read.add(key)
         return func(*args, **kwargs)
 
 
@@ -695,9 +698,11 @@ def _plan_fx(
     for node in graph.nodes:
         if node.op == "call_module":
             graph_calls[id(modules[node.target])] += 1
-        elif node.op == "get_attr" and "." in node.target and not all(_metadata_use(u, node) for u in node.users):
+        elif node.op == "get_attr" and "." in node.target:
             owner = node.target.rsplit(".", 1)[0]
-            if owner in modules:
+            # a layer's tensor used for its metadata stays readable after a fold; a folded BN's is gone
+            if owner in modules and (is_bn_or_frozen(modules[owner])
+                                     or not all(_metadata_use(u, node) for u in node.users)):
                 attr_used.add(id(modules[owner]))
     calls |= graph_calls  # the larger count of each
 

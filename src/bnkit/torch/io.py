@@ -326,9 +326,9 @@ def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object]
     inner = None if known is None else obj[known]
     if known is not None and (twins := [str(k) for k, v in obj.items() if k != known and _same_names(v, inner)]):
         raise ValueError(
-            f"{path} holds the same weights twice, under {known!r} and {twins[0]!r} (a model and an average of its "
-            "weights, as YOLOv5 and timm save them): which one to use is your call; save it alone, e.g. "
-            f"torch.save(checkpoint[{twins[0]!r}], 'ema.pt'), or checkpoint[{known!r}]")
+            f"{path} holds the same weights twice, under {known!r} and {twins[0]!r} (such as a model and an average "
+            "of its weights, as YOLOv5, timm and torchvision's references save them): which one to use is your call; "
+            f"save it alone, e.g. torch.save(checkpoint[{twins[0]!r}], 'weights.pt'), or checkpoint[{known!r}]")
     if inner is None:
         nested = {k: n for k, v in obj.items() if not str(k).endswith("_extra_state") and (n := tensors_in(v))}
         top = tensors_in(obj)
@@ -351,14 +351,15 @@ def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object]
 
 
 def _same_names(a: object, b: object) -> bool:
-    """Two state dicts (or modules) with the same tensor names, wrapper prefixes aside: two copies of one model's
-    weights (its EMA), not a model and another component (a loss's weights)."""
+    """Two state dicts (or modules) with the same tensor names, wrapper prefixes and an ``AveragedModel``'s
+    ``n_averaged`` aside: two copies of one model's weights (its EMA), not a model and another component (a loss's
+    weights)."""
     def names(value: object) -> set[str]:
         if isinstance(value, torch.nn.Module):
             value = value.state_dict()
         if not isinstance(value, Mapping):
             return set()
-        return {_bare(str(k)) for k, v in value.items() if isinstance(v, torch.Tensor)}
+        return {_bare(str(k)) for k, v in value.items() if isinstance(v, torch.Tensor) and str(k) != "n_averaged"}
 
     found = names(a)
     return bool(found) and found == names(b)
