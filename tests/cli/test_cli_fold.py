@@ -158,7 +158,7 @@ def test_options_that_do_nothing_and_bad_shapes_are_refused_before_any_work(tmp_
     result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--to-inference", "-o",
                                  str(tmp_path / "f.pt")])
     assert result.exit_code == 2 and "--to-inference applies only to an .onnx file" in _text(result)
-    for shape in ("0x1x8x8", "2xax8"):  # one message, exit 2 (bad usage), as for an ONNX file
+    for shape in ("0x1x8x8", "2xax8", f"{1 << 63}x3"):  # one message, exit 2 (bad usage), as for an ONNX file; int64
         result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--input-shape", shape, "-o",
                                      str(tmp_path / "f.pt")])
         assert result.exit_code == 2 and _text(result).count("error:") == 1 and "bad shape" in _text(result)
@@ -246,6 +246,16 @@ def test_a_failed_write_leaves_the_previous_weights_and_report(tmp_path, monkeyp
     assert runner.invoke(app, args).exit_code == 0 and (tmp_path / "f.fold.json").exists()
     monkeypatch.setattr(bnkit.atomic.os, "replace", lambda a, b: (_ for _ in ()).throw(SystemExit(143))
                         if str(b).endswith(".fold.json") else real(a, b))
+    result = runner.invoke(app, args + ["--input-shape", "2x1x8x8"])
+    assert result.exit_code == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.pt", "w.safetensors"]
+    # SIGTERM in the folder's fsync right after the weights' rename, inside their own write: the new weights are
+    # in place, so the earlier report, which describes other weights, goes (before, it stayed beside them)
+    monkeypatch.undo()
+    assert runner.invoke(app, args).exit_code == 0 and (tmp_path / "f.fold.json").exists()
+    fsync = bnkit.atomic._fsync
+    monkeypatch.setattr(bnkit.atomic, "_fsync", lambda p: (_ for _ in ()).throw(SystemExit(143))
+                        if os.path.isdir(p) else fsync(p))
     result = runner.invoke(app, args + ["--input-shape", "2x1x8x8"])
     assert result.exit_code == 143
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.pt", "w.safetensors"]

@@ -23,7 +23,7 @@ def _shape(text: str) -> list[int]:
         dims = [int(d) for d in text.lower().split("x")]
     except ValueError:
         dims = []
-    if not dims or any(d <= 0 for d in dims):
+    if not dims or any(d <= 0 or d >= 1 << 63 for d in dims):  # a tensor's sizes are int64
         raise fail(f"bad shape {text!r}: expected positive sizes joined by 'x', e.g. 1x3x224x224")
     return dims
 
@@ -110,6 +110,15 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
 def report_path(output: Path) -> Path:
     """Where the fold report of a folded state dict ``output`` is saved: ``folded.pt`` -> ``folded.fold.json``."""
     return output.with_suffix(".fold.json")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file at ``path`` as a rename replaces it (inode, modification time), or None where there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _report_owner(output: Path) -> str | None:
@@ -248,7 +257,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     else:
         report_file, in_file = report_path(output), {}
         rows, left = _torch_rows(report.folded), report.left
-        writing = report_file
+        writing, before = report_file, _identity(output)
         try:  # the report is renamed into place only once the weights are: a failure leaves both files as they were
             with atomic_path(report_file) as tmp:
                 Path(tmp).write_text(json.dumps({**report.to_dict(), "weights": output.name}, indent=2) + "\n")
@@ -256,6 +265,8 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
                 save_state_dict_file(folded.state_dict(), output)
                 writing = None  # only the report's rename is left
         except BaseException as exc:  # noqa: BLE001 - torch.save raises RuntimeError, safetensors its own type
+            if writing == output and _identity(output) != before:
+                writing = None  # the weights were renamed into place (a signal in the folder's fsync after it)
             # new weights beside a report from an earlier run: that report describes other weights
             stale = writing is None and report_file.exists()
             if stale:
