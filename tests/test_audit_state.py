@@ -349,3 +349,14 @@ def test_a_tiny_variance_with_a_negative_eps_names_that_eps():
     (tiny,) = [f for f in check_bn_stats(layer) if f.code == "tiny_var"]
     assert "(eps -1e-07 bounds nothing)" in tiny.evidence and "eps 0" not in tiny.evidence
     assert tiny.data["max_gain"] == pytest.approx(1 / math.sqrt(1e-6 - 1e-7), rel=1e-9)
+
+
+def test_a_channel_with_nan_at_one_position_is_left_out_at_all_its_positions():
+    """ONNX opset 7-8 spatial=0 statistics: one (channel, position) entry each. Channel 0's NaN mean at position 0
+    reports the channel as non-finite; its tiny variance at position 1 is not reported again as a gain."""
+    layer = BNStats("bn", np.array([np.nan, 0.0, 0.0, 0.0]), np.array([1.0, 1e-9, 1.0, 1.0]), np.ones(4),
+                    np.zeros(4), eps=1e-5, momentum=None, positions=2)
+    assert [f.code for f in check_bn_stats(layer)] == ["non_finite"]
+    layer.running_mean[0] = 0.0
+    (tiny,) = check_bn_stats(layer)
+    assert tiny.code == "tiny_var" and tiny.data["channels"] == [0]

@@ -284,6 +284,7 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
     for extra in (layer.weight, layer.bias):
         if extra is not None:
             finite &= np.isfinite(extra)
+    finite = np.repeat(finite.reshape(-1, per).all(axis=1), per)  # a channel's positions stand or fall together
     negative = (var < 0) & finite
     if negative.any():
         findings.append(Finding(

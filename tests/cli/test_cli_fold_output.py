@@ -155,3 +155,14 @@ def test_model_to_onnx_says_it_wrote_the_file_with_the_exports_own_difference(tm
     assert last.startswith("wrote m.onnx") and "--no-verify" in last
     written = sorted(set(os.listdir(tmp_path)) - {"__pycache__"})
     assert written == ["fold_output_nets.py", "j.onnx", "m.onnx", "n.onnx", "t.onnx"]
+
+
+def test_an_input_shape_too_big_for_any_array_is_named_not_numpys_error(tmp_path):
+    """Sizes below 2**63 whose product no array can hold: NumPy's "array is too big" named neither the shape nor
+    the option; now the memory error names the input and its shape, exit 1, nothing written."""
+    src = _conv_bn(tmp_path / "m.onnx")
+    result = runner.invoke(app, ["fold", str(src), "-o", str(tmp_path / "f.onnx"), "--input-shape",
+                                 f"x={1 << 62}x3x4x4"])
+    assert result.exit_code == 1, result.output
+    assert f"input 'x' of shape [{1 << 62}, 3, 4, 4]" in _text(result) and "nothing written" in _text(result)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]

@@ -488,8 +488,10 @@ class _TensorReads(TorchFunctionMode):
     """Notes, by module id, the modules whose parameters or buffers a torch function gets as real tensors while
     ``skip(module_id)`` is false: reads a torch.fx trace cannot show (``for p in self.conv.parameters()``,
     ``self.state_dict()``: fx evaluates them while tracing and keeps the result as a constant) or, in a run,
-    reads outside the owner's own forward. A layer's metadata (:data:`_METADATA`) is no read of values; a BN's
-    is (a folded BN's tensors are gone)."""
+    reads outside the owner's own forward. Metadata (:data:`_METADATA`) is no read of values: a tensor reached by
+    iterating (``next(model.parameters()).dtype``) is whichever comes first, which may be a BN's, and the first
+    after a fold has the same dtype and device; ``next(self.bn.parameters())``, which a folded BN no longer has,
+    only verification shows."""
 
     def __init__(self, modules: list[nn.Module], skip: Any = lambda key: False) -> None:
         super().__init__()
@@ -500,20 +502,18 @@ class _TensorReads(TorchFunctionMode):
                     self.owners.setdefault(id(t), []).append(id(m))
         self.skip = skip
         self.read: set[int] = set()
-        self.removable = {id(m) for m in modules if is_bn_or_frozen(m)}  # a folded BN's metadata is gone too
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name == "__get__":  # a property: its name is the descriptor's
             name = getattr(getattr(func, "__self__", None), "__name__", "")
-        metadata = name in _METADATA
-        read = args[:1] if name in _OTHERS_METADATA else (args, kwargs)
-        for t in _tensors_in((args, kwargs)):
-            for key in self.owners.get(id(t), ()):
-                if (key in self.removable or not metadata and any(t is r for r in _tensors_in(read))) \
-                        and not self.skip(key):
-                    self.read.add(key)
+        if name not in _METADATA:
+            read = args[:1] if name in _OTHERS_METADATA else (args, kwargs)
+            for t in _tensors_in(read):
+                for key in self.owners.get(id(t), ()):
+                    if not self.skip(key):
+                        self.read.add(key)
         return func(*args, **kwargs)
 
 
