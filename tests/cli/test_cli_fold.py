@@ -313,22 +313,18 @@ def test_fold_pytorch_model_to_onnx_and_refusals(tmp_path):
 
 
 def test_fold_pytorch_model_writes_nothing_when_the_folded_outputs_differ(tmp_path, monkeypatch):
-    import bnkit.torch
+    import bnkit.torch.fold
     from bnkit.torch import save_state_dict_file
 
     weights = save_state_dict_file(_calibrated_vgg().state_dict(), tmp_path / "w.pt")
-    real = bnkit.torch.fold_bn
+    real = bnkit.torch.fold._run_folded
 
-    def off_by_a_bit(model, example, **options):  # a fold that went wrong: one bias nudged
-        folded, report = real(model, example, **options)
+    def off_by_a_bit(work, inputs, folded):  # a fold that went wrong: one bias nudged before the check runs
         with torch.no_grad():
-            folded.features[0][0].bias += 1.0
-            out, ref = folded(example), model(example)
-        if options["verify"]:
-            report.max_rel_diff = float((out - ref).abs().max() / ref.abs().max())
-        return folded, report
+            work.features[0][0].bias += 1.0
+        return real(work, inputs, folded)
 
-    monkeypatch.setattr(bnkit.torch, "fold_bn", off_by_a_bit)
+    monkeypatch.setattr(bnkit.torch.fold, "_run_folded", off_by_a_bit)
     out = tmp_path / "folded.pt"
     args = ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--weights", str(weights), "--input-shape", "2x1x8x8", "-o"]
     result = runner.invoke(app, args + [str(out)])
@@ -714,18 +710,11 @@ def test_a_bfloat16_fold_as_accurate_as_the_model_is_written(tmp_path, monkeypat
 def test_the_fold_check_allows_about_ten_unit_roundoffs_of_the_model_dtype(tmp_path, monkeypatch, dtype, accepted):
     """A folded bf16 model 1.5e-2 from the original (under 4 of bfloat16's 2^-8 roundoffs) is written; the same
     difference in float16 (30 of its 2^-11) is refused."""
-    import bnkit.torch
+    import bnkit.torch.fold
 
     from bnkit.torch import save_state_dict_file
 
-    real_fold = bnkit.torch.fold_bn
-
-    def fold_off_by(model, example, **kwargs):
-        folded, report = real_fold(model, example, **kwargs)
-        report.max_rel_diff = 1.5e-2
-        return folded, report
-
-    monkeypatch.setattr(bnkit.torch, "fold_bn", fold_off_by)
+    monkeypatch.setattr(bnkit.torch.fold, "_compare", lambda reference, folded: (1.5e-2, 1.5e-2))
     weights = save_state_dict_file(_calibrated_vgg().to(getattr(torch, dtype)).state_dict(), tmp_path / "w.pt")
     (tmp_path / f"f10_{dtype}.py").write_text(
         f"import torch\nfrom bnkit.torch.zoo import VGGBN\n\ndef make():\n    return VGGBN().to(torch.{dtype})\n")
@@ -829,3 +818,22 @@ def test_sigterm_while_fold_writes_an_onnx_file_exits_143_and_writes_nothing(tmp
     assert child.returncode == 143, stderr
     assert "SystemExit" not in stderr and "Traceback" not in stderr, stderr
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+def test_a_fold_that_verification_shows_different_exits_one_and_writes_nothing(tmp_path, monkeypatch):
+    """A forward that branches on whether the conv has a bias: the fold adds one, so the folded model differs on
+    the --input-shape input; the library's FoldVerificationError is exit 1 here, nothing written."""
+    (tmp_path / "branchy.py").write_text(
+        "import torch\nfrom torch import nn\n\nclass Net(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.conv, self.bn = nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4)\n"
+        "        self.bn.running_mean.fill_(0.5); self.bn.num_batches_tracked.fill_(10)\n"
+        "    def forward(self, x):\n        y = self.bn(self.conv(x))\n"
+        "        return y + 2.0 if self.conv.bias is None else y\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["fold", "--model", "branchy:Net", "--input-shape", "2x1x8x8", "-o",
+                                 str(tmp_path / "f.pt")])
+    assert result.exit_code == 1, result.output
+    assert "differs from the original on a random input of the --input-shape" in _text(result)
+    assert "--no-verify writes such a model anyway; nothing written" in _text(result)
+    assert sorted(os.listdir(tmp_path)) == ["__pycache__", "branchy.py"] or sorted(os.listdir(tmp_path)) == [
+        "branchy.py"]

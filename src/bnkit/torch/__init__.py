@@ -27,7 +27,8 @@ _EXPORTS = {
     # recalibrate.py: exact population statistics
     "recalibrate": "recalibrate", "RecalibrationReport": "recalibrate", "StatisticsRangeError": "recalibrate",
     # fold.py / export.py: deployment
-    "fold_bn": "fold", "fold_plan": "fold", "FoldReport": "fold", "export_onnx": "export",
+    "fold_bn": "fold", "fold_plan": "fold", "FoldReport": "fold", "FoldVerificationError": "fold",
+    "export_onnx": "export",
     # audit.py
     "audit": "audit", "AuditReport": "audit",
     # convert.py: other frameworks and SyncBatchNorm

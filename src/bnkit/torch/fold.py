@@ -46,6 +46,7 @@ for a forward that reads them.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from collections import Counter
@@ -64,7 +65,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from ..findings import Finding
-from ..precision import OFFSET_NOTE_RATIO
+from ..precision import OFFSET_NOTE_RATIO, fold_tolerance
 from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .modules import (
     SavedState, as_args, bn_or_frozen_layers, channels, deep_copy, eval_mode, exact_float32, flatten_tensors,
@@ -72,7 +73,7 @@ from .modules import (
     uninitialized_lazy, unwrapped,
 )
 
-__all__ = ["fold_bn", "FoldReport", "FoldedBN"]
+__all__ = ["fold_bn", "FoldReport", "FoldedBN", "FoldVerificationError"]
 
 _LAYER_TYPES = (_ConvNd, nn.Linear)  # _ConvTransposeNd derives from _ConvNd
 _Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # folded float64 (weight, bias) per layer name
@@ -117,6 +118,18 @@ _PLAIN_FORWARDS = {
     cls.forward: cls
     for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 }
+
+
+class FoldVerificationError(RuntimeError):
+    """:func:`fold_bn`'s folded model gave other outputs than the original on ``example_inputs``; ``report`` is the
+    fold's, with the difference."""
+
+    def __init__(self, message: str, report: FoldReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+    def __reduce__(self) -> tuple:  # pickled (a process pool sends it back) with its report
+        return type(self), (self.args[0], self.report), self.__dict__
 
 
 @dataclass
@@ -232,7 +245,8 @@ def fold_bn(
             when tracing fails, and, with ``verify``, to compare the two models.
         verify: run the original and folded models (copies, in eval mode; float32 on CUDA
             without TF32, see :class:`~bnkit.torch.modules.exact_float32`) on
-            ``example_inputs`` and put the difference in the report.
+            ``example_inputs`` and put the difference in the report; beyond about ten unit roundoffs of the
+            least precise parameter dtype (:func:`bnkit.precision.fold_tolerance`) the fold is refused.
         force: fold BN layers in training mode or with never-updated statistics anyway
             (their running statistics are used, as in eval mode).
 
@@ -243,6 +257,8 @@ def fold_bn(
             folded weights beyond the layer's dtype (float16 with a tiny variance);
             uninitialized lazy modules; NaN/Inf in ``example_inputs``; with ``verify``, a folded
             model that raises on ``example_inputs`` (its forward relies on the BN layers otherwise).
+        FoldVerificationError: with ``verify``, a folded model whose outputs on ``example_inputs`` differ from
+            the original's beyond that tolerance (a hook, or a branch the trace did not show).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_bn needs a torch.nn.Module, got {type(model).__name__}")
@@ -264,6 +280,15 @@ def fold_bn(
         report.max_abs_diff, report.max_rel_diff = _compare(reference, _run_folded(work, inputs, report.folded))
         if report.max_abs_diff is None:
             report.notes.append("not verified: the model's output holds no tensors to compare")
+        # about ten unit roundoffs of the least precise parameter dtype (bnkit.precision), as for ONNX files
+        tolerance = fold_tolerance(str(p.dtype).removeprefix("torch.") for p in model.parameters())
+        if report.max_rel_diff is not None and not report.max_rel_diff <= tolerance:
+            names = ", ".join(f"'{f.bn}'" for f in report.folded)
+            raise FoldVerificationError(
+                f"the folded model differs from the original on example_inputs: max relative difference "
+                f"{report.max_rel_diff:.3g} > {tolerance:g} (folded {names}): the forward depends on the folded "
+                "layers in a way the plan did not see (a hook, a branch on an argument or on whether a bias exists); "
+                "verify=False returns such a model anyway", report)
     elif verify:
         report.notes.append("not verified: no example_inputs given")
     return work, report
@@ -312,9 +337,8 @@ def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport,
         if inputs is not None:
             reference, probe = _probe(work, inputs)
             saved.restore()
-        traced = _trace_or_note(work, report)
-        # forward hooks of modules fx traces through (the model, its containers) are not in the graph: they may
-        # call a layer or read its tensors
+        traced = _trace_or_note(work, report, None if inputs is None else len(inputs))
+        # forward hooks are not in the graph (fx runs forwards, not hooks): they may call a layer or read its tensors
         hooked = [] if traced is None else _hooks_not_traced(work, traced[0])
         if probe and (traced is None or hooked):
             saved.restore()
@@ -330,18 +354,21 @@ def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport,
 
 
 def _hooks_not_traced(work: nn.Module, graph: fx.Graph) -> list[str]:
-    """The modules with forward hooks that ``graph`` traced through (the model itself, containers) rather than
-    calling them as modules: fx runs their ``forward``, not their hooks."""
-    called = {node.target for node in graph.nodes if node.op == "call_module"}
-    return [name or type(work).__name__ for name, m in work.named_modules() if _hooked(m) and name not in called]
+    """The modules with forward hooks, but the BN layers and layers ``graph`` calls as modules, which a hook of
+    their own keeps out of a fold (:func:`_bn_reason`, :func:`_layer_reason`): the model, containers and other
+    leaves (an activation) may hook code that calls a layer or reads its tensors."""
+    pair = {node.target for node in graph.nodes if node.op == "call_module"}
+    return [name or type(work).__name__ for name, m in work.named_modules()
+            if _hooked(m) and not (name in pair and (is_bn_or_frozen(m) or isinstance(m, _LAYER_TYPES)))]
 
 
-def _trace_or_note(work: nn.Module, report: FoldReport) -> tuple[fx.Graph, set[int]] | None:
+def _trace_or_note(work: nn.Module, report: FoldReport, given: int | None) -> tuple[fx.Graph, set[int]] | None:
     """The eval-mode fx graph of ``work`` and the modules whose tensors tracing read (see :func:`_trace`); None
-    where tracing fails, with ``report.method`` ``"sequential"`` and a note saying why."""
+    where tracing fails, with ``report.method`` ``"sequential"`` and a note saying why. ``given``: how many
+    positional inputs the call has (None: unknown)."""
     try:
         with eval_mode(work):
-            return _trace(work, report)
+            return _trace(work, report, _defaults(work, given, report))
     except Exception as exc:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError, ...)
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         report.method = "sequential"
@@ -508,6 +535,8 @@ class _TensorReads(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name == "__get__":  # a property: its name is the descriptor's
             name = getattr(getattr(func, "__self__", None), "__name__", "")
+        if name == "type" and len(args) == 1 and not kwargs:  # w.type(): its type's name; w.type(dtype) converts
+            name = "dtype"
         if name not in _METADATA:
             read = args[:1] if name in _OTHERS_METADATA else (args, kwargs)
             for t in _tensors_in(read):
@@ -662,17 +691,36 @@ class _ConstantBufferTracer(_Tracer):
     proxy_buffer_attributes = False
 
 
-def _trace(work: nn.Module, report: FoldReport) -> tuple[fx.Graph, set[int]]:
-    """The fx graph of ``work``: buffers traced, or, if the forward needs their values, inlined (with a note); and
-    the ids of the modules whose tensors the trace read as values (:class:`_TensorReads`), which its graph does
-    not show."""
+def _defaults(work: nn.Module, given: int | None, report: FoldReport) -> dict[str, Any]:
+    """The forward's arguments with defaults that the call leaves out (past ``given`` positional inputs; all of
+    them where that is unknown), at their defaults: traced as placeholders, ``if mask is not None:`` would take
+    the branch the call does not (a note names them)."""
+    try:
+        params = list(inspect.signature(work.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    plain = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = sum(p.default is p.empty for p in plain if p.kind != p.KEYWORD_ONLY)
+    skipped = max(given if given is not None else required, required)
+    fixed = {p.name: p.default for i, p in enumerate(plain) if i >= skipped and p.default is not p.empty}
+    if fixed:
+        report.notes.append(f"forward arguments {', '.join(fixed)} were traced at their defaults, as the "
+                            f"{'example inputs' if given is not None else 'call with the required inputs only'} "
+                            "leave them: a call passing them may take another path, whose folds are not checked")
+    return fixed
+
+
+def _trace(work: nn.Module, report: FoldReport, defaults: dict[str, Any]) -> tuple[fx.Graph, set[int]]:
+    """The fx graph of ``work`` (``defaults``: arguments fixed at these values): buffers traced, or, if the forward
+    needs their values, inlined (with a note); and the ids of the modules whose tensors the trace read as values
+    (:class:`_TensorReads`), which its graph does not show."""
     modules = list(work.modules())
     try:
         with _TensorReads(modules) as reads:
-            return _Tracer().trace(work), reads.read
+            return _Tracer().trace(work, concrete_args=defaults or None), reads.read
     except Exception:  # noqa: BLE001 - whatever fx raises, the constant-buffer trace decides
         with _TensorReads(modules) as reads:
-            graph = _ConstantBufferTracer().trace(work)
+            graph = _ConstantBufferTracer().trace(work, concrete_args=defaults or None)
         report.notes.append("the forward uses a buffer as a Python value, so buffers were traced as constants: "
                             "a direct read of a BN's running statistics in the forward would not be seen "
                             "(pass example_inputs to verify the folded model)")
@@ -869,6 +917,8 @@ def _metadata_use(user: fx.Node, node: fx.Node) -> bool:
     if user.op not in ("call_function", "call_method"):
         return False
     name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+    if name == "type" and len(user.args) == 1 and not user.kwargs:  # w.type(): a string; w.type(dtype) converts
+        return True
     return name in _METADATA or (name in _OTHERS_METADATA and user.args[:1] != (node,))
 
 
@@ -887,6 +937,20 @@ def _overlapping(spans: list[tuple[int, int, int]]) -> list[set[int]]:
     return [g for g in groups if len(g) > 1]
 
 
+def _global_hooks() -> bool:
+    """Forward hooks or pre-hooks registered for every module (``register_module_forward_hook``)."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
+def _own_call(module: nn.Module) -> bool:
+    """``module``'s class calls it otherwise than ``nn.Module.__call__`` does (a ``__call__`` of its own adds to
+    what ``forward`` computes)."""
+    return (type(module).__call__ is not nn.Module.__call__ or type(module)._call_impl is not nn.Module._call_impl
+            or "_call_impl" in vars(module))  # nn.Module.__call__ looks _call_impl up on the instance
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
@@ -894,8 +958,11 @@ def _hooked(module: nn.Module) -> bool:
 def _bn_reason(bn: nn.Module, calls: Counter, attr_used: set[int], shared: dict[int, list[str]]) -> str | None:
     if bn.running_mean is None:
         return "track_running_stats=False: it normalizes with batch statistics at inference, which no fold can express"
-    if not has_stock_eval_forward(bn):
+    if not has_stock_eval_forward(bn) or _own_call(bn):
         return f"it is a {type(bn).__name__} whose forward is not PyTorch's, so removing it may change the outputs"
+    if _global_hooks():
+        return ("forward hooks registered for every module (torch.nn.modules.module.register_module_forward_hook) "
+                "run on it: removing it changes what they see and return")
     if id(bn) in shared:
         return (f"it is registered under several names ({', '.join(shared[id(bn)])}): folding would replace "
                 "one of them, and the others would still run it")
@@ -915,7 +982,8 @@ def _layer_reason(
     # a forward set on the instance (fake quantization, a wrapper's hook) or a subclass's own _conv_forward
     # (weight standardization) computes something else with the weights behind PyTorch's forward
     conv_forward = getattr(type(layer), "_conv_forward", None)
-    if base is None or "forward" in vars(layer) or conv_forward is not getattr(base, "_conv_forward", None):
+    if (base is None or "forward" in vars(layer) or conv_forward is not getattr(base, "_conv_forward", None)
+            or _own_call(layer)):
         return (
             f"'{name}' is a {type(layer).__name__} whose forward is not PyTorch's, "
             "so its weights may not act linearly"
