@@ -277,12 +277,17 @@ def fold_bn(
     _apply(work, plan, _folded_weights(work, plan))
 
     if verify and inputs is not None:
-        report.max_abs_diff, report.max_rel_diff = _compare(reference, _run_folded(work, inputs, report.folded))
+        result = _run_folded(work, inputs, report.folded)
+        report.max_abs_diff, report.max_rel_diff = _compare(reference, result)
         if report.max_abs_diff is None:
             report.notes.append("not verified: the model's output holds no tensors to compare")
-        # about ten unit roundoffs of the least precise parameter dtype (bnkit.precision), as for ONNX files
-        tolerance = fold_tolerance(str(p.dtype).removeprefix("torch.") for p in model.parameters())
-        if report.max_rel_diff is not None and not report.max_rel_diff <= tolerance:
+        # about ten unit roundoffs of the least precise parameter or output dtype (bnkit.precision), as for ONNX
+        # files, judged on the floating outputs where there are any (a float16 argmax flips at near-ties)
+        floating = [t for t in flatten_tensors(reference) if t.is_floating_point()]
+        tolerance = fold_tolerance(str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *floating))
+        judged = report.max_rel_diff if not floating else _compare(
+            floating, [t for t in flatten_tensors(result) if t.is_floating_point()])[1]
+        if judged is not None and not judged <= tolerance:
             names = ", ".join(f"'{f.bn}'" for f in report.folded)
             raise FoldVerificationError(
                 f"the folded model differs from the original on example_inputs: max relative difference "
@@ -366,9 +371,12 @@ def _trace_or_note(work: nn.Module, report: FoldReport, given: int | None) -> tu
     """The eval-mode fx graph of ``work`` and the modules whose tensors tracing read (see :func:`_trace`); None
     where tracing fails, with ``report.method`` ``"sequential"`` and a note saying why. ``given``: how many
     positional inputs the call has (None: unknown)."""
+    defaults, note = _defaults(work, given)
     try:
         with eval_mode(work):
-            return _trace(work, report, _defaults(work, given, report))
+            traced = _trace(work, report, defaults)
+        report.notes += [note] if note else []
+        return traced
     except Exception as exc:  # torch.fx raises many types (TraceError, TypeError, NotImplementedError, ...)
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         report.method = "sequential"
@@ -447,7 +455,11 @@ def _as_tuple(example_inputs: Any) -> tuple | None:
 
 
 def _run_eval(model: nn.Module, inputs: tuple) -> Any:
-    with eval_mode(model), torch.no_grad(), exact_float32():
+    """``model``'s eval-mode outputs on copies of ``inputs``, with the random generators seeded alike for every run
+    (a VAE's sampling, MC dropout: the original and the folded model draw the same numbers) and put back after."""
+    cuda = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
+    with eval_mode(model), torch.no_grad(), exact_float32(), torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(0)
         return model(*map_nested(inputs, torch.Tensor.clone))  # a model writing into its input skews nothing
 
 
@@ -691,23 +703,22 @@ class _ConstantBufferTracer(_Tracer):
     proxy_buffer_attributes = False
 
 
-def _defaults(work: nn.Module, given: int | None, report: FoldReport) -> dict[str, Any]:
+def _defaults(work: nn.Module, given: int | None) -> tuple[dict[str, Any], str | None]:
     """The forward's arguments with defaults that the call leaves out (past ``given`` positional inputs; all of
     them where that is unknown), at their defaults: traced as placeholders, ``if mask is not None:`` would take
-    the branch the call does not (a note names them)."""
+    the branch the call does not; and a note naming those whose default is None (the others rarely steer)."""
     try:
         params = list(inspect.signature(work.forward).parameters.values())
     except (TypeError, ValueError):
-        return {}
+        return {}, None
     plain = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     required = sum(p.default is p.empty for p in plain if p.kind != p.KEYWORD_ONLY)
     skipped = max(given if given is not None else required, required)
     fixed = {p.name: p.default for i, p in enumerate(plain) if i >= skipped and p.default is not p.empty}
-    if fixed:
-        report.notes.append(f"forward arguments {', '.join(fixed)} were traced at their defaults, as the "
-                            f"{'example inputs' if given is not None else 'call with the required inputs only'} "
-                            "leave them: a call passing them may take another path, whose folds are not checked")
-    return fixed
+    optional = [name for name, value in fixed.items() if value is None]  # ``if mask is not None:``
+    return fixed, (f"forward arguments {', '.join(optional)} were traced at their default None, as the "
+                   f"{'example inputs' if given is not None else 'call with the required inputs only'} leave them: "
+                   "a call passing them may take another path, whose folds are not checked") if optional else None
 
 
 def _trace(work: nn.Module, report: FoldReport, defaults: dict[str, Any]) -> tuple[fx.Graph, set[int]]:
