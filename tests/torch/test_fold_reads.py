@@ -737,4 +737,53 @@ def test_a_class_index_that_flips_is_judged_on_the_floating_outputs_beside_it(mo
 
     monkeypatch.setattr(fold_module, "_run_folded", one_flip)
     folded, report = fold_bn(model, torch.randn(8, 16))
-    assert report.n_folded == 1 and report.max_rel_diff > 1e-4  # reported as it is, not refused
+    assert report.n_folded == 1 and report.max_rel_diff < 1e-5  # the logits' figure: not refused
+
+
+class DrawsWhileTraced(nn.Module):
+    """conv -> BN plus noise fx draws while tracing (it does not depend on the input), and a seed of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(7)
+        return self.bn(self.conv(x)) + torch.rand(()) * 0
+
+
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_the_callers_torch_generator_is_left_as_it_was_by_the_trace_too(with_inputs):
+    model = bn_stats(DrawsWhileTraced())
+    inputs = torch.randn(2, 3, 8, 8) if with_inputs else None
+    for tool in (fold_bn, fold_plan):
+        state = torch.random.get_rng_state()
+        tool(model, inputs)
+        assert torch.equal(torch.random.get_rng_state(), state), tool.__name__
+
+
+def test_the_report_of_a_refused_fold_holds_the_figure_judged():
+    """Float logits 1e-3 off beside a large integer output: the relative difference is judged on the logits, and
+    the report attached to the error says the same figure (it divided by the integer output's scale)."""
+    import bnkit.torch.fold as fold_module
+    from bnkit.torch import FoldVerificationError
+
+    class WithCount(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.net(x), torch.full((2,), 10**6)
+
+    model = WithCount().eval()
+    set_running_stats(model.net[1], torch.randn(3), torch.rand(3) + 0.5)
+    real = fold_module._run_folded
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fold_module, "_run_folded",
+                      lambda work, inputs, folded: (lambda out: (out[0] + 1e-3 * out[0].abs().max(), out[1]))(
+                          real(work, inputs, folded)))
+        with pytest.raises(FoldVerificationError) as info:
+            fold_bn(model, torch.randn(8, 4))
+    rel = info.value.report.max_rel_diff
+    assert rel == pytest.approx(1e-3, rel=1e-3) and f"max relative difference {rel:.3g}" in str(info.value)

@@ -245,8 +245,10 @@ def fold_bn(
             when tracing fails, and, with ``verify``, to compare the two models.
         verify: run the original and folded models (copies, in eval mode; float32 on CUDA
             without TF32, see :class:`~bnkit.torch.modules.exact_float32`) on
-            ``example_inputs`` and put the difference in the report; beyond about ten unit roundoffs of the
-            least precise parameter dtype (:func:`bnkit.precision.fold_tolerance`) the fold is refused.
+            ``example_inputs`` with the same random draws and put the difference in the report; beyond about
+            ten unit roundoffs of the least precise parameter or output dtype
+            (:func:`bnkit.precision.fold_tolerance`), on the floating outputs where there are any, the fold is
+            refused.
         force: fold BN layers in training mode or with never-updated statistics anyway
             (their running statistics are used, as in eval mode).
 
@@ -278,20 +280,21 @@ def fold_bn(
 
     if verify and inputs is not None:
         result = _run_folded(work, inputs, report.folded)
+        # judged on the floating outputs where there are any (a float16 argmax flips at near-ties), against about
+        # ten unit roundoffs of the least precise parameter or output dtype (bnkit.precision), as for ONNX files
+        floating = [t for t in flatten_tensors(reference) if t.is_floating_point()]
+        if floating:
+            reference, result = floating, [t for t in flatten_tensors(result) if t.is_floating_point()]
         report.max_abs_diff, report.max_rel_diff = _compare(reference, result)
+        judged = report.max_rel_diff
         if report.max_abs_diff is None:
             report.notes.append("not verified: the model's output holds no tensors to compare")
-        # about ten unit roundoffs of the least precise parameter or output dtype (bnkit.precision), as for ONNX
-        # files, judged on the floating outputs where there are any (a float16 argmax flips at near-ties)
-        floating = [t for t in flatten_tensors(reference) if t.is_floating_point()]
         tolerance = fold_tolerance(str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *floating))
-        judged = report.max_rel_diff if not floating else _compare(
-            floating, [t for t in flatten_tensors(result) if t.is_floating_point()])[1]
         if judged is not None and not judged <= tolerance:
             names = ", ".join(f"'{f.bn}'" for f in report.folded)
             raise FoldVerificationError(
                 f"the folded model differs from the original on example_inputs: max relative difference "
-                f"{report.max_rel_diff:.3g} > {tolerance:g} (folded {names}): the forward depends on the folded "
+                f"{judged:.3g} > {tolerance:g} (folded {names}): the forward depends on the folded "
                 "layers in a way the plan did not see (a hook, a branch on an argument or on whether a bias exists); "
                 "verify=False returns such a model anyway", report)
     elif verify:
@@ -373,7 +376,7 @@ def _trace_or_note(work: nn.Module, report: FoldReport, given: int | None) -> tu
     positional inputs the call has (None: unknown)."""
     defaults, note = _defaults(work, given)
     try:
-        with eval_mode(work):
+        with eval_mode(work), _generators_kept():  # fx runs what does not depend on the inputs: torch.rand(())
             traced = _trace(work, report, defaults)
         report.notes += [note] if note else []
         return traced
@@ -457,10 +460,16 @@ def _as_tuple(example_inputs: Any) -> tuple | None:
 def _run_eval(model: nn.Module, inputs: tuple) -> Any:
     """``model``'s eval-mode outputs on copies of ``inputs``, with the random generators seeded alike for every run
     (a VAE's sampling, MC dropout: the original and the folded model draw the same numbers) and put back after."""
-    cuda = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
-    with eval_mode(model), torch.no_grad(), exact_float32(), torch.random.fork_rng(devices=cuda):
+    with eval_mode(model), torch.no_grad(), exact_float32(), _generators_kept():
         torch.manual_seed(0)
         return model(*map_nested(inputs, torch.Tensor.clone))  # a model writing into its input skews nothing
+
+
+def _generators_kept() -> Any:
+    """PyTorch's random generators (the CPU's and every initialized CUDA device's, which ``torch.manual_seed``
+    seeds) put back as they were after the block: a forward run or traced by bnkit draws from them."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=cuda)
 
 
 def _run_folded(work: nn.Module, inputs: tuple, folded: list[FoldedBN]) -> Any:
