@@ -13,8 +13,9 @@ per channel. This module checks the arrays of that formula and reports, as
   ``num_batches_tracked == 0`` beside other values means they were set without an update;
 * few updates: with PyTorch's momentum ``m`` (the weight on the NEW batch) the initial
   values still weigh ``(1 - m) ** num_batches_tracked`` in the running statistics;
-* variances below ``eps``: the channel's gain ``|gamma| / sqrt(var + eps)`` is set by
-  ``eps``, not by the data, and any deviation of the input is amplified by up to ``1/sqrt(eps)``;
+* variances below ``eps`` where the channel's gain ``|gamma| / sqrt(var + eps)`` exceeds 1: it is set by
+  ``eps``, not by the data, and any deviation of the input is amplified by up to ``|gamma|/sqrt(eps)``; with
+  ``eps <= 0``, variances below PyTorch's default 1e-5, whose gain nothing bounds;
 * ``|gamma|`` near zero: the channel outputs the constant ``beta`` whatever its input (dead channel).
 
 :func:`bn_stats_from_state` finds the layers of a flat state dict by PyTorch's buffer
