@@ -191,7 +191,7 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
     import torch
 
     from ..atomic import Terminated, atomic_path
-    from ..torch import fold_bn, save_state_dict_file
+    from ..torch import FoldVerificationError, fold_bn, save_state_dict_file
     from ..torch.io import load_checkpoint, load_weights_into, split_state
     from ..torch.modules import input_dtype_device
     from .common import (USER_CODE_ERRORS, UsageError, build_model, describe_error, dtype_change, raised_by_bnkit,
@@ -226,8 +226,6 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
             example = torch.randn(*dims, generator=torch.Generator().manual_seed(0)).to(device, dtype)
         except (RuntimeError, MemoryError) as exc:  # the allocator's "can't allocate memory"
             raise fail(f"cannot make a random input of shape {shapes[0]}: {exc}; nothing written", code=1) from None
-    from ..torch.fold import FoldVerificationError
-
     try:
         folded, report = fold_bn(model, example, verify=verify and example is not None, force=force)
     except FoldVerificationError as exc:  # the run failed on what it made: exit 1, as for an ONNX file

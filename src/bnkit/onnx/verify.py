@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import sys
-
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -76,9 +75,9 @@ def random_inputs(
         if any(d < 1 for d in shape):
             raise ValueError(f"input {value.name!r} would have shape {list(shape)}, which is empty: verifying on it "
                              "compares nothing; give sizes >= 1 (input_shapes / --input-shape, dynamic_size)")
-        if math.prod(shape) * 8 > sys.maxsize:  # NumPy's own ValueError ("array is too big") names no shape
-            raise MemoryError(f"input {value.name!r} of shape {list(shape)} holds {math.prod(shape)} values, more than "
-                              "an array can")
+        if (values := math.prod(shape)) * 8 > sys.maxsize:  # NumPy's own ValueError ("array is too big") names no shape
+            raise MemoryError(f"input {value.name!r} of shape {list(shape)} holds {values} values, more than an array "
+                              "can")
         elem = ttype.elem_type
         if elem == onnx.TensorProto.BOOL:
             feeds[value.name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison gives a NumPy scalar

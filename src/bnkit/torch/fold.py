@@ -286,15 +286,14 @@ def fold_bn(
         if floating:
             reference, result = floating, [t for t in flatten_tensors(result) if t.is_floating_point()]
         report.max_abs_diff, report.max_rel_diff = _compare(reference, result)
-        judged = report.max_rel_diff
         if report.max_abs_diff is None:
             report.notes.append("not verified: the model's output holds no tensors to compare")
         tolerance = fold_tolerance(str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *floating))
-        if judged is not None and not judged <= tolerance:
+        if report.max_rel_diff is not None and not report.max_rel_diff <= tolerance:
             names = ", ".join(f"'{f.bn}'" for f in report.folded)
             raise FoldVerificationError(
                 f"the folded model differs from the original on example_inputs: max relative difference "
-                f"{judged:.3g} > {tolerance:g} (folded {names}): the forward depends on the folded "
+                f"{report.max_rel_diff:.3g} > {tolerance:g} (folded {names}): the forward depends on the folded "
                 "layers in a way the plan did not see (a hook, a branch on an argument or on whether a bias exists); "
                 "verify=False returns such a model anyway", report)
     elif verify:
@@ -556,28 +555,33 @@ class _TensorReads(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name == "__get__":  # a property: its name is the descriptor's
             name = getattr(getattr(func, "__self__", None), "__name__", "")
-        if name == "type" and len(args) == 1 and not kwargs:  # w.type(): its type's name; w.type(dtype) converts
-            name = "dtype"
-        if name not in _METADATA:
-            read = args[:1] if name in _OTHERS_METADATA else (args, kwargs)
-            for t in _tensors_in(read):
-                for key in self.owners.get(id(t), ()):
-                    if not self.skip(key):
-                        self.read.add(key)
+        for t in _leaves(_values_read(name, args, kwargs), torch.Tensor):
+            for key in self.owners.get(id(t), ()):
+                if not self.skip(key):
+                    self.read.add(key)
         return func(*args, **kwargs)
 
 
-def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
-    """The tensors themselves (not detached copies: their identity is what counts) in nested tuples, lists and
-    dicts of a torch function's arguments."""
-    if isinstance(obj, torch.Tensor):
+def _values_read(name: str, args: tuple, kwargs: dict) -> tuple:
+    """The arguments of a call of ``name`` whose values it reads: none for metadata (:data:`_METADATA`, and
+    ``w.type()``, a string, where ``w.type(dtype)`` converts), the first for :data:`_OTHERS_METADATA`, else all.
+    Shared by the run's torch functions (:class:`_TensorReads`) and the trace's nodes (:func:`_metadata_use`)."""
+    if name in _METADATA or (name == "type" and len(args) == 1 and not kwargs):
+        return ()
+    return args[:1] if name in _OTHERS_METADATA else (args, kwargs)
+
+
+def _leaves(obj: Any, kind: type) -> Iterator[Any]:
+    """The ``kind`` instances themselves (their identity is what counts: tensors, not detached copies; fx nodes)
+    in nested tuples, lists and dicts of a call's arguments."""
+    if isinstance(obj, kind):
         yield obj
     elif isinstance(obj, (tuple, list)):
         for o in obj:
-            yield from _tensors_in(o)
+            yield from _leaves(o, kind)
     elif isinstance(obj, dict):
         for o in obj.values():
-            yield from _tensors_in(o)
+            yield from _leaves(o, kind)
 
 
 class _NotingDict(dict):
@@ -932,14 +936,12 @@ def _shared_names(work: nn.Module, original: nn.Module | None = None) -> dict[in
 def _metadata_use(user: fx.Node, node: fx.Node) -> bool:
     """``user`` gets only the metadata of ``node``'s tensor (``weight.device``, ``weight.new_zeros(...)``,
     ``x.to(weight)``): no read of its values (see :data:`_METADATA`)."""
-    if user.op == "call_function" and user.target is getattr:
-        return user.args[1] in _METADATA
     if user.op not in ("call_function", "call_method"):
         return False
     name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
-    if name == "type" and len(user.args) == 1 and not user.kwargs:  # w.type(): a string; w.type(dtype) converts
-        return True
-    return name in _METADATA or (name in _OTHERS_METADATA and user.args[:1] != (node,))
+    if user.target is getattr:  # weight.device: the attribute's name decides
+        name = user.args[1]
+    return not any(n is node for n in _leaves(_values_read(name, user.args, user.kwargs), fx.Node))
 
 
 def _overlapping(spans: list[tuple[int, int, int]]) -> list[set[int]]:

@@ -318,13 +318,12 @@ def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object]
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
 
     def tensors_in(value: object) -> int:
-        if isinstance(value, torch.nn.Module):
-            value = value.state_dict()
-        return sum(isinstance(v, torch.Tensor) for v in value.values()) if isinstance(value, Mapping) else 0
+        return sum(isinstance(v, torch.Tensor) for v in _as_state(value).values())
 
     known = next((k for k in _WRAPPER_KEYS if tensors_in(obj.get(k))), None)
     inner = None if known is None else obj[known]
-    if known is not None and (twins := [str(k) for k, v in obj.items() if k != known and _same_names(v, inner)]):
+    mine = set() if inner is None else _weight_names(inner)
+    if mine and (twins := [str(k) for k, v in obj.items() if k != known and _weight_names(v) == mine]):
         raise ValueError(
             f"{path} holds the same weights twice, under {known!r} and {twins[0]!r} (such as a model and an average "
             "of its weights, as YOLOv5, timm and torchvision's references save them): which one to use is your call; "
@@ -350,19 +349,19 @@ def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object]
     return state, {str(k): type(v).__name__ for k, v in obj.items() if str(k) not in state}
 
 
-def _same_names(a: object, b: object) -> bool:
-    """Two state dicts (or modules) with the same tensor names, wrapper prefixes and an ``AveragedModel``'s
-    ``n_averaged`` aside: two copies of one model's weights (its EMA), not a model and another component (a loss's
-    weights)."""
-    def names(value: object) -> set[str]:
-        if isinstance(value, torch.nn.Module):
-            value = value.state_dict()
-        if not isinstance(value, Mapping):
-            return set()
-        return {_bare(str(k)) for k, v in value.items() if isinstance(v, torch.Tensor) and str(k) != "n_averaged"}
+def _as_state(value: object) -> Mapping:
+    """A checkpoint entry as a state dict: a module's, a mapping itself, anything else an empty one."""
+    if isinstance(value, torch.nn.Module):
+        return value.state_dict()
+    return value if isinstance(value, Mapping) else {}
 
-    found = names(a)
-    return bool(found) and found == names(b)
+
+def _weight_names(value: object) -> set[str]:
+    """The tensor names of a checkpoint entry, wrapper prefixes and an ``AveragedModel``'s ``n_averaged`` aside:
+    two entries with the same are two copies of one model's weights (its EMA), not a model and another component
+    (a loss's weights)."""
+    return {_bare(str(k)) for k, v in _as_state(value).items()
+            if isinstance(v, torch.Tensor) and str(k) != "n_averaged"}
 
 
 def _bare(name: str) -> str:
