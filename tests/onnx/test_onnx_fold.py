@@ -490,6 +490,24 @@ def test_fold_writes_atomically_and_the_result_reloads(tmp_path, zoo_onnx):
     assert rel(ort_run(reloaded, {"input": x.numpy()})[0], ort_run(proto, {"input": x.numpy()})[0]) < 1e-5
 
 
+def test_fold_refuses_to_write_over_the_input_s_external_data(tmp_path, zoo_onnx):
+    _, x, proto = zoo_onnx("resnet")
+    src = tmp_path / "model.onnx"
+    stored = onnx.ModelProto()
+    stored.CopyFrom(proto)  # onnx.save moves the tensors of the proto it saves to the data file
+    onnx.save(stored, src, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    data = tmp_path / "model.onnx.data"
+    before = data.read_bytes()
+    with pytest.raises(ValueError, match=r"model\.onnx\.data holds the tensors of .*model\.onnx"):
+        fold(src, data)
+    assert data.read_bytes() == before  # the input still loads and runs as before
+    reloaded = onnx.load(src)
+    assert all(np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+               for a, b in zip(reloaded.graph.initializer, proto.graph.initializer, strict=True))
+    report = fold(src, src)  # in place: the folded model is written whole, the data file left as it was
+    assert report.verified and data.read_bytes() == before
+
+
 def test_failed_verification_writes_nothing(tmp_path, zoo_onnx, monkeypatch):
     fold_module = importlib.import_module("bnkit.onnx.fold")  # the attribute bnkit.onnx.fold is the function
 

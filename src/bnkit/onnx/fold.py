@@ -73,9 +73,9 @@ from onnx import helper, numpy_helper
 from ..atomic import atomic_path, check_target
 from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
-from .graph import (RANDOM_OPS, BNNode, GraphIndex, attribute, blank_outputs_fail, bn_nodes, initializer_names,
-                    load_model, local_functions, node_label, opset_version, stored_name, subgraphs, too_large,
-                    training_dropouts, unswitchable_training)
+from .graph import (RANDOM_OPS, BNNode, GraphIndex, attribute, blank_outputs_fail, bn_nodes, external_data_files,
+                    initializer_names, load_model, local_functions, node_label, opset_version, stored_name, subgraphs,
+                    too_large, training_dropouts, unswitchable_training)
 from .verify import OnnxRuntimeError, compare, default_tolerance, random_inputs, run
 
 __all__ = ["FoldedNode", "OnnxFoldReport", "FoldVerificationError", "fold_model", "fold"]
@@ -721,9 +721,16 @@ def fold(in_path: "str | os.PathLike", out_path: "str | os.PathLike", **options)
 
     ``out_path`` is written atomically (a temporary file beside it, renamed when complete),
     and only after verification passed: on any failure nothing is written and an existing
-    file (``in_path`` included, when ``out_path`` names it) is left as it was.
+    file (``in_path`` included, when ``out_path`` names it) is left as it was. ``out_path`` may not name a file
+    holding ``in_path``'s external data (ValueError): the folded model is written whole, and the input would be
+    lost.
     """
-    check_target(out_path)
+    target = check_target(out_path)
+    if not isinstance(in_path, onnx.ModelProto) and target.exists():
+        for data in external_data_files(in_path):
+            if os.path.exists(data) and os.path.samefile(data, target):
+                raise ValueError(f"{out_path} holds the tensors of {in_path} (its external data): writing the "
+                                 "folded model there would destroy the input; name another file")
     folded, report = fold_model(in_path, **options)
     with atomic_path(out_path) as tmp:
         onnx.save(folded, tmp)
