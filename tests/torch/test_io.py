@@ -821,6 +821,27 @@ def test_two_copies_of_the_weights_are_refused_and_the_first_known_key_wins_over
     assert list(load_state_dict_file(path)) == ["v"]
 
 
+def test_the_same_values_under_two_keys_are_one_set_of_weights(tmp_path):
+    """One state dict saved under two keys (the same storage after loading), an equal copy, and an EMA just started
+    (equal values, NaN included, under an AveragedModel's layout) leave nothing to choose: the known key's weights
+    load, as one copy did; one value apart is two sets of weights again (refused, see the test above)."""
+    path = tmp_path / "twice.pt"
+    sd = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).state_dict()
+    sd["1.running_var"][1] = float("nan")
+    averaged = {"n_averaged": torch.tensor(0), **{"module." + k: v.clone() for k, v in sd.items()}}
+    for checkpoint in [{"state_dict": sd, "model": sd, "epoch": 5}, {"model": sd, "best_model": copy.deepcopy(sd)},
+                       {"model": sd, "model_ema": averaged}]:
+        torch.save(checkpoint, path)
+        state = load_state_dict_file(path)
+        assert state.keys() == sd.keys() and all(torch.equal(state[k], sd[k]) or k == "1.running_var" for k in sd)
+        assert torch.equal(state["1.running_var"].isnan(), sd["1.running_var"].isnan())
+    other = copy.deepcopy(sd)
+    other["1.running_mean"][3] += 1e-3
+    torch.save({"model": sd, "best_model": other}, path)
+    with pytest.raises(ValueError, match=r"holds the same weights twice, under 'model' and 'best_model'"):
+        load_state_dict_file(path)
+
+
 class _Tagged(torch.nn.BatchNorm1d):
     """A layer with extra state (nn.Module.get_extra_state): a non-tensor entry in its state dict."""
 

@@ -308,8 +308,9 @@ def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object]
     (``state_dict``, ``model``, ``ema``, ...), or under the only key that holds one (``{"weights": sd,
     "epoch": 3}``) when it holds more tensors than the top level. Several such dicts under other keys
     (``{"params": sd, "params_ema": sd_ema}``) are refused: which one holds the weights is the user's call; so is a
-    dict under a wrapper key beside another of the same tensor names (``{"model": sd, "ema": sd_ema}``,
-    ``{"state_dict": sd, "state_dict_ema": sd_ema}``).
+    dict under a wrapper key beside another of the same tensor names and other values (``{"model": sd, "ema":
+    sd_ema}``, ``{"state_dict": sd, "state_dict_ema": sd_ema}``); equal values under both (one dict saved twice)
+    are one set of weights.
     Entries a module's ``get_extra_state`` wrote (``..._extra_state``) are kept whatever their type.
     """
     if isinstance(obj, torch.nn.Module):
@@ -322,8 +323,8 @@ def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object]
 
     known = next((k for k in _WRAPPER_KEYS if tensors_in(obj.get(k))), None)
     inner = None if known is None else obj[known]
-    mine = set() if inner is None else _weight_names(inner)
-    if mine and (twins := [str(k) for k, v in obj.items() if k != known and _weight_names(v) == mine]):
+    mine = {} if inner is None else _weights(inner)
+    if mine and (twins := [str(k) for k, v in obj.items() if k != known and _two_sets(mine, _weights(v))]):
         raise ValueError(
             f"{path} holds the same weights twice, under {known!r} and {twins[0]!r} (such as a model and an average "
             "of its weights, as YOLOv5, timm and torchvision's references save them): which one to use is your call; "
@@ -356,12 +357,24 @@ def _as_state(value: object) -> Mapping:
     return value if isinstance(value, Mapping) else {}
 
 
-def _weight_names(value: object) -> set[str]:
-    """The tensor names of a checkpoint entry, wrapper prefixes and an ``AveragedModel``'s ``n_averaged`` aside:
-    two entries with the same are two copies of one model's weights (its EMA), not a model and another component
-    (a loss's weights)."""
-    return {_bare(str(k)) for k, v in _as_state(value).items()
+def _weights(value: object) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint entry by name, wrapper prefixes and an ``AveragedModel``'s ``n_averaged`` aside."""
+    return {_bare(str(k)): v for k, v in _as_state(value).items()
             if isinstance(v, torch.Tensor) and str(k) != "n_averaged"}
+
+
+def _two_sets(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    """Whether two checkpoint entries are two copies of one model's weights that differ (a model and its EMA): the
+    same names (not a model and another component, such as a loss's weights) and some other value (NaN equal to
+    NaN; meta tensors, which hold none, differ)."""
+    def same(x: torch.Tensor, y: torch.Tensor) -> bool:
+        if x.shape != y.shape or x.dtype != y.dtype or x.is_meta or y.is_meta:
+            return False
+        y = y.to(x.device)
+        return torch.equal(x, y) or (x.is_floating_point() or x.is_complex()) and bool(
+            torch.all((x == y) | (x.isnan() & y.isnan())))
+
+    return a.keys() == b.keys() and not all(same(a[k], b[k]) for k in a)
 
 
 def _bare(name: str) -> str:
