@@ -18,20 +18,20 @@ from pathlib import Path
 __all__ = ["atomic_path", "check_target"]
 
 
-def check_target(path: str | os.PathLike) -> Path:
+def check_target(path: str | os.PathLike, example: str = "model.onnx") -> Path:
     """``path`` as a Path; IsADirectoryError when it names an existing folder, which no file can replace, or ends in
     a separator, ``.`` or ``..`` (``out/``, ``out/.``: a folder, as ``open`` takes it, which ``Path`` would read as
-    the file ``out``).
+    the file ``out``). The error suggests the file ``example`` in that folder.
 
     Writers call it before their work, so a wrong output path fails at once, not after an export or a fold.
     """
     text = os.fsdecode(path)
     if text.replace(os.sep, "/").rsplit("/", 1)[-1] in ("", ".", ".."):
         raise IsADirectoryError(f"{text} names a folder (it ends in a separator, '.' or '..'): name the file to "
-                                f"write (e.g. {Path(text) / 'model.onnx'})")
+                                f"write (e.g. {Path(text) / example})")
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory: name the file to write (e.g. {path / 'model.onnx'})")
+        raise IsADirectoryError(f"{path} is a directory: name the file to write (e.g. {path / example})")
     return path
 
 

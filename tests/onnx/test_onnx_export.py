@@ -352,8 +352,12 @@ def test_writers_refuse_a_folder_as_output_before_the_work(calibrated, zoo_onnx,
     monkeypatch.setattr(onnx_fold, "fold_model", lambda *a, **k: pytest.fail("folded before the path check"))
     with pytest.raises(IsADirectoryError, match="is a directory"):
         fold(tmp_path / "m.onnx", tmp_path)
-    with pytest.raises(IsADirectoryError, match="is a directory"):
+    with pytest.raises(IsADirectoryError, match=r"is a directory: name the file to write \(e\.g\. .*model\.onnx\)"):
+        fold(tmp_path / "m.onnx", tmp_path)
+    with pytest.raises(IsADirectoryError, match=r"is a directory: .*\(e\.g\. .*model\.safetensors\)"):
         save_state_dict_file(model.state_dict(), tmp_path)
+    with pytest.raises(ValueError, match=r"sd\.onnx: a state dict is written as a \.safetensors or torch\.save file"):
+        save_state_dict_file(model.state_dict(), tmp_path / "sd.onnx")  # torch.save's zip under an ONNX name
     # a trailing separator names a folder too (open() refuses it); Path() dropped it, and the writers replaced
     # the file "precious" the user never named, or wrote a file "new"
     (tmp_path / "precious").write_bytes(b"keep")

@@ -675,9 +675,13 @@ def save_state_dict_file(state: Mapping[str, object], path: str | os.PathLike) -
     """Write a state dict atomically; ``.safetensors`` by suffix, otherwise ``torch.save``.
 
     Entries that are not tensors (what a module's ``get_extra_state`` returns) go into a ``torch.save`` file
-    as they are; safetensors holds tensors only, so a state dict with such entries is refused for it.
+    as they are; safetensors holds tensors only, so a state dict with such entries is refused for it. A name
+    ending in ``.onnx`` is refused (ValueError): the file would be no ONNX model.
     """
-    path = check_target(path)
+    path = check_target(path, "model.safetensors")
+    if path.suffix.lower() == ".onnx":
+        raise ValueError(f"{path}: a state dict is written as a .safetensors or torch.save file, not as an ONNX "
+                         "model; name it .safetensors or .pt (bnkit.torch.export_onnx writes .onnx files)")
     others = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     safetensors = path.suffix.lower() == ".safetensors"
     if others and safetensors:
