@@ -410,6 +410,19 @@ def test_axis_0_is_refused_as_the_batch_axis(dst):
     assert convert_state(SAMPLES["torch"], "torch", dst, axis=-1)["config"]["axis"] == -1
 
 
+@pytest.mark.parametrize("src", ["keras", "flax"])
+def test_a_layer_over_several_axes_is_refused_as_such(src):
+    """Keras/Flax normalize over several axes with axis=(1, 2); their arrays are then 2-D, and the complaint was
+    about the arrays' shape, not the axes."""
+    sample = SAMPLES[src]
+    two_d = {k: np.stack([v, v]) for k, v in sample["weights"].items()} if src == "keras" else {
+        part: {k: np.stack([v, v]) for k, v in arrays.items()} for part, arrays in sample["variables"].items()}
+    key = "weights" if src == "keras" else "variables"
+    bad = dict(sample, config=dict(sample["config"], axis=(1, 2)), **{key: two_d})
+    with pytest.raises(ValueError, match=rf"{src} axis \(1, 2\): only a single channel axis can be converted"):
+        convert_state(bad, src, "torch")
+
+
 @pytest.mark.parametrize("dst", ["keras", "flax"])
 @pytest.mark.parametrize("axis", [1.9, -0.5, True, "1"])
 def test_an_axis_that_is_not_an_integer_is_refused_naming_it(dst, axis):

@@ -228,6 +228,7 @@ def _read_positional(weights: Sequence, names: Sequence[str], src: str) -> dict[
 def _read_keras(state: Mapping) -> _Layer:
     weights, config = _part(state, "weights", "keras"), _part(state, "config", "keras")
     eps, m = _hyper(config, "keras")
+    axis = _int_axis(config.get("axis", -1), "keras")  # before the arrays: a multi-axis layer's are 2-D
     if config.get("renorm"):
         raise ValueError("Keras renorm=True (Batch Renormalization) trains with a different rule and extra "
                          "variables; it has no equivalent in the other frameworks")
@@ -250,13 +251,13 @@ def _read_keras(state: Mapping) -> _Layer:
         w = _read_positional(weights, order, "keras")
     if mu not in w or v not in w:
         raise ValueError(f"keras weights must include {mu!r} and {v!r}")
-    axis = _int_axis(config.get("axis", -1), "keras")
     return _Layer(w.get(g), w.get(b), w[mu], w[v], eps, m, "keras", axis)
 
 
 def _read_flax(state: Mapping) -> _Layer:
     variables, config = _part(state, "variables", "flax"), _part(state, "config", "flax")
     eps, m = _hyper(config, "flax")
+    axis = _int_axis(config.get("axis", -1), "flax")  # before the arrays: a multi-axis layer's are 2-D
     expected = ("the whole variables mapping {'params': {'scale', 'bias'}, 'batch_stats': {'mean', 'var'}} "
                 "that module.init/apply returns")
     if not isinstance(variables, Mapping):
@@ -280,7 +281,6 @@ def _read_flax(state: Mapping) -> _Layer:
     _flag(config, "use_bias", "bias" in params, "flax")
     arr = {f"params/{k}": _array(a, f"params/{k}") for k, a in params.items()}
     arr.update({f"batch_stats/{k}": _array(a, f"batch_stats/{k}") for k, a in stats.items()})
-    axis = _int_axis(config.get("axis", -1), "flax")
     return _Layer(arr.get("params/scale"), arr.get("params/bias"), arr["batch_stats/mean"], arr["batch_stats/var"],
                   eps, m, "flax", axis)
 

@@ -282,9 +282,11 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
             raise TypeError(
                 "expected a flax.linen.BatchNorm, got a flax.nnx.BatchNorm (Flax's NNX API, which holds its own "
                 "state): for an nnx layer m pass linen.BatchNorm(axis=m.axis, momentum=m.momentum, epsilon=m.epsilon, "
-                "use_bias=m.use_bias, use_scale=m.use_scale, use_running_average=m.use_running_average) and variables "
+                "use_bias=m.use_bias, use_scale=m.use_scale) and variables "
                 "{'params': {'scale': m.scale[...], 'bias': m.bias[...]}, 'batch_stats': {'mean': m.mean[...], "
-                "'var': m.var[...]}}, leaving out 'scale' if not m.use_scale and 'bias' if not m.use_bias"
+                "'var': m.var[...]}}, leaving out 'scale' if not m.use_scale and 'bias' if not m.use_bias; then "
+                "bn.eval() if m.use_running_average (nnx's eval() sets it and train() clears it: a mode, as torch's "
+                "eval() is, where linen's use_running_average=True would freeze the statistics for good)"
             )
         raise TypeError(f"expected a flax.linen.BatchNorm, got {cls.__module__}.{cls.__qualname__}")
     axis = module.axis[0] if isinstance(module.axis, (tuple, list)) and len(module.axis) == 1 else module.axis
