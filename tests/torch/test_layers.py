@@ -403,6 +403,24 @@ def test_one_value_per_ghost_batch_is_refused():
     assert BatchNorm2d(3, virtual_batch_size=1)(torch.randn(4, 3, 2, 1)).shape == (4, 3, 2, 1)
 
 
+@pytest.mark.parametrize("kw", [{"debias": True}, {"running_var_rule": "biased"}, {"virtual_batch_size": 4}])
+def test_a_batch_pytorch_refuses_changes_no_buffer(kw):
+    """float64 input to a float32 layer fails in PyTorch's batch_norm; the counter moved first, so debias's next
+    step weighed the batch by 0.1 / (1 - 0.9^2) against the initial 0/1 instead of taking it whole. Oracle: float64
+    NumPy, the first good step's batch mean (debias) or the momentum update from 0/1 (the others)."""
+    layer = BatchNorm1d(3, **kw)
+    before = copy.deepcopy(layer.state_dict())
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(8, 3, dtype=torch.float64))
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+    x = torch.randn(8, 3) * 2 + 5
+    layer(x)
+    mean = x.double().numpy().mean(0)
+    expected = mean if kw.get("debias") else 0.1 * mean
+    np.testing.assert_allclose(layer.running_mean.double().numpy(), expected, rtol=1e-6)
+    assert int(layer.num_batches_tracked) == 1
+
+
 @pytest.mark.parametrize("kw", [{"running_var_rule": "keras"}, {"rmax": 0.5}, {"dmax": -1.0}, {"virtual_batch_size": 0},
                                 {"renorm_schedule": (5, 2, 9)}, {"renorm_schedule": (3, 10, 3)},
                                 {"renorm_schedule": (3, 10, 2)}, {"renorm_schedule": (-1, 2, 3)},

@@ -321,18 +321,18 @@ class _DropInBatchNorm:
                 mark = _write_mark(self.num_batches_tracked)
                 if mark is None or mark != self.__dict__.get("_debias_seen"):
                     self._check_debias_start()
-            self.num_batches_tracked.add_(1)
-            if eager_debias:
-                self.__dict__["_debias_seen"] = _write_mark(self.num_batches_tracked)
         if self.renorm:
             step = self.num_batches_tracked
             if self.renorm_schedule is not None and torch.compiler.is_compiling():
                 step = _snapshot(step)  # see _snapshot
-            rmax, dmax = self.renorm_clip(step)
+            rmax, dmax = self.renorm_clip(step + 1 if update else step)  # the step this call takes
             outs = [self._renorm_chunk(c, rmax, dmax) for c in chunks]
         else:
             outs = [F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps) for c in chunks]
-        if update:
+        if update:  # counted once the batch is normalized: a batch PyTorch refused leaves every buffer alone
+            self.num_batches_tracked.add_(1)
+            if eager_debias:
+                self.__dict__["_debias_seen"] = _write_mark(self.num_batches_tracked)
             self._update_running(chunks)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
