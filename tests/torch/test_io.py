@@ -840,6 +840,14 @@ def test_the_same_values_under_two_keys_are_one_set_of_weights(tmp_path):
     torch.save({"model": sd, "best_model": other}, path)
     with pytest.raises(ValueError, match=r"holds the same weights twice, under 'model' and 'best_model'"):
         load_state_dict_file(path)
+    # sparse tensors (torch.equal has none: PyTorch's dispatcher error escaped), equal and not; CSR cannot be compared
+    sparse = dict(sd, adj=torch.eye(3).to_sparse())
+    torch.save({"state_dict": sparse, "model": copy.deepcopy(sparse)}, path)
+    assert torch.equal(load_state_dict_file(path)["adj"].to_dense(), torch.eye(3))
+    for differing in (torch.eye(3).mul(2).to_sparse(), torch.eye(3).to_sparse_csr()):
+        torch.save({"state_dict": sparse, "model": dict(sparse, adj=differing)}, path)
+        with pytest.raises(ValueError, match=r"holds the same weights twice, under 'state_dict' and 'model'"):
+            load_state_dict_file(path)
 
 
 class _Tagged(torch.nn.BatchNorm1d):

@@ -366,13 +366,22 @@ def _weights(value: object) -> dict[str, torch.Tensor]:
 def _two_sets(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
     """Whether two checkpoint entries are two copies of one model's weights that differ (a model and its EMA): the
     same names (not a model and another component, such as a loss's weights) and some other value (NaN equal to
-    NaN; meta tensors, which hold none, differ)."""
+    NaN; sparse COO tensors by their coalesced indices and values; meta tensors, which hold none, and tensors
+    PyTorch cannot compare (other sparse layouts, nested tensors) differ)."""
     def same(x: torch.Tensor, y: torch.Tensor) -> bool:
-        if x.shape != y.shape or x.dtype != y.dtype or x.is_meta or y.is_meta:
+        if x.layout != y.layout or x.dtype != y.dtype or x.is_meta or y.is_meta:
             return False
-        y = y.to(x.device)
-        return torch.equal(x, y) or (x.is_floating_point() or x.is_complex()) and bool(
-            torch.all((x == y) | (x.isnan() & y.isnan())))
+        try:
+            if x.shape != y.shape:
+                return False
+            if x.layout == torch.sparse_coo:
+                x, y = x.coalesce(), y.coalesce()
+                return same(x.indices(), y.indices()) and same(x.values(), y.values())
+            y = y.to(x.device)
+            return torch.equal(x, y) or (x.is_floating_point() or x.is_complex()) and bool(
+                torch.all((x == y) | (x.isnan() & y.isnan())))
+        except (RuntimeError, NotImplementedError):  # no comparison for this kind of tensor
+            return False
 
     return a.keys() == b.keys() and not all(same(a[k], b[k]) for k in a)
 
