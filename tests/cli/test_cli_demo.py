@@ -179,6 +179,11 @@ def test_study_and_demo_reject_bad_arguments(tmp_path):
     assert runner.invoke(app, ["study", "two-modes", "--seeds", "0"]).exit_code == 2
     assert runner.invoke(app, ["study", "two-modes", "--size", "huge"]).exit_code == 2
     assert runner.invoke(app, ["study", "two-modes", "--threads", "0"]).exit_code == 2
+    for many in ("100000", "99999999999"):  # OpenBLAS crashed starting 100000 threads; the second overflowed in torch
+        for command in (["study", "two-modes"], ["demo", "--quick"]):
+            res = runner.invoke(app, [*command, "--threads", many, "--out", str(tmp_path / "t")])
+            assert res.exit_code == 2 and "--threads must be between 1 and" in res.output, res.output
+            assert not (tmp_path / "t").exists()
     res = runner.invoke(app, ["study", "deployment", "--seeds", "3", "--out", str(tmp_path / "d")])
     assert res.exit_code == 2 and "no seed count" in res.output and not (tmp_path / "d").exists()
     a_file = tmp_path / "file"
@@ -378,6 +383,7 @@ def test_an_unavailable_chapter_is_said_and_does_not_fail_the_command_and_thread
         return unavailable(modes.NUMBER, "two-modes", modes.TITLE, modes.CLAIM, "needs bnkit.torch.freeze_bn")
 
     monkeypatch.setattr(modes, "run", not_here)
+    monkeypatch.setattr("bnkit.cli.demo.usable_cpus", lambda: 3)  # 3 threads allowed on a machine of fewer CPUs
     threads = torch.get_num_threads()
     try:
         for asked, caller in ((1, 2), (3, 1)):

@@ -12,7 +12,7 @@ from bnkit.study import Context, run_chapters
 from bnkit.study import running as ch_running
 from bnkit.study.finetune import lesson_freeze
 from bnkit.study.models import bn_legend, bn_places, digits_mlp, layernorm_mlp
-from bnkit.study.modes import train_mode_logits
+from bnkit.study.modes import _remainder_example, train_mode_logits
 from bnkit.study.report import Chapter, Table, write_report
 from bnkit.study.train import batches, population_stats, predict, preserved_modes
 from bnkit.torch.modules import bn_layers
@@ -29,6 +29,9 @@ def test_batches_cover_everything_and_merge_a_remainder_of_at_most_half_a_batch(
     # the digits training set: 1347 = 42 * 32 + 3; a 3-image step at momentum 0.5 ended every epoch of chapter 1
     assert [len(p) for p in batches(1347, 32)][-2:] == [32, 35]
     assert [len(p) for p in batches(1347, 128)][-1] == 67  # more than half a batch stays a batch
+    # chapter 2's table says so, with the largest batch size whose remainder joins: 450 = 6 * 64 + 66
+    assert _remainder_example(450, (1, 2, 8, 64)) == ": 450 images at batch 64 are 6 passes of 64 and one of 66"
+    assert _remainder_example(448, (1, 2, 8, 64)) == ""  # every pass whole
     assert torch.equal(torch.cat(parts), torch.arange(17))
     shuffled = torch.cat(batches(17, 4, generator=torch.Generator().manual_seed(1)))
     assert sorted(shuffled.tolist()) == list(range(17))

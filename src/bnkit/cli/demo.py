@@ -1,6 +1,7 @@
 """``bnkit demo``: the lesson on BatchNorm at inference, every chapter measured on scikit-learn's digits."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -66,6 +67,14 @@ def _print_chapter(ch) -> None:
         _say(f"[bold yellow]chapter {ch.status}:[/] ", ch.reason)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the OS keeps one), else every CPU."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def run_and_report(
     names: list[str], size: str, seed: int, out: Path, seeds: int | None = None, threads: int = 1
 ) -> int:
@@ -80,8 +89,9 @@ def run_and_report(
     """
     if out.exists() and not out.is_dir():
         raise fail(f"--out {out} exists and is not a folder")
-    if threads < 1:
-        raise fail(f"--threads must be at least 1, got {threads}")
+    cpus = usable_cpus()
+    if not 1 <= threads <= cpus:  # PyTorch takes more, then OpenBLAS crashed starting 100000
+        raise fail(f"--threads must be between 1 and {cpus} (the CPUs this process may run on), got {threads}")
     from ..study import check_seed
 
     try:

@@ -122,6 +122,16 @@ def _plot(res: dict, p: dict, n_classes: int, out) -> str:
     return save_figure(fig, out, "ch2_two_modes.png")
 
 
+def _remainder_example(n: int, batch_sizes: list[int]) -> str:
+    """``": 450 images at batch 64 are 6 passes of 64 and one of 66"`` for the largest batch size whose remainder
+    joins the pass before it (as :func:`bnkit.study.train.batches` splits), else nothing."""
+    for b in sorted(batch_sizes, reverse=True):
+        passes = batches(n, b)
+        if len(passes) > 1 and len(passes[-1]) > b:
+            return f": {n} images at batch {b} are {len(passes) - 1} passes of {b} and one of {len(passes[-1])}"
+    return ""
+
+
 def run(ctx: Context) -> Chapter:
     p = ctx.params(SIZES)
     ctx.tracker.start(f"{NUMBER}. {TITLE}", p["seeds"] * p["epochs"])
@@ -132,7 +142,8 @@ def run(ctx: Context) -> Chapter:
         f"Test accuracy on {n} digits by inference batch size (MLP trained at batch {p['train_batch']}, "
         f"mean over {len(res)} seed(s))",
         ["batch", "eval acc", "train acc", "classes (train)", "max |Δ| (eval)"],
-        notes=["batch: images per forward pass at inference; eval / train acc: accuracy in eval mode (running "
+        notes=["batch: images per forward pass at inference (the last pass takes the remainder, joined to the pass "
+               f"before it when at most half a batch{_remainder_example(n, p['batch_sizes'])}); eval / train acc: accuracy in eval mode (running "
                "statistics) and in training mode (the batch's statistics); classes (train): fewest distinct "
                "classes predicted in training mode; max |Δ| (eval): largest difference between eval-mode logits "
                "at this batch size and in one batch of the whole test set."],
