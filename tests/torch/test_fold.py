@@ -271,6 +271,15 @@ def test_nonfinite_statistics_are_rejected():
         fold_bn(model, x)
 
 
+@pytest.mark.parametrize("eps", [float("nan"), float("inf")])
+def test_a_nonfinite_eps_is_named_not_called_a_range_overflow(eps):
+    """eps NaN gave 'weights beyond torch.float32's range ... fold a float32 copy' for a float32 model."""
+    model, x = zoo_model("mlp")
+    model[2].eps = eps
+    with pytest.raises(ValueError, match=r"NaN/Inf statistics, affine parameters or eps cannot be folded: 2"):
+        fold_bn(model, x, force=True)
+
+
 def test_negative_variance_is_rejected_not_folded_into_nan_weights():
     # sqrt(var + eps) of a corrupt negative variance would write NaN into the layer's weights, even with force
     model, x = zoo_model("mlp")

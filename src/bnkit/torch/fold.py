@@ -401,7 +401,7 @@ def _check_model(model: nn.Module, force: bool) -> None:
     training, never, nonfinite, nonpositive = [], [], [], []
     for name, bn in bn_or_frozen_layers(model):
         tensors = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
-        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        if not all(bool(torch.isfinite(t).all()) for t in tensors) or not math.isfinite(float(bn.eps)):
             nonfinite.append(name)
         if bn.running_mean is None:
             continue  # track_running_stats=False: reported as not foldable
@@ -413,7 +413,8 @@ def _check_model(model: nn.Module, force: bool) -> None:
             never.append(name)
     if nonfinite:
         raise ValueError(
-            f"BatchNorm layers with NaN/Inf statistics or affine parameters cannot be folded: {', '.join(nonfinite)}"
+            "BatchNorm layers with NaN/Inf statistics, affine parameters or eps cannot be folded: "
+            + ", ".join(nonfinite)
         )
     if nonpositive:
         raise ValueError(
