@@ -414,6 +414,21 @@ def test_names_and_texts_print_literally_not_as_markup(tmp_path, monkeypatch):
     assert {(f["layer"], f["code"]) for f in report["findings"]} >= {("bn[/x][bold]", "zero_var")}
 
 
+def test_an_error_or_note_naming_a_path_shows_it_as_written(tmp_path, monkeypatch):
+    """rich's escape() doubled a trailing backslash (a path ending in one was named with two); markup-like brackets
+    stay literal."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("nope\\", "[bold]x[/bold]\\"):
+        result = _invoke(name)
+        assert result.exit_code == 2
+        assert result.output.strip().endswith(f"error: no such checkpoint or ONNX file: {name}"), result.output
+    from bnkit.cli.app import err_console, note
+
+    with err_console.capture() as captured:
+        note("kept in C:\\temp\\")
+    assert captured.get() == "note: kept in C:\\temp\\\n"
+
+
 def test_running_out_of_memory_is_a_failed_run_not_bad_input(trained):
     _, ckpt, data, _ = trained
     result = _invoke(ckpt, "--model", "audit_models:oom", "--data", data)

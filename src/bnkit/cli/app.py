@@ -9,7 +9,7 @@ import importlib.util
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 app = typer.Typer(
     name="bnkit",
@@ -25,15 +25,16 @@ err_console = Console(stderr=True)
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print an error in red on stderr and return the Exit to raise."""
-    # Escaped (messages quote lists and paths with brackets) and soft-wrapped: rich inserts no line
-    # breaks, so a long path stays whole for copying and for tests that read the message.
-    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    # As Text, not markup (messages quote lists and paths with brackets, and escape() doubles a trailing
+    # backslash), and soft-wrapped: rich inserts no line breaks, so a long path stays whole for copying and for
+    # tests that read the message.
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
     return typer.Exit(code)
 
 
 def note(message: str) -> None:
     """Print a note in yellow on stderr (stdout stays the command's output)."""
-    err_console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
+    err_console.print(Text.assemble(("note:", "yellow"), " ", message), soft_wrap=True)
 
 
 def needs(*modules: str, extra: str) -> None:
