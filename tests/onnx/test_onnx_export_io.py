@@ -150,3 +150,25 @@ def test_a_model_that_fails_on_the_first_sample_alone_is_refused_beside_a_0d_inp
     with pytest.raises(ExportVerificationError, match="first sample alone.*dynamic_batch=False"):
         export_onnx(_BakedBatch().eval(), (torch.randn(4, 3, 4), torch.tensor(2.0)), path, verify=verify)
     assert not path.exists()
+
+
+class _Defaults(_ConvBN):
+    def forward(self, x, scale=2.0, mask=None, *, shift=0.5):
+        y = self.bn(self.conv(x)) * scale + shift
+        return y if mask is None else y * mask
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_arguments_left_at_their_defaults_are_constants_of_the_graph_not_inputs(tmp_path, verify):
+    """torch.onnx's TorchScript exporter appends a forward's defaults to the example inputs, and the tracer makes
+    scale=2.0 a float64 graph input: the check failed naming 'onnx::Cast_1', and with verify=False the file needed
+    an input nobody named. Oracle: PyTorch's eval output with the defaults, run by onnxruntime from x alone."""
+    model, path = _Defaults(), tmp_path / "defaults.onnx"
+    x = torch.randn(4, 3, 5, 5)
+    export_onnx(model, x, path, verify=verify)
+    assert [i.name for i in onnx.load(path).graph.input] == ["input"]
+    with torch.no_grad():
+        for batch in (x, torch.randn(2, 3, 5, 5)):
+            got = _session(path).run(None, {"input": batch.numpy()})[0]
+            assert rel(got, model(batch).double().numpy()) < 1e-6
+    assert "forward" not in vars(model)  # the model's own forward again

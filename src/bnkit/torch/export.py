@@ -106,6 +106,29 @@ def _train_calls_ignored(model: nn.Module) -> Iterator[None]:
             model.train = own
 
 
+@contextmanager
+def _defaults_in_python(model: nn.Module) -> Iterator[None]:
+    """Inside, ``model.forward`` takes positional arguments only and passes them on: ``torch.onnx.export`` appends
+    the defaults of a forward's other arguments to the inputs it traces (``_decide_input_format`` in
+    torch/onnx/_internal/torchscript_exporter/utils.py), where a number (``scale=2.0``) became a graph input no
+    caller feeds and a keyword-only one a positional argument too many; left to Python, they are constants of the
+    trace, the values PyTorch's eval output used."""
+    own = vars(model).get("forward")  # an instance forward of the caller's: put back after
+    bound = model.forward
+
+    def forward(*args):
+        return bound(*args)
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own
+
+
 def _batch_of_one(what: str, exc: Exception) -> ExportVerificationError:
     return ExportVerificationError(
         f"{what} fails on the example's first sample alone, the batch of one that checks the dynamic batch axis "
@@ -205,7 +228,7 @@ def export_onnx(
         axes = ({**_batch_axes(in_names, [inputs], sizes), **_batch_axes(out_names, expected, sizes)}
                 if dynamic_batch else None)
         buffer = io.BytesIO()  # exported in memory: the file is written only once every check passed
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _defaults_in_python(model):
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model, inputs, buffer, dynamo=False, training=torch.onnx.TrainingMode.EVAL, opset_version=opset,
