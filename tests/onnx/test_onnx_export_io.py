@@ -172,3 +172,22 @@ def test_arguments_left_at_their_defaults_are_constants_of_the_graph_not_inputs(
             got = _session(path).run(None, {"input": batch.numpy()})[0]
             assert rel(got, model(batch).double().numpy()) < 1e-6
     assert "forward" not in vars(model)  # the model's own forward again
+
+
+class _Keywords(_ConvBN):
+    def forward(self, x, *, mask, inner=False):
+        y = self.bn(self.conv(x)) * mask
+        return y if inner else y + self(x.flip(3), mask=mask, inner=True)  # a test-time augmentation
+
+
+def test_keywords_a_hook_or_the_forward_passes_still_reach_the_forward(tmp_path):
+    """The wrapper that keeps defaults out of the graph took positional arguments only: a pre-hook's keywords
+    (with_kwargs=True) and a forward calling itself with one raised TypeError naming bnkit's wrapper."""
+    model, path = _Keywords(), tmp_path / "keywords.onnx"
+    two = torch.tensor(2.0)
+    model.register_forward_pre_hook(lambda m, args, kwargs: (args, {"mask": two, **kwargs}), with_kwargs=True)
+    x = torch.randn(4, 3, 5, 5)
+    export_onnx(model, x, path)
+    assert [i.name for i in onnx.load(path).graph.input] == ["input"]
+    with torch.no_grad():
+        assert rel(_session(path).run(None, {"input": x.numpy()})[0], model(x).double().numpy()) < 1e-6

@@ -108,16 +108,16 @@ def _train_calls_ignored(model: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def _defaults_in_python(model: nn.Module) -> Iterator[None]:
-    """Inside, ``model.forward`` takes positional arguments only and passes them on: ``torch.onnx.export`` appends
-    the defaults of a forward's other arguments to the inputs it traces (``_decide_input_format`` in
-    torch/onnx/_internal/torchscript_exporter/utils.py), where a number (``scale=2.0``) became a graph input no
+    """Inside, ``model.forward`` has no named parameters and passes every argument on: ``torch.onnx.export`` appends
+    the defaults of the parameters the example inputs leave out to the inputs it traces (``_decide_input_format``
+    in torch/onnx/_internal/torchscript_exporter/utils.py), where a number (``scale=2.0``) became a graph input no
     caller feeds and a keyword-only one a positional argument too many; left to Python, they are constants of the
-    trace, the values PyTorch's eval output used."""
+    trace, the values PyTorch's eval output used. Keywords still reach the forward (a pre-hook's, a self-call's)."""
     own = vars(model).get("forward")  # an instance forward of the caller's: put back after
     bound = model.forward
 
-    def forward(*args):
-        return bound(*args)
+    def forward(*args, **kwargs):
+        return bound(*args, **kwargs)
 
     model.forward = forward
     try:
