@@ -14,7 +14,7 @@ from _helpers import without_bias_option
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnkit.torch import (BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_bn, fold_bn, freeze_bn, from_flax, from_keras,
+from bnkit.torch import (BatchNorm1d, BatchNorm2d, BatchNorm3d, bn_layers, convert_bn, fold_bn, freeze_bn, from_flax, from_keras,
                          is_frozen, revert_sync_bn, to_flax, to_keras, unfreeze_bn)
 from bnkit.torch.convert import BatchNormNd
 from bnkit.torch.zoo import SmallResNet, example_input
@@ -623,6 +623,33 @@ def test_revert_sync_bn_of_a_wrapped_model_gives_the_module_inside_reverted(tmp_
         ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
         reverted = revert_sync_bn(ddp, torch.randn(5, 4))
         assert type(reverted) is nn.Sequential and reverted[1] is not ddp.module[1]  # a copy, as without DDP
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sync_batchnorm_with_a_process_group_is_reverted_and_folded(tmp_path):
+    """convert_sync_batchnorm(model, process_group=pg), the usual call: copying the model deep-copied the group,
+    which cannot be pickled (TypeError from revert_sync_bn and fold_bn). Oracle: the same model converted without
+    a group, reverted and folded, bit for bit; a gloo world of one."""
+    import torch.distributed as dist
+
+    x = example_input("resnet", batch=6)
+    torch.manual_seed(0)
+    plain = trained(SmallResNet(), x).eval()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain), process_group=group)
+        ungrouped = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+        for args in ((), (x,)):
+            reverted, want = revert_sync_bn(sync, *args), revert_sync_bn(ungrouped, *args)
+            assert [type(m) for m in reverted.modules()] == [type(m) for m in want.modules()]
+            assert all(torch.equal(a, b) for a, b in zip(reverted.state_dict().values(), want.state_dict().values()))
+            assert sync.stem[1].process_group is group  # the original keeps its group
+        folded, report = fold_bn(sync, x)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), fold_bn(ungrouped, x)[0](x), rtol=0, atol=0)
+        assert report.n_folded == len(bn_layers(plain))
     finally:
         dist.destroy_process_group()
 

@@ -79,10 +79,13 @@ def deep_copy(model: nn.Module) -> nn.Module:
 
     The old-style hooks ``torch.nn.utils.weight_norm`` / ``spectral_norm`` store the weight they compute as a
     non-leaf tensor after any forward with grad enabled (and at construction), which ``Tensor.__deepcopy__``
-    refuses; such a tensor is copied detached (the hook computes it anew before the copy's next forward).
+    refuses; such a tensor is copied detached (the hook computes it anew before the copy's next forward). A
+    ``torch.distributed`` process group (a ``SyncBatchNorm``'s ``process_group``), which cannot be copied, is shared.
     """
+    groups = (torch.distributed.ProcessGroup,) if torch.distributed.is_available() else ()
     memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
             if isinstance(v, torch.Tensor) and v.grad_fn is not None}
+    memo.update({id(v): v for m in model.modules() for v in vars(m).values() if groups and isinstance(v, groups)})
     new = copy.deepcopy(model, memo)
     # Parameter.__deepcopy__ copies data and requires_grad only: attributes set on a parameter (freeze_bn's record,
     # which moves with it when a layer is swapped) are copied over, parameters paired in the same order
