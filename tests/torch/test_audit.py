@@ -482,7 +482,14 @@ def test_foldable_layers_reported():
     model = SharedConvNet().eval()
     (finding,) = audit(model).by_code("foldable")
     folded = set(finding.data["folded"])
-    assert "stem.1" in folded and not folded & {"bn_a", "bn_b"}
+    assert "stem.1" in folded and not folded & {"bn_a", "bn_b"} and finding.data["notes"] == []
+    # fold's note on a float16 BN folded before a layer whose inputs sit 200 std from zero comes with it
+    half = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3)).half().eval()
+    with torch.no_grad():
+        half[0].running_mean.fill_(200.0)
+        half[0].num_batches_tracked.fill_(1000)
+    (finding,) = audit(half).by_code("foldable")
+    assert sum("200 standard deviations from zero" in note for note in finding.data["notes"]) == 1
 
 
 # ---------------------------------------------------------------- depth 3: data

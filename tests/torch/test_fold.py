@@ -1225,6 +1225,7 @@ def test_a_low_precision_fold_before_a_layer_with_offset_inputs_is_noted(dtype, 
     model = model.to(dtype).eval()
     folded, report = fold_bn(model, torch.randn(8, 16).to(dtype))
     assert any("folded before 1" in n for n in report.notes) is noted
+    assert fold_plan(model, torch.randn(8, 16).to(dtype)).notes == report.notes  # the same report, uncopied
     if noted:  # the loss it warns of, on data like the statistics
         x = (mean + var ** 0.5 * torch.randn(64, 16)).to(dtype)  # the inputs as the model gets them
         exact = copy.deepcopy(model).double()

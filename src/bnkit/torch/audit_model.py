@@ -265,7 +265,7 @@ def _fold_findings(model: nn.Module, layers, example) -> list[Finding]:
         "info", short_names(folded), f"{len(folded)} of {len(layers)} BatchNorm layers can be folded away",
         "at inference each is an affine map that merges into the neighbouring conv/linear layer",
         "bnkit fold (bnkit.torch.fold_bn) removes them for deployment", "foldable",
-        {"folded": {f.bn: f.into for f in fold.folded}, "left": dict(fold.left)})]
+        {"folded": {f.bn: f.into for f in fold.folded}, "left": dict(fold.left), "notes": list(fold.notes)})]
 
 
 

@@ -324,6 +324,7 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
     report = FoldReport()
     _, plan = _plan(model, _as_tuple(example_inputs if device is None else to_device(example_inputs, device)), report)
     report.folded = _entries(model, plan)
+    report.notes += _low_precision_shift_notes(model, report.folded)
     if not _within_dtype_bound(model, plan):
         _folded_weights(model, plan)  # raises where a folded weight is beyond its layer's dtype
     return report
