@@ -118,6 +118,31 @@ def test_a_float32_view_of_channels_last_data_is_as_accurate_as_a_contiguous_cop
         assert np.abs(bn.running_mean - want).max() < 1e-5, np.abs(bn.running_mean - want).max()
 
 
+@pytest.mark.parametrize("kwargs, match", [({"axis": 1.9}, r"axis must be an integer, got 1\.9"),
+                                           ({"axis": True}, "axis must be an integer, got True"),
+                                           ({"num_features": True}, "num_features must be an integer, got True"),
+                                           ({"num_features": 3.0}, r"num_features must be an integer, got 3\.0"),
+                                           ({"eps": True}, "eps must be a real number, got True"),
+                                           ({"eps": "1e-3"}, "eps must be a real number, got '1e-3'")])
+def test_arguments_that_are_not_numbers_of_their_kind_are_refused_not_coerced(kwargs, match):
+    """axis=1.9 became 1, num_features=True a layer of one channel, eps=True 1.0; PyTorch's nn.BatchNorm refuses
+    a float size, and convert_state an axis of 1.9."""
+    with pytest.raises(ValueError, match=match):
+        BatchNorm(**{"num_features": 3, **kwargs})
+    assert BatchNorm(np.int64(3), eps=np.float32(1e-3), axis=np.int64(-1)).axis == -1
+
+
+@pytest.mark.parametrize("bad, match", [(np.array([["1", "2"], ["3", "4"]]), "got dtype <U1"),
+                                        (np.array([[1.0, None], [3.0, 4.0]], dtype=object), "got None")])
+def test_an_input_of_strings_or_none_is_refused_and_changes_nothing(bad, match):
+    """Numeric strings were parsed and updated the running statistics (torch refuses them); None was called NaN."""
+    bn = BatchNorm(2)
+    with pytest.raises(TypeError, match=f"BatchNorm's input must hold real numbers, {match}"):
+        bn(bad)
+    assert bn.num_batches_tracked == 0 and (bn.running_mean == 0).all() and (bn.running_var == 1).all()
+    np.testing.assert_array_equal(bn(np.array([[1, 2], [3, 4]], dtype=object)), bn.train()(np.array([[1.0, 2], [3, 4]])))
+
+
 def test_backward_after_a_refused_forward_raises_instead_of_answering_for_the_batch_before():
     """The cache of the last good batch outlived a refused forward: backward() returned that batch's gradient."""
     bn = BatchNorm(3)

@@ -132,6 +132,8 @@ def test_running_moments_refuses_complex_and_overflowing_batches():
     (1, [0.0], [5.0], ValueError, "must have M2 = 0"),
     (3, [1 + 2j], [1.0], TypeError, "must be real"),
     (3, [0.0, 1.0], [1.0, 1.0], ValueError, "shape"),
+    ("3", [0.0], [0.0], ValueError, "count must be a non-negative integer, got '3'"),  # was "'<' not supported"
+    ([3], [0.0], [0.0], ValueError, r"count must be a non-negative integer, got \[3\]"),
 ])
 def test_update_moments_refuses_impossible_partials(count, mean, m2, error, match):
     rm = RunningMoments(1).update(np.array([[0.0], [2.0]]))
@@ -255,3 +257,11 @@ def test_running_moments_takes_numbers_in_an_object_array_as_batchnorm_does():
     np.testing.assert_array_equal(got.var, want.var)
     with pytest.raises(TypeError, match="batch must hold real numbers, got dtype <U1"):
         RunningMoments(2).update(np.array([["a", "b"], ["c", "d"]]))
+    # numeric strings were parsed as numbers (torch refuses them); None in an object array was called NaN
+    for bad, match in ((np.array([["1", "2"], ["3", "4"]]), "got dtype <U1"),
+                       (np.array([[1, None], [3, 4]], dtype=object), "got None"),
+                       (np.array([[1, "2"], [3, 4]], dtype=object), "got '2'")):
+        rm = RunningMoments(2)
+        with pytest.raises(TypeError, match=f"batch must hold real numbers, {match}.*refusing to update statistics"):
+            rm.update(bad)
+        assert rm.count == 0

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .checks import integer, real, real_array
 from .conventions import Convention, get_convention, new_value_weight
 
 __all__ = ["BatchNorm"]
@@ -64,11 +65,11 @@ class BatchNorm:
         axis: int = 1,
         convention: str | Convention = "torch",
     ) -> None:
-        if int(num_features) != num_features or num_features < 1:
+        if integer(num_features, "num_features") < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
         self.convention = get_convention(convention)
         self.num_features = int(num_features)
-        self.eps = self.convention.default_eps if eps is None else float(eps)
+        self.eps = self.convention.default_eps if eps is None else real(eps, "eps")
         if not self.eps >= 0.0 or not np.isfinite(self.eps):
             raise ValueError(f"eps must be a finite non-negative number, got {eps}")
         self.momentum = self.convention.default_momentum if momentum is _DEFAULT else momentum
@@ -80,7 +81,7 @@ class BatchNorm:
             self.momentum = float(self.momentum)
         self.affine = affine
         self.track_running_stats = track_running_stats
-        self.axis = int(axis)
+        self.axis = integer(axis, "axis")
         self.training = True
         c = self.num_features
         self.weight = np.ones(c) if affine else None
@@ -143,8 +144,7 @@ class BatchNorm:
         x = np.asarray(x)
         if np.iscomplexobj(x):
             raise TypeError(f"BatchNorm takes real inputs, got dtype {x.dtype}")
-        if not np.issubdtype(x.dtype, np.floating):
-            x = x.astype(np.float64)
+        x = real_array(x, "BatchNorm's input")
         ax = self._channel_axis(x)
         x3 = _as_acb(x, ax)
         wt = _work_dtype(x.dtype)

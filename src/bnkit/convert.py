@@ -60,6 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batchnorm import _to_numpy, update_count
+from .checks import integer
 from .conventions import convert_momentum, get_convention
 
 __all__ = ["FRAMEWORKS", "LAYOUTS", "convert_state"]
@@ -305,14 +306,7 @@ def _int_axis(axis, src: str) -> int:
         if len(axis) != 1:
             raise ValueError(f"{src} axis {axis}: only a single channel axis can be converted")
         axis = axis[0]
-    return _whole(axis, f"{src} axis")
-
-
-def _whole(axis, what: str) -> int:
-    """``axis`` as an int; a bool, a fraction or a non-number (1.9 would become 1) is refused, naming it."""
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-        raise ValueError(f"{what} must be an integer, got {axis!r}")
-    return int(axis)
+    return integer(axis, f"{src} axis")
 
 
 def _validate(layer: _Layer, src: str) -> None:
@@ -350,7 +344,7 @@ def _need_running(layer: _Layer, dst: str) -> None:
 
 def _target_axis(layer: _Layer, axis: int | None) -> int:
     if axis is not None:
-        if _whole(axis, "axis") == 0:
+        if integer(axis, "axis") == 0:
             raise ValueError("axis=0 is the batch axis, not a channel axis")
         return int(axis)
     return 1 if layer.axis is None else layer.axis

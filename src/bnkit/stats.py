@@ -27,8 +27,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import math
+import numbers
 
 import numpy as np
+
+from .checks import real_array
 
 __all__ = [
     "RunningMoments",
@@ -138,12 +141,10 @@ class RunningMoments:
                 f"expected {self.num_channels} channels on axis {channel_axis}, got input of shape {x.shape}"
             )
         _check_real(x, "batch")
-        if not np.issubdtype(x.dtype, np.floating):  # integers, bools, numbers in an object array: as BatchNorm takes
-            try:
-                x = x.astype(np.float64)
-            except (TypeError, ValueError):
-                raise TypeError(f"batch must hold real numbers, got dtype {x.dtype}; refusing to update statistics"
-                                ) from None
+        try:  # integers, bools, numbers in an object array: as BatchNorm takes
+            x = real_array(x, "batch")
+        except TypeError as exc:
+            raise TypeError(f"{exc}; refusing to update statistics") from None
         _check_finite(x, "batch")
         flat = _move_channels_first(x, channel_axis)
         if flat.shape[1] == 0:
@@ -162,7 +163,8 @@ class RunningMoments:
         ``count`` is a non-negative integer, ``M2 >= 0`` (and 0 for fewer than 2 values),
         everything finite; anything else is refused before the state changes.
         """
-        if isinstance(count, (bool, np.bool_)) or not float(count).is_integer() or count < 0:
+        if (isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Real) or not float(count).is_integer()
+                or count < 0):
             raise ValueError(f"count must be a non-negative integer, got {count!r}")
         count = int(count)
         mean, m2 = np.asarray(mean), np.asarray(m2)
