@@ -123,13 +123,28 @@ def test_a_float32_view_of_channels_last_data_is_as_accurate_as_a_contiguous_cop
                                            ({"num_features": True}, "num_features must be an integer, got True"),
                                            ({"num_features": 3.0}, r"num_features must be an integer, got 3\.0"),
                                            ({"eps": True}, "eps must be a real number, got True"),
-                                           ({"eps": "1e-3"}, "eps must be a real number, got '1e-3'")])
+                                           ({"eps": "1e-3"}, "eps must be a real number, got '1e-3'"),
+                                           ({"momentum": "0.1"}, "momentum must be a real number, got '0.1'")])
 def test_arguments_that_are_not_numbers_of_their_kind_are_refused_not_coerced(kwargs, match):
     """axis=1.9 became 1, num_features=True a layer of one channel, eps=True 1.0; PyTorch's nn.BatchNorm refuses
     a float size, and convert_state an axis of 1.9."""
     with pytest.raises(ValueError, match=match):
         BatchNorm(**{"num_features": 3, **kwargs})
     assert BatchNorm(np.int64(3), eps=np.float32(1e-3), axis=np.int64(-1)).axis == -1
+    # what converts exactly is taken, as PyTorch takes nn.BatchNorm1d(np.array(3)) and eps=torch.tensor(1e-5)
+    from decimal import Decimal
+
+    bn = BatchNorm(np.array(3), eps=Decimal("1e-5"), momentum=torch.tensor(0.5, dtype=torch.float64))
+    assert (bn.num_features, bn.eps, bn.momentum) == (3, 1e-5, 0.5)
+
+
+def test_state_holding_strings_or_none_is_refused_and_changes_nothing():
+    """load_state_dict parsed numeric strings and took None as NaN."""
+    bn = BatchNorm(3)
+    for bad in (np.array(["1", "2", "3"]), np.array([None, 1.0, 2.0], dtype=object)):
+        with pytest.raises(TypeError, match="running_mean must hold real numbers"):
+            bn.load_state_dict({"running_mean": bad}, strict=False)
+    assert (bn.running_mean == 0).all()
 
 
 @pytest.mark.parametrize("bad, match", [(np.array([["1", "2"], ["3", "4"]]), "got dtype <U1"),

@@ -133,6 +133,8 @@ def test_running_moments_refuses_complex_and_overflowing_batches():
     (3, [1 + 2j], [1.0], TypeError, "must be real"),
     (3, [0.0, 1.0], [1.0, 1.0], ValueError, "shape"),
     ("3", [0.0], [0.0], ValueError, "count must be a non-negative integer, got '3'"),  # was "'<' not supported"
+    (3, np.array(["1"]), [0.0], TypeError, "partial mean must hold real numbers"),  # was parsed
+    (3, np.array([None], dtype=object), [0.0], TypeError, "partial mean must hold real numbers, got None"),
     ([3], [0.0], [0.0], ValueError, r"count must be a non-negative integer, got \[3\]"),
 ])
 def test_update_moments_refuses_impossible_partials(count, mean, m2, error, match):
@@ -265,3 +267,18 @@ def test_running_moments_takes_numbers_in_an_object_array_as_batchnorm_does():
         with pytest.raises(TypeError, match=f"batch must hold real numbers, {match}.*refusing to update statistics"):
             rm.update(bad)
         assert rm.count == 0
+
+
+def test_emas_refuse_strings_and_none_instead_of_parsing_them():
+    """EMA(0.9).update(np.array(['1.5'])) gave 0.15, None gave NaN, and a complex value lost its imaginary part."""
+    for bad, error in ((np.array(["1.5"]), TypeError), (np.array([None]), TypeError), (np.array([1 + 1j]), TypeError),
+                       ("1.5", TypeError)):
+        for ema in (EMA(0.9), CumulativeAverage()):
+            with pytest.raises(error, match="the value must"):
+                ema.update(bad)
+            assert ema.steps == 0 and ema.value == 0.0
+    with pytest.raises(ValueError, match="decay must be a real number, got '0.9'"):
+        EMA("0.9")
+    with pytest.raises(ValueError, match="num_channels must be an integer, got True"):
+        RunningMoments(True)
+    assert RunningMoments(np.array(2)).update_moments(np.array(4), np.zeros(2), np.ones(2)).count == 4

@@ -77,8 +77,8 @@ class BatchNorm:
             if self.convention.name != "torch":
                 raise ValueError("momentum=None (cumulative average) exists only in the torch convention")
         else:
+            self.momentum = real(self.momentum, "momentum")
             new_value_weight(self.momentum, self.convention)  # validates the range
-            self.momentum = float(self.momentum)
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.axis = integer(axis, "axis")
@@ -315,7 +315,7 @@ class BatchNorm:
                 continue
             if v.shape != (self.num_features,):
                 raise ValueError(f"{k} has shape {v.shape}, expected ({self.num_features},)")
-            new[k] = v.astype(np.float64).copy()
+            new[k] = real_array(v, k).astype(np.float64)  # a copy
         for k, v in new.items():
             setattr(self, k, v)
 

@@ -27,11 +27,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import math
-import numbers
 
 import numpy as np
 
-from .checks import real_array
+from .checks import integer, real, real_array
 
 __all__ = [
     "RunningMoments",
@@ -97,7 +96,7 @@ class RunningMoments:
     """
 
     def __init__(self, num_channels: int) -> None:
-        if int(num_channels) != num_channels or num_channels < 1:
+        if integer(num_channels, "num_channels") < 1:
             raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
         self.num_channels = int(num_channels)
         self.count = 0
@@ -163,14 +162,17 @@ class RunningMoments:
         ``count`` is a non-negative integer, ``M2 >= 0`` (and 0 for fewer than 2 values),
         everything finite; anything else is refused before the state changes.
         """
-        if (isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Real) or not float(count).is_integer()
-                or count < 0):
+        try:
+            whole = real(count, "count")
+        except ValueError:
+            whole = math.nan
+        if not whole.is_integer() or whole < 0:
             raise ValueError(f"count must be a non-negative integer, got {count!r}")
-        count = int(count)
+        count = int(whole)
         mean, m2 = np.asarray(mean), np.asarray(m2)
         _check_real(mean, "partial mean")
         _check_real(m2, "partial M2")
-        mean, m2 = mean.astype(np.float64), m2.astype(np.float64)
+        mean, m2 = real_array(mean, "partial mean").astype(np.float64), real_array(m2, "partial M2").astype(np.float64)
         if mean.shape != (self.num_channels,) or m2.shape != (self.num_channels,):
             raise ValueError(f"partial statistics must have shape ({self.num_channels},)")
         _check_finite(mean, "partial mean")
@@ -212,7 +214,7 @@ def ema_update(running: np.ndarray | float, value: np.ndarray | float, momentum:
     ``weight_on="old"`` (Keras, ONNX, Flax, the lesson's alpha):
     ``running = m * running + (1 - m) * value``.
     """
-    if not 0.0 <= momentum <= 1.0:
+    if not 0.0 <= real(momentum, "momentum") <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     if weight_on == "new":
         w_new = momentum
@@ -220,7 +222,12 @@ def ema_update(running: np.ndarray | float, value: np.ndarray | float, momentum:
         w_new = 1.0 - momentum
     else:
         raise ValueError(f"weight_on must be 'new' or 'old', got {weight_on!r}")
-    return (1.0 - w_new) * np.asarray(running, dtype=np.float64) + w_new * np.asarray(value, dtype=np.float64)
+    return (1.0 - w_new) * _values(running, "the running value") + w_new * _values(value, "the value")
+
+
+def _values(x: object, what: str) -> np.ndarray:
+    """``x`` as a float64 array: real numbers only (strings, None and complex values refused, naming ``what``)."""
+    return real_array(np.asarray(x), what).astype(np.float64)
 
 
 class EMA:
@@ -237,10 +244,10 @@ class EMA:
     """
 
     def __init__(self, decay: float, init: float | np.ndarray = 0.0) -> None:
-        if not 0.0 <= decay <= 1.0:
+        if not 0.0 <= real(decay, "decay") <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
         self.decay = float(decay)
-        self.init = np.asarray(init, dtype=np.float64)
+        self.init = _values(init, "init")
         self.value = self.init.copy()
         self._seen = np.zeros_like(self.init)  # sum_i (1 - decay) decay**(t-i) x_i; at decay 1 the plain mean
         self.steps = 0
@@ -267,12 +274,12 @@ class CumulativeAverage:
     """Plain mean of every value seen (PyTorch ``momentum=None``)."""
 
     def __init__(self, init: float | np.ndarray = 0.0) -> None:
-        self.value = np.asarray(init, dtype=np.float64).copy()
+        self.value = _values(init, "init").copy()
         self.steps = 0
 
     def update(self, x) -> np.ndarray:
+        self.value = ema_update(self.value, x, 1.0 / (self.steps + 1), weight_on="new")  # a refused x counts nothing
         self.steps += 1
-        self.value = ema_update(self.value, x, 1.0 / self.steps, weight_on="new")
         return self.value
 
 
