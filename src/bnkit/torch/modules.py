@@ -80,7 +80,8 @@ def deep_copy(model: nn.Module) -> nn.Module:
     The old-style hooks ``torch.nn.utils.weight_norm`` / ``spectral_norm`` store the weight they compute as a
     non-leaf tensor after any forward with grad enabled (and at construction), which ``Tensor.__deepcopy__``
     refuses; such a tensor is copied detached (the hook computes it anew before the copy's next forward). A
-    ``torch.distributed`` process group (a ``SyncBatchNorm``'s ``process_group``), which cannot be copied, is shared.
+    ``torch.distributed`` process group held as a module's attribute (a ``SyncBatchNorm``'s ``process_group``), which
+    cannot be copied, is shared (one inside a list or dict attribute still fails the copy).
     """
     groups = (torch.distributed.ProcessGroup,) if torch.distributed.is_available() else ()
     memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
