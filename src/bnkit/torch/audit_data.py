@@ -42,11 +42,8 @@ SHIFT_WARNING_KL = 0.045  # z_eq = 0.3
 #: exponential, whose tail beyond mean + 3 sd is exp(-4)); channels that do not move together, far fewer. It
 #: matters below ~70 values per channel, where 3 ``sampling_kl_sd`` exceeds SHIFT_WARNING_KL.
 SHIFT_NOISE_SDS = 3.0
-#: Relative train-vs-eval output gap above which a warning is raised; above GAP_ERROR, with some layer's statistics
-#: shift graded (beyond sampling noise: not a tiny batch's own wobble), an error: eval outputs differ from those
-#: with the data's own statistics by more than their size.
+#: Relative train-vs-eval output gap above which a warning is raised.
 GAP_WARNING = 0.5
-GAP_ERROR = 1.0
 #: Batch-1 vs batch-B outputs differing by more than this (relative to max |output|) are coupled.
 COUPLING_RTOL = 1e-3
 #: Expected running-mean wobble (in running standard deviations) above which a warning is raised.
@@ -201,8 +198,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
             raise ValueError(f"{who} failed in eval mode on the first data batch: "
                              f"{type(exc).__name__}: {exc}") from exc
         shift_findings, ordered = _shift_findings(tracked, collectors, train_batch_size or batch_len(first), report)
-        shifted = any(f.code == "stat_shift" for f in shift_findings)  # graded beyond sampling noise
-        findings += _gap_findings(batch_out, eval_out, report, ordered, shifted)
+        findings += _gap_findings(batch_out, eval_out, report, ordered)
         findings += _coupling_findings(model, layers, first, eval_out, forward, coupling_samples, report)
     return findings + shift_findings
 
@@ -560,9 +556,8 @@ def _samples(col: Collector) -> tuple[np.ndarray, bool]:
 
 
 def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], report: AuditReport,
-                  ordered: LayerShift | None, shifted: bool) -> list[Finding]:
-    """The gap on the first batch; ``ordered``: the layer showing that the batches are not random samples;
-    ``shifted``: some layer's statistics shift is graded (see :data:`GAP_ERROR`)."""
+                  ordered: LayerShift | None) -> list[Finding]:
+    """The gap on the first batch; ``ordered``: the layer showing that the batches are not random samples."""
     if not batch_out or not eval_out or len(batch_out) != len(eval_out):
         return [Finding("info", "(model)", "train-vs-eval gap not measured", "the model's output holds no tensors",
                         "", "gap")]
@@ -587,14 +582,6 @@ def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], r
             f"(see the noise finding at {ordered.layer or '(root)'}), so the first batch's statistics differ from the "
             "data's by more than chance and the gap overstates that of a random batch",
             "shuffle the data to measure it", "gap", {"gap": gap})]
-    if gap > GAP_ERROR and shifted:
-        return [Finding(
-            "error", "(model)", "train-vs-eval output gap",
-            evidence + "; the batch is taken as a random sample of the data (shuffle=True): on this data the eval-mode "
-            "outputs differ from those with its own statistics by more than their size, the shifted layers "
-            "compounding", "see the ranked statistics shifts; if this data is what the model will see, recalibrate "
-            "on it (bnkit recalibrate); if the statistics drifted in fine-tuning, restore them and fine-tune with "
-            "freeze_bn", "gap", {"gap": gap})]
     return [Finding(
         "warning" if gap > GAP_WARNING else "info", "(model)", "train-vs-eval output gap",
         evidence + "; the batch is taken as a random sample of the data (shuffle=True)",
