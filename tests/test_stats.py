@@ -282,3 +282,11 @@ def test_emas_refuse_strings_and_none_instead_of_parsing_them():
     with pytest.raises(ValueError, match="num_channels must be an integer, got True"):
         RunningMoments(True)
     assert RunningMoments(np.array(2)).update_moments(np.array(4), np.zeros(2), np.ones(2)).count == 4
+    assert RunningMoments(1).update_moments(2**53 + 1, np.zeros(1), np.zeros(1)).count == 2**53 + 1  # exact
+    assert RunningMoments(1).update_moments(5.0, np.zeros(1), np.zeros(1)).count == 5
+    rm = RunningMoments(3)
+    cells = np.empty((2, 3), dtype=object)
+    cells[...] = [[np.array([1.0, 2.0])] * 3] * 2
+    with pytest.raises(TypeError, match="batch must hold one real number per cell"):  # numpy's own error escaped
+        rm.update(cells)
+    assert rm.count == 0

@@ -55,7 +55,11 @@ def real_array(x: np.ndarray, what: str) -> np.ndarray:
         return x.astype(np.float64)
     if x.dtype.kind == "O":
         odd = next((v for v in x.flat if not _is_number(v) or np.iscomplexobj(v)), _ALL_REAL)
-        if odd is _ALL_REAL:
+        if odd is not _ALL_REAL:
+            raise TypeError(f"{what} must hold real numbers, got {_kind(odd)} in an object array")
+        try:
             return x.astype(np.float64)
-        raise TypeError(f"{what} must hold real numbers, got {_kind(odd)} in an object array")
+        except (TypeError, ValueError):  # cells holding arrays of several values
+            raise TypeError(f"{what} must hold one real number per cell, got an object array of other things"
+                            ) from None
     raise TypeError(f"{what} must hold real numbers, got dtype {x.dtype}")

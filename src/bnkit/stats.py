@@ -163,12 +163,16 @@ class RunningMoments:
         everything finite; anything else is refused before the state changes.
         """
         try:
-            whole = real(count, "count")
+            whole = integer(count, "count")  # exact, however large
         except ValueError:
-            whole = math.nan
-        if not whole.is_integer() or whole < 0:
+            try:
+                value = real(count, "count")  # 5.0, Decimal("5")
+            except ValueError:
+                value = math.nan
+            whole = int(value) if value.is_integer() else -1
+        if whole < 0:
             raise ValueError(f"count must be a non-negative integer, got {count!r}")
-        count = int(whole)
+        count = whole
         mean, m2 = np.asarray(mean), np.asarray(m2)
         _check_real(mean, "partial mean")
         _check_real(m2, "partial M2")
