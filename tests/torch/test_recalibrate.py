@@ -1078,3 +1078,16 @@ def test_a_device_this_machine_lacks_is_named_before_anything_runs():
     with pytest.raises(ValueError, match=r"device=0: an accelerator index, and torch says"):
         recalibrate(model, [torch.randn(8, 3)], device=0, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model.training
+
+
+def test_a_model_with_uninitialized_lazy_modules_is_refused_unchanged():
+    """The pass ran the LazyLinear's first forward: new random weights and a new class in the caller's model, also
+    when the pass then failed, and statistics measured behind them; audit and fold_bn refuse such models."""
+    model = nn.Sequential(nn.LazyLinear(4), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match=r"uninitialized lazy modules \(0\): the pass would create their parameters"):
+        recalibrate(model, [torch.randn(8, 3)], progress=False)
+    assert type(model[0]) is nn.LazyLinear and nn.parameter.is_lazy(model[0].weight)
+    assert model[1].num_batches_tracked == 0 and (model[1].running_mean == 0).all()
+    model(torch.randn(8, 3))  # initialized by the caller's own forward: recalibrated as any model
+    report = recalibrate(model, [torch.randn(8, 3), torch.randn(8, 3)], progress=False)
+    assert report.batches == 2

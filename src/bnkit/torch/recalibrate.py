@@ -101,8 +101,8 @@ from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
 from .modules import (SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, normalized_inputs,
-                      eager_modules, is_whole_number, parallel_device, sole_device, to_device, unwrapped,
-                      usable_device)
+                      eager_modules, is_whole_number, parallel_device, sole_device, to_device,
+                      uninitialized_lazy, unwrapped, usable_device)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration", "StatisticsRangeError"]
 
@@ -609,6 +609,9 @@ def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
                 f"BatchNorm layer {name!r} holds inference tensors (the model was built or loaded under "
                 "torch.inference_mode), which cannot be written outside it: build or load the model outside "
                 "inference_mode, or give the layer copies of them (.clone())")
+    if lazy := uninitialized_lazy(model):
+        raise ValueError(f"uninitialized lazy modules ({', '.join(lazy)}): the pass would create their parameters, "
+                         "with random weights, in your model; run one forward pass (or load the weights) first")
     return model, modules, layers, usable_device(device) if device is not None else None
 
 
