@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import threading
 import warnings
 
 import pytest
@@ -925,3 +926,48 @@ def test_one_check_name_is_taken_as_one_check():
         model(X)
     with pytest.raises(ValueError, match=r"unknown check\(s\) \['trainin'\]"):
         bn_guard(model, ignore="trainin")
+
+
+def test_a_forward_in_another_thread_keeps_the_hooks_of_an_entry_still_being_made(monkeypatch):
+    """Thread A's entry gave the BN its batch-size hook, then (before A's entry was listed) thread B's forward ran
+    that hook, took A's entry for a closed one and removed it: A's block went unchecked (PyTorch's own ValueError
+    for a batch of one instead of the guard's finding). The interleaving is forced by pausing A where it reports."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    model(torch.randn(5, 3))  # statistics updated once: no never_updated finding
+    guard = bn_guard(model, ignore=["training"])  # training tolerated: only the batch of one is checked
+    report, in_a, b_done, b_in = bn_guard._report, threading.Event(), threading.Event(), threading.Event()
+
+    def slow_report(self, findings, entry):
+        if threading.current_thread().name == "A" and not in_a.is_set():
+            in_a.set()
+            b_done.wait(30)
+        return report(self, findings, entry)
+
+    monkeypatch.setattr(bn_guard, "_report", slow_report)
+    result = {}
+
+    def b():
+        with guard:
+            b_in.set()
+            in_a.wait(30)
+            model(torch.randn(4, 3))  # runs A's hook before A's entry is listed
+            b_done.set()
+
+    def a():
+        b_in.wait(30)
+        with guard:
+            thread_b.join(30)
+            try:
+                model(torch.randn(1, 3))
+                result["a"] = "nothing raised"
+            except BNGuardError as exc:
+                result["a"] = [f.code for f in exc.findings]
+            except ValueError as exc:
+                result["a"] = f"PyTorch: {exc}"
+
+    thread_b, thread_a = threading.Thread(target=b, name="B"), threading.Thread(target=a, name="A")
+    thread_b.start()
+    thread_a.start()
+    thread_a.join(60)
+    assert result["a"] == ["batch_of_one"]
+    assert not model[1]._forward_pre_hooks  # every hook gone once both left

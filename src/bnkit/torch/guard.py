@@ -176,12 +176,13 @@ def _user_stacklevel() -> int:
 class _Entry:
     """The state of one active entry of a :class:`bn_guard`: warnings given, batch-size hooks, handles."""
 
-    __slots__ = ("warned", "watched", "handles")
+    __slots__ = ("warned", "watched", "handles", "opening")
 
     def __init__(self) -> None:
         self.warned: set = set()  # (layer, code) already warned about
         self.watched: set[int] = set()  # ids of the layers given a batch-size hook
         self.handles: list = []
+        self.opening = True  # hooks given, not yet in the guard's entries: another thread's forward may run them
 
 
 class bn_guard(contextlib.ContextDecorator):
@@ -334,8 +335,9 @@ class bn_guard(contextlib.ContextDecorator):
         return found
 
     def _check_batch(self, entry: _Entry, name: str, module: nn.Module, args: tuple) -> None:
-        if entry not in self._entries:  # a hook of an entry closed (or of a copy's model); _Entry compares by identity
-            self._drop_hooks(module, entry)
+        if entry not in self._entries:  # _Entry compares by identity
+            if not entry.opening:  # a hook of an entry closed (or of a copy's model), not one still being entered
+                self._drop_hooks(module, entry)
             return
         x = args[0] if args else None
         if (module.training or module.running_mean is None) and isinstance(x, torch.Tensor) and x.dim() >= 2 \
@@ -385,6 +387,7 @@ class bn_guard(contextlib.ContextDecorator):
             if self._hook is None:
                 self._hook = self.model.register_forward_pre_hook(self._recheck)
             self._entries.append(entry)
+            entry.opening = False
             if mine:
                 mine[:] = [e for e in mine if e in self._entries]  # drop those closed from other threads
         mine.append(entry)
