@@ -155,6 +155,14 @@ def test_options_that_do_nothing_and_bad_shapes_are_refused_before_any_work(tmp_
     for extra in (["--weights", str(src)], ["--force"], ["--trust"]):
         result = runner.invoke(app, ["fold", str(src), "-o", str(out), *extra])
         assert result.exit_code == 2 and "only to --model" in _text(result) and extra[0] in _text(result)
+    # a PyTorch checkpoint given as FILE with --trust was called "an .onnx file": FILE is folded as ONNX, and how
+    # to fold a PyTorch model is said
+    pt = tmp_path / "whole.pt"
+    pt.write_bytes(b"")
+    result = runner.invoke(app, ["fold", str(pt), "-o", str(out), "--trust"])
+    assert result.exit_code == 2 and "not to FILE, which bnkit folds as an ONNX model; to fold a PyTorch model, give " \
+        "--model pkg.module:factory --weights FILE" in _text(result)
+    pt.unlink()
     result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:VGGBN", "--to-inference", "-o",
                                  str(tmp_path / "f.pt")])
     assert result.exit_code == 2 and "--to-inference applies only to an .onnx file" in _text(result)

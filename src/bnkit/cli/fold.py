@@ -348,8 +348,11 @@ def fold_command(
     unused = ([name for name, given in (("--weights", weights is not None), ("--force", force), ("--trust", trust))
                if given] if source is not None else ["--to-inference"] if to_inference else [])
     if unused:  # an option that would do nothing is a mistake worth saying, not skipping
+        pytorch_hint = ("; to fold a PyTorch model, give --model pkg.module:factory --weights FILE"
+                        if source is not None and source.suffix.lower() != ".onnx" else "")
         raise fail(f"{', '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} only to "
-                   + ("--model (a PyTorch model), not to an .onnx file" if source is not None
+                   + (f"--model (a PyTorch model), not to FILE, which bnkit folds as an ONNX model{pytorch_hint}"
+                      if source is not None
                       else "an .onnx file, not to --model (PyTorch's eval mode already uses the running statistics)"))
     if source is not None and input_shape and not verify:  # it shapes only the verification inputs of a file
         raise fail("--input-shape applies to an .onnx file only with verification (it sets the shapes of the random "
