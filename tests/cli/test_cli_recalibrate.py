@@ -707,3 +707,29 @@ def test_data_key_picks_the_named_array(files, name):
         net(torch.from_numpy(x).double())
     np.testing.assert_allclose(got[f"{bn_name}.running_mean"].double().numpy(), seen[0].mean(0).numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_extra_state_for_a_safetensors_output_is_refused_before_the_pass(tmp_path, monkeypatch):
+    """A module's extra state cannot go into safetensors: the whole pass ran first, then the write failed (exit 1);
+    now exit 2 before the data is read, and a .pt output takes it."""
+    (tmp_path / "extra_user.py").write_text(
+        "import torch\n"
+        "class Tagged(torch.nn.BatchNorm1d):\n"
+        "    def get_extra_state(self): return {'version': 2}\n"
+        "    def set_extra_state(self, state): pass\n"
+        "read = []\n"
+        "def net(): return torch.nn.Sequential(torch.nn.Linear(3, 2), Tagged(2))\n"
+        "def data():\n"
+        "    read.append(1)\n"
+        "    return torch.randn(8, 3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import extra_user
+
+    out = tmp_path / "o.safetensors"
+    result = invoke("--model", "extra_user:net", "--data", "extra_user:data", "--output", str(out), "--no-progress")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "safetensors holds tensors only" in text and "1._extra_state" in text, text
+    assert extra_user.read == [] and not out.exists()
+    result = invoke("--model", "extra_user:net", "--data", "extra_user:data", "--output", str(tmp_path / "o.pt"),
+                    "--no-progress")
+    assert result.exit_code == 0 and (tmp_path / "o.pt").exists(), result.output
