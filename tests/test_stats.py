@@ -136,6 +136,7 @@ def test_running_moments_refuses_complex_and_overflowing_batches():
     (3, np.array(["1"]), [0.0], TypeError, "partial mean must hold real numbers"),  # was parsed
     (3, np.array([None], dtype=object), [0.0], TypeError, "partial mean must hold real numbers, got None"),
     ([3], [0.0], [0.0], ValueError, r"count must be a non-negative integer, got \[3\]"),
+    (10**400, [0.0], [0.0], ValueError, "count must be a non-negative integer within float64"),  # var overflowed
 ])
 def test_update_moments_refuses_impossible_partials(count, mean, m2, error, match):
     rm = RunningMoments(1).update(np.array([[0.0], [2.0]]))
@@ -287,6 +288,8 @@ def test_emas_refuse_strings_and_none_instead_of_parsing_them():
     rm = RunningMoments(3)
     cells = np.empty((2, 3), dtype=object)
     cells[...] = [[np.array([1.0, 2.0])] * 3] * 2
-    with pytest.raises(TypeError, match="batch must hold one real number per cell"):  # numpy's own error escaped
-        rm.update(cells)
+    with pytest.raises(TypeError, match="batch must hold one real number within float64's range per cell"):
+        rm.update(cells)  # numpy's own error escaped
+    with pytest.raises(TypeError, match="batch must hold one real number within float64's range per cell"):
+        rm.update(np.array([[10**400, 1, 2]], dtype=object))  # OverflowError escaped
     assert rm.count == 0

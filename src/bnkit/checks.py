@@ -59,7 +59,7 @@ def real_array(x: np.ndarray, what: str) -> np.ndarray:
             raise TypeError(f"{what} must hold real numbers, got {_kind(odd)} in an object array")
         try:
             return x.astype(np.float64)
-        except (TypeError, ValueError):  # cells holding arrays of several values
-            raise TypeError(f"{what} must hold one real number per cell, got an object array of other things"
-                            ) from None
+        except (TypeError, ValueError, OverflowError):  # cells holding arrays of several values, or 10**400
+            raise TypeError(f"{what} must hold one real number within float64's range per cell, got an object "
+                            "array of other things") from None
     raise TypeError(f"{what} must hold real numbers, got dtype {x.dtype}")

@@ -32,6 +32,9 @@ import numpy as np
 
 from .checks import integer, real, real_array
 
+#: The largest count whose moments float64 can still divide by.
+_LARGEST_COUNT = int(np.finfo(np.float64).max)
+
 __all__ = [
     "RunningMoments",
     "batch_moments",
@@ -170,8 +173,9 @@ class RunningMoments:
             except ValueError:
                 value = math.nan
             whole = int(value) if value.is_integer() else -1
-        if whole < 0:
-            raise ValueError(f"count must be a non-negative integer, got {count!r}")
+        if not 0 <= whole <= _LARGEST_COUNT:
+            raise ValueError(f"count must be a non-negative integer{' within float64' if whole > 0 else ''}, "
+                             f"got {count!r}")
         count = whole
         mean, m2 = np.asarray(mean), np.asarray(m2)
         _check_real(mean, "partial mean")

@@ -717,8 +717,15 @@ def test_extra_state_for_a_safetensors_output_is_refused_before_the_pass(tmp_pat
         "class Tagged(torch.nn.BatchNorm1d):\n"
         "    def get_extra_state(self): return {'version': 2}\n"
         "    def set_extra_state(self, state): pass\n"
+        "class Late(torch.nn.BatchNorm1d):  # extra state only once a forward ran\n"
+        "    def get_extra_state(self): return {'seen': self.seen}\n"
+        "    def set_extra_state(self, state): pass\n"
+        "    def forward(self, x):\n"
+        "        self.seen = 1\n"
+        "        return super().forward(x)\n"
         "read = []\n"
         "def net(): return torch.nn.Sequential(torch.nn.Linear(3, 2), Tagged(2))\n"
+        "def late(): return torch.nn.Sequential(torch.nn.Linear(3, 2), Late(2))\n"
         "def data():\n"
         "    read.append(1)\n"
         "    return torch.randn(8, 3)\n")
@@ -733,3 +740,8 @@ def test_extra_state_for_a_safetensors_output_is_refused_before_the_pass(tmp_pat
     result = invoke("--model", "extra_user:net", "--data", "extra_user:data", "--output", str(tmp_path / "o.pt"),
                     "--no-progress")
     assert result.exit_code == 0 and (tmp_path / "o.pt").exists(), result.output
+    # a get_extra_state that needs a forward first raised out of the early check as a traceback: left to the write
+    result = invoke("--model", "extra_user:late", "--data", "extra_user:data", "--output", str(out), "--no-progress")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "cannot write" in text and "safetensors holds tensors only" in text, text
+    assert not out.exists()

@@ -251,10 +251,14 @@ def recalibrate_command(
             raise fail(f"cannot load {weights}: unpickling it raised {describe_error(exc)}")
         if changed := dtype_change(net, loaded, str(weights)):
             note(changed)
-    if out_path.suffix.lower() == ".safetensors" and (
-            extra := [k for k, v in net.state_dict().items() if not isinstance(v, torch.Tensor)]):  # before the pass
-        raise fail(f"-o {output}: safetensors holds tensors only, and the model's state also holds "
-                   f"{', '.join(extra[:4])} (a module's extra state): write a .pt file instead")
+    if out_path.suffix.lower() == ".safetensors":  # extra state safetensors cannot hold: said before the pass
+        try:
+            extra = [k for k, v in net.state_dict().items() if not isinstance(v, torch.Tensor)]
+        except USER_CODE_ERRORS:  # noqa: BLE001 - a get_extra_state that needs a forward first: checked on writing
+            extra = []
+        if extra:
+            raise fail(f"-o {output}: safetensors holds tensors only, and the model's state also holds "
+                       f"{', '.join(extra[:4])} (a module's extra state): write a .pt file instead")
     if run_on is not None:
         net.to(run_on)
     dtype, where = input_dtype_device(net)  # batches go where the model is unless --device says otherwise, as in

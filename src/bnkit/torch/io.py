@@ -181,8 +181,8 @@ def _load_safetensors(path: Path, map_location: str) -> dict[str, torch.Tensor]:
 def _unsafe(path: Path, exc: Exception) -> UnsafeCheckpointError:
     if op := re.search(r"Unsupported operand \d+", str(exc)):  # FRAME (149) of protocol 4/5, LONG (76) of 0/1
         return UnsafeCheckpointError(
-            f"{path} is a pickle that PyTorch's weights_only loader cannot read ({op.group()}: a pickle protocol "
-            "other than 2 or 3, which torch.save writes when given pickle_protocol=4 or 5, in either format), so "
+            f"{path} is a pickle that PyTorch's weights_only loader cannot read ({op.group()}: pickle protocol 0, "
+            "1, 4 or 5, which torch.save writes when given that pickle_protocol, in either format), so "
             "it was NOT loaded. Re-save it with torch.save's default pickle protocol (no pickle_protocol "
             "argument), or as .safetensors, where it was made; pass trust=True (--trust) only if you created this "
             "file yourself.")
