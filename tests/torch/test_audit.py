@@ -802,6 +802,11 @@ def test_iterable_of_tuples_and_custom_forward(trained, digits):
     assert a.shifts[0].score == pytest.approx(c.shifts[0].score, rel=1e-9)
     assert b.shifts[0].score == pytest.approx(c.shifts[0].score, rel=1e-9)
     assert audit(trained, x[:640], max_batches=3).batches == 3
+    # a limit covering every batch changes nothing: the last sample alone still joins the batch before it (it was
+    # cut off first: 640 of 641 samples measured)
+    whole, limited = audit(trained, x[:641]), audit(trained, x[:641], max_batches=10)
+    assert whole.batches == limited.batches == 10 and whole.shifts[0].count == limited.shifts[0].count
+    assert whole.shifts[0].score == limited.shifts[0].score
     drawn = []
 
     def stream():  # a user's generator: max_batches=3 must draw 3 batches from it, not one more

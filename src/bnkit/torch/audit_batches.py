@@ -42,12 +42,13 @@ class Batches:
         if isinstance(data, torch.Tensor):
             if data.ndim == 0 or len(data) == 0:
                 raise ValueError(f"data must hold at least one sample, got shape {tuple(data.shape)}")
-            if max_batches is not None:
-                data = data[: max_batches * batch_size]
             sizes = [batch_size] * (len(data) // batch_size) + ([len(data) % batch_size] if len(data) % batch_size
                                                                 else [])
             if batch_size > 1 and len(sizes) > 1 and sizes[-1] == 1:  # a last sample alone joins the batch before
                 sizes[-2:] = [batch_size + 1]
+            if max_batches is not None:  # the first of those batches: a limit covering them all changes nothing
+                sizes = sizes[:max_batches]
+                data = data[: sum(sizes)]
             _check_finite(data, sizes)  # one reduction for all batches instead of one per batch
             data = torch.split(data, sizes)
             self._checked = True
