@@ -293,3 +293,19 @@ def test_emas_refuse_strings_and_none_instead_of_parsing_them():
     with pytest.raises(TypeError, match="batch must hold one real number within float64's range per cell"):
         rm.update(np.array([[10**400, 1, 2]], dtype=object))  # OverflowError escaped
     assert rm.count == 0
+
+
+def test_a_total_count_beyond_float64_is_refused_before_anything_changes():
+    """Two counts each within float64 added up beyond it (update_moments twice, or merge): accepted, then var raised
+    OverflowError; Fraction(10**400) as a count escaped as a bare OverflowError."""
+    from fractions import Fraction
+
+    largest = int(np.finfo(np.float64).max)
+    rm = RunningMoments(1).update_moments(largest, np.zeros(1), np.zeros(1))
+    with pytest.raises(ValueError, match="more than float64 can count"):
+        rm.update_moments(largest, np.zeros(1), np.zeros(1))
+    with pytest.raises(ValueError, match="more than float64 can count"):
+        rm.merge(RunningMoments(1).update_moments(largest, np.zeros(1), np.zeros(1)))
+    assert rm.count == largest and np.isfinite(rm.var).all()
+    with pytest.raises(ValueError, match="count must be a non-negative integer"):
+        RunningMoments(1).update_moments(Fraction(10**400), np.zeros(1), np.zeros(1))

@@ -39,8 +39,8 @@ def real(value: object, what: str) -> float:
         raise ValueError(f"{what} must be a real number, got {_kind(value)}")
     try:
         return float(value)
-    except (TypeError, ValueError):  # an array of several values, a complex number
-        raise ValueError(f"{what} must be a real number, got {_kind(value)}") from None
+    except (TypeError, ValueError, OverflowError):  # an array of several values, a complex number, Fraction(10**400)
+        raise ValueError(f"{what} must be a real number within float64's range, got {_kind(value)}") from None
 
 
 def real_array(x: np.ndarray, what: str) -> np.ndarray:

@@ -116,6 +116,9 @@ class RunningMoments:
         for the first partial, 0); nothing changes if the result overflows float64."""
         if count == 0:
             return
+        if self.count + count > _LARGEST_COUNT:  # the variance would divide by a count float64 cannot hold
+            raise ValueError(f"{self.count} + {count} values are more than float64 can count; refusing to update "
+                             "statistics")
         if self.count == 0:  # the partial's own shift, or (an absolute mean) its mean, becomes the shift
             if shift is None:
                 new_shift, new_offset = offset.astype(np.float64).copy(), np.zeros(self.num_channels)

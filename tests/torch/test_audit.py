@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 import typing
 
 import numpy as np
@@ -807,6 +808,7 @@ def test_iterable_of_tuples_and_custom_forward(trained, digits):
     whole, limited = audit(trained, x[:641]), audit(trained, x[:641], max_batches=10)
     assert whole.batches == limited.batches == 10 and whole.shifts[0].count == limited.shifts[0].count
     assert whole.shifts[0].score == limited.shifts[0].score
+    assert audit(trained, x[:641], max_batches=sys.maxsize + 2).batches == 10  # islice took no more than maxsize
     drawn = []
 
     def stream():  # a user's generator: max_batches=3 must draw 3 batches from it, not one more

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -61,7 +62,8 @@ class Batches:
 
     def __iter__(self):
         yield self.first
-        rest = self._iter if self.max_batches is None else itertools.islice(self._iter, self.max_batches - 1)
+        rest = (self._iter if self.max_batches is None  # islice stops at sys.maxsize: a larger limit is none
+                else itertools.islice(self._iter, min(self.max_batches - 1, sys.maxsize)))
         for i, batch in enumerate(rest, start=1):  # islice: not one batch more is drawn from the user's data
             yield self._prepare(batch, i)
 
