@@ -20,7 +20,7 @@ import io
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,42 +91,35 @@ def _batch_axes(names: Sequence[str], runs: Sequence[Sequence[torch.Tensor]], si
 
 
 @contextmanager
-def _train_calls_ignored(model: nn.Module) -> Iterator[None]:
-    """``model.train(...)`` does nothing inside: ``torch.onnx.export`` calls it on the root (eval, then the mode it
-    found), which would run every module's own ``train`` (a frozen layer's pin, a user's override that also sets
-    ``requires_grad``); :class:`~bnkit.torch.modules.eval_mode` has set the flags already."""
-    own = vars(model).get("train")  # a frozen root layer's pin: put back after
-    model.train = lambda mode=True: model  # an instance attribute: shadows the class's train
+def _shadowed(model: nn.Module, name: str, value: object) -> Iterator[None]:
+    """``model.<name>`` is ``value`` inside, an instance attribute shadowing the class's; after, the instance
+    attribute found before (a frozen root layer's pinned ``train``, a caller's own ``forward``) or none."""
+    own = vars(model).get(name)
+    setattr(model, name, value)
     try:
         yield
     finally:
         if own is None:
-            del model.train
+            delattr(model, name)
         else:
-            model.train = own
+            setattr(model, name, own)
 
 
-@contextmanager
-def _defaults_in_python(model: nn.Module) -> Iterator[None]:
+def _train_calls_ignored(model: nn.Module) -> AbstractContextManager[None]:
+    """``model.train(...)`` does nothing inside: ``torch.onnx.export`` calls it on the root (eval, then the mode it
+    found), which would run every module's own ``train`` (a frozen layer's pin, a user's override that also sets
+    ``requires_grad``); :class:`~bnkit.torch.modules.eval_mode` has set the flags already."""
+    return _shadowed(model, "train", lambda mode=True: model)
+
+
+def _defaults_in_python(model: nn.Module) -> AbstractContextManager[None]:
     """Inside, ``model.forward`` has no named parameters and passes every argument on: ``torch.onnx.export`` appends
     the defaults of the parameters the example inputs leave out to the inputs it traces (``_decide_input_format``
     in torch/onnx/_internal/torchscript_exporter/utils.py), where a number (``scale=2.0``) became a graph input no
     caller feeds and a keyword-only one a positional argument too many; left to Python, they are constants of the
     trace, the values PyTorch's eval output used. Keywords still reach the forward (a pre-hook's, a self-call's)."""
-    own = vars(model).get("forward")  # an instance forward of the caller's: put back after
     bound = model.forward
-
-    def forward(*args, **kwargs):
-        return bound(*args, **kwargs)
-
-    model.forward = forward
-    try:
-        yield
-    finally:
-        if own is None:
-            del model.forward
-        else:
-            model.forward = own
+    return _shadowed(model, "forward", lambda *args, **kwargs: bound(*args, **kwargs))
 
 
 def _batch_of_one(what: str, exc: Exception) -> ExportVerificationError:
