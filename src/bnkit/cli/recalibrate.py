@@ -218,8 +218,8 @@ def recalibrate_command(
     import torch
 
     from ..torch import recalibrate
-    from ..torch.io import (UnsafeCheckpointError, load_checkpoint, load_weights_into, save_state_dict_file,
-                            split_state)
+    from ..torch.io import (UnsafeCheckpointError, load_checkpoint, load_weights_into, refuse_non_tensors,
+                            save_state_dict_file, split_state)
     from ..torch.modules import input_dtype_device
     from ..torch.recalibrate import StatisticsRangeError, one_xy_batch
     from .common import (STATE_DICT_SUFFIXES, UsageError, build_model, check_output, dtype_change, load_forward,
@@ -253,12 +253,13 @@ def recalibrate_command(
             note(changed)
     if out_path.suffix.lower() == ".safetensors":  # extra state safetensors cannot hold: said before the pass
         try:
-            extra = [k for k, v in net.state_dict().items() if not isinstance(v, torch.Tensor)]
+            state = net.state_dict()
         except USER_CODE_ERRORS:  # noqa: BLE001 - a get_extra_state that needs a forward first: checked on writing
-            extra = []
-        if extra:
-            raise fail(f"-o {output}: safetensors holds tensors only, and the model's state also holds "
-                       f"{', '.join(extra[:4])} (a module's extra state): write a .pt file instead")
+            state = {}
+        try:
+            refuse_non_tensors(state)
+        except ValueError as exc:
+            raise fail(f"-o {output}: {exc}") from None
     if run_on is not None:
         net.to(run_on)
     dtype, where = input_dtype_device(net)  # batches go where the model is unless --device says otherwise, as in

@@ -681,6 +681,15 @@ def _extra_state_backup(model: torch.nn.Module) -> dict[str, object]:
     return backup
 
 
+def refuse_non_tensors(state: Mapping[str, object]) -> None:
+    """ValueError naming the entries of ``state`` that are not tensors (a module's extra state), which a
+    safetensors file cannot hold."""
+    if others := [k for k, v in state.items() if not isinstance(v, torch.Tensor)]:
+        raise ValueError("safetensors holds tensors only, and the state dict's "
+                         f"{', '.join(others[:4])} {'is' if len(others) == 1 else 'are'} not (a module's extra "
+                         "state); write a .pt file instead")
+
+
 def save_state_dict_file(state: Mapping[str, object], path: str | os.PathLike) -> Path:
     """Write a state dict atomically; ``.safetensors`` by suffix, otherwise ``torch.save``.
 
@@ -692,12 +701,9 @@ def save_state_dict_file(state: Mapping[str, object], path: str | os.PathLike) -
     if path.suffix.lower() == ".onnx":
         raise ValueError(f"{path}: a state dict is written as a .safetensors or torch.save file, not as an ONNX "
                          "model; name it .safetensors or .pt (bnkit.torch.export_onnx writes .onnx files)")
-    others = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     safetensors = path.suffix.lower() == ".safetensors"
-    if others and safetensors:
-        raise ValueError("safetensors holds tensors only, and the state dict's "
-                         f"{', '.join(others[:4])} {'is' if len(others) == 1 else 'are'} not (a module's extra "
-                         "state); write a .pt file instead")
+    if safetensors:
+        refuse_non_tensors(state)
     with atomic_path(path) as tmp:
         saved = {k: v.detach().cpu().contiguous().clone() if isinstance(v, torch.Tensor) else v
                  for k, v in state.items()}
