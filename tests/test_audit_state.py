@@ -40,6 +40,12 @@ def test_ema_window_is_where_the_latest_batches_reach_the_mass():
         ema_window(0.0)
 
 
+def test_ema_window_of_a_tiny_momentum_is_its_limit_not_a_division_by_zero():
+    # log(1 - m) = -m (1 + m/2 + ...): n * m tends to -log(1 - mass) as m -> 0, where 1 - m rounds to 1
+    for m in (1e-12, 3e-16, 1e-20):
+        assert ema_window(m) * m == pytest.approx(-math.log(0.05), rel=1e-9)
+
+
 def test_ema_noise_factor_matches_a_simulated_running_average():
     rng = np.random.default_rng(0)
     m = 0.1

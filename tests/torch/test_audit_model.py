@@ -1,6 +1,8 @@
 """bnkit.torch.audit_model (depth 2, no data): each mode/momentum/fold finding matches what PyTorch's own layers do."""
 import copy
+import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -200,6 +202,15 @@ def test_momentum_outside_zero_one_is_an_error_not_a_crash():
         (finding,) = report.by_code("momentum")
         assert finding.severity == severity and ("outside [0, 1]" in finding.finding) == (severity == "error")
         assert not report.by_code("few_updates")
+
+
+def test_a_tiny_positive_momentum_gets_its_window_not_a_crash():
+    """1 - 1e-20 rounds to 1 in float64: the window divided by log(1) = 0 and the audit died. Oracle: the window's
+    limit for small m, -log(0.05) / m."""
+    bn = nn.BatchNorm1d(3, momentum=1e-20).eval()
+    (finding,) = audit(nn.Sequential(bn)).by_code("momentum")
+    assert finding.severity == "info"
+    assert finding.data["window"] == pytest.approx(-math.log(0.05) / 1e-20, rel=1e-9)
 
 
 def test_a_debiased_drop_in_layer_at_momentum_zero_is_a_cumulative_average_not_frozen():
