@@ -2,6 +2,8 @@
 
 Oracles: the real Keras 3 (on torch) and Flax layers: which weights they train, and their inference output.
 """
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -39,7 +41,7 @@ def test_a_keras_layer_without_scale_gives_a_torch_weight_that_does_not_train_an
     assert _trained(bn) == ["bias"]  # the weight of 1 stands in for no scale: training must not grow one
     x = np.random.default_rng(0).normal(size=(4, C, 2, 2)).astype("float32")
     np.testing.assert_allclose(bn(torch.from_numpy(x)).detach().numpy(), _keras_eval(source, x), rtol=1e-5, atol=1e-6)
-    back = to_keras(bn)
+    back = to_keras(copy.deepcopy(bn))  # the mark travels with the layer
     assert back.get_config()["scale"] is False and back.get_config()["center"] is True
     assert [w.name for w in back.trainable_weights] == ["beta"]
     np.testing.assert_allclose(_keras_eval(back, x), _keras_eval(source, x), rtol=1e-6, atol=1e-6)
@@ -54,6 +56,19 @@ def test_a_torch_weight_of_ones_that_trains_stays_a_keras_scale():
     bn.weight.requires_grad_(False)
     bn.bias = None  # no shift: the weight is the layer's only parameter, not a stand-in
     assert to_keras(bn).get_config()["scale"] is True
+
+
+def test_a_frozen_keras_scale_of_ones_comes_back_as_a_scale():
+    """A Keras scale=True, trainable=False layer whose gamma is still 1 came back with scale=False: three weights,
+    which its own architecture refuses. Oracle: the real Keras layer's config and set_weights."""
+    pytest.importorskip("flax.linen")
+    source = _keras_layer(4)  # gamma still its initial 1
+    source.trainable = False
+    back = to_keras(from_keras(source))
+    assert back.get_config()["scale"] is True
+    source.set_weights(back.get_weights())  # the same four weights, in the source's layout
+    frozen = nn.BatchNorm2d(C).eval().requires_grad_(False)  # freeze_bn(affine=True)'s state: a scale all the same
+    assert to_keras(frozen).get_config()["scale"] is True and to_flax(frozen)[0].use_scale is True
 
 
 def test_a_flax_layer_without_scale_gives_a_torch_weight_that_does_not_train_and_comes_back_without_scale():

@@ -95,7 +95,8 @@ def _build_torch(state: dict, dims: int | None, exact_training: bool, scale: boo
     (Flax keeps ``batch_stats`` in float32 beside float64 parameters: nothing is rounded; a torch layer has one).
 
     ``scale=False``: the source has a shift but no scale (Keras ``scale=False``, Flax ``use_scale=False``); torch
-    has no such layer, so the weight of 1 that stands in for it is made not to train (``requires_grad=False``).
+    has no such layer, so the weight of 1 that stands in for it is made not to train (``requires_grad=False``)
+    and the layer is marked (:data:`_NO_SCALE`) for :func:`_unit_scale_frozen`.
     """
     cfg, sd = state["config"], state["state_dict"]
     tensors = {name: torch.from_numpy(np.asarray(value)) for name, value in sd.items()}
@@ -119,14 +120,22 @@ def _build_torch(state: dict, dims: int | None, exact_training: bool, scale: boo
             getattr(bn, name).copy_(value)
     if not scale and bn.weight is not None:
         bn.weight.requires_grad_(False)
+        setattr(bn, _NO_SCALE, True)
     return bn
 
 
+#: Instance attribute marking a layer whose weight :func:`_build_torch` made to stand in for no scale (kept by
+#: deepcopy and pickle, not by a state dict).
+_NO_SCALE = "_bnkit_no_scale"
+
+
 def _unit_scale_frozen(bn: _BatchNorm) -> bool:
-    """Whether ``bn``'s weight is a stand-in for no scale: all ones and not trained, beside a shift (what
-    :func:`from_keras`/:func:`from_flax` make of a source without a scale); Keras/Flax then get none."""
-    return (bn.weight is not None and bn.bias is not None and not bn.weight.requires_grad
-            and bool(torch.all(bn.weight == 1)))
+    """Whether ``bn``'s weight is a stand-in for no scale: one :func:`from_keras`/:func:`from_flax` made of a source
+    without a scale, still all ones and not trained, beside a shift; Keras/Flax then get none. A weight of ones
+    that is merely frozen (a Keras ``scale=True, trainable=False`` layer not trained yet, ``freeze_bn``) is a
+    scale."""
+    return (bool(vars(bn).get(_NO_SCALE)) and bn.weight is not None and bn.bias is not None
+            and not bn.weight.requires_grad and bool(torch.all(bn.weight == 1)))
 
 
 def _torch_state(bn: _BatchNorm) -> dict:
@@ -223,8 +232,8 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
     ``momentum=None``, ``track_running_stats=False`` and the drop-in's renorm/ghost-batch
     extras have no Keras equivalent and are refused. The Keras layer has ``bn``'s dtype, except
     that a bfloat16 layer gives a float32 one (which holds its values exactly). A weight of all
-    ones with ``requires_grad=False`` beside a bias stands in for no scale (what :func:`from_keras`
-    makes of ``scale=False``) and gives ``scale=False``.
+    ones that :func:`from_keras` or :func:`from_flax` made to stand in for no scale (``scale=False``), still
+    not trained, gives ``scale=False``; any other weight is a scale, all ones and frozen included.
 
     A layer in eval mode whose parameters all have ``requires_grad=False`` (what
     :func:`from_keras` makes of a ``trainable=False`` Keras layer, or ``freeze_bn(affine=True)``),
