@@ -383,6 +383,16 @@ def test_torch_tensors_keep_their_dtype_and_bfloat16_becomes_float32_exactly():
         np.testing.assert_array_equal(out["moving_mean"], bn.running_mean.double().numpy())  # every value kept
 
 
+def test_a_torch_tensor_of_a_dtype_numpy_lacks_is_refused_naming_it():
+    """A float8 torch layer escaped as torch's bare "Got unsupported ScalarType" TypeError, where the same values
+    as NumPy arrays got a named refusal."""
+    torch = pytest.importorskip("torch")
+    sd = {k: v.to(torch.float8_e4m3fn) for k, v in torch.nn.BatchNorm1d(C).state_dict().items()
+          if k != "num_batches_tracked"}
+    with pytest.raises(ValueError, match="weight has dtype torch.float8_e4m3fn, which NumPy lacks"):
+        convert_state({"state_dict": sd, "config": {"eps": 1e-5, "momentum": 0.1}}, "torch", "keras")
+
+
 def test_momentum_none_or_not_a_number_is_reported_against_the_source():
     keras = SAMPLES["keras"]
     with pytest.raises(ValueError, match="keras momentum must be a number in .*got None"):

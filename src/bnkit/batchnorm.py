@@ -307,7 +307,7 @@ class BatchNorm:
         for k in expected:
             if k not in state:
                 continue
-            v = _to_numpy(state[k])
+            v = _to_numpy(state[k], k)
             if np.iscomplexobj(v):
                 raise TypeError(f"{k} must be real, got dtype {v.dtype}")
             if k == "num_batches_tracked":
@@ -330,7 +330,7 @@ def update_count(value) -> int:
     """``num_batches_tracked`` as an int: one finite, non-negative, integral number of any integer or float
     dtype (shape ``()`` or ``(1,)``, a tensor or an array-like). ValueError otherwise, naming the value: a
     count of 2.5, -3, NaN, several values or a string is no count of training-mode updates."""
-    v = _to_numpy(value)
+    v = _to_numpy(value, "num_batches_tracked")
     x = v.reshape(-1)[0].item() if v.size == 1 and v.ndim <= 1 else None  # torch refuses (1, 1) too
     if x is None or v.dtype.kind not in "iuf" or not np.isfinite(x) or x < 0 or x != int(x):
         shown = (repr(x) if x is not None else f"shape {v.shape}" if v.size == 1
@@ -339,11 +339,15 @@ def update_count(value) -> int:
     return int(x)
 
 
-def _to_numpy(v) -> np.ndarray:
-    """``v`` as a NumPy array of its own dtype; bfloat16, which NumPy lacks, is widened to float32 (exactly)."""
+def _to_numpy(v, what: str = "a value") -> np.ndarray:
+    """``v`` as a NumPy array of its own dtype; bfloat16, which NumPy lacks, is widened to float32 (exactly).
+    A tensor of another dtype NumPy lacks (float8, complex32) is refused naming ``what``."""
     if hasattr(v, "detach"):  # a torch tensor; avoids importing torch here
         v = v.detach().cpu()
-        v = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
+        try:
+            v = (v.float() if str(v.dtype) == "torch.bfloat16" else v).numpy()
+        except TypeError as exc:  # torch's "Got unsupported ScalarType ..."
+            raise ValueError(f"{what} has dtype {v.dtype}, which NumPy lacks: convert it to float32 first") from exc
     a = np.asarray(v)
     return a.astype(np.float32) if a.dtype.name == "bfloat16" else a  # ml_dtypes' bfloat16 (JAX, Keras)
 

@@ -137,7 +137,7 @@ def convert_state(state: Mapping, src: str, dst: str, *, axis: int | None = None
 
 # ----------------------------------------------------------------- reading
 def _array(v, what: str) -> np.ndarray:
-    a = _to_numpy(v)
+    a = _to_numpy(v, what)
     if a.ndim != 1 or a.shape[0] < 1:
         raise ValueError(f"{what} must be a non-empty 1-D per-channel array, got shape {a.shape}")
     if not np.issubdtype(a.dtype, np.floating):
