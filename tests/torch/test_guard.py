@@ -136,7 +136,7 @@ def test_no_running_stats_layer_is_flagged_even_in_eval():
         with bn_guard(model):
             pass
     assert _codes(err) == [("0", "no_running_stats")]
-    with pytest.raises(BNGuardError, match="fewer than 2 values") as err:
+    with pytest.raises(BNGuardError, match="one value per channel") as err:
         with bn_guard(model, ignore=["no_running_stats"]):
             model(torch.randn(1, 3, 1, 1))
     assert "model.eval()" not in str(err.value)  # it is in eval mode already: that fix cannot help
@@ -145,12 +145,22 @@ def test_no_running_stats_layer_is_flagged_even_in_eval():
 def test_batch_of_one_without_running_stats_in_training_mode_is_not_told_to_call_eval():
     model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)).train()
     x = torch.randn(1, 3, 1, 1)
-    with pytest.raises(BNGuardError, match="fewer than 2 values") as err:
+    with pytest.raises(BNGuardError, match="one value per channel") as err:
         with bn_guard(model, ignore=["training", "no_running_stats"]):
             model(x)
     assert "model.eval()" not in str(err.value) and "no running statistics" in str(err.value)
     with pytest.raises(ValueError, match="more than 1 value per channel"):  # torch: eval mode does not help it
         model.eval()(x)
+
+
+def test_an_empty_batch_is_no_batch_of_one():
+    """An empty batch (a detector head given no boxes) was reported as fewer than 2 values per channel. Oracle:
+    PyTorch's layers, in training mode and without running statistics, return the empty output."""
+    for bn in (nn.BatchNorm1d(3).train(), nn.BatchNorm1d(3, track_running_stats=False).eval()):
+        x = torch.randn(0, 3)
+        assert bn(x).shape == x.shape  # PyTorch's own layer takes it
+        with bn_guard(bn, ignore=["training", "no_running_stats"]):
+            assert bn(x).shape == x.shape
 
 
 def test_training_mode_layer_without_running_stats_is_not_told_to_freeze_it():
@@ -515,7 +525,7 @@ def test_warnings_point_at_the_users_line_for_with_decorator_and_forward():
             nn.DataParallel(bn)(torch.randn(2, 3))
         bn.eval()
     assert messages("in training mode") == [(__file__, at_with), (__file__, at_call), (__file__, at_parallel)]
-    assert messages("fewer than 2 values per channel") == [(__file__, at_forward)]
+    assert messages("one value per channel") == [(__file__, at_forward)]
 
 
 def _mixed_model() -> nn.Module:
@@ -797,7 +807,7 @@ def test_an_exit_closes_its_own_threads_entry_not_the_latest(monkeypatch):
         t.start()
     for t in threads:
         t.join(30)
-    assert any("fewer than 2 values per channel" in m for m in caught), caught
+    assert any("one value per channel" in m for m in caught), caught
     assert not model._forward_pre_hooks and not bn._forward_pre_hooks
 
     held = []

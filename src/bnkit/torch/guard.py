@@ -8,7 +8,7 @@ reports, as :class:`~bnkit.findings.Finding` rows, by raising :class:`BNGuardErr
   batch's own statistics (outputs depend on the batch) and overwrites its
   running statistics; ``no_running_stats``: a layer built with
   ``track_running_stats=False`` does the former even in eval mode;
-* ``batch_of_one``: such a layer is given fewer than 2 values per channel;
+* ``batch_of_one``: such a layer is given one value per channel (an empty batch is fine, as in PyTorch);
 * ``nonfinite_stats``: ``running_mean``/``running_var`` hold NaN/Inf (or a
   negative variance);
 * ``never_updated``: ``num_batches_tracked == 0`` with the initial statistics
@@ -341,11 +341,11 @@ class bn_guard(contextlib.ContextDecorator):
             return
         x = args[0] if args else None
         if (module.training or module.running_mean is None) and isinstance(x, torch.Tensor) and x.dim() >= 2 \
-                and x.numel() // max(x.size(1), 1) < 2:
+                and x.size(1) and x.numel() // x.size(1) == 1:  # an empty batch normalizes nothing: fine
             fix = "call model.eval(), or use a batch of at least 2" if module.running_mean is not None else (
                 "use a batch of at least 2 (the layer has no running statistics, so eval mode does not help)")
             self._report([Finding(
-                "error", name, "gets fewer than 2 values per channel while normalizing with "
+                "error", name, "gets one value per channel while normalizing with "
                 "batch statistics", f"input shape {tuple(x.shape)}", fix, "batch_of_one",
             )], entry)
 
