@@ -7,7 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from bnkit.onnx import audit
+from bnkit.onnx import audit, fold_model
+from bnkit.onnx.graph import MalformedNodeError
 
 _STATS = [numpy_helper.from_array(np.ones(3, np.float32), "s"), numpy_helper.from_array(np.zeros(3, np.float32), "b"),
           numpy_helper.from_array(np.zeros(3, np.float32), "m"), numpy_helper.from_array(np.ones(3, np.float16), "v16")]
@@ -69,3 +70,44 @@ def test_an_expand_to_a_shape_that_does_not_broadcast_names_the_node():
     report = audit(model)
     assert [f.evidence for f in report.findings if f.code == "malformed_node"] == [
         "node 'e' expands shape [3] to [5], which it cannot be broadcast to"]
+
+
+def test_an_initializer_of_an_undefined_data_type_is_a_finding_and_a_fold_error_not_a_crash():
+    """data_type 999 escaped numpy_helper as a bare KeyError (audit and fold died with a traceback): a tensor ONNX
+    does not define cannot be read. onnx.checker passes it, so only bnkit's read can refuse it."""
+    model = _model([helper.make_node("Cast", ["v16"], ["v"], to=TensorProto.FLOAT), _bn()])
+    model.graph.initializer[3].data_type = 999
+    with pytest.raises(KeyError):
+        numpy_helper.to_array(model.graph.initializer[3])
+    report = audit(model)
+    assert [f.evidence.split(":")[0] for f in report.findings if f.code == "malformed_node"] == [
+        "initializer 'v16' cannot be read (data type 999, dims [3])"]
+    with pytest.raises(MalformedNodeError, match="initializer 'v16' cannot be read"):
+        fold_model(model)
+
+
+def test_statistics_computed_from_themselves_through_a_cast_are_no_constant_not_a_recursion_error():
+    """Cast(a) -> v, Cast(v) -> a: an Identity cycle was caught, a Cast or Transpose one recursed without end.
+    Oracle: onnx.checker refuses the graph (not topologically sorted); the statistics have no value."""
+    model = _model([helper.make_node("Cast", ["a"], ["v"], to=TensorProto.FLOAT),
+                    helper.make_node("Transpose", ["v"], ["a"]), _bn()])
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    codes = [f.code for f in audit(model).findings]
+    assert codes == ["invalid_model", "not_constant"], codes
+
+
+def test_a_value_read_twice_on_separate_paths_is_still_a_constant():
+    """Expand(v16, Shape(v16)) reads v16 twice, on two branches, not in a cycle: its values stay readable (onnxruntime
+    computes the same graph)."""
+    ort = pytest.importorskip("onnxruntime")
+    model = _model([helper.make_node("Shape", ["v16"], ["shape"]), helper.make_node("Expand", ["v16", "shape"], ["e"]),
+                    helper.make_node("Cast", ["e"], ["v"], to=TensorProto.FLOAT), _bn()])
+    onnx.checker.check_model(model, full_check=True)
+    x = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    report = audit(model)  # the initial 0 and 1 read through Expand: the statistics were read
+    assert [f.code for f in report.findings] == ["never_updated"], report.findings
+    folded, _ = fold_model(model)
+    got = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -303,21 +303,26 @@ class GraphIndex:
         """How many places read ``name``: node inputs, graph outputs, subgraphs."""
         return len(self.consumers.get(name, ())) + (name in self.outputs) + (name in self.subgraph_reads)
 
-    def constant(self, name: str, *, defaults: bool = False) -> np.ndarray | None:
-        """The value of ``name`` if it is a compile-time constant (``defaults``: or a stored default), else None."""
-        seen = set()
-        while name and name not in seen:
-            seen.add(name)
+    def constant(self, name: str, *, defaults: bool = False, _path: frozenset = frozenset()) -> np.ndarray | None:
+        """The value of ``name`` if it is a compile-time constant (``defaults``: or a stored default), else None.
+
+        A value computed from itself (a cycle through Identity, Cast, Transpose, ...: a graph the checker refuses)
+        is no constant. ``_path``: the ``(graph, name)`` pairs being read on the way here."""
+        path = _path
+        while name:
+            if (id(self), name) in path:
+                return None
+            path = path | {(id(self), name)}
             if name in self.bindings:  # a function's formal input: the caller's argument
                 caller, actual = self.bindings[name]
-                return caller.constant(actual, defaults=defaults)
+                return caller.constant(actual, defaults=defaults, _path=path)
             if name in self.initializers:
                 return _stored_array(self.initializers[name])
             if defaults and name in self.defaults:
                 return _stored_array(self.defaults[name])
             node = self.producer.get(name)
             if node is None and name not in self.inputs and name not in self.defaults and self.outer is not None:
-                return self.outer.constant(name, defaults=defaults)
+                return self.outer.constant(name, defaults=defaults, _path=path)
             if node is None or node.domain not in ("", "ai.onnx"):
                 return None
             if node.op_type == "Identity":
@@ -326,27 +331,27 @@ class GraphIndex:
             if node.op_type == "Constant":
                 return _constant_node_value(node)
             if node.op_type == "Transpose":
-                value = self.constant(node.input[0], defaults=defaults)
+                value = self.constant(node.input[0], defaults=defaults, _path=path)
                 return None if value is None else _transposed(node, value)
             if node.op_type == "Cast":  # float16 storage read as float32, as mixed-precision converters write it
-                value = self.constant(node.input[0], defaults=defaults)
+                value = self.constant(node.input[0], defaults=defaults, _path=path)
                 return None if value is None else value.astype(_cast_target(node))
             if node.op_type in _SHAPE_OPS:
-                return self._shape_op(node, defaults)
+                return self._shape_op(node, defaults, path)
             return None
         return None
 
-    def _shape_op(self, node: onnx.NodeProto, defaults: bool) -> np.ndarray | None:
+    def _shape_op(self, node: onnx.NodeProto, defaults: bool, path: frozenset) -> np.ndarray | None:
         """``Shape`` of a constant, ``Expand`` of constants, ``CastLike`` of a constant to a value of known type:
         how torch.onnx's dynamo exporter (optimize=False) writes the zero bias of a bias-free Conv."""
-        value = self.constant(node.input[0], defaults=defaults)
+        value = self.constant(node.input[0], defaults=defaults, _path=path)
         if value is None:
             return None
         if node.op_type == "Shape":
             start, end = attribute(node, "start", 0, _INT), attribute(node, "end", None, _INT)
             return np.array(value.shape[start:end], dtype=np.int64)
         if node.op_type == "Expand":
-            shape = self.constant(node.input[1], defaults=defaults)
+            shape = self.constant(node.input[1], defaults=defaults, _path=path)
             if shape is None:
                 return None
             try:
@@ -355,15 +360,16 @@ class GraphIndex:
                 raise MalformedNodeError(f"node {node_label(node)!r} expands shape {list(value.shape)} to "
                                          f"{np.ravel(shape).tolist()}, which it cannot be broadcast to") from None
             return np.array(np.broadcast_to(value, out)) if np.prod(out) <= _EXPAND_MAX else None
-        elem = self.elem_type(node.input[1])  # CastLike: only the target's type is read
+        elem = self.elem_type(node.input[1], _path=path)  # CastLike: only the target's type is read
         return None if elem is None else value.astype(helper.tensor_dtype_to_np_dtype(elem))
 
-    def elem_type(self, name: str) -> int | None:
-        """The element type of ``name`` where the graph declares it (inputs, outputs, value_info), or its constant's."""
+    def elem_type(self, name: str, *, _path: frozenset = frozenset()) -> int | None:
+        """The element type of ``name`` where the graph declares it (inputs, outputs, value_info), or its constant's
+        (``_path`` as in :meth:`constant`)."""
         declared = {v.name: v.type.tensor_type.elem_type for v in self._declared() if v.type.HasField("tensor_type")}
         if declared.get(name):
             return declared[name]
-        value = self.constant(name)
+        value = self.constant(name, _path=_path)
         return None if value is None else helper.np_dtype_to_tensor_dtype(value.dtype)
 
     def _declared(self) -> list[onnx.ValueInfoProto]:
@@ -381,7 +387,7 @@ _EXPAND_MAX = 1 << 20
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     for attr in node.attribute:
         if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
+            return _tensor_array(attr.t, f"node {node_label(node)!r}'s value")
         if attr.name == "value_float":
             return np.array(attr.f, dtype=np.float32)
         if attr.name == "value_floats":
@@ -403,14 +409,24 @@ def initializer_names(graph: onnx.GraphProto) -> set[str]:
     return {stored_name(t) for t in (*graph.initializer, *graph.sparse_initializer)}
 
 
+def _tensor_array(tensor: onnx.TensorProto, what: str) -> np.ndarray:
+    """``numpy_helper.to_array(tensor)``; a tensor it cannot read (a data type ONNX does not define, its data of
+    another size than its dims) is a :class:`MalformedNodeError` naming ``what``."""
+    try:
+        return numpy_helper.to_array(tensor)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedNodeError(f"{what} cannot be read (data type {tensor.data_type}, dims {list(tensor.dims)}): "
+                                 f"{type(exc).__name__}: {exc}") from None
+
+
 def _stored_array(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> np.ndarray:
     """An initializer's value; a sparse one (``graph.sparse_initializer``) as the dense tensor it stands for, its
     values at its indices (linear, or one row of coordinates each) and zeros elsewhere (onnx.proto's
     SparseTensorProto)."""
     if not isinstance(tensor, onnx.SparseTensorProto):
-        return numpy_helper.to_array(tensor)
-    values = numpy_helper.to_array(tensor.values).reshape(-1)
-    indices = numpy_helper.to_array(tensor.indices).astype(np.int64)
+        return _tensor_array(tensor, f"initializer {tensor.name!r}")
+    values = _tensor_array(tensor.values, f"sparse initializer {tensor.values.name!r}'s values").reshape(-1)
+    indices = _tensor_array(tensor.indices, f"sparse initializer {tensor.values.name!r}'s indices").astype(np.int64)
     dims = tuple(int(d) for d in tensor.dims)
     dense = np.zeros(int(np.prod(dims)), dtype=values.dtype)
     try:
