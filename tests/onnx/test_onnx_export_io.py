@@ -191,3 +191,21 @@ def test_keywords_a_hook_or_the_forward_passes_still_reach_the_forward(tmp_path)
     assert [i.name for i in onnx.load(path).graph.input] == ["input"]
     with torch.no_grad():
         assert rel(_session(path).run(None, {"input": x.numpy()})[0], model(x).double().numpy()) < 1e-6
+
+
+class _Unused(_ConvBN):
+    def forward(self, x, mask):  # an auxiliary input this model ignores
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_an_input_the_forward_never_reads_is_left_out_of_the_graph_and_of_the_check(tmp_path, fold):
+    """torch.onnx drops an input the forward ignores; the onnxruntime check still fed it, and onnxruntime refused the
+    feeds ("Invalid input name"), so a correct graph was never written. Oracle: the model's own output."""
+    model, x, mask = _Unused(), torch.randn(4, 3, 5, 5), torch.ones(4, 8)
+    report = export_onnx(model, (x, mask), tmp_path / "m.onnx", fold=fold)
+    assert report.max_rel_diff < 1e-5
+    session = _session(tmp_path / "m.onnx")
+    assert [i.name for i in session.get_inputs()] == ["input_0"]
+    x2 = torch.randn(3, 3, 5, 5)
+    assert rel(torch.from_numpy(session.run(None, {"input_0": x2.numpy()})[0]), model(x2, mask[:3]).detach().numpy()) < 1e-5
