@@ -111,3 +111,23 @@ def test_a_value_read_twice_on_separate_paths_is_still_a_constant():
     folded, _ = fold_model(model)
     got = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_an_expand_to_an_infinite_dim_and_a_castlike_to_an_undefined_type_are_findings_not_crashes():
+    """int(inf) raised OverflowError past the broadcast check, and CastLike's target type 999 a bare KeyError: both
+    escaped bnkit audit and bnkit fold as tracebacks. onnx.checker passes both graphs; onnxruntime refuses them."""
+    ort = pytest.importorskip("onnxruntime")
+    inf = numpy_helper.from_array(np.array([np.inf], np.float32), "inf")
+    expand = _model([helper.make_node("Expand", ["v16", "inf"], ["v"], name="e"), _bn()])
+    expand.graph.initializer.append(inf)
+    castlike = _model([helper.make_node("Identity", ["x"], ["target"]),
+                       helper.make_node("CastLike", ["v16", "target"], ["v"], name="cl"), _bn()])
+    castlike.graph.value_info.append(helper.make_tensor_value_info("target", 999, ["N", 3, 4]))
+    for model, named in ((expand, "node 'e' expands shape [3] to [inf]"),
+                         (castlike, "CastLike node 'cl': its target 'target' has element type 999")):
+        onnx.checker.check_model(model)
+        with pytest.raises(Exception):
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert [f.evidence for f in audit(model).findings if f.code == "malformed_node"][0].startswith(named)
+        with pytest.raises(MalformedNodeError, match=named.replace("[", r"\[").replace("]", r"\]")):
+            fold_model(model)

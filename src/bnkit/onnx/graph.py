@@ -356,12 +356,18 @@ class GraphIndex:
                 return None
             try:
                 out = np.broadcast_shapes(value.shape, tuple(int(d) for d in np.ravel(shape)))
-            except ValueError:
+            except (ValueError, OverflowError):  # also dims of NaN or Inf (a float shape)
                 raise MalformedNodeError(f"node {node_label(node)!r} expands shape {list(value.shape)} to "
                                          f"{np.ravel(shape).tolist()}, which it cannot be broadcast to") from None
             return np.array(np.broadcast_to(value, out)) if np.prod(out) <= _EXPAND_MAX else None
         elem = self.elem_type(node.input[1], _path=path)  # CastLike: only the target's type is read
-        return None if elem is None else value.astype(helper.tensor_dtype_to_np_dtype(elem))
+        if elem is None:
+            return None
+        try:
+            return value.astype(helper.tensor_dtype_to_np_dtype(elem))
+        except KeyError:
+            raise MalformedNodeError(f"CastLike node {node_label(node)!r}: its target {node.input[1]!r} has element "
+                                     f"type {elem}, no ONNX element type") from None
 
     def elem_type(self, name: str, *, _path: frozenset = frozenset()) -> int | None:
         """The element type of ``name`` where the graph declares it (inputs, outputs, value_info), or its constant's
