@@ -68,6 +68,55 @@ def test_a_deterministic_coupled_model_still_gets_the_coupling_error():
     assert not report.by_code("random_outputs")
 
 
+def test_a_forward_failing_when_the_coupling_check_reruns_the_batch_is_named_and_the_model_restored():
+    """The rerun that tells coupling from random outputs was the one forward not wrapped: its error escaped bare
+    (a traceback from bnkit audit)."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 8)
+    model = _trained(CenteredNet(), x)
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def forward(m, batch):  # pass 1 (2 batches), the eval run, 8 samples alone, then the rerun
+        calls.append(1)
+        if len(calls) == 12:
+            raise RuntimeError("device lost")
+        return m(batch)
+
+    with pytest.raises(ValueError, match="run again to tell coupling from random outputs: RuntimeError: device lost"):
+        audit(model, x, forward=forward)
+    assert len(calls) == 12 and not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_data_beyond_the_models_narrower_dtype_is_refused_naming_the_batch():
+    """float32 data of 7e4 is finite, float16's Inf (the oracle: torch's own cast); it reached a float16 model as Inf
+    and came out as non-finite statistics with a 'recalibrate' fix. Labels the model never gets are not checked."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 8)
+    model = _trained(CenteredNet(), x).half()
+    x[70, 3] = 7e4
+    assert torch.isinf(x.half()).any()
+    for data in (x, [(b, torch.zeros(len(b))) for b in x.split(64)]):
+        with pytest.raises(ValueError, match="data batch 1 holds values beyond torch.float16's range"):
+            audit(model, data)
+    labels = [(b, torch.full((len(b),), 7e4)) for b in torch.randn(128, 8).split(64)]
+    assert audit(model, labels).batches == 2
+
+
+def test_numpy_arrays_in_another_byte_order_or_reversed_are_data_like_any_other():
+    """torch.from_numpy refuses both layouts; the CLI already converted big-endian files, the API did not. Oracle: the
+    same data as a native, contiguous array."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 8)
+    model = _trained(CenteredNet(), x)
+    a = x.numpy()
+    for data, same in ((a.astype(">f4"), a), (a[::-1], a[::-1].copy()),
+                       ([b[::-1] for b in np.split(a, 2)], [b[::-1].copy() for b in np.split(a, 2)])):
+        want = audit(model, same).shifts
+        assert [s.score for s in audit(model, data).shifts] == pytest.approx([s.score for s in want], rel=1e-6)
+
+
 class Batch:
     def __init__(self, x, y):
         self.x, self.y = x, y

@@ -37,7 +37,7 @@ class Batches:
             raise ValueError(f"max_batches must be at least 1, got {max_batches}")
         self.dtype, self.device = input_dtype_device(model)
         if isinstance(data, np.ndarray):
-            data = torch.from_numpy(data)
+            data = tensor_of(data)
         self._checked = False  # True: the batches are slices of one tensor already checked for NaN/Inf
         self._own_forward = own_forward
         if isinstance(data, torch.Tensor):
@@ -68,12 +68,17 @@ class Batches:
             yield self._prepare(batch, i)
 
     def _prepare(self, batch: Any, index: int) -> Any:
-        if self._checked:
-            return self._move(batch)
+        if self._checked:  # a slice of the data tensor, which the model gets whole
+            moved = self._move(batch)
+            if self._narrows(batch):
+                self._fits(moved, index)
+            return moved
 
         def check(t: torch.Tensor) -> torch.Tensor:
             if t.is_floating_point():
                 _check_finite(t, [len(t) if t.ndim else 1], index)
+                if self._narrows(t):
+                    self._fits(t.to(self.dtype), index)
             return t
 
         # the default forward hands the model a tuple or list batch's first element alone
@@ -82,6 +87,20 @@ class Batches:
 
     def _move(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+
+    def _narrows(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is floating and the model's dtype holds a smaller range than its own."""
+        return t.is_floating_point() and torch.finfo(self.dtype).max < torch.finfo(t.dtype).max
+
+    def _fits(self, cast: torch.Tensor, index: int) -> None:
+        """Refuse finite data that the model's dtype turned into Inf (float32 data of 7e4 for a float16 model),
+        naming the batch, rather than let it surface as non-finite statistics inside the model."""
+        try:
+            _check_finite(cast, [len(cast) if cast.ndim else 1], index)
+        except ValueError:
+            raise ValueError(f"data batch {index} holds values beyond {self.dtype}'s range (largest "
+                             f"{torch.finfo(self.dtype).max:.5g}), the model's dtype it is converted to; scale the "
+                             "data down or audit a model of a wider dtype") from None
 
     def first_input(self, forward: Callable | None) -> Any:
         """Two samples of the first batch's model input (the fold analysis needs only its ranks)."""
@@ -161,12 +180,22 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
             return pack_padded_sequence(fn(padded), fn(lengths).cpu(), batch_first=True, enforce_sorted=False)
         if isinstance(t, np.ndarray):
             try:
-                t = torch.from_numpy(t)
+                t = tensor_of(t)
             except TypeError:
                 return t
         return fn(t)
 
     return map_nested(obj, apply, (torch.Tensor, np.ndarray, PackedSequence))
+
+
+def tensor_of(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy(a)``, also for arrays it refuses that hold numbers all the same: non-native byte order (a
+    big-endian file) and negative strides (``a[::-1]``) are copied first. TypeError for dtypes PyTorch lacks."""
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    if any(stride < 0 for stride in a.strides):
+        a = a.copy()
+    return torch.from_numpy(a)
 
 
 def batch_len(batch: Any) -> int | None:

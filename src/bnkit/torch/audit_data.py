@@ -644,7 +644,12 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
         return [Finding("info", "(model)", "per-sample outputs do not depend on the batch",
                         f"eval mode, batch size 1 vs {size} on {len(idx)} samples: max difference {rel:.2g} of max "
                         f"|output|{partly}", "", "batch_coupling", {"relative_diff": rel})]
-    again = flatten_tensors(forward(model, batch))  # the same batch once more: random outputs are not coupling
+    try:  # the same batch once more: random outputs are not coupling
+        again = flatten_tensors(forward(model, batch))
+    except Exception as exc:
+        who = "the model" if forward is default_forward else "the model or forward="
+        raise ValueError(f"{who} failed in eval mode on the first data batch, run again to tell coupling from "
+                         f"random outputs: {type(exc).__name__}: {exc}") from exc
     repeat = max((float((a.double() - b.double()).abs().max()) for a, b in zip(again, eval_out)
                   if a.shape == b.shape and a.numel()), default=0.0) / max(scale, 1e-12)
     if len(again) != len(eval_out) or repeat > COUPLING_RTOL:
