@@ -114,6 +114,24 @@ def test_running_moments_bad_input(bad, match):
     assert rm.count == 2  # untouched
 
 
+@pytest.mark.parametrize("axis", [True, 1.0, "1", None])
+def test_a_channel_axis_that_is_not_an_integer_is_refused_not_coerced(axis):
+    """True was taken as axis 1 and '1' % ndim parsed as string formatting; BatchNorm(axis=...) refuses them."""
+    rm = RunningMoments(3).update(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="channel_axis must be an integer"):
+        rm.update(np.ones((2, 3)), channel_axis=axis)
+    assert rm.count == 2
+
+
+def test_the_mean_of_nothing_is_nan_as_its_variance_is():
+    """An accumulator that saw no value gave mean 0 beside NaN variances; the oracle: np.mean of an empty axis."""
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
+        want = np.mean(np.empty((3, 0)), axis=1)
+    for rm in (RunningMoments(3), RunningMoments(3).update(np.empty((0, 3))), RunningMoments(3).merge(RunningMoments(3))):
+        np.testing.assert_array_equal(rm.mean, want)
+        assert np.isnan(rm.var).all()
+
+
 def test_running_moments_refuses_complex_and_overflowing_batches():
     rm = RunningMoments(1).update(np.array([[1.0], [3.0]]))
     with pytest.raises(TypeError, match="must be real"):

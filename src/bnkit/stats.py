@@ -93,7 +93,7 @@ class RunningMoments:
 
     Attributes:
         count: number of values seen per channel (the same for every channel).
-        mean: float64 ``(C,)`` mean of everything seen.
+        mean: float64 ``(C,)`` mean of everything seen (NaN before any value, as ``np.mean`` of nothing).
         var: biased (population) variance, ``M2 / count``.
         var_unbiased: sample variance, ``M2 / (count - 1)`` (NaN below 2 values).
     """
@@ -109,6 +109,8 @@ class RunningMoments:
 
     @property
     def mean(self) -> np.ndarray:
+        if self.count == 0:
+            return np.full(self.num_channels, np.nan)
         return self._shift + self._offset
 
     def _combine(self, count: int, offset: np.ndarray, m2: np.ndarray, shift: np.ndarray | None = None) -> None:
@@ -139,6 +141,7 @@ class RunningMoments:
 
     def update(self, x: np.ndarray, channel_axis: int = 1) -> "RunningMoments":
         """Fold a batch in; every axis except ``channel_axis`` is reduced (as ``x - shift``, see the class doc)."""
+        channel_axis = integer(channel_axis, "channel_axis")
         x = np.asarray(x)
         ax = channel_axis % x.ndim if x.ndim else 0
         if x.ndim == 0 or x.shape[ax] != self.num_channels:
