@@ -121,6 +121,8 @@ def test_a_channel_axis_that_is_not_an_integer_is_refused_not_coerced(axis):
     with pytest.raises(ValueError, match="channel_axis must be an integer"):
         rm.update(np.ones((2, 3)), channel_axis=axis)
     assert rm.count == 2
+    with pytest.raises(ValueError, match="channel_axis must be an integer"):
+        batch_moments(np.ones((2, 3)), channel_axis=axis)
 
 
 def test_the_mean_of_nothing_is_nan_as_its_variance_is():

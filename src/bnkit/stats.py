@@ -57,6 +57,7 @@ def _check_real(x: np.ndarray, what: str) -> None:
 
 def _move_channels_first(x: np.ndarray, channel_axis: int) -> np.ndarray:
     """Return a 2-D float64 view-or-copy ``(C, M)`` with channels on axis 0."""
+    channel_axis = integer(channel_axis, "channel_axis")
     if x.ndim < 1:
         raise ValueError("input must have at least one dimension (the channel axis)")
     ax = channel_axis % x.ndim if -x.ndim <= channel_axis < x.ndim else None
@@ -141,7 +142,7 @@ class RunningMoments:
 
     def update(self, x: np.ndarray, channel_axis: int = 1) -> "RunningMoments":
         """Fold a batch in; every axis except ``channel_axis`` is reduced (as ``x - shift``, see the class doc)."""
-        channel_axis = integer(channel_axis, "channel_axis")
+        channel_axis = integer(channel_axis, "channel_axis")  # before it indexes the shape below
         x = np.asarray(x)
         ax = channel_axis % x.ndim if x.ndim else 0
         if x.ndim == 0 or x.shape[ax] != self.num_channels:
