@@ -134,6 +134,18 @@ def test_the_mean_of_nothing_is_nan_as_its_variance_is():
         assert np.isnan(rm.var).all()
 
 
+def test_an_empty_accumulators_partial_hands_over_as_nothing():
+    """(count, mean, M2) of an empty accumulator, its mean now NaN, was refused by update_moments; a partial of no
+    values has no mean to read. Oracle: merge, which takes the accumulator itself."""
+    a = RunningMoments(3).update(np.arange(12.0).reshape(4, 3))
+    empty = RunningMoments(3)
+    a.update_moments(empty.count, empty.mean, empty.m2)
+    b = RunningMoments(3).update(np.arange(12.0).reshape(4, 3)).merge(empty)
+    assert a.count == b.count == 4
+    np.testing.assert_array_equal(a.mean, b.mean)
+    np.testing.assert_array_equal(a.var, b.var)
+
+
 def test_running_moments_refuses_complex_and_overflowing_batches():
     rm = RunningMoments(1).update(np.array([[1.0], [3.0]]))
     with pytest.raises(TypeError, match="must be real"):

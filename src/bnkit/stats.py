@@ -170,7 +170,8 @@ class RunningMoments:
         """Fold in already-reduced partial statistics ``(count, mean, M2)``.
 
         ``count`` is a non-negative integer, ``M2 >= 0`` (and 0 for fewer than 2 values),
-        everything finite; anything else is refused before the state changes.
+        everything finite, except the mean of a partial of no values (an empty accumulator's is NaN), which is
+        not read; anything else is refused before the state changes.
         """
         try:
             whole = integer(count, "count")  # exact, however large
@@ -190,7 +191,8 @@ class RunningMoments:
         mean, m2 = real_array(mean, "partial mean").astype(np.float64), real_array(m2, "partial M2").astype(np.float64)
         if mean.shape != (self.num_channels,) or m2.shape != (self.num_channels,):
             raise ValueError(f"partial statistics must have shape ({self.num_channels},)")
-        _check_finite(mean, "partial mean")
+        if count:
+            _check_finite(mean, "partial mean")
         _check_finite(m2, "partial M2")
         if np.any(m2 < 0):
             raise ValueError("partial M2 (sum of squared deviations) must be non-negative")

@@ -131,3 +131,27 @@ def test_an_expand_to_an_infinite_dim_and_a_castlike_to_an_undefined_type_are_fi
         assert [f.evidence for f in audit(model).findings if f.code == "malformed_node"][0].startswith(named)
         with pytest.raises(MalformedNodeError, match=named.replace("[", r"\[").replace("]", r"\]")):
             fold_model(model)
+
+
+def test_statistics_behind_a_thousand_casts_are_no_constant_not_a_recursion_error():
+    """A Cast or Transpose chain longer than Python's recursion limit crashed bnkit audit and bnkit fold; onnx.checker
+    passes the graph."""
+    chain = [helper.make_node("Cast", ["v16" if i == 0 else f"c{i - 1}"], [f"c{i}"], to=TensorProto.FLOAT)
+             for i in range(1200)]
+    model = _model([*chain, helper.make_node("Identity", ["c1199"], ["v"]), _bn()])
+    onnx.checker.check_model(model)
+    assert [f.code for f in audit(model).findings] == ["not_constant"]
+    folded, report = fold_model(model)
+    assert [n.op_type for n in folded.graph.node].count("BatchNormalization") == 1
+
+
+def test_a_sparse_initializer_too_large_to_densify_is_named_not_a_memory_error():
+    """Dims [2**20, 2**20, 16] (64 TiB of zeros) escaped as NumPy's out-of-memory traceback."""
+    values = numpy_helper.from_array(np.ones(1, np.float32), "s")
+    indices = numpy_helper.from_array(np.zeros(1, np.int64), "s_idx")
+    model = _model([_bn("v16")])
+    del model.graph.initializer[0]  # the scale "s" becomes the sparse one
+    model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [2 ** 20, 2 ** 20, 16]))
+    onnx.checker.check_model(model)
+    assert [f.evidence for f in audit(model).findings if f.code == "malformed_node"] == [
+        "sparse initializer 's': its dense shape [1048576, 1048576, 16] is too large to build"]

@@ -10,6 +10,7 @@ that does not use its running statistics at inference.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -303,26 +304,33 @@ class GraphIndex:
         """How many places read ``name``: node inputs, graph outputs, subgraphs."""
         return len(self.consumers.get(name, ())) + (name in self.outputs) + (name in self.subgraph_reads)
 
-    def constant(self, name: str, *, defaults: bool = False, _path: frozenset = frozenset()) -> np.ndarray | None:
+    def constant(self, name: str, *, defaults: bool = False) -> np.ndarray | None:
         """The value of ``name`` if it is a compile-time constant (``defaults``: or a stored default), else None.
 
         A value computed from itself (a cycle through Identity, Cast, Transpose, ...: a graph the checker refuses)
-        is no constant. ``_path``: the ``(graph, name)`` pairs being read on the way here."""
-        path = _path
+        is no constant, nor one computed through more nested nodes than Python's recursion limit lets bnkit follow
+        (a chain of a thousand Casts)."""
+        try:
+            return self._constant(name, defaults, frozenset())
+        except RecursionError:
+            return None
+
+    def _constant(self, name: str, defaults: bool, path: frozenset) -> np.ndarray | None:
+        """:meth:`constant`; ``path``: the ``(graph, name)`` pairs being read on the way here."""
         while name:
             if (id(self), name) in path:
                 return None
             path = path | {(id(self), name)}
             if name in self.bindings:  # a function's formal input: the caller's argument
                 caller, actual = self.bindings[name]
-                return caller.constant(actual, defaults=defaults, _path=path)
+                return caller._constant(actual, defaults, path)
             if name in self.initializers:
                 return _stored_array(self.initializers[name])
             if defaults and name in self.defaults:
                 return _stored_array(self.defaults[name])
             node = self.producer.get(name)
             if node is None and name not in self.inputs and name not in self.defaults and self.outer is not None:
-                return self.outer.constant(name, defaults=defaults, _path=path)
+                return self.outer._constant(name, defaults, path)
             if node is None or node.domain not in ("", "ai.onnx"):
                 return None
             if node.op_type == "Identity":
@@ -331,10 +339,10 @@ class GraphIndex:
             if node.op_type == "Constant":
                 return _constant_node_value(node)
             if node.op_type == "Transpose":
-                value = self.constant(node.input[0], defaults=defaults, _path=path)
+                value = self._constant(node.input[0], defaults, path)
                 return None if value is None else _transposed(node, value)
             if node.op_type == "Cast":  # float16 storage read as float32, as mixed-precision converters write it
-                value = self.constant(node.input[0], defaults=defaults, _path=path)
+                value = self._constant(node.input[0], defaults, path)
                 return None if value is None else value.astype(_cast_target(node))
             if node.op_type in _SHAPE_OPS:
                 return self._shape_op(node, defaults, path)
@@ -344,14 +352,14 @@ class GraphIndex:
     def _shape_op(self, node: onnx.NodeProto, defaults: bool, path: frozenset) -> np.ndarray | None:
         """``Shape`` of a constant, ``Expand`` of constants, ``CastLike`` of a constant to a value of known type:
         how torch.onnx's dynamo exporter (optimize=False) writes the zero bias of a bias-free Conv."""
-        value = self.constant(node.input[0], defaults=defaults, _path=path)
+        value = self._constant(node.input[0], defaults, path)
         if value is None:
             return None
         if node.op_type == "Shape":
             start, end = attribute(node, "start", 0, _INT), attribute(node, "end", None, _INT)
             return np.array(value.shape[start:end], dtype=np.int64)
         if node.op_type == "Expand":
-            shape = self.constant(node.input[1], defaults=defaults, _path=path)
+            shape = self._constant(node.input[1], defaults, path)
             if shape is None:
                 return None
             try:
@@ -360,7 +368,7 @@ class GraphIndex:
                 raise MalformedNodeError(f"node {node_label(node)!r} expands shape {list(value.shape)} to "
                                          f"{np.ravel(shape).tolist()}, which it cannot be broadcast to") from None
             return np.array(np.broadcast_to(value, out)) if np.prod(out) <= _EXPAND_MAX else None
-        elem = self.elem_type(node.input[1], _path=path)  # CastLike: only the target's type is read
+        elem = self._elem_type(node.input[1], path)  # CastLike: only the target's type is read
         if elem is None:
             return None
         try:
@@ -369,13 +377,13 @@ class GraphIndex:
             raise MalformedNodeError(f"CastLike node {node_label(node)!r}: its target {node.input[1]!r} has element "
                                      f"type {elem}, no ONNX element type") from None
 
-    def elem_type(self, name: str, *, _path: frozenset = frozenset()) -> int | None:
+    def _elem_type(self, name: str, path: frozenset) -> int | None:
         """The element type of ``name`` where the graph declares it (inputs, outputs, value_info), or its constant's
-        (``_path`` as in :meth:`constant`)."""
+        (``path`` as in :meth:`_constant`)."""
         declared = {v.name: v.type.tensor_type.elem_type for v in self._declared() if v.type.HasField("tensor_type")}
         if declared.get(name):
             return declared[name]
-        value = self.constant(name, _path=_path)
+        value = self._constant(name, False, path)
         return None if value is None else helper.np_dtype_to_tensor_dtype(value.dtype)
 
     def _declared(self) -> list[onnx.ValueInfoProto]:
@@ -434,7 +442,11 @@ def _stored_array(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> np.ndarr
     values = _tensor_array(tensor.values, f"sparse initializer {tensor.values.name!r}'s values").reshape(-1)
     indices = _tensor_array(tensor.indices, f"sparse initializer {tensor.values.name!r}'s indices").astype(np.int64)
     dims = tuple(int(d) for d in tensor.dims)
-    dense = np.zeros(int(np.prod(dims)), dtype=values.dtype)
+    try:
+        dense = np.zeros(math.prod(dims), dtype=values.dtype)
+    except (MemoryError, ValueError, OverflowError):  # beyond memory, or beyond an array's size
+        raise MalformedNodeError(f"sparse initializer {tensor.values.name!r}: its dense shape {list(dims)} is too "
+                                 "large to build") from None
     try:
         dense[indices.reshape(-1) if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), dims)] = values
     except (IndexError, ValueError):

@@ -542,8 +542,7 @@ class _Pass:
         float64 vector for ``all_gather``."""
         parts = [np.asarray([self.batches, self.skipped], dtype=np.float64)]
         for rm, calls, samples in zip(self.moments, self.calls, self.samples):
-            mean = rm.mean if rm.count else np.zeros(rm.num_channels)  # a rank the data never reached: no mean
-            parts += [np.asarray([calls, samples, rm.count], dtype=np.float64), mean, rm.m2]
+            parts += [np.asarray([calls, samples, rm.count], dtype=np.float64), rm.mean, rm.m2]
         return np.concatenate(parts)
 
     def merge_ranks(self, payloads: list[np.ndarray]) -> None:
