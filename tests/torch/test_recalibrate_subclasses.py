@@ -281,3 +281,22 @@ def test_a_call_that_raises_inside_the_model_is_neither_recorded_nor_counted_as_
     rows = torch.cat(data).double()
     np.testing.assert_allclose(model.bn.running_mean.double().numpy(), rows.mean(0).numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(model.bn.running_var.double().numpy(), rows.var(0).numpy(), rtol=1e-5)
+
+
+def test_frozen_batchnorm_layers_keep_their_statistics_and_are_named():
+    """convert_frozen's layers were skipped in silence (the report said 3/3 of six layers), and a model of only
+    them was told it had no BatchNorm layer with running statistics. Oracle: their buffers, unchanged."""
+    from bnkit.torch import convert_frozen
+    from bnkit.torch.zoo import SmallResNet
+
+    torch.manual_seed(0)
+    model = SmallResNet(in_channels=1).eval()
+    convert_frozen(model.layers[1])
+    frozen = {n: b.clone() for n, b in model.named_buffers() if n.startswith("layers.1.")}
+    x = [torch.randn(16, 1, 8, 8) + 2.0]
+    with pytest.warns(UserWarning, match=r"FrozenBatchNorm layer\(s\) \['layers.1.bn1', 'layers.1.bn2'.*revert_frozen"):
+        report = recalibrate(model, x, progress=False)
+    assert len(report.layers) == 3
+    assert all(torch.equal(b, dict(model.named_buffers())[n]) for n, b in frozen.items())
+    with pytest.raises(ValueError, match="no BatchNorm layer with running statistics.*FrozenBatchNorm layer"):
+        recalibrate(convert_frozen(SmallResNet(in_channels=1)).eval(), x, progress=False)

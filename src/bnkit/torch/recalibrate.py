@@ -100,8 +100,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
-from .modules import (SavedBuffers, channels, eager_calls, has_stock_forward, is_batchnorm, normalized_inputs,
-                      eager_modules, is_whole_number, parallel_device, sole_device, to_device,
+from .modules import (SavedBuffers, channels, eager_calls, eager_modules, has_stock_forward, is_batchnorm,
+                      is_bn_or_frozen, is_whole_number, normalized_inputs, parallel_device, sole_device, to_device,
                       uninitialized_lazy, unwrapped, usable_device)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration", "StatisticsRangeError"]
@@ -598,8 +598,14 @@ def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
         device = sole_device(model)
     modules = list(eager_modules(model))
     layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
+    frozen = [n for n, m in modules if is_bn_or_frozen(m) and not is_batchnorm(m)]
+    keep = (f"bnkit FrozenBatchNorm layer(s) {frozen[:3]}{'...' if len(frozen) > 3 else ''} keep their statistics, "
+            "fixed by design: revert_frozen(model) first to recalibrate them")
     if not layers:
-        raise ValueError("the model has no BatchNorm layer with running statistics: nothing to recalibrate")
+        raise ValueError("the model has no BatchNorm layer with running statistics: nothing to recalibrate"
+                         + (f" ({keep})" if frozen else ""))
+    if frozen:
+        warnings.warn(keep, stacklevel=3)
     for name, module in layers:
         if nn.parameter.is_lazy(module.running_mean):
             raise ValueError(f"BatchNorm layer {name!r} is lazy and not initialized yet: run one forward pass first")
@@ -651,7 +657,8 @@ def recalibrate(
     forward gets the statistics of all its inputs pooled (PyTorch's running average would
     average each call's own variance instead, leaving out the spread between the calls' means);
     an input with no values (a routed branch given no rows) is ignored, and not
-    counted in ``num_batches_tracked`` (PyTorch's training forward counts it).
+    counted in ``num_batches_tracked`` (PyTorch's training forward counts it). bnkit's ``FrozenBatchNorm*d``
+    (:func:`bnkit.torch.convert_frozen`) keep their statistics, fixed by design, with a warning naming them.
 
     Per layer, with ``n`` the number of values per channel seen (samples times
     spatial positions): ``running_mean = mean``, ``running_var = M2 / (n - 1)``
