@@ -118,3 +118,17 @@ def test_audit_of_an_onnx_file_works_without_torch(tmp_path, no_torch, name):
     report = json.loads(out)
     assert report["depth"] == "onnx" and report["ok"] is True
     assert report["layers"] == [n.name for n in graph.node if n.op_type == "BatchNormalization"]
+
+
+def test_a_torch_that_is_installed_but_fails_to_import_is_one_line_not_a_traceback(tmp_path):
+    """find_spec found the broken package, so the command went on to import it and died with a traceback (exit 1,
+    the status of findings)."""
+    shim = tmp_path / "broken" / "torch"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text('raise ImportError("libtorch_cpu.so: cannot open shared object file")\n')
+    (tmp_path / "x.pt").write_bytes(b"not read: the command stops first")
+    result = subprocess.run([sys.executable, "-c", BNKIT_MAIN, "audit", "x.pt"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env=bnkit_env(tmp_path / "broken", COLUMNS="240"))
+    text = (result.stdout + result.stderr).replace("\n", " ")
+    assert result.returncode == 2 and "Traceback" not in text, text
+    assert "torch, which is installed but cannot be imported (ImportError: libtorch_cpu.so" in text, text

@@ -39,8 +39,17 @@ def note(message: str) -> None:
 
 def needs(*modules: str, extra: str) -> None:
     """Exit 2 with the install line when a module the command imports is not installed (the base install gives the
-    ``bnkit`` command with NumPy alone; torch, onnx and the study's libraries are extras)."""
+    ``bnkit`` command with NumPy alone; torch, onnx and the study's libraries are extras), or is installed but fails
+    to import (a broken wheel, a missing shared library, a NumPy it was not built for)."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         raise fail(f"this needs {', '.join(missing)}, which is not installed: pip install 'bnkit[{extra}]'"
                    + (" (torch==2.13.0 first, see README)" if "torch" in missing else ""))
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # whatever a broken install raises, never a traceback
+            raise fail(f"this needs {module}, which is installed but cannot be imported ({type(exc).__name__}: "
+                       f"{exc}); reinstall it"
+                       + (": pip install --force-reinstall torch==2.13.0 (see README)" if module == "torch" else
+                          f": pip install --force-reinstall 'bnkit[{extra}]'")) from None
