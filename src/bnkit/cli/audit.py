@@ -251,7 +251,7 @@ def _print(report: dict[str, Any]) -> None:
         shifts = Table(title="Data vs running statistics, ranked by KL per channel beyond what sampling noise gives "
                              "(z_eq = equivalent mean shift in std; noise z_eq: that of sampling noise alone)")
         for col in ("rank", "layer", "z_eq", "noise z_eq", "worst channel", "mean shift (std)", "variance ratio"):
-            shifts.add_column(col, justify="left" if col == "layer" else "right")
+            shifts.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
         shown = report["shifts"][:10]
         if len(shown) < len(report["shifts"]):
             shifts.caption = f"the top {len(shown)} of {len(report['shifts'])} layers (--json lists all)"

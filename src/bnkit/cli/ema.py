@@ -50,10 +50,8 @@ def ema(
     rows = ema_table(series, decay, init)
     new = convert_momentum(decay, "keras", "torch")  # 1 - decay in full: Keras's momentum weighs the old value
     table = Table(title=f"Running mean, running = {decay!r} * running + {new!r} * batch_mean (start {init})")
-    table.add_column("batch", justify="right")
-    table.add_column("batch mean", justify="right")
-    table.add_column("running mean", justify="right")
-    table.add_column("bias-corrected", justify="right")
+    for column in ("batch", "batch mean", "running mean", "bias-corrected"):
+        table.add_column(column, justify="right", overflow="fold")  # a narrow console folds numbers, never cuts them
     for step, v, run, corr in rows:
         if show == "all" or step <= len(values) or step % 10 == 0 or step == n:
             table.add_row(str(step), repr(v), f"{run:.6g}", f"{corr:.6g}")

@@ -31,8 +31,8 @@ def _shape(text: str) -> list[int]:
 def _print_rows(folded: list[tuple[str, str]], left: dict[str, str], title: str) -> None:
     # names, paths and reasons go in as Text, never as markup: escape() doubles a trailing backslash ("bn\\")
     table = Table(title=Text(title))
-    table.add_column("BatchNorm")
-    table.add_column("result")
+    table.add_column("BatchNorm", overflow="fold")  # a narrow console folds long names, never cuts them
+    table.add_column("result", overflow="fold")
     for bn, into in folded:
         table.add_row(Text(bn), Text.assemble(("folded into", "green"), f" {into}"))
     for bn, reason in left.items():

@@ -157,7 +157,7 @@ def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> An
 def _report_table(report: Any) -> Table:
     table = Table()
     for column in ("layer", "samples", "values/channel", "max |mean shift| (old std)", "new/old variance"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
+        table.add_column(column, justify="left" if column == "layer" else "right", overflow="fold")  # numbers whole
     for row in report.rows():
         unused = row["values_per_channel"] == 0
         table.add_row(
