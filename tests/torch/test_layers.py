@@ -607,6 +607,31 @@ def test_hook_handles_still_remove_their_hooks_after_a_swap(swap):
     assert calls == ["pre", "post"] and not model[1]._forward_hooks and not model[1]._forward_pre_hooks
 
 
+@pytest.mark.parametrize("swap", ["convert_bn", "revert_bn", "convert_frozen", "revert_frozen"])
+def test_a_forward_patched_on_the_instance_runs_on_the_new_layer_after_a_swap(swap):
+    """A types.MethodType forward (logging, instrumentation) was copied still bound to the old layer: after the swap
+    and model.eval() it ran the old layer, still in training mode, and overwrote the running statistics. Oracle: the
+    same model without the swap, and copy.deepcopy, which re-binds such methods."""
+    import types
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model(torch.randn(8, 4))
+    if swap == "revert_bn":
+        convert_bn(model)
+    if swap == "revert_frozen":
+        convert_frozen(model)
+    seen = []
+    model[1].forward = types.MethodType(lambda self, x: (seen.append(self), type(self).forward(self, x))[1], model[1])
+    assert copy.deepcopy(model)[1].forward.__self__ is not model[1]  # the oracle re-binds
+    {"convert_bn": convert_bn, "revert_bn": revert_bn, "convert_frozen": convert_frozen,
+     "revert_frozen": revert_frozen}[swap](model)
+    model.eval()
+    before = model[1].running_mean.clone()
+    model(torch.randn(8, 4) + 5.0)
+    assert seen == [model[1]]
+    assert torch.equal(model[1].running_mean, before)  # eval mode: as without the swap
+
+
 def test_convert_bn_refuses_uninitialized_lazy_layers_and_converts_them_once_run():
     model = nn.Sequential(nn.BatchNorm2d(3), nn.LazyBatchNorm2d())
     with pytest.raises(ValueError, match=r"\['1'\] are lazy.*forward pass first"):

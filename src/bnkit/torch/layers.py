@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import types
 import warnings
 from collections.abc import Callable
 
@@ -447,8 +448,9 @@ def retype_module(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     copied, so swapping them leaves the old module as it was. The hook dicts are
     the old module's own (the handles ``register_*_hook`` returned remove their hook
     through them, so they keep working; a hook added to one module is on both).
-    Attributes bound to the old module (``freeze_bn``'s ``train``) are re-bound to
-    the new one, so a frozen layer stays frozen.
+    Attributes bound to the old module (``freeze_bn``'s ``train``, a method set on the
+    instance with ``types.MethodType``) are re-bound to the new one, as ``copy.deepcopy``
+    re-binds methods: a frozen layer stays frozen, a patched ``forward`` runs on the new layer.
     """
     new = cls.__new__(cls)
     for k, v in module.__dict__.items():
@@ -456,6 +458,8 @@ def retype_module(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
             v = v.copy()
         elif getattr(v, "module", None) is module and callable(getattr(type(v), "rebound", None)):
             v = v.rebound(new)
+        elif isinstance(v, types.MethodType) and v.__self__ is module:
+            v = types.MethodType(v.__func__, new)
         new.__dict__[k] = v
     return new
 
