@@ -307,9 +307,9 @@ class GraphIndex:
     def constant(self, name: str, *, defaults: bool = False) -> np.ndarray | None:
         """The value of ``name`` if it is a compile-time constant (``defaults``: or a stored default), else None.
 
-        A value computed from itself (a cycle through Identity, Cast, Transpose, ...: a graph the checker refuses)
-        is no constant, nor one computed through more nested nodes than Python's recursion limit lets bnkit follow
-        (a chain of a thousand Casts)."""
+        Identity, Cast and Transpose chains are followed in a loop, however long. A value computed from itself (a
+        cycle: a graph the checker refuses) is no constant, nor, as a last resort, one behind more nested
+        Shape/Expand/CastLike nodes or function calls than Python's recursion limit lets bnkit follow."""
         try:
             return self._constant(name, defaults, frozenset())
         except RecursionError:
@@ -317,37 +317,43 @@ class GraphIndex:
 
     def _constant(self, name: str, defaults: bool, path: frozenset) -> np.ndarray | None:
         """:meth:`constant`; ``path``: the ``(graph, name)`` pairs being read on the way here."""
+        steps: list[onnx.NodeProto] = []  # the Cast/Transpose nodes on the way, outermost first
+        value = None
         while name:
             if (id(self), name) in path:
                 return None
             path = path | {(id(self), name)}
             if name in self.bindings:  # a function's formal input: the caller's argument
                 caller, actual = self.bindings[name]
-                return caller._constant(actual, defaults, path)
+                value = caller._constant(actual, defaults, path)
+                break
             if name in self.initializers:
-                return _stored_array(self.initializers[name])
+                value = _stored_array(self.initializers[name])
+                break
             if defaults and name in self.defaults:
-                return _stored_array(self.defaults[name])
+                value = _stored_array(self.defaults[name])
+                break
             node = self.producer.get(name)
             if node is None and name not in self.inputs and name not in self.defaults and self.outer is not None:
-                return self.outer._constant(name, defaults, path)
+                value = self.outer._constant(name, defaults, path)
+                break
             if node is None or node.domain not in ("", "ai.onnx"):
                 return None
-            if node.op_type == "Identity":
-                name = node.input[0]
+            if node.op_type in ("Identity", "Transpose", "Cast"):  # Cast: float16 storage read as float32
+                if node.op_type != "Identity":
+                    steps.append(node)
+                name = node.input[0] if node.input else ""
                 continue
             if node.op_type == "Constant":
-                return _constant_node_value(node)
-            if node.op_type == "Transpose":
-                value = self._constant(node.input[0], defaults, path)
-                return None if value is None else _transposed(node, value)
-            if node.op_type == "Cast":  # float16 storage read as float32, as mixed-precision converters write it
-                value = self._constant(node.input[0], defaults, path)
-                return None if value is None else value.astype(_cast_target(node))
-            if node.op_type in _SHAPE_OPS:
-                return self._shape_op(node, defaults, path)
+                value = _constant_node_value(node)
+            elif node.op_type in _SHAPE_OPS:
+                value = self._shape_op(node, defaults, path)
+            break
+        if value is None:
             return None
-        return None
+        for node in reversed(steps):  # innermost first
+            value = _transposed(node, value) if node.op_type == "Transpose" else value.astype(_cast_target(node))
+        return value
 
     def _shape_op(self, node: onnx.NodeProto, defaults: bool, path: frozenset) -> np.ndarray | None:
         """``Shape`` of a constant, ``Expand`` of constants, ``CastLike`` of a constant to a value of known type:
@@ -442,6 +448,9 @@ def _stored_array(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> np.ndarr
     values = _tensor_array(tensor.values, f"sparse initializer {tensor.values.name!r}'s values").reshape(-1)
     indices = _tensor_array(tensor.indices, f"sparse initializer {tensor.values.name!r}'s indices").astype(np.int64)
     dims = tuple(int(d) for d in tensor.dims)
+    if any(d < 0 for d in dims):
+        raise MalformedNodeError(f"sparse initializer {tensor.values.name!r}: its shape {list(dims)} has a negative "
+                                 "dimension")
     try:
         dense = np.zeros(math.prod(dims), dtype=values.dtype)
     except (MemoryError, ValueError, OverflowError):  # beyond memory, or beyond an array's size
