@@ -745,3 +745,24 @@ def test_extra_state_for_a_safetensors_output_is_refused_before_the_pass(tmp_pat
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and "cannot write" in text and "safetensors holds tensors only" in text, text
     assert not out.exists()
+
+
+def test_frozen_batchnorm_layers_left_as_they_are_are_a_note_in_the_commands_words(tmp_path, monkeypatch):
+    """The library's warning came out as Python's 'file:line: UserWarning' lines, advising revert_frozen(model) to a
+    user who only names a factory; a model that is itself a FrozenBatchNorm was named ''."""
+    (tmp_path / "frozen_models.py").write_text(
+        "from torch import nn\nfrom bnkit.torch import convert_frozen\n"
+        "def half():\n    return nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), convert_frozen(nn.BatchNorm1d(8)))\n"
+        "def bare():\n    return convert_frozen(nn.BatchNorm1d(64))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "x.npy", digits(64))
+    result = invoke("--model", "frozen_models:half", "--data", "x.npy", "-o", "out.pt")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "UserWarning" not in text
+    assert ("note: bnkit FrozenBatchNorm layer(s) ['2'] keep their statistics, fixed by design: "
+            "bnkit.torch.revert_frozen(model) in the --model factory first to recalibrate them") in text
+    error = one_line_error(invoke("--model", "frozen_models:bare", "--data", "x.npy", "-o", "bare.pt"))
+    assert "FrozenBatchNorm layer(s) ['FrozenBatchNorm1d']" in error and "--model factory" in error
+    assert not (tmp_path / "bare.pt").exists()

@@ -5,7 +5,10 @@ their functions, so ``bnkit --help`` stays fast and the core needs only NumPy.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import warnings
+from collections.abc import Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -35,6 +38,19 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
 def note(message: str) -> None:
     """Print a note in yellow on stderr (stdout stays the command's output)."""
     err_console.print(Text.assemble(("note:", "yellow"), " ", message), soft_wrap=True)
+
+
+@contextlib.contextmanager
+def warnings_as_notes(words: Callable[[str], str] = str) -> Iterator[None]:
+    """Print each distinct warning raised inside as a :func:`note` (``words`` rewords the library's advice for the
+    command line), also when the block fails, instead of Python's ``file:line: UserWarning`` lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for text in dict.fromkeys(str(w.message) for w in caught):
+                note(words(text))
 
 
 def needs(*modules: str, extra: str) -> None:

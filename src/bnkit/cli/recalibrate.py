@@ -18,11 +18,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .app import app, console, fail, needs, note
+from .app import app, console, fail, needs, note, warnings_as_notes
 from .common import INPUT_KEYS, USER_CODE_ERRORS, check_input_array, describe_error, raised_by_bnkit, reworded
 
 #: The library's advice (:func:`bnkit.torch.recalibrate`'s errors) with its Python arguments as this command's options.
 _CLI_WORDS = (("pass on_nonfinite='skip'", "pass --on-nonfinite skip"),
+              ("revert_frozen(model) first", "bnkit.torch.revert_frozen(model) in the --model factory first"),
               ("pass forward=, e.g. forward=lambda model, batch: model(**batch)",
                "pass --forward package.module:fn, called as fn(model, batch), e.g. one returning model(**batch)"))
 
@@ -274,9 +275,10 @@ def recalibrate_command(
         raise fail(str(exc))
     try:
         prepare = (lambda batch: batch) if feed is not None else (lambda batch: _model_input(batch, dtype))
-        report = recalibrate(net.eval(), _Reading(loader, prepare),
-                             num_batches=batches, forward=feed, device=run_on, on_nonfinite=on_nonfinite,
-                             progress=progress)
+        with warnings_as_notes(lambda text: reworded(text, _CLI_WORDS)):
+            report = recalibrate(net.eval(), _Reading(loader, prepare),
+                                 num_batches=batches, forward=feed, device=run_on, on_nonfinite=on_nonfinite,
+                                 progress=progress)
     except torch.OutOfMemoryError as exc:
         raise fail(f"recalibration ran out of memory, nothing written (try a smaller --batch-size): {exc}", code=1)
     except _DataError as exc:

@@ -598,7 +598,7 @@ def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
         device = sole_device(model)
     modules = list(eager_modules(model))
     layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
-    frozen = [n for n, m in modules if is_bn_or_frozen(m) and not is_batchnorm(m)]
+    frozen = [n or type(m).__name__ for n, m in modules if is_bn_or_frozen(m) and not is_batchnorm(m)]
     keep = (f"bnkit FrozenBatchNorm layer(s) {frozen[:3]}{'...' if len(frozen) > 3 else ''} keep their statistics, "
             "fixed by design: revert_frozen(model) first to recalibrate them")
     if not layers:
