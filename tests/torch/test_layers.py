@@ -620,16 +620,29 @@ def test_a_forward_patched_on_the_instance_runs_on_the_new_layer_after_a_swap(sw
         convert_bn(model)
     if swap == "revert_frozen":
         convert_frozen(model)
+    import functools
+
     seen = []
-    model[1].forward = types.MethodType(lambda self, x: (seen.append(self), type(self).forward(self, x))[1], model[1])
-    assert copy.deepcopy(model)[1].forward.__self__ is not model[1]  # the oracle re-binds
-    {"convert_bn": convert_bn, "revert_bn": revert_bn, "convert_frozen": convert_frozen,
-     "revert_frozen": revert_frozen}[swap](model)
-    model.eval()
-    before = model[1].running_mean.clone()
-    model(torch.randn(8, 4) + 5.0)
-    assert seen == [model[1]]
-    assert torch.equal(model[1].running_mean, before)  # eval mode: as without the swap
+
+    def logged(self, x):
+        seen.append(self)
+        return type(self).forward(self, x)
+
+    for bind in (types.MethodType, lambda f, m: functools.partial(f, m)):
+        model[1].forward = patch = bind(logged, model[1])
+        assert copy.deepcopy(model)[1].forward is not patch  # the oracle re-binds
+        {"convert_bn": convert_bn, "revert_bn": revert_bn, "convert_frozen": convert_frozen,
+         "revert_frozen": revert_frozen}[swap](model)
+        model.eval()
+        before, seen[:] = model[1].running_mean.clone(), []
+        model(torch.randn(8, 4) + 5.0)
+        assert seen == [model[1]]
+        assert torch.equal(model[1].running_mean, before)  # eval mode: as without the swap
+        for m in model.modules():
+            vars(m).pop("forward", None)
+        revert = {"convert_bn": revert_bn, "revert_bn": convert_bn, "convert_frozen": revert_frozen,
+                  "revert_frozen": convert_frozen}[swap]
+        revert(model).train()  # back to the starting class for the next patch
 
 
 def test_convert_bn_refuses_uninitialized_lazy_layers_and_converts_them_once_run():

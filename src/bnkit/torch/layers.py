@@ -57,6 +57,7 @@ deprecated ``torch.jit.script`` cannot compile them (``revert_bn`` or
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import types
@@ -449,8 +450,9 @@ def retype_module(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     the old module's own (the handles ``register_*_hook`` returned remove their hook
     through them, so they keep working; a hook added to one module is on both).
     Attributes bound to the old module (``freeze_bn``'s ``train``, a method set on the
-    instance with ``types.MethodType``) are re-bound to the new one, as ``copy.deepcopy``
-    re-binds methods: a frozen layer stays frozen, a patched ``forward`` runs on the new layer.
+    instance with ``types.MethodType`` or ``functools.partial``) are re-bound to the new one, as
+    ``copy.deepcopy`` re-binds them: a frozen layer stays frozen, a patched ``forward`` runs on the new
+    layer. Hooks are shared as they are, so a hook bound to the old module still gets that one.
     """
     new = cls.__new__(cls)
     for k, v in module.__dict__.items():
@@ -458,10 +460,21 @@ def retype_module(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
             v = v.copy()
         elif getattr(v, "module", None) is module and callable(getattr(type(v), "rebound", None)):
             v = v.rebound(new)
-        elif isinstance(v, types.MethodType) and v.__self__ is module:
-            v = types.MethodType(v.__func__, new)
+        else:
+            v = _rebound(v, module, new)
         new.__dict__[k] = v
     return new
+
+
+def _rebound(value: object, old: nn.Module, new: nn.Module) -> object:
+    """``value`` with ``old`` replaced by ``new`` where it is a method bound to ``old`` or a ``functools.partial``
+    holding it (an instance ``forward`` patched either way), as ``copy.deepcopy`` re-binds them; else ``value``."""
+    if isinstance(value, types.MethodType) and value.__self__ is old:
+        return types.MethodType(value.__func__, new)
+    if isinstance(value, functools.partial) and any(a is old for a in (*value.args, *value.keywords.values())):
+        swap = (lambda a: new if a is old else a)
+        return functools.partial(value.func, *map(swap, value.args), **{k: swap(a) for k, a in value.keywords.items()})
+    return value
 
 
 def replace_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
