@@ -763,6 +763,14 @@ def test_frozen_batchnorm_layers_left_as_they_are_are_a_note_in_the_commands_wor
     assert "UserWarning" not in text
     assert ("note: bnkit FrozenBatchNorm layer(s) ['2'] keep their statistics, fixed by design: "
             "bnkit.torch.revert_frozen(model) in the --model factory first to recalibrate them") in text
+    (tmp_path / "noisy_models.py").write_text(
+        "import warnings\nfrom torch import nn\nclass Noisy(nn.Sequential):\n    def forward(self, x):\n"
+        "        warnings.warn('my model says hi')\n        return super().forward(x)\n"
+        "def noisy():\n    return Noisy(nn.Linear(64, 8), nn.BatchNorm1d(8))\n")
+    noisy = invoke("--model", "noisy_models:noisy", "--data", "x.npy", "-o", "noisy.pt")
+    assert noisy.exit_code == 0, noisy.output  # the user's own warning keeps its origin: not a bnkit note
+    assert "noisy_models.py:5: UserWarning: my model says hi" in noisy.output
+    assert "note: my model says hi" not in noisy.output and noisy.output.count("UserWarning: my model says hi") == 1
     error = one_line_error(invoke("--model", "frozen_models:bare", "--data", "x.npy", "-o", "bare.pt"))
     assert "FrozenBatchNorm layer(s) ['FrozenBatchNorm1d']" in error and "--model factory" in error
     assert not (tmp_path / "bare.pt").exists()

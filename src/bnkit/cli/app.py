@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -42,15 +43,26 @@ def note(message: str) -> None:
 
 @contextlib.contextmanager
 def warnings_as_notes(words: Callable[[str], str] = str) -> Iterator[None]:
-    """Print each distinct warning raised inside as a :func:`note` (``words`` rewords the library's advice for the
-    command line), also when the block fails, instead of Python's ``file:line: UserWarning`` lines."""
+    """Print each distinct warning bnkit raises inside as a :func:`note` (``words`` rewords its advice for the command
+    line), also when the block fails, instead of Python's ``file:line: UserWarning`` lines; other code's warnings
+    (the user's model, torch) keep that form, their origin. The warning filters in force decide what is shown."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bnkit/
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
         try:
             yield
         finally:
-            for text in dict.fromkeys(str(w.message) for w in caught):
-                note(words(text))
+            shown = set()
+            for w in caught:
+                ours = os.path.abspath(w.filename).startswith(package + os.sep)
+                text = str(w.message) if ours else warnings.formatwarning(
+                    w.message, w.category, w.filename, w.lineno, w.line).rstrip()
+                if text in shown:
+                    continue
+                shown.add(text)
+                if ours:
+                    note(words(text))
+                else:
+                    err_console.print(Text(text), soft_wrap=True)
 
 
 def needs(*modules: str, extra: str) -> None:
