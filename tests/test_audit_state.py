@@ -201,6 +201,34 @@ def test_inconsistent_shapes():
     assert finding.code == "bad_shape" and finding.finding == "BN arrays are not one value per channel"
 
 
+def test_a_linear_that_keeps_running_statistics_of_its_input_is_checked_on_them_not_called_inconsistent():
+    """A Linear standardizing its input with running_mean/var (8,) beside its weight (4, 8) and bias (4,) got an
+    error, 'BN arrays have inconsistent shapes', from the state dict alone and with the model, though it runs fine
+    (the oracle: its own eval forward). A BN's 1-D weight of the wrong length still is one."""
+    from bnkit.torch import audit
+
+    class NormalizedLinear(nn.Linear):
+        def __init__(self):
+            super().__init__(8, 4)
+            self.register_buffer("running_mean", torch.randn(8))
+            self.register_buffer("running_var", torch.rand(8) + 0.5)
+
+        def forward(self, x):
+            return super().forward((x - self.running_mean) / (self.running_var + 1e-5).sqrt())
+
+    model = nn.Sequential(NormalizedLinear(), nn.BatchNorm1d(4)).eval()
+    model[1].num_batches_tracked.fill_(100)
+    model[1].running_mean.normal_()
+    assert torch.isfinite(model(torch.randn(2, 8))).all()
+    for report in (audit(model.state_dict()), audit(model)):
+        assert report.ok and not report.by_code("bad_shape"), report.findings
+    from bnkit.audit_state import layer_stats
+
+    (finding,) = check_bn_stats(layer_stats("bn", {"running_mean": np.zeros(3), "running_var": np.ones(3),
+                                                   "weight": np.ones(4)}))
+    assert finding.code == "bad_shape"
+
+
 def _layer_with_eps(bn, eps):
     state = bn.state_dict()
     return BNStats("bn", *(state[k].numpy() for k in ("running_mean", "running_var", "weight", "bias")),

@@ -154,7 +154,9 @@ def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
 
     Arrays that are not real numbers and a ``num_batches_tracked`` that is not one non-negative integer
     are listed in ``invalid`` (and left out) instead of being converted: a float64 copy would keep
-    a complex array's real part and ``int()`` would round a count.
+    a complex array's real part and ``int()`` would round a count. A ``weight`` of more than one dimension is
+    no BatchNorm's gamma but the weight of a Linear or conv that keeps running statistics of its input: it and
+    the ``bias`` beside it are left out, the statistics checked alone.
     """
     arrays: dict[str, np.ndarray | None] = {}
     invalid = []
@@ -166,6 +168,8 @@ def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
                 arrays[key] = as_array(value)
             except TypeError as exc:
                 invalid.append(f"{key}: {exc}")
+    if arrays["weight"] is not None and arrays["weight"].ndim > 1:
+        arrays["weight"] = arrays["bias"] = None
     count = None
     if (nbt := buffers.get("num_batches_tracked")) is not None:
         try:
