@@ -224,9 +224,12 @@ def test_a_linear_that_keeps_running_statistics_of_its_input_is_checked_on_them_
         assert report.ok and not report.by_code("bad_shape"), report.findings
     from bnkit.audit_state import layer_stats
 
-    (finding,) = check_bn_stats(layer_stats("bn", {"running_mean": np.zeros(3), "running_var": np.ones(3),
-                                                   "weight": np.ones(4)}))
-    assert finding.code == "bad_shape"
+    for weight in (np.ones(4), np.ones((3, 1))):  # a (C, 1) weight is a BN's in the wrong shape: torch refuses it
+        (finding,) = check_bn_stats(layer_stats("bn", {"running_mean": np.zeros(3), "running_var": np.ones(3),
+                                                       "weight": weight, "bias": np.zeros(3)}))
+        assert finding.code == "bad_shape", weight.shape
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        nn.BatchNorm1d(3).load_state_dict({**nn.BatchNorm1d(3).state_dict(), "weight": torch.ones(3, 1)})
 
 
 def _layer_with_eps(bn, eps):

@@ -154,9 +154,10 @@ def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
 
     Arrays that are not real numbers and a ``num_batches_tracked`` that is not one non-negative integer
     are listed in ``invalid`` (and left out) instead of being converted: a float64 copy would keep
-    a complex array's real part and ``int()`` would round a count. A ``weight`` of more than one dimension is
-    no BatchNorm's gamma but the weight of a Linear or conv that keeps running statistics of its input: it and
-    the ``bias`` beside it are left out, the statistics checked alone.
+    a complex array's real part and ``int()`` would round a count. A ``weight`` of more than one dimension and
+    another number of values than ``running_mean`` is no BatchNorm's gamma but the weight of a Linear or conv that
+    keeps running statistics of its input: it and the ``bias`` beside it are left out, the statistics checked
+    alone (a ``(C, 1)`` weight stays a BatchNorm's, in the wrong shape).
     """
     arrays: dict[str, np.ndarray | None] = {}
     invalid = []
@@ -168,7 +169,8 @@ def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
                 arrays[key] = as_array(value)
             except TypeError as exc:
                 invalid.append(f"{key}: {exc}")
-    if arrays["weight"] is not None and arrays["weight"].ndim > 1:
+    weight, mean = arrays["weight"], arrays["running_mean"]
+    if weight is not None and weight.ndim > 1 and mean is not None and weight.size != mean.size:
         arrays["weight"] = arrays["bias"] = None
     count = None
     if (nbt := buffers.get("num_batches_tracked")) is not None:
