@@ -628,9 +628,17 @@ def test_a_forward_patched_on_the_instance_runs_on_the_new_layer_after_a_swap(sw
         seen.append(self)
         return type(self).forward(self, x)
 
-    for bind in (types.MethodType, lambda f, m: functools.partial(f, m)):
+    class Doubled(functools.partial):  # a partial subclass with a __dict__: rebuilt as pickle rebuilds it
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    def wrapped(f, m):  # the wrapper pattern: a partial over the layer's own bound method
+        return functools.update_wrapper(Doubled(lambda inner, x: inner(x), types.MethodType(f, m)), f)
+
+    for bind in (types.MethodType, lambda f, m: functools.partial(f, m), wrapped):
         model[1].forward = patch = bind(logged, model[1])
         assert copy.deepcopy(model)[1].forward is not patch  # the oracle re-binds
+        kind = type(patch)
         {"convert_bn": convert_bn, "revert_bn": revert_bn, "convert_frozen": convert_frozen,
          "revert_frozen": revert_frozen}[swap](model)
         model.eval()
@@ -638,6 +646,7 @@ def test_a_forward_patched_on_the_instance_runs_on_the_new_layer_after_a_swap(sw
         model(torch.randn(8, 4) + 5.0)
         assert seen == [model[1]]
         assert torch.equal(model[1].running_mean, before)  # eval mode: as without the swap
+        assert type(model[1].forward) is kind and getattr(model[1].forward, "__name__", "logged") == "logged"
         for m in model.modules():
             vars(m).pop("forward", None)
         revert = {"convert_bn": revert_bn, "revert_bn": convert_bn, "convert_frozen": revert_frozen,

@@ -468,13 +468,24 @@ def retype_module(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
 
 def _rebound(value: object, old: nn.Module, new: nn.Module) -> object:
     """``value`` with ``old`` replaced by ``new`` where it is a method bound to ``old`` or a ``functools.partial``
-    holding it (an instance ``forward`` patched either way), as ``copy.deepcopy`` re-binds them; else ``value``."""
-    if isinstance(value, types.MethodType) and value.__self__ is old:
-        return types.MethodType(value.__func__, new)
-    if isinstance(value, functools.partial) and any(a is old for a in (*value.args, *value.keywords.values())):
-        swap = (lambda a: new if a is old else a)
-        return functools.partial(value.func, *map(swap, value.args), **{k: swap(a) for k, a in value.keywords.items()})
-    return value
+    holding ``old`` or such a method (in its function, arguments or keywords, nested partials too), as
+    ``copy.deepcopy`` re-binds them; a partial is rebuilt as pickle rebuilds it (its class and ``__dict__`` kept).
+    Anything else is ``value`` itself."""
+    if value is old:
+        return new
+    if isinstance(value, types.MethodType):
+        return types.MethodType(value.__func__, new) if value.__self__ is old else value
+    if not isinstance(value, functools.partial):
+        return value
+    func, args, keywords, state = value.__reduce__()[2]
+    parts = (_rebound(func, old, new), tuple(_rebound(a, old, new) for a in args),
+             {k: _rebound(a, old, new) for k, a in (keywords or {}).items()})
+    if parts[0] is func and all(a is b for a, b in zip(parts[1], args)) and all(
+            parts[2][k] is a for k, a in (keywords or {}).items()):
+        return value
+    rebuilt = type(value)(parts[0])
+    rebuilt.__setstate__((parts[0], parts[1], parts[2] or None, dict(state) if state else None))
+    return rebuilt
 
 
 def replace_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
