@@ -771,6 +771,13 @@ def test_frozen_batchnorm_layers_left_as_they_are_are_a_note_in_the_commands_wor
     assert noisy.exit_code == 0, noisy.output  # the user's own warning keeps its origin: not a bnkit note
     assert "noisy_models.py:5: UserWarning: my model says hi" in noisy.output
     assert "note: my model says hi" not in noisy.output and noisy.output.count("UserWarning: my model says hi") == 1
+    import warnings
+
+    with warnings.catch_warnings():  # as PYTHONWARNINGS=error: bnkit's warning stops the run, told as such
+        warnings.simplefilter("error")
+        strict = one_line_error(invoke("--model", "frozen_models:half", "--data", "x.npy", "-o", "strict.pt"))
+    assert "a warning the warning filters in force make an error: bnkit FrozenBatchNorm layer(s)" in strict
+    assert "in the --model factory" in strict and "cannot run on the data" not in strict
     error = one_line_error(invoke("--model", "frozen_models:bare", "--data", "x.npy", "-o", "bare.pt"))
     assert "FrozenBatchNorm layer(s) ['FrozenBatchNorm1d']" in error and "--model factory" in error
     assert not (tmp_path / "bare.pt").exists()

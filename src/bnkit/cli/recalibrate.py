@@ -289,6 +289,9 @@ def recalibrate_command(
             text = f"{'the model' if feed is None else f'the model or --forward {forward!r}'} raised {describe_error(exc)}"
         else:  # the library's advice names its Python arguments: here they are options
             text = reworded(text, _CLI_WORDS)
+            if isinstance(exc, Warning):  # PYTHONWARNINGS=error (or -W error) made bnkit's own warning an error
+                raise fail(f"recalibration stopped, nothing written: a warning the warning filters in force make an "
+                           f"error: {text}")
             if isinstance(exc, ValueError):  # bnkit's checks: non-finite or out of range (1), bad input (2)
                 raise fail(f"recalibration failed, nothing written: {text}",
                            code=1 if isinstance(exc, StatisticsRangeError) else 2)
