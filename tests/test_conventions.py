@@ -118,3 +118,34 @@ def test_float32_momentum_from_0_5_comes_back_within_one_ulp(m, pair):
 def test_float32_momentum_comes_back_the_same_float32(m, pair):
     """Written back as a float32 ONNX attribute, the round trip is exact."""
     assert np.float32(round_trip(m, *pair)) == np.float32(m)
+
+
+@pytest.mark.parametrize("bad", [True, "0.1", None])
+def test_a_momentum_that_is_not_a_real_number_is_refused_not_read(bad):
+    """convert_momentum(True, ...) gave 0.0 (True read as 1) and "0.1" was parsed; BatchNorm(momentum=True) and
+    ema_update refuse them (bnkit.checks). None is PyTorch's cumulative average: refused only between frameworks."""
+    from bnkit import convert_state
+
+    with pytest.raises(ValueError, match="momentum must be|momentum=None"):
+        convert_momentum(bad, "torch", "keras")
+    state = {"state_dict": {"running_mean": np.zeros(2), "running_var": np.ones(2)},
+             "config": {"eps": 1e-5, "momentum": bad}}
+    with pytest.raises(ValueError, match="momentum"):
+        convert_state(state, "torch", "keras")
+    with pytest.raises(ValueError, match="torch eps must be a real number, got '1e-5'"):
+        convert_state(dict(state, config={"eps": "1e-5", "momentum": 0.1}), "torch", "keras")
+
+
+def test_set_num_threads_takes_numpy_integers_and_refuses_bools():
+    import bnkit
+
+    old = bnkit.get_num_threads()
+    try:
+        bnkit.set_num_threads(np.int64(2))
+        assert bnkit.get_num_threads() == 2 and type(bnkit.get_num_threads()) is int
+        for bad in (True, 2.0, "2", 0):
+            with pytest.raises(ValueError, match="the number of threads must be a positive int"):
+                bnkit.set_num_threads(bad)
+        assert bnkit.get_num_threads() == 2
+    finally:
+        bnkit.set_num_threads(old)

@@ -397,7 +397,7 @@ def test_momentum_none_or_not_a_number_is_reported_against_the_source():
     keras = SAMPLES["keras"]
     with pytest.raises(ValueError, match="keras momentum must be a number in .*got None"):
         convert_state(dict(keras, config=dict(keras["config"], momentum=None)), "keras", "onnx")
-    with pytest.raises(ValueError, match="onnx momentum must be a number, got 'fast'"):
+    with pytest.raises(ValueError, match="onnx momentum must be a real number, got 'fast'"):
         convert_state(dict(SAMPLES["onnx"], attributes={"epsilon": 1e-5, "momentum": "fast"}), "onnx", "torch")
 
 

@@ -389,9 +389,13 @@ def set_num_threads(n: int) -> None:
     Results do not depend on it: each thread computes whole rows. Safe to call while layers run on other threads
     (a pass started before keeps its count)."""
     global _THREADS
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    try:
+        count = integer(n, "the number of threads")  # NumPy integers taken, bools refused (bnkit.checks)
+    except ValueError:
+        count = 0
+    if count < 1:
         raise ValueError(f"the number of threads must be a positive int, got {n!r}")
-    _THREADS = n
+    _THREADS = count
 
 
 def get_num_threads() -> int:

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
+from .checks import real
+
 __all__ = ["Convention", "CONVENTIONS", "get_convention", "convert_momentum", "new_value_weight"]
 
 
@@ -79,7 +81,7 @@ def get_convention(name: str | Convention) -> Convention:
 
 
 def _check_momentum(m: float) -> float:
-    m = float(m)
+    m = real(m, "momentum")  # a bool or a string is refused, not read as 1.0 or parsed
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {m}")
     return m

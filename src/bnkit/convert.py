@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batchnorm import _to_numpy, update_count
-from .checks import integer
+from .checks import integer, real
 from .conventions import convert_momentum, get_convention
 
 __all__ = ["FRAMEWORKS", "LAYOUTS", "convert_state"]
@@ -162,17 +162,10 @@ def _hyper(config: Mapping, src: str) -> tuple[float, float | None]:
             f"{src} {layout['config']} must state {missing}: bnkit never assumes a default (the {src} defaults "
             f"are eps={conv.default_eps}, momentum={conv.default_momentum}, but the layer may not use them)"
         )
-    eps = config[layout["eps"]]
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"{src} {layout['eps']} must be a number, got {eps!r}") from None
+    eps = real(config[layout["eps"]], f"{src} {layout['eps']}")  # a bool or a string refused, not read or parsed
     m = config[layout["momentum"]]
     if m is not None:
-        try:
-            m = float(m)
-        except (TypeError, ValueError):
-            raise ValueError(f"{src} {layout['momentum']} must be a number, got {m!r}") from None
+        m = real(m, f"{src} {layout['momentum']}")
     return eps, m
 
 
