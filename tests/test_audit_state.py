@@ -208,20 +208,21 @@ def test_a_linear_that_keeps_running_statistics_of_its_input_is_checked_on_them_
     from bnkit.torch import audit
 
     class NormalizedLinear(nn.Linear):
-        def __init__(self):
-            super().__init__(8, 4)
+        def __init__(self, width):
+            super().__init__(8, width)
             self.register_buffer("running_mean", torch.randn(8))
             self.register_buffer("running_var", torch.rand(8) + 0.5)
 
         def forward(self, x):
             return super().forward((x - self.running_mean) / (self.running_var + 1e-5).sqrt())
 
-    model = nn.Sequential(NormalizedLinear(), nn.BatchNorm1d(4)).eval()
-    model[1].num_batches_tracked.fill_(100)
-    model[1].running_mean.normal_()
-    assert torch.isfinite(model(torch.randn(2, 8))).all()
-    for report in (audit(model.state_dict()), audit(model)):
-        assert report.ok and not report.by_code("bad_shape"), report.findings
+    for width in (4, 1):  # Linear(8, 1), a regression head: its (1, 8) weight holds 8 values too
+        model = nn.Sequential(NormalizedLinear(width), nn.BatchNorm1d(width)).eval()
+        model[1].num_batches_tracked.fill_(100)
+        model[1].running_mean.normal_()
+        assert torch.isfinite(model(torch.randn(2, 8))).all()
+        for report in (audit(model.state_dict()), audit(model)):
+            assert report.ok and not report.by_code("bad_shape"), report.findings
     from bnkit.audit_state import layer_stats
 
     for weight in (np.ones(4), np.ones((3, 1))):  # a (C, 1) weight is a BN's in the wrong shape: torch refuses it

@@ -654,6 +654,25 @@ def test_a_forward_patched_on_the_instance_runs_on_the_new_layer_after_a_swap(sw
         revert(model).train()  # back to the starting class for the next patch
 
 
+def test_partials_that_do_not_hold_the_layer_are_left_as_they_are_by_a_swap():
+    """A partial holding itself recursed without end, and a partial subclass with its own __reduce__ (read for its
+    parts) raised IndexError: every swap of such a layer failed, though copy.deepcopy copies both."""
+    import functools
+
+    class Reduced(functools.partial):
+        def __reduce__(self):
+            return functools.partial, (self.func, *self.args)
+
+    looped = functools.partial(print)
+    looped.__setstate__((print, (looped,), None, None))
+    for extra in (looped, Reduced(print, 1)):
+        model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        model[1].extra = extra
+        copy.deepcopy(model)  # the oracle copies it
+        convert_bn(model)
+        assert type(model[1]) is BatchNorm1d and model[1].extra is extra
+
+
 def test_convert_bn_refuses_uninitialized_lazy_layers_and_converts_them_once_run():
     model = nn.Sequential(nn.BatchNorm2d(3), nn.LazyBatchNorm2d())
     with pytest.raises(ValueError, match=r"\['1'\] are lazy.*forward pass first"):

@@ -466,25 +466,27 @@ def retype_module(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     return new
 
 
-def _rebound(value: object, old: nn.Module, new: nn.Module) -> object:
+def _rebound(value: object, old: nn.Module, new: nn.Module, _open: frozenset = frozenset()) -> object:
     """``value`` with ``old`` replaced by ``new`` where it is a method bound to ``old`` or a ``functools.partial``
     holding ``old`` or such a method (in its function, arguments or keywords, nested partials too), as
-    ``copy.deepcopy`` re-binds them; a partial is rebuilt as pickle rebuilds it (its class and ``__dict__`` kept).
-    Anything else is ``value`` itself."""
+    ``copy.deepcopy`` re-binds them; a partial that does is rebuilt of its class with its ``__dict__``, as pickle
+    rebuilds one. Anything else, a partial holding itself (``_open``: the partials being read) included, is
+    ``value`` itself."""
     if value is old:
         return new
     if isinstance(value, types.MethodType):
         return types.MethodType(value.__func__, new) if value.__self__ is old else value
-    if not isinstance(value, functools.partial):
+    if not isinstance(value, functools.partial) or id(value) in _open:
         return value
-    func, args, keywords, state = value.__reduce__()[2]
-    parts = (_rebound(func, old, new), tuple(_rebound(a, old, new) for a in args),
-             {k: _rebound(a, old, new) for k, a in (keywords or {}).items()})
-    if parts[0] is func and all(a is b for a, b in zip(parts[1], args)) and all(
-            parts[2][k] is a for k, a in (keywords or {}).items()):
+    inner = _open | {id(value)}
+    func = _rebound(value.func, old, new, inner)
+    args = tuple(_rebound(a, old, new, inner) for a in value.args)
+    keywords = {k: _rebound(a, old, new, inner) for k, a in value.keywords.items()}
+    if func is value.func and all(a is b for a, b in zip(args, value.args)) and all(
+            keywords[k] is a for k, a in value.keywords.items()):
         return value
-    rebuilt = type(value)(parts[0])
-    rebuilt.__setstate__((parts[0], parts[1], parts[2] or None, dict(state) if state else None))
+    rebuilt = type(value)(func)
+    rebuilt.__setstate__((func, args, keywords or None, dict(vars(value)) or None))
     return rebuilt
 
 
