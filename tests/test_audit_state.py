@@ -216,19 +216,28 @@ def test_a_linear_that_keeps_running_statistics_of_its_input_is_checked_on_them_
         def forward(self, x):
             return super().forward((x - self.running_mean) / (self.running_var + 1e-5).sqrt())
 
-    for width in (4, 1):  # Linear(8, 1), a regression head: its (1, 8) weight holds 8 values too
+    for width in (4, 1, 8):  # Linear(8, 1), a regression head: its (1, 8) weight holds 8 values too
         model = nn.Sequential(NormalizedLinear(width), nn.BatchNorm1d(width)).eval()
         model[1].num_batches_tracked.fill_(100)
         model[1].running_mean.normal_()
         assert torch.isfinite(model(torch.randn(2, 8))).all()
         for report in (audit(model.state_dict()), audit(model)):
             assert report.ok and not report.by_code("bad_shape"), report.findings
+    class NormalizedDepthwise(nn.Conv2d):  # weight (4, 1, 1, 1): as a state dict, a BN's in the wrong shape too
+        def __init__(self):
+            super().__init__(4, 4, 1, groups=4)
+            self.register_buffer("running_mean", torch.randn(4))
+            self.register_buffer("running_var", torch.rand(4) + 0.5)
+
+    depthwise = nn.Sequential(NormalizedDepthwise()).eval()
+    assert audit(depthwise).ok, audit(depthwise).findings  # the model says what it is: no BatchNorm
+
     from bnkit.audit_state import layer_stats
 
-    for weight in (np.ones(4), np.ones((3, 1))):  # a (C, 1) weight is a BN's in the wrong shape: torch refuses it
-        (finding,) = check_bn_stats(layer_stats("bn", {"running_mean": np.zeros(3), "running_var": np.ones(3),
-                                                       "weight": weight, "bias": np.zeros(3)}))
-        assert finding.code == "bad_shape", weight.shape
+    for weight in (np.ones(4), np.ones((3, 1)), np.ones((1, 3)), np.ones((1, 3, 1))):  # a BN's in the wrong shape
+        findings = check_bn_stats(layer_stats("bn", {"running_mean": np.zeros(3), "running_var": np.ones(3),
+                                                     "weight": weight, "bias": np.array([0.0, np.nan, 0.0])}))
+        assert [f.code for f in findings] == ["bad_shape"], weight.shape
     with pytest.raises(RuntimeError, match="size mismatch"):
         nn.BatchNorm1d(3).load_state_dict({**nn.BatchNorm1d(3).state_dict(), "weight": torch.ones(3, 1)})
 

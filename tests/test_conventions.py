@@ -136,6 +136,18 @@ def test_a_momentum_that_is_not_a_real_number_is_refused_not_read(bad):
         convert_state(dict(state, config={"eps": "1e-5", "momentum": 0.1}), "torch", "keras")
 
 
+@pytest.mark.parametrize("bad", [np.complex128(0.1 + 0.5j), np.array([0.1]), "torch-complex", "torch-1d"])
+def test_a_complex_momentum_or_an_array_of_one_is_refused_not_cut_to_a_real(bad):
+    """np.complex128(0.1+0.5j) became 0.1 (float() drops the imaginary part, with only a NumPy warning), a complex
+    0-d tensor raised torch's own RuntimeError, and a 1-d tensor was taken where a 1-d array was refused."""
+    if isinstance(bad, str):
+        torch = pytest.importorskip("torch")
+        bad = torch.tensor(0.1 + 0.5j) if bad == "torch-complex" else torch.tensor([0.1])
+    with pytest.raises(ValueError, match="momentum must be a real number"):
+        convert_momentum(bad, "torch", "keras")
+    assert convert_momentum(np.array(0.1), "torch", "keras") == 0.9  # a 0-d array is one number
+
+
 def test_set_num_threads_takes_numpy_integers_and_refuses_bools():
     import bnkit
 

@@ -154,10 +154,11 @@ def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
 
     Arrays that are not real numbers and a ``num_batches_tracked`` that is not one non-negative integer
     are listed in ``invalid`` (and left out) instead of being converted: a float64 copy would keep
-    a complex array's real part and ``int()`` would round a count. A ``weight`` of more than one dimension but
-    ``(C, 1, ...)`` (one value per channel in the wrong shape: a BatchNorm's, refused by ``load_state_dict``) is no
-    BatchNorm's gamma but the weight of a Linear or conv that keeps running statistics of its input (``(1, C)`` of a
-    ``Linear(C, 1)`` head too): it and the ``bias`` beside it are left out, the statistics checked alone.
+    a complex array's real part and ``int()`` would round a count. A ``weight`` of more than one dimension
+    whose values or whose ``bias``'s are not one per channel (a Linear's ``(out, in)``, a ``Linear(C, 1)`` head's
+    ``(1, C)`` beside a bias of 1) is no BatchNorm's gamma but that of a Linear or conv keeping running statistics
+    of its input: it and the bias are left out, the statistics checked alone. One with C values beside a bias of C
+    (or none) is a BatchNorm's in the wrong shape, which ``load_state_dict`` refuses: kept, and reported.
     """
     arrays: dict[str, np.ndarray | None] = {}
     invalid = []
@@ -169,9 +170,9 @@ def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
                 arrays[key] = as_array(value)
             except TypeError as exc:
                 invalid.append(f"{key}: {exc}")
-    weight, mean = arrays["weight"], arrays["running_mean"]
-    if weight is not None and weight.ndim > 1 and not (mean is not None and weight.shape[0] == mean.size
-                                                       and weight.size == mean.size):
+    weight, bias, mean = arrays["weight"], arrays["bias"], arrays["running_mean"]
+    if weight is not None and weight.ndim > 1 and (
+            mean is None or weight.size != mean.size or (bias is not None and bias.size != mean.size)):
         arrays["weight"] = arrays["bias"] = None
     count = None
     if (nbt := buffers.get("num_batches_tracked")) is not None:

@@ -35,11 +35,12 @@ def _is_number(value: object) -> bool:
 
 def real(value: object, what: str) -> float:
     """``value`` as a float; a bool, a string or another non-number is refused (ValueError), naming ``what``."""
-    if isinstance(value, (bool, np.bool_)) or not _is_number(value):
+    if (isinstance(value, (bool, np.bool_)) or not _is_number(value) or np.iscomplexobj(value)
+            or getattr(value, "ndim", 0) != 0):  # complex (float() would drop the imaginary part), an array
         raise ValueError(f"{what} must be a real number, got {_kind(value)}")
     try:
         return float(value)
-    except (TypeError, ValueError, OverflowError):  # an array of several values, a complex number, Fraction(10**400)
+    except (TypeError, ValueError, OverflowError, RuntimeError):  # Fraction(10**400); torch's own refusals
         raise ValueError(f"{what} must be a real number within float64's range, got {_kind(value)}") from None
 
 

@@ -663,14 +663,24 @@ def test_partials_that_do_not_hold_the_layer_are_left_as_they_are_by_a_swap():
         def __reduce__(self):
             return functools.partial, (self.func, *self.args)
 
+    class Stateful(functools.partial):  # its own pickling: not rebuilt (copy.deepcopy uses it; bnkit leaves it)
+        def __reduce__(self):
+            return Stateful, (self.func,), {"args": self.args}
+
+        def __setstate__(self, state):
+            super().__setstate__((self.func, state["args"], None, None))
+
     looped = functools.partial(print)
     looped.__setstate__((print, (looped,), None, None))
-    for extra in (looped, Reduced(print, 1)):
+    for extra in (looped, Reduced(print, 1), Stateful(print, "x")):
         model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
         model[1].extra = extra
         copy.deepcopy(model)  # the oracle copies it
         convert_bn(model)
         assert type(model[1]) is BatchNorm1d and model[1].extra is extra
+    model[1].forward = Stateful(lambda m, x: type(m).forward(m, x), model[1])  # holds the layer: still left as is
+    revert_bn(model)
+    assert type(model[1]) is nn.BatchNorm1d and type(model[1].forward) is Stateful
 
 
 def test_convert_bn_refuses_uninitialized_lazy_layers_and_converts_them_once_run():

@@ -470,13 +470,16 @@ def _rebound(value: object, old: nn.Module, new: nn.Module, _open: frozenset = f
     """``value`` with ``old`` replaced by ``new`` where it is a method bound to ``old`` or a ``functools.partial``
     holding ``old`` or such a method (in its function, arguments or keywords, nested partials too), as
     ``copy.deepcopy`` re-binds them; a partial that does is rebuilt of its class with its ``__dict__``, as pickle
-    rebuilds one. Anything else, a partial holding itself (``_open``: the partials being read) included, is
-    ``value`` itself."""
+    rebuilds one. Anything else is ``value`` itself: a partial holding itself (``_open``: the partials being read)
+    keeps that reference, and one whose class pickles itself its own way (``__reduce__``, ``__setstate__``) is not
+    rebuilt."""
     if value is old:
         return new
     if isinstance(value, types.MethodType):
         return types.MethodType(value.__func__, new) if value.__self__ is old else value
-    if not isinstance(value, functools.partial) or id(value) in _open:
+    if (not isinstance(value, functools.partial) or id(value) in _open
+            or any(getattr(type(value), m) is not getattr(functools.partial, m)
+                   for m in ("__reduce__", "__reduce_ex__", "__setstate__"))):
         return value
     inner = _open | {id(value)}
     func = _rebound(value.func, old, new, inner)
