@@ -422,6 +422,28 @@ def test_a_folder_where_a_plot_goes_is_refused_before_the_previous_report_is_rep
     assert (out / "index.html").read_text() == "previous report" and (out / "ch2_two_modes.png").is_dir()
 
 
+def test_plots_of_the_previous_report_this_run_did_not_make_are_removed(tmp_path, monkeypatch):
+    """One chapter run into a demo's report folder left the other chapters' plots beside pages that no longer show
+    them, as if they belonged to this run; files that are no plot of a report stay."""
+    from bnkit.study import modes
+    from bnkit.study.report import Chapter
+
+    out = tmp_path / "report"
+    out.mkdir()
+    for name in ("ch1_worked_example.png", "ch5_latency.png", "ch2_two_modes.png", "notes.txt"):
+        (out / name).write_bytes(b"previous")
+
+    def measured(ctx):
+        (ctx.out / "ch2_two_modes.png").write_bytes(b"png")
+        return Chapter(modes.NUMBER, "two-modes", modes.TITLE, modes.CLAIM, checks={"a claim": True})
+
+    monkeypatch.setattr(modes, "run", measured)
+    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert _names(out) == ["ch2_two_modes.png", "index.html", "notes.txt", "report.md", "results.json"]
+    assert (out / "ch2_two_modes.png").read_bytes() == b"png" and (out / "notes.txt").read_bytes() == b"previous"
+
+
 def _one_line(output: str) -> str:
     return " ".join(output.split())
 

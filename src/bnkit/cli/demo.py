@@ -136,6 +136,9 @@ def run_and_report(
                 _refuse_folders_in_the_way(out, names)
                 for name in names:
                     os.replace(staging / name, out / name)
+                for stale in out.glob("ch[0-9]_*.png"):  # the previous report's plots this run did not make
+                    if stale.name not in names and stale.is_file():
+                        stale.unlink()
             except OSError as exc:
                 raise _cannot_write(out, exc) from None
         finally:
