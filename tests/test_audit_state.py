@@ -208,16 +208,16 @@ def test_a_linear_that_keeps_running_statistics_of_its_input_is_checked_on_them_
     from bnkit.torch import audit
 
     class NormalizedLinear(nn.Linear):
-        def __init__(self, width):
-            super().__init__(8, width)
+        def __init__(self, width, bias=True):
+            super().__init__(8, width, bias=bias)
             self.register_buffer("running_mean", torch.randn(8))
             self.register_buffer("running_var", torch.rand(8) + 0.5)
 
         def forward(self, x):
             return super().forward((x - self.running_mean) / (self.running_var + 1e-5).sqrt())
 
-    for width in (4, 1, 8):  # Linear(8, 1), a regression head: its (1, 8) weight holds 8 values too
-        model = nn.Sequential(NormalizedLinear(width), nn.BatchNorm1d(width)).eval()
+    for width, bias in ((4, True), (1, True), (8, True), (1, False)):  # Linear(8, 1): its (1, 8) weight holds 8 too
+        model = nn.Sequential(NormalizedLinear(width, bias), nn.BatchNorm1d(width)).eval()
         model[1].num_batches_tracked.fill_(100)
         model[1].running_mean.normal_()
         assert torch.isfinite(model(torch.randn(2, 8))).all()

@@ -146,6 +146,9 @@ def test_a_complex_momentum_or_an_array_of_one_is_refused_not_cut_to_a_real(bad)
     with pytest.raises(ValueError, match="momentum must be a real number"):
         convert_momentum(bad, "torch", "keras")
     assert convert_momentum(np.array(0.1), "torch", "keras") == 0.9  # a 0-d array is one number
+    torch = pytest.importorskip("torch")  # and so is a 0-d tensor, a Parameter's and a bfloat16 one too
+    for one in (torch.tensor(0.5, requires_grad=True), torch.tensor(0.5, dtype=torch.bfloat16)):
+        assert convert_momentum(one, "torch", "keras") == 0.5
 
 
 def test_set_num_threads_takes_numpy_integers_and_refuses_bools():

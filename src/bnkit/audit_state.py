@@ -155,10 +155,11 @@ def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
     Arrays that are not real numbers and a ``num_batches_tracked`` that is not one non-negative integer
     are listed in ``invalid`` (and left out) instead of being converted: a float64 copy would keep
     a complex array's real part and ``int()`` would round a count. A ``weight`` of more than one dimension
-    whose values or whose ``bias``'s are not one per channel (a Linear's ``(out, in)``, a ``Linear(C, 1)`` head's
-    ``(1, C)`` beside a bias of 1) is no BatchNorm's gamma but that of a Linear or conv keeping running statistics
-    of its input: it and the bias are left out, the statistics checked alone. One with C values beside a bias of C
-    (or none) is a BatchNorm's in the wrong shape, which ``load_state_dict`` refuses: kept, and reported.
+    whose values or whose ``bias``'s are not one per channel, or without a bias (a Linear's ``(out, in)``, a
+    ``Linear(C, 1)`` head's ``(1, C)`` beside a bias of 1 or none: an affine BatchNorm has both) is no BatchNorm's
+    gamma but that of a Linear or conv keeping running statistics of its input: it and the bias are left out, the
+    statistics checked alone. One with C values beside a bias of C is a BatchNorm's in the wrong shape, which
+    ``load_state_dict`` refuses: kept, and reported.
     """
     arrays: dict[str, np.ndarray | None] = {}
     invalid = []
@@ -172,7 +173,7 @@ def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
                 invalid.append(f"{key}: {exc}")
     weight, bias, mean = arrays["weight"], arrays["bias"], arrays["running_mean"]
     if weight is not None and weight.ndim > 1 and (
-            mean is None or weight.size != mean.size or (bias is not None and bias.size != mean.size)):
+            mean is None or bias is None or weight.size != mean.size or bias.size != mean.size):
         arrays["weight"] = arrays["bias"] = None
     count = None
     if (nbt := buffers.get("num_batches_tracked")) is not None:

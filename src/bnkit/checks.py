@@ -35,7 +35,8 @@ def _is_number(value: object) -> bool:
 
 def real(value: object, what: str) -> float:
     """``value`` as a float; a bool, a string or another non-number is refused (ValueError), naming ``what``."""
-    if (isinstance(value, (bool, np.bool_)) or not _is_number(value) or np.iscomplexobj(value)
+    complex_ = value.is_complex() if callable(getattr(value, "is_complex", None)) else np.iscomplexobj(value)
+    if (isinstance(value, (bool, np.bool_)) or not _is_number(value) or complex_
             or getattr(value, "ndim", 0) != 0):  # complex (float() would drop the imaginary part), an array
         raise ValueError(f"{what} must be a real number, got {_kind(value)}")
     try:

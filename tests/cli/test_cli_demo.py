@@ -424,14 +424,18 @@ def test_a_folder_where_a_plot_goes_is_refused_before_the_previous_report_is_rep
 
 def test_plots_of_the_previous_report_this_run_did_not_make_are_removed(tmp_path, monkeypatch):
     """One chapter run into a demo's report folder left the other chapters' plots beside pages that no longer show
-    them, as if they belonged to this run; files that are no plot of a report stay."""
+    them, as if they belonged to this run; files the previous report's results.json does not list stay, whatever
+    their names."""
     from bnkit.study import modes
     from bnkit.study.report import Chapter
 
     out = tmp_path / "report"
     out.mkdir()
-    for name in ("ch1_worked_example.png", "ch5_latency.png", "ch2_two_modes.png", "notes.txt"):
+    for name in ("ch1_worked_example.png", "ch5_latency.png", "ch2_two_modes.png", "notes.txt", "ch7_mine.png"):
         (out / name).write_bytes(b"previous")
+    listed = {"running-stats": {"figures": [{"path": "ch1_worked_example.png"}]},
+              "deployment": {"figures": [{"path": "ch5_latency.png"}]}, "two-modes": {"figures": []}}
+    (out / "results.json").write_text(json.dumps({"meta": {}, "chapters": listed}))
 
     def measured(ctx):
         (ctx.out / "ch2_two_modes.png").write_bytes(b"png")
@@ -440,8 +444,14 @@ def test_plots_of_the_previous_report_this_run_did_not_make_are_removed(tmp_path
     monkeypatch.setattr(modes, "run", measured)
     result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(out)], terminal_width=200)
     assert result.exit_code == 0, result.output
-    assert _names(out) == ["ch2_two_modes.png", "index.html", "notes.txt", "report.md", "results.json"]
+    assert _names(out) == ["ch2_two_modes.png", "ch7_mine.png", "index.html", "notes.txt", "report.md",
+                           "results.json"]
     assert (out / "ch2_two_modes.png").read_bytes() == b"png" and (out / "notes.txt").read_bytes() == b"previous"
+    fresh = tmp_path / "fresh"  # a folder that never held a report: nothing of the user's is removed
+    fresh.mkdir()
+    (fresh / "ch1_worked_example.png").write_bytes(b"mine")
+    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(fresh)], terminal_width=200)
+    assert result.exit_code == 0 and (fresh / "ch1_worked_example.png").read_bytes() == b"mine"
 
 
 def _one_line(output: str) -> str:

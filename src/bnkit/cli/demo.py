@@ -134,11 +134,11 @@ def run_and_report(
                 pages = [p.name for p in written.values()]
                 names = sorted(p.name for p in staging.iterdir() if p.name not in pages) + pages
                 _refuse_folders_in_the_way(out, names)
+                stale = _previous_plots(out) - set(names)  # read before its results.json is replaced
                 for name in names:
                     os.replace(staging / name, out / name)
-                for stale in out.glob("ch[0-9]_*.png"):  # the previous report's plots this run did not make
-                    if stale.name not in names and stale.is_file():
-                        stale.unlink()
+                for name in stale:
+                    (out / name).unlink(missing_ok=True)
             except OSError as exc:
                 raise _cannot_write(out, exc) from None
         finally:
@@ -155,6 +155,20 @@ def run_and_report(
 
 #: The report's pages (:func:`bnkit.study.report.write_report`); the plots are named by their chapters.
 REPORT_FILES = ("index.html", "report.md", "results.json")
+
+
+def _previous_plots(out: Path) -> set[str]:
+    """The plot files the report already in ``out`` lists in its ``results.json`` (none if there is none, or it
+    cannot be read): a new report removes those it does not make, and nothing else."""
+    import json
+
+    try:
+        chapters = json.loads((out / "results.json").read_text(encoding="utf-8"))["chapters"].values()
+        names = {figure["path"] for chapter in chapters for figure in chapter.get("figures", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith(".png")
+            and (out / n).is_file()}
 
 
 def _cannot_write(out: Path, exc: OSError) -> "typer.Exit":
