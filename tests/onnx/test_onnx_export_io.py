@@ -3,6 +3,7 @@ without a batch dimension keep their fixed shapes) and None outputs (dropped, as
 with onnxruntime at another batch size against the PyTorch model's own outputs."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -209,3 +210,52 @@ def test_an_input_the_forward_never_reads_is_left_out_of_the_graph_and_of_the_ch
     assert [i.name for i in session.get_inputs()] == ["input_0"]
     x2 = torch.randn(3, 3, 5, 5)
     assert rel(torch.from_numpy(session.run(None, {"input_0": x2.numpy()})[0]), model(x2, mask[:3]).detach().numpy()) < 1e-5
+
+
+def test_names_opset_and_outputs_are_checked_before_anything_is_exported(tmp_path):
+    """Repeated or empty names were renamed by torch.onnx (a file written with outputs 'o.1' and 'o', or '10'), a
+    name used for an input and an output broke the check, opset '17' / 17.0 / True / None reached torch's own errors
+    (None wrote opset 20 and reported None), and a model with only None outputs wrote a file onnxruntime cannot
+    load. Oracle: onnxruntime's names for a file written with valid ones."""
+    model, x = _Summaries(), torch.randn(4, 3, 5, 5)
+    for names, match in (({"output_names": ["o", "o", "p"]}, "output names must differ"),
+                         ({"output_names": ["", "o", "p"]}, "output names must be non-empty strings"),
+                         ({"input_names": ["y"], "output_names": ["x", "y", "z"]}, "an input and an output alike"),
+                         ({"opset": "17"}, "opset must be an integer"), ({"opset": True}, "opset must be an integer"),
+                         ({"opset": None}, "opset must be an integer"), ({"opset": 6}, "opset must be at least 7")):
+        with pytest.raises(ValueError, match=match):
+            export_onnx(model, x, tmp_path / "m.onnx", **names)
+        assert not (tmp_path / "m.onnx").exists()
+    export_onnx(model, x, tmp_path / "m.onnx", input_names=["x"], output_names=["a", "b", "c"])
+    assert [o.name for o in _session(tmp_path / "m.onnx").get_outputs()] == ["a", "b", "c"]
+
+    class Nothing(_ConvBN):
+        def forward(self, x):
+            self.bn(self.conv(x))
+            return None
+
+    for verify in (True, False):
+        with pytest.raises(ValueError, match="output holds no tensors"):
+            export_onnx(Nothing(), x, tmp_path / "n.onnx", verify=verify)
+    assert not (tmp_path / "n.onnx").exists()
+
+
+def test_a_first_sample_with_no_finite_output_does_not_fail_the_batch_axis(tmp_path):
+    """log(bn(x)) with sample 0 all negative: the batch of one compares nothing finite, and the export was refused
+    as failing on the batch axis (advising dynamic_batch=False). Oracle: the PyTorch model at other batch sizes."""
+
+    class Log(_ConvBN):
+        def forward(self, x):
+            y = self.bn(self.conv(x))  # each sample's largest input: the log of a negative one is NaN
+            return torch.log(y * 1e-3 + x.amax(dim=(1, 2, 3)).view(-1, 1, 1, 1))
+
+    model = Log()
+    x = torch.randn(5, 3, 5, 5)
+    x[0] = -50.0
+    assert torch.isnan(model(x[:1])).all() and torch.isfinite(model(x[1:])).any()
+    report = export_onnx(model, x, tmp_path / "m.onnx")
+    assert report.batch_sizes == [5, 1]
+    x3 = torch.randn(3, 3, 5, 5)
+    got = _session(tmp_path / "m.onnx").run(None, {"input": x3.numpy()})[0]
+    want = model(x3).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)

@@ -19,7 +19,12 @@ from onnx import helper
 from ..precision import fold_tolerance
 from .graph import initializer_names
 
-__all__ = ["OnnxRuntimeError", "random_inputs", "run", "compare", "default_tolerance"]
+__all__ = ["OnnxRuntimeError", "NothingComparedError", "random_inputs", "run", "compare", "default_tolerance"]
+
+
+class NothingComparedError(ValueError):
+    """:func:`compare` found the outputs alike in shape but nothing finite to compare (all empty, or NaN/Inf at the
+    same places in both)."""
 
 
 class OnnxRuntimeError(RuntimeError):
@@ -115,15 +120,17 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
     """``(max absolute difference, max norm-wise relative difference)`` over paired outputs, in float64.
 
     NaN/Inf must sit at the same places with the same values (else the difference is infinite) and are not
-    compared further. Raises ValueError when the outputs differ in number or shape, or are all empty, or NaN/Inf
-    at every position in both: nothing finite is then compared. Where some outputs are floating point, only those
+    compared further. Raises ValueError when the outputs differ in number or shape, and
+    :class:`NothingComparedError` (a ValueError) when they are all empty, or NaN/Inf at every position in both:
+    nothing finite is then compared. Where some outputs are floating point, only those
     count as compared: an integer output (an ArgMax class index) stays finite, often constant, when every float
     output is NaN, and would let a wrong model pass.
     """
     if len(reference) != len(candidate):
         raise ValueError(f"{len(reference)} reference outputs but {len(candidate)} candidate outputs")
     if not any(np.size(ref) for ref in reference):
-        raise ValueError("every output is empty, so comparing them would check nothing: give inputs with sizes >= 1")
+        raise NothingComparedError("every output is empty, so comparing them would check nothing: give inputs with "
+                                   "sizes >= 1")
     max_abs = max_rel = 0.0
     compared = 0
     floating = [np.issubdtype(np.asarray(ref).dtype, np.inexact) for ref in reference]
@@ -147,9 +154,9 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
     if not compared:
-        raise ValueError("every output value is NaN or Inf in both, at the same places, so the comparison compared "
-                         "nothing: the model computes no finite value on these inputs (Log or Sqrt of negative "
-                         "values, NaN parameters, ...)")
+        raise NothingComparedError("every output value is NaN or Inf in both, at the same places, so the comparison "
+                                   "compared nothing: the model computes no finite value on these inputs (Log or Sqrt "
+                                   "of negative values, NaN parameters, ...)")
     return max_abs, max_rel
 
 

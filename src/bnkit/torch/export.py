@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, check_target
+from ..checks import integer
 from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .modules import (SavedState, bn_layers, eager_calls, eval_mode, exact_float32, parallel_device, to_device,
                       uninitialized_lazy, unwrapped)
@@ -76,11 +77,18 @@ def _flatten(value) -> list[torch.Tensor]:
 
 
 def _names(given: Sequence[str] | None, count: int, stem: str) -> list[str]:
-    if given is not None:
-        if len(given) != count:
-            raise ValueError(f"{len(given)} {stem} names given for {count} {stem}s")
-        return list(given)
-    return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
+    """``given`` (checked: one non-empty string per tensor, no two alike; torch.onnx would rename a repeated or empty
+    one, and the file's names would not be the ones asked for), else ``stem``, ``stem_0``, ..."""
+    if given is None:
+        return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
+    names = list(given)
+    if len(names) != count:
+        raise ValueError(f"{len(names)} {stem} names given for {count} {stem}s")
+    if bad := [n for n in names if not isinstance(n, str) or not n]:
+        raise ValueError(f"{stem} names must be non-empty strings, got {bad[0]!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{stem} names must differ, got {names}")
+    return names
 
 
 def _batch_axes(names: Sequence[str], runs: Sequence[Sequence[torch.Tensor]], sizes: Sequence[int]) -> dict:
@@ -151,7 +159,8 @@ def export_onnx(
     holding or computing fp16 / bf16 values, as :func:`bnkit.onnx.fold` uses). The PyTorch side of
     that check runs float32 on CUDA without TF32, as onnxruntime computes
     (:class:`~bnkit.torch.modules.exact_float32`). Raises ValueError for
-    BatchNorm layers without running statistics, non-finite or bfloat16 inputs, and
+    BatchNorm layers without running statistics, non-finite or bfloat16 inputs, an output holding no tensor, names
+    repeated, empty or given to an input and an output, an opset that is no integer of 7 or more, and
     :class:`ExportVerificationError` when a check fails; then nothing is written.
     ``verify=False`` skips the onnxruntime comparison (the audit still runs), for graphs that draw random
     numbers (a VAE's sampling: onnxruntime and PyTorch draw different ones); the report's diffs are then None.
@@ -166,9 +175,11 @@ def export_onnx(
 
     from ..onnx import audit, fold_model
     from ..onnx.graph import RANDOM_OPS
-    from ..onnx.verify import OnnxRuntimeError, compare, default_tolerance, run
+    from ..onnx.verify import NothingComparedError, OnnxRuntimeError, compare, default_tolerance, run
 
     check_target(path)
+    if integer(opset, "opset") < 7:  # torch.onnx's oldest; a bool, a float or None refused, not passed on
+        raise ValueError(f"opset must be at least 7, the oldest torch.onnx exports, got {opset!r}")
     device = parallel_device(model)  # DataParallel / DDP sent inputs there: the module inside is run with them
     model, _ = unwrapped(model)  # the module a wrapper runs: the exporter cannot trace DataParallel or torch.compile
     one = isinstance(example_inputs, (torch.Tensor, nn.utils.rnn.PackedSequence))
@@ -215,8 +226,12 @@ def export_onnx(
                 except Exception as exc:  # the model's own error, whatever its type
                     raise _batch_of_one("the model", exc) from exc
         saved.restore()
+        if not expected[0]:
+            raise ValueError("the model's output holds no tensors: there is nothing to export")
         in_names = _names(input_names, len(inputs), "input")
         out_names = _names(output_names, len(expected[0]), "output")
+        if both := sorted(set(in_names) & set(out_names)):
+            raise ValueError(f"names used for an input and an output alike: {both}")
         sizes = (batch, 1)[:len(expected)]  # an output whose dim 0 is 1 on the first sample alone too is batched
         axes = ({**_batch_axes(in_names, [inputs], sizes), **_batch_axes(out_names, expected, sizes)}
                 if dynamic_batch else None)
@@ -243,6 +258,11 @@ def export_onnx(
             got = run(proto, {n: t.detach().cpu().numpy() for n, t in zip(in_names, feeds) if n in declared})
             abs_diff, rel_diff = compare([w.detach().cpu().double().numpy() for w in want],
                                          [np.asarray(g) for g in got])
+        except NothingComparedError:  # the first sample alone ran and gave no finite value: the batch checked those
+            if feeds is inputs:
+                raise
+            report.batch_sizes.append(size)
+            continue
         except (OnnxRuntimeError, ValueError) as exc:  # cannot run, or output shapes differ
             if feeds is inputs:
                 raise
