@@ -229,6 +229,10 @@ def test_a_linear_that_keeps_running_statistics_of_its_input_is_checked_on_them_
             self.register_buffer("running_mean", torch.randn(4))
             self.register_buffer("running_var", torch.rand(4) + 0.5)
 
+    bn = nn.BatchNorm1d(4).eval()  # a layer known to be a BatchNorm: its weight is its gamma, whatever its shape
+    bn.bias = None
+    bn.weight.data = torch.full((4, 1), float("nan"))
+    assert [f.code for f in audit(nn.Sequential(bn)).findings if f.severity == "error"][:1] == ["bad_shape"]
     depthwise = nn.Sequential(NormalizedDepthwise()).eval()
     assert audit(depthwise).ok, audit(depthwise).findings  # the model says what it is: no BatchNorm
 

@@ -134,6 +134,21 @@ def test_the_mean_of_nothing_is_nan_as_its_variance_is():
         assert np.isnan(rm.var).all()
 
 
+def test_ema_update_computes_with_the_momentum_as_a_float_whatever_type_gave_it():
+    """The momentum was checked as a float but used as given: a Decimal raised TypeError, a Fraction gave an object
+    array, a 0-d tensor a tensor. Oracle: the same step with the float."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    want = ema_update(np.zeros(3), np.ones(3), 0.1)
+    for m in (Decimal("0.1"), Fraction(1, 10), np.array(0.1)):
+        got = ema_update(np.zeros(3), np.ones(3), m)
+        assert isinstance(got, np.ndarray) and got.dtype == np.float64, type(m)
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="momentum must be a real number"):
+        ema_update(np.zeros(3), np.ones(3), np.array(True))  # a 0-d bool: refused as True is
+
+
 def test_an_empty_accumulators_partial_hands_over_as_nothing():
     """(count, mean, M2) of an empty accumulator, its mean now NaN, was refused by update_moments; a partial of no
     values has no mean to read. Oracle: merge, which takes the accumulator itself."""

@@ -231,12 +231,13 @@ def ema_update(running: np.ndarray | float, value: np.ndarray | float, momentum:
     ``weight_on="old"`` (Keras, ONNX, Flax, the lesson's alpha):
     ``running = m * running + (1 - m) * value``.
     """
-    if not 0.0 <= real(momentum, "momentum") <= 1.0:
+    m = real(momentum, "momentum")  # computed with as a float: a Decimal or a tensor gives float64 too
+    if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     if weight_on == "new":
-        w_new = momentum
+        w_new = m
     elif weight_on == "old":
-        w_new = 1.0 - momentum
+        w_new = 1.0 - m
     else:
         raise ValueError(f"weight_on must be 'new' or 'old', got {weight_on!r}")
     return (1.0 - w_new) * _values(running, "the running value") + w_new * _values(value, "the value")

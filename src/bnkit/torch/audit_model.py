@@ -73,7 +73,8 @@ def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
     # cumulative average (momentum=None) does
     momentum = None if frozen or getattr(bn, "debias", False) else bn.momentum
     stats = layer_stats(name, {"running_mean": bn.running_mean, "running_var": bn.running_var, "weight": bn.weight,
-                               "bias": bn.bias, "num_batches_tracked": nbt}, eps=float(bn.eps), momentum=momentum)
+                               "bias": bn.bias, "num_batches_tracked": nbt}, eps=float(bn.eps), momentum=momentum,
+                        batchnorm=True)
     return stale + [_refused_eps(f, bn) if f.code == "negative_eps" else f for f in check_bn_stats(stats)]
 
 
