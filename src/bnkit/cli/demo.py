@@ -165,10 +165,10 @@ def _previous_plots(out: Path) -> set[str]:
     try:
         chapters = json.loads((out / "results.json").read_text(encoding="utf-8"))["chapters"].values()
         names = {figure["path"] for chapter in chapters for figure in chapter.get("figures", [])}
+        return {n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith(".png")
+                and (out / n).is_file()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):  # unreadable: none listed
         return set()
-    return {n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith(".png")
-            and (out / n).is_file()}
 
 
 def _cannot_write(out: Path, exc: OSError) -> "typer.Exit":
