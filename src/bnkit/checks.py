@@ -36,7 +36,8 @@ def _is_number(value: object) -> bool:
 def real(value: object, what: str) -> float:
     """``value`` as a float; a bool, a string or another non-number is refused (ValueError), naming ``what``."""
     complex_ = value.is_complex() if callable(getattr(value, "is_complex", None)) else np.iscomplexobj(value)
-    boolean = str(getattr(value, "dtype", "")) in ("bool", "torch.bool")  # a 0-d bool array or tensor
+    boolean = str(getattr(value, "dtype", "")) in ("bool", "torch.bool") or (  # a 0-d bool array or tensor
+        isinstance(value, np.ndarray) and value.dtype == object and isinstance(value.item(), (bool, np.bool_)))
     if (isinstance(value, (bool, np.bool_)) or boolean or not _is_number(value) or complex_
             or getattr(value, "ndim", 0) != 0):  # complex (float() would drop the imaginary part), an array
         raise ValueError(f"{what} must be a real number, got {_kind(value)}")
@@ -66,3 +67,11 @@ def real_array(x: np.ndarray, what: str) -> np.ndarray:
             raise TypeError(f"{what} must hold one real number within float64's range per cell, got an object "
                             "array of other things") from None
     raise TypeError(f"{what} must hold real numbers, got dtype {x.dtype}")
+
+
+def native_array(a: np.ndarray) -> np.ndarray:
+    """``a`` as ``torch.from_numpy`` takes it: copied to the native byte order (a big-endian file) and to positive
+    strides (``a[::-1]``) where it is not; else ``a`` itself."""
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a.copy() if any(stride < 0 for stride in a.strides) else a

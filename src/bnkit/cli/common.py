@@ -333,8 +333,10 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
         loaded = _inputs_of_sequence(loaded, path, factories)
     if not isinstance(loaded, (np.ndarray, torch.Tensor)):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not an array of inputs")
-    if isinstance(loaded, np.ndarray) and not loaded.dtype.isnative:  # big-endian files: torch takes native only
-        loaded = loaded.astype(loaded.dtype.newbyteorder("="))
+    if isinstance(loaded, np.ndarray):  # big-endian files: torch takes native byte order only
+        from ..checks import native_array
+
+        loaded = native_array(loaded)
     check_input_array(loaded, str(path))
     return loaded
 

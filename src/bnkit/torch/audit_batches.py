@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from ..checks import native_array
 from .modules import SavedBuffers, flatten_tensors, input_dtype_device, is_batchnorm, map_nested
 
 
@@ -189,13 +190,9 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 def tensor_of(a: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy(a)``, also for arrays it refuses that hold numbers all the same: non-native byte order (a
-    big-endian file) and negative strides (``a[::-1]``) are copied first. TypeError for dtypes PyTorch lacks."""
-    if not a.dtype.isnative:
-        a = a.astype(a.dtype.newbyteorder("="))
-    if any(stride < 0 for stride in a.strides):
-        a = a.copy()
-    return torch.from_numpy(a)
+    """``torch.from_numpy(a)``, also for arrays it refuses that hold numbers all the same (another byte order,
+    negative strides: :func:`bnkit.checks.native_array`). TypeError for dtypes PyTorch lacks."""
+    return torch.from_numpy(native_array(a))
 
 
 def batch_len(batch: Any) -> int | None:
