@@ -222,11 +222,14 @@ def test_names_opset_and_outputs_are_checked_before_anything_is_exported(tmp_pat
                          ({"output_names": ["", "o", "p"]}, "output names must be non-empty strings"),
                          ({"input_names": ["y"], "output_names": ["x", "y", "z"]}, "an input and an output alike"),
                          ({"opset": "17"}, "opset must be an integer"), ({"opset": True}, "opset must be an integer"),
-                         ({"opset": None}, "opset must be an integer"), ({"opset": 6}, "opset must be at least 7")):
+                         ({"opset": None}, "opset must be an integer"), ({"opset": 6}, "opset must be from 7 to"),
+                         ({"opset": 30}, "opset must be from 7 to")):
         with pytest.raises(ValueError, match=match):
             export_onnx(model, x, tmp_path / "m.onnx", **names)
         assert not (tmp_path / "m.onnx").exists()
-    export_onnx(model, x, tmp_path / "m.onnx", input_names=["x"], output_names=["a", "b", "c"])
+    report = export_onnx(model, x, tmp_path / "m.onnx", input_names=["x"], output_names=["a", "b", "c"],
+                         opset=np.int64(13))
+    assert type(report.opset) is int and onnx.load(tmp_path / "m.onnx").opset_import[0].version == 13
     assert [o.name for o in _session(tmp_path / "m.onnx").get_outputs()] == ["a", "b", "c"]
 
     class Nothing(_ConvBN):

@@ -160,7 +160,7 @@ def export_onnx(
     that check runs float32 on CUDA without TF32, as onnxruntime computes
     (:class:`~bnkit.torch.modules.exact_float32`). Raises ValueError for
     BatchNorm layers without running statistics, non-finite or bfloat16 inputs, an output holding no tensor, names
-    repeated, empty or given to an input and an output, an opset that is no integer of 7 or more, and
+    repeated, empty or given to an input and an output, an opset that is no integer this torch.onnx exports, and
     :class:`ExportVerificationError` when a check fails; then nothing is written.
     ``verify=False`` skips the onnxruntime comparison (the audit still runs), for graphs that draw random
     numbers (a VAE's sampling: onnxruntime and PyTorch draw different ones); the report's diffs are then None.
@@ -178,8 +178,10 @@ def export_onnx(
     from ..onnx.verify import NothingComparedError, OnnxRuntimeError, compare, default_tolerance, run
 
     check_target(path)
-    if integer(opset, "opset") < 7:  # torch.onnx's oldest; a bool, a float or None refused, not passed on
-        raise ValueError(f"opset must be at least 7, the oldest torch.onnx exports, got {opset!r}")
+    opset = integer(opset, "opset")  # a bool, a float or None refused, not passed on
+    newest = getattr(torch.onnx._constants, "ONNX_MAX_OPSET", opset)  # torch/onnx/_constants.py
+    if not 7 <= opset <= newest:
+        raise ValueError(f"opset must be from 7 to {newest}, the opsets this torch.onnx exports, got {opset}")
     device = parallel_device(model)  # DataParallel / DDP sent inputs there: the module inside is run with them
     model, _ = unwrapped(model)  # the module a wrapper runs: the exporter cannot trace DataParallel or torch.compile
     one = isinstance(example_inputs, (torch.Tensor, nn.utils.rnn.PackedSequence))
