@@ -145,7 +145,8 @@ def test_ema_update_computes_with_the_momentum_as_a_float_whatever_type_gave_it(
         got = ema_update(np.zeros(3), np.ones(3), m)
         assert isinstance(got, np.ndarray) and got.dtype == np.float64, type(m)
         np.testing.assert_array_equal(got, want)
-    for boolean in (np.array(True), np.array(True, dtype=object)):  # a 0-d bool: refused as True is
+    for boolean in (np.array(True), np.array(True, dtype=object), np.array([0.1, 0.2], dtype=object),
+                    np.array([], dtype=object)):  # a 0-d bool refused as True is; object arrays of several or none
         with pytest.raises(ValueError, match="momentum must be a real number"):
             ema_update(np.zeros(3), np.ones(3), boolean)
 

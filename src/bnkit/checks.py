@@ -37,7 +37,8 @@ def real(value: object, what: str) -> float:
     """``value`` as a float; a bool, a string or another non-number is refused (ValueError), naming ``what``."""
     complex_ = value.is_complex() if callable(getattr(value, "is_complex", None)) else np.iscomplexobj(value)
     boolean = str(getattr(value, "dtype", "")) in ("bool", "torch.bool") or (  # a 0-d bool array or tensor
-        isinstance(value, np.ndarray) and value.dtype == object and isinstance(value.item(), (bool, np.bool_)))
+        isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype == object
+        and isinstance(value.item(), (bool, np.bool_)))
     if (isinstance(value, (bool, np.bool_)) or boolean or not _is_number(value) or complex_
             or getattr(value, "ndim", 0) != 0):  # complex (float() would drop the imaginary part), an array
         raise ValueError(f"{what} must be a real number, got {_kind(value)}")
