@@ -75,19 +75,42 @@ def test_wrong_shapes_are_named(cls, shape):
         cls(3)(torch.randn(shape))
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+_SCRIPTS_AND_EXPORTS = """
+import warnings
+import torch
+from torch import nn
+from bnkit.torch import bn_layers, convert_frozen
+
+warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated in torch 2.13
+model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(27, 4), nn.BatchNorm1d(4))
+for _, bn in bn_layers(model):
+    bn.running_var.fill_(2.0)
+model = convert_frozen(model)
+x = torch.randn(2, 1, 5, 5)
+assert torch.equal(torch.jit.script(model)(x), model(x))
+try:
+    torch.jit.script(model[1])(torch.randn(2, 3, 5))
+    raise AssertionError("a 3-D input passed FrozenBatchNorm2d")
+except torch.jit.Error as exc:
+    assert "expects 4D input" in str(exc), exc
+exported = torch.export.export(model, (x,))
+torch.testing.assert_close(exported.module()(x), model(x))
+print("ok")
+"""
+
+
 def test_frozen_model_scripts_and_exports():
-    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(27, 4), nn.BatchNorm1d(4))
-    for _, bn in bn_layers(model):
-        bn.running_var.fill_(2.0)
-    model = convert_frozen(model)
-    x = torch.randn(2, 1, 5, 5)
-    scripted = torch.jit.script(model)
-    assert torch.equal(scripted(x), model(x))
-    with pytest.raises(torch.jit.Error, match="expects 4D input"):
-        torch.jit.script(model[1])(torch.randn(2, 3, 5))
-    exported = torch.export.export(model, (x,))
-    torch.testing.assert_close(exported.module()(x), model(x))
+    """Run in a fresh interpreter: torch.jit.script of a Conv2d failed once inside the whole suite ('builtin cannot
+    be used as a value' compiling its F.pad call), an order-dependent state of TorchScript's compiler that no single
+    test file reproduces; the frozen layers' own scripting is what is tested here."""
+    import subprocess
+    import sys
+
+    from _helpers import bnkit_env
+
+    result = subprocess.run([sys.executable, "-c", _SCRIPTS_AND_EXPORTS], capture_output=True, text=True,
+                            timeout=300, env=bnkit_env())
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
 
 
 def test_frozen_works_on_a_batch_of_one():
