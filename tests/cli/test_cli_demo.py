@@ -400,22 +400,26 @@ def test_an_unavailable_chapter_is_said_and_does_not_fail_the_command_and_thread
         torch.set_num_threads(threads)
 
 
-def test_a_folder_where_a_plot_goes_is_refused_before_the_previous_report_is_replaced(tmp_path, monkeypatch):
-    """A chapter's plot is only named once it ran: a folder of that name in --out is a usage error (exit 2), found
-    before any file of the previous report is replaced, not an IsADirectoryError half way through."""
+def _two_modes_writing_its_plot(monkeypatch, out):
+    """``bnkit study two-modes --out out`` with a stand-in chapter that writes its plot and holds its claim."""
     from bnkit.study import modes
     from bnkit.study.report import Chapter
-
-    out = tmp_path / "report"
-    (out / "ch2_two_modes.png").mkdir(parents=True)
-    (out / "index.html").write_text("previous report")
 
     def measured(ctx):
         (ctx.out / "ch2_two_modes.png").write_bytes(b"png")
         return Chapter(modes.NUMBER, "two-modes", modes.TITLE, modes.CLAIM, checks={"a claim": True})
 
     monkeypatch.setattr(modes, "run", measured)
-    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(out)], terminal_width=200)
+    return runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(out)], terminal_width=200)
+
+
+def test_a_folder_where_a_plot_goes_is_refused_before_the_previous_report_is_replaced(tmp_path, monkeypatch):
+    """A chapter's plot is only named once it ran: a folder of that name in --out is a usage error (exit 2), found
+    before any file of the previous report is replaced, not an IsADirectoryError half way through."""
+    out = tmp_path / "report"
+    (out / "ch2_two_modes.png").mkdir(parents=True)
+    (out / "index.html").write_text("previous report")
+    result = _two_modes_writing_its_plot(monkeypatch, out)
     assert result.exit_code == 2, result.output
     assert "ch2_two_modes.png there is a folder" in " ".join(result.output.split())
     assert _names(out) == ["ch2_two_modes.png", "index.html"]  # no staging folder left, nothing replaced
@@ -426,9 +430,6 @@ def test_plots_of_the_previous_report_this_run_did_not_make_are_removed(tmp_path
     """One chapter run into a demo's report folder left the other chapters' plots beside pages that no longer show
     them, as if they belonged to this run; files the previous report's results.json does not list stay, whatever
     their names."""
-    from bnkit.study import modes
-    from bnkit.study.report import Chapter
-
     out = tmp_path / "report"
     out.mkdir()
     for name in ("ch1_worked_example.png", "ch5_latency.png", "ch2_two_modes.png", "notes.txt", "ch7_mine.png"):
@@ -436,13 +437,7 @@ def test_plots_of_the_previous_report_this_run_did_not_make_are_removed(tmp_path
     listed = {"running-stats": {"figures": [{"path": "ch1_worked_example.png"}]},
               "deployment": {"figures": [{"path": "ch5_latency.png"}]}, "two-modes": {"figures": []}}
     (out / "results.json").write_text(json.dumps({"meta": {}, "chapters": listed}))
-
-    def measured(ctx):
-        (ctx.out / "ch2_two_modes.png").write_bytes(b"png")
-        return Chapter(modes.NUMBER, "two-modes", modes.TITLE, modes.CLAIM, checks={"a claim": True})
-
-    monkeypatch.setattr(modes, "run", measured)
-    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(out)], terminal_width=200)
+    result = _two_modes_writing_its_plot(monkeypatch, out)
     assert result.exit_code == 0, result.output
     assert _names(out) == ["ch2_two_modes.png", "ch7_mine.png", "index.html", "notes.txt", "report.md",
                            "results.json"]
@@ -450,12 +445,12 @@ def test_plots_of_the_previous_report_this_run_did_not_make_are_removed(tmp_path
     for unreadable in ("[" * 100000 + "]" * 100000,  # too deep to parse; a name too long for the file system
                        json.dumps({"chapters": {"c": {"figures": [{"path": "a" * 300 + ".png"}]}}})):
         (out / "results.json").write_text(unreadable)
-        result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(out)], terminal_width=200)
+        result = _two_modes_writing_its_plot(monkeypatch, out)
         assert result.exit_code == 0 and "ch7_mine.png" in _names(out), result.output
     fresh = tmp_path / "fresh"  # a folder that never held a report: nothing of the user's is removed
     fresh.mkdir()
     (fresh / "ch1_worked_example.png").write_bytes(b"mine")
-    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(fresh)], terminal_width=200)
+    result = _two_modes_writing_its_plot(monkeypatch, fresh)
     assert result.exit_code == 0 and (fresh / "ch1_worked_example.png").read_bytes() == b"mine"
 
 
