@@ -149,7 +149,7 @@ def _dtype_name(value) -> str:
 
 
 def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
-                momentum: float | None = 0.1, batchnorm: bool = False) -> BNStats:
+                momentum: float | None = 0.1, batchnorm: bool | None = None) -> BNStats:
     """One layer's :class:`BNStats` from its buffers and parameters under PyTorch's names (absent or None: not stored).
 
     Arrays that are not real numbers and a ``num_batches_tracked`` that is not one non-negative integer
@@ -159,8 +159,9 @@ def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
     ``Linear(C, 1)`` head's ``(1, C)`` beside a bias of 1 or none: an affine BatchNorm has both) is no BatchNorm's
     gamma but that of a Linear or conv keeping running statistics of its input: it and the bias are left out, the
     statistics checked alone. One with C values beside a bias of C is a BatchNorm's in the wrong shape, which
-    ``load_state_dict`` refuses: kept, and reported. ``batchnorm=True`` (a layer known to be one): its weight and
-    bias are its gamma and beta, whatever their shapes.
+    ``load_state_dict`` refuses: kept, and reported. That guess is for state dicts (``batchnorm=None``); a layer
+    known to be a BatchNorm (``True``) keeps its weight and bias as gamma and beta whatever their shapes, and of a
+    module known to be none (``False``) a weight of more than one dimension is always set aside with its bias.
     """
     arrays: dict[str, np.ndarray | None] = {}
     invalid = []
@@ -173,8 +174,8 @@ def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
             except TypeError as exc:
                 invalid.append(f"{key}: {exc}")
     weight, bias, mean = arrays["weight"], arrays["bias"], arrays["running_mean"]
-    if not batchnorm and weight is not None and weight.ndim > 1 and (
-            mean is None or bias is None or weight.size != mean.size or bias.size != mean.size):
+    if batchnorm is not True and weight is not None and weight.ndim > 1 and (
+            batchnorm is False or mean is None or bias is None or weight.size != mean.size or bias.size != mean.size):
         arrays["weight"] = arrays["bias"] = None
     count = None
     if (nbt := buffers.get("num_batches_tracked")) is not None:

@@ -113,11 +113,10 @@ def _bn_like_findings(others: list[tuple[str, nn.Module]]) -> list[Finding]:
     for name, m in others:
         buffers = {k: getattr(m, k, None) for k in ("running_mean", "running_var", "weight", "bias")}
         buffers = {k: v if isinstance(v, torch.Tensor) else None for k, v in buffers.items()}
-        if buffers["weight"] is not None and buffers["weight"].dim() > 1:  # a conv's or Linear's: not a gamma
-            buffers["weight"] = buffers["bias"] = None
         eps, momentum = getattr(m, "eps", None), getattr(m, "momentum", None)
         out += check_bn_stats(layer_stats(name, buffers, eps=float(eps) if isinstance(eps, (int, float)) else 1e-5,
-                                          momentum=float(momentum) if isinstance(momentum, (int, float)) else None))
+                                          momentum=float(momentum) if isinstance(momentum, (int, float)) else None,
+                                          batchnorm=False))  # a conv's or Linear's 2-D weight is no gamma
     if others:
         names = [n for n, _ in others]
         kinds = ", ".join(sorted({type(m).__name__ for _, m in others}))
