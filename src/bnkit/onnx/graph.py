@@ -375,13 +375,8 @@ class GraphIndex:
                                          f"{np.ravel(shape).tolist()}, which it cannot be broadcast to") from None
             return np.array(np.broadcast_to(value, out)) if np.prod(out) <= _EXPAND_MAX else None
         elem = self._elem_type(node.input[1], path)  # CastLike: only the target's type is read
-        if elem is None:
-            return None
-        try:
-            return value.astype(helper.tensor_dtype_to_np_dtype(elem))
-        except KeyError:
-            raise MalformedNodeError(f"CastLike node {node_label(node)!r}: its target {node.input[1]!r} has element "
-                                     f"type {elem}, no ONNX element type") from None
+        return None if elem is None else value.astype(_np_dtype(
+            elem, f"CastLike node {node_label(node)!r}: its target {node.input[1]!r} has element type {elem}"))
 
     def _elem_type(self, name: str, path: frozenset) -> int | None:
         """The element type of ``name`` where the graph declares it (inputs, outputs, value_info), or its constant's
@@ -499,11 +494,16 @@ def _cast_target(node: onnx.NodeProto) -> np.dtype:
     to = attribute(node, "to", None, _INT)
     if to is None:
         raise MalformedNodeError(f"Cast node {node_label(node)!r}: its required attribute 'to' is missing")
+    return _np_dtype(int(to), f"Cast node {node_label(node)!r}: attribute 'to' is {to}")
+
+
+def _np_dtype(elem: int, where: str) -> np.dtype:
+    """The NumPy dtype of ONNX element type ``elem``; one ONNX does not define is a :class:`MalformedNodeError`
+    (``where``, then ", no ONNX element type")."""
     try:
-        return helper.tensor_dtype_to_np_dtype(int(to))
+        return helper.tensor_dtype_to_np_dtype(elem)
     except KeyError:
-        raise MalformedNodeError(f"Cast node {node_label(node)!r}: attribute 'to' is {to}, no ONNX "
-                                 "element type") from None
+        raise MalformedNodeError(f"{where}, no ONNX element type") from None
 
 
 @dataclass
