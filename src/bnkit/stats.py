@@ -262,9 +262,9 @@ class EMA:
     """
 
     def __init__(self, decay: float, init: float | np.ndarray = 0.0) -> None:
-        if not 0.0 <= real(decay, "decay") <= 1.0:
+        self.decay = real(decay, "decay")
+        if not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
-        self.decay = float(decay)
         self.init = _values(init, "init")
         self.value = self.init.copy()
         self._seen = np.zeros_like(self.init)  # sum_i (1 - decay) decay**(t-i) x_i; at decay 1 the plain mean
