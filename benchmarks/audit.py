@@ -15,11 +15,17 @@ On glibc, malloc's mmap and trim thresholds are fixed first (``mallopt``, as in
 and faulted in again: left to glibc's dynamic thresholds, the audit's extra temporaries
 tip later activations of both runs into fresh mappings and every op that writes one
 pays page faults (``--keep-malloc`` turns this off).
+Also printed: how much the process's peak resident memory grew over three audits run after the plain
+forwards (``ru_maxrss``; the data and the activations of a forward are already counted then). Memory freed by
+earlier models is reused, so for all but the first model it is a lower bound: ``--models NAME`` gives one
+model's own figure.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+from collections.abc import Callable
+import resource
 import time
 
 import torch
@@ -51,6 +57,15 @@ def best_of(fns: dict, repeats: int) -> dict[str, float]:
     return best
 
 
+def rss_growth_mib(before: Callable[[], object], fn: Callable[[], object], times: int = 3) -> float:
+    """Growth of the peak resident memory (MiB) over ``times`` runs of ``fn``, after one run of ``before``."""
+    before()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(times):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024  # KiB on Linux
+
+
 def _warm(model: torch.nn.Module, shape: tuple[int, ...]) -> torch.nn.Module:
     """Give the BN layers trained-looking running statistics."""
     model.train()
@@ -75,7 +90,7 @@ def main() -> None:
     print(f"{args.batches} batches of {args.batch_size}, {torch.get_num_threads()} thread(s), torch {torch.__version__}, "
           f"malloc thresholds {'fixed' if steady else 'as glibc sets them'}")
     print(f"{'model':<10} {'plain fwd (s)':>14} {'audit (s)':>10} {'ratio':>7} {'model-only (s)':>15} "
-          f"{'ratio without it':>17} {'train-BN fwd ratio':>19}  target <= 1.2")
+          f"{'ratio without it':>17} {'train-BN fwd ratio':>19} {'audit RSS growth (MiB)':>23}  target <= 1.2")
     worst = 0.0
     for name in args.models:
         shape, build = MODELS[name]
@@ -101,12 +116,14 @@ def main() -> None:
         def audited():
             audit(model, data, batch_size=args.batch_size)
 
+        growth = rss_growth_mib(plain, audited)  # before the timings, whose audits would raise the peak first
         t = best_of({"plain": plain, "audit": audited, "model": lambda: audit(model), "train": train_mode}, args.repeats)
         t_plain, t_audit, t_model = t["plain"], t["audit"], t["model"]
         ratio = t_audit / t_plain
         worst = max(worst, ratio)
         print(f"{name:<10} {t_plain:>14.3f} {t_audit:>10.3f} {ratio:>7.2f} {t_model:>15.3f} "
-              f"{(t_audit - t_model) / t_plain:>17.2f} {t['train'] / t_plain:>19.2f}  {'ok' if ratio <= 1.2 else 'OVER'}")
+              f"{(t_audit - t_model) / t_plain:>17.2f} {t['train'] / t_plain:>19.2f} {growth:>23.1f}  "
+              f"{'ok' if ratio <= 1.2 else 'OVER'}")
     print(f"worst ratio {worst:.2f} ({'meets' if worst <= 1.2 else 'misses'} the 1.2 target)")
 
 

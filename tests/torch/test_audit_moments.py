@@ -121,16 +121,21 @@ def test_stand_in_takes_each_path_within_its_bounds(shape, dtype, path, monkeypa
     assert col.samples[0][2] == (path == "kernel")  # the call kept 1/sqrt(var + eps) exactly when the kernel ran
 
 
-def test_many_offset_samples_keep_their_mean_and_variance():
-    """(N, C) inputs with many rows and a large offset: exact where PyTorch's CPU statistics are not."""
+@pytest.mark.parametrize("shape,layout", [((100_000, 2), None), ((64, 2, 40, 40), None),
+                                          ((64, 2, 40, 40), torch.channels_last)])
+def test_many_offset_samples_keep_their_mean_and_variance(shape, layout):
+    """Inputs with many values per channel and a large offset: exact where PyTorch's CPU statistics are not."""
     torch.manual_seed(2)
-    x = (torch.randn(100_000, 2, dtype=torch.float64) * 1e-2 + 1e4).float()
-    bn = nn.BatchNorm1d(2).eval()
+    x = (torch.randn(shape, dtype=torch.float64) * 1e-2 + 1e4).float()
+    if layout is not None:
+        x = x.contiguous(memory_format=layout)
+    bn = (nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d)(2).eval()
     _, col = stand_in_pass(bn, x)
     x64 = x.double()
+    dims = [0] + list(range(2, len(shape)))
     moments = col.pool()
-    std = x64.std(0, correction=0).numpy()
-    assert (abs(moments.mean - x64.mean(0).numpy()) <= 0.1 * std).all()  # float32 resolution of 1e4: 0.05 std
+    std = x64.std(dims, correction=0).numpy()
+    assert (abs(moments.mean - x64.mean(dims).numpy()) <= 0.1 * std).all()  # float32 resolution of 1e4: 0.05 std
     np.testing.assert_allclose(moments.var, std ** 2, rtol=0.02)
 
 
@@ -230,3 +235,31 @@ def test_a_stand_in_inside_a_layer_with_its_own_forward_is_not_taken_for_that_la
         assert shifts[layer].mean_shift == pytest.approx(float(z[shifts[layer].worst_channel]), rel=1e-3)
     inner = {"kernel": [], "rows": ["_channel_rows"], "centred": ["_centred"]}[path]
     assert calls == (inner + ["_centred"]) * 2  # per batch: the child's stand-in, then the outer layer's input
+
+
+def test_a_stock_layer_given_other_channels_fails_as_in_eval_mode():
+    """PyTorch's eval mode refuses the input (running statistics of another size); so does the audit, naming it."""
+    model = nn.Sequential(nn.BatchNorm1d(4, affine=False)).eval()
+    x = torch.randn(16, 6)
+    with pytest.raises(RuntimeError):
+        model(x)
+    with pytest.raises(ValueError, match="has 4 channels but its input has 6 on axis 1"):
+        audit(model, x)
+
+
+def test_call_rows_grow_promote_and_copy():
+    rows = audit_moments.CallRows(3)
+    for k in range(300):  # chunks of 16, 32, 64, 128, then 256 rows
+        rows.append(torch.full((3,), float(k)))
+    rows.append(torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))  # float64 promotes what was kept
+    rows.append(torch.full((3,), 7.0))  # float32 after float64: kept as float64
+    got = rows.numpy()
+    assert len(rows) == 302 and got.shape == (302, 3) and got.dtype == np.float64
+    np.testing.assert_array_equal(got[:300], np.repeat(np.arange(300.0), 3).reshape(300, 3))
+    np.testing.assert_array_equal(got[300], [0.1, 0.2, 0.3])  # exact: not rounded through float32
+    np.testing.assert_array_equal(got[301], [7.0, 7.0, 7.0])
+    got[0] = -1.0
+    assert rows.numpy()[0, 0] == 0.0  # a copy
+    with pytest.raises(ValueError, match="3 channels"):
+        rows.append(torch.zeros(2))
+    assert audit_moments.CallRows(2).numpy().shape == (0, 2)
