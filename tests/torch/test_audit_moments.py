@@ -237,6 +237,25 @@ def test_a_stand_in_inside_a_layer_with_its_own_forward_is_not_taken_for_that_la
     assert calls == (inner + ["_centred"]) * 2  # per batch: the child's stand-in, then the outer layer's input
 
 
+class _OwnArithmetic(nn.BatchNorm1d):
+    """Normalizes ``(N, L, C)`` with its own arithmetic: neither F.batch_norm nor its input has C on axis 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.running_mean) / (self.running_var + self.eps).sqrt()
+
+
+def test_a_layer_whose_channels_cannot_be_read_is_named_not_compared_and_the_rest_are_audited():
+    torch.manual_seed(5)
+    model = nn.Sequential(_OwnArithmetic(4), nn.Flatten(), nn.Linear(24, 8), nn.BatchNorm1d(8)).eval()
+    with torch.no_grad():
+        model[3].running_mean.fill_(3.0)  # 3 running standard deviations off the data's mean
+    report = audit(model, torch.randn(128, 6, 4), batch_size=32)
+    (unread,) = report.by_code("own_forward_unread")
+    assert unread.severity == "warning" and unread.data["layers"] == ["0"] and "4 call(s)" in unread.evidence
+    assert not report.by_code("own_forward") and not report.by_code("unreached")
+    assert [s.layer for s in report.shifts] == ["3"] and report.shifts[0].mean_shift < -2
+
+
 def test_a_stock_layer_given_other_channels_fails_as_in_eval_mode():
     """PyTorch's eval mode refuses the input (running statistics of another size); so does the audit, naming it."""
     model = nn.Sequential(nn.BatchNorm1d(4, affine=False)).eval()

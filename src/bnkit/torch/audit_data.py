@@ -172,15 +172,23 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
                 "were not measured: the audit compares batch statistics of at least 2 samples",
                 "batch the data with the last sample joined to the batch before it", "single_sample_batches",
                 {"batches": alone}))
-        if unreached := [n for n, _ in tracked if not collectors[n].means]:
+        if unreached := [n for n, _ in tracked if not collectors[n].means and not collectors[n].unmatched]:
             findings.append(Finding(
                 "info", unreached[0], "not reached by the data",
                 f"the data never reached BatchNorm layer(s) {short_names(unreached)}, so their running statistics are "
                 "not compared with it (the state checks still apply)",
                 "pass data that runs through them (another branch or head), or forward= calling them",
                 "unreached", {"layers": unreached}))
-        if measured.unmeasured:
-            names = [own[j][0] for j in sorted(measured.unmeasured)]
+        if uncompared := [n for n, _ in own if collectors[n].unmatched]:
+            calls = sum(collectors[n].unmatched for n in uncompared)
+            findings.append(Finding(
+                "warning", uncompared[0], "not compared with the data",
+                f"BatchNorm layer(s) {short_names(uncompared)} have a forward of their own that hands "
+                "torch.nn.functional.batch_norm no tensor with their channels on axis 1, and an input without them "
+                f"there either (such as (N, L, C)): {calls} call(s) were not compared with the data",
+                "have their forward call torch.nn.functional.batch_norm on the (N, C, ...) tensor, or compare their "
+                "running statistics with the data by hand", "own_forward_unread", {"layers": uncompared}))
+        if names := [own[j][0] for j in sorted(measured.unmeasured) if collectors[own[j][0]].means]:
             findings.append(Finding(
                 "warning", names[0], "compared on its input, not on what it normalizes",
                 f"BatchNorm layer(s) {short_names(names)} have a forward of their own that does not hand "

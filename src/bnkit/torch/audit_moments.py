@@ -195,6 +195,7 @@ class Collector:
         self.stock = has_stock_forward(bn) or (not is_batchnorm(bn) and has_stock_eval_forward(bn))
         self.eps = float(bn.eps)
         self.samples: list[tuple[int, int, bool]] = []  # (batch size, values per channel, spread is invstd)
+        self.unmatched = 0  # calls measure() got no input with the layer's channels on axis 1 for
         self.means = CallRows(channels(bn))
         self.spreads = CallRows(channels(bn))  # biased variance, or 1 / sqrt(var + eps) from the kernel
         self._stacked: tuple[np.ndarray, ...] | None = None
@@ -292,8 +293,12 @@ class Collector:
         return forward
 
     def measure(self, x: torch.Tensor) -> None:
-        """Keep the moments of one input normalized by a layer with its own ``forward`` (an empty one: none)."""
-        if x.numel():
+        """Keep the moments of one input normalized by a layer with its own ``forward`` (an empty one: none; one
+        without the layer's channels on axis 1, such as ``(N, L, C)``: none, counted in :attr:`unmatched`)."""
+        if x.dim() < 2 or x.shape[1] != self.means.width:
+            self.unmatched += 1
+            self._next_position()
+        elif x.numel():
             n, mean, var, _ = _centred(x)
             self._record(x, n, mean, var, False)
         else:
