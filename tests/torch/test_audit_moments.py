@@ -256,13 +256,67 @@ def test_a_layer_whose_channels_cannot_be_read_is_named_not_compared_and_the_res
     assert [s.layer for s in report.shifts] == ["3"] and report.shifts[0].mean_shift < -2
 
 
+class _TwoWays(nn.BatchNorm1d):
+    """``(N, C)``: hands it to F.batch_norm; ``(N, L, C)``: its own arithmetic, neither with C on axis 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1,
+                                self.eps)
+        return (x - self.running_mean) / (self.running_var + self.eps).sqrt() * self.weight + self.bias
+
+
+class _CallsTwoWays(nn.Module):
+    def __init__(self, skip_3d: bool = False) -> None:
+        super().__init__()
+        self.own, self.skip_3d = _TwoWays(4), skip_3d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and self.skip_3d:
+            return x
+        return self.own(x)
+
+
+class _Twice(nn.Module):
+    """Calls ``own`` on ``(N, L, C)`` (unreadable), then on ``(N, C)`` (through F.batch_norm)."""
+
+    def __init__(self, own: nn.Module) -> None:
+        super().__init__()
+        self.own, self.lin = own, nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.own(self.lin(self.own(x).mean(1)))
+
+
+def test_calls_measured_through_batch_norm_beside_unreadable_ones_are_not_said_to_be_measured_on_the_input():
+    torch.manual_seed(3)
+    model = _Twice(_TwoWays(4)).eval()
+    report = audit(model, torch.randn(96, 6, 4), batch_size=16)
+    (unread,) = report.by_code("own_forward_unread")
+    assert unread.data["layers"] == ["own"] and "6 call(s)" in unread.evidence
+    assert not report.by_code("own_forward")  # every measured call came from F.batch_norm's input
+
+
+def test_unreadable_calls_do_not_count_as_calls_given_no_rows_in_the_noise_figures():
+    """A layer's share of the samples counts the batches it measured or got no rows in: batches whose call it could
+    not read change nothing against a model that skips the layer there."""
+    torch.manual_seed(4)
+    batches = [torch.randn(16, 4) if i % 2 == 0 else torch.randn(16, 6, 4) for i in range(40)]
+    figures = []
+    for skip in (True, False):
+        (shift,) = audit(_CallsTwoWays(skip).eval(), batches).shifts
+        figures.append((shift.mean_noise, shift.var_noise, shift.count))
+    assert figures[0] == pytest.approx(figures[1], rel=1e-12)
+
+
 def test_a_stock_layer_given_other_channels_fails_as_in_eval_mode():
     """PyTorch's eval mode refuses the input (running statistics of another size); so does the audit, naming it."""
-    model = nn.Sequential(nn.BatchNorm1d(4, affine=False)).eval()
-    x = torch.randn(16, 6)
+    model = nn.Sequential(nn.BatchNorm1d(4, affine=False), nn.BatchNorm1d(4, affine=False)).eval()
+    model.insert(1, nn.Linear(4, 6))
+    x = torch.randn(16, 4)
     with pytest.raises(RuntimeError):
         model(x)
-    with pytest.raises(ValueError, match="has 4 channels but its input has 6 on axis 1"):
+    with pytest.raises(ValueError, match=r"BatchNorm layer '2' has 4 channels but its input has 6 on axis 1"):
         audit(model, x)
 
 
@@ -279,6 +333,6 @@ def test_call_rows_grow_promote_and_copy():
     np.testing.assert_array_equal(got[301], [7.0, 7.0, 7.0])
     got[0] = -1.0
     assert rows.numpy()[0, 0] == 0.0  # a copy
-    with pytest.raises(ValueError, match="3 channels"):
+    with pytest.raises(ValueError, match="2 values for 3 channels"):
         rows.append(torch.zeros(2))
     assert audit_moments.CallRows(2).numpy().shape == (0, 2)

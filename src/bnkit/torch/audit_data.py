@@ -131,14 +131,15 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
     """
     tracked = [(n, bn) for n, bn in layers if bn.running_mean is not None and not is_lazy(bn.running_mean)]
     clock = PassClock()  # numbers every BN call of the pass in the order they ran, and knows its batch
-    collectors = {n: Collector(bn, clock) for n, bn in tracked}
+    collectors = {n: Collector(bn, clock, n) for n, bn in tracked}
     findings: list[Finding] = []
     who = "the model" if forward is default_forward else "the model or forward="  # in errors of either pass
     with Restore(model, layers) as restore, torch.no_grad(), eager_calls(model):
         # pass 1: every BN on batch statistics (nothing it keeps is updated); other modules in eval mode
         set_training(model, False)  # assigned, not model.eval(): a frozen layer's own train() must not run
         own = [(n, bn) for n, bn in tracked if not collectors[n].stock]  # measured on what they hand to F.batch_norm
-        measured = normalized_inputs([bn for _, bn in own], lambda j, x: collectors[own[j][0]].measure(x))
+        measured = normalized_inputs([bn for _, bn in own], lambda j, x: collectors[own[j][0]].measure(x),
+                                     lambda j, x: collectors[own[j][0]].measure(x, on_input=True))
         detach = []
         try:
             for n, bn in tracked:
@@ -184,11 +185,11 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
             findings.append(Finding(
                 "warning", uncompared[0], "not compared with the data",
                 f"BatchNorm layer(s) {short_names(uncompared)} have a forward of their own that hands "
-                "torch.nn.functional.batch_norm no tensor with their channels on axis 1, and an input without them "
+                "torch.nn.functional.batch_norm no tensor with their channels on axis 1, and no input with them "
                 f"there either (such as (N, L, C)): {calls} call(s) were not compared with the data",
                 "have their forward call torch.nn.functional.batch_norm on the (N, C, ...) tensor, or compare their "
                 "running statistics with the data by hand", "own_forward_unread", {"layers": uncompared}))
-        if names := [own[j][0] for j in sorted(measured.unmeasured) if collectors[own[j][0]].means]:
+        if names := [own[j][0] for j in sorted(measured.unmeasured) if collectors[own[j][0]].on_input]:
             findings.append(Finding(
                 "warning", names[0], "compared on its input, not on what it normalizes",
                 f"BatchNorm layer(s) {short_names(names)} have a forward of their own that does not hand "

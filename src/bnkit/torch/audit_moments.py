@@ -131,8 +131,7 @@ class CallRows:
 
     def append(self, row: torch.Tensor) -> None:
         if row.numel() != self.width:
-            raise ValueError(f"the BatchNorm layer has {self.width} channels but its input has {row.numel()} on "
-                             "axis 1")
+            raise ValueError(f"a row of {row.numel()} values for {self.width} channels")
         if self._chunks and (dtype := torch.promote_types(self._chunks[-1].dtype, row.dtype)) != self._chunks[-1].dtype:
             self._chunks = [c.to(dtype) for c in self._chunks]
             self._free = list(self._chunks[-1].unbind(0)[len(self._chunks[-1]) - len(self._free):])[::-1]
@@ -183,19 +182,23 @@ class Collector:
     reduced after the call (a frozen one still normalizes with its buffers).
     """
 
-    def __init__(self, bn: _BatchNorm | FrozenBatchNormNd, clock: PassClock | None = None) -> None:
-        """``clock``: shared by the collectors of one pass (see :class:`PassClock`)."""
+    def __init__(self, bn: _BatchNorm | FrozenBatchNormNd, clock: PassClock | None = None, name: str = "") -> None:
+        """``clock``: shared by the collectors of one pass (see :class:`PassClock`); ``name``: the layer's, for
+        errors."""
+        self.name = name
         self.moments = RunningMoments(channels(bn))
         self._clock = clock if clock is not None else PassClock()
         self.order: list[int] = []  # each call's number on the clock
         self.batch_of: list[int] = []  # each call's data batch
         self.positions: list[int] = []  # each call's place among the layer's calls in its forward (empty ones too)
-        self._calls_in: dict[int, int] = {}  # calls per data batch, empty ones included
+        self._calls_in: dict[int, int] = {}  # calls per data batch, empty and unmatched ones included
+        self._sampled: set[int] = set()  # data batches with a call measured or given no rows
         # a frozen layer's stock forward is BatchNorm's eval transform: the stand-in replaces it as it does PyTorch's
         self.stock = has_stock_forward(bn) or (not is_batchnorm(bn) and has_stock_eval_forward(bn))
         self.eps = float(bn.eps)
         self.samples: list[tuple[int, int, bool]] = []  # (batch size, values per channel, spread is invstd)
         self.unmatched = 0  # calls measure() got no input with the layer's channels on axis 1 for
+        self.on_input = 0  # calls of a layer with its own forward measured on the layer's input (see measure)
         self.means = CallRows(channels(bn))
         self.spreads = CallRows(channels(bn))  # biased variance, or 1 / sqrt(var + eps) from the kernel
         self._stacked: tuple[np.ndarray, ...] | None = None
@@ -221,7 +224,7 @@ class Collector:
     @property
     def called_samples(self) -> float | None:
         """The data samples of the batches whose forward called the layer, rows or none (None where unknown)."""
-        sizes = [self._clock.sizes.get(b) for b in self._calls_in]
+        sizes = [self._clock.sizes.get(b) for b in self._sampled]
         return None if not sizes or None in sizes else float(sum(sizes))
 
     @property
@@ -229,9 +232,12 @@ class Collector:
         """The most calls one forward of the pass made of the layer, empty ones included."""
         return max(self._calls_in.values(), default=0)
 
-    def _next_position(self) -> int:
-        """Count one call of the layer in the running data batch; its place among them (from 0)."""
+    def _next_position(self, sampled: bool = True) -> int:
+        """Count one call of the layer in the running data batch; its place among them (from 0). ``sampled``: the
+        call was measured or given no rows (not an unmatched one), so the batch counts in :attr:`called_samples`."""
         batch = self._clock.batch
+        if sampled:
+            self._sampled.add(batch)
         self._calls_in[batch] = self._calls_in.get(batch, 0) + 1
         return self._calls_in[batch] - 1
 
@@ -246,7 +252,10 @@ class Collector:
         return len(set(self.batch_of)) == len(self.batch_of)
 
     def _record(self, x: torch.Tensor, n: int, mean: torch.Tensor, spread: torch.Tensor, invstd: bool) -> None:
-        self.means.append(mean)  # first: it refuses a row of another width, before anything else counts the call
+        if x.shape[1] != self.means.width:  # before anything counts the call
+            raise ValueError(f"BatchNorm layer {self.name or '(root)'!r} has {self.means.width} channels but its "
+                             f"input has {x.shape[1]} on axis 1 (shape {tuple(x.shape)})")
+        self.means.append(mean)
         self.spreads.append(spread)
         self.samples.append((x.shape[0], n, invstd))
         number, batch = self._clock.tick()
@@ -292,13 +301,18 @@ class Collector:
 
         return forward
 
-    def measure(self, x: torch.Tensor) -> None:
-        """Keep the moments of one input normalized by a layer with its own ``forward`` (an empty one: none; one
-        without the layer's channels on axis 1, such as ``(N, L, C)``: none, counted in :attr:`unmatched`)."""
-        if x.dim() < 2 or x.shape[1] != self.means.width:
+    def measure(self, x: torch.Tensor | None, on_input: bool = False) -> None:
+        """Keep the moments of one input normalized by a layer with its own ``forward`` (an empty one: none; None,
+        or one without the layer's channels on axis 1, such as ``(N, L, C)``: none, counted in :attr:`unmatched`).
+        ``on_input``: ``x`` is the layer's input, not what it handed ``F.batch_norm`` (counted in
+        :attr:`on_input` when measured)."""
+        if x is None or x.dim() < 2 or x.shape[1] != self.means.width:
             self.unmatched += 1
-            self._next_position()
-        elif x.numel():
+            self._next_position(sampled=False)
+            return
+        if on_input:
+            self.on_input += 1
+        if x.numel():
             n, mean, var, _ = _centred(x)
             self._record(x, n, mean, var, False)
         else:

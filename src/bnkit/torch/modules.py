@@ -289,7 +289,8 @@ class normalized_inputs:
     on axis 1 (a forward that normalizes with its own arithmetic, or reshapes channels first, as a split BN's
     ``x.view(-1, C * S, H, W)``) records the layer's input instead (its first argument, ``input=``, or its one
     tensor keyword; none if it has no such input), after the call, and its index goes into ``unmeasured``:
-    what such a forward normalizes is unknown (callers warn).
+    what such a forward normalizes is unknown (callers warn). ``fallback(i, x)``, where given, gets that input
+    instead of ``record``, also when there is none (``x`` None).
     """
 
     _lock = threading.Lock()
@@ -297,8 +298,9 @@ class normalized_inputs:
     _original: Callable | None = None  # F.batch_norm as found by the first of them
     _local = threading.local()  # per thread: the calls under way, innermost last
 
-    def __init__(self, layers: list[nn.Module], record: Callable[[int, torch.Tensor], Any]) -> None:
-        self.layers, self.record = layers, record
+    def __init__(self, layers: list[nn.Module], record: Callable[[int, torch.Tensor], Any],
+                 fallback: Callable[[int, torch.Tensor | None], Any] | None = None) -> None:
+        self.layers, self.record, self.fallback = layers, record, fallback
         self.widths = [channels(m) for m in layers]
         self.unmeasured: set[int] = set()
         self._handles: list[Any] = []
@@ -347,7 +349,9 @@ class normalized_inputs:
                     _, _, x, reached = calls.pop()
                     if not reached and output is not None:  # None: the call raised
                         self.unmeasured.add(i)
-                        if x is not None:
+                        if self.fallback is not None:
+                            self.fallback(i, x)
+                        elif x is not None:
                             self.record(i, x)
             return hook
 
