@@ -309,6 +309,69 @@ def test_unreadable_calls_do_not_count_as_calls_given_no_rows_in_the_noise_figur
     assert figures[0] == pytest.approx(figures[1], rel=1e-12)
 
 
+class _Writes(nn.BatchNorm1d):
+    """Hands F.batch_norm its buffers whatever ``track_running_stats`` says (training mode updates them), and
+    normalizes ``(N, L, C)`` with them by its own arithmetic. ``momentum_in_call`` 0: the same, writing nothing."""
+
+    def __init__(self, c: int, momentum_in_call: float) -> None:
+        super().__init__(c)
+        self.momentum_in_call = momentum_in_call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                                self.momentum_in_call, self.eps)
+        return (x - self.running_mean) / (self.running_var + self.eps).sqrt() * self.weight + self.bias
+
+
+def test_a_forward_writing_its_buffers_during_the_pass_runs_every_call_from_the_state_before_it():
+    """Else each batch's (N, L, C) call reads statistics the batches before it wrote, and the batches' figures
+    drift with their order (read as batches that are not random samples)."""
+    figures = []
+    for momentum in (0.0, 0.1):
+        torch.manual_seed(0)
+        model = _Twice(_Writes(4, momentum)).eval()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.manual_seed(1)
+        report = audit(model, [torch.randn(n, 5, 4) * 2 + 1 for n in [8, 24, 16, 40, 12, 30] * 5], train_batch_size=32)
+        (shift,) = [s for s in report.shifts if s.layer == "own"]
+        figures.append((shift.count, shift.mean_shift, shift.batch_f, shift.mean_noise, shift.var_noise))
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert figures[1] == pytest.approx(figures[0], rel=1e-9)
+    assert figures[0][2] < 3  # the batches are random samples
+
+
+class _EmptySafe(nn.BatchNorm1d):
+    """Returns an empty input as it is (detectron2's old BatchNorm wrapper); every other call is PyTorch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone() if x.numel() == 0 else super().forward(x)
+
+
+class _Routed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = _EmptySafe(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep, y = x[:, 0] > 0, x.clone()
+        y[keep] = self.bn(x[keep])
+        return y
+
+
+def test_an_empty_call_is_not_a_call_measured_on_the_input():
+    """Its empty calls never reach F.batch_norm, but nothing is measured on them: no own_forward warning, and a
+    layer only ever given no rows is unreached, nothing else."""
+    torch.manual_seed(0)
+    batches = [torch.randn(16, 4) for _ in range(12)]
+    for b in batches[::3]:
+        b[:, 0] = -1 - b[:, 0].abs()  # no row routed
+    report = audit(_Routed().eval(), batches)
+    assert not report.by_code("own_forward") and [s.layer for s in report.shifts] == ["bn"]
+    report = audit(_Routed().eval(), batches[::3])
+    assert not report.by_code("own_forward") and report.by_code("unreached")[0].data["layers"] == ["bn"]
+
+
 def test_a_stock_layer_given_other_channels_fails_as_in_eval_mode():
     """PyTorch's eval mode refuses the input (running statistics of another size); so does the audit, naming it."""
     model = nn.Sequential(nn.BatchNorm1d(4, affine=False), nn.BatchNorm1d(4, affine=False)).eval()

@@ -198,7 +198,7 @@ class Collector:
         self.eps = float(bn.eps)
         self.samples: list[tuple[int, int, bool]] = []  # (batch size, values per channel, spread is invstd)
         self.unmatched = 0  # calls measure() got no input with the layer's channels on axis 1 for
-        self.on_input = 0  # calls of a layer with its own forward measured on the layer's input (see measure)
+        self.on_input = 0  # calls of a layer with its own forward measured on the layer's input, values and all
         self.means = CallRows(channels(bn))
         self.spreads = CallRows(channels(bn))  # biased variance, or 1 / sqrt(var + eps) from the kernel
         self._stacked: tuple[np.ndarray, ...] | None = None
@@ -223,7 +223,8 @@ class Collector:
 
     @property
     def called_samples(self) -> float | None:
-        """The data samples of the batches whose forward called the layer, rows or none (None where unknown)."""
+        """The data samples of the batches with a call of the layer measured or given no rows (None where unknown,
+        or where every call was unmatched)."""
         sizes = [self._clock.sizes.get(b) for b in self._sampled]
         return None if not sizes or None in sizes else float(sum(sizes))
 
@@ -310,9 +311,8 @@ class Collector:
             self.unmatched += 1
             self._next_position(sampled=False)
             return
-        if on_input:
-            self.on_input += 1
         if x.numel():
+            self.on_input += on_input
             n, mean, var, _ = _centred(x)
             self._record(x, n, mean, var, False)
         else:
