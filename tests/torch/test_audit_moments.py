@@ -372,6 +372,48 @@ def test_an_empty_call_is_not_a_call_measured_on_the_input():
     assert not report.by_code("own_forward") and report.by_code("unreached")[0].data["layers"] == ["bn"]
 
 
+class _InPlace(nn.BatchNorm1d):
+    """Never calls F.batch_norm and centres its input in place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sub_(self.running_mean).div_((self.running_var + self.eps).sqrt())
+
+
+class _UntrackedChild(nn.BatchNorm1d):
+    """Its own arithmetic on its input, plus an untracked BatchNorm child normalizing something else."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.aux = nn.BatchNorm1d(c, affine=False, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.running_mean) / (self.running_var + self.eps).sqrt() + 0 * self.aux(x * 10 + 50)
+
+
+def test_an_input_written_in_place_is_not_compared_and_a_child_batchnorm_call_is_not_the_layer_s():
+    torch.manual_seed(0)
+    x = torch.randn(256, 4) * 2 + 3
+    model = nn.Sequential(nn.Identity(), _InPlace(4)).eval()
+    with torch.no_grad():
+        model[1].running_mean.copy_(x.mean(0))
+        model[1].running_var.copy_(x.var(0))
+    report = audit(model, x.clone(), batch_size=32)  # measured after the call, it would read 0: a 1.5 std shift
+    assert report.by_code("own_forward_unread")[0].data["layers"] == ["1"] and not report.shifts
+    model = nn.Sequential(_UntrackedChild(4)).eval()
+    report = audit(model, x, batch_size=32)
+    (shift,) = report.shifts  # on its input x, not on the child's x * 10 + 50
+    assert shift.mean_shift == pytest.approx(float(x.mean(0)[shift.worst_channel]) / (1 + 1e-5) ** 0.5, rel=1e-4)
+    assert report.by_code("own_forward")[0].data["layers"] == ["0"]
+
+
+def test_inference_tensors_reach_a_layer_with_its_own_forward():
+    """They keep no version counter: the in-place check must not break the pass."""
+    with torch.inference_mode():
+        x = torch.randn(64, 5, 4)
+    model = nn.Sequential(_Wrapping(5)).eval()
+    assert sorted(s.layer for s in audit(model, x, batch_size=32).shifts) == ["0", "0.inner"]
+
+
 def test_a_stock_layer_given_other_channels_fails_as_in_eval_mode():
     """PyTorch's eval mode refuses the input (running statistics of another size); so does the audit, naming it."""
     model = nn.Sequential(nn.BatchNorm1d(4, affine=False), nn.BatchNorm1d(4, affine=False)).eval()

@@ -300,3 +300,44 @@ def test_frozen_batchnorm_layers_keep_their_statistics_and_are_named():
     assert all(torch.equal(b, dict(model.named_buffers())[n]) for n, b in frozen.items())
     with pytest.raises(ValueError, match="no BatchNorm layer with running statistics.*FrozenBatchNorm layer"):
         recalibrate(convert_frozen(SmallResNet(in_channels=1)).eval(), x, progress=False)
+
+
+class InPlaceArithmeticBN(nn.BatchNorm1d):
+    """Never calls F.batch_norm and centres its input in place: what it was given is gone after the call."""
+
+    def forward(self, x):
+        mean = x.mean(0) if self.training else self.running_mean
+        var = x.var(0, correction=0) if self.training else self.running_var
+        return x.sub_(mean).div_((var + self.eps).sqrt()) * self.weight + self.bias
+
+
+def test_a_subclass_writing_its_input_in_place_is_refused_and_the_model_left_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), InPlaceArithmeticBN(4)).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"\['1'\].*changes its input in place"):
+        recalibrate(model, [torch.randn(16, 3) for _ in range(3)])
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not model.training and not model[1].training
+
+
+class WithUntrackedChild(nn.BatchNorm1d):
+    """Its own arithmetic on its input, plus an untracked BatchNorm child normalizing something else."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.aux = nn.BatchNorm1d(c, affine=False, track_running_stats=False)
+
+    def forward(self, x):
+        return (x - self.running_mean) / (self.running_var + self.eps).sqrt() + 0 * self.aux(x * 10 + 50)
+
+
+def test_an_untracked_batchnorm_child_calling_f_batch_norm_is_not_taken_for_the_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(WithUntrackedChild(4)).eval()
+    data = [torch.randn(32, 4) * 2 + 1 for _ in range(3)]
+    with pytest.warns(UserWarning, match="forward of their own"):
+        recalibrate(model, data)
+    mean, var = _moments([d.numpy() for d in data])  # measured on its input, not on the child's x * 10 + 50
+    np.testing.assert_allclose(model[0].running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model[0].running_var.double().numpy(), var, rtol=1e-5)

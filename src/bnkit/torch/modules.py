@@ -277,6 +277,14 @@ def to_device(batch: Any, device: torch.device) -> Any:
                       (torch.Tensor, nn.utils.rnn.PackedSequence))
 
 
+def _version(x: torch.Tensor | None) -> int | None:
+    """``x``'s version counter, which in-place writes move; None for no tensor and for inference tensors (made under
+    ``torch.inference_mode``, which keep none and cannot be written in place outside it)."""
+    if x is None or x.is_inference():
+        return None
+    return x._version
+
+
 class normalized_inputs:
     """Context manager: ``record(i, x)`` gets every tensor ``layers[i]`` hands to ``torch.nn.functional.batch_norm``
     during one of its calls: what it normalizes, which its own input may not be (a BN subclass whose ``forward``
@@ -290,7 +298,10 @@ class normalized_inputs:
     ``x.view(-1, C * S, H, W)``) records the layer's input instead (its first argument, ``input=``, or its one
     tensor keyword; none if it has no such input), after the call, and its index goes into ``unmeasured``:
     what such a forward normalizes is unknown (callers warn). ``fallback(i, x)``, where given, gets that input
-    instead of ``record``, also when there is none (``x`` None).
+    instead of ``record``, also when there is none (``x`` None). An input the forward changed in place (its
+    version counter moved) is not the one it was given: it is not recorded (``fallback`` gets None) and the
+    layer's index goes into ``rewritten``. Calls of ``F.batch_norm`` by BatchNorm layers inside these layers that
+    are not among them (``track_running_stats=False`` children) are theirs, not the outer layer's.
     """
 
     _lock = threading.Lock()
@@ -303,12 +314,14 @@ class normalized_inputs:
         self.layers, self.record, self.fallback = layers, record, fallback
         self.widths = [channels(m) for m in layers]
         self.unmeasured: set[int] = set()
+        self.rewritten: set[int] = set()
         self._handles: list[Any] = []
         self._patched = False
 
     @classmethod
     def _calls(cls) -> list[list]:
-        """``[owner, index, input, reached]`` of each call under way in this thread."""
+        """``[owner, index, input, reached, input version]`` of each call under way in this thread (owner None: a
+        BatchNorm child's call, whose ``F.batch_norm`` calls are nobody's)."""
         if not hasattr(cls._local, "calls"):
             cls._local.calls = []
         return cls._local.calls
@@ -321,7 +334,7 @@ class normalized_inputs:
         @functools.wraps(original)
         def batch_norm(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: A002 - torch's name
             calls = normalized_inputs._calls()
-            if calls:
+            if calls and calls[-1][0] is not None:
                 owner, i = calls[-1][0], calls[-1][1]
                 if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] == owner.widths[i]:
                     calls[-1][3] = True
@@ -339,26 +352,46 @@ class normalized_inputs:
                 tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
                 x = (args[0] if args else kwargs["input"] if "input" in kwargs
                      else tensors[0] if len(tensors) == 1 else None)
-                self._calls().append([self, i, x if isinstance(x, torch.Tensor) else None, False])
+                x = x if isinstance(x, torch.Tensor) else None
+                self._calls().append([self, i, x, False, _version(x)])
             return hook
 
         def leave(i: int) -> Callable:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
                 calls = self._calls()
                 if calls and calls[-1][0] is self and calls[-1][1] == i:  # not when an earlier pre-hook raised
-                    _, _, x, reached = calls.pop()
+                    _, _, x, reached, version = calls.pop()
                     if not reached and output is not None:  # None: the call raised
                         self.unmeasured.add(i)
+                        if version is not None and _version(x) != version:  # written in place by the forward
+                            self.rewritten.add(i)
+                            x = None
                         if self.fallback is not None:
                             self.fallback(i, x)
                         elif x is not None:
                             self.record(i, x)
             return hook
 
+        barrier = [None, -1, None, True, None]
+
+        def enter_child(module: nn.Module, args: tuple) -> None:
+            self._calls().append(barrier)
+
+        def leave_child(module: nn.Module, args: Any, output: Any) -> None:
+            calls = self._calls()
+            if calls and calls[-1] is barrier:
+                calls.pop()
+
+        listed = {id(m) for m in self.layers}
+        children = {id(c): c for m in self.layers for c in m.modules()
+                    if id(c) not in listed and isinstance(c, nn.modules.batchnorm._NormBase)}
         try:
             for i, m in enumerate(self.layers):
                 self._handles.append(m.register_forward_pre_hook(enter(i), with_kwargs=True))
                 self._handles.append(m.register_forward_hook(leave(i), always_call=True))
+            for c in children.values():
+                self._handles.append(c.register_forward_pre_hook(enter_child))
+                self._handles.append(c.register_forward_hook(leave_child, always_call=True))
         except BaseException:
             self._undo()
             raise
@@ -503,7 +536,8 @@ class SavedBuffers:
     """The buffers of some modules, by module and name (the tensor attached there) and by value.
 
     :meth:`restore` attaches each saved tensor under its name again and writes its saved values back,
-    so a forward that reassigns a buffer (``self.running_mean = ...``) or adds one leaves no trace.
+    so a forward that reassigns a buffer (``self.running_mean = ...``) or adds one leaves no trace (one that
+    registers it anew as a non-persistent buffer or turns it into a parameter is not undone).
     Uninitialized lazy buffers and inference tensors have no values to save: they are only attached again.
     ``copies``: a saving of the same moment whose copies are reused instead of cloning again.
     """
