@@ -390,7 +390,7 @@ class _UntrackedChild(nn.BatchNorm1d):
         return (x - self.running_mean) / (self.running_var + self.eps).sqrt() + 0 * self.aux(x * 10 + 50)
 
 
-def test_an_input_written_in_place_is_not_compared_and_a_child_batchnorm_call_is_not_the_layer_s():
+def test_an_input_written_in_place_is_measured_as_given_and_a_child_batchnorm_call_is_not_the_layer_s():
     torch.manual_seed(0)
     x = torch.randn(256, 4) * 2 + 3
     model = nn.Sequential(nn.Identity(), _InPlace(4)).eval()
@@ -398,7 +398,9 @@ def test_an_input_written_in_place_is_not_compared_and_a_child_batchnorm_call_is
         model[1].running_mean.copy_(x.mean(0))
         model[1].running_var.copy_(x.var(0))
     report = audit(model, x.clone(), batch_size=32)  # measured after the call, it would read 0: a 1.5 std shift
-    assert report.by_code("own_forward_unread")[0].data["layers"] == ["1"] and not report.shifts
+    (shift,) = report.shifts
+    assert abs(shift.mean_shift) < 1e-3 and not report.by_code("stat_shift")
+    assert report.by_code("own_forward")[0].data["layers"] == ["1"]
     model = nn.Sequential(_UntrackedChild(4)).eval()
     report = audit(model, x, batch_size=32)
     (shift,) = report.shifts  # on its input x, not on the child's x * 10 + 50
@@ -423,6 +425,14 @@ def test_a_stock_layer_given_other_channels_fails_as_in_eval_mode():
         model(x)
     with pytest.raises(ValueError, match=r"BatchNorm layer '2' has 4 channels but its input has 6 on axis 1"):
         audit(model, x)
+
+
+def test_an_input_of_the_wrong_rank_fails_with_the_layer_s_own_message():
+    model = nn.Sequential(nn.BatchNorm1d(4)).eval()
+    with pytest.raises(ValueError, match=r"expected 2D or 3D input \(got 1D input\)"):
+        model(torch.randn(4))
+    with pytest.raises(ValueError, match=r"expected 2D or 3D input \(got 1D input\)"):
+        audit(model, torch.randn(16, 4), forward=lambda m, x: m(x[0]))
 
 
 def test_call_rows_grow_promote_and_copy():

@@ -265,12 +265,13 @@ class Collector:
         self.positions.append(self._next_position())
 
     def _stand_in(self, bn: _BatchNorm) -> Callable[[torch.Tensor], torch.Tensor]:
-        eps = self.eps
+        eps, check = self.eps, bn._check_input_dim  # the layer's own rank check, as its forward starts with
 
         # PyTorch's kernels are called as torch.batch_norm, never F.batch_norm, which normalized_inputs watches to
         # learn what a layer with its own forward normalizes: that layer may have called this one
         def forward(input: torch.Tensor) -> torch.Tensor:  # PyTorch's parameter name: bn(input=x) works
             x = input
+            check(x)
             if not x.numel():  # a routed branch given no rows: nothing to measure; PyTorch's kernel gives the output
                 self.skip_empty()
                 return torch.batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, eps, False)

@@ -277,12 +277,12 @@ def to_device(batch: Any, device: torch.device) -> Any:
                       (torch.Tensor, nn.utils.rnn.PackedSequence))
 
 
-def _version(x: torch.Tensor | None) -> int | None:
-    """``x``'s version counter, which in-place writes move; None for no tensor and for inference tensors (made under
-    ``torch.inference_mode``, which keep none and cannot be written in place outside it)."""
-    if x is None or x.is_inference():
-        return None
-    return x._version
+def _pop_last(entries: list, mine: Callable[[Any], bool]) -> Any:
+    """Remove and return the last of ``entries`` that is ``mine`` (None if none is)."""
+    for k in range(len(entries) - 1, -1, -1):
+        if mine(entries[k]):
+            return entries.pop(k)
+    return None
 
 
 class normalized_inputs:
@@ -298,10 +298,12 @@ class normalized_inputs:
     ``x.view(-1, C * S, H, W)``) records the layer's input instead (its first argument, ``input=``, or its one
     tensor keyword; none if it has no such input), after the call, and its index goes into ``unmeasured``:
     what such a forward normalizes is unknown (callers warn). ``fallback(i, x)``, where given, gets that input
-    instead of ``record``, also when there is none (``x`` None). An input the forward changed in place (its
-    version counter moved) is not the one it was given: it is not recorded (``fallback`` gets None) and the
-    layer's index goes into ``rewritten``. Calls of ``F.batch_norm`` by BatchNorm layers inside these layers that
-    are not among them (``track_running_stats=False`` children) are theirs, not the outer layer's.
+    instead of ``record``, also when there is none (``x`` None). That input is a copy taken before the call, so a
+    forward that writes it in place (``x.sub_(mean)``, through ``.data``, or under ``torch.inference_mode``, which
+    keeps no version counter) does not change what is recorded. Calls of ``F.batch_norm`` by BatchNorm layers
+    inside these layers that are not among them (``track_running_stats=False`` children) are theirs, not the outer
+    layer's. Each hook removes its own entry from the calls under way, wherever it sits (two passes over models
+    sharing a module push entries in each other's calls), and entries of a pass that has ended are dropped.
     """
 
     _lock = threading.Lock()
@@ -314,17 +316,19 @@ class normalized_inputs:
         self.layers, self.record, self.fallback = layers, record, fallback
         self.widths = [channels(m) for m in layers]
         self.unmeasured: set[int] = set()
-        self.rewritten: set[int] = set()
         self._handles: list[Any] = []
         self._patched = False
+        self._live = False  # hooks in place: entries it pushed are current
 
     @classmethod
     def _calls(cls) -> list[list]:
-        """``[owner, index, input, reached, input version]`` of each call under way in this thread (owner None: a
-        BatchNorm child's call, whose ``F.batch_norm`` calls are nobody's)."""
-        if not hasattr(cls._local, "calls"):
-            cls._local.calls = []
-        return cls._local.calls
+        """``[pass, index, input as given, reached]`` of each call under way in this thread (index -1: a BatchNorm
+        child's call, whose ``F.batch_norm`` calls are nobody's). Entries of a pass that has ended are dropped from
+        the top first: one whose hooks went while a call in this thread was under way never popped its entry."""
+        calls = cls._local.__dict__.setdefault("calls", [])
+        while calls and not calls[-1][0]._live:
+            calls.pop()
+        return calls
 
     @staticmethod
     def _wrapping(original: Callable) -> Callable:
@@ -334,7 +338,7 @@ class normalized_inputs:
         @functools.wraps(original)
         def batch_norm(input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # noqa: A002 - torch's name
             calls = normalized_inputs._calls()
-            if calls and calls[-1][0] is not None:
+            if calls and calls[-1][1] >= 0:
                 owner, i = calls[-1][0], calls[-1][1]
                 if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] == owner.widths[i]:
                     calls[-1][3] = True
@@ -352,35 +356,30 @@ class normalized_inputs:
                 tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
                 x = (args[0] if args else kwargs["input"] if "input" in kwargs
                      else tensors[0] if len(tensors) == 1 else None)
-                x = x if isinstance(x, torch.Tensor) else None
-                self._calls().append([self, i, x, False, _version(x)])
+                x = x.detach().clone() if isinstance(x, torch.Tensor) else None  # as given, whatever the call writes
+                self._calls().append([self, i, x, False])
             return hook
 
         def leave(i: int) -> Callable:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
-                calls = self._calls()
-                if calls and calls[-1][0] is self and calls[-1][1] == i:  # not when an earlier pre-hook raised
-                    _, _, x, reached, version = calls.pop()
+                entry = _pop_last(self._calls(), lambda e: e[0] is self and e[1] == i)
+                if entry is not None:  # None: an earlier pre-hook raised before this one pushed it
+                    _, _, x, reached = entry
                     if not reached and output is not None:  # None: the call raised
                         self.unmeasured.add(i)
-                        if version is not None and _version(x) != version:  # written in place by the forward
-                            self.rewritten.add(i)
-                            x = None
                         if self.fallback is not None:
                             self.fallback(i, x)
                         elif x is not None:
                             self.record(i, x)
             return hook
 
-        barrier = [None, -1, None, True, None]
+        barrier = [self, -1, None, True]
 
         def enter_child(module: nn.Module, args: tuple) -> None:
             self._calls().append(barrier)
 
         def leave_child(module: nn.Module, args: Any, output: Any) -> None:
-            calls = self._calls()
-            if calls and calls[-1] is barrier:
-                calls.pop()
+            _pop_last(self._calls(), lambda e: e is barrier)
 
         listed = {id(m) for m in self.layers}
         children = {id(c): c for m in self.layers for c in m.modules()
@@ -401,9 +400,11 @@ class normalized_inputs:
                 F.batch_norm = normalized_inputs._wrapping(F.batch_norm)
             normalized_inputs._active += 1
             self._patched = True
+        self._live = True
         return self
 
     def _undo(self) -> None:
+        self._live = False
         for h in self._handles:
             h.remove()
         self._handles.clear()

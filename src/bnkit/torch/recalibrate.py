@@ -792,14 +792,6 @@ def recalibrate(
                 if world == 1:
                     raise
                 error = exc
-        if measured.rewritten and error is None:
-            names = [layers[own_forward[j]][0] or "(root)" for j in sorted(measured.rewritten)]
-            error = ValueError(
-                f"BatchNorm layers {names} have a forward of their own that never hands "
-                "torch.nn.functional.batch_norm a tensor with their channels on axis 1 and changes its input in "
-                "place: what they normalize cannot be measured; the model is unchanged")
-            if world == 1:
-                raise error
         if measured.unmeasured:
             names = [layers[own_forward[j]][0] or "(root)" for j in sorted(measured.unmeasured)]
             warnings.warn(
