@@ -451,3 +451,23 @@ def test_call_rows_grow_promote_and_copy():
     with pytest.raises(ValueError, match="2 values for 3 channels"):
         rows.append(torch.zeros(2))
     assert audit_moments.CallRows(2).numpy().shape == (0, 2)
+
+
+class _CallsItself(nn.BatchNorm1d):
+    """(N, L, C): transposes and calls itself; the nested call hands F.batch_norm (N, C, L)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and x.shape[1] != self.num_features:
+            return self(x.transpose(1, 2)).transpose(1, 2)
+        return super().forward(x)
+
+
+def test_a_layer_calling_itself_is_compared_on_what_its_nested_call_normalizes():
+    torch.manual_seed(0)
+    x = torch.randn(24, 5, 4) * 2 + 3
+    report = audit(nn.Sequential(_CallsItself(4)).eval(), x, batch_size=8)
+    assert not report.by_code("own_forward_unread") and not report.by_code("own_forward")
+    (shift,) = report.shifts
+    assert shift.count == 120 and shift.calls_per_forward == 1  # each forward: one measured call of 8 x 5 rows
+    z = x.double().reshape(-1, 4).mean(0) / (1 + 1e-5) ** 0.5  # running statistics at their initial 0 and 1
+    assert shift.mean_shift == pytest.approx(float(z[shift.worst_channel]), rel=1e-4)

@@ -391,3 +391,63 @@ def test_two_passes_at_once_over_models_sharing_a_child_keep_their_records_and_l
         mean, var = _moments([d.reshape(-1, 4).numpy() for d in data])
         np.testing.assert_allclose(model.running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(model.running_var.double().numpy(), var, rtol=1e-5)
+
+
+class CallsItself(nn.BatchNorm1d):
+    """(N, L, C): transposes and calls itself; the nested call hands F.batch_norm (N, C, L)."""
+
+    def forward(self, x):
+        if x.dim() == 3 and x.shape[1] != self.num_features:
+            return self(x.transpose(1, 2)).transpose(1, 2)
+        return super().forward(x)
+
+
+def test_a_layer_calling_itself_is_measured_once_on_what_its_nested_call_normalizes():
+    torch.manual_seed(0)
+    data = [torch.randn(8, 5, 4) * 2 + 3 for _ in range(3)]
+    model = nn.Sequential(CallsItself(4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no call fell back on its (N, L, C) input
+        recalibrate(model, data)
+    mean, var = _moments([d.reshape(-1, 4).numpy() for d in data])
+    np.testing.assert_allclose(model[0].running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model[0].running_var.double().numpy(), var, rtol=1e-5)
+
+
+class KeywordsOnly(nn.BatchNorm1d):
+    """Its own arithmetic on ``x`` given with a second tensor keyword: no single input to fall back on."""
+
+    def forward(self, x, mask):
+        return (x - self.running_mean) / (self.running_var + self.eps).sqrt() * mask
+
+
+class CallsWithKeywords(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = KeywordsOnly(4)
+
+    def forward(self, x):
+        return self.bn(x=x, mask=torch.ones_like(x))
+
+
+def test_a_layer_with_no_single_tensor_input_is_named_as_not_measured_and_keeps_its_statistics():
+    model = CallsWithKeywords().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"\['bn'\].*nothing was measured") as record:
+        recalibrate(model, [torch.randn(16, 4) + 3 for _ in range(3)])
+    assert not any("statistics are those of their inputs" in str(w.message) for w in record)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class Interrupts(nn.BatchNorm1d):
+    def forward(self, x):
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_pass_leaves_no_entry_holding_a_copy_of_an_input():
+    from bnkit.torch.modules import normalized_inputs
+
+    model = nn.Sequential(Interrupts(4)).eval()
+    with pytest.raises(KeyboardInterrupt):
+        recalibrate(model, [torch.randn(16, 4)])
+    assert not normalized_inputs._local.__dict__.get("calls")  # the thread's stack, unpruned

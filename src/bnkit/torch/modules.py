@@ -296,7 +296,8 @@ class normalized_inputs:
     layers pass through untouched. A call that never hands ``F.batch_norm`` a tensor with the layer's channels
     on axis 1 (a forward that normalizes with its own arithmetic, or reshapes channels first, as a split BN's
     ``x.view(-1, C * S, H, W)``) records the layer's input instead (its first argument, ``input=``, or its one
-    tensor keyword; none if it has no such input), after the call, and its index goes into ``unmeasured``:
+    tensor keyword; none if it has no such input: its index goes into ``unread``, else into ``from_input``), after
+    the call, and its index goes into ``unmeasured``:
     what such a forward normalizes is unknown (callers warn). ``fallback(i, x)``, where given, gets that input
     instead of ``record``, also when there is none (``x`` None). That input is a copy taken before the call, so a
     forward that writes it in place (``x.sub_(mean)``, through ``.data``, or under ``torch.inference_mode``, which
@@ -316,6 +317,8 @@ class normalized_inputs:
         self.layers, self.record, self.fallback = layers, record, fallback
         self.widths = [channels(m) for m in layers]
         self.unmeasured: set[int] = set()
+        self.unread: set[int] = set()  # of those, layers with a call given no single tensor input to fall back on
+        self.from_input: set[int] = set()  # ... and with a call that fell back on its input
         self._handles: list[Any] = []
         self._patched = False
         self._live = False  # hooks in place: entries it pushed are current
@@ -362,11 +365,17 @@ class normalized_inputs:
 
         def leave(i: int) -> Callable:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
-                entry = _pop_last(self._calls(), lambda e: e[0] is self and e[1] == i)
+                calls = self._calls()
+                entry = _pop_last(calls, lambda e: e[0] is self and e[1] == i)
                 if entry is not None:  # None: an earlier pre-hook raised before this one pushed it
                     _, _, x, reached = entry
-                    if not reached and output is not None:  # None: the call raised
+                    if reached:  # a call of the layer made inside its own forward (recursion) reached it for both
+                        outer = next((e for e in reversed(calls) if e[0] is self and e[1] == i), None)
+                        if outer is not None:
+                            outer[3] = True
+                    elif output is not None:  # None: the call raised
                         self.unmeasured.add(i)
+                        (self.unread if x is None else self.from_input).add(i)
                         if self.fallback is not None:
                             self.fallback(i, x)
                         elif x is not None:
@@ -405,6 +414,9 @@ class normalized_inputs:
 
     def _undo(self) -> None:
         self._live = False
+        calls = self._local.__dict__.get("calls")  # this thread's: entries a BaseException left (hooks did not run)
+        if calls:
+            calls[:] = [e for e in calls if e[0] is not self]
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -792,8 +792,15 @@ def recalibrate(
                 if world == 1:
                     raise
                 error = exc
-        if measured.unmeasured:
-            names = [layers[own_forward[j]][0] or "(root)" for j in sorted(measured.unmeasured)]
+        if measured.unread:
+            names = [layers[own_forward[j]][0] or "(root)" for j in sorted(measured.unread)]
+            warnings.warn(
+                f"BatchNorm layers {names} have a forward of their own that does not hand "
+                "torch.nn.functional.batch_norm a tensor with their channels on axis 1, and calls of it with no "
+                "single tensor input (several tensor keywords, a PackedSequence): nothing was measured in those "
+                "calls (a layer no call measured keeps its statistics)", UserWarning, stacklevel=2)
+        if measured.from_input:
+            names = [layers[own_forward[j]][0] or "(root)" for j in sorted(measured.from_input)]
             warnings.warn(
                 f"BatchNorm layers {names} have a forward of their own that does not hand "
                 "torch.nn.functional.batch_norm a tensor with their channels on axis 1 (it normalizes with its own "
