@@ -792,20 +792,16 @@ def recalibrate(
                 if world == 1:
                     raise
                 error = exc
-        if measured.unread:
-            names = [layers[own_forward[j]][0] or "(root)" for j in sorted(measured.unread)]
-            warnings.warn(
-                f"BatchNorm layers {names} have a forward of their own that does not hand "
-                "torch.nn.functional.batch_norm a tensor with their channels on axis 1, and calls of it with no "
-                "single tensor input (several tensor keywords, a PackedSequence): nothing was measured in those "
-                "calls (a layer no call measured keeps its statistics)", UserWarning, stacklevel=2)
-        if measured.from_input:
-            names = [layers[own_forward[j]][0] or "(root)" for j in sorted(measured.from_input)]
-            warnings.warn(
-                f"BatchNorm layers {names} have a forward of their own that does not hand "
-                "torch.nn.functional.batch_norm a tensor with their channels on axis 1 (it normalizes with its own "
-                "arithmetic, or reshapes the channels first): their statistics are those of their inputs, which "
-                "may not be what they normalize", UserWarning, stacklevel=2)
+        for found, consequence in (
+                (measured.unread, ", and calls of it with no single tensor input (several tensor keywords, a "
+                 "PackedSequence): nothing was measured in those calls (a layer no call measured keeps its statistics)"),
+                (measured.from_input, " (it normalizes with its own arithmetic, or reshapes the channels first): their "
+                 "statistics are those of their inputs, which may not be what they normalize")):
+            if found:
+                names = [layers[own_forward[j]][0] or "(root)" for j in sorted(found)]
+                warnings.warn(f"BatchNorm layers {names} have a forward of their own that does not hand "
+                              f"torch.nn.functional.batch_norm a tensor with their channels on axis 1{consequence}",
+                              UserWarning, stacklevel=2)
         if world > 1:
             payload = None if error is not None else acc.payload()
             acc.merge_ranks(_gather_ranks(payload, error, layers))
