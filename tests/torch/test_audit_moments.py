@@ -471,3 +471,21 @@ def test_a_layer_calling_itself_is_compared_on_what_its_nested_call_normalizes()
     assert shift.count == 120 and shift.calls_per_forward == 1  # each forward: one measured call of 8 x 5 rows
     z = x.double().reshape(-1, 4).mean(0) / (1 + 1e-5) ** 0.5  # running statistics at their initial 0 and 1
     assert shift.mean_shift == pytest.approx(float(z[shift.worst_channel]), rel=1e-4)
+
+
+class _OwnArithmeticInside(nn.BatchNorm1d):
+    """Calls itself for its own arithmetic (``2x + 1``, no F.batch_norm), then normalizes that through it."""
+
+    def forward(self, x: torch.Tensor, inner: bool = False) -> torch.Tensor:
+        return x * 2 + 1 if inner else super().forward(self(x, inner=True))
+
+
+def test_a_nested_call_doing_its_own_arithmetic_is_not_an_extra_call():
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    report = audit(nn.Sequential(_OwnArithmeticInside(4)).eval(), x, batch_size=8)
+    assert not report.by_code("own_forward") and not report.by_code("own_forward_unread")
+    (shift,) = report.shifts
+    assert shift.count == 32 and shift.calls_per_forward == 1
+    z = (2 * x.double() + 1).mean(0) / (1 + 1e-5) ** 0.5  # running statistics at their initial 0 and 1
+    assert shift.mean_shift == pytest.approx(float(z[shift.worst_channel]), rel=1e-4)

@@ -451,3 +451,22 @@ def test_an_interrupted_pass_leaves_no_entry_holding_a_copy_of_an_input():
     with pytest.raises(KeyboardInterrupt):
         recalibrate(model, [torch.randn(16, 4)])
     assert not normalized_inputs._local.__dict__.get("calls")  # the thread's stack, unpruned
+
+
+class OwnArithmeticInside(nn.BatchNorm1d):
+    """Calls itself for its own arithmetic (``2x + 1``, no F.batch_norm), then normalizes that through it."""
+
+    def forward(self, x, inner=False):
+        return x * 2 + 1 if inner else super().forward(self(x, inner=True))
+
+
+def test_a_nested_call_doing_its_own_arithmetic_inside_one_that_reaches_f_batch_norm_is_not_measured():
+    torch.manual_seed(0)
+    data = [torch.randn(16, 4) for _ in range(3)]
+    model = nn.Sequential(OwnArithmeticInside(4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no call fell back on its input
+        recalibrate(model, data)
+    mean, var = _moments([(2 * d + 1).numpy() for d in data])  # what PyTorch's training mode normalizes
+    np.testing.assert_allclose(model[0].running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model[0].running_var.double().numpy(), var, rtol=1e-5)

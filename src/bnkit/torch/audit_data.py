@@ -189,8 +189,9 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
             findings.append(Finding(
                 "warning", uncompared[0], "not compared with the data",
                 f"BatchNorm layer(s) {short_names(uncompared)} have a forward of their own that hands "
-                "torch.nn.functional.batch_norm no tensor with their channels on axis 1, and no input with them "
-                f"there either (such as (N, L, C)): {calls} call(s) were not compared with the data",
+                "torch.nn.functional.batch_norm no tensor with their channels on axis 1, and either no single "
+                "tensor input (several tensor keywords, a PackedSequence) or one without them there either (such as "
+                f"(N, L, C)): {calls} call(s) were not compared with the data",
                 "have their forward call torch.nn.functional.batch_norm on the (N, C, ...) tensor, or compare their "
                 "running statistics with the data by hand", "own_forward_unread", {"layers": uncompared}))
         if names := [own[j][0] for j in sorted(measured.unmeasured) if collectors[own[j][0]].on_input]:

@@ -303,8 +303,10 @@ class normalized_inputs:
     forward that writes it in place (``x.sub_(mean)``, through ``.data``, or under ``torch.inference_mode``, which
     keeps no version counter) does not change what is recorded. Calls of ``F.batch_norm`` by BatchNorm layers
     inside these layers that are not among them (``track_running_stats=False`` children) are theirs, not the outer
-    layer's. Each hook removes its own entry from the calls under way, wherever it sits (two passes over models
-    sharing a module push entries in each other's calls), and entries of a pass that has ended are dropped.
+    layer's. A layer calling itself falls back, if at all, on the outermost call's input, and only where none of
+    the nested calls reached ``F.batch_norm``. Each hook removes its own entry from the calls under way, wherever
+    it sits (two passes over models sharing a module push entries in each other's calls), and entries of a pass
+    that has ended are dropped.
     """
 
     _lock = threading.Lock()
@@ -367,19 +369,19 @@ class normalized_inputs:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
                 calls = self._calls()
                 entry = _pop_last(calls, lambda e: e[0] is self and e[1] == i)
-                if entry is not None:  # None: an earlier pre-hook raised before this one pushed it
-                    _, _, x, reached = entry
-                    if reached:  # a call of the layer made inside its own forward (recursion) reached it for both
-                        outer = next((e for e in reversed(calls) if e[0] is self and e[1] == i), None)
-                        if outer is not None:
-                            outer[3] = True
-                    elif output is not None:  # None: the call raised
-                        self.unmeasured.add(i)
-                        (self.unread if x is None else self.from_input).add(i)
-                        if self.fallback is not None:
-                            self.fallback(i, x)
-                        elif x is not None:
-                            self.record(i, x)
+                if entry is None:  # an earlier pre-hook raised before this one pushed it
+                    return
+                _, _, x, reached = entry
+                outer = next((e for e in reversed(calls) if e[0] is self and e[1] == i), None)
+                if outer is not None:  # a call of the layer inside its own forward: the outermost call decides,
+                    outer[3] = outer[3] or reached  # measured if any of them reached F.batch_norm, else on its input
+                elif not reached and output is not None:  # None: the call raised
+                    self.unmeasured.add(i)
+                    (self.unread if x is None else self.from_input).add(i)
+                    if self.fallback is not None:
+                        self.fallback(i, x)
+                    elif x is not None:
+                        self.record(i, x)
             return hook
 
         barrier = [self, -1, None, True]
