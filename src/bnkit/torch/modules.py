@@ -296,9 +296,9 @@ class normalized_inputs:
     layers pass through untouched. A call that never hands ``F.batch_norm`` a tensor with the layer's channels
     on axis 1 (a forward that normalizes with its own arithmetic, or reshapes channels first, as a split BN's
     ``x.view(-1, C * S, H, W)``) records the layer's input instead (its first argument, ``input=``, or its one
-    tensor keyword; none if it has no such input: its index goes into ``unread``, else into ``from_input``), after
-    the call, and its index goes into ``unmeasured``:
-    what such a forward normalizes is unknown (callers warn). ``fallback(i, x)``, where given, gets that input
+    tensor keyword; none if it has no such input), after the call, and its index goes into ``unmeasured`` (and
+    into ``unread`` where there was no such input, else into ``from_input``): what such a forward normalizes is
+    unknown (callers warn). ``fallback(i, x)``, where given, gets that input
     instead of ``record``, also when there is none (``x`` None). That input is a copy taken before the call, so a
     forward that writes it in place (``x.sub_(mean)``, through ``.data``, or under ``torch.inference_mode``, which
     keeps no version counter) does not change what is recorded. Calls of ``F.batch_norm`` by BatchNorm layers
