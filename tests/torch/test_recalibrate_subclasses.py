@@ -470,3 +470,24 @@ def test_a_nested_call_doing_its_own_arithmetic_inside_one_that_reaches_f_batch_
     mean, var = _moments([(2 * d + 1).numpy() for d in data])  # what PyTorch's training mode normalizes
     np.testing.assert_allclose(model[0].running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(model[0].running_var.double().numpy(), var, rtol=1e-5)
+
+
+class OwnArithmeticOnLastAxis(nn.BatchNorm1d):
+    """Normalizes (N, L, C) with its own arithmetic: neither F.batch_norm nor its input has C on axis 1."""
+
+    def forward(self, x):
+        return (x - self.running_mean) / (self.running_var + self.eps).sqrt()
+
+
+def test_a_layer_whose_input_lacks_its_channels_on_axis_1_is_reported_reached_but_not_measured():
+    """As the audit names it 'not compared': its statistics kept, the others recalibrated, no refusal."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OwnArithmeticOnLastAxis(4), nn.Flatten(), nn.BatchNorm1d(20)).eval()
+    before = model[0].running_mean.clone()
+    data = [torch.randn(16, 5, 4) + 3 for _ in range(3)]
+    with pytest.warns(UserWarning, match=r"\['0'\].*an \(N, L, C\) input\): nothing was measured"):
+        report = recalibrate(model, data)
+    assert torch.equal(model[0].running_mean, before)
+    assert report.unread_layers == ["0"] and report.unused_layers == []
+    mean, _ = _moments([((d - before) / (1 + 1e-5) ** 0.5).reshape(16, -1).numpy() for d in data])
+    np.testing.assert_allclose(model[2].running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-5)

@@ -312,4 +312,7 @@ def recalibrate_command(
     console.print(_report_table(report))
     if report.unused_layers:
         console.print(f"[yellow]not reached by the data, left unchanged:[/] {escape(', '.join(report.unused_layers))}")
+    if report.unread_layers:
+        console.print("[yellow]reached, but no call gave their own forward an input to measure (see the note), left "
+                      f"unchanged:[/] {escape(', '.join(report.unread_layers))}")
     console.print(f"wrote {output}", markup=False)

@@ -296,9 +296,10 @@ class normalized_inputs:
     layers pass through untouched. A call that never hands ``F.batch_norm`` a tensor with the layer's channels
     on axis 1 (a forward that normalizes with its own arithmetic, or reshapes channels first, as a split BN's
     ``x.view(-1, C * S, H, W)``) records the layer's input instead (its first argument, ``input=``, or its one
-    tensor keyword; none if it has no such input), after the call, and its index goes into ``unmeasured`` (and
-    into ``unread`` where there was no such input, else into ``from_input``): what such a forward normalizes is
-    unknown (callers warn). ``fallback(i, x)``, where given, gets that input
+    tensor keyword; none if it has no such input, or one without the layer's channels on axis 1, such as
+    ``(N, L, C)``), after the call, and its index goes into ``unmeasured`` (and into ``unread`` where there was
+    none, else into ``from_input``): what such a forward normalizes is unknown (callers warn).
+    ``fallback(i, x)``, where given, gets that input
     instead of ``record``, also when there is none (``x`` None). That input is a copy taken before the call, so a
     forward that writes it in place (``x.sub_(mean)``, through ``.data``, or under ``torch.inference_mode``, which
     keeps no version counter) does not change what is recorded. Calls of ``F.batch_norm`` by BatchNorm layers
@@ -319,7 +320,7 @@ class normalized_inputs:
         self.layers, self.record, self.fallback = layers, record, fallback
         self.widths = [channels(m) for m in layers]
         self.unmeasured: set[int] = set()
-        self.unread: set[int] = set()  # of those, layers with a call given no single tensor input to fall back on
+        self.unread: set[int] = set()  # of those, layers with a call given no input with their channels to fall back on
         self.from_input: set[int] = set()  # ... and with a call that fell back on its input
         self._handles: list[Any] = []
         self._patched = False
@@ -377,10 +378,11 @@ class normalized_inputs:
                     outer[3] = outer[3] or reached  # measured if any of them reached F.batch_norm, else on its input
                 elif not reached and output is not None:  # None: the call raised
                     self.unmeasured.add(i)
-                    (self.unread if x is None else self.from_input).add(i)
+                    readable = x is not None and x.dim() >= 2 and x.shape[1] == self.widths[i]
+                    (self.from_input if readable else self.unread).add(i)
                     if self.fallback is not None:
                         self.fallback(i, x)
-                    elif x is not None:
+                    elif readable:
                         self.record(i, x)
             return hook
 

@@ -130,7 +130,8 @@ class LayerRecalibration:
     ``count`` is the number of values per channel (samples times spatial
     positions); ``samples`` the number of samples (sum of the batch dimension);
     ``calls`` the forward calls folded in (see the module doc for ``num_batches_tracked``).
-    A layer with ``count == 0`` was never reached and is left unchanged.
+    A layer with ``count == 0`` is left unchanged: never reached, or (``unread``) reached only in calls of its own
+    forward with no input to measure (see :func:`recalibrate`'s warnings).
     """
 
     name: str
@@ -142,6 +143,7 @@ class LayerRecalibration:
     new_mean: np.ndarray
     new_var: np.ndarray
     eps: float
+    unread: bool = False
 
     @property
     def updated(self) -> bool:
@@ -175,7 +177,12 @@ class RecalibrationReport:
     @property
     def unused_layers(self) -> list[str]:
         """BatchNorm layers the data never reached (their statistics are unchanged)."""
-        return [layer.name for layer in self.layers if not layer.updated]
+        return [layer.name for layer in self.layers if not layer.updated and not layer.unread]
+
+    @property
+    def unread_layers(self) -> list[str]:
+        """BatchNorm layers reached only in calls of their own forward with no input to measure (unchanged)."""
+        return [layer.name for layer in self.layers if not layer.updated and layer.unread]
 
     def rows(self) -> list[dict[str, Any]]:
         """One plain dict per layer, for tables and JSON."""
@@ -793,8 +800,9 @@ def recalibrate(
                     raise
                 error = exc
         for found, consequence in (
-                (measured.unread, ", and calls of it with no single tensor input (several tensor keywords, a "
-                 "PackedSequence): nothing was measured in those calls (a layer no call measured keeps its statistics)"),
+                (measured.unread, ", and calls of it with no single tensor input with their channels on axis 1 "
+                 "(several tensor keywords, a PackedSequence, an (N, L, C) input): nothing was measured in those calls "
+                 "(a layer no call measured keeps its statistics)"),
                 (measured.from_input, " (it normalizes with its own arithmetic, or reshapes the channels first): their "
                  "statistics are those of their inputs, which may not be what they normalize")):
             if found:
@@ -812,6 +820,7 @@ def recalibrate(
                 f"all {acc.skipped} batches had non-finite BatchNorm inputs; nothing to recalibrate from")
         saved.restore()  # every buffer, attached as before the pass (the statistics are written into those)
         report = RecalibrationReport(batches=acc.batches, skipped_batches=acc.skipped, world_size=world)
+        unread = {layers[own_forward[j]][0] for j in measured.unread}
         with torch.no_grad():
             steps = (acc.calls if acc.rank_calls is None else acc.rank_calls).tolist()
             for (name, m), rm, calls, samples, step in zip(layers, acc.moments, acc.calls.tolist(),
@@ -841,7 +850,8 @@ def recalibrate(
                         else:
                             m.num_batches_tracked.add_(step)
                 report.layers.append(LayerRecalibration(
-                    name, calls, samples, rm.count, old_mean, old_var, new_mean, new_var, float(m.eps)))
+                    name, calls, samples, rm.count, old_mean, old_var, new_mean, new_var, float(m.eps),
+                    unread=name in unread))
         return report
     except BaseException:
         saved.restore()
