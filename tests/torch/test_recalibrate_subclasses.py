@@ -491,3 +491,35 @@ def test_a_layer_whose_input_lacks_its_channels_on_axis_1_is_reported_reached_bu
     assert report.unread_layers == ["0"] and report.unused_layers == []
     mean, _ = _moments([((d - before) / (1 + 1e-5) ** 0.5).reshape(16, -1).numpy() for d in data])
     np.testing.assert_allclose(model[2].running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-5)
+
+
+class EmptySafe(nn.BatchNorm1d):
+    """Returns an empty input as it is (detectron2's old BatchNorm wrapper); every other call is PyTorch's."""
+
+    def forward(self, x):
+        return x.clone() if x.numel() == 0 else super().forward(x)
+
+
+class RoutedEmptySafe(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = EmptySafe(4)
+
+    def forward(self, x):
+        keep, y = x[:, 0] > 0, x.clone()
+        y[keep] = self.bn(x[keep])
+        return y
+
+
+def test_empty_calls_of_a_layer_with_its_own_forward_are_not_said_to_be_measured_on_its_input():
+    torch.manual_seed(0)
+    batches = [torch.randn(16, 4) for _ in range(6)]
+    for b in batches[::3]:
+        b[:, 0] = -1 - b[:, 0].abs()  # no row routed
+    model = RoutedEmptySafe().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every call with values went through F.batch_norm
+        recalibrate(model, batches)
+    mean, var = _moments([b[b[:, 0] > 0].numpy() for b in batches])
+    np.testing.assert_allclose(model.bn.running_mean.double().numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.bn.running_var.double().numpy(), var, rtol=1e-5)

@@ -138,8 +138,11 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
         # pass 1: every BN on batch statistics (nothing it keeps is updated); other modules in eval mode
         set_training(model, False)  # assigned, not model.eval(): a frozen layer's own train() must not run
         own = [(n, bn) for n, bn in tracked if not collectors[n].stock]  # measured on what they hand to F.batch_norm
-        measured = normalized_inputs([bn for _, bn in own], lambda j, x: collectors[own[j][0]].measure(x),
-                                     lambda j, x: collectors[own[j][0]].measure(x, on_input=True))
+
+        def measure(j: int, x: torch.Tensor | None) -> None:
+            collectors[own[j][0]].measure(x)
+
+        measured = normalized_inputs([bn for _, bn in own], measure, fallback=measure)  # unreadable inputs counted
         detach = []
         try:
             for n, bn in tracked:
@@ -194,7 +197,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
                 f"(N, L, C)): {calls} call(s) were not compared with the data",
                 "have their forward call torch.nn.functional.batch_norm on the (N, C, ...) tensor, or compare their "
                 "running statistics with the data by hand", "own_forward_unread", {"layers": uncompared}))
-        if names := [own[j][0] for j in sorted(measured.unmeasured) if collectors[own[j][0]].on_input]:
+        if names := [own[j][0] for j in sorted(measured.from_input)]:
             findings.append(Finding(
                 "warning", names[0], "compared on its input, not on what it normalizes",
                 f"BatchNorm layer(s) {short_names(names)} have a forward of their own that does not hand "

@@ -198,7 +198,6 @@ class Collector:
         self.eps = float(bn.eps)
         self.samples: list[tuple[int, int, bool]] = []  # (batch size, values per channel, spread is invstd)
         self.unmatched = 0  # calls measure() got no input with the layer's channels on axis 1 for
-        self.on_input = 0  # calls of a layer with its own forward measured on the layer's input, values and all
         self.means = CallRows(channels(bn))
         self.spreads = CallRows(channels(bn))  # biased variance, or 1 / sqrt(var + eps) from the kernel
         self._stacked: tuple[np.ndarray, ...] | None = None
@@ -303,17 +302,14 @@ class Collector:
 
         return forward
 
-    def measure(self, x: torch.Tensor | None, on_input: bool = False) -> None:
+    def measure(self, x: torch.Tensor | None) -> None:
         """Keep the moments of one input normalized by a layer with its own ``forward`` (an empty one: none; None,
-        or one without the layer's channels on axis 1, such as ``(N, L, C)``: none, counted in :attr:`unmatched`).
-        ``on_input``: ``x`` is the layer's input, not what it handed ``F.batch_norm`` (counted in
-        :attr:`on_input` when measured)."""
+        or one without the layer's channels on axis 1, such as ``(N, L, C)``: none, counted in :attr:`unmatched`)."""
         if x is None or x.dim() < 2 or x.shape[1] != self.means.width:
             self.unmatched += 1
             self._next_position(sampled=False)
             return
         if x.numel():
-            self.on_input += on_input
             n, mean, var, _ = _centred(x)
             self._record(x, n, mean, var, False)
         else:

@@ -297,8 +297,8 @@ class normalized_inputs:
     on axis 1 (a forward that normalizes with its own arithmetic, or reshapes channels first, as a split BN's
     ``x.view(-1, C * S, H, W)``) records the layer's input instead (its first argument, ``input=``, or its one
     tensor keyword; none if it has no such input, or one without the layer's channels on axis 1, such as
-    ``(N, L, C)``), after the call, and its index goes into ``unmeasured`` (and into ``unread`` where there was
-    none, else into ``from_input``): what such a forward normalizes is unknown (callers warn).
+    ``(N, L, C)``), after the call, and its index goes into ``from_input`` where that input holds values (what
+    such a forward normalizes is unknown: callers warn), into ``unread`` where there was none (nothing measured).
     ``fallback(i, x)``, where given, gets that input
     instead of ``record``, also when there is none (``x`` None). That input is a copy taken before the call, so a
     forward that writes it in place (``x.sub_(mean)``, through ``.data``, or under ``torch.inference_mode``, which
@@ -319,9 +319,8 @@ class normalized_inputs:
                  fallback: Callable[[int, torch.Tensor | None], Any] | None = None) -> None:
         self.layers, self.record, self.fallback = layers, record, fallback
         self.widths = [channels(m) for m in layers]
-        self.unmeasured: set[int] = set()
-        self.unread: set[int] = set()  # of those, layers with a call given no input with their channels to fall back on
-        self.from_input: set[int] = set()  # ... and with a call that fell back on its input
+        self.unread: set[int] = set()  # layers with a call that fell back on no input with their channels
+        self.from_input: set[int] = set()  # layers with a call that fell back on an input of values
         self._handles: list[Any] = []
         self._patched = False
         self._live = False  # hooks in place: entries it pushed are current
@@ -377,9 +376,11 @@ class normalized_inputs:
                 if outer is not None:  # a call of the layer inside its own forward: the outermost call decides,
                     outer[3] = outer[3] or reached  # measured if any of them reached F.batch_norm, else on its input
                 elif not reached and output is not None:  # None: the call raised
-                    self.unmeasured.add(i)
                     readable = x is not None and x.dim() >= 2 and x.shape[1] == self.widths[i]
-                    (self.from_input if readable else self.unread).add(i)
+                    if not readable:
+                        self.unread.add(i)
+                    elif x.numel():  # an empty one (a routed branch given no rows) has nothing to measure
+                        self.from_input.add(i)
                     if self.fallback is not None:
                         self.fallback(i, x)
                     elif readable:
