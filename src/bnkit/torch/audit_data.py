@@ -28,7 +28,7 @@ from .audit_batches import Batches, Restore, batch_len, batched, default_forward
 from .audit_model import short_names
 from .freeze import is_frozen
 from .audit_moments import Collector, PassClock, pool_calls
-from .modules import SavedBuffers, eager_calls, flatten_tensors, is_batchnorm, normalized_inputs
+from .modules import eager_calls, flatten_tensors, is_batchnorm, normalized_inputs, restored_after_each_call
 
 if TYPE_CHECKING:
     from .audit import AuditReport
@@ -147,10 +147,8 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
         try:
             for n, bn in tracked:
                 detach.append(collectors[n].attach(bn))
-            for _, bn in own:  # a forward of its own may write its buffers whatever its flags (F.batch_norm handed
-                # them in training mode): put back after each call, every call runs from the state before the pass
-                kept = SavedBuffers([bn], copies=restore.buffers)
-                detach.append(bn.register_forward_hook(lambda *_, kept=kept: kept.restore(), always_call=True).remove)
+            for _, bn in own:  # a forward of its own may write its buffers whatever its flags
+                detach.append(restored_after_each_call(bn, restore.buffers).remove)
             batch_out, used, alone = None, 0, []
             with measured:
                 for i, batch in enumerate(batches):

@@ -583,6 +583,14 @@ class SavedBuffers:
             write_back(tensor, before)
 
 
+def restored_after_each_call(module: nn.Module, saved: SavedBuffers) -> Any:
+    """A forward hook (its handle) putting ``module``'s buffers back as ``saved``, a saving that holds them, has them
+    after every call, also one that raises: a forward of its own that writes them (``F.batch_norm`` handed them in
+    training mode, whatever ``track_running_stats`` says) runs every call of a pass from the state before it."""
+    kept = SavedBuffers([module], copies=saved)  # its buffers alone, the copies already made
+    return module.register_forward_hook(lambda *_: kept.restore(), always_call=True)
+
+
 def write_back(tensor: torch.Tensor, before: torch.Tensor) -> None:
     """Give ``tensor`` (a parameter or buffer) the values ``before`` again: nothing is written where it holds them
     (its autograd version stays, so a graph that saved it can still run backward), else in place, or, where a forward

@@ -101,8 +101,8 @@ from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
 from .modules import (SavedBuffers, channels, eager_calls, eager_modules, has_stock_forward, is_batchnorm,
-                      is_bn_or_frozen, is_whole_number, normalized_inputs, parallel_device, sole_device, to_device,
-                      uninitialized_lazy, unwrapped, usable_device)
+                      is_bn_or_frozen, is_whole_number, normalized_inputs, parallel_device, restored_after_each_call,
+                      sole_device, to_device, uninitialized_lazy, unwrapped, usable_device)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration", "StatisticsRangeError"]
 
@@ -768,8 +768,7 @@ def recalibrate(
                 m.__dict__["forward"] = acc.forward(i)  # an instance attribute, as `m.forward = ...` makes it
             else:
                 own_forward.append(i)
-                own = SavedBuffers([m], copies=saved)  # its buffers alone, the copies already made
-                handles.append(m.register_forward_hook(lambda *_, own=own: own.restore()))
+                handles.append(restored_after_each_call(m, saved))
         recorders = [acc.recorder(i) for i in own_forward]
         measured = normalized_inputs([layers[i][1] for i in own_forward], lambda j, x: recorders[j](x))
         error: BaseException | None = None
