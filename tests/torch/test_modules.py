@@ -1,5 +1,6 @@
 """bnkit.torch.modules: exact_float32 (TF32 off inside, every setting put back as found, also after an error),
-channels (every tool on a lazy layer that load_state_dict filled), and map_nested / to_device on nested batches.
+channels (every tool on a lazy layer that load_state_dict filled, and on one pruned by hand), and map_nested /
+to_device on nested batches.
 
 The settings are process-wide Python state that exists without a GPU, so this runs on the CPU. Oracle: the
 settings read back through PyTorch's own API (torch/backends/cudnn/__init__.py, torch/backends/cuda/__init__.py).
@@ -165,6 +166,47 @@ def test_convert_bn_of_a_once_lazy_layer_trains_as_plain_batchnorm():
     out, expected = model.train()(x), copy.deepcopy(plain).train()(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert model[1].num_features == 4
+
+
+def test_a_layer_pruned_by_hand_is_measured_by_its_tensors_not_its_stale_num_features():
+    """Channel pruning that cuts a BN layer's tensors to 3 channels but leaves ``num_features`` at 4: PyTorch runs it
+    (its forward never reads num_features); the audit and recalibrate refused it ('has 4 channels but its input has
+    3') and fold_bn left it. Oracle: the same tensors in a plain nn.BatchNorm2d(3)."""
+    import copy
+
+    from bnkit.torch import audit, convert_bn, convert_frozen, fold_bn, recalibrate
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU()).train()
+    with torch.no_grad():
+        for _ in range(5):
+            plain(torch.randn(8, 3, 6, 6) * 2 + 1)
+    plain.eval()
+
+    def pruned() -> torch.nn.Module:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        bn = model[1]
+        bn.weight, bn.bias = (torch.nn.Parameter(t[:3].clone()) for t in (bn.weight, bn.bias))
+        bn.running_mean, bn.running_var = bn.running_mean[:3].clone(), bn.running_var[:3].clone()
+        model.load_state_dict(plain.state_dict())
+        assert bn.num_features == 4
+        return model.eval()
+
+    data = [torch.randn(8, 3, 6, 6) * 2 + 1 for _ in range(3)]
+    model, reference = pruned(), copy.deepcopy(plain)
+    recalibrate(model, data, progress=False)
+    recalibrate(reference, data, progress=False)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var, rtol=1e-6, atol=1e-7)
+    ours, theirs = audit(pruned(), data[0]), audit(copy.deepcopy(plain), data[0])
+    assert ours.shifts[0].score == pytest.approx(theirs.shifts[0].score, rel=1e-6)
+    folded, report = fold_bn(pruned(), data[0])
+    assert report.n_folded == 1 and report.max_rel_diff < 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(convert_frozen(pruned())(data[1]), plain(data[1]))
+        torch.testing.assert_close(folded(data[1]), plain(data[1]), rtol=1e-5, atol=1e-6)
+    model = convert_bn(pruned(), virtual_batch_size=8)
+    assert model[1].num_features == 3
+    torch.testing.assert_close(model.train()(data[2]), copy.deepcopy(plain).train()(data[2]), rtol=1e-5, atol=1e-6)
 
 
 def test_buffers_made_under_inference_mode_do_not_stop_the_audit():

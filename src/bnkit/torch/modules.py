@@ -455,13 +455,12 @@ class eager_calls:
 
 
 def channels(bn: nn.Module) -> int:
-    """A BatchNorm layer's channel count: ``num_features``, or for a ``LazyBatchNorm*d`` that got its tensors from
-    ``load_state_dict`` (PyTorch leaves its ``num_features`` at 0 for good: its first forward finds nothing left
-    to infer) the length of those tensors."""
-    if bn.num_features:
-        return int(bn.num_features)
+    """A BatchNorm layer's channel count: the length of its running statistics or affine weight, what its forward
+    computes with, else ``num_features``. PyTorch's forward never reads ``num_features``: a ``LazyBatchNorm*d``
+    that got its tensors from ``load_state_dict`` keeps it at 0 for good (its first forward finds nothing left to
+    infer), and a layer whose tensors were cut by hand (channel pruning) keeps the old count."""
     held = next((t for t in (bn.running_mean, bn.weight) if isinstance(t, torch.Tensor) and not is_lazy(t)), None)
-    return 0 if held is None else int(held.numel())
+    return int(bn.num_features) if held is None else int(held.numel())
 
 
 def input_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
