@@ -209,6 +209,39 @@ def test_a_layer_pruned_by_hand_is_measured_by_its_tensors_not_its_stale_num_fea
     torch.testing.assert_close(model.train()(data[2]), copy.deepcopy(plain).train()(data[2]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tensor", ["weight", "bias", "running_var"])
+@pytest.mark.parametrize("length", [1, 4])
+def test_a_layer_whose_channel_tensors_differ_in_length_is_refused_by_every_tool(tensor, length):
+    """One per-channel tensor of 1 or 4 values beside 3-channel ones: PyTorch's forward refuses the layer. fold_bn and
+    fold_plan without example inputs folded it (a one-element tensor broadcast over every channel), recalibrate ran
+    its whole pass and then failed on a raw size error, convert_frozen / convert_bn swapped it in place, and the
+    audit with data raised. Now each refuses it by name, changing nothing; the audit reports it and skips the data."""
+    from bnkit.torch import audit, convert_bn, convert_frozen, fold_bn, fold_plan, recalibrate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU()).eval()
+    bn = model[1]
+    setattr(bn, tensor, torch.nn.Parameter(torch.rand(length) + 0.5) if tensor != "running_var"
+            else torch.rand(length) + 0.5)
+    x = torch.randn(8, 3, 6, 6)
+    with pytest.raises(RuntimeError, match="elements"):  # the oracle: PyTorch refuses the layer
+        model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    model[0].register_forward_hook(lambda *_: calls.append(1))
+    for tool in (lambda: fold_bn(model), lambda: fold_plan(model), lambda: recalibrate(model, [x, x], progress=False),
+                 lambda: convert_frozen(model), lambda: convert_bn(model, virtual_batch_size=4)):
+        with pytest.raises(ValueError, match=rf"BatchNorm layer '1' has per-channel tensors of different shapes.*"
+                                             rf"{tensor} \({length},\)"):
+            tool()
+        assert model[1] is bn and not calls and not bn.training
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    report = audit(model, [x, x])
+    assert report.depth == "model" and report.worst == "error"
+    assert {f.code for f in report.findings if f.layer in ("1", "(data)")} >= {"data_skipped"}
+    assert any(f.severity == "error" and f.layer == "1" for f in report.findings)
+
+
 def test_buffers_made_under_inference_mode_do_not_stop_the_audit():
     """A cache buffer filled during a torch.inference_mode() forward is an inference tensor, which cannot be written
     in place outside that mode: restoring buffers after the audit's passes must leave it alone (it raised)."""

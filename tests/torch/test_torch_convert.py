@@ -260,6 +260,19 @@ def test_keras_bad_input_is_refused():
         to_keras(BatchNorm2d(C, debias=True))
 
 
+@pytest.mark.parametrize("target", ["keras", "flax"])
+def test_a_layer_whose_own_tensors_disagree_is_refused_by_name(target):
+    """A weight of 4 beside running statistics of 3: the refusal said 'torch config num_features=3 but the arrays
+    have 4 channels', blaming num_features. Oracle: PyTorch's forward refuses the layer too."""
+    pytest.importorskip("flax" if target == "flax" else "keras")
+    bn = nn.BatchNorm2d(C).eval()
+    bn.weight = nn.Parameter(torch.ones(C + 1))
+    with pytest.raises(RuntimeError, match="elements"):
+        bn(torch.randn(2, C, 2, 2))
+    with pytest.raises(ValueError, match=r"per-channel tensors of different shapes \(weight \(4,\), bias \(3,\)"):
+        (to_flax if target == "flax" else to_keras)(bn)
+
+
 @needs_keras
 def test_bfloat16_layers_convert_through_float32_exactly():
     torch.manual_seed(0)

@@ -79,9 +79,9 @@ from ..audit_state import BN_BUFFERS, bn_stats_from_state, check_bn_stats
 from ..findings import SEVERITIES, Finding, jsonable, worst_severity
 from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
-from .audit_model import model_findings
+from .audit_model import model_findings, short_names
 from .io import load_state_dict_file, refuse_meta, state_dict_of
-from .modules import bn_or_frozen_layers, uninitialized_lazy, unwrapped
+from .modules import bn_or_frozen_layers, unequal_channel_tensors, uninitialized_lazy, unwrapped
 
 __all__ = ["audit", "AuditReport", "LayerShift"]
 
@@ -245,7 +245,14 @@ def _model_report(model, data, forward, batch_size, train_batch_size, max_batche
                              "parameters; run one yourself before auditing with data")
         batches = Batches(data, batch_size, max_batches, model, own_forward=forward is not None)
     findings = model_findings(model, layers, batches.first_input(forward) if batches is not None else None)
-    if batches is not None:
+    if batches is not None and (broken := [n for n, bn in layers if unequal_channel_tensors(bn)]):
+        findings.append(Finding(  # the state checks report each such layer as an error
+            "info", "(data)", "data checks skipped",
+            f"BatchNorm layer(s) {short_names(broken)} have per-channel tensors of different shapes, which PyTorch's "
+            "forward refuses, so the model cannot run on the data",
+            "give those layers tensors of one length, then audit with the data again", "data_skipped",
+            {"layers": broken}))
+    elif batches is not None:
         report.depth = "data"
         findings += data_findings(model, layers, batches, forward or default_forward,
                                   train_batch_size, coupling_samples, report)

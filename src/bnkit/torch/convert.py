@@ -37,7 +37,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from ..convert import convert_state
 from . import layers
 from .freeze import freeze_bn, is_frozen
-from .modules import as_args, channels, deep_copy, parallel_device, require_eager, to_device, unwrapped
+from .modules import (as_args, channels, check_channel_tensors, deep_copy, parallel_device, require_eager, to_device,
+                      unwrapped)
 
 __all__ = ["BatchNormNd", "from_keras", "to_keras", "from_flax", "to_flax", "revert_sync_bn"]
 
@@ -146,6 +147,7 @@ def _torch_state(bn: _BatchNorm) -> dict:
         raise ValueError(f"{type(bn).__name__} is not initialized yet: run one input through it first")
     if getattr(bn, "renorm", False) or getattr(bn, "virtual_batch_size", None) or getattr(bn, "debias", False):
         raise ValueError(f"{type(bn).__name__} uses renorm/virtual_batch_size/debias, which Keras and Flax lack")
+    check_channel_tensors([("", bn)])
     sd = bn.state_dict()  # tensors: convert_state reads them (bfloat16 as float32)
     config = {"num_features": channels(bn), "eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
               "bias": bn.bias is not None or not bn.affine, "track_running_stats": bn.track_running_stats}

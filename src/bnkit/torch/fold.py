@@ -68,8 +68,8 @@ from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO, fold_tolerance
 from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .modules import (
-    SavedState, as_args, bn_or_frozen_layers, channels, deep_copy, eval_mode, exact_float32, flatten_tensors,
-    has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, map_nested, parallel_device, to_device,
+    SavedState, as_args, bn_or_frozen_layers, channels, check_channel_tensors, deep_copy, eval_mode, exact_float32,
+    flatten_tensors, has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, map_nested, parallel_device, to_device,
     uninitialized_lazy, unwrapped,
 )
 
@@ -399,6 +399,7 @@ def _check_model(model: nn.Module, force: bool) -> None:
     if lazy := uninitialized_lazy(model):
         raise ValueError(f"uninitialized lazy modules (run one forward pass first): {', '.join(lazy)}")
     refuse_meta(model.state_dict(keep_vars=True).items(), "the model", LOAD_REAL_WEIGHTS)
+    check_channel_tensors(bn_or_frozen_layers(model))  # float64 folding would broadcast a one-element tensor
     training, never, nonfinite, nonpositive = [], [], [], []
     for name, bn in bn_or_frozen_layers(model):
         tensors = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]

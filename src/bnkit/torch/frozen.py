@@ -31,7 +31,7 @@ from torch.nn.parameter import is_lazy
 from .convert import BatchNormNd
 from .freeze import select_bn_layers
 from .layers import replace_modules, retype_module
-from .modules import channels, eager_modules
+from .modules import channels, check_channel_tensors, eager_modules
 
 __all__ = [
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenBatchNormNd",
@@ -153,6 +153,8 @@ def convert_frozen(
             "(torch.nn.utils.parametrize or weight_norm), which a frozen layer does not keep; remove the "
             "parametrization first (torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'))"
         )
+
+    check_channel_tensors((name, m) for m in model.modules() if (name := targets.get(id(m))) is not None)
 
     def make(name: str, m: nn.Module) -> nn.Module | None:
         if id(m) not in targets:

@@ -71,7 +71,8 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..audit_state import FEW_UPDATES_WEIGHT, initial_weight
-from .modules import channels, eager_modules, is_compiled_wrapper, is_whole_number, require_eager, write_count
+from .modules import (channels, check_channel_tensors, eager_modules, is_compiled_wrapper, is_whole_number,
+                      require_eager, write_count)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_bn", "revert_bn", "PAPER_RENORM_SCHEDULE"]
 
@@ -570,6 +571,7 @@ def convert_bn(model: nn.Module, **extras) -> nn.Module:
         options = {**current, "layer_name": current.get("layer_name") or name or type(m).__name__, **extras}
         if options == current:
             return None  # a drop-in with these options and name already: keep it (references to it stay the model's)
+        check_channel_tensors([(name, m)])  # before any layer is swapped: replace_modules installs none on error
         new = retype_module(m, cls)
         new.num_features = channels(m)  # a once-lazy layer keeps num_features 0 in PyTorch
         new._set_extras(**options)

@@ -16,7 +16,7 @@ import math
 import numbers
 import threading
 from collections import UserDict
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -461,6 +461,28 @@ def channels(bn: nn.Module) -> int:
     infer), and a layer whose tensors were cut by hand (channel pruning) keeps the old count."""
     held = next((t for t in (bn.running_mean, bn.weight) if isinstance(t, torch.Tensor) and not is_lazy(t)), None)
     return int(bn.num_features) if held is None else int(held.numel())
+
+
+def unequal_channel_tensors(bn: nn.Module) -> str | None:
+    """Where a BatchNorm layer's per-channel tensors (weight, bias, running_mean, running_var) are not all 1-d of
+    one length, their shapes as ``"weight (4,), running_mean (3,), ..."``; else None. PyTorch's forward refuses such
+    a layer ("weight should contain 3 elements not 4"), and float64 arithmetic on its tensors would broadcast a
+    one-element one over every channel."""
+    shapes = {k: tuple(t.shape) for k in ("weight", "bias", "running_mean", "running_var")
+              if isinstance(t := getattr(bn, k, None), torch.Tensor) and not is_lazy(t)}
+    if len(set(shapes.values())) <= 1 and all(len(s) == 1 for s in shapes.values()):
+        return None
+    return ", ".join(f"{k} {s}" for k, s in shapes.items())
+
+
+def check_channel_tensors(layers: Iterable[tuple[str, nn.Module]]) -> None:
+    """Raise ``ValueError`` naming the first of ``layers`` (``(name, layer)`` pairs) whose per-channel tensors
+    differ in shape (:func:`unequal_channel_tensors`); callers check before they change anything."""
+    for name, bn in layers:
+        if shapes := unequal_channel_tensors(bn):
+            raise ValueError(f"BatchNorm layer {name or type(bn).__name__!r} has per-channel tensors of different "
+                             f"shapes ({shapes}), which PyTorch's forward refuses too: give them one length "
+                             "(load a consistent state dict, or finish cutting the layer)")
 
 
 def input_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

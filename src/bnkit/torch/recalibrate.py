@@ -100,9 +100,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
-from .modules import (SavedBuffers, channels, eager_calls, eager_modules, has_stock_forward, is_batchnorm,
-                      is_bn_or_frozen, is_whole_number, normalized_inputs, parallel_device, restored_after_each_call,
-                      sole_device, to_device, uninitialized_lazy, unwrapped, usable_device)
+from .modules import (SavedBuffers, channels, check_channel_tensors, eager_calls, eager_modules, has_stock_forward,
+                      is_batchnorm, is_bn_or_frozen, is_whole_number, normalized_inputs, parallel_device,
+                      restored_after_each_call, sole_device, to_device, uninitialized_lazy, unwrapped, usable_device)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration", "StatisticsRangeError"]
 
@@ -613,6 +613,7 @@ def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
                          + (f" ({keep})" if frozen else ""))
     if frozen:
         warnings.warn(keep, stacklevel=3)
+    check_channel_tensors(layers)  # the pass would run, then fail writing the statistics back
     for name, module in layers:
         if nn.parameter.is_lazy(module.running_mean):
             raise ValueError(f"BatchNorm layer {name!r} is lazy and not initialized yet: run one forward pass first")
