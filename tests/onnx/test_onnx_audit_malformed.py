@@ -161,7 +161,25 @@ def test_a_sparse_initializer_too_large_to_densify_is_named_not_a_memory_error()
     model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [2 ** 20, 2 ** 20, 16]))
     onnx.checker.check_model(model)
     assert [f.evidence for f in audit(model).findings if f.code == "malformed_node"] == [
-        "sparse initializer 's': its dense shape [1048576, 1048576, 16] is too large to build"]
+        "sparse initializer 's': its dense shape [1048576, 1048576, 16] holds 17592186044416 values, more than bnkit "
+        "builds from a sparse tensor (67108864): store it dense"]
+
+
+def test_a_sparse_initializer_whose_zeros_the_system_would_only_reserve_is_refused_before_they_are_touched():
+    """Dims [2**27] (a 0.5 GiB dense array for a file of a few hundred bytes): np.zeros succeeded, since Linux only
+    reserves the memory, and the float64 copy of the statistics then took 1 GiB; at [5e9] that copy escaped as
+    NumPy's out-of-memory traceback. Both the audit and the fold refuse it by name, before building anything."""
+    values = numpy_helper.from_array(np.ones(1, np.float32), "m")
+    indices = numpy_helper.from_array(np.zeros(1, np.int64), "m_idx")
+    model = _model([_bn("v16")])
+    del model.graph.initializer[2]  # the mean "m" becomes the sparse one
+    model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [2 ** 27]))
+    onnx.checker.check_model(model)
+    expected = ("sparse initializer 'm': its dense shape [134217728] holds 134217728 values, more than bnkit builds "
+                "from a sparse tensor (67108864): store it dense")
+    assert [f.evidence for f in audit(model).findings if f.code == "malformed_node"] == [expected]
+    with pytest.raises(MalformedNodeError, match=r"\[134217728\] holds"):
+        fold_model(model, verify=False)
 
 
 def test_a_sparse_initializer_with_a_negative_dimension_is_named_as_such():

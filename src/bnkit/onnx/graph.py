@@ -434,6 +434,11 @@ def _tensor_array(tensor: onnx.TensorProto, what: str) -> np.ndarray:
                                  f"{type(exc).__name__}: {exc}") from None
 
 
+#: The most values a sparse initializer is densified to: a file of a few hundred bytes may declare a dense shape of
+#: billions, which would take gigabytes (and float64 copies of it more) before anything else could fail.
+_SPARSE_DENSE_MAX = 1 << 26
+
+
 def _stored_array(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> np.ndarray:
     """An initializer's value; a sparse one (``graph.sparse_initializer``) as the dense tensor it stands for, its
     values at its indices (linear, or one row of coordinates each) and zeros elsewhere (onnx.proto's
@@ -446,9 +451,13 @@ def _stored_array(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> np.ndarr
     if any(d < 0 for d in dims):
         raise MalformedNodeError(f"sparse initializer {tensor.values.name!r}: its shape {list(dims)} has a negative "
                                  "dimension")
+    if (size := math.prod(dims)) > _SPARSE_DENSE_MAX:  # np.zeros only reserves it: the first copy would take it
+        raise MalformedNodeError(f"sparse initializer {tensor.values.name!r}: its dense shape {list(dims)} holds "
+                                 f"{size} values, more than bnkit builds from a sparse tensor ({_SPARSE_DENSE_MAX}): "
+                                 "store it dense")
     try:
-        dense = np.zeros(math.prod(dims), dtype=values.dtype)
-    except (MemoryError, ValueError, OverflowError):  # beyond memory, or beyond an array's size
+        dense = np.zeros(size, dtype=values.dtype)
+    except MemoryError:
         raise MalformedNodeError(f"sparse initializer {tensor.values.name!r}: its dense shape {list(dims)} is too "
                                  "large to build") from None
     try:
