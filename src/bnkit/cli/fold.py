@@ -75,7 +75,9 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
         report = fold(source, output, to_inference=to_inference, verify=verify, input_shapes=input_shapes or None)
     except (FoldVerificationError, OnnxRuntimeError) as exc:
         raise fail(str(exc), code=1) from None
-    except MemoryError as exc:  # random inputs for the check (NumPy's _ArrayMemoryError)
+    except MemoryError as exc:  # random inputs for the check (NumPy's _ArrayMemoryError), or the model's tensors
+        if not verify:
+            raise fail(f"not enough memory to fold {source}: {exc}; nothing written", code=1) from None
         raise fail(f"not enough memory to verify {source} on inputs of shapes {input_shapes or 'from the graph'}: "
                    f"{exc}; nothing written (a smaller --input-shape, or --no-verify)", code=1) from None
     except FileNotFoundError as exc:
