@@ -735,6 +735,48 @@ def test_fp16_network_with_fp32_inputs_and_outputs_gets_the_fp16_tolerance():
     assert default_tolerance(bf16) == 4e-2  # bfloat16's unit roundoff 2^-8: 1e-2 is under 3 of them
 
 
+@pytest.mark.parametrize("where", ["if_body", "local_function"])
+def test_fp16_computed_inside_a_branch_or_a_local_function_gets_the_fp16_tolerance(where):
+    """Conv -> BN -> a round trip through float16 inside an If branch or a local function: the tolerance read only the
+    main graph (1e-4), so a correct fold, off by half a float16 step, was refused. Oracle: onnxruntime, the fold
+    against the original within one float16 step of the output's largest value."""
+    from bnkit.onnx.verify import default_tolerance
+
+    def half(tag: str = "") -> list[onnx.NodeProto]:
+        return [helper.make_node("Cast", ["y"], ["h" + tag], to=TensorProto.FLOAT16),
+                helper.make_node("Cast", ["h" + tag], ["o" + tag], to=TensorProto.FLOAT)]
+
+    def out(tag: str = "") -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info("o" + tag, TensorProto.FLOAT, ["N", c, 30, 30])
+
+    rng = np.random.default_rng(3)
+    c = 32
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), _bn_node("c", "y")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])]
+    if where == "if_body":
+        then, other = (helper.make_graph(half(k), k, [], [out(k)]) for k in ("t", "e"))
+        nodes.append(helper.make_node("If", ["cond"], ["o"], then_branch=then, else_branch=other))
+        inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    else:
+        nodes.append(helper.make_node("Half", ["y"], ["o"], domain="local"))
+    inits = {"W": rng.standard_normal((c, 3, 3, 3)).astype(np.float32), **_bn_inits(c, rng)}
+    graph = helper.make_graph(nodes, "g", inputs, [out()], [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[helper.make_function("local", "Half", ["y"], ["o"], half(),
+                                                              [helper.make_opsetid("", 17)])]
+                              if where == "local_function" else [])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    assert default_tolerance(model) == 1e-2
+    folded, report = fold_model(model, input_shapes={"x": [4, 3, 32, 32]})
+    assert report.verified and report.tolerance == 1e-2 and [f.bn for f in report.folded] == ["bn"]
+    feeds = {"x": rng.standard_normal((4, 3, 32, 32)).astype(np.float32)}
+    if where == "if_body":
+        feeds["cond"] = np.array(True)
+    want, got = ort_run(model, feeds)[0], ort_run(folded, feeds)[0]
+    assert np.abs(got - want).max() <= np.spacing(np.float16(np.abs(want).max()))
+
+
 @pytest.mark.parametrize("transposed,shared", [(True, False), (True, True), (False, True)])
 def test_matmul_by_a_transposed_constant_folds_and_a_shared_weight_is_kept(transposed, shared):
     # a bias-free Linear exported without constant folding is MatMul(x, Transpose(W)): the fold saw no constant;

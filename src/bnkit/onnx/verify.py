@@ -17,7 +17,7 @@ import onnx
 from onnx import helper
 
 from ..precision import fold_tolerance
-from .graph import initializer_names
+from .graph import initializer_names, subgraphs
 
 __all__ = ["OnnxRuntimeError", "NothingComparedError", "random_inputs", "run", "compare", "default_tolerance"]
 
@@ -168,15 +168,29 @@ def default_tolerance(model: onnx.ModelProto) -> float:
     """Relative tolerance for the least precise float the graph holds or computes
     (:func:`bnkit.precision.fold_tolerance`: 4e-2 bf16, 1e-2 fp16, else 1e-4).
 
-    Read from the graph's inputs, outputs, initializers, ``Cast`` targets and the value types shape
-    inference finds, so an fp16 network between fp32 inputs and outputs gets the fp16 tolerance.
+    Read from the inputs, outputs, initializers, ``Cast`` targets and the value types shape inference finds of the
+    main graph, of every If/Loop/Scan body in it and of the local functions' bodies, so an fp16 network between fp32
+    inputs and outputs gets the fp16 tolerance, wherever it sits.
     """
-    graph = model.graph
-    elems = {t.data_type for t in graph.initializer}
-    elems.update(int(a.i) for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to")
     try:
-        graph = onnx.shape_inference.infer_shapes(model).graph
+        model = onnx.shape_inference.infer_shapes(model)
     except onnx.shape_inference.InferenceError:
-        pass  # the declared types below still count
-    elems.update(v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info))
+        pass  # the declared types still count
+    elems: set[int] = set()
+
+    def nodes(listed) -> None:
+        for n in listed:
+            elems.update(int(a.i) for a in n.attribute if n.op_type == "Cast" and a.name == "to")
+            for body in subgraphs(n):
+                graph(body)
+
+    def graph(g: onnx.GraphProto) -> None:
+        elems.update(t.data_type for t in g.initializer)
+        elems.update(v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info))
+        nodes(g.node)
+
+    graph(model.graph)
+    for function in model.functions:
+        elems.update(v.type.tensor_type.elem_type for v in getattr(function, "value_info", ()))
+        nodes(function.node)
     return fold_tolerance(_LOW_PRECISION[e] for e in elems if e in _LOW_PRECISION)
