@@ -85,6 +85,26 @@ def test_hand_built_training_mode_node_and_extra_outputs():
         onnx.checker.check_model(model, full_check=True)
 
 
+@pytest.mark.parametrize("opset", [14, 17])
+def test_a_training_mode_node_without_its_statistics_outputs_is_said_to_be_refused_by_onnxruntime(opset):
+    """training_mode=1 with output Y only: the audit said onnxruntime normalises with batch statistics and the fold
+    left it because 'its outputs [] stay (training_mode=1 requires all three outputs)'; onnxruntime (the oracle)
+    refuses to load it. --to-inference repairs it: the closed-form eval transform, in float64."""
+    model = _bn_model(**GOOD, opset=opset, training_mode=1)
+    with pytest.raises(Exception, match="should be 3 when Training_mode = True"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (finding,) = audit(model).findings
+    assert (finding.severity, finding.code) == ("error", "training_mode")
+    assert "with outputs ['y'] only: onnxruntime refuses to load the model" in finding.evidence
+    _, report = fold_model(model, verify=False)
+    assert "which onnxruntime refuses to load" in report.left["bn"] and "to_inference=True" in report.left["bn"]
+    folded, report = fold_model(model, to_inference=True)
+    x = np.random.default_rng(1).standard_normal((2, 3, 3)).astype(np.float32)
+    y = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    s, b, m, v = (np.asarray(GOOD[k], np.float64)[None, :, None] for k in ("scale", "bias", "mean", "var"))
+    np.testing.assert_allclose(y, (x - m) / np.sqrt(v + np.float32(1e-5)) * s + b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("opset", [14, 15, 17])
 def test_training_mode_attribute_decides_from_opset_14_on(opset):
     """From opset 14 (the first with ``training_mode``) the attribute, not the outputs asked for, is the mode:

@@ -195,6 +195,10 @@ class _Folder:
         read = [o for o in bn.extra_outputs if self.index.readers(o)]
         node = bn.node
         if bn.training and not to_inference:
+            if self.opset >= 14 and len(node.output) < 3:
+                return (f"training mode with outputs {list(node.output)} only, which onnxruntime refuses to load "
+                        "(training_mode=1 needs the running mean and variance outputs too); pass to_inference=True "
+                        "(--to-inference) to use its running statistics instead")
             kept = ("in opset 9-13 they are what selects training mode" if self.opset < 14
                     else "training_mode=1 requires all three outputs")
             return (f"training mode: it normalises with batch statistics, and its outputs {bn.extra_outputs} stay "
