@@ -17,7 +17,7 @@ from _helpers import bn_initializers, bn_node, conv_bn_model, strict_json, value
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from bnkit.onnx import audit, fold, fold_model
+from bnkit.onnx import OnnxRuntimeError, audit, fold, fold_model
 from bnkit.torch.zoo import ZOO
 
 runner = CliRunner()
@@ -98,6 +98,15 @@ def test_a_training_mode_node_without_its_statistics_outputs_is_said_to_be_refus
     assert "with outputs ['y'] only: onnxruntime refuses to load the model" in finding.evidence
     _, report = fold_model(model, verify=False)
     assert "which onnxruntime refuses to load" in report.left["bn"] and "to_inference=True" in report.left["bn"]
+    with pytest.raises(OnnxRuntimeError, match=r"\['bn'\] are in training mode .* without their running mean and "
+                                               r"variance outputs.*to_inference=True \(--to-inference\)"):
+        fold_model(model)  # the advice was input shapes or --no-verify, which writes a file onnxruntime refuses
+    # named blank instead (onnxruntime loads it, then crashes running it: see the blank-output tests of the fold)
+    blank = _bn_model(**GOOD, opset=opset, training_mode=1)
+    blank.graph.node[0].output.extend(["rm", ""])
+    finding = next(f for f in audit(blank).findings if f.code == "training_mode")
+    assert "onnxruntime loads the model but crashes running this node" in finding.evidence
+    assert "crashes running (blank)" in fold_model(blank, verify=False)[1].left["bn"]
     folded, report = fold_model(model, to_inference=True)
     x = np.random.default_rng(1).standard_normal((2, 3, 3)).astype(np.float32)
     y = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]

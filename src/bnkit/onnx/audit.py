@@ -80,10 +80,14 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
             how = f"is_test=0 (opset {bn.opset}, where 0 is the default)"
         evidence = (f"{how}: onnxruntime normalises with each batch's own mean and variance, so an output depends "
                     "on the other samples in its batch and a batch of one is normalised to beta")
-        if bn.opset >= 14 and len(bn.node.output) < 3:
+        if bn.statistics_outputs_missing and len(bn.node.output) < 3:
             evidence = (f"{how} with outputs {list(bn.node.output)} only: onnxruntime refuses to load the model "
                         "(training_mode=1 needs the running mean and variance outputs too) and onnx.checker's full "
                         "check fails; run, it would normalise with each batch's own statistics")
+        elif bn.statistics_outputs_missing:
+            evidence = (f"{how} with outputs {list(bn.node.output)}: onnxruntime loads the model but crashes running "
+                        "this node, whose running mean or variance output is blank (\"\"); run, it would normalise "
+                        "with each batch's own statistics")
         findings.append(Finding(
             "error", bn.name, "BatchNormalization in training mode", evidence,
             "export with the model in eval mode (model.eval(); torch.onnx.export(..., training=TrainingMode.EVAL)) "

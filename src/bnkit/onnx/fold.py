@@ -195,10 +195,10 @@ class _Folder:
         read = [o for o in bn.extra_outputs if self.index.readers(o)]
         node = bn.node
         if bn.training and not to_inference:
-            if self.opset >= 14 and len(node.output) < 3:
-                return (f"training mode with outputs {list(node.output)} only, which onnxruntime refuses to load "
-                        "(training_mode=1 needs the running mean and variance outputs too); pass to_inference=True "
-                        "(--to-inference) to use its running statistics instead")
+            if bn.statistics_outputs_missing:
+                return (f"training mode with outputs {list(node.output)}, its running mean or variance output absent "
+                        "or blank, which onnxruntime refuses to load (absent) or crashes running (blank); pass "
+                        "to_inference=True (--to-inference) to use its running statistics instead")
             kept = ("in opset 9-13 they are what selects training mode" if self.opset < 14
                     else "training_mode=1 requires all three outputs")
             return (f"training mode: it normalises with batch statistics, and its outputs {bn.extra_outputs} stay "
@@ -691,6 +691,12 @@ def fold_model(
         raise RuntimeError(f"the folded model fails onnx.checker: {exc}") from exc
 
     if verify:
+        unloadable = [bn.name for bn in nodes if bn.statistics_outputs_missing and len(bn.node.output) < 3]
+        if unloadable and not to_inference:  # to_inference switched them; blank outputs: the error below
+            raise OnnxRuntimeError(
+                f"BatchNormalization nodes {unloadable} are in training mode (training_mode=1) without their running "
+                "mean and variance outputs, which onnxruntime refuses to load, so the model cannot be verified; pass "
+                "to_inference=True (--to-inference) to switch them to their running statistics")
         if crashing:
             raise OnnxRuntimeError(
                 f"BatchNormalization nodes {crashing} keep blank (\"\") optional outputs in a pattern onnxruntime "

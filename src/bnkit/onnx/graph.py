@@ -555,6 +555,14 @@ class BNNode:
     def constant(self) -> bool:
         return all(a is not None for a in (self.scale, self.bias, self.mean, self.var)) and not self.overridable
 
+    @property
+    def statistics_outputs_missing(self) -> bool:
+        """A ``training_mode=1`` node (opset >= 14) whose running mean or variance output is absent or named blank
+        (``""``): onnxruntime refuses to load it when absent, and crashes running it when blank
+        (:func:`blank_outputs_fail`)."""
+        outputs = list(self.node.output)
+        return self.training and self.opset >= 14 and (len(outputs) < 3 or not all(outputs[1:3]))
+
 
 def _as64(value: np.ndarray | None) -> np.ndarray | None:
     return None if value is None else np.asarray(value, dtype=np.float64)
