@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import helper
 
 from ..precision import fold_tolerance
@@ -169,9 +170,15 @@ def default_tolerance(model: onnx.ModelProto) -> float:
     (:func:`bnkit.precision.fold_tolerance`: 4e-2 bf16, 1e-2 fp16, else 1e-4).
 
     Read from the inputs, outputs, initializers, ``Cast`` targets and the value types shape inference finds of the
-    main graph, of every If/Loop/Scan body in it and of the local functions' bodies, so an fp16 network between fp32
-    inputs and outputs gets the fp16 tolerance, wherever it sits.
+    main graph and of every If/Loop/Scan body in it, with the local functions inlined first (shape inference types
+    nothing inside a function's body), so an fp16 network between fp32 inputs and outputs gets the fp16 tolerance,
+    wherever it sits.
     """
+    if model.functions:
+        try:
+            model = onnx.inliner.inline_local_functions(model)
+        except Exception:  # noqa: BLE001 - onnx's C++ inliner raises its own types; the bodies are read below
+            pass
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except onnx.shape_inference.InferenceError:
