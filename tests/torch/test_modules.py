@@ -8,6 +8,7 @@ settings read back through PyTorch's own API (torch/backends/cudnn/__init__.py, 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, MutableMapping
 
 import pytest
@@ -240,6 +241,50 @@ def test_a_layer_whose_channel_tensors_differ_in_length_is_refused_by_every_tool
     assert report.depth == "model" and report.worst == "error"
     assert {f.code for f in report.findings if f.layer in ("1", "(data)")} >= {"data_skipped"}
     assert any(f.severity == "error" and f.layer == "1" for f in report.findings)
+
+
+@pytest.mark.parametrize("odd", ["untracked", "frozen"])
+def test_an_unequal_layer_without_recalibrated_statistics_is_still_named(odd):
+    """An unequal BatchNorm2d(3, track_running_stats=False) or FrozenBatchNorm2d beside a tracked BN: the audit gave no
+    error (its state checks read only running statistics; exit 0 on a model PyTorch cannot run) and recalibrate ran
+    its pass into PyTorch's unnamed 'weight should contain 3 elements not 4'. Oracle: PyTorch's forward refuses it."""
+    from bnkit.torch import FrozenBatchNorm2d, audit, recalibrate
+
+    odd_bn = (torch.nn.BatchNorm2d(3, track_running_stats=False) if odd == "untracked" else FrozenBatchNorm2d(3))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3), odd_bn).eval()
+    model[1].running_var.fill_(2.0)  # trained-looking statistics: the tracked layer itself is fine
+    model[1].num_batches_tracked.fill_(100)
+    if odd == "untracked":
+        odd_bn.weight = torch.nn.Parameter(torch.ones(4))
+    else:
+        odd_bn.weight = torch.ones(4)
+    x = torch.randn(8, 3, 6, 6)
+    with pytest.raises(RuntimeError, match="elements"):
+        model(x)
+    calls = []
+    model[0].register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match=r"BatchNorm layer '2' has per-channel tensors of different shapes"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a frozen layer's statistics are kept: said, and beside the point here
+        recalibrate(model, [x, x], progress=False)
+    assert not calls
+    for report in (audit(model), audit(model, [x, x])):
+        bad = [f for f in report.findings if f.severity == "error"]
+        assert [(f.layer, f.code) for f in bad] == [("2", "bad_shape")], report.findings
+        assert "weight (4,)" in bad[0].evidence
+
+
+def test_a_weight_of_shape_c_by_1_is_refused_for_what_it_is():
+    """PyTorch runs a (3, 1) weight (its kernels read it flattened); bnkit's float64 fold would broadcast it to (3, 3),
+    so it refuses it, and the message said 'which PyTorch's forward refuses too'."""
+    from bnkit.torch import fold_bn
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3)).eval()
+    model[1].weight = torch.nn.Parameter(torch.rand(3, 1) + 0.5)
+    model(torch.randn(2, 3, 5, 5))  # PyTorch runs it
+    with pytest.raises(ValueError, match=r"weight \(3, 1\).*PyTorch's forward refuses tensors of different lengths, "
+                                         r"and bnkit reads each as one value per channel"):
+        fold_bn(model)
 
 
 def test_buffers_made_under_inference_mode_do_not_stop_the_audit():

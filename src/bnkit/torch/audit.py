@@ -246,10 +246,11 @@ def _model_report(model, data, forward, batch_size, train_batch_size, max_batche
         batches = Batches(data, batch_size, max_batches, model, own_forward=forward is not None)
     findings = model_findings(model, layers, batches.first_input(forward) if batches is not None else None)
     if batches is not None and (broken := [n for n, bn in layers if unequal_channel_tensors(bn)]):
-        findings.append(Finding(  # the state checks report each such layer as an error
+        findings.append(Finding(  # the state checks report each such layer as an error (bad_shape)
             "info", "(data)", "data checks skipped",
-            f"BatchNorm layer(s) {short_names(broken)} have per-channel tensors of different shapes, which PyTorch's "
-            "forward refuses, so the model cannot run on the data",
+            f"BatchNorm layer(s) {short_names(broken)} have per-channel tensors of different shapes (PyTorch's "
+            "forward refuses tensors of different lengths; the audit reads each as one value per channel), so the "
+            "model is not run on the data",
             "give those layers tensors of one length, then audit with the data again", "data_skipped",
             {"layers": broken}))
     elif batches is not None:

@@ -22,7 +22,7 @@ from ..audit_state import check_bn_stats, ema_window, layer_stats
 from ..findings import Finding
 from .freeze import is_frozen
 from .layers import is_cumulative
-from .modules import is_batchnorm
+from .modules import is_batchnorm, unequal_channel_tensors
 
 
 def model_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], example: Any = None) -> list[Finding]:
@@ -48,7 +48,10 @@ def model_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], exampl
 
 def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
     if bn.running_mean is None or bn.running_var is None:
-        return [Finding(
+        unequal = [] if (shapes := unequal_channel_tensors(bn)) is None else [Finding(  # the state checks' own, below
+            "error", name, "BN arrays have inconsistent shapes", shapes,
+            "give the layer one value per channel in each; PyTorch's forward refuses it as it is", "bad_shape")]
+        return unequal + [Finding(
             "warning", name, "track_running_stats=False: normalizes with batch statistics at inference",
             "no running statistics; every output depends on the other samples of its batch, and a batch of one "
             "fails (BatchNorm1d) or is normalized to beta",

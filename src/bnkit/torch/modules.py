@@ -465,9 +465,9 @@ def channels(bn: nn.Module) -> int:
 
 def unequal_channel_tensors(bn: nn.Module) -> str | None:
     """Where a BatchNorm layer's per-channel tensors (weight, bias, running_mean, running_var) are not all 1-d of
-    one length, their shapes as ``"weight (4,), running_mean (3,), ..."``; else None. PyTorch's forward refuses such
-    a layer ("weight should contain 3 elements not 4"), and float64 arithmetic on its tensors would broadcast a
-    one-element one over every channel."""
+    one length, their shapes as ``"weight (4,), running_mean (3,), ..."``; else None. PyTorch's forward refuses
+    tensors of different lengths ("weight should contain 3 elements not 4") and reads a ``(3, 1)`` one flattened;
+    bnkit's float64 arithmetic would broadcast a one-element or ``(3, 1)`` tensor over every channel."""
     shapes = {k: tuple(t.shape) for k in ("weight", "bias", "running_mean", "running_var")
               if isinstance(t := getattr(bn, k, None), torch.Tensor) and not is_lazy(t)}
     if len(set(shapes.values())) <= 1 and all(len(s) == 1 for s in shapes.values()):
@@ -481,8 +481,9 @@ def check_channel_tensors(layers: Iterable[tuple[str, nn.Module]]) -> None:
     for name, bn in layers:
         if shapes := unequal_channel_tensors(bn):
             raise ValueError(f"BatchNorm layer {name or type(bn).__name__!r} has per-channel tensors of different "
-                             f"shapes ({shapes}), which PyTorch's forward refuses too: give them one length "
-                             "(load a consistent state dict, or finish cutting the layer)")
+                             f"shapes ({shapes}): PyTorch's forward refuses tensors of different lengths, and bnkit "
+                             "reads each as one value per channel; give them all the shape (C,) (load a consistent "
+                             "state dict, or finish cutting the layer)")
 
 
 def input_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -613,7 +613,8 @@ def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
                          + (f" ({keep})" if frozen else ""))
     if frozen:
         warnings.warn(keep, stacklevel=3)
-    check_channel_tensors(layers)  # the pass would run, then fail writing the statistics back
+    # every BN layer, those left as they are too: the pass would fail in PyTorch's forward, or writing statistics back
+    check_channel_tensors((n, m) for n, m in modules if is_bn_or_frozen(m))
     for name, module in layers:
         if nn.parameter.is_lazy(module.running_mean):
             raise ValueError(f"BatchNorm layer {name!r} is lazy and not initialized yet: run one forward pass first")
