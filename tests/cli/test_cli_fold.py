@@ -782,8 +782,10 @@ def test_fold_onnx_inputs_too_big_to_verify_on_are_a_message(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["vgg.onnx"]
 
 
-def test_fold_onnx_out_of_memory_without_verification_does_not_blame_verification(tmp_path, monkeypatch):
-    """With --no-verify the advice was still 'a smaller --input-shape, or --no-verify'."""
+@pytest.mark.parametrize("verify", [True, False])
+def test_fold_onnx_out_of_memory_on_the_model_does_not_blame_verification(tmp_path, monkeypatch, verify):
+    """Memory short for the model's own tensors (not the random inputs): the advice was 'a smaller --input-shape, or
+    --no-verify', with --no-verify given too."""
     import bnkit.onnx
 
     src = _export(_calibrated_vgg(), tmp_path / "vgg.onnx")
@@ -792,7 +794,8 @@ def test_fold_onnx_out_of_memory_without_verification_does_not_blame_verificatio
         raise MemoryError("Unable to allocate 37.3 GiB for an array")
 
     monkeypatch.setattr(bnkit.onnx, "fold", short_of_memory)
-    result = runner.invoke(app, ["fold", str(src), "-o", str(tmp_path / "out.onnx"), "--no-verify"],
+    result = runner.invoke(app, ["fold", str(src), "-o", str(tmp_path / "out.onnx")] + ([] if verify else
+                                                                                        ["--no-verify"]),
                            terminal_width=300)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert f"not enough memory to fold {src}: Unable to allocate 37.3 GiB" in _text(result)

@@ -77,6 +77,20 @@ def test_random_inputs_refuse_a_shape_for_an_input_the_graph_does_not_have():
         random_inputs(model, input_shapes={"x": [1, 8, 2, 2], "imput": [1, 8, 2, 2]})
 
 
+def test_inputs_short_of_memory_are_told_apart_from_the_model(monkeypatch):
+    """NumPy failing to allocate a random input is an InputsMemoryError naming the input (the CLI then suggests a
+    smaller --input-shape); a MemoryError from the model's own tensors is not one (tests/cli/test_cli_fold.py)."""
+    from bnkit.onnx.verify import InputsMemoryError
+
+    class Short:
+        def standard_normal(self, shape):
+            raise MemoryError(f"Unable to allocate 1 TiB for an array with shape {shape}")
+
+    monkeypatch.setattr(np.random, "default_rng", lambda seed=None: Short())
+    with pytest.raises(InputsMemoryError, match=r"input 'x' of shape \[1, 8, 2, 2\]: Unable to allocate 1 TiB"):
+        random_inputs(_cast_conv(TensorProto.FLOAT), input_shapes={"x": [1, 8, 2, 2]})
+
+
 def test_dim_value_minus_one_is_dynamic_and_zero_is_still_empty():
     from bnkit.onnx.verify import random_inputs
 

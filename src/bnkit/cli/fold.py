@@ -64,6 +64,7 @@ def _in_onnx_file(report, onnx_fold) -> dict:
 
 def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool, verify: bool, as_json: bool) -> None:
     from ..onnx import FoldVerificationError, OnnxRuntimeError, fold
+    from ..onnx.verify import InputsMemoryError
 
     input_shapes = {}
     for item in shapes:
@@ -75,11 +76,11 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
         report = fold(source, output, to_inference=to_inference, verify=verify, input_shapes=input_shapes or None)
     except (FoldVerificationError, OnnxRuntimeError) as exc:
         raise fail(str(exc), code=1) from None
-    except MemoryError as exc:  # random inputs for the check (NumPy's _ArrayMemoryError), or the model's tensors
-        if not verify:
-            raise fail(f"not enough memory to fold {source}: {exc}; nothing written", code=1) from None
+    except InputsMemoryError as exc:  # the random inputs for the check
         raise fail(f"not enough memory to verify {source} on inputs of shapes {input_shapes or 'from the graph'}: "
                    f"{exc}; nothing written (a smaller --input-shape, or --no-verify)", code=1) from None
+    except MemoryError as exc:  # the model's own tensors (NumPy's _ArrayMemoryError)
+        raise fail(f"not enough memory to fold {source}: {exc}; nothing written", code=1) from None
     except FileNotFoundError as exc:
         if exc.filename is None:  # the loader's "no such file" for the source (the OS's own errors name a path)
             raise fail(str(exc)) from None

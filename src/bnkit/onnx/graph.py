@@ -458,8 +458,8 @@ def _stored_array(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> np.ndarr
     try:
         dense = np.zeros(size, dtype=values.dtype)
     except MemoryError:
-        raise MalformedNodeError(f"sparse initializer {tensor.values.name!r}: its dense shape {list(dims)} is too "
-                                 "large to build") from None
+        raise MalformedNodeError(f"sparse initializer {tensor.values.name!r}: its dense shape {list(dims)} does not "
+                                 "fit in the memory available") from None
     try:
         dense[indices.reshape(-1) if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), dims)] = values
     except (IndexError, ValueError):

@@ -20,12 +20,16 @@ from onnx import helper
 from ..precision import fold_tolerance
 from .graph import initializer_names, subgraphs
 
-__all__ = ["OnnxRuntimeError", "NothingComparedError", "random_inputs", "run", "compare", "default_tolerance"]
+__all__ = ["OnnxRuntimeError", "InputsMemoryError", "NothingComparedError", "random_inputs", "run", "compare", "default_tolerance"]
 
 
 class NothingComparedError(ValueError):
     """:func:`compare` found the outputs alike in shape but nothing finite to compare (all empty, or NaN/Inf at the
     same places in both)."""
+
+
+class InputsMemoryError(MemoryError):
+    """The random inputs for a verification do not fit in memory (their shapes, not the model, are too large)."""
 
 
 class OnnxRuntimeError(RuntimeError):
@@ -82,16 +86,18 @@ def random_inputs(
             raise ValueError(f"input {value.name!r} would have shape {list(shape)}, which is empty: verifying on it "
                              "compares nothing; give sizes >= 1 (input_shapes / --input-shape, dynamic_size)")
         if (values := math.prod(shape)) * 8 > sys.maxsize:  # NumPy's own ValueError ("array is too big") names no shape
-            raise MemoryError(f"input {value.name!r} of shape {list(shape)} holds {values} values, more than an array "
-                              "can")
+            raise InputsMemoryError(f"input {value.name!r} of shape {list(shape)} holds {values} values, more than an "
+                                    "array can")
         elem = ttype.elem_type
-        if elem == onnx.TensorProto.BOOL:
-            feeds[value.name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison gives a NumPy scalar
-        elif elem in _INTS:
-            feeds[value.name] = rng.integers(0, 2, size=shape).astype(helper.tensor_dtype_to_np_dtype(elem))
-        else:
-            dtype = helper.tensor_dtype_to_np_dtype(elem)
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        try:
+            if elem == onnx.TensorProto.BOOL:
+                feeds[value.name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison gives a NumPy scalar
+            elif elem in _INTS:
+                feeds[value.name] = rng.integers(0, 2, size=shape).astype(helper.tensor_dtype_to_np_dtype(elem))
+            else:
+                feeds[value.name] = rng.standard_normal(shape).astype(helper.tensor_dtype_to_np_dtype(elem))
+        except MemoryError as exc:
+            raise InputsMemoryError(f"input {value.name!r} of shape {list(shape)}: {exc}") from None
     if input_shapes:
         raise ValueError(f"input_shapes names no graph input: {sorted(input_shapes)}; the graph's inputs are "
                          f"{[value.name for value in _graph_inputs(model)]}")
