@@ -735,20 +735,26 @@ def test_fp16_network_with_fp32_inputs_and_outputs_gets_the_fp16_tolerance():
     assert default_tolerance(bf16) == 4e-2  # bfloat16's unit roundoff 2^-8: 1e-2 is under 3 of them
 
 
-@pytest.mark.parametrize("where", ["if_body", "local_function", "local_function_castlike"])
+@pytest.mark.parametrize("where", ["if_body", "local_function", "local_function_castlike",
+                                   "local_function_castlike_opset_18", "local_function_default_to"])
 def test_fp16_computed_inside_a_branch_or_a_local_function_gets_the_fp16_tolerance(where):
-    """Conv -> BN -> a round trip through float16 inside an If branch or a local function (by Cast, or by CastLike to
-    an fp16 Constant, whose type only shape inference of the inlined body finds): the tolerance read only the main
-    graph (1e-4), so a correct fold, off by half a float16 step, was refused. Oracle: onnxruntime, the fold against
-    the original within one float16 step of the output's largest value."""
+    """Conv -> BN -> a round trip through float16 inside an If branch or a local function (by Cast; by CastLike to
+    an fp16 Constant, whose type only shape inference of the inlined body finds, also in a function importing
+    another opset, which the inliner leaves unless asked to convert it; by a Cast whose 'to' is the function's
+    attribute, left at its default, which the inliner drops): the tolerance read only the main graph (1e-4), so a
+    correct fold, off by half a float16 step, was refused. Oracle: onnxruntime, the fold against the original within
+    one float16 step of the output's largest value."""
     from bnkit.onnx.verify import default_tolerance
 
     def half(tag: str = "") -> list[onnx.NodeProto]:
-        if where.endswith("castlike"):
+        if "castlike" in where:
             return [helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array(1, np.float16))),
                     helper.make_node("CastLike", ["y", "k"], ["h"]), helper.make_node("CastLike", ["h", "y"], ["o"])]
-        return [helper.make_node("Cast", ["y"], ["h" + tag], to=TensorProto.FLOAT16),
-                helper.make_node("Cast", ["h" + tag], ["o" + tag], to=TensorProto.FLOAT)]
+        first = helper.make_node("Cast", ["y"], ["h" + tag], to=TensorProto.FLOAT16)
+        if where.endswith("default_to"):
+            del first.attribute[:]
+            first.attribute.append(helper.make_attribute_ref("to", onnx.AttributeProto.INT))
+        return [first, helper.make_node("Cast", ["h" + tag], ["o" + tag], to=TensorProto.FLOAT)]
 
     def out(tag: str = "") -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info("o" + tag, TensorProto.FLOAT, ["N", c, 30, 30])
@@ -765,11 +771,13 @@ def test_fp16_computed_inside_a_branch_or_a_local_function_gets_the_fp16_toleran
         nodes.append(helper.make_node("Half", ["y"], ["o"], domain="local"))
     inits = {"W": rng.standard_normal((c, 3, 3, 3)).astype(np.float32), **_bn_inits(c, rng)}
     graph = helper.make_graph(nodes, "g", inputs, [out()], [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    body_opset = 18 if where.endswith("opset_18") else 17
+    function = helper.make_function("local", "Half", ["y"], ["o"], half(), [helper.make_opsetid("", body_opset)])
+    if where.endswith("default_to"):
+        function.attribute_proto.append(helper.make_attribute("to", TensorProto.FLOAT16))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
-                              functions=[helper.make_function("local", "Half", ["y"], ["o"], half(),
-                                                              [helper.make_opsetid("", 17)])]
-                              if where.startswith("local_function") else [])
-    model.ir_version = 8
+                              functions=[function] if where.startswith("local_function") else [])
+    model.ir_version = 9 if where.endswith("default_to") else 8
     onnx.checker.check_model(model)
     assert default_tolerance(model) == 1e-2
     folded, report = fold_model(model, input_shapes={"x": [4, 3, 32, 32]})

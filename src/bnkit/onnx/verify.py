@@ -175,14 +175,17 @@ def default_tolerance(model: onnx.ModelProto) -> float:
     """Relative tolerance for the least precise float the graph holds or computes
     (:func:`bnkit.precision.fold_tolerance`: 4e-2 bf16, 1e-2 fp16, else 1e-4).
 
-    Read from the inputs, outputs, initializers, ``Cast`` targets and the value types shape inference finds of the
-    main graph and of every If/Loop/Scan body in it, with the local functions inlined first (shape inference types
-    nothing inside a function's body), so an fp16 network between fp32 inputs and outputs gets the fp16 tolerance,
-    wherever it sits.
+    Read from the inputs, outputs, initializers, ``Cast`` targets, ``Constant`` values and the value types shape
+    inference finds of the main graph and of every If/Loop/Scan body in it, with the local functions inlined first
+    (shape inference types nothing inside a function's body; ``convert_version``: also those importing another
+    opset), so an fp16 network between fp32 inputs and outputs gets the fp16 tolerance, wherever it sits. The
+    functions' own bodies are read too, as the inliner may leave a function or drop a ``Cast``'s ``to`` taken from
+    an attribute: such a ``to`` counts with the attribute's default and every value a call gives it.
     """
-    if model.functions:
+    functions = list(model.functions)
+    if functions:
         try:
-            model = onnx.inliner.inline_local_functions(model)
+            model = onnx.inliner.inline_local_functions(model, convert_version=True)
         except Exception:  # noqa: BLE001 - onnx's C++ inliner raises its own types; the bodies are read below
             pass
     try:
@@ -191,19 +194,32 @@ def default_tolerance(model: onnx.ModelProto) -> float:
         pass  # the declared types still count
     elems: set[int] = set()
 
-    def nodes(listed) -> None:
+    def walk(listed, attributes: dict[str, set[int]]) -> list[onnx.NodeProto]:
+        """Count the Cast targets and Constant types of ``listed`` and of the bodies they hold (a ``to`` taken from
+        an attribute: ``attributes``' values of it); returns every node seen."""
+        seen = list(listed)
         for n in listed:
-            elems.update(int(a.i) for a in n.attribute if n.op_type == "Cast" and a.name == "to")
-            for body in subgraphs(n):
-                graph(body)
+            for a in n.attribute:
+                if n.op_type == "Cast" and a.name == "to":
+                    elems.update(attributes.get(a.ref_attr_name, ()) if a.ref_attr_name else (int(a.i),))
+                elif n.op_type == "Constant" and a.type == onnx.AttributeProto.TENSOR:
+                    elems.add(a.t.data_type)
+            for g in subgraphs(n):
+                elems.update(t.data_type for t in g.initializer)
+                elems.update(v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info))
+                seen += walk(g.node, attributes)
+        return seen
 
-    def graph(g: onnx.GraphProto) -> None:
-        elems.update(t.data_type for t in g.initializer)
-        elems.update(v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info))
-        nodes(g.node)
-
-    graph(model.graph)
-    for function in model.functions:
-        elems.update(v.type.tensor_type.elem_type for v in getattr(function, "value_info", ()))
-        nodes(function.node)
+    graph = model.graph
+    elems.update(t.data_type for t in graph.initializer)
+    elems.update(v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info))
+    calls = walk(graph.node, {}) + [n for f in functions for n in walk(f.node, {})]
+    for function in functions:  # a Cast whose 'to' is the function's attribute: its default, and what calls give
+        given = {a.name: {int(a.i)} for a in function.attribute_proto if a.type == onnx.AttributeProto.INT}
+        for call in calls:
+            if (call.domain, call.op_type) == (function.domain, function.name):
+                for a in call.attribute:
+                    if a.type == onnx.AttributeProto.INT:
+                        given.setdefault(a.name, set()).add(int(a.i))
+        walk(function.node, given)
     return fold_tolerance(_LOW_PRECISION[e] for e in elems if e in _LOW_PRECISION)
