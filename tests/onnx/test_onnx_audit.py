@@ -107,11 +107,41 @@ def test_a_training_mode_node_without_its_statistics_outputs_is_said_to_be_refus
     finding = next(f for f in audit(blank).findings if f.code == "training_mode")
     assert "onnxruntime loads the model but crashes running this node" in finding.evidence
     assert "crashes running (blank)" in fold_model(blank, verify=False)[1].left["bn"]
+    old = _bn_model(**GOOD, opset=12)  # opset 9-13: running-statistic outputs select training; a blank one crashes
+    old.graph.node[0].output.extend(["rm", "", "", ""])
+    finding = next(f for f in audit(old).findings if f.code == "training_mode")
+    assert "onnxruntime loads the model but crashes running this node" in finding.evidence
+    assert "crashes running (blank)" in fold_model(old, verify=False)[1].left["bn"]
     folded, report = fold_model(model, to_inference=True)
     x = np.random.default_rng(1).standard_normal((2, 3, 3)).astype(np.float32)
     y = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     s, b, m, v = (np.asarray(GOOD[k], np.float64)[None, :, None] for k in ("scale", "bias", "mean", "var"))
     np.testing.assert_allclose(y, (x - m) / np.sqrt(v + np.float32(1e-5)) * s + b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("outputs", [["y"], ["y", "rm", ""]])
+def test_a_training_node_bnkit_cannot_switch_gets_re_export_advice_when_onnxruntime_cannot_run_it(outputs):
+    """The node inside an If body: fold_model's refusal said to pass --to-inference, which then refused the file
+    ('cannot switch training-mode nodes'), and for blank outputs offered --no-verify, which writes a file onnxruntime
+    crashes on. Now: re-export, naming why bnkit leaves the node."""
+    model = _bn_model(**GOOD, opset=15)
+    bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], outputs, name="bn", training_mode=1)
+    body = helper.make_graph([bn], "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 3])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["z"])], "else", [],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 3, 3])])
+    graph = model.graph
+    del graph.node[:]
+    graph.node.append(helper.make_node("If", ["cond"], ["out"], name="if", then_branch=body, else_branch=other))
+    graph.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 3]))
+    onnx.checker.check_model(model)
+    with pytest.raises(OnnxRuntimeError, match=r"re-export the model in eval mode: bnkit fold does not rewrite if/bn "
+                                               r"\(inside a subgraph") as caught:
+        fold_model(model)
+    assert "to_inference" not in str(caught.value) and "no-verify" not in str(caught.value)
+    with pytest.raises(ValueError, match="cannot switch training-mode nodes"):  # what the old advice led to
+        fold_model(model, to_inference=True)
 
 
 @pytest.mark.parametrize("opset", [14, 15, 17])

@@ -78,17 +78,35 @@ def test_random_inputs_refuse_a_shape_for_an_input_the_graph_does_not_have():
 
 
 def test_inputs_short_of_memory_are_told_apart_from_the_model(monkeypatch):
-    """NumPy failing to allocate a random input is an InputsMemoryError naming the input (the CLI then suggests a
+    """NumPy failing to allocate a random input is a VerificationMemoryError naming the input (the CLI then suggests a
     smaller --input-shape); a MemoryError from the model's own tensors is not one (tests/cli/test_cli_fold.py)."""
-    from bnkit.onnx.verify import InputsMemoryError
+    from bnkit.onnx.verify import VerificationMemoryError
 
     class Short:
         def standard_normal(self, shape):
             raise MemoryError(f"Unable to allocate 1 TiB for an array with shape {shape}")
 
     monkeypatch.setattr(np.random, "default_rng", lambda seed=None: Short())
-    with pytest.raises(InputsMemoryError, match=r"input 'x' of shape \[1, 8, 2, 2\]: Unable to allocate 1 TiB"):
+    with pytest.raises(VerificationMemoryError, match=r"input 'x' of shape \[1, 8, 2, 2\]: Unable to allocate 1 TiB"):
         random_inputs(_cast_conv(TensorProto.FLOAT), input_shapes={"x": [1, 8, 2, 2]})
+
+
+def test_outputs_short_of_memory_in_the_check_are_a_verification_memory_error(monkeypatch):
+    """compare's float64 copies of large outputs failing to allocate: the CLI said 'not enough memory to fold', though
+    the fold itself fitted (--no-verify ran); the check's memory is the verification's, which smaller shapes help."""
+    import sys
+
+    from bnkit.onnx.verify import VerificationMemoryError
+
+    onnx_fold = sys.modules["bnkit.onnx.fold"]  # the module: bnkit.onnx.fold the attribute is the function
+
+    def short(*args):
+        raise MemoryError("Unable to allocate 2.00 GiB for an array with shape (1, 64, 2048, 2048)")
+
+    monkeypatch.setattr(onnx_fold, "compare", short)
+    with pytest.raises(VerificationMemoryError, match=r"the outputs on inputs of shapes \{'x': \[1, 8, 2, 2\]\}: "
+                                                      r"Unable to allocate 2.00 GiB"):
+        fold_model(_cast_conv(TensorProto.FLOAT), input_shapes={"x": [1, 8, 2, 2]})
 
 
 def test_dim_value_minus_one_is_dynamic_and_zero_is_still_empty():

@@ -64,7 +64,7 @@ def _in_onnx_file(report, onnx_fold) -> dict:
 
 def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool, verify: bool, as_json: bool) -> None:
     from ..onnx import FoldVerificationError, OnnxRuntimeError, fold
-    from ..onnx.verify import InputsMemoryError
+    from ..onnx.verify import VerificationMemoryError
 
     input_shapes = {}
     for item in shapes:
@@ -76,7 +76,7 @@ def _fold_onnx(source: Path, output: Path, shapes: list[str], to_inference: bool
         report = fold(source, output, to_inference=to_inference, verify=verify, input_shapes=input_shapes or None)
     except (FoldVerificationError, OnnxRuntimeError) as exc:
         raise fail(str(exc), code=1) from None
-    except InputsMemoryError as exc:  # the random inputs for the check
+    except VerificationMemoryError as exc:  # the check's random inputs, or the outputs it compares
         raise fail(f"not enough memory to verify {source} on inputs of shapes {input_shapes or 'from the graph'}: "
                    f"{exc}; nothing written (a smaller --input-shape, or --no-verify)", code=1) from None
     except MemoryError as exc:  # the model's own tensors (NumPy's _ArrayMemoryError)

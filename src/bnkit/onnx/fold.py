@@ -76,7 +76,8 @@ from ..precision import OFFSET_NOTE_RATIO
 from .graph import (RANDOM_OPS, BNNode, GraphIndex, attribute, blank_outputs_fail, bn_nodes, external_data_files,
                     initializer_names, load_model, local_functions, node_label, opset_version, stored_name, subgraphs,
                     too_large, training_dropouts, unswitchable_training)
-from .verify import OnnxRuntimeError, compare, default_tolerance, random_inputs, run
+from .verify import (OnnxRuntimeError, VerificationMemoryError, compare, default_tolerance, random_inputs,
+                     run)
 
 __all__ = ["FoldedNode", "OnnxFoldReport", "FoldVerificationError", "fold_model", "fold"]
 
@@ -691,39 +692,61 @@ def fold_model(
         raise RuntimeError(f"the folded model fails onnx.checker: {exc}") from exc
 
     if verify:
-        unloadable = [bn.name for bn in nodes if bn.statistics_outputs_missing and len(bn.node.output) < 3]
+        unloadable = [bn for bn in nodes if bn.statistics_outputs_missing and len(bn.node.output) < 3]
         if unloadable and not to_inference:  # to_inference switched them; blank outputs: the error below
             raise OnnxRuntimeError(
-                f"BatchNormalization nodes {unloadable} are in training mode (training_mode=1) without their running "
-                "mean and variance outputs, which onnxruntime refuses to load, so the model cannot be verified; pass "
-                "to_inference=True (--to-inference) to switch them to their running statistics")
+                f"BatchNormalization nodes {[bn.name for bn in unloadable]} are in training mode (training_mode=1) "
+                "without their running mean and variance outputs, which onnxruntime refuses to load, so the model "
+                f"cannot be verified; {_repair_advice(unloadable)}")
         if crashing:
+            stuck = [bn for bn in nodes if bn.name in crashing]
             raise OnnxRuntimeError(
                 f"BatchNormalization nodes {crashing} keep blank (\"\") optional outputs in a pattern onnxruntime "
                 "1.32 cannot run (a segmentation fault where a running statistic is blank), so the model cannot be "
-                "verified; pass to_inference=True "
-                "(--to-inference) to switch training-mode ones, or verify=False (--no-verify)")
-        feeds = random_inputs(reference, input_shapes=input_shapes, dynamic_size=dynamic_size)
-        report.input_shapes = {k: list(v.shape) for k, v in feeds.items()}
-        report.tolerance = default_tolerance(reference) if rtol is None else rtol
+                f"verified; {_repair_advice(stuck)}")
         try:
-            expected = run(_seeded(reference, folder.opset), feeds)
-        except OnnxRuntimeError as exc:
-            raise OnnxRuntimeError(
-                f"{exc}\nthe input model cannot be run on the verification inputs {report.input_shapes} (dynamic "
-                f"dimensions set to {dynamic_size}): if they do not fit it, give shapes that fit it (input_shapes / "
-                "--input-shape NAME=SHAPE); if onnxruntime cannot run it at all (an op or dtype it lacks), pass "
-                "verify=False (--no-verify) to fold without the check") from None
-        try:
-            report.max_abs_diff, report.max_rel_diff = compare(expected, run(_seeded(work, folder.opset), feeds))
-        except ValueError as exc:
-            raise ValueError(f"cannot verify the fold on standard-normal inputs of shapes {report.input_shapes}: "
-                             f"{exc}; verify=False (--no-verify) folds without the check; nothing written") from None
+            _verify(reference, work, folder.opset, report, input_shapes, dynamic_size, rtol)
+        except MemoryError as exc:  # the runs' outputs, or their float64 copies: the fold itself fitted
+            if isinstance(exc, VerificationMemoryError):
+                raise
+            raise VerificationMemoryError(f"the outputs on inputs of shapes {report.input_shapes}: {exc}") from None
         if not report.verified:
             raise FoldVerificationError(
                 f"onnxruntime outputs differ after folding: max relative difference {report.max_rel_diff:.3g} > "
                 f"{report.tolerance:g} (max abs {report.max_abs_diff:.3g}); nothing was written", report)
     return work, report
+
+
+def _verify(reference: onnx.ModelProto, work: onnx.ModelProto, opset: int, report: OnnxFoldReport,
+            input_shapes: dict[str, list[int]] | None, dynamic_size: int, rtol: float | None) -> None:
+    """Run ``reference`` and the folded ``work`` in onnxruntime on the same random inputs; fills ``report``'s
+    shapes, tolerance and differences (see :func:`fold_model`)."""
+    feeds = random_inputs(reference, input_shapes=input_shapes, dynamic_size=dynamic_size)
+    report.input_shapes = {k: list(v.shape) for k, v in feeds.items()}
+    report.tolerance = default_tolerance(reference) if rtol is None else rtol
+    try:
+        expected = run(_seeded(reference, opset), feeds)
+    except OnnxRuntimeError as exc:
+        raise OnnxRuntimeError(
+            f"{exc}\nthe input model cannot be run on the verification inputs {report.input_shapes} (dynamic "
+            f"dimensions set to {dynamic_size}): if they do not fit it, give shapes that fit it (input_shapes / "
+            "--input-shape NAME=SHAPE); if onnxruntime cannot run it at all (an op or dtype it lacks), pass "
+            "verify=False (--no-verify) to fold without the check") from None
+    try:
+        report.max_abs_diff, report.max_rel_diff = compare(expected, run(_seeded(work, opset), feeds))
+    except ValueError as exc:
+        raise ValueError(f"cannot verify the fold on standard-normal inputs of shapes {report.input_shapes}: "
+                         f"{exc}; verify=False (--no-verify) folds without the check; nothing written") from None
+
+
+def _repair_advice(nodes: list[BNNode]) -> str:
+    """What makes the BatchNormalization ``nodes`` onnxruntime cannot run into ones it can: ``to_inference`` where
+    bnkit switches them all, else a re-export (their If/Loop bodies or functions are not rewritten)."""
+    if all(bn.unrewritable is None and bn.training for bn in nodes):
+        return "pass to_inference=True (--to-inference) to switch them to their running statistics"
+    left = [f"{bn.name} ({bn.unrewritable})" for bn in nodes if bn.unrewritable is not None]
+    return ("re-export the model in eval mode" + (f": bnkit fold does not rewrite {', '.join(left)}" if left else "")
+            + ("; to_inference=True (--to-inference) switches the others" if len(left) < len(nodes) else ""))
 
 
 def fold(in_path: "str | os.PathLike", out_path: "str | os.PathLike", **options) -> OnnxFoldReport:

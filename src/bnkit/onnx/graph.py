@@ -557,11 +557,13 @@ class BNNode:
 
     @property
     def statistics_outputs_missing(self) -> bool:
-        """A ``training_mode=1`` node (opset >= 14) whose running mean or variance output is absent or named blank
-        (``""``): onnxruntime refuses to load it when absent, and crashes running it when blank
-        (:func:`blank_outputs_fail`)."""
+        """A training node whose running mean or variance output is absent (``training_mode=1``, opset >= 14) or
+        named blank (``""``, opset 9 on): onnxruntime refuses to load it when absent, and crashes running it when
+        blank (:func:`blank_outputs_fail`)."""
         outputs = list(self.node.output)
-        return self.training and self.opset >= 14 and (len(outputs) < 3 or not all(outputs[1:3]))
+        if not self.training or self.opset < 9:
+            return False
+        return (self.opset >= 14 and len(outputs) < 3) or (len(outputs) >= 3 and not all(outputs[1:3]))
 
 
 def _as64(value: np.ndarray | None) -> np.ndarray | None:

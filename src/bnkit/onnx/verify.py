@@ -20,7 +20,8 @@ from onnx import helper
 from ..precision import fold_tolerance
 from .graph import initializer_names, subgraphs
 
-__all__ = ["OnnxRuntimeError", "InputsMemoryError", "NothingComparedError", "random_inputs", "run", "compare", "default_tolerance"]
+__all__ = ["OnnxRuntimeError", "VerificationMemoryError", "NothingComparedError", "random_inputs", "run", "compare",
+           "default_tolerance"]
 
 
 class NothingComparedError(ValueError):
@@ -28,8 +29,9 @@ class NothingComparedError(ValueError):
     same places in both)."""
 
 
-class InputsMemoryError(MemoryError):
-    """The random inputs for a verification do not fit in memory (their shapes, not the model, are too large)."""
+class VerificationMemoryError(MemoryError):
+    """A fold's verification ran out of memory (its random inputs, or the outputs it compares), not the fold itself:
+    smaller verification input shapes help."""
 
 
 class OnnxRuntimeError(RuntimeError):
@@ -86,8 +88,8 @@ def random_inputs(
             raise ValueError(f"input {value.name!r} would have shape {list(shape)}, which is empty: verifying on it "
                              "compares nothing; give sizes >= 1 (input_shapes / --input-shape, dynamic_size)")
         if (values := math.prod(shape)) * 8 > sys.maxsize:  # NumPy's own ValueError ("array is too big") names no shape
-            raise InputsMemoryError(f"input {value.name!r} of shape {list(shape)} holds {values} values, more than an "
-                                    "array can")
+            raise VerificationMemoryError(f"input {value.name!r} of shape {list(shape)} holds {values} values, more "
+                                          "than an array can")
         elem = ttype.elem_type
         try:
             if elem == onnx.TensorProto.BOOL:
@@ -97,7 +99,7 @@ def random_inputs(
             else:
                 feeds[value.name] = rng.standard_normal(shape).astype(helper.tensor_dtype_to_np_dtype(elem))
         except MemoryError as exc:
-            raise InputsMemoryError(f"input {value.name!r} of shape {list(shape)}: {exc}") from None
+            raise VerificationMemoryError(f"input {value.name!r} of shape {list(shape)}: {exc}") from None
     if input_shapes:
         raise ValueError(f"input_shapes names no graph input: {sorted(input_shapes)}; the graph's inputs are "
                          f"{[value.name for value in _graph_inputs(model)]}")
