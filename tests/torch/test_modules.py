@@ -277,7 +277,7 @@ def test_an_unequal_layer_without_recalibrated_statistics_is_still_named(odd):
 def test_a_weight_of_shape_c_by_1_is_refused_for_what_it_is():
     """PyTorch runs a (3, 1) weight (its kernels read it flattened); bnkit's float64 fold would broadcast it to (3, 3),
     so it refuses it, and the message said 'which PyTorch's forward refuses too'."""
-    from bnkit.torch import fold_bn
+    from bnkit.torch import audit, fold_bn
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3)).eval()
     model[1].weight = torch.nn.Parameter(torch.rand(3, 1) + 0.5)
@@ -285,6 +285,15 @@ def test_a_weight_of_shape_c_by_1_is_refused_for_what_it_is():
     with pytest.raises(ValueError, match=r"weight \(3, 1\).*PyTorch's forward refuses tensors of different lengths, "
                                          r"and bnkit reads each as one value per channel"):
         fold_bn(model)
+    untracked = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.BatchNorm2d(3, track_running_stats=False))
+    bn = untracked[1]
+    bn.weight, bn.bias = (torch.nn.Parameter(t.detach().view(3, 1).clone()) for t in (bn.weight, bn.bias))
+    untracked(torch.randn(2, 3, 5, 5))  # PyTorch runs it too
+    (bad,) = [f for f in audit(untracked).findings if f.severity == "error"]  # the shapes agree: not 'inconsistent'
+    assert (bad.finding, bad.evidence, bad.data) == ("BN arrays are not one value per channel",
+                                                     "weight (3, 1), bias (3, 1)", {"weight": [3, 1], "bias": [3, 1]})
+    with pytest.raises(ValueError, match=r"has per-channel tensors that are not 1-d \(weight \(3, 1\), bias"):
+        fold_bn(torch.nn.Sequential(untracked[0], torch.nn.BatchNorm2d(3).eval(), bn))
 
 
 def test_buffers_made_under_inference_mode_do_not_stop_the_audit():

@@ -248,7 +248,7 @@ def _model_report(model, data, forward, batch_size, train_batch_size, max_batche
     if batches is not None and (broken := [n for n, bn in layers if unequal_channel_tensors(bn)]):
         findings.append(Finding(  # the state checks report each such layer as an error (bad_shape)
             "info", "(data)", "data checks skipped",
-            f"BatchNorm layer(s) {short_names(broken)} have per-channel tensors of different shapes (PyTorch's "
+            f"BatchNorm layer(s) {short_names(broken)} have per-channel tensors not all of shape (C,) (PyTorch's "
             "forward refuses tensors of different lengths; the audit reads each as one value per channel), so the "
             "model is not run on the data",
             "give those layers tensors of one length, then audit with the data again", "data_skipped",

@@ -22,7 +22,7 @@ from ..audit_state import check_bn_stats, ema_window, layer_stats
 from ..findings import Finding
 from .freeze import is_frozen
 from .layers import is_cumulative
-from .modules import is_batchnorm, unequal_channel_tensors
+from .modules import describe_shapes, is_batchnorm, unequal_channel_tensors
 
 
 def model_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], example: Any = None) -> list[Finding]:
@@ -48,9 +48,14 @@ def model_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], exampl
 
 def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
     if bn.running_mean is None or bn.running_var is None:
-        unequal = [] if (shapes := unequal_channel_tensors(bn)) is None else [Finding(  # the state checks' own, below
-            "error", name, "BN arrays have inconsistent shapes", shapes,
-            "give the layer one value per channel in each; PyTorch's forward refuses it as it is", "bad_shape")]
+        unequal = []  # what the state checks below say of a layer with running statistics
+        if (shapes := unequal_channel_tensors(bn)) is not None:
+            what, listed = describe_shapes(shapes)
+            unequal.append(Finding(
+                "error", name, "BN arrays have inconsistent shapes" if what.startswith("of different") else
+                "BN arrays are not one value per channel", listed,
+                "give the layer one value per channel in each, shape (C,); PyTorch's forward refuses arrays of "
+                "different lengths", "bad_shape", {k: list(s) for k, s in shapes.items()}))
         return unequal + [Finding(
             "warning", name, "track_running_stats=False: normalizes with batch statistics at inference",
             "no running statistics; every output depends on the other samples of its batch, and a batch of one "

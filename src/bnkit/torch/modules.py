@@ -463,27 +463,34 @@ def channels(bn: nn.Module) -> int:
     return int(bn.num_features) if held is None else int(held.numel())
 
 
-def unequal_channel_tensors(bn: nn.Module) -> str | None:
+def unequal_channel_tensors(bn: nn.Module) -> dict[str, tuple[int, ...]] | None:
     """Where a BatchNorm layer's per-channel tensors (weight, bias, running_mean, running_var) are not all 1-d of
-    one length, their shapes as ``"weight (4,), running_mean (3,), ..."``; else None. PyTorch's forward refuses
-    tensors of different lengths ("weight should contain 3 elements not 4") and reads a ``(3, 1)`` one flattened;
-    bnkit's float64 arithmetic would broadcast a one-element or ``(3, 1)`` tensor over every channel."""
+    one length, their shapes by name; else None. PyTorch's forward refuses tensors of different lengths ("weight
+    should contain 3 elements not 4") and reads a ``(3, 1)`` one flattened; bnkit's float64 arithmetic would
+    broadcast a one-element or ``(3, 1)`` tensor over every channel."""
     shapes = {k: tuple(t.shape) for k in ("weight", "bias", "running_mean", "running_var")
               if isinstance(t := getattr(bn, k, None), torch.Tensor) and not is_lazy(t)}
     if len(set(shapes.values())) <= 1 and all(len(s) == 1 for s in shapes.values()):
         return None
-    return ", ".join(f"{k} {s}" for k, s in shapes.items())
+    return shapes
+
+
+def describe_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[str, str]:
+    """``(what is wrong, the shapes listed)`` for :func:`unequal_channel_tensors`' answer."""
+    what = "of different shapes" if len(set(shapes.values())) > 1 else "that are not 1-d"
+    return what, ", ".join(f"{k} {s}" for k, s in shapes.items())
 
 
 def check_channel_tensors(layers: Iterable[tuple[str, nn.Module]]) -> None:
     """Raise ``ValueError`` naming the first of ``layers`` (``(name, layer)`` pairs) whose per-channel tensors
-    differ in shape (:func:`unequal_channel_tensors`); callers check before they change anything."""
+    are not all of shape ``(C,)`` (:func:`unequal_channel_tensors`); callers check before they change anything."""
     for name, bn in layers:
         if shapes := unequal_channel_tensors(bn):
-            raise ValueError(f"BatchNorm layer {name or type(bn).__name__!r} has per-channel tensors of different "
-                             f"shapes ({shapes}): PyTorch's forward refuses tensors of different lengths, and bnkit "
-                             "reads each as one value per channel; give them all the shape (C,) (load a consistent "
-                             "state dict, or finish cutting the layer)")
+            what, listed = describe_shapes(shapes)
+            raise ValueError(f"BatchNorm layer {name or type(bn).__name__!r} has per-channel tensors {what} "
+                             f"({listed}): PyTorch's forward refuses tensors of different lengths, and bnkit reads "
+                             "each as one value per channel; give them all the shape (C,) (load a consistent state "
+                             "dict, or finish cutting the layer)")
 
 
 def input_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
