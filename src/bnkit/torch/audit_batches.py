@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..checks import native_array
-from .modules import SavedBuffers, flatten_tensors, input_dtype_device, is_batchnorm, map_nested
+from .modules import SavedState, flatten_tensors, input_dtype_device, is_batchnorm, map_nested
 
 
 class Batches:
@@ -139,17 +139,20 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 
 class Restore:
-    """Remember every module's flag and buffers and each BN layer's momentum and tracking flag; restore on exit.
+    """Remember every module's flag and state (:class:`~bnkit.torch.modules.SavedState`: attributes, parameters,
+    buffers) and each BN layer's momentum and tracking flag; restore on exit.
 
-    Every module's buffers, not only BatchNorm's: observers (quantization-aware training's fake-quant ranges,
-    a model's own running counters) update theirs in any mode. ``layers`` may hold bnkit's
-    ``FrozenBatchNorm*d``, which have neither option.
+    Every module's, not only BatchNorm's: observers (quantization-aware training's fake-quant ranges, a model's own
+    running counters) update their buffers in any mode, and a layer that initializes itself from its first batch
+    (Glow's ActNorm) writes its parameters and flags. ``layers`` may hold bnkit's ``FrozenBatchNorm*d``, which have
+    neither option.
     """
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
         self.flags = [(m, m.training) for m in model.modules()]
         self.options = [(bn, bn.momentum, bn.track_running_stats) for _, bn in layers if is_batchnorm(bn)]
-        self.buffers = SavedBuffers([m for m, _ in self.flags])
+        self.state = SavedState(model)
+        self.buffers = self.state.buffers
 
     def __enter__(self) -> "Restore":
         return self
@@ -160,9 +163,10 @@ class Restore:
         self.buffers_and_options()
 
     def buffers_and_options(self) -> None:
+        """Put back the state and the BN options (flags: on exit)."""
         for bn, momentum, track in self.options:
             bn.momentum, bn.track_running_stats = momentum, track
-        self.buffers.restore()
+        self.state.restore()
 
 
 def set_training(model: nn.Module, flag: bool) -> None:

@@ -100,7 +100,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..findings import Finding
 from ..stats import RunningMoments
 from .layers import _DropInBatchNorm, is_cumulative
-from .modules import (SavedBuffers, channels, check_channel_tensors, eager_calls, eager_modules, has_stock_forward,
+from .modules import (SavedState, channels, check_channel_tensors, eager_calls, eager_modules, has_stock_forward,
                       is_batchnorm, is_bn_or_frozen, is_whole_number, normalized_inputs, parallel_device,
                       restored_after_each_call, sole_device, to_device, uninitialized_lazy, unwrapped, usable_device)
 
@@ -730,13 +730,14 @@ def recalibrate(
             one value per channel, statistics beyond the buffers' dtype (float16
             running_var above 65504).
         RuntimeError: under ``torch.distributed``, another rank failed (see above).
-            On any exception, KeyboardInterrupt included, the model's buffers
-            and flags are exactly as before.
+            On any exception, KeyboardInterrupt included, the model's buffers, parameters,
+            attributes and flags are exactly as before (on success, only the BN statistics changed).
     """
     world = _distributed_world() if distributed else 1
     try:  # a check failing on one rank must reach the collective too, or the others wait there until the timeout
         model, modules, layers, device = _checked(model, data, num_batches, forward, device, on_nonfinite)
-        saved = SavedBuffers([m for _, m in modules])
+        state = SavedState(model)  # what a forward may write anywhere (an ActNorm initializing itself), put back
+        saved = state.buffers
         acc = _Pass(layers, skip_nonfinite=on_nonfinite == "skip")
     except Exception as exc:
         if world > 1:
@@ -819,7 +820,7 @@ def recalibrate(
         if acc.batches == 0:
             raise StatisticsRangeError(
                 f"all {acc.skipped} batches had non-finite BatchNorm inputs; nothing to recalibrate from")
-        saved.restore()  # every buffer, attached as before the pass (the statistics are written into those)
+        state.restore()  # every attribute, parameter and buffer as before the pass (the statistics go into those)
         report = RecalibrationReport(batches=acc.batches, skipped_batches=acc.skipped, world_size=world)
         unread = {layers[own_forward[j]][0] for j in measured.unread}
         with torch.no_grad():
@@ -855,13 +856,13 @@ def recalibrate(
                     unread=name in unread))
         return report
     except BaseException:
-        saved.restore()
+        state.restore()
         raise
     finally:
         for h in handles:
             h.remove()
         for m in patched:
-            del m.__dict__["forward"]
+            m.__dict__.pop("forward", None)  # gone already where the state was put back
         for m, was in flags:
             if m.training is not was:
                 m.training = was

@@ -1,0 +1,86 @@
+"""recalibrate and the audit with data run the model's forward, which may write state of its own: Glow's ActNorm
+initializes its parameters from its first batch and sets a flag. Neither tool may keep such writes, whether it
+returns or fails (the audit never changes the model; recalibrate changes only the BN statistics), as fold_bn and
+fold_plan already did. Oracles: the model's state before the call (torch.equal), and for recalibrate the float64
+population statistics of the BN input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bnkit.torch import audit, recalibrate
+
+
+class ActNorm(nn.Module):
+    """Data-dependent initialization on the first forward (Kingma & Dhariwal, 2018): parameters and a plain flag."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.scale = nn.Parameter(torch.ones(1, c, 1, 1))
+        self.initialized = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.initialized:
+            with torch.no_grad():
+                self.loc.copy_(-x.mean((0, 2, 3), keepdim=True))
+                self.scale.copy_(1 / (x.std((0, 2, 3), keepdim=True) + 1e-6))
+            self.initialized = True
+        return (x + self.loc) * self.scale
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), ActNorm(4)
+        self.fail_at: int | None = None  # the call that raises, after the ActNorm ran
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.bn(self.conv(x)))
+        self.calls += 1
+        if self.fail_at is not None and self.calls > self.fail_at:
+            raise RuntimeError("the forward failed")
+        return out
+
+
+def _net(fail_at: int | None) -> Net:
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.1, 0.1)
+        model.bn.num_batches_tracked += 10
+    model.fail_at = fail_at
+    return model
+
+
+def _state(model: Net) -> tuple:
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()}, model.act.initialized, model.calls,
+            [p for p in model.parameters()])
+
+
+@pytest.mark.parametrize("tool", ["audit", "recalibrate"])
+@pytest.mark.parametrize("fail_at", [None, 0, 2])
+def test_a_forward_that_initializes_a_layer_leaves_no_trace(tool, fail_at):
+    data = [torch.randn(8, 3, 5, 5) * 3 + 1 for _ in range(3)]
+    model = _net(fail_at)
+    tensors, initialized, calls, params = _state(model)
+    run = (lambda: audit(model, data)) if tool == "audit" else (lambda: recalibrate(model, data, progress=False))
+    if fail_at is None:
+        run()
+    else:
+        with pytest.raises((ValueError, RuntimeError), match="the forward failed"):
+            run()
+    assert not model.act.initialized and not initialized and model.calls == calls
+    assert [p for p in model.parameters()] == params  # the same objects: an optimizer holding them still works
+    recalibrated = tool == "recalibrate" and fail_at is None
+    for k, v in model.state_dict().items():
+        if not (recalibrated and k.startswith("bn.")):
+            assert torch.equal(v, tensors[k]), k
+    if recalibrated:  # the statistics, and only they, changed: to those of the BN input over every batch
+        with torch.no_grad():
+            x = torch.cat([model.conv(b) for b in data]).double().transpose(0, 1).reshape(4, -1).numpy()
+        np.testing.assert_allclose(model.bn.running_mean.numpy(), x.mean(1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(model.bn.running_var.numpy(), x.var(1, ddof=1), rtol=1e-5, atol=1e-6)
