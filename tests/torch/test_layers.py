@@ -736,10 +736,33 @@ def test_a_compiled_layer_is_refused_and_a_compiled_container_converted():
         with pytest.raises(ValueError, match=r"torch.compile\(BatchNorm1d\).*nothing changed"):
             convert(compiled)
         assert type(compiled._orig_mod) is nn.BatchNorm1d
-        with pytest.raises(ValueError, match=r"^0 is torch.compile"):
+        with pytest.raises(ValueError, match=r"^'0' is torch.compile"):
             convert(nn.Sequential(compiled))
     held = torch.compile(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))  # looks its children up when called
     assert type(convert_bn(held, virtual_batch_size=2)._orig_mod[1]) is BatchNorm1d
+
+
+def test_a_layer_compiled_in_place_is_refused_by_every_swap():
+    """layer.compile() keeps torch.compile(layer._call_impl), bound to the layer: convert_frozen / convert_bn copied it
+    onto the new class, so a 'frozen' layer kept updating its statistics and the extras never ran; the reverts kept
+    the bnkit code. Oracle: what the refused call leaves, by identity and class (nothing changed)."""
+    from bnkit.torch import convert_frozen, revert_bn, revert_frozen
+
+    def model(swap=None) -> nn.Sequential:
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        if swap is not None:
+            m = swap(m)
+        m[1].compile(backend="eager")
+        return m
+
+    for swap, undo in ((None, convert_frozen), (None, lambda m: convert_bn(m, virtual_batch_size=2)),
+                       (convert_frozen, revert_frozen), (lambda m: convert_bn(m, debias=True), revert_bn)):
+        m = model(swap)
+        layer, cls = m[1], type(m[1])
+        with pytest.raises(ValueError, match=rf"^'1' was compiled in place \({cls.__name__}.compile\(\)\).*"
+                                             "nothing changed"):
+            undo(m)
+        assert m[1] is layer and type(layer) is cls
 
 
 def test_convert_bn_keeps_drop_in_layers_it_would_not_change():

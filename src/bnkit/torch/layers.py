@@ -510,11 +510,18 @@ def replace_modules(model: nn.Module, make: Callable[[str, nn.Module], nn.Module
     if not new_of:
         return model
     for name, parent in model.named_modules():
+        label = repr(name) if name else "the model"
         # torch.compile's wrapper calls the module it was given, bound at compile time: a new one in its
         # ``_orig_mod`` slot would never run
         if is_compiled_wrapper(parent) and id(parent._orig_mod) in new_of:
-            raise ValueError(f"{name or 'the model'} is torch.compile({type(parent._orig_mod).__name__}), whose "
-                             "compiled forward keeps calling the layer it was given: swap the layer before "
+            raise ValueError(f"{label} is torch.compile({type(parent._orig_mod).__name__}), whose compiled forward "
+                             "keeps calling the layer it was given: swap the layer before compiling it (or compile "
+                             "the model that holds it); nothing changed")
+        # module.compile() keeps torch.compile(self._call_impl), bound to the module: a copy of its __dict__ would
+        # run the old class's code under the new class's name
+        if id(parent) in new_of and vars(parent).get("_compiled_call_impl") is not None:
+            raise ValueError(f"{label} was compiled in place ({type(parent).__name__}.compile()), and its compiled "
+                             "call keeps running the code of the class it was compiled as: swap the layer before "
                              "compiling it (or compile the model that holds it); nothing changed")
     for parent in list(model.modules()):
         for child_name, child in list(parent._modules.items()):
