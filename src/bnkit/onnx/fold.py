@@ -742,11 +742,12 @@ def _verify(reference: onnx.ModelProto, work: onnx.ModelProto, opset: int, repor
 def _repair_advice(nodes: list[BNNode]) -> str:
     """What makes the BatchNormalization ``nodes`` onnxruntime cannot run into ones it can: ``to_inference`` where
     bnkit switches them all, else a re-export (their If/Loop bodies or functions are not rewritten)."""
-    if all(bn.unrewritable is None and bn.training for bn in nodes):
+    switchable = [bn.name for bn in nodes if bn.unrewritable is None and bn.training]
+    if len(switchable) == len(nodes):
         return "pass to_inference=True (--to-inference) to switch them to their running statistics"
     left = [f"{bn.name} ({bn.unrewritable})" for bn in nodes if bn.unrewritable is not None]
     return ("re-export the model in eval mode" + (f": bnkit fold does not rewrite {', '.join(left)}" if left else "")
-            + ("; to_inference=True (--to-inference) switches the others" if len(left) < len(nodes) else ""))
+            + (f"; to_inference=True (--to-inference) switches {switchable}" if switchable else ""))
 
 
 def fold(in_path: "str | os.PathLike", out_path: "str | os.PathLike", **options) -> OnnxFoldReport:

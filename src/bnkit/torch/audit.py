@@ -251,7 +251,7 @@ def _model_report(model, data, forward, batch_size, train_batch_size, max_batche
             f"BatchNorm layer(s) {short_names(broken)} have per-channel tensors not all of shape (C,) (PyTorch's "
             "forward refuses tensors of different lengths; the audit reads each as one value per channel), so the "
             "model is not run on the data",
-            "give those layers tensors of one length, then audit with the data again", "data_skipped",
+            "give those layers' tensors the shape (C,), then audit with the data again", "data_skipped",
             {"layers": broken}))
     elif batches is not None:
         report.depth = "data"
