@@ -1,7 +1,8 @@
 """recalibrate and the audit with data run the model's forward, which may write state of its own: Glow's ActNorm
 initializes its parameters from its first batch and sets a flag. Neither tool may keep such writes, whether it
 returns or fails (the audit never changes the model; recalibrate changes only the BN statistics), as fold_bn and
-fold_plan already did. Oracles: the model's state before the call (torch.equal), and for recalibrate the float64
+fold_plan already did; and a container attribute a forward writes (a collections.Counter) comes back with its items
+as they were. Oracles: the model's state before the call (torch.equal, ==), and for recalibrate the float64
 population statistics of the BN input."""
 from __future__ import annotations
 
@@ -84,3 +85,41 @@ def test_a_forward_that_initializes_a_layer_leaves_no_trace(tool, fail_at):
             x = torch.cat([model.conv(b) for b in data]).double().transpose(0, 1).reshape(4, -1).numpy()
         np.testing.assert_allclose(model.bn.running_mean.numpy(), x.mean(1), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(model.bn.running_var.numpy(), x.var(1, ddof=1), rtol=1e-5, atol=1e-6)
+
+
+class Counting(nn.Module):
+    """Counts the input shapes it sees in a collections.Counter attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from collections import Counter
+
+        self.shapes = Counter({"(8, 4, 5, 5)": 3})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes[str(tuple(x.shape))] += 1
+        return x
+
+
+@pytest.mark.parametrize("tool", ["audit", "recalibrate", "fold_plan", "fold_bn"])
+def test_a_counter_attribute_comes_back_with_its_counts(tool):
+    """Putting a dict's items back with update() turned a Counter's (key, count) pairs into new keys counted once:
+    Counter({('(8, 4, 5, 5)', 3): 1}). Oracle: the Counter as it was (fold_bn: in the folded copy)."""
+    from collections import Counter
+
+    from bnkit.torch import fold_bn, fold_plan
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), Counting()).eval()
+    with torch.no_grad():
+        model[1].running_var.fill_(2.0)  # statistics a fold accepts
+        model[1].num_batches_tracked.fill_(100)
+    data = [torch.randn(8, 3, 5, 5) for _ in range(2)]
+    if tool == "audit":
+        audit(model, data)
+    elif tool == "recalibrate":
+        recalibrate(model, data, progress=False)
+    elif tool == "fold_plan":
+        fold_plan(model, data[0])
+    else:
+        model = fold_bn(model, data[0])[0]
+    assert type(model[-1].shapes) is Counter and model[-1].shapes == Counter({"(8, 4, 5, 5)": 3})

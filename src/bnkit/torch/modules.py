@@ -720,6 +720,10 @@ def _put_items(container: list | dict | set, items: list) -> None:
     """Give ``container`` the ``items`` (from :func:`_items`) in place."""
     if isinstance(container, list):
         container[:] = items
+    elif isinstance(container, dict):  # item by item: a Counter's update() adds counts rather than setting them
+        container.clear()
+        for key, value in items:
+            container[key] = value
     else:
         container.clear()
         container.update(items)
