@@ -1501,3 +1501,22 @@ def test_packed_sequence_batches_count_sequences_and_cut_whole_ones():
     z = (h.mean(0) - net.bn.running_mean.double()) / (net.bn.running_var.double() + net.bn.eps).sqrt()
     (shift,) = report.shifts
     assert shift.count == 32 and shift.mean_shift == pytest.approx(float(z[shift.worst_channel]), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import: torch.jit internals
+def test_a_model_compiled_in_place_runs_eagerly_in_every_pass_of_the_audit():
+    """The audit saved the model's state before setting in-place compiled calls aside, so putting the state back
+    between its passes bound the compiled call again for the eval pass and the batch-of-one checks (dynamo would
+    recompile per call). Oracle: the module's own _compiled_call_impl, read at each forward."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    model.compile(backend="eager")
+    compiled_call = model._compiled_call_impl
+    seen = []
+
+    def forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        seen.append(m._compiled_call_impl)
+        return m(x)
+
+    audit(model, [torch.randn(8, 3, 6, 6) for _ in range(3)], forward=forward)
+    assert len(seen) > 4 and all(call is None for call in seen), seen
+    assert model._compiled_call_impl is compiled_call

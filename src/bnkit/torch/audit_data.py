@@ -134,7 +134,8 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
     collectors = {n: Collector(bn, clock, n) for n, bn in tracked}
     findings: list[Finding] = []
     who = "the model" if forward is default_forward else "the model or forward="  # in errors of either pass
-    with Restore(model, layers) as restore, torch.no_grad(), eager_calls(model):
+    # the state is saved with in-place compiled calls set aside, so putting it back between passes keeps them aside
+    with eager_calls(model), Restore(model, layers) as restore, torch.no_grad():
         # pass 1: every BN on batch statistics (nothing it keeps is updated); other modules in eval mode
         set_training(model, False)  # assigned, not model.eval(): a frozen layer's own train() must not run
         own = [(n, bn) for n, bn in tracked if not collectors[n].stock]  # measured on what they hand to F.batch_norm
