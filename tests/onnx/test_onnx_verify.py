@@ -109,6 +109,35 @@ def test_outputs_short_of_memory_in_the_check_are_a_verification_memory_error(mo
         fold_model(_cast_conv(TensorProto.FLOAT), input_shapes={"x": [1, 8, 2, 2]})
 
 
+def test_a_cast_type_passed_through_two_functions_counts_for_the_tolerance():
+    """Outer(to=FLOAT16 by default) calls Inner(t=@to), whose Cast takes 'to' from t: the inliner drops that 'to', and
+    the fallback counted the call's reference as the value 0. Oracle: the closed form, the graph casts to fp16."""
+    ops = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    cast = helper.make_node("Cast", ["x"], ["a"])
+    cast.attribute.append(_ref("to", "t"))
+    inner = helper.make_function("local", "Inner", ["x"], ["y"], [cast, helper.make_node("Cast", ["a"], ["y"],
+                                                                                          to=TensorProto.FLOAT)],
+                                 ops, attributes=["t"])
+    call = helper.make_node("Inner", ["x"], ["y"], domain="local")
+    call.attribute.append(_ref("t", "to"))
+    outer = helper.make_function("local", "Outer", ["x"], ["y"], [call], ops,
+                                 attribute_protos=[helper.make_attribute("to", TensorProto.FLOAT16)])
+    graph = helper.make_graph([helper.make_node("Outer", ["X"], ["Y"], domain="local")], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [2, 3])])
+    model = helper.make_model(graph, opset_imports=ops, functions=[inner, outer])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    assert default_tolerance(model) == 1e-2
+
+
+def _ref(name: str, to: str) -> onnx.AttributeProto:
+    """Attribute ``name`` of a node in a function body, taking the function's attribute ``to``."""
+    attr = onnx.AttributeProto()
+    attr.name, attr.ref_attr_name, attr.type = name, to, onnx.AttributeProto.INT
+    return attr
+
+
 def test_dim_value_minus_one_is_dynamic_and_zero_is_still_empty():
     from bnkit.onnx.verify import random_inputs
 

@@ -215,13 +215,25 @@ def default_tolerance(model: onnx.ModelProto) -> float:
     graph = model.graph
     elems.update(t.data_type for t in graph.initializer)
     elems.update(v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info))
-    calls = walk(graph.node, {}) + [n for f in functions for n in walk(f.node, {})]
-    for function in functions:  # a Cast whose 'to' is the function's attribute: its default, and what calls give
-        given = {a.name: {int(a.i)} for a in function.attribute_proto if a.type == onnx.AttributeProto.INT}
-        for call in calls:
-            if (call.domain, call.op_type) == (function.domain, function.name):
-                for a in call.attribute:
-                    if a.type == onnx.AttributeProto.INT:
-                        given.setdefault(a.name, set()).add(int(a.i))
-        walk(function.node, given)
+    # a Cast whose 'to' is a function's attribute: the attribute's default and every value a call gives it, a call
+    # inside another function passing on its own attribute (ref_attr_name) included; sets grow until none changes
+    bodies = {(f.domain, f.name): f for f in functions}
+    calls = [(None, n) for n in walk(graph.node, {})]
+    calls += [(key, n) for key, f in bodies.items() for n in walk(f.node, {})]
+    given = {key: {a.name: {int(a.i)} for a in f.attribute_proto if a.type == onnx.AttributeProto.INT}
+             for key, f in bodies.items()}
+    grew = True
+    while grew:
+        grew = False
+        for owner, call in calls:
+            if (target := given.get((call.domain, call.op_type))) is None:
+                continue
+            for a in call.attribute:
+                values = (given[owner].get(a.ref_attr_name, set()) if owner is not None else set()) \
+                    if a.ref_attr_name else {int(a.i)} if a.type == onnx.AttributeProto.INT else set()
+                if not values <= (known := target.setdefault(a.name, set())):
+                    known |= values
+                    grew = True
+    for key, f in bodies.items():
+        walk(f.node, given[key])
     return fold_tolerance(_LOW_PRECISION[e] for e in elems if e in _LOW_PRECISION)
