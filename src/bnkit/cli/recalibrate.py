@@ -280,7 +280,8 @@ def recalibrate_command(
                                  num_batches=batches, forward=feed, device=run_on, on_nonfinite=on_nonfinite,
                                  progress=progress)
     except torch.OutOfMemoryError as exc:
-        raise fail(f"recalibration ran out of memory, nothing written (try a smaller --batch-size): {exc}", code=1)
+        raise fail(f"recalibration ran out of memory, nothing written (try a smaller --batch-size; the pass also "
+                   f"holds one copy of the model's parameters and buffers, whatever the batch size): {exc}", code=1)
     except _DataError as exc:
         raise fail(f"reading a batch of the data from {data!r} failed, nothing written: {describe_error(exc.__cause__)}")
     except USER_CODE_ERRORS as exc:  # noqa: BLE001 - bnkit's checks, or the user's model/--forward failing
