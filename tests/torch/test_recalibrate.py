@@ -1091,3 +1091,13 @@ def test_a_model_with_uninitialized_lazy_modules_is_refused_unchanged():
     model(torch.randn(8, 3))  # initialized by the caller's own forward: recalibrated as any model
     report = recalibrate(model, [torch.randn(8, 3), torch.randn(8, 3)], progress=False)
     assert report.batches == 2
+
+
+def test_a_model_on_the_meta_device_is_refused_by_name():
+    """Built on device='meta' (shapes, no values) before its weights are loaded: recalibrate ran into aten's
+    'attempted to run this operator with Meta tensors'; now the refusal the audit and fold give, before the pass."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    for data in ([torch.randn(8, 4)], [torch.randn(8, 4, device="meta")]):
+        with pytest.raises(ValueError, match=r"the model holds meta tensors \(0.weight, .*load real weights first"):
+            recalibrate(model, data, progress=False)

@@ -255,7 +255,7 @@ def recalibrate_command(
     if out_path.suffix.lower() == ".safetensors":  # extra state safetensors cannot hold: said before the pass
         try:
             state = net.state_dict()
-        except USER_CODE_ERRORS:  # noqa: BLE001 - a get_extra_state that needs a forward first: checked on writing
+        except USER_CODE_ERRORS:  # noqa: BLE001 - a get_extra_state that fails before the pass: checked on writing
             state = {}
         try:
             refuse_non_tensors(state)

@@ -99,6 +99,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..findings import Finding
 from ..stats import RunningMoments
+from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .layers import _DropInBatchNorm, is_cumulative
 from .modules import (SavedState, channels, check_channel_tensors, eager_calls, eager_modules, has_stock_forward,
                       is_batchnorm, is_bn_or_frozen, is_whole_number, normalized_inputs, parallel_device,
@@ -604,6 +605,7 @@ def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
     if device is None and forward is None:  # the default forward feeds the batch as it is: send it to the model
         device = sole_device(model)
     modules = list(eager_modules(model))
+    refuse_meta([*model.named_parameters(), *model.named_buffers()], "the model", LOAD_REAL_WEIGHTS)
     layers = [(n, m) for n, m in modules if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None]
     frozen = [n or type(m).__name__ for n, m in modules if is_bn_or_frozen(m) and not is_batchnorm(m)]
     keep = (f"bnkit FrozenBatchNorm layer(s) {frozen[:3]}{'...' if len(frozen) > 3 else ''} keep their statistics, "
