@@ -123,3 +123,50 @@ def test_a_counter_attribute_comes_back_with_its_counts(tool):
     else:
         model = fold_bn(model, data[0])[0]
     assert type(model[-1].shapes) is Counter and model[-1].shapes == Counter({"(8, 4, 5, 5)": 3})
+
+
+class Recording(nn.Module):
+    """Writes a private list and Counter, a dict subclass whose __setitem__ wraps values, and moves an OrderedDict's
+    first key last."""
+
+    class History(dict):
+        def __setitem__(self, key, value) -> None:  # keeps every value set
+            super().__setitem__(key, [*self.get(key, []), value])
+
+    def __init__(self) -> None:
+        super().__init__()
+        from collections import Counter, OrderedDict
+
+        self._seen: list = []
+        self._counts = Counter({"calls": 2})
+        self.history = Recording.History()
+        dict.__setitem__(self.history, "lr", [0.1])
+        self.order = OrderedDict(a=1, b=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._seen.append(tuple(x.shape))
+        self._counts["calls"] += 1
+        self.history["lr"] = 0.2
+        self.order.move_to_end("a")
+        return x
+
+
+@pytest.mark.parametrize("tool", ["audit", "recalibrate", "fold_plan"])
+def test_private_and_subclassed_containers_come_back_as_they_were(tool):
+    """Containers under a private name (self._seen) were skipped, so every write stayed; putting a dict's items back
+    through a subclass's own __setitem__ wrapped them again ({'lr': [[0.1]]}); an OrderedDict keeps its order.
+    Oracle: the containers as they were."""
+    from collections import Counter
+
+    from bnkit.torch import fold_plan
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), Recording()).eval()
+    with torch.no_grad():
+        model[1].running_var.fill_(2.0)
+        model[1].num_batches_tracked.fill_(100)
+    data = [torch.randn(8, 3, 5, 5) for _ in range(2)]
+    {"audit": lambda: audit(model, data), "recalibrate": lambda: recalibrate(model, data, progress=False),
+     "fold_plan": lambda: fold_plan(model, data[0])}[tool]()
+    rec = model[-1]
+    assert rec._seen == [] and rec._counts == Counter({"calls": 2})
+    assert dict(rec.history) == {"lr": [0.1]} and list(rec.order) == ["a", "b"]

@@ -15,7 +15,7 @@ import itertools
 import math
 import numbers
 import threading
-from collections import UserDict
+from collections import OrderedDict, UserDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
@@ -664,19 +664,20 @@ class SavedState:
     :meth:`restore` (also on leaving a ``with`` block) binds each attribute again, gives each such list, dict or set
     its items back in place (``lst[:] = saved``: a cache list appended to, a counter in a dict), and writes the saved
     tensor values back (:func:`write_back`), so the objects stay those they were (an optimizer's references hold).
-    Not put back: the insides of anything else an attribute holds (a container inside a container, a tensor that is
-    a plain attribute written in place, an object's own attributes), torch's own containers named ``_...`` other
-    than the parameters and submodules (hooks a lazy module drops as it initializes), a module's class, and state
-    outside the modules (globals, the random number generators).
+    Not put back: the insides of anything else an attribute holds (a container inside a container, a deque, a
+    tensor that is a plain attribute written in place, an object's own attributes), the containers every
+    ``nn.Module`` has other than the parameters and submodules (its hook dicts: hooks a lazy module drops as it
+    initializes), a module's class, and state outside the modules (globals, the random number generators).
     """
 
     def __init__(self, model: nn.Module) -> None:
         modules = list(model.modules())
         self.buffers = SavedBuffers(modules)
         self.bindings = [(slots, dict(slots)) for m in modules for slots in (vars(m), m._parameters, m._modules)]
-        # the user's containers: torch's own (hooks, _buffers, ...) follow the module's class, which stays as it is
+        # every container attribute but nn.Module's own (hooks, _buffers, ...): those follow the module's class, which
+        # stays as it is; a user's private ``self._seen = []`` is the user's
         containers = {id(v): v for m in modules for k, v in vars(m).items()
-                      if not k.startswith("_") and isinstance(v, (list, dict, set))}
+                      if k not in _MODULE_OWN and isinstance(v, (list, dict, set))}
         self.items = [(c, _items(c)) for c in containers.values()]
         params = {id(p): p for m in modules for p in m._parameters.values()
                   if p is not None and not is_lazy(p) and not p.is_inference()}
@@ -701,6 +702,10 @@ class SavedState:
         self.restore()
 
 
+#: The attributes every ``nn.Module`` has (its hooks, parameters, buffers, submodules, flag): not the user's.
+_MODULE_OWN = frozenset(vars(nn.Module()))
+
+
 def _items(container: list | dict | set) -> list:
     """A list, dict or set's items (a dict's as ``(key, value)`` pairs), the objects themselves."""
     return list(container.items()) if isinstance(container, dict) else list(container)
@@ -717,16 +722,18 @@ def _holds(container: list | dict | set, items: list) -> bool:
 
 
 def _put_items(container: list | dict | set, items: list) -> None:
-    """Give ``container`` the ``items`` (from :func:`_items`) in place."""
+    """Give ``container`` the ``items`` (from :func:`_items`) in place, by the built-in type's own methods: a
+    subclass's would transform them (a Counter's ``update`` adds counts; a ``__setitem__`` may wrap a value)."""
     if isinstance(container, list):
-        container[:] = items
-    elif isinstance(container, dict):  # item by item: a Counter's update() adds counts rather than setting them
-        container.clear()
+        list.__setitem__(container, slice(None), items)
+    elif isinstance(container, dict):
+        base = OrderedDict if isinstance(container, OrderedDict) else dict  # OrderedDict keeps its own order
+        base.clear(container)
         for key, value in items:
-            container[key] = value
+            base.__setitem__(container, key, value)
     else:
-        container.clear()
-        container.update(items)
+        set.clear(container)
+        set.update(container, items)
 
 
 def flatten_tensors(obj: Any) -> list[torch.Tensor]:

@@ -733,7 +733,9 @@ def recalibrate(
             running_var above 65504).
         RuntimeError: under ``torch.distributed``, another rank failed (see above).
             On any exception, KeyboardInterrupt included, the model's buffers, parameters,
-            attributes and flags are exactly as before (on success, only the BN statistics changed).
+            attributes and flags are exactly as before (on success, only the BN statistics changed),
+            as :class:`~bnkit.torch.modules.SavedState` puts them back (not what a forward writes
+            inside other objects, such as a deque or a tensor held as a plain attribute).
     """
     world = _distributed_world() if distributed else 1
     try:  # a check failing on one rank must reach the collective too, or the others wait there until the timeout
