@@ -914,3 +914,28 @@ def test_float32_runs_longer_than_a_piece_with_a_remainder(hw):
     bn.forward(x)
     np.testing.assert_allclose(bn.running_var, x.astype(np.float64).transpose(1, 0, 2, 3).reshape(2, -1).var(1, ddof=1),
                                rtol=1e-6)
+
+
+def test_big_endian_and_bfloat16_inputs_give_the_numbers_of_a_native_float_copy():
+    """A big-endian array (np.load of a '>f8' .npy, FITS, HDF5) crashed the training forward and the eval backward
+    inside NumPy's sum(dtype=...); a bfloat16 array (ml_dtypes, from JAX or Keras) was refused as 'not real numbers'.
+    Oracle: torch.nn.BatchNorm1d in float64 on the native (widened) copy, train forward and input gradient."""
+    rng = np.random.default_rng(0)
+    native = rng.standard_normal((16, 3)) * 2 + 1
+    cases = [(native.astype(">f8"), native), (native.astype(">f4"), native.astype(np.float32).astype(np.float64))]
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    low = native.astype(ml_dtypes.bfloat16)
+    cases.append((low, low.astype(np.float64)))
+    for given, exact in cases:
+        ours = BatchNorm(3)
+        y = ours(given)
+        dy = np.ones_like(exact) * np.arange(1.0, 4.0)
+        dx = ours.backward(dy.astype(given.dtype) if given.dtype.byteorder == ">" else dy)  # dy big-endian too
+        ref = torch.nn.BatchNorm1d(3).double()
+        x64 = torch.tensor(exact, requires_grad=True)
+        out = ref(x64)
+        out.backward(torch.ones_like(out) * torch.arange(1.0, 4.0, dtype=torch.float64))
+        tol = 1e-12 if given.dtype.itemsize == 8 else 1e-5
+        np.testing.assert_allclose(y.astype(np.float64), out.detach().numpy(), rtol=tol, atol=tol)
+        np.testing.assert_allclose(np.asarray(dx, np.float64), x64.grad.numpy(), rtol=tol, atol=tol)
+        np.testing.assert_allclose(ours.running_var, ref.running_var.numpy(), rtol=tol, atol=tol)

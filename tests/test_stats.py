@@ -358,3 +358,14 @@ def test_a_total_count_beyond_float64_is_refused_before_anything_changes():
     assert rm.count == largest and np.isfinite(rm.var).all()
     with pytest.raises(ValueError, match="count must be a non-negative integer"):
         RunningMoments(1).update_moments(Fraction(10**400), np.zeros(1), np.zeros(1))
+
+
+@pytest.mark.parametrize("batch", [np.array([[1 + 2j, 2.0], [3.0, 4 - 1j]]), np.array([["1", "40"], ["3", "2"]])])
+def test_batch_moments_refuses_what_running_moments_refuses(batch):
+    """batch_moments dropped imaginary parts (a ComplexWarning only) and parsed strings as numbers, where
+    RunningMoments.update refuses both: combining workers' partials with update_moments(*batch_moments(x)) took them.
+    Oracle: RunningMoments.update's own refusal."""
+    with pytest.raises(TypeError, match="batch must"):
+        RunningMoments(2).update(batch)
+    with pytest.raises(TypeError, match="batch must"):
+        batch_moments(batch)

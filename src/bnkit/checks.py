@@ -49,13 +49,16 @@ def real(value: object, what: str) -> float:
 
 
 def real_array(x: np.ndarray, what: str) -> np.ndarray:
-    """``x`` with a floating dtype: integers, bools and an object array of numbers as float64. Complex values,
-    strings and bytes, and an object array holding anything but numbers (None, a string) are refused (TypeError),
-    naming ``what``."""
+    """``x`` with a native floating dtype: a big-endian one in the native byte order (NumPy's reductions refuse it
+    as a dtype argument), ml_dtypes' bfloat16 and float8 widened to float32 (exact), integers, bools and an object
+    array of numbers as float64. Complex values, strings and bytes, and an object array holding anything but numbers
+    (None, a string) are refused (TypeError), naming ``what``."""
     if np.iscomplexobj(x):
         raise TypeError(f"{what} must be real, got dtype {x.dtype}")
     if np.issubdtype(x.dtype, np.floating):
-        return x
+        return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
+    if x.dtype.kind == "V" and x.dtype.name.startswith(("bfloat", "float")):  # ml_dtypes (JAX, Keras): no wider
+        return x.astype(np.float32)
     if x.dtype.kind in "iub":
         return x.astype(np.float64)
     if x.dtype.kind == "O":

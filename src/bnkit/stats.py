@@ -71,9 +71,10 @@ def batch_moments(x: np.ndarray, channel_axis: int = 1) -> tuple[int, np.ndarray
     """Per-channel ``(count, mean, M2)`` of one batch, two-pass in float64.
 
     ``M2`` is the sum of squared deviations from the batch mean, so the biased
-    variance is ``M2 / count`` and the unbiased one ``M2 / (count - 1)``.
+    variance is ``M2 / count`` and the unbiased one ``M2 / (count - 1)``. Input that is not real numbers (complex,
+    strings) is refused with ``TypeError``, as :meth:`RunningMoments.update` refuses it.
     """
-    flat = _move_channels_first(x, channel_axis)
+    flat = _move_channels_first(real_array(np.asarray(x), "batch"), channel_axis)
     count = flat.shape[1]
     if count == 0:
         return 0, np.zeros(flat.shape[0]), np.zeros(flat.shape[0])
