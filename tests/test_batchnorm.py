@@ -924,8 +924,9 @@ def test_big_endian_and_bfloat16_inputs_give_the_numbers_of_a_native_float_copy(
     native = rng.standard_normal((16, 3)) * 2 + 1
     cases = [(native.astype(">f8"), native), (native.astype(">f4"), native.astype(np.float32).astype(np.float64))]
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    low = native.astype(ml_dtypes.bfloat16)
-    cases.append((low, low.astype(np.float64)))
+    for name in ("bfloat16", "float8_e5m2", "float8_e4m3fn"):  # NumPy kinds 'V', 'f' and 'V'
+        low = native.astype(getattr(ml_dtypes, name))
+        cases.append((low, low.astype(np.float64)))
     for given, exact in cases:
         ours = BatchNorm(3)
         y = ours(given)

@@ -57,7 +57,7 @@ def real_array(x: np.ndarray, what: str) -> np.ndarray:
         raise TypeError(f"{what} must be real, got dtype {x.dtype}")
     if np.issubdtype(x.dtype, np.floating):
         return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
-    if x.dtype.kind == "V" and x.dtype.name.startswith(("bfloat", "float")):  # ml_dtypes (JAX, Keras): no wider
+    if x.dtype.kind in "fV" and x.dtype.name.startswith(("bfloat", "float")):  # ml_dtypes (JAX, Keras): none wider
         return x.astype(np.float32)
     if x.dtype.kind in "iub":
         return x.astype(np.float64)
