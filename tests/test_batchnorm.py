@@ -918,7 +918,8 @@ def test_float32_runs_longer_than_a_piece_with_a_remainder(hw):
 
 def test_big_endian_and_bfloat16_inputs_give_the_numbers_of_a_native_float_copy():
     """A big-endian array (np.load of a '>f8' .npy, FITS, HDF5) crashed the training forward and the eval backward
-    inside NumPy's sum(dtype=...); a bfloat16 array (ml_dtypes, from JAX or Keras) was refused as 'not real numbers'.
+    inside NumPy's sum(dtype=...); ml_dtypes' bfloat16, float8 and int4 arrays (JAX, Keras) were refused as 'not real
+    numbers', in forward and as gradients.
     Oracle: torch.nn.BatchNorm1d in float64 on the native (widened) copy, train forward and input gradient."""
     rng = np.random.default_rng(0)
     native = rng.standard_normal((16, 3)) * 2 + 1
@@ -927,16 +928,19 @@ def test_big_endian_and_bfloat16_inputs_give_the_numbers_of_a_native_float_copy(
     for name in ("bfloat16", "float8_e5m2", "float8_e4m3fn"):  # NumPy kinds 'V', 'f' and 'V'
         low = native.astype(getattr(ml_dtypes, name))
         cases.append((low, low.astype(np.float64)))
+    small = np.clip(np.round(native * 2), -8, 7)  # ml_dtypes' int4: integers, taken as float64 as int8 is
+    cases.append((small.astype(ml_dtypes.int4), small))
     for given, exact in cases:
         ours = BatchNorm(3)
         y = ours(given)
         dy = np.ones_like(exact) * np.arange(1.0, 4.0)
-        dx = ours.backward(dy.astype(given.dtype) if given.dtype.byteorder == ">" else dy)  # dy big-endian too
+        dx = ours.backward(dy.astype(given.dtype) if given.dtype.byteorder == ">" or given.dtype.kind == "V"
+                           else dy)  # dy of the input's dtype too (big-endian, bfloat16, int4)
         ref = torch.nn.BatchNorm1d(3).double()
         x64 = torch.tensor(exact, requires_grad=True)
         out = ref(x64)
         out.backward(torch.ones_like(out) * torch.arange(1.0, 4.0, dtype=torch.float64))
-        tol = 1e-12 if given.dtype.itemsize == 8 else 1e-5
+        tol = 1e-12 if y.dtype == np.float64 else 1e-5  # computed in float64 (>f8, int4) or float32
         np.testing.assert_allclose(y.astype(np.float64), out.detach().numpy(), rtol=tol, atol=tol)
         np.testing.assert_allclose(np.asarray(dx, np.float64), x64.grad.numpy(), rtol=tol, atol=tol)
         np.testing.assert_allclose(ours.running_var, ref.running_var.numpy(), rtol=tol, atol=tol)

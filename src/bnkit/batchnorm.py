@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .checks import integer, real, real_array
+from .checks import integer, ml_float, real, real_array
 from .conventions import Convention, get_convention, new_value_weight
 
 __all__ = ["BatchNorm"]
@@ -247,6 +247,8 @@ class BatchNorm:
             raise RuntimeError("backward() needs a forward() first")
         x3, d, mean, invstd, gamma, n, shape = self._cache
         dy = np.asarray(dy)
+        if ml_float(dy.dtype) or dy.dtype.kind == "V":  # ml_dtypes' bfloat16, int4, ...: as forward takes them
+            dy = real_array(dy, "BatchNorm's gradient")
         if np.iscomplexobj(dy) or not np.issubdtype(dy.dtype, np.number):
             raise TypeError(f"BatchNorm takes real gradients, got dtype {dy.dtype}")
         if dy.shape != shape:
@@ -340,8 +342,9 @@ def update_count(value) -> int:
 
 
 def _to_numpy(v, what: str = "a value") -> np.ndarray:
-    """``v`` as a NumPy array of its own dtype; bfloat16, which NumPy lacks, is widened to float32 (exactly).
-    A tensor of another dtype NumPy lacks (float8, complex32) is refused naming ``what``."""
+    """``v`` as a NumPy array of its own dtype; bfloat16, which NumPy lacks, is widened to float32 (exactly), as are
+    ml_dtypes' other floats (float8, from JAX or Keras). A tensor of another dtype NumPy lacks (float8, complex32) is
+    refused naming ``what``."""
     if hasattr(v, "detach"):  # a torch tensor; avoids importing torch here
         v = v.detach().cpu()
         try:
@@ -349,7 +352,7 @@ def _to_numpy(v, what: str = "a value") -> np.ndarray:
         except TypeError as exc:  # torch's "Got unsupported ScalarType ..."
             raise ValueError(f"{what} has dtype {v.dtype}, which NumPy lacks: convert it to float32 first") from exc
     a = np.asarray(v)
-    return a.astype(np.float32) if a.dtype.name == "bfloat16" else a  # ml_dtypes' bfloat16 (JAX, Keras)
+    return a.astype(np.float32) if ml_float(a.dtype) else a  # ml_dtypes' bfloat16, float8 (JAX, Keras)
 
 
 def _as_acb(x: np.ndarray, ax: int) -> np.ndarray:

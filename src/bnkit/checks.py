@@ -48,18 +48,24 @@ def real(value: object, what: str) -> float:
         raise ValueError(f"{what} must be a real number within float64's range, got {_kind(value)}") from None
 
 
+def ml_float(dtype: np.dtype) -> bool:
+    """One of ml_dtypes' float types (bfloat16, float8_*, float6_*, float4_*: JAX, Keras), which NumPy does not
+    count as floating; each holds only values float32 holds exactly."""
+    return dtype.kind in "fV" and dtype.name.startswith(("bfloat", "float")) and not np.issubdtype(dtype, np.floating)
+
+
 def real_array(x: np.ndarray, what: str) -> np.ndarray:
     """``x`` with a native floating dtype: a big-endian one in the native byte order (NumPy's reductions refuse it
-    as a dtype argument), ml_dtypes' bfloat16 and float8 widened to float32 (exact), integers, bools and an object
-    array of numbers as float64. Complex values, strings and bytes, and an object array holding anything but numbers
-    (None, a string) are refused (TypeError), naming ``what``."""
+    as a dtype argument), ml_dtypes' floats widened to float32 (:func:`ml_float`), integers (ml_dtypes' int4 and
+    the like too), bools and an object array of numbers as float64 (exact). Complex values, strings and bytes, and
+    an object array holding anything but numbers (None, a string) are refused (TypeError), naming ``what``."""
     if np.iscomplexobj(x):
         raise TypeError(f"{what} must be real, got dtype {x.dtype}")
     if np.issubdtype(x.dtype, np.floating):
         return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
-    if x.dtype.kind in "fV" and x.dtype.name.startswith(("bfloat", "float")):  # ml_dtypes (JAX, Keras): none wider
+    if ml_float(x.dtype):
         return x.astype(np.float32)
-    if x.dtype.kind in "iub":
+    if x.dtype.kind in "iub" or (x.dtype.kind == "V" and x.dtype.name.startswith(("int", "uint"))):
         return x.astype(np.float64)
     if x.dtype.kind == "O":
         odd = next((v for v in x.flat if not _is_number(v) or np.iscomplexobj(v)), _ALL_REAL)

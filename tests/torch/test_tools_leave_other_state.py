@@ -170,3 +170,40 @@ def test_private_and_subclassed_containers_come_back_as_they_were(tool):
     rec = model[-1]
     assert rec._seen == [] and rec._counts == Counter({"calls": 2})
     assert dict(rec.history) == {"lr": [0.1]} and list(rec.order) == ["a", "b"]
+
+
+class HooksOnce(nn.Module):
+    """Hooks its Linear on its first forward and keeps the handle in a private list (to detach it later)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn = nn.Linear(3, 3), nn.BatchNorm1d(3)
+        self._handles: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._handles:
+            self._handles.append(self.lin.register_forward_hook(lambda m, i, out: out * 2))
+        return self.bn(self.lin(x))
+
+
+@pytest.mark.parametrize("tool", ["audit", "recalibrate", "fold_plan"])
+def test_a_hook_a_forward_registers_goes_with_the_handle_list_it_is_kept_in(tool):
+    """The handle list was put back (emptied) but the hook stayed on the layer, so every later forward added one more
+    (outputs x2, x4, ...) and the model could no longer detach them. Oracle: a deep copy taken before, run after."""
+    import copy
+
+    from bnkit.torch import fold_plan
+
+    torch.manual_seed(0)
+    model = HooksOnce().eval()
+    with torch.no_grad():
+        model.bn.running_var.fill_(2.0)
+        model.bn.num_batches_tracked.fill_(100)
+    before = copy.deepcopy(model)
+    data = [torch.randn(8, 3) for _ in range(2)]
+    {"audit": lambda: audit(model, data), "recalibrate": lambda: recalibrate(model, data, progress=False),
+     "fold_plan": lambda: fold_plan(model, data[0])}[tool]()
+    assert model._handles == [] and len(model.lin._forward_hooks) == 0
+    if tool != "recalibrate":  # recalibrate changes the BN statistics, on purpose
+        with torch.no_grad():
+            torch.testing.assert_close(model(data[0]), before(data[0]), rtol=0, atol=0)

@@ -658,16 +658,17 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 class SavedState:
     """Every module's state at one moment: its attributes as bound (plain values, parameters, buffers, submodules),
-    the items of the lists, dicts and sets its public attributes hold, and the values of its parameters and
-    buffers.
+    the items of the lists, dicts and sets its attributes hold, the hooks registered on it, and the values of its
+    parameters and buffers.
 
     :meth:`restore` (also on leaving a ``with`` block) binds each attribute again, gives each such list, dict or set
-    its items back in place (``lst[:] = saved``: a cache list appended to, a counter in a dict), and writes the saved
-    tensor values back (:func:`write_back`), so the objects stay those they were (an optimizer's references hold).
-    Not put back: the insides of anything else an attribute holds (a container inside a container, a deque, a
-    tensor that is a plain attribute written in place, an object's own attributes), the containers every
-    ``nn.Module`` has other than the parameters and submodules (its hook dicts: hooks a lazy module drops as it
-    initializes), a module's class, and state outside the modules (globals, the random number generators).
+    its items back in place (``lst[:] = saved``: a cache list appended to, a counter in a dict), removes the hooks
+    registered since (a module that hooks a layer on its first forward and keeps the handle in a list: the list and
+    the hook go together), and writes the saved tensor values back (:func:`write_back`), so the objects stay those
+    they were (an optimizer's references hold). Not put back: the insides of anything else an attribute holds (a
+    container inside a container, a deque, a tensor that is a plain attribute written in place, an object's own
+    attributes), hooks removed since (a lazy module drops its own as it initializes), a module's class, and state
+    outside the modules (globals, the random number generators).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -679,6 +680,8 @@ class SavedState:
         containers = {id(v): v for m in modules for k, v in vars(m).items()
                       if k not in _MODULE_OWN and isinstance(v, (list, dict, set))}
         self.items = [(c, _items(c)) for c in containers.values()]
+        self.hooks = [(hooks, set(hooks)) for m in modules for k in _HOOK_DICTS
+                      if isinstance(hooks := vars(m).get(k), dict)]
         params = {id(p): p for m in modules for p in m._parameters.values()
                   if p is not None and not is_lazy(p) and not p.is_inference()}
         self.params = [(p, p.detach().clone()) for p in params.values()]
@@ -691,6 +694,9 @@ class SavedState:
         for container, items in self.items:
             if not _holds(container, items):
                 _put_items(container, items)
+        for hooks, before in self.hooks:  # by the id a handle removes it by (torch/utils/hooks.py RemovableHandle)
+            for key in [k for k in hooks if k not in before]:
+                del hooks[key]
         self.buffers.restore()
         for param, before in self.params:
             write_back(param, before)
@@ -704,6 +710,8 @@ class SavedState:
 
 #: The attributes every ``nn.Module`` has (its hooks, parameters, buffers, submodules, flag): not the user's.
 _MODULE_OWN = frozenset(vars(nn.Module()))
+#: Those of them keyed by hook id (the hooks, and the flags torch keeps per hook: with kwargs, always called).
+_HOOK_DICTS = tuple(sorted(k for k in _MODULE_OWN if k.endswith(("_hooks", "_with_kwargs", "_always_called"))))
 
 
 def _items(container: list | dict | set) -> list:
