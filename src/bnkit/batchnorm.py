@@ -343,8 +343,8 @@ def update_count(value) -> int:
 
 def _to_numpy(v, what: str = "a value") -> np.ndarray:
     """``v`` as a NumPy array of its own dtype; bfloat16, which NumPy lacks, is widened to float32 (exactly), as are
-    ml_dtypes' other floats (float8, from JAX or Keras). A tensor of another dtype NumPy lacks (float8, complex32) is
-    refused naming ``what``."""
+    ml_dtypes' other float arrays (float8, from JAX or Keras). A torch tensor of another dtype NumPy lacks
+    (``torch.float8_*``, complex32) is refused naming ``what``."""
     if hasattr(v, "detach"):  # a torch tensor; avoids importing torch here
         v = v.detach().cpu()
         try:
