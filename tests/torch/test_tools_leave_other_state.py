@@ -207,3 +207,37 @@ def test_a_hook_a_forward_registers_goes_with_the_handle_list_it_is_kept_in(tool
     if tool != "recalibrate":  # recalibrate changes the BN statistics, on purpose
         with torch.no_grad():
             torch.testing.assert_close(model(data[0]), before(data[0]), rtol=0, atol=0)
+
+
+def test_hooks_whose_handles_others_hold_stay_after_the_tool():
+    """Putting the state back removed every hook registered during the call: a bn_guard open around recalibrate lost
+    its batch-of-one check for the rest of its block, and a hook another party registered meanwhile (here from the
+    data iterator) vanished. Only hooks whose handles the model itself came to hold go. Oracles: the guard's report
+    and the other party's hook being called, as without the tool."""
+    from bnkit.torch import BNGuardError, bn_guard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[1].running_var.fill_(2.0)
+        model[1].num_batches_tracked.fill_(100)
+    seen, handles = [], []
+
+    def data():
+        for i in range(3):
+            if i == 1:  # someone else hooks the model while the pass runs, and keeps the handle
+                handles.append(model[2].register_forward_hook(lambda m, inp, out: seen.append(out.shape)))
+            yield torch.randn(8, 3)
+
+    with bn_guard(model, ignore=["training"]):
+        recalibrate(model, data(), progress=False)
+        model.train()
+        with pytest.raises(BNGuardError) as caught:
+            model(torch.randn(1, 3))
+        assert [f.code for f in caught.value.findings] == ["batch_of_one"]
+    model.eval()
+    seen.clear()
+    with torch.no_grad():
+        model(torch.randn(5, 3))
+    assert seen == [torch.Size([5, 2])]
+    handles[0].remove()

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "bn_or_frozen_layers", "has_stock_forward", "bn_layers",
            "eval_mode", "flatten_tensors", "map_nested", "as_args", "write_count", "SavedBuffers",
@@ -658,17 +659,17 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 class SavedState:
     """Every module's state at one moment: its attributes as bound (plain values, parameters, buffers, submodules),
-    the items of the lists, dicts and sets its attributes hold, the hooks registered on it, and the values of its
-    parameters and buffers.
+    the items of the lists, dicts and sets its attributes hold, and the values of its parameters and buffers.
 
     :meth:`restore` (also on leaving a ``with`` block) binds each attribute again, gives each such list, dict or set
-    its items back in place (``lst[:] = saved``: a cache list appended to, a counter in a dict), removes the hooks
-    registered since (a module that hooks a layer on its first forward and keeps the handle in a list: the list and
-    the hook go together), and writes the saved tensor values back (:func:`write_back`), so the objects stay those
-    they were (an optimizer's references hold). Not put back: the insides of anything else an attribute holds (a
-    container inside a container, a deque, a tensor that is a plain attribute written in place, an object's own
-    attributes), hooks removed since (a lazy module drops its own as it initializes), a module's class, and state
-    outside the modules (globals, the random number generators).
+    its items back in place (``lst[:] = saved``: a cache list appended to, a counter in a dict), and writes the saved
+    tensor values back (:func:`write_back`), so the objects stay those they were (an optimizer's references hold).
+    A hook handle the modules came to hold since (a module that hooks a layer on its first forward and keeps the
+    handle in a list or an attribute) is removed with it, so the hook goes too; hooks registered by anything else
+    (a guard, another thread) stay. Not put back: the insides of anything else an attribute holds (a container
+    inside a container, a deque, a tensor that is a plain attribute written in place, an object's own attributes),
+    hooks whose handles the modules do not hold, a module's class, and state outside the modules (globals, the
+    random number generators).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -680,23 +681,22 @@ class SavedState:
         containers = {id(v): v for m in modules for k, v in vars(m).items()
                       if k not in _MODULE_OWN and isinstance(v, (list, dict, set))}
         self.items = [(c, _items(c)) for c in containers.values()]
-        self.hooks = [(hooks, set(hooks)) for m in modules for k in _HOOK_DICTS
-                      if isinstance(hooks := vars(m).get(k), dict)]
         params = {id(p): p for m in modules for p in m._parameters.values()
                   if p is not None and not is_lazy(p) and not p.is_inference()}
         self.params = [(p, p.detach().clone()) for p in params.values()]
 
     def restore(self) -> None:
+        held = {id(x) for _, before in self.bindings for x in before.values()}
+        held |= {id(x) for container, items in self.items for x in _values(container, items)}
         for now, before in self.bindings:
             if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
+                _remove_new_handles(now.values(), held)
                 now.clear()
                 now.update(before)
         for container, items in self.items:
             if not _holds(container, items):
+                _remove_new_handles(_values(container, _items(container)), held)
                 _put_items(container, items)
-        for hooks, before in self.hooks:  # by the id a handle removes it by (torch/utils/hooks.py RemovableHandle)
-            for key in [k for k in hooks if k not in before]:
-                del hooks[key]
         self.buffers.restore()
         for param, before in self.params:
             write_back(param, before)
@@ -710,8 +710,19 @@ class SavedState:
 
 #: The attributes every ``nn.Module`` has (its hooks, parameters, buffers, submodules, flag): not the user's.
 _MODULE_OWN = frozenset(vars(nn.Module()))
-#: Those of them keyed by hook id (the hooks, and the flags torch keeps per hook: with kwargs, always called).
-_HOOK_DICTS = tuple(sorted(k for k in _MODULE_OWN if k.endswith(("_hooks", "_with_kwargs", "_always_called"))))
+
+
+def _values(container: list | dict | set, items: list) -> list:
+    """The objects among ``items`` (:func:`_items` of ``container``): a dict's values, a list's or a set's items."""
+    return [value for _, value in items] if isinstance(container, dict) else items
+
+
+def _remove_new_handles(values: Iterable[object], held: set[int]) -> None:
+    """Remove the hooks of the ``RemovableHandle`` objects among ``values`` that are not in ``held`` (ids): handles
+    the modules came to hold since a snapshot (torch/utils/hooks.py: ``remove`` is a no-op once done)."""
+    for value in values:
+        if isinstance(value, RemovableHandle) and id(value) not in held:
+            value.remove()
 
 
 def _items(container: list | dict | set) -> list:
