@@ -944,3 +944,14 @@ def test_big_endian_and_bfloat16_inputs_give_the_numbers_of_a_native_float_copy(
         np.testing.assert_allclose(y.astype(np.float64), out.detach().numpy(), rtol=tol, atol=tol)
         np.testing.assert_allclose(np.asarray(dx, np.float64), x64.grad.numpy(), rtol=tol, atol=tol)
         np.testing.assert_allclose(ours.running_var, ref.running_var.numpy(), rtol=tol, atol=tol)
+
+
+def test_a_count_of_an_ml_dtypes_integer_type_loads():
+    """num_batches_tracked as ml_dtypes' int4 (a JAX/Keras state) was refused as 'must be one non-negative integer,
+    got 3'. Oracle: the same count as int64."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    layer = BatchNorm(2)
+    state = {"weight": np.ones(2), "bias": np.zeros(2), "running_mean": np.zeros(2), "running_var": np.ones(2),
+             "num_batches_tracked": np.array(3).astype(ml_dtypes.int4)}
+    layer.load_state_dict(state)
+    assert layer.num_batches_tracked == 3

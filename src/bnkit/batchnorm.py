@@ -343,8 +343,8 @@ def update_count(value) -> int:
 
 def _to_numpy(v, what: str = "a value") -> np.ndarray:
     """``v`` as a NumPy array of its own dtype; bfloat16, which NumPy lacks, is widened to float32 (exactly), as are
-    ml_dtypes' other float arrays (float8, from JAX or Keras). A torch tensor of another dtype NumPy lacks
-    (``torch.float8_*``, complex32) is refused naming ``what``."""
+    ml_dtypes' other float arrays (float8, from JAX or Keras), and its int4 and the like to int64. A torch tensor of
+    another dtype NumPy lacks (``torch.float8_*``, complex32) is refused naming ``what``."""
     if hasattr(v, "detach"):  # a torch tensor; avoids importing torch here
         v = v.detach().cpu()
         try:
@@ -352,6 +352,8 @@ def _to_numpy(v, what: str = "a value") -> np.ndarray:
         except TypeError as exc:  # torch's "Got unsupported ScalarType ..."
             raise ValueError(f"{what} has dtype {v.dtype}, which NumPy lacks: convert it to float32 first") from exc
     a = np.asarray(v)
+    if a.dtype.kind == "V" and a.dtype.name.startswith(("int", "uint")):  # ml_dtypes' int4 and the like
+        return a.astype(np.int64)
     return a.astype(np.float32) if ml_float(a.dtype) else a  # ml_dtypes' bfloat16, float8 (JAX, Keras)
 
 
