@@ -173,29 +173,37 @@ def test_private_and_subclassed_containers_come_back_as_they_were(tool):
 
 
 class HooksOnce(nn.Module):
-    """Hooks its Linear on its first forward and keeps the handle in a private list (to detach it later)."""
+    """Hooks its Linear on its first forward and keeps the handle (to detach it later): in a private list made in
+    ``__init__`` (``keep="list"``), or made by that forward (``"new list"``), in a tuple, or in a dict."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: str) -> None:
         super().__init__()
-        self.lin, self.bn = nn.Linear(3, 3), nn.BatchNorm1d(3)
-        self._handles: list = []
+        self.lin, self.bn, self.keep = nn.Linear(3, 3), nn.BatchNorm1d(3), keep
+        if keep == "list":
+            self._handles: list = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._handles:
-            self._handles.append(self.lin.register_forward_hook(lambda m, i, out: out * 2))
+        if not getattr(self, "_handles", None):
+            handle = self.lin.register_forward_hook(lambda m, i, out: out * 2)
+            if self.keep == "list":
+                self._handles.append(handle)
+            else:
+                self._handles = {"new list": [handle], "tuple": (handle,), "dict": {"lin": handle}}[self.keep]
         return self.bn(self.lin(x))
 
 
+@pytest.mark.parametrize("keep", ["list", "new list", "tuple", "dict"])
 @pytest.mark.parametrize("tool", ["audit", "recalibrate", "fold_plan"])
-def test_a_hook_a_forward_registers_goes_with_the_handle_list_it_is_kept_in(tool):
-    """The handle list was put back (emptied) but the hook stayed on the layer, so every later forward added one more
-    (outputs x2, x4, ...) and the model could no longer detach them. Oracle: a deep copy taken before, run after."""
+def test_a_hook_a_forward_registers_goes_with_the_handle_list_it_is_kept_in(tool, keep):
+    """The handle list was put back (emptied, or its attribute dropped) but the hook stayed on the layer, so every
+    later forward added one more (outputs x2, x4, ...) and the model could no longer detach them. Oracle: a deep copy
+    taken before, run after."""
     import copy
 
     from bnkit.torch import fold_plan
 
     torch.manual_seed(0)
-    model = HooksOnce().eval()
+    model = HooksOnce(keep).eval()
     with torch.no_grad():
         model.bn.running_var.fill_(2.0)
         model.bn.num_batches_tracked.fill_(100)
@@ -203,7 +211,7 @@ def test_a_hook_a_forward_registers_goes_with_the_handle_list_it_is_kept_in(tool
     data = [torch.randn(8, 3) for _ in range(2)]
     {"audit": lambda: audit(model, data), "recalibrate": lambda: recalibrate(model, data, progress=False),
      "fold_plan": lambda: fold_plan(model, data[0])}[tool]()
-    assert model._handles == [] and len(model.lin._forward_hooks) == 0
+    assert not getattr(model, "_handles", None) and len(model.lin._forward_hooks) == 0
     if tool != "recalibrate":  # recalibrate changes the BN statistics, on purpose
         with torch.no_grad():
             torch.testing.assert_close(model(data[0]), before(data[0]), rtol=0, atol=0)

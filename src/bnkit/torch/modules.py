@@ -665,11 +665,11 @@ class SavedState:
     its items back in place (``lst[:] = saved``: a cache list appended to, a counter in a dict), and writes the saved
     tensor values back (:func:`write_back`), so the objects stay those they were (an optimizer's references hold).
     A hook handle the modules came to hold since (a module that hooks a layer on its first forward and keeps the
-    handle in a list or an attribute) is removed with it, so the hook goes too; hooks registered by anything else
-    (a guard, another thread) stay. Not put back: the insides of anything else an attribute holds (a container
-    inside a container, a deque, a tensor that is a plain attribute written in place, an object's own attributes),
-    hooks whose handles the modules do not hold, a module's class, and state outside the modules (globals, the
-    random number generators).
+    handle in a list, a dict, a tuple or an attribute) is removed with it, so the hook goes too; hooks registered by
+    anything else (a guard, another thread) stay. Not put back: the insides of anything else an attribute holds (a
+    container inside a container, a deque, a tensor that is a plain attribute written in place, an object's own
+    attributes), hooks removed since (a one-shot hook; a lazy module drops its own as it initializes), a module's
+    class, and state outside the modules (globals, the random number generators).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -718,11 +718,16 @@ def _values(container: list | dict | set, items: list) -> list:
 
 
 def _remove_new_handles(values: Iterable[object], held: set[int]) -> None:
-    """Remove the hooks of the ``RemovableHandle`` objects among ``values`` that are not in ``held`` (ids): handles
-    the modules came to hold since a snapshot (torch/utils/hooks.py: ``remove`` is a no-op once done)."""
+    """Remove the hooks of the ``RemovableHandle`` objects among ``values``, or in a list, tuple, set or dict among
+    them, that are not in ``held`` (ids): handles the modules came to hold since a snapshot (a container made in the
+    call holds them too: ``self._handles = [h]``). torch/utils/hooks.py: ``remove`` is a no-op once done."""
     for value in values:
-        if isinstance(value, RemovableHandle) and id(value) not in held:
+        if id(value) in held:
+            continue
+        if isinstance(value, RemovableHandle):
             value.remove()
+        elif isinstance(value, (list, tuple, set, frozenset, dict)):
+            _remove_new_handles(value.values() if isinstance(value, dict) else value, held)
 
 
 def _items(container: list | dict | set) -> list:
