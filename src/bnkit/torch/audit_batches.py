@@ -1,9 +1,10 @@
-"""The data side of :func:`bnkit.torch.audit`: batches, the default forward, and undoing the pass.
+"""The data side of :func:`bnkit.torch.audit`: batches, the default forward, and the helpers of its passes.
 
 :class:`Batches` streams the user's data once (the first batch kept for the eval-mode
-checks) with NaN/Inf refused; :class:`Restore` puts back every module's train/eval flag
-and each BN layer's ``momentum``, ``track_running_stats`` and buffers, also when a
-forward fails.
+checks) with NaN/Inf refused. The passes put the model back with
+:class:`~bnkit.torch.modules.SavedState`: every module's train/eval flag, each BN layer's ``momentum`` and
+``track_running_stats``, and every attribute, parameter and buffer a forward writes (observers' ranges, a layer
+initializing itself from its first batch), also when a forward fails.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..checks import native_array
-from .modules import SavedState, flatten_tensors, input_dtype_device, is_batchnorm, map_nested
+from .modules import flatten_tensors, input_dtype_device, map_nested
 
 
 class Batches:
@@ -136,37 +137,6 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, Mapping):
         return model(**batch)
     return model(batch)
-
-
-class Restore:
-    """Remember every module's flag and state (:class:`~bnkit.torch.modules.SavedState`: attributes, parameters,
-    buffers) and each BN layer's momentum and tracking flag; restore on exit.
-
-    Every module's, not only BatchNorm's: observers (quantization-aware training's fake-quant ranges, a model's own
-    running counters) update their buffers in any mode, and a layer that initializes itself from its first batch
-    (Glow's ActNorm) writes its parameters and flags. ``layers`` may hold bnkit's ``FrozenBatchNorm*d``, which have
-    neither option.
-    """
-
-    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
-        self.flags = [(m, m.training) for m in model.modules()]
-        self.options = [(bn, bn.momentum, bn.track_running_stats) for _, bn in layers if is_batchnorm(bn)]
-        self.state = SavedState(model)
-        self.buffers = self.state.buffers
-
-    def __enter__(self) -> "Restore":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for m, flag in self.flags:
-            m.training = flag
-        self.buffers_and_options()
-
-    def buffers_and_options(self) -> None:
-        """Put back the state and the BN options (flags: on exit)."""
-        for bn, momentum, track in self.options:
-            bn.momentum, bn.track_running_stats = momentum, track
-        self.state.restore()
 
 
 def set_training(model: nn.Module, flag: bool) -> None:

@@ -24,11 +24,11 @@ from torch.nn.parameter import is_lazy
 
 from ..audit_state import as_array, ema_noise_factor
 from ..findings import Finding
-from .audit_batches import Batches, Restore, batch_len, batched, default_forward, map_tensors, set_training
+from .audit_batches import Batches, batch_len, batched, default_forward, map_tensors, set_training
 from .audit_model import short_names
 from .freeze import is_frozen
 from .audit_moments import Collector, PassClock, pool_calls
-from .modules import eager_calls, flatten_tensors, is_batchnorm, normalized_inputs, restored_after_each_call
+from .modules import SavedState, eager_calls, flatten_tensors, is_batchnorm, normalized_inputs, restored_after_each_call
 
 if TYPE_CHECKING:
     from .audit import AuditReport
@@ -134,8 +134,9 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
     collectors = {n: Collector(bn, clock, n) for n, bn in tracked}
     findings: list[Finding] = []
     who = "the model" if forward is default_forward else "the model or forward="  # in errors of either pass
-    # the state is saved with in-place compiled calls set aside, so putting it back between passes keeps them aside
-    with eager_calls(model), Restore(model, layers) as restore, torch.no_grad():
+    # every module's flags, options, attributes, parameters and buffers, put back between the passes and after them;
+    # saved with in-place compiled calls set aside, so putting it back between passes keeps them aside
+    with eager_calls(model), SavedState(model) as saved, torch.no_grad():
         # pass 1: every BN on batch statistics (nothing it keeps is updated); other modules in eval mode
         set_training(model, False)  # assigned, not model.eval(): a frozen layer's own train() must not run
         own = [(n, bn) for n, bn in tracked if not collectors[n].stock]  # measured on what they hand to F.batch_norm
@@ -149,7 +150,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
             for n, bn in tracked:
                 detach.append(collectors[n].attach(bn))
             for _, bn in own:  # a forward of its own may write its buffers whatever its flags
-                detach.append(restored_after_each_call(bn, restore.buffers).remove)
+                detach.append(restored_after_each_call(bn, saved.buffers).remove)
             batch_out, used, alone = None, 0, []
             with measured:
                 for i, batch in enumerate(batches):
@@ -206,7 +207,7 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
                 {"layers": names}))
         report.batches = used
         # pass 2: the model in eval mode, first batch, then single samples
-        restore.buffers_and_options()
+        saved.restore()
         set_training(model, False)
         try:
             eval_out = flatten_tensors(forward(model, first))

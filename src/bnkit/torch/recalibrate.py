@@ -756,9 +756,7 @@ def recalibrate(
             stacklevel=2,
         )
     forward = forward or _default_forward
-    flags = [(m, m.training) for _, m in modules]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    patched: list[nn.Module] = []
+    grads = [(p, p.requires_grad) for p in model.parameters()]  # not module state: SavedState leaves it
     handles = []
 
     try:
@@ -769,9 +767,8 @@ def recalibrate(
         # after each call, so its state never drifts during the pass.
         own_forward = []
         for i, (_, m) in enumerate(layers):
-            m.training = True
+            m.training = True  # this flag and the stand-in go when the state is put back (on success and failure)
             if has_stock_forward(m):
-                patched.append(m)
                 m.__dict__["forward"] = acc.forward(i)  # an instance attribute, as `m.forward = ...` makes it
             else:
                 own_forward.append(i)
@@ -865,11 +862,6 @@ def recalibrate(
     finally:
         for h in handles:
             h.remove()
-        for m in patched:
-            m.__dict__.pop("forward", None)  # gone already where the state was put back
-        for m, was in flags:
-            if m.training is not was:
-                m.training = was
         for p, req in grads:
             if p.requires_grad is not req:
                 p.requires_grad_(req)
