@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .checks import integer, ml_float, real, real_array
+from .checks import integer, ml_float, ml_int, real, real_array
 from .conventions import Convention, get_convention, new_value_weight
 
 __all__ = ["BatchNorm"]
@@ -247,7 +247,7 @@ class BatchNorm:
             raise RuntimeError("backward() needs a forward() first")
         x3, d, mean, invstd, gamma, n, shape = self._cache
         dy = np.asarray(dy)
-        if ml_float(dy.dtype) or dy.dtype.kind == "V":  # ml_dtypes' bfloat16, int4, ...: as forward takes them
+        if ml_float(dy.dtype) or ml_int(dy.dtype):  # ml_dtypes' bfloat16, int4, ...: as forward takes them
             dy = real_array(dy, "BatchNorm's gradient")
         if np.iscomplexobj(dy) or not np.issubdtype(dy.dtype, np.number):
             raise TypeError(f"BatchNorm takes real gradients, got dtype {dy.dtype}")
@@ -352,7 +352,7 @@ def _to_numpy(v, what: str = "a value") -> np.ndarray:
         except TypeError as exc:  # torch's "Got unsupported ScalarType ..."
             raise ValueError(f"{what} has dtype {v.dtype}, which NumPy lacks: convert it to float32 first") from exc
     a = np.asarray(v)
-    if a.dtype.kind == "V" and a.dtype.name.startswith(("int", "uint")):  # ml_dtypes' int4 and the like
+    if ml_int(a.dtype):  # ml_dtypes' int4 and the like
         return a.astype(np.int64)
     return a.astype(np.float32) if ml_float(a.dtype) else a  # ml_dtypes' bfloat16, float8 (JAX, Keras)
 

@@ -54,6 +54,11 @@ def ml_float(dtype: np.dtype) -> bool:
     return dtype.kind in "fV" and dtype.name.startswith(("bfloat", "float")) and not np.issubdtype(dtype, np.floating)
 
 
+def ml_int(dtype: np.dtype) -> bool:
+    """One of ml_dtypes' integer types (int4, uint4, int2, ...), which NumPy does not count as integers."""
+    return dtype.kind == "V" and dtype.name.startswith(("int", "uint"))
+
+
 def real_array(x: np.ndarray, what: str) -> np.ndarray:
     """``x`` with a native floating dtype: a big-endian one in the native byte order (NumPy's reductions refuse it
     as a dtype argument), ml_dtypes' floats widened to float32 (:func:`ml_float`), integers (ml_dtypes' int4 and
@@ -65,7 +70,7 @@ def real_array(x: np.ndarray, what: str) -> np.ndarray:
         return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
     if ml_float(x.dtype):
         return x.astype(np.float32)
-    if x.dtype.kind in "iub" or (x.dtype.kind == "V" and x.dtype.name.startswith(("int", "uint"))):
+    if x.dtype.kind in "iub" or ml_int(x.dtype):
         return x.astype(np.float64)
     if x.dtype.kind == "O":
         odd = next((v for v in x.flat if not _is_number(v) or np.iscomplexobj(v)), _ALL_REAL)
