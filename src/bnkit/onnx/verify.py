@@ -207,18 +207,19 @@ def default_tolerance(model: onnx.ModelProto) -> float:
                 elif n.op_type == "Constant" and a.type == onnx.AttributeProto.TENSOR:
                     elems.add(a.t.data_type)
             for g in subgraphs(n):
-                elems.update(t.data_type for t in g.initializer)
-                elems.update(v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info))
-                seen += walk(g.node, attributes)
+                seen += walk_graph(g, attributes)
         return seen
 
-    graph = model.graph
-    elems.update(t.data_type for t in graph.initializer)
-    elems.update(v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info))
+    def walk_graph(g: onnx.GraphProto, attributes: dict[str, set[int]]) -> list[onnx.NodeProto]:
+        """:func:`walk` over ``g``'s nodes, with the types of its initializers and typed values counted too."""
+        elems.update(t.data_type for t in g.initializer)
+        elems.update(v.type.tensor_type.elem_type for v in (*g.input, *g.output, *g.value_info))
+        return walk(g.node, attributes)
+
     # a Cast whose 'to' is a function's attribute: the attribute's default and every value a call gives it, a call
     # inside another function passing on its own attribute (ref_attr_name) included; sets grow until none changes
     bodies = {(f.domain, f.name): f for f in functions}
-    calls = [(None, n) for n in walk(graph.node, {})]
+    calls = [(None, n) for n in walk_graph(model.graph, {})]
     calls += [(key, n) for key, f in bodies.items() for n in walk(f.node, {})]
     given = {key: {a.name: {int(a.i)} for a in f.attribute_proto if a.type == onnx.AttributeProto.INT}
              for key, f in bodies.items()}
@@ -229,8 +230,12 @@ def default_tolerance(model: onnx.ModelProto) -> float:
             if (target := given.get((call.domain, call.op_type))) is None:
                 continue
             for a in call.attribute:
-                values = (given[owner].get(a.ref_attr_name, set()) if owner is not None else set()) \
-                    if a.ref_attr_name else {int(a.i)} if a.type == onnx.AttributeProto.INT else set()
+                if a.ref_attr_name:  # the calling function's own attribute, passed on
+                    values = given[owner].get(a.ref_attr_name, set()) if owner is not None else set()
+                elif a.type == onnx.AttributeProto.INT:
+                    values = {int(a.i)}
+                else:
+                    continue
                 if not values <= (known := target.setdefault(a.name, set())):
                     known |= values
                     grew = True
