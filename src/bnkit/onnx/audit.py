@@ -80,7 +80,7 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
             how = f"is_test=0 (opset {bn.opset}, where 0 is the default)"
         evidence = (f"{how}: onnxruntime normalises with each batch's own mean and variance, so an output depends "
                     "on the other samples in its batch and a batch of one is normalised to beta")
-        if bn.statistics_outputs_missing and len(bn.node.output) < 3:
+        if bn.statistics_outputs_absent:
             evidence = (f"{how} with outputs {list(bn.node.output)} only: onnxruntime refuses to load the model "
                         "(training_mode=1 needs the running mean and variance outputs too) and onnx.checker's full "
                         "check fails; run, it would normalise with each batch's own statistics")

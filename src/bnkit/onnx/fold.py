@@ -692,7 +692,7 @@ def fold_model(
         raise RuntimeError(f"the folded model fails onnx.checker: {exc}") from exc
 
     if verify:
-        unloadable = [bn for bn in nodes if bn.statistics_outputs_missing and len(bn.node.output) < 3]
+        unloadable = [bn for bn in nodes if bn.statistics_outputs_absent]
         if unloadable and not to_inference:  # to_inference switched them; blank outputs: the error below
             raise OnnxRuntimeError(
                 f"BatchNormalization nodes {[bn.name for bn in unloadable]} are in training mode (training_mode=1) "

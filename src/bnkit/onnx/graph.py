@@ -556,14 +556,18 @@ class BNNode:
         return all(a is not None for a in (self.scale, self.bias, self.mean, self.var)) and not self.overridable
 
     @property
+    def statistics_outputs_absent(self) -> bool:
+        """A ``training_mode=1`` node (opset >= 14) without its running mean and variance outputs: onnxruntime
+        refuses to load it."""
+        return self.training and self.opset >= 14 and len(self.node.output) < 3
+
+    @property
     def statistics_outputs_missing(self) -> bool:
-        """A training node whose running mean or variance output is absent (``training_mode=1``, opset >= 14) or
-        named blank (``""``, opset 9 on): onnxruntime refuses to load it when absent, and crashes running it when
-        blank (:func:`blank_outputs_fail`)."""
+        """A training node whose running mean or variance output is absent (:attr:`statistics_outputs_absent`) or
+        named blank (``""``, opset 9 on), which onnxruntime crashes running (:func:`blank_outputs_fail`)."""
         outputs = list(self.node.output)
-        if not self.training or self.opset < 9:
-            return False
-        return (self.opset >= 14 and len(outputs) < 3) or (len(outputs) >= 3 and not all(outputs[1:3]))
+        blank = self.training and self.opset >= 9 and len(outputs) >= 3 and not all(outputs[1:3])
+        return self.statistics_outputs_absent or blank
 
 
 def _as64(value: np.ndarray | None) -> np.ndarray | None:
