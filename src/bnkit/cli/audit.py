@@ -20,6 +20,7 @@ from ..file_kinds import looks_like_onnx, looks_like_safetensors
 from .app import app, console, fail, needs, note
 from .common import (USER_CODE_ERRORS, UsageError, add_cwd_to_path, build_model, check_input_file, describe_error,
                      dtype_change, load_forward, load_inputs, parse_device, print_json, reworded)
+from .tables import print_table
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -246,7 +247,7 @@ def _print(report: dict[str, Any]) -> None:
         for f in findings:
             table.add_row(f"[{_STYLE[f['severity']]}]{f['severity']}[/]",
                           *(Text(f[k]) for k in ("layer", "finding", "evidence", "fix")))
-        console.print(table)
+        print_table(console, table)
     if report.get("shifts"):
         shifts = Table(title="Data vs running statistics, ranked by KL per channel beyond what sampling noise gives "
                              "(z_eq = equivalent mean shift in std; noise z_eq: that of sampling noise alone)")
@@ -259,7 +260,7 @@ def _print(report: dict[str, Any]) -> None:
             noise = "-" if s.get("sampling_kl") is None else f"{math.sqrt(2 * s['sampling_kl']):.3g}"
             shifts.add_row(str(rank), Text(s["layer"]), f"{s['z_eq']:.3g}", noise, str(s["worst_channel"]),
                            f"{s['mean_shift']:+.3g}", f"{math.exp(s['log_var_ratio']):.3g}")
-        console.print(shifts)
+        print_table(console, shifts)
     errors = sum(f["severity"] == "error" for f in findings)
     warnings = sum(f["severity"] == "warning" for f in findings)
     if errors:

@@ -9,6 +9,7 @@ from rich.markup import escape
 
 from ..atomic import sigterm_exits
 from .app import app, console, err_console, fail, needs
+from .tables import print_table
 
 
 class _RichTracker:
@@ -56,7 +57,7 @@ def _print_chapter(ch) -> None:
             table.add_column(escape(col), justify="left" if i == 0 else "right", overflow="fold")
         for row in t.rows:
             table.add_row(*map(escape, row))
-        console.print(table)
+        print_table(console, table)
         for note in t.notes:
             _say("", note, indent=2, style="dim")
     for claim, ok in ch.checks.items():

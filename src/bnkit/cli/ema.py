@@ -10,6 +10,7 @@ from rich.table import Table
 from ..conventions import convert_momentum
 from ..stats import ema_table
 from .app import app, console, fail
+from .tables import print_table
 
 MAX_STEPS = 10_000  # a worked example, not a simulation: 10000 rows take well under a second
 
@@ -55,7 +56,7 @@ def ema(
     for step, v, run, corr in rows:
         if show == "all" or step <= len(values) or step % 10 == 0 or step == n:
             table.add_row(str(step), repr(v), f"{run:.6g}", f"{corr:.6g}")
-    console.print(table)
+    print_table(console, table)
     console.print(
         "bias-corrected = (running - decay^t * start) / (1 - decay^t): the weighted mean of the batches seen, "
         "free of the pull toward the starting value" + (" (at decay 1, where that is 0/0, its limit: the plain mean)."

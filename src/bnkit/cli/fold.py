@@ -16,6 +16,7 @@ from rich.text import Text
 
 from .app import app, console, fail, needs, note
 from .common import print_json, reworded
+from .tables import print_table
 
 
 def _shape(text: str) -> list[int]:
@@ -37,7 +38,7 @@ def _print_rows(folded: list[tuple[str, str]], left: dict[str, str], title: str)
         table.add_row(Text(bn), Text.assemble(("folded into", "green"), f" {into}"))
     for bn, reason in left.items():
         table.add_row(Text(bn), Text.assemble(("left:", "yellow"), f" {_cli_words(reason)}"))
-    console.print(table)
+    print_table(console, table)
 
 
 def _onnx_rows(folded: list) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from .app import app, console, fail, needs, note, warnings_as_notes
 from .common import INPUT_KEYS, USER_CODE_ERRORS, check_input_array, describe_error, raised_by_bnkit, reworded
+from .tables import print_table
 
 #: The library's advice (:func:`bnkit.torch.recalibrate`'s errors) with its Python arguments as this command's options.
 _CLI_WORDS = (("pass on_nonfinite='skip'", "pass --on-nonfinite skip"),
@@ -310,7 +311,7 @@ def recalibrate_command(
     except Exception as exc:  # noqa: BLE001
         raise fail(f"cannot write {output}: {exc}", code=1)
     console.print(str(report).splitlines()[0].strip(), highlight=False, markup=False)
-    console.print(_report_table(report))
+    print_table(console, _report_table(report))
     if report.unused_layers:
         console.print(f"[yellow]not reached by the data, left unchanged:[/] {escape(', '.join(report.unused_layers))}")
     if report.unread_layers:
