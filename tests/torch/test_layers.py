@@ -905,3 +905,27 @@ def test_drop_in_layer_without_running_statistics_names_its_layer(option):
     with pytest.raises(ValueError) as info:
         BatchNorm2d(4, track_running_stats=False, layer_name="block3.head_bn", **{option: True})
     assert "block3.head_bn" in str(info.value)
+
+
+@pytest.mark.parametrize("extras", [dict(debias=True), dict(renorm=True), dict(virtual_batch_size=2),
+                                    dict(running_var_rule="biased"), dict(renorm=True, virtual_batch_size=2)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_an_empty_training_batch_passes_through_with_extras_on_as_pytorch_lets_it(extras, momentum):
+    """A head given no rows (0 RoIs): nn.BatchNorm2d returns the empty output, its backward reaches the affine
+    parameters, and the running statistics stay; the drop-in layers with extras raised instead."""
+    ref, layer = _pair(nn.BatchNorm2d, BatchNorm2d, momentum=momentum, **extras)
+    for m in (ref, layer):
+        m.train()
+        m(torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(1)))  # one real step first
+    before, ref_before = copy.deepcopy(layer.state_dict()), copy.deepcopy(ref.state_dict())
+    x, x_ref = (torch.randn(0, 3, 4, 4, requires_grad=True) for _ in range(2))
+    out, expected = layer(x), ref(x_ref)
+    assert out.shape == expected.shape == (0, 3, 4, 4) and out.dtype == expected.dtype
+    out.sum().backward()
+    expected.sum().backward()
+    assert layer.weight.grad is not None and torch.equal(layer.weight.grad, ref.weight.grad)
+    assert torch.equal(layer.bias.grad, ref.bias.grad) and x.grad.shape == x_ref.grad.shape
+    after = layer.state_dict()  # nothing averaged, nothing counted (PyTorch counts it: its count is of calls)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(ref.running_mean, ref_before["running_mean"])  # PyTorch averages nothing in either
+    assert torch.equal(ref.running_var, ref_before["running_var"])

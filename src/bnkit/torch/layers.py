@@ -298,8 +298,6 @@ class _DropInBatchNorm:
         return chunks
 
     def _forward_train_extras(self, x: Tensor) -> Tensor:
-        if x.numel() == 0:
-            raise ValueError(f"{self._label()} got an empty batch {tuple(x.shape)} in training mode")
         if not x.is_floating_point():  # renorm's float32 arithmetic would take it, and cast its output back
             raise TypeError(f"{self._label()} takes floating-point input, got {x.dtype} (as PyTorch's batch_norm "
                             "does); convert the batch first, e.g. x.float()")
@@ -310,6 +308,8 @@ class _DropInBatchNorm:
                 "running_mean or running_var is None; give the layer running statistics again "
                 "(layer.running_mean = torch.zeros(C); layer.running_var = torch.ones(C)), or use renorm=False"
             )
+        if x.numel() == 0:  # a routed head given no rows: PyTorch's kernel gives the empty output, linked to the affine
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)  # nothing counted
         if self.renorm and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             raise RuntimeError(
                 f"{self._label()}: a Batch Renormalization step ran inside a backward pass, where activation "
