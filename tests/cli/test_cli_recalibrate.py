@@ -361,8 +361,8 @@ def test_a_ddp_checkpoint_loads_and_a_whole_model_loads_with_trust_from_the_curr
     result = invoke("--model", MODEL, "--weights", str(tmp_path / "ddp.pt"), "--data", str(tmp_path / "x.npy"),
                     "--output", str(tmp_path / "o.pt"))
     assert result.exit_code == 0, result.output
-    np.testing.assert_allclose(load_state_dict_file(tmp_path / "o.pt")["2.running_var"].double().numpy(), var,
-                               rtol=1e-6)
+    np.testing.assert_allclose(load_state_dict_file(tmp_path / "o.pt")["module.2.running_var"].double().numpy(),
+                               var, rtol=1e-6)  # the file's prefix kept (test_cli_recalibrate_layout.py)
 
     # a whole pickled model whose class lives in the user's folder: --trust loads it once the folder is on sys.path
     (tmp_path / "fa_cli_whole.py").write_text(

@@ -170,6 +170,30 @@ def _report_table(report: Any) -> Table:
     return table
 
 
+def _in_layout_of(checkpoint: Any, weights: Path, state: dict, loaded: Any, new: dict,
+                  out_path: Path) -> tuple[Any, dict[str, str] | None]:
+    """What to write for the recalibrated state dict ``new``, and the safetensors metadata: the ``--weights``
+    file's layout (:func:`bnkit.torch.io.checkpoint_with`: its other entries and key prefixes kept), its metadata if
+    it is a safetensors file; ``new`` alone, with a note saying what is left out, where a .safetensors output
+    cannot hold the rest or the file holds a pickled module."""
+    import torch
+
+    from ..torch.io import checkpoint_with, safetensors_metadata
+
+    metadata = safetensors_metadata(weights) if out_path.suffix.lower() == ".safetensors" else None
+    try:
+        kept = checkpoint_with(checkpoint, weights, state, loaded, new)
+    except ValueError as exc:
+        note(f"{out_path} holds the model's state dict alone ({exc})")
+        return new, metadata
+    if metadata is not None and (others := [str(k) for k, v in kept.items() if not isinstance(v, torch.Tensor)]):
+        note(f"{out_path} holds the model's state dict alone: safetensors holds tensors only, so the other entries "
+             f"of {weights} ({', '.join(others[:4])}{', ...' if len(others) > 4 else ''}) are left out; name the "
+             "output .pt to keep them")
+        return new, metadata
+    return kept, metadata
+
+
 def _integer_hint(loader: Any, dtype: Any) -> str:
     """A hint when array inputs are integers but the model computes in floating point."""
     import torch
@@ -187,8 +211,9 @@ def _integer_hint(loader: Any, dtype: Any) -> str:
 def recalibrate_command(
     model: str = typer.Option(..., help="package.module:factory returning the model (or the model object itself)."),
     output: str = typer.Option(
-        ..., "--output", "-o", help="New file for the recalibrated state dict: .pt/.pth (torch.save) or .safetensors. "
-                  "Its folder must exist; it may not be an input file."),
+        ..., "--output", "-o", help="New file for the recalibrated weights: .pt/.pth (torch.save) or .safetensors, "
+                  "in the --weights file's layout (its other entries and key prefixes kept), else the model's "
+                  "state dict. Its folder must exist; it may not be an input file."),
     data: str = typer.Option(
         ..., help="Inputs: a .npy/.npz array file, a .pt/.pth/.safetensors tensor file, or "
                   "package.module:factory returning a Dataset (map-style or iterable) of samples, an array "
@@ -245,7 +270,8 @@ def recalibrate_command(
         raise fail(str(exc))
     if weights is not None:
         try:
-            state, dropped = split_state(load_checkpoint(weights, trust=trust), weights)
+            checkpoint = load_checkpoint(weights, trust=trust)
+            state, dropped = split_state(checkpoint, weights)
             loaded = load_weights_into(net, state, dropped=dropped)
         except (UnsafeCheckpointError, FileNotFoundError, ValueError, RuntimeError) as exc:
             raise fail(f"cannot load {weights}: {exc}")
@@ -255,11 +281,11 @@ def recalibrate_command(
             note(changed)
     if out_path.suffix.lower() == ".safetensors":  # extra state safetensors cannot hold: said before the pass
         try:
-            state = net.state_dict()
+            own = net.state_dict()
         except USER_CODE_ERRORS:  # noqa: BLE001 - a get_extra_state that fails before the pass: checked on writing
-            state = {}
+            own = {}
         try:
-            refuse_non_tensors(state)
+            refuse_non_tensors(own)
         except ValueError as exc:
             raise fail(f"-o {output}: {exc}") from None
     if run_on is not None:
@@ -306,8 +332,11 @@ def recalibrate_command(
             hint += (f"; {data} gave a pair of tensors, each taken for a batch: a factory giving one (inputs, "
                      "targets) batch should return [batch]")
         raise fail(f"the model cannot run on the data from {data!r}, nothing written: {text}{hint}")
+    written, metadata = net.state_dict(), None
+    if weights is not None:
+        written, metadata = _in_layout_of(checkpoint, weights, state, loaded, written, out_path)
     try:
-        save_state_dict_file(net.state_dict(), out_path)
+        save_state_dict_file(written, out_path, metadata=metadata)
     except Exception as exc:  # noqa: BLE001
         raise fail(f"cannot write {output}: {exc}", code=1)
     console.print(str(report).splitlines()[0].strip(), highlight=False, markup=False)

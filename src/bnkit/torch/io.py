@@ -318,37 +318,42 @@ def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object]
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-
-    def tensors_in(value: object) -> int:
-        return sum(isinstance(v, torch.Tensor) for v in _as_state(value).values())
-
-    known = next((k for k in _WRAPPER_KEYS if tensors_in(obj.get(k))), None)
-    inner = None if known is None else obj[known]
-    mine = {} if inner is None else _weights(inner)
-    if mine and (twins := [str(k) for k, v in obj.items() if k != known and _two_sets(mine, _weights(v))]):
-        raise ValueError(
-            f"{path} holds the same weights twice, under {known!r} and {twins[0]!r} (such as a model and an average "
-            "of its weights, as YOLOv5, timm and torchvision's references save them): which one to use is your call; "
-            f"save it alone, e.g. torch.save(checkpoint[{twins[0]!r}], 'weights.pt'), or checkpoint[{known!r}]")
-    if inner is None:
-        nested = {k: n for k, v in obj.items() if not str(k).endswith("_extra_state") and (n := tensors_in(v))}
-        top = tensors_in(obj)
-        if len(nested) == 1 and max(nested.values()) > top:
-            inner = obj[next(iter(nested))]
-        elif nested and top <= max(nested.values()):
-            keys = sorted(map(str, nested))
-            raise ValueError(
-                f"{path} holds dicts of tensors under {keys}"
-                + (f" and {top} tensor(s) at its top level" if top else "")
-                + f", none under a key bnkit knows ({', '.join(_WRAPPER_KEYS)}): which one holds the weights is for "
-                f"you to say; save it alone, e.g. torch.save(checkpoint[{keys[0]!r}], 'weights.pt')")
-    if inner is not None:
-        obj = inner.state_dict() if isinstance(inner, torch.nn.Module) else inner
+    if (key := _weights_key(obj, path)) is not None:
+        obj = _as_state(obj[key])
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
     if not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} contains no tensors")
     refuse_meta(state.items(), str(path), "save the state dict after loading real weights")
     return state, {str(k): type(v).__name__ for k, v in obj.items() if str(k) not in state}
+
+
+def _weights_key(obj: Mapping, path: str | os.PathLike) -> object:
+    """The key of the checkpoint ``obj`` under which its state dict lies (None: ``obj`` is the state dict), by
+    :func:`split_state`'s rules (ValueError where they leave the choice to the user)."""
+    def tensors_in(value: object) -> int:
+        return sum(isinstance(v, torch.Tensor) for v in _as_state(value).values())
+
+    known = next((k for k in _WRAPPER_KEYS if tensors_in(obj.get(k))), None)
+    mine = {} if known is None else _weights(obj[known])
+    if mine and (twins := [str(k) for k, v in obj.items() if k != known and _two_sets(mine, _weights(v))]):
+        raise ValueError(
+            f"{path} holds the same weights twice, under {known!r} and {twins[0]!r} (such as a model and an average "
+            "of its weights, as YOLOv5, timm and torchvision's references save them): which one to use is your call; "
+            f"save it alone, e.g. torch.save(checkpoint[{twins[0]!r}], 'weights.pt'), or checkpoint[{known!r}]")
+    if known is not None:
+        return known
+    nested = {k: n for k, v in obj.items() if not str(k).endswith("_extra_state") and (n := tensors_in(v))}
+    top = tensors_in(obj)
+    if len(nested) == 1 and max(nested.values()) > top:
+        return next(iter(nested))
+    if nested and top <= max(nested.values()):
+        keys = sorted(map(str, nested))
+        raise ValueError(
+            f"{path} holds dicts of tensors under {keys}"
+            + (f" and {top} tensor(s) at its top level" if top else "")
+            + f", none under a key bnkit knows ({', '.join(_WRAPPER_KEYS)}): which one holds the weights is for "
+            f"you to say; save it alone, e.g. torch.save(checkpoint[{keys[0]!r}], 'weights.pt')")
+    return None
 
 
 def _as_state(value: object) -> Mapping:
@@ -681,6 +686,52 @@ def _extra_state_backup(model: torch.nn.Module) -> dict[str, object]:
     return backup
 
 
+def checkpoint_with(obj: object, path: str | os.PathLike, state: Mapping[str, object],
+                    loaded: Mapping[str, object], new: Mapping[str, object]) -> object:
+    """The checkpoint ``obj`` (as :func:`load_checkpoint` read it from ``path``) with its weights replaced by the
+    model's state dict ``new``, in the file's own layout: its wrapper keys and other entries (optimizer state, an
+    epoch) and its key prefixes (``module.``), ``n_averaged`` and ``_metadata`` as they were, and the entries the
+    model has no counterpart for left alone. ``state`` is :func:`split_state`'s state dict of ``obj``, ``loaded``
+    what :func:`load_weights_into` returned for it (the same entries, in the same order, under the model's keys).
+    The new tensors are detached copies on the CPU. ValueError where the file holds a pickled module (its state
+    dict cannot be put back in its place), or where ``state`` and ``loaded`` do not line up."""
+    key = _weights_key(obj, path) if isinstance(obj, Mapping) else None
+    inner = obj if key is None else obj[key]
+    if not isinstance(inner, Mapping):
+        raise ValueError(f"{path} holds a pickled {type(inner).__name__}, not a state dict")
+    names = list(state)
+    if len(names) == len(loaded) + 1 and "n_averaged" in state:  # an AveragedModel's counter, dropped on loading
+        names.remove("n_averaged")
+    model_key = dict(zip(names, loaded))
+    if len(names) != len(loaded) or any(loaded[m] is not state[f] for f, m in model_key.items()):
+        raise ValueError(f"{path}: its weights do not line up with those loaded")
+    replaced = OrderedDict(
+        (k, _copied(new[model_key[str(k)]]) if model_key.get(str(k)) in new else v) for k, v in inner.items())
+    if (metadata := getattr(inner, "_metadata", None)) is not None:
+        replaced._metadata = metadata  # type: ignore[attr-defined]
+    if key is None:
+        return replaced
+    outer = OrderedDict(obj.items())
+    outer[key] = replaced
+    return outer
+
+
+def _copied(value: object) -> object:
+    """A tensor as a detached copy on the CPU; anything else (a module's extra state) as it is."""
+    return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a safetensors file's header (``{"format": "pt"}`` and the like); empty for other files."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return {}
+
+
 def refuse_non_tensors(state: Mapping[str, object]) -> None:
     """ValueError naming the entries of ``state`` that are not tensors (a module's extra state), which a
     safetensors file cannot hold."""
@@ -690,12 +741,15 @@ def refuse_non_tensors(state: Mapping[str, object]) -> None:
                          "state); write a .pt file instead")
 
 
-def save_state_dict_file(state: Mapping[str, object], path: str | os.PathLike) -> Path:
+def save_state_dict_file(state: Mapping[str, object], path: str | os.PathLike, *,
+                         metadata: Mapping[str, str] | None = None) -> Path:
     """Write a state dict atomically; ``.safetensors`` by suffix, otherwise ``torch.save``.
 
     Entries that are not tensors (what a module's ``get_extra_state`` returns) go into a ``torch.save`` file
-    as they are; safetensors holds tensors only, so a state dict with such entries is refused for it. A name
-    ending in ``.onnx`` is refused (ValueError): the file would be no ONNX model.
+    as they are; safetensors holds tensors only, so a state dict with such entries is refused for it. A
+    safetensors file gets ``metadata`` in its header, with ``"format": "pt"`` unless it says otherwise (loaders
+    such as Hugging Face's read it). A name ending in ``.onnx`` is refused (ValueError): the file would be no ONNX
+    model.
     """
     path = check_target(path, "model.safetensors")
     if path.suffix.lower() == ".onnx":
@@ -705,12 +759,14 @@ def save_state_dict_file(state: Mapping[str, object], path: str | os.PathLike) -
     if safetensors:
         refuse_non_tensors(state)
     with atomic_path(path) as tmp:
-        saved = {k: v.detach().cpu().contiguous().clone() if isinstance(v, torch.Tensor) else v
-                 for k, v in state.items()}
+        saved = OrderedDict((k, v.detach().cpu().contiguous().clone() if isinstance(v, torch.Tensor) else v)
+                            for k, v in state.items())
+        if (versions := getattr(state, "_metadata", None)) is not None:  # module versions, read by their loaders
+            saved._metadata = versions  # type: ignore[attr-defined]
         if safetensors:
             from safetensors.torch import save_file
 
-            save_file(saved, tmp)
+            save_file(saved, tmp, metadata={"format": "pt", **(metadata or {})})
         else:
             torch.save(saved, tmp)
     return path
