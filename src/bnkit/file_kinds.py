@@ -5,7 +5,21 @@ import os
 import zipfile
 
 __all__ = ["describe_file", "looks_like_onnx", "looks_like_safetensors", "looks_like_npy", "looks_like_pickle",
-           "zip_kind"]
+           "unreadable_file", "zip_kind"]
+
+#: :func:`unreadable_file`'s reason for a path that exists but holds no file to read.
+NOT_REGULAR = "it is not a regular file (a pipe, socket or device), which loaders cannot seek in: save it to a file"
+
+
+def unreadable_file(path: str | os.PathLike) -> str | None:
+    """Why ``path``, a path that is not a folder, is no file to load: None for a regular file (or a link to one);
+    else ``"no such file"``, a symbolic link that leads to no file (a loop too), or :data:`NOT_REGULAR` (a named
+    pipe such as ``<(...)``, ``/dev/stdin``, a device)."""
+    if os.path.isfile(path):
+        return None
+    if os.path.islink(path) and not os.path.exists(path):
+        return "it is a symbolic link that leads to no file"
+    return NOT_REGULAR if os.path.exists(path) else "no such file"
 
 
 def looks_like_onnx(head: bytes) -> bool:

@@ -550,3 +550,18 @@ def test_a_damaged_data_file_is_told_the_data_formats(files):
     (files / "d.pt").write_bytes(bytes(data))
     line = one_line_error(run_cli(*RECAL, "--model", MLP, "--data", "d.pt"))
     assert "damaged" in line and ".npy, .npz, .safetensors" in line and "state dict" not in line, line
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes are POSIX")
+def test_a_pipe_given_as_a_file_is_named_as_no_regular_file(tmp_path):
+    """A FIFO exists, so 'no such file' was wrong; loaders cannot seek in it. Every kind of input says so."""
+    import os
+
+    from bnkit.cli.common import UsageError, check_input_file
+    from bnkit.onnx.graph import load_model
+
+    os.mkfifo(tmp_path / "m.onnx")
+    with pytest.raises(UsageError, match=r"cannot read ONNX file .*m.onnx: it is not a regular file"):
+        check_input_file(tmp_path / "m.onnx", "ONNX")
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_model(tmp_path / "m.onnx")

@@ -224,7 +224,7 @@ def test_a_failed_write_leaves_the_previous_weights_and_report(tmp_path, monkeyp
     assert runner.invoke(app, args).exit_code == 0
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    def full(state, path):
+    def full(state, path, **_):
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patch:
@@ -655,7 +655,7 @@ def test_a_weights_write_that_fails_otherwise_is_a_message(tmp_path, monkeypatch
 
     weights = save_state_dict_file(_calibrated_vgg().state_dict(), tmp_path / "w.safetensors")
 
-    def too_large(state, path):
+    def too_large(state, path, **_):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
 
     monkeypatch.setattr(bnkit.torch.io, "save_state_dict_file", too_large)

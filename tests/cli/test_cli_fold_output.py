@@ -166,3 +166,31 @@ def test_an_input_shape_too_big_for_any_array_is_named_not_numpys_error(tmp_path
     assert result.exit_code == 1, result.output
     assert f"input 'x' of shape [{1 << 62}, 3, 4, 4]" in _text(result) and "nothing written" in _text(result)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_a_safetensors_output_is_refused_before_folding_for_extra_state_and_keeps_the_inputs_metadata(user_module):
+    """Extra state (get_extra_state) cannot go into safetensors: refused as bad usage (exit 2) before the fold, as
+    recalibrate does, not after it with exit 1. A safetensors input's header metadata comes through (oracle:
+    safetensors.safe_open of both files)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = user_module("fa_fold_extra", "from bnkit.torch.zoo import MLP\n"
+                         "class Extra(MLP):\n    def get_extra_state(self):\n        return {'version': 7}\n"
+                         "    def set_extra_state(self, state):\n        pass\n"
+                         "def make():\n    return Extra()\n")
+    __import__("sys").path.insert(0, str(folder))  # the CLI puts it there too; conftest restores sys.path
+    torch.save(__import__("fa_fold_extra").make().state_dict(), folder / "extra.pt")
+    result = runner.invoke(app, ["fold", "--model", "fa_fold_extra:make", "--weights", "extra.pt", "--input-shape",
+                                 "2x64", "--force", "-o", "fe.safetensors"])
+    assert result.exit_code == 2, result.output
+    assert "safetensors holds tensors only" in _text(result) and not (folder / "fe.safetensors").exists()
+
+    state = {k: v.contiguous() for k, v in torch.load(folder / "w.pt").items()}
+    save_file(state, folder / "w.safetensors", metadata={"format": "pt", "origin": "trainer"})
+    for weights, expected in (("w.safetensors", {"format": "pt", "origin": "trainer"}), ("w.pt", {"format": "pt"})):
+        result = runner.invoke(app, ["fold", "--model", "bnkit.torch.zoo:MLP", "--weights", weights,
+                                     "--input-shape", "2x64", "--force", "-o", f"f_{weights}.safetensors"])
+        assert result.exit_code == 0, result.output
+        with safe_open(str(folder / f"f_{weights}.safetensors"), "pt") as f:
+            assert f.metadata() == expected

@@ -581,6 +581,21 @@ def test_a_factory_model_in_training_mode_is_recalibrated_in_eval_mode(user_mode
     np.testing.assert_allclose(got["2.running_var"].double().numpy(), h.var(axis=0, ddof=1), rtol=1e-6)
 
 
+def test_data_that_reaches_no_layer_fails_and_writes_nothing(user_models):
+    """A --forward that never calls the model recalibrates nothing: exit 1 and no file, as all-NaN data gets, not
+    an unchanged copy with exit 0 (oracle: the output path does not exist)."""
+    tmp_path = user_models
+    (tmp_path / "t7d_feed.py").write_text("def noop(model, batch):\n    return None\n")
+    sys.modules.pop("t7d_feed", None)
+    np.save(tmp_path / "x.npy", digits(100))
+    result = invoke("--model", MODEL, "--data", "x.npy", "--forward", "t7d_feed:noop", "-o", "o.pt")
+    sys.modules.pop("t7d_feed", None)
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "changed nothing, nothing written" in text and "none of the 2 BatchNorm layer(s)" in text
+    assert "t7d_feed:noop" in text and not (tmp_path / "o.pt").exists()
+
+
 def test_a_layer_the_data_does_not_reach_is_named_and_left_unchanged(user_models):
     tmp_path = user_models
     np.save(tmp_path / "x.npy", digits(100))

@@ -1008,6 +1008,16 @@ def test_a_dangling_link_is_named_as_one(tmp_path):
         load_model(tmp_path / "m.onnx")
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes are POSIX")
+def test_a_pipe_is_named_as_no_regular_file_not_as_missing(tmp_path):
+    """A FIFO (or <(...)) exists, but torch.load cannot seek in it: the error said 'no such file'."""
+    import os
+
+    os.mkfifo(tmp_path / "w.pt")
+    with pytest.raises(NotACheckpointError, match="w.pt: it is not a regular file"):
+        load_checkpoint(tmp_path / "w.pt")
+
+
 def test_a_whole_pickled_model_whose_class_was_renamed_since(tmp_path, monkeypatch):
     """The module still imports but no longer holds the class (pickle's find_class: AttributeError, not
     ImportError): with trust a ValueError saying the code cannot be found, without it unsafe."""

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..file_kinds import unreadable_file
 from ..tracebacks import raised_in
 
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -32,6 +33,24 @@ class UsageError(ValueError):
 #: a trusted pickle) and reports: any exception, and SystemExit (sys.exit() or exit() in that code), which would
 #: otherwise end the command with the user's status and nothing said. KeyboardInterrupt still interrupts.
 USER_CODE_ERRORS = (Exception, SystemExit)
+
+
+def check_safetensors_output(model: Any, output: Path) -> None:
+    """UsageError, before any work, where ``output`` is a .safetensors file and ``model``'s state dict holds entries
+    that are not tensors (a module's extra state), which safetensors cannot hold. A ``get_extra_state`` that fails
+    here is left for the write to report."""
+    if output.suffix.lower() != ".safetensors":
+        return
+    from ..torch.io import refuse_non_tensors
+
+    try:
+        state = model.state_dict()
+    except USER_CODE_ERRORS:  # noqa: BLE001 - the user's get_extra_state may raise anything
+        return
+    try:
+        refuse_non_tensors(state)
+    except ValueError as exc:
+        raise UsageError(f"-o {output}: {exc}") from None
 
 
 def add_cwd_to_path() -> None:
@@ -89,9 +108,9 @@ def check_input_file(path: Path, kind: str) -> None:
     if is_dir:
         raise UsageError(f"{path} is a directory, not a {kind} file: name a file inside it")
     if not is_file:
-        if path.is_symlink():  # a loop, or a link to nothing
-            raise UsageError(f"cannot read {kind} file {path}: it is a symbolic link that leads to no file")
-        raise UsageError(f"no such {kind} file: {path}")
+        if (why := unreadable_file(path)) == "no such file":
+            raise UsageError(f"no such {kind} file: {path}")
+        raise UsageError(f"cannot read {kind} file {path}: {why}")
 
 
 def raised_by_bnkit(exc: BaseException) -> bool:

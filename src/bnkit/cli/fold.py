@@ -196,10 +196,10 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
 
     from ..atomic import Terminated, atomic_path
     from ..torch import FoldVerificationError, fold_bn, save_state_dict_file
-    from ..torch.io import load_checkpoint, load_weights_into, split_state
+    from ..torch.io import load_checkpoint, load_weights_into, safetensors_metadata, split_state
     from ..torch.modules import input_dtype_device
-    from .common import (USER_CODE_ERRORS, UsageError, build_model, describe_error, dtype_change, raised_by_bnkit,
-                         resolve_spec)
+    from .common import (USER_CODE_ERRORS, UsageError, build_model, check_safetensors_output, describe_error,
+                         dtype_change, raised_by_bnkit, resolve_spec)
 
     if len(shapes) > 1 or any("=" in s for s in shapes):
         raise fail("--input-shape for a PyTorch model is one SHAPE (e.g. 1x3x224x224)")
@@ -219,6 +219,11 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
             raise fail(f"cannot load {weights} into {spec}: {why}") from None
         if changed := dtype_change(model, loaded, str(weights)):
             note(changed)
+    safetensors = output.suffix.lower() == ".safetensors"
+    try:
+        check_safetensors_output(model, output)  # folding keeps extra state
+    except UsageError as exc:
+        raise fail(str(exc)) from None
     model.eval()
     dtype, device = input_dtype_device(model)
     if output.suffix.lower() == ".onnx" and dtype == torch.bfloat16:
@@ -263,7 +268,8 @@ def _fold_torch(spec: str, weights: Optional[Path], output: Path, shapes: list[s
             with atomic_path(report_file) as tmp:
                 Path(tmp).write_text(json.dumps({**report.to_dict(), "weights": output.name}, indent=2) + "\n")
                 writing = output
-                save_state_dict_file(folded.state_dict(), output)
+                save_state_dict_file(folded.state_dict(), output, metadata=safetensors_metadata(weights)
+                                     if safetensors and weights is not None else None)
                 writing = None  # only the report's rename is left
         except BaseException as exc:  # noqa: BLE001 - torch.save raises RuntimeError, safetensors its own type
             if writing == output and _identity(output) != before:

@@ -245,12 +245,11 @@ def recalibrate_command(
     import torch
 
     from ..torch import recalibrate
-    from ..torch.io import (UnsafeCheckpointError, load_checkpoint, load_weights_into, refuse_non_tensors,
-                            save_state_dict_file, split_state)
+    from ..torch.io import UnsafeCheckpointError, load_checkpoint, load_weights_into, save_state_dict_file, split_state
     from ..torch.modules import input_dtype_device
     from ..torch.recalibrate import StatisticsRangeError, one_xy_batch
-    from .common import (STATE_DICT_SUFFIXES, UsageError, build_model, check_output, dtype_change, load_forward,
-                         parse_device)
+    from .common import (STATE_DICT_SUFFIXES, UsageError, build_model, check_output, check_safetensors_output,
+                         dtype_change, load_forward, parse_device)
 
     if batches is not None and batches < 1:
         raise fail(f"--batches must be at least 1, got {batches}")
@@ -279,15 +278,10 @@ def recalibrate_command(
             raise fail(f"cannot load {weights}: unpickling it raised {describe_error(exc)}")
         if changed := dtype_change(net, loaded, str(weights)):
             note(changed)
-    if out_path.suffix.lower() == ".safetensors":  # extra state safetensors cannot hold: said before the pass
-        try:
-            own = net.state_dict()
-        except USER_CODE_ERRORS:  # noqa: BLE001 - a get_extra_state that fails before the pass: checked on writing
-            own = {}
-        try:
-            refuse_non_tensors(own)
-        except ValueError as exc:
-            raise fail(f"-o {output}: {exc}") from None
+    try:
+        check_safetensors_output(net, out_path)
+    except UsageError as exc:
+        raise fail(str(exc)) from None
     if run_on is not None:
         net.to(run_on)
     dtype, where = input_dtype_device(net)  # batches go where the model is unless --device says otherwise, as in
@@ -332,6 +326,11 @@ def recalibrate_command(
             hint += (f"; {data} gave a pair of tensors, each taken for a batch: a factory giving one (inputs, "
                      "targets) batch should return [batch]")
         raise fail(f"the model cannot run on the data from {data!r}, nothing written: {text}{hint}")
+    if report.layers and not any(layer.updated for layer in report.layers):  # an unchanged copy is no result
+        unread = f" ({len(report.unread_layers)} reached only with no input to measure)" if report.unread_layers else ""
+        raise fail(f"recalibration changed nothing, nothing written: the data from {data!r} reached none of the "
+                   f"{len(report.layers)} BatchNorm layer(s){unread} in {report.batches} batch(es)"
+                   + ("" if feed is None else f"; check that --forward {forward!r} calls the model"), code=1)
     written, metadata = net.state_dict(), None
     if weights is not None:
         written, metadata = _in_layout_of(checkpoint, weights, state, loaded, written, out_path)

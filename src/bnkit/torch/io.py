@@ -37,7 +37,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 from torch.serialization import MAGIC_NUMBER
 
 from ..atomic import atomic_path, check_target
-from ..file_kinds import describe_file, looks_like_pickle, looks_like_safetensors
+from ..file_kinds import NOT_REGULAR, describe_file, looks_like_pickle, looks_like_safetensors, unreadable_file
 from ..tracebacks import raised_in
 
 __all__ = [
@@ -210,10 +210,10 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     path = Path(path)
     if path.is_dir():
         raise NotACheckpointError(f"{path} is a folder, not a checkpoint file; {CHECKPOINT_FORMATS}", "a folder")
-    if not path.is_file():
-        if path.is_symlink():  # a loop, or a link to nothing
-            raise FileNotFoundError(f"{path} is a symbolic link that leads to no file")
-        raise FileNotFoundError(f"no such file: {path}")
+    if (why := unreadable_file(path)) == NOT_REGULAR:
+        raise NotACheckpointError(f"{path}: {why}", "not a regular file")
+    if why is not None:
+        raise FileNotFoundError(f"no such file: {path}" if why == "no such file" else f"{path}: {why}")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)
