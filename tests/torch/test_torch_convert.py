@@ -211,6 +211,25 @@ def test_a_frozen_keras_layer_round_trips_as_frozen():
 
 
 @needs_keras
+def test_one_frozen_parameter_stays_frozen_both_ways():
+    """gamma alone frozen (variable.trainable=False in Keras, requires_grad=False in torch) trained again after a
+    conversion either way. Oracle: Keras's own trainable_weights."""
+    layer, _ = keras_bn(4, True)
+    layer.gamma.trainable = False
+    assert [id(w) for w in layer.trainable_weights] == [id(layer.beta)]
+    bn = from_keras(layer)
+    assert bn.training and not bn.weight.requires_grad and bn.bias.requires_grad
+    back = to_keras(bn, axis=-1)
+    assert back.trainable and [id(w) for w in back.trainable_weights] == [id(back.beta)]
+    torch_bn = nn.BatchNorm2d(C)
+    torch_bn.bias.requires_grad_(False)
+    k = to_keras(torch_bn)
+    assert k.trainable and [id(w) for w in k.trainable_weights] == [id(k.gamma)]
+    again = from_keras(k)
+    assert again.weight.requires_grad and not again.bias.requires_grad
+
+
+@needs_keras
 def test_a_frozen_keras_layer_without_gamma_and_beta_round_trips_as_frozen():
     layer, x_eval = keras_bn(4, True, center=False, scale=False)
     layer.trainable = False

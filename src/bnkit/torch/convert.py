@@ -201,7 +201,8 @@ def from_keras(layer: Any, *, exact_training: bool = False) -> _BatchNorm:
     statistics frozen by ``freeze_bn`` (eval mode that ``train()`` keeps). Otherwise it is in training mode,
     as a new torch layer is. A layer with a shift but no scale (``scale=False, center=True``) gets
     torch's weight of 1 in its place, with ``requires_grad=False`` so that training does not grow
-    a scale the source lacks. ``renorm=True`` is refused (no equivalent). The torch layer has the
+    a scale the source lacks. A gamma or beta variable of its own marked ``trainable=False`` gives its parameter
+    ``requires_grad=False``. ``renorm=True`` is refused (no equivalent). The torch layer has the
     Keras weights' dtype; bfloat16 weights give a float32 layer (which holds them exactly).
     """
     keras = _import_keras()
@@ -214,6 +215,9 @@ def from_keras(layer: Any, *, exact_training: bool = False) -> _BatchNorm:
     state = convert_state({"weights": weights, "config": layer.get_config()}, "keras", "torch")
     ndim = layer.input_spec.ndim if layer.input_spec is not None else None
     bn = _build_torch(state, _rank_to_dims(ndim), exact_training, scale=layer.scale)
+    for param, variable in ((bn.weight, layer.gamma), (bn.bias, layer.beta)):
+        if param is not None and variable is not None and not variable.trainable:  # gamma alone frozen, say
+            param.requires_grad_(False)
     if not layer.trainable:
         bn.requires_grad_(False)
         bn.eval()
@@ -243,7 +247,8 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
     Keras then normalizes with the moving statistics even in training and never updates them, as
     the torch layer does while it stays in eval. Any other layer gives ``trainable=True``, a layer
     without parameters that is merely in eval mode included (eval mode alone is how torch runs
-    inference, not a freeze; Keras has no frozen-statistics layer with trainable gamma/beta).
+    inference, not a freeze; Keras has no frozen-statistics layer with trainable gamma/beta). A weight or bias
+    with ``requires_grad=False`` gives a gamma or beta variable with ``trainable=False`` in any case.
     """
     keras = _import_keras()
     torch_state = _torch_state(bn)
@@ -263,6 +268,9 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
     layer.build(tuple(shape))
     for name, value in weights.items():
         getattr(layer, name).assign(value)
+    for param, name in ((bn.weight, "gamma"), (bn.bias, "beta")):
+        if param is not None and name in weights and not param.requires_grad:  # one parameter frozen, say
+            getattr(layer, name).trainable = False
     params = [p for p in (bn.weight, bn.bias) if p is not None]
     if not bn.training and (not any(p.requires_grad for p in params) if params else is_frozen(bn, "stats")):
         layer.trainable = False
