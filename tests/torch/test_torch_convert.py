@@ -627,6 +627,33 @@ def test_revert_sync_bn_restores_the_original_with_flags():
         assert torch.equal(v, b.state_dict()[k]), k
 
 
+def test_revert_sync_bn_leaves_subclasses_and_parametrized_layers_as_they_are_and_says_so():
+    """A plain BatchNorm class dropped a subclass's own forward (outputs 3 apart) and a parametrization's weight
+    property (AttributeError on the first call). Oracle: the source model's eval outputs."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.SyncBatchNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Positive(nn.Module):
+        def forward(self, w):
+            return w.abs() + 0.5
+
+    x = torch.randn(4, C, 5, 5)
+    model = nn.Sequential(nn.SyncBatchNorm(C), Doubled(C), nn.SyncBatchNorm(C)).eval()
+    parametrize.register_parametrization(model[2], "weight", Positive())
+    with torch.no_grad():
+        model[0].running_mean.uniform_(-1, 1)
+    expected = model(x)
+    with pytest.warns(UserWarning, match=r"left 2 SyncBatchNorm layer\(s\) as they are: 1 \(class Doubled.*2 \("
+                                         r"parametrized"):
+        reverted = revert_sync_bn(model, x)
+    assert type(reverted[0]) is nn.BatchNorm2d and type(reverted[1]) is Doubled
+    assert isinstance(reverted[2], nn.SyncBatchNorm) and parametrize.is_parametrized(reverted[2], "weight")
+    torch.testing.assert_close(reverted(x), expected, rtol=0, atol=0)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import: torch.jit internals
 def test_revert_sync_bn_of_a_wrapped_model_gives_the_module_inside_reverted(tmp_path):
     """DDP/DataParallel/torch.compile/AveragedModel: the probe ran DDP's own forward, which starts with a buffer

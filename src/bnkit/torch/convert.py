@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from ..convert import convert_state
 from . import layers
@@ -370,7 +371,9 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     over the old one's attributes as they are: the same parameters (``requires_grad``
     included) and buffers, eps, momentum, affine and tracking flags, ``training`` flag, hooks;
     only ``process_group`` is dropped. ``model`` itself is not modified. The math is unchanged:
-    ``SyncBatchNorm`` without a process group runs ``F.batch_norm`` exactly as ``BatchNorm*d`` does.
+    ``SyncBatchNorm`` without a process group runs ``F.batch_norm`` exactly as ``BatchNorm*d`` does. Layers of
+    another class (a subclass with code of its own, or one a ``torch.nn.utils.parametrize`` parametrization made)
+    are left as they are, with a warning naming them: a plain class would drop that code.
     A wrapped model (``DistributedDataParallel``, ``DataParallel``, ``torch.compile``, ``AveragedModel``)
     gives the module inside, converted: the probe runs that module (DDP's own forward would start with a
     collective, which a call on one rank never completes), with ``example_inputs`` sent to a DDP/DataParallel
@@ -384,10 +387,13 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     if example_inputs is not None and device is not None:
         example_inputs = to_device(example_inputs, device)
     ranks = _probe_ranks(model, example_inputs) if example_inputs is not None else {}
-    unsure = []
+    unsure, left = [], []
 
     def make(name: str, module: nn.Module) -> nn.Module | None:
         if not isinstance(module, nn.SyncBatchNorm):
+            return None
+        if type(module) is not nn.SyncBatchNorm:  # its class's code, or a parametrization's property, would be lost
+            left.append(f"{name or 'model'} ({_why_kept(module)})")
             return None
         seen = ranks.get(name, set())  # first name, as named_modules() in the probe reports it
         dims = _RANK_DIMS.get(next(iter(seen))) if len(seen) == 1 else None
@@ -403,7 +409,19 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
             "rank of 2-5 becomes BatchNorm1d/2d/3d.",
             stacklevel=2,
         )
+    if left:
+        warnings.warn(f"revert_sync_bn left {len(left)} SyncBatchNorm layer(s) as they are: {', '.join(left)}. In "
+                      "eval mode they normalize as BatchNorm does on one process.", stacklevel=2)
     return out
+
+
+def _why_kept(module: nn.SyncBatchNorm) -> str:
+    """Why :func:`revert_sync_bn` leaves a ``SyncBatchNorm`` of another class than PyTorch's as it is."""
+    if parametrize.is_parametrized(module):
+        return ("parametrized: a plain class would drop the parametrized tensors' properties; remove the "
+                "parametrization first, torch.nn.utils.parametrize.remove_parametrizations")
+    return (f"class {type(module).__name__}, a subclass whose own code a plain BatchNorm would drop; convert it "
+            "yourself if that code does not matter on one process")
 
 
 def _retype(module: nn.SyncBatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
