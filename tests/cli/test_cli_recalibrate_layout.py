@@ -82,11 +82,16 @@ def test_safetensors_output_keeps_the_inputs_metadata_and_says_what_it_cannot_ho
                     "-o", str(tmp_path / "out2.safetensors"))
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
-    assert "safetensors holds tensors only, so the other entries of" in said and "optimizer, epoch, args" in said
+    assert "safetensors holds tensors only, so the other entries of" in said and "(optimizer, epoch, args)" in said
     with safe_open(str(tmp_path / "out2.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
         got = {k: f.get_tensor(k) for k in f.keys()}
-    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    assert got.keys() == {f"module.{k}" for k in expected}  # the weights under the file's names
+    assert all(torch.equal(got[f"module.{k}"], v) for k, v in expected.items())
+    torch.save({"state_dict": ckpt["model"]}, tmp_path / "wrapped.pt")  # nothing beside the weights: no note
+    result = invoke("--model", MODEL, "--weights", str(tmp_path / "wrapped.pt"), "--data", str(tmp_path / "x.npy"),
+                    "-o", str(tmp_path / "out3.safetensors"))
+    assert result.exit_code == 0 and "left out" not in result.output, result.output
 
 
 def test_a_pickled_module_is_written_as_its_state_dict_with_a_note(tmp_path):
@@ -102,3 +107,47 @@ def test_a_pickled_module_is_written_as_its_state_dict_with_a_note(tmp_path):
     assert "holds the model's state dict alone" in " ".join(result.output.split())
     got = torch.load(tmp_path / "out.pt", weights_only=True)
     assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_counters_an_old_checkpoint_lacks_are_written_under_its_prefix(tmp_path):
+    """PyTorch adds num_batches_tracked to a checkpoint saved without it; the recalibrated count must be written,
+    or a momentum=None (or debias) layer loaded from the output restarts its average at the next training step."""
+    ckpt, expected = _checkpoint(tmp_path)
+    old = {k: v for k, v in ckpt["model"].items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pt")
+    result = invoke("--model", MODEL, "--weights", str(tmp_path / "old.pt"), "--data", str(tmp_path / "x.npy"),
+                    "-o", str(tmp_path / "out.pt"))
+    assert result.exit_code == 0, result.output
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert set(out) == {f"module.{k}" for k in expected}
+    assert all(torch.equal(out[f"module.{k}"], v) for k, v in expected.items())
+    assert int(out["module.2.num_batches_tracked"]) > 0
+
+
+def test_the_same_weights_saved_twice_are_recalibrated_in_both_places(tmp_path):
+    """{"model": sd, "ema": sd} (equal values: one set of weights to the loader): the second copy stayed stale, and
+    bnkit then refused its own output as holding two different sets."""
+    ckpt, expected = _checkpoint(tmp_path)
+    twins = {"model": ckpt["model"], "ema": {k: v.clone() for k, v in ckpt["model"].items()}, "epoch": 3}
+    torch.save(twins, tmp_path / "twins.pt")
+    for source, target in (("twins.pt", "out.pt"), ("out.pt", "again.pt")):
+        result = invoke("--model", MODEL, "--weights", str(tmp_path / source), "--data", str(tmp_path / "x.npy"),
+                        "-o", str(tmp_path / target))
+        assert result.exit_code == 0, result.output
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    for copy in ("model", "ema"):
+        assert all(torch.equal(out[copy][f"module.{k}"], v) for k, v in expected.items()), copy
+    assert out["epoch"] == 3
+
+
+def test_an_averaged_model_inside_ddp_keeps_its_layout(tmp_path):
+    _, expected = _checkpoint(tmp_path)
+    state = {"module.n_averaged": torch.tensor(7), **{f"module.module.{k}": v for k, v in load_state_dict_file(
+        tmp_path / "plain.pt").items()}}
+    torch.save(state, tmp_path / "ddp_swa.pt")
+    result = invoke("--model", MODEL, "--weights", str(tmp_path / "ddp_swa.pt"), "--data", str(tmp_path / "x.npy"),
+                    "-o", str(tmp_path / "out.pt"))
+    assert result.exit_code == 0 and "alone" not in result.output, result.output
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert list(out) == list(state) and int(out["module.n_averaged"]) == 7
+    assert all(torch.equal(out[f"module.module.{k}"], v) for k, v in expected.items())

@@ -918,6 +918,8 @@ def test_an_empty_training_batch_passes_through_with_extras_on_as_pytorch_lets_i
         m.train()
         m(torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(1)))  # one real step first
     before, ref_before = copy.deepcopy(layer.state_dict()), copy.deepcopy(ref.state_dict())
+    for shape in ((4, 3, 0, 4), (1, 3, 0, 0)):  # rows but no values: ghost batches of nothing, as PyTorch allows
+        assert layer(torch.randn(shape)).shape == ref(torch.randn(shape)).shape == shape
     x, x_ref = (torch.randn(0, 3, 4, 4, requires_grad=True) for _ in range(2))
     out, expected = layer(x), ref(x_ref)
     assert out.shape == expected.shape == (0, 3, 4, 4) and out.dtype == expected.dtype

@@ -170,28 +170,28 @@ def _report_table(report: Any) -> Table:
     return table
 
 
-def _in_layout_of(checkpoint: Any, weights: Path, state: dict, loaded: Any, new: dict,
-                  out_path: Path) -> tuple[Any, dict[str, str] | None]:
+def _in_layout_of(checkpoint: Any, weights: Path, new: dict, out_path: Path) -> tuple[Any, dict[str, str] | None]:
     """What to write for the recalibrated state dict ``new``, and the safetensors metadata: the ``--weights``
     file's layout (:func:`bnkit.torch.io.checkpoint_with`: its other entries and key prefixes kept), its metadata if
-    it is a safetensors file; ``new`` alone, with a note saying what is left out, where a .safetensors output
-    cannot hold the rest or the file holds a pickled module."""
+    it is a safetensors file. A .safetensors output, which holds tensors only, gets the weights alone under the
+    file's names, with a note naming what it leaves out; a file holding a pickled module gives ``new`` alone."""
     import torch
 
     from ..torch.io import checkpoint_with, safetensors_metadata
 
     metadata = safetensors_metadata(weights) if out_path.suffix.lower() == ".safetensors" else None
     try:
-        kept = checkpoint_with(checkpoint, weights, state, loaded, new)
+        kept, alone, others = checkpoint_with(checkpoint, weights, new)
     except ValueError as exc:
         note(f"{out_path} holds the model's state dict alone ({exc})")
         return new, metadata
-    if metadata is not None and (others := [str(k) for k, v in kept.items() if not isinstance(v, torch.Tensor)]):
-        note(f"{out_path} holds the model's state dict alone: safetensors holds tensors only, so the other entries "
-             f"of {weights} ({', '.join(others[:4])}{', ...' if len(others) > 4 else ''}) are left out; name the "
-             "output .pt to keep them")
-        return new, metadata
-    return kept, metadata
+    if metadata is None:
+        return kept, metadata
+    if others:
+        note(f"{out_path} holds the weights alone: safetensors holds tensors only, so the other entries of {weights} "
+             f"({', '.join(others[:4])}{', ...' if len(others) > 4 else ''}) are left out; name the output .pt to "
+             "keep them")
+    return {k: v for k, v in alone.items() if isinstance(v, torch.Tensor)}, metadata
 
 
 def _integer_hint(loader: Any, dtype: Any) -> str:
@@ -333,7 +333,7 @@ def recalibrate_command(
                    + ("" if feed is None else f"; check that --forward {forward!r} calls the model"), code=1)
     written, metadata = net.state_dict(), None
     if weights is not None:
-        written, metadata = _in_layout_of(checkpoint, weights, state, loaded, written, out_path)
+        written, metadata = _in_layout_of(checkpoint, weights, written, out_path)
     try:
         save_state_dict_file(written, out_path, metadata=metadata)
     except Exception as exc:  # noqa: BLE001

@@ -686,34 +686,62 @@ def _extra_state_backup(model: torch.nn.Module) -> dict[str, object]:
     return backup
 
 
-def checkpoint_with(obj: object, path: str | os.PathLike, state: Mapping[str, object],
-                    loaded: Mapping[str, object], new: Mapping[str, object]) -> object:
+def checkpoint_with(obj: object, path: str | os.PathLike,
+                    new: Mapping[str, object]) -> tuple[object, OrderedDict, list[str]]:
     """The checkpoint ``obj`` (as :func:`load_checkpoint` read it from ``path``) with its weights replaced by the
-    model's state dict ``new``, in the file's own layout: its wrapper keys and other entries (optimizer state, an
-    epoch) and its key prefixes (``module.``), ``n_averaged`` and ``_metadata`` as they were, and the entries the
-    model has no counterpart for left alone. ``state`` is :func:`split_state`'s state dict of ``obj``, ``loaded``
-    what :func:`load_weights_into` returned for it (the same entries, in the same order, under the model's keys).
-    The new tensors are detached copies on the CPU. ValueError where the file holds a pickled module (its state
-    dict cannot be put back in its place), or where ``state`` and ``loaded`` do not line up."""
+    model's state dict ``new``, in the file's own layout; that state dict alone, under the file's names; and the
+    names of the checkpoint's other entries (keys beside the weights, non-tensors among them).
+
+    Kept as they were: the wrapper key (``{"model": ...}``) and the other entries (optimizer state, an epoch), the
+    key prefixes (``module.``, ``_orig_mod.``), an ``AveragedModel``'s ``n_averaged``, ``_metadata``, and entries the
+    model has no counterpart for. A copy of the weights under another key (``{"model": sd, "ema": sd}``, equal
+    values: one set of weights to :func:`split_state`) is replaced too. Entries are matched by their names without
+    wrapper prefixes, as :func:`load_weights_into` loads them; a tensor the model has and the file lacks (the
+    ``num_batches_tracked`` PyTorch adds to old checkpoints) is added under the file's prefix. The new tensors are
+    detached copies on the CPU. ValueError where the file holds a pickled module (its state dict cannot be put back
+    in its place) or where names without their prefixes repeat."""
     key = _weights_key(obj, path) if isinstance(obj, Mapping) else None
     inner = obj if key is None else obj[key]
     if not isinstance(inner, Mapping):
         raise ValueError(f"{path} holds a pickled {type(inner).__name__}, not a state dict")
-    names = list(state)
-    if len(names) == len(loaded) + 1 and "n_averaged" in state:  # an AveragedModel's counter, dropped on loading
-        names.remove("n_averaged")
-    model_key = dict(zip(names, loaded))
-    if len(names) != len(loaded) or any(loaded[m] is not state[f] for f, m in model_key.items()):
-        raise ValueError(f"{path}: its weights do not line up with those loaded")
-    replaced = OrderedDict(
-        (k, _copied(new[model_key[str(k)]]) if model_key.get(str(k)) in new else v) for k, v in inner.items())
-    if (metadata := getattr(inner, "_metadata", None)) is not None:
-        replaced._metadata = metadata  # type: ignore[attr-defined]
+    model_of = {_bare(str(k)): k for k in new}
+    if len(model_of) != len(new):
+        raise ValueError("the model's names repeat without their wrapper prefixes")
+    weights = _with_weights(inner, new, model_of)
     if key is None:
-        return replaced
-    outer = OrderedDict(obj.items())
-    outer[key] = replaced
-    return outer
+        others = [str(k) for k, v in weights.items() if not isinstance(v, torch.Tensor)]
+        return weights, weights, others
+    mine = _weights(inner)
+    outer, others = OrderedDict(obj.items()), []
+    for k, v in obj.items():
+        if k == key:
+            outer[k] = weights
+        elif isinstance(v, Mapping) and mine and _weights(v).keys() == mine.keys() and not _two_sets(mine, _weights(v)):
+            outer[k] = _with_weights(v, new, model_of)  # the same weights saved twice
+        else:
+            others.append(str(k))
+    return outer, weights, others + [str(k) for k, v in weights.items() if not isinstance(v, torch.Tensor)]
+
+
+def _with_weights(inner: Mapping, new: Mapping[str, object], model_of: dict[str, object]) -> OrderedDict:
+    """The state dict ``inner`` with each entry the model's ``new`` has (by name without wrapper prefixes,
+    ``model_of``) replaced, and those it lacks added under the prefix its names carry where the model's do."""
+    names = [str(k) for k in inner]
+    if len({_bare(k) for k in names}) != len(names):
+        raise ValueError("the file's names repeat without their wrapper prefixes")
+    out = OrderedDict((k, _copied(new[model_of[_bare(str(k))]]) if _bare(str(k)) in model_of else v)
+                      for k, v in inner.items())
+    prefix = {}  # the model's wrapper prefix -> the file's, from the names both have
+    for k in names:
+        if (m := model_of.get(_bare(k))) is not None:
+            prefix.setdefault(str(m)[:len(str(m)) - len(_bare(str(m)))], k[:len(k) - len(_bare(k))])
+    held = {_bare(k) for k in names}
+    for bare, m in model_of.items():
+        if bare not in held and (p := prefix.get(str(m)[:len(str(m)) - len(bare)])) is not None:
+            out[p + bare] = _copied(new[m])
+    if (metadata := getattr(inner, "_metadata", None)) is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out
 
 
 def _copied(value: object) -> object:

@@ -301,6 +301,8 @@ class _DropInBatchNorm:
         if not x.is_floating_point():  # renorm's float32 arithmetic would take it, and cast its output back
             raise TypeError(f"{self._label()} takes floating-point input, got {x.dtype} (as PyTorch's batch_norm "
                             "does); convert the batch first, e.g. x.float()")
+        if x.numel() == 0:  # a routed head given no rows: PyTorch's kernel gives the empty output, linked to the affine
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)  # nothing counted
         chunks = self._chunks(x)  # validates before any buffer changes
         if self.renorm and (self.running_mean is None or self.running_var is None):
             raise ValueError(
@@ -308,8 +310,6 @@ class _DropInBatchNorm:
                 "running_mean or running_var is None; give the layer running statistics again "
                 "(layer.running_mean = torch.zeros(C); layer.running_var = torch.ones(C)), or use renorm=False"
             )
-        if x.numel() == 0:  # a routed head given no rows: PyTorch's kernel gives the empty output, linked to the affine
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)  # nothing counted
         if self.renorm and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             raise RuntimeError(
                 f"{self._label()}: a Batch Renormalization step ran inside a backward pass, where activation "
