@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 import sys
 import warnings
 
@@ -208,7 +209,7 @@ def test_large_inputs_with_mean_far_above_std(dtype, rtol, layout, upcast, monke
     ``_UPCAST_DEVICES``, the upcast one); |mean|/std = 1e4 must not cancel."""
     module = importlib.import_module("bnkit.torch.recalibrate")
     shifted, sizes = module._batch_moments, []
-    monkeypatch.setattr(module, "_batch_moments", lambda x: sizes.append(x.numel()) or shifted(x))
+    monkeypatch.setattr(module, "_batch_moments", lambda x, c: sizes.append(x.numel()) or shifted(x, c))
     upcast_sizes, kernel = [], torch.batch_norm_update_stats  # the upcast path's float64 kernel, whoever calls it
     monkeypatch.setattr(torch, "batch_norm_update_stats", lambda x, *a: upcast_sizes.append(x.numel()) or kernel(x, *a))
     if upcast:  # the first layer's 40-sample batch (4 * 46 * 46 * 40 values) is above the limit, the rest below
@@ -234,6 +235,23 @@ def test_large_inputs_with_mean_far_above_std(dtype, rtol, layout, upcast, monke
     assert upcast_sizes == (big[1:] if upcast else [])  # ... and the rest, only, went through the float64 copy
 
 
+@pytest.mark.parametrize("offset", [1e6, 1e8, 1e12])
+@pytest.mark.parametrize("values", [8 * 8, 64 * 64])  # the float64 upcast path, and the shifted sums
+def test_batches_whose_means_differ_far_from_zero_keep_the_variance_exact(offset, values):
+    """Each batch's mean was rounded at the mean's magnitude (1.5e-8 at 1e8) before the batches were merged, and the
+    spread of the batch means carried that into the variance: 1.1e-7 off at |mean|/std = 1e8 with batch means half
+    a std apart, 5e-9 at 1e7. Oracle: float64 NumPy on the inputs less the offset, which is exact here."""
+    g = torch.Generator().manual_seed(3)
+    side = int(math.isqrt(values))
+    data = [torch.randn(64, 3, side, side, generator=g, dtype=torch.float64) + offset + 0.5 * i for i in range(3)]
+    exact = np.concatenate([(d - offset).transpose(0, 1).reshape(3, -1).numpy() for d in data], axis=1)
+    assert all(torch.equal(d - offset + offset, d) for d in data)  # the offset subtracts exactly
+    bn = nn.BatchNorm2d(3).double().eval()
+    recalibrate(bn, data, progress=False)
+    np.testing.assert_allclose(bn.running_var.numpy(), exact.var(axis=1, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(bn.running_mean.numpy() - offset, exact.mean(axis=1), atol=4 * np.spacing(offset))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_shifted_sums_against_float64(dtype):
     """Above ``_SMALL`` values a float16/bfloat16 input is centred in float32 (one temporary, no float32 copy of
@@ -242,7 +260,9 @@ def test_half_precision_shifted_sums_against_float64(dtype):
     x = (torch.randn(8, 4, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 + 30)
     x = x.to(dtype)
     assert x.numel() > module._SMALL
-    mean, var = module._batch_moments(x)
+    shift = torch.full((4,), 29.5, dtype=torch.float64)
+    mean, var = module._batch_moments(x, shift)
+    mean = mean + shift
     x64 = x.double()
     want_mean, want_var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), correction=0)
     assert mean.dtype == var.dtype == torch.float64

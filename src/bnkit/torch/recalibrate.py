@@ -248,8 +248,9 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu", torch.float64) if t.device.type == "mps" else t.double()
 
 
-def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel float64 ``(mean, biased variance)`` of a ``(N, C, *)`` tensor, on its device (MPS: the CPU).
+def _batch_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel float64 ``(mean - shift, biased variance)`` of a ``(N, C, *)`` tensor, on its device (MPS: the
+    CPU, where ``shift``, float64 ``(C,)``, lies too).
 
     Small inputs (at most ``_SMALL`` values), where per-call overhead dominates,
     are upcast and reduced in one call to PyTorch's float64 BN statistics kernel
@@ -259,10 +260,10 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     each kernel launch costs more than the upcast; the float64 copy is transient).
     Larger ones use shifted sums: with ``c`` the channel mean in the working
     precision, ``d = x - c``, ``S1 = sum(d)``, ``S2 = sum(d**2)``, finished in
-    float64 as ``mean = c + S1/n`` and ``var = (S2 - S1**2/n) / n``. Only
+    float64 as ``mean - shift = (c - shift) + S1/n`` and ``var = (S2 - S1**2/n) / n``. Only
     deviations from a value near the mean are summed, never ``x**2``, so no sum of
-    squares cancels (beyond ``|mean| / std ~ 1e8`` the rounding of each batch's mean at
-    the mean's magnitude still shows: ~3e-6 of the variance at 1e12, in float64). The sums run over each sample's
+    squares cancels; the mean is returned relative to ``shift`` (a value of the layer's first input, see
+    :meth:`_Pass.recorder`), so it is never rounded at the mean's magnitude. The sums run over each sample's
     positions in the working precision (vectorized; a few float32 roundings of
     the spread) and over the batch in float64: variance to ~1e-7 relative, mean
     to ~1e-7 std, at float32 speed (upcasting every value to float64 costs ~20x
@@ -270,7 +271,7 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     xw = x.detach()
     if xw.numel() <= _SMALL:
-        return torch.batch_norm_update_stats(_f64(xw), None, None, 0.0)
+        return torch.batch_norm_update_stats(_f64(xw) - _channel_view(shift, x.dim()), None, None, 0.0)
     dims = [0, *range(2, x.dim())]
     n = xw.numel() // xw.shape[1]
     c = xw.mean(dim=dims, keepdim=True, dtype=torch.float64 if xw.dtype == torch.float64 else torch.float32)
@@ -282,8 +283,19 @@ def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     s1 = total(d)
     s2 = total(d.square_())
-    shift = s1 / n
-    return _f64(c.flatten()) + shift, (s2 / n - shift * shift).clamp_min_(0.0)
+    step = s1 / n
+    return (_f64(c.flatten()) - shift) + step, (s2 / n - step * step).clamp_min_(0.0)
+
+
+def _channel_view(t: torch.Tensor, rank: int) -> torch.Tensor:
+    """A ``(C,)`` tensor shaped to broadcast over the channel axis (1) of a rank-``rank`` input."""
+    return t.view(-1, *([1] * (rank - 2)))
+
+
+def _first_values(x: torch.Tensor) -> torch.Tensor:
+    """Each channel's first value of ``x`` (``x[0, c, 0, ...]``) in float64, where the statistics are finished (MPS:
+    on the CPU): a shift within the data's spread, exact, for :func:`_batch_moments`."""
+    return _f64(x.detach()[0].reshape(x.shape[1], -1)[:, 0])
 
 
 def _note_batch(exc: Exception, index: int, batch: Any, data: Any) -> None:
@@ -387,16 +399,22 @@ def _gather_ranks(payload: np.ndarray | None, error: BaseException | None,
 class _Pass:
     """The per-layer instrumentation for one pass (stand-in forwards, pre-hooks) and its float64 accumulators.
 
-    Each BN call appends one record ``(layer, count, samples, batch, mean, biased var)``
+    Each BN call appends one record ``(layer, count, samples, batch, mean - shift, biased var)``
     (statistics left on the device, no host sync); every ``_FOLD_EVERY`` batches
-    :meth:`fold` moves them to the host in one transfer and merges them per layer.
+    :meth:`fold` moves them to the host in one transfer and merges them per layer. A layer's means are taken
+    relative to its ``shift``, the first values of its first input with finite ones (exact data values, within the
+    data's spread): a batch mean rounded at the mean's magnitude (``|mean| / std`` of 1e8 and more) would carry that
+    rounding into the spread of the batch means, and so into the variance. Its accumulators hold the shifted means
+    too; the shift is added back once, when the buffers are written.
     """
 
     def __init__(self, layers: list[tuple[str, _BatchNorm]], skip_nonfinite: bool) -> None:
         self.layers = layers
         self.skip_nonfinite = skip_nonfinite
         self.widths = np.array([channels(m) for _, m in layers], dtype=np.int64)
-        self.moments = [RunningMoments(c) for c in self.widths.tolist()]
+        self.moments = [RunningMoments(c) for c in self.widths.tolist()]  # of the inputs less the layer's shift
+        self.shifts: list[torch.Tensor | None] = [None] * len(layers)  # float64, where the statistics are finished
+        self.host_shifts: list[np.ndarray | None] = [None] * len(layers)  # the same, on the host once folded
         self.calls = np.zeros(len(layers), dtype=np.int64)
         self.samples = np.zeros(len(layers), dtype=np.int64)
         self.batches = 0
@@ -430,14 +448,19 @@ class _Pass:
                     "(e.g. DataLoader(..., drop_last=True))"
                 )
             size = count * width
+            shift = self.shifts[index]
+            if shift is None:
+                shift = _first_values(x)
+                if bool(torch.isfinite(shift).all()):  # else this batch is non-finite anyway: the next one picks
+                    self.shifts[index] = shift
             if (size <= _SMALL and x.device.type != "mps") or (
                     x.device.type in _UPCAST_DEVICES and size <= _UPCAST_DEVICE_MAX):
-                # _batch_moments' upcast path, inlined
-                mean, var = stats(x.double(), None, None, 0.0)
+                # _batch_moments' upcast path, inlined (float64 arithmetic: x is promoted)
+                offset, var = stats(x.detach() - _channel_view(shift, len(shape)), None, None, 0.0)
             else:
-                mean, var = _batch_moments(x)
-            append((index, count, shape[0], self.batch_index, mean, var))
-            return mean, var
+                offset, var = _batch_moments(x, shift)
+            append((index, count, shape[0], self.batch_index, offset, var))
+            return shift + offset, var
 
         return record
 
@@ -526,6 +549,8 @@ class _Pass:
                 mean_k, var_k, n_k, s_k = mean_k[keep[rows]], var_k[keep[rows]], n_k[keep[rows]], s_k[keep[rows]]
                 if len(n_k) == 0:
                     continue
+            if self.host_shifts[i] is None:  # the layer's first finite records: its shift is set (see recorder)
+                self.host_shifts[i] = self.shifts[i].cpu().numpy()
             n, w = int(n_k.sum()), n_k.astype(np.float64)
             mean = mean_k[0] + w @ (mean_k - mean_k[0]) / n
             dev = mean_k - mean
@@ -546,16 +571,19 @@ class _Pass:
                                        f"when {when} ({exc})") from None
 
     def payload(self) -> np.ndarray:
-        """This rank's ``(batches, skipped)`` then per layer ``(calls, samples, count, mean, M2)``, as one
-        float64 vector for ``all_gather``."""
+        """This rank's ``(batches, skipped)`` then per layer ``(calls, samples, count, shift, mean, M2)`` (the mean
+        less the shift; a shift of 0 where the layer has no statistics), as one float64 vector for ``all_gather``."""
         parts = [np.asarray([self.batches, self.skipped], dtype=np.float64)]
-        for rm, calls, samples in zip(self.moments, self.calls, self.samples):
-            parts += [np.asarray([calls, samples, rm.count], dtype=np.float64), rm.mean, rm.m2]
+        for rm, calls, samples, shift in zip(self.moments, self.calls, self.samples, self.host_shifts):
+            parts += [np.asarray([calls, samples, rm.count], dtype=np.float64),
+                      np.zeros(rm.mean.shape) if shift is None else shift, rm.mean, rm.m2]
         return np.concatenate(parts)
 
     def merge_ranks(self, payloads: list[np.ndarray]) -> None:
-        """Replace the local accumulators by the Chan merge of every rank's, in rank order."""
+        """Replace the local accumulators by the Chan merge of every rank's, in rank order, each rank's means moved
+        to the shift of the first rank with statistics (shifts near the same mean differ exactly)."""
         merged = [RunningMoments(c) for c in self.widths.tolist()]
+        shifts: list[np.ndarray | None] = [None] * len(merged)
         self.rank_calls = np.zeros_like(self.calls)
         self.calls[:] = 0
         self.samples[:] = 0
@@ -565,14 +593,17 @@ class _Pass:
             pos = 2
             for i, c in enumerate(self.widths.tolist()):
                 calls, samples, count = (int(v) for v in p[pos:pos + 3])
-                # every rank merges the same payloads: all refuse alike
-                self._update(merged[i], i, count, p[pos + 3:pos + 3 + c], p[pos + 3 + c:pos + 3 + 2 * c],
-                             "the ranks' are merged")
+                shift, mean, m2 = (p[pos + 3 + j * c:pos + 3 + (j + 1) * c] for j in range(3))
+                if count:
+                    if shifts[i] is None:
+                        shifts[i] = shift
+                    # every rank merges the same payloads: all refuse alike
+                    self._update(merged[i], i, count, mean + (shift - shifts[i]), m2, "the ranks' are merged")
                 self.calls[i] += calls
                 self.rank_calls[i] = max(self.rank_calls[i], calls)
                 self.samples[i] += samples
-                pos += 3 + 2 * c
-        self.moments = merged
+                pos += 3 + 3 * c
+        self.moments, self.host_shifts = merged, shifts
 
 
 def _nonfinite_message(layer: str, batch: int, rank: int | None = None) -> str:
@@ -826,15 +857,15 @@ def recalibrate(
         unread = {layers[own_forward[j]][0] for j in measured.unread}
         with torch.no_grad():
             steps = (acc.calls if acc.rank_calls is None else acc.rank_calls).tolist()
-            for (name, m), rm, calls, samples, step in zip(layers, acc.moments, acc.calls.tolist(),
-                                                           acc.samples.tolist(), steps):
+            for (name, m), rm, shift, calls, samples, step in zip(layers, acc.moments, acc.host_shifts,
+                                                                  acc.calls.tolist(), acc.samples.tolist(), steps):
                 # the saved copies are private: as float64 CPU arrays they need no further copy
                 old_mean, old_var = (saved.before(b).to("cpu", torch.float64).numpy()
                                      for b in (m.running_mean, m.running_var))
                 new_mean, new_var = old_mean, old_var
                 if rm.count > 0:
                     biased = isinstance(m, _DropInBatchNorm) and m.running_var_rule == "biased"
-                    new_mean, new_var = rm.mean, rm.var if biased else rm.var_unbiased
+                    new_mean, new_var = rm.mean + shift, rm.var if biased else rm.var_unbiased
                     dtype = m.running_var.dtype
                     limit = torch.finfo(dtype).max
                     if not (np.abs(new_mean).max() <= limit and new_var.max() <= limit):
