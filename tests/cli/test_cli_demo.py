@@ -550,6 +550,39 @@ def test_a_full_disk_while_the_report_is_written_exits_2_with_the_reason_and_kee
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_full_disk_while_a_chapter_saves_its_plot_exits_2_and_keeps_the_previous_report(tmp_path, monkeypatch):
+    """ENOSPC in a plot's savefig marked the chapter failed, then the report without it replaced the previous one
+    (whose plot was removed as stale), exit 1. Oracle: the previous report's bytes."""
+    import errno
+    import json
+    import os
+
+    import matplotlib.figure
+
+    from bnkit.study import modes
+    from bnkit.study.report import new_figure, save_figure
+
+    def plotting(ctx):
+        fig, _ = new_figure()
+        save_figure(fig, ctx.out, "ch2_two_modes.png")
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(modes, "run", plotting)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    out = tmp_path / "report"
+    _previous_report(out)
+    (out / "results.json").write_text(json.dumps({"chapters": {"two-modes": {"figures": [
+        {"path": "ch2_two_modes.png"}]}}}))  # lists its plot: a new report would remove it as stale
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = runner.invoke(app, ["study", "two-modes", "--size", "quick", "--out", str(out)], terminal_width=200)
+    assert result.exit_code == 2, result.output
+    assert f"error: cannot write the report folder {out}: No space left on device" in _one_line(result.output)
+    assert "chapter failed" not in result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 _SLOW_CHAPTER = """
 import sys, time
 from pathlib import Path

@@ -108,7 +108,7 @@ def run_and_report(
     import numpy as np
     import torch
 
-    from ..study.report import write_report
+    from ..study.report import ReportWriteError, write_report
 
     _refuse_folders_in_the_way(out, REPORT_FILES)
     with sigterm_exits():  # SIGTERM (timeout, a cancelled CI job) exits 143 through the cleanup below
@@ -123,6 +123,8 @@ def run_and_report(
             torch.set_num_threads(threads)
             try:
                 chapters = _run_with_progress(names, size, seed, staging, seeds)
+            except ReportWriteError as exc:  # a plot that a full disk refused: the previous report stays
+                raise _cannot_write(out, exc) from None
             finally:
                 torch.set_num_threads(previous_threads)
             seconds = round(time.perf_counter() - start, 1)

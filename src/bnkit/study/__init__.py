@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
-from .report import Chapter, unavailable
+from .report import Chapter, ReportWriteError, unavailable
 
 __all__ = ["CHAPTERS", "SIZES", "MAX_SEED", "Tracker", "Context", "run_chapters", "missing_dependencies",
            "max_base_seed", "check_seed"]
@@ -125,7 +125,8 @@ def check_seed(names: list[str], size: str, seed: int, seeds: int | None = None)
 
 
 def run_chapters(names: list[str], ctx: Context) -> list[Chapter]:
-    """Run the named chapters in order. A chapter that raises is reported as failed, with the error.
+    """Run the named chapters in order. A chapter that raises is reported as failed, with the error, but for
+    :class:`~bnkit.study.report.ReportWriteError` (its plot could not be written), which ends the run.
 
     A seed outside ``0..max_base_seed(...)`` raises ValueError before any chapter runs.
     """
@@ -141,6 +142,8 @@ def run_chapters(names: list[str], ctx: Context) -> list[Chapter]:
         else:
             try:
                 ch = mod.run(ctx)
+            except ReportWriteError:  # the report folder, not the chapter: the CLI keeps the previous report
+                raise
             except Exception as exc:  # report it in the table and results.json; the CLI exits non-zero
                 reason = f"{type(exc).__name__}: {exc}"
                 ch = unavailable(mod.NUMBER, name, mod.TITLE, mod.CLAIM, reason, status="failed")

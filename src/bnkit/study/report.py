@@ -18,7 +18,8 @@ from typing import Any
 
 from ..atomic import atomic_path
 
-__all__ = ["Table", "Figure", "Chapter", "new_figure", "save_figure", "write_report", "unavailable"]
+__all__ = ["Table", "Figure", "Chapter", "ReportWriteError", "new_figure", "save_figure", "write_report",
+           "unavailable"]
 
 
 @dataclass
@@ -80,14 +81,25 @@ def new_figure(rows: int = 1, cols: int = 1, *, width: float = 6.4, height: floa
     return fig, axes
 
 
+class ReportWriteError(OSError):
+    """A plot could not be written into the report folder (a full disk, a folder that refuses writes): the run
+    cannot make its report, which is no failure of the chapter that drew it (:func:`bnkit.study.run_chapters` lets
+    it through)."""
+
+
 def save_figure(fig, out_dir: Path, name: str, *, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> str:
-    """Save ``fig`` as ``out_dir/name`` (PNG, 110 dpi; axes laid out within ``rect``), close it, return its name."""
+    """Save ``fig`` as ``out_dir/name`` (PNG, 110 dpi; axes laid out within ``rect``), close it, return its name.
+    :class:`ReportWriteError` where the file cannot be written."""
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout(rect=rect)
-    fig.savefig(out_dir / name, dpi=110)
-    plt.close(fig)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout(rect=rect)
+        fig.savefig(out_dir / name, dpi=110)
+    except OSError as exc:
+        raise ReportWriteError(exc.errno, exc.strerror or str(exc), str(out_dir / name)) from exc
+    finally:
+        plt.close(fig)
     return name
 
 
