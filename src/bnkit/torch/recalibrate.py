@@ -248,9 +248,9 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu", torch.float64) if t.device.type == "mps" else t.double()
 
 
-def _batch_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_moments(x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel float64 ``(mean - shift, biased variance)`` of a ``(N, C, *)`` tensor, on its device (MPS: the
-    CPU, where ``shift``, float64 ``(C,)``, lies too).
+    CPU, where ``shift``, float64 ``(C,)`` or None for 0, lies too).
 
     Small inputs (at most ``_SMALL`` values), where per-call overhead dominates,
     are upcast and reduced in one call to PyTorch's float64 BN statistics kernel
@@ -262,8 +262,8 @@ def _batch_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, 
     precision, ``d = x - c``, ``S1 = sum(d)``, ``S2 = sum(d**2)``, finished in
     float64 as ``mean - shift = (c - shift) + S1/n`` and ``var = (S2 - S1**2/n) / n``. Only
     deviations from a value near the mean are summed, never ``x**2``, so no sum of
-    squares cancels; the mean is returned relative to ``shift`` (a value of the layer's first input, see
-    :meth:`_Pass.recorder`), so it is never rounded at the mean's magnitude. The sums run over each sample's
+    squares cancels; the mean is returned relative to ``shift`` (values of the layer's first input, see
+    :meth:`_Pass.recorder`), so it is not rounded at the mean's magnitude. The sums run over each sample's
     positions in the working precision (vectorized; a few float32 roundings of
     the spread) and over the batch in float64: variance to ~1e-7 relative, mean
     to ~1e-7 std, at float32 speed (upcasting every value to float64 costs ~20x
@@ -271,7 +271,8 @@ def _batch_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, 
     """
     xw = x.detach()
     if xw.numel() <= _SMALL:
-        return torch.batch_norm_update_stats(_f64(xw) - _channel_view(shift, x.dim()), None, None, 0.0)
+        xs = _f64(xw) if shift is None else _f64(xw) - _channel_view(shift, x.dim())
+        return torch.batch_norm_update_stats(xs, None, None, 0.0)
     dims = [0, *range(2, x.dim())]
     n = xw.numel() // xw.shape[1]
     c = xw.mean(dim=dims, keepdim=True, dtype=torch.float64 if xw.dtype == torch.float64 else torch.float32)
@@ -284,7 +285,8 @@ def _batch_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, 
     s1 = total(d)
     s2 = total(d.square_())
     step = s1 / n
-    return (_f64(c.flatten()) - shift) + step, (s2 / n - step * step).clamp_min_(0.0)
+    centre = _f64(c.flatten())
+    return (centre if shift is None else centre - shift) + step, (s2 / n - step * step).clamp_min_(0.0)
 
 
 def _channel_view(t: torch.Tensor, rank: int) -> torch.Tensor:
@@ -292,10 +294,34 @@ def _channel_view(t: torch.Tensor, rank: int) -> torch.Tensor:
     return t.view(-1, *([1] * (rank - 2)))
 
 
-def _first_values(x: torch.Tensor) -> torch.Tensor:
-    """Each channel's first value of ``x`` (``x[0, c, 0, ...]``) in float64, where the statistics are finished (MPS:
-    on the CPU): a shift within the data's spread, exact, for :func:`_batch_moments`."""
-    return _f64(x.detach()[0].reshape(x.shape[1], -1)[:, 0])
+def _moments(x: torch.Tensor, shift: torch.Tensor | None, upcast: bool,
+             stats: Callable = torch.batch_norm_update_stats) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_batch_moments`, with its float64 upcast path inlined where ``upcast`` (with a shift: in float64, x
+    promoted; ``stats``: PyTorch's float64 statistics kernel, looked up once per layer)."""
+    if upcast:
+        return stats(x.double() if shift is None else x.detach() - _channel_view(shift, x.dim()), None, None, 0.0)
+    return _batch_moments(x, shift)
+
+
+#: :meth:`_Pass.recorder`'s shift for a layer whose batch means are rounded at their magnitude harmlessly: to
+#: ``|mean| * 1.1e-16``, which costs the variance at most about that many std squared ...
+_UNSHIFTED = object()
+#: ... while its first input's means are within this many std of 0 (up to ~1e-11 of the variance).
+_SHIFT_ABOVE = 1e5
+
+
+def _choose_shift(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor | object | None:
+    """A BN layer's shift, from its first input ``x`` and that input's float64 ``mean`` and ``var``: each channel's
+    first value (``x[0, c, 0, ...]``, in float64 where the statistics are finished, MPS: the CPU; exact, within the
+    data's spread) where some channel's mean is more than :data:`_SHIFT_ABOVE` std from 0, else
+    :data:`_UNSHIFTED`; None where the statistics are not finite (the batch is left out or refused; the next input
+    decides). One host sync."""
+    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    far = (mean.abs() > _SHIFT_ABOVE * var.sqrt()).any()
+    finite, far = torch.stack([finite, far]).tolist()
+    if not finite:
+        return None
+    return _f64(x.detach()[0].reshape(x.shape[1], -1)[:, 0]) if far else _UNSHIFTED
 
 
 def _note_batch(exc: Exception, index: int, batch: Any, data: Any) -> None:
@@ -401,11 +427,12 @@ class _Pass:
 
     Each BN call appends one record ``(layer, count, samples, batch, mean - shift, biased var)``
     (statistics left on the device, no host sync); every ``_FOLD_EVERY`` batches
-    :meth:`fold` moves them to the host in one transfer and merges them per layer. A layer's means are taken
-    relative to its ``shift``, the first values of its first input with finite ones (exact data values, within the
-    data's spread): a batch mean rounded at the mean's magnitude (``|mean| / std`` of 1e8 and more) would carry that
-    rounding into the spread of the batch means, and so into the variance. Its accumulators hold the shifted means
-    too; the shift is added back once, when the buffers are written.
+    :meth:`fold` moves them to the host in one transfer and merges them per layer. A layer whose first input's
+    means lie more than :data:`_SHIFT_ABOVE` std from 0 has its means taken relative to a ``shift``, that input's
+    first values (exact data values, within the data's spread): a batch mean rounded at the mean's magnitude would
+    carry that rounding into the spread of the batch means, and so into the variance (1e-7 of it at ``|mean| /
+    std`` 1e8). Its accumulators hold the shifted means too; the shift is added back once, when the buffers are
+    written. Other layers (shift 0) skip the subtraction, a pass over a float64 copy of each small input.
     """
 
     def __init__(self, layers: list[tuple[str, _BatchNorm]], skip_nonfinite: bool) -> None:
@@ -413,7 +440,8 @@ class _Pass:
         self.skip_nonfinite = skip_nonfinite
         self.widths = np.array([channels(m) for _, m in layers], dtype=np.int64)
         self.moments = [RunningMoments(c) for c in self.widths.tolist()]  # of the inputs less the layer's shift
-        self.shifts: list[torch.Tensor | None] = [None] * len(layers)  # float64, where the statistics are finished
+        # per layer: float64 where the statistics are finished, _UNSHIFTED, or None until an input decides
+        self.shifts: list[torch.Tensor | object | None] = [None] * len(layers)
         self.host_shifts: list[np.ndarray | None] = [None] * len(layers)  # the same, on the host once folded
         self.calls = np.zeros(len(layers), dtype=np.int64)
         self.samples = np.zeros(len(layers), dtype=np.int64)
@@ -449,18 +477,16 @@ class _Pass:
                 )
             size = count * width
             shift = self.shifts[index]
-            if shift is None:
-                shift = _first_values(x)
-                if bool(torch.isfinite(shift).all()):  # else this batch is non-finite anyway: the next one picks
-                    self.shifts[index] = shift
-            if (size <= _SMALL and x.device.type != "mps") or (
-                    x.device.type in _UPCAST_DEVICES and size <= _UPCAST_DEVICE_MAX):
-                # _batch_moments' upcast path, inlined (float64 arithmetic: x is promoted)
-                offset, var = stats(x.detach() - _channel_view(shift, len(shape)), None, None, 0.0)
-            else:
-                offset, var = _batch_moments(x, shift)
+            upcast = (size <= _SMALL and x.device.type != "mps") or (
+                x.device.type in _UPCAST_DEVICES and size <= _UPCAST_DEVICE_MAX)
+            offset, var = _moments(x, shift if isinstance(shift, torch.Tensor) else None, upcast, stats)
+            if shift is None:  # the layer's first call with finite statistics decides (one host sync)
+                shift = self.shifts[index] = _choose_shift(x, offset, var)
+                if isinstance(shift, torch.Tensor):  # far from 0: this input again, relative to the shift
+                    offset, var = _moments(x, shift, upcast, stats)
+            shifted = isinstance(shift, torch.Tensor)
             append((index, count, shape[0], self.batch_index, offset, var))
-            return shift + offset, var
+            return (shift + offset if shifted else offset), var
 
         return record
 
@@ -549,7 +575,7 @@ class _Pass:
                 mean_k, var_k, n_k, s_k = mean_k[keep[rows]], var_k[keep[rows]], n_k[keep[rows]], s_k[keep[rows]]
                 if len(n_k) == 0:
                     continue
-            if self.host_shifts[i] is None:  # the layer's first finite records: its shift is set (see recorder)
+            if self.host_shifts[i] is None and isinstance(self.shifts[i], torch.Tensor):  # see recorder
                 self.host_shifts[i] = self.shifts[i].cpu().numpy()
             n, w = int(n_k.sum()), n_k.astype(np.float64)
             mean = mean_k[0] + w @ (mean_k - mean_k[0]) / n
@@ -865,7 +891,8 @@ def recalibrate(
                 new_mean, new_var = old_mean, old_var
                 if rm.count > 0:
                     biased = isinstance(m, _DropInBatchNorm) and m.running_var_rule == "biased"
-                    new_mean, new_var = rm.mean + shift, rm.var if biased else rm.var_unbiased
+                    new_mean = rm.mean if shift is None else rm.mean + shift
+                    new_var = rm.var if biased else rm.var_unbiased
                     dtype = m.running_var.dtype
                     limit = torch.finfo(dtype).max
                     if not (np.abs(new_mean).max() <= limit and new_var.max() <= limit):
