@@ -52,6 +52,15 @@ def shard(rank: int) -> list[torch.Tensor]:
     return [7.0 + 2.0 * torch.randn(n, 1, 8, 8, generator=g) for n in SHARDS[rank]]
 
 
+FAR = 1e8
+
+
+def far_shard(rank: int) -> list[torch.Tensor]:
+    """Batches 1e8 from 0, their means half a std apart across the ranks (each differs from FAR exactly)."""
+    g = torch.Generator().manual_seed(200 + rank)
+    return [FAR + 0.5 * rank + torch.randn(16, 2, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
 def _worker(rank: int, store: str, out: str) -> None:
     """One rank: recalibrate its shard, then the two failure cases; write what happened to ``out``."""
     import torch.distributed as dist
@@ -104,6 +113,9 @@ def _worker(rank: int, store: str, out: str) -> None:
         except Exception as exc:  # noqa: BLE001 - record what each rank saw
             results["overflow"] = f"{type(exc).__name__}: {exc}"
         results["overflow_unchanged"] = all(torch.equal(v, before_big[k]) for k, v in big.state_dict().items())
+        far = nn.Sequential(nn.BatchNorm1d(2)).double().eval()  # each rank shifts by its own first values
+        recalibrate(far, far_shard(rank), progress=False)
+        results["far"] = {k: v.clone() for k, v in far.state_dict().items()}
         # a DDP-wrapped model with no batches on rank 1: DDP's own forward begins with a buffer broadcast that
         # rank 1 would never join (both ranks waited for the timeout); the pass runs the module inside
         ddp = nn.parallel.DistributedDataParallel(ddp_ready_model())
@@ -166,6 +178,12 @@ def test_two_gloo_ranks_with_unequal_shards_match_the_union(tmp_path: Path):
     for res in results:
         assert res["overflow"].startswith("StatisticsRangeError: BatchNorm layer '0': its statistics overflow")
         assert res["overflow_unchanged"]
+    # far from 0 (|mean|/std 1e8), the ranks' means merged on one shift: the union's variance to 1e-12 (oracle: the
+    # data less FAR, exact, in float64 NumPy; a rank's mean rounded at 1e8 put 1e-7 of error into it)
+    exact = torch.cat([b - FAR for rank in (0, 1) for b in far_shard(rank)]).numpy()
+    for res in results:
+        torch.testing.assert_close(res["far"]["0.running_var"], torch.from_numpy(exact.var(0, ddof=1)), rtol=1e-12,
+                                   atol=0)
     # DDP with an empty shard on rank 1: both ranks end with rank 0's shard's statistics
     only0 = ddp_ready_model()
     recalibrate(only0, shard(0), progress=False)
