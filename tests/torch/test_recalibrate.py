@@ -252,6 +252,32 @@ def test_batches_whose_means_differ_far_from_zero_keep_the_variance_exact(offset
     np.testing.assert_allclose(bn.running_mean.numpy() - offset, exact.mean(axis=1), atol=4 * np.spacing(offset))
 
 
+@pytest.mark.parametrize("garbage", [1e12, 1e20])
+def test_a_left_out_batch_does_not_set_what_the_kept_means_are_taken_relative_to(garbage):
+    """A skipped batch (NaN at layer b) with finite garbage at layer a: its values became a's shift, every kept mean
+    was rounded at the garbage's magnitude, and the statistics came out wrong (all zeros at 1e20). Oracle: float64
+    NumPy over the kept inputs of layer a."""
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.BatchNorm1d(2).double(), nn.BatchNorm1d(2).double()
+
+        def forward(self, xy):
+            return self.a(xy[0]) + self.b(xy[1])
+
+    g = torch.Generator().manual_seed(0)
+    bad = (torch.randn(64, 2, generator=g, dtype=torch.float64) + garbage,
+           torch.full((64, 2), float("nan"), dtype=torch.float64))
+    kept = [(torch.randn(64, 2, generator=g, dtype=torch.float64) + 0.5 * (k % 2),
+             torch.randn(64, 2, generator=g, dtype=torch.float64)) for k in range(8)]
+    model = TwoInputs().eval()
+    report = recalibrate(model, [bad] + kept, on_nonfinite="skip", forward=lambda m, b: m(b), progress=False)
+    assert report.skipped_batches == 1
+    a = torch.cat([x for x, _ in kept]).numpy()
+    np.testing.assert_allclose(model.a.running_mean.numpy(), a.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(model.a.running_var.numpy(), a.var(0, ddof=1), rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_shifted_sums_against_float64(dtype):
     """Above ``_SMALL`` values a float16/bfloat16 input is centred in float32 (one temporary, no float32 copy of

@@ -262,8 +262,8 @@ def _batch_moments(x: torch.Tensor, shift: torch.Tensor | None) -> tuple[torch.T
     precision, ``d = x - c``, ``S1 = sum(d)``, ``S2 = sum(d**2)``, finished in
     float64 as ``mean - shift = (c - shift) + S1/n`` and ``var = (S2 - S1**2/n) / n``. Only
     deviations from a value near the mean are summed, never ``x**2``, so no sum of
-    squares cancels; the mean is returned relative to ``shift`` (values of the layer's first input, see
-    :meth:`_Pass.recorder`), so it is not rounded at the mean's magnitude. The sums run over each sample's
+    squares cancels; the mean is returned relative to ``shift`` (a batch's own mean, whose rounding at its magnitude
+    this measures, see :class:`_Pass`). The sums run over each sample's
     positions in the working precision (vectorized; a few float32 roundings of
     the spread) and over the batch in float64: variance to ~1e-7 relative, mean
     to ~1e-7 std, at float32 speed (upcasting every value to float64 costs ~20x
@@ -303,25 +303,18 @@ def _moments(x: torch.Tensor, shift: torch.Tensor | None, upcast: bool,
     return _batch_moments(x, shift)
 
 
-#: :meth:`_Pass.recorder`'s shift for a layer whose batch means are rounded at their magnitude harmlessly: to
-#: ``|mean| * 1.1e-16``, which costs the variance at most about that many std squared ...
-_UNSHIFTED = object()
-#: ... while its first input's means are within this many std of 0 (up to ~1e-11 of the variance).
-_SHIFT_ABOVE = 1e5
+#: A layer whose first input's means lie more than this many std from 0 (some channel's) keeps each batch's mean as
+#: two parts, see :class:`_Pass`; nearer 0, rounding a batch mean at its magnitude costs the variance under ~1e-11.
+_FAR_FROM_ZERO = 1e5
 
 
-def _choose_shift(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor | object | None:
-    """A BN layer's shift, from its first input ``x`` and that input's float64 ``mean`` and ``var``: each channel's
-    first value (``x[0, c, 0, ...]``, in float64 where the statistics are finished, MPS: the CPU; exact, within the
-    data's spread) where some channel's mean is more than :data:`_SHIFT_ABOVE` std from 0, else
-    :data:`_UNSHIFTED`; None where the statistics are not finite (the batch is left out or refused; the next input
-    decides). One host sync."""
+def _far_from_zero(mean: torch.Tensor, var: torch.Tensor) -> bool | None:
+    """Whether some channel's ``mean`` lies more than :data:`_FAR_FROM_ZERO` std (``sqrt(var)``) from 0; None
+    where the statistics are not finite (the next input decides). One host sync."""
     finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-    far = (mean.abs() > _SHIFT_ABOVE * var.sqrt()).any()
+    far = (mean.abs() > _FAR_FROM_ZERO * var.sqrt()).any()
     finite, far = torch.stack([finite, far]).tolist()
-    if not finite:
-        return None
-    return _f64(x.detach()[0].reshape(x.shape[1], -1)[:, 0]) if far else _UNSHIFTED
+    return bool(far) if finite else None
 
 
 def _note_batch(exc: Exception, index: int, batch: Any, data: Any) -> None:
@@ -425,29 +418,29 @@ def _gather_ranks(payload: np.ndarray | None, error: BaseException | None,
 class _Pass:
     """The per-layer instrumentation for one pass (stand-in forwards, pre-hooks) and its float64 accumulators.
 
-    Each BN call appends one record ``(layer, count, samples, batch, mean - shift, biased var)``
+    Each BN call appends one record ``(layer, count, samples, batch, mean, biased var, residual)``
     (statistics left on the device, no host sync); every ``_FOLD_EVERY`` batches
-    :meth:`fold` moves them to the host in one transfer and merges them per layer. A layer whose first input's
-    means lie more than :data:`_SHIFT_ABOVE` std from 0 has its means taken relative to a ``shift``, that input's
-    first values (exact data values, within the data's spread): a batch mean rounded at the mean's magnitude would
-    carry that rounding into the spread of the batch means, and so into the variance (1e-7 of it at ``|mean| /
-    std`` 1e8). Its accumulators hold the shifted means too; the shift is added back once, when the buffers are
-    written. Other layers (shift 0) skip the subtraction, a pass over a float64 copy of each small input.
+    :meth:`fold` moves them to the host in one transfer and merges them per layer. For a layer whose first input
+    lies far from 0 (:data:`_FAR_FROM_ZERO`), a batch mean is rounded at its magnitude (1.5e-8 at 1e8), and the
+    spread of the batch means would carry that rounding into the variance (1e-7 of it at ``|mean| / std`` 1e8, batch
+    means half a std apart): its records keep the ``residual``, the mean of ``x - mean`` (the variance is taken
+    about the mean then too), and its accumulators hold the means less a ``reference``, the first kept batch's mean
+    (chosen once the batches to leave out are known), added back once, when the buffers are written. Other layers
+    (residual None, reference 0) skip that second reduction.
     """
 
     def __init__(self, layers: list[tuple[str, _BatchNorm]], skip_nonfinite: bool) -> None:
         self.layers = layers
         self.skip_nonfinite = skip_nonfinite
         self.widths = np.array([channels(m) for _, m in layers], dtype=np.int64)
-        self.moments = [RunningMoments(c) for c in self.widths.tolist()]  # of the inputs less the layer's shift
-        # per layer: float64 where the statistics are finished, _UNSHIFTED, or None until an input decides
-        self.shifts: list[torch.Tensor | object | None] = [None] * len(layers)
-        self.host_shifts: list[np.ndarray | None] = [None] * len(layers)  # the same, on the host once folded
+        self.moments = [RunningMoments(c) for c in self.widths.tolist()]  # of the inputs less the layer's reference
+        self.far: list[bool | None] = [None] * len(layers)  # per layer, decided by its first finite input
+        self.references: list[np.ndarray | None] = [None] * len(layers)  # the far layers' first kept batch means
         self.calls = np.zeros(len(layers), dtype=np.int64)
         self.samples = np.zeros(len(layers), dtype=np.int64)
         self.batches = 0
         self.skipped = 0
-        self.records: list[tuple[int, int, int, int, torch.Tensor, torch.Tensor]] = []
+        self.records: list[tuple[int, int, int, int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.batch_index = 0  # batches run so far (the one running now)
         self.rank_calls: np.ndarray | None = None  # after merge_ranks: per layer, the most calls of one rank
         self.folded = 0  # batches folded so far
@@ -476,17 +469,17 @@ class _Pass:
                     "(e.g. DataLoader(..., drop_last=True))"
                 )
             size = count * width
-            shift = self.shifts[index]
             upcast = (size <= _SMALL and x.device.type != "mps") or (
                 x.device.type in _UPCAST_DEVICES and size <= _UPCAST_DEVICE_MAX)
-            offset, var = _moments(x, shift if isinstance(shift, torch.Tensor) else None, upcast, stats)
-            if shift is None:  # the layer's first call with finite statistics decides (one host sync)
-                shift = self.shifts[index] = _choose_shift(x, offset, var)
-                if isinstance(shift, torch.Tensor):  # far from 0: this input again, relative to the shift
-                    offset, var = _moments(x, shift, upcast, stats)
-            shifted = isinstance(shift, torch.Tensor)
-            append((index, count, shape[0], self.batch_index, offset, var))
-            return (shift + offset if shifted else offset), var
+            mean, var = _moments(x, None, upcast, stats)
+            far = self.far[index]
+            if far is None:  # the layer's first input with finite statistics decides (one host sync)
+                far = self.far[index] = _far_from_zero(mean, var)
+            residual = None
+            if far:  # the mean's rounding at its magnitude, measured: a second reduction, of x - mean
+                residual, var = _moments(x, mean, upcast, stats)
+            append((index, count, shape[0], self.batch_index, mean, var, residual))
+            return mean, var
 
         return record
 
@@ -571,12 +564,18 @@ class _Pass:
             mean_k = flat[start:start + k * c].reshape(k, c)
             var_k = flat[half + start:half + start + k * c].reshape(k, c)
             n_k, s_k = count[rows], samples[rows]
+            residuals = [records[r][6] for r in order[first:first + k]]
             if keep is not None:
                 mean_k, var_k, n_k, s_k = mean_k[keep[rows]], var_k[keep[rows]], n_k[keep[rows]], s_k[keep[rows]]
+                residuals = [r for r, kept in zip(residuals, keep[rows].tolist()) if kept]
                 if len(n_k) == 0:
                     continue
-            if self.host_shifts[i] is None and isinstance(self.shifts[i], torch.Tensor):  # see recorder
-                self.host_shifts[i] = self.shifts[i].cpu().numpy()
+            if self.far[i]:  # each mean as (mean - reference) + residual; the reference: the first kept batch's mean
+                if self.references[i] is None:
+                    self.references[i] = mean_k[0].copy()
+                zero = next(r for r in residuals if r is not None).new_zeros(c)  # a record before the layer decided
+                residual = torch.stack([zero if r is None else r for r in residuals]).cpu().numpy()
+                mean_k = (mean_k - self.references[i]) + residual
             n, w = int(n_k.sum()), n_k.astype(np.float64)
             mean = mean_k[0] + w @ (mean_k - mean_k[0]) / n
             dev = mean_k - mean
@@ -597,19 +596,19 @@ class _Pass:
                                        f"when {when} ({exc})") from None
 
     def payload(self) -> np.ndarray:
-        """This rank's ``(batches, skipped)`` then per layer ``(calls, samples, count, shift, mean, M2)`` (the mean
-        less the shift; a shift of 0 where the layer has no statistics), as one float64 vector for ``all_gather``."""
+        """This rank's ``(batches, skipped)`` then per layer ``(calls, samples, count, reference, mean, M2)`` (the
+        mean less the reference, 0 where the layer has none), as one float64 vector for ``all_gather``."""
         parts = [np.asarray([self.batches, self.skipped], dtype=np.float64)]
-        for rm, calls, samples, shift in zip(self.moments, self.calls, self.samples, self.host_shifts):
+        for rm, calls, samples, reference in zip(self.moments, self.calls, self.samples, self.references):
             parts += [np.asarray([calls, samples, rm.count], dtype=np.float64),
-                      np.zeros(rm.mean.shape) if shift is None else shift, rm.mean, rm.m2]
+                      np.zeros(rm.mean.shape) if reference is None else reference, rm.mean, rm.m2]
         return np.concatenate(parts)
 
     def merge_ranks(self, payloads: list[np.ndarray]) -> None:
         """Replace the local accumulators by the Chan merge of every rank's, in rank order, each rank's means moved
-        to the shift of the first rank with statistics (shifts near the same mean differ exactly)."""
+        to the reference of the first rank with statistics (references near the same mean differ exactly)."""
         merged = [RunningMoments(c) for c in self.widths.tolist()]
-        shifts: list[np.ndarray | None] = [None] * len(merged)
+        references: list[np.ndarray | None] = [None] * len(merged)
         self.rank_calls = np.zeros_like(self.calls)
         self.calls[:] = 0
         self.samples[:] = 0
@@ -619,17 +618,17 @@ class _Pass:
             pos = 2
             for i, c in enumerate(self.widths.tolist()):
                 calls, samples, count = (int(v) for v in p[pos:pos + 3])
-                shift, mean, m2 = (p[pos + 3 + j * c:pos + 3 + (j + 1) * c] for j in range(3))
+                reference, mean, m2 = (p[pos + 3 + j * c:pos + 3 + (j + 1) * c] for j in range(3))
                 if count:
-                    if shifts[i] is None:
-                        shifts[i] = shift
+                    if references[i] is None:
+                        references[i] = reference
                     # every rank merges the same payloads: all refuse alike
-                    self._update(merged[i], i, count, mean + (shift - shifts[i]), m2, "the ranks' are merged")
+                    self._update(merged[i], i, count, mean + (reference - references[i]), m2, "the ranks' are merged")
                 self.calls[i] += calls
                 self.rank_calls[i] = max(self.rank_calls[i], calls)
                 self.samples[i] += samples
                 pos += 3 + 3 * c
-        self.moments, self.host_shifts = merged, shifts
+        self.moments, self.references = merged, references
 
 
 def _nonfinite_message(layer: str, batch: int, rank: int | None = None) -> str:
@@ -883,15 +882,15 @@ def recalibrate(
         unread = {layers[own_forward[j]][0] for j in measured.unread}
         with torch.no_grad():
             steps = (acc.calls if acc.rank_calls is None else acc.rank_calls).tolist()
-            for (name, m), rm, shift, calls, samples, step in zip(layers, acc.moments, acc.host_shifts,
-                                                                  acc.calls.tolist(), acc.samples.tolist(), steps):
+            for (name, m), rm, reference, calls, samples, step in zip(layers, acc.moments, acc.references,
+                                                                      acc.calls.tolist(), acc.samples.tolist(), steps):
                 # the saved copies are private: as float64 CPU arrays they need no further copy
                 old_mean, old_var = (saved.before(b).to("cpu", torch.float64).numpy()
                                      for b in (m.running_mean, m.running_var))
                 new_mean, new_var = old_mean, old_var
                 if rm.count > 0:
                     biased = isinstance(m, _DropInBatchNorm) and m.running_var_rule == "biased"
-                    new_mean = rm.mean if shift is None else rm.mean + shift
+                    new_mean = rm.mean if reference is None else rm.mean + reference
                     new_var = rm.var if biased else rm.var_unbiased
                     dtype = m.running_var.dtype
                     limit = torch.finfo(dtype).max
