@@ -26,7 +26,7 @@ import pickletools
 import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -696,18 +696,18 @@ def checkpoint_with(obj: object, path: str | os.PathLike,
     key prefixes (``module.``, ``_orig_mod.``), an ``AveragedModel``'s ``n_averaged``, ``_metadata``, and entries the
     model has no counterpart for. A copy of the weights under another key (``{"model": sd, "ema": sd}``, equal
     values: one set of weights to :func:`split_state`) is replaced too. Entries are matched by their names without
-    wrapper prefixes, as :func:`load_weights_into` loads them; a tensor the model has and the file lacks (the
+    wrapper prefixes, as :func:`load_weights_into` loads them (by their full names where that makes two of the
+    model's alike: a submodule named ``module``); a tensor the model has and the file lacks (the
     ``num_batches_tracked`` PyTorch adds to old checkpoints) is added under the file's prefix. The new tensors are
     detached copies on the CPU. ValueError where the file holds a pickled module (its state dict cannot be put back
-    in its place) or where names without their prefixes repeat."""
+    in its place) or a tensor no name of the model matches (but an ``AveragedModel``'s ``n_averaged``)."""
     key = _weights_key(obj, path) if isinstance(obj, Mapping) else None
     inner = obj if key is None else obj[key]
     if not isinstance(inner, Mapping):
         raise ValueError(f"{path} holds a pickled {type(inner).__name__}, not a state dict")
-    model_of = {_bare(str(k)): k for k in new}
-    if len(model_of) != len(new):
-        raise ValueError("the model's names repeat without their wrapper prefixes")
-    weights = _with_weights(inner, new, model_of)
+    strip = _bare if len({_bare(str(k)) for k in new}) == len(new) else str
+    model_of = {strip(str(k)): k for k in new}
+    weights = _with_weights(inner, new, model_of, strip)
     if key is None:
         others = [str(k) for k, v in weights.items() if not isinstance(v, torch.Tensor)]
         return weights, weights, others
@@ -717,28 +717,31 @@ def checkpoint_with(obj: object, path: str | os.PathLike,
         if k == key:
             outer[k] = weights
         elif isinstance(v, Mapping) and mine and _weights(v).keys() == mine.keys() and not _two_sets(mine, _weights(v)):
-            outer[k] = _with_weights(v, new, model_of)  # the same weights saved twice
+            outer[k] = _with_weights(v, new, model_of, strip)  # the same weights saved twice
         else:
             others.append(str(k))
     return outer, weights, others + [str(k) for k, v in weights.items() if not isinstance(v, torch.Tensor)]
 
 
-def _with_weights(inner: Mapping, new: Mapping[str, object], model_of: dict[str, object]) -> OrderedDict:
-    """The state dict ``inner`` with each entry the model's ``new`` has (by name without wrapper prefixes,
+def _with_weights(inner: Mapping, new: Mapping[str, object], model_of: dict[str, object],
+                  strip: Callable[[str], str]) -> OrderedDict:
+    """The state dict ``inner`` with each entry the model's ``new`` has (by name as ``strip`` leaves it,
     ``model_of``) replaced, and those it lacks added under the prefix its names carry where the model's do."""
-    names = [str(k) for k in inner]
-    if len({_bare(k) for k in names}) != len(names):
-        raise ValueError("the file's names repeat without their wrapper prefixes")
-    out = OrderedDict((k, _copied(new[model_of[_bare(str(k))]]) if _bare(str(k)) in model_of else v)
-                      for k, v in inner.items())
+    names = [strip(str(k)) for k in inner]
+    unmatched = [str(k) for k, n in zip(inner, names)
+                 if n not in model_of and isinstance(inner[k], torch.Tensor) and _bare(str(k)) != "n_averaged"]
+    if len(set(names)) != len(names) or unmatched:
+        raise ValueError("its weights do not line up with the model's names"
+                         + (f" ({', '.join(unmatched[:3])})" if unmatched else ""))
+    out = OrderedDict((k, _copied(new[model_of[n]]) if n in model_of else v) for (k, v), n in zip(inner.items(), names))
     prefix = {}  # the model's wrapper prefix -> the file's, from the names both have
-    for k in names:
-        if (m := model_of.get(_bare(k))) is not None:
-            prefix.setdefault(str(m)[:len(str(m)) - len(_bare(str(m)))], k[:len(k) - len(_bare(k))])
-    held = {_bare(k) for k in names}
-    for bare, m in model_of.items():
-        if bare not in held and (p := prefix.get(str(m)[:len(str(m)) - len(bare)])) is not None:
-            out[p + bare] = _copied(new[m])
+    for k, n in zip(map(str, inner), names):
+        if (m := model_of.get(n)) is not None:
+            prefix.setdefault(str(m)[:len(str(m)) - len(n)], k[:len(k) - len(n)])
+    held = set(names)
+    for n, m in model_of.items():
+        if n not in held and (p := prefix.get(str(m)[:len(str(m)) - len(n)])) is not None:
+            out[p + n] = _copied(new[m])
     if (metadata := getattr(inner, "_metadata", None)) is not None:
         out._metadata = metadata  # type: ignore[attr-defined]
     return out
