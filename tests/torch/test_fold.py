@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bnkit.torch import bn_layers, fold_bn, fold_plan, load_state_dict_file, save_state_dict_file
+from bnkit.torch import (FoldVerificationError, bn_layers, fold_bn, fold_plan, load_state_dict_file,
+                         save_state_dict_file)
 from bnkit.torch.zoo import ZOO, example_input
 
 # Which BN layers of each zoo model can be folded exactly, read off the architectures in bnkit/torch/zoo.py.
@@ -430,6 +431,38 @@ def test_untraceable_model_falls_back_to_sequential_neighbours():
     assert (plan.method, plan.folded, plan.left) == ("sequential", report.folded, report.left)
     with torch.no_grad():
         assert rel_diff(model(x), folded(x)) < 1e-5
+
+
+def test_verification_judges_each_output_on_its_own_scale():
+    """Boxes in pixels (up to 2048) beside scores in (0, 1), the score path branching on whether the conv has a bias:
+    the folded scores were 16% off, but over the boxes' scale that read 8e-5, under the 1e-4 tolerance. Oracle: the
+    original model's scores."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.box = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Linear(3, 4)
+
+        def forward(self, x):
+            f = self.bn(self.conv(x))
+            if self.conv.bias is not None:  # the plan cannot see it: folding adds a bias, used twice then
+                f = f + self.conv.bias.view(1, -1, 1, 1)
+            return self.box(x.mean((2, 3))).sigmoid() * 2048, f.mean((2, 3)).sigmoid()
+
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.3, 0.3)
+        model.bn.running_var.uniform_(0.5, 2)
+        model.bn.bias.uniform_(-0.5, 0.5)
+        model.bn.num_batches_tracked += 1
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(FoldVerificationError) as info:
+        fold_bn(model, x)
+    folded, _ = fold_bn(model, x, verify=False)
+    with torch.no_grad():
+        scores, wrong = model(x)[1], folded(x)[1]
+    per_output = float((scores - wrong).abs().max() / scores.abs().max())
+    assert per_output > 1e-2 and info.value.report.max_rel_diff == pytest.approx(per_output, rel=1e-6)
 
 
 def test_without_example_inputs_not_verified_but_folded():

@@ -668,8 +668,9 @@ def _low_precision_shift_notes(model: nn.Module, folded: list[FoldedBN]) -> list
 
 
 def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
-    """``max|a - b|`` and that over ``max|a|`` (the absolute difference itself where ``a`` is all zero); None for
-    outputs that hold no tensors (nothing to compare).
+    """``max|a - b|`` over the output tensors, and the largest of each tensor's over its own ``max|a|`` (the
+    absolute difference itself where ``a`` is all zero): a wrong score head beside boxes in pixels is not lost in
+    the boxes' scale. None for outputs that hold no tensors (nothing to compare).
 
     As in :func:`bnkit.onnx.verify.compare`, NaN in both at one place, like equal infinities, is a match, and a
     NaN/Inf in one where the other differs counts as inf; so do outputs with values but no finite one in ``a``
@@ -679,7 +680,7 @@ def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
     pairs = list(zip(flatten_tensors(a), flatten_tensors(b), strict=True))
     if not pairs:
         return None, None
-    abs_diff, scale, finite_seen, values_seen = 0.0, 0.0, False, False
+    abs_diff, rel_diff, finite_seen, values_seen = 0.0, 0.0, False, False
     any_floating = any(x.is_floating_point() or x.is_complex() for x, _ in pairs)
     for x, y in pairs:
         if not x.numel():
@@ -687,15 +688,15 @@ def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
         counts = x.is_floating_point() or x.is_complex() or not any_floating
         x, y = _f64(x), _f64(y)
         same = (x == y) | (x.isnan() & y.isnan())
-        d = torch.where(same, 0.0, (x - y).abs()).nan_to_num(nan=math.inf, posinf=math.inf)
-        abs_diff = max(abs_diff, float(d.max()))
+        d = float(torch.where(same, 0.0, (x - y).abs()).nan_to_num(nan=math.inf, posinf=math.inf).max())
         finite = x[torch.isfinite(x)]
-        scale = max(scale, float(finite.abs().max()) if finite.numel() else 0.0)
+        scale = float(finite.abs().max()) if finite.numel() else 0.0
+        abs_diff, rel_diff = max(abs_diff, d), max(rel_diff, d / scale if scale > 0 else d)
         finite_seen = finite_seen or (counts and bool(finite.numel()))
         values_seen = values_seen or counts
     if values_seen and not finite_seen:
         return math.inf, math.inf
-    return abs_diff, abs_diff / scale if scale > 0 else abs_diff
+    return abs_diff, rel_diff
 
 
 # ---------------------------------------------------------------------------------------------- planning
