@@ -634,8 +634,30 @@ def test_an_argument_left_at_its_default_is_traced_at_it():
         folded, report = fold_bn(model, inputs)
         assert report.n_folded == 0 and report.left["bn"].startswith("its input comes from") is False
         assert "the output of 'conv' is also used elsewhere" in report.left["bn"]
-        assert any(n.startswith("forward arguments skip were traced at their default None") for n in report.notes)
+        assert any(n.startswith("forward arguments skip=None were traced at their defaults") for n in report.notes)
         assert max_diff_to_unfolded(model, folded, x) < 1e-5
+
+
+def test_a_flag_left_at_its_default_is_named_in_a_note():
+    """forward(x, return_features=False): traced at False, the fold changed what return_features=True returns (0.95
+    off, half the output's size) and no note said the flag was fixed. Oracle: the original model with the flag."""
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+        def forward(self, x, return_features=False):
+            y = self.conv(x)
+            return y if return_features else self.bn(y)
+
+    model = bn_stats(Features())
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = fold_bn(model, x)
+    assert report.n_folded == 1  # on the path the call takes, as planned
+    assert any(n.startswith("forward arguments return_features=False were traced at their defaults")
+               for n in report.notes)
+    with torch.no_grad():
+        assert (model(x, return_features=True) - folded(x, return_features=True)).abs().max() > 1e-2
 
 
 def test_a_hook_on_an_activation_reading_a_layers_weights_and_a_global_hook_leave_the_pair():

@@ -723,7 +723,9 @@ class _ConstantBufferTracer(_Tracer):
 def _defaults(work: nn.Module, given: int | None) -> tuple[dict[str, Any], str | None]:
     """The forward's arguments with defaults that the call leaves out (past ``given`` positional inputs; all of
     them where that is unknown), at their defaults: traced as placeholders, ``if mask is not None:`` would take
-    the branch the call does not; and a note naming those whose default is None (the others rarely steer)."""
+    the branch the call does not; and a note naming them with their values (a flag such as
+    ``return_features=False`` steers as ``mask=None`` does: a call passing another value takes a path the plan did
+    not see)."""
     try:
         params = list(inspect.signature(work.forward).parameters.values())
     except (TypeError, ValueError):
@@ -732,10 +734,10 @@ def _defaults(work: nn.Module, given: int | None) -> tuple[dict[str, Any], str |
     required = sum(p.default is p.empty for p in plain if p.kind != p.KEYWORD_ONLY)
     skipped = max(given if given is not None else required, required)
     fixed = {p.name: p.default for i, p in enumerate(plain) if i >= skipped and p.default is not p.empty}
-    optional = [name for name, value in fixed.items() if value is None]  # ``if mask is not None:``
-    return fixed, (f"forward arguments {', '.join(optional)} were traced at their default None, as the "
+    named = ", ".join(f"{name}={value!r}" for name, value in fixed.items())
+    return fixed, (f"forward arguments {named} were traced at their defaults, as the "
                    f"{'example inputs' if given is not None else 'call with the required inputs only'} leave them: "
-                   "a call passing them may take another path, whose folds are not checked") if optional else None
+                   "a call passing other values may take another path, whose folds are not checked") if fixed else None
 
 
 def _trace(work: nn.Module, report: FoldReport, defaults: dict[str, Any]) -> tuple[fx.Graph, set[int]]:
