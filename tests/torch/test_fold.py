@@ -465,6 +465,21 @@ def test_verification_judges_each_output_on_its_own_scale():
     assert per_output > 1e-2 and info.value.report.max_rel_diff == pytest.approx(per_output, rel=1e-6)
 
 
+def test_folded_parameters_keep_the_attributes_set_on_them():
+    """Optimizer-group or sharding tags on a Parameter (p.no_weight_decay = True) were lost on the folded layer's new
+    Parameters while the layers not folded kept them. Oracle: the original parameters' attributes."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1, bias=False)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].num_batches_tracked += 1
+    for name, p in model.named_parameters():
+        p.no_weight_decay, p.tag = True, name
+    folded, report = fold_bn(model, torch.randn(2, 3, 8, 8))
+    assert report.n_folded == 1
+    tags = {name: (getattr(p, "no_weight_decay", None), getattr(p, "tag", None)) for name, p in folded.named_parameters()}
+    assert tags == {"0.weight": (True, "0.weight"), "0.bias": (True, "0.bias"), "2.weight": (True, "2.weight")}
+
+
 def test_without_example_inputs_not_verified_but_folded():
     model, x = zoo_model("mlp")
     folded, report = fold_bn(model)

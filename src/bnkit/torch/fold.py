@@ -783,6 +783,15 @@ def _plan_fx(
                                      or not all(_metadata_use(u, node) for u in node.users)):
                 attr_used.add(id(modules[owner]))
     calls |= graph_calls  # the larger count of each
+    # modules the trace runs whole (fx leaves, such as nn.MultiheadAttention): their code may use a submodule's
+    # weights without calling it (out_proj.weight), which neither the graph nor the probe's call counts show
+    wholes = [node.target for node in graph.nodes
+              if node.op == "call_module" and not is_bn_or_frozen(modules[node.target])]
+
+    def inside_whole(target: str) -> str | None:
+        whole = next((w for w in wholes if target.startswith(f"{w}.")), None)
+        return None if whole is None else (f"'{target}' belongs to '{whole}', which the trace runs as a whole: its "
+                                           "code may use the layer's weights without calling it")
 
     def layer_node(node: Any) -> str | None:
         ok = isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules[node.target], _LAYER_TYPES)
@@ -812,6 +821,7 @@ def _plan_fx(
                 layer = modules[target]
                 reason = (
                     _layer_reason(layer, target, calls, attr_used, shared)
+                    or inside_whole(target)
                     or (f"'{target}' already absorbs another BN" if target in {p[1] for p in plan} else None)
                     or (f"the output of '{target}' is also used elsewhere" if len(src.users) > 1 else None)
                     or _channel_reason(bn, layer, target, "after")
@@ -834,6 +844,7 @@ def _plan_fx(
             _padding_reason(layer, target)
             or _written_between_reason(node, users[0], modules, target)
             or _layer_reason(layer, target, calls, attr_used, shared)
+            or inside_whole(target)
             or _channel_reason(bn, layer, target, "before")
             or _layout_reason(layer, bn, probe, report, target)
         )
@@ -1321,12 +1332,16 @@ def _fold_before(layer: nn.Module, w: torch.Tensor, b: torch.Tensor, s: torch.Te
 
 def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
     """New Parameters (cast once to the layer's dtype/device), so tied tensors elsewhere are not touched; each
-    keeps its old ``requires_grad`` (bias-only fine-tuning stays so), an added bias takes the weight's."""
-    old = layer.weight
+    keeps its old ``requires_grad`` (bias-only fine-tuning stays so) and the attributes set on it (an optimizer
+    group's ``no_weight_decay``, a sharding tag), an added bias takes the weight's ``requires_grad``."""
+    old, old_bias = layer.weight, layer.bias
     dtype, device = old.dtype, old.device
-    grad_bias = layer.bias.requires_grad if layer.bias is not None else old.requires_grad
     layer.weight = nn.Parameter(weight.to(dtype=dtype, device=device), requires_grad=old.requires_grad)
-    layer.bias = nn.Parameter(bias.to(dtype=dtype, device=device), requires_grad=grad_bias)
+    layer.bias = nn.Parameter(bias.to(dtype=dtype, device=device),
+                              requires_grad=old.requires_grad if old_bias is None else old_bias.requires_grad)
+    for new, before in ((layer.weight, old), (layer.bias, old_bias)):
+        if before is not None:
+            vars(new).update(vars(before))
 
 
 def _identity_for(bn: nn.Module) -> nn.Identity:
