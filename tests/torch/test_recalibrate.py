@@ -231,8 +231,11 @@ def test_large_inputs_with_mean_far_above_std(dtype, rtol, layout, upcast, monke
     if dtype == torch.float64:  # in float32 the conv outputs near 1e4 carry ulp ~1e-3: the next layer's input
         assert_matches_reference(model, ref, rtol=1e-9)  # differs by that between any two float32 pipelines
     big = [n * c * 46 * 46 for n in (40, 13) for c in (4, 3)]  # each batch's two BN inputs, all above _SMALL
-    assert sizes == ([4 * 46 * 46 * 40] if upcast else big)  # reached the shifted sums ...
-    assert upcast_sizes == (big[1:] if upcast else [])  # ... and the rest, only, went through the float64 copy
+    # the first batch's inputs reduced twice: the second reduction measures the mean's rounding at its magnitude
+    # until that batch finds the layer near 0 (|mean|/std 1e4 < 1e5)
+    big = [big[0], big[0], big[1], big[1], *big[2:]]
+    assert sizes == ([big[0]] * 2 if upcast else big)  # reached the shifted sums ...
+    assert upcast_sizes == (big[2:] if upcast else [])  # ... and the rest, only, went through the float64 copy
 
 
 @pytest.mark.parametrize("offset", [1e6, 1e8, 1e12])
@@ -252,19 +255,39 @@ def test_batches_whose_means_differ_far_from_zero_keep_the_variance_exact(offset
     np.testing.assert_allclose(bn.running_mean.numpy() - offset, exact.mean(axis=1), atol=4 * np.spacing(offset))
 
 
+class TwoInputs(nn.Module):
+    """Two feature streams, one BatchNorm1d each: a NaN in one leaves the batch out whatever the other holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.BatchNorm1d(2).double(), nn.BatchNorm1d(2).double()
+
+    def forward(self, xy):
+        return self.a(xy[0]) + self.b(xy[1])
+
+
+def test_a_left_out_batch_does_not_decide_whether_a_layer_is_far_from_zero():
+    """A dropped first batch with wide garbage at layer a (1e10 * randn, NaN at b) found a near 0, so the kept batches
+    at 1e8 +- 1 lost the measured rounding of their means: 5e-9 off (4e-5 at 1e12). Oracle: float64 NumPy over the
+    kept inputs less the offset (exact: the values are multiples of 2^-20)."""
+    g = torch.Generator().manual_seed(0)
+    dev = [torch.round((torch.randn(4096, 2, generator=g, dtype=torch.float64) + 0.5 * (k % 2)) * 2 ** 20) / 2 ** 20
+           for k in range(6)]
+    kept = [(d + 1e8, torch.randn(4096, 2, generator=g, dtype=torch.float64)) for d in dev]
+    assert all(torch.equal(x - 1e8, d) for (x, _), d in zip(kept, dev))
+    bad = (1e10 * torch.randn(4096, 2, generator=g, dtype=torch.float64),
+           torch.full((4096, 2), float("nan"), dtype=torch.float64))
+    model = TwoInputs().eval()
+    report = recalibrate(model, [bad] + kept, on_nonfinite="skip", forward=lambda m, b: m(b), progress=False)
+    assert report.skipped_batches == 1
+    np.testing.assert_allclose(model.a.running_var.numpy(), torch.cat(dev).numpy().var(0, ddof=1), rtol=1e-12)
+
+
 @pytest.mark.parametrize("garbage", [1e12, 1e20])
 def test_a_left_out_batch_does_not_set_what_the_kept_means_are_taken_relative_to(garbage):
     """A skipped batch (NaN at layer b) with finite garbage at layer a: its values became a's shift, every kept mean
     was rounded at the garbage's magnitude, and the statistics came out wrong (all zeros at 1e20). Oracle: float64
     NumPy over the kept inputs of layer a."""
-    class TwoInputs(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.BatchNorm1d(2).double(), nn.BatchNorm1d(2).double()
-
-        def forward(self, xy):
-            return self.a(xy[0]) + self.b(xy[1])
-
     g = torch.Generator().manual_seed(0)
     bad = (torch.randn(64, 2, generator=g, dtype=torch.float64) + garbage,
            torch.full((64, 2), float("nan"), dtype=torch.float64))

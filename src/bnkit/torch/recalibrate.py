@@ -303,18 +303,10 @@ def _moments(x: torch.Tensor, shift: torch.Tensor | None, upcast: bool,
     return _batch_moments(x, shift)
 
 
-#: A layer whose first input's means lie more than this many std from 0 (some channel's) keeps each batch's mean as
-#: two parts, see :class:`_Pass`; nearer 0, rounding a batch mean at its magnitude costs the variance under ~1e-11.
+#: A layer whose means lie more than this many std from 0 (some channel's, in the first batch finite at every layer)
+#: keeps each batch's mean as two parts, see :class:`_Pass`; nearer 0, rounding a batch mean at its magnitude costs
+#: the variance under ~1e-11.
 _FAR_FROM_ZERO = 1e5
-
-
-def _far_from_zero(mean: torch.Tensor, var: torch.Tensor) -> bool | None:
-    """Whether some channel's ``mean`` lies more than :data:`_FAR_FROM_ZERO` std (``sqrt(var)``) from 0; None
-    where the statistics are not finite (the next input decides). One host sync."""
-    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-    far = (mean.abs() > _FAR_FROM_ZERO * var.sqrt()).any()
-    finite, far = torch.stack([finite, far]).tolist()
-    return bool(far) if finite else None
 
 
 def _note_batch(exc: Exception, index: int, batch: Any, data: Any) -> None:
@@ -420,8 +412,9 @@ class _Pass:
 
     Each BN call appends one record ``(layer, count, samples, batch, mean, biased var, residual)``
     (statistics left on the device, no host sync); every ``_FOLD_EVERY`` batches
-    :meth:`fold` moves them to the host in one transfer and merges them per layer. For a layer whose first input
-    lies far from 0 (:data:`_FAR_FROM_ZERO`), a batch mean is rounded at its magnitude (1.5e-8 at 1e8), and the
+    :meth:`fold` moves them to the host in one transfer and merges them per layer. For a layer whose inputs lie
+    far from 0 (:data:`_FAR_FROM_ZERO`; until a batch finite at every layer decides, every layer is taken as
+    such), a batch mean is rounded at its magnitude (1.5e-8 at 1e8), and the
     spread of the batch means would carry that rounding into the variance (1e-7 of it at ``|mean| / std`` 1e8, batch
     means half a std apart): its records keep the ``residual``, the mean of ``x - mean`` (the variance is taken
     about the mean then too), and its accumulators hold the means less a ``reference``, the first kept batch's mean
@@ -434,7 +427,8 @@ class _Pass:
         self.skip_nonfinite = skip_nonfinite
         self.widths = np.array([channels(m) for _, m in layers], dtype=np.int64)
         self.moments = [RunningMoments(c) for c in self.widths.tolist()]  # of the inputs less the layer's reference
-        self.far: list[bool | None] = [None] * len(layers)  # per layer, decided by its first finite input
+        self.far: list[bool | None] = [None] * len(layers)  # per layer, decided by end_batch
+        self.undecided_reached = False  # the batch running has called an undecided layer
         self.references: list[np.ndarray | None] = [None] * len(layers)  # the far layers' first kept batch means
         self.calls = np.zeros(len(layers), dtype=np.int64)
         self.samples = np.zeros(len(layers), dtype=np.int64)
@@ -472,12 +466,10 @@ class _Pass:
             upcast = (size <= _SMALL and x.device.type != "mps") or (
                 x.device.type in _UPCAST_DEVICES and size <= _UPCAST_DEVICE_MAX)
             mean, var = _moments(x, None, upcast, stats)
-            far = self.far[index]
-            if far is None:  # the layer's first input with finite statistics decides (one host sync)
-                far = self.far[index] = _far_from_zero(mean, var)
-            residual = None
-            if far:  # the mean's rounding at its magnitude, measured: a second reduction, of x - mean
-                residual, var = _moments(x, mean, upcast, stats)
+            residual, far = None, self.far[index]
+            if far is not False:  # far, or undecided (end_batch decides): the mean's rounding at its magnitude
+                residual, var = _moments(x, mean, upcast, stats)  # measured, a second reduction, of x - mean
+                self.undecided_reached = self.undecided_reached or far is None
             append((index, count, shape[0], self.batch_index, mean, var, residual))
             return mean, var
 
@@ -512,9 +504,30 @@ class _Pass:
         return forward
 
     def end_batch(self) -> None:
+        if self.undecided_reached:
+            self._decide_far()
         self.batch_index += 1
         if self.batch_index - self.folded >= _FOLD_EVERY:
             self.fold()
+
+    def _decide_far(self) -> None:
+        """Decide which undecided layers the batch just run finds far from 0 (:data:`_FAR_FROM_ZERO`; a layer
+        called twice: far if either call is), where its statistics are finite at every layer: a batch
+        ``on_nonfinite='skip'`` leaves out decides nothing (its values at one layer may be garbage). One host sync
+        per batch that reaches an undecided layer."""
+        self.undecided_reached = False
+        mine = list(itertools.takewhile(lambda r: r[3] == self.batch_index, reversed(self.records)))
+        finite = torch.stack([torch.isfinite(r[4]).all() & torch.isfinite(r[5]).all() for r in mine]).all()
+        far = [(r[4].abs() > _FAR_FROM_ZERO * r[5].sqrt()).any() for r in mine]
+        flags = torch.stack([finite, *far]).tolist()
+        if not flags[0]:
+            return
+        undecided = {r[0] for r in mine if self.far[r[0]] is None}
+        for i in undecided:
+            self.far[i] = False
+        for r, is_far in zip(mine, flags[1:]):
+            if r[0] in undecided and is_far:
+                self.far[r[0]] = True
 
     def fold(self) -> None:
         """Merge the pending records into the accumulators: per layer, all its records at once.
