@@ -668,11 +668,11 @@ def _low_precision_shift_notes(model: nn.Module, folded: list[FoldedBN]) -> list
 
 
 def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
-    """``max|a - b|`` over the output tensors, and the largest of each tensor's over its own ``max|a|``, or over
-    :data:`_SCALE_FLOOR` of the largest ``max|a|`` of those that count where that is more (the absolute difference itself where
-    ``a`` is all zero): a wrong score head beside boxes in pixels is not lost in the boxes' scale, and an output that
-    is 0 but for rounding (a unit-norm penalty) is not judged on its rounding alone. None for outputs that hold no
-    tensors (nothing to compare).
+    """``max|a - b|`` over the output tensors, and the largest of each tensor's over its own ``max|a|``, or over 1
+    where that is more but the outputs that count reach 1 (else over their largest ``max|a|``; the absolute
+    difference itself where that is 0): a wrong score head beside boxes in pixels is not lost in the boxes'
+    scale, and an output that is 0 but for rounding (a unit-norm penalty) is not judged on its rounding alone.
+    None for outputs that hold no tensors (nothing to compare).
 
     As in :func:`bnkit.onnx.verify.compare`, NaN in both at one place, like equal infinities, is a match, and a
     NaN/Inf in one where the other differs counts as inf; so do outputs with values but no finite one in ``a``
@@ -697,13 +697,9 @@ def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
         values_seen = values_seen or counts
     if values_seen and not finite_seen:
         return math.inf, math.inf
-    floor = _SCALE_FLOOR * max((scale for _, scale, counts in diffs if counts), default=0.0)
+    floor = min(1.0, max((scale for _, scale, counts in diffs if counts), default=0.0))
     rel = [d / max(scale, floor) if max(scale, floor) > 0 else d for d, scale, _ in diffs]
     return max((d for d, _, _ in diffs), default=0.0), max(rel, default=0.0)
-
-
-#: :func:`_compare` judges an output tensor on its own scale, but on no less than this share of the largest output's.
-_SCALE_FLOOR = 1e-2
 
 
 # ---------------------------------------------------------------------------------------------- planning
