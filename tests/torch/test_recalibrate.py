@@ -283,6 +283,20 @@ def test_a_left_out_batch_does_not_decide_whether_a_layer_is_far_from_zero():
     np.testing.assert_allclose(model.a.running_var.numpy(), torch.cat(dev).numpy().var(0, ddof=1), rtol=1e-12)
 
 
+def test_a_layer_a_wide_first_batch_finds_near_zero_measures_its_rounding_once_batches_show_it_far():
+    """A first batch of two samples 1e8 +- 1000 (|mean|/std 1e5: near) left every later batch at 1e8 +- 1 without its
+    mean's rounding measured (2.1e-10 of the variance here). The first merge (64 batches) now finds the layer far and
+    the batches after it measure it (5e-11, from the first 64). Oracle: float64 NumPy on the inputs less 1e8
+    (multiples of 2^-20: exact)."""
+    g = torch.Generator().manual_seed(0)
+    devs = [torch.round((torch.randn(512, 2, generator=g, dtype=torch.float64) + 0.5 * (k % 2)) * 2 ** 20) / 2 ** 20
+            for k in range(640)]
+    parts = [torch.tensor([[-1000.0, -1000.0], [1000.0, 1000.0]], dtype=torch.float64)] + devs
+    bn = nn.BatchNorm1d(2).double().eval()
+    recalibrate(bn, [p + 1e8 for p in parts], progress=False)
+    np.testing.assert_allclose(bn.running_var.numpy(), torch.cat(parts).numpy().var(0, ddof=1), rtol=1e-10)
+
+
 @pytest.mark.parametrize("garbage", [1e12, 1e20])
 def test_a_left_out_batch_does_not_set_what_the_kept_means_are_taken_relative_to(garbage):
     """A skipped batch (NaN at layer b) with finite garbage at layer a: its values became a's shift, every kept mean

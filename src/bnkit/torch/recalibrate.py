@@ -597,6 +597,17 @@ class _Pass:
             self._update(self.moments[i], i, n, mean, m2, "merged")  # activations near 1e150
             self.calls[i] += len(n_k)
             self.samples[i] += int(s_k.sum())
+            if self.far[i] is False and (np.abs(mean_k) > _FAR_FROM_ZERO * np.sqrt(var_k)).any():
+                self._now_far(i)
+
+    def _now_far(self, i: int) -> None:
+        """Layer ``i``, found near 0 by its first batch, has batches far from it: later batches measure their
+        means' rounding, merged relative to the mean so far (the batches merged until now stay as they were)."""
+        self.far[i] = True
+        moments = self.moments[i]
+        self.references[i] = moments.mean.copy()
+        self.moments[i] = RunningMoments(moments.num_channels)
+        self.moments[i].update_moments(moments.count, np.zeros_like(moments.m2), moments.m2)
 
     def _update(self, moments: RunningMoments, i: int, n: int, mean: np.ndarray, m2: np.ndarray, when: str) -> None:
         """``moments.update_moments(n, mean, m2)``; :class:`StatisticsRangeError` naming layer ``i`` where the
