@@ -463,7 +463,7 @@ def test_verification_judges_each_output_on_its_own_scale():
         scores, wrong = model(x)[1], folded(x)[1]
     diff = float((scores - wrong).abs().max())
     assert diff / float(scores.abs().max()) > 0.1  # 16% off
-    assert info.value.report.max_rel_diff == pytest.approx(diff, rel=1e-6)  # the scores (< 1) judged on 1
+    assert info.value.report.max_rel_diff == pytest.approx(diff / float(scores.abs().max()), rel=1e-6)
 
 
 def test_a_wrong_small_output_beside_a_huge_one_is_not_floored_away():
@@ -489,6 +489,38 @@ def test_a_wrong_small_output_beside_a_huge_one_is_not_floored_away():
         model.bn.num_batches_tracked += 1
     with pytest.raises(FoldVerificationError):
         fold_bn(model, torch.randn(2, 3, 8, 8))
+
+
+def test_wrong_probabilities_over_a_large_vocabulary_beside_logits_are_caught():
+    """Softmax over 32000 words (values ~1e-4) beside logits: judged on the logits' scale, 65% wrong probabilities
+    read 8e-5 and passed. Oracle: the original model's probabilities."""
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1, self.h1 = nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Linear(8, 10)
+            self.c2, self.b2, self.h2 = nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Linear(8, 32000)
+
+        def forward(self, x):
+            f = self.b2(self.c2(x))
+            if self.c2.bias is not None:  # a branch the plan cannot see
+                f = f + self.c2.bias.view(1, -1, 1, 1)
+            return self.h1(self.b1(self.c1(x)).mean((2, 3))), self.h2(f.mean((2, 3))).softmax(1)
+
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    with torch.no_grad():
+        for bn in (model.b1, model.b2):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 2)
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.num_batches_tracked += 1
+    x = torch.randn(4, 3, 8, 8)
+    folded, _ = fold_bn(model, x, verify=False)
+    with torch.no_grad():
+        probs, wrong = model(x)[1], folded(x)[1]
+    assert float((probs - wrong).abs().max() / probs.abs().max()) > 0.3
+    with pytest.raises(FoldVerificationError):
+        fold_bn(model, x)
 
 
 def test_an_output_that_is_zero_but_for_rounding_does_not_fail_verification():

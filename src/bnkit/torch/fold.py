@@ -285,10 +285,11 @@ def fold_bn(
         floating = [t for t in flatten_tensors(reference) if t.is_floating_point()]
         if floating:
             reference, result = floating, [t for t in flatten_tensors(result) if t.is_floating_point()]
-        report.max_abs_diff, report.max_rel_diff = _compare(reference, result)
+        tolerance = fold_tolerance(str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *floating))
+        # an output whose values stay below ten tolerances is judged absolutely, to about a unit roundoff at 1
+        report.max_abs_diff, report.max_rel_diff = _compare(reference, result, floor=10 * tolerance)
         if report.max_abs_diff is None:
             report.notes.append("not verified: the model's output holds no tensors to compare")
-        tolerance = fold_tolerance(str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *floating))
         if report.max_rel_diff is not None and not report.max_rel_diff <= tolerance:
             names = ", ".join(f"'{f.bn}'" for f in report.folded)
             raise FoldVerificationError(
@@ -667,12 +668,11 @@ def _low_precision_shift_notes(model: nn.Module, folded: list[FoldedBN]) -> list
     return notes
 
 
-def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
-    """``max|a - b|`` over the output tensors, and the largest of each tensor's over its own ``max|a|``, or over 1
-    where that is more but the outputs that count reach 1 (else over their largest ``max|a|``; the absolute
-    difference itself where that is 0): a wrong score head beside boxes in pixels is not lost in the boxes'
-    scale, and an output that is 0 but for rounding (a unit-norm penalty) is not judged on its rounding alone.
-    None for outputs that hold no tensors (nothing to compare).
+def _compare(a: Any, b: Any, floor: float = 0.0) -> tuple[float | None, float | None]:
+    """``max|a - b|`` over the output tensors, and the largest of each tensor's over its own ``max|a|``, or over
+    ``floor`` where that is more (the absolute difference itself where both are 0): a wrong score head beside boxes
+    in pixels is not lost in the boxes' scale, and an output that is 0 but for rounding (a unit-norm penalty) is not
+    judged on its rounding alone. None for outputs that hold no tensors (nothing to compare).
 
     As in :func:`bnkit.onnx.verify.compare`, NaN in both at one place, like equal infinities, is a match, and a
     NaN/Inf in one where the other differs counts as inf; so do outputs with values but no finite one in ``a``
@@ -682,7 +682,7 @@ def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
     pairs = list(zip(flatten_tensors(a), flatten_tensors(b), strict=True))
     if not pairs:
         return None, None
-    diffs, finite_seen, values_seen = [], False, False  # (max|a - b|, max|a|, counts) per tensor
+    diffs, finite_seen, values_seen = [], False, False  # (max|a - b|, max|a|) per tensor
     any_floating = any(x.is_floating_point() or x.is_complex() for x, _ in pairs)
     for x, y in pairs:
         if not x.numel():
@@ -692,14 +692,13 @@ def _compare(a: Any, b: Any) -> tuple[float | None, float | None]:
         same = (x == y) | (x.isnan() & y.isnan())
         d = float(torch.where(same, 0.0, (x - y).abs()).nan_to_num(nan=math.inf, posinf=math.inf).max())
         finite = x[torch.isfinite(x)]
-        diffs.append((d, float(finite.abs().max()) if finite.numel() else 0.0, counts))
+        diffs.append((d, float(finite.abs().max()) if finite.numel() else 0.0))
         finite_seen = finite_seen or (counts and bool(finite.numel()))
         values_seen = values_seen or counts
     if values_seen and not finite_seen:
         return math.inf, math.inf
-    floor = min(1.0, max((scale for _, scale, counts in diffs if counts), default=0.0))
-    rel = [d / max(scale, floor) if max(scale, floor) > 0 else d for d, scale, _ in diffs]
-    return max((d for d, _, _ in diffs), default=0.0), max(rel, default=0.0)
+    rel = [d / max(scale, floor) if max(scale, floor) > 0 else d for d, scale in diffs]
+    return max((d for d, _ in diffs), default=0.0), max(rel, default=0.0)
 
 
 # ---------------------------------------------------------------------------------------------- planning
