@@ -722,7 +722,7 @@ def test_the_fold_check_allows_about_ten_unit_roundoffs_of_the_model_dtype(tmp_p
 
     from bnkit.torch import save_state_dict_file
 
-    monkeypatch.setattr(bnkit.torch.fold, "_compare", lambda reference, folded, **_: (1.5e-2, 1.5e-2))
+    monkeypatch.setattr(bnkit.torch.fold, "_compare", lambda reference, folded: (1.5e-2, 1.5e-2, None))
     weights = save_state_dict_file(_calibrated_vgg().to(getattr(torch, dtype)).state_dict(), tmp_path / "w.pt")
     (tmp_path / f"f10_{dtype}.py").write_text(
         f"import torch\nfrom bnkit.torch.zoo import VGGBN\n\ndef make():\n    return VGGBN().to(torch.{dtype})\n")

@@ -285,18 +285,21 @@ def fold_bn(
         floating = [t for t in flatten_tensors(reference) if t.is_floating_point()]
         if floating:
             reference, result = floating, [t for t in flatten_tensors(result) if t.is_floating_point()]
-        tolerance = fold_tolerance(str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *floating))
-        # an output whose values stay below ten tolerances is judged absolutely, to about a unit roundoff at 1
-        report.max_abs_diff, report.max_rel_diff = _compare(reference, result, floor=10 * tolerance)
+        report.max_abs_diff, report.max_rel_diff, small = _compare(reference, result)
         if report.max_abs_diff is None:
             report.notes.append("not verified: the model's output holds no tensors to compare")
+        tolerance = fold_tolerance(str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *floating))
         if report.max_rel_diff is not None and not report.max_rel_diff <= tolerance:
             names = ", ".join(f"'{f.bn}'" for f in report.folded)
+            why = ("the forward depends on the folded layers in a way the plan did not see (a hook, a branch on an "
+                   "argument or on whether a bias exists)")
+            if small:  # each output is judged on its own scale
+                why = (f"the worst is {small}: if it is 0 but for rounding (a penalty, a centred mean), its rounding "
+                       f"alone can exceed this, so compare it yourself; else {why}")
             raise FoldVerificationError(
                 f"the folded model differs from the original on example_inputs: max relative difference "
-                f"{report.max_rel_diff:.3g} > {tolerance:g} (folded {names}): the forward depends on the folded "
-                "layers in a way the plan did not see (a hook, a branch on an argument or on whether a bias exists); "
-                "verify=False returns such a model anyway", report)
+                f"{report.max_rel_diff:.3g} > {tolerance:g} (folded {names}): {why}; verify=False returns such a "
+                "model anyway", report)
     elif verify:
         report.notes.append("not verified: no example_inputs given")
     return work, report
@@ -668,11 +671,13 @@ def _low_precision_shift_notes(model: nn.Module, folded: list[FoldedBN]) -> list
     return notes
 
 
-def _compare(a: Any, b: Any, floor: float = 0.0) -> tuple[float | None, float | None]:
-    """``max|a - b|`` over the output tensors, and the largest of each tensor's over its own ``max|a|``, or over
-    ``floor`` where that is more (the absolute difference itself where both are 0): a wrong score head beside boxes
-    in pixels is not lost in the boxes' scale, and an output that is 0 but for rounding (a unit-norm penalty) is not
-    judged on its rounding alone. None for outputs that hold no tensors (nothing to compare).
+def _compare(a: Any, b: Any) -> tuple[float | None, float | None, str | None]:
+    """``max|a - b|`` over the output tensors, the largest of each tensor's over its own ``max|a|`` (the absolute
+    difference itself where that is 0): a wrong score head beside boxes in pixels is not lost in the boxes' scale;
+    and, where that worst tensor's values are below 1e-3 of the largest tensor's, a phrase naming it. Such an output
+    may be 0 but for rounding (a penalty, a centred mean), which its own scale cannot tell from an error: it is
+    judged all the same (a refused fold can be checked by hand; a wrong one passed would be silent). None, None,
+    None for outputs that hold no tensors (nothing to compare).
 
     As in :func:`bnkit.onnx.verify.compare`, NaN in both at one place, like equal infinities, is a match, and a
     NaN/Inf in one where the other differs counts as inf; so do outputs with values but no finite one in ``a``
@@ -681,7 +686,7 @@ def _compare(a: Any, b: Any, floor: float = 0.0) -> tuple[float | None, float | 
     """
     pairs = list(zip(flatten_tensors(a), flatten_tensors(b), strict=True))
     if not pairs:
-        return None, None
+        return None, None, None
     diffs, finite_seen, values_seen = [], False, False  # (max|a - b|, max|a|) per tensor
     any_floating = any(x.is_floating_point() or x.is_complex() for x, _ in pairs)
     for x, y in pairs:
@@ -696,9 +701,15 @@ def _compare(a: Any, b: Any, floor: float = 0.0) -> tuple[float | None, float | 
         finite_seen = finite_seen or (counts and bool(finite.numel()))
         values_seen = values_seen or counts
     if values_seen and not finite_seen:
-        return math.inf, math.inf
-    rel = [d / max(scale, floor) if max(scale, floor) > 0 else d for d, scale in diffs]
-    return max((d for d, _ in diffs), default=0.0), max(rel, default=0.0)
+        return math.inf, math.inf, None
+    rel = [d / scale if scale > 0 else d for d, scale in diffs]
+    if not rel:
+        return 0.0, 0.0, None
+    worst, largest = max(range(len(rel)), key=rel.__getitem__), max(scale for _, scale in diffs)
+    small = diffs[worst][1] < 1e-3 * largest
+    note = (f"output tensor {worst} (values up to {diffs[worst][1]:.3g}, {diffs[worst][1] / largest:.2g} of the "
+            "largest output's)") if small else None
+    return max(d for d, _ in diffs), max(rel), note
 
 
 # ---------------------------------------------------------------------------------------------- planning
