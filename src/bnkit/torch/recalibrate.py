@@ -517,15 +517,18 @@ class _Pass:
         per batch that reaches an undecided layer."""
         self.undecided_reached = False
         mine = list(itertools.takewhile(lambda r: r[3] == self.batch_index, reversed(self.records)))
-        finite = torch.stack([torch.isfinite(r[4]).all() & torch.isfinite(r[5]).all() for r in mine]).all()
+        finite = [torch.isfinite(r[4]).all() & torch.isfinite(r[5]).all() for r in mine]
         far = [(r[4].abs() > _FAR_FROM_ZERO * r[5].sqrt()).any() for r in mine]
-        flags = torch.stack([finite, *far]).tolist()
-        if not flags[0]:
+        try:
+            flags = torch.stack([*finite, *far]).tolist()  # one transfer
+        except RuntimeError:  # layers on several devices (a model spread over devices)
+            flags = [bool(f) for f in (*finite, *far)]
+        if not all(flags[:len(mine)]):
             return
         undecided = {r[0] for r in mine if self.far[r[0]] is None}
         for i in undecided:
             self.far[i] = False
-        for r, is_far in zip(mine, flags[1:]):
+        for r, is_far in zip(mine, flags[len(mine):]):
             if r[0] in undecided and is_far:
                 self.far[r[0]] = True
 
@@ -586,8 +589,9 @@ class _Pass:
             if self.far[i]:  # each mean as (mean - reference) + residual; the reference: the first kept batch's mean
                 if self.references[i] is None:
                     self.references[i] = mean_k[0].copy()
-                zero = next(r for r in residuals if r is not None).new_zeros(c)  # a record before the layer decided
-                residual = torch.stack([zero if r is None else r for r in residuals]).cpu().numpy()
+                residual = np.zeros_like(mean_k)  # 0 for a record without one (recorded while found near 0)
+                if measured := [j for j, r in enumerate(residuals) if r is not None]:
+                    residual[measured] = torch.stack([residuals[j] for j in measured]).cpu().numpy()
                 mean_k = (mean_k - self.references[i]) + residual
             n, w = int(n_k.sum()), n_k.astype(np.float64)
             mean = mean_k[0] + w @ (mean_k - mean_k[0]) / n
