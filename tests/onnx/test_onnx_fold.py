@@ -1256,3 +1256,29 @@ def test_fold_name_does_not_shadow_a_value_an_if_branch_computes():
     for cond in (True, False):
         feeds = {"x": x, "cond": np.array(cond)}
         assert rel(ort_run(folded, feeds)[0], ort_run(model, feeds)[0]) < 1e-5
+
+
+def test_an_ir_3_model_with_constant_node_weights_folds():
+    """IR 3 declares every initializer a graph input; the folded weights were not, so onnx.checker refused the
+    result and fold_model raised its 'bug in the folder' error on a valid model. Oracle: onnxruntime on the
+    original graph at two batch sizes."""
+    rng = np.random.default_rng(0)
+
+    def const(name, array):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array.astype(np.float32)))
+
+    nodes = [const("W", rng.normal(size=(3, 2, 3, 3))), const("s", rng.uniform(0.5, 2, 3)),
+             const("b", rng.normal(size=3)), const("m", rng.normal(size=3)), const("v", rng.uniform(0.5, 2, 3)),
+             helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["Y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 2, 4, 4])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", 3, 4, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    onnx.checker.check_model(model)
+    folded, report = fold_model(model)
+    assert len(report.folded) == 1 and "BatchNormalization" not in ops(folded)
+    assert folded.ir_version == 3 and {t.name for t in folded.graph.initializer} <= {i.name for i in folded.graph.input}
+    for n in (1, 3):
+        x = rng.normal(size=(n, 2, 4, 4)).astype(np.float32)
+        np.testing.assert_allclose(ort_run(folded, {"X": x})[0], ort_run(model, {"X": x})[0], rtol=1e-5, atol=1e-5)

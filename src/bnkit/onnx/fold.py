@@ -686,6 +686,10 @@ def fold_model(
         if why is not None:
             report.left[name] = why
     _prune(work, read_before)
+    if work.ir_version < 4:  # IR 3 declares every initializer a graph input: the folded weights too
+        declared = {i.name for i in work.graph.input}
+        work.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                                for t in work.graph.initializer if t.name not in declared)
     try:
         onnx.checker.check_model(work)
     except onnx.checker.ValidationError as exc:  # a bug in the folder, never a silent bad model
