@@ -351,3 +351,16 @@ def test_half_inputs_whose_variance_exceeds_float16_are_normalized_like_training
     want = (x64 - mean) / (var + eps).sqrt() * bn.weight.double().view(1, -1, 1, 1) + bn.bias.double().view(1, -1, 1, 1)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_batches_counted_as_one_sample_say_which_tensor_was_counted():
+    """A dict batch whose first tensor is per-batch metadata (shape (1,)) was taken for a batch of one, every batch
+    was dropped, and the error did not say how the samples were counted. Oracle: the same batches with the data
+    tensor first run and are all measured."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6)).eval()
+    feed = lambda m, b: m(b["x"] * b["scale"])  # noqa: E731
+    metadata_first = [{"scale": torch.tensor([2.0]), "x": torch.randn(16, 5)} for _ in range(4)]
+    with pytest.raises(ValueError, match=r"counted on dim 0 of each batch's first tensor, shaped \(1,\) in batch 0"):
+        audit(model, metadata_first, forward=feed)
+    data_first = [{"x": b["x"], "scale": b["scale"]} for b in metadata_first]
+    assert audit(model, data_first, forward=feed).batches == 4

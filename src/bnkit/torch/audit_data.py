@@ -151,13 +151,17 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
                 detach.append(collectors[n].attach(bn))
             for _, bn in own:  # a forward of its own may write its buffers whatever its flags
                 detach.append(restored_after_each_call(bn, saved.buffers).remove)
-            batch_out, used, alone = None, 0, []
+            batch_out, used, alone, counted = None, 0, [], None
             with measured:
                 for i, batch in enumerate(batches):
                     size = batch_len(batch)  # None: a batch object bnkit cannot count (forward= reads it)
                     if size is not None and size < 2:  # batch statistics need two samples
                         if size == 1:
                             alone.append(i)
+                        if counted is None and not isinstance(batch, torch.Tensor):  # how it was counted
+                            counted = (f" (counted on dim 0 of each batch's first tensor, shaped "
+                                       f"{tuple(flatten_tensors(batch)[0].shape)} in batch {i}: put the tensor "
+                                       "whose dim 0 holds the samples first)")
                         continue
                     clock.start(i, size)
                     try:
@@ -172,12 +176,13 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
             for undo in detach:
                 undo()
         if not used:
-            raise ValueError("every data batch has fewer than 2 samples: batch statistics need at least 2")
+            raise ValueError("every data batch has fewer than 2 samples: batch statistics need at least 2"
+                             + (counted or ""))
         if alone:
             findings.append(Finding(
                 "info", "(data)", "batches of one sample left out",
                 f"{len(alone)} data batch(es) of one sample (batch {alone[0]}{', ...' if len(alone) > 1 else ''}) "
-                "were not measured: the audit compares batch statistics of at least 2 samples",
+                f"were not measured: the audit compares batch statistics of at least 2 samples{counted or ''}",
                 "batch the data with the last sample joined to the batch before it", "single_sample_batches",
                 {"batches": alone}))
         if unreached := [n for n, _ in tracked if not collectors[n].means and not collectors[n].unmatched]:
