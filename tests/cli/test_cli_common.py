@@ -565,3 +565,19 @@ def test_a_pipe_given_as_a_file_is_named_as_no_regular_file(tmp_path):
         check_input_file(tmp_path / "m.onnx", "ONNX")
     with pytest.raises(ValueError, match="not a regular file"):
         load_model(tmp_path / "m.onnx")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes are POSIX")
+def test_bnkit_fold_given_a_pipe_says_so_instead_of_blocking(tmp_path):
+    """bnkit fold read the ONNX argument for its external data before checking it was a file: on a named pipe with
+    no writer that read blocked forever. Run as a subprocess with a timeout, so a block fails the test."""
+    import os
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "m.onnx")
+    from _helpers import BNKIT_MAIN
+
+    done = subprocess.run([sys.executable, "-c", BNKIT_MAIN, "fold", str(tmp_path / "m.onnx"), "-o",
+                           str(tmp_path / "x.onnx")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not a regular file" in " ".join(done.stdout.split() + done.stderr.split())

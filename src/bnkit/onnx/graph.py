@@ -116,7 +116,10 @@ def check_model(proto: onnx.ModelProto, source: "str | os.PathLike | onnx.ModelP
 
 def external_data_files(path: str | os.PathLike) -> list[str]:
     """The files the ONNX model at ``path`` keeps tensors in (its external data), as paths beside it; none for a
-    file onnx cannot read (the reader of the model says why)."""
+    file onnx cannot read and for a path that is no regular file, which a read would block on (a named pipe; the
+    reader of the model says why)."""
+    if unreadable_file(path) is not None:
+        return []
     try:
         model = onnx.load(os.fspath(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - not a model: nothing of it to protect
