@@ -372,7 +372,7 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     included) and buffers, eps, momentum, affine and tracking flags, ``training`` flag, hooks;
     only ``process_group`` is dropped. ``model`` itself is not modified. The math is unchanged:
     ``SyncBatchNorm`` without a process group runs ``F.batch_norm`` exactly as ``BatchNorm*d`` does. Layers of
-    another class (a subclass with code of its own, or one a ``torch.nn.utils.parametrize`` parametrization made)
+    another class (a subclass, which may have code of its own, or one a ``torch.nn.utils.parametrize`` parametrization made)
     are left as they are, with a warning naming them: a plain class would drop that code.
     A wrapped model (``DistributedDataParallel``, ``DataParallel``, ``torch.compile``, ``AveragedModel``)
     gives the module inside, converted: the probe runs that module (DDP's own forward would start with a
@@ -420,8 +420,8 @@ def _why_kept(module: nn.SyncBatchNorm) -> str:
     if parametrize.is_parametrized(module):
         return ("parametrized: a plain class would drop the parametrized tensors' properties; remove the "
                 "parametrization first, torch.nn.utils.parametrize.remove_parametrizations")
-    return (f"class {type(module).__name__}, a subclass whose own code a plain BatchNorm would drop; convert it "
-            "yourself if that code does not matter on one process")
+    return (f"class {type(module).__name__}, a subclass, whose own code (if it has any) a plain BatchNorm would "
+            "drop; convert it yourself if that code does not matter on one process")
 
 
 def _retype(module: nn.SyncBatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
