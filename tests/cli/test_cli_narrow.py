@@ -120,9 +120,10 @@ def test_the_audit_at_20_columns_prints_every_finding_whole(tmp_path):
 def test_demo_tables_at_20_columns_print_every_cell_whole():
     from bnkit.cli.demo import _print_chapter
 
+    table = SimpleNamespace(title="t", notes=[], columns=["model", "accuracy", "gap"],
+                            rows=[["resnet-small", "0.9731", "0.0123"]])
     chapter = SimpleNamespace(number=1, title="Modes", claim="a claim", checks={}, findings=[], status="ok",
-                              reason="", tables=[SimpleNamespace(title="t", notes=[], columns=["model", "accuracy", "gap"],
-                                                                 rows=[["resnet-small", "0.9731", "0.0123"]])])
+                              reason="", tables=[table])
     with patch.object(console, "_width", 20), console.capture() as captured:
         _print_chapter(chapter)
     for column, cell in zip(("model", "accuracy", "gap"), ("resnet-small", "0.9731", "0.0123")):

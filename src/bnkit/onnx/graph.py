@@ -21,7 +21,8 @@ import onnx
 from google.protobuf.message import EncodeError
 from onnx import helper, numpy_helper
 
-from ..file_kinds import NOT_REGULAR, looks_like_npy, looks_like_pickle, looks_like_safetensors, unreadable_file, zip_kind
+from ..file_kinds import (NOT_REGULAR, looks_like_npy, looks_like_pickle, looks_like_safetensors, unreadable_file,
+                          zip_kind)
 
 __all__ = ["RANDOM_OPS", "MalformedNodeError", "load_model", "check_model", "too_large", "opset_version", "GraphIndex",
            "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label", "TrainingDropout", "training_dropouts",

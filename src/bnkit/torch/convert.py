@@ -372,8 +372,8 @@ def revert_sync_bn(model: nn.Module, example_inputs: Any = None) -> nn.Module:
     included) and buffers, eps, momentum, affine and tracking flags, ``training`` flag, hooks;
     only ``process_group`` is dropped. ``model`` itself is not modified. The math is unchanged:
     ``SyncBatchNorm`` without a process group runs ``F.batch_norm`` exactly as ``BatchNorm*d`` does. Layers of
-    another class (a subclass, which may have code of its own, or one a ``torch.nn.utils.parametrize`` parametrization made)
-    are left as they are, with a warning naming them: a plain class would drop that code.
+    another class (a subclass, which may have code of its own, or one a ``torch.nn.utils.parametrize``
+    parametrization made) are left as they are, with a warning naming them: a plain class would drop that code.
     A wrapped model (``DistributedDataParallel``, ``DataParallel``, ``torch.compile``, ``AveragedModel``)
     gives the module inside, converted: the probe runs that module (DDP's own forward would start with a
     collective, which a call on one rank never completes), with ``example_inputs`` sent to a DDP/DataParallel
