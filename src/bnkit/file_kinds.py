@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Callable
 
 __all__ = ["describe_file", "looks_like_onnx", "looks_like_safetensors", "looks_like_npy", "looks_like_pickle",
-           "unreadable_file", "zip_kind"]
+           "unreadable_file", "unreadable_file_error", "zip_kind"]
 
 #: :func:`unreadable_file`'s reason for a path that exists but holds no file to read.
 NOT_REGULAR = "it is not a regular file (a pipe, socket or device), which loaders cannot seek in: save it to a file"
@@ -20,6 +21,17 @@ def unreadable_file(path: str | os.PathLike) -> str | None:
     if os.path.islink(path) and not os.path.exists(path):
         return "it is a symbolic link that leads to no file"
     return NOT_REGULAR if os.path.exists(path) else "no such file"
+
+
+def unreadable_file_error(path: str | os.PathLike,
+                          not_regular: Callable[[str], Exception] = ValueError) -> Exception | None:
+    """What a loader raises for ``path`` (:func:`unreadable_file`): None for a regular file, ``FileNotFoundError``
+    for a missing path or a link to nothing, ``not_regular(message)`` for a pipe or a device."""
+    if (why := unreadable_file(path)) is None:
+        return None
+    if why == NOT_REGULAR:
+        return not_regular(f"{path}: {why}")
+    return FileNotFoundError(f"no such file: {path}" if why == "no such file" else f"{path}: {why}")
 
 
 def looks_like_onnx(head: bytes) -> bool:

@@ -21,8 +21,8 @@ import onnx
 from google.protobuf.message import EncodeError
 from onnx import helper, numpy_helper
 
-from ..file_kinds import (NOT_REGULAR, looks_like_npy, looks_like_pickle, looks_like_safetensors, unreadable_file,
-                          zip_kind)
+from ..file_kinds import (looks_like_npy, looks_like_pickle, looks_like_safetensors, unreadable_file,
+                          unreadable_file_error, zip_kind)
 
 __all__ = ["RANDOM_OPS", "MalformedNodeError", "load_model", "check_model", "too_large", "opset_version", "GraphIndex",
            "BNNode", "bn_nodes", "subgraphs", "attribute", "node_label", "TrainingDropout", "training_dropouts",
@@ -54,10 +54,8 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
     path = os.fspath(model)
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder, not an ONNX model file")
-    if (why := unreadable_file(path)) == NOT_REGULAR:
-        raise ValueError(f"{path}: {why}")
-    if why is not None:
-        raise FileNotFoundError(f"no such file: {path}" if why == "no such file" else f"{path}: {why}")
+    if (exc := unreadable_file_error(path)) is not None:
+        raise exc
     try:
         proto = onnx.load(path)
     except Exception as exc:  # protobuf DecodeError, missing external data, ...

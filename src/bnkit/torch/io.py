@@ -18,6 +18,7 @@ legacy format, a sequence of pickles starting with a magic number.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 import os
@@ -37,7 +38,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 from torch.serialization import MAGIC_NUMBER
 
 from ..atomic import atomic_path, check_target
-from ..file_kinds import NOT_REGULAR, describe_file, looks_like_pickle, looks_like_safetensors, unreadable_file
+from ..file_kinds import describe_file, looks_like_pickle, looks_like_safetensors, unreadable_file_error
 from ..tracebacks import raised_in
 
 __all__ = [
@@ -210,10 +211,8 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     path = Path(path)
     if path.is_dir():
         raise NotACheckpointError(f"{path} is a folder, not a checkpoint file; {CHECKPOINT_FORMATS}", "a folder")
-    if (why := unreadable_file(path)) == NOT_REGULAR:
-        raise NotACheckpointError(f"{path}: {why}", "not a regular file")
-    if why is not None:
-        raise FileNotFoundError(f"no such file: {path}" if why == "no such file" else f"{path}: {why}")
+    if (exc := unreadable_file_error(path, functools.partial(NotACheckpointError, what="not a regular file"))):
+        raise exc
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)
