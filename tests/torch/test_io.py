@@ -1149,3 +1149,31 @@ def test_an_existing_state_dict_file_keeps_its_mode(tmp_path, suffix):
     save_state_dict_file(nn.BatchNorm1d(3).state_dict(), path)
     assert file_mode(path) == 0o640
     assert path.read_bytes() != b"old"
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_saving_copies_only_tensors_that_do_not_hold_their_own_storage(tmp_path, suffix, monkeypatch):
+    """A state dict of tensors that each hold their whole storage (a folded copy of a model, recalibrate's output
+    checkpoint) is written as it is: copying it first held a second copy of the model's weights in memory. Views,
+    tied and strided tensors are still written as their values alone."""
+    import safetensors.torch
+
+    base = torch.arange(12.0)
+    emb = torch.randn(5, 3)
+    state = {"own": torch.randn(4, 3), "ints": torch.arange(5), "emb": emb, "tied": emb, "view": base[2:8],
+             "whole_view": base.view(3, 4), "t": torch.randn(2, 3).t(), "empty": torch.zeros(0), "empty2": torch.ones(0, 2)}
+    given = {}
+    if suffix == ".pt":
+        real = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, f, **kw: given.update(obj) or real(obj, f, **kw))
+    else:
+        real = safetensors.torch.save_file
+        monkeypatch.setattr(safetensors.torch, "save_file", lambda obj, f, **kw: given.update(obj) or real(obj, f, **kw))
+    loaded = load_state_dict_file(save_state_dict_file(state, tmp_path / f"w{suffix}"))
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+    shared = {k: given[k].untyped_storage().data_ptr() == v.untyped_storage().data_ptr() for k, v in state.items()
+              if v.numel()}
+    assert shared == {"own": True, "ints": True, "emb": True, "tied": False, "view": False, "whole_view": True,
+                      "t": False}
+    ptrs = [t.untyped_storage().data_ptr() for t in given.values() if t.numel()]
+    assert len(ptrs) == len(set(ptrs))  # no two entries share a storage

@@ -751,6 +751,25 @@ def _copied(value: object) -> object:
     return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
 
 
+def _owning(state: Mapping[str, object]) -> OrderedDict:
+    """``state`` with each tensor as a detached CPU tensor that alone holds its whole storage, copied only where it
+    does not: one on another device, not contiguous, a view into a larger storage (``torch.save`` writes the whole
+    storage), or sharing its storage with an earlier entry (tied weights, which safetensors refuses). The others
+    are written as they are, so a fresh copy of a model's weights (a folded model's, a checkpoint's) is not copied
+    again to be saved."""
+    saved, storages = OrderedDict(), set()
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach()
+            if not (v.device.type == "cpu" and v.layout == torch.strided and not v.is_quantized and v.is_contiguous()
+                    and v.storage_offset() == 0 and v.untyped_storage().nbytes() == v.numel() * v.element_size()
+                    and v.numel() and v.untyped_storage().data_ptr() not in storages):
+                v = v.to("cpu", copy=True, memory_format=torch.contiguous_format)
+            storages.add(v.untyped_storage().data_ptr())
+        saved[k] = v
+    return saved
+
+
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of a safetensors file's header (``{"format": "pt"}`` and the like); empty for other files."""
     from safetensors import SafetensorError, safe_open
@@ -789,8 +808,7 @@ def save_state_dict_file(state: Mapping[str, object], path: str | os.PathLike, *
     if safetensors:
         refuse_non_tensors(state)
     with atomic_path(path) as tmp:
-        saved = OrderedDict((k, v.detach().cpu().contiguous().clone() if isinstance(v, torch.Tensor) else v)
-                            for k, v in state.items())
+        saved = _owning(state)
         if (versions := getattr(state, "_metadata", None)) is not None:  # module versions, read by their loaders
             saved._metadata = versions  # type: ignore[attr-defined]
         if safetensors:
