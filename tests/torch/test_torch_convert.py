@@ -927,3 +927,51 @@ def test_convert_bn_names_the_layers_without_running_statistics_and_changes_noth
     assert all(a is b for (_, a), (_, b) in zip(after, before))  # the same module objects
     assert all(type(m) is nn.BatchNorm2d for n, m in after if n.endswith("_bn"))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def _mixed_dtype_layer(stats_dtype: torch.dtype, weight_dtype: torch.dtype) -> nn.BatchNorm2d:
+    """A layer whose float64 tensors hold values float32 cannot (0.1, 1e-9, 1 + 1e-12, 1/3)."""
+    bn = nn.BatchNorm2d(2)
+    bn.running_mean = torch.tensor([0.1, 1e-9], dtype=stats_dtype)
+    bn.running_var = torch.tensor([1 + 1e-12, 2.0], dtype=stats_dtype)
+    bn.weight = nn.Parameter(torch.tensor([1 / 3, 1 + 1e-12], dtype=weight_dtype))
+    bn.bias = nn.Parameter(torch.tensor([0.1, -1 / 3], dtype=weight_dtype))
+    return bn
+
+
+@pytest.mark.parametrize("stats_dtype,weight_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_to_keras_keeps_float64_tensors_of_a_layer_of_mixed_dtypes(stats_dtype, weight_dtype):
+    """The Keras layer took the first weight's dtype: float64 statistics beside a float32 weight were rounded to
+    float32 in silence (review). Oracle: the torch layer's own values."""
+    pytest.importorskip("keras")
+    bn = _mixed_dtype_layer(stats_dtype, weight_dtype)
+    layer = to_keras(bn)
+    assert layer.dtype == "float64"
+    for name, t in (("moving_mean", bn.running_mean), ("moving_variance", bn.running_var), ("gamma", bn.weight),
+                    ("beta", bn.bias)):
+        np.testing.assert_array_equal(np.asarray(getattr(layer, name).numpy(), dtype=np.float64),
+                                      t.detach().double().numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("stats_dtype,weight_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64)])
+def test_to_flax_refuses_any_float64_tensor_without_64_bit_mode_and_keeps_it_with(stats_dtype, weight_dtype):
+    """Only the running mean's dtype was checked: a float64 weight beside float32 statistics became float32 in JAX
+    without an error (review). Oracle: the torch layer's own values."""
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("flax")
+    bn = _mixed_dtype_layer(stats_dtype, weight_dtype)
+    was = jax.config.read("jax_enable_x64")
+    try:
+        jax.config.update("jax_enable_x64", False)
+        with pytest.raises(ValueError, match="jax_enable_x64"):
+            to_flax(bn)
+        jax.config.update("jax_enable_x64", True)
+        module, variables = to_flax(bn)
+        assert module.param_dtype == np.float64
+        got = {"mean": variables["batch_stats"]["mean"], "var": variables["batch_stats"]["var"],
+               "scale": variables["params"]["scale"], "bias": variables["params"]["bias"]}
+        for name, t in (("mean", bn.running_mean), ("var", bn.running_var), ("scale", bn.weight), ("bias", bn.bias)):
+            np.testing.assert_array_equal(np.asarray(got[name], dtype=np.float64), t.detach().double().numpy(),
+                                          err_msg=name)
+    finally:
+        jax.config.update("jax_enable_x64", was)

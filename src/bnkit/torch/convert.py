@@ -238,7 +238,8 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
     now on, as bnkit's ``running_var_rule="biased"`` layers do and ``nn.BatchNorm*d`` does not.
     ``momentum=None``, ``track_running_stats=False`` and the drop-in's renorm/ghost-batch
     extras have no Keras equivalent and are refused. The Keras layer has ``bn``'s dtype, except
-    that a bfloat16 layer gives a float32 one (which holds its values exactly). A weight of all
+    that a bfloat16 layer gives a float32 one (which holds its values exactly), and a layer whose tensors differ
+    in dtype (float64 statistics beside a float32 weight) the widest of them: nothing is rounded. A weight of all
     ones that :func:`from_keras` or :func:`from_flax` made to stand in for no scale (``scale=False``), still
     not trained, gives ``scale=False``; any other weight is a scale, all ones and frozen included.
 
@@ -262,7 +263,7 @@ def to_keras(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> Any:
         cfg["scale"] = False
         del weights["gamma"]
     _check_axis(cfg["axis"], rank)
-    dtype = str(next(iter(weights.values())).dtype)
+    dtype = str(np.result_type(*weights.values()))  # the widest: float64 statistics beside a float32 weight stay
     layer = keras.layers.BatchNormalization(**cfg, dtype=dtype)
     shape = [None] * rank
     shape[cfg["axis"]] = channels(bn)
@@ -331,9 +332,10 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
     leaves ``use_running_average`` to the call, as Flax models usually do:
     ``module.apply(variables, x, use_running_average=True)`` for inference, ``False`` with
     ``mutable=["batch_stats"]`` for training (biased running-variance rule from then on).
-    eps is carried and momentum flipped (torch 0.1 -> Flax 0.9). The variables have ``bn``'s
-    dtype, except that a bfloat16 layer gives float32 ones (exact); a weight that stands in for no
-    scale gives ``use_scale=False``, as in :func:`to_keras`. A float64 layer needs JAX's
+    eps is carried and momentum flipped (torch 0.1 -> Flax 0.9). Each variable has its
+    tensor's dtype, except that bfloat16 gives float32 (exact), and the module's ``param_dtype`` is the widest of
+    them; a weight that stands in for no
+    scale gives ``use_scale=False``, as in :func:`to_keras`. A layer with float64 tensors (any of them) needs JAX's
     64-bit mode (``jax.config.update("jax_enable_x64", True)``) and is refused without it,
     where JAX would silently make its variables float32.
     """
@@ -346,9 +348,9 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
         cfg["use_scale"] = False
         del f["variables"]["params"]["scale"]
     _check_axis(cfg["axis"], rank)
-    dtype = f["variables"]["batch_stats"]["mean"].dtype
+    dtype = np.result_type(*(v for d in f["variables"].values() for v in d.values()))  # the widest, as to_keras
     if dtype == np.float64 and not jax.config.read("jax_enable_x64"):
-        raise ValueError(f"{type(bn).__name__} is float64, but JAX makes float64 arrays float32 unless its 64-bit "
+        raise ValueError(f"{type(bn).__name__} holds float64 tensors, but JAX makes float64 arrays float32 unless its 64-bit "
                          "mode is on: call jax.config.update('jax_enable_x64', True) first (or set JAX_ENABLE_X64=1), "
                          "or convert bn.float() for a float32 Flax layer")
     module = linen.BatchNorm(axis=cfg["axis"], momentum=cfg["momentum"], epsilon=cfg["epsilon"],
