@@ -369,3 +369,29 @@ def test_batch_moments_refuses_what_running_moments_refuses(batch):
         RunningMoments(2).update(batch)
     with pytest.raises(TypeError, match="batch must"):
         batch_moments(batch)
+
+
+@pytest.mark.parametrize("make", [lambda: EMA(0.9), lambda: EMA(0.9, init=np.zeros(3)), lambda: CumulativeAverage(),
+                                  lambda: CumulativeAverage(np.zeros(3))])
+def test_averages_refuse_nan_and_shapes_that_would_change_them_and_stay_as_they_were(make):
+    """A NaN or Inf value made the average NaN/Inf for good, and a value NumPy broadcasts turned a 3-channel average
+    into a (2, 3) table, both without an error (review); RunningMoments refuses NaN/Inf batches. Oracle: the
+    closed-form average of the finite values, which the refused ones leave as it was."""
+    avg = make()
+    first = np.array([1.0, 2.0, 4.0])
+    avg.update(first)
+    before = avg.value.copy()
+    for bad, match in ((np.array([1.0, np.nan, 2.0]), "NaN or Inf"), (np.inf, "NaN or Inf"),
+                       (np.ones((2, 3)), r"shape \(2, 3\) does not fit the average's \(3,\)"),
+                       (np.ones(2), r"shape \(2,\) does not fit")):
+        with pytest.raises(ValueError, match=match):
+            avg.update(bad)
+        assert avg.steps == 1 and np.array_equal(avg.value, before)
+    avg.update(first * 3)
+    want = 0.9 * (0.9 * 0.0 + 0.1 * first) + 0.1 * first * 3 if isinstance(avg, EMA) else 2 * first
+    np.testing.assert_allclose(avg.value, want, rtol=1e-15)
+    avg.update(2.0)  # a scalar broadcasts to every channel
+    assert avg.value.shape == (3,)
+    for bad_init in (np.nan, [0.0, np.inf]):
+        with pytest.raises(ValueError, match="init contains NaN or Inf"):
+            type(avg)(0.9, bad_init) if isinstance(avg, EMA) else type(avg)(bad_init)

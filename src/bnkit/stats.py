@@ -249,6 +249,31 @@ def _values(x: object, what: str) -> np.ndarray:
     return real_array(np.asarray(x), what).astype(np.float64)
 
 
+def _finite_init(init: object) -> np.ndarray:
+    """A running average's start as a float64 array; NaN/Inf refused (0 * NaN would keep it in every step)."""
+    value = _values(init, "init")
+    if not np.isfinite(value).all():
+        raise ValueError("init contains NaN or Inf")
+    return value
+
+
+def _averaged(x: object, average: np.ndarray, fixed: bool) -> np.ndarray:
+    """A value for a running average ``average``, as a float64 array: finite, and of a shape that broadcasts to the
+    average's without changing it (``fixed`` False: a scalar average not yet updated, which takes the value's
+    shape). A NaN would stay in the average for good, and a shape NumPy broadcasts would turn a per-channel
+    average into a table of them; both are refused (ValueError), the average left as it was."""
+    value = _values(x, "the value")
+    if not np.isfinite(value).all():
+        raise ValueError("the value contains NaN or Inf; refusing to update the average (it would never recover)")
+    try:
+        shape = np.broadcast_shapes(average.shape, value.shape)
+    except ValueError:
+        shape = None
+    if shape is None or (fixed and shape != average.shape):
+        raise ValueError(f"the value's shape {value.shape} does not fit the average's {average.shape}")
+    return value
+
+
 class EMA:
     """Exponential moving average with optional bias correction.
 
@@ -266,12 +291,15 @@ class EMA:
         self.decay = real(decay, "decay")
         if not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
-        self.init = _values(init, "init")
+        self.init = _finite_init(init)
         self.value = self.init.copy()
         self._seen = np.zeros_like(self.init)  # sum_i (1 - decay) decay**(t-i) x_i; at decay 1 the plain mean
         self.steps = 0
 
     def update(self, x) -> np.ndarray:
+        """Average in ``x``: finite, shaped to broadcast to ``init`` (a scalar ``init`` takes the first value's
+        shape); ValueError otherwise, nothing changed."""
+        x = _averaged(x, self.value, fixed=self.steps > 0 or self.value.ndim > 0)
         self.value = ema_update(self.value, x, self.decay, weight_on="old")
         self.steps += 1
         if self.decay == 1.0:  # every weight decay**(t-i) is 1: the plain mean, kept as a cumulative average
@@ -293,10 +321,12 @@ class CumulativeAverage:
     """Plain mean of every value seen (PyTorch ``momentum=None``)."""
 
     def __init__(self, init: float | np.ndarray = 0.0) -> None:
-        self.value = _values(init, "init").copy()
+        self.value = _finite_init(init)
         self.steps = 0
 
     def update(self, x) -> np.ndarray:
+        """Average in ``x``, checked as by :meth:`EMA.update`."""
+        x = _averaged(x, self.value, fixed=self.steps > 0 or self.value.ndim > 0)
         self.value = ema_update(self.value, x, 1.0 / (self.steps + 1), weight_on="new")  # a refused x counts nothing
         self.steps += 1
         return self.value
