@@ -98,3 +98,14 @@ def test_the_title_states_the_rule_the_rows_follow():
         assert rows[t][1] == pytest.approx(v, rel=1e-5)
     result = runner.invoke(app, ["ema", "1", "--decay", "0.12345"], terminal_width=200)  # weights that add up to 1
     assert "running = 0.12345 * running + 0.87655 * batch_mean" in " ".join(result.output.split()), result.output
+
+
+def test_the_titles_batch_weight_is_the_one_the_rows_use_for_a_decay_next_to_1():
+    """The title showed the decimal complement of the decay (1e-16) while the rows weigh the batch by the float
+    1 - decay (1.1102230246251565e-16, as Keras computes it): the title misstated the rule (review)."""
+    result = runner.invoke(app, ["ema", "1", "--decay", "0.9999999999999999"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    title = " ".join(result.output.split("┏")[0].split())
+    new = float(re.search(r"\+ (\S+) \* batch_mean", title).group(1))
+    assert new == pytest.approx(1.0 - 0.9999999999999999, rel=1e-14, abs=0)
+    assert _rows(result.output)[1][1] == pytest.approx(new * 1.0, rel=1e-5, abs=0)

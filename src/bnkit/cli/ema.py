@@ -7,7 +7,6 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ..conventions import convert_momentum
 from ..stats import ema_table
 from .app import app, console, fail
 from .tables import print_table
@@ -49,8 +48,8 @@ def ema(
         raise fail(f"--decay must be in [0, 1], got {decay}")
     series = list(values) + [fill] * (n - len(values))
     rows = ema_table(series, decay, init)
-    new = convert_momentum(decay, "keras", "torch")  # 1 - decay in full: Keras's momentum weighs the old value
-    table = Table(title=f"Running mean, running = {decay!r} * running + {new!r} * batch_mean (start {init})")
+    new = 1.0 - decay  # the batch's weight as the rows (and Keras) compute it, shown to float64's 15 sure digits
+    table = Table(title=f"Running mean, running = {decay!r} * running + {new:.15g} * batch_mean (start {init})")
     for column in ("batch", "batch mean", "running mean", "bias-corrected"):
         table.add_column(column, justify="right", overflow="fold")  # a narrow console folds numbers, never cuts them
     for step, v, run, corr in rows:
