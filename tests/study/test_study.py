@@ -391,6 +391,10 @@ def test_fine_tuning_verdicts_follow_from_the_measurements(tmp_path, monkeypatch
     ch = finetune.run(Context(size="quick", seeds=2, out=tmp_path))
     assert len(ch.checks) == 2
     assert [k for k, ok in ch.checks.items() if not ok] == ([failing] if failing else [])
+    # the prose follows the measurement too: it said the freeze was undone when the statistics were kept (review)
+    undone = "The lesson's freeze is undone by model.train()" in ch.findings[1]
+    held = "The lesson's freeze held this time" in ch.findings[1]
+    assert (undone, held) == ((False, True) if broken.get("lesson_kept") else (True, False)), ch.findings[1]
 
 
 
