@@ -425,3 +425,41 @@ def test_a_stats_frozen_layer_passes_train_and_eval_on_to_its_submodules():
     assert not inner.training and not bn.training
     model.train()
     assert inner.training and not bn.training
+
+
+def test_swa_update_bn_leaves_frozen_statistics_with_a_warning_and_resets_them_after_unfreeze():
+    """torch.optim.swa_utils.update_bn calls reset_running_stats() on every BN layer, then recomputes the statistics
+    in training mode, which a frozen layer never enters: a frozen layer ended at mean 0, var 1 with is_frozen still
+    True and no warning (review). Oracle: PyTorch's eval-mode BatchNorm with the statistics from before."""
+    from torch.optim.swa_utils import AveragedModel, update_bn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(1, 2)
+        model[1].running_var.uniform_(2, 3)
+        model[1].num_batches_tracked.fill_(9)
+    x, data = torch.randn(2, 3, 6, 6), [torch.randn(4, 3, 6, 6)]
+    ref = copy.deepcopy(model).eval()(x)
+    freeze_bn(model)
+    swa = AveragedModel(model)
+    with pytest.warns(UserWarning, match="running statistics are frozen .* reset_running_stats\\(\\) left them"):
+        update_bn(data, swa)
+    torch.testing.assert_close(swa.eval()(x), ref, rtol=0, atol=0)
+    assert is_frozen(swa.module[1], "stats") and int(swa.module[1].num_batches_tracked) == 9
+    twin = copy.deepcopy(model)  # a copy's override is bound to the copy
+    with pytest.warns(UserWarning):
+        twin[1].reset_running_stats()
+    assert torch.equal(twin[1].running_mean, model[1].running_mean)
+    unfreeze_bn(model)
+    assert "reset_running_stats" not in vars(model[1])
+    model[1].reset_running_stats()
+    assert torch.equal(model[1].running_mean, torch.zeros(4)) and int(model[1].num_batches_tracked) == 0
+
+
+def test_a_layer_with_its_own_reset_running_stats_is_not_frozen():
+    bn = nn.BatchNorm1d(3)
+    bn.reset_running_stats = lambda: None
+    with pytest.raises(ValueError, match=r"own reset_running_stats\(\) override; not freezing"):
+        freeze_bn(bn)
+    assert bn.training and "train" not in vars(bn)

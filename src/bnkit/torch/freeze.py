@@ -13,7 +13,9 @@ gamma/beta; some recipes train only gamma/beta):
   ``num_batches_tracked`` unchanged). Done by giving the layer its own ``train``:
   ``train(mode)`` remembers ``mode`` (for :func:`unfreeze_bn`) and keeps
   ``training = False``. ``model.train()``/``eval()`` reach every layer through
-  ``train``, so freezing survives them; the override is an attribute of the
+  ``train``, so freezing survives them. Its ``reset_running_stats`` leaves the statistics as they are, with a
+  warning: ``torch.optim.swa_utils.update_bn`` resets every BN layer and then recomputes the statistics in training
+  mode, which a frozen layer never enters, so they would end at mean 0, variance 1. The overrides are attributes of the
   module object, so it survives ``deepcopy``, pickling, ``load_state_dict`` and
   ``torch.compile`` and leaves ``type(layer)`` and the state-dict keys unchanged
   (a frozen model's state dict loads into an unfrozen one and back). Code that
@@ -37,10 +39,12 @@ gamma/beta; some recipes train only gamma/beta):
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from .modules import bn_layers, eager_modules, is_batchnorm, is_bn_or_frozen
 
@@ -70,6 +74,30 @@ class _PinnedEval:
     def rebound(self, module: nn.Module) -> "_PinnedEval":
         """The same override for ``module`` (used when a layer is re-typed, e.g. by ``convert_bn``)."""
         return _PinnedEval(module, self.requested)
+
+
+class _StatsKept:
+    """A stats-frozen layer's ``reset_running_stats``: leaves the frozen statistics as they are and warns (but for a
+    lazy layer, which resets them as it materializes them)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self) -> None:
+        if isinstance(self.module, LazyModuleMixin):  # materializing: the reset gives its buffers their first values
+            type(self.module).reset_running_stats(self.module)
+            return
+        warnings.warn(f"{type(self.module).__name__}'s running statistics are frozen (bnkit's freeze_bn), so "
+                      "reset_running_stats() left them as they are (torch.optim.swa_utils.update_bn calls it on every "
+                      "BatchNorm layer); unfreeze_bn(..., stats=True) first to reset and recompute them",
+                      stacklevel=2)
+
+    def rebound(self, module: nn.Module) -> "_StatsKept":
+        """The same override for ``module`` (a re-typed layer, as for :class:`_PinnedEval`)."""
+        return _StatsKept(module)
+
+
+_OVERRIDES = {"train": _PinnedEval, "reset_running_stats": _StatsKept}  # a stats freeze's instance attributes
 
 
 @dataclass(frozen=True)
@@ -186,14 +214,18 @@ def freeze_bn(
                 "normalize with batch statistics even in eval mode and their statistics cannot be frozen; "
                 "pass stats=False, or leave them out with modules=[...]"
             )
-        foreign = [n for n, m in layers if "train" in m.__dict__ and not isinstance(m.__dict__["train"], _PinnedEval)]
+        foreign = [(n, k) for n, m in layers for k, cls in _OVERRIDES.items()
+                   if k in m.__dict__ and not isinstance(m.__dict__[k], cls)]
         if foreign:
-            raise ValueError(f"BatchNorm layers {foreign} already have their own train() override; not freezing them")
+            raise ValueError(f"BatchNorm layers {[n for n, _ in foreign]} already have their own "
+                             f"{', '.join(sorted({k + '()' for _, k in foreign}))} override; not freezing them")
     for _, m in layers:
         state = _state(m)  # the live state: a part unfrozen behind bnkit's back is frozen again
-        if stats and not state.stats:
+        if stats:
             if not isinstance(m.__dict__.get("train"), _PinnedEval):
                 m.__dict__["train"] = _PinnedEval(m, m.training)
+            if not isinstance(m.__dict__.get("reset_running_stats"), _StatsKept):
+                m.__dict__["reset_running_stats"] = _StatsKept(m)
             m.training = False
         if affine and not state.affine:
             params = _affine_params(m)
@@ -222,6 +254,8 @@ def unfreeze_bn(
         if stats and isinstance(pinned, _PinnedEval):
             del m.__dict__["train"]
             m.training = pinned.requested
+        if stats and isinstance(m.__dict__.get("reset_running_stats"), _StatsKept):
+            del m.__dict__["reset_running_stats"]
         flags = _affine_record(m) if affine else None
         if flags is not None:
             m.__dict__.pop(_AFFINE_KEY, None)

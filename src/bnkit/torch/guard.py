@@ -616,7 +616,7 @@ def _rollback(model: nn.Module, snapshot: _Snapshot, report: StatsRollback) -> N
                 if name not in report.rolled_back:
                     report.rolled_back.append(name)
         for name, m in fresh:
-            m.reset_running_stats()  # the values lazy materialization gives, before any update
+            type(m).reset_running_stats(m)  # the values lazy materialization gives (a frozen layer's own keeps them)
             report.rolled_back.append(name)
 
 
