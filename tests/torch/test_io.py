@@ -1161,7 +1161,9 @@ def test_saving_copies_only_tensors_that_do_not_hold_their_own_storage(tmp_path,
     base = torch.arange(12.0)
     emb = torch.randn(5, 3)
     state = {"own": torch.randn(4, 3), "ints": torch.arange(5), "emb": emb, "tied": emb, "view": base[2:8],
-             "whole_view": base.view(3, 4), "t": torch.randn(2, 3).t(), "empty": torch.zeros(0), "empty2": torch.ones(0, 2)}
+             "whole_view": base.view(3, 4), "t": torch.randn(2, 3).t(), "empty": torch.zeros(0), "empty2": torch.ones(0, 2),
+             # lazy views whose memory holds other values (safetensors wrote those: review)
+             "conj": torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj(), "neg": torch._neg_view(torch.ones(2))}
     given = {}
     if suffix == ".pt":
         real = torch.save
@@ -1174,6 +1176,7 @@ def test_saving_copies_only_tensors_that_do_not_hold_their_own_storage(tmp_path,
     shared = {k: given[k].untyped_storage().data_ptr() == v.untyped_storage().data_ptr() for k, v in state.items()
               if v.numel()}
     assert shared == {"own": True, "ints": True, "emb": True, "tied": False, "view": False, "whole_view": True,
-                      "t": False}
+                      "t": False, "conj": False, "neg": False}
+    assert loaded["conj"].tolist() == [1 - 2j, 3 + 4j] and loaded["neg"].tolist() == [-1.0, -1.0]
     ptrs = [t.untyped_storage().data_ptr() for t in given.values() if t.numel()]
     assert len(ptrs) == len(set(ptrs))  # no two entries share a storage

@@ -753,8 +753,10 @@ def _copied(value: object) -> object:
 
 def _owning(state: Mapping[str, object]) -> OrderedDict:
     """``state`` with each tensor as a detached CPU tensor that alone holds its whole storage, copied only where it
-    does not: one on another device, not contiguous, a view into a larger storage (``torch.save`` writes the whole
-    storage), or sharing its storage with an earlier entry (tied weights, which safetensors refuses). The others
+    does not: one on another device, not contiguous, a lazy conjugate or negative view (``z.conj()``: safetensors
+    writes the memory, which holds the values before the view), a view into a larger storage (``torch.save``
+    writes the whole storage), or sharing its storage with an earlier entry (tied weights, which safetensors
+    refuses). The others
     are written as they are, so a fresh copy of a model's weights (a folded model's, a checkpoint's) is not copied
     again to be saved."""
     saved, storages = OrderedDict(), set()
@@ -762,6 +764,7 @@ def _owning(state: Mapping[str, object]) -> OrderedDict:
         if isinstance(v, torch.Tensor):
             v = v.detach()
             if not (v.device.type == "cpu" and v.layout == torch.strided and not v.is_quantized and v.is_contiguous()
+                    and not v.is_conj() and not v.is_neg()  # lazy views: the memory holds the unconjugated values
                     and v.storage_offset() == 0 and v.untyped_storage().nbytes() == v.numel() * v.element_size()
                     and v.numel() and v.untyped_storage().data_ptr() not in storages):
                 v = v.to("cpu", copy=True, memory_format=torch.contiguous_format)
