@@ -395,3 +395,14 @@ def test_averages_refuse_nan_and_shapes_that_would_change_them_and_stay_as_they_
     for bad_init in (np.nan, [0.0, np.inf]):
         with pytest.raises(ValueError, match="init contains NaN or Inf"):
             type(avg)(0.9, bad_init) if isinstance(avg, EMA) else type(avg)(bad_init)
+
+
+def test_old_side_momentum_weighs_the_old_value_by_the_momentum_itself():
+    """weight_on="old" weighed the old value by 1 - (1 - m), which is 0 for m = 1e-20: EMA(1e-20, init=1e20) after
+    a 0 gave 0, where the rule it states (Keras's moving * m + mean * (1 - m)) gives 1 (review). Oracle: that
+    closed form; PyTorch's side, (1 - m) * running + m * x, as its kernel computes it (aten's batch_norm)."""
+    assert ema_update(1e20, 0.0, 1e-20, weight_on="old") == 1e-20 * 1e20
+    ema = EMA(1e-20, init=1e20)
+    assert float(ema.update(0.0)) == 1e-20 * 1e20
+    assert ema_update(1e20, 0.0, 1e-20, weight_on="new") == (1 - 1e-20) * 1e20
+    assert ema_update(0.7, 0.3, 0.3, weight_on="new") == (1 - 0.3) * 0.7 + 0.3 * 0.3

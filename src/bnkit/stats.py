@@ -236,12 +236,12 @@ def ema_update(running: np.ndarray | float, value: np.ndarray | float, momentum:
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     if weight_on == "new":
-        w_new = m
-    elif weight_on == "old":
-        w_new = 1.0 - m
+        w_old, w_new = 1.0 - m, m
+    elif weight_on == "old":  # m itself on the old value, as Keras computes it (1 - (1 - m) loses a tiny m)
+        w_old, w_new = m, 1.0 - m
     else:
         raise ValueError(f"weight_on must be 'new' or 'old', got {weight_on!r}")
-    return (1.0 - w_new) * _values(running, "the running value") + w_new * _values(value, "the value")
+    return w_old * _values(running, "the running value") + w_new * _values(value, "the value")
 
 
 def _values(x: object, what: str) -> np.ndarray:
