@@ -975,3 +975,20 @@ def test_to_flax_refuses_any_float64_tensor_without_64_bit_mode_and_keeps_it_wit
                                           err_msg=name)
     finally:
         jax.config.update("jax_enable_x64", was)
+
+
+def test_to_flax_gives_float16_statistics_the_layers_widest_dtype():
+    """Float16 statistics beside a float32 weight stayed float16 in the Flax variables, and Flax adds eps in the
+    variance's dtype: 1 + 1e-5 is 1 in float16, so the output was 1 where it is 1/sqrt(1 + 1e-5) (review).
+    Oracles: that closed form, and the torch layer made float32."""
+    pytest.importorskip("flax")
+    jnp = pytest.importorskip("jax.numpy")
+    bn = nn.BatchNorm1d(1).eval()
+    bn.running_var = torch.ones(1, dtype=torch.float16)
+    bn.running_mean = torch.zeros(1, dtype=torch.float16)
+    module, variables = to_flax(bn)
+    assert {str(v.dtype) for d in variables.values() for v in d.values()} == {"float32"}
+    out = np.asarray(module.apply(variables, jnp.ones((1, 1), dtype=jnp.float32), use_running_average=True))
+    want = 1 / np.sqrt(1 + 1e-5)
+    np.testing.assert_allclose(out, [[want]], rtol=1e-6)
+    np.testing.assert_allclose(out, bn.float()(torch.ones(1, 1)).detach().numpy(), rtol=1e-6)

@@ -332,9 +332,9 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
     leaves ``use_running_average`` to the call, as Flax models usually do:
     ``module.apply(variables, x, use_running_average=True)`` for inference, ``False`` with
     ``mutable=["batch_stats"]`` for training (biased running-variance rule from then on).
-    eps is carried and momentum flipped (torch 0.1 -> Flax 0.9). Each variable has its
-    tensor's dtype, except that bfloat16 gives float32 (exact), and the module's ``param_dtype`` is the widest of
-    them; a weight that stands in for no
+    eps is carried and momentum flipped (torch 0.1 -> Flax 0.9). The variables and
+    the module's ``param_dtype`` have the widest of ``bn``'s tensors' dtypes (bfloat16 counted as float32, which
+    holds it exactly): Flax adds eps to float16 statistics in float16, where 1e-5 is lost; a weight that stands in for no
     scale gives ``use_scale=False``, as in :func:`to_keras`. A layer with float64 tensors (any of them) needs JAX's
     64-bit mode (``jax.config.update("jax_enable_x64", True)``) and is refused without it,
     where JAX would silently make its variables float32.
@@ -355,7 +355,8 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
                          "or convert bn.float() for a float32 Flax layer")
     module = linen.BatchNorm(axis=cfg["axis"], momentum=cfg["momentum"], epsilon=cfg["epsilon"],
                              use_bias=cfg["use_bias"], use_scale=cfg["use_scale"], param_dtype=dtype)
-    variables = {col: {k: jax.numpy.asarray(v) for k, v in d.items()} for col, d in f["variables"].items()}
+    # every variable in the widest dtype (exact): Flax adds eps to the variance in the variance's own dtype
+    variables = {col: {k: jax.numpy.asarray(v, dtype=dtype) for k, v in d.items()} for col, d in f["variables"].items()}
     return module, variables
 
 
