@@ -1,6 +1,7 @@
 """bnkit.torch conversions against the real Keras layer (KERAS_BACKEND=torch), the real
 flax.linen.BatchNorm, and PyTorch's own SyncBatchNorm / fx fuser; convert_bn refuses the options that need running
 statistics on layers without them, naming those layers and changing nothing."""
+import contextlib
 import copy
 import inspect
 import sys
@@ -467,22 +468,29 @@ def test_a_flax_module_built_to_use_its_running_average_gives_frozen_statistics(
     assert from_flax(linen.BatchNorm(use_running_average=None), variables, ndim=2).training
 
 
-def test_to_flax_float64_needs_jax_64_bit_mode_and_then_round_trips_exactly():
+@contextlib.contextmanager
+def _to_flax_needing_x64(bn):
+    """``to_flax(bn)`` refused without JAX's 64-bit mode, then run with it on: ``(module, variables)`` while it is
+    on; the mode put back after."""
     jax = pytest.importorskip("jax")
-    bn = nn.BatchNorm2d(C, dtype=torch.float64)
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.tensor([0.1, 1 / 3, 1e-9], dtype=torch.float64))  # not float32 numbers
     was = jax.config.read("jax_enable_x64")
     try:
         jax.config.update("jax_enable_x64", False)
         with pytest.raises(ValueError, match="jax_enable_x64"):
             to_flax(bn)
         jax.config.update("jax_enable_x64", True)
-        module, variables = to_flax(bn)
-        assert module.param_dtype == np.float64 and variables["batch_stats"]["mean"].dtype == np.float64
-        back = from_flax(module, variables, ndim=4)
+        yield to_flax(bn)
     finally:
         jax.config.update("jax_enable_x64", was)
+
+
+def test_to_flax_float64_needs_jax_64_bit_mode_and_then_round_trips_exactly():
+    bn = nn.BatchNorm2d(C, dtype=torch.float64)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.1, 1 / 3, 1e-9], dtype=torch.float64))  # not float32 numbers
+    with _to_flax_needing_x64(bn) as (module, variables):
+        assert module.param_dtype == np.float64 and variables["batch_stats"]["mean"].dtype == np.float64
+        back = from_flax(module, variables, ndim=4)
     assert back.running_mean.dtype == torch.float64 and torch.equal(back.running_mean, bn.running_mean)
 
 
@@ -957,24 +965,15 @@ def test_to_keras_keeps_float64_tensors_of_a_layer_of_mixed_dtypes(stats_dtype, 
 def test_to_flax_refuses_any_float64_tensor_without_64_bit_mode_and_keeps_it_with(stats_dtype, weight_dtype):
     """Only the running mean's dtype was checked: a float64 weight beside float32 statistics became float32 in JAX
     without an error (review). Oracle: the torch layer's own values."""
-    jax = pytest.importorskip("jax")
     pytest.importorskip("flax")
     bn = _mixed_dtype_layer(stats_dtype, weight_dtype)
-    was = jax.config.read("jax_enable_x64")
-    try:
-        jax.config.update("jax_enable_x64", False)
-        with pytest.raises(ValueError, match="jax_enable_x64"):
-            to_flax(bn)
-        jax.config.update("jax_enable_x64", True)
-        module, variables = to_flax(bn)
+    with _to_flax_needing_x64(bn) as (module, variables):
         assert module.param_dtype == np.float64
         got = {"mean": variables["batch_stats"]["mean"], "var": variables["batch_stats"]["var"],
                "scale": variables["params"]["scale"], "bias": variables["params"]["bias"]}
         for name, t in (("mean", bn.running_mean), ("var", bn.running_var), ("scale", bn.weight), ("bias", bn.bias)):
             np.testing.assert_array_equal(np.asarray(got[name], dtype=np.float64), t.detach().double().numpy(),
                                           err_msg=name)
-    finally:
-        jax.config.update("jax_enable_x64", was)
 
 
 def test_to_flax_gives_float16_statistics_the_layers_widest_dtype():
