@@ -451,6 +451,9 @@ def test_swa_update_bn_leaves_frozen_statistics_with_a_warning_and_resets_them_a
     with pytest.warns(UserWarning):
         twin[1].reset_running_stats()
     assert torch.equal(twin[1].running_mean, model[1].running_mean)
+    with pytest.warns(UserWarning, match=r"reset_parameters\(\) calls it and resets gamma/beta alone"):
+        twin[1].reset_parameters()  # PyTorch's: reset_running_stats(), then gamma 1 and beta 0
+    assert torch.equal(twin[1].running_var, model[1].running_var) and torch.equal(twin[1].weight, torch.ones(4))
     unfreeze_bn(model)
     assert "reset_running_stats" not in vars(model[1])
     model[1].reset_running_stats()

@@ -15,7 +15,8 @@ gamma/beta; some recipes train only gamma/beta):
   ``training = False``. ``model.train()``/``eval()`` reach every layer through
   ``train``, so freezing survives them. Its ``reset_running_stats`` leaves the statistics as they are, with a
   warning: ``torch.optim.swa_utils.update_bn`` resets every BN layer and then recomputes the statistics in training
-  mode, which a frozen layer never enters, so they would end at mean 0, variance 1. The overrides are attributes of the
+  mode, which a frozen layer never enters, so they would end at mean 0, variance 1 (``reset_parameters()``, which
+  calls it, resets gamma/beta alone). The overrides are attributes of the
   module object, so it survives ``deepcopy``, pickling, ``load_state_dict`` and
   ``torch.compile`` and leaves ``type(layer)`` and the state-dict keys unchanged
   (a frozen model's state dict loads into an unfrozen one and back). Code that
@@ -88,9 +89,9 @@ class _StatsKept:
             type(self.module).reset_running_stats(self.module)
             return
         warnings.warn(f"{type(self.module).__name__}'s running statistics are frozen (bnkit's freeze_bn), so "
-                      "reset_running_stats() left them as they are (torch.optim.swa_utils.update_bn calls it on every "
-                      "BatchNorm layer); unfreeze_bn(..., stats=True) first to reset and recompute them",
-                      stacklevel=2)
+                      "reset_running_stats() left them as they are (reset_parameters() calls it and resets gamma/beta "
+                      "alone; torch.optim.swa_utils.update_bn calls it on every BatchNorm layer); "
+                      "unfreeze_bn(..., stats=True) first to reset and recompute them", stacklevel=2)
 
     def rebound(self, module: nn.Module) -> "_StatsKept":
         """The same override for ``module`` (a re-typed layer, as for :class:`_PinnedEval`)."""
