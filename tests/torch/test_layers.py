@@ -931,3 +931,40 @@ def test_an_empty_training_batch_passes_through_with_extras_on_as_pytorch_lets_i
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert torch.equal(ref.running_mean, ref_before["running_mean"])  # PyTorch averages nothing in either
     assert torch.equal(ref.running_var, ref_before["running_var"])
+
+
+def test_fx_tracing_into_a_drop_in_layer_says_why_and_a_leaf_tracer_or_revert_bn_works():
+    """torch.fx keeps torch.nn's BatchNorm whole but traces into bnkit's drop-ins, whose forward reads the input's
+    shape: symbolic_trace failed with fx's bare "symbolically traced variables cannot be used as inputs to control
+    flow" (review). Oracle: the traced graph of the reverted model runs like PyTorch's own layers."""
+    from torch.fx import Tracer, symbolic_trace
+    from torch.fx.proxy import TraceError
+
+    torch.manual_seed(0)
+    model = convert_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    with pytest.raises(TraceError, match=r"torch.fx traces into BatchNorm layer '1'.*revert_bn\(model\) first"):
+        symbolic_trace(model)
+
+    class Leaves(Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, BatchNorm2d) or super().is_leaf_module(m, name)
+
+    x = torch.randn(2, 3, 6, 6)
+    graph = Leaves().trace(model)
+    assert torch.equal(torch.fx.GraphModule(model, graph)(x), model(x))
+    assert torch.equal(symbolic_trace(revert_bn(copy.deepcopy(model)))(x), model(x))
+
+
+@pytest.mark.parametrize("extra", [{"renorm": True}, {"virtual_batch_size": 2}, {"debias": True}])
+def test_extras_refuse_eps_0_in_training_as_pytorch_does_before_any_buffer_changes(extra):
+    """renorm with eps 0 trained: a constant channel (a dead ReLU) gave NaN outputs and NaN gradients upstream,
+    and the step was counted; F.batch_norm refuses eps <= 0 in training (review). Eval mode takes it, as PyTorch's."""
+    bn = convert_bn(nn.BatchNorm1d(2, eps=0.0), **extra)
+    x = torch.tensor([[1.0, 0.0], [2.0, 0.0], [4.0, 0.0], [5.0, 0.0]])
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match="eps must be positive in training, got 0.0"):
+        bn(x)
+    assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
+    with pytest.raises(ValueError, match="eps must be positive"):
+        nn.BatchNorm1d(2, eps=0.0)(x)  # PyTorch's own
+    assert torch.isfinite(bn.eval()(x + 1)).all()

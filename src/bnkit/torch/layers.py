@@ -68,6 +68,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.fx.proxy import TraceError
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..audit_state import FEW_UPDATES_WEIGHT, initial_weight
@@ -256,6 +258,11 @@ class _DropInBatchNorm:
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
+        if is_fx_symbolic_tracing():  # fx keeps torch.nn's layers whole and traces into this one, whose checks fail
+            raise TraceError(f"torch.fx traces into {self._label()} (bnkit's drop-in layers are not in torch.nn, "
+                             "whose modules fx keeps whole), and its forward reads the input's shape: call "
+                             "bnkit.torch.revert_bn(model) first (lossless with no extras on), or trace with a "
+                             "Tracer whose is_leaf_module returns True for it")
         if self.training:  # check before nn.BatchNorm would count the batch in num_batches_tracked
             if input.dim() < 2 or input.size(1) != self.num_features or input.numel() == self.num_features:
                 self._check_batch(input)
@@ -298,6 +305,9 @@ class _DropInBatchNorm:
         return chunks
 
     def _forward_train_extras(self, x: Tensor) -> Tensor:
+        if self.eps <= 0:  # as F.batch_norm refuses it in training; renorm's sqrt(var + 0) of a constant channel is 0
+            raise ValueError(f"{self._label()}: eps must be positive in training, got {self.eps!r} (a constant "
+                             "channel would divide by 0)")
         if not x.is_floating_point():  # renorm's float32 arithmetic would take it, and cast its output back
             raise TypeError(f"{self._label()} takes floating-point input, got {x.dtype} (as PyTorch's batch_norm "
                             "does); convert the batch first, e.g. x.float()")
