@@ -366,3 +366,84 @@ def test_a_reference_attribute_inside_an_if_body_of_a_function_is_read_from_the_
     model = _calling_model([fn], call)
     (node,) = bn_nodes(model.graph, 15, functions=local_functions(model))
     assert node.epsilon == pytest.approx(0.25)
+
+
+def _var_through_function(var_node, call_attrs):
+    """A call of function ``Blk`` whose BatchNormalization reads its variance from ``var_node`` (a node of the body
+    that writes ``v``, its attributes referring to the call's ``call_attrs``); mean 0.5 on channel 0."""
+    bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=0.0)
+    blk = _bn_function("Blk", [var_node, bn], ["x", "s", "b", "m"], attributes=sorted(call_attrs))
+    call = helper.make_node("Blk", ["x", "s", "b", "m"], ["y"], domain="local", **call_attrs)
+    inits = [numpy_helper.from_array(np.array(a, np.float32), n)
+             for n, a in (("s", [1, 1, 1]), ("b", [0, 0, 0]), ("m", [0.5, 0, 0]))]
+    graph = helper.make_graph([call], "g", [value_info("x", [2, 3, 4])], [value_info("y", [2, 3, 4])], inits)
+    return helper.make_model(graph, ir_version=8, functions=[blk],
+                             opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("local", 1)])
+
+
+def _ref(node, name, kind, ref):
+    node.attribute.append(helper.make_attribute_ref(name, kind))
+    node.attribute[-1].ref_attr_name = ref
+    return node
+
+
+@pytest.mark.parametrize("how", ["value", "value_floats", "cast_to"])
+@pytest.mark.parametrize("var", [[0.5, 1.0, 2.0], [0.0, 1.0, 1.0]])
+def test_statistics_from_constants_whose_attributes_refer_to_the_call(how, var, tmp_path):
+    """Constant(value=@var), Constant(value_floats=@var) and Cast(to=@dt) in a function body read the call's
+    attribute: the audit reported a valid model's variance as unreadable (a false error hiding a real one), as
+    shaped (0,), or raised ValueError out of the API (review). Oracles: onnx.checker, onnxruntime's output against
+    the float64 closed form, and the zero variance with eps 0 that gives it NaN/Inf."""
+    if how == "value":
+        node = _ref(helper.make_node("Constant", [], ["v"]), "value", AttributeProto.TENSOR, "var")
+        attrs = {"var": numpy_helper.from_array(np.array(var, np.float32))}
+    elif how == "value_floats":
+        node = _ref(helper.make_node("Constant", [], ["v"]), "value_floats", AttributeProto.FLOATS, "var")
+        attrs = {"var": [float(v) for v in var]}
+    else:  # float16 storage cast to float32 by the call's element type
+        node = _ref(helper.make_node("Cast", ["v16"], ["v"]), "to", AttributeProto.INT, "dt")
+        attrs = {"dt": onnx.TensorProto.FLOAT}
+    model = _var_through_function(node, attrs)
+    if how == "cast_to":
+        model.graph.initializer.append(numpy_helper.from_array(np.array(var, np.float16), "v16"))
+        model.graph.node[0].input.append("v16")
+        model.functions[0].input.append("v16")
+    onnx.checker.check_model(model, full_check=True)
+    x = np.random.default_rng(2).standard_normal((2, 3, 4)).astype(np.float32)
+    out = ort_run(model, {"x": x})[0]
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    report = audit(path)
+    assert [f.code for f in report.findings if f.code == "malformed_node"] == []
+    errors = [f.code for f in report.findings if f.severity == "error"]
+    if var[0] == 0.0:
+        assert not np.isfinite(out[:, 0]).all()  # onnxruntime: (x - 0.5) / sqrt(0 + 0)
+        assert errors == ["zero_var"], report.findings
+    else:
+        want = (x.astype(np.float64) - np.array([0.5, 0, 0])[:, None]) / np.sqrt(np.array(var))[:, None]
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+        assert errors == [] and report.nodes[0]["channels"] == 3, report.findings
+        fold(path, tmp_path / "f.onnx")  # reads the same statistics, and verifies itself with onnxruntime
+        np.testing.assert_allclose(ort_run(onnx.load(tmp_path / "f.onnx"), {"x": x})[0], out, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sparse_constant_statistic_is_read_as_the_dense_tensor_it_stands_for(tmp_path):
+    """Constant(sparse_value=...) holding var [0, 1, 1] with eps 0: the audit called it 'computed at run time' and
+    passed a graph whose channel 0 onnxruntime makes NaN (review); a sparse initializer of the same values was
+    already an error. Oracle: onnxruntime's output."""
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.array([1.0, 1.0], np.float32), "vals"),
+                                       numpy_helper.from_array(np.array([1, 2], np.int64), "idx"), [3])
+    const = helper.make_node("Constant", [], ["v"], sparse_value=sparse)
+    bn = helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=0.0)
+    inits = [numpy_helper.from_array(np.array(a, np.float32), n)
+             for n, a in (("s", [1, 1, 1]), ("b", [0, 0, 0]), ("m", [0.5, 0, 0]))]
+    graph = helper.make_graph([const, bn], "g", [value_info("x", [2, 3, 4])], [value_info("y", [2, 3, 4])], inits)
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 15)])
+    onnx.checker.check_model(model)
+    out = ort_run(model, {"x": np.ones((2, 3, 4), np.float32)})[0]
+    assert not np.isfinite(out[:, 0]).all() and np.isfinite(out[:, 1:]).all()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    report = audit(path)
+    assert [f.code for f in report.findings if f.severity == "error"] == ["zero_var"], report.findings
+    assert "not_constant" not in {f.code for f in report.findings}

@@ -347,15 +347,36 @@ class GraphIndex:
                 name = node.input[0] if node.input else ""
                 continue
             if node.op_type == "Constant":
-                value = _constant_node_value(node)
+                value = self._constant_node_value(node)
             elif node.op_type in _SHAPE_OPS:
                 value = self._shape_op(node, defaults, path)
             break
         if value is None:
             return None
         for node in reversed(steps):  # innermost first
-            value = _transposed(node, value) if node.op_type == "Transpose" else value.astype(_cast_target(node))
+            if node.op_type == "Transpose":
+                value = _transposed(node, value, self.attribute(node, "perm", None, _INTS))
+            else:
+                value = value.astype(_cast_target(node, self.attribute(node, "to", None, _INT)))
         return value
+
+    def _constant_node_value(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """A Constant node's value (a sparse one as the dense tensor it stands for), its attribute read from the
+        call where a function body refers to one (``ref_attr_name``); None for strings, or a reference the call and
+        the function's defaults leave unset."""
+        for attr in node.attribute:
+            if attr.name not in _CONSTANT_KINDS:
+                return None  # value_string(s): not a numeric constant
+            value = self.attribute(node, attr.name, None, _CONSTANT_KINDS[attr.name])
+            if value is None:
+                return None
+            what = f"node {node_label(node)!r}'s {attr.name}"
+            if attr.name == "value":
+                return _tensor_array(value, what)
+            if attr.name == "sparse_value":
+                return _stored_array(value, what)
+            return np.array(value, dtype=np.float32 if attr.name.startswith("value_float") else np.int64)
+        return None
 
     def _shape_op(self, node: onnx.NodeProto, defaults: bool, path: frozenset) -> np.ndarray | None:
         """``Shape`` of a constant, ``Expand`` of constants, ``CastLike`` of a constant to a value of known type:
@@ -401,19 +422,10 @@ _SHAPE_OPS = ("Shape", "Expand", "CastLike")
 _EXPAND_MAX = 1 << 20
 
 
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return _tensor_array(attr.t, f"node {node_label(node)!r}'s value")
-        if attr.name == "value_float":
-            return np.array(attr.f, dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.array(list(attr.floats), dtype=np.float32)
-        if attr.name == "value_int":
-            return np.array(attr.i, dtype=np.int64)
-        if attr.name == "value_ints":
-            return np.array(list(attr.ints), dtype=np.int64)
-    return None  # sparse_value / strings: not a dense numeric constant
+#: A Constant node's numeric attributes and the types its schema gives them.
+_CONSTANT_KINDS = {"value": onnx.AttributeProto.TENSOR, "sparse_value": onnx.AttributeProto.SPARSE_TENSOR,
+                   "value_float": onnx.AttributeProto.FLOAT, "value_floats": onnx.AttributeProto.FLOATS,
+                   "value_int": onnx.AttributeProto.INT, "value_ints": onnx.AttributeProto.INTS}
 
 
 def stored_name(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> str:
@@ -441,32 +453,30 @@ def _tensor_array(tensor: onnx.TensorProto, what: str) -> np.ndarray:
 _SPARSE_DENSE_MAX = 1 << 26
 
 
-def _stored_array(tensor: onnx.TensorProto | onnx.SparseTensorProto) -> np.ndarray:
-    """An initializer's value; a sparse one (``graph.sparse_initializer``) as the dense tensor it stands for, its
-    values at its indices (linear, or one row of coordinates each) and zeros elsewhere (onnx.proto's
-    SparseTensorProto)."""
+def _stored_array(tensor: onnx.TensorProto | onnx.SparseTensorProto, what: str | None = None) -> np.ndarray:
+    """An initializer's value; a sparse one (``graph.sparse_initializer``, a Constant's ``sparse_value``) as the
+    dense tensor it stands for, its values at its indices (linear, or one row of coordinates each) and zeros
+    elsewhere (onnx.proto's SparseTensorProto). ``what``: the tensor in errors (default: the initializer)."""
     if not isinstance(tensor, onnx.SparseTensorProto):
-        return _tensor_array(tensor, f"initializer {tensor.name!r}")
-    values = _tensor_array(tensor.values, f"sparse initializer {tensor.values.name!r}'s values").reshape(-1)
-    indices = _tensor_array(tensor.indices, f"sparse initializer {tensor.values.name!r}'s indices").astype(np.int64)
+        return _tensor_array(tensor, what or f"initializer {tensor.name!r}")
+    what = what or f"sparse initializer {tensor.values.name!r}"
+    values = _tensor_array(tensor.values, f"{what}'s values").reshape(-1)
+    indices = _tensor_array(tensor.indices, f"{what}'s indices").astype(np.int64)
     dims = tuple(int(d) for d in tensor.dims)
     if any(d < 0 for d in dims):
-        raise MalformedNodeError(f"sparse initializer {tensor.values.name!r}: its shape {list(dims)} has a negative "
-                                 "dimension")
+        raise MalformedNodeError(f"{what}: its shape {list(dims)} has a negative dimension")
     if (size := math.prod(dims)) > _SPARSE_DENSE_MAX:  # np.zeros only reserves it: the first copy would take it
-        raise MalformedNodeError(f"sparse initializer {tensor.values.name!r}: its dense shape {list(dims)} holds "
-                                 f"{size} values, more than bnkit builds from a sparse tensor ({_SPARSE_DENSE_MAX}): "
-                                 "store it dense")
+        raise MalformedNodeError(f"{what}: its dense shape {list(dims)} holds {size} values, more than bnkit builds "
+                                 f"from a sparse tensor ({_SPARSE_DENSE_MAX}): store it dense")
     try:
         dense = np.zeros(size, dtype=values.dtype)
     except MemoryError:
-        raise MalformedNodeError(f"sparse initializer {tensor.values.name!r}: its dense shape {list(dims)} does not "
-                                 "fit in the memory available") from None
+        raise MalformedNodeError(f"{what}: its dense shape {list(dims)} does not fit in the memory available") from None
     try:
         dense[indices.reshape(-1) if indices.ndim == 1 else np.ravel_multi_index(tuple(indices.T), dims)] = values
     except (IndexError, ValueError):
-        raise MalformedNodeError(f"sparse initializer {tensor.values.name!r}: its indices {indices.shape} and values "
-                                 f"{values.shape} do not fit its shape {list(dims)}") from None
+        raise MalformedNodeError(f"{what}: its indices {indices.shape} and values {values.shape} do not fit its "
+                                 f"shape {list(dims)}") from None
     return dense.reshape(dims)
 
 
@@ -490,9 +500,8 @@ def _attribute_value(node: onnx.NodeProto, attr: onnx.AttributeProto, kind: int 
     return onnx.helper.get_attribute_value(attr)
 
 
-def _transposed(node: onnx.NodeProto, value: np.ndarray) -> np.ndarray:
+def _transposed(node: onnx.NodeProto, value: np.ndarray, perm: list[int] | None) -> np.ndarray:
     """``value`` permuted by a Transpose node's ``perm`` (reversed without one)."""
-    perm = attribute(node, "perm", None, _INTS)
     try:
         return np.transpose(value, perm)
     except ValueError:
@@ -500,9 +509,8 @@ def _transposed(node: onnx.NodeProto, value: np.ndarray) -> np.ndarray:
                                  f"permutation of its input's {value.ndim} axes") from None
 
 
-def _cast_target(node: onnx.NodeProto) -> np.dtype:
+def _cast_target(node: onnx.NodeProto, to: int | None) -> np.dtype:
     """The NumPy dtype a Cast node's required ``to`` attribute names."""
-    to = attribute(node, "to", None, _INT)
     if to is None:
         raise MalformedNodeError(f"Cast node {node_label(node)!r}: its required attribute 'to' is missing")
     return _np_dtype(int(to), f"Cast node {node_label(node)!r}: attribute 'to' is {to}")
