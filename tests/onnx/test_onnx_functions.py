@@ -447,3 +447,25 @@ def test_a_sparse_constant_statistic_is_read_as_the_dense_tensor_it_stands_for(t
     report = audit(path)
     assert [f.code for f in report.findings if f.severity == "error"] == ["zero_var"], report.findings
     assert "not_constant" not in {f.code for f in report.findings}
+
+
+def test_a_reference_the_outer_call_leaves_unset_takes_the_inner_functions_default():
+    """Outer passes its attribute eps2 on as Inner's eps; the top call leaves eps2 unset and Outer has no default:
+    Inner's own default applies (the attribute is absent in the inner call), as onnxruntime runs it, where the audit
+    took none and assumed eps 1e-5 (review). Oracle: onnxruntime's output against the closed form with 0.1."""
+    from bnkit.onnx.graph import bn_nodes, local_functions, opset_version
+
+    inner = _bn_function("Inner", [_bn_ref("eps")], ["x", "s", "b", "m", "v"],
+                         defaults=[helper.make_attribute("eps", 0.1)])
+    passing = helper.make_node("Inner", ["x", "s", "b", "m", "v"], ["y"], domain="local")
+    passing.attribute.append(helper.make_attribute_ref("eps", AttributeProto.FLOAT))
+    passing.attribute[-1].ref_attr_name = "eps2"
+    outer = _bn_function("Outer", [passing], ["x", "s", "b", "m", "v"], attributes=["eps2"])
+    model = _calling_model([inner, outer], helper.make_node("Outer", ["x", "s", "b", "m", "v"], ["y"], domain="local"))
+    onnx.checker.check_model(model, full_check=True)
+    (node,) = bn_nodes(model.graph, opset_version(model), functions=local_functions(model))
+    assert node.epsilon == pytest.approx(0.1)
+    x = np.random.default_rng(1).standard_normal((2, 3, 4)).astype(np.float32)
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    want = (x - inits["m"][:, None]) / np.sqrt(inits["v"][:, None] + 0.1) * inits["s"][:, None] + inits["b"][:, None]
+    np.testing.assert_allclose(ort_run(model, {"x": x})[0], want, rtol=1e-5, atol=1e-5)

@@ -968,3 +968,16 @@ def test_extras_refuse_eps_0_in_training_as_pytorch_does_before_any_buffer_chang
     with pytest.raises(ValueError, match="eps must be positive"):
         nn.BatchNorm1d(2, eps=0.0)(x)  # PyTorch's own
     assert torch.isfinite(bn.eval()(x + 1)).all()
+
+
+def test_make_fx_and_aot_module_run_drop_in_layers_with_real_tensors():
+    """make_fx (and aot_module, built on it) runs the forward with real tensors under an fx tracer: the check for
+    symbolic tracing took them for a symbolic trace and refused (review). Oracle: PyTorch's own layer traced alike."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    drop_in = convert_bn(copy.deepcopy(plain))
+    x = torch.randn(2, 3, 6, 6)
+    want = make_fx(plain)(x)(x)
+    assert torch.equal(make_fx(drop_in)(x)(x), want)

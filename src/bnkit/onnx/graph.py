@@ -295,8 +295,12 @@ class GraphIndex:
         node, caller = self.call
         for attr in node.attribute:
             if attr.name == ref:
-                return caller._referenced(attr.ref_attr_name, default, kind) if attr.ref_attr_name else (
-                    _attribute_value(node, attr, kind))
+                if not attr.ref_attr_name:
+                    return _attribute_value(node, attr, kind)
+                value = caller._referenced(attr.ref_attr_name, _UNSET, kind)
+                if value is not _UNSET:
+                    return value
+                break  # a reference its caller leaves unset: the call passes nothing, and the default applies
         for attr in getattr(self.graph, "attribute_proto", ()):  # the function's defaults
             if attr.name == ref:
                 return _attribute_value(node, attr, kind)
@@ -422,6 +426,8 @@ _SHAPE_OPS = ("Shape", "Expand", "CastLike")
 _EXPAND_MAX = 1 << 20
 
 
+#: A reference attribute the caller leaves unset (see :meth:`GraphIndex._referenced`).
+_UNSET = object()
 #: A Constant node's numeric attributes and the types its schema gives them.
 _CONSTANT_KINDS = {"value": onnx.AttributeProto.TENSOR, "sparse_value": onnx.AttributeProto.SPARSE_TENSOR,
                    "value_float": onnx.AttributeProto.FLOAT, "value_floats": onnx.AttributeProto.FLOATS,

@@ -68,8 +68,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
-from torch.fx.proxy import TraceError
+from torch.fx.proxy import Proxy, TraceError
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..audit_state import FEW_UPDATES_WEIGHT, initial_weight
@@ -258,7 +257,7 @@ class _DropInBatchNorm:
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
-        if is_fx_symbolic_tracing():  # fx keeps torch.nn's layers whole and traces into this one, whose checks fail
+        if isinstance(input, Proxy):  # fx keeps torch.nn's layers whole and traces into this one, whose checks fail
             raise TraceError(f"torch.fx traces into {self._label()} (bnkit's drop-in layers are not in torch.nn, "
                              "whose modules fx keeps whole), and its forward reads the input's shape: call "
                              "bnkit.torch.revert_bn(model) first (lossless with no extras on), or trace with a "
