@@ -82,20 +82,35 @@ def test_nan_checkpoint_exits_one_with_json(trained, tmp_path):
     assert finding["layer"] == "2" and finding["code"] == "non_finite"
 
 
-def test_a_checkpoint_with_a_model_and_its_ema_is_refused_not_half_audited(trained, tmp_path):
-    """YOLOv5's training checkpoint: the EMA (what it deploys) has a NaN statistic. Before, the "model" copy was
-    audited alone and the run passed; now the choice is the user's (exit 2, both keys named), and each copy saved
-    alone is audited (the EMA's NaN an error)."""
+def test_every_set_of_weights_in_a_checkpoint_is_audited_each_named_after_its_key(trained, tmp_path):
+    """YOLOv5's training checkpoint: the EMA (what it deploys) has a NaN statistic. The "model" copy was audited
+    alone and the run passed; then the audit refused the file (exit 2); an encoder/decoder checkpoint, whose
+    decoder BN was never updated, passed (exit 0) with the encoder alone audited (review). Now every set is audited,
+    its layers named after its key. Oracle: each set saved alone and audited."""
     model, _, _, _ = trained
     ema = {k: v.clone() for k, v in model.state_dict().items()}
     ema["2.running_var"][0] = float("nan")
     path = tmp_path / "last.pt"
     torch.save({"model": model.state_dict(), "ema": ema, "epoch": 9}, path)
     result = _invoke(path, "--json")
-    assert result.exit_code == 2 and result.stdout == ""
-    assert "holds the same weights twice, under 'model' and 'ema'" in " ".join(result.stderr.split())
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.output)
+    assert report["layers"] == sorted([f"model/{n}" for n in ("2", "5")] + [f"ema/{n}" for n in ("2", "5")])
+    assert [(f["layer"], f["code"]) for f in report["findings"] if f["severity"] == "error"] == [
+        ("ema/2", "non_finite")]
     torch.save(ema, tmp_path / "ema.pt")
     assert _invoke(tmp_path / "ema.pt").exit_code == 1
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    assert _invoke(tmp_path / "model.pt").exit_code == 0
+    decoder = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).state_dict()  # never updated
+    for layout in ({"model": model.state_dict(), "decoder": decoder, "epoch": 10},
+                   {"encoder": model.state_dict(), "decoder": decoder},
+                   {**model.state_dict(), "aux_decoder": decoder}):
+        torch.save(layout, path)
+        result = _invoke(path, "--json")
+        assert result.exit_code == 1, result.output
+        errors = {(f["layer"], f["code"]) for f in json.loads(result.output)["findings"] if f["severity"] == "error"}
+        assert errors == {(("decoder/1" if "decoder" in layout else "aux_decoder/1"), "never_updated")}, errors
 
 
 def test_never_updated_checkpoint_is_an_error(tmp_path):

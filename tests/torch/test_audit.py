@@ -1520,3 +1520,19 @@ def test_a_model_compiled_in_place_runs_eagerly_in_every_pass_of_the_audit():
     audit(model, [torch.randn(8, 3, 6, 6) for _ in range(3)], forward=forward)
     assert len(seen) > 4 and all(call is None for call in seen), seen
     assert model._compiled_call_impl is compiled_call
+
+
+def test_every_set_of_weights_is_audited_in_a_mapping_and_a_file(tmp_path):
+    """A checkpoint of an encoder and a decoder, whose decoder BN was never updated: audit() checked the first set
+    alone and passed (review). Oracle: the decoder's state dict audited alone."""
+    trained = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    trained(torch.randn(16, 3))  # one training step: updated statistics
+    decoder = nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2)).state_dict()
+    alone = audit(decoder)
+    assert [f.code for f in alone.findings if f.severity == "error"] == ["never_updated"]
+    ckpt = {"encoder": trained.state_dict(), "decoder": decoder, "epoch": 3}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    for report in (audit(ckpt), audit(tmp_path / "ckpt.pt")):
+        assert report.layers == ["decoder/1", "encoder/1"]
+        assert [(f.layer, f.code) for f in report.findings if f.severity == "error"] == [("decoder/1", "never_updated")]
+    assert audit({"state_dict": decoder, "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}}}}).layers == ["1"]

@@ -129,7 +129,12 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
         add_cwd_to_path()  # a pickled module names its classes by module path, as --model specs do
     try:
         loaded = load_checkpoint(file, trust=trust)
-        state, dropped = split_state(loaded, file)
+        pickled = pickled_module(loaded) if model_spec is None else None
+        alone = model_spec is None and pickled is None
+        if alone and data_file is None and device is None:  # the checkpoint alone: every set of weights in it
+            report = audit(loaded)
+        elif not alone:  # the one set that loads into the model
+            state, dropped = split_state(loaded, file)
     except UnsafeCheckpointError as exc:
         raise fail(str(exc)) from None
     except (ValueError, OSError) as exc:
@@ -139,12 +144,9 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
         if not trust:
             raise
         raise fail(_trusted_load_error(file, exc)) from None
-    pickled = pickled_module(loaded) if model_spec is None else None
-    if model_spec is None and pickled is None:
-        if data_file is not None or device is not None:
-            raise fail(f"--data and --device need --model: {file} holds no pickled model to run, only tensors")
-        report = audit(state)
-    else:
+    if alone and (data_file is not None or device is not None):
+        raise fail(f"--data and --device need --model: {file} holds no pickled model to run, only tensors")
+    if not alone:
         # a whole pickled model (with --trust) is audited as one, its eps and momentum included, in eval mode like a
         # checkpoint's: torch.save keeps whatever mode it was saved in, which says nothing about its deployment
         net = _build_model(model_spec, state, dropped, file) if pickled is None else pickled.eval()

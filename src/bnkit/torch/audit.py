@@ -80,7 +80,7 @@ from ..findings import SEVERITIES, Finding, jsonable, worst_severity
 from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
 from .audit_model import model_findings, short_names
-from .io import load_state_dict_file, refuse_meta, state_dict_of
+from .io import load_checkpoint, refuse_meta, weight_sets
 from .modules import bn_or_frozen_layers, unequal_channel_tensors, uninitialized_lazy, unwrapped
 
 __all__ = ["audit", "AuditReport", "LayerShift"]
@@ -172,8 +172,7 @@ def audit(
             onnx_report = onnx_audit(path)
             return AuditReport(str(path), "onnx", findings=_sorted(list(onnx_report.findings)),
                                layers=[node["name"] for node in onnx_report.nodes])
-        state = load_state_dict_file(path, trust=trust)
-        return _state_report(str(path), state, data)
+        return _state_report(str(path), every_weight_set(load_checkpoint(path, trust=trust), str(path)), data)
     if isinstance(target, nn.Module):
         return _model_report(target, data, forward, batch_size, train_batch_size, max_batches, coupling_samples)
     if isinstance(target, Mapping):
@@ -186,7 +185,7 @@ def audit(
 
 def _flat_state(state: Mapping[Any, Any]) -> Mapping[Any, Any]:
     """The state dict to audit in a mapping. One holding torch tensors (at any depth) is read as its file would
-    be (:func:`bnkit.torch.io.state_dict_of`: ``{"state_dict": sd, "epoch": 3}`` audits ``sd``), with the
+    be (:func:`every_weight_set`: ``{"state_dict": sd, "epoch": 3}`` audits ``sd``), with the
     BN-named entries of its top level that are arrays or lists kept beside (a file cannot hold them; dropped, a
     broken statistic would pass unseen); one without is audited as it is (NumPy arrays or lists, as
     :func:`bnkit.audit_state.bn_stats_from_state` takes them). BN buffers held as arrays in a mapping under a key
@@ -197,7 +196,7 @@ def _flat_state(state: Mapping[Any, Any]) -> Mapping[Any, Any]:
         return isinstance(value, (torch.Tensor, nn.Module)) or (
             isinstance(value, Mapping) and any(tensors_in(v) for v in value.values()))
 
-    # meta tensors, also a wrapped state dict's: the advice for a dict in memory, not state_dict_of's for a file
+    # meta tensors, also a wrapped state dict's: the advice for a dict in memory, not the one for a file
     for mapping in (state, *(v for v in state.values() if isinstance(v, Mapping))):
         refuse_meta(mapping.items(), "the state dict", _LOAD_FIRST)
     holds = {k: tensors_in(v) for k, v in state.items()}
@@ -208,7 +207,22 @@ def _flat_state(state: Mapping[Any, Any]) -> Mapping[Any, Any]:
         return state
     kept = {k: v for k, v in state.items() if isinstance(k, str) and not isinstance(v, torch.Tensor)
             and k.rsplit(".", 1)[-1] in BN_BUFFERS}
-    return {**kept, **state_dict_of(state, "the state dict")}
+    return {**kept, **every_weight_set(state, "the state dict")}
+
+
+def every_weight_set(obj: object, where: str) -> dict[str, object]:
+    """Every set of weights in a loaded checkpoint ``obj`` (:func:`bnkit.torch.io.weight_sets`; ``where``: it, in
+    errors) as one flat state dict to audit: where more than one holds BatchNorm buffers (an encoder's and a
+    decoder's, a model's and its EMA's), each name gets its set's key path first (``decoder/bn1``; the top level's
+    none), so no BN layer of the file goes unchecked; else the set that holds them (or the first) as it is.
+    ValueError where ``obj`` holds no tensor."""
+    sets = weight_sets(obj, where)
+    if not sets:
+        raise ValueError(f"{where} contains no tensors")
+    with_bn = [(path, state) for path, state in sets if bn_stats_from_state(state)]
+    if len(with_bn) <= 1:
+        return (with_bn or sets)[0][1]
+    return {f"{path}/{k}" if path else k: v for path, state in with_bn for k, v in state.items()}
 
 
 def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport:

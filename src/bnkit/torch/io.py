@@ -326,6 +326,55 @@ def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object]
     return state, {str(k): type(v).__name__ for k, v in obj.items() if str(k) not in state}
 
 
+_NO_FIRST = object()  # weight_sets: the checkpoint holds several sets and split_state picks none
+
+
+def weight_sets(obj: object, path: str | os.PathLike) -> list[tuple[str, dict[str, object]]]:
+    """Every set of weights in a loaded checkpoint ``obj`` (read from ``path``), each with its key path (``""``
+    for the top level, ``"decoder"``, ``"gen/ema"``), for reading them all (the audit of a checkpoint alone): where
+    :func:`split_state` loads one set into a model, or leaves the choice to the user, a checkpoint may hold several
+    models' (an encoder's and a decoder's, a model's and its EMA's).
+
+    First the set :func:`split_state` loads, where it picks one; then every other dict of tensors nested in ``obj``
+    (a pickled module as its state dict). Tensors at the top level beside weights under a key (a metric, an
+    observation normalizer) are no set, as :func:`split_state` leaves them out; a set equal to one before it (one
+    dict saved under two keys) is left out. Entries a module's ``get_extra_state`` wrote are kept with the tensors.
+    """
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    try:
+        first = _weights_key(obj, path) if isinstance(obj, Mapping) else None
+    except ValueError:  # several sets and no rule to pick one: all of them, none first
+        first = _NO_FIRST
+    found: list[tuple[str, dict[str, object]]] = []
+    visited: set[int] = set()
+
+    def walk(value: object, key_path: str, top: bool) -> None:
+        if isinstance(value, torch.nn.Module):
+            value = value.state_dict()
+        if not isinstance(value, Mapping) or id(value) in visited:
+            return
+        visited.add(id(value))
+        if not top or first is None:
+            tensors = {str(k): v for k, v in value.items()
+                       if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
+            if any(isinstance(v, torch.Tensor) for v in tensors.values()):
+                found.append((key_path, tensors))
+        for k, v in value.items():
+            walk(v, f"{key_path}/{k}" if key_path else str(k), False)
+
+    walk(obj, "", True)
+    if first is not None and first is not _NO_FIRST:
+        found.sort(key=lambda item: item[0] != str(first))  # the set split_state loads first (a stable sort)
+    sets, seen = [], []
+    for key_path, tensors in found:
+        mine = _weights(tensors)
+        if not any(mine.keys() == other.keys() and not _two_sets(mine, other) for other in seen):
+            sets.append((key_path, tensors))
+            seen.append(mine)
+    return sets
+
+
 def _weights_key(obj: Mapping, path: str | os.PathLike) -> object:
     """The key of the checkpoint ``obj`` under which its state dict lies (None: ``obj`` is the state dict), by
     :func:`split_state`'s rules (ValueError where they leave the choice to the user)."""
