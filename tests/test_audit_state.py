@@ -15,6 +15,7 @@ from bnkit.audit_state import (
     ema_noise_factor,
     ema_window,
     initial_weight,
+    layer_stats,
 )
 
 
@@ -411,3 +412,28 @@ def test_a_channel_with_nan_at_one_position_is_left_out_at_all_its_positions():
     layer.running_mean[0] = 0.0
     (tiny,) = check_bn_stats(layer)
     assert tiny.code == "tiny_var" and tiny.data["channels"] == [0]
+
+
+def test_a_gain_beyond_float64_is_an_error_and_says_so_without_a_runtime_warning():
+    """gamma 1e308 over sqrt(0 + 1e-5): the gain overflows float64, so any input change gives inf outputs; it was a
+    warning (ok) with an overflow RuntimeWarning on stderr (review). Oracle: the closed form overflows to inf."""
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.float64(1e308) * 0.5 / np.sqrt(1e-5))
+    layer = layer_stats("bn", {"running_mean": np.zeros(2), "running_var": np.array([0.0, 1.0]),
+                               "weight": np.array([1e308, 1.0]), "bias": np.zeros(2),
+                               "num_batches_tracked": np.array(5)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        findings = check_bn_stats(layer)
+    (tiny,) = [f for f in findings if f.code == "tiny_var"]
+    assert tiny.severity == "error" and "beyond float64's range (inf outputs)" in tiny.evidence
+
+
+def test_a_quantized_buffer_is_an_invalid_state_not_a_crash():
+    """A quantized running_var crashed the audit with RuntimeError out of .double() (exit 1, a traceback), where a
+    complex one is an invalid_state finding (review)."""
+    var = torch.quantize_per_tensor(torch.rand(4) + 0.5, 0.1, 0, torch.quint8)
+    stats = bn_stats_from_state({"bn.running_mean": torch.zeros(4), "bn.running_var": var})
+    findings = [f for layer in stats for f in check_bn_stats(layer)]
+    assert [f.code for f in findings if f.severity == "error"] == ["invalid_state"], findings
+    assert "quint8" in next(f.evidence for f in findings if f.code == "invalid_state")

@@ -135,7 +135,9 @@ def as_array(value) -> np.ndarray:
 
 def _kind(value) -> str:
     """NumPy's dtype kind of an array, tensor or array-like ("f" float, "c" complex, "O" object, ...)."""
-    if hasattr(value, "detach"):  # torch: complex and bool are the only non-float/int dtypes here
+    if hasattr(value, "detach"):  # torch: complex, bool and quantized are the non-float/int dtypes here
+        if value.is_quantized:  # "q", no NumPy kind: its integers mean values only with its scale
+            return "q"
         return "c" if value.is_complex() else "b" if str(value.dtype) == "torch.bool" else "f"
     try:
         return np.asarray(value).dtype.kind
@@ -331,17 +333,19 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
     gamma = np.ones_like(var) if layer.weight is None else layer.weight
     # below eps, eps sets the gain; with eps <= 0 nothing bounds it: judged against PyTorch's default eps then
     floor = eps if eps > 0 else DEFAULT_EPS
-    with np.errstate(divide="ignore", invalid="ignore"):  # float64: a float16 layer's gains overflow its dtype
-        gains = np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # float64: a float16 layer's gains overflow
+        gains = np.abs(gamma.astype(np.float64)) / np.sqrt(var.astype(np.float64) + eps)  # its dtype, 1e308 float64's
     tiny = finite & (var >= 0) & (var + eps > 0) & (var < floor) & (gains > 1)  # a dead gamma amplifies nothing
     if tiny.any():
         gain = gains[tiny]
         below = f"eps {eps:g}" if eps > 0 else f"{DEFAULT_EPS:g} (eps {eps:g} bounds nothing)"
+        overflow = not np.isfinite(gain.max())  # any input change gives an inf output
         findings.append(Finding(
-            "warning", name, "variance below eps: eps sets the channel's gain" if eps > 0 else
+            "error" if overflow else "warning", name, "variance below eps: eps sets the channel's gain" if eps > 0 else
             "variance below 1e-5 with eps <= 0: nothing bounds the channel's gain",
             f"{_channels(tiny, per)}: running_var {var[tiny].min():.3g} < {below}; "
-            f"|gamma|/sqrt(var + eps) up to {gain.max():.3g}, so any input change in these channels is amplified",
+            f"|gamma|/sqrt(var + eps) up to {gain.max():.3g}, so any input change in these channels is amplified"
+            + (" beyond float64's range (inf outputs)" if overflow else ""),
             "if these channels are dead upstream, prune them; otherwise recalibrate on representative data"
             + ("" if eps > 0 else "; an eps > 0 bounds the gain"),
             "tiny_var", {"channels": _where(tiny, per), "max_gain": float(gain.max())}))

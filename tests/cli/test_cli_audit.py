@@ -685,3 +685,14 @@ def test_the_shift_table_shows_the_sampling_noise_its_ranking_allows_for(tmp_pat
     assert float(rows[0][2]) < float(rows[1][2])  # a ranks first with the smaller raw z_eq
     for row, count in zip(rows, (256, 2 * 4)):  # b: 2 rows in each of the 4 batches of 64
         assert float(row[3]) == pytest.approx(math.sqrt(2 * sampling_kl(count)[0]), rel=1e-2)
+
+
+def test_control_characters_in_names_from_a_file_reach_the_terminal_as_symbols(tmp_path):
+    """A layer named "x\\x1b[31m..." in an untrusted checkpoint reached the terminal as a live escape sequence in the
+    table (rich strips BEL/BS/CR, not ESC); --json escaped it (review). Now it shows as the symbol for ESC."""
+    name = "x\x1b[31mred"
+    path = tmp_path / "names.pt"
+    torch.save({f"{name}.running_mean": torch.zeros(3), f"{name}.running_var": torch.ones(3)}, path)
+    result = _invoke(path)
+    assert result.exit_code == 1 and "x\u241b[31m" in result.output and "\x1b[31m" not in result.output
+    assert json.loads(_invoke(path, "--json").output)["layers"] == [name]

@@ -9,10 +9,11 @@ import contextlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType
+from rich.segment import Segment
 from rich.text import Text
 
 app = typer.Typer(
@@ -22,9 +23,24 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+#: C0 controls but tab and newline, DEL, and C1 controls: their visible symbols (``␛`` for ESC), one each.
+_SHOWN = {**{c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)}, 0x7F: 0x2421,
+          **{c: 0xFFFD for c in range(0x80, 0xA0)}}
+
+
+class _Console(Console):
+    """A rich Console that shows control characters in what it prints as visible symbols: a layer or node name
+    read from a file (``"x\x1b[31m..."``) reaches the terminal as text, never as an escape sequence. rich's own
+    styling and cursor control are not text, and stay as they are."""
+
+    def render(self, renderable: RenderableType, options: ConsoleOptions | None = None) -> Iterable[Segment]:
+        for segment in super().render(renderable, options):
+            yield segment if segment.control else Segment(segment.text.translate(_SHOWN), segment.style)
+
+
+console = _Console()
 #: Errors go to stderr, so stdout stays what a command prints (``--json`` stays JSON when it fails).
-err_console = Console(stderr=True)
+err_console = _Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
