@@ -128,7 +128,7 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
     if trust:
         add_cwd_to_path()  # a pickled module names its classes by module path, as --model specs do
     try:
-        loaded = load_checkpoint(file, trust=trust)
+        loaded = load_checkpoint(file, trust=trust, mmap=True)  # what the audit reads of a large file: mapped
         pickled = pickled_module(loaded) if model_spec is None else None
         alone = model_spec is None and pickled is None
         if alone and data_file is None and device is None:  # the checkpoint alone: every set of weights in it

@@ -172,7 +172,8 @@ def audit(
             onnx_report = onnx_audit(path)
             return AuditReport(str(path), "onnx", findings=_sorted(list(onnx_report.findings)),
                                layers=[node["name"] for node in onnx_report.nodes])
-        return _state_report(str(path), every_weight_set(load_checkpoint(path, trust=trust), str(path)), data)
+        loaded = load_checkpoint(path, trust=trust, mmap=True)  # the BN buffers are read, nothing more
+        return _state_report(str(path), every_weight_set(loaded, str(path)), data)
     if isinstance(target, nn.Module):
         return _model_report(target, data, forward, batch_size, train_batch_size, max_batches, coupling_samples)
     if isinstance(target, Mapping):

@@ -197,8 +197,14 @@ def _unsafe(path: Path, exc: Exception) -> UnsafeCheckpointError:
     )
 
 
-def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_location: str = "cpu") -> object:
+def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_location: str = "cpu",
+                    mmap: bool = False) -> object:
     """Load a ``.pt``/``.pth``/``.bin``/``.ckpt`` or ``.safetensors`` file without running code.
+
+    ``mmap``: a ``torch.save`` zip file's tensors are mapped from the file rather than read into memory
+    (``torch.load(mmap=True)``; a safetensors file's always are), so reading a few of them from a large checkpoint
+    (the audit's BN buffers) costs little memory; copy-on-write, so writing them leaves the file alone. A legacy
+    (pre-zip) file, and a ``torch.save`` file named ``.safetensors``, are read as they are.
 
     Raises ``FileNotFoundError`` for a missing file, :class:`NotACheckpointError` for a file that is
     not a checkpoint (whatever ``trust`` says; a pickle that does not start with PyTorch's magic number, as
@@ -230,8 +236,9 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
         raise NotACheckpointError(f"{corrupt}: {damage}")
     if looks_like_pickle(head):  # torch.load unpickles a legacy file's first pickle, then refuses all but its magic
         _refuse_unless_magic(path)
+    mmap = mmap and head.startswith(b"PK\x03\x04")  # torch maps zip files only
     try:
-        return _torch_load(path, map_location, weights_only=True)
+        return _torch_load(path, map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if not _pickle_is_well_formed(path):  # a damaged pickle may name part of a global: not unsafe
             raise corrupt from None
@@ -245,7 +252,7 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     except Exception as exc:  # noqa: BLE001
         raise NotACheckpointError(f"{corrupt}: {_reason(exc)}") from None
     try:
-        return _torch_load(path, map_location, weights_only=False)
+        return _torch_load(path, map_location, weights_only=False, mmap=mmap)
     except (ImportError, AttributeError) as exc:
         raise ValueError(
             f"{path} is a pickled object whose code cannot be found ({exc}): run from the folder that holds "
@@ -259,12 +266,12 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
         raise NotACheckpointError(f"{corrupt}: {_reason(exc)}") from None
 
 
-def _torch_load(path: Path, map_location: str, weights_only: bool) -> object:
+def _torch_load(path: Path, map_location: str, weights_only: bool, mmap: bool = False) -> object:
     """``torch.load`` of the file; of its bytes where the path ends in ``.safetensors``, which it would read as
     safetensors whatever the file holds (torch/serialization.py ``load``): the content has said it is not."""
     if path.suffix.lower() != ".safetensors":
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    with open(path, "rb") as f:
+        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+    with open(path, "rb") as f:  # read: torch maps a file it is given by path only
         return torch.load(f, map_location=map_location, weights_only=weights_only)
 
 
