@@ -812,9 +812,8 @@ def _owning(state: Mapping[str, object]) -> OrderedDict:
     does not: one on another device, not contiguous, a lazy conjugate or negative view (``z.conj()``: safetensors
     writes the memory, which holds the values before the view), a view into a larger storage (``torch.save``
     writes the whole storage), or sharing its storage with an earlier entry (tied weights, which safetensors
-    refuses). The others
-    are written as they are, so a fresh copy of a model's weights (a folded model's, a checkpoint's) is not copied
-    again to be saved."""
+    refuses). The others are written as they are, so a fresh copy of a model's weights (a folded model's, a
+    checkpoint's) is not copied again to be saved."""
     saved, storages = OrderedDict(), set()
     for k, v in state.items():
         if isinstance(v, torch.Tensor):
