@@ -696,3 +696,14 @@ def test_control_characters_in_names_from_a_file_reach_the_terminal_as_symbols(t
     result = _invoke(path)
     assert result.exit_code == 1 and "x\u241b[31m" in result.output and "\x1b[31m" not in result.output
     assert json.loads(_invoke(path, "--json").output)["layers"] == [name]
+
+
+def test_a_checkpoint_file_without_a_state_dict_exits_2(tmp_path):
+    """A list, a tensor or a dict without tensors: exit 2 with the reason (a TypeError traceback with exit 1, or a
+    pass, when the audit took every set of weights; review)."""
+    sd = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).state_dict()
+    for obj, reason in (([sd], "holds a list, not a state dict"), (torch.ones(3), "holds a Tensor"),
+                        ({"epoch": 3}, "contains no tensors")):
+        torch.save(obj, tmp_path / "f.pt")
+        result = _invoke(tmp_path / "f.pt")
+        assert result.exit_code == 2 and reason in " ".join(result.stderr.split()), result.output

@@ -336,8 +336,7 @@ def test_a_state_dict_is_read_as_its_file_is(tmp_path):
                   {**never, "1.running_mean": arrays["1.running_mean"].tolist()}):
         report = audit(mixed)
         assert not report.ok and report.layers == ["1"] and report.by_code("never_updated")
-    with pytest.raises(ValueError, match="contains no tensors"):  # a list around the state dict: as its file
-        audit({"models": [never]})
+    assert audit({"models": [never]}).by_code("never_updated")  # a list around the state dict: read, as its file
 
     class RunningMeanStd(nn.Module):  # rl_games' observation normalizer: buffers named like a BN's
         def __init__(self):
@@ -1536,3 +1535,47 @@ def test_every_set_of_weights_is_audited_in_a_mapping_and_a_file(tmp_path):
         assert report.layers == ["decoder/1", "encoder/1"]
         assert [(f.layer, f.code) for f in report.findings if f.severity == "error"] == [("decoder/1", "never_updated")]
     assert audit({"state_dict": decoder, "optimizer": {"state": {0: {"momentum_buffer": torch.ones(2)}}}}).layers == ["1"]
+
+
+def test_every_set_is_audited_whatever_holds_it(tmp_path):
+    """Review of the every-set audit: a second pickled module was skipped (its temporary state dict's id reused), a
+    bare BatchNorm's state dict under a key lost its layer once prefixed, a set in a list was missed, and two sets
+    whose names read alike overwrote each other. Oracle: each broken set audited alone (negative_var)."""
+    def conv_bn(bad: bool) -> nn.Sequential:
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        m[1].running_var.fill_(2.0)
+        m[1].num_batches_tracked.fill_(50)
+        if bad:
+            m[1].running_var[0] = -1.0
+        return m
+
+    bare = nn.BatchNorm1d(8)
+    bare.num_batches_tracked.fill_(50)
+    with torch.no_grad():
+        bare.running_var[0] = -1.0
+    cases = {
+        "modules": ({"gen": conv_bn(False), "disc": conv_bn(True)}, "disc/1"),
+        "bare": ({"model": conv_bn(False).state_dict(), "head_bn": bare.state_dict()}, "head_bn"),
+        "list": ({"model": conv_bn(False).state_dict(), "ensemble": [conv_bn(True).state_dict()]}, "ensemble/0/1"),
+    }
+    for name, (ckpt, broken) in cases.items():
+        errors = [(f.layer, f.code) for f in audit(ckpt).findings if f.severity == "error"]
+        assert errors == [(broken, "negative_var")], (name, errors)
+    with pytest.raises(ValueError, match="two sets of weights that both give 'a/b/0.weight'"):
+        audit({"a/b": conv_bn(True).state_dict(), "a": {"b": conv_bn(False).state_dict()}})
+
+
+def test_a_checkpoint_that_holds_itself_or_no_state_dict_is_a_clear_error(tmp_path):
+    """Through the CLI's path: a dict that holds itself (pickle keeps the cycle) gave RecursionError; a list, a tensor
+    or None gave TypeError (exit 1) and a dict without tensors passed (review)."""
+    from bnkit.torch.audit import every_weight_set
+
+    meta = {"name": "run1"}
+    ckpt = {"model": nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).state_dict(), "meta": meta}
+    meta["parent"] = ckpt
+    assert audit(ckpt).layers == ["1"] and audit(every_weight_set(ckpt, "f.pt")).layers == ["1"]
+    for bad, match in (([ckpt["model"]], "f.pt holds a list, not a state dict"),
+                       (torch.ones(3), "holds a Tensor"), (None, "holds a NoneType"),
+                       ({"epoch": 3}, "f.pt contains no tensors")):
+        with pytest.raises(ValueError, match=match):
+            every_weight_set(bad, "f.pt")

@@ -191,11 +191,14 @@ def _flat_state(state: Mapping[Any, Any]) -> Mapping[Any, Any]:
     broken statistic would pass unseen); one without is audited as it is (NumPy arrays or lists, as
     :func:`bnkit.audit_state.bn_stats_from_state` takes them). BN buffers held as arrays in a mapping under a key
     are refused, naming the key, rather than missed."""
-    def tensors_in(value: Any) -> bool:
+    def tensors_in(value: Any, seen: frozenset = frozenset()) -> bool:
+        if id(value) in seen:  # a cycle (a checkpoint's dict that holds itself): nothing new below
+            return False
+        seen = seen | {id(value)}
         if isinstance(value, (list, tuple)):
-            return any(tensors_in(v) for v in value)
+            return any(tensors_in(v, seen) for v in value)
         return isinstance(value, (torch.Tensor, nn.Module)) or (
-            isinstance(value, Mapping) and any(tensors_in(v) for v in value.values()))
+            isinstance(value, Mapping) and any(tensors_in(v, seen) for v in value.values()))
 
     # meta tensors, also a wrapped state dict's: the advice for a dict in memory, not the one for a file
     for mapping in (state, *(v for v in state.values() if isinstance(v, Mapping))):
@@ -215,15 +218,25 @@ def every_weight_set(obj: object, where: str) -> dict[str, object]:
     """Every set of weights in a loaded checkpoint ``obj`` (:func:`bnkit.torch.io.weight_sets`; ``where``: it, in
     errors) as one flat state dict to audit: where more than one holds BatchNorm buffers (an encoder's and a
     decoder's, a model's and its EMA's), each name gets its set's key path first (``decoder/bn1``; the top level's
-    none), so no BN layer of the file goes unchecked; else the set that holds them (or the first) as it is.
-    ValueError where ``obj`` holds no tensor."""
+    none; a bare BatchNorm's state dict is the layer ``decoder``), so no BN layer of the file goes unchecked; else
+    the set that holds them (or the first) as it is. ValueError where ``obj`` holds no tensor or is no mapping, or
+    where two sets' names would read alike."""
     sets = weight_sets(obj, where)
     if not sets:
         raise ValueError(f"{where} contains no tensors")
     with_bn = [(path, state) for path, state in sets if bn_stats_from_state(state)]
     if len(with_bn) <= 1:
         return (with_bn or sets)[0][1]
-    return {f"{path}/{k}" if path else k: v for path, state in with_bn for k, v in state.items()}
+    merged: dict[str, object] = {}
+    for path, state in with_bn:
+        for k, v in state.items():
+            # a set's own root layer (a bare BatchNorm's state dict) is named after its key: decoder.running_var
+            name = k if not path else f"{path}/{k}" if "." in k else f"{path}.{k}"
+            if name in merged:
+                raise ValueError(f"{where} holds two sets of weights that both give {name!r} (under key paths that "
+                                 "read alike); audit them one at a time")
+            merged[name] = v
+    return merged
 
 
 def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport:

@@ -342,26 +342,34 @@ def weight_sets(obj: object, path: str | os.PathLike) -> list[tuple[str, dict[st
     :func:`split_state` loads one set into a model, or leaves the choice to the user, a checkpoint may hold several
     models' (an encoder's and a decoder's, a model's and its EMA's).
 
-    First the set :func:`split_state` loads, where it picks one; then every other dict of tensors nested in ``obj``
-    (a pickled module as its state dict). Tensors at the top level beside weights under a key (a metric, an
-    observation normalizer) are no set, as :func:`split_state` leaves them out; a set equal to one before it (one
-    dict saved under two keys) is left out. Entries a module's ``get_extra_state`` wrote are kept with the tensors.
+    First the set :func:`split_state` loads, where it picks one; then every other dict of tensors nested in ``obj``,
+    in dicts, lists and tuples (a pickled module as its state dict; the items of a list by their index). Tensors at
+    the top level beside weights under a key (a metric, an observation normalizer) are no set, as
+    :func:`split_state` leaves them out; a set equal to one before it (one dict saved under two keys) is left out.
+    Entries a module's ``get_extra_state`` wrote are kept with the tensors. ValueError where ``obj`` is neither a
+    mapping nor a module.
     """
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     try:
-        first = _weights_key(obj, path) if isinstance(obj, Mapping) else None
+        first = _weights_key(obj, path)
     except ValueError:  # several sets and no rule to pick one: all of them, none first
         first = _NO_FIRST
     found: list[tuple[str, dict[str, object]]] = []
-    visited: set[int] = set()
+    visited: set[int] = set()  # ids of the checkpoint's own objects (alive throughout): a cycle is walked once
 
     def walk(value: object, key_path: str, top: bool) -> None:
-        if isinstance(value, torch.nn.Module):
-            value = value.state_dict()
-        if not isinstance(value, Mapping) or id(value) in visited:
+        if not isinstance(value, (Mapping, list, tuple, torch.nn.Module)) or id(value) in visited:
             return
         visited.add(id(value))
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{key_path}/{i}" if key_path else str(i), False)
+            return
+        if isinstance(value, torch.nn.Module):
+            value = value.state_dict()
         if not top or first is None:
             tensors = {str(k): v for k, v in value.items()
                        if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
