@@ -321,11 +321,13 @@ def test_a_state_dict_is_read_as_its_file_is(tmp_path):
                    {"weights": never, "hparams": {"lr": 0.1, "epochs": 90}},
                    {"model": never, "obs_rms.running_mean": torch.full((8,), 0.3),  # a 1-D normalizer beside
                     "obs_rms.running_var": torch.full((8,), 2.0)},
-                   {**nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).state_dict(), "ema": never},
                    {"state_dict": never, "milestones": [[30, 60], [90]]}):  # a ragged list beside
         report = audit(target)
         assert not report.ok and report.layers == by_file.layers == ["1"]
         assert {f.code for f in report.findings} == {f.code for f in by_file.findings}
+    # a model at the top level beside its EMA under a wrapper key: both are read, each named after its place
+    beside = audit({**nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).state_dict(), "ema": never})
+    assert beside.layers == ["1", "ema/1"] and {f.layer for f in beside.by_code("never_updated")} == {"1", "ema/1"}
     assert audit({}).ok and audit({}).by_code("no_bn")
     with pytest.raises(ValueError, match=r"BatchNorm buffers as arrays under \['state_dict'\]"):
         audit({"state_dict": arrays, "epoch": 3})  # taken for a state dict without BN layers, and passed
@@ -1579,3 +1581,37 @@ def test_a_checkpoint_that_holds_itself_or_no_state_dict_is_a_clear_error(tmp_pa
                        ({"epoch": 3}, "f.pt contains no tensors")):
         with pytest.raises(ValueError, match=match):
             every_weight_set(bad, "f.pt")
+
+
+def test_top_level_weights_beside_another_model_and_many_sets_and_a_lone_bare_bn(tmp_path):
+    """Review of the every-set audit: a student's weights at the top level beside {"teacher": sd} were skipped (its
+    negative variance passed, exit 0), as were a model's beside its "ema"; 2,000 distinct tiny sets took 30 s (each
+    compared with every other); a lone bare BatchNorm under a key was "(root)"; a list holding itself 20 levels
+    deep took seconds. Oracle: each set audited alone."""
+    def model(bad: bool) -> dict:
+        m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        m[1].num_batches_tracked.fill_(50)
+        with torch.no_grad():
+            m[1].running_var.fill_(2.0)
+            if bad:
+                m[1].running_var[0] = -1.0
+        return m.state_dict()
+
+    for ckpt, broken in (({**model(True), "teacher": model(False)}, "1"),
+                         ({**model(True), "ema": model(False)}, "1")):
+        errors = [(f.layer, f.code) for f in audit(ckpt).findings if f.severity == "error"]
+        assert errors == [(broken, "negative_var")], errors
+    bare = nn.BatchNorm1d(2)
+    with torch.no_grad():
+        bare.running_var[0] = -1.0
+    assert [f.layer for f in audit({"model": nn.Linear(3, 3).state_dict(), "norm": bare.state_dict()}).findings
+            if f.code == "negative_var"] == ["norm"]
+    many = {"sets": [{"running_mean": torch.randn(2), "running_var": torch.rand(2) + 0.5,
+                      "num_batches_tracked": torch.tensor(100)} for _ in range(2000)]}
+    many["sets"].append(dict(many["sets"][0]))  # one set saved twice: audited once
+    report = audit(many)
+    assert len(report.layers) == 2000 and report.layers[0] == "sets/0"
+    nest: list = []
+    for _ in range(20):
+        nest = [nest, nest]
+    assert audit({**model(False), "meta": nest}).ok

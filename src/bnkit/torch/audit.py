@@ -191,14 +191,17 @@ def _flat_state(state: Mapping[Any, Any]) -> Mapping[Any, Any]:
     broken statistic would pass unseen); one without is audited as it is (NumPy arrays or lists, as
     :func:`bnkit.audit_state.bn_stats_from_state` takes them). BN buffers held as arrays in a mapping under a key
     are refused, naming the key, rather than missed."""
-    def tensors_in(value: Any, seen: frozenset = frozenset()) -> bool:
-        if id(value) in seen:  # a cycle (a checkpoint's dict that holds itself): nothing new below
-            return False
-        seen = seen | {id(value)}
-        if isinstance(value, (list, tuple)):
-            return any(tensors_in(v, seen) for v in value)
-        return isinstance(value, (torch.Tensor, nn.Module)) or (
-            isinstance(value, Mapping) and any(tensors_in(v, seen) for v in value.values()))
+    known: dict[int, bool] = {}  # by object: one held in many places is walked once, a cycle back adds nothing
+
+    def tensors_in(value: Any) -> bool:
+        if id(value) not in known:
+            known[id(value)] = False  # while it is walked
+            if isinstance(value, (list, tuple)):
+                known[id(value)] = any(tensors_in(v) for v in value)
+            else:
+                known[id(value)] = isinstance(value, (torch.Tensor, nn.Module)) or (
+                    isinstance(value, Mapping) and any(tensors_in(v) for v in value.values()))
+        return known[id(value)]
 
     # meta tensors, also a wrapped state dict's: the advice for a dict in memory, not the one for a file
     for mapping in (state, *(v for v in state.values() if isinstance(v, Mapping))):
@@ -225,13 +228,12 @@ def every_weight_set(obj: object, where: str) -> dict[str, object]:
     if not sets:
         raise ValueError(f"{where} contains no tensors")
     with_bn = [(path, state) for path, state in sets if bn_stats_from_state(state)]
-    if len(with_bn) <= 1:
-        return (with_bn or sets)[0][1]
+    several = len(with_bn) > 1
     merged: dict[str, object] = {}
-    for path, state in with_bn:
+    for path, state in with_bn or sets[:1]:
         for k, v in state.items():
             # a set's own root layer (a bare BatchNorm's state dict) is named after its key: decoder.running_var
-            name = k if not path else f"{path}/{k}" if "." in k else f"{path}.{k}"
+            name = k if not path else f"{path}.{k}" if "." not in k else f"{path}/{k}" if several else k
             if name in merged:
                 raise ValueError(f"{where} holds two sets of weights that both give {name!r} (under key paths that "
                                  "read alike); audit them one at a time")

@@ -343,9 +343,10 @@ def weight_sets(obj: object, path: str | os.PathLike) -> list[tuple[str, dict[st
     models' (an encoder's and a decoder's, a model's and its EMA's).
 
     First the set :func:`split_state` loads, where it picks one; then every other dict of tensors nested in ``obj``,
-    in dicts, lists and tuples (a pickled module as its state dict; the items of a list by their index). Tensors at
-    the top level beside weights under a key (a metric, an observation normalizer) are no set, as
-    :func:`split_state` leaves them out; a set equal to one before it (one dict saved under two keys) is left out.
+    in dicts, lists and tuples (a pickled module as its state dict; the items of a list by their index), and the
+    tensors of the top level. Those are no set beside weights under one of the usual wrapper keys (a metric, an
+    observation normalizer beside ``{"model": sd}``, as :func:`split_state` leaves them out) unless they bear the
+    same names (a model beside its EMA). A set equal to one before it (one dict saved under two keys) is left out.
     Entries a module's ``get_extra_state`` wrote are kept with the tensors. ValueError where ``obj`` is neither a
     mapping nor a module.
     """
@@ -357,6 +358,8 @@ def weight_sets(obj: object, path: str | os.PathLike) -> list[tuple[str, dict[st
         first = _weights_key(obj, path)
     except ValueError:  # several sets and no rule to pick one: all of them, none first
         first = _NO_FIRST
+    read_top = first is None or first is _NO_FIRST or first not in _WRAPPER_KEYS or (
+        _weights(obj).keys() == _weights(obj[first]).keys())
     found: list[tuple[str, dict[str, object]]] = []
     visited: set[int] = set()  # ids of the checkpoint's own objects (alive throughout): a cycle is walked once
 
@@ -370,7 +373,7 @@ def weight_sets(obj: object, path: str | os.PathLike) -> list[tuple[str, dict[st
             return
         if isinstance(value, torch.nn.Module):
             value = value.state_dict()
-        if not top or first is None:
+        if not top or read_top:
             tensors = {str(k): v for k, v in value.items()
                        if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
             if any(isinstance(v, torch.Tensor) for v in tensors.values()):
@@ -381,13 +384,27 @@ def weight_sets(obj: object, path: str | os.PathLike) -> list[tuple[str, dict[st
     walk(obj, "", True)
     if first is not None and first is not _NO_FIRST:
         found.sort(key=lambda item: item[0] != str(first))  # the set split_state loads first (a stable sort)
-    sets, seen = [], []
+    sets: list[tuple[str, dict[str, object]]] = []
+    seen: dict[tuple, list[dict[str, torch.Tensor]]] = {}  # by fingerprint: only look-alikes are compared
     for key_path, tensors in found:
         mine = _weights(tensors)
-        if not any(mine.keys() == other.keys() and not _two_sets(mine, other) for other in seen):
+        alike = seen.setdefault(_fingerprint(mine), [])
+        if not any(not _two_sets(mine, other) for other in alike):
             sets.append((key_path, tensors))
-            seen.append(mine)
+            alike.append(mine)
     return sets
+
+
+def _fingerprint(weights: Mapping[str, torch.Tensor]) -> tuple:
+    """Names, shapes, dtypes and sums of a set of weights: equal sets have equal ones (NaN sums alike)."""
+    def total(t: torch.Tensor) -> object:
+        try:
+            value = float(t.detach().double().sum())
+        except (RuntimeError, NotImplementedError, TypeError):  # meta, complex, sparse layouts: by shape alone
+            return None
+        return "nan" if value != value else value
+
+    return tuple((k, tuple(t.shape), str(t.dtype), total(t)) for k, t in sorted(weights.items()))
 
 
 def _weights_key(obj: Mapping, path: str | os.PathLike) -> object:
