@@ -1615,3 +1615,19 @@ def test_top_level_weights_beside_another_model_and_many_sets_and_a_lone_bare_bn
     for _ in range(20):
         nest = [nest, nest]
     assert audit({**model(False), "meta": nest}).ok
+
+
+def test_equal_sets_in_other_layouts_are_one_and_odd_tensors_do_not_stop_the_audit(tmp_path):
+    """The fingerprint of a set summed every tensor in float64: a channels_last copy of the same weights could sum
+    differently and be audited twice, a nested tensor beside the weights crashed the audit, and each tensor's
+    float64 copy undid the memory map (1.4 GB resident for a 400 MB file) (review). Oracle: torch.equal."""
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Conv2d(64, 64, 3), nn.BatchNorm2d(64))
+    m(torch.randn(2, 64, 5, 5))
+    sd = m.state_dict()
+    last = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v.clone() for k, v in sd.items()}
+    assert all(torch.equal(sd[k], last[k]) for k in sd)
+    assert audit({"best": sd, "last": last}).layers == ["1"]
+    lengths = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+    torch.save({**sd, "lengths": lengths}, tmp_path / "nested.pt")
+    assert audit(tmp_path / "nested.pt").layers == ["1"]
