@@ -173,11 +173,11 @@ def audit(
             return AuditReport(str(path), "onnx", findings=_sorted(list(onnx_report.findings)),
                                layers=[node["name"] for node in onnx_report.nodes])
         loaded = load_checkpoint(path, trust=trust, mmap=True)  # the BN buffers are read, nothing more
-        return _state_report(str(path), every_weight_set(loaded, str(path)), data)
+        return _state_report(str(path), every_weight_set(loaded, str(path)), data, _unread_beside(loaded, str(path)))
     if isinstance(target, nn.Module):
         return _model_report(target, data, forward, batch_size, train_batch_size, max_batches, coupling_samples)
     if isinstance(target, Mapping):
-        return _state_report("state dict", _flat_state(target), data)
+        return _state_report("state dict", _flat_state(target), data, _unread_beside(target, "the state dict"))
     raise TypeError(f"audit takes a model, a state dict or a file path, got {type(target).__name__}")
 
 
@@ -241,12 +241,35 @@ def every_weight_set(obj: object, where: str) -> dict[str, object]:
     return merged
 
 
-def _state_report(name: str, state: Mapping[str, Any], data: Any) -> AuditReport:
+def _unread_beside(obj: object, where: str) -> tuple[str, list[str]] | None:
+    """The wrapper key and the BatchNorm-like layers of the tensors at ``obj``'s top level that
+    :func:`bnkit.torch.io.weight_sets` reads as no set (beside the weights under a usual wrapper key: a metric, an
+    observation normalizer, or another model's weights under names of its own), or None."""
+    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return None
+    sets = weight_sets(obj, where)
+    if not sets or any(path == "" for path, _ in sets):
+        return None
+    top = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    names = sorted(layer.name for layer in bn_stats_from_state(top))
+    return (sets[0][0], names) if names else None
+
+
+def _state_report(name: str, state: Mapping[str, Any], data: Any,
+                  unread: tuple[str, list[str]] | None = None) -> AuditReport:
     if data is not None:
         raise ValueError("auditing with data needs the model: pass an nn.Module (CLI: --model package.module:factory)")
     refuse_meta(state.items(), f"the {name}", _LOAD_FIRST)
     stats = bn_stats_from_state(state)
     findings = [f for layer in stats for f in check_bn_stats(layer)]
+    if unread is not None:
+        key, names = unread
+        findings.append(Finding(
+            "warning", "(state)", "BatchNorm-like tensors beside the weights not audited",
+            f"tensors at the top level named like BatchNorm buffers ({short_names(names)}) sit beside the weights "
+            f"under {key!r} and were not audited (a metric or an observation normalizer usually sits there)",
+            "if they are a model's weights, save that state dict alone and audit it", "unread_beside",
+            {"layers": names, "beside": key}))
     layers = sorted(layer.name for layer in stats)
     if not layers:
         findings.append(Finding("info", "(state)", "no BatchNorm layers found",
