@@ -707,3 +707,19 @@ def test_a_checkpoint_file_without_a_state_dict_exits_2(tmp_path):
         torch.save(obj, tmp_path / "f.pt")
         result = _invoke(tmp_path / "f.pt")
         assert result.exit_code == 2 and reason in " ".join(result.stderr.split()), result.output
+
+
+def test_the_cli_reads_a_checkpoint_as_the_library_does(tmp_path):
+    """The CLI audited the loaded dict as a dict in memory: lists of BN-named values beside the weights (which a
+    weights_only file may hold) were refused or audited, where bnkit.torch.audit(path) reads the file (review).
+    Oracle: the library's audit of the same file."""
+    from bnkit.torch import audit
+
+    sd = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)).state_dict()
+    for i, obj in enumerate(({"state_dict": sd, "stats": {"bn.running_mean": [0.0, 0.0], "bn.running_var": [1.0, 1.0]}},
+                             {"state_dict": sd, "bn.running_mean": [0.0, 0.0], "bn.running_var": [-1.0, 1.0]})):
+        torch.save(obj, tmp_path / f"{i}.pt")
+        result = _invoke(tmp_path / f"{i}.pt", "--json")
+        library = audit(tmp_path / f"{i}.pt")
+        assert result.exit_code == (0 if library.ok else 1), result.output
+        assert json.loads(result.output)["layers"] == library.layers == ["1"]

@@ -122,7 +122,7 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
                   device, forward_spec) -> dict[str, Any]:
     import torch
 
-    from ..torch.audit import audit, every_weight_set
+    from ..torch.audit import audit, checkpoint_report
     from ..torch.io import UnsafeCheckpointError, load_checkpoint, pickled_module, split_state
 
     if trust:
@@ -132,8 +132,7 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
         pickled = pickled_module(loaded) if model_spec is None else None
         alone = model_spec is None and pickled is None
         if alone and data_file is None and device is None:  # the checkpoint alone: every set of weights in it
-            every_weight_set(loaded, str(file))  # a file without a state dict: exit 2, not a state dict of arrays
-            report = audit(loaded)
+            report = checkpoint_report(loaded, str(file))  # as bnkit.torch.audit(path) reads it
         elif not alone:  # the one set that loads into the model
             state, dropped = split_state(loaded, file)
     except UnsafeCheckpointError as exc:

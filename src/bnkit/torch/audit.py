@@ -172,8 +172,9 @@ def audit(
             onnx_report = onnx_audit(path)
             return AuditReport(str(path), "onnx", findings=_sorted(list(onnx_report.findings)),
                                layers=[node["name"] for node in onnx_report.nodes])
-        loaded = load_checkpoint(path, trust=trust, mmap=True)  # the BN buffers are read, nothing more
-        return _state_report(str(path), every_weight_set(loaded, str(path)), data, _unread_beside(loaded, str(path)))
+        if data is not None:
+            raise ValueError(_NEEDS_MODEL)
+        return checkpoint_report(load_checkpoint(path, trust=trust, mmap=True), str(path))  # BN buffers read alone
     if isinstance(target, nn.Module):
         return _model_report(target, data, forward, batch_size, train_batch_size, max_batches, coupling_samples)
     if isinstance(target, Mapping):
@@ -241,6 +242,12 @@ def every_weight_set(obj: object, where: str) -> dict[str, object]:
     return merged
 
 
+def checkpoint_report(loaded: object, where: str) -> AuditReport:
+    """The audit of a loaded checkpoint file (``where``: its name) alone: every set of weights in it
+    (:func:`every_weight_set`), and a warning naming BatchNorm-like tensors beside them that no set holds."""
+    return _state_report(where, every_weight_set(loaded, where), None, _unread_beside(loaded, where))
+
+
 def _unread_beside(obj: object, where: str) -> tuple[str, list[str]] | None:
     """The wrapper key and the BatchNorm-like layers of the tensors at ``obj``'s top level that
     :func:`bnkit.torch.io.weight_sets` reads as no set (beside the weights under a usual wrapper key: a metric, an
@@ -258,7 +265,7 @@ def _unread_beside(obj: object, where: str) -> tuple[str, list[str]] | None:
 def _state_report(name: str, state: Mapping[str, Any], data: Any,
                   unread: tuple[str, list[str]] | None = None) -> AuditReport:
     if data is not None:
-        raise ValueError("auditing with data needs the model: pass an nn.Module (CLI: --model package.module:factory)")
+        raise ValueError(_NEEDS_MODEL)
     refuse_meta(state.items(), f"the {name}", _LOAD_FIRST)
     stats = bn_stats_from_state(state)
     findings = [f for layer in stats for f in check_bn_stats(layer)]
@@ -318,6 +325,7 @@ def _model_report(model, data, forward, batch_size, train_batch_size, max_batche
 
 
 _LOAD_FIRST = "audit it after loading real weights (load_state_dict(..., assign=True))"
+_NEEDS_MODEL = "auditing with data needs the model: pass an nn.Module (CLI: --model package.module:factory)"
 
 
 def _sorted(findings: list[Finding]) -> list[Finding]:
