@@ -1161,16 +1161,19 @@ def test_saving_copies_only_tensors_that_do_not_hold_their_own_storage(tmp_path,
     base = torch.arange(12.0)
     emb = torch.randn(5, 3)
     state = {"own": torch.randn(4, 3), "ints": torch.arange(5), "emb": emb, "tied": emb, "view": base[2:8],
-             "whole_view": base.view(3, 4), "t": torch.randn(2, 3).t(), "empty": torch.zeros(0), "empty2": torch.ones(0, 2),
+             "whole_view": base.view(3, 4), "t": torch.randn(2, 3).t(), "empty": torch.zeros(0),
+             "empty2": torch.ones(0, 2),
              # lazy views whose memory holds other values (safetensors wrote those: review)
-             "conj": torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj(), "neg": torch._neg_view(torch.ones(2))}
+             "conj": torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64).conj(),
+             "neg": torch._neg_view(torch.ones(2))}
     given = {}
     if suffix == ".pt":
         real = torch.save
         monkeypatch.setattr(torch, "save", lambda obj, f, **kw: given.update(obj) or real(obj, f, **kw))
     else:
         real = safetensors.torch.save_file
-        monkeypatch.setattr(safetensors.torch, "save_file", lambda obj, f, **kw: given.update(obj) or real(obj, f, **kw))
+        monkeypatch.setattr(safetensors.torch, "save_file",
+                            lambda obj, f, **kw: given.update(obj) or real(obj, f, **kw))
     loaded = load_state_dict_file(save_state_dict_file(state, tmp_path / f"w{suffix}"))
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
     shared = {k: given[k].untyped_storage().data_ptr() == v.untyped_storage().data_ptr() for k, v in state.items()

@@ -204,8 +204,9 @@ def run(ctx: Context) -> Chapter:
     findings = [
         f"Domain B is {SHIFT_DESCRIPTION}. Without fine-tuning the pretrained model scores "
         f"{summary['pretrained']['acc_A']:.3f} on A and {summary['pretrained']['acc_B']:.3f} on B.",
-        ("The lesson's freeze is undone by model.train(): the running means moved by " if not lf["stats_bit_identical"]
-         else "The lesson's freeze held this time (the running statistics are bit-identical): the running means moved by ")
+        ("The lesson's freeze is undone by model.train(): the running means moved by "
+         if not lf["stats_bit_identical"] else
+         "The lesson's freeze held this time (the running statistics are bit-identical): the running means moved by ")
         + f"{max(lf['mean_shift_std'].values()):.2f} old standard deviations on average over a layer's channels (up "
         f"to {max(lf['max_mean_shift_std'].values()):.2f} in one channel) and accuracy on A became "
         f"{lf['acc_A']:.3f}.",

@@ -334,10 +334,10 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
     ``mutable=["batch_stats"]`` for training (biased running-variance rule from then on).
     eps is carried and momentum flipped (torch 0.1 -> Flax 0.9). The variables and
     the module's ``param_dtype`` have the widest of ``bn``'s tensors' dtypes (bfloat16 counted as float32, which
-    holds it exactly): Flax adds eps to float16 statistics in float16, where 1e-5 is lost; a weight that stands in for no
-    scale gives ``use_scale=False``, as in :func:`to_keras`. A layer with float64 tensors (any of them) needs JAX's
-    64-bit mode (``jax.config.update("jax_enable_x64", True)``) and is refused without it,
-    where JAX would silently make its variables float32.
+    holds it exactly): Flax adds eps to float16 statistics in float16, where 1e-5 is lost; a weight that stands in
+    for no scale gives ``use_scale=False``, as in :func:`to_keras`. A layer with float64 tensors (any of them)
+    needs JAX's 64-bit mode (``jax.config.update("jax_enable_x64", True)``) and is refused without it, where JAX
+    would silently make its variables float32.
     """
     linen, jax = _import_flax()
     torch_state = _torch_state(bn)
@@ -350,9 +350,9 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
     _check_axis(cfg["axis"], rank)
     dtype = np.result_type(*(v for d in f["variables"].values() for v in d.values()))  # the widest, as to_keras
     if dtype == np.float64 and not jax.config.read("jax_enable_x64"):
-        raise ValueError(f"{type(bn).__name__} holds float64 tensors, but JAX makes float64 arrays float32 unless its 64-bit "
-                         "mode is on: call jax.config.update('jax_enable_x64', True) first (or set JAX_ENABLE_X64=1), "
-                         "or convert bn.float() for a float32 Flax layer")
+        raise ValueError(f"{type(bn).__name__} holds float64 tensors, but JAX makes float64 arrays float32 unless "
+                         "its 64-bit mode is on: call jax.config.update('jax_enable_x64', True) first (or set "
+                         "JAX_ENABLE_X64=1), or convert bn.float() for a float32 Flax layer")
     module = linen.BatchNorm(axis=cfg["axis"], momentum=cfg["momentum"], epsilon=cfg["epsilon"],
                              use_bias=cfg["use_bias"], use_scale=cfg["use_scale"], param_dtype=dtype)
     # every variable in the widest dtype (exact): Flax adds eps to the variance in the variance's own dtype

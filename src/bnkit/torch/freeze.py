@@ -17,7 +17,7 @@ gamma/beta; some recipes train only gamma/beta):
   warning: ``torch.optim.swa_utils.update_bn`` resets every BN layer and then recomputes the statistics in training
   mode, which a frozen layer never enters, so they would end at mean 0, variance 1 (``reset_parameters()``, which
   calls it, resets gamma/beta alone). The overrides are attributes of the
-  module object, so it survives ``deepcopy``, pickling, ``load_state_dict`` and
+  module object, so the freeze survives ``deepcopy``, pickling, ``load_state_dict`` and
   ``torch.compile`` and leaves ``type(layer)`` and the state-dict keys unchanged
   (a frozen model's state dict loads into an unfrozen one and back). Code that
   assigns ``layer.training`` directly (as bnkit's ``recalibrate`` does on
