@@ -1575,17 +1575,17 @@ def test_every_set_is_audited_whatever_holds_it(tmp_path):
 def test_a_checkpoint_that_holds_itself_or_no_state_dict_is_a_clear_error(tmp_path):
     """Through the CLI's path: a dict that holds itself (pickle keeps the cycle) gave RecursionError; a list, a tensor
     or None gave TypeError (exit 1) and a dict without tensors passed (review)."""
-    from bnkit.torch.audit import every_weight_set
+    from bnkit.torch.audit import checkpoint_report
 
     meta = {"name": "run1"}
     ckpt = {"model": nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).state_dict(), "meta": meta}
     meta["parent"] = ckpt
-    assert audit(ckpt).layers == ["1"] and audit(every_weight_set(ckpt, "f.pt")).layers == ["1"]
+    assert audit(ckpt).layers == ["1"] and checkpoint_report(ckpt, "f.pt").layers == ["1"]
     for bad, match in (([ckpt["model"]], "f.pt holds a list, not a state dict"),
                        (torch.ones(3), "holds a Tensor"), (None, "holds a NoneType"),
                        ({"epoch": 3}, "f.pt contains no tensors")):
         with pytest.raises(ValueError, match=match):
-            every_weight_set(bad, "f.pt")
+            checkpoint_report(bad, "f.pt")
 
 
 def test_top_level_weights_beside_another_model_and_many_sets_and_a_lone_bare_bn(tmp_path):

@@ -178,16 +178,17 @@ def audit(
     if isinstance(target, nn.Module):
         return _model_report(target, data, forward, batch_size, train_batch_size, max_batches, coupling_samples)
     if isinstance(target, Mapping):
-        return _state_report("state dict", _flat_state(target), data, _unread_beside(target, "the state dict"))
+        state, unread = _flat_state(target)
+        return _state_report("state dict", state, data, unread)
     raise TypeError(f"audit takes a model, a state dict or a file path, got {type(target).__name__}")
 
 
 # ------------------------------------------------------------------------------------------ depth 1
 
 
-def _flat_state(state: Mapping[Any, Any]) -> Mapping[Any, Any]:
-    """The state dict to audit in a mapping. One holding torch tensors (at any depth) is read as its file would
-    be (:func:`every_weight_set`: ``{"state_dict": sd, "epoch": 3}`` audits ``sd``), with the
+def _flat_state(state: Mapping[Any, Any]) -> tuple[Mapping[Any, Any], tuple[str, list[str]] | None]:
+    """The state dict to audit in a mapping, and what :func:`_unread_beside` names. One holding torch tensors (at any
+    depth) is read as its file would be (:func:`_audited`: ``{"state_dict": sd, "epoch": 3}`` audits ``sd``), with the
     BN-named entries of its top level that are arrays or lists kept beside (a file cannot hold them; dropped, a
     broken statistic would pass unseen); one without is audited as it is (NumPy arrays or lists, as
     :func:`bnkit.audit_state.bn_stats_from_state` takes them). BN buffers held as arrays in a mapping under a key
@@ -212,20 +213,33 @@ def _flat_state(state: Mapping[Any, Any]) -> Mapping[Any, Any]:
         raise ValueError(f"the state dict holds BatchNorm buffers as arrays under {nested}: audit that dict itself "
                          f"(audit(state[{nested[0]!r}]))")
     if not any(holds.values()):
-        return state
+        return state, None
     kept = {k: v for k, v in state.items() if isinstance(k, str) and not isinstance(v, torch.Tensor)
             and k.rsplit(".", 1)[-1] in BN_BUFFERS}
-    return {**kept, **every_weight_set(state, "the state dict")}
+    merged, unread = _audited(state, "the state dict")
+    return {**kept, **merged}, unread
 
 
-def every_weight_set(obj: object, where: str) -> dict[str, object]:
-    """Every set of weights in a loaded checkpoint ``obj`` (:func:`bnkit.torch.io.weight_sets`; ``where``: it, in
-    errors) as one flat state dict to audit: where more than one holds BatchNorm buffers (an encoder's and a
-    decoder's, a model's and its EMA's), each name gets its set's key path first (``decoder/bn1``; the top level's
-    none; a bare BatchNorm's state dict is the layer ``decoder``), so no BN layer of the file goes unchecked; else
-    the set that holds them (or the first) as it is. ValueError where ``obj`` holds no tensor or is no mapping, or
-    where two sets' names would read alike."""
+def checkpoint_report(loaded: object, where: str) -> AuditReport:
+    """The audit of a loaded checkpoint file (``where``: its name) alone: every set of weights in it, and a warning
+    naming BatchNorm-like tensors beside them that no set holds (:func:`_audited`)."""
+    state, unread = _audited(loaded, where)
+    return _state_report(where, state, None, unread)
+
+
+def _audited(obj: object, where: str) -> tuple[dict[str, object], tuple[str, list[str]] | None]:
+    """:func:`_merged` and :func:`_unread_beside` of ``obj``'s sets of weights, read once
+    (:func:`bnkit.torch.io.weight_sets`: the file's tensors are compared and fingerprinted there)."""
     sets = weight_sets(obj, where)
+    return _merged(sets, where), _unread_beside(obj, sets)
+
+
+def _merged(sets: list[tuple[str, dict[str, object]]], where: str) -> dict[str, object]:
+    """Every set of weights of a loaded checkpoint (``where``: it, in errors) as one flat state dict to audit: where
+    more than one holds BatchNorm buffers (an encoder's and a decoder's, a model's and its EMA's), each name gets its
+    set's key path first (``decoder/bn1``; the top level's none; a bare BatchNorm's state dict is the layer
+    ``decoder``), so no BN layer of the file goes unchecked; else the set that holds them (or the first) as it is.
+    ValueError where there is no tensor, or where two sets' names would read alike."""
     if not sets:
         raise ValueError(f"{where} contains no tensors")
     with_bn = [(path, state) for path, state in sets if bn_stats_from_state(state)]
@@ -242,20 +256,11 @@ def every_weight_set(obj: object, where: str) -> dict[str, object]:
     return merged
 
 
-def checkpoint_report(loaded: object, where: str) -> AuditReport:
-    """The audit of a loaded checkpoint file (``where``: its name) alone: every set of weights in it
-    (:func:`every_weight_set`), and a warning naming BatchNorm-like tensors beside them that no set holds."""
-    return _state_report(where, every_weight_set(loaded, where), None, _unread_beside(loaded, where))
-
-
-def _unread_beside(obj: object, where: str) -> tuple[str, list[str]] | None:
-    """The wrapper key and the BatchNorm-like layers of the tensors at ``obj``'s top level that
-    :func:`bnkit.torch.io.weight_sets` reads as no set (beside the weights under a usual wrapper key: a metric, an
+def _unread_beside(obj: object, sets: list[tuple[str, dict[str, object]]]) -> tuple[str, list[str]] | None:
+    """The wrapper key and the BatchNorm-like layers of the tensors at ``obj``'s top level that its ``sets``
+    (:func:`bnkit.torch.io.weight_sets`) do not hold (beside the weights under a usual wrapper key: a metric, an
     observation normalizer, or another model's weights under names of its own), or None."""
-    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        return None
-    sets = weight_sets(obj, where)
-    if not sets or any(path == "" for path, _ in sets):
+    if not isinstance(obj, Mapping) or not sets or any(path == "" for path, _ in sets):
         return None
     top = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     names = sorted(layer.name for layer in bn_stats_from_state(top))

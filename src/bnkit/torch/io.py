@@ -371,8 +371,7 @@ def weight_sets(obj: object, path: str | os.PathLike) -> list[tuple[str, dict[st
             for i, item in enumerate(value):
                 walk(item, f"{key_path}/{i}" if key_path else str(i), False)
             return
-        if isinstance(value, torch.nn.Module):
-            value = value.state_dict()
+        value = _as_state(value)  # a pickled module's state dict
         if not top or read_top:
             tensors = {str(k): v for k, v in value.items()
                        if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
