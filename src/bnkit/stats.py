@@ -257,10 +257,10 @@ def _finite_init(init: object) -> np.ndarray:
     return value
 
 
-def _averaged(x: object, average: np.ndarray, fixed: bool) -> np.ndarray:
-    """A value for a running average ``average``, as a float64 array: finite, and of a shape that broadcasts to the
-    average's without changing it (``fixed`` False: a scalar average not yet updated, which takes the value's
-    shape). A NaN would stay in the average for good, and a shape NumPy broadcasts would turn a per-channel
+def _averaged(x: object, average: np.ndarray, steps: int) -> np.ndarray:
+    """A value for a running average ``average`` of ``steps`` values so far, as a float64 array: finite, and of a
+    shape that broadcasts to the average's without changing it (but a scalar average not yet updated, which takes
+    the value's shape). A NaN would stay in the average for good, and a shape NumPy broadcasts would turn a per-channel
     average into a table of them; both are refused (ValueError), the average left as it was."""
     value = _values(x, "the value")
     if not np.isfinite(value).all():
@@ -269,7 +269,7 @@ def _averaged(x: object, average: np.ndarray, fixed: bool) -> np.ndarray:
         shape = np.broadcast_shapes(average.shape, value.shape)
     except ValueError:
         shape = None
-    if shape is None or (fixed and shape != average.shape):
+    if shape is None or ((steps > 0 or average.ndim > 0) and shape != average.shape):
         raise ValueError(f"the value's shape {value.shape} does not fit the average's {average.shape}")
     return value
 
@@ -299,7 +299,7 @@ class EMA:
     def update(self, x) -> np.ndarray:
         """Average in ``x``: finite, shaped to broadcast to ``init`` (a scalar ``init`` takes the first value's
         shape); ValueError otherwise, nothing changed."""
-        x = _averaged(x, self.value, fixed=self.steps > 0 or self.value.ndim > 0)
+        x = _averaged(x, self.value, self.steps)
         self.value = ema_update(self.value, x, self.decay, weight_on="old")
         self.steps += 1
         if self.decay == 1.0:  # every weight decay**(t-i) is 1: the plain mean, kept as a cumulative average
@@ -326,7 +326,7 @@ class CumulativeAverage:
 
     def update(self, x) -> np.ndarray:
         """Average in ``x``, checked as by :meth:`EMA.update`."""
-        x = _averaged(x, self.value, fixed=self.steps > 0 or self.value.ndim > 0)
+        x = _averaged(x, self.value, self.steps)
         self.value = ema_update(self.value, x, 1.0 / (self.steps + 1), weight_on="new")  # a refused x counts nothing
         self.steps += 1
         return self.value
