@@ -260,6 +260,36 @@ def test_a_trusted_pickled_module_is_audited_as_a_model_with_its_own_eps_and_mom
     assert refused.exit_code == 2 and "holds no pickled model" in _flat(refused)
 
 
+def test_a_trusted_pickled_model_beside_its_ema_has_both_audited_as_the_api_reads_them(trained, tmp_path):
+    """YOLOv5's training checkpoint, ``{"model": module, "ema": module, "optimizer": ...}``, with --trust and no
+    --data: both models' buffers are audited, as bnkit.torch.audit(path, trust=True) reads them (the CLI refused
+    the file as holding the same weights twice); with --data which one to run stays the user's call, and a pickled
+    model beside an optimizer's state alone is still audited as a model. Oracles: the NaN planted in the EMA, and
+    the Python audit of the same file."""
+    from bnkit.torch import audit
+
+    model, _, data, _ = trained
+    model, ema = copy.deepcopy(model), copy.deepcopy(model)  # the fixture's model stays as it is
+    with torch.no_grad():
+        ema[2].running_var[1] = float("nan")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.zeros(2, 64)).sum().backward()
+    optimizer.step()  # momentum buffers: tensors beside the models, in no BatchNorm's names
+    path = tmp_path / "yolo.pt"
+    torch.save({"model": model, "ema": ema, "optimizer": optimizer.state_dict(), "epoch": 3}, path)
+    result = _invoke(path, "--trust", "--json")
+    report, expected = json.loads(result.output), audit(path, trust=True)
+    assert result.exit_code == 1 and report["depth"] == "state"
+    assert report["layers"] == expected.layers == ["ema/2", "ema/5", "model/2", "model/5"]
+    codes = {(f["layer"], f["code"]) for f in report["findings"]}
+    assert codes == {(f.layer, f.code) for f in expected.findings} and ("ema/2", "non_finite") in codes
+    on_data = _invoke(path, "--trust", "--data", str(data))
+    assert on_data.exit_code == 2 and "the same weights twice, under 'model' and 'ema'" in _flat(on_data)
+    alone = tmp_path / "model_and_optimizer.pt"
+    torch.save({"model": model, "optimizer": optimizer.state_dict()}, alone)
+    assert json.loads(_invoke(alone, "--trust", "--json").output)["depth"] == "model"
+
+
 def test_trust_imports_the_pickled_class_from_the_current_directory(tmp_path, monkeypatch):
     """A torch.save(model) file names its class by module path: --trust resolves it from the cwd, like --model."""
     monkeypatch.setattr(sys, "path", list(sys.path))  # the command may prepend the cwd: undone after the test

@@ -122,7 +122,7 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
                   device, forward_spec) -> dict[str, Any]:
     import torch
 
-    from ..torch.audit import audit, checkpoint_report
+    from ..torch.audit import audit, checkpoint_report, models_in
     from ..torch.io import UnsafeCheckpointError, load_checkpoint, pickled_module, split_state
 
     if trust:
@@ -130,6 +130,8 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
     try:
         loaded = load_checkpoint(file, trust=trust, mmap=True)  # what the audit reads of a large file: mapped
         pickled = pickled_module(loaded) if model_spec is None else None
+        if pickled is not None and data_file is None and device is None and len(models_in(loaded, file)) > 1:
+            pickled = None  # a pickled model beside another (its EMA): every one read from its buffers, as the API does
         alone = model_spec is None and pickled is None
         if alone and data_file is None and device is None:  # the checkpoint alone: every set of weights in it
             report = checkpoint_report(loaded, str(file))  # as bnkit.torch.audit(path) reads it

@@ -234,6 +234,12 @@ def _audited(obj: object, where: str) -> tuple[dict[str, object], tuple[str, lis
     return _merged(sets, where), _unread_beside(obj, sets)
 
 
+def models_in(loaded: object, where: str) -> list[str]:
+    """The key paths of the sets of weights in a loaded checkpoint (``where``: its name) that hold BatchNorm
+    buffers (:func:`bnkit.torch.io.weight_sets`): more than one where it holds several models (a model and its EMA)."""
+    return [path for path, state in weight_sets(loaded, where) if bn_stats_from_state(state)]
+
+
 def _merged(sets: list[tuple[str, dict[str, object]]], where: str) -> dict[str, object]:
     """Every set of weights of a loaded checkpoint (``where``: it, in errors) as one flat state dict to audit: where
     more than one holds BatchNorm buffers (an encoder's and a decoder's, a model's and its EMA's), each name gets its
