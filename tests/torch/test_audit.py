@@ -1638,6 +1638,34 @@ def test_equal_sets_in_other_layouts_are_one_and_odd_tensors_do_not_stop_the_aud
     assert audit(tmp_path / "nested.pt").layers == ["1"]
 
 
+def test_an_observation_normalizer_beside_the_weights_one_level_down_is_named_not_audited_as_batchnorm(tmp_path):
+    """An RL checkpoint, ``{"agent": {"model": sd, "obs_rms.running_mean": ..., "obs_rms.running_var": ...}}``: the
+    normalizer of a constant observation (variance 0) was audited as a BatchNorm layer one level down (a tiny-variance
+    warning for a layer the model lacks); at the top level it was already named in a warning instead. Oracle:
+    the model's state dict audited alone, and the same checkpoint with the agent's dict at the top level."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    net[1].num_batches_tracked.fill_(50)
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 2.0)
+    alone = audit(net.state_dict())
+    agent = {"model": net.state_dict(), "obs_rms.running_mean": torch.tensor([0.3, 5.0]),
+             "obs_rms.running_var": torch.tensor([1.2, 0.0]), "obs_rms.count": torch.tensor(1e4)}
+    assert alone.ok
+    torch.save({"agent": agent, "step": 10}, tmp_path / "rl.pt")
+    for target, key, name in ((agent, "model", "obs_rms"), ({"agent": agent, "step": 10}, "agent/model",
+                                                            "agent/obs_rms"), (tmp_path / "rl.pt", "agent/model",
+                                                                               "agent/obs_rms")):
+        report = audit(target)
+        assert report.ok and report.layers == alone.layers == ["1"], (target, report.layers)
+        (unread,) = report.by_code("unread_beside")
+        assert unread.data == {"layers": [name], "beside": key}
+    # a model's EMA one level down still is a set of weights: same names as the model beside it
+    ema = {k: v.clone() for k, v in net.state_dict().items()}
+    ema["1.running_var"][0] = float("nan")
+    both = audit({"run": {"model": net.state_dict(), **{k: v for k, v in ema.items()}}})
+    assert both.layers == ["run/1", "run/model/1"] and not both.ok
+
+
 def test_bn_like_tensors_beside_the_weights_under_a_wrapper_key_are_named_not_dropped(tmp_path):
     """{"model": teacher, **student}: the student's BatchNorm buffers at the top level were dropped without a word,
     its negative variance unseen (review); they are still not audited (an observation normalizer sits there as

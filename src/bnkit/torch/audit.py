@@ -186,7 +186,7 @@ def audit(
 # ------------------------------------------------------------------------------------------ depth 1
 
 
-def _flat_state(state: Mapping[Any, Any]) -> tuple[Mapping[Any, Any], tuple[str, list[str]] | None]:
+def _flat_state(state: Mapping[Any, Any]) -> tuple[Mapping[Any, Any], list[tuple[str, list[str]]]]:
     """The state dict to audit in a mapping, and what :func:`_unread_beside` names. One holding torch tensors (at any
     depth) is read as its file would be (:func:`_audited`: ``{"state_dict": sd, "epoch": 3}`` audits ``sd``), with the
     BN-named entries of its top level that are arrays or lists kept beside (a file cannot hold them; dropped, a
@@ -213,7 +213,7 @@ def _flat_state(state: Mapping[Any, Any]) -> tuple[Mapping[Any, Any], tuple[str,
         raise ValueError(f"the state dict holds BatchNorm buffers as arrays under {nested}: audit that dict itself "
                          f"(audit(state[{nested[0]!r}]))")
     if not any(holds.values()):
-        return state, None
+        return state, []
     kept = {k: v for k, v in state.items() if isinstance(k, str) and not isinstance(v, torch.Tensor)
             and k.rsplit(".", 1)[-1] in BN_BUFFERS}
     merged, unread = _audited(state, "the state dict")
@@ -227,17 +227,17 @@ def checkpoint_report(loaded: object, where: str) -> AuditReport:
     return _state_report(where, state, None, unread)
 
 
-def _audited(obj: object, where: str) -> tuple[dict[str, object], tuple[str, list[str]] | None]:
+def _audited(obj: object, where: str) -> tuple[dict[str, object], list[tuple[str, list[str]]]]:
     """:func:`_merged` and :func:`_unread_beside` of ``obj``'s sets of weights, read once
     (:func:`bnkit.torch.io.weight_sets`: the file's tensors are compared and fingerprinted there)."""
-    sets = weight_sets(obj, where)
-    return _merged(sets, where), _unread_beside(obj, sets)
+    sets, beside = weight_sets(obj, where)
+    return _merged(sets, where), _unread_beside(beside)
 
 
 def models_in(loaded: object, where: str) -> list[str]:
     """The key paths of the sets of weights in a loaded checkpoint (``where``: its name) that hold BatchNorm
     buffers (:func:`bnkit.torch.io.weight_sets`): more than one where it holds several models (a model and its EMA)."""
-    return [path for path, state in weight_sets(loaded, where) if bn_stats_from_state(state)]
+    return [path for path, state in weight_sets(loaded, where)[0] if bn_stats_from_state(state)]
 
 
 def _merged(sets: list[tuple[str, dict[str, object]]], where: str) -> dict[str, object]:
@@ -262,30 +262,30 @@ def _merged(sets: list[tuple[str, dict[str, object]]], where: str) -> dict[str, 
     return merged
 
 
-def _unread_beside(obj: object, sets: list[tuple[str, dict[str, object]]]) -> tuple[str, list[str]] | None:
-    """The wrapper key and the BatchNorm-like layers of the tensors at ``obj``'s top level that its ``sets``
-    (:func:`bnkit.torch.io.weight_sets`) do not hold (beside the weights under a usual wrapper key: a metric, an
-    observation normalizer, or another model's weights under names of its own), or None."""
-    if not isinstance(obj, Mapping) or not sets or any(path == "" for path, _ in sets):
-        return None
-    top = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    names = sorted(layer.name for layer in bn_stats_from_state(top))
-    return (sets[0][0], names) if names else None
+def _unread_beside(beside: list[tuple[str, dict[str, object]]]) -> list[tuple[str, list[str]]]:
+    """For each group of tensors left beside weights under a usual wrapper key (:func:`bnkit.torch.io.weight_sets`:
+    a metric, an observation normalizer, or another model's weights under names of its own) that holds
+    BatchNorm-like layers: that key's path and the layers, named after their place (``obs_rms``, ``agent/obs_rms``)."""
+    unread = []
+    for key, tensors in beside:
+        where = key.rpartition("/")[0]
+        if names := sorted(f"{where}/{layer.name}" if where else layer.name for layer in bn_stats_from_state(tensors)):
+            unread.append((key, names))
+    return unread
 
 
 def _state_report(name: str, state: Mapping[str, Any], data: Any,
-                  unread: tuple[str, list[str]] | None = None) -> AuditReport:
+                  unread: list[tuple[str, list[str]]] = ()) -> AuditReport:
     if data is not None:
         raise ValueError(_NEEDS_MODEL)
     refuse_meta(state.items(), f"the {name}", _LOAD_FIRST)
     stats = bn_stats_from_state(state)
     findings = [f for layer in stats for f in check_bn_stats(layer)]
-    if unread is not None:
-        key, names = unread
+    for key, names in unread:
         findings.append(Finding(
             "warning", "(state)", "BatchNorm-like tensors beside the weights not audited",
-            f"tensors at the top level named like BatchNorm buffers ({short_names(names)}) sit beside the weights "
-            f"under {key!r} and were not audited (a metric or an observation normalizer usually sits there)",
+            f"tensors named like BatchNorm buffers ({short_names(names)}) sit beside the weights under {key!r} "
+            "and were not audited (a metric or an observation normalizer usually sits there)",
             "if they are a model's weights, save that state dict alone and audit it", "unread_beside",
             {"layers": names, "beside": key}))
     layers = sorted(layer.name for layer in stats)

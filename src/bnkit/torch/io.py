@@ -336,17 +336,34 @@ def split_state(obj: object, path: str | os.PathLike) -> tuple[dict[str, object]
 _NO_FIRST = object()  # weight_sets: the checkpoint holds several sets and split_state picks none
 
 
-def weight_sets(obj: object, path: str | os.PathLike) -> list[tuple[str, dict[str, object]]]:
+def _first_key(obj: Mapping, path: str | os.PathLike) -> object:
+    """:func:`_weights_key`, or :data:`_NO_FIRST` where its rules leave the choice to the user."""
+    try:
+        return _weights_key(obj, path)
+    except ValueError:
+        return _NO_FIRST
+
+
+def _reads_loose(obj: Mapping, first: object) -> bool:
+    """Whether the tensors of ``obj`` itself (its ``first`` key: :func:`_first_key`) are a set of weights: not beside
+    weights under one of the usual wrapper keys (a metric, an observation normalizer beside ``{"model": sd}``, as
+    :func:`split_state` leaves them out) unless they bear the same names (a model beside its EMA)."""
+    return first is None or first is _NO_FIRST or first not in _WRAPPER_KEYS or (
+        _weights(obj).keys() == _weights(obj[first]).keys())
+
+
+def weight_sets(obj: object, path: str | os.PathLike) -> tuple[list[tuple[str, dict[str, object]]],
+                                                               list[tuple[str, dict[str, object]]]]:
     """Every set of weights in a loaded checkpoint ``obj`` (read from ``path``), each with its key path (``""``
     for the top level, ``"decoder"``, ``"gen/ema"``), for reading them all (the audit of a checkpoint alone): where
     :func:`split_state` loads one set into a model, or leaves the choice to the user, a checkpoint may hold several
-    models' (an encoder's and a decoder's, a model's and its EMA's).
+    models' (an encoder's and a decoder's, a model's and its EMA's). Also the tensors left beside them, each group
+    with the key path of the weights it sits beside (``"model"``, ``"agent/model"``).
 
     First the set :func:`split_state` loads, where it picks one; then every other dict of tensors nested in ``obj``,
     in dicts, lists and tuples (a pickled module as its state dict; the items of a list by their index), and the
-    tensors of the top level. Those are no set beside weights under one of the usual wrapper keys (a metric, an
-    observation normalizer beside ``{"model": sd}``, as :func:`split_state` leaves them out) unless they bear the
-    same names (a model beside its EMA). A set equal to one before it (one dict saved under two keys) is left out.
+    tensors of the top level. At every level, tensors beside weights under a usual wrapper key are left beside
+    (:func:`_reads_loose`). A set equal to one before it (one dict saved under two keys) is left out.
     Entries a module's ``get_extra_state`` wrote are kept with the tensors. ValueError where ``obj`` is neither a
     mapping nor a module.
     """
@@ -354,33 +371,32 @@ def weight_sets(obj: object, path: str | os.PathLike) -> list[tuple[str, dict[st
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    try:
-        first = _weights_key(obj, path)
-    except ValueError:  # several sets and no rule to pick one: all of them, none first
-        first = _NO_FIRST
-    read_top = first is None or first is _NO_FIRST or first not in _WRAPPER_KEYS or (
-        _weights(obj).keys() == _weights(obj[first]).keys())
+    first = _first_key(obj, path)
     found: list[tuple[str, dict[str, object]]] = []
+    beside: list[tuple[str, dict[str, object]]] = []
     visited: set[int] = set()  # ids of the checkpoint's own objects (alive throughout): a cycle is walked once
 
-    def walk(value: object, key_path: str, top: bool) -> None:
+    def walk(value: object, key_path: str) -> None:
         if not isinstance(value, (Mapping, list, tuple, torch.nn.Module)) or id(value) in visited:
             return
         visited.add(id(value))
         if isinstance(value, (list, tuple)):
             for i, item in enumerate(value):
-                walk(item, f"{key_path}/{i}" if key_path else str(i), False)
+                walk(item, f"{key_path}/{i}" if key_path else str(i))
             return
         value = _as_state(value)  # a pickled module's state dict
-        if not top or read_top:
-            tensors = {str(k): v for k, v in value.items()
-                       if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
-            if any(isinstance(v, torch.Tensor) for v in tensors.values()):
+        tensors = {str(k): v for k, v in value.items()
+                   if isinstance(v, torch.Tensor) or str(k).endswith("_extra_state")}
+        if any(isinstance(v, torch.Tensor) for v in tensors.values()):
+            mine = first if value is obj else _first_key(value, path)
+            if _reads_loose(value, mine):
                 found.append((key_path, tensors))
+            else:
+                beside.append((f"{key_path}/{mine}" if key_path else str(mine), tensors))
         for k, v in value.items():
-            walk(v, f"{key_path}/{k}" if key_path else str(k), False)
+            walk(v, f"{key_path}/{k}" if key_path else str(k))
 
-    walk(obj, "", True)
+    walk(obj, "")
     if first is not None and first is not _NO_FIRST:
         found.sort(key=lambda item: item[0] != str(first))  # the set split_state loads first (a stable sort)
     sets: list[tuple[str, dict[str, object]]] = []
@@ -391,7 +407,7 @@ def weight_sets(obj: object, path: str | os.PathLike) -> list[tuple[str, dict[st
         if not any(not _two_sets(mine, other) for other in alike):
             sets.append((key_path, tensors))
             alike.append(mine)
-    return sets
+    return sets, beside
 
 
 def _fingerprint(weights: Mapping[str, torch.Tensor]) -> tuple:
