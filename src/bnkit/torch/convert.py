@@ -38,6 +38,7 @@ from torch.nn.utils import parametrize
 from ..convert import convert_state
 from . import layers
 from .freeze import freeze_bn, is_frozen
+from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .modules import (as_args, channels, check_channel_tensors, deep_copy, parallel_device, require_eager, to_device,
                       unwrapped)
 
@@ -150,6 +151,10 @@ def _torch_state(bn: _BatchNorm) -> dict:
         raise ValueError(f"{type(bn).__name__} uses renorm/virtual_batch_size/debias, which Keras and Flax lack")
     check_channel_tensors([("", bn)])
     sd = bn.state_dict()  # tensors: convert_state reads them (bfloat16 as float32)
+    if parametrize.is_parametrized(bn):  # the value the layer computes with, not its parametrization's entries
+        sd = {k: v for k, v in sd.items() if not k.startswith("parametrizations.")}
+        sd.update((name, getattr(bn, name).detach()) for name in bn.parametrizations)
+    refuse_meta(sd.items(), f"the {type(bn).__name__}", LOAD_REAL_WEIGHTS)
     config = {"num_features": channels(bn), "eps": bn.eps, "momentum": bn.momentum, "affine": bn.affine,
               "bias": bn.bias is not None or not bn.affine, "track_running_stats": bn.track_running_stats}
     return {"state_dict": sd, "config": config}
@@ -441,8 +446,9 @@ def _probe_ranks(model: nn.Module, example_inputs: Any) -> dict[str, set[int]]:
     handles = []
     for name, module in probe.named_modules():
         if isinstance(module, nn.SyncBatchNorm):
-            handles.append(module.register_forward_pre_hook(
-                lambda _m, args, name=name: ranks.setdefault(name, set()).add(args[0].dim())))
+            handles.append(module.register_forward_pre_hook(  # bn(x) or bn(input=x), PyTorch's parameter name
+                lambda _m, args, kwargs, name=name: ranks.setdefault(name, set()).add(
+                    (args[0] if args else kwargs["input"]).dim()), with_kwargs=True))
     args = as_args(example_inputs)
     try:
         with torch.no_grad():
