@@ -314,6 +314,10 @@ def test_demo_refuses_an_empty_or_unwritable_out_before_running(tmp_path, monkey
     result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "r2")])
     assert result.exit_code == 2 and "report.md there is a folder" in " ".join(result.output.split())
     assert "Claim:" not in result.output
+    for args in (["demo", "--quick"], ["study", "two-modes", "--size", "quick"]):  # a name beyond 255 bytes
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / ("a" * 300) / "sub")])
+        assert result.exit_code == 2 and "File name too long" in " ".join(result.output.split()), result.output
+        assert "Claim:" not in result.output and not isinstance(result.exception, OSError)
 
 
 def test_an_interrupted_demo_leaves_the_previous_report_as_it_was(tmp_path, monkeypatch):

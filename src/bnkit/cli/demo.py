@@ -88,8 +88,11 @@ def run_and_report(
     cancelled CI job; exit status 143 where SIGTERM has its default action) leave the previous report as it was
     and no hidden folder behind.
     """
-    if out.exists() and not out.is_dir():
-        raise fail(f"--out {out} exists and is not a folder")
+    try:  # a name too long, a folder on the way it may not search: the reason, not a traceback
+        if out.exists() and not out.is_dir():
+            raise fail(f"--out {out} exists and is not a folder")
+    except OSError as exc:
+        raise _cannot_write(out, exc) from None
     cpus = usable_cpus()
     if not 1 <= threads <= cpus:  # PyTorch takes more, then OpenBLAS crashed starting 100000
         raise fail(f"--threads must be between 1 and {cpus} (the CPUs this process may run on), got {threads}")
@@ -181,7 +184,10 @@ def _cannot_write(out: Path, exc: OSError) -> "typer.Exit":
 
 def _refuse_folders_in_the_way(out: Path, names) -> None:
     """Exit 2 if any of the report's file names is a folder inside ``out`` (it could not be replaced)."""
-    blocked = [name for name in names if (out / name).is_dir()]
+    try:
+        blocked = [name for name in names if (out / name).is_dir()]
+    except OSError as exc:  # a folder it may not search
+        raise _cannot_write(out, exc) from None
     if blocked:
         raise fail(f"cannot write the report into {out}: {', '.join(blocked)} there is a folder, not a file")
 
