@@ -1193,6 +1193,60 @@ def test_sequential_fallback_needs_the_sequential_itself_called():
             assert rel_diff(a, b) < 1e-5
 
 
+def test_sequential_fallback_sees_a_module_repeated_in_the_sequential_between_a_layer_and_its_bn():
+    """``Sequential(conv, act, conv, act, bn)`` with one ReLU in two slots: ``named_children()`` lists it once, so
+    the second conv and the BN looked adjacent and the BN was folded through the ReLU (review). Oracle: the
+    unfolded model in float64."""
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            act = nn.ReLU()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), act, nn.Conv2d(4, 4, 3), act, nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            if x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace it
+                return x
+            return self.body(x)
+
+    x = torch.randn(4, 3, 10, 10)
+    model = calibrated(Branchy(), x)
+    with torch.no_grad():
+        model.body[4].bias.uniform_(-1, 1)
+        want = copy.deepcopy(model).double()(x.double())
+    folded, report = fold_bn(model, x, verify=False)
+    assert report.method == "sequential" and not report.folded and "body.4" in report.left
+    with torch.no_grad():
+        assert rel_diff(folded(x).double(), want) < 1e-6
+
+
+def test_a_bn_also_held_in_a_plain_list_attribute_is_left_with_the_reason():
+    """``self.norms = [self.bn]`` called as ``self.norms[0](...)``: fx names the call after the registered slot,
+    the fold replaced that slot alone, and the list's BN still ran on the folded weights (review). Oracle: the
+    unfolded model in float64; a BN listed nowhere else still folds."""
+    class Listed(nn.Module):
+        def __init__(self, listed: bool):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.norms = [self.bn] if listed else []
+
+        def forward(self, x):
+            return (self.norms[0] if self.norms else self.bn)(self.conv(x))
+
+    x = torch.randn(4, 3, 8, 8)
+    for listed in (True, False):
+        model = calibrated(Listed(listed), x)
+        with torch.no_grad():
+            model.bn.bias.uniform_(-1, 1)
+            want = copy.deepcopy(model).double()(x.double())
+        folded, report = fold_bn(model)
+        if listed:
+            assert not report.folded and "held under several names (bn, norms[0])" in report.left["bn"]
+        else:
+            assert [(f.bn, f.into) for f in report.folded] == [("bn", "conv")]
+        with torch.no_grad():
+            assert rel_diff(folded(x).double(), want) < 1e-6, listed
+
+
 def test_bnkit_frozen_layers_fold_like_eval_mode_bn_and_leave_the_rest_traceable():
     """FrozenBatchNorm*d's input checks cannot be traced: as leaves they fold, and one does not hide the rest."""
     from bnkit.torch import FrozenBatchNorm2d, convert_frozen

@@ -68,7 +68,7 @@ from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO, fold_tolerance
 from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .modules import (
-    SavedState, as_args, bn_or_frozen_layers, channels, check_channel_tensors, deep_copy, eval_mode, exact_float32,
+    MODULE_OWN, SavedState, as_args, bn_or_frozen_layers, channels, check_channel_tensors, deep_copy, eval_mode, exact_float32,
     flatten_tensors, has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, map_nested, parallel_device, to_device,
     uninitialized_lazy, unwrapped,
 )
@@ -892,7 +892,9 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], shared: dict[int, 
     for prefix, seq in work.named_modules():
         if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
-        children = [(f"{prefix}.{n}" if prefix else n, m) for n, m in seq.named_children()]
+        # every slot as its forward runs them: named_children() skips a module repeated in it (an activation
+        # between a layer and a BN would vanish)
+        children = [(f"{prefix}.{n}" if prefix else n, m) for n, m in seq._modules.items()]
         for (a_name, a), (b_name, b) in zip(children, children[1:]):
             if is_bn_or_frozen(b) and isinstance(a, _LAYER_TYPES):
                 bn_name, bn, layer_name, layer, position = b_name, b, a_name, a, "after"
@@ -941,7 +943,8 @@ def _shared_names(work: nn.Module, original: nn.Module | None = None) -> dict[in
     def slots_of(model: nn.Module) -> list[tuple[str, int, str, Any]]:
         return [(f"{prefix}.{attr}" if prefix else attr, id(parent), attr, obj)
                 for prefix, parent in model.named_modules(remove_duplicate=False)
-                for attr, obj in [*parent._modules.items(), *parent._parameters.items()] if obj is not None]
+                for attr, obj in [*parent._modules.items(), *parent._parameters.items(), *_plain_refs(parent)]
+                if obj is not None]
 
     here = slots_of(work)
     names: dict[int, list[str]] = {}
@@ -961,6 +964,28 @@ def _shared_names(work: nn.Module, original: nn.Module | None = None) -> dict[in
             slots[key] = slots[key] | {(other, "") for other in group}
             names[key] = together
     return {key: names[key] for key, where in slots.items() if len(where) > 1}
+
+
+def _plain_refs(module: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]:
+    """The modules and parameters ``module`` holds outside its registered slots, by where (``norms[0]``): in plain
+    attributes (``object.__setattr__``) and the lists, tuples, sets and dicts they hold, nested. A forward that calls
+    a BN through ``self.norms[0]`` is traced under the BN's registered name, but a fold replaces only that slot."""
+    found: list[tuple[str, nn.Module | nn.Parameter]] = []
+    seen: set[int] = set()
+
+    def walk(value: object, where: str) -> None:
+        if isinstance(value, (nn.Module, nn.Parameter)):
+            found.append((where, value))
+        elif isinstance(value, (list, tuple, set, frozenset, dict)) and id(value) not in seen:
+            seen.add(id(value))
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                walk(item, f"{where}[{key!r}]")
+
+    for attr, value in vars(module).items():
+        if attr not in MODULE_OWN:
+            walk(value, attr)
+    return found
 
 
 def _metadata_use(user: fx.Node, node: fx.Node) -> bool:
@@ -1016,7 +1041,7 @@ def _bn_reason(bn: nn.Module, calls: Counter, attr_used: set[int], shared: dict[
         return ("forward hooks registered for every module (torch.nn.modules.module.register_module_forward_hook) "
                 "run on it: removing it changes what they see and return")
     if id(bn) in shared:
-        return (f"it is registered under several names ({', '.join(shared[id(bn)])}): folding would replace "
+        return (f"it is held under several names ({', '.join(shared[id(bn)])}): folding would replace "
                 "one of them, and the others would still run it")
     if calls[id(bn)] > 1:
         return f"the BN module is called {calls[id(bn)]} times"
@@ -1046,7 +1071,7 @@ def _layer_reason(
         return f"'{name}' has forward hooks, which could see or change the folded values"
     if id(layer) in shared:
         names = ", ".join(shared[id(layer)])
-        return f"'{name}' is registered under several names ({names}); only layers with one name are folded into"
+        return f"'{name}' is held under several names ({names}); only layers with one name are folded into"
     for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
         if p is not None and id(p) in shared:
             return (f"the {kind} of '{name}' is shared ({', '.join(shared[id(p)])}): the folded layer would get "

@@ -679,7 +679,7 @@ class SavedState:
         # every container attribute but nn.Module's own (hooks, _buffers, ...): those follow the module's class, which
         # stays as it is; a user's private ``self._seen = []`` is the user's
         containers = {id(v): v for m in modules for k, v in vars(m).items()
-                      if k not in _MODULE_OWN and isinstance(v, (list, dict, set))}
+                      if k not in MODULE_OWN and isinstance(v, (list, dict, set))}
         self.items = [(c, _items(c)) for c in containers.values()]
         params = {id(p): p for m in modules for p in m._parameters.values()
                   if p is not None and not is_lazy(p) and not p.is_inference()}
@@ -709,7 +709,7 @@ class SavedState:
 
 
 #: The attributes every ``nn.Module`` has (its hooks, parameters, buffers, submodules, flag): not the user's.
-_MODULE_OWN = frozenset(vars(nn.Module()))
+MODULE_OWN = frozenset(vars(nn.Module()))
 
 
 def _values(container: list | dict | set, items: list) -> list:
