@@ -68,9 +68,9 @@ from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO, fold_tolerance
 from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .modules import (
-    MODULE_OWN, SavedState, as_args, bn_or_frozen_layers, channels, check_channel_tensors, deep_copy, eval_mode, exact_float32,
-    flatten_tensors, has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, map_nested, parallel_device, to_device,
-    uninitialized_lazy, unwrapped,
+    MODULE_OWN, SavedState, as_args, bn_or_frozen_layers, channels, check_channel_tensors, deep_copy, eval_mode,
+    exact_float32, flatten_tensors, has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, map_nested,
+    parallel_device, to_device, uninitialized_lazy, unwrapped,
 )
 
 __all__ = ["fold_bn", "FoldReport", "FoldedBN", "FoldVerificationError"]
