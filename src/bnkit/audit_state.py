@@ -102,10 +102,11 @@ def ema_noise_factor(momentum: float) -> float:
     """Standard deviation of the running average over that of one batch statistic.
 
     For independent batch statistics of variance ``s**2`` the stationary variance of
-    ``r = (1 - m) r + m b`` is ``m**2 s**2 / (1 - (1 - m)**2) = m s**2 / (2 - m)``.
+    ``r = (1 - m) r + m b`` is ``m**2 s**2 / (1 - (1 - m)**2) = m s**2 / (2 - m)``, for every ``0 < m < 2`` (above 1
+    the average overshoots each batch and oscillates, still converging; from 2 on it diverges).
     """
-    if not 0.0 < momentum <= 1.0:
-        raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+    if not 0.0 < momentum < 2.0:
+        raise ValueError(f"momentum must be in (0, 2), where the running average converges, got {momentum}")
     return math.sqrt(momentum / (2.0 - momentum))
 
 

@@ -6,6 +6,7 @@ Oracles: float64 NumPy statistics of what each layer normalizes (captured by the
 modules (the same batch twice, the unfrozen layer, its buffers left as they were).
 """
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -364,3 +365,99 @@ def test_batches_counted_as_one_sample_say_which_tensor_was_counted():
         audit(model, metadata_first, forward=feed)
     data_first = [{"x": b["x"], "scale": b["scale"]} for b in metadata_first]
     assert audit(model, data_first, forward=feed).batches == 4
+
+
+class StandardizedNet(nn.Module):
+    """Standardizes its input over the batch, outside BatchNorm: one sample alone gives 0 / 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.fc((x - x.mean(0)) / x.std(0)))))
+
+
+class CoupledHeadBesideImage(nn.Module):
+    """Logits coupled across the batch beside a reconstruction a thousand times larger."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.bn(self.fc(x))
+        return {"logits": self.head(h - h.mean(0)), "recon": 1000 * h, "label": self.head(h).argmax(1)}
+
+
+def test_a_model_that_gives_nan_for_one_sample_alone_is_an_error_not_uncoupled():
+    """Batch-1 NaN outputs made the largest difference NaN, which max() dropped: 'per-sample outputs do not depend
+    on the batch', relative difference 0 (review). Oracle: the model itself on one sample and on the batch."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    model = _trained(StandardizedNet(), x)
+    with torch.no_grad():
+        assert torch.isnan(model(x[:1])).all() and torch.isfinite(model(x[:32])).all()
+    report = audit(model, x, batch_size=32)
+    (finding,) = report.by_code("batch_one_fails")
+    assert finding.severity == "error" and "NaN/Inf" in finding.finding and "OTHER than BatchNorm" in finding.evidence
+    assert report.batch_coupling is None and not report.by_code("batch_coupling")
+
+
+def test_a_coupled_output_beside_a_larger_one_is_judged_on_its_own_scale():
+    """The largest difference over all outputs was divided by their largest value: logits differing by 77% of
+    their own size hid under a reconstruction 1000 times larger (0.0004, 'do not depend on the batch'), and an
+    argmax output diluted the train-vs-eval gap (review). Oracles: each output's own batch-1 vs batch difference,
+    and the float output's gap, from the model itself."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 8)
+    model = _trained(CoupledHeadBesideImage(), x)
+    with torch.no_grad():
+        alone = torch.cat([model(x[i:i + 1])["logits"] for i in range(64)])
+        batch = model(x[:64])["logits"]
+        train = copy.deepcopy(model).train()(x[:64])
+    own = float((alone - batch).abs().max() / batch.abs().max())
+    assert own > 0.1
+    report = audit(model, x)
+    assert [f.severity for f in report.by_code("batch_coupling")] == ["error"] and report.batch_coupling > 0.1
+    gaps = [float((train[k] - ev).norm() / train[k].norm()) for k, ev in (("logits", batch), ("recon", 1000 * (
+        model.bn(model.fc(x[:64])))))]
+    assert report.train_eval_gap == pytest.approx(max(gaps), rel=1e-5)
+
+
+@pytest.mark.parametrize("momentum,noise", [(1.5, True), (2.5, False), (float("nan"), False)])
+def test_a_momentum_above_1_gets_its_noise_figure_or_a_note_not_a_crash(momentum, noise):
+    """audit(model, data) raised 'momentum must be in (0, 1]' for any momentum above 1, which the model audit
+    reports as a finding (the CLI exited 2 without a report; review). Oracle: the stationary spread
+    sqrt(m / (2 - m)) of r <- (1 - m) r + m b for 0 < m < 2, which diverges from 2 on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(4, momentum=momentum)).eval()  # fed N(0, 1) data: its own statistics
+    set_running_stats(model[0], torch.zeros(4), torch.ones(4))
+    model[0].num_batches_tracked.fill_(1000)
+    report = audit(model, torch.randn(512, 4), batch_size=32)
+    assert report.by_code("momentum")
+    (finding,) = report.by_code("stat_noise")
+    if noise:
+        with_half = audit(model, torch.randn(512, 4), batch_size=32, train_batch_size=128)
+        ratio = finding.data["mean_noise"] / with_half.by_code("stat_noise")[0].data["mean_noise"]
+        assert ratio == pytest.approx(2.0, rel=0.3)  # the EMA factor times the batch statistics' 1/sqrt(B)
+        assert finding.data["mean_noise"] == pytest.approx(math.sqrt(1.5 / 0.5) / math.sqrt(32), rel=0.3)
+    else:
+        assert "makes its running average diverge" in finding.evidence
+
+
+def test_the_noise_of_a_drop_in_cumulative_average_is_that_of_its_batches_not_zero():
+    """bnkit's debias=True layer at momentum 0 is a cumulative average, as momentum=None: its noise figure was 0
+    ('wobble by 0 std (momentum 0.0)', review). Oracle: PyTorch's momentum=None layer trained on the same batches,
+    whose figure is the closed form 1 / sqrt(updates * B)."""
+    from bnkit.torch import BatchNorm1d
+
+    torch.manual_seed(0)
+    x = torch.randn(640, 3)
+    figures = []
+    for bn in (nn.BatchNorm1d(3, momentum=None), BatchNorm1d(3, momentum=0.0, debias=True)):
+        model = _trained(nn.Sequential(bn), x)  # 10 updates of 64 samples
+        figures.append(audit(model, x, batch_size=32).by_code("stat_noise")[0])
+    assert figures[1].data["mean_noise"] == pytest.approx(figures[0].data["mean_noise"], rel=1e-6)
+    assert figures[1].data["mean_noise"] == pytest.approx(1 / math.sqrt(10 * 32), rel=0.3)
+    assert "(a cumulative average)" in figures[1].evidence

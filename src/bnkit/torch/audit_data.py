@@ -27,6 +27,7 @@ from ..findings import Finding
 from .audit_batches import Batches, batch_len, batched, default_forward, map_tensors, set_training
 from .audit_model import short_names
 from .freeze import is_frozen
+from .layers import is_cumulative
 from .audit_moments import Collector, PassClock, pool_calls
 from .modules import SavedState, eager_calls, flatten_tensors, is_batchnorm, normalized_inputs, restored_after_each_call
 
@@ -304,8 +305,12 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
         return findings, ordered
     noisy = [s for s in shifts if s.mean_noise is not None]
     bn_of = dict(tracked)
-    if not noisy and any(is_batchnorm(bn := bn_of[s.layer]) and not is_frozen(bn, "stats") for s in shifts):
-        if b_train is None:
+    moving = [bn for s in shifts if is_batchnorm(bn := bn_of[s.layer]) and not is_frozen(bn, "stats")]
+    if not noisy and moving:
+        if all(bn.momentum is not None and not 0.0 <= bn.momentum < 2.0 for bn in moving):
+            why = "each such layer's momentum makes its running average diverge (see the momentum finding)"
+            fix = "set the momentum in (0, 1]"
+        elif b_train is None:
             why = ("the training batch size is unknown (the data's batches are objects whose samples bnkit cannot "
                    "count)")
             fix = "pass train_batch_size="
@@ -323,7 +328,8 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
     if noisy:
         worst = max(noisy, key=lambda s: s.mean_noise)
         worst_var = max((s for s in noisy if s.var_noise is not None), key=lambda s: s.var_noise, default=None)
-        momentum = bn_of[worst.layer].momentum
+        worst_bn = bn_of[worst.layer]
+        momentum = "a cumulative average" if is_cumulative(worst_bn) else f"momentum {worst_bn.momentum}"
         findings.append(Finding(
             "warning" if worst.mean_noise > NOISE_WARNING else "info", worst.layer,
             f"running statistics noise at training batch size {b_train}",
@@ -497,16 +503,16 @@ def _not_random(shifts: list[LayerShift], collectors: dict[str, Collector], batc
     return max(over, key=lambda s: s.batch_f, default=None)
 
 
-def _noise_evidence(worst: LayerShift, worst_var: LayerShift | None, momentum: float | None) -> str:
+def _noise_evidence(worst: LayerShift, worst_var: LayerShift | None, momentum: str) -> str:
     """The noise figures, each with the layer it was measured in when the two differ (the row names ``worst``);
     ``worst_var`` None: no layer's variance noise could be measured (each call saw one sample)."""
     means = f"running means are expected to wobble by {worst.mean_noise:.3g} std"
     if worst_var is None:
-        return f"{means} (momentum {momentum}); the variances' noise is not measured (one sample per call)"
+        return f"{means} ({momentum}); the variances' noise is not measured (one sample per call)"
     variances = f"running variances by {100 * worst_var.var_noise:.3g}%"
     if worst_var.layer == worst.layer:
-        return f"{means} (momentum {momentum}); {variances}"
-    return (f"{means} in {worst.layer or '(root)'} (momentum {momentum}); {variances} in "
+        return f"{means} ({momentum}); {variances}"
+    return (f"{means} in {worst.layer or '(root)'} ({momentum}); {variances} in "
             f"{worst_var.layer or '(root)'}, the noisiest layer for each")
 
 
@@ -546,11 +552,15 @@ def _noise(col: Collector, bn: nn.Module, b_train: int,
             batch_f = float(np.median(s2_mean[informative] / spread[informative]))
     if not is_batchnorm(bn) or is_frozen(bn, "stats"):  # frozen statistics no longer change
         return None, None, batch_f
-    if bn.momentum is None:
+    if is_cumulative(bn):  # momentum=None, or a drop-in layer's debias=True with momentum 0
         updates = max(int(bn.num_batches_tracked or 1), 1)
         factor = 1.0 / math.sqrt(updates)
-    else:
-        factor = ema_noise_factor(bn.momentum) if bn.momentum > 0 else 0.0
+    elif bn.momentum == 0.0:  # the statistics never move
+        factor = 0.0
+    elif 0.0 < bn.momentum < 2.0:
+        factor = ema_noise_factor(bn.momentum)
+    else:  # from 2 on (or NaN, negative) the running average diverges: a momentum finding says so
+        return None, None, batch_f
     with np.errstate(over="ignore"):  # statistics near float64's range: inf
         mean_noise = float(np.sqrt(np.mean(factor ** 2 * s2_mean / b_layer / var_r)))
     if within == 0:
@@ -583,21 +593,24 @@ def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], r
     if not batch_out or not eval_out or len(batch_out) != len(eval_out):
         return [Finding("info", "(model)", "train-vs-eval gap not measured", "the model's output holds no tensors",
                         "", "gap")]
-    a = torch.cat([t.double().flatten() for t in batch_out])
     b = torch.cat([t.double().flatten() for t in eval_out])
     if not bool(torch.isfinite(b).all()):
         return [Finding("error", "(model)", "non-finite outputs in eval mode",
                         f"{int((~torch.isfinite(b)).sum())} of {b.numel()} output values are NaN/Inf on the "
                         "first batch", "see the non-finite / negative variance findings; recalibrate the statistics",
                         "eval_nonfinite")]
-    gap = float((a - b).norm() / a.norm().clamp_min(1e-12))
+    # each output tensor against its own size (logits beside a reconstruction in pixel units), the worst
+    kept = [k for k in sorted(_compared_outputs(eval_out)) if batch_out[k].shape == eval_out[k].shape]
+    gap = max((float((batch_out[k].double() - eval_out[k].double()).norm()
+                     / batch_out[k].double().norm().clamp_min(1e-12)) for k in kept), default=0.0)
     report.train_eval_gap = gap
     agree = ""
     if batch_out[0].ndim == 2 and batch_out[0].shape[1] > 1:
         same = (batch_out[0].argmax(1) == eval_out[0].argmax(1)).double().mean()
         agree = f"; argmax agrees on {100 * float(same):.3g}% of the batch"
+    several = f", the largest of {len(kept)} output tensors" if len(kept) > 1 else ""
     evidence = (f"|y_train - y_eval| / |y_train| = {gap:.3g} on the first batch (batch statistics vs running "
-                f"statistics){agree}")
+                f"statistics{several}){agree}")
     if ordered is not None:
         return [Finding(
             "info", "(model)", "train-vs-eval output gap", evidence + "; the data's batches are not random samples "
@@ -627,8 +640,12 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
     if not all(bool(torch.isfinite(t).all()) for t in eval_out if t.is_floating_point()):
         return []  # reported as non-finite eval outputs
     batch_stat_bn = [n for n, bn in layers if bn.running_mean is None]
+    cause, fix = _coupling_cause(batch_stat_bn)
     idx = sorted(set(np.linspace(0, size - 1, min(samples, size)).round().astype(int).tolist()))
-    worst, scale, compared, single = 0.0, 0.0, set(), []
+    kept = _compared_outputs(eval_out)
+    scale = {k: float(eval_out[k].double().abs().max()) if eval_out[k].numel() else 0.0 for k in kept}
+    worst: dict[int, float] = {}  # by output tensor: each is judged against its own largest value
+    single: list[torch.Tensor] = []
     for i in idx:
         try:
             one = map_tensors(batch, lambda t: t[i:i + 1] if batched(t, size) else t)
@@ -641,11 +658,15 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
         if len(single) != len(eval_out):
             continue  # the output's structure changes with the batch size: nothing lines up
         for k, (s, ref) in enumerate(zip(single, eval_out)):
-            pair = _same_sample(s, ref, size, i)
-            if pair is not None and ref.numel():
-                compared.add(k)
-                worst = max(worst, float((pair[0].double() - pair[1].double()).abs().max()))
-                scale = max(scale, float(ref.abs().max()))
+            pair = _same_sample(s, ref, size, i) if k in kept and ref.numel() else None
+            if pair is None:
+                continue
+            if not bool(torch.isfinite(pair[0]).all()):  # finite in the batch (checked above), not alone
+                return [Finding("error", "(model)", "the model gives NaN/Inf at batch size 1 in eval mode",
+                                f"sample {i} alone gives NaN/Inf outputs, in a batch of {size} finite ones; {cause}",
+                                fix, "batch_one_fails", {"batch_stat_layers": batch_stat_bn})]
+            worst[k] = max(worst.get(k, 0.0), float((pair[0].double() - pair[1].double()).abs().max()))
+    compared = set(worst)
     shapes = (f"batch size 1 gave {[tuple(t.shape) for t in single]}, batch size {size} gave "
               f"{[tuple(t.shape) for t in eval_out]}")
     if not compared:
@@ -657,7 +678,7 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
                         "forward=lambda model, x: model(x).transpose(0, 1)", "batch_coupling",
                         {"batch_one_shapes": [list(t.shape) for t in single],
                          "batch_shapes": [list(t.shape) for t in eval_out]})]
-    rel = worst / max(scale, 1e-12)
+    rel = max(worst[k] / max(scale[k], 1e-12) for k in compared)
     report.batch_coupling = rel
     partly = "" if len(compared) == len(eval_out) else (
         f"; {len(compared)} of {len(eval_out)} output tensors compared, the others have no batch dimension to "
@@ -672,8 +693,9 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
         who = "the model" if forward is default_forward else "the model or forward="
         raise ValueError(f"{who} failed in eval mode on the first data batch, run again to tell coupling from "
                          f"random outputs: {type(exc).__name__}: {exc}") from exc
-    repeat = max((float((a.double() - b.double()).abs().max()) for a, b in zip(again, eval_out)
-                  if a.shape == b.shape and a.numel()), default=0.0) / max(scale, 1e-12)
+    repeat = max((float((again[k].double() - eval_out[k].double()).abs().max()) / max(scale[k], 1e-12)
+                  for k in kept if k < len(again) and again[k].shape == eval_out[k].shape and again[k].numel()),
+                 default=0.0)
     if len(again) != len(eval_out) or repeat > COUPLING_RTOL:
         report.batch_coupling = None
         return [Finding("warning", "(model)", "outputs are random in eval mode",
@@ -682,18 +704,29 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
                         "batch was not checked", "if inference should be deterministic, find the random operation "
                         "(a layer that samples, torch.randn in forward, F.dropout(training=True))", "random_outputs",
                         {"repeat_diff": repeat})]
-    if batch_stat_bn:
-        cause = f"BatchNorm layers without running statistics ({short_names(batch_stat_bn)}) normalize with the batch's"
-        fix = "give these layers running statistics (track_running_stats=True, then bnkit recalibrate)"
-    else:
-        cause = ("every BatchNorm layer uses running statistics in eval mode, so something OTHER than BatchNorm "
-                 "couples the batch (e.g. x - x.mean(0), batch-level normalization or attention across the batch)")
-        fix = "find the operation that reduces over the batch dimension and make it per-sample"
     return [Finding("error", "(model)", "per-sample outputs depend on the rest of the batch",
                     f"eval mode, batch size 1 vs {size}: outputs differ by {rel:.3g} of max |output|; {cause}"
                     + partly + " (samples are cut along dimension 0 of the inputs: for sequence-first (T, N, C) "
                     "data, pass it batch-first with forward=lambda m, x: m(x.transpose(0, 1)))",
                     fix, "batch_coupling", {"relative_diff": rel, "batch_stat_layers": batch_stat_bn})]
+
+
+def _coupling_cause(batch_stat_bn: list[str]) -> tuple[str, str]:
+    """Why per-sample outputs can depend on the batch, and the fix: ``batch_stat_bn``, the BatchNorm layers without
+    running statistics, or else something other than BatchNorm."""
+    if batch_stat_bn:
+        return (f"BatchNorm layers without running statistics ({short_names(batch_stat_bn)}) normalize with the "
+                "batch's", "give these layers running statistics (track_running_stats=True, then bnkit recalibrate)")
+    return ("every BatchNorm layer uses running statistics in eval mode, so something OTHER than BatchNorm couples the "
+            "batch (e.g. x - x.mean(0), batch-level normalization or attention across the batch)",
+            "find the operation that reduces over the batch dimension and make it per-sample")
+
+
+def _compared_outputs(outputs: list[torch.Tensor]) -> set[int]:
+    """The output tensors the gap and coupling checks compare: the floating ones (integer ones, labels an argmax
+    made of them, flip on rounding alone), or all where there is none."""
+    floating = {k for k, t in enumerate(outputs) if t.is_floating_point() or t.is_complex()}
+    return floating or set(range(len(outputs)))
 
 
 def _same_sample(single: torch.Tensor, ref: torch.Tensor, size: int,
