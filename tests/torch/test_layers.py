@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _helpers import without_bias_option
+from _helpers import eval_takes_eps_0, without_bias_option
 from torch import nn
 from torch.nn import functional as F
 
@@ -967,7 +967,8 @@ def test_extras_refuse_eps_0_in_training_as_pytorch_does_before_any_buffer_chang
     assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
     with pytest.raises(ValueError, match="eps must be positive"):
         nn.BatchNorm1d(2, eps=0.0)(x)  # PyTorch's own
-    assert torch.isfinite(bn.eval()(x + 1)).all()
+    if eval_takes_eps_0():  # torch 2.11 refuses eps 0 in eval mode too (the GPU machine's)
+        assert torch.isfinite(bn.eval()(x + 1)).all()
 
 
 def test_make_fx_and_aot_module_run_drop_in_layers_with_real_tensors():
