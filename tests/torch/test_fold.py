@@ -1219,32 +1219,46 @@ def test_sequential_fallback_sees_a_module_repeated_in_the_sequential_between_a_
         assert rel_diff(folded(x).double(), want) < 1e-6
 
 
-def test_a_bn_also_held_in_a_plain_list_attribute_is_left_with_the_reason():
+@pytest.mark.parametrize("holder", ["list", "dict", "set", "attribute", "tuple"])
+def test_a_bn_also_held_in_a_plain_attribute_is_replaced_there_too_or_left(holder):
     """``self.norms = [self.bn]`` called as ``self.norms[0](...)``: fx names the call after the registered slot,
-    the fold replaced that slot alone, and the list's BN still ran on the folded weights (review). Oracle: the
-    unfolded model in float64; a BN listed nowhere else still folds."""
-    class Listed(nn.Module):
-        def __init__(self, listed: bool):
+    the fold replaced that slot alone, and the list's BN still ran on the folded weights (review). Now the folded
+    BN's Identity goes wherever the copy holds the BN outside its slots (a list, dict, set or plain attribute),
+    and a tuple, which cannot be rewritten, leaves the BN with the reason; restructure() does the same to a
+    fresh model. Oracle: the unfolded model in float64."""
+    class Held(nn.Module):
+        def __init__(self):
             super().__init__()
             self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
-            self.norms = [self.bn] if listed else []
+            held = {"list": [self.bn], "dict": {"norm": self.bn}, "set": {self.bn}, "tuple": (self.bn,),
+                    "attribute": self.bn}[holder]
+            object.__setattr__(self, "norms", held)  # unregistered: a plain attribute
 
         def forward(self, x):
-            return (self.norms[0] if self.norms else self.bn)(self.conv(x))
+            norm = {"list": lambda: self.norms[0], "dict": lambda: self.norms["norm"],
+                    "set": lambda: next(iter(self.norms)), "tuple": lambda: self.norms[0],
+                    "attribute": lambda: self.norms}[holder]()
+            return norm(self.conv(x))
 
     x = torch.randn(4, 3, 8, 8)
-    for listed in (True, False):
-        model = calibrated(Listed(listed), x)
+    model = calibrated(Held(), x)
+    with torch.no_grad():
+        model.bn.bias.uniform_(-1, 1)
+        want = copy.deepcopy(model).double()(x.double())
+    folded, report = fold_bn(model)
+    if holder == "tuple":
+        assert not report.folded and "held under several names (bn, norms[0])" in report.left["bn"]
+    else:
+        assert [(f.bn, f.into) for f in report.folded] == [("bn", "conv")]
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in (folded.norms if holder in ("list", "set") else
+                       folded.norms.values() if holder == "dict" else [folded.norms]))
+        fresh = report.restructure(Held())
+        fresh.load_state_dict(folded.state_dict())
         with torch.no_grad():
-            model.bn.bias.uniform_(-1, 1)
-            want = copy.deepcopy(model).double()(x.double())
-        folded, report = fold_bn(model)
-        if listed:
-            assert not report.folded and "held under several names (bn, norms[0])" in report.left["bn"]
-        else:
-            assert [(f.bn, f.into) for f in report.folded] == [("bn", "conv")]
-        with torch.no_grad():
-            assert rel_diff(folded(x).double(), want) < 1e-6, listed
+            assert rel_diff(fresh(x).double(), want) < 1e-6
+    with torch.no_grad():
+        assert rel_diff(folded(x).double(), want) < 1e-6
+    assert isinstance(model.bn, nn.BatchNorm2d) and model.norms is not folded.norms  # the caller's model as it was
 
 
 def test_bnkit_frozen_layers_fold_like_eval_mode_bn_and_leave_the_rest_traceable():

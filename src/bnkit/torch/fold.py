@@ -217,7 +217,7 @@ class FoldReport:
                 layer = model.get_submodule(f.into)
                 w = layer.weight
                 layer.bias = nn.Parameter(torch.zeros(_out_channels(layer), dtype=w.dtype, device=w.device))
-            _set_submodule(model, f.bn, _identity_for(model.get_submodule(f.bn)))
+            _replace_module(model, f.bn, _identity_for(model.get_submodule(f.bn)))
         return model
 
 
@@ -967,25 +967,62 @@ def _shared_names(work: nn.Module, original: nn.Module | None = None) -> dict[in
 
 
 def _plain_refs(module: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]:
-    """The modules and parameters ``module`` holds outside its registered slots, by where (``norms[0]``): in plain
-    attributes (``object.__setattr__``) and the lists, tuples, sets and dicts they hold, nested. A forward that calls
-    a BN through ``self.norms[0]`` is traced under the BN's registered name, but a fold replaces only that slot."""
+    """What ``module`` holds outside its registered slots that a fold cannot follow, by where (``norms[0]``):
+    parameters in plain attributes (``object.__setattr__``) and in the lists, tuples, sets and dicts they hold,
+    nested (a fold gives its layer new ones), and modules inside tuples and frozensets, which it cannot rewrite.
+    A module held elsewhere in plain attributes is followed: a folded BN is replaced there too
+    (:func:`_replace_module`), so a forward calling ``self.norms[0]`` (traced under the BN's registered name) runs
+    the ``nn.Identity``, and a layer keeps its object, only its parameters change."""
     found: list[tuple[str, nn.Module | nn.Parameter]] = []
     seen: set[int] = set()
 
-    def walk(value: object, where: str) -> None:
-        if isinstance(value, (nn.Module, nn.Parameter)):
+    def walk(value: object, where: str, frozen: bool) -> None:
+        if isinstance(value, nn.Parameter) or (frozen and isinstance(value, nn.Module)):
             found.append((where, value))
         elif isinstance(value, (list, tuple, set, frozenset, dict)) and id(value) not in seen:
             seen.add(id(value))
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for key, item in items:
-                walk(item, f"{where}[{key!r}]")
+                walk(item, f"{where}[{key!r}]", frozen or isinstance(value, (tuple, frozenset)))
 
     for attr, value in vars(module).items():
         if attr not in MODULE_OWN:
-            walk(value, attr)
+            walk(value, attr, False)
     return found
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in the slot ``name`` of ``root`` and wherever a module of ``root`` holds the module there outside
+    its registered slots: in a plain attribute, or in the lists, sets and dicts such attributes hold, nested
+    (:func:`_plain_refs` leaves modules inside tuples unfolded)."""
+    old = root.get_submodule(name)
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+    seen: set[int] = set()
+
+    def rewrite(container: list | set | dict) -> None:
+        if id(container) in seen:
+            return
+        seen.add(id(container))
+        if isinstance(container, set):
+            if any(item is old for item in container):
+                container.discard(old)
+                container.add(new)
+            return
+        keys = container.keys() if isinstance(container, dict) else range(len(container))
+        for key in list(keys):
+            if container[key] is old:
+                container[key] = new
+            elif isinstance(container[key], (list, set, dict)):
+                rewrite(container[key])
+
+    for module in root.modules():
+        slots = vars(module)
+        for attr in [a for a in slots if a not in MODULE_OWN]:
+            if slots[attr] is old:
+                slots[attr] = new
+            elif isinstance(slots[attr], (list, set, dict)):
+                rewrite(slots[attr])
 
 
 def _metadata_use(user: fx.Node, node: fx.Node) -> bool:
@@ -1324,7 +1361,7 @@ def _apply(work: nn.Module, plan: list[tuple[str, str, str]], weights: _Weights)
     for layer_name, (w, b) in weights.items():
         _assign(work.get_submodule(layer_name), w, b)
     for bn_name, _, _ in plan:
-        _set_submodule(work, bn_name, _identity_for(work.get_submodule(bn_name)))
+        _replace_module(work, bn_name, _identity_for(work.get_submodule(bn_name)))
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -1393,7 +1430,3 @@ def _identity_for(bn: nn.Module) -> nn.Identity:
             setattr(identity, name, value)
     return identity
 
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
