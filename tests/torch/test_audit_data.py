@@ -461,3 +461,61 @@ def test_the_noise_of_a_drop_in_cumulative_average_is_that_of_its_batches_not_ze
     assert figures[1].data["mean_noise"] == pytest.approx(figures[0].data["mean_noise"], rel=1e-6)
     assert figures[1].data["mean_noise"] == pytest.approx(1 / math.sqrt(10 * 32), rel=0.3)
     assert "(a cumulative average)" in figures[1].evidence
+
+
+class ScoreFilter(nn.Module):
+    """Keeps the scores above 0.5, as a detector keeps its boxes: how many depends on the statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 1), nn.BatchNorm1d(1)
+
+    def forward(self, x):
+        scores = torch.sigmoid(self.bn(self.fc(x))).flatten()
+        return scores[scores > 0.5]
+
+
+class ComplexHead(nn.Module):
+    """A complex output: ``imag`` couples the batch (``h - h.mean(0)``), or is NaN for every sample (``nan``)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.fc, self.bn = kind, nn.Linear(8, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        h = self.bn(self.fc(x))
+        imag = h - h.mean(0) if self.kind == "coupled" else torch.sqrt(-1 - h.abs())
+        return torch.complex(h, imag)
+
+
+def test_an_output_whose_shape_follows_the_statistics_has_its_gap_not_measured():
+    """Boxes kept by score: the shapes differ between batch and running statistics, and the gap read 0 ('no
+    gap'; review). Oracle: the model itself keeps other numbers of scores in the two modes."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 4) * 3 + 5
+    model = ScoreFilter().eval()  # never-updated statistics: far from the data's
+    with torch.no_grad():
+        assert len(model(x[:64])) != len(copy.deepcopy(model).train()(x[:64]))
+    report = audit(model, x)
+    assert report.train_eval_gap is None
+    (gap,) = report.by_code("gap")
+    assert gap.finding == "train-vs-eval gap not measured"
+
+
+def test_complex_outputs_are_compared_whole_not_by_their_real_part():
+    """``.double()`` dropped the imaginary part: a coupled imaginary part passed as uncoupled, and one NaN for every
+    sample was read as finite in the batch and NaN alone ('batch_one_fails'; review). Oracles: the model's own
+    batch-1 vs batch outputs, complex; NaN in its batch output."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 8)
+    coupled = _trained(ComplexHead("coupled"), x)
+    with torch.no_grad():
+        alone, batch = coupled(x[:1])[0], coupled(x[:64])[0]
+    assert float((alone - batch).abs().max()) > 0.1
+    report = audit(coupled, x)
+    assert [f.severity for f in report.by_code("batch_coupling")] == ["error"]
+    nan = _trained(ComplexHead("nan"), x)
+    with torch.no_grad():
+        assert not torch.isfinite(nan(x[:64])).any()
+    report = audit(nan, x)
+    assert report.by_code("eval_nonfinite") and not report.by_code("batch_one_fails")

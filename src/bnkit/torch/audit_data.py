@@ -593,19 +593,26 @@ def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], r
     if not batch_out or not eval_out or len(batch_out) != len(eval_out):
         return [Finding("info", "(model)", "train-vs-eval gap not measured", "the model's output holds no tensors",
                         "", "gap")]
-    b = torch.cat([t.double().flatten() for t in eval_out])
-    if not bool(torch.isfinite(b).all()):
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in eval_out)  # a complex value with a NaN part counts
+    if bad:
         return [Finding("error", "(model)", "non-finite outputs in eval mode",
-                        f"{int((~torch.isfinite(b)).sum())} of {b.numel()} output values are NaN/Inf on the "
-                        "first batch", "see the non-finite / negative variance findings; recalibrate the statistics",
+                        f"{bad} of {sum(t.numel() for t in eval_out)} output values are NaN/Inf on the first batch",
+                        "see the non-finite / negative variance findings; recalibrate the statistics",
                         "eval_nonfinite")]
     # each output tensor against its own size (logits beside a reconstruction in pixel units), the worst
     kept = [k for k in sorted(_compared_outputs(eval_out)) if batch_out[k].shape == eval_out[k].shape]
-    gap = max((float((batch_out[k].double() - eval_out[k].double()).norm()
-                     / batch_out[k].double().norm().clamp_min(1e-12)) for k in kept), default=0.0)
+    if not kept:
+        return [Finding("info", "(model)", "train-vs-eval gap not measured",
+                        f"no output tensor has the same shape with batch statistics as with running statistics "
+                        f"({[tuple(t.shape) for t in batch_out]} vs {[tuple(t.shape) for t in eval_out]}: what it "
+                        "keeps depends on the statistics, as boxes kept by their score)",
+                        "pass forward= returning outputs of fixed shape, e.g. the scores before they are filtered",
+                        "gap")]
+    gap = max(float((_wide(batch_out[k]) - _wide(eval_out[k])).norm() / _wide(batch_out[k]).norm().clamp_min(1e-12))
+              for k in kept)
     report.train_eval_gap = gap
     agree = ""
-    if batch_out[0].ndim == 2 and batch_out[0].shape[1] > 1:
+    if batch_out[0].ndim == 2 and batch_out[0].shape[1] > 1 and batch_out[0].is_floating_point():
         same = (batch_out[0].argmax(1) == eval_out[0].argmax(1)).double().mean()
         agree = f"; argmax agrees on {100 * float(same):.3g}% of the batch"
     several = f", the largest of {len(kept)} output tensors" if len(kept) > 1 else ""
@@ -637,13 +644,13 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
                         "batch_coupling")]
     if size < 2 or samples < 1:
         return []
-    if not all(bool(torch.isfinite(t).all()) for t in eval_out if t.is_floating_point()):
+    if not all(bool(torch.isfinite(t).all()) for t in eval_out):
         return []  # reported as non-finite eval outputs
     batch_stat_bn = [n for n, bn in layers if bn.running_mean is None]
     cause, fix = _coupling_cause(batch_stat_bn)
     idx = sorted(set(np.linspace(0, size - 1, min(samples, size)).round().astype(int).tolist()))
     kept = _compared_outputs(eval_out)
-    scale = {k: float(eval_out[k].double().abs().max()) if eval_out[k].numel() else 0.0 for k in kept}
+    scale = {k: float(_wide(eval_out[k]).abs().max()) if eval_out[k].numel() else 0.0 for k in kept}
     worst: dict[int, float] = {}  # by output tensor: each is judged against its own largest value
     single: list[torch.Tensor] = []
     for i in idx:
@@ -665,7 +672,7 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
                 return [Finding("error", "(model)", "the model gives NaN/Inf at batch size 1 in eval mode",
                                 f"sample {i} alone gives NaN/Inf outputs, in a batch of {size} finite ones; {cause}",
                                 fix, "batch_one_fails", {"batch_stat_layers": batch_stat_bn})]
-            worst[k] = max(worst.get(k, 0.0), float((pair[0].double() - pair[1].double()).abs().max()))
+            worst[k] = max(worst.get(k, 0.0), float((_wide(pair[0]) - _wide(pair[1])).abs().max()))
     compared = set(worst)
     shapes = (f"batch size 1 gave {[tuple(t.shape) for t in single]}, batch size {size} gave "
               f"{[tuple(t.shape) for t in eval_out]}")
@@ -693,7 +700,7 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
         who = "the model" if forward is default_forward else "the model or forward="
         raise ValueError(f"{who} failed in eval mode on the first data batch, run again to tell coupling from "
                          f"random outputs: {type(exc).__name__}: {exc}") from exc
-    repeat = max((float((again[k].double() - eval_out[k].double()).abs().max()) / max(scale[k], 1e-12)
+    repeat = max((float((_wide(again[k]) - _wide(eval_out[k])).abs().max()) / max(scale[k], 1e-12)
                   for k in kept if k < len(again) and again[k].shape == eval_out[k].shape and again[k].numel()),
                  default=0.0)
     if len(again) != len(eval_out) or repeat > COUPLING_RTOL:
@@ -720,6 +727,11 @@ def _coupling_cause(batch_stat_bn: list[str]) -> tuple[str, str]:
     return ("every BatchNorm layer uses running statistics in eval mode, so something OTHER than BatchNorm couples the "
             "batch (e.g. x - x.mean(0), batch-level normalization or attention across the batch)",
             "find the operation that reduces over the batch dimension and make it per-sample")
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64, or complex128 where complex (``double()`` would drop the imaginary part)."""
+    return t.to(torch.complex128) if t.is_complex() else t.double()
 
 
 def _compared_outputs(outputs: list[torch.Tensor]) -> set[int]:
