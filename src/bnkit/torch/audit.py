@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,7 +275,7 @@ def _unread_beside(beside: list[tuple[str, dict[str, object]]]) -> list[tuple[st
 
 
 def _state_report(name: str, state: Mapping[str, Any], data: Any,
-                  unread: list[tuple[str, list[str]]] = ()) -> AuditReport:
+                  unread: Sequence[tuple[str, list[str]]] = ()) -> AuditReport:
     if data is not None:
         raise ValueError(_NEEDS_MODEL)
     refuse_meta(state.items(), f"the {name}", _LOAD_FIRST)
