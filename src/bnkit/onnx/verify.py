@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -137,15 +138,17 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
     """
     if len(reference) != len(candidate):
         raise ValueError(f"{len(reference)} reference outputs but {len(candidate)} candidate outputs")
-    if not any(np.size(ref) for ref in reference):
+    reference = [_numbers(ref, k) for k, ref in enumerate(reference)]
+    candidate = [_numbers(got, k, want) for k, (got, (_, want)) in enumerate(zip(candidate, reference))]
+    if not any(ref.size for ref, _ in reference):
         raise NothingComparedError("every output is empty, so comparing them would check nothing: give inputs with "
                                    "sizes >= 1")
     max_abs = max_rel = 0.0
     compared = 0
-    floating = [np.issubdtype(np.asarray(ref).dtype, np.inexact) for ref in reference]
-    for ref, got, counts in zip(reference, candidate, floating if any(floating) else [True] * len(reference)):
-        ref = np.asarray(ref, dtype=np.float64)
-        got = np.asarray(got, dtype=np.float64)
+    floating = [np.issubdtype(ref.dtype, np.inexact) for ref, _ in reference]
+    for (ref, _), (got, _), counts in zip(reference, candidate, floating if any(floating) else [True] * len(reference)):
+        ref = ref.astype(np.float64, copy=False)
+        got = got.astype(np.float64, copy=False)
         if ref.shape != got.shape:
             raise ValueError(f"output shapes differ: {ref.shape} vs {got.shape}")
         if ref.size == 0:
@@ -167,6 +170,42 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
                                    "compared nothing: the model computes no finite value on these inputs (Log or Sqrt "
                                    "of negative values, NaN parameters, ...)")
     return max_abs, max_rel
+
+
+def _numbers(value: Any, k: int, want: list | None = None) -> tuple[np.ndarray, list]:
+    """Output ``k`` as its numbers, an array, and what else it holds, compared exactly: the keys of a map, the lengths
+    of a sequence, the shapes of its tensors, its strings (ZipMap's class probabilities, a label output, a sequence
+    of tensors of other shapes). A numeric array is itself, nothing else. ``want``: the reference's other part; a
+    candidate whose own differs raises ValueError."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return value, []
+    numbers: list[np.ndarray] = []
+    rest: list = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            rest.append(sorted(v, key=repr))
+            for key in rest[-1]:
+                walk(v[key])
+        elif isinstance(v, (list, tuple)):
+            rest.append(len(v))
+            for item in v:
+                walk(item)
+        else:
+            a = np.asarray(v)
+            rest.append(a.shape)
+            if a.dtype.kind in "biuf":
+                numbers.append(a.ravel())
+            elif a.dtype.kind == "c":  # real and imaginary parts, both compared
+                numbers.append(a.astype(np.complex128).view(np.float64).ravel())
+            else:  # strings: compared as they are
+                rest.append(a.tolist())
+
+    walk(value)
+    if want is not None and rest != want:
+        raise ValueError(f"output {k} differs in what it holds beside numbers (map keys, sequence lengths, shapes, "
+                         "strings)")
+    return (np.concatenate(numbers) if numbers else np.zeros(0)), rest
 
 
 #: ONNX's low-precision element types by their NumPy/PyTorch names.
