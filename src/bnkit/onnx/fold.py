@@ -224,7 +224,8 @@ class _Folder:
 
         The file's own ``value_info`` annotations and graph-output shapes are set aside first: nothing checks
         them, and one that contradicts the graph (a 2-D annotation on a 3-D MatMul input) would fold a BN on the
-        wrong axis. The graph inputs' shapes stay: onnxruntime refuses inputs of another rank.
+        wrong axis; so are the values of initializers that are also graph inputs, which a caller may override (a
+        Reshape's target shape). The graph inputs' shapes stay: onnxruntime refuses inputs of another rank.
         """
         if self._ranks is None:
             bare = onnx.ModelProto()
@@ -232,6 +233,11 @@ class _Folder:
             del bare.graph.value_info[:]
             for out in bare.graph.output:
                 _forget_shapes(out.type)
+            inputs = {value.name for value in bare.graph.input}
+            for listed in (bare.graph.initializer, bare.graph.sparse_initializer):
+                fixed = [t for t in listed if (t.values.name if hasattr(t, "values") else t.name) not in inputs]
+                del listed[:]
+                listed.extend(fixed)
             inferred = onnx.shape_inference.infer_shapes(bare)
             self._ranks = {}
             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
