@@ -269,7 +269,7 @@ def check_bn_stats(layer: BNStats) -> list[Finding]:
                         "set eps to a small positive number (PyTorch's default is 1e-5)", "bad_eps", {"eps": eps})]
 
     nbt = layer.num_batches_tracked
-    at_init = bool(np.all(mean == 0.0) and np.all(var == 1.0))
+    at_init = bool(mean.size and np.all(mean == 0.0) and np.all(var == 1.0))  # no channels: nothing to update
     if at_init:
         findings.append(Finding(
             "error", name, "running statistics never updated",

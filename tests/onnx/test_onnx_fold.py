@@ -328,6 +328,25 @@ def test_matmul_whose_input_rank_comes_from_an_overridable_default_is_left():
     assert folded.SerializeToString() == model.SerializeToString()
 
 
+def test_a_batchnorm_of_no_channels_is_left_with_the_reason():
+    """Conv to 0 channels -> BatchNormalization(0), a valid graph onnxruntime runs: the fold raised NumPy's
+    'zero-size array to reduction operation maximum', and the audit called its empty statistics 'never updated'
+    (all 0 and all 1, vacuously), an error (review). Oracle: onnxruntime's outputs of the graph."""
+    rng = np.random.default_rng(0)
+    inits = {"W": np.zeros((0, 2, 1, 1), np.float32), **{f"bn.{n}": np.zeros(0, np.float32) for n in "sbmv"}}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), _bn_node("h", "y"),
+             helper.make_node("Relu", ["x"], ["r"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 0, 4, 4]),
+                    helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 2, 4, 4])], inits)
+    x = rng.standard_normal((1, 2, 4, 4)).astype(np.float32)
+    assert [o.shape for o in ort_run(model, {"x": x})] == [(1, 0, 4, 4), (1, 2, 4, 4)]
+    folded, report = fold_model(model)
+    assert report.left == {"bn": "it normalises no channels (empty statistics): there is nothing to fold"}
+    assert folded.SerializeToString() == model.SerializeToString()
+    assert audit(model).findings == []
+
+
 def test_conv_output_read_elsewhere_or_runtime_stats_are_left():
     rng = np.random.default_rng(4)
     w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)

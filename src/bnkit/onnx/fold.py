@@ -315,6 +315,8 @@ class _Folder:
         elif producer.domain not in ("", "ai.onnx") or producer.op_type not in _FOLDERS:
             return (f"its input comes from {producer.op_type} {node_label(producer)!r}, "
                     "not a Conv/ConvTranspose/Gemm/MatMul")
+        if not bn.mean.size:
+            return "it normalises no channels (empty statistics): there is nothing to fold"
         a = bn.scale / np.sqrt(bn.var + bn.epsilon)
         b = bn.bias - a * bn.mean
         notes: list[str] = []
