@@ -39,6 +39,11 @@ MALFORMED = {
                                           "BatchNormalization node 'bn' has no output Y"),
     "Transpose perm of another rank": ([helper.make_node("Transpose", ["v16"], ["v"], name="t", perm=[1, 0]), _bn()],
                                        "Transpose node 't': attribute 'perm' [1, 0] is not a permutation"),
+    # a statistic of a type the spec does not allow: a string raised NumPy's conversion error, bool read as 0/1
+    "string variance": ([helper.make_node("Constant", [], ["v"], value=helper.make_tensor(
+        "c", TensorProto.STRING, [3], [b"a", b"b", b"c"])), _bn()], "has a var of element type object"),
+    "bool variance": ([helper.make_node("Constant", [], ["v"], value=helper.make_tensor(
+        "c", TensorProto.BOOL, [3], [True, True, False])), _bn()], "has a var of element type bool"),
 }
 
 
