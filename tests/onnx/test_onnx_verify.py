@@ -203,3 +203,23 @@ def test_a_fold_before_zipmap_is_verified():
     (want, want_maps), (got, got_maps) = ort_run(model, {"x": x}), ort_run(folded, {"x": x})
     assert rel(got, want) < 1e-6
     assert [sorted(d) for d in got_maps] == [sorted(d) for d in want_maps] == [[0, 1]] * 3
+
+
+def test_a_string_output_beside_integer_ones_counts_the_integers():
+    """A string output has no numbers: its empty part was float64, so it alone counted as the floating output and
+    the integer ones beside it compared nothing ('every output value is NaN or Inf', review). Oracle: the integer
+    outputs by hand."""
+    labels, index = np.array(["cat", "dog"], dtype=object), np.array([1, 2])
+    assert compare([labels, index], [labels.copy(), index + [0, 3]]) == (3.0, 1.5)
+
+
+def test_low_precision_arrays_and_a_list_beside_an_array_compare_by_value():
+    """ml_dtypes' bfloat16/float8 arrays (NumPy kind 'V') were taken for strings, and a plain list of numbers
+    against an array for another structure (review). Oracle: the same values in float64."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    f8 = ml_dtypes.float8_e4m3fn
+    assert compare([np.array([1.0, 2.0], f8)], [np.array([1.0, 2.25], f8)]) == (0.25, 0.125)
+    bf16 = np.array([1.0, 2.0, 4.0], ml_dtypes.bfloat16)
+    assert compare([bf16], [bf16 * 2]) == (4.0, 1.0)
+    assert compare([np.array([1.0, 2.0])], [[1.0, 2.5]]) == (0.5, 0.25)
+    assert compare([[1.0, 2.0]], [np.array([1.0, 2.5])]) == (0.5, 0.25)

@@ -519,3 +519,28 @@ def test_complex_outputs_are_compared_whole_not_by_their_real_part():
         assert not torch.isfinite(nan(x[:64])).any()
     report = audit(nan, x)
     assert report.by_code("eval_nonfinite") and not report.by_code("batch_one_fails")
+
+
+class FilteredAndSummed(nn.Module):
+    """Its first output keeps the rows above a threshold (their number follows the statistics), its second does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        y = self.bn(x)
+        return y[y[:, 0] > 0.3], y.sum(1)
+
+
+def test_a_first_output_that_changes_shape_leaves_the_gap_to_the_others():
+    """The argmax agreement read the first output in both modes whatever its shapes: a RuntimeError (size 6 vs 0)
+    ended the audit (review). Oracle: the gap of the second output, from the model itself in both modes."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    model = FilteredAndSummed().eval()
+    set_running_stats(model.bn, torch.full((3,), 2.0), torch.full((3,), 0.25))
+    with torch.no_grad():
+        train, ev = copy.deepcopy(model).train()(x)[1], model(x)[1]
+    report = audit(model, x)
+    assert report.train_eval_gap == pytest.approx(float((train - ev).norm() / train.norm()), rel=1e-6)

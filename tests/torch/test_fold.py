@@ -1261,6 +1261,31 @@ def test_a_bn_also_held_in_a_plain_attribute_is_replaced_there_too_or_left(holde
     assert isinstance(model.bn, nn.BatchNorm2d) and model.norms is not folded.norms  # the caller's model as it was
 
 
+def test_a_bn_used_as_a_dict_key_is_left():
+    """``{self.bn: 2.0}`` iterated in forward: a key cannot be rewritten, and the fold left the key's BN running on
+    the folded weights, 1.7 off unverified (review). Oracle: the unfolded model in float64."""
+    class Keyed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            object.__setattr__(self, "scale_of", {self.bn: 2.0})
+
+        def forward(self, x):
+            y = self.conv(x)
+            for module, k in self.scale_of.items():
+                y = module(y) * k
+            return y
+
+    x = torch.randn(4, 3, 8, 8)
+    model = calibrated(Keyed(), x)
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(x.double())
+    folded, report = fold_bn(model, x, verify=False)
+    assert not report.folded and "scale_of (a key)" in report.left["bn"]
+    with torch.no_grad():
+        assert rel_diff(folded(x).double(), want) < 1e-6
+
+
 def test_bnkit_frozen_layers_fold_like_eval_mode_bn_and_leave_the_rest_traceable():
     """FrozenBatchNorm*d's input checks cannot be traced: as leaves they fold, and one does not hide the rest."""
     from bnkit.torch import FrozenBatchNorm2d, convert_frozen

@@ -175,10 +175,15 @@ def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) ->
 def _numbers(value: Any, k: int, want: list | None = None) -> tuple[np.ndarray, list]:
     """Output ``k`` as its numbers, an array, and what else it holds, compared exactly: the keys of a map, the lengths
     of a sequence, the shapes of its tensors, its strings (ZipMap's class probabilities, a label output, a sequence
-    of tensors of other shapes). A numeric array is itself, nothing else. ``want``: the reference's other part; a
-    candidate whose own differs raises ValueError."""
-    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-        return value, []
+    of tensors of other shapes). A numeric array, or a sequence of numbers that makes one, is itself, nothing else.
+    ``want``: the reference's other part; a candidate whose own differs raises ValueError."""
+    if isinstance(value, (list, tuple)):
+        try:
+            stacked = np.asarray(value)
+        except ValueError:  # ragged
+            stacked = None
+        if stacked is not None and _numeric(stacked):
+            value = stacked
     numbers: list[np.ndarray] = []
     rest: list = []
 
@@ -194,18 +199,36 @@ def _numbers(value: Any, k: int, want: list | None = None) -> tuple[np.ndarray, 
         else:
             a = np.asarray(v)
             rest.append(a.shape)
-            if a.dtype.kind in "biuf":
-                numbers.append(a.ravel())
+            if _numeric(a):
+                numbers.append(a.ravel() if a.dtype.kind in "biuf" else a.astype(np.float64).ravel())
             elif a.dtype.kind == "c":  # real and imaginary parts, both compared
                 numbers.append(a.astype(np.complex128).view(np.float64).ravel())
             else:  # strings: compared as they are
                 rest.append(a.tolist())
 
-    walk(value)
-    if want is not None and rest != want:
+    if isinstance(value, np.ndarray) and _numeric(value):
+        rest_of_value: list = []
+    else:
+        walk(value)
+        value, rest_of_value = (np.concatenate(numbers) if numbers else np.zeros(0, np.int8)), rest  # none: no float
+    if want is not None and rest_of_value != want:
         raise ValueError(f"output {k} differs in what it holds beside numbers (map keys, sequence lengths, shapes, "
                          "strings)")
-    return (np.concatenate(numbers) if numbers else np.zeros(0)), rest
+    return value, rest_of_value
+
+
+def _numeric(a: np.ndarray) -> bool:
+    """Whether ``a`` holds real numbers: NumPy's integer, bool and float kinds, or ml_dtypes' (bfloat16, float8:
+    kind ``V``) that convert to float64."""
+    if a.dtype.kind in "biuf":
+        return True
+    if a.dtype.kind != "V" or a.dtype.fields is not None:
+        return False
+    try:
+        a[:0].astype(np.float64)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 #: ONNX's low-precision element types by their NumPy/PyTorch names.

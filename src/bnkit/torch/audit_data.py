@@ -612,7 +612,8 @@ def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], r
               for k in kept)
     report.train_eval_gap = gap
     agree = ""
-    if batch_out[0].ndim == 2 and batch_out[0].shape[1] > 1 and batch_out[0].is_floating_point():
+    if (batch_out[0].ndim == 2 and batch_out[0].shape[1] > 1 and batch_out[0].is_floating_point()
+            and batch_out[0].shape == eval_out[0].shape):
         same = (batch_out[0].argmax(1) == eval_out[0].argmax(1)).double().mean()
         agree = f"; argmax agrees on {100 * float(same):.3g}% of the batch"
     several = f", the largest of {len(kept)} output tensors" if len(kept) > 1 else ""

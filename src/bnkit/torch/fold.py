@@ -969,7 +969,8 @@ def _shared_names(work: nn.Module, original: nn.Module | None = None) -> dict[in
 def _plain_refs(module: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]:
     """What ``module`` holds outside its registered slots that a fold cannot follow, by where (``norms[0]``):
     parameters in plain attributes (``object.__setattr__``) and in the lists, tuples, sets and dicts they hold,
-    nested (a fold gives its layer new ones), and modules inside tuples and frozensets, which it cannot rewrite.
+    nested (a fold gives its layer new ones), and modules inside tuples and frozensets or as dict keys, which it
+    cannot rewrite.
     A module held elsewhere in plain attributes is followed: a folded BN is replaced there too
     (:func:`_replace_module`), so a forward calling ``self.norms[0]`` (traced under the BN's registered name) runs
     the ``nn.Identity``, and a layer keeps its object, only its parameters change."""
@@ -983,6 +984,8 @@ def _plain_refs(module: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]
             seen.add(id(value))
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for key, item in items:
+                if isinstance(value, dict) and isinstance(key, (nn.Module, nn.Parameter)):  # a key: not rewritten
+                    found.append((f"{where} (a key)", key))
                 walk(item, f"{where}[{key!r}]", frozen or isinstance(value, (tuple, frozenset)))
 
     for attr, value in vars(module).items():
