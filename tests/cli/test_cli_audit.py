@@ -571,6 +571,27 @@ def test_shifts_table_prints_the_variance_ratio_not_its_log(trained, tmp_path):
     assert abs(float(rows[0][5])) < 0.01, rows
 
 
+def test_an_infinite_shift_prints_in_the_table(tmp_path, monkeypatch):
+    """eps 0 and a constant channel: the data's variance is 0, its log-ratio to the running one -inf and the shift
+    infinite, which the JSON holds as "inf" and the table formatted as a number: a ValueError traceback (review).
+    Oracle: the closed form log(0 / 1) = -inf, a variance ratio of 0."""
+    (tmp_path / "eps0_models.py").write_text(
+        "import torch\n\ndef make():\n    return torch.nn.Sequential(torch.nn.BatchNorm1d(3, eps=0.0))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    x = np.random.default_rng(0).normal(size=(256, 3)).astype(np.float32)
+    x[:, 0] = 0.5  # a dead unit's constant output
+    np.save(tmp_path / "x.npy", x)
+    state = {"0.weight": torch.ones(3), "0.bias": torch.zeros(3), "0.running_mean": torch.zeros(3),
+             "0.running_var": torch.ones(3), "0.num_batches_tracked": torch.tensor(100)}
+    args = (save_state_dict_file(state, tmp_path / "m.pt"), "--model", "eps0_models:make", "--data", tmp_path / "x.npy")
+    assert json.loads(_invoke(*args, "--json").output)["shifts"][0]["z_eq"] == "inf"
+    result = _invoke(*args)
+    assert result.exit_code == 1 and not isinstance(result.exception, ValueError), result.output
+    rows = [cells for cells in ([c.strip() for c in line.split("│")[1:-1]] for line in result.output.splitlines())
+            if len(cells) == 7 and cells[0] == "1"]
+    assert [(r[1], r[2], r[6]) for r in rows] == [("0", "inf", "0")], result.output
+
+
 def test_onnx_findings_are_listed_most_severe_first(tmp_path):
     """An ONNX file that fails onnx.checker (error), runs Dropout in training mode (warning) and has no
     BatchNormalization (info): JSON and table list them error, warning, info (bnkit.findings.SEVERITIES's order),

@@ -1078,7 +1078,7 @@ def test_a_training_dropout_inside_an_if_body_is_audited_seeded_and_not_switched
     assert "--to-inference refuses this file" in bn_finding.fix  # the whole file is refused, not switched
     folded, report = fold_model(model, input_shapes={"x": [2, 2, 4, 4], "c": []})
     assert report.verified and "BatchNormalization" not in ops(folded)
-    with pytest.raises(ValueError, match=r"cannot switch training-mode nodes \['drop'\]"):
+    with pytest.raises(ValueError, match=r"cannot switch training-mode nodes \['if/drop'\]"):  # named by its owner
         fold_model(model, to_inference=True)
 
 

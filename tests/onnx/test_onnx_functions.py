@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from _helpers import bn_initializers, bn_node, ort_run, rel, strict_json, value_info
-from onnx import AttributeProto, helper, numpy_helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
@@ -469,3 +469,29 @@ def test_a_reference_the_outer_call_leaves_unset_takes_the_inner_functions_defau
     inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     want = (x - inits["m"][:, None]) / np.sqrt(inits["v"][:, None] + 0.1) * inits["s"][:, None] + inits["b"][:, None]
     np.testing.assert_allclose(ort_run(model, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_training_dropout_in_a_function_called_twice_is_named_after_each_call():
+    """Two calls of one function whose Dropout runs in training mode gave two identical findings named after the
+    body's node, where its BatchNormalization rows are named after each call (review). Oracle: onnxruntime, whose
+    two runs of the graph differ, and the BN rows' own names."""
+    fn = helper.make_function("local", "Blk", ["x", "s", "b", "m", "v"], ["y"], [
+        helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["t"], name="bn"),
+        helper.make_node("Constant", [], ["r"], value=helper.make_tensor("r", TensorProto.FLOAT, [], [0.5])),
+        helper.make_node("Constant", [], ["tm"], value=helper.make_tensor("tm", TensorProto.BOOL, [], [True])),
+        helper.make_node("Dropout", ["t", "r", "tm"], ["y"], name="drop")], [helper.make_opsetid("", 17)])
+    stats = [helper.make_tensor(n, TensorProto.FLOAT, [2], v)
+             for n, v in (("s", [1, 1]), ("b", [0, 0]), ("m", [0.1, 0.2]), ("v", [1.5, 2.0]))]
+    graph = helper.make_graph(
+        [helper.make_node("Blk", ["X", "s", "b", "m", "v"], ["H"], name="block1", domain="local"),
+         helper.make_node("Blk", ["H", "s", "b", "m", "v"], ["Y"], name="block2", domain="local")], "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 2, 64])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2, 64])], stats)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[fn])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.ones((1, 2, 64), np.float32)
+    assert not np.array_equal(session.run(None, {"X": x})[0], session.run(None, {"X": x})[0])
+    report = audit(model)
+    assert [n["name"] for n in report.nodes] == ["block1/bn", "block2/bn"]
+    assert [f.layer for f in report.findings if f.code == "dropout_training"] == ["block1/drop", "block2/drop"]

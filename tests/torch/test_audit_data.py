@@ -544,3 +544,29 @@ def test_a_first_output_that_changes_shape_leaves_the_gap_to_the_others():
         train, ev = copy.deepcopy(model).train()(x)[1], model(x)[1]
     report = audit(model, x)
     assert report.train_eval_gap == pytest.approx(float((train - ev).norm() / train.norm()), rel=1e-6)
+
+
+class SqrtAfterBN(nn.Module):
+    """sqrt(bn(x) + 0.5): NaN where batch statistics normalize a value below -0.5, finite with the running ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return torch.sqrt(self.bn(x) + 0.5)
+
+
+def test_a_gap_with_nan_outputs_under_batch_statistics_is_not_measured_rather_than_nan():
+    """NaN outputs with batch statistics made the gap NaN, which compared below the warning level ('info') and
+    reached JSON as the string "nan" (review). Oracle: the model itself in training mode gives NaN, in eval finite."""
+    torch.manual_seed(0)
+    model = SqrtAfterBN().eval()
+    set_running_stats(model.bn, torch.zeros(3), torch.full((3,), 4.0))
+    x = torch.rand(48, 3) * 4
+    with torch.no_grad():
+        assert torch.isnan(copy.deepcopy(model).train()(x[:16])).any() and torch.isfinite(model(x[:16])).all()
+    report = audit(model, x, batch_size=16)
+    assert report.train_eval_gap is None
+    (gap,) = report.by_code("gap")
+    assert gap.finding == "train-vs-eval gap not measured" and "NaN/Inf with batch statistics" in gap.evidence

@@ -261,6 +261,7 @@ def _print(report: dict[str, Any]) -> None:
         if len(shown) < len(report["shifts"]):
             shifts.caption = f"the top {len(shown)} of {len(report['shifts'])} layers (--json lists all)"
         for rank, s in enumerate(shown, start=1):
+            s = {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in s.items()}  # JSON's strings for them
             noise = "-" if s.get("sampling_kl") is None else f"{math.sqrt(2 * s['sampling_kl']):.3g}"
             shifts.add_row(str(rank), Text(s["layer"]), f"{s['z_eq']:.3g}", noise, str(s["worst_channel"]),
                            f"{s['mean_shift']:+.3g}", f"{math.exp(s['log_var_ratio']):.3g}")

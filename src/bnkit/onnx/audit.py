@@ -36,7 +36,7 @@ import onnx
 from ..audit_state import BNStats, check_bn_stats
 from ..findings import Finding, jsonable, worst_severity
 from .graph import (BNNode, FunctionKey, MalformedNodeError, blank_outputs_fail, bn_nodes, check_model, load_model,
-                    local_functions, node_label, opset_version, training_dropouts, unswitchable_training)
+                    local_functions, opset_version, training_dropouts, unswitchable_training)
 
 __all__ = ["OnnxAuditReport", "audit"]
 
@@ -155,7 +155,7 @@ def _dropout_findings(graph: onnx.GraphProto, opset: int,
     constant true, or a graph input with a stored default true (ONNX Dropout-12+)."""
     top = list(graph.node)  # held while ids are compared: a protobuf wrapper keeps its id only while referenced
     ids = {id(node) for node in top}
-    return [Finding("warning", node_label(node), "Dropout in training mode",
+    return [Finding("warning", name, "Dropout in training mode",
                     (f"its training_mode input is graph input {node.input[2]!r} with a stored default true "
                      "(an initializer also listed as an input): every run that does not feed false" if overridable
                      else "its training_mode input is true: every run")
@@ -164,7 +164,7 @@ def _dropout_findings(graph: onnx.GraphProto, opset: int,
                         ", or `bnkit fold --to-inference` (switches it to inference)" if id(node) in ids
                         else " (bnkit fold cannot switch it inside an If/Loop body or a local function)"),
                     "dropout_training", {"overridable": ["training_mode"]} if overridable else {})
-            for node, known, overridable in training_dropouts(graph, opset, nested=True, functions=functions)
+            for node, known, overridable, name in training_dropouts(graph, opset, nested=True, functions=functions)
             if known]
 
 

@@ -542,7 +542,7 @@ _FOLDERS = {"Conv": _fold_conv_like, "ConvTranspose": _fold_conv_like, "Gemm": _
 def _dropouts_to_inference(graph: onnx.GraphProto, opset: int, report: OnnxFoldReport) -> None:
     """Switch constant-true (or stored-default-true) training-mode Dropout nodes to inference (see the module doc)."""
     index = GraphIndex(graph)
-    for node, known, overridable in training_dropouts(graph, opset, index):
+    for node, known, overridable, _ in training_dropouts(graph, opset, index):
         label = node_label(node)
         if not known:
             report.notes.append(f"Dropout {label!r}: training_mode is computed at run time; left as it is")

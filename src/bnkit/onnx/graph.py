@@ -698,11 +698,13 @@ class TrainingDropout(NamedTuple):
     known: bool
     #: ``training_mode`` is a graph input whose stored default is true: true unless a caller feeds false
     overridable: bool
+    #: its label, after those of the nodes whose bodies hold it (``block1/drop``: a function called twice is two)
+    name: str
 
 
 def training_dropouts(
     graph: onnx.GraphProto | onnx.FunctionProto, opset: int, index: GraphIndex | None = None, *, nested: bool = False,
-    functions: dict[FunctionKey, onnx.FunctionProto] | None = None, _calling: tuple[str, ...] = ()
+    functions: dict[FunctionKey, onnx.FunctionProto] | None = None, _calling: tuple[str, ...] = (), _prefix: str = ""
 ) -> list[TrainingDropout]:
     """A :class:`TrainingDropout` for each top-level Dropout (``nested``: in If/Loop/Scan bodies and in the bodies
     of the local ``functions`` called, once per call, too) whose ``training_mode`` input may be true.
@@ -717,22 +719,24 @@ def training_dropouts(
     index = index or GraphIndex(graph)
     found = []
     for node in graph.node:
+        inner = f"{_prefix}{node_label(node)}/"
         if nested:
             for sub in subgraphs(node):
                 found.extend(training_dropouts(sub, opset, GraphIndex(sub, outer=index), nested=True,
-                                               functions=functions, _calling=_calling))
+                                               functions=functions, _calling=_calling, _prefix=inner))
             if (body := _called(node, functions)) is not None and body.name not in _calling:
                 found.extend(training_dropouts(body, _function_opset(body, opset), GraphIndex(body, call=(node, index)),
-                                               nested=True, functions=functions, _calling=_calling + (body.name,)))
+                                               nested=True, functions=functions, _calling=_calling + (body.name,),
+                                               _prefix=inner))
         if node.op_type != "Dropout" or node.domain not in ("", "ai.onnx") or len(node.input) < 3 or not node.input[2]:
             continue
         mode, overridable = index.constant(node.input[2]), False
         if mode is None and (mode := index.constant(node.input[2], defaults=True)) is not None:
             overridable = True
         if mode is None:
-            found.append(TrainingDropout(node, False, False))
+            found.append(TrainingDropout(node, False, False, _prefix + node_label(node)))
         elif bool(np.asarray(mode).any()):
-            found.append(TrainingDropout(node, True, overridable))
+            found.append(TrainingDropout(node, True, overridable, _prefix + node_label(node)))
     return found
 
 
@@ -748,6 +752,6 @@ def unswitchable_training(graph: onnx.GraphProto, opset: int, nodes: list[BNNode
                                                          or any(index.readers(o) for o in bn.extra_outputs))]
     top = list(graph.node)  # held while ids are compared: a protobuf wrapper keeps its id only while referenced
     ids = {id(n) for n in top}
-    return stuck + [node_label(n) for n, known, _ in training_dropouts(graph, opset, index, nested=True,
-                                                                        functions=functions)
+    return stuck + [name for n, known, _, name in training_dropouts(graph, opset, index, nested=True,
+                                                                     functions=functions)
                     if known and id(n) not in ids]

@@ -608,6 +608,10 @@ def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], r
                         "keeps depends on the statistics, as boxes kept by their score)",
                         "pass forward= returning outputs of fixed shape, e.g. the scores before they are filtered",
                         "gap")]
+    if bad := sum(int((~torch.isfinite(batch_out[k])).sum()) for k in kept):
+        return [Finding("info", "(model)", "train-vs-eval gap not measured",
+                        f"{bad} output values are NaN/Inf with batch statistics on the first batch (eval mode's are "
+                        "finite), so no gap is measured", "", "gap")]
     gap = max(float((_wide(batch_out[k]) - _wide(eval_out[k])).norm() / _wide(batch_out[k]).norm().clamp_min(1e-12))
               for k in kept)
     report.train_eval_gap = gap
