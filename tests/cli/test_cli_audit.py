@@ -749,6 +749,17 @@ def test_control_characters_in_names_from_a_file_reach_the_terminal_as_symbols(t
     assert json.loads(_invoke(path, "--json").output)["layers"] == [name]
 
 
+def test_a_name_with_control_characters_keeps_every_character_in_the_table(tmp_path):
+    """The symbols were put in after rich had measured the cells, where a control character takes no column: each
+    cut one character off the end of the name (enc␛␛␛bloc for enc\x1b\x1b\x1bblock_3; review). Oracle: the name
+    in the JSON output."""
+    name = "enc\x1b\x1b\x1bblock_3"
+    path = tmp_path / "esc.pt"
+    torch.save({f"{name}.running_mean": torch.full((3,), float("nan")), f"{name}.running_var": torch.ones(3)}, path)
+    assert json.loads(_invoke(path, "--json").output)["layers"] == [name]
+    assert "enc\u241b\u241b\u241bblock_3" in _flat(_invoke(path))
+
+
 def test_a_checkpoint_file_without_a_state_dict_exits_2(tmp_path):
     """A list, a tensor or a dict without tensors: exit 2 with the reason (a TypeError traceback with exit 1, or a
     pass, when the audit took every set of weights; review)."""

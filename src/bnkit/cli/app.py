@@ -28,6 +28,12 @@ _SHOWN = {**{c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)}, 0x7F:
           **{c: 0xFFFD for c in range(0x80, 0xA0)}}
 
 
+def shown(text: str) -> str:
+    """``text`` (a name read from a file) with its control characters as the consoles show them: put into a table
+    so, it is measured at the width it prints at (rich counts a control character as no column)."""
+    return text.translate(_SHOWN)
+
+
 class _Console(Console):
     """A rich Console that shows control characters in what it prints as visible symbols: a layer or node name
     read from a file (``"x\x1b[31m..."``) reaches the terminal as text, never as an escape sequence. rich's own

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..file_kinds import looks_like_onnx, looks_like_safetensors
-from .app import app, console, fail, needs, note
+from .app import app, console, fail, needs, note, shown
 from .common import (USER_CODE_ERRORS, UsageError, add_cwd_to_path, build_model, check_input_file, describe_error,
                      dtype_change, load_forward, load_inputs, parse_device, print_json, reworded)
 from .tables import print_table
@@ -245,25 +245,25 @@ def _print(report: dict[str, Any]) -> None:
     layers = len(report.get("layers") or [])
     if findings:
         # names, paths and texts go in as Text, never as markup: escape() doubles a trailing backslash ("bn\\")
-        table = Table(title=Text(f"BatchNorm audit of {report['target']} ({report['depth']})"), show_lines=True)
+        table = Table(title=Text(f"BatchNorm audit of {shown(report['target'])} ({report['depth']})"), show_lines=True)
         for col, width in (("severity", 8), ("layer", 24), ("finding", 30), ("evidence", 48), ("fix", 36)):
             table.add_column(col, max_width=width if col != "severity" else None, overflow="fold")
         for f in findings:
             table.add_row(f"[{_STYLE[f['severity']]}]{f['severity']}[/]",
-                          *(Text(f[k]) for k in ("layer", "finding", "evidence", "fix")))
+                          *(Text(shown(f[k])) for k in ("layer", "finding", "evidence", "fix")))
         print_table(console, table)
     if report.get("shifts"):
         shifts = Table(title="Data vs running statistics, ranked by KL per channel beyond what sampling noise gives "
                              "(z_eq = equivalent mean shift in std; noise z_eq: that of sampling noise alone)")
         for col in ("rank", "layer", "z_eq", "noise z_eq", "worst channel", "mean shift (std)", "variance ratio"):
             shifts.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
-        shown = report["shifts"][:10]
-        if len(shown) < len(report["shifts"]):
-            shifts.caption = f"the top {len(shown)} of {len(report['shifts'])} layers (--json lists all)"
-        for rank, s in enumerate(shown, start=1):
+        top = report["shifts"][:10]
+        if len(top) < len(report["shifts"]):
+            shifts.caption = f"the top {len(top)} of {len(report['shifts'])} layers (--json lists all)"
+        for rank, s in enumerate(top, start=1):
             s = {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in s.items()}  # JSON's strings for them
             noise = "-" if s.get("sampling_kl") is None else f"{math.sqrt(2 * s['sampling_kl']):.3g}"
-            shifts.add_row(str(rank), Text(s["layer"]), f"{s['z_eq']:.3g}", noise, str(s["worst_channel"]),
+            shifts.add_row(str(rank), Text(shown(s["layer"])), f"{s['z_eq']:.3g}", noise, str(s["worst_channel"]),
                            f"{s['mean_shift']:+.3g}", f"{math.exp(s['log_var_ratio']):.3g}")
         print_table(console, shifts)
     errors = sum(f["severity"] == "error" for f in findings)

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .app import app, console, fail, needs, note
+from .app import app, console, fail, needs, note, shown
 from .common import print_json, reworded
 from .tables import print_table
 
@@ -31,13 +31,13 @@ def _shape(text: str) -> list[int]:
 
 def _print_rows(folded: list[tuple[str, str]], left: dict[str, str], title: str) -> None:
     # names, paths and reasons go in as Text, never as markup: escape() doubles a trailing backslash ("bn\\")
-    table = Table(title=Text(title))
+    table = Table(title=Text(shown(title)))
     table.add_column("BatchNorm", overflow="fold")  # a narrow console folds long names, never cuts them
     table.add_column("result", overflow="fold")
     for bn, into in folded:
-        table.add_row(Text(bn), Text.assemble(("folded into", "green"), f" {into}"))
+        table.add_row(Text(shown(bn)), Text.assemble(("folded into", "green"), f" {shown(into)}"))
     for bn, reason in left.items():
-        table.add_row(Text(bn), Text.assemble(("left:", "yellow"), f" {_cli_words(reason)}"))
+        table.add_row(Text(shown(bn)), Text.assemble(("left:", "yellow"), f" {shown(_cli_words(reason))}"))
     print_table(console, table)
 
 

@@ -17,8 +17,9 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from .app import app, console, fail, needs, note, warnings_as_notes
+from .app import app, console, fail, needs, note, shown, warnings_as_notes
 from .common import INPUT_KEYS, USER_CODE_ERRORS, check_input_array, describe_error, raised_by_bnkit, reworded
 from .tables import print_table
 
@@ -163,7 +164,7 @@ def _report_table(report: Any) -> Table:
     for row in report.rows():
         unused = row["values_per_channel"] == 0
         table.add_row(
-            escape(row["layer"]), str(row["samples"]), str(row["values_per_channel"]),
+            Text(shown(row["layer"])), str(row["samples"]), str(row["values_per_channel"]),
             "unused" if unused else f"{row['max_mean_shift_std']:.4g}",
             "unused" if unused else f"{row['var_ratio_min']:.3g} .. {row['var_ratio_max']:.3g}",
         )
