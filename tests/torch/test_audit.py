@@ -1686,3 +1686,16 @@ def test_bn_like_tensors_beside_the_weights_under_a_wrapper_key_are_named_not_dr
         (unread,) = report.by_code("unread_beside")
         assert unread.severity == "warning" and unread.data == {"layers": ["1", "3"], "beside": "model"}
     assert not audit({"model": student}).by_code("unread_beside")
+
+
+def test_a_checkpoint_of_meta_tensors_is_refused_by_name(tmp_path):
+    """A state dict saved from a model built on the meta device: the audit read its values before refusing meta
+    tensors (NotImplementedError: Cannot copy out of meta tensor; review). Oracle: PyTorch, which has no values for
+    a meta tensor to give."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    torch.save(model.state_dict(), tmp_path / "meta.pt")
+    with pytest.raises(NotImplementedError):
+        model[1].running_var.cpu()
+    with pytest.raises(ValueError, match="holds meta tensors .* audit it after loading real weights"):
+        audit(tmp_path / "meta.pt")

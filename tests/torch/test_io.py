@@ -1154,8 +1154,9 @@ def test_an_existing_state_dict_file_keeps_its_mode(tmp_path, suffix):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_saving_copies_only_tensors_that_do_not_hold_their_own_storage(tmp_path, suffix, monkeypatch):
     """A state dict of tensors that each hold their whole storage (a folded copy of a model, recalibrate's output
-    checkpoint) is written as it is: copying it first held a second copy of the model's weights in memory. Views,
-    tied and strided tensors are still written as their values alone."""
+    checkpoint) is written as it is: copying it first held a second copy of the model's weights in memory. Views
+    and strided tensors are still written as their values alone, and tied ones for safetensors (which refuses
+    them); torch.save stores tied ones once, so a .pt file keeps them tied (they were copied apart: review)."""
     import safetensors.torch
 
     base = torch.arange(12.0)
@@ -1178,11 +1179,38 @@ def test_saving_copies_only_tensors_that_do_not_hold_their_own_storage(tmp_path,
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
     shared = {k: given[k].untyped_storage().data_ptr() == v.untyped_storage().data_ptr() for k, v in state.items()
               if v.numel()}
-    assert shared == {"own": True, "ints": True, "emb": True, "tied": False, "view": False, "whole_view": True,
-                      "t": False, "conj": False, "neg": False}
+    assert shared == {"own": True, "ints": True, "emb": True, "tied": suffix == ".pt", "view": False,
+                      "whole_view": True, "t": False, "conj": False, "neg": False}
     assert loaded["conj"].tolist() == [1 - 2j, 3 + 4j] and loaded["neg"].tolist() == [-1.0, -1.0]
-    ptrs = [t.untyped_storage().data_ptr() for t in given.values() if t.numel()]
-    assert len(ptrs) == len(set(ptrs))  # no two entries share a storage
+    ptrs = [t.untyped_storage().data_ptr() for k, t in given.items() if t.numel() and k != "tied"]
+    assert len(ptrs) == len(set(ptrs))  # no two other entries share a storage
+    if suffix == ".pt":  # the file holds one storage for both, as torch.save(state) writes it
+        again = torch.load(tmp_path / "w.pt", weights_only=True)
+        assert again["tied"].untyped_storage().data_ptr() == again["emb"].untyped_storage().data_ptr()
+
+
+def test_mmap_reads_a_zip_file_whose_records_are_compressed_or_mis_sized(tmp_path):
+    """torch maps each record at its offset with the size the pickle names, unchecked: a re-zipped checkpoint
+    (records deflated) was read as compressed bytes (the audit of a healthy file found dead channels and negative
+    variances), and a record 8 bytes longer than its tensor, with a valid CRC, as the wrong bytes (review). Oracle:
+    torch.load without mmap, which reads the first right and refuses the second."""
+    state = {"a": torch.arange(16.0), "b": torch.arange(100.0, 116.0)}
+    torch.save(state, tmp_path / "orig.pt")
+    with zipfile.ZipFile(tmp_path / "orig.pt") as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    for name, compression, grow in (("deflated.pt", zipfile.ZIP_DEFLATED, b""), ("long.pt", zipfile.ZIP_STORED,
+                                                                                 b"\0" * 8)):
+        with zipfile.ZipFile(tmp_path / name, "w", compression) as archive:
+            for filename, data in records:
+                archive.writestr(filename, data + (grow if filename.endswith("data/0") else b""))
+    deflated = torch.load(tmp_path / "deflated.pt", weights_only=True)
+    assert all(torch.equal(deflated[k], v) for k, v in state.items())
+    loaded = load_checkpoint(tmp_path / "deflated.pt", mmap=True)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    with pytest.raises(RuntimeError, match="does not match expected size"):
+        torch.load(tmp_path / "long.pt", weights_only=True)
+    with pytest.raises(NotACheckpointError, match="does not match expected size"):
+        load_checkpoint(tmp_path / "long.pt", mmap=True)
 
 
 @pytest.mark.parametrize("layout", ["zip", "legacy", "zip named .safetensors"])

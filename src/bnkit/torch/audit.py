@@ -248,6 +248,8 @@ def _merged(sets: list[tuple[str, dict[str, object]]], where: str) -> dict[str, 
     ValueError where there is no tensor, or where two sets' names would read alike."""
     if not sets:
         raise ValueError(f"{where} contains no tensors")
+    for _, state in sets:  # before any value is read: a meta tensor has none
+        refuse_meta(state.items(), where, _LOAD_FIRST)
     with_bn = [(path, state) for path, state in sets if bn_stats_from_state(state)]
     several = len(with_bn) > 1
     merged: dict[str, object] = {}

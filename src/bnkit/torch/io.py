@@ -26,7 +26,7 @@ import pickle
 import pickletools
 import re
 import zipfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -268,11 +268,55 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
 
 def _torch_load(path: Path, map_location: str, weights_only: bool, mmap: bool = False) -> object:
     """``torch.load`` of the file; of its bytes where the path ends in ``.safetensors``, which it would read as
-    safetensors whatever the file holds (torch/serialization.py ``load``): the content has said it is not."""
+    safetensors whatever the file holds (torch/serialization.py ``load``): the content has said it is not.
+
+    ``mmap`` (a zip file): mapped only where every tensor record is stored uncompressed and the storages loaded have
+    the records' sizes; else read. torch maps each record at its offset with the size the pickle names, unchecked:
+    a compressed (re-zipped) or mis-sized record would be read as other bytes, where reading it checks its size."""
     if path.suffix.lower() != ".safetensors":
-        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+        if mmap and (sizes := _stored_record_sizes(path)) is not None:
+            loaded = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
+            if _storage_sizes(loaded) == sizes:
+                return loaded
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
     with open(path, "rb") as f:  # read: torch maps a file it is given by path only
         return torch.load(f, map_location=map_location, weights_only=weights_only)
+
+
+def _stored_record_sizes(path: Path) -> Counter | None:
+    """The sizes of a ``torch.save`` zip file's tensor records (``<archive>/data/<key>``), or None where one is
+    compressed."""
+    sizes: Counter = Counter()
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            if member.filename.rsplit("/", 2)[-2:-1] == ["data"]:
+                if member.compress_type != zipfile.ZIP_STORED:
+                    return None
+                sizes[member.file_size] += 1
+    return sizes
+
+
+def _storage_sizes(obj: object) -> Counter:
+    """The sizes of the distinct storages of the tensors in a loaded checkpoint (in dicts, lists, tuples and modules;
+    tensors elsewhere are not found, so the sizes then differ from the records' and the file is read instead)."""
+    seen: dict[tuple[int, int], None] = {}
+
+    def walk(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.layout == torch.strided and not value.is_meta:
+                storage = value.untyped_storage()
+                seen[(storage.data_ptr(), storage.nbytes())] = None
+        elif isinstance(value, torch.nn.Module):
+            walk(value.state_dict(keep_vars=True))
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    walk(obj)
+    return Counter(nbytes for _, nbytes in seen)
 
 
 def _reason(exc: Exception) -> str:
@@ -851,13 +895,13 @@ def _copied(value: object) -> object:
     return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
 
 
-def _owning(state: Mapping[str, object]) -> OrderedDict:
+def _owning(state: Mapping[str, object], keep_ties: bool = False) -> OrderedDict:
     """``state`` with each tensor as a detached CPU tensor that alone holds its whole storage, copied only where it
     does not: one on another device, not contiguous, a lazy conjugate or negative view (``z.conj()``: safetensors
     writes the memory, which holds the values before the view), a view into a larger storage (``torch.save``
     writes the whole storage), or sharing its storage with an earlier entry (tied weights, which safetensors
-    refuses). The others are written as they are, so a fresh copy of a model's weights (a folded model's, a
-    checkpoint's) is not copied again to be saved."""
+    refuses; ``keep_ties``: kept tied, as ``torch.save`` stores them once). The others are written as they are,
+    so a fresh copy of a model's weights (a folded model's, a checkpoint's) is not copied again to be saved."""
     saved, storages = OrderedDict(), set()
     for k, v in state.items():
         if isinstance(v, torch.Tensor):
@@ -865,7 +909,7 @@ def _owning(state: Mapping[str, object]) -> OrderedDict:
             if not (v.device.type == "cpu" and v.layout == torch.strided and not v.is_quantized and v.is_contiguous()
                     and not v.is_conj() and not v.is_neg()  # lazy views: the memory holds the unconjugated values
                     and v.storage_offset() == 0 and v.untyped_storage().nbytes() == v.numel() * v.element_size()
-                    and v.numel() and v.untyped_storage().data_ptr() not in storages):
+                    and v.numel() and (keep_ties or v.untyped_storage().data_ptr() not in storages)):
                 v = v.to("cpu", copy=True, memory_format=torch.contiguous_format)
             storages.add(v.untyped_storage().data_ptr())
         saved[k] = v
@@ -910,7 +954,7 @@ def save_state_dict_file(state: Mapping[str, object], path: str | os.PathLike, *
     if safetensors:
         refuse_non_tensors(state)
     with atomic_path(path) as tmp:
-        saved = _owning(state)
+        saved = _owning(state, keep_ties=not safetensors)
         if (versions := getattr(state, "_metadata", None)) is not None:  # module versions, read by their loaders
             saved._metadata = versions  # type: ignore[attr-defined]
         if safetensors:
