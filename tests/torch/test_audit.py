@@ -1699,3 +1699,18 @@ def test_a_checkpoint_of_meta_tensors_is_refused_by_name(tmp_path):
         model[1].running_var.cpu()
     with pytest.raises(ValueError, match="holds meta tensors .* audit it after loading real weights"):
         audit(tmp_path / "meta.pt")
+
+
+def test_a_batchnorm_that_is_the_model_itself_is_named_root_at_every_depth(tmp_path):
+    """audit(nn.BatchNorm1d(3)) named the layer '' in its layers, state findings and shifts and '(root)' in its
+    momentum finding; its state dict's file, '(root)' (review). Oracle: the state dict's own report."""
+    bn = nn.BatchNorm1d(3)
+    save_state_dict_file(bn.state_dict(), tmp_path / "bn.pt")
+    assert audit(tmp_path / "bn.pt").layers == ["(root)"]
+    model_report = audit(bn)
+    assert model_report.layers == ["(root)"] and {f.layer for f in model_report.findings} == {"(root)"}
+    bn.eval()
+    set_running_stats(bn, torch.zeros(3), torch.full((3,), 2.0))
+    data_report = audit(bn, torch.randn(256, 3))
+    assert [s.layer for s in data_report.shifts] == ["(root)"]
+    assert {f.layer for f in data_report.findings} <= {"(root)", "(model)"}

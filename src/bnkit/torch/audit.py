@@ -331,7 +331,19 @@ def _model_report(model, data, forward, batch_size, train_batch_size, max_batche
         findings += data_findings(model, layers, batches, forward or default_forward,
                                   train_batch_size, coupling_samples, report)
     report.findings = _sorted(findings)
+    _name_root(report)
     return report
+
+
+def _name_root(report: AuditReport) -> None:
+    """A BatchNorm that is the model itself (``named_modules``' ``""``) named ``(root)`` throughout the report, as a
+    state dict's own root layer is (:func:`bnkit.audit_state.bn_stats_from_state`)."""
+    report.layers = [name or "(root)" for name in report.layers]
+    for item in (*report.findings, *report.shifts):
+        item.layer = item.layer or "(root)"
+    for f in report.findings:
+        if isinstance(f.data.get("layers"), list):
+            f.data["layers"] = [name or "(root)" for name in f.data["layers"]]
 
 
 # ------------------------------------------------------------------------------------------ helpers
