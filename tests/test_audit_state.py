@@ -437,3 +437,24 @@ def test_a_quantized_buffer_is_an_invalid_state_not_a_crash():
     findings = [f for layer in stats for f in check_bn_stats(layer)]
     assert [f.code for f in findings if f.severity == "error"] == ["invalid_state"], findings
     assert "quint8" in next(f.evidence for f in findings if f.code == "invalid_state")
+
+
+@pytest.mark.parametrize("layout", ["nested", "sparse"])
+def test_a_buffer_with_no_array_of_values_is_invalid_state_not_a_crash(layout):
+    """A nested or sparse tensor as a BN buffer in a checkpoint: reading it as an array raised PyTorch's
+    RuntimeError ('NestedTensorImpl doesn't support sizes') out of the audit (review). Oracle: PyTorch's own
+    BatchNorm, which cannot run on such a buffer either."""
+    sd = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).state_dict()
+    sd["1.num_batches_tracked"].fill_(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the nested API's prototype warning
+        odd = (torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]) if layout == "nested"
+               else torch.ones(3).to_sparse())
+    sd["1.running_var"] = odd
+    bn = nn.BatchNorm1d(3).eval()
+    bn.running_var = odd
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        bn(torch.ones(2, 3))
+    (finding,) = [f for f in audit_state(sd) if f.severity == "error"]
+    assert finding.code == "invalid_state" and "running_var: expected real numbers, got" in finding.evidence
+    assert ("nested" if layout == "nested" else "sparse_coo") in finding.evidence

@@ -139,6 +139,8 @@ def _kind(value) -> str:
     if hasattr(value, "detach"):  # torch: complex, bool and quantized are the non-float/int dtypes here
         if value.is_quantized:  # "q", no NumPy kind: its integers mean values only with its scale
             return "q"
+        if str(value.layout) != "torch.strided" or value.is_nested:  # sparse, nested: no array of values
+            return "O"
         return "c" if value.is_complex() else "b" if str(value.dtype) == "torch.bool" else "f"
     try:
         return np.asarray(value).dtype.kind
@@ -148,7 +150,12 @@ def _kind(value) -> str:
 
 def _dtype_name(value) -> str:
     dtype = getattr(value, "dtype", None)
-    return str(dtype) if dtype is not None else type(value).__name__
+    if dtype is None:
+        return type(value).__name__
+    if getattr(value, "is_nested", False):
+        return f"nested {dtype}"
+    layout = str(getattr(value, "layout", "torch.strided"))
+    return str(dtype) if layout == "torch.strided" else f"{dtype} {layout.removeprefix('torch.')}"
 
 
 def layer_stats(name: str, buffers: Mapping[str, object], *, eps: float = 1e-5,
