@@ -1213,6 +1213,49 @@ def test_mmap_reads_a_zip_file_whose_records_are_compressed_or_mis_sized(tmp_pat
         load_checkpoint(tmp_path / "long.pt", mmap=True)
 
 
+def test_mmap_maps_a_file_named_data_and_a_module_with_a_non_persistent_buffer(tmp_path, monkeypatch):
+    """The record check took every member under a folder named data for a tensor record, so a file named data.pt
+    (its zip root is data/) was never mapped; and it read a pickled module's tensors from its state dict, which
+    leaves out non-persistent buffers, so such a module was read whole (review). Oracle: torch.load's own mmap
+    argument, and the values saved."""
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("mmap", False)) or real(*a, **kw))
+    state = {"w": torch.randn(50), "b": torch.arange(4.0)}
+    torch.save(state, tmp_path / "data.pt")
+    loaded = load_checkpoint(tmp_path / "data.pt", mmap=True)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items()) and calls == [True]
+    module = torch.nn.Linear(3, 4)
+    module.register_buffer("pos", torch.arange(3.0), persistent=False)
+    torch.save(module, tmp_path / "module.pt")
+    calls.clear()
+    loaded = load_checkpoint(tmp_path / "module.pt", mmap=True, trust=True)
+    assert torch.equal(loaded.pos, module.pos) and torch.equal(loaded.weight, module.weight)
+    assert calls == [True, True]  # refused as weights only, then loaded trusted: mapped both times
+
+
+def test_mmap_refuses_records_of_other_sizes_in_another_order_and_a_tie_across_dtypes_is_saved(tmp_path):
+    """Two records swapped (40 and 80 bytes): the sizes as a whole matched the storages', so the file was mapped
+    and read the wrong bytes, past a record's end (review); each storage is now checked at its record's offset.
+    Oracle: torch.load without mmap, which refuses the file. And a tensor beside a view of it in another dtype,
+    kept tied, made torch.save refuse the state dict (it copies such a view apart)."""
+    torch.save({"a": torch.ones(10), "b": torch.full((20,), 2.0)}, tmp_path / "orig.pt")
+    with zipfile.ZipFile(tmp_path / "orig.pt") as archive:
+        records = {info.filename: archive.read(info) for info in archive.infolist()}
+    swap = {"orig/data/0": "orig/data/1", "orig/data/1": "orig/data/0"}
+    with zipfile.ZipFile(tmp_path / "swapped.pt", "w", zipfile.ZIP_STORED) as archive:
+        for name, data in records.items():
+            archive.writestr(name, records[swap.get(name, name)])
+    with pytest.raises(RuntimeError, match="does not match expected size"):
+        torch.load(tmp_path / "swapped.pt", weights_only=True)
+    with pytest.raises(NotACheckpointError, match="does not match expected size"):
+        load_checkpoint(tmp_path / "swapped.pt", mmap=True)
+    w = torch.randn(6, 4)
+    loaded = torch.load(save_state_dict_file({"a": w, "i": w.view(torch.int32)}, tmp_path / "o.pt"),
+                        weights_only=True)
+    assert torch.equal(loaded["a"], w) and torch.equal(loaded["i"], w.view(torch.int32))
+
+
 @pytest.mark.parametrize("layout", ["zip", "legacy", "zip named .safetensors"])
 def test_mmap_maps_zip_checkpoints_and_reads_the_others(tmp_path, layout, monkeypatch):
     """load_checkpoint(mmap=True) (the audit's): a large .pt was read whole into memory to audit a few BN buffers

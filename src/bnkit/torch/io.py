@@ -25,8 +25,9 @@ import os
 import pickle
 import pickletools
 import re
+import struct
 import zipfile
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -274,40 +275,47 @@ def _torch_load(path: Path, map_location: str, weights_only: bool, mmap: bool = 
     the records' sizes; else read. torch maps each record at its offset with the size the pickle names, unchecked:
     a compressed (re-zipped) or mis-sized record would be read as other bytes, where reading it checks its size."""
     if path.suffix.lower() != ".safetensors":
-        if mmap and (sizes := _stored_record_sizes(path)) is not None:
+        if mmap and (records := _stored_records(path)) is not None:
             loaded = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
-            if _storage_sizes(loaded) == sizes:
+            if _mapped_as_stored(loaded, records):
                 return loaded
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     with open(path, "rb") as f:  # read: torch maps a file it is given by path only
         return torch.load(f, map_location=map_location, weights_only=weights_only)
 
 
-def _stored_record_sizes(path: Path) -> Counter | None:
-    """The sizes of a ``torch.save`` zip file's tensor records (``<archive>/data/<key>``), or None where one is
-    compressed."""
-    sizes: Counter = Counter()
-    with zipfile.ZipFile(path) as archive:
+def _stored_records(path: Path) -> list[tuple[int, int]] | None:
+    """The file offset and size of each tensor record of a ``torch.save`` zip file (``<root>/data/<key>``, beside
+    ``<root>/data.pkl``), or None where one is compressed or the layout is not that."""
+    with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+        pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") and name.count("/") == 1]
+        if len(pickles) != 1:
+            return None
+        prefix = pickles[0][: -len("data.pkl")] + "data/"
+        records = []
         for member in archive.infolist():
-            if member.filename.rsplit("/", 2)[-2:-1] == ["data"]:
+            if member.filename.startswith(prefix) and "/" not in member.filename[len(prefix):]:
                 if member.compress_type != zipfile.ZIP_STORED:
                     return None
-                sizes[member.file_size] += 1
-    return sizes
+                f.seek(member.header_offset + 26)  # the local header's name and extra field lengths
+                name_length, extra_length = struct.unpack("<HH", f.read(4))
+                records.append((member.header_offset + 30 + name_length + extra_length, member.file_size))
+    return records
 
 
-def _storage_sizes(obj: object) -> Counter:
-    """The sizes of the distinct storages of the tensors in a loaded checkpoint (in dicts, lists, tuples and modules;
-    tensors elsewhere are not found, so the sizes then differ from the records' and the file is read instead)."""
-    seen: dict[tuple[int, int], None] = {}
+def _mapped_as_stored(obj: object, records: list[tuple[int, int]]) -> bool:
+    """Whether the storages of the tensors in a checkpoint loaded with ``mmap`` (in dicts, lists, tuples and
+    modules) are the file's records: each at its record's offset from one base address, of its record's size.
+    Tensors held elsewhere are not found, and the check then fails (the file is read instead)."""
+    found: set[tuple[int, int]] = set()
 
     def walk(value: object) -> None:
         if isinstance(value, torch.Tensor):
-            if value.layout == torch.strided and not value.is_meta:
-                storage = value.untyped_storage()
-                seen[(storage.data_ptr(), storage.nbytes())] = None
+            if value.layout == torch.strided and not value.is_meta and (storage := value.untyped_storage()).nbytes():
+                found.add((storage.data_ptr(), storage.nbytes()))
         elif isinstance(value, torch.nn.Module):
-            walk(value.state_dict(keep_vars=True))
+            for tensor in (*value.parameters(), *value.buffers()):  # non-persistent buffers are pickled too
+                walk(tensor)
         elif isinstance(value, Mapping):
             for v in value.values():
                 walk(v)
@@ -316,7 +324,11 @@ def _storage_sizes(obj: object) -> Counter:
                 walk(v)
 
     walk(obj)
-    return Counter(nbytes for _, nbytes in seen)
+    storages, stored = sorted(found), sorted((offset, size) for offset, size in records if size)
+    if len(storages) != len(stored):
+        return False
+    return all(ptr - offset == storages[0][0] - stored[0][0] and nbytes == size
+               for (ptr, nbytes), (offset, size) in zip(storages, stored))
 
 
 def _reason(exc: Exception) -> str:
@@ -902,16 +914,17 @@ def _owning(state: Mapping[str, object], keep_ties: bool = False) -> OrderedDict
     writes the whole storage), or sharing its storage with an earlier entry (tied weights, which safetensors
     refuses; ``keep_ties``: kept tied, as ``torch.save`` stores them once). The others are written as they are,
     so a fresh copy of a model's weights (a folded model's, a checkpoint's) is not copied again to be saved."""
-    saved, storages = OrderedDict(), set()
+    saved, storages = OrderedDict(), {}  # data pointer: the dtype of the first entry over that storage
     for k, v in state.items():
         if isinstance(v, torch.Tensor):
             v = v.detach()
+            tie = storages.get(v.untyped_storage().data_ptr())
             if not (v.device.type == "cpu" and v.layout == torch.strided and not v.is_quantized and v.is_contiguous()
                     and not v.is_conj() and not v.is_neg()  # lazy views: the memory holds the unconjugated values
                     and v.storage_offset() == 0 and v.untyped_storage().nbytes() == v.numel() * v.element_size()
-                    and v.numel() and (keep_ties or v.untyped_storage().data_ptr() not in storages)):
+                    and v.numel() and (tie is None or keep_ties and tie == v.dtype)):  # torch.save: one dtype a tie
                 v = v.to("cpu", copy=True, memory_format=torch.contiguous_format)
-            storages.add(v.untyped_storage().data_ptr())
+            storages.setdefault(v.untyped_storage().data_ptr(), v.dtype)
         saved[k] = v
     return saved
 
