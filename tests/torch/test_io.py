@@ -1221,7 +1221,7 @@ def test_mmap_maps_a_file_named_data_and_a_module_with_a_non_persistent_buffer(t
     calls = []
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("mmap", False)) or real(*a, **kw))
-    state = {"w": torch.randn(50), "b": torch.arange(4.0)}
+    state = {"w": torch.randn(50), "b": torch.arange(4.0), "empty": torch.zeros(0), "empty2": torch.ones(0, 2)}
     torch.save(state, tmp_path / "data.pt")
     loaded = load_checkpoint(tmp_path / "data.pt", mmap=True)
     assert all(torch.equal(loaded[k], v) for k, v in state.items()) and calls == [True]
@@ -1250,6 +1250,18 @@ def test_mmap_refuses_records_of_other_sizes_in_another_order_and_a_tie_across_d
         torch.load(tmp_path / "swapped.pt", weights_only=True)
     with pytest.raises(NotACheckpointError, match="does not match expected size"):
         load_checkpoint(tmp_path / "swapped.pt", mmap=True)
+    # a record emptied, an unreferenced one of its size beside it: the empty record was left out of the pairing and
+    # the spare one paired with the storage (review)
+    torch.save({"w": torch.ones(10)}, tmp_path / "one.pt")
+    with zipfile.ZipFile(tmp_path / "one.pt") as archive:
+        records = {info.filename: archive.read(info) for info in archive.infolist()}
+    with zipfile.ZipFile(tmp_path / "spare.pt", "w", zipfile.ZIP_STORED) as archive:
+        for name, data in records.items():
+            archive.writestr(name, b"" if name == "one/data/0" else data)
+            if name == "one/data/0":
+                archive.writestr("one/data/1", torch.full((10,), 2.0).numpy().tobytes())
+    with pytest.raises(NotACheckpointError, match="does not match expected size"):
+        load_checkpoint(tmp_path / "spare.pt", mmap=True)
     w = torch.randn(6, 4)
     loaded = torch.load(save_state_dict_file({"a": w, "i": w.view(torch.int32)}, tmp_path / "o.pt"),
                         weights_only=True)

@@ -311,8 +311,8 @@ def _mapped_as_stored(obj: object, records: list[tuple[int, int]]) -> bool:
 
     def walk(value: object) -> None:
         if isinstance(value, torch.Tensor):
-            if value.layout == torch.strided and not value.is_meta and (storage := value.untyped_storage()).nbytes():
-                found.add((storage.data_ptr(), storage.nbytes()))
+            if value.layout == torch.strided and not value.is_meta:  # empty ones too: mapped at their offsets
+                found.add(((storage := value.untyped_storage()).data_ptr(), storage.nbytes()))
         elif isinstance(value, torch.nn.Module):
             for tensor in (*value.parameters(), *value.buffers()):  # non-persistent buffers are pickled too
                 walk(tensor)
@@ -324,8 +324,8 @@ def _mapped_as_stored(obj: object, records: list[tuple[int, int]]) -> bool:
                 walk(v)
 
     walk(obj)
-    storages, stored = sorted(found), sorted((offset, size) for offset, size in records if size)
-    if len(storages) != len(stored):
+    storages, stored = sorted(found), sorted(records)
+    if len(storages) != len(stored):  # every record read by one storage: none left over for a mis-sized one
         return False
     return all(ptr - offset == storages[0][0] - stored[0][0] and nbytes == size
                for (ptr, nbytes), (offset, size) in zip(storages, stored))
