@@ -1432,4 +1432,3 @@ def _identity_for(bn: nn.Module) -> nn.Identity:
         if not name.startswith("_") and not isinstance(value, (torch.Tensor, nn.Module)) and not callable(value):
             setattr(identity, name, value)
     return identity
-
