@@ -355,4 +355,3 @@ _NEEDS_MODEL = "auditing with data needs the model: pass an nn.Module (CLI: --mo
 
 def _sorted(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: SEVERITIES.index(f.severity))
-
