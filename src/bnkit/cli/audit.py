@@ -123,18 +123,19 @@ def _torch_report(file, model_spec, data_file, batch_size, train_batch_size, max
     import torch
 
     from ..torch.audit import audit, checkpoint_report, models_in
-    from ..torch.io import UnsafeCheckpointError, load_checkpoint, pickled_module, split_state
+    from ..torch.io import UnsafeCheckpointError, load_checkpoint, pickled_module, split_state, weight_sets
 
     if trust:
         add_cwd_to_path()  # a pickled module names its classes by module path, as --model specs do
     try:
         loaded = load_checkpoint(file, trust=trust, mmap=True)  # what the audit reads of a large file: mapped
         pickled = pickled_module(loaded) if model_spec is None else None
-        if pickled is not None and data_file is None and device is None and len(models_in(loaded, file)) > 1:
+        found = weight_sets(loaded, file) if pickled is not None and data_file is None and device is None else None
+        if found is not None and len(models_in(found)) > 1:
             pickled = None  # a pickled model beside another (its EMA): every one read from its buffers, as the API does
         alone = model_spec is None and pickled is None
         if alone and data_file is None and device is None:  # the checkpoint alone: every set of weights in it
-            report = checkpoint_report(loaded, str(file))  # as bnkit.torch.audit(path) reads it
+            report = checkpoint_report(loaded, str(file), found)  # as bnkit.torch.audit(path) reads it, sets once
         elif not alone:  # the one set that loads into the model
             state, dropped = split_state(loaded, file)
     except UnsafeCheckpointError as exc:

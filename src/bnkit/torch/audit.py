@@ -80,7 +80,7 @@ from ..findings import SEVERITIES, Finding, jsonable, worst_severity
 from .audit_batches import Batches, default_forward
 from .audit_data import LayerShift, data_findings
 from .audit_model import model_findings, short_names
-from .io import load_checkpoint, refuse_meta, weight_sets
+from .io import WeightSets, load_checkpoint, refuse_meta, weight_sets
 from .modules import bn_or_frozen_layers, unequal_channel_tensors, uninitialized_lazy, unwrapped
 
 __all__ = ["audit", "AuditReport", "LayerShift"]
@@ -220,24 +220,26 @@ def _flat_state(state: Mapping[Any, Any]) -> tuple[Mapping[Any, Any], list[tuple
     return {**kept, **merged}, unread
 
 
-def checkpoint_report(loaded: object, where: str) -> AuditReport:
+def checkpoint_report(loaded: object, where: str, found: WeightSets | None = None) -> AuditReport:
     """The audit of a loaded checkpoint file (``where``: its name) alone: every set of weights in it, and a warning
-    naming BatchNorm-like tensors beside them that no set holds (:func:`_audited`)."""
-    state, unread = _audited(loaded, where)
+    naming BatchNorm-like tensors beside them that no set holds (:func:`_audited`). ``found``: its
+    :func:`bnkit.torch.io.weight_sets`, where the caller has read them already."""
+    state, unread = _audited(loaded, where, found)
     return _state_report(where, state, None, unread)
 
 
-def _audited(obj: object, where: str) -> tuple[dict[str, object], list[tuple[str, list[str]]]]:
+def _audited(obj: object, where: str, found: WeightSets | None = None
+             ) -> tuple[dict[str, object], list[tuple[str, list[str]]]]:
     """:func:`_merged` and :func:`_unread_beside` of ``obj``'s sets of weights, read once
     (:func:`bnkit.torch.io.weight_sets`: the file's tensors are compared and fingerprinted there)."""
-    sets, beside = weight_sets(obj, where)
+    sets, beside = weight_sets(obj, where) if found is None else found
     return _merged(sets, where), _unread_beside(beside)
 
 
-def models_in(loaded: object, where: str) -> list[str]:
-    """The key paths of the sets of weights in a loaded checkpoint (``where``: its name) that hold BatchNorm
-    buffers (:func:`bnkit.torch.io.weight_sets`): more than one where it holds several models (a model and its EMA)."""
-    return [path for path, state in weight_sets(loaded, where)[0] if bn_stats_from_state(state)]
+def models_in(found: WeightSets) -> list[str]:
+    """The key paths of a checkpoint's sets of weights (:func:`bnkit.torch.io.weight_sets`) that hold BatchNorm
+    buffers: more than one where it holds several models (a model and its EMA)."""
+    return [path for path, state in found[0] if bn_stats_from_state(state)]
 
 
 def _merged(sets: list[tuple[str, dict[str, object]]], where: str) -> dict[str, object]:

@@ -408,8 +408,11 @@ def _reads_loose(obj: Mapping, first: object) -> bool:
         _weights(obj).keys() == _weights(obj[first]).keys())
 
 
-def weight_sets(obj: object, path: str | os.PathLike) -> tuple[list[tuple[str, dict[str, object]]],
-                                                               list[tuple[str, dict[str, object]]]]:
+#: :func:`weight_sets`' answer: the sets of weights, and the tensors left beside them, each with its key path.
+WeightSets = tuple[list[tuple[str, dict[str, object]]], list[tuple[str, dict[str, object]]]]
+
+
+def weight_sets(obj: object, path: str | os.PathLike) -> WeightSets:
     """Every set of weights in a loaded checkpoint ``obj`` (read from ``path``), each with its key path (``""``
     for the top level, ``"decoder"``, ``"gen/ema"``), for reading them all (the audit of a checkpoint alone): where
     :func:`split_state` loads one set into a model, or leaves the choice to the user, a checkpoint may hold several
