@@ -50,7 +50,7 @@ import inspect
 import math
 import operator
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -217,7 +217,7 @@ class FoldReport:
                 layer = model.get_submodule(f.into)
                 w = layer.weight
                 layer.bias = nn.Parameter(torch.zeros(_out_channels(layer), dtype=w.dtype, device=w.device))
-            _replace_module(model, f.bn, _identity_for(model.get_submodule(f.bn)))
+        _replace_modules(model, [f.bn for f in self.folded], _identity_for)
         return model
 
 
@@ -972,7 +972,7 @@ def _plain_refs(module: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]
     nested (a fold gives its layer new ones), and modules inside tuples and frozensets or as dict keys, which it
     cannot rewrite.
     A module held elsewhere in plain attributes is followed: a folded BN is replaced there too
-    (:func:`_replace_module`), so a forward calling ``self.norms[0]`` (traced under the BN's registered name) runs
+    (:func:`_replace_modules`), so a forward calling ``self.norms[0]`` (traced under the BN's registered name) runs
     the ``nn.Identity``, and a layer keeps its object, only its parameters change."""
     found: list[tuple[str, nn.Module | nn.Parameter]] = []
     seen: set[int] = set()
@@ -994,13 +994,15 @@ def _plain_refs(module: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]
     return found
 
 
-def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` in the slot ``name`` of ``root`` and wherever a module of ``root`` holds the module there outside
-    its registered slots: in a plain attribute, or in the lists, sets and dicts such attributes hold, nested
-    (:func:`_plain_refs` leaves modules inside tuples unfolded)."""
-    old = root.get_submodule(name)
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+def _replace_modules(root: nn.Module, names: Iterable[str], make: Callable[[nn.Module], nn.Module]) -> None:
+    """Put ``make(module)`` in each slot ``names`` names in ``root``, and wherever a module of ``root`` holds that
+    module outside its registered slots: in a plain attribute, or in the lists, sets and dicts such attributes hold,
+    nested (:func:`_plain_refs` leaves modules inside tuples unfolded). One walk of ``root`` for them all."""
+    new: dict[int, nn.Module] = {}
+    for name in names:
+        old = root.get_submodule(name)
+        parent, _, leaf = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, leaf, new.setdefault(id(old), make(old)))
     seen: set[int] = set()
 
     def rewrite(container: list | set | dict) -> None:
@@ -1008,22 +1010,22 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
             return
         seen.add(id(container))
         if isinstance(container, set):
-            if any(item is old for item in container):
-                container.discard(old)
-                container.add(new)
+            for item in [item for item in container if id(item) in new]:
+                container.discard(item)
+                container.add(new[id(item)])
             return
         keys = container.keys() if isinstance(container, dict) else range(len(container))
         for key in list(keys):
-            if container[key] is old:
-                container[key] = new
+            if id(container[key]) in new:
+                container[key] = new[id(container[key])]
             elif isinstance(container[key], (list, set, dict)):
                 rewrite(container[key])
 
     for module in root.modules():
         slots = vars(module)
         for attr in [a for a in slots if a not in MODULE_OWN]:
-            if slots[attr] is old:
-                slots[attr] = new
+            if id(slots[attr]) in new:
+                slots[attr] = new[id(slots[attr])]
             elif isinstance(slots[attr], (list, set, dict)):
                 rewrite(slots[attr])
 
@@ -1363,8 +1365,7 @@ def _apply(work: nn.Module, plan: list[tuple[str, str, str]], weights: _Weights)
     """Write each layer's folded ``weights`` once in its own dtype and replace every planned BN."""
     for layer_name, (w, b) in weights.items():
         _assign(work.get_submodule(layer_name), w, b)
-    for bn_name, _, _ in plan:
-        _replace_module(work, bn_name, _identity_for(work.get_submodule(bn_name)))
+    _replace_modules(work, [bn_name for bn_name, _, _ in plan], _identity_for)
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
