@@ -659,9 +659,9 @@ def _bn_nodes(graph: onnx.GraphProto | onnx.FunctionProto, opset: int, index: Gr
             value = index.constant(name)
             if value is None and (value := index.constant(name, defaults=True)) is not None:
                 overridable.append(key)
-            if value is not None and np.asarray(value).dtype.kind in "biucOSU":  # the spec's types are floating
+            if value is not None and (dtype := np.asarray(value).dtype).kind in "biucOSU":  # the spec's: floating
                 raise MalformedNodeError(f"BatchNormalization node {node_label(node)!r} has a {key} of element type "
-                                         f"{np.asarray(value).dtype}, not floating point")
+                                         f"{dtype}, not floating point")
             arrays[key] = _as64(value)
         found.append((BNNode(
             node=node,
