@@ -571,6 +571,17 @@ def test_torch_feeds_unbiased_variance_others_biased():
     assert k.running_var[0] == pytest.approx(1.0)
 
 
+
+@pytest.mark.parametrize("convention", ["keras", "onnx", "flax"])
+@pytest.mark.parametrize("momentum, r0", [(1e-12, 1e6), (1e-20, 1e30), (0.3, 0.7)])
+def test_old_side_momentum_weighs_the_running_value_by_itself(convention, momentum, r0):
+    """Keras/ONNX/Flax: running = m * running + (1 - m) * batch, m itself on the running value (1 - (1 - m) drops a
+    tiny m: the old value vanished). Oracle: the closed form in float64."""
+    bn = BatchNorm(1, momentum=momentum, convention=convention)
+    bn.running_mean[:] = r0
+    bn(np.array([[0.5], [1.5]]))  # batch mean 1
+    assert bn.running_mean[0] == momentum * r0 + (1 - momentum) * 1.0
+
 # ------------------------------------------------- threaded path, dtypes, state loading details
 @pytest.fixture
 def three_threads():

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .checks import integer, ml_float, ml_int, real, real_array
-from .conventions import Convention, get_convention, new_value_weight
+from .conventions import Convention, get_convention, new_value_weight, update_weights
 
 __all__ = ["BatchNorm"]
 
@@ -125,12 +125,13 @@ class BatchNorm:
         # the weight first: a momentum set out of range raises before anything changes
         if self.momentum is None:
             w_new = 1.0 / (self.num_batches_tracked + 1)
+            w_old = 1.0 - w_new
         else:
-            w_new = new_value_weight(self.momentum, self.convention)
+            w_old, w_new = update_weights(self.momentum, self.convention)
         self.num_batches_tracked += 1
         var = m2 / (n - 1) if self.convention.unbiased_running_var else m2 / n
-        self.running_mean = (1.0 - w_new) * self.running_mean + w_new * mean
-        self.running_var = (1.0 - w_new) * self.running_var + w_new * var
+        self.running_mean = w_old * self.running_mean + w_new * mean
+        self.running_var = w_old * self.running_var + w_new * var
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray) -> np.ndarray:

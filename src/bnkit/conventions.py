@@ -27,7 +27,8 @@ from decimal import Decimal
 
 from .checks import real
 
-__all__ = ["Convention", "CONVENTIONS", "get_convention", "convert_momentum", "new_value_weight"]
+__all__ = ["Convention", "CONVENTIONS", "get_convention", "convert_momentum", "new_value_weight",
+           "update_weights"]
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,18 @@ def _check_momentum(m: float) -> float:
     return m
 
 
-def new_value_weight(momentum: float, convention: str | Convention) -> float:
-    """The weight an update puts on the new batch statistic under ``convention``."""
+def update_weights(momentum: float, convention: str | Convention) -> tuple[float, float]:
+    """``(old, new)``: the weights an update puts on the running value and on the batch statistic under
+    ``convention``. The side the momentum names gets ``m`` itself, the other ``1 - m`` (``1 - (1 - m)`` would lose a
+    tiny ``m``, as in :func:`bnkit.stats.ema_update`)."""
     conv = get_convention(convention)
     m = _check_momentum(momentum)
-    return m if conv.momentum_weighs == "new" else 1.0 - m
+    return (1.0 - m, m) if conv.momentum_weighs == "new" else (m, 1.0 - m)
+
+
+def new_value_weight(momentum: float, convention: str | Convention) -> float:
+    """The weight an update puts on the new batch statistic under ``convention``."""
+    return update_weights(momentum, convention)[1]
 
 
 def convert_momentum(momentum: float | None, src: str | Convention, dst: str | Convention) -> float | None:
