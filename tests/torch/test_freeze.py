@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -466,3 +467,25 @@ def test_a_layer_with_its_own_reset_running_stats_is_not_frozen():
     with pytest.raises(ValueError, match=r"own reset_running_stats\(\) override; not freezing"):
         freeze_bn(bn)
     assert bn.training and "train" not in vars(bn)
+
+
+def test_freeze_warns_where_running_statistics_stay_free():
+    """A torch.export graph's modules hold BN buffers but are no BatchNorm layers: freeze_bn cannot pin them, and the
+    warning names them. Oracle: the buffer does change in a forward after the freeze."""
+    torch.manual_seed(0)
+    exported = torch.export.export(SmallResNet().train(), (torch.randn(4, 1, 8, 8),)).module()
+    with pytest.warns(UserWarning, match=r"left 6 module\(s\) .*stem\.1.* unfrozen"):
+        freeze_bn(exported)
+    before = exported.get_submodule("stem.1").running_mean.clone()
+    exported(torch.randn(4, 1, 8, 8) * 3 + 2)
+    assert not torch.equal(before, exported.get_submodule("stem.1").running_mean)
+    with pytest.warns(UserWarning, match="no BatchNorm layer in the Sequential: nothing was frozen"):
+        freeze_bn(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+
+
+def test_freeze_is_quiet_where_every_running_statistic_is_frozen():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        freeze_bn(_model())
+        freeze_bn(convert_frozen(_model(1)))  # FrozenBatchNorm layers only: frozen already
+        freeze_bn(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), modules=["1"])

@@ -22,7 +22,7 @@ from ..audit_state import check_bn_stats, ema_window, layer_stats
 from ..findings import Finding
 from .freeze import is_frozen
 from .layers import is_cumulative
-from .modules import describe_shapes, is_batchnorm, unequal_channel_tensors
+from .modules import bn_like_modules, describe_shapes, is_batchnorm, unequal_channel_tensors
 
 
 def model_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], example: Any = None) -> list[Finding]:
@@ -32,7 +32,7 @@ def model_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], exampl
     checks only (they have no training mode, momentum or tracking flag: their buffers are used always).
     """
     findings: list[Finding] = []
-    others = _bn_like_modules(model, layers)
+    others = bn_like_modules(model)
     if not layers and not others:
         findings.append(Finding("info", "(model)", "no BatchNorm layers found", "", "", "no_bn"))
     for name, bn in layers:
@@ -97,20 +97,6 @@ def _refused_eps(finding: Finding, bn: nn.Module) -> Finding:
                        "eval-mode forward raises",
                        "set eps > 0 (PyTorch's default is 1e-5)", "negative_eps", finding.data)
     return finding
-
-
-def _bn_like_modules(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """Modules other than ``layers`` holding per-channel ``running_mean`` and ``running_var`` (1-d tensors of one
-    length): BatchNorm look-alikes (torchvision's or detectron2's FrozenBatchNorm2d), InstanceNorm with running
-    statistics. Other shapes (a scalar running mean of an RL normalizer) are not a BN's statistics."""
-    known = {id(m) for _, m in layers}
-
-    def per_channel(m: nn.Module) -> bool:
-        mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
-        return (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor) and not is_lazy(mean)
-                and not is_lazy(var) and mean.dim() == 1 and mean.shape == var.shape)
-
-    return [(name, m) for name, m in model.named_modules() if id(m) not in known and per_channel(m)]
 
 
 def _bn_like_findings(others: list[tuple[str, nn.Module]]) -> list[Finding]:

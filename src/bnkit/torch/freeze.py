@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .modules import bn_layers, eager_modules, is_batchnorm, is_bn_or_frozen
+from .modules import bn_layers, bn_like_modules, eager_modules, is_batchnorm, is_bn_or_frozen
 
 __all__ = ["freeze_bn", "unfreeze_bn", "is_frozen", "frozen_bn_layers", "FreezeState"]
 
@@ -237,7 +237,25 @@ def freeze_bn(
                 p.__dict__[_PARAM_KEY] = flags[k]
                 p.requires_grad = False  # (an attribute, so uninitialized lazy parameters accept it too)
                 p.grad = None
+    if modules is None:
+        _warn_left(model, layers)
     return model
+
+
+def _warn_left(model: nn.Module, layers: list) -> None:
+    """Warn where ``freeze_bn(model)`` left running statistics free to change: modules holding them that are not
+    BatchNorm layers (:func:`bnkit.torch.modules.bn_like_modules`), or no BatchNorm layer at all."""
+    if others := bn_like_modules(model):
+        names = [n or "(root)" for n, _ in others]
+        kinds = ", ".join(sorted({type(m).__name__ for _, m in others}))
+        warnings.warn(f"freeze_bn left {len(names)} module(s) ({kinds}: {', '.join(names[:3])}"
+                      f"{', ...' if len(names) > 3 else ''}) unfrozen: they hold running_mean and running_var but are "
+                      "not torch.nn BatchNorm layers, so their own forward decides whether it updates them (the "
+                      "modules of a torch.export graph, InstanceNorm, another library's BatchNorm); freeze the eager "
+                      "model before exporting it, or keep those modules out of training yourself", stacklevel=3)
+    elif not layers and not any(is_bn_or_frozen(m) for _, m in eager_modules(model)):
+        warnings.warn(f"freeze_bn found no BatchNorm layer in the {type(model).__name__}: nothing was frozen",
+                      stacklevel=3)
 
 
 def unfreeze_bn(

@@ -74,6 +74,20 @@ def bn_or_frozen_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in eager_modules(model) if is_bn_or_frozen(m)]
 
 
+def bn_like_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified_name, module)`` for the modules other than BatchNorm layers and bnkit's ``FrozenBatchNorm*d`` that
+    hold per-channel ``running_mean`` and ``running_var`` (1-d tensors of one length): BatchNorm look-alikes
+    (torchvision's or detectron2's FrozenBatchNorm2d, the modules of a ``torch.export`` graph), InstanceNorm with
+    running statistics. Other shapes (a scalar running mean of an RL normalizer) are not a BN's statistics."""
+
+    def per_channel(m: nn.Module) -> bool:
+        mean, var = getattr(m, "running_mean", None), getattr(m, "running_var", None)
+        return (isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor) and not is_lazy(mean)
+                and not is_lazy(var) and mean.dim() == 1 and mean.shape == var.shape)
+
+    return [(name, m) for name, m in eager_modules(model) if not is_bn_or_frozen(m) and per_channel(m)]
+
+
 def deep_copy(model: nn.Module) -> nn.Module:
     """``copy.deepcopy(model)``, also where a module keeps a computed tensor as a plain attribute, and keeping
     attributes set on its parameters.
