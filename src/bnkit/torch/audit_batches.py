@@ -19,8 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..checks import native_array
-from .modules import flatten_tensors, input_dtype_device, map_nested
+from .modules import flatten_tensors, input_dtype_device, map_nested, tensor_of, tensor_or_array
 
 
 class Batches:
@@ -154,19 +153,12 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
             padded, lengths = pad_packed_sequence(t, batch_first=True)
             return pack_padded_sequence(fn(padded), fn(lengths).cpu(), batch_first=True, enforce_sorted=False)
         if isinstance(t, np.ndarray):
-            try:
-                t = tensor_of(t)
-            except TypeError:
+            t = tensor_or_array(t)
+            if isinstance(t, np.ndarray):
                 return t
         return fn(t)
 
     return map_nested(obj, apply, (torch.Tensor, np.ndarray, PackedSequence))
-
-
-def tensor_of(a: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy(a)``, also for arrays it refuses that hold numbers all the same (another byte order,
-    negative strides: :func:`bnkit.checks.native_array`). TypeError for dtypes PyTorch lacks."""
-    return torch.from_numpy(native_array(a))
 
 
 def batch_len(batch: Any) -> int | None:

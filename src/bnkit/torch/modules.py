@@ -19,6 +19,7 @@ from collections import OrderedDict, UserDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -26,6 +27,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 from torch.utils.hooks import RemovableHandle
+
+from ..checks import native_array
 
 __all__ = ["BN_TYPES", "is_batchnorm", "is_bn_or_frozen", "bn_or_frozen_layers", "has_stock_forward", "bn_layers",
            "eval_mode", "flatten_tensors", "map_nested", "as_args", "write_count", "SavedBuffers",
@@ -281,6 +284,26 @@ def as_args(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, tuple) and not isinstance(example_inputs, nn.utils.rnn.PackedSequence):
         return example_inputs
     return (example_inputs,)
+
+
+def tensor_of(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy(a)``, also for arrays it refuses that hold numbers all the same (another byte order,
+    negative strides: :func:`bnkit.checks.native_array`). TypeError for dtypes PyTorch lacks."""
+    return torch.from_numpy(native_array(a))
+
+
+def tensor_or_array(a: np.ndarray) -> torch.Tensor | np.ndarray:
+    """:func:`tensor_of` ``a``, or ``a`` itself where PyTorch has no dtype for it (strings, objects: left for a
+    ``forward=`` of one's own)."""
+    try:
+        return tensor_of(a)
+    except TypeError:
+        return a
+
+
+def arrays_as_tensors(batch: Any) -> Any:
+    """``batch`` with every NumPy array in it (nested as :func:`map_nested` walks) :func:`tensor_or_array`'s."""
+    return map_nested(batch, tensor_or_array, (np.ndarray,))
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -101,9 +101,10 @@ from ..findings import Finding
 from ..stats import RunningMoments
 from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .layers import _DropInBatchNorm, is_cumulative
-from .modules import (SavedState, channels, check_channel_tensors, eager_calls, eager_modules, has_stock_forward,
-                      is_batchnorm, is_bn_or_frozen, is_whole_number, normalized_inputs, parallel_device,
-                      restored_after_each_call, sole_device, to_device, uninitialized_lazy, unwrapped, usable_device)
+from .modules import (SavedState, arrays_as_tensors, channels, check_channel_tensors, eager_calls, eager_modules,
+                      has_stock_forward, is_batchnorm, is_bn_or_frozen, is_whole_number, normalized_inputs,
+                      parallel_device, restored_after_each_call, sole_device, to_device, uninitialized_lazy, unwrapped,
+                      usable_device)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration", "StatisticsRangeError"]
 
@@ -327,7 +328,8 @@ def one_xy_batch(data: Any, failed: int) -> bool:
     """Whether ``data``, whose batch ``failed`` made the forward fail, looks like one ``(inputs, targets)`` batch
     taken for two: a pair of tensors with one batch size, the second (the targets) being the one that failed."""
     return (isinstance(data, (tuple, list)) and len(data) == 2 and failed == 1
-            and all(isinstance(b, torch.Tensor) and b.dim() > 0 for b in data) and len(data[0]) == len(data[1]))
+            and all(isinstance(b, (torch.Tensor, np.ndarray)) and b.ndim > 0 for b in data)
+            and len(data[0]) == len(data[1]))
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -675,8 +677,9 @@ def _checked(model: nn.Module, data: Iterable[Any], num_batches: int | None,
                                          torch.device | None]:
     """:func:`recalibrate`'s input checks: the module the pass runs, its named modules, its BN layers with running
     statistics and the device batches go to."""
-    if isinstance(data, torch.Tensor):
-        raise TypeError("data must be an iterable of batches (e.g. a DataLoader), not a tensor; wrap it: [x]")
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        raise TypeError(f"data must be an iterable of batches (e.g. a DataLoader), not "
+                        f"{'a tensor' if isinstance(data, torch.Tensor) else 'an array'}; wrap it: [x]")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     if num_batches is not None and not (is_whole_number(num_batches) and num_batches >= 1):
@@ -787,7 +790,8 @@ def recalibrate(
     Args:
         model: the model; its BN layers must track running statistics
             (layers with ``track_running_stats=False`` are left alone).
-        data: an iterable of batches (e.g. a DataLoader), not a tensor.
+        data: an iterable of batches (e.g. a DataLoader), not a tensor; NumPy arrays in a batch reach the model
+            (or ``forward``) as tensors sharing their memory.
         num_batches: stop after this many batches (per rank); default all.
         forward: ``forward(model, batch)`` runs one batch. Default: ``model(batch)``
             for a tensor, ``model(batch[0])`` for an ``(inputs, targets, ...)`` tuple. For a
@@ -866,6 +870,7 @@ def recalibrate(
                 batches = data if num_batches is None else itertools.islice(data, int(num_batches))
                 with _progress_bar(progress and _rank() == 0, total) as advance:
                     for i, batch in enumerate(batches):
+                        batch = arrays_as_tensors(batch)  # NumPy batches as tensors, as the audit reads them
                         if device is not None:
                             batch = to_device(batch, device)
                         try:
