@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnkit.torch import BNGuardError, FrozenBatchNorm2d, bn_guard, bn_layers, freeze_bn, protect_stats
+from bnkit.torch import (BNGuardError, FrozenBatchNorm2d, bn_guard, bn_layers, convert_bn, freeze_bn, protect_stats,
+                         revert_bn)
 from bnkit.torch.guard import BNGuardWarning
 from bnkit.torch.zoo import SmallResNet, example_input
 
@@ -142,6 +143,21 @@ def test_no_running_stats_layer_is_flagged_even_in_eval():
     assert "model.eval()" not in str(err.value)  # it is in eval mode already: that fix cannot help
 
 
+
+def test_a_reused_guard_checks_statistics_given_later_to_a_layer_that_had_none():
+    """Oracle: the NaN running_var the layer now normalizes with (a NaN output), which a new guard reports."""
+    model = nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False)).eval()
+    guard = bn_guard(model, ignore=["no_running_stats"])
+    with guard:
+        model(torch.randn(4, 3))
+    model[0].running_mean, model[0].running_var = torch.zeros(3), torch.full((3,), float("nan"))
+    model[0].num_batches_tracked = torch.tensor(5)
+    assert torch.isnan(model(torch.randn(4, 3))).all()
+    with pytest.raises(BNGuardError) as err:
+        with guard:
+            pass
+    assert _codes(err) == [("0", "nonfinite_stats")]
+
 def test_batch_of_one_without_running_stats_in_training_mode_is_not_told_to_call_eval():
     model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)).train()
     x = torch.randn(1, 3, 1, 1)
@@ -242,6 +258,24 @@ def test_protect_stats_rolls_back_a_poisoned_step():
         assert torch.equal(v, before[k]), k
     assert {f.code for f in report.findings} == {"stats_rolled_back"}
 
+
+
+@pytest.mark.parametrize("swap", ["convert_bn", "revert_bn"])
+def test_protect_stats_rolls_back_a_layer_swapped_in_the_step(swap):
+    """convert_bn / revert_bn in the block give the model new BN modules holding the old buffers: still rolled back.
+    Oracle: the state dict from before the step."""
+    model = _trained().train()
+    if swap == "revert_bn":
+        convert_bn(model, running_var_rule="biased")
+    before = copy.deepcopy(model.state_dict())
+    x = X.clone()
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite running statistics"):
+        with protect_stats(model) as report:
+            (convert_bn(model, running_var_rule="biased") if swap == "convert_bn" else revert_bn(model))(x)
+    assert set(report.rolled_back) == {n for n, _ in bn_layers(model)}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 def test_one_protect_stats_object_entered_from_two_threads_pairs_each_exit_with_its_entry():
     """One object shared by two threads (the docstring says make it once): its entries were one stack, so the first

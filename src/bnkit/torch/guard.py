@@ -279,7 +279,7 @@ class bn_guard(contextlib.ContextDecorator):
         if watch is None:
             return False
         for buffers, key, t, version in watch:
-            if buffers.get(key) is not t or t._version != version:
+            if buffers.get(key) is not t or (t is not None and t._version != version):
                 return False
         return True
 
@@ -304,7 +304,7 @@ class bn_guard(contextlib.ContextDecorator):
         for name, m in self._layers:
             cached = self._clean.get(id(m))
             buffers = m._buffers
-            if cached is not None and all(buffers.get(k) is t and t._version == v for k, t, v in cached):
+            if cached is not None and all(buffers.get(k) is t and (t is None or t._version == v) for k, t, v in cached):
                 continue
             self._clean.pop(id(m), None)
             todo.append((name, m))
@@ -314,8 +314,10 @@ class bn_guard(contextlib.ContextDecorator):
             problems = [] if clean else _stats_findings(name, m)
             found += problems
             if not problems:
-                current = [(k, t, write_count(t)) for k in _BUFFERS if (t := buffers.get(k)) is not None]
-                if all(v is not None for _, _, v in current):  # inference tensors have no counter: check every time
+                # a buffer absent (None) is watched too: statistics assigned to it later are checked
+                now = [(k, buffers.get(k)) for k in _BUFFERS]
+                current = [(k, t, None if t is None else write_count(t)) for k, t in now]
+                if all(v is not None for _, t, v in current if t is not None):  # inference tensors have no counter
                     self._clean[id(m)] = current
         if len(self._clean) == len(self._layers):
             self._all_clean = [(m._buffers, k, t, v) for _, m in self._layers for k, t, v in self._clean[id(m)]]
@@ -519,14 +521,15 @@ class _Snapshot:
                 return False
         return all(_finite(m) for m in self.materialized() + self.replaced())
 
-    def saved(self) -> dict[tuple[int, str], torch.Tensor]:
-        """``{(id(layer), buffer name): its snapshot}`` for every snapshotted buffer."""
+    def saved(self) -> tuple[dict[tuple[int, str], torch.Tensor], dict[int, torch.Tensor]]:
+        """Every snapshotted buffer's snapshot, by ``(id(layer), buffer name)`` and by ``id`` of the tensor it copied
+        (which the snapshot holds on to, so the ids stay its own)."""
         by_tensor = {}
         for tensors, flat in self.stats + self.counts:
             for t, s in zip(tensors, flat.split([t.numel() for t in tensors])):
                 by_tensor[id(t)] = s.view(t.shape)
         return {(id(m), k): by_tensor[id(t)] for m, tensors in self.entry
-                for k, t in zip(_BUFFERS, tensors) if id(t) in by_tensor}
+                for k, t in zip(_BUFFERS, tensors) if id(t) in by_tensor}, by_tensor
 
 
 class protect_stats:
@@ -588,12 +591,13 @@ class protect_stats:
 
 def _rollback(model: nn.Module, snapshot: _Snapshot, report: StatsRollback) -> None:
     """The rare path: find which layers went non-finite and, if any did, restore every changed buffer."""
-    saved = snapshot.saved()
-    ours = {id(m) for m in snapshot.layers}
-    # each buffer as it is now (possibly replaced in the block) with its values at entry
-    buffers = [(n or type(m).__name__, t, saved[id(m), k]) for n, m in model.named_modules() if id(m) in ours
-               for k in _BUFFERS if (id(m), k) in saved and (t := m._buffers.get(k)) is not None and not is_lazy(t)
-               and t.shape == saved[id(m), k].shape]
+    saved, by_tensor = snapshot.saved()
+    # each buffer as it is now with its values at entry: a layer's by its name, also where the block replaced the
+    # tensor (.double(), assignment); by the tensor, where the block swapped the layer for one holding its buffers
+    # (convert_bn, revert_bn)
+    buffers = [(n or type(m).__name__, t, entry) for n, m in model.named_modules() for k in _BUFFERS
+               if (t := m._buffers.get(k)) is not None and not is_lazy(t)
+               and (entry := saved.get((id(m), k), by_tensor.get(id(t)))) is not None and t.shape == entry.shape]
     before_ok: dict[str, bool] = {}
     after_ok: dict[str, bool] = {}
     for name, t, s in buffers:
