@@ -489,3 +489,13 @@ def test_freeze_is_quiet_where_every_running_statistic_is_frozen():
         freeze_bn(_model())
         freeze_bn(convert_frozen(_model(1)))  # FrozenBatchNorm layers only: frozen already
         freeze_bn(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), modules=["1"])
+        freeze_bn(nn.Sequential(nn.BatchNorm1d(3), FrozenBatchNorm2d(3)))  # frozen by design, as its name says
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d's buffers: a look-alike whose statistics never change."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        for k, v in (("weight", 1), ("bias", 0), ("running_mean", 0), ("running_var", 1)):
+            self.register_buffer(k, torch.full((n,), float(v)))

@@ -244,8 +244,9 @@ def freeze_bn(
 
 def _warn_left(model: nn.Module, layers: list) -> None:
     """Warn where ``freeze_bn(model)`` left running statistics free to change: modules holding them that are not
-    BatchNorm layers (:func:`bnkit.torch.modules.bn_like_modules`), or no BatchNorm layer at all."""
-    if others := bn_like_modules(model):
+    BatchNorm layers (:func:`bnkit.torch.modules.bn_like_modules`; a class named ``Frozen...``, as torchvision's and
+    detectron2's ``FrozenBatchNorm2d``, is taken as frozen by design), or no BatchNorm layer at all."""
+    if others := [(n, m) for n, m in bn_like_modules(model) if "Frozen" not in type(m).__name__]:
         names = [n or "(root)" for n, _ in others]
         kinds = ", ".join(sorted({type(m).__name__ for _, m in others}))
         warnings.warn(f"freeze_bn left {len(names)} module(s) ({kinds}: {', '.join(names[:3])}"
