@@ -46,6 +46,7 @@ for a forward that reads them.
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import math
 import operator
@@ -53,8 +54,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+import types
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -69,8 +72,8 @@ from ..precision import OFFSET_NOTE_RATIO, fold_tolerance
 from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .modules import (
     MODULE_OWN, SavedState, as_args, bn_or_frozen_layers, channels, check_channel_tensors, deep_copy, eval_mode,
-    exact_float32, flatten_tensors, has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, map_nested,
-    parallel_device, to_device, uninitialized_lazy, unwrapped,
+    exact_float32, flatten_tensors, has_stock_eval_forward, is_batchnorm, is_bn_or_frozen, is_compiled_wrapper,
+    map_nested, parallel_device, to_device, uninitialized_lazy, unwrapped,
 )
 
 __all__ = ["fold_bn", "FoldReport", "FoldedBN", "FoldVerificationError"]
@@ -889,6 +892,7 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], shared: dict[int, 
     read = {key for key, entry in probe.items() if entry["read"]}
     plan: list[tuple[str, str, str]] = []
     used: set[str] = set()  # BN layers folded, and layers with their position ("conv:after"): one BN each side
+    compiled = [f"{n}." for n, m in work.named_modules() if n and is_compiled_wrapper(m)]
     for prefix, seq in work.named_modules():
         if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
@@ -904,8 +908,11 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], shared: dict[int, 
                 continue
             if bn_name in used or f"{layer_name}:{position}" in used:
                 continue
+            inside = next((c[:-1] for c in compiled if bn_name.startswith(c)), None)
             reason = (
-                _bn_reason(bn, calls, read, shared)
+                (inside and f"it runs inside '{inside}', compiled by torch.compile, whose compiled code reads the BN's "
+                            "tensors itself: fold before compiling that part")
+                or _bn_reason(bn, calls, read, shared)
                 or (None if calls[id(seq)] else f"its nn.Sequential '{prefix}' was not called as a whole, so the "
                     "forward may run its children one by one and use their outputs elsewhere")
                 or (_padding_reason(layer, layer_name) if position == "before" else None)
@@ -970,15 +977,19 @@ def _plain_refs(module: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]
     """What ``module`` holds outside its registered slots that a fold cannot follow, by where (``norms[0]``):
     parameters in plain attributes (``object.__setattr__``) and in the lists, tuples, sets and dicts they hold,
     nested (a fold gives its layer new ones), and modules inside tuples and frozensets or as dict keys, which it
-    cannot rewrite.
+    cannot rewrite; inside any other object (a ``SimpleNamespace``, a ``deque``, a ``functools.partial``, a bound
+    method, a closure: :func:`_referents`), parameters and BatchNorm layers (a layer keeps its object there).
     A module held elsewhere in plain attributes is followed: a folded BN is replaced there too
     (:func:`_replace_modules`), so a forward calling ``self.norms[0]`` (traced under the BN's registered name) runs
     the ``nn.Identity``, and a layer keeps its object, only its parameters change."""
     found: list[tuple[str, nn.Module | nn.Parameter]] = []
     seen: set[int] = set()
 
-    def walk(value: object, where: str, frozen: bool) -> None:
-        if isinstance(value, nn.Parameter) or (frozen and isinstance(value, nn.Module)):
+    def walk(value: object, where: str, frozen: bool, opaque: bool = False) -> None:
+        if value is module:  # its own bound method: gone with it
+            return
+        if isinstance(value, nn.Parameter) or (frozen and isinstance(value, nn.Module)
+                                               and (not opaque or is_bn_or_frozen(value))):
             found.append((where, value))
         elif isinstance(value, (list, tuple, set, frozenset, dict)) and id(value) not in seen:
             seen.add(id(value))
@@ -986,12 +997,41 @@ def _plain_refs(module: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]
             for key, item in items:
                 if isinstance(value, dict) and isinstance(key, (nn.Module, nn.Parameter)):  # a key: not rewritten
                     found.append((f"{where} (a key)", key))
-                walk(item, f"{where}[{key!r}]", frozen or isinstance(value, (tuple, frozenset)))
+                walk(item, f"{where}[{key!r}]", frozen or isinstance(value, (tuple, frozenset)), opaque)
+        elif not isinstance(value, (nn.Module, torch.Tensor)) and id(value) not in seen and len(seen) < _WALK_LIMIT:
+            seen.add(id(value))
+            for item in _referents(value):
+                walk(item, f"{where}.<{type(value).__name__}>", True, True)
 
     for attr, value in vars(module).items():
         if attr not in MODULE_OWN:
             walk(value, attr, False)
     return found
+
+
+#: The most objects :func:`_plain_refs` opens in one module's attributes (a tokenizer or a logger held there
+#: could reach far).
+_WALK_LIMIT = 10_000
+
+
+def _referents(value: object) -> list[object]:
+    """The objects ``value`` refers to (``gc.get_referents``), which a forward could reach a module through: a
+    function's closure and defaults, not its globals or code; nothing from classes, Python modules and
+    NumPy arrays."""
+    if isinstance(value, (type, types.ModuleType, types.CodeType, np.ndarray, str, bytes, int, float, complex)):
+        return []
+    if isinstance(value, types.FunctionType):
+        cells = [c.cell_contents for c in value.__closure__ or () if _filled(c)]
+        return [*cells, *(value.__defaults__ or ()), *(value.__kwdefaults__ or {}).values()]
+    return [r for r in gc.get_referents(value) if not isinstance(r, (type, types.ModuleType))]
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a closure variable not assigned yet
+        return False
+    return True
 
 
 def _replace_modules(root: nn.Module, names: Iterable[str], make: Callable[[nn.Module], nn.Module]) -> None:
