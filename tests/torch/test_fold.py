@@ -1496,6 +1496,7 @@ def test_export_onnx_takes_wrappers_and_inference_mode_inputs(tmp_path):
 @pytest.mark.parametrize("dtype,mean,var,noted", [(torch.float16, 200.0, 1.0, True), (torch.bfloat16, 200.0, 1.0, True),
                                                   (torch.float16, 40.0, 1.0, True), (torch.float16, 0.5, 1.0, False),
                                                   (torch.float32, 200.0, 1.0, False),
+                                                  (torch.float32, 3e4, 1.0, True),
                                                   # the offset counts in standard deviations sqrt(var), not var
                                                   (torch.float16, 300.0, 100.0, True),  # 30 std
                                                   (torch.float16, 0.5, 0.01, False)])  # 5 std

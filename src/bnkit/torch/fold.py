@@ -68,7 +68,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from ..findings import Finding
-from ..precision import OFFSET_NOTE_RATIO, fold_tolerance
+from ..precision import FLOAT32_OFFSET_NOTE_RATIO, OFFSET_NOTE_RATIO, fold_tolerance
 from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .modules import (
     MODULE_OWN, SavedState, as_args, bn_or_frozen_layers, channels, check_channel_tensors, deep_copy, eval_mode,
@@ -652,25 +652,29 @@ def _reads_outside_forward(modules: list[nn.Module]) -> Iterator[set[int]]:
 
 
 def _low_precision_shift_notes(model: nn.Module, folded: list[FoldedBN]) -> list[str]:
-    """Notes for BN layers folded *before* a float16/bfloat16 layer whose inputs sit far from zero.
+    """Notes for BN layers folded *before* a float16/bfloat16/float32 layer whose inputs sit far from zero.
 
     The BN's shift ``-mean * gamma / sigma`` moves into the layer's bias, where it cancels the input's mean in the
     layer's own arithmetic: with ``|mean| / sigma = r`` the folded layer loses about ``r`` times its dtype's
-    roundoff (measured: 11-36x worse than the unfolded model at r = 30-100), which random verification inputs
-    near zero do not show.
+    roundoff (measured: 11-36x worse than the unfolded model at r = 30-100 in float16, 100x at r = 1e3 in
+    float32), which random verification inputs near zero do not show. Noted above :data:`OFFSET_NOTE_RATIO` in
+    float16/bfloat16, :data:`FLOAT32_OFFSET_NOTE_RATIO` in float32.
     """
+    limits = {torch.float16: OFFSET_NOTE_RATIO, torch.bfloat16: OFFSET_NOTE_RATIO,
+              torch.float32: FLOAT32_OFFSET_NOTE_RATIO}
     notes = []
     for f in folded:
         layer = model.get_submodule(f.into)
-        if f.position != "before" or layer.weight.dtype not in (torch.float16, torch.bfloat16):
+        if f.position != "before" or layer.weight.dtype not in limits:
             continue
         bn = model.get_submodule(f.bn)
         ratio = float((bn.running_mean.double().abs() / (bn.running_var.double() + bn.eps).sqrt()).max())
-        if ratio > OFFSET_NOTE_RATIO:
+        if ratio > limits[layer.weight.dtype]:
             notes.append(f"{f.bn} folded before {f.into} in {str(layer.weight.dtype).removeprefix('torch.')}: its "
                          f"inputs sit up to {ratio:.3g} standard deviations from zero, and the folded bias cancels "
                          "that offset in the layer's own precision, so outputs on real data may lose about as many "
-                         "times its precision; verify on real data, or fold in float32")
+                         "times its precision; verify on real data, or fold in "
+                         f"{'float64' if layer.weight.dtype == torch.float32 else 'float32'}")
     return notes
 
 
