@@ -294,6 +294,29 @@ def test_matmul_rank_comes_from_the_graph_not_its_annotations():
                                      "MatMul's output-feature axis"}
 
 
+def test_matmul_rank_ignores_the_shapes_an_if_branch_declares():
+    """An If whose else branch declares a (4, 5) output but computes (1, 4, 5): shape inference took the declared
+    shape as the If's, the BN after the MatMul was folded on the last axis and verified with the other branch only
+    (review: 3.07 off when cond is false). Oracle: onnxruntime on both branches."""
+    rng = np.random.default_rng(0)
+    f = TensorProto.FLOAT
+    then_g = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", f, [4, 5])])
+    else_g = helper.make_graph([helper.make_node("Unsqueeze", ["x", "axes"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", f, [4, 5])])
+    nodes = [helper.make_node("If", ["cond"], ["i"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("MatMul", ["i", "W"], ["mm"], name="mm"), _bn_node("mm", "y")]
+    inits = {"W": rng.standard_normal((5, 4)).astype(np.float32), "axes": np.array([0], np.int64),
+             **_bn_inits(4, rng)}
+    model = _model(nodes, [helper.make_tensor_value_info("x", f, [4, 5]), helper.make_tensor_value_info("cond",
+                   TensorProto.BOOL, [])], [helper.make_tensor_value_info("y", f, ["p", "q"])], inits)
+    folded, report = fold_model(model)
+    assert "bn" in report.left and not report.folded
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        np.testing.assert_array_equal(ort_run(folded, feeds)[0], ort_run(model, feeds)[0])
+
 @pytest.mark.parametrize("default", [None, [8, 3]])
 def test_matmul_whose_input_rank_is_known_only_at_run_time_is_left(default):
     """x reshaped by a shape fed at run time: shape inference cannot know the rank, and fed (2, 4, 3) the BN's axis 1

@@ -74,8 +74,8 @@ from ..atomic import atomic_path, check_target
 from ..findings import Finding
 from ..precision import OFFSET_NOTE_RATIO
 from .graph import (RANDOM_OPS, BNNode, GraphIndex, attribute, blank_outputs_fail, bn_nodes, external_data_files,
-                    initializer_names, load_model, local_functions, node_label, opset_version, stored_name, subgraphs,
-                    too_large, training_dropouts, unswitchable_training)
+                    initializer_names, load_model, local_functions, nested_subgraphs, node_label, opset_version,
+                    stored_name, subgraphs, too_large, training_dropouts, unswitchable_training)
 from .verify import (OnnxRuntimeError, VerificationMemoryError, compare, default_tolerance, random_inputs,
                      run)
 
@@ -222,17 +222,22 @@ class _Folder:
     def rank(self, name: str) -> int | None:
         """The rank ONNX shape inference derives for ``name`` from the graph's inputs, or None if unknown.
 
-        The file's own ``value_info`` annotations and graph-output shapes are set aside first: nothing checks
-        them, and one that contradicts the graph (a 2-D annotation on a 3-D MatMul input) would fold a BN on the
-        wrong axis; so are the values of initializers that are also graph inputs, which a caller may override (a
-        Reshape's target shape). The graph inputs' shapes stay: onnxruntime refuses inputs of another rank.
+        The file's own ``value_info`` annotations and graph-output shapes are set aside first, in the main graph
+        and in every If/Loop/Scan body (also those of local functions): nothing checks them, and one that
+        contradicts the graph (a 2-D annotation on a 3-D MatMul input, an If branch declaring a 2-D output it
+        computes 3-D, which inference takes as the If's) would fold a BN on the wrong axis; so are the values of
+        initializers that are also graph inputs, which a caller may override (a Reshape's target shape). The graph
+        inputs' shapes stay: onnxruntime refuses inputs of another rank.
         """
         if self._ranks is None:
             bare = onnx.ModelProto()
             bare.CopyFrom(self.model)
-            del bare.graph.value_info[:]
-            for out in bare.graph.output:
-                _forget_shapes(out.type)
+            nodes = [*bare.graph.node, *(n for f in bare.functions for n in f.node)]
+            bodies = [g for n in nodes for sub in subgraphs(n) for g in [sub, *nested_subgraphs(sub)]]
+            for graph in [bare.graph, *bodies]:
+                del graph.value_info[:]
+                for out in graph.output:
+                    _forget_shapes(out.type)
             inputs = {value.name for value in bare.graph.input}
             for listed in (bare.graph.initializer, bare.graph.sparse_initializer):
                 fixed = [t for t in listed if (t.values.name if hasattr(t, "values") else t.name) not in inputs]

@@ -131,19 +131,19 @@ def external_data_files(path: str | os.PathLike) -> list[str]:
 def _model_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Every tensor the model holds: initializers and node attributes of its graph, of every subgraph, and of its
     local functions' nodes and their bodies."""
-    tensors = [t for g in [model.graph, *_subgraphs_of(model.graph)] for t in _tensors_of(g)]
+    tensors = [t for g in [model.graph, *nested_subgraphs(model.graph)] for t in _tensors_of(g)]
     for node in (n for f in model.functions for n in f.node):
         tensors += _node_tensors(node)
-        tensors += [t for sub in subgraphs(node) for g in [sub, *_subgraphs_of(sub)] for t in _tensors_of(g)]
+        tensors += [t for sub in subgraphs(node) for g in [sub, *nested_subgraphs(sub)] for t in _tensors_of(g)]
     return tensors
 
 
-def _subgraphs_of(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+def nested_subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     """Every subgraph (If/Loop/Scan bodies) below ``graph``, nested ones included."""
     found = []
     for node in graph.node:
         for sub in subgraphs(node):
-            found += [sub, *_subgraphs_of(sub)]
+            found += [sub, *nested_subgraphs(sub)]
     return found
 
 
