@@ -294,6 +294,28 @@ def test_matmul_rank_comes_from_the_graph_not_its_annotations():
                                      "MatMul's output-feature axis"}
 
 
+def test_a_fold_whose_copied_weights_pass_the_protobuf_limit_is_refused(monkeypatch, tmp_path):
+    """Two MatMul -> BN pairs sharing one weight: the fold copies it, so a model under protobuf's 2 GB limit can
+    fold into one over it; onnx.checker then raised EncodeError (a traceback, review). The limit lowered to sit
+    between the two sizes stands for 2 GB."""
+    from bnkit.onnx import graph as graph_module
+
+    rng = np.random.default_rng(0)
+    inits = {"W": rng.standard_normal((64, 64)).astype(np.float32), **_bn_inits(64, rng, "p"),
+             **_bn_inits(64, rng, "q")}
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m1"]), _bn_node("m1", "y", "p"),
+             helper.make_node("MatMul", ["x", "W"], ["m2"]), _bn_node("m2", "z", "q")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                   [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 64]) for n in "yz"], inits)
+    assert len(fold_model(model)[1].folded) == 2  # under the real limit both fold
+    monkeypatch.setattr(graph_module, "PROTOBUF_LIMIT", model.ByteSize() + 64 * 64 * 4 // 2)
+    with pytest.raises(ValueError, match="the folded model is over 2 GB.*nothing written"):
+        fold_model(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="the folded model is over 2 GB"):
+        fold(tmp_path / "m.onnx", tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
 def test_matmul_rank_ignores_the_shapes_an_if_branch_declares():
     """An If whose else branch declares a (4, 5) output but computes (1, 4, 5): shape inference took the declared
     shape as the If's, the BN after the MatMul was folded on the last axis and verified with the other branch only

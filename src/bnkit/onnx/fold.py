@@ -703,6 +703,10 @@ def fold_model(
         declared = {i.name for i in work.graph.input}
         work.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
                                 for t in work.graph.initializer if t.name not in declared)
+    if too_large(work):  # weights shared with other nodes are copied before they are folded
+        raise ValueError("the folded model is over 2 GB, protobuf's limit for one message (the input is under it: "
+                         "weights shared with other nodes were copied to fold them), so bnkit fold cannot write or "
+                         "verify it as one message; nothing written")
     try:
         onnx.checker.check_model(work)
     except onnx.checker.ValidationError as exc:  # a bug in the folder, never a silent bad model
