@@ -198,3 +198,28 @@ def test_a_sparse_initializer_with_a_negative_dimension_is_named_as_such():
         onnx.checker.check_model(model)
     assert [f.evidence for f in audit(model).findings if f.code == "malformed_node"] == [
         "sparse initializer 's': its shape [3, -1] has a negative dimension"]
+
+
+def test_a_name_that_is_not_utf8_makes_the_file_unreadable_not_a_crash(tmp_path):
+    """protobuf hands a proto2 string that is not UTF-8 over as bytes, which onnx.checker passes and every name
+    lookup tripped on (TypeError traceback in audit and fold, review): the file is refused as unreadable."""
+    path = tmp_path / "m.onnx"
+    model = _model([helper.make_node("Cast", ["v16"], ["v"], to=TensorProto.FLOAT), _bn()])
+    data = bytearray(model.SerializeToString())
+    at = data.index(b"\x1a\x02bn") + 2  # NodeProto.name: field 3, length 2, "bn"
+    data[at] = 0xDD  # "bn" -> b"\xddn"
+    path.write_bytes(bytes(data))
+    assert isinstance(onnx.load(path).graph.node[1].name, bytes)
+    for run in (audit, fold_model):
+        with pytest.raises(ValueError, match=r"not a readable ONNX model: model\.graph\.node\[1\]\.name holds text "
+                                             "that is not UTF-8"):
+            run(path)
+
+
+def test_a_graph_input_of_an_undefined_element_type_cannot_be_verified_not_a_crash():
+    """elem_type 118, which onnx.checker lets pass: random verification inputs raised a bare KeyError (review)."""
+    model = _model([helper.make_node("Cast", ["v16"], ["v"], to=TensorProto.FLOAT), _bn()])
+    model.graph.input[0].type.tensor_type.elem_type = 118
+    onnx.checker.check_model(model)
+    with pytest.raises(ValueError, match="input 'x' has element type 118, which ONNX does not define"):
+        fold_model(model)

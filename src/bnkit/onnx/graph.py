@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
-from google.protobuf.message import EncodeError
+from google.protobuf.message import EncodeError, Message
 from onnx import helper, numpy_helper
 
 from ..file_kinds import (looks_like_npy, looks_like_pickle, looks_like_safetensors, unreadable_file,
@@ -48,6 +48,8 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
                 f"the model's tensors {unloaded[:5]}{' ...' if len(unloaded) > 5 else ''} are in an external data "
                 "file that was not loaded: pass the .onnx file's path, or load it with onnx.load(path) "
                 "(load_external_data=True, the default)")
+        if (where := non_utf8_text(model)) is not None:
+            raise ValueError(f"the model is not a valid ONNX model: {where} holds text that is not UTF-8")
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         return copy
@@ -64,7 +66,26 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
         raise ValueError(f"{path} is not a readable ONNX model: {exc}") from exc
     if not proto.HasField("graph") or not proto.graph.node:
         raise ValueError(f"{path} is not a readable ONNX model: it has no graph nodes")
+    if (where := non_utf8_text(proto)) is not None:
+        raise ValueError(f"{path} is not a readable ONNX model: {where} holds text that is not UTF-8")
     return proto
+
+
+def non_utf8_text(message: Message, where: str = "model") -> str | None:
+    """Where ``message`` holds a string field that is not UTF-8 (protobuf hands such a proto2 field over as
+    ``bytes``, which every name lookup then trips on), or None. Only string fields are read: tensor data is
+    ``bytes`` or numbers."""
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+            continue
+        one = isinstance(value, (str, bytes, Message))  # else a repeated field
+        for k, item in enumerate([value] if one else value):
+            label = f"{where}.{field.name}" + ("" if one else f"[{k}]")
+            if isinstance(item, bytes) and field.type == field.TYPE_STRING:
+                return label
+            if isinstance(item, Message) and (found := non_utf8_text(item, label)) is not None:
+                return found
+    return None
 
 
 def _other_format(path: str) -> str | None:

@@ -92,6 +92,9 @@ def random_inputs(
             raise VerificationMemoryError(f"input {value.name!r} of shape {list(shape)} holds {values} values, more "
                                           "than an array can")
         elem = ttype.elem_type
+        if elem == onnx.TensorProto.UNDEFINED or elem not in onnx.TensorProto.DataType.values():
+            raise ValueError(f"input {value.name!r} has element type {elem}, which ONNX does not define (onnx.checker "
+                             "lets it pass): the model cannot be run, so it cannot be verified")
         try:
             if elem == onnx.TensorProto.BOOL:
                 feeds[value.name] = np.asarray(rng.random(shape) < 0.5)  # a 0-d comparison gives a NumPy scalar
