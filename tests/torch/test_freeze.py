@@ -499,3 +499,17 @@ class FrozenBatchNorm2d(nn.Module):
         super().__init__()
         for k, v in (("weight", 1), ("bias", 0), ("running_mean", 0), ("running_var", 1)):
             self.register_buffer(k, torch.full((n,), float(v)))
+
+
+def test_modules_named_as_in_the_wrapped_model_work_through_a_data_parallel_wrapper():
+    """The audit and fold name a DataParallel model's layers without 'module.'; freeze_bn refused those names.
+    Oracle: the layer's running mean through a training-mode forward."""
+    model = _model()
+    wrapped = nn.DataParallel(model)
+    freeze_bn(wrapped, modules=["0.stem.1", "module.0.layers.0.bn1"])
+    assert set(frozen_bn_layers(model)) == {"0.stem.1", "0.layers.0.bn1"}
+    before = model[0].stem[1].running_mean.clone()
+    wrapped.train()(torch.randn(4, 1, 8, 8))
+    assert torch.equal(before, model[0].stem[1].running_mean)
+    with pytest.raises(ValueError, match="'0.stem.9' is not a BatchNorm layer of the model"):
+        freeze_bn(wrapped, modules=["0.stem.9"])

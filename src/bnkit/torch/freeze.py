@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from .modules import bn_layers, bn_like_modules, eager_modules, is_batchnorm, is_bn_or_frozen
+from .modules import bn_layers, bn_like_modules, eager_modules, is_batchnorm, is_bn_or_frozen, wrapper_chain
 
 __all__ = ["freeze_bn", "unfreeze_bn", "is_frozen", "frozen_bn_layers", "FreezeState"]
 
@@ -176,11 +176,15 @@ def select_bn_layers(model: nn.Module, modules: Iterable[nn.Module | str] | nn.M
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"{name!r} is not a BatchNorm layer of the model: it has no submodule of that name "
-                         f"(BatchNorm layers: {[n for n, _ in bn_layers(model)][:8]})") from None
+    """``model``'s submodule ``name``, or that of the module a wrapper runs (``module.`` left out of a
+    DataParallel's names, as the audit and fold leave it out)."""
+    for owner in wrapper_chain(model):
+        try:
+            return owner.get_submodule(name)
+        except AttributeError:
+            pass
+    raise ValueError(f"{name!r} is not a BatchNorm layer of the model: it has no submodule of that name "
+                     f"(BatchNorm layers: {[n for n, _ in bn_layers(model)][:8]})")
 
 
 def freeze_bn(
