@@ -1297,6 +1297,66 @@ def test_a_bn_reached_through_another_object_is_left(holder):
         assert rel_diff(folded(x), want) < 1e-6
 
 
+
+@pytest.mark.parametrize("holder", ["module list", "module list in a namespace", "vocabulary first"])
+def test_a_bn_in_an_unregistered_module_or_past_a_large_attribute_is_left(holder):
+    """An nn.ModuleList set with object.__setattr__ runs the BN it holds (review: 0.57 off), and a 10000-word
+    vocabulary held before the namespace used up the search (review). Oracle: the unfolded model in eval mode."""
+    class Reached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            object.__setattr__(self, "vocab", [f"w{i}" for i in range(12_000)])
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            held = {"module list": lambda: nn.ModuleList([self.bn]),
+                    "module list in a namespace": lambda: types.SimpleNamespace(norm=nn.ModuleList([self.bn])),
+                    "vocabulary first": lambda: types.SimpleNamespace(norm=[self.bn])}[holder]()
+            object.__setattr__(self, "held", held)
+
+        def forward(self, x):
+            norm = self.held[0] if holder == "module list" else self.held.norm[0]
+            return norm(self.conv(x))
+
+    x = torch.randn(4, 3, 8, 8)
+    model = calibrated(Reached(), x)
+    with torch.no_grad():
+        model.bn.bias.uniform_(-1, 1)
+        want = model(x)
+    folded, report = fold_bn(model)
+    assert not report.folded and "held under several names (bn, held" in report.left["bn"]
+    with torch.no_grad():
+        assert rel_diff(folded(x), want) < 1e-6
+
+
+def test_a_model_holding_its_optimizer_still_folds():
+    """The optimizer's parameter groups hold the model's parameters, which are not aliases a forward reads: the
+    fold refused them as shared (review). Oracle: the unfolded model in float64."""
+    class Agent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+            self.opt = torch.optim.Adam(self.parameters())
+
+        def forward(self, x):
+            return self.net(x)
+
+    x = torch.randn(4, 3, 8, 8)
+    model = calibrated(Agent(), x)
+    want = copy.deepcopy(model).double()(x.double())
+    folded, report = fold_bn(model, x)
+    assert [(f.bn, f.into) for f in report.folded] == [("net.1", "net.0")]
+    with torch.no_grad():
+        assert rel_diff(folded(x).double(), want) < 1e-6
+
+
+def test_a_search_of_held_objects_cut_short_is_noted(monkeypatch):
+    import bnkit.torch.fold as fold_module
+
+    monkeypatch.setattr(fold_module, "_OPEN_LIMIT", 3)
+    model = calibrated(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), torch.randn(4, 3, 8, 8))
+    object.__setattr__(model, "objects", [types.SimpleNamespace(k=k) for k in range(5)])
+    report = fold_plan(model)
+    assert any("searched for other references to the BatchNorm layers up to 3 objects" in n for n in report.notes)
+
 def test_a_conv_or_the_module_itself_reached_through_other_objects_still_folds():
     """Only a BN (replaced) or a parameter (copied) held elsewhere matters: a conv keeps its object, and a module's
     own bound method goes with it. Oracle: the unfolded model in float64."""

@@ -358,7 +358,7 @@ def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport,
         if probe and (traced is None or hooked):
             saved.restore()
             _note_reads_outside_forward(work, inputs, probe)
-    shared = _shared_names(work, original)
+    shared = _shared_names(work, original, report.notes)
     if traced is None:
         return reference, _plan_sequential(work, probe, shared, report)
     if hooked and not probe:
@@ -938,7 +938,8 @@ def _plan_sequential(work: nn.Module, probe: dict[int, dict], shared: dict[int, 
     return plan
 
 
-def _shared_names(work: nn.Module, original: nn.Module | None = None) -> dict[int, list[str]]:
+def _shared_names(work: nn.Module, original: nn.Module | None = None,
+                  notes: list[str] | None = None) -> dict[int, list[str]]:
     """Every name of each module and parameter held in more than one attribute slot, by object id.
 
     Such objects are not folded: fx names a module by its first name and a fold replaces the
@@ -949,13 +950,20 @@ def _shared_names(work: nn.Module, original: nn.Module | None = None) -> dict[in
     model that shares them so keeps the last one loaded. ``original``: the model ``work`` is a copy of, whose
     memory sharing counts (``copy.deepcopy`` gives such parameters memory of their own). Names that differ only
     because an ancestor container is registered twice reach one slot (replacing it there replaces it for every
-    path), so they do not count.
+    path), so they do not count. ``notes`` gets a note where the search of what the modules hold was cut short
+    (:class:`_HeldRefs`).
     """
     def slots_of(model: nn.Module) -> list[tuple[str, int, str, Any]]:
-        return [(f"{prefix}.{attr}" if prefix else attr, id(parent), attr, obj)
-                for prefix, parent in model.named_modules(remove_duplicate=False)
-                for attr, obj in [*parent._modules.items(), *parent._parameters.items(), *_plain_refs(parent)]
-                if obj is not None]
+        held = _HeldRefs(model)
+        slots = [(f"{prefix}.{attr}" if prefix else attr, id(parent), attr, obj)
+                 for prefix, parent in model.named_modules(remove_duplicate=False)
+                 for attr, obj in [*parent._modules.items(), *parent._parameters.items(), *held.of(parent)]
+                 if obj is not None]
+        if held.cut and notes is not None and model is work:
+            notes.append(f"the objects the modules hold in plain attributes were searched for other references to "
+                         f"the BatchNorm layers up to {_OPEN_LIMIT} objects, and no further: a BN reached only "
+                         "beyond them would still run after its fold (example_inputs verify the fold)")
+        return slots
 
     here = slots_of(work)
     names: dict[int, list[str]] = {}
@@ -977,53 +985,83 @@ def _shared_names(work: nn.Module, original: nn.Module | None = None) -> dict[in
     return {key: names[key] for key, where in slots.items() if len(where) > 1}
 
 
-def _plain_refs(module: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]:
-    """What ``module`` holds outside its registered slots that a fold cannot follow, by where (``norms[0]``):
-    parameters in plain attributes (``object.__setattr__``) and in the lists, tuples, sets and dicts they hold,
-    nested (a fold gives its layer new ones), and modules inside tuples and frozensets or as dict keys, which it
-    cannot rewrite; inside any other object (a ``SimpleNamespace``, a ``deque``, a ``functools.partial``, a bound
-    method, a closure: :func:`_referents`), parameters and BatchNorm layers (a layer keeps its object there).
+class _HeldRefs:
+    """What the modules of ``model`` hold outside their registered slots that a fold cannot follow, module by module
+    (:meth:`of`), by where (``norms[0]``):
+
+    * parameters in plain attributes (``object.__setattr__``) and in the lists, tuples, sets and dicts they hold,
+      nested (a fold gives its layer new ones), and modules inside tuples and frozensets or as dict keys, which it
+      cannot rewrite;
+    * BatchNorm layers reached through any other object (a ``SimpleNamespace``, a ``deque``, a
+      ``functools.partial``, a bound method, a closure: :func:`_referents`) or a module the model does not register
+      (``object.__setattr__(self, "norms", nn.ModuleList([...]))``), which a forward may call: a layer keeps its
+      object there, and parameters held by other objects (an optimizer's) are not the model's.
+
     A module held elsewhere in plain attributes is followed: a folded BN is replaced there too
     (:func:`_replace_modules`), so a forward calling ``self.norms[0]`` (traced under the BN's registered name) runs
-    the ``nn.Identity``, and a layer keeps its object, only its parameters change."""
-    found: list[tuple[str, nn.Module | nn.Parameter]] = []
-    seen: set[int] = set()
+    the ``nn.Identity``, and a layer keeps its object, only its parameters change. Each object is opened once per
+    model, and at most :data:`_OPEN_LIMIT` of those beyond plain containers (``cut`` then says so).
+    """
 
-    def walk(value: object, where: str, frozen: bool, opaque: bool = False) -> None:
-        if value is module:  # its own bound method: gone with it
-            return
-        if isinstance(value, nn.Parameter) or (frozen and isinstance(value, nn.Module)
-                                               and (not opaque or is_bn_or_frozen(value))):
-            found.append((where, value))
-        elif isinstance(value, (list, tuple, set, frozenset, dict)) and id(value) not in seen:
-            seen.add(id(value))
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for key, item in items:
-                if isinstance(value, dict) and isinstance(key, (nn.Module, nn.Parameter)):  # a key: not rewritten
-                    found.append((f"{where} (a key)", key))
-                walk(item, f"{where}[{key!r}]", frozen or isinstance(value, (tuple, frozenset)), opaque)
-        elif not isinstance(value, (nn.Module, torch.Tensor)) and id(value) not in seen and len(seen) < _WALK_LIMIT:
-            seen.add(id(value))
-            for item in _referents(value):
-                walk(item, f"{where}.<{type(value).__name__}>", True, True)
+    def __init__(self, model: nn.Module) -> None:
+        self.registered = {id(m) for m in model.modules()}
+        self.seen: set[int] = set()
+        self.opened = 0
+        self.cut = False
 
-    for attr, value in vars(module).items():
-        if attr not in MODULE_OWN:
-            walk(value, attr, False)
-    return found
+    def of(self, module: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]:
+        found: list[tuple[str, nn.Module | nn.Parameter]] = []
+
+        def walk(value: object, where: str, frozen: bool, opaque: bool = False) -> None:
+            if value is module or isinstance(value, _ATOMS) and not isinstance(value, nn.Parameter):
+                return  # its own bound method goes with it
+            if isinstance(value, nn.Parameter):
+                if not opaque:
+                    found.append((where, value))
+                return
+            if isinstance(value, nn.Module):
+                if frozen and (not opaque or is_bn_or_frozen(value)):
+                    found.append((where, value))
+                if id(value) not in self.registered and id(value) not in self.seen:  # it runs what it holds
+                    self.seen.add(id(value))
+                    for key, item in [*value._modules.items(), *((k, v) for k, v in vars(value).items()
+                                                                 if k not in MODULE_OWN)]:
+                        walk(item, f"{where}.{key}", True, True)
+                return
+            if id(value) in self.seen:
+                return
+            if isinstance(value, (list, tuple, set, frozenset, dict)):
+                self.seen.add(id(value))
+                items = value.items() if isinstance(value, dict) else enumerate(value)
+                for key, item in items:
+                    if isinstance(value, dict) and isinstance(key, (nn.Module, nn.Parameter)):  # not rewritten
+                        found.append((f"{where} (a key)", key))
+                    walk(item, f"{where}[{key!r}]", frozen or isinstance(value, (tuple, frozenset)), opaque)
+            elif self.opened < _OPEN_LIMIT:
+                self.seen.add(id(value))
+                self.opened += 1
+                for item in _referents(value):
+                    walk(item, f"{where}.<{type(value).__name__}>", True, True)
+            else:
+                self.cut = True
+
+        for attr, value in vars(module).items():
+            if attr not in MODULE_OWN:
+                walk(value, attr, False)
+        return found
 
 
-#: The most objects :func:`_plain_refs` opens in one module's attributes (a tokenizer or a logger held there
-#: could reach far).
-_WALK_LIMIT = 10_000
+#: Values with nothing inside that could be a module (a Parameter, a Tensor subclass, is told apart).
+_ATOMS = (str, bytes, int, float, complex, type(None), torch.Tensor, np.ndarray, type, types.ModuleType,
+          types.CodeType, torch.dtype, torch.device)
+#: The most objects other than plain containers :class:`_HeldRefs` opens in one model (a tokenizer or a logger held
+#: in an attribute could reach far).
+_OPEN_LIMIT = 20_000
 
 
 def _referents(value: object) -> list[object]:
     """The objects ``value`` refers to (``gc.get_referents``), which a forward could reach a module through: a
-    function's closure and defaults, not its globals or code; nothing from classes, Python modules and
-    NumPy arrays."""
-    if isinstance(value, (type, types.ModuleType, types.CodeType, np.ndarray, str, bytes, int, float, complex)):
-        return []
+    function's closure and defaults, not its globals or code; no classes or Python modules."""
     if isinstance(value, types.FunctionType):
         cells = [c.cell_contents for c in value.__closure__ or () if _filled(c)]
         return [*cells, *(value.__defaults__ or ()), *(value.__kwdefaults__ or {}).values()]
@@ -1041,7 +1079,7 @@ def _filled(cell: types.CellType) -> bool:
 def _replace_modules(root: nn.Module, names: Iterable[str], make: Callable[[nn.Module], nn.Module]) -> None:
     """Put ``make(module)`` in each slot ``names`` names in ``root``, and wherever a module of ``root`` holds that
     module outside its registered slots: in a plain attribute, or in the lists, sets and dicts such attributes hold,
-    nested (:func:`_plain_refs` leaves modules inside tuples unfolded). One walk of ``root`` for them all."""
+    nested (:class:`_HeldRefs` leaves modules inside tuples unfolded). One walk of ``root`` for them all."""
     new: dict[int, nn.Module] = {}
     for name in names:
         old = root.get_submodule(name)
