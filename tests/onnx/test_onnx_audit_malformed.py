@@ -223,3 +223,24 @@ def test_a_graph_input_of_an_undefined_element_type_cannot_be_verified_not_a_cra
     onnx.checker.check_model(model)
     with pytest.raises(ValueError, match="input 'x' has element type 118, which ONNX does not define"):
         fold_model(model)
+
+
+def test_a_doc_string_or_metadata_that_is_not_utf8_is_left_as_onnxruntime_leaves_it(tmp_path):
+    """Only names are looked up: a doc string or metadata value of other bytes was refused as unreadable (review).
+    Oracle: onnxruntime runs the file, and the fold matches it."""
+    import onnxruntime as ort
+
+    model = _model([helper.make_node("Cast", ["v16"], ["v"], to=TensorProto.FLOAT, doc_string="docA"), _bn()])
+    model.graph.doc_string = "docB"
+    onnx.helper.set_model_props(model, {"k": "docC"})
+    data = model.SerializeToString()
+    for text in (b"docA", b"docB", b"docC"):
+        data = data.replace(text, b"\xdd" + text[1:])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert "bn" in {f.layer for f in audit(path).findings}  # read, not refused
+    folded, _ = fold_model(path)
+    got = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -71,17 +71,23 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
     return proto
 
 
+#: The string fields of an ONNX model that name things bnkit looks up (nodes, values, tensors, operators, domains,
+#: attributes, functions).
+_NAME_FIELDS = frozenset({"name", "input", "output", "op_type", "domain", "ref_attr_name", "overload"})
+
+
 def non_utf8_text(message: Message, where: str = "model") -> str | None:
-    """Where ``message`` holds a string field that is not UTF-8 (protobuf hands such a proto2 field over as
-    ``bytes``, which every name lookup then trips on), or None. Only string fields are read: tensor data is
-    ``bytes`` or numbers."""
+    """Where ``message`` holds a name that is not UTF-8 (protobuf hands such a proto2 string over as ``bytes``,
+    which every name lookup then trips on), or None. Only the string fields bnkit reads (:data:`_NAME_FIELDS`) are
+    checked: a doc string or metadata entry of any bytes is left, as onnxruntime leaves it."""
     for field, value in message.ListFields():
-        if field.type not in (field.TYPE_STRING, field.TYPE_MESSAGE):
+        if not (field.type == field.TYPE_MESSAGE and field.name != "metadata_props"
+                or field.type == field.TYPE_STRING and field.name in _NAME_FIELDS):
             continue
         one = isinstance(value, (str, bytes, Message))  # else a repeated field
         for k, item in enumerate([value] if one else value):
             label = f"{where}.{field.name}" + ("" if one else f"[{k}]")
-            if isinstance(item, bytes) and field.type == field.TYPE_STRING:
+            if isinstance(item, bytes):
                 return label
             if isinstance(item, Message) and (found := non_utf8_text(item, label)) is not None:
                 return found
