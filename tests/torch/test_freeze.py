@@ -490,6 +490,7 @@ def test_freeze_is_quiet_where_every_running_statistic_is_frozen():
         freeze_bn(convert_frozen(_model(1)))  # FrozenBatchNorm layers only: frozen already
         freeze_bn(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), modules=["1"])
         freeze_bn(nn.Sequential(nn.BatchNorm1d(3), FrozenBatchNorm2d(3)))  # frozen by design, as its name says
+        freeze_bn(nn.Sequential(nn.Conv2d(3, 3, 1), FrozenBatchNorm2d(3)))  # torchvision's detection backbones
 
 
 class FrozenBatchNorm2d(nn.Module):

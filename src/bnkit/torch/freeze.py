@@ -250,7 +250,8 @@ def _warn_left(model: nn.Module, layers: list) -> None:
     """Warn where ``freeze_bn(model)`` left running statistics free to change: modules holding them that are not
     BatchNorm layers (:func:`bnkit.torch.modules.bn_like_modules`; a class named ``Frozen...``, as torchvision's and
     detectron2's ``FrozenBatchNorm2d``, is taken as frozen by design), or no BatchNorm layer at all."""
-    if others := [(n, m) for n, m in bn_like_modules(model) if "Frozen" not in type(m).__name__]:
+    like = bn_like_modules(model)
+    if others := [(n, m) for n, m in like if "Frozen" not in type(m).__name__]:
         names = [n or "(root)" for n, _ in others]
         kinds = ", ".join(sorted({type(m).__name__ for _, m in others}))
         warnings.warn(f"freeze_bn left {len(names)} module(s) ({kinds}: {', '.join(names[:3])}"
@@ -258,7 +259,7 @@ def _warn_left(model: nn.Module, layers: list) -> None:
                       "not torch.nn BatchNorm layers, so their own forward decides whether it updates them (the "
                       "modules of a torch.export graph, InstanceNorm, another library's BatchNorm); freeze the eager "
                       "model before exporting it, or keep those modules out of training yourself", stacklevel=3)
-    elif not layers and not any(is_bn_or_frozen(m) for _, m in eager_modules(model)):
+    elif not layers and not like and not any(is_bn_or_frozen(m) for _, m in eager_modules(model)):
         warnings.warn(f"freeze_bn found no BatchNorm layer in the {type(model).__name__}: nothing was frozen",
                       stacklevel=3)
 
