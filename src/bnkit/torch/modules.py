@@ -301,9 +301,14 @@ def tensor_or_array(a: np.ndarray) -> torch.Tensor | np.ndarray:
         return a
 
 
-def arrays_as_tensors(batch: Any) -> Any:
-    """``batch`` with every NumPy array in it (nested as :func:`map_nested` walks) :func:`tensor_or_array`'s."""
-    return map_nested(batch, tensor_or_array, (np.ndarray,))
+def arrays_as_tensors(batch: Any, dtype: torch.dtype | None = None) -> Any:
+    """``batch`` with every NumPy array in it (nested as :func:`map_nested` walks) :func:`tensor_or_array`'s, the
+    floating ones in ``dtype`` where given (NumPy's float64 default for a float32 model)."""
+    def convert(a: np.ndarray) -> torch.Tensor | np.ndarray:
+        t = tensor_or_array(a)
+        return t.to(dtype) if dtype is not None and isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return map_nested(batch, convert, (np.ndarray,))
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

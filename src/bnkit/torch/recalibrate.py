@@ -102,9 +102,9 @@ from ..stats import RunningMoments
 from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .layers import _DropInBatchNorm, is_cumulative
 from .modules import (SavedState, arrays_as_tensors, channels, check_channel_tensors, eager_calls, eager_modules,
-                      has_stock_forward, is_batchnorm, is_bn_or_frozen, is_whole_number, normalized_inputs,
-                      parallel_device, restored_after_each_call, sole_device, to_device, uninitialized_lazy, unwrapped,
-                      usable_device)
+                      has_stock_forward, input_dtype_device, is_batchnorm, is_bn_or_frozen, is_whole_number,
+                      normalized_inputs, parallel_device, restored_after_each_call, sole_device, to_device,
+                      uninitialized_lazy, unwrapped, usable_device)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration", "StatisticsRangeError"]
 
@@ -791,7 +791,7 @@ def recalibrate(
         model: the model; its BN layers must track running statistics
             (layers with ``track_running_stats=False`` are left alone).
         data: an iterable of batches (e.g. a DataLoader), not a tensor; NumPy arrays in a batch reach the model
-            (or ``forward``) as tensors sharing their memory.
+            (or ``forward``) as tensors, floating ones in the model's dtype (tensors come as they are).
         num_batches: stop after this many batches (per rank); default all.
         forward: ``forward(model, batch)`` runs one batch. Default: ``model(batch)``
             for a tensor, ``model(batch[0])`` for an ``(inputs, targets, ...)`` tuple. For a
@@ -867,10 +867,11 @@ def recalibrate(
         with torch.no_grad(), eager_calls(model), measured:
             try:  # len() and iter() of the data run the user's code too: a failure must reach the collective
                 total = _total(data, num_batches)
+                dtype = input_dtype_device(model)[0]  # of NumPy's floating arrays
                 batches = data if num_batches is None else itertools.islice(data, int(num_batches))
                 with _progress_bar(progress and _rank() == 0, total) as advance:
                     for i, batch in enumerate(batches):
-                        batch = arrays_as_tensors(batch)  # NumPy batches as tensors, as the audit reads them
+                        batch = arrays_as_tensors(batch, dtype)  # NumPy batches as the audit reads them
                         if device is not None:
                             batch = to_device(batch, device)
                         try:
