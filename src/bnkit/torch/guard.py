@@ -417,12 +417,15 @@ class StatsRollback:
     """What :func:`protect_stats` did: ``nonfinite`` layers made it roll ``rolled_back`` layers back.
 
     ``already_nonfinite`` lists layers that were non-finite before the block
-    (a rollback cannot repair them; they do not trigger one).
+    (a rollback cannot repair them; they do not trigger one); ``unrestored``, layers put in the model during the
+    block (holding none of its tensors from before it) that it left non-finite: they trigger the rollback of the
+    others and stay as they are, their statistics from before the step being unknown.
     """
 
     rolled_back: list[str] = field(default_factory=list)
     nonfinite: list[str] = field(default_factory=list)
     already_nonfinite: list[str] = field(default_factory=list)
+    unrestored: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.rolled_back)
@@ -433,6 +436,11 @@ class StatsRollback:
             "warning", name, "non-finite running statistics rolled back", "the guarded step made them NaN/Inf",
             "check the loss scale / learning rate; the step's statistics update was discarded", "stats_rolled_back",
         ) for name in self.nonfinite] + [Finding(
+            "error", name, "non-finite running statistics not restored",
+            "the guarded step made them NaN/Inf, and the layer was put in the model during the step, so its "
+            "statistics from before it are unknown", "recompute them with bnkit.torch.recalibrate or reload a good "
+            "checkpoint", "stats_not_restored",
+        ) for name in self.unrestored] + [Finding(
             "error", name, "running statistics were already non-finite", "NaN/Inf before the guarded step",
             "reload a good checkpoint or recompute them with bnkit.torch.recalibrate", "nonfinite_stats",
         ) for name in self.already_nonfinite]
@@ -498,6 +506,12 @@ class _Snapshot:
         self.stats = _pack(stats, torch.cat)
         self.counts = _pack(counts, torch.stack)
         self.entry = [(m, tuple(m._buffers.get(k) for k in _BUFFERS)) for m in self.layers]  # the tensors now
+        self.known = {id(m) for m in (*self.layers, *self.lazy)}
+
+    def added(self, model: nn.Module) -> list[nn.Module]:
+        """The BN layers with running statistics in ``model`` now that it did not hold at the snapshot (swapped in
+        during the block: ``convert_bn``, a copy, a new layer)."""
+        return [m for m in _running_buffers(model)[0] if id(m) not in self.known]
 
     def replaced(self) -> list[nn.Module]:
         """The layers whose running statistics are other tensors now (``.double()``, ``.to()``, assignment)."""
@@ -509,7 +523,7 @@ class _Snapshot:
         """The layers that were lazy at the snapshot and got their statistics since."""
         return [m for m in self.lazy if not is_lazy(m.running_mean)]
 
-    def now_finite(self) -> bool:
+    def now_finite(self, added: list[nn.Module]) -> bool:
         """True if every running statistic is finite now.
 
         One ``cat`` and one ``sum`` per device: a sum is finite iff every term is, unless it
@@ -519,7 +533,7 @@ class _Snapshot:
             now = torch.cat(tensors)
             if not math.isfinite(now.sum().item()) and not bool(torch.isfinite(now).all()):
                 return False
-        return all(_finite(m) for m in self.materialized() + self.replaced())
+        return all(_finite(m) for m in self.materialized() + self.replaced() + added)
 
     def saved(self) -> tuple[dict[tuple[int, str], torch.Tensor], dict[int, torch.Tensor]]:
         """Every snapshotted buffer's snapshot, by ``(id(layer), buffer name)`` and by ``id`` of the tensor it copied
@@ -547,7 +561,8 @@ class protect_stats:
     statistic non-finite cannot repair it, and names it in ``already_nonfinite`` if it is still non-finite when
     the block ends (that thread's own exit restores its entry values). Each entry costs one walk
     over the modules, one flat copy of the statistics and one of the counters, and
-    on exit one fused finiteness check with one device sync.
+    on exit one walk (for layers swapped in during the block: those holding the buffers from entry are restored, others
+    left non-finite are named in ``unrestored``) and one fused finiteness check with one device sync.
     """
 
     def __init__(self, model: nn.Module, *, warn: bool = True) -> None:
@@ -578,19 +593,23 @@ class protect_stats:
             raise RuntimeError("protect_stats: left in a thread that did not enter it; enter and leave each block "
                                "in one thread (a with statement does)")
         snapshot, report = self._active().pop()
-        if (snapshot.stats or snapshot.lazy) and not snapshot.now_finite():
-            _rollback(self.model, snapshot, report)
-            if report.nonfinite and self.warn:
+        added = snapshot.added(self.model)
+        if (snapshot.stats or snapshot.lazy or added) and not snapshot.now_finite(added):
+            _rollback(self.model, snapshot, report, added)
+            if (report.nonfinite or report.unrestored) and self.warn:
+                lost = (f"; {report.unrestored} were put in the model during the step, so their statistics from "
+                        "before it are unknown: they stay non-finite" if report.unrestored else "")
                 warnings.warn(
-                    f"protect_stats: non-finite running statistics in {report.nonfinite}; rolled back the "
-                    f"statistics of {len(report.rolled_back)} BatchNorm layer(s) to before the step",
+                    f"protect_stats: non-finite running statistics in {report.nonfinite + report.unrestored}; rolled "
+                    f"back the statistics of {len(report.rolled_back)} BatchNorm layer(s) to before the step{lost}",
                     RuntimeWarning, stacklevel=2,
                 )
         return False
 
 
-def _rollback(model: nn.Module, snapshot: _Snapshot, report: StatsRollback) -> None:
-    """The rare path: find which layers went non-finite and, if any did, restore every changed buffer."""
+def _rollback(model: nn.Module, snapshot: _Snapshot, report: StatsRollback, added: list[nn.Module]) -> None:
+    """The rare path: find which layers went non-finite and, if any did, restore every changed buffer. ``added``:
+    the layers swapped in during the block; those holding none of the snapshot's tensors cannot be restored."""
     saved, by_tensor = snapshot.saved()
     # each buffer as it is now with its values at entry: a layer's by its name, also where the block replaced the
     # tensor (.double(), assignment); by the tensor, where the block swapped the layer for one holding its buffers
@@ -611,7 +630,10 @@ def _rollback(model: nn.Module, snapshot: _Snapshot, report: StatsRollback) -> N
     layer_names = list(dict.fromkeys([name for name, _, _ in buffers] + [name for name, _ in fresh]))
     report.already_nonfinite = [n for n in layer_names if not before_ok.get(n, True)]
     report.nonfinite = [n for n in layer_names if before_ok.get(n, True) and not after_ok.get(n, True)]
-    if not report.nonfinite:
+    matched = {id(t) for _, t, _ in buffers}
+    lost = {id(m) for m in added if not _finite(m) and not {id(m.running_mean), id(m.running_var)} <= matched}
+    report.unrestored = [n or type(m).__name__ for n, m in model.named_modules() if id(m) in lost]
+    if not report.nonfinite and not report.unrestored:
         return
     with torch.no_grad():
         for name, t, s in buffers:
