@@ -75,6 +75,15 @@ def feed(model, batch):                    # written for the NumPy batches the f
     assert isinstance(batch["pixels"], np.ndarray), type(batch["pixels"])
     return model(torch.from_numpy(batch["pixels"]).float())
 def idx_batches(): return np.split(IDX, 4)
+class TiedNet(nn.Module):                  # a language-model head tied to its embedding
+    def __init__(self):
+        super().__init__()
+        self.emb, self.bn, self.out = nn.Embedding(10, 6), nn.BatchNorm1d(6), nn.Linear(6, 10, bias=False)
+        self.out.weight = self.emb.weight
+    def forward(self, ids): return self.out(self.bn(self.emb(ids).mean(1)))
+def tied():
+    torch.manual_seed(0)
+    return TiedNet()
 '''
 
 
@@ -195,3 +204,21 @@ def test_a_factory_model_on_cuda_is_recalibrated_there_without_device(user):
     result = invoke("--model", f"{MODULE}:on_cuda", "--data", f"{MODULE}:torch32", "-o", str(out))
     assert result.exit_code == 0, result.output
     assert_written_statistics(out, "make", data_x(np.float32), 4)
+
+
+@pytest.mark.parametrize("layout", ["state dict", "checkpoint"])
+def test_weights_tied_in_the_file_stay_tied_in_the_pt_it_writes(user, layout, monkeypatch):
+    """--weights with an embedding tied to the output layer: each tensor was copied apart, so the .pt written held
+    the tied weight twice (review; without --weights it was stored once). Oracle: torch.load's storages."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(user))
+    state = importlib.import_module(MODULE).tied().state_dict()
+    torch.save(state if layout == "state dict" else {"model": state, "epoch": 3}, "w.pt")
+    result = invoke("--model", f"{MODULE}:tied", "--weights", "w.pt", "--data", f"{MODULE}:idx_batches", "-o", "r.pt")
+    assert result.exit_code == 0, result.output
+    out = torch.load("r.pt", weights_only=True)
+    got = out if layout == "state dict" else out["model"]
+    assert got["emb.weight"].untyped_storage().data_ptr() == got["out.weight"].untyped_storage().data_ptr()
+    assert torch.equal(got["emb.weight"], state["emb.weight"]) and (layout == "state dict" or out["epoch"] == 3)
+    assert not torch.equal(got["bn.running_mean"], state["bn.running_mean"])  # recalibrated

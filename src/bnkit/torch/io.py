@@ -865,6 +865,7 @@ def checkpoint_with(obj: object, path: str | os.PathLike,
         raise ValueError(f"{path} holds a pickled {type(inner).__name__}, not a state dict")
     strip = _bare if len({_bare(str(k)) for k in new}) == len(new) else str
     model_of = {strip(str(k)): k for k in new}
+    new = _tied_copies(new)
     weights = _with_weights(inner, new, model_of, strip)
     if key is None:
         others = [str(k) for k, v in weights.items() if not isinstance(v, torch.Tensor)]
@@ -883,15 +884,16 @@ def checkpoint_with(obj: object, path: str | os.PathLike,
 
 def _with_weights(inner: Mapping, new: Mapping[str, object], model_of: dict[str, object],
                   strip: Callable[[str], str]) -> OrderedDict:
-    """The state dict ``inner`` with each entry the model's ``new`` has (by name as ``strip`` leaves it,
-    ``model_of``) replaced, and those it lacks added under the prefix its names carry where the model's do."""
+    """The state dict ``inner`` with each entry the model's ``new`` (:func:`_tied_copies`) has (by name as ``strip``
+    leaves it, ``model_of``) replaced, and those it lacks added under the prefix its names carry where the model's
+    do."""
     names = [strip(str(k)) for k in inner]
     unmatched = [str(k) for k, n in zip(inner, names)
                  if n not in model_of and isinstance(inner[k], torch.Tensor) and _bare(str(k)) != "n_averaged"]
     if len(set(names)) != len(names) or unmatched:
         raise ValueError("its weights do not line up with the model's names"
                          + (f" ({', '.join(unmatched[:3])})" if unmatched else ""))
-    out = OrderedDict((k, _copied(new[model_of[n]]) if n in model_of else v) for (k, v), n in zip(inner.items(), names))
+    out = OrderedDict((k, new[model_of[n]] if n in model_of else v) for (k, v), n in zip(inner.items(), names))
     prefix = {}  # the model's wrapper prefix -> the file's, from the names both have
     for k, n in zip(map(str, inner), names):
         if (m := model_of.get(n)) is not None:
@@ -899,15 +901,26 @@ def _with_weights(inner: Mapping, new: Mapping[str, object], model_of: dict[str,
     held = set(names)
     for n, m in model_of.items():
         if n not in held and (p := prefix.get(str(m)[:len(str(m)) - len(n)])) is not None:
-            out[p + n] = _copied(new[m])
+            out[p + n] = new[m]
     if (metadata := getattr(inner, "_metadata", None)) is not None:
         out._metadata = metadata  # type: ignore[attr-defined]
     return out
 
 
-def _copied(value: object) -> object:
-    """A tensor as a detached copy on the CPU; anything else (a module's extra state) as it is."""
-    return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+def _tied_copies(state: Mapping[str, object]) -> dict[str, object]:
+    """Each tensor of ``state`` as a detached copy on the CPU, one copy for the entries that view the same memory
+    alike (tied weights: same storage, offset, shape, strides and dtype), which a ``.pt`` file then stores once;
+    anything else (a module's extra state) as it is."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out: dict[str, object] = {}
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            view = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+            if view not in copies:
+                copies[view] = v.detach().cpu().clone()
+            v = copies[view]
+        out[k] = v
+    return out
 
 
 def _owning(state: Mapping[str, object], keep_ties: bool = False) -> OrderedDict:
