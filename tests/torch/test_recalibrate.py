@@ -1187,12 +1187,12 @@ def test_a_model_on_the_meta_device_is_refused_by_name():
 
 
 def test_numpy_batches_are_read_as_the_audit_reads_them():
-    """(x, y) batches of NumPy arrays, with the default forward and with forward=. Oracle: the float64 NumPy mean and
-    unbiased variance of all the inputs."""
+    """(x, y) batches of NumPy arrays with the default forward; a forward= of one's own gets them as they come.
+    Oracle: the float64 NumPy mean and unbiased variance of all the inputs."""
     rng = np.random.default_rng(0)
     x = rng.normal(3.0, 2.0, size=(40, 3))  # float64, NumPy's default: floating arrays come in the model's dtype
     batches = [(x[:16], np.arange(16)), (x[16:], np.arange(24))]
-    for forward in (None, lambda model, batch: model(batch[0])):
+    for forward in (None, lambda model, batch: model(torch.from_numpy(batch[0]).float())):
         bn = nn.BatchNorm1d(3)
         recalibrate(nn.Sequential(bn), batches, forward=forward)
         np.testing.assert_allclose(bn.running_mean.numpy(), x.mean(0), rtol=1e-6)

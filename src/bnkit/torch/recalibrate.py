@@ -790,8 +790,8 @@ def recalibrate(
     Args:
         model: the model; its BN layers must track running statistics
             (layers with ``track_running_stats=False`` are left alone).
-        data: an iterable of batches (e.g. a DataLoader), not a tensor; NumPy arrays in a batch reach the model
-            (or ``forward``) as tensors, floating ones in the model's dtype (tensors come as they are).
+        data: an iterable of batches (e.g. a DataLoader), not a tensor; with the default ``forward``, NumPy arrays in
+            a batch reach the model as tensors, floating ones in the model's dtype (tensors come as they are).
         num_batches: stop after this many batches (per rank); default all.
         forward: ``forward(model, batch)`` runs one batch. Default: ``model(batch)``
             for a tensor, ``model(batch[0])`` for an ``(inputs, targets, ...)`` tuple. For a
@@ -843,7 +843,7 @@ def recalibrate(
             "model.eval() first for the activations seen at inference",
             stacklevel=2,
         )
-    forward = forward or _default_forward
+    feeds_own, forward = forward is not None, forward or _default_forward
     grads = [(p, p.requires_grad) for p in model.parameters()]  # not module state: SavedState leaves it
     handles = []
 
@@ -871,7 +871,8 @@ def recalibrate(
                 batches = data if num_batches is None else itertools.islice(data, int(num_batches))
                 with _progress_bar(progress and _rank() == 0, total) as advance:
                     for i, batch in enumerate(batches):
-                        batch = arrays_as_tensors(batch, dtype)  # NumPy batches as the audit reads them
+                        if not feeds_own:  # NumPy batches as the audit reads them; a forward= gets them as they come
+                            batch = arrays_as_tensors(batch, dtype)
                         if device is not None:
                             batch = to_device(batch, device)
                         try:
