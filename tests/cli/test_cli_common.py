@@ -104,7 +104,9 @@ def test_load_inputs_reads_every_data_format_and_picks_the_inputs(tmp_path):
     torch.save({"labels": torch.zeros(6), "x": torch.from_numpy(x)}, tmp_path / "d.pt")
     torch.save((torch.from_numpy(x), torch.zeros(6)), tmp_path / "pair.pt")
     save_file({"inputs": torch.from_numpy(x), "y": torch.zeros(6)}, str(tmp_path / "d.safetensors"))
-    for name in ("a.npy", "one.npz", "named.npz", "d.pt", "pair.pt", "d.safetensors"):
+    np.save(tmp_path / "npy_as.npy", x)  # an .npy array under a checkpoint's name, refused for being one (review)
+    (tmp_path / "npy_as.npy").rename(tmp_path / "npy_as.pt")
+    for name in ("a.npy", "one.npz", "named.npz", "d.pt", "pair.pt", "d.safetensors", "npy_as.pt"):
         got = load_inputs(tmp_path / name)
         np.testing.assert_array_equal(np.asarray(got), x, err_msg=name)
     np.testing.assert_array_equal(load_inputs(tmp_path / "named.npz", "labels"), np.zeros(6))

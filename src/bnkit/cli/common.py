@@ -304,11 +304,14 @@ def load_inputs(path: Path, key: Optional[str] = None, key_option: Optional[str]
     import numpy as np
     import torch
 
+    from ..file_kinds import looks_like_npy
     from ..torch.io import CHECKPOINT_FORMATS, NotACheckpointError, UnsafeCheckpointError, load_checkpoint
 
     check_input_file(path, "data")
     named = False  # whether the file holds named arrays, of which ``key`` picks one
-    if path.suffix.lower() in ARRAY_SUFFIXES:
+    with open(path, "rb") as f:
+        npy = looks_like_npy(f.read(6))  # an .npy array under another name is read as one, as np.load reads it
+    if path.suffix.lower() in ARRAY_SUFFIXES or npy:
         _check_array_file(path)
         unreadable = f"{path} is not a readable .npy/.npz array file (object arrays are refused)"
         try:
