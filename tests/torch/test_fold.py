@@ -1340,7 +1340,10 @@ def test_a_model_holding_its_optimizer_still_folds():
             return self.net(x)
 
     x = torch.randn(4, 3, 8, 8)
-    model = calibrated(Agent(), x)
+    model = Agent()
+    model(x).square().mean().backward()
+    model.opt.step()  # its state: a dict keyed by the parameters (review: then refused again)
+    model = calibrated(model, x)
     want = copy.deepcopy(model).double()(x.double())
     folded, report = fold_bn(model, x)
     assert [(f.bn, f.into) for f in report.folded] == [("net.1", "net.0")]
@@ -1355,7 +1358,26 @@ def test_a_search_of_held_objects_cut_short_is_noted(monkeypatch):
     model = calibrated(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), torch.randn(4, 3, 8, 8))
     object.__setattr__(model, "objects", [types.SimpleNamespace(k=k) for k in range(5)])
     report = fold_plan(model)
-    assert any("searched for other references to the BatchNorm layers up to 3 objects" in n for n in report.notes)
+    assert sum("searched for other references to the BatchNorm layers up to 3 objects" in n for n in report.notes) == 1
+
+
+def test_a_long_chain_of_held_objects_is_searched_without_recursion():
+    """A linked list of 5000 objects in a plain attribute: the recursive search hit Python's recursion limit
+    (review); the chain's end holds the BN, which is then left."""
+    class Node:
+        def __init__(self, nxt):
+            self.nxt = nxt
+
+    model = calibrated(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), torch.randn(4, 3, 8, 8))
+    chain = model[1]
+    for _ in range(5000):
+        chain = Node(chain)
+    object.__setattr__(model, "chain", chain)
+    report = fold_plan(model)
+    assert not report.folded and "held under several names (1, chain.<Node>" in report.left["1"]
+    with pytest.raises(ValueError, match="nested too deeply for copy.deepcopy"):  # fold_bn copies the model first
+        fold_bn(model)
+    assert isinstance(model[1], nn.BatchNorm2d)
 
 def test_a_conv_or_the_module_itself_reached_through_other_objects_still_folds():
     """Only a BN (replaced) or a parameter (copied) held elsewhere matters: a conv keeps its object, and a module's

@@ -953,26 +953,26 @@ def _shared_names(work: nn.Module, original: nn.Module | None = None,
     path), so they do not count. ``notes`` gets a note where the search of what the modules hold was cut short
     (:class:`_HeldRefs`).
     """
-    def slots_of(model: nn.Module) -> list[tuple[str, int, str, Any]]:
+    def slots_of(model: nn.Module, note: bool) -> list[tuple[str, int, str, Any]]:
         held = _HeldRefs(model)
         slots = [(f"{prefix}.{attr}" if prefix else attr, id(parent), attr, obj)
                  for prefix, parent in model.named_modules(remove_duplicate=False)
                  for attr, obj in [*parent._modules.items(), *parent._parameters.items(), *held.of(parent)]
                  if obj is not None]
-        if held.cut and notes is not None and model is work:
+        if held.cut and notes is not None and note:
             notes.append(f"the objects the modules hold in plain attributes were searched for other references to "
                          f"the BatchNorm layers up to {_OPEN_LIMIT} objects, and no further: a BN reached only "
                          "beyond them would still run after its fold (example_inputs verify the fold)")
         return slots
 
-    here = slots_of(work)
+    here = slots_of(work, True)
     names: dict[int, list[str]] = {}
     slots: dict[int, set[tuple[int, str]]] = {}
     for name, parent, attr, obj in here:
         names.setdefault(id(obj), []).append(name)
         slots.setdefault(id(obj), set()).add((parent, attr))
     storages: dict[tuple, list[tuple[int, int, int]]] = {}  # (start, end, id in this model) by the original's storage
-    for (_, _, _, obj), (_, _, _, seen) in zip(here, slots_of(original if original is not None else work)):
+    for (_, _, _, obj), (_, _, _, seen) in zip(here, slots_of(original if original is not None else work, False)):
         if isinstance(seen, torch.Tensor) and not is_lazy(seen) and seen.device.type != "meta" and seen.numel():
             start = seen.data_ptr()
             end = start + (1 + sum((n - 1) * abs(st) for n, st in zip(seen.shape, seen.stride()))) * seen.element_size()
@@ -1012,42 +1012,46 @@ class _HeldRefs:
     def of(self, module: nn.Module) -> list[tuple[str, nn.Module | nn.Parameter]]:
         found: list[tuple[str, nn.Module | nn.Parameter]] = []
 
-        def walk(value: object, where: str, frozen: bool, opaque: bool = False) -> None:
+        def counts(value: object, opaque: bool) -> bool:
+            """A parameter or module held there is recorded (inside other objects, BatchNorm layers only)."""
+            return (isinstance(value, nn.Parameter) and not opaque
+                    or isinstance(value, nn.Module) and (not opaque or is_bn_or_frozen(value)))
+
+        # (value, where, frozen: not rewritable, opaque: inside an object other than a plain container), walked
+        # depth first with a stack of its own (a linked chain of thousands of objects is no recursion)
+        stack = [(v, k, False, False) for k, v in reversed(vars(module).items()) if k not in MODULE_OWN]
+        while stack:
+            value, where, frozen, opaque = stack.pop()
             if value is module or isinstance(value, _ATOMS) and not isinstance(value, nn.Parameter):
-                return  # its own bound method goes with it
+                continue  # its own bound method goes with it
             if isinstance(value, nn.Parameter):
                 if not opaque:
                     found.append((where, value))
-                return
+                continue
             if isinstance(value, nn.Module):
-                if frozen and (not opaque or is_bn_or_frozen(value)):
+                if frozen and counts(value, opaque):
                     found.append((where, value))
                 if id(value) not in self.registered and id(value) not in self.seen:  # it runs what it holds
                     self.seen.add(id(value))
-                    for key, item in [*value._modules.items(), *((k, v) for k, v in vars(value).items()
-                                                                 if k not in MODULE_OWN)]:
-                        walk(item, f"{where}.{key}", True, True)
-                return
+                    held = [*value._modules.items(), *((k, v) for k, v in vars(value).items() if k not in MODULE_OWN)]
+                    stack += [(item, f"{where}.{key}", True, True) for key, item in reversed(held)]
+                continue
             if id(value) in self.seen:
-                return
+                continue
             if isinstance(value, (list, tuple, set, frozenset, dict)):
                 self.seen.add(id(value))
-                items = value.items() if isinstance(value, dict) else enumerate(value)
-                for key, item in items:
-                    if isinstance(value, dict) and isinstance(key, (nn.Module, nn.Parameter)):  # not rewritten
-                        found.append((f"{where} (a key)", key))
-                    walk(item, f"{where}[{key!r}]", frozen or isinstance(value, (tuple, frozenset)), opaque)
+                items = list(value.items() if isinstance(value, dict) else enumerate(value))
+                if isinstance(value, dict):  # a key is not rewritten
+                    found += [(f"{where} (a key)", key) for key, _ in items if counts(key, opaque)]
+                inner = frozen or isinstance(value, (tuple, frozenset))
+                stack += [(item, f"{where}[{key!r}]", inner, opaque) for key, item in reversed(items)]
             elif self.opened < _OPEN_LIMIT:
                 self.seen.add(id(value))
                 self.opened += 1
-                for item in _referents(value):
-                    walk(item, f"{where}.<{type(value).__name__}>", True, True)
+                stack += [(item, f"{where}.<{type(value).__name__}>", True, True)
+                          for item in reversed(_referents(value))]
             else:
                 self.cut = True
-
-        for attr, value in vars(module).items():
-            if attr not in MODULE_OWN:
-                walk(value, attr, False)
         return found
 
 
