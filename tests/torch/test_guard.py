@@ -286,7 +286,7 @@ def test_protect_stats_names_a_layer_swapped_in_with_new_tensors_that_the_step_m
     before = copy.deepcopy(model.state_dict())
     x = X.clone()
     x[0, 0, 0, 0] = float("nan")
-    with pytest.warns(RuntimeWarning, match=r"\['stem.1'\] were put in the model during the step"):
+    with pytest.warns(RuntimeWarning, match=r"\['stem.1'\], put in the model during the block"):
         with protect_stats(model) as report:
             model.stem[1] = copy.deepcopy(model.stem[1])
             model(x)
@@ -297,6 +297,23 @@ def test_protect_stats_names_a_layer_swapped_in_with_new_tensors_that_the_step_m
         if not k.startswith("stem.1."):
             assert torch.equal(v, before[k]), k
     assert ("stem.1", "stats_not_restored") in {(f.layer, f.code) for f in report.findings}
+
+
+def test_a_layer_copied_in_already_non_finite_rolls_nothing_back():
+    """Its statistics may have been NaN before the block (a copy of a poisoned layer): a fine step is kept (review:
+    it was rolled back and blamed). Oracle: the same step run without the guard."""
+    model = _trained().train()
+    model.stem[1].running_var[0] = float("nan")
+    twin = copy.deepcopy(model)
+    twin.stem[1] = copy.deepcopy(twin.stem[1])
+    twin(X)
+    with pytest.warns(RuntimeWarning, match="put in the model during the block"):
+        with protect_stats(model) as report:
+            model.stem[1] = copy.deepcopy(model.stem[1])
+            model(X)
+    assert report.unrestored == ["stem.1"] and not report.rolled_back and not report.nonfinite
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.nan_to_num(), twin.state_dict()[k].nan_to_num()), k
 
 def test_one_protect_stats_object_entered_from_two_threads_pairs_each_exit_with_its_entry():
     """One object shared by two threads (the docstring says make it once): its entries were one stack, so the first

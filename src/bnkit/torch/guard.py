@@ -418,8 +418,9 @@ class StatsRollback:
 
     ``already_nonfinite`` lists layers that were non-finite before the block
     (a rollback cannot repair them; they do not trigger one); ``unrestored``, layers put in the model during the
-    block (holding none of its tensors from before it) that it left non-finite: they trigger the rollback of the
-    others and stay as they are, their statistics from before the step being unknown.
+    block (holding none of its tensors from before it) that are non-finite when it ends: they stay as they are,
+    their statistics from before it being unknown, and do not trigger a rollback either (they may have come in
+    non-finite).
     """
 
     rolled_back: list[str] = field(default_factory=list)
@@ -437,8 +438,8 @@ class StatsRollback:
             "check the loss scale / learning rate; the step's statistics update was discarded", "stats_rolled_back",
         ) for name in self.nonfinite] + [Finding(
             "error", name, "non-finite running statistics not restored",
-            "the guarded step made them NaN/Inf, and the layer was put in the model during the step, so its "
-            "statistics from before it are unknown", "recompute them with bnkit.torch.recalibrate or reload a good "
+            "NaN/Inf when the guarded block ended, in a layer put in the model during it, whose statistics from "
+            "before the block are unknown", "recompute them with bnkit.torch.recalibrate or reload a good "
             "checkpoint", "stats_not_restored",
         ) for name in self.unrestored] + [Finding(
             "error", name, "running statistics were already non-finite", "NaN/Inf before the guarded step",
@@ -596,14 +597,15 @@ class protect_stats:
         added = snapshot.added(self.model)
         if (snapshot.stats or snapshot.lazy or added) and not snapshot.now_finite(added):
             _rollback(self.model, snapshot, report, added)
-            if (report.nonfinite or report.unrestored) and self.warn:
-                lost = (f"; {report.unrestored} were put in the model during the step, so their statistics from "
-                        "before it are unknown: they stay non-finite" if report.unrestored else "")
-                warnings.warn(
-                    f"protect_stats: non-finite running statistics in {report.nonfinite + report.unrestored}; rolled "
-                    f"back the statistics of {len(report.rolled_back)} BatchNorm layer(s) to before the step{lost}",
-                    RuntimeWarning, stacklevel=2,
-                )
+            said = []
+            if report.nonfinite:
+                said.append(f"non-finite running statistics in {report.nonfinite}; rolled back the statistics of "
+                            f"{len(report.rolled_back)} BatchNorm layer(s) to before the step")
+            if report.unrestored:
+                said.append(f"non-finite running statistics in {report.unrestored}, put in the model during the "
+                            "block: their statistics from before it are unknown, so they stay as they are")
+            if said and self.warn:
+                warnings.warn(f"protect_stats: {'; '.join(said)}", RuntimeWarning, stacklevel=2)
         return False
 
 
@@ -633,7 +635,7 @@ def _rollback(model: nn.Module, snapshot: _Snapshot, report: StatsRollback, adde
     matched = {id(t) for _, t, _ in buffers}
     lost = {id(m) for m in added if not _finite(m) and not {id(m.running_mean), id(m.running_var)} <= matched}
     report.unrestored = [n or type(m).__name__ for n, m in model.named_modules() if id(m) in lost]
-    if not report.nonfinite and not report.unrestored:
+    if not report.nonfinite:  # such a layer may have come in non-finite: it names no step to roll back
         return
     with torch.no_grad():
         for name, t, s in buffers:
