@@ -72,6 +72,19 @@ def assert_first_bn_exact(out, model, x: np.ndarray, batches: int | None = None)
     return got
 
 
+@pytest.mark.parametrize("name", ["x.bin", "x"])
+def test_an_npy_array_under_another_name_is_read_by_its_content(tmp_path, name):
+    """--data x.bin holding an .npy array: refused by its name (review), while the audit's --data read it."""
+    weights = tmp_path / "w.pt"
+    model = stale_weights(weights)
+    x = digits(130)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "x.npy").rename(tmp_path / name)
+    result = invoke("--model", MODEL, "--weights", str(weights), "--data", str(tmp_path / name),
+                    "--output", str(tmp_path / "out.pt"))
+    assert result.exit_code == 0, result.output
+    assert_first_bn_exact(tmp_path / "out.pt", model, x)
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_recalibrates_saved_weights_exactly(tmp_path, suffix):
     weights = tmp_path / f"w{suffix}"
@@ -416,6 +429,9 @@ def test_data_keys_and_tensor_files_as_data_and_no_leading_blank_line(tmp_path):
         assert result.output.splitlines()[0].startswith("recalibrated 2/2 BatchNorm layers"), result.output
     (tmp_path / "d.csv").write_text("1,2\n")
     result = invoke("--model", MODEL, "--data", str(tmp_path / "d.csv"), "--output", str(tmp_path / "o.pt"))
+    assert result.exit_code == 2 and "d.csv is a text file (it starts with '1,2\\n'), not a data file: save the " \
+        "inputs as .npy, .npz or .safetensors" in " ".join(result.output.split())  # read by content, named for it
+    result = invoke("--model", MODEL, "--data", str(tmp_path / "missing.csv"), "--output", str(tmp_path / "o.pt"))
     assert result.exit_code == 2 and ".npy, .npz, .pt, .pth, .safetensors file or package.module:factory" in \
         " ".join(result.output.split())
     help_text = " ".join(runner.invoke(app, ["recalibrate", "--help"], env={"COLUMNS": "400"}).output.split())

@@ -135,7 +135,7 @@ def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> An
 
     from .common import ARRAY_SUFFIXES, STATE_DICT_SUFFIXES, load_inputs, resolve_spec
 
-    if spec.lower().endswith(ARRAY_SUFFIXES + STATE_DICT_SUFFIXES):
+    if spec.lower().endswith(ARRAY_SUFFIXES + STATE_DICT_SUFFIXES) or Path(spec).is_file():  # read by its content
         return _batches_of(load_inputs(Path(spec), key, "--data-key", factories=True), batch_size, dtype)
     if ":" not in spec:
         raise ValueError(f"expected a {', '.join(ARRAY_SUFFIXES + STATE_DICT_SUFFIXES)} file or "
