@@ -2,6 +2,8 @@
 node and attribute, never a crash or a bare conversion error."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -244,3 +246,21 @@ def test_a_doc_string_or_metadata_that_is_not_utf8_is_left_as_onnxruntime_leaves
     folded, _ = fold_model(path)
     got = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_external_data_location_that_is_not_utf8_is_refused_by_name(tmp_path):
+    """fold's list of the model's data files joined the bytes location to a str path (TypeError traceback, review);
+    onnx.load's own error named a pybind signature. onnxruntime runs such a file, but bnkit cannot name the file."""
+    from bnkit.onnx import fold
+
+    model = _model([helper.make_node("Cast", ["v16"], ["v"], to=TensorProto.FLOAT), _bn()])
+    onnx.save_model(model, tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="QQloc.bin", size_threshold=0)
+    data = (tmp_path / "m.onnx").read_bytes().replace(b"QQloc.bin", b"\xddQloc.bin")
+    (tmp_path / "bad.onnx").write_bytes(data)
+    os.rename(os.path.join(bytes(tmp_path), b"QQloc.bin"), os.path.join(bytes(tmp_path), b"\xddQloc.bin"))
+    message = r"bad.onnx is not a readable ONNX model: model.graph.initializer\[0\].external_data\[0\].value holds"
+    for run in (audit, lambda path: fold(path, tmp_path / "out.onnx")):
+        with pytest.raises(ValueError, match=message):
+            run(tmp_path / "bad.onnx")
+    assert not (tmp_path / "out.onnx").exists()

@@ -59,21 +59,26 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
     if (exc := unreadable_file_error(path)) is not None:
         raise exc
     try:
-        proto = onnx.load(path)
-    except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, ...
         if (kind := _other_format(path)) is not None:
             raise ValueError(f"{path} is {kind}, not an ONNX model") from exc
         raise ValueError(f"{path} is not a readable ONNX model: {exc}") from exc
     if not proto.HasField("graph") or not proto.graph.node:
         raise ValueError(f"{path} is not a readable ONNX model: it has no graph nodes")
-    if (where := non_utf8_text(proto)) is not None:
+    if (where := non_utf8_text(proto)) is not None:  # before the external data, whose file names it checks
         raise ValueError(f"{path} is not a readable ONNX model: {where} holds text that is not UTF-8")
+    try:
+        onnx.load_external_data_for_model(proto, os.path.dirname(path))  # what onnx.load(path) does next
+    except Exception as exc:  # a missing or truncated data file, a location outside the model's folder, ...
+        raise ValueError(f"{path} is not a readable ONNX model: {exc}") from exc
     return proto
 
 
 #: The string fields of an ONNX model that name things bnkit looks up (nodes, values, tensors, operators, domains,
-#: attributes, functions).
-_NAME_FIELDS = frozenset({"name", "input", "output", "op_type", "domain", "ref_attr_name", "overload"})
+#: attributes, functions, external data files).
+_NAME_FIELDS = frozenset({"name", "input", "output", "op_type", "domain", "ref_attr_name", "overload",
+                          "key", "value"})  # the last two: external data's entries (metadata_props is skipped)
 
 
 def non_utf8_text(message: Message, where: str = "model") -> str | None:
@@ -151,7 +156,8 @@ def external_data_files(path: str | os.PathLike) -> list[str]:
     except Exception:  # noqa: BLE001 - not a model: nothing of it to protect
         return []
     places = {e.value for t in _model_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL
-              for e in t.external_data if e.key == "location"}
+              for e in t.external_data if e.key == "location" and isinstance(e.value, str)}  # bytes: not UTF-8,
+    # which the load refuses
     return sorted(os.path.join(os.path.dirname(os.fspath(path)), p) for p in places)
 
 
