@@ -283,6 +283,28 @@ def test_a_constant_channel_in_a_layer_with_eps_0_is_that_layers_shift_on_every_
     assert [f.severity for f in report.by_code("stat_shift") if f.layer == "1"] == ["error"]
 
 
+
+@pytest.mark.parametrize("shape", [(512, 2), (256, 2, 100), (256, 2, 20, 20)], ids=["kernel", "rows", "centred"])
+def test_a_constant_channel_far_from_zero_is_no_shift_from_float32_rounding(shape):
+    """A channel constant at 30000.7 with exact running statistics: each call's float32 mean was a few ulps off,
+    read as 2.5 std at eps 1e-5 and graded an error (review). Differences within that rounding are not counted.
+    Oracle: float64 NumPy, the data's mean and variance equal the running ones; a shifted normal channel beside
+    it is still caught."""
+    torch.manual_seed(0)
+    bn = (nn.BatchNorm1d if len(shape) < 4 else nn.BatchNorm2d)(2, momentum=None)
+    x = torch.randn(*shape)
+    x[:, 0] = 30000.7
+    with torch.no_grad():
+        for b in torch.split(x, 64):
+            bn(b)
+        bn.running_mean[0], bn.running_var[0] = x[0, 0].flatten()[0], 0.0  # PyTorch's own average: 4 ulps off
+    rows = np.moveaxis(x.double().numpy(), 1, 0).reshape(2, -1)
+    assert rows[0].mean() == bn.running_mean[0].item() and rows[0].var() == bn.running_var[0].item() == 0.0
+    report = audit(bn.eval(), x)
+    assert not report.by_code("stat_shift") and report.shifts[0].mean_shift == 0.0
+    bn.running_mean[1] += 3 * bn.running_var[1].sqrt()
+    assert [(f.severity, f.data["worst_channel"]) for f in audit(bn, x).by_code("stat_shift")] == [("error", 1)]
+
 def test_statistics_beyond_float64_grade_the_layer_instead_of_a_nan_score_that_hid_it():
     """A float64 layer with eps 1e-300 and running variance 1e-300 (finite, positive: the state checks pass) fed data
     near 1e10: the variance log-ratio overflowed, exp(L) - L was inf - inf, a NaN score made no finding and the

@@ -197,6 +197,7 @@ class Collector:
         self.stock = has_stock_forward(bn) or (not is_batchnorm(bn) and has_stock_eval_forward(bn))
         self.eps = float(bn.eps)
         self.samples: list[tuple[int, int, bool]] = []  # (batch size, values per channel, spread is invstd)
+        self.unit = 0.0  # the unit roundoff of the dtype the calls' moments were summed in (float32 but for float64)
         self.unmatched = 0  # calls measure() got no input with the layer's channels on axis 1 for
         self.means = CallRows(channels(bn))
         self.spreads = CallRows(channels(bn))  # biased variance, or 1 / sqrt(var + eps) from the kernel
@@ -258,6 +259,7 @@ class Collector:
         self.means.append(mean)
         self.spreads.append(spread)
         self.samples.append((x.shape[0], n, invstd))
+        self.unit = max(self.unit, 2.0 ** -53 if mean.dtype == torch.float64 else 2.0 ** -24)
         number, batch = self._clock.tick()
         self.order.append(number)
         self.batch_of.append(batch)
