@@ -241,7 +241,6 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
         eps = float(bn.eps)
         candidates = []
         for call, count, mu_d, var_d in _call_moments(col):
-            mu_d, var_d = _beyond_rounding(col, mu_d, var_d, mu_r, var_r)
             with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # beyond float64: inf, never NaN
                 z = (mu_d - mu_r) / np.sqrt(var_r + eps)
                 log_ratio = np.log((var_d + eps) / (var_r + eps))
@@ -345,25 +344,6 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
 
 
 _GRADES = {None: 0, "warning": 1, "error": 2}
-
-
-#: How many roundings of a call's mean, per doubling of its values per channel, :func:`_beyond_rounding` allows.
-_ROUNDINGS = 2.0
-
-
-def _beyond_rounding(col: Collector, mu_d: np.ndarray, var_d: np.ndarray, mu_r: np.ndarray,
-                     var_r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The data's mean and variance with the part of their difference from the running ones that rounding can
-    make taken away: a call's mean, summed in its dtype (float32 but for float64 inputs, unit roundoff ``u``), is
-    off by up to about ``m = 2 u log2(n) |mean|`` over ``n`` values per channel, and its variance, taken around
-    that mean, up by as much as ``m^2``. Only channels far from zero next to their spread notice: one constant at
-    3e4 in float32 read as a shift of 2.5 std and a variance x7 with eps 1e-5, against exact running statistics."""
-    n = max(float(col.stacked()[1].max()), 2.0)
-    with np.errstate(over="ignore", invalid="ignore"):
-        margin = _ROUNDINGS * col.unit * math.log2(n) * np.maximum(np.abs(mu_d), np.abs(mu_r))
-        d, dv = mu_d - mu_r, var_d - var_r
-        return (mu_r + np.sign(d) * np.maximum(np.abs(d) - margin, 0.0),
-                np.where(dv > 0, var_d - np.minimum(margin * margin, dv), var_d))  # rounding only adds variance
 
 
 def _candidate_rank(candidates: list[LayerShift]) -> Callable[[LayerShift], tuple]:

@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 
 from ..stats import RunningMoments
 from .frozen import FrozenBatchNormNd
@@ -81,6 +83,24 @@ def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):  # an infinite variance (invstd 0) stays inf, NaN stays NaN
         np.reciprocal(np.square(invstd, out=invstd), out=invstd)
     return np.maximum(np.subtract(invstd, eps, out=invstd), 0.0, out=invstd)
+
+
+#: A layer whose running mean sits more than this many running standard deviations from zero in some channel has its
+#: calls' moments taken about the running mean (:func:`_anchor`).
+_ANCHOR_RATIO = 1e3
+
+
+def _anchor(bn: nn.Module) -> torch.Tensor | None:
+    """The running mean, where some channel's sits over :data:`_ANCHOR_RATIO` running standard deviations (with
+    eps) from zero, else None. A call's mean summed in float32 is off by a few ulps of ``|mean|`` (a channel
+    constant at 3e4: 0.008, which is 2.5 std against a running variance of 0 with eps 1e-5); about the running
+    mean (``x - mu_r``, exact near it) it is off by as many ulps of the difference, and the running mean is added
+    back in float64. BatchNorm on batch statistics is shift-invariant: the output is the same."""
+    mean, var = bn.running_mean, bn.running_var
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor) or is_lazy(mean) or is_lazy(var):
+        return None
+    far = mean.detach().abs() > _ANCHOR_RATIO * (var.detach() + float(bn.eps)).clamp_min(0).sqrt()
+    return mean.detach().clone() if bool(far.any()) else None
 
 
 def pool_calls(counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -197,7 +217,7 @@ class Collector:
         self.stock = has_stock_forward(bn) or (not is_batchnorm(bn) and has_stock_eval_forward(bn))
         self.eps = float(bn.eps)
         self.samples: list[tuple[int, int, bool]] = []  # (batch size, values per channel, spread is invstd)
-        self.unit = 0.0  # the unit roundoff of the dtype the calls' moments were summed in (float32 but for float64)
+        self.anchor = _anchor(bn)  # moments are taken about it where the running mean sits far from zero
         self.unmatched = 0  # calls measure() got no input with the layer's channels on axis 1 for
         self.means = CallRows(channels(bn))
         self.spreads = CallRows(channels(bn))  # biased variance, or 1 / sqrt(var + eps) from the kernel
@@ -259,7 +279,6 @@ class Collector:
         self.means.append(mean)
         self.spreads.append(spread)
         self.samples.append((x.shape[0], n, invstd))
-        self.unit = max(self.unit, 2.0 ** -53 if mean.dtype == torch.float64 else 2.0 ** -24)
         number, batch = self._clock.tick()
         self.order.append(number)
         self.batch_of.append(batch)
@@ -276,6 +295,8 @@ class Collector:
             if not x.numel():  # a routed branch given no rows: nothing to measure; PyTorch's kernel gives the output
                 self.skip_empty()
                 return torch.batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, eps, False)
+            if self.anchor is not None:  # moments about the running mean (see _anchor); the output is the same
+                return self._about_anchor(forward, x)
             n = x.numel() // x.shape[1]
             if (eps > 0 and n <= _KERNEL_STATS_MAX_COUNT  # eps 0: invstd 0 is both var 0 and var inf
                     and (n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES or x.numel() <= _KERNEL_STATS_MAX_NUMEL)
@@ -304,6 +325,18 @@ class Collector:
 
         return forward
 
+    def _about_anchor(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``forward`` (the stand-in) on ``x - anchor``, its output in ``x``'s dtype: normalizing with the batch's
+        own statistics removes the shift, and :meth:`stacked` adds the anchor back to the means."""
+        if x.shape[1] != self.means.width:
+            raise ValueError(f"BatchNorm layer {self.name or '(root)'!r} has {self.means.width} channels but its "
+                             f"input has {x.shape[1]} on axis 1 (shape {tuple(x.shape)})")
+        anchor, self.anchor = self.anchor, None
+        try:
+            return forward(x - anchor.view(1, -1, *[1] * (x.dim() - 2)).to(x.device)).to(x.dtype)
+        finally:
+            self.anchor = anchor
+
     def measure(self, x: torch.Tensor | None) -> None:
         """Keep the moments of one input normalized by a layer with its own ``forward`` (an empty one: none; None,
         or one without the layer's channels on axis 1, such as ``(N, L, C)``: none, counted in :attr:`unmatched`)."""
@@ -312,6 +345,8 @@ class Collector:
             self._next_position(sampled=False)
             return
         if x.numel():
+            if self.anchor is not None:  # see _anchor
+                x = x.detach() - self.anchor.view(1, -1, *[1] * (x.dim() - 2)).to(x.device)
             n, mean, var, _ = _centred(x)
             self._record(x, n, mean, var, False)
         else:
@@ -327,6 +362,8 @@ class Collector:
         if self._stacked is None:
             sizes = np.array(self.samples, dtype=np.float64).reshape(-1, 3)
             means, var = self.means.numpy(), self.spreads.numpy()
+            if self.anchor is not None:  # the calls' means were taken about it
+                means += self.anchor.to("cpu", torch.float64).numpy()
             kernel = sizes[:, 2] == 1
             if kernel.any():
                 var[kernel] = _var_from_invstd(var[kernel], self.eps)
