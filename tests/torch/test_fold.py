@@ -1378,6 +1378,10 @@ def test_a_long_chain_of_held_objects_is_searched_without_recursion():
     with pytest.raises(ValueError, match="nested too deeply for copy.deepcopy"):  # fold_bn copies the model first
         fold_bn(model)
     assert isinstance(model[1], nn.BatchNorm2d)
+    object.__setattr__(model, "chain", None)
+    model[0].weight.history = chain  # an attribute of a parameter, copied after the model (review)
+    with pytest.raises(ValueError, match="nested too deeply for copy.deepcopy"):
+        fold_bn(model)
 
 def test_a_conv_or_the_module_itself_reached_through_other_objects_still_folds():
     """Only a BN (replaced) or a parameter (copied) held elsewhere matters: a conv keeps its object, and a module's

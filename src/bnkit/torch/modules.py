@@ -108,15 +108,15 @@ def deep_copy(model: nn.Module) -> nn.Module:
     memo.update({id(v): v for m in model.modules() for v in vars(m).values() if groups and isinstance(v, groups)})
     try:
         new = copy.deepcopy(model, memo)
+        # Parameter.__deepcopy__ copies data and requires_grad only: attributes set on a parameter (freeze_bn's
+        # record, which moves with it when a layer is swapped) are copied over, parameters paired in the same order
+        for old_p, new_p in zip(model.parameters(), new.parameters()):
+            if vars(old_p) and not vars(new_p):
+                vars(new_p).update(copy.deepcopy(vars(old_p), memo))
     except RecursionError:  # copy.deepcopy recurses once per level of nesting
         raise ValueError("the model holds objects nested too deeply for copy.deepcopy (Python's recursion limit, "
                          f"{sys.getrecursionlimit()}: a long linked chain in an attribute?), which bnkit copies the "
                          "model with: keep such objects outside the model") from None
-    # Parameter.__deepcopy__ copies data and requires_grad only: attributes set on a parameter (freeze_bn's record,
-    # which moves with it when a layer is swapped) are copied over, parameters paired in the same order
-    for old_p, new_p in zip(model.parameters(), new.parameters()):
-        if vars(old_p) and not vars(new_p):
-            vars(new_p).update(copy.deepcopy(vars(old_p), memo))
     return new
 
 
