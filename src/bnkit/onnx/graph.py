@@ -155,9 +155,9 @@ def external_data_files(path: str | os.PathLike) -> list[str]:
         model = onnx.load(os.fspath(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - not a model: nothing of it to protect
         return []
+    # a location of bytes (not UTF-8) is left out: reading the model refuses it by name
     places = {e.value for t in _model_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL
-              for e in t.external_data if e.key == "location" and isinstance(e.value, str)}  # bytes: not UTF-8,
-    # which the load refuses
+              for e in t.external_data if e.key == "location" and isinstance(e.value, str)}
     return sorted(os.path.join(os.path.dirname(os.fspath(path)), p) for p in places)
 
 
