@@ -325,6 +325,35 @@ def test_shifts_of_channels_far_from_zero_are_measured_in_full(shape):
     assert s.mean_shift == pytest.approx(z[s.worst_channel], abs=0.02)
     assert s.log_var_ratio == pytest.approx(log_ratio[s.worst_channel], abs=0.01)
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_stale_running_mean_far_from_zero_does_not_round_the_data_away(dtype):
+    """Running mean 1e6 (stale), data 0 +- 1e-2: taking the calls' moments about the running mean rounded the data
+    to float32's step at 1e6 (review: L -11.5 for -9.2, and the output the next layer got was off by 9.6); they are
+    taken about the data's own first values. Oracle: float64 NumPy on the layer's input, and PyTorch's training-mode
+    BatchNorm in float64 for the next layer's input."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4)).eval().to(dtype)
+    with torch.no_grad():
+        model[0].running_mean.fill_(1e6)
+        for layer in (model[0], model[2]):
+            layer.num_batches_tracked.fill_(100)
+    x = (torch.randn(256, 4) * 1e-2).to(dtype)
+    seen = []
+    model[2].register_forward_pre_hook(lambda module, args: seen.append(args[0].double()))
+    report = audit(model, x, batch_size=64)
+    first = next(s for s in report.shifts if s.layer == "0")
+    rows = x.double().numpy()
+    log_ratio = np.log((rows.var(0, ddof=1) + 1e-5) / (1 + 1e-5))
+    assert first.log_var_ratio == pytest.approx(log_ratio[first.worst_channel], abs=1e-3)
+    ref = copy.deepcopy(model).double().train()
+    for layer in (ref[0], ref[2]):
+        layer.momentum = 0.0
+    want = [ref[1](ref[0](b.double())) for b in torch.split(x, 64)]
+    passed = [t for t in seen if len(t) == 64][:4]  # the batch-statistics pass (a fold probe runs 2 samples first)
+    assert max(float((got - w).abs().max()) for got, w in zip(passed, want, strict=True)) < (
+        1e-4 if dtype == torch.float32 else 0.1)
+
 def test_statistics_beyond_float64_grade_the_layer_instead_of_a_nan_score_that_hid_it():
     """A float64 layer with eps 1e-300 and running variance 1e-300 (finite, positive: the state checks pass) fed data
     near 1e10: the variance log-ratio overflowed, exp(L) - L was inf - inf, a NaN score made no finding and the

@@ -22,8 +22,8 @@ Three depths, each adding to the one before:
    batch statistics; torch/nn/modules/batchnorm.py ``_BatchNorm.forward``), *whatever
    the upstream layers' running statistics are*, so one corrupted layer is ranked first
    instead of smearing into every layer after it. Per layer and channel, with the
-   data's mean/variance ``mu_d, v_d`` (float64, Chan's merge; each call's moments taken about the running mean
-   where it sits far from zero, see ``audit_moments.Collector``) and the running ``mu_r, v_r``::
+   data's mean/variance ``mu_d, v_d`` (float64, Chan's merge; each call's moments taken about a value of its data
+   where the running mean sits far from zero, see ``audit_moments._far_from_zero``) and the running ``mu_r, v_r``::
 
        z = (mu_d - mu_r) / sqrt(v_r + eps)              standardized mean shift
        L = log((v_d + eps) / (v_r + eps))               log variance ratio

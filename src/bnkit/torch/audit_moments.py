@@ -86,21 +86,28 @@ def _var_from_invstd(invstd: np.ndarray, eps: float) -> np.ndarray:
 
 
 #: A layer whose running mean sits more than this many running standard deviations from zero in some channel has its
-#: calls' moments taken about the running mean (:func:`_anchor`).
-_ANCHOR_RATIO = 1e3
+#: calls' moments taken about a value of each call's own data (:func:`_far_from_zero`).
+_SHIFT_RATIO = 1e3
 
 
-def _anchor(bn: nn.Module) -> torch.Tensor | None:
-    """The running mean, where some channel's sits over :data:`_ANCHOR_RATIO` running standard deviations (with
-    eps) from zero, else None. A call's mean summed in float32 is off by a few ulps of ``|mean|`` (a channel
-    constant at 3e4: 0.008, which is 2.5 std against a running variance of 0 with eps 1e-5); about the running
-    mean (``x - mu_r``, exact near it) it is off by as many ulps of the difference, and the running mean is added
-    back in float64. BatchNorm on batch statistics is shift-invariant: the output is the same."""
+def _far_from_zero(bn: nn.Module) -> bool:
+    """Whether some channel's finite running mean sits over :data:`_SHIFT_RATIO` running standard deviations (with
+    eps) from zero. A call's mean summed in float32 is off by a few ulps of ``|mean|`` (a channel constant at 3e4:
+    0.008, which is 2.5 std against a running variance of 0 with eps 1e-5). Such a layer's float32/float64 calls
+    are shifted by their first sample's first value per channel (``x - x0``: exact near it, the classic shifted
+    two-pass; the shift added back in float64), which lies within the data whatever the running mean: BatchNorm on
+    batch statistics is shift-invariant, so the output is the same."""
     mean, var = bn.running_mean, bn.running_var
     if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor) or is_lazy(mean) or is_lazy(var):
-        return None
-    far = mean.detach().abs() > _ANCHOR_RATIO * (var.detach() + float(bn.eps)).clamp_min(0).sqrt()
-    return mean.detach().clone() if bool(far.any()) else None
+        return False
+    mean, var = mean.detach(), var.detach()
+    far = mean.abs() > _SHIFT_RATIO * (var + float(bn.eps)).clamp_min(0).sqrt()
+    return bool((far & torch.isfinite(mean) & torch.isfinite(var)).any())
+
+
+def _first_values(x: torch.Tensor) -> torch.Tensor:
+    """The first sample's first value in each channel (axis 1) of ``x``, ``(C,)``."""
+    return x.detach()[0].reshape(x.shape[1], -1)[:, 0].clone()
 
 
 def pool_calls(counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -217,7 +224,9 @@ class Collector:
         self.stock = has_stock_forward(bn) or (not is_batchnorm(bn) and has_stock_eval_forward(bn))
         self.eps = float(bn.eps)
         self.samples: list[tuple[int, int, bool]] = []  # (batch size, values per channel, spread is invstd)
-        self.anchor = _anchor(bn)  # moments are taken about it where the running mean sits far from zero
+        self.far = _far_from_zero(bn)  # its calls are shifted by a value of their data (see _far_from_zero)
+        self.offsets = CallRows(channels(bn))  # each call's shift where ``far``, zeros for calls not shifted
+        self._shift: torch.Tensor | None = None  # the running call's
         self.unmatched = 0  # calls measure() got no input with the layer's channels on axis 1 for
         self.means = CallRows(channels(bn))
         self.spreads = CallRows(channels(bn))  # biased variance, or 1 / sqrt(var + eps) from the kernel
@@ -278,6 +287,8 @@ class Collector:
                              f"input has {x.shape[1]} on axis 1 (shape {tuple(x.shape)})")
         self.means.append(mean)
         self.spreads.append(spread)
+        if self.far:
+            self.offsets.append(self._shift if self._shift is not None else torch.zeros_like(mean))
         self.samples.append((x.shape[0], n, invstd))
         number, batch = self._clock.tick()
         self.order.append(number)
@@ -295,8 +306,8 @@ class Collector:
             if not x.numel():  # a routed branch given no rows: nothing to measure; PyTorch's kernel gives the output
                 self.skip_empty()
                 return torch.batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, eps, False)
-            if self.anchor is not None:  # moments about the running mean (see _anchor); the output is the same
-                return self._about_anchor(forward, x)
+            if self.far and self._shift is None:  # moments about a value of the data (see _far_from_zero)
+                return self._shifted(forward, x)
             n = x.numel() // x.shape[1]
             if (eps > 0 and n <= _KERNEL_STATS_MAX_COUNT  # eps 0: invstd 0 is both var 0 and var inf
                     and (n // x.shape[0] <= _KERNEL_STATS_MAX_VALUES or x.numel() <= _KERNEL_STATS_MAX_NUMEL)
@@ -325,17 +336,18 @@ class Collector:
 
         return forward
 
-    def _about_anchor(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """``forward`` (the stand-in) on ``x - anchor``, its output in ``x``'s dtype: normalizing with the batch's
-        own statistics removes the shift, and :meth:`stacked` adds the anchor back to the means."""
+    def _shifted(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``forward`` (the stand-in) on ``x - x0`` (:func:`_far_from_zero`; float16/bfloat16 inputs as they are, a
+        shift rounded in their precision would lose the data), the shift kept for :meth:`stacked`."""
         if x.shape[1] != self.means.width:
             raise ValueError(f"BatchNorm layer {self.name or '(root)'!r} has {self.means.width} channels but its "
                              f"input has {x.shape[1]} on axis 1 (shape {tuple(x.shape)})")
-        anchor, self.anchor = self.anchor, None
+        shift = _first_values(x) if x.dtype in (torch.float32, torch.float64) else None
+        self._shift = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if shift is None else shift
         try:
-            return forward(x - anchor.view(1, -1, *[1] * (x.dim() - 2)).to(x.device)).to(x.dtype)
+            return forward(x if shift is None else x - shift.view(1, -1, *[1] * (x.dim() - 2)))
         finally:
-            self.anchor = anchor
+            self._shift = None
 
     def measure(self, x: torch.Tensor | None) -> None:
         """Keep the moments of one input normalized by a layer with its own ``forward`` (an empty one: none; None,
@@ -345,10 +357,15 @@ class Collector:
             self._next_position(sampled=False)
             return
         if x.numel():
-            if self.anchor is not None:  # see _anchor
-                x = x.detach() - self.anchor.view(1, -1, *[1] * (x.dim() - 2)).to(x.device)
-            n, mean, var, _ = _centred(x)
-            self._record(x, n, mean, var, False)
+            if self.far:  # see _far_from_zero; reduced in float32 at least, as _centred does
+                x = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
+                self._shift = _first_values(x)
+                x = x - self._shift.view(1, -1, *[1] * (x.dim() - 2))
+            try:
+                n, mean, var, _ = _centred(x)
+                self._record(x, n, mean, var, False)
+            finally:
+                self._shift = None
         else:
             self.skip_empty()
 
@@ -362,8 +379,8 @@ class Collector:
         if self._stacked is None:
             sizes = np.array(self.samples, dtype=np.float64).reshape(-1, 3)
             means, var = self.means.numpy(), self.spreads.numpy()
-            if self.anchor is not None:  # the calls' means were taken about it
-                means += self.anchor.to("cpu", torch.float64).numpy()
+            if self.far:  # the calls' means were taken about their shifts
+                means += self.offsets.numpy()
             kernel = sizes[:, 2] == 1
             if kernel.any():
                 var[kernel] = _var_from_invstd(var[kernel], self.eps)
