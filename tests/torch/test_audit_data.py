@@ -354,6 +354,27 @@ def test_a_stale_running_mean_far_from_zero_does_not_round_the_data_away(dtype):
     assert max(float((got - w).abs().max()) for got, w in zip(passed, want, strict=True)) < (
         1e-4 if dtype == torch.float32 else 0.1)
 
+
+def test_a_shifted_call_with_an_outlier_first_sample_passes_on_what_training_mode_gives():
+    """A layer far from zero whose batch starts with an outlier (1e6, the rest 0 +- 1e-2): shifting by the first
+    sample moved the rest to -1e6, where float32 rounded it (review: the next layer got 12% off). Shifted by the
+    call's own mean, it matches PyTorch's training-mode BatchNorm in float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.Identity()).eval()
+    with torch.no_grad():
+        model[0].running_mean.fill_(1e6)
+        model[0].num_batches_tracked.fill_(100)
+    x = torch.randn(4096, 2) * 1e-2
+    x[0] = 1e6
+    seen = []
+    model[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].double()))
+    audit(model, x, batch_size=4096)
+    got = next(t for t in seen if len(t) == 4096)  # the batch-statistics pass
+    want = F.batch_norm(x.double(), None, None, None, None, True, 0.0, 1e-5)
+    own = F.batch_norm(x, None, None, None, None, True, 0.0, 1e-5).double()  # PyTorch's float32 rounding
+    assert float((got - want)[1:].abs().max()) < 1e-6  # the rest of the batch
+    assert float((got - want).abs().max()) <= 2 * float((own - want).abs().max())  # the outlier's, as PyTorch's
+
 def test_statistics_beyond_float64_grade_the_layer_instead_of_a_nan_score_that_hid_it():
     """A float64 layer with eps 1e-300 and running variance 1e-300 (finite, positive: the state checks pass) fed data
     near 1e10: the variance log-ratio overflowed, exp(L) - L was inf - inf, a NaN score made no finding and the

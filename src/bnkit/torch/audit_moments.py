@@ -94,9 +94,9 @@ def _far_from_zero(bn: nn.Module) -> bool:
     """Whether some channel's finite running mean sits over :data:`_SHIFT_RATIO` running standard deviations (with
     eps) from zero. A call's mean summed in float32 is off by a few ulps of ``|mean|`` (a channel constant at 3e4:
     0.008, which is 2.5 std against a running variance of 0 with eps 1e-5). Such a layer's float32/float64 calls
-    are shifted by their first sample's first value per channel (``x - x0``: exact near it, the classic shifted
-    two-pass; the shift added back in float64), which lies within the data whatever the running mean: BatchNorm on
-    batch statistics is shift-invariant, so the output is the same."""
+    are shifted by that mean (the corrected two-pass: ``x - mean`` is exact near it, and its own mean, added back
+    in float64, is the correction), which lies where the data is whatever the running mean, and centres it as
+    PyTorch's kernel does: BatchNorm on batch statistics is shift-invariant, so the output is the same."""
     mean, var = bn.running_mean, bn.running_var
     if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor) or is_lazy(mean) or is_lazy(var):
         return False
@@ -105,9 +105,9 @@ def _far_from_zero(bn: nn.Module) -> bool:
     return bool((far & torch.isfinite(mean) & torch.isfinite(var)).any())
 
 
-def _first_values(x: torch.Tensor) -> torch.Tensor:
-    """The first sample's first value in each channel (axis 1) of ``x``, ``(C,)``."""
-    return x.detach()[0].reshape(x.shape[1], -1)[:, 0].clone()
+def _channel_means(x: torch.Tensor) -> torch.Tensor:
+    """The per-channel (axis 1) mean of ``x`` in its dtype, ``(C,)``: a few ulps of ``|mean|`` off at most."""
+    return x.detach().mean([0, *range(2, x.dim())])
 
 
 def pool_calls(counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -337,12 +337,12 @@ class Collector:
         return forward
 
     def _shifted(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """``forward`` (the stand-in) on ``x - x0`` (:func:`_far_from_zero`; float16/bfloat16 inputs as they are, a
-        shift rounded in their precision would lose the data), the shift kept for :meth:`stacked`."""
+        """``forward`` (the stand-in) on ``x - mean`` (:func:`_far_from_zero`; float16/bfloat16 inputs as they are,
+        a shift rounded in their precision would lose the data), the shift kept for :meth:`stacked`."""
         if x.shape[1] != self.means.width:
             raise ValueError(f"BatchNorm layer {self.name or '(root)'!r} has {self.means.width} channels but its "
                              f"input has {x.shape[1]} on axis 1 (shape {tuple(x.shape)})")
-        shift = _first_values(x) if x.dtype in (torch.float32, torch.float64) else None
+        shift = _channel_means(x) if x.dtype in (torch.float32, torch.float64) else None
         self._shift = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if shift is None else shift
         try:
             return forward(x if shift is None else x - shift.view(1, -1, *[1] * (x.dim() - 2)))
@@ -359,7 +359,7 @@ class Collector:
         if x.numel():
             if self.far:  # see _far_from_zero; reduced in float32 at least, as _centred does
                 x = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
-                self._shift = _first_values(x)
+                self._shift = _channel_means(x)
                 x = x - self._shift.view(1, -1, *[1] * (x.dim() - 2))
             try:
                 n, mean, var, _ = _centred(x)
