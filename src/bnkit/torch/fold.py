@@ -50,11 +50,11 @@ import gc
 import inspect
 import math
 import operator
+import types
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-import types
 from typing import Any
 
 import numpy as np
@@ -953,26 +953,26 @@ def _shared_names(work: nn.Module, original: nn.Module | None = None,
     path), so they do not count. ``notes`` gets a note where the search of what the modules hold was cut short
     (:class:`_HeldRefs`).
     """
-    def slots_of(model: nn.Module, note: bool) -> list[tuple[str, int, str, Any]]:
+    def slots_of(model: nn.Module) -> list[tuple[str, int, str, Any]]:
         held = _HeldRefs(model)
         slots = [(f"{prefix}.{attr}" if prefix else attr, id(parent), attr, obj)
                  for prefix, parent in model.named_modules(remove_duplicate=False)
                  for attr, obj in [*parent._modules.items(), *parent._parameters.items(), *held.of(parent)]
                  if obj is not None]
-        if held.cut and notes is not None and note:
+        if held.cut and notes is not None and model is work:
             notes.append(f"the objects the modules hold in plain attributes were searched for other references to "
                          f"the BatchNorm layers up to {_OPEN_LIMIT} objects, and no further: a BN reached only "
                          "beyond them would still run after its fold (example_inputs verify the fold)")
         return slots
 
-    here = slots_of(work, True)
+    here = slots_of(work)
     names: dict[int, list[str]] = {}
     slots: dict[int, set[tuple[int, str]]] = {}
     for name, parent, attr, obj in here:
         names.setdefault(id(obj), []).append(name)
         slots.setdefault(id(obj), set()).add((parent, attr))
     storages: dict[tuple, list[tuple[int, int, int]]] = {}  # (start, end, id in this model) by the original's storage
-    for (_, _, _, obj), (_, _, _, seen) in zip(here, slots_of(original if original is not None else work, False)):
+    for (_, _, _, obj), (_, _, _, seen) in zip(here, here if original is None else slots_of(original)):
         if isinstance(seen, torch.Tensor) and not is_lazy(seen) and seen.device.type != "meta" and seen.numel():
             start = seen.data_ptr()
             end = start + (1 + sum((n - 1) * abs(st) for n, st in zip(seen.shape, seen.stride()))) * seen.element_size()
@@ -1025,7 +1025,7 @@ class _HeldRefs:
             if value is module or isinstance(value, _ATOMS) and not isinstance(value, nn.Parameter):
                 continue  # its own bound method goes with it
             if isinstance(value, nn.Parameter):
-                if not opaque:
+                if counts(value, opaque):
                     found.append((where, value))
                 continue
             if isinstance(value, nn.Module):
