@@ -339,9 +339,6 @@ class Collector:
     def _shifted(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``forward`` (the stand-in) on ``x - mean`` (:func:`_far_from_zero`; float16/bfloat16 inputs as they are,
         a shift rounded in their precision would lose the data), the shift kept for :meth:`stacked`."""
-        if x.shape[1] != self.means.width:
-            raise ValueError(f"BatchNorm layer {self.name or '(root)'!r} has {self.means.width} channels but its "
-                             f"input has {x.shape[1]} on axis 1 (shape {tuple(x.shape)})")
         shift = _channel_means(x) if x.dtype in (torch.float32, torch.float64) else None
         self._shift = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if shift is None else shift
         try:
