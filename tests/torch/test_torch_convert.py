@@ -1051,3 +1051,63 @@ def test_to_keras_and_to_flax_refuse_a_layer_on_the_meta_device_naming_it(conver
     pytest.importorskip("keras" if convert == "to_keras" else "flax")
     with pytest.raises(ValueError, match=r"BatchNorm2d holds meta tensors .* load real weights first"):
         globals()[convert](nn.BatchNorm2d(3, device="meta"))
+
+
+@pytest.mark.parametrize("flag", [np.True_, 1])
+def test_a_flax_module_whose_field_is_any_true_value_gives_frozen_statistics(flag):
+    """Flax tests use_running_average by its truth: np.True_ or 1 in the field freezes the statistics as True does.
+    bnkit froze only for the object True: the torch layer trained on batch statistics (4.8 off Flax's output).
+    Oracle: Flax's own training-style call with mutable batch_stats."""
+    linen = pytest.importorskip("flax.linen")
+    module = linen.BatchNorm(use_running_average=flag, momentum=0.9)
+    variables = flax_bn(2, True)[1]
+    bn = from_flax(module, variables, ndim=2)
+    bn.train()
+    x = np.random.default_rng(1).normal(2, 3, (8, C)).astype(np.float32)
+    y_flax, updated = module.apply(variables, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(bn(torch.from_numpy(x)).detach().numpy(), np.asarray(y_flax), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(bn.running_mean.numpy(), np.asarray(updated["batch_stats"]["mean"]))
+
+
+def test_to_flax_keeps_frozen_statistics_so_a_frozen_module_round_trips():
+    """from_flax freezes a use_running_average=True module's statistics; to_flax gave back a module that left the
+    field to the call, so calling it as the source was called failed and a training call moved the statistics.
+    Oracle: the source Flax module's own training-style call; a layer not frozen still leaves the field unset."""
+    linen = pytest.importorskip("flax.linen")
+    source = linen.BatchNorm(use_running_average=True, momentum=0.9)
+    variables = flax_bn(2, True)[1]
+    module, back = to_flax(from_flax(source, variables, ndim=2))
+    assert module.use_running_average is True
+    x = np.random.default_rng(2).normal(2, 3, (8, C)).astype(np.float32)
+    y_src, upd_src = source.apply(variables, x, mutable=["batch_stats"])
+    y, upd = module.apply(back, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_src), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(upd["batch_stats"]["mean"]), np.asarray(upd_src["batch_stats"]["mean"]))
+    assert to_flax(nn.BatchNorm1d(C).eval())[0].use_running_average is None  # eval is a mode, not a freeze
+
+
+@needs_keras
+@pytest.mark.parametrize("ndim", [4.5, "4", True])
+def test_conversions_refuse_a_rank_that_is_not_an_integer(ndim):
+    """ndim went through int(): 4.5 or "4" silently became rank 4 (the axis= beside it is checked)."""
+    pytest.importorskip("flax")
+    module, variables, _ = flax_bn(4, True)
+    for convert in (lambda: to_keras(nn.BatchNorm2d(C), ndim=ndim), lambda: to_flax(nn.BatchNorm2d(C), ndim=ndim),
+                    lambda: from_flax(module, variables, ndim=ndim)):
+        with pytest.raises(TypeError, match="ndim must be an integer"):
+            convert()
+    assert isinstance(from_flax(module, variables, ndim=np.int64(4)), nn.BatchNorm2d)
+
+
+@needs_keras
+def test_exact_training_must_be_a_bool():
+    """exact_training="no" was true and gave the exact-training layer."""
+    pytest.importorskip("flax")
+    module, variables, _ = flax_bn(4, True)
+    keras = pytest.importorskip("keras")
+    layer = keras.layers.BatchNormalization()
+    layer.build((2, 3, 4, C))
+    for convert in (lambda: from_flax(module, variables, ndim=4, exact_training="no"),
+                    lambda: from_keras(layer, exact_training="no")):
+        with pytest.raises(TypeError, match="exact_training must be True or False"):
+            convert()

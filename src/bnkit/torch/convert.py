@@ -87,10 +87,26 @@ def _import_flax():
 
 
 # ----------------------------------------------------------------- building the torch layer
+def _checked_ndim(ndim: Any) -> int | None:
+    """``ndim`` as an int (None: not given); anything but an integer is refused (``4.5`` or ``"4"`` is no rank)."""
+    if ndim is None:
+        return None
+    if isinstance(ndim, (bool, np.bool_)) or not isinstance(ndim, (int, np.integer)):
+        raise TypeError(f"ndim must be an integer (the input's rank), got {ndim!r} ({type(ndim).__name__})")
+    return int(ndim)
+
+
+def _checked_flag(name: str, value: Any) -> bool:
+    """A keyword flag that must be a bool (``exact_training="no"`` would be true)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
 def _rank_to_dims(ndim: int | None) -> int | None:
     """Input rank (with batch and channel axes) -> the ``d`` of ``BatchNorm{d}d``; None for an unknown rank and
     for ranks above 5 (:class:`BatchNormNd` takes those; ranks below 2 fail the channel-axis check first)."""
-    return None if ndim is None else _RANK_DIMS.get(int(ndim))
+    return None if ndim is None else _RANK_DIMS.get(ndim)
 
 
 def _build_torch(state: dict, dims: int | None, exact_training: bool, scale: bool = True) -> _BatchNorm:
@@ -167,15 +183,16 @@ _TYPE_RANKS = (((nn.BatchNorm2d, nn.LazyBatchNorm2d), (4,)), ((nn.BatchNorm3d, n
 def _torch_rank(bn: _BatchNorm, ndim: int | None) -> int | None:
     """The rank of ``bn``'s input: ``ndim`` if given, else the one its type takes (``BatchNorm1d``: 2); None: any."""
     takes = next((ranks for types, ranks in _TYPE_RANKS if isinstance(bn, types)), None)
+    ndim = _checked_ndim(ndim)
     if ndim is None:
         return None if takes is None else takes[0]
     if takes is None:  # bnkit's BatchNormNd: any rank with a batch and a channel axis
-        if int(ndim) < 2:
+        if ndim < 2:
             raise ValueError(f"ndim={ndim}: BatchNorm input has a batch and a channel axis (rank >= 2)")
-        return int(ndim)
-    if int(ndim) not in takes:
+        return ndim
+    if ndim not in takes:
         raise ValueError(f"ndim={ndim}: {type(bn).__name__} takes rank-{' or '.join(map(str, takes))} input")
-    return int(ndim)
+    return ndim
 
 
 def _check_axis(axis: int, rank: int | None) -> None:
@@ -211,6 +228,7 @@ def from_keras(layer: Any, *, exact_training: bool = False) -> _BatchNorm:
     ``requires_grad=False``. ``renorm=True`` is refused (no equivalent). The torch layer has the
     Keras weights' dtype; bfloat16 weights give a float32 layer (which holds them exactly).
     """
+    exact_training = _checked_flag("exact_training", exact_training)
     keras = _import_keras()
     if not isinstance(layer, keras.layers.BatchNormalization):
         raise TypeError(f"expected a keras.layers.BatchNormalization, got {type(layer).__name__}")
@@ -295,12 +313,13 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
     ``use_scale=False`` as :func:`from_keras`: eps
     carried, momentum flipped (Flax 0.99 -> torch 0.01), the same inference output after moving
     Flax's ``axis`` to dim 1; ``exact_training=True`` (needs ``ndim``) follows Flax's biased
-    running-variance rule exactly. A module built with ``use_running_average=True`` (its field, which no call can
-    override) always normalizes with its statistics and never updates them: the torch layer's statistics are frozen
-    by ``freeze_bn(bn, affine=False)`` (eval mode that ``train()`` keeps; gamma/beta still train, as Flax's do).
+    running-variance rule exactly. A module built with ``use_running_average=True`` (or any true value, as Flax
+    tests it: ``np.True_``, 1; its field, which no call can override) always normalizes with its statistics and
+    never updates them: the torch layer's statistics are frozen by ``freeze_bn(bn, affine=False)`` (eval mode that ``train()`` keeps; gamma/beta still train, as Flax's do).
     Otherwise (``None``, the usual field left to the call, or ``False``) it is in training mode, as a new torch
     layer is.
     """
+    ndim, exact_training = _checked_ndim(ndim), _checked_flag("exact_training", exact_training)
     linen, _ = _import_flax()
     if not isinstance(module, linen.BatchNorm):
         cls = type(module)
@@ -317,12 +336,15 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
         raise TypeError(f"expected a flax.linen.BatchNorm, got {cls.__module__}.{cls.__qualname__}")
     axis = module.axis[0] if isinstance(module.axis, (tuple, list)) and len(module.axis) == 1 else module.axis
     if isinstance(axis, (int, np.integer)):  # the channel axis must exist in input of the stated rank, and not be 0
-        _check_axis(int(axis), None if ndim is None else int(ndim))
+        _check_axis(int(axis), ndim)
     config = {"axis": module.axis, "momentum": module.momentum, "epsilon": module.epsilon,
               "use_bias": module.use_bias, "use_scale": module.use_scale}
+    # the module's own field, not the call's: set and true (np.True_, 1: Flax tests its truth), it never uses batch
+    # statistics; read before anything is built, so a field with no truth value fails first
+    frozen = module.use_running_average is not None and bool(module.use_running_average)
     state = convert_state({"variables": variables, "config": config}, "flax", "torch")
     bn = _build_torch(state, _rank_to_dims(ndim), exact_training, scale=module.use_scale)
-    if module.use_running_average is True:  # the module's own field, not the call's: it never uses batch statistics
+    if frozen:
         freeze_bn(bn, affine=False)
     return bn
 
@@ -336,7 +358,9 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
     input); a layer of any rank is checked only with ``ndim=``. The module
     leaves ``use_running_average`` to the call, as Flax models usually do:
     ``module.apply(variables, x, use_running_average=True)`` for inference, ``False`` with
-    ``mutable=["batch_stats"]`` for training (biased running-variance rule from then on).
+    ``mutable=["batch_stats"]`` for training (biased running-variance rule from then on); a layer whose
+    statistics ``freeze_bn`` froze (as :func:`from_flax` freezes a ``use_running_average=True`` module's) gets
+    ``use_running_average=True`` in the module, which never updates them either (and is called without it).
     eps is carried and momentum flipped (torch 0.1 -> Flax 0.9). The variables and
     the module's ``param_dtype`` have the widest of ``bn``'s tensors' dtypes (bfloat16 counted as float32, which
     holds it exactly): Flax adds eps to float16 statistics in float16, where 1e-5 is lost; a weight that stands in
@@ -359,7 +383,8 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
                          "its 64-bit mode is on: call jax.config.update('jax_enable_x64', True) first (or set "
                          "JAX_ENABLE_X64=1), or convert bn.float() for a float32 Flax layer")
     module = linen.BatchNorm(axis=cfg["axis"], momentum=cfg["momentum"], epsilon=cfg["epsilon"],
-                             use_bias=cfg["use_bias"], use_scale=cfg["use_scale"], param_dtype=dtype)
+                             use_bias=cfg["use_bias"], use_scale=cfg["use_scale"], param_dtype=dtype,
+                             use_running_average=True if is_frozen(bn, "stats") else None)
     # every variable in the widest dtype (exact): Flax adds eps to the variance in the variance's own dtype
     variables = {col: {k: jax.numpy.asarray(v, dtype=dtype) for k, v in d.items()} for col, d in f["variables"].items()}
     return module, variables
