@@ -315,9 +315,9 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
     Flax's ``axis`` to dim 1; ``exact_training=True`` (needs ``ndim``) follows Flax's biased
     running-variance rule exactly. A module built with ``use_running_average=True`` (or any true value, as Flax
     tests it: ``np.True_``, 1; its field, which no call can override) always normalizes with its statistics and
-    never updates them: the torch layer's statistics are frozen by ``freeze_bn(bn, affine=False)`` (eval mode that ``train()`` keeps; gamma/beta still train, as Flax's do).
-    Otherwise (``None``, the usual field left to the call, or ``False``) it is in training mode, as a new torch
-    layer is.
+    never updates them: the torch layer's statistics are frozen by ``freeze_bn(bn, affine=False)`` (eval mode
+    that ``train()`` keeps; gamma/beta still train, as Flax's do). Otherwise (``None``, the usual field left to
+    the call, or ``False``) it is in training mode, as a new torch layer is.
     """
     ndim, exact_training = _checked_ndim(ndim), _checked_flag("exact_training", exact_training)
     linen, _ = _import_flax()
