@@ -439,6 +439,22 @@ def test_a_quantized_buffer_is_an_invalid_state_not_a_crash():
     assert "quint8" in next(f.evidence for f in findings if f.code == "invalid_state")
 
 
+@pytest.mark.parametrize("dtype", ["float4_e2m1fn_x2", "bits8", "bits16"])
+def test_a_buffer_torch_cannot_convert_is_an_invalid_state_not_a_crash(dtype):
+    """A float4 (or bits8/bits16) running_var raised NotImplementedError/RuntimeError out of .double(): a traceback
+    from bnkit audit (exit 1, read as 'error findings'). Oracle: PyTorch's own cast fails on it."""
+    dtype = getattr(torch, dtype, None)
+    if dtype is None:
+        pytest.skip("this torch has no such dtype")
+    var = torch.full((4 * dtype.itemsize,), 0x22, dtype=torch.uint8).view(dtype)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        var.double()
+    stats = bn_stats_from_state({"bn.running_mean": torch.zeros(var.shape[0]), "bn.running_var": var})
+    findings = [f for layer in stats for f in check_bn_stats(layer)]
+    assert [f.code for f in findings if f.severity == "error"] == ["invalid_state"], findings
+    assert str(dtype) in next(f.evidence for f in findings if f.code == "invalid_state")
+
+
 @pytest.mark.parametrize("layout", ["nested", "sparse"])
 def test_a_buffer_with_no_array_of_values_is_invalid_state_not_a_crash(layout):
     """A nested or sparse tensor as a BN buffer in a checkpoint: reading it as an array raised PyTorch's

@@ -130,7 +130,11 @@ def as_array(value) -> np.ndarray:
     if kind not in "biuf":
         raise TypeError(f"expected real numbers, got {_dtype_name(value)} values")
     if hasattr(value, "detach"):  # a torch tensor, without importing torch
-        value = value.detach().cpu().double().numpy()
+        try:
+            value = value.detach().cpu().double().numpy()
+        except (RuntimeError, NotImplementedError) as exc:  # float4_e2m1fn_x2, bits8: packed codes, no cast defined
+            raise TypeError(f"expected real numbers, got {_dtype_name(value)} values, which torch cannot convert to "
+                            f"float64 ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     return np.asarray(value, dtype=np.float64)
 
 

@@ -108,12 +108,15 @@ def describe_file(path: str | os.PathLike, head: bytes, size: int) -> str | None
         return None
     if looks_like_pickle(head):
         return None  # a pickle: the legacy torch.save format, or a raw pickle for torch.load to judge
-    if looks_like_onnx(head) or (head[:1] == b"\x08" and str(path).lower().endswith(".onnx")) or b"onnx" in head.lower():
-        return "an ONNX model (read it with onnx, or pass it where an .onnx file is expected)"
+    onnx_model = "an ONNX model (read it with onnx, or pass it where an .onnx file is expected)"
+    if looks_like_onnx(head) or (head[:1] == b"\x08" and str(path).lower().endswith(".onnx")):
+        return onnx_model
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as exc:  # a character cut at the end of the 64 bytes read is not an error
         text = head[:exc.start].decode("utf-8") if exc.start >= len(head) - 3 else ""
     if text and all(c.isprintable() or c.isspace() for c in text):
-        return f"a text file (it starts with {text[:32]!r})"
+        return f"a text file (it starts with {text[:32]!r})"  # one that mentions onnx too
+    if b"onnx" in head.lower():  # binary naming onnx early: a ModelProto whose first field is not ir_version
+        return onnx_model
     return f"a file of unknown format (it starts with the bytes {head[:8].hex(' ')})"

@@ -1075,6 +1075,17 @@ _CUT_3 = "a" * 62 + "日本"  # 日 is 3 bytes: 2 of them in the 64 bytes read
 _CUT_4 = "a" * 61 + "😀 text"  # 4 bytes: 3 of them in the 64 bytes read
 
 
+_TEXT_NAMING_ONNX = b'{"framework": "onnx", "epochs": 3}\n'
+
+
+def test_a_text_file_naming_onnx_is_no_onnx_model(tmp_path):
+    """The oracle for the sample above: onnx itself cannot read it."""
+    onnx = pytest.importorskip("onnx")
+    (tmp_path / "config.pt").write_bytes(_TEXT_NAMING_ONNX)
+    with pytest.raises(Exception, match="(?i)pars|wire|decode|protobuf"):
+        onnx.load(tmp_path / "config.pt")
+
+
 _SAMPLES = {
     "cut-3-byte-char": (lambda tmp: _CUT_3.encode(), f"a text file (it starts with {'a' * 32!r})"),
     "cut-4-byte-char": (lambda tmp: _CUT_4.encode(), f"a text file (it starts with {'a' * 32!r})"),
@@ -1082,6 +1093,8 @@ _SAMPLES = {
     "onnx-without-ir-version": (
         lambda tmp: _onnx_without_ir_version(),
         "an ONNX model (read it with onnx, or pass it where an .onnx file is expected)"),
+    "text-naming-onnx": (  # was called an ONNX model for the word; oracle: onnx.load refuses it (test below)
+        lambda tmp: _TEXT_NAMING_ONNX, f"a text file (it starts with {_TEXT_NAMING_ONNX.decode()[:32]!r})"),
     "zip-with-empty-central-directory": (
         _zip_with_an_empty_central_directory, "a zip archive without PyTorch's data.pkl (it holds nothing)"),
 }
