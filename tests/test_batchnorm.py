@@ -966,3 +966,38 @@ def test_a_count_of_an_ml_dtypes_integer_type_loads():
              "num_batches_tracked": np.array(3).astype(ml_dtypes.int4)}
     layer.load_state_dict(state)
     assert layer.num_batches_tracked == 3
+
+
+@pytest.mark.parametrize("attr, value", [("weight", np.ones(5)), ("bias", np.zeros(5)), ("running_mean", np.zeros(5)),
+                                         ("running_var", np.ones((3, 1))), ("eps", -1.0), ("eps", float("nan"))])
+def test_attributes_set_badly_after_construction_are_refused_before_anything_changes(attr, value):
+    """A weight of the wrong shape failed with NumPy's broadcast error after the running statistics had been
+    updated; a negative eps gave NaN outputs and updated them too (the constructor refuses both). Oracle:
+    torch.nn.BatchNorm1d refuses the same settings in training and leaves its running statistics."""
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    bn = BatchNorm(3)
+    setattr(bn, attr, value)
+    before = {k: np.copy(v) for k, v in vars(bn).items() if k in ("running_mean", "running_var")}
+    with pytest.raises(ValueError, match=f"{attr} (has shape|must be)"):
+        bn(x)
+    assert bn.num_batches_tracked == 0
+    for k, v in before.items():
+        np.testing.assert_array_equal(getattr(bn, k), v)
+    ref = torch.nn.BatchNorm1d(3)
+    if attr in ("weight", "bias", "eps") and not (attr == "eps" and np.isnan(value)):  # torch lets a NaN eps pass
+        setattr(ref, attr, torch.nn.Parameter(torch.from_numpy(value)) if attr != "eps" else value)
+        with pytest.raises((RuntimeError, ValueError)):
+            ref(torch.from_numpy(x))
+        assert torch.equal(ref.running_mean, torch.zeros(3))
+
+
+@pytest.mark.parametrize("count", [np.array(1e20), np.array(2**63, dtype=np.uint64), 2**70])
+def test_a_count_int64_cannot_hold_is_refused_on_load(count):
+    """A num_batches_tracked of 1e20 loaded, and the layer's state_dict() (int64, as PyTorch's) then failed with
+    OverflowError; 2**70 raised AttributeError. Oracle: int64's maximum loads and round-trips."""
+    bn = BatchNorm(3)
+    with pytest.raises(ValueError, match="num_batches_tracked must be one non-negative integer"):
+        bn.load_state_dict({**bn.state_dict(), "num_batches_tracked": count})
+    assert bn.num_batches_tracked == 0
+    bn.load_state_dict({**bn.state_dict(), "num_batches_tracked": np.array(np.iinfo(np.int64).max)})
+    assert bn.state_dict()["num_batches_tracked"] == np.iinfo(np.int64).max

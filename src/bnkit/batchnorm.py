@@ -69,9 +69,7 @@ class BatchNorm:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
         self.convention = get_convention(convention)
         self.num_features = int(num_features)
-        self.eps = self.convention.default_eps if eps is None else real(eps, "eps")
-        if not self.eps >= 0.0 or not np.isfinite(self.eps):
-            raise ValueError(f"eps must be a finite non-negative number, got {eps}")
+        self.eps = _checked_eps(self.convention.default_eps if eps is None else eps)
         self.momentum = self.convention.default_momentum if momentum is _DEFAULT else momentum
         if self.momentum is None:
             if self.convention.name != "torch":
@@ -118,6 +116,17 @@ class BatchNorm:
             )
         return ax
 
+    def _check_state(self) -> None:
+        """Refuse attributes set after construction that the forward cannot use (checked before anything changes):
+        an eps that is negative or not finite, or a weight, bias or running statistic not shaped ``(C,)``."""
+        _checked_eps(self.eps)
+        arrays = (("weight", "bias") if self.affine else ()) + (
+            ("running_mean", "running_var") if self.track_running_stats else ())
+        for name in arrays:
+            if np.shape(getattr(self, name)) != (self.num_features,):
+                raise ValueError(f"{name} has shape {np.shape(getattr(self, name))}, expected ({self.num_features},) "
+                                 f"(one value per channel)")
+
     def _uses_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
 
@@ -146,6 +155,7 @@ class BatchNorm:
         if np.iscomplexobj(x):
             raise TypeError(f"BatchNorm takes real inputs, got dtype {x.dtype}")
         x = real_array(x, "BatchNorm's input")
+        self._check_state()
         ax = self._channel_axis(x)
         x3 = _as_acb(x, ax)
         wt = _work_dtype(x.dtype)
@@ -334,12 +344,27 @@ def update_count(value) -> int:
     dtype (shape ``()`` or ``(1,)``, a tensor or an array-like). ValueError otherwise, naming the value: a
     count of 2.5, -3, NaN, several values or a string is no count of training-mode updates."""
     v = _to_numpy(value, "num_batches_tracked")
-    x = v.reshape(-1)[0].item() if v.size == 1 and v.ndim <= 1 else None  # torch refuses (1, 1) too
-    if x is None or v.dtype.kind not in "iuf" or not np.isfinite(x) or x < 0 or x != int(x):
-        shown = (repr(x) if x is not None else f"shape {v.shape}" if v.size == 1
-                 else f"{v.size} values {v.reshape(-1)[:4].tolist()}")
-        raise ValueError(f"num_batches_tracked must be one non-negative integer (a count of updates), got {shown}")
+    one = v.size == 1 and v.ndim <= 1  # torch refuses (1, 1) too
+    x = v.reshape(-1)[0].item() if one and v.dtype.kind in "iuf" else None
+    if x is None or not np.isfinite(x) or x < 0 or x != int(x) or x > _INT64_MAX:
+        shown = (repr(x) if x is not None else f"{v.reshape(-1).tolist()[0]!r} ({v.dtype})" if one
+                 else f"shape {v.shape}" if v.size == 1 else f"{v.size} values {v.reshape(-1)[:4].tolist()}")
+        over = " (over int64's maximum, where PyTorch keeps the count)" if x is not None and x > _INT64_MAX else ""
+        raise ValueError(
+            f"num_batches_tracked must be one non-negative integer (a count of updates), got {shown}{over}")
     return int(x)
+
+
+#: The largest count of updates: PyTorch and :meth:`BatchNorm.state_dict` keep ``num_batches_tracked`` in int64.
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _checked_eps(eps) -> float:
+    """``eps`` as a float; ValueError unless it is a finite non-negative real number."""
+    value = real(eps, "eps")
+    if not value >= 0.0 or not np.isfinite(value):
+        raise ValueError(f"eps must be a finite non-negative number, got {eps}")
+    return value
 
 
 def _to_numpy(v, what: str = "a value") -> np.ndarray:
