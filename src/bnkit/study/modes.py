@@ -6,10 +6,11 @@ with the biased batch variance (torch/nn/modules/batchnorm.py), so each
 prediction depends on the other images in its batch, and a batch of one has
 ``x - mean_B = 0``: every normalized value is 0, every BN output is ``beta``,
 and the network gives one answer for every image. ``nn.BatchNorm1d`` refuses
-that batch (``Expected more than 1 value per channel when training``);
-:func:`train_mode_logits` computes what it would give with a forward hook
-applying the same formula. Eval mode uses the running statistics, so its
-outputs do not depend on the batch at all.
+that batch in Python (``Expected more than 1 value per channel when training``);
+:func:`train_mode_logits` runs it through PyTorch's training-mode kernel itself
+(``torch.batch_norm``, which has no such guard), so the collapse is measured, up
+to that kernel's rounding, not computed from the formula. Eval mode uses the
+running statistics, so its outputs do not depend on the batch at all.
 """
 from __future__ import annotations
 
@@ -39,23 +40,16 @@ SIZES = {
 
 
 def _batch_stat_hook(bn: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> torch.Tensor:
-    """Training-mode BN output from the batch's biased mean and variance, whatever the batch size."""
-    x = inputs[0]
-    dims = [0, *range(2, x.dim())]
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, unbiased=False, keepdim=True)
-    y = (x - mean) / torch.sqrt(var + bn.eps)
-    if bn.affine:
-        y = y * bn.weight.view(shape) + bn.bias.view(shape)
-    return y
+    """PyTorch's training-mode BN output on the batch's own statistics, whatever the batch size: its kernel
+    (``torch.batch_norm``, training=True, no running statistics to update) without ``F.batch_norm``'s guard."""
+    return torch.batch_norm(inputs[0], bn.weight, bn.bias, None, None, True, 0.0, bn.eps, False)
 
 
 def train_mode_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Logits with every BN layer normalizing by the statistics of its batch of ``batch_size`` images.
 
-    Batch size 1 is computed with a hook (``nn.BatchNorm*d`` raises on it in
-    training mode); larger batches go through PyTorch's own training-mode
+    Batch size 1 goes through PyTorch's training-mode kernel from a hook (``nn.BatchNorm*d`` raises on it in
+    training mode); larger batches through PyTorch's own training-mode
     forward. Buffers and ``training`` flags are restored afterwards.
     """
     if batch_size > 1:
