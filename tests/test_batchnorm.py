@@ -969,7 +969,8 @@ def test_a_count_of_an_ml_dtypes_integer_type_loads():
 
 
 @pytest.mark.parametrize("attr, value", [("weight", np.ones(5)), ("bias", np.zeros(5)), ("running_mean", np.zeros(5)),
-                                         ("running_var", np.ones((3, 1))), ("eps", -1.0), ("eps", float("nan"))])
+                                         ("running_var", np.ones((3, 1))), ("eps", -1.0), ("eps", float("nan")),
+                                         ("weight", "abc"), ("bias", np.ones(3) * 1j), ("weight", ("a", "b", "c"))])
 def test_attributes_set_badly_after_construction_are_refused_before_anything_changes(attr, value):
     """A weight of the wrong shape failed with NumPy's broadcast error after the running statistics had been
     updated; a negative eps gave NaN outputs and updated them too (the constructor refuses both). Oracle:
@@ -978,17 +979,42 @@ def test_attributes_set_badly_after_construction_are_refused_before_anything_cha
     bn = BatchNorm(3)
     setattr(bn, attr, value)
     before = {k: np.copy(v) for k, v in vars(bn).items() if k in ("running_mean", "running_var")}
-    with pytest.raises(ValueError, match=f"{attr} (has shape|must be)"):
+    with pytest.raises((ValueError, TypeError), match=f"{attr} (has shape|must be)"):
         bn(x)
     assert bn.num_batches_tracked == 0
     for k, v in before.items():
         np.testing.assert_array_equal(getattr(bn, k), v)
     ref = torch.nn.BatchNorm1d(3)
-    if attr in ("weight", "bias", "eps") and not (attr == "eps" and np.isnan(value)):  # torch lets a NaN eps pass
+    if isinstance(value, np.ndarray) and attr in ("weight", "bias") and not np.iscomplexobj(value) or (
+            attr == "eps" and not np.isnan(value)):  # torch lets a NaN eps pass
         setattr(ref, attr, torch.nn.Parameter(torch.from_numpy(value)) if attr != "eps" else value)
         with pytest.raises((RuntimeError, ValueError)):
             ref(torch.from_numpy(x))
         assert torch.equal(ref.running_mean, torch.zeros(3))
+
+
+@pytest.mark.parametrize("value", [[0.5, 2.0, 3.0], (0.5, 2.0, 3.0), torch.tensor([0.5, 2.0, 3.0]),
+                                   torch.tensor([0.5, 2.0, 3.0], requires_grad=True)])
+def test_a_weight_of_real_numbers_in_another_container_is_read_as_an_array(value):
+    """A tuple or tensor weight failed with AttributeError ('no attribute astype') after the running statistics
+    moved. Oracle: the same layer with the weight as a NumPy array."""
+    x = np.random.default_rng(0).normal(size=(4, 3, 2))
+    bn, ref = BatchNorm(3), BatchNorm(3)
+    bn.weight, ref.weight = value, np.array([0.5, 2.0, 3.0])
+    np.testing.assert_array_equal(bn(x), ref(x))
+    np.testing.assert_array_equal(bn.running_var, ref.running_var)
+    np.testing.assert_array_equal(bn.backward(np.ones_like(x)), ref.backward(np.ones_like(x)))
+
+
+def test_an_update_past_int64s_maximum_count_is_refused_and_changes_nothing():
+    """At a count of int64's maximum one more update made state_dict() raise OverflowError (PyTorch wraps the
+    count to a negative number)."""
+    bn = BatchNorm(3)
+    bn.load_state_dict({**bn.state_dict(), "num_batches_tracked": np.array(np.iinfo(np.int64).max)})
+    with pytest.raises(ValueError, match="int64's maximum"):
+        bn(np.random.default_rng(0).normal(size=(4, 3)))
+    np.testing.assert_array_equal(bn.running_mean, np.zeros(3))
+    assert bn.state_dict()["num_batches_tracked"] == np.iinfo(np.int64).max
 
 
 @pytest.mark.parametrize("count", [np.array(1e20), np.array(2**63, dtype=np.uint64), 2**70])

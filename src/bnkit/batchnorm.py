@@ -116,22 +116,37 @@ class BatchNorm:
             )
         return ax
 
-    def _check_state(self) -> None:
-        """Refuse attributes set after construction that the forward cannot use (checked before anything changes):
-        an eps that is negative or not finite, or a weight, bias or running statistic not shaped ``(C,)``."""
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        """The weight, bias and running statistics the layer has, as real NumPy arrays, for the forward to use.
+
+        Refuses attributes set after construction that it cannot use, before anything changes: an eps that is
+        negative or not finite, or one of these that is not ``C`` real numbers (a wrong shape, a string, complex
+        values; a torch tensor or a list of numbers is read as an array)."""
         _checked_eps(self.eps)
-        arrays = (("weight", "bias") if self.affine else ()) + (
+        names = (("weight", "bias") if self.affine else ()) + (
             ("running_mean", "running_var") if self.track_running_stats else ())
-        for name in arrays:
-            if np.shape(getattr(self, name)) != (self.num_features,):
-                raise ValueError(f"{name} has shape {np.shape(getattr(self, name))}, expected ({self.num_features},) "
+        arrays = {}
+        for name in names:
+            value = getattr(self, name)
+            try:
+                arr = real_array(_to_numpy(value, name), name)
+            except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: a tensor NumPy cannot read
+                raise TypeError(f"{name} must be {self.num_features} real numbers, got {type(value).__name__}: "
+                                f"{exc}") from exc
+            if arr.shape != (self.num_features,):
+                raise ValueError(f"{name} has shape {arr.shape}, expected ({self.num_features},) "
                                  f"(one value per channel)")
+            arrays[name] = arr
+        return arrays
 
     def _uses_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
 
-    def _update_running(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
-        # the weight first: a momentum set out of range raises before anything changes
+    def _update_running(self, n: int, mean: np.ndarray, m2: np.ndarray, state: dict[str, np.ndarray]) -> None:
+        # the weight first: a momentum set out of range (or a count at int64's maximum) raises before anything changes
+        if self.num_batches_tracked >= _INT64_MAX:
+            raise ValueError(f"num_batches_tracked is at int64's maximum ({_INT64_MAX}), where PyTorch keeps it: "
+                             "one more update cannot be counted")
         if self.momentum is None:
             w_new = 1.0 / (self.num_batches_tracked + 1)
             w_old = 1.0 - w_new
@@ -139,8 +154,8 @@ class BatchNorm:
             w_old, w_new = update_weights(self.momentum, self.convention)
         self.num_batches_tracked += 1
         var = m2 / (n - 1) if self.convention.unbiased_running_var else m2 / n
-        self.running_mean = w_old * self.running_mean + w_new * mean
-        self.running_var = w_old * self.running_var + w_new * var
+        self.running_mean = w_old * state["running_mean"] + w_new * mean
+        self.running_var = w_old * state["running_var"] + w_new * var
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -155,12 +170,12 @@ class BatchNorm:
         if np.iscomplexobj(x):
             raise TypeError(f"BatchNorm takes real inputs, got dtype {x.dtype}")
         x = real_array(x, "BatchNorm's input")
-        self._check_state()
+        state = self._state_arrays()
         ax = self._channel_axis(x)
         x3 = _as_acb(x, ax)
         wt = _work_dtype(x.dtype)
-        gamma = self.weight if self.affine else np.ones(self.num_features)
-        beta = self.bias if self.affine else np.zeros(self.num_features)
+        gamma = state["weight"] if self.affine else np.ones(self.num_features)
+        beta = state["bias"] if self.affine else np.zeros(self.num_features)
         if self._uses_batch_stats():
             n = x.size // self.num_features
             if n < 2:
@@ -196,12 +211,12 @@ class BatchNorm:
                     f"batch: normalizing them divides by zero (PyTorch refuses eps=0 in training); use eps > 0{kept}")
             invstd = 1.0 / np.sqrt(m2 / n + self.eps)
             if self.training and self.track_running_stats:
-                self._update_running(n, mean, m2)
+                self._update_running(n, mean, m2, state)
             scale, shift, src = gamma * invstd, beta, d
         else:
             n = d = None
-            mean = self.running_mean.copy()  # what backward's grad_weight centres on, even if the buffer changes
-            invstd = 1.0 / np.sqrt(self.running_var + self.eps)
+            mean = state["running_mean"].copy()  # what backward's grad_weight centres on, even if the buffer changes
+            invstd = 1.0 / np.sqrt(state["running_var"] + self.eps)
             scale, src = gamma * invstd, x3
             shift = beta - mean * scale
         out = np.empty(x3.shape, dtype=x3.dtype)  # C order whatever x3's strides: out2 below must be a view of it
