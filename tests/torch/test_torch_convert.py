@@ -1086,6 +1086,27 @@ def test_to_flax_keeps_frozen_statistics_so_a_frozen_module_round_trips():
     assert to_flax(nn.BatchNorm1d(C).eval())[0].use_running_average is None  # eval is a mode, not a freeze
 
 
+def test_to_flax_of_a_layer_frozen_in_torch_keeps_the_usual_flax_call():
+    """A layer freeze_bn froze in torch (not one from_flax made) gives a module called as Flax models call BN:
+    with use_running_average at the call, which Flax refuses where the field is set. Oracle: the torch layer."""
+    linen = pytest.importorskip("flax.linen")
+    bn = nn.BatchNorm1d(C)
+    with torch.no_grad():
+        bn.running_mean.normal_(generator=torch.Generator().manual_seed(0))
+    module, variables = to_flax(freeze_bn(bn))
+    assert module.use_running_average is None
+    x = np.random.default_rng(3).normal(size=(8, C)).astype(np.float32)
+
+    class Net(linen.Module):
+        @linen.compact
+        def __call__(self, x, train):
+            return module.clone(parent=self, name="bn")(x, use_running_average=not train)
+
+    got = Net().apply({"params": {"bn": variables["params"]}, "batch_stats": {"bn": variables["batch_stats"]}}, x,
+                      train=False)
+    np.testing.assert_allclose(np.asarray(got), bn(torch.from_numpy(x)).detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
 @needs_keras
 @pytest.mark.parametrize("ndim", [4.5, "4", True])
 def test_conversions_refuse_a_rank_that_is_not_an_integer(ndim):
@@ -1096,7 +1117,8 @@ def test_conversions_refuse_a_rank_that_is_not_an_integer(ndim):
                     lambda: from_flax(module, variables, ndim=ndim)):
         with pytest.raises(TypeError, match="ndim must be an integer"):
             convert()
-    assert isinstance(from_flax(module, variables, ndim=np.int64(4)), nn.BatchNorm2d)
+    for rank in (np.int64(4), np.array(4), torch.tensor(4)):  # integers NumPy and torch hold: operator.index
+        assert isinstance(from_flax(module, variables, ndim=rank), nn.BatchNorm2d)
 
 
 @needs_keras
@@ -1107,7 +1129,10 @@ def test_exact_training_must_be_a_bool():
     keras = pytest.importorskip("keras")
     layer = keras.layers.BatchNormalization()
     layer.build((2, 3, 4, C))
-    for convert in (lambda: from_flax(module, variables, ndim=4, exact_training="no"),
-                    lambda: from_keras(layer, exact_training="no")):
-        with pytest.raises(TypeError, match="exact_training must be True or False"):
-            convert()
+    for flag in ("no", 1):
+        for convert in (lambda: from_flax(module, variables, ndim=4, exact_training=flag),
+                        lambda: from_keras(layer, exact_training=flag)):
+            with pytest.raises(TypeError, match="exact_training must be True or False"):
+                convert()
+    for flag in (np.True_, np.array(True), torch.tensor(True)):
+        assert isinstance(from_flax(module, variables, ndim=4, exact_training=flag), BatchNorm2d)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -88,19 +89,27 @@ def _import_flax():
 
 # ----------------------------------------------------------------- building the torch layer
 def _checked_ndim(ndim: Any) -> int | None:
-    """``ndim`` as an int (None: not given); anything but an integer is refused (``4.5`` or ``"4"`` is no rank)."""
+    """``ndim`` as an int (None: not given): an integer, also a 0-d integer array or tensor (``operator.index``);
+    ``4.5``, ``"4"`` or a bool is no rank (TypeError)."""
     if ndim is None:
         return None
-    if isinstance(ndim, (bool, np.bool_)) or not isinstance(ndim, (int, np.integer)):
-        raise TypeError(f"ndim must be an integer (the input's rank), got {ndim!r} ({type(ndim).__name__})")
-    return int(ndim)
+    try:
+        if np.asarray(ndim).dtype.kind == "b":
+            raise TypeError
+        return operator.index(ndim)
+    except TypeError:
+        raise TypeError(f"ndim must be an integer (the input's rank), got {ndim!r} ({type(ndim).__name__})") from None
 
 
 def _checked_flag(name: str, value: Any) -> bool:
-    """A keyword flag that must be a bool (``exact_training="no"`` would be true)."""
-    if not isinstance(value, (bool, np.bool_)):
+    """A keyword flag: a bool, also a 0-d boolean array or tensor (``exact_training="no"`` or 1 is refused)."""
+    try:
+        flag = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError):
+        flag = None
+    if flag is None or flag.dtype.kind != "b" or flag.ndim != 0:
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return bool(value)
+    return bool(flag)
 
 
 def _rank_to_dims(ndim: int | None) -> int | None:
@@ -142,6 +151,10 @@ def _build_torch(state: dict, dims: int | None, exact_training: bool, scale: boo
         setattr(bn, _NO_SCALE, True)
     return bn
 
+
+#: Instance attribute marking a layer :func:`from_flax` froze for a module built with ``use_running_average`` true,
+#: which :func:`to_flax` gives back while its statistics stay frozen (kept by deepcopy and pickle).
+_FLAX_FROZEN = "_bnkit_flax_use_running_average"
 
 #: Instance attribute marking a layer whose weight :func:`_build_torch` made to stand in for no scale (kept by
 #: deepcopy and pickle, not by a state dict).
@@ -346,6 +359,7 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
     bn = _build_torch(state, _rank_to_dims(ndim), exact_training, scale=module.use_scale)
     if frozen:
         freeze_bn(bn, affine=False)
+        setattr(bn, _FLAX_FROZEN, True)
     return bn
 
 
@@ -358,9 +372,10 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
     input); a layer of any rank is checked only with ``ndim=``. The module
     leaves ``use_running_average`` to the call, as Flax models usually do:
     ``module.apply(variables, x, use_running_average=True)`` for inference, ``False`` with
-    ``mutable=["batch_stats"]`` for training (biased running-variance rule from then on); a layer whose
-    statistics ``freeze_bn`` froze (as :func:`from_flax` freezes a ``use_running_average=True`` module's) gets
-    ``use_running_average=True`` in the module, which never updates them either (and is called without it).
+    ``mutable=["batch_stats"]`` for training (biased running-variance rule from then on). A layer
+    :func:`from_flax` made of a module built with ``use_running_average=True``, its statistics still frozen,
+    gives that module back (called without the keyword; it never updates them); a layer frozen by ``freeze_bn``
+    otherwise is left to the call as any other (Flax refuses the keyword where the field is set).
     eps is carried and momentum flipped (torch 0.1 -> Flax 0.9). The variables and
     the module's ``param_dtype`` have the widest of ``bn``'s tensors' dtypes (bfloat16 counted as float32, which
     holds it exactly): Flax adds eps to float16 statistics in float16, where 1e-5 is lost; a weight that stands in
@@ -384,7 +399,8 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
                          "JAX_ENABLE_X64=1), or convert bn.float() for a float32 Flax layer")
     module = linen.BatchNorm(axis=cfg["axis"], momentum=cfg["momentum"], epsilon=cfg["epsilon"],
                              use_bias=cfg["use_bias"], use_scale=cfg["use_scale"], param_dtype=dtype,
-                             use_running_average=True if is_frozen(bn, "stats") else None)
+                             use_running_average=True if vars(bn).get(_FLAX_FROZEN) and is_frozen(bn, "stats")
+                             else None)
     # every variable in the widest dtype (exact): Flax adds eps to the variance in the variance's own dtype
     variables = {col: {k: jax.numpy.asarray(v, dtype=dtype) for k, v in d.items()} for col, d in f["variables"].items()}
     return module, variables
