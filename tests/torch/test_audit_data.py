@@ -662,3 +662,91 @@ def test_a_gap_with_nan_outputs_under_batch_statistics_is_not_measured_rather_th
     assert report.train_eval_gap is None
     (gap,) = report.by_code("gap")
     assert gap.finding == "train-vs-eval gap not measured" and "NaN/Inf with batch statistics" in gap.evidence
+
+
+class _CentredWithAuxHead(nn.Module):
+    """fc -> bn -> head, then o - o.mean(0) (coupling outside BN); a training-only head holds a BatchNorm without
+    running statistics that the forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)
+        self.aux = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False))
+
+    def forward(self, x):
+        o = self.head(self.bn(self.fc(x)))
+        return o - o.mean(0, keepdim=True)
+
+
+def test_coupling_is_not_blamed_on_a_batch_statistics_layer_the_data_never_reaches():
+    """The coupling message named aux.1 (never called: a forward pre-hook never fires) and told the user to give it
+    running statistics; the coupling is the model's o - o.mean(0)."""
+    torch.manual_seed(0)
+    model = _CentredWithAuxHead().eval()
+    reached = []
+    handle = model.aux[1].register_forward_pre_hook(lambda *_: reached.append(1))
+    report = audit(model, torch.randn(64, 6))
+    handle.remove()
+    assert not reached
+    (finding,) = report.by_code("batch_coupling")
+    assert finding.severity == "error" and "OTHER than BatchNorm" in finding.evidence
+    assert "aux" not in finding.evidence and finding.data["batch_stat_layers"] == []
+
+
+class _BatchStatsInEval(nn.BatchNorm1d):
+    """Keeps running statistics but normalizes with the batch's in every mode (its own forward)."""
+
+    def forward(self, x):
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+def test_coupling_from_a_layer_with_its_own_forward_is_not_called_something_other_than_batchnorm():
+    """The message said every BatchNorm layer uses running statistics in eval mode; this one does not. Oracle:
+    PyTorch in eval mode, sample 0 alone vs in its batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 1), _BatchStatsInEval(4), nn.Flatten(), nn.Linear(20, 3)).eval()
+    x = torch.randn(64, 2, 5)
+    with torch.no_grad():
+        assert (model(x[:1])[0] - model(x)[0]).abs().max() > 1e-2  # coupled by layer 1
+    (finding,) = audit(model, x).by_code("batch_coupling")
+    assert "forward of their own (1)" in finding.evidence and "every BatchNorm layer" not in finding.evidence
+
+
+class _SqueezedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn2d, self.bn1d = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        h = self.bn2d(self.conv(x)).mean((2, 3), keepdim=True).squeeze()  # (4,) for one sample: no batch axis
+        return self.bn1d(h)
+
+
+def test_a_batch_of_one_failing_outside_batchnorm_is_not_blamed_on_running_statistics():
+    """Every BN layer tracks running statistics; the model fails alone because .squeeze() drops the batch axis.
+    The fix said to give the layers running statistics (they have them). Oracle: PyTorch's own error on the
+    squeezed input."""
+    model = _SqueezedHead().eval()
+    x = torch.randn(16, 1, 6, 6)
+    with pytest.raises((ValueError, RuntimeError), match="1D"):
+        model(x[:1])
+    (finding,) = audit(model, x).by_code("batch_one_fails")
+    assert "track_running_stats" not in finding.fix and "squeeze" in finding.fix
+    assert "every BatchNorm layer the data reaches uses running statistics" in finding.evidence
+
+
+def test_dropout_left_in_training_mode_is_reported():
+    """model.eval() then one Dropout switched back: outputs are random at inference, and the report said nothing
+    (the data checks run every module in eval mode). Oracle: the same batch twice through the model as given."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).eval()
+    model[3].train()
+    x = torch.randn(32, 6)
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))
+    for report in (audit(model), audit(model, x)):
+        (finding,) = report.by_code("random_train_mode")
+        assert finding.severity == "warning" and finding.data["modules"] == ["3"] and "Dropout" in finding.evidence
+    model[3].eval()
+    assert not audit(model).by_code("random_train_mode")
+    assert not audit(nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.0)).train()).by_code("random_train_mode")

@@ -29,7 +29,8 @@ from .audit_model import short_names
 from .freeze import is_frozen
 from .layers import is_cumulative
 from .audit_moments import Collector, PassClock, pool_calls
-from .modules import SavedState, eager_calls, flatten_tensors, is_batchnorm, normalized_inputs, restored_after_each_call
+from .modules import (SavedState, eager_calls, flatten_tensors, has_stock_eval_forward, is_batchnorm, normalized_inputs,
+                      restored_after_each_call)
 
 if TYPE_CHECKING:
     from .audit import AuditReport
@@ -215,14 +216,16 @@ def data_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], batches
         # pass 2: the model in eval mode, first batch, then single samples
         saved.restore()
         set_training(model, False)
+        suspects = _BatchStatSuspects(layers)
         try:
-            eval_out = flatten_tensors(forward(model, first))
+            with suspects:
+                eval_out = flatten_tensors(forward(model, first))
         except Exception as exc:
             raise ValueError(f"{who} failed in eval mode on the first data batch: "
                              f"{type(exc).__name__}: {exc}") from exc
         shift_findings, ordered = _shift_findings(tracked, collectors, train_batch_size or batch_len(first), report)
         findings += _gap_findings(batch_out, eval_out, report, ordered)
-        findings += _coupling_findings(model, layers, first, eval_out, forward, coupling_samples, report)
+        findings += _coupling_findings(model, suspects, first, eval_out, forward, coupling_samples, report)
     return findings + shift_findings
 
 
@@ -636,7 +639,42 @@ def _gap_findings(batch_out: list[torch.Tensor], eval_out: list[torch.Tensor], r
         "gap", {"gap": gap})]
 
 
-def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, report: AuditReport) -> list[Finding]:
+class _BatchStatSuspects:
+    """Context manager: which BatchNorm layers that may normalize with batch statistics in eval mode the forward
+    under it reaches. ``batch_stat``: layers without running statistics (PyTorch's forward then uses the batch's);
+    ``own``: layers with a forward of their own (which statistics it uses is theirs to say). A layer the data
+    never reaches couples nothing; a hook is put on the suspects only."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
+        self.suspects = [(n, bn) for n, bn in layers if bn.running_mean is None or not has_stock_eval_forward(bn)]
+        self.reached: set[str] = set()
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _BatchStatSuspects:
+        try:
+            for name, bn in self.suspects:
+                self._handles.append(bn.register_forward_pre_hook(lambda *_, name=name: self.reached.add(name)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def batch_stat(self) -> list[str]:
+        return [n for n, bn in self.suspects if n in self.reached and bn.running_mean is None]
+
+    @property
+    def own(self) -> list[str]:
+        return [n for n, bn in self.suspects if n in self.reached and bn.running_mean is not None]
+
+
+def _coupling_findings(model, suspects: _BatchStatSuspects, batch, eval_out, forward, samples: int,
+                       report: AuditReport) -> list[Finding]:
     size = batch_len(batch)
     if not eval_out:
         return [Finding("info", "(model)", "batch coupling not checked", "the model's output holds no tensors",
@@ -651,8 +689,8 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
         return []
     if not all(bool(torch.isfinite(t).all()) for t in eval_out):
         return []  # reported as non-finite eval outputs
-    batch_stat_bn = [n for n, bn in layers if bn.running_mean is None]
-    cause, fix = _coupling_cause(batch_stat_bn)
+    batch_stat_bn = suspects.batch_stat
+    cause, fix = _coupling_cause(batch_stat_bn, suspects.own)
     idx = sorted(set(np.linspace(0, size - 1, min(samples, size)).round().astype(int).tolist()))
     kept = _compared_outputs(eval_out)
     scale = {k: float(_wide(eval_out[k]).abs().max()) if eval_out[k].numel() else 0.0 for k in kept}
@@ -664,9 +702,11 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
             single = flatten_tensors(forward(model, one))
         except Exception as exc:
             return [Finding("error", "(model)", "the model fails at batch size 1 in eval mode",
-                            f"{type(exc).__name__}: {exc}",
-                            "layers using batch statistics at inference need more than one sample: give them "
-                            "running statistics (track_running_stats=True)", "batch_one_fails")]
+                            f"{type(exc).__name__}: {exc}; {cause}",
+                            fix if batch_stat_bn or suspects.own else
+                            "find the operation that needs more than one sample (x.squeeze() dropping the batch "
+                            "dimension of a single sample, a reduction over dimension 0) and make it per-sample",
+                            "batch_one_fails", {"batch_stat_layers": batch_stat_bn})]
         if len(single) != len(eval_out):
             continue  # the output's structure changes with the batch size: nothing lines up
         for k, (s, ref) in enumerate(zip(single, eval_out)):
@@ -723,14 +763,23 @@ def _coupling_findings(model, layers, batch, eval_out, forward, samples: int, re
                     fix, "batch_coupling", {"relative_diff": rel, "batch_stat_layers": batch_stat_bn})]
 
 
-def _coupling_cause(batch_stat_bn: list[str]) -> tuple[str, str]:
-    """Why per-sample outputs can depend on the batch, and the fix: ``batch_stat_bn``, the BatchNorm layers without
-    running statistics, or else something other than BatchNorm."""
+def _coupling_cause(batch_stat_bn: list[str], own: list[str]) -> tuple[str, str]:
+    """Why per-sample outputs can depend on the batch, and the fix: ``batch_stat_bn``, the BatchNorm layers the data
+    reaches without running statistics; else ``own``, those reached with a forward of their own; else something
+    other than BatchNorm."""
     if batch_stat_bn:
         return (f"BatchNorm layers without running statistics ({short_names(batch_stat_bn)}) normalize with the "
                 "batch's", "give these layers running statistics (track_running_stats=True, then bnkit recalibrate)")
-    return ("every BatchNorm layer uses running statistics in eval mode, so something OTHER than BatchNorm couples the "
-            "batch (e.g. x - x.mean(0), batch-level normalization or attention across the batch)",
+    other = "(e.g. x - x.mean(0), batch-level normalization or attention across the batch)"
+    if own:
+        return (f"BatchNorm layers with a forward of their own ({short_names(own)}) may normalize with the batch's "
+                f"statistics in eval mode (which statistics they use is their forward's to say), or something other "
+                f"than BatchNorm couples the batch {other}",
+                "check whether these layers' forward normalizes with batch statistics in eval mode (F.batch_norm "
+                "with training=True, or its own arithmetic); if not, find the operation that reduces over the batch "
+                "dimension and make it per-sample")
+    return ("every BatchNorm layer the data reaches uses running statistics in eval mode, so something OTHER than "
+            f"BatchNorm couples the batch {other}",
             "find the operation that reduces over the batch dimension and make it per-sample")
 
 

@@ -40,6 +40,7 @@ def model_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], exampl
     findings += _bn_like_findings(others)
     bns = [(name, bn) for name, bn in layers if is_batchnorm(bn)]
     findings += _mode_findings(model, bns)
+    findings += _random_module_findings(model)
     findings += _momentum_findings(bns)
     findings += _sync_findings(bns)
     findings += _fold_findings(model, layers, example)
@@ -163,6 +164,23 @@ def _mode_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]]) -> li
             f"{len(affine_only)} layer(s) frozen with freeze_bn(stats=False): they normalize with batch statistics "
             "and update their running statistics while training", "", "frozen_affine", {"layers": affine_only}))
     return out
+
+
+def _random_module_findings(model: nn.Module) -> list[Finding]:
+    """Dropout (``p > 0``) and RReLU modules left in training mode: random at inference. The data checks run every
+    module in eval mode, so they would not show it."""
+    random = [(n or type(m).__name__, m) for n, m in model.named_modules() if m.training and (
+        isinstance(m, nn.RReLU) or isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0)]
+    if not random:
+        return []
+    names = [n for n, _ in random]
+    return [Finding(
+        "warning", short_names(names), "Dropout in training mode",
+        f"{len(names)} module(s) in training mode ({', '.join(sorted({type(m).__name__ for _, m in random}))}): "
+        "at inference they zero or scale activations at random, so the same input gives different outputs (the "
+        "audit's data checks run them in eval mode)",
+        "call model.eval() before inference (and after any submodule.train())", "random_train_mode",
+        {"modules": names})]
 
 
 def _momentum_findings(layers: list[tuple[str, _BatchNorm]]) -> list[Finding]:
