@@ -222,3 +222,26 @@ def test_weights_tied_in_the_file_stay_tied_in_the_pt_it_writes(user, layout, mo
     assert got["emb.weight"].untyped_storage().data_ptr() == got["out.weight"].untyped_storage().data_ptr()
     assert torch.equal(got["emb.weight"], state["emb.weight"]) and (layout == "state dict" or out["epoch"] == 3)
     assert not torch.equal(got["bn.running_mean"], state["bn.running_mean"])  # recalibrated
+
+
+def test_batch_size_and_batches_beyond_sys_maxsize_mean_all_the_data(user):
+    """islice takes at most sys.maxsize: --batches 2**63 failed with its message (naming no option) and --batch-size
+    2**63 of an IterableDataset was blamed on the user's data. Oracle: the statistics of all the data, as
+    2**63 - 1 gives."""
+    out = user / "o.pt"
+    result = invoke("--model", f"{MODULE}:make", "--data", f"{MODULE}:stream", "--batch-size", str(2**63),
+                    "--batches", str(2**64), "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert_written_statistics(out, "make", data_x(np.float32), 1)
+
+
+@pytest.mark.parametrize("what, says", [("folder", "is a directory, not a data file"),
+                                        ("missing", "no such data file")])
+def test_data_path_without_a_data_suffix_is_named_for_what_it_is(user, what, says):
+    """A folder or a missing path without a data suffix got 'expected a .npy, ... file or package.module:factory',
+    leaving out why (README: one line naming the path and the reason)."""
+    if what == "folder":
+        (user / "valdata").mkdir()
+    out = user / "o.pt"
+    result = invoke("--model", f"{MODULE}:make", "--data", "valdata", "-o", str(out))
+    assert result.exit_code == 2 and says in result.output and not out.exists(), result.output

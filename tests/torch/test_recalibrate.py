@@ -1201,3 +1201,14 @@ def test_numpy_batches_are_read_as_the_audit_reads_them():
         recalibrate(nn.Sequential(nn.BatchNorm1d(3)), x)
     with pytest.raises(ValueError, match=r"one \(inputs, targets\) batch goes in a list"):
         recalibrate(nn.Sequential(nn.BatchNorm1d(3)), (x, rng.normal(size=(40, 2))))
+
+
+def test_num_batches_beyond_sys_maxsize_is_all_the_data():
+    """islice refused a limit over sys.maxsize ('Stop argument for islice() must be None or an integer'), where
+    sys.maxsize itself ran every batch. Oracle: the float64 reference over all the batches."""
+    model = mixed_model()
+    batches = make_batches()
+    ref = reference_stats(model, batches)
+    report = recalibrate(model, batches, num_batches=2**63, progress=False)
+    assert report.batches == len(batches)
+    assert_matches_reference(model, ref)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -66,9 +67,10 @@ class _StreamBatches:
         from torch.utils.data import default_collate
 
         samples = iter(self.dataset)
-        batch = list(itertools.islice(samples, self.batch_size))
+        size = min(self.batch_size, sys.maxsize)  # islice's limit: a larger batch is all the samples there are
+        batch = list(itertools.islice(samples, size))
         while batch:
-            following = list(itertools.islice(samples, self.batch_size))
+            following = list(itertools.islice(samples, size))
             if len(following) == 1:
                 batch, following = batch + following, []
             yield default_collate(batch)
@@ -133,11 +135,12 @@ def _load_data(spec: str, key: Optional[str], batch_size: int, dtype: Any) -> An
     import numpy as np
     import torch
 
-    from .common import ARRAY_SUFFIXES, STATE_DICT_SUFFIXES, load_inputs, resolve_spec
+    from .common import ARRAY_SUFFIXES, STATE_DICT_SUFFIXES, check_input_file, load_inputs, resolve_spec
 
     if spec.lower().endswith(ARRAY_SUFFIXES + STATE_DICT_SUFFIXES) or Path(spec).is_file():  # read by its content
         return _batches_of(load_inputs(Path(spec), key, "--data-key", factories=True), batch_size, dtype)
-    if ":" not in spec:
+    if ":" not in spec:  # a path: a folder, a missing or unreadable file is named for what it is
+        check_input_file(Path(spec), "data")
         raise ValueError(f"expected a {', '.join(ARRAY_SUFFIXES + STATE_DICT_SUFFIXES)} file or "
                          "package.module:factory")
     if key is not None:  # an option that would do nothing is refused, as for files without named arrays

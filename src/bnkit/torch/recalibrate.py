@@ -85,6 +85,7 @@ Conventions written into the buffers:
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 import warnings
 import zlib
@@ -868,7 +869,8 @@ def recalibrate(
             try:  # len() and iter() of the data run the user's code too: a failure must reach the collective
                 total = _total(data, num_batches)
                 dtype = input_dtype_device(model)[0]  # of NumPy's floating arrays
-                batches = data if num_batches is None else itertools.islice(data, int(num_batches))
+                # islice stops at sys.maxsize: a larger limit is no limit on data that Python can count
+                batches = data if num_batches is None else itertools.islice(data, min(int(num_batches), sys.maxsize))
                 with _progress_bar(progress and _rank() == 0, total) as advance:
                     for i, batch in enumerate(batches):
                         if not feeds_own:  # NumPy batches as the audit reads them; a forward= gets them as they come
