@@ -689,8 +689,46 @@ def test_coupling_is_not_blamed_on_a_batch_statistics_layer_the_data_never_reach
     handle.remove()
     assert not reached
     (finding,) = report.by_code("batch_coupling")
-    assert finding.severity == "error" and "OTHER than BatchNorm" in finding.evidence
-    assert "aux" not in finding.evidence and finding.data["batch_stat_layers"] == []
+    assert finding.severity == "error" and finding.data["batch_stat_layers"] == []
+    assert "(aux.1: no running statistics, or a forward of their own) were not seen called" in finding.evidence
+    assert finding.fix.startswith("if these layers run in this forward")
+
+
+class _DirectForward(nn.Module):
+    """Calls its BatchNorm (no running statistics) as bn.forward(x): no hook runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)
+
+    def forward(self, x):
+        return self.bn.forward(self.conv(x)).flatten(1)
+
+
+def test_a_batch_statistics_layer_called_where_hooks_do_not_run_is_still_a_suspect():
+    """bn.forward(x) runs no hook: the audit said every BN the data reaches uses running statistics and blamed
+    something other than BatchNorm (review). Oracle: the same layer with running statistics couples nothing."""
+    torch.manual_seed(0)
+    model = _DirectForward().eval()
+    x = torch.randn(32, 1, 4, 4) * 3 + 1
+    (finding,) = audit(model, x).by_code("batch_coupling")
+    assert "(bn: no running statistics" in finding.evidence and "give them running statistics" in finding.fix
+    tracked = _DirectForward().eval()
+    tracked.bn = nn.BatchNorm2d(3).eval()
+    assert audit(tracked, x).by_code("batch_coupling")[0].severity == "info"
+
+
+def test_a_batch_of_one_refused_by_a_batchnorm_hooks_do_not_see_is_blamed_on_batch_statistics():
+    """A compiled BatchNorm1d without running statistics: its hook does not run, and PyTorch's refusal of the
+    batch of one was answered with 'find the operation that needs more than one sample' (review). Oracle:
+    PyTorch's own message, 'Expected more than 1 value per channel'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
+    model[1] = torch.compile(model[1], backend="eager")
+    (finding,) = audit(model, torch.randn(32, 4)).by_code("batch_one_fails")
+    assert "Expected more than 1 value per channel" in finding.evidence
+    assert "PyTorch's BatchNorm refused the batch of one" in finding.evidence
+    assert finding.fix.startswith("give these layers running statistics")
 
 
 class _BatchStatsInEval(nn.BatchNorm1d):
@@ -749,4 +787,29 @@ def test_dropout_left_in_training_mode_is_reported():
         assert finding.severity == "warning" and finding.data["modules"] == ["3"] and "Dropout" in finding.evidence
     model[3].eval()
     assert not audit(model).by_code("random_train_mode")
-    assert not audit(nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.0)).train()).by_code("random_train_mode")
+    model[3] = nn.RReLU().train()
+    assert audit(model).by_code("random_train_mode")[0].finding.startswith("RReLU in training mode")
+    # a model in training mode (fine-tuning with freeze_bn, say) is no model set for inference: no warning
+    assert not audit(freeze_bn(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.5))).train()
+                     ).by_code("random_train_mode")
+    zero = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.0)).eval()
+    zero[1].train()
+    assert not audit(zero).by_code("random_train_mode")
+
+
+class _ChannelDropout(nn.Dropout):
+    """A per-channel probability: p is a tensor."""
+
+    def __init__(self, c):
+        super().__init__(0.0)
+        self.p = torch.full((c,), 0.1)
+
+    def forward(self, x):
+        return x * (torch.rand_like(x) > self.p) / (1 - self.p) if self.training else x
+
+
+def test_a_dropout_whose_p_is_a_tensor_does_not_break_the_audit():
+    """float(m.p) raised 'only one element tensors can be converted' out of the whole audit."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), _ChannelDropout(4)).eval()
+    model[2].train()
+    assert audit(model).by_code("random_train_mode")[0].data["modules"] == ["2"]

@@ -672,6 +672,12 @@ class _BatchStatSuspects:
     def own(self) -> list[str]:
         return [n for n, bn in self.suspects if n in self.reached and bn.running_mean is not None]
 
+    @property
+    def unseen(self) -> list[str]:
+        """Suspects whose hook never ran: not reached, or called where hooks do not run (``bn.forward(x)``, a
+        ``torch.compile``'d module)."""
+        return [n for n, _ in self.suspects if n not in self.reached]
+
 
 def _coupling_findings(model, suspects: _BatchStatSuspects, batch, eval_out, forward, samples: int,
                        report: AuditReport) -> list[Finding]:
@@ -690,7 +696,7 @@ def _coupling_findings(model, suspects: _BatchStatSuspects, batch, eval_out, for
     if not all(bool(torch.isfinite(t).all()) for t in eval_out):
         return []  # reported as non-finite eval outputs
     batch_stat_bn = suspects.batch_stat
-    cause, fix = _coupling_cause(batch_stat_bn, suspects.own)
+    cause, fix = _coupling_cause(suspects)
     idx = sorted(set(np.linspace(0, size - 1, min(samples, size)).round().astype(int).tolist()))
     kept = _compared_outputs(eval_out)
     scale = {k: float(_wide(eval_out[k]).abs().max()) if eval_out[k].numel() else 0.0 for k in kept}
@@ -701,12 +707,7 @@ def _coupling_findings(model, suspects: _BatchStatSuspects, batch, eval_out, for
             one = map_tensors(batch, lambda t: t[i:i + 1] if batched(t, size) else t)
             single = flatten_tensors(forward(model, one))
         except Exception as exc:
-            return [Finding("error", "(model)", "the model fails at batch size 1 in eval mode",
-                            f"{type(exc).__name__}: {exc}; {cause}",
-                            fix if batch_stat_bn or suspects.own else
-                            "find the operation that needs more than one sample (x.squeeze() dropping the batch "
-                            "dimension of a single sample, a reduction over dimension 0) and make it per-sample",
-                            "batch_one_fails", {"batch_stat_layers": batch_stat_bn})]
+            return [_batch_one_failure(exc, suspects, cause, fix)]
         if len(single) != len(eval_out):
             continue  # the output's structure changes with the batch size: nothing lines up
         for k, (s, ref) in enumerate(zip(single, eval_out)):
@@ -763,14 +764,45 @@ def _coupling_findings(model, suspects: _BatchStatSuspects, batch, eval_out, for
                     fix, "batch_coupling", {"relative_diff": rel, "batch_stat_layers": batch_stat_bn})]
 
 
-def _coupling_cause(batch_stat_bn: list[str], own: list[str]) -> tuple[str, str]:
-    """Why per-sample outputs can depend on the batch, and the fix: ``batch_stat_bn``, the BatchNorm layers the data
-    reaches without running statistics; else ``own``, those reached with a forward of their own; else something
-    other than BatchNorm."""
+#: The fix where BatchNorm layers normalize with batch statistics at inference.
+_GIVE_RUNNING_STATS = "give these layers running statistics (track_running_stats=True, then bnkit recalibrate)"
+#: What PyTorch's batch_norm says when it refuses a batch of one value per channel (torch/nn/functional.py,
+#: ``_verify_batch_size``): a BatchNorm normalizing with batch statistics, whichever layer it is.
+_BATCH_OF_ONE_REFUSED = "Expected more than 1 value per channel"
+
+
+def _batch_one_failure(exc: Exception, suspects: _BatchStatSuspects, cause: str, fix: str) -> Finding:
+    """The error finding for a model that raises on a single sample in eval mode, with the likeliest cause."""
+    if _BATCH_OF_ONE_REFUSED in str(exc) and not suspects.batch_stat:  # a BatchNorm's refusal hooks did not see
+        cause = ("PyTorch's BatchNorm refused the batch of one: a BatchNorm layer normalizes with batch statistics "
+                 "in eval mode" + (f" (of {short_names(suspects.unseen)}, whose calls bnkit did not see)"
+                                   if suspects.unseen else ""))
+        fix = _GIVE_RUNNING_STATS
+    elif not (suspects.batch_stat or suspects.own or suspects.unseen):
+        fix = ("find the operation that needs more than one sample (x.squeeze() dropping the batch dimension of a "
+               "single sample, a reduction over dimension 0) and make it per-sample")
+    return Finding("error", "(model)", "the model fails at batch size 1 in eval mode",
+                   f"{type(exc).__name__}: {exc}; {cause}", fix, "batch_one_fails",
+                   {"batch_stat_layers": suspects.batch_stat})
+
+
+def _coupling_cause(suspects: _BatchStatSuspects) -> tuple[str, str]:
+    """Why per-sample outputs can depend on the batch, and the fix: the BatchNorm layers the data reaches without
+    running statistics; else those reached with a forward of their own; else those whose calls were not seen;
+    else something other than BatchNorm."""
+    batch_stat_bn, own, unseen = suspects.batch_stat, suspects.own, suspects.unseen
     if batch_stat_bn:
         return (f"BatchNorm layers without running statistics ({short_names(batch_stat_bn)}) normalize with the "
-                "batch's", "give these layers running statistics (track_running_stats=True, then bnkit recalibrate)")
+                "batch's", _GIVE_RUNNING_STATS)
     other = "(e.g. x - x.mean(0), batch-level normalization or attention across the batch)"
+    if unseen and not own:
+        return (f"BatchNorm layers that may normalize with batch statistics in eval mode ({short_names(unseen)}: "
+                "no running statistics, or a forward of their own) were not seen called, which means not reached "
+                "unless the model calls them through .forward() or a compiled module, where hooks do not run; if "
+                f"not, something other than BatchNorm couples the batch {other}",
+                "if these layers run in this forward, give them running statistics (track_running_stats=True, then "
+                "bnkit recalibrate) or check what their forward normalizes with; otherwise find the operation that "
+                "reduces over the batch dimension and make it per-sample")
     if own:
         return (f"BatchNorm layers with a forward of their own ({short_names(own)}) may normalize with the batch's "
                 f"statistics in eval mode (which statistics they use is their forward's to say), or something other "

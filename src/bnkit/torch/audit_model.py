@@ -167,20 +167,32 @@ def _mode_findings(model: nn.Module, layers: list[tuple[str, _BatchNorm]]) -> li
 
 
 def _random_module_findings(model: nn.Module) -> list[Finding]:
-    """Dropout (``p > 0``) and RReLU modules left in training mode: random at inference. The data checks run every
-    module in eval mode, so they would not show it."""
+    """Dropout (``p > 0``) and RReLU modules left in training mode inside a model in eval mode (set for inference,
+    then a submodule's ``train()``): random at inference, which the data checks, running every module in eval mode,
+    would not show. A model in training mode is left to :func:`_mode_findings` (it may be training on purpose)."""
+    if model.training:
+        return []
     random = [(n or type(m).__name__, m) for n, m in model.named_modules() if m.training and (
-        isinstance(m, nn.RReLU) or isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0)]
+        isinstance(m, nn.RReLU) or isinstance(m, nn.modules.dropout._DropoutNd) and _drops(m.p))]
     if not random:
         return []
     names = [n for n, _ in random]
+    kinds = ", ".join(sorted({type(m).__name__ for _, m in random}))
     return [Finding(
-        "warning", short_names(names), "Dropout in training mode",
-        f"{len(names)} module(s) in training mode ({', '.join(sorted({type(m).__name__ for _, m in random}))}): "
-        "at inference they zero or scale activations at random, so the same input gives different outputs (the "
-        "audit's data checks run them in eval mode)",
-        "call model.eval() before inference (and after any submodule.train())", "random_train_mode",
+        "warning", short_names(names), f"{kinds} in training mode inside a model in eval mode",
+        f"{len(names)} module(s) in training mode ({kinds}): at inference they zero or scale activations at "
+        "random, so the same input gives different outputs (the audit's data checks run them in eval mode)",
+        "call model.eval() after any submodule.train(), before inference", "random_train_mode",
         {"modules": names})]
+
+
+def _drops(p: Any) -> bool:
+    """Whether a dropout probability (a number, or a tensor of them in a subclass) is above 0 anywhere; one bnkit
+    cannot read counts as dropping."""
+    try:
+        return bool(torch.as_tensor(p, dtype=torch.float64).gt(0).any())
+    except (TypeError, ValueError, RuntimeError):
+        return True
 
 
 def _momentum_findings(layers: list[tuple[str, _BatchNorm]]) -> list[Finding]:
