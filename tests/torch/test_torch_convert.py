@@ -1084,6 +1084,11 @@ def test_to_flax_keeps_frozen_statistics_so_a_frozen_module_round_trips():
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_src), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(upd["batch_stats"]["mean"]), np.asarray(upd_src["batch_stats"]["mean"]))
     assert to_flax(nn.BatchNorm1d(C).eval())[0].use_running_average is None  # eval is a mode, not a freeze
+    layer = copy.deepcopy(from_flax(source, variables, ndim=2))
+    assert to_flax(layer)[0].use_running_average is True  # the copy keeps the freeze it came with
+    unfreeze_bn(layer)
+    assert to_flax(layer)[0].use_running_average is None
+    assert to_flax(freeze_bn(layer))[0].use_running_average is None  # a freeze of torch's own: left to the call
 
 
 def test_to_flax_of_a_layer_frozen_in_torch_keeps_the_usual_flax_call():

@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from ..convert import convert_state
 from . import layers
-from .freeze import freeze_bn, is_frozen
+from .freeze import freeze_bn, is_frozen, stats_freeze
 from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .modules import (as_args, channels, check_channel_tensors, deep_copy, parallel_device, require_eager, to_device,
                       unwrapped)
@@ -153,12 +153,19 @@ def _build_torch(state: dict, dims: int | None, exact_training: bool, scale: boo
 
 
 #: Instance attribute marking a layer :func:`from_flax` froze for a module built with ``use_running_average`` true,
-#: which :func:`to_flax` gives back while its statistics stay frozen (kept by deepcopy and pickle).
+#: which :func:`to_flax` gives back while that freeze lasts: it holds the freeze (:func:`stats_freeze`), so one
+#: made after ``unfreeze_bn`` is ``freeze_bn``'s own (kept by deepcopy and pickle, which keep the two one object).
 _FLAX_FROZEN = "_bnkit_flax_use_running_average"
 
 #: Instance attribute marking a layer whose weight :func:`_build_torch` made to stand in for no scale (kept by
 #: deepcopy and pickle, not by a state dict).
 _NO_SCALE = "_bnkit_no_scale"
+
+
+def _from_frozen_flax(bn: _BatchNorm) -> bool:
+    """Whether ``bn`` still has the statistics freeze :func:`from_flax` gave it for ``use_running_average``."""
+    freeze = stats_freeze(bn)
+    return freeze is not None and vars(bn).get(_FLAX_FROZEN) is freeze
 
 
 def _unit_scale_frozen(bn: _BatchNorm) -> bool:
@@ -359,7 +366,7 @@ def from_flax(module: Any, variables: Mapping, *, ndim: int | None = None,
     bn = _build_torch(state, _rank_to_dims(ndim), exact_training, scale=module.use_scale)
     if frozen:
         freeze_bn(bn, affine=False)
-        setattr(bn, _FLAX_FROZEN, True)
+        setattr(bn, _FLAX_FROZEN, stats_freeze(bn))
     return bn
 
 
@@ -399,8 +406,7 @@ def to_flax(bn: _BatchNorm, *, axis: int = 1, ndim: int | None = None) -> tuple[
                          "JAX_ENABLE_X64=1), or convert bn.float() for a float32 Flax layer")
     module = linen.BatchNorm(axis=cfg["axis"], momentum=cfg["momentum"], epsilon=cfg["epsilon"],
                              use_bias=cfg["use_bias"], use_scale=cfg["use_scale"], param_dtype=dtype,
-                             use_running_average=True if vars(bn).get(_FLAX_FROZEN) and is_frozen(bn, "stats")
-                             else None)
+                             use_running_average=_from_frozen_flax(bn) or None)
     # every variable in the widest dtype (exact): Flax adds eps to the variance in the variance's own dtype
     variables = {col: {k: jax.numpy.asarray(v, dtype=dtype) for k, v in d.items()} for col, d in f["variables"].items()}
     return module, variables

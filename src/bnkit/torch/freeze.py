@@ -312,6 +312,13 @@ def is_frozen(module: nn.Module, part: str = "any") -> bool:
     return bool(layers) and all(_part_frozen(_state(m), part) for m in layers)
 
 
+def stats_freeze(module: nn.Module) -> object | None:
+    """The object that pins ``module``'s statistics frozen now (None: not frozen by :func:`freeze_bn`). Each freeze
+    makes a new one, so a caller can tell the freeze it saw from a later one after :func:`unfreeze_bn`."""
+    pinned = module.__dict__.get("train")
+    return pinned if isinstance(pinned, _PinnedEval) else None
+
+
 def _part_frozen(state: FreezeState, part: str) -> bool:
     return {"any": bool(state), "stats": state.stats, "affine": state.affine, "all": state.stats and state.affine}[part]
 
