@@ -1004,6 +1004,12 @@ def test_a_weight_of_real_numbers_in_another_container_is_read_as_an_array(value
     np.testing.assert_array_equal(bn(x), ref(x))
     np.testing.assert_array_equal(bn.running_var, ref.running_var)
     np.testing.assert_array_equal(bn.backward(np.ones_like(x)), ref.backward(np.ones_like(x)))
+    state = bn.state_dict()  # it raised AttributeError ('no attribute copy') on a tuple or tensor
+    assert type(state["weight"]) is np.ndarray
+    np.testing.assert_array_equal(state["weight"], ref.state_dict()["weight"])
+    bn.weight = "abc"  # a state the forward refuses is replaced by loading a good one
+    bn.load_state_dict(ref.state_dict())
+    np.testing.assert_array_equal(bn(x), ref(x))
 
 
 def test_an_update_past_int64s_maximum_count_is_refused_and_changes_nothing():

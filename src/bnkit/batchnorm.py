@@ -123,11 +123,19 @@ class BatchNorm:
         negative or not finite, or one of these that is not ``C`` real numbers (a wrong shape, a string, complex
         values; a torch tensor or a list of numbers is read as an array)."""
         _checked_eps(self.eps)
+        return self._arrays()
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """The weight, bias and running statistics the layer has, checked and read as :meth:`_state_arrays` says."""
         names = (("weight", "bias") if self.affine else ()) + (
             ("running_mean", "running_var") if self.track_running_stats else ())
         arrays = {}
         for name in names:
             value = getattr(self, name)
+            if (type(value) is np.ndarray and value.shape == (self.num_features,) and value.dtype.kind == "f"
+                    and value.dtype.isnative):  # as the layer keeps them: nothing to read
+                arrays[name] = value
+                continue
             try:
                 arr = real_array(_to_numpy(value, name), name)
             except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: a tensor NumPy cannot read
@@ -314,19 +322,15 @@ class BatchNorm:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, np.ndarray]:
         """PyTorch's key names; ``num_batches_tracked`` as a 0-d int64 array."""
-        state: dict[str, np.ndarray] = {}
-        if self.affine:
-            state["weight"] = self.weight.copy()
-            state["bias"] = self.bias.copy()
+        state = {name: value.copy() for name, value in self._arrays().items()}  # a list or tensor as an array
         if self.track_running_stats:
-            state["running_mean"] = self.running_mean.copy()
-            state["running_var"] = self.running_var.copy()
             state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
         return state
 
     def load_state_dict(self, state: Mapping[str, object], strict: bool = True) -> None:
         """Load PyTorch-named state (NumPy arrays or CPU tensors). Checks shapes before changing anything."""
-        expected = list(self.state_dict())
+        expected = ((["weight", "bias"] if self.affine else [])
+                    + (["running_mean", "running_var", "num_batches_tracked"] if self.track_running_stats else []))
         missing = [k for k in expected if k not in state and k != "num_batches_tracked"]
         unexpected = [k for k in state if k not in expected]
         if strict and (missing or unexpected):
