@@ -72,6 +72,40 @@ def test_switch_to_training_inside_the_block_is_caught_at_the_next_forward():
         assert torch.equal(v, before[k]), k
 
 
+class _AdaptsAtTestTime(nn.Module):
+    """Switches itself to training mode in forward, as test-time adaptation (TENT) does."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _trained()
+
+    def forward(self, x):
+        self.train()
+        return self.net(x)
+
+
+@pytest.mark.parametrize("action", ["raise", "warn"])
+def test_a_forward_that_switches_to_training_mode_itself_is_reported_as_it_returns(action):
+    """The guard read the flags only before each forward: this one normalized with batch statistics and wrote the
+    running statistics, and nothing was reported (review). Oracle: the running statistics it changed."""
+    model = _AdaptsAtTestTime().eval()
+    before = copy.deepcopy(model.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with bn_guard(model, action=action):
+            if action == "raise":
+                with pytest.raises(BNGuardError) as err:
+                    model(X)
+                assert {code for _, code in _codes(err)} == {"training"}
+            else:
+                model(X)
+        model.eval()
+    if action == "warn":
+        assert any(issubclass(w.category, BNGuardWarning) and "training" in str(w.message) for w in caught)
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())  # what it reports
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
 def test_nested_guards_remove_their_own_hooks():
     model = _trained()
     outer = bn_guard(model)

@@ -29,7 +29,11 @@ re-check statistics poisoned that way; in-place tensor ops (``no_grad`` included
 would cost a kernel and a device sync per call. While the guard is active one forward pre-hook on ``model`` (one
 however deeply the guard is nested) re-reads every layer's ``training`` flag, so
 a ``model.train()`` inside the block is caught before a forward through ``model``
-changes anything (a submodule called directly is watched by a guard on that submodule);
+changes anything (a submodule called directly is watched by a guard on that submodule), and a forward hook
+reads them again as the forward returns, so one that switched layers to training mode itself (test-time
+adaptation, ``self.train()`` in ``forward``) is reported then, its batch statistics already written. A
+``torch.compile`` wrapper made of the model earlier runs its cached graph without hooks added to the model
+since: guard the wrapper (``bn_guard(compiled)``) or compile in place (``model.compile()``);
 per-layer hooks for the batch-size check are added only to layers that use batch
 statistics. On a correct model nothing else runs. Checks can be skipped by code
 with ``ignore=``.
@@ -230,7 +234,7 @@ class bn_guard(contextlib.ContextDecorator):
         self._local = threading.local()
         self._lock = threading.Lock()
         self._entries: list[_Entry] = []  # active entries, all threads, latest last
-        self._hook = None  # the model's forward pre-hook, there while any entry is active
+        self._hook = None  # the model's forward pre-hook and forward hook, there while any entry is active
 
     def __getstate__(self) -> dict:
         """Copies and pickles get the configuration and the model, no active entry or cache (checked afresh)."""
@@ -250,14 +254,16 @@ class bn_guard(contextlib.ContextDecorator):
                 self._drop_hooks(m)
 
     def _drop_hooks(self, module: nn.Module, entry: _Entry | None = None) -> None:
-        """Remove ``module``'s forward pre-hooks that call this guard (``entry``: only that entry's)."""
-        hooks = vars(module).get("_forward_pre_hooks")
-        for key, hook in list((hooks or {}).items()):
-            bound = hook.func if isinstance(hook, partial) else hook
-            if getattr(bound, "__self__", None) is self and (
-                    entry is None or (isinstance(hook, partial) and hook.args[:1] == (entry,))):
-                del hooks[key]
-                vars(module).get("_forward_pre_hooks_with_kwargs", {}).pop(key, None)
+        """Remove ``module``'s forward (pre-)hooks that call this guard (``entry``: only that entry's)."""
+        for kind in ("_forward_pre_hooks", "_forward_hooks"):
+            hooks = vars(module).get(kind)
+            for key, hook in list((hooks or {}).items()):
+                bound = hook.func if isinstance(hook, partial) else hook
+                if getattr(bound, "__self__", None) is self and (
+                        entry is None or (isinstance(hook, partial) and hook.args[:1] == (entry,))):
+                    del hooks[key]
+                    for extra in ("_with_kwargs", "_always_called"):
+                        vars(module).get(kind + extra, {}).pop(key, None)
 
     # ------------------------------------------------------------- reporting
     def _report(self, findings: list[Finding], entry: _Entry) -> None:
@@ -351,6 +357,11 @@ class bn_guard(contextlib.ContextDecorator):
                 "batch statistics", f"input shape {tuple(x.shape)}", fix, "batch_of_one",
             )], entry)
 
+    def _recheck_after(self, module: nn.Module, args: tuple, output: object) -> None:
+        """The forward hook on ``model``: a forward that put layers in training mode itself (test-time adaptation,
+        a ``self.train()`` in ``forward``) is reported when it returns, its statistics already written."""
+        self._recheck(module, args)
+
     def _recheck(self, module: nn.Module, args: tuple) -> None:
         """The forward pre-hook on ``model``: on a correct model, one flag read per BN layer."""
         if not self._entries:  # a copy's model, which came with the hook: nothing is entered
@@ -387,7 +398,8 @@ class bn_guard(contextlib.ContextDecorator):
         mine = self._mine()
         with self._lock:  # one flag scan per forward, however deeply and in however many threads it is entered
             if self._hook is None:
-                self._hook = self.model.register_forward_pre_hook(self._recheck)
+                self._hook = (self.model.register_forward_pre_hook(self._recheck),
+                              self.model.register_forward_hook(self._recheck_after))
             self._entries.append(entry)
             entry.opening = False
             if mine:
@@ -405,7 +417,8 @@ class bn_guard(contextlib.ContextDecorator):
                 entries = self._entries  # replaced, not edited: forwards in other threads read it without the lock
                 self._entries = entries[:-1] if entries[-1] is entry else [e for e in entries if e is not entry]
                 if not self._entries and self._hook is not None:
-                    self._hook.remove()
+                    for handle in self._hook:
+                        handle.remove()
                     self._hook = None
                 for handle in entry.handles:
                     handle.remove()
