@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnkit.torch import (BatchNorm1d, BatchNorm2d, BatchNorm3d, bn_layers, convert_bn, fold_bn, freeze_bn, from_flax, from_keras,
-                         is_frozen, revert_sync_bn, to_flax, to_keras, unfreeze_bn)
+                         is_frozen, revert_bn, revert_sync_bn, to_flax, to_keras, unfreeze_bn)
 from bnkit.torch.convert import BatchNormNd
 from bnkit.torch.zoo import SmallResNet, example_input
 
@@ -1089,6 +1089,8 @@ def test_to_flax_keeps_frozen_statistics_so_a_frozen_module_round_trips():
     unfreeze_bn(layer)
     assert to_flax(layer)[0].use_running_average is None
     assert to_flax(freeze_bn(layer))[0].use_running_average is None  # a freeze of torch's own: left to the call
+    swapped = revert_bn(convert_bn(from_flax(source, variables, ndim=2)))  # re-typed: the freeze goes along
+    assert is_frozen(swapped, "stats") and to_flax(swapped)[0].use_running_average is True
 
 
 def test_to_flax_of_a_layer_frozen_in_torch_keeps_the_usual_flax_call():

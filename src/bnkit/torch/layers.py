@@ -462,14 +462,18 @@ def retype_module(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     Attributes bound to the old module (``freeze_bn``'s ``train``, a method set on the
     instance with ``types.MethodType`` or ``functools.partial``) are re-bound to the new one, as
     ``copy.deepcopy`` re-binds them: a frozen layer stays frozen, a patched ``forward`` runs on the new
-    layer. Hooks are shared as they are, so a hook bound to the old module still gets that one.
+    layer. Hooks are shared as they are, so a hook bound to the old module still gets that one. An object held
+    under two attributes is re-bound once, as deepcopy's memo does: both hold the one new object.
     """
     new = cls.__new__(cls)
+    rebound: dict[int, object] = {}  # id of an old bound override -> its new one
     for k, v in module.__dict__.items():
         if isinstance(v, (dict, set)) and "_hooks" not in k:
             v = v.copy()
         elif getattr(v, "module", None) is module and callable(getattr(type(v), "rebound", None)):
-            v = v.rebound(new)
+            if id(v) not in rebound:
+                rebound[id(v)] = v.rebound(new)
+            v = rebound[id(v)]
         else:
             v = _rebound(v, module, new)
         new.__dict__[k] = v
