@@ -731,6 +731,24 @@ def test_a_batch_of_one_refused_by_a_batchnorm_hooks_do_not_see_is_blamed_on_bat
     assert finding.fix.startswith("give these layers running statistics")
 
 
+class _FunctionalBatchStats(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(4, 3), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return F.batch_norm(self.bn(self.lin(x)), None, None, training=True)
+
+
+def test_a_batch_of_one_refused_by_a_functional_batch_norm_is_not_blamed_on_layers():
+    """No layer normalizes with batch statistics (the only BN tracks them); the fix said to give 'these layers'
+    running statistics (review). Oracle: PyTorch's refusal comes from the functional call in forward."""
+    torch.manual_seed(0)
+    model = _FunctionalBatchStats().eval()
+    (finding,) = audit(model, torch.randn(32, 4)).by_code("batch_one_fails")
+    assert "no BatchNorm layer bnkit sees" in finding.evidence and "training=False" in finding.fix
+
+
 class _BatchStatsInEval(nn.BatchNorm1d):
     """Keeps running statistics but normalizes with the batch's in every mode (its own forward)."""
 

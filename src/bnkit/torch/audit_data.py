@@ -773,11 +773,16 @@ _BATCH_OF_ONE_REFUSED = "Expected more than 1 value per channel"
 
 def _batch_one_failure(exc: Exception, suspects: _BatchStatSuspects, cause: str, fix: str) -> Finding:
     """The error finding for a model that raises on a single sample in eval mode, with the likeliest cause."""
-    if _BATCH_OF_ONE_REFUSED in str(exc) and not suspects.batch_stat:  # a BatchNorm's refusal hooks did not see
+    if _BATCH_OF_ONE_REFUSED in str(exc) and not suspects.batch_stat and suspects.unseen:  # a refusal hooks missed
         cause = ("PyTorch's BatchNorm refused the batch of one: a BatchNorm layer normalizes with batch statistics "
-                 "in eval mode" + (f" (of {short_names(suspects.unseen)}, whose calls bnkit did not see)"
-                                   if suspects.unseen else ""))
+                 f"in eval mode (of {short_names(suspects.unseen)}, whose calls bnkit did not see)")
         fix = _GIVE_RUNNING_STATS
+    elif _BATCH_OF_ONE_REFUSED in str(exc) and not (suspects.batch_stat or suspects.own):  # no layer of it seen
+        cause = ("PyTorch's batch_norm refused the batch of one: a call normalizing with batch statistics in eval "
+                 "mode that is no BatchNorm layer bnkit sees (torch.nn.functional.batch_norm with training=True in a "
+                 "forward)")
+        fix = ("normalize with running statistics there in eval mode (F.batch_norm with running_mean/running_var "
+               "and training=False), or make that call per-sample")
     elif not (suspects.batch_stat or suspects.own or suspects.unseen):
         fix = ("find the operation that needs more than one sample (x.squeeze() dropping the batch dimension of a "
                "single sample, a reduction over dimension 0) and make it per-sample")
