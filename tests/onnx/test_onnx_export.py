@@ -466,3 +466,70 @@ def test_export_onnx_refuses_uninitialized_lazy_modules_and_leaves_the_model_laz
     assert [type(m) for m in model.modules()] == types  # still LazyConv2d/..., not materialized
     assert all(is_lazy(p) for p in model.parameters())
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+class _NormalizesInPlace(nn.Module):
+    """Writes into its input (x.sub_(0.5).div_(0.25)) before the conv and BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x.sub_(0.5).div_(0.25)
+        return self.bn(self.conv(x))
+
+
+def _calibrated(model: nn.Module, shape) -> nn.Module:
+    model.train()
+    with torch.no_grad():
+        for seed in range(3):
+            model(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)))
+    return model.eval()
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_a_model_writing_into_its_input_exports_and_leaves_the_callers_input(tmp_path, fold):
+    """The reference run changed the caller's tensor (by up to 195) and the trace and onnxruntime then got the
+    changed values: a correct export was refused (relative difference 59.6). Oracle: onnxruntime on the file vs
+    PyTorch eval on a fresh copy of the input."""
+    model = _calibrated(_NormalizesInPlace(), (4, 3, 6, 6))
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(9))
+    x0 = x.clone()
+    export_onnx(model, x, tmp_path / "m.onnx", fold=fold)
+    assert torch.equal(x, x0)
+    with torch.no_grad():
+        want = model(x0.clone()).numpy()
+    assert rel(ort_output(tmp_path / "m.onnx", x0), want) < 1e-5
+
+
+class _LastMax(nn.Module):
+    """Returns a buffer it writes in place: the last batch's per-channel maximum."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("last", torch.zeros(4))
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        self.last.mul_(0).add_(y.amax((0, 2, 3)))
+        return y, self.last
+
+
+def test_an_output_that_is_a_buffer_is_compared_as_the_forward_returned_it(tmp_path):
+    """The reference held the output tensors themselves, and putting the model's state back reset the buffer one
+    to its value before the run: a correct export refused (0.438 relative). Oracle: onnxruntime vs PyTorch eval on
+    a copy of the model."""
+    import copy
+
+    model = _calibrated(_LastMax(), (4, 3, 6, 6))
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(9))
+    export_onnx(model, x, tmp_path / "m.onnx", dynamic_batch=False)
+    assert model.last.is_leaf and not model.last.requires_grad  # the trace wrote it with autograd history before
+    with torch.no_grad():
+        want = [t.numpy() for t in copy.deepcopy(model)(x)]
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x.numpy()})
+    for g, w in zip(got, want):
+        assert rel(g, w) < 1e-5

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
@@ -61,6 +61,11 @@ class ExportReport:
     @property
     def ok(self) -> bool:
         return not any(f.severity == "error" for f in self.findings)
+
+
+def _fresh(tensors: Iterable[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Detached copies: inputs a forward may write into, outputs that may be views of buffers ``restore()`` resets."""
+    return tuple(t.detach().clone() for t in tensors)
 
 
 def _flatten(value) -> list[torch.Tensor]:
@@ -195,7 +200,9 @@ def export_onnx(
         raise TypeError("example_inputs must be a tensor or a sequence of tensors")
     refuse_meta([*model.state_dict(keep_vars=True).items(), *((f"input {i}", t) for i, t in enumerate(inputs))],
                 "the model or its example inputs", LOAD_REAL_WEIGHTS)
-    inputs = tuple(t.clone() if t.is_inference() else t for t in inputs)  # made under torch.inference_mode
+    # copies (also of tensors made under torch.inference_mode): a model that writes into its input (x.sub_(mean))
+    # must neither change the caller's tensors nor feed the trace or onnxruntime what an earlier run left there
+    inputs = _fresh(inputs)
     if any(t.dtype == torch.bfloat16 for t in inputs):
         raise ValueError("bfloat16 example_inputs: NumPy has no bfloat16, so onnxruntime cannot be fed them for the "
                          "check; export a float32 (model.float()) or float16 (model.half()) copy")
@@ -220,11 +227,11 @@ def export_onnx(
     # model is left in it, also when a check fails
     with eval_mode(model), _train_calls_ignored(model), eager_calls(model), SavedState(model) as saved:
         with torch.no_grad(), exact_float32():  # what onnxruntime computes: float32 without TF32
-            expected = [_flatten(model(*inputs))]  # also counts the outputs to name
+            expected = [_fresh(_flatten(model(*_fresh(inputs))))]  # also counts the outputs to name
             if len(runs) > 1:
                 saved.restore()
                 try:
-                    expected.append(_flatten(model(*runs[1])))
+                    expected.append(_fresh(_flatten(model(*_fresh(runs[1])))))
                 except Exception as exc:  # the model's own error, whatever its type
                     raise _batch_of_one("the model", exc) from exc
         saved.restore()
@@ -238,10 +245,12 @@ def export_onnx(
         axes = ({**_batch_axes(in_names, [inputs], sizes), **_batch_axes(out_names, expected, sizes)}
                 if dynamic_batch else None)
         buffer = io.BytesIO()  # exported in memory: the file is written only once every check passed
-        with warnings.catch_warnings(), _defaults_in_python(model):
+        # traced without gradients: a forward writing a buffer in place (self.last.add_(y)) would leave it with
+        # autograd history, which putting the values back does not remove (deepcopy then refuses the model)
+        with warnings.catch_warnings(), _defaults_in_python(model), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
-                model, inputs, buffer, dynamo=False, training=torch.onnx.TrainingMode.EVAL, opset_version=opset,
+                model, _fresh(inputs), buffer, dynamo=False, training=torch.onnx.TrainingMode.EVAL, opset_version=opset,
                 do_constant_folding=False, input_names=in_names, output_names=out_names, dynamic_axes=axes)
 
     proto = onnx.load_from_string(buffer.getvalue())
