@@ -533,3 +533,46 @@ def test_an_output_that_is_a_buffer_is_compared_as_the_forward_returned_it(tmp_p
         None, {"input": x.numpy()})
     for g, w in zip(got, want):
         assert rel(g, w) < 1e-5
+
+
+class _BNThenEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(16)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+
+    def forward(self, x):
+        return self.enc(self.bn(x.transpose(1, 2)).transpose(1, 2))
+
+
+def test_a_transformer_after_batchnorm_exports_as_torch_onnx_export_traces_it(tmp_path):
+    """Traced under no_grad, PyTorch's eval-mode attention took its fused kernel, which does not export
+    (UnsupportedOperatorError for a model torch.onnx.export exports). Oracle: onnxruntime vs PyTorch eval."""
+    torch.manual_seed(0)
+    model = _calibrated(_BNThenEncoder(), (3, 5, 16))
+    x = torch.randn(3, 5, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(model, x, tmp_path / "m.onnx")
+    with torch.no_grad():
+        assert rel(ort_output(tmp_path / "m.onnx", x), model(x).numpy()) < 1e-5
+
+
+class _ScalesByRequiresGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(x) * (2 if x.requires_grad else 3)
+
+
+def test_example_inputs_keep_requires_grad(tmp_path):
+    """The copies were detached: a model branching on x.requires_grad was exported on the other branch. Oracle:
+    the model on the user's input, and onnxruntime."""
+    model = _calibrated(_ScalesByRequiresGrad(), (8, 4))
+    x = torch.randn(8, 4).requires_grad_()
+    export_onnx(model, x, tmp_path / "m.onnx")
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert rel(ort_output(tmp_path / "m.onnx", x.detach()), want) < 1e-6

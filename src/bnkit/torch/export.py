@@ -64,8 +64,9 @@ class ExportReport:
 
 
 def _fresh(tensors: Iterable[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Detached copies: inputs a forward may write into, outputs that may be views of buffers ``restore()`` resets."""
-    return tuple(t.detach().clone() for t in tensors)
+    """Copies, detached but requiring grad where the tensor did (a forward may branch on ``x.requires_grad``):
+    inputs a forward may write into, outputs that may be views of buffers ``restore()`` resets."""
+    return tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
 
 
 def _flatten(value) -> list[torch.Tensor]:
@@ -245,9 +246,9 @@ def export_onnx(
         axes = ({**_batch_axes(in_names, [inputs], sizes), **_batch_axes(out_names, expected, sizes)}
                 if dynamic_batch else None)
         buffer = io.BytesIO()  # exported in memory: the file is written only once every check passed
-        # traced without gradients: a forward writing a buffer in place (self.last.add_(y)) would leave it with
-        # autograd history, which putting the values back does not remove (deepcopy then refuses the model)
-        with warnings.catch_warnings(), _defaults_in_python(model), torch.no_grad():
+        # traced with gradients on, as torch.onnx.export traces for the user (under no_grad PyTorch picks fused
+        # attention kernels that do not export); SavedState drops the autograd history it gives buffers
+        with warnings.catch_warnings(), _defaults_in_python(model):
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model, _fresh(inputs), buffer, dynamo=False, training=torch.onnx.TrainingMode.EVAL, opset_version=opset,
