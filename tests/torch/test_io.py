@@ -565,6 +565,22 @@ def test_load_weights_into_changes_nothing_when_one_tensor_does_not_fit(spoil, s
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
+def test_a_load_interrupted_by_ctrl_c_puts_back_what_it_had_loaded():
+    """The rollback ran for Exceptions only: a KeyboardInterrupt in the middle of load_state_dict left every module
+    loaded before it holding the file's values (review). Oracle: the state before the call."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v + 1 for k, v in before.items()}
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    model[2]._register_load_state_dict_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        load_weights_into(model, state)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_load_weights_into_takes_what_load_state_dict_takes_unchanged():
     """A one-element count for a 0-d buffer (old checkpoints), any shape into a lazy module's parameters, extra
     state of any shape and a module's own loading code (both handed the file's value by torch)."""

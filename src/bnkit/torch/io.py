@@ -695,7 +695,7 @@ def load_weights_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     extra = _extra_state_backup(model)
     try:
         model.load_state_dict(state)
-    except Exception as exc:
+    except BaseException as exc:  # KeyboardInterrupt included: a load cut short leaves no half-loaded model
         # load_state_dict copies every tensor that fits, fills lazy layers (in place), and a module's own loader
         # may resize, retype or replace a tensor, before it raises: put every slot back as it was
         with torch.no_grad():
