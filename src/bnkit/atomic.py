@@ -45,8 +45,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     new file's data reaches the disk (``fsync``) before the rename, and the rename before this returns, so a
     crash right after never leaves an empty file where the old one was. Missing parent directories are created
     (and removed again, where still empty, when the write fails). The file keeps the mode of the file it
-    replaces, and otherwise gets the usual ``0o666 & ~umask``, as ``open`` gives it. A symbolic link at ``path`` is replaced by the new file (with the mode of the file it pointed to,
-    which is left as it was), as ``os.replace`` does. A folder at ``path`` raises :func:`check_target`'s error
+    replaces, and otherwise gets the usual ``0o666 & ~umask``, as ``open`` gives it. A symbolic link at ``path``
+    is replaced by the new file (with the mode of the file it pointed to, which is left as it was), as
+    ``os.replace`` does. A folder at ``path`` raises :func:`check_target`'s error
     before anything is created.
     """
     path = check_target(path)
