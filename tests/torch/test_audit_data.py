@@ -831,3 +831,41 @@ def test_a_dropout_whose_p_is_a_tensor_does_not_break_the_audit():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), _ChannelDropout(4)).eval()
     model[2].train()
     assert audit(model).by_code("random_train_mode")[0].data["modules"] == ["2"]
+
+
+class _ForcedTraining(nn.Module):
+    """Runs its BatchNorm (which has running statistics) in training mode, whatever its own mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        self.bn.train()
+        y = self.bn(x)
+        self.bn.eval()
+        return y
+
+
+def test_a_batch_of_one_refused_by_a_layer_run_in_training_mode_names_that_layer():
+    """The message said the refusal came from no BatchNorm layer (a functional call); PyTorch's traceback shows
+    blk.bn's forward refusing, a layer with running statistics run in training mode (review)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _ForcedTraining()).eval()
+    (finding,) = audit(model, torch.randn(32, 4)).by_code("batch_one_fails")
+    assert "BatchNorm layer 1.bn has running statistics but normalized with the batch's" in finding.evidence
+    assert "keep that layer in eval mode" in finding.fix
+
+
+class _FunctionalBesideUnused(_FunctionalBatchStats):
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.BatchNorm1d(3, track_running_stats=False)
+
+
+def test_a_functional_refusal_is_not_blamed_on_an_unreached_layer_without_running_statistics():
+    """With a stats-less layer the forward never calls, the refusal of a functional batch_norm was blamed on it
+    (review). Oracle: the traceback's refusing frame is F.batch_norm called from the model's own forward."""
+    torch.manual_seed(0)
+    (finding,) = audit(_FunctionalBesideUnused().eval(), torch.randn(32, 4)).by_code("batch_one_fails")
+    assert "no BatchNorm layer bnkit sees" in finding.evidence and "unused" not in finding.evidence

@@ -13,6 +13,7 @@ small slice of data does not turn sampling noise into findings.
 from __future__ import annotations
 
 import math
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -647,6 +648,7 @@ class _BatchStatSuspects:
 
     def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
         self.suspects = [(n, bn) for n, bn in layers if bn.running_mean is None or not has_stock_eval_forward(bn)]
+        self.names = {id(bn): n for n, bn in layers}  # every layer, to name one a traceback shows
         self.reached: set[str] = set()
         self._handles: list[Any] = []
 
@@ -771,18 +773,45 @@ _GIVE_RUNNING_STATS = "give these layers running statistics (track_running_stats
 _BATCH_OF_ONE_REFUSED = "Expected more than 1 value per channel"
 
 
+def _refusing_layer(exc: BaseException, names: dict[int, str]) -> tuple[str | None, nn.Module | None, bool]:
+    """From ``exc``'s traceback: the innermost of ``names``' layers whose ``forward`` was running (its name and
+    itself, or None), and whether ``torch.nn.functional.batch_norm`` was."""
+    name = layer = None
+    functional = False
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        code = frame.f_code
+        if code.co_name == "forward" and id(frame.f_locals.get("self")) in names:
+            layer = frame.f_locals["self"]
+            name = names[id(layer)]
+        functional = functional or (code.co_name == "batch_norm" and code.co_filename.endswith("functional.py"))
+    return name, layer, functional
+
+
 def _batch_one_failure(exc: Exception, suspects: _BatchStatSuspects, cause: str, fix: str) -> Finding:
-    """The error finding for a model that raises on a single sample in eval mode, with the likeliest cause."""
-    if _BATCH_OF_ONE_REFUSED in str(exc) and not suspects.batch_stat and suspects.unseen:  # a refusal hooks missed
-        cause = ("PyTorch's BatchNorm refused the batch of one: a BatchNorm layer normalizes with batch statistics "
-                 f"in eval mode (of {short_names(suspects.unseen)}, whose calls bnkit did not see)")
+    """The error finding for a model that raises on a single sample in eval mode, with the likeliest cause: for
+    PyTorch's refusal of one value per channel, the layer the traceback shows refusing, where it shows one."""
+    name, layer, functional = _refusing_layer(exc, suspects.names)
+    refused = _BATCH_OF_ONE_REFUSED in str(exc)
+    if refused and layer is not None and layer.running_mean is None:
+        cause = (f"BatchNorm layer {name} has no running statistics, so it normalizes with the batch's in eval mode "
+                 "and refused the batch of one")
         fix = _GIVE_RUNNING_STATS
-    elif _BATCH_OF_ONE_REFUSED in str(exc) and not (suspects.batch_stat or suspects.own):  # no layer of it seen
+    elif refused and layer is not None:
+        cause = (f"BatchNorm layer {name} has running statistics but normalized with the batch's in eval mode (its "
+                 "forward, or the module calling it, runs it in training mode) and refused the batch of one")
+        fix = ("keep that layer in eval mode at inference: find what puts it in training mode (a train() call, or "
+               "training=True handed to batch_norm) in the forward")
+    elif refused and functional:
         cause = ("PyTorch's batch_norm refused the batch of one: a call normalizing with batch statistics in eval "
                  "mode that is no BatchNorm layer bnkit sees (torch.nn.functional.batch_norm with training=True in a "
                  "forward)")
         fix = ("normalize with running statistics there in eval mode (F.batch_norm with running_mean/running_var "
                "and training=False), or make that call per-sample")
+    elif refused and not suspects.batch_stat:  # no frame to read (a compiled module): the likeliest layers
+        cause = ("PyTorch's BatchNorm refused the batch of one: a BatchNorm layer normalizes with batch statistics "
+                 "in eval mode" + (f" (of {short_names(suspects.unseen)}, whose calls bnkit did not see)"
+                                   if suspects.unseen else ""))
+        fix = _GIVE_RUNNING_STATS
     elif not (suspects.batch_stat or suspects.own or suspects.unseen):
         fix = ("find the operation that needs more than one sample (x.squeeze() dropping the batch dimension of a "
                "single sample, a reduction over dimension 0) and make it per-sample")
