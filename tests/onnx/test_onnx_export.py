@@ -576,3 +576,35 @@ def test_example_inputs_keep_requires_grad(tmp_path):
     with torch.no_grad():
         want = model(x).numpy()
     assert rel(ort_output(tmp_path / "m.onnx", x.detach()), want) < 1e-6
+
+
+class _RingBuffer(nn.Module):
+    """A buffer that is a view of another (a ring buffer's slot) and a frozen parameter, both written in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.register_buffer("hist", torch.zeros(3, 4))
+        self.register_buffer("last", self.hist[0])
+        self.frozen = nn.Parameter(torch.zeros(4), requires_grad=False)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        self.last.copy_(y.mean((0, 2, 3)))
+        self.frozen.copy_(y.amax((0, 2, 3)))
+        return y
+
+
+def test_tensors_the_trace_writes_in_place_are_left_without_autograd_history(tmp_path):
+    """Tracing with gradients on wrote the buffers and the frozen parameter from values that require grad: detaching
+    the view buffer in place raised (the export crashed, the model was left undeepcopyable) and the parameter was
+    left a non-leaf no optimizer takes (review). Oracle: torch.onnx.export exports the model; deepcopy and an
+    optimizer accept it after."""
+    import copy
+
+    model = _calibrated(_RingBuffer(), (4, 3, 6, 6))
+    export_onnx(model, torch.randn(2, 3, 6, 6), tmp_path / "m.onnx", force=True)
+    assert model.last._base is model.hist and model.last.grad_fn is None and model.hist.grad_fn is None
+    assert model.frozen.is_leaf and not model.frozen.requires_grad
+    copy.deepcopy(model)
+    torch.optim.SGD([model.frozen], lr=0.1)

@@ -634,9 +634,7 @@ class SavedBuffers:
     :meth:`restore` attaches each saved tensor under its name again and writes its saved values back,
     so a forward that reassigns a buffer (``self.running_mean = ...``) or adds one leaves no trace (one that
     registers it anew as a non-persistent buffer or turns it into a parameter is not undone).
-    Uninitialized lazy buffers and inference tensors have no values to save: they are only attached again. A buffer
-    with no autograd history when saved loses any it came to have (a forward run with gradients, such as
-    ``torch.onnx.export``'s trace, writing it in place from a value that requires grad).
+    Uninitialized lazy buffers and inference tensors have no values to save: they are only attached again.
     ``copies``: a saving of the same moment whose copies are reused instead of cloning again.
     """
 
@@ -648,7 +646,6 @@ class SavedBuffers:
         self.values = {id(b): known.get(id(b)) or (b, b.detach().clone())
                        for _, bufs in self.attached for b in bufs.values()
                        if b is not None and not is_lazy(b) and not b.is_inference()}
-        self.plain = {k for k, (b, _) in self.values.items() if b.grad_fn is None}
 
     def before(self, tensor: torch.Tensor) -> torch.Tensor:
         """The saved values of ``tensor`` (one of the saved buffers)."""
@@ -660,10 +657,8 @@ class SavedBuffers:
             if len(now) != len(bufs) or any(now.get(k) is not b for k, b in bufs.items()):
                 now.clear()
                 now.update(bufs)
-        for key, (tensor, before) in self.values.items():
+        for tensor, before in self.values.values():
             write_back(tensor, before)
-            if key in self.plain and tensor.grad_fn is not None:
-                tensor.detach_()
 
 
 def restored_after_each_call(module: nn.Module, saved: SavedBuffers) -> Any:
