@@ -44,11 +44,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     then raises ``SystemExit(143)``, where SIGTERM has its default action and this is the main thread. The
     new file's data reaches the disk (``fsync``) before the rename, and the rename before this returns, so a
     crash right after never leaves an empty file where the old one was. Missing parent directories are created
-    (and removed again, where still empty, when the write fails). The file keeps the mode of the file it
-    replaces, and otherwise gets the usual ``0o666 & ~umask``, as ``open`` gives it. A symbolic link at ``path``
-    is replaced by the new file (with the mode of the file it pointed to, which is left as it was), as
-    ``os.replace`` does. A folder at ``path`` raises :func:`check_target`'s error
-    before anything is created.
+    (and removed again, where still empty, when the write fails, unless a second SIGTERM ends the process during
+    that cleanup; a writer whose new folder another's failed write removed makes it again). The file keeps the
+    mode of the file it replaces, and otherwise gets the usual ``0o666 & ~umask``, as ``open`` gives it. A
+    symbolic link at ``path`` is replaced by the new file (with the mode of the file it pointed to, which is left
+    as it was), as ``os.replace`` does. A folder at ``path`` raises :func:`check_target`'s error before anything
+    is created.
     """
     path = check_target(path)
     made = _make_parents(path.parent)
@@ -142,6 +143,9 @@ def _create_beside(path: Path) -> str:
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
+            continue
+        except FileNotFoundError:  # the folder went: another writer made it for a write that failed, and removed it
+            path.parent.mkdir(parents=True, exist_ok=True)
             continue
         return str(tmp)
     raise FileExistsError(f"no free temporary name beside {path}")
