@@ -869,3 +869,21 @@ def test_a_functional_refusal_is_not_blamed_on_an_unreached_layer_without_runnin
     torch.manual_seed(0)
     (finding,) = audit(_FunctionalBesideUnused().eval(), torch.randn(32, 4)).by_code("batch_one_fails")
     assert "no BatchNorm layer bnkit sees" in finding.evidence and "unused" not in finding.evidence
+
+
+class _AliasedForward(nn.BatchNorm1d):
+    """A stats-less BatchNorm whose forward is an alias of another method."""
+
+    def normalize(self, x):
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    forward = normalize
+
+
+def test_a_refusing_layer_whose_forward_is_an_alias_is_still_named():
+    """The refusing frame's code is not named forward: the layer the hooks saw was called no BatchNorm (review)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _AliasedForward(4, track_running_stats=False)).eval()
+    (finding,) = audit(model, torch.randn(32, 4)).by_code("batch_one_fails")
+    assert "BatchNorm layer 1 has no running statistics" in finding.evidence
+    assert finding.fix.startswith("give these layers running statistics")

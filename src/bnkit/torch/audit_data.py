@@ -774,13 +774,13 @@ _BATCH_OF_ONE_REFUSED = "Expected more than 1 value per channel"
 
 
 def _refusing_layer(exc: BaseException, names: dict[int, str]) -> tuple[str | None, nn.Module | None, bool]:
-    """From ``exc``'s traceback: the innermost of ``names``' layers whose ``forward`` was running (its name and
-    itself, or None), and whether ``torch.nn.functional.batch_norm`` was."""
+    """From ``exc``'s traceback: the innermost of ``names``' layers with a method running (its ``forward``; its name
+    and itself, or None), and whether ``torch.nn.functional.batch_norm`` was."""
     name = layer = None
     functional = False
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         code = frame.f_code
-        if code.co_name == "forward" and id(frame.f_locals.get("self")) in names:
+        if id(frame.f_locals.get("self")) in names:  # its forward, or a method it runs as forward (an alias)
             layer = frame.f_locals["self"]
             name = names[id(layer)]
         functional = functional or (code.co_name == "batch_norm" and code.co_filename.endswith("functional.py"))
@@ -801,7 +801,7 @@ def _batch_one_failure(exc: Exception, suspects: _BatchStatSuspects, cause: str,
                  "forward, or the module calling it, runs it in training mode) and refused the batch of one")
         fix = ("keep that layer in eval mode at inference: find what puts it in training mode (a train() call, or "
                "training=True handed to batch_norm) in the forward")
-    elif refused and functional:
+    elif refused and functional and not suspects.batch_stat:  # batch_stat: a layer whose forward is no `forward`
         cause = ("PyTorch's batch_norm refused the batch of one: a call normalizing with batch statistics in eval "
                  "mode that is no BatchNorm layer bnkit sees (torch.nn.functional.batch_norm with training=True in a "
                  "forward)")
