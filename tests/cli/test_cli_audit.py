@@ -688,6 +688,11 @@ def test_audit_forward_option_feeds_the_model(pooled):
 @pytest.mark.parametrize("args, words", [
     (["audit", "w.pt", "--model", "pooled:make", "--forward", "pooled:per_sample"], "--forward needs --data"),
     (["audit", "m.onnx", "--forward", "pooled:per_sample"], "--forward and --device apply to PyTorch"),
+    # the batch options did nothing without --data (and for ONNX files) and were accepted silently (review)
+    (["audit", "w.pt", "--model", "pooled:make", "--max-batches", "3"], "--max-batches applies to --data"),
+    (["audit", "w.pt", "--batch-size", "16", "--train-batch-size", "8"],
+     "--batch-size, --train-batch-size apply to --data"),
+    (["audit", "m.onnx", "--max-batches", "3"], "an ONNX file's nodes are read"),
     (["audit", "w.pt", "--model", "pooled:make", "--data", "x.npy", "--forward", "pooled:POOLED_NOT"],
      "cannot import --forward"),
 ])

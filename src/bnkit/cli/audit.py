@@ -34,7 +34,7 @@ def audit_command(
     data: Optional[Path] = typer.Option(
         None, "--data", help="Inputs (.npy, .npz, .pt, .safetensors): audits the model on them (needs --model, or a "
         "whole pickled model with --trust)."),
-    batch_size: int = typer.Option(64, help="Batch size for --data."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size for --data (default 64)."),
     train_batch_size: Optional[int] = typer.Option(
         None, help="Training batch size (at least 2), for the running statistics' noise (default --batch-size)."),
     max_batches: Optional[int] = typer.Option(None, help="Use at most this many batches of --data (at least 1)."),
@@ -59,6 +59,12 @@ def audit_command(
     if data is not None and model is None and not trust:
         raise fail("--data needs --model (or a whole pickled model, read with --trust): the data is run through "
                    "the model")
+    given = [name for name, value in (("--batch-size", batch_size), ("--train-batch-size", train_batch_size),
+                                      ("--max-batches", max_batches)) if value is not None]
+    if given and data is None:  # they would do nothing: refused, as --forward is
+        raise fail(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to --data, which is not given"
+                   + (" (an ONNX file's nodes are read, nothing runs)" if onnx_file else ""))
+    batch_size = 64 if batch_size is None else batch_size
     if batch_size < 2:
         raise fail(f"--batch-size must be at least 2 (each batch is normalized with its own statistics), "
                    f"got {batch_size}")
