@@ -39,44 +39,6 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, error):
     assert os.listdir(tmp_path) == ["out.bin"]
 
 
-@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-def test_a_failed_write_removes_the_folders_it_made_and_only_those(tmp_path, error):
-    """The parent folders made for the write stayed behind, empty, after it failed (review); a folder that
-    existed, or one another file landed in meanwhile, stays."""
-    (tmp_path / "kept").mkdir()
-    with pytest.raises(error):
-        with atomic_path(tmp_path / "kept" / "new" / "deeper" / "out.bin"):
-            raise error()
-    assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
-    with pytest.raises(error):
-        with atomic_path(tmp_path / "a" / "b" / "out.bin"):
-            (tmp_path / "a" / "other.txt").write_text("someone else's")
-            raise error()
-    assert sorted(os.listdir(tmp_path / "a")) == ["other.txt"]
-    with atomic_path(tmp_path / "x" / "y" / "out.bin") as tmp:  # a write that succeeds keeps them
-        open(tmp, "wb").close()
-    assert (tmp_path / "x" / "y" / "out.bin").exists()
-
-
-def test_a_writer_whose_new_folder_another_failed_write_removed_makes_it_again(tmp_path, monkeypatch):
-    """Writer B found new/d (made by writer A) and so made nothing; A's write then failed and removed it, and B's
-    temporary file could not be created (FileNotFoundError) though B's write never failed (review). Oracle: B's
-    file is written."""
-    import bnkit.atomic as atomic
-
-    (tmp_path / "new" / "d").mkdir(parents=True)  # A's, as B finds it
-    create = atomic._create_beside
-
-    def removed_first(path):
-        (tmp_path / "new" / "d").rmdir()  # A's failed write removes it between B's check and B's temporary file
-        return create(path)
-
-    monkeypatch.setattr(atomic, "_create_beside", removed_first)
-    with atomic_path(tmp_path / "new" / "d" / "b.bin") as tmp:
-        open(tmp, "wb").close()
-    assert os.listdir(tmp_path / "new" / "d") == ["b.bin"]
-
-
 def test_a_folder_at_the_target_is_refused_before_anything_is_created(tmp_path):
     (tmp_path / "out.onnx").mkdir()
     with pytest.raises(IsADirectoryError, match=r"out\.onnx is a directory: name the file to write"):

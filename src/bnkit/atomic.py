@@ -43,21 +43,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     it was; so it is on SIGTERM while the block runs (``kill``, ``timeout``, a scheduler's preemption), which
     then raises ``SystemExit(143)``, where SIGTERM has its default action and this is the main thread. The
     new file's data reaches the disk (``fsync``) before the rename, and the rename before this returns, so a
-    crash right after never leaves an empty file where the old one was. Missing parent directories are created
-    (and removed again, where still empty, when the write fails, unless a second SIGTERM ends the process during
-    that cleanup; a writer whose new folder another's failed write removed makes it again). The file keeps the
-    mode of the file it replaces, and otherwise gets the usual ``0o666 & ~umask``, as ``open`` gives it. A
-    symbolic link at ``path`` is replaced by the new file (with the mode of the file it pointed to, which is left
-    as it was), as ``os.replace`` does. A folder at ``path`` raises :func:`check_target`'s error before anything
-    is created.
+    crash right after never leaves an empty file where the old one was. Missing parent directories are created;
+    they stay when the write fails (removing them again could take a folder from under another writer that found
+    it there).
+    The file keeps the mode of the file it replaces, and otherwise gets the usual ``0o666 & ~umask``, as ``open``
+    gives it. A symbolic link at ``path`` is replaced by the new file (with the mode of the file it pointed to,
+    which is left as it was), as ``os.replace`` does. A folder at ``path`` raises :func:`check_target`'s error
+    before anything is created.
     """
     path = check_target(path)
-    made = _make_parents(path.parent)
-    try:
-        tmp = _create_beside(path)
-    except BaseException:
-        _remove_empty(made)
-        raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _create_beside(path)
     fresh = stat.S_IMODE(os.stat(tmp).st_mode)  # open's 0o666 & ~umask
     try:
         with sigterm_exits():
@@ -73,7 +69,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-            _remove_empty(made)  # the write failed: the folders made for it go too
 
 
 @contextmanager
@@ -102,36 +97,6 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise Terminated(128 + signum)
 
 
-def _make_parents(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; the ones this call created, outermost first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    missing.reverse()
-    made = []
-    try:
-        for f in missing:
-            try:
-                f.mkdir()
-            except FileExistsError:  # another writer made it meanwhile: not ours to remove
-                continue
-            made.append(f)
-    except BaseException:
-        _remove_empty(made)
-        raise
-    return made
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (outermost first, as :func:`_make_parents` lists them), innermost first, where empty."""
-    for f in reversed(folders):
-        try:
-            f.rmdir()
-        except OSError:  # not empty (another writer's file), or gone
-            return
-
-
 def _create_beside(path: Path) -> str:
     """Create an empty, uniquely named file in ``path``'s folder, with ``open``'s default mode (the kernel
     applies the umask: reading it with ``os.umask`` would briefly change it for every thread)."""
@@ -143,9 +108,6 @@ def _create_beside(path: Path) -> str:
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
-            continue
-        except FileNotFoundError:  # the folder went: another writer made it for a write that failed, and removed it
-            path.parent.mkdir(parents=True, exist_ok=True)
             continue
         return str(tmp)
     raise FileExistsError(f"no free temporary name beside {path}")
