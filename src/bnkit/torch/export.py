@@ -16,7 +16,6 @@ It uses the TorchScript-based exporter (``dynamo=False``), which needs no ``onnx
 """
 from __future__ import annotations
 
-import copy
 import io
 import os
 import warnings
@@ -65,25 +64,18 @@ class ExportReport:
 
 
 @contextmanager
-def _traced_apart(model: nn.Module) -> Iterator[None]:
-    """While ``torch.onnx.export`` traces ``model`` with gradients on, its buffers are detached copies (deepcopy
-    copies a storage once: buffers that are views of one another stay so), so a forward writing one in place from
-    a value that requires grad gives autograd history to the copy, not to the model's own (which deepcopy would
-    then refuse; a buffer that is a view cannot be detached in place after). A parameter so written (a frozen one
-    written in forward) is detached in place after the trace."""
-    slots = [(m._buffers, k, b) for m in model.modules() for k, b in m._buffers.items() if b is not None]
-    copies = copy.deepcopy([b.detach() for _, _, b in slots])
-    plain = [p for p in model.parameters() if p.grad_fn is None]
-    for (buffers, k, _), c in zip(slots, copies):
-        buffers[k] = c
+def _history_dropped(model: nn.Module) -> Iterator[None]:
+    """After ``torch.onnx.export`` traces ``model`` with gradients on, each parameter or buffer that had no autograd
+    history and came to have some (a forward writing it in place from a value that requires grad) is detached in
+    place, so deepcopy and optimizers take the model again; a buffer that is a view of another cannot be detached
+    in place and keeps it (the trace sees the model's own tensors, so the graph is the one torch.onnx exports)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.grad_fn is None}
     try:
         yield
     finally:
-        for buffers, k, b in slots:
-            buffers[k] = b
-        for p in plain:
-            if p.grad_fn is not None:
-                p.detach_()
+        for t in tensors.values():
+            if t.grad_fn is not None and t._base is None:
+                t.detach_()
 
 
 def _fresh(tensors: Iterable[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -270,8 +262,8 @@ def export_onnx(
                 if dynamic_batch else None)
         buffer = io.BytesIO()  # exported in memory: the file is written only once every check passed
         # traced with gradients on, as torch.onnx.export traces for the user (under no_grad PyTorch picks fused
-        # attention kernels that do not export), on copies of the buffers
-        with warnings.catch_warnings(), _defaults_in_python(model), _traced_apart(model):
+        # attention kernels that do not export)
+        with warnings.catch_warnings(), _defaults_in_python(model), _history_dropped(model):
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 model, _fresh(inputs), buffer, dynamo=False, training=torch.onnx.TrainingMode.EVAL, opset_version=opset,
