@@ -887,3 +887,37 @@ def test_a_refusing_layer_whose_forward_is_an_alias_is_still_named():
     (finding,) = audit(model, torch.randn(32, 4)).by_code("batch_one_fails")
     assert "BatchNorm layer 1 has no running statistics" in finding.evidence
     assert finding.fix.startswith("give these layers running statistics")
+
+
+class _RefusingHook(nn.Module):
+    """A forward hook on a BatchNorm with running statistics calls batch_norm with training=True."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+        self.bn.register_forward_hook(lambda m, i, o: F.batch_norm(o, None, None, training=True))
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+class _PooledFunctional(nn.Module):
+    """A stats-less BatchNorm2d that accepts one sample (36 values per channel), then a functional batch_norm on
+    the pooled (1, C) tensor, which refuses it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)
+
+    def forward(self, x):
+        return F.batch_norm(self.bn(self.conv(x)).mean((2, 3)), None, None, training=True)
+
+
+@pytest.mark.parametrize("model, x", [(_RefusingHook, (32, 4)), (_PooledFunctional, (32, 3, 8, 8))])
+def test_a_functional_refusal_is_named_by_its_caller_not_by_a_layer_near_it(model, x):
+    """The caller of batch_norm decides: a hook on bn (its _call_impl on the stack) was blamed on bn, and a reached
+    stats-less layer that accepted its input was blamed for the pooled call's refusal (review). Oracle: the
+    traceback's frame calling F.batch_norm is the lambda / the model's forward."""
+    torch.manual_seed(0)
+    (finding,) = audit(model().eval(), torch.randn(*x)).by_code("batch_one_fails")
+    assert "no BatchNorm layer bnkit sees" in finding.evidence and "training=False" in finding.fix

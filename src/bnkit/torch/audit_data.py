@@ -774,17 +774,18 @@ _BATCH_OF_ONE_REFUSED = "Expected more than 1 value per channel"
 
 
 def _refusing_layer(exc: BaseException, names: dict[int, str]) -> tuple[str | None, nn.Module | None, bool]:
-    """From ``exc``'s traceback: the innermost of ``names``' layers with a method running (its ``forward``; its name
-    and itself, or None), and whether ``torch.nn.functional.batch_norm`` was."""
-    name = layer = None
-    functional = False
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
-        code = frame.f_code
-        if id(frame.f_locals.get("self")) in names:  # its forward, or a method it runs as forward (an alias)
-            layer = frame.f_locals["self"]
-            name = names[id(layer)]
-        functional = functional or (code.co_name == "batch_norm" and code.co_filename.endswith("functional.py"))
-    return name, layer, functional
+    """From ``exc``'s traceback, who called ``torch.nn.functional.batch_norm`` last: one of ``names``' layers (a
+    method of it, its ``forward`` or an alias; its name and itself), or other code (``functional``: a call in a
+    forward or a hook), or nothing seen (no such frame: a compiled module, or another error)."""
+    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    calls = [i for i, f in enumerate(frames)
+             if f.f_code.co_name == "batch_norm" and f.f_code.co_filename.endswith("functional.py")]
+    if not calls or calls[-1] == 0:
+        return None, None, False
+    caller = frames[calls[-1] - 1].f_locals.get("self")
+    if id(caller) in names:
+        return names[id(caller)], caller, False
+    return None, None, True
 
 
 def _batch_one_failure(exc: Exception, suspects: _BatchStatSuspects, cause: str, fix: str) -> Finding:
@@ -801,7 +802,7 @@ def _batch_one_failure(exc: Exception, suspects: _BatchStatSuspects, cause: str,
                  "forward, or the module calling it, runs it in training mode) and refused the batch of one")
         fix = ("keep that layer in eval mode at inference: find what puts it in training mode (a train() call, or "
                "training=True handed to batch_norm) in the forward")
-    elif refused and functional and not suspects.batch_stat:  # batch_stat: a layer whose forward is no `forward`
+    elif refused and functional:
         cause = ("PyTorch's batch_norm refused the batch of one: a call normalizing with batch statistics in eval "
                  "mode that is no BatchNorm layer bnkit sees (torch.nn.functional.batch_norm with training=True in a "
                  "forward)")
