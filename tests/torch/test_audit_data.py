@@ -921,3 +921,24 @@ def test_a_functional_refusal_is_named_by_its_caller_not_by_a_layer_near_it(mode
     torch.manual_seed(0)
     (finding,) = audit(model().eval(), torch.randn(*x)).by_code("batch_one_fails")
     assert "no BatchNorm layer bnkit sees" in finding.evidence and "training=False" in finding.fix
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("how", ["device context", "tensor subclass"])
+def test_a_layers_refusal_under_a_torch_function_override_is_still_the_layers(how):
+    """Under a TorchFunctionMode (torch.device as a context) or with a tensor subclass, batch_norm runs again from
+    __torch_function__, whose frame was taken for the caller: the stock layer's refusal was called a functional
+    call's (review). Oracle: the only batch_norm call in the model is _BatchNorm.forward's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
+    x = torch.randn(16, 4)
+    if how == "device context":
+        with torch.device("cpu"):
+            report = audit(model, x)
+    else:
+        report = audit(model, x.as_subclass(_Sub))
+    (finding,) = report.by_code("batch_one_fails")
+    assert "BatchNorm layer 1 has no running statistics" in finding.evidence

@@ -778,14 +778,24 @@ def _refusing_layer(exc: BaseException, names: dict[int, str]) -> tuple[str | No
     method of it, its ``forward`` or an alias; its name and itself), or other code (``functional``: a call in a
     forward or a hook), or nothing seen (no such frame: a compiled module, or another error)."""
     frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
-    calls = [i for i, f in enumerate(frames)
-             if f.f_code.co_name == "batch_norm" and f.f_code.co_filename.endswith("functional.py")]
-    if not calls or calls[-1] == 0:
+    calls = [i for i, f in enumerate(frames) if _is_functional_batch_norm(f.f_code)]
+    if not calls:
         return None, None, False
-    caller = frames[calls[-1] - 1].f_locals.get("self")
+    i = calls[-1] - 1
+    # a __torch_function__ override (a TorchFunctionMode such as torch.device(...) as a context, a tensor subclass)
+    # calls batch_norm again on the first call's behalf: its caller is the caller of the first
+    while i >= 0 and (_is_functional_batch_norm(frames[i].f_code) or frames[i].f_code.co_name == "__torch_function__"
+                      or frames[i].f_code.co_filename.replace("\\", "/").endswith(
+                          ("torch/overrides.py", "torch/utils/_device.py"))):
+        i -= 1
+    caller = frames[i].f_locals.get("self") if i >= 0 else None
     if id(caller) in names:
         return names[id(caller)], caller, False
     return None, None, True
+
+
+def _is_functional_batch_norm(code: Any) -> bool:
+    return code.co_name == "batch_norm" and code.co_filename.endswith("functional.py")
 
 
 def _batch_one_failure(exc: Exception, suspects: _BatchStatSuspects, cause: str, fix: str) -> Finding:
