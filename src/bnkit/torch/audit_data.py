@@ -771,6 +771,8 @@ _GIVE_RUNNING_STATS = "give these layers running statistics (track_running_stats
 #: What PyTorch's batch_norm says when it refuses a batch of one value per channel (torch/nn/functional.py,
 #: ``_verify_batch_size``): a BatchNorm normalizing with batch statistics, whichever layer it is.
 _BATCH_OF_ONE_REFUSED = "Expected more than 1 value per channel"
+#: What bnkit's drop-in layers say instead (:func:`bnkit.torch.layers.batch_of_one_message`), naming the layer.
+_BNKIT_REFUSED = "only 1 value per channel, so the batch variance is undefined"
 
 
 def _refusing_layer(exc: BaseException, names: dict[int, str]) -> tuple[str | None, nn.Module | None, bool]:
@@ -785,13 +787,23 @@ def _refusing_layer(exc: BaseException, names: dict[int, str]) -> tuple[str | No
     # a __torch_function__ override (a TorchFunctionMode such as torch.device(...) as a context, a tensor subclass)
     # calls batch_norm again on the first call's behalf: its caller is the caller of the first
     while i >= 0 and (_is_functional_batch_norm(frames[i].f_code) or frames[i].f_code.co_name == "__torch_function__"
-                      or frames[i].f_code.co_filename.replace("\\", "/").endswith(
-                          ("torch/overrides.py", "torch/utils/_device.py"))):
+                      or _path(frames[i]).endswith(("torch/overrides.py", "torch/utils/_device.py"))):
         i -= 1
-    caller = frames[i].f_locals.get("self") if i >= 0 else None
+    while i >= 0 and "self" not in frames[i].f_locals:  # a helper function a method calls, or a hook's lambda
+        i -= 1
+    # the nearest method: a layer's own (its forward, an alias, one calling a helper), or Module._call_impl running
+    # a hook, which is not the layer's batch_norm
+    caller = frames[i].f_locals.get("self") if i >= 0 and not _path(frames[i]).endswith(_MODULE_PY) else None
     if id(caller) in names:
         return names[id(caller)], caller, False
     return None, None, True
+
+
+_MODULE_PY = "torch/nn/modules/module.py"
+
+
+def _path(frame: Any) -> str:
+    return frame.f_code.co_filename.replace("\\", "/")
 
 
 def _is_functional_batch_norm(code: Any) -> bool:
@@ -803,7 +815,12 @@ def _batch_one_failure(exc: Exception, suspects: _BatchStatSuspects, cause: str,
     PyTorch's refusal of one value per channel, the layer the traceback shows refusing, where it shows one."""
     name, layer, functional = _refusing_layer(exc, suspects.names)
     refused = _BATCH_OF_ONE_REFUSED in str(exc)
-    if refused and layer is not None and layer.running_mean is None:
+    if not refused and _BNKIT_REFUSED not in str(exc):  # no BatchNorm refused it: the model fails another way
+        cause = ("no BatchNorm refused the single sample (PyTorch's and bnkit's refusals say so), so something else "
+                 "in the model needs more than one")
+        fix = ("find the operation that needs more than one sample (x.squeeze() dropping the batch dimension of a "
+               "single sample, a reduction over dimension 0) and make it per-sample")
+    elif refused and layer is not None and layer.running_mean is None:
         cause = (f"BatchNorm layer {name} has no running statistics, so it normalizes with the batch's in eval mode "
                  "and refused the batch of one")
         fix = _GIVE_RUNNING_STATS
@@ -823,9 +840,6 @@ def _batch_one_failure(exc: Exception, suspects: _BatchStatSuspects, cause: str,
                  "in eval mode" + (f" (of {short_names(suspects.unseen)}, whose calls bnkit did not see)"
                                    if suspects.unseen else ""))
         fix = _GIVE_RUNNING_STATS
-    elif not (suspects.batch_stat or suspects.own or suspects.unseen):
-        fix = ("find the operation that needs more than one sample (x.squeeze() dropping the batch dimension of a "
-               "single sample, a reduction over dimension 0) and make it per-sample")
     return Finding("error", "(model)", "the model fails at batch size 1 in eval mode",
                    f"{type(exc).__name__}: {exc}; {cause}", fix, "batch_one_fails",
                    {"batch_stat_layers": suspects.batch_stat})
