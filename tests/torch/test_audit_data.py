@@ -980,3 +980,34 @@ def test_a_layer_whose_forward_calls_batch_norm_through_a_helper_is_named():
     model = nn.Sequential(_HelperForward(4), nn.Linear(4, 2)).eval()
     (finding,) = audit(model, torch.randn(32, 4)).by_code("batch_one_fails")
     assert "BatchNorm layer 0 has running statistics but normalized with the batch's" in finding.evidence
+
+
+class _Rewraps(nn.Module):
+    """Catches its BatchNorm's refusal and raises an error of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4, track_running_stats=False)
+
+    def forward(self, x):
+        try:
+            return self.bn(self.lin(x))
+        except ValueError:
+            raise RuntimeError("stage 2 failed")
+
+
+class _OwnRefusal(nn.BatchNorm1d):
+    def forward(self, x):
+        if x.shape[0] == 1:
+            raise RuntimeError("needs a batch of at least 2 to normalize")
+        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.1, self.eps)
+
+
+@pytest.mark.parametrize("model", [_Rewraps, lambda: nn.Sequential(nn.Linear(4, 4), _OwnRefusal(4))])
+def test_a_refusal_raised_anew_or_in_a_layers_own_words_is_still_a_batchnorms(model):
+    """Only the top message was read: a refusal the model caught and re-raised, and a layer's own refusal, got
+    'no BatchNorm refused the single sample' and the squeeze fix (review). Oracle: the exception chain ends in
+    PyTorch's refusal / the raising frame is the layer's forward."""
+    torch.manual_seed(0)
+    (finding,) = audit(model().eval(), torch.randn(16, 4)).by_code("batch_one_fails")
+    assert "no BatchNorm refused" not in finding.evidence and "squeeze" not in finding.fix

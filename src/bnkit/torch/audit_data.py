@@ -806,6 +806,18 @@ def _path(frame: Any) -> str:
     return frame.f_code.co_filename.replace("\\", "/")
 
 
+def _refusal(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s chain (itself, then its ``__cause__`` or ``__context__``) that is PyTorch's or
+    bnkit's refusal of one value per channel, or None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if _BATCH_OF_ONE_REFUSED in str(exc) or _BNKIT_REFUSED in str(exc):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _is_functional_batch_norm(code: Any) -> bool:
     return code.co_name == "batch_norm" and code.co_filename.endswith("functional.py")
 
@@ -813,9 +825,12 @@ def _is_functional_batch_norm(code: Any) -> bool:
 def _batch_one_failure(exc: Exception, suspects: _BatchStatSuspects, cause: str, fix: str) -> Finding:
     """The error finding for a model that raises on a single sample in eval mode, with the likeliest cause: for
     PyTorch's refusal of one value per channel, the layer the traceback shows refusing, where it shows one."""
-    name, layer, functional = _refusing_layer(exc, suspects.names)
-    refused = _BATCH_OF_ONE_REFUSED in str(exc)
-    if not refused and _BNKIT_REFUSED not in str(exc):  # no BatchNorm refused it: the model fails another way
+    refusal = _refusal(exc)  # PyTorch's or bnkit's refusal, also one the model caught and raised anew
+    name, layer, functional = _refusing_layer(refusal or exc, suspects.names)
+    refused = refusal is not None and _BATCH_OF_ONE_REFUSED in str(refusal)
+    suspect_raised = any(id(frame.f_locals.get("self")) in {id(bn) for _, bn in suspects.suspects}
+                         for frame, _ in traceback.walk_tb(exc.__traceback__))
+    if refusal is None and not suspect_raised:  # no BatchNorm refused it: the model fails another way
         cause = ("no BatchNorm refused the single sample (PyTorch's and bnkit's refusals say so), so something else "
                  "in the model needs more than one")
         fix = ("find the operation that needs more than one sample (x.squeeze() dropping the batch dimension of a "
