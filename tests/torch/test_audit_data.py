@@ -1011,3 +1011,37 @@ def test_a_refusal_raised_anew_or_in_a_layers_own_words_is_still_a_batchnorms(mo
     torch.manual_seed(0)
     (finding,) = audit(model().eval(), torch.randn(16, 4)).by_code("batch_one_fails")
     assert "no BatchNorm refused" not in finding.evidence and "squeeze" not in finding.fix
+
+
+class _SqueezeIntoStatsLess(nn.Module):
+    """.squeeze() drops the batch axis of one sample before a stats-less BatchNorm1d, which then refuses the 1-D
+    input for its shape (as it would with running statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False)
+
+    def forward(self, x):
+        return self.bn(self.lin(x).squeeze())
+
+
+class _HandledThenSuppressed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4, track_running_stats=False)
+
+    def forward(self, x):
+        try:
+            return self.bn(x)
+        except ValueError:
+            raise RuntimeError("config error") from None
+
+
+@pytest.mark.parametrize("model, shape", [(_SqueezeIntoStatsLess, (16, 1, 4)), (_HandledThenSuppressed, (16, 4))])
+def test_errors_a_batchnorm_did_not_refuse_with_are_not_blamed_on_it(model, shape):
+    """A shape error raised in a stock layer's input check, and a refusal the model cut off with 'from None', were
+    blamed on batch statistics (review). Oracle: with running statistics the first fails the same way; Python's
+    own traceback leaves the suppressed context out."""
+    torch.manual_seed(0)
+    (finding,) = audit(model().eval(), torch.randn(*shape)).by_code("batch_one_fails")
+    assert "no BatchNorm refused the single sample" in finding.evidence

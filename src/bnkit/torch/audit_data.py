@@ -814,8 +814,17 @@ def _refusal(exc: BaseException) -> BaseException | None:
         if _BATCH_OF_ONE_REFUSED in str(exc) or _BNKIT_REFUSED in str(exc):
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
     return None
+
+
+def _raised_by_own_forward(exc: BaseException, suspects: _BatchStatSuspects) -> bool:
+    """Whether ``exc`` was raised in the code of a suspect layer with a forward of its own (the traceback's innermost
+    frame is its method): its own refusal of a single sample, in its own words. A stock layer refuses only in
+    PyTorch's (its other errors, of shapes, are the input's)."""
+    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    owner = frames[-1].f_locals.get("self") if frames and not _path(frames[-1]).endswith(_MODULE_PY) else None
+    return any(bn is owner and not has_stock_eval_forward(bn) for _, bn in suspects.suspects)
 
 
 def _is_functional_batch_norm(code: Any) -> bool:
@@ -828,9 +837,7 @@ def _batch_one_failure(exc: Exception, suspects: _BatchStatSuspects, cause: str,
     refusal = _refusal(exc)  # PyTorch's or bnkit's refusal, also one the model caught and raised anew
     name, layer, functional = _refusing_layer(refusal or exc, suspects.names)
     refused = refusal is not None and _BATCH_OF_ONE_REFUSED in str(refusal)
-    suspect_raised = any(id(frame.f_locals.get("self")) in {id(bn) for _, bn in suspects.suspects}
-                         for frame, _ in traceback.walk_tb(exc.__traceback__))
-    if refusal is None and not suspect_raised:  # no BatchNorm refused it: the model fails another way
+    if refusal is None and not _raised_by_own_forward(exc, suspects):  # no BatchNorm refused it: another failure
         cause = ("no BatchNorm refused the single sample (PyTorch's and bnkit's refusals say so), so something else "
                  "in the model needs more than one")
         fix = ("find the operation that needs more than one sample (x.squeeze() dropping the batch dimension of a "
