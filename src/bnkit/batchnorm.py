@@ -116,17 +116,10 @@ class BatchNorm:
             )
         return ax
 
-    def _state_arrays(self) -> dict[str, np.ndarray]:
-        """The weight, bias and running statistics the layer has, as real NumPy arrays, for the forward to use.
-
-        Refuses attributes set after construction that it cannot use, before anything changes: an eps that is
-        negative or not finite, or one of these that is not ``C`` real numbers (a wrong shape, a string, complex
-        values; a torch tensor or a list of numbers is read as an array)."""
-        _checked_eps(self.eps)
-        return self._arrays()
-
     def _arrays(self) -> dict[str, np.ndarray]:
-        """The weight, bias and running statistics the layer has, checked and read as :meth:`_state_arrays` says."""
+        """The weight, bias and running statistics the layer has, as real NumPy arrays (for the forward and
+        :meth:`state_dict`). Refuses attributes set after construction that are not ``C`` real numbers (a wrong
+        shape, a string, complex values; a torch tensor or a list of numbers is read as an array)."""
         names = (("weight", "bias") if self.affine else ()) + (
             ("running_mean", "running_var") if self.track_running_stats else ())
         arrays = {}
@@ -178,7 +171,8 @@ class BatchNorm:
         if np.iscomplexobj(x):
             raise TypeError(f"BatchNorm takes real inputs, got dtype {x.dtype}")
         x = real_array(x, "BatchNorm's input")
-        state = self._state_arrays()
+        _checked_eps(self.eps)  # set after construction: checked, as the arrays are, before anything changes
+        state = self._arrays()
         ax = self._channel_axis(x)
         x3 = _as_acb(x, ax)
         wt = _work_dtype(x.dtype)
