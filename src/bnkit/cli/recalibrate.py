@@ -8,9 +8,7 @@ written).
 """
 from __future__ import annotations
 
-import itertools
 import re
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -66,11 +64,12 @@ class _StreamBatches:
     def __iter__(self) -> Iterator[Any]:
         from torch.utils.data import default_collate
 
+        from ..torch.modules import at_most
+
         samples = iter(self.dataset)
-        size = min(self.batch_size, sys.maxsize)  # islice's limit: a larger batch is all the samples there are
-        batch = list(itertools.islice(samples, size))
+        batch = list(at_most(samples, self.batch_size))
         while batch:
-            following = list(itertools.islice(samples, size))
+            following = list(at_most(samples, self.batch_size))
             if len(following) == 1:
                 batch, following = batch + following, []
             yield default_collate(batch)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .modules import flatten_tensors, input_dtype_device, map_nested, tensor_of, tensor_or_array
+from .modules import at_most, flatten_tensors, input_dtype_device, map_nested, tensor_of, tensor_or_array
 
 
 class Batches:
@@ -63,9 +62,8 @@ class Batches:
 
     def __iter__(self):
         yield self.first
-        rest = (self._iter if self.max_batches is None  # islice stops at sys.maxsize: a larger limit is none
-                else itertools.islice(self._iter, min(self.max_batches - 1, sys.maxsize)))
-        for i, batch in enumerate(rest, start=1):  # islice: not one batch more is drawn from the user's data
+        rest = at_most(self._iter, None if self.max_batches is None else self.max_batches - 1)
+        for i, batch in enumerate(rest, start=1):  # not one batch more is drawn from the user's data
             yield self._prepare(batch, i)
 
     def _prepare(self, batch: Any, index: int) -> Any:

@@ -317,6 +317,12 @@ def arrays_as_tensors(batch: Any, dtype: torch.dtype | None = None) -> Any:
     return map_nested(batch, convert, (np.ndarray,))
 
 
+def at_most(items: Iterable[Any], n: int | None) -> Iterator[Any]:
+    """The first ``n`` items of ``items`` (all of them for None), drawing no more from it. ``itertools.islice`` takes
+    at most ``sys.maxsize``: a larger ``n`` is all the items there are."""
+    return iter(items) if n is None else itertools.islice(items, min(int(n), sys.maxsize))
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor in it (nested as :func:`map_nested` walks; a ``PackedSequence`` as one) moved to
     ``device``."""

@@ -85,7 +85,6 @@ Conventions written into the buffers:
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 import warnings
 import zlib
@@ -102,10 +101,10 @@ from ..findings import Finding
 from ..stats import RunningMoments
 from .io import LOAD_REAL_WEIGHTS, refuse_meta
 from .layers import _DropInBatchNorm, is_cumulative
-from .modules import (SavedState, arrays_as_tensors, channels, check_channel_tensors, eager_calls, eager_modules,
-                      has_stock_forward, input_dtype_device, is_batchnorm, is_bn_or_frozen, is_whole_number,
-                      normalized_inputs, parallel_device, restored_after_each_call, sole_device, to_device,
-                      uninitialized_lazy, unwrapped, usable_device)
+from .modules import (SavedState, arrays_as_tensors, at_most, channels, check_channel_tensors, eager_calls,
+                      eager_modules, has_stock_forward, input_dtype_device, is_batchnorm, is_bn_or_frozen,
+                      is_whole_number, normalized_inputs, parallel_device, restored_after_each_call, sole_device,
+                      to_device, uninitialized_lazy, unwrapped, usable_device)
 
 __all__ = ["recalibrate", "RecalibrationReport", "LayerRecalibration", "StatisticsRangeError"]
 
@@ -869,8 +868,7 @@ def recalibrate(
             try:  # len() and iter() of the data run the user's code too: a failure must reach the collective
                 total = _total(data, num_batches)
                 dtype = input_dtype_device(model)[0]  # of NumPy's floating arrays
-                # islice stops at sys.maxsize: a larger limit is no limit on data that Python can count
-                batches = data if num_batches is None else itertools.islice(data, min(int(num_batches), sys.maxsize))
+                batches = data if num_batches is None else at_most(data, num_batches)
                 with _progress_bar(progress and _rank() == 0, total) as advance:
                     for i, batch in enumerate(batches):
                         if not feeds_own:  # NumPy batches as the audit reads them; a forward= gets them as they come
