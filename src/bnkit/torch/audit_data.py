@@ -779,7 +779,7 @@ def _refusing_layer(exc: BaseException, names: dict[int, str]) -> tuple[str | No
     """From ``exc``'s traceback, who called ``torch.nn.functional.batch_norm`` last: one of ``names``' layers (a
     method of it, its ``forward`` or an alias; its name and itself), or other code (``functional``: a call in a
     forward or a hook), or nothing seen (no such frame: a compiled module, or another error)."""
-    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    frames = _frames(exc)
     calls = [i for i, f in enumerate(frames) if _is_functional_batch_norm(f.f_code)]
     if not calls:
         return None, None, False
@@ -802,6 +802,11 @@ def _refusing_layer(exc: BaseException, names: dict[int, str]) -> tuple[str | No
 _MODULE_PY = "torch/nn/modules/module.py"
 
 
+def _frames(exc: BaseException) -> list[Any]:
+    """The frames of ``exc``'s traceback, outermost first."""
+    return [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+
+
 def _path(frame: Any) -> str:
     return frame.f_code.co_filename.replace("\\", "/")
 
@@ -822,7 +827,7 @@ def _raised_by_own_forward(exc: BaseException, suspects: _BatchStatSuspects) -> 
     """Whether ``exc`` was raised in the code of a suspect layer with a forward of its own (the traceback's innermost
     frame is its method): its own refusal of a single sample, in its own words. A stock layer refuses only in
     PyTorch's (its other errors, of shapes, are the input's)."""
-    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
+    frames = _frames(exc)
     owner = frames[-1].f_locals.get("self") if frames and not _path(frames[-1]).endswith(_MODULE_PY) else None
     return any(bn is owner and not has_stock_eval_forward(bn) for _, bn in suspects.suspects)
 

@@ -110,6 +110,11 @@ def _channel_means(x: torch.Tensor) -> torch.Tensor:
     return x.detach().mean([0, *range(2, x.dim())])
 
 
+def _less(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x`` less a per-channel (axis 1) ``shift`` of shape ``(C,)``."""
+    return x - shift.view(1, -1, *[1] * (x.dim() - 2))
+
+
 def pool_calls(counts: np.ndarray, means: np.ndarray, var: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """``(N, mean, M2)`` of calls given as counts ``(K,)``, means and biased variances ``(K, C)``, by Chan's formula
     for K partials: ``mean = sum n_k m_k / N``, ``M2 = sum n_k var_k + sum n_k (m_k - mean)^2``."""
@@ -342,7 +347,7 @@ class Collector:
         shift = _channel_means(x) if x.dtype in (torch.float32, torch.float64) else None
         self._shift = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if shift is None else shift
         try:
-            return forward(x if shift is None else x - shift.view(1, -1, *[1] * (x.dim() - 2)))
+            return forward(x if shift is None else _less(x, shift))
         finally:
             self._shift = None
 
@@ -357,7 +362,7 @@ class Collector:
             if self.far:  # see _far_from_zero; reduced in float32 at least, as _centred does
                 x = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
                 self._shift = _channel_means(x)
-                x = x - self._shift.view(1, -1, *[1] * (x.dim() - 2))
+                x = _less(x, self._shift)
             try:
                 n, mean, var, _ = _centred(x)
                 self._record(x, n, mean, var, False)
