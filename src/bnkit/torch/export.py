@@ -216,9 +216,6 @@ def export_onnx(
         raise TypeError("example_inputs must be a tensor or a sequence of tensors")
     refuse_meta([*model.state_dict(keep_vars=True).items(), *((f"input {i}", t) for i, t in enumerate(inputs))],
                 "the model or its example inputs", LOAD_REAL_WEIGHTS)
-    # copies (also of tensors made under torch.inference_mode): a model that writes into its input (x.sub_(mean))
-    # must neither change the caller's tensors nor feed the trace or onnxruntime what an earlier run left there
-    inputs = _fresh(inputs)
     if any(t.dtype == torch.bfloat16 for t in inputs):
         raise ValueError("bfloat16 example_inputs: NumPy has no bfloat16, so onnxruntime cannot be fed them for the "
                          "check; export a float32 (model.float()) or float16 (model.half()) copy")
@@ -243,6 +240,9 @@ def export_onnx(
     # model is left in it, also when a check fails
     with eval_mode(model), _train_calls_ignored(model), eager_calls(model), SavedState(model) as saved:
         with torch.no_grad(), exact_float32():  # what onnxruntime computes: float32 without TF32
+            # every run and the trace get copies (also of tensors made under torch.inference_mode): a model that
+            # writes into its input (x.sub_(mean)) must neither change the caller's tensors nor feed a later run, the
+            # trace or onnxruntime what an earlier run left there
             expected = [_fresh(_flatten(model(*_fresh(inputs))))]  # also counts the outputs to name
             if len(runs) > 1:
                 saved.restore()
