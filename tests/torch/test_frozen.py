@@ -24,6 +24,7 @@ def _trained_bn(cls, c=3, seed=0, **kw):
         bn.num_batches_tracked.fill_(7)
         if bn.weight is not None:
             bn.weight.uniform_(0.5, 2)
+        if bn.bias is not None:
             bn.bias.uniform_(-1, 1)
     return bn
 
@@ -373,7 +374,41 @@ def test_convert_frozen_keeps_the_gradient_of_a_parameter_tied_to_a_layer_left_t
     torch.testing.assert_close(bn2.weight.grad, grad)
 
 
-@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan")])
-def test_a_frozen_layer_refuses_an_eps_that_is_not_positive(eps):
-    with pytest.raises(ValueError, match="eps must be positive"):
+@pytest.mark.parametrize("eps", [-1e-5, float("nan"), float("inf")])
+def test_a_frozen_layer_refuses_a_negative_or_non_finite_eps(eps):
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
         FrozenBatchNorm2d(3, eps=eps)
+
+
+@pytest.mark.parametrize("eps", ["1e-5", True, None])
+def test_a_frozen_layer_refuses_an_eps_that_is_not_a_number(eps):
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        FrozenBatchNorm2d(3, eps=eps)
+
+
+def test_a_frozen_layer_with_eps_0_is_what_convert_frozen_makes_and_equals_batchnorm():
+    """Before: the constructor refused eps=0, which nn.BatchNorm2d takes and convert_frozen keeps, so the frozen
+    layer of such a BN could not be built from its own repr. Oracle: nn.BatchNorm2d(eps=0) in eval mode."""
+    torch.manual_seed(0)
+    bn = _trained_bn(nn.BatchNorm2d, eps=0.0).eval()
+    frozen = FrozenBatchNorm2d(3, eps=0.0)
+    frozen.load_state_dict(bn.state_dict())
+    assert repr(frozen) == repr(convert_frozen(copy.deepcopy(bn)))
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(frozen(x), bn(x), rtol=0, atol=0)
+
+
+def test_a_frozen_layer_without_bias_loads_a_bias_free_batchnorm_both_ways():
+    """Before: no FrozenBatchNorm2d could strictly load the state dict of nn.BatchNorm2d(bias=False) (affine=True
+    missed "bias", affine=False did not expect "weight"). Oracle: nn.BatchNorm2d(bias=False) in eval mode."""
+    torch.manual_seed(0)
+    bn = _trained_bn(nn.BatchNorm2d, bias=False).eval()
+    frozen = FrozenBatchNorm2d(3, bias=False)
+    frozen.load_state_dict(bn.state_dict())
+    assert frozen.bias is None and "bias=False" in repr(frozen)
+    assert repr(frozen) == repr(convert_frozen(copy.deepcopy(bn)))
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(frozen(x), bn(x), rtol=0, atol=0)
+    back = revert_frozen(frozen)
+    assert type(back) is nn.BatchNorm2d and back.bias is None and back.weight is not None
+    nn.BatchNorm2d(3, bias=False).load_state_dict(back.state_dict())

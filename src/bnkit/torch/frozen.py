@@ -20,6 +20,8 @@ options, hooks, ``training`` and ``requires_grad`` included), sharing tensors.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -46,16 +48,21 @@ class FrozenBatchNormNd(nn.Module):
 
     _bnkit_frozen_layer = True
 
-    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None, *,
+                 bias: bool = True) -> None:
+        """``eps``: finite and >= 0, as ``convert_frozen`` keeps a layer's own (PyTorch allows 0); ``bias=False``:
+        no bias buffer, as ``nn.BatchNorm*d(bias=False)`` has no bias parameter (only with ``affine``)."""
         super().__init__()
         if int(num_features) != num_features or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
         kw = {"device": device, "dtype": dtype}
         self.num_features, self.eps = int(num_features), float(eps)
         self.register_buffer("weight", torch.ones(num_features, **kw) if affine else None)
-        self.register_buffer("bias", torch.zeros(num_features, **kw) if affine else None)
+        self.register_buffer("bias", torch.zeros(num_features, **kw) if affine and bias else None)
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
         self.register_buffer("running_var", torch.ones(num_features, **kw))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
@@ -81,7 +88,8 @@ class FrozenBatchNormNd(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}"
+        no_bias = ", bias=False" if self.weight is not None and self.bias is None else ""
+        return f"{self.num_features}, eps={self.eps}, affine={self.weight is not None}{no_bias}"
 
 
 class FrozenBatchNorm1d(FrozenBatchNormNd):
