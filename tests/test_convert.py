@@ -370,6 +370,20 @@ def test_flax_variables_of_the_wrong_shape_say_what_is_expected():
         convert_state(dict(flax, variables={"batch_stats": [MEAN, VAR]}), "flax", "torch")
 
 
+@pytest.mark.parametrize("src,part,bad,message", [
+    ("torch", "state_dict", None, "torch state_dict must be a mapping"),
+    ("torch", "state_dict", [MEAN, VAR], "torch state_dict must be a mapping"),
+    ("keras", "weights", None, "keras weights must be a mapping .* or a list of arrays, got NoneType"),
+    ("onnx", "initializers", 5, "onnx initializers must be a mapping .* or a list of arrays, got int"),
+    ("onnx", "initializers", "abcd", "onnx initializers must be a mapping .* or a list of arrays, got str"),
+])
+def test_weights_that_are_neither_a_mapping_nor_a_list_are_a_value_error_that_says_so(src, part, bad, message):
+    """Before: TypeError from len() or iteration (a str of four letters read as four arrays), not the documented
+    ValueError for missing weights."""
+    with pytest.raises(ValueError, match=message):
+        convert_state(dict(SAMPLES[src], **{part: bad}), src, "flax")
+
+
 def test_torch_tensors_keep_their_dtype_and_bfloat16_becomes_float32_exactly():
     torch = pytest.importorskip("torch")
     config = {"eps": 1e-5, "momentum": 0.1}

@@ -184,6 +184,8 @@ def _read_torch(state: Mapping) -> _Layer:
     sd, config = _part(state, "state_dict", "torch"), _part(state, "config", "torch")
     eps, m = _hyper(config, "torch")
     names = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"torch state_dict must be a mapping (layer.state_dict()), got {type(sd).__name__}")
     _check_keys(sd, names, "the torch state_dict")
     get = {k: (_array(sd[k], k) if k in sd else None) for k in names[:4]}
     if get["weight"] is None and get["bias"] is not None:
@@ -211,6 +213,13 @@ def _read_torch(state: Mapping) -> _Layer:
     return layer
 
 
+def _check_listed(weights: object, part: str, src: str) -> None:
+    """``weights`` given neither as a mapping nor as a list (or tuple, or array) of arrays: ValueError."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, (Sequence, np.ndarray)):
+        raise ValueError(f"{src} {part} must be a mapping of names to arrays or a list of arrays, "
+                         f"got {type(weights).__name__}")
+
+
 def _read_positional(weights: Sequence, names: Sequence[str], src: str) -> dict[str, np.ndarray]:
     if len(weights) != len(names):
         raise ValueError(f"{src} positional weights: expected {len(names)} arrays in the order {list(names)}, "
@@ -233,6 +242,7 @@ def _read_keras(state: Mapping) -> _Layer:
         _flag(config, "scale", g in w, "keras")
         _flag(config, "center", b in w, "keras")
     else:
+        _check_listed(weights, "weights", "keras")
         center, scale = config.get("center"), config.get("scale")
         if center is None or scale is None:
             guess = {4: (True, True), 2: (False, False)}.get(len(weights))
@@ -290,6 +300,7 @@ def _read_onnx(state: Mapping) -> _Layer:
             raise ValueError(f"onnx BatchNormalization needs all of {list(names)}; missing {missing}")
         w = {k: _array(inits[k], k) for k in names}
     else:
+        _check_listed(inits, "initializers", "onnx")
         w = _read_positional(inits, names, "onnx")
     return _Layer(*(w[k] for k in names), eps, m, "onnx", None)
 
