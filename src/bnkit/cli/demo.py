@@ -113,7 +113,9 @@ def run_and_report(
 
     from ..study.report import ReportWriteError, write_report
 
-    _refuse_folders_in_the_way(out, REPORT_FILES)
+    from ..study import chapter_module
+
+    _refuse_folders_in_the_way(out, REPORT_FILES + tuple(p for n in names for p in chapter_module(n).PLOTS))
     with sigterm_exits():  # SIGTERM (timeout, a cancelled CI job) exits 143 through the cleanup below
         try:  # the report is built in a hidden folder inside ``out``: writable now, or refused before any chapter runs
             out.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
 """The lesson on BatchNorm at inference, checked chapter by chapter on real data.
 
 Each chapter module exposes ``NUMBER``, ``TITLE``, ``CLAIM``, ``REQUIRES`` (the
-``bnkit.torch`` names it needs), ``SIZES`` (``quick``/``demo``/``full``) and
-``run(ctx) -> Chapter``, and ``SEED_OFFSET`` where it seeds a random stream
-with more than the run's seed (base seed + seed index; see :func:`max_base_seed`).
-:func:`run_chapters` runs them in order; a chapter
+``bnkit.torch`` names it needs), ``SIZES`` (``quick``/``demo``/``full``), ``PLOTS`` (the
+file names of the plots it writes, known before it runs) and ``run(ctx) -> Chapter``, and
+``SEED_OFFSET`` where it seeds a random stream with more than the run's seed (base seed +
+seed index; see :func:`max_base_seed`). :func:`run_chapters` runs them in order; a chapter
 whose ``bnkit.torch`` dependencies are missing is reported as not run, with
 the reason, never faked. ``bnkit demo`` runs all chapters at the ``demo`` (or
 ``quick``) size; ``bnkit study NAME`` runs one at the ``full`` size.

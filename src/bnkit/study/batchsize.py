@@ -44,6 +44,7 @@ from .report import Chapter, Figure, Table, new_figure, save_figure
 from .train import accuracy, batches, fit, stat_shift
 
 NUMBER = 3
+PLOTS = ("ch3_batch_size.png",)
 TITLE = "Batch size and statistics quality"
 CLAIM = (
     "An EMA of batch statistics inherits their noise: with small training batches the running statistics stray "
@@ -129,7 +130,7 @@ def _plot(res: dict, p: dict, methods: list[str], out) -> str:
                  f"mean of {p['seeds']} seed(s){band}")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    return save_figure(fig, out, "ch3_batch_size.png")
+    return save_figure(fig, out, PLOTS[0])
 
 
 def run(ctx: Context) -> Chapter:

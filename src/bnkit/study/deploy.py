@@ -27,6 +27,7 @@ from .report import Chapter, Figure, Table, new_figure, save_figure
 from .train import fit, predict
 
 NUMBER = 5
+PLOTS = ("ch5_latency.png",)
 TITLE = "Deployment"
 CLAIM = (
     "In eval mode BatchNorm is a fixed affine map, so it folds into the layer before it and exports to ONNX "
@@ -234,7 +235,7 @@ def _plot(lat: dict, p: dict, out) -> str:
     fig.suptitle(f"SmallResNet inference on CPU, {torch.get_num_threads()} thread(s)", y=0.99)
     fig.legend([_patch(c) for c in colors], names, loc="upper center", bbox_to_anchor=(0.5, 0.93),
                ncol=min(3, len(names)), fontsize=8, frameon=False)
-    return save_figure(fig, out, "ch5_latency.png", rect=(0, 0, 1, 0.86))
+    return save_figure(fig, out, PLOTS[0], rect=(0, 0, 1, 0.86))
 
 
 def _patch(color: str):

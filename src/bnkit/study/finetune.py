@@ -33,6 +33,7 @@ from .report import Chapter, Figure, Table, new_figure, save_figure
 from .train import accuracy, batches, fit, stat_shift
 
 NUMBER = 4
+PLOTS = ("ch4_fine_tuning.png",)
 TITLE = "Fine-tuning and freezing"
 CLAIM = (
     "Freezing BN layers by setting them to eval mode is undone by the next model.train(), so the running "
@@ -165,7 +166,7 @@ def _plot(res: list[dict], keys: list[str], out) -> str:
     ax.set_title("How far the running means moved", pad=24)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(layers), fontsize=8, frameon=False)
     ax.grid(alpha=0.3, axis="y")
-    return save_figure(fig, out, "ch4_fine_tuning.png")
+    return save_figure(fig, out, PLOTS[0])
 
 
 def run(ctx: Context) -> Chapter:

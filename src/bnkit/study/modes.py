@@ -26,6 +26,7 @@ from .report import Chapter, Figure, Table, new_figure, save_figure
 from .train import batches, fit, predict, preserved_modes
 
 NUMBER = 2
+PLOTS = ("ch2_two_modes.png",)
 TITLE = "Two modes"
 CLAIM = (
     "In training mode BatchNorm normalizes with the batch's own statistics, so a prediction depends on the batch "
@@ -113,7 +114,7 @@ def _plot(res: dict, p: dict, n_classes: int, out) -> str:
     ax.set_title(f"Digits MLP: the two modes ({len(res)} seed(s)" + (", band = min..max)" if len(res) > 1 else ")"))
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    return save_figure(fig, out, "ch2_two_modes.png")
+    return save_figure(fig, out, PLOTS[0])
 
 
 def _remainder_example(n: int, batch_sizes: list[int]) -> str:

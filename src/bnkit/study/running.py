@@ -41,6 +41,7 @@ from .report import Chapter, Figure, Table, new_figure, save_figure
 from .train import accuracy, batches, fit, population_stats, running_stats, stat_shift
 
 NUMBER = 1
+PLOTS = ("ch1_worked_example.png", "ch1_running_vs_population.png")
 TITLE = "Running statistics track the population"
 CLAIM = (
     "An exponential moving average of batch statistics approaches the population statistics and then wobbles "
@@ -267,7 +268,7 @@ def _plot_example(data: dict, out) -> str:
     ax.set_title("The lesson's worked example, exactly")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    return save_figure(fig, out, "ch1_worked_example.png")
+    return save_figure(fig, out, PLOTS[0])
 
 
 def _last_epoch(trace: dict, values: list) -> list:
@@ -298,7 +299,7 @@ def _plot_convergence(conv: dict, floors: dict, p: dict, out) -> str:
             axes[i, j].set_xlabel(f"optimizer step (batch size {p['batch_size']})")
             axes[i, j].grid(alpha=0.3, which="both")
             axes[i, j].legend(fontsize=8)
-    return save_figure(fig, out, "ch1_running_vs_population.png")
+    return save_figure(fig, out, PLOTS[1])
 
 
 def run(ctx: Context) -> Chapter:
