@@ -220,7 +220,9 @@ def demo(
     out: str = typer.Option(
         "bnkit-report", help="Folder for index.html, report.md, results.json and the plots."),
     seed: int = typer.Option(0, help="Base random seed (data split, initialisation, shuffling)."),
-    threads: int = typer.Option(1, help="torch CPU threads (the models are tiny: one is fastest on a busy machine)."),
+    threads: int = typer.Option(1, help="torch CPU threads (the models are tiny: one is fastest on a busy machine). "
+                             "The README's figures are for 1: other counts sum in another order, so the "
+                             "accuracies differ slightly."),
 ) -> None:
     """Tell the story of BatchNorm at inference on scikit-learn's digits, every number measured in this run."""
     needs("torch", "matplotlib", "sklearn", extra="all")

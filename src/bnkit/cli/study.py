@@ -38,7 +38,8 @@ def study(
     out: Optional[str] = typer.Option(None, help="Report folder (default bnkit-report/study-NAME)."),
     size: str = typer.Option("full", help="full, demo or quick."),
     seed: int = typer.Option(0, help="Base random seed."),
-    threads: int = typer.Option(1, help="torch CPU threads."),
+    threads: int = typer.Option(1, help="torch CPU threads (the README's figures are for 1: other counts sum in "
+                             "another order, so the accuracies differ slightly)."),
 ) -> None:
     needs("torch", "matplotlib", "sklearn", extra="all")
     from ..study import CHAPTERS, SIZES, chapter_module
