@@ -1087,3 +1087,45 @@ def test_a_forward_in_another_thread_keeps_the_hooks_of_an_entry_still_being_mad
     thread_a.join(60)
     assert result["a"] == ["batch_of_one"]
     assert not model[1]._forward_pre_hooks  # every hook gone once both left
+
+
+@pytest.mark.parametrize("action", ["warn", "raise"])
+def test_a_part_of_the_model_copied_or_saved_inside_the_guard_is_a_plain_copy(action):
+    """Before: a layer holding the guard's batch-size hook (warn mode, or a caught error in raise mode) copied the
+    guard, and with it the whole model, when copied or pickled inside the guard: deepcopy failed on the half-built
+    layer, and a file torch.save wrote could never be loaded. Oracle: the same layer copied outside any guard (same
+    output), no hook left after the copy's first forward, and the guard still guarding the original."""
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model(torch.randn(8, 3, 6, 6))
+    x = torch.randn(2, 4, 4, 4)
+    model.train(action == "warn")  # raise: entered in eval mode, switched to training inside
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BNGuardWarning)
+        with bn_guard(model, action=action) as guard:
+            if action == "warn":
+                model(torch.randn(2, 3, 6, 6))
+            else:
+                model.train()
+                with pytest.raises(BNGuardError):
+                    model(torch.randn(2, 3, 6, 6))
+                model.eval()
+            assert model[1]._forward_pre_hooks  # the batch-size hook this test is about
+            copies = [copy.deepcopy(model[1]), copy.deepcopy(model)[1]]
+            saved = io.BytesIO()
+            torch.save(model[1], saved)
+            saved.seek(0)
+            copies.append(torch.load(saved, weights_only=False))
+            if action == "raise":
+                model.train()
+                with pytest.raises(BNGuardError, match="training mode"):
+                    model(torch.randn(2, 3, 6, 6))
+                model.eval()
+    reference = copy.deepcopy(model[1]).eval()
+    for layer in copies:
+        assert type(layer) is nn.BatchNorm2d and not any(isinstance(v, bn_guard) for v in vars(layer).values())
+        torch.testing.assert_close(layer.eval()(x), reference(x), rtol=0, atol=0)
+        assert not layer._forward_pre_hooks and not layer._forward_hooks
+    assert guard.model is model

@@ -177,6 +177,37 @@ def _user_stacklevel() -> int:
     return level
 
 
+def _remove_hooks(module: nn.Module, match: Callable[[object], bool]) -> None:
+    """Remove ``module``'s forward (pre-)hooks for which ``match(hook)`` holds (safe while PyTorch runs them: it
+    calls a snapshot of the hooks)."""
+    for kind in ("_forward_pre_hooks", "_forward_hooks"):
+        hooks = vars(module).get(kind)
+        for key, hook in list((hooks or {}).items()):
+            if match(hook):
+                del hooks[key]
+                for extra in ("_with_kwargs", "_always_called"):
+                    vars(module).get(kind + extra, {}).pop(key, None)
+
+
+class _GuardHook(partial):
+    """A guard's hook on a module: ``partial(guard method, *args)``. A copy or pickle of a module holding it gets a
+    :class:`_StaleHook` instead: the partial's own copy would copy the guard, hence its whole model (copying one
+    layer copied the model, and failed on the half-built layer, as did loading a pickle of it)."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple:
+        return (_StaleHook, ())
+
+
+class _StaleHook:
+    """In a copy or pickle of a module, the place of a guard's hook: removes itself when it first runs (or when a
+    copied guard gets its model, see ``bn_guard.__setstate__``)."""
+
+    def __call__(self, module: nn.Module, *args: object) -> None:
+        _remove_hooks(module, lambda hook: hook is self)
+
+
 class _Entry:
     """The state of one active entry of a :class:`bn_guard`: warnings given, batch-size hooks, handles."""
 
@@ -246,24 +277,17 @@ class bn_guard(contextlib.ContextDecorator):
         self.__dict__.update(state)
         self._clean, self._all_clean = {}, None
         self._init_entries()
-        # copied while entered: the model came with the original's hooks, which now call this copy, which has no
-        # entry; removed here if the model is complete (it is not yet when the copy was reached through the model
-        # itself: then each removes itself when it first runs)
+        # copied while entered: the model came with stale hooks in place of the original's; removed here if the model
+        # is complete (it is not yet when the copy was reached through the model itself: then each removes itself
+        # when it first runs)
         if "_modules" in vars(self.model):
             for m in self.model.modules():
-                self._drop_hooks(m)
+                _remove_hooks(m, lambda hook: isinstance(hook, _StaleHook))
 
     def _drop_hooks(self, module: nn.Module, entry: _Entry | None = None) -> None:
         """Remove ``module``'s forward (pre-)hooks that call this guard (``entry``: only that entry's)."""
-        for kind in ("_forward_pre_hooks", "_forward_hooks"):
-            hooks = vars(module).get(kind)
-            for key, hook in list((hooks or {}).items()):
-                bound = hook.func if isinstance(hook, partial) else hook
-                if getattr(bound, "__self__", None) is self and (
-                        entry is None or (isinstance(hook, partial) and hook.args[:1] == (entry,))):
-                    del hooks[key]
-                    for extra in ("_with_kwargs", "_always_called"):
-                        vars(module).get(kind + extra, {}).pop(key, None)
+        _remove_hooks(module, lambda hook: isinstance(hook, _GuardHook) and hook.func.__self__ is self
+                      and (entry is None or hook.args[:1] == (entry,)))
 
     # ------------------------------------------------------------- reporting
     def _report(self, findings: list[Finding], entry: _Entry) -> None:
@@ -338,13 +362,13 @@ class bn_guard(contextlib.ContextDecorator):
             problems = _mode_findings(name, m)
             if problems and id(m) not in entry.watched and "batch_of_one" not in self.ignore:
                 entry.watched.add(id(m))  # the name travels with the hook: DataParallel's replicas share it
-                entry.handles.append(m.register_forward_pre_hook(partial(self._check_batch, entry, name)))
+                entry.handles.append(m.register_forward_pre_hook(_GuardHook(self._check_batch, entry, name)))
             found += problems
         return found
 
     def _check_batch(self, entry: _Entry, name: str, module: nn.Module, args: tuple) -> None:
         if entry not in self._entries:  # _Entry compares by identity
-            if not entry.opening:  # a hook of an entry closed (or of a copy's model), not one still being entered
+            if not entry.opening:  # a hook its entry's exit left (run from PyTorch's snapshot), not one being entered
                 self._drop_hooks(module, entry)
             return
         x = args[0] if args else None
@@ -364,7 +388,7 @@ class bn_guard(contextlib.ContextDecorator):
 
     def _recheck(self, module: nn.Module, args: tuple) -> None:
         """The forward pre-hook on ``model``: on a correct model, one flag read per BN layer."""
-        if not self._entries:  # a copy's model, which came with the hook: nothing is entered
+        if not self._entries:  # run after the last exit (PyTorch calls a snapshot of the hooks): nothing is entered
             with self._lock:
                 if not self._entries:  # not entered again meanwhile (its new hook is this same method)
                     self._drop_hooks(module)
@@ -398,8 +422,8 @@ class bn_guard(contextlib.ContextDecorator):
         mine = self._mine()
         with self._lock:  # one flag scan per forward, however deeply and in however many threads it is entered
             if self._hook is None:
-                self._hook = (self.model.register_forward_pre_hook(self._recheck),
-                              self.model.register_forward_hook(self._recheck_after))
+                self._hook = (self.model.register_forward_pre_hook(_GuardHook(self._recheck)),
+                              self.model.register_forward_hook(_GuardHook(self._recheck_after)))
             self._entries.append(entry)
             entry.opening = False
             if mine:
