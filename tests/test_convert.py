@@ -384,6 +384,18 @@ def test_weights_that_are_neither_a_mapping_nor_a_list_are_a_value_error_that_sa
         convert_state(dict(SAMPLES[src], **{part: bad}), src, "flax")
 
 
+@pytest.mark.parametrize("src,part", [("onnx", "initializers"), ("keras", "weights")])
+def test_positional_weights_stacked_in_one_torch_tensor_still_convert(src, part):
+    """Review: the check above first refused a (4, C) torch tensor, which converted before as the same NumPy array
+    does. Oracle: the conversion of the NumPy array."""
+    torch = pytest.importorskip("torch")
+    stacked = np.stack([np.asarray(a, dtype=np.float32) for a in SAMPLES[src][part].values()])  # the layout's order
+    expected = convert_state(dict(SAMPLES[src], **{part: stacked}), src, "torch")
+    got = convert_state(dict(SAMPLES[src], **{part: torch.from_numpy(stacked)}), src, "torch")
+    for key, value in expected["state_dict"].items():
+        np.testing.assert_array_equal(np.asarray(got["state_dict"][key]), np.asarray(value))
+
+
 def test_torch_tensors_keep_their_dtype_and_bfloat16_becomes_float32_exactly():
     torch = pytest.importorskip("torch")
     config = {"eps": 1e-5, "momentum": 0.1}

@@ -214,8 +214,10 @@ def _read_torch(state: Mapping) -> _Layer:
 
 
 def _check_listed(weights: object, part: str, src: str) -> None:
-    """``weights`` given neither as a mapping nor as a list (or tuple, or array) of arrays: ValueError."""
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, (Sequence, np.ndarray)):
+    """``weights`` given neither as a mapping nor as a list (or tuple, or stacked NumPy/torch/JAX array) of arrays:
+    ValueError."""
+    stacked = hasattr(weights, "__array__") and getattr(weights, "ndim", 0) >= 1
+    if isinstance(weights, (str, bytes)) or not (isinstance(weights, Sequence) or stacked):
         raise ValueError(f"{src} {part} must be a mapping of names to arrays or a list of arrays, "
                          f"got {type(weights).__name__}")
 

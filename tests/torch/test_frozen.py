@@ -380,10 +380,20 @@ def test_a_frozen_layer_refuses_a_negative_or_non_finite_eps(eps):
         FrozenBatchNorm2d(3, eps=eps)
 
 
-@pytest.mark.parametrize("eps", ["1e-5", True, None])
+@pytest.mark.parametrize("eps", ["1e-5", True, None, torch.tensor([1e-5, 1e-5])])
 def test_a_frozen_layer_refuses_an_eps_that_is_not_a_number(eps):
-    with pytest.raises(TypeError, match="eps must be a real number"):
+    with pytest.raises(ValueError, match="eps must be a real number"):
         FrozenBatchNorm2d(3, eps=eps)
+
+
+def test_a_frozen_layer_takes_a_0d_tensor_eps_as_batchnorm_does():
+    """Review: the eps check first written for eps=0 refused torch.tensor(1e-5), which nn.BatchNorm2d takes.
+    Oracle: nn.BatchNorm2d with that eps, in eval mode."""
+    bn = _trained_bn(nn.BatchNorm2d, eps=torch.tensor(1e-3)).eval()
+    frozen = FrozenBatchNorm2d(3, eps=torch.tensor(1e-3))
+    frozen.load_state_dict(bn.state_dict())
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(frozen(x), bn(x), rtol=0, atol=0)
 
 
 def test_a_frozen_layer_with_eps_0_is_what_convert_frozen_makes_and_equals_batchnorm():

@@ -21,7 +21,6 @@ options, hooks, ``training`` and ``requires_grad`` included), sharing tensors.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
 
 import torch
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
+from ..checks import real
 from .convert import BatchNormNd
 from .freeze import select_bn_layers
 from .layers import replace_modules, retype_module
@@ -55,12 +55,11 @@ class FrozenBatchNormNd(nn.Module):
         super().__init__()
         if int(num_features) != num_features or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-            raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
+        eps = real(eps, "eps")  # a 0-d tensor or array too, as nn.BatchNorm*d takes; a bool or a string refused
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
         kw = {"device": device, "dtype": dtype}
-        self.num_features, self.eps = int(num_features), float(eps)
+        self.num_features, self.eps = int(num_features), eps
         self.register_buffer("weight", torch.ones(num_features, **kw) if affine else None)
         self.register_buffer("bias", torch.zeros(num_features, **kw) if affine and bias else None)
         self.register_buffer("running_mean", torch.zeros(num_features, **kw))
