@@ -41,6 +41,13 @@ MALFORMED = {
                                           "BatchNormalization node 'bn' has no output Y"),
     "Transpose perm of another rank": ([helper.make_node("Transpose", ["v16"], ["v"], name="t", perm=[1, 0]), _bn()],
                                        "Transpose node 't': attribute 'perm' [1, 0] is not a permutation"),
+    # a shape op with too few inputs: an IndexError traceback from bnkit audit (review)
+    "Expand without its shape": ([helper.make_node("Expand", ["v16"], ["v"], name="e"), _bn()],
+                                 "Expand node 'e' has inputs ['v16']: it needs 2"),
+    "CastLike without its target": ([helper.make_node("CastLike", ["v16"], ["v"], name="cl"), _bn()],
+                                    "CastLike node 'cl' has inputs ['v16']: it needs 2"),
+    "Shape without its input": ([helper.make_node("Shape", [], ["v"], name="sh"), _bn()],
+                                "Shape node 'sh' has inputs []: it needs 1"),
     # a statistic of a type the spec does not allow: a string raised NumPy's conversion error, bool read as 0/1
     "string variance": ([helper.make_node("Constant", [], ["v"], value=helper.make_tensor(
         "c", TensorProto.STRING, [3], [b"a", b"b", b"c"])), _bn()], "has a var of element type object"),

@@ -418,6 +418,10 @@ class GraphIndex:
     def _shape_op(self, node: onnx.NodeProto, defaults: bool, path: frozenset) -> np.ndarray | None:
         """``Shape`` of a constant, ``Expand`` of constants, ``CastLike`` of a constant to a value of known type:
         how torch.onnx's dynamo exporter (optimize=False) writes the zero bias of a bias-free Conv."""
+        needed = 1 if node.op_type == "Shape" else 2
+        if len(node.input) < needed or not all(node.input[:needed]):
+            raise MalformedNodeError(f"{node.op_type} node {node_label(node)!r} has inputs {list(node.input)}: it "
+                                     f"needs {needed} (the ONNX spec; onnxruntime refuses the model)")
         value = self._constant(node.input[0], defaults, path)
         if value is None:
             return None
