@@ -175,6 +175,25 @@ def bnkit_env(*first, **extra: str) -> dict[str, str]:
     return env
 
 
+def ort_exit_code(model, folder) -> int:
+    """The exit status of a child process that loads ``model`` (saved in ``folder``) into onnxruntime and runs it on
+    zeros shaped as its declared inputs: 0 if it ran, 1 if onnxruntime refused it, negative if it crashed (a
+    segmentation fault would take the test process with it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import onnx
+
+    path = Path(folder) / "ort_child.onnx"
+    onnx.save(model, path)
+    code = ("import sys, numpy as np, onnxruntime as ort\n"
+            f"s = ort.InferenceSession({str(path)!r}, providers=['CPUExecutionProvider'])\n"
+            "s.run(None, {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)"
+            " for i in s.get_inputs()})\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode
+
+
 def file_mode(path) -> int:
     """The permission bits of ``path`` (``os.stat``)."""
     import os

@@ -7,8 +7,8 @@ Flags, as :class:`bnkit.findings.Finding` rows (layer = node name):
   the batch and not on the stored running statistics (error);
 * extra running-statistic outputs on an inference node (from opset 14 invalid, onnxruntime refuses the model:
   error; warning below);
-* optional outputs written as blank names in a pattern onnxruntime 1.32 cannot run (a segmentation fault
-  where a training node's running statistic is blank) (warning);
+* optional outputs written as blank names in a pattern onnxruntime 1.32 cannot run: it refuses the model or
+  crashes (segmentation fault) running the node, unless its graph optimizer fuses the node away first (error);
 * statistics or parameters computed at run time, so they cannot be checked (warning; the node's stored
   arrays are checked as below);
 * statistics or parameters that are graph inputs with stored values (initializers also listed
@@ -103,10 +103,10 @@ def _node_findings(bn: BNNode, switchable: bool) -> list[Finding]:
                                         else f" (bnkit fold does not rewrite this node: {bn.unrewritable})"),
             "extra_outputs", {"extra_outputs": bn.extra_outputs}))
     if blank_outputs_fail(bn.node, bn.opset):
-        findings.append(Finding(
-            "warning", bn.name, "blank running-statistic outputs",
+        findings.append(Finding(  # an error, as named extra outputs that onnxruntime refuses are
+            "error", bn.name, "blank running-statistic outputs",
             f"outputs {list(bn.node.output)}: optional outputs named \"\" (absent) in this pattern stop onnxruntime "
-            "1.32 (a segmentation fault where a running statistic is blank on a training node)",
+            "1.32 (it refuses the model, or crashes with a segmentation fault running it)",
             "`bnkit fold` drops them from an inference node" + (
                 " (add --to-inference for a training-mode one)" if rewritable and switchable
                 else "; a training-mode one here needs a re-export in eval mode"),
