@@ -53,6 +53,11 @@ MALFORMED = {
         "c", TensorProto.STRING, [3], [b"a", b"b", b"c"])), _bn()], "has a var of element type object"),
     "bool variance": ([helper.make_node("Constant", [], ["v"], value=helper.make_tensor(
         "c", TensorProto.BOOL, [3], [True, True, False])), _bn()], "has a var of element type bool"),
+    # ml_dtypes' 4-bit integers have NumPy kind 'V', which the check by kind let through (review)
+    "uint4 variance": ([helper.make_node("Constant", [], ["v"], value=helper.make_tensor(
+        "c", TensorProto.UINT4, [3], [1, 2, 3])), _bn()], "has a var of element type uint4"),
+    "int4 variance": ([helper.make_node("Constant", [], ["v"], value=helper.make_tensor(
+        "c", TensorProto.INT4, [3], [1, 2, 3])), _bn()], "has a var of element type int4"),
 }
 
 

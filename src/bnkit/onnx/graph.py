@@ -21,6 +21,7 @@ import onnx
 from google.protobuf.message import EncodeError, Message
 from onnx import helper, numpy_helper
 
+from ..checks import ml_float
 from ..file_kinds import (looks_like_npy, looks_like_pickle, looks_like_safetensors, unreadable_file,
                           unreadable_file_error, zip_kind)
 
@@ -696,7 +697,8 @@ def _bn_nodes(graph: onnx.GraphProto | onnx.FunctionProto, opset: int, index: Gr
             value = index.constant(name)
             if value is None and (value := index.constant(name, defaults=True)) is not None:
                 overridable.append(key)
-            if value is not None and (dtype := np.asarray(value).dtype).kind in "biucOSU":  # the spec's: floating
+            dtype = None if value is None else np.asarray(value).dtype
+            if dtype is not None and not (np.issubdtype(dtype, np.floating) or ml_float(dtype)):  # the spec's: floats
                 raise MalformedNodeError(f"BatchNormalization node {node_label(node)!r} has a {key} of element type "
                                          f"{dtype}, not floating point")
             arrays[key] = _as64(value)
