@@ -720,3 +720,21 @@ def test_onnx_audit_report_to_dict_is_strict_json(tmp_path):
     assert {f.code for f in report.findings if f.severity == "error"} == {"bad_eps"}
     out = strict_json(json.dumps(report.to_dict(), allow_nan=False))
     assert len(out["nodes"]) == 2 and out["ok"] is False
+
+
+def test_a_graph_without_nodes_read_from_a_file_audits_as_it_does_in_memory(tmp_path):
+    """Review: a valid model whose output is an initializer (no nodes) was "not a readable ONNX model" from a path,
+    clean in memory. Oracle: onnx.checker's full check passes and onnxruntime runs it; an empty file is still refused."""
+    graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])],
+                              [numpy_helper.from_array(np.ones(2, np.float32), "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "nodeless.onnx"
+    onnx.save(model, path)
+    np.testing.assert_array_equal(ort.InferenceSession(str(path)).run(None, {})[0], np.ones(2, np.float32))
+    for target in (model, path):
+        report = audit(target)
+        assert report.ok and [f.code for f in report.findings] == ["no_bn"]
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        audit(tmp_path / "empty.onnx")

@@ -65,8 +65,8 @@ def load_model(model: "str | os.PathLike | onnx.ModelProto") -> onnx.ModelProto:
         if (kind := _other_format(path)) is not None:
             raise ValueError(f"{path} is {kind}, not an ONNX model") from exc
         raise ValueError(f"{path} is not a readable ONNX model: {exc}") from exc
-    if not proto.HasField("graph") or not proto.graph.node:
-        raise ValueError(f"{path} is not a readable ONNX model: it has no graph nodes")
+    if not proto.HasField("graph") or not (proto.graph.node or proto.graph.output):  # what stray bytes parse as
+        raise ValueError(f"{path} is not a readable ONNX model: its graph has no nodes and no outputs")
     if (where := non_utf8_text(proto)) is not None:  # before the external data, whose file names it checks
         raise ValueError(f"{path} is not a readable ONNX model: {where} holds text that is not UTF-8")
     try:
