@@ -724,7 +724,8 @@ def test_onnx_audit_report_to_dict_is_strict_json(tmp_path):
 
 def test_a_graph_without_nodes_read_from_a_file_audits_as_it_does_in_memory(tmp_path):
     """Review: a valid model whose output is an initializer (no nodes) was "not a readable ONNX model" from a path,
-    clean in memory. Oracle: onnx.checker's full check passes and onnxruntime runs it; an empty file is still refused."""
+    clean in memory. Oracle: onnx.checker's full check passes and onnxruntime runs it. An empty file is still
+    refused."""
     graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])],
                               [numpy_helper.from_array(np.ones(2, np.float32), "c")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
