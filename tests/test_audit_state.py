@@ -474,3 +474,11 @@ def test_a_buffer_with_no_array_of_values_is_invalid_state_not_a_crash(layout):
     (finding,) = [f for f in audit_state(sd) if f.severity == "error"]
     assert finding.code == "invalid_state" and "running_var: expected real numbers, got" in finding.evidence
     assert ("nested" if layout == "nested" else "sparse_coo") in finding.evidence
+
+
+@pytest.mark.parametrize("state", ["never.onnx", b"never.onnx", __import__("pathlib").Path("m.pt"), [("a", 1)]])
+def test_a_path_or_other_non_mapping_is_a_type_error_not_a_clean_audit(state):
+    """Review: a file's path given as a string was read character by character and reported clean ([]), while the
+    same file given to bnkit.onnx.audit has errors. Oracle: the documented input, a mapping."""
+    with pytest.raises(TypeError, match="a flat state dict .* is needed, got .*bnkit.torch.audit"):
+        audit_state(state)

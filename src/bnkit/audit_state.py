@@ -212,7 +212,12 @@ def bn_stats_from_state(
     A layer is a prefix that has both ``running_mean`` and ``running_var``, its ``running_mean`` one value per
     channel (an RL observation normalizer's ``(8, 8)`` or scalar one is no BatchNorm's, as the model audit also
     decides). ``eps`` and ``momentum`` are not stored in a state dict: the PyTorch defaults are assumed.
+    Anything but a mapping (a file's path, whose characters would be read as keys) is a TypeError.
     """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"a flat state dict (a mapping of names to tensors or arrays) is needed, got "
+                        f"{type(state).__name__}: to audit a file, pass its path to bnkit.torch.audit "
+                        "(checkpoints, safetensors, ONNX) or bnkit.onnx.audit (ONNX, without torch)")
     prefixes = []
     for key in state:
         if not isinstance(key, str) or not (key == "running_mean" or key.endswith(".running_mean")):
