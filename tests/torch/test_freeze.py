@@ -514,31 +514,3 @@ def test_modules_named_as_in_the_wrapped_model_work_through_a_data_parallel_wrap
     assert torch.equal(before, model[0].stem[1].running_mean)
     with pytest.raises(ValueError, match="'0.stem.9' is not a BatchNorm layer of the model"):
         freeze_bn(wrapped, modules=["0.stem.9"])
-
-
-def test_a_frozen_layer_is_freed_with_its_last_reference():
-    """Before: the freeze's train/reset_running_stats overrides, in the layer's __dict__, held the layer strongly, a
-    cycle that kept it and its tensors alive after `del` until the garbage collector ran (GPU memory held). Oracle:
-    the same layer not frozen is freed at once; copies and pickles keep the freeze, bound to themselves."""
-    import gc
-    import weakref
-
-    alive = {}
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for frozen in (False, True):
-            model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-            if frozen:
-                freeze_bn(model)
-                for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-                    twin.train()
-                    assert not twin[1].training and twin[1].train.module is twin[1]
-                    assert is_frozen(twin[1]) and twin[1].train.requested
-            layer, stats = weakref.ref(model[1]), weakref.ref(model[1].running_mean)
-            del model
-            alive[frozen] = (layer() is not None, stats() is not None)
-    finally:
-        if enabled:
-            gc.enable()
-    assert alive == {False: (False, False), True: (False, False)}

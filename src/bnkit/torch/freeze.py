@@ -41,7 +41,6 @@ gamma/beta; some recipes train only gamma/beta):
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -57,31 +56,12 @@ _PARAM_KEY = "_bnkit_requires_grad_before_freeze"  # on each Parameter: its own 
 _PARTS = ("any", "stats", "affine", "all")
 
 
-class _LayerOverride:
-    """An instance attribute of a frozen layer that calls back into it. Holds it weakly (a strong reference is a
-    cycle, which kept the layer and its tensors alive after its last use until the garbage collector ran);
-    copies and pickles of the layer get an override of the copy."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self._layer = weakref.ref(module)
-
-    @property
-    def module(self) -> nn.Module:
-        module = self._layer()
-        if module is None:
-            raise ReferenceError("the BatchNorm layer this freeze belonged to no longer exists")
-        return module
-
-
-class _PinnedEval(_LayerOverride):
+class _PinnedEval:
     """A frozen layer's ``train``: keeps ``training`` False and remembers the mode asked for."""
 
     def __init__(self, module: nn.Module, requested: bool) -> None:
-        super().__init__(module)
+        self.module = module
         self.requested = requested
-
-    def __reduce__(self) -> tuple:
-        return (_PinnedEval, (self.module, self.requested))
 
     def __call__(self, mode: bool = True) -> nn.Module:
         if not isinstance(mode, bool):
@@ -97,12 +77,12 @@ class _PinnedEval(_LayerOverride):
         return _PinnedEval(module, self.requested)
 
 
-class _StatsKept(_LayerOverride):
+class _StatsKept:
     """A stats-frozen layer's ``reset_running_stats``: leaves the frozen statistics as they are and warns (but for a
     lazy layer, which resets them as it materializes them)."""
 
-    def __reduce__(self) -> tuple:
-        return (_StatsKept, (self.module,))
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
 
     def __call__(self) -> None:
         if isinstance(self.module, LazyModuleMixin):  # materializing: the reset gives its buffers their first values
