@@ -1129,3 +1129,17 @@ def test_a_part_of_the_model_copied_or_saved_inside_the_guard_is_a_plain_copy(ac
         torch.testing.assert_close(layer.eval()(x), reference(x), rtol=0, atol=0)
         assert not layer._forward_pre_hooks and not layer._forward_hooks
     assert guard.model is model
+
+
+def test_a_copy_made_inside_the_guard_whose_first_forward_raises_keeps_no_stand_in():
+    """Review: each stand-in removed only itself, so the root's forward hook stayed when the copy's first forward
+    raised before reaching it, and torch.jit.script of the copy failed. Oracle: the same copy made outside any
+    guard scripts and has no hooks."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with bn_guard(model, ignore="never_updated"):
+        twin = copy.deepcopy(model)
+    assert twin._forward_pre_hooks and twin._forward_hooks  # the stand-ins this test is about
+    with pytest.raises(RuntimeError):
+        twin(torch.randn(2, 5, 6, 6))  # 5 channels for a 3-channel conv
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in twin.modules())
+    torch.jit.script(twin)

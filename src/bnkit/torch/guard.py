@@ -201,11 +201,12 @@ class _GuardHook(partial):
 
 
 class _StaleHook:
-    """In a copy or pickle of a module, the place of a guard's hook: removes itself when it first runs (or when a
-    copied guard gets its model, see ``bn_guard.__setstate__``)."""
+    """In a copy or pickle of a module, the place of a guard's hook: the first to run removes every one on its module
+    (the forward hook too, which a forward that raises never reaches), as does a copied guard given its model (see
+    ``bn_guard.__setstate__``)."""
 
     def __call__(self, module: nn.Module, *args: object) -> None:
-        _remove_hooks(module, lambda hook: hook is self)
+        _remove_hooks(module, lambda hook: isinstance(hook, _StaleHook))
 
 
 class _Entry:
