@@ -586,7 +586,7 @@ def _leaves(obj: Any, kind: type) -> Iterator[Any]:
     in nested tuples, lists and dicts of a call's arguments."""
     if isinstance(obj, kind):
         yield obj
-    elif isinstance(obj, (tuple, list)):
+    elif isinstance(obj, (tuple, list, set, frozenset)):
         for o in obj:
             yield from _leaves(o, kind)
     elif isinstance(obj, dict):
@@ -767,14 +767,30 @@ def _trace(work: nn.Module, report: FoldReport, defaults: dict[str, Any]) -> tup
     modules = list(work.modules())
     try:
         with _TensorReads(modules) as reads:
-            return _Tracer().trace(work, concrete_args=defaults or None), reads.read
+            graph = _Tracer().trace(work, concrete_args=defaults or None)
+        _mark_stored(modules)
+        return graph, reads.read
     except Exception:  # noqa: BLE001 - whatever fx raises, the constant-buffer trace decides
         with _TensorReads(modules) as reads:
             graph = _ConstantBufferTracer().trace(work, concrete_args=defaults or None)
+        _mark_stored(modules)
         report.notes.append("the forward uses a buffer as a Python value, so buffers were traced as constants: "
                             "a direct read of a BN's running statistics in the forward would not be seen "
                             "(pass example_inputs to verify the folded model)")
         return graph, reads.read
+
+
+#: ``node.meta`` key of the nodes whose value the traced forward stored in a module attribute (see :func:`_mark_stored`)
+_STORED = "bnkit_stored_in_attribute"
+
+
+def _mark_stored(modules: list[nn.Module]) -> None:
+    """Mark the graph nodes whose proxies the trace left in the modules' attributes (``self.prev = y``,
+    ``self.feats.append(y)``, in lists, tuples, dicts and sets): readers of the value that the graph does not show,
+    which a fold would hand another tensor (the BN's output for a layer's, its input for its output)."""
+    for m in modules:
+        for proxy in _leaves(vars(m), fx.Proxy):
+            proxy.node.meta[_STORED] = True
 
 
 def _plan_fx(
@@ -844,6 +860,8 @@ def _plan_fx(
                     or inside_whole(target)
                     or (f"'{target}' already absorbs another BN" if target in {p[1] for p in plan} else None)
                     or (f"the output of '{target}' is also used elsewhere" if len(src.users) > 1 else None)
+                    or (f"the forward also stores the output of '{target}' in a module attribute"
+                        if src.meta.get(_STORED) else None)
                     or _channel_reason(bn, layer, target, "after")
                     or _layout_reason(layer, bn, probe, report, target)
                 )
@@ -862,6 +880,8 @@ def _plan_fx(
         layer = modules[target]
         reason = (
             _padding_reason(layer, target)
+            or ("has its output stored in a module attribute by the forward, which would then hold its input"
+                if node.meta.get(_STORED) else None)
             or _written_between_reason(node, users[0], modules, target)
             or _layer_reason(layer, target, calls, attr_used, shared)
             or inside_whole(target)
@@ -1244,6 +1264,8 @@ def _may_write_in_place(node: fx.Node, modules: dict[str, nn.Module], aliases: s
         return True
     if not aliases.intersection(_tensor_args(node)):
         return False
+    if _op_name(node) == "embedding" and (node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")):
+        return True  # F.embedding(..., max_norm=...) renormalizes rows of its weight argument in place
     if node.op == "call_method":
         return node.target not in _FRESH_METHODS and node.target not in _READ_ONLY_METHODS
     return node.target not in _FRESH_FUNCTIONS and node.target not in _READ_ONLY_FUNCTIONS
