@@ -1212,3 +1212,26 @@ def test_num_batches_beyond_sys_maxsize_is_all_the_data():
     report = recalibrate(model, batches, num_batches=2**63, progress=False)
     assert report.batches == len(batches)
     assert_matches_reference(model, ref)
+
+
+@pytest.mark.parametrize("old_var,eps", [(-1.0, 1e-5), (0.0, 0.0)])
+def test_the_report_of_a_layer_with_a_damaged_variance_warns_nothing(old_var, eps):
+    """Review: a negative running_var (or 0 with eps 0), what recalibration is for, made the report's figures warn
+    (invalid sqrt, division by zero), and under -W error `bnkit recalibrate` exited 1 with a traceback after writing
+    its file. Oracle: the closed forms, NaN for the shift in old standard deviations of a negative variance and inf
+    for a division by 0; the statistics as PyTorch's training mode gives them over the whole data in one batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, eps=eps))
+    model[1].running_var.fill_(old_var)
+    x = torch.randn(50, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = recalibrate(model, [x])
+        layer = report.layers[0]
+        shift, ratio = layer.mean_shift, layer.var_ratio
+        str(report)
+    assert math.isnan(shift) if old_var < 0 else math.isinf(shift)
+    assert (math.isinf(ratio[0]) and math.isinf(ratio[1])) if old_var == 0 else ratio[0] < 0
+    with torch.no_grad():
+        h = model[0](x).double()
+    torch.testing.assert_close(model[1].running_var.double(), h.var(0), rtol=1e-6, atol=0)

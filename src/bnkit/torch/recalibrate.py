@@ -153,13 +153,17 @@ class LayerRecalibration:
 
     @property
     def mean_shift(self) -> float:
-        """Largest ``|new_mean - old_mean| / sqrt(old_var + eps)``: the shift in old standard deviations."""
-        return float(np.max(np.abs(self.new_mean - self.old_mean) / np.sqrt(self.old_var + self.eps)))
+        """Largest ``|new_mean - old_mean| / sqrt(old_var + eps)``: the shift in old standard deviations (NaN where
+        the old variance was negative, inf where ``old_var + eps`` was 0: a damaged layer, no warning)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.max(np.abs(self.new_mean - self.old_mean) / np.sqrt(self.old_var + self.eps)))
 
     @property
     def var_ratio(self) -> tuple[float, float]:
-        """Smallest and largest ``(new_var + eps) / (old_var + eps)`` over channels."""
-        ratio = (self.new_var + self.eps) / (self.old_var + self.eps)
+        """Smallest and largest ``(new_var + eps) / (old_var + eps)`` over channels (inf or NaN where the old
+        ``var + eps`` was 0, as for :attr:`mean_shift`)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = (self.new_var + self.eps) / (self.old_var + self.eps)
         return float(ratio.min()), float(ratio.max())
 
 
