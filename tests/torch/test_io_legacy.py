@@ -81,6 +81,20 @@ def test_a_file_in_pickle_protocol_1_4_or_5_is_unreadable_not_called_code(tmp_pa
 
 
 @pytest.mark.parametrize("zipped", [False, True])
+def test_a_file_in_pickle_protocol_0_is_named_as_such_not_damaged_when_trusted(tmp_path, zipped):
+    """Review: with trust, a protocol-0 file was called damaged, after the refusal had said trust=True reads it.
+    Oracle: torch.load(weights_only=False) cannot read it either (its persistent ids are text, not tuples)."""
+    path = tmp_path / "p0.pt"
+    torch.save(linear_bn_state_dict(), path, _use_new_zipfile_serialization=zipped, pickle_protocol=0)
+    with pytest.raises(AssertionError, match="saved_id must be a tuple"):
+        torch.load(path, weights_only=False)
+    with pytest.raises(UnsafeCheckpointError, match="protocol 0 files cannot be read back even so"):
+        load_checkpoint(path)
+    with pytest.raises(NotACheckpointError, match="written with pickle protocol 0 .* cannot read back, trusted or not"):
+        load_checkpoint(path, trust=True)
+
+
+@pytest.mark.parametrize("zipped", [False, True])
 def test_whole_pickled_model_needing_trust_loads_with_it_in_either_format(tmp_path, zipped):
     """The check for a cut-short pickle must not call a whole one damaged. A whole pickled model with
     tensors of several dtypes sharing storage, in the legacy and the zip format: unsafe without trust (torch's

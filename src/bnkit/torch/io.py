@@ -187,7 +187,7 @@ def _unsafe(path: Path, exc: Exception) -> UnsafeCheckpointError:
             "1, 4 or 5, which torch.save writes when given that pickle_protocol, in either format), so "
             "it was NOT loaded. Re-save it with torch.save's default pickle protocol (no pickle_protocol "
             "argument), or as .safetensors, where it was made; pass trust=True (--trust) only if you created this "
-            "file yourself.")
+            "file yourself (protocol 0 files cannot be read back even so).")
     names = _GLOBAL.findall(_strip_ansi(str(exc)))
     needs = f"it needs {names[0]}, which is" if names else "it uses pickle features"
     return UnsafeCheckpointError(
@@ -264,6 +264,11 @@ def load_checkpoint(path: str | os.PathLike, *, trust: bool = False, map_locatio
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AssertionError) as exc:
         if isinstance(exc, AssertionError) and not raised_in(exc, "torch"):  # e.g. a storage key _legacy_load lacks
             raise
+        if isinstance(exc, AssertionError) and "saved_id must be a tuple" in str(exc):  # PERSID: text, protocol 0
+            raise NotACheckpointError(
+                f"{path} was written with pickle protocol 0 (torch.save(..., pickle_protocol=0)), whose tensor "
+                "references torch.load cannot read back, trusted or not; re-save it with torch.save's default "
+                "pickle protocol, or as .safetensors, where it was made") from None
         raise NotACheckpointError(f"{corrupt}: {_reason(exc)}") from None
 
 
