@@ -51,6 +51,7 @@ import inspect
 import math
 import operator
 import types
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -276,7 +277,7 @@ def fold_bn(
     if wrappers:
         report.notes.append(f"folded the module inside {' > '.join(wrappers)}: the folded copy is that module "
                             "(wrap it again if you need the wrapper)")
-    reference, plan = _plan(work, inputs, report, original=model)
+    reference, plan = _plan(_shadow(work), inputs, report, original=model)
     report.folded = _entries(work, plan)
     report.notes += _low_precision_shift_notes(work, report.folded)
     _apply(work, plan, _folded_weights(work, plan))
@@ -310,15 +311,16 @@ def fold_bn(
 
 @torch.no_grad()
 def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = False) -> FoldReport:
-    """What :func:`fold_bn` would fold, without copying or changing ``model``.
+    """What :func:`fold_bn` would fold, without copying the tensors of ``model`` or changing it.
 
     The report's ``folded`` lists the pairs ``fold_bn`` would fold (``bias_added`` as it
     would set it) and ``left`` the rest with their reasons; nothing is verified. With
     ``example_inputs`` the model runs once in eval mode with forward hooks, to learn the ranks of layer outputs
-    (twice where tracing fails); every module's flag, attribute binding, parameter and buffer value, and the items of
-    the lists, dicts and sets its attributes hold are put back (a copy of the parameters and buffers is held
-    meanwhile; only tensors the runs changed are written, so an autograd graph that saved them still runs backward),
-    not what the runs write inside other objects or outside the modules (see
+    (twice where tracing fails). The runs and the trace are made on a copy of the modules that holds the model's own
+    parameters and buffers (:func:`~bnkit.torch.modules.deep_copy`, ``share_tensors``), so what they write to other
+    state (a deque, a dataclass an attribute holds) stays in the copy; parameter and buffer values they change are
+    put back (a copy of them is held meanwhile; only tensors the runs changed are written, so an autograd graph that
+    saved them still runs backward); what they write outside the model (a global) is not (see
     :class:`~bnkit.torch.modules.SavedState`). Whether the folded weights fit the layers' dtype is checked by a cheap
     bound (:func:`_within_dtype_bound`), and where that cannot tell, by computing them as :func:`fold_bn` does. Same
     arguments and errors as :func:`fold_bn`; cheaper, as no folded copy of the model is made.
@@ -329,12 +331,23 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
     model, _ = unwrapped(model)
     _check_model(model, force)
     report = FoldReport()
-    _, plan = _plan(model, _as_tuple(example_inputs if device is None else to_device(example_inputs, device)), report)
+    inputs = _as_tuple(example_inputs if device is None else to_device(example_inputs, device))
+    _, plan = _plan(_shadow(model), inputs, report, original=model)
     report.folded = _entries(model, plan)
     report.notes += _low_precision_shift_notes(model, report.folded)
     if not _within_dtype_bound(model, plan):
         _folded_weights(model, plan)  # raises where a folded weight is beyond its layer's dtype
     return report
+
+
+def _shadow(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules holding its own parameters and buffers, for the plan's runs and trace, whose
+    writes to other state (a deque or dataclass an attribute holds, which :class:`SavedState` does not put back)
+    then reach no object of the model's; ``model`` itself where it cannot be copied (objects nested too deeply)."""
+    try:
+        return deep_copy(model, share_tensors=True)
+    except ValueError:
+        return model
 
 
 def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport,
@@ -586,7 +599,7 @@ def _leaves(obj: Any, kind: type) -> Iterator[Any]:
     in nested tuples, lists and dicts of a call's arguments."""
     if isinstance(obj, kind):
         yield obj
-    elif isinstance(obj, (tuple, list, set, frozenset)):
+    elif isinstance(obj, (tuple, list)):
         for o in obj:
             yield from _leaves(o, kind)
     elif isinstance(obj, dict):
@@ -730,8 +743,17 @@ class _Tracer(fx.Tracer):
 
     proxy_buffer_attributes = True
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[weakref.ref] = []  # every proxy the trace made, weakly: see _mark_stored
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_bn_or_frozen(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        made = super().proxy(node)
+        self.made.append(weakref.ref(made))
+        return made
 
 
 class _ConstantBufferTracer(_Tracer):
@@ -767,29 +789,29 @@ def _trace(work: nn.Module, report: FoldReport, defaults: dict[str, Any]) -> tup
     modules = list(work.modules())
     try:
         with _TensorReads(modules) as reads:
-            graph = _Tracer().trace(work, concrete_args=defaults or None)
-        _mark_stored(modules)
+            graph = (tracer := _Tracer()).trace(work, concrete_args=defaults or None)
+        _mark_stored(tracer)
         return graph, reads.read
     except Exception:  # noqa: BLE001 - whatever fx raises, the constant-buffer trace decides
         with _TensorReads(modules) as reads:
-            graph = _ConstantBufferTracer().trace(work, concrete_args=defaults or None)
-        _mark_stored(modules)
+            graph = (tracer := _ConstantBufferTracer()).trace(work, concrete_args=defaults or None)
+        _mark_stored(tracer)
         report.notes.append("the forward uses a buffer as a Python value, so buffers were traced as constants: "
                             "a direct read of a BN's running statistics in the forward would not be seen "
                             "(pass example_inputs to verify the folded model)")
         return graph, reads.read
 
 
-#: ``node.meta`` key of the nodes whose value the traced forward stored in a module attribute (see :func:`_mark_stored`)
-_STORED = "bnkit_stored_in_attribute"
+#: ``node.meta`` key of the nodes whose value the traced forward kept beyond the call (see :func:`_mark_stored`)
+_STORED = "bnkit_kept_by_the_forward"
 
 
-def _mark_stored(modules: list[nn.Module]) -> None:
-    """Mark the graph nodes whose proxies the trace left in the modules' attributes (``self.prev = y``,
-    ``self.feats.append(y)``, in lists, tuples, dicts and sets): readers of the value that the graph does not show,
-    which a fold would hand another tensor (the BN's output for a layer's, its input for its output)."""
-    for m in modules:
-        for proxy in _leaves(vars(m), fx.Proxy):
+def _mark_stored(tracer: _Tracer) -> None:
+    """Mark the graph nodes whose proxies outlive the trace: the forward kept them (``self.prev = y``,
+    ``self.feats.append(y)``, a deque, a dataclass, a global list), a reader of the value that the graph does not
+    show, which a fold would hand another tensor (the BN's output for a layer's, its input for its output)."""
+    for ref in tracer.made:
+        if (proxy := ref()) is not None:
             proxy.node.meta[_STORED] = True
 
 
@@ -860,8 +882,8 @@ def _plan_fx(
                     or inside_whole(target)
                     or (f"'{target}' already absorbs another BN" if target in {p[1] for p in plan} else None)
                     or (f"the output of '{target}' is also used elsewhere" if len(src.users) > 1 else None)
-                    or (f"the forward also stores the output of '{target}' in a module attribute"
-                        if src.meta.get(_STORED) else None)
+                    or (f"the forward also keeps the output of '{target}' (in a module attribute or another "
+                        "object)" if src.meta.get(_STORED) else None)
                     or _channel_reason(bn, layer, target, "after")
                     or _layout_reason(layer, bn, probe, report, target)
                 )
@@ -880,8 +902,8 @@ def _plan_fx(
         layer = modules[target]
         reason = (
             _padding_reason(layer, target)
-            or ("has its output stored in a module attribute by the forward, which would then hold its input"
-                if node.meta.get(_STORED) else None)
+            or ("has its output kept by the forward (in a module attribute or another object), which would then "
+                "hold its input" if node.meta.get(_STORED) else None)
             or _written_between_reason(node, users[0], modules, target)
             or _layer_reason(layer, target, calls, attr_used, shared)
             or inside_whole(target)
@@ -1264,8 +1286,9 @@ def _may_write_in_place(node: fx.Node, modules: dict[str, nn.Module], aliases: s
         return True
     if not aliases.intersection(_tensor_args(node)):
         return False
-    if _op_name(node) == "embedding" and (node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")):
-        return True  # F.embedding(..., max_norm=...) renormalizes rows of its weight argument in place
+    max_norm = node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")
+    if node.target is F.embedding and max_norm is not None:  # it renormalizes rows of its weight argument in place
+        return True
     if node.op == "call_method":
         return node.target not in _FRESH_METHODS and node.target not in _READ_ONLY_METHODS
     return node.target not in _FRESH_FUNCTIONS and node.target not in _READ_ONLY_FUNCTIONS

@@ -92,9 +92,11 @@ def bn_like_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in eager_modules(model) if not is_bn_or_frozen(m) and per_channel(m)]
 
 
-def deep_copy(model: nn.Module) -> nn.Module:
+def deep_copy(model: nn.Module, *, share_tensors: bool = False) -> nn.Module:
     """``copy.deepcopy(model)``, also where a module keeps a computed tensor as a plain attribute, and keeping
-    attributes set on its parameters.
+    attributes set on its parameters. ``share_tensors``: the copy holds the model's own parameters and buffers
+    (only the modules and what else they hold are copied), a shadow to run or trace whose writes to its other
+    state reach no object of the model's.
 
     The old-style hooks ``torch.nn.utils.weight_norm`` / ``spectral_norm`` store the weight they compute as a
     non-leaf tensor after any forward with grad enabled (and at construction), which ``Tensor.__deepcopy__``
@@ -106,6 +108,9 @@ def deep_copy(model: nn.Module) -> nn.Module:
     memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
             if isinstance(v, torch.Tensor) and v.grad_fn is not None}
     memo.update({id(v): v for m in model.modules() for v in vars(m).values() if groups and isinstance(v, groups)})
+    if share_tensors:
+        memo.update({id(t): t for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values())
+                     if t is not None})
     try:
         new = copy.deepcopy(model, memo)
         # Parameter.__deepcopy__ copies data and requires_grad only: attributes set on a parameter (freeze_bn's
