@@ -37,6 +37,10 @@ def test_ema_window_is_where_the_latest_batches_reach_the_mass():
         weights = m * (1 - m) ** np.arange(100000)  # batch k steps ago
         assert weights[: math.floor(n)].sum() < 0.95 <= weights[: math.ceil(n)].sum()
     assert ema_window(1.0) == 1.0
+    # review: 0.99 gave 0.651 batches and 1.0 jumped back to 1; the latest batch alone carries 95% from 0.95 on
+    momenta = [0.5, 0.9, 0.94, 0.95, 0.99, 0.999999, 1.0]
+    windows = [ema_window(m) for m in momenta]
+    assert windows == sorted(windows, reverse=True) and windows[3:] == [1.0] * 4 and windows[2] > 1
     with pytest.raises(ValueError):
         ema_window(0.0)
 

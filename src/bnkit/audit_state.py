@@ -88,14 +88,15 @@ def ema_window(momentum: float, mass: float = 0.95) -> float:
     """How many of the latest batches carry ``mass`` of a running statistic's weight.
 
     Batch ``k`` steps ago weighs ``m * (1 - m) ** k``; the latest ``n`` batches weigh
-    ``1 - (1 - m) ** n``, so ``n = log(1 - mass) / log(1 - m)`` (28.4 for PyTorch's 0.1); ``log(1 - m)`` as
-    ``log1p(-m)``, which stays exact where ``1 - m`` rounds to 1 (momentum below ~1e-16).
+    ``1 - (1 - m) ** n``, so ``n = log(1 - mass) / log(1 - m)`` (28.4 for PyTorch's 0.1), and at least the one
+    latest batch (from ``m >= mass`` it alone carries that much: the formula's 0.65 at 0.99 is no number of
+    batches); ``log(1 - m)`` as ``log1p(-m)``, which stays exact where ``1 - m`` rounds to 1 (momentum below ~1e-16).
     """
     if not 0.0 < momentum <= 1.0:
         raise ValueError(f"momentum must be in (0, 1], got {momentum}")
-    if momentum == 1.0:
+    if momentum >= mass:
         return 1.0
-    return math.log(1.0 - mass) / math.log1p(-momentum)
+    return max(1.0, math.log(1.0 - mass) / math.log1p(-momentum))
 
 
 def ema_noise_factor(momentum: float) -> float:
