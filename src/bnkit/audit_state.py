@@ -136,6 +136,9 @@ def as_array(value) -> np.ndarray:
         except (RuntimeError, NotImplementedError) as exc:  # float4_e2m1fn_x2, bits8: packed codes, no cast defined
             raise TypeError(f"expected real numbers, got {_dtype_name(value)} values, which torch cannot convert to "
                             f"float64 ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        except ValueError as exc:  # an uninitialized lazy parameter or buffer: torch refuses to read it
+            raise TypeError("expected real numbers, got an uninitialized lazy tensor, which holds no values yet "
+                            "(its module creates them at its first forward)") from exc
     return np.asarray(value, dtype=np.float64)
 
 

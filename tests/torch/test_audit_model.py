@@ -246,3 +246,37 @@ def test_tensors_on_the_meta_device_are_refused_with_a_clear_error():
     for target in (model, model.state_dict()):
         with pytest.raises(ValueError, match=r"holds meta tensors \(0.weight, .*load_state_dict\(\.\.\., assign=True\)"):
             audit(target)
+
+
+@pytest.mark.parametrize("missing", ["running_mean", "running_var"])
+def test_a_layer_missing_one_running_statistic_is_an_error_as_its_inference_raises(missing):
+    """Review: it was the track_running_stats=False warning (normalizes with batch statistics), exit 0. Oracle:
+    PyTorch's eval-mode forward of the same layer raises."""
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+    bn.num_batches_tracked.fill_(100)
+    setattr(bn, missing, None)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bn).eval()
+    with pytest.raises(RuntimeError, match=f"{missing} must be defined in evaluation mode"):
+        model(torch.randn(2, 3, 6, 6))
+    report = audit(model)
+    assert not report.ok
+    assert [(f.severity, f.layer) for f in report.findings if f.code == "missing_running_stat"] == [("error", "1")]
+    assert not report.by_code("no_running_stats")
+
+
+def test_an_uninitialized_lazy_layer_is_an_error_as_its_never_updated_statistics_are():
+    """Review: it was info, so the report said ok, and after one eval forward (which creates the statistics at 0 / 1
+    and normalizes with them) the same model's audit said never_updated, an error. Oracle: that forward's output is
+    the conv's divided by sqrt(1 + eps); the state dict of such a model is an invalid_state finding, not torch's own
+    ValueError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d()).eval()
+    assert [f.code for f in audit(model.state_dict()).findings if f.severity == "error"] == ["invalid_state"]
+    before = audit(model)
+    assert not before.ok and [f.severity for f in before.findings if f.code == "lazy"] == ["error"]
+    x = torch.randn(2, 3, 6, 6) * 5 + 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model[0](x) / math.sqrt(1 + 1e-5))
+    assert not audit(model).ok and audit(model).by_code("never_updated")

@@ -48,6 +48,14 @@ def model_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], exampl
 
 
 def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
+    if (bn.running_mean is None) != (bn.running_var is None):
+        missing, kept = ("running_mean", "running_var") if bn.running_mean is None else ("running_var", "running_mean")
+        return [Finding(
+            "error", name, f"{missing} is None but {kept} is not: inference raises",
+            f"PyTorch normalizes with batch statistics only where both are None; eval mode passes {kept} and None "
+            f"to batch_norm, which raises ('{missing} must be defined in evaluation mode')",
+            f"restore {missing} (load the trained state dict, or bnkit recalibrate), or set both to None to use "
+            "batch statistics on purpose", "missing_running_stat", {"missing": missing})]
     if bn.running_mean is None or bn.running_var is None:
         unequal = []  # what the state checks below say of a layer with running statistics
         if (shapes := unequal_channel_tensors(bn)) is not None:
@@ -63,9 +71,11 @@ def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
             "fails (BatchNorm1d) or is normalized to beta",
             "train with track_running_stats=True, or compute running statistics (bnkit recalibrate) and set it "
             "to True before deployment", "no_running_stats")]
-    if is_lazy(bn.running_mean):
-        return [Finding("info", name, "lazy layer not initialized", "run one forward pass to create its buffers",
-                        "", "lazy")]
+    if is_lazy(bn.running_mean):  # an error, as never-updated statistics are: the first forward creates them so
+        return [Finding("error", name, "lazy layer not initialized: its statistics were never updated",
+                        "its running statistics do not exist yet; the first forward creates them at mean 0 / "
+                        "variance 1 and, in eval mode, normalizes with them",
+                        "train the model, or load its trained state dict, before inference", "lazy")]
     frozen = not is_batchnorm(bn)  # bnkit's FrozenBatchNorm*d
     stale = []
     if not frozen and not bn.track_running_stats:  # the flag turned off after construction: the buffers are still there
