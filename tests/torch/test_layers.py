@@ -982,3 +982,21 @@ def test_make_fx_and_aot_module_run_drop_in_layers_with_real_tensors():
     x = torch.randn(2, 3, 6, 6)
     want = make_fx(plain)(x)(x)
     assert torch.equal(make_fx(drop_in)(x)(x), want)
+
+
+@pytest.mark.parametrize("name,value", [("momentum", 5.0), ("momentum", float("nan")), ("momentum", -0.1),
+                                        ("eps", float("nan")), ("eps", -1.0), ("eps", float("inf")), ("eps", "1e-5")])
+def test_a_momentum_or_eps_set_after_construction_is_checked_as_at_construction(name, value):
+    """Review: only the constructor and convert_bn refused them, so a schedule assigning momentum=5 made a debiased
+    running mean overshoot the batch means, and eps=nan gave NaN outputs while the buffers moved. Oracle: the
+    constructor's own refusal of the same value, naming the layer."""
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        BatchNorm1d(3, **{name: value})
+    bn = BatchNorm1d(3, debias=True, renorm=True, layer_name="head.bn")
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(ValueError, match=f"BatchNorm layer|head.bn: {name} must be"):
+        setattr(bn, name, value)
+    assert getattr(bn, name) == {"momentum": 0.1, "eps": 1e-5}[name]
+    bn.momentum, bn.eps = None, 1e-3  # valid values are taken
+    assert bn.momentum is None and bn.eps == 1e-3
+    assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())

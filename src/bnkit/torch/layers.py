@@ -93,6 +93,20 @@ _EXTRA_DEFAULTS = {
 }
 
 
+def _number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)  # NumPy's numbers too, not bools
+
+
+def _check_setting(name: str, value: object, who: str) -> None:
+    """A drop-in layer's ``momentum`` in [0, 1] or None, ``eps`` finite and >= 0, else ValueError naming ``who``:
+    nn.BatchNorm takes any, and a NaN or out-of-range one then gives NaN statistics or outputs."""
+    if name == "momentum" and value is not None and not (_number(value) and 0.0 <= float(value) <= 1.0):
+        raise ValueError(f"{who}: momentum must be a number in [0, 1] (PyTorch's convention: the weight on the "
+                         f"new batch statistic) or None (cumulative average), got {value!r}")
+    if name == "eps" and not (_number(value) and math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{who}: eps must be a finite number >= 0, got {value!r}")
+
+
 def is_cumulative(bn: nn.Module) -> bool:
     """The layer's running statistics are a cumulative average, weight ``1/t`` on batch ``t``: ``momentum=None``,
     or a drop-in layer's ``debias=True`` with ``momentum=0`` (the limit of its bias-corrected step)."""
@@ -164,6 +178,13 @@ class _DropInBatchNorm:
         )
 
     # ------------------------------------------------------------ configuration
+    def __setattr__(self, name: str, value: object) -> None:
+        """``momentum`` and ``eps`` are checked whenever they are set once the layer is built (by a schedule during
+        training too), as :meth:`_set_extras` checks them at construction (:func:`_check_setting`)."""
+        if name in ("momentum", "eps") and "layer_name" in vars(self):
+            _check_setting(name, value, vars(self)["layer_name"] or type(self).__name__)
+        super().__setattr__(name, value)
+
     def _set_extras(self, **extras) -> None:
         unknown = set(extras) - set(_EXTRA_DEFAULTS)
         if unknown:
@@ -173,17 +194,10 @@ class _DropInBatchNorm:
         cfg = {**_EXTRA_DEFAULTS, **extras}
         if cfg["running_var_rule"] not in _RUNNING_VAR_RULES:
             raise ValueError(f"running_var_rule must be one of {_RUNNING_VAR_RULES}, got {cfg['running_var_rule']!r}")
-        def number(v) -> bool:
-            return isinstance(v, numbers.Real) and not isinstance(v, bool)  # NumPy's numbers too, not bools
-
         who = cfg["layer_name"] or type(self).__name__
-        # nn.BatchNorm takes any momentum and eps, and a NaN or negative one then gives NaN statistics or outputs
-        if self.momentum is not None and not (number(self.momentum) and 0.0 <= float(self.momentum) <= 1.0):
-            raise ValueError(f"{who}: momentum must be a number in [0, 1] (PyTorch's convention: the weight on the "
-                             f"new batch statistic) or None (cumulative average), got {self.momentum!r}")
-        if not (number(self.eps) and math.isfinite(self.eps) and self.eps >= 0.0):
-            raise ValueError(f"{who}: eps must be a finite number >= 0, got {self.eps!r}")
-        rmax, dmax = (float(cfg[k]) if number(cfg[k]) else math.nan for k in ("rmax", "dmax"))
+        _check_setting("momentum", self.momentum, who)  # a layer convert_bn re-typed was not checked as it was set
+        _check_setting("eps", self.eps, who)
+        rmax, dmax = (float(cfg[k]) if _number(cfg[k]) else math.nan for k in ("rmax", "dmax"))
         if not (math.isfinite(rmax) and rmax >= 1.0):
             raise ValueError(f"rmax must be a finite number >= 1, got {cfg['rmax']!r}")
         if not (math.isfinite(dmax) and dmax >= 0.0):
