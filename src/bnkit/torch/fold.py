@@ -343,10 +343,11 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
 def _shadow(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s modules holding its own parameters and buffers, for the plan's runs and trace, whose
     writes to other state (a deque or dataclass an attribute holds, which :class:`SavedState` does not put back)
-    then reach no object of the model's; ``model`` itself where it cannot be copied (objects nested too deeply)."""
+    then reach no object of the model's; ``model`` itself where it cannot be copied (objects nested too deeply, a
+    lock, a generator, an open file), whose such objects may then keep what the trace put there."""
     try:
         return deep_copy(model, share_tensors=True)
-    except ValueError:
+    except Exception:  # noqa: BLE001 - whatever copy.deepcopy raises: plan on the model, as before there was a copy
         return model
 
 
@@ -809,10 +810,36 @@ _STORED = "bnkit_kept_by_the_forward"
 def _mark_stored(tracer: _Tracer) -> None:
     """Mark the graph nodes whose proxies outlive the trace: the forward kept them (``self.prev = y``,
     ``self.feats.append(y)``, a deque, a dataclass, a global list), a reader of the value that the graph does not
-    show, which a fold would hand another tensor (the BN's output for a layer's, its input for its output)."""
+    show, which a fold would hand another tensor (the BN's output for a layer's, its input for its output).
+
+    Where some are alive, cyclic garbage is collected first (an exception kept in a local, a recursive closure), and
+    a proxy held only by proxies of its metadata (``self.shapes.append(y.shape)``: fx's attribute proxy holds its
+    root) or by frames is not kept; one held by an attribute proxy of a tensor (``y.T``, ``y.data``) is."""
+    if not any(ref() is not None for ref in tracer.made):  # the usual case: no search of the heap
+        return
+    gc.collect()
+    alive = []  # plain loops, no closures: a cell or a generator's frame would hold a proxy too
     for ref in tracer.made:
-        if (proxy := ref()) is not None:
-            proxy.node.meta[_STORED] = True
+        if ref() is not None:
+            alive.append(ref())
+    for proxy in alive:
+        for holder in gc.get_referrers(proxy):
+            if holder is not alive and not isinstance(holder, types.FrameType) and not _metadata_proxy(holder):
+                proxy.node.meta[_STORED] = True
+                break
+
+
+def _metadata_proxy(holder: object) -> bool:
+    """Whether ``holder`` is an fx attribute proxy of a tensor's metadata (``y.shape``), or its ``__dict__`` (where
+    Python made one)."""
+    if isinstance(holder, fx.proxy.Attribute):
+        return holder.attr in _METADATA
+    if not isinstance(holder, dict):
+        return False
+    for owner in gc.get_referrers(holder):
+        if isinstance(owner, fx.proxy.Attribute) and vars(owner) is holder:
+            return owner.attr in _METADATA
+    return False
 
 
 def _plan_fx(
