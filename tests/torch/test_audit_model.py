@@ -280,3 +280,18 @@ def test_an_uninitialized_lazy_layer_is_an_error_as_its_never_updated_statistics
     with torch.no_grad():
         torch.testing.assert_close(model(x), model[0](x) / math.sqrt(1 + 1e-5))
     assert not audit(model).ok and audit(model).by_code("never_updated")
+
+
+def test_a_frozen_layer_without_running_statistics_is_an_error_as_its_forward_raises():
+    """Review: a FrozenBatchNorm2d with both statistics None got the track_running_stats=False warning (normalizes
+    with batch statistics), but its forward always uses its buffers. Oracle: that forward raises."""
+    from bnkit.torch import FrozenBatchNorm2d
+
+    frozen = FrozenBatchNorm2d(4)
+    frozen.running_mean = frozen.running_var = None
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), frozen).eval()
+    with pytest.raises(RuntimeError, match="must be defined in evaluation mode"):
+        model(torch.randn(2, 3, 6, 6))
+    report = audit(model)
+    assert not report.ok and [(f.severity, f.code) for f in report.findings if f.layer == "1"] == [
+        ("error", "missing_running_stat")]

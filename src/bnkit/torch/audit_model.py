@@ -54,8 +54,16 @@ def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
             "error", name, f"{missing} is None but {kept} is not: inference raises",
             f"PyTorch normalizes with batch statistics only where both are None; eval mode passes {kept} and None "
             f"to batch_norm, which raises ('{missing} must be defined in evaluation mode')",
-            f"restore {missing} (load the trained state dict, or bnkit recalibrate), or set both to None to use "
-            "batch statistics on purpose", "missing_running_stat", {"missing": missing})]
+            f"restore {missing} (load the trained state dict, or bnkit recalibrate)"
+            + (", or set both to None to use batch statistics on purpose" if is_batchnorm(bn) else ""),
+            "missing_running_stat", {"missing": missing})]
+    if bn.running_mean is None and not is_batchnorm(bn):  # bnkit's FrozenBatchNorm*d: its forward never uses batches
+        return [Finding(
+            "error", name, "frozen layer without running statistics: inference raises",
+            "FrozenBatchNorm normalizes with its buffers in every mode, and batch_norm raises without them "
+            "('running_mean must be defined in evaluation mode')",
+            "load the trained state dict, or swap the layer back (bnkit.torch.revert_frozen) to a BatchNorm",
+            "missing_running_stat", {"missing": "running_mean, running_var"})]
     if bn.running_mean is None or bn.running_var is None:
         unequal = []  # what the state checks below say of a layer with running statistics
         if (shapes := unequal_channel_tensors(bn)) is not None:
