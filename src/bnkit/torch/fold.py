@@ -343,12 +343,33 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
 def _shadow(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s modules holding its own parameters and buffers, for the plan's runs and trace, whose
     writes to other state (a deque or dataclass an attribute holds, which :class:`SavedState` does not put back)
-    then reach no object of the model's; ``model`` itself where it cannot be copied (objects nested too deeply, a
-    lock, a generator, an open file), whose such objects may then keep what the trace put there."""
+    then reach no object of the model's; ``model`` itself where its modules hold no such state (the copy costs
+    milliseconds), or where it cannot be copied (objects nested too deeply, a lock, a generator, an open file), whose
+    such objects may then keep what the trace put there."""
+    if all(_plain(v) for m in model.modules() for k, v in vars(m).items() if k not in _MODULE_INTERNALS):
+        return model
     try:
         return deep_copy(model, share_tensors=True)
     except Exception:  # noqa: BLE001 - whatever copy.deepcopy raises: plan on the model, as before there was a copy
         return model
+
+
+#: What every nn.Module holds (its parameter, buffer and submodule dicts, hook dicts, flags), which SavedState puts
+#: back or no forward writes.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Tensor, type,
+          types.FunctionType, types.BuiltinFunctionType)
+
+
+def _plain(value: object, nested: bool = False) -> bool:
+    """Whether a module attribute holds only what :class:`SavedState` puts back whole: numbers, strings, tensors, and
+    lists, tuples, dicts and sets of them (their items, one level)."""
+    if isinstance(value, _ATOMS):
+        return True
+    if nested or not isinstance(value, (list, tuple, set, frozenset, dict)):
+        return False
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    return all(_plain(item, True) for item in items)
 
 
 def _plan(work: nn.Module, inputs: tuple | None, report: FoldReport,
