@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from _helpers import set_running_stats
@@ -966,12 +967,17 @@ class KeepsElsewhere(nn.Module):
             self.ns.prev = y
         elif self.where == "unregistered":
             self.box[0].prev = y
+        elif self.where == "numpy":  # an object array: a holder the garbage collector does not see
+            self.arr = np.empty(1, dtype=object)
+            self.arr[0] = y
+        elif self.where == "tensor_attribute":  # on a parameter, which fx traces as a proxy made for the call
+            self.conv.weight.prev = y
         else:
             _KEPT_GLOBALLY.append(y)
         return self.bn(y)
 
 
-@pytest.mark.parametrize("where", ["deque", "namespace", "unregistered", "global"])
+@pytest.mark.parametrize("where", ["deque", "namespace", "unregistered", "global", "numpy", "tensor_attribute"])
 @pytest.mark.parametrize("with_inputs", [True, False])
 def test_a_tensor_kept_anywhere_by_the_forward_is_a_reader_and_no_trace_is_left_in_the_model(where, with_inputs):
     """Review: only lists, tuples and dicts in module attributes were searched for the traced value, so a deque, a

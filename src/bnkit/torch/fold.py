@@ -50,6 +50,7 @@ import gc
 import inspect
 import math
 import operator
+import sys
 import types
 import weakref
 from collections import Counter
@@ -768,14 +769,32 @@ class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.made: list[weakref.ref] = []  # every proxy the trace made, weakly: see _mark_stored
+        self.metadata: list[weakref.ref] = []  # the attribute proxies of their metadata (y.shape), weakly
+        self.pinned: list[fx.Proxy] = []  # proxies the forward set as attributes of a traced tensor
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_bn_or_frozen(m) or super().is_leaf_module(m, module_qualified_name)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        made = super().proxy(node)
+        made = _TracedProxy(node, self)
         self.made.append(weakref.ref(made))
         return made
+
+
+class _TracedProxy(fx.Proxy):
+    """fx's proxy, noting the attribute proxies of its metadata made from it (``y.shape``): each holds it, as fx's
+    attribute proxy holds its root, but what the forward keeps of it then is no tensor (see :func:`_mark_stored`)."""
+
+    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+        attr = super().__getattr__(k)
+        if k in _METADATA:
+            self.tracer.metadata.append(weakref.ref(attr))
+        return attr
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, fx.Proxy):  # ``self.conv.weight.prev = y``: kept on the tensor, which this proxy is
+            self.tracer.pinned.append(value)  # only while tracing, so held here for _mark_stored to count
+        super().__setattr__(name, value)
 
 
 class _ConstantBufferTracer(_Tracer):
@@ -830,37 +849,28 @@ _STORED = "bnkit_kept_by_the_forward"
 
 def _mark_stored(tracer: _Tracer) -> None:
     """Mark the graph nodes whose proxies outlive the trace: the forward kept them (``self.prev = y``,
-    ``self.feats.append(y)``, a deque, a dataclass, a global list), a reader of the value that the graph does not
-    show, which a fold would hand another tensor (the BN's output for a layer's, its input for its output).
+    ``self.feats.append(y)``, a deque, a dataclass, a NumPy object array, a global list), a reader of the value that
+    the graph does not show, which a fold would hand another tensor (the BN's output for a layer's, its input for
+    its output).
 
-    Where some are alive, cyclic garbage is collected first (an exception kept in a local, a recursive closure), and
-    a proxy held only by proxies of its metadata (``self.shapes.append(y.shape)``: fx's attribute proxy holds its
-    root) or by frames is not kept; one held by an attribute proxy of a tensor (``y.T``, ``y.data``) is."""
-    if not any(ref() is not None for ref in tracer.made):  # the usual case: no search of the heap
+    Where some are alive, cyclic garbage is collected first (an exception kept in a local, a recursive closure); a
+    proxy whose only references are the attribute proxies of its metadata (``self.shapes.append(y.shape)``) is not
+    kept, one held by an attribute proxy of a tensor (``y.T``, ``y.data``) is. References are counted, so holders
+    the garbage collector does not track (a NumPy array, a torch Future) count too."""
+    if all(ref() is None for ref in tracer.made):  # the usual case: nothing kept, no collection
         return
     gc.collect()
-    alive = []  # plain loops, no closures: a cell or a generator's frame would hold a proxy too
+    metadata_of: Counter[int] = Counter()  # by the id of the proxy each metadata proxy holds
+    for ref in tracer.metadata:
+        if (attr := ref()) is not None:
+            metadata_of[id(attr.root)] += 1
     for ref in tracer.made:
-        if ref() is not None:
-            alive.append(ref())
-    for proxy in alive:
-        for holder in gc.get_referrers(proxy):
-            if holder is not alive and not isinstance(holder, types.FrameType) and not _metadata_proxy(holder):
-                proxy.node.meta[_STORED] = True
-                break
-
-
-def _metadata_proxy(holder: object) -> bool:
-    """Whether ``holder`` is an fx attribute proxy of a tensor's metadata (``y.shape``), or its ``__dict__`` (where
-    Python made one)."""
-    if isinstance(holder, fx.proxy.Attribute):
-        return holder.attr in _METADATA
-    if not isinstance(holder, dict):
-        return False
-    for owner in gc.get_referrers(holder):
-        if isinstance(owner, fx.proxy.Attribute) and vars(owner) is holder:
-            return owner.attr in _METADATA
-    return False
+        proxy = ref()
+        # its references: this name, getrefcount's argument, and the metadata proxies made from it; a proxy the
+        # forward set on a traced tensor is held by the tracer (``pinned``), and counts
+        if proxy is not None and sys.getrefcount(proxy) - 2 > metadata_of[id(proxy)]:
+            proxy.node.meta[_STORED] = True
+        proxy = None
 
 
 def _plan_fx(
