@@ -1000,3 +1000,16 @@ def test_a_momentum_or_eps_set_after_construction_is_checked_as_at_construction(
     bn.momentum, bn.eps = None, 1e-3  # valid values are taken
     assert bn.momentum is None and bn.eps == 1e-3
     assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
+
+
+def test_a_0d_tensor_momentum_or_eps_is_taken_as_nn_batchnorm_takes_it():
+    """Review: the check added for assignments refused torch.tensor(0.05), which nn.BatchNorm2d takes and which the
+    drop-in layers took before. Oracle: nn.BatchNorm2d with the same tensors, in training then eval."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    layers = [cls(3, momentum=torch.tensor(0.05), eps=torch.tensor(1e-3)) for cls in (nn.BatchNorm2d, BatchNorm2d)]
+    layers[1].momentum = torch.tensor(0.05)  # and set afterwards, as a schedule would
+    outs = [bn.train()(x) for bn in layers] + [bn.eval()(x) for bn in layers]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    torch.testing.assert_close(outs[3], outs[2], rtol=0, atol=0)
+    torch.testing.assert_close(layers[1].running_var, layers[0].running_var, rtol=0, atol=0)
