@@ -264,6 +264,12 @@ def test_a_layer_missing_one_running_statistic_is_an_error_as_its_inference_rais
     assert not report.ok
     assert [(f.severity, f.layer) for f in report.findings if f.code == "missing_running_stat"] == [("error", "1")]
     assert not report.by_code("no_running_stats")
+    # the advice works: the buffer registered again, then the trained state dict loaded strictly (review)
+    trained = nn.BatchNorm2d(4).state_dict()
+    assert f"layer.register_buffer('{missing}'" in report.by_code("missing_running_stat")[0].fix
+    bn.register_buffer(missing, torch.zeros(4) if missing == "running_mean" else torch.ones(4))
+    bn.load_state_dict(trained)
+    model(torch.randn(2, 3, 6, 6))
 
 
 def test_an_uninitialized_lazy_layer_is_an_error_as_its_never_updated_statistics_are():
@@ -295,3 +301,9 @@ def test_a_frozen_layer_without_running_statistics_is_an_error_as_its_forward_ra
     report = audit(model)
     assert not report.ok and [(f.severity, f.code) for f in report.findings if f.layer == "1"] == [
         ("error", "missing_running_stat")]
+    fix = report.by_code("missing_running_stat")[0].fix  # the advice works (review: revert_frozen refuses the layer)
+    assert "register_buffer('running_mean'" in fix and "register_buffer('running_var'" in fix
+    frozen.register_buffer("running_mean", torch.zeros(4))
+    frozen.register_buffer("running_var", torch.ones(4))
+    frozen.load_state_dict(FrozenBatchNorm2d(4).state_dict())
+    model(torch.randn(2, 3, 6, 6))

@@ -54,15 +54,17 @@ def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
             "error", name, f"{missing} is None but {kept} is not: inference raises",
             f"PyTorch normalizes with batch statistics only where both are None; eval mode passes {kept} and None "
             f"to batch_norm, which raises ('{missing} must be defined in evaluation mode')",
-            f"restore {missing} (load the trained state dict, or bnkit recalibrate)"
-            + (", or set both to None to use batch statistics on purpose" if is_batchnorm(bn) else ""),
+            f"register the buffer again ({_reregister(missing)}; load_state_dict skips a buffer that is None), then "
+            "load the trained state dict" + (" or recalibrate (bnkit recalibrate); or set both to None to use batch "
+                                             "statistics on purpose" if is_batchnorm(bn) else ""),
             "missing_running_stat", {"missing": missing})]
     if bn.running_mean is None and not is_batchnorm(bn):  # bnkit's FrozenBatchNorm*d: its forward never uses batches
         return [Finding(
             "error", name, "frozen layer without running statistics: inference raises",
             "FrozenBatchNorm normalizes with its buffers in every mode, and batch_norm raises without them "
             "('running_mean must be defined in evaluation mode')",
-            "load the trained state dict, or swap the layer back (bnkit.torch.revert_frozen) to a BatchNorm",
+            f"register the buffers again ({_reregister('running_mean')}; {_reregister('running_var')}: "
+            "load_state_dict skips buffers that are None), then load the trained state dict",
             "missing_running_stat", {"missing": "running_mean, running_var"})]
     if bn.running_mean is None or bn.running_var is None:
         unequal = []  # what the state checks below say of a layer with running statistics
@@ -103,6 +105,11 @@ def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
                                "bias": bn.bias, "num_batches_tracked": nbt}, eps=float(bn.eps), momentum=momentum,
                         batchnorm=True)
     return stale + [_refused_eps(f, bn) if f.code == "negative_eps" else f for f in check_bn_stats(stats)]
+
+
+def _reregister(buffer: str) -> str:
+    """The call that gives a layer its ``buffer`` back, at PyTorch's initial value."""
+    return f"layer.register_buffer('{buffer}', torch.{'zeros' if buffer == 'running_mean' else 'ones'}(C))"
 
 
 def _refused_eps(finding: Finding, bn: nn.Module) -> Finding:
