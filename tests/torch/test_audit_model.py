@@ -1,6 +1,7 @@
 """bnkit.torch.audit_model (depth 2, no data): each mode/momentum/fold finding matches what PyTorch's own layers do."""
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -248,10 +249,20 @@ def test_tensors_on_the_meta_device_are_refused_with_a_clear_error():
             audit(target)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("missing", ["running_mean", "running_var"])
-def test_a_layer_missing_one_running_statistic_is_an_error_as_its_inference_raises(missing):
+def test_a_layer_missing_one_running_statistic_is_an_error_as_its_inference_raises(missing, dtype):
     """Review: it was the track_running_stats=False warning (normalizes with batch statistics), exit 0. Oracle:
-    PyTorch's eval-mode forward of the same layer raises."""
+    PyTorch's eval-mode forward of the same layer raises; the advice, followed as printed, gives a model that runs
+    (in the model's dtype: a float32 buffer in a float64 model made inference raise)."""
+    torch.set_default_dtype(dtype)
+    try:
+        _missing_one(missing)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _missing_one(missing: str) -> None:
     bn = nn.BatchNorm2d(4)
     with torch.no_grad():
         bn.running_mean.normal_()
@@ -265,11 +276,16 @@ def test_a_layer_missing_one_running_statistic_is_an_error_as_its_inference_rais
     assert [(f.severity, f.layer) for f in report.findings if f.code == "missing_running_stat"] == [("error", "1")]
     assert not report.by_code("no_running_stats")
     # the advice works: the buffer registered again, then the trained state dict loaded strictly (review)
-    trained = nn.BatchNorm2d(4).state_dict()
-    assert f"layer.register_buffer('{missing}'" in report.by_code("missing_running_stat")[0].fix
-    bn.register_buffer(missing, torch.zeros(4) if missing == "running_mean" else torch.ones(4))
+    trained = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        trained.running_mean.normal_(), trained.running_var.uniform_(0.5, 2), trained.num_batches_tracked.fill_(100)
+    trained = trained.state_dict()
+    fix = report.by_code("missing_running_stat")[0].fix
+    call = re.search(r"layer\.register_buffer\(.*?\)\)", fix).group()
+    eval(call, {"torch": torch, "layer": bn})  # noqa: S307 - the advice, run as printed
     bn.load_state_dict(trained)
     model(torch.randn(2, 3, 6, 6))
+    assert audit(model).ok
 
 
 def test_an_uninitialized_lazy_layer_is_an_error_as_its_never_updated_statistics_are():
@@ -307,3 +323,14 @@ def test_a_frozen_layer_without_running_statistics_is_an_error_as_its_forward_ra
     frozen.register_buffer("running_var", torch.ones(4))
     frozen.load_state_dict(FrozenBatchNorm2d(4).state_dict())
     model(torch.randn(2, 3, 6, 6))
+
+
+def test_equal_momenta_given_as_tensors_are_one_finding():
+    """Review: momenta given as 0-d tensors (which nn.BatchNorm and the drop-in layers take) were grouped by tensor
+    identity, one finding per layer. Oracle: the same model with float momenta."""
+    def findings(momentum):
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=momentum()), nn.Linear(4, 4),
+                              nn.BatchNorm1d(4, momentum=momentum())).eval()
+        return [(f.layer, f.finding) for f in audit(model).findings if f.code == "momentum"]
+
+    assert findings(lambda: torch.tensor(0.1)) == findings(lambda: 0.1) == [("1, 3", findings(lambda: 0.1)[0][1])]

@@ -19,10 +19,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from ..audit_state import check_bn_stats, ema_window, layer_stats
+from ..checks import real
 from ..findings import Finding
 from .freeze import is_frozen
 from .layers import is_cumulative
-from .modules import bn_like_modules, describe_shapes, is_batchnorm, unequal_channel_tensors
+from .modules import bn_like_modules, channels, describe_shapes, is_batchnorm, unequal_channel_tensors
 
 
 def model_findings(model: nn.Module, layers: list[tuple[str, nn.Module]], example: Any = None) -> list[Finding]:
@@ -54,16 +55,17 @@ def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
             "error", name, f"{missing} is None but {kept} is not: inference raises",
             f"PyTorch normalizes with batch statistics only where both are None; eval mode passes {kept} and None "
             f"to batch_norm, which raises ('{missing} must be defined in evaluation mode')",
-            f"register the buffer again ({_reregister(missing)}; load_state_dict skips a buffer that is None), then "
-            "load the trained state dict" + (" or recalibrate (bnkit recalibrate); or set both to None to use batch "
-                                             "statistics on purpose" if is_batchnorm(bn) else ""),
+            f"register the buffer again ({_reregister(missing, bn)}; load_state_dict skips a buffer that is None), "
+            "then load the trained state dict"
+            + (" or recalibrate (bnkit recalibrate); or set both to None to use batch statistics on purpose"
+               if is_batchnorm(bn) else ""),
             "missing_running_stat", {"missing": missing})]
     if bn.running_mean is None and not is_batchnorm(bn):  # bnkit's FrozenBatchNorm*d: its forward never uses batches
         return [Finding(
             "error", name, "frozen layer without running statistics: inference raises",
             "FrozenBatchNorm normalizes with its buffers in every mode, and batch_norm raises without them "
             "('running_mean must be defined in evaluation mode')",
-            f"register the buffers again ({_reregister('running_mean')}; {_reregister('running_var')}: "
+            f"register the buffers again ({_reregister('running_mean', bn)}; {_reregister('running_var', bn)}: "
             "load_state_dict skips buffers that are None), then load the trained state dict",
             "missing_running_stat", {"missing": "running_mean, running_var"})]
     if bn.running_mean is None or bn.running_var is None:
@@ -107,9 +109,15 @@ def _layer_state_findings(name: str, bn: nn.Module) -> list[Finding]:
     return stale + [_refused_eps(f, bn) if f.code == "negative_eps" else f for f in check_bn_stats(stats)]
 
 
-def _reregister(buffer: str) -> str:
-    """The call that gives a layer its ``buffer`` back, at PyTorch's initial value."""
-    return f"layer.register_buffer('{buffer}', torch.{'zeros' if buffer == 'running_mean' else 'ones'}(C))"
+def _reregister(buffer: str, bn: nn.Module) -> str:
+    """The call that gives ``bn`` its ``buffer`` back, at PyTorch's initial value, in the dtype and on the device of
+    its other statistic or its weight (load_state_dict keeps a buffer's dtype: a float32 one in a float64 model
+    made inference raise)."""
+    like = next((t for t in (bn.running_mean, bn.running_var, bn.weight) if isinstance(t, torch.Tensor)), None)
+    dtype, device = (torch.get_default_dtype(), torch.device("cpu")) if like is None else (like.dtype, like.device)
+    where = f", dtype={dtype}" + ("" if device.type == "cpu" else f", device='{device}'")
+    fill = "zeros" if buffer == "running_mean" else "ones"
+    return f"layer.register_buffer('{buffer}', torch.{fill}({channels(bn)}{where}))"
 
 
 def _refused_eps(finding: Finding, bn: nn.Module) -> Finding:
@@ -220,12 +228,21 @@ def _drops(p: Any) -> bool:
         return True
 
 
+def _number_or_as_is(value: object) -> object:
+    """``value`` as a float where it is a real number (a 0-d tensor too: tensors hash by identity, so equal momenta
+    given as tensors were not grouped, and JSON has no tensors), else as it is (refused below)."""
+    try:
+        return real(value, "")
+    except ValueError:
+        return value
+
+
 def _momentum_findings(layers: list[tuple[str, _BatchNorm]]) -> list[Finding]:
     groups: dict[float | None, list[str]] = {}
     debiased = set()  # drop-in layers with debias=True at momentum 0: a cumulative average too
     for name, bn in layers:
         if bn.track_running_stats and bn.running_mean is not None:
-            groups.setdefault(None if is_cumulative(bn) else bn.momentum, []).append(name)
+            groups.setdefault(None if is_cumulative(bn) else _number_or_as_is(bn.momentum), []).append(name)
             if bn.momentum is not None and is_cumulative(bn):
                 debiased.add(name)
     out = []
