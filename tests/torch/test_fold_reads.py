@@ -972,12 +972,15 @@ class KeepsElsewhere(nn.Module):
             self.arr[0] = y
         elif self.where == "tensor_attribute":  # on a parameter, which fx traces as a proxy made for the call
             self.conv.weight.prev = y
+        elif self.where == "tensor_attribute_list":
+            self.conv.weight.hist = [y]
         else:
             _KEPT_GLOBALLY.append(y)
         return self.bn(y)
 
 
-@pytest.mark.parametrize("where", ["deque", "namespace", "unregistered", "global", "numpy", "tensor_attribute"])
+@pytest.mark.parametrize("where", ["deque", "namespace", "unregistered", "global", "numpy", "tensor_attribute",
+                                   "tensor_attribute_list"])
 @pytest.mark.parametrize("with_inputs", [True, False])
 def test_a_tensor_kept_anywhere_by_the_forward_is_a_reader_and_no_trace_is_left_in_the_model(where, with_inputs):
     """Review: only lists, tuples and dicts in module attributes were searched for the traced value, so a deque, a
@@ -1020,6 +1023,9 @@ class KeepsOther(nn.Module):
             self.hist.append(y.shape)
         elif self.keep == "view":
             self.hist.append(y.mT)
+        elif self.keep == "temporary":  # an attribute of a tensor that dies with the call
+            t = x * 1
+            t.src = y
         else:
             try:
                 {}["missing"]
@@ -1028,7 +1034,7 @@ class KeepsOther(nn.Module):
         return self.bn(y)
 
 
-@pytest.mark.parametrize("keep", ["shape", "view", "exception"])
+@pytest.mark.parametrize("keep", ["shape", "view", "exception", "temporary"])
 def test_only_a_kept_tensor_or_view_of_the_output_keeps_the_bn_from_its_layer(keep):
     """Review: a shape kept (fx's attribute proxy holds its tensor's proxy) and cyclic garbage (an exception in a
     local) counted as keeping the conv's output, and a model holding a lock (which copy.deepcopy refuses) made

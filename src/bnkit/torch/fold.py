@@ -770,7 +770,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.made: list[weakref.ref] = []  # every proxy the trace made, weakly: see _mark_stored
         self.metadata: list[weakref.ref] = []  # the attribute proxies of their metadata (y.shape), weakly
-        self.pinned: list[fx.Proxy] = []  # proxies the forward set as attributes of a traced tensor
+        self.pinned: list[fx.Proxy] = []  # proxies the forward set as attributes of a traced parameter or buffer
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_bn_or_frozen(m) or super().is_leaf_module(m, module_qualified_name)
@@ -792,8 +792,10 @@ class _TracedProxy(fx.Proxy):
         return attr
 
     def __setattr__(self, name: str, value: object) -> None:
-        if isinstance(value, fx.Proxy):  # ``self.conv.weight.prev = y``: kept on the tensor, which this proxy is
-            self.tracer.pinned.append(value)  # only while tracing, so held here for _mark_stored to count
+        # ``self.conv.weight.prev = y`` (or ``= [y]``): kept on a parameter or buffer, which outlives the call but
+        # whose proxy only lives while tracing, so held here for _mark_stored to count (a temporary's dies with it)
+        if self.__dict__.get("node") is not None and self.node.op == "get_attr":
+            self.tracer.pinned.extend(_leaves(value, fx.Proxy))
         super().__setattr__(name, value)
 
 
@@ -867,7 +869,7 @@ def _mark_stored(tracer: _Tracer) -> None:
     for ref in tracer.made:
         proxy = ref()
         # its references: this name, getrefcount's argument, and the metadata proxies made from it; a proxy the
-        # forward set on a traced tensor is held by the tracer (``pinned``), and counts
+        # forward set on a traced parameter or buffer is held by the tracer (``pinned``), and counts
         if proxy is not None and sys.getrefcount(proxy) - 2 > metadata_of[id(proxy)]:
             proxy.node.meta[_STORED] = True
         proxy = None
