@@ -54,7 +54,10 @@ def trained(tmp_path_factory):
         "def oom():\n    return OOM(hidden=(32, 16))\n\n"
         "def conv():\n"
         "    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten())\n\n"
-        "def bn4():\n    return torch.nn.Sequential(torch.nn.BatchNorm1d(4))\n")
+        "def bn4():\n    return torch.nn.Sequential(torch.nn.BatchNorm1d(4))\n\n"
+        "class Chatty(MLP):\n    def forward(self, x):\n        print('forward called')\n"
+        "        return super().forward(x)\n\n"
+        "def chatty():\n    print('hello from the factory')\n    return Chatty(hidden=(32, 16))\n")
     sys.path.insert(0, str(root))
     yield model.eval(), ckpt, data, root
     sys.path.remove(str(root))
@@ -140,6 +143,17 @@ def test_model_and_data(trained):
     assert {s["layer"] for s in report["shifts"]} == {"2", "5"}
     text = _invoke(ckpt, "--model", "audit_models:mlp", "--data", data, "--batch-size", "128")
     assert text.exit_code == 0 and "ranked" in text.output
+
+
+def test_what_the_users_code_prints_goes_to_stderr_and_the_json_stays_json(trained):
+    """Review: a factory's or forward's print() came before the JSON on stdout, so `bnkit audit --json | jq` failed.
+    Oracle: json.loads of stdout (RFC 8259), and the prints still shown, on stderr."""
+    _, ckpt, data, _ = trained
+    for extra in ((), ("--data", data)):
+        result = _invoke(ckpt, "--model", "audit_models:chatty", *extra, "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["ok"] is True
+        assert "hello from the factory" in result.stderr and "forward called" not in result.stdout
 
 
 def test_a_float16_checkpoint_is_noted_on_stderr_and_the_json_stays_json(trained, tmp_path):

@@ -8,7 +8,9 @@ ran and failed, or its result did).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -83,10 +85,13 @@ def audit_command(
         run_on = parse_device(device) if device is not None else None
     except UsageError as exc:
         raise fail(str(exc)) from None
-    if onnx_file:
-        report = _onnx_report(file)
-    else:
-        report = _torch_report(file, model, data, batch_size, train_batch_size, max_batches, trust, run_on, forward)
+    # the user's factory, forward or trusted pickle may print: their output goes to stderr, stdout holds the report
+    with contextlib.redirect_stdout(sys.stderr):
+        if onnx_file:
+            report = _onnx_report(file)
+        else:
+            report = _torch_report(file, model, data, batch_size, train_batch_size, max_batches, trust, run_on,
+                                   forward)
 
     if as_json:
         print_json(report)
