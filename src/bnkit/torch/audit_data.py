@@ -302,9 +302,10 @@ def _shift_findings(tracked, collectors, b_train: int, report: AuditReport) -> t
             f"(ANOVA F, channel median; batches drawn at random give at most about 1, and above {limit:.3g} with "
             f"a chance below one in a million over {report.batches} batches): the data is ordered, e.g. sorted by "
             "class (a DataLoader with shuffle=False), so its batches differ by more than sampling noise; the noise "
-            "figure and the train-vs-eval gap assume random batches, the statistics shifts do not",
+            "figure and the train-vs-eval gap assume random batches, and the statistics shifts of the layers after "
+            "the first, which see inputs normalized batch by batch, move with the batches too",
             "pass the data shuffled (DataLoader(..., shuffle=True), or x[torch.randperm(len(x))]) to estimate the "
-            "noise and the gap", "stat_noise",
+            "noise and the gap and to compare the statistics", "stat_noise",
             {"train_batch_size": b_train, "batch_f": ordered.batch_f, "f_limit": limit, "batches": report.batches}))
         return findings, ordered
     noisy = [s for s in shifts if s.mean_noise is not None]
