@@ -64,3 +64,20 @@ def test_a_closed_reader_does_not_stop_a_file_being_written(tmp_path):
     with torch.no_grad():
         h = model[0](torch.from_numpy(data)).double()
     torch.testing.assert_close(got["1.running_mean"].double(), h.mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_a_closed_reader_of_stderr_does_not_fail_an_audit_whose_model_prints(tmp_path):
+    """Review: the user's prints went to stderr without the reader-gone guard, so with stderr's reader gone the
+    audit exited 1 and wrote no report. Oracle: the same audit with both streams read to the end."""
+    (tmp_path / "loud.py").write_text(
+        "import torch\n\ndef make():\n    for i in range(200000):\n        print('line', i)\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))\n")
+    weights = save_state_dict_file(_trained_bn_state(0), tmp_path / "w.pt")
+    args = ["audit", weights, "--model", "loud:make", "--json"]
+    status, report = _run_read(args, tmp_path)
+    with open(tmp_path / "report.json", "wb") as out:
+        child = subprocess.Popen([sys.executable, "-c", BNKIT_MAIN, *map(str, args)], cwd=tmp_path,
+                                 env=bnkit_env(COLUMNS="120"), stdout=out, stderr=subprocess.PIPE)
+        child.stderr.close()
+        assert child.wait(timeout=300) == status == 0
+    assert (tmp_path / "report.json").read_text() == report and report.lstrip().startswith("{")

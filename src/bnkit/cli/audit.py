@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..file_kinds import looks_like_onnx, looks_like_safetensors
+from ._stdout import ReaderGoneSink
 from .app import app, console, fail, needs, note, shown
 from .common import (USER_CODE_ERRORS, UsageError, add_cwd_to_path, build_model, check_input_file, describe_error,
                      dtype_change, load_forward, load_inputs, parse_device, print_json, reworded)
@@ -86,7 +87,7 @@ def audit_command(
     except UsageError as exc:
         raise fail(str(exc)) from None
     # the user's factory, forward or trusted pickle may print: their output goes to stderr, stdout holds the report
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(ReaderGoneSink(sys.stderr)):  # a reader of stderr gone: their prints dropped
         if onnx_file:
             report = _onnx_report(file)
         else:
