@@ -974,13 +974,16 @@ class KeepsElsewhere(nn.Module):
             self.conv.weight.prev = y
         elif self.where == "tensor_attribute_list":
             self.conv.weight.hist = [y]
+        elif self.where == "tensor_attribute_filled":  # a container set first, filled afterwards
+            self.conv.weight.hist = []
+            self.conv.weight.hist.append(y)
         else:
             _KEPT_GLOBALLY.append(y)
         return self.bn(y)
 
 
 @pytest.mark.parametrize("where", ["deque", "namespace", "unregistered", "global", "numpy", "tensor_attribute",
-                                   "tensor_attribute_list"])
+                                   "tensor_attribute_list", "tensor_attribute_filled"])
 @pytest.mark.parametrize("with_inputs", [True, False])
 def test_a_tensor_kept_anywhere_by_the_forward_is_a_reader_and_no_trace_is_left_in_the_model(where, with_inputs):
     """Review: only lists, tuples and dicts in module attributes were searched for the traced value, so a deque, a

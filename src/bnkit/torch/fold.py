@@ -770,7 +770,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.made: list[weakref.ref] = []  # every proxy the trace made, weakly: see _mark_stored
         self.metadata: list[weakref.ref] = []  # the attribute proxies of their metadata (y.shape), weakly
-        self.pinned: list[fx.Proxy] = []  # proxies the forward set as attributes of a traced parameter or buffer
+        self.pinned: list[object] = []  # what the forward set as attributes of a traced parameter or buffer
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_bn_or_frozen(m) or super().is_leaf_module(m, module_qualified_name)
@@ -795,7 +795,7 @@ class _TracedProxy(fx.Proxy):
         # ``self.conv.weight.prev = y`` (or ``= [y]``): kept on a parameter or buffer, which outlives the call but
         # whose proxy only lives while tracing, so held here for _mark_stored to count (a temporary's dies with it)
         if self.__dict__.get("node") is not None and self.node.op == "get_attr":
-            self.tracer.pinned.extend(_leaves(value, fx.Proxy))
+            self.tracer.pinned.append(value)  # a container too, which the forward may fill afterwards
         super().__setattr__(name, value)
 
 
