@@ -323,6 +323,10 @@ def test_a_frozen_layer_without_running_statistics_is_an_error_as_its_forward_ra
     frozen.register_buffer("running_var", torch.ones(4))
     frozen.load_state_dict(FrozenBatchNorm2d(4).state_dict())
     model(torch.randn(2, 3, 6, 6))
+    bare = FrozenBatchNorm2d(4, affine=False).double()  # nothing left tells the dtype: no float32 is named (review)
+    bare.running_mean = bare.running_var = None
+    fix = audit(bare).by_code("missing_running_stat")[0].fix
+    assert "float32" not in fix and "with the model's dtype and device" in fix
 
 
 def test_equal_momenta_given_as_tensors_are_one_finding():
