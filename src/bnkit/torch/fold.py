@@ -317,9 +317,10 @@ def fold_plan(model: nn.Module, example_inputs: Any = None, *, force: bool = Fal
     The report's ``folded`` lists the pairs ``fold_bn`` would fold (``bias_added`` as it
     would set it) and ``left`` the rest with their reasons; nothing is verified. With
     ``example_inputs`` the model runs once in eval mode with forward hooks, to learn the ranks of layer outputs
-    (twice where tracing fails). The runs and the trace are made on a copy of the modules that holds the model's own
-    parameters and buffers (:func:`~bnkit.torch.modules.deep_copy`, ``share_tensors``), so what they write to other
-    state (a deque, a dataclass an attribute holds) stays in the copy; parameter and buffer values they change are
+    (twice where tracing fails). Where a module holds state :class:`~bnkit.torch.modules.SavedState` does not put
+    back whole (a deque, a dataclass), the runs and the trace are made on a copy of the modules that holds the
+    model's own parameters and buffers (:func:`_shadow`), so what they write there stays in the copy; attribute
+    bindings and the items of lists, dicts and sets are put back, and parameter and buffer values they change are
     put back (a copy of them is held meanwhile; only tensors the runs changed are written, so an autograd graph that
     saved them still runs backward); what they write outside the model (a global) is not (see
     :class:`~bnkit.torch.modules.SavedState`). Whether the folded weights fit the layers' dtype is checked by a cheap
