@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from _helpers import BNKIT_MAIN, bnkit_env
 
@@ -66,14 +67,20 @@ def test_a_closed_reader_does_not_stop_a_file_being_written(tmp_path):
     torch.testing.assert_close(got["1.running_mean"].double(), h.mean(0), rtol=1e-6, atol=1e-6)
 
 
-def test_a_closed_reader_of_stderr_does_not_fail_an_audit_whose_model_prints(tmp_path):
-    """Review: the user's prints went to stderr without the reader-gone guard, so with stderr's reader gone the
-    audit exited 1 and wrote no report. Oracle: the same audit with both streams read to the end."""
+@pytest.mark.parametrize("who", ["model", "bnkit"])
+def test_a_closed_reader_of_stderr_does_not_fail_an_audit(tmp_path, who):
+    """Review: with stderr's reader gone, the audit exited 1 and wrote no report when the user's model printed (its
+    prints went to stderr unguarded) or when bnkit printed a note there (rich's broken-pipe handler exits 1). Oracle:
+    the same audit with both streams read to the end."""
     (tmp_path / "loud.py").write_text(
         "import torch\n\ndef make():\n    for i in range(200000):\n        print('line', i)\n"
-        "    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))\n")
-    weights = save_state_dict_file(_trained_bn_state(0), tmp_path / "w.pt")
-    args = ["audit", weights, "--model", "loud:make", "--json"]
+        "    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))\n\n"
+        "def quiet():\n    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))\n")
+    state = _trained_bn_state(0)
+    if who == "bnkit":  # float64 weights into a float32 model: bnkit notes the cast on stderr
+        state = {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+    weights = save_state_dict_file(state, tmp_path / "w.pt")
+    args = ["audit", weights, "--model", "loud:make" if who == "model" else "loud:quiet", "--json"]
     status, report = _run_read(args, tmp_path)
     with open(tmp_path / "report.json", "wb") as out:
         child = subprocess.Popen([sys.executable, "-c", BNKIT_MAIN, *map(str, args)], cwd=tmp_path,

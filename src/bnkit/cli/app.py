@@ -43,6 +43,20 @@ class _Console(Console):
         for segment in super().render(renderable, options):
             yield segment if segment.control else Segment(segment.text.translate(_SHOWN), segment.style)
 
+    def on_broken_pipe(self) -> None:
+        """The reader of this console's stream has gone: what it prints from now on is dropped (the stream's
+        descriptor pointed at os.devnull) and the command runs to its own exit status. rich's own pointed stdout
+        there whatever the stream, and exited 1: a note on stderr whose reader had gone lost an audit's report."""
+        try:
+            fd = self.file.fileno()
+        except (AttributeError, OSError, ValueError):  # no descriptor (a test's buffer): nothing to point elsewhere
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+
 
 console = _Console()
 #: Errors go to stderr, so stdout stays what a command prints (``--json`` stays JSON when it fails).
