@@ -48,6 +48,14 @@ def real(value: object, what: str) -> float:
         raise ValueError(f"{what} must be a real number within float64's range, got {_kind(value)}") from None
 
 
+def real_or(value: object, fallback: object) -> object:
+    """``value`` as a float where :func:`real` takes it (0-d arrays and tensors too), else ``fallback``."""
+    try:
+        return real(value, "")
+    except ValueError:
+        return fallback
+
+
 def ml_float(dtype: np.dtype) -> bool:
     """One of ml_dtypes' float types (bfloat16, float8_*, float6_*, float4_*: JAX, Keras), which NumPy does not
     count as floating; each holds only values float32 holds exactly."""

@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from ..audit_state import check_bn_stats, ema_window, layer_stats
-from ..checks import real
+from ..checks import real_or
 from ..findings import Finding
 from .freeze import is_frozen
 from .layers import is_cumulative
@@ -230,21 +230,13 @@ def _drops(p: Any) -> bool:
         return True
 
 
-def _number_or_as_is(value: object) -> object:
-    """``value`` as a float where it is a real number (a 0-d tensor too: tensors hash by identity, so equal momenta
-    given as tensors were not grouped, and JSON has no tensors), else as it is (refused below)."""
-    try:
-        return real(value, "")
-    except ValueError:
-        return value
-
-
 def _momentum_findings(layers: list[tuple[str, _BatchNorm]]) -> list[Finding]:
     groups: dict[float | None, list[str]] = {}
     debiased = set()  # drop-in layers with debias=True at momentum 0: a cumulative average too
     for name, bn in layers:
         if bn.track_running_stats and bn.running_mean is not None:
-            groups.setdefault(None if is_cumulative(bn) else _number_or_as_is(bn.momentum), []).append(name)
+            # as a float where it is a number: tensors hash by identity, and JSON has none (others refused below)
+            groups.setdefault(None if is_cumulative(bn) else real_or(bn.momentum, bn.momentum), []).append(name)
             if bn.momentum is not None and is_cumulative(bn):
                 debiased.add(name)
     out = []

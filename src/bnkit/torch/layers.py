@@ -72,7 +72,7 @@ from torch.fx.proxy import Proxy, TraceError
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..audit_state import FEW_UPDATES_WEIGHT, initial_weight
-from ..checks import real
+from ..checks import real_or
 from .modules import (channels, check_channel_tensors, eager_modules, is_compiled_wrapper, is_whole_number,
                       require_eager, write_count)
 
@@ -98,22 +98,14 @@ def _number(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)  # NumPy's numbers too, not bools
 
 
-def _real_or_nan(v: object) -> float:
-    """``v`` as a float (0-d tensors and arrays too, as nn.BatchNorm takes them); NaN for a bool, a string or an
-    array of several values."""
-    try:
-        return real(v, "")
-    except ValueError:
-        return math.nan
-
-
 def _check_setting(name: str, value: object, who: str) -> None:
     """A drop-in layer's ``momentum`` in [0, 1] or None, ``eps`` finite and >= 0, else ValueError naming ``who``:
     nn.BatchNorm takes any, and a NaN or out-of-range one then gives NaN statistics or outputs."""
-    if name == "momentum" and value is not None and not 0.0 <= _real_or_nan(value) <= 1.0:
+    # 0-d tensors and arrays are numbers here, as nn.BatchNorm takes them; a bool, a string, several values: NaN
+    if name == "momentum" and value is not None and not 0.0 <= real_or(value, math.nan) <= 1.0:
         raise ValueError(f"{who}: momentum must be a number in [0, 1] (PyTorch's convention: the weight on the "
                          f"new batch statistic) or None (cumulative average), got {value!r}")
-    if name == "eps" and not (math.isfinite(eps := _real_or_nan(value)) and eps >= 0.0):
+    if name == "eps" and not (math.isfinite(eps := real_or(value, math.nan)) and eps >= 0.0):
         raise ValueError(f"{who}: eps must be a finite number >= 0, got {value!r}")
 
 
