@@ -116,14 +116,19 @@ class BatchNorm:
             )
         return ax
 
+    def _keys(self) -> tuple[str, ...]:
+        """The state's keys, as the layer's flags give them: PyTorch's names."""
+        return (("weight", "bias") if self.affine else ()) + (
+            ("running_mean", "running_var", "num_batches_tracked") if self.track_running_stats else ())
+
     def _arrays(self) -> dict[str, np.ndarray]:
         """The weight, bias and running statistics the layer has, as real NumPy arrays (for the forward and
         :meth:`state_dict`). Refuses attributes set after construction that are not ``C`` real numbers (a wrong
         shape, a string, complex values; a torch tensor or a list of numbers is read as an array)."""
-        names = (("weight", "bias") if self.affine else ()) + (
-            ("running_mean", "running_var") if self.track_running_stats else ())
         arrays = {}
-        for name in names:
+        for name in self._keys():
+            if name == "num_batches_tracked":  # a count, no per-channel array
+                continue
             value = getattr(self, name)
             if (type(value) is np.ndarray and value.shape == (self.num_features,) and value.dtype.kind == "f"
                     and value.dtype.isnative):  # as the layer keeps them: nothing to read
@@ -323,8 +328,7 @@ class BatchNorm:
 
     def load_state_dict(self, state: Mapping[str, object], strict: bool = True) -> None:
         """Load PyTorch-named state (NumPy arrays or CPU tensors). Checks shapes before changing anything."""
-        expected = ((["weight", "bias"] if self.affine else [])
-                    + (["running_mean", "running_var", "num_batches_tracked"] if self.track_running_stats else []))
+        expected = self._keys()
         missing = [k for k in expected if k not in state and k != "num_batches_tracked"]
         unexpected = [k for k in state if k not in expected]
         if strict and (missing or unexpected):
