@@ -111,9 +111,8 @@ def run_and_report(
     import numpy as np
     import torch
 
-    from ..study.report import ReportWriteError, write_report
-
     from ..study import chapter_module
+    from ..study.report import ReportWriteError, write_report
 
     _refuse_folders_in_the_way(out, REPORT_FILES + tuple(p for n in names for p in chapter_module(n).PLOTS))
     with sigterm_exits():  # SIGTERM (timeout, a cancelled CI job) exits 143 through the cleanup below

@@ -114,11 +114,11 @@ def _reregister(buffer: str, bn: nn.Module) -> str:
     its other statistic or its weight (load_state_dict keeps a buffer's dtype: a float32 one in a float64 model
     made inference raise)."""
     like = next((t for t in (bn.running_mean, bn.running_var, bn.weight) if isinstance(t, torch.Tensor)), None)
-    if like is None:  # nothing of the layer tells its dtype (a FrozenBatchNorm without affine and statistics)
-        return (f"layer.register_buffer('{buffer}', torch.{'zeros' if buffer == 'running_mean' else 'ones'}"
-                f"({channels(bn)}, dtype=..., device=...)) with the model's dtype and device")
-    where = f", dtype={like.dtype}" + ("" if like.device.type == "cpu" else f", device='{like.device}'")
     fill = "zeros" if buffer == "running_mean" else "ones"
+    if like is None:  # nothing of the layer tells its dtype (a FrozenBatchNorm without affine and statistics)
+        return (f"layer.register_buffer('{buffer}', torch.{fill}({channels(bn)}, dtype=..., device=...)) with the "
+                "model's dtype and device")
+    where = f", dtype={like.dtype}" + ("" if like.device.type == "cpu" else f", device='{like.device}'")
     return f"layer.register_buffer('{buffer}', torch.{fill}({channels(bn)}{where}))"
 
 
