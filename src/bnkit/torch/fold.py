@@ -348,7 +348,7 @@ def _shadow(model: nn.Module) -> nn.Module:
     then reach no object of the model's; ``model`` itself where its modules hold no such state (the copy costs
     milliseconds), or where it cannot be copied (objects nested too deeply, a lock, a generator, an open file), whose
     such objects may then keep what the trace put there."""
-    if all(_plain(v) for m in model.modules() for k, v in vars(m).items() if k not in _MODULE_INTERNALS):
+    if all(_plain(v) for m in model.modules() for k, v in vars(m).items() if k not in MODULE_OWN):
         return model
     try:
         return deep_copy(model, share_tensors=True)
@@ -356,9 +356,6 @@ def _shadow(model: nn.Module) -> nn.Module:
         return model
 
 
-#: What every nn.Module holds (its parameter, buffer and submodule dicts, hook dicts, flags), which SavedState puts
-#: back or no forward writes.
-_MODULE_INTERNALS = frozenset(vars(nn.Module()))
 _ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Tensor, type,
           types.FunctionType, types.BuiltinFunctionType)
 
